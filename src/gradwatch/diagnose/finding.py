@@ -1,0 +1,62 @@
+"""`Finding`: what is wrong, where, since when, why, and what to change."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+KINDS = (
+    "vanishing_gradient",
+    "exploding_gradient",
+    "non_finite",
+    "dead_units",
+    "saturation",
+    "stalled_layers",
+    "loss_plateau",
+    "loss_divergence",
+)
+SEVERITIES = ("info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class Remedy:
+    """One concrete change: what to do, and the code that does it."""
+
+    action: str
+    code: str
+
+
+@dataclass(frozen=True)
+class Finding:
+    kind: str
+    severity: str
+    first_step: int
+    layers: tuple[str, ...]
+    message: str
+    evidence: dict = field(default_factory=dict)
+    causes: tuple[str, ...] = ()
+    remedies: tuple[Remedy, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown finding kind {self.kind!r}; expected one of {KINDS}")
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"unknown severity {self.severity!r}; expected one of {SEVERITIES}")
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["layers"] = list(self.layers)
+        out["causes"] = list(self.causes)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Finding":
+        return cls(
+            kind=d["kind"],
+            severity=d["severity"],
+            first_step=int(d["first_step"]),
+            layers=tuple(d.get("layers", ())),
+            message=d["message"],
+            evidence=dict(d.get("evidence", {})),
+            causes=tuple(d.get("causes", ())),
+            remedies=tuple(Remedy(**r) for r in d.get("remedies", ())),
+        )

@@ -1,0 +1,73 @@
+"""`RunSeries`: everything a run recorded, as plain numpy arrays.
+
+The one currency between the store and the rules of `diagnose`: rules read this, never SQL or
+torch, so they can be tested on hand-built series.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Per-layer metrics (see docs/statistics.md for their exact definitions).
+PARAM_METRICS = ("grad_norm", "grad_max", "weight_norm", "update_ratio", "nonfinite", "grad_out_rms")
+ACTIVATION_METRICS = ("act_mean", "act_std", "saturated", "dead", "grad_out_rms")
+METRICS = tuple(dict.fromkeys(PARAM_METRICS + ACTIVATION_METRICS))
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One watched module.
+
+    `index` is the order in which the module first ran forward (0 = nearest the input);
+    `role` is "param" (owns parameters), "activation" or "recurrent" (an nn.RNN/GRU/LSTM,
+    which also owns parameters); `activation` names the nonlinearity for activation modules
+    (e.g. "sigmoid", "relu"), "" otherwise.
+    """
+
+    name: str
+    type: str
+    index: int
+    role: str
+    n_params: int = 0
+    activation: str = ""
+
+
+@dataclass
+class RunSeries:
+    """A run's series.
+
+    `steps` holds every recorded step (sorted); `metrics[m]` is a float array of shape
+    (len(steps), len(layers)) with NaN wherever the metric was not recorded for that layer at
+    that step (not sampled, not applicable, or the layer got no gradient). `loss` and `lr` are
+    aligned with `steps`. `time_profiles[layer]` is (profile_steps, array (n, T)) of the norm of
+    the loss gradient w.r.t. the recurrent layer's input at each time step t.
+    `meta` holds run facts: optimizer class name, torch version, command, skipped steps...
+    """
+
+    layers: list[LayerInfo]
+    steps: np.ndarray
+    loss: np.ndarray
+    lr: np.ndarray
+    metrics: dict[str, np.ndarray]
+    time_profiles: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    def layer_names(self, role: str | None = None) -> list[str]:
+        """Names of layers (optionally of one role), in forward order."""
+        return [l.name for l in self.layers if role is None or l.role == role]
+
+    def column(self, name: str) -> int:
+        for i, layer in enumerate(self.layers):
+            if layer.name == name:
+                return i
+        raise KeyError(f"no layer named {name!r}; layers are {self.layer_names()}")
+
+    def series(self, layer: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, values) of one metric of one layer, where it was recorded."""
+        if metric not in self.metrics:
+            return np.empty(0, dtype=np.int64), np.empty(0)
+        values = self.metrics[metric][:, self.column(layer)]
+        keep = ~np.isnan(values)
+        return self.steps[keep], values[keep]
