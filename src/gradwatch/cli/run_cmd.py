@@ -1,0 +1,51 @@
+"""gradwatch run: watch a training script with zero code changes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gradwatch import runner
+from gradwatch.cli.summary import print_run_summary
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run a script, module or command with every torch process watched",
+        description=(
+            "Run a training script as `python` would, watched: gradwatch run train.py --lr 0.1, "
+            "gradwatch run -m pkg.train, or gradwatch run -- torchrun --nproc_per_node 2 train.py. "
+            "The store goes to --out (default runs/<timestamp>, linked as runs/latest); findings "
+            "are written to RUN/findings.json and summarised on stderr."
+        ),
+    )
+    p.add_argument("--out", help="run directory (default: runs/<timestamp>)")
+    p.add_argument("--every", type=int, default=1, help="record every N-th step (default 1)")
+    p.add_argument("--sample-every", type=int, default=10, help="costlier statistics every N-th step (default 10)")
+    p.add_argument("--flush-every", type=int, default=50, help="write to the store every N steps (default 50)")
+    p.add_argument("-m", dest="module", help="run a library module as a script, like python -m")
+    p.add_argument("target", nargs=argparse.REMAINDER, help="script.py [args] | -- COMMAND [args]")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    for name in ("every", "sample_every", "flush_every"):
+        if getattr(args, name) < 1:
+            from gradwatch.errors import ConfigError
+
+            raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected a whole number >= 1")
+    target = list(args.target)
+    script = None
+    if target and target[0] == "--":
+        target = target[1:]
+    elif target and not args.module:
+        script, target = target[0], target[1:]
+    command = runner.build_command(script, args.module, target)
+    run_dir = runner.prepare_run_dir(args.out or runner.default_run_dir())
+    options = {"every": args.every, "sample_every": args.sample_every, "flush_every": args.flush_every}
+    result = runner.run(command, run_dir, options)
+    if args.out is None:
+        runner.link_latest(run_dir)
+    print_run_summary(run_dir, sys.stderr)
+    return result.exit_code

@@ -1,0 +1,41 @@
+"""The few lines `gradwatch run` prints on stderr when the watched command ends."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+
+from gradwatch.errors import GradwatchError
+from gradwatch.store import read_run
+
+FINDINGS_FILE = "findings.json"
+
+
+def write_findings(run_dir: Path, findings: list) -> Path:
+    path = Path(run_dir) / FINDINGS_FILE
+    path.write_text(json.dumps([f.to_dict() for f in findings], indent=2, default=float))
+    return path
+
+
+def print_run_summary(run_dir: Path, out: TextIO) -> None:
+    try:
+        series = read_run(run_dir)
+    except GradwatchError:
+        print(f"gradwatch: no training step was seen, nothing recorded in {run_dir}", file=out)
+        return
+    from gradwatch.diagnose import diagnose
+
+    findings = diagnose(series)
+    write_findings(run_dir, findings)
+    n_layers = len(series.layer_names("param")) + len(series.layer_names("recurrent"))
+    loss = series.loss[~np.isnan(series.loss)]
+    last = f", last loss {loss[-1]:.4g}" if len(loss) else ""
+    print(f"gradwatch: {len(series.steps)} steps, {n_layers} layers{last} -> {run_dir}", file=out)
+    if not findings:
+        print("gradwatch: no findings", file=out)
+    for f in findings:
+        print(f"gradwatch: [{f.severity}] {f.kind} (step {f.first_step}): {f.message}", file=out)
+    print(f"gradwatch: details: gradwatch diagnose {run_dir}", file=out)

@@ -1,0 +1,109 @@
+"""Zero-code mode: watch whatever model trains in this process, found as it first runs.
+
+Started by the bootstrap (`gradwatch run` sets GRADWATCH_RUN_DIR) once `torch` is imported.
+Models are found by global module hooks during the first steps (a module called from outside any
+other module's forward is a model); the step is defined by the first optimizer seen stepping,
+or by each backward pass where there is none (weights updated by hand).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+
+from torch import nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+from gradwatch.collect.watch import Watch
+from gradwatch.store.reader import STORE_NAME
+
+ENV_RUN_DIR = "GRADWATCH_RUN_DIR"
+ENV_OPTIONS = {"every": "GRADWATCH_EVERY", "sample_every": "GRADWATCH_SAMPLE_EVERY", "flush_every": "GRADWATCH_FLUSH_EVERY"}
+DISCOVERY_STEPS = 2  # global forward hooks cost time on every module call: keep them briefly
+
+
+def _claim_store(run_dir: str) -> str:
+    """This process's store file: rank-named under torchrun, else the run's main file if free."""
+    rank = os.environ.get("RANK")
+    if rank is not None:
+        return os.path.join(run_dir, f"gradwatch-rank{rank}.sqlite")
+    main = os.path.join(run_dir, STORE_NAME)
+    try:
+        os.close(os.open(main, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return main
+    except FileExistsError:
+        return os.path.join(run_dir, f"gradwatch-pid{os.getpid()}.sqlite")
+
+
+class AutoWatch(Watch):
+    """A Watch with no model given: it adopts models and the optimizer as they appear."""
+
+    def __init__(self, run_dir: str, **options: int):
+        super().__init__(None, None, out=None, meta={"command": sys.argv, "pid": os.getpid()}, **options)
+        self._writer = None  # the store file is made at the first flush, so idle processes write nothing
+        self.run_dir = run_dir
+        self._depth = 0
+        self._prefixes: set[str] = set()
+        self._discovery = [
+            register_module_forward_pre_hook(self._enter_module),
+            register_module_forward_hook(self._leave_module),
+        ]
+        self._handles.append(register_optimizer_step_pre_hook(self._global_pre))
+        self._handles.append(register_optimizer_step_post_hook(self._global_post))
+
+    def flush(self) -> None:
+        if self.store_path is None and (self._pending or self._events):
+            from pathlib import Path
+
+            self.store_path = Path(_claim_store(self.run_dir))
+        super().flush()
+
+    def _enter_module(self, module: nn.Module, args) -> None:
+        if self._depth == 0 and id(module) not in self._seen_modules:
+            name = type(module).__name__
+            prefix = "" if not self._models else name
+            while prefix in self._prefixes and prefix:
+                prefix += "_"
+            self._prefixes.add(prefix)
+            self.add_model(module, prefix)
+        self._depth += 1
+
+    def _leave_module(self, module: nn.Module, args, output) -> None:
+        self._depth = max(self._depth - 1, 0)
+
+    def _global_pre(self, optimizer, args, kwargs) -> None:
+        if self._optimizer is None:
+            self.adopt_optimizer(optimizer)
+        self._before_step(optimizer)
+
+    def _global_post(self, optimizer, args, kwargs) -> None:
+        self._after_step(optimizer)
+
+    def _end_step(self, count: bool = True) -> None:
+        self._depth = 0  # a forward that raised never reached its post-hook
+        super()._end_step(count)
+        if self._step >= DISCOVERY_STEPS:
+            self._stop_discovery()
+
+    def _stop_discovery(self) -> None:
+        for handle in self._discovery:
+            handle.remove()
+        self._discovery = []
+
+    def detach(self) -> None:
+        self._stop_discovery()
+        super().detach()
+
+
+def start_from_env() -> AutoWatch | None:
+    """Start zero-code watching if `gradwatch run` asked for it (idempotent)."""
+    run_dir = os.environ.get(ENV_RUN_DIR)
+    if not run_dir or getattr(start_from_env, "watch", None) is not None:
+        return None
+    options = {k: int(os.environ[v]) for k, v in ENV_OPTIONS.items() if os.environ.get(v)}
+    watch = AutoWatch(run_dir, **options)
+    start_from_env.watch = watch
+    atexit.register(watch.detach)
+    return watch

@@ -1,0 +1,94 @@
+"""Which modules are watched, what they are called, and the parameters each one owns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+# Activation modules and the name of their nonlinearity.
+ACTIVATIONS: dict[type, str] = {
+    nn.Sigmoid: "sigmoid",
+    nn.Tanh: "tanh",
+    nn.ReLU: "relu",
+    nn.ReLU6: "relu6",
+    nn.LeakyReLU: "leaky_relu",
+    nn.PReLU: "prelu",
+    nn.RReLU: "rrelu",
+    nn.ELU: "elu",
+    nn.CELU: "celu",
+    nn.SELU: "selu",
+    nn.GELU: "gelu",
+    nn.SiLU: "silu",
+    nn.Mish: "mish",
+    nn.Softsign: "softsign",
+    nn.Softplus: "softplus",
+    nn.Hardtanh: "hardtanh",
+    nn.Hardsigmoid: "hardsigmoid",
+    nn.Hardswish: "hardswish",
+    nn.LogSigmoid: "logsigmoid",
+}
+
+# Asymptotes (low, high) of the saturating nonlinearities. An output is saturated when it lies within
+# 1% of an asymptote's magnitude from it: sigmoid y < 0.01 or y > 0.99, tanh |y| > 0.99.
+SATURATING: dict[str, tuple[float, float]] = {
+    "sigmoid": (0.0, 1.0),
+    "hardsigmoid": (0.0, 1.0),
+    "tanh": (-1.0, 1.0),
+    "softsign": (-1.0, 1.0),
+    "hardtanh": (-1.0, 1.0),
+}
+ASYMPTOTE_BAND = 0.01
+
+RECURRENT = (nn.RNN, nn.GRU, nn.LSTM)
+
+
+def activation_name(module: nn.Module) -> str:
+    for cls in type(module).__mro__:
+        if cls in ACTIVATIONS:
+            return ACTIVATIONS[cls]
+    return ""
+
+
+@dataclass
+class Layer:
+    """A watched module and the trainable parameters it owns directly (not its children's)."""
+
+    name: str
+    module: nn.Module
+    role: str  # "param" | "activation" | "recurrent"
+    activation: str
+    params: list[torch.nn.Parameter] = field(default_factory=list)
+    index: int = -1  # forward order, set when the module first finishes a forward
+
+    @property
+    def type(self) -> str:
+        return type(self.module).__name__
+
+
+def discover(model: nn.Module, prefix: str, seen_params: set[int], seen_modules: set[int]) -> list[Layer]:
+    """The layers of `model` in registration order, skipping modules and parameters seen before
+    (shared modules and tied weights are counted once, under their first name)."""
+    layers = []
+    for qualname, module in model.named_modules():
+        if id(module) in seen_modules:
+            continue
+        seen_modules.add(id(module))
+        own = []
+        for p in module._parameters.values():
+            if p is not None and p.requires_grad and id(p) not in seen_params:
+                seen_params.add(id(p))
+                own.append(p)
+        act = activation_name(module)
+        if isinstance(module, RECURRENT):
+            role = "recurrent"
+        elif act:
+            role = "activation"
+        elif own:
+            role = "param"
+        else:
+            continue
+        name = ".".join(x for x in (prefix, qualname) if x) or type(module).__name__
+        layers.append(Layer(name, module, role, act, own))
+    return layers

@@ -1,0 +1,162 @@
+"""One step's measurements while they live on the device, and their reduction to store rows.
+
+The training thread only appends device tensors here; the host reads them once per flush
+(`to_batch`), so a step costs a handful of kernel launches and no synchronisation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from gradwatch.collect.layers import Layer
+from gradwatch.collect.stats import MISSING
+from gradwatch.store.schema import LAYER_COLUMNS
+from gradwatch.store.writer import FlushBatch
+
+
+@dataclass
+class StepRecord:
+    step: int
+    sampled: bool
+    grad: torch.Tensor | None = None  # per-parameter gradient L2 norms (MISSING = no grad)
+    grad_max: torch.Tensor | None = None  # per-parameter max |g|
+    weight: torch.Tensor | None = None  # per-parameter weight norms before the update
+    delta: torch.Tensor | None = None  # per-parameter ||w_after - w_before||
+    nonfinite: dict[int, int] | None = None  # parameter index -> count (None: not counted)
+    loss_sum: torch.Tensor | None = None
+    loss_n: int = 0
+    loss_explicit: bool = False  # set by Watch.record_loss: backward calls no longer add to it
+    lrs: list[float] = field(default_factory=list)
+    wall_time: float = 0.0
+    # layer position -> [sum of stats, calls]; modules called several times per step are averaged
+    act: dict[int, list] = field(default_factory=dict)
+    out_rms: dict[int, list] = field(default_factory=dict)
+    profiles: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        loss = loss.detach().reshape(()).float()
+        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+        self.loss_n += 1
+
+    def accumulate(self, table: dict[int, list], pos: int, value: torch.Tensor) -> None:
+        slot = table.get(pos)
+        if slot is None:
+            table[pos] = [value, 1]
+        else:
+            slot[0] = slot[0] + value
+            slot[1] += 1
+
+    def finish(self, lrs: list[float]) -> None:
+        self.lrs = lrs
+        self.wall_time = time.time()
+
+
+def _segments(layers: list[Layer]) -> tuple[list[int], np.ndarray]:
+    """Positions of the layers that own parameters, and where each one's parameters start."""
+    owners = [i for i, layer in enumerate(layers) if layer.params]
+    starts, offset = [], 0
+    for i in owners:
+        starts.append(offset)
+        offset += len(layers[i].params)
+    return owners, np.array(starts, dtype=np.int64)
+
+
+def measured(values: np.ndarray) -> np.ndarray:
+    """Store convention: NaN means "not recorded", so a measured NaN is kept as +inf (non-finite)."""
+    return np.where(np.isnan(values), np.inf, values)
+
+
+def _stack(values: list[torch.Tensor | None], width: int) -> np.ndarray:
+    """Rows of per-parameter values as one host array (NaN rows where a step has none)."""
+    out = np.full((len(values), width), np.nan)
+    present = [i for i, v in enumerate(values) if v is not None]
+    if present and width:
+        out[present] = measured(torch.stack([values[i].float().cpu() for i in present]).numpy())
+    return out
+
+
+def _layer_l2(per_param: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    missing = per_param == MISSING
+    squares = np.where(missing, 0.0, per_param) ** 2
+    with np.errstate(invalid="ignore", over="ignore"):
+        out = np.sqrt(np.add.reduceat(squares, starts, axis=1))
+    out[np.logical_and.reduceat(missing, starts, axis=1)] = np.nan
+    return out
+
+
+def _layer_max(per_param: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    masked = np.where(per_param == MISSING, -np.inf, per_param)
+    out = np.maximum.reduceat(masked, starts, axis=1)  # NaN propagates: a NaN gradient shows
+    out[out == -np.inf] = np.nan
+    return out
+
+
+def to_batch(records: list[StepRecord], layers: list[Layer], meta: dict | None = None) -> FlushBatch:
+    """Reduce device records to host rows: the only place the host reads the device."""
+    from gradwatch.collect.watch import layer_info  # local: avoid a cycle
+
+    batch = FlushBatch(layers=[layer_info(l) for l in layers], meta=meta or {})
+    if not records:
+        return batch
+    owners, starts = _segments(layers)
+    n_params = sum(len(layers[i].params) for i in owners)
+    losses = [r.loss_sum / r.loss_n if r.loss_n else None for r in records]
+    loss_host = _stack([None if l is None else l.reshape(1) for l in losses], 1)[:, 0]
+
+    cols = {c: np.full((len(records), len(layers)), np.nan) for c in LAYER_COLUMNS}
+    if owners:
+        grad = _stack([r.grad for r in records], n_params)
+        weight = _stack([r.weight for r in records], n_params)
+        delta = _stack([r.delta for r in records], n_params)
+        gmax = _stack([r.grad_max for r in records], n_params)
+        gn = _layer_l2(grad, starts)
+        wn = _layer_l2(weight, starts)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(wn > 0, _layer_l2(delta, starts) / wn, np.where(_layer_l2(delta, starts) > 0, np.inf, 0.0))
+        ratio[np.isnan(wn)] = np.nan
+        nonfinite = np.where(np.isfinite(gn), 0.0, np.nan)
+        nonfinite[np.isnan(grad).all(axis=1)] = np.nan
+        for row, rec in enumerate(records):
+            if rec.nonfinite:
+                for j, layer_pos in enumerate(owners):
+                    lo = starts[j]
+                    hi = starts[j + 1] if j + 1 < len(starts) else n_params
+                    nonfinite[row, j] = sum(c for i, c in rec.nonfinite.items() if lo <= i < hi)
+        for name, values in (("grad_norm", gn), ("weight_norm", wn), ("update_ratio", ratio),
+                             ("grad_max", _layer_max(gmax, starts)), ("nonfinite", nonfinite)):
+            cols[name][:, owners] = values
+
+    pending_host = []
+    for row, rec in enumerate(records):
+        for pos, (total, calls) in rec.act.items():
+            pending_host.append((row, pos, "act", total / calls))
+        for pos, (total, calls) in rec.out_rms.items():
+            pending_host.append((row, pos, "rms", (total / calls).reshape(1)))
+    if pending_host:
+        host = [p[3].float().cpu().numpy() for p in pending_host]
+        for (row, pos, what, _), values in zip(pending_host, host):
+            if what == "act":
+                cols["act_mean"][row, pos], cols["act_std"][row, pos] = measured(values[:2])
+                cols["saturated"][row, pos] = values[2]  # NaN by design: not a saturating activation
+                cols["dead"][row, pos] = values[3]  # NaN by design: no unit axis
+            else:
+                cols["grad_out_rms"][row, pos] = measured(values)[0]
+
+    for row, rec in enumerate(records):
+        lr = rec.lrs[0] if rec.lrs else None
+        loss = None if losses[row] is None else float(loss_host[row])
+        batch.steps.append((rec.step, loss, lr, json.dumps(rec.lrs), rec.wall_time))
+        for pos, layer in enumerate(layers):
+            values = [None if math.isnan(v := cols[c][row, pos]) else float(v) for c in LAYER_COLUMNS]
+            if any(v is not None for v in values):
+                batch.layer_rows.append((rec.step, layer.name, *values))
+        for pos, profile in rec.profiles.items():
+            for t, v in enumerate(measured(profile.float().cpu().numpy()).tolist()):
+                batch.profile_rows.append((rec.step, layers[pos].name, t, v))
+    return batch

@@ -1,0 +1,73 @@
+"""Device-side reductions. Each returns small tensors on the device; nothing here reads the host.
+
+Definitions (docs/statistics.md): a layer's gradient norm is the L2 norm over all its
+parameters' gradient entries; activation statistics are over every element of the output;
+a unit is a channel (dim 1) of a 4-D/5-D output, else a feature (last dim), and it is dead when
+it is exactly zero for every sample of the batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gradwatch.collect.layers import ASYMPTOTE_BAND, SATURATING
+
+MISSING = -1.0  # marks a parameter with no gradient at this step (norms are >= 0 or NaN)
+
+
+def norms(tensors: list[torch.Tensor], ord: float = 2.0) -> torch.Tensor:
+    """Per-tensor norms as one vector, one fused call."""
+    if not tensors:
+        return torch.empty(0)
+    return torch.stack(torch._foreach_norm(tensors, ord))
+
+
+def grad_norms(params: list[torch.Tensor], ord: float = 2.0) -> torch.Tensor:
+    """Per-parameter gradient norms; MISSING where a parameter has no gradient."""
+    grads = [p.grad for p in params]
+    if all(g is not None for g in grads):
+        return norms(grads, ord)
+    present = [i for i, g in enumerate(grads) if g is not None]
+    device = params[0].device
+    out = torch.full((len(params),), MISSING, device=device)
+    if present:
+        out[torch.tensor(present, device=device)] = norms([grads[i] for i in present], ord).to(out.dtype)
+    return out
+
+
+def unit_dim(y: torch.Tensor) -> int:
+    return 1 if y.dim() in (4, 5) else y.dim() - 1
+
+
+def activation_stats(y: torch.Tensor, activation: str) -> torch.Tensor:
+    """[mean, std, saturated fraction (NaN if not saturating), dead-unit fraction]."""
+    y = y.detach().float()
+    mean = y.mean()
+    std = y.std() if y.numel() > 1 else torch.zeros((), device=y.device)
+    bounds = SATURATING.get(activation)
+    if bounds is None:
+        saturated = torch.full((), math.nan, device=y.device)
+    else:
+        low, high = bounds
+        band = ASYMPTOTE_BAND * max(abs(low), abs(high))
+        saturated = ((y <= low + band) | (y >= high - band)).float().mean()
+    if y.dim() >= 2:
+        d = unit_dim(y)
+        alive = (y != 0).transpose(0, d).reshape(y.shape[d], -1).any(dim=1)
+        dead = 1.0 - alive.float().mean()
+    else:
+        dead = torch.full((), math.nan, device=y.device)
+    return torch.stack([mean, std, saturated, dead])
+
+
+def rms(g: torch.Tensor) -> torch.Tensor:
+    """Root mean square of a tensor's entries (a size-independent gradient scale)."""
+    return torch.linalg.vector_norm(g.detach().float()) / math.sqrt(max(g.numel(), 1))
+
+
+def time_profile(g: torch.Tensor, time_dim: int) -> torch.Tensor:
+    """L2 norm of a sequence gradient at each time step."""
+    g = g.detach().float().movedim(time_dim, 0)
+    return torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1)

@@ -1,0 +1,445 @@
+"""`Watch`: per-layer gradient statistics of a training run, at an overhead nobody notices.
+
+Schedule (docs/statistics.md): every recorded step costs one fused norm over the gradients and a
+copy of the loss, all on the device. Every `sample_every` steps the costlier statistics are taken
+too: max |g|, weight norms, update ratios, activation statistics, ∂L/∂(layer output) and recurrent
+time profiles; the hooks they need exist only during those steps. The host reads the device only
+at a flush (every `flush_every` recorded steps), except on the CPU, where checking a step's norms
+for NaN/Inf costs nothing and gives an exact count of non-finite gradient entries.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from gradwatch.collect import patches
+from gradwatch.collect.layers import RECURRENT, Layer, discover
+from gradwatch.collect.record import StepRecord, to_batch
+from gradwatch.collect.stats import activation_stats, grad_norms, norms, rms, time_profile
+from gradwatch.errors import ConfigError
+from gradwatch.store.reader import STORE_NAME, _read
+from gradwatch.store.series import LayerInfo, RunSeries
+from gradwatch.store.writer import RunStoreWriter
+
+
+def layer_info(layer: Layer) -> LayerInfo:
+    return LayerInfo(
+        name=layer.name,
+        type=layer.type,
+        index=layer.index,
+        role=layer.role,
+        n_params=sum(p.numel() for p in layer.params),
+        activation=layer.activation,
+    )
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name}={value!r}: expected a whole number >= 1")
+    return value
+
+
+def _store_path(out: str | os.PathLike | None) -> Path | None:
+    if out is None:
+        return None
+    path = Path(out)
+    if path.suffix == ".sqlite":
+        return path
+    return path / STORE_NAME
+
+
+def _first_tensor(value: object) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    return None
+
+
+class Watch:
+    """Watches one model (or, in zero-code mode, every model that runs) and its optimizer.
+
+    Use as a context manager or call `detach()`; detaching removes every hook and patch, leaving
+    the model and optimizer exactly as they were. Nothing here changes the numbers of training.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        every: int = 1,
+        sample_every: int = 10,
+        flush_every: int = 50,
+        out: str | os.PathLike | None = None,
+        meta: dict | None = None,
+    ):
+        if model is not None and not isinstance(model, nn.Module):
+            raise ConfigError(
+                f"watch() needs a torch.nn.Module, got {type(model).__name__}; pass the model itself"
+            )
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        self.every = _positive_int("every", every)
+        self.sample_every = _positive_int("sample_every", sample_every)
+        self.flush_every = _positive_int("flush_every", flush_every)
+        self.store_path = _store_path(out)
+        self._meta = {
+            "torch": torch.__version__,
+            "every": self.every,
+            "sample_every": self.sample_every,
+            "optimizer": type(optimizer).__name__ if optimizer is not None else None,
+            **(meta or {}),
+        }
+        self._writer: RunStoreWriter | None = None
+        self._layers: list[Layer] = []
+        self._params: list[torch.nn.Parameter] = []
+        self._seen_params: set[int] = set()
+        self._seen_modules: set[int] = set()
+        self._models: list[nn.Module] = []
+        self._optimizer = optimizer
+        self._mode = "optimizer" if optimizer is not None else ("backward" if model is not None else "unknown")
+        self._step = 0
+        self._next_index = 0
+        self._cur: StepRecord | None = None
+        self._pending: list[StepRecord] = []
+        self._events: list[tuple[int, str, str]] = []
+        self._snapshot: list[torch.Tensor] | None = None
+        self._snapshot_rec: StepRecord | None = None
+        self._backward_scale: torch.Tensor | None = None
+        self._stepped = False
+        self._handles: list = []  # permanent hooks, removed by detach()
+        self._armed: list = []  # hooks living for one sampled step
+        self._order_handles: list = []
+        self._attached = False
+        self.on_flush: list[Callable[["Watch"], None]] = []
+        if self.store_path is None:
+            self._writer = RunStoreWriter(None, self._meta)
+        self._attach()
+        if model is not None:
+            self.add_model(model)
+            if not self._params:
+                self.detach()
+                raise ConfigError(
+                    f"{type(model).__name__} has no trainable parameters to watch "
+                    "(all are frozen or it owns none); unfreeze some or watch the model that trains"
+                )
+        if optimizer is not None:
+            self._handles.append(optimizer.register_step_pre_hook(lambda opt, a, k: self._before_step(opt)))
+            self._handles.append(optimizer.register_step_post_hook(lambda opt, a, k: self._after_step(opt)))
+
+    # ---------------------------------------------------------------- public API
+    @property
+    def step(self) -> int:
+        """The number of the step being recorded now (0-based)."""
+        return self._step
+
+    @property
+    def layers(self) -> list[LayerInfo]:
+        return [layer_info(l) for l in self._layers]
+
+    def add_model(self, model: nn.Module, prefix: str = "") -> None:
+        """Watch another model (zero-code mode finds them as they first run)."""
+        new = discover(model, prefix, self._seen_params, self._seen_modules)
+        if not new:
+            return
+        self.flush()  # a flush window has one fixed set of layers
+        self._layers.extend(new)
+        self._params = [p for layer in self._layers for p in layer.params]
+        self._models.append(model)
+        self._register_order_hooks(model, new)
+        if self._sampled(self._step):
+            self._arm()
+
+    def record_loss(self, loss: torch.Tensor | float) -> None:
+        """Record this step's loss explicitly (instead of the tensor `.backward()` was called on)."""
+        rec = self._current()
+        if rec is not None:
+            rec.loss_sum, rec.loss_n = None, 0
+            rec.add_loss(torch.as_tensor(loss))
+            rec.loss_explicit = True
+
+    def flush(self) -> None:
+        """Move the recorded steps to the store in one transaction."""
+        if not self._pending and not self._events:
+            return
+        if self._writer is None:
+            self.store_path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = RunStoreWriter(self.store_path, self._meta)
+        batch = to_batch(self._pending, self._layers, meta={"optimizer": self._meta["optimizer"]})
+        batch.events.extend(self._events)
+        self._writer.write(batch)
+        self._pending, self._events = [], []
+        for callback in list(self.on_flush):
+            callback(self)
+
+    def series(self) -> RunSeries:
+        """Everything recorded so far (flushes first)."""
+        self.flush()
+        if self._writer is None:  # nothing recorded yet, and the store file is made lazily
+            return RunSeries([], np.empty(0, dtype=np.int64), np.empty(0), np.empty(0), {})
+        return _read(self._writer.connection)
+
+    def detach(self) -> None:
+        """Flush, then remove every hook and patch: the model and optimizer are as before."""
+        if not self._attached:
+            return
+        self._attached = False
+        if self._snapshot is not None:
+            self._finish_delta()
+        if self._cur is not None and self._cur.grad is not None:
+            self._end_step(count=False)
+        self.flush()
+        for handle in self._handles + self._armed + self._order_handles:
+            handle.remove()
+        self._handles, self._armed, self._order_handles = [], [], []
+        patches.remove(self)
+
+    close = detach
+
+    def __enter__(self) -> "Watch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    # ---------------------------------------------------------------- schedule
+    def _recorded(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def _sampled(self, step: int) -> bool:
+        return self._recorded(step) and step % self.sample_every == 0
+
+    def _current(self) -> StepRecord | None:
+        if self._cur is None and self._recorded(self._step):
+            self._cur = StepRecord(self._step, self._sampled(self._step))
+        return self._cur
+
+    def _attach(self) -> None:
+        patches.add(self)
+        self._attached = True
+
+    # ---------------------------------------------------------------- backward (patches.Listener)
+    def before_backward(self, root: object) -> None:
+        if self._snapshot is not None and self._mode != "optimizer":
+            self._finish_delta()
+        if self._mode == "unknown" and self._cur is not None and self._cur.grad is not None:
+            self._mode = "backward"  # a second backward with no optimizer step: updates are by hand
+            self._end_step()
+        unscaled = getattr(root, patches.UNSCALED, None)
+        self._backward_scale = unscaled[1] if unscaled is not None else None
+
+    def after_backward(self, root: object) -> None:
+        rec = self._current()
+        if rec is not None and self._params:
+            unscaled = getattr(root, patches.UNSCALED, None)
+            loss = unscaled[0] if unscaled is not None else root
+            if isinstance(loss, torch.Tensor) and loss.numel() == 1 and not rec.loss_explicit:
+                rec.add_loss(loss)
+            self._record_grads(rec)
+        self._backward_scale = None
+        if self._mode == "backward":
+            self._end_step()
+
+    def after_scaler_update(self) -> None:
+        """GradScaler.update ends an iteration; if the optimizer did not step, the scaler skipped it."""
+        if self._mode == "optimizer" and not self._stepped and self._cur is not None:
+            self._events.append((self._step, "skipped_step", "loss scaler found inf/NaN gradients"))
+            self._cur = None
+            self._snapshot = None
+        self._stepped = False
+
+    def _unscale(self, values: torch.Tensor) -> torch.Tensor:
+        scale = self._backward_scale
+        return values if scale is None else torch.where(values >= 0, values / scale, values)
+
+    def _record_grads(self, rec: StepRecord) -> None:
+        params = self._params
+        rec.grad = self._unscale(grad_norms(params))
+        if params[0].device.type == "cpu" and not bool(torch.isfinite(rec.grad).all()):
+            bad = (~torch.isfinite(rec.grad)).nonzero().flatten().tolist()
+            rec.nonfinite = {i: int((~torch.isfinite(params[i].grad)).sum()) for i in bad}
+        elif rec.nonfinite is not None:
+            rec.nonfinite = None
+        if rec.sampled:
+            rec.grad_max = self._unscale(grad_norms(params, float("inf")))
+            rec.weight = norms([p.detach() for p in params])
+            if self._mode != "optimizer":
+                self._take_snapshot(rec)
+
+    # ---------------------------------------------------------------- optimizer
+    def adopt_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Zero-code mode: the first optimizer seen stepping defines the step."""
+        self._optimizer = optimizer
+        self._mode = "optimizer"
+        self._meta["optimizer"] = type(optimizer).__name__
+        self._snapshot = None
+
+    def _before_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if optimizer is not self._optimizer:
+            return
+        rec = self._cur
+        if rec is not None and rec.sampled and self._params:
+            self._take_snapshot(rec)
+
+    def _after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if optimizer is not self._optimizer:
+            return
+        self._stepped = True
+        if self._snapshot is not None:
+            self._finish_delta()
+        self._end_step()
+
+    def _take_snapshot(self, rec: StepRecord) -> None:
+        self._snapshot = [p.detach().clone() for p in self._params]
+        self._snapshot_rec = rec
+
+    def _finish_delta(self) -> None:
+        params = [p.detach() for p in self._params]
+        if len(params) == len(self._snapshot):
+            self._snapshot_rec.delta = norms(torch._foreach_sub(params, self._snapshot))
+        self._snapshot, self._snapshot_rec = None, None
+
+    def _lrs(self) -> list[float]:
+        if self._optimizer is None:
+            return []
+        return [float(g["lr"]) for g in self._optimizer.param_groups if "lr" in g]
+
+    def _end_step(self, count: bool = True) -> None:
+        rec = self._cur
+        if rec is not None:
+            rec.finish(self._lrs())
+            self._pending.append(rec)
+        self._cur = None
+        if count:
+            self._step += 1
+            self._clear_order_hooks()
+        self._disarm()
+        if count and self._sampled(self._step) and self._attached:
+            self._arm()
+        if len(self._pending) >= self.flush_every:
+            self.flush()
+
+    # ---------------------------------------------------------------- forward order
+    def _register_order_hooks(self, model: nn.Module, new: list[Layer]) -> None:
+        """Number layers in the order their forward finishes (children before parents); a module
+        whose forward never runs (weights used functionally by its parent) takes its parent's turn."""
+        by_module = {id(l.module): l for l in new}
+        for _, module in model.named_modules():
+            subtree = [by_module[id(m)] for m in module.modules() if id(m) in by_module]
+            if subtree:
+                self._order_handles.append(module.register_forward_hook(self._make_order_hook(subtree)))
+
+    def _make_order_hook(self, subtree: list[Layer]):
+        def hook(module, args, output):
+            for layer in subtree:
+                if layer.index < 0:
+                    layer.index = self._next_index
+                    self._next_index += 1
+        return hook
+
+    def _clear_order_hooks(self) -> None:
+        if not self._order_handles:
+            return
+        for handle in self._order_handles:
+            handle.remove()
+        self._order_handles = []
+        for layer in self._layers:
+            if layer.index < 0:
+                layer.index = self._next_index
+                self._next_index += 1
+
+    # ---------------------------------------------------------------- sampled-step hooks
+    def _arm(self) -> None:
+        if self._armed:
+            return
+        for pos, layer in enumerate(self._layers):
+            module = layer.module
+            if layer.role == "activation":
+                self._armed.append(module.register_forward_hook(self._activation_hook(pos, layer.activation)))
+            else:
+                self._armed.append(module.register_forward_hook(self._output_grad_hook(pos)))
+            if isinstance(module, RECURRENT):
+                self._armed.append(
+                    module.register_forward_pre_hook(self._recurrent_input_hook(pos, module.batch_first))
+                )
+
+    def _disarm(self) -> None:
+        for handle in self._armed:
+            handle.remove()
+        self._armed = []
+
+    def _hook_output_grad(self, rec: StepRecord, pos: int, y: torch.Tensor | None) -> None:
+        if y is None or not y.requires_grad:
+            return
+
+        def on_grad(g: torch.Tensor) -> None:
+            rec.accumulate(rec.out_rms, pos, self._unscale(rms(g).reshape(1))[0])
+
+        y.register_hook(on_grad)
+
+    def _activation_hook(self, pos: int, activation: str):
+        def hook(module, args, output):
+            rec = self._current() if torch.is_grad_enabled() else None
+            y = _first_tensor(output)
+            if rec is None or y is None or not y.is_floating_point():
+                return
+            rec.accumulate(rec.act, pos, activation_stats(y, activation))
+            self._hook_output_grad(rec, pos, y)
+        return hook
+
+    def _output_grad_hook(self, pos: int):
+        def hook(module, args, output):
+            rec = self._current() if torch.is_grad_enabled() else None
+            if rec is not None:
+                self._hook_output_grad(rec, pos, _first_tensor(output))
+        return hook
+
+    def _recurrent_input_hook(self, pos: int, batch_first: bool):
+        """Make the sequence input's gradient visible: ∂L/∂x_t for each t shows how far back in
+        time the loss still reaches (it decays geometrically when gradients vanish through time)."""
+        def hook(module, args):
+            rec = self._current() if torch.is_grad_enabled() else None
+            if rec is None or not args or not isinstance(args[0], torch.Tensor):
+                return None
+            x = args[0]
+            if not x.is_floating_point():
+                return None
+            replaced = not x.requires_grad
+            if replaced:
+                x = x.detach().requires_grad_()
+            time_dim = 1 if (batch_first and x.dim() == 3) else 0
+
+            def on_grad(g: torch.Tensor) -> None:
+                profile = time_profile(g, time_dim)
+                rec.profiles[pos] = self._unscale(profile)
+
+            x.register_hook(on_grad)
+            return (x, *args[1:]) if replaced else None
+        return hook
+
+
+def watch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    every: int = 1,
+    sample_every: int = 10,
+    flush_every: int = 50,
+    out: str | os.PathLike | None = None,
+) -> Watch:
+    """Start watching `model` (and `optimizer`, whose steps then define the step count).
+
+    `every`: record every N-th step; `sample_every`: take the costlier statistics every N-th step;
+    `flush_every`: write to the store every N recorded steps; `out`: a run directory (or a
+    .sqlite file) for the store, or None to keep it in memory.
+    """
+    return Watch(model, optimizer, every=every, sample_every=sample_every, flush_every=flush_every, out=out)

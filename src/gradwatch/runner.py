@@ -1,0 +1,102 @@
+"""`gradwatch run`: run a script, module or command as usual, with every torch process watched.
+
+The target runs in a child process started exactly as `python script.py args` would start it
+(same argv, `__main__`, sys.path, stdout, stderr and exit code); a start-up hook on PYTHONPATH
+begins watching when the child imports torch. Processes the command starts in turn (torchrun
+workers, a shell script's pythons) inherit the environment and are watched into the same run.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from gradwatch.collect.auto import ENV_OPTIONS, ENV_RUN_DIR
+from gradwatch.errors import ConfigError
+
+BOOTSTRAP_DIR = Path(__file__).resolve().parent / "_bootstrap"
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    exit_code: int
+
+
+def default_run_dir(root: str | os.PathLike = "runs") -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = Path(root) / stamp
+    n = 1
+    while path.exists():
+        n += 1
+        path = Path(root) / f"{stamp}-{n}"
+    return path
+
+
+def prepare_run_dir(path: str | os.PathLike) -> Path:
+    """Create the run directory and prove it is writable before the target starts."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".gradwatch-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"cannot write the run directory {str(path)!r} ({exc.strerror}); choose another --out") from exc
+    return path
+
+
+def build_command(script: str | None, module: str | None, argv: list[str]) -> list[str]:
+    """The child's command line: `python script.py ...`, `python -m module ...` or a raw command."""
+    if module:
+        return [sys.executable, "-m", module, *argv]
+    if script:
+        if not Path(script).is_file():
+            raise ConfigError(f"no such script: {script!r}; give the path of a Python file, or `-- COMMAND` to run a command")
+        return [sys.executable, script, *argv]
+    if not argv:
+        raise ConfigError("nothing to run: give a script (`gradwatch run train.py`), `-m module`, or `-- COMMAND ...`")
+    if shutil.which(argv[0]) is None and not Path(argv[0]).exists():
+        raise ConfigError(f"command not found: {argv[0]!r}")
+    return argv
+
+
+def child_env(run_dir: Path, options: dict[str, int]) -> dict[str, str]:
+    env = dict(os.environ)
+    env[ENV_RUN_DIR] = str(run_dir.resolve())
+    for key, value in options.items():
+        env[ENV_OPTIONS[key]] = str(value)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BOOTSTRAP_DIR), env.get("PYTHONPATH")]))
+    # `-- python ...` means the Python that has gradwatch installed, as an activated venv would.
+    env["PATH"] = os.pathsep.join(filter(None, [str(Path(sys.executable).parent), env.get("PATH")]))
+    return env
+
+
+def run(command: list[str], run_dir: Path, options: dict[str, int]) -> RunResult:
+    """Run `command` watched into `run_dir`; returns its exit code (128+N if killed by signal N)."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the child directly
+    try:
+        proc = subprocess.Popen(command, env=child_env(run_dir, options))
+        code = proc.wait()
+    except FileNotFoundError as exc:
+        raise ConfigError(f"cannot start {command[0]!r}: {exc.strerror}") from exc
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return RunResult(run_dir, 128 - code if code < 0 else code)
+
+
+def link_latest(run_dir: Path) -> None:
+    """runs/latest -> the newest run, so `gradwatch diagnose runs/latest` works."""
+    latest = run_dir.parent / "latest"
+    try:
+        if latest.is_symlink() or latest.exists():
+            latest.unlink()
+        latest.symlink_to(run_dir.name)
+    except OSError:
+        pass

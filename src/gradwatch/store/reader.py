@@ -1,0 +1,102 @@
+"""Reading a run back as numpy series (`read_run`), from a run directory or a store file."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+
+from gradwatch.errors import StoreError
+from gradwatch.store.schema import FORMAT, LAYER_COLUMNS
+from gradwatch.store.series import LayerInfo, RunSeries
+
+STORE_NAME = "gradwatch.sqlite"
+
+
+def store_files(run: str | os.PathLike) -> list[Path]:
+    """The store files of a run directory, the main one first (rank 0, else the first process)."""
+    path = Path(run)
+    if path.is_file():
+        return [path]
+    if not path.exists():
+        raise StoreError(f"no run at {str(path)!r}: give a run directory written by `gradwatch run` or a .sqlite store")
+    files = sorted(path.glob("gradwatch*.sqlite"))
+    if not files:
+        raise StoreError(f"{str(path)!r} holds no gradwatch store (gradwatch*.sqlite); was the run watched?")
+    preferred = [path / STORE_NAME, path / "gradwatch-rank0.sqlite"]
+    head = [f for f in preferred if f in files][:1]
+    return head + [f for f in files if f not in head]
+
+
+def connect(path: str | os.PathLike) -> sqlite3.Connection:
+    """Open a store read-only and check it is one."""
+    path = Path(path)
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        row = db.execute("SELECT value FROM meta WHERE key='format'").fetchone()
+    except sqlite3.Error as exc:
+        raise StoreError(f"{str(path)!r} is not a gradwatch store ({exc})") from exc
+    if row is None or json.loads(row[0]) != FORMAT:
+        raise StoreError(f"{str(path)!r} is not a gradwatch store (no format marker)")
+    return db
+
+
+def read_meta(db: sqlite3.Connection) -> dict:
+    return {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
+
+
+def read_run(run: str | os.PathLike) -> RunSeries:
+    """The series of a run: its main store file, as a `RunSeries`."""
+    db = connect(store_files(run)[0])
+    try:
+        return _read(db)
+    finally:
+        db.close()
+
+
+def _read(db: sqlite3.Connection) -> RunSeries:
+    meta = read_meta(db)
+    layer_rows = db.execute(
+        "SELECT id, name, type, idx, role, n_params, activation FROM layers ORDER BY idx, id"
+    ).fetchall()
+    layers = [LayerInfo(name, typ, idx, role, n, act) for _, name, typ, idx, role, n, act in layer_rows]
+    column = {row[0]: i for i, row in enumerate(layer_rows)}
+    step_rows = db.execute("SELECT step, loss, lr FROM steps ORDER BY step").fetchall()
+    steps = np.array([r[0] for r in step_rows], dtype=np.int64)
+    loss = np.array([np.nan if r[1] is None else r[1] for r in step_rows], dtype=float)
+    lr = np.array([np.nan if r[2] is None else r[2] for r in step_rows], dtype=float)
+    row_of = {int(s): i for i, s in enumerate(steps)}
+
+    metrics = {c: np.full((len(steps), len(layers)), np.nan) for c in LAYER_COLUMNS}
+    data = db.execute(f"SELECT step, layer, {', '.join(LAYER_COLUMNS)} FROM layer_stats").fetchall()
+    if data:
+        arr = np.array(data, dtype=float)  # NULL -> nan
+        keep = np.array([int(s) in row_of for s in arr[:, 0]])
+        arr = arr[keep]
+        rows = np.array([row_of[int(s)] for s in arr[:, 0]], dtype=np.int64)
+        cols = np.array([column[int(l)] for l in arr[:, 1]], dtype=np.int64)
+        for j, name in enumerate(LAYER_COLUMNS):
+            metrics[name][rows, cols] = arr[:, 2 + j]
+
+    profiles: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    name_of = {row[0]: row[1] for row in layer_rows}
+    prof = db.execute("SELECT layer, step, t, grad_norm FROM time_profile ORDER BY layer, step, t").fetchall()
+    by_layer: dict[str, dict[int, dict[int, float]]] = {}
+    for layer_id, step, t, value in prof:
+        by_layer.setdefault(name_of[layer_id], {}).setdefault(step, {})[t] = np.nan if value is None else value
+    for name, per_step in by_layer.items():
+        p_steps = np.array(sorted(per_step), dtype=np.int64)
+        width = max(max(d) for d in per_step.values()) + 1
+        table = np.full((len(p_steps), width), np.nan)
+        for i, s in enumerate(p_steps):
+            for t, v in per_step[int(s)].items():
+                table[i, t] = v
+        profiles[name] = (p_steps, table)
+
+    meta["skipped_steps"] = [
+        s for (s,) in db.execute("SELECT step FROM events WHERE kind='skipped_step' ORDER BY step")
+    ]
+    return RunSeries(layers, steps, loss, lr, metrics, profiles, meta)

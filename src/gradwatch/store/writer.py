@@ -1,0 +1,101 @@
+"""Writing a run: one SQLite file per process, WAL mode, one transaction per flush.
+
+A process killed at any moment leaves a file that opens: SQLite's journal guarantees a reader sees
+every committed flush whole and nothing of a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+from gradwatch.errors import StoreError
+from gradwatch.store.schema import DDL, FORMAT, LAYER_COLUMNS, SCHEMA_VERSION
+from gradwatch.store.series import LayerInfo
+
+
+@dataclass
+class FlushBatch:
+    """Everything one flush writes, already on the host as plain Python numbers."""
+
+    layers: Sequence[LayerInfo]
+    steps: list[tuple[int, float | None, float | None, str, float]] = field(default_factory=list)
+    layer_rows: list[tuple] = field(default_factory=list)  # (step, layer_name, *LAYER_COLUMNS)
+    profile_rows: list[tuple[int, str, int, float]] = field(default_factory=list)
+    events: list[tuple[int, str, str]] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+
+class RunStoreWriter:
+    """Appends flushes to one store file (or to memory when `path` is None)."""
+
+    def __init__(self, path: str | os.PathLike | None, meta: dict | None = None):
+        self.path = None if path is None else os.fspath(path)
+        try:
+            self._db = sqlite3.connect(self.path or ":memory:", check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot create the store {self.path!r}: {exc}; choose a writable --out") from exc
+        if self.path:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(DDL)
+        self._layer_ids: dict[str, int] = {}
+        with self._db:
+            self._write_meta({"format": FORMAT, "schema_version": SCHEMA_VERSION, **(meta or {})})
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        return self._db
+
+    def _write_meta(self, meta: dict) -> None:
+        self._db.executemany(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+            [(k, json.dumps(v)) for k, v in meta.items()],
+        )
+
+    def _sync_layers(self, layers: Iterable[LayerInfo]) -> None:
+        for layer in layers:
+            row = (layer.name, layer.type, layer.index, layer.role, layer.n_params, layer.activation)
+            if layer.name in self._layer_ids:
+                self._db.execute(
+                    "UPDATE layers SET type=?, idx=?, role=?, n_params=?, activation=? WHERE name=?",
+                    row[1:] + row[:1],
+                )
+            else:
+                cur = self._db.execute(
+                    "INSERT INTO layers (name, type, idx, role, n_params, activation) VALUES (?,?,?,?,?,?)",
+                    row,
+                )
+                self._layer_ids[layer.name] = cur.lastrowid
+
+    def write(self, batch: FlushBatch) -> None:
+        """Write one flush in one transaction."""
+        with self._db:
+            self._sync_layers(batch.layers)
+            if batch.meta:
+                self._write_meta(batch.meta)
+            self._db.executemany(
+                "INSERT OR REPLACE INTO steps (step, loss, lr, lrs, wall_time) VALUES (?,?,?,?,?)",
+                batch.steps,
+            )
+            ids = self._layer_ids
+            placeholders = ",".join("?" * (2 + len(LAYER_COLUMNS)))
+            self._db.executemany(
+                f"INSERT OR REPLACE INTO layer_stats (step, layer, {', '.join(LAYER_COLUMNS)}) "
+                f"VALUES ({placeholders})",
+                [(r[0], ids[r[1]], *r[2:]) for r in batch.layer_rows],
+            )
+            self._db.executemany(
+                "INSERT OR REPLACE INTO time_profile (step, layer, t, grad_norm) VALUES (?,?,?,?)",
+                [(s, ids[name], t, v) for s, name, t, v in batch.profile_rows],
+            )
+            self._db.executemany("INSERT INTO events (step, kind, detail) VALUES (?,?,?)", batch.events)
+
+    def close(self) -> None:
+        try:
+            self._db.close()
+        except sqlite3.Error:
+            pass
