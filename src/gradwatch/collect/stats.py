@@ -24,19 +24,6 @@ def norms(tensors: list[torch.Tensor], ord: float = 2.0) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(tensors, ord))
 
 
-def grad_norms(params: list[torch.Tensor], ord: float = 2.0) -> torch.Tensor:
-    """Per-parameter gradient norms; MISSING where a parameter has no gradient."""
-    grads = [p.grad for p in params]
-    if all(g is not None for g in grads):
-        return norms(grads, ord)
-    present = [i for i, g in enumerate(grads) if g is not None]
-    device = params[0].device
-    out = torch.full((len(params),), MISSING, device=device)
-    if present:
-        out[torch.tensor(present, device=device)] = norms([grads[i] for i in present], ord).to(out.dtype)
-    return out
-
-
 def unit_dim(y: torch.Tensor) -> int:
     return 1 if y.dim() in (4, 5) else y.dim() - 1
 
@@ -44,8 +31,10 @@ def unit_dim(y: torch.Tensor) -> int:
 def activation_stats(y: torch.Tensor, activation: str) -> torch.Tensor:
     """[mean, std, saturated fraction (NaN if not saturating), dead-unit fraction]."""
     y = y.detach().float()
-    mean = y.mean()
-    std = y.std() if y.numel() > 1 else torch.zeros((), device=y.device)
+    if y.numel() > 1:
+        std, mean = torch.std_mean(y)
+    else:
+        std, mean = torch.zeros((), device=y.device), y.reshape(())
     bounds = SATURATING.get(activation)
     if bounds is None:
         saturated = torch.full((), math.nan, device=y.device)
@@ -55,7 +44,7 @@ def activation_stats(y: torch.Tensor, activation: str) -> torch.Tensor:
         saturated = ((y <= low + band) | (y >= high - band)).float().mean()
     if y.dim() >= 2:
         d = unit_dim(y)
-        alive = (y != 0).transpose(0, d).reshape(y.shape[d], -1).any(dim=1)
+        alive = (y != 0).any(dim=tuple(i for i in range(y.dim()) if i != d))
         dead = 1.0 - alive.float().mean()
     else:
         dead = torch.full((), math.nan, device=y.device)

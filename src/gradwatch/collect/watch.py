@@ -21,7 +21,7 @@ from torch import nn
 from gradwatch.collect import patches
 from gradwatch.collect.layers import RECURRENT, Layer, discover
 from gradwatch.collect.record import StepRecord, to_batch
-from gradwatch.collect.stats import activation_stats, grad_norms, norms, rms, time_profile
+from gradwatch.collect.stats import MISSING, activation_stats, norms, rms, time_profile
 from gradwatch.errors import ConfigError
 from gradwatch.store.reader import STORE_NAME, _read
 from gradwatch.store.series import LayerInfo, RunSeries
@@ -112,14 +112,19 @@ class Watch:
         self._cur: StepRecord | None = None
         self._pending: list[StepRecord] = []
         self._events: list[tuple[int, str, str]] = []
-        self._snapshot: list[torch.Tensor] | None = None
+        self._snapshot: list[torch.Tensor] | None = None  # weights before the update, while one is due
+        self._snapshot_buf: list[torch.Tensor] | None = None
         self._snapshot_rec: StepRecord | None = None
         self._backward_scale: torch.Tensor | None = None
         self._stepped = False
         self._handles: list = []  # permanent hooks, removed by detach()
+        self._grad_handles: list = []  # one post-accumulate-grad hook per parameter
+        self._norm_buf = self._max_buf = None
+        self._cur_sampled: bool | None = self._sampled(0)  # None: this step is not recorded
         self._armed: list = []  # hooks living for one sampled step
         self._order_handles: list = []
         self._attached = False
+        self._paused = False
         self.on_flush: list[Callable[["Watch"], None]] = []
         if self.store_path is None:
             self._writer = RunStoreWriter(None, self._meta)
@@ -155,9 +160,40 @@ class Watch:
         self._layers.extend(new)
         self._params = [p for layer in self._layers for p in layer.params]
         self._models.append(model)
+        self._register_grad_hooks()
         self._register_order_hooks(model, new)
         if self._sampled(self._step):
             self._arm()
+
+    def _register_grad_hooks(self) -> None:
+        """Norms are taken the moment each gradient is accumulated, while it is still in cache:
+        reading it again after backward costs a full pass over memory (measured ~3% of a step)."""
+        for handle in self._grad_handles:
+            handle.remove()
+        self._grad_handles = []
+        if not self._params:
+            return
+        device = self._params[0].device
+        n = len(self._params)
+        self._norm_buf = torch.full((n,), MISSING, device=device)
+        self._max_buf = torch.full((n,), MISSING, device=device)
+        self._weight_buf = torch.full((n,), MISSING, device=device)
+        self._snapshot = None
+        for i, p in enumerate(self._params):
+            self._grad_handles.append(p.register_post_accumulate_grad_hook(self._grad_hook(i)))
+
+    def _grad_hook(self, i: int):
+        norm_out, max_out, weight_out = self._norm_buf[i], self._max_buf[i], self._weight_buf[i]
+
+        def hook(p: torch.Tensor) -> None:
+            if self._attached and self._cur_sampled is not None:
+                g = p.grad
+                torch.linalg.vector_norm(g, dtype=torch.float32, out=norm_out)
+                if self._cur_sampled:  # p was just read by backward too: both are in cache
+                    low, high = torch.aminmax(g)  # max |g|; 10x faster than the inf-norm on CPU
+                    torch.maximum(high.float(), low.float().neg(), out=max_out)
+                    torch.linalg.vector_norm(p.detach(), dtype=torch.float32, out=weight_out)
+        return hook
 
     def record_loss(self, loss: torch.Tensor | float) -> None:
         """Record this step's loss explicitly (instead of the tensor `.backward()` was called on)."""
@@ -167,6 +203,21 @@ class Watch:
             rec.add_loss(torch.as_tensor(loss))
             rec.loss_explicit = True
 
+    def pause(self) -> None:
+        """Stop recording (e.g. around evaluation) until `resume()`; hooks stay, but do nothing."""
+        if self._attached:
+            patches.remove(self)
+            self._disarm()
+            self._attached = False
+            self._paused = True
+
+    def resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            self._attach()
+            if self._sampled(self._step):
+                self._arm()
+
     def flush(self) -> None:
         """Move the recorded steps to the store in one transaction."""
         if not self._pending and not self._events:
@@ -174,15 +225,20 @@ class Watch:
         if self._writer is None:
             self.store_path.parent.mkdir(parents=True, exist_ok=True)
             self._writer = RunStoreWriter(self.store_path, self._meta)
-        batch = to_batch(self._pending, self._layers, meta={"optimizer": self._meta["optimizer"]})
+        # a step whose update is still to come (weights changed by hand) waits for its Δw
+        ready = [r for r in self._pending if r is not self._snapshot_rec]
+        batch = to_batch(ready, self._layers, meta={"optimizer": self._meta["optimizer"]})
         batch.events.extend(self._events)
         self._writer.write(batch)
-        self._pending, self._events = [], []
+        self._pending = [r for r in self._pending if r is self._snapshot_rec]
+        self._events = []
         for callback in list(self.on_flush):
             callback(self)
 
     def series(self) -> RunSeries:
         """Everything recorded so far (flushes first)."""
+        if self._snapshot is not None and self._mode != "optimizer":
+            self._finish_delta()  # read after a manual update: that update is the last Δw
         self.flush()
         if self._writer is None:  # nothing recorded yet, and the store file is made lazily
             return RunSeries([], np.empty(0, dtype=np.int64), np.empty(0), np.empty(0), {})
@@ -190,18 +246,19 @@ class Watch:
 
     def detach(self) -> None:
         """Flush, then remove every hook and patch: the model and optimizer are as before."""
-        if not self._attached:
+        if not self._attached and not self._paused:
             return
-        self._attached = False
+        if self._attached:
+            patches.remove(self)
+        self._attached = self._paused = False
         if self._snapshot is not None:
             self._finish_delta()
         if self._cur is not None and self._cur.grad is not None:
             self._end_step(count=False)
         self.flush()
-        for handle in self._handles + self._armed + self._order_handles:
+        for handle in self._handles + self._armed + self._order_handles + self._grad_handles:
             handle.remove()
-        self._handles, self._armed, self._order_handles = [], [], []
-        patches.remove(self)
+        self._handles, self._armed, self._order_handles, self._grad_handles = [], [], [], []
 
     close = detach
 
@@ -263,15 +320,15 @@ class Watch:
 
     def _record_grads(self, rec: StepRecord) -> None:
         params = self._params
-        rec.grad = self._unscale(grad_norms(params))
+        rec.grad = self._unscale(self._norm_buf.clone())
         if params[0].device.type == "cpu" and not bool(torch.isfinite(rec.grad).all()):
             bad = (~torch.isfinite(rec.grad)).nonzero().flatten().tolist()
             rec.nonfinite = {i: int((~torch.isfinite(params[i].grad)).sum()) for i in bad}
         elif rec.nonfinite is not None:
             rec.nonfinite = None
         if rec.sampled:
-            rec.grad_max = self._unscale(grad_norms(params, float("inf")))
-            rec.weight = norms([p.detach() for p in params])
+            rec.grad_max = self._unscale(self._max_buf.clone())
+            rec.weight = self._weight_buf.clone()
             if self._mode != "optimizer":
                 self._take_snapshot(rec)
 
@@ -284,14 +341,14 @@ class Watch:
         self._snapshot = None
 
     def _before_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if optimizer is not self._optimizer:
+        if optimizer is not self._optimizer or not self._attached:
             return
         rec = self._cur
         if rec is not None and rec.sampled and self._params:
             self._take_snapshot(rec)
 
     def _after_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if optimizer is not self._optimizer:
+        if optimizer is not self._optimizer or not self._attached:
             return
         self._stepped = True
         if self._snapshot is not None:
@@ -299,13 +356,20 @@ class Watch:
         self._end_step()
 
     def _take_snapshot(self, rec: StepRecord) -> None:
-        self._snapshot = [p.detach().clone() for p in self._params]
+        """Copy the weights before an update into buffers kept between samples (allocating 
+        them each time costs more than the copy)."""
+        params = [p.detach() for p in self._params]
+        if self._snapshot_buf is None or len(self._snapshot_buf) != len(params):
+            self._snapshot_buf = [torch.empty_like(p) for p in params]
+        torch._foreach_copy_(self._snapshot_buf, params)
+        self._snapshot = self._snapshot_buf
         self._snapshot_rec = rec
 
     def _finish_delta(self) -> None:
         params = [p.detach() for p in self._params]
         if len(params) == len(self._snapshot):
-            self._snapshot_rec.delta = norms(torch._foreach_sub(params, self._snapshot))
+            torch._foreach_sub_(self._snapshot, params)
+            self._snapshot_rec.delta = norms(self._snapshot)
         self._snapshot, self._snapshot_rec = None, None
 
     def _lrs(self) -> list[float]:
@@ -322,6 +386,12 @@ class Watch:
         if count:
             self._step += 1
             self._clear_order_hooks()
+        self._cur_sampled = self._sampled(self._step) if self._recorded(self._step) else None
+        if self._norm_buf is not None:
+            self._norm_buf.fill_(MISSING)
+            if self._cur_sampled:
+                self._max_buf.fill_(MISSING)
+                self._weight_buf.fill_(MISSING)
         self._disarm()
         if count and self._sampled(self._step) and self._attached:
             self._arm()
@@ -442,4 +512,6 @@ def watch(
     `flush_every`: write to the store every N recorded steps; `out`: a run directory (or a
     .sqlite file) for the store, or None to keep it in memory.
     """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"watch() needs a torch.nn.Module, got {type(model).__name__}; pass the model itself")
     return Watch(model, optimizer, every=every, sample_every=sample_every, flush_every=flush_every, out=out)

@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create the environment first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch 2.13.0 CPU first and pinned with every install, so nothing can pull a CUDA build.
+TORCH := torch==2.13.0
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: env test demo bench clean
+
+env: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev]' $(TORCH)
+	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $@
+
+test: env
+	$(PY) -m pytest
+
+demo: env
+	$(PY) -m gradwatch.demo
+
+bench: env
+	$(PY) benchmarks/overhead.py
+
+clean:
+	rm -rf $(VENV) runs demo-out

@@ -1,0 +1,112 @@
+"""Step-time overhead of watching, against the ways people do this today, measured side by side.
+
+One process, one model per workload; the variants take turns in blocks of steps (A/B/C/..., in a
+fresh random order each round) and the ratio to the unwatched block of the same round is kept;
+the table gives the median over rounds. Noise on a shared machine cancels in the ratios.
+
+    python benchmarks/overhead.py [--rounds 20] [--block 10] [--only deep_mlp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gradwatch  # noqa: E402
+from models import WORKLOADS  # noqa: E402
+
+
+def _item_loop(model):
+    """The forum snippet: one host sync per parameter per step."""
+    return [p.grad.norm().item() for p in model.parameters() if p.grad is not None]
+
+
+def _histograms(model):
+    """TensorBoard-style: a histogram of every gradient, copied to the host every step."""
+    return [torch.histc(p.grad, bins=64).cpu() for p in model.parameters() if p.grad is not None]
+
+
+def _floor(model):
+    """Reading every gradient byte once: one fused norm, nothing else."""
+    return torch._foreach_norm([p.grad for p in model.parameters() if p.grad is not None])
+
+
+PROBES = {"item_loop": _item_loop, "histograms": _histograms, "floor": _floor}
+
+
+def run_workload(name: str, rounds: int, block: int, out_dir: str) -> dict:
+    torch.manual_seed(0)
+    model, (x, y), loss_fn = WORKLOADS[name]()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    watch = gradwatch.watch(model, opt, out=Path(out_dir) / name)
+    watch.pause()
+
+    def step(probe=None):
+        loss = loss_fn(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        if probe is not None:
+            probe(model)
+        opt.step()
+
+    def timed_block(variant: str) -> float:
+        probe = PROBES.get(variant)
+        if variant == "gradwatch":
+            watch.resume()
+        start = time.perf_counter()
+        for _ in range(block):
+            step(probe)
+        elapsed = time.perf_counter() - start
+        if variant == "gradwatch":
+            watch.pause()
+        return elapsed / block
+
+    variants = ["none", "gradwatch", *PROBES]
+    for v in variants:  # warm-up: allocator, autograd graph caches, first flush
+        timed_block(v)
+    ratios = {v: [] for v in variants if v != "none"}
+    base_times = []
+    rng = random.Random(0)
+    for _ in range(rounds):
+        order = variants[:]
+        rng.shuffle(order)
+        times = {v: timed_block(v) for v in order}
+        base_times.append(times["none"])
+        for v in ratios:
+            ratios[v].append(times[v] / times["none"])
+    watch.detach()
+    result = {"workload": name, "step_ms": 1e3 * statistics.median(base_times),
+              "steps_watched": len(watch.series().steps)}
+    result.update({v: statistics.median(r) for v, r in ratios.items()})
+    floor_cost = result["floor"] - 1
+    result["gw_over_floor"] = (result["gradwatch"] - 1) / floor_cost if floor_cost > 1e-4 else float("nan")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--block", type=int, default=10)
+    parser.add_argument("--only", choices=sorted(WORKLOADS))
+    args = parser.parse_args()
+    names = [args.only] if args.only else list(WORKLOADS)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds x {args.block} steps per variant")
+    print("| workload | unwatched step (ms) | gradwatch | p.grad.norm().item() loop | histc + host copy | floor (one foreach_norm) | gradwatch cost / floor cost |")
+    print("|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as out_dir:
+        for name in names:
+            r = run_workload(name, args.rounds, args.block, out_dir)
+            print(f"| {name} | {r['step_ms']:.1f} | {r['gradwatch']:.3f}x | {r['item_loop']:.3f}x | "
+                  f"{r['histograms']:.3f}x | {r['floor']:.3f}x | {r['gw_over_floor']:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

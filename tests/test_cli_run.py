@@ -1,0 +1,85 @@
+"""gradwatch run / show from the command line, as a user types them."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gradwatch.store import read_run
+
+SCRIPTS = Path(__file__).parent / "scripts"
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def gradwatch(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "gradwatch", *map(str, args)], capture_output=True,
+                          text=True, env=ENV, cwd=cwd, timeout=120)
+
+
+def test_run_script_with_optimizer(tmp_path):
+    result = gradwatch("run", "--out", tmp_path / "r", SCRIPTS / "train_optim.py", 30, 3)
+    assert result.returncode == 3  # the script's own exit code
+    assert "argv=['30', '3']" in result.stdout  # same argv, stdout untouched
+    series = read_run(tmp_path / "r")
+    assert list(series.steps) == list(range(30))
+    final = float(result.stdout.split("final_loss=")[1])
+    assert series.loss[-1] == pytest.approx(final, rel=1e-5)
+    assert series.meta["optimizer"] == "Adam"
+    assert series.layer_names("param") == ["0", "2"]
+    assert json.loads((tmp_path / "r" / "findings.json").read_text()) is not None
+    assert "steps" in result.stderr and "gradwatch" in result.stderr
+
+
+def test_run_manual_update_loop(tmp_path):
+    result = gradwatch("run", "--out", tmp_path / "r", SCRIPTS / "train_manual.py")
+    assert result.returncode == 0, result.stderr
+    series = read_run(tmp_path / "r")
+    assert len(series.steps) == 12  # one step per backward
+    ratio = series.metrics["update_ratio"][:, 0]
+    assert np.isfinite(ratio[0]) and ratio[0] > 0
+
+
+def test_run_module_and_command_forms(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "train.py").write_text((SCRIPTS / "train_optim.py").read_text())
+    result = gradwatch("run", "--out", tmp_path / "m", "-m", "pkg.train", 7, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(read_run(tmp_path / "m").steps) == 7
+    result = gradwatch("run", "--out", tmp_path / "c", "--", "python", SCRIPTS / "train_optim.py", 5)
+    assert result.returncode == 0, result.stderr
+    assert len(read_run(tmp_path / "c").steps) == 5
+
+
+def test_run_default_out_links_latest(tmp_path):
+    result = gradwatch("run", SCRIPTS / "train_optim.py", 3, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(read_run(tmp_path / "runs" / "latest").steps) == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "nope.py"], "no such script"),
+    (["run", "--out", "/proc/forbidden/x", SCRIPTS / "train_optim.py", 1], "cannot write the run directory"),
+    (["run", "--every", "0", SCRIPTS / "train_optim.py"], "--every=0"),
+    (["run"], "nothing to run"),
+    (["show", "does-not-exist"], "no run at"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, args, message):
+    result = gradwatch(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_show_prints_a_per_layer_table(tmp_path):
+    gradwatch("run", "--out", tmp_path / "r", SCRIPTS / "train_optim.py", 12)
+    result = gradwatch("show", tmp_path / "r")
+    assert result.returncode == 0, result.stderr
+    series = read_run(tmp_path / "r")
+    first = series.series("0", "grad_norm")[1][0]
+    assert f"{first:.3g}" in result.stdout and "grad_norm" in result.stdout

@@ -1,0 +1,69 @@
+"""The store: crash safety, reader errors, schema."""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gradwatch.errors import StoreError
+from gradwatch.store import read_run
+
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+def test_sigkill_mid_training_leaves_every_flushed_step_whole(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(SCRIPTS / "killme.py"), str(tmp_path)],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:  # let it flush a few times, then kill it at an arbitrary moment
+        if int(line) >= 60:
+            break
+    time.sleep(0.013)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    series = read_run(tmp_path)
+    assert len(series.steps) >= 50 and len(series.steps) % 5 == 0  # whole flushes only
+    assert list(series.steps) == list(range(len(series.steps)))
+    grad = series.metrics["grad_norm"][:, [series.column(n) for n in series.layer_names("param")]]
+    assert np.isfinite(grad).all()  # every flushed step has every layer
+    assert np.isfinite(series.loss).all()
+
+
+def test_reader_errors_name_the_problem(tmp_path):
+    with pytest.raises(StoreError, match="no run at"):
+        read_run(tmp_path / "missing")
+    with pytest.raises(StoreError, match="holds no gradwatch store"):
+        read_run(tmp_path)
+    bogus = tmp_path / "gradwatch.sqlite"
+    bogus.write_text("not a database at all")
+    with pytest.raises(StoreError, match="not a gradwatch store"):
+        read_run(tmp_path)
+    bogus.unlink()
+    sqlite3.connect(bogus).execute("CREATE TABLE x (a)").connection.commit()
+    with pytest.raises(StoreError, match="not a gradwatch store"):
+        read_run(bogus)
+
+
+def test_store_is_plain_sql(tmp_path):
+    import torch
+    from torch import nn
+
+    import gradwatch
+
+    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+    with gradwatch.watch(model, out=tmp_path) as watch:
+        for _ in range(3):
+            model(torch.randn(4, 2)).sum().backward()
+    db = sqlite3.connect(tmp_path / "gradwatch.sqlite")
+    rows = db.execute(
+        "SELECT s.step, l.name, s.grad_norm FROM layer_stats s JOIN layers l ON l.id = s.layer "
+        "WHERE l.role = 'param' ORDER BY s.step, l.idx"
+    ).fetchall()
+    assert [(r[0], r[1]) for r in rows] == [(s, n) for s in range(3) for n in ("0", "2")]
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

@@ -1,0 +1,151 @@
+"""Frozen, shared and unused parameters, accumulation, manual updates, AMP scaling, NaN, bad input."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradwatch
+from gradwatch.errors import ConfigError
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.b.weight = self.a.weight  # tied
+        self.unused = nn.Linear(4, 4)
+        self.frozen = nn.Linear(4, 4)
+        self.frozen.requires_grad_(False)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(self.frozen(x))))
+
+
+def test_frozen_shared_unused():
+    model = Tied()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradwatch.watch(model, opt) as watch:
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(5, 4)).sum().backward()
+            opt.step()
+        series = watch.series()
+    names = series.layer_names()
+    assert "frozen" not in names  # nothing trainable: not a layer
+    assert names.count("a") == 1 and "b" in names  # tied weight counted once, under "a"
+    assert np.isnan(series.metrics["grad_norm"][:, series.column("unused")]).all()
+    a_weight_grad = model.a.weight.grad.norm().item()
+    a_bias_grad = model.a.bias.grad.norm().item()
+    assert series.metrics["grad_norm"][-1, series.column("a")] == pytest.approx(math.hypot(a_weight_grad, a_bias_grad), rel=1e-5)
+
+
+def test_gradient_accumulation_counts_optimizer_steps():
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradwatch.watch(model, opt) as watch:
+        for _ in range(4):
+            opt.zero_grad()
+            losses = []
+            for _ in range(3):
+                loss = model(torch.randn(2, 3)).pow(2).mean()
+                loss.backward()
+                losses.append(loss.item())
+            grad = math.hypot(model.weight.grad.norm().item(), model.bias.grad.norm().item())
+            opt.step()
+        series = watch.series()
+    assert list(series.steps) == [0, 1, 2, 3]
+    assert series.loss[-1] == pytest.approx(np.mean(losses), rel=1e-6)  # mean of the micro-batch losses
+    assert series.metrics["grad_norm"][-1, 0] == pytest.approx(grad, rel=1e-6)  # the accumulated gradient
+
+
+def test_manual_update_without_optimizer():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    with gradwatch.watch(model, sample_every=1) as watch:
+        for _ in range(3):
+            model(torch.randn(8, 3)).pow(2).mean().backward()
+            before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.1 * p.grad
+                    p.grad = None
+            after = torch.cat([p.detach().flatten() for p in model.parameters()])
+        series = watch.series()
+    assert list(series.steps) == [0, 1, 2]
+    expected = ((after - before).norm() / before.norm()).item()
+    assert series.metrics["update_ratio"][-1, 0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_grad_scaler_values_are_unscaled_and_overflow_steps_skipped():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    x = torch.randn(8, 4)
+    with gradwatch.watch(model, opt, sample_every=1) as watch:
+        for step in range(3):
+            opt.zero_grad()
+            loss = model(x).pow(2).mean()
+            if step == 1:
+                loss = loss * float("inf")  # an overflow step the scaler skips
+            scaler.scale(loss).backward()
+            if step != 1:
+                true_grad = math.hypot(model.weight.grad.norm().item(), model.bias.grad.norm().item()) / scaler.get_scale()
+                true_loss = loss.item()
+            scaler.step(opt)
+            scaler.update()
+        series = watch.series()
+    assert series.meta["skipped_steps"] == [1]
+    assert len(series.steps) == 2
+    assert series.loss[-1] == pytest.approx(true_loss, rel=1e-6)
+    assert series.metrics["grad_norm"][-1, 0] == pytest.approx(true_grad, rel=1e-5)
+
+
+def test_nonfinite_entries_counted_exactly():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
+    with gradwatch.watch(model) as watch:
+        model(torch.randn(2, 3)).sum().backward()
+        # poison two entries of the first layer's gradient after a normal backward
+        model[0].weight.grad[0, :2] = float("nan")
+        model.zero_grad(set_to_none=False)
+        model[0].weight.register_hook(lambda g: torch.where(torch.arange(3) < 2, float("nan"), g))
+        model(torch.randn(2, 3)).sum().backward()
+        series = watch.series()
+    assert series.metrics["nonfinite"][1, series.column("0")] == 6  # 2 columns x 3 rows
+    assert series.metrics["nonfinite"][1, series.column("1")] == 0
+    assert np.isinf(series.metrics["grad_norm"][1, series.column("0")])  # measured NaN is stored as +inf
+
+
+@pytest.mark.parametrize("bad", [42, "model", None])
+def test_watch_rejects_a_non_module(bad):
+    with pytest.raises(ConfigError, match="torch.nn.Module"):
+        gradwatch.watch(bad)
+
+
+def test_watch_rejects_a_model_with_nothing_to_train():
+    model = nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ConfigError, match="no trainable parameters"):
+        gradwatch.watch(model)
+    assert torch.autograd.backward.__module__ == "torch.autograd"  # nothing left patched
+
+
+@pytest.mark.parametrize("kwargs", [{"every": 0}, {"sample_every": -1}, {"flush_every": 1.5}])
+def test_watch_rejects_bad_schedules(kwargs):
+    with pytest.raises(ConfigError, match=next(iter(kwargs))):
+        gradwatch.watch(nn.Linear(2, 2), **kwargs)
+
+
+def test_every_records_a_strided_subset():
+    model = nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradwatch.watch(model, opt, every=3) as watch:
+        for _ in range(10):
+            opt.zero_grad()
+            model(torch.randn(4, 2)).sum().backward()
+            opt.step()
+        series = watch.series()
+    assert list(series.steps) == [0, 3, 6, 9]
