@@ -21,8 +21,13 @@ $(VENV)/.installed: pyproject.toml
 test: env
 	$(PY) -m pytest
 
+GW := $(VENV)/bin/gradwatch
 demo: env
-	$(PY) -m gradwatch.demo
+	$(GW) run --out demo-out/sigmoid examples/train_mlp.py --act sigmoid
+	$(GW) diagnose demo-out/sigmoid
+	$(GW) run --out demo-out/relu examples/train_mlp.py --act relu
+	$(GW) diagnose demo-out/relu
+	@echo "Runs are in demo-out/ (try: $(GW) show demo-out/sigmoid)"
 
 bench: env
 	$(PY) benchmarks/overhead.py

@@ -40,13 +40,16 @@ def default_run_dir(root: str | os.PathLike = "runs") -> Path:
 
 
 def prepare_run_dir(path: str | os.PathLike) -> Path:
-    """Create the run directory and prove it is writable before the target starts."""
+    """Create the run directory and prove it is writable before the target starts. A run
+    written there before is replaced (its store files and findings), as `coverage run` does."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".gradwatch-write-test"
         probe.write_text("ok")
         probe.unlink()
+        for old in [*path.glob("gradwatch*.sqlite*"), path / "findings.json"]:
+            old.unlink(missing_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot write the run directory {str(path)!r} ({exc.strerror}); choose another --out") from exc
     return path

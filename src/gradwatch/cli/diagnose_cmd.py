@@ -1,0 +1,48 @@
+"""gradwatch diagnose: what is wrong, where, since when, why, and what to change."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from rich.console import Console
+
+from gradwatch.diagnose import diagnose
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("diagnose", help="findings of a run: what is wrong, where, why, what to do",
+                       description="Run the rules over a recorded run and print the findings "
+                                   "(kind, first step, layers, evidence, causes, remedies).")
+    p.add_argument("run", help="run directory or .sqlite store")
+    p.add_argument("--json", action="store_true", help="print the findings as JSON")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    findings = diagnose(args.run)
+    if args.json:
+        print(json.dumps([f.to_dict() for f in findings], indent=2, default=float))
+        return 0
+    console = Console(highlight=False)
+    if not findings:
+        console.print(f"{args.run}: no findings")
+        return 0
+    style = {"error": "bold red", "warning": "yellow", "info": "cyan"}
+    for f in findings:
+        where = ", ".join(f.layers[:6]) + (" ..." if len(f.layers) > 6 else "")
+        console.print(f"[{style[f.severity]}]{f.severity.upper()}[/] {f.kind} since step {f.first_step}"
+                      + (f" in {where}" if where else ""), markup=True)
+        console.print(f"  {f.message}", markup=False)
+        if f.evidence:
+            console.print("  evidence: " + ", ".join(f"{k}={_fmt(v)}" for k, v in f.evidence.items()), markup=False)
+        for i, cause in enumerate(f.causes, 1):
+            console.print(f"  cause {i}: {cause}", markup=False)
+        for r in f.remedies:
+            console.print(f"  fix: {r.action}", markup=False)
+            console.print(f"       {r.code}", markup=False)
+    return 0
+
+
+def _fmt(v: object) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
