@@ -1,0 +1,217 @@
+"""Causes (ranked by what the run shows) and remedies (as code) for each kind of finding.
+
+Rules decide *that* something is wrong; this module says *why it likely is* and *what to type*.
+Each cause starts with a stable key ("saturating activation: ...", "learning rate: ...") so
+tools can match on it; the rest is the run's own numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+
+from gradwatch.diagnose.finding import Remedy
+from gradwatch.store.series import RunSeries
+
+RELU_FAMILY = {"relu", "relu6", "leaky_relu", "prelu", "rrelu", "elu", "celu", "selu", "gelu", "silu", "mish"}
+SATURATING = {"sigmoid", "tanh", "softsign", "hardtanh", "hardsigmoid"}
+ADAPTIVE = ("Adam", "AdamW", "NAdam", "RAdam", "Adamax", "Adagrad", "Adadelta", "RMSprop", "Adafactor", "Lion")
+
+
+def module_ref(name: str) -> str:
+    """`net.0.fc` -> `model.net[0].fc`: how the user reaches the module in code."""
+    out = "model"
+    for part in name.split("."):
+        out += f"[{part}]" if re.fullmatch(r"\d+", part) else f".{part}"
+    return out
+
+
+class Context:
+    """The facts about a run that causes and remedies depend on."""
+
+    def __init__(self, run: RunSeries):
+        self.run = run
+        acts = [l.activation for l in run.layers if l.role == "activation"]
+        self.saturating = sorted({a for a in acts if a in SATURATING})
+        self.n_saturating = sum(a in SATURATING for a in acts)
+        self.relu_like = sorted({a for a in acts if a in RELU_FAMILY})
+        self.recurrent = [l.name for l in run.layers if l.role == "recurrent"]
+        self.rnn_types = sorted({l.type for l in run.layers if l.role == "recurrent"})
+        self.depth = sum(l.role in ("param", "recurrent") and "Norm" not in l.type for l in run.layers)
+        self.has_norm = any("Norm" in l.type for l in run.layers)
+        self.optimizer = run.meta.get("optimizer") or "manual updates"
+        self.adaptive = any(self.optimizer.startswith(a) for a in ADAPTIVE)
+        lr = run.lr[np.isfinite(run.lr)] if len(run.lr) else np.empty(0)
+        self.lr = float(lr[0]) if len(lr) else float("nan")
+        self.first_step = int(run.steps[0]) if len(run.steps) else 0
+
+    def lr_text(self, factor: float = 0.1) -> str:
+        return f"{self.lr * factor:.3g}" if math.isfinite(self.lr) else f"{factor} * your current lr"
+
+    def lr_code(self, factor: float) -> str:
+        return f"for group in optimizer.param_groups: group['lr'] = {self.lr_text(factor)}"
+
+
+def vanishing(ctx: Context, layers: tuple[str, ...], evidence: dict, through_time: bool) -> tuple[list[str], list[Remedy]]:
+    causes, remedies = [], []
+    if through_time:
+        rnn = ", ".join(ctx.rnn_types) or "recurrent layer"
+        causes.append(f"recurrent weight norm: the gradient through time shrinks like the product of "
+                      f"diag(f'(h_t))·W_hh; with ‖W_hh‖ < 1/γ it decays geometrically ({rnn})")
+        if "RNN" in ctx.rnn_types:
+            remedies.append(Remedy("Replace the vanilla RNN by an LSTM or GRU, whose gated cell state keeps long-range gradients",
+                                   "nn.LSTM(input_size, hidden_size, batch_first=True)  # instead of nn.RNN"))
+        remedies.append(Remedy("Initialise the recurrent weights orthogonally (all singular values 1)",
+                               f"gw.init_({module_ref(layers[0]) if layers else 'model'}, scheme='orthogonal')"))
+        if "LSTM" in ctx.rnn_types:
+            remedies.append(Remedy("Open the LSTM forget gates at the start: forget-gate bias 1",
+                                   f"for n, p in {module_ref(layers[0])}.named_parameters():\n"
+                                   "    if n.startswith('bias'): p.data[p.numel() // 4: p.numel() // 2] = 1.0"))
+        return causes, remedies
+    if ctx.saturating:
+        acts = ", ".join(ctx.saturating)
+        causes.append(f"saturating activation: {ctx.n_saturating} {acts} layers; sigmoid' ≤ 0.25 and tanh' ≤ 1, "
+                      "so each one shrinks the backward signal")
+        remedies.append(Remedy("Swap the saturating activations for Leaky ReLU",
+                               f"model, _ = gw.modify.swap_activations(model, nn.{_cls(ctx.saturating[0])}, lambda: nn.LeakyReLU(0.01))"))
+    if evidence.get("at_init"):
+        causes.append("initial weight scale: the gradient already collapses at the first step, before any update")
+    if ctx.depth >= 6:
+        causes.append(f"depth: {ctx.depth} weight layers multiply {ctx.depth - 1} backward factors")
+    remedies.append(Remedy("Initialise each layer for the activation that follows it (He for ReLU, Xavier for tanh/sigmoid)",
+                           "gw.init_(model)"))
+    if not ctx.has_norm:
+        remedies.append(Remedy("Normalise the pre-activations so each layer's backward gain stays near 1",
+                               "model, _ = gw.modify.insert_norm(model, 'batch')"))
+    if ctx.depth >= 6:
+        remedies.append(Remedy("Add residual connections around the shape-preserving blocks",
+                               "model, _ = gw.modify.add_residual(model)"))
+    return causes, remedies
+
+
+def exploding(ctx: Context, layers: tuple[str, ...], evidence: dict, through_time: bool) -> tuple[list[str], list[Remedy]]:
+    causes, remedies = [], []
+    if through_time:
+        causes.append("recurrent weight norm: the gradient through time grows like the product of "
+                      "diag(f'(h_t))·W_hh; a spectral norm of W_hh above 1/γ lets it grow geometrically")
+    if not ctx.adaptive and (evidence.get("growth_over_steps") or evidence.get("max_update_ratio")):
+        causes.insert(0, f"learning rate: {ctx.lr:.3g} with {ctx.optimizer}; each update feeds the next gradient")
+    if evidence.get("at_init"):
+        causes.append("initial weight scale: the backward signal already grows toward the input at the first step")
+    if ctx.depth >= 6 and evidence.get("backward_ratio"):
+        causes.append(f"depth: {ctx.depth} weight layers multiply {ctx.depth - 1} backward factors")
+    if not causes:
+        causes.append(f"learning rate: {ctx.lr:.3g} with {ctx.optimizer}")
+    clip = evidence.get("baseline_norm")
+    max_norm = f"{_round(2 * clip)}" if clip and math.isfinite(clip) and clip > 0 else "1.0"
+    remedies.append(Remedy(f"Clip the gradient norm at about twice its healthy level ({max_norm})",
+                           f"torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={max_norm})  # before optimizer.step()"))
+    remedies.append(Remedy("Or clip adaptively: ZClip rejects spikes against a running z-score of the norm",
+                           "gw.clip.attach(optimizer, gw.clip.ZClip())"))
+    if not ctx.adaptive or evidence.get("growth_over_steps"):
+        remedies.append(Remedy(f"Lower the learning rate tenfold (to {ctx.lr_text(0.1)})", ctx.lr_code(0.1)))
+    if through_time:
+        remedies.append(Remedy("Initialise the recurrent weights orthogonally (spectral norm 1)",
+                               f"gw.init_({module_ref(layers[0]) if layers else 'model'}, scheme='orthogonal')"))
+    elif evidence.get("at_init"):
+        remedies.append(Remedy("Initialise each layer for the activation that follows it", "gw.init_(model)"))
+    remedies.append(Remedy("Skip any step whose gradients are not finite, so one bad batch cannot ruin the weights",
+                           "guard = gw.guard(optimizer)"))
+    return causes, remedies
+
+
+def non_finite(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[list[str], list[Remedy]]:
+    causes, remedies = [], []
+    growth = evidence.get("grad_growth_before", float("nan"))
+    if evidence.get("at_init") or not (growth > 10):
+        causes.append("bad input data: a NaN/Inf in a batch, or a numerically unsafe operation (log of 0, "
+                      "division by 0, sqrt of a negative) in the model or loss; gradients were not growing before it")
+        remedies.append(Remedy("Check the batches and guard the unsafe operations",
+                               "assert torch.isfinite(x).all(), 'non-finite input'\n"
+                               "loss = -(y * torch.log(p.clamp_min(1e-8))).sum()  # clamp before log/div"))
+    if growth > 10 or not ctx.adaptive:
+        causes.insert(0 if growth > 10 else len(causes),
+                      f"learning rate: {ctx.lr:.3g} with {ctx.optimizer}" +
+                      (f"; the gradient norm grew {growth:.3g}x in the steps before" if growth > 10 else ""))
+        remedies.append(Remedy(f"Lower the learning rate tenfold (to {ctx.lr_text(0.1)}) and clip the norm",
+                               ctx.lr_code(0.1) + "\ntorch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)"))
+    remedies.append(Remedy("Never let a non-finite step reach the weights", "guard = gw.guard(optimizer)"))
+    return causes, remedies
+
+
+def dead_units(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[list[str], list[Remedy]]:
+    causes = []
+    if not ctx.adaptive:
+        causes.append(f"learning rate: a large step ({ctx.lr:.3g}) can push a ReLU unit's bias so far that it never fires again")
+    if evidence.get("at_init"):
+        causes.append("initial weight scale: units are already dead at the first step (biases or weights start too negative)")
+    causes.append("activation: ReLU passes no gradient for negative inputs, so a dead unit cannot recover")
+    refs = ", ".join(module_ref(l) for l in layers[:3])
+    remedies = [
+        Remedy("Use Leaky ReLU, which keeps a small gradient for negative inputs",
+               "model, _ = gw.modify.swap_activations(model, nn.ReLU, lambda: nn.LeakyReLU(0.01))" + f"  # {refs}"),
+        Remedy("Re-initialise with He init and zero biases", "gw.init_(model)"),
+        Remedy(f"Lower the learning rate (to {ctx.lr_text(0.1)})", ctx.lr_code(0.1)),
+    ]
+    return causes, remedies
+
+
+def saturation(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[list[str], list[Remedy]]:
+    acts = sorted({a for a in evidence.get("activations", []) if a}) or ctx.saturating or ["sigmoid"]
+    causes = [f"saturating activation: {', '.join(acts)} outputs pinned at an asymptote pass almost no gradient (derivative < 0.01)"]
+    if evidence.get("at_init"):
+        causes.append("initial weight scale: pre-activations are already too large at the first step")
+    else:
+        causes.append(f"learning rate: updates ({ctx.lr:.3g}) drove pre-activations into the flat region")
+    remedies = [
+        Remedy("Initialise with Xavier/Glorot, scaled for the activation", "gw.init_(model)"),
+        Remedy("Normalise the pre-activations", "model, _ = gw.modify.insert_norm(model, 'batch')"),
+        Remedy("Or swap to a non-saturating activation",
+               f"model, _ = gw.modify.swap_activations(model, nn.{_cls(acts[0])}, lambda: nn.LeakyReLU(0.01))"),
+    ]
+    return causes, remedies
+
+
+def stalled(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[list[str], list[Remedy]]:
+    if evidence.get("frozen"):
+        causes = ["learning rate: the weights do not change although gradients arrive; the learning rate is 0, "
+                  "or these parameters are not in the optimizer"]
+        return causes, [Remedy("Give the optimizer every parameter that should train",
+                               "optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)")]
+    causes = ["learning rate: one learning rate for layers whose gradients differ by orders of magnitude"]
+    if ctx.saturating:
+        causes.append(f"saturating activation: {', '.join(ctx.saturating)} shrinks the signal reaching the lower layers")
+    remedies = [Remedy("Use an optimizer with per-parameter step sizes",
+                       f"optimizer = torch.optim.Adam(model.parameters(), lr={ctx.lr_text(1.0) if ctx.adaptive else '1e-3'})"),
+                Remedy("Normalise the pre-activations", "model, _ = gw.modify.insert_norm(model, 'batch')")]
+    return causes, remedies
+
+
+def loss_plateau(ctx: Context, evidence: dict) -> tuple[list[str], list[Remedy]]:
+    causes = [f"learning rate: {ctx.lr:.3g} may be too small to move the loss"]
+    remedies = [Remedy(f"Raise the learning rate tenfold (to {ctx.lr_text(10)})", ctx.lr_code(10)),
+                Remedy("Check every trainable parameter is given to the optimizer and gets a gradient",
+                       "assert all(p.grad is not None for p in model.parameters() if p.requires_grad)")]
+    if not ctx.adaptive:
+        remedies.append(Remedy("Try an adaptive optimizer", "optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)"))
+    return causes, remedies
+
+
+def loss_divergence(ctx: Context, evidence: dict) -> tuple[list[str], list[Remedy]]:
+    causes = [f"learning rate: {ctx.lr:.3g} with {ctx.optimizer} overshoots; the loss rises instead of falling"]
+    remedies = [Remedy(f"Lower the learning rate tenfold (to {ctx.lr_text(0.1)})", ctx.lr_code(0.1)),
+                Remedy("Clip the gradient norm", "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)"),
+                Remedy("Warm the learning rate up over the first steps",
+                       "scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=100)")]
+    return causes, remedies
+
+
+def _cls(activation: str) -> str:
+    return {"sigmoid": "Sigmoid", "tanh": "Tanh", "softsign": "Softsign", "hardtanh": "Hardtanh",
+            "hardsigmoid": "Hardsigmoid", "relu": "ReLU"}.get(activation, activation.capitalize())
+
+
+def _round(x: float) -> str:
+    return f"{float(f'{x:.2g}'):g}"

@@ -1,0 +1,111 @@
+"""exploding_gradient: growth over steps, overshooting updates, weights growing without bound,
+and a backward signal growing across depth toward the input."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gradwatch.diagnose import advice
+from gradwatch.diagnose.finding import Finding
+from gradwatch.diagnose.signals import (depth_profile, names, persistent_start,
+                                        profile_columns, total_grad_norm)
+from gradwatch.diagnose.thresholds import Thresholds
+from gradwatch.store.series import RunSeries
+
+
+def find_exploding(run: RunSeries, th: Thresholds) -> list[Finding]:
+    signals = [s for s in (_growth_over_steps(run, th), _overshooting_update(run, th),
+                           _weight_growth(run, th), _backward_growth(run, th)) if s is not None]
+    if not signals:
+        return []
+    first = min(step for step, _, _ in signals)
+    evidence: dict = {}
+    layers: tuple[str, ...] = ()
+    for step, found_layers, ev in sorted(signals, key=lambda s: s[0]):
+        evidence.update(ev)
+        layers = layers or found_layers
+    evidence["at_init"] = first == int(run.steps[0])
+    ctx = advice.Context(run)
+    causes, remedies = advice.exploding(ctx, layers, evidence, through_time=False)
+    what = []
+    if "growth_over_steps" in evidence:
+        what.append(f"the gradient norm rose {evidence['growth_over_steps']:.3g}x above its recent level")
+    if "max_update_ratio" in evidence:
+        what.append(f"one update changed the weights by {evidence['max_update_ratio']:.3g}x their norm")
+    if "weight_growth" in evidence:
+        what.append(f"the weights grew {evidence['weight_growth']:.3g}x")
+    if "backward_ratio" in evidence:
+        what.append(f"the backward signal grows {evidence['backward_ratio']:.3g}x toward the input")
+    message = f"Gradients explode from step {first}: " + "; ".join(what) + f". {remedies[0].action}."
+    return [Finding("exploding_gradient", "error", first, layers, message, evidence, tuple(causes), tuple(remedies))]
+
+
+def _growth_over_steps(run: RunSeries, th: Thresholds):
+    """The total norm against the median of the previous steps: sustained or sudden growth."""
+    total = total_grad_norm(run)
+    finite = np.isfinite(total)
+    steps, norms = run.steps[finite], total[finite]
+    above = 0
+    for i in range(th.warmup_steps, len(norms)):
+        base = np.median(norms[max(0, i - th.baseline_window):i])
+        if not base > 0:
+            continue
+        factor = norms[i] / base
+        above = above + 1 if factor >= th.spike_factor else 0
+        if above >= th.spike_steps or factor >= th.jump_factor:
+            j = i - above + 1 if above >= th.spike_steps else i
+            g = run.metrics["grad_norm"][run.steps.searchsorted(steps[j])]
+            cols = profile_columns(run) or list(range(len(run.layers)))
+            top = [c for c in cols if np.isfinite(g[c])]
+            top = sorted(top, key=lambda c: -g[c])[:3]
+            return int(steps[j]), names(run, top), {
+                "growth_over_steps": float(norms[i] / base), "baseline_norm": float(base),
+                "grad_norm_at_detection": float(norms[i]), "detected_at_step": int(steps[i])}
+    return None
+
+
+def _overshooting_update(run: RunSeries, th: Thresholds):
+    u, w = run.metrics.get("update_ratio"), run.metrics.get("weight_norm")
+    cols = profile_columns(run)
+    if u is None or w is None or not cols:
+        return None
+    big = (u[:, cols] > th.max_update_ratio) & np.isfinite(u[:, cols]) & (w[:, cols] > 0) & np.isfinite(w[:, cols])
+    rows = np.flatnonzero(big.any(axis=1))
+    if len(rows) == 0:
+        return None
+    r = rows[0]
+    hit = [c for c, b in zip(cols, big[r]) if b]
+    return int(run.steps[r]), names(run, hit), {"max_update_ratio": float(np.nanmax(u[r, hit]))}
+
+
+def _weight_growth(run: RunSeries, th: Thresholds):
+    w = run.metrics.get("weight_norm")
+    cols = profile_columns(run)
+    if w is None or not cols:
+        return None
+    rows = np.flatnonzero(np.isfinite(w[:, cols]).all(axis=1))
+    if len(rows) < th.persist_samples + 1:
+        return None
+    total = np.sqrt(np.square(w[rows][:, cols]).sum(axis=1))
+    growth = total / total[0]
+    rising = np.all(np.diff(total[-(th.persist_samples + 1):]) > 0)
+    if not (rising and growth[-1] >= th.weight_growth):
+        return None
+    r = rows[np.flatnonzero(growth >= th.weight_growth)[0]]
+    per_layer = w[rows[-1], cols] / w[rows[0], cols]
+    top = [cols[i] for i in np.argsort(-per_layer)[:3]]
+    return int(run.steps[r]), names(run, top), {"weight_growth": float(growth[-1])}
+
+
+def _backward_growth(run: RunSeries, th: Thresholds):
+    rows, values, cols = depth_profile(run, "grad_out_rms", hidden_only=True)
+    if len(cols) < th.min_profile_layers or len(rows) == 0:
+        return None
+    # growth toward the input: the lowest hidden layer over the highest
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = np.where(values[:, -1] > 0, values[:, 0] / values[:, -1], np.nan)
+    start = persistent_start(ratios > th.backward_exploding_ratio, th.persist_samples)
+    if start is None:
+        return None
+    return int(run.steps[rows[start]]), names(run, cols[:2]), {
+        "backward_ratio": float(np.nanmedian(ratios[start:]))}

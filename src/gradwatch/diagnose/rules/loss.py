@@ -1,0 +1,53 @@
+"""loss_plateau and loss_divergence, from robust windows of the loss (medians, so mini-batch noise
+does not trip them)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gradwatch.diagnose import advice
+from gradwatch.diagnose.finding import Finding
+from gradwatch.diagnose.signals import finite_loss, window
+from gradwatch.diagnose.thresholds import Thresholds
+from gradwatch.store.series import RunSeries
+
+
+def find_loss_plateau(run: RunSeries, th: Thresholds) -> list[Finding]:
+    """No learning: the loss at the end is within 1% of where it started. A loss that fell and then
+    levelled off has converged, which is not a finding; one that turned non-finite is another."""
+    steps, loss = finite_loss(run)
+    if len(loss) < th.min_loss_steps or np.isinf(run.loss).any():
+        return []
+    w = window(len(loss), th.min_loss_window)
+    start, end = float(np.median(loss[:w])), float(np.median(loss[-w:]))
+    scale = abs(start)
+    if scale < 1e-8 or (start - end) / scale >= th.plateau_improvement:
+        return []
+    evidence = {"loss_start": start, "loss_end": end, "improvement": (start - end) / scale, "window_steps": w}
+    causes, remedies = advice.loss_plateau(advice.Context(run), evidence)
+    message = (f"The loss has not improved over {len(loss)} steps ({start:.4g} -> {end:.4g}). "
+               f"{remedies[0].action}.")
+    return [Finding("loss_plateau", "warning", int(steps[0]), (), message, evidence, tuple(causes), tuple(remedies))]
+
+
+def find_loss_divergence(run: RunSeries, th: Thresholds) -> list[Finding]:
+    """Training made the loss worse: the running median rises `divergence_factor` times the initial
+    loss's magnitude above it."""
+    steps, loss = finite_loss(run)
+    w = window(len(loss), th.min_loss_window)
+    if len(loss) < 2 * w:
+        return []
+    start = float(np.median(loss[:w]))
+    limit = start + th.divergence_factor * max(abs(start), 1e-8)
+    running = np.array([np.median(loss[i - w + 1:i + 1]) for i in range(w - 1, len(loss))])
+    over = np.flatnonzero(running > limit)
+    if len(over) == 0:
+        return []
+    i = over[0] + w - 1
+    first = int(steps[max(i - w // 2, 0)])  # the median crosses once half the window is above
+    evidence = {"loss_start": start, "loss_at_detection": float(running[over[0]]), "loss_max": float(loss.max()),
+                "limit": limit, "window_steps": w}
+    causes, remedies = advice.loss_divergence(advice.Context(run), evidence)
+    message = (f"The loss rises from {start:.4g} to {loss.max():.4g} since step {first}: training is diverging. "
+               f"{remedies[0].action}.")
+    return [Finding("loss_divergence", "error", first, (), message, evidence, tuple(causes), tuple(remedies))]

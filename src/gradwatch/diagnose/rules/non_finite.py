@@ -1,0 +1,63 @@
+"""non_finite: the first step, and the first layer, where a NaN or Inf appears.
+
+In the store a measured NaN is +inf and NaN means "not recorded", so any infinite value is a
+non-finite measurement. Steps a GradScaler skipped are not steps, so they never count here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gradwatch.diagnose import advice
+from gradwatch.diagnose.finding import Finding
+from gradwatch.diagnose.signals import total_grad_norm
+from gradwatch.diagnose.thresholds import Thresholds
+from gradwatch.store.series import RunSeries
+
+SOURCES = (("loss", None), ("activations", ("act_mean", "act_std")), ("gradients", ("grad_norm", "grad_max")),
+           ("weights", ("weight_norm",)))
+
+
+def find_non_finite(run: RunSeries, th: Thresholds) -> list[Finding]:
+    where: dict[str, tuple[int, tuple[str, ...]]] = {}
+    for source, metrics in SOURCES:
+        if metrics is None:
+            rows = np.flatnonzero(np.isinf(run.loss))
+            if len(rows):
+                where[source] = (rows[0], ())
+            continue
+        bad = np.zeros((len(run.steps), len(run.layers)), dtype=bool)
+        for m in metrics:
+            if m in run.metrics:
+                bad |= np.isinf(run.metrics[m])
+        if "nonfinite" in run.metrics and source == "gradients":
+            bad |= np.nan_to_num(run.metrics["nonfinite"], nan=0.0) > 0
+        rows = np.flatnonzero(bad.any(axis=1))
+        if len(rows):
+            r = rows[0]
+            cols = sorted(np.flatnonzero(bad[r]), key=lambda c: run.layers[c].index)
+            where[source] = (r, tuple(run.layers[c].name for c in cols))
+    if not where:
+        return []
+    first_row = min(r for r, _ in where.values())
+    at_first = {s: layers for s, (r, layers) in where.items() if r == first_row}
+    step = int(run.steps[first_row])
+    # forward order: an activation is the origin if it went first, else the lowest layer hit
+    origin = next((s for s, _ in SOURCES if s in at_first), "gradients")
+    layers = at_first.get(origin, ()) or next((l for l in at_first.values() if l), ())
+    total = total_grad_norm(run)[:first_row]
+    finite = total[np.isfinite(total)]
+    growth = float(finite[-1] / np.median(finite[-20:-5])) if len(finite) >= 10 and np.median(finite[-20:-5]) > 0 else float("nan")
+    evidence = {"step": step, "first_seen_in": origin, "sources": sorted(at_first),
+                "layers_hit": len(layers), "at_init": first_row == 0, "grad_growth_before": growth}
+    if "nonfinite" in run.metrics:
+        evidence["nonfinite_entries"] = int(np.nansum(run.metrics["nonfinite"][first_row]))
+    finite_loss = run.loss[:first_row][np.isfinite(run.loss[:first_row])]
+    if len(finite_loss):
+        evidence["last_finite_loss"] = float(finite_loss[-1])
+    ctx = advice.Context(run)
+    causes, remedies = advice.non_finite(ctx, layers, evidence)
+    where_text = f" in {layers[0]}" if layers else ""
+    message = (f"NaN/Inf first appears at step {step} in the {origin}{where_text}; every step after it is "
+               f"meaningless. {remedies[0].action}.")
+    return [Finding("non_finite", "error", step, layers, message, evidence, tuple(causes), tuple(remedies))]

@@ -1,0 +1,54 @@
+"""stalled_layers: lower layers whose updates are far smaller than the upper layers', and weights
+that stop changing altogether although gradients arrive."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gradwatch.diagnose import advice
+from gradwatch.diagnose.finding import Finding
+from gradwatch.diagnose.signals import depth_profile, lowest_over_highest, names, persistent_start
+from gradwatch.diagnose.thresholds import Thresholds
+from gradwatch.store.series import RunSeries
+
+
+def find_stalled(run: RunSeries, th: Thresholds) -> list[Finding]:
+    rows, u, cols = depth_profile(run, "update_ratio")
+    if len(rows) == 0:
+        return []
+    g = run.metrics["grad_norm"][rows][:, cols]
+    lr = run.lr[rows]
+    # no update although a gradient arrived and the learning rate is not 0 (NaN: updates by hand)
+    frozen = (u <= th.frozen_update) & (g > 0) & np.isfinite(g) & ~(lr[:, None] == 0)
+    ctx = advice.Context(run)
+    findings = []
+    frozen_cols = [c for j, c in enumerate(cols) if persistent_start(frozen[:, j], th.persist_samples) is not None]
+    if frozen_cols:
+        starts = [persistent_start(frozen[:, cols.index(c)], th.persist_samples) for c in frozen_cols]
+        first = int(run.steps[rows[min(starts)]])
+        layers = names(run, frozen_cols)
+        evidence = {"frozen": True, "update_ratio": {n: float(u[-1, cols.index(c)]) for n, c in zip(layers, frozen_cols)},
+                    "grad_norm": {n: float(g[-1, cols.index(c)]) for n, c in zip(layers, frozen_cols)}}
+        causes, remedies = advice.stalled(ctx, layers, evidence)
+        every = "All weights" if len(frozen_cols) == len(cols) else f"The weights of {', '.join(layers[:3])}"
+        findings.append(Finding("stalled_layers", "error", first, layers,
+                                f"{every} stopped changing at step {first} although gradients arrive. "
+                                f"{remedies[0].action}.", evidence, tuple(causes), tuple(remedies)))
+    if len(cols) < th.min_profile_layers:
+        return findings
+    live = [j for j, c in enumerate(cols) if c not in frozen_cols]
+    ratios = np.array([lowest_over_highest(r[live]) for r in u]) if len(live) >= 2 else np.empty(0)
+    start = persistent_start(ratios < th.stalled_ratio, th.persist_samples)
+    if start is None:
+        return findings
+    first = int(run.steps[rows[start]])
+    last = u[-1]
+    top = np.nanmax(np.where(np.isfinite(last), last, np.nan))
+    layers = names(run, [c for c, v in zip(cols, last) if np.isfinite(v) and v < th.stalled_ratio * top] or cols[:1])
+    ratio = float(np.nanmedian(ratios[start:]))
+    evidence = {"update_ratio_ratio": ratio, "update_ratio": {run.layers[c].name: float(v) for c, v in zip(cols, last)}}
+    causes, remedies = advice.stalled(ctx, layers, evidence)
+    findings.append(Finding("stalled_layers", "warning", first, layers,
+                            f"{layers[0]} updates {ratio:.1e} as much as the layers above it since step {first}: "
+                            f"it has stopped learning. {remedies[0].action}.", evidence, tuple(causes), tuple(remedies)))
+    return findings

@@ -1,0 +1,42 @@
+"""Vanishing or exploding *through time* in recurrent layers, from the gradient w.r.t. each time
+step's input. Parameter-level norms can look normal while early time steps get no gradient."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gradwatch.diagnose import advice
+from gradwatch.diagnose.finding import Finding
+from gradwatch.diagnose.signals import persistent_start, time_ratio
+from gradwatch.diagnose.thresholds import Thresholds
+from gradwatch.store.series import RunSeries
+
+
+def find_through_time(run: RunSeries, th: Thresholds) -> list[Finding]:
+    findings = []
+    ctx = advice.Context(run)
+    for layer, (steps, profile) in run.time_profiles.items():
+        if profile.shape[1] < th.min_time_steps or len(steps) == 0:
+            continue
+        ratios = time_ratio(profile)
+        for kind, cond, word in (
+            ("vanishing_gradient", ratios < th.time_vanishing_ratio, "shrinks"),
+            ("exploding_gradient", ratios > th.time_exploding_ratio, "grows"),
+        ):
+            start = persistent_start(cond & np.isfinite(ratios), th.persist_samples)
+            if start is None:
+                continue
+            last = profile[-1]
+            ratio = float(np.median(ratios[start:][np.isfinite(ratios[start:])]))
+            rate = float(ratio ** (1.0 / (profile.shape[1] - 1)))
+            evidence = {"start_over_end": ratio, "per_step_factor": rate, "sequence_length": int(profile.shape[1]),
+                        "profile_last": [float(v) for v in last], "at_init": start == 0}
+            explain = advice.vanishing if kind == "vanishing_gradient" else advice.exploding
+            causes, remedies = explain(ctx, (layer,), evidence, through_time=True)
+            message = (f"Through time in {layer}, the gradient {word} by {rate:.3g}x per step: the first of "
+                       f"{profile.shape[1]} steps gets {ratio:.1e} of the last step's gradient since step "
+                       f"{int(steps[start])}. {remedies[0].action}.")
+            severity = "error" if kind == "exploding_gradient" else "warning"
+            findings.append(Finding(kind, severity, int(steps[start]), (layer,), message, evidence,
+                                    tuple(causes), tuple(remedies)))
+    return findings

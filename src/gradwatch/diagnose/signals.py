@@ -1,0 +1,152 @@
+"""Small views of a `RunSeries` the rules share: depth profiles, totals, windows, persistence."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gradwatch.store.series import RunSeries
+
+# Layers whose gradients say nothing about depth: normalisation layers (scale-invariant, weights
+# near 1) and embeddings (a gradient only on the rows a batch touches).
+NOT_IN_PROFILE = ("Norm", "Embedding")
+
+
+def profile_columns(run: RunSeries) -> list[int]:
+    """Columns of the layers that form the depth profile, input first: those owning weights that
+    transform the signal (Linear, Conv, attention, recurrent), not norms or embeddings."""
+    cols = [
+        i for i, layer in enumerate(run.layers)
+        if layer.role in ("param", "recurrent") and not any(t in layer.type for t in NOT_IN_PROFILE)
+    ]
+    return sorted(cols, key=lambda i: run.layers[i].index)
+
+
+def activation_columns(run: RunSeries) -> list[int]:
+    return [i for i, layer in enumerate(run.layers) if layer.role == "activation"]
+
+
+def names(run: RunSeries, cols) -> tuple[str, ...]:
+    return tuple(run.layers[i].name for i in cols)
+
+
+def total_grad_norm(run: RunSeries) -> np.ndarray:
+    """sqrt(Σ over layers of grad_norm²) per step: NaN where nothing was recorded, inf where any
+    layer's gradient was not finite."""
+    g = run.metrics.get("grad_norm")
+    if g is None or g.size == 0:
+        return np.full(len(run.steps), np.nan)
+    recorded = ~np.isnan(g)
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = np.sqrt(np.nansum(np.square(g), axis=1))
+    total[~recorded.any(axis=1)] = np.nan
+    return total
+
+
+def sampled_rows(run: RunSeries, metric: str, cols: list[int]) -> np.ndarray:
+    """Rows where `metric` was recorded for at least one of `cols`."""
+    m = run.metrics.get(metric)
+    if m is None or not cols:
+        return np.empty(0, dtype=np.int64)
+    return np.flatnonzero(~np.isnan(m[:, cols]).all(axis=1))
+
+
+def persistent_start(condition: np.ndarray, persist: int) -> int | None:
+    """Index where a run of True values that counts as persistent begins, else None.
+
+    Persistent: at least `persist` consecutive samples (all of them if there are fewer), and the
+    streak either reaches the last sample or covers at least half of all samples.
+    """
+    n = len(condition)
+    if n == 0:
+        return None
+    need = min(persist, n)
+    start = None
+    for i, c in enumerate(condition):
+        if c and start is None:
+            start = i
+        if (not c or i == n - 1) and start is not None:
+            end = i + 1 if c else i
+            length = end - start
+            if length >= need and (end == n or length >= n / 2):
+                return start
+            start = None
+    return None
+
+
+def window(n: int, min_window: int) -> int:
+    return max(min_window, n // 10)
+
+
+def finite_loss(run: RunSeries) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, loss) where a finite loss was recorded."""
+    keep = np.isfinite(run.loss)
+    return run.steps[keep], run.loss[keep]
+
+
+def safe_ratio(a: float, b: float) -> float:
+    return float(a / b) if b > 0 else float("inf") if a > 0 else float("nan")
+
+
+def lowest_over_highest(values: np.ndarray) -> float:
+    """values[0] over the largest of values[1:], over the finite positive entries, input first.
+
+    NaN when the lowest layer or every layer above it is missing."""
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2 or not (np.isfinite(v[0]) and v[0] >= 0):
+        return float("nan")
+    above = v[1:][np.isfinite(v[1:]) & (v[1:] > 0)]
+    return float(v[0] / above.max()) if len(above) else float("nan")
+
+
+def depth_profile(run: RunSeries, quantity: str, hidden_only: bool = False) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """(row indices, values rows × layers, columns) of a depth profile at the sampled steps.
+
+    quantity "relative_grad" is ‖∂L/∂W‖/‖W‖, "grad_out_rms" the RMS of ∂L/∂(layer output),
+    "update_ratio" ‖Δw‖/‖w‖. `hidden_only` drops the top layer, whose output gradient comes
+    straight from the loss and whose width (the number of classes) differs from the rest."""
+    cols = profile_columns(run)
+    if hidden_only:
+        cols = cols[:-1]
+    if quantity == "relative_grad":
+        g, w = run.metrics.get("grad_norm"), run.metrics.get("weight_norm")
+        if g is None or w is None or not cols:
+            return np.empty(0, dtype=np.int64), np.empty((0, len(cols))), cols
+        with np.errstate(divide="ignore", invalid="ignore"):
+            values = np.where(w[:, cols] > 0, g[:, cols] / w[:, cols], np.nan)
+        rows = np.flatnonzero(~np.isnan(w[:, cols]).all(axis=1))
+        return rows, values[rows], cols
+    m = run.metrics.get(quantity)
+    if m is None or not cols:
+        return np.empty(0, dtype=np.int64), np.empty((0, len(cols))), cols
+    rows = sampled_rows(run, quantity, cols)
+    return rows, m[rows][:, cols], cols
+
+
+def time_ratio(profile: np.ndarray, edge: int = 3) -> np.ndarray:
+    """Per profile row: the gradient at the first time steps over that at the last (medians of
+    `edge` steps each, robust to one odd step)."""
+    start = np.nanmedian(profile[:, :edge], axis=1)
+    end = np.nanmedian(profile[:, -edge:], axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(end > 0, start / end, np.nan)
+
+
+def persistent_activation_layers(run: RunSeries, metric: str, limit: float, persist: int, *, exclude=(), only=None):
+    """{layer: (first step, median value from then on, starts at init)} for activation layers whose
+    `metric` stays at or above `limit` persistently."""
+    m = run.metrics.get(metric)
+    out = {}
+    if m is None:
+        return out
+    for c in activation_columns(run):
+        act = run.layers[c].activation
+        if act in exclude or (only is not None and act not in only):
+            continue
+        rows = np.flatnonzero(np.isfinite(m[:, c]))
+        if len(rows) == 0:
+            continue
+        values = m[rows, c]
+        start = persistent_start(values >= limit, persist)
+        if start is not None:
+            out[run.layers[c].name] = (int(run.steps[rows[start]]), float(np.median(values[start:])), start == 0)
+    return out

@@ -1,0 +1,86 @@
+"""Every threshold the rules use, in one place, with the reason for its value.
+
+The values are set from theory and from what healthy training looks like, not fitted to a
+benchmark. `diagnose(run, thresholds=Thresholds(...))` overrides any of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    # --- persistence --------------------------------------------------------------------------
+    # A sampled-statistic condition must hold on this many consecutive samples (sample_every
+    # steps apart, 10 by default) before it is a finding, and still hold at the end of the run
+    # or for at least half of the run's samples: a net that recovers by itself (an LSTM opening
+    # its forget gates, dead units that come back) is not a finding.
+    persist_samples: int = 3
+    # Steps at the start whose gradient norms only seed the baseline (warm-up of the detector).
+    warmup_steps: int = 5
+
+    # --- vanishing / exploding across depth ---------------------------------------------------
+    # Relative gradient ‖∂L/∂W‖/‖W‖ of the layer nearest the input over the largest of the layers
+    # above it. Under SGD this is the ratio of the layers' relative learning speeds: below 1e-2
+    # the lower layers learn a hundred times slower than the upper ones. Healthy nets (He-init
+    # ReLU, BatchNorm, residual) stay within about 10x; a deep sigmoid net loses 0.25 per layer.
+    vanishing_ratio: float = 1e-2
+    # RMS of ∂L/∂s (the gradient w.r.t. each layer's output) from the lowest to the highest hidden
+    # layer. Glorot & Bengio (2010) show this shrinks toward the input while weight gradients can
+    # look level; the RMS per entry also shifts with width and pooling (up to ~30x in a healthy
+    # CNN), hence a wider band than for the relative gradient.
+    backward_vanishing_ratio: float = 1e-3
+    backward_exploding_ratio: float = 1e3
+    # Fewer layers than this carry no depth profile worth judging.
+    min_profile_layers: int = 3
+
+    # --- exploding over steps ------------------------------------------------------------------
+    # Total gradient norm against the median of the previous `baseline_window` steps: `spike_factor`
+    # times above it on `spike_steps` consecutive steps (sustained growth: at 20%/step a geometric
+    # blow-up crosses 10x within ~13 steps, long before overflow), or `jump_factor` times at once.
+    baseline_window: int = 20
+    spike_factor: float = 10.0
+    spike_steps: int = 3
+    jump_factor: float = 1e3
+    # One update larger than the weights it changes (‖Δw‖/‖w‖ > 1): the step overshoots.
+    # Healthy updates are around 1e-3 (Karpathy's rule of thumb); 1 is three decades above.
+    max_update_ratio: float = 1.0
+    # Total weight norm growing this much over the run, rising at every one of the last
+    # `persist_samples` samples: weights growing without bound.
+    weight_growth: float = 10.0
+
+    # --- through time (recurrent layers) ---------------------------------------------------------
+    # ‖∂L/∂x_t‖ at the start of the sequence over its end: the BPTT horizon of Pascanu et al. (2013)
+    # falls short of the sequence when the gradient drops below 1e-3 of its final value (the same
+    # cut-off the probe uses), or blows past 1e3.
+    time_vanishing_ratio: float = 1e-3
+    time_exploding_ratio: float = 1e3
+    min_time_steps: int = 8
+
+    # --- units ---------------------------------------------------------------------------------
+    # Fraction of a layer's units zero for every sample of the batch. A healthy ReLU net keeps
+    # most units alive (a few to ~30% dead is common); half dead is lost capacity.
+    dead_fraction: float = 0.5
+    dead_fraction_error: float = 0.9
+    # Fraction of sigmoid/tanh outputs within 1% of an asymptote, where the derivative is < 0.01.
+    saturated_fraction: float = 0.5
+
+    # --- updates ---------------------------------------------------------------------------------
+    # Update ratio of the lowest layer over the highest of those above it.
+    stalled_ratio: float = 1e-2
+    # An update ratio at or below this is no update at all (float32 rounding of w + Δw).
+    frozen_update: float = 1e-10
+
+    # --- loss ------------------------------------------------------------------------------------
+    # Windows of the loss are compared by their medians (robust to mini-batch noise); a window is
+    # a tenth of the run, at least `min_loss_window` steps.
+    min_loss_window: int = 5
+    min_loss_steps: int = 30
+    # The loss at the end within 1% of where it started: no learning.
+    plateau_improvement: float = 0.01
+    # The loss rising this many times its initial magnitude above it: training made it worse.
+    divergence_factor: float = 2.0
+
+
+DEFAULT = Thresholds()
