@@ -22,7 +22,7 @@ from gradwatch.collect import patches
 from gradwatch.collect.layers import RECURRENT, Layer, discover
 from gradwatch.collect.record import StepRecord, to_batch
 from gradwatch.collect.stats import MISSING, activation_stats, norms, rms, time_profile
-from gradwatch.errors import ConfigError
+from gradwatch.errors import ConfigError, TrainingStopped
 from gradwatch.store.reader import STORE_NAME, _read
 from gradwatch.store.series import LayerInfo, RunSeries
 from gradwatch.store.writer import RunStoreWriter
@@ -79,6 +79,9 @@ class Watch:
         flush_every: int = 50,
         out: str | os.PathLike | None = None,
         meta: dict | None = None,
+        on_finding: Callable | None = None,
+        stop_on: Iterable[str] = (),
+        warn: bool = True,
     ):
         if model is not None and not isinstance(model, nn.Module):
             raise ConfigError(
@@ -126,6 +129,12 @@ class Watch:
         self._attached = False
         self._paused = False
         self.on_flush: list[Callable[["Watch"], None]] = []
+        self._live = None
+        if on_finding is not None or stop_on or warn:
+            from gradwatch.diagnose.live import LiveDiagnosis  # collect runs without diagnose otherwise
+
+            self._live = LiveDiagnosis(on_finding, stop_on, warn)
+            self.on_flush.append(self._live)
         if self.store_path is None:
             self._writer = RunStoreWriter(None, self._meta)
         self._attach()
@@ -240,9 +249,19 @@ class Watch:
         if self._snapshot is not None and self._mode != "optimizer":
             self._finish_delta()  # read after a manual update: that update is the last Δw
         self.flush()
-        if self._writer is None:  # nothing recorded yet, and the store file is made lazily
+        return self.stored_series()
+
+    def stored_series(self) -> RunSeries:
+        """What has been flushed so far, read without touching the step being recorded."""
+        if self._writer is None:
             return RunSeries([], np.empty(0, dtype=np.int64), np.empty(0), np.empty(0), {})
         return _read(self._writer.connection)
+
+    def findings(self) -> list:
+        """The findings of everything recorded so far (see `gradwatch.diagnose`)."""
+        from gradwatch.diagnose import diagnose
+
+        return diagnose(self.series())
 
     def detach(self) -> None:
         """Flush, then remove every hook and patch: the model and optimizer are as before."""
@@ -304,6 +323,7 @@ class Watch:
             self._record_grads(rec)
         self._backward_scale = None
         if self._mode == "backward":
+            self._stop_if_non_finite(rec)
             self._end_step()
 
     def after_scaler_update(self) -> None:
@@ -344,6 +364,7 @@ class Watch:
         if optimizer is not self._optimizer or not self._attached:
             return
         rec = self._cur
+        self._stop_if_non_finite(rec)
         if rec is not None and rec.sampled and self._params:
             self._take_snapshot(rec)
 
@@ -354,6 +375,23 @@ class Watch:
         if self._snapshot is not None:
             self._finish_delta()
         self._end_step()
+
+    def _stop_if_non_finite(self, rec: StepRecord | None) -> None:
+        """`stop_on=("non_finite",)`: stop before a NaN/Inf gradient or loss reaches the weights
+        (before optimizer.step, or before a manual update). Costs one host sync per step."""
+        if self._live is None or "non_finite" not in self._live.stop_on or rec is None or rec.grad is None:
+            return
+        loss_ok = rec.loss_sum is None or bool(torch.isfinite(rec.loss_sum))
+        if loss_ok and bool(torch.isfinite(rec.grad).all()):
+            return
+        from gradwatch.diagnose import diagnose
+
+        self._end_step(count=False)
+        self.flush()
+        found = [f for f in diagnose(self.stored_series()) if f.kind == "non_finite"]
+        self._live.report(found, self)  # raises TrainingStopped after detaching
+        self.detach()
+        raise TrainingStopped(f"stopped at step {rec.step}: a non-finite gradient or loss")
 
     def _take_snapshot(self, rec: StepRecord) -> None:
         """Copy the weights before an update into buffers kept between samples (allocating 
@@ -505,13 +543,20 @@ def watch(
     sample_every: int = 10,
     flush_every: int = 50,
     out: str | os.PathLike | None = None,
+    on_finding: Callable | None = None,
+    stop_on: Iterable[str] = (),
+    warn: bool = True,
 ) -> Watch:
     """Start watching `model` (and `optimizer`, whose steps then define the step count).
 
     `every`: record every N-th step; `sample_every`: take the costlier statistics every N-th step;
     `flush_every`: write to the store every N recorded steps; `out`: a run directory (or a
-    .sqlite file) for the store, or None to keep it in memory.
+    .sqlite file) for the store, or None to keep it in memory. Findings are diagnosed live at
+    flushes: `warn` prints each new (kind, layers) once, `on_finding(finding)` is called for it,
+    and a kind in `stop_on` raises `TrainingStopped` (for "non_finite", before the bad step
+    reaches the weights).
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"watch() needs a torch.nn.Module, got {type(model).__name__}; pass the model itself")
-    return Watch(model, optimizer, every=every, sample_every=sample_every, flush_every=flush_every, out=out)
+    return Watch(model, optimizer, every=every, sample_every=sample_every, flush_every=flush_every, out=out,
+                 on_finding=on_finding, stop_on=stop_on, warn=warn)

@@ -17,7 +17,8 @@ class Thresholds:
     # or for at least half of the run's samples: a net that recovers by itself (an LSTM opening
     # its forget gates, dead units that come back) is not a finding.
     persist_samples: int = 3
-    # Steps at the start whose gradient norms only seed the baseline (warm-up of the detector).
+    # Steps at the start whose gradient norms never enter the baseline: gradients often start far
+    # from their working level (outputs near 0 at init, warm-up schedules).
     warmup_steps: int = 5
 
     # --- vanishing / exploding across depth ---------------------------------------------------
@@ -37,14 +38,16 @@ class Thresholds:
 
     # --- exploding over steps ------------------------------------------------------------------
     # Total gradient norm against the median of the previous `baseline_window` steps: `spike_factor`
-    # times above it on `spike_steps` consecutive steps (sustained growth: at 20%/step a geometric
-    # blow-up crosses 10x within ~13 steps, long before overflow), or `jump_factor` times at once.
+    # times above it on `spike_steps` steps within one window (sustained growth: at 20%/step a
+    # geometric blow-up crosses 10x within ~13 steps, long before overflow; or recurring bursts),
+    # or `jump_factor` times at once.
     baseline_window: int = 20
     spike_factor: float = 10.0
     spike_steps: int = 3
     jump_factor: float = 1e3
     # One update larger than the weights it changes (‖Δw‖/‖w‖ > 1): the step overshoots.
     # Healthy updates are around 1e-3 (Karpathy's rule of thumb); 1 is three decades above.
+    # Measured at sampled steps; under plain SGD, where Δw = lr·g, at every step.
     max_update_ratio: float = 1.0
     # Total weight norm growing this much over the run, rising at every one of the last
     # `persist_samples` samples: weights growing without bound.

@@ -19,7 +19,7 @@ def find_dead_units(run: RunSeries, th: Thresholds) -> list[Finding]:
     evidence = {"dead_fraction": {n: hits[n][1] for n in layers}, "at_init": any(i for _, _, i in hits.values())}
     causes, remedies = advice.dead_units(advice.Context(run), layers, evidence)
     severity = "error" if worst >= th.dead_fraction_error else "warning"
-    message = (f"{worst:.0%} of the units of {layers[0]} output 0 for every sample since step {first}"
+    message = (f"{worst:.0%} of the units of '{layers[0]}' output 0 for every sample since step {first}"
                + (f" ({len(layers)} layers affected)" if len(layers) > 1 else "")
                + f": they pass no gradient and cannot recover. {remedies[0].action}.")
     return [Finding("dead_units", severity, first, layers, message, evidence, tuple(causes), tuple(remedies))]

@@ -14,7 +14,7 @@ from gradwatch.store.series import RunSeries
 
 
 def find_exploding(run: RunSeries, th: Thresholds) -> list[Finding]:
-    signals = [s for s in (_growth_over_steps(run, th), _overshooting_update(run, th),
+    signals = [s for s in (_growth_over_steps(run, th), _overshooting_update(run, th), _sgd_step_too_large(run, th),
                            _weight_growth(run, th), _backward_growth(run, th)) if s is not None]
     if not signals:
         return []
@@ -41,27 +41,54 @@ def find_exploding(run: RunSeries, th: Thresholds) -> list[Finding]:
 
 
 def _growth_over_steps(run: RunSeries, th: Thresholds):
-    """The total norm against the median of the previous steps: sustained or sudden growth."""
+    """The total norm against the median of the previous steps: `spike_steps` spikes of
+    `spike_factor` within one baseline window (growth, sustained or in bursts), or one jump of
+    `jump_factor`."""
     total = total_grad_norm(run)
     finite = np.isfinite(total)
     steps, norms = run.steps[finite], total[finite]
-    above = 0
-    for i in range(th.warmup_steps, len(norms)):
-        base = np.median(norms[max(0, i - th.baseline_window):i])
+    spikes: list[int] = []
+    # the warm-up steps never enter the baseline: gradients often start far from their level
+    for i in range(2 * th.warmup_steps, len(norms)):
+        base = np.median(norms[max(th.warmup_steps, i - th.baseline_window):i])
         if not base > 0:
             continue
         factor = norms[i] / base
-        above = above + 1 if factor >= th.spike_factor else 0
-        if above >= th.spike_steps or factor >= th.jump_factor:
-            j = i - above + 1 if above >= th.spike_steps else i
+        if factor >= th.spike_factor:
+            spikes.append(i)
+        spikes = [k for k in spikes if steps[i] - steps[k] < th.baseline_window]
+        if len(spikes) >= th.spike_steps or factor >= th.jump_factor:
+            j = spikes[0] if len(spikes) >= th.spike_steps else i
             g = run.metrics["grad_norm"][run.steps.searchsorted(steps[j])]
             cols = profile_columns(run) or list(range(len(run.layers)))
-            top = [c for c in cols if np.isfinite(g[c])]
-            top = sorted(top, key=lambda c: -g[c])[:3]
+            top = sorted((c for c in cols if np.isfinite(g[c])), key=lambda c: -g[c])[:3]
             return int(steps[j]), names(run, top), {
-                "growth_over_steps": float(norms[i] / base), "baseline_norm": float(base),
+                "growth_over_steps": float(factor), "baseline_norm": float(base),
                 "grad_norm_at_detection": float(norms[i]), "detected_at_step": int(steps[i])}
     return None
+
+
+def _sgd_step_too_large(run: RunSeries, th: Thresholds):
+    """Under plain SGD the update is lr·g exactly, so every step's relative update is known from
+    the gradient norm and the last sampled weight norm, long before the next sample."""
+    if run.meta.get("optimizer") not in ("SGD", "ASGD"):
+        return None
+    g, w = run.metrics.get("grad_norm"), run.metrics.get("weight_norm")
+    cols = profile_columns(run)
+    if g is None or w is None or not cols:
+        return None
+    w = w[:, cols].copy()
+    for r in range(1, len(w)):  # carry each layer's last sampled weight norm forward
+        w[r] = np.where(np.isnan(w[r]), w[r - 1], w[r])
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        u = np.where((w > 0) & np.isfinite(w), run.lr[:, None] * g[:, cols] / w, np.nan)
+    big = np.isfinite(u) & (u > th.max_update_ratio)
+    rows = np.flatnonzero(big.any(axis=1))
+    if len(rows) == 0:
+        return None
+    r = rows[0]
+    hit = [c for c, b in zip(cols, big[r]) if b]
+    return int(run.steps[r]), names(run, hit), {"max_update_ratio": float(np.nanmax(u[r][big[r]]))}
 
 
 def _overshooting_update(run: RunSeries, th: Thresholds):

@@ -57,7 +57,7 @@ def find_non_finite(run: RunSeries, th: Thresholds) -> list[Finding]:
         evidence["last_finite_loss"] = float(finite_loss[-1])
     ctx = advice.Context(run)
     causes, remedies = advice.non_finite(ctx, layers, evidence)
-    where_text = f" in {layers[0]}" if layers else ""
+    where_text = f" in '{layers[0]}'" if layers else ""
     message = (f"NaN/Inf first appears at step {step} in the {origin}{where_text}; every step after it is "
                f"meaningless. {remedies[0].action}.")
     return [Finding("non_finite", "error", step, layers, message, evidence, tuple(causes), tuple(remedies))]

@@ -21,7 +21,7 @@ def find_saturation(run: RunSeries, th: Thresholds) -> list[Finding]:
                 "activations": [run.layers[run.column(n)].activation for n in layers],
                 "at_init": any(i for _, _, i in hits.values())}
     causes, remedies = advice.saturation(advice.Context(run), layers, evidence)
-    message = (f"{worst:.0%} of the outputs of {layers[0]} sit within 1% of an asymptote since step {first}"
+    message = (f"{worst:.0%} of the outputs of '{layers[0]}' sit within 1% of an asymptote since step {first}"
                + (f" ({len(layers)} layers affected)" if len(layers) > 1 else "")
                + f": almost no gradient passes. {remedies[0].action}.")
     return [Finding("saturation", "warning", first, layers, message, evidence, tuple(causes), tuple(remedies))]

@@ -49,6 +49,6 @@ def find_stalled(run: RunSeries, th: Thresholds) -> list[Finding]:
     evidence = {"update_ratio_ratio": ratio, "update_ratio": {run.layers[c].name: float(v) for c, v in zip(cols, last)}}
     causes, remedies = advice.stalled(ctx, layers, evidence)
     findings.append(Finding("stalled_layers", "warning", first, layers,
-                            f"{layers[0]} updates {ratio:.1e} as much as the layers above it since step {first}: "
+                            f"'{layers[0]}' updates {ratio:.1e} as much as the layers above it since step {first}: "
                             f"it has stopped learning. {remedies[0].action}.", evidence, tuple(causes), tuple(remedies)))
     return findings

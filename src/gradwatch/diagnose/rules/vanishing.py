@@ -49,6 +49,6 @@ def find_vanishing(run: RunSeries, th: Thresholds) -> list[Finding]:
     severity = "error" if ratio < 1e-4 else "warning"
     ctx = advice.Context(run)
     causes, remedies = advice.vanishing(ctx, layers, evidence, through_time=False)
-    message = (f"The gradient reaching {layers[0]} is {ratio:.1e} of the upper layers' since step {first}: "
+    message = (f"The gradient reaching layer '{layers[0]}' is {ratio:.1e} of the upper layers' since step {first}: "
                f"the layers near the input barely learn. {remedies[0].action}.")
     return [Finding("vanishing_gradient", severity, first, layers, message, evidence, tuple(causes), tuple(remedies))]

@@ -1,0 +1,62 @@
+"""Findings while training runs: the rules at flushes, each new (kind, first layer) reported once.
+
+Re-running the rules costs a read of the store, so they run at a flush only when the run has
+grown by a tenth since they last ran (and at least `flush_every` steps): the total cost stays
+a small multiple of one read of the finished run, however long it is.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Iterable
+
+from gradwatch.diagnose import diagnose
+from gradwatch.diagnose.finding import KINDS, Finding
+from gradwatch.errors import ConfigError, GradwatchWarning, TrainingStopped
+
+
+def check_stop_on(stop_on: Iterable[str]) -> tuple[str, ...]:
+    kinds = (stop_on,) if isinstance(stop_on, str) else tuple(stop_on)
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise ConfigError(f"stop_on={unknown!r}: unknown finding kind; choose from {', '.join(KINDS)}")
+    return kinds
+
+
+class LiveDiagnosis:
+    """Called by a Watch after each flush (`watch.on_flush`)."""
+
+    def __init__(self, on_finding: Callable[[Finding], None] | None = None, stop_on: Iterable[str] = (),
+                 warn: bool = True):
+        if on_finding is not None and not callable(on_finding):
+            raise ConfigError(f"on_finding={on_finding!r}: expected a function taking a Finding")
+        self.on_finding = on_finding
+        self.stop_on = check_stop_on(stop_on)
+        self.warn = warn
+        self.findings: list[Finding] = []
+        self._seen: set[tuple[str, str]] = set()
+        self._last_step = 0
+
+    def __call__(self, watch) -> None:
+        step = watch.step
+        if step - self._last_step < max(watch.flush_every, step // 10):
+            return
+        self._last_step = step
+        self.report(diagnose(watch.stored_series()), watch)
+
+    def report(self, findings: list[Finding], watch=None) -> None:
+        for f in findings:
+            key = (f.kind, f.layers[0] if f.layers else "")  # the layers listed may grow as it spreads
+            if key in self._seen:
+                continue
+            self._seen.add(key)
+            self.findings.append(f)
+            if self.warn:
+                warnings.warn(GradwatchWarning(f"gradwatch: [{f.severity}] {f.kind} (step {f.first_step}): {f.message}"),
+                              stacklevel=2)
+            if self.on_finding is not None:
+                self.on_finding(f)
+            if f.kind in self.stop_on:
+                if watch is not None:
+                    watch.detach()
+                raise TrainingStopped(f"stopped at step {f.first_step} on {f.kind}: {f.message}")

@@ -1,0 +1,39 @@
+"""gradwatch diagnose, and the findings `gradwatch run` leaves behind."""
+
+import json
+
+from gradwatch.diagnose import diagnose
+from test_cli_run import SCRIPTS, gradwatch
+
+
+def test_run_writes_findings_and_diagnose_prints_them(tmp_path):
+    run = tmp_path / "r"
+    result = gradwatch("run", "--out", run, SCRIPTS / "train_sigmoid.py")
+    assert result.returncode == 0, result.stderr
+    written = json.loads((run / "findings.json").read_text())
+    assert [f["kind"] for f in written] == [f.kind for f in diagnose(run)]
+    assert "vanishing_gradient" in {f["kind"] for f in written}
+    assert "vanishing_gradient" in result.stderr  # said at the end of the run
+
+    as_json = gradwatch("diagnose", run, "--json")
+    assert as_json.returncode == 0 and json.loads(as_json.stdout) == written
+    text = gradwatch("diagnose", run)
+    assert "vanishing_gradient since step 0" in text.stdout and "fix:" in text.stdout
+
+
+def test_diagnose_missing_run_is_one_clear_line(tmp_path):
+    result = gradwatch("diagnose", tmp_path / "nope")
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("gradwatch: error: no run at") and "Traceback" not in result.stderr
+
+
+def test_diagnose_corrupt_store_is_one_clear_line(tmp_path):
+    (tmp_path / "gradwatch.sqlite").write_bytes(b"this is not a database" * 100)
+    result = gradwatch("diagnose", tmp_path)
+    assert result.returncode == 2
+    assert "is not a gradwatch store" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_diagnose_empty_directory(tmp_path):
+    result = gradwatch("diagnose", tmp_path)
+    assert result.returncode == 2 and "holds no gradwatch store" in result.stderr

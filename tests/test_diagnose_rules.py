@@ -1,0 +1,343 @@
+"""Each rule on hand-built series: at, just past and just short of its thresholds."""
+
+import json
+
+import numpy as np
+import pytest
+
+from gradwatch.diagnose import DEFAULT, Finding, diagnose
+from series_builder import build, kinds, sampled
+
+TH = DEFAULT
+
+
+def test_healthy_series_has_no_finding():
+    assert diagnose(build()) == []
+
+
+def test_healthy_adam_and_tanh_series_have_no_finding():
+    assert diagnose(build(optimizer="Adam", lr=1e-3, activation="tanh")) == []
+
+
+# ------------------------------------------------------------------ vanishing across depth
+def _vanish(run, factor, rows=None):
+    """Scale each layer's gradient by factor**(distance from the top): a geometric collapse."""
+    cols = [run.column(f"fc{i}") for i in range(5)]
+    rows = slice(None) if rows is None else rows
+    for k, c in enumerate(cols):
+        run.metrics["grad_norm"][rows, c] *= factor ** (len(cols) - 1 - k)
+    return run
+
+
+@pytest.mark.parametrize("ratio, found", [(0.5 * TH.vanishing_ratio, True), (2 * TH.vanishing_ratio, False)])
+def test_vanishing_at_the_threshold(ratio, found):
+    run = _vanish(build(), ratio ** 0.25)  # fc0 gets `ratio` of fc4's relative gradient
+    assert ("vanishing_gradient" in kinds(diagnose(run))) == found
+
+
+def test_vanishing_names_the_layers_and_first_step():
+    run = _vanish(build(), 0.1, rows=slice(30, None))
+    f = next(f for f in diagnose(run) if f.kind == "vanishing_gradient")
+    assert f.first_step == 30
+    assert f.layers[:2] == ("fc0", "fc1") and "fc4" not in f.layers
+    assert f.evidence["relative_grad_ratio"] == pytest.approx(1e-4, rel=0.2)
+    assert f.severity == "warning" and not f.evidence["at_init"]
+
+
+def test_vanishing_that_recovers_is_not_a_finding():
+    run = _vanish(build(), 0.1, rows=slice(0, 25))  # samples 0, 10, 20 then healthy for 70 steps
+    assert "vanishing_gradient" not in kinds(diagnose(run))
+
+
+def test_vanishing_needs_persistence():
+    run = build()
+    rows = sampled(run)
+    _vanish(run, 0.1, rows=rows[3:5])  # two samples only
+    assert "vanishing_gradient" not in kinds(diagnose(run))
+    _vanish(run, 0.1, rows=rows[5:6])  # now three in a row, in the middle of the run
+    assert "vanishing_gradient" not in kinds(diagnose(run))  # ...recovering for the remaining half
+
+
+def test_vanishing_of_the_backward_signal_alone():
+    """Glorot & Bengio: ∂L/∂s can collapse while weight gradients look level."""
+    run = build()
+    cols = [run.column(f"fc{i}") for i in range(4)]  # hidden layers; fc4 is the top
+    for k, c in enumerate(cols):
+        run.metrics["grad_out_rms"][:, c] *= 0.05 ** (3 - k)  # 1.25e-4 from fc0 to fc3
+    f = next(f for f in diagnose(run) if f.kind == "vanishing_gradient")
+    assert "grad_out_rms_ratio" in f.evidence and "relative_grad_ratio" not in f.evidence
+
+
+def test_norm_layers_and_embeddings_are_not_in_the_depth_profile():
+    from gradwatch.diagnose.signals import profile_columns
+    from gradwatch.store.series import LayerInfo
+    run = build()
+    run.layers[0] = LayerInfo("emb", "Embedding", 0, "param", 100)
+    run.layers[2] = LayerInfo("bn", "BatchNorm1d", 2, "param", 20)
+    assert [run.layers[c].name for c in profile_columns(run)] == ["fc2", "fc3", "fc4"]
+
+
+# ------------------------------------------------------------------ exploding
+def _total_growth(run, start, per_step, steps=None):
+    n = len(run.steps) if steps is None else start + steps
+    growth = per_step ** np.clip(np.arange(len(run.steps)) - start + 1, 0, None)
+    growth[n:] = 1.0
+    run.metrics["grad_norm"] *= growth[:, None]
+    return run
+
+
+def test_sustained_growth_is_exploding_at_its_onset():
+    run = _total_growth(build(), 40, 1.5)
+    f = next(f for f in diagnose(run) if f.kind == "exploding_gradient")
+    assert 40 <= f.first_step <= 52
+    assert f.evidence["growth_over_steps"] >= TH.spike_factor
+    assert any("clip_grad_norm_" in r.code for r in f.remedies)
+
+
+@pytest.mark.parametrize("n_spike, found", [(TH.spike_steps - 1, False), (TH.spike_steps, True)])
+def test_spike_must_last_spike_steps(n_spike, found):
+    run = build(optimizer="Adam")
+    run.metrics["grad_norm"][50:50 + n_spike] *= 1.5 * TH.spike_factor
+    assert ("exploding_gradient" in kinds(diagnose(run))) == found
+
+
+@pytest.mark.parametrize("factor, found", [(0.5 * TH.jump_factor, False), (2 * TH.jump_factor, True)])
+def test_single_jump_against_the_baseline(factor, found):
+    run = build(optimizer="Adam")
+    run.metrics["grad_norm"][60] *= factor
+    assert ("exploding_gradient" in kinds(diagnose(run))) == found
+
+
+def test_warmup_steps_only_seed_the_baseline():
+    run = build()
+    run.metrics["grad_norm"][:TH.warmup_steps] *= 1e-3  # tiny at the very start, then normal
+    assert "exploding_gradient" not in kinds(diagnose(run))
+
+
+@pytest.mark.parametrize("ratio, found", [(0.9 * TH.max_update_ratio, False), (1.5 * TH.max_update_ratio, True)])
+def test_update_larger_than_the_weights(ratio, found):
+    run = build()
+    run.metrics["update_ratio"][sampled(run)[4], run.column("fc2")] = ratio
+    found_kinds = kinds(diagnose(run))
+    assert ("exploding_gradient" in found_kinds) == found
+
+
+def test_recurring_bursts_within_one_window_are_exploding():
+    run = build(optimizer="Adam")
+    for step in (40, 46, 52):
+        run.metrics["grad_norm"][step] *= 2 * TH.spike_factor
+    f = next(f for f in diagnose(run) if f.kind == "exploding_gradient")
+    assert f.first_step == 40
+
+
+@pytest.mark.parametrize("grad, found", [(0.9 * 10.0 / 0.1, False), (1.5 * 10.0 / 0.1, True)])
+def test_sgd_step_larger_than_the_weights_between_samples(grad, found):
+    """Under SGD Δw = lr·g: lr 0.1, ‖w‖ 10, so a gradient above 100 moves the weights by more than
+    their norm, even on a step where no update ratio is sampled."""
+    run = build(optimizer="SGD", lr=0.1)
+    run.metrics["grad_norm"][45, run.column("fc2")] = grad
+    assert ("exploding_gradient" in kinds(diagnose(run))) == found
+    run.meta["optimizer"] = "Adam"  # Adam's step is not lr·g
+    assert "exploding_gradient" not in kinds(diagnose(run))
+
+
+def test_update_ratio_of_zero_initialised_layer_is_ignored():
+    run = build()
+    r, c = sampled(run)[0], run.column("fc4")
+    run.metrics["weight_norm"][r, c] = 0.0
+    run.metrics["update_ratio"][r, c] = np.inf
+    assert "exploding_gradient" not in kinds(diagnose(run))
+
+
+def test_weights_growing_without_bound():
+    run = build()
+    rows = sampled(run)
+    run.metrics["weight_norm"][rows] *= (1.5 ** np.arange(len(rows)))[:, None]  # 38x by the end
+    f = next(f for f in diagnose(run) if f.kind == "exploding_gradient")
+    assert f.evidence["weight_growth"] == pytest.approx(1.5 ** 9)
+    assert f.first_step == run.steps[rows[np.flatnonzero(1.5 ** np.arange(10) >= 10)[0]]]
+
+
+def test_backward_signal_growing_toward_the_input():
+    run = build()
+    for k in range(4):
+        run.metrics["grad_out_rms"][:, run.column(f"fc{k}")] *= 20.0 ** (3 - k)  # 8000x
+    f = next(f for f in diagnose(run) if f.kind == "exploding_gradient")
+    assert f.evidence["backward_ratio"] == pytest.approx(8000) and f.evidence["at_init"]
+
+
+# ------------------------------------------------------------------ non-finite
+def test_non_finite_loss_first_step_and_evidence():
+    run = build()
+    run.loss[70:] = np.inf
+    run.metrics["grad_norm"][70:] = np.inf
+    f = next(f for f in diagnose(run) if f.kind == "non_finite")
+    assert f.first_step == 70 and f.severity == "error"
+    assert f.evidence["last_finite_loss"] == pytest.approx(run.loss[69])
+
+
+def test_non_finite_origin_is_the_first_activation_layer():
+    run = build()
+    r = sampled(run)[5]
+    run.metrics["act_mean"][r, run.column("act2")] = np.inf
+    run.metrics["act_mean"][r, run.column("act3")] = np.inf
+    run.metrics["grad_norm"][r:] = np.inf
+    f = next(f for f in diagnose(run) if f.kind == "non_finite")
+    assert f.first_step == run.steps[r] and f.layers == ("act2", "act3")
+    assert f.evidence["first_seen_in"] == "activations"
+
+
+def test_non_finite_gradient_in_one_layer():
+    run = build()
+    run.metrics["nonfinite"][:, :] = np.nan
+    run.metrics["nonfinite"][33, run.column("fc1")] = 12
+    run.metrics["grad_norm"][33, run.column("fc1")] = np.inf
+    f = next(f for f in diagnose(run) if f.kind == "non_finite")
+    assert (f.first_step, f.layers, f.evidence["nonfinite_entries"]) == (33, ("fc1",), 12)
+
+
+def test_skipped_loss_scaler_steps_are_not_findings():
+    run = build()
+    run.meta["skipped_steps"] = [0, 1, 2, 40]  # recorded as events, never as steps
+    assert diagnose(run) == []
+
+
+def test_not_recorded_is_not_non_finite():
+    run = build()
+    run.loss[::2] = np.nan  # NaN = not recorded
+    run.metrics["grad_norm"][5:9] = np.nan
+    assert "non_finite" not in kinds(diagnose(run))
+
+
+# ------------------------------------------------------------------ units
+@pytest.mark.parametrize("frac, found", [(TH.dead_fraction - 0.01, False), (TH.dead_fraction, True)])
+def test_dead_units_at_the_threshold(frac, found):
+    run = build()
+    run.metrics["dead"][sampled(run)[2]:, run.column("act1")] = frac
+    assert ("dead_units" in kinds(diagnose(run))) == found
+
+
+def test_dead_units_error_when_nearly_all_dead():
+    run = build()
+    run.metrics["dead"][:, run.column("act0")] = 0.95
+    f = next(f for f in diagnose(run) if f.kind == "dead_units")
+    assert f.severity == "error" and f.layers == ("act0",) and f.evidence["at_init"]
+
+
+@pytest.mark.parametrize("frac, found", [(TH.saturated_fraction - 0.01, False), (TH.saturated_fraction, True)])
+def test_saturation_at_the_threshold(frac, found):
+    run = build(activation="sigmoid")
+    run.metrics["saturated"][sampled(run)[3]:, run.column("act2")] = frac
+    f = [f for f in diagnose(run) if f.kind == "saturation"]
+    assert bool(f) == found
+    if found:
+        assert f[0].layers == ("act2",) and f[0].first_step == 30
+
+
+def test_relu_layers_are_never_saturated():
+    run = build()
+    run.metrics["saturated"][:, run.column("act1")] = 1.0
+    assert "saturation" not in kinds(diagnose(run))
+
+
+# ------------------------------------------------------------------ updates
+def test_stalled_lower_layers():
+    run = build()
+    run.metrics["update_ratio"][sampled(run), run.column("fc0")] = 0.5 * TH.stalled_ratio * 1e-3
+    f = next(f for f in diagnose(run) if f.kind == "stalled_layers")
+    assert f.layers == ("fc0",) and not f.evidence.get("frozen")
+
+
+def test_stalled_explained_by_vanishing_is_folded_into_it():
+    run = _vanish(build(), 0.1)
+    for k in range(5):
+        run.metrics["update_ratio"][:, run.column(f"fc{k}")] *= 0.1 ** (4 - k)
+    assert kinds(diagnose(run)).count("stalled_layers") == 0
+    assert "vanishing_gradient" in kinds(diagnose(run))
+
+
+def test_weights_that_stop_changing():
+    run = build()
+    run.metrics["update_ratio"][50:][~np.isnan(run.metrics["update_ratio"][50:])] = 0.0
+    f = next(f for f in diagnose(run) if f.kind == "stalled_layers")
+    assert f.evidence["frozen"] and f.first_step == 50 and len(f.layers) == 5
+
+
+def test_zero_learning_rate_is_not_frozen_weights():
+    run = build()
+    run.metrics["update_ratio"][50:] = 0.0
+    run.lr[50:] = 0.0  # end of a schedule
+    assert "stalled_layers" not in kinds(diagnose(run))
+
+
+# ------------------------------------------------------------------ loss
+def test_loss_plateau():
+    run = build()
+    run.loss[:] = 2.3 + 0.01 * np.random.default_rng(1).standard_normal(len(run.loss))
+    assert "loss_plateau" in kinds(diagnose(run))
+
+
+def test_loss_that_converged_is_not_a_plateau():
+    run = build()
+    run.loss[20:] = run.loss[20]  # fell, then flat
+    assert "loss_plateau" not in kinds(diagnose(run))
+
+
+def test_loss_divergence_and_its_onset():
+    run = build()
+    run.loss[60:] = run.loss[59] * 1.2 ** np.arange(1, 41)
+    f = next(f for f in diagnose(run) if f.kind == "loss_divergence")
+    assert 60 <= f.first_step <= 75
+
+
+def test_noisy_loss_is_not_divergence():
+    run = build()
+    run.loss[::7] *= 5  # spikes in one batch of seven
+    assert "loss_divergence" not in kinds(diagnose(run))
+
+
+# ------------------------------------------------------------------ through time
+@pytest.mark.parametrize("rate, kind", [(0.7, "vanishing_gradient"), (1.4, "exploding_gradient"), (0.95, None)])
+def test_through_time(rate, kind):
+    run = build()
+    t = np.arange(30)
+    profile_steps = run.steps[sampled(run)]
+    profile = np.tile(rate ** (29 - t), (len(profile_steps), 1))  # ∂L/∂x_t ~ rate^(T-t)
+    run.time_profiles["rnn"] = (profile_steps, profile)
+    found = [f for f in diagnose(run) if f.layers == ("rnn",)]
+    assert kinds(found) == ([kind] if kind else [])
+    if kind:
+        assert found[0].evidence["per_step_factor"] == pytest.approx(rate, rel=0.05)
+
+
+def test_short_sequences_are_not_judged():
+    run = build()
+    run.time_profiles["rnn"] = (run.steps[sampled(run)], np.tile(0.1 ** np.arange(5)[::-1], (10, 1)))
+    assert diagnose(run) == []
+
+
+# ------------------------------------------------------------------ the findings themselves
+def test_finding_json_schema_round_trips():
+    run = _total_growth(_vanish(build(), 0.1), 40, 1.5)
+    run.loss[90:] = np.inf
+    findings = diagnose(run)
+    assert {"vanishing_gradient", "exploding_gradient", "non_finite"} <= set(kinds(findings))
+    data = json.loads(json.dumps([f.to_dict() for f in findings], default=float))
+    for d in data:
+        assert set(d) == {"kind", "severity", "first_step", "layers", "message", "evidence", "causes", "remedies"}
+        assert d["message"] and d["causes"] and all(set(r) == {"action", "code"} for r in d["remedies"])
+        assert isinstance(d["first_step"], int) and isinstance(d["layers"], list)
+    assert [Finding.from_dict(d).kind for d in data] == kinds(findings)
+    assert [f.first_step for f in findings] == sorted(f.first_step for f in findings)
+
+
+def test_causes_name_the_saturating_activation():
+    run = _vanish(build(activation="sigmoid"), 0.1)
+    f = next(f for f in diagnose(run) if f.kind == "vanishing_gradient")
+    assert f.causes[0].startswith("saturating activation") and "sigmoid" in f.causes[0]
+    assert "swap_activations(model, nn.Sigmoid" in f.remedies[0].code
+
+
+def test_unknown_kind_is_rejected():
+    with pytest.raises(ValueError, match="unknown finding kind"):
+        Finding("sadness", "error", 0, (), "x")

@@ -1,0 +1,184 @@
+"""A short real training run per kind of finding, and live use (on_finding, stop_on)."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradwatch as gw
+from gradwatch.diagnose import diagnose
+from gradwatch.errors import ConfigError, TrainingStopped
+
+
+def mlp(depth=6, width=32, act=nn.ReLU, d_in=16, d_out=4):
+    layers, d = [], d_in
+    for _ in range(depth):
+        layers += [nn.Linear(d, width), act()]
+        d = width
+    return nn.Sequential(*layers, nn.Linear(d, d_out))
+
+
+def data(n=64, d_in=16, d_out=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d_in, generator=g)
+    return x, torch.randint(0, d_out, (n,), generator=g)
+
+
+def train(model, opt, steps=60, x=None, y=None, loss_fn=nn.functional.cross_entropy, **watch_kw):
+    if x is None:
+        x, y = data()
+    watch_kw.setdefault("warn", False)
+    with gw.watch(model, opt, **watch_kw) as w:
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            opt.step()
+        return w, w.series()
+
+
+def kinds(run):
+    return {f.kind for f in diagnose(run)}
+
+
+def test_deep_sigmoid_net_vanishes():
+    torch.manual_seed(0)
+    model = mlp(depth=8, act=nn.Sigmoid)
+    _, run = train(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    found = diagnose(run)
+    v = next(f for f in found if f.kind == "vanishing_gradient")
+    assert v.first_step == 0 and v.layers[0] == "0"
+    assert v.causes[0].startswith("saturating activation")
+
+
+def test_he_relu_net_of_the_same_depth_is_healthy():
+    torch.manual_seed(0)
+    model = mlp(depth=8, act=nn.ReLU)
+    for m in model:
+        if isinstance(m, nn.Linear):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+    _, run = train(model, torch.optim.SGD(model.parameters(), lr=0.05), steps=100)
+    assert diagnose(run) == []
+
+
+def test_too_high_learning_rate_explodes_before_the_nan():
+    torch.manual_seed(0)
+    model = mlp(depth=3, act=nn.ReLU, d_out=1)
+    x = torch.randn(64, 16)
+    y = x.sum(1, keepdim=True)
+    _, run = train(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=40, x=x, y=y,
+                   loss_fn=nn.functional.mse_loss)
+    found = {f.kind: f for f in diagnose(run)}
+    assert {"exploding_gradient", "non_finite"} <= set(found)
+    first_nan = int(run.steps[np.isinf(run.loss)][0])
+    assert found["non_finite"].first_step <= first_nan  # gradients overflow before the loss does
+    assert found["exploding_gradient"].first_step <= first_nan - 5
+
+
+def test_nan_in_the_data_is_non_finite_and_stop_on_keeps_the_weights():
+    torch.manual_seed(0)
+    model = mlp(depth=2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = data()
+    seen = []
+    with pytest.raises(TrainingStopped, match="non_finite"):
+        with gw.watch(model, opt, stop_on=("non_finite",), on_finding=seen.append, warn=False):
+            for step in range(30):
+                batch = x.clone()
+                if step == 12:
+                    batch[3, 5] = float("nan")
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(batch), y).backward()
+                before = [p.detach().clone() for p in model.parameters()]
+                opt.step()
+    assert step == 12 and [f.kind for f in seen] == ["non_finite"] and seen[0].first_step == 12
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # no NaN reached them
+    assert seen[0].causes[0].startswith("bad input data")
+
+
+def test_negative_bias_kills_relu_units():
+    torch.manual_seed(0)
+    model = mlp(depth=3)
+    nn.init.constant_(model[2].bias, -5.0)
+    _, run = train(model, torch.optim.SGD(model.parameters(), lr=0.01))
+    dead = next(f for f in diagnose(run) if f.kind == "dead_units")
+    assert dead.layers == ("3",) and dead.evidence["dead_fraction"]["3"] > 0.9
+
+
+def test_large_weights_saturate_tanh():
+    torch.manual_seed(0)
+    model = mlp(depth=3, act=nn.Tanh)
+    for m in model:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=3.0)
+    _, run = train(model, torch.optim.SGD(model.parameters(), lr=0.01))
+    assert "saturation" in kinds(run)
+
+
+def test_tiny_learning_rate_plateaus():
+    torch.manual_seed(0)
+    model = mlp(depth=2)
+    _, run = train(model, torch.optim.SGD(model.parameters(), lr=1e-6), steps=60)
+    assert kinds(run) == {"loss_plateau"}
+
+
+def test_overshooting_learning_rate_diverges():
+    torch.manual_seed(0)
+    model = nn.Linear(16, 1)
+    x = torch.randn(64, 16)
+    y = x @ torch.randn(16, 1)
+    _, run = train(model, torch.optim.SGD(model.parameters(), lr=1.5), steps=60, x=x, y=y,
+                   loss_fn=nn.functional.mse_loss)
+    assert "loss_divergence" in kinds(run)
+
+
+def test_parameters_left_out_of_the_optimizer_stop_changing():
+    torch.manual_seed(0)
+    model = mlp(depth=3)
+    opt = torch.optim.SGD(model[-1].parameters(), lr=0.1)  # forgot the rest
+    _, run = train(model, opt, steps=50)
+    f = next(f for f in diagnose(run) if f.kind == "stalled_layers")
+    assert f.evidence["frozen"] and set(f.layers) == {"0", "2", "4"}
+
+
+def test_small_recurrent_weights_vanish_through_time():
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.RNN(4, 16, batch_first=True)
+            self.head = nn.Linear(16, 1)
+            with torch.no_grad():
+                self.rnn.weight_hh_l0.mul_(0.2)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+
+    model = Net()
+    x, y = torch.randn(32, 40, 4), torch.randn(32, 1)
+    _, run = train(model, torch.optim.SGD(model.parameters(), lr=0.01), steps=40, x=x, y=y,
+                   loss_fn=nn.functional.mse_loss)
+    f = next(f for f in diagnose(run) if f.layers == ("rnn",))
+    assert f.kind == "vanishing_gradient" and f.evidence["per_step_factor"] < 0.5
+
+
+def test_live_findings_warn_once_per_kind_and_layers():
+    torch.manual_seed(0)
+    model = mlp(depth=8, act=nn.Sigmoid)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = data()
+    with pytest.warns(gw.errors.GradwatchWarning) as record:
+        w, run = train(model, opt, steps=200, x=x, y=y, warn=True, flush_every=10)
+    messages = [str(r.message) for r in record if "vanishing_gradient" in str(r.message)]
+    assert len(messages) == 1
+    assert [f.kind for f in w.findings()] == [f.kind for f in diagnose(run)]
+
+
+def test_bad_live_options_are_clear_errors():
+    model = mlp(depth=1)
+    with pytest.raises(ConfigError, match="stop_on.*unknown finding kind"):
+        gw.watch(model, stop_on=("nan",))
+    with pytest.raises(ConfigError, match="on_finding"):
+        gw.watch(model, on_finding=3)
