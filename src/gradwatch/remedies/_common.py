@@ -1,0 +1,107 @@
+"""Shared pieces of the remedies: argument checks, gradient lists, on-device scaling.
+
+Kept here so each formula exists once; nothing in this file reads a tensor value on the host.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Union
+
+import torch
+
+from gradwatch.errors import ConfigError
+
+Params = Union[torch.Tensor, Iterable[torch.Tensor]]
+
+# torch's clip_grad_norm_ divides by (norm + 1e-6); every norm-based clipper here does the same,
+# so a threshold reached by one of them means the same thing as torch's.
+NORM_EPS = 1e-6
+
+
+def positive_number(name: str, value: object, *, fix: str = "") -> float:
+    """`value` as a float if finite and > 0, else ConfigError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name}={value!r} is not a number; {fix or 'pass a finite number > 0'}")
+    v = float(value)
+    if not math.isfinite(v) or v <= 0:
+        raise ConfigError(f"{name}={value!r} must be a finite number > 0; {fix or 'pass e.g. 1.0'}")
+    return v
+
+
+def in_range(name: str, value: object, lo: float, hi: float, *, lo_open: bool, hi_open: bool) -> float:
+    """`value` as a float if inside the interval, else ConfigError naming it and the interval."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name}={value!r} is not a number")
+    v = float(value)
+    ok = math.isfinite(v) and (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+    if not ok:
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise ConfigError(f"{name}={value!r} is outside {interval}; pass a value inside it")
+    return v
+
+
+def as_list(params: Params) -> list[torch.Tensor]:
+    """Parameters as a list (a single tensor becomes a one-item list)."""
+    return [params] if isinstance(params, torch.Tensor) else list(params)
+
+
+def grads_of(params: Params) -> list[torch.Tensor]:
+    """The existing .grad tensors of `params` (parameters without a gradient are left alone)."""
+    return [p.grad for p in as_list(params) if p.grad is not None]
+
+
+def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """All parameters of all param groups; ConfigError if there are none."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not params:
+        raise ConfigError(
+            f"optimizer {type(optimizer).__name__} has no parameters; "
+            "pass the optimizer you train with (e.g. torch.optim.SGD(model.parameters(), lr=0.1))"
+        )
+    return params
+
+
+def total_norm(grads: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
+    """Norm of all gradients as one vector: torch's own foreach implementation, on the device."""
+    if not grads:
+        return torch.zeros(())
+    return torch.nn.utils.get_total_norm(grads, norm_type)
+
+
+def scale_(grads: list[torch.Tensor], coef: torch.Tensor) -> None:
+    """Multiply every gradient in place by the on-device scalar `coef` (no host sync)."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for g in grads:
+        groups.setdefault((g.device, g.dtype), []).append(g)
+    for (device, dtype), group in groups.items():
+        torch._foreach_mul_(group, coef.to(device=device, dtype=dtype))
+
+
+def clip_coef(norm: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """min(threshold / (norm + eps), 1), and exactly 1 where norm or threshold is not finite.
+
+    Non-finite gradients are left as they are (scaling an Inf by 0 would only make a NaN); catching
+    them is `gw.guard`'s job. A missing threshold (NaN or +Inf) means "do not clip".
+    """
+    coef = threshold / (norm + NORM_EPS)
+    ok = torch.isfinite(coef) & torch.isfinite(norm)
+    return torch.where(ok, coef.clamp(max=1.0), torch.ones_like(coef))
+
+
+def forward_once(model: torch.nn.Module, example_input: object) -> None:
+    """One forward pass to look at the model (hooks do the looking): eval mode, no grad, and every
+    module's training flag put back afterwards, so BatchNorm statistics and dropout are untouched."""
+    modes = {m: m.training for m in model.modules()}
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*args)
+    except Exception as exc:  # the user's model and input: say which argument to fix
+        raise ConfigError(f"example_input could not run through the model ({type(exc).__name__}: {exc}); "
+                          "pass a batch the model accepts") from exc
+    finally:
+        for m, mode in modes.items():
+            m.training = mode

@@ -1,0 +1,103 @@
+"""Gradient clipping: torch's own by-norm and by-value clipping, plus the adaptive clippers torch lacks.
+
+Every clipper is a callable ``clipper(params) -> total norm before clipping`` that runs on the
+device without reading a value on the host, so it can be attached to any optimizer as a step
+pre-hook: ``gw.clip.attach(optimizer, gw.clip.ZClip())``.
+
+Worked example, by norm: a gradient of norm 27 with threshold 5 is scaled by 5/27 ≈ 0.185, to norm 5.
+
+>>> import torch
+>>> p = torch.nn.Parameter(torch.zeros(3)); p.grad = torch.tensor([2.0, 10.0, 25.0])
+>>> clip_norm([p], max_norm=5.0)           # returns the norm before clipping
+tensor(27.)
+>>> p.grad                                  # each entry times 5/27
+tensor([0.3704, 1.8519, 4.6296])
+>>> round(p.grad.norm().item(), 5)
+5.0
+
+By value: every entry is clamped to [-5, 5] on its own, so the direction changes.
+
+>>> p.grad = torch.tensor([7.0, -6.0, 3.0])
+>>> clip_value([p], 5.0)
+>>> p.grad
+tensor([ 5., -5.,  3.])
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.utils.hooks import RemovableHandle
+
+from gradwatch.errors import ConfigError
+from gradwatch.remedies._common import Params, as_list, optimizer_params, positive_number
+from gradwatch.remedies.agc import AGC
+from gradwatch.remedies.percentile_clip import AutoClip
+from gradwatch.remedies.zscore_clip import ZClip
+
+Clipper = Callable[[Params], "torch.Tensor | None"]
+
+__all__ = ["clip_norm", "clip_value", "ClipNorm", "ClipValue", "AGC", "AutoClip", "ZClip", "attach"]
+
+
+def clip_norm(params: Params, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ with gradwatch's argument checks; returns the pre-clip norm."""
+    max_norm = positive_number("max_norm", max_norm, fix="pass the largest total gradient norm to allow, e.g. 1.0")
+    return torch.nn.utils.clip_grad_norm_(as_list(params), max_norm, norm_type=norm_type)
+
+
+def clip_value(params: Params, clip_value: float) -> None:
+    """torch.nn.utils.clip_grad_value_ with gradwatch's argument checks (clamps each entry to ±clip_value)."""
+    clip_value = positive_number("clip_value", clip_value, fix="pass the largest |gradient entry| to allow, e.g. 1.0")
+    torch.nn.utils.clip_grad_value_(as_list(params), clip_value)
+
+
+class ClipNorm:
+    """Clip the total gradient norm to `max_norm` (torch's clip_grad_norm_), as an attachable clipper."""
+
+    def __init__(self, max_norm: float = 1.0, norm_type: float = 2.0) -> None:
+        self.max_norm = positive_number("max_norm", max_norm, fix="pass e.g. ClipNorm(1.0)")
+        self.norm_type = float(norm_type)
+
+    def __call__(self, params: Params) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(as_list(params), self.max_norm, norm_type=self.norm_type)
+
+    def __repr__(self) -> str:
+        return f"ClipNorm(max_norm={self.max_norm:g})"
+
+
+class ClipValue:
+    """Clamp every gradient entry to ±`clip_value` (torch's clip_grad_value_), as an attachable clipper."""
+
+    def __init__(self, clip_value: float = 1.0) -> None:
+        self.clip_value = positive_number("clip_value", clip_value, fix="pass e.g. ClipValue(1.0)")
+
+    def __call__(self, params: Params) -> None:
+        torch.nn.utils.clip_grad_value_(as_list(params), self.clip_value)
+
+    def __repr__(self) -> str:
+        return f"ClipValue(clip_value={self.clip_value:g})"
+
+
+def attach(optimizer: torch.optim.Optimizer, clipper: Clipper) -> RemovableHandle:
+    """Run `clipper` on all of `optimizer`'s parameters right before every optimizer.step().
+
+    Uses ``optimizer.register_step_pre_hook``, so the training loop does not change. The returned
+    handle removes the hook (``handle.remove()``, or use it as a context manager). The clipper's
+    last pre-clip norm stays on the device in ``clipper.last_norm`` where the clipper returns one.
+    """
+    if not callable(clipper):
+        raise ConfigError(f"clipper={clipper!r} is not callable; pass e.g. gw.clip.ZClip() or gw.clip.ClipNorm(1.0)")
+    optimizer_params(optimizer)  # fail now, not at the first step, if there is nothing to clip
+
+    def _pre_step(opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        norm = clipper(optimizer_params(opt))
+        if norm is not None:
+            try:
+                clipper.last_norm = norm  # type: ignore[attr-defined]
+            except AttributeError:
+                pass
+
+    return optimizer.register_step_pre_hook(_pre_step)
+

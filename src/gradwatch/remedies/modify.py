@@ -1,0 +1,236 @@
+"""gw.modify: model changes that fix gradient flow, each returning the model and what changed.
+
+* `swap_activations`: replace saturating activations (e.g. Sigmoid, whose derivative is at most
+  1/4) by non-saturating ones (default LeakyReLU(0.01), which keeps a gradient for x < 0 too).
+* `insert_norm`: BatchNorm (Ioffe & Szegedy 2015) or LayerNorm (Ba et al. 2016) after each
+  Linear/Conv layer, before its activation, so every layer sees inputs of a steady scale.
+* `add_residual`: wrap shape-preserving blocks as x + f(x) (He et al. 2016), so the gradient has
+  an identity path through every block.
+
+All change the model in place (pass ``inplace=False`` for a changed deep copy) and leave the
+parameter names of untouched layers as they were. Only modules are changed: activations called
+as functions in a forward (F.sigmoid) cannot be swapped from outside.
+
+Names of changed layers. A layer inside an nn.Sequential gets its norm as a new sibling named
+``"<name>_bn"`` / ``"<name>_ln"`` right after it, so even its own parameter names stay the same;
+elsewhere (a layer held as an attribute and called in a custom forward) it is replaced by
+``nn.Sequential(layer, norm)`` and its names gain ``.0`` (``fc.weight`` -> ``fc.0.weight``).
+A block wrapped as residual gains ``.fn`` (``2.weight`` -> ``2.fn.weight``). Every rename is listed
+in ``Change.renamed``; the parameter objects are the same, so an existing optimizer keeps
+working, but new parameters (norm layers) are not in it: ``Change.new_parameters`` lists them.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Union
+
+import torch
+from torch import nn
+
+from gradwatch.errors import ConfigError
+from gradwatch.remedies._common import forward_once
+
+ModuleTypes = Union[type, tuple]
+
+
+@dataclass
+class Change:
+    """What a modification did: one sentence, the modules affected, parameter renames, new parameters."""
+
+    description: str
+    modules: list[str] = field(default_factory=list)
+    renamed: dict[str, str] = field(default_factory=dict)
+    new_parameters: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.modules)
+
+    def __str__(self) -> str:
+        return self.description
+
+
+class Residual(nn.Module):
+    """x + fn(x): an identity path around a shape-preserving block."""
+
+    def __init__(self, fn: nn.Module) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fn(x)
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), attr
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, attr = _parent(model, name)
+    setattr(parent, attr, module)
+
+
+def _names(model: nn.Module) -> dict[int, str]:
+    return {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+
+
+def _renames(before: dict[int, str], model: nn.Module) -> tuple[dict[str, str], list[str]]:
+    after = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    renamed = {before[i]: n for i, n in after.items() if i in before and before[i] != n}
+    new = [n for i, n in after.items() if i not in before]
+    return renamed, new
+
+
+def _target(model: nn.Module, inplace: bool) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model={type(model).__name__} is not a torch.nn.Module; pass the model itself")
+    return model if inplace else copy.deepcopy(model)
+
+
+def _types(name: str, value: Any) -> tuple:
+    types = value if isinstance(value, tuple) else (value,)
+    if not types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
+        raise ConfigError(f"{name}={value!r} must be an nn.Module class or a tuple of them, e.g. nn.Sigmoid")
+    return types
+
+
+def swap_activations(model: nn.Module, old: ModuleTypes = nn.Sigmoid,
+                     new: Callable[[], nn.Module] = lambda: nn.LeakyReLU(0.01),
+                     *, inplace: bool = True) -> tuple[nn.Module, Change]:
+    """Replace every module of type `old` by a fresh `new()` (a class or a factory)."""
+    old_types = _types("old", old)
+    model = _target(model, inplace)
+    swapped, made = [], None
+    for name, m in list(model.named_modules()):
+        if name and isinstance(m, old_types):
+            made = new()
+            if not isinstance(made, nn.Module):
+                raise ConfigError(f"new() returned {made!r}, not an nn.Module; pass e.g. lambda: nn.LeakyReLU(0.01)")
+            _set(model, name, made)
+            swapped.append(name)
+    old_name = "/".join(t.__name__ for t in old_types)
+    if not swapped:
+        return model, Change(f"no {old_name} module found; nothing changed")
+    return model, Change(f"replaced {len(swapped)} {old_name} module(s) by {made!r}: {', '.join(swapped)}", swapped)
+
+
+def _norm_for(layer: nn.Module, kind: str) -> nn.Module:
+    """A norm matching `layer`'s output, on its device and dtype."""
+    w = layer.weight
+    factory = {"device": w.device, "dtype": w.dtype}
+    if isinstance(layer, nn.Linear):
+        n = layer.out_features
+        return nn.BatchNorm1d(n, **factory) if kind == "batch" else nn.LayerNorm(n, **factory)
+    n = layer.out_channels
+    if kind == "layer":  # over (C, H, W) per sample: LayerNorm for feature maps
+        return nn.GroupNorm(1, n, **factory)
+    dims = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
+    for cls, bn in dims.items():
+        if isinstance(layer, cls):
+            return bn(n, **factory)
+    raise ConfigError(f"cannot choose a norm for {type(layer).__name__}; pass after=(nn.Linear, nn.Conv2d)")
+
+
+def _insert_after(seq: nn.Sequential, key: str, new_key: str, module: nn.Module) -> None:
+    """Put `module` into `seq` right after `key`, keeping every existing name."""
+    items = list(seq._modules.items())
+    seq._modules = OrderedDict()
+    for k, v in items:
+        seq._modules[k] = v
+        if k == key:
+            seq._modules[new_key] = module
+
+
+def insert_norm(model: nn.Module, kind: str = "batch", after: ModuleTypes = (nn.Linear, nn.Conv2d),
+                *, skip_last: bool = True, inplace: bool = True) -> tuple[nn.Module, Change]:
+    """Insert BatchNorm (`kind="batch"`) or LayerNorm (`"layer"`) after each layer of type `after`.
+
+    `skip_last` leaves the last such layer (in registration order: normally the output layer,
+    whose scale is the prediction's) without a norm.
+    """
+    if kind not in ("batch", "layer"):
+        raise ConfigError(f"kind={kind!r} must be 'batch' (BatchNorm) or 'layer' (LayerNorm)")
+    after_types = _types("after", after)
+    model = _target(model, inplace)
+    before = _names(model)
+    layers = [n for n, m in model.named_modules() if n and isinstance(m, after_types)]
+    if skip_last and layers:
+        layers = layers[:-1]
+    suffix = "_bn" if kind == "batch" else "_ln"
+    for name in layers:
+        layer = model.get_submodule(name)
+        norm = _norm_for(layer, kind)
+        parent, attr = _parent(model, name)
+        if isinstance(parent, nn.Sequential) and attr + suffix not in parent._modules:
+            _insert_after(parent, attr, attr + suffix, norm)
+        else:
+            setattr(parent, attr, nn.Sequential(layer, norm))
+    renamed, new = _renames(before, model)
+    if not layers:
+        return model, Change(f"no layer of type {after!r} to normalise; nothing changed")
+    what = "BatchNorm" if kind == "batch" else "LayerNorm"
+    return model, Change(f"inserted {what} after {len(layers)} layer(s): {', '.join(layers)}"
+                         + (f" (renamed {len(renamed)} parameter(s))" if renamed else ""), layers, renamed, new)
+
+
+def _shapes(model: nn.Module, example_input: Any) -> dict[str, bool]:
+    """Module name -> True if its output has the shape of its (single tensor) input, from one forward."""
+    same: dict[str, bool] = {}
+    handles = []
+
+    def hook(name: str) -> Callable:
+        def record(m: nn.Module, args: tuple, out: Any) -> None:
+            ok = (len(args) == 1 and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor)
+                  and args[0].shape == out.shape)
+            same[name] = same.get(name, True) and ok
+        return record
+
+    try:
+        for name, m in model.named_modules():
+            if name:
+                handles.append(m.register_forward_hook(hook(name)))
+        forward_once(model, example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    return same
+
+
+def add_residual(model: nn.Module, example_input: Any, blocks: list[str] | None = None,
+                 *, inplace: bool = True) -> tuple[nn.Module, Change]:
+    """Wrap shape-preserving blocks as ``Residual(block)``, computing x + block(x).
+
+    Without `blocks`, every child of an nn.Sequential that has parameters and whose output shape
+    equals its input shape on `example_input` is wrapped (parameter-free children such as
+    activations are not: x + relu(x) adds no learnable path). With `blocks`, exactly those module
+    names are wrapped, and each must preserve the shape.
+    """
+    model = _target(model, inplace)
+    same = _shapes(model, example_input)
+    if blocks is None:
+        chosen = [n for n, m in model.named_modules() if n and same.get(n)
+                  and isinstance(_parent(model, n)[0], nn.Sequential) and any(True for _ in m.parameters())
+                  and not isinstance(m, Residual) and not isinstance(_parent(model, n)[0], Residual)]
+        # outermost only: a block inside a block already wrapped keeps its plain form
+        chosen = [n for n in chosen if not any(n.startswith(o + ".") for o in chosen)]
+    else:
+        names = dict(model.named_modules())
+        for n in blocks:
+            if n not in names:
+                raise ConfigError(f"blocks contains {n!r}, which is not a module of the model; "
+                                  "use names from model.named_modules()")
+            if not same.get(n):
+                raise ConfigError(f"block {n!r} changes the shape of its input (or did not run on "
+                                  "example_input), so x + block(x) is undefined; pick shape-preserving blocks")
+        chosen = list(blocks)
+    before = _names(model)
+    for n in chosen:
+        _set(model, n, Residual(model.get_submodule(n)))
+    renamed, new = _renames(before, model)
+    if not chosen:
+        return model, Change("no shape-preserving block with parameters found; nothing changed")
+    return model, Change(f"wrapped {len(chosen)} block(s) as residual x + f(x): {', '.join(chosen)}",
+                         chosen, renamed, new)

@@ -1,0 +1,378 @@
+"""Clipping: torch's clippers, AGC, AutoClip and ZClip against independent float64 re-derivations
+(and the peers' own packages where they are installed), sync-freedom, non-finite safety, attach."""
+
+from __future__ import annotations
+
+import doctest
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradwatch.remedies.clip as clip
+from gradwatch.errors import ConfigError
+
+
+def grads_like(model: nn.Module, seed: int, scale: float = 1.0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(p.shape, generator=g) * scale for p in model.parameters()]
+
+
+def set_grads(model: nn.Module, grads: list[torch.Tensor]) -> None:
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g.clone()
+
+
+def small_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 5), nn.Linear(5, 3))
+
+
+def test_doctests_worked_examples():
+    result = doctest.testmod(clip)
+    assert result.attempted >= 6 and result.failed == 0
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf])
+def test_clip_norm_is_torchs(norm_type):
+    a, b = small_model(), small_model()
+    grads = grads_like(a, 1, scale=3.0)
+    set_grads(a, grads), set_grads(b, grads)
+    ours = clip.clip_norm(a.parameters(), 2.0, norm_type)
+    ref = torch.nn.utils.clip_grad_norm_(b.parameters(), 2.0, norm_type)
+    assert torch.equal(ours, ref)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p.grad, q.grad)
+    assert torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in a.parameters()]), norm_type) \
+        == pytest.approx(2.0, rel=1e-5)
+
+
+def test_clip_value_is_torchs():
+    a, b = small_model(), small_model()
+    grads = grads_like(a, 2, scale=3.0)
+    set_grads(a, grads), set_grads(b, grads)
+    clip.clip_value(a.parameters(), 0.5)
+    clip.ClipValue(0.5)(list(b.parameters()))
+    for p, g in zip(a.parameters(), grads):
+        assert torch.equal(p.grad, g.clamp(-0.5, 0.5))
+        assert p.grad.abs().max() <= 0.5
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p.grad, q.grad)
+
+
+# ---- AGC ---------------------------------------------------------------------------------------
+def agc_reference(w: np.ndarray, g: np.ndarray, clipping: float, eps: float) -> np.ndarray:
+    """timm's adaptive_clip_grad, re-derived in float64 numpy."""
+    if w.ndim <= 1:
+        wn, gn = np.linalg.norm(w), np.linalg.norm(g)
+    else:
+        axes = tuple(range(1, w.ndim))
+        wn = np.sqrt((w ** 2).sum(axis=axes, keepdims=True))
+        gn = np.sqrt((g ** 2).sum(axis=axes, keepdims=True))
+    max_norm = np.maximum(wn, eps) * clipping
+    return np.where(gn < max_norm, g, g * max_norm / np.maximum(gn, 1e-6))
+
+
+def test_agc_matches_float64_rederivation():
+    model = small_model()
+    with torch.no_grad():
+        model[4].bias.zero_()  # a zero parameter: eps decides its threshold
+    grads = grads_like(model, 3, scale=0.05)
+    grads[0][:2] *= 1e-3  # two conv filters with small gradients: left as they are
+    set_grads(model, grads)
+    before = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads))
+    norm = clip.AGC(clipping=0.05, eps=1e-3)(model.parameters())
+    assert float(norm) == pytest.approx(before, rel=1e-5)
+    clipped_some = kept_some = False
+    for p, g in zip(model.parameters(), grads):
+        ref = agc_reference(p.detach().double().numpy(), g.double().numpy(), 0.05, 1e-3)
+        np.testing.assert_allclose(p.grad.double().numpy(), ref, rtol=1e-5, atol=1e-8)
+        clipped_some |= not np.allclose(ref, g.double().numpy())
+        kept_some |= bool((ref == g.double().numpy()).any())
+    assert clipped_some and kept_some  # the test covers both branches
+
+
+def timm_agc():
+    """timm's agc.py loaded on its own (importing timm itself needs torchvision)."""
+    spec = importlib.util.find_spec("timm")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("timm is not installed")
+    path = Path(list(spec.submodule_search_locations)[0]) / "utils" / "agc.py"
+    module_spec = importlib.util.spec_from_file_location("timm_agc_reference", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def test_agc_matches_timm():
+    agc = timm_agc()
+    a, b = small_model(), small_model()
+    grads = grads_like(a, 4, scale=0.05)
+    set_grads(a, grads), set_grads(b, grads)
+    clip.AGC(0.02)(a.parameters())
+    agc.adaptive_clip_grad(b.parameters(), clip_factor=0.02, eps=1e-3)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-9)
+
+
+# ---- a sequence of gradients with spikes, for the stateful clippers ----------------------------
+def norm_sequence(n: int = 100, seed: int = 0) -> list[float]:
+    rng = np.random.default_rng(seed)
+    norms = list(1.0 + 0.3 * rng.random(n))
+    for i in (i for i in (30, 31, 55, 80) if i < n):
+        norms[i] *= 20.0
+    norms[5] *= 0.1
+    return norms
+
+
+def grad_sequence(norms: list[float], seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in norms:
+        v = torch.randn(300, generator=g, dtype=torch.float64)
+        out.append((v / v.norm() * n).float())
+    return out
+
+
+def run_clipper(clipper, grads: list[torch.Tensor]) -> tuple[list[float], list[torch.Tensor]]:
+    p = nn.Parameter(torch.zeros(300))
+    norms, clipped = [], []
+    for g in grads:
+        p.grad = g.clone()
+        norms.append(float(clipper([p])))
+        clipped.append(p.grad.clone())
+    return norms, clipped
+
+
+def test_autoclip_matches_numpy_percentile():
+    norms_in = norm_sequence(90)
+    grads = grad_sequence(norms_in)
+    clipper = clip.AutoClip(percentile=10)
+    norms, clipped = run_clipper(clipper, grads)
+    history = np.array([float(g.double().norm()) for g in grads])
+    np.testing.assert_allclose(norms, history, rtol=1e-6)
+    for t, (g, c) in enumerate(zip(grads, clipped)):
+        threshold = np.percentile(history[: t + 1], 10)  # current norm included, as in the paper
+        expect = g.double().numpy() * min(threshold / (history[t] + 1e-6), 1.0)
+        np.testing.assert_allclose(c.double().numpy(), expect, rtol=2e-5, atol=1e-7)
+    # torch.quantile (what nanquantile reduces to without NaN) agrees with numpy's linear percentile
+    assert float(clipper.last_threshold) == pytest.approx(np.percentile(history, 10), rel=1e-5)
+    assert clipper.history.numel() == 90
+
+
+def test_autoclip_grows_and_windows():
+    grads = grad_sequence(norm_sequence(40))
+    grown = clip.AutoClip(50)
+    grown._slot(torch.device("cpu"))
+    grown._history = torch.full((4,), float("nan"))  # force several doublings
+    run_clipper(grown, grads)
+    assert grown._history.numel() == 64 and grown.history.numel() == 40
+    windowed = clip.AutoClip(50, window=8)
+    run_clipper(windowed, grads)
+    last8 = np.array([float(g.double().norm()) for g in grads[-8:]])
+    assert float(windowed.last_threshold) == pytest.approx(np.percentile(last8, 50), rel=1e-5)
+
+
+def test_autoclip_history_matches_autoclip_package():
+    """The package keeps the same history; its threshold one step later is ours (it excludes the current norm)."""
+    pkg = pytest.importorskip("autoclip.torch")
+    grads = grad_sequence(norm_sequence(40))
+    ours = clip.AutoClip(percentile=10)
+    p = nn.Parameter(torch.zeros(300))
+    theirs = pkg.QuantileClip([p], quantile=0.1, history_length=10_000, global_threshold=True)
+    q = nn.Parameter(torch.zeros(300))
+    for t, g in enumerate(grads):
+        q.grad = g.clone()
+        ours([q])
+        p.grad = g.clone()
+        theirs.step()
+        hist = theirs.state["global_history"]
+        torch.testing.assert_close(hist, ours.history, rtol=1e-6, atol=0)
+        assert float(torch.quantile(hist, 0.1)) == pytest.approx(float(ours.last_threshold), rel=1e-6)
+
+
+# ---- ZClip ---------------------------------------------------------------------------------------
+def zclip_reference(norms, alpha=0.97, z_thresh=2.5, warmup=25, eps=1e-6, option="adaptive_scaling",
+                    mode="zscore", skip_update_on_spike=False):
+    """The zclip package's algorithm in plain float64 Python; returns the clip target per step (None = no clip)."""
+    buf, mean, var, out = [], None, None, []
+    for g in norms:
+        if not math.isfinite(g):  # gradwatch's one deviation: a non-finite norm is ignored
+            out.append(None)
+            continue
+        if mean is None:
+            buf.append(g)
+            if len(buf) >= warmup:
+                mean = sum(buf) / len(buf)
+                var = sum((x - mean) ** 2 for x in buf) / len(buf)
+            out.append(None)
+            continue
+        std = var ** 0.5
+        target = None
+        if mode == "percentile":
+            if g > mean + z_thresh * std:
+                target = mean + z_thresh * std
+        else:
+            z = (g - mean) / (std + eps)
+            if z > z_thresh:
+                target = mean if option == "mean" else mean + (z_thresh * std) / (z / z_thresh)
+        out.append(target)
+        if target is not None and skip_update_on_spike:
+            continue
+        eff = g if target is None else target
+        mean = alpha * mean + (1 - alpha) * eff
+        var = alpha * var + (1 - alpha) * (eff - mean) ** 2
+    return out, mean, var
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"clip_option": "mean"}, {"mode": "percentile"},
+                                    {"skip_update_on_spike": True, "warmup_steps": 10, "alpha": 0.9}])
+def test_zclip_matches_float64_reference(kwargs):
+    norms_in = norm_sequence(100)
+    grads = grad_sequence(norms_in)
+    history = [float(g.double().norm()) for g in grads]
+    ref_kwargs = {"alpha": kwargs.get("alpha", 0.97), "warmup": kwargs.get("warmup_steps", 25),
+                  "option": kwargs.get("clip_option", "adaptive_scaling"), "mode": kwargs.get("mode", "zscore"),
+                  "skip_update_on_spike": kwargs.get("skip_update_on_spike", False)}
+    targets, mean, var = zclip_reference(history, **ref_kwargs)
+    clipper = clip.ZClip(**kwargs)
+    _, clipped = run_clipper(clipper, grads)
+    assert sum(t is not None for t in targets) >= 3  # the spikes were clipped
+    for g, c, n, target in zip(grads, clipped, history, targets):
+        coef = 1.0 if target is None else target / (n + 1e-6)
+        np.testing.assert_allclose(c.double().numpy(), g.double().numpy() * coef, rtol=1e-4, atol=1e-7)
+    assert float(clipper.mean) == pytest.approx(mean, rel=1e-4)
+    assert float(clipper.var) == pytest.approx(var, rel=1e-3)
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 1.1])
+def test_zclip_matches_zclip_package(max_grad_norm):
+    """Same gradients into the package and into ours, step by step (its defaults: zscore, adaptive_scaling)."""
+    pkg = pytest.importorskip("zclip")
+    grads = grad_sequence(norm_sequence(100))
+    theirs, ours = pkg.ZClip(max_grad_norm=max_grad_norm), clip.ZClip(max_grad_norm=max_grad_norm)
+    a, b = nn.Linear(300, 1, bias=False), nn.Linear(300, 1, bias=False)
+    for g in grads:
+        a.weight.grad = g.view(1, -1).clone()
+        b.weight.grad = g.view(1, -1).clone()
+        theirs.step(a)
+        ours(b.parameters())
+        torch.testing.assert_close(b.weight.grad, a.weight.grad, rtol=1e-4, atol=1e-7)
+    assert float(ours.mean) == pytest.approx(theirs.mean, rel=1e-4)
+    assert float(ours.var) == pytest.approx(theirs.var, rel=1e-3)
+
+
+# ---- sync-freedom, non-finite safety -------------------------------------------------------------
+@pytest.fixture
+def no_host_reads(monkeypatch):
+    """Any read of a tensor value on the host (item, bool, float, int, tolist, numpy) raises."""
+    def boom(*args, **kwargs):
+        raise AssertionError("host sync: a tensor value was read on the host")
+
+    def arm():
+        for name in ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy"):
+            monkeypatch.setattr(torch.Tensor, name, boom)
+    return arm
+
+
+@pytest.mark.parametrize("make", [lambda: clip.AGC(), lambda: clip.AutoClip(), lambda: clip.ZClip(warmup_steps=3),
+                                  lambda: clip.ClipNorm(1.0), lambda: clip.ClipValue(1.0)])
+def test_clippers_never_read_the_device(make, no_host_reads):
+    model = small_model()
+    clipper = make()
+    grads = [grads_like(model, s, scale=s + 1) for s in range(6)]
+    no_host_reads()
+    for g in grads:  # crosses ZClip's warm-up and AutoClip's first steps
+        set_grads(model, g)
+        clipper(list(model.parameters()))
+
+
+def test_non_finite_norms_do_not_poison_state():
+    grads = grad_sequence(norm_sequence(40))
+    bad = [grads[i].clone() for i in range(2)]
+    bad[0][3] = float("nan")
+    bad[1][7] = float("inf")
+    z = clip.ZClip(warmup_steps=5)
+    run_clipper(z, grads[:3] + [bad[0]] + grads[3:6])  # a NaN inside the warm-up
+    assert int(z._state["count"]) == 5 and torch.isfinite(z._state["buffer"]).all()
+    mean, var = z.mean.clone(), z.var.clone()
+    _, out = run_clipper(z, bad)
+    assert torch.equal(z.mean, mean) and torch.equal(z.var, var)
+    assert torch.isnan(out[0][3]) and torch.isinf(out[1][7])  # left for the guard, not turned into 0 * inf
+    assert torch.equal(out[0][:3], bad[0][:3])
+    _, clean = run_clipper(z, grads[6:10])
+    assert all(torch.isfinite(c).all() for c in clean)
+
+    a = clip.AutoClip(50)
+    run_clipper(a, grads[:5] + bad + grads[5:8])
+    finite = np.array([float(g.double().norm()) for g in grads[:8]])
+    assert float(a.last_threshold) == pytest.approx(np.percentile(finite, 50), rel=1e-5)
+
+
+# ---- attach ------------------------------------------------------------------------------------
+def test_attach_clips_before_every_step_and_removes():
+    torch.manual_seed(0)
+    model = nn.Linear(10, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    x, y = torch.randn(8, 10) * 50, torch.randn(8, 1)
+    clipper = clip.ClipNorm(0.5)
+    handle = clip.attach(opt, clipper)
+
+    before = [p.detach().clone() for p in model.parameters()]
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    moved = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])
+    assert float(moved.norm()) == pytest.approx(0.5, rel=1e-4)  # lr 1: the step is the clipped gradient
+    assert float(clipper.last_norm) > 0.5
+
+    handle.remove()
+    opt.zero_grad()
+    before = [p.detach().clone() for p in model.parameters()]
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    moved = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])
+    assert float(moved.norm()) > 1.0
+
+
+def test_attach_zclip_reports_norm():
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    z = clip.ZClip()
+    with clip.attach(opt, z):
+        model(torch.randn(3, 4)).sum().backward()
+        opt.step()
+    assert z.last_norm is not None and int(z._state["count"]) == 1
+    assert not opt._optimizer_step_pre_hooks
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("call, named", [
+    (lambda: clip.ClipNorm(-1.0), "max_norm=-1.0"),
+    (lambda: clip.ClipNorm(float("inf")), "max_norm=inf"),
+    (lambda: clip.clip_norm([], float("nan")), "max_norm=nan"),
+    (lambda: clip.ClipValue(0), "clip_value=0"),
+    (lambda: clip.clip_value([], -5), "clip_value=-5"),
+    (lambda: clip.AGC(clipping=-0.01), "clipping=-0.01"),
+    (lambda: clip.AutoClip(percentile=0), "percentile=0"),
+    (lambda: clip.AutoClip(percentile=100.5), "percentile=100.5"),
+    (lambda: clip.ZClip(alpha=1.0), "alpha=1.0"),
+    (lambda: clip.ZClip(alpha=0), "alpha=0"),
+    (lambda: clip.ZClip(z_thresh=float("nan")), "z_thresh=nan"),
+    (lambda: clip.ZClip(warmup_steps=0), "warmup_steps=0"),
+    (lambda: clip.ZClip(mode="median"), "mode='median'"),
+])
+def test_bad_input_names_the_value(call, named):
+    with pytest.raises(ConfigError, match=named.replace("(", r"\(").replace(".", r"\.")):
+        call()
+
+
+def test_attach_to_an_optimizer_without_params():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    opt.param_groups[0]["params"] = []
+    with pytest.raises(ConfigError, match="no parameters"):
+        clip.attach(opt, clip.ZClip())
+    assert clip.AutoClip(percentile=100).percentile == 100.0

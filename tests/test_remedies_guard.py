@@ -1,0 +1,194 @@
+"""gw.guard: non-finite steps change nothing, are counted, trigger restore + lower lr, and
+GradScaler's own overflow steps are not counted twice."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from gradwatch.errors import ConfigError
+from gradwatch.remedies.guard import Guard, guard
+
+
+def setup(seed: int = 0, lr: float = 0.01):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    return model, opt
+
+
+def backward(model: nn.Module, step: int, poison: bool = False) -> None:
+    g = torch.Generator().manual_seed(step)
+    x, y = torch.randn(5, 6, generator=g), torch.randn(5, 2, generator=g)
+    model.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+    if poison:
+        model[2].weight.grad[0, 1] = float("nan") if step % 2 else float("inf")
+
+
+def state_copy(model, opt):
+    return [p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict()["state"])
+
+
+def assert_same(a, b):
+    params_a, state_a = a
+    params_b, state_b = b
+    assert all(torch.equal(x, y) for x, y in zip(params_a, params_b))
+    assert state_a.keys() == state_b.keys()
+    for k in state_a:
+        for name in state_a[k]:
+            assert torch.equal(state_a[k][name], state_b[k][name]), (k, name)
+
+
+def test_non_finite_step_changes_nothing_and_training_continues_identically():
+    model, opt = setup()
+    twin, twin_opt = setup()
+    g = guard(opt)
+    for step in range(3):
+        backward(model, step), opt.step()
+        backward(twin, step), twin_opt.step()
+    before = state_copy(model, opt)
+    backward(model, 3, poison=True)
+    with pytest.warns(UserWarning, match="skipped optimizer step 4"):
+        assert opt.step() is None
+    assert_same(state_copy(model, opt), before)  # weights, Adam moments and step count untouched
+    assert g.skipped == 1 and g.steps == 3
+    for step in range(4, 7):  # afterwards, exactly the run that never saw the bad batch
+        backward(model, step), opt.step()
+        backward(twin, step), twin_opt.step()
+    assert_same(state_copy(model, opt), state_copy(twin, twin_opt))
+    assert "1 of 7 steps skipped" in g.report()
+
+
+def test_counted_and_warned_once():
+    model, opt = setup()
+    g = guard(opt, patience=5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(8):
+            backward(model, step, poison=step in (2, 5))
+            opt.step()
+    assert g.skipped == 2 and g.steps == 6 and g.consecutive == 0 and g.restores == 0
+    assert sum("skipped optimizer step" in str(w.message) for w in caught) == 1
+
+
+def test_patience_bad_steps_restore_the_snapshot_and_lower_lr():
+    model, opt = setup(lr=0.1)
+    g = guard(opt, patience=3, lr_factor=0.5, snapshot_every=2)
+    saved = None
+    for step in range(5):  # snapshots before good steps 0, 2, 4
+        if step == 4:
+            saved = state_copy(model, opt)
+        backward(model, step)
+        opt.step()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(5, 8):
+            backward(model, step, poison=True)
+            opt.step()
+    assert g.restores == 1 and g.consecutive == 0 and g.skipped == 3
+    assert_same(state_copy(model, opt), saved)
+    assert opt.state_dict()["state"][0]["step"] == 4
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    assert any("restored to good step 4" in str(w.message) and "lr multiplied by 0.5" in str(w.message)
+               for w in caught)
+    # the snapshot survives the steps after a restore: a second restore goes back to it again
+    backward(model, 9), opt.step()
+    with pytest.warns(UserWarning, match="restored to good step 4"):
+        for step in range(10, 13):
+            backward(model, step, poison=True), opt.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
+
+
+def test_gradscaler_overflow_is_not_counted_by_the_guard():
+    model, _ = setup()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    g = guard(opt)
+    for step in range(4):
+        x = torch.randn(5, 6)
+        loss = model(x).square().mean()
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        if step == 1:
+            model[0].weight.grad[0, 0] = float("inf")  # an overflow, as fp16 would make
+        before = [p.detach().clone() for p in model.parameters()]
+        scaler.step(opt)
+        scaler.update()
+        unchanged = all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+        assert unchanged == (step == 1)  # the scaler skipped it itself
+    assert scaler.get_scale() < 1024.0
+    assert g.skipped == 0 and g.steps == 3
+
+
+def test_scaler_managed_optimizer_is_passed_through():
+    model, _ = setup()
+    opt = torch.optim.Adam(model.parameters(), lr=0.1, fused=True)
+    assert getattr(opt, "_step_supports_amp_scaling", False)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    g = guard(opt)
+    scaler.scale(model(torch.randn(5, 6)).square().mean()).backward()
+    model[0].weight.grad[0, 0] = float("inf")
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.step(opt)
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert g.skipped == 0 and g.passed_through == 1
+
+
+def test_remove_and_context_manager_restore_step():
+    model, opt = setup()
+    original = opt.step
+    with guard(opt) as g:
+        assert opt.step is not original and "step" in vars(opt)
+    assert "step" not in vars(opt) and opt.step == original
+    g.remove()  # twice is harmless
+    backward(model, 0, poison=True)
+    opt.step()  # unguarded now: the NaN reaches the weights
+    assert torch.isnan(model[2].weight).any()
+
+
+def test_closure_steps_pass_through():
+    model = nn.Linear(3, 1)
+    opt = torch.optim.LBFGS(model.parameters(), max_iter=2)
+    g = Guard(opt)
+    x, y = torch.randn(4, 3), torch.randn(4, 1)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert g.passed_through == 1 and g.skipped == 0
+
+
+@pytest.mark.parametrize("kwargs, named", [({"patience": 0}, "patience=0"), ({"lr_factor": 0.0}, "lr_factor=0.0"),
+                                           ({"lr_factor": 1.5}, "lr_factor=1.5"),
+                                           ({"snapshot_every": -1}, "snapshot_every=-1")])
+def test_bad_input(kwargs, named):
+    _, opt = setup()
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        guard(opt, **kwargs)
+    assert "step" not in vars(opt)
+
+
+def test_optimizer_without_params():
+    _, opt = setup()
+    for group in opt.param_groups:
+        group["params"] = []
+    with pytest.raises(ConfigError, match="no parameters"):
+        guard(opt)
+
+
+def test_huge_but_finite_gradient_is_not_skipped():
+    model, opt = setup()
+    g = guard(opt)
+    backward(model, 0)
+    model[0].weight.grad[0, 0] = 1e25  # its square overflows float32; the value itself is finite
+    opt.step()
+    assert g.skipped == 0 and g.steps == 1

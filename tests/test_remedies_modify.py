@@ -1,0 +1,119 @@
+"""gw.modify: activation swaps, norm insertion, residual wrapping keep shapes and untouched names."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from gradwatch.errors import ConfigError
+from gradwatch.remedies.modify import Residual, add_residual, insert_norm, swap_activations
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.Sigmoid(), nn.Linear(16, 16), nn.Sigmoid(), nn.Linear(16, 3))
+
+
+class Custom(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 5, 3, padding=1)
+        self.act = nn.Sigmoid()
+        self.head = nn.Linear(5 * 4 * 4, 3)
+
+    def forward(self, x):
+        return self.head(self.act(self.conv(x)).flatten(1))
+
+
+def names(model):
+    return {n: p for n, p in model.named_parameters()}
+
+
+def test_swap_activations():
+    model = mlp()
+    x = torch.randn(4, 6)
+    before = names(model)
+    out, change = swap_activations(model)
+    assert out is model and change.modules == ["1", "3"]
+    assert all(isinstance(model[i], nn.LeakyReLU) and model[i].negative_slope == 0.01 for i in (1, 3))
+    assert names(model).keys() == before.keys() and all(names(model)[k] is before[k] for k in before)
+    assert model(x).shape == (4, 3)
+    h = model[0](x)
+    torch.testing.assert_close(model[1](h), torch.where(h > 0, h, 0.01 * h))
+    copy_model, change2 = swap_activations(model, old=nn.LeakyReLU, new=nn.ReLU, inplace=False)
+    assert isinstance(copy_model[1], nn.ReLU) and isinstance(model[1], nn.LeakyReLU) and change2
+    assert "nothing changed" in str(swap_activations(model, old=nn.Tanh)[1])
+
+
+def test_insert_batchnorm_in_sequential_keeps_every_name():
+    model = mlp()
+    before = names(model)
+    _, change = insert_norm(model, "batch")
+    assert change.modules == ["0", "2"] and change.renamed == {}  # the output layer is skipped
+    assert isinstance(model._modules["0_bn"], nn.BatchNorm1d) and model._modules["0_bn"].num_features == 16
+    assert list(model._modules)[:3] == ["0", "0_bn", "1"]
+    after = names(model)
+    assert all(after[k] is before[k] for k in before)
+    assert set(change.new_parameters) == {"0_bn.weight", "0_bn.bias", "2_bn.weight", "2_bn.bias"}
+    model.train()
+    y = model(torch.randn(8, 6))
+    assert y.shape == (8, 3)
+    h = model[0](torch.randn(32, 6))
+    normed = model._modules["0_bn"](h)  # BatchNorm right after the Linear: zero mean per feature
+    assert float(normed.detach().mean(0).abs().max()) < 1e-5
+
+
+def test_insert_norm_in_custom_module_wraps_and_reports_renames():
+    model = Custom()
+    x = torch.randn(3, 2, 4, 4)
+    before = names(model)
+    _, change = insert_norm(model, "batch", after=(nn.Conv2d, nn.Linear))
+    assert isinstance(model.conv, nn.Sequential) and isinstance(model.conv[1], nn.BatchNorm2d)
+    assert model.conv[1].num_features == 5
+    assert change.renamed == {"conv.weight": "conv.0.weight", "conv.bias": "conv.0.bias"}
+    assert names(model)["head.weight"] is before["head.weight"]  # untouched layer: same name, same tensor
+    assert model(x).shape == (3, 3)
+    model2 = Custom()
+    insert_norm(model2, "layer", after=nn.Conv2d, skip_last=False)
+    assert isinstance(model2.conv[1], nn.GroupNorm) and model2.conv[1].num_groups == 1
+    model3 = mlp()
+    insert_norm(model3, "layer")
+    assert isinstance(model3._modules["0_ln"], nn.LayerNorm) and model3._modules["0_ln"].normalized_shape == (16,)
+
+
+def test_add_residual():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(),
+                          nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)), nn.Linear(8, 2))
+    x = torch.randn(5, 8)
+    block = model[2]
+    before = names(model)
+    _, change = add_residual(model, x)
+    assert change.modules == ["0", "2"]  # parameterised, shape-preserving; not the ReLU or the head
+    assert isinstance(model[2], Residual) and model[2].fn is block
+    assert change.renamed["2.0.weight"] == "2.fn.0.weight"
+    assert names(model)["3.weight"] is before["3.weight"]
+    h = model[1](x + model[0].fn(x))
+    torch.testing.assert_close(model[2](h), h + block(h))
+    assert model(x).shape == (5, 2)
+
+
+def test_add_residual_named_blocks_and_bad_input():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    x = torch.randn(3, 4)
+    _, change = add_residual(model, x, blocks=["0"])
+    assert change.modules == ["0"]
+    with pytest.raises(ConfigError, match="block '1' changes the shape"):
+        add_residual(model, x, blocks=["1"])
+    with pytest.raises(ConfigError, match="'nope'"):
+        add_residual(model, x, blocks=["nope"])
+
+
+def test_bad_input():
+    with pytest.raises(ConfigError, match="kind='group'"):
+        insert_norm(mlp(), "group")
+    with pytest.raises(ConfigError, match="old="):
+        swap_activations(mlp(), old="sigmoid")
+    with pytest.raises(ConfigError, match="not an nn.Module"):
+        swap_activations(mlp(), new=lambda: "relu")
