@@ -16,7 +16,3 @@ class ConfigError(GradwatchError):
 class TrainingStopped(GradwatchError):
     """Raised from inside training by `watch(..., stop_on=...)`: a finding the user asked to stop on
     appeared. The store is flushed before it is raised."""
-
-
-class GradwatchWarning(UserWarning):
-    """A finding seen live, printed once per (kind, layers)."""

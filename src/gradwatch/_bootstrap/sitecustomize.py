@@ -36,8 +36,12 @@ def _watch_when_torch_imports():
 def _start():
     try:
         from gradwatch.collect.auto import start_from_env
+        from gradwatch.fix.inject import start_from_env as start_remedy
 
+        injector = start_remedy()  # `gradwatch fix` trials: changes the model before the watch sees it
         start_from_env()
+        if injector is not None:
+            injector.install_late()
     except Exception as exc:  # never break the user's program
         print(f"gradwatch: not watching this process ({type(exc).__name__}: {exc})", file=sys.stderr)
 

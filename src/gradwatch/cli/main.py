@@ -13,7 +13,7 @@ import sys
 
 from gradwatch.errors import GradwatchError
 
-COMMANDS = ("run", "show", "diagnose", "probe")
+COMMANDS = ("run", "show", "diagnose", "probe", "fix", "lab")
 
 
 def build_parser() -> argparse.ArgumentParser:

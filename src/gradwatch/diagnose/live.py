@@ -7,12 +7,12 @@ a small multiple of one read of the finished run, however long it is.
 
 from __future__ import annotations
 
-import warnings
+import sys
 from typing import Callable, Iterable
 
 from gradwatch.diagnose import diagnose
 from gradwatch.diagnose.finding import KINDS, Finding
-from gradwatch.errors import ConfigError, GradwatchWarning, TrainingStopped
+from gradwatch.errors import ConfigError, TrainingStopped
 
 
 def check_stop_on(stop_on: Iterable[str]) -> tuple[str, ...]:
@@ -52,8 +52,7 @@ class LiveDiagnosis:
             self._seen.add(key)
             self.findings.append(f)
             if self.warn:
-                warnings.warn(GradwatchWarning(f"gradwatch: [{f.severity}] {f.kind} (step {f.first_step}): {f.message}"),
-                              stacklevel=2)
+                print(f"gradwatch: [{f.severity}] {f.kind} (step {f.first_step}): {f.message}", file=sys.stderr)
             if self.on_finding is not None:
                 self.on_finding(f)
             if f.kind in self.stop_on:

@@ -1,0 +1,60 @@
+"""gradwatch fix: try remedies on your own training script and say which one works."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from rich.console import Console
+from rich.table import Table
+
+from gradwatch import runner
+from gradwatch.fix import FixResult, fix
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("fix", help="try remedies in short trials of your script and say which works",
+                       description="Diagnose a short baseline run of the script, then run it again with each "
+                                   "candidate remedy (clipping, learning rate, initialisation, activation, "
+                                   "normalisation, optimizer) applied through hooks — your files are not changed — "
+                                   "and rank the trials by the harmful findings they leave and the loss they reach.")
+    p.add_argument("--budget-steps", type=int, default=200, help="optimizer steps per trial (default 200)")
+    p.add_argument("--out", default="runs/fix", help="directory for the trials' runs (default runs/fix)")
+    p.add_argument("--order", choices=("gradwatch", "autotrainer"), default="gradwatch",
+                   help="candidates from the findings (default) or AutoTrainer's fixed order")
+    p.add_argument("-m", dest="module", help="run a library module as a script, like python -m")
+    p.add_argument("target", nargs=argparse.REMAINDER, help="script.py [args] | -- COMMAND [args]")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    target = list(args.target)
+    script = None
+    if target and target[0] == "--":
+        target = target[1:]
+    elif target and not args.module:
+        script, target = target[0], target[1:]
+    command = runner.build_command(script, args.module, target)
+    result = fix(command, out=args.out, budget_steps=args.budget_steps, order=args.order)
+    print_result(result, Console(highlight=False))
+    return 0
+
+
+def print_result(result: FixResult, console: Console) -> None:
+    table = Table(title=f"gradwatch fix: {len(result.trials)} trials of {result.baseline.steps} steps")
+    for col in ("remedy", "harmful findings left", "final loss", "vs baseline"):
+        table.add_column(col)
+    base = result.baseline.final_loss
+    for t in [result.baseline, *result.ranked]:
+        change = "" if t is result.baseline or not (math.isfinite(base) and math.isfinite(t.final_loss)) \
+            else f"{(t.final_loss - base) / abs(base):+.0%}" if base else ""
+        table.add_row(t.candidate.name, ", ".join(t.harmful) or "none", f"{t.final_loss:.4g}", change)
+    console.print(table)
+    winner = result.winner
+    if winner is None:
+        console.print("No remedy beat the baseline." + (" The baseline has no harmful finding."
+                                                          if not result.baseline.harmful else ""))
+        return
+    verdict = "repairs the run" if result.repaired else "is the best of the trials"
+    console.print(f"[bold]{winner.candidate.name}[/] {verdict}. The change to make:", markup=True)
+    console.print(f"    {winner.candidate.code}", markup=False)

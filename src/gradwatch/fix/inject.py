@@ -1,0 +1,141 @@
+"""Apply one remedy to an unmodified training script from inside its process, through hooks.
+
+Started by the bootstrap when `gradwatch fix` sets GRADWATCH_REMEDY (a JSON spec) and/or
+GRADWATCH_MAX_STEPS. Model changes are made at the first forward of the first module that owns
+parameters (before it computes anything), optimizer changes at its steps; the trial ends cleanly
+(SystemExit, so atexit flushes the store) after GRADWATCH_MAX_STEPS steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+from torch import nn
+from torch.nn.modules.module import register_module_forward_pre_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+from gradwatch.collect import patches
+from gradwatch.collect.layers import ACTIVATIONS
+from gradwatch.remedies import clip, init_, insert_norm, swap_activations
+
+ENV_REMEDY = "GRADWATCH_REMEDY"
+ENV_MAX_STEPS = "GRADWATCH_MAX_STEPS"
+
+NEW_ACTIVATION = {"LeakyReLU": lambda: nn.LeakyReLU(0.01), "ReLU": nn.ReLU, "SELU": nn.SELU, "Tanh": nn.Tanh,
+                  "ELU": nn.ELU, "GELU": nn.GELU}
+
+
+def apply_to_model(model: nn.Module, spec: dict) -> None:
+    """The model-level part of a remedy, in place (the script keeps its reference to `model`)."""
+    swap = spec.get("swap")
+    if swap:
+        old = tuple(ACTIVATIONS) if swap["from"] == "*" else (getattr(nn, swap["from"]),)
+        swap_activations(model, old, NEW_ACTIVATION[swap["to"]])
+    if spec.get("norm"):
+        insert_norm(model, spec["norm"])
+    if spec.get("init"):
+        init_(model, spec["init"])
+
+
+class Injector:
+    """Global hooks that apply `spec` to the first model and every optimizer that steps."""
+
+    def __init__(self, spec: dict, max_steps: int | None):
+        self.spec = spec
+        self.max_steps = max_steps
+        self.model: nn.Module | None = None
+        self.steps = 0
+        self.backwards = 0
+        self._optimizers: dict[int, dict] = {}
+        self._handles = [register_module_forward_pre_hook(self._before_forward)]
+        self._late: list = []
+        patches.add(self)
+
+    def install_late(self) -> None:
+        """Hooks that must run after the watch's own (it records the lr this step really used)."""
+        self._late.append(register_optimizer_step_pre_hook(self._before_step))
+        self._late.append(register_optimizer_step_post_hook(self._after_step))
+
+    def remove(self) -> None:
+        for handle in self._handles + self._late:
+            handle.remove()
+        self._handles, self._late = [], []
+        patches.remove(self)
+
+    # ---------------------------------------------------------------- model
+    def _before_forward(self, module: nn.Module, args) -> None:
+        if self.model is None and any(p.requires_grad for p in module.parameters()):
+            self.model = module
+            apply_to_model(module, self.spec)
+            self._handles.pop(0).remove()
+
+    # ---------------------------------------------------------------- optimizer
+    def _state(self, opt: torch.optim.Optimizer) -> dict:
+        state = self._optimizers.get(id(opt))
+        if state is None:
+            state = self._optimizers[id(opt)] = {}
+            if self.model is not None:  # parameters a model change added (norm layers)
+                known = {id(p) for g in opt.param_groups for p in g["params"]}
+                new = [p for p in self.model.parameters() if p.requires_grad and id(p) not in known]
+                if new:
+                    opt.add_param_group({"params": new})
+            kind = self.spec.get("clip")
+            if kind:
+                state["clipper"] = {"norm": lambda: clip.ClipNorm(self.spec["max_norm"]),
+                                    "value": lambda: clip.ClipValue(self.spec["value"]),
+                                    "zclip": clip.ZClip, "agc": clip.AGC, "autoclip": clip.AutoClip}[kind]()
+            if self.spec.get("optimizer") == "Adam":
+                params = [p for g in opt.param_groups for p in g["params"]]
+                state["adam"] = torch.optim.Adam(params, lr=self.spec.get("lr", 1e-3))
+        return state
+
+    def _before_step(self, opt, args, kwargs) -> None:
+        if getattr(opt, "_gradwatch_inner", False):
+            return
+        state = self._state(opt)
+        if "clipper" in state:
+            state["clipper"]([p for g in opt.param_groups for p in g["params"]])
+        if "adam" in state:  # Adam takes the step; the script's optimizer runs with lr 0
+            state["adam"]._gradwatch_inner = True
+            state["adam"].step()
+        scale = 0.0 if "adam" in state else self.spec.get("lr_scale")
+        if scale is not None:
+            state["lrs"] = [g["lr"] for g in opt.param_groups]
+            for g in opt.param_groups:
+                g["lr"] = g["lr"] * scale
+
+    def _after_step(self, opt, args, kwargs) -> None:
+        if getattr(opt, "_gradwatch_inner", False):
+            return
+        state = self._state(opt)
+        for g, lr in zip(opt.param_groups, state.pop("lrs", [])):
+            g["lr"] = lr  # a scheduler sees the lr it set
+        self.steps += 1
+        if self.max_steps is not None and self.steps >= self.max_steps:
+            raise SystemExit(0)
+
+    # ---------------------------------------------------------------- manual loops (patches.Listener)
+    def before_backward(self, root) -> None:
+        if not self._optimizers and self.max_steps is not None and self.backwards >= self.max_steps:
+            raise SystemExit(0)
+
+    def after_backward(self, root) -> None:
+        self.backwards += 1
+
+    def after_scaler_update(self) -> None:
+        pass
+
+
+def start_from_env() -> Injector | None:
+    spec_text, max_steps = os.environ.get(ENV_REMEDY), os.environ.get(ENV_MAX_STEPS)
+    if not spec_text and not max_steps:
+        return None
+    try:
+        spec = json.loads(spec_text) if spec_text else {}
+    except ValueError:
+        print(f"gradwatch: ignoring {ENV_REMEDY}={spec_text!r}: not JSON", file=sys.stderr)
+        spec = {}
+    return Injector(spec, int(max_steps) if max_steps else None)

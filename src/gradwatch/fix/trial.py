@@ -1,0 +1,105 @@
+"""One trial: the user's command, unmodified, run for a budget of steps with one remedy applied
+through the zero-code hooks, then measured (findings left, loss reached)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from gradwatch import runner
+from gradwatch.diagnose import diagnose
+from gradwatch.diagnose.finding import Finding
+from gradwatch.errors import GradwatchError
+from gradwatch.fix.candidates import HARMFUL, Candidate
+from gradwatch.fix.inject import ENV_MAX_STEPS, ENV_REMEDY, Injector
+from gradwatch.store import read_run
+
+
+@dataclass
+class Trial:
+    candidate: Candidate
+    run_dir: Path
+    exit_code: int
+    seconds: float
+    steps: int = 0
+    final_loss: float = float("inf")
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def harmful(self) -> list[str]:
+        return sorted({f.kind for f in self.findings if f.kind in HARMFUL})
+
+    @property
+    def score(self) -> tuple:
+        """Lower is better: harmful findings left, then the loss reached, then any finding left."""
+        loss = self.final_loss if np.isfinite(self.final_loss) else float("inf")
+        return (len(self.harmful), loss, len(self.findings))
+
+
+def final_loss(loss: np.ndarray) -> float:
+    """The median of the last tenth of the recorded losses (inf once the loss is non-finite)."""
+    recorded = loss[~np.isnan(loss)]
+    if len(recorded) == 0:
+        return float("inf")
+    if np.isinf(recorded).any():
+        return float("inf")
+    return float(np.median(recorded[-max(1, len(recorded) // 10):]))
+
+
+def run_trial(command: list[str], run_dir: Path, candidate: Candidate, budget_steps: int,
+              options: dict[str, int] | None = None, timeout: float | None = None) -> Trial:
+    run_dir = runner.prepare_run_dir(run_dir)
+    env = runner.child_env(run_dir, options or {})
+    env[ENV_MAX_STEPS] = str(budget_steps)
+    if candidate.spec:
+        env[ENV_REMEDY] = json.dumps(candidate.spec)
+    start = time.perf_counter()
+    with open(run_dir / "output.log", "wb") as log:  # the script's own output, kept apart
+        try:
+            code = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = -9
+    return measure(Trial(candidate, run_dir, code, time.perf_counter() - start))
+
+
+def run_trial_in_process(train_fn: Callable[[], object], run_dir: Path, candidate: Candidate,
+                         budget_steps: int, seed: int = 0) -> Trial:
+    """The same trial for a function in this process (`gw.fix(train_fn)`): the same hooks,
+    installed around one call, then removed; torch's RNG is seeded alike for every trial."""
+    from gradwatch.collect.auto import AutoWatch
+
+    run_dir = runner.prepare_run_dir(run_dir)
+    torch.manual_seed(seed)
+    injector = Injector(candidate.spec, budget_steps)
+    watch = AutoWatch(str(run_dir), warn=False)
+    injector.install_late()
+    start, code = time.perf_counter(), 0
+    try:
+        train_fn()
+    except SystemExit as stop:  # the budget was reached
+        code = stop.code if isinstance(stop.code, int) else 0
+    finally:
+        injector.remove()
+        watch.detach()
+    return measure(Trial(candidate, run_dir, code, time.perf_counter() - start))
+
+
+def measure(trial: Trial) -> Trial:
+    run_dir = trial.run_dir
+    try:
+        series = read_run(run_dir)
+    except GradwatchError:
+        return trial  # nothing recorded: the script failed before its first step
+    trial.steps = len(series.steps)
+    trial.final_loss = final_loss(series.loss)
+    trial.findings = diagnose(series)
+    (run_dir / "findings.json").write_text(json.dumps([f.to_dict() for f in trial.findings], default=float))
+    return trial

@@ -1,0 +1,145 @@
+"""gradwatch fix: candidates from findings, remedies injected through hooks, trials ranked."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from gradwatch.diagnose.finding import Finding
+from gradwatch.errors import ConfigError
+from gradwatch.fix import fix
+from gradwatch.fix.candidates import autotrainer_order, from_findings
+from gradwatch.fix.inject import Injector, apply_to_model
+from gradwatch.fix.trial import final_loss
+from test_cli_run import SCRIPTS, gradwatch
+
+
+def finding(kind, **evidence):
+    return Finding(kind, "error", 0, ("fc0",), "m", evidence)
+
+
+def test_candidates_follow_the_findings():
+    explode = [c.name for c in from_findings([finding("exploding_gradient", baseline_norm=3.0)], set())]
+    assert explode[0] == "clip norm 6" and "learning rate x0.1" in explode and "ZClip" in explode
+    vanish = [c.name for c in from_findings([finding("vanishing_gradient")], {"sigmoid", "relu"})]
+    assert vanish[0] == "Sigmoid -> LeakyReLU" and "re-initialise per activation" in vanish
+    assert [c.name for c in from_findings([finding("dead_units")], {"relu"})][0] == "ReLU -> LeakyReLU"
+    assert from_findings([], {"relu"}) == []
+    both = from_findings([finding("vanishing_gradient"), finding("saturation")], {"tanh"})
+    assert len({c.name for c in both}) == len(both)  # no repeats
+
+
+def test_autotrainer_order_is_the_published_one():
+    assert [c.name for c in autotrainer_order([finding("vanishing_gradient")])] == [
+        "activation -> SELU", "activation -> ReLU + He init", "BatchNorm after each layer"]
+    assert [c.name for c in autotrainer_order([finding("exploding_gradient")])] == [
+        "activation -> SELU", "activation -> ReLU", "clip value 1", "activation -> tanh", "BatchNorm after each layer"]
+
+
+def test_final_loss_is_robust_and_non_finite_is_inf():
+    import numpy as np
+    assert final_loss(np.array([5.0] * 90 + [1.0] * 9 + [100.0])) == 1.0
+    assert final_loss(np.array([1.0, np.inf, np.nan])) == math.inf
+
+
+def test_model_remedies_apply_in_place():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 2))
+    apply_to_model(model, {"swap": {"from": "Sigmoid", "to": "LeakyReLU"}, "norm": "batch"})
+    assert [type(m).__name__ for m in model] == ["Linear", "BatchNorm1d", "LeakyReLU", "Linear"]
+
+
+def _steps(injector_spec, steps=5, lr=0.1):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    injector = Injector(injector_spec, max_steps=None)
+    injector.install_late()
+    lrs = []
+    try:
+        for _ in range(steps):
+            opt.zero_grad()
+            model(torch.randn(16, 4)).pow(2).mean().mul(100).backward()
+            opt.step()
+            lrs.append(opt.param_groups[0]["lr"])
+    finally:
+        injector.remove()
+    return model, lrs
+
+
+def test_lr_scale_changes_the_step_but_not_what_the_script_sees():
+    base, _ = _steps({})
+    scaled, lrs = _steps({"lr_scale": 0.5})
+    ref, _ = _steps({}, lr=0.05)
+    assert lrs == [0.1] * 5  # the script (and its scheduler) still sees its own lr
+    for a, b in zip(scaled.parameters(), ref.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.allclose(base[0].weight, scaled[0].weight)
+
+
+def test_clip_remedy_clips_before_the_step():
+    clipped, _ = _steps({"clip": "norm", "max_norm": 1e-3}, steps=1)
+    start, _ = _steps({}, steps=0)
+    moved = math.sqrt(sum((a - b).pow(2).sum().item() for a, b in zip(clipped.parameters(), start.parameters())))
+    assert moved == pytest.approx(0.1 * 1e-3, rel=1e-3)  # lr x the clipped norm
+
+
+def test_adam_remedy_replaces_the_update():
+    swapped, _ = _steps({"optimizer": "Adam", "lr": 1e-2}, steps=1)
+    start, _ = _steps({}, steps=0)
+    # Adam's first step moves every weight by lr·sign(g) (|m/sqrt(v)| = 1)
+    delta = (swapped[0].weight - start[0].weight).abs()
+    assert torch.allclose(delta[delta > 0], torch.full_like(delta[delta > 0], 1e-2), rtol=1e-3)
+
+
+def test_budget_stops_the_script():
+    with pytest.raises(SystemExit):
+        _budget()
+
+
+def _budget():
+    torch.manual_seed(0)
+    model = nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    injector = Injector({}, max_steps=3)
+    injector.install_late()
+    try:
+        for step in range(10):
+            opt.zero_grad()
+            model(torch.randn(4, 2)).sum().backward()
+            opt.step()
+    finally:
+        injector.remove()
+        assert step == 2
+
+
+def test_fix_repairs_an_exploding_script_end_to_end(tmp_path):
+    result = gradwatch("fix", "--budget-steps", 100, "--out", tmp_path / "fix", SCRIPTS / "train_explode.py")
+    assert result.returncode == 0, result.stderr
+    baseline = json.loads((tmp_path / "fix" / "baseline" / "findings.json").read_text())
+    assert {"exploding_gradient", "non_finite"} <= {f["kind"] for f in baseline}
+    assert "repairs the run" in result.stdout
+    winner = result.stdout.split("repairs the run")[0].splitlines()[-1]
+    assert any(name in winner for name in ("clip", "ZClip", "learning rate x0.1", "Adam"))
+    assert "final loss" in (tmp_path / "fix" / "baseline" / "output.log").read_text()  # script output kept apart
+
+
+def test_fix_in_process_with_a_function(tmp_path):
+    def train():
+        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.2)
+        x = torch.randn(64, 16)
+        for _ in range(40):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), x.sum(1, keepdim=True)).backward()
+            opt.step()
+
+    result = fix(train, out=tmp_path, budget_steps=40, progress=lambda m: None)
+    assert result.baseline.harmful and result.repaired
+    assert not result.winner.harmful and result.winner.final_loss < 1e3
+
+
+def test_bad_budget_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="budget_steps=0"):
+        fix(["python", "x.py"], out=tmp_path, budget_steps=0)
