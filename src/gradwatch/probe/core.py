@@ -1,0 +1,229 @@
+"""`probe(model, batch, loss_fn)`: gradient flow at initialisation, from one forward and backward."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from gradwatch.collect.stats import activation_stats
+from gradwatch.errors import ConfigError
+from gradwatch.probe import meanfield, recurrent, verdict
+from gradwatch.probe.record import Call, Recorder, first_tensor
+from gradwatch.probe.result import LayerProbe, ProbeResult
+from gradwatch.probe.spectra import graph_ops, spectrum
+
+LANCZOS_STEPS = 10
+SEED_OFFSET = 0x5DEECE66D
+NEXT_LAYER_TRIES = 4  # how far down the forward order to look for the next layer that depends on this one
+
+
+def default_loss(out: Any) -> torch.Tensor:
+    """½ Σ y² / B over the model's (first) output y of batch size B: ∂L/∂y = y / B."""
+    y = first_tensor(out)
+    return 0.5 * y.float().pow(2).sum() / max(y.shape[0] if y.dim() else 1, 1)
+
+
+def _with_grad(batch: Any) -> Any:
+    """Floating tensors of the batch as fresh leaves that require grad (for the first layer's Jacobian)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.detach().clone().requires_grad_(True) if batch.is_floating_point() else batch
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_with_grad(b) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _with_grad(v) for k, v in batch.items()}
+    return batch
+
+
+def _call(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def probe(model: nn.Module, batch: Any, loss_fn: Callable[[Any], torch.Tensor] | None = None, *,
+          iters: int = 30, cells: Iterable[str | nn.Module] = (),
+          seed: int = 0) -> ProbeResult:
+    """Per-layer gradient flow of `model` at its current weights, from one batch.
+
+    batch: the model's input — a tensor (model(batch)), a tuple/list (model(*batch)) or a dict
+    (model(**batch)). loss_fn(output) -> scalar; default ½ Σ output² / batch size. For a labelled
+    batch, close over the labels: `gw.probe(model, x, lambda out: F.cross_entropy(out, y))`.
+    iters: JᵀJ products per layer for the Jacobian spectra: the first min(iters, 10) are Lanczos
+    steps (mean and RMS singular value, and a warm start), the rest power iteration (top singular
+    value); 0 skips the spectra (gradient profile only: one forward and one backward). cells: submodules (or their names) that are step
+    functions cell(x_t, h) -> h called once per time step (nn.RNNCell/GRUCell/LSTMCell are found
+    automatically). The model runs in its current mode (train: dropout on, BatchNorm batch
+    statistics). Its weights, buffers, .grad and in-place flags are left as they were; the probe's
+    own random vectors come from `seed`, not the global RNG (a model's dropout still draws from it).
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(iters, int) or isinstance(iters, bool) or iters < 0:
+        raise ConfigError(f"iters must be a non-negative integer, got {iters!r}")
+    start = time.perf_counter()
+    # Offset: a batch drawn with the same seed must not equal the probe vectors (they would align with it).
+    gen = torch.Generator().manual_seed(seed ^ SEED_OFFSET)
+    batch = _with_grad(batch)
+    loss_fn = loss_fn or default_loss
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]  # BatchNorm running stats, restored below
+    # The math attention kernel: the fused CPU/flash kernels have no double backward, which the
+    # Jacobian-vector products need (spectra.graph_ops).
+    with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]), Recorder(model, cells) as rec:
+        out = _call(model, batch)
+    loss = loss_fn(out)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise ConfigError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}"
+                          f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
+    entries = rec.depth()
+    if not entries:
+        raise ConfigError(f"{type(model).__name__} has no layers: no module with trainable parameters ran in "
+                          "its forward; probe needs at least one (e.g. nn.Linear, nn.Conv2d)")
+    layers = _backward(entries, loss, retain=iters > 0)
+    notes = _jacobians(entries, layers, first_tensor(out), iters, gen) if iters else []
+    _gain_to_top(layers)
+    mf, note, chi = _mean_field(entries, layers)
+    recs = _recurrent(rec, gen)
+    for x in layers:
+        x.verdict = verdict.layer_verdict(x)
+    findings = (verdict.nonfinite_findings(layers) + verdict.layer_findings(layers, mf)
+                + verdict.recurrent_findings(recs))
+    with torch.no_grad():
+        for b, saved in buffers:
+            b.copy_(saved)
+    x_in = first_tensor(batch)
+    y = first_tensor(out)
+    gain = {k: verdict._prod(layers, f"sigma_{k}") for k in ("max", "mean", "rms")}
+    gain["top"] = gain.pop("max")
+    return ProbeResult(
+        layers=layers, loss=float(loss.detach()), input_std=_std(x_in), output_std=_std(y), gain=gain,
+        mean_field=mf, mean_field_note=note, chi_measured=chi, recurrent=recs, findings=findings,
+        verdict=verdict.overall(layers, findings), iters=iters, seconds=time.perf_counter() - start,
+        notes=notes)
+
+
+def _std(t: torch.Tensor | None) -> float:
+    if t is None or t.numel() < 2 or not (t.is_floating_point() or t.is_complex()):
+        return math.nan
+    return float(t.detach().float().std())
+
+
+def _backward(entries: list[Call], loss: torch.Tensor, retain: bool) -> list[LayerProbe]:
+    """Activation statistics, ∂L/∂s and ∂L/∂W per layer, with one autograd.grad call that leaves
+    every .grad untouched."""
+    outs = [c.out for c in entries if c.out is not None and c.out.requires_grad]
+    params = [p for c in entries for p in c.params]
+    grads = torch.autograd.grad(loss, outs + params, retain_graph=retain, allow_unused=True) if outs + params else ()
+    by_id = {id(t): g for t, g in zip(outs + params, grads)}
+    layers = []
+    for i, c in enumerate(entries):
+        act = c.acts[-1] if c.acts else None
+        y = act.out if act is not None else c.out
+        x = LayerProbe(i, c.name, type(c.module).__name__, act.activation if act else "")
+        if y is not None and y.is_floating_point():
+            x.act_mean, x.act_std, x.saturated, x.dead = (float(v) for v in activation_stats(y, x.activation))
+        g = by_id.get(id(c.out)) if c.out is not None else None
+        if g is not None:
+            x.grad_out_norm, x.grad_out_std = _norm_std([g])
+            x.nonfinite += int((~torch.isfinite(g)).sum())
+        gw = [by_id[id(p)] for p in c.params if by_id.get(id(p)) is not None]
+        if gw:
+            x.grad_w_norm, x.grad_w_std = _norm_std(gw)
+            x.nonfinite += sum(int((~torch.isfinite(t)).sum()) for t in gw)
+        layers.append(x)
+    for a, b in zip(layers, layers[1:]):
+        if b.grad_out_norm > 0:
+            a.grad_ratio = (a.grad_out_norm / b.grad_out_norm) ** 2
+    return layers
+
+
+def _norm_std(ts: list[torch.Tensor]) -> tuple[float, float]:
+    flat = torch.cat([t.detach().double().flatten() for t in ts])
+    return float(torch.linalg.vector_norm(flat)), float(flat.std()) if flat.numel() > 1 else 0.0
+
+
+def _jacobians(entries: list[Call], layers: list[LayerProbe], out: torch.Tensor | None, iters: int,
+               gen: torch.Generator) -> list[str]:
+    """σmax / σmean / σrms of the Jacobian from each layer's input to the next layer's input that
+    depends on it (the model's output for the last layer). Returns notes on layers left out."""
+    notes = []
+    for i, (c, x) in enumerate(zip(entries, layers)):
+        inp = c.inp
+        if inp is None or not inp.requires_grad or not inp.is_floating_point():
+            continue
+        later = [(e.name, e.inp) for e in entries[i + 1:i + 1 + NEXT_LAYER_TRIES]] + [("output", out)]
+        for name, nxt in later:
+            if nxt is None or not nxt.requires_grad or nxt is inp:
+                continue
+            try:
+                jvp, vjp = graph_ops(nxt, inp)
+            except (ValueError, RuntimeError):
+                continue
+            try:
+                lanczos = min(LANCZOS_STEPS, iters)
+                s = spectrum(jvp, vjp, inp.detach(), nxt.shape, iters=iters - lanczos, lanczos=lanczos, generator=gen)
+            except RuntimeError as exc:  # an op without a double backward
+                notes.append(f"{c.name}: no Jacobian ({str(exc).splitlines()[0][:120]})")
+                break
+            x.sigma_max, x.sigma_mean, x.sigma_rms, x.jacobian_to = s.top, s.mean, s.rms, name
+            break
+    return notes
+
+
+def _gain_to_top(layers: list[LayerProbe]) -> None:
+    top = next((x.grad_out_norm for x in reversed(layers) if x.grad_out_norm > 0), math.nan)
+    for x in layers:
+        x.gain_to_top = x.grad_out_norm / top if top > 0 else math.nan
+
+
+def _mean_field(entries: list[Call], layers: list[LayerProbe]) -> tuple[meanfield.MeanField | None, str, float]:
+    """The mean-field prediction for a plain MLP (Linear layers, one elementwise activation kind)."""
+    if len(entries) < 2 or not all(isinstance(c.module, nn.Linear) for c in entries):
+        return None, "not an MLP (only nn.Linear layers with one kind of activation)", math.nan
+    hidden = entries[:-1]
+    acts = {a.activation for c in hidden for a in c.acts}
+    if len(acts) != 1 or any(len(c.acts) != 1 for c in hidden):
+        return None, "not an MLP with one activation after every hidden nn.Linear", math.nan
+    sw2 = statistics.median(float(c.module.weight.detach().double().pow(2).mean()) * c.module.in_features
+                            for c in hidden)
+    sb2 = statistics.median(float(c.module.bias.detach().double().pow(2).mean()) if c.module.bias is not None else 0.0
+                            for c in hidden)
+    mf = meanfield.predict(hidden[0].acts[0].module, acts.pop(), sw2, sb2, len(entries))
+    ratios = [x.grad_ratio for x in layers[1:-2] if math.isfinite(x.grad_ratio)]  # hidden→hidden steps
+    return mf, "", statistics.median(ratios) if ratios else math.nan
+
+
+def _recurrent(rec: Recorder, gen: torch.Generator) -> list[recurrent.RecurrentProbe]:
+    out = []
+    for c in rec.recurrent():
+        x = c.args[0] if c.args else None
+        hx = c.args[1] if len(c.args) > 1 else None
+        if isinstance(x, (torch.Tensor, nn.utils.rnn.PackedSequence)):
+            out += recurrent.probe_module(c.name, c.module, x, hx, gen)
+    calls: dict[int, list[Call]] = {}
+    for c in rec.cells():
+        calls.setdefault(id(c.module), []).append(c)
+    for seq in calls.values():
+        first = seq[0]
+        xs = [c.args[0].detach() for c in seq]
+        h0 = first.args[1] if len(first.args) > 1 else None
+        if h0 is None:  # the cell's own zero state: shape it like its first output
+            y = first.raw_out
+            h0 = tuple(torch.zeros_like(t) for t in y) if isinstance(y, tuple) else torch.zeros_like(y)
+        w = getattr(first.module, "weight_hh", None)
+        nonlin = getattr(first.module, "nonlinearity", "tanh")
+        if isinstance(first.module, nn.LSTMCell):
+            w = w[2 * first.module.hidden_size:3 * first.module.hidden_size]
+        elif isinstance(first.module, nn.GRUCell):
+            w = w[2 * first.module.hidden_size:]
+        r = recurrent.probe_cell(first.module, xs, h0, name=first.name, w_hh=w, nonlinearity=nonlin, generator=gen)
+        r.kind = type(first.module).__name__
+        out.append(r)
+    return out

@@ -1,0 +1,109 @@
+"""What the `gradwatch probe` command needs before it can call `probe`: the model from a factory
+path, a random batch of a given shape, a loss."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from gradwatch.errors import ConfigError
+
+LOSSES = ("sumsq", "mse", "cross_entropy")
+
+
+def load_factory(path: str) -> nn.Module:
+    """'package.module:factory' -> factory(); the current directory is importable, as with `python -m`."""
+    mod_name, sep, attr = path.partition(":")
+    if not sep or not mod_name or not attr:
+        raise ConfigError(f"factory {path!r} is not of the form package.module:factory")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(mod_name)
+    except Exception as exc:  # noqa: BLE001  any import failure is the user's to fix
+        raise ConfigError(f"factory {path!r}: cannot import {mod_name!r} ({type(exc).__name__}: {exc}); "
+                          "run from the directory that contains the package or set PYTHONPATH") from exc
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"factory {path!r}: module {mod_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    try:
+        model = obj() if callable(obj) and not isinstance(obj, nn.Module) else obj
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"factory {path!r} raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"factory {path!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(d <= 0 for d in shape):
+        raise ConfigError(f"--input-shape {text!r} is not a list of positive integers like 32,3,32,32 "
+                          "(batch size first)")
+    return shape
+
+
+def first_module(model: nn.Module) -> nn.Module | None:
+    """The first leaf module in registration order (where the input goes, for Sequential-like models)."""
+    return next((m for m in model.modules() if not list(m.children())), None)
+
+
+def random_batch(model: nn.Module, shape: tuple[int, ...], *, vocab: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Standard normal inputs; integer tokens in [0, vocab) when the first module is an nn.Embedding
+    (vocab defaults to its num_embeddings)."""
+    first = first_module(model)
+    if vocab is not None or isinstance(first, nn.Embedding):
+        high = vocab if vocab is not None else first.num_embeddings
+        if high <= 0:
+            raise ConfigError(f"--vocab {high} must be positive")
+        return torch.randint(0, high, shape, generator=generator)
+    return torch.randn(shape, generator=generator)
+
+
+def make_loss(name: str, num_classes: int | None = None,
+              generator: torch.Generator | None = None) -> Callable[[Any], torch.Tensor] | None:
+    """None (probe's default ½Σy²/B) for 'sumsq'; MSE against standard normal targets; cross-entropy
+    against uniform random labels over the last output dimension (checked against num_classes)."""
+    if name not in LOSSES:
+        raise ConfigError(f"--loss {name!r} is not one of {', '.join(LOSSES)}")
+    if name == "sumsq":
+        return None
+    from gradwatch.probe.record import first_tensor
+
+    def loss(out: Any) -> torch.Tensor:
+        y = first_tensor(out)
+        if name == "mse":
+            target = torch.randn(y.shape, generator=generator).to(y)
+            return torch.nn.functional.mse_loss(y, target)
+        classes = y.shape[-1]
+        if num_classes is not None and classes != num_classes:
+            raise ConfigError(f"--num-classes {num_classes} does not match the model's output of "
+                              f"{classes} values per sample (shape {tuple(y.shape)})")
+        logits = y.reshape(-1, classes)
+        target = torch.randint(0, classes, (logits.shape[0],), generator=generator).to(y.device)
+        return torch.nn.functional.cross_entropy(logits, target)
+
+    return loss
+
+
+def check_fits(model: nn.Module, batch: torch.Tensor, factory: str) -> None:
+    """One forward without gradients: an input of the wrong shape fails here, named, not in the probe."""
+    try:
+        with torch.no_grad():
+            model(batch)
+    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        shape = ",".join(map(str, batch.shape))
+        raise ConfigError(f"input shape {shape} does not fit {factory}: {first}; "
+                          "pass the --input-shape the model expects (batch size first)") from exc

@@ -1,0 +1,94 @@
+"""Mean-field theory of signal propagation in wide random MLPs (Poole et al. 2016; Schoenholz et al. 2017).
+
+For a fully connected net with weights W_ij ~ (0, σ_w²/n_in), biases ~ (0, σ_b²) and an elementwise
+nonlinearity φ, the pre-activation variance q follows the variance map
+
+    q_{l+1} = σ_w² E_z[φ(√q_l z)²] + σ_b²,    z ~ N(0, 1),
+
+whose fixed point is q*. At q*, the squared gradient norm shrinks or grows by the factor
+
+    χ₁ = σ_w² E_z[φ'(√q* z)²]
+
+per layer on its way back (χ₁ < 1 vanishing, = 1 critical, > 1 exploding). Gradients change by e
+over ξ = 1 / |ln χ₁| layers; Schoenholz et al. found networks deeper than about 6ξ untrainable
+(their ξ_c equals this ξ in the ordered phase, where the correlation fixed point is c* = 1).
+Critical points: tanh at σ_w² = 1, σ_b² = 0; ReLU at σ_w² = 2 (any σ_b² = 0 variance).
+
+Expectations over z are Gauss–Hermite quadrature (probabilists' weights, 100 nodes, none at 0 so
+that kinks such as ReLU's are split exactly). φ and φ' are taken from the activation module itself
+with autograd in float64, so every elementwise activation torch has is supported without a table.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from numpy.polynomial.hermite_e import hermegauss
+from torch import nn
+
+NODES, WEIGHTS = hermegauss(100)
+WEIGHTS = WEIGHTS / math.sqrt(2 * math.pi)  # so that Σ w f(x) = E[f(z)]
+TRAINABLE_DEPTHS = 6.0  # Schoenholz et al. 2017: trainable when depth ≲ 6 ξ
+Q_TINY = 1e-12  # χ₁ at q* = 0 is the limit q -> 0+
+
+
+def _phi_and_grad(act: nn.Module, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    t = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    act = act.double() if any(True for _ in act.parameters()) else act
+    with torch.enable_grad():
+        y = act(t)
+        (g,) = torch.autograd.grad(y.sum(), t)
+    return y.detach().numpy(), g.numpy()
+
+
+def expect(act: nn.Module, q: float) -> tuple[float, float]:
+    """(E[φ(√q z)²], E[φ'(√q z)²])."""
+    y, g = _phi_and_grad(act, math.sqrt(max(q, 0.0)) * NODES)
+    return float(WEIGHTS @ y**2), float(WEIGHTS @ g**2)
+
+
+def q_star(act: nn.Module, sw2: float, sb2: float, q0: float = 1.0, max_iter: int = 5000) -> float:
+    """Fixed point of the variance map (inf when the variance grows without bound)."""
+    phi0, _ = _phi_and_grad(act, np.zeros(1))
+    if sb2 == 0.0 and abs(phi0[0]) < 1e-12 and sw2 * expect(act, Q_TINY)[0] / Q_TINY <= 1.0 + 1e-9:
+        return 0.0  # 0 is a fixed point and the map contracts towards it
+    q = q0
+    for _ in range(max_iter):
+        nxt = sw2 * expect(act, q)[0] + sb2
+        if not math.isfinite(nxt) or nxt > 1e12:
+            return math.inf
+        if abs(nxt - q) <= 1e-12 * max(q, 1e-30):
+            return nxt
+        q = nxt
+    return q
+
+
+@dataclass(frozen=True)
+class MeanField:
+    activation: str
+    sigma_w2: float
+    sigma_b2: float
+    q_star: float
+    chi1: float
+    depth_scale: float  # ξ = 1/|ln χ₁| (inf at criticality)
+    depth: int
+    too_deep: bool  # depth > 6 ξ
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def chi1(act: nn.Module, sw2: float, sb2: float) -> tuple[float, float]:
+    """(χ₁, q*) for an activation module at weight variance σ_w² (times fan-in) and bias variance σ_b²."""
+    q = q_star(act, sw2, sb2)
+    at = Q_TINY if q == 0.0 else (1e12 if math.isinf(q) else q)
+    return sw2 * expect(act, at)[1], q
+
+
+def predict(act: nn.Module, name: str, sw2: float, sb2: float, depth: int) -> MeanField:
+    c, q = chi1(act, sw2, sb2)
+    xi = math.inf if c <= 0 or abs(math.log(c)) < 1e-12 else 1.0 / abs(math.log(c))
+    return MeanField(name, sw2, sb2, q, c, xi, depth, depth > TRAINABLE_DEPTHS * xi)

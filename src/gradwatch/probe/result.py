@@ -1,0 +1,169 @@
+"""`ProbeResult`: what one probe measured, as a table, a JSON document and a picture."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+from gradwatch.diagnose.finding import Finding
+from gradwatch.probe.meanfield import MeanField
+from gradwatch.probe.recurrent import RecurrentProbe
+
+NAN = math.nan
+
+
+@dataclass
+class LayerProbe:
+    """One layer: a parameter-owning (or recurrent) module call plus the activations that follow it."""
+
+    index: int
+    name: str
+    type: str
+    activation: str  # name of the activation that follows ("" when none)
+    act_mean: float = NAN  # of the activation's output (the layer's own output when there is none)
+    act_std: float = NAN
+    saturated: float = NAN  # within 1% of an asymptote; NaN for non-saturating activations
+    dead: float = NAN  # units zero for every sample
+    grad_out_norm: float = NAN  # ‖∂L/∂s‖, s = the module's output (the pre-activation)
+    grad_out_std: float = NAN
+    grad_w_norm: float = NAN  # ‖∂L/∂W‖ over the layer's parameters
+    grad_w_std: float = NAN
+    grad_ratio: float = NAN  # ‖∂L/∂s_l‖² / ‖∂L/∂s_{l+1}‖² (mean-field χ₁ for an MLP)
+    gain_to_top: float = NAN  # ‖∂L/∂s_l‖ / ‖∂L/∂s_top‖, top = the output-most layer
+    sigma_max: float = NAN  # Jacobian from this layer's input to the next layer's input
+    sigma_mean: float = NAN
+    sigma_rms: float = NAN
+    jacobian_to: str = ""  # the next layer's name, or "output"
+    nonfinite: int = 0  # NaN/Inf entries in ∂L/∂s and ∂L/∂W
+    verdict: str = "healthy"  # healthy | vanishing | exploding | non-finite
+
+
+@dataclass
+class ProbeResult:
+    layers: list[LayerProbe]
+    loss: float
+    input_std: float
+    output_std: float
+    gain: dict  # products over depth of sigma_max / sigma_mean / sigma_rms
+    mean_field: MeanField | None = None
+    mean_field_note: str = ""
+    chi_measured: float = NAN  # median grad_ratio over the hidden layers of an MLP
+    recurrent: list[RecurrentProbe] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    verdict: str = "healthy"
+    iters: int = 30
+    seconds: float = NAN
+    notes: list[str] = field(default_factory=list)
+
+    def layer(self, name: str) -> LayerProbe:
+        return next(x for x in self.layers if x.name == name)
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k not in ("findings", "mean_field", "recurrent")}
+        d["layers"] = [asdict(x) for x in self.layers]
+        d["mean_field"] = self.mean_field.to_dict() if self.mean_field else None
+        d["recurrent"] = [r.to_dict() for r in self.recurrent]
+        d["findings"] = [f.to_dict() for f in self.findings]
+        return _finite(d)
+
+    def to_json(self, **kw) -> str:
+        return json.dumps(self.to_dict(), **kw)
+
+    def table(self):
+        """A rich Table of the per-layer numbers (import rich only when asked)."""
+        from rich.table import Table
+
+        t = Table(title=f"gradwatch probe: loss {self.loss:.4g}, verdict {self.verdict}", show_lines=False)
+        cols = [("#", "index", "d"), ("layer", "name", "s"), ("type", "type", "s"), ("act", "activation", "s"),
+                ("act std", "act_std", "g"), ("sat", "saturated", "%"), ("dead", "dead", "%"),
+                ("‖∂L/∂s‖", "grad_out_norm", "g"), ("∂L/∂s std", "grad_out_std", "g"),
+                ("‖∂L/∂W‖", "grad_w_norm", "g"), ("gain→top", "gain_to_top", "g"),
+                ("σmax", "sigma_max", "g"), ("σmean", "sigma_mean", "g"), ("σrms", "sigma_rms", "g"),
+                ("verdict", "verdict", "s")]
+        for head, _, kind in cols:
+            t.add_column(head, justify="left" if kind == "s" else "right")
+        for x in self.layers:
+            t.add_row(*(_fmt(getattr(x, attr), kind) for _, attr, kind in cols),
+                      style={"vanishing": "yellow", "exploding": "red", "non-finite": "bold red"}.get(x.verdict))
+        return t
+
+    def summary_lines(self) -> list[str]:
+        g = self.gain
+        lines = [f"end-to-end gain (product over depth): σmax {g['top']:.3g}, σmean {g['mean']:.3g}, σrms {g['rms']:.3g}"]
+        if self.mean_field:
+            m = self.mean_field
+            lines.append(f"mean field ({m.activation}, σw²={m.sigma_w2:.3g}, σb²={m.sigma_b2:.3g}): q*={m.q_star:.3g}, "
+                         f"χ₁={m.chi1:.4g} (measured {self.chi_measured:.4g}), ξ={m.depth_scale:.3g}, depth {m.depth}"
+                         + (" > 6ξ: too deep to train" if m.too_deep else " ≤ 6ξ"))
+        elif self.mean_field_note:
+            lines.append(f"mean field: {self.mean_field_note}")
+        for r in self.recurrent:
+            h = "beyond the sequence" if r.horizon is None else f"{r.horizon} steps ({r.direction})"
+            lines.append(f"{r.name} layer {r.layer} ({r.kind}): BPTT horizon {h}, rate/step {r.rate:.3g}, "
+                         f"W_hh σmax {r.spectral_norm:.3g}, ρ {r.spectral_radius:.3g} vs 1/γ = {r.bound:.3g}"
+                         + ("".join(f"; {n}" for n in r.notes)))
+        return lines + self.notes
+
+    def plot(self, path: str) -> None:
+        """PNG: gradient profile and Jacobian profile by depth (and BPTT profiles for recurrent layers)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        panels = 3 if self.recurrent else 2
+        fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
+        depth = [x.index for x in self.layers]
+        ax = axes[0]
+        ax.semilogy(depth, [_pos(x.grad_out_norm) for x in self.layers], "o-", label="‖∂L/∂s‖ (pre-activation)")
+        ax.semilogy(depth, [_pos(x.grad_w_norm) for x in self.layers], "s--", label="‖∂L/∂W‖")
+        ax.set(xlabel="layer (0 = input side)", ylabel="gradient norm", title="backward signal by depth")
+        ax.legend(fontsize=8)
+        ax = axes[1]
+        ax.semilogy(depth, [_pos(x.sigma_max) for x in self.layers], "o-", label="σmax (power iteration)")
+        ax.semilogy(depth, [_pos(x.sigma_mean) for x in self.layers], "s-", label="mean σ (SLQ)")
+        cum, prod = [], 1.0
+        for x in reversed(self.layers):  # gain from each layer to the output
+            prod *= x.sigma_mean if math.isfinite(x.sigma_mean) else 1.0
+            cum.append(prod)
+        ax.semilogy(depth, [_pos(v) for v in cum[::-1]], "k:", label="∏ mean σ, layer→output")
+        ax.axhline(1.0, color="grey", lw=0.5)
+        ax.set(xlabel="layer (0 = input side)", ylabel="singular value", title="layer Jacobian by depth")
+        ax.legend(fontsize=8)
+        if self.recurrent:
+            ax = axes[2]
+            for r in self.recurrent:
+                ax.semilogy(range(len(r.profile)), [_pos(v) for v in r.profile], label=f"{r.name}[{r.layer}]")
+            ax.axhline(1e-3, color="grey", lw=0.5)
+            ax.axhline(1e3, color="grey", lw=0.5)
+            ax.set(xlabel="T − k", ylabel="‖∂L_T/∂h_k‖ / ‖∂L_T/∂h_T‖", title="gradient through time")
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+
+
+def _pos(v: float) -> float:
+    return v if math.isfinite(v) and v > 0 else NAN
+
+
+def _fmt(v, kind: str) -> str:
+    if kind == "s":
+        return str(v)
+    if kind == "d":
+        return str(v)
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{100 * v:.0f}%" if kind == "%" else f"{v:.3g}"
+
+
+def _finite(obj):
+    """JSON has no NaN/Infinity: they become null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj

@@ -1,0 +1,174 @@
+"""From measured numbers to verdicts and `Finding`s (first_step = 0: before training).
+
+Thresholds, all here:
+- a layer is *vanishing* when ‖∂L/∂s‖ at it is below VANISH × the output-most layer's, *exploding*
+  above EXPLODE × (severity error beyond the squares of these);
+- a recurrent layer is vanishing/exploding when its BPTT horizon is reached within the sequence
+  (profile < 1e-3 or > 1e3, recurrent.py);
+- an MLP deeper than 6ξ of the mean-field depth scale gets a finding even when the measured
+  profile still looks level (Schoenholz et al. 2017).
+"""
+
+from __future__ import annotations
+
+import math
+
+from gradwatch.diagnose.finding import Finding, Remedy
+from gradwatch.probe.meanfield import MeanField
+from gradwatch.probe.recurrent import RecurrentProbe
+from gradwatch.probe.result import LayerProbe
+
+VANISH, EXPLODE = 1e-2, 1e2
+SATURATING_ACTS = ("sigmoid", "tanh", "hardsigmoid", "softsign", "hardtanh")
+INIT_FOR = {  # activation that follows -> (torch init call, nonlinearity argument)
+    "relu": 'nn.init.kaiming_normal_({w}, nonlinearity="relu")',
+    "leaky_relu": 'nn.init.kaiming_normal_({w}, nonlinearity="leaky_relu")',
+    "tanh": 'nn.init.xavier_uniform_({w}, gain=nn.init.calculate_gain("tanh"))',
+    "sigmoid": 'nn.init.xavier_uniform_({w})',
+    "selu": 'nn.init.kaiming_normal_({w}, nonlinearity="linear")',
+    "": 'nn.init.kaiming_normal_({w}, nonlinearity="linear")',
+}
+
+
+def attr(name: str) -> str:
+    """Python expression for a submodule: 'features.0.conv' -> 'model.features[0].conv'."""
+    out = "model"
+    for part in name.split("#")[0].split("."):
+        out += f"[{part}]" if part.isdigit() else f".{part}"
+    return out
+
+
+def layer_verdict(x: LayerProbe) -> str:
+    if x.nonfinite:
+        return "non-finite"
+    if x.gain_to_top < VANISH:
+        return "vanishing"
+    if x.gain_to_top > EXPLODE:
+        return "exploding"
+    return "healthy"
+
+
+def _init_remedies(layers: list[LayerProbe]) -> list[Remedy]:
+    """Init for the activation that follows each layer; behind a sigmoid, for the ReLU that should
+    replace it (no init rescues a stack of sigmoids: σ' ≤ 1/4)."""
+    out = [Remedy("re-initialise every layer for the activation that follows it", "gw.init_(model)")]
+    for x in layers[:2]:
+        act = "relu" if x.activation in ("sigmoid", "hardsigmoid") else x.activation
+        code = INIT_FOR.get(act, INIT_FOR[""]).format(w=attr(x.name) + ".weight")
+        out.append(Remedy(f"re-initialise layer '{x.name}' for the {act or 'linear'} that follows it", code))
+    return out
+
+
+def _swap_remedy(layers: list[LayerProbe]) -> list[Remedy]:
+    if not any(x.activation in ("sigmoid", "hardsigmoid") for x in layers):
+        return []
+    return [Remedy("swap Sigmoid for ReLU in hidden layers (its derivative is at most 1/4)",
+                   "gw.modify.swap_activations(model, nn.Sigmoid, nn.ReLU)")]
+
+
+def layer_findings(layers: list[LayerProbe], mf: MeanField | None) -> list[Finding]:
+    findings = []
+    for kind, verdict, worst in (("vanishing_gradient", "vanishing", min), ("exploding_gradient", "exploding", max)):
+        bad = [x for x in layers if x.verdict == verdict]
+        if not bad:
+            continue
+        w = worst(bad, key=lambda x: x.gain_to_top)
+        limit = VANISH if verdict == "vanishing" else EXPLODE
+        severe = (w.gain_to_top < limit**2) if verdict == "vanishing" else (w.gain_to_top > limit**2)
+        evidence = {"gain_to_top": w.gain_to_top, "layer": w.name, "layers_affected": len(bad),
+                    "threshold": limit, "jacobian_mean_sigma_product": _prod(layers, "sigma_mean")}
+        causes = []
+        acts = {x.activation for x in layers}
+        if verdict == "vanishing":
+            if acts & set(SATURATING_ACTS):
+                sat = max((x.saturated for x in layers if not math.isnan(x.saturated)), default=math.nan)
+                causes.append(f"saturating activations ({', '.join(sorted(acts & set(SATURATING_ACTS)))}) scale "
+                              f"the gradient by φ' < 1 in every layer (sigmoid: φ' ≤ 1/4); saturated "
+                              f"fraction up to {sat:.0%}")
+            causes.append("initial weights too small for the depth: mean Jacobian singular value "
+                          f"{_median(layers, 'sigma_mean'):.3g} per layer (1 preserves the gradient)")
+        else:
+            causes.append("initial weights too large: mean Jacobian singular value "
+                          f"{_median(layers, 'sigma_mean'):.3g} per layer (1 preserves the gradient)")
+        causes.append(f"{len(layers)} layers without residual connections or normalisation")
+        if mf is not None:
+            evidence.update(chi1=mf.chi1, depth_scale=mf.depth_scale)
+        remedies = _swap_remedy(layers) if verdict == "vanishing" else []
+        remedies += _init_remedies(bad if verdict == "vanishing" else bad[::-1])
+        remedies += [] if verdict == "vanishing" else [
+            Remedy("clip the gradient norm", "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)")]
+        remedies.append(Remedy("add normalisation after each Linear/Conv (or residual connections)",
+                               "gw.modify.insert_norm(model, \"batch\")"))
+        msg = (f"at initialisation the gradient at layer '{w.name}' is {w.gain_to_top:.3g} × the output-most layer's "
+               f"({len(bad)} of {len(layers)} layers beyond {limit:g}×)")
+        findings.append(Finding(kind, "error" if severe else "warning", 0, tuple(x.name for x in bad), msg,
+                                evidence, tuple(causes), tuple(remedies)))
+    if mf is not None and mf.too_deep and not findings:
+        kind = "vanishing_gradient" if mf.chi1 < 1 else "exploding_gradient"
+        sw2 = 2.0 if mf.activation == "relu" else 1.0
+        findings.append(Finding(
+            kind, "warning", 0, tuple(x.name for x in layers),
+            f"mean field predicts {kind.split('_')[0]} gradients: χ₁ = {mf.chi1:.3g} per layer, depth scale "
+            f"ξ = {mf.depth_scale:.3g}, depth {mf.depth} > 6ξ = {6 * mf.depth_scale:.3g} (Schoenholz et al. 2017)",
+            {"chi1": mf.chi1, "q_star": mf.q_star, "depth_scale": mf.depth_scale, "depth": mf.depth,
+             "sigma_w2": mf.sigma_w2, "sigma_b2": mf.sigma_b2},
+            (f"σ_w² = {mf.sigma_w2:.3g} is off the critical value for {mf.activation}",),
+            (Remedy(f"initialise at criticality (σ_w² = {sw2:g}, σ_b² ≈ 0)",
+                    f"for m in model.modules():\n    if isinstance(m, nn.Linear):\n"
+                    f"        nn.init.normal_(m.weight, std=({sw2:g} / m.in_features) ** 0.5); nn.init.zeros_(m.bias)"),)))
+    return findings
+
+
+def recurrent_findings(recs: list[RecurrentProbe]) -> list[Finding]:
+    findings = []
+    for r in recs:
+        if r.direction == "within range":
+            continue
+        kind = "vanishing_gradient" if r.direction == "vanishing" else "exploding_gradient"
+        w = f"{attr(r.name)}.weight_hh_l{r.layer}" if r.kind in ("RNN", "GRU", "LSTM") else f"{attr(r.name)}.weight_hh"
+        evidence = {"horizon": r.horizon, "rate_per_step": r.rate, "spectral_norm": r.spectral_norm,
+                    "spectral_radius": r.spectral_radius, "bound": r.bound, "layer": r.layer}
+        if kind == "vanishing_gradient":
+            causes = (f"σmax(W_hh) = {r.spectral_norm:.3g} < 1/γ = {r.bound:.3g}: gradients must vanish through time"
+                      if r.spectral_norm < r.bound else f"per-step factor {r.rate:.3g} < 1",)
+            remedies = (Remedy("orthogonal recurrent weights", f"nn.init.orthogonal_({w})"),
+                        Remedy("use a gated cell", "nn.LSTM / nn.GRU instead of nn.RNN"))
+        else:
+            causes = (f"spectral radius of W_hh {r.spectral_radius:.3g} > 1/γ = {r.bound:.3g}",)
+            remedies = (Remedy("clip the gradient norm (Pascanu et al. 2013)",
+                               "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)"),
+                        Remedy("orthogonal recurrent weights", f"nn.init.orthogonal_({w})"))
+        msg = (f"‖∂L_T/∂h_k‖ crosses {'1e-3' if kind.startswith('van') else '1e3'} of its value at T after "
+               f"{r.horizon} steps (factor {r.rate:.3g} per step)")
+        findings.append(Finding(kind, "warning", 0, (r.name,), msg, evidence, causes, remedies))
+    return findings
+
+
+def nonfinite_findings(layers: list[LayerProbe]) -> list[Finding]:
+    bad = [x for x in layers if x.nonfinite]
+    if not bad:
+        return []
+    return [Finding("non_finite", "error", 0, tuple(x.name for x in bad),
+                    f"NaN/Inf in the gradients of {len(bad)} layer(s) at initialisation, first {bad[0].name}",
+                    {"entries": sum(x.nonfinite for x in bad)},
+                    ("an operation without a finite derivative at these inputs (log/sqrt/div of 0), or overflow",),
+                    (Remedy("find the operation", "torch.autograd.set_detect_anomaly(True)"),))]
+
+
+def overall(layers: list[LayerProbe], findings: list[Finding]) -> str:
+    if any(x.verdict == "non-finite" for x in layers):
+        return "non-finite"
+    kinds = {f.kind for f in findings}
+    if "exploding_gradient" in kinds:
+        return "exploding"
+    return "vanishing" if "vanishing_gradient" in kinds else "healthy"
+
+
+def _prod(layers: list[LayerProbe], attr_: str) -> float:
+    vals = [getattr(x, attr_) for x in layers if math.isfinite(getattr(x, attr_))]
+    return math.prod(vals) if vals else math.nan
+
+
+def _median(layers: list[LayerProbe], attr_: str) -> float:
+    vals = sorted(getattr(x, attr_) for x in layers if math.isfinite(getattr(x, attr_)))
+    return vals[len(vals) // 2] if vals else math.nan

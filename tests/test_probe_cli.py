@@ -1,0 +1,65 @@
+"""`gradwatch probe` end to end, in a subprocess, with factories from tests/test_probe_helpers.py."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gradwatch.cli.main import main
+
+TESTS = Path(__file__).resolve().parent
+
+
+def run(*args, cwd=TESTS):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "gradwatch", "probe", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_json_and_png(tmp_path):
+    png = tmp_path / "profile.png"
+    p = run("test_probe_helpers:sigmoid_mlp", "--input-shape", "16,32", "--num-classes", "10",
+            "--json", "--png", str(png), "--iters", "5")
+    assert p.returncode == 0, p.stderr
+    d = json.loads(p.stdout)
+    assert [x["name"] for x in d["layers"]] == [str(i) for i in range(0, 17, 2)]
+    assert d["verdict"] == "vanishing"
+    assert d["findings"][0]["kind"] == "vanishing_gradient" and d["findings"][0]["first_step"] == 0
+    assert d["mean_field"]["activation"] == "sigmoid" and d["mean_field"]["chi1"] < 0.1
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table_and_embedding_input_from_another_directory(tmp_path):
+    # run from elsewhere with PYTHONPATH, integer inputs inferred from the Embedding
+    env_cwd = tmp_path
+    p = subprocess.run([sys.executable, "-m", "gradwatch", "probe", "test_probe_helpers:TinyLM",
+                        "--input-shape", "4,12", "--num-classes", "50"], cwd=env_cwd, capture_output=True,
+                       text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(TESTS)))
+    assert p.returncode == 0, p.stderr
+    assert "rnn" in p.stdout and "BPTT horizon" in p.stdout and "verdict" in p.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["nosuchpkg.models:make", "--input-shape", "2,3"], "cannot import 'nosuchpkg.models'"),
+    (["test_probe_helpers:nope", "--input-shape", "2,3"], "has no attribute 'nope'"),
+    (["test_probe_helpers", "--input-shape", "2,3"], "not of the form package.module:factory"),
+    (["test_probe_helpers:broken", "--input-shape", "2,3"], "raised RuntimeError: cannot build"),
+    (["test_probe_helpers:sigmoid_mlp", "--input-shape", "16,33"], "input shape 16,33 does not fit"),
+    (["test_probe_helpers:sigmoid_mlp", "--input-shape", "16,x"], "--input-shape '16,x'"),
+    (["test_probe_helpers:no_layers", "--input-shape", "2,3"], "has no layers"),
+    (["test_probe_helpers:sigmoid_mlp", "--input-shape", "16,32", "--num-classes", "7"], "--num-classes 7"),
+])
+def test_bad_input_is_one_clear_line(args, needle, monkeypatch, capsys):
+    monkeypatch.chdir(TESTS)  # in-process (a subprocess per case would cost seconds each)
+    assert main(["probe", *args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gradwatch: error: ") and needle in lines[0], lines
+
+
+def test_bad_input_in_a_subprocess_has_no_traceback():
+    p = run("test_probe_helpers:sigmoid_mlp", "--input-shape", "16,33")
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.startswith("gradwatch: error: input shape 16,33 does not fit") and "Traceback" not in p.stderr

@@ -1,0 +1,93 @@
+"""Jacobian spectra from jvp/vjp only, against the explicit Jacobian (torch.func.jacrev + svdvals)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from gradwatch.probe import probe
+from gradwatch.probe.spectra import func_ops, graph_ops, spectrum
+
+
+def explicit_svdvals(f, x):
+    j = torch.func.jacrev(f)(x)
+    return torch.linalg.svdvals(j.reshape(f(x).numel(), x.numel()))
+
+
+SMALL_LAYERS = {
+    "linear_tanh": (lambda: nn.Sequential(nn.Linear(12, 9), nn.Tanh()), (12,)),
+    "wide_to_narrow": (lambda: nn.Linear(20, 6), (20,)),
+    "conv_relu": (lambda: nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU()), (2, 5, 5)),
+    "layernorm": (lambda: nn.LayerNorm(10), (10,)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_LAYERS))
+def test_power_iteration_equals_svdvals_torch_func(name):
+    factory, shape = SMALL_LAYERS[name]
+    torch.manual_seed(0)
+    f, x = factory().double(), torch.randn(shape, dtype=torch.float64)
+    sv = explicit_svdvals(f, x)
+    jvp, vjp, out = func_ops(f, x)
+    s = spectrum(jvp, vjp, x, out.shape, iters=200, lanczos=10, tol=1e-10,
+                 generator=torch.Generator().manual_seed(1))
+    assert s.top == pytest.approx(float(sv[0]), rel=1e-3)
+    k = min(x.numel(), out.numel())
+    assert s.mean <= s.rms <= s.top * (1 + 1e-6)
+    assert s.rms == pytest.approx(float(sv.pow(2).mean().sqrt()), rel=0.2)  # 8 probe vectors of ≤ 75 entries
+    assert sv.numel() == k
+
+
+def test_power_iteration_alone_converges_without_warm_start():
+    torch.manual_seed(3)
+    f, x = nn.Linear(15, 15).double(), torch.randn(15, dtype=torch.float64)
+    sv = explicit_svdvals(f, x)
+    jvp, vjp, out = func_ops(f, x)
+    s = spectrum(jvp, vjp, x, out.shape, iters=500, lanczos=1, tol=1e-12)
+    assert s.top == pytest.approx(float(sv[0]), rel=1e-3)
+
+
+def test_graph_ops_match_func_ops_products():
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(6, 7), nn.Tanh()).double()
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    y = f(x)
+    jvp_g, vjp_g = graph_ops(y, x)
+    jvp_f, vjp_f, _ = func_ops(f, x.detach())
+    v, u = torch.randn_like(x), torch.randn_like(y)
+    torch.testing.assert_close(jvp_g(v), jvp_f(v))
+    torch.testing.assert_close(vjp_g(u), vjp_f(u))
+
+
+def test_probe_layer_spectra_equal_explicit_block_jacobians():
+    """Inside a model, each layer's block (its input -> next layer's input) against jacrev of that
+    block on the whole batch: top singular value to 1e-3, mean singular value by SLQ to a few %."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 5)).double()
+    x = torch.randn(8, 16, dtype=torch.float64)
+    r = probe(model, x, iters=300)
+    blocks = [nn.Sequential(model[0], model[1]), nn.Sequential(model[2], model[3]), model[4]]
+    h = x
+    for layer, block in zip(r.layers, blocks):
+        sv = explicit_svdvals(block, h)  # block-diagonal over the 8 samples
+        assert layer.sigma_max == pytest.approx(float(sv[0]), rel=1e-3), layer.name
+        k = min(h.shape[1], block(h).shape[1]) * h.shape[0]
+        sv = sv[:k]  # the rest are zeros of the block-diagonal batch Jacobian
+        assert layer.sigma_mean == pytest.approx(float(sv.mean()), rel=0.05), layer.name
+        assert layer.sigma_rms == pytest.approx(float(sv.pow(2).mean().sqrt()), rel=0.05), layer.name
+        h = block(h).detach()
+    assert [x.jacobian_to for x in r.layers] == ["2", "4", "output"]
+    assert r.gain["top"] == pytest.approx(math.prod(x.sigma_max for x in r.layers))
+
+
+def test_slq_mean_singular_value_on_a_wide_layer():
+    torch.manual_seed(0)
+    lin = nn.Linear(300, 300).double()
+    f = lambda z: torch.tanh(lin(z))  # noqa: E731
+    x = 0.5 * torch.randn(300, dtype=torch.float64)
+    sv = explicit_svdvals(f, x)
+    jvp, vjp, out = func_ops(f, x)
+    s = spectrum(jvp, vjp, x, out.shape, iters=0, lanczos=10, generator=torch.Generator().manual_seed(0))
+    assert s.mean == pytest.approx(float(sv.mean()), rel=0.03)
+    assert s.rms == pytest.approx(float(sv.pow(2).mean().sqrt()), rel=0.05)
