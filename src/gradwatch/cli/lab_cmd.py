@@ -1,0 +1,55 @@
+"""gradwatch lab: run the classic vanishing/exploding-gradient experiments and write their pages."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from gradwatch import lab
+from gradwatch.lab.page import verdict
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "lab", help="reproduce the classic experiments (depth, init, clipping, RNNs, ...) with plots",
+        description="Run seeded experiments that check the classic claims about vanishing and exploding "
+                    "gradients, measured with gradwatch itself. Each writes PNG figures, results.csv and a page "
+                    "(index.md, index.html) into OUT/NAME/. Exit code 1 if any check fails. "
+                    f"Experiments: {', '.join(lab.NAMES)}.")
+    p.add_argument("name", metavar="NAME", help="an experiment, 'all', or 'list' to show them")
+    p.add_argument("--quick", action="store_true", help="small sizes (seconds each) instead of the full ones (minutes)")
+    p.add_argument("--out", default="lab-out", help="directory for the pages (default: lab-out)")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    console = Console()
+    if args.name == "list":
+        table = Table(show_lines=False)
+        table.add_column("name")
+        table.add_column("claim")
+        for exp in lab.all_experiments():
+            table.add_row(exp.name, exp.claim)
+        console.print(table)
+        return 0
+    exps = lab.all_experiments() if args.name == "all" else [lab.get(args.name)]
+    out = Path(args.out)
+    done = lab.run_many(exps, args.quick, out)
+    table = Table(title=f"gradwatch lab ({'quick' if args.quick else 'full'})")
+    for col in ("experiment", "verdict", "checks passed", "seconds"):
+        table.add_column(col)
+    for exp, res in done:
+        v = verdict(res)
+        table.add_row(exp.name, f"[{'green' if v == 'PASS' else 'red'}]{v}[/]",
+                      f"{sum(c.passed for c in res.checks)}/{len(res.checks)}", f"{res.seconds:.1f}")
+    console.print(table)
+    for exp, res in done:
+        for c in res.checks:
+            if not c.passed:
+                console.print(f"[red]FAIL[/] {exp.name}: {c.description}", markup=True, highlight=False)
+    index = out / ("index.html" if len(done) > 1 else f"{done[0][0].name}/index.html")
+    console.print(f"pages: {index}", highlight=False)
+    return 0 if all(res.passed for _, res in done) else 1

@@ -1,0 +1,66 @@
+"""Figures shared by several experiments: loss curves and per-layer profiles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from gradwatch.lab.page import figure, save
+from gradwatch.lab.train import Run, total_grad_norm
+
+
+def smooth(values: np.ndarray, window: int = 10) -> np.ndarray:
+    if len(values) < window:
+        return values
+    kernel = np.ones(window) / window
+    return np.convolve(values, kernel, mode="valid")
+
+
+def loss_curves(ax, runs: list[Run], log: bool = True, window: int = 10) -> None:
+    for run in runs:
+        y = smooth(run.losses[np.isfinite(run.losses)], window)
+        line, = ax.plot(np.arange(len(y)) + window - 1, y, label=run.label)
+        if run.diverged_at is not None:
+            ax.axvline(run.diverged_at, color=line.get_color(), ls=":", lw=1)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"training loss (mean of {window} steps)")
+    ax.legend(fontsize=7)
+
+
+def layer_profile(ax, names: list[str], series: dict[str, np.ndarray], ylabel: str, title: str = "") -> None:
+    x = np.arange(len(names))
+    for label, values in series.items():
+        ax.plot(x, values, marker="o", ms=3, label=label)
+    ax.set_yscale("log")
+    step = max(1, len(names) // 12)
+    ax.set_xticks(x[::step], names[::step], rotation=45, fontsize=7)
+    ax.set_xlabel("layer (input → output)")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+
+
+def losses_and_profile(out: Path, name: str, runs: list[Run], names: list[str], profile: dict[str, np.ndarray],
+                       ylabel: str, title: str) -> Path:
+    """The common two-panel figure: loss curves beside a per-layer profile."""
+    fig, (a, b) = figure(2)
+    loss_curves(a, runs)
+    layer_profile(b, names, profile, ylabel, title)
+    return save(fig, out, name)
+
+
+def losses_and_grad_norms(out: Path, name: str, runs: list[Run], ylabel: str = "total gradient norm (watch)") -> Path:
+    """Loss curves beside the total gradient norm of every step, as the watch recorded it."""
+    fig, (a, b) = figure(2)
+    loss_curves(a, runs)
+    for r in runs:
+        b.plot(r.series.steps, total_grad_norm(r.series), label=r.label, lw=1)
+    b.set_yscale("log")
+    b.set_xlabel("step")
+    b.set_ylabel(ylabel)
+    b.legend(fontsize=7)
+    return save(fig, out, name)

@@ -1,0 +1,64 @@
+"""Run experiments: seed, time, write the pages, and show progress (rich, on stderr)."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from gradwatch.lab import page
+from gradwatch.lab.base import NULL_PROGRESS, Experiment, Result
+from gradwatch.lab.base import Progress as ProgressLike
+
+
+class _RichProgress:
+    """One bar per experiment; its description shows the current phase."""
+
+    def __init__(self, bar: Progress, name: str):
+        self.bar, self.name = bar, name
+        self.task = bar.add_task(name, total=None)
+
+    def phase(self, note: str, total: int) -> None:
+        self.bar.update(self.task, description=f"{self.name}: {note}", total=total, completed=0)
+
+    def advance(self, n: int = 1) -> None:
+        self.bar.advance(self.task, n)
+
+    def done(self, result: Result) -> None:
+        self.bar.update(self.task, description=f"{self.name}: {page.verdict(result)} ({result.seconds:.1f} s)")
+
+
+def run_one(exp: Experiment, quick: bool, out: Path, progress: ProgressLike = NULL_PROGRESS) -> Result:
+    """Run one experiment with fixed seeds into out/<name>/ and write its page."""
+    target = Path(out) / exp.name
+    target.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # live findings of the watch: the page reports what matters
+        result = exp.run(quick, target, progress)
+    result.seconds = time.perf_counter() - start
+    result.notes.insert(0, f"mode: {'quick' if quick else 'full'}")
+    page.write(exp, result, target)
+    return result
+
+
+def run_many(exps: list[Experiment], quick: bool, out: Path, show: bool = True) -> list[tuple[Experiment, Result]]:
+    """Run experiments in order with a progress bar each; write an index page when there are several."""
+    console = Console(stderr=True)
+    done: list[tuple[Experiment, Result]] = []
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, disable=not show) as bar:
+        for exp in exps:
+            tracker = _RichProgress(bar, exp.name)
+            result = run_one(exp, quick, out, tracker)
+            tracker.done(result)
+            done.append((exp, result))
+    if len(done) > 1:
+        page.write_index(done, Path(out))
+    return done
