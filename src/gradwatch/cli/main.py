@@ -13,7 +13,7 @@ import sys
 
 from gradwatch.errors import GradwatchError
 
-COMMANDS = ("run", "show", "diagnose", "probe", "fix", "lab")
+COMMANDS = ("run", "show", "diagnose", "probe", "fix", "lab", "report", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,24 @@
+"""gradwatch export: a recorded run in another tool's format (TensorBoard)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="export a run to TensorBoard (scalars per layer and metric, findings as text)",
+        description="Write a recorded run as TensorBoard event files: one scalar per layer and metric "
+                    "(grad_norm/<layer>, update_ratio/<layer>, ...; gradient norms are taken before "
+                    "clipping), loss, lr, and the findings as text. Needs the tensorboard package.")
+    p.add_argument("run", help="run directory or .sqlite store")
+    p.add_argument("--tensorboard", metavar="LOGDIR", required=True, help="TensorBoard log directory to write")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from gradwatch.integrations.tensorboard import export
+
+    n = export(args.run, args.tensorboard)
+    print(f"Wrote {n} steps to TensorBoard logs in {args.tensorboard} (view: tensorboard --logdir {args.tensorboard})")
+    return 0

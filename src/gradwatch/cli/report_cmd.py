@@ -1,0 +1,40 @@
+"""gradwatch report: one self-contained HTML file with the findings and the pictures of a run."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from gradwatch.errors import ConfigError
+from gradwatch.report import write_report
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report", help="write one self-contained HTML report of a run (findings, gradient flow, heat maps, loss)",
+        description="Write one HTML file that works offline (no network, no script): the findings with their "
+                    "evidence and remedy code, the gradient flow input -> output at chosen steps, heat maps of "
+                    "log10 gradient norm and update ratio (layers x steps), the loss with the findings marked, "
+                    "dead/saturated fractions per activation layer, and the run's metadata. Long runs are "
+                    "downsampled for display by step blocks, and the page says so.")
+    p.add_argument("run", help="run directory or .sqlite store")
+    p.add_argument("-o", "--output", help="HTML file to write (default: RUN/report.html)")
+    p.add_argument("--steps", help="steps of the gradient-flow picture, comma-separated (default: five spread over the run)")
+    p.set_defaults(func=main)
+
+
+def _steps(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--steps={text!r}: expected step numbers separated by commas, e.g. --steps 0,100,1000") from None
+
+
+def main(args: argparse.Namespace) -> int:
+    run = Path(args.run)
+    default = run / "report.html" if run.is_dir() else run.with_suffix(".html")
+    out = write_report(run, args.output or default, steps=_steps(args.steps))
+    print(f"Wrote HTML report to {out}")
+    return 0

@@ -1,0 +1,97 @@
+"""What the Lightning and Hugging Face callbacks share: a `Watch` on the trainer's model and
+optimizer writing the usual store, the steps each flush wrote (for the framework's logger), and
+findings reported once each, live and at the end (also written to OUT/findings.json, as
+`gradwatch run` does, so `gradwatch report OUT` shows them)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from gradwatch.collect.watch import Watch
+from gradwatch.errors import ConfigError
+from gradwatch.integrations._rows import StepRows, WatchStore, rows_since
+
+FINDINGS_FILE = "findings.json"
+
+
+def base_optimizer(optimizer: object) -> torch.optim.Optimizer:
+    """The torch optimizer inside a framework's wrapper (accelerate's AcceleratedOptimizer,
+    Lightning's LightningOptimizer), whose step hooks run on every real step."""
+    seen = 0
+    while not type(optimizer).__module__.startswith("torch.") and seen < 5:
+        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            break
+        optimizer, seen = inner, seen + 1
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(f"cannot watch the optimizer {type(optimizer).__name__}: not a torch.optim.Optimizer")
+    return optimizer
+
+
+def finding_line(f) -> str:
+    return f"gradwatch: [{f.severity}] {f.kind} (step {f.first_step}): {f.message}"
+
+
+class Recorder:
+    """One training's watch. `report(finding)` is called once per new finding."""
+
+    def __init__(self, out, report: Callable, *, every: int, sample_every: int, flush_every: int, stop_on=()):
+        self.out = out
+        self.report = report
+        self.options = dict(every=every, sample_every=sample_every, flush_every=flush_every, stop_on=stop_on)
+        self.watch: Watch | None = None
+        self.out_dir: Path | None = None
+        self._store = WatchStore()
+        self._logged = -1
+        self._seen: set[tuple[str, str]] = set()
+        self.findings: list | None = None  # set by finish()
+
+    def start(self, model: torch.nn.Module, optimizer: object, default_out: str | os.PathLike, framework: str) -> Watch:
+        self.out_dir = Path(self.out if self.out is not None else default_out)
+        for old in [*self.out_dir.glob("gradwatch*.sqlite*"), self.out_dir / FINDINGS_FILE]:
+            old.unlink(missing_ok=True)  # a new training replaces the run, as `gradwatch run` does
+        meta = {"command": list(sys.argv), "framework": framework, "pid": os.getpid()}
+        self.watch = Watch(model, base_optimizer(optimizer), out=self.out_dir, meta=meta, on_finding=self._found,
+                           warn=False, **self.options)
+        return self.watch
+
+    def _found(self, finding) -> None:
+        key = (finding.kind, finding.layers[0] if finding.layers else "")
+        if key not in self._seen:
+            self._seen.add(key)
+            self.report(finding)
+
+    def new_steps(self) -> Iterator[StepRows]:
+        """The steps flushed since the last call."""
+        db = self._store.connection(self.watch) if self.watch is not None else None
+        if db is None:
+            return
+        for row in rows_since(db, self._logged):
+            self._logged = row.step
+            yield row
+
+    def finish(self) -> list:
+        """Detach (flushing the last steps), diagnose the whole run, report what is new, and write
+        OUT/findings.json. Returns all findings."""
+        if self.watch is None or self.findings is not None:
+            return self.findings or []
+        from gradwatch.diagnose import diagnose
+
+        self.watch.detach()
+        series = self.watch.stored_series()
+        findings = diagnose(series) if len(series.steps) else []
+        for f in findings:
+            self._found(f)
+        if self.out_dir is not None and len(series.steps):
+            (self.out_dir / FINDINGS_FILE).write_text(json.dumps([f.to_dict() for f in findings], indent=2, default=float))
+        self.findings = findings
+        return findings
+
+    def close(self) -> None:
+        self._store.close()

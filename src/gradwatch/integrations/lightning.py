@@ -1,0 +1,87 @@
+"""Lightning: `GradwatchCallback` records what `gradwatch.watch` records, into the same store,
+and reports through the trainer's logger.
+
+    trainer = Trainer(callbacks=[GradwatchCallback()], gradient_clip_val=1.0)
+
+The gradient norms are taken the moment each gradient is accumulated (post-accumulate-grad
+hooks), that is before Lightning clips them in `configure_gradient_clipping`: they are the
+pre-clip norms, logged as `gradwatch/grad_norm_preclip/<layer>` after each flush (every
+`flush_every` steps, at the step each was taken). Findings are warned once each
+(`rank_zero_warn`) and counted in `gradwatch/findings`. The store goes to `out`, default
+`<trainer.default_root_dir>/gradwatch`: `gradwatch report` and `gradwatch diagnose` read it.
+"""
+
+from __future__ import annotations
+
+import os
+
+try:
+    import lightning.pytorch as pl
+    from lightning.pytorch.utilities import rank_zero_warn
+except ImportError:  # the standalone package
+    import pytorch_lightning as pl
+    from pytorch_lightning.utilities import rank_zero_warn
+
+from gradwatch.errors import ConfigError
+from gradwatch.integrations._trainer import Recorder, finding_line
+
+PREFIX = "gradwatch/"
+GRAD_METRIC = PREFIX + "grad_norm_preclip/"
+
+
+class GradwatchCallback(pl.Callback):
+    """Watch the LightningModule and the trainer's first optimizer from `on_fit_start`.
+
+    out: run directory for the store (default `<default_root_dir>/gradwatch`); every,
+    sample_every, flush_every, stop_on: as for `gradwatch.watch`; log_grad_norms: send the
+    per-layer pre-clip norms to the trainer's logger.
+    """
+
+    def __init__(self, out: str | os.PathLike | None = None, *, every: int = 1, sample_every: int = 10,
+                 flush_every: int = 50, stop_on=(), log_grad_norms: bool = True):
+        self.log_grad_norms = log_grad_norms
+        self._trainer = None
+        self._count = 0
+        self.recorder = Recorder(out, self._report, every=every, sample_every=sample_every,
+                                 flush_every=flush_every, stop_on=stop_on)
+
+    @property
+    def watch(self):
+        return self.recorder.watch
+
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if not trainer.optimizers:
+            raise ConfigError("GradwatchCallback needs an optimizer: configure_optimizers returned none")
+        if len(trainer.optimizers) > 1:
+            rank_zero_warn(f"gradwatch: {len(trainer.optimizers)} optimizers; watching the first only")
+        self._trainer = trainer
+        out = os.path.join(trainer.default_root_dir, "gradwatch")
+        if trainer.world_size > 1:  # one store per process, as under `gradwatch run`
+            out = os.path.join(self.recorder.out or out, f"rank{trainer.global_rank}")
+            self.recorder.out = out
+        watch = self.recorder.start(pl_module, trainer.optimizers[0], out, f"lightning {pl.__version__}")
+        watch.on_flush.append(lambda w: self._log_flushed())
+
+    def _log_flushed(self) -> None:
+        logger = self._trainer.logger if self._trainer is not None else None
+        for row in self.recorder.new_steps():
+            if logger is None or not self.log_grad_norms or not self._trainer.is_global_zero:
+                continue
+            metrics = {GRAD_METRIC + layer: v for layer, m, v in row.values if m == "grad_norm"}
+            if metrics:
+                logger.log_metrics(metrics, step=row.step)
+
+    def _report(self, finding) -> None:
+        self._count += 1
+        rank_zero_warn(finding_line(finding))
+        trainer = self._trainer
+        if trainer is not None and trainer.logger is not None and trainer.is_global_zero:
+            trainer.logger.log_metrics({PREFIX + "findings": self._count}, step=max(finding.first_step, 0))
+
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self.recorder.finish()
+        self._log_flushed()
+        self.recorder.close()
+
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        self.on_fit_end(trainer, pl_module)

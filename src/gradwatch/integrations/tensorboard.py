@@ -1,0 +1,107 @@
+"""TensorBoard: a run's scalars per layer and metric (`grad_norm/<layer>`, ...), loss, lr, and the
+findings as text; after the run (`export`, `gradwatch export RUN --tensorboard DIR`) or live as a
+`Watch` flush callback (`TensorBoardSink`). Needs the `tensorboard` package.
+
+Gradient norms are those gradwatch records: taken before any clipping (see docs/report.md).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from gradwatch.errors import ConfigError
+from gradwatch.integrations._rows import StepRows, WatchStore, rows_since
+
+ABOUT = ("gradwatch: per-layer statistics (docs/statistics.md). `grad_norm/<layer>` is the L2 norm of the "
+         "layer's gradients taken **before** any gradient clipping (and unscaled under GradScaler).")
+
+
+def summary_writer(logdir: str | os.PathLike):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise ConfigError("TensorBoard export needs the tensorboard package: "
+                          "pip install tensorboard (or gradwatch[integrations])") from exc
+    try:
+        return SummaryWriter(log_dir=os.fspath(logdir))
+    except OSError as exc:
+        raise ConfigError(f"cannot write TensorBoard logs to {os.fspath(logdir)!r} ({exc.strerror}); "
+                          "choose another --tensorboard directory") from exc
+
+
+def write_step(writer, row: StepRows) -> None:
+    if row.loss is not None:
+        writer.add_scalar("loss", row.loss, row.step)
+    if row.lr is not None:
+        writer.add_scalar("lr", row.lr, row.step)
+    for layer, metric, value in row.values:
+        writer.add_scalar(f"{metric}/{layer}", value, row.step)
+
+
+def finding_text(f) -> str:
+    """A finding as TensorBoard's Markdown text."""
+    lines = [f"**{f.severity.upper()}** `{f.kind}` since step {f.first_step}", "", f.message]
+    if f.layers:
+        lines += ["", "layers: " + ", ".join(f"`{l}`" for l in f.layers[:20]) + (" ..." if len(f.layers) > 20 else "")]
+    for r in f.remedies:
+        lines += ["", f"- {r.action}: `{r.code}`"]
+    return "\n".join(lines)
+
+
+def write_findings(writer, findings: list) -> None:
+    for n, f in enumerate(findings):
+        writer.add_text(f"findings/{n}_{f.kind}", finding_text(f), f.first_step)
+
+
+def export(run: str | os.PathLike, logdir: str | os.PathLike, findings: list | None = None) -> int:
+    """Write a recorded run (a run directory or store file) as TensorBoard event files under
+    `logdir`; returns the number of steps written."""
+    from gradwatch.diagnose import diagnose
+    from gradwatch.store.reader import connect, store_files
+
+    db = connect(store_files(run)[0])
+    writer = summary_writer(logdir)
+    n = 0
+    try:
+        writer.add_text("gradwatch", ABOUT, 0)
+        for row in rows_since(db):
+            write_step(writer, row)
+            n += 1
+        write_findings(writer, diagnose(run) if findings is None else findings)
+    finally:
+        writer.close()
+        db.close()
+    return n
+
+
+class TensorBoardSink:
+    """Live export: `watch.on_flush.append(TensorBoardSink("tb"))` writes each flushed step's
+    scalars; findings that `live` (the watch's LiveDiagnosis) has found are written as text.
+    Call `close()` at the end (a `Watch` built with `tensorboard_dir=` does)."""
+
+    def __init__(self, logdir: str | os.PathLike, live=None):
+        self.logdir = Path(logdir)
+        self.live = live
+        self._writer = summary_writer(self.logdir)
+        self._writer.add_text("gradwatch", ABOUT, 0)
+        self._store = WatchStore()
+        self._last = -1
+        self._findings = 0
+
+    def __call__(self, watch) -> None:
+        db = self._store.connection(watch)
+        if db is None:
+            return
+        for row in rows_since(db, self._last):
+            write_step(self._writer, row)
+            self._last = row.step
+        found = list(getattr(self.live, "findings", []))
+        for n, f in enumerate(found[self._findings:], self._findings):
+            self._writer.add_text(f"findings/{n}_{f.kind}", finding_text(f), f.first_step)
+        self._findings = len(found)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+        self._store.close()

@@ -1,0 +1,58 @@
+"""Hugging Face: `GradwatchCallback` for `transformers.Trainer` records what `gradwatch.watch`
+records, into the same store, and reports findings through transformers' logger.
+
+    trainer = Trainer(model, args, train_dataset=ds, callbacks=[GradwatchCallback()])
+
+The gradient norms are taken as each gradient is accumulated (post-accumulate-grad hooks), so
+before the Trainer clips them (`max_grad_norm`): pre-clip, the same quantity as the `grad_norm`
+the Trainer logs (the total norm `clip_grad_norm_` returns before clipping). The store goes to
+`out`, default `<args.output_dir>/gradwatch`; at the end of training the findings are written
+to OUT/findings.json and `gradwatch report OUT` draws the run.
+"""
+
+from __future__ import annotations
+
+import os
+
+from transformers import TrainerCallback
+from transformers.utils import logging
+
+from gradwatch.integrations._trainer import Recorder, finding_line
+
+logger = logging.get_logger("gradwatch")
+
+
+class GradwatchCallback(TrainerCallback):
+    """Watch the Trainer's model and optimizer from `on_train_begin`.
+
+    out: run directory for the store (default `<output_dir>/gradwatch`); every, sample_every,
+    flush_every, stop_on: as for `gradwatch.watch`.
+    """
+
+    def __init__(self, out: str | os.PathLike | None = None, *, every: int = 1, sample_every: int = 10,
+                 flush_every: int = 50, stop_on=()):
+        self.recorder = Recorder(out, self._report, every=every, sample_every=sample_every,
+                                 flush_every=flush_every, stop_on=stop_on)
+        self._zero = True
+
+    @property
+    def watch(self):
+        return self.recorder.watch
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        import transformers
+
+        self._zero = state.is_world_process_zero
+        out = os.path.join(args.output_dir, "gradwatch")
+        if args.world_size > 1:
+            out = os.path.join(self.recorder.out or out, f"rank{args.process_index}")
+            self.recorder.out = out
+        self.recorder.start(model, optimizer, out, f"transformers {transformers.__version__}")
+
+    def _report(self, finding) -> None:
+        if self._zero:
+            logger.warning(finding_line(finding))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.recorder.finish()
+        self.recorder.close()

@@ -1,0 +1,135 @@
+"""The report's pictures, drawn with matplotlib's Agg renderer into base64 PNG (no pyplot: no
+global state, no GUI). Text from user code is drawn with mathtext off, so a `$` in a layer name
+is just a character."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+
+from gradwatch.report.display import MAX_COLUMNS, MAX_POINTS, Blocks, recorded_rows, reduce_blocks
+from gradwatch.store.series import RunSeries
+
+SEVERITY_COLOURS = {"error": "#c62828", "warning": "#ef6c00", "info": "#1565c0"}
+NONFINITE_COLOUR = "#e00070"
+MISSING_COLOUR = "#dddddd"
+TEXT = {"parse_math": False}
+DPI = 100
+
+
+def png(fig: Figure) -> str:
+    """The figure as a base64 PNG string."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _layer_ticks(ax, axis: str, names: list[str], limit: int = 40) -> None:
+    stride = max(1, -(-len(names) // limit))
+    ticks = np.arange(0, len(names), stride)
+    labels = [names[i] for i in ticks]
+    if axis == "x":
+        ax.set_xticks(ticks, labels, rotation=60, ha="right", fontsize=6, **TEXT)
+    else:
+        ax.set_yticks(ticks, labels, fontsize=6, **TEXT)
+
+
+def gradient_flow(run: RunSeries, steps: list[int], cols: list[int]) -> Figure:
+    """Per-layer gradient norm, input → output, one line per chosen step."""
+    names = [run.layers[c].name for c in cols]
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    ax = fig.subplots()
+    row_of = {int(s): i for i, s in enumerate(run.steps)}
+    x = np.arange(len(cols))
+    g = run.metrics["grad_norm"]
+    for s in steps:
+        y = g[row_of[s], cols]
+        finite = np.where(np.isfinite(y) & (y > 0), y, np.nan)
+        line, = ax.plot(x, finite, marker="o", ms=3, lw=1.2, label=f"step {s}")
+        bad = np.flatnonzero(np.isinf(y))
+        if len(bad):
+            ax.plot(x[bad], np.full(len(bad), 1.0), "x", color=NONFINITE_COLOUR, transform=ax.get_xaxis_transform(),
+                    clip_on=False, label=f"non-finite at step {s}")
+    ax.set_yscale("log")
+    _layer_ticks(ax, "x", names)
+    ax.set_xlabel("layer (input → output)")
+    ax.set_ylabel("gradient norm ‖∂L/∂W‖ (before clipping)")
+    ax.grid(alpha=0.3, which="both", axis="y")
+    ax.legend(fontsize=7, ncols=2)
+    return fig
+
+
+def heatmap(run: RunSeries, metric: str, cols: list[int], label: str) -> tuple[Figure, Blocks]:
+    """log10 of `metric`, layers (input at the top) × steps, each cell a block maximum."""
+    values = run.metrics[metric][:, cols]
+    rows = recorded_rows(values)
+    blocks, v = reduce_blocks(run.steps[rows], values[rows], MAX_COLUMNS, "max")
+    names = [run.layers[c].name for c in cols]
+    fig = Figure(figsize=(10, min(9.0, max(2.6, 1.4 + 0.035 * len(cols)))), layout="constrained")
+    ax = fig.subplots()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logv = np.where(np.isfinite(v) & (v > 0), np.log10(np.where(v > 0, v, 1.0)), np.nan)
+    finite = logv[np.isfinite(logv)]
+    lo, hi = (finite.min(), finite.max()) if len(finite) else (0.0, 1.0)
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    last = blocks.steps[-1] + blocks.size - 1 if len(blocks.steps) else 0
+    extent = (blocks.steps[0] if len(blocks.steps) else 0, last + 1, len(cols) - 0.5, -0.5)
+    cmap = colormaps["viridis"].with_extremes(bad=MISSING_COLOUR)
+    im = ax.imshow(logv.T, aspect="auto", interpolation="nearest", cmap=cmap, vmin=lo, vmax=hi, extent=extent)
+    bad = np.isposinf(v).T
+    if bad.any():
+        ax.imshow(np.where(bad, 1.0, np.nan), aspect="auto", interpolation="nearest",
+                  cmap=ListedColormap([NONFINITE_COLOUR]), extent=extent)
+    fig.colorbar(im, ax=ax, label=f"log10 {label}", fraction=0.03, pad=0.01)
+    _layer_ticks(ax, "y", names)
+    ax.set_xlabel("step")
+    return fig, blocks
+
+
+def loss_curve(run: RunSeries, marks: list[tuple[int, int, str]]) -> tuple[Figure, Blocks]:
+    """The loss (block median with the block's min–max band) and the findings' first steps,
+    numbered as in the findings list. `marks`: (number, step, severity)."""
+    fig = Figure(figsize=(10, 3.6), layout="constrained")
+    ax = fig.subplots()
+    keep = np.isfinite(run.loss)
+    steps, loss = run.steps[keep], run.loss[keep]
+    blocks, mid = reduce_blocks(steps, loss, MAX_POINTS, "median")
+    if blocks.size > 1:
+        _, lo = reduce_blocks(steps, loss, MAX_POINTS, "min")
+        _, hi = reduce_blocks(steps, loss, MAX_POINTS, "max")
+        ax.fill_between(blocks.steps, lo, hi, color="#90caf9", alpha=0.5, lw=0, label="block min–max")
+    ax.plot(blocks.steps, mid, color="#0d47a1", lw=1.2, label="loss" if blocks.size == 1 else "loss (block median)")
+    if len(loss) and loss.min() > 0 and loss.max() / loss.min() > 20:
+        ax.set_yscale("log")
+    for number, step, severity in marks:
+        colour = SEVERITY_COLOURS.get(severity, "black")
+        ax.axvline(step, color=colour, ls="--", lw=1)
+        ax.text(step, 1.0, f" {number}", color=colour, fontsize=8, va="bottom", transform=ax.get_xaxis_transform(),
+                **TEXT)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+    return fig, blocks
+
+
+def activation_bars(names: list[str], dead: np.ndarray, saturated: np.ndarray) -> Figure:
+    """Dead and saturated fractions per activation layer (their last recorded values)."""
+    fig = Figure(figsize=(10, 3.4), layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(len(names))
+    ax.bar(x - 0.2, np.nan_to_num(dead, nan=0.0, posinf=1.0), 0.4, label="dead (never active in the batch)",
+           color="#6d4c41")
+    ax.bar(x + 0.2, np.nan_to_num(saturated, nan=0.0, posinf=1.0), 0.4, label="saturated", color="#f9a825")
+    ax.set_ylim(0, 1.05)
+    _layer_ticks(ax, "x", names)
+    ax.set_xlabel("activation layer (input → output)")
+    ax.set_ylabel("fraction")
+    ax.legend(fontsize=7)
+    return fig

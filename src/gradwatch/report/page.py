@@ -1,0 +1,232 @@
+"""The report page: one self-contained HTML file (inline CSS, PNG as data: URIs, no script).
+
+Every string that comes from the run (layer names, the command, finding text, metadata) goes
+through `esc`; the page's Content-Security-Policy forbids scripts and network access as well.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import shlex
+from typing import Iterable
+
+import numpy as np
+
+from gradwatch.report import figures
+from gradwatch.report.display import Blocks, chosen_steps, layer_columns, recorded_rows
+from gradwatch.store.series import RunSeries
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1100px;padding:0 16px 40px;color:#222}
+h1{font-size:22px;margin:18px 0 4px}h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #ddd;padding-bottom:4px}
+.sub{color:#555;margin:0 0 10px}.note{color:#555;font-size:12px;margin:4px 0}
+img{max-width:100%;height:auto;display:block}
+table{border-collapse:collapse;font-size:12px;margin:6px 0}td,th{border:1px solid #ddd;padding:2px 6px;text-align:left}
+td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
+.finding{border-left:5px solid #999;background:#fafafa;margin:10px 0;padding:8px 12px}
+.finding.error{border-color:#c62828}.finding.warning{border-color:#ef6c00}.finding.info{border-color:#1565c0}
+.finding h3{font-size:15px;margin:0 0 4px}.sev{font-weight:bold;text-transform:uppercase}
+.finding.error .sev{color:#c62828}.finding.warning .sev{color:#ef6c00}.finding.info .sev{color:#1565c0}
+pre{background:#f0f0f0;padding:6px 8px;overflow-x:auto;font-size:12px;margin:2px 0 8px}
+code{font-family:ui-monospace,Menlo,Consolas,monospace}.ok{color:#2e7d32}
+details summary{cursor:pointer;color:#1565c0}
+"""
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
+
+def esc(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def fmt(value: object) -> str:
+    """A number as the page shows it: 4 significant digits; '–' for not recorded."""
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        if math.isnan(v):
+            return "–"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return f"{v:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(fmt(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {fmt(v)}" for k, v in value.items())
+    return str(value)
+
+
+def _img(b64: str, alt: str) -> str:
+    return f'<img alt="{esc(alt)}" src="data:image/png;base64,{b64}">'
+
+
+def _note(blocks: Blocks, how: str) -> str:
+    if blocks.size == 1:
+        return ""
+    return f'<p class="note downsampled">Downsampled for display: {esc(blocks.note)}; each shows the block {how}.</p>'
+
+
+def _table(head: Iterable[str], rows: Iterable[Iterable[str]], numeric_from: int = 1, cls: str = "") -> str:
+    head = list(head)
+    th = "".join(f'<th class="num">{esc(h)}</th>' if i >= numeric_from else f"<th>{esc(h)}</th>" for i, h in enumerate(head))
+    body = []
+    for row in rows:
+        tds = "".join(f'<td class="num">{esc(c)}</td>' if i >= numeric_from else f"<td>{esc(c)}</td>" for i, c in enumerate(row))
+        body.append(f"<tr>{tds}</tr>")
+    return f'<table class="{cls}"><thead><tr>{th}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
+def _section(ident: str, title: str, body: str) -> str:
+    return f'<section id="{ident}"><h2>{esc(title)}</h2>\n{body}\n</section>'
+
+
+def _long(items: list[str], limit: int = 12) -> str:
+    """A list of names: the first `limit`, the rest folded away."""
+    shown = f"<code>{esc(', '.join(items[:limit]))}</code>"
+    if len(items) <= limit:
+        return shown
+    return (f"{shown} <details><summary>and {len(items) - limit} more</summary>"
+            f"<code>{esc(', '.join(items[limit:]))}</code></details>")
+
+
+def _evidence(value: object) -> str:
+    if isinstance(value, dict) and len(value) > 8:
+        return _long([f"{k}: {fmt(v)}" for k, v in value.items()], 8)
+    if isinstance(value, (list, tuple)) and len(value) > 12:
+        return _long([fmt(v) for v in value])
+    return esc(fmt(value))
+
+
+# ---------------------------------------------------------------- sections
+def findings_section(findings: list) -> str:
+    if not findings:
+        return _section("findings", "Findings", '<p class="ok">No findings: no rule of gradwatch diagnose fired on this run.</p>')
+    parts = []
+    for n, f in enumerate(findings, 1):
+        head = (f'<h3>{n}. <span class="sev">{esc(f.severity)}</span> <code>{esc(f.kind)}</code> '
+                f"since step {esc(f.first_step)}</h3>")
+        where = f'<p class="layers">Layers: {_long(list(f.layers))}</p>' if f.layers else ""
+        evidence = "".join(f"<tr><td>{esc(k)}</td><td>{_evidence(v)}</td></tr>" for k, v in f.evidence.items())
+        evidence = f'<table class="evidence"><tr><th>evidence</th><th>value</th></tr>{evidence}</table>' if evidence else ""
+        causes = "".join(f"<li>{esc(c)}</li>" for c in f.causes)
+        causes = f"<p>Likely causes:</p><ol>{causes}</ol>" if causes else ""
+        remedies = "".join(f"<li>{esc(r.action)}<pre><code>{esc(r.code)}</code></pre></li>" for r in f.remedies)
+        remedies = f'<p>What to change:</p><ul class="remedies">{remedies}</ul>' if remedies else ""
+        parts.append(f'<div class="finding {esc(f.severity)}">{head}<p class="message">{esc(f.message)}</p>'
+                     f"{where}{evidence}{causes}{remedies}</div>")
+    return _section("findings", f"Findings ({len(findings)})", "\n".join(parts))
+
+
+def flow_section(run: RunSeries, steps: list[int] | None) -> str:
+    cols = layer_columns(run, ("param", "recurrent"))
+    chosen = chosen_steps(run, "grad_norm", steps)
+    if not cols or not chosen:
+        return _section("gradient-flow", "Gradient flow", "<p>No gradient norm was recorded.</p>")
+    fig = figures.gradient_flow(run, chosen, cols)
+    row_of = {int(s): i for i, s in enumerate(run.steps)}
+    g = run.metrics["grad_norm"]
+    rows = [[run.layers[c].name, run.layers[c].type] + [fmt(g[row_of[s], c]) for s in chosen] for c in cols]
+    table = _table(["layer", "type"] + [f"step {s}" for s in chosen], rows, numeric_from=2, cls="flow-table")
+    body = (f'<p class="sub">Gradient norm of each layer\'s parameters, input (left) to output (right), at steps '
+            f'{esc(", ".join(map(str, chosen)))}. Norms are taken before any gradient clipping. A line falling to the '
+            "left is a vanishing gradient; a line rising to the right or climbing over time an exploding one.</p>"
+            f'{_img(figures.png(fig), "gradient flow")}'
+            f"<details><summary>values ({len(cols)} layers)</summary>{table}</details>")
+    return _section("gradient-flow", "Gradient flow", body)
+
+
+def heatmap_section(run: RunSeries) -> str:
+    cols = layer_columns(run, ("param", "recurrent"))
+    parts = []
+    for metric, label, what in (("grad_norm", "gradient norm", "gradient norm (every recorded step)"),
+                                ("update_ratio", "update ratio ‖Δw‖/‖w‖", "update ratio ‖Δw‖/‖w‖ (sampled steps)")):
+        m = run.metrics.get(metric)
+        if m is None or not cols or len(recorded_rows(m[:, cols])) == 0:
+            parts.append(f'<h3>log10 {esc(what)}</h3><p>Not recorded.</p>')
+            continue
+        fig, blocks = figures.heatmap(run, metric, cols, label)
+        parts.append(f'<div class="heatmap" id="heatmap-{metric}"><h3>log10 {esc(what)}</h3>'
+                     f'{_img(figures.png(fig), "heat map of log10 " + label)}{_note(blocks, "maximum")}</div>')
+    legend = (f'<p class="note">Layers top (input) to bottom (output). Grey: not recorded; '
+              f'<span style="color:{figures.NONFINITE_COLOUR}">magenta</span>: non-finite (NaN/Inf).</p>')
+    return _section("heatmaps", "Heat maps: layers × steps", legend + "\n".join(parts))
+
+
+def loss_section(run: RunSeries, findings: list) -> str:
+    if not np.isfinite(run.loss).any():
+        return _section("loss", "Loss", "<p>No finite loss was recorded.</p>")
+    marks = [(n, f.first_step, f.severity) for n, f in enumerate(findings, 1)]
+    fig, blocks = figures.loss_curve(run, marks)
+    finite = run.loss[np.isfinite(run.loss)]
+    nonfinite = int(np.isinf(run.loss).sum())
+    facts = (f"first {fmt(finite[0])}, last {fmt(finite[-1])}, lowest {fmt(finite.min())}"
+             + (f"; {nonfinite} steps with a non-finite loss" if nonfinite else ""))
+    body = (f'<p class="sub">Training loss; dashed lines mark each finding\'s first step, numbered as in the list '
+            f'above. Loss: <span class="loss-facts">{esc(facts)}</span>.</p>'
+            f'{_img(figures.png(fig), "loss curve")}{_note(blocks, "median (line) and min–max (band)")}')
+    return _section("loss", "Loss", body)
+
+
+def activation_section(run: RunSeries) -> str:
+    cols = layer_columns(run, ("activation",))
+    dead, sat = run.metrics.get("dead"), run.metrics.get("saturated")
+    if not cols or dead is None or sat is None:
+        return _section("activations", "Activations: dead and saturated units", "<p>No activation module was watched.</p>")
+    rows, last_dead, last_sat = [], [], []
+    for c in cols:
+        cells = [run.layers[c].name, run.layers[c].activation or run.layers[c].type]
+        for m, out in ((dead, last_dead), (sat, last_sat)):
+            r = recorded_rows(m[:, c])
+            out.append(m[r[-1], c] if len(r) else np.nan)
+            cells += [fmt(m[r[0], c]) if len(r) else "–", fmt(out[-1]),
+                      fmt(int(run.steps[r[-1]])) if len(r) else "–"]
+        rows.append(cells)
+    names = [run.layers[c].name for c in cols]
+    fig = figures.activation_bars(names, np.array(last_dead), np.array(last_sat))
+    table = _table(["layer", "activation", "dead first", "dead last", "at step", "saturated first", "saturated last",
+                    "at step"], rows, numeric_from=2, cls="activation-table")
+    body = ('<p class="sub">Fraction of dead units (zero for every sample of the batch) and of saturated outputs '
+            "(sigmoid/tanh family: within 1% of an asymptote) per activation layer, at the last step each was "
+            f'recorded.</p>{_img(figures.png(fig), "dead and saturated fractions")}{table}')
+    return _section("activations", "Activations: dead and saturated units", body)
+
+
+def meta_rows(run: RunSeries, source: str) -> list[tuple[str, str]]:
+    meta = dict(run.meta)
+    command = meta.pop("command", None)
+    roles = {r: len(run.layer_names(r)) for r in ("param", "recurrent", "activation")}
+    rows = [("run", source)]
+    if command:
+        rows.append(("command", shlex.join(map(str, command)) if isinstance(command, (list, tuple)) else str(command)))
+    if len(run.steps):
+        rows.append(("steps recorded", f"{len(run.steps):,} (steps {run.steps[0]}–{run.steps[-1]})"))
+    rows.append(("layers", ", ".join(f"{n} {r}" for r, n in roles.items() if n)))
+    rows.append(("model size", f"{sum(l.n_params for l in run.layers):,} trainable parameters in watched layers"))
+    skipped = meta.pop("skipped_steps", [])
+    if skipped:
+        rows.append(("skipped steps (loss scaler)", f"{len(skipped)}: {fmt(skipped[:20])}" + (" ..." if len(skipped) > 20 else "")))
+    rows += [(k, fmt(v)) for k, v in sorted(meta.items())]
+    return rows
+
+
+def meta_section(run: RunSeries, source: str) -> str:
+    return _section("metadata", "Run", _table(["", "value"], meta_rows(run, source), numeric_from=9, cls="meta-table"))
+
+
+def page(run: RunSeries, findings: list, source: str, steps: list[int] | None = None, version: str = "") -> str:
+    n = len(findings)
+    worst = next((s for s in ("error", "warning", "info") if any(f.severity == s for f in findings)), None)
+    summary = (f"{len(run.steps):,} steps, {len(run.layers)} layers, "
+               + (f"{n} finding{'s' * (n != 1)} (worst: {worst})" if n else "no findings"))
+    sections = [findings_section(findings), flow_section(run, steps), heatmap_section(run),
+                loss_section(run, findings), activation_section(run), meta_section(run, source)]
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>gradwatch report: {esc(source)}</title><style>{CSS}</style></head><body>\n"
+            f'<header><h1>gradwatch report</h1><p class="sub"><code>{esc(source)}</code>: {esc(summary)}. '
+            f"Made by gradwatch {esc(version)}.</p></header>\n"
+            + "\n".join(sections) + "\n</body></html>\n")

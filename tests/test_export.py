@@ -1,0 +1,78 @@
+"""TensorBoard export, after the run (`gradwatch export`) and live (`TensorBoardSink`): the scalars
+read back from the event files equal the store's values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("tensorboard")
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+import gradwatch as gw  # noqa: E402
+from gradwatch.cli.main import main as cli  # noqa: E402
+from gradwatch.integrations.tensorboard import TensorBoardSink  # noqa: E402
+
+
+def train(out, steps=30, sink=None):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 8), nn.Sigmoid(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    watch = gw.watch(model, opt, out=out, warn=False, flush_every=7, sample_every=5)
+    if sink is not None:
+        watch.on_flush.append(sink)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    watch.detach()
+    return watch
+
+
+def events(logdir) -> EventAccumulator:
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def check_scalars(acc: EventAccumulator, run) -> None:
+    for name in ("0", "2", "4"):
+        steps, values = run.series(name, "grad_norm")
+        got = acc.Scalars(f"grad_norm/{name}")
+        assert [e.step for e in got] == list(steps)
+        np.testing.assert_allclose([e.value for e in got], values, rtol=1e-6)
+    steps, ratio = run.series("2", "update_ratio")
+    np.testing.assert_allclose([e.value for e in acc.Scalars("update_ratio/2")], ratio, rtol=1e-6)
+    assert [e.step for e in acc.Scalars("update_ratio/2")] == list(steps)
+    np.testing.assert_allclose([e.value for e in acc.Scalars("loss")], run.loss, rtol=1e-6)
+    assert "saturated/1" in acc.Tags()["scalars"]
+
+
+def test_export_command(tmp_path, capsys):
+    train(tmp_path / "run")
+    assert cli(["export", str(tmp_path / "run"), "--tensorboard", str(tmp_path / "tb")]) == 0
+    assert "Wrote 30 steps" in capsys.readouterr().out
+    acc = events(tmp_path / "tb")
+    check_scalars(acc, gw.read_run(tmp_path / "run"))
+    texts = acc.Tags()["tensors"]
+    assert "gradwatch/text_summary" in texts
+    kinds = {f.kind for f in gw.diagnose(tmp_path / "run")}
+    assert {t.split("/")[1].split("_", 1)[1] for t in texts if t.startswith("findings/")} == kinds
+    assert cli(["export", str(tmp_path / "missing"), "--tensorboard", str(tmp_path / "tb2")]) == 2
+
+
+def test_live_sink_writes_every_flushed_step(tmp_path):
+    sink = TensorBoardSink(tmp_path / "tb")
+    train(tmp_path / "run", sink=sink)
+    sink.close()
+    check_scalars(events(tmp_path / "tb"), gw.read_run(tmp_path / "run"))
+
+
+def test_live_sink_on_an_in_memory_watch(tmp_path):
+    sink = TensorBoardSink(tmp_path / "tb")
+    watch = train(None, steps=10, sink=sink)
+    sink.close()
+    assert len(events(tmp_path / "tb").Scalars("grad_norm/0")) == len(watch.stored_series().steps) == 10

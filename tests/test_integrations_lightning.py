@@ -1,0 +1,80 @@
+"""Lightning Trainer + GradwatchCallback: a 20-step training on random data with gradient clipping.
+The store holds every step; its per-layer norms equal the norms the module sees in
+`on_before_optimizer_step` (before Lightning clips), and the logger gets them under the name that
+says so."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+pl = pytest.importorskip("lightning.pytorch")
+
+import gradwatch as gw  # noqa: E402
+from gradwatch.integrations.lightning import GRAD_METRIC, GradwatchCallback  # noqa: E402
+
+CLIP = 0.01
+
+
+class Net(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)
+        self.preclip: list[dict[str, float]] = []
+        self.postclip: list[float] = []
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+    def training_step(self, batch, i):
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def on_before_optimizer_step(self, optimizer):  # Lightning: gradients not clipped yet
+        self.preclip.append({name: float(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(p.grad) for p in m.parameters(recurse=False)])))
+            for name, m in self.named_modules() if list(m.parameters(recurse=False))})
+
+    def on_train_batch_end(self, outputs, batch, i):
+        pass
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        self.postclip.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.parameters()]))))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_lightning_records_preclip_norms(tmp_path):
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(160, 8) * 3, torch.randn(160, 1) * 3)
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    net = Net()
+    callback = GradwatchCallback(flush_every=6, sample_every=5)
+    logger = pl.loggers.CSVLogger(tmp_path, name="logs")
+    trainer = pl.Trainer(max_steps=20, accelerator="cpu", logger=logger, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=CLIP,
+                         default_root_dir=tmp_path, callbacks=[callback], log_every_n_steps=1)
+    trainer.fit(net, loader)
+
+    run = gw.read_run(tmp_path / "gradwatch")
+    assert list(run.steps) == list(range(20))
+    assert run.meta["framework"].startswith("lightning")
+    assert len(net.preclip) == 20
+    for name in ("fc1", "fc2"):
+        _, ours = run.series(name, "grad_norm")
+        np.testing.assert_allclose(ours, [step[name] for step in net.preclip], rtol=1e-5)
+    assert max(net.postclip) <= CLIP * 1.0001 and min(run.metrics["grad_norm"][:, run.column("fc2")]) > 2 * CLIP
+
+    with open(logger.log_dir + "/metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    logged = {int(r["step"]): float(r[GRAD_METRIC + "fc1"]) for r in rows if r.get(GRAD_METRIC + "fc1")}
+    assert sorted(logged) == list(range(20))
+    np.testing.assert_allclose([logged[s] for s in range(20)], [step["fc1"] for step in net.preclip], rtol=1e-5)
+    assert isinstance(json.loads((tmp_path / "gradwatch" / "findings.json").read_text()), list)

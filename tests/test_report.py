@@ -1,0 +1,207 @@
+"""The HTML report: values on the page match the store, everything from user code is escaped, the
+page needs no network, a long deep run stays small and fast, and a real browser renders it."""
+
+from __future__ import annotations
+
+import html
+import importlib.util
+import re
+import shutil
+import subprocess
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradwatch as gw
+from gradwatch.cli.main import main as cli
+from gradwatch.diagnose.finding import Finding, Remedy
+from gradwatch.report import render_html, write_report
+from gradwatch.report.page import fmt
+
+EVIL = "<script>alert(1)</script>"
+SECTIONS = ("findings", "gradient-flow", "heatmaps", "loss", "activations", "metadata")
+
+
+class Evil(nn.Module):
+    """A deep sigmoid MLP (its gradient vanishes: findings to show) with a hostile module name."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(16, 16), nn.Sigmoid())])
+        self.add_module(EVIL, nn.Linear(16, 1))
+
+    def forward(self, x):
+        return getattr(self, EVIL)(self.body(x))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("run")
+    model = Evil()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(64, 16), torch.randn(64, 1)
+    with gw.watch(model, opt, out=out, warn=False, flush_every=40):
+        for _ in range(120):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+    return out
+
+
+@pytest.fixture(scope="module")
+def page(run_dir) -> str:
+    return render_html(run_dir, steps=[0, 60, 119])
+
+
+class Cells(HTMLParser):
+    """The text of each row of the table with class `cls`."""
+
+    def __init__(self, cls: str):
+        super().__init__()
+        self.cls, self.depth, self.rows, self.cell = cls, 0, [], None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table" and ("class", self.cls) in attrs:
+            self.depth = 1
+        elif self.depth and tag == "tr":
+            self.rows.append([])
+        elif self.depth and tag in ("td", "th"):
+            self.cell = ""
+
+    def handle_endtag(self, tag):
+        if self.depth and tag in ("td", "th"):
+            self.rows[-1].append(self.cell)
+            self.cell = None
+        elif tag == "table":
+            self.depth = 0
+
+    def handle_data(self, data):
+        if self.cell is not None:
+            self.cell += data
+
+
+def table(page: str, cls: str) -> list[list[str]]:
+    parser = Cells(cls)
+    parser.feed(page)
+    return parser.rows
+
+
+def test_values_on_the_page_match_the_store(run_dir, page):
+    run = gw.read_run(run_dir)
+    rows = table(page, "flow-table")
+    assert rows[0] == ["layer", "type", "step 0", "step 60", "step 119"]
+    names = [r[0] for r in rows[1:]]
+    assert names == [l.name for l in sorted(run.layers, key=lambda l: l.index) if l.role == "param"]
+    for name, *values in [[r[0]] + r[2:] for r in rows[1:]]:
+        _, g = run.series(name, "grad_norm")
+        assert values == [fmt(g[0]), fmt(g[60]), fmt(g[119])]
+    acts = {r[0]: r for r in table(page, "activation-table")[1:]}
+    for name in run.layer_names("activation"):
+        steps, sat = run.series(name, "saturated")
+        assert acts[name][6] == fmt(sat[-1]) and acts[name][7] == str(steps[-1])
+    finite = run.loss[np.isfinite(run.loss)]
+    assert f"first {fmt(finite[0])}, last {fmt(finite[-1])}" in page
+    meta = dict((r[0], r[1]) for r in table(page, "meta-table")[1:])
+    assert meta["torch"] == torch.__version__ and meta["optimizer"] == "SGD"
+    assert meta["steps recorded"].startswith("120 ")
+    findings = gw.diagnose(run)
+    assert findings, "the sigmoid stack should give findings to show"
+    assert page.index('id="findings"') < page.index('id="gradient-flow"')  # findings first
+    for f in findings:
+        assert html.escape(f.message) in page
+        for r in f.remedies:
+            assert html.escape(r.code) in page
+
+
+def test_the_page_is_self_contained_and_escaped(page):
+    assert "<script" not in page.lower()
+    assert html.escape(EVIL) in page
+    assert not re.search(r"(src|href)\s*=\s*[\"']?(https?:|//)", page)
+    assert "<link" not in page and "@import" not in page
+    srcs = re.findall(r'<img[^>]*src="([^"]*)"', page)
+    assert len(srcs) >= 5 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    for ident in SECTIONS:
+        assert f'id="{ident}"' in page
+
+
+def test_hostile_text_in_findings_and_metadata_is_escaped(run_dir):
+    run = gw.read_run(run_dir)
+    run.meta["command"] = ["train.py", "--name", "</td><script>alert(2)</script>"]
+    bad = Finding("exploding_gradient", "error", 3, (EVIL,), "<img src=x onerror=alert(3)>",
+                  {"<b>key</b>": "<i>v</i>"}, ("<u>cause</u>",), (Remedy("<a>act</a>", "x = '<script>'"),))
+    page = render_html(run, findings=[bad], title="<title>run")
+    assert "<script" not in page.lower() and "<img src=x" not in page and "<b>key" not in page
+    assert "&lt;img src=x onerror=alert(3)&gt;" in page and "x = &#x27;&lt;script&gt;&#x27;" in page
+
+
+def _synthetic():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "report_size.py"
+    spec = importlib.util.spec_from_file_location("report_size", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.synthetic_run
+
+
+def test_long_deep_run_is_downsampled_small_and_fast():
+    """Scaled check (4,000 steps × 200 layers: 5 blocks per column); the full 100k × 200 is
+    benchmarks/report_size.py. Blocks keep a one-step spike visible."""
+    run = _synthetic()(n_steps=4000, n_param=200, n_act=20)
+    run.metrics["grad_norm"][1234, 7] = 1e6
+    start = time.perf_counter()
+    page = render_html(run, findings=[])
+    elapsed = time.perf_counter() - start
+    assert elapsed < 10 and len(page.encode()) < 5e6
+    assert "Downsampled for display: 4,000 recorded steps shown in 800 blocks of 5" in page
+    from gradwatch.report.display import reduce_blocks
+
+    blocks, v = reduce_blocks(run.steps, run.metrics["grad_norm"], 800, "max")
+    assert v[1234 // 5, 7] == 1e6 and np.isposinf(v[3600 // 5, 0])
+
+
+def test_cli_report(run_dir, tmp_path, capsys):
+    assert cli(["report", str(run_dir)]) == 0
+    assert (run_dir / "report.html").stat().st_size > 10_000
+    out = tmp_path / "sub" / "r.html"
+    assert cli(["report", str(run_dir), "-o", str(out), "--steps", "5,50"]) == 0
+    assert "step 5" in out.read_text() and str(out) in capsys.readouterr().out
+    assert cli(["report", str(tmp_path / "nothing")]) == 2
+    assert cli(["report", str(run_dir), "--steps", "x"]) == 2
+    assert "--steps='x'" in capsys.readouterr().err
+
+
+def test_write_report_uses_saved_findings(run_dir, tmp_path):
+    saved = Finding("loss_plateau", "info", 7, (), "a saved finding from gradwatch run")
+    (run_dir / "findings.json").write_text(__import__("json").dumps([saved.to_dict()]))
+    try:
+        assert "a saved finding from gradwatch run" in write_report(run_dir, tmp_path / "r.html").read_text()
+    finally:
+        (run_dir / "findings.json").unlink()
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package")
+def test_headless_chromium_renders_the_report(run_dir, page, tmp_path):
+    path = tmp_path / "report.html"
+    path.write_text(page, encoding="utf-8")
+    shot = tmp_path / "report.png"
+    flags = [CHROMIUM, "--headless", "--disable-gpu", "--no-sandbox", "--hide-scrollbars", "--window-size=1200,3000",
+             f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0"]
+    dom = subprocess.run(flags + ["--dump-dom", path.as_uri()], capture_output=True, text=True, timeout=60)
+    subprocess.run(flags + [f"--screenshot={shot}", path.as_uri()], capture_output=True, timeout=60)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    console = [l for l in dom.stderr.splitlines() if "CONSOLE" in l or "Uncaught" in l or "Refused" in l]
+    assert console == []
+    for ident in SECTIONS:
+        section = re.search(rf'<section id="{ident}">(.*?)</section>', dom.stdout, re.S)
+        assert section and len(re.sub(r"<[^>]+>", "", section.group(1)).strip()) > 20, ident
+    assert len(re.findall(r'<img[^>]*src="data:image/png;base64,[A-Za-z0-9+/=]{1000,}"', dom.stdout)) >= 5
+    assert html.escape(EVIL) in dom.stdout and "<script" not in dom.stdout.lower()
+    assert shot.stat().st_size > 20_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
