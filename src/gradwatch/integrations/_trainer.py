@@ -5,6 +5,7 @@ findings reported once each, live and at the end (also written to OUT/findings.j
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -57,8 +58,11 @@ class Recorder:
         for old in [*self.out_dir.glob("gradwatch*.sqlite*"), self.out_dir / FINDINGS_FILE]:
             old.unlink(missing_ok=True)  # a new training replaces the run, as `gradwatch run` does
         meta = {"command": list(sys.argv), "framework": framework, "pid": os.getpid()}
+        options = dict(self.options)
+        if "status" in inspect.signature(Watch).parameters:
+            options["status"] = False  # the framework's progress bar owns the terminal
         self.watch = Watch(model, base_optimizer(optimizer), out=self.out_dir, meta=meta, on_finding=self._found,
-                           warn=False, **self.options)
+                           warn=False, **options)
         return self.watch
 
     def _found(self, finding) -> None:
