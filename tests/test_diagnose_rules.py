@@ -341,3 +341,19 @@ def test_causes_name_the_saturating_activation():
 def test_unknown_kind_is_rejected():
     with pytest.raises(ValueError, match="unknown finding kind"):
         Finding("sadness", "error", 0, (), "x")
+
+
+def test_long_run_that_learnt_early_is_not_a_plateau():
+    run = build(n_steps=2000)  # the loss falls in the first ~100 steps, then stays converged
+    assert "loss_plateau" not in kinds(diagnose(run))
+
+
+def test_sgd_prediction_is_not_used_where_samples_show_clipping():
+    """A script that clips: the gradient is large, the sampled update is small, so lr·g is not the
+    step and the per-step overshoot estimate must not fire."""
+    run = build(optimizer="SGD", lr=0.1)
+    run.metrics["grad_norm"][:] = 200.0  # lr·g/‖w‖ = 2 everywhere
+    run.metrics["update_ratio"][sampled(run)] = 1e-3  # ...but the steps taken were tiny
+    assert "exploding_gradient" not in kinds(diagnose(run))
+    run.metrics["update_ratio"][sampled(run)] = np.nan  # without samples to tell, it is trusted
+    assert "exploding_gradient" in kinds(diagnose(run))

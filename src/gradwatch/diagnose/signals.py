@@ -37,7 +37,7 @@ def total_grad_norm(run: RunSeries) -> np.ndarray:
         return np.full(len(run.steps), np.nan)
     recorded = ~np.isnan(g)
     with np.errstate(over="ignore", invalid="ignore"):
-        total = np.sqrt(np.nansum(np.square(g), axis=1))
+        total = np.sqrt(np.square(np.where(recorded, g, 0.0)).sum(axis=1))
     total[~recorded.any(axis=1)] = np.nan
     return total
 
@@ -111,10 +111,10 @@ def depth_profile(run: RunSeries, quantity: str, hidden_only: bool = False) -> t
         g, w = run.metrics.get("grad_norm"), run.metrics.get("weight_norm")
         if g is None or w is None or not cols:
             return np.empty(0, dtype=np.int64), np.empty((0, len(cols))), cols
+        rows = sampled_rows(run, "weight_norm", cols)
+        gs, ws = g[rows][:, cols], w[rows][:, cols]
         with np.errstate(divide="ignore", invalid="ignore"):
-            values = np.where(w[:, cols] > 0, g[:, cols] / w[:, cols], np.nan)
-        rows = np.flatnonzero(~np.isnan(w[:, cols]).all(axis=1))
-        return rows, values[rows], cols
+            return rows, np.where(ws > 0, gs / ws, np.nan), cols
     m = run.metrics.get(quantity)
     if m is None or not cols:
         return np.empty(0, dtype=np.int64), np.empty((0, len(cols))), cols

@@ -3,6 +3,8 @@ and a backward signal growing across depth toward the input."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from gradwatch.diagnose import advice
@@ -47,48 +49,66 @@ def _growth_over_steps(run: RunSeries, th: Thresholds):
     total = total_grad_norm(run)
     finite = np.isfinite(total)
     steps, norms = run.steps[finite], total[finite]
-    spikes: list[int] = []
+    n, w = len(norms), th.baseline_window
+    if n <= 2 * th.warmup_steps:
+        return None
     # the warm-up steps never enter the baseline: gradients often start far from their level
-    for i in range(2 * th.warmup_steps, len(norms)):
-        base = np.median(norms[max(th.warmup_steps, i - th.baseline_window):i])
-        if not base > 0:
-            continue
-        factor = norms[i] / base
-        if factor >= th.spike_factor:
-            spikes.append(i)
-        spikes = [k for k in spikes if steps[i] - steps[k] < th.baseline_window]
-        if len(spikes) >= th.spike_steps or factor >= th.jump_factor:
-            j = spikes[0] if len(spikes) >= th.spike_steps else i
-            g = run.metrics["grad_norm"][run.steps.searchsorted(steps[j])]
-            cols = profile_columns(run) or list(range(len(run.layers)))
-            top = sorted((c for c in cols if np.isfinite(g[c])), key=lambda c: -g[c])[:3]
-            return int(steps[j]), names(run, top), {
-                "growth_over_steps": float(factor), "baseline_norm": float(base),
-                "grad_norm_at_detection": float(norms[i]), "detected_at_step": int(steps[i])}
-    return None
+    history = np.concatenate([np.full(w, np.nan), norms])
+    history[w:w + th.warmup_steps] = np.nan
+    windows = np.lib.stride_tricks.sliding_window_view(history, w)[:n]  # row i: norms[i-w:i]
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows at the start
+        base = np.nanmedian(windows, axis=1)
+        factor = np.where(base > 0, norms / base, np.nan)
+    factor[:2 * th.warmup_steps] = np.nan
+    spike = np.nan_to_num(factor, nan=0.0) >= th.spike_factor
+    # spikes within the window ending at each step (steps may have gaps: count by step number)
+    count = np.cumsum(spike)
+    start = np.searchsorted(steps, steps - w + 1)
+    in_window = count - np.concatenate([[0], count])[start]
+    hit = np.flatnonzero((spike & (in_window >= th.spike_steps)) | (np.nan_to_num(factor) >= th.jump_factor))
+    if len(hit) == 0:
+        return None
+    i = hit[0]
+    j = i if factor[i] >= th.jump_factor and in_window[i] < th.spike_steps else start[i] + np.argmax(spike[start[i]:i + 1])
+    g = run.metrics["grad_norm"][run.steps.searchsorted(steps[j])]
+    cols = profile_columns(run) or list(range(len(run.layers)))
+    top = sorted((c for c in cols if np.isfinite(g[c])), key=lambda c: -g[c])[:3]
+    return int(steps[j]), names(run, top), {
+        "growth_over_steps": float(factor[i]), "baseline_norm": float(base[i]),
+        "grad_norm_at_detection": float(norms[i]), "detected_at_step": int(steps[i])}
 
 
 def _sgd_step_too_large(run: RunSeries, th: Thresholds):
-    """Under plain SGD the update is lr·g exactly, so every step's relative update is known from
-    the gradient norm and the last sampled weight norm, long before the next sample."""
+    """Under plain SGD the update is lr·g, so every step's relative update is known from the
+    gradient norm and the last sampled weight norm, long before the next sample. Where the
+    sampled updates show the step is not lr·g (clipping in the script, a wrapper), it is not used."""
     if run.meta.get("optimizer") not in ("SGD", "ASGD"):
         return None
-    g, w = run.metrics.get("grad_norm"), run.metrics.get("weight_norm")
+    g, w, u = run.metrics.get("grad_norm"), run.metrics.get("weight_norm"), run.metrics.get("update_ratio")
     cols = profile_columns(run)
     if g is None or w is None or not cols:
         return None
-    w = w[:, cols].copy()
-    for r in range(1, len(w)):  # carry each layer's last sampled weight norm forward
-        w[r] = np.where(np.isnan(w[r]), w[r - 1], w[r])
+    w = w[:, cols]
+    # carry each layer's last sampled weight norm forward
+    sampled = ~np.isnan(w)
+    last = np.where(sampled, np.arange(len(w))[:, None], 0)
+    np.maximum.accumulate(last, axis=0, out=last)
+    w = w[last, np.arange(len(cols))]
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        u = np.where((w > 0) & np.isfinite(w), run.lr[:, None] * g[:, cols] / w, np.nan)
-    big = np.isfinite(u) & (u > th.max_update_ratio)
+        predicted = np.where((w > 0) & np.isfinite(w), run.lr[:, None] * g[:, cols] / w, np.nan)
+        if u is not None:  # calibrate on the samples where the prediction was large enough to tell
+            measured = u[:, cols]
+            check = sampled & np.isfinite(measured) & np.isfinite(predicted) & (predicted > 0.1 * th.max_update_ratio)
+            if (measured[check] < 0.5 * predicted[check]).any():
+                return None
+    big = np.isfinite(predicted) & (predicted > th.max_update_ratio)
     rows = np.flatnonzero(big.any(axis=1))
     if len(rows) == 0:
         return None
     r = rows[0]
     hit = [c for c, b in zip(cols, big[r]) if b]
-    return int(run.steps[r]), names(run, hit), {"max_update_ratio": float(np.nanmax(u[r][big[r]]))}
+    return int(run.steps[r]), names(run, hit), {"max_update_ratio": float(np.nanmax(predicted[r][big[r]]))}
 
 
 def _overshooting_update(run: RunSeries, th: Thresholds):

@@ -12,6 +12,12 @@ from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
 
 
+def start_window(n: int, th: Thresholds) -> int:
+    """Steps that stand for "the start": a tenth of the run, but never more than 50 steps, so a
+    long run that learnt early is compared with where it began, not with where it converged."""
+    return min(window(n, th.min_loss_window), max(th.min_loss_window, 50))
+
+
 def find_loss_plateau(run: RunSeries, th: Thresholds) -> list[Finding]:
     """No learning: the loss at the end is within 1% of where it started. A loss that fell and then
     levelled off has converged, which is not a finding; one that turned non-finite is another."""
@@ -19,7 +25,7 @@ def find_loss_plateau(run: RunSeries, th: Thresholds) -> list[Finding]:
     if len(loss) < th.min_loss_steps or np.isinf(run.loss).any():
         return []
     w = window(len(loss), th.min_loss_window)
-    start, end = float(np.median(loss[:w])), float(np.median(loss[-w:]))
+    start, end = float(np.median(loss[:start_window(len(loss), th)])), float(np.median(loss[-w:]))
     scale = abs(start)
     if scale < 1e-8 or (start - end) / scale >= th.plateau_improvement:
         return []
@@ -37,13 +43,15 @@ def find_loss_divergence(run: RunSeries, th: Thresholds) -> list[Finding]:
     w = window(len(loss), th.min_loss_window)
     if len(loss) < 2 * w:
         return []
-    start = float(np.median(loss[:w]))
+    start = float(np.median(loss[:start_window(len(loss), th)]))
     limit = start + th.divergence_factor * max(abs(start), 1e-8)
-    running = np.array([np.median(loss[i - w + 1:i + 1]) for i in range(w - 1, len(loss))])
+    # the running median, evaluated every tenth of a window (enough to place the onset)
+    ends = np.arange(w - 1, len(loss), max(1, w // 10))
+    running = np.median(np.lib.stride_tricks.sliding_window_view(loss, w)[ends - w + 1], axis=1)
     over = np.flatnonzero(running > limit)
     if len(over) == 0:
         return []
-    i = over[0] + w - 1
+    i = ends[over[0]]
     first = int(steps[max(i - w // 2, 0)])  # the median crosses once half the window is above
     evidence = {"loss_start": start, "loss_at_detection": float(running[over[0]]), "loss_max": float(loss.max()),
                 "limit": limit, "window_steps": w}
