@@ -1,0 +1,27 @@
+"""Vanishing: a post-LayerNorm TransformerEncoder (4 layers) with Adam lr 0.02 and no warm-up: the
+early large updates collapse it, after which almost no gradient reaches the embedding."""
+SCENARIO = {
+    "name": "v_transformer_postln_highlr",
+    "family": "transformer",
+    "optimizer": "adam",
+    "expected": ["vanishing_gradient"],
+    "allowed": ["stalled_layers"],
+    "evidence": "measured: loss 2.58->2.31; acc 0.10->0.11; non-finite loss at step -; grads at step -; dL/ds first/last 8.3e-08; |g| growth x2; dead -; saturated -; update lower/upper 4.2e-05; |w| x1.3",
+}
+
+import torch
+from torch import nn
+
+import _common as C
+from h_transformer_warmup import RowTransformer
+
+
+def main():
+    torch.manual_seed(0)
+    model = RowTransformer(d=32, layers=4, norm_first=False)
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    C.train(model, C.digits("seq"), nn.CrossEntropyLoss(), steps=300, opt=opt)
+
+
+if __name__ == "__main__":
+    main()
