@@ -67,3 +67,20 @@ def test_store_is_plain_sql(tmp_path):
     ).fetchall()
     assert [(r[0], r[1]) for r in rows] == [(s, n) for s in range(3) for n in ("0", "2")]
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_watching_into_a_used_directory_replaces_the_old_run(tmp_path):
+    import torch
+    from torch import nn
+
+    import gradwatch as gw
+
+    for steps in (5, 3):
+        model = nn.Linear(3, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with gw.watch(model, opt, out=tmp_path, warn=False):
+            for _ in range(steps):
+                opt.zero_grad()
+                model(torch.randn(4, 3)).sum().backward()
+                opt.step()
+    assert list(gw.read_run(tmp_path).steps) == [0, 1, 2]

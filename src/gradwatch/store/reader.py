@@ -68,16 +68,18 @@ def _read(db: sqlite3.Connection) -> RunSeries:
     steps = np.array([r[0] for r in step_rows], dtype=np.int64)
     loss = np.array([np.nan if r[1] is None else r[1] for r in step_rows], dtype=float)
     lr = np.array([np.nan if r[2] is None else r[2] for r in step_rows], dtype=float)
-    row_of = {int(s): i for i, s in enumerate(steps)}
 
     metrics = {c: np.full((len(steps), len(layers)), np.nan) for c in LAYER_COLUMNS}
     data = db.execute(f"SELECT step, layer, {', '.join(LAYER_COLUMNS)} FROM layer_stats").fetchall()
     if data:
         arr = np.array(data, dtype=float)  # NULL -> nan
-        keep = np.array([int(s) in row_of for s in arr[:, 0]])
-        arr = arr[keep]
-        rows = np.array([row_of[int(s)] for s in arr[:, 0]], dtype=np.int64)
-        cols = np.array([column[int(l)] for l in arr[:, 1]], dtype=np.int64)
+        rows = np.searchsorted(steps, arr[:, 0].astype(np.int64))
+        keep = (rows < len(steps)) & (steps[np.minimum(rows, len(steps) - 1)] == arr[:, 0])
+        arr, rows = arr[keep], rows[keep]
+        column_of = np.full(max(column) + 1, -1, dtype=np.int64)
+        for layer_id, col in column.items():
+            column_of[layer_id] = col
+        cols = column_of[arr[:, 1].astype(np.int64)]
         for j, name in enumerate(LAYER_COLUMNS):
             metrics[name][rows, cols] = arr[:, 2 + j]
 

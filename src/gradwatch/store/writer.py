@@ -34,6 +34,12 @@ class RunStoreWriter:
 
     def __init__(self, path: str | os.PathLike | None, meta: dict | None = None):
         self.path = None if path is None else os.fspath(path)
+        if self.path and os.path.exists(self.path) and os.path.getsize(self.path) > 0:
+            # a run written there before is replaced, as `gradwatch run` does (an empty file is a
+            # claim made by this run's own process and is kept)
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.exists(self.path + suffix):
+                    os.unlink(self.path + suffix)
         try:
             self._db = sqlite3.connect(self.path or ":memory:", check_same_thread=False)
         except sqlite3.Error as exc:
