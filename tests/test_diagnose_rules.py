@@ -357,3 +357,27 @@ def test_sgd_prediction_is_not_used_where_samples_show_clipping():
     assert "exploding_gradient" not in kinds(diagnose(run))
     run.metrics["update_ratio"][sampled(run)] = np.nan  # without samples to tell, it is trusted
     assert "exploding_gradient" in kinds(diagnose(run))
+
+
+def test_layers_followed_by_batchnorm_are_judged_by_their_backward_signal():
+    """BatchNorm makes ∂L/∂W ∝ 1/‖W‖: inflated weights shrink the relative gradient without any
+    vanishing of the backward signal."""
+    from gradwatch.store.series import LayerInfo
+    run = build()
+    layers = []
+    for layer in run.layers:  # put a BatchNorm after every hidden Linear
+        layers.append(layer)
+    for k in range(4):
+        pos = run.layers.index(next(l for l in run.layers if l.name == f"fc{k}"))
+        run.layers[pos] = LayerInfo(f"fc{k}", "Linear", 3 * k, "param", 100)
+    for i, l in enumerate(run.layers):
+        if l.role == "activation":
+            k = int(l.name[3:])
+            run.layers[i] = LayerInfo(l.name, l.type, 3 * k + 2, "activation", 0, l.activation)
+    run.layers[run.column("fc4")] = LayerInfo("fc4", "Linear", 12, "param", 100)
+    bn = [LayerInfo(f"bn{k}", "BatchNorm1d", 3 * k + 1, "param", 20) for k in range(4)]
+    run.layers.extend(bn)
+    for m, a in run.metrics.items():
+        run.metrics[m] = np.concatenate([a, np.full((len(run.steps), 4), np.nan)], axis=1)
+    _vanish(run, 0.1)  # relative gradients collapse toward the input (weights inflated)...
+    assert "vanishing_gradient" not in kinds(diagnose(run))  # ...but ∂L/∂s is level

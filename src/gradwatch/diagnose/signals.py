@@ -21,6 +21,18 @@ def profile_columns(run: RunSeries) -> list[int]:
     return sorted(cols, key=lambda i: run.layers[i].index)
 
 
+def normalised_columns(run: RunSeries) -> set[int]:
+    """Layers whose output goes straight into a normalisation layer (Linear -> BatchNorm ...).
+    Their gradient is scale-invariant (∂L/∂W ∝ 1/‖W‖), so ‖∂L/∂W‖/‖W‖ falls as 1/‖W‖² when the
+    weights grow, whatever the backward signal does: judge them by ∂L/∂s instead."""
+    by_index = sorted(range(len(run.layers)), key=lambda i: run.layers[i].index)
+    out = set()
+    for a, b in zip(by_index, by_index[1:]):
+        if run.layers[a].role in ("param", "recurrent") and "Norm" in run.layers[b].type:
+            out.add(a)
+    return out
+
+
 def activation_columns(run: RunSeries) -> list[int]:
     return [i for i, layer in enumerate(run.layers) if layer.role == "activation"]
 
@@ -108,6 +120,8 @@ def depth_profile(run: RunSeries, quantity: str, hidden_only: bool = False) -> t
     if hidden_only:
         cols = cols[:-1]
     if quantity == "relative_grad":
+        normalised = normalised_columns(run)
+        cols = [c for c in cols if c not in normalised]
         g, w = run.metrics.get("grad_norm"), run.metrics.get("weight_norm")
         if g is None or w is None or not cols:
             return np.empty(0, dtype=np.int64), np.empty((0, len(cols))), cols

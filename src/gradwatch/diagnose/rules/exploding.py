@@ -134,6 +134,8 @@ def _weight_growth(run: RunSeries, th: Thresholds):
     if len(rows) < th.persist_samples + 1:
         return None
     total = np.sqrt(np.square(w[rows][:, cols]).sum(axis=1))
+    if not total[0] > 0:  # all-zero initial weights: growth from nothing is not a ratio
+        return None
     growth = total / total[0]
     rising = np.all(np.diff(total[-(th.persist_samples + 1):]) > 0)
     if not (rising and growth[-1] >= th.weight_growth):
