@@ -15,6 +15,9 @@ import torch
 from gradwatch.collect.layers import ASYMPTOTE_BAND, SATURATING
 
 MISSING = -1.0  # marks a parameter with no gradient at this step (norms are >= 0 or NaN)
+# "Zero for every sample" says a unit is dead only over enough samples: a live ReLU unit that fires
+# for half the inputs is zero for all of 8 samples with probability 0.4%. Fewer: not recorded.
+MIN_DEAD_SAMPLES = 8
 
 
 def norms(tensors: list[torch.Tensor], ord: float = 2.0) -> torch.Tensor:
@@ -42,7 +45,7 @@ def activation_stats(y: torch.Tensor, activation: str) -> torch.Tensor:
         low, high = bounds
         band = ASYMPTOTE_BAND * max(abs(low), abs(high))
         saturated = ((y <= low + band) | (y >= high - band)).float().mean()
-    if y.dim() >= 2:
+    if y.dim() >= 2 and y.numel() // y.shape[unit_dim(y)] >= MIN_DEAD_SAMPLES:
         d = unit_dim(y)
         alive = (y != 0).any(dim=tuple(i for i in range(y.dim()) if i != d))
         dead = 1.0 - alive.float().mean()

@@ -100,11 +100,12 @@ def safe_ratio(a: float, b: float) -> float:
 
 
 def lowest_over_highest(values: np.ndarray) -> float:
-    """values[0] over the largest of values[1:], over the finite positive entries, input first.
+    """The lowest finite entry over the largest of the entries above it, input first.
 
-    NaN when the lowest layer or every layer above it is missing."""
+    NaN when fewer than two layers have a finite value."""
     v = np.asarray(values, dtype=float)
-    if len(v) < 2 or not (np.isfinite(v[0]) and v[0] >= 0):
+    v = v[np.isfinite(v) & (v >= 0)]
+    if len(v) < 2:
         return float("nan")
     above = v[1:][np.isfinite(v[1:]) & (v[1:] > 0)]
     return float(v[0] / above.max()) if len(above) else float("nan")

@@ -22,15 +22,14 @@ class Thresholds:
     warmup_steps: int = 5
 
     # --- vanishing / exploding across depth ---------------------------------------------------
-    # Relative gradient ‖∂L/∂W‖/‖W‖ of the layer nearest the input over the largest of the layers
-    # above it. Under SGD this is the ratio of the layers' relative learning speeds: below 1e-2
-    # the lower layers learn a hundred times slower than the upper ones. Healthy nets (He-init
-    # ReLU, BatchNorm, residual) stay within about 10x; a deep sigmoid net loses 0.25 per layer.
+    # The backward signal: RMS of ∂L/∂s (the gradient w.r.t. each layer's output), lowest hidden
+    # layer over the best-served hidden layer. Glorot & Bengio (2010) show it shrinks toward the
+    # input while weight gradients can look level. The RMS per entry also shifts with width and
+    # pooling (average pooling divides it by 4 per 2x2 stage; up to ~30-60x in a healthy CNN), so
+    # alone it must fall below 1e-3; below 1e-2 it is enough when the relative gradient
+    # ‖∂L/∂W‖/‖W‖ (under SGD, the ratio of the layers' learning speeds) collapses below 1e-2 too.
+    # Healthy nets (He-init ReLU, BatchNorm, residual) stay within ~10x; sigmoid loses ≥ 4x/layer.
     vanishing_ratio: float = 1e-2
-    # RMS of ∂L/∂s (the gradient w.r.t. each layer's output) from the lowest to the highest hidden
-    # layer. Glorot & Bengio (2010) show this shrinks toward the input while weight gradients can
-    # look level; the RMS per entry also shifts with width and pooling (up to ~30x in a healthy
-    # CNN), hence a wider band than for the relative gradient.
     backward_vanishing_ratio: float = 1e-3
     backward_exploding_ratio: float = 1e3
     # Fewer layers than this carry no depth profile worth judging.
@@ -41,6 +40,10 @@ class Thresholds:
     # times above it on `spike_steps` steps within one window (sustained growth: at 20%/step a
     # geometric blow-up crosses 10x within ~13 steps, long before overflow; or recurring bursts),
     # or `jump_factor` times at once.
+    # A spike must also stand out from the gradient's own noise: the factor is raised to
+    # spike_factor x the run's calm (10th-percentile) ratio of 90th percentile to median over a
+    # window, when that spread
+    # exceeds 1 (per-sample gradients at batch size 1 are heavy-tailed; minibatch ones are not).
     baseline_window: int = 20
     spike_factor: float = 10.0
     spike_steps: int = 3
@@ -80,8 +83,10 @@ class Thresholds:
     # a tenth of the run, at least `min_loss_window` steps.
     min_loss_window: int = 5
     min_loss_steps: int = 30
-    # The loss at the end within 1% of where it started: no learning.
+    # The loss at the end within 1% of where it started (and not more than 10% above it, which is
+    # getting worse, not flat): no learning.
     plateau_improvement: float = 0.01
+    plateau_worsening: float = 0.1
     # The loss rising this many times its initial magnitude above it: training made it worse.
     divergence_factor: float = 2.0
 

@@ -59,9 +59,12 @@ def _growth_over_steps(run: RunSeries, th: Thresholds):
     with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows at the start
         base = np.nanmedian(windows, axis=1)
+        # the gradient's own noise, one figure for the run: the calm end of the windows' spreads,
+        # so an explosion filling most of the run does not raise its own bar
+        spread = max(float(np.nanpercentile(np.nanpercentile(windows, 90, axis=1) / base, 10)), 1.0)
         factor = np.where(base > 0, norms / base, np.nan)
     factor[:2 * th.warmup_steps] = np.nan
-    spike = np.nan_to_num(factor, nan=0.0) >= th.spike_factor
+    spike = np.nan_to_num(factor / spread, nan=0.0) >= th.spike_factor
     # spikes within the window ending at each step (steps may have gaps: count by step number)
     count = np.cumsum(spike)
     start = np.searchsorted(steps, steps - w + 1)

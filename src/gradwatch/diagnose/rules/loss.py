@@ -27,7 +27,8 @@ def find_loss_plateau(run: RunSeries, th: Thresholds) -> list[Finding]:
     w = window(len(loss), th.min_loss_window)
     start, end = float(np.median(loss[:start_window(len(loss), th)])), float(np.median(loss[-w:]))
     scale = abs(start)
-    if scale < 1e-8 or (start - end) / scale >= th.plateau_improvement:
+    change = (start - end) / scale if scale >= 1e-8 else 0.0
+    if scale < 1e-8 or change >= th.plateau_improvement or change < -th.plateau_worsening:
         return []
     evidence = {"loss_start": start, "loss_end": end, "improvement": (start - end) / scale, "window_steps": w}
     causes, remedies = advice.loss_plateau(advice.Context(run), evidence)

@@ -11,41 +11,50 @@ from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
 
 
-def find_vanishing(run: RunSeries, th: Thresholds) -> list[Finding]:
-    """Two views of the same collapse, either one is enough:
+def _ratios(run: RunSeries, quantity: str, th: Thresholds, hidden: bool):
+    """(rows, lowest-over-highest ratio per sampled row, values, columns), or None when the
+    profile is too short to judge."""
+    rows, values, cols = depth_profile(run, quantity, hidden_only=hidden)
+    if len(cols) < th.min_profile_layers or len(rows) == 0:
+        return None
+    return rows, np.array([lowest_over_highest(v) for v in values]), values, cols
 
-    - the relative gradient ‖∂L/∂W‖/‖W‖ (the relative step SGD takes) of the lowest layer against
-      the layers above it: the lower layers cannot learn at the upper layers' pace;
-    - the RMS of ∂L/∂s (Glorot & Bengio's back-propagated gradient) of the lowest hidden layer
-      against the hidden layers above it, which collapses even where weight gradients look level.
+
+def find_vanishing(run: RunSeries, th: Thresholds) -> list[Finding]:
+    """The backward signal is ∂L/∂s, the gradient w.r.t. each layer's output (Glorot & Bengio
+    2010: it collapses toward the input while weight gradients can look level). It is a finding
+    when the lowest hidden layer gets below `backward_vanishing_ratio` of the best-served hidden
+    layer, or below `vanishing_ratio` while the relative weight gradient ‖∂L/∂W‖/‖W‖ (the relative
+    step SGD takes) collapses as much — two views agreeing. A small relative gradient alone (inputs
+    scaled down, say) is a stalled layer, not a vanishing backward signal.
     """
-    evidence: dict = {}
-    first_steps = []
-    layers: tuple[str, ...] = ()
-    for quantity, limit, hidden in (("relative_grad", th.vanishing_ratio, False),
-                                    ("grad_out_rms", th.backward_vanishing_ratio, True)):
-        rows, values, cols = depth_profile(run, quantity, hidden_only=hidden)
-        if len(cols) < th.min_profile_layers or len(rows) == 0:
-            continue
-        ratios = np.array([lowest_over_highest(v) for v in values])
-        start = persistent_start(ratios < limit, th.persist_samples)
-        if start is None:
-            continue
-        tail = ratios[start:][np.isfinite(ratios[start:])]
-        evidence[f"{quantity}_ratio"] = float(np.median(tail))
-        evidence[f"{quantity}_limit"] = limit
-        first_steps.append(int(run.steps[rows[start]]))
-        # the layers that get less than `limit` of the best-served layer, from the input up
-        last = values[-1]
-        top = np.nanmax(np.where(last > 0, last, np.nan)) if np.isfinite(last).any() else np.nan
-        low = [c for c, v in zip(cols, last) if np.isfinite(v) and v < limit * top] or cols[:1]
-        layers = layers or names(run, low)
-        evidence[f"{quantity}_by_layer"] = {run.layers[c].name: float(v) for c, v in zip(cols, last)}
-    if not first_steps:
+    backward = _ratios(run, "grad_out_rms", th, hidden=True)
+    if backward is None:
         return []
-    first = min(first_steps)
+    rows, ratios, values, cols = backward
+    condition = ratios < th.backward_vanishing_ratio
+    relative = _ratios(run, "relative_grad", th, hidden=False)
+    evidence: dict = {}
+    if relative is not None:
+        r_rows, r_ratios, r_values, r_cols = relative
+        agree = np.interp(run.steps[rows], run.steps[r_rows], np.nan_to_num(r_ratios, nan=1.0)) < th.vanishing_ratio
+        condition |= (ratios < th.vanishing_ratio) & agree
+    start = persistent_start(condition & np.isfinite(ratios), th.persist_samples)
+    if start is None:
+        return []
+    first = int(run.steps[rows[start]])
+    tail = ratios[start:][np.isfinite(ratios[start:])]
+    ratio = float(np.median(tail))
+    last = values[-1]
+    finite = last[np.isfinite(last) & (last > 0)]
+    top = finite.max() if len(finite) else np.nan
+    low = [c for c, v in zip(cols, last) if np.isfinite(v) and v < th.vanishing_ratio * top] or cols[:1]
+    layers = names(run, low)
+    evidence["backward_ratio"] = ratio
+    evidence["grad_out_rms_by_layer"] = {run.layers[c].name: float(v) for c, v in zip(cols, last)}
+    if relative is not None:
+        evidence["relative_grad_ratio"] = float(np.nanmedian(r_ratios[-len(tail):])) if len(tail) else float("nan")
     evidence["at_init"] = first == int(run.steps[0])
-    ratio = min(v for k, v in evidence.items() if k.endswith("_ratio"))
     severity = "error" if ratio < 1e-4 else "warning"
     ctx = advice.Context(run)
     causes, remedies = advice.vanishing(ctx, layers, evidence, through_time=False)
