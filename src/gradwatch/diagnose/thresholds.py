@@ -39,13 +39,14 @@ class Thresholds:
     # Total gradient norm against the median of the previous `baseline_window` steps: `spike_factor`
     # times above it on `spike_steps` steps within one window (sustained growth: at 20%/step a
     # geometric blow-up crosses 10x within ~13 steps, long before overflow; or recurring bursts),
-    # or `jump_factor` times at once.
-    # A spike must also stand out from the gradient's own noise: the factor is raised to
-    # spike_factor x the run's calm (10th-percentile) ratio of 90th percentile to median over a
-    # window, when that spread
-    # exceeds 1 (per-sample gradients at batch size 1 are heavy-tailed; minibatch ones are not).
+    # or `jump_factor` times at once and `spike_factor` times anything in the last 5 windows.
+    # A spike must also stand out from the gradient's own noise: beyond its 99.9th percentile
+    # (z = 3.09) if the norms are log-normal with the spread the run shows in its calm windows.
+    # Minibatch gradients (sigma ~0.2) keep the bar at spike_factor; per-sample gradients at batch
+    # size 1 are heavy-tailed (sigma ~1.5 raises it to ~100x).
     baseline_window: int = 20
     spike_factor: float = 10.0
+    noise_z: float = 3.09
     spike_steps: int = 3
     jump_factor: float = 1e3
     # One update larger than the weights it changes (‖Δw‖/‖w‖ > 1): the step overshoots.

@@ -55,30 +55,43 @@ def _growth_over_steps(run: RunSeries, th: Thresholds):
     # the warm-up steps never enter the baseline: gradients often start far from their level
     history = np.concatenate([np.full(w, np.nan), norms])
     history[w:w + th.warmup_steps] = np.nan
+    history[history == 0] = np.nan  # a zero gradient (a flat batch) says nothing about scale
     windows = np.lib.stride_tricks.sliding_window_view(history, w)[:n]  # row i: norms[i-w:i]
     with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows at the start
         base = np.nanmedian(windows, axis=1)
-        # the gradient's own noise, one figure for the run: the calm end of the windows' spreads,
-        # so an explosion filling most of the run does not raise its own bar
-        spread = max(float(np.nanpercentile(np.nanpercentile(windows, 90, axis=1) / base, 10)), 1.0)
+        # the gradient's own noise as a log-normal spread, one figure for the run: p75/median of a
+        # window is exp(0.674 sigma); the calm quarter of the windows, so an explosion filling most
+        # of the run does not raise its own bar
+        sigma = np.log(np.nanpercentile(windows, 75, axis=1) / base) / 0.674
+        sigma = float(np.nanpercentile(sigma, 25)) if np.isfinite(sigma).any() else 0.0
+    bar = max(th.spike_factor, float(np.exp(th.noise_z * max(sigma, 0.0))))
+    with np.errstate(divide="ignore", invalid="ignore"):
         factor = np.where(base > 0, norms / base, np.nan)
     factor[:2 * th.warmup_steps] = np.nan
-    spike = np.nan_to_num(factor / spread, nan=0.0) >= th.spike_factor
+    spike = np.nan_to_num(factor, nan=0.0) >= bar
     # spikes within the window ending at each step (steps may have gaps: count by step number)
     count = np.cumsum(spike)
     start = np.searchsorted(steps, steps - w + 1)
     in_window = count - np.concatenate([[0], count])[start]
-    hit = np.flatnonzero((spike & (in_window >= th.spike_steps)) | (np.nan_to_num(factor) >= th.jump_factor))
+    # one jump: far above the median and above anything seen for five windows (heavy-tailed
+    # per-sample gradients leap from a near-zero median to their usual size often)
+    long = 5 * w
+    history_long = np.concatenate([np.full(long, np.nan), np.where(np.arange(n) < th.warmup_steps, np.nan, norms)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        recent_max = np.nanmax(np.lib.stride_tricks.sliding_window_view(history_long, long)[:n], axis=1)
+    jump = (np.nan_to_num(factor) >= th.jump_factor * bar / th.spike_factor) & (norms >= th.spike_factor * recent_max)
+    hit = np.flatnonzero((spike & (in_window >= th.spike_steps)) | jump)
     if len(hit) == 0:
         return None
     i = hit[0]
-    j = i if factor[i] >= th.jump_factor and in_window[i] < th.spike_steps else start[i] + np.argmax(spike[start[i]:i + 1])
+    j = i if jump[i] and in_window[i] < th.spike_steps else start[i] + np.argmax(spike[start[i]:i + 1])
     g = run.metrics["grad_norm"][run.steps.searchsorted(steps[j])]
     cols = profile_columns(run) or list(range(len(run.layers)))
     top = sorted((c for c in cols if np.isfinite(g[c])), key=lambda c: -g[c])[:3]
     return int(steps[j]), names(run, top), {
-        "growth_over_steps": float(factor[i]), "baseline_norm": float(base[i]),
+        "growth_over_steps": float(factor[i]), "baseline_norm": float(base[i]), "spike_bar": bar,
         "grad_norm_at_detection": float(norms[i]), "detected_at_step": int(steps[i])}
 
 
@@ -115,6 +128,11 @@ def _sgd_step_too_large(run: RunSeries, th: Thresholds):
 
 
 def _overshooting_update(run: RunSeries, th: Thresholds):
+    """An update larger than the weights. Only where the step follows the gradient's size (SGD,
+    hand-written updates): an adaptive optimizer's step is set by its learning rate, not by the
+    gradient, so an overshoot there is a learning-rate problem, not an exploding gradient."""
+    if advice.Context(run).adaptive:
+        return None
     u, w = run.metrics.get("update_ratio"), run.metrics.get("weight_norm")
     cols = profile_columns(run)
     if u is None or w is None or not cols:
