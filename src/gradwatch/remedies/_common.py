@@ -12,6 +12,7 @@ from typing import Union
 import torch
 
 from gradwatch.errors import ConfigError
+from gradwatch.remedies._sharded import is_dtensor, reduce_norm
 
 Params = Union[torch.Tensor, Iterable[torch.Tensor]]
 
@@ -63,11 +64,17 @@ def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return params
 
 
-def total_norm(grads: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
-    """Norm of all gradients as one vector: torch's own foreach implementation, on the device."""
-    if not grads:
-        return torch.zeros(())
-    return torch.nn.utils.get_total_norm(grads, norm_type)
+def total_norm(grads: list[torch.Tensor], norm_type: float = 2.0, process_group=None) -> torch.Tensor:
+    """Norm of all gradients as one vector: torch's own foreach implementation, on the device.
+
+    Sharded gradients (FSDP): DTensors (FSDP2) are reduced across ranks by torch; plain local shards
+    (FSDP1, use_orig_params=True) by one all-reduce over `process_group`, on every rank of it."""
+    norm = torch.nn.utils.get_total_norm(grads, norm_type) if grads else torch.zeros(())
+    if is_dtensor(norm):
+        norm = norm.full_tensor()  # already reduced by torch: replicated on every rank
+    if process_group is not None:
+        norm = reduce_norm(norm, norm_type, process_group)
+    return norm
 
 
 def scale_(grads: list[torch.Tensor], coef: torch.Tensor) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from gradwatch.remedies._common import Params, as_list, positive_number
+from gradwatch.remedies._sharded import fsdp1_layout, is_dtensor, sharded_agc
 
 
 def unitwise_norm(x: torch.Tensor) -> torch.Tensor:
@@ -30,18 +31,24 @@ class AGC:
 
     Defaults are the paper's: λ = 0.01 (its choice for large batches), eps = 1e-3 (so units whose
     weights start at zero can still move). The paper does not clip the final classifier layer;
-    pass the parameters you want clipped.
+    pass the parameters you want clipped. Sharded by FSDP, units split across ranks are clipped by
+    their norm over all ranks: FSDP2 needs nothing more; FSDP1 needs ``fsdp=`` the wrapped model.
     """
 
-    def __init__(self, clipping: float = 0.01, eps: float = 1e-3) -> None:
+    def __init__(self, clipping: float = 0.01, eps: float = 1e-3, fsdp: torch.nn.Module | None = None) -> None:
         self.clipping = positive_number("clipping", clipping, fix="pass λ, e.g. AGC(clipping=0.01)")
         self.eps = positive_number("eps", eps, fix="pass e.g. AGC(eps=1e-3)")
         self.last_norm: torch.Tensor | None = None
+        self._layout = fsdp1_layout(fsdp) if fsdp is not None else None
 
     @torch.no_grad()
     def __call__(self, params: Params) -> torch.Tensor:
+        params = as_list(params)
+        if self._layout is not None or any(is_dtensor(p) for p in params):
+            layout, group = self._layout or (None, None)
+            return sharded_agc(params, self.clipping, self.eps, layout, group)
         squares = []
-        for p in as_list(params):
+        for p in params:
             if p.grad is None:
                 continue
             g = p.grad

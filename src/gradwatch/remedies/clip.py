@@ -31,7 +31,16 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from gradwatch.errors import ConfigError
-from gradwatch.remedies._common import Params, as_list, optimizer_params, positive_number
+from gradwatch.remedies._common import (
+    Params,
+    as_list,
+    clip_coef,
+    grads_of,
+    optimizer_params,
+    positive_number,
+    scale_,
+    total_norm,
+)
 from gradwatch.remedies.agc import AGC
 from gradwatch.remedies.percentile_clip import AutoClip
 from gradwatch.remedies.zscore_clip import ZClip
@@ -41,10 +50,18 @@ Clipper = Callable[[Params], "torch.Tensor | None"]
 __all__ = ["clip_norm", "clip_value", "ClipNorm", "ClipValue", "AGC", "AutoClip", "ZClip", "attach"]
 
 
-def clip_norm(params: Params, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_ with gradwatch's argument checks; returns the pre-clip norm."""
+def clip_norm(params: Params, max_norm: float, norm_type: float = 2.0, process_group=None) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ with gradwatch's argument checks; returns the pre-clip norm.
+
+    FSDP1 (use_orig_params=True) shards are plain tensors: pass `process_group` (the model's) for
+    the norm over all ranks. FSDP2's DTensor gradients need nothing (torch reduces them)."""
     max_norm = positive_number("max_norm", max_norm, fix="pass the largest total gradient norm to allow, e.g. 1.0")
-    return torch.nn.utils.clip_grad_norm_(as_list(params), max_norm, norm_type=norm_type)
+    if process_group is None:
+        return torch.nn.utils.clip_grad_norm_(as_list(params), max_norm, norm_type=norm_type)
+    grads = grads_of(params)
+    norm = total_norm(grads, norm_type, process_group)
+    scale_(grads, clip_coef(norm, torch.tensor(max_norm, device=norm.device)))
+    return norm
 
 
 def clip_value(params: Params, clip_value: float) -> None:
@@ -56,12 +73,13 @@ def clip_value(params: Params, clip_value: float) -> None:
 class ClipNorm:
     """Clip the total gradient norm to `max_norm` (torch's clip_grad_norm_), as an attachable clipper."""
 
-    def __init__(self, max_norm: float = 1.0, norm_type: float = 2.0) -> None:
+    def __init__(self, max_norm: float = 1.0, norm_type: float = 2.0, process_group=None) -> None:
         self.max_norm = positive_number("max_norm", max_norm, fix="pass e.g. ClipNorm(1.0)")
         self.norm_type = float(norm_type)
+        self.process_group = process_group  # FSDP1: the model's, for the norm over all shards
 
     def __call__(self, params: Params) -> torch.Tensor:
-        return torch.nn.utils.clip_grad_norm_(as_list(params), self.max_norm, norm_type=self.norm_type)
+        return clip_norm(params, self.max_norm, self.norm_type, self.process_group)
 
     def __repr__(self) -> str:
         return f"ClipNorm(max_norm={self.max_norm:g})"

@@ -25,12 +25,14 @@ class AutoClip:
     history every step would cost time; None (the default, as in the paper) keeps all of them.
     """
 
-    def __init__(self, percentile: float = 10.0, window: int | None = None, norm_type: float = 2.0) -> None:
+    def __init__(self, percentile: float = 10.0, window: int | None = None, norm_type: float = 2.0,
+                 process_group=None) -> None:
         self.percentile = in_range("percentile", percentile, 0.0, 100.0, lo_open=True, hi_open=False)
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
             raise ConfigError(f"window={window!r} must be a whole number >= 1, or None to keep every norm")
         self.window = window
         self.norm_type = float(norm_type)
+        self.process_group = process_group  # FSDP1: the model's, for the norm over all shards
         self.steps = 0  # calls so far: a host-side count, known without reading the device
         self._history: torch.Tensor | None = None
         self.last_norm: torch.Tensor | None = None
@@ -59,7 +61,7 @@ class AutoClip:
     @torch.no_grad()
     def __call__(self, params: Params) -> torch.Tensor:
         grads = grads_of(params)
-        norm = total_norm(grads, self.norm_type)
+        norm = total_norm(grads, self.norm_type, self.process_group)
         slot = self._slot(norm.device)
         value = norm.to(self._history.dtype)
         self._history[slot] = torch.where(torch.isfinite(value), value, torch.full_like(value, float("nan")))

@@ -54,6 +54,7 @@ class ZClip:
         skip_update_on_spike: bool = False,
         max_grad_norm: float | None = None,
         norm_type: float = 2.0,
+        process_group=None,
     ) -> None:
         self.alpha = in_range("alpha", alpha, 0.0, 1.0, lo_open=True, hi_open=True)
         self.z_thresh = positive_number("z_thresh", z_thresh, fix="pass e.g. ZClip(z_thresh=2.5)")
@@ -73,6 +74,7 @@ class ZClip:
         self.skip_update_on_spike = bool(skip_update_on_spike)
         self.max_grad_norm = None if max_grad_norm is None else positive_number("max_grad_norm", max_grad_norm)
         self.norm_type = float(norm_type)
+        self.process_group = process_group  # FSDP1: the model's, for the norm over all shards
         self._state: dict[str, torch.Tensor] | None = None
         self.last_norm: torch.Tensor | None = None
 
@@ -110,7 +112,7 @@ class ZClip:
     @torch.no_grad()
     def __call__(self, params: Params) -> torch.Tensor:
         grads = grads_of(params)
-        norm = total_norm(grads, self.norm_type)
+        norm = total_norm(grads, self.norm_type, self.process_group)
         if self._state is None:
             self._state = self._init_state(norm.device)
         s = self._state
