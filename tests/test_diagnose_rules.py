@@ -48,18 +48,21 @@ def test_vanishing_names_the_layers_and_first_step():
     assert f.severity == "warning" and not f.evidence["at_init"]
 
 
-def test_vanishing_that_recovers_is_not_a_finding():
-    run = _vanish(build(), 0.1, rows=slice(0, 25))  # samples 0, 10, 20 then healthy for 70 steps
+def test_vanishing_that_soon_recovers_is_not_a_finding():
+    run = _vanish(build(n_steps=200), 0.1, rows=slice(0, 25))  # 3 of 20 samples, then healthy
     assert "vanishing_gradient" not in kinds(diagnose(run))
 
 
 def test_vanishing_needs_persistence():
-    run = build()
+    run = build(n_steps=200)
     rows = sampled(run)
     _vanish(run, 0.1, rows=rows[3:5])  # two samples only
     assert "vanishing_gradient" not in kinds(diagnose(run))
-    _vanish(run, 0.1, rows=rows[5:6])  # now three in a row, in the middle of the run
-    assert "vanishing_gradient" not in kinds(diagnose(run))  # ...recovering for the remaining half
+    _vanish(run, 0.1, rows=rows[5:6])  # three in a row in the middle: 15% of the run, then healthy
+    assert "vanishing_gradient" not in kinds(diagnose(run))
+    _vanish(run, 0.1, rows=rows[6:8])  # five in a row: a quarter of the run stuck is a finding
+    f = next(f for f in diagnose(run) if f.kind == "vanishing_gradient")
+    assert f.first_step == run.steps[rows[3]]
 
 
 @pytest.mark.parametrize("ratio, found", [(0.5 * TH.backward_vanishing_ratio, True),
@@ -108,6 +111,7 @@ def test_sustained_growth_is_exploding_at_its_onset():
 def test_spike_must_last_spike_steps(n_spike, found):
     run = build(optimizer="Adam")
     run.metrics["grad_norm"][50:50 + n_spike] *= 1.5 * TH.spike_factor
+    run.metrics["grad_norm"][50 + n_spike:] = np.inf  # ...and the run goes non-finite
     assert ("exploding_gradient" in kinds(diagnose(run))) == found
 
 
@@ -115,6 +119,7 @@ def test_spike_must_last_spike_steps(n_spike, found):
 def test_single_jump_against_the_baseline(factor, found):
     run = build(optimizer="Adam")
     run.metrics["grad_norm"][60] *= factor
+    run.loss[61:] = np.inf  # ...and the run goes non-finite
     assert ("exploding_gradient" in kinds(diagnose(run))) == found
 
 
@@ -133,11 +138,30 @@ def test_update_larger_than_the_weights(ratio, found):
 
 
 def test_recurring_bursts_within_one_window_are_exploding():
-    run = build(optimizer="Adam")
-    for step in (40, 46, 52):
+    run = build(n_steps=300, optimizer="Adam")
+    for step in (140, 146, 152):
         run.metrics["grad_norm"][step] *= 2 * TH.spike_factor
+    run.metrics["grad_norm"][153:] *= 20 * TH.spike_factor  # ...and it does not come back
     f = next(f for f in diagnose(run) if f.kind == "exploding_gradient")
-    assert f.first_step == 40
+    assert f.first_step == 140
+
+
+def test_blips_over_a_converged_tiny_baseline_are_not_exploding():
+    run = build(n_steps=300, optimizer="Adam")
+    run.metrics["grad_norm"][150:] *= 1e-3  # converged: the gradient is a thousand times smaller
+    for start in (180, 220, 260):
+        run.metrics["grad_norm"][start:start + 4] *= 50  # blips, still below the early level
+    assert "exploding_gradient" not in kinds(diagnose(run))
+
+
+def test_a_burst_the_run_recovers_from_is_not_a_finding_but_chronic_bursts_are():
+    run = build(n_steps=300, optimizer="Adam")
+    run.metrics["grad_norm"][100:104] *= 3 * TH.spike_factor  # one catapult, then back to normal
+    assert "exploding_gradient" not in kinds(diagnose(run))
+    for start in (160, 230):
+        run.metrics["grad_norm"][start:start + 4] *= 3 * TH.spike_factor
+    f = next(f for f in diagnose(run) if f.kind == "exploding_gradient")
+    assert f.first_step == 100 and f.evidence["bursts"] == TH.chronic_bursts
 
 
 @pytest.mark.parametrize("grad, found", [(0.9 * 10.0 / 0.1, False), (1.5 * 10.0 / 0.1, True)])

@@ -66,7 +66,8 @@ def persistent_start(condition: np.ndarray, persist: int) -> int | None:
     """Index where a run of True values that counts as persistent begins, else None.
 
     Persistent: at least `persist` consecutive samples (all of them if there are fewer), and the
-    streak either reaches the last sample or covers at least half of all samples.
+    streak either reaches the last sample or covers at least a quarter of all samples (a net stuck
+    for a quarter of its run had a problem, even if it got out of it).
     """
     n = len(condition)
     if n == 0:
@@ -79,7 +80,7 @@ def persistent_start(condition: np.ndarray, persist: int) -> int | None:
         if (not c or i == n - 1) and start is not None:
             end = i + 1 if c else i
             length = end - start
-            if length >= need and (end == n or length >= n / 2):
+            if length >= need and (end == n or length >= n / 4):
                 return start
             start = None
     return None

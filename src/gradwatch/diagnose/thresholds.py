@@ -14,8 +14,9 @@ class Thresholds:
     # --- persistence --------------------------------------------------------------------------
     # A sampled-statistic condition must hold on this many consecutive samples (sample_every
     # steps apart, 10 by default) before it is a finding, and still hold at the end of the run
-    # or for at least half of the run's samples: a net that recovers by itself (an LSTM opening
-    # its forget gates, dead units that come back) is not a finding.
+    # or for at least a quarter of the run's samples: a net that soon recovers by itself (an LSTM
+    # opening its forget gates, dead units that come back) is not a finding; one stuck for a
+    # quarter of its run (a 30-layer Xavier-ReLU net on its plateau) is.
     persist_samples: int = 3
     # Steps at the start whose gradient norms never enter the baseline: gradients often start far
     # from their working level (outputs near 0 at init, warm-up schedules).
@@ -40,6 +41,8 @@ class Thresholds:
     # times above it on `spike_steps` steps within one window (sustained growth: at 20%/step a
     # geometric blow-up crosses 10x within ~13 steps, long before overflow; or recurring bursts),
     # or `jump_factor` times at once and `spike_factor` times anything in the last 5 windows.
+    # Either must also reach the gradient's early level (the median of its first 5 windows): after
+    # convergence the baseline is tiny, and a tenfold blip over it is not an explosion.
     # A spike must also stand out from the gradient's own noise: beyond its 99.9th percentile
     # (z = 3.09) if the norms are log-normal with the spread the run shows in its calm windows.
     # Minibatch gradients (sigma ~0.2) keep the bar at spike_factor; per-sample gradients at batch
@@ -49,6 +52,10 @@ class Thresholds:
     noise_z: float = 3.09
     spike_steps: int = 3
     jump_factor: float = 1e3
+    # A burst the run recovers from (back near its level within a window, nothing non-finite
+    # after) is an isolated instability, not a finding; one that does not recover is, and so are
+    # `chronic_bursts` of them. The finding starts at the first burst: the first warning sign.
+    chronic_bursts: int = 3
     # One update larger than the weights it changes (‖Δw‖/‖w‖ > 1): the step overshoots.
     # Healthy updates are around 1e-3 (Karpathy's rule of thumb); 1 is three decades above.
     # Measured at sampled steps; under plain SGD, where Δw = lr·g, at every step.

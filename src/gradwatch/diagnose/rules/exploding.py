@@ -69,7 +69,10 @@ def _growth_over_steps(run: RunSeries, th: Thresholds):
     with np.errstate(divide="ignore", invalid="ignore"):
         factor = np.where(base > 0, norms / base, np.nan)
     factor[:2 * th.warmup_steps] = np.nan
-    spike = np.nan_to_num(factor, nan=0.0) >= bar
+    # exploding means large, not only large against a converged, tiny baseline: a spike must also
+    # reach the level the gradient had early in training
+    early = float(np.median(norms[th.warmup_steps:th.warmup_steps + 5 * w]))
+    spike = (np.nan_to_num(factor, nan=0.0) >= bar) & (norms >= early)
     # spikes within the window ending at each step (steps may have gaps: count by step number)
     count = np.cumsum(spike)
     start = np.searchsorted(steps, steps - w + 1)
@@ -81,18 +84,38 @@ def _growth_over_steps(run: RunSeries, th: Thresholds):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         recent_max = np.nanmax(np.lib.stride_tricks.sliding_window_view(history_long, long)[:n], axis=1)
-    jump = (np.nan_to_num(factor) >= th.jump_factor * bar / th.spike_factor) & (norms >= th.spike_factor * recent_max)
+    jump = ((np.nan_to_num(factor) >= th.jump_factor * bar / th.spike_factor) & (norms >= th.spike_factor * recent_max)
+            & (norms >= early))
     hit = np.flatnonzero((spike & (in_window >= th.spike_steps)) | jump)
     if len(hit) == 0:
         return None
-    i = hit[0]
-    j = i if jump[i] and in_window[i] < th.spike_steps else start[i] + np.argmax(spike[start[i]:i + 1])
+    # bursts: runs of hits less than a window apart. A burst the run recovers from (the norm back
+    # near its old level within a window, nothing non-finite after) is an isolated instability;
+    # it is a finding when one burst does not recover, or when they keep coming (chronic).
+    bursts = np.split(hit, np.flatnonzero(np.diff(steps[hit]) > w) + 1)
+    first_bad = np.flatnonzero(np.isinf(total) | np.isinf(run.loss))  # inf: measured non-finite
+    bad_step = run.steps[first_bad[0]] if len(first_bad) else None
+    unrecovered = None
+    for burst in bursts:
+        i = burst[0]
+        j = i if jump[i] and in_window[i] < th.spike_steps else start[i] + np.argmax(spike[start[i]:i + 1])
+        after = norms[burst[-1] + 1:burst[-1] + 1 + w]
+        recovered = len(after) == w and after.min() < 2 * base[j] and (bad_step is None or bad_step < steps[i])
+        if not recovered:
+            unrecovered = (i, j)
+            break
+    if unrecovered is None and len(bursts) < th.chronic_bursts:
+        return None
+    first = bursts[0][0]
+    i = unrecovered[0] if unrecovered else first
+    j = start[first] + np.argmax(spike[start[first]:first + 1]) if spike[first] else first
     g = run.metrics["grad_norm"][run.steps.searchsorted(steps[j])]
     cols = profile_columns(run) or list(range(len(run.layers)))
     top = sorted((c for c in cols if np.isfinite(g[c])), key=lambda c: -g[c])[:3]
     return int(steps[j]), names(run, top), {
         "growth_over_steps": float(factor[i]), "baseline_norm": float(base[i]), "spike_bar": bar,
-        "grad_norm_at_detection": float(norms[i]), "detected_at_step": int(steps[i])}
+        "grad_norm_at_detection": float(norms[i]), "detected_at_step": int(steps[i]), "bursts": len(bursts),
+        "recovered": unrecovered is None}
 
 
 def _sgd_step_too_large(run: RunSeries, th: Thresholds):
