@@ -9,18 +9,23 @@ SCENARIO = {
     "evidence": "measured: loss 2.31->2.31; acc 0.12->0.09; non-finite loss at step -; grads at step -; dL/ds first/last 0; |g| growth x58; dead 1; saturated -; update lower/upper 0.02; |w| x34",
 }
 
+import sys
+
 import torch
 from torch import nn
 
 import _common as C
 
 
-def main():
+def main(healthy=False):
     torch.manual_seed(0)
     model = C.small_cnn()
-    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    if healthy:
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     C.train(model, C.digits("img"), nn.CrossEntropyLoss(), steps=200, opt=opt)
 
 
 if __name__ == "__main__":
-    main()
+    main(healthy="--healthy" in sys.argv)

@@ -10,15 +10,21 @@ SCENARIO = {
     "evidence": "measured: loss 1.17->-; non-finite loss at step 81; grads at step 81; dL/ds first/last 0.19; |g| growth x2.6e+09; dead -; saturated -; update lower/upper 0.12; |w| x27",
 }
 
+import sys
+
 import torch
 from torch import nn
 
 import _common as C
 
 
-def main():
+def main(healthy=False):
     torch.manual_seed(0)
-    model = C.mlp([20, 64, 64, 1], "linear", init="glorot_uniform")
+    if healthy:  # ReLU + He, Adam at a constant lr
+        model = C.mlp([20, 64, 64, 1], "relu", init="he_uniform")
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    else:
+        model = C.mlp([20, 64, 64, 1], "linear", init="glorot_uniform")
     (x, y), _ = C.regression()
     losses = []
     for step, idx in enumerate(C.batches(len(x), 64, 120)):
@@ -26,6 +32,9 @@ def main():
         losses.append(loss.item())
         model.zero_grad()
         loss.backward()
+        if healthy:
+            opt.step()
+            continue
         lr = 0.01 * 1.05**step
         with torch.no_grad():
             for p in model.parameters():
@@ -34,4 +43,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(healthy="--healthy" in sys.argv)

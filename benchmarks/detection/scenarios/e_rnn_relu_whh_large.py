@@ -9,21 +9,27 @@ SCENARIO = {
     "evidence": "measured: loss 8.94->-; acc 0.44->0.51; non-finite loss at step 4; grads at step 4; dL/ds first/last 0.032; |g| growth x7.6e+05; dL/dx_0/dL/dx_T 1.5e+02; dead -; saturated -; update lower/upper -; |w| x-",
 }
 
+import sys
+
 import torch
 from torch import nn
 
 import _common as C
 
 
-def main():
+def main(healthy=False):
     torch.manual_seed(0)
-    rnn = nn.RNN(4, 32, nonlinearity="relu", batch_first=True)
-    with torch.no_grad():
-        nn.init.orthogonal_(rnn.weight_hh_l0, gain=1.8)
-    model = C.SeqClassifier(rnn, 32, 2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    C.train(model, C.first_token_task(T=20), nn.CrossEntropyLoss(), steps=100, opt=opt)
+    if healthy:  # an LSTM, Adam, gradient-norm clipping at 1
+        model = C.SeqClassifier(nn.LSTM(4, 32, batch_first=True), 32, 2)
+        opt, clip = torch.optim.Adam(model.parameters(), lr=1e-3), 1.0
+    else:
+        rnn = nn.RNN(4, 32, nonlinearity="relu", batch_first=True)
+        with torch.no_grad():
+            nn.init.orthogonal_(rnn.weight_hh_l0, gain=1.8)
+        model = C.SeqClassifier(rnn, 32, 2)
+        opt, clip = torch.optim.SGD(model.parameters(), lr=0.01), None
+    C.train(model, C.first_token_task(T=20), nn.CrossEntropyLoss(), steps=100, opt=opt, clip=clip)
 
 
 if __name__ == "__main__":
-    main()
+    main(healthy="--healthy" in sys.argv)

@@ -9,6 +9,8 @@ SCENARIO = {
     "evidence": "measured: loss -->-; acc 0.43->0.50; non-finite loss at step 0; grads at step 0; dL/ds first/last -; |g| growth x-; dead -; saturated -; update lower/upper -; |w| x-",
 }
 
+import sys
+
 import torch
 from torch import nn
 
@@ -20,14 +22,14 @@ class Exp(nn.Module):
         return torch.exp(x)
 
 
-def main():
+def main(healthy=False):
     torch.manual_seed(0)
     layers, width = [], 2
     for _ in range(8):
         lin = nn.Linear(width, 5)
         C.keras_init_(lin.weight, "he_uniform")
         nn.init.zeros_(lin.bias)
-        layers += [lin, Exp()]
+        layers += [lin, nn.ReLU() if healthy else Exp()]  # healthy: ReLU in place of exp
         width = 5
     out = nn.Linear(5, 1)
     C.keras_init_(out.weight, "he_uniform")
@@ -38,4 +40,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(healthy="--healthy" in sys.argv)

@@ -9,6 +9,8 @@ SCENARIO = {
     "evidence": "measured: loss 2.4->2.03; acc 0.09->0.26; non-finite loss at step -; grads at step -; dL/ds first/last 33; |g| growth x2.3; dead -; saturated 0.68; update lower/upper 0.2; |w| x1",
 }
 
+import sys
+
 import torch
 from torch import nn
 
@@ -33,12 +35,16 @@ class SaturatedRNN(nn.Module):
         return self.head(h)
 
 
-def main():
+def main(healthy=False):
     torch.manual_seed(0)
-    model = SaturatedRNN()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    C.train(model, C.digits("seq"), nn.CrossEntropyLoss(), steps=300, opt=opt)
+    if healthy:  # an LSTM of the same width, Adam, gradient-norm clipping at 1
+        model = C.SeqClassifier(nn.LSTM(8, 64, batch_first=True), 64, 10)
+        opt, clip = torch.optim.Adam(model.parameters(), lr=1e-3), 1.0
+    else:
+        model = SaturatedRNN()
+        opt, clip = torch.optim.Adam(model.parameters(), lr=1e-3), None
+    C.train(model, C.digits("seq"), nn.CrossEntropyLoss(), steps=300, opt=opt, clip=clip)
 
 
 if __name__ == "__main__":
-    main()
+    main(healthy="--healthy" in sys.argv)

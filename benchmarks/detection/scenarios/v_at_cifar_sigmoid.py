@@ -9,18 +9,21 @@ SCENARIO = {
     "evidence": "measured: loss 2.54->1.93; acc 0.11->0.17; non-finite loss at step -; grads at step -; dL/ds first/last 3.8e-07; |g| growth x1.7; dead -; saturated 0.23; update lower/upper 1.2; |w| x1.1",
 }
 
+import sys
+
 import torch
 from torch import nn
 
 import _common as C
 
 
-def main():
+def main(healthy=False):
     torch.manual_seed(0)
+    act = nn.ReLU if healthy else nn.Sigmoid  # healthy: ReLU (He init already)
     model = nn.Sequential(
-        nn.Conv2d(3, 32, 5), nn.Sigmoid(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 5), nn.Sigmoid(), nn.MaxPool2d(2), nn.Flatten(),
-        C.mlp([64, 120] + [84] * 7 + [10], "sigmoid"),
+        nn.Conv2d(3, 32, 5), act(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 5), act(), nn.MaxPool2d(2), nn.Flatten(),
+        C.mlp([64, 120] + [84] * 7 + [10], "relu" if healthy else "sigmoid"),
     )
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
@@ -31,4 +34,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(healthy="--healthy" in sys.argv)

@@ -9,6 +9,8 @@ SCENARIO = {
     "evidence": "measured: loss 2.58->2.31; acc 0.10->0.11; non-finite loss at step -; grads at step -; dL/ds first/last 8.3e-08; |g| growth x2; dead -; saturated -; update lower/upper 4.2e-05; |w| x1.3",
 }
 
+import sys
+
 import torch
 from torch import nn
 
@@ -16,12 +18,12 @@ import _common as C
 from h_transformer_warmup import RowTransformer
 
 
-def main():
+def main(healthy=False):
     torch.manual_seed(0)
-    model = RowTransformer(d=32, layers=4, norm_first=False)
-    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    model = RowTransformer(d=32, layers=4, norm_first=healthy)  # healthy: pre-LN, Adam at 1e-3
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3 if healthy else 0.02)
     C.train(model, C.digits("seq"), nn.CrossEntropyLoss(), steps=300, opt=opt)
 
 
 if __name__ == "__main__":
-    main()
+    main(healthy="--healthy" in sys.argv)
