@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[dev]' $(TORCH)
+	$(PY) -m pip install -q -e '.[dev,integrations]' $(TORCH)
 	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $@
 
@@ -23,14 +23,20 @@ test: env
 
 GW := $(VENV)/bin/gradwatch
 demo: env
+	$(GW) lab all --quick --out demo-out/lab
 	$(GW) run --out demo-out/sigmoid examples/train_mlp.py --act sigmoid
 	$(GW) diagnose demo-out/sigmoid
+	$(GW) report demo-out/sigmoid -o demo-out/sigmoid.html
 	$(GW) run --out demo-out/relu examples/train_mlp.py --act relu
 	$(GW) diagnose demo-out/relu
-	@echo "Runs are in demo-out/ (try: $(GW) show demo-out/sigmoid)"
+	$(GW) report demo-out/relu -o demo-out/relu.html
+	@echo "Pages: demo-out/lab/index.html (the classic experiments), demo-out/sigmoid.html and demo-out/relu.html (reports)"
 
 bench: env
 	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/clip_overhead.py
+	$(PY) benchmarks/probe.py
+	$(PY) benchmarks/detection/run.py --markdown
 
 clean:
 	rm -rf $(VENV) runs demo-out
