@@ -16,17 +16,20 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
+from gradwatch.collect.distributed import process_rank
 from gradwatch.collect.watch import Watch
+from gradwatch.errors import GradwatchError
 from gradwatch.store.reader import STORE_NAME
 
 ENV_RUN_DIR = "GRADWATCH_RUN_DIR"
-ENV_OPTIONS = {"every": "GRADWATCH_EVERY", "sample_every": "GRADWATCH_SAMPLE_EVERY", "flush_every": "GRADWATCH_FLUSH_EVERY"}
+ENV_OPTIONS = {"every": "GRADWATCH_EVERY", "sample_every": "GRADWATCH_SAMPLE_EVERY", "flush_every": "GRADWATCH_FLUSH_EVERY",
+               "all_ranks": "GRADWATCH_ALL_RANKS"}
 DISCOVERY_STEPS = 2  # global forward hooks cost time on every module call: keep them briefly
 
 
 def _claim_store(run_dir: str) -> str:
     """This process's store file: rank-named under torchrun, else the run's main file if free."""
-    rank = os.environ.get("RANK")
+    rank = process_rank()
     if rank is not None:
         return os.path.join(run_dir, f"gradwatch-rank{rank}.sqlite")
     main = os.path.join(run_dir, STORE_NAME)
@@ -67,7 +70,11 @@ class AutoWatch(Watch):
             while prefix in self._prefixes and prefix:
                 prefix += "_"
             self._prefixes.add(prefix)
-            self.add_model(module, prefix)
+            try:
+                self.add_model(module, prefix)
+            except GradwatchError as exc:  # never break the user's forward
+                self._seen_modules.add(id(module))
+                print(f"gradwatch: not watching {name}: {exc}", file=sys.stderr)
         self._depth += 1
 
     def _leave_module(self, module: nn.Module, args, output) -> None:

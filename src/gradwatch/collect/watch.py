@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gradwatch.collect import patches
+from gradwatch.collect import distributed, patches
 from gradwatch.collect.layers import RECURRENT, Layer, discover
 from gradwatch.collect.record import StepRecord, to_batch
 from gradwatch.collect.stats import MISSING, activation_stats, norms, rms, time_profile
@@ -82,6 +82,7 @@ class Watch:
         on_finding: Callable | None = None,
         stop_on: Iterable[str] = (),
         warn: bool = True,
+        all_ranks: bool = False,
     ):
         if model is not None and not isinstance(model, nn.Module):
             raise ConfigError(
@@ -103,6 +104,8 @@ class Watch:
             **(meta or {}),
         }
         self._writer: RunStoreWriter | None = None
+        self.all_ranks = bool(all_ranks)
+        self._dist: distributed.Distributed | None = None  # set when a DDP/FSDP model is added
         self._layers: list[Layer] = []
         self._params: list[torch.nn.Parameter] = []
         self._seen_params: set[int] = set()
@@ -162,17 +165,37 @@ class Watch:
 
     def add_model(self, model: nn.Module, prefix: str = "") -> None:
         """Watch another model (zero-code mode finds them as they first run)."""
+        model = self._adopt_distributed(model)
         new = discover(model, prefix, self._seen_params, self._seen_modules)
         if not new:
             return
         self.flush()  # a flush window has one fixed set of layers
         self._layers.extend(new)
         self._params = [p for layer in self._layers for p in layer.params]
+        if self._dist is not None:
+            for layer in new:
+                layer.name = distributed.clean_name(layer.name, layer.type)
+            self._dist.set_params(self._params)
         self._models.append(model)
         self._register_grad_hooks()
         self._register_order_hooks(model, new)
         if self._sampled(self._step):
             self._arm()
+
+    def _adopt_distributed(self, model: nn.Module) -> nn.Module:
+        """A DDP/FSDP model: its layers keep their own names, and gradients are read once synchronised."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return model
+        inner, kind, group, sharded = distributed.unwrap(model)
+        if kind is None:
+            return model
+        self._seen_modules.add(id(model))
+        if self._dist is None:
+            self._dist = distributed.Distributed(kind, group, self.all_ranks)
+            self._dist.flush_before_teardown(self.flush)
+            self._meta["distributed"] = self._dist.meta
+        self._dist.sharded_ids |= sharded
+        return inner
 
     def _register_grad_hooks(self) -> None:
         """Norms are taken the moment each gradient is accumulated, while it is still in cache:
@@ -188,6 +211,8 @@ class Watch:
         self._max_buf = torch.full((n,), MISSING, device=device)
         self._weight_buf = torch.full((n,), MISSING, device=device)
         self._snapshot = None
+        if self._dist is not None:  # local gradients: the synchronised ones are read after backward
+            return
         for i, p in enumerate(self._params):
             self._grad_handles.append(p.register_post_accumulate_grad_hook(self._grad_hook(i)))
 
@@ -231,24 +256,31 @@ class Watch:
         """Move the recorded steps to the store in one transaction."""
         if not self._pending and not self._events:
             return
-        if self._writer is None:
-            self.store_path.parent.mkdir(parents=True, exist_ok=True)
-            self._writer = RunStoreWriter(self.store_path, self._meta)
         # a step whose update is still to come (weights changed by hand) waits for its Δw
         ready = [r for r in self._pending if r is not self._snapshot_rec]
-        batch = to_batch(ready, self._layers, meta={"optimizer": self._meta["optimizer"]})
-        batch.events.extend(self._events)
-        self._writer.write(batch)
+        if self._dist is not None:  # collective: every rank flushes at the same steps
+            self._events.extend(self._dist.exchange(ready))
+        if self._dist is None or self._dist.writes:
+            if self._writer is None:
+                if self._dist is not None:
+                    self.store_path = self._dist.store_path(self.store_path)
+                self.store_path.parent.mkdir(parents=True, exist_ok=True)
+                self._writer = RunStoreWriter(self.store_path, self._meta)
+            meta = {k: self._meta[k] for k in ("optimizer", "distributed") if k in self._meta}
+            batch = to_batch(ready, self._layers, meta=meta)
+            batch.events.extend(self._events)
+            self._writer.write(batch)
         self._pending = [r for r in self._pending if r is self._snapshot_rec]
         self._events = []
         for callback in list(self.on_flush):
             callback(self)
 
     def series(self) -> RunSeries:
-        """Everything recorded so far (flushes first)."""
+        """Everything recorded so far (flushes first; across processes, what the last flush stored)."""
         if self._snapshot is not None and self._mode != "optimizer":
             self._finish_delta()  # read after a manual update: that update is the last Δw
-        self.flush()
+        if self._dist is None:  # a distributed flush is collective: not from one rank's call
+            self.flush()
         return self.stored_series()
 
     def stored_series(self) -> RunSeries:
@@ -275,6 +307,8 @@ class Watch:
         if self._cur is not None and self._cur.grad is not None:
             self._end_step(count=False)
         self.flush()
+        if self._dist is not None:
+            self._dist.restore()
         for handle in self._handles + self._armed + self._order_handles + self._grad_handles:
             handle.remove()
         self._handles, self._armed, self._order_handles, self._grad_handles = [], [], [], []
@@ -340,15 +374,19 @@ class Watch:
 
     def _record_grads(self, rec: StepRecord) -> None:
         params = self._params
-        rec.grad = self._unscale(self._norm_buf.clone())
+        if self._dist is not None:  # complete only now, after the all-reduce / reduce-scatter
+            grad, grad_max, weight = self._dist.read(params, rec.sampled)
+        else:
+            grad, grad_max, weight = self._norm_buf, self._max_buf, self._weight_buf
+        rec.grad = self._unscale(grad.clone())
         if params[0].device.type == "cpu" and not bool(torch.isfinite(rec.grad).all()):
             bad = (~torch.isfinite(rec.grad)).nonzero().flatten().tolist()
-            rec.nonfinite = {i: int((~torch.isfinite(params[i].grad)).sum()) for i in bad}
+            rec.nonfinite = {i: int((~torch.isfinite(distributed.local(params[i].grad))).sum()) for i in bad}
         elif rec.nonfinite is not None:
             rec.nonfinite = None
         if rec.sampled:
-            rec.grad_max = self._unscale(self._max_buf.clone())
-            rec.weight = self._weight_buf.clone()
+            rec.grad_max = self._unscale(grad_max.clone())
+            rec.weight = weight.clone()
             if self._mode != "optimizer":
                 self._take_snapshot(rec)
 
@@ -382,7 +420,10 @@ class Watch:
         if self._live is None or "non_finite" not in self._live.stop_on or rec is None or rec.grad is None:
             return
         loss_ok = rec.loss_sum is None or bool(torch.isfinite(rec.loss_sum))
-        if loss_ok and bool(torch.isfinite(rec.grad).all()):
+        bad = not (loss_ok and bool(torch.isfinite(rec.grad).all()))
+        if self._dist is not None:
+            bad = self._dist.any_rank(bad)  # all ranks stop together, or none
+        if not bad:
             return
         from gradwatch.diagnose import diagnose
 
@@ -396,7 +437,7 @@ class Watch:
     def _take_snapshot(self, rec: StepRecord) -> None:
         """Copy the weights before an update into buffers kept between samples (allocating 
         them each time costs more than the copy)."""
-        params = [p.detach() for p in self._params]
+        params = [distributed.local(p.detach()) for p in self._params]
         if self._snapshot_buf is None or len(self._snapshot_buf) != len(params):
             self._snapshot_buf = [torch.empty_like(p) for p in params]
         torch._foreach_copy_(self._snapshot_buf, params)
@@ -404,7 +445,7 @@ class Watch:
         self._snapshot_rec = rec
 
     def _finish_delta(self) -> None:
-        params = [p.detach() for p in self._params]
+        params = [distributed.local(p.detach()) for p in self._params]
         if len(params) == len(self._snapshot):
             torch._foreach_sub_(self._snapshot, params)
             self._snapshot_rec.delta = norms(self._snapshot)
@@ -546,6 +587,7 @@ def watch(
     on_finding: Callable | None = None,
     stop_on: Iterable[str] = (),
     warn: bool = True,
+    all_ranks: bool = False,
 ) -> Watch:
     """Start watching `model` (and `optimizer`, whose steps then define the step count).
 
@@ -554,9 +596,10 @@ def watch(
     .sqlite file) for the store, or None to keep it in memory. Findings are diagnosed live at
     flushes: `warn` prints each new (kind, layers) once, `on_finding(finding)` is called for it,
     and a kind in `stop_on` raises `TrainingStopped` (for "non_finite", before the bad step
-    reaches the weights).
+    reaches the weights). A DDP/FSDP model is watched exactly across ranks (docs/distributed.md):
+    rank 0 writes the store, every rank with `all_ranks=True`.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"watch() needs a torch.nn.Module, got {type(model).__name__}; pass the model itself")
     return Watch(model, optimizer, every=every, sample_every=sample_every, flush_every=flush_every, out=out,
-                 on_finding=on_finding, stop_on=stop_on, warn=warn)
+                 on_finding=on_finding, stop_on=stop_on, warn=warn, all_ranks=all_ranks)

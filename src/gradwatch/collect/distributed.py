@@ -1,0 +1,269 @@
+"""Watching a model trained by several processes: DDP, FSDP (use_orig_params=True) and FSDP2.
+
+Exact statistics (docs/distributed.md):
+- gradients are read after `backward` returns, when DDP's all-reduce and FSDP's reduce-scatter
+  are complete (per-parameter post-accumulate-grad hooks would see the local gradient instead);
+- a sharded parameter's norms are taken over the local shard, and the squares of the shards are
+  summed across ranks once per flush, in the one collective a flush makes: an `all_gather` of a
+  small float64 table (one row per step) that also carries each rank's local loss, so the stored
+  loss is the mean over ranks and a rank whose own loss went non-finite is named in an event;
+- rank 0 writes the store (every rank with `all_ranks=True`), the others only take part in the
+  exchange. Nothing here runs between flushes except under `stop_on=("non_finite",)`, where the
+  ranks agree on stopping with one tiny all-reduce per step.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gradwatch.collect.stats import MISSING
+from gradwatch.errors import ConfigError
+
+EVENT = "rank_non_finite"  # events row: (step, "rank_non_finite", "rank R: loss nan|inf|-inf")
+EXCHANGE_FAILED = "distributed_error"  # events row: the exchange failed (a rank died); local values kept
+_FSDP_WRAPPED = "_fsdp_wrapped_module"
+_FIELDS = ("grad", "grad_max", "weight", "delta")  # StepRecord per-parameter fields, in table order
+
+
+def process_rank() -> int | None:
+    """This process's global rank: torch.distributed's once initialised, else torchrun's RANK."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    rank = os.environ.get("RANK")
+    return int(rank) if rank is not None and rank.isdigit() else None
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The part of a tensor this rank holds (a DTensor's local shard; any other tensor as is)."""
+    return t.to_local() if hasattr(t, "to_local") and hasattr(t, "placements") else t
+
+
+def clean_name(name: str, fallback: str) -> str:
+    """Layer names as in the unwrapped model: FSDP's wrapper modules are not part of the name."""
+    return ".".join(part for part in name.split(".") if part != _FSDP_WRAPPED) or fallback
+
+
+def _shard_group(param: torch.Tensor):
+    """FSDP2: the process group over which a DTensor parameter is sharded (None: replicated)."""
+    from torch.distributed.tensor import Shard
+
+    for dim, placement in enumerate(param.placements):
+        if isinstance(placement, Shard):
+            return param.device_mesh.get_group(dim)
+    return None
+
+
+def unwrap(model: nn.Module) -> tuple[nn.Module, str | None, object, set[int]]:
+    """(module whose layers to watch, "ddp" | "fsdp" | "fsdp2" | None, process group, ids of the
+    parameters each rank holds only a shard of)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        return model.module, "ddp", model.process_group, set()
+    if isinstance(model, FullyShardedDataParallel):
+        if not model._use_orig_params:
+            raise ConfigError(
+                "FullyShardedDataParallel(use_orig_params=False) hides the layers' parameters in one flat "
+                "parameter; wrap the model with use_orig_params=True to watch it per layer"
+            )
+        from torch.distributed.fsdp import ShardingStrategy
+
+        sharded = set() if model.sharding_strategy == ShardingStrategy.NO_SHARD else {id(p) for p in model.parameters()}
+        return model, "fsdp", model.process_group, sharded
+    groups = {id(p): _shard_group(p) for p in model.parameters() if hasattr(p, "placements")}
+    if groups:
+        group = next((g for g in groups.values() if g is not None), None)
+        return model, "fsdp2", group, {i for i, g in groups.items() if g is not None}
+    return model, None, None, set()
+
+
+class Distributed:
+    """What a Watch does differently for a model whose training spans processes."""
+
+    def __init__(self, kind: str, group, all_ranks: bool):
+        self.kind = kind
+        self.group = group
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size(group)
+        self.all_ranks = bool(all_ranks)
+        self.writes = self.all_ranks or self.rank == 0
+        self.sharded_ids: set[int] = set()  # parameters each rank holds only a shard of
+        self.sharded: np.ndarray = np.zeros(0, dtype=bool)  # per watched parameter
+        self.collectives = 0  # made by gradwatch (the benchmark reports it)
+        self._bad: set[int] = set()  # ranks whose own loss was non-finite at the last step
+        self._failed = False
+        self._restore = None
+
+    @property
+    def meta(self) -> dict:
+        return {"kind": self.kind, "rank": self.rank, "world_size": self.world, "all_ranks": self.all_ranks}
+
+    def set_params(self, params: list[torch.Tensor]) -> None:
+        self.sharded = np.array([id(p) in self.sharded_ids for p in params], dtype=bool)
+
+    def store_path(self, path: Path) -> Path:
+        """Rank 0 writes `path`; with all_ranks every rank writes `<stem>-rank{R}.sqlite` beside it."""
+        if not self.all_ranks:
+            return path
+        stem = "gradwatch" if path.stem.startswith("gradwatch") else path.stem
+        return path.with_name(f"{stem}-rank{self.rank}.sqlite")
+
+    # ------------------------------------------------------------ reading (no host sync, no collective)
+    def read(self, params: list[torch.Tensor], sampled: bool):
+        """Per-parameter (grad L2, max |g|, weight L2) of this rank's part of the synchronised
+        gradients; MISSING where a parameter (or its local shard) has no gradient."""
+        device = params[0].device
+        grads = [None if p.grad is None else local(p.grad.detach()) for p in params]
+        have = [i for i, g in enumerate(grads) if g is not None]
+        grad = _scatter(len(params), have, [grads[i] for i in have], device)
+        if not sampled:
+            return grad, None, None
+        gmax = torch.full((len(params),), MISSING, device=device)
+        for i in have:
+            if grads[i].numel():  # max |g|; 10x faster than the inf-norm on CPU
+                low, high = torch.aminmax(grads[i])
+                torch.maximum(high.float(), low.float().neg(), out=gmax[i])
+        weight = torch.stack(torch._foreach_norm([local(p.detach()) for p in params], 2.0, dtype=torch.float32))
+        return grad, gmax, weight
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on one (one all-reduce; used by stop_on only)."""
+        if self._failed or not dist.is_initialized():
+            return flag
+        t = torch.tensor([float(flag)], device=self._device())
+        self.collectives += 1
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(t.item())
+
+    def _device(self) -> torch.device:
+        backend = dist.get_backend(self.group)
+        return torch.device("cpu") if backend == "gloo" else torch.device(torch.accelerator.current_accelerator())
+
+    # ------------------------------------------------------------ the exchange (one collective per flush)
+    def exchange(self, records: list) -> list[tuple[int, str, str]]:
+        """Make `records` global in place (mean loss over ranks, norms over the full sharded
+        parameters) and return the events naming ranks whose own loss went non-finite."""
+        if not records:
+            return []
+        n = len(self.sharded)
+        try:
+            if self._failed or not dist.is_initialized():
+                raise RuntimeError("torch.distributed is not initialised any more")
+            table = _table(records, n).to(self._device())
+            gathered = [torch.empty_like(table) for _ in range(self.world)]
+            self.collectives += 1
+            dist.all_gather(gathered, table, group=self.group)
+        except Exception as exc:  # a rank died or the group is gone: keep what is exact locally
+            events = [] if self._failed else [(records[0].step, EXCHANGE_FAILED, f"rank {self.rank}: {exc}"[:300])]
+            self._failed = True
+            for rec in records:
+                for name in _FIELDS:
+                    value = getattr(rec, name)
+                    if value is not None and self.sharded.any():
+                        keep = torch.as_tensor(~self.sharded, device=value.device)
+                        setattr(rec, name, torch.where(keep, value, torch.full_like(value, math.nan)))
+            return events
+        every = np.stack([g.cpu().numpy() for g in gathered])  # (ranks, steps, columns)
+        return self._combine(records, every, n)
+
+    def _combine(self, records: list, every: np.ndarray, n: int) -> list[tuple[int, str, str]]:
+        has_loss, losses = every[:, :, 0] > 0, every[:, :, 1]
+        blocks = {name: every[:, :, 2 + k * n: 2 + (k + 1) * n] for k, name in enumerate(_FIELDS)}
+        counts = every[:, :, 2 + len(_FIELDS) * n:]
+        sharded = self.sharded
+        for row, rec in enumerate(records):
+            if has_loss[:, row].all():
+                rec.loss_sum, rec.loss_n = torch.tensor(losses[:, row].mean(), dtype=torch.float32), 1
+            for name in _FIELDS:
+                if getattr(rec, name) is None:
+                    continue
+                mine = blocks[name][self._index(), row]
+                values = blocks[name][:, row]
+                if name == "grad_max":
+                    merged = np.where((values == MISSING).all(axis=0), MISSING, values.max(axis=0))
+                else:
+                    present = values != MISSING
+                    with np.errstate(over="ignore", invalid="ignore"):
+                        merged = np.sqrt((np.where(present, values, 0.0) ** 2).sum(axis=0))
+                    merged = np.where(present.any(axis=0), merged, MISSING)
+                setattr(rec, name, torch.from_numpy(np.where(sharded, merged, mine)).float())
+            if rec.nonfinite is not None or counts[:, row].any():
+                total = np.where(sharded, counts[:, row].sum(axis=0), counts[self._index(), row])
+                rec.nonfinite = {i: int(c) for i, c in enumerate(total) if c}
+        return self._rank_events(records, has_loss, losses)
+
+    def _index(self) -> int:
+        return dist.get_group_rank(self.group, self.rank) if self.group is not None else self.rank
+
+    def _rank_events(self, records: list, has_loss: np.ndarray, losses: np.ndarray) -> list:
+        """An event when a rank's own loss turns non-finite while another rank's is still finite
+        (when all go at once, or follow through the synchronised weights, it is no rank's own)."""
+        ranks = [dist.get_global_rank(self.group, r) if self.group is not None else r for r in range(len(losses))]
+        events = []
+        for row, rec in enumerate(records):
+            bad = has_loss[:, row] & ~np.isfinite(losses[:, row])
+            if bad.any() and not bad[has_loss[:, row]].all():
+                events += [(rec.step, EVENT, f"rank {ranks[r]}: loss {losses[r, row]}")
+                           for r in np.flatnonzero(bad) if ranks[r] not in self._bad]
+            self._bad = {ranks[r] for r in np.flatnonzero(bad)}
+        return events
+
+    # ------------------------------------------------------------ teardown
+    def flush_before_teardown(self, flush) -> None:
+        """The last window is exchanged before the process group goes: wrap destroy_process_group."""
+        original = dist.destroy_process_group
+
+        @functools.wraps(original)
+        def destroy(*args, **kwargs):
+            self.restore()
+            flush()
+            return original(*args, **kwargs)
+
+        dist.destroy_process_group = destroy
+        self._restore = original
+
+    def restore(self) -> None:
+        if self._restore is not None:
+            dist.destroy_process_group = self._restore
+            self._restore = None
+
+
+def _scatter(n: int, index: list[int], tensors: list[torch.Tensor], device) -> torch.Tensor:
+    """L2 norms of `tensors` at positions `index` of a length-n vector, MISSING elsewhere."""
+    if len(index) == n:  # every parameter has a gradient: the common case, one fused call
+        return torch.stack(torch._foreach_norm(tensors, 2.0, dtype=torch.float32))
+    out = torch.full((n,), MISSING, device=device)
+    if index:
+        values = torch.stack(torch._foreach_norm(tensors, 2.0, dtype=torch.float32))
+        out[torch.tensor(index, device=device)] = values
+    return out
+
+
+def _table(records: list, n: int) -> torch.Tensor:
+    """One float64 row per step: [has loss, local loss, grad, grad_max, weight, delta, nonfinite]
+    (n columns per parameter field; NaN where a step has no such field)."""
+    table = torch.full((len(records), 2 + (len(_FIELDS) + 1) * n), math.nan, dtype=torch.float64)
+    for row, rec in enumerate(records):
+        if rec.loss_n:
+            table[row, 0] = 1.0
+            table[row, 1] = (rec.loss_sum / rec.loss_n).double().cpu()
+        else:
+            table[row, 0] = 0.0
+        for k, name in enumerate(_FIELDS):
+            value = getattr(rec, name)
+            if value is not None:
+                table[row, 2 + k * n: 2 + (k + 1) * n] = value.double().cpu()
+        counts = torch.zeros(n, dtype=torch.float64)
+        for i, c in (rec.nonfinite or {}).items():
+            counts[i] = c
+        table[row, 2 + len(_FIELDS) * n:] = counts
+    return table
