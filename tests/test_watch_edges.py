@@ -149,3 +149,32 @@ def test_every_records_a_strided_subset():
             opt.step()
         series = watch.series()
     assert list(series.steps) == [0, 3, 6, 9]
+
+
+def test_zero_code_overflow_before_the_first_optimizer_step_is_skipped_not_a_step(tmp_path):
+    """A GradScaler whose first iterations overflow: the optimizer has not stepped yet, so the
+    zero-code watch does not know it; those iterations must still not become steps."""
+    import math
+
+    from gradwatch.collect.auto import AutoWatch
+    from gradwatch.store import read_run
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    watch = AutoWatch(str(tmp_path), warn=False)
+    try:
+        for i in range(8):
+            opt.zero_grad()
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            if i < 3:
+                loss = loss * float("inf")
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    finally:
+        watch.detach()
+    run = read_run(tmp_path)
+    assert list(run.steps) == [0, 1, 2, 3, 4] and run.meta["skipped_steps"] == [0, 0, 0]
+    assert all(math.isfinite(v) for v in run.metrics["grad_norm"][:, 0])

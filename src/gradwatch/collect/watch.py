@@ -361,11 +361,16 @@ class Watch:
             self._end_step()
 
     def after_scaler_update(self) -> None:
-        """GradScaler.update ends an iteration; if the optimizer did not step, the scaler skipped it."""
-        if self._mode == "optimizer" and not self._stepped and self._cur is not None:
+        """GradScaler.update ends an iteration; if the optimizer did not step, the scaler skipped it.
+        A scaler drives an optimizer: before one is seen stepping (zero-code mode, overflow in the
+        first iterations) the steps are still optimizer steps, never backward calls."""
+        if self._mode in ("optimizer", "unknown") and not self._stepped and self._cur is not None:
             self._events.append((self._step, "skipped_step", "loss scaler found inf/NaN gradients"))
             self._cur = None
             self._snapshot = None
+            self._mode = "optimizer"
+            if self._norm_buf is not None:  # the skipped step's norms must not leak into the next
+                self._norm_buf.fill_(MISSING)
         self._stepped = False
 
     def _unscale(self, values: torch.Tensor) -> torch.Tensor:
