@@ -11,6 +11,7 @@ for NaN/Inf costs nothing and gives an exact count of non-finite gradient entrie
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -83,6 +84,8 @@ class Watch:
         stop_on: Iterable[str] = (),
         warn: bool = True,
         all_ranks: bool = False,
+        status: bool | None = None,
+        tensorboard_dir: str | os.PathLike | None = None,
     ):
         if model is not None and not isinstance(model, nn.Module):
             raise ConfigError(
@@ -138,6 +141,14 @@ class Watch:
 
             self._live = LiveDiagnosis(on_finding, stop_on, warn)
             self.on_flush.append(self._live)
+        if status or (status is None and sys.stderr.isatty()):  # a status line, on a terminal only
+            from gradwatch.integrations.terminal import StatusLine
+
+            StatusLine(live=self._live).install(self)
+        if tensorboard_dir is not None:
+            from gradwatch.integrations.tensorboard import TensorBoardSink
+
+            self.on_flush.append(TensorBoardSink(tensorboard_dir, live=self._live))
         if self.store_path is None:
             self._writer = RunStoreWriter(None, self._meta)
         self._attach()
@@ -307,6 +318,8 @@ class Watch:
         if self._cur is not None and self._cur.grad is not None:
             self._end_step(count=False)
         self.flush()
+        for callback in self.on_flush:  # status line, TensorBoard sink: end the line, close files
+            getattr(callback, "close", lambda: None)()
         if self._dist is not None:
             self._dist.restore()
         for handle in self._handles + self._armed + self._order_handles + self._grad_handles:
@@ -593,6 +606,8 @@ def watch(
     stop_on: Iterable[str] = (),
     warn: bool = True,
     all_ranks: bool = False,
+    status: bool | None = None,
+    tensorboard_dir: str | os.PathLike | None = None,
 ) -> Watch:
     """Start watching `model` (and `optimizer`, whose steps then define the step count).
 
@@ -602,9 +617,12 @@ def watch(
     flushes: `warn` prints each new (kind, layers) once, `on_finding(finding)` is called for it,
     and a kind in `stop_on` raises `TrainingStopped` (for "non_finite", before the bad step
     reaches the weights). A DDP/FSDP model is watched exactly across ranks (docs/distributed.md):
-    rank 0 writes the store, every rank with `all_ranks=True`.
+    rank 0 writes the store, every rank with `all_ranks=True`. `status`: a live status line on
+    stderr (default: when it is a terminal); `tensorboard_dir`: also write TensorBoard scalars
+    there at each flush.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"watch() needs a torch.nn.Module, got {type(model).__name__}; pass the model itself")
     return Watch(model, optimizer, every=every, sample_every=sample_every, flush_every=flush_every, out=out,
-                 on_finding=on_finding, stop_on=stop_on, warn=warn, all_ranks=all_ranks)
+                 on_finding=on_finding, stop_on=stop_on, warn=warn, all_ranks=all_ranks, status=status,
+                 tensorboard_dir=tensorboard_dir)

@@ -79,7 +79,7 @@ def run_trial_in_process(train_fn: Callable[[], object], run_dir: Path, candidat
     run_dir = runner.prepare_run_dir(run_dir)
     torch.manual_seed(seed)
     injector = Injector(candidate.spec, budget_steps)
-    watch = AutoWatch(str(run_dir), warn=False)
+    watch = AutoWatch(str(run_dir), warn=False, status=False)
     injector.install_late()
     start, code = time.perf_counter(), 0
     try:
