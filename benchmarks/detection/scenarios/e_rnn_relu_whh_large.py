@@ -19,9 +19,9 @@ import _common as C
 
 def main(healthy=False):
     torch.manual_seed(0)
-    if healthy:  # an LSTM, Adam, gradient-norm clipping at 1
+    if healthy:  # an LSTM, Adam lr 1e-2, gradient-norm clipping at 1
         model = C.SeqClassifier(nn.LSTM(4, 32, batch_first=True), 32, 2)
-        opt, clip = torch.optim.Adam(model.parameters(), lr=1e-3), 1.0
+        opt, clip = torch.optim.Adam(model.parameters(), lr=1e-2), 1.0
     else:
         rnn = nn.RNN(4, 32, nonlinearity="relu", batch_first=True)
         with torch.no_grad():

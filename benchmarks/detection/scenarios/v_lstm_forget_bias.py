@@ -24,7 +24,7 @@ def main(healthy=False):
         for b in (lstm.bias_ih_l0, lstm.bias_hh_l0):
             b[32:64] = 0.5 if healthy else -3.0  # gate order i, f, g, o: forget-gate bias -6 in total (healthy +1)
     model = C.SeqClassifier(lstm, 32, 2)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2 if healthy else 1e-3)  # healthy: lr 1e-2, clipping at 1
     C.train(model, C.first_token_task(T=40), nn.CrossEntropyLoss(), steps=200, opt=opt, clip=1.0 if healthy else None)
 
 
