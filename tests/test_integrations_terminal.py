@@ -58,20 +58,16 @@ SCRIPT = textwrap.dedent("""
     import sys, torch
     from torch import nn
     import gradwatch as gw
-    from gradwatch.integrations.terminal import StatusLine
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    watch = gw.watch(model, opt, flush_every=3, warn=False)
-    status = StatusLine(stream=sys.stderr, width=200).install(watch) if sys.stderr.isatty() else None
+    watch = gw.watch(model, opt, flush_every=3, warn=False)  # on a terminal: the status line is on
     for i in range(12):
         opt.zero_grad()
         nn.functional.mse_loss(model(torch.randn(16, 4)), torch.randn(16, 1)).backward()
         opt.step()
         print(f"epoch line {i}")
     watch.detach()
-    if status:
-        status.close()
 """)
 
 
