@@ -430,3 +430,10 @@ def test_a_loss_that_got_worse_is_not_a_plateau():
     run = build()
     run.loss[:] = np.linspace(2.0, 3.0, len(run.loss))  # +50%: worse, not flat (and not yet diverged)
     assert "loss_plateau" not in kinds(diagnose(run))
+
+
+def test_one_ranks_non_finite_loss_is_reported_with_the_rank():
+    run = build()
+    run.meta["rank_non_finite"] = [[7, "rank 1: loss nan"]]
+    f = next(f for f in diagnose(run) if f.kind == "non_finite")
+    assert f.first_step == 7 and "rank 1: loss nan" in f.message

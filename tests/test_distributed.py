@@ -112,6 +112,9 @@ def test_nan_on_one_rank_is_reported_with_rank_and_step(ddp):
     assert np.isinf(series.loss[row]) and np.isfinite(series.loss[row - 1])  # the mean over ranks
     params = [series.column(name) for name in series.layer_names("param")]
     assert np.isinf(series.metrics["grad_norm"][row, params]).all()  # synchronised: all ranks' gradient
+    from gradwatch.diagnose import diagnose
+    said = [f.message for f in diagnose(series) if f.kind == "non_finite"]
+    assert any("rank 1: loss nan" in m and f"step {train.NAN_STEP}" in m for m in said)
 
 
 def test_stop_on_non_finite_stops_every_rank_at_that_step(ddp):

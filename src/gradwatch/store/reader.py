@@ -101,4 +101,8 @@ def _read(db: sqlite3.Connection) -> RunSeries:
     meta["skipped_steps"] = [
         s for (s,) in db.execute("SELECT step FROM events WHERE kind='skipped_step' ORDER BY step")
     ]
+    # one rank's own loss non-finite while the others' were not (docs/distributed.md)
+    meta["rank_non_finite"] = [
+        [s, d] for s, d in db.execute("SELECT step, detail FROM events WHERE kind='rank_non_finite' ORDER BY step")
+    ]
     return RunSeries(layers, steps, loss, lr, metrics, profiles, meta)

@@ -19,6 +19,25 @@ SOURCES = (("loss", None), ("activations", ("act_mean", "act_std")), ("gradients
 
 
 def find_non_finite(run: RunSeries, th: Thresholds) -> list[Finding]:
+    return _in_the_run(run) + _on_one_rank(run)
+
+
+def _on_one_rank(run: RunSeries) -> list[Finding]:
+    """Under DDP/FSDP, one rank's own loss went non-finite while the others' stayed finite: a bad
+    batch or input on that rank (the synchronised gradients then carry it to every rank)."""
+    events = run.meta.get("rank_non_finite") or []
+    if not events:
+        return []
+    step, detail = events[0]
+    evidence = {"step": int(step), "rank_events": [f"step {s}: {d}" for s, d in events], "at_init": False,
+                "grad_growth_before": float("nan")}
+    causes, remedies = advice.non_finite(advice.Context(run), (), evidence)
+    message = (f"At step {step} {detail} while the other ranks' losses were finite: that rank's data or "
+               f"its computation produced it. {remedies[0].action}.")
+    return [Finding("non_finite", "error", int(step), (), message, evidence, tuple(causes), tuple(remedies))]
+
+
+def _in_the_run(run: RunSeries) -> list[Finding]:
     where: dict[str, tuple[int, tuple[str, ...]]] = {}
     for source, metrics in SOURCES:
         if metrics is None:
