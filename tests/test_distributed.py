@@ -138,6 +138,7 @@ def test_fsdp_norms_equal_unsharded(fsdp, reference, kind):
     series = read_run(fsdp / kind)
     assert_same_series(series, reference)
     assert series.meta["distributed"]["kind"] == kind
+    assert [l.type for l in series.layers] == [l.type for l in reference.layers]  # not FSDPLinear
 
 
 @pytest.mark.parametrize("name", train.CLIPPERS)

@@ -64,7 +64,13 @@ class Layer:
 
     @property
     def type(self) -> str:
-        return type(self.module).__name__
+        """The module's class name; FSDP2's `fully_shard` swaps in a subclass named `FSDP<Name>`,
+        reported under its own name so a sharded run compares with an unsharded one."""
+        cls = type(self.module)
+        for base in cls.__bases__:
+            if cls.__name__ == f"FSDP{base.__name__}":
+                return base.__name__
+        return cls.__name__
 
 
 def discover(model: nn.Module, prefix: str, seen_params: set[int], seen_modules: set[int]) -> list[Layer]:
