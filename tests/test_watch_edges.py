@@ -178,3 +178,40 @@ def test_zero_code_overflow_before_the_first_optimizer_step_is_skipped_not_a_ste
     run = read_run(tmp_path)
     assert list(run.steps) == [0, 1, 2, 3, 4] and run.meta["skipped_steps"] == [0, 0, 0]
     assert all(math.isfinite(v) for v in run.metrics["grad_norm"][:, 0])
+
+
+def test_optimizer_step_with_a_closure_records_the_update_and_can_stop_before_it():
+    """Lightning calls optimizer.step(closure): forward and backward run inside the step."""
+    import gradwatch as gw
+    from gradwatch.errors import TrainingStopped
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 4)
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    with gw.watch(model, opt, sample_every=1, warn=False) as w:
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        opt.step(closure)
+        after = torch.cat([p.detach().flatten() for p in model.parameters()])
+        run = w.series()
+    expected = float((after - before).norm() / before.norm())
+    assert run.metrics["update_ratio"][0, 0] == pytest.approx(expected, rel=1e-5)
+
+    def bad_closure():
+        opt.zero_grad()
+        loss = model(x).pow(2).mean() * float("nan")
+        loss.backward()
+        return loss
+
+    kept = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(TrainingStopped):
+        with gw.watch(model, opt, stop_on=("non_finite",), warn=False):
+            opt.step(bad_closure)
+    assert all(torch.equal(a, p) for a, p in zip(kept, model.parameters()))

@@ -126,6 +126,7 @@ class Watch:
         self._snapshot_rec: StepRecord | None = None
         self._backward_scale: torch.Tensor | None = None
         self._stepped = False
+        self._in_step = False  # between the optimizer's step pre- and post-hook (closures)
         self._handles: list = []  # permanent hooks, removed by detach()
         self._grad_handles: list = []  # one post-accumulate-grad hook per parameter
         self._norm_buf = self._max_buf = None
@@ -372,6 +373,10 @@ class Watch:
         if self._mode == "backward":
             self._stop_if_non_finite(rec)
             self._end_step()
+        elif self._in_step:  # optimizer.step(closure): forward and backward run inside the step
+            if rec is not None and rec.sampled and self._params and self._snapshot is None:
+                self._take_snapshot(rec)  # the weights are still those before this step's update
+            self._stop_if_non_finite(rec)  # raising inside the closure: the update never happens
 
     def after_scaler_update(self) -> None:
         """GradScaler.update ends an iteration; if the optimizer did not step, the scaler skipped it.
@@ -419,6 +424,7 @@ class Watch:
     def _before_step(self, optimizer: torch.optim.Optimizer) -> None:
         if optimizer is not self._optimizer or not self._attached:
             return
+        self._in_step = True
         rec = self._cur
         self._stop_if_non_finite(rec)
         if rec is not None and rec.sampled and self._params:
@@ -428,6 +434,7 @@ class Watch:
         if optimizer is not self._optimizer or not self._attached:
             return
         self._stepped = True
+        self._in_step = False
         if self._snapshot is not None:
             self._finish_delta()
         self._end_step()
