@@ -70,6 +70,18 @@ def build_command(script: str | None, module: str | None, argv: list[str]) -> li
     return argv
 
 
+def command_from_target(target: list[str], module: str | None) -> list[str]:
+    """The child's command from the CLI's trailing arguments: `script.py args`, `-m module args`
+    or `-- COMMAND args`."""
+    target = list(target)
+    script = None
+    if target and target[0] == "--":
+        target = target[1:]
+    elif target and not module:
+        script, target = target[0], target[1:]
+    return build_command(script, module, target)
+
+
 def child_env(run_dir: Path, options: dict[str, int]) -> dict[str, str]:
     env = dict(os.environ)
     env[ENV_RUN_DIR] = str(run_dir.resolve())

@@ -28,13 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    target = list(args.target)
-    script = None
-    if target and target[0] == "--":
-        target = target[1:]
-    elif target and not args.module:
-        script, target = target[0], target[1:]
-    command = runner.build_command(script, args.module, target)
+    command = runner.command_from_target(args.target, args.module)
     result = fix(command, out=args.out, budget_steps=args.budget_steps, order=args.order)
     print_result(result, Console(highlight=False))
     return 0

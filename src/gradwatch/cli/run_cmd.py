@@ -35,13 +35,7 @@ def main(args: argparse.Namespace) -> int:
             from gradwatch.errors import ConfigError
 
             raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected a whole number >= 1")
-    target = list(args.target)
-    script = None
-    if target and target[0] == "--":
-        target = target[1:]
-    elif target and not args.module:
-        script, target = target[0], target[1:]
-    command = runner.build_command(script, args.module, target)
+    command = runner.command_from_target(args.target, args.module)
     run_dir = runner.prepare_run_dir(args.out or runner.default_run_dir())
     options = {"every": args.every, "sample_every": args.sample_every, "flush_every": args.flush_every}
     result = runner.run(command, run_dir, options)

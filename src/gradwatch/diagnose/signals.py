@@ -166,3 +166,12 @@ def persistent_activation_layers(run: RunSeries, metric: str, limit: float, pers
         if start is not None:
             out[run.layers[c].name] = (int(run.steps[rows[start]]), float(np.median(values[start:])), start == 0)
     return out
+
+
+def summarise_layers(run: RunSeries, hits: dict) -> tuple[int, tuple[str, ...], float, bool]:
+    """(first step, layers in forward order, worst value, any from the first step) of the
+    `persistent_activation_layers` result."""
+    first = min(step for step, _, _ in hits.values())
+    layers = tuple(sorted(hits, key=lambda n: run.layers[run.column(n)].index))
+    worst = max(value for _, value, _ in hits.values())
+    return first, layers, worst, any(at_init for _, _, at_init in hits.values())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
-from gradwatch.diagnose.signals import persistent_activation_layers
+from gradwatch.diagnose.signals import persistent_activation_layers, summarise_layers
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
 
@@ -13,10 +13,8 @@ def find_dead_units(run: RunSeries, th: Thresholds) -> list[Finding]:
     hits = persistent_activation_layers(run, "dead", th.dead_fraction, th.persist_samples, exclude=advice.SATURATING)
     if not hits:
         return []
-    first = min(step for step, _, _ in hits.values())
-    layers = tuple(sorted(hits, key=lambda n: run.layers[run.column(n)].index))
-    worst = max(frac for _, frac, _ in hits.values())
-    evidence = {"dead_fraction": {n: hits[n][1] for n in layers}, "at_init": any(i for _, _, i in hits.values())}
+    first, layers, worst, at_init = summarise_layers(run, hits)
+    evidence = {"dead_fraction": {n: hits[n][1] for n in layers}, "at_init": at_init}
     causes, remedies = advice.dead_units(advice.Context(run), layers, evidence)
     severity = "error" if worst >= th.dead_fraction_error else "warning"
     message = (f"{worst:.0%} of the units of '{layers[0]}' output 0 for every sample since step {first}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
-from gradwatch.diagnose.signals import persistent_activation_layers
+from gradwatch.diagnose.signals import persistent_activation_layers, summarise_layers
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
 
@@ -14,12 +14,9 @@ def find_saturation(run: RunSeries, th: Thresholds) -> list[Finding]:
     hits = persistent_activation_layers(run, "saturated", th.saturated_fraction, th.persist_samples, only=advice.SATURATING)
     if not hits:
         return []
-    first = min(step for step, _, _ in hits.values())
-    layers = tuple(sorted(hits, key=lambda n: run.layers[run.column(n)].index))
-    worst = max(frac for _, frac, _ in hits.values())
+    first, layers, worst, at_init = summarise_layers(run, hits)
     evidence = {"saturated_fraction": {n: hits[n][1] for n in layers},
-                "activations": [run.layers[run.column(n)].activation for n in layers],
-                "at_init": any(i for _, _, i in hits.values())}
+                "activations": [run.layers[run.column(n)].activation for n in layers], "at_init": at_init}
     causes, remedies = advice.saturation(advice.Context(run), layers, evidence)
     message = (f"{worst:.0%} of the outputs of '{layers[0]}' sit within 1% of an asymptote since step {first}"
                + (f" ({len(layers)} layers affected)" if len(layers) > 1 else "")
