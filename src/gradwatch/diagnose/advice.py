@@ -104,7 +104,7 @@ def exploding(ctx: Context, layers: tuple[str, ...], evidence: dict, through_tim
         causes.append(f"depth: {ctx.depth} weight layers multiply {ctx.depth - 1} backward factors")
     if not causes:
         causes.append(f"learning rate: {ctx.lr:.3g} with {ctx.optimizer}")
-    clip = evidence.get("baseline_norm")
+    clip = max(evidence.get("baseline_norm") or 0.0, evidence.get("early_norm") or 0.0)  # the healthy level
     max_norm = f"{_round(2 * clip)}" if clip and math.isfinite(clip) and clip > 0 else "1.0"
     remedies.append(Remedy(f"Clip the gradient norm at about twice its healthy level ({max_norm})",
                            f"torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={max_norm})  # before optimizer.step()"))

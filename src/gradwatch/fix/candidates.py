@@ -57,7 +57,8 @@ def from_findings(findings: list[Finding], activations: set[str]) -> list[Candid
     out: list[Candidate] = []
     saturating = [SATURATING_MODULES[a] for a in sorted(activations) if a in SATURATING_MODULES]
     if kinds & {"exploding_gradient", "non_finite", "loss_divergence"}:
-        base = next((f.evidence.get("baseline_norm") for f in findings if f.kind == "exploding_gradient"), None)
+        base = next((max(f.evidence.get("baseline_norm") or 0.0, f.evidence.get("early_norm") or 0.0)
+                     for f in findings if f.kind == "exploding_gradient"), None)
         max_norm = float(f"{2 * base:.1g}") if base and math.isfinite(base) and base > 0 else 1.0
         out += [clip_norm(max_norm), ZCLIP, lr_scale(0.1), ADAM]
     if kinds & {"vanishing_gradient", "saturation", "stalled_layers"}:

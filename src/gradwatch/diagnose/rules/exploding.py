@@ -31,15 +31,23 @@ def find_exploding(run: RunSeries, th: Thresholds) -> list[Finding]:
     causes, remedies = advice.exploding(ctx, layers, evidence, through_time=False)
     what = []
     if "growth_over_steps" in evidence:
-        what.append(f"the gradient norm rose {evidence['growth_over_steps']:.3g}x above its recent level")
+        if evidence.get("recovered"):
+            what.append(f"the gradient norm burst {evidence['bursts']} times to {evidence['growth_over_steps']:.3g}x "
+                        "its recent level (the run recovered each time, so far)")
+        else:
+            what.append(f"the gradient norm rose {evidence['growth_over_steps']:.3g}x above its recent level")
     if "max_update_ratio" in evidence:
         what.append(f"one update changed the weights by {evidence['max_update_ratio']:.3g}x their norm")
     if "weight_growth" in evidence:
         what.append(f"the weights grew {evidence['weight_growth']:.3g}x")
     if "backward_ratio" in evidence:
         what.append(f"the backward signal grows {evidence['backward_ratio']:.3g}x toward the input")
-    message = f"Gradients explode from step {first}: " + "; ".join(what) + f". {remedies[0].action}."
-    return [Finding("exploding_gradient", "error", first, layers, message, evidence, tuple(causes), tuple(remedies))]
+    verb = "burst" if evidence.get("recovered") else "explode"
+    message = f"Gradients {verb} from step {first}: " + "; ".join(what) + f". {remedies[0].action}."
+    # recurring bursts the run recovers from, and nothing else: an instability, not yet a blow-up
+    only_bursts = evidence.get("recovered") and not set(evidence) & {"max_update_ratio", "weight_growth", "backward_ratio"}
+    severity = "warning" if only_bursts else "error"
+    return [Finding("exploding_gradient", severity, first, layers, message, evidence, tuple(causes), tuple(remedies))]
 
 
 def _growth_over_steps(run: RunSeries, th: Thresholds):
@@ -71,7 +79,8 @@ def _growth_over_steps(run: RunSeries, th: Thresholds):
     factor[:2 * th.warmup_steps] = np.nan
     # exploding means large, not only large against a converged, tiny baseline: a spike must also
     # reach the level the gradient had early in training
-    early = float(np.median(norms[th.warmup_steps:th.warmup_steps + 5 * w]))
+    early_norms = norms[th.warmup_steps:th.warmup_steps + 5 * w]
+    early = float(np.median(early_norms))
     spike = (np.nan_to_num(factor, nan=0.0) >= bar) & (norms >= early)
     # spikes within the window ending at each step (steps may have gaps: count by step number)
     count = np.cumsum(spike)
@@ -115,6 +124,10 @@ def _growth_over_steps(run: RunSeries, th: Thresholds):
     return int(steps[j]), names(run, top), {
         "growth_over_steps": float(factor[i]), "baseline_norm": float(base[i]), "spike_bar": bar,
         "grad_norm_at_detection": float(norms[i]), "detected_at_step": int(steps[i]), "bursts": len(bursts),
+        # the level to clip at: the top of the early norms (the median would clip most batches
+        # of a heavy-tailed, batch-size-1 run)
+        "early_norm": float(np.nanpercentile(np.where(early_norms > 0, early_norms, np.nan), 90))
+        if (early_norms > 0).any() else early,
         "recovered": unrecovered is None}
 
 
