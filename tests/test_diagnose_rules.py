@@ -437,3 +437,13 @@ def test_one_ranks_non_finite_loss_is_reported_with_the_rank():
     run.meta["rank_non_finite"] = [[7, "rank 1: loss nan"]]
     f = next(f for f in diagnose(run) if f.kind == "non_finite")
     assert f.first_step == 7 and "rank 1: loss nan" in f.message
+
+
+def test_through_time_vanishing_that_the_net_outgrows_is_not_a_finding():
+    """An LSTM starts with forget gates near 0.5 (short memory) and learns to remember."""
+    run = build()
+    t = np.arange(30)
+    steps = run.steps[sampled(run)]
+    rates = np.where(np.arange(len(steps)) < 5, 0.6, 0.97)  # vanishing for half the run, then not
+    run.time_profiles["lstm"] = (steps, np.array([r ** (29 - t) for r in rates]))
+    assert [f for f in diagnose(run) if f.layers == ("lstm",)] == []

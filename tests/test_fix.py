@@ -22,20 +22,30 @@ def finding(kind, **evidence):
 
 def test_candidates_follow_the_findings():
     explode = [c.name for c in from_findings([finding("exploding_gradient", baseline_norm=3.0)], set())]
-    assert explode[0] == "clip norm 6" and "learning rate x0.1" in explode and "ZClip" in explode
+    assert explode == ["learning rate x0.1", "Adam (lr 1e-3)", "clip norm 6", "ZClip"]
     vanish = [c.name for c in from_findings([finding("vanishing_gradient")], {"sigmoid", "relu"})]
-    assert vanish[0] == "Sigmoid -> LeakyReLU" and "re-initialise per activation" in vanish
-    assert [c.name for c in from_findings([finding("dead_units")], {"relu"})][0] == "ReLU -> LeakyReLU"
+    assert vanish[0] == "Sigmoid -> LeakyReLU + He init" and "re-initialise per activation" in vanish
+    assert "BatchNorm after each layer" in vanish
+    assert [c.name for c in from_findings([finding("dead_units")], {"relu"})][0] == "ReLU -> LeakyReLU + He init"
     assert from_findings([], {"relu"}) == []
+    # a sequence model gets LayerNorm; a hand-written loop gets no optimizer swap
+    seq = [c.name for c in from_findings([finding("vanishing_gradient")], {"tanh"}, layer_types={"LSTM", "Linear"})]
+    assert "LayerNorm after each layer" in seq and "BatchNorm after each layer" not in seq
+    manual = [c.name for c in from_findings([finding("exploding_gradient")], set(), optimizer=None)]
+    assert "Adam (lr 1e-3)" not in manual and "learning rate x0.1" in manual
+    through_time = Finding("vanishing_gradient", "warning", 0, ("lstm",), "m", {"sequence_length": 50})
+    assert [c.name for c in from_findings([through_time], set(), layer_types={"LSTM"})][:2] == [
+        "LSTM forget-gate bias 1", "orthogonal W_hh"]
     both = from_findings([finding("vanishing_gradient"), finding("saturation")], {"tanh"})
     assert len({c.name for c in both}) == len(both)  # no repeats
 
 
 def test_autotrainer_order_is_the_published_one():
     assert [c.name for c in autotrainer_order([finding("vanishing_gradient")])] == [
-        "activation -> SELU", "activation -> ReLU + He init", "BatchNorm after each layer"]
+        "activations -> SELU + lecun init", "activations -> ReLU + He init", "BatchNorm after each layer"]
     assert [c.name for c in autotrainer_order([finding("exploding_gradient")])] == [
-        "activation -> SELU", "activation -> ReLU", "clip value 1", "activation -> tanh", "BatchNorm after each layer"]
+        "activations -> SELU + lecun init", "activations -> ReLU", "clip value 1", "activations -> Tanh",
+        "BatchNorm after each layer"]
 
 
 def test_final_loss_is_robust_and_non_finite_is_inf():
@@ -91,6 +101,46 @@ def test_adam_remedy_replaces_the_update():
     # Adam's first step moves every weight by lr·sign(g) (|m/sqrt(v)| = 1)
     delta = (swapped[0].weight - start[0].weight).abs()
     assert torch.allclose(delta[delta > 0], torch.full_like(delta[delta > 0], 1e-2), rtol=1e-3)
+
+
+def test_recurrent_remedies():
+    lstm = nn.LSTM(3, 4)
+    apply_to_model(lstm, {"recurrent": "forget_bias"})
+    assert torch.equal(lstm.bias_ih_l0[4:8], torch.ones(4))
+    rnn = nn.RNN(3, 5)
+    apply_to_model(rnn, {"recurrent": "orthogonal"})
+    w = rnn.weight_hh_l0.detach()
+    assert torch.allclose(w @ w.T, torch.eye(5), atol=1e-5)
+
+
+def test_clipping_reaches_hand_written_updates():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    injector = Injector({"clip": "norm", "max_norm": 1e-3}, max_steps=None)
+    injector.install_late()
+    try:
+        for _ in range(3):
+            model.zero_grad()
+            model(torch.randn(8, 4)).sum().mul(100).backward()
+            norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters()))
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.1 * p.grad
+    finally:
+        injector.remove()
+    assert float(norm) == pytest.approx(1e-3, rel=1e-4)  # clipped before the script applied it
+
+
+def test_a_crashed_trial_never_wins():
+    from pathlib import Path
+
+    from gradwatch.fix import FixResult
+    from gradwatch.fix.candidates import Candidate
+    from gradwatch.fix.trial import Trial
+    base = Trial(Candidate("baseline"), Path("."), 0, 1.0, steps=10, final_loss=2.0,
+                 findings=[finding("exploding_gradient")])
+    crashed = Trial(Candidate("crash"), Path("."), 1, 1.0, steps=0)
+    assert FixResult(base, [crashed]).winner is None
 
 
 def test_budget_stops_the_script():

@@ -22,6 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/fix", help="directory for the trials' runs (default runs/fix)")
     p.add_argument("--order", choices=("gradwatch", "autotrainer"), default="gradwatch",
                    help="candidates from the findings (default) or AutoTrainer's fixed order")
+    p.add_argument("--strategy", choices=("screen", "first", "all"), default="screen",
+                   help="screen every remedy for a quarter of the budget then run the best at full length "
+                        "(default); first: full trials in order until one works; all: every one at full length")
     p.add_argument("-m", dest="module", help="run a library module as a script, like python -m")
     p.add_argument("target", nargs=argparse.REMAINDER, help="script.py [args] | -- COMMAND [args]")
     p.set_defaults(func=main)
@@ -29,13 +32,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     command = runner.command_from_target(args.target, args.module)
-    result = fix(command, out=args.out, budget_steps=args.budget_steps, order=args.order)
+    result = fix(command, out=args.out, budget_steps=args.budget_steps, order=args.order, strategy=args.strategy)
     print_result(result, Console(highlight=False))
     return 0
 
 
 def print_result(result: FixResult, console: Console) -> None:
-    table = Table(title=f"gradwatch fix: {len(result.trials)} trials of {result.baseline.steps} steps")
+    if result.screened:
+        screen = Table(title=f"screening: {len(result.screened)} remedies, {result.screened[0].steps} steps each")
+        for col in ("remedy", "harmful findings left", "loss"):
+            screen.add_column(col)
+        for t in sorted(result.screened, key=lambda t: t.score):
+            screen.add_row(t.candidate.name, ", ".join(t.harmful) or "none", f"{t.final_loss:.4g}")
+        console.print(screen)
+    table = Table(title=f"gradwatch fix: {len(result.trials)} full trials of {result.baseline.steps} steps")
     for col in ("remedy", "harmful findings left", "final loss", "vs baseline"):
         table.add_column(col)
     base = result.baseline.final_loss

@@ -62,12 +62,13 @@ def sampled_rows(run: RunSeries, metric: str, cols: list[int]) -> np.ndarray:
     return np.flatnonzero(~np.isnan(m[:, cols]).all(axis=1))
 
 
-def persistent_start(condition: np.ndarray, persist: int) -> int | None:
+def persistent_start(condition: np.ndarray, persist: int, *, to_the_end: bool = False) -> int | None:
     """Index where a run of True values that counts as persistent begins, else None.
 
     Persistent: at least `persist` consecutive samples (all of them if there are fewer), and the
     streak either reaches the last sample or covers at least a quarter of all samples (a net stuck
-    for a quarter of its run had a problem, even if it got out of it).
+    for a quarter of its run had a problem, even if it got out of it). `to_the_end`: only a streak
+    that still holds at the last sample counts.
     """
     n = len(condition)
     if n == 0:
@@ -80,7 +81,7 @@ def persistent_start(condition: np.ndarray, persist: int) -> int | None:
         if (not c or i == n - 1) and start is not None:
             end = i + 1 if c else i
             length = end - start
-            if length >= need and (end == n or length >= n / 4):
+            if length >= need and (end == n or (length >= n / 4 and not to_the_end)):
                 return start
             start = None
     return None

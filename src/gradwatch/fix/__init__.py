@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -24,7 +24,8 @@ BASELINE = Candidate("baseline (no change)")
 @dataclass
 class FixResult:
     baseline: Trial
-    trials: list[Trial]
+    trials: list[Trial]  # the full-length trials
+    screened: list[Trial] = field(default_factory=list)  # the short screening trials, if any
 
     @property
     def ranked(self) -> list[Trial]:
@@ -32,7 +33,7 @@ class FixResult:
 
     @property
     def winner(self) -> Trial | None:
-        """The best trial if it beats the baseline, else None."""
+        """The best full-length trial if it beats the baseline, else None."""
         best = self.ranked[0] if self.trials else None
         return best if best is not None and best.score < self.baseline.score else None
 
@@ -43,50 +44,68 @@ class FixResult:
 
     @property
     def cost_steps(self) -> int:
-        return sum(t.steps for t in [self.baseline, *self.trials])
+        return sum(t.steps for t in [self.baseline, *self.trials, *self.screened])
+
+
+def _works(trial: Trial) -> bool:
+    return trial.steps > 0 and not trial.harmful and trial.final_loss != float("inf")
 
 
 def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "runs/fix", budget_steps: int = 200,
-        candidates: list[Candidate] | None = None, order: str = "gradwatch", stop_at_first: bool = False,
-        progress: Callable[[str], None] | None = None, timeout: float | None = None) -> FixResult:
+        candidates: list[Candidate] | None = None, order: str = "gradwatch", strategy: str = "screen",
+        finals: int = 2, progress: Callable[[str], None] | None = None, timeout: float | None = None) -> FixResult:
     """Run `command` (argv of a training process, or a function that trains in this process) as
-    a baseline and with each candidate remedy.
+    a baseline and with candidate remedies.
 
     `order="gradwatch"` builds candidates from the baseline's findings; `"autotrainer"` replays
-    AutoTrainer's fixed order. `stop_at_first` ends at the first trial that leaves no harmful
-    finding (what AutoTrainer does); otherwise every candidate is tried and ranked.
+    AutoTrainer's fixed order. `strategy`: "screen" (default) runs every candidate for a quarter
+    of the budget, then the best `finals` at full length, stopping at the first that leaves no
+    harmful finding — every remedy gets a look for about the cost of two full trials, and the
+    choice rests on measured loss, not on a fixed order; "first" runs full trials in order and
+    stops at the first that works (what AutoTrainer does); "all" runs every one at full length.
     """
     if not isinstance(budget_steps, int) or budget_steps < 1:
         raise ConfigError(f"budget_steps={budget_steps!r}: expected a whole number >= 1")
     if order not in ("gradwatch", "autotrainer"):
         raise ConfigError(f"order={order!r}: expected 'gradwatch' or 'autotrainer'")
+    if strategy not in ("screen", "first", "all"):
+        raise ConfigError(f"strategy={strategy!r}: expected 'screen', 'first' or 'all'")
     say = progress or (lambda msg: print(msg, file=sys.stderr))
     out = Path(out)
 
-    def trial(name: str, cand: Candidate) -> Trial:
+    def trial(name: str, cand: Candidate, steps: int) -> Trial:
         if callable(command):
-            return run_trial_in_process(command, out / name, cand, budget_steps)
-        return run_trial(command, out / name, cand, budget_steps, timeout=timeout)
+            return run_trial_in_process(command, out / name, cand, steps)
+        return run_trial(command, out / name, cand, steps, timeout=timeout)
 
     say(f"gradwatch fix: baseline trial ({budget_steps} steps)")
-    baseline = trial("baseline", BASELINE)
+    baseline = trial("baseline", BASELINE, budget_steps)
     if baseline.steps == 0:
         raise ConfigError(f"the baseline run recorded no training step (exit code {baseline.exit_code}); "
                           f"see {out / 'baseline' / 'output.log'}")
     if candidates is None:
+        run = read_run(baseline.run_dir)
         if order == "autotrainer":
             candidates = autotrainer_order(baseline.findings)
         else:
-            acts = {l.activation for l in read_run(baseline.run_dir).layers if l.role == "activation"}
-            candidates = from_findings(baseline.findings, acts)
-    trials = []
-    for i, cand in enumerate(candidates, 1):
-        say(f"gradwatch fix: trial {i}/{len(candidates)}: {cand.name}")
-        result = trial(f"trial-{i}", cand)
-        trials.append(result)
-        if stop_at_first and result.steps and not result.harmful and result.final_loss != float("inf"):
+            acts = {l.activation for l in run.layers if l.role == "activation"}
+            candidates = from_findings(baseline.findings, acts, layer_types={l.type for l in run.layers},
+                                       optimizer=run.meta.get("optimizer"))
+    screened: list[Trial] = []
+    queue = list(candidates)
+    if strategy == "screen" and len(queue) > finals:
+        short = max(budget_steps // 4, 10)
+        for i, cand in enumerate(queue, 1):
+            say(f"gradwatch fix: screening {i}/{len(queue)} ({short} steps): {cand.name}")
+            screened.append(trial(f"screen-{i}", cand, short))
+        queue = [t.candidate for t in sorted(screened, key=lambda t: t.score)][:finals]
+    trials: list[Trial] = []
+    for i, cand in enumerate(queue, 1):
+        say(f"gradwatch fix: trial {i}/{len(queue)} ({budget_steps} steps): {cand.name}")
+        trials.append(trial(f"trial-{i}", cand, budget_steps))
+        if strategy != "all" and _works(trials[-1]):
             break
-    return FixResult(baseline, trials)
+    return FixResult(baseline, trials, screened)
 
 
 __all__ = ["fix", "FixResult", "Trial", "Candidate"]

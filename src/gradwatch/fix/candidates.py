@@ -34,7 +34,6 @@ ZCLIP = Candidate("ZClip", {"clip": "zclip"}, "gw.clip.attach(optimizer, gw.clip
 REINIT = Candidate("re-initialise per activation", {"init": "auto"}, "gw.init_(model)")
 ADAM = Candidate("Adam (lr 1e-3)", {"optimizer": "Adam", "lr": 1e-3},
                  "optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)")
-BATCHNORM = Candidate("BatchNorm after each layer", {"norm": "batch"}, "model, _ = gw.modify.insert_norm(model, 'batch')")
 
 
 def lr_scale(factor: float) -> Candidate:
@@ -42,31 +41,67 @@ def lr_scale(factor: float) -> Candidate:
                      f"for group in optimizer.param_groups: group['lr'] *= {factor:g}")
 
 
-def swap(old: str, new: str = "LeakyReLU") -> Candidate:
+def swap(old: str, new: str = "LeakyReLU", init: str | None = None) -> Candidate:
+    """An activation swap; with `init`, the weights re-initialised for the new activation too (the
+    old weights were scaled for the old one: swapping alone keeps, e.g., saturating magnitudes)."""
     made = "nn.LeakyReLU(0.01)" if new == "LeakyReLU" else f"nn.{new}()"
-    return Candidate(f"{old} -> {new}", {"swap": {"from": old, "to": new}},
-                     f"model, _ = gw.modify.swap_activations(model, nn.{old}, lambda: {made})")
+    cls = "*" if old == "*" else old
+    code = (f"model, _ = gw.modify.swap_activations(model, nn.{old}, lambda: {made})" if old != "*" else
+            f"model, _ = gw.modify.swap_activations(model, tuple(ACTIVATIONS), lambda: {made})")
+    spec: dict = {"swap": {"from": cls, "to": new}}
+    name = f"{'activations' if old == '*' else old} -> {new}"
+    if init:
+        spec["init"] = init
+        code += f"\ngw.init_(model, {init!r})"
+        name += f" + {'He' if init in ('he', 'auto') else init} init"
+    return Candidate(name, spec, code)
 
+
+def norm(kind: str) -> Candidate:
+    what = "BatchNorm" if kind == "batch" else "LayerNorm"
+    return Candidate(f"{what} after each layer", {"norm": kind}, f"model, _ = gw.modify.insert_norm(model, {kind!r})")
+
+
+FORGET_BIAS = Candidate("LSTM forget-gate bias 1", {"recurrent": "forget_bias"},
+                        "for n, p in lstm.named_parameters():\n"
+                        "    if n.startswith('bias_ih'): p.data[p.numel() // 4: p.numel() // 2] = 1.0")
+ORTHOGONAL = Candidate("orthogonal W_hh", {"recurrent": "orthogonal"},
+                       "for chunk in rnn.weight_hh_l0.data.split(rnn.hidden_size): nn.init.orthogonal_(chunk)")
 
 SATURATING_MODULES = {"sigmoid": "Sigmoid", "tanh": "Tanh", "softsign": "Softsign", "hardtanh": "Hardtanh"}
 
 
-def from_findings(findings: list[Finding], activations: set[str]) -> list[Candidate]:
-    """The remedies worth a trial for these findings, most specific first, without repeats."""
+def from_findings(findings: list[Finding], activations: set[str], *, layer_types: set[str] = frozenset(),
+                  optimizer: str | None = "SGD") -> list[Candidate]:
+    """The remedies worth a trial for these findings, without repeats.
+
+    `layer_types` (module class names) and `optimizer` (None: hand-written updates) decide what
+    applies: LayerNorm rather than BatchNorm for sequence models; no optimizer swap where the
+    script updates the weights itself (clipping and lr scaling then act on the gradients)."""
     kinds = {f.kind for f in findings}
-    out: list[Candidate] = []
+    through_time = any("sequence_length" in f.evidence for f in findings)  # vanishing through time
+    sequence = bool(layer_types & {"RNN", "GRU", "LSTM", "MultiheadAttention", "TransformerEncoderLayer",
+                                   "TransformerDecoderLayer", "Embedding"})
+    normalise = norm("layer" if sequence else "batch")
+    adam = [ADAM] if optimizer is not None and optimizer not in ("Adam", "AdamW") else []
     saturating = [SATURATING_MODULES[a] for a in sorted(activations) if a in SATURATING_MODULES]
+    out: list[Candidate] = []
     if kinds & {"exploding_gradient", "non_finite", "loss_divergence"}:
         base = next((max(f.evidence.get("baseline_norm") or 0.0, f.evidence.get("early_norm") or 0.0)
                      for f in findings if f.kind == "exploding_gradient"), None)
         max_norm = float(f"{2 * base:.1g}") if base and math.isfinite(base) and base > 0 else 1.0
-        out += [clip_norm(max_norm), ZCLIP, lr_scale(0.1), ADAM]
+        out += [lr_scale(0.1), *adam, clip_norm(max_norm), ZCLIP]
     if kinds & {"vanishing_gradient", "saturation", "stalled_layers"}:
-        out += [swap(s) for s in saturating] + [REINIT, BATCHNORM, ADAM]
+        if through_time:
+            out += [FORGET_BIAS] if "LSTM" in layer_types else []
+            out += [ORTHOGONAL, *adam, lr_scale(10.0)]
+        else:
+            out += [swap(s, "LeakyReLU", "auto") for s in saturating]
+            out += [swap("*", "SELU", "lecun"), REINIT, normalise, *adam]
     if "dead_units" in kinds:
-        out += [swap("ReLU"), lr_scale(0.1), REINIT]
+        out += [swap("ReLU", "LeakyReLU", "auto"), lr_scale(0.1), REINIT, *adam]
     if "loss_plateau" in kinds:
-        out += [lr_scale(10.0), ADAM]
+        out += [lr_scale(10.0), *adam]
     seen, unique = set(), []
     for c in out:
         if c.name not in seen:
@@ -79,12 +114,10 @@ def autotrainer_order(findings: list[Finding]) -> list[Candidate]:
     """AutoTrainer's fixed repair order (Zhang et al., ICSE 2021), as a baseline: vanishing:
     SELU -> ReLU+He -> BatchNorm; exploding: SELU -> ReLU -> clip by value -> tanh -> BatchNorm."""
     kinds = {f.kind for f in findings}
-    selu = Candidate("activation -> SELU", {"swap": {"from": "*", "to": "SELU"}, "init": "lecun"})
-    relu = Candidate("activation -> ReLU", {"swap": {"from": "*", "to": "ReLU"}})
-    relu_he = Candidate("activation -> ReLU + He init", {"swap": {"from": "*", "to": "ReLU"}, "init": "he"})
-    tanh = Candidate("activation -> tanh", {"swap": {"from": "*", "to": "Tanh"}})
+    selu, relu, relu_he = swap("*", "SELU", "lecun"), swap("*", "ReLU"), swap("*", "ReLU", "he")
+    tanh, batchnorm = swap("*", "Tanh"), norm("batch")
     if kinds & {"exploding_gradient", "non_finite", "loss_divergence"}:
-        return [selu, relu, clip_value(1.0), tanh, BATCHNORM]
+        return [selu, relu, clip_value(1.0), tanh, batchnorm]
     if kinds & {"vanishing_gradient", "saturation", "stalled_layers", "dead_units"}:
-        return [selu, relu_he, BATCHNORM]
+        return [selu, relu_he, batchnorm]
     return []

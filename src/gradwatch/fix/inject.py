@@ -38,6 +38,24 @@ def apply_to_model(model: nn.Module, spec: dict) -> None:
         insert_norm(model, spec["norm"])
     if spec.get("init"):
         init_(model, spec["init"])
+    if spec.get("recurrent"):
+        _recurrent(model, spec["recurrent"])
+
+
+def _recurrent(model: nn.Module, how: str) -> None:
+    """"forget_bias": LSTM forget gates open at the start (bias 1, Gers et al. 2000);
+    "orthogonal": every gate's W_hh orthogonal (all singular values 1, Saxe et al. 2014)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if not isinstance(m, (nn.RNN, nn.GRU, nn.LSTM)):
+                continue
+            for name, p in m.named_parameters():
+                if how == "forget_bias" and isinstance(m, nn.LSTM) and name.startswith("bias_ih"):
+                    n = p.numel() // 4
+                    p[n:2 * n] = 1.0  # gate order i, f, g, o
+                elif how == "orthogonal" and name.startswith("weight_hh"):
+                    for chunk in p.split(m.hidden_size, dim=0):
+                        nn.init.orthogonal_(chunk)
 
 
 class Injector:
@@ -50,6 +68,7 @@ class Injector:
         self.steps = 0
         self.backwards = 0
         self._optimizers: dict[int, dict] = {}
+        self._manual_clipper = None
         self._handles = [register_module_forward_pre_hook(self._before_forward)]
         self._late: list = []
         patches.add(self)
@@ -82,15 +101,17 @@ class Injector:
                 new = [p for p in self.model.parameters() if p.requires_grad and id(p) not in known]
                 if new:
                     opt.add_param_group({"params": new})
-            kind = self.spec.get("clip")
-            if kind:
-                state["clipper"] = {"norm": lambda: clip.ClipNorm(self.spec["max_norm"]),
-                                    "value": lambda: clip.ClipValue(self.spec["value"]),
-                                    "zclip": clip.ZClip, "agc": clip.AGC, "autoclip": clip.AutoClip}[kind]()
+            if self.spec.get("clip"):
+                state["clipper"] = self._make_clipper()
             if self.spec.get("optimizer") == "Adam":
                 params = [p for g in opt.param_groups for p in g["params"]]
                 state["adam"] = torch.optim.Adam(params, lr=self.spec.get("lr", 1e-3))
         return state
+
+    def _make_clipper(self):
+        return {"norm": lambda: clip.ClipNorm(self.spec["max_norm"]),
+                "value": lambda: clip.ClipValue(self.spec["value"]),
+                "zclip": clip.ZClip, "agc": clip.AGC, "autoclip": clip.AutoClip}[self.spec["clip"]]()
 
     def _before_step(self, opt, args, kwargs) -> None:
         if getattr(opt, "_gradwatch_inner", False):
@@ -123,7 +144,21 @@ class Injector:
             raise SystemExit(0)
 
     def after_backward(self, root) -> None:
+        """Hand-written updates (no optimizer steps): clipping and a learning-rate scale act on the
+        gradients the script is about to apply (for p -= lr·g, scaling g is scaling lr)."""
         self.backwards += 1
+        # an optimizer steps before the second backward; past that with none, updates are by hand
+        if self._optimizers or self.model is None or self.backwards < 2:
+            return
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if not params:
+            return
+        if self.spec.get("clip"):
+            if self._manual_clipper is None:
+                self._manual_clipper = self._make_clipper()
+            self._manual_clipper(params)
+        if self.spec.get("lr_scale") is not None:
+            torch._foreach_mul_([p.grad for p in params], float(self.spec["lr_scale"]))
 
     def after_scaler_update(self) -> None:
         pass

@@ -40,6 +40,8 @@ class Trial:
     @property
     def score(self) -> tuple:
         """Lower is better: harmful findings left, then the loss reached, then any finding left."""
+        if self.steps == 0:  # crashed or recorded nothing: behind every trial that trained
+            return (len(HARMFUL) + 1, float("inf"), 0)
         loss = self.final_loss if np.isfinite(self.final_loss) else float("inf")
         return (len(self.harmful), loss, len(self.findings))
 
