@@ -4,11 +4,11 @@ beside AutoTrainer's fixed repair order and a random remedy, all applied through
     python benchmarks/repair/run.py [--only NAME ...] [--jobs 2] [--cap 200] [--out DIR] [--markdown]
 
 A scenario is faulty when its expected kinds include a harmful one (gradwatch.fix.candidates.HARMFUL).
-Per scenario: `gradwatch.fix.fix(script)` runs the baseline and every candidate built from its
-findings (the "gradwatch, all ranked" strategy); "gradwatch" (stop at first) is the prefix of
-those trials up to the first that leaves no harmful finding (trials are deterministic, so this is
-what `fix(stop_at_first=True)` runs); AutoTrainer's order and the random pick are run from the same
-baseline. A trial is run once and charged to every strategy that runs it.
+Per scenario: `gradwatch.fix.fix(script)` (its default strategy: every candidate built from the
+findings screened for a quarter of the budget, then the best two at full length, stopping at the
+first that leaves no harmful finding); AutoTrainer's order (full trials, stop at the first that
+works) and the random pick are run from the same baseline. A full-length trial is run once and
+charged to every strategy that runs it.
 
 Repaired: the strategy's winner (FixResult.winner) leaves no harmful finding and its final loss is
 <= the healthy variant's final loss + 10% of its magnitude. The healthy variant (`script --healthy`)
@@ -44,7 +44,7 @@ from gradwatch.store import read_run  # noqa: E402
 HEALTHY_CACHE = HERE / "healthy.json"
 DEFAULT_OUT = HERE / "out"
 TOLERANCE = 0.10
-STRATEGIES = ("gradwatch", "gradwatch (all ranked)", "AutoTrainer order", "random")
+STRATEGIES = ("gradwatch", "AutoTrainer order", "random")
 ANCHOR = "AutoTrainer (Zhang et al., ICSE 2021) repaired 97.33% of its buggy models at 1.19x the training time."
 TRIAL_TIMEOUT = 600.0
 BASELINE = Candidate("baseline (no change)")
@@ -82,7 +82,7 @@ def initial_loss(run_dir: Path) -> float:
 
 
 def works(t: Trial) -> bool:
-    """fix's stop_at_first test: the trial ran, left no harmful finding and a finite loss."""
+    """fix's stopping test: the trial ran, left no harmful finding and a finite loss."""
     return bool(t.steps) and not t.harmful and t.final_loss != float("inf")
 
 
@@ -134,7 +134,7 @@ def run_scenario(s: harness.Scenario, budget: int, out: Path, refresh: bool) -> 
     say(f"healthy variant: final loss {healthy['final_loss']:.4g}, findings {healthy['findings'] or '-'}")
     target = healthy["final_loss"]
     cmd = command(s)
-    gw = fix(cmd, out=out / s.name / "gradwatch", budget_steps=budget, stop_at_first=False, progress=say,
+    gw = fix(cmd, out=out / s.name / "gradwatch", budget_steps=budget, strategy="screen", progress=say,
              timeout=TRIAL_TIMEOUT)
     base = gw.baseline
     cache: dict[str, Trial] = {json.dumps(t.candidate.spec, sort_keys=True): t for t in gw.trials}
@@ -146,22 +146,16 @@ def run_scenario(s: harness.Scenario, budget: int, out: Path, refresh: bool) -> 
             cache[key] = run_trial(cmd, out / s.name / f"extra-{len(cache) + 1}", c, budget, timeout=TRIAL_TIMEOUT)
         return cache[key]
 
-    first = []
-    for t in gw.trials:
-        first.append(t)
-        if works(t):
-            break
     at_cands, at_trials = autotrainer_order(base.findings), []
     for c in at_cands:
         at_trials.append(trial(c))
         if works(at_trials[-1]):
             break
-    union = {json.dumps(c.spec, sort_keys=True): c for c in [t.candidate for t in gw.trials] + at_cands}
+    union = {json.dumps(c.spec, sort_keys=True): c for c in [t.candidate for t in gw.screened or gw.trials] + at_cands}
     pick = random.Random(zlib.crc32(s.name.encode())).choice(list(union.values())) if union else None
     rnd = FixResult(base, [trial(pick)] if pick else [])
     results = {
-        "gradwatch": describe(FixResult(base, first), healthy),
-        "gradwatch (all ranked)": describe(gw, healthy),
+        "gradwatch": describe(gw, healthy),
         "AutoTrainer order": describe(FixResult(base, at_trials), healthy),
         # a random pick is judged as picked, whether or not it beats the baseline
         "random": describe(rnd, healthy, chosen=rnd.trials[0] if rnd.trials else None),
@@ -216,14 +210,13 @@ def summary(results: list[dict], markdown: bool) -> str:
 def per_scenario(results: list[dict], markdown: bool) -> str:
     yn = lambda d: "y" if d["repaired"] else ("~" if d["repaired_drop"] else "n")
     rows = [["scenario", "kinds", "baseline harmful", "healthy loss", "gradwatch winner", "rep",
-             "all-ranked winner", "rep", "AutoTrainer winner", "rep", "random pick", "rep"]]
+             "AutoTrainer winner", "rep", "random pick", "rep"]]
     for r in results:
         st = r["strategies"]
         cell = lambda d: f"{d['winner'] or '-'} ({_fmt_loss(d['winner_loss'])})"
         rows.append([r["scenario"], ", ".join(r["expected"]), ", ".join(r["baseline"]["harmful"]) or "-",
                      _fmt_loss(r["healthy"]["final_loss"]),
-                     cell(st["gradwatch"]), yn(st["gradwatch"]), cell(st["gradwatch (all ranked)"]),
-                     yn(st["gradwatch (all ranked)"]), cell(st["AutoTrainer order"]), yn(st["AutoTrainer order"]),
+                     cell(st["gradwatch"]), yn(st["gradwatch"]), cell(st["AutoTrainer order"]), yn(st["AutoTrainer order"]),
                      cell(st["random"]), yn(st["random"])])
     return table(rows, markdown) + "\n\nrep: y repaired; ~ only by the 90%-of-the-loss-drop reading; n not repaired."
 
