@@ -16,16 +16,16 @@ SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
 def diagnose(run: RunSeries | str | os.PathLike, thresholds: Thresholds = DEFAULT) -> list[Finding]:
     """Findings of a run (a `RunSeries`, a run directory or a store file), earliest first.
 
-    Stalled lower layers that a vanishing gradient already explains are folded into it: one
-    cause, one finding.
+    Stalled lower layers where a vanishing gradient was found are folded into it: one cause, one
+    finding.
     """
     series = run if isinstance(run, RunSeries) else read_run(run)
     if len(series.steps) == 0:
         return []
     findings = [f for rule in RULES for f in rule(series, thresholds)]
     vanished = {l for f in findings if f.kind == "vanishing_gradient" for l in f.layers}
-    findings = [f for f in findings
-                if not (f.kind == "stalled_layers" and not f.evidence.get("frozen") and set(f.layers) <= vanished)]
+    findings = [f for f in findings  # lower layers stalled where the gradient vanishes: one cause
+                if not (f.kind == "stalled_layers" and not f.evidence.get("frozen") and set(f.layers) & vanished)]
     return sorted(findings, key=lambda f: (f.first_step, SEVERITY_ORDER[f.severity], KINDS.index(f.kind)))
 
 
