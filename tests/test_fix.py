@@ -193,3 +193,11 @@ def test_fix_in_process_with_a_function(tmp_path):
 def test_bad_budget_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="budget_steps=0"):
         fix(["python", "x.py"], out=tmp_path, budget_steps=0)
+
+
+def test_combining_remedies_that_touch_different_things():
+    from gradwatch.fix.candidates import ADAM, REINIT, clip_norm, combine, lr_scale
+    both = combine(REINIT, ADAM)
+    assert both.spec == {"init": "auto", "optimizer": "Adam", "lr": 1e-3} and "gw.init_" in both.code
+    assert combine(ADAM, lr_scale(0.1)) is None  # Adam sets its own step: an lr scale would be void
+    assert combine(clip_norm(1.0), clip_norm(2.0)) is None

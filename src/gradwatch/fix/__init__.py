@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from gradwatch.errors import ConfigError
-from gradwatch.fix.candidates import Candidate, autotrainer_order, from_findings
+from gradwatch.fix.candidates import Candidate, autotrainer_order, combine, from_findings
 from gradwatch.fix.trial import Trial, run_trial, run_trial_in_process
 from gradwatch.store import read_run
 
@@ -59,10 +59,11 @@ def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "
 
     `order="gradwatch"` builds candidates from the baseline's findings; `"autotrainer"` replays
     AutoTrainer's fixed order. `strategy`: "screen" (default) runs every candidate for a quarter
-    of the budget, then the best `finals` at full length, stopping at the first that leaves no
-    harmful finding — every remedy gets a look for about the cost of two full trials, and the
-    choice rests on measured loss, not on a fixed order; "first" runs full trials in order and
-    stops at the first that works (what AutoTrainer does); "all" runs every one at full length.
+    of the budget, then at full length the best one alone and the best two together (when they
+    change different things; else the runner-up) — every remedy gets a look for about the cost of
+    two full trials, and the choice rests on measured loss, not on a fixed order; "first" runs full
+    trials in order and stops at the first that works (what AutoTrainer does); "all" runs every
+    one at full length.
     """
     if not isinstance(budget_steps, int) or budget_steps < 1:
         raise ConfigError(f"budget_steps={budget_steps!r}: expected a whole number >= 1")
@@ -93,17 +94,20 @@ def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "
                                        optimizer=run.meta.get("optimizer"))
     screened: list[Trial] = []
     queue = list(candidates)
-    if strategy == "screen" and len(queue) > finals:
+    if strategy == "screen" and len(queue) > 1:
         short = max(budget_steps // 4, 10)
         for i, cand in enumerate(queue, 1):
             say(f"gradwatch fix: screening {i}/{len(queue)} ({short} steps): {cand.name}")
             screened.append(trial(f"screen-{i}", cand, short))
-        queue = [t.candidate for t in sorted(screened, key=lambda t: t.score)][:finals]
+        best = [t.candidate for t in sorted(screened, key=lambda t: t.score)]
+        both = combine(best[0], best[1])
+        # the best remedy alone, and the best two together (or the runner-up): both at full length
+        queue = [best[0], both or best[1]][:max(finals, 1)]
     trials: list[Trial] = []
     for i, cand in enumerate(queue, 1):
         say(f"gradwatch fix: trial {i}/{len(queue)} ({budget_steps} steps): {cand.name}")
         trials.append(trial(f"trial-{i}", cand, budget_steps))
-        if strategy != "all" and _works(trials[-1]):
+        if strategy == "first" and _works(trials[-1]):
             break
     return FixResult(baseline, trials, screened)
 

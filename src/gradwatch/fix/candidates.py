@@ -110,6 +110,15 @@ def from_findings(findings: list[Finding], activations: set[str], *, layer_types
     return unique
 
 
+def combine(a: Candidate, b: Candidate) -> Candidate | None:
+    """Both remedies at once, when they touch different things (a healthy setup usually changes
+    activation, initialisation and optimizer together); None when they would overrule each other."""
+    if set(a.spec) & set(b.spec) or {"optimizer", "lr_scale"} <= set(a.spec) | set(b.spec):
+        return None
+    return Candidate(f"{a.name} + {b.name}", {**a.spec, **b.spec}, f"{a.code}\n{b.code}",
+                     reason="the two best remedies of the screening, together")
+
+
 def autotrainer_order(findings: list[Finding]) -> list[Candidate]:
     """AutoTrainer's fixed repair order (Zhang et al., ICSE 2021), as a baseline: vanishing:
     SELU -> ReLU+He -> BatchNorm; exploding: SELU -> ReLU -> clip by value -> tanh -> BatchNorm."""
