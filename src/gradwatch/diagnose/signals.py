@@ -97,10 +97,6 @@ def finite_loss(run: RunSeries) -> tuple[np.ndarray, np.ndarray]:
     return run.steps[keep], run.loss[keep]
 
 
-def safe_ratio(a: float, b: float) -> float:
-    return float(a / b) if b > 0 else float("inf") if a > 0 else float("nan")
-
-
 def lowest_over_highest(values: np.ndarray) -> float:
     """The lowest finite entry over the largest of the entries above it, input first.
 

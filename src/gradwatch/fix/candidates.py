@@ -45,10 +45,9 @@ def swap(old: str, new: str = "LeakyReLU", init: str | None = None) -> Candidate
     """An activation swap; with `init`, the weights re-initialised for the new activation too (the
     old weights were scaled for the old one: swapping alone keeps, e.g., saturating magnitudes)."""
     made = "nn.LeakyReLU(0.01)" if new == "LeakyReLU" else f"nn.{new}()"
-    cls = "*" if old == "*" else old
     code = (f"model, _ = gw.modify.swap_activations(model, nn.{old}, lambda: {made})" if old != "*" else
             f"model, _ = gw.modify.swap_activations(model, tuple(ACTIVATIONS), lambda: {made})")
-    spec: dict = {"swap": {"from": cls, "to": new}}
+    spec: dict = {"swap": {"from": old, "to": new}}
     name = f"{'activations' if old == '*' else old} -> {new}"
     if init:
         spec["init"] = init

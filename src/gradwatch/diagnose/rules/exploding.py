@@ -111,12 +111,12 @@ def _growth_over_steps(run: RunSeries, th: Thresholds):
         after = norms[burst[-1] + 1:burst[-1] + 1 + w]
         recovered = len(after) == w and after.min() < 2 * base[j] and (bad_step is None or bad_step < steps[i])
         if not recovered:
-            unrecovered = (i, j)
+            unrecovered = i
             break
     if unrecovered is None and len(bursts) < th.chronic_bursts:
         return None
     first = bursts[0][0]
-    i = unrecovered[0] if unrecovered else first
+    i = first if unrecovered is None else unrecovered
     j = start[first] + np.argmax(spike[start[first]:first + 1]) if spike[first] else first
     g = run.metrics["grad_norm"][run.steps.searchsorted(steps[j])]
     cols = profile_columns(run) or list(range(len(run.layers)))
@@ -154,13 +154,7 @@ def _sgd_step_too_large(run: RunSeries, th: Thresholds):
             check = sampled & np.isfinite(measured) & np.isfinite(predicted) & (predicted > 0.1 * th.max_update_ratio)
             if (measured[check] < 0.5 * predicted[check]).any():
                 return None
-    big = np.isfinite(predicted) & (predicted > th.max_update_ratio)
-    rows = np.flatnonzero(big.any(axis=1))
-    if len(rows) == 0:
-        return None
-    r = rows[0]
-    hit = [c for c, b in zip(cols, big[r]) if b]
-    return int(run.steps[r]), names(run, hit), {"max_update_ratio": float(np.nanmax(predicted[r][big[r]]))}
+    return _first_overshoot(run, cols, predicted, np.isfinite(predicted) & (predicted > th.max_update_ratio))
 
 
 def _overshooting_update(run: RunSeries, th: Thresholds):
@@ -174,12 +168,18 @@ def _overshooting_update(run: RunSeries, th: Thresholds):
     if u is None or w is None or not cols:
         return None
     big = (u[:, cols] > th.max_update_ratio) & np.isfinite(u[:, cols]) & (w[:, cols] > 0) & np.isfinite(w[:, cols])
+    return _first_overshoot(run, cols, u[:, cols], big)
+
+
+def _first_overshoot(run: RunSeries, cols: list[int], ratios: np.ndarray, big: np.ndarray):
+    """The first step where some layer's update ratio (rows x `cols`) is `big`: that step, those
+    layers, and the largest ratio among them."""
     rows = np.flatnonzero(big.any(axis=1))
     if len(rows) == 0:
         return None
     r = rows[0]
     hit = [c for c, b in zip(cols, big[r]) if b]
-    return int(run.steps[r]), names(run, hit), {"max_update_ratio": float(np.nanmax(u[r, hit]))}
+    return int(run.steps[r]), names(run, hit), {"max_update_ratio": float(np.nanmax(ratios[r][big[r]]))}
 
 
 def _weight_growth(run: RunSeries, th: Thresholds):
