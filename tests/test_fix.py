@@ -9,7 +9,7 @@ from torch import nn
 
 from gradwatch.diagnose.finding import Finding
 from gradwatch.errors import ConfigError
-from gradwatch.fix import fix
+from gradwatch.fix import Candidate, Trial, fix
 from gradwatch.fix.candidates import autotrainer_order, from_findings
 from gradwatch.fix.inject import Injector, apply_to_model
 from gradwatch.fix.trial import final_loss
@@ -36,6 +36,13 @@ def test_candidates_follow_the_findings():
     through_time = Finding("vanishing_gradient", "warning", 0, ("lstm",), "m", {"sequence_length": 50})
     assert [c.name for c in from_findings([through_time], set(), layer_types={"LSTM"})][:2] == [
         "LSTM forget-gate bias 1", "orthogonal W_hh"]
+    # a vanilla RNN is offered a GRU; a high adaptive lr a lower one (against vanishing too)
+    assert "nn.RNN -> nn.GRU" in [c.name for c in from_findings([through_time], set(), layer_types={"RNN"})]
+    assert "nn.RNN -> nn.GRU" not in [c.name for c in from_findings([through_time], set(), layer_types={"LSTM"})]
+    post_ln = [c.name for c in from_findings([finding("vanishing_gradient")], set(), optimizer="Adam", lr=0.02)]
+    assert "learning rate x0.1" in post_ln
+    assert "learning rate x0.1" not in [c.name for c in from_findings([finding("vanishing_gradient")], set(),
+                                                                       optimizer="Adam", lr=1e-3)]
     both = from_findings([finding("vanishing_gradient"), finding("saturation")], {"tanh"})
     assert len({c.name for c in both}) == len(both)  # no repeats
 
@@ -105,8 +112,12 @@ def test_adam_remedy_replaces_the_update():
 
 def test_recurrent_remedies():
     lstm = nn.LSTM(3, 4)
+    with torch.no_grad():
+        lstm.bias_hh_l0.fill_(-3.0)
     apply_to_model(lstm, {"recurrent": "forget_bias"})
-    assert torch.equal(lstm.bias_ih_l0[4:8], torch.ones(4))
+    # the forget gate sees b_ih + b_hh: 1 in total, whatever b_hh held; other gates untouched
+    assert torch.equal(lstm.bias_ih_l0[4:8] + lstm.bias_hh_l0[4:8], torch.ones(4))
+    assert torch.equal(lstm.bias_hh_l0[:4], torch.full((4,), -3.0))
     rnn = nn.RNN(3, 5)
     apply_to_model(rnn, {"recurrent": "orthogonal"})
     w = rnn.weight_hh_l0.detach()
@@ -201,3 +212,26 @@ def test_combining_remedies_that_touch_different_things():
     assert both.spec == {"init": "auto", "optimizer": "Adam", "lr": 1e-3} and "gw.init_" in both.code
     assert combine(ADAM, lr_scale(0.1)) is None  # Adam sets its own step: an lr scale would be void
     assert combine(clip_norm(1.0), clip_norm(2.0)) is None
+
+
+def test_a_nan_in_the_data_is_named_not_repaired(tmp_path):
+    """A NaN from a batch, not from training dynamics: no remedy repairs it, and fix says where to look."""
+    from gradwatch.cli.fix_cmd import not_a_training_fault
+
+    def train():
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        x, y = torch.randn(30, 32, 8), torch.randn(30, 32, 1)
+        x[12, 3, 0] = float("nan")  # one bad row in batch 12
+        for i in range(30):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x[i]), y[i]).backward()
+            opt.step()
+
+    result = fix(train, out=tmp_path, budget_steps=30, progress=lambda m: None)
+    assert "non_finite" in result.baseline.harmful and not result.repaired
+    hint = not_a_training_fault(result.baseline)
+    assert hint is not None and "step 12" in hint and "data or the loss" in hint
+    exploding = Trial(Candidate("b"), tmp_path, 0, 1.0, steps=10, findings=[
+        Finding("non_finite", "error", 40, (), "m", {"grad_growth_before": 1e6, "first_seen_in": "gradients"})])
+    assert not_a_training_fault(exploding) is None  # growth led up to it: a training fault

@@ -1,4 +1,4 @@
-"""gw.modify: activation swaps, norm insertion, residual wrapping keep shapes and untouched names."""
+"""gw.modify: activation swaps, norm insertion, residual wrapping, RNN -> GRU keep shapes and untouched names."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from gradwatch.errors import ConfigError
-from gradwatch.remedies.modify import Residual, add_residual, insert_norm, swap_activations
+from gradwatch.remedies.modify import Residual, add_residual, insert_norm, replace_rnn, swap_activations
 
 
 def mlp():
@@ -117,3 +117,35 @@ def test_bad_input():
         swap_activations(mlp(), old="sigmoid")
     with pytest.raises(ConfigError, match="not an nn.Module"):
         swap_activations(mlp(), new=lambda: "relu")
+
+
+class SeqModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.RNN(3, 8, num_layers=2, nonlinearity="relu", batch_first=True, bidirectional=True)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x):
+        out, h = self.rnn(x)
+        return self.head(out[:, -1]), h
+
+
+def test_replace_rnn_by_a_gru_of_the_same_shape():
+    torch.manual_seed(0)
+    model, x = SeqModel(), torch.randn(4, 5, 3)
+    (y0, h0), head_w = model(x), model.head.weight
+    _, change = replace_rnn(model)
+    gru = model.rnn
+    assert type(gru) is nn.GRU and change.modules == ["rnn"]
+    assert (gru.input_size, gru.hidden_size, gru.num_layers, gru.batch_first, gru.bidirectional) == (3, 8, 2, True, True)
+    y1, h1 = model(x)  # the forward that called the RNN runs unchanged
+    assert y1.shape == y0.shape and h1.shape == h0.shape
+    assert model.head.weight is head_w and "head.weight" in dict(model.named_parameters())
+    assert set(change.new_parameters) == {n for n, _ in gru.named_parameters(prefix="rnn")}
+    # the GRU is torch's own: same result as a fresh nn.GRU holding the same weights
+    ref = nn.GRU(3, 8, num_layers=2, batch_first=True, bidirectional=True)
+    ref.load_state_dict(gru.state_dict())
+    assert torch.equal(ref(x)[0], gru(x)[0])
+    assert not replace_rnn(nn.Linear(2, 2))[1]  # nothing to replace: says so
+    with pytest.raises(ConfigError, match="nn.GRU"):
+        replace_rnn(nn.RNN(2, 2))

@@ -68,7 +68,7 @@ def vanishing(ctx: Context, layers: tuple[str, ...], evidence: dict, through_tim
         if "LSTM" in ctx.rnn_types:
             remedies.append(Remedy("Open the LSTM forget gates at the start: forget-gate bias 1",
                                    f"for n, p in {module_ref(layers[0])}.named_parameters():\n"
-                                   "    if n.startswith('bias'): p.data[p.numel() // 4: p.numel() // 2] = 1.0"))
+                                   "    if n.startswith('bias'): p.data[p.numel() // 4: p.numel() // 2] = float(n.startswith('bias_ih'))"))
         return causes, remedies
     if ctx.saturating:
         acts = ", ".join(ctx.saturating)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from gradwatch.errors import ConfigError
 from gradwatch.fix.candidates import Candidate, autotrainer_order, combine, from_findings
 from gradwatch.fix.trial import Trial, run_trial, run_trial_in_process
@@ -90,8 +92,9 @@ def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "
             candidates = autotrainer_order(baseline.findings)
         else:
             acts = {l.activation for l in run.layers if l.role == "activation"}
+            lrs = run.lr[np.isfinite(run.lr)]
             candidates = from_findings(baseline.findings, acts, layer_types={l.type for l in run.layers},
-                                       optimizer=run.meta.get("optimizer"))
+                                       optimizer=run.meta.get("optimizer"), lr=float(lrs[0]) if len(lrs) else None)
     screened: list[Trial] = []
     queue = list(candidates)
     if strategy == "screen" and len(queue) > 1:

@@ -62,21 +62,29 @@ def norm(kind: str) -> Candidate:
 
 
 FORGET_BIAS = Candidate("LSTM forget-gate bias 1", {"recurrent": "forget_bias"},
-                        "for n, p in lstm.named_parameters():\n"
-                        "    if n.startswith('bias_ih'): p.data[p.numel() // 4: p.numel() // 2] = 1.0")
+                        "for n, p in lstm.named_parameters():  # the gate sees b_ih + b_hh: 1 in total\n"
+                        "    if n.startswith('bias'): p.data[p.numel() // 4: p.numel() // 2] = float(n.startswith('bias_ih'))")
+GRU = Candidate("nn.RNN -> nn.GRU", {"recurrent": "gru"},
+                "model, _ = gw.modify.replace_rnn(model)  # or build nn.GRU(...) where the nn.RNN is built")
 ORTHOGONAL = Candidate("orthogonal W_hh", {"recurrent": "orthogonal"},
                        "for chunk in rnn.weight_hh_l0.data.split(rnn.hidden_size): nn.init.orthogonal_(chunk)")
 
 SATURATING_MODULES = {"sigmoid": "Sigmoid", "tanh": "Tanh", "softsign": "Softsign", "hardtanh": "Hardtanh"}
+ADAPTIVE = ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad")
+# An adaptive optimizer moves every weight by about lr per step whatever the gradient's scale, so
+# an lr well above its usual 1e-3 (Kingma & Ba 2015) can itself collapse a network (post-LN
+# transformers, Xiong et al. 2020): past 5x that, a lower lr is worth a trial against vanishing too.
+HIGH_ADAPTIVE_LR = 5e-3
 
 
 def from_findings(findings: list[Finding], activations: set[str], *, layer_types: set[str] = frozenset(),
-                  optimizer: str | None = "SGD") -> list[Candidate]:
+                  optimizer: str | None = "SGD", lr: float | None = None) -> list[Candidate]:
     """The remedies worth a trial for these findings, without repeats.
 
-    `layer_types` (module class names) and `optimizer` (None: hand-written updates) decide what
-    applies: LayerNorm rather than BatchNorm for sequence models; no optimizer swap where the
-    script updates the weights itself (clipping and lr scaling then act on the gradients)."""
+    `layer_types` (module class names), `optimizer` (None: hand-written updates) and its initial
+    `lr` decide what applies: LayerNorm rather than BatchNorm for sequence models; a GRU for a
+    vanilla RNN; no optimizer swap where the script updates the weights itself (clipping and lr
+    scaling then act on the gradients); a lower lr against vanishing under a high adaptive lr."""
     kinds = {f.kind for f in findings}
     through_time = any("sequence_length" in f.evidence for f in findings)  # vanishing through time
     sequence = bool(layer_types & {"RNN", "GRU", "LSTM", "MultiheadAttention", "TransformerEncoderLayer",
@@ -85,12 +93,16 @@ def from_findings(findings: list[Finding], activations: set[str], *, layer_types
     adam = [ADAM] if optimizer is not None and optimizer not in ("Adam", "AdamW") else []
     saturating = [SATURATING_MODULES[a] for a in sorted(activations) if a in SATURATING_MODULES]
     out: list[Candidate] = []
+    if "RNN" in layer_types and kinds & {"vanishing_gradient", "exploding_gradient", "saturation"}:
+        out += [GRU]  # the gated state fixes both directions of the recurrence (Cho et al. 2014)
     if kinds & {"exploding_gradient", "non_finite", "loss_divergence"}:
         base = next((max(f.evidence.get("baseline_norm") or 0.0, f.evidence.get("early_norm") or 0.0)
                      for f in findings if f.kind == "exploding_gradient"), None)
         max_norm = float(f"{2 * base:.1g}") if base and math.isfinite(base) and base > 0 else 1.0
         out += [lr_scale(0.1), *adam, clip_norm(max_norm), ZCLIP]
     if kinds & {"vanishing_gradient", "saturation", "stalled_layers"}:
+        if optimizer in ADAPTIVE and lr is not None and lr >= HIGH_ADAPTIVE_LR:
+            out += [lr_scale(0.1)]
         if through_time:
             out += [FORGET_BIAS] if "LSTM" in layer_types else []
             out += [ORTHOGONAL, *adam, lr_scale(10.0)]

@@ -19,7 +19,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from gradwatch.collect import patches
 from gradwatch.collect.layers import ACTIVATIONS
-from gradwatch.remedies import clip, init_, insert_norm, swap_activations
+from gradwatch.remedies import clip, init_, insert_norm, replace_rnn, swap_activations
 
 ENV_REMEDY = "GRADWATCH_REMEDY"
 ENV_MAX_STEPS = "GRADWATCH_MAX_STEPS"
@@ -38,21 +38,24 @@ def apply_to_model(model: nn.Module, spec: dict) -> None:
         insert_norm(model, spec["norm"])
     if spec.get("init"):
         init_(model, spec["init"])
-    if spec.get("recurrent"):
+    if spec.get("recurrent") == "gru":
+        replace_rnn(model)
+    elif spec.get("recurrent"):
         _recurrent(model, spec["recurrent"])
 
 
 def _recurrent(model: nn.Module, how: str) -> None:
-    """"forget_bias": LSTM forget gates open at the start (bias 1, Gers et al. 2000);
+    """"forget_bias": LSTM forget gates open at the start (total bias 1, Gers et al. 2000,
+    Jozefowicz et al. 2015: b_ih's forget chunk 1, b_hh's 0, since the gate sees their sum);
     "orthogonal": every gate's W_hh orthogonal (all singular values 1, Saxe et al. 2014)."""
     with torch.no_grad():
         for m in model.modules():
             if not isinstance(m, (nn.RNN, nn.GRU, nn.LSTM)):
                 continue
             for name, p in m.named_parameters():
-                if how == "forget_bias" and isinstance(m, nn.LSTM) and name.startswith("bias_ih"):
+                if how == "forget_bias" and isinstance(m, nn.LSTM) and name.startswith("bias_"):
                     n = p.numel() // 4
-                    p[n:2 * n] = 1.0  # gate order i, f, g, o
+                    p[n:2 * n] = 1.0 if name.startswith("bias_ih") else 0.0  # gate order i, f, g, o
                 elif how == "orthogonal" and name.startswith("weight_hh"):
                     for chunk in p.split(m.hidden_size, dim=0):
                         nn.init.orthogonal_(chunk)

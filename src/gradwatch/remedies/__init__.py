@@ -6,7 +6,7 @@ Depends on nothing else in gradwatch but its errors (gw.fix builds on these, not
 from gradwatch.remedies import clip, modify
 from gradwatch.remedies.guard import Guard, guard
 from gradwatch.remedies.init import InitReport, check_constant_init, init_
-from gradwatch.remedies.modify import Change, add_residual, insert_norm, swap_activations
+from gradwatch.remedies.modify import Change, add_residual, insert_norm, replace_rnn, swap_activations
 
 __all__ = ["clip", "guard", "Guard", "init_", "InitReport", "check_constant_init", "modify",
-           "swap_activations", "insert_norm", "add_residual", "Change"]
+           "swap_activations", "insert_norm", "add_residual", "replace_rnn", "Change"]

@@ -6,6 +6,9 @@
   Linear/Conv layer, before its activation, so every layer sees inputs of a steady scale.
 * `add_residual`: wrap shape-preserving blocks as x + f(x) (He et al. 2016), so the gradient has
   an identity path through every block.
+* `replace_rnn`: a vanilla nn.RNN by a GRU (Cho et al. 2014) of the same shape: its gated,
+  additive state update keeps the gradient through time that tanh/ReLU recurrences lose or blow up.
+  A GRU takes and returns what an RNN does (output, h_n), so the forward that calls it is unchanged.
 
 All change the model in place (pass ``inplace=False`` for a changed deep copy) and leave the
 parameter names of untouched layers as they were. Only modules are changed: activations called
@@ -234,3 +237,26 @@ def add_residual(model: nn.Module, example_input: Any, blocks: list[str] | None 
         return model, Change("no shape-preserving block with parameters found; nothing changed")
     return model, Change(f"wrapped {len(chosen)} block(s) as residual x + f(x): {', '.join(chosen)}",
                          chosen, renamed, new)
+
+
+def replace_rnn(model: nn.Module, *, inplace: bool = True) -> tuple[nn.Module, Change]:
+    """Replace every vanilla nn.RNN by an nn.GRU of the same sizes, layers, direction and layout,
+    on the same device and dtype, freshly initialised (torch's GRU default). The new module keeps
+    the old one's name; its parameters are new (`Change.new_parameters`): give them to the optimizer."""
+    model = _target(model, inplace)
+    before = _names(model)
+    rnns = [(n, m) for n, m in model.named_modules() if type(m) is nn.RNN]
+    for name, rnn in rnns:
+        w = rnn.weight_ih_l0
+        gru = nn.GRU(rnn.input_size, rnn.hidden_size, rnn.num_layers, bias=rnn.bias, batch_first=rnn.batch_first,
+                     dropout=rnn.dropout, bidirectional=rnn.bidirectional, device=w.device, dtype=w.dtype)
+        if name:
+            _set(model, name, gru)
+        else:
+            raise ConfigError("the model is itself an nn.RNN; replace it by nn.GRU(...) where it is built")
+    renamed, new = _renames(before, model)
+    if not rnns:
+        return model, Change("no nn.RNN found; nothing changed")
+    names = [n for n, _ in rnns]
+    return model, Change(f"replaced {len(rnns)} nn.RNN by nn.GRU of the same shape: {', '.join(names)}",
+                         names, renamed, new)

@@ -124,11 +124,15 @@ def _growth_over_steps(run: RunSeries, th: Thresholds):
     return int(steps[j]), names(run, top), {
         "growth_over_steps": float(factor[i]), "baseline_norm": float(base[i]), "spike_bar": bar,
         "grad_norm_at_detection": float(norms[i]), "detected_at_step": int(steps[i]), "bursts": len(bursts),
-        # the level to clip at: the top of the early norms (the median would clip most batches
-        # of a heavy-tailed, batch-size-1 run)
-        "early_norm": float(np.nanpercentile(np.where(early_norms > 0, early_norms, np.nan), 90))
-        if (early_norms > 0).any() else early,
+        # the level to clip at: the top of the early norms before the burst (the median would
+        # clip most batches of a heavy-tailed, batch-size-1 run; the burst itself is no level)
+        "early_norm": _clip_level(norms[th.warmup_steps:min(th.warmup_steps + 5 * w, j)], early),
         "recovered": unrecovered is None}
+
+
+def _clip_level(early_norms: np.ndarray, fallback: float) -> float:
+    positive = early_norms[early_norms > 0]
+    return float(np.percentile(positive, 90)) if len(positive) else fallback
 
 
 def _sgd_step_too_large(run: RunSeries, th: Thresholds):

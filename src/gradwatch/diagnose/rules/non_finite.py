@@ -76,7 +76,8 @@ def _in_the_run(run: RunSeries) -> list[Finding]:
         evidence["last_finite_loss"] = float(finite_loss[-1])
     ctx = advice.Context(run)
     causes, remedies = advice.non_finite(ctx, layers, evidence)
-    where_text = f" in '{layers[0]}'" if layers else ""
+    where_text = (f" in '{layers[0]}'" if at_first.get(origin) else
+                  f" (the first layer hit: '{layers[0]}')" if layers else "")
     message = (f"NaN/Inf first appears at step {step} in the {origin}{where_text}; every step after it is "
                f"meaningless. {remedies[0].action}.")
     return [Finding("non_finite", "error", step, layers, message, evidence, tuple(causes), tuple(remedies))]
