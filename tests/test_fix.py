@@ -22,7 +22,11 @@ def finding(kind, **evidence):
 
 def test_candidates_follow_the_findings():
     explode = [c.name for c in from_findings([finding("exploding_gradient", baseline_norm=3.0)], set())]
-    assert explode == ["learning rate x0.1", "Adam (lr 1e-3)", "clip norm 6", "ZClip"]
+    assert explode == ["learning rate x0.1", "Adam (lr 1e-3)", "clip norm 6"]  # twice the measured level
+    at_init = [c.name for c in from_findings([finding("exploding_gradient", at_init=True)], {"relu"})]
+    assert at_init[-1] == "re-initialise per activation"  # growing from the first step: the init's scale
+    unmeasured = [c.name for c in from_findings([finding("non_finite")], set())]
+    assert unmeasured == ["learning rate x0.1", "Adam (lr 1e-3)", "ZClip"]  # no level: adaptive clipping
     vanish = [c.name for c in from_findings([finding("vanishing_gradient")], {"sigmoid", "relu"})]
     assert vanish[0] == "Sigmoid -> LeakyReLU + He init" and "re-initialise per activation" in vanish
     assert "BatchNorm after each layer" in vanish
@@ -235,3 +239,16 @@ def test_a_nan_in_the_data_is_named_not_repaired(tmp_path):
     exploding = Trial(Candidate("b"), tmp_path, 0, 1.0, steps=10, findings=[
         Finding("non_finite", "error", 40, (), "m", {"grad_growth_before": 1e6, "first_seen_in": "gradients"})])
     assert not_a_training_fault(exploding) is None  # growth led up to it: a training fault
+
+
+def test_finals_pair_the_leader_with_the_next_two():
+    from gradwatch.fix import pick_finals
+    from gradwatch.fix.candidates import ADAM, REINIT, clip_norm, lr_scale, swap
+    names = lambda cs: [c.name for c in cs]
+    assert names(pick_finals([REINIT, ADAM, clip_norm(1.0)])) == [
+        "re-initialise per activation + Adam (lr 1e-3)", "re-initialise per activation + clip norm 1"]
+    # two activation swaps overrule each other: the leader alone, then the leader with the third
+    selu, leaky = swap("*", "SELU", "lecun"), swap("Sigmoid", "LeakyReLU", "auto")
+    assert names(pick_finals([selu, leaky, ADAM])) == [selu.name, f"{selu.name} + Adam (lr 1e-3)"]
+    # Adam sets its own step, so no lr scale beside it: each alone
+    assert names(pick_finals([ADAM, lr_scale(0.1)])) == ["Adam (lr 1e-3)", "learning rate x0.1"]

@@ -5,8 +5,8 @@ beside AutoTrainer's fixed repair order and a random remedy, all applied through
 
 A scenario is faulty when its expected kinds include a harmful one (gradwatch.fix.candidates.HARMFUL).
 Per scenario: `gradwatch.fix.fix(script)` (its default strategy: every candidate built from the
-findings screened for a quarter of the budget, then the best two at full length, stopping at the
-first that leaves no harmful finding); AutoTrainer's order (full trials, stop at the first that
+findings screened for a quarter of the budget, then the leader combined with the runner-up and
+with the third at full length); AutoTrainer's order (full trials, stop at the first that
 works) and the random pick are run from the same baseline. A full-length trial is run once and
 charged to every strategy that runs it.
 

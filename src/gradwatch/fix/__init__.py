@@ -49,6 +49,22 @@ class FixResult:
         return sum(t.steps for t in [self.baseline, *self.trials, *self.screened])
 
 
+def pick_finals(ranked: list[Candidate]) -> list[Candidate]:
+    """The two full-length trials after screening (`ranked`: best first, at least two): the leader
+    with the runner-up (the leader alone when both change the same thing), then the leader with
+    the third (else the runner-up with the third, else the next one alone). A setup that trains
+    usually changes several things at once (activation, initialisation, optimizer), and the
+    leader is the remedy most likely to be one of them."""
+    lead, second = ranked[0], ranked[1]
+    first = combine(lead, second) or lead
+    other = None
+    if len(ranked) > 2:
+        other = combine(lead, ranked[2]) or combine(second, ranked[2]) or ranked[2]
+    if other is None or other == first:
+        other = second
+    return [first, other]
+
+
 def _works(trial: Trial) -> bool:
     return trial.steps > 0 and not trial.harmful and trial.final_loss != float("inf")
 
@@ -61,9 +77,9 @@ def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "
 
     `order="gradwatch"` builds candidates from the baseline's findings; `"autotrainer"` replays
     AutoTrainer's fixed order. `strategy`: "screen" (default) runs every candidate for a quarter
-    of the budget, then at full length the best one alone and the best two together (when they
-    change different things; else the runner-up) — every remedy gets a look for about the cost of
-    two full trials, and the choice rests on measured loss, not on a fixed order; "first" runs full
+    of the budget, then at full length the leader combined with the runner-up and with the third
+    (`pick_finals`) — every remedy gets a look for about the cost of two full trials, and the
+    choice rests on measured loss, not on a fixed order; "first" runs full
     trials in order and stops at the first that works (what AutoTrainer does); "all" runs every
     one at full length.
     """
@@ -102,10 +118,7 @@ def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "
         for i, cand in enumerate(queue, 1):
             say(f"gradwatch fix: screening {i}/{len(queue)} ({short} steps): {cand.name}")
             screened.append(trial(f"screen-{i}", cand, short))
-        best = [t.candidate for t in sorted(screened, key=lambda t: t.score)]
-        both = combine(best[0], best[1])
-        # the best remedy alone, and the best two together (or the runner-up): both at full length
-        queue = [best[0], both or best[1]][:max(finals, 1)]
+        queue = pick_finals([t.candidate for t in sorted(screened, key=lambda t: t.score)])[:max(finals, 1)]
     trials: list[Trial] = []
     for i, cand in enumerate(queue, 1):
         say(f"gradwatch fix: trial {i}/{len(queue)} ({budget_steps} steps): {cand.name}")

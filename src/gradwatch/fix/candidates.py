@@ -98,8 +98,12 @@ def from_findings(findings: list[Finding], activations: set[str], *, layer_types
     if kinds & {"exploding_gradient", "non_finite", "loss_divergence"}:
         base = next((max(f.evidence.get("baseline_norm") or 0.0, f.evidence.get("early_norm") or 0.0)
                      for f in findings if f.kind == "exploding_gradient"), None)
-        max_norm = float(f"{2 * base:.1g}") if base and math.isfinite(base) and base > 0 else 1.0
-        out += [lr_scale(0.1), *adam, clip_norm(max_norm), ZCLIP]
+        # one clipping trial: at twice the level measured before the burst, else adaptive (ZClip
+        # needs no level); the two screen alike, so a second one would only add cost
+        measured = base is not None and math.isfinite(base) and base > 0
+        out += [lr_scale(0.1), *adam, clip_norm(float(f"{2 * base:.1g}")) if measured else ZCLIP]
+        if any(f.kind == "exploding_gradient" and f.evidence.get("at_init") for f in findings):
+            out += [ORTHOGONAL if "RNN" in layer_types else REINIT]  # too large from the first step: the init
     if kinds & {"vanishing_gradient", "saturation", "stalled_layers"}:
         if optimizer in ADAPTIVE and lr is not None and lr >= HIGH_ADAPTIVE_LR:
             out += [lr_scale(0.1)]
@@ -109,8 +113,8 @@ def from_findings(findings: list[Finding], activations: set[str], *, layer_types
         else:
             out += [swap(s, "LeakyReLU", "auto") for s in saturating]
             out += [swap("*", "SELU", "lecun"), REINIT, normalise, *adam]
-    if "dead_units" in kinds:
-        out += [swap("ReLU", "LeakyReLU", "auto"), lr_scale(0.1), REINIT, *adam]
+    if "dead_units" in kinds:  # the swap re-initialises (He) too: a plain re-init only without ReLUs
+        out += [swap("ReLU", "LeakyReLU", "auto"), lr_scale(0.1), *([] if "relu" in activations else [REINIT]), *adam]
     if "loss_plateau" in kinds:
         out += [lr_scale(10.0), *adam]
     seen, unique = set(), []
