@@ -252,3 +252,30 @@ def test_finals_pair_the_leader_with_the_next_two():
     assert names(pick_finals([selu, leaky, ADAM])) == [selu.name, f"{selu.name} + Adam (lr 1e-3)"]
     # Adam sets its own step, so no lr scale beside it: each alone
     assert names(pick_finals([ADAM, lr_scale(0.1)])) == ["Adam (lr 1e-3)", "learning rate x0.1"]
+
+
+def _steps_until_exit(spec: dict) -> int:
+    torch.manual_seed(0)
+    model = nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    injector = Injector(spec, max_steps=None)
+    injector.install_late()
+    step = -1
+    try:
+        for step in range(12):
+            opt.zero_grad()
+            loss = model(torch.randn(4, 2)).sum()
+            (loss * float("nan") if step >= 5 else loss).backward()  # non-finite from step 5 on
+            opt.step()
+    except SystemExit:
+        pass
+    finally:
+        injector.remove()
+    return step
+
+
+def test_a_remedy_trial_stops_once_its_loss_stays_non_finite():
+    from gradwatch.fix.inject import STOP_AFTER_NON_FINITE
+    # steps 5, 6, 7 are non-finite and recorded; the backward of step 8 ends the trial
+    assert _steps_until_exit({"lr_scale": 0.5}) == 5 + STOP_AFTER_NON_FINITE
+    assert _steps_until_exit({}) == 11  # the baseline (no remedy) runs its whole course

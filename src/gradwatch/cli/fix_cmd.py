@@ -79,5 +79,6 @@ def not_a_training_fault(baseline: Trial) -> str | None:
             return (f"The NaN/Inf first appears at step {f.first_step} in the {f.evidence.get('first_seen_in', 'run')} "
                     f"with no gradient growth before it (x{growth:.2g} over the previous steps): look for it in the "
                     "data or the loss function (a NaN in a batch, log or sqrt of a negative, a division by zero), "
-                    "which no training remedy repairs.")
+                    "which no training remedy repairs. Meanwhile `guard = gw.guard(optimizer)` skips such steps, "
+                    "so one bad batch cannot ruin the weights.")
     return None

@@ -3,7 +3,8 @@
 Started by the bootstrap when `gradwatch fix` sets GRADWATCH_REMEDY (a JSON spec) and/or
 GRADWATCH_MAX_STEPS. Model changes are made at the first forward of the first module that owns
 parameters (before it computes anything), optimizer changes at its steps; the trial ends cleanly
-(SystemExit, so atexit flushes the store) after GRADWATCH_MAX_STEPS steps.
+(SystemExit, so atexit flushes the store) after GRADWATCH_MAX_STEPS steps, or once a remedy
+trial's loss has been non-finite for STOP_AFTER_NON_FINITE steps in a row.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from gradwatch.remedies import clip, init_, insert_norm, replace_rnn, swap_activ
 
 ENV_REMEDY = "GRADWATCH_REMEDY"
 ENV_MAX_STEPS = "GRADWATCH_MAX_STEPS"
+
+STOP_AFTER_NON_FINITE = 3  # consecutive non-finite losses that end a remedy trial
 
 NEW_ACTIVATION = {"LeakyReLU": lambda: nn.LeakyReLU(0.01), "ReLU": nn.ReLU, "SELU": nn.SELU, "Tanh": nn.Tanh,
                   "ELU": nn.ELU, "GELU": nn.GELU}
@@ -70,6 +73,7 @@ class Injector:
         self.model: nn.Module | None = None
         self.steps = 0
         self.backwards = 0
+        self.non_finite_losses = 0  # consecutive
         self._optimizers: dict[int, dict] = {}
         self._manual_clipper = None
         self._handles = [register_module_forward_pre_hook(self._before_forward)]
@@ -145,6 +149,19 @@ class Injector:
     def before_backward(self, root) -> None:
         if not self._optimizers and self.max_steps is not None and self.backwards >= self.max_steps:
             raise SystemExit(0)
+        if self.spec:
+            self._stop_if_failed(root)
+
+    def _stop_if_failed(self, root) -> None:
+        """A remedy trial whose loss stays non-finite has failed (its final loss is inf whatever
+        follows): end it once the watch has recorded STOP_AFTER_NON_FINITE such steps, instead of
+        running the rest of the budget. One sync per step, in trials only."""
+        if self.non_finite_losses >= STOP_AFTER_NON_FINITE:
+            raise SystemExit(0)
+        unscaled = getattr(root, patches.UNSCALED, None)
+        loss = unscaled[0] if unscaled is not None else root
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            self.non_finite_losses = 0 if bool(torch.isfinite(loss)) else self.non_finite_losses + 1
 
     def after_backward(self, root) -> None:
         """Hand-written updates (no optimizer steps): clipping and a learning-rate scale act on the
