@@ -156,6 +156,15 @@ def test_a_crashed_trial_never_wins():
                  findings=[finding("exploding_gradient")])
     crashed = Trial(Candidate("crash"), Path("."), 1, 1.0, steps=0)
     assert FixResult(base, [crashed]).winner is None
+    # a trial that went non-finite (and ended early, showing fewer findings) never wins either
+    nan_base = Trial(Candidate("baseline"), Path("."), 0, 1.0, steps=10, final_loss=float("inf"),
+                     findings=[finding("non_finite"), finding("dead_units")])
+    cut_short = Trial(Candidate("nan"), Path("."), 0, 1.0, steps=4, final_loss=float("inf"),
+                      findings=[finding("non_finite")])
+    assert FixResult(nan_base, [cut_short]).winner is None
+    finite = Trial(Candidate("ok"), Path("."), 0, 1.0, steps=10, final_loss=3.0,
+                   findings=[finding("exploding_gradient"), finding("dead_units")])
+    assert FixResult(nan_base, [cut_short, finite]).winner is finite
 
 
 def test_budget_stops_the_script():

@@ -35,9 +35,9 @@ class FixResult:
 
     @property
     def winner(self) -> Trial | None:
-        """The best full-length trial if it beats the baseline, else None."""
+        """The best full-length trial if it beats the baseline with a finite loss, else None."""
         best = self.ranked[0] if self.trials else None
-        return best if best is not None and best.score < self.baseline.score else None
+        return best if best is not None and best.score < self.baseline.score and best.score[0] == 0 else None
 
     @property
     def repaired(self) -> bool:

@@ -39,11 +39,13 @@ class Trial:
 
     @property
     def score(self) -> tuple:
-        """Lower is better: harmful findings left, then the loss reached, then any finding left."""
+        """Lower is better: a finite loss, then the harmful findings left, then the loss reached,
+        then any finding left. A trial whose loss went non-finite is behind every one that kept
+        it finite, whatever it left: ended early, it had no time to show the other findings."""
         if self.steps == 0:  # crashed or recorded nothing: behind every trial that trained
-            return (len(HARMFUL) + 1, float("inf"), 0)
+            return (2, len(HARMFUL) + 1, float("inf"), 0)
         loss = self.final_loss if np.isfinite(self.final_loss) else float("inf")
-        return (len(self.harmful), loss, len(self.findings))
+        return (int(loss == float("inf")), len(self.harmful), loss, len(self.findings))
 
 
 def final_loss(loss: np.ndarray) -> float:
