@@ -149,3 +149,14 @@ def test_replace_rnn_by_a_gru_of_the_same_shape():
     assert not replace_rnn(nn.Linear(2, 2))[1]  # nothing to replace: says so
     with pytest.raises(ConfigError, match="nn.GRU"):
         replace_rnn(nn.RNN(2, 2))
+
+
+def test_swap_keeps_the_output_activation_when_asked():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 1), nn.Sigmoid())  # BCELoss's probabilities
+    _, change = swap_activations(model, nn.Sigmoid, lambda: nn.LeakyReLU(0.01), keep_output=True)
+    assert change.modules == ["1"] and isinstance(model[3], nn.Sigmoid) and isinstance(model[1], nn.LeakyReLU)
+    out = model(torch.randn(16, 4))
+    assert ((out > 0) & (out < 1)).all()  # still probabilities
+    hidden_only = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))  # no output activation: all swapped
+    assert swap_activations(hidden_only, nn.Tanh, nn.ReLU, keep_output=True)[1].modules == ["1"]

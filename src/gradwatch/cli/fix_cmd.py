@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import textwrap
 
 from rich.console import Console
 from rich.table import Table
@@ -61,7 +62,7 @@ def print_result(result: FixResult, console: Console) -> None:
     else:
         verdict = "repairs the run" if result.repaired else "is the best of the trials"
         console.print(f"[bold]{winner.candidate.name}[/] {verdict}. The change to make:", markup=True)
-        console.print(f"    {winner.candidate.code}", markup=False)
+        console.print(textwrap.indent(winner.candidate.code, "    "), markup=False, soft_wrap=True)
     if not result.repaired and (hint := not_a_training_fault(result.baseline)):
         console.print(hint)
 

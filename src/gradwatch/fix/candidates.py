@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from gradwatch.collect.layers import ACTIVATIONS
 from gradwatch.diagnose.finding import Finding
 
 # Kinds a repair must remove. Plateau and divergence are judged through the final loss instead.
@@ -41,12 +42,15 @@ def lr_scale(factor: float) -> Candidate:
                      f"for group in optimizer.param_groups: group['lr'] *= {factor:g}")
 
 
-def swap(old: str, new: str = "LeakyReLU", init: str | None = None) -> Candidate:
-    """An activation swap; with `init`, the weights re-initialised for the new activation too (the
-    old weights were scaled for the old one: swapping alone keeps, e.g., saturating magnitudes)."""
+def swap(old: str, new: str = "LeakyReLU", init: str | None = None, present: tuple[str, ...] = ()) -> Candidate:
+    """An activation swap of the hidden layers (the output's activation is kept); with `init`, the
+    weights re-initialised for the new activation too (the old weights were scaled for the old one:
+    swapping alone keeps, e.g., saturating magnitudes). `old="*"`: every activation module, the
+    code naming the classes `present` in the model."""
     made = "nn.LeakyReLU(0.01)" if new == "LeakyReLU" else f"nn.{new}()"
-    code = (f"model, _ = gw.modify.swap_activations(model, nn.{old}, lambda: {made})" if old != "*" else
-            f"model, _ = gw.modify.swap_activations(model, tuple(ACTIVATIONS), lambda: {made})")
+    classes = (f"nn.{old}" if old != "*" else
+               f"({', '.join(f'nn.{c}' for c in present)},)" if present else "(nn.Sigmoid, nn.Tanh, nn.ReLU)")
+    code = f"model, _ = gw.modify.swap_activations(model, {classes}, lambda: {made}, keep_output=True)"
     spec: dict = {"swap": {"from": old, "to": new}}
     name = f"{'activations' if old == '*' else old} -> {new}"
     if init:
@@ -69,7 +73,8 @@ GRU = Candidate("nn.RNN -> nn.GRU", {"recurrent": "gru"},
 ORTHOGONAL = Candidate("orthogonal W_hh", {"recurrent": "orthogonal"},
                        "for chunk in rnn.weight_hh_l0.data.split(rnn.hidden_size): nn.init.orthogonal_(chunk)")
 
-SATURATING_MODULES = {"sigmoid": "Sigmoid", "tanh": "Tanh", "softsign": "Softsign", "hardtanh": "Hardtanh"}
+MODULE_NAMES = {name: cls.__name__ for cls, name in ACTIVATIONS.items()}  # "leaky_relu" -> "LeakyReLU"
+SATURATING_MODULES = {a: MODULE_NAMES[a] for a in ("sigmoid", "tanh", "softsign", "hardtanh")}
 ADAPTIVE = ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad")
 # An adaptive optimizer moves every weight by about lr per step whatever the gradient's scale, so
 # an lr well above its usual 1e-3 (Kingma & Ba 2015) can itself collapse a network (post-LN
@@ -92,6 +97,7 @@ def from_findings(findings: list[Finding], activations: set[str], *, layer_types
     normalise = norm("layer" if sequence else "batch")
     adam = [ADAM] if optimizer is not None and optimizer not in ("Adam", "AdamW") else []
     saturating = [SATURATING_MODULES[a] for a in sorted(activations) if a in SATURATING_MODULES]
+    present = tuple(sorted(MODULE_NAMES[a] for a in activations if a in MODULE_NAMES))
     out: list[Candidate] = []
     if "RNN" in layer_types and kinds & {"vanishing_gradient", "exploding_gradient", "saturation"}:
         out += [GRU]  # the gated state fixes both directions of the recurrence (Cho et al. 2014)
@@ -112,7 +118,7 @@ def from_findings(findings: list[Finding], activations: set[str], *, layer_types
             out += [ORTHOGONAL, *adam, lr_scale(10.0)]
         else:
             out += [swap(s, "LeakyReLU", "auto") for s in saturating]
-            out += [swap("*", "SELU", "lecun"), REINIT, normalise, *adam]
+            out += [swap("*", "SELU", "lecun", present), REINIT, normalise, *adam]
     if "dead_units" in kinds:  # the swap re-initialises (He) too: a plain re-init only without ReLUs
         out += [swap("ReLU", "LeakyReLU", "auto"), lr_scale(0.1), *([] if "relu" in activations else [REINIT]), *adam]
     if "loss_plateau" in kinds:

@@ -36,7 +36,7 @@ def apply_to_model(model: nn.Module, spec: dict) -> None:
     swap = spec.get("swap")
     if swap:
         old = tuple(ACTIVATIONS) if swap["from"] == "*" else (getattr(nn, swap["from"]),)
-        swap_activations(model, old, NEW_ACTIVATION[swap["to"]])
+        swap_activations(model, old, NEW_ACTIVATION[swap["to"]], keep_output=True)
     if spec.get("norm"):
         insert_norm(model, spec["norm"])
     if spec.get("init"):

@@ -100,15 +100,28 @@ def _types(name: str, value: Any) -> tuple:
     return types
 
 
+LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
 def swap_activations(model: nn.Module, old: ModuleTypes = nn.Sigmoid,
                      new: Callable[[], nn.Module] = lambda: nn.LeakyReLU(0.01),
-                     *, inplace: bool = True) -> tuple[nn.Module, Change]:
-    """Replace every module of type `old` by a fresh `new()` (a class or a factory)."""
+                     *, keep_output: bool = False, inplace: bool = True) -> tuple[nn.Module, Change]:
+    """Replace every module of type `old` by a fresh `new()` (a class or a factory).
+
+    `keep_output` leaves the output's activation alone: an `old` module registered after the last
+    Linear/Conv layer (a sigmoid giving BCELoss its probabilities shapes the prediction; it is no
+    hidden layer whose gradient flow needs fixing)."""
     old_types = _types("old", old)
     model = _target(model, inplace)
+    named = [(n, m) for n, m in model.named_modules() if n]
+    output = None
+    if keep_output:
+        last_layer = max((i for i, (_, m) in enumerate(named) if isinstance(m, LAYERS)), default=-1)
+        after = [n for n, m in named[last_layer + 1:] if isinstance(m, old_types)]
+        output = after[-1] if last_layer >= 0 and after else None
     swapped, made = [], None
-    for name, m in list(model.named_modules()):
-        if name and isinstance(m, old_types):
+    for name, m in named:
+        if isinstance(m, old_types) and name != output:
             made = new()
             if not isinstance(made, nn.Module):
                 raise ConfigError(f"new() returned {made!r}, not an nn.Module; pass e.g. lambda: nn.LeakyReLU(0.01)")
