@@ -122,6 +122,11 @@ def test_recurrent_remedies():
     # the forget gate sees b_ih + b_hh: 1 in total, whatever b_hh held; other gates untouched
     assert torch.equal(lstm.bias_ih_l0[4:8] + lstm.bias_hh_l0[4:8], torch.ones(4))
     assert torch.equal(lstm.bias_hh_l0[:4], torch.full((4,), -3.0))
+    # the code printed for the user does the same
+    from gradwatch.fix.candidates import FORGET_BIAS
+    printed = nn.LSTM(3, 4)
+    exec(FORGET_BIAS.code, {"lstm": printed})
+    assert torch.equal(printed.bias_ih_l0[4:8] + printed.bias_hh_l0[4:8], torch.ones(4))
     rnn = nn.RNN(3, 5)
     apply_to_model(rnn, {"recurrent": "orthogonal"})
     w = rnn.weight_hh_l0.detach()
@@ -288,3 +293,25 @@ def test_a_remedy_trial_stops_once_its_loss_stays_non_finite():
     # steps 5, 6, 7 are non-finite and recorded; the backward of step 8 ends the trial
     assert _steps_until_exit({"lr_scale": 0.5}) == 5 + STOP_AFTER_NON_FINITE
     assert _steps_until_exit({}) == 11  # the baseline (no remedy) runs its whole course
+
+
+def test_the_printed_code_of_every_candidate_runs():
+    """What fix prints is what the user pastes: each snippet must run as written."""
+    import gradwatch as gw
+    kinds = [finding("exploding_gradient", baseline_norm=2.0, at_init=True), finding("vanishing_gradient"),
+             finding("dead_units"), finding("loss_plateau"), finding("non_finite")]
+    through_time = Finding("vanishing_gradient", "warning", 0, ("rnn",), "m", {"sequence_length": 30})
+    cands = {c.name: c for c in [
+        *from_findings(kinds, {"sigmoid", "relu"}, layer_types={"Linear"}, optimizer="SGD"),
+        *from_findings([through_time], set(), layer_types={"RNN", "LSTM"}, optimizer="SGD"),
+        *from_findings([finding("exploding_gradient")], set()),  # no measured level: ZClip
+        *autotrainer_order(kinds)]}.values()
+    assert len(cands) >= 15
+    for cand in cands:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        ns = {"gw": gw, "nn": nn, "torch": torch, "model": model, "lstm": nn.LSTM(3, 4), "rnn": nn.RNN(3, 4),
+              "optimizer": torch.optim.SGD(model.parameters(), lr=0.1)}
+        model(torch.randn(2, 4)).sum().backward()
+        exec(cand.code, ns)  # raises if the snippet is broken
+        assert torch.isfinite(ns["model"](torch.randn(2, 4))).all(), cand.name

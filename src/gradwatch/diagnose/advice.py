@@ -20,6 +20,12 @@ SATURATING = {"sigmoid", "tanh", "softsign", "hardtanh", "hardsigmoid"}
 ADAPTIVE = ("Adam", "AdamW", "NAdam", "RAdam", "Adamax", "Adagrad", "Adadelta", "RMSprop", "Adafactor", "Lion")
 
 
+
+def forget_bias_code(lstm: str) -> str:
+    """The code that opens an LSTM's forget gates (gate order i, f, g, o; the gate sees b_ih + b_hh)."""
+    return (f"for n, p in {lstm}.named_parameters():  # the gate sees b_ih + b_hh: 1 in total\n"
+            "    if n.startswith('bias'): p.data[p.numel() // 4: p.numel() // 2] = float(n.startswith('bias_ih'))")
+
 def module_ref(name: str) -> str:
     """`net.0.fc` -> `model.net[0].fc`: how the user reaches the module in code."""
     out = "model"
@@ -67,8 +73,7 @@ def vanishing(ctx: Context, layers: tuple[str, ...], evidence: dict, through_tim
                                f"gw.init_({module_ref(layers[0]) if layers else 'model'}, scheme='orthogonal')"))
         if "LSTM" in ctx.rnn_types:
             remedies.append(Remedy("Open the LSTM forget gates at the start: forget-gate bias 1",
-                                   f"for n, p in {module_ref(layers[0])}.named_parameters():\n"
-                                   "    if n.startswith('bias'): p.data[p.numel() // 4: p.numel() // 2] = float(n.startswith('bias_ih'))"))
+                                   forget_bias_code(module_ref(layers[0]))))
         return causes, remedies
     if ctx.saturating:
         acts = ", ".join(ctx.saturating)

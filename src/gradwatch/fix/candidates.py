@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 from gradwatch.collect.layers import ACTIVATIONS
+from gradwatch.diagnose.advice import forget_bias_code
 from gradwatch.diagnose.finding import Finding
 
 # Kinds a repair must remove. Plateau and divergence are judged through the final loss instead.
@@ -65,9 +66,7 @@ def norm(kind: str) -> Candidate:
     return Candidate(f"{what} after each layer", {"norm": kind}, f"model, _ = gw.modify.insert_norm(model, {kind!r})")
 
 
-FORGET_BIAS = Candidate("LSTM forget-gate bias 1", {"recurrent": "forget_bias"},
-                        "for n, p in lstm.named_parameters():  # the gate sees b_ih + b_hh: 1 in total\n"
-                        "    if n.startswith('bias'): p.data[p.numel() // 4: p.numel() // 2] = float(n.startswith('bias_ih'))")
+FORGET_BIAS = Candidate("LSTM forget-gate bias 1", {"recurrent": "forget_bias"}, forget_bias_code("lstm"))
 GRU = Candidate("nn.RNN -> nn.GRU", {"recurrent": "gru"},
                 "model, _ = gw.modify.replace_rnn(model)  # or build nn.GRU(...) where the nn.RNN is built")
 ORTHOGONAL = Candidate("orthogonal W_hh", {"recurrent": "orthogonal"},
