@@ -214,7 +214,8 @@ def test_fix_in_process_with_a_function(tmp_path):
             nn.functional.mse_loss(model(x), x.sum(1, keepdim=True)).backward()
             opt.step()
 
-    result = fix(train, out=tmp_path, budget_steps=40, progress=lambda m: None)
+    import gradwatch as gw
+    result = gw.fix(train, out=tmp_path, budget_steps=40, progress=lambda m: None)  # the documented call
     assert result.baseline.harmful and result.repaired
     assert not result.winner.harmful and result.winner.final_loss < 1e3
 
