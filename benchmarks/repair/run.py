@@ -63,15 +63,14 @@ def loss_ok(loss: float, healthy: float) -> bool:
 
 
 def repaired(t: Trial | None, healthy: float) -> bool:
-    return t is not None and t.steps > 0 and not t.harmful and loss_ok(t.final_loss, healthy)
+    return t is not None and t.works and loss_ok(t.final_loss, healthy)
 
 
 def repaired_drop(t: Trial | None, healthy: dict) -> bool:
     """The looser reading: no harmful finding and at least 90% of the healthy variant's loss drop
     (final <= healthy final + 10% of (healthy initial - healthy final))."""
     h0, h = healthy["initial_loss"], healthy["final_loss"]
-    return (t is not None and t.steps > 0 and not t.harmful and t.final_loss != float("inf")
-            and t.final_loss <= h + TOLERANCE * max(h0 - h, 0.0))
+    return t is not None and t.works and t.final_loss <= h + TOLERANCE * max(h0 - h, 0.0)
 
 
 def initial_loss(run_dir: Path) -> float:

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gradwatch import runner
+from gradwatch.diagnose.advice import NAN_FROM_GROWTH
 from gradwatch.fix import FixResult, Trial, fix
 
 
@@ -67,16 +68,13 @@ def print_result(result: FixResult, console: Console) -> None:
         console.print(hint)
 
 
-# Gradients that grew less than this over the steps before the first NaN did not cause it.
-NO_GROWTH = 10.0
-
 
 def not_a_training_fault(baseline: Trial) -> str | None:
     """A NaN that no gradient growth led up to comes from the data or the loss (a NaN in a batch,
     log of a negative, a division by zero), which no training remedy repairs: say where to look."""
     for f in baseline.findings:
         growth = f.evidence.get("grad_growth_before")
-        if f.kind == "non_finite" and growth is not None and math.isfinite(growth) and growth < NO_GROWTH:
+        if f.kind == "non_finite" and growth is not None and math.isfinite(growth) and growth < NAN_FROM_GROWTH:
             return (f"The NaN/Inf first appears at step {f.first_step} in the {f.evidence.get('first_seen_in', 'run')} "
                     f"with no gradient growth before it (x{growth:.2g} over the previous steps): look for it in the "
                     "data or the loss function (a NaN in a batch, log or sqrt of a negative, a division by zero), "

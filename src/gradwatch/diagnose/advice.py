@@ -17,6 +17,9 @@ from gradwatch.store.series import RunSeries
 
 RELU_FAMILY = {"relu", "relu6", "leaky_relu", "prelu", "rrelu", "elu", "celu", "selu", "gelu", "silu", "mish"}
 SATURATING = {"sigmoid", "tanh", "softsign", "hardtanh", "hardsigmoid"}
+# A NaN the gradient norm grew less than this much toward (over the steps before it) did not come
+# from training dynamics but from the data or the loss (a NaN in a batch, log of 0, a division by 0).
+NAN_FROM_GROWTH = 10.0
 ADAPTIVE = ("Adam", "AdamW", "NAdam", "RAdam", "Adamax", "Adagrad", "Adadelta", "RMSprop", "Adafactor", "Lion")
 
 
@@ -130,16 +133,16 @@ def exploding(ctx: Context, layers: tuple[str, ...], evidence: dict, through_tim
 def non_finite(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[list[str], list[Remedy]]:
     causes, remedies = [], []
     growth = evidence.get("grad_growth_before", float("nan"))
-    if evidence.get("at_init") or not (growth > 10):
+    if evidence.get("at_init") or not (growth > NAN_FROM_GROWTH):
         causes.append("bad input data: a NaN/Inf in a batch, or a numerically unsafe operation (log of 0, "
                       "division by 0, sqrt of a negative) in the model or loss; gradients were not growing before it")
         remedies.append(Remedy("Check the batches and guard the unsafe operations",
                                "assert torch.isfinite(x).all(), 'non-finite input'\n"
                                "loss = -(y * torch.log(p.clamp_min(1e-8))).sum()  # clamp before log/div"))
-    if growth > 10 or not ctx.adaptive:
-        causes.insert(0 if growth > 10 else len(causes),
+    if growth > NAN_FROM_GROWTH or not ctx.adaptive:
+        causes.insert(0 if growth > NAN_FROM_GROWTH else len(causes),
                       f"learning rate: {ctx.lr:.3g} with {ctx.optimizer}" +
-                      (f"; the gradient norm grew {growth:.3g}x in the steps before" if growth > 10 else ""))
+                      (f"; the gradient norm grew {growth:.3g}x in the steps before" if growth > NAN_FROM_GROWTH else ""))
         remedies.append(Remedy(f"Lower the learning rate tenfold (to {ctx.lr_text(0.1)}) and clip the norm",
                                ctx.lr_code(0.1) + "\ntorch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)"))
     remedies.append(Remedy("Never let a non-finite step reach the weights", "guard = gw.guard(optimizer)"))

@@ -41,8 +41,7 @@ class FixResult:
 
     @property
     def repaired(self) -> bool:
-        w = self.winner
-        return w is not None and not w.harmful and w.final_loss != float("inf")
+        return self.winner is not None and self.winner.works
 
     @property
     def cost_steps(self) -> int:
@@ -63,10 +62,6 @@ def pick_finals(ranked: list[Candidate]) -> list[Candidate]:
     if other is None or other == first:
         other = second
     return [first, other]
-
-
-def _works(trial: Trial) -> bool:
-    return trial.steps > 0 and not trial.harmful and trial.final_loss != float("inf")
 
 
 def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "runs/fix", budget_steps: int = 200,
@@ -123,7 +118,7 @@ def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "
     for i, cand in enumerate(queue, 1):
         say(f"gradwatch fix: trial {i}/{len(queue)} ({budget_steps} steps): {cand.name}")
         trials.append(trial(f"trial-{i}", cand, budget_steps))
-        if strategy == "first" and _works(trials[-1]):
+        if strategy == "first" and trials[-1].works:
             break
     return FixResult(baseline, trials, screened)
 

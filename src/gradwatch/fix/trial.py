@@ -38,6 +38,11 @@ class Trial:
         return sorted({f.kind for f in self.findings if f.kind in HARMFUL})
 
     @property
+    def works(self) -> bool:
+        """It trained, left no harmful finding and kept a finite loss."""
+        return self.steps > 0 and not self.harmful and self.final_loss != float("inf")
+
+    @property
     def score(self) -> tuple:
         """Lower is better: a finite loss, then the harmful findings left, then the loss reached,
         then any finding left. A trial whose loss went non-finite is behind every one that kept

@@ -259,14 +259,13 @@ def replace_rnn(model: nn.Module, *, inplace: bool = True) -> tuple[nn.Module, C
     model = _target(model, inplace)
     before = _names(model)
     rnns = [(n, m) for n, m in model.named_modules() if type(m) is nn.RNN]
+    if type(model) is nn.RNN:
+        raise ConfigError("the model is itself an nn.RNN; replace it by nn.GRU(...) where it is built")
     for name, rnn in rnns:
         w = rnn.weight_ih_l0
-        gru = nn.GRU(rnn.input_size, rnn.hidden_size, rnn.num_layers, bias=rnn.bias, batch_first=rnn.batch_first,
-                     dropout=rnn.dropout, bidirectional=rnn.bidirectional, device=w.device, dtype=w.dtype)
-        if name:
-            _set(model, name, gru)
-        else:
-            raise ConfigError("the model is itself an nn.RNN; replace it by nn.GRU(...) where it is built")
+        _set(model, name, nn.GRU(rnn.input_size, rnn.hidden_size, rnn.num_layers, bias=rnn.bias,
+                                 batch_first=rnn.batch_first, dropout=rnn.dropout, bidirectional=rnn.bidirectional,
+                                 device=w.device, dtype=w.dtype))
     renamed, new = _renames(before, model)
     if not rnns:
         return model, Change("no nn.RNN found; nothing changed")
