@@ -29,6 +29,7 @@ def forget_bias_code(lstm: str) -> str:
     return (f"for n, p in {lstm}.named_parameters():  # the gate sees b_ih + b_hh: 1 in total\n"
             "    if n.startswith('bias'): p.data[p.numel() // 4: p.numel() // 2] = float(n.startswith('bias_ih'))")
 
+
 def module_ref(name: str) -> str:
     """`net.0.fc` -> `model.net[0].fc`: how the user reaches the module in code."""
     out = "model"

@@ -219,10 +219,8 @@ def _recurrent(rec: Recorder, gen: torch.Generator) -> list[recurrent.RecurrentP
             h0 = tuple(torch.zeros_like(t) for t in y) if isinstance(y, tuple) else torch.zeros_like(y)
         w = getattr(first.module, "weight_hh", None)
         nonlin = getattr(first.module, "nonlinearity", "tanh")
-        if isinstance(first.module, nn.LSTMCell):
-            w = w[2 * first.module.hidden_size:3 * first.module.hidden_size]
-        elif isinstance(first.module, nn.GRUCell):
-            w = w[2 * first.module.hidden_size:]
+        if isinstance(first.module, (nn.LSTMCell, nn.GRUCell)):
+            w = recurrent.candidate_block(w, first.module.hidden_size, lstm=isinstance(first.module, nn.LSTMCell))
         r = recurrent.probe_cell(first.module, xs, h0, name=first.name, w_hh=w, nonlinearity=nonlin, generator=gen)
         r.kind = type(first.module).__name__
         out.append(r)

@@ -28,7 +28,6 @@ def first_tensor(obj: Any) -> torch.Tensor | None:
 class Call:
     """One forward call of a watched module."""
 
-    order: int  # position of the call's start in the forward
     name: str
     module: nn.Module
     role: str  # "param" | "activation" | "recurrent" | "cell"
@@ -84,7 +83,7 @@ class Recorder:
         def hook(module, args):
             k = sum(1 for c in self.calls if c.module is module)
             name = layer.name if k == 0 else f"{layer.name}#{k}"
-            self.calls.append(Call(len(self.calls), name, module, role, layer.activation,
+            self.calls.append(Call(name, module, role, layer.activation,
                                    list(layer.params) if k == 0 else [], args, first_tensor(args)))
             self._open.setdefault(id(module), []).append(self.calls[-1])
         return hook
@@ -102,7 +101,7 @@ class Recorder:
         out_proj, whose weights are used functionally) lends its parameters to its nearest ancestor
         that did."""
         entries: list[Call] = []
-        for call in sorted(self.calls, key=lambda c: c.order):
+        for call in self.calls:  # appended as each call starts: forward order
             if call.role in ("param", "recurrent"):
                 entries.append(call)
             elif call.role == "activation" and entries:

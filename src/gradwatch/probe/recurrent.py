@@ -24,7 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
-VANISH, EXPLODE = 1e-3, 1e3
+from gradwatch.diagnose.thresholds import DEFAULT
+
+# the cut-offs of the diagnose rule on a run's own time profiles, so prediction and run agree
+VANISH, EXPLODE = DEFAULT.time_vanishing_ratio, DEFAULT.time_exploding_ratio
 GAMMA = {"tanh": 1.0, "relu": 1.0, "sigmoid": 0.25}
 
 State = torch.Tensor | tuple[torch.Tensor, ...]
@@ -126,6 +129,12 @@ def _report(name, kind, layer, profile, w_hh, nonlinearity, notes=()) -> Recurre
     return out
 
 
+def candidate_block(w_hh: torch.Tensor, hidden: int, lstm: bool) -> torch.Tensor:
+    """The rows of a gated W_hh that feed the candidate state (LSTM gate g: 2h:3h of i, f, g, o;
+    GRU n: 2h: of r, z, n), the block the Pascanu bound applies to."""
+    return w_hh[2 * hidden:3 * hidden] if lstm else w_hh[2 * hidden:]
+
+
 def _module_cell(m: nn.RNNBase, layer: int) -> tuple[Cell, torch.Tensor, str]:
     """A step function for one stacked layer (forward direction) of nn.RNN / nn.GRU / nn.LSTM, the block
     of W_hh the Pascanu bound applies to, and the nonlinearity of that block."""
@@ -141,14 +150,14 @@ def _module_cell(m: nn.RNNBase, layer: int) -> tuple[Cell, torch.Tensor, str]:
             i, f, g, o = (lin(x, w_ih, b_ih) + lin(h, w_hh, b_hh)).chunk(4, -1)
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             return torch.sigmoid(o) * torch.tanh(c), c
-        return cell, w_hh[2 * hidden:3 * hidden], "tanh"
+        return cell, candidate_block(w_hh, hidden, lstm=True), "tanh"
     if isinstance(m, nn.GRU):
         def cell(x, h):
             xr, xz, xn = lin(x, w_ih, b_ih).chunk(3, -1)
             hr, hz, hn = lin(h, w_hh, b_hh).chunk(3, -1)
             r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
             return (1 - z) * torch.tanh(xn + r * hn) + z * h
-        return cell, w_hh[2 * hidden:], "tanh"
+        return cell, candidate_block(w_hh, hidden, lstm=False), "tanh"
     act = torch.tanh if m.nonlinearity == "tanh" else torch.relu
     return (lambda x, h: act(lin(x, w_ih, b_ih) + lin(h, w_hh, b_hh))), w_hh, m.nonlinearity
 

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 from gradwatch.diagnose.finding import Finding
 from gradwatch.probe.meanfield import MeanField
-from gradwatch.probe.recurrent import RecurrentProbe
+from gradwatch.probe.recurrent import EXPLODE, VANISH, RecurrentProbe
 
 NAN = math.nan
 
@@ -135,8 +135,8 @@ class ProbeResult:
             ax = axes[2]
             for r in self.recurrent:
                 ax.semilogy(range(len(r.profile)), [_pos(v) for v in r.profile], label=f"{r.name}[{r.layer}]")
-            ax.axhline(1e-3, color="grey", lw=0.5)
-            ax.axhline(1e3, color="grey", lw=0.5)
+            ax.axhline(VANISH, color="grey", lw=0.5)
+            ax.axhline(EXPLODE, color="grey", lw=0.5)
             ax.set(xlabel="T − k", ylabel="‖∂L_T/∂h_k‖ / ‖∂L_T/∂h_T‖", title="gradient through time")
             ax.legend(fontsize=8)
         fig.tight_layout()

@@ -42,7 +42,6 @@ class Spectrum:
     top: float
     mean: float
     rms: float
-    products: int  # Jacobian-vector products used (jvp + vjp)
 
 
 def func_ops(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tuple[Op, Op, torch.Tensor]:
@@ -117,11 +116,10 @@ def spectrum(jvp: Op, vjp: Op, x: torch.Tensor, out_shape: torch.Size | tuple[in
     numel = math.prod(shape)
     steps = max(1, min(lanczos, numel))
     probes = max(1, min(MAX_PROBES, math.ceil(PROBE_DIMS / numel)))
-    means, squares, best, products = [], [], None, 0
+    means, squares, best = [], [], None
     for _ in range(probes):
         v0 = torch.randn(shape, generator=generator, dtype=x.dtype).to(x.device)
         theta, vecs, basis = _lanczos(matvec, v0, steps)
-        products += 2 * len(basis)
         weights = vecs[0] ** 2  # Gauss quadrature weights of the spectral measure seen by v0
         means.append(float((weights * theta.sqrt()).sum()))
         squares.append(float((weights * theta).sum()))
@@ -138,7 +136,6 @@ def spectrum(jvp: Op, vjp: Op, x: torch.Tensor, out_shape: torch.Size | tuple[in
     for _ in range(iters):
         u = first(v).detach()
         w = second(u).detach()
-        products += 2
         lam = float(torch.vdot(u.flatten(), u.flatten()).real)  # vᵀAv, v of unit norm
         top = math.sqrt(lam) if math.isfinite(lam) else math.nan
         if not math.isfinite(lam) or lam == 0.0:
@@ -146,4 +143,4 @@ def spectrum(jvp: Op, vjp: Op, x: torch.Tensor, out_shape: torch.Size | tuple[in
         if float(torch.linalg.vector_norm(w - lam * v)) <= tol * lam:  # an eigenpair of JᵀJ to tol
             break
         v = w / torch.linalg.vector_norm(w)
-    return Spectrum(top=top, mean=mean, rms=rms, products=products)
+    return Spectrum(top=top, mean=mean, rms=rms)

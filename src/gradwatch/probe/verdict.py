@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import math
 
+from gradwatch.diagnose.advice import SATURATING, module_ref
 from gradwatch.diagnose.finding import Finding, Remedy
 from gradwatch.probe.meanfield import MeanField
 from gradwatch.probe.recurrent import RecurrentProbe
 from gradwatch.probe.result import LayerProbe
 
 VANISH, EXPLODE = 1e-2, 1e2
-SATURATING_ACTS = ("sigmoid", "tanh", "hardsigmoid", "softsign", "hardtanh")
 INIT_FOR = {  # activation that follows -> (torch init call, nonlinearity argument)
     "relu": 'nn.init.kaiming_normal_({w}, nonlinearity="relu")',
     "leaky_relu": 'nn.init.kaiming_normal_({w}, nonlinearity="leaky_relu")',
@@ -31,11 +31,8 @@ INIT_FOR = {  # activation that follows -> (torch init call, nonlinearity argume
 
 
 def attr(name: str) -> str:
-    """Python expression for a submodule: 'features.0.conv' -> 'model.features[0].conv'."""
-    out = "model"
-    for part in name.split("#")[0].split("."):
-        out += f"[{part}]" if part.isdigit() else f".{part}"
-    return out
+    """Python expression for a submodule: 'features.0.conv#1' -> 'model.features[0].conv'."""
+    return module_ref(name.split("#")[0])
 
 
 def layer_verdict(x: LayerProbe) -> str:
@@ -80,9 +77,9 @@ def layer_findings(layers: list[LayerProbe], mf: MeanField | None) -> list[Findi
         causes = []
         acts = {x.activation for x in layers}
         if verdict == "vanishing":
-            if acts & set(SATURATING_ACTS):
+            if acts & SATURATING:
                 sat = max((x.saturated for x in layers if not math.isnan(x.saturated)), default=math.nan)
-                causes.append(f"saturating activations ({', '.join(sorted(acts & set(SATURATING_ACTS)))}) scale "
+                causes.append(f"saturating activations ({', '.join(sorted(acts & SATURATING))}) scale "
                               f"the gradient by φ' < 1 in every layer (sigmoid: φ' ≤ 1/4); saturated "
                               f"fraction up to {sat:.0%}")
             causes.append("initial weights too small for the depth: mean Jacobian singular value "
