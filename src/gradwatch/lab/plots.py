@@ -6,8 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
+from gradwatch.diagnose.signals import total_grad_norm
 from gradwatch.lab.page import figure, save
-from gradwatch.lab.train import Run, total_grad_norm
+from gradwatch.lab.train import Run
 
 
 def smooth(values: np.ndarray, window: int = 10) -> np.ndarray:

@@ -121,8 +121,3 @@ def per_layer(series: RunSeries, metric: str, row: int, role: str = "param",
     rows = values[~np.all(np.isnan(values), axis=1)]
     return [series.layers[i].name for i in cols], rows[row] if len(rows) else np.full(len(cols), np.nan)
 
-
-def total_grad_norm(series: RunSeries) -> np.ndarray:
-    """Per step: sqrt of the sum of the layers' squared gradient norms (a layer not recorded counts
-    0; a non-finite norm makes the total inf)."""
-    return np.sqrt(np.nansum(series.metrics["grad_norm"] ** 2, axis=1))

@@ -11,7 +11,8 @@ import torch
 from gradwatch.lab import components, data, nets
 from gradwatch.lab.base import Experiment, Progress, Result
 from gradwatch.lab.plots import losses_and_grad_norms
-from gradwatch.lab.train import total_grad_norm, train
+from gradwatch.diagnose.signals import total_grad_norm
+from gradwatch.lab.train import train
 
 RHO = 1.5  # spectral radius of the initial W_hh: > 1/γ = 1, Pascanu's necessary condition for exploding
 LR = 0.1

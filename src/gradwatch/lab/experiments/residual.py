@@ -47,11 +47,10 @@ def run(quick: bool, out: Path, progress: Progress) -> Result:
     res.check(f"degradation: plain+BN at depth {deep} ends with a higher training loss than at depth {depths[0]}",
               final["plain+BN", deep] > final["plain+BN", depths[0]], deep=final["plain+BN", deep],
               shallow=final["plain+BN", depths[0]])
-    if kinds["plain", deep] is not None:
-        res.check("negative control: plain+BN is NOT diagnosed vanishing_gradient at either depth; the plain net "
-                  "without BN is, at both", all("vanishing_gradient" not in kinds["plain+BN", d] and
-                                                 "vanishing_gradient" in kinds["plain", d] for d in depths),
-                  **{f"plain+BN {d}": components.kinds_text(kinds["plain+BN", d]) for d in depths})
+    res.check("negative control: plain+BN is NOT diagnosed vanishing_gradient at either depth; the plain net "
+              "without BN is, at both", all("vanishing_gradient" not in kinds["plain+BN", d] and
+                                             "vanishing_gradient" in kinds["plain", d] for d in depths),
+              **{f"plain+BN {d}": components.kinds_text(kinds["plain+BN", d]) for d in depths})
     res.figures.append(losses_and_profile(out, "residual", runs, names, profiles, "‖∂L/∂W‖ at step 0",
                                           f"plain nets at depth {deep}: gradient norm at init"))
     return res

@@ -54,7 +54,7 @@ def run(quick: bool, out: Path, progress: Progress) -> Result:
     res = Result(["model", "test MSE", "MSE / mean-predictor MSE", "final training loss"], [])
     res.notes += [
         f"gradient through time: {32}-unit cell, W_hh = ρ × a random orthogonal matrix, T = {length}, "
-        f"profile from {components.sources()['bptt profile']}",
+        f"profile from {components.BPTT_SOURCE}",
         f"adding problem, T = {length}: values U[0, 1], one marker in each half, target = sum of the two marked values",
         f"mean-predictor MSE: Var(X1 + X2) = 1/6 = {data.ADDING_BASELINE_MSE:.4f} analytically, {baseline:.4f} on "
         "the 4000 test sequences (the often-quoted 0.042 is for Hochreiter's U[-1, 1] values and target "
