@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gradwatch.collect.auto import ENV_OPTIONS, ENV_RUN_DIR
+from gradwatch.diagnose.finding import FINDINGS_FILE
 from gradwatch.errors import ConfigError
 
 BOOTSTRAP_DIR = Path(__file__).resolve().parent / "_bootstrap"
@@ -39,6 +40,12 @@ def default_run_dir(root: str | os.PathLike = "runs") -> Path:
     return path
 
 
+def clear_run(path: Path) -> None:
+    """Remove a previous run's store and findings from `path`: a new run replaces it."""
+    for old in [*path.glob("gradwatch*.sqlite*"), path / FINDINGS_FILE]:
+        old.unlink(missing_ok=True)
+
+
 def prepare_run_dir(path: str | os.PathLike) -> Path:
     """Create the run directory and prove it is writable before the target starts. A run
     written there before is replaced (its store files and findings), as `coverage run` does."""
@@ -48,8 +55,7 @@ def prepare_run_dir(path: str | os.PathLike) -> Path:
         probe = path / ".gradwatch-write-test"
         probe.write_text("ok")
         probe.unlink()
-        for old in [*path.glob("gradwatch*.sqlite*"), path / "findings.json"]:
-            old.unlink(missing_ok=True)
+        clear_run(path)
     except OSError as exc:
         raise ConfigError(f"cannot write the run directory {str(path)!r} ({exc.strerror}); choose another --out") from exc
     return path

@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TextIO
 
 import numpy as np
 
+from gradwatch.diagnose.finding import write_findings
 from gradwatch.errors import GradwatchError
 from gradwatch.store import read_run
-
-FINDINGS_FILE = "findings.json"
-
-
-def write_findings(run_dir: Path, findings: list) -> Path:
-    path = Path(run_dir) / FINDINGS_FILE
-    path.write_text(json.dumps([f.to_dict() for f in findings], indent=2, default=float))
-    return path
-
 
 def print_run_summary(run_dir: Path, out: TextIO) -> None:
     try:
@@ -37,5 +28,5 @@ def print_run_summary(run_dir: Path, out: TextIO) -> None:
     if not findings:
         print("gradwatch: no findings", file=out)
     for f in findings:
-        print(f"gradwatch: [{f.severity}] {f.kind} (step {f.first_step}): {f.message}", file=out)
+        print(f.line(), file=out)
     print(f"gradwatch: details: gradwatch diagnose {run_dir}", file=out)

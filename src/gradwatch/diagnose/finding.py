@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 KINDS = (
     "vanishing_gradient",
@@ -42,6 +44,10 @@ class Finding:
         if self.severity not in SEVERITIES:
             raise ValueError(f"unknown severity {self.severity!r}; expected one of {SEVERITIES}")
 
+    def line(self) -> str:
+        """One line for a log or a terminal."""
+        return f"gradwatch: [{self.severity}] {self.kind} (step {self.first_step}): {self.message}"
+
     def to_dict(self) -> dict:
         out = asdict(self)
         out["layers"] = list(self.layers)
@@ -60,3 +66,12 @@ class Finding:
             causes=tuple(d.get("causes", ())),
             remedies=tuple(Remedy(**r) for r in d.get("remedies", ())),
         )
+
+
+FINDINGS_FILE = "findings.json"  # a run's findings, next to its store: `gradwatch report` shows them
+
+
+def write_findings(run_dir: str | Path, findings: list[Finding]) -> Path:
+    path = Path(run_dir) / FINDINGS_FILE
+    path.write_text(json.dumps([f.to_dict() for f in findings], indent=2, default=float))
+    return path

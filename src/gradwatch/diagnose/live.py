@@ -52,7 +52,7 @@ class LiveDiagnosis:
             self._seen.add(key)
             self.findings.append(f)
             if self.warn:
-                print(f"gradwatch: [{f.severity}] {f.kind} (step {f.first_step}): {f.message}", file=sys.stderr)
+                print(f.line(), file=sys.stderr)
             if self.on_finding is not None:
                 self.on_finding(f)
             if f.kind in self.stop_on:

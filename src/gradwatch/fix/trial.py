@@ -16,7 +16,7 @@ import torch
 
 from gradwatch import runner
 from gradwatch.diagnose import diagnose
-from gradwatch.diagnose.finding import Finding
+from gradwatch.diagnose.finding import Finding, write_findings
 from gradwatch.errors import GradwatchError
 from gradwatch.fix.candidates import HARMFUL, Candidate
 from gradwatch.fix.inject import ENV_MAX_STEPS, ENV_REMEDY, Injector
@@ -110,5 +110,5 @@ def measure(trial: Trial) -> Trial:
     trial.steps = len(series.steps)
     trial.final_loss = final_loss(series.loss)
     trial.findings = diagnose(series)
-    (run_dir / "findings.json").write_text(json.dumps([f.to_dict() for f in trial.findings], default=float))
+    write_findings(run_dir, trial.findings)
     return trial

@@ -5,8 +5,6 @@ findings reported once each, live and at the end (also written to OUT/findings.j
 
 from __future__ import annotations
 
-import inspect
-import json
 import os
 import sys
 from pathlib import Path
@@ -15,11 +13,10 @@ from typing import Callable, Iterator
 import torch
 
 from gradwatch.collect.watch import Watch
+from gradwatch.diagnose.finding import write_findings
 from gradwatch.errors import ConfigError
 from gradwatch.integrations._rows import StepRows, WatchStore, rows_since
-
-FINDINGS_FILE = "findings.json"
-
+from gradwatch.runner import clear_run
 
 def base_optimizer(optimizer: object) -> torch.optim.Optimizer:
     """The torch optimizer inside a framework's wrapper (accelerate's AcceleratedOptimizer,
@@ -33,10 +30,6 @@ def base_optimizer(optimizer: object) -> torch.optim.Optimizer:
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ConfigError(f"cannot watch the optimizer {type(optimizer).__name__}: not a torch.optim.Optimizer")
     return optimizer
-
-
-def finding_line(f) -> str:
-    return f"gradwatch: [{f.severity}] {f.kind} (step {f.first_step}): {f.message}"
 
 
 class Recorder:
@@ -55,14 +48,11 @@ class Recorder:
 
     def start(self, model: torch.nn.Module, optimizer: object, default_out: str | os.PathLike, framework: str) -> Watch:
         self.out_dir = Path(self.out if self.out is not None else default_out)
-        for old in [*self.out_dir.glob("gradwatch*.sqlite*"), self.out_dir / FINDINGS_FILE]:
-            old.unlink(missing_ok=True)  # a new training replaces the run, as `gradwatch run` does
+        clear_run(self.out_dir)  # a new training replaces the run, as `gradwatch run` does
         meta = {"command": list(sys.argv), "framework": framework, "pid": os.getpid()}
-        options = dict(self.options)
-        if "status" in inspect.signature(Watch).parameters:
-            options["status"] = False  # the framework's progress bar owns the terminal
+        # status=False: the framework's progress bar owns the terminal
         self.watch = Watch(model, base_optimizer(optimizer), out=self.out_dir, meta=meta, on_finding=self._found,
-                           warn=False, **options)
+                           warn=False, status=False, **self.options)
         return self.watch
 
     def _found(self, finding) -> None:
@@ -93,7 +83,7 @@ class Recorder:
         for f in findings:
             self._found(f)
         if self.out_dir is not None and len(series.steps):
-            (self.out_dir / FINDINGS_FILE).write_text(json.dumps([f.to_dict() for f in findings], indent=2, default=float))
+            write_findings(self.out_dir, findings)
         self.findings = findings
         return findings
 

@@ -23,7 +23,7 @@ except ImportError:  # the standalone package
     from pytorch_lightning.utilities import rank_zero_warn
 
 from gradwatch.errors import ConfigError
-from gradwatch.integrations._trainer import Recorder, finding_line
+from gradwatch.integrations._trainer import Recorder
 
 PREFIX = "gradwatch/"
 GRAD_METRIC = PREFIX + "grad_norm_preclip/"
@@ -73,7 +73,7 @@ class GradwatchCallback(pl.Callback):
 
     def _report(self, finding) -> None:
         self._count += 1
-        rank_zero_warn(finding_line(finding))
+        rank_zero_warn(finding.line())
         trainer = self._trainer
         if trainer is not None and trainer.logger is not None and trainer.is_global_zero:
             trainer.logger.log_metrics({PREFIX + "findings": self._count}, step=max(finding.first_step, 0))

@@ -17,7 +17,7 @@ import os
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from gradwatch.integrations._trainer import Recorder, finding_line
+from gradwatch.integrations._trainer import Recorder
 
 logger = logging.get_logger("gradwatch")
 
@@ -51,7 +51,7 @@ class GradwatchCallback(TrainerCallback):
 
     def _report(self, finding) -> None:
         if self._zero:
-            logger.warning(finding_line(finding))
+            logger.warning(finding.line())
 
     def on_train_end(self, args, state, control, **kwargs):
         self.recorder.finish()

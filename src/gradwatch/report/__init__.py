@@ -9,11 +9,11 @@ import os
 from pathlib import Path
 
 from gradwatch.diagnose import Finding, diagnose
+from gradwatch.diagnose.finding import FINDINGS_FILE
 from gradwatch.errors import ConfigError
 from gradwatch.report.page import page
 from gradwatch.store import RunSeries, read_run, store_files
 
-FINDINGS_FILE = "findings.json"  # written next to the store by `gradwatch run`
 
 
 def _saved_findings(run: str | os.PathLike) -> list[Finding] | None:
