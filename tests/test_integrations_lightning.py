@@ -78,3 +78,20 @@ def test_lightning_records_preclip_norms(tmp_path):
     assert sorted(logged) == list(range(20))
     np.testing.assert_allclose([logged[s] for s in range(20)], [step["fc1"] for step in net.preclip], rtol=1e-5)
     assert isinstance(json.loads((tmp_path / "gradwatch" / "findings.json").read_text()), list)
+
+
+def test_a_reused_callback_records_and_logs_its_second_training(tmp_path):
+    """A callback instance reused for a second fit starts afresh: its own store, every step logged."""
+    data = torch.utils.data.TensorDataset(torch.randn(80, 8), torch.randn(80, 1))
+    callback = GradwatchCallback(flush_every=4, sample_every=5)
+    for fit in ("first", "second"):
+        torch.manual_seed(0)
+        logger = pl.loggers.CSVLogger(tmp_path, name=fit)
+        trainer = pl.Trainer(max_steps=10, accelerator="cpu", logger=logger, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                             callbacks=[callback], log_every_n_steps=1)
+        trainer.fit(Net(), torch.utils.data.DataLoader(data, batch_size=8))
+        with open(logger.log_dir + "/metrics.csv") as fh:
+            logged = {int(r["step"]) for r in csv.DictReader(fh) if r.get(GRAD_METRIC + "fc1")}
+        assert sorted(logged) == list(range(10)), fit
+        assert list(gw.read_run(tmp_path / "gradwatch").steps) == list(range(10)), fit

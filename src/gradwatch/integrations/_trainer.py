@@ -46,8 +46,14 @@ class Recorder:
         self._seen: set[tuple[str, str]] = set()
         self.findings: list | None = None  # set by finish()
 
-    def start(self, model: torch.nn.Module, optimizer: object, default_out: str | os.PathLike, framework: str) -> Watch:
+    def start(self, model: torch.nn.Module, optimizer: object, default_out: str | os.PathLike, framework: str,
+              rank_dir: str | None = None) -> Watch:
+        """Watch one training (a reused callback starts afresh); `rank_dir`: this process's
+        subdirectory when the training spans several (one store per process)."""
         self.out_dir = Path(self.out if self.out is not None else default_out)
+        if rank_dir is not None:
+            self.out_dir = self.out_dir / rank_dir
+        self._logged, self._seen, self.findings = -1, set(), None
         clear_run(self.out_dir)  # a new training replaces the run, as `gradwatch run` does
         meta = {"command": list(sys.argv), "framework": framework, "pid": os.getpid()}
         # status=False: the framework's progress bar owns the terminal

@@ -56,10 +56,8 @@ class GradwatchCallback(pl.Callback):
             rank_zero_warn(f"gradwatch: {len(trainer.optimizers)} optimizers; watching the first only")
         self._trainer = trainer
         out = os.path.join(trainer.default_root_dir, "gradwatch")
-        if trainer.world_size > 1:  # one store per process, as under `gradwatch run`
-            out = os.path.join(self.recorder.out or out, f"rank{trainer.global_rank}")
-            self.recorder.out = out
-        watch = self.recorder.start(pl_module, trainer.optimizers[0], out, f"lightning {pl.__version__}")
+        rank_dir = f"rank{trainer.global_rank}" if trainer.world_size > 1 else None  # as under `gradwatch run`
+        watch = self.recorder.start(pl_module, trainer.optimizers[0], out, f"lightning {pl.__version__}", rank_dir)
         watch.on_flush.append(lambda w: self._log_flushed())
 
     def _log_flushed(self) -> None:

@@ -44,10 +44,8 @@ class GradwatchCallback(TrainerCallback):
 
         self._zero = state.is_world_process_zero
         out = os.path.join(args.output_dir, "gradwatch")
-        if args.world_size > 1:
-            out = os.path.join(self.recorder.out or out, f"rank{args.process_index}")
-            self.recorder.out = out
-        self.recorder.start(model, optimizer, out, f"transformers {transformers.__version__}")
+        rank_dir = f"rank{args.process_index}" if args.world_size > 1 else None  # one store per process
+        self.recorder.start(model, optimizer, out, f"transformers {transformers.__version__}", rank_dir)
 
     def _report(self, finding) -> None:
         if self._zero:
