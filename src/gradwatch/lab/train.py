@@ -45,11 +45,6 @@ class Run:
         return float(np.mean(self.losses[-window:]))
 
 
-def seeded(seed: int) -> torch.Generator:
-    torch.manual_seed(seed)  # parameter init and any dropout
-    return torch.Generator().manual_seed(seed + 1)  # training batches
-
-
 def evaluate(model: nn.Module, task: Task) -> float:
     was_training = model.training
     model.eval()

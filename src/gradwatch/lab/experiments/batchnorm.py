@@ -63,16 +63,16 @@ def run(quick: bool, out: Path, progress: Progress) -> Result:
                   f"percentiles {PERCENTILES} of the input to the last sigmoid (pooled over batch and units) every "
                   f"{EVERY} steps; drift = their mean range after the first tenth of training"]
     progress.phase("training with and without BN", 2 * steps)
-    runs, pcts = {}, {}
+    runs, pcts, half, drifts = {}, {}, {}, {}
     for bn in (False, True):
         r, p = train_recording(bn, task, steps, progress)
         runs[bn], pcts[bn] = r, p
-        res.rows.append([r.label, float(np.mean(r.losses[: steps // 2])), r.final_loss(), r.test, drift(p)])
-    half = {bn: float(np.mean(runs[bn].losses[: steps // 2])) for bn in runs}
+        half[bn], drifts[bn] = float(np.mean(r.losses[: steps // 2])), drift(p)
+        res.rows.append([r.label, half[bn], r.final_loss(), r.test, drifts[bn]])
     res.check("BN trains faster: mean training loss over the first half < 0.5 × without BN",
               half[True] < 0.5 * half[False], with_bn=half[True], without_bn=half[False])
     res.check("BN keeps the pre-activation percentiles stable: drift < 0.5 × without BN",
-              drift(pcts[True]) < 0.5 * drift(pcts[False]), with_bn=drift(pcts[True]), without_bn=drift(pcts[False]))
+              drifts[True] < 0.5 * drifts[False], with_bn=drifts[True], without_bn=drifts[False])
     fig, (a, b, c) = figure(3)
     loss_curves(a, list(runs.values()))
     for ax, bn in ((b, False), (c, True)):
