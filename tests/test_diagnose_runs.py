@@ -181,3 +181,16 @@ def test_bad_live_options_are_clear_errors():
         gw.watch(model, stop_on=("nan",))
     with pytest.raises(ConfigError, match="on_finding"):
         gw.watch(model, on_finding=3)
+
+
+def test_a_step_lost_to_float32_rounding_is_vanishing_not_a_parameter_left_out():
+    """Nine sigmoid layers under SGD: the lowest layer's gradient (~1e-8) times the lr is below
+    float32's resolution of its weights, so they do not change — starved, not left out."""
+    torch.manual_seed(0)
+    model = mlp(depth=9, act=nn.Sigmoid)
+    _, run = train(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=60)
+    g, w = run.series("0", "grad_norm")[1], run.series("0", "weight_norm")[1]
+    assert 0.1 * g.max() / w.min() < 1e-8  # the premise: the step is below float32's resolution
+    found = diagnose(run)
+    assert "vanishing_gradient" in {f.kind for f in found}
+    assert not any(f.evidence.get("frozen") for f in found)

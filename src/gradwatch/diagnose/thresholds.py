@@ -85,6 +85,10 @@ class Thresholds:
     stalled_ratio: float = 1e-2
     # An update ratio at or below this is no update at all (float32 rounding of w + Δw).
     frozen_update: float = 1e-10
+    # ... but only when the gradient should have moved them: lr * |g| / |w| at least this. Below
+    # it the step itself is lost to float32 rounding (eps 1.2e-7 of |w| per element) — a starved
+    # layer (vanishing), not one left out of the optimizer.
+    frozen_expected: float = 1e-8
 
     # --- loss ------------------------------------------------------------------------------------
     # Windows of the loss are compared by their medians (robust to mini-batch noise); a window is

@@ -18,8 +18,11 @@ def find_stalled(run: RunSeries, th: Thresholds) -> list[Finding]:
         return []
     g = run.metrics["grad_norm"][rows][:, cols]
     lr = run.lr[rows]
-    # no update although a gradient arrived and the learning rate is not 0 (NaN: updates by hand)
-    frozen = (u <= th.frozen_update) & (g > 0) & np.isfinite(g) & ~(lr[:, None] == 0)
+    w = run.metrics["weight_norm"][rows][:, cols] if "weight_norm" in run.metrics else np.full_like(g, np.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        starved = lr[:, None] * g / w < th.frozen_expected  # False where lr (by hand) or |w| is unknown
+    # no update although a gradient that should move the weights arrived and the learning rate is not 0
+    frozen = (u <= th.frozen_update) & (g > 0) & np.isfinite(g) & ~(lr[:, None] == 0) & ~starved
     ctx = advice.Context(run)
     findings = []
     frozen_cols = [c for j, c in enumerate(cols) if persistent_start(frozen[:, j], th.persist_samples) is not None]
