@@ -29,7 +29,10 @@ def test_candidates_follow_the_findings():
     assert unmeasured == ["learning rate x0.1", "Adam (lr 1e-3)", "ZClip"]  # no level: adaptive clipping
     vanish = [c.name for c in from_findings([finding("vanishing_gradient")], {"sigmoid", "relu"})]
     assert vanish[0] == "Sigmoid -> LeakyReLU + He init" and "re-initialise per activation" in vanish
-    assert "BatchNorm after each layer" in vanish
+    assert "BatchNorm after each layer" in vanish and "activations -> SELU + lecun init" in vanish
+    # activations called as functions are no module to swap: no swap trial that would change nothing
+    functional = [c.name for c in from_findings([finding("vanishing_gradient")], set())]
+    assert not any("->" in n for n in functional) and "re-initialise per activation" in functional
     assert [c.name for c in from_findings([finding("dead_units")], {"relu"})][0] == "ReLU -> LeakyReLU + He init"
     assert from_findings([], {"relu"}) == []
     # a sequence model gets LayerNorm; a hand-written loop gets no optimizer swap
@@ -47,6 +50,8 @@ def test_candidates_follow_the_findings():
     assert "learning rate x0.1" in post_ln
     assert "learning rate x0.1" not in [c.name for c in from_findings([finding("vanishing_gradient")], set(),
                                                                        optimizer="Adam", lr=1e-3)]
+    assert "learning rate x0.1" not in [c.name for c in from_findings([finding("vanishing_gradient")], set(),
+                                                                       optimizer="Adadelta", lr=1.0)]  # a multiplier
     both = from_findings([finding("vanishing_gradient"), finding("saturation")], {"tanh"})
     assert len({c.name for c in both}) == len(both)  # no repeats
 

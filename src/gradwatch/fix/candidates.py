@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 from gradwatch.collect.layers import ACTIVATIONS
-from gradwatch.diagnose.advice import forget_bias_code
+from gradwatch.diagnose.advice import ADAPTIVE, forget_bias_code
 from gradwatch.diagnose.finding import Finding
 
 # Kinds a repair must remove. Plateau and divergence are judged through the final loss instead.
@@ -74,7 +74,9 @@ ORTHOGONAL = Candidate("orthogonal W_hh", {"recurrent": "orthogonal"},
 
 MODULE_NAMES = {name: cls.__name__ for cls, name in ACTIVATIONS.items()}  # "leaky_relu" -> "LeakyReLU"
 SATURATING_MODULES = {a: MODULE_NAMES[a] for a in ("sigmoid", "tanh", "softsign", "hardtanh")}
-ADAPTIVE = ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad")
+# Adaptive optimizers whose lr is the step size itself (Adadelta's is a multiplier, default 1;
+# Adafactor's is relative by default), so an lr can be called high.
+STEP_SIZED = tuple(a for a in ADAPTIVE if a not in ("Adadelta", "Adafactor"))
 # An adaptive optimizer moves every weight by about lr per step whatever the gradient's scale, so
 # an lr well above its usual 1e-3 (Kingma & Ba 2015) can itself collapse a network (post-LN
 # transformers, Xiong et al. 2020): past 5x that, a lower lr is worth a trial against vanishing too.
@@ -110,14 +112,16 @@ def from_findings(findings: list[Finding], activations: set[str], *, layer_types
         if any(f.kind == "exploding_gradient" and f.evidence.get("at_init") for f in findings):
             out += [ORTHOGONAL if "RNN" in layer_types else REINIT]  # too large from the first step: the init
     if kinds & {"vanishing_gradient", "saturation", "stalled_layers"}:
-        if optimizer in ADAPTIVE and lr is not None and lr >= HIGH_ADAPTIVE_LR:
+        if optimizer in STEP_SIZED and lr is not None and lr >= HIGH_ADAPTIVE_LR:
             out += [lr_scale(0.1)]
         if through_time:
             out += [FORGET_BIAS] if "LSTM" in layer_types else []
             out += [ORTHOGONAL, *adam, lr_scale(10.0)]
         else:
             out += [swap(s, "LeakyReLU", "auto") for s in saturating]
-            out += [swap("*", "SELU", "lecun", present), REINIT, normalise, *adam]
+            # activations called as functions (torch.sigmoid in forward) are no module to swap
+            out += [swap("*", "SELU", "lecun", present)] if present else []
+            out += [REINIT, normalise, *adam]
     if "dead_units" in kinds:  # the swap re-initialises (He) too: a plain re-init only without ReLUs
         out += [swap("ReLU", "LeakyReLU", "auto"), lr_scale(0.1), *([] if "relu" in activations else [REINIT]), *adam]
     if "loss_plateau" in kinds:
