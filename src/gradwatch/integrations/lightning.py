@@ -61,13 +61,13 @@ class GradwatchCallback(pl.Callback):
         watch.on_flush.append(lambda w: self._log_flushed())
 
     def _log_flushed(self) -> None:
-        logger = self._trainer.logger if self._trainer is not None else None
+        trainer = self._trainer
+        if trainer is None or trainer.logger is None or not self.log_grad_norms or not trainer.is_global_zero:
+            return  # nothing to log to: the store is not read
         for row in self.recorder.new_steps():
-            if logger is None or not self.log_grad_norms or not self._trainer.is_global_zero:
-                continue
             metrics = {GRAD_METRIC + layer: v for layer, m, v in row.values if m == "grad_norm"}
             if metrics:
-                logger.log_metrics(metrics, step=row.step)
+                trainer.logger.log_metrics(metrics, step=row.step)
 
     def _report(self, finding) -> None:
         self._count += 1

@@ -49,8 +49,9 @@ def finding_text(f) -> str:
     return "\n".join(lines)
 
 
-def write_findings(writer, findings: list) -> None:
-    for n, f in enumerate(findings):
+def write_findings(writer, findings: list, start: int = 0) -> None:
+    """Each finding as text, numbered from `start` (a live sink writes the new ones per flush)."""
+    for n, f in enumerate(findings, start):
         writer.add_text(f"findings/{n}_{f.kind}", finding_text(f), f.first_step)
 
 
@@ -97,8 +98,7 @@ class TensorBoardSink:
             write_step(self._writer, row)
             self._last = row.step
         found = list(getattr(self.live, "findings", []))
-        for n, f in enumerate(found[self._findings:], self._findings):
-            self._writer.add_text(f"findings/{n}_{f.kind}", finding_text(f), f.first_step)
+        write_findings(self._writer, found[self._findings:], self._findings)
         self._findings = len(found)
         self._writer.flush()
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 import base64
 import csv
 import html
-import math
 from pathlib import Path
 from typing import Iterable
 
 from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
 from gradwatch.lab.base import Experiment, Result
+from gradwatch.report.page import fmt
 
 
 def figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (5.0, 3.6)):
@@ -26,18 +26,6 @@ def save(fig: Figure, out: Path, name: str) -> Path:
     path = out / f"{name}.png"
     fig.savefig(path, dpi=90)
     return path
-
-
-def fmt(value) -> str:
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "–"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return f"{value:.4g}"
-    return str(value)
 
 
 def _numbers(numbers: dict) -> str:
