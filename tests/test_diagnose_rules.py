@@ -311,6 +311,18 @@ def test_loss_plateau():
     assert "loss_plateau" in kinds(diagnose(run))
 
 
+def test_lr_advice_under_a_warm_up_names_the_peak():
+    """A warm-up from 0 (Hugging Face's linear schedule): the lr the script configures is the peak,
+    and 'group['lr'] = x' would be undone by the scheduler at its next step."""
+    run = build()
+    run.loss[:] = 2.3 + 0.01 * np.random.default_rng(1).standard_normal(len(run.loss))
+    run.lr[:] = np.minimum(np.arange(len(run.lr)) / 20, 1.0) * 1e-3
+    f = next(f for f in diagnose(run) if f.kind == "loss_plateau")
+    assert f.remedies[0].action == "Raise the learning rate tenfold (to 0.01)"
+    assert "peak_lr = 0.01" in f.remedies[0].code and "group['lr']" not in f.remedies[0].code
+    assert "0.001 (the schedule's peak)" in f.causes[0]
+
+
 def test_loss_that_converged_is_not_a_plateau():
     run = build()
     run.loss[20:] = run.loss[20]  # fell, then flat

@@ -54,13 +54,21 @@ class Context:
         self.optimizer = run.meta.get("optimizer") or "manual updates"
         self.adaptive = any(self.optimizer.startswith(a) for a in ADAPTIVE)
         lr = run.lr[np.isfinite(run.lr)] if len(run.lr) else np.empty(0)
-        self.lr = float(lr[0]) if len(lr) else float("nan")
+        # under a schedule the lr the script configures is its peak (a warm-up may start at 0)
+        self.lr = float(lr.max()) if len(lr) else float("nan")
+        self.scheduled = bool(len(lr)) and float(lr.min()) < self.lr
         self.first_step = int(run.steps[0]) if len(run.steps) else 0
 
+    @property
+    def lr_said(self) -> str:
+        return f"{self.lr:.3g}" + (" (the schedule's peak)" if self.scheduled else "")
+
     def lr_text(self, factor: float = 0.1) -> str:
-        return f"{self.lr * factor:.3g}" if math.isfinite(self.lr) else f"{factor} * your current lr"
+        return f"{self.lr * factor:.3g}" if math.isfinite(self.lr) and self.lr > 0 else f"{factor} * your current lr"
 
     def lr_code(self, factor: float) -> str:
+        if self.scheduled:  # a scheduler recomputes group['lr'] from the lr it was built with
+            return f"peak_lr = {self.lr_text(factor)}  # give it to the optimizer and the scheduler (e.g. OneCycleLR's max_lr)"
         return f"for group in optimizer.param_groups: group['lr'] = {self.lr_text(factor)}"
 
 
@@ -106,13 +114,13 @@ def exploding(ctx: Context, layers: tuple[str, ...], evidence: dict, through_tim
         causes.append("recurrent weight norm: the gradient through time grows like the product of "
                       "diag(f'(h_t))·W_hh; a spectral norm of W_hh above 1/γ lets it grow geometrically")
     if not ctx.adaptive and (evidence.get("growth_over_steps") or evidence.get("max_update_ratio")):
-        causes.insert(0, f"learning rate: {ctx.lr:.3g} with {ctx.optimizer}; each update feeds the next gradient")
+        causes.insert(0, f"learning rate: {ctx.lr_said} with {ctx.optimizer}; each update feeds the next gradient")
     if evidence.get("at_init"):
         causes.append("initial weight scale: the backward signal already grows toward the input at the first step")
     if ctx.depth >= 6 and evidence.get("backward_ratio"):
         causes.append(f"depth: {ctx.depth} weight layers multiply {ctx.depth - 1} backward factors")
     if not causes:
-        causes.append(f"learning rate: {ctx.lr:.3g} with {ctx.optimizer}")
+        causes.append(f"learning rate: {ctx.lr_said} with {ctx.optimizer}")
     clip = max(evidence.get("baseline_norm") or 0.0, evidence.get("early_norm") or 0.0)  # the healthy level
     max_norm = f"{_round(2 * clip)}" if clip and math.isfinite(clip) and clip > 0 else "1.0"
     remedies.append(Remedy(f"Clip the gradient norm at about twice its healthy level ({max_norm})",
@@ -142,7 +150,7 @@ def non_finite(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[l
                                "loss = -(y * torch.log(p.clamp_min(1e-8))).sum()  # clamp before log/div"))
     if growth > NAN_FROM_GROWTH or not ctx.adaptive:
         causes.insert(0 if growth > NAN_FROM_GROWTH else len(causes),
-                      f"learning rate: {ctx.lr:.3g} with {ctx.optimizer}" +
+                      f"learning rate: {ctx.lr_said} with {ctx.optimizer}" +
                       (f"; the gradient norm grew {growth:.3g}x in the steps before" if growth > NAN_FROM_GROWTH else ""))
         remedies.append(Remedy(f"Lower the learning rate tenfold (to {ctx.lr_text(0.1)}) and clip the norm",
                                ctx.lr_code(0.1) + "\ntorch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)"))
@@ -153,7 +161,7 @@ def non_finite(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[l
 def dead_units(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[list[str], list[Remedy]]:
     causes = []
     if not ctx.adaptive:
-        causes.append(f"learning rate: a large step ({ctx.lr:.3g}) can push a ReLU unit's bias so far that it never fires again")
+        causes.append(f"learning rate: a large step ({ctx.lr_said}) can push a ReLU unit's bias so far that it never fires again")
     if evidence.get("at_init"):
         causes.append("initial weight scale: units are already dead at the first step (biases or weights start too negative)")
     causes.append("activation: ReLU passes no gradient for negative inputs, so a dead unit cannot recover")
@@ -173,7 +181,7 @@ def saturation(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[l
     if evidence.get("at_init"):
         causes.append("initial weight scale: pre-activations are already too large at the first step")
     else:
-        causes.append(f"learning rate: updates ({ctx.lr:.3g}) drove pre-activations into the flat region")
+        causes.append(f"learning rate: updates ({ctx.lr_said}) drove pre-activations into the flat region")
     remedies = [
         Remedy("Initialise with Xavier/Glorot, scaled for the activation", "gw.init_(model)"),
         Remedy("Normalise the pre-activations", "model, _ = gw.modify.insert_norm(model, 'batch')"),
@@ -199,7 +207,7 @@ def stalled(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[list
 
 
 def loss_plateau(ctx: Context, evidence: dict) -> tuple[list[str], list[Remedy]]:
-    causes = [f"learning rate: {ctx.lr:.3g} may be too small to move the loss"]
+    causes = [f"learning rate: {ctx.lr_said} may be too small to move the loss"]
     remedies = [Remedy(f"Raise the learning rate tenfold (to {ctx.lr_text(10)})", ctx.lr_code(10)),
                 Remedy("Check every trainable parameter is given to the optimizer and gets a gradient",
                        "assert all(p.grad is not None for p in model.parameters() if p.requires_grad)")]
@@ -209,11 +217,12 @@ def loss_plateau(ctx: Context, evidence: dict) -> tuple[list[str], list[Remedy]]
 
 
 def loss_divergence(ctx: Context, evidence: dict) -> tuple[list[str], list[Remedy]]:
-    causes = [f"learning rate: {ctx.lr:.3g} with {ctx.optimizer} overshoots; the loss rises instead of falling"]
+    causes = [f"learning rate: {ctx.lr_said} with {ctx.optimizer} overshoots; the loss rises instead of falling"]
     remedies = [Remedy(f"Lower the learning rate tenfold (to {ctx.lr_text(0.1)})", ctx.lr_code(0.1)),
-                Remedy("Clip the gradient norm", "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)"),
-                Remedy("Warm the learning rate up over the first steps",
-                       "scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=100)")]
+                Remedy("Clip the gradient norm", "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)")]
+    if not ctx.scheduled:  # a schedule is there already (and may warm up)
+        remedies.append(Remedy("Warm the learning rate up over the first steps",
+                               "scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=100)"))
     return causes, remedies
 
 

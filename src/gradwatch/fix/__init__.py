@@ -105,7 +105,7 @@ def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "
             acts = {l.activation for l in run.layers if l.role == "activation"}
             lrs = run.lr[np.isfinite(run.lr)]
             candidates = from_findings(baseline.findings, acts, layer_types={l.type for l in run.layers},
-                                       optimizer=run.meta.get("optimizer"), lr=float(lrs[0]) if len(lrs) else None)
+                                       optimizer=run.meta.get("optimizer"), lr=float(lrs.max()) if len(lrs) else None)
     screened: list[Trial] = []
     queue = list(candidates)
     if strategy == "screen" and len(queue) > 1:

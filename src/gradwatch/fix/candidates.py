@@ -40,7 +40,8 @@ ADAM = Candidate("Adam (lr 1e-3)", {"optimizer": "Adam", "lr": 1e-3},
 
 def lr_scale(factor: float) -> Candidate:
     return Candidate(f"learning rate x{factor:g}", {"lr_scale": factor},
-                     f"for group in optimizer.param_groups: group['lr'] *= {factor:g}")
+                     f"for group in optimizer.param_groups: group['lr'] *= {factor:g}"
+                     "  # with a scheduler: the lr (max_lr) it is built with")
 
 
 def swap(old: str, new: str = "LeakyReLU", init: str | None = None, present: tuple[str, ...] = ()) -> Candidate:
@@ -87,7 +88,7 @@ def from_findings(findings: list[Finding], activations: set[str], *, layer_types
                   optimizer: str | None = "SGD", lr: float | None = None) -> list[Candidate]:
     """The remedies worth a trial for these findings, without repeats.
 
-    `layer_types` (module class names), `optimizer` (None: hand-written updates) and its initial
+    `layer_types` (module class names), `optimizer` (None: hand-written updates) and its (peak)
     `lr` decide what applies: LayerNorm rather than BatchNorm for sequence models; a GRU for a
     vanilla RNN; no optimizer swap where the script updates the weights itself (clipping and lr
     scaling then act on the gradients); a lower lr against vanishing under a high adaptive lr."""
