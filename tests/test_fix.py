@@ -220,9 +220,15 @@ def test_fix_in_process_with_a_function(tmp_path):
             opt.step()
 
     import gradwatch as gw
+    stale, foreign = tmp_path / "screen-9", tmp_path / "trial-7"  # left by an earlier fix; not ours
+    stale.mkdir(), foreign.mkdir()
+    (stale / "remedy.json").write_text("{}"), (foreign / "notes.txt").write_text("mine")
     result = gw.fix(train, out=tmp_path, budget_steps=40, progress=lambda m: None)  # the documented call
     assert result.baseline.harmful and result.repaired
     assert not result.winner.harmful and result.winner.final_loss < 1e3
+    assert not stale.exists() and (foreign / "notes.txt").exists()
+    for t in [*result.screened, *result.trials]:  # each directory says which remedy it ran
+        assert json.loads((t.run_dir / "remedy.json").read_text())["spec"] == t.candidate.spec
 
 
 def test_bad_budget_is_a_clear_error(tmp_path):

@@ -17,7 +17,7 @@ import numpy as np
 
 from gradwatch.errors import ConfigError
 from gradwatch.fix.candidates import Candidate, autotrainer_order, combine, from_findings
-from gradwatch.fix.trial import Trial, run_trial, run_trial_in_process
+from gradwatch.fix.trial import Trial, discard_trials, run_trial, run_trial_in_process
 from gradwatch.store import read_run
 
 BASELINE = Candidate("baseline (no change)")
@@ -92,6 +92,7 @@ def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "
             return run_trial_in_process(command, out / name, cand, steps)
         return run_trial(command, out / name, cand, steps, timeout=timeout)
 
+    discard_trials(out)
     say(f"gradwatch fix: baseline trial ({budget_steps} steps)")
     baseline = trial("baseline", BASELINE, budget_steps)
     if baseline.steps == 0:

@@ -63,9 +63,36 @@ def final_loss(loss: np.ndarray) -> float:
     return float(np.median(recorded[-max(1, len(recorded) // 10):]))
 
 
+REMEDY_FILE = "remedy.json"
+
+
+def prepare(run_dir: Path, candidate: Candidate) -> Path:
+    """A fresh run directory that says which remedy its trial ran (`runs/fix/screen-3` alone does not)."""
+    run_dir = runner.prepare_run_dir(run_dir)
+    (run_dir / REMEDY_FILE).write_text(json.dumps(
+        {"name": candidate.name, "spec": candidate.spec, "code": candidate.code}, indent=1) + "\n")
+    return run_dir
+
+
+def discard_trials(out: Path) -> None:
+    """Remove the trial directories an earlier fix left in `out` (a run with more candidates left
+    more of them), so that every screen-N / trial-N there is this run's. Only gradwatch's own
+    files go; a directory holding anything else is kept."""
+    for run_dir in [*out.glob("screen-*"), *out.glob("trial-*")]:
+        if not (run_dir / REMEDY_FILE).is_file():
+            continue
+        runner.clear_run(run_dir)
+        for name in (REMEDY_FILE, "output.log"):
+            (run_dir / name).unlink(missing_ok=True)
+        try:
+            run_dir.rmdir()
+        except OSError:
+            pass
+
+
 def run_trial(command: list[str], run_dir: Path, candidate: Candidate, budget_steps: int,
               options: dict[str, int] | None = None, timeout: float | None = None) -> Trial:
-    run_dir = runner.prepare_run_dir(run_dir)
+    run_dir = prepare(run_dir, candidate)
     env = runner.child_env(run_dir, options or {})
     env[ENV_MAX_STEPS] = str(budget_steps)
     if candidate.spec:
@@ -85,7 +112,7 @@ def run_trial_in_process(train_fn: Callable[[], object], run_dir: Path, candidat
     installed around one call, then removed; torch's RNG is seeded alike for every trial."""
     from gradwatch.collect.auto import AutoWatch
 
-    run_dir = runner.prepare_run_dir(run_dir)
+    run_dir = prepare(run_dir, candidate)
     torch.manual_seed(seed)
     injector = Injector(candidate.spec, budget_steps)
     watch = AutoWatch(str(run_dir), warn=False, status=False)
