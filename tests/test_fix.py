@@ -229,6 +229,9 @@ def test_fix_in_process_with_a_function(tmp_path):
     assert not stale.exists() and (foreign / "notes.txt").exists()
     for t in [*result.screened, *result.trials]:  # each directory says which remedy it ran
         assert json.loads((t.run_dir / "remedy.json").read_text())["spec"] == t.candidate.spec
+    summary = json.loads((tmp_path / "fix.json").read_text())  # what a Ctrl-C would have kept
+    assert summary["winner"] == result.winner.candidate.name and summary["repaired"]
+    assert [r["remedy"] for r in summary["screened"]] == [t.candidate.name for t in result.screened]
 
 
 def test_bad_budget_is_a_clear_error(tmp_path):

@@ -7,6 +7,7 @@ trials are ranked by the harmful findings they leave, then by the loss they reac
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -46,6 +47,21 @@ class FixResult:
     @property
     def cost_steps(self) -> int:
         return sum(t.steps for t in [self.baseline, *self.trials, *self.screened])
+
+    def save(self, out: Path) -> Path:
+        """OUT/fix.json: every trial so far and the winner, rewritten after each trial, so an
+        interrupted fix keeps what it measured."""
+        def row(t: Trial) -> dict:
+            return {"remedy": t.candidate.name, "spec": t.candidate.spec, "run_dir": t.run_dir.name, "steps": t.steps,
+                    "final_loss": t.final_loss if np.isfinite(t.final_loss) else None, "harmful": t.harmful,
+                    "works": t.works}
+        winner = self.winner
+        data = {"baseline": row(self.baseline), "screened": [row(t) for t in self.screened],
+                "trials": [row(t) for t in self.trials], "winner": winner.candidate.name if winner else None,
+                "code": winner.candidate.code if winner else None, "repaired": self.repaired}
+        path = out / "fix.json"
+        path.write_text(json.dumps(data, indent=1) + "\n")
+        return path
 
 
 def pick_finals(ranked: list[Candidate]) -> list[Candidate]:
@@ -107,21 +123,23 @@ def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "
             lrs = run.lr[np.isfinite(run.lr)]
             candidates = from_findings(baseline.findings, acts, layer_types={l.type for l in run.layers},
                                        optimizer=run.meta.get("optimizer"), lr=float(lrs.max()) if len(lrs) else None)
-    screened: list[Trial] = []
+    result = FixResult(baseline, [])
+    result.save(out)
     queue = list(candidates)
     if strategy == "screen" and len(queue) > 1:
         short = max(budget_steps // 4, 10)
         for i, cand in enumerate(queue, 1):
             say(f"gradwatch fix: screening {i}/{len(queue)} ({short} steps): {cand.name}")
-            screened.append(trial(f"screen-{i}", cand, short))
-        queue = pick_finals([t.candidate for t in sorted(screened, key=lambda t: t.score)])[:max(finals, 1)]
-    trials: list[Trial] = []
+            result.screened.append(trial(f"screen-{i}", cand, short))
+            result.save(out)
+        queue = pick_finals([t.candidate for t in sorted(result.screened, key=lambda t: t.score)])[:max(finals, 1)]
     for i, cand in enumerate(queue, 1):
         say(f"gradwatch fix: trial {i}/{len(queue)} ({budget_steps} steps): {cand.name}")
-        trials.append(trial(f"trial-{i}", cand, budget_steps))
-        if strategy == "first" and trials[-1].works:
+        result.trials.append(trial(f"trial-{i}", cand, budget_steps))
+        result.save(out)
+        if strategy == "first" and result.trials[-1].works:
             break
-    return FixResult(baseline, trials, screened)
+    return result
 
 
 __all__ = ["fix", "FixResult", "Trial", "Candidate"]
