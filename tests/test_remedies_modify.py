@@ -82,6 +82,20 @@ def test_insert_norm_in_custom_module_wraps_and_reports_renames():
     assert isinstance(model3._modules["0_ln"], nn.LayerNorm) and model3._modules["0_ln"].normalized_shape == (16,)
 
 
+def test_insert_norm_leaves_attention_and_transformer_blocks_alone():
+    """nn.MultiheadAttention reads out_proj.weight itself, the encoder layer's fast path
+    linear1/linear2's: a norm wrapped around them broke the first forward."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), nn.Linear(16, 3))
+    _, change = insert_norm(model, "layer")
+    assert change.modules == ["0"]  # the head is skipped as the last layer, the block's Linears as fused
+    x = torch.randn(2, 5, 4)
+    assert model(x).shape == (2, 5, 3)
+    model.eval()  # the fused fast path, which reads the block's weights directly
+    with torch.no_grad():
+        assert model(x).shape == (2, 5, 3)
+
+
 def test_add_residual():
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(),

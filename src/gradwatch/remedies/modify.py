@@ -160,19 +160,27 @@ def _insert_after(seq: nn.Sequential, key: str, new_key: str, module: nn.Module)
             seq._modules[new_key] = module
 
 
+# torch blocks that read their children's weights directly (F.multi_head_attention_forward, the
+# fused fast path): a child wrapped with a norm would break them, so none is inserted inside.
+FUSED = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
 def insert_norm(model: nn.Module, kind: str = "batch", after: ModuleTypes = (nn.Linear, nn.Conv2d),
                 *, skip_last: bool = True, inplace: bool = True) -> tuple[nn.Module, Change]:
     """Insert BatchNorm (`kind="batch"`) or LayerNorm (`"layer"`) after each layer of type `after`.
 
     `skip_last` leaves the last such layer (in registration order: normally the output layer,
-    whose scale is the prediction's) without a norm.
+    whose scale is the prediction's) without a norm. Layers inside attention and transformer
+    blocks (`FUSED`) are left as they are: those blocks use their weights directly.
     """
     if kind not in ("batch", "layer"):
         raise ConfigError(f"kind={kind!r} must be 'batch' (BatchNorm) or 'layer' (LayerNorm)")
     after_types = _types("after", after)
     model = _target(model, inplace)
     before = _names(model)
-    layers = [n for n, m in model.named_modules() if n and isinstance(m, after_types)]
+    fused = [n for n, m in model.named_modules() if isinstance(m, FUSED)]
+    layers = [n for n, m in model.named_modules() if n and isinstance(m, after_types)
+              and not any(n.startswith(f + ".") or not f for f in fused)]
     if skip_last and layers:
         layers = layers[:-1]
     suffix = "_bn" if kind == "batch" else "_ln"
