@@ -1,0 +1,143 @@
+"""Replay cheaper versions of `gradwatch fix` on the trials a run of `run.py` recorded, without
+running anything: how many trial steps each would save, and in how many scenarios it would have
+chosen different finals (whose outcome the recording cannot tell) or a different winner.
+
+    .venv/bin/python benchmarks/repair/replay.py [--out benchmarks/repair/out]
+
+Policies (the trials are deterministic, so the first k steps of a recorded trial are the k-step trial):
+  shorter screening   every screening trial cut to k steps, re-diagnosed, re-ranked, finals re-picked
+  stop the 2nd final  ended at half the budget when the first final works and the second's loss (median
+                      of the last tenth) is above the first's there (median stopping rule, Golovin et
+                      al. 2017, with one completed trial)
+  stop screening      a screening trial ended at half its length when its loss there is above the
+                      median of those screened before it (at least 2)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from gradwatch.diagnose import diagnose
+from gradwatch.errors import GradwatchError
+from gradwatch.fix import pick_finals
+from gradwatch.fix.candidates import Candidate
+from gradwatch.fix.trial import REMEDY_FILE, Trial, final_loss
+from gradwatch.store import read_run
+from gradwatch.store.series import RunSeries
+
+HERE = Path(__file__).resolve().parent
+
+
+def first_steps(run: RunSeries, k: int) -> RunSeries:
+    """The series of the run's first k steps."""
+    keep = run.steps < run.steps[0] + k
+    profiles = {n: (s[s < run.steps[0] + k], v[s < run.steps[0] + k]) for n, (s, v) in run.time_profiles.items()}
+    return dataclasses.replace(run, steps=run.steps[keep], loss=run.loss[keep], lr=run.lr[keep],
+                               metrics={m: a[keep] for m, a in run.metrics.items()}, time_profiles=profiles)
+
+
+def trial(run_dir: Path, k: int | None = None) -> Trial:
+    info = json.loads((run_dir / REMEDY_FILE).read_text())
+    cand = Candidate(info["name"], info["spec"], info["code"])
+    try:
+        run = read_run(run_dir)
+    except GradwatchError:  # recorded nothing
+        return Trial(cand, run_dir, 1, 0.0)
+    run = first_steps(run, k) if k else run
+    return Trial(cand, run_dir, 0, 0.0, len(run.steps), final_loss(run.loss), diagnose(run))
+
+
+def loss_at(run_dir: Path, step: int, window: int) -> float:
+    try:
+        loss = read_run(run_dir).loss
+    except GradwatchError:  # recorded nothing
+        return float("nan")
+    if len(loss) <= step:
+        return float("nan")
+    recent = loss[max(0, step - window):step]  # the window before `step`, read like final_loss reads the end
+    return float(np.median(recent)) if np.isfinite(recent).all() else float("inf")
+
+
+def specs(cands: list[Candidate]) -> list[str]:
+    return sorted(json.dumps(c.spec, sort_keys=True) for c in cands)
+
+
+def replay(out: Path) -> list[list[str]]:
+    results = json.loads((out / "results.json").read_text())
+    ours = sum(r["strategies"]["gradwatch"]["trial_steps"] for r in results)
+    theirs = sum(r["strategies"]["AutoTrainer order"]["trial_steps"] for r in results)
+    rows = [["policy", "trial steps saved", "trial steps / AutoTrainer's", "finals differ in", "of them repaired now"]]
+
+    def row(name: str, saved: int, changed: list[dict]) -> None:
+        repaired = [r["scenario"] for r in changed if r["strategies"]["gradwatch"]["repaired"]]
+        rows.append([name, str(saved), f"{(ours - saved) / theirs:.2f}", str(len(changed)),
+                     f"{len(repaired)}" + (f" ({', '.join(repaired)})" if repaired else "")])
+
+    row("as recorded", 0, [])
+    cases = []
+    for r in results:
+        d = out / r["scenario"] / "gradwatch"
+        screens = sorted((p for p in d.glob("screen-*") if (p / REMEDY_FILE).exists()),  # this run's
+                         key=lambda p: int(p.name.split("-")[1]))
+        if len(screens) > 1:
+            cases.append((r, d, screens, [trial(p) for p in screens]))
+    for frac in (8, 6, 5):
+        saved, changed = 0, []
+        for r, d, screens, full in cases:
+            k = max(r["budget_steps"] // frac, 10)
+            short = [trial(p, k) for p in screens]
+            saved += sum(t.steps - s.steps for t, s in zip(full, short))
+            finals = [pick_finals([t.candidate for t in sorted(ts, key=lambda t: t.score)]) for ts in (full, short)]
+            if specs(finals[0]) != specs(finals[1]):
+                changed.append(r)
+        row(f"screening 1/{frac} of the budget (not 1/4)", saved, changed)
+    saved, changed = 0, []
+    for r in results:
+        g, d, budget = r["strategies"]["gradwatch"], out / r["scenario"] / "gradwatch", r["budget_steps"]
+        if len(g["trials"]) < 2:
+            continue
+        first, second = trial(d / "trial-1"), trial(d / "trial-2")
+        half, window = budget // 2, max(1, budget // 10)
+        if first.works and second.steps > half and loss_at(d / "trial-2", half, window) > loss_at(d / "trial-1", half, window):
+            saved += second.steps - half
+            if g["winner"] == g["trials"][1]:
+                changed.append(r)
+    row("stop the 2nd final at half the budget when behind", saved, changed)
+    saved, changed = 0, []
+    for r, d, screens, full in cases:
+        half, window, done, stopped = full[0].steps // 2, max(1, full[0].steps // 10), [], set()
+        for p, t in zip(screens, full):
+            at = loss_at(p, half, window)
+            if len(done) >= 2 and np.isfinite(at) and at > np.median(done):
+                saved += t.steps - half
+                stopped.add(p)
+            elif np.isfinite(at):
+                done.append(at)
+        finals = [pick_finals([t.candidate for t in sorted(full, key=key)])
+                  for key in (lambda t: t.score, lambda t: (t.run_dir in stopped, t.score))]
+        if specs(finals[0]) != specs(finals[1]):
+            changed.append(r)
+    row("stop screening at half when above the median", saved, changed)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=HERE / "out", help="run.py's --out (default out/)")
+    args = parser.parse_args(argv)
+    if not (args.out / "results.json").exists():
+        sys.exit(f"no {args.out / 'results.json'}: run benchmarks/repair/run.py first")
+    rows = replay(args.out)
+    print("| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]))
+    print("\n".join("| " + " | ".join(r) + " |" for r in rows[1:]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
