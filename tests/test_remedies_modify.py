@@ -96,6 +96,21 @@ def test_insert_norm_leaves_attention_and_transformer_blocks_alone():
         assert model(x).shape == (2, 5, 3)
 
 
+def test_swapping_a_transformer_layers_activation_reaches_its_fast_path():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, activation=nn.GELU(), batch_first=True).eval()
+    swap_activations(layer, nn.GELU, nn.SELU)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        fast = layer(x)  # the fused kernel
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            slow = layer(x)  # the modules, SELU included
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+    assert torch.allclose(fast, slow, atol=1e-5)
+
+
 def test_add_residual():
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(),

@@ -126,11 +126,21 @@ def swap_activations(model: nn.Module, old: ModuleTypes = nn.Sigmoid,
             if not isinstance(made, nn.Module):
                 raise ConfigError(f"new() returned {made!r}, not an nn.Module; pass e.g. lambda: nn.LeakyReLU(0.01)")
             _set(model, name, made)
+            _refresh_fast_path(model, name)
             swapped.append(name)
     old_name = "/".join(t.__name__ for t in old_types)
     if not swapped:
         return model, Change(f"no {old_name} module found; nothing changed")
     return model, Change(f"replaced {len(swapped)} {old_name} module(s) by {made!r}: {', '.join(swapped)}", swapped)
+
+
+def _refresh_fast_path(model: nn.Module, name: str) -> None:
+    """nn.TransformerEncoderLayer picks its fused kernel's activation (relu/gelu) when built: after a
+    swap its eval fast path would still apply the old one. Tell it what it holds now."""
+    parent, attr = _parent(model, name)
+    if attr == "activation" and hasattr(parent, "activation_relu_or_gelu"):
+        act = parent.activation
+        parent.activation_relu_or_gelu = 1 if isinstance(act, nn.ReLU) else 2 if isinstance(act, nn.GELU) else 0
 
 
 def _norm_for(layer: nn.Module, kind: str) -> nn.Module:
