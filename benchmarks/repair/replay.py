@@ -1,6 +1,6 @@
 """Replay cheaper versions of `gradwatch fix` on the trials a run of `run.py` recorded, without
-running anything: how many trial steps each would save, and in how many scenarios it would have
-chosen different finals (whose outcome the recording cannot tell) or a different winner.
+running anything: how many trial steps each would save, and in how many scenarios its choice would
+differ: other finals (whose outcome the recording cannot tell), or, when a final is stopped, another winner.
 
     .venv/bin/python benchmarks/repair/replay.py [--out benchmarks/repair/out]
 
@@ -72,7 +72,7 @@ def replay(out: Path) -> list[list[str]]:
     results = json.loads((out / "results.json").read_text())
     ours = sum(r["strategies"]["gradwatch"]["trial_steps"] for r in results)
     theirs = sum(r["strategies"]["AutoTrainer order"]["trial_steps"] for r in results)
-    rows = [["policy", "trial steps saved", "trial steps / AutoTrainer's", "finals differ in", "of them repaired now"]]
+    rows = [["policy", "trial steps saved", "trial steps / AutoTrainer's", "choice differs in", "of them repaired now"]]
 
     def row(name: str, saved: int, changed: list[dict]) -> None:
         repaired = [r["scenario"] for r in changed if r["strategies"]["gradwatch"]["repaired"]]
