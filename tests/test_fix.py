@@ -209,28 +209,42 @@ def test_fix_repairs_an_exploding_script_end_to_end(tmp_path):
     assert "final loss" in (tmp_path / "fix" / "baseline" / "output.log").read_text()  # script output kept apart
 
 
-def test_fix_in_process_with_a_function(tmp_path):
+def test_fix_in_process_with_a_function(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    (work / "data" / "kept.txt").write_text("input")
+    monkeypatch.chdir(work)
+
     def train():
         model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1))
         opt = torch.optim.SGD(model.parameters(), lr=0.2)
         x = torch.randn(64, 16)
-        for _ in range(40):
+        for step in range(40):
             opt.zero_grad()
             nn.functional.mse_loss(model(x), x.sum(1, keepdim=True)).backward()
             opt.step()
+            if step == 5:
+                torch.save(model.state_dict(), "ckpt.pt")  # the script's own output, written by every trial
 
     import gradwatch as gw
-    stale, foreign = tmp_path / "screen-9", tmp_path / "trial-7"  # left by an earlier fix; not ours
-    stale.mkdir(), foreign.mkdir()
+    stale, foreign = tmp_path / "fix" / "screen-9", tmp_path / "fix" / "trial-7"  # an earlier fix's; not ours
+    stale.mkdir(parents=True), foreign.mkdir()
     (stale / "remedy.json").write_text("{}"), (foreign / "notes.txt").write_text("mine")
-    result = gw.fix(train, out=tmp_path, budget_steps=40, progress=lambda m: None)  # the documented call
+    result = gw.fix(train, out=tmp_path / "fix", budget_steps=40, progress=lambda m: None)  # the documented call
     assert result.baseline.harmful and result.repaired
     assert not result.winner.harmful and result.winner.final_loss < 1e3
     assert not stale.exists() and (foreign / "notes.txt").exists()
     for t in [*result.screened, *result.trials]:  # each directory says which remedy it ran
         assert json.loads((t.run_dir / "remedy.json").read_text())["spec"] == t.candidate.spec
-    summary = json.loads((tmp_path / "fix.json").read_text())  # what a Ctrl-C would have kept
+    summary = json.loads((tmp_path / "fix" / "fix.json").read_text())  # what a Ctrl-C would have kept
     assert summary["winner"] == result.winner.candidate.name and summary["repaired"]
+    assert result.written == ["ckpt.pt"] == summary["written_by_the_script"]  # the input left alone is not listed
+    from rich.console import Console
+
+    from gradwatch.cli.fix_cmd import print_result
+    console = Console(record=True, width=200)
+    print_result(result, console)
+    assert "your script wrote ckpt.pt during the trials" in console.export_text()
     assert [r["remedy"] for r in summary["screened"]] == [t.candidate.name for t in result.screened]
 
 

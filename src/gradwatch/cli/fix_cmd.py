@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fix", help="try remedies in short trials of your script and say which works",
                        description="Diagnose a short baseline run of the script, then run it again with each "
                                    "candidate remedy (clipping, learning rate, initialisation, activation, "
-                                   "normalisation, optimizer) applied through hooks — your files are not changed — "
+                                   "normalisation, optimizer) applied through hooks — your files are not edited — "
                                    "and rank the trials by the harmful findings they leave and the loss they reach.")
     p.add_argument("--budget-steps", type=int, default=200, help="optimizer steps per trial (default 200)")
     p.add_argument("--out", default="runs/fix", help="directory for the trials' runs (default runs/fix)")
@@ -66,7 +66,10 @@ def print_result(result: FixResult, console: Console) -> None:
         console.print(textwrap.indent(winner.candidate.code, "    "), markup=False, soft_wrap=True)
     if not result.repaired and (hint := not_a_training_fault(result.baseline)):
         console.print(hint)
-
+    if result.written:
+        shown = ", ".join(result.written[:5]) + (f" and {len(result.written) - 5} more" if len(result.written) > 5 else "")
+        console.print(f"Note: your script wrote {shown} during the trials; they now hold a trial's output, "
+                      "not your run's.", markup=False)
 
 
 def not_a_training_fault(baseline: Trial) -> str | None:

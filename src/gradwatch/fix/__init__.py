@@ -18,6 +18,7 @@ import numpy as np
 
 from gradwatch.errors import ConfigError
 from gradwatch.fix.candidates import Candidate, autotrainer_order, combine, from_findings
+from gradwatch.fix.touched import snapshot, written
 from gradwatch.fix.trial import Trial, discard_trials, run_trial, run_trial_in_process
 from gradwatch.store import read_run
 
@@ -29,6 +30,7 @@ class FixResult:
     baseline: Trial
     trials: list[Trial]  # the full-length trials
     screened: list[Trial] = field(default_factory=list)  # the short screening trials, if any
+    written: list[str] = field(default_factory=list)  # files under the working directory the trials wrote
 
     @property
     def ranked(self) -> list[Trial]:
@@ -58,7 +60,8 @@ class FixResult:
         winner = self.winner
         data = {"baseline": row(self.baseline), "screened": [row(t) for t in self.screened],
                 "trials": [row(t) for t in self.trials], "winner": winner.candidate.name if winner else None,
-                "code": winner.candidate.code if winner else None, "repaired": self.repaired}
+                "code": winner.candidate.code if winner else None, "repaired": self.repaired,
+                "written_by_the_script": self.written}
         path = out / "fix.json"
         path.write_text(json.dumps(data, indent=1) + "\n")
         return path
@@ -109,6 +112,7 @@ def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "
         return run_trial(command, out / name, cand, steps, timeout=timeout)
 
     discard_trials(out)
+    files_before = snapshot(Path.cwd(), out)
     say(f"gradwatch fix: baseline trial ({budget_steps} steps)")
     baseline = trial("baseline", BASELINE, budget_steps)
     if baseline.steps == 0:
@@ -139,6 +143,8 @@ def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "
         result.save(out)
         if strategy == "first" and result.trials[-1].works:
             break
+    result.written = written(files_before, snapshot(Path.cwd(), out))
+    result.save(out)
     return result
 
 
