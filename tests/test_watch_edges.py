@@ -180,6 +180,39 @@ def test_zero_code_overflow_before_the_first_optimizer_step_is_skipped_not_a_ste
     assert all(math.isfinite(v) for v in run.metrics["grad_norm"][:, 0])
 
 
+def _accumulating(watch_factory, steps=6, accumulate=3):
+    """A loop that accumulates gradients over `accumulate` backwards per optimizer step, watched
+    by `watch_factory(model, opt)`; returns what the watch recorded."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    watch = watch_factory(model, opt)
+    try:
+        for i in range(steps * accumulate):
+            (model(torch.randn(8, 4)).pow(2).mean() / accumulate).backward()
+            if i % accumulate == accumulate - 1:
+                opt.step()
+                opt.zero_grad()
+    finally:
+        watch.detach()
+    return watch.stored_series()
+
+
+def test_zero_code_gradient_accumulation_steps_with_the_optimizer(tmp_path):
+    """Backwards that accumulate before the first optimizer step are not updates by hand: the zero-
+    code watch records what gw.watch(model, optimizer) records (it took the first two backwards
+    for two hand-written steps, skipped a step number, and saw 'weights that stopped changing')."""
+    import gradwatch as gw
+    from gradwatch.collect.auto import AutoWatch
+
+    auto = _accumulating(lambda m, o: AutoWatch(str(tmp_path), warn=False, sample_every=1))
+    explicit = _accumulating(lambda m, o: gw.watch(m, o, sample_every=1, warn=False))
+    assert list(auto.steps) == list(explicit.steps) == list(range(6))
+    np.testing.assert_array_equal(auto.loss, explicit.loss)
+    np.testing.assert_array_equal(auto.metrics["update_ratio"], explicit.metrics["update_ratio"])
+    assert (auto.metrics["update_ratio"][:, 0] > 0).all()
+
+
 def test_optimizer_step_with_a_closure_records_the_update_and_can_stop_before_it():
     """Lightning calls optimizer.step(closure): forward and backward run inside the step."""
     import gradwatch as gw

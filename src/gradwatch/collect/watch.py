@@ -28,6 +28,8 @@ from gradwatch.store.reader import STORE_NAME, _read
 from gradwatch.store.series import LayerInfo, RunSeries
 from gradwatch.store.writer import RunStoreWriter
 
+MAX_ACCUMULATION = 64  # backwards per optimizer step that zero-code mode waits for before the first step
+
 
 def layer_info(layer: Layer) -> LayerInfo:
     return LayerInfo(
@@ -117,6 +119,7 @@ class Watch:
         self._optimizer = optimizer
         self._mode = "optimizer" if optimizer is not None else ("backward" if model is not None else "unknown")
         self._step = 0
+        self._accumulated = 0  # zero-code mode: backwards before the first optimizer step left the weights as they were
         self._next_index = 0
         self._cur: StepRecord | None = None
         self._pending: list[StepRecord] = []
@@ -355,11 +358,23 @@ class Watch:
     def before_backward(self, root: object) -> None:
         if self._snapshot is not None and self._mode != "optimizer":
             self._finish_delta()
-        if self._mode == "unknown" and self._cur is not None and self._cur.grad is not None:
+        if self._mode == "unknown" and self._cur is not None and self._cur.grad is not None \
+                and not self._accumulating(self._cur):
             self._mode = "backward"  # a second backward with no optimizer step: updates are by hand
             self._end_step()
         unscaled = getattr(root, patches.UNSCALED, None)
         self._backward_scale = unscaled[1] if unscaled is not None else None
+
+    def _accumulating(self, rec: StepRecord) -> bool:
+        """Zero-code mode, a second backward before any optimizer step: weights unchanged since the
+        last one mean gradient accumulation (the step is still to come), changed ones an update by
+        hand. One host sync, in the first steps only; past MAX_ACCUMULATION unchanged backwards
+        (a hand-written loop whose lr starts at 0) the updates are taken as by hand."""
+        if rec.delta is None or self._accumulated >= MAX_ACCUMULATION or bool(rec.delta.any()):
+            return False
+        rec.delta = None  # no update happened: the step's Δw is measured when it does
+        self._accumulated += 1
+        return True
 
     def after_backward(self, root: object) -> None:
         rec = self._current()
