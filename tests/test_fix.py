@@ -76,7 +76,7 @@ def test_model_remedies_apply_in_place():
     assert [type(m).__name__ for m in model] == ["Linear", "BatchNorm1d", "LeakyReLU", "Linear"]
 
 
-def _steps(injector_spec, steps=5, lr=0.1):
+def _steps(injector_spec, steps=5, lr=0.1, accumulate=1):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
     opt = torch.optim.SGD(model.parameters(), lr=lr)
@@ -86,7 +86,8 @@ def _steps(injector_spec, steps=5, lr=0.1):
     try:
         for _ in range(steps):
             opt.zero_grad()
-            model(torch.randn(16, 4)).pow(2).mean().mul(100).backward()
+            for _ in range(accumulate):
+                model(torch.randn(16, 4)).pow(2).mean().mul(100).backward()
             opt.step()
             lrs.append(opt.param_groups[0]["lr"])
     finally:
@@ -102,6 +103,11 @@ def test_lr_scale_changes_the_step_but_not_what_the_script_sees():
     for a, b in zip(scaled.parameters(), ref.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
     assert not torch.allclose(base[0].weight, scaled[0].weight)
+    # gradients accumulated before the first step are not an update by hand: scaled once, by the step
+    accumulated, _ = _steps({"lr_scale": 0.5}, lr=0.01, accumulate=3)
+    ref, _ = _steps({}, lr=0.005, accumulate=3)
+    for a, b in zip(accumulated.parameters(), ref.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
 
 
 def test_clip_remedy_clips_before_the_step():

@@ -20,6 +20,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from gradwatch.collect import patches
 from gradwatch.collect.layers import ACTIVATIONS
+from gradwatch.collect.watch import MAX_ACCUMULATION
 from gradwatch.remedies import clip, init_, insert_norm, replace_rnn, swap_activations
 
 ENV_REMEDY = "GRADWATCH_REMEDY"
@@ -76,6 +77,8 @@ class Injector:
         self.non_finite_losses = 0  # consecutive
         self._optimizers: dict[int, dict] = {}
         self._manual_clipper = None
+        self._manual = False  # the script updates the weights itself (settled by _updated_by_hand)
+        self._probe: torch.Tensor | None = None
         self._handles = [register_module_forward_pre_hook(self._before_forward)]
         self._late: list = []
         patches.add(self)
@@ -147,8 +150,8 @@ class Injector:
 
     # ---------------------------------------------------------------- manual loops (patches.Listener)
     def before_backward(self, root) -> None:
-        if not self._optimizers and self.max_steps is not None and self.backwards >= self.max_steps:
-            raise SystemExit(0)
+        if self._manual and not self._optimizers and self.max_steps is not None and self.backwards >= self.max_steps:
+            raise SystemExit(0)  # hand-written updates: a step is a backward
         if self.spec:
             self._stop_if_failed(root)
 
@@ -167,11 +170,13 @@ class Injector:
         """Hand-written updates (no optimizer steps): clipping and a learning-rate scale act on the
         gradients the script is about to apply (for p -= lr·g, scaling g is scaling lr)."""
         self.backwards += 1
-        # an optimizer steps before the second backward; past that with none, updates are by hand
-        if self._optimizers or self.model is None or self.backwards < 2:
+        if self._optimizers:
+            return
+        if self.model is None:  # no module's weights to look at: a second backward means by hand
+            self._manual = self.backwards >= 2
             return
         params = [p for p in self.model.parameters() if p.grad is not None]
-        if not params:
+        if not params or not self._updated_by_hand(params[0]):
             return
         if self.spec.get("clip"):
             if self._manual_clipper is None:
@@ -179,6 +184,16 @@ class Injector:
             self._manual_clipper(params)
         if self.spec.get("lr_scale") is not None:
             torch._foreach_mul_([p.grad for p in params], float(self.spec["lr_scale"]))
+
+    def _updated_by_hand(self, probe: torch.Tensor) -> bool:
+        """No optimizer has stepped yet: did a weight change since the last backward? Then the script
+        updates by hand; unchanged, it accumulates gradients for an optimizer step still to come
+        (scaling them here too would scale that step twice). One weight tensor copied per backward
+        until the question is settled; past MAX_ACCUMULATION unchanged ones, by hand (as the watch decides)."""
+        if not self._manual:
+            last, self._probe = self._probe, probe.detach().clone()
+            self._manual = (last is not None and not torch.equal(last, self._probe)) or self.backwards > MAX_ACCUMULATION
+        return self._manual
 
     def after_scaler_update(self) -> None:
         pass
