@@ -176,7 +176,7 @@ class Injector:
             self._manual = self.backwards >= 2
             return
         params = [p for p in self.model.parameters() if p.grad is not None]
-        if not params or not self._updated_by_hand(params[0]):
+        if not params or not self._updated_by_hand(params):
             return
         if self.spec.get("clip"):
             if self._manual_clipper is None:
@@ -185,13 +185,14 @@ class Injector:
         if self.spec.get("lr_scale") is not None:
             torch._foreach_mul_([p.grad for p in params], float(self.spec["lr_scale"]))
 
-    def _updated_by_hand(self, probe: torch.Tensor) -> bool:
+    def _updated_by_hand(self, params: list[torch.Tensor]) -> bool:
         """No optimizer has stepped yet: did a weight change since the last backward? Then the script
-        updates by hand; unchanged, it accumulates gradients for an optimizer step still to come
-        (scaling them here too would scale that step twice). One weight tensor copied per backward
-        until the question is settled; past MAX_ACCUMULATION unchanged ones, by hand (as the watch decides)."""
+        updates by hand (perhaps only some layers); unchanged, it accumulates gradients for an
+        optimizer step still to come (scaling them here too would scale that step twice). Each
+        weight's float64 sum is compared, per backward until the question is settled; past
+        MAX_ACCUMULATION unchanged ones, by hand (as the watch decides)."""
         if not self._manual:
-            last, self._probe = self._probe, probe.detach().clone()
+            last, self._probe = self._probe, torch.stack([p.detach().sum(dtype=torch.float64) for p in params])
             self._manual = (last is not None and not torch.equal(last, self._probe)) or self.backwards > MAX_ACCUMULATION
         return self._manual
 
