@@ -110,6 +110,27 @@ def test_lr_scale_changes_the_step_but_not_what_the_script_sees():
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_norm_layers_a_remedy_adds_train_beside_a_scheduler():
+    """The inserted norms' parameters join the script's optimizer; in a new param group OneCycleLR
+    raised KeyError('initial_lr') at its next step, ending the trial after one step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)
+    injector = Injector({"norm": "batch"}, max_steps=None)
+    injector.install_late()
+    try:
+        for _ in range(5):
+            opt.zero_grad()
+            model(torch.randn(16, 4)).pow(2).mean().backward()
+            opt.step()
+            sched.step()
+    finally:
+        injector.remove()
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
+    assert len(norms) == 2 and all(not torch.equal(m.weight, torch.ones_like(m.weight)) for m in norms)
+
+
 def test_clip_remedy_clips_before_the_step():
     clipped, _ = _steps({"clip": "norm", "max_norm": 1e-3}, steps=1)
     start, _ = _steps({}, steps=0)
@@ -181,6 +202,29 @@ def test_a_crashed_trial_never_wins():
     finite = Trial(Candidate("ok"), Path("."), 0, 1.0, steps=10, final_loss=3.0,
                    findings=[finding("exploding_gradient"), finding("dead_units")])
     assert FixResult(nan_base, [cut_short, finite]).winner is finite
+    # a remedy that made the script fail after a step (finite loss, no findings yet) never wins
+    broke = Trial(Candidate("broke"), Path("."), 1, 1.0, steps=1, final_loss=0.5, broke=True)
+    assert FixResult(base, [broke]).winner is None and not broke.works
+
+
+def test_a_remedy_that_breaks_the_training_function_is_a_failed_trial(tmp_path):
+    from gradwatch.fix.candidates import norm
+
+    def train():
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(10):
+            opt.zero_grad()
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+            opt.step()
+            if len(model) != 3:  # code that relies on the model's layout
+                raise RuntimeError("unexpected layout")
+
+    result = fix(train, out=tmp_path, budget_steps=10, candidates=[norm("batch")], strategy="all",
+                 progress=lambda m: None)
+    failed = result.trials[0]
+    assert failed.broke and failed.steps == 1 and result.winner is None
+    assert "unexpected layout" in (failed.run_dir / "output.log").read_text()
 
 
 def test_budget_stops_the_script():

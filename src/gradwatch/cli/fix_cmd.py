@@ -45,7 +45,7 @@ def print_result(result: FixResult, console: Console) -> None:
         for col in ("remedy", "harmful findings left", "loss"):
             screen.add_column(col)
         for t in sorted(result.screened, key=lambda t: t.score):
-            screen.add_row(t.candidate.name, ", ".join(t.harmful) or "none", f"{t.final_loss:.4g}")
+            screen.add_row(t.candidate.name, _left(t), f"{t.final_loss:.4g}")
         console.print(screen)
     table = Table(title=f"gradwatch fix: {len(result.trials)} full trials of {result.baseline.steps} steps")
     for col in ("remedy", "harmful findings left", "final loss", "vs baseline"):
@@ -54,7 +54,7 @@ def print_result(result: FixResult, console: Console) -> None:
     for t in [result.baseline, *result.ranked]:
         change = "" if t is result.baseline or not (math.isfinite(base) and math.isfinite(t.final_loss)) \
             else f"{(t.final_loss - base) / abs(base):+.0%}" if base else ""
-        table.add_row(t.candidate.name, ", ".join(t.harmful) or "none", f"{t.final_loss:.4g}", change)
+        table.add_row(t.candidate.name, _left(t), f"{t.final_loss:.4g}", change)
     console.print(table)
     winner = result.winner
     if winner is None:
@@ -70,6 +70,12 @@ def print_result(result: FixResult, console: Console) -> None:
         shown = ", ".join(result.written[:5]) + (f" and {len(result.written) - 5} more" if len(result.written) > 5 else "")
         console.print(f"Note: your script wrote {shown} during the trials; they now hold a trial's output, "
                       "not your run's.", markup=False)
+
+
+def _left(trial: Trial) -> str:
+    if trial.broke:
+        return f"the script failed (exit {trial.exit_code}): see {trial.run_dir / 'output.log'}"
+    return ", ".join(trial.harmful) or "none"
 
 
 def not_a_training_fault(baseline: Trial) -> str | None:

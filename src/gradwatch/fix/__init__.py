@@ -56,7 +56,7 @@ class FixResult:
         def row(t: Trial) -> dict:
             return {"remedy": t.candidate.name, "spec": t.candidate.spec, "run_dir": t.run_dir.name, "steps": t.steps,
                     "final_loss": t.final_loss if np.isfinite(t.final_loss) else None, "harmful": t.harmful,
-                    "works": t.works}
+                    "works": t.works, "broke_the_script": t.broke}
         winner = self.winner
         data = {"baseline": row(self.baseline), "screened": [row(t) for t in self.screened],
                 "trials": [row(t) for t in self.trials], "winner": winner.candidate.name if winner else None,
@@ -108,8 +108,11 @@ def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "
 
     def trial(name: str, cand: Candidate, steps: int) -> Trial:
         if callable(command):
-            return run_trial_in_process(command, out / name, cand, steps)
-        return run_trial(command, out / name, cand, steps, timeout=timeout)
+            t = run_trial_in_process(command, out / name, cand, steps)
+        else:
+            t = run_trial(command, out / name, cand, steps, timeout=timeout)
+        t.broke = bool(cand.spec) and t.exit_code != 0 and baseline.exit_code == 0
+        return t
 
     discard_trials(out)
     files_before = snapshot(Path.cwd(), out)

@@ -109,8 +109,8 @@ class Injector:
             if self.model is not None:  # parameters a model change added (norm layers)
                 known = {id(p) for g in opt.param_groups for p in g["params"]}
                 new = [p for p in self.model.parameters() if p.requires_grad and id(p) not in known]
-                if new:
-                    opt.add_param_group({"params": new})
+                if new:  # into the first group: a new group would lack the keys a scheduler keeps per
+                    opt.param_groups[0]["params"].extend(new)  # group (OneCycleLR's initial_lr, LambdaLR's base_lrs)
             if self.spec.get("clip"):
                 state["clipper"] = self._make_clipper()
             if self.spec.get("optimizer") == "Adam":

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -32,6 +33,7 @@ class Trial:
     steps: int = 0
     final_loss: float = float("inf")
     findings: list[Finding] = field(default_factory=list)
+    broke: bool = False  # the script failed with this remedy although it ran without (see output.log)
 
     @property
     def harmful(self) -> list[str]:
@@ -39,15 +41,15 @@ class Trial:
 
     @property
     def works(self) -> bool:
-        """It trained, left no harmful finding and kept a finite loss."""
-        return self.steps > 0 and not self.harmful and self.final_loss != float("inf")
+        """It trained, did not break the script, left no harmful finding and kept a finite loss."""
+        return self.steps > 0 and not self.broke and not self.harmful and self.final_loss != float("inf")
 
     @property
     def score(self) -> tuple:
         """Lower is better: a finite loss, then the harmful findings left, then the loss reached,
         then any finding left. A trial whose loss went non-finite is behind every one that kept
         it finite, whatever it left: ended early, it had no time to show the other findings."""
-        if self.steps == 0:  # crashed or recorded nothing: behind every trial that trained
+        if self.steps == 0 or self.broke:  # crashed or recorded nothing: behind every trial that trained
             return (2, len(HARMFUL) + 1, float("inf"), 0)
         loss = self.final_loss if np.isfinite(self.final_loss) else float("inf")
         return (int(loss == float("inf")), len(self.harmful), loss, len(self.findings))
@@ -122,6 +124,9 @@ def run_trial_in_process(train_fn: Callable[[], object], run_dir: Path, candidat
         train_fn()
     except SystemExit as stop:  # the budget was reached
         code = stop.code if isinstance(stop.code, int) else 0
+    except Exception:  # the remedy broke the function: this trial failed, not fix
+        code = 1
+        (run_dir / "output.log").write_text(traceback.format_exc())
     finally:
         injector.remove()
         watch.detach()
