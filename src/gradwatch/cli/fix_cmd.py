@@ -12,6 +12,7 @@ from rich.table import Table
 from gradwatch import runner
 from gradwatch.diagnose.advice import NAN_FROM_GROWTH
 from gradwatch.fix import FixResult, Trial, fix
+from gradwatch.fix.trial import OUTPUT_LOG
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -74,7 +75,7 @@ def print_result(result: FixResult, console: Console) -> None:
 
 def _left(trial: Trial) -> str:
     if trial.broke:
-        return f"the script failed (exit {trial.exit_code}): see {trial.run_dir / 'output.log'}"
+        return f"the script failed (exit {trial.exit_code}): see {trial.run_dir / OUTPUT_LOG}"
     return ", ".join(trial.harmful) or "none"
 
 

@@ -23,7 +23,6 @@ NAN_FROM_GROWTH = 10.0
 ADAPTIVE = ("Adam", "AdamW", "NAdam", "RAdam", "Adamax", "Adagrad", "Adadelta", "RMSprop", "Adafactor", "Lion")
 
 
-
 def forget_bias_code(lstm: str) -> str:
     """The code that opens an LSTM's forget gates (gate order i, f, g, o; the gate sees b_ih + b_hh)."""
     return (f"for n, p in {lstm}.named_parameters():  # the gate sees b_ih + b_hh: 1 in total\n"

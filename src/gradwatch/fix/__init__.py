@@ -19,7 +19,7 @@ import numpy as np
 from gradwatch.errors import ConfigError
 from gradwatch.fix.candidates import Candidate, autotrainer_order, combine, from_findings
 from gradwatch.fix.touched import snapshot, written
-from gradwatch.fix.trial import Trial, discard_trials, run_trial, run_trial_in_process
+from gradwatch.fix.trial import OUTPUT_LOG, Trial, discard_trials, run_trial, run_trial_in_process
 from gradwatch.store import read_run
 
 BASELINE = Candidate("baseline (no change)")
@@ -120,7 +120,7 @@ def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "
     baseline = trial("baseline", BASELINE, budget_steps)
     if baseline.steps == 0:
         raise ConfigError(f"the baseline run recorded no training step (exit code {baseline.exit_code}); "
-                          f"see {out / 'baseline' / 'output.log'}")
+                          f"see {out / 'baseline' / OUTPUT_LOG}")
     if candidates is None:
         run = read_run(baseline.run_dir)
         if order == "autotrainer":

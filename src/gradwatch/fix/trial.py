@@ -33,7 +33,7 @@ class Trial:
     steps: int = 0
     final_loss: float = float("inf")
     findings: list[Finding] = field(default_factory=list)
-    broke: bool = False  # the script failed with this remedy although it ran without (see output.log)
+    broke: bool = False  # the script failed with this remedy although it ran without (see OUTPUT_LOG)
 
     @property
     def harmful(self) -> list[str]:
@@ -66,6 +66,7 @@ def final_loss(loss: np.ndarray) -> float:
 
 
 REMEDY_FILE = "remedy.json"
+OUTPUT_LOG = "output.log"  # the script's own output, kept apart from ours
 
 
 def prepare(run_dir: Path, candidate: Candidate) -> Path:
@@ -84,7 +85,7 @@ def discard_trials(out: Path) -> None:
         if not (run_dir / REMEDY_FILE).is_file():
             continue
         runner.clear_run(run_dir)
-        for name in (REMEDY_FILE, "output.log"):
+        for name in (REMEDY_FILE, OUTPUT_LOG):
             (run_dir / name).unlink(missing_ok=True)
         try:
             run_dir.rmdir()
@@ -100,7 +101,7 @@ def run_trial(command: list[str], run_dir: Path, candidate: Candidate, budget_st
     if candidate.spec:
         env[ENV_REMEDY] = json.dumps(candidate.spec)
     start = time.perf_counter()
-    with open(run_dir / "output.log", "wb") as log:  # the script's own output, kept apart
+    with open(run_dir / OUTPUT_LOG, "wb") as log:
         try:
             code = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
         except subprocess.TimeoutExpired:
@@ -126,7 +127,7 @@ def run_trial_in_process(train_fn: Callable[[], object], run_dir: Path, candidat
         code = stop.code if isinstance(stop.code, int) else 0
     except Exception:  # the remedy broke the function: this trial failed, not fix
         code = 1
-        (run_dir / "output.log").write_text(traceback.format_exc())
+        (run_dir / OUTPUT_LOG).write_text(traceback.format_exc())
     finally:
         injector.remove()
         watch.detach()

@@ -18,6 +18,7 @@ from gradwatch.errors import ConfigError
 from gradwatch.integrations._rows import StepRows, WatchStore, rows_since
 from gradwatch.runner import clear_run
 
+
 def base_optimizer(optimizer: object) -> torch.optim.Optimizer:
     """The torch optimizer inside a framework's wrapper (accelerate's AcceleratedOptimizer,
     Lightning's LightningOptimizer), whose step hooks run on every real step."""

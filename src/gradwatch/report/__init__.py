@@ -15,7 +15,6 @@ from gradwatch.report.page import page
 from gradwatch.store import RunSeries, read_run, store_files
 
 
-
 def _saved_findings(run: str | os.PathLike) -> list[Finding] | None:
     """RUN/findings.json when it is newer than the store (what `gradwatch run` found), else None."""
     path = Path(run)
