@@ -181,6 +181,8 @@ def test_bad_live_options_are_clear_errors():
         gw.watch(model, stop_on=("nan",))
     with pytest.raises(ConfigError, match="on_finding"):
         gw.watch(model, on_finding=3)
+    with pytest.raises(ConfigError, match="run=42: pass a run directory"):
+        gw.diagnose(42)
 
 
 def test_a_step_lost_to_float32_rounding_is_vanishing_not_a_parameter_left_out():

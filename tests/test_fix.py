@@ -73,7 +73,7 @@ def test_final_loss_is_robust_and_non_finite_is_inf():
 def test_model_remedies_apply_in_place():
     model = nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 2))
     apply_to_model(model, {"swap": {"from": "Sigmoid", "to": "LeakyReLU"}, "norm": "batch"})
-    assert [type(m).__name__ for m in model] == ["Linear", "BatchNorm1d", "LeakyReLU", "Linear"]
+    assert [type(m).__name__ for m in model] == ["Linear", "FeatureBatchNorm", "LeakyReLU", "Linear"]
 
 
 def _steps(injector_spec, steps=5, lr=0.1, accumulate=1):

@@ -106,10 +106,19 @@ def test_cells_called_per_step_are_probed():
 @pytest.mark.parametrize("bad,match", [
     (dict(iters=-1), "iters must be a non-negative integer"),
     (dict(loss_fn=lambda out: out), "loss_fn must return a scalar"),
+    (dict(loss_fn=3), "loss_fn must be a function"),
+    (dict(batch=torch.randn(4, 5)), r"Linear failed on the probe batch \(RuntimeError: mat1 and mat2"),
 ])
 def test_bad_arguments(bad, match):
+    """A clear ConfigError, and the model's BatchNorm statistics untouched even when it fails late."""
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))
+    kwargs = {"batch": torch.randn(4, 3), **bad}
+    if "batch" in bad:
+        model = model[2]
+    before = [b.clone() for b in model.buffers()]
     with pytest.raises(gw.ConfigError, match=match):
-        probe(nn.Linear(3, 2), torch.randn(4, 3), **bad)
+        probe(model, kwargs.pop("batch"), **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
 
 
 def test_no_layers():

@@ -364,6 +364,10 @@ def test_attach_zclip_reports_norm():
     (lambda: clip.ZClip(z_thresh=float("nan")), "z_thresh=nan"),
     (lambda: clip.ZClip(warmup_steps=0), "warmup_steps=0"),
     (lambda: clip.ZClip(mode="median"), "mode='median'"),
+    (lambda: clip.ClipNorm(1.0, norm_type="fro"), "norm_type='fro'"),
+    (lambda: clip.ClipNorm(1.0, norm_type=-3), "norm_type=-3"),
+    (lambda: clip.AutoClip(norm_type=float("nan")), "norm_type=nan"),
+    (lambda: clip.attach("opt", clip.ZClip()), "optimizer='opt' is not a torch.optim.Optimizer"),
 ])
 def test_bad_input_names_the_value(call, named):
     with pytest.raises(ConfigError, match=named.replace("(", r"\(").replace(".", r"\.")):

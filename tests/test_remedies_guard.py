@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -151,6 +152,30 @@ def test_remove_and_context_manager_restore_step():
     assert torch.isnan(model[2].weight).any()
 
 
+def test_scheduler_built_after_the_guard():
+    """torch's schedulers re-bind optimizer.step's __func__ to the optimizer: the guard must still
+    skip bad steps inside, the schedule must match an unguarded twin, and remove() must leave a
+    step that passes through."""
+    model, opt = setup()
+    twin, twin_opt = setup()
+    g = guard(opt)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    twin_sched = torch.optim.lr_scheduler.StepLR(twin_opt, step_size=2, gamma=0.5)
+    for step in range(5):
+        backward(model, step), opt.step(), sched.step()
+        backward(twin, step), twin_opt.step(), twin_sched.step()
+    backward(model, 5, poison=True)
+    with pytest.warns(UserWarning, match="skipped"):
+        opt.step()
+    assert g.skipped == 1 and g.steps == 5
+    assert_same(state_copy(model, opt), state_copy(twin, twin_opt))
+    assert opt.param_groups[0]["lr"] == twin_opt.param_groups[0]["lr"] == 0.01 * 0.5 ** 2
+    g.remove()
+    backward(model, 6, poison=True)
+    opt.step()  # removed: the scheduler's wrapper stays, the guard inside passes the NaN through
+    assert torch.isnan(model[2].weight).any() and g.skipped == 1
+
+
 def test_closure_steps_pass_through():
     model = nn.Linear(3, 1)
     opt = torch.optim.LBFGS(model.parameters(), max_iter=2)
@@ -183,6 +208,8 @@ def test_optimizer_without_params():
         group["params"] = []
     with pytest.raises(ConfigError, match="no parameters"):
         guard(opt)
+    with pytest.raises(ConfigError, match="optimizer='opt' is not a torch.optim.Optimizer"):
+        guard("opt")
 
 
 def test_huge_but_finite_gradient_is_not_skipped():
@@ -192,3 +219,33 @@ def test_huge_but_finite_gradient_is_not_skipped():
     model[0].weight.grad[0, 0] = 1e25  # its square overflows float32; the value itself is finite
     opt.step()
     assert g.skipped == 0 and g.steps == 1
+
+
+def test_a_watch_records_the_skipped_step_as_a_step_with_its_fault():
+    """The guard skips without calling the optimizer, so no step hook runs: the watch must still
+    end that step (with its NaN gradient and loss) instead of merging it into the next one."""
+    import gradwatch
+
+    model, opt = setup()
+    g = guard(opt)
+    losses = []
+    with gradwatch.watch(model, opt, warn=False) as w, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in range(8):
+            gen = torch.Generator().manual_seed(step)
+            x, y = torch.randn(5, 6, generator=gen), torch.randn(5, 2, generator=gen)
+            if step == 5:
+                x[0, 0] = float("nan")
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            losses.append(loss.item())
+            opt.step()
+        series = w.series()
+    assert g.skipped == 1
+    assert len(series.steps) == 8 and series.meta["guard_skipped_steps"] == [5]
+    finite = [i for i in range(8) if i != 5]
+    assert series.loss[finite] == pytest.approx([losses[i] for i in finite])
+    assert not np.isfinite(series.loss[5]) and (series.metrics["nonfinite"][5] > 0).any()
+    assert np.nansum(series.metrics["nonfinite"][finite]) == 0  # NaN: the Tanh has no parameters
+    assert any(f.kind == "non_finite" for f in w.findings())

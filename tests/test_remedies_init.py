@@ -138,6 +138,8 @@ def test_constant_init_detected():
 def test_bad_input():
     with pytest.raises(ConfigError, match="scheme='kaiming'"):
         init_(nn.Linear(2, 2), "kaiming")
+    with pytest.raises(ConfigError, match="model='m' is not a torch.nn.Module"):
+        init_("m")
     with pytest.raises(ConfigError, match="no Linear, Conv or recurrent layer"):
         init_(nn.Sequential(nn.ReLU(), nn.LayerNorm(3)))
     with pytest.raises(ConfigError, match="example_input could not run"):

@@ -46,6 +46,26 @@ def test_swap_activations():
     assert "nothing changed" in str(swap_activations(model, old=nn.Tanh)[1])
 
 
+def test_swap_reaches_every_place_of_a_shared_activation():
+    act = nn.Sigmoid()
+    model = nn.Sequential(nn.Linear(4, 4), act, nn.Linear(4, 4), act, nn.Linear(4, 2))
+    _, change = swap_activations(model)
+    assert change.modules == ["1", "3"] and not any(isinstance(m, nn.Sigmoid) for m in model)
+
+
+def test_batchnorm_after_a_linear_normalises_its_features_on_sequences():
+    """A Linear applied to (batch, time, features): the norm is per feature over batch and time,
+    as nn.BatchNorm1d on the flattened (batch·time, features) input."""
+    torch.manual_seed(0)
+    model, _ = insert_norm(nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2)), "batch")
+    x = torch.randn(3, 5, 4)
+    h = model[0](x)
+    reference = nn.BatchNorm1d(16)
+    torch.testing.assert_close(model._modules["0_bn"](h), reference(h.reshape(-1, 16)).reshape(3, 5, 16))
+    torch.testing.assert_close(model._modules["0_bn"].running_var, reference.running_var)
+    assert model(x).shape == (3, 5, 2)
+
+
 def test_insert_batchnorm_in_sequential_keeps_every_name():
     model = mlp()
     before = names(model)

@@ -105,6 +105,50 @@ def test_grad_scaler_values_are_unscaled_and_overflow_steps_skipped():
     assert series.metrics["grad_norm"][-1, 0] == pytest.approx(true_grad, rel=1e-5)
 
 
+def test_huge_loss_scale_is_no_non_finite_gradient():
+    """Under bf16 autocast GradScaler's scale keeps doubling: past ~2^64 the scaled gradient's
+    float32 sum of squares overflows although every entry is finite. The recorded norm is the
+    true (unscaled) one, no step is called non-finite, and stop_on does not stop the run."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100, growth_interval=10**6)
+    x = torch.randn(8, 4)
+    true = []
+    with gradwatch.watch(model, opt, warn=False, stop_on=("non_finite",)) as watch:
+        for _ in range(3):
+            opt.zero_grad()
+            scaler.scale(model(x).pow(2).mean()).backward()
+            grad = model[0].weight.grad.double() / scaler.get_scale()
+            assert torch.isfinite(grad).all() and torch.isinf(model[0].weight.grad.pow(2).sum())
+            true.append(grad.norm().hypot(model[0].bias.grad.double().norm() / scaler.get_scale()).item())
+            scaler.step(opt)
+            scaler.update()
+        series = watch.series()
+    assert len(series.steps) == 3 and not series.meta["skipped_steps"]
+    assert series.metrics["grad_norm"][:, 0] == pytest.approx(true, rel=1e-5)
+    assert (series.metrics["nonfinite"] == 0).all()
+    assert not [f for f in watch.findings() if f.kind == "non_finite"]
+
+
+def test_sparse_gradients_are_recorded():
+    """nn.Embedding(sparse=True): the norm of the coalesced values (duplicate rows summed), as
+    torch's own dense norm of the same gradient."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(20, 8, sparse=True), nn.Flatten(), nn.Linear(24, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ids = torch.tensor([[1, 1, 2], [3, 1, 5]])  # repeated ids: an uncoalesced sparse gradient
+    with gradwatch.watch(model, opt, sample_every=1, warn=False) as watch:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(ids), torch.tensor([0, 2])).backward()
+        dense = model[0].weight.grad.to_dense()
+        opt.step()
+        series = watch.series()
+    col = series.column("0")
+    assert series.metrics["grad_norm"][0, col] == pytest.approx(dense.norm().item(), rel=1e-6)
+    assert series.metrics["grad_max"][0, col] == pytest.approx(dense.abs().max().item(), rel=1e-6)
+
+
 def test_nonfinite_entries_counted_exactly():
     model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
     with gradwatch.watch(model) as watch:
@@ -137,6 +181,15 @@ def test_watch_rejects_a_model_with_nothing_to_train():
 def test_watch_rejects_bad_schedules(kwargs):
     with pytest.raises(ConfigError, match=next(iter(kwargs))):
         gradwatch.watch(nn.Linear(2, 2), **kwargs)
+
+
+def test_watch_rejects_an_out_it_cannot_write(tmp_path):
+    """Said when watch() is called, not from inside optimizer.step() at the first flush."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="out=.*cannot create the run directory"):
+        gradwatch.watch(nn.Linear(2, 2), out=blocker / "run")
+    assert torch.autograd.backward.__module__ == "torch.autograd"
 
 
 def test_every_records_a_strided_subset():

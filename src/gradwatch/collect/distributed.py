@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gradwatch.collect.stats import MISSING
+from gradwatch.collect.stats import MISSING, entries
 from gradwatch.errors import ConfigError
 
 EVENT = "rank_non_finite"  # events row: (step, "rank_non_finite", "rank R: loss nan|inf|-inf")
@@ -122,7 +122,7 @@ class Distributed:
         """Per-parameter (grad L2, max |g|, weight L2) of this rank's part of the synchronised
         gradients; MISSING where a parameter (or its local shard) has no gradient."""
         device = params[0].device
-        grads = [None if p.grad is None else local(p.grad.detach()) for p in params]
+        grads = [None if p.grad is None else entries(local(p.grad.detach())) for p in params]
         have = [i for i, g in enumerate(grads) if g is not None]
         grad = _scatter(len(params), have, [grads[i] for i in have], device)
         if not sampled:

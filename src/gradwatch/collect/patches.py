@@ -3,7 +3,9 @@
 `torch.autograd.backward` (which `Tensor.backward` calls) tells us a backward pass ended and which
 tensor it started from (the loss); `GradScaler.scale` tells us that loss was multiplied by the loss
 scale, so gradients can be divided back; `GradScaler.update` tells us an iteration ended, so a step
-the scaler skipped (inf/NaN from the scaled loss) is seen as skipped, not as an alarm.
+the scaler skipped (inf/NaN from the scaled loss) is seen as skipped, not as an alarm. And
+`gw.guard`, which skips a non-finite step without calling the optimizer (so no step hook runs),
+says so through `guard_skipped`.
 Patches are installed with the first attached Watch and removed with the last.
 """
 
@@ -19,6 +21,7 @@ class Listener(Protocol):
     def before_backward(self, root: object) -> None: ...
     def after_backward(self, root: object) -> None: ...
     def after_scaler_update(self) -> None: ...
+    def guard_skipped(self, optimizer: torch.optim.Optimizer) -> None: ...
 
 
 _listeners: list[Listener] = []
@@ -48,6 +51,12 @@ def _update(original, self, *args, **kwargs):
     for listener in list(_listeners):
         listener.after_scaler_update()
     return result
+
+
+def guard_skipped(optimizer: torch.optim.Optimizer) -> None:
+    """gw.guard skipped `optimizer`'s step: tell every attached listener."""
+    for listener in list(_listeners):
+        listener.guard_skipped(optimizer)
 
 
 def add(listener: Listener) -> None:

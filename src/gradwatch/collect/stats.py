@@ -20,6 +20,12 @@ MISSING = -1.0  # marks a parameter with no gradient at this step (norms are >= 
 MIN_DEAD_SAMPLES = 8
 
 
+def entries(grad: torch.Tensor) -> torch.Tensor:
+    """A gradient's stored entries: a sparse one's (nn.Embedding(sparse=True)) coalesced values,
+    duplicates summed. The entries it leaves out are zeros, which change no norm or max |g|."""
+    return grad.coalesce().values() if grad.is_sparse else grad
+
+
 def norms(tensors: list[torch.Tensor], ord: float = 2.0) -> torch.Tensor:
     """Per-tensor norms as one vector, one fused call."""
     if not tensors:

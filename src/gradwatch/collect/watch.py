@@ -22,7 +22,7 @@ from torch import nn
 from gradwatch.collect import distributed, patches
 from gradwatch.collect.layers import RECURRENT, Layer, discover
 from gradwatch.collect.record import StepRecord, to_batch
-from gradwatch.collect.stats import MISSING, activation_stats, norms, rms, time_profile
+from gradwatch.collect.stats import MISSING, activation_stats, entries, norms, rms, time_profile
 from gradwatch.errors import ConfigError, TrainingStopped
 from gradwatch.store.reader import STORE_NAME, _read
 from gradwatch.store.series import LayerInfo, RunSeries
@@ -52,9 +52,15 @@ def _store_path(out: str | os.PathLike | None) -> Path | None:
     if out is None:
         return None
     path = Path(out)
-    if path.suffix == ".sqlite":
-        return path
-    return path / STORE_NAME
+    path = path if path.suffix == ".sqlite" else path / STORE_NAME
+    try:  # now, not at the first flush: a bad `out` must not stop training steps later
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"out={str(out)!r}: cannot create the run directory ({exc.strerror}); "
+                          "pass a directory you can write to, or out=None to keep the run in memory") from None
+    if not os.access(path.parent, os.W_OK):
+        raise ConfigError(f"out={str(out)!r}: the run directory is not writable; pass one you can write to")
+    return path
 
 
 def _first_tensor(value: object) -> torch.Tensor | None:
@@ -236,11 +242,14 @@ class Watch:
 
         def hook(p: torch.Tensor) -> None:
             if self._attached and self._cur_sampled is not None:
-                g = p.grad
+                g = entries(p.grad)
                 torch.linalg.vector_norm(g, dtype=torch.float32, out=norm_out)
                 if self._cur_sampled:  # p was just read by backward too: both are in cache
-                    low, high = torch.aminmax(g)  # max |g|; 10x faster than the inf-norm on CPU
-                    torch.maximum(high.float(), low.float().neg(), out=max_out)
+                    if g.numel():
+                        low, high = torch.aminmax(g)  # max |g|; 10x faster than the inf-norm on CPU
+                        torch.maximum(high.float(), low.float().neg(), out=max_out)
+                    else:
+                        max_out.zero_()
                     torch.linalg.vector_norm(p.detach(), dtype=torch.float32, out=weight_out)
         return hook
 
@@ -406,6 +415,19 @@ class Watch:
                 self._norm_buf.fill_(MISSING)
         self._stepped = False
 
+    def guard_skipped(self, optimizer: torch.optim.Optimizer) -> None:
+        """gw.guard refused this step (NaN/Inf gradients) without calling the optimizer, so no step
+        hook ran. Unlike a loss scaler's skip it is a step with a fault: it is recorded, with its
+        non-finite gradients and no update, rather than merged into the next step."""
+        if self._mode == "unknown" and self._optimizer is None:
+            self.adopt_optimizer(optimizer)
+        if optimizer is not self._optimizer or not self._attached:
+            return
+        self._events.append((self._step, "guard_skipped", "gw.guard: NaN/Inf gradients, step skipped"))
+        self._snapshot, self._snapshot_rec = None, None
+        self._stepped = True
+        self._end_step()
+
     def _unscale(self, values: torch.Tensor) -> torch.Tensor:
         scale = self._backward_scale
         return values if scale is None else torch.where(values >= 0, values / scale, values)
@@ -417,9 +439,10 @@ class Watch:
         else:
             grad, grad_max, weight = self._norm_buf, self._max_buf, self._weight_buf
         rec.grad = self._unscale(grad.clone())
-        if params[0].device.type == "cpu" and not bool(torch.isfinite(rec.grad).all()):
-            bad = (~torch.isfinite(rec.grad)).nonzero().flatten().tolist()
-            rec.nonfinite = {i: int((~torch.isfinite(distributed.local(params[i].grad))).sum()) for i in bad}
+        # a loss scaler syncs at each step anyway (GradScaler reads found_inf): the check is free there
+        if (params[0].device.type == "cpu" or self._backward_scale is not None) \
+                and not bool(torch.isfinite(rec.grad).all()):
+            self._count_non_finite(rec)
         elif rec.nonfinite is not None:
             rec.nonfinite = None
         if rec.sampled:
@@ -427,6 +450,20 @@ class Watch:
             rec.weight = weight.clone()
             if self._mode != "optimizer":
                 self._take_snapshot(rec)
+
+    def _count_non_finite(self, rec: StepRecord) -> None:
+        """Per parameter, the NaN/Inf entries behind a non-finite norm. A norm is also infinite when
+        every entry is finite but float32's sum of squares overflows (|g| past ~1e19): a loss
+        scaler's scaled gradients get there, since under bf16 autocast nothing overflows and the
+        scale keeps doubling. Such a norm is taken again in float64 and is no NaN/Inf finding."""
+        rec.nonfinite = {}
+        for i in (~torch.isfinite(rec.grad)).nonzero().flatten().tolist():
+            g = entries(distributed.local(self._params[i].grad))
+            count = int((~torch.isfinite(g)).sum())
+            if count:
+                rec.nonfinite[i] = count
+            else:
+                rec.grad[i] = self._unscale(torch.linalg.vector_norm(g, dtype=torch.float64))
 
     # ---------------------------------------------------------------- optimizer
     def adopt_optimizer(self, optimizer: torch.optim.Optimizer) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from gradwatch.diagnose.finding import KINDS, Finding, Remedy
+from gradwatch.errors import ConfigError
 from gradwatch.diagnose.rules import RULES
 from gradwatch.diagnose.thresholds import DEFAULT, Thresholds
 from gradwatch.store import RunSeries, read_run
@@ -19,6 +20,8 @@ def diagnose(run: RunSeries | str | os.PathLike, thresholds: Thresholds = DEFAUL
     Stalled lower layers where a vanishing gradient was found are folded into it: one cause, one
     finding.
     """
+    if not isinstance(run, (RunSeries, str, os.PathLike)):
+        raise ConfigError(f"run={run!r}: pass a run directory (e.g. 'runs/latest'), a store file or a RunSeries")
     series = run if isinstance(run, RunSeries) else read_run(run)
     if len(series.steps) == 0:
         return []

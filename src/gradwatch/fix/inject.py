@@ -199,6 +199,12 @@ class Injector:
     def after_scaler_update(self) -> None:
         pass
 
+    def guard_skipped(self, optimizer) -> None:
+        """The script's own gw.guard skipped a step: it still counts against the budget."""
+        self.steps += 1
+        if self.max_steps is not None and self.steps >= self.max_steps:
+            raise SystemExit(0)
+
 
 def start_from_env() -> Injector | None:
     spec_text, max_steps = os.environ.get(ENV_REMEDY), os.environ.get(ENV_MAX_STEPS)

@@ -41,11 +41,17 @@ def _with_grad(batch: Any) -> Any:
 
 
 def _call(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
+    """The model's forward on the batch; its failure (a wrong shape, a wrong dtype) is a bad batch."""
+    try:
+        if isinstance(batch, dict):
+            return model(**batch)
+        if isinstance(batch, (tuple, list)):
+            return model(*batch)
+        return model(batch)
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        raise ConfigError(f"{type(model).__name__} failed on the probe batch ({type(exc).__name__}: {exc}); "
+                          "pass a batch the model accepts: a tensor for model(x), a tuple for model(*batch), "
+                          "a dict for model(**batch)") from exc
 
 
 def probe(model: nn.Module, batch: Any, loss_fn: Callable[[Any], torch.Tensor] | None = None, *,
@@ -71,9 +77,19 @@ def probe(model: nn.Module, batch: Any, loss_fn: Callable[[Any], torch.Tensor] |
     start = time.perf_counter()
     # Offset: a batch drawn with the same seed must not equal the probe vectors (they would align with it).
     gen = torch.Generator().manual_seed(seed ^ SEED_OFFSET)
-    batch = _with_grad(batch)
-    loss_fn = loss_fn or default_loss
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]  # BatchNorm running stats, restored below
+    if loss_fn is not None and not callable(loss_fn):
+        raise ConfigError(f"loss_fn must be a function of the model's output, got {type(loss_fn).__name__}")
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]  # BatchNorm running stats
+    try:
+        return _probe(model, _with_grad(batch), loss_fn or default_loss, iters, cells, gen, start)
+    finally:  # also when the forward or the loss raises
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+
+
+def _probe(model: nn.Module, batch: Any, loss_fn: Callable[[Any], torch.Tensor], iters: int,
+           cells: Iterable[str | nn.Module], gen: torch.Generator, start: float) -> ProbeResult:
     # The math attention kernel: the fused CPU/flash kernels have no double backward, which the
     # Jacobian-vector products need (spectra.graph_ops).
     with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]), Recorder(model, cells) as rec:
@@ -95,9 +111,6 @@ def probe(model: nn.Module, batch: Any, loss_fn: Callable[[Any], torch.Tensor] |
         x.verdict = verdict.layer_verdict(x)
     findings = (verdict.nonfinite_findings(layers) + verdict.layer_findings(layers, mf)
                 + verdict.recurrent_findings(recs))
-    with torch.no_grad():
-        for b, saved in buffers:
-            b.copy_(saved)
     x_in = first_tensor(batch)
     y = first_tensor(out)
     gain = {k: verdict._prod(layers, f"sigma_{k}") for k in ("max", "mean", "rms")}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Union
+from typing import Any, Union
 
 import torch
 
@@ -55,6 +55,9 @@ def grads_of(params: Params) -> list[torch.Tensor]:
 
 def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     """All parameters of all param groups; ConfigError if there are none."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(f"optimizer={optimizer!r} is not a torch.optim.Optimizer; "
+                          "pass the optimizer you train with (e.g. torch.optim.SGD(model.parameters(), lr=0.1))")
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if not params:
         raise ConfigError(
@@ -62,6 +65,17 @@ def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
             "pass the optimizer you train with (e.g. torch.optim.SGD(model.parameters(), lr=0.1))"
         )
     return params
+
+
+def norm_order(norm_type: Any) -> float:
+    """The p of a p-norm: a number > 0, or inf (the max |g|)."""
+    try:
+        p = float(norm_type)
+    except (TypeError, ValueError):
+        p = math.nan
+    if not p > 0:  # NaN, 0 and negative p are no norm of the gradient
+        raise ConfigError(f"norm_type={norm_type!r} must be a number > 0 or float('inf'), e.g. 2.0")
+    return p
 
 
 def total_norm(grads: list[torch.Tensor], norm_type: float = 2.0, process_group=None) -> torch.Tensor:

@@ -36,6 +36,7 @@ from gradwatch.remedies._common import (
     as_list,
     clip_coef,
     grads_of,
+    norm_order,
     optimizer_params,
     positive_number,
     scale_,
@@ -75,7 +76,7 @@ class ClipNorm:
 
     def __init__(self, max_norm: float = 1.0, norm_type: float = 2.0, process_group=None) -> None:
         self.max_norm = positive_number("max_norm", max_norm, fix="pass e.g. ClipNorm(1.0)")
-        self.norm_type = float(norm_type)
+        self.norm_type = norm_order(norm_type)
         self.process_group = process_group  # FSDP1: the model's, for the norm over all shards
 
     def __call__(self, params: Params) -> torch.Tensor:

@@ -28,12 +28,14 @@ their gradients do not exist until the closure runs inside the step.
 from __future__ import annotations
 
 import copy
+import types
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from gradwatch.errors import ConfigError, GradwatchError
+from gradwatch.collect import patches
+from gradwatch.errors import ConfigError
 from gradwatch.remedies._common import in_range, optimizer_params
 
 
@@ -87,9 +89,9 @@ class Guard:
         self._warned = False
         self._had_own_step = "step" in vars(optimizer)
         self._original = optimizer.step
-        self._wrapped = self._step  # one bound method, so remove() can recognise it
-        optimizer.step = self._wrapped  # type: ignore[method-assign]
         self._attached = True
+        self._wrapped = types.MethodType(_guarded_step(self), optimizer)  # one object, so remove() knows it
+        optimizer.step = self._wrapped  # type: ignore[method-assign]
 
     # -- the wrapped step ---------------------------------------------------------------------
     def _step(self, *args: Any, **kwargs: Any) -> Any:
@@ -108,6 +110,7 @@ class Guard:
             return self._original(*args, **kwargs)
         self.skipped += 1
         self.consecutive += 1
+        patches.guard_skipped(opt)  # a watch records it as a step with no update
         if not self._warned:
             self._warned = True
             bad = sum(1 for g in grads if not bool(torch.isfinite(g).all()))
@@ -153,17 +156,17 @@ class Guard:
     summary = property(report)
 
     def remove(self) -> None:
-        """Put the optimizer's own step back."""
+        """Put the optimizer's own step back. When something wrapped the step after the guard (an
+        LR scheduler does), that wrapper stays and the guard inside it passes every step through."""
         if not self._attached:
             return
+        self._attached = False
         if vars(self.optimizer).get("step") is not self._wrapped:
-            raise GradwatchError("optimizer.step was replaced after gw.guard() wrapped it; "
-                                 "remove that wrapper first, then the guard")
+            return
         if self._had_own_step:
             self.optimizer.step = self._original  # type: ignore[method-assign]
         else:
             del self.optimizer.step
-        self._attached = False
 
     def __enter__(self) -> "Guard":
         return self
@@ -173,6 +176,15 @@ class Guard:
 
     def __repr__(self) -> str:
         return f"<gradwatch {self.report()}>"
+
+
+def _guarded_step(g: Guard) -> Callable[..., Any]:
+    """The replacement step, as a function of the optimizer: torch's LR schedulers re-wrap
+    ``optimizer.step`` by binding its ``__func__`` to the optimizer, so the guard must be reached
+    through a closure, not through ``self``."""
+    def step(opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        return g._step(*args, **kwargs) if g._attached else g._original(*args, **kwargs)
+    return step
 
 
 def guard(optimizer: torch.optim.Optimizer, *, patience: int = 3, lr_factor: float = 0.5,

@@ -159,6 +159,8 @@ def init_(model: nn.Module, scheme: str = "auto", *, example_input: Any = None) 
     one forward pass (eval mode, no grad) finds the order the layers and activations really run in,
     functional calls such as F.relu included; without it, module registration order is used.
     """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model={model!r} is not a torch.nn.Module; pass the model to initialise")
     if scheme not in SCHEMES:
         raise ConfigError(f"scheme={scheme!r} is not one of {', '.join(SCHEMES)}; use 'auto' to choose per layer")
     layers = _layers(model)

@@ -66,6 +66,17 @@ class Residual(nn.Module):
         return x + self.fn(x)
 
 
+class FeatureBatchNorm(nn.BatchNorm1d):
+    """BatchNorm of a Linear layer's output features, which are its last dim: nn.BatchNorm1d takes
+    dim 1 for the features, so on a (batch, time, features) output it would normalise over time.
+    Statistics per feature over every other position; state_dict as nn.BatchNorm1d's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() <= 2:
+            return super().forward(x)
+        return super().forward(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+
+
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, attr = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), attr
@@ -113,7 +124,8 @@ def swap_activations(model: nn.Module, old: ModuleTypes = nn.Sigmoid,
     hidden layer whose gradient flow needs fixing)."""
     old_types = _types("old", old)
     model = _target(model, inplace)
-    named = [(n, m) for n, m in model.named_modules() if n]
+    # every place a module sits, also one instance registered twice (named_modules() lists it once)
+    named = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if n]
     output = None
     if keep_output:
         last_layer = max((i for i, (_, m) in enumerate(named) if isinstance(m, LAYERS)), default=-1)
@@ -149,7 +161,7 @@ def _norm_for(layer: nn.Module, kind: str) -> nn.Module:
     factory = {"device": w.device, "dtype": w.dtype}
     if isinstance(layer, nn.Linear):
         n = layer.out_features
-        return nn.BatchNorm1d(n, **factory) if kind == "batch" else nn.LayerNorm(n, **factory)
+        return FeatureBatchNorm(n, **factory) if kind == "batch" else nn.LayerNorm(n, **factory)
     n = layer.out_channels
     if kind == "layer":  # over (C, H, W) per sample: LayerNorm for feature maps
         return nn.GroupNorm(1, n, **factory)

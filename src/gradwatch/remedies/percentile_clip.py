@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from gradwatch.remedies._common import Params, clip_coef, grads_of, in_range, scale_, total_norm
+from gradwatch.remedies._common import Params, clip_coef, grads_of, in_range, norm_order, scale_, total_norm
 from gradwatch.errors import ConfigError
 
 
@@ -31,7 +31,7 @@ class AutoClip:
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
             raise ConfigError(f"window={window!r} must be a whole number >= 1, or None to keep every norm")
         self.window = window
-        self.norm_type = float(norm_type)
+        self.norm_type = norm_order(norm_type)
         self.process_group = process_group  # FSDP1: the model's, for the norm over all shards
         self.steps = 0  # calls so far: a host-side count, known without reading the device
         self._history: torch.Tensor | None = None

@@ -30,6 +30,7 @@ from gradwatch.remedies._common import (
     clip_coef,
     grads_of,
     in_range,
+    norm_order,
     positive_number,
     scale_,
     total_norm,
@@ -73,7 +74,7 @@ class ZClip:
         self.clip_factor = positive_number("clip_factor", clip_factor)
         self.skip_update_on_spike = bool(skip_update_on_spike)
         self.max_grad_norm = None if max_grad_norm is None else positive_number("max_grad_norm", max_grad_norm)
-        self.norm_type = float(norm_type)
+        self.norm_type = norm_order(norm_type)
         self.process_group = process_group  # FSDP1: the model's, for the norm over all shards
         self._state: dict[str, torch.Tensor] | None = None
         self.last_norm: torch.Tensor | None = None

@@ -98,9 +98,8 @@ def _read(db: sqlite3.Connection) -> RunSeries:
                 table[i, t] = v
         profiles[name] = (p_steps, table)
 
-    meta["skipped_steps"] = [
-        s for (s,) in db.execute("SELECT step FROM events WHERE kind='skipped_step' ORDER BY step")
-    ]
+    for key, kind in (("skipped_steps", "skipped_step"), ("guard_skipped_steps", "guard_skipped")):
+        meta[key] = [s for (s,) in db.execute("SELECT step FROM events WHERE kind=? ORDER BY step", (kind,))]
     # one rank's own loss non-finite while the others' were not (docs/distributed.md)
     meta["rank_non_finite"] = [
         [s, d] for s, d in db.execute("SELECT step, detail FROM events WHERE kind='rank_non_finite' ORDER BY step")
