@@ -249,3 +249,17 @@ def test_a_watch_records_the_skipped_step_as_a_step_with_its_fault():
     assert not np.isfinite(series.loss[5]) and (series.metrics["nonfinite"][5] > 0).any()
     assert np.nansum(series.metrics["nonfinite"][finite]) == 0  # NaN: the Tanh has no parameters
     assert any(f.kind == "non_finite" for f in w.findings())
+
+
+def test_sparse_gradients_are_checked():
+    model = nn.Sequential(nn.Embedding(20, 8, sparse=True), nn.Flatten(), nn.Linear(24, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = guard(opt)
+    ids = torch.tensor([[1, 1, 2], [3, 1, 5]])
+    nn.functional.cross_entropy(model(ids), torch.tensor([0, 2])).backward()
+    opt.step()
+    model[0].weight.grad = torch.sparse_coo_tensor([[1]], torch.full((1, 8), float("nan")), (20, 8))
+    before = model[0].weight.detach().clone()
+    with pytest.warns(UserWarning, match="skipped"):
+        opt.step()
+    assert (g.steps, g.skipped) == (1, 1) and torch.equal(before, model[0].weight)

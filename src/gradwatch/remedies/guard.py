@@ -35,6 +35,7 @@ from typing import Any, Callable
 import torch
 
 from gradwatch.collect import patches
+from gradwatch.collect.stats import entries
 from gradwatch.errors import ConfigError
 from gradwatch.remedies._common import in_range, optimizer_params
 
@@ -101,7 +102,7 @@ class Guard:
             self.passed_through += 1
             return self._original(*args, **kwargs)
         params = optimizer_params(opt)
-        grads = [p.grad for p in params if p.grad is not None]
+        grads = [entries(p.grad) for p in params if p.grad is not None]  # a sparse one: its values
         if all_finite(grads):  # the one host sync per step
             self.consecutive = 0
             if self.steps % self.snapshot_every == 0:
