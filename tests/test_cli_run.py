@@ -83,3 +83,62 @@ def test_show_prints_a_per_layer_table(tmp_path):
     series = read_run(tmp_path / "r")
     first = series.series("0", "grad_norm")[1][0]
     assert f"{first:.3g}" in result.stdout and "grad_norm" in result.stdout
+
+
+def _started(proc, pidfile, steps):
+    """Wait until the watched script printed `steps` steps; its pid."""
+    for line in proc.stdout:
+        if line.strip().isdigit() and int(line) >= steps:
+            return int(pidfile.read_text())
+    raise AssertionError("the script ended early")
+
+
+def _gone(pid, seconds=20.0):
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_sigterm_to_gradwatch_run_reaches_the_script_which_stores_its_last_steps(tmp_path):
+    """A SIGTERM sent to `gradwatch run` alone (not its process group) is passed on; the script,
+    dying of it, first stores the steps since its last flush (every 50: none had been stored)."""
+    import signal
+
+    pidfile = tmp_path / "pid"
+    proc = subprocess.Popen([sys.executable, "-m", "gradwatch", "run", "--out", str(tmp_path / "r"),
+                             str(SCRIPTS / "killme.py"), "--pid", str(pidfile)],
+                            stdout=subprocess.PIPE, text=True, env=ENV)
+    child = _started(proc, pidfile, 12)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM  # the script's own end, as the shell says it
+    assert _gone(child)
+    assert len(read_run(tmp_path / "r").steps) >= 12
+
+
+def test_sigterm_to_gradwatch_fix_ends_the_running_trial(tmp_path):
+    import signal
+
+    pidfile = tmp_path / "pid"
+    proc = subprocess.Popen([sys.executable, "-m", "gradwatch", "fix", "--budget-steps", "100000", "--out",
+                             str(tmp_path / "fix"), str(SCRIPTS / "killme.py"), "--pid", str(pidfile)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path)
+    import time
+
+    deadline = time.monotonic() + 60
+    while not pidfile.exists() or not pidfile.read_text():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    child = int(pidfile.read_text())
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    gone = _gone(child)
+    if not gone:
+        os.kill(child, signal.SIGKILL)
+    assert gone  # not left running on its own to the end of its budget

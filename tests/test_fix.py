@@ -10,7 +10,7 @@ from torch import nn
 from gradwatch.diagnose.finding import Finding
 from gradwatch.errors import ConfigError
 from gradwatch.fix import Candidate, Trial, fix
-from gradwatch.fix.candidates import autotrainer_order, from_findings
+from gradwatch.fix.candidates import autotrainer_order, from_findings, lr_scale, swap
 from gradwatch.fix.inject import Injector, apply_to_model
 from gradwatch.fix.trial import final_loss
 from test_cli_run import SCRIPTS, gradwatch
@@ -23,8 +23,9 @@ def finding(kind, **evidence):
 def test_candidates_follow_the_findings():
     explode = [c.name for c in from_findings([finding("exploding_gradient", baseline_norm=3.0)], set())]
     assert explode == ["learning rate x0.1", "Adam (lr 1e-3)", "clip norm 6"]  # twice the measured level
-    at_init = [c.name for c in from_findings([finding("exploding_gradient", at_init=True)], {"relu"})]
+    at_init = [c.name for c in from_findings([finding("exploding_gradient", at_init=True, early_norm=1e9)], {"relu"})]
     assert at_init[-1] == "re-initialise per activation"  # growing from the first step: the init's scale
+    assert "ZClip" in at_init  # and no level before the growth to clip at
     unmeasured = [c.name for c in from_findings([finding("non_finite")], set())]
     assert unmeasured == ["learning rate x0.1", "Adam (lr 1e-3)", "ZClip"]  # no level: adaptive clipping
     vanish = [c.name for c in from_findings([finding("vanishing_gradient")], {"sigmoid", "relu"})]
@@ -263,9 +264,15 @@ def test_fix_in_process_with_a_function(tmp_path, monkeypatch):
     work = tmp_path / "work"
     (work / "data").mkdir(parents=True)
     (work / "data" / "kept.txt").write_text("input")
+    (work / "log.txt").write_text("the user's own log\n")
     monkeypatch.chdir(work)
 
     def train():
+        import os
+        if os.path.exists("ckpt.pt"):  # as a script that resumes would: this trial must start fresh
+            raise RuntimeError("a trial started from another trial's checkpoint")
+        with open("log.txt", "a") as log:
+            log.write("a trial ran\n")
         model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1))
         opt = torch.optim.SGD(model.parameters(), lr=0.2)
         x = torch.randn(64, 16)
@@ -288,13 +295,17 @@ def test_fix_in_process_with_a_function(tmp_path, monkeypatch):
         assert json.loads((t.run_dir / "remedy.json").read_text())["spec"] == t.candidate.spec
     summary = json.loads((tmp_path / "fix" / "fix.json").read_text())  # what a Ctrl-C would have kept
     assert summary["winner"] == result.winner.candidate.name and summary["repaired"]
-    assert result.written == ["ckpt.pt"] == summary["written_by_the_script"]  # the input left alone is not listed
+    assert not any(t.broke for t in [*result.screened, *result.trials])
+    assert result.written == ["ckpt.pt", "log.txt"] == summary["written_by_the_script"]  # the input left alone is not listed
+    assert not (work / "ckpt.pt").exists() and (work / "log.txt").read_text() == "the user's own log\n"
+    assert all((t.run_dir / "written" / "ckpt.pt").is_file() for t in [result.baseline, *result.trials])
+    assert not (tmp_path / "fix" / ".originals").exists()
     from rich.console import Console
 
     from gradwatch.cli.fix_cmd import print_result
     console = Console(record=True, width=200)
     print_result(result, console)
-    assert "your script wrote ckpt.pt during the trials" in console.export_text()
+    assert "your script wrote ckpt.pt, log.txt during the trials. Your directory was put back" in console.export_text()
     assert [r["remedy"] for r in summary["screened"]] == [t.candidate.name for t in result.screened]
 
 
@@ -384,6 +395,7 @@ def test_the_printed_code_of_every_candidate_runs():
         *from_findings(kinds, {"sigmoid", "relu"}, layer_types={"Linear"}, optimizer="SGD"),
         *from_findings([through_time], set(), layer_types={"RNN", "LSTM"}, optimizer="SGD"),
         *from_findings([finding("exploding_gradient")], set()),  # no measured level: ZClip
+        *from_findings([finding("exploding_gradient", baseline_norm=2.0)], set()),  # clip norm 4
         *autotrainer_order(kinds)]}.values()
     assert len(cands) >= 15
     for cand in cands:
@@ -394,3 +406,57 @@ def test_the_printed_code_of_every_candidate_runs():
         model(torch.randn(2, 4)).sum().backward()
         exec(cand.code, ns)  # raises if the snippet is broken
         assert torch.isfinite(ns["model"](torch.randn(2, 4))).all(), cand.name
+
+
+def test_the_remedy_goes_to_the_model_trained_not_a_teacher_run_under_no_grad():
+    """A fixed teacher makes the targets under no_grad before the student's first forward: the
+    swap must change the student (trained), not the teacher (only evaluated)."""
+    teacher = nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 2))
+    student = nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 8), nn.Sigmoid(), nn.Linear(8, 2))
+    injector = Injector({"swap": {"from": "Sigmoid", "to": "LeakyReLU"}}, max_steps=None)
+    try:
+        x = torch.randn(16, 4)
+        with torch.no_grad():
+            y = teacher(x)
+        nn.functional.mse_loss(student(x), y).backward()
+    finally:
+        injector.remove()
+    assert injector.model is student
+    assert isinstance(teacher[1], nn.Sigmoid) and isinstance(student[1], nn.LeakyReLU)
+
+
+def test_fix_in_process_refuses_a_model_built_outside_the_function(tmp_path):
+    """Every trial would start from the weights (and the changes) of the one before."""
+    import gradwatch as gw
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Sigmoid(), nn.Linear(16, 16), nn.Sigmoid(), nn.Linear(16, 1))
+
+    def train():
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x = torch.randn(32, 8)
+        for _ in range(20):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), x[:, :1]).backward()
+            opt.step()
+
+    with pytest.raises(ConfigError, match="build the model and its optimizer inside train_fn"):
+        gw.fix(train, out=tmp_path / "fix", budget_steps=20, progress=lambda m: None,
+               candidates=[swap("Sigmoid", "LeakyReLU", "auto"), lr_scale(0.1)])
+    assert isinstance(model[1], nn.Sigmoid)  # refused before the remedy touched it
+
+
+def test_fix_refuses_a_run_that_changes_no_weight(tmp_path):
+    """backward() without optimizer.step(): no remedy can act, and the budget (counted in steps)
+    would never end a trial."""
+    import gradwatch as gw
+
+    def train():
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(10):
+            opt.zero_grad()
+            model(torch.randn(4, 8)).pow(2).mean().backward()
+
+    with pytest.raises(ConfigError, match="changed no weight: no optimizer.step"):
+        gw.fix(train, out=tmp_path / "fix", budget_steps=5, progress=lambda m: None)

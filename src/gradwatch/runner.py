@@ -102,13 +102,17 @@ def child_env(run_dir: Path, options: dict[str, int]) -> dict[str, str]:
 def run(command: list[str], run_dir: Path, options: dict[str, int]) -> RunResult:
     """Run `command` watched into `run_dir`; returns its exit code (128+N if killed by signal N)."""
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the child directly
+    previous_term = signal.getsignal(signal.SIGTERM)
     try:
         proc = subprocess.Popen(command, env=child_env(run_dir, options))
+        # a SIGTERM sent to us alone is passed on: the child stores its last steps and ends
+        signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
         code = proc.wait()
     except FileNotFoundError as exc:
         raise ConfigError(f"cannot start {command[0]!r}: {exc.strerror}") from exc
     finally:
         signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)
     return RunResult(run_dir, 128 - code if code < 0 else code)
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
+import sys
 import textwrap
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -12,6 +15,7 @@ from rich.table import Table
 from gradwatch import runner
 from gradwatch.diagnose.advice import NAN_FROM_GROWTH
 from gradwatch.fix import FixResult, Trial, fix
+from gradwatch.fix.touched import WRITTEN
 from gradwatch.fix.trial import OUTPUT_LOG
 
 
@@ -35,9 +39,23 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     command = runner.command_from_target(args.target, args.module)
-    result = fix(command, out=args.out, budget_steps=args.budget_steps, order=args.order, strategy=args.strategy)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # the running trial is killed, not orphaned
+    try:
+        result = fix(command, out=args.out, budget_steps=args.budget_steps, order=args.order, strategy=args.strategy)
+    except KeyboardInterrupt:
+        if (Path(args.out) / "fix.json").is_file():
+            print(f"gradwatch fix: interrupted; the trials that finished are in {Path(args.out) / 'fix.json'}",
+                  file=sys.stderr)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print_result(result, Console(highlight=False))
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM as Ctrl-C: subprocess.run kills the trial's process on the way out."""
+    raise KeyboardInterrupt
 
 
 def print_result(result: FixResult, console: Console) -> None:
@@ -58,7 +76,11 @@ def print_result(result: FixResult, console: Console) -> None:
         table.add_row(t.candidate.name, _left(t), f"{t.final_loss:.4g}", change)
     console.print(table)
     winner = result.winner
-    if winner is None:
+    if not result.trials and not result.screened:
+        findings = ", ".join(sorted({f.kind for f in result.baseline.findings}))
+        console.print("Nothing to try: the baseline's findings call for no remedy"
+                      + (f" ({findings})." if findings else " (it has none)."))
+    elif winner is None:
         console.print("No remedy beat the baseline." + (" The baseline has no harmful finding."
                                                           if not result.baseline.harmful else ""))
     else:
@@ -68,9 +90,16 @@ def print_result(result: FixResult, console: Console) -> None:
     if not result.repaired and (hint := not_a_training_fault(result.baseline)):
         console.print(hint)
     if result.written:
-        shown = ", ".join(result.written[:5]) + (f" and {len(result.written) - 5} more" if len(result.written) > 5 else "")
-        console.print(f"Note: your script wrote {shown} during the trials; they now hold a trial's output, "
-                      "not your run's.", markup=False)
+        console.print(f"Note: your script wrote {_some(result.written)} during the trials. Your directory was "
+                      "put back as it was after each one, so no trial started from another's files; the files "
+                      f"a trial created are kept in its directory under {WRITTEN}/.", markup=False)
+    if result.overwritten:
+        console.print(f"Note: {_some(result.overwritten)} now hold a trial's output, not yours: your directory "
+                      "held too much to copy aside first.", markup=False)
+
+
+def _some(paths: list[str]) -> str:
+    return ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
 
 
 def _left(trial: Trial) -> str:

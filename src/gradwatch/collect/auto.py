@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import atexit
 import os
+import signal
 import sys
+import threading
 
 from torch import nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
@@ -113,4 +115,26 @@ def start_from_env() -> AutoWatch | None:
     watch = AutoWatch(run_dir, **options)
     start_from_env.watch = watch
     atexit.register(watch.detach)
+    _flush_on_sigterm(watch)
     return watch
+
+
+def _flush_on_sigterm(watch: AutoWatch) -> None:
+    """SIGTERM (`kill`, a scheduler's time limit, `gradwatch run` passing one on) ends Python
+    without atexit: store the steps since the last flush, then die of the signal as before. Only
+    where the script has no handler of its own yet (one it installs later replaces this), and
+    only in this process, not in a forked DataLoader worker that inherits it."""
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL or threading.current_thread() is not threading.main_thread():
+        return
+    pid = os.getpid()
+
+    def handler(signum: int, frame: object) -> None:
+        signal.signal(signum, signal.SIG_DFL)
+        if os.getpid() == pid:
+            try:
+                watch.detach()
+            except Exception:  # dying anyway: what was flushed before stays
+                pass
+        os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, handler)

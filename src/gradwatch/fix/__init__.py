@@ -18,7 +18,7 @@ import numpy as np
 
 from gradwatch.errors import ConfigError
 from gradwatch.fix.candidates import Candidate, autotrainer_order, combine, from_findings
-from gradwatch.fix.touched import snapshot, written
+from gradwatch.fix.touched import Workspace
 from gradwatch.fix.trial import OUTPUT_LOG, Trial, discard_trials, run_trial, run_trial_in_process
 from gradwatch.store import read_run
 
@@ -30,7 +30,10 @@ class FixResult:
     baseline: Trial
     trials: list[Trial]  # the full-length trials
     screened: list[Trial] = field(default_factory=list)  # the short screening trials, if any
-    written: list[str] = field(default_factory=list)  # files under the working directory the trials wrote
+    # files under the working directory the script wrote during the trials: each trial's copies are
+    # in its run directory under written/, and the directory was put back after every trial ...
+    written: list[str] = field(default_factory=list)
+    overwritten: list[str] = field(default_factory=list)  # ... except these (too much to copy aside)
 
     @property
     def ranked(self) -> list[Trial]:
@@ -61,7 +64,7 @@ class FixResult:
         data = {"baseline": row(self.baseline), "screened": [row(t) for t in self.screened],
                 "trials": [row(t) for t in self.trials], "winner": winner.candidate.name if winner else None,
                 "code": winner.candidate.code if winner else None, "repaired": self.repaired,
-                "written_by_the_script": self.written}
+                "written_by_the_script": self.written, "left_overwritten": self.overwritten}
         path = out / "fix.json"
         path.write_text(json.dumps(data, indent=1) + "\n")
         return path
@@ -106,23 +109,46 @@ def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "
     say = progress or (lambda msg: print(msg, file=sys.stderr))
     out = Path(out)
 
+    trained: list = []  # in process: the models the trials trained (weak references)
+
     def trial(name: str, cand: Candidate, steps: int) -> Trial:
-        if callable(command):
-            t = run_trial_in_process(command, out / name, cand, steps)
-        else:
-            t = run_trial(command, out / name, cand, steps, timeout=timeout)
-        t.broke = bool(cand.spec) and t.exit_code != 0 and baseline.exit_code == 0
+        try:
+            if callable(command):
+                t = run_trial_in_process(command, out / name, cand, steps, trained=trained)
+            else:
+                t = run_trial(command, out / name, cand, steps, timeout=timeout)
+        finally:  # also when interrupted: the user's directory as it was
+            workspace.settle(out / name)
         return t
 
     discard_trials(out)
-    files_before = snapshot(Path.cwd(), out)
+    workspace = Workspace(Path.cwd(), out)
+    try:
+        return _fix(trial, out, budget_steps, candidates, order, strategy, finals, say, workspace)
+    finally:
+        workspace.close()
+
+
+def _fix(trial: Callable[[str, Candidate, int], Trial], out: Path, budget_steps: int,
+         candidates: list[Candidate] | None, order: str, strategy: str, finals: int,
+         say: Callable[[str], None], workspace: Workspace) -> FixResult:
     say(f"gradwatch fix: baseline trial ({budget_steps} steps)")
     baseline = trial("baseline", BASELINE, budget_steps)
+
+    def remedy_trial(name: str, cand: Candidate, steps: int) -> Trial:
+        t = trial(name, cand, steps)
+        t.broke = t.exit_code != 0 and baseline.exit_code == 0
+        return t
+
     if baseline.steps == 0:
         raise ConfigError(f"the baseline run recorded no training step (exit code {baseline.exit_code}); "
                           f"see {out / 'baseline' / OUTPUT_LOG}")
+    run = read_run(baseline.run_dir)
+    if run.meta.get("optimizer") is None and not np.nan_to_num(run.metrics["update_ratio"]).any():
+        raise ConfigError("the baseline run changed no weight: no optimizer.step() and no update by hand was "
+                          "seen, so no remedy can change how it trains; call optimizer.step() after "
+                          f"loss.backward() (see {out / 'baseline' / OUTPUT_LOG})")
     if candidates is None:
-        run = read_run(baseline.run_dir)
         if order == "autotrainer":
             candidates = autotrainer_order(baseline.findings)
         else:
@@ -137,16 +163,16 @@ def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "
         short = max(budget_steps // 4, 10)
         for i, cand in enumerate(queue, 1):
             say(f"gradwatch fix: screening {i}/{len(queue)} ({short} steps): {cand.name}")
-            result.screened.append(trial(f"screen-{i}", cand, short))
+            result.screened.append(remedy_trial(f"screen-{i}", cand, short))
             result.save(out)
         queue = pick_finals([t.candidate for t in sorted(result.screened, key=lambda t: t.score)])[:max(finals, 1)]
     for i, cand in enumerate(queue, 1):
         say(f"gradwatch fix: trial {i}/{len(queue)} ({budget_steps} steps): {cand.name}")
-        result.trials.append(trial(f"trial-{i}", cand, budget_steps))
+        result.trials.append(remedy_trial(f"trial-{i}", cand, budget_steps))
         result.save(out)
         if strategy == "first" and result.trials[-1].works:
             break
-    result.written = written(files_before, snapshot(Path.cwd(), out))
+    result.written, result.overwritten = sorted(workspace.written), sorted(workspace.overwritten)
     result.save(out)
     return result
 

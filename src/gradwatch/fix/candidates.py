@@ -106,11 +106,13 @@ def from_findings(findings: list[Finding], activations: set[str], *, layer_types
     if kinds & {"exploding_gradient", "non_finite", "loss_divergence"}:
         base = next((max(f.evidence.get("baseline_norm") or 0.0, f.evidence.get("early_norm") or 0.0)
                      for f in findings if f.kind == "exploding_gradient"), None)
+        at_init = any(f.kind == "exploding_gradient" and f.evidence.get("at_init") for f in findings)
         # one clipping trial: at twice the level measured before the burst, else adaptive (ZClip
-        # needs no level); the two screen alike, so a second one would only add cost
-        measured = base is not None and math.isfinite(base) and base > 0
+        # needs no level); the two screen alike, so a second one would only add cost. Growth from
+        # the first step has no level before it: what was measured is already the burst.
+        measured = base is not None and math.isfinite(base) and base > 0 and not at_init
         out += [lr_scale(0.1), *adam, clip_norm(float(f"{2 * base:.1g}")) if measured else ZCLIP]
-        if any(f.kind == "exploding_gradient" and f.evidence.get("at_init") for f in findings):
+        if at_init:
             out += [ORTHOGONAL if "RNN" in layer_types else REINIT]  # too large from the first step: the init
     if kinds & {"vanishing_gradient", "saturation", "stalled_layers"}:
         if optimizer in STEP_SIZED and lr is not None and lr >= HIGH_ADAPTIVE_LR:

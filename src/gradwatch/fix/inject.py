@@ -1,8 +1,8 @@
 """Apply one remedy to an unmodified training script from inside its process, through hooks.
 
 Started by the bootstrap when `gradwatch fix` sets GRADWATCH_REMEDY (a JSON spec) and/or
-GRADWATCH_MAX_STEPS. Model changes are made at the first forward of the first module that owns
-parameters (before it computes anything), optimizer changes at its steps; the trial ends cleanly
+GRADWATCH_MAX_STEPS. Model changes are made at the first forward, with grad enabled, of the first
+module that owns trainable parameters (before it computes anything), optimizer changes at its steps; the trial ends cleanly
 (SystemExit, so atexit flushes the store) after GRADWATCH_MAX_STEPS steps, or once a remedy
 trial's loss has been non-finite for STOP_AFTER_NON_FINITE steps in a row.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import weakref
 
 import torch
 from torch import nn
@@ -21,6 +22,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from gradwatch.collect import patches
 from gradwatch.collect.layers import ACTIVATIONS
 from gradwatch.collect.watch import MAX_ACCUMULATION
+from gradwatch.errors import ConfigError
 from gradwatch.remedies import clip, init_, insert_norm, replace_rnn, swap_activations
 
 ENV_REMEDY = "GRADWATCH_REMEDY"
@@ -68,8 +70,9 @@ def _recurrent(model: nn.Module, how: str) -> None:
 class Injector:
     """Global hooks that apply `spec` to the first model and every optimizer that steps."""
 
-    def __init__(self, spec: dict, max_steps: int | None):
+    def __init__(self, spec: dict, max_steps: int | None, earlier: list[weakref.ref] = ()):
         self.spec = spec
+        self.earlier = earlier  # models earlier in-process trials trained (gw.fix(train_fn))
         self.max_steps = max_steps
         self.model: nn.Module | None = None
         self.steps = 0
@@ -96,7 +99,13 @@ class Injector:
 
     # ---------------------------------------------------------------- model
     def _before_forward(self, module: nn.Module, args) -> None:
-        if self.model is None and any(p.requires_grad for p in module.parameters()):
+        """The model is the first module with trainable parameters that runs with grad enabled: one
+        run under no_grad (a teacher making targets, an evaluation first) is not being trained."""
+        if self.model is None and torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
+            if any(ref() is module for ref in self.earlier):
+                raise ConfigError(
+                    f"gw.fix: train_fn trains the {type(module).__name__} an earlier trial trained (and changed); "
+                    "build the model and its optimizer inside train_fn, so that every trial starts alike")
             self.model = module
             apply_to_model(module, self.spec)
             self._handles.pop(0).remove()

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 import traceback
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -18,9 +20,10 @@ import torch
 from gradwatch import runner
 from gradwatch.diagnose import diagnose
 from gradwatch.diagnose.finding import Finding, write_findings
-from gradwatch.errors import GradwatchError
+from gradwatch.errors import ConfigError, GradwatchError
 from gradwatch.fix.candidates import HARMFUL, Candidate
 from gradwatch.fix.inject import ENV_MAX_STEPS, ENV_REMEDY, Injector
+from gradwatch.fix.touched import WRITTEN
 from gradwatch.store import read_run
 
 
@@ -72,6 +75,7 @@ OUTPUT_LOG = "output.log"  # the script's own output, kept apart from ours
 def prepare(run_dir: Path, candidate: Candidate) -> Path:
     """A fresh run directory that says which remedy its trial ran (`runs/fix/screen-3` alone does not)."""
     run_dir = runner.prepare_run_dir(run_dir)
+    shutil.rmtree(run_dir / WRITTEN, ignore_errors=True)  # an earlier fix's
     (run_dir / REMEDY_FILE).write_text(json.dumps(
         {"name": candidate.name, "spec": candidate.spec, "code": candidate.code}, indent=1) + "\n")
     return run_dir
@@ -85,6 +89,7 @@ def discard_trials(out: Path) -> None:
         if not (run_dir / REMEDY_FILE).is_file():
             continue
         runner.clear_run(run_dir)
+        shutil.rmtree(run_dir / WRITTEN, ignore_errors=True)
         for name in (REMEDY_FILE, OUTPUT_LOG):
             (run_dir / name).unlink(missing_ok=True)
         try:
@@ -110,14 +115,17 @@ def run_trial(command: list[str], run_dir: Path, candidate: Candidate, budget_st
 
 
 def run_trial_in_process(train_fn: Callable[[], object], run_dir: Path, candidate: Candidate,
-                         budget_steps: int, seed: int = 0) -> Trial:
+                         budget_steps: int, seed: int = 0, trained: list[weakref.ref] | None = None) -> Trial:
     """The same trial for a function in this process (`gw.fix(train_fn)`): the same hooks,
-    installed around one call, then removed; torch's RNG is seeded alike for every trial."""
+    installed around one call, then removed; torch's RNG is seeded alike for every trial.
+    `trained`: the models earlier trials trained; one trained again is a ConfigError (the
+    function must build its own, or every trial after the first starts from another's weights)."""
     from gradwatch.collect.auto import AutoWatch
 
     run_dir = prepare(run_dir, candidate)
     torch.manual_seed(seed)
-    injector = Injector(candidate.spec, budget_steps)
+    trained = [] if trained is None else trained
+    injector = Injector(candidate.spec, budget_steps, trained)
     watch = AutoWatch(str(run_dir), warn=False, status=False)
     injector.install_late()
     start, code = time.perf_counter(), 0
@@ -125,12 +133,16 @@ def run_trial_in_process(train_fn: Callable[[], object], run_dir: Path, candidat
         train_fn()
     except SystemExit as stop:  # the budget was reached
         code = stop.code if isinstance(stop.code, int) else 0
+    except ConfigError:
+        raise
     except Exception:  # the remedy broke the function: this trial failed, not fix
         code = 1
         (run_dir / OUTPUT_LOG).write_text(traceback.format_exc())
     finally:
         injector.remove()
         watch.detach()
+        if injector.model is not None:
+            trained.append(weakref.ref(injector.model))
     return measure(Trial(candidate, run_dir, code, time.perf_counter() - start))
 
 
