@@ -142,3 +142,11 @@ def test_sigterm_to_gradwatch_fix_ends_the_running_trial(tmp_path):
     if not gone:
         os.kill(child, signal.SIGKILL)
     assert gone  # not left running on its own to the end of its budget
+
+
+def test_the_script_starts_with_ctrl_c_working(tmp_path):
+    """An ignored SIGINT stays ignored across exec: Python would start the script with Ctrl-C off."""
+    script = tmp_path / "handler.py"
+    script.write_text("import signal\nprint(signal.getsignal(signal.SIGINT))\n")
+    result = gradwatch("run", "--out", tmp_path / "r", script)
+    assert "default_int_handler" in result.stdout

@@ -296,6 +296,12 @@ def test_optimizer_step_with_a_closure_records_the_update_and_can_stop_before_it
         loss.backward()
         return loss
 
+    lbfgs = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5)
+    with gw.watch(model, lbfgs, warn=False) as w:
+        returned = [lbfgs.step(closure).item() for _ in range(3)]
+        run = w.series()
+    assert list(run.loss) == pytest.approx(returned)  # what step() returns: not a mean over line-search points
+
     kept = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(TrainingStopped):
         with gw.watch(model, opt, stop_on=("non_finite",), warn=False):

@@ -101,7 +101,10 @@ def child_env(run_dir: Path, options: dict[str, int]) -> dict[str, str]:
 
 def run(command: list[str], run_dir: Path, options: dict[str, int]) -> RunResult:
     """Run `command` watched into `run_dir`; returns its exit code (128+N if killed by signal N)."""
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the child directly
+    # Ctrl-C reaches the child directly (same process group): the parent waits for its end. A
+    # handler, not SIG_IGN: an ignored signal stays ignored across exec, and Python would then
+    # start the script with Ctrl-C switched off.
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
     previous_term = signal.getsignal(signal.SIGTERM)
     try:
         proc = subprocess.Popen(command, env=child_env(run_dir, options))

@@ -390,7 +390,10 @@ class Watch:
         if rec is not None and self._params:
             unscaled = getattr(root, patches.UNSCALED, None)
             loss = unscaled[0] if unscaled is not None else root
-            if isinstance(loss, torch.Tensor) and loss.numel() == 1 and not rec.loss_explicit:
+            # optimizer.step(closure): the closure's first loss is the step's (what step() returns);
+            # LBFGS's later calls evaluate line-search points, not batches to average
+            first_only = self._in_step and rec.loss_n > 0
+            if isinstance(loss, torch.Tensor) and loss.numel() == 1 and not rec.loss_explicit and not first_only:
                 rec.add_loss(loss)
             self._record_grads(rec)
         self._backward_scale = None
