@@ -307,3 +307,96 @@ def test_optimizer_step_with_a_closure_records_the_update_and_can_stop_before_it
         with gw.watch(model, opt, stop_on=("non_finite",), warn=False):
             opt.step(bad_closure)
     assert all(torch.equal(a, p) for a, p in zip(kept, model.parameters()))
+
+
+def test_zero_code_gan_two_alternating_optimizers(tmp_path):
+    """G and D, each with its own optimizer, stepping in turn: each update is in some step's Δw
+    (the generator's was measured as 0, a false 'weights stopped changing'), one step per
+    iteration, and the step's loss is the mean of the iteration's two."""
+    from gradwatch.collect.auto import AutoWatch
+
+    torch.manual_seed(0)
+    G = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 2))
+    D = nn.Sequential(nn.Linear(2, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1))
+    opt_g, opt_d = torch.optim.Adam(G.parameters(), 1e-3), torch.optim.Adam(D.parameters(), 1e-3)
+    bce = nn.BCEWithLogitsLoss()
+    watch = AutoWatch(str(tmp_path), warn=False, sample_every=2)
+    losses = []
+    try:
+        for _ in range(30):
+            real, z = torch.randn(16, 2) + 3, torch.randn(16, 2)
+            fake = G(z)
+            opt_d.zero_grad()
+            loss_d = bce(D(real), torch.ones(16, 1)) + bce(D(fake.detach()), torch.zeros(16, 1))
+            loss_d.backward()
+            opt_d.step()
+            opt_g.zero_grad()
+            loss_g = bce(D(fake), torch.ones(16, 1))
+            loss_g.backward()
+            opt_g.step()
+            losses.append((loss_d.item(), loss_g.item()))
+    finally:
+        watch.detach()
+    run = watch.stored_series()
+    assert len(run.steps) == 31  # one per D step, and the last G step's, closed by detach
+    g_cols = [run.column(n) for n in run.layer_names("param") if not n.startswith("Sequential")]
+    assert len(g_cols) == 2
+    sampled = run.metrics["update_ratio"][::2]
+    assert (sampled[1:, g_cols] > 0).all()  # the generator's update is seen (step 0 has only D's)
+    # step k holds G's update of iteration k-1 and D's of iteration k: its loss is their mean
+    assert run.loss[5] == pytest.approx((losses[4][1] + losses[5][0]) / 2, rel=1e-5)
+    from gradwatch.diagnose import diagnose
+    assert not [f for f in diagnose(run) if f.kind == "stalled_layers"]
+
+
+def test_zero_code_second_phase_with_a_new_model_and_optimizer(tmp_path):
+    """A teacher trained first, then a student with its own optimizer: the student is discovered
+    and its steps are recorded (they were folded into one step of the teacher's optimizer)."""
+    from gradwatch.collect.auto import AutoWatch
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    student = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+    watch = AutoWatch(str(tmp_path), warn=False, sample_every=1)
+    student_losses = []
+    try:
+        for model, n in ((teacher, 10), (student, 12)):
+            opt = torch.optim.SGD(model.parameters(), lr=0.05)
+            for _ in range(n):
+                opt.zero_grad()
+                loss = model(torch.randn(8, 4)).pow(2).mean()
+                loss.backward()
+                opt.step()
+                if model is student:
+                    student_losses.append(loss.item())
+    finally:
+        watch.detach()
+    run = watch.stored_series()
+    assert len(run.steps) >= 10 + 12 - 2  # at most the student's first step, shared with the teacher's last
+    assert run.loss[-10:] == pytest.approx(student_losses[-10:], rel=1e-6)
+    student_cols = [run.column(n) for n in run.layer_names("param") if n.startswith("Sequential")]
+    assert len(student_cols) == 2 and (run.metrics["update_ratio"][-5:, student_cols] > 0).all()
+
+
+def test_zero_code_two_optimizers_stepped_after_one_backward(tmp_path):
+    """SparseAdam for the embedding and Adam for the head, stepped one after the other: the second
+    one's update was seen by no step (a false 'weights stopped changing' for the head)."""
+    from gradwatch.collect.auto import AutoWatch
+
+    torch.manual_seed(0)
+    emb, head = nn.Embedding(50, 8, sparse=True), nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    opt_s, opt_d = torch.optim.SparseAdam(list(emb.parameters()), 1e-2), torch.optim.Adam(head.parameters(), 1e-3)
+    watch = AutoWatch(str(tmp_path), warn=False, sample_every=3)
+    try:
+        for _ in range(12):
+            ids = torch.randint(0, 50, (16, 4))
+            loss = nn.functional.cross_entropy(head(emb(ids).mean(1)), ids[:, 0] % 2)
+            opt_s.zero_grad(), opt_d.zero_grad()
+            loss.backward()
+            opt_s.step(), opt_d.step()
+    finally:
+        watch.detach()
+    run = watch.stored_series()
+    assert len(run.steps) == 12
+    head_cols = [run.column(n) for n in run.layer_names("param") if n != "Embedding"]
+    assert len(head_cols) == 2 and (run.metrics["update_ratio"][3::3, :][:, head_cols] > 0).all()

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import weakref
 
 from torch import nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
@@ -55,6 +56,9 @@ class AutoWatch(Watch):
             register_module_forward_pre_hook(self._enter_module),
             register_module_forward_hook(self._leave_module),
         ]
+        self._discover_until = DISCOVERY_STEPS
+        self._other_steps: dict[int, int] = {}  # other optimizers' steps since the adopted one's last
+        self._checked: weakref.WeakSet = weakref.WeakSet()  # optimizers whose parameters were looked at
         self._handles.append(register_optimizer_step_pre_hook(self._global_pre))
         self._handles.append(register_optimizer_step_post_hook(self._global_post))
 
@@ -85,7 +89,35 @@ class AutoWatch(Watch):
     def _global_pre(self, optimizer, args, kwargs) -> None:
         if self._optimizer is None:
             self.adopt_optimizer(optimizer)
+        elif optimizer is self._optimizer:
+            self._other_steps.clear()
+        elif not getattr(optimizer, "_gradwatch_inner", False):  # not a remedy trial's own Adam
+            self._other_step(optimizer)
         self._before_step(optimizer)
+
+    def _other_step(self, optimizer) -> None:
+        """An optimizer other than the step's steps. Alternating with it (a GAN's generator and
+        discriminator), its update belongs to the step: the weights before the step are taken
+        before the first update, so Δw has both. Stepping twice with no step of the adopted one
+        between (a second training phase, a new model in a sweep), it becomes the step's optimizer.
+        Parameters it trains that no watched model holds: models are discovered again."""
+        n = self._other_steps[id(optimizer)] = self._other_steps.get(id(optimizer), 0) + 1
+        if optimizer not in self._checked:
+            self._checked.add(optimizer)
+            if any(p.requires_grad and id(p) not in self._seen_params
+                   for group in optimizer.param_groups for p in group["params"]):
+                self._rediscover()
+        if n >= 2:
+            self._other_steps.clear()
+            self.adopt_optimizer(optimizer)
+        elif self._snapshot is None and self._params and (rec := self._current()) is not None and rec.sampled:
+            self._take_snapshot(rec)  # (stepping right after the adopted one, it opens the next step)
+
+    def _rediscover(self) -> None:
+        if not self._discovery:
+            self._discovery = [register_module_forward_pre_hook(self._enter_module),
+                               register_module_forward_hook(self._leave_module)]
+        self._discover_until = self._step + DISCOVERY_STEPS
 
     def _global_post(self, optimizer, args, kwargs) -> None:
         self._after_step(optimizer)
@@ -93,7 +125,7 @@ class AutoWatch(Watch):
     def _end_step(self, count: bool = True) -> None:
         self._depth = 0  # a forward that raised never reached its post-hook
         super()._end_step(count)
-        if self._step >= DISCOVERY_STEPS:
+        if self._step >= self._discover_until:
             self._stop_discovery()
 
     def _stop_discovery(self) -> None:

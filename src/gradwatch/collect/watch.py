@@ -470,11 +470,12 @@ class Watch:
 
     # ---------------------------------------------------------------- optimizer
     def adopt_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Zero-code mode: the first optimizer seen stepping defines the step."""
+        """Zero-code mode: the first optimizer seen stepping defines the step (until another takes
+        over: AutoWatch._other_step)."""
         self._optimizer = optimizer
         self._mode = "optimizer"
         self._meta["optimizer"] = type(optimizer).__name__
-        self._snapshot = None
+        self._snapshot, self._snapshot_rec = None, None
 
     def _before_step(self, optimizer: torch.optim.Optimizer) -> None:
         if optimizer is not self._optimizer or not self._attached:
@@ -482,8 +483,8 @@ class Watch:
         self._in_step = True
         rec = self._cur
         self._stop_if_non_finite(rec)
-        if rec is not None and rec.sampled and self._params:
-            self._take_snapshot(rec)
+        if rec is not None and rec.sampled and self._params and self._snapshot is None:
+            self._take_snapshot(rec)  # (zero-code: another optimizer may have taken it before its update)
 
     def _after_step(self, optimizer: torch.optim.Optimizer) -> None:
         if optimizer is not self._optimizer or not self._attached:
