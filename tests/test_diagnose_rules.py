@@ -459,3 +459,21 @@ def test_through_time_vanishing_that_the_net_outgrows_is_not_a_finding():
     rates = np.where(np.arange(len(steps)) < 5, 0.6, 0.97)  # vanishing for half the run, then not
     run.time_profiles["lstm"] = (steps, np.array([r ** (29 - t) for r in rates]))
     assert [f for f in diagnose(run) if f.layers == ("lstm",)] == []
+
+
+def test_phases_are_diagnosed_one_by_one():
+    """Two models trained one after the other: the second starts at its own, higher loss. As one
+    run that jump is a divergence; as two phases it is two healthy trainings. A fault inside one
+    phase is still found, at its own step."""
+    import numpy as np
+
+    first, second = build(n_steps=100), build(n_steps=100)
+    run = build(n_steps=200)
+    run.loss[:] = np.concatenate([first.loss * 0.05, second.loss])  # 0.1 at the end of phase 1, 2.1 at the start of 2
+    assert "loss_divergence" in kinds(diagnose(run))
+    run.meta["phase_starts"] = [100]
+    assert "loss_divergence" not in kinds(diagnose(run))
+    run.metrics["grad_norm"][150:, 0] = float("nan")
+    run.metrics["nonfinite"][150:, 0] = 3
+    found = [f for f in diagnose(run) if f.kind == "non_finite"]
+    assert found and found[0].first_step == 150

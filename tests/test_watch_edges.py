@@ -374,6 +374,7 @@ def test_zero_code_second_phase_with_a_new_model_and_optimizer(tmp_path):
     run = watch.stored_series()
     assert len(run.steps) >= 10 + 12 - 2  # at most the student's first step, shared with the teacher's last
     assert run.loss[-10:] == pytest.approx(student_losses[-10:], rel=1e-6)
+    assert len(run.meta["phase_starts"]) == 1 and run.meta["phase_starts"][0] in (9, 10)
     student_cols = [run.column(n) for n in run.layer_names("param") if n.startswith("Sequential")]
     assert len(student_cols) == 2 and (run.metrics["update_ratio"][-5:, student_cols] > 0).all()
 

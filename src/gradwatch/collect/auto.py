@@ -109,6 +109,8 @@ class AutoWatch(Watch):
                 self._rediscover()
         if n >= 2:
             self._other_steps.clear()
+            if not _params_of(optimizer) & _params_of(self._optimizer):  # another model: a new phase
+                self._events.append((self._step, "new_phase", f"{type(optimizer).__name__} trains other parameters"))
             self.adopt_optimizer(optimizer)
         elif self._snapshot is None and self._params and (rec := self._current()) is not None and rec.sampled:
             self._take_snapshot(rec)  # (stepping right after the adopted one, it opens the next step)
@@ -136,6 +138,10 @@ class AutoWatch(Watch):
     def detach(self) -> None:
         self._stop_discovery()
         super().detach()
+
+
+def _params_of(optimizer) -> set[int]:
+    return {id(p) for group in optimizer.param_groups for p in group["params"]}
 
 
 def start_from_env() -> AutoWatch | None:

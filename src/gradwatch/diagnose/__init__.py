@@ -18,14 +18,18 @@ def diagnose(run: RunSeries | str | os.PathLike, thresholds: Thresholds = DEFAUL
     """Findings of a run (a `RunSeries`, a run directory or a store file), earliest first.
 
     Stalled lower layers where a vanishing gradient was found are folded into it: one cause, one
-    finding.
+    finding. A run that trained one model after another (meta "phase_starts") is diagnosed phase
+    by phase: the jump from one model's loss to the next is no divergence.
     """
     if not isinstance(run, (RunSeries, str, os.PathLike)):
         raise ConfigError(f"run={run!r}: pass a run directory (e.g. 'runs/latest'), a store file or a RunSeries")
     series = run if isinstance(run, RunSeries) else read_run(run)
     if len(series.steps) == 0:
         return []
-    findings = [f for rule in RULES for f in rule(series, thresholds)]
+    starts = [int(s) for s in series.meta.get("phase_starts") or [] if s > series.steps[0]]
+    phases = [series.between(a, b) for a, b in zip([int(series.steps[0]), *starts], [*starts, None])] \
+        if starts else [series]
+    findings = [f for phase in phases if len(phase.steps) for rule in RULES for f in rule(phase, thresholds)]
     vanished = {l for f in findings if f.kind == "vanishing_gradient" for l in f.layers}
     findings = [f for f in findings  # lower layers stalled where the gradient vanishes: one cause
                 if not (f.kind == "stalled_layers" and not f.evidence.get("frozen") and set(f.layers) & vanished)]

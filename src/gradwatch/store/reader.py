@@ -98,7 +98,8 @@ def _read(db: sqlite3.Connection) -> RunSeries:
                 table[i, t] = v
         profiles[name] = (p_steps, table)
 
-    for key, kind in (("skipped_steps", "skipped_step"), ("guard_skipped_steps", "guard_skipped")):
+    for key, kind in (("skipped_steps", "skipped_step"), ("guard_skipped_steps", "guard_skipped"),
+                      ("phase_starts", "new_phase")):
         meta[key] = [s for (s,) in db.execute("SELECT step FROM events WHERE kind=? ORDER BY step", (kind,))]
     # one rank's own loss non-finite while the others' were not (docs/distributed.md)
     meta["rank_non_finite"] = [

@@ -71,3 +71,18 @@ class RunSeries:
         values = self.metrics[metric][:, self.column(layer)]
         keep = ~np.isnan(values)
         return self.steps[keep], values[keep]
+
+    def between(self, first: int, stop: int | None = None) -> "RunSeries":
+        """The steps first <= step < stop, with the layers that recorded anything in them: one phase
+        of a script that trains one model after another (each its own loss, its own scale)."""
+        rows = (self.steps >= first) & (self.steps < stop if stop is not None else True)
+        metrics = {m: v[rows] for m, v in self.metrics.items()}
+        live = [i for i in range(len(self.layers)) if any(np.isfinite(v[:, i]).any() for v in metrics.values())]
+        names = {self.layers[i].name for i in live}
+        profiles = {}
+        for name, (p_steps, table) in self.time_profiles.items():
+            keep = (p_steps >= first) & (p_steps < stop if stop is not None else True)
+            if name in names and keep.any():
+                profiles[name] = (p_steps[keep], table[keep])
+        return RunSeries([self.layers[i] for i in live], self.steps[rows], self.loss[rows], self.lr[rows],
+                         {m: v[:, live] for m, v in metrics.items()}, profiles, dict(self.meta))
