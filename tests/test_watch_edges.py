@@ -401,3 +401,26 @@ def test_zero_code_two_optimizers_stepped_after_one_backward(tmp_path):
     assert len(run.steps) == 12
     head_cols = [run.column(n) for n in run.layer_names("param") if n != "Embedding"]
     assert len(head_cols) == 2 and (run.metrics["update_ratio"][3::3, :][:, head_cols] > 0).all()
+
+
+def test_a_backbone_unfrozen_mid_run_is_watched_from_the_next_flush():
+    """Fine-tuning: the head trains first, then the backbone is unfrozen and given to the optimizer.
+    Its layers were never recorded; they join at the first flush after the unfreezing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16)), nn.ReLU(), nn.Linear(16, 1))
+    model[0].requires_grad_(False)
+    opt = torch.optim.SGD(model[2].parameters(), lr=0.01)
+    with gradwatch.watch(model, opt, flush_every=10, warn=False) as watch:
+        for step in range(40):
+            if step == 15:
+                model[0].requires_grad_(True)
+                opt.add_param_group({"params": model[0].parameters()})
+            opt.zero_grad()
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+            opt.step()
+        run = watch.series()
+    assert {"0.0", "0.2"} <= set(run.layer_names("param"))
+    grad = run.metrics["grad_norm"][:, run.column("0.0")]
+    assert np.isnan(grad[:20]).all() and (grad[20:] > 0).all()  # from the flush at step 20 on
+    assert (run.metrics["grad_norm"][:, run.column("2")] > 0).all()
+    assert run.layer_names()[:3] == ["0.0", "0.1", "0.2"]  # below the head, in forward order

@@ -73,6 +73,23 @@ class Layer:
         return cls.__name__
 
 
+def newly_trainable(model: nn.Module, prefix: str, seen_params: set[int], known: set[int]) -> list[Layer]:
+    """Layers for the modules of `model` that own trainable parameters no layer holds: a backbone
+    unfrozen for fine-tuning (`requires_grad_(True)` after watching began). `known`: the ids of
+    modules that are layers already (their own parameters made trainable later are not added)."""
+    layers = []
+    for qualname, module in model.named_modules():
+        if id(module) in known:
+            continue
+        own = [p for p in module._parameters.values() if p is not None and p.requires_grad and id(p) not in seen_params]
+        if own:
+            seen_params.update(id(p) for p in own)
+            name = ".".join(x for x in (prefix, qualname) if x) or type(module).__name__
+            layers.append(Layer(name, module, "recurrent" if isinstance(module, RECURRENT) else "param",
+                                activation_name(module), own))
+    return layers
+
+
 def discover(model: nn.Module, prefix: str, seen_params: set[int], seen_modules: set[int]) -> list[Layer]:
     """The layers of `model` in registration order, skipping modules and parameters seen before
     (shared modules and tied weights are counted once, under their first name)."""

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from gradwatch.collect import distributed, patches
-from gradwatch.collect.layers import RECURRENT, Layer, discover
+from gradwatch.collect.layers import RECURRENT, Layer, discover, newly_trainable
 from gradwatch.collect.record import StepRecord, to_batch
 from gradwatch.collect.stats import MISSING, activation_stats, entries, norms, rms, time_profile
 from gradwatch.errors import ConfigError, TrainingStopped
@@ -121,7 +121,7 @@ class Watch:
         self._params: list[torch.nn.Parameter] = []
         self._seen_params: set[int] = set()
         self._seen_modules: set[int] = set()
-        self._models: list[nn.Module] = []
+        self._models: list[tuple[nn.Module, str]] = []  # each with the prefix of its layers' names
         self._optimizer = optimizer
         self._mode = "optimizer" if optimizer is not None else ("backward" if model is not None else "unknown")
         self._step = 0
@@ -188,16 +188,34 @@ class Watch:
         """Watch another model (zero-code mode finds them as they first run)."""
         model = self._adopt_distributed(model)
         new = discover(model, prefix, self._seen_params, self._seen_modules)
-        if not new:
-            return
+        self._models.append((model, prefix))  # also with nothing trainable yet: see _watch_new_params
+        if new:
+            self._add_layers(model, new)
+
+    def _watch_new_params(self) -> None:
+        """Parameters made trainable after their model was discovered (a frozen backbone unfrozen
+        for fine-tuning) join as layers from the next flush window on; looked for at each flush."""
+        known = {id(layer.module) for layer in self._layers}
+        for model, prefix in self._models:
+            new = newly_trainable(model, prefix, self._seen_params, known)
+            if new:
+                self._add_layers(model, new, renumber=True)
+
+    def _add_layers(self, model: nn.Module, new: list[Layer], renumber: bool = False) -> None:
+        """`renumber`: the model's layers are numbered again by their next forward, so the new ones
+        (an unfrozen backbone) take their place below the layers that were there before them."""
         self.flush()  # a flush window has one fixed set of layers
         self._layers.extend(new)
+        if renumber:
+            inside = {id(m) for m in model.modules()}
+            new = [layer for layer in self._layers if id(layer.module) in inside]
+            for layer in new:
+                layer.index = -1
         self._params = [p for layer in self._layers for p in layer.params]
         if self._dist is not None:
             for layer in new:
                 layer.name = distributed.clean_name(layer.name, layer.type)
             self._dist.set_params(self._params)
-        self._models.append(model)
         self._register_grad_hooks()
         self._register_order_hooks(model, new)
         if self._sampled(self._step):
@@ -556,6 +574,7 @@ class Watch:
         if count and self._sampled(self._step) and self._attached:
             self._arm()
         if len(self._pending) >= self.flush_every:
+            self._watch_new_params()
             self.flush()
 
     # ---------------------------------------------------------------- forward order
