@@ -314,6 +314,15 @@ def test_bad_budget_is_a_clear_error(tmp_path):
         fix(["python", "x.py"], out=tmp_path, budget_steps=0)
 
 
+def test_a_script_that_fails_at_once_is_named_with_its_error(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "broken.py").write_text("import torch\nimport no_such_module_here\n")
+    with pytest.raises(ConfigError, match="(?s)no training step.*No module named 'no_such_module_here'"):
+        fix([sys.executable, "broken.py"], out=tmp_path / "fix", budget_steps=5, progress=lambda m: None)
+
+
 def test_combining_remedies_that_touch_different_things():
     from gradwatch.fix.candidates import ADAM, REINIT, clip_norm, combine, lr_scale
     both = combine(REINIT, ADAM)

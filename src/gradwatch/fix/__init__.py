@@ -141,8 +141,10 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], out: Path, budget_steps:
         return t
 
     if baseline.steps == 0:
+        log = out / "baseline" / OUTPUT_LOG
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.is_file() else []
         raise ConfigError(f"the baseline run recorded no training step (exit code {baseline.exit_code}); "
-                          f"see {out / 'baseline' / OUTPUT_LOG}")
+                          f"see {log}" + "".join(f"\n    {line}" for line in tail))
     run = read_run(baseline.run_dir)
     if run.meta.get("optimizer") is None and not np.nan_to_num(run.metrics["update_ratio"]).any():
         raise ConfigError("the baseline run changed no weight: no optimizer.step() and no update by hand was "

@@ -64,7 +64,8 @@ def swap(old: str, new: str = "LeakyReLU", init: str | None = None, present: tup
 
 def norm(kind: str) -> Candidate:
     what = "BatchNorm" if kind == "batch" else "LayerNorm"
-    return Candidate(f"{what} after each layer", {"norm": kind}, f"model, _ = gw.modify.insert_norm(model, {kind!r})")
+    return Candidate(f"{what} after each layer", {"norm": kind},
+                     f"model, _ = gw.modify.insert_norm(model, {kind!r})  # before the optimizer is built: new parameters")
 
 
 FORGET_BIAS = Candidate("LSTM forget-gate bias 1", {"recurrent": "forget_bias"}, forget_bias_code("lstm"))
