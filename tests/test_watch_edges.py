@@ -424,3 +424,37 @@ def test_a_backbone_unfrozen_mid_run_is_watched_from_the_next_flush():
     assert np.isnan(grad[:20]).all() and (grad[20:] > 0).all()  # from the flush at step 20 on
     assert (run.metrics["grad_norm"][:, run.column("2")] > 0).all()
     assert run.layer_names()[:3] == ["0.0", "0.1", "0.2"]  # below the head, in forward order
+
+
+def test_a_compiled_model_keeps_its_sampled_statistics_after_a_new_batch_shape():
+    """torch.compile does not guard on module hooks by default: the graph compiled for the epoch's
+    smaller last batch (an unsampled step, hooks off) never called them again. Losses stay
+    bit-identical to the unwatched compiled run."""
+    from torch._dynamo import config as dynamo_config, reset as dynamo_reset
+
+    def train(watched: bool):
+        dynamo_reset()
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
+        compiled = torch.compile(model, backend="eager")
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        watch = gradwatch.watch(model, opt, sample_every=10, warn=False) if watched else None
+        losses = []
+        for step in range(32):
+            opt.zero_grad()
+            loss = compiled(torch.randn(5 if step == 16 else 32, 8)).pow(2).mean()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        run = watch.series() if watched else None
+        if watched:
+            watch.detach()
+        return losses, run
+
+    plain, _ = train(False)
+    losses, run = train(True)
+    assert losses == plain
+    for name in ("1", "3"):
+        recorded = run.steps[np.isfinite(run.metrics["act_std"][:, run.column(name)])]
+        assert list(recorded) == [0, 10, 20, 30]
+    assert dynamo_config.skip_nnmodule_hook_guards  # put back when the watch detached

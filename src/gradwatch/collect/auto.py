@@ -71,6 +71,10 @@ class AutoWatch(Watch):
 
     def _enter_module(self, module: nn.Module, args) -> None:
         if self._depth == 0 and id(module) not in self._seen_modules:
+            inner = getattr(module, "_orig_mod", None)
+            if isinstance(inner, nn.Module) and type(module).__name__ == "OptimizedModule":
+                self._seen_modules.add(id(module))  # torch.compile's wrapper: the layers keep their own names
+                module = inner
             name = type(module).__name__
             prefix = "" if not self._models else name
             while prefix in self._prefixes and prefix:

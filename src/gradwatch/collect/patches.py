@@ -12,6 +12,7 @@ Patches are installed with the first attached Watch and removed with the last.
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Protocol
 
 import torch
@@ -86,7 +87,22 @@ def _install() -> None:
     )
 
 
+def compile_sees_hooks() -> None:
+    """torch.compile does not guard on module hooks (`skip_nnmodule_hook_guards`): code compiled
+    while the sampled-step hooks were off (a new batch shape on an unsampled step) would never call
+    them again, and a compiled model's activation statistics stopped for good. With the guard, the
+    two variants are compiled once each. Set only once torch.compile is in use (importing it costs
+    ~2 s); the last watch to detach puts the setting back. Numerics are untouched."""
+    config = sys.modules.get("torch._dynamo.config")
+    if config is not None and config.skip_nnmodule_hook_guards and _listeners:
+        _originals.setdefault("hook_guards", config)
+        config.skip_nnmodule_hook_guards = False
+
+
 def _uninstall() -> None:
+    config = _originals.pop("hook_guards", None)
+    if config is not None:
+        config.skip_nnmodule_hook_guards = True
     if not _originals:
         return
     torch.autograd.backward = _originals.pop("backward")

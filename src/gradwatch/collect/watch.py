@@ -63,6 +63,14 @@ def _store_path(out: str | os.PathLike | None) -> Path | None:
     return path
 
 
+def _eager(hook: Callable) -> Callable:
+    """A module hook torch.compile calls instead of tracing it (traced, its reads of the step's
+    record became guards, recompiled per layer until dynamo gave up). Only once torch.compile is
+    in use: `torch.compiler.disable` would import it (~2 s) into every watched process."""
+    dynamo = sys.modules.get("torch._dynamo")
+    return dynamo.disable(hook) if dynamo is not None else hook
+
+
 def _first_tensor(value: object) -> torch.Tensor | None:
     if isinstance(value, torch.Tensor):
         return value
@@ -593,7 +601,7 @@ class Watch:
                 if layer.index < 0:
                     layer.index = self._next_index
                     self._next_index += 1
-        return hook
+        return _eager(hook)
 
     def _clear_order_hooks(self) -> None:
         if not self._order_handles:
@@ -610,6 +618,7 @@ class Watch:
     def _arm(self) -> None:
         if self._armed:
             return
+        patches.compile_sees_hooks()
         for pos, layer in enumerate(self._layers):
             module = layer.module
             if layer.role == "activation":
@@ -643,14 +652,14 @@ class Watch:
                 return
             rec.accumulate(rec.act, pos, activation_stats(y, activation))
             self._hook_output_grad(rec, pos, y)
-        return hook
+        return _eager(hook)
 
     def _output_grad_hook(self, pos: int):
         def hook(module, args, output):
             rec = self._current() if torch.is_grad_enabled() else None
             if rec is not None:
                 self._hook_output_grad(rec, pos, _first_tensor(output))
-        return hook
+        return _eager(hook)
 
     def _recurrent_input_hook(self, pos: int, batch_first: bool):
         """Make the sequence input's gradient visible: ∂L/∂x_t for each t shows how far back in
@@ -673,7 +682,7 @@ class Watch:
 
             x.register_hook(on_grad)
             return (x, *args[1:]) if replaced else None
-        return hook
+        return _eager(hook)
 
 
 def watch(
