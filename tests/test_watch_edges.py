@@ -458,3 +458,38 @@ def test_a_compiled_model_keeps_its_sampled_statistics_after_a_new_batch_shape()
         recorded = run.steps[np.isfinite(run.metrics["act_std"][:, run.column(name)])]
         assert list(recorded) == [0, 10, 20, 30]
     assert dynamo_config.skip_nnmodule_hook_guards  # put back when the watch detached
+
+
+class HandWritten(nn.Module):
+    """A deep net written by hand: weights in ParameterLists, bare parameters, a Linear head."""
+
+    def __init__(self, depth=4):
+        super().__init__()
+        self.w_in = nn.Parameter(torch.randn(3, 8) / 3 ** 0.5)
+        self.ws = nn.ParameterList([nn.Parameter(torch.randn(8, 8) / 8 ** 0.5) for _ in range(depth)])
+        self.bs = nn.ParameterList([nn.Parameter(torch.zeros(8)) for _ in range(depth)])
+        self.out = nn.Linear(8, 1)
+
+    def forward(self, x):
+        h = torch.tanh(x @ self.w_in)
+        for w, b in zip(self.ws, self.bs):
+            h = torch.sigmoid(h @ w + b)
+        return self.out(h)
+
+
+def test_hand_written_weights_are_layers_in_the_order_they_are_used():
+    """Each weight of a ParameterList is a layer (one lumped norm would hide a gradient vanishing
+    across them); weights used functionally are placed by the first backward (gradients arrive in
+    reverse order of use), below the head they were numbered above."""
+    torch.manual_seed(0)
+    model = HandWritten()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradwatch.watch(model, opt, warn=False) as watch:
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(8, 3)).pow(2).mean().backward()
+            opt.step()
+        run = watch.series()
+    assert run.layer_names() == ["HandWritten", "ws.0", "bs.0", "ws.1", "bs.1", "ws.2", "bs.2", "ws.3", "bs.3", "out"]
+    ws0 = run.metrics["grad_norm"][-1, run.column("ws.0")]
+    assert ws0 == pytest.approx(model.ws[0].grad.norm().item(), rel=1e-5)  # its own norm, not the list's

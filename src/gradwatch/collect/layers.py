@@ -42,6 +42,10 @@ SATURATING: dict[str, tuple[float, float]] = {
 ASYMPTOTE_BAND = 0.01
 
 RECURRENT = (nn.RNN, nn.GRU, nn.LSTM)
+# Parameter containers: a hand-written deep net keeps its layers' weights in one of these and
+# applies them in a loop, so each weight is a layer of its own (lumped, a vanishing gradient
+# across them would be one norm).
+CONTAINERS = (nn.ParameterList, nn.ParameterDict)
 
 
 def activation_name(module: nn.Module) -> str:
@@ -61,6 +65,7 @@ class Layer:
     activation: str
     params: list[torch.nn.Parameter] = field(default_factory=list)
     index: int = -1  # forward order, set when the module first finishes a forward
+    ran: bool = False  # its module's own forward ran (else it took its parent's turn)
 
     @property
     def type(self) -> str:
@@ -113,5 +118,9 @@ def discover(model: nn.Module, prefix: str, seen_params: set[int], seen_modules:
         else:
             continue
         name = ".".join(x for x in (prefix, qualname) if x) or type(module).__name__
-        layers.append(Layer(name, module, role, act, own))
+        if isinstance(module, CONTAINERS) and role == "param":  # one layer per weight, as the loop uses them
+            keys = [k for k, p in module._parameters.items() if p is not None and any(p is q for q in own)]
+            layers.extend(Layer(f"{name}.{k}", module, role, act, [module._parameters[k]]) for k in keys)
+        else:
+            layers.append(Layer(name, module, role, act, own))
     return layers

@@ -150,6 +150,7 @@ class Watch:
         self._cur_sampled: bool | None = self._sampled(0)  # None: this step is not recorded
         self._armed: list = []  # hooks living for one sampled step
         self._order_handles: list = []
+        self._arrivals: dict[int, int] = {}  # parameter index -> rank of its gradient in the first backward
         self._attached = False
         self._paused = False
         self.on_flush: list[Callable[["Watch"], None]] = []
@@ -589,19 +590,58 @@ class Watch:
     def _register_order_hooks(self, model: nn.Module, new: list[Layer]) -> None:
         """Number layers in the order their forward finishes (children before parents); a module
         whose forward never runs (weights used functionally by its parent) takes its parent's turn."""
-        by_module = {id(l.module): l for l in new}
+        by_module: dict[int, list[Layer]] = {}
+        for layer in new:
+            by_module.setdefault(id(layer.module), []).append(layer)
         for _, module in model.named_modules():
-            subtree = [by_module[id(m)] for m in module.modules() if id(m) in by_module]
+            subtree = [l for m in module.modules() for l in by_module.get(id(m), [])]
             if subtree:
                 self._order_handles.append(module.register_forward_hook(self._make_order_hook(subtree)))
+        # where a weight is used functionally, the order of the first backward places it (below)
+        for i, p in enumerate(self._params if self._dist is None else []):
+            if any(p is q for layer in new for q in layer.params):
+                self._order_handles.append(p.register_post_accumulate_grad_hook(self._arrival_hook(i)))
+
+    def _arrival_hook(self, i: int):
+        def hook(p: torch.Tensor) -> None:
+            self._arrivals.setdefault(i, len(self._arrivals))
+        return hook
 
     def _make_order_hook(self, subtree: list[Layer]):
         def hook(module, args, output):
             for layer in subtree:
+                layer.ran = layer.ran or layer.module is module
                 if layer.index < 0:
                     layer.index = self._next_index
                     self._next_index += 1
         return _eager(hook)
+
+    def _place_borrowed(self) -> None:
+        """Weights whose module never ran its own forward (a ParameterList applied in a loop), or
+        ran it around other layers (bare parameters of the model itself), were numbered after
+        those children, above the output layer. Gradients reach weights in reverse order of use, so the first backward's order
+        puts each just below the first layer that got its gradient earlier."""
+        arrival = {}
+        for k, p in enumerate(self._params):
+            if k in self._arrivals:
+                arrival.setdefault(id(p), self._arrivals[k])
+        first = {id(l): min((arrival[id(p)] for p in l.params if id(p) in arrival), default=None) for l in self._layers}
+        modules = {id(l.module) for l in self._layers}
+
+        def parent(l: Layer) -> bool:  # its forward calls other layers: its own weights' turn is unknown
+            return any(id(m) in modules for m in l.module.modules() if m is not l.module)
+        borrowed = [l for l in self._layers if l.role == "param" and first[id(l)] is not None
+                    and (not l.ran or parent(l))]
+        if not borrowed:
+            return
+        order = [l for l in sorted(self._layers, key=lambda l: l.index) if not any(l is b for b in borrowed)]
+        for b in sorted(borrowed, key=lambda l: -first[id(l)]):  # lowest first
+            at = next((k for k, l in enumerate(order) if l.role != "activation" and first[id(l)] is not None
+                       and first[id(l)] < first[id(b)]), len(order))
+            order.insert(at, b)
+        for k, layer in enumerate(order):
+            layer.index = k
+        self._next_index = len(order)
 
     def _clear_order_hooks(self) -> None:
         if not self._order_handles:
@@ -613,6 +653,9 @@ class Watch:
             if layer.index < 0:
                 layer.index = self._next_index
                 self._next_index += 1
+        if self._arrivals:
+            self._place_borrowed()
+        self._arrivals = {}
 
     # ---------------------------------------------------------------- sampled-step hooks
     def _arm(self) -> None:
