@@ -469,3 +469,11 @@ def test_fix_refuses_a_run_that_changes_no_weight(tmp_path):
 
     with pytest.raises(ConfigError, match="changed no weight: no optimizer.step"):
         gw.fix(train, out=tmp_path / "fix", budget_steps=5, progress=lambda m: None)
+
+
+def test_the_change_from_the_baseline_reads_right():
+    from gradwatch.cli.fix_cmd import _versus
+    assert _versus(117.3, 0.197) == "x0.0017"  # not "-100%"
+    assert _versus(0.04028, 0.0402) == "-0.2%"  # not "-0%"
+    assert _versus(2.3, 0.27) == "-88%" and _versus(1.0, 3.0) == "+200%"
+    assert _versus(float("inf"), 1.0) == "" and _versus(0.0, 1.0) == ""

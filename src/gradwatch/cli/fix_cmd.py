@@ -71,9 +71,8 @@ def print_result(result: FixResult, console: Console) -> None:
         table.add_column(col)
     base = result.baseline.final_loss
     for t in [result.baseline, *result.ranked]:
-        change = "" if t is result.baseline or not (math.isfinite(base) and math.isfinite(t.final_loss)) \
-            else f"{(t.final_loss - base) / abs(base):+.0%}" if base else ""
-        table.add_row(t.candidate.name, _left(t), f"{t.final_loss:.4g}", change)
+        table.add_row(t.candidate.name, _left(t), f"{t.final_loss:.4g}",
+                      "" if t is result.baseline else _versus(base, t.final_loss))
     console.print(table)
     winner = result.winner
     if not result.trials and not result.screened:
@@ -100,6 +99,17 @@ def print_result(result: FixResult, console: Console) -> None:
 
 def _some(paths: list[str]) -> str:
     return ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+
+
+def _versus(base: float, loss: float) -> str:
+    """The change from the baseline's loss: a percentage, or a factor once it is below 1% of it
+    (117 -> 0.197 is x0.0017, not -100%)."""
+    if not (math.isfinite(base) and math.isfinite(loss)) or base == 0:
+        return ""
+    if base > 0 and 0 <= loss < 0.01 * base:
+        return f"x{loss / base:.2g}"
+    change = (loss - base) / abs(base)
+    return f"{change:+.1%}" if abs(change) < 0.1 else f"{change:+.0%}"
 
 
 def _left(trial: Trial) -> str:
