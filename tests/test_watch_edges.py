@@ -493,3 +493,32 @@ def test_hand_written_weights_are_layers_in_the_order_they_are_used():
     assert run.layer_names() == ["HandWritten", "ws.0", "bs.0", "ws.1", "bs.1", "ws.2", "bs.2", "ws.3", "bs.3", "out"]
     ws0 = run.metrics["grad_norm"][-1, run.column("ws.0")]
     assert ws0 == pytest.approx(model.ws[0].grad.norm().item(), rel=1e-5)  # its own norm, not the list's
+
+
+def test_lazy_modules_and_weight_parametrizations(tmp_path):
+    """nn.LazyLinear has no shape before its first forward (hooking it raised inside the user's
+    forward): zero-code watching takes the model at a later step, gw.watch says what to do. A
+    spectral_norm parametrization computed while the model is built is part of its layer, not a
+    model of its own (it was watched as one, numbered first)."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    from gradwatch.collect.auto import AutoWatch
+
+    with pytest.raises(ConfigError, match="uninitialised parameters .*run one forward pass first"):
+        gradwatch.watch(nn.Sequential(nn.LazyLinear(4), nn.ReLU()))
+    watch = AutoWatch(str(tmp_path), warn=False)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.LazyLinear(16), nn.ReLU(), spectral_norm(nn.Linear(16, 1)))
+        opt = None
+        for _ in range(5):
+            out = model(torch.randn(8, 5))
+            opt = opt or torch.optim.SGD(model.parameters(), lr=0.01)
+            opt.zero_grad()
+            out.pow(2).mean().backward()
+            opt.step()
+    finally:
+        watch.detach()
+    run = watch.stored_series()
+    assert run.layer_names() == ["0", "1", "2.parametrizations.weight", "2"]
+    assert np.isfinite(run.metrics["grad_norm"][1:, run.column("0")]).all()

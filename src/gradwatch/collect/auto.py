@@ -16,10 +16,12 @@ import threading
 import weakref
 
 from torch import nn
+from torch.nn.utils.parametrize import ParametrizationList
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from gradwatch.collect.distributed import process_rank
+from gradwatch.collect.layers import has_lazy_params
 from gradwatch.collect.watch import Watch
 from gradwatch.errors import GradwatchError
 from gradwatch.store.reader import STORE_NAME
@@ -71,21 +73,33 @@ class AutoWatch(Watch):
 
     def _enter_module(self, module: nn.Module, args) -> None:
         if self._depth == 0 and id(module) not in self._seen_modules:
-            inner = getattr(module, "_orig_mod", None)
-            if isinstance(inner, nn.Module) and type(module).__name__ == "OptimizedModule":
-                self._seen_modules.add(id(module))  # torch.compile's wrapper: the layers keep their own names
-                module = inner
-            name = type(module).__name__
-            prefix = "" if not self._models else name
-            while prefix in self._prefixes and prefix:
-                prefix += "_"
-            self._prefixes.add(prefix)
-            try:
-                self.add_model(module, prefix)
-            except GradwatchError as exc:  # never break the user's forward
-                self._seen_modules.add(id(module))
-                print(f"gradwatch: not watching {name}: {exc}", file=sys.stderr)
+            self._discover(module)
         self._depth += 1
+
+    def _discover(self, module: nn.Module) -> None:
+        """A module run outside any watched one: a model to watch, unless it is torch's internals
+        of one (a weight parametrization computed when the model is built: spectral_norm) or is
+        not shaped yet (Lazy modules: found at a later step)."""
+        if isinstance(module, ParametrizationList):
+            return
+        if has_lazy_params(module):
+            self._discover_until = max(self._discover_until, self._step + DISCOVERY_STEPS)
+            return
+        inner = getattr(module, "_orig_mod", None)
+        if isinstance(inner, nn.Module) and type(module).__name__ == "OptimizedModule":
+            self._seen_modules.add(id(module))  # torch.compile's wrapper: the layers keep their own names
+            module = inner
+        name = type(module).__name__
+        prefix = "" if not self._models else name
+        while prefix in self._prefixes and prefix:
+            prefix += "_"
+        self._prefixes.add(prefix)
+        try:
+            self.add_model(module, prefix)
+        except Exception as exc:  # never break the user's forward
+            self._seen_modules.add(id(module))
+            detail = str(exc) if isinstance(exc, GradwatchError) else f"{type(exc).__name__}: {exc}"
+            print(f"gradwatch: not watching {name}: {detail}", file=sys.stderr)
 
     def _leave_module(self, module: nn.Module, args, output) -> None:
         self._depth = max(self._depth - 1, 0)

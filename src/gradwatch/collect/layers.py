@@ -48,6 +48,11 @@ RECURRENT = (nn.RNN, nn.GRU, nn.LSTM)
 CONTAINERS = (nn.ParameterList, nn.ParameterDict)
 
 
+def has_lazy_params(model: nn.Module) -> bool:
+    """nn.LazyLinear & co. before their first forward: no shape yet, and no hook can be put on them."""
+    return any(nn.parameter.is_lazy(p) for p in model.parameters())
+
+
 def activation_name(module: nn.Module) -> str:
     for cls in type(module).__mro__:
         if cls in ACTIVATIONS:

@@ -18,9 +18,10 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils.parametrize import ParametrizationList
 
 from gradwatch.collect import distributed, patches
-from gradwatch.collect.layers import RECURRENT, Layer, discover, newly_trainable
+from gradwatch.collect.layers import RECURRENT, Layer, discover, has_lazy_params, newly_trainable
 from gradwatch.collect.record import StepRecord, to_batch
 from gradwatch.collect.stats import MISSING, activation_stats, entries, norms, rms, time_profile
 from gradwatch.errors import ConfigError, TrainingStopped
@@ -195,6 +196,9 @@ class Watch:
 
     def add_model(self, model: nn.Module, prefix: str = "") -> None:
         """Watch another model (zero-code mode finds them as they first run)."""
+        if has_lazy_params(model):
+            raise ConfigError(f"{type(model).__name__} has uninitialised parameters (a Lazy module): run one "
+                              "forward pass first (model(example_batch)), then watch it")
         model = self._adopt_distributed(model)
         new = discover(model, prefix, self._seen_params, self._seen_modules)
         self._models.append((model, prefix))  # also with nothing trainable yet: see _watch_new_params
@@ -628,8 +632,9 @@ class Watch:
         first = {id(l): min((arrival[id(p)] for p in l.params if id(p) in arrival), default=None) for l in self._layers}
         modules = {id(l.module) for l in self._layers}
 
-        def parent(l: Layer) -> bool:  # its forward calls other layers: its own weights' turn is unknown
-            return any(id(m) in modules for m in l.module.modules() if m is not l.module)
+        def parent(l: Layer) -> bool:  # its forward calls other layers (not its weight's parametrization)
+            return any(id(m) in modules for m in l.module.modules()
+                       if m is not l.module and not isinstance(m, ParametrizationList))
         borrowed = [l for l in self._layers if l.role == "param" and first[id(l)] is not None
                     and (not l.ran or parent(l))]
         if not borrowed:
