@@ -61,6 +61,7 @@ class AutoWatch(Watch):
         self._discover_until = DISCOVERY_STEPS
         self._other_steps: dict[int, int] = {}  # other optimizers' steps since the adopted one's last
         self._checked: weakref.WeakSet = weakref.WeakSet()  # optimizers whose parameters were looked at
+        self._new_model: weakref.WeakSet = weakref.WeakSet()  # ... and found training a model not watched yet
         self._handles.append(register_optimizer_step_pre_hook(self._global_pre))
         self._handles.append(register_optimizer_step_post_hook(self._global_post))
 
@@ -124,11 +125,14 @@ class AutoWatch(Watch):
             self._checked.add(optimizer)
             if any(p.requires_grad and id(p) not in self._seen_params
                    for group in optimizer.param_groups for p in group["params"]):
+                self._new_model.add(optimizer)
                 self._rediscover()
         if n >= 2:
             self._other_steps.clear()
-            if not _params_of(optimizer) & _params_of(self._optimizer):  # another model: a new phase
-                self._events.append((self._step, "new_phase", f"{type(optimizer).__name__} trains other parameters"))
+            # a model not watched before, trained instead of the last one: a new phase (an encoder
+            # frozen after warm-up, its decoder's optimizer going on alone, is not)
+            if optimizer in self._new_model and not _params_of(optimizer) & _params_of(self._optimizer):
+                self._events.append((self._step, "new_phase", f"{type(optimizer).__name__} trains another model"))
             self.adopt_optimizer(optimizer)
         elif self._snapshot is None and self._params and (rec := self._current()) is not None and rec.sampled:
             self._take_snapshot(rec)  # (stepping right after the adopted one, it opens the next step)
