@@ -150,3 +150,17 @@ def test_the_script_starts_with_ctrl_c_working(tmp_path):
     script.write_text("import signal\nprint(signal.getsignal(signal.SIGINT))\n")
     result = gradwatch("run", "--out", tmp_path / "r", script)
     assert "default_int_handler" in result.stdout
+
+
+def test_a_compiled_model_under_run_keeps_its_names_and_no_warning_about_our_hooks(tmp_path):
+    script = tmp_path / "compiled.py"
+    script.write_text(
+        "import torch\nfrom torch import nn\n"
+        "model = torch.compile(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)), backend='eager')\n"
+        "opt = torch.optim.SGD(model.parameters(), lr=0.01)\n"
+        "for _ in range(5):\n"
+        "    opt.zero_grad(); model(torch.randn(8, 4)).pow(2).mean().backward(); opt.step()\n")
+    result = gradwatch("run", "--out", tmp_path / "r", script)
+    assert result.returncode == 0, result.stderr
+    assert "global hooks" not in result.stderr  # the discovery hooks are ours, and handled
+    assert read_run(tmp_path / "r").layer_names() == ["0", "1", "2"]  # no _orig_mod. prefix

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 import weakref
 
 from torch import nn
@@ -175,6 +176,9 @@ def start_from_env() -> AutoWatch | None:
     watch = AutoWatch(run_dir, **options)
     start_from_env.watch = watch
     atexit.register(watch.detach)
+    # torch warns that a compiled model's wrapper fires global module hooks once more: those are
+    # the discovery hooks of this watch, which take the wrapper's inner model (AutoWatch._discover)
+    warnings.filterwarnings("ignore", message=r"Using `torch.compile\(module\)` when there are global hooks")
     _flush_on_sigterm(watch)
     return watch
 
