@@ -477,3 +477,17 @@ def test_the_change_from_the_baseline_reads_right():
     assert _versus(0.04028, 0.0402) == "-0.2%"  # not "-0%"
     assert _versus(2.3, 0.27) == "-88%" and _versus(1.0, 3.0) == "+200%"
     assert _versus(float("inf"), 1.0) == "" and _versus(0.0, 1.0) == ""
+
+
+def test_a_killed_fix_leaves_the_copies_of_your_files_where_the_next_one_says(tmp_path, monkeypatch):
+    """SIGKILL ends fix before it puts the directory back: the copies it took are kept and named."""
+    from gradwatch.fix.touched import Workspace
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    Workspace(tmp_path, tmp_path / "runs" / "fix")  # taken, never closed: killed
+    (tmp_path / "notes.txt").write_text("a trial's")
+    again = Workspace(tmp_path, tmp_path / "runs" / "fix")
+    kept = tmp_path / "runs" / "fix" / ".originals-interrupted" / "notes.txt"
+    assert "killed before it put your files back" in again.notice and kept.read_text() == "mine"
+    again.close()

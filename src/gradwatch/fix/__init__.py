@@ -123,6 +123,8 @@ def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "
 
     discard_trials(out)
     workspace = Workspace(Path.cwd(), out)
+    if workspace.notice:
+        say(f"gradwatch fix: {workspace.notice}")
     try:
         return _fix(trial, out, budget_steps, candidates, order, strategy, finals, say, workspace)
     finally:

@@ -56,6 +56,13 @@ class Workspace:
     def __init__(self, root: Path, out: Path) -> None:
         self.root, self.backup = root, out / ".originals"
         self.exclude = out
+        self.notice = ""
+        if self.backup.exists():  # an earlier fix was killed before it put the directory back
+            kept = out / ".originals-interrupted"
+            shutil.rmtree(kept, ignore_errors=True)
+            self.backup.rename(kept)
+            self.notice = (f"an earlier fix in {out} was killed before it put your files back: their copies "
+                           f"from before it are in {kept}")
         self.before = snapshot(root, out)
         self.restorable = sum(size for _, size in self.before.values()) <= BACKUP_LIMIT
         self.written: set[str] = set()
