@@ -159,8 +159,13 @@ def test_a_compiled_model_under_run_keeps_its_names_and_no_warning_about_our_hoo
         "model = torch.compile(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)), backend='eager')\n"
         "opt = torch.optim.SGD(model.parameters(), lr=0.01)\n"
         "for _ in range(5):\n"
-        "    opt.zero_grad(); model(torch.randn(8, 4)).pow(2).mean().backward(); opt.step()\n")
+        "    opt.zero_grad(); model(torch.randn(8, 4)).pow(2).mean().backward(); opt.step()\n"
+        "from torch._dynamo.utils import counters\n"
+        "print('graph breaks', sum(counters['graph_break'].values()))\n")
     result = gradwatch("run", "--out", tmp_path / "r", script)
     assert result.returncode == 0, result.stderr
     assert "global hooks" not in result.stderr  # the discovery hooks are ours, and handled
+    # compiled at its first call without the sampled-step hooks: one graph, not a forward that
+    # torch runs eagerly for good after breaking its graph at them
+    assert "graph breaks 0" in result.stdout
     assert read_run(tmp_path / "r").layer_names() == ["0", "1", "2"]  # no _orig_mod. prefix

@@ -21,6 +21,7 @@ from torch.nn.utils.parametrize import ParametrizationList
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
+from gradwatch.collect import patches
 from gradwatch.collect.distributed import process_rank
 from gradwatch.collect.layers import has_lazy_params
 from gradwatch.collect.watch import Watch
@@ -88,7 +89,8 @@ class AutoWatch(Watch):
             self._discover_until = max(self._discover_until, self._step + DISCOVERY_STEPS)
             return
         inner = getattr(module, "_orig_mod", None)
-        if isinstance(inner, nn.Module) and type(module).__name__ == "OptimizedModule":
+        compiled = isinstance(inner, nn.Module) and type(module).__name__ == "OptimizedModule"
+        if compiled:
             self._seen_modules.add(id(module))  # torch.compile's wrapper: the layers keep their own names
             module = inner
         name = type(module).__name__
@@ -98,10 +100,21 @@ class AutoWatch(Watch):
         self._prefixes.add(prefix)
         try:
             self.add_model(module, prefix)
+            if compiled:  # its first compile is about to happen: see _first_compile_without_hooks
+                self._first_compile_without_hooks()
         except Exception as exc:  # never break the user's forward
             self._seen_modules.add(id(module))
             detail = str(exc) if isinstance(exc, GradwatchError) else f"{type(exc).__name__}: {exc}"
             print(f"gradwatch: not watching {name}: {detail}", file=sys.stderr)
+
+    def _first_compile_without_hooks(self) -> None:
+        """A compiled model's first call compiles it. With the sampled-step hooks on, the graph
+        breaks at them and torch runs the whole forward eagerly from then on (a 6-layer MLP: 1.7x
+        the compiled step). Compiled without them, and told to check for them, it keeps its graph
+        on every unsampled step; only the sampled ones run eagerly. Its first step's activation
+        statistics are the price."""
+        patches.compile_sees_hooks()
+        self._disarm()
 
     def _leave_module(self, module: nn.Module, args, output) -> None:
         self._depth = max(self._depth - 1, 0)

@@ -618,7 +618,7 @@ class Watch:
                 if layer.index < 0:
                     layer.index = self._next_index
                     self._next_index += 1
-        return _eager(hook)
+        return hook  # traced by torch.compile at a first compiled call: a plain side effect, no graph break
 
     def _place_borrowed(self) -> None:
         """Weights whose module never ran its own forward (a ParameterList applied in a loop), or
