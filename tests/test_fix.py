@@ -305,7 +305,7 @@ def test_fix_in_process_with_a_function(tmp_path, monkeypatch):
     from gradwatch.cli.fix_cmd import print_result
     console = Console(record=True, width=200)
     print_result(result, console)
-    assert "your script wrote ckpt.pt, log.txt during the trials. Your directory was put back" in console.export_text()
+    assert "your script wrote or deleted ckpt.pt, log.txt during the trials. Your directory was put back" in console.export_text()
     assert [r["remedy"] for r in summary["screened"]] == [t.candidate.name for t in result.screened]
 
 
@@ -479,15 +479,59 @@ def test_the_change_from_the_baseline_reads_right():
     assert _versus(float("inf"), 1.0) == "" and _versus(0.0, 1.0) == ""
 
 
-def test_a_killed_fix_leaves_the_copies_of_your_files_where_the_next_one_says(tmp_path, monkeypatch):
-    """SIGKILL ends fix before it puts the directory back: the copies it took are kept and named."""
+def test_a_killed_fix_is_put_right_by_the_next_one(tmp_path, monkeypatch):
+    """SIGKILL ends fix with the directory in a trial's state: the next fix puts it back from the
+    copy the killed one took (its new files aside), keeps that copy and says so; a second kill
+    never replaces the oldest copy."""
     from gradwatch.fix.touched import Workspace
 
     monkeypatch.chdir(tmp_path)
+    out = tmp_path / "runs" / "fix"
     (tmp_path / "notes.txt").write_text("mine")
-    Workspace(tmp_path, tmp_path / "runs" / "fix")  # taken, never closed: killed
-    (tmp_path / "notes.txt").write_text("a trial's")
-    again = Workspace(tmp_path, tmp_path / "runs" / "fix")
-    kept = tmp_path / "runs" / "fix" / ".originals-interrupted" / "notes.txt"
-    assert "killed before it put your files back" in again.notice and kept.read_text() == "mine"
-    again.close()
+    Workspace(tmp_path, out)  # taken, never closed: killed during a trial that then ...
+    (tmp_path / "notes.txt").write_text("a trial's")  # ... changed a file
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "last.pt").write_text("a trial's checkpoint")  # ... and wrote one
+    again = Workspace(tmp_path, out)
+    assert "killed before it put your files back" in again.notice
+    assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / "ckpt" / "last.pt").exists()
+    kept = out / ".originals-interrupted"
+    assert (kept / "notes.txt").read_text() == "mine" and (kept / "created" / "ckpt" / "last.pt").is_file()
+    (tmp_path / "notes.txt").write_text("a later trial's")  # killed again
+    third = Workspace(tmp_path, out)
+    assert (tmp_path / "notes.txt").read_text() == "mine" and (kept / "notes.txt").read_text() == "mine"
+    third.close()
+    assert not (out / ".originals").exists()
+
+
+def test_the_working_directory_is_put_back_three_levels_deep_with_links_and_folders(tmp_path):
+    """checkpoints/run1/ckpt.pt, a 'latest' symlink and the folders a trial made all go; a user's
+    symlink is put back as a link; an interrupted put-back keeps the copy for the next fix."""
+    import os
+
+    from gradwatch.fix.touched import Workspace
+
+    out = tmp_path / "runs" / "fix"
+    (tmp_path / "target.txt").write_text("t")
+    os.symlink("target.txt", tmp_path / "link.txt")
+    w = Workspace(tmp_path, out)
+    (tmp_path / "checkpoints" / "run1").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "run1" / "ckpt.pt").write_text("x")
+    os.symlink("checkpoints/run1/ckpt.pt", tmp_path / "latest.pt")
+    (tmp_path / "link.txt").unlink()
+    os.symlink("elsewhere", tmp_path / "link.txt")
+    w.settle(out / "trial-1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.txt", "runs", "target.txt"]
+    assert os.readlink(tmp_path / "link.txt") == "target.txt"
+    assert (out / "trial-1" / "written" / "checkpoints" / "run1" / "ckpt.pt").read_text() == "x"
+    w.settled = False  # a second Ctrl-C during a put-back
+    w.close()
+    assert (out / ".originals" / "target.txt").is_file()
+
+
+def test_a_working_directory_inside_out_is_said_to_be_unprotected(tmp_path):
+    from gradwatch.fix.touched import Workspace
+
+    w = Workspace(tmp_path, tmp_path)
+    assert "inside --out" in w.notice
+    w.close()

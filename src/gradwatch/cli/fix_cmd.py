@@ -89,7 +89,7 @@ def print_result(result: FixResult, console: Console) -> None:
     if not result.repaired and (hint := not_a_training_fault(result.baseline)):
         console.print(hint)
     if result.written:
-        console.print(f"Note: your script wrote {_some(result.written)} during the trials. Your directory was "
+        console.print(f"Note: your script wrote or deleted {_some(result.written)} during the trials. Your directory was "
                       "put back as it was after each one, so no trial started from another's files; the files "
                       f"a trial created are kept in its directory under {WRITTEN}/.", markup=False)
     if result.overwritten:

@@ -7,88 +7,142 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
-MAX_ENTRIES = 5000  # a data directory of millions of files is not worth walking
+DEPTH = 3  # the working directory and two levels below it (checkpoints/run1/ckpt.pt)
+MAX_ENTRIES = 20000  # a data directory of millions of files is not worth walking
 BACKUP_LIMIT = 512 * 2**20  # bytes of the user's files copied aside before the baseline, at most
 WRITTEN = "written"  # in a trial's directory: the files the script wrote during that trial
+BACKUP, INTERRUPTED, COMPLETE = ".originals", ".originals-interrupted", ".complete"
 SKIP = {".git", ".hg", ".svn", ".venv", "venv", "__pycache__", "node_modules"}
 
 
-def snapshot(root: Path, exclude: Path, depth: int = 2) -> dict[str, tuple[int, int]]:
-    """(mtime_ns, size) of the files under `root`, `depth` levels deep, outside `exclude`."""
-    seen: dict[str, tuple[int, int]] = {}
+@dataclass
+class Snapshot:
+    files: dict[str, tuple[int, int]] = field(default_factory=dict)  # (mtime_ns, size); symlinks too
+    dirs: set[str] = field(default_factory=set)
+    complete: bool = True  # False: MAX_ENTRIES reached, or the directory lies inside `out`
+
+
+def snapshot(root: Path, exclude: Path, depth: int = DEPTH) -> Snapshot:
+    """The files (and symlinks, as links) under `root`, `depth` levels deep, outside `exclude`;
+    breadth first, so a huge data folder cannot hide the levels above it."""
+    seen = Snapshot()
     exclude = exclude.resolve()
     if root.resolve() == exclude or exclude in root.resolve().parents:
-        return seen  # the trials write here themselves: their files cannot be told from the script's
-    stack = [(root, 0)]
-    while stack and len(seen) < MAX_ENTRIES:
-        folder, level = stack.pop()
+        seen.complete = False  # the trials write here themselves: their files cannot be told apart
+        return seen
+    queue = [(root, 0)]
+    while queue:
+        folder, level = queue.pop(0)
         try:
-            entries = list(os.scandir(folder))
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError:
             continue
         for entry in entries:
-            path = Path(entry.path)
+            if len(seen.files) >= MAX_ENTRIES:
+                seen.complete = False
+                return seen
+            path, rel = Path(entry.path), os.path.relpath(entry.path, root)
             try:
                 if entry.is_dir(follow_symlinks=False):
-                    if level + 1 < depth and entry.name not in SKIP and path.resolve() != exclude:
-                        stack.append((path, level + 1))
-                elif entry.is_file(follow_symlinks=False):
+                    if entry.name not in SKIP and path.resolve() != exclude:
+                        seen.dirs.add(rel)
+                        if level + 1 < depth:
+                            queue.append((path, level + 1))
+                elif entry.is_file(follow_symlinks=False) or entry.is_symlink():
                     st = entry.stat(follow_symlinks=False)
-                    seen[os.path.relpath(path, root)] = (st.st_mtime_ns, st.st_size)
+                    seen.files[rel] = (st.st_mtime_ns, st.st_size)
             except OSError:
                 continue
     return seen
 
 
-def written(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> list[str]:
-    """Files created or changed between the two snapshots, sorted."""
-    return sorted(p for p, stat in after.items() if before.get(p) != stat)
-
-
 class Workspace:
-    """The working directory as it was before `fix`: its files (two levels deep) are copied aside
-    first, up to BACKUP_LIMIT bytes. After each trial, `settle` moves the files the script created
-    into the trial's directory and puts back those it changed or deleted, so every trial starts
-    from what the baseline started from, and the user finds the directory as they left it."""
+    """The working directory as it was before `fix`: its files (three levels deep) are copied
+    aside first, up to BACKUP_LIMIT bytes. After each trial, `settle` moves the files the script
+    created into the trial's directory, removes the folders it created, and puts back the files
+    it changed or deleted, so every trial starts from what the baseline started from, and the
+    user finds the directory as they left it. A copy kept by a fix that was killed (SIGKILL)
+    before it could put the directory back is used first, to do so."""
 
     def __init__(self, root: Path, out: Path) -> None:
-        self.root, self.backup = root, out / ".originals"
-        self.exclude = out
-        self.notice = ""
-        if self.backup.exists():  # an earlier fix was killed before it put the directory back
-            kept = out / ".originals-interrupted"
-            shutil.rmtree(kept, ignore_errors=True)
-            self.backup.rename(kept)
-            self.notice = (f"an earlier fix in {out} was killed before it put your files back: their copies "
-                           f"from before it are in {kept}")
+        self.root, self.out, self.backup = root, out, out / BACKUP
+        self.notice = self._recover()
         self.before = snapshot(root, out)
-        self.restorable = sum(size for _, size in self.before.values()) <= BACKUP_LIMIT
+        if not self.before.complete:
+            limit = (f"more than {MAX_ENTRIES} files" if self.before.files else f"inside --out {out}")
+            self.notice += ("; " if self.notice else "") + (
+                f"the working directory holds {limit}: files the script writes there may not be put back "
+                "between trials")
+        self.restorable = sum(size for _, size in self.before.files.values()) <= BACKUP_LIMIT
         self.written: set[str] = set()
         self.overwritten: set[str] = set()  # changed by a trial and not restorable (too much to copy)
-        if self.restorable and self.before:
-            for rel in self.before:
+        self.settled = True
+        if self.restorable:
+            for rel in self.before.files:
                 _copy(root / rel, self.backup / rel)
+            self.backup.mkdir(parents=True, exist_ok=True)
+            (self.backup / COMPLETE).write_text("")
+
+    def _recover(self) -> str:
+        """An earlier fix was killed with the directory in a trial's state: put it back from that
+        fix's copy (its files created since move to .originals-interrupted/created), and keep the
+        copy; the oldest copy kept is never replaced, it is the one from before any fix."""
+        if not (self.backup / COMPLETE).exists():  # stopped while copying: no trial had run yet
+            shutil.rmtree(self.backup, ignore_errors=True)
+            return ""
+        kept = self.out / INTERRUPTED
+        source = self.backup
+        if not kept.exists():  # else keep the earlier copy: the one from before any fix
+            self.backup.rename(kept)
+            source = kept
+        originals = {str(p.relative_to(source)) for p in source.rglob("*")  # (before anything moves into created/)
+                     if (p.is_file() or p.is_symlink()) and str(p.relative_to(source)) != COMPLETE}
+        now = snapshot(self.root, self.out)
+        for rel in sorted(set(now.files) - originals):
+            _move(self.root / rel, kept / "created" / rel)
+        for rel in originals:
+            _copy(source / rel, self.root / rel)
+        shutil.rmtree(self.backup, ignore_errors=True)
+        return (f"an earlier fix in {self.out} was killed before it put your files back; they are back now, "
+                f"and the copies it took are kept in {kept}")
 
     def settle(self, trial_dir: Path) -> None:
-        now = snapshot(self.root, self.exclude)
-        changed = written(self.before, now) + sorted(set(self.before) - set(now))
-        for rel in changed:
+        self.settled = False
+        now = snapshot(self.root, self.out)
+        changed = sorted(p for p, stat in now.files.items() if self.before.files.get(p) != stat)
+        for rel in changed + sorted(set(self.before.files) - set(now.files)):
             self.written.add(rel)
-            if rel not in self.before:  # the trial's own output: kept with the trial
-                target = trial_dir / WRITTEN / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(self.root / rel, target)
+            if rel not in self.before.files:  # the trial's own output: kept with the trial
+                _move(self.root / rel, trial_dir / WRITTEN / rel)
             elif self.restorable:
                 _copy(self.backup / rel, self.root / rel)
             else:
                 self.overwritten.add(rel)
+        for rel in sorted(now.dirs - self.before.dirs, key=len, reverse=True):  # folders it made, deepest first
+            try:
+                (self.root / rel).rmdir()
+            except OSError:
+                pass  # not empty: files below the depth tracked
+        self.settled = True
 
     def close(self) -> None:
-        shutil.rmtree(self.backup, ignore_errors=True)
+        """Drop the copy, unless a put-back was interrupted (a second Ctrl-C): then the next fix
+        finishes it from the copy."""
+        if self.settled:
+            shutil.rmtree(self.backup, ignore_errors=True)
 
 
 def _copy(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(src, dst)  # with its mtime, so a restored file compares equal to the snapshot
+    if dst.is_symlink():
+        dst.unlink()
+    # with its mtime, so a restored file compares equal to the snapshot; a symlink as a link
+    shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _move(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(src, dst)
