@@ -347,6 +347,10 @@ def test_zero_code_gan_two_alternating_optimizers(tmp_path):
     assert run.loss[5] == pytest.approx((losses[4][1] + losses[5][0]) / 2, rel=1e-5)
     from gradwatch.diagnose import diagnose
     assert not [f for f in diagnose(run) if f.kind == "stalled_layers"]
+    # G steps after a backward of its own: the step's loss mixes two objectives, so no loss findings
+    assert run.meta["own_loss_steps"] == [1]
+    run.loss[:] = 0.7  # a GAN's flat mixed loss
+    assert not [f for f in diagnose(run) if f.kind in ("loss_plateau", "loss_divergence")]
 
 
 def test_zero_code_second_phase_with_a_new_model_and_optimizer(tmp_path):
@@ -398,7 +402,7 @@ def test_zero_code_two_optimizers_stepped_after_one_backward(tmp_path):
     finally:
         watch.detach()
     run = watch.stored_series()
-    assert len(run.steps) == 12
+    assert len(run.steps) == 12 and run.meta["own_loss_steps"] == []  # one loss, two optimizers
     head_cols = [run.column(n) for n in run.layer_names("param") if n != "Embedding"]
     assert len(head_cols) == 2 and (run.metrics["update_ratio"][3::3, :][:, head_cols] > 0).all()
 

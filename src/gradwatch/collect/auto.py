@@ -64,6 +64,8 @@ class AutoWatch(Watch):
         self._other_steps: dict[int, int] = {}  # other optimizers' steps since the adopted one's last
         self._checked: weakref.WeakSet = weakref.WeakSet()  # optimizers whose parameters were looked at
         self._new_model: weakref.WeakSet = weakref.WeakSet()  # ... and found training a model not watched yet
+        self._backwards_since_step = 0  # backward calls since the step's optimizer last stepped
+        self._own_losses = False  # another optimizer steps after a backward of its own (said once)
         self._handles.append(register_optimizer_step_pre_hook(self._global_pre))
         self._handles.append(register_optimizer_step_post_hook(self._global_post))
 
@@ -128,6 +130,10 @@ class AutoWatch(Watch):
             self._other_step(optimizer)
         self._before_step(optimizer)
 
+    def after_backward(self, root: object) -> None:
+        super().after_backward(root)
+        self._backwards_since_step += 1
+
     def _other_step(self, optimizer) -> None:
         """An optimizer other than the step's steps. Alternating with it (a GAN's generator and
         discriminator), its update belongs to the step: the weights before the step are taken
@@ -135,6 +141,11 @@ class AutoWatch(Watch):
         between (a second training phase, a new model in a sweep), it becomes the step's optimizer.
         Parameters it trains that no watched model holds: models are discovered again."""
         n = self._other_steps[id(optimizer)] = self._other_steps.get(id(optimizer), 0) + 1
+        if n == 1 and self._backwards_since_step and not self._own_losses:
+            # a backward of its own since the step's optimizer stepped: it trains on another loss
+            # (a GAN's generator), and the step's loss mixes the two objectives
+            self._own_losses = True
+            self._events.append((self._step, "own_loss", f"{type(optimizer).__name__} trains on a loss of its own"))
         if optimizer not in self._checked:
             self._checked.add(optimizer)
             if any(p.requires_grad and id(p) not in self._seen_params
@@ -158,6 +169,8 @@ class AutoWatch(Watch):
         self._discover_until = self._step + DISCOVERY_STEPS
 
     def _global_post(self, optimizer, args, kwargs) -> None:
+        if optimizer is self._optimizer:
+            self._backwards_since_step = 0
         self._after_step(optimizer)
 
     def _end_step(self, count: bool = True) -> None:

@@ -12,6 +12,7 @@ from gradwatch.diagnose.thresholds import DEFAULT, Thresholds
 from gradwatch.store import RunSeries, read_run
 
 SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
+LOSS_KINDS = ("loss_plateau", "loss_divergence")
 
 
 def diagnose(run: RunSeries | str | os.PathLike, thresholds: Thresholds = DEFAULT) -> list[Finding]:
@@ -30,6 +31,8 @@ def diagnose(run: RunSeries | str | os.PathLike, thresholds: Thresholds = DEFAUL
     phases = [series.between(a, b) for a, b in zip([int(series.steps[0]), *starts], [*starts, None])] \
         if starts else [series]
     findings = [f for phase in phases if len(phase.steps) for rule in RULES for f in rule(phase, thresholds)]
+    if series.meta.get("own_loss_steps"):  # the recorded loss mixes two objectives (a GAN's G and D):
+        findings = [f for f in findings if f.kind not in LOSS_KINDS]  # its plateau or rise says nothing
     vanished = {l for f in findings if f.kind == "vanishing_gradient" for l in f.layers}
     findings = [f for f in findings  # lower layers stalled where the gradient vanishes: one cause
                 if not (f.kind == "stalled_layers" and not f.evidence.get("frozen") and set(f.layers) & vanished)]

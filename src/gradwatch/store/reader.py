@@ -99,7 +99,7 @@ def _read(db: sqlite3.Connection) -> RunSeries:
         profiles[name] = (p_steps, table)
 
     for key, kind in (("skipped_steps", "skipped_step"), ("guard_skipped_steps", "guard_skipped"),
-                      ("phase_starts", "new_phase")):
+                      ("phase_starts", "new_phase"), ("own_loss_steps", "own_loss")):
         meta[key] = [s for (s,) in db.execute("SELECT step FROM events WHERE kind=? ORDER BY step", (kind,))]
     # one rank's own loss non-finite while the others' were not (docs/distributed.md)
     meta["rank_non_finite"] = [
