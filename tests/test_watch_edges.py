@@ -548,3 +548,32 @@ def test_zero_code_encoder_frozen_after_warm_up_is_no_new_phase(tmp_path):
         watch.detach()
     run = watch.stored_series()
     assert len(run.steps) >= 19 and run.meta["phase_starts"] == []
+
+
+def test_zero_code_an_optimizer_that_stops_on_purpose_is_no_stalled_layer(tmp_path):
+    """An encoder's warm-up optimizer stops after 20 steps while the head's goes on: the encoder's
+    weights stop changing on purpose, which is no 'give the optimizer every parameter' error."""
+    from gradwatch.collect.auto import AutoWatch
+    from gradwatch.diagnose import diagnose
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
+    enc = torch.optim.SGD([*model[0].parameters(), *model[2].parameters()], 0.05)
+    head = torch.optim.SGD(model[4].parameters(), 0.05)
+    watch = AutoWatch(str(tmp_path), warn=False, sample_every=2)
+    x = torch.randn(64, 4)
+    y = x.sum(1, keepdim=True)
+    try:
+        for step in range(80):
+            enc.zero_grad(), head.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            if step < 20:
+                enc.step()
+            head.step()
+    finally:
+        watch.detach()
+    run = watch.stored_series()
+    assert [names for _, names in run.meta["optimizer_stopped"]] == [["0", "2"]]
+    assert not [f for f in diagnose(run) if f.kind == "stalled_layers"]
+    run.meta["optimizer_stopped"] = []
+    assert [f for f in diagnose(run) if f.kind == "stalled_layers"]  # what it said before

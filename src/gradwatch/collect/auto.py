@@ -9,6 +9,7 @@ or by each backward pass where there is none (weights updated by hand).
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import signal
 import sys
@@ -158,9 +159,19 @@ class AutoWatch(Watch):
             # frozen after warm-up, its decoder's optimizer going on alone, is not)
             if optimizer in self._new_model and not _params_of(optimizer) & _params_of(self._optimizer):
                 self._events.append((self._step, "new_phase", f"{type(optimizer).__name__} trains another model"))
+            else:
+                self._say_stopped(self._optimizer, optimizer)
             self.adopt_optimizer(optimizer)
         elif self._snapshot is None and self._params and (rec := self._current()) is not None and rec.sampled:
             self._take_snapshot(rec)  # (stepping right after the adopted one, it opens the next step)
+
+    def _say_stopped(self, old, new) -> None:
+        """The step's optimizer stopped stepping while another goes on (an encoder's warm-up
+        optimizer): the layers only it trained stop changing on purpose, not for lack of an optimizer."""
+        left = _params_of(old) - _params_of(new)
+        names = [l.name for l in self._layers if l.params and all(id(p) in left for p in l.params)]
+        if names:
+            self._events.append((self._step, "optimizer_stopped", json.dumps(names)))
 
     def _rediscover(self) -> None:
         if not self._discovery:

@@ -101,6 +101,10 @@ def _read(db: sqlite3.Connection) -> RunSeries:
     for key, kind in (("skipped_steps", "skipped_step"), ("guard_skipped_steps", "guard_skipped"),
                       ("phase_starts", "new_phase"), ("own_loss_steps", "own_loss")):
         meta[key] = [s for (s,) in db.execute("SELECT step FROM events WHERE kind=? ORDER BY step", (kind,))]
+    # layers whose only optimizer stopped stepping at that step, on purpose (an encoder's warm-up)
+    meta["optimizer_stopped"] = [
+        [s, json.loads(d)] for s, d in db.execute("SELECT step, detail FROM events WHERE kind='optimizer_stopped' ORDER BY step")
+    ]
     # one rank's own loss non-finite while the others' were not (docs/distributed.md)
     meta["rank_non_finite"] = [
         [s, d] for s, d in db.execute("SELECT step, detail FROM events WHERE kind='rank_non_finite' ORDER BY step")

@@ -25,10 +25,13 @@ def find_stalled(run: RunSeries, th: Thresholds) -> list[Finding]:
     frozen = (u <= th.frozen_update) & (g > 0) & np.isfinite(g) & ~(lr[:, None] == 0) & ~starved
     ctx = advice.Context(run)
     findings = []
-    frozen_cols = [c for j, c in enumerate(cols) if persistent_start(frozen[:, j], th.persist_samples) is not None]
+    frozen_at = {c: persistent_start(frozen[:, j], th.persist_samples) for j, c in enumerate(cols)}
+    # layers whose only optimizer stopped stepping (on purpose: an encoder's warm-up) froze for that reason
+    stop = {name: step for step, layers in run.meta.get("optimizer_stopped") or [] for name in layers}
+    done = {c for c, k in frozen_at.items() if k is not None and run.steps[rows[k]] >= stop.get(run.layers[c].name, np.inf) - 1}
+    frozen_cols = [c for c in cols if frozen_at[c] is not None and c not in done]
     if frozen_cols:
-        starts = [persistent_start(frozen[:, cols.index(c)], th.persist_samples) for c in frozen_cols]
-        first = int(run.steps[rows[min(starts)]])
+        first = int(run.steps[rows[min(frozen_at[c] for c in frozen_cols)]])
         layers = names(run, frozen_cols)
         evidence = {"frozen": True, "update_ratio": {n: float(u[-1, cols.index(c)]) for n, c in zip(layers, frozen_cols)},
                     "grad_norm": {n: float(g[-1, cols.index(c)]) for n, c in zip(layers, frozen_cols)}}
@@ -39,7 +42,7 @@ def find_stalled(run: RunSeries, th: Thresholds) -> list[Finding]:
                                 f"{remedies[0].action}.", evidence, tuple(causes), tuple(remedies)))
     if len(cols) < th.min_profile_layers:
         return findings
-    live = [j for j, c in enumerate(cols) if c not in frozen_cols]
+    live = [j for j, c in enumerate(cols) if c not in frozen_cols and c not in done]
     ratios = np.array([lowest_over_highest(r[live]) for r in u]) if len(live) >= 2 else np.empty(0)
     start = persistent_start(ratios < th.stalled_ratio, th.persist_samples)
     if start is None:
