@@ -89,14 +89,8 @@ def newly_trainable(model: nn.Module, prefix: str, seen_params: set[int], known:
     modules that are layers already (their own parameters made trainable later are not added)."""
     layers = []
     for qualname, module in model.named_modules():
-        if id(module) in known:
-            continue
-        own = [p for p in module._parameters.values() if p is not None and p.requires_grad and id(p) not in seen_params]
-        if own:
-            seen_params.update(id(p) for p in own)
-            name = ".".join(x for x in (prefix, qualname) if x) or type(module).__name__
-            layers.append(Layer(name, module, "recurrent" if isinstance(module, RECURRENT) else "param",
-                                activation_name(module), own))
+        if id(module) not in known and (own := _claim(module, seen_params)):
+            layers += _layers_of(module, _name(prefix, qualname, module), _role(module, own), own)
     return layers
 
 
@@ -108,24 +102,35 @@ def discover(model: nn.Module, prefix: str, seen_params: set[int], seen_modules:
         if id(module) in seen_modules:
             continue
         seen_modules.add(id(module))
-        own = []
-        for p in module._parameters.values():
-            if p is not None and p.requires_grad and id(p) not in seen_params:
-                seen_params.add(id(p))
-                own.append(p)
-        act = activation_name(module)
-        if isinstance(module, RECURRENT):
-            role = "recurrent"
-        elif act:
-            role = "activation"
-        elif own:
-            role = "param"
-        else:
-            continue
-        name = ".".join(x for x in (prefix, qualname) if x) or type(module).__name__
-        if isinstance(module, CONTAINERS) and role == "param":  # one layer per weight, as the loop uses them
-            keys = [k for k, p in module._parameters.items() if p is not None and any(p is q for q in own)]
-            layers.extend(Layer(f"{name}.{k}", module, role, act, [module._parameters[k]]) for k in keys)
-        else:
-            layers.append(Layer(name, module, role, act, own))
+        own = _claim(module, seen_params)
+        role = _role(module, own)
+        if role:
+            layers += _layers_of(module, _name(prefix, qualname, module), role, own)
     return layers
+
+
+def _claim(module: nn.Module, seen_params: set[int]) -> list[torch.nn.Parameter]:
+    """The module's own trainable parameters no layer holds yet, now held."""
+    own = [p for p in module._parameters.values() if p is not None and p.requires_grad and id(p) not in seen_params]
+    seen_params.update(id(p) for p in own)
+    return own
+
+
+def _role(module: nn.Module, own: list) -> str | None:
+    if isinstance(module, RECURRENT):
+        return "recurrent"
+    if activation_name(module):
+        return "activation"
+    return "param" if own else None
+
+
+def _name(prefix: str, qualname: str, module: nn.Module) -> str:
+    return ".".join(x for x in (prefix, qualname) if x) or type(module).__name__
+
+
+def _layers_of(module: nn.Module, name: str, role: str, own: list) -> list[Layer]:
+    act = activation_name(module)
+    if isinstance(module, CONTAINERS) and role == "param":  # one layer per weight, as the loop uses them
+        keys = [k for k, p in module._parameters.items() if p is not None and any(p is q for q in own)]
+        return [Layer(f"{name}.{k}", module, role, act, [module._parameters[k]]) for k in keys]
+    return [Layer(name, module, role, act, own)]

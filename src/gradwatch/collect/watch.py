@@ -602,8 +602,9 @@ class Watch:
             if subtree:
                 self._order_handles.append(module.register_forward_hook(self._make_order_hook(subtree)))
         # where a weight is used functionally, the order of the first backward places it (below)
+        mine = {id(p) for layer in new for p in layer.params}
         for i, p in enumerate(self._params if self._dist is None else []):
-            if any(p is q for layer in new for q in layer.params):
+            if id(p) in mine:
                 self._order_handles.append(p.register_post_accumulate_grad_hook(self._arrival_hook(i)))
 
     def _arrival_hook(self, i: int):
@@ -623,13 +624,10 @@ class Watch:
     def _place_borrowed(self) -> None:
         """Weights whose module never ran its own forward (a ParameterList applied in a loop), or
         ran it around other layers (bare parameters of the model itself), were numbered after
-        those children, above the output layer. Gradients reach weights in reverse order of use, so the first backward's order
-        puts each just below the first layer that got its gradient earlier."""
-        arrival = {}
-        for k, p in enumerate(self._params):
-            if k in self._arrivals:
-                arrival.setdefault(id(p), self._arrivals[k])
-        first = {id(l): min((arrival[id(p)] for p in l.params if id(p) in arrival), default=None) for l in self._layers}
+        those children, above the output layer. Gradients reach weights in reverse order of use, so
+        the first backward's order puts each just below the first layer that got its gradient earlier."""
+        rank = {id(p): self._arrivals[k] for k, p in enumerate(self._params) if k in self._arrivals}
+        first = {id(l): min((rank[id(p)] for p in l.params if id(p) in rank), default=None) for l in self._layers}
         modules = {id(l.module) for l in self._layers}
 
         def parent(l: Layer) -> bool:  # its forward calls other layers (not its weight's parametrization)
@@ -639,7 +637,8 @@ class Watch:
                     and (not l.ran or parent(l))]
         if not borrowed:
             return
-        order = [l for l in sorted(self._layers, key=lambda l: l.index) if not any(l is b for b in borrowed)]
+        moved = {id(b) for b in borrowed}
+        order = [l for l in sorted(self._layers, key=lambda l: l.index) if id(l) not in moved]
         for b in sorted(borrowed, key=lambda l: -first[id(l)]):  # lowest first
             at = next((k for k, l in enumerate(order) if l.role != "activation" and first[id(l)] is not None
                        and first[id(l)] < first[id(b)]), len(order))

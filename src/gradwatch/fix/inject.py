@@ -153,6 +153,10 @@ class Injector:
         state = self._state(opt)
         for g, lr in zip(opt.param_groups, state.pop("lrs", [])):
             g["lr"] = lr  # a scheduler sees the lr it set
+        self._count_step()
+
+    def _count_step(self) -> None:
+        """One optimizer step of the budget; the last one ends the trial."""
         self.steps += 1
         if self.max_steps is not None and self.steps >= self.max_steps:
             raise SystemExit(0)
@@ -210,9 +214,7 @@ class Injector:
 
     def guard_skipped(self, optimizer) -> None:
         """The script's own gw.guard skipped a step: it still counts against the budget."""
-        self.steps += 1
-        if self.max_steps is not None and self.steps >= self.max_steps:
-            raise SystemExit(0)
+        self._count_step()
 
 
 def start_from_env() -> Injector | None:

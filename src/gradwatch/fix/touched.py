@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,9 +34,9 @@ def snapshot(root: Path, exclude: Path, depth: int = DEPTH) -> Snapshot:
     if root.resolve() == exclude or exclude in root.resolve().parents:
         seen.complete = False  # the trials write here themselves: their files cannot be told apart
         return seen
-    queue = [(root, 0)]
+    queue = deque([(root, 0)])
     while queue:
-        folder, level = queue.pop(0)
+        folder, level = queue.popleft()
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError:

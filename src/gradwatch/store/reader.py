@@ -98,15 +98,14 @@ def _read(db: sqlite3.Connection) -> RunSeries:
                 table[i, t] = v
         profiles[name] = (p_steps, table)
 
+    events = {}
+    for step, kind, detail in db.execute("SELECT step, kind, detail FROM events ORDER BY step"):
+        events.setdefault(kind, []).append((step, detail))
     for key, kind in (("skipped_steps", "skipped_step"), ("guard_skipped_steps", "guard_skipped"),
                       ("phase_starts", "new_phase"), ("own_loss_steps", "own_loss")):
-        meta[key] = [s for (s,) in db.execute("SELECT step FROM events WHERE kind=? ORDER BY step", (kind,))]
+        meta[key] = [s for s, _ in events.get(kind, [])]
     # layers whose only optimizer stopped stepping at that step, on purpose (an encoder's warm-up)
-    meta["optimizer_stopped"] = [
-        [s, json.loads(d)] for s, d in db.execute("SELECT step, detail FROM events WHERE kind='optimizer_stopped' ORDER BY step")
-    ]
+    meta["optimizer_stopped"] = [[s, json.loads(d)] for s, d in events.get("optimizer_stopped", [])]
     # one rank's own loss non-finite while the others' were not (docs/distributed.md)
-    meta["rank_non_finite"] = [
-        [s, d] for s, d in db.execute("SELECT step, detail FROM events WHERE kind='rank_non_finite' ORDER BY step")
-    ]
+    meta["rank_non_finite"] = [[s, d] for s, d in events.get("rank_non_finite", [])]
     return RunSeries(layers, steps, loss, lr, metrics, profiles, meta)
