@@ -112,10 +112,9 @@ class AutoWatch(Watch):
 
     def _first_compile_without_hooks(self) -> None:
         """A compiled model's first call compiles it. With the sampled-step hooks on, the graph
-        breaks at them and torch runs the whole forward eagerly from then on (a 6-layer MLP: 1.7x
-        the compiled step). Compiled without them, and told to check for them, it keeps its graph
-        on every unsampled step; only the sampled ones run eagerly. Its first step's activation
-        statistics are the price."""
+        breaks at them and torch runs the whole forward eagerly from then on. Compiled without
+        them, and told to check for them, it keeps its graph on every unsampled step; only the
+        sampled ones run eagerly. Its first step's activation statistics are the price."""
         patches.compile_sees_hooks()
         self._disarm()
 
