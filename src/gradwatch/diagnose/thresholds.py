@@ -38,11 +38,15 @@ class Thresholds:
 
     # --- exploding over steps ------------------------------------------------------------------
     # Total gradient norm against the median of the previous `baseline_window` steps: `spike_factor`
-    # times above it on `spike_steps` steps within one window (sustained growth: at 20%/step a
-    # geometric blow-up crosses 10x within ~13 steps, long before overflow; or recurring bursts),
-    # or `jump_factor` times at once and `spike_factor` times anything in the last 5 windows.
-    # Either must also reach the gradient's early level (the median of its first 5 windows): after
-    # convergence the baseline is tiny, and a tenfold blip over it is not an explosion.
+    # times above it on `spike_steps` steps within one window (sustained growth: a geometric
+    # blow-up stays 10x above the median of the 20 steps before it from 25%/step on, since
+    # 1.25^10.5 ≈ 10, long before overflow; slower growth shows as updates overshooting the weights
+    # under SGD or the weights growing 10x; or recurring bursts), or `jump_factor` times at once
+    # and `spike_factor` times anything in the last 5 windows.
+    # Either must also rise above the gradient's early range (the median of its first 5 windows,
+    # known by then, times the 99.9th percentile of its noise below): after convergence the
+    # baseline is tiny, and a cross-entropy's heavy-tailed gradient returning to where it started
+    # is not an explosion.
     # A spike must also stand out from the gradient's own noise: beyond its 99.9th percentile
     # (z = 3.09) if the norms are log-normal with the spread the run shows in its calm windows.
     # Minibatch gradients (sigma ~0.2) keep the bar at spike_factor; per-sample gradients at batch

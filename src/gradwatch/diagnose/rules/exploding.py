@@ -78,10 +78,14 @@ def _growth_over_steps(run: RunSeries, th: Thresholds):
         factor = np.where(base > 0, norms / base, np.nan)
     factor[:2 * th.warmup_steps] = np.nan
     # exploding means large, not only large against a converged, tiny baseline: a spike must also
-    # reach the level the gradient had early in training
-    early_norms = norms[th.warmup_steps:th.warmup_steps + 5 * w]
-    early = float(np.median(early_norms))
-    spike = (np.nan_to_num(factor, nan=0.0) >= bar) & (norms >= early)
+    # rise above the range the gradient had early in training (the same 99.9th percentile of its
+    # early level). Near convergence a cross-entropy's gradient is heavy-tailed: the median falls
+    # far below its early level while a few misclassified batches still bring it back there.
+    # The early level is the median of the first five windows after warm-up, taken only from the
+    # steps before each one: a blow-up within those windows must not raise its own bar.
+    early = _early_level(norms, th.warmup_steps, 5 * w)
+    early_top = early * float(np.exp(th.noise_z * max(sigma, 0.0)))
+    spike = (np.nan_to_num(factor, nan=0.0) >= bar) & (norms >= early_top)
     # spikes within the window ending at each step (steps may have gaps: count by step number)
     count = np.cumsum(spike)
     start = np.searchsorted(steps, steps - w + 1)
@@ -94,7 +98,7 @@ def _growth_over_steps(run: RunSeries, th: Thresholds):
         warnings.simplefilter("ignore", RuntimeWarning)
         recent_max = np.nanmax(np.lib.stride_tricks.sliding_window_view(history_long, long)[:n], axis=1)
     jump = ((np.nan_to_num(factor) >= th.jump_factor * bar / th.spike_factor) & (norms >= th.spike_factor * recent_max)
-            & (norms >= early))
+            & (norms >= early_top))
     hit = np.flatnonzero((spike & (in_window >= th.spike_steps)) | jump)
     if len(hit) == 0:
         return None
@@ -126,8 +130,20 @@ def _growth_over_steps(run: RunSeries, th: Thresholds):
         "grad_norm_at_detection": float(norms[i]), "detected_at_step": int(steps[i]), "bursts": len(bursts),
         # the level to clip at: the top of the early norms before the burst (the median would
         # clip most batches of a heavy-tailed, batch-size-1 run; the burst itself is no level)
-        "early_norm": _clip_level(norms[th.warmup_steps:min(th.warmup_steps + 5 * w, j)], early),
+        "early_norm": _clip_level(norms[th.warmup_steps:min(th.warmup_steps + 5 * w, j)], early[j]),
         "recovered": unrecovered is None}
+
+
+def _early_level(norms: np.ndarray, skip: int, length: int) -> np.ndarray:
+    """Per step i, the median of norms[skip:min(skip + length, i)] (NaN before any): the
+    gradient's early level as far as it was known at step i."""
+    level = np.full(len(norms), np.nan)
+    stop = min(skip + length, len(norms))
+    for i in range(skip + 1, stop):
+        level[i] = np.median(norms[skip:i])
+    if stop > skip:
+        level[stop:] = np.median(norms[skip:stop])
+    return level
 
 
 def _clip_level(early_norms: np.ndarray, fallback: float) -> float:
