@@ -169,3 +169,10 @@ def test_a_compiled_model_under_run_keeps_its_names_and_no_warning_about_our_hoo
     # torch runs eagerly for good after breaking its graph at them
     assert "graph breaks 0" in result.stdout
     assert read_run(tmp_path / "r").layer_names() == ["0", "1", "2"]  # no _orig_mod. prefix
+
+
+def test_a_command_that_cannot_start_is_a_clear_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a program")
+    result = gradwatch("run", "--out", tmp_path / "r", "--", "notes.txt", cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "cannot run 'notes.txt': not an executable command" in result.stderr

@@ -204,7 +204,7 @@ def test_a_crashed_trial_never_wins():
                    findings=[finding("exploding_gradient"), finding("dead_units")])
     assert FixResult(nan_base, [cut_short, finite]).winner is finite
     # a remedy that made the script fail after a step (finite loss, no findings yet) never wins
-    broke = Trial(Candidate("broke"), Path("."), 1, 1.0, steps=1, final_loss=0.5, broke=True)
+    broke = Trial(Candidate("broke"), Path("."), 1, 1.0, steps=1, final_loss=0.5)
     assert FixResult(base, [broke]).winner is None and not broke.works
 
 
@@ -224,7 +224,7 @@ def test_a_remedy_that_breaks_the_training_function_is_a_failed_trial(tmp_path):
     result = fix(train, out=tmp_path, budget_steps=10, candidates=[norm("batch")], strategy="all",
                  progress=lambda m: None)
     failed = result.trials[0]
-    assert failed.broke and failed.steps == 1 and result.winner is None
+    assert failed.failed and failed.steps == 1 and result.winner is None
     assert "unexpected layout" in (failed.run_dir / "output.log").read_text()
 
 
@@ -295,7 +295,7 @@ def test_fix_in_process_with_a_function(tmp_path, monkeypatch):
         assert json.loads((t.run_dir / "remedy.json").read_text())["spec"] == t.candidate.spec
     summary = json.loads((tmp_path / "fix" / "fix.json").read_text())  # what a Ctrl-C would have kept
     assert summary["winner"] == result.winner.candidate.name and summary["repaired"]
-    assert not any(t.broke for t in [*result.screened, *result.trials])
+    assert not any(t.failed for t in [*result.screened, *result.trials])
     assert result.written == ["ckpt.pt", "log.txt"] == summary["written_by_the_script"]  # the input left alone is not listed
     assert not (work / "ckpt.pt").exists() and (work / "log.txt").read_text() == "the user's own log\n"
     assert all((t.run_dir / "written" / "ckpt.pt").is_file() for t in [result.baseline, *result.trials])
@@ -476,7 +476,8 @@ def test_the_change_from_the_baseline_reads_right():
     assert _versus(117.3, 0.197) == "x0.0017"  # not "-100%"
     assert _versus(0.04028, 0.0402) == "-0.2%"  # not "-0%"
     assert _versus(2.3, 0.27) == "-88%" and _versus(1.0, 3.0) == "+200%"
-    assert _versus(float("inf"), 1.0) == "" and _versus(0.0, 1.0) == ""
+    assert _versus(float("inf"), 1.0) == "finite (was not)" and _versus(0.0, 1.0) == ""
+    assert _versus(1.0, float("inf")) == ""  # the trial's own column says it went non-finite
 
 
 def test_a_killed_fix_is_put_right_by_the_next_one(tmp_path, monkeypatch):
@@ -535,3 +536,22 @@ def test_a_working_directory_inside_out_is_said_to_be_unprotected(tmp_path):
     w = Workspace(tmp_path, tmp_path)
     assert "inside --out" in w.notice
     w.close()
+
+
+def test_a_script_that_fails_partway_is_no_repair(tmp_path):
+    """A script that crashes at step 12 in every trial: the crash is said, no remedy 'repairs' it
+    (before, exit codes were compared with the baseline's, so a baseline that failed hid them).
+    Given as `-- script.py`, it runs as `python script.py`."""
+    script = tmp_path / "crash_mid.py"
+    script.write_text((SCRIPTS / "train_sigmoid.py").read_text().replace(
+        "    opt.step()", "    opt.step()\n    if _ == 11:\n        raise RuntimeError('a bug at step 12')"))
+    result = gradwatch("fix", "--budget-steps", 40, "--out", tmp_path / "fix", "--", script, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "fix" / "fix.json").read_text())
+    assert summary["baseline"]["failed"] and summary["baseline"]["steps"] == 12
+    assert summary["winner"] is None and not summary["repaired"]
+    assert all(t["failed"] for t in summary["trials"])  # (10-step screening trials end before the bug)
+    out = " ".join(result.stdout.split())
+    assert "fails on its own: the baseline exited with code 1 after 12 steps (RuntimeError: a bug at step 12)" in out
+    assert "Every trial failed as the baseline did" in out and "repairs the run" not in out
+    assert "full trials of 40 steps" in out and "10 steps each" in out

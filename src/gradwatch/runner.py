@@ -70,9 +70,15 @@ def build_command(script: str | None, module: str | None, argv: list[str]) -> li
             raise ConfigError(f"no such script: {script!r}; give the path of a Python file, or `-- COMMAND` to run a command")
         return [sys.executable, script, *argv]
     if not argv:
-        raise ConfigError("nothing to run: give a script (`gradwatch run train.py`), `-m module`, or `-- COMMAND ...`")
-    if shutil.which(argv[0]) is None and not Path(argv[0]).exists():
-        raise ConfigError(f"command not found: {argv[0]!r}")
+        raise ConfigError("nothing to run: give a script (train.py [args]), `-m module`, or `-- COMMAND ...`")
+    if argv[0].endswith(".py") and Path(argv[0]).is_file():  # `-- train.py`: meant as python train.py
+        return [sys.executable, *argv]
+    if shutil.which(argv[0]) is None:
+        if not Path(argv[0]).exists():
+            raise ConfigError(f"command not found: {argv[0]!r}")
+        if os.sep not in argv[0] or not os.access(argv[0], os.X_OK):
+            raise ConfigError(f"cannot run {argv[0]!r}: not an executable command; give `python {argv[0]}` after --, "
+                              f"or ./{argv[0]} if it is executable")
     return argv
 
 

@@ -60,13 +60,13 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def print_result(result: FixResult, console: Console) -> None:
     if result.screened:
-        screen = Table(title=f"screening: {len(result.screened)} remedies, {result.screened[0].steps} steps each")
+        screen = Table(title=f"screening: {len(result.screened)} remedies, {result.screen_steps} steps each")
         for col in ("remedy", "harmful findings left", "loss"):
             screen.add_column(col)
         for t in sorted(result.screened, key=lambda t: t.score):
             screen.add_row(t.candidate.name, _left(t), f"{t.final_loss:.4g}")
         console.print(screen)
-    table = Table(title=f"gradwatch fix: {len(result.trials)} full trials of {result.baseline.steps} steps")
+    table = Table(title=f"gradwatch fix: {len(result.trials)} full trials of {result.budget_steps} steps")
     for col in ("remedy", "harmful findings left", "final loss", "vs baseline"):
         table.add_column(col)
     base = result.baseline.final_loss
@@ -75,13 +75,20 @@ def print_result(result: FixResult, console: Console) -> None:
                       "" if t is result.baseline else _versus(base, t.final_loss))
     console.print(table)
     winner = result.winner
+    if result.baseline.failed:
+        console.print(f"Note: your script fails on its own: the baseline exited with code {result.baseline.exit_code} "
+                      f"after {result.baseline.steps} steps ({''.join(result.baseline.output_tail(1)).strip() or 'no output'}). A trial that fails is "
+                      "ranked behind every one that runs its course.", markup=False)
     if not result.trials and not result.screened:
         findings = ", ".join(sorted({f.kind for f in result.baseline.findings}))
         console.print("Nothing to try: the baseline's findings call for no remedy"
                       + (f" ({findings})." if findings else " (it has none)."))
     elif winner is None:
-        console.print("No remedy beat the baseline." + (" The baseline has no harmful finding."
-                                                          if not result.baseline.harmful else ""))
+        if result.baseline.failed and all(t.failed for t in result.trials):
+            console.print("Every trial failed as the baseline did: fix the script's error first.")
+        else:
+            console.print("No remedy beat the baseline." + (" The baseline has no harmful finding."
+                                                              if not result.baseline.harmful else ""))
     else:
         verdict = "repairs the run" if result.repaired else "is the best of the trials"
         console.print(f"[bold]{winner.candidate.name}[/] {verdict}. The change to make:", markup=True)
@@ -104,6 +111,8 @@ def _some(paths: list[str]) -> str:
 def _versus(base: float, loss: float) -> str:
     """The change from the baseline's loss: a percentage, or a factor once it is below 1% of it
     (117 -> 0.197 is x0.0017, not -100%)."""
+    if math.isfinite(loss) and not math.isfinite(base):
+        return "finite (was not)"
     if not (math.isfinite(base) and math.isfinite(loss)) or base == 0:
         return ""
     if base > 0 and 0 <= loss < 0.01 * base:
@@ -113,8 +122,8 @@ def _versus(base: float, loss: float) -> str:
 
 
 def _left(trial: Trial) -> str:
-    if trial.broke:
-        return f"the script failed (exit {trial.exit_code}): see {trial.run_dir / OUTPUT_LOG}"
+    if trial.failed:
+        return f"the script failed (exit {trial.exit_code}, step {trial.steps}): see {trial.run_dir / OUTPUT_LOG}"
     return ", ".join(trial.harmful) or "none"
 
 

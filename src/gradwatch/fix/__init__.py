@@ -29,6 +29,8 @@ BASELINE = Candidate("baseline (no change)")
 class FixResult:
     baseline: Trial
     trials: list[Trial]  # the full-length trials
+    budget_steps: int = 0  # steps per full-length trial
+    screen_steps: int = 0  # steps per screening trial
     screened: list[Trial] = field(default_factory=list)  # the short screening trials, if any
     # files under the working directory the script wrote during the trials: each trial's copies are
     # in its run directory under written/, and the directory was put back after every trial ...
@@ -59,7 +61,7 @@ class FixResult:
         def row(t: Trial) -> dict:
             return {"remedy": t.candidate.name, "spec": t.candidate.spec, "run_dir": t.run_dir.name, "steps": t.steps,
                     "final_loss": t.final_loss if np.isfinite(t.final_loss) else None, "harmful": t.harmful,
-                    "works": t.works, "broke_the_script": t.broke}
+                    "works": t.works, "failed": t.failed, "exit_code": t.exit_code}
         winner = self.winner
         data = {"baseline": row(self.baseline), "screened": [row(t) for t in self.screened],
                 "trials": [row(t) for t in self.trials], "winner": winner.candidate.name if winner else None,
@@ -137,16 +139,9 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], out: Path, budget_steps:
     say(f"gradwatch fix: baseline trial ({budget_steps} steps)")
     baseline = trial("baseline", BASELINE, budget_steps)
 
-    def remedy_trial(name: str, cand: Candidate, steps: int) -> Trial:
-        t = trial(name, cand, steps)
-        t.broke = t.exit_code != 0 and baseline.exit_code == 0
-        return t
-
     if baseline.steps == 0:
-        log = out / "baseline" / OUTPUT_LOG
-        tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.is_file() else []
         raise ConfigError(f"the baseline run recorded no training step (exit code {baseline.exit_code}); "
-                          f"see {log}" + "".join(f"\n    {line}" for line in tail))
+                          f"see {out / 'baseline' / OUTPUT_LOG}" + "".join(f"\n    {line}" for line in baseline.output_tail(3)))
     run = read_run(baseline.run_dir)
     if run.meta.get("optimizer") is None and not np.nan_to_num(run.metrics["update_ratio"]).any():
         raise ConfigError("the baseline run changed no weight: no optimizer.step() and no update by hand was "
@@ -160,19 +155,19 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], out: Path, budget_steps:
             lrs = run.lr[np.isfinite(run.lr)]
             candidates = from_findings(baseline.findings, acts, layer_types={l.type for l in run.layers},
                                        optimizer=run.meta.get("optimizer"), lr=float(lrs.max()) if len(lrs) else None)
-    result = FixResult(baseline, [])
+    result = FixResult(baseline, [], budget_steps=budget_steps)
     result.save(out)
     queue = list(candidates)
     if strategy == "screen" and len(queue) > 1:
-        short = max(budget_steps // 4, 10)
+        short = result.screen_steps = max(budget_steps // 4, 10)
         for i, cand in enumerate(queue, 1):
             say(f"gradwatch fix: screening {i}/{len(queue)} ({short} steps): {cand.name}")
-            result.screened.append(remedy_trial(f"screen-{i}", cand, short))
+            result.screened.append(trial(f"screen-{i}", cand, short))
             result.save(out)
         queue = pick_finals([t.candidate for t in sorted(result.screened, key=lambda t: t.score)])[:max(finals, 1)]
     for i, cand in enumerate(queue, 1):
         say(f"gradwatch fix: trial {i}/{len(queue)} ({budget_steps} steps): {cand.name}")
-        result.trials.append(remedy_trial(f"trial-{i}", cand, budget_steps))
+        result.trials.append(trial(f"trial-{i}", cand, budget_steps))
         result.save(out)
         if strategy == "first" and result.trials[-1].works:
             break

@@ -36,7 +36,17 @@ class Trial:
     steps: int = 0
     final_loss: float = float("inf")
     findings: list[Finding] = field(default_factory=list)
-    broke: bool = False  # the script failed with this remedy although it ran without (see OUTPUT_LOG)
+
+    @property
+    def failed(self) -> bool:
+        """The script exited with an error (see OUTPUT_LOG) before its budget or its own end: a
+        trial that reaches the budget or the script's end exits 0."""
+        return self.exit_code != 0
+
+    def output_tail(self, lines: int) -> list[str]:
+        """The script's last lines of output (its error, when it failed)."""
+        log = self.run_dir / OUTPUT_LOG
+        return log.read_text(errors="replace").strip().splitlines()[-lines:] if log.is_file() else []
 
     @property
     def harmful(self) -> list[str]:
@@ -45,15 +55,15 @@ class Trial:
     @property
     def works(self) -> bool:
         """It trained, did not break the script, left no harmful finding and kept a finite loss."""
-        return self.steps > 0 and not self.broke and not self.harmful and self.final_loss != float("inf")
+        return self.steps > 0 and not self.failed and not self.harmful and self.final_loss != float("inf")
 
     @property
     def score(self) -> tuple:
         """Lower is better: a finite loss, then the harmful findings left, then the loss reached,
         then any finding left. A trial whose loss went non-finite is behind every one that kept
         it finite, whatever it left: ended early, it had no time to show the other findings."""
-        if self.steps == 0 or self.broke:  # crashed or recorded nothing: behind every trial that trained
-            return (2, len(HARMFUL) + 1, float("inf"), 0)
+        if self.steps == 0 or self.failed:  # crashed: behind every trial that ran its course, the longest first
+            return (2, -self.steps, float("inf"), 0)
         loss = self.final_loss if np.isfinite(self.final_loss) else float("inf")
         return (int(loss == float("inf")), len(self.harmful), loss, len(self.findings))
 
@@ -111,6 +121,8 @@ def run_trial(command: list[str], run_dir: Path, candidate: Candidate, budget_st
             code = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             code = -9
+        except OSError as exc:
+            raise ConfigError(f"cannot start {command[0]!r}: {exc.strerror}") from exc
     return measure(Trial(candidate, run_dir, code, time.perf_counter() - start))
 
 
