@@ -309,6 +309,19 @@ def test_stalled_explained_by_vanishing_is_folded_into_it():
     assert "vanishing_gradient" in kinds(diagnose(run))
 
 
+def test_stalled_below_dead_units_is_folded_into_them():
+    """Dead ReLUs pass no gradient down, so the layers under them stall for that reason alone;
+    'use Adam' would not move them (the tester's script already used Adam)."""
+    run = build(optimizer="Adam", lr=1e-3)
+    run.metrics["dead"][:, run.column("act1")] = 0.99
+    for k in (0, 1):
+        run.metrics["update_ratio"][sampled(run), run.column(f"fc{k}")] = 0.5 * TH.stalled_ratio * 1e-3
+    assert kinds(diagnose(run)).count("stalled_layers") == 0 and "dead_units" in kinds(diagnose(run))
+    run.metrics["dead"][:, run.column("act1")] = 0.05  # no dead units: the stall is a finding of its own
+    f = next(f for f in diagnose(run) if f.kind == "stalled_layers")
+    assert not any("torch.optim.Adam" in r.code for r in f.remedies)  # already adaptive
+
+
 def test_weights_that_stop_changing():
     run = build()
     run.metrics["update_ratio"][50:][~np.isnan(run.metrics["update_ratio"][50:])] = 0.0
@@ -340,6 +353,26 @@ def test_lr_advice_under_a_warm_up_names_the_peak():
     assert f.remedies[0].action == "Raise the learning rate tenfold (to 0.01)"
     assert "peak_lr = 0.01" in f.remedies[0].code and "group['lr']" not in f.remedies[0].code
     assert "0.001 (the schedule's peak)" in f.causes[0]
+
+
+def test_a_plateau_from_a_vanishing_gradient_points_at_it_not_at_the_learning_rate():
+    """A vanishing gradient times ten is still one: the plateau's advice is the cause's."""
+    run = _vanish(build(), 0.1)
+    run.loss[:] = 2.3 + 0.01 * np.random.default_rng(1).standard_normal(len(run.loss))
+    found = diagnose(run)
+    vanish, plateau = (next(f for f in found if f.kind == k) for k in ("vanishing_gradient", "loss_plateau"))
+    assert plateau.remedies[0] == vanish.remedies[0] and "follows from the vanishing gradient found" in plateau.message
+    assert not any("Raise the learning rate" in r.action for r in plateau.remedies)
+
+
+def test_adam_with_a_learning_rate_far_too_high_is_told_to_lower_it_first():
+    """Adam moves each weight by about lr per step whatever the gradient: clipping the norm does
+    not shorten the step, lowering lr does."""
+    run = build(optimizer="Adam", lr=1.0)
+    rows = sampled(run)
+    run.metrics["weight_norm"][rows] *= (1.5 ** np.arange(len(rows)))[:, None]
+    f = next(f for f in diagnose(run) if f.kind == "exploding_gradient")
+    assert f.remedies[0].action == "Lower the learning rate tenfold (to 0.1)" and f.causes[0].startswith("learning rate: 1 with Adam")
 
 
 def test_loss_that_converged_is_not_a_plateau():

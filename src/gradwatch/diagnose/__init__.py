@@ -4,6 +4,7 @@ why, and what to change). No torch needed: rules read a `RunSeries`."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 from gradwatch.diagnose.finding import KINDS, Finding, Remedy
 from gradwatch.errors import ConfigError
@@ -13,6 +14,8 @@ from gradwatch.store import RunSeries, read_run
 
 SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
 LOSS_KINDS = ("loss_plateau", "loss_divergence")
+# findings that explain a loss plateau: the gradient does not reach the layers
+BLOCKING = ("vanishing_gradient", "dead_units", "saturation")
 
 
 def diagnose(run: RunSeries | str | os.PathLike, thresholds: Thresholds = DEFAULT) -> list[Finding]:
@@ -35,8 +38,31 @@ def diagnose(run: RunSeries | str | os.PathLike, thresholds: Thresholds = DEFAUL
         findings = [f for f in findings if f.kind not in LOSS_KINDS]  # its plateau or rise says nothing
     vanished = {l for f in findings if f.kind == "vanishing_gradient" for l in f.layers}
     findings = [f for f in findings  # lower layers stalled where the gradient vanishes: one cause
-                if not (f.kind == "stalled_layers" and not f.evidence.get("frozen") and set(f.layers) & vanished)]
+                if not (f.kind == "stalled_layers" and not f.evidence.get("frozen")
+                        and (set(f.layers) & vanished or _below_dead_units(series, f, findings)))]
+    blocking = next((f for f in findings if f.kind in BLOCKING), None)
+    if blocking is not None:
+        findings = [_follows_from(f, blocking) if f.kind == "loss_plateau" else f for f in findings]
     return sorted(findings, key=lambda f: (f.first_step, SEVERITY_ORDER[f.severity], KINDS.index(f.kind)))
+
+
+def _below_dead_units(series: RunSeries, stalled: Finding, findings: list[Finding]) -> bool:
+    """Stalled layers below a layer of dead ReLUs: a dead unit passes no gradient down, so the
+    layers under it stall for that one reason (a faster optimizer would not move them)."""
+    dead = [series.column(l) for f in findings if f.kind == "dead_units" for l in f.layers]
+    return bool(dead) and all(series.column(l) < max(dead) for l in stalled.layers)
+
+
+def _follows_from(plateau: Finding, cause: Finding) -> Finding:
+    """A loss that does not move because the gradient does not reach the layers: raising the
+    learning rate does not help (a vanishing or zero gradient times ten is still one), fixing
+    the cause does."""
+    first = cause.remedies[0].action if cause.remedies else "fix that first"
+    ev = plateau.evidence
+    return replace(plateau, message=f"The loss has not improved ({ev['loss_start']:.4g} -> {ev['loss_end']:.4g}): it "
+                                    f"follows from the {cause.kind.replace('_', ' ')} found. {first}.",
+                   causes=(f"{cause.kind}: the gradient does not reach the layers that should learn", *plateau.causes),
+                   remedies=(*cause.remedies[:1], *(r for r in plateau.remedies if "Raise the learning rate" not in r.action)))
 
 
 __all__ = ["diagnose", "Finding", "Remedy", "Thresholds", "KINDS"]

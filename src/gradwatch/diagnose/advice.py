@@ -20,6 +20,9 @@ SATURATING = {"sigmoid", "tanh", "softsign", "hardtanh", "hardsigmoid"}
 # A NaN the gradient norm grew less than this much toward (over the steps before it) did not come
 # from training dynamics but from the data or the loss (a NaN in a batch, log of 0, a division by 0).
 NAN_FROM_GROWTH = 10.0
+# Adam's default step is 1e-3 (Kingma & Ba 2015) and each step moves a weight by about lr: at 1e-2,
+# a hundred steps can move it by 1, ten times a typical initial weight (1/sqrt(fan_in)).
+ADAPTIVE_HIGH_LR = 1e-2
 ADAPTIVE = ("Adam", "AdamW", "NAdam", "RAdam", "Adamax", "Adagrad", "Adadelta", "RMSprop", "Adafactor", "Lion")
 
 
@@ -118,6 +121,13 @@ def exploding(ctx: Context, layers: tuple[str, ...], evidence: dict, through_tim
         causes.append("initial weight scale: the backward signal already grows toward the input at the first step")
     if ctx.depth >= 6 and evidence.get("backward_ratio"):
         causes.append(f"depth: {ctx.depth} weight layers multiply {ctx.depth - 1} backward factors")
+    # an adaptive optimizer moves each weight by about lr per step whatever the gradient's size:
+    # weights that grow, or a learning rate far above Adam's 1e-3, are the step's size, which
+    # clipping the gradient does not shorten
+    step_bound = ctx.adaptive and ("weight_growth" in evidence or ctx.lr >= ADAPTIVE_HIGH_LR)
+    if step_bound:
+        causes.insert(0, f"learning rate: {ctx.lr_said} with {ctx.optimizer}, which moves each weight by about the "
+                         "learning rate per step whatever the gradient's size (its usual range is 1e-4 to 1e-3)")
     if not causes:
         causes.append(f"learning rate: {ctx.lr_said} with {ctx.optimizer}")
     clip = max(evidence.get("baseline_norm") or 0.0, evidence.get("early_norm") or 0.0)  # the healthy level
@@ -126,8 +136,11 @@ def exploding(ctx: Context, layers: tuple[str, ...], evidence: dict, through_tim
                            f"torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={max_norm})  # before optimizer.step()"))
     remedies.append(Remedy("Or clip adaptively: ZClip rejects spikes against a running z-score of the norm",
                            "gw.clip.attach(optimizer, gw.clip.ZClip())"))
-    if not ctx.adaptive or evidence.get("growth_over_steps"):
-        remedies.append(Remedy(f"Lower the learning rate tenfold (to {ctx.lr_text(0.1)})", ctx.lr_code(0.1)))
+    lower = Remedy(f"Lower the learning rate tenfold (to {ctx.lr_text(0.1)})", ctx.lr_code(0.1))
+    if step_bound:
+        remedies.insert(0, lower)
+    elif not ctx.adaptive or evidence.get("growth_over_steps"):
+        remedies.append(lower)
     if through_time:
         remedies.append(Remedy("Initialise the recurrent weights orthogonally (spectral norm 1)",
                                f"gw.init_({module_ref(layers[0]) if layers else 'model'}, scheme='orthogonal')"))
@@ -199,9 +212,12 @@ def stalled(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[list
     causes = ["learning rate: one learning rate for layers whose gradients differ by orders of magnitude"]
     if ctx.saturating:
         causes.append(f"saturating activation: {', '.join(ctx.saturating)} shrinks the signal reaching the lower layers")
-    remedies = [Remedy("Use an optimizer with per-parameter step sizes",
-                       f"optimizer = torch.optim.Adam(model.parameters(), lr={ctx.lr_text(1.0) if ctx.adaptive else '1e-3'})"),
-                Remedy("Normalise the pre-activations", "model, _ = gw.modify.insert_norm(model, 'batch')")]
+    remedies = [Remedy("Normalise the pre-activations", "model, _ = gw.modify.insert_norm(model, 'batch')")]
+    if not ctx.adaptive:  # an adaptive optimizer already scales each parameter's step
+        remedies.insert(0, Remedy("Use an optimizer with per-parameter step sizes",
+                                  "optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)"))
+    else:
+        remedies.append(Remedy("Initialise each layer for the activation that follows it", "gw.init_(model)"))
     return causes, remedies
 
 
