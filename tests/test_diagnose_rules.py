@@ -408,6 +408,16 @@ def test_through_time(rate, kind):
         assert found[0].evidence["per_step_factor"] == pytest.approx(rate, rel=0.05)
 
 
+def test_a_gradient_that_underflows_through_time_is_said_so():
+    """‖∂L/∂x_0‖ = 0 exactly (float underflow over 100 tanh steps): 'shrinks by 0x per step' said nothing."""
+    run = build()
+    profile = np.tile(0.5 ** (99 - np.arange(100)), (10, 1))
+    profile[:, :20] = 0.0
+    run.time_profiles["rnn"] = (run.steps[sampled(run)], profile)
+    f = next(f for f in diagnose(run) if f.layers == ("rnn",))
+    assert "no gradient reaches the first of 100 steps (it underflows to 0)" in f.message and "0x" not in f.message
+
+
 def test_short_sequences_are_not_judged():
     run = build()
     run.time_profiles["rnn"] = (run.steps[sampled(run)], np.tile(0.1 ** np.arange(5)[::-1], (10, 1)))

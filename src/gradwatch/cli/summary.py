@@ -23,7 +23,7 @@ def print_run_summary(run_dir: Path, out: TextIO) -> None:
     write_findings(run_dir, findings)
     n_layers = len(series.layer_names("param")) + len(series.layer_names("recurrent"))
     loss = series.loss[~np.isnan(series.loss)]
-    last = f", last loss {loss[-1]:.4g}" if len(loss) else ""
+    last = (f", last loss {loss[-1]:.4g}" if np.isfinite(loss[-1]) else ", last loss non-finite") if len(loss) else ""
     print(f"gradwatch: {len(series.steps)} steps, {n_layers} layers{last} -> {run_dir}", file=out)
     if not findings:
         print("gradwatch: no findings", file=out)

@@ -41,8 +41,11 @@ def diagnose(run: RunSeries | str | os.PathLike, thresholds: Thresholds = DEFAUL
                 if not (f.kind == "stalled_layers" and not f.evidence.get("frozen")
                         and (set(f.layers) & vanished or _below_dead_units(series, f, findings)))]
     blocking = next((f for f in findings if f.kind in BLOCKING), None)
-    if blocking is not None:
-        findings = [_follows_from(f, blocking) if f.kind == "loss_plateau" else f for f in findings]
+    if blocking is not None and any(f.kind == "loss_plateau" for f in findings):
+        # the loss does not move and this is why: no longer a warning (a recurrent net's short
+        # memory, some dead units) but what stops the training
+        findings = [_follows_from(f, blocking) if f.kind == "loss_plateau" else
+                    replace(f, severity="error") if f is blocking else f for f in findings]
     return sorted(findings, key=lambda f: (f.first_step, SEVERITY_ORDER[f.severity], KINDS.index(f.kind)))
 
 

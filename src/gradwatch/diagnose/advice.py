@@ -159,7 +159,7 @@ def non_finite(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[l
                       "division by 0, sqrt of a negative) in the model or loss; gradients were not growing before it")
         remedies.append(Remedy("Check the batches and guard the unsafe operations",
                                "assert torch.isfinite(x).all(), 'non-finite input'\n"
-                               "loss = -(y * torch.log(p.clamp_min(1e-8))).sum()  # clamp before log/div"))
+                               "p = p.clamp(1e-7, 1 - 1e-7)  # before log(p), log(1 - p) or a division; or use a *_with_logits loss"))
     if growth > NAN_FROM_GROWTH or not ctx.adaptive:
         causes.insert(0 if growth > NAN_FROM_GROWTH else len(causes),
                       f"learning rate: {ctx.lr_said} with {ctx.optimizer}" +

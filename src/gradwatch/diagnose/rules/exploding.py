@@ -124,7 +124,7 @@ def _growth_over_steps(run: RunSeries, th: Thresholds):
     j = start[first] + np.argmax(spike[start[first]:first + 1]) if spike[first] else first
     g = run.metrics["grad_norm"][run.steps.searchsorted(steps[j])]
     cols = profile_columns(run) or list(range(len(run.layers)))
-    top = sorted((c for c in cols if np.isfinite(g[c])), key=lambda c: -g[c])[:3]
+    top = sorted(sorted((c for c in cols if np.isfinite(g[c])), key=lambda c: -g[c])[:3])  # the largest 3, input first
     return int(steps[j]), names(run, top), {
         "growth_over_steps": float(factor[i]), "baseline_norm": float(base[i]), "spike_bar": bar,
         "grad_norm_at_detection": float(norms[i]), "detected_at_step": int(steps[i]), "bursts": len(bursts),
@@ -219,7 +219,7 @@ def _weight_growth(run: RunSeries, th: Thresholds):
         return None
     r = rows[np.flatnonzero(growth >= th.weight_growth)[0]]
     per_layer = w[rows[-1], cols] / w[rows[0], cols]
-    top = [cols[i] for i in np.argsort(-per_layer)[:3]]
+    top = sorted(cols[i] for i in np.argsort(-per_layer)[:3])
     return int(run.steps[r]), names(run, top), {"weight_growth": float(growth[-1])}
 
 

@@ -35,9 +35,12 @@ def find_through_time(run: RunSeries, th: Thresholds) -> list[Finding]:
                         "profile_last": [float(v) for v in last], "at_init": start == 0}
             explain = advice.vanishing if kind == "vanishing_gradient" else advice.exploding
             causes, remedies = explain(ctx, (layer,), evidence, through_time=True)
-            message = (f"Through time in {layer}, the gradient {word} by {rate:.3g}x per step: the first of "
-                       f"{profile.shape[1]} steps gets {ratio:.1e} of the last step's gradient since step "
-                       f"{int(steps[start])}. {remedies[0].action}.")
+            if ratio > 0:
+                what = (f"the gradient {word} by {rate:.3g}x per step: the first of {profile.shape[1]} steps gets "
+                        f"{ratio:.1e} of the last step's gradient")
+            else:
+                what = f"no gradient reaches the first of {profile.shape[1]} steps (it underflows to 0)"
+            message = f"Through time in {layer}, {what} since step {int(steps[start])}. {remedies[0].action}."
             severity = "error" if kind == "exploding_gradient" else "warning"
             findings.append(Finding(kind, severity, int(steps[start]), (layer,), message, evidence,
                                     tuple(causes), tuple(remedies)))
