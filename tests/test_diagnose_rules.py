@@ -33,6 +33,33 @@ def _vanish(run, factor, rows=None, relative=True, backward=True):
     return run
 
 
+def _blocks(queries):
+    """A stack of three blocks (`blocks.K.query`, `blocks.K.ffn`) under a pooler over one token: the
+    queries get `queries` of ∂L/∂s (lowest block first), the ffns 1e-5, the pooler 1e-3."""
+    from dataclasses import replace
+    run = build(depth=7, optimizer="Adam", lr=1e-3)
+    rows = sampled(run)
+    names = ["blocks.0.query", "blocks.0.ffn", "blocks.1.query", "blocks.1.ffn", "blocks.2.query", "pooler", "classifier"]
+    for k, name in enumerate(names):
+        c = run.column(f"fc{k}")
+        run.layers[c] = replace(run.layers[c], name=name)
+        run.metrics["grad_out_rms"][rows, c] = {"query": np.nan, "ffn": 1e-5}.get(name.split(".")[-1], 1e-3)
+    for k, q in enumerate(queries):
+        run.metrics["grad_out_rms"][rows, run.column(f"blocks.{k}.query")] = q
+    return run
+
+
+@pytest.mark.parametrize("queries, found", [((1e-8, 1.2e-8, 0.9e-8), False), ((1e-8, 1e-6, 1e-4), True)])
+def test_repeated_blocks_are_judged_like_with_like(queries, found):
+    """In a transformer at init the query/key projections get ~1e-8 of ∂L/∂s in every block alike,
+    and a pooler over one token gets a larger RMS: no vanishing (a tester's healthy tiny BERT got
+    an ERROR). A collapse from the top block's query to the lowest one's is."""
+    f = [f for f in diagnose(_blocks(queries)) if f.kind == "vanishing_gradient"]
+    assert bool(f) == found
+    if found:
+        assert f[0].layers[0] == "blocks.0.query" and f[0].evidence["backward_ratio"] == pytest.approx(1e-4)
+
+
 @pytest.mark.parametrize("ratio, found", [(0.5 * TH.vanishing_ratio, True), (2 * TH.vanishing_ratio, False)])
 def test_vanishing_at_the_threshold(ratio, found):
     run = _vanish(build(), ratio ** 0.25)  # fc0 gets `ratio` of fc4's relative gradient

@@ -21,6 +21,26 @@ def profile_columns(run: RunSeries) -> list[int]:
     return sorted(cols, key=lambda i: run.layers[i].index)
 
 
+def same_role_columns(run: RunSeries, cols: list[int]) -> list[int]:
+    """In a stack of repeated blocks (`layer.0.attention.query` ... `layer.11.attention.query`),
+    the lowest layer's counterparts in every block; else all of `cols`. Depth is then judged
+    like with like: in a transformer the query and key projections get ~1e-8 of ∂L/∂s at init in
+    every block alike (near-uniform attention), while a pooler over one token gets the RMS of a
+    tensor without a sequence axis; neither is a gradient vanishing toward the input."""
+    if not cols:
+        return cols
+    parts = run.layers[cols[0]].name.split(".")
+    if not any(p.isdigit() for p in parts[:-1]):  # no block index: an MLP's `0`, `2`, ... or `fc1`
+        return cols
+    role = _role(run.layers[cols[0]].name)
+    same = [c for c in cols if _role(run.layers[c].name) == role]
+    return same if len(same) >= 2 else cols
+
+
+def _role(name: str) -> str:
+    return ".".join("#" if p.isdigit() else p for p in name.split("."))
+
+
 def normalised_columns(run: RunSeries) -> set[int]:
     """Layers whose output goes straight into a normalisation layer (Linear -> BatchNorm ...).
     Their gradient is scale-invariant (∂L/∂W ∝ 1/‖W‖), so ‖∂L/∂W‖/‖W‖ falls as 1/‖W‖² when the

@@ -6,7 +6,7 @@ import numpy as np
 
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
-from gradwatch.diagnose.signals import depth_profile, lowest_over_highest, names, persistent_start
+from gradwatch.diagnose.signals import depth_profile, lowest_over_highest, names, persistent_start, same_role_columns
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
 
@@ -17,6 +17,8 @@ def _ratios(run: RunSeries, quantity: str, th: Thresholds, hidden: bool):
     rows, values, cols = depth_profile(run, quantity, hidden_only=hidden)
     if len(cols) < th.min_profile_layers or len(rows) == 0:
         return None
+    keep = [i for i, c in enumerate(cols) if c in same_role_columns(run, cols)]
+    values, cols = values[:, keep], [cols[i] for i in keep]
     return rows, np.array([lowest_over_highest(v) for v in values]), values, cols
 
 
