@@ -297,6 +297,18 @@ def test_dead_units_at_the_threshold(frac, found):
     assert ("dead_units" in kinds(diagnose(run))) == found
 
 
+def test_dead_units_are_judged_before_the_loss_went_non_finite():
+    """53% -> 95% dead before the NaN, then statistics of a NaN net: the finding gives the dying
+    units' share, not a median over the NaN steps (a tester saw '0% of the units')."""
+    run = build()
+    rows = sampled(run)
+    run.metrics["dead"][rows, run.column("act1")] = np.linspace(0.53, 0.95, len(rows))
+    run.metrics["dead"][rows[6]:, run.column("act1")] = 0.0
+    run.loss[rows[6]:] = np.inf
+    f = next(f for f in diagnose(run) if f.kind == "dead_units")
+    assert f.evidence["dead_fraction"]["act1"] >= 0.6
+
+
 def test_dead_units_error_when_nearly_all_dead():
     run = build()
     run.metrics["dead"][:, run.column("act0")] = 0.95

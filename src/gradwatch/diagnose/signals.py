@@ -171,11 +171,15 @@ def persistent_activation_layers(run: RunSeries, metric: str, limit: float, pers
     out = {}
     if m is None:
         return out
+    # once the loss is non-finite the activations are NaN/Inf: what they show then is that, not
+    # dead or saturated units (the non_finite finding says it)
+    bad = np.flatnonzero(np.isinf(run.loss))
+    end = bad[0] if len(bad) else len(run.steps)
     for c in activation_columns(run):
         act = run.layers[c].activation
         if act in exclude or (only is not None and act not in only):
             continue
-        rows = np.flatnonzero(np.isfinite(m[:, c]))
+        rows = np.flatnonzero(np.isfinite(m[:end, c]))
         if len(rows) == 0:
             continue
         values = m[rows, c]
