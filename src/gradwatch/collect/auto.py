@@ -62,11 +62,14 @@ class AutoWatch(Watch):
             register_module_forward_hook(self._leave_module),
         ]
         self._discover_until = DISCOVERY_STEPS
-        self._other_steps: dict[int, int] = {}  # other optimizers' steps since the adopted one's last
+        # other optimizers' steps since the adopted one's last: how many, and the step of the first
+        self._other_steps: dict[int, tuple[int, int]] = {}
         self._checked: weakref.WeakSet = weakref.WeakSet()  # optimizers whose parameters were looked at
-        self._new_model: weakref.WeakSet = weakref.WeakSet()  # ... and found training a model not watched yet
-        self._backwards_since_step = 0  # backward calls since the step's optimizer last stepped
-        self._own_losses = False  # another optimizer steps after a backward of its own (said once)
+        # ... and found training a model not watched yet (at their first step, or made for one in training)
+        self._new_model: weakref.WeakSet = weakref.WeakSet()
+        self._own_loss: str | None = None  # another optimizer that stepped after a backward of its own
+        self._own_losses = False  # ... with the adopted one stepping on after it (said once)
+        self._ending = None  # an optimizer whose first step ends the step: see _other_step
         self._handles.append(register_optimizer_step_pre_hook(self._global_pre))
         self._handles.append(register_optimizer_step_post_hook(self._global_post))
 
@@ -97,18 +100,40 @@ class AutoWatch(Watch):
             self._seen_modules.add(id(module))  # torch.compile's wrapper: the layers keep their own names
             module = inner
         name = type(module).__name__
-        prefix = "" if not self._models else name
-        while prefix in self._prefixes and prefix:
+        pieces = self._pieces_of(module)
+        for piece in pieces:
+            self._models.remove(piece)
+            self._prefixes.discard(piece[1])
+        prefix = "" if not self._models or any(p == "" for _, p in pieces) else name
+        # (a bare layer run as the first model is named by its type: the next one of that type is not)
+        while prefix and (prefix in self._prefixes or any(l.name == prefix for l in self._layers)):
             prefix += "_"
         self._prefixes.add(prefix)
+        inside = {id(m) for piece, _ in pieces for m in piece.modules()}
         try:
-            self.add_model(module, prefix)
+            self._add_model(module, prefix, taken=[l for l in self._layers if id(l.module) in inside])
             if compiled:  # its first compile is about to happen: see _first_compile_without_hooks
                 self._first_compile_without_hooks()
         except Exception as exc:  # never break the user's forward
             self._seen_modules.add(id(module))
             detail = str(exc) if isinstance(exc, GradwatchError) else f"{type(exc).__name__}: {exc}"
             print(f"gradwatch: not watching {name}: {detail}", file=sys.stderr)
+
+    def _pieces_of(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
+        """Models found before `model` that are pieces of it, run on their own before it (its
+        layers called one by one, a slice `model[:2]` that holds some of its layers): their layers
+        are its layers, named as such while none is stored yet. A model with a module of its own
+        outside `model` (a pretrained net whose frozen backbone the next one shares) is no piece."""
+        if self._writer is not None:
+            return []
+        inside = {id(m) for m in model.modules()}
+
+        def piece(m: nn.Module) -> bool:
+            if id(m) in inside:
+                return True
+            children = list(m.children())  # a slice: a container of its modules, with no weight of its own
+            return bool(children) and not m._parameters and all(id(c) in inside for c in children)
+        return [(m, p) for m, p in self._models if piece(m)]
 
     def _first_compile_without_hooks(self) -> None:
         """A compiled model's first call compiles it. With the sampled-step hooks on, the graph
@@ -126,13 +151,24 @@ class AutoWatch(Watch):
             self.adopt_optimizer(optimizer)
         elif optimizer is self._optimizer:
             self._other_steps.clear()
+            if self._own_loss is not None and not self._own_losses:
+                # another optimizer stepped after a backward of its own, and this one goes on (a
+                # GAN's generator and discriminator): the step's loss mixes two objectives
+                self._own_losses = True
+                self._events.append((self._step, "own_loss", f"{self._own_loss} trains on a loss of its own"))
         elif not getattr(optimizer, "_gradwatch_inner", False):  # not a remedy trial's own Adam
             self._other_step(optimizer)
         self._before_step(optimizer)
 
-    def after_backward(self, root: object) -> None:
-        super().after_backward(root)
-        self._backwards_since_step += 1
+    def params_added(self, optimizer) -> None:
+        """An optimizer made for parameters no watched model holds: their model runs next, and is
+        found at its first forward. Made once training is under way (the next phase's optimizer,
+        for a model built after the first one trained), it trains a new model; made before (a GAN's
+        second optimizer), it is the step optimizer's partner."""
+        if any(p.requires_grad and id(p) not in self._seen_params for p in optimizer.param_groups[-1]["params"]):
+            self._rediscover()
+            if self._optimizer is not None:
+                self._new_model.add(optimizer)
 
     def _other_step(self, optimizer) -> None:
         """An optimizer other than the step's steps. Alternating with it (a GAN's generator and
@@ -140,13 +176,12 @@ class AutoWatch(Watch):
         before the first update, so Δw has both. Stepping twice with no step of the adopted one
         between (a second training phase, a new model in a sweep), it becomes the step's optimizer.
         Parameters it trains that no watched model holds: models are discovered again."""
-        n = self._other_steps[id(optimizer)] = self._other_steps.get(id(optimizer), 0) + 1
-        if n == 1 and self._backwards_since_step and not self._own_losses:
-            # a backward of its own since the step's optimizer stepped: it trains on another loss
-            # (a GAN's generator), and the step's loss mixes the two objectives
-            self._own_losses = True
-            self._events.append((self._step, "own_loss", f"{type(optimizer).__name__} trains on a loss of its own"))
-        if optimizer not in self._checked:
+        count, since = self._other_steps.get(id(optimizer), (0, self._step))
+        n = count + 1
+        self._other_steps[id(optimizer)] = (n, since)
+        own = self._backward_since_step  # it steps on a loss of its own (no optimizer stepped since)
+        first = optimizer not in self._checked
+        if first:
             self._checked.add(optimizer)
             if any(p.requires_grad and id(p) not in self._seen_params
                    for group in optimizer.param_groups for p in group["params"]):
@@ -154,14 +189,23 @@ class AutoWatch(Watch):
                 self._rediscover()
         if n >= 2:
             self._other_steps.clear()
-            # a model not watched before, trained instead of the last one: a new phase (an encoder
-            # frozen after warm-up, its decoder's optimizer going on alone, is not)
+            self._own_loss = None  # (a sequential second phase: the first one's optimizer is done)
+            # a model not watched before, trained instead of the last one: a new phase from its
+            # first step (an encoder frozen after warm-up, its decoder's optimizer going on alone, is not)
             if optimizer in self._new_model and not _params_of(optimizer) & _params_of(self._optimizer):
-                self._events.append((self._step, "new_phase", f"{type(optimizer).__name__} trains another model"))
+                self._events.append((since, "new_phase", f"{type(optimizer).__name__} trains another model"))
             else:
                 self._say_stopped(self._optimizer, optimizer)
             self.adopt_optimizer(optimizer)
-        elif self._snapshot is None and self._params and (rec := self._current()) is not None and rec.sampled:
+            return
+        if own:
+            self._own_loss = type(optimizer).__name__
+            if first and (optimizer in self._new_model or _params_of(optimizer) & _params_of(self._optimizer)):
+                # its first step, on a loss of its own, for a model not watched yet or for the step
+                # optimizer's own weights: a second training phase far more likely than a GAN's
+                # partner. It ends the step, so the phase's first step is not merged into its second
+                self._ending = optimizer
+        if self._snapshot is None and self._params and (rec := self._current()) is not None and rec.sampled:
             self._take_snapshot(rec)  # (stepping right after the adopted one, it opens the next step)
 
     def _say_stopped(self, old, new) -> None:
@@ -179,9 +223,13 @@ class AutoWatch(Watch):
         self._discover_until = self._step + DISCOVERY_STEPS
 
     def _global_post(self, optimizer, args, kwargs) -> None:
-        if optimizer is self._optimizer:
-            self._backwards_since_step = 0
-        self._after_step(optimizer)
+        self._backward_since_step = False  # any optimizer's step uses the backwards' gradients
+        if optimizer is self._ending:
+            self._ending = None
+            if self._attached:
+                self._close_step()
+        else:
+            self._after_step(optimizer)
 
     def _end_step(self, count: bool = True) -> None:
         self._depth = 0  # a forward that raised never reached its post-hook

@@ -109,6 +109,17 @@ def discover(model: nn.Module, prefix: str, seen_params: set[int], seen_modules:
     return layers
 
 
+def rename(layers: list[Layer], model: nn.Module, prefix: str) -> None:
+    """Name `layers` (modules of `model`, found before it in pieces of it) as `discover(model,
+    prefix)` names them."""
+    qualname = {id(m): q for q, m in model.named_modules()}
+    for layer in layers:
+        name = _name(prefix, qualname[id(layer.module)], layer.module)
+        if isinstance(layer.module, CONTAINERS) and layer.role == "param":  # one layer per weight: keep its key
+            name += "." + layer.name.rsplit(".", 1)[1]
+        layer.name = name
+
+
 def _claim(module: nn.Module, seen_params: set[int]) -> list[torch.nn.Parameter]:
     """The module's own trainable parameters no layer holds yet, now held."""
     own = [p for p in module._parameters.values() if p is not None and p.requires_grad and id(p) not in seen_params]

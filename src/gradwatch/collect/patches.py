@@ -3,9 +3,11 @@
 `torch.autograd.backward` (which `Tensor.backward` calls) tells us a backward pass ended and which
 tensor it started from (the loss); `GradScaler.scale` tells us that loss was multiplied by the loss
 scale, so gradients can be divided back; `GradScaler.update` tells us an iteration ended, so a step
-the scaler skipped (inf/NaN from the scaled loss) is seen as skipped, not as an alarm. And
-`gw.guard`, which skips a non-finite step without calling the optimizer (so no step hook runs),
-says so through `guard_skipped`.
+the scaler skipped (inf/NaN from the scaled loss) is seen as skipped, not as an alarm;
+`Optimizer.add_param_group` (which every optimizer's constructor calls) tells us which parameters
+are about to train, before the model they belong to first runs. And `gw.guard`, which skips a
+non-finite step without calling the optimizer (so no step hook runs), says so through
+`guard_skipped`.
 Patches are installed with the first attached Watch and removed with the last.
 """
 
@@ -22,6 +24,7 @@ class Listener(Protocol):
     def before_backward(self, root: object) -> None: ...
     def after_backward(self, root: object) -> None: ...
     def after_scaler_update(self) -> None: ...
+    def params_added(self, optimizer: torch.optim.Optimizer) -> None: ...
     def guard_skipped(self, optimizer: torch.optim.Optimizer) -> None: ...
 
 
@@ -54,6 +57,13 @@ def _update(original, self, *args, **kwargs):
     return result
 
 
+def _add_param_group(original, self, param_group):
+    result = original(self, param_group)
+    for listener in list(_listeners):
+        listener.params_added(self)
+    return result
+
+
 def guard_skipped(optimizer: torch.optim.Optimizer) -> None:
     """gw.guard skipped `optimizer`'s step: tell every attached listener."""
     for listener in list(_listeners):
@@ -78,12 +88,16 @@ def _install() -> None:
     _originals["backward"] = torch.autograd.backward
     _originals["scale"] = scaler.scale
     _originals["update"] = scaler.update
+    _originals["add_param_group"] = torch.optim.Optimizer.add_param_group
     torch.autograd.backward = functools.wraps(torch.autograd.backward)(
         functools.partial(_backward, _originals["backward"])
     )
     scaler.scale = functools.wraps(scaler.scale)(lambda self, outputs: _scale(_originals["scale"], self, outputs))
     scaler.update = functools.wraps(scaler.update)(
         lambda self, *a, **k: _update(_originals["update"], self, *a, **k)
+    )
+    torch.optim.Optimizer.add_param_group = functools.wraps(torch.optim.Optimizer.add_param_group)(
+        lambda self, group: _add_param_group(_originals["add_param_group"], self, group)
     )
 
 
@@ -108,3 +122,4 @@ def _uninstall() -> None:
     torch.autograd.backward = _originals.pop("backward")
     torch.amp.GradScaler.scale = _originals.pop("scale")
     torch.amp.GradScaler.update = _originals.pop("update")
+    torch.optim.Optimizer.add_param_group = _originals.pop("add_param_group")

@@ -44,6 +44,14 @@ class StepRecord:
         self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
         self.loss_n += 1
 
+    def forget_backwards(self) -> None:
+        """Drop what the backwards so far added (loss, gradients, ∂L/∂output, time profiles): no
+        optimizer step used their gradients. What the forward measured stays."""
+        self.loss_sum, self.loss_n, self.loss_explicit = None, 0, False
+        self.grad = self.grad_max = self.weight = None
+        self.nonfinite = None
+        self.out_rms, self.profiles = {}, {}
+
     def accumulate(self, table: dict[int, list], pos: int, value: torch.Tensor) -> None:
         slot = table.get(pos)
         if slot is None:

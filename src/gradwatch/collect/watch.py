@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.utils.parametrize import ParametrizationList
 
 from gradwatch.collect import distributed, patches
-from gradwatch.collect.layers import RECURRENT, Layer, discover, has_lazy_params, newly_trainable
+from gradwatch.collect.layers import RECURRENT, Layer, discover, has_lazy_params, newly_trainable, rename
 from gradwatch.collect.record import StepRecord, to_batch
 from gradwatch.collect.stats import MISSING, activation_stats, entries, norms, rms, time_profile
 from gradwatch.errors import ConfigError, TrainingStopped
@@ -144,9 +144,10 @@ class Watch:
         self._snapshot_rec: StepRecord | None = None
         self._backward_scale: torch.Tensor | None = None
         self._stepped = False
+        self._backward_since_step = False  # its gradients await an optimizer step (or none)
         self._in_step = False  # between the optimizer's step pre- and post-hook (closures)
         self._handles: list = []  # permanent hooks, removed by detach()
-        self._grad_handles: list = []  # one post-accumulate-grad hook per parameter
+        self._grad_handles: dict[int, object] = {}  # parameter index -> its post-accumulate-grad hook
         self._norm_buf = self._max_buf = None
         self._cur_sampled: bool | None = self._sampled(0)  # None: this step is not recorded
         self._armed: list = []  # hooks living for one sampled step
@@ -199,15 +200,30 @@ class Watch:
         if has_lazy_params(model):
             raise ConfigError(f"{type(model).__name__} has uninitialised parameters (a Lazy module): run one "
                               "forward pass first (model(example_batch)), then watch it")
+        self._add_model(model, prefix)
+
+    def _add_model(self, model: nn.Module, prefix: str, taken: Sequence[Layer] = ()) -> None:
+        """`taken`: layers found in pieces of `model` that ran on their own before it (zero-code
+        mode: its layers called one by one, a slice `model[:2]`); named again as its layers, and
+        numbered again by its next forward."""
         model = self._adopt_distributed(model)
         new = discover(model, prefix, self._seen_params, self._seen_modules)
         self._models.append((model, prefix))  # also with nothing trainable yet: see _watch_new_params
-        if new:
-            self._add_layers(model, new)
+        if taken:
+            rename(taken, model, prefix)
+        if new and self._cur_sampled is False:
+            # a model found mid-run (the next phase's): its first step is sampled, so the weights
+            # before its first update are known (the measure of their growth)
+            self._cur_sampled = True
+            if self._cur is not None:
+                self._cur.sampled = True
+        if new or taken:
+            self._add_layers(model, new, renumber=bool(taken))
 
     def _watch_new_params(self) -> None:
         """Parameters made trainable after their model was discovered (a frozen backbone unfrozen
         for fine-tuning) join as layers from the next flush window on; looked for at each flush."""
+        self._hook_grads()
         known = {id(layer.module) for layer in self._layers}
         for model, prefix in self._models:
             new = newly_trainable(model, prefix, self._seen_params, known)
@@ -231,7 +247,8 @@ class Watch:
             self._dist.set_params(self._params)
         self._register_grad_hooks()
         self._register_order_hooks(model, new)
-        if self._sampled(self._step):
+        if self._cur_sampled:  # armed before (for its first pieces): the new layers too
+            self._disarm()
             self._arm()
 
     def _adopt_distributed(self, model: nn.Module) -> nn.Module:
@@ -252,9 +269,9 @@ class Watch:
     def _register_grad_hooks(self) -> None:
         """Norms are taken the moment each gradient is accumulated, while it is still in cache:
         reading it again after backward costs a full pass over memory (measured ~3% of a step)."""
-        for handle in self._grad_handles:
+        for handle in self._grad_handles.values():
             handle.remove()
-        self._grad_handles = []
+        self._grad_handles = {}
         if not self._params:
             return
         device = self._params[0].device
@@ -263,10 +280,17 @@ class Watch:
         self._max_buf = torch.full((n,), MISSING, device=device)
         self._weight_buf = torch.full((n,), MISSING, device=device)
         self._snapshot = None
+        self._hook_grads()
+
+    def _hook_grads(self) -> None:
+        """Hook each trainable parameter not hooked yet. torch refuses a hook on a frozen one (a
+        backbone frozen after pretraining, shared by the next model), which gets no gradient
+        anyway: it is hooked at the first flush after it is unfrozen."""
         if self._dist is not None:  # local gradients: the synchronised ones are read after backward
             return
         for i, p in enumerate(self._params):
-            self._grad_handles.append(p.register_post_accumulate_grad_hook(self._grad_hook(i)))
+            if p.requires_grad and i not in self._grad_handles:
+                self._grad_handles[i] = p.register_post_accumulate_grad_hook(self._grad_hook(i))
 
     def _grad_hook(self, i: int):
         norm_out, max_out, weight_out = self._norm_buf[i], self._max_buf[i], self._weight_buf[i]
@@ -304,7 +328,7 @@ class Watch:
         if self._paused:
             self._paused = False
             self._attach()
-            if self._sampled(self._step):
+            if self._cur_sampled:
                 self._arm()
 
     def flush(self) -> None:
@@ -359,16 +383,19 @@ class Watch:
         self._attached = self._paused = False
         if self._snapshot is not None:
             self._finish_delta()
-        if self._cur is not None and self._cur.grad is not None:
+        # the backwards of a step still open count, unless no optimizer step followed them (an
+        # input-gradient check after training: no step of its own)
+        unused = self._mode == "optimizer" and self._backward_since_step
+        if self._cur is not None and self._cur.grad is not None and not unused:
             self._end_step(count=False)
         self.flush()
         for callback in self.on_flush:  # status line, TensorBoard sink: end the line, close files
             getattr(callback, "close", lambda: None)()
         if self._dist is not None:
             self._dist.restore()
-        for handle in self._handles + self._armed + self._order_handles + self._grad_handles:
+        for handle in [*self._handles, *self._armed, *self._order_handles, *self._grad_handles.values()]:
             handle.remove()
-        self._handles, self._armed, self._order_handles, self._grad_handles = [], [], [], []
+        self._handles, self._armed, self._order_handles, self._grad_handles = [], [], [], {}
 
     close = detach
 
@@ -387,7 +414,7 @@ class Watch:
 
     def _current(self) -> StepRecord | None:
         if self._cur is None and self._recorded(self._step):
-            self._cur = StepRecord(self._step, self._sampled(self._step))
+            self._cur = StepRecord(self._step, bool(self._cur_sampled))
         return self._cur
 
     def _attach(self) -> None:
@@ -398,12 +425,26 @@ class Watch:
     def before_backward(self, root: object) -> None:
         if self._snapshot is not None and self._mode != "optimizer":
             self._finish_delta()
-        if self._mode == "unknown" and self._cur is not None and self._cur.grad is not None \
-                and not self._accumulating(self._cur):
-            self._mode = "backward"  # a second backward with no optimizer step: updates are by hand
-            self._end_step()
+        rec = self._cur
+        if rec is not None and rec.grad is not None and self._backward_since_step and not self._in_step:
+            # a backward before this one, and no optimizer step since
+            if self._mode == "unknown" and not self._accumulating(rec):
+                self._mode = "backward"  # updates are by hand
+                self._end_step()
+            elif self._mode != "backward" and self._grads_cleared():
+                rec.forget_backwards()
+                self._clear_grad_buffers()
         unscaled = getattr(root, patches.UNSCALED, None)
         self._backward_scale = unscaled[1] if unscaled is not None else None
+
+    def _grads_cleared(self) -> bool:
+        """The gradients of the backwards since the last step are gone (zero_grad() sets them to
+        None) with no optimizer step between: those backwards were for something else (an input
+        gradient or saliency check before training), and no step will use them. Zeroed in place
+        instead (zero_grad(set_to_none=False)), they are not told from accumulation."""
+        params = self._params if self._optimizer is None else \
+            (p for group in self._optimizer.param_groups for p in group["params"])
+        return all(p.grad is None for p in params if p.requires_grad)  # stops at the first gradient
 
     def _accumulating(self, rec: StepRecord) -> bool:
         """Zero-code mode, a second backward before any optimizer step: weights unchanged since the
@@ -428,6 +469,7 @@ class Watch:
                 rec.add_loss(loss)
             self._record_grads(rec)
         self._backward_scale = None
+        self._backward_since_step = True
         if self._mode == "backward":
             self._stop_if_non_finite(rec)
             self._end_step()
@@ -445,9 +487,12 @@ class Watch:
             self._cur = None
             self._snapshot = None
             self._mode = "optimizer"
-            if self._norm_buf is not None:  # the skipped step's norms must not leak into the next
-                self._norm_buf.fill_(MISSING)
+            self._clear_grad_buffers()  # the skipped step's norms must not leak into the next
         self._stepped = False
+
+    def params_added(self, optimizer: torch.optim.Optimizer) -> None:
+        """`optimizer` was given parameters (made, or a group added): nothing to look for here, the
+        model is given (zero-code mode looks for the model they belong to: AutoWatch)."""
 
     def guard_skipped(self, optimizer: torch.optim.Optimizer) -> None:
         """gw.guard refused this step (NaN/Inf gradients) without calling the optimizer, so no step
@@ -459,8 +504,7 @@ class Watch:
             return
         self._events.append((self._step, "guard_skipped", "gw.guard: NaN/Inf gradients, step skipped"))
         self._snapshot, self._snapshot_rec = None, None
-        self._stepped = True
-        self._end_step()
+        self._close_step()
 
     def _unscale(self, values: torch.Tensor) -> torch.Tensor:
         scale = self._backward_scale
@@ -520,8 +564,13 @@ class Watch:
     def _after_step(self, optimizer: torch.optim.Optimizer) -> None:
         if optimizer is not self._optimizer or not self._attached:
             return
+        self._close_step()
+
+    def _close_step(self) -> None:
+        """An optimizer stepped (or gw.guard refused its step): the step ends, with its update."""
         self._stepped = True
         self._in_step = False
+        self._backward_since_step = False
         if self._snapshot is not None:
             self._finish_delta()
         self._end_step()
@@ -578,17 +627,22 @@ class Watch:
             self._step += 1
             self._clear_order_hooks()
         self._cur_sampled = self._sampled(self._step) if self._recorded(self._step) else None
+        self._clear_grad_buffers()
+        self._disarm()
+        if count and self._cur_sampled and self._attached:
+            self._arm()
+        if len(self._pending) >= self.flush_every:
+            self._watch_new_params()
+            self.flush()
+
+    def _clear_grad_buffers(self) -> None:
+        """Mark every parameter as having no gradient yet in this step (max |g| and weight norms
+        are taken on sampled steps only)."""
         if self._norm_buf is not None:
             self._norm_buf.fill_(MISSING)
             if self._cur_sampled:
                 self._max_buf.fill_(MISSING)
                 self._weight_buf.fill_(MISSING)
-        self._disarm()
-        if count and self._sampled(self._step) and self._attached:
-            self._arm()
-        if len(self._pending) >= self.flush_every:
-            self._watch_new_params()
-            self.flush()
 
     # ---------------------------------------------------------------- forward order
     def _register_order_hooks(self, model: nn.Module, new: list[Layer]) -> None:
@@ -604,7 +658,7 @@ class Watch:
         # where a weight is used functionally, the order of the first backward places it (below)
         mine = {id(p) for layer in new for p in layer.params}
         for i, p in enumerate(self._params if self._dist is None else []):
-            if id(p) in mine:
+            if id(p) in mine and p.requires_grad:  # (torch refuses a hook on a frozen one)
                 self._order_handles.append(p.register_post_accumulate_grad_hook(self._arrival_hook(i)))
 
     def _arrival_hook(self, i: int):
@@ -645,7 +699,6 @@ class Watch:
             order.insert(at, b)
         for k, layer in enumerate(order):
             layer.index = k
-        self._next_index = len(order)
 
     def _clear_order_hooks(self) -> None:
         if not self._order_handles:
@@ -660,6 +713,10 @@ class Watch:
         if self._arrivals:
             self._place_borrowed()
         self._arrivals = {}
+        # layers numbered again (a model whose pieces ran first) leave gaps where they were
+        for k, layer in enumerate(sorted(self._layers, key=lambda l: l.index)):
+            layer.index = k
+        self._next_index = len(self._layers)
 
     # ---------------------------------------------------------------- sampled-step hooks
     def _arm(self) -> None:

@@ -1,0 +1,210 @@
+"""Where a step and a layer begin when a script does more than train one model: a second phase on a
+frozen backbone, layers run on their own before the model, a backward no optimizer step uses, and
+activations turned NaN."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradwatch as gw
+from gradwatch.collect.auto import AutoWatch
+from gradwatch.collect.stats import activation_stats
+from gradwatch.diagnose import diagnose
+
+
+class Net(nn.Module):
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone, self.head = backbone, nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+def _pretrain_then_finetune(fine_tune_lr: float):
+    """Pretrain a Net, freeze its backbone, train a new Net's head on it with an optimizer of its
+    own: the losses, the new head's weight norm before its first update, the new Net."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    backbone = nn.Sequential(nn.Linear(4, 16), nn.ReLU())
+    losses = []
+
+    def train(model, params, steps, lr):
+        opt = torch.optim.Adam(params, lr=lr)
+        for _ in range(steps):
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+
+    pretrained = Net(backbone)
+    train(pretrained, pretrained.parameters(), 12, 1e-2)
+    backbone.requires_grad_(False)
+    tuned = Net(backbone)
+    w0 = torch.linalg.vector_norm(torch.cat([p.detach().flatten() for p in tuned.head.parameters()])).item()
+    train(tuned, tuned.head.parameters(), 30, fine_tune_lr)
+    return losses, w0, tuned
+
+
+def test_zero_code_second_phase_on_a_frozen_shared_backbone(tmp_path, capsys):
+    """A hook was put on the frozen backbone (torch refuses: the new model went unwatched), the
+    phase's first two steps were one (its optimizer was taken for the step's only at its second),
+    and 'trains on a loss of its own' (a GAN's) turned the loss rules off. The new head is watched
+    from the phase's first step, a sampled one, so its weights' growth under lr 1 is found."""
+    plain, _, plain_model = _pretrain_then_finetune(1.0)
+    watch = AutoWatch(str(tmp_path), warn=False, sample_every=5)
+    try:
+        losses, w0, model = _pretrain_then_finetune(1.0)
+    finally:
+        watch.detach()
+    assert losses == plain and torch.equal(model.head.weight, plain_model.head.weight)
+    assert "not watching" not in capsys.readouterr().err
+    run = watch.stored_series()
+    assert list(run.steps) == list(range(42)) and run.loss == pytest.approx(losses, rel=1e-6)
+    assert run.meta["phase_starts"] == [12] and run.meta["own_loss_steps"] == []
+    head = run.column("Net.head")
+    assert np.isfinite(run.metrics["grad_norm"][12:, head]).all()
+    assert run.metrics["weight_norm"][12, head] == pytest.approx(w0, rel=1e-6)  # before its first update
+    assert [f.first_step for f in diagnose(run) if f.kind == "exploding_gradient"] >= [12]
+
+
+def test_zero_code_a_new_optimizer_for_the_same_model_is_no_gan_partner(tmp_path):
+    """An optimizer made anew each epoch (a schedule by hand): its first step was merged into its
+    second and taken for a GAN partner's ('own_loss': no loss findings for the whole run)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    x = torch.randn(32, 4)
+    watch = AutoWatch(str(tmp_path), warn=False)
+    losses = []
+    try:
+        for epoch in range(3):
+            opt = torch.optim.SGD(model.parameters(), lr=0.01 / (epoch + 1))
+            for _ in range(5):
+                loss = model(x).pow(2).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+    finally:
+        watch.detach()
+    run = watch.stored_series()
+    assert run.loss == pytest.approx(losses, rel=1e-6)
+    assert run.meta["own_loss_steps"] == [] and run.meta["phase_starts"] == []
+
+
+def test_zero_code_a_model_whose_pieces_ran_first_keeps_its_layer_names(tmp_path):
+    """Its layers run one by one, its head on its own and a slice `model[:2]` before the model: they
+    were taken for models of their own (layers named 'Linear', 'Sequential.2', one lost to a clash
+    of names, step 0 without their statistics). Named and numbered as when the model runs first."""
+
+    def layers_at_step_0(pieces_first: bool, run_dir) -> dict:
+        """{name: (index, act_mean, grad_norm)} at step 0."""
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
+        watch = AutoWatch(str(run_dir), warn=False)
+        try:
+            if pieces_first:
+                with torch.no_grad():
+                    model[4](torch.randn(3, 8))
+                    h = x
+                    for m in model:
+                        h = m(h)
+                    model[:2](x)
+            for _ in range(3):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+        finally:
+            watch.detach()
+        run = watch.stored_series()
+        act, grad = run.metrics["act_mean"][0], run.metrics["grad_norm"][0]
+        return {l.name: (l.index, act[c], grad[c]) for c, l in enumerate(run.layers)}
+
+    run_dir = tmp_path / "pieces"
+    run_dir.mkdir()
+    layers, expected = layers_at_step_0(True, run_dir), layers_at_step_0(False, tmp_path)
+    assert sorted((i, name) for name, (i, _, _) in layers.items()) == [(k, str(k)) for k in range(5)]
+    for name, (index, act, grad) in expected.items():  # activations (1, 3) and weights (0, 2, 4) at step 0
+        np.testing.assert_array_equal(layers[name], (index, act, grad))
+
+
+def test_zero_code_two_bare_layers_of_one_type_keep_two_names(tmp_path):
+    """Two models that are each one nn.Linear: both were named 'Linear', and one was lost."""
+    enc, dec = nn.Linear(4, 4), nn.Linear(4, 1)
+    opt = torch.optim.SGD([*enc.parameters(), *dec.parameters()], lr=0.1)
+    watch = AutoWatch(str(tmp_path), warn=False)
+    try:
+        for _ in range(2):
+            opt.zero_grad()
+            dec(enc(torch.randn(8, 4))).pow(2).mean().backward()
+            opt.step()
+    finally:
+        watch.detach()
+    assert watch.stored_series().layer_names() == ["Linear", "Linear_"]
+
+
+def test_a_nan_unit_is_not_dead():
+    """A unit is dead when its output is exactly 0 for the whole batch: NaN is not 0 (every ReLU of
+    a run gone NaN was counted dead, a false '100% of the units' error)."""
+    y = torch.zeros(16, 4)
+    y[:, 1] = math.nan
+    y[3, 2] = math.nan
+    y[:, 3] = 1.0
+    assert activation_stats(y, "relu")[3].item() == 0.25  # only unit 0
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    with gw.watch(model, sample_every=1, warn=False) as watch:
+        model(torch.full((16, 4), math.nan)).sum().backward()
+        run = watch.series()
+    assert run.metrics["dead"][0, run.column("1")] == 0.0
+
+
+def _check_train_check(watch_factory, steps=6):
+    """An input-gradient check before training and after it, around `steps` optimizer steps, the
+    last of them accumulating two backwards (and a third, never stepped: zero_grad drops it)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+
+    def check():
+        x = torch.randn(16, 4, requires_grad=True)
+        model(x).pow(2).mean().backward()
+        model.zero_grad()
+        return x.grad
+
+    watch = watch_factory(model, opt)
+    losses = []
+    try:
+        check()
+        for step in range(steps):
+            parts = 2 if step == steps - 1 else 1
+            if step == steps - 1:  # a micro-batch whose step never comes
+                model(torch.randn(8, 4)).pow(2).mean().backward()
+            opt.zero_grad()
+            batch = []
+            for _ in range(parts):
+                loss = model(torch.randn(8, 4)).pow(2).mean()
+                loss.backward()
+                batch.append(loss.item())
+            opt.step()
+            losses.append(sum(batch) / parts)
+        check()
+    finally:
+        watch.detach()
+    return losses, watch.stored_series()
+
+
+@pytest.mark.parametrize("zero_code", [False, True])
+def test_a_backward_no_optimizer_step_uses_is_no_step(tmp_path, zero_code):
+    """A check before training was averaged into step 0, one after it became a step of its own;
+    gradient accumulation goes on as before (its backwards do reach a step)."""
+    factory = (lambda m, o: AutoWatch(str(tmp_path), warn=False, sample_every=1)) if zero_code \
+        else (lambda m, o: gw.watch(m, o, sample_every=1, warn=False))
+    losses, run = _check_train_check(factory)
+    assert list(run.steps) == list(range(6))
+    assert run.loss == pytest.approx(losses, rel=1e-6)
