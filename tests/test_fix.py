@@ -2,6 +2,10 @@
 
 import json
 import math
+import re
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -111,23 +115,27 @@ def test_lr_scale_changes_the_step_but_not_what_the_script_sees():
         assert torch.allclose(a, b, atol=1e-6)
 
 
-def test_norm_layers_a_remedy_adds_train_beside_a_scheduler():
-    """The inserted norms' parameters join the script's optimizer; in a new param group OneCycleLR
-    raised KeyError('initial_lr') at its next step, ending the trial after one step."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)
-    injector = Injector({"norm": "batch"}, max_steps=None)
+def _train_scheduled(model: nn.Module, opt: torch.optim.Optimizer, sched, spec: dict, steps: int = 5) -> None:
+    """A loop whose scheduler steps after every optimizer step, with the remedy `spec` injected."""
+    injector = Injector(spec, max_steps=None)
     injector.install_late()
     try:
-        for _ in range(5):
+        for _ in range(steps):
             opt.zero_grad()
             model(torch.randn(16, 4)).pow(2).mean().backward()
             opt.step()
             sched.step()
     finally:
         injector.remove()
+
+
+def test_norm_layers_a_remedy_adds_train_beside_a_scheduler():
+    """The inserted norms' parameters join the script's optimizer; in a new param group OneCycleLR
+    raised KeyError('initial_lr') at its next step, ending the trial after one step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _train_scheduled(model, opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10), {"norm": "batch"})
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
     assert len(norms) == 2 and all(not torch.equal(m.weight, torch.ones_like(m.weight)) for m in norms)
 
@@ -156,9 +164,9 @@ def test_recurrent_remedies():
     assert torch.equal(lstm.bias_ih_l0[4:8] + lstm.bias_hh_l0[4:8], torch.ones(4))
     assert torch.equal(lstm.bias_hh_l0[:4], torch.full((4,), -3.0))
     # the code printed for the user does the same
-    from gradwatch.fix.candidates import FORGET_BIAS
+    from gradwatch.fix.candidates import forget_bias
     printed = nn.LSTM(3, 4)
-    exec(FORGET_BIAS.code, {"lstm": printed})
+    exec(forget_bias().code, {"lstm": printed})
     assert torch.equal(printed.bias_ih_l0[4:8] + printed.bias_hh_l0[4:8], torch.ones(4))
     rnn = nn.RNN(3, 5)
     apply_to_model(rnn, {"recurrent": "orthogonal"})
@@ -258,6 +266,20 @@ def test_fix_repairs_an_exploding_script_end_to_end(tmp_path):
     winner = result.stdout.split("repairs the run")[0].splitlines()[-1]
     assert any(name in winner for name in ("clip", "ZClip", "learning rate x0.1", "Adam"))
     assert "final loss" in (tmp_path / "fix" / "baseline" / "output.log").read_text()  # script output kept apart
+    # the change, in the script's names (its optimizer is `opt`), pasted where it says, repairs the script itself
+    change = json.loads((tmp_path / "fix" / "fix.json").read_text())["code"]
+    code = "\n".join(line.split("#")[0] for line in change.splitlines())
+    assert re.search(r"(?<![\w.])opt\b", code) and not re.search(r"(?<![\w.])optimizer\b", code), change
+    script = (SCRIPTS / "train_explode.py").read_text()
+    change = change.replace("# batch: one input batch", "batch = torch.randn(64, 16)  # one input batch")
+    if "before opt.step()" in change:  # in the loop
+        pasted = script.replace("    opt.step()", textwrap.indent(change, "    ") + "\n    opt.step()")
+    else:  # once the optimizer is built
+        built = "opt = torch.optim.SGD(model.parameters(), lr=0.1)"
+        pasted = script.replace(built, built + "\n" + change)
+    (tmp_path / "pasted.py").write_text(pasted)
+    ran = subprocess.run([sys.executable, tmp_path / "pasted.py"], capture_output=True, text=True)
+    assert ran.returncode == 0 and math.isfinite(float(ran.stdout.split("final loss")[1])), ran.stderr
 
 
 def test_fix_in_process_with_a_function(tmp_path, monkeypatch):
@@ -315,8 +337,6 @@ def test_bad_budget_is_a_clear_error(tmp_path):
 
 
 def test_a_script_that_fails_at_once_is_named_with_its_error(tmp_path, monkeypatch):
-    import sys
-
     monkeypatch.chdir(tmp_path)
     (tmp_path / "broken.py").write_text("import torch\nimport no_such_module_here\n")
     with pytest.raises(ConfigError, match="(?s)no training step.*No module named 'no_such_module_here'"):
@@ -324,10 +344,10 @@ def test_a_script_that_fails_at_once_is_named_with_its_error(tmp_path, monkeypat
 
 
 def test_combining_remedies_that_touch_different_things():
-    from gradwatch.fix.candidates import ADAM, REINIT, clip_norm, combine, lr_scale
-    both = combine(REINIT, ADAM)
+    from gradwatch.fix.candidates import adam, clip_norm, combine, lr_scale, reinit
+    both = combine(reinit(), adam())
     assert both.spec == {"init": "auto", "optimizer": "Adam", "lr": 1e-3} and "gw.init_" in both.code
-    assert combine(ADAM, lr_scale(0.1)) is None  # Adam sets its own step: an lr scale would be void
+    assert combine(adam(), lr_scale(0.1)) is None  # Adam sets its own step: an lr scale would be void
     assert combine(clip_norm(1.0), clip_norm(2.0)) is None
 
 
@@ -356,15 +376,15 @@ def test_a_nan_in_the_data_is_named_not_repaired(tmp_path):
 
 def test_finals_pair_the_leader_with_the_next_two():
     from gradwatch.fix import pick_finals
-    from gradwatch.fix.candidates import ADAM, REINIT, clip_norm, lr_scale, swap
+    from gradwatch.fix.candidates import adam, clip_norm, lr_scale, reinit, swap
     names = lambda cs: [c.name for c in cs]
-    assert names(pick_finals([REINIT, ADAM, clip_norm(1.0)])) == [
+    assert names(pick_finals([reinit(), adam(), clip_norm(1.0)])) == [
         "re-initialise per activation + Adam (lr 1e-3)", "re-initialise per activation + clip norm 1"]
     # two activation swaps overrule each other: the leader alone, then the leader with the third
     selu, leaky = swap("*", "SELU", "lecun"), swap("Sigmoid", "LeakyReLU", "auto")
-    assert names(pick_finals([selu, leaky, ADAM])) == [selu.name, f"{selu.name} + Adam (lr 1e-3)"]
+    assert names(pick_finals([selu, leaky, adam()])) == [selu.name, f"{selu.name} + Adam (lr 1e-3)"]
     # Adam sets its own step, so no lr scale beside it: each alone
-    assert names(pick_finals([ADAM, lr_scale(0.1)])) == ["Adam (lr 1e-3)", "learning rate x0.1"]
+    assert names(pick_finals([adam(), lr_scale(0.1)])) == ["Adam (lr 1e-3)", "learning rate x0.1"]
 
 
 def _steps_until_exit(spec: dict) -> int:
@@ -411,7 +431,7 @@ def test_the_printed_code_of_every_candidate_runs():
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
         ns = {"gw": gw, "nn": nn, "torch": torch, "model": model, "lstm": nn.LSTM(3, 4), "rnn": nn.RNN(3, 4),
-              "optimizer": torch.optim.SGD(model.parameters(), lr=0.1)}
+              "optimizer": torch.optim.SGD(model.parameters(), lr=0.1), "batch": torch.randn(2, 4)}
         model(torch.randn(2, 4)).sum().backward()
         exec(cand.code, ns)  # raises if the snippet is broken
         assert torch.isfinite(ns["model"](torch.randn(2, 4))).all(), cand.name
@@ -555,3 +575,202 @@ def test_a_script_that_fails_partway_is_no_repair(tmp_path):
     assert "fails on its own: the baseline exited with code 1 after 12 steps (RuntimeError: a bug at step 12)" in out
     assert "Every trial failed as the baseline did" in out and "repairs the run" not in out
     assert "full trials of 40 steps" in out and "10 steps each" in out
+
+
+def _context(lr: list[float], layers=(), optimizer="SGD"):
+    """The facts of a baseline run the printed code depends on, hand-built."""
+    import numpy as np
+
+    from gradwatch.diagnose.advice import Context
+    from gradwatch.store.series import RunSeries
+    return Context(RunSeries(list(layers), np.arange(len(lr)), np.ones(len(lr)), np.array(lr), {},
+                             meta={"optimizer": optimizer}))
+
+
+TRAINER = '''
+import torch
+from torch import nn
+
+
+class Trainer:
+    def __init__(self, model, lr=2.0):
+        self.model = model
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+        # BUILT
+
+    def step(self, xb):
+        self.optimizer.zero_grad()
+        self.model(xb).pow(2).mean().backward()
+        # BEFORE STEP
+        self.optimizer.step()
+
+
+trainer = Trainer(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1)))
+trainer.step(torch.randn(16, 4))
+'''
+
+
+def _pasted(script: str, change: str, where: str) -> dict:
+    """`script` run with `change` pasted at the comment `where`, indented as the comment is."""
+    line = next(l for l in script.splitlines() if l.strip() == f"# {where}")
+    ns: dict = {"__name__": "__main__"}
+    exec(script.replace(line, textwrap.indent(change, line[:len(line) - len(line.lstrip())])), ns)
+    return ns
+
+
+def test_the_printed_code_uses_the_scripts_own_names():
+    """Pasted into the script, the change must run and act: before, it named `model` and
+    `optimizer` (a NameError in a Trainer class; a new `optimizer` the script never used)."""
+    from gradwatch.fix.candidates import adam, clip_norm, lr_scale, orthogonal, reinit
+    from gradwatch.fix.names import read_names
+    from gradwatch.store.series import LayerInfo
+
+    names = read_names(TRAINER, _context([2.0, 2.0]))
+    assert (names.model, names.optimizer, names.batch) == ("self.model", "self.optimizer", "xb")
+    lowered = names.complete(lr_scale(0.1, names).code)
+    assert "group['lr'] = 0.2" in lowered  # the value, not "*= 0.1"
+    assert _pasted(TRAINER, lowered, "BUILT")["trainer"].optimizer.param_groups[0]["lr"] == pytest.approx(0.2)
+    assert isinstance(_pasted(TRAINER, names.complete(adam(names).code), "BUILT")["trainer"].optimizer,
+                      torch.optim.Adam)
+    clipped = _pasted(TRAINER.replace("trainer.step", "trainer.model[0].weight.grad = None\ntrainer.step"),
+                      names.complete(clip_norm(1e-3, names).code), "BEFORE STEP")["trainer"]
+    assert float(torch.cat([p.grad.flatten() for p in clipped.model.parameters()]).norm()) == pytest.approx(1e-3, rel=1e-3)
+    init = names.complete(reinit(names).code)
+    assert init.startswith("import gradwatch as gw\n# batch: one input batch, as in self.model(xb)")
+    _pasted(TRAINER, "batch = torch.randn(2, 4)\n" + init, "BUILT")  # once, before training, as the comment says
+    # a module inside the model is reached through the script's model, by its recorded name
+    rnn = read_names("net = Net()\nopt = torch.optim.SGD(net.parameters(), lr=0.1)\n",
+                     _context([0.1], [LayerInfo("enc.rnn", "RNN", 0, "recurrent")]))
+    assert "net.enc.rnn.named_parameters()" in orthogonal(rnn).code
+    # two optimizers (a GAN's): which one is meant is unclear, so the generic names, said in a comment
+    gan = read_names("import torch\ng_opt = torch.optim.Adam(g.parameters())\nd_opt = torch.optim.Adam(d.parameters())\n",
+                     _context([1e-3], optimizer="Adam"))
+    assert gan.complete(clip_norm(1.0, gan).code).splitlines()[0] == (
+        "# model: your model (the nn.Module you train); optimizer: its optimizer (not found in your script)")
+
+
+def test_the_names_come_from_the_command_or_the_training_function(tmp_path):
+    from gradwatch.fix.names import script_names, script_path
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "train.py").write_text("net = make()\nopt = torch.optim.SGD(net.parameters(), lr=0.1)\n")
+    assert script_path([sys.executable, "-u", "-m", "pkg.train", "--epochs", "3"], tmp_path) == tmp_path / "pkg" / "train.py"
+    assert script_path([sys.executable, "-W", "ignore", "pkg/train.py"], tmp_path) == tmp_path / "pkg" / "train.py"
+    assert script_path(["bash", "run.sh"], tmp_path) is None
+
+    def train():
+        net = nn.Linear(2, 1)
+        sgd = torch.optim.SGD(net.parameters(), lr=0.1)
+        net(torch.randn(4, 2)).sum().backward()
+        sgd.step()
+
+    names = script_names(train)
+    assert (names.model, names.optimizer, names.batch) == ("net", "sgd", "torch.randn(4, 2)")
+    assert "nn" in names.imported and "gw" not in names.imported  # this module's globals
+
+
+class SharedTanh(nn.Module):
+    """One Tanh module, registered after the output layer, applied after the hidden layers only."""
+
+    def __init__(self, output_sigmoid: bool = False):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+        self.out = nn.Linear(8, 1)
+        self.act = nn.Sigmoid() if output_sigmoid else nn.Tanh()
+        self.output_sigmoid = output_sigmoid
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = self.act(layer(x))
+        return self.act(self.out(x)) if self.output_sigmoid else self.out(x)
+
+
+def test_the_output_activation_is_what_the_forward_applies_last(tmp_path):
+    """A shared Tanh registered after the last Linear was taken for the output's and kept, so the
+    'Tanh -> LeakyReLU' trial swapped nothing (a re-init under a swap's name). A swap that really
+    changes nothing (the shared module also gives the output) is not tried, and says why."""
+    from gradwatch.fix.candidates import swap
+    from gradwatch.fix.trial import run_trial_in_process
+    from gradwatch.store import read_run
+
+    model = SharedTanh()
+    assert apply_to_model(model, {"swap": {"from": "Tanh", "to": "LeakyReLU"}}, torch.randn(4, 8)) == ""
+    assert isinstance(model.act, nn.LeakyReLU)
+
+    def train(output_sigmoid):
+        model = SharedTanh(output_sigmoid)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(5):
+            opt.zero_grad()
+            model(torch.randn(16, 8)).pow(2).mean().backward()
+            opt.step()
+
+    swapped = run_trial_in_process(lambda: train(False), tmp_path / "t", swap("Tanh", "LeakyReLU", "auto"), 5)
+    # the watch adopted the model as the remedy left it: the swap's look at the model was hidden from it
+    assert [l.type for l in read_run(swapped.run_dir).layers if l.role == "activation"] == ["LeakyReLU"]
+    kept = run_trial_in_process(lambda: train(True), tmp_path / "s", swap("Sigmoid", "LeakyReLU", "auto"), 5)
+    assert kept.steps == 0 and "the output's (act), kept; nothing changed" in kept.not_applied
+
+
+def test_a_swap_of_the_output_activation_alone_is_not_offered():
+    from gradwatch.fix import hidden_activations
+    from gradwatch.store.series import LayerInfo
+    layers = [LayerInfo("0", "Linear", 0, "param"), LayerInfo("1", "ReLU", 1, "activation", activation="relu"),
+              LayerInfo("2", "Linear", 2, "param"), LayerInfo("3", "Sigmoid", 3, "activation", activation="sigmoid")]
+    assert hidden_activations(layers) == {"relu"}
+    names = [c.name for c in from_findings([finding("vanishing_gradient")], hidden_activations(layers))]
+    assert "Sigmoid -> LeakyReLU + He init" not in names and "activations -> SELU + lecun init" in names
+    assert "ReLU -> LeakyReLU + He init" not in [c.name for c in from_findings([finding("dead_units")], set())]
+
+
+def test_reinitialising_sees_functional_and_shared_activations():
+    """The trial re-initialises with the model's first batch, as gw.init_(model, example_input=batch)
+    does: He for the layers that F.relu or a shared ReLU module follows (Xavier, 'followed by
+    linear', before)."""
+    import copy
+
+    from gradwatch.remedies import init_
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(4, 16)
+            self.blocks = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
+            self.act = nn.ReLU()
+            self.out = nn.Linear(16, 1)
+
+        def forward(self, x):
+            h = nn.functional.relu(self.inp(x))
+            for blk in self.blocks:
+                h = self.act(blk(h))
+            return torch.sigmoid(self.out(h))
+
+    torch.manual_seed(0)
+    model, x = Functional(), torch.randn(8, 4)
+    reference = copy.deepcopy(model)
+    torch.manual_seed(1)
+    report = init_(reference, example_input=x)
+    assert [r.scheme for r in report] == ["he"] * 4 + ["xavier"]
+    injector = Injector({"init": "auto"}, max_steps=None)
+    try:
+        torch.manual_seed(1)
+        model(x)
+    finally:
+        injector.remove()
+    for a, b in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_the_adam_trial_follows_the_scripts_lr_schedule():
+    """The script's scheduler acts on its own optimizer; the trial's Adam follows it, as the Adam
+    the printed change builds in its place would (before, it ran at a constant 1e-3)."""
+    def run(inject: bool) -> nn.Module:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        opt = (torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9) if inject
+               else torch.optim.Adam(model.parameters(), lr=1e-2))
+        _train_scheduled(model, opt, torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.3),
+                         {"optimizer": "Adam", "lr": 1e-2} if inject else {})
+        return model
+
+    for a, b in zip(run(True).parameters(), run(False).parameters()):
+        assert torch.allclose(a, b, atol=1e-7)

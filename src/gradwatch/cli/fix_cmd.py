@@ -92,7 +92,7 @@ def print_result(result: FixResult, console: Console) -> None:
     else:
         verdict = "repairs the run" if result.repaired else "is the best of the trials"
         console.print(f"[bold]{winner.candidate.name}[/] {verdict}. The change to make:", markup=True)
-        console.print(textwrap.indent(winner.candidate.code, "    "), markup=False, soft_wrap=True)
+        console.print(textwrap.indent(result.change, "    "), markup=False, soft_wrap=True)
     if not result.repaired and (hint := not_a_training_fault(result.baseline)):
         console.print(hint)
     if result.written:
@@ -122,6 +122,8 @@ def _versus(base: float, loss: float) -> str:
 
 
 def _left(trial: Trial) -> str:
+    if trial.not_applied:
+        return f"not tried: {trial.not_applied}"
     if trial.failed:
         return f"the script failed (exit {trial.exit_code}, step {trial.steps}): see {trial.run_dir / OUTPUT_LOG}"
     return ", ".join(trial.harmful) or "none"

@@ -16,11 +16,14 @@ from typing import Callable
 
 import numpy as np
 
+from gradwatch.diagnose.advice import Context
 from gradwatch.errors import ConfigError
 from gradwatch.fix.candidates import Candidate, autotrainer_order, combine, from_findings
+from gradwatch.fix.names import Names, script_names
 from gradwatch.fix.touched import Workspace
 from gradwatch.fix.trial import OUTPUT_LOG, Trial, discard_trials, run_trial, run_trial_in_process
 from gradwatch.store import read_run
+from gradwatch.store.series import LayerInfo
 
 BASELINE = Candidate("baseline (no change)")
 
@@ -36,6 +39,13 @@ class FixResult:
     # in its run directory under written/, and the directory was put back after every trial ...
     written: list[str] = field(default_factory=list)
     overwritten: list[str] = field(default_factory=list)  # ... except these (too much to copy aside)
+    names: Names = field(default_factory=Names)  # how the script calls its model and optimizer
+
+    @property
+    def change(self) -> str | None:
+        """The winner's code as it goes into the script: with the imports it needs and a comment
+        for each name that stands for something of the script's."""
+        return self.names.complete(self.winner.candidate.code) if self.winner else None
 
     @property
     def ranked(self) -> list[Trial]:
@@ -61,11 +71,11 @@ class FixResult:
         def row(t: Trial) -> dict:
             return {"remedy": t.candidate.name, "spec": t.candidate.spec, "run_dir": t.run_dir.name, "steps": t.steps,
                     "final_loss": t.final_loss if np.isfinite(t.final_loss) else None, "harmful": t.harmful,
-                    "works": t.works, "failed": t.failed, "exit_code": t.exit_code}
+                    "works": t.works, "failed": t.failed, "exit_code": t.exit_code, "not_applied": t.not_applied}
         winner = self.winner
         data = {"baseline": row(self.baseline), "screened": [row(t) for t in self.screened],
                 "trials": [row(t) for t in self.trials], "winner": winner.candidate.name if winner else None,
-                "code": winner.candidate.code if winner else None, "repaired": self.repaired,
+                "code": self.change, "repaired": self.repaired,
                 "written_by_the_script": self.written, "left_overwritten": self.overwritten}
         path = out / "fix.json"
         path.write_text(json.dumps(data, indent=1) + "\n")
@@ -86,6 +96,13 @@ def pick_finals(ranked: list[Candidate]) -> list[Candidate]:
     if other is None or other == first:
         other = second
     return [first, other]
+
+
+def hidden_activations(layers: list[LayerInfo]) -> set[str]:
+    """The activations of the modules that first run before the last weight layer: one that runs
+    only after it is the output's, which the swaps keep, so a swap of it alone would change nothing."""
+    last = max((l.index for l in layers if l.role in ("param", "recurrent")), default=-1)
+    return {l.activation for l in layers if l.role == "activation" and (l.index < last or last < 0)}
 
 
 def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "runs/fix", budget_steps: int = 200,
@@ -128,13 +145,13 @@ def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "
     if workspace.notice:
         say(f"gradwatch fix: {workspace.notice}")
     try:
-        return _fix(trial, out, budget_steps, candidates, order, strategy, finals, say, workspace)
+        return _fix(trial, command, out, budget_steps, candidates, order, strategy, finals, say, workspace)
     finally:
         workspace.close()
 
 
-def _fix(trial: Callable[[str, Candidate, int], Trial], out: Path, budget_steps: int,
-         candidates: list[Candidate] | None, order: str, strategy: str, finals: int,
+def _fix(trial: Callable[[str, Candidate, int], Trial], command: list[str] | Callable[[], object], out: Path,
+         budget_steps: int, candidates: list[Candidate] | None, order: str, strategy: str, finals: int,
          say: Callable[[str], None], workspace: Workspace) -> FixResult:
     say(f"gradwatch fix: baseline trial ({budget_steps} steps)")
     baseline = trial("baseline", BASELINE, budget_steps)
@@ -147,15 +164,16 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], out: Path, budget_steps:
         raise ConfigError("the baseline run changed no weight: no optimizer.step() and no update by hand was "
                           "seen, so no remedy can change how it trains; call optimizer.step() after "
                           f"loss.backward() (see {out / 'baseline' / OUTPUT_LOG})")
+    names = script_names(command, Context(run))
     if candidates is None:
         if order == "autotrainer":
-            candidates = autotrainer_order(baseline.findings)
+            candidates = autotrainer_order(baseline.findings, names)
         else:
-            acts = {l.activation for l in run.layers if l.role == "activation"}
             lrs = run.lr[np.isfinite(run.lr)]
-            candidates = from_findings(baseline.findings, acts, layer_types={l.type for l in run.layers},
-                                       optimizer=run.meta.get("optimizer"), lr=float(lrs.max()) if len(lrs) else None)
-    result = FixResult(baseline, [], budget_steps=budget_steps)
+            candidates = from_findings(baseline.findings, hidden_activations(run.layers),
+                                       layer_types={l.type for l in run.layers}, optimizer=run.meta.get("optimizer"),
+                                       lr=float(lrs.max()) if len(lrs) else None, names=names)
+    result = FixResult(baseline, [], budget_steps=budget_steps, names=names)
     result.save(out)
     queue = list(candidates)
     if strategy == "screen" and len(queue) > 1:
@@ -164,7 +182,8 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], out: Path, budget_steps:
             say(f"gradwatch fix: screening {i}/{len(queue)} ({short} steps): {cand.name}")
             result.screened.append(trial(f"screen-{i}", cand, short))
             result.save(out)
-        queue = pick_finals([t.candidate for t in sorted(result.screened, key=lambda t: t.score)])[:max(finals, 1)]
+        ranked = [t.candidate for t in sorted(result.screened, key=lambda t: t.score) if not t.not_applied]
+        queue = (pick_finals(ranked) if len(ranked) > 1 else ranked)[:max(finals, 1)]
     for i, cand in enumerate(queue, 1):
         say(f"gradwatch fix: trial {i}/{len(queue)} ({budget_steps} steps): {cand.name}")
         result.trials.append(trial(f"trial-{i}", cand, budget_steps))

@@ -1,5 +1,6 @@
 """Candidate remedies for a run's findings, each a JSON-able spec the trial process applies
-through hooks, plus the code the user should write if it wins."""
+through hooks, plus the code the user should write if it wins, in the script's own names
+(`names.Names`: `opt`, `self.model`; generic ones where the script does not say)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from dataclasses import dataclass, field
 from gradwatch.collect.layers import ACTIVATIONS
 from gradwatch.diagnose.advice import ADAPTIVE, forget_bias_code
 from gradwatch.diagnose.finding import Finding
+from gradwatch.fix.names import Names
 
 # Kinds a repair must remove. Plateau and divergence are judged through the final loss instead.
 HARMFUL = ("vanishing_gradient", "exploding_gradient", "non_finite", "dead_units", "saturation")
+GENERIC = Names()
 
 
 @dataclass(frozen=True)
@@ -22,57 +25,91 @@ class Candidate:
     reason: str = ""
 
 
-def clip_norm(max_norm: float = 1.0) -> Candidate:
+def clip_norm(max_norm: float = 1.0, names: Names = GENERIC) -> Candidate:
     return Candidate(f"clip norm {max_norm:g}", {"clip": "norm", "max_norm": max_norm},
-                     f"torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={max_norm:g})  # before optimizer.step()")
+                     f"torch.nn.utils.clip_grad_norm_({names.model}.parameters(), max_norm={max_norm:g})"
+                     f"  # before {names.optimizer}.step()")
 
 
-def clip_value(value: float = 1.0) -> Candidate:
+def clip_value(value: float = 1.0, names: Names = GENERIC) -> Candidate:
     return Candidate(f"clip value {value:g}", {"clip": "value", "value": value},
-                     f"torch.nn.utils.clip_grad_value_(model.parameters(), clip_value={value:g})  # before optimizer.step()")
+                     f"torch.nn.utils.clip_grad_value_({names.model}.parameters(), clip_value={value:g})"
+                     f"  # before {names.optimizer}.step()")
 
 
-ZCLIP = Candidate("ZClip", {"clip": "zclip"}, "gw.clip.attach(optimizer, gw.clip.ZClip())")
-REINIT = Candidate("re-initialise per activation", {"init": "auto"}, "gw.init_(model)")
-ADAM = Candidate("Adam (lr 1e-3)", {"optimizer": "Adam", "lr": 1e-3},
-                 "optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)")
+def zclip(names: Names = GENERIC) -> Candidate:
+    return Candidate("ZClip", {"clip": "zclip"}, f"gw.clip.attach({names.optimizer}, gw.clip.ZClip())")
 
 
-def lr_scale(factor: float) -> Candidate:
+def reinit(names: Names = GENERIC) -> Candidate:
+    """The trial re-initialises with the model's first batch: it shows the activations called as
+    functions and the order they run in, which the module list does not."""
+    return Candidate("re-initialise per activation", {"init": "auto"}, f"gw.init_({names.model}, example_input=batch)")
+
+
+def adam(names: Names = GENERIC) -> Candidate:
+    return Candidate("Adam (lr 1e-3)", {"optimizer": "Adam", "lr": 1e-3},
+                     f"{names.optimizer} = torch.optim.Adam({names.model}.parameters(), lr=1e-3)"
+                     "  # in place of your optimizer, before a scheduler is built on it (OneCycleLR: max_lr=1e-3)")
+
+
+def lr_scale(factor: float, names: Names = GENERIC) -> Candidate:
+    value = names.lr_value(factor)
+    if value is None:
+        change = f"group['lr'] *= {factor:g}  # with a scheduler: the lr (max_lr) it is built with"
+    else:
+        was = f"{names.run.lr:.3g}" + (" (the schedule's peak)" if names.run.scheduled else "")
+        change = f"group['lr'] = {value}  # {was} x{factor:g}; under a scheduler, before it is built (OneCycleLR: max_lr={value})"
     return Candidate(f"learning rate x{factor:g}", {"lr_scale": factor},
-                     f"for group in optimizer.param_groups: group['lr'] *= {factor:g}"
-                     "  # with a scheduler: the lr (max_lr) it is built with")
+                     f"for group in {names.optimizer}.param_groups: {change}")
 
 
-def swap(old: str, new: str = "LeakyReLU", init: str | None = None, present: tuple[str, ...] = ()) -> Candidate:
-    """An activation swap of the hidden layers (the output's activation is kept); with `init`, the
-    weights re-initialised for the new activation too (the old weights were scaled for the old one:
-    swapping alone keeps, e.g., saturating magnitudes). `old="*"`: every activation module, the
-    code naming the classes `present` in the model."""
+def swap(old: str, new: str = "LeakyReLU", init: str | None = None, present: tuple[str, ...] = (),
+         names: Names = GENERIC) -> Candidate:
+    """An activation swap of the hidden layers (the output's activation, the one the forward applies
+    after the last layer, is kept); with `init`, the weights re-initialised for the new activation
+    too (the old weights were scaled for the old one: swapping alone keeps, e.g., saturating
+    magnitudes). `old="*"`: every activation module, the code naming the classes `present` in the model."""
     made = "nn.LeakyReLU(0.01)" if new == "LeakyReLU" else f"nn.{new}()"
     classes = (f"nn.{old}" if old != "*" else
                f"({', '.join(f'nn.{c}' for c in present)},)" if present else "(nn.Sigmoid, nn.Tanh, nn.ReLU)")
-    code = f"model, _ = gw.modify.swap_activations(model, {classes}, lambda: {made}, keep_output=True)"
+    model = names.model
+    code = (f"{model}, _ = gw.modify.swap_activations({model}, {classes}, lambda: {made}, keep_output=True, "
+            "example_input=batch)")
     spec: dict = {"swap": {"from": old, "to": new}}
     name = f"{'activations' if old == '*' else old} -> {new}"
     if init:
         spec["init"] = init
-        code += f"\ngw.init_(model, {init!r})"
+        code += f"\ngw.init_({model}, {init!r}" + (", example_input=batch)" if init == "auto" else ")")
         name += f" + {'He' if init in ('he', 'auto') else init} init"
     return Candidate(name, spec, code)
 
 
-def norm(kind: str) -> Candidate:
+def norm(kind: str, names: Names = GENERIC) -> Candidate:
     what = "BatchNorm" if kind == "batch" else "LayerNorm"
     return Candidate(f"{what} after each layer", {"norm": kind},
-                     f"model, _ = gw.modify.insert_norm(model, {kind!r})  # before the optimizer is built: new parameters")
+                     f"{names.model}, _ = gw.modify.insert_norm({names.model}, {kind!r})"
+                     f"  # before {names.optimizer} is built: new parameters")
 
 
-FORGET_BIAS = Candidate("LSTM forget-gate bias 1", {"recurrent": "forget_bias"}, forget_bias_code("lstm"))
-GRU = Candidate("nn.RNN -> nn.GRU", {"recurrent": "gru"},
-                "model, _ = gw.modify.replace_rnn(model)  # or build nn.GRU(...) where the nn.RNN is built")
-ORTHOGONAL = Candidate("orthogonal W_hh", {"recurrent": "orthogonal"},
-                       "for chunk in rnn.weight_hh_l0.data.split(rnn.hidden_size): nn.init.orthogonal_(chunk)")
+def forget_bias(names: Names = GENERIC) -> Candidate:
+    return Candidate("LSTM forget-gate bias 1", {"recurrent": "forget_bias"},
+                     "\n".join(forget_bias_code(lstm) for lstm in names.recurrent("LSTM")))
+
+
+def gru(names: Names = GENERIC) -> Candidate:
+    return Candidate("nn.RNN -> nn.GRU", {"recurrent": "gru"},
+                     f"{names.model}, _ = gw.modify.replace_rnn({names.model})  # before {names.optimizer} is built: "
+                     "new parameters (or build nn.GRU(...) where the nn.RNN is built)")
+
+
+def orthogonal(names: Names = GENERIC) -> Candidate:
+    """Every W_hh of every recurrent layer, one gate's chunk at a time (as the trial does)."""
+    code = [f"for name, p in {rnn}.named_parameters():\n"
+            f"    for chunk in p.data.split({rnn}.hidden_size) if name.startswith('weight_hh') else ():\n"
+            "        nn.init.orthogonal_(chunk)" for rnn in names.recurrent("RNN", "GRU", "LSTM")]
+    return Candidate("orthogonal W_hh", {"recurrent": "orthogonal"}, "\n".join(code))
+
 
 MODULE_NAMES = {name: cls.__name__ for cls, name in ACTIVATIONS.items()}  # "leaky_relu" -> "LeakyReLU"
 SATURATING_MODULES = {a: MODULE_NAMES[a] for a in ("sigmoid", "tanh", "softsign", "hardtanh")}
@@ -86,9 +123,10 @@ HIGH_ADAPTIVE_LR = 5e-3
 
 
 def from_findings(findings: list[Finding], activations: set[str], *, layer_types: set[str] = frozenset(),
-                  optimizer: str | None = "SGD", lr: float | None = None) -> list[Candidate]:
-    """The remedies worth a trial for these findings, without repeats.
+                  optimizer: str | None = "SGD", lr: float | None = None, names: Names = GENERIC) -> list[Candidate]:
+    """The remedies worth a trial for these findings, without repeats, their code in `names`.
 
+    `activations`: those of the hidden layers (a swap of the output's alone would change nothing).
     `layer_types` (module class names), `optimizer` (None: hand-written updates) and its (peak)
     `lr` decide what applies: LayerNorm rather than BatchNorm for sequence models; a GRU for a
     vanilla RNN; no optimizer swap where the script updates the weights itself (clipping and lr
@@ -97,13 +135,13 @@ def from_findings(findings: list[Finding], activations: set[str], *, layer_types
     through_time = any("sequence_length" in f.evidence for f in findings)  # vanishing through time
     sequence = bool(layer_types & {"RNN", "GRU", "LSTM", "MultiheadAttention", "TransformerEncoderLayer",
                                    "TransformerDecoderLayer", "Embedding"})
-    normalise = norm("layer" if sequence else "batch")
-    adam = [ADAM] if optimizer is not None and optimizer not in ("Adam", "AdamW") else []
+    normalise = norm("layer" if sequence else "batch", names)
+    adams = [adam(names)] if optimizer is not None and optimizer not in ("Adam", "AdamW") else []
     saturating = [SATURATING_MODULES[a] for a in sorted(activations) if a in SATURATING_MODULES]
     present = tuple(sorted(MODULE_NAMES[a] for a in activations if a in MODULE_NAMES))
     out: list[Candidate] = []
     if "RNN" in layer_types and kinds & {"vanishing_gradient", "exploding_gradient", "saturation"}:
-        out += [GRU]  # the gated state fixes both directions of the recurrence (Cho et al. 2014)
+        out += [gru(names)]  # the gated state fixes both directions of the recurrence (Cho et al. 2014)
     if kinds & {"exploding_gradient", "non_finite", "loss_divergence"}:
         base = next((max(f.evidence.get("baseline_norm") or 0.0, f.evidence.get("early_norm") or 0.0)
                      for f in findings if f.kind == "exploding_gradient"), None)
@@ -112,24 +150,26 @@ def from_findings(findings: list[Finding], activations: set[str], *, layer_types
         # needs no level); the two screen alike, so a second one would only add cost. Growth from
         # the first step has no level before it: what was measured is already the burst.
         measured = base is not None and math.isfinite(base) and base > 0 and not at_init
-        out += [lr_scale(0.1), *adam, clip_norm(float(f"{2 * base:.1g}")) if measured else ZCLIP]
+        out += [lr_scale(0.1, names), *adams, clip_norm(float(f"{2 * base:.1g}"), names) if measured else zclip(names)]
         if at_init:
-            out += [ORTHOGONAL if "RNN" in layer_types else REINIT]  # too large from the first step: the init
+            out += [orthogonal(names) if "RNN" in layer_types else reinit(names)]  # too large from the first step: the init
     if kinds & {"vanishing_gradient", "saturation", "stalled_layers"}:
         if optimizer in STEP_SIZED and lr is not None and lr >= HIGH_ADAPTIVE_LR:
-            out += [lr_scale(0.1)]
+            out += [lr_scale(0.1, names)]
         if through_time:
-            out += [FORGET_BIAS] if "LSTM" in layer_types else []
-            out += [ORTHOGONAL, *adam, lr_scale(10.0)]
+            out += [forget_bias(names)] if "LSTM" in layer_types else []
+            out += [orthogonal(names), *adams, lr_scale(10.0, names)]
         else:
-            out += [swap(s, "LeakyReLU", "auto") for s in saturating]
+            out += [swap(s, "LeakyReLU", "auto", names=names) for s in saturating]
             # activations called as functions (torch.sigmoid in forward) are no module to swap
-            out += [swap("*", "SELU", "lecun", present)] if present else []
-            out += [REINIT, normalise, *adam]
+            out += [swap("*", "SELU", "lecun", present, names)] if present else []
+            out += [reinit(names), normalise, *adams]
     if "dead_units" in kinds:  # the swap re-initialises (He) too: a plain re-init only without ReLUs
-        out += [swap("ReLU", "LeakyReLU", "auto"), lr_scale(0.1), *([] if "relu" in activations else [REINIT]), *adam]
+        relu = "relu" in activations
+        out += [*([swap("ReLU", "LeakyReLU", "auto", names=names)] if relu else []), lr_scale(0.1, names),
+                *([] if relu else [reinit(names)]), *adams]
     if "loss_plateau" in kinds:
-        out += [lr_scale(10.0), *adam]
+        out += [lr_scale(10.0, names), *adams]
     seen, unique = set(), []
     for c in out:
         if c.name not in seen:
@@ -147,14 +187,14 @@ def combine(a: Candidate, b: Candidate) -> Candidate | None:
                      reason="the two best remedies of the screening, together")
 
 
-def autotrainer_order(findings: list[Finding]) -> list[Candidate]:
+def autotrainer_order(findings: list[Finding], names: Names = GENERIC) -> list[Candidate]:
     """AutoTrainer's fixed repair order (Zhang et al., ICSE 2021), as a baseline: vanishing:
     SELU -> ReLU+He -> BatchNorm; exploding: SELU -> ReLU -> clip by value -> tanh -> BatchNorm."""
     kinds = {f.kind for f in findings}
-    selu, relu, relu_he = swap("*", "SELU", "lecun"), swap("*", "ReLU"), swap("*", "ReLU", "he")
-    tanh, batchnorm = swap("*", "Tanh"), norm("batch")
+    selu, relu = swap("*", "SELU", "lecun", names=names), swap("*", "ReLU", names=names)
+    relu_he, tanh, batchnorm = swap("*", "ReLU", "he", names=names), swap("*", "Tanh", names=names), norm("batch", names)
     if kinds & {"exploding_gradient", "non_finite", "loss_divergence"}:
-        return [selu, relu, clip_value(1.0), tanh, batchnorm]
+        return [selu, relu, clip_value(1.0, names), tanh, batchnorm]
     if kinds & {"vanishing_gradient", "saturation", "stalled_layers", "dead_units"}:
         return [selu, relu_he, batchnorm]
     return []

@@ -2,7 +2,8 @@
 
 Started by the bootstrap when `gradwatch fix` sets GRADWATCH_REMEDY (a JSON spec) and/or
 GRADWATCH_MAX_STEPS. Model changes are made at the first forward, with grad enabled, of the first
-module that owns trainable parameters (before it computes anything), optimizer changes at its steps; the trial ends cleanly
+module that owns trainable parameters (before it computes anything; its input shows them the order
+layers and activations run in), optimizer changes at its steps; the trial ends cleanly
 (SystemExit, so atexit flushes the store) after GRADWATCH_MAX_STEPS steps, or once a remedy
 trial's loss has been non-finite for STOP_AFTER_NON_FINITE steps in a row.
 """
@@ -13,13 +14,19 @@ import json
 import os
 import sys
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules import module as torch_module
 from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from gradwatch.collect import patches
+from gradwatch.collect.auto import ENV_RUN_DIR
 from gradwatch.collect.layers import ACTIVATIONS
 from gradwatch.collect.watch import MAX_ACCUMULATION
 from gradwatch.errors import ConfigError
@@ -29,25 +36,52 @@ ENV_REMEDY = "GRADWATCH_REMEDY"
 ENV_MAX_STEPS = "GRADWATCH_MAX_STEPS"
 
 STOP_AFTER_NON_FINITE = 3  # consecutive non-finite losses that end a remedy trial
+NOT_APPLIED = "not-applied.txt"  # in a trial's run directory: why its remedy changed nothing
 
 NEW_ACTIVATION = {"LeakyReLU": lambda: nn.LeakyReLU(0.01), "ReLU": nn.ReLU, "SELU": nn.SELU, "Tanh": nn.Tanh,
                   "ELU": nn.ELU, "GELU": nn.GELU}
 
 
-def apply_to_model(model: nn.Module, spec: dict) -> None:
-    """The model-level part of a remedy, in place (the script keeps its reference to `model`)."""
+def apply_to_model(model: nn.Module, spec: dict, example_input: Any = None) -> str:
+    """The model-level part of a remedy, in place (the script keeps its reference to `model`).
+    `example_input` (the model's first batch) lets the swap and the init see what really runs:
+    activations called as functions, one module shared by several layers, the output's activation.
+    Returns why the remedy does not apply ('' when it does): a swap that swaps nothing would leave
+    a trial of the rest of the remedy under the swap's name."""
     swap = spec.get("swap")
     if swap:
         old = tuple(ACTIVATIONS) if swap["from"] == "*" else (getattr(nn, swap["from"]),)
-        swap_activations(model, old, NEW_ACTIVATION[swap["to"]], keep_output=True)
+        _, change = swap_activations(model, old, NEW_ACTIVATION[swap["to"]], keep_output=True,
+                                     example_input=example_input)
+        if not change:
+            return str(change)
     if spec.get("norm"):
         insert_norm(model, spec["norm"])
     if spec.get("init"):
-        init_(model, spec["init"])
+        init_(model, spec["init"], example_input=example_input)
     if spec.get("recurrent") == "gru":
         replace_rnn(model)
     elif spec.get("recurrent"):
         _recurrent(model, spec["recurrent"])
+    return ""
+
+
+@contextmanager
+def unseen_by_global_hooks() -> Iterator[None]:
+    """Forward passes inside are hidden from global module hooks. The remedy's look at the model
+    (one forward of the first batch) runs before the watch has seen the model: its hooks would
+    adopt the model then, with the modules the remedy is about to replace. torch has no public
+    switch for this, so its two hook tables are set aside and put back."""
+    tables = (torch_module._global_forward_pre_hooks, torch_module._global_forward_hooks)
+    saved = [dict(t) for t in tables]
+    for t in tables:
+        t.clear()
+    try:
+        yield
+    finally:
+        for t, hooks in zip(tables, saved):
+            t.clear()
+            t.update(hooks)
 
 
 def _recurrent(model: nn.Module, how: str) -> None:
@@ -70,8 +104,10 @@ def _recurrent(model: nn.Module, how: str) -> None:
 class Injector:
     """Global hooks that apply `spec` to the first model and every optimizer that steps."""
 
-    def __init__(self, spec: dict, max_steps: int | None, earlier: list[weakref.ref] = ()):
+    def __init__(self, spec: dict, max_steps: int | None, earlier: list[weakref.ref] = (),
+                 run_dir: Path | None = None):
         self.spec = spec
+        self.run_dir = run_dir  # where a remedy that changes nothing says so (NOT_APPLIED)
         self.earlier = earlier  # models earlier in-process trials trained (gw.fix(train_fn))
         self.max_steps = max_steps
         self.model: nn.Module | None = None
@@ -107,8 +143,21 @@ class Injector:
                     f"gw.fix: train_fn trains the {type(module).__name__} an earlier trial trained (and changed); "
                     "build the model and its optimizer inside train_fn, so that every trial starts alike")
             self.model = module
-            apply_to_model(module, self.spec)
+            try:
+                with unseen_by_global_hooks():
+                    void = apply_to_model(module, self.spec, args or None)
+            except ConfigError as exc:  # the remedy cannot apply to this model: the trial fails, not fix
+                raise RuntimeError(f"gradwatch fix: {exc}") from exc
             self._handles.pop(0).remove()
+            if void:
+                self._not_applied(void)
+
+    def _not_applied(self, why: str) -> None:
+        """End the trial before its first step: it would measure the rest of the remedy (a swap's
+        re-initialisation alone) under the remedy's name."""
+        if self.run_dir is not None:
+            (self.run_dir / NOT_APPLIED).write_text(why + "\n")
+        raise SystemExit(0)
 
     # ---------------------------------------------------------------- optimizer
     def _state(self, opt: torch.optim.Optimizer) -> dict:
@@ -122,9 +171,10 @@ class Injector:
                     opt.param_groups[0]["params"].extend(new)  # group (OneCycleLR's initial_lr, LambdaLR's base_lrs)
             if self.spec.get("clip"):
                 state["clipper"] = self._make_clipper()
-            if self.spec.get("optimizer") == "Adam":
-                params = [p for g in opt.param_groups for p in g["params"]]
-                state["adam"] = torch.optim.Adam(params, lr=self.spec.get("lr", 1e-3))
+            if self.spec.get("optimizer") == "Adam":  # one Adam group per group: each follows its own lr
+                state["adam"] = torch.optim.Adam([{"params": g["params"]} for g in opt.param_groups],
+                                                 lr=self.spec.get("lr", 1e-3))
+                state["base_lrs"] = [g.get("max_lr", g.get("initial_lr", g["lr"])) for g in opt.param_groups]
         return state
 
     def _make_clipper(self):
@@ -139,6 +189,7 @@ class Injector:
         if "clipper" in state:
             state["clipper"]([p for g in opt.param_groups for p in g["params"]])
         if "adam" in state:  # Adam takes the step; the script's optimizer runs with lr 0
+            _follow_schedule(state["adam"], opt, state["base_lrs"], self.spec.get("lr", 1e-3))
             state["adam"]._gradwatch_inner = True
             state["adam"].step()
         scale = 0.0 if "adam" in state else self.spec.get("lr_scale")
@@ -212,9 +263,22 @@ class Injector:
     def after_scaler_update(self) -> None:
         pass
 
+    def params_added(self, optimizer: torch.optim.Optimizer) -> None:
+        """An optimizer took parameters (patches.Listener): remedies act at its steps, not before."""
+
     def guard_skipped(self, optimizer) -> None:
         """The script's own gw.guard skipped a step: it still counts against the budget."""
         self._count_step()
+
+
+def _follow_schedule(adam: torch.optim.Optimizer, opt: torch.optim.Optimizer, base_lrs: list[float],
+                     lr: float) -> None:
+    """Adam's lr as the script's scheduler would set it had Adam been built in its optimizer's place:
+    `lr` times the schedule's factor (the script's lr over the lr it was built with; for OneCycleLR,
+    over its max_lr, which the printed change sets to `lr`). A constant lr would measure Adam without
+    the schedule the user's Adam gets."""
+    for group, own, base in zip(adam.param_groups, opt.param_groups, base_lrs):
+        group["lr"] = lr * own["lr"] / base if base > 0 else lr
 
 
 def start_from_env() -> Injector | None:
@@ -226,4 +290,5 @@ def start_from_env() -> Injector | None:
     except ValueError:
         print(f"gradwatch: ignoring {ENV_REMEDY}={spec_text!r}: not JSON", file=sys.stderr)
         spec = {}
-    return Injector(spec, int(max_steps) if max_steps else None)
+    run_dir = os.environ.get(ENV_RUN_DIR)
+    return Injector(spec, int(max_steps) if max_steps else None, run_dir=Path(run_dir) if run_dir else None)

@@ -22,7 +22,7 @@ from gradwatch.diagnose import diagnose
 from gradwatch.diagnose.finding import Finding, write_findings
 from gradwatch.errors import ConfigError, GradwatchError
 from gradwatch.fix.candidates import HARMFUL, Candidate
-from gradwatch.fix.inject import ENV_MAX_STEPS, ENV_REMEDY, Injector
+from gradwatch.fix.inject import ENV_MAX_STEPS, ENV_REMEDY, NOT_APPLIED, Injector
 from gradwatch.fix.touched import WRITTEN
 from gradwatch.store import read_run
 
@@ -36,6 +36,7 @@ class Trial:
     steps: int = 0
     final_loss: float = float("inf")
     findings: list[Finding] = field(default_factory=list)
+    not_applied: str = ""  # why the remedy changed nothing (the trial ended before its first step)
 
     @property
     def failed(self) -> bool:
@@ -86,6 +87,7 @@ def prepare(run_dir: Path, candidate: Candidate) -> Path:
     """A fresh run directory that says which remedy its trial ran (`runs/fix/screen-3` alone does not)."""
     run_dir = runner.prepare_run_dir(run_dir)
     shutil.rmtree(run_dir / WRITTEN, ignore_errors=True)  # an earlier fix's
+    (run_dir / NOT_APPLIED).unlink(missing_ok=True)
     (run_dir / REMEDY_FILE).write_text(json.dumps(
         {"name": candidate.name, "spec": candidate.spec, "code": candidate.code}, indent=1) + "\n")
     return run_dir
@@ -100,7 +102,7 @@ def discard_trials(out: Path) -> None:
             continue
         runner.clear_run(run_dir)
         shutil.rmtree(run_dir / WRITTEN, ignore_errors=True)
-        for name in (REMEDY_FILE, OUTPUT_LOG):
+        for name in (REMEDY_FILE, OUTPUT_LOG, NOT_APPLIED):
             (run_dir / name).unlink(missing_ok=True)
         try:
             run_dir.rmdir()
@@ -137,7 +139,7 @@ def run_trial_in_process(train_fn: Callable[[], object], run_dir: Path, candidat
     run_dir = prepare(run_dir, candidate)
     torch.manual_seed(seed)
     trained = [] if trained is None else trained
-    injector = Injector(candidate.spec, budget_steps, trained)
+    injector = Injector(candidate.spec, budget_steps, trained, run_dir=run_dir)
     watch = AutoWatch(str(run_dir), warn=False, status=False)
     injector.install_late()
     start, code = time.perf_counter(), 0
@@ -160,6 +162,8 @@ def run_trial_in_process(train_fn: Callable[[], object], run_dir: Path, candidat
 
 def measure(trial: Trial) -> Trial:
     run_dir = trial.run_dir
+    if (run_dir / NOT_APPLIED).is_file():
+        trial.not_applied = (run_dir / NOT_APPLIED).read_text().strip()
     try:
         series = read_run(run_dir)
     except GradwatchError:

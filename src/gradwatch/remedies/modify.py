@@ -116,24 +116,23 @@ LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 def swap_activations(model: nn.Module, old: ModuleTypes = nn.Sigmoid,
                      new: Callable[[], nn.Module] = lambda: nn.LeakyReLU(0.01),
-                     *, keep_output: bool = False, inplace: bool = True) -> tuple[nn.Module, Change]:
+                     *, keep_output: bool = False, example_input: Any = None,
+                     inplace: bool = True) -> tuple[nn.Module, Change]:
     """Replace every module of type `old` by a fresh `new()` (a class or a factory).
 
-    `keep_output` leaves the output's activation alone: an `old` module registered after the last
-    Linear/Conv layer (a sigmoid giving BCELoss its probabilities shapes the prediction; it is no
-    hidden layer whose gradient flow needs fixing)."""
+    `keep_output` leaves the output's activation alone (a sigmoid giving BCELoss its probabilities
+    shapes the prediction; it is no hidden layer whose gradient flow needs fixing): with
+    `example_input`, the `old` module that one forward pass applies after the last Linear/Conv
+    layer; without, one registered after it (a module shared by every layer but registered last
+    is taken for the output's then)."""
     old_types = _types("old", old)
     model = _target(model, inplace)
     # every place a module sits, also one instance registered twice (named_modules() lists it once)
     named = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if n]
-    output = None
-    if keep_output:
-        last_layer = max((i for i, (_, m) in enumerate(named) if isinstance(m, LAYERS)), default=-1)
-        after = [n for n, m in named[last_layer + 1:] if isinstance(m, old_types)]
-        output = after[-1] if last_layer >= 0 and after else None
+    output = _output_activations(model, named, old_types, example_input) if keep_output else set()
     swapped, made = [], None
     for name, m in named:
-        if isinstance(m, old_types) and name != output:
+        if isinstance(m, old_types) and name not in output:
             made = new()
             if not isinstance(made, nn.Module):
                 raise ConfigError(f"new() returned {made!r}, not an nn.Module; pass e.g. lambda: nn.LeakyReLU(0.01)")
@@ -142,8 +141,36 @@ def swap_activations(model: nn.Module, old: ModuleTypes = nn.Sigmoid,
             swapped.append(name)
     old_name = "/".join(t.__name__ for t in old_types)
     if not swapped:
-        return model, Change(f"no {old_name} module found; nothing changed")
+        kept = f" but the output's ({', '.join(sorted(output))}), kept" if output else " found"
+        return model, Change(f"no {old_name} module{kept}; nothing changed")
     return model, Change(f"replaced {len(swapped)} {old_name} module(s) by {made!r}: {', '.join(swapped)}", swapped)
+
+
+def _output_activations(model: nn.Module, named: list[tuple[str, nn.Module]], old_types: tuple,
+                        example_input: Any) -> set[str]:
+    """The places of the output's `old` activation: the modules applied after the last layer in a
+    forward of `example_input` (what runs decides, not where it is declared), else the last `old`
+    module registered after the last layer."""
+    if example_input is None:
+        last_layer = max((i for i, (_, m) in enumerate(named) if isinstance(m, LAYERS)), default=-1)
+        after = [n for n, m in named[last_layer + 1:] if isinstance(m, old_types)]
+        return {after[-1]} if last_layer >= 0 and after else set()
+    order = _run_order(model, example_input)
+    last_layer = max((i for i, m in enumerate(order) if isinstance(m, LAYERS)), default=-1)
+    applied = {id(m) for m in order[last_layer + 1:] if isinstance(m, old_types)} if last_layer >= 0 else set()
+    return {n for n, m in named if id(m) in applied}
+
+
+def _run_order(model: nn.Module, example_input: Any) -> list[nn.Module]:
+    """Every module call of one forward pass, in order (a module shared by several layers each time)."""
+    order: list[nn.Module] = []
+    handles = [m.register_forward_pre_hook(lambda module, args: order.append(module)) for m in model.modules()]
+    try:
+        forward_once(model, example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    return order
 
 
 def _refresh_fast_path(model: nn.Module, name: str) -> None:

@@ -1,0 +1,214 @@
+"""The names a training script gives its model and optimizer, read from its source (never run), so
+that the change `fix` prints can be pasted into it as it is: `opt.param_groups` where the script
+calls its optimizer `opt`, `self.model.rnn` where its RNN sits there. Where the source does not say
+reliably (no source, two optimizers, parameters gathered from several modules), the generic names
+stay, and a comment says what they stand for."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import re
+import sys
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from gradwatch.diagnose.advice import Context, module_ref
+
+TORCH_OPTIMIZERS = frozenset(n for n, c in vars(torch.optim).items()
+                             if isinstance(c, type) and issubclass(c, torch.optim.Optimizer))
+PLACEHOLDERS = {"model": "your model (the nn.Module you train)", "optimizer": "its optimizer",
+                "rnn": "your recurrent layer (an nn.RNN/GRU/LSTM)", "lstm": "your nn.LSTM"}
+
+
+@dataclass(frozen=True)
+class Names:
+    """How the printed code reaches the user's model, optimizer and layers."""
+
+    model: str = "model"
+    optimizer: str = "optimizer"
+    found: frozenset[str] = frozenset()  # of "model", "optimizer": read from the script
+    batch: str = ""  # what the script calls the model with in training (`Xtr[idx]`), if found
+    imported: frozenset[str] | None = None  # the names the script imports (None: not read)
+    run: Context | None = field(default=None, compare=False)  # the baseline: its lr and layers
+
+    def ref(self, layer: str) -> str:
+        """A module inside the model, by its recorded name: `rnn` -> `net.rnn`."""
+        return self.model + module_ref(layer)[len("model"):]
+
+    def recurrent(self, *types: str) -> list[str]:
+        """The recorded recurrent layers of these types, as code; a placeholder when none is known."""
+        layers = [l.name for l in self.run.run.layers if l.role == "recurrent" and l.type in types] if self.run else []
+        return [self.ref(n) for n in layers] or ["lstm" if types == ("LSTM",) else "rnn"]
+
+    def lr_value(self, factor: float) -> str | None:
+        """The lr the script's lr times `factor` gives (2.0 x0.1 -> "0.2"); None when not recorded."""
+        if self.run is None or not self.run.lr > 0:
+            return None
+        return self.run.lr_text(factor)
+
+    def complete(self, code: str) -> str:
+        """`code` with what it needs before it: the imports the script lacks and a comment for each
+        placeholder it uses (a generic name, the batch)."""
+        lines = []
+        for module, line in (("gw", "import gradwatch as gw"), ("torch", "import torch"), ("nn", "from torch import nn")):
+            missing = self.imported is None and module == "gw" or self.imported is not None and module not in self.imported
+            if missing and _uses(code, module + "."):
+                lines.append(line)
+        if "example_input=batch" in code:
+            seen = f", as in {self.model}({self.batch})" if self.batch else ", as the model takes it in training"
+            lines.append(f"# batch: one input batch{seen}")
+        generic = [f"{n}: {what}" for n, what in PLACEHOLDERS.items()
+                   if n not in self.found and _uses(code, n)]
+        if generic:
+            lines.append(f"# {'; '.join(generic)} (not found in your script)")
+        return "\n".join([*lines, code])
+
+
+def _uses(code: str, name: str) -> bool:
+    """`name` stands on its own in `code` (`rnn.`, not `model.rnn.`; `nn.`, not `torch.nn.`)."""
+    return re.search(rf"(?<![\w.]){re.escape(name)}\b" if not name.endswith(".") else
+                     rf"(?<![\w.]){re.escape(name)}", code) is not None
+
+
+def read_names(source: str, run: Context | None = None, imported: frozenset[str] = frozenset()) -> Names:
+    """The names in `source` (a script, or a training function's own code). `imported`: names bound
+    around the source (a function's module globals)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return Names(run=run)
+    classes = {run.run.meta["optimizer"]} if run and run.run.meta.get("optimizer") else TORCH_OPTIMIZERS
+    reader = _Reader(classes)
+    reader.visit(tree)
+    binds = imported | {(a.asname or a.name).split(".")[0] for node in ast.walk(tree)
+                        if isinstance(node, (ast.Import, ast.ImportFrom)) for a in node.names}
+    targets = {target for target, _ in reader.builds}
+    if len(targets) != 1:  # none, or several optimizers (a GAN's two): which one is unclear
+        return Names(imported=binds, run=run)
+    optimizer = targets.pop()
+    models = {model for _, model in reader.builds}
+    if len(models) != 1 or None in models:
+        return Names(optimizer=optimizer, found=frozenset({"optimizer"}), imported=binds, run=run)
+    model = models.pop()
+    batch = next((arg for func, arg in reader.calls if func == model), "")
+    return Names(model, optimizer, frozenset({"model", "optimizer"}), batch, binds, run)
+
+
+class _Reader(ast.NodeVisitor):
+    """The optimizer builds (`opt = torch.optim.SGD(net.parameters(), ...)`: target, model) and the
+    calls made outside no_grad blocks (callee, first argument) of a source."""
+
+    def __init__(self, classes: frozenset[str] | set[str]):
+        self.classes = classes
+        self.builds: list[tuple[str, str | None]] = []
+        self.calls: list[tuple[str, str]] = []
+        self._scopes: list[ast.AST] = []
+        self._no_grad = 0
+
+    def visit_FunctionDef(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
+        self._scopes.append(node)
+        self.generic_visit(node)
+        self._scopes.pop()
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_Assign(self, node: ast.Assign) -> None:
+        if len(node.targets) == 1:
+            self._build(node.targets[0], node.value)
+        self.generic_visit(node)
+
+    def visit_AnnAssign(self, node: ast.AnnAssign) -> None:
+        self._build(node.target, node.value)
+        self.generic_visit(node)
+
+    def visit_With(self, node: ast.With) -> None:
+        quiet = any(_callee(item.context_expr) in ("no_grad", "inference_mode") for item in node.items)
+        self._no_grad += quiet
+        self.generic_visit(node)
+        self._no_grad -= quiet
+
+    def visit_Call(self, node: ast.Call) -> None:
+        if not self._no_grad and node.args:
+            self.calls.append((ast.unparse(node.func), ast.unparse(node.args[0])))
+        self.generic_visit(node)
+
+    def _build(self, target: ast.expr, value: ast.expr | None) -> None:
+        if isinstance(target, (ast.Name, ast.Attribute)) and _callee(value) in self.classes:
+            self.builds.append((ast.unparse(target), self._model(target, value)))
+
+    def _model(self, target: ast.expr, call: ast.Call) -> str | None:
+        """What the optimizer's parameters come from, when it is one module (`net.parameters()`).
+        Built in a method (`self.optimizer = SGD(model.parameters())` in `__init__`), the module
+        as the other methods reach it: `self.model`, where the method stores it there."""
+        params = call.args[0] if call.args else next((k.value for k in call.keywords if k.arg == "params"), None)
+        owners = {ast.unparse(n.func.value) for n in (ast.walk(params) if params is not None else ())
+                  if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+                  and n.func.attr in ("parameters", "named_parameters")}
+        if len(owners) != 1:
+            return None
+        owner = owners.pop()
+        if isinstance(target, ast.Attribute) and self._scopes:
+            holder = ast.unparse(target.value)
+            for node in ast.walk(self._scopes[-1]):
+                if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Attribute)
+                        and ast.unparse(node.targets[0].value) == holder and ast.unparse(node.value) == owner):
+                    return ast.unparse(node.targets[0])
+        return owner
+
+
+def _callee(node: ast.expr | None) -> str:
+    """The last name of what a call calls (`torch.optim.SGD(...)` -> "SGD"); "" for no call."""
+    if not isinstance(node, ast.Call):
+        return ""
+    func = node.func
+    return func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+
+
+def script_names(command: list[str] | Callable[[], object], run: Context | None = None) -> Names:
+    """The names in what `fix` runs: the script of `python script.py` / `python -m module`, or a
+    training function's own source (`gw.fix(train_fn)`); generic ones where neither is readable."""
+    if callable(command):
+        try:
+            source = textwrap.dedent(inspect.getsource(command))
+        except (OSError, TypeError):
+            return Names(run=run)
+        return read_names(source, run, frozenset(getattr(command, "__globals__", {})))
+    path = script_path(command, Path.cwd())
+    if path is None:
+        return Names(run=run)
+    try:
+        return read_names(path.read_text(encoding="utf-8"), run)
+    except (OSError, UnicodeDecodeError):
+        return Names(run=run)
+
+
+def script_path(command: list[str], cwd: Path) -> Path | None:
+    """The Python file `python [options] script.py ...` or `python -m module ...` runs; None for
+    other commands (`python -c`, a shell script, a launcher)."""
+    if not command or not Path(command[0]).name.startswith("python"):
+        return None
+    args = command[1:]
+    while args and args[0].startswith("-") and args[0] not in ("-m", "-c", "-"):
+        args = args[2:] if args[0] in ("-W", "-X") else args[1:]  # these two take a value
+    if not args or args[0] in ("-c", "-"):
+        return None
+    if args[0] == "-m":
+        return module_path(args[1], cwd) if len(args) > 1 else None
+    path = cwd / args[0]
+    return path if path.is_file() else None
+
+
+def module_path(name: str, cwd: Path) -> Path | None:
+    """The file `python -m name` runs, looked for where Python looks (the working directory first),
+    without importing anything."""
+    parts = name.split(".")
+    for base in [cwd, *(Path(p) for p in sys.path if p)]:
+        for path in (base.joinpath(*parts[:-1], parts[-1] + ".py"), base.joinpath(*parts, "__main__.py")):
+            if path.is_file():
+                return path
+    return None
