@@ -95,3 +95,17 @@ def test_a_reused_callback_records_and_logs_its_second_training(tmp_path):
             logged = {int(r["step"]) for r in csv.DictReader(fh) if r.get(GRAD_METRIC + "fc1")}
         assert sorted(logged) == list(range(10)), fit
         assert list(gw.read_run(tmp_path / "gradwatch").steps) == list(range(10)), fit
+
+
+def test_bad_arguments_are_clear_errors_when_the_callback_is_made(tmp_path):
+    """Before, `out=123` was a TypeError and a bad `every` waited for fit; a run directory under a
+    file was a raw NotADirectoryError from inside the first flush."""
+    with pytest.raises(gw.ConfigError, match="out=123: expected a directory path"):
+        GradwatchCallback(123)
+    with pytest.raises(gw.ConfigError, match="flush_every=0"):
+        GradwatchCallback(flush_every=0)
+    (tmp_path / "afile").write_text("x")
+    callback = GradwatchCallback(tmp_path / "afile" / "run")
+    model = nn.Linear(2, 1)
+    with pytest.raises(gw.ConfigError, match="cannot write the run directory"):
+        callback.recorder.start(model, torch.optim.SGD(model.parameters(), lr=0.1), tmp_path, "lightning")

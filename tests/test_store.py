@@ -40,6 +40,11 @@ def test_reader_errors_name_the_problem(tmp_path):
         read_run(tmp_path / "missing")
     with pytest.raises(StoreError, match="holds no gradwatch store"):
         read_run(tmp_path)
+    for rank in ("rank0", "rank1"):  # a callback's distributed run: one directory per rank
+        (tmp_path / "cb" / rank).mkdir(parents=True)
+        (tmp_path / "cb" / rank / "gradwatch.sqlite").write_text("")
+    with pytest.raises(StoreError, match="holds one run per directory \\(rank0, rank1\\): give one of them"):
+        read_run(tmp_path / "cb")
     bogus = tmp_path / "gradwatch.sqlite"
     bogus.write_text("not a database at all")
     with pytest.raises(StoreError, match="not a gradwatch store"):

@@ -188,11 +188,11 @@ def _check_train_check(watch_factory, steps=6):
             opt.zero_grad()
             batch = []
             for _ in range(parts):
-                loss = model(torch.randn(8, 4)).pow(2).mean()
+                loss = model(torch.randn(8, 4)).pow(2).mean() / parts
                 loss.backward()
                 batch.append(loss.item())
             opt.step()
-            losses.append(sum(batch) / parts)
+            losses.append(sum(batch))  # the step's objective: its micro-batches' mean loss
         check()
     finally:
         watch.detach()

@@ -43,23 +43,46 @@ def test_frozen_shared_unused():
     assert series.metrics["grad_norm"][-1, series.column("a")] == pytest.approx(math.hypot(a_weight_grad, a_bias_grad), rel=1e-5)
 
 
-def test_gradient_accumulation_counts_optimizer_steps():
+@pytest.mark.parametrize("last_in_closure", [False, True])
+def test_gradient_accumulation_counts_optimizer_steps(last_in_closure):
+    """Three micro-batches of loss / 3 per step: the step's loss is their sum, the mean loss the
+    gradient is of (it was the mean of loss / 3, a third of it). Lightning runs the last micro-batch
+    in optimizer.step(closure): it counts too (it was dropped)."""
     model = nn.Linear(3, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with gradwatch.watch(model, opt) as watch:
         for _ in range(4):
             opt.zero_grad()
             losses = []
-            for _ in range(3):
+
+            def micro_batch():
                 loss = model(torch.randn(2, 3)).pow(2).mean()
-                loss.backward()
+                (loss / 3).backward()
                 losses.append(loss.item())
-            grad = math.hypot(model.weight.grad.norm().item(), model.bias.grad.norm().item())
-            opt.step()
+                return loss
+
+            for _ in range(2 if last_in_closure else 3):
+                micro_batch()
+            if last_in_closure:
+                opt.step(micro_batch)
+            else:
+                opt.step()
         series = watch.series()
     assert list(series.steps) == [0, 1, 2, 3]
-    assert series.loss[-1] == pytest.approx(np.mean(losses), rel=1e-6)  # mean of the micro-batch losses
-    assert series.metrics["grad_norm"][-1, 0] == pytest.approx(grad, rel=1e-6)  # the accumulated gradient
+    assert series.loss[-1] == pytest.approx(np.mean(losses), rel=1e-6)
+
+
+def test_the_accumulated_gradient_is_recorded():
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradwatch.watch(model, opt) as watch:
+        opt.zero_grad()
+        for _ in range(3):
+            model(torch.randn(2, 3)).pow(2).mean().backward()
+        grad = math.hypot(model.weight.grad.norm().item(), model.bias.grad.norm().item())
+        opt.step()
+        series = watch.series()
+    assert series.metrics["grad_norm"][-1, 0] == pytest.approx(grad, rel=1e-6)
 
 
 def test_manual_update_without_optimizer():
@@ -312,7 +335,7 @@ def test_optimizer_step_with_a_closure_records_the_update_and_can_stop_before_it
 def test_zero_code_gan_two_alternating_optimizers(tmp_path):
     """G and D, each with its own optimizer, stepping in turn: each update is in some step's Δw
     (the generator's was measured as 0, a false 'weights stopped changing'), one step per
-    iteration, and the step's loss is the mean of the iteration's two."""
+    iteration, and the step's loss is the sum of the two."""
     from gradwatch.collect.auto import AutoWatch
 
     torch.manual_seed(0)
@@ -343,8 +366,8 @@ def test_zero_code_gan_two_alternating_optimizers(tmp_path):
     assert len(g_cols) == 2
     sampled = run.metrics["update_ratio"][::2]
     assert (sampled[1:, g_cols] > 0).all()  # the generator's update is seen (step 0 has only D's)
-    # step k holds G's update of iteration k-1 and D's of iteration k: its loss is their mean
-    assert run.loss[5] == pytest.approx((losses[4][1] + losses[5][0]) / 2, rel=1e-5)
+    # step k holds G's update of iteration k-1 and D's of iteration k: its loss is their sum
+    assert run.loss[5] == pytest.approx(losses[4][1] + losses[5][0], rel=1e-5)
     from gradwatch.diagnose import diagnose
     assert not [f for f in diagnose(run) if f.kind == "stalled_layers"]
     # G steps after a backward of its own: the step's loss mixes two objectives, so no loss findings

@@ -139,3 +139,28 @@ def test_recurrent_time_profile_matches_input_gradient():
     steps, table = series.time_profiles[series.layer_names()[0]]
     np.testing.assert_allclose(table[0], expected, rtol=1e-5)
     assert isinstance(rnn, RECURRENT)
+
+
+def test_other_libraries_activation_modules_are_activations():
+    """Hugging Face's GELU is its own module class (GELUActivation): before, GPT-2 reported that
+    no activation module was watched."""
+    class GELUActivation(nn.Module):
+        def forward(self, x):
+            return nn.functional.gelu(x)
+
+    class GatedBlock(nn.Module):  # a name that is not an activation's: not taken for one
+        def forward(self, x):
+            return x * torch.sigmoid(x)
+
+    model = nn.Sequential(nn.Linear(4, 8), GELUActivation(), nn.Linear(8, 8), GatedBlock(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    from gradwatch import watch as gw_watch
+
+    with gw_watch(model, opt, sample_every=1) as watch:
+        opt.zero_grad()
+        model(torch.randn(16, 4)).sum().backward()
+        opt.step()
+        series = watch.series()
+    acts = {l.name: l.activation for l in series.layers if l.role == "activation"}
+    assert acts == {"1": "gelu"}
+    assert np.isfinite(series.metrics["act_mean"][0, series.column("1")])

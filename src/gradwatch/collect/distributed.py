@@ -255,7 +255,7 @@ def _table(records: list, n: int) -> torch.Tensor:
     for row, rec in enumerate(records):
         if rec.loss_n:
             table[row, 0] = 1.0
-            table[row, 1] = (rec.loss_sum / rec.loss_n).double().cpu()
+            table[row, 1] = rec.loss_sum.double().cpu()
         else:
             table[row, 0] = 0.0
         for k, name in enumerate(_FIELDS):

@@ -53,10 +53,20 @@ def has_lazy_params(model: nn.Module) -> bool:
     return any(nn.parameter.is_lazy(p) for p in model.parameters())
 
 
+# Other libraries' parameter-free activation modules, by class name without "Activation"
+# (Hugging Face's GELUActivation, NewGELUActivation, QuickGELUActivation, SiLUActivation ...).
+ACTIVATION_NAMES = {"gelu": "gelu", "newgelu": "gelu", "fastgelu": "gelu", "quickgelu": "gelu", "gelutanh": "gelu",
+                    "gelupytorchtanh": "gelu", "silu": "silu", "swish": "silu", "mish": "mish", "relu": "relu",
+                    "relu6": "relu6", "sigmoid": "sigmoid", "tanh": "tanh"}
+
+
 def activation_name(module: nn.Module) -> str:
     for cls in type(module).__mro__:
         if cls in ACTIVATIONS:
             return ACTIVATIONS[cls]
+    name = type(module).__name__.lower().removesuffix("activation")
+    if name in ACTIVATION_NAMES and next(module.parameters(recurse=False), None) is None:
+        return ACTIVATION_NAMES[name]
     return ""
 
 

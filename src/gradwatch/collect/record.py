@@ -114,7 +114,9 @@ def to_batch(records: list[StepRecord], layers: list[Layer], meta: dict | None =
         return batch
     owners, starts = _segments(layers)
     n_params = sum(len(layers[i].params) for i in owners)
-    losses = [r.loss_sum / r.loss_n if r.loss_n else None for r in records]
+    # the step's objective is the sum of what backward was called on: its gradient is the step's
+    # gradient (accumulating N micro-batches of loss / N sums to their mean loss)
+    losses = [r.loss_sum if r.loss_n else None for r in records]
     loss_host = _stack([None if l is None else l.reshape(1) for l in losses], 1)[:, 0]
 
     cols = {c: np.full((len(records), len(layers)), np.nan) for c in LAYER_COLUMNS}

@@ -43,7 +43,7 @@ def layer_info(layer: Layer) -> LayerInfo:
     )
 
 
-def _positive_int(name: str, value: object) -> int:
+def positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{name}={value!r}: expected a whole number >= 1")
     return value
@@ -112,9 +112,9 @@ class Watch:
             raise ConfigError(
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
-        self.every = _positive_int("every", every)
-        self.sample_every = _positive_int("sample_every", sample_every)
-        self.flush_every = _positive_int("flush_every", flush_every)
+        self.every = positive_int("every", every)
+        self.sample_every = positive_int("sample_every", sample_every)
+        self.flush_every = positive_int("flush_every", flush_every)
         self.store_path = _store_path(out)
         self._meta = {
             "torch": torch.__version__,
@@ -146,6 +146,7 @@ class Watch:
         self._stepped = False
         self._backward_since_step = False  # its gradients await an optimizer step (or none)
         self._in_step = False  # between the optimizer's step pre- and post-hook (closures)
+        self._closure_loss = False  # a closure's loss was added in this step
         self._handles: list = []  # permanent hooks, removed by detach()
         self._grad_handles: dict[int, object] = {}  # parameter index -> its post-accumulate-grad hook
         self._norm_buf = self._max_buf = None
@@ -463,10 +464,12 @@ class Watch:
             unscaled = getattr(root, patches.UNSCALED, None)
             loss = unscaled[0] if unscaled is not None else root
             # optimizer.step(closure): the closure's first loss is the step's (what step() returns);
-            # LBFGS's later calls evaluate line-search points, not batches to average
-            first_only = self._in_step and rec.loss_n > 0
-            if isinstance(loss, torch.Tensor) and loss.numel() == 1 and not rec.loss_explicit and not first_only:
+            # LBFGS's later calls evaluate line-search points, not micro-batches. Micro-batches
+            # accumulated before the step (Lightning runs the last one in the closure) all count.
+            if (isinstance(loss, torch.Tensor) and loss.numel() == 1 and not rec.loss_explicit
+                    and not (self._in_step and self._closure_loss)):
                 rec.add_loss(loss)
+                self._closure_loss = self._in_step
             self._record_grads(rec)
         self._backward_scale = None
         self._backward_since_step = True
@@ -555,7 +558,7 @@ class Watch:
     def _before_step(self, optimizer: torch.optim.Optimizer) -> None:
         if optimizer is not self._optimizer or not self._attached:
             return
-        self._in_step = True
+        self._in_step, self._closure_loss = True, False
         rec = self._cur
         self._stop_if_non_finite(rec)
         if rec is not None and rec.sampled and self._params and self._snapshot is None:

@@ -12,11 +12,12 @@ from typing import Callable, Iterator
 
 import torch
 
-from gradwatch.collect.watch import Watch
+from gradwatch.collect.watch import Watch, positive_int
+from gradwatch.diagnose.live import check_stop_on
 from gradwatch.diagnose.finding import write_findings
 from gradwatch.errors import ConfigError
 from gradwatch.integrations._rows import StepRows, WatchStore, rows_since
-from gradwatch.runner import clear_run
+from gradwatch.runner import prepare_run_dir
 
 
 def base_optimizer(optimizer: object) -> torch.optim.Optimizer:
@@ -37,6 +38,12 @@ class Recorder:
     """One training's watch. `report(finding)` is called once per new finding."""
 
     def __init__(self, out, report: Callable, *, every: int, sample_every: int, flush_every: int, stop_on=()):
+        # bad arguments are said when the callback is made, not when training starts
+        if out is not None and not isinstance(out, (str, os.PathLike)):
+            raise ConfigError(f"out={out!r}: expected a directory path (str or Path), or None for the default")
+        for name, value in (("every", every), ("sample_every", sample_every), ("flush_every", flush_every)):
+            positive_int(name, value)
+        check_stop_on(stop_on)
         self.out = out
         self.report = report
         self.options = dict(every=every, sample_every=sample_every, flush_every=flush_every, stop_on=stop_on)
@@ -55,7 +62,7 @@ class Recorder:
         if rank_dir is not None:
             self.out_dir = self.out_dir / rank_dir
         self._logged, self._seen, self.findings = -1, set(), None
-        clear_run(self.out_dir)  # a new training replaces the run, as `gradwatch run` does
+        prepare_run_dir(self.out_dir)  # writable, and a new training replaces the run, as `gradwatch run` does
         meta = {"command": list(sys.argv), "framework": framework, "pid": os.getpid()}
         # status=False: the framework's progress bar owns the terminal
         self.watch = Watch(model, base_optimizer(optimizer), out=self.out_dir, meta=meta, on_finding=self._found,

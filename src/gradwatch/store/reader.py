@@ -25,6 +25,10 @@ def store_files(run: str | os.PathLike) -> list[Path]:
         raise StoreError(f"no run at {str(path)!r}: give a run directory written by `gradwatch run` or a .sqlite store")
     files = sorted(path.glob("gradwatch*.sqlite"))
     if not files:
+        inner = sorted({f.parent.name for f in path.glob("*/gradwatch*.sqlite")})
+        if inner:  # a callback's distributed run: one directory per rank
+            raise StoreError(f"{str(path)!r} holds one run per directory ({', '.join(inner[:4])}): give one of them, "
+                             f"e.g. {str(path / inner[0])!r}")
         raise StoreError(f"{str(path)!r} holds no gradwatch store (gradwatch*.sqlite); was the run watched?")
     preferred = [path / STORE_NAME, path / "gradwatch-rank0.sqlite"]
     head = [f for f in preferred if f in files][:1]
