@@ -8,7 +8,8 @@ hooks), that is before Lightning clips them in `configure_gradient_clipping`: th
 pre-clip norms, logged as `gradwatch/grad_norm_preclip/<layer>` after each flush (every
 `flush_every` steps, at the step each was taken). Findings are warned once each
 (`rank_zero_warn`) and counted in `gradwatch/findings`. The store goes to `out`, default
-`<trainer.default_root_dir>/gradwatch`: `gradwatch report` and `gradwatch diagnose` read it.
+`<trainer.default_root_dir>/gradwatch`: `gradwatch report` and `gradwatch diagnose` read it. Under DDP
+the strategy's wrapper is watched: gradients after the all-reduce, one store written by rank 0.
 """
 
 from __future__ import annotations
@@ -56,8 +57,13 @@ class GradwatchCallback(pl.Callback):
             rank_zero_warn(f"gradwatch: {len(trainer.optimizers)} optimizers; watching the first only")
         self._trainer = trainer
         out = os.path.join(trainer.default_root_dir, "gradwatch")
-        rank_dir = f"rank{trainer.global_rank}" if trainer.world_size > 1 else None  # as under `gradwatch run`
-        watch = self.recorder.start(pl_module, trainer.optimizers[0], out, f"lightning {pl.__version__}", rank_dir)
+        # under DDP/FSDP the strategy's wrapper is watched: the gradients are read after its
+        # all-reduce and rank 0 writes one store, as under `gradwatch run -- torchrun`
+        wrapped = trainer.strategy.model if trainer.world_size > 1 else None
+        distributed = wrapped is not None and wrapped is not pl_module
+        rank_dir = f"rank{trainer.global_rank}" if trainer.world_size > 1 and not distributed else None
+        watch = self.recorder.start(wrapped if distributed else pl_module, trainer.optimizers[0], out,
+                                    f"lightning {pl.__version__}", rank_dir)
         watch.on_flush.append(lambda w: self._log_flushed())
 
     def _log_flushed(self) -> None:
