@@ -205,3 +205,13 @@ def test_headless_chromium_renders_the_report(run_dir, page, tmp_path):
     assert len(re.findall(r'<img[^>]*src="data:image/png;base64,[A-Za-z0-9+/=]{1000,}"', dom.stdout)) >= 5
     assert html.escape(EVIL) in dom.stdout and "<script" not in dom.stdout.lower()
     assert shot.stat().st_size > 20_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_long_layer_names_are_shortened_on_the_axes_only():
+    """Hugging Face names (`bert.encoder.layer.0.attention.self.query`) as rotated tick labels took
+    the plot's height and cut the axis title."""
+    from gradwatch.report.figures import short_name
+
+    name = "bert.encoder.layer.0.attention.self.query"
+    assert short_name(name) == "…0.attention.self.query" and short_name("fc1") == "fc1"
+    assert len(short_name("x" * 60)) == 28

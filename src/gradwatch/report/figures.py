@@ -29,10 +29,22 @@ def png(fig: Figure) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def short_name(name: str, width: int = 28) -> str:
+    """A layer name that fits a tick label: its last dotted parts after an ellipsis
+    (`bert.encoder.layer.0.attention.self.query` -> `…0.attention.self.query`). Long labels
+    would take the plot's height and cut its axis title; the page's tables keep the full names."""
+    if len(name) <= width:
+        return name
+    parts, kept = name.split("."), ""
+    while parts and len(parts[-1]) + len(kept) + 2 <= width:
+        kept = parts.pop() + ("." + kept if kept else "")
+    return "…" + (kept or name[-(width - 1):])
+
+
 def _layer_ticks(ax, axis: str, names: list[str], limit: int = 40) -> None:
     stride = max(1, -(-len(names) // limit))
     ticks = np.arange(0, len(names), stride)
-    labels = [names[i] for i in ticks]
+    labels = [short_name(names[i]) for i in ticks]
     if axis == "x":
         ax.set_xticks(ticks, labels, rotation=60, ha="right", fontsize=6, **TEXT)
     else:
