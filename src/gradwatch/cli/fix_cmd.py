@@ -76,9 +76,10 @@ def print_result(result: FixResult, console: Console) -> None:
     console.print(table)
     winner = result.winner
     if result.baseline.failed:
+        error = "".join(result.baseline.output_tail(1)).strip() or "no output"
         console.print(f"Note: your script fails on its own: the baseline exited with code {result.baseline.exit_code} "
-                      f"after {result.baseline.steps} steps ({''.join(result.baseline.output_tail(1)).strip() or 'no output'}). A trial that fails is "
-                      "ranked behind every one that runs its course.", markup=False)
+                      f"after {result.baseline.steps} steps ({error}). A trial that fails is ranked behind every one "
+                      "that runs its course.", markup=False)
     if not result.trials and not result.screened:
         findings = ", ".join(sorted({f.kind for f in result.baseline.findings}))
         console.print("Nothing to try: the baseline's findings call for no remedy"

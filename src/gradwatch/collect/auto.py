@@ -165,10 +165,14 @@ class AutoWatch(Watch):
         found at its first forward. Made once training is under way (the next phase's optimizer,
         for a model built after the first one trained), it trains a new model; made before (a GAN's
         second optimizer), it is the step optimizer's partner."""
-        if any(p.requires_grad and id(p) not in self._seen_params for p in optimizer.param_groups[-1]["params"]):
+        if self._holds_unwatched(optimizer.param_groups[-1]["params"]):
             self._rediscover()
             if self._optimizer is not None:
                 self._new_model.add(optimizer)
+
+    def _holds_unwatched(self, params) -> bool:
+        """Some of `params` train and belong to no watched layer: their model is not watched yet."""
+        return any(p.requires_grad and id(p) not in self._seen_params for p in params)
 
     def _other_step(self, optimizer) -> None:
         """An optimizer other than the step's steps. Alternating with it (a GAN's generator and
@@ -183,8 +187,7 @@ class AutoWatch(Watch):
         first = optimizer not in self._checked
         if first:
             self._checked.add(optimizer)
-            if any(p.requires_grad and id(p) not in self._seen_params
-                   for group in optimizer.param_groups for p in group["params"]):
+            if self._holds_unwatched(p for group in optimizer.param_groups for p in group["params"]):
                 self._new_model.add(optimizer)
                 self._rediscover()
         if n >= 2:

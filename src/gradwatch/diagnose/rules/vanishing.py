@@ -17,7 +17,8 @@ def _ratios(run: RunSeries, quantity: str, th: Thresholds, hidden: bool):
     rows, values, cols = depth_profile(run, quantity, hidden_only=hidden)
     if len(cols) < th.min_profile_layers or len(rows) == 0:
         return None
-    keep = [i for i, c in enumerate(cols) if c in same_role_columns(run, cols)]
+    same = set(same_role_columns(run, cols))
+    keep = [i for i, c in enumerate(cols) if c in same]
     values, cols = values[:, keep], [cols[i] for i in keep]
     return rows, np.array([lowest_over_highest(v) for v in values]), values, cols
 
