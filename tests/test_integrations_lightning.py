@@ -111,6 +111,21 @@ def test_bad_arguments_are_clear_errors_when_the_callback_is_made(tmp_path):
         callback.recorder.start(model, torch.optim.SGD(model.parameters(), lr=0.1), tmp_path, "lightning")
 
 
+def test_a_rank_that_does_not_write_leaves_the_run_directory_alone(tmp_path):
+    """Under DDP every rank started the callback on the same directory: rank 1 cleared the store
+    rank 0 had begun, and the two ranks' write probes raced (rank 1 died with FileNotFoundError on
+    one CI run). Only the writing rank prepares the directory now."""
+    (tmp_path / "gradwatch.sqlite").write_text("rank 0's store")
+    model = nn.Linear(2, 1)
+    callback = GradwatchCallback(tmp_path)
+    callback.recorder.start(model, torch.optim.SGD(model.parameters(), lr=0.1), tmp_path, "lightning", writer=False)
+    callback.recorder.watch.detach()
+    assert (tmp_path / "gradwatch.sqlite").read_text() == "rank 0's store"
+    callback.recorder.start(model, torch.optim.SGD(model.parameters(), lr=0.1), tmp_path, "lightning")
+    callback.recorder.watch.detach()
+    assert not (tmp_path / "gradwatch.sqlite").exists() or (tmp_path / "gradwatch.sqlite").read_bytes() != b"rank 0's store"
+
+
 def test_under_ddp_the_store_holds_the_averaged_gradients(tmp_path):
     """Before, each rank wrote OUT/rank<R> with its local gradients, before DDP's all-reduce
     (relative errors up to 0.9 against the gradients applied). Now the strategy's wrapper is

@@ -52,7 +52,7 @@ def prepare_run_dir(path: str | os.PathLike) -> Path:
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".gradwatch-write-test"
+        probe = path / f".gradwatch-write-test-{os.getpid()}"  # one per process: ranks share a directory
         probe.write_text("ok")
         probe.unlink()
         clear_run(path)

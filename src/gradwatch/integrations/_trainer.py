@@ -55,14 +55,16 @@ class Recorder:
         self.findings: list | None = None  # set by finish()
 
     def start(self, model: torch.nn.Module, optimizer: object, default_out: str | os.PathLike, framework: str,
-              rank_dir: str | None = None) -> Watch:
+              rank_dir: str | None = None, writer: bool = True) -> Watch:
         """Watch one training (a reused callback starts afresh); `rank_dir`: this process's
-        subdirectory when the training spans several (one store per process)."""
+        subdirectory when the training spans several (one store per process); `writer`: False on
+        the ranks that only take part in a distributed watch, which must not touch rank 0's store."""
         self.out_dir = Path(self.out if self.out is not None else default_out)
         if rank_dir is not None:
             self.out_dir = self.out_dir / rank_dir
         self._logged, self._seen, self.findings = -1, set(), None
-        prepare_run_dir(self.out_dir)  # writable, and a new training replaces the run, as `gradwatch run` does
+        if writer:
+            prepare_run_dir(self.out_dir)  # writable, and a new training replaces the run, as `gradwatch run` does
         meta = {"command": list(sys.argv), "framework": framework, "pid": os.getpid()}
         # status=False: the framework's progress bar owns the terminal
         self.watch = Watch(model, base_optimizer(optimizer), out=self.out_dir, meta=meta, on_finding=self._found,

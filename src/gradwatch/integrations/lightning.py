@@ -63,7 +63,8 @@ class GradwatchCallback(pl.Callback):
         distributed = wrapped is not None and wrapped is not pl_module
         rank_dir = f"rank{trainer.global_rank}" if trainer.world_size > 1 and not distributed else None
         watch = self.recorder.start(wrapped if distributed else pl_module, trainer.optimizers[0], out,
-                                    f"lightning {pl.__version__}", rank_dir)
+                                    f"lightning {pl.__version__}", rank_dir,
+                                    writer=not distributed or trainer.global_rank == 0)
         watch.on_flush.append(lambda w: self._log_flushed())
 
     def _log_flushed(self) -> None:
