@@ -141,7 +141,7 @@ class AutoWatch(Watch):
         them, and told to check for them, it keeps its graph on every unsampled step; only the
         sampled ones run eagerly. Its first step's activation statistics are the price."""
         patches.compile_sees_hooks()
-        self._disarm()
+        self._sampled_hooks.disarm()
 
     def _leave_module(self, module: nn.Module, args, output) -> None:
         self._depth = max(self._depth - 1, 0)

@@ -18,12 +18,13 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils.parametrize import ParametrizationList
 
 from gradwatch.collect import distributed, patches
-from gradwatch.collect.layers import RECURRENT, Layer, discover, has_lazy_params, newly_trainable, rename
+from gradwatch.collect.forward_order import ForwardOrder
+from gradwatch.collect.layers import Layer, discover, has_lazy_params, newly_trainable, rename
 from gradwatch.collect.record import StepRecord, to_batch
-from gradwatch.collect.stats import MISSING, activation_stats, entries, norms, rms, time_profile
+from gradwatch.collect.sampled_hooks import SampledHooks
+from gradwatch.collect.stats import MISSING, entries, norms
 from gradwatch.errors import ConfigError, TrainingStopped
 from gradwatch.store.reader import STORE_NAME, _read
 from gradwatch.store.series import LayerInfo, RunSeries
@@ -62,22 +63,6 @@ def _store_path(out: str | os.PathLike | None) -> Path | None:
     if not os.access(path.parent, os.W_OK):
         raise ConfigError(f"out={str(out)!r}: the run directory is not writable; pass one you can write to")
     return path
-
-
-def _eager(hook: Callable) -> Callable:
-    """A module hook torch.compile calls instead of tracing it (traced, its reads of the step's
-    record became guards, recompiled per layer until dynamo gave up). Only once torch.compile is
-    in use: `torch.compiler.disable` would import it (~2 s) into every watched process."""
-    dynamo = sys.modules.get("torch._dynamo")
-    return dynamo.disable(hook) if dynamo is not None else hook
-
-
-def _first_tensor(value: object) -> torch.Tensor | None:
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
-        return value[0]
-    return None
 
 
 class Watch:
@@ -135,7 +120,6 @@ class Watch:
         self._mode = "optimizer" if optimizer is not None else ("backward" if model is not None else "unknown")
         self._step = 0
         self._accumulated = 0  # zero-code mode: backwards before the first optimizer step left the weights as they were
-        self._next_index = 0
         self._cur: StepRecord | None = None
         self._pending: list[StepRecord] = []
         self._events: list[tuple[int, str, str]] = []
@@ -151,9 +135,8 @@ class Watch:
         self._grad_handles: dict[int, object] = {}  # parameter index -> its post-accumulate-grad hook
         self._norm_buf = self._max_buf = None
         self._cur_sampled: bool | None = self._sampled(0)  # None: this step is not recorded
-        self._armed: list = []  # hooks living for one sampled step
-        self._order_handles: list = []
-        self._arrivals: dict[int, int] = {}  # parameter index -> rank of its gradient in the first backward
+        self._sampled_hooks = SampledHooks(self._current, self._unscale)  # living for one sampled step
+        self._order = ForwardOrder()
         self._attached = False
         self._paused = False
         self.on_flush: list[Callable[["Watch"], None]] = []
@@ -247,10 +230,10 @@ class Watch:
                 layer.name = distributed.clean_name(layer.name, layer.type)
             self._dist.set_params(self._params)
         self._register_grad_hooks()
-        self._register_order_hooks(model, new)
+        self._order.register(model, new, self._params if self._dist is None else [])
         if self._cur_sampled:  # armed before (for its first pieces): the new layers too
-            self._disarm()
-            self._arm()
+            self._sampled_hooks.disarm()
+            self._sampled_hooks.arm(self._layers)
 
     def _adopt_distributed(self, model: nn.Module) -> nn.Module:
         """A DDP/FSDP model: its layers keep their own names, and gradients are read once synchronised."""
@@ -321,7 +304,7 @@ class Watch:
         """Stop recording (e.g. around evaluation) until `resume()`; hooks stay, but do nothing."""
         if self._attached:
             patches.remove(self)
-            self._disarm()
+            self._sampled_hooks.disarm()
             self._attached = False
             self._paused = True
 
@@ -330,7 +313,7 @@ class Watch:
             self._paused = False
             self._attach()
             if self._cur_sampled:
-                self._arm()
+                self._sampled_hooks.arm(self._layers)
 
     def flush(self) -> None:
         """Move the recorded steps to the store in one transaction."""
@@ -394,9 +377,11 @@ class Watch:
             getattr(callback, "close", lambda: None)()
         if self._dist is not None:
             self._dist.restore()
-        for handle in [*self._handles, *self._armed, *self._order_handles, *self._grad_handles.values()]:
+        self._sampled_hooks.disarm()
+        self._order.remove_hooks()
+        for handle in [*self._handles, *self._grad_handles.values()]:
             handle.remove()
-        self._handles, self._armed, self._order_handles, self._grad_handles = [], [], [], {}
+        self._handles, self._grad_handles = [], {}
 
     close = detach
 
@@ -628,12 +613,12 @@ class Watch:
         self._cur = None
         if count:
             self._step += 1
-            self._clear_order_hooks()
+            self._order.settle(self._layers, self._params)
         self._cur_sampled = self._sampled(self._step) if self._recorded(self._step) else None
         self._clear_grad_buffers()
-        self._disarm()
+        self._sampled_hooks.disarm()
         if count and self._cur_sampled and self._attached:
-            self._arm()
+            self._sampled_hooks.arm(self._layers)
         if len(self._pending) >= self.flush_every:
             self._watch_new_params()
             self.flush()
@@ -646,150 +631,6 @@ class Watch:
             if self._cur_sampled:
                 self._max_buf.fill_(MISSING)
                 self._weight_buf.fill_(MISSING)
-
-    # ---------------------------------------------------------------- forward order
-    def _register_order_hooks(self, model: nn.Module, new: list[Layer]) -> None:
-        """Number layers in the order their forward finishes (children before parents); a module
-        whose forward never runs (weights used functionally by its parent) takes its parent's turn."""
-        by_module: dict[int, list[Layer]] = {}
-        for layer in new:
-            by_module.setdefault(id(layer.module), []).append(layer)
-        for _, module in model.named_modules():
-            subtree = [l for m in module.modules() for l in by_module.get(id(m), [])]
-            if subtree:
-                self._order_handles.append(module.register_forward_hook(self._make_order_hook(subtree)))
-        # where a weight is used functionally, the order of the first backward places it (below)
-        mine = {id(p) for layer in new for p in layer.params}
-        for i, p in enumerate(self._params if self._dist is None else []):
-            if id(p) in mine and p.requires_grad:  # (torch refuses a hook on a frozen one)
-                self._order_handles.append(p.register_post_accumulate_grad_hook(self._arrival_hook(i)))
-
-    def _arrival_hook(self, i: int):
-        def hook(p: torch.Tensor) -> None:
-            self._arrivals.setdefault(i, len(self._arrivals))
-        return hook
-
-    def _make_order_hook(self, subtree: list[Layer]):
-        def hook(module, args, output):
-            for layer in subtree:
-                layer.ran = layer.ran or layer.module is module
-                if layer.index < 0:
-                    layer.index = self._next_index
-                    self._next_index += 1
-        return hook  # traced by torch.compile at a first compiled call: a plain side effect, no graph break
-
-    def _place_borrowed(self) -> None:
-        """Weights whose module never ran its own forward (a ParameterList applied in a loop), or
-        ran it around other layers (bare parameters of the model itself), were numbered after
-        those children, above the output layer. Gradients reach weights in reverse order of use, so
-        the first backward's order puts each just below the first layer that got its gradient earlier."""
-        rank = {id(p): self._arrivals[k] for k, p in enumerate(self._params) if k in self._arrivals}
-        first = {id(l): min((rank[id(p)] for p in l.params if id(p) in rank), default=None) for l in self._layers}
-        modules = {id(l.module) for l in self._layers}
-
-        def parent(l: Layer) -> bool:  # its forward calls other layers (not its weight's parametrization)
-            return any(id(m) in modules for m in l.module.modules()
-                       if m is not l.module and not isinstance(m, ParametrizationList))
-        borrowed = [l for l in self._layers if l.role == "param" and first[id(l)] is not None
-                    and (not l.ran or parent(l))]
-        if not borrowed:
-            return
-        moved = {id(b) for b in borrowed}
-        order = [l for l in sorted(self._layers, key=lambda l: l.index) if id(l) not in moved]
-        for b in sorted(borrowed, key=lambda l: -first[id(l)]):  # lowest first
-            at = next((k for k, l in enumerate(order) if l.role != "activation" and first[id(l)] is not None
-                       and first[id(l)] < first[id(b)]), len(order))
-            order.insert(at, b)
-        for k, layer in enumerate(order):
-            layer.index = k
-
-    def _clear_order_hooks(self) -> None:
-        if not self._order_handles:
-            return
-        for handle in self._order_handles:
-            handle.remove()
-        self._order_handles = []
-        for layer in self._layers:
-            if layer.index < 0:
-                layer.index = self._next_index
-                self._next_index += 1
-        if self._arrivals:
-            self._place_borrowed()
-        self._arrivals = {}
-        # layers numbered again (a model whose pieces ran first) leave gaps where they were
-        for k, layer in enumerate(sorted(self._layers, key=lambda l: l.index)):
-            layer.index = k
-        self._next_index = len(self._layers)
-
-    # ---------------------------------------------------------------- sampled-step hooks
-    def _arm(self) -> None:
-        if self._armed:
-            return
-        patches.compile_sees_hooks()
-        for pos, layer in enumerate(self._layers):
-            module = layer.module
-            if layer.role == "activation":
-                self._armed.append(module.register_forward_hook(self._activation_hook(pos, layer.activation)))
-            else:
-                self._armed.append(module.register_forward_hook(self._output_grad_hook(pos)))
-            if isinstance(module, RECURRENT):
-                self._armed.append(
-                    module.register_forward_pre_hook(self._recurrent_input_hook(pos, module.batch_first))
-                )
-
-    def _disarm(self) -> None:
-        for handle in self._armed:
-            handle.remove()
-        self._armed = []
-
-    def _hook_output_grad(self, rec: StepRecord, pos: int, y: torch.Tensor | None) -> None:
-        if y is None or not y.requires_grad:
-            return
-
-        def on_grad(g: torch.Tensor) -> None:
-            rec.accumulate(rec.out_rms, pos, self._unscale(rms(g).reshape(1))[0])
-
-        y.register_hook(on_grad)
-
-    def _activation_hook(self, pos: int, activation: str):
-        def hook(module, args, output):
-            rec = self._current() if torch.is_grad_enabled() else None
-            y = _first_tensor(output)
-            if rec is None or y is None or not y.is_floating_point():
-                return
-            rec.accumulate(rec.act, pos, activation_stats(y, activation))
-            self._hook_output_grad(rec, pos, y)
-        return _eager(hook)
-
-    def _output_grad_hook(self, pos: int):
-        def hook(module, args, output):
-            rec = self._current() if torch.is_grad_enabled() else None
-            if rec is not None:
-                self._hook_output_grad(rec, pos, _first_tensor(output))
-        return _eager(hook)
-
-    def _recurrent_input_hook(self, pos: int, batch_first: bool):
-        """Make the sequence input's gradient visible: ∂L/∂x_t for each t shows how far back in
-        time the loss still reaches (it decays geometrically when gradients vanish through time)."""
-        def hook(module, args):
-            rec = self._current() if torch.is_grad_enabled() else None
-            if rec is None or not args or not isinstance(args[0], torch.Tensor):
-                return None
-            x = args[0]
-            if not x.is_floating_point():
-                return None
-            replaced = not x.requires_grad
-            if replaced:
-                x = x.detach().requires_grad_()
-            time_dim = 1 if (batch_first and x.dim() == 3) else 0
-
-            def on_grad(g: torch.Tensor) -> None:
-                profile = time_profile(g, time_dim)
-                rec.profiles[pos] = self._unscale(profile)
-
-            x.register_hook(on_grad)
-            return (x, *args[1:]) if replaced else None
-        return _eager(hook)
 
 
 def watch(

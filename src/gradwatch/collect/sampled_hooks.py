@@ -1,0 +1,111 @@
+"""The hooks of a sampled step: activation statistics, ∂L/∂(layer output) and recurrent time
+profiles. They exist only while a sampled step runs (`arm` at its start, `disarm` at its end):
+a hook on every module, every step, would cost more than everything else recorded."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+import torch
+
+from gradwatch.collect import patches
+from gradwatch.collect.layers import RECURRENT, Layer
+from gradwatch.collect.record import StepRecord
+from gradwatch.collect.stats import activation_stats, rms, time_profile
+
+
+def _eager(hook: Callable) -> Callable:
+    """A module hook torch.compile calls instead of tracing it (traced, its reads of the step's
+    record became guards, recompiled per layer until dynamo gave up). Only once torch.compile is
+    in use: `torch.compiler.disable` would import it (~2 s) into every watched process."""
+    dynamo = sys.modules.get("torch._dynamo")
+    return dynamo.disable(hook) if dynamo is not None else hook
+
+
+def _first_tensor(value: object) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    return None
+
+
+class SampledHooks:
+    """`current()`: the record of the step running (None: not recorded); `unscale(values)`:
+    values of a gradient taken under a loss scale, as without it."""
+
+    def __init__(self, current: Callable[[], StepRecord | None],
+                 unscale: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self._current = current
+        self._unscale = unscale
+        self._handles: list = []
+
+    def arm(self, layers: list[Layer]) -> None:
+        if self._handles:
+            return
+        patches.compile_sees_hooks()
+        for pos, layer in enumerate(layers):
+            module = layer.module
+            if layer.role == "activation":
+                self._handles.append(module.register_forward_hook(self._activation_hook(pos, layer.activation)))
+            else:
+                self._handles.append(module.register_forward_hook(self._output_grad_hook(pos)))
+            if isinstance(module, RECURRENT):
+                self._handles.append(
+                    module.register_forward_pre_hook(self._recurrent_input_hook(pos, module.batch_first))
+                )
+
+    def disarm(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook_output_grad(self, rec: StepRecord, pos: int, y: torch.Tensor | None) -> None:
+        if y is None or not y.requires_grad:
+            return
+
+        def on_grad(g: torch.Tensor) -> None:
+            rec.accumulate(rec.out_rms, pos, self._unscale(rms(g).reshape(1))[0])
+
+        y.register_hook(on_grad)
+
+    def _activation_hook(self, pos: int, activation: str):
+        def hook(module, args, output):
+            rec = self._current() if torch.is_grad_enabled() else None
+            y = _first_tensor(output)
+            if rec is None or y is None or not y.is_floating_point():
+                return
+            rec.accumulate(rec.act, pos, activation_stats(y, activation))
+            self._hook_output_grad(rec, pos, y)
+        return _eager(hook)
+
+    def _output_grad_hook(self, pos: int):
+        def hook(module, args, output):
+            rec = self._current() if torch.is_grad_enabled() else None
+            if rec is not None:
+                self._hook_output_grad(rec, pos, _first_tensor(output))
+        return _eager(hook)
+
+    def _recurrent_input_hook(self, pos: int, batch_first: bool):
+        """Make the sequence input's gradient visible: ∂L/∂x_t for each t shows how far back in
+        time the loss still reaches (it decays geometrically when gradients vanish through time)."""
+        def hook(module, args):
+            rec = self._current() if torch.is_grad_enabled() else None
+            if rec is None or not args or not isinstance(args[0], torch.Tensor):
+                return None
+            x = args[0]
+            if not x.is_floating_point():
+                return None
+            replaced = not x.requires_grad
+            if replaced:
+                x = x.detach().requires_grad_()
+            time_dim = 1 if (batch_first and x.dim() == 3) else 0
+
+            def on_grad(g: torch.Tensor) -> None:
+                profile = time_profile(g, time_dim)
+                rec.profiles[pos] = self._unscale(profile)
+
+            x.register_hook(on_grad)
+            return (x, *args[1:]) if replaced else None
+        return _eager(hook)
