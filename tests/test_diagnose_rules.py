@@ -221,6 +221,19 @@ def test_sgd_step_larger_than_the_weights_between_samples(grad, found):
     assert "exploding_gradient" not in kinds(diagnose(run))
 
 
+def test_sgd_step_estimate_is_not_made_under_momentum_and_is_worded_as_one():
+    """With momentum the step is lr times a running sum of gradients: lr·g/‖w‖ is no estimate of
+    it (a tester's run was told of a 1.17x update that measured 5.29x). Without, the number is
+    said to be estimated, not measured."""
+    run = build(optimizer="SGD", lr=0.1)
+    run.metrics["grad_norm"][45, run.column("fc2")] = 1.5 * 10.0 / 0.1
+    f = next(f for f in diagnose(run) if f.kind == "exploding_gradient")
+    assert f.evidence["predicted_update_ratio"] == pytest.approx(1.5) and "estimated" in f.message
+    assert "max_update_ratio" not in f.evidence
+    run.meta["momentum"] = 0.9
+    assert "exploding_gradient" not in kinds(diagnose(run))
+
+
 def test_update_ratio_of_zero_initialised_layer_is_ignored():
     run = build()
     r, c = sampled(run)[0], run.column("fc4")
@@ -246,6 +259,22 @@ def test_backward_signal_growing_toward_the_input():
     assert f.evidence["backward_ratio"] == pytest.approx(8000) and f.evidence["at_init"]
 
 
+def test_initial_weight_scale_is_a_cause_only_when_the_first_step_shows_it():
+    """A blow-up from step 0 is not by itself the init's doing (a huge lr overshoots at step 0
+    with a backward signal that shrinks toward the input). The init is named, and its remedy
+    put first, when the first step's backward signal grows toward the input."""
+    run = build(optimizer="SGD", lr=0.1)
+    run.metrics["update_ratio"][0, run.column("fc2")] = 1.5  # the first update overshoots
+    f = next(f for f in diagnose(run) if f.kind == "exploding_gradient")
+    assert f.evidence["at_init"] and not any("initial weight scale" in c for c in f.causes)
+    first = sampled(run)[0]
+    for k in range(4):
+        run.metrics["grad_out_rms"][first, run.column(f"fc{k}")] *= 20.0 ** (3 - k)  # 8000x at step 0 only
+    f = next(f for f in diagnose(run) if f.kind == "exploding_gradient")
+    assert f.evidence["init_backward_ratio"] == pytest.approx(8000)
+    assert "initial weight scale" in f.causes[0] and "gw.init_" in f.remedies[0].code
+
+
 # ------------------------------------------------------------------ non-finite
 def test_non_finite_loss_first_step_and_evidence():
     run = build()
@@ -254,6 +283,21 @@ def test_non_finite_loss_first_step_and_evidence():
     f = next(f for f in diagnose(run) if f.kind == "non_finite")
     assert f.first_step == 70 and f.severity == "error"
     assert f.evidence["last_finite_loss"] == pytest.approx(run.loss[69])
+
+
+def test_a_blow_up_within_ten_steps_is_blamed_on_the_learning_rate_not_the_data():
+    """Before, the growth before a NaN was measured only with 10 finite steps behind it; a run
+    whose gradients grew 1e17x in 6 steps was told to check its batches."""
+    run = build(n_steps=8)
+    run.metrics["grad_norm"][:6] *= (1e3 ** np.arange(6))[:, None]
+    run.loss[6:] = np.inf
+    run.metrics["grad_norm"][6:] = np.inf
+    f = next(f for f in diagnose(run) if f.kind == "non_finite")
+    assert f.evidence["grad_growth_before"] > 1e14
+    assert f.causes[0].startswith("learning rate") and not any("bad input" in c for c in f.causes)
+    run.metrics["grad_norm"][:6] = 1.0  # level gradients, then a NaN: the data or the loss
+    f = next(f for f in diagnose(run) if f.kind == "non_finite")
+    assert f.causes[0].startswith("bad input data")
 
 
 def test_non_finite_origin_is_the_first_activation_layer():
@@ -295,6 +339,41 @@ def test_dead_units_at_the_threshold(frac, found):
     run = build()
     run.metrics["dead"][sampled(run)[2]:, run.column("act1")] = frac
     assert ("dead_units" in kinds(diagnose(run))) == found
+
+
+def test_units_dead_from_the_first_step_are_not_blamed_on_the_learning_rate():
+    run = build(lr=0.5)
+    run.metrics["dead"][:, run.column("act1")] = 1.0
+    f = next(f for f in diagnose(run) if f.kind == "dead_units")
+    assert f.evidence["at_init"] and not any(c.startswith("learning rate") for c in f.causes)
+    assert "gw.init_" in f.remedies[0].code
+    run = build(lr=0.5)
+    run.metrics["dead"][sampled(run)[3]:, run.column("act1")] = 1.0
+    f = next(f for f in diagnose(run) if f.kind == "dead_units")
+    assert f.causes[0].startswith("learning rate") and "LeakyReLU" in f.remedies[0].code
+
+
+def test_layers_that_get_exactly_zero_gradient_are_found_without_activation_modules():
+    """ReLUs called as F.relu have no module for the activation statistics: a tester's net with
+    every unit of its second ReLU dead was told to use Adam for 'stalled' layers. Exactly zero
+    gradient through the end of the run says it; zeros for a few steps (a zero-initialised
+    output layer, a ReZero gate) do not."""
+    run = build(activation="relu")
+    run = run.__class__([l for l in run.layers if l.role != "activation"], run.steps, run.loss, run.lr,
+                        {m: v[:, [i for i, l in enumerate(run.layers) if l.role != "activation"]]
+                         for m, v in run.metrics.items()}, meta=run.meta)
+    for k in (0, 1):
+        run.metrics["grad_norm"][:, run.column(f"fc{k}")] = 0.0
+        run.metrics["update_ratio"][sampled(run), run.column(f"fc{k}")] = 0.0
+    found = diagnose(run)
+    f = next(f for f in found if f.kind == "dead_units")
+    assert f.layers == ("fc0", "fc1") and f.first_step == 0 and f.severity == "error"
+    assert "F.leaky_relu" in "".join(r.code for r in f.remedies)
+    assert "example_input" in f.remedies[0].code  # init_ sees F.relu only in a forward pass
+    assert "stalled_layers" not in kinds(found)  # the same cause, said once
+    for k in (0, 1):
+        run.metrics["grad_norm"][TH.zero_gradient_steps - 1:, run.column(f"fc{k}")] = 1.0
+    assert "dead_units" not in kinds(diagnose(run))
 
 
 def test_dead_units_are_judged_before_the_loss_went_non_finite():

@@ -7,7 +7,7 @@ from torch import nn
 
 import gradwatch as gw
 from gradwatch.diagnose import diagnose
-from gradwatch.errors import ConfigError, TrainingStopped
+from gradwatch.errors import ConfigError
 
 
 def mlp(depth=6, width=32, act=nn.ReLU, d_in=16, d_out=4):
@@ -82,7 +82,7 @@ def test_nan_in_the_data_is_non_finite_and_stop_on_keeps_the_weights():
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x, y = data()
     seen = []
-    with pytest.raises(TrainingStopped, match="non_finite"):
+    with pytest.raises(gw.TrainingStopped, match="non_finite"):  # the name docs/diagnose.md gives
         with gw.watch(model, opt, stop_on=("non_finite",), on_finding=seen.append, warn=False):
             for step in range(30):
                 batch = x.clone()

@@ -518,7 +518,9 @@ def test_hand_written_weights_are_layers_in_the_order_they_are_used():
             model(torch.randn(8, 3)).pow(2).mean().backward()
             opt.step()
         run = watch.series()
-    assert run.layer_names() == ["HandWritten", "ws.0", "bs.0", "ws.1", "bs.1", "ws.2", "bs.2", "ws.3", "bs.3", "out"]
+    # the model's own bare weight is named by its key: named "HandWritten", a finding in it read
+    # as one about the whole model
+    assert run.layer_names() == ["w_in", "ws.0", "bs.0", "ws.1", "bs.1", "ws.2", "bs.2", "ws.3", "bs.3", "out"]
     ws0 = run.metrics["grad_norm"][-1, run.column("ws.0")]
     assert ws0 == pytest.approx(model.ws[0].grad.norm().item(), rel=1e-5)  # its own norm, not the list's
 

@@ -100,7 +100,7 @@ def newly_trainable(model: nn.Module, prefix: str, seen_params: set[int], known:
     layers = []
     for qualname, module in model.named_modules():
         if id(module) not in known and (own := _claim(module, seen_params)):
-            layers += _layers_of(module, _name(prefix, qualname, module), _role(module, own), own)
+            layers += _layers_of(module, prefix, qualname, _role(module, own), own)
     return layers
 
 
@@ -115,7 +115,7 @@ def discover(model: nn.Module, prefix: str, seen_params: set[int], seen_modules:
         own = _claim(module, seen_params)
         role = _role(module, own)
         if role:
-            layers += _layers_of(module, _name(prefix, qualname, module), role, own)
+            layers += _layers_of(module, prefix, qualname, role, own)
     return layers
 
 
@@ -124,10 +124,11 @@ def rename(layers: list[Layer], model: nn.Module, prefix: str) -> None:
     prefix)` names them."""
     qualname = {id(m): q for q, m in model.named_modules()}
     for layer in layers:
-        name = _name(prefix, qualname[id(layer.module)], layer.module)
-        if isinstance(layer.module, CONTAINERS) and layer.role == "param":  # one layer per weight: keep its key
-            name += "." + layer.name.rsplit(".", 1)[1]
-        layer.name = name
+        q = qualname[id(layer.module)]
+        if _per_weight(layer.module, q, layer.role):  # one layer per weight: keep its key
+            layer.name = _weight_name(prefix, q, layer.module, layer.name.rsplit(".", 1)[-1])
+        else:
+            layer.name = _name(prefix, q, layer.module)
 
 
 def _claim(module: nn.Module, seen_params: set[int]) -> list[torch.nn.Parameter]:
@@ -149,9 +150,28 @@ def _name(prefix: str, qualname: str, module: nn.Module) -> str:
     return ".".join(x for x in (prefix, qualname) if x) or type(module).__name__
 
 
-def _layers_of(module: nn.Module, name: str, role: str, own: list) -> list[Layer]:
+def _per_weight(module: nn.Module, qualname: str, role: str) -> bool:
+    """One layer per weight, named by its key: a ParameterList's entries, as the loop uses them,
+    and the bare parameters of a model's root (a `temp` or `pos_embedding` of its own, or every
+    weight of a net written by hand), which named after the model's class would read as the
+    whole model, lumped in one norm."""
+    if role != "param":
+        return False
+    root_of_a_model = not qualname and (any(True for _ in module.children())
+                                        or not type(module).__module__.startswith("torch."))
+    return isinstance(module, CONTAINERS) or root_of_a_model
+
+
+def _weight_name(prefix: str, qualname: str, module: nn.Module, key: str) -> str:
+    if isinstance(module, CONTAINERS):
+        return f"{_name(prefix, qualname, module)}.{key}"
+    return ".".join(x for x in (prefix, qualname, key) if x)
+
+
+def _layers_of(module: nn.Module, prefix: str, qualname: str, role: str, own: list) -> list[Layer]:
     act = activation_name(module)
-    if isinstance(module, CONTAINERS) and role == "param":  # one layer per weight, as the loop uses them
+    if _per_weight(module, qualname, role):
         keys = [k for k, p in module._parameters.items() if p is not None and any(p is q for q in own)]
-        return [Layer(f"{name}.{k}", module, role, act, [module._parameters[k]]) for k in keys]
-    return [Layer(name, module, role, act, own)]
+        return [Layer(_weight_name(prefix, qualname, module, k), module, role, act, [module._parameters[k]])
+                for k in keys]
+    return [Layer(_name(prefix, qualname, module), module, role, act, own)]

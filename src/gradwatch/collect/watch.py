@@ -44,6 +44,15 @@ def layer_info(layer: Layer) -> LayerInfo:
     )
 
 
+def optimizer_meta(optimizer: torch.optim.Optimizer | None) -> dict:
+    """What the rules need to know of the optimizer: its class, and its largest momentum (an SGD
+    step with momentum is not lr·g)."""
+    if optimizer is None:
+        return {"optimizer": None}
+    momenta = [float(g["momentum"]) for g in optimizer.param_groups if isinstance(g.get("momentum"), (int, float))]
+    return {"optimizer": type(optimizer).__name__, "momentum": max(momenta, default=0.0)}
+
+
 def positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{name}={value!r}: expected a whole number >= 1")
@@ -105,7 +114,7 @@ class Watch:
             "torch": torch.__version__,
             "every": self.every,
             "sample_every": self.sample_every,
-            "optimizer": type(optimizer).__name__ if optimizer is not None else None,
+            **optimizer_meta(optimizer),
             **(meta or {}),
         }
         self._writer: RunStoreWriter | None = None
@@ -329,7 +338,7 @@ class Watch:
                     self.store_path = self._dist.store_path(self.store_path)
                 self.store_path.parent.mkdir(parents=True, exist_ok=True)
                 self._writer = RunStoreWriter(self.store_path, self._meta)
-            meta = {k: self._meta[k] for k in ("optimizer", "distributed") if k in self._meta}
+            meta = {k: self._meta[k] for k in ("optimizer", "momentum", "distributed") if k in self._meta}
             batch = to_batch(ready, self._layers, meta=meta)
             batch.events.extend(self._events)
             self._writer.write(batch)
@@ -537,7 +546,7 @@ class Watch:
         over: AutoWatch._other_step)."""
         self._optimizer = optimizer
         self._mode = "optimizer"
-        self._meta["optimizer"] = type(optimizer).__name__
+        self._meta.update(optimizer_meta(optimizer))
         self._snapshot, self._snapshot_rec = None, None
 
     def _before_step(self, optimizer: torch.optim.Optimizer) -> None:

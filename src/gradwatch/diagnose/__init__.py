@@ -37,7 +37,8 @@ def diagnose(run: RunSeries | str | os.PathLike, thresholds: Thresholds = DEFAUL
     if series.meta.get("own_loss_steps"):  # the recorded loss mixes two objectives (a GAN's G and D):
         findings = [f for f in findings if f.kind not in LOSS_KINDS]  # its plateau or rise says nothing
     vanished = {l for f in findings if f.kind == "vanishing_gradient" for l in f.layers}
-    findings = [f for f in findings  # lower layers stalled where the gradient vanishes: one cause
+    vanished |= {l for f in findings if f.kind == "dead_units" for l in f.evidence.get("zero_gradient_layers", ())}
+    findings = [f for f in findings  # lower layers stalled where the gradient vanishes (or is 0): one cause
                 if not (f.kind == "stalled_layers" and not f.evidence.get("frozen")
                         and (set(f.layers) & vanished or _below_dead_units(series, f, findings)))]
     blocking = next((f for f in findings if f.kind in BLOCKING), None)

@@ -62,6 +62,14 @@ class Context:
         self.first_step = int(run.steps[0]) if len(run.steps) else 0
 
     @property
+    def init_code(self) -> str:
+        """`gw.init_` finds the activation after each layer from module order; activations called
+        as functions (F.relu) only show in a forward pass."""
+        if any(l.role == "activation" for l in self.run.layers):
+            return "gw.init_(model)"
+        return "gw.init_(model, example_input=x)  # x: one input batch; the forward shows F.relu & co."
+
+    @property
     def lr_said(self) -> str:
         return f"{self.lr:.3g}" + (" (the schedule's peak)" if self.scheduled else "")
 
@@ -100,7 +108,7 @@ def vanishing(ctx: Context, layers: tuple[str, ...], evidence: dict, through_tim
     if ctx.depth >= 6:
         causes.append(f"depth: {ctx.depth} weight layers multiply {ctx.depth - 1} backward factors")
     remedies.append(Remedy("Initialise each layer for the activation that follows it (He for ReLU, Xavier for tanh/sigmoid)",
-                           "gw.init_(model)"))
+                           ctx.init_code))
     if not ctx.has_norm:
         remedies.append(Remedy("Normalise the pre-activations so each layer's backward gain stays near 1",
                                "model, _ = gw.modify.insert_norm(model, 'batch')"))
@@ -115,10 +123,14 @@ def exploding(ctx: Context, layers: tuple[str, ...], evidence: dict, through_tim
     if through_time:
         causes.append("recurrent weight norm: the gradient through time grows like the product of "
                       "diag(f'(h_t))·W_hh; a spectral norm of W_hh above 1/γ lets it grow geometrically")
-    if not ctx.adaptive and (evidence.get("growth_over_steps") or evidence.get("max_update_ratio")):
-        causes.insert(0, f"learning rate: {ctx.lr_said} with {ctx.optimizer}; each update feeds the next gradient")
-    if evidence.get("at_init"):
-        causes.append("initial weight scale: the backward signal already grows toward the input at the first step")
+    grows_at_init = "init_backward_ratio" in evidence and not through_time
+    if grows_at_init:  # measured at the first step, before any update: the weights as initialised
+        causes.append(f"initial weight scale: the backward signal already grows "
+                      f"{evidence['init_backward_ratio']:.3g}x toward the input at the first step")
+    if not ctx.adaptive and (evidence.get("growth_over_steps") or evidence.get("max_update_ratio")
+                             or evidence.get("predicted_update_ratio")):
+        causes.insert(len(causes) if grows_at_init else 0,
+                      f"learning rate: {ctx.lr_said} with {ctx.optimizer}; each update feeds the next gradient")
     if ctx.depth >= 6 and evidence.get("backward_ratio"):
         causes.append(f"depth: {ctx.depth} weight layers multiply {ctx.depth - 1} backward factors")
     # an adaptive optimizer moves each weight by about lr per step whatever the gradient's size:
@@ -144,8 +156,8 @@ def exploding(ctx: Context, layers: tuple[str, ...], evidence: dict, through_tim
     if through_time:
         remedies.append(Remedy("Initialise the recurrent weights orthogonally (spectral norm 1)",
                                f"gw.init_({module_ref(layers[0]) if layers else 'model'}, scheme='orthogonal')"))
-    elif evidence.get("at_init"):
-        remedies.append(Remedy("Initialise each layer for the activation that follows it", "gw.init_(model)"))
+    elif grows_at_init:
+        remedies.insert(0, Remedy("Initialise each layer for the activation that follows it", ctx.init_code))
     remedies.append(Remedy("Skip any step whose gradients are not finite, so one bad batch cannot ruin the weights",
                            "guard = gw.guard(optimizer)"))
     return causes, remedies
@@ -172,18 +184,26 @@ def non_finite(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[l
 
 def dead_units(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[list[str], list[Remedy]]:
     causes = []
-    if not ctx.adaptive:
-        causes.append(f"learning rate: a large step ({ctx.lr_said}) can push a ReLU unit's bias so far that it never fires again")
-    if evidence.get("at_init"):
+    at_init = evidence.get("at_init")
+    if at_init:  # dead before any update: no learning rate killed them
         causes.append("initial weight scale: units are already dead at the first step (biases or weights start too negative)")
+    elif not ctx.adaptive:
+        causes.append(f"learning rate: a large step ({ctx.lr_said}) can push a ReLU unit's bias so far that it never fires again")
     causes.append("activation: ReLU passes no gradient for negative inputs, so a dead unit cannot recover")
-    refs = ", ".join(module_ref(l) for l in layers[:3])
-    remedies = [
-        Remedy("Use Leaky ReLU, which keeps a small gradient for negative inputs",
-               "model, _ = gw.modify.swap_activations(model, nn.ReLU, lambda: nn.LeakyReLU(0.01))" + f"  # {refs}"),
-        Remedy("Re-initialise with He init and zero biases", "gw.init_(model)"),
-        Remedy(f"Lower the learning rate (to {ctx.lr_text(0.1)})", ctx.lr_code(0.1)),
-    ]
+    if "dead_fraction" in evidence or ctx.relu_like:
+        refs = ", ".join(module_ref(l) for l in layers[:3])
+        leaky = Remedy("Use Leaky ReLU, which keeps a small gradient for negative inputs",
+                       "model, _ = gw.modify.swap_activations(model, nn.ReLU, lambda: nn.LeakyReLU(0.01))" + f"  # {refs}")
+    else:  # only the zero gradients were seen: the ReLUs are called as functions in forward()
+        causes.append("initial weights: a layer above initialised to all zeros passes no gradient down "
+                      "(gw.check_constant_init(model) lists such layers)")
+        leaky = Remedy("Use Leaky ReLU, which keeps a small gradient for negative inputs",
+                       "x = F.leaky_relu(x, 0.01)  # in forward(), instead of F.relu(x) / torch.relu(x)")
+    remedies = [leaky, Remedy("Re-initialise with He init and zero biases", ctx.init_code)]
+    if at_init:
+        remedies.reverse()  # the initialisation is what went wrong
+    else:
+        remedies.append(Remedy(f"Lower the learning rate (to {ctx.lr_text(0.1)})", ctx.lr_code(0.1)))
     return causes, remedies
 
 
@@ -195,7 +215,7 @@ def saturation(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[l
     else:
         causes.append(f"learning rate: updates ({ctx.lr_said}) drove pre-activations into the flat region")
     remedies = [
-        Remedy("Initialise with Xavier/Glorot, scaled for the activation", "gw.init_(model)"),
+        Remedy("Initialise with Xavier/Glorot, scaled for the activation", ctx.init_code),
         Remedy("Normalise the pre-activations", "model, _ = gw.modify.insert_norm(model, 'batch')"),
         Remedy("Or swap to a non-saturating activation",
                f"model, _ = gw.modify.swap_activations(model, nn.{_cls(acts[0])}, lambda: nn.LeakyReLU(0.01))"),
@@ -217,7 +237,7 @@ def stalled(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[list
         remedies.insert(0, Remedy("Use an optimizer with per-parameter step sizes",
                                   "optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)"))
     else:
-        remedies.append(Remedy("Initialise each layer for the activation that follows it", "gw.init_(model)"))
+        remedies.append(Remedy("Initialise each layer for the activation that follows it", ctx.init_code))
     return causes, remedies
 
 

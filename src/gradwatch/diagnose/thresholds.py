@@ -81,6 +81,11 @@ class Thresholds:
     # most units alive (a few to ~30% dead is common); half dead is lost capacity.
     dead_fraction: float = 0.5
     dead_fraction_error: float = 0.9
+    # Recorded steps in a row, through the end of the run, in which a layer's gradient is exactly
+    # 0: nothing above passes any back (ReLUs dead for every sample, called as F.relu where no
+    # module hook sees them; weights above all zero). A zero-initialised output layer or a ReZero
+    # gate gives exact zeros for one step only.
+    zero_gradient_steps: int = 10
     # Fraction of sigmoid/tanh outputs within 1% of an asymptote, where the derivative is < 0.01.
     saturated_fraction: float = 0.5
 

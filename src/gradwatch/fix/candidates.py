@@ -151,8 +151,9 @@ def from_findings(findings: list[Finding], activations: set[str], *, layer_types
         # the first step has no level before it: what was measured is already the burst.
         measured = base is not None and math.isfinite(base) and base > 0 and not at_init
         out += [lr_scale(0.1, names), *adams, clip_norm(float(f"{2 * base:.1g}"), names) if measured else zclip(names)]
-        if at_init:
-            out += [orthogonal(names) if "RNN" in layer_types else reinit(names)]  # too large from the first step: the init
+        grows_at_init = any("init_backward_ratio" in f.evidence for f in findings)
+        if at_init or grows_at_init:  # too large from the first step: the init
+            out += [orthogonal(names) if "RNN" in layer_types else reinit(names)]
     if kinds & {"vanishing_gradient", "saturation", "stalled_layers"}:
         if optimizer in STEP_SIZED and lr is not None and lr >= HIGH_ADAPTIVE_LR:
             out += [lr_scale(0.1, names)]

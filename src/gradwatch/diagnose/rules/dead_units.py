@@ -1,23 +1,61 @@
-"""dead_units: ReLU-family layers where most units output 0 for every sample of the batch."""
+"""dead_units: ReLU-family layers where most units output 0 for every sample of the batch, and
+layers that get exactly zero gradient because nothing above them passes any back."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
-from gradwatch.diagnose.signals import persistent_activation_layers, summarise_layers
+from gradwatch.diagnose.signals import persistent_activation_layers, persistent_start, summarise_layers
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
 
 
 def find_dead_units(run: RunSeries, th: Thresholds) -> list[Finding]:
     hits = persistent_activation_layers(run, "dead", th.dead_fraction, th.persist_samples, exclude=advice.SATURATING)
-    if not hits:
+    zero = _zero_gradient_layers(run, th)
+    if not hits and not zero:
         return []
-    first, layers, worst, at_init = summarise_layers(run, hits)
-    evidence = {"dead_fraction": {n: hits[n][1] for n in layers}, "at_init": at_init}
-    causes, remedies = advice.dead_units(advice.Context(run), layers, evidence)
-    severity = "error" if worst >= th.dead_fraction_error else "warning"
-    message = (f"{worst:.0%} of the units of '{layers[0]}' output 0 for every sample since step {first}"
-               + (f" ({len(layers)} layers affected)" if len(layers) > 1 else "")
-               + f": they pass no gradient and cannot recover. {remedies[0].action}.")
-    return [Finding("dead_units", severity, first, layers, message, evidence, tuple(causes), tuple(remedies))]
+    zero_layers = tuple(sorted(zero, key=lambda n: run.layers[run.column(n)].index))
+    evidence: dict = {}
+    if zero:
+        evidence["zero_gradient_layers"] = list(zero_layers)
+    if hits:
+        first, layers, worst, at_init = summarise_layers(run, hits)
+        evidence.update({"dead_fraction": {n: hits[n][1] for n in layers}, "at_init": at_init})
+        causes, remedies = advice.dead_units(advice.Context(run), layers, evidence)
+        severity = "error" if worst >= th.dead_fraction_error else "warning"
+        message = (f"{worst:.0%} of the units of '{layers[0]}' output 0 for every sample since step {first}"
+                   + (f" ({len(layers)} layers affected)" if len(layers) > 1 else "")
+                   + f": they pass no gradient and cannot recover. {remedies[0].action}.")
+        return [Finding("dead_units", severity, first, layers, message, evidence, tuple(causes), tuple(remedies))]
+    first = min(zero.values())
+    evidence["at_init"] = first == int(run.steps[0])
+    causes, remedies = advice.dead_units(advice.Context(run), zero_layers, evidence)
+    shown = ", ".join(f"'{n}'" for n in zero_layers[:3]) + (f" and {len(zero_layers) - 3} more" if len(zero_layers) > 3 else "")
+    message = (f"{shown} get exactly zero gradient since step {first}: nothing above passes any back (ReLU "
+               f"units that output 0 for every sample, or weights above that are all zero), so they cannot "
+               f"learn. {remedies[0].action}.")
+    return [Finding("dead_units", "error", first, zero_layers, message, evidence, tuple(causes), tuple(remedies))]
+
+
+def _zero_gradient_layers(run: RunSeries, th: Thresholds) -> dict[str, int]:
+    """{layer: first step} for weight layers whose gradient norm is exactly 0 for at least
+    `zero_gradient_steps` recorded steps through the end (or the first non-finite loss)."""
+    g = run.metrics.get("grad_norm")
+    if g is None:
+        return {}
+    bad = np.flatnonzero(np.isinf(run.loss))  # after it, what the gradients show is that
+    end = bad[0] if len(bad) else len(run.steps)
+    out = {}
+    for c, layer in enumerate(run.layers):
+        if layer.role not in ("param", "recurrent"):
+            continue
+        rows = np.flatnonzero(np.isfinite(g[:end, c]))  # NaN: no gradient this step (a branch not run)
+        if len(rows) < th.zero_gradient_steps:
+            continue
+        start = persistent_start(g[rows, c] == 0, th.zero_gradient_steps, to_the_end=True)
+        if start is not None:
+            out[layer.name] = int(run.steps[rows[start]])
+    return out

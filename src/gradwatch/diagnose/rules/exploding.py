@@ -27,6 +27,9 @@ def find_exploding(run: RunSeries, th: Thresholds) -> list[Finding]:
         evidence.update(ev)
         layers = layers or found_layers
     evidence["at_init"] = first == int(run.steps[0])
+    init_ratio = _backward_ratio_at_init(run)
+    if init_ratio is not None and init_ratio > th.backward_exploding_ratio:
+        evidence["init_backward_ratio"] = init_ratio
     ctx = advice.Context(run)
     causes, remedies = advice.exploding(ctx, layers, evidence, through_time=False)
     what = []
@@ -38,6 +41,9 @@ def find_exploding(run: RunSeries, th: Thresholds) -> list[Finding]:
             what.append(f"the gradient norm rose {evidence['growth_over_steps']:.3g}x above its recent level")
     if "max_update_ratio" in evidence:
         what.append(f"one update changed the weights by {evidence['max_update_ratio']:.3g}x their norm")
+    elif "predicted_update_ratio" in evidence:
+        what.append(f"a step of lr x the gradient changes the weights by about {evidence['predicted_update_ratio']:.3g}x "
+                    "their norm (estimated from the gradient norm and the last sampled weight norm)")
     if "weight_growth" in evidence:
         what.append(f"the weights grew {evidence['weight_growth']:.3g}x")
     if "backward_ratio" in evidence:
@@ -45,7 +51,8 @@ def find_exploding(run: RunSeries, th: Thresholds) -> list[Finding]:
     verb = "burst" if evidence.get("recovered") else "explode"
     message = f"Gradients {verb} from step {first}: " + "; ".join(what) + f". {remedies[0].action}."
     # recurring bursts the run recovers from, and nothing else: an instability, not yet a blow-up
-    only_bursts = evidence.get("recovered") and not set(evidence) & {"max_update_ratio", "weight_growth", "backward_ratio"}
+    only_bursts = evidence.get("recovered") and not set(evidence) & {"max_update_ratio", "predicted_update_ratio",
+                                                                     "weight_growth", "backward_ratio"}
     severity = "warning" if only_bursts else "error"
     return [Finding("exploding_gradient", severity, first, layers, message, evidence, tuple(causes), tuple(remedies))]
 
@@ -154,8 +161,9 @@ def _clip_level(early_norms: np.ndarray, fallback: float) -> float:
 def _sgd_step_too_large(run: RunSeries, th: Thresholds):
     """Under plain SGD the update is lr·g, so every step's relative update is known from the
     gradient norm and the last sampled weight norm, long before the next sample. Where the
-    sampled updates show the step is not lr·g (clipping in the script, a wrapper), it is not used."""
-    if run.meta.get("optimizer") not in ("SGD", "ASGD"):
+    sampled updates show the step is not lr·g (clipping in the script, a wrapper), it is not used.
+    With momentum the step is lr times a running sum of gradients, which the norms do not give."""
+    if run.meta.get("optimizer") not in ("SGD", "ASGD") or run.meta.get("momentum", 0.0):
         return None
     g, w, u = run.metrics.get("grad_norm"), run.metrics.get("weight_norm"), run.metrics.get("update_ratio")
     cols = profile_columns(run)
@@ -174,7 +182,11 @@ def _sgd_step_too_large(run: RunSeries, th: Thresholds):
             check = sampled & np.isfinite(measured) & np.isfinite(predicted) & (predicted > 0.1 * th.max_update_ratio)
             if (measured[check] < 0.5 * predicted[check]).any():
                 return None
-    return _first_overshoot(run, cols, predicted, np.isfinite(predicted) & (predicted > th.max_update_ratio))
+    found = _first_overshoot(run, cols, predicted, np.isfinite(predicted) & (predicted > th.max_update_ratio))
+    if found is None:
+        return None
+    step, layers, ev = found
+    return step, layers, {"predicted_update_ratio": ev["max_update_ratio"]}
 
 
 def _overshooting_update(run: RunSeries, th: Thresholds):
@@ -221,6 +233,15 @@ def _weight_growth(run: RunSeries, th: Thresholds):
     per_layer = w[rows[-1], cols] / w[rows[0], cols]
     top = sorted(cols[i] for i in np.argsort(-per_layer)[:3])
     return int(run.steps[r]), names(run, top), {"weight_growth": float(growth[-1])}
+
+
+def _backward_ratio_at_init(run: RunSeries) -> float | None:
+    """∂L/∂(output) RMS of the lowest hidden layer over the highest's at the first step, if it was
+    sampled: above the threshold, the initial weight scale itself amplifies the backward signal."""
+    rows, values, cols = depth_profile(run, "grad_out_rms", hidden_only=True)
+    if len(cols) < 2 or len(rows) == 0 or run.steps[rows[0]] != run.steps[0] or not values[0, -1] > 0:
+        return None
+    return float(values[0, 0] / values[0, -1])
 
 
 def _backward_growth(run: RunSeries, th: Thresholds):

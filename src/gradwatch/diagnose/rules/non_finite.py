@@ -66,7 +66,10 @@ def _in_the_run(run: RunSeries) -> list[Finding]:
     layers = at_first.get(origin, ()) or next((l for l in at_first.values() if l), ())
     total = total_grad_norm(run)[:first_row]
     finite = total[np.isfinite(total)]
-    growth = float(finite[-1] / np.median(finite[-20:-5])) if len(finite) >= 10 and np.median(finite[-20:-5]) > 0 else float("nan")
+    # the last norm against the level before the burst; a run that blew up within 10 steps has
+    # no such level, and its first step stands for it
+    before = np.median(finite[-20:-5]) if len(finite) >= 10 else (finite[0] if len(finite) >= 2 else np.nan)
+    growth = float(finite[-1] / before) if before > 0 else float("nan")
     evidence = {"step": step, "first_seen_in": origin, "sources": sorted(at_first),
                 "layers_hit": len(layers), "at_init": first_row == 0, "grad_growth_before": growth}
     if "nonfinite" in run.metrics:
