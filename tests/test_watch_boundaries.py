@@ -208,3 +208,26 @@ def test_a_backward_no_optimizer_step_uses_is_no_step(tmp_path, zero_code):
     losses, run = _check_train_check(factory)
     assert list(run.steps) == list(range(6))
     assert run.loss == pytest.approx(losses, rel=1e-6)
+
+
+def test_each_watch_of_a_gan_records_its_own_models_loss():
+    """A watch on the generator and one on the discriminator: the discriminator's backward reaches
+    none of the generator's weights, yet its loss was summed into the generator's step (1.97, not
+    its own 0.63), and the live warnings spoke of a plateau in that mix."""
+    torch.manual_seed(0)
+    G = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+    D = nn.Sequential(nn.Linear(2, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1))
+    oG, oD = torch.optim.Adam(G.parameters(), 2e-4), torch.optim.Adam(D.parameters(), 2e-4)
+    bce = nn.BCEWithLogitsLoss()
+    losses = {"G": [], "D": []}
+    with gw.watch(G, oG, warn=False) as wG, gw.watch(D, oD, warn=False) as wD:
+        for _ in range(12):
+            real, fake = torch.randn(32, 2) + 2, G(torch.randn(32, 4))
+            lD = bce(D(real), torch.ones(32, 1)) + bce(D(fake.detach()), torch.zeros(32, 1))
+            oD.zero_grad(), lD.backward(), oD.step()
+            lG = bce(D(fake), torch.ones(32, 1))
+            oG.zero_grad(), lG.backward(), oG.step()
+            losses["D"].append(lD.item()), losses["G"].append(lG.item())
+        runs = {"G": wG.series(), "D": wD.series()}
+    for name in ("G", "D"):
+        np.testing.assert_allclose(runs[name].loss, losses[name], rtol=1e-6)

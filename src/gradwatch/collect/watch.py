@@ -140,6 +140,8 @@ class Watch:
         self._backward_since_step = False  # its gradients await an optimizer step (or none)
         self._in_step = False  # between the optimizer's step pre- and post-hook (closures)
         self._closure_loss = False  # a closure's loss was added in this step
+        self._grads_seen = 0  # gradients accumulated into watched parameters, ever
+        self._grads_before = 0  # ... when the current backward began
         self._handles: list = []  # permanent hooks, removed by detach()
         self._grad_handles: dict[int, object] = {}  # parameter index -> its post-accumulate-grad hook
         self._norm_buf = self._max_buf = None
@@ -289,6 +291,7 @@ class Watch:
         norm_out, max_out, weight_out = self._norm_buf[i], self._max_buf[i], self._weight_buf[i]
 
         def hook(p: torch.Tensor) -> None:
+            self._grads_seen += 1
             if self._attached and self._cur_sampled is not None:
                 g = entries(p.grad)
                 torch.linalg.vector_norm(g, dtype=torch.float32, out=norm_out)
@@ -431,6 +434,7 @@ class Watch:
                 self._clear_grad_buffers()
         unscaled = getattr(root, patches.UNSCALED, None)
         self._backward_scale = unscaled[1] if unscaled is not None else None
+        self._grads_before = self._grads_seen
 
     def _grads_cleared(self) -> bool:
         """The gradients of the backwards since the last step are gone (zero_grad() sets them to
@@ -460,7 +464,10 @@ class Watch:
             # optimizer.step(closure): the closure's first loss is the step's (what step() returns);
             # LBFGS's later calls evaluate line-search points, not micro-batches. Micro-batches
             # accumulated before the step (Lightning runs the last one in the closure) all count.
-            if (isinstance(loss, torch.Tensor) and loss.numel() == 1 and not rec.loss_explicit
+            # a loss whose backward reached none of the watched weights (a GAN's discriminator loss,
+            # for a watch on the generator) is another model's
+            reached = self._dist is not None or self._grads_seen > self._grads_before
+            if (isinstance(loss, torch.Tensor) and loss.numel() == 1 and not rec.loss_explicit and reached
                     and not (self._in_step and self._closure_loss)):
                 rec.add_loss(loss)
                 self._closure_loss = self._in_step
