@@ -405,6 +405,19 @@ def test_saturation_at_the_threshold(frac, found):
         assert f[0].layers == ("act2",) and f[0].first_step == 30
 
 
+def test_a_first_layer_saturated_from_the_start_is_told_to_standardise_its_inputs():
+    """Inputs left at 0..16 saturate the first tanh layer whatever its init: a tester measured
+    gw.init_, then the first remedy, raising its saturation from 51% to 81%."""
+    run = build(activation="tanh")
+    run.metrics["saturated"][:, run.column("act0")] = 0.6
+    f = next(f for f in diagnose(run) if f.kind == "saturation")
+    assert "Standardise the inputs" in f.remedies[0].action and f.causes[1].startswith("input scale")
+    run = build(activation="tanh")
+    run.metrics["saturated"][:, run.column("act2")] = 0.6  # a layer the inputs do not feed
+    f = next(f for f in diagnose(run) if f.kind == "saturation")
+    assert not any("Standardise" in r.action for r in f.remedies)
+
+
 def test_relu_layers_are_never_saturated():
     run = build()
     run.metrics["saturated"][:, run.column("act1")] = 1.0

@@ -220,6 +220,12 @@ def saturation(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[l
         Remedy("Or swap to a non-saturating activation",
                f"model, _ = gw.modify.swap_activations(model, nn.{_cls(acts[0])}, lambda: nn.LeakyReLU(0.01))"),
     ]
+    if evidence.get("first_layer"):  # raw inputs (pixels 0..255) saturate the first layer whatever its init
+        causes.insert(1, "input scale: the first layer saturates from the first step, as it does when the inputs "
+                         "are not standardised (raw pixel values, features in the thousands)")
+        standardise = Remedy("Standardise the inputs: mean 0 and std 1 per feature, from the training set",
+                             "x = (x - x_train.mean(0)) / (x_train.std(0) + 1e-8)")
+        remedies.insert(0 if len(layers) == 1 else 1, standardise)
     return causes, remedies
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
-from gradwatch.diagnose.signals import persistent_activation_layers, summarise_layers
+from gradwatch.diagnose.signals import activation_columns, persistent_activation_layers, summarise_layers
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
 
@@ -17,6 +17,9 @@ def find_saturation(run: RunSeries, th: Thresholds) -> list[Finding]:
     first, layers, worst, at_init = summarise_layers(run, hits)
     evidence = {"saturated_fraction": {n: hits[n][1] for n in layers},
                 "activations": [run.layers[run.column(n)].activation for n in layers], "at_init": at_init}
+    lowest = min(activation_columns(run), key=lambda c: run.layers[c].index)
+    if at_init and run.layers[lowest].name == layers[0]:  # the layer the inputs feed saturates from the start
+        evidence["first_layer"] = True
     causes, remedies = advice.saturation(advice.Context(run), layers, evidence)
     message = (f"{worst:.0%} of the outputs of '{layers[0]}' sit within 1% of an asymptote since step {first}"
                + (f" ({len(layers)} layers affected)" if len(layers) > 1 else "")
