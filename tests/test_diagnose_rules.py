@@ -376,6 +376,16 @@ def test_layers_that_get_exactly_zero_gradient_are_found_without_activation_modu
     assert "dead_units" not in kinds(diagnose(run))
 
 
+def test_zero_gradients_below_saturated_units_are_the_saturations():
+    """tanh'(x) is exactly 0 in float32 for |x| > 9: a tanh net driven into saturation by an lr
+    ramp got a dead_units finding about "ReLU units" it does not have (detection benchmark)."""
+    run = build(activation="tanh")
+    run.metrics["saturated"][:, run.column("act1")] = 1.0
+    for k in (0, 1):
+        run.metrics["grad_norm"][:, run.column(f"fc{k}")] = 0.0
+    assert "saturation" in kinds(diagnose(run)) and "dead_units" not in kinds(diagnose(run))
+
+
 def test_dead_units_are_judged_before_the_loss_went_non_finite():
     """53% -> 95% dead before the NaN, then statistics of a NaN net: the finding gives the dying
     units' share, not a median over the NaN steps (a tester saw '0% of the units')."""

@@ -36,6 +36,9 @@ def diagnose(run: RunSeries | str | os.PathLike, thresholds: Thresholds = DEFAUL
     findings = [f for phase in phases if len(phase.steps) for rule in RULES for f in rule(phase, thresholds)]
     if series.meta.get("own_loss_steps"):  # the recorded loss mixes two objectives (a GAN's G and D):
         findings = [f for f in findings if f.kind not in LOSS_KINDS]  # its plateau or rise says nothing
+    if any(f.kind == "saturation" for f in findings):  # tanh'(x) is exactly 0 in float32 for |x| > 9:
+        findings = [f for f in findings  # zero gradients below saturated units are the saturation's
+                    if not (f.kind == "dead_units" and "dead_fraction" not in f.evidence)]
     vanished = {l for f in findings if f.kind == "vanishing_gradient" for l in f.layers}
     vanished |= {l for f in findings if f.kind == "dead_units" for l in f.evidence.get("zero_gradient_layers", ())}
     findings = [f for f in findings  # lower layers stalled where the gradient vanishes (or is 0): one cause
