@@ -387,6 +387,44 @@ def test_finals_pair_the_leader_with_the_next_two():
     assert names(pick_finals([adam(), lr_scale(0.1)])) == ["Adam (lr 1e-3)", "learning rate x0.1"]
 
 
+def test_a_leader_that_works_alone_gets_a_full_trial_alone(tmp_path, monkeypatch):
+    """A tester's vanilla RNN: orthogonal W_hh was the one screened remedy that left no harmful
+    finding, but the finals ran it only combined (with lr x10, with a GRU), both failed, and fix
+    said "No remedy beat the baseline"; alone it reached 0.118 against 0.899."""
+    import importlib
+
+    from gradwatch.fix.candidates import adam, lr_scale, orthogonal
+    fix_module = importlib.import_module("gradwatch.fix")  # the package (gradwatch.fix is the function)
+
+    def train():
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(12):
+            opt.zero_grad()
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+            opt.step()
+
+    lead, others = orthogonal(), [lr_scale(10.0), adam()]
+    real = fix_module.run_trial_in_process
+
+    def trial(command, run_dir, cand, steps, trained=None):  # measured: only the leader alone works
+        if cand is fix_module.BASELINE:
+            return real(command, run_dir, cand, steps, trained=trained)
+        alone = cand.name == lead.name
+        return Trial(cand, run_dir, 0, 0.1, steps=steps, final_loss=1e-9 if alone else 5.0 + steps / 1000,
+                     findings=[] if alone else [finding("vanishing_gradient")])
+
+    monkeypatch.setattr(fix_module, "run_trial_in_process", trial)
+    result = fix(train, out=tmp_path, budget_steps=40, candidates=[lead, *others], progress=lambda m: None)
+    assert [t.candidate.name for t in result.trials[:2]] == [c.name for c in fix_module.pick_finals([lead, *others])]
+    assert len(result.trials) == 3 and result.winner.candidate.name == lead.name and result.repaired
+    # a final that works: no extra trial
+    monkeypatch.setattr(fix_module, "run_trial_in_process", lambda c, r, cand, steps, trained=None: (
+        real(c, r, cand, steps, trained=trained) if cand is fix_module.BASELINE else
+        Trial(cand, r, 0, 0.1, steps=steps, final_loss=0.1, findings=[])))
+    assert len(fix(train, out=tmp_path, budget_steps=40, candidates=[lead, *others], progress=lambda m: None).trials) == 2
+
+
 def _steps_until_exit(spec: dict) -> int:
     torch.manual_seed(0)
     model = nn.Linear(2, 1)

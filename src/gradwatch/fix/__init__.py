@@ -176,13 +176,15 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], command: list[str] | Cal
     result = FixResult(baseline, [], budget_steps=budget_steps, names=names)
     result.save(out)
     queue = list(candidates)
+    screened: list[Trial] = []  # best first
     if strategy == "screen" and len(queue) > 1:
         short = result.screen_steps = max(budget_steps // 4, 10)
         for i, cand in enumerate(queue, 1):
             say(f"gradwatch fix: screening {i}/{len(queue)} ({short} steps): {cand.name}")
             result.screened.append(trial(f"screen-{i}", cand, short))
             result.save(out)
-        ranked = [t.candidate for t in sorted(result.screened, key=lambda t: t.score) if not t.not_applied]
+        screened = [t for t in sorted(result.screened, key=lambda t: t.score) if not t.not_applied]
+        ranked = [t.candidate for t in screened]
         queue = (pick_finals(ranked) if len(ranked) > 1 else ranked)[:max(finals, 1)]
     for i, cand in enumerate(queue, 1):
         say(f"gradwatch fix: trial {i}/{len(queue)} ({budget_steps} steps): {cand.name}")
@@ -190,6 +192,13 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], command: list[str] | Cal
         result.save(out)
         if strategy == "first" and result.trials[-1].works:
             break
+    if screened and screened[0].works and screened[0].candidate not in queue and not any(t.works for t in result.trials):
+        # the leader worked on its own in screening and every combination with it failed: a
+        # remedy that repairs alone is not to be lost to the company it was tried in
+        lead = screened[0].candidate
+        say(f"gradwatch fix: trial {len(queue) + 1}/{len(queue) + 1} ({budget_steps} steps): {lead.name} alone")
+        result.trials.append(trial(f"trial-{len(queue) + 1}", lead, budget_steps))
+        result.save(out)
     result.written, result.overwritten = sorted(workspace.written), sorted(workspace.overwritten)
     result.save(out)
     return result
