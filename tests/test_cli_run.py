@@ -56,6 +56,27 @@ def test_run_module_and_command_forms(tmp_path):
     assert len(read_run(tmp_path / "c").steps) == 5
 
 
+def test_a_modules_own_options_are_its_own(tmp_path):
+    """`gradwatch run -m pkg.train --steps 4` exited 2 with "unrecognized arguments: --steps":
+    after the module, as after `python -m pkg.train`, every argument is the module's."""
+    from gradwatch.cli.main import build_parser
+
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "opts.py").write_text(
+        "import argparse, runpy, sys\n"
+        "a = argparse.ArgumentParser(); a.add_argument('--steps', type=int); n = a.parse_args().steps\n"
+        f"sys.argv = [sys.argv[0], str(n)]; runpy.run_path({str(SCRIPTS / 'train_optim.py')!r}, run_name='__main__')\n")
+    result = gradwatch("run", "--out", tmp_path / "m", "-m", "pkg.opts", "--steps", 4, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(read_run(tmp_path / "m").steps) == 4
+    args = build_parser().parse_args(["fix", "--budget-steps", "9", "-m", "pkg.opts", "--steps", "4", "--out", "x"])
+    assert (args.module, args.out, args.budget_steps) == (["pkg.opts", "--steps", "4", "--out", "x"], "runs/fix", 9)
+    result = gradwatch("run", "--out", tmp_path / "e", "-m", cwd=tmp_path)
+    assert result.returncode == 2 and "-m needs a module name" in result.stderr
+
+
 def test_run_default_out_links_latest(tmp_path):
     result = gradwatch("run", SCRIPTS / "train_optim.py", 3, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -68,8 +89,12 @@ def test_run_default_out_links_latest(tmp_path):
     (["run", "--every", "0", SCRIPTS / "train_optim.py"], "--every=0"),
     (["run"], "nothing to run"),
     (["show", "does-not-exist"], "no run at"),
+    # an --out where a file is: NotADirectoryError tracebacks before
+    (["fix", "--out", "afile", SCRIPTS / "train_optim.py"], "(a file of that name is in the way); choose another --out"),
+    (["lab", "he30", "--quick", "--out", "afile/x"], "(a file of that name is in the way); choose another --out"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, message):
+    (tmp_path / "afile").write_text("not a directory")
     result = gradwatch(*args, cwd=tmp_path)
     assert result.returncode == 2
     assert message in result.stderr
@@ -118,6 +143,24 @@ def test_sigterm_to_gradwatch_run_reaches_the_script_which_stores_its_last_steps
     child = _started(proc, pidfile, 12)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM  # the script's own end, as the shell says it
+    assert _gone(child)
+    assert len(read_run(tmp_path / "r").steps) >= 12
+
+
+def test_sigint_to_gradwatch_run_alone_reaches_the_script(tmp_path):
+    """A SIGINT sent to `gradwatch run` alone (a supervisor, not a terminal's Ctrl-C to the whole
+    group) was swallowed: a tester's training ran on for 1500 more steps. Now it is passed on:
+    the script ends with KeyboardInterrupt and its steps are stored."""
+    import signal
+
+    pidfile = tmp_path / "pid"
+    proc = subprocess.Popen([sys.executable, "-m", "gradwatch", "run", "--out", str(tmp_path / "r"),
+                             str(SCRIPTS / "killme.py"), "--pid", str(pidfile)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            stdin=subprocess.DEVNULL)
+    child = _started(proc, pidfile, 12)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) != 0
     assert _gone(child)
     assert len(read_run(tmp_path / "r").steps) >= 12
 

@@ -51,6 +51,10 @@ def test_table_and_embedding_input_from_another_directory(tmp_path):
     (["test_probe_helpers:sigmoid_mlp", "--input-shape", "16,x"], "--input-shape '16,x'"),
     (["test_probe_helpers:no_layers", "--input-shape", "2,3"], "has no layers"),
     (["test_probe_helpers:sigmoid_mlp", "--input-shape", "16,32", "--num-classes", "7"], "--num-classes 7"),
+    # these were tracebacks, or silently ignored, and said only after the whole probe was computed
+    (["test_probe_helpers:sigmoid_mlp", "--input-shape", "16,32", "--num-classes", "0"], "at least 2 classes"),
+    (["test_probe_helpers:sigmoid_mlp", "--input-shape", "16,32", "--png", "out.txt"], "cannot write a .txt figure"),
+    (["test_probe_helpers:sigmoid_mlp", "--input-shape", "100000,1000000000"], "does not fit in memory"),
 ])
 def test_bad_input_is_one_clear_line(args, needle, monkeypatch, capsys):
     monkeypatch.chdir(TESTS)  # in-process (a subprocess per case would cost seconds each)

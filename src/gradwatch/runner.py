@@ -46,6 +46,18 @@ def clear_run(path: Path) -> None:
         old.unlink(missing_ok=True)
 
 
+def output_dir(path: str | os.PathLike, option: str = "--out") -> Path:
+    """Create a directory for output, or say in one line why it cannot be (a file is in the way,
+    no permission) before any work is done."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        why = "a file of that name is in the way" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
+        raise ConfigError(f"cannot create the directory {str(path)!r} ({why}); choose another {option}") from exc
+    return path
+
+
 def prepare_run_dir(path: str | os.PathLike) -> Path:
     """Create the run directory and prove it is writable before the target starts. A run
     written there before is replaced (its store files and findings), as `coverage run` does."""
@@ -82,10 +94,14 @@ def build_command(script: str | None, module: str | None, argv: list[str]) -> li
     return argv
 
 
-def command_from_target(target: list[str], module: str | None) -> list[str]:
+def command_from_target(target: list[str], module: list[str] | str | None) -> list[str]:
     """The child's command from the CLI's trailing arguments: `script.py args`, `-m module args`
-    or `-- COMMAND args`."""
+    (`module`: the module's name and its arguments, as the CLI's `-m` takes them) or `-- COMMAND args`."""
     target = list(target)
+    if isinstance(module, list):
+        if not module:
+            raise ConfigError("-m needs a module name, e.g. -m pkg.train --lr 0.1")
+        module, target = module[0], [*module[1:], *target]
     script = None
     if target and target[0] == "--":
         target = target[1:]
@@ -114,8 +130,11 @@ def run(command: list[str], run_dir: Path, options: dict[str, int]) -> RunResult
     previous_term = signal.getsignal(signal.SIGTERM)
     try:
         proc = subprocess.Popen(command, env=child_env(run_dir, options))
-        # a SIGTERM sent to us alone is passed on: the child stores its last steps and ends
+        # a SIGTERM sent to us alone is passed on: the child stores its last steps and ends; so
+        # is a SIGINT, unless a terminal's Ctrl-C sent it to the child as well (a second one
+        # could cut short the child's last flush)
         signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
+        signal.signal(signal.SIGINT, lambda signum, frame: None if _terminal_foreground() else proc.send_signal(signum))
         code = proc.wait()
     except FileNotFoundError as exc:
         raise ConfigError(f"cannot start {command[0]!r}: {exc.strerror}") from exc
@@ -123,6 +142,14 @@ def run(command: list[str], run_dir: Path, options: dict[str, int]) -> RunResult
         signal.signal(signal.SIGINT, previous)
         signal.signal(signal.SIGTERM, previous_term)
     return RunResult(run_dir, 128 - code if code < 0 else code)
+
+
+def _terminal_foreground() -> bool:
+    """This process group is a terminal's foreground one: its Ctrl-C reaches every process in it."""
+    try:
+        return os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
+    except (OSError, ValueError, AttributeError):  # no terminal (a supervisor, a pipe, a closed stdin)
+        return False
 
 
 def link_latest(run_dir: Path) -> None:

@@ -32,13 +32,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strategy", choices=("screen", "first", "all"), default="screen",
                    help="screen every remedy for a quarter of the budget then run the best at full length "
                         "(default); first: full trials in order until one works; all: every one at full length")
-    p.add_argument("-m", dest="module", help="run a library module as a script, like python -m")
+    # like python -m, everything after the module is the module's own (its --options too)
+    p.add_argument("-m", dest="module", nargs=argparse.REMAINDER, metavar="MODULE [args]",
+                   help="run a library module as a script, like python -m")
     p.add_argument("target", nargs=argparse.REMAINDER, help="script.py [args] | -- COMMAND [args]")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
     command = runner.command_from_target(args.target, args.module)
+    runner.output_dir(args.out)
     previous = signal.signal(signal.SIGTERM, _interrupt)  # the running trial is killed, not orphaned
     try:
         result = fix(command, out=args.out, budget_steps=args.budget_steps, order=args.order, strategy=args.strategy)

@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from gradwatch import lab
+from gradwatch import lab, runner
 from gradwatch.lab.page import verdict
 
 
@@ -36,7 +36,7 @@ def main(args: argparse.Namespace) -> int:
         console.print(table)
         return 0
     exps = lab.all_experiments() if args.name == "all" else [lab.get(args.name)]
-    out = Path(args.out)
+    out = runner.output_dir(args.out)
     done = lab.run_many(exps, args.quick, out)
     table = Table(title=f"gradwatch lab ({'quick' if args.quick else 'full'})")
     for col in ("experiment", "verdict", "checks passed", "seconds"):

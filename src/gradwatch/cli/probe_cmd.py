@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 from rich.console import Console
 
+from gradwatch import runner
 from gradwatch.errors import ConfigError
 from gradwatch.probe import probe
 from gradwatch.probe.inputs import LOSSES, check_fits, load_factory, make_loss, parse_shape, random_batch
@@ -37,19 +39,43 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=main)
 
 
+FIGURE_FORMATS = (".png", ".pdf", ".svg")
+
+
+def figure_path(text: str) -> Path:
+    """Where --png writes: a .png added to a name without a suffix; another format matplotlib
+    writes (.pdf, .svg) kept; its directory created."""
+    path = Path(text)
+    if not path.suffix:
+        path = path.with_suffix(".png")
+    if path.suffix.lower() not in FIGURE_FORMATS:
+        raise ConfigError(f"--png {text!r}: cannot write a {path.suffix} figure; use a .png, .pdf or .svg name")
+    runner.output_dir(path.parent, "--png path")
+    return path
+
+
 def main(args: argparse.Namespace) -> int:
     shape = parse_shape(args.input_shape)
     if args.iters < 0:
         raise ConfigError(f"--iters {args.iters} must be >= 0")
+    if args.num_classes is not None and args.num_classes < 2:
+        raise ConfigError(f"--num-classes {args.num_classes}: a classifier has at least 2 classes")
+    png = figure_path(args.png) if args.png else None  # said before the probe's work, not after
     model = load_factory(args.factory)
     gen = torch.Generator().manual_seed(args.seed)
-    batch = random_batch(model, shape, vocab=args.vocab, generator=gen)
+    try:
+        batch = random_batch(model, shape, vocab=args.vocab, generator=gen)
+    except RuntimeError as exc:  # e.g. DefaultCPUAllocator: can't allocate memory
+        if "alloc" not in str(exc):
+            raise
+        raise ConfigError(f"--input-shape {args.input_shape}: a batch that large does not fit in memory; "
+                          "a probe needs only a few samples (batch size first)") from None
     loss_name = args.loss or ("cross_entropy" if args.num_classes else "sumsq")
     loss_fn = make_loss(loss_name, args.num_classes, gen)
     check_fits(model, batch, args.factory)
     result = probe(model, batch, loss_fn, iters=args.iters, seed=args.seed)
-    if args.png:
-        result.plot(args.png)
+    if png:
+        result.plot(str(png))
     if args.json:
         print(result.to_json(indent=2))
         return 0
@@ -64,6 +90,6 @@ def main(args: argparse.Namespace) -> int:
             console.print(f"  cause: {cause}", markup=False)
         for r in f.remedies:
             console.print(f"  fix: {r.action}\n       " + r.code.replace("\n", "\n       "), markup=False)
-    if args.png:
-        console.print(f"wrote {args.png}", markup=False)
+    if png:
+        console.print(f"wrote {png}", markup=False)
     return 0

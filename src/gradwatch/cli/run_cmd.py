@@ -24,7 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--every", type=int, default=1, help="record every N-th step (default 1)")
     p.add_argument("--sample-every", type=int, default=10, help="costlier statistics every N-th step (default 10)")
     p.add_argument("--flush-every", type=int, default=50, help="write to the store every N steps (default 50)")
-    p.add_argument("-m", dest="module", help="run a library module as a script, like python -m")
+    # like python -m, everything after the module is the module's own (its --options too)
+    p.add_argument("-m", dest="module", nargs=argparse.REMAINDER, metavar="MODULE [args]",
+                   help="run a library module as a script, like python -m")
     p.add_argument("target", nargs=argparse.REMAINDER, help="script.py [args] | -- COMMAND [args]")
     p.set_defaults(func=main)
 
