@@ -6,6 +6,7 @@ from __future__ import annotations
 import doctest
 import importlib.util
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -380,3 +381,121 @@ def test_attach_to_an_optimizer_without_params():
     with pytest.raises(ConfigError, match="no parameters"):
         clip.attach(opt, clip.ZClip())
     assert clip.AutoClip(percentile=100).percentile == 100.0
+
+
+# ---- sparse gradients (nn.Embedding(sparse=True)) -----------------------------------------------------
+def embedding_pair(seed: int = 0) -> tuple[nn.Embedding, nn.Embedding]:
+    """The same embedding twice, one with a sparse gradient, the other with the same gradient dense.
+    Repeated ids leave the sparse gradient uncoalesced; some rows get far larger gradients than others."""
+    torch.manual_seed(seed)
+    sparse = nn.Embedding(12, 5, sparse=True)
+    dense = nn.Embedding(12, 5)
+    dense.load_state_dict(sparse.state_dict())
+    ids = torch.tensor([1, 2, 2, 7, 7, 7, 9])
+    scale = torch.tensor([0.001, 3.0, 2.0, 5.0, 1.0, 4.0, 0.002]).unsqueeze(1) * torch.randn(7, 5)
+    for emb in (sparse, dense):
+        (emb(ids) * scale).sum().backward()
+    assert sparse.weight.grad.is_sparse and not sparse.weight.grad.is_coalesced()
+    return sparse, dense
+
+
+@pytest.mark.parametrize("make", [lambda: clip.ClipNorm(1.0), lambda: clip.ClipNorm(1.0, norm_type=math.inf),
+                                  lambda: clip.ClipValue(0.5), lambda: clip.AGC(0.05),
+                                  lambda: clip.AutoClip(10), lambda: clip.ZClip(warmup_steps=2, max_grad_norm=1.0)])
+def test_sparse_gradients_are_clipped_as_their_dense_equal(make):
+    """Before, every clipper raised torch's NotImplementedError (no vector_norm for sparse tensors).
+    A sparse gradient must come out of a clipper as its dense equal does (dense clipping is checked
+    against torch and float64 references above), and still be sparse."""
+    ours, ref = make(), make()
+    clipped = False
+    for seed in range(3):  # several calls: the stateful clippers' history and warm-up take sparse norms too
+        sparse, dense = embedding_pair(seed)
+        before = dense.weight.grad.clone()
+        norm, ref_norm = ours([sparse.weight]), ref([dense.weight])
+        assert sparse.weight.grad.is_sparse
+        torch.testing.assert_close(sparse.weight.grad.to_dense(), dense.weight.grad, rtol=1e-6, atol=1e-7)
+        if ref_norm is not None:
+            torch.testing.assert_close(norm, ref_norm, rtol=1e-6, atol=0)
+        clipped |= not torch.equal(dense.weight.grad, before)
+    assert clipped
+
+
+def test_sparse_clip_norm_matches_torch_on_the_dense_gradient():
+    sparse, dense = embedding_pair()
+    norm = clip.clip_norm([sparse.weight], 1.0)
+    ref = torch.nn.utils.clip_grad_norm_([dense.weight], 1.0)
+    torch.testing.assert_close(norm, ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(sparse.weight.grad.to_dense(), dense.weight.grad, rtol=1e-6, atol=1e-7)
+    assert float(dense.weight.grad.norm()) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_sparse_agc_matches_float64_rederivation():
+    sparse, dense = embedding_pair()
+    grad = dense.weight.grad.double().numpy()
+    clip.AGC(0.05)([sparse.weight])
+    ref = agc_reference(sparse.weight.detach().double().numpy(), grad, 0.05, 1e-3)
+    np.testing.assert_allclose(sparse.weight.grad.to_dense().double().numpy(), ref, rtol=1e-5, atol=1e-8)
+    assert not np.allclose(ref, grad)  # some rows were clipped
+
+
+def test_attach_with_a_sparse_embedding_trains_as_the_dense_one():
+    sparse, dense = embedding_pair()
+    for emb in (sparse, dense):
+        opt = torch.optim.SGD(emb.parameters(), lr=1.0)
+        with clip.attach(opt, clip.ZClip(warmup_steps=1, max_grad_norm=1.0)):
+            opt.step()
+    torch.testing.assert_close(sparse.weight, dense.weight, rtol=1e-6, atol=1e-7)
+
+
+def test_agc_names_a_parameter_whose_rows_it_cannot_find():
+    """A gradient sparse over both dims of a matrix has no stored rows to clip: a ConfigError that
+    names the parameter, not torch's NotImplementedError."""
+    p = nn.Parameter(torch.ones(4, 3))
+    p.grad = torch.sparse_coo_tensor([[0, 2], [1, 1]], [5.0, 6.0], (4, 3))
+    with pytest.raises(ConfigError, match=r"parameter 1 \(shape \(4, 3\)\) has a sparse gradient"):
+        clip.AGC()([nn.Parameter(torch.ones(2)), p])
+
+
+# ---- AGC and non-finite gradients --------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_agc_leaves_non_finite_units_as_they_are(bad):
+    """Before, a unit holding an Inf was scaled by λ‖w‖/Inf = 0 and came out [nan, 0, 0], against the
+    docs (non-finite gradients are left as they are, for the guard); the other units are still clipped."""
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(3, 4))
+    grad = torch.randn(3, 4)
+    grad[1, 2] = bad
+    p.grad = grad.clone()
+    clip.AGC(0.05)([p])
+    assert torch.equal(p.grad[1].isnan(), grad[1].isnan()) and torch.equal(p.grad[1].nan_to_num(), grad[1].nan_to_num())
+    finite = [0, 2]
+    ref = agc_reference(p.detach()[finite].double().numpy(), grad[finite].double().numpy(), 0.05, 1e-3)
+    np.testing.assert_allclose(p.grad[finite].double().numpy(), ref, rtol=1e-5, atol=1e-8)
+    assert not np.allclose(ref, grad[finite].double().numpy())
+
+
+# ---- numpy scalars -------------------------------------------------------------------------------------
+def test_numpy_scalars_are_numbers():
+    """Before, np.float32 / np.int64 arguments were rejected as "not a number"."""
+    assert clip.ClipNorm(np.float32(1.5)).max_norm == 1.5
+    assert clip.ClipValue(np.float64(0.5)).clip_value == 0.5
+    assert clip.AGC(clipping=np.float32(0.25), eps=np.float64(1e-3)).clipping == 0.25
+    auto = clip.AutoClip(percentile=np.float32(10), window=np.int64(100))
+    assert (auto.percentile, auto.window) == (10.0, 100) and type(auto.window) is int
+    z = clip.ZClip(alpha=np.float64(0.9), z_thresh=np.float32(2.0), warmup_steps=np.int32(5))
+    assert (z.alpha, z.z_thresh, z.warmup_steps) == (0.9, 2.0, 5)
+
+
+@pytest.mark.parametrize("call, named", [
+    (lambda: clip.ClipNorm(np.float32("nan")), "max_norm=np.float32(nan)"),
+    (lambda: clip.ClipNorm(np.float64("inf")), "max_norm=np.float64(inf)"),
+    (lambda: clip.AGC(clipping=np.float32(-0.5)), "clipping=np.float32(-0.5)"),
+    (lambda: clip.AutoClip(window=np.int64(0)), "window=np.int64(0)"),
+    (lambda: clip.AutoClip(window=100.0), "window=100.0"),
+    (lambda: clip.ZClip(warmup_steps=True), "warmup_steps=True"),
+    (lambda: clip.ClipNorm(np.bool_(True)), "max_norm=np.True_"),
+    (lambda: clip.ZClip(alpha=np.float32(1.5)), "alpha=np.float32(1.5)"),
+])
+def test_bad_numpy_scalars_are_still_rejected(call, named):
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        call()

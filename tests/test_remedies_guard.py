@@ -194,7 +194,9 @@ def test_closure_steps_pass_through():
 
 @pytest.mark.parametrize("kwargs, named", [({"patience": 0}, "patience=0"), ({"lr_factor": 0.0}, "lr_factor=0.0"),
                                            ({"lr_factor": 1.5}, "lr_factor=1.5"),
-                                           ({"snapshot_every": -1}, "snapshot_every=-1")])
+                                           ({"snapshot_every": -1}, "snapshot_every=-1"),
+                                           ({"patience": 2.0}, "patience=2.0"), ({"patience": True}, "patience=True"),
+                                           ({"scheduler": "sched"}, "scheduler='sched'")])
 def test_bad_input(kwargs, named):
     _, opt = setup()
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
@@ -263,3 +265,104 @@ def test_sparse_gradients_are_checked():
     with pytest.warns(UserWarning, match="skipped"):
         opt.step()
     assert (g.steps, g.skipped) == (1, 1) and torch.equal(before, model[0].weight)
+
+
+def test_restore_after_add_param_group():
+    """Before, the restore zipped the current parameters against the snapshot's list and loaded the
+    old ``optimizer.state_dict()``: after ``add_param_group`` that raised "loaded state dict has a
+    different number of parameter groups", with some weights already rolled back."""
+    model, _ = setup()
+    opt = torch.optim.Adam(model[2].parameters(), lr=0.01)  # the head first, then the body (fine-tuning)
+    g = guard(opt, patience=2)
+    for step in range(3):
+        backward(model, step), opt.step()
+    opt.add_param_group({"params": model[0].parameters(), "lr": 0.001})
+    backward(model, 3)
+    saved = state_copy(model, opt)  # the first good step with the new group retakes the snapshot
+    opt.step()
+    for step in range(4, 6):
+        backward(model, step), opt.step()
+    with pytest.warns(UserWarning, match="restored to good step 3; lr"):
+        for step in range(6, 8):
+            backward(model, step, poison=True), opt.step()
+    assert g.restores == 1
+    assert_same(state_copy(model, opt), saved)
+    assert [group["lr"] for group in opt.param_groups] == pytest.approx([0.005, 0.0005])
+
+
+def test_restore_before_a_good_step_with_the_new_group():
+    """Bad steps right after ``add_param_group``: the snapshot holds only the old parameters. They
+    are restored; the new ones, never stepped since, are left as they are (before: a crash)."""
+    model, _ = setup()
+    opt = torch.optim.Adam(model[2].parameters(), lr=0.01)
+    g = guard(opt, patience=2)
+    saved = state_copy(model, opt)  # the snapshot of good step 0, before its update
+    for step in range(3):
+        backward(model, step), opt.step()
+    opt.add_param_group({"params": model[0].parameters(), "lr": 0.001})
+    body = [p.detach().clone() for p in model[0].parameters()]
+    with pytest.warns(UserWarning, match=r"restored to good step 0 \(2 parameter\(s\) not in that snapshot"):
+        for step in range(3, 5):
+            backward(model, step, poison=True), opt.step()
+    assert g.restores == 1 and opt.state_dict()["state"] == {}  # Adam had no state at step 0
+    assert all(torch.equal(a, b) for a, b in zip(body + saved[0][2:], model.parameters()))
+    backward(model, 5), opt.step()  # training goes on, every parameter stepped
+    assert g.steps == 4 and len(opt.state_dict()["state"]) == 4
+
+
+def make_scheduler(name: str, opt: torch.optim.Optimizer):
+    sched = torch.optim.lr_scheduler
+    return {"OneCycleLR": lambda: sched.OneCycleLR(opt, max_lr=0.1, total_steps=30),
+            "LambdaLR": lambda: sched.LambdaLR(opt, lambda epoch: 1.0 / (1 + epoch)),
+            "StepLR": lambda: sched.StepLR(opt, step_size=3, gamma=0.5),
+            "CosineAnnealingLR": lambda: sched.CosineAnnealingLR(opt, T_max=4, eta_min=0.01)}[name]()
+
+
+def scheduled_lrs(name: str, how: str | None, bad=(4, 5)) -> list[float]:
+    """The lr after each of 16 scheduler steps; `how` None: no guard; else how the guard learns of the
+    scheduler ("given" to gw.guard, "added" after it, "unknown")."""
+    model, opt = setup(lr=0.1)
+    g = guard(opt, patience=2, lr_factor=0.5) if how in ("added", "unknown") else None
+    sched = make_scheduler(name, opt)
+    if how == "given":
+        g = guard(opt, patience=2, lr_factor=0.5, scheduler=sched)
+    if how == "added":
+        g.add_scheduler(sched)
+    lrs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in range(16):
+            backward(model, step, poison=g is not None and step in bad)
+            opt.step()
+            sched.step()
+            lrs.append(opt.param_groups[0]["lr"])
+    assert g is None or g.restores == 1
+    return lrs
+
+
+@pytest.mark.parametrize("name, how", [("OneCycleLR", "given"), ("LambdaLR", "given"), ("StepLR", "given"),
+                                       ("CosineAnnealingLR", "given"), ("LambdaLR", "added"),
+                                       ("OneCycleLR", "unknown"), ("StepLR", "unknown")])
+def test_lr_cut_survives_the_scheduler(name, how):
+    """Before, only group["lr"] was cut: OneCycleLR (lr from the group's initial/max/min lr) and
+    LambdaLR (lr from its base_lrs) set the uncut lr again at their next step."""
+    reference = scheduled_lrs(name, None)
+    lrs = scheduled_lrs(name, how)
+    assert lrs[:5] == pytest.approx(reference[:5])  # the restore is at step 5
+    assert lrs[5:] == pytest.approx([0.5 * lr for lr in reference[5:]])
+    assert len(set(reference[5:])) > 3  # the schedule does move the lr after the restore
+
+
+def test_restore_warning_says_an_unknown_scheduler_may_undo_the_cut():
+    model, opt = setup(lr=0.1)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0)
+    guard(opt, patience=1)
+    backward(model, 0, poison=True)
+    with pytest.warns(UserWarning, match=r"not given to gw.guard\(scheduler=...\).*its next step undoes the cut"):
+        opt.step()
+
+
+def test_numpy_integers_are_whole_numbers():
+    _, opt = setup()
+    g = guard(opt, patience=np.int64(2), snapshot_every=np.int32(10), lr_factor=np.float32(0.5))
+    assert (g.patience, g.snapshot_every, g.lr_factor) == (2, 10, 0.5) and type(g.patience) is int

@@ -6,6 +6,7 @@ Kept here so each formula exists once; nothing in this file reads a tensor value
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 from typing import Any, Union
 
@@ -21,24 +22,33 @@ Params = Union[torch.Tensor, Iterable[torch.Tensor]]
 NORM_EPS = 1e-6
 
 
+def _real(name: str, value: object, fix: str) -> float:
+    """`value` as a float if it is a real number of any kind (int, float, numpy scalar), not a bool."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"{name}={value!r} is not a number; {fix}")
+    return float(value)
+
+
 def positive_number(name: str, value: object, *, fix: str = "") -> float:
     """`value` as a float if finite and > 0, else ConfigError naming it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{name}={value!r} is not a number; {fix or 'pass a finite number > 0'}")
-    v = float(value)
+    v = _real(name, value, fix or "pass a finite number > 0")
     if not math.isfinite(v) or v <= 0:
         raise ConfigError(f"{name}={value!r} must be a finite number > 0; {fix or 'pass e.g. 1.0'}")
     return v
 
 
+def whole_number(name: str, value: object, *, fix: str) -> int:
+    """`value` as an int if it is an integer of any kind (int, numpy integer) >= 1, else ConfigError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ConfigError(f"{name}={value!r} must be a whole number >= 1; {fix}")
+    return int(value)
+
+
 def in_range(name: str, value: object, lo: float, hi: float, *, lo_open: bool, hi_open: bool) -> float:
     """`value` as a float if inside the interval, else ConfigError naming it and the interval."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{name}={value!r} is not a number")
-    v = float(value)
-    ok = math.isfinite(v) and (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
-    if not ok:
-        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    v = _real(name, value, f"pass a value in {interval}")
+    if not (math.isfinite(v) and (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)):
         raise ConfigError(f"{name}={value!r} is outside {interval}; pass a value inside it")
     return v
 
@@ -48,9 +58,25 @@ def as_list(params: Params) -> list[torch.Tensor]:
     return [params] if isinstance(params, torch.Tensor) else list(params)
 
 
+def coalesced_grad(p: torch.Tensor) -> torch.Tensor | None:
+    """`p.grad`; a sparse one (nn.Embedding(sparse=True)) is first coalesced in place (duplicate
+    indices summed), so that its values are its entries and scaling them scales the gradient."""
+    if p.grad is not None and p.grad.is_sparse and not p.grad.is_coalesced():
+        p.grad = p.grad.coalesce()
+    return p.grad
+
+
 def grads_of(params: Params) -> list[torch.Tensor]:
-    """The existing .grad tensors of `params` (parameters without a gradient are left alone)."""
-    return [p.grad for p in as_list(params) if p.grad is not None]
+    """The existing gradients of `params` as dense tensors to norm and scale in place: a sparse
+    gradient's stored values (the entries it leaves out are zeros, which change no norm).
+    Parameters without a gradient are left alone."""
+    grads = [coalesced_grad(p) for p in as_list(params)]
+    return [g._values() if g.is_sparse else g for g in grads if g is not None]
+
+
+def with_sparse_grad(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The parameters holding a sparse gradient (torch's clip_grad_*_ cannot take those)."""
+    return [p for p in params if p.grad is not None and p.grad.is_sparse]
 
 
 def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

@@ -134,7 +134,9 @@ def sharded_agc(params: list[torch.Tensor], clipping: float, eps: float, layout:
     dist.all_reduce(sums, group=group)
     grad_norm, weight_norm = sums.sqrt()
     max_norm = weight_norm.clamp(min=eps).mul_(clipping)
-    coef = torch.where(grad_norm < max_norm, torch.ones_like(grad_norm), max_norm / grad_norm.clamp(min=1e-6))
+    from gradwatch.remedies.agc import unit_coef  # here, not above: agc.py imports this module
+
+    coef = unit_coef(grad_norm, max_norm)
     for piece, unit in zip(pieces, index):
         if unit is not None:
             g = _local(piece.param.grad)

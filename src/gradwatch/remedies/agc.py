@@ -8,14 +8,17 @@ fraction of its size. The formula is timm's ``adaptive_clip_grad``:
     max_norm = max(‖w_i‖, eps) · λ ;   g_i ← g_i · max_norm / max(‖g_i‖, 1e-6)   where ‖g_i‖ > max_norm
 
 with norms over every dimension but the first (and over the whole tensor for 0-/1-d parameters).
-Stateless, so non-finite gradients cannot poison it; they stay non-finite for `gw.guard` to catch.
+Stateless, so non-finite gradients cannot poison it; a unit whose gradient norm is not finite is
+left as it is (scaling an Inf by 0 only makes a NaN), for `gw.guard` to catch. A sparse gradient
+(nn.Embedding(sparse=True)) is clipped over the rows it stores; the others are zero.
 """
 
 from __future__ import annotations
 
 import torch
 
-from gradwatch.remedies._common import Params, as_list, positive_number
+from gradwatch.errors import ConfigError
+from gradwatch.remedies._common import Params, as_list, coalesced_grad, positive_number
 from gradwatch.remedies._sharded import fsdp1_layout, is_dtensor, sharded_agc
 
 
@@ -24,6 +27,27 @@ def unitwise_norm(x: torch.Tensor) -> torch.Tensor:
     if x.ndim <= 1:
         return torch.linalg.vector_norm(x)
     return torch.linalg.vector_norm(x, dim=tuple(range(1, x.ndim)), keepdim=True)
+
+
+def unit_coef(grad_norm: torch.Tensor, max_norm: torch.Tensor) -> torch.Tensor:
+    """Per unit: max_norm / max(‖g‖, 1e-6) where ‖g‖ >= max_norm, else 1; and 1 where either norm
+    is not finite, so a non-finite unit is left as it is (scaling an Inf by 0 only makes a NaN)."""
+    keep = (grad_norm < max_norm) | ~(torch.isfinite(grad_norm) & torch.isfinite(max_norm))
+    return torch.where(keep, torch.ones_like(grad_norm), max_norm / grad_norm.clamp(min=1e-6))
+
+
+def sparse_units(index: int, p: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, gradient) of the units a coalesced sparse gradient stores: its values and the rows
+    of `p` they belong to (the whole of a 0-/1-d `p`). Units it does not store have a zero gradient."""
+    if p.ndim <= 1:
+        return p.detach(), grad._values()
+    if grad.sparse_dim() != 1:
+        raise ConfigError(
+            f"AGC: parameter {index} (shape {tuple(p.shape)}) has a sparse gradient over its first "
+            f"{grad.sparse_dim()} dims; AGC clips whole rows, which needs the rows alone to be sparse (as "
+            "nn.Embedding(sparse=True) makes them): pass AGC the other parameters only, or use a dense gradient"
+        )
+    return p.detach()[grad._indices()[0]], grad._values()
 
 
 class AGC:
@@ -47,21 +71,21 @@ class AGC:
         if self._layout is not None or any(is_dtensor(p) for p in params):
             layout, group = self._layout or (None, None)
             return sharded_agc(params, self.clipping, self.eps, layout, group)
-        squares = []
-        for p in params:
-            if p.grad is None:
-                continue
-            g = p.grad
-            max_norm = unitwise_norm(p.detach()).clamp(min=self.eps).mul_(self.clipping)
-            grad_norm = unitwise_norm(g)
-            squares.append(grad_norm.square().sum())  # the unit norms add up to the total norm
-            coef = torch.where(grad_norm < max_norm, torch.ones_like(grad_norm),
-                               max_norm / grad_norm.clamp(min=1e-6))
-            g.mul_(coef.to(g.dtype))
+        squares = [self._clip(i, p) for i, p in enumerate(params) if p.grad is not None]
         if not squares:
             return torch.zeros(())
         first = squares[0].device
         return torch.stack([s.to(first) for s in squares]).sum().sqrt()
+
+    def _clip(self, index: int, p: torch.Tensor) -> torch.Tensor:
+        """Clip `p`'s gradient unit by unit, in place; returns its squared norm before clipping."""
+        w, g = p.detach(), coalesced_grad(p)
+        if g.is_sparse:
+            w, g = sparse_units(index, p, g)
+        max_norm = unitwise_norm(w).clamp(min=self.eps).mul_(self.clipping)
+        grad_norm = unitwise_norm(g)
+        g.mul_(unit_coef(grad_norm, max_norm).to(g.dtype))
+        return grad_norm.square().sum()  # the unit norms add up to the total norm
 
     def __repr__(self) -> str:
         return f"AGC(clipping={self.clipping:g}, eps={self.eps:g})"

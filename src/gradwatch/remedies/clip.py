@@ -41,6 +41,7 @@ from gradwatch.remedies._common import (
     positive_number,
     scale_,
     total_norm,
+    with_sparse_grad,
 )
 from gradwatch.remedies.agc import AGC
 from gradwatch.remedies.percentile_clip import AutoClip
@@ -55,10 +56,12 @@ def clip_norm(params: Params, max_norm: float, norm_type: float = 2.0, process_g
     """torch.nn.utils.clip_grad_norm_ with gradwatch's argument checks; returns the pre-clip norm.
 
     FSDP1 (use_orig_params=True) shards are plain tensors: pass `process_group` (the model's) for
-    the norm over all ranks. FSDP2's DTensor gradients need nothing (torch reduces them)."""
+    the norm over all ranks. FSDP2's DTensor gradients need nothing (torch reduces them). Sparse
+    gradients, which torch's function rejects, are clipped by the same formula on their values."""
     max_norm = positive_number("max_norm", max_norm, fix="pass the largest total gradient norm to allow, e.g. 1.0")
-    if process_group is None:
-        return torch.nn.utils.clip_grad_norm_(as_list(params), max_norm, norm_type=norm_type)
+    params = as_list(params)
+    if process_group is None and not with_sparse_grad(params):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type=norm_type)
     grads = grads_of(params)
     norm = total_norm(grads, norm_type, process_group)
     scale_(grads, clip_coef(norm, torch.tensor(max_norm, device=norm.device)))
@@ -66,9 +69,17 @@ def clip_norm(params: Params, max_norm: float, norm_type: float = 2.0, process_g
 
 
 def clip_value(params: Params, clip_value: float) -> None:
-    """torch.nn.utils.clip_grad_value_ with gradwatch's argument checks (clamps each entry to ±clip_value)."""
+    """torch.nn.utils.clip_grad_value_ with gradwatch's argument checks (clamps each entry to ±clip_value).
+
+    A sparse gradient, which torch's function rejects, has its values clamped (after coalescing:
+    clamping entries, not the duplicates that sum to one)."""
     clip_value = positive_number("clip_value", clip_value, fix="pass the largest |gradient entry| to allow, e.g. 1.0")
-    torch.nn.utils.clip_grad_value_(as_list(params), clip_value)
+    params = as_list(params)
+    dense = [p for p in params if p.grad is not None and not p.grad.is_sparse]
+    if dense:  # torch's function fails on an empty list
+        torch.nn.utils.clip_grad_value_(dense, clip_value)
+    for values in grads_of(with_sparse_grad(params)):
+        values.clamp_(-clip_value, clip_value)
 
 
 class ClipNorm:
@@ -93,7 +104,7 @@ class ClipValue:
         self.clip_value = positive_number("clip_value", clip_value, fix="pass e.g. ClipValue(1.0)")
 
     def __call__(self, params: Params) -> None:
-        torch.nn.utils.clip_grad_value_(as_list(params), self.clip_value)
+        clip_value(params, self.clip_value)
 
     def __repr__(self) -> str:
         return f"ClipValue(clip_value={self.clip_value:g})"

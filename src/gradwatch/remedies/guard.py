@@ -11,11 +11,24 @@ the step time against 1.02x for the sync on CPU, both measured in benchmarks/cli
 A skipped step does not call the real step at all, so weights, optimizer state (Adam moments,
 step count), step hooks and LR schedulers are untouched.
 
-After `patience` consecutive bad steps the guard restores the last snapshot (parameters and
-``optimizer.state_dict()``, taken every `snapshot_every` good steps, at the first good step
-included) and multiplies every param group's lr by `lr_factor`. Snapshots are taken before the
-step's update, so a restore goes back at most `snapshot_every` good steps; each costs one copy of
-the parameters and optimizer state, kept on their own device.
+After `patience` consecutive bad steps the guard restores the last snapshot and multiplies every
+param group's lr by `lr_factor`. A snapshot holds each parameter's values and ``optimizer.state``
+entry (where torch's optimizers keep all their state), keyed by the parameter itself; it is taken
+every `snapshot_every` good steps, at the first good step included, and again at the first good
+step after parameters joined or left the optimizer (``add_param_group``). A restore puts back every
+current parameter the snapshot holds and leaves the others (added since, so never stepped) as they
+are; group settings other than the lrs stay as they are. Snapshots are taken before the step's
+update, so a restore goes back at most `snapshot_every` good steps; each costs one copy of the
+parameters and optimizer state, kept on their own device.
+
+The lr cut must survive the LR scheduler's next step. The guard scales every param-group key
+torch's schedulers compute the lr from (``lr``, ``initial_lr``, ``max_lr``, ``min_lr``): enough for
+those that step from the current lr (StepLR, MultiStepLR, ExponentialLR, LinearLR, ReduceLROnPlateau,
+...) and for OneCycleLR. Those that compute it from lrs kept on the scheduler object (LambdaLR,
+CosineAnnealingLR, CosineAnnealingWarmRestarts, CyclicLR, SequentialLR's milestones) cannot be found
+from the optimizer: given as ``scheduler=`` (or to ``add_scheduler``, for one built later), their
+``base_lrs``, ``eta_min``, ... are scaled too; otherwise their next step undoes the cut, and the
+restore's warning says so when a scheduler drives the optimizer.
 
 Beside ``torch.amp.GradScaler``: the scaler skips ``optimizer.step()`` itself when it finds an
 overflow, so the guard never sees those steps and does not count them. Optimizers that handle the
@@ -28,16 +41,26 @@ their gradients do not exist until the closure runs inside the step.
 from __future__ import annotations
 
 import copy
+import numbers
 import types
 import warnings
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Union
 
 import torch
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from gradwatch.collect import patches
 from gradwatch.collect.stats import entries
 from gradwatch.errors import ConfigError
-from gradwatch.remedies._common import in_range, optimizer_params
+from gradwatch.remedies._common import in_range, optimizer_params, whole_number
+
+Scheduler = Union[LRScheduler, ReduceLROnPlateau]
+
+# What torch's LR schedulers compute the lr from: these param-group keys (OneCycleLR reads them all;
+# every scheduler takes its base lrs from initial_lr when built) and these scheduler attributes.
+_GROUP_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
+_SCHEDULER_LR_ATTRS = ("base_lrs", "max_lrs", "min_lrs", "default_min_lr", "eta_min", "_last_lr")
 
 
 def norms_finite(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -67,26 +90,100 @@ def all_finite(grads: list[torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(g).all()) for g in grads)
 
 
+@dataclass
+class Snapshot:
+    """Parameters and their optimizer state at one good step, keyed by parameter identity, so that
+    param groups added or edited since cannot misalign a restore."""
+
+    step: int
+    saved: dict[int, tuple[torch.Tensor, torch.Tensor, dict]]  # id(param): (param, its values, its state)
+
+    @classmethod
+    def take(cls, step: int, params: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> "Snapshot":
+        with torch.no_grad():
+            data = [p.detach().clone() for p in params]
+        states = copy.deepcopy([optimizer.state.get(p, {}) for p in params])  # one copy: shared tensors stay shared
+        return cls(step, {id(p): item for p, item in zip(params, zip(params, data, states))})
+
+    def covers(self, params: list[torch.Tensor]) -> bool:
+        """Holds exactly these parameters: none joined or left the optimizer since."""
+        return len(params) == len(self.saved) and all(id(p) in self.saved for p in params)
+
+    def restore(self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> int:
+        """Put back the values and state of every parameter in `params` the snapshot holds at its
+        current shape; returns how many it does not hold (they are left as they are)."""
+        held = [self.saved[id(p)] for p in params if id(p) in self.saved and self.saved[id(p)][1].shape == p.shape]
+        states = copy.deepcopy([state for _, _, state in held])  # first, and a copy: the snapshot must survive
+        with torch.no_grad():
+            for (p, data, _), state in zip(held, states):
+                p.copy_(data)
+                if state:
+                    optimizer.state[p] = state
+                else:  # no state yet at the snapshot: the optimizer initialises it again
+                    optimizer.state.pop(p, None)
+        return len(params) - len(held)
+
+
+def _scaled(value: Any, factor: float) -> Any:
+    """value * factor; a tensor in place, since torch's schedulers keep the lr tensors they were given."""
+    return value.mul_(factor) if isinstance(value, torch.Tensor) else value * factor
+
+
+def _with_chained(schedulers: list[Scheduler]) -> list[Scheduler]:
+    """The schedulers and those they chain (SequentialLR, ChainedScheduler), each once."""
+    found: dict[int, Scheduler] = {}
+
+    def visit(s: Scheduler) -> None:
+        if id(s) not in found:
+            found[id(s)] = s
+            for child in getattr(s, "_schedulers", ()):
+                visit(child)
+    for s in schedulers:
+        visit(s)
+    return list(found.values())
+
+
+def cut_lr(optimizer: torch.optim.Optimizer, schedulers: list[Scheduler], factor: float) -> None:
+    """Multiply by `factor` every lr the schedule is computed from, so the scheduler's next step
+    keeps the cut: the param-group keys, and the lr attributes of the given schedulers."""
+    for group in optimizer.param_groups:
+        for key in _GROUP_LR_KEYS:
+            if key in group:
+                group[key] = _scaled(group[key], factor)
+    for s in _with_chained(schedulers):
+        for name in _SCHEDULER_LR_ATTRS:
+            value = getattr(s, name, None)
+            if isinstance(value, list):
+                setattr(s, name, [_scaled(v, factor) for v in value])
+            elif isinstance(value, (numbers.Real, torch.Tensor)) and not isinstance(value, bool):
+                setattr(s, name, _scaled(value, factor))
+
+
+def _has_scheduler(*steps: object) -> bool:
+    """One of these step functions is torch's LR-scheduler wrapper: a scheduler drives the optimizer."""
+    return any(getattr(step, "_wrapped_by_lr_sched", False) for step in steps)
+
+
 class Guard:
     """Skips non-finite steps, counts them, restores and lowers the lr after `patience` in a row."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, patience: int = 3, lr_factor: float = 0.5,
-                 snapshot_every: int = 100) -> None:
+                 snapshot_every: int = 100, scheduler: Scheduler | list[Scheduler] | None = None) -> None:
         optimizer_params(optimizer)
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-            raise ConfigError(f"patience={patience!r} must be a whole number >= 1 (bad steps in a row before a restore)")
-        if isinstance(snapshot_every, bool) or not isinstance(snapshot_every, int) or snapshot_every < 1:
-            raise ConfigError(f"snapshot_every={snapshot_every!r} must be a whole number >= 1")
         self.optimizer = optimizer
-        self.patience = patience
+        self.patience = whole_number("patience", patience, fix="pass the bad steps in a row before a restore, e.g. 3")
         self.lr_factor = in_range("lr_factor", lr_factor, 0.0, 1.0, lo_open=True, hi_open=False)
-        self.snapshot_every = snapshot_every
+        self.snapshot_every = whole_number("snapshot_every", snapshot_every, fix="pass e.g. 100")
+        self.schedulers: list[Scheduler] = []
+        if scheduler is not None:
+            for s in scheduler if isinstance(scheduler, (list, tuple)) else [scheduler]:
+                self.add_scheduler(s)
         self.steps = 0          # steps the guard let through
         self.skipped = 0        # steps it skipped
         self.consecutive = 0    # skipped in a row, right now
         self.restores = 0
         self.passed_through = 0  # closure / scaler-managed steps it did not check
-        self._snapshot: tuple[int, list[torch.Tensor], dict] | None = None
+        self._snapshot: Snapshot | None = None
         self._warned = False
         self._had_own_step = "step" in vars(optimizer)
         self._original = optimizer.step
@@ -105,8 +202,9 @@ class Guard:
         grads = [entries(p.grad) for p in params if p.grad is not None]  # a sparse one: its values
         if all_finite(grads):  # the one host sync per step
             self.consecutive = 0
-            if self.steps % self.snapshot_every == 0:
-                self._take_snapshot(params)
+            if self._snapshot is None or self.steps % self.snapshot_every == 0 \
+                    or not self._snapshot.covers(params):
+                self._snapshot = Snapshot.take(self.steps, params, opt)
             self.steps += 1
             return self._original(*args, **kwargs)
         self.skipped += 1
@@ -122,29 +220,38 @@ class Guard:
             self._restore(params)
         return None
 
-    def _take_snapshot(self, params: list[torch.Tensor]) -> None:
-        with torch.no_grad():
-            data = [p.detach().clone() for p in params]
-        self._snapshot = (self.steps, data, copy.deepcopy(self.optimizer.state_dict()))
-
     def _restore(self, params: list[torch.Tensor]) -> None:
-        opt = self.optimizer
-        old = [g["lr"] for g in opt.param_groups]
         where = "no good step yet: weights kept"
         if self._snapshot is not None:
-            step, data, state = self._snapshot
-            with torch.no_grad():
-                for p, d in zip(params, data):
-                    p.copy_(d)
-            opt.load_state_dict(copy.deepcopy(state))  # a copy: the snapshot must survive later steps
-            where = f"weights and optimizer state restored to good step {step}"
-        for group, lr in zip(opt.param_groups, old):
-            group["lr"] = lr * self.lr_factor
+            missing = self._snapshot.restore(params, self.optimizer)
+            where = f"weights and optimizer state restored to good step {self._snapshot.step}"
+            if missing:
+                where += f" ({missing} parameter(s) not in that snapshot kept as they are)"
+        cut_lr(self.optimizer, self.schedulers, self.lr_factor)
         self.restores += 1
         self.consecutive = 0
-        new = ", ".join(f"{g['lr']:.3g}" for g in opt.param_groups)
+        new = ", ".join(f"{g['lr']:.3g}" for g in self.optimizer.param_groups)
         warnings.warn(f"gradwatch.guard: {self.patience} non-finite steps in a row; {where}; "
-                      f"lr multiplied by {self.lr_factor:g} (now {new})", stacklevel=3)
+                      f"lr multiplied by {self.lr_factor:g} (now {new}){self._schedule_note()}", stacklevel=3)
+
+    def _schedule_note(self) -> str:
+        """What becomes of the lr cut at the scheduler's next step."""
+        if self.schedulers:
+            names = ", ".join(type(s).__name__ for s in self.schedulers)
+            return f", as are the lrs {names} computes it from"
+        if _has_scheduler(self._original, vars(self.optimizer).get("step")):
+            return ("; an LR scheduler drives this optimizer but was not given to gw.guard(scheduler=...): if it "
+                    "computes the lr from its base lrs (LambdaLR, CosineAnnealingLR, CyclicLR, SequentialLR, ...), "
+                    "its next step undoes the cut")
+        return ""
+
+    def add_scheduler(self, scheduler: Scheduler) -> None:
+        """Scale `scheduler`'s own lrs (base lrs, ...) too on a restore, so its next step keeps the cut;
+        for one built after the guard (``gw.guard(scheduler=)`` takes those built before)."""
+        if not isinstance(scheduler, (LRScheduler, ReduceLROnPlateau)) or scheduler.optimizer is not self.optimizer:
+            raise ConfigError(f"scheduler={scheduler!r} is not an LR scheduler of the guarded optimizer; pass the "
+                              "torch.optim.lr_scheduler built on it, e.g. LambdaLR(optimizer, ...)")
+        self.schedulers.append(scheduler)
 
     # -- reporting and removal --------------------------------------------------------------------
     def report(self) -> str:
@@ -189,6 +296,7 @@ def _guarded_step(g: Guard) -> Callable[..., Any]:
 
 
 def guard(optimizer: torch.optim.Optimizer, *, patience: int = 3, lr_factor: float = 0.5,
-          snapshot_every: int = 100) -> Guard:
+          snapshot_every: int = 100, scheduler: Scheduler | list[Scheduler] | None = None) -> Guard:
     """Guard `optimizer` against non-finite steps; see the module docstring. Removable, a context manager."""
-    return Guard(optimizer, patience=patience, lr_factor=lr_factor, snapshot_every=snapshot_every)
+    return Guard(optimizer, patience=patience, lr_factor=lr_factor, snapshot_every=snapshot_every,
+                 scheduler=scheduler)

@@ -14,8 +14,16 @@ from __future__ import annotations
 
 import torch
 
-from gradwatch.remedies._common import Params, clip_coef, grads_of, in_range, norm_order, scale_, total_norm
-from gradwatch.errors import ConfigError
+from gradwatch.remedies._common import (
+    Params,
+    clip_coef,
+    grads_of,
+    in_range,
+    norm_order,
+    scale_,
+    total_norm,
+    whole_number,
+)
 
 
 class AutoClip:
@@ -28,8 +36,8 @@ class AutoClip:
     def __init__(self, percentile: float = 10.0, window: int | None = None, norm_type: float = 2.0,
                  process_group=None) -> None:
         self.percentile = in_range("percentile", percentile, 0.0, 100.0, lo_open=True, hi_open=False)
-        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-            raise ConfigError(f"window={window!r} must be a whole number >= 1, or None to keep every norm")
+        if window is not None:
+            window = whole_number("window", window, fix="pass e.g. window=1000, or None to keep every norm")
         self.window = window
         self.norm_type = norm_order(norm_type)
         self.process_group = process_group  # FSDP1: the model's, for the norm over all shards

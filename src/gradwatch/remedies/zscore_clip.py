@@ -34,6 +34,7 @@ from gradwatch.remedies._common import (
     positive_number,
     scale_,
     total_norm,
+    whole_number,
 )
 
 _OPTIONS = {("zscore", "adaptive_scaling"), ("zscore", "mean"), ("percentile", None)}
@@ -59,9 +60,7 @@ class ZClip:
     ) -> None:
         self.alpha = in_range("alpha", alpha, 0.0, 1.0, lo_open=True, hi_open=True)
         self.z_thresh = positive_number("z_thresh", z_thresh, fix="pass e.g. ZClip(z_thresh=2.5)")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
-            raise ConfigError(f"warmup_steps={warmup_steps!r} must be a whole number >= 1, e.g. 25")
-        self.warmup_steps = warmup_steps
+        self.warmup_steps = whole_number("warmup_steps", warmup_steps, fix="pass e.g. ZClip(warmup_steps=25)")
         self.eps = positive_number("eps", eps)
         if mode == "percentile":
             clip_option = None
