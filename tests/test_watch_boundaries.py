@@ -66,7 +66,7 @@ def test_zero_code_second_phase_on_a_frozen_shared_backbone(tmp_path, capsys):
     run = watch.stored_series()
     assert list(run.steps) == list(range(42)) and run.loss == pytest.approx(losses, rel=1e-6)
     assert run.meta["phase_starts"] == [12] and run.meta["own_loss_steps"] == []
-    head = run.column("Net.head")
+    head = run.column("model.head")  # the second model, by the name train() calls it
     assert np.isfinite(run.metrics["grad_norm"][12:, head]).all()
     assert run.metrics["weight_norm"][12, head] == pytest.approx(w0, rel=1e-6)  # before its first update
     assert [f.first_step for f in diagnose(run) if f.kind == "exploding_gradient"] >= [12]
@@ -135,7 +135,8 @@ def test_zero_code_a_model_whose_pieces_ran_first_keeps_its_layer_names(tmp_path
 
 
 def test_zero_code_two_bare_layers_of_one_type_keep_two_names(tmp_path):
-    """Two models that are each one nn.Linear: both were named 'Linear', and one was lost."""
+    """Two models that are each one nn.Linear: both were named 'Linear', and one was lost. The
+    second is named as the script calls it (it was 'Linear_')."""
     enc, dec = nn.Linear(4, 4), nn.Linear(4, 1)
     opt = torch.optim.SGD([*enc.parameters(), *dec.parameters()], lr=0.1)
     watch = AutoWatch(str(tmp_path), warn=False)
@@ -146,7 +147,7 @@ def test_zero_code_two_bare_layers_of_one_type_keep_two_names(tmp_path):
             opt.step()
     finally:
         watch.detach()
-    assert watch.stored_series().layer_names() == ["Linear", "Linear_"]
+    assert watch.stored_series().layer_names() == ["Linear", "dec"]
 
 
 def test_a_nan_unit_is_not_dead():
@@ -231,3 +232,33 @@ def test_each_watch_of_a_gan_records_its_own_models_loss():
         runs = {"G": wG.series(), "D": wD.series()}
     for name in ("G", "D"):
         np.testing.assert_allclose(runs[name].loss, losses[name], rtol=1e-6)
+
+
+def test_zero_code_later_models_are_named_as_the_script_calls_them(tmp_path):
+    """A trunk and two heads run one after the other: the heads were 'Linear' and 'Linear_', a
+    trainer's `self.decoder` 'Sequential.0'. A model after the first is prefixed by its variable,
+    or by the attribute of the object that holds it."""
+    class Trainer:
+        def __init__(self):
+            self.encoder = nn.Sequential(nn.Linear(4, 8), nn.Tanh())
+            self.decoder = nn.Sequential(nn.Linear(8, 4))
+
+        def loss(self, x):
+            return (self.decoder(self.encoder(x)) - x).pow(2).mean()
+
+    trainer = Trainer()
+    trunk, cls_head, rec_head = nn.Linear(4, 8), nn.Linear(8, 3), nn.Linear(8, 4)
+    params = [*trainer.encoder.parameters(), *trainer.decoder.parameters(), *trunk.parameters(),
+              *cls_head.parameters(), *rec_head.parameters()]
+    opt = torch.optim.SGD(params, lr=0.01)
+    watch = AutoWatch(str(tmp_path), warn=False)
+    try:
+        for _ in range(2):
+            opt.zero_grad()
+            x = torch.randn(8, 4)
+            h = trunk(x)
+            (trainer.loss(x) + cls_head(h).pow(2).mean() + rec_head(h).pow(2).mean()).backward()
+            opt.step()
+    finally:
+        watch.detach()
+    assert watch.stored_series().layer_names() == ["Linear", "encoder.0", "encoder.1", "decoder.0", "cls_head", "rec_head"]

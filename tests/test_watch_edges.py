@@ -362,7 +362,7 @@ def test_zero_code_gan_two_alternating_optimizers(tmp_path):
         watch.detach()
     run = watch.stored_series()
     assert len(run.steps) == 31  # one per D step, and the last G step's, closed by detach
-    g_cols = [run.column(n) for n in run.layer_names("param") if not n.startswith("Sequential")]
+    g_cols = [run.column(n) for n in run.layer_names("param") if not n.startswith("D.")]  # D: as the script calls it
     assert len(g_cols) == 2
     sampled = run.metrics["update_ratio"][::2]
     assert (sampled[1:, g_cols] > 0).all()  # the generator's update is seen (step 0 has only D's)
@@ -403,7 +403,7 @@ def test_zero_code_second_phase_with_a_new_model_and_optimizer(tmp_path):
     assert list(run.steps) == list(range(10 + 12))
     assert run.loss[10:] == pytest.approx(student_losses, rel=1e-6)
     assert run.meta["phase_starts"] == [10] and run.meta["own_loss_steps"] == []
-    student_cols = [run.column(n) for n in run.layer_names("param") if n.startswith("Sequential")]
+    student_cols = [run.column(n) for n in run.layer_names("param") if n.startswith("student.")]
     assert len(student_cols) == 2 and (run.metrics["update_ratio"][-5:, student_cols] > 0).all()
 
 

@@ -23,6 +23,7 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from gradwatch.collect import patches
+from gradwatch.collect.caller_names import caller_name
 from gradwatch.collect.distributed import process_rank
 from gradwatch.collect.layers import has_lazy_params
 from gradwatch.collect.watch import Watch
@@ -104,7 +105,9 @@ class AutoWatch(Watch):
         for piece in pieces:
             self._models.remove(piece)
             self._prefixes.discard(piece[1])
-        prefix = "" if not self._models or any(p == "" for _, p in pieces) else name
+        # the first model's layers keep their own names; a later one's are prefixed by the name
+        # the script calls it by (`D`, `cls_head`), else by its type
+        prefix = "" if not self._models or any(p == "" for _, p in pieces) else caller_name(module) or name
         # (a bare layer run as the first model is named by its type: the next one of that type is not)
         while prefix and (prefix in self._prefixes or any(l.name == prefix for l in self._layers)):
             prefix += "_"

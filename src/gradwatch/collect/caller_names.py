@@ -1,0 +1,44 @@
+"""The name a training script gives a model, read from the frame that calls it: in zero-code
+mode a second model, or a bare layer, is otherwise named by its type (two heads read "Linear"
+and "Linear_", a GAN's discriminator "Sequential.0")."""
+
+from __future__ import annotations
+
+import os
+import sys
+from types import FrameType
+
+import torch
+from torch import nn
+
+_INTERNAL = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch,)) + (
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,)  # torch's and gradwatch's frames
+
+
+def caller_name(module: nn.Module) -> str | None:
+    """`cls_head` for `cls_head(h)`, `encoder` for `self.encoder(x)` in a trainer object; None
+    when the calling frame holds no name for it."""
+    frame = _user_frame(sys._getframe(1))
+    if frame is None:
+        return None
+    for scope in (frame.f_locals, frame.f_globals):
+        for key, value in scope.items():
+            if value is module and _plain(key):
+                return key
+    for value in frame.f_locals.values():  # an attribute of an object the frame holds: self.encoder
+        attrs = value._modules if isinstance(value, nn.Module) else getattr(value, "__dict__", None)
+        if isinstance(attrs, dict):
+            for key, attr in attrs.items():
+                if attr is module and _plain(key):
+                    return key
+    return None
+
+
+def _user_frame(frame: FrameType | None) -> FrameType | None:
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame = frame.f_back
+    return frame
+
+
+def _plain(key: object) -> bool:
+    return isinstance(key, str) and key.isidentifier() and not key.startswith("_")
