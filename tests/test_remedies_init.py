@@ -144,3 +144,138 @@ def test_bad_input():
         init_(nn.Sequential(nn.ReLU(), nn.LayerNorm(3)))
     with pytest.raises(ConfigError, match="example_input could not run"):
         init_(nn.Linear(3, 2), example_input=torch.randn(2, 5))
+
+
+def test_draws_are_torch_nn_inits_own():
+    """He and Xavier are drawn as kaiming_normal_ and xavier_uniform_ draw them: same seed, same weights."""
+    model = nn.Sequential(nn.Linear(30, 20), nn.ReLU(), nn.Linear(20, 5))
+    torch.manual_seed(6)
+    init_(model)
+    torch.manual_seed(6)
+    he, xavier = nn.init.kaiming_normal_(torch.empty(20, 30), nonlinearity="relu"), nn.init.xavier_uniform_(torch.empty(5, 20))
+    assert torch.equal(model[0].weight.detach(), he) and torch.equal(model[2].weight.detach(), xavier)
+
+
+def weight_normed(linear):
+    return nn.utils.parametrizations.weight_norm(linear)
+
+
+class Halved(nn.Module):
+    """weight = original / 2, with its right inverse."""
+
+    def forward(self, x):
+        return x / 2
+
+    def right_inverse(self, w):
+        return 2 * w
+
+
+def halved(linear):
+    return nn.utils.parametrize.register_parametrization(linear, "weight", Halved())
+
+
+class Bounded(nn.Tanh):
+    """weight = tanh(original): itself an activation module, but no step of the forward."""
+
+    def right_inverse(self, w):
+        return torch.atanh(w)
+
+
+def bounded(linear):
+    return nn.utils.parametrize.register_parametrization(linear, "weight", Bounded())
+
+
+@pytest.mark.parametrize("parametrize", [weight_normed, halved, bounded])
+@pytest.mark.parametrize("example", [None, torch.randn(4, 200)])
+def test_parametrized_layer_initialised_through_its_parametrization(parametrize, example):
+    """Before, init_ initialised `m.weight.data`, a copy the parametrization computes: the weight
+    the forward uses kept its bad scale while the report claimed it done, and the layer, having
+    children (its parametrizations), was taken for no step at all: "followed by linear", not relu."""
+    layer = parametrize(nn.Linear(200, 200))
+    model = nn.Sequential(layer, nn.ReLU(), nn.Linear(200, 1))
+    torch.manual_seed(7)
+    row = rows(init_(model, example_input=example))["0.weight"]
+    torch.manual_seed(7)
+    he = nn.init.kaiming_normal_(torch.empty(200, 200), nonlinearity="relu")
+    torch.testing.assert_close(layer.weight.detach(), he)
+    assert (row.activation, row.scheme) == ("relu", "he")
+    assert float(layer.bias.detach().abs().max()) == 0
+
+
+def test_parametrization_that_fixes_the_scale_or_cannot_be_set_is_reported():
+    """spectral_norm's right_inverse keeps the draw but the forward divides it by σ; a
+    parametrization without right_inverse cannot be set at all: neither is passed off as done."""
+    scaled = nn.utils.parametrizations.spectral_norm(nn.Linear(50, 50))
+    fixed = nn.utils.parametrize.register_parametrization(nn.Linear(50, 50), "weight", nn.Tanh())
+    with torch.no_grad():
+        fixed.parametrizations.weight.original.fill_(0.3)
+    model = nn.Sequential(scaled, nn.ReLU(), fixed, nn.ReLU(), nn.Linear(50, 2))
+    assert check_constant_init(model) == [f"2.weight is all {math.tanh(0.3):g}: its 50 units compute the same output and get "
+                                          "the same gradient, so they never differ; re-initialise "
+                                          "parametrizations.weight.original yourself (gw.init_ cannot set it: its "
+                                          "parametrization has no right_inverse)"]
+    torch.manual_seed(8)
+    report = init_(model)
+    torch.manual_seed(8)
+    torch.testing.assert_close(scaled.parametrizations.weight.original.detach(),
+                               nn.init.kaiming_normal_(torch.empty(50, 50), nonlinearity="relu"))
+    assert "2.weight" not in rows(report) and float(fixed.weight.detach().std()) == 0  # left as it was
+    assert [n.split(":")[0] for n in report.notes] == ["0.weight", "2.weight"]
+    assert "_SpectralNorm, which fixes its scale" in report.notes[0] and "left alone" in report.notes[1]
+    assert "parametrized: 2.weight: left alone" in str(report)
+
+
+def test_constant_weight_init_leaves_alone_is_not_sent_to_init():
+    """Before, every constant weight came with "re-initialise (gw.init_(model))", which does not touch it."""
+    embedding = nn.Embedding(3, 4)
+    nn.init.zeros_(embedding.weight)
+    assert check_constant_init(nn.Sequential(embedding, nn.Linear(4, 2))) == [
+        "0.weight is all 0: its 3 units compute the same output and get the same gradient, so they never differ; "
+        "re-initialise it yourself (gw.init_ leaves Embedding alone)"]
+
+
+def interior(out, k, dims):
+    return out[(slice(None), slice(None)) + (slice(k, -k),) * dims]
+
+
+@pytest.mark.parametrize("dims, groups, stride, k", [(1, 1, 1, 3), (1, 4, 2, 4), (1, 1, 3, 5), (2, 4, 1, 3),
+                                                     (2, 1, 2, 4), (2, 2, 2, 3), (3, 2, 2, 2), (3, 1, 1, 3)])
+def test_transposed_conv_he_keeps_the_second_moment(dims, groups, stride, k):
+    """He makes E[s²] = 2·E[x²] for the layer's output s. Before, a transposed conv's fan-in was
+    in·Πk: 1/groups and 1/Πstride too small a second moment (0.45 for groups=4, 0.47 for stride 2)."""
+    torch.manual_seed(9)
+    conv = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[dims - 1](32, 32, k, stride=stride, groups=groups)
+    init_(nn.Sequential(conv, nn.ReLU()))
+    x = torch.randn(4, 32, *[{1: 256, 2: 24, 3: 8}[dims]] * dims)
+    with torch.no_grad():
+        s = interior(conv(x), k, dims)
+    assert float(s.pow(2).mean() / x.pow(2).mean()) == pytest.approx(2.0, rel=0.1)
+
+
+class Swishy(nn.Module):
+    """An activation module from elsewhere whose class name says nothing."""
+
+    def forward(self, x):
+        return F.silu(x)
+
+
+def test_functional_activation_inside_a_foreign_module():
+    """Before, a functional call inside any leaf module was ignored, so a layer followed by a
+    module that is only known by what it calls (F.silu here) got Xavier for "linear"."""
+    model = nn.Sequential(nn.Linear(300, 300), Swishy(), nn.Linear(300, 300), nn.Softmax(-1))
+    r = rows(init_(model, example_input=torch.randn(2, 300)))
+    assert (r["0.weight"].activation, r["0.weight"].scheme) == ("silu", "he")
+    assert r["2.weight"].activation == "softmax"
+
+
+@pytest.mark.parametrize("example", [False, True])
+def test_hugging_face_activation_modules(example):
+    """Before, BERT's intermediate.dense, followed by Hugging Face's GELUActivation (F.gelu inside),
+    got Xavier for "linear", with example_input too."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32)
+    model = transformers.BertModel(config)
+    report = init_(model, example_input=(torch.randint(0, 50, (2, 6)),) if example else None)
+    row = rows(report)["encoder.layer.0.intermediate.dense.weight"]
+    assert (row.activation, row.scheme) == ("gelu", "he") and row.std == pytest.approx(math.sqrt(2 / 16))

@@ -209,3 +209,65 @@ def test_swap_keeps_the_output_activation_when_asked():
     assert ((out > 0) & (out < 1)).all()  # still probabilities
     hidden_only = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))  # no output activation: all swapped
     assert swap_activations(hidden_only, nn.Tanh, nn.ReLU, keep_output=True)[1].modules == ["1"]
+
+
+class SharedRNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.RNN(4, 4, batch_first=True)
+        self.dec = self.enc
+
+    def forward(self, x):
+        return self.dec(self.enc(x)[0])[0]
+
+
+def test_replace_rnn_keeps_a_shared_rnn_shared():
+    """Before, named_modules() listed the RNN once, under `enc`: `enc` became a GRU, `dec` stayed
+    the RNN, and the model ran two different recurrences."""
+    model = SharedRNN()
+    _, change = replace_rnn(model)
+    assert type(model.enc) is nn.GRU and model.dec is model.enc
+    assert change.modules == ["enc", "dec"] and str(change).startswith("replaced 1 nn.RNN")
+    assert change.new_parameters == [n for n, _ in model.enc.named_parameters(prefix="enc")]  # each once
+    x = torch.randn(2, 3, 4)
+    torch.testing.assert_close(model(x), model.enc(model.enc(x)[0])[0])
+
+
+class TiedLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = self.a
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_insert_norm_reaches_every_place_of_a_shared_layer():
+    """Before, a layer registered twice got its norm at its first name only: the other place
+    kept the bare layer, and `self.b is self.a` no longer held."""
+    torch.manual_seed(0)
+    model = TiedLayers()
+    linear = model.a
+    _, change = insert_norm(model, "layer")
+    assert change.modules == ["a", "b"] and model.b is model.a and model.a[0] is linear
+    x = torch.randn(3, 8)
+    norm = model.a[1]
+    torch.testing.assert_close(model(x), model.head(torch.relu(norm(linear(torch.relu(norm(linear(x))))))))
+    shared = nn.Linear(8, 8)
+    seq = nn.Sequential(shared, nn.ReLU(), shared, nn.ReLU(), nn.Linear(8, 2))
+    _, change = insert_norm(seq, "batch")
+    assert change.modules == ["0", "2"] and seq._modules["0_bn"] is seq._modules["2_bn"]
+
+
+def test_add_residual_reaches_every_place_of_a_shared_block():
+    """Before, a block in two places was wrapped at its first only: x + f(x) there, f(x) at the other."""
+    torch.manual_seed(0)
+    block = nn.Linear(8, 8)
+    model = nn.Sequential(block, nn.ReLU(), block, nn.Linear(8, 2))
+    x = torch.randn(5, 8)
+    _, change = add_residual(model, x)
+    assert change.modules == ["0", "2"] and model[0] is model[2] and model[0].fn is block
+    h = torch.relu(x + block(x))
+    torch.testing.assert_close(model(x), model[3](h + block(h)))

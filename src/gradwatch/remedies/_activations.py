@@ -13,8 +13,10 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.parametrize import ParametrizationList
 from torch.overrides import TorchFunctionMode
 
+from gradwatch.collect.layers import activation_name
 from gradwatch.remedies._common import forward_once
 
 # The ReLU family gets He; "selu" gets LeCun; everything else (tanh, sigmoid, softmax, none) Xavier.
@@ -70,20 +72,37 @@ _FUNCTIONS[F.prelu] = lambda a, k: Act("prelu", float(a[1].detach().float().mean
 
 
 def module_act(module: nn.Module) -> Act | None:
-    """The activation a module applies, or None if it is not an activation module."""
+    """The activation a module applies, or None if it is not an activation module. Other libraries'
+    activation classes (Hugging Face's GELUActivation ...) are known by name, as the watch knows them."""
     for cls, describe in _MODULES.items():
         if isinstance(module, cls):
             return describe(module)
-    return None
+    name = activation_name(module)
+    return Act("relu" if name == "relu6" else name) if name else None
+
+
+def parametrization_modules(model: nn.Module) -> set[int]:
+    """ids of the modules that compute parametrized tensors (torch.nn.utils.parametrize): part of
+    their layer, not layers or steps of their own."""
+    return {id(x) for m in model.modules() if isinstance(m, ParametrizationList) for x in m.modules()}
 
 
 def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Modules whose forward is one step in the order: no children, or self-contained attention."""
+    """Modules whose forward is one step in the order: no children, self-contained attention, or a
+    parametrized layer (its only children are the parametrizations computing its weight, which are
+    no step of their own)."""
+    hidden = parametrization_modules(model)
     out = []
     for name, m in model.named_modules():
-        if isinstance(m, nn.MultiheadAttention) or not any(True for _ in m.children()):
+        own = [c for n, c in m.named_children() if n != "parametrizations"]
+        if id(m) not in hidden and (isinstance(m, nn.MultiheadAttention) or not own):
             out.append((name, m))
     return out
+
+
+def _foreign(module: nn.Module) -> bool:
+    """A module defined outside torch: what it computes is known only from what it calls."""
+    return type(module).__module__.split(".")[0] != "torch"
 
 
 def _follow(events: list[tuple[str, Any]], layers: set[str]) -> dict[str, Act]:
@@ -115,44 +134,49 @@ def by_registration(model: nn.Module, layers: set[str]) -> dict[str, Act]:
 
 
 class _Tracer(TorchFunctionMode):
-    """Records functional activations called outside any leaf module (e.g. F.relu in a forward)."""
+    """Records functional activations called outside any leaf module (e.g. F.relu in a forward), or
+    directly inside a leaf module from another library (F.gelu in Hugging Face's GELUActivation):
+    a torch leaf's own calls (the softmax inside nn.MultiheadAttention) are its business."""
 
-    def __init__(self, events: list, depth: list[int]) -> None:
+    def __init__(self, events: list, running: list[nn.Module]) -> None:
         super().__init__()
-        self.events, self.depth = events, depth
+        self.events, self.running = events, running
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         describe = _FUNCTIONS.get(func)
-        if describe is not None and self.depth[0] == 0:
+        if describe is not None and self._counts():
             self.events.append(("act", describe(args, kwargs)))
         return func(*args, **kwargs)
+
+    def _counts(self) -> bool:
+        return not self.running or (len(self.running) == 1 and _foreign(self.running[0]))
 
 
 def by_execution(model: nn.Module, layers: set[str], example_input: Any) -> dict[str, Act]:
     """Following activation of each layer from one forward pass (eval mode, no grad, state kept)."""
     events: list[tuple[str, Any]] = []
-    depth = [0]
+    running: list[nn.Module] = []  # the leaf modules whose forward is running, outermost first
     handles = []
 
     def pre(name: str, m: nn.Module) -> Callable:
         def hook(module: nn.Module, args: Any) -> None:
-            if depth[0] == 0:
+            if not running:
                 if name in layers:
                     events.append(("layer", name))
                 elif (act := module_act(module)) is not None:
                     events.append(("act", act))
-            depth[0] += 1
+            running.append(module)
         return hook
 
     def post(module: nn.Module, args: Any, out: Any) -> None:
-        depth[0] -= 1
+        running.pop()
 
     try:
         for name, m in _leaves(model):
             handles.append(m.register_forward_pre_hook(pre(name, m)))
             handles.append(m.register_forward_hook(post))
-        with _Tracer(events, depth):
+        with _Tracer(events, running):
             forward_once(model, example_input)
     finally:
         for h in handles:

@@ -6,7 +6,12 @@ gain √2, or √(2/(1+a²)) for a leaky slope a), Xavier/Glorot for tanh, sigmo
 activation (Glorot & Bengio 2010, uniform, gain from ``nn.init.calculate_gain``), LeCun normal for
 SELU (Klambauer et al. 2017, std = 1/√fan_in), orthogonal recurrent matrices (Saxe et al. 2014),
 one gate chunk at a time, so that repeated multiplication by W_hh neither shrinks nor grows a
-signal. Biases start at zero. Every formula is torch.nn.init's own.
+signal. Biases start at zero. Every draw is torch.nn.init's own, with torch's fans except for a
+transposed conv, whose torch fans ignore its groups and stride (see `_fans`).
+
+A parametrized weight (weight_norm, spectral_norm, register_parametrization) is what the forward
+uses, not its `.original`: it is set by assignment, through the parametrization's right_inverse;
+one that cannot be set is left alone and the report says so.
 
 A constant weight (all zeros, or every unit with the same weights) is reported: such units get the
 same gradient and stay identical forever.
@@ -15,17 +20,21 @@ same gradient and stay identical forever.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from gradwatch.errors import ConfigError
-from gradwatch.remedies._activations import NONE, RELU_FAMILY, Act, by_execution, by_registration
+from gradwatch.remedies._activations import (NONE, RELU_FAMILY, Act, by_execution, by_registration,
+                                             parametrization_modules)
 
 SCHEMES = ("auto", "he", "xavier", "lecun", "orthogonal")
-_FEEDFORWARD = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_FEEDFORWARD = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *_TRANSPOSED)
 _GATES = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1, nn.LSTMCell: 4, nn.GRUCell: 3, nn.RNNCell: 1}
 
 
@@ -47,6 +56,7 @@ class InitReport:
 
     rows: list[InitRow] = field(default_factory=list)
     constant_before: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # parametrized tensors left alone or rescaled
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self.rows)
@@ -62,6 +72,7 @@ class InitReport:
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.append("biases: zeros")
         lines += [f"was constant: {msg}" for msg in self.constant_before]
+        lines += [f"parametrized: {msg}" for msg in self.notes]
         return "\n".join(lines)
 
 
@@ -85,26 +96,82 @@ def _gain(act: Act) -> float:
     return nn.init.calculate_gain(act.name if act.name in ("tanh", "sigmoid") else "linear")
 
 
-def _apply(w: torch.Tensor, scheme: str, act: Act, transposed: bool = False) -> tuple[float, float]:
-    """Initialise `w` in place with `scheme` for activation `act`; returns (gain, target std)."""
+def _fans(m: nn.Module, w: torch.Tensor) -> tuple[float, float]:
+    """(fan_in, fan_out) of `w`, a weight of `m` or one gate block of it: the terms summed into one
+    output, and the outputs one input reaches. torch's, except for a transposed conv, whose weight
+    is (in, out/groups, k...) and whose torch fans ignore groups and stride: each output sums
+    (in/groups)·Π(k/stride) terms on average (of an input's k taps, one in `stride` lands on it),
+    and each input reaches (out/groups)·Πk outputs."""
     fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(w)
-    mode = "fan_in"
-    if transposed:  # ConvTranspose weights are (in, out, k...): torch's "fan_out" is the input side
-        fan_in, fan_out, mode = fan_out, fan_in, "fan_out"
-    if scheme == "he":
+    if not isinstance(m, _TRANSPOSED):
+        return fan_in, fan_out
+    taps = math.prod(w.shape[2:]) / math.prod(m.stride)
+    return w.shape[0] / m.groups * taps, fan_in
+
+
+def _apply(w: torch.Tensor, scheme: str, act: Act, fans: tuple[float, float]) -> tuple[float, float]:
+    """Initialise `w` in place with `scheme` for activation `act`; returns (gain, target std).
+    The draws are kaiming_normal_'s and xavier_uniform_'s, with the fans given."""
+    fan_in, fan_out = fans
+    if scheme in ("he", "lecun"):
         slope = act.slope if act.name in ("leaky_relu", "prelu") else 0.0
-        nn.init.kaiming_normal_(w, a=slope, mode=mode, nonlinearity="leaky_relu")
-        gain = nn.init.calculate_gain("leaky_relu", slope)
-        return gain, gain / math.sqrt(fan_in)
-    if scheme == "lecun":
-        nn.init.kaiming_normal_(w, mode=mode, nonlinearity="linear")
-        return 1.0, 1.0 / math.sqrt(fan_in)
+        gain = nn.init.calculate_gain("leaky_relu", slope) if scheme == "he" else 1.0
+        std = gain / math.sqrt(fan_in)
+        nn.init.normal_(w, 0.0, std)
+        return gain, std
     gain = _gain(act)
     if scheme == "orthogonal":
         nn.init.orthogonal_(w, gain=gain)
         return gain, gain / math.sqrt(max(w.shape[0], w[0].numel()))
-    nn.init.xavier_uniform_(w, gain=gain)
-    return gain, gain * math.sqrt(2.0 / (fan_in + fan_out))
+    std = gain * math.sqrt(2.0 / (fan_in + fan_out))
+    nn.init.uniform_(w, -math.sqrt(3.0) * std, math.sqrt(3.0) * std)
+    return gain, std
+
+
+def _full(module_name: str, pname: str) -> str:
+    return f"{module_name}.{pname}" if module_name else pname
+
+
+def _own_tensors(m: nn.Module) -> list[str]:
+    """Names of the tensors a module owns: its parameters, and those a parametrization computes."""
+    return [n for n, _ in m.named_parameters(recurse=False)] + list(getattr(m, "parametrizations", {}))
+
+
+def _assign(m: nn.Module, pname: str, value: torch.Tensor) -> tuple[bool, str]:
+    """Make `m.<pname>` `value`: a parametrized tensor (weight_norm ...) is assigned, which goes
+    through its parametrization's right_inverse (initialising `.original` in place would change
+    nothing the forward uses). Returns (whether it changed, a note if it did not become `value`)."""
+    if not parametrize.is_parametrized(m, pname):
+        getattr(m, pname).copy_(value)
+        return True, ""
+    kinds = "/".join(type(p).__name__ for p in m.parametrizations[pname])
+    try:
+        setattr(m, pname, value)
+    except (RuntimeError, ValueError) as exc:  # no right_inverse, or one refusing this value
+        return False, (f"left alone: it is computed by the parametrization {kinds}, which cannot be set ({exc}); "
+                       f"initialise parametrizations.{pname}.original yourself")
+    got = getattr(m, pname)
+    if float((got - value).norm()) > 1e-4 * float(value.norm()):
+        return True, f"set through {kinds}, which fixes its scale: std {float(got.std()):.3g}, not the target"
+    return True, ""
+
+
+def _init_weight(m: nn.Module, pname: str, scheme: str, act: Act, chunks: int = 1) -> tuple[float, float, bool, str]:
+    """Initialise `m.<pname>`, `chunks` gate blocks each on its own; (gain, std) and `_assign`'s answer."""
+    new = torch.empty_like(getattr(m, pname))
+    for part in new.chunk(chunks, 0):
+        gain, std = _apply(part, scheme, act, _fans(m, part))
+    return (gain, std, *_assign(m, pname, new))
+
+
+def _record(report: InitReport, name: str, m: nn.Module, pname: str, shown: str, scheme: str,
+            done: tuple[float, float, bool, str]) -> None:
+    gain, std, changed, note = done
+    full = _full(name, pname)
+    if note:
+        report.notes.append(f"{full}: {note}")
+    if changed:
+        report.rows.append(InitRow(full, type(m).__name__, shown, scheme, gain, std))
 
 
 def _auto_scheme(act: Act) -> str:
@@ -115,44 +182,86 @@ def _auto_scheme(act: Act) -> str:
     return "xavier"  # tanh, sigmoid, softmax, none
 
 
-def _init_recurrent(name: str, m: nn.Module, scheme: str, rows: list[InitRow]) -> None:
+def _init_recurrent(name: str, m: nn.Module, scheme: str, report: InitReport) -> None:
     chunks = next(n for cls, n in _GATES.items() if isinstance(m, cls))
     inner = Act(getattr(m, "nonlinearity", "tanh")) if chunks == 1 else Act("sigmoid")
     shown = getattr(m, "nonlinearity", "tanh") if chunks == 1 else "gates (sigmoid/tanh)"
-    for pname, p in m.named_parameters(recurse=False):
+    for pname in _own_tensors(m):
         if pname.startswith("bias"):
             continue
         if scheme != "auto":
             chosen = scheme
         else:
             chosen = "orthogonal" if pname.startswith("weight_hh") else "xavier"
-        parts = p.data.chunk(chunks, 0) if p.shape[0] % chunks == 0 and not pname.startswith("weight_hr") else (p.data,)
-        for part in parts:  # one gate at a time: each gate's matrix is its own map
-            gain, std = _apply(part, chosen, Act("linear") if chosen == "orthogonal" else inner)
-        rows.append(InitRow(f"{name}.{pname}" if name else pname, type(m).__name__, shown, chosen, gain, std))
+        split = getattr(m, pname).shape[0] % chunks == 0 and not pname.startswith("weight_hr")
+        act = Act("linear") if chosen == "orthogonal" else inner  # one gate at a time: each its own map
+        _record(report, name, m, pname, shown, chosen, _init_weight(m, pname, chosen, act, chunks if split else 1))
+
+
+def _init_feedforward(name: str, m: nn.Module, scheme: str, act: Act, report: InitReport) -> None:
+    chosen = _auto_scheme(act) if scheme == "auto" else scheme
+    _record(report, name, m, "weight", str(act), chosen, _init_weight(m, "weight", chosen, act))
+
+
+def _zero_biases(name: str, m: nn.Module, report: InitReport) -> None:
+    for pname in _own_tensors(m):
+        if pname.startswith("bias"):
+            _, note = _assign(m, pname, torch.zeros_like(getattr(m, pname)))
+            if note:
+                report.notes.append(f"{_full(name, pname)}: {note}")
+
+
+def _tensors(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
+    """(full name, module, tensor name) of every weight and bias as the forward uses it: a
+    parametrized one as computed (weight_norm's g and v are not the weight), a tied one once."""
+    hidden = parametrization_modules(model)
+    seen: set[int] = set()
+    for mname, m in model.named_modules():
+        if id(m) in hidden:
+            continue
+        for pname in _own_tensors(m):
+            if not parametrize.is_parametrized(m, pname):  # a computed tensor is new at every read
+                key = id(getattr(m, pname))
+                if key in seen:
+                    continue
+                seen.add(key)
+            yield _full(mname, pname), m, pname
+
+
+def _remedy(m: nn.Module, pname: str, layers: set[int]) -> str:
+    """How to re-initialise `m.<pname>`: gw.init_ only where it can."""
+    if id(m) not in layers:
+        return f"re-initialise it yourself (gw.init_ leaves {type(m).__name__} alone)"
+    if parametrize.is_parametrized(m, pname) and not all(hasattr(p, "right_inverse") for p in m.parametrizations[pname]):
+        return (f"re-initialise parametrizations.{pname}.original yourself (gw.init_ cannot set it: "
+                "its parametrization has no right_inverse)")
+    return "re-initialise (gw.init_(model))"
 
 
 def check_constant_init(model: nn.Module) -> list[str]:
     """Weights (2-d or more) that are constant, or whose units all share the same weights."""
+    layers = {id(m) for m in _layers(model).values()}
     found = []
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, m, pname in _tensors(model):
+            p = getattr(m, pname)
             if p.ndim < 2 or p.numel() == 0:
                 continue
             flat = p.detach().reshape(p.shape[0], -1)
             if bool((flat == flat.reshape(-1)[0]).all()):
                 found.append(f"{name} is all {float(flat.reshape(-1)[0]):g}: its {p.shape[0]} units compute the "
-                             "same output and get the same gradient, so they never differ; re-initialise "
-                             "(gw.init_(model))")
+                             f"same output and get the same gradient, so they never differ; {_remedy(m, pname, layers)}")
             elif p.shape[0] > 1 and bool((flat == flat[:1]).all()):
                 found.append(f"{name}: all {p.shape[0]} units have identical weights, so they get identical "
-                             "gradients and never differ; re-initialise (gw.init_(model))")
+                             f"gradients and never differ; {_remedy(m, pname, layers)}")
     return found
 
 
 @torch.no_grad()
 def init_(model: nn.Module, scheme: str = "auto", *, example_input: Any = None) -> InitReport:
     """Re-initialise every Linear/Conv/recurrent layer of `model` in place; returns what was done.
+    A parametrized weight (weight_norm ...) is set through its parametrization's right_inverse;
+    the report's notes name any the parametrization rescales or that cannot be set.
 
     `scheme="auto"` picks per layer from the activation that follows it; "he", "xavier", "lecun" or
     "orthogonal" force one scheme on every weight (recurrent ones included). With `example_input`
@@ -173,17 +282,10 @@ def init_(model: nn.Module, scheme: str = "auto", *, example_input: Any = None) 
         follows.update(by_execution(model, set(layers), example_input))
     for name, m in layers.items():
         if isinstance(m, tuple(_GATES)):
-            _init_recurrent(name, m, scheme, report.rows)
+            _init_recurrent(name, m, scheme, report)
         else:
-            act = follows.get(name, NONE)
-            chosen = _auto_scheme(act) if scheme == "auto" else scheme
-            transposed = isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
-            gain, std = _apply(m.weight.data, chosen, act, transposed)
-            report.rows.append(InitRow(f"{name}.weight" if name else "weight", type(m).__name__, str(act),
-                                       chosen, gain, std))
-        for pname, p in m.named_parameters(recurse=False):
-            if pname.startswith("bias"):
-                nn.init.zeros_(p)
+            _init_feedforward(name, m, scheme, follows.get(name, NONE), report)
+        _zero_biases(name, m, report)
     return report
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Union
+from typing import Any, Callable, NamedTuple, Union
 
 import torch
 from torch import nn
@@ -88,14 +88,42 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _names(model: nn.Module) -> dict[int, str]:
-    return {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    """Parameter id -> its name; a parameter held in several places by the first, as named_parameters()."""
+    names: dict[int, str] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), n)
+    return names
 
 
 def _renames(before: dict[int, str], model: nn.Module) -> tuple[dict[str, str], list[str]]:
-    after = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    after = _names(model)
     renamed = {before[i]: n for i, n in after.items() if i in before and before[i] != n}
     new = [n for i, n in after.items() if i not in before]
     return renamed, new
+
+
+class Place(NamedTuple):
+    """Where a module sits: its name there, and the parent attribute holding it."""
+
+    name: str
+    parent: nn.Module
+    attr: str
+    module: nn.Module
+
+
+def _places(model: nn.Module, wanted: Callable[[nn.Module], bool]) -> list[Place]:
+    """Every place a wanted module sits, a wanted module sits, each parent's slot
+    once: named_modules() lists a module registered under two names (``self.dec = self.enc``) only
+    under the first, and a change made at that name alone would end the sharing."""
+    seen: set[tuple[int, str]] = set()
+    out = []
+    for name, m in model.named_modules(remove_duplicate=False):
+        if name and wanted(m):
+            parent, attr = _parent(model, name)
+            if (id(parent), attr) not in seen:
+                seen.add((id(parent), attr))
+                out.append(Place(name, parent, attr, m))
+    return out
 
 
 def _target(model: nn.Module, inplace: bool) -> nn.Module:
@@ -214,6 +242,23 @@ def _insert_after(seq: nn.Sequential, key: str, new_key: str, module: nn.Module)
 FUSED = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 
+def _attach_norms(places: list[Place], kind: str) -> None:
+    """A norm after the layer at each place: in an nn.Sequential as a sibling, elsewhere as
+    nn.Sequential(layer, norm). A layer in several places gets the same norm in each (and the same
+    Sequential), so what was one module stays one."""
+    suffix = "_bn" if kind == "batch" else "_ln"
+    made: dict[int, tuple[nn.Module, nn.Sequential]] = {}  # layer -> its norm, and layer + norm
+    for _, parent, attr, layer in places:
+        if id(layer) not in made:
+            norm = _norm_for(layer, kind)
+            made[id(layer)] = (norm, nn.Sequential(layer, norm))
+        norm, both = made[id(layer)]
+        if isinstance(parent, nn.Sequential) and attr + suffix not in parent._modules:
+            _insert_after(parent, attr, attr + suffix, norm)
+        else:
+            setattr(parent, attr, both)
+
+
 def insert_norm(model: nn.Module, kind: str = "batch", after: ModuleTypes = (nn.Linear, nn.Conv2d),
                 *, skip_last: bool = True, inplace: bool = True) -> tuple[nn.Module, Change]:
     """Insert BatchNorm (`kind="batch"`) or LayerNorm (`"layer"`) after each layer of type `after`.
@@ -227,20 +272,14 @@ def insert_norm(model: nn.Module, kind: str = "batch", after: ModuleTypes = (nn.
     after_types = _types("after", after)
     model = _target(model, inplace)
     before = _names(model)
-    fused = [n for n, m in model.named_modules() if isinstance(m, FUSED)]
-    layers = [n for n, m in model.named_modules() if n and isinstance(m, after_types)
-              and not any(n.startswith(f + ".") or not f for f in fused)]
-    if skip_last and layers:
-        layers = layers[:-1]
-    suffix = "_bn" if kind == "batch" else "_ln"
-    for name in layers:
-        layer = model.get_submodule(name)
-        norm = _norm_for(layer, kind)
-        parent, attr = _parent(model, name)
-        if isinstance(parent, nn.Sequential) and attr + suffix not in parent._modules:
-            _insert_after(parent, attr, attr + suffix, norm)
-        else:
-            setattr(parent, attr, nn.Sequential(layer, norm))
+    fused = [n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, FUSED)]
+    places = [p for p in _places(model, lambda m: isinstance(m, after_types))
+              if not any(p.name.startswith(f + ".") or not f for f in fused)]
+    if skip_last and places:  # every place of the output layer
+        last = places[-1].module
+        places = [p for p in places if p.module is not last]
+    _attach_norms(places, kind)
+    layers = [p.name for p in places]
     renamed, new = _renames(before, model)
     if not layers:
         return model, Change(f"no layer of type {after!r} to normalise; nothing changed")
@@ -300,13 +339,16 @@ def add_residual(model: nn.Module, example_input: Any, blocks: list[str] | None 
                                   "example_input), so x + block(x) is undefined; pick shape-preserving blocks")
         chosen = list(blocks)
     before = _names(model)
-    for n in chosen:
-        _set(model, n, Residual(model.get_submodule(n)))
+    residuals = {id(m): Residual(m) for m in map(model.get_submodule, chosen)}
+    places = _places(model, lambda m: id(m) in residuals)
+    for _, parent, attr, m in places:  # one Residual wherever the block sits: a shared block stays shared
+        setattr(parent, attr, residuals[id(m)])
     renamed, new = _renames(before, model)
     if not chosen:
         return model, Change("no shape-preserving block with parameters found; nothing changed")
-    return model, Change(f"wrapped {len(chosen)} block(s) as residual x + f(x): {', '.join(chosen)}",
-                         chosen, renamed, new)
+    names = [p.name for p in places]
+    return model, Change(f"wrapped {len(residuals)} block(s) as residual x + f(x): {', '.join(names)}",
+                         names, renamed, new)
 
 
 def replace_rnn(model: nn.Module, *, inplace: bool = True) -> tuple[nn.Module, Change]:
@@ -315,17 +357,22 @@ def replace_rnn(model: nn.Module, *, inplace: bool = True) -> tuple[nn.Module, C
     the old one's name; its parameters are new (`Change.new_parameters`): give them to the optimizer."""
     model = _target(model, inplace)
     before = _names(model)
-    rnns = [(n, m) for n, m in model.named_modules() if type(m) is nn.RNN]
+    rnns = _places(model, lambda m: type(m) is nn.RNN)
     if type(model) is nn.RNN:
         raise ConfigError("the model is itself an nn.RNN; replace it by nn.GRU(...) where it is built")
-    for name, rnn in rnns:
-        w = rnn.weight_ih_l0
-        _set(model, name, nn.GRU(rnn.input_size, rnn.hidden_size, rnn.num_layers, bias=rnn.bias,
-                                 batch_first=rnn.batch_first, dropout=rnn.dropout, bidirectional=rnn.bidirectional,
-                                 device=w.device, dtype=w.dtype))
+    grus = {id(p.module): _gru_like(p.module) for p in rnns}
+    for _, parent, attr, rnn in rnns:  # one GRU wherever the RNN sits: a shared RNN stays shared
+        setattr(parent, attr, grus[id(rnn)])
     renamed, new = _renames(before, model)
     if not rnns:
         return model, Change("no nn.RNN found; nothing changed")
-    names = [n for n, _ in rnns]
-    return model, Change(f"replaced {len(rnns)} nn.RNN by nn.GRU of the same shape: {', '.join(names)}",
+    names = [p.name for p in rnns]
+    return model, Change(f"replaced {len(grus)} nn.RNN by nn.GRU of the same shape: {', '.join(names)}",
                          names, renamed, new)
+
+
+def _gru_like(rnn: nn.RNN) -> nn.GRU:
+    """A GRU taking and returning what `rnn` does, on its device and dtype."""
+    w = rnn.weight_ih_l0
+    return nn.GRU(rnn.input_size, rnn.hidden_size, rnn.num_layers, bias=rnn.bias, batch_first=rnn.batch_first,
+                  dropout=rnn.dropout, bidirectional=rnn.bidirectional, device=w.device, dtype=w.dtype)
