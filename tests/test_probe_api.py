@@ -103,6 +103,25 @@ def test_cells_called_per_step_are_probed():
     assert rec.profile[0] == 1.0 and math.isfinite(rec.spectral_norm)
 
 
+def test_remedies_name_only_what_the_probe_measured_and_what_applies():
+    """A GRU cell whose gradient vanishes through time was told to use nn.LSTM / nn.GRU instead of
+    nn.RNN; with iters=0 (no Jacobian measured) a cause read "singular value nan per layer"."""
+    from gradwatch.probe.recurrent import RecurrentProbe
+    from gradwatch.probe.verdict import recurrent_findings
+
+    def remedies(kind):
+        rec = RecurrentProbe("cell", kind, 0, [1.0, 1e-4], 2, "vanishing", 1e-2, spectral_norm=0.1, bound=1.0)
+        return [r.code for f in recurrent_findings([rec]) for r in f.remedies]
+
+    assert not any("instead of nn.RNN" in c for c in remedies("GRUCell"))
+    assert any("instead of nn.RNN" in c for c in remedies("RNN"))
+    torch.manual_seed(0)
+    deep = nn.Sequential(*[m for _ in range(12) for m in (nn.Linear(32, 32), nn.Sigmoid())], nn.Linear(32, 2))
+    r = probe(deep, torch.randn(16, 32), iters=0)
+    causes = [c for f in r.findings for c in f.causes]
+    assert any(c.startswith("initial weights too small") for c in causes) and not any("nan" in c for c in causes)
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(iters=-1), "iters must be a non-negative integer"),
     (dict(loss_fn=lambda out: out), "loss_fn must return a scalar"),

@@ -82,11 +82,9 @@ def layer_findings(layers: list[LayerProbe], mf: MeanField | None) -> list[Findi
                 causes.append(f"saturating activations ({', '.join(sorted(acts & SATURATING))}) scale "
                               f"the gradient by φ' < 1 in every layer (sigmoid: φ' ≤ 1/4); saturated "
                               f"fraction up to {sat:.0%}")
-            causes.append("initial weights too small for the depth: mean Jacobian singular value "
-                          f"{_median(layers, 'sigma_mean'):.3g} per layer (1 preserves the gradient)")
+            causes.append("initial weights too small for the depth" + _sigma_said(layers))
         else:
-            causes.append("initial weights too large: mean Jacobian singular value "
-                          f"{_median(layers, 'sigma_mean'):.3g} per layer (1 preserves the gradient)")
+            causes.append("initial weights too large" + _sigma_said(layers))
         causes.append(f"{len(layers)} layers without residual connections or normalisation")
         if mf is not None:
             evidence.update(chi1=mf.chi1, depth_scale=mf.depth_scale)
@@ -116,6 +114,12 @@ def layer_findings(layers: list[LayerProbe], mf: MeanField | None) -> list[Findi
     return findings
 
 
+def _sigma_said(layers) -> str:
+    """The measured mean Jacobian singular value, where one was measured (not with --iters 0)."""
+    sigma = _median(layers, "sigma_mean")
+    return f": mean Jacobian singular value {sigma:.3g} per layer (1 preserves the gradient)" if math.isfinite(sigma) else ""
+
+
 def recurrent_findings(recs: list[RecurrentProbe]) -> list[Finding]:
     findings = []
     for r in recs:
@@ -128,8 +132,9 @@ def recurrent_findings(recs: list[RecurrentProbe]) -> list[Finding]:
         if kind == "vanishing_gradient":
             causes = (f"σmax(W_hh) = {r.spectral_norm:.3g} < 1/γ = {r.bound:.3g}: gradients must vanish through time"
                       if r.spectral_norm < r.bound else f"per-step factor {r.rate:.3g} < 1",)
+            gated = r.kind in ("GRU", "LSTM", "GRUCell", "LSTMCell")  # already gated: no cell to swap to
             remedies = (Remedy("orthogonal recurrent weights", f"nn.init.orthogonal_({w})"),
-                        Remedy("use a gated cell", "nn.LSTM / nn.GRU instead of nn.RNN"))
+                        *(() if gated else (Remedy("use a gated cell", "nn.LSTM / nn.GRU instead of nn.RNN"),)))
         else:
             causes = (f"spectral radius of W_hh {r.spectral_radius:.3g} > 1/γ = {r.bound:.3g}",)
             remedies = (Remedy("clip the gradient norm (Pascanu et al. 2013)",
