@@ -42,20 +42,25 @@ def find_dead_units(run: RunSeries, th: Thresholds) -> list[Finding]:
 
 def _zero_gradient_layers(run: RunSeries, th: Thresholds) -> dict[str, int]:
     """{layer: first step} for weight layers whose gradient norm is exactly 0 for at least
-    `zero_gradient_steps` recorded steps through the end (or the first non-finite loss)."""
+    `zero_gradient_steps` recorded steps through the end (or the first non-finite loss), while a
+    layer after them in the forward gets gradient: blocked below something that passes none back.
+    A head whose output the loss multiplies by 0 (DDP's trick for unused parameters) runs last,
+    with nothing after it, and is not one."""
     g = run.metrics.get("grad_norm")
     if g is None:
         return {}
     bad = np.flatnonzero(np.isinf(run.loss))  # after it, what the gradients show is that
     end = bad[0] if len(bad) else len(run.steps)
+    weights = [c for c, layer in enumerate(run.layers) if layer.role in ("param", "recurrent")]
     out = {}
-    for c, layer in enumerate(run.layers):
-        if layer.role not in ("param", "recurrent"):
-            continue
+    for c in weights:
         rows = np.flatnonzero(np.isfinite(g[:end, c]))  # NaN: no gradient this step (a branch not run)
         if len(rows) < th.zero_gradient_steps:
             continue
         start = persistent_start(g[rows, c] == 0, th.zero_gradient_steps, to_the_end=True)
-        if start is not None:
-            out[layer.name] = int(run.steps[rows[start]])
+        if start is None:
+            continue
+        after = [a for a in weights if run.layers[a].index > run.layers[c].index]
+        if after and (np.nan_to_num(g[rows[start:]][:, after]) > 0).any():
+            out[run.layers[c].name] = int(run.steps[rows[start]])
     return out
