@@ -432,6 +432,22 @@ def test_a_first_layer_saturated_from_the_start_is_told_to_standardise_its_input
     assert not any("Standardise" in r.action for r in f.remedies)
 
 
+def test_the_outputs_own_sigmoid_is_not_saturation():
+    """A sigmoid before BCELoss saturates as its predictions grow confident (a tester's classifier
+    at 99.8% accuracy got an 86% saturation warning, and the advised swap to LeakyReLU broke
+    BCELoss). Only activations with a weight layer after them count."""
+    from gradwatch.store.series import LayerInfo
+    run = build(activation="sigmoid")
+    out = LayerInfo("out_act", "Sigmoid", 99, "activation", 0, "sigmoid")
+    run = run.__class__([*run.layers, out], run.steps, run.loss, run.lr,
+                        {m: np.concatenate([v, np.full((len(v), 1), np.nan)], axis=1) for m, v in run.metrics.items()},
+                        meta=run.meta)
+    run.metrics["saturated"][sampled(run), run.column("out_act")] = 0.9
+    assert "saturation" not in kinds(diagnose(run))
+    run.metrics["saturated"][sampled(run), run.column("act3")] = 0.9  # a hidden one
+    assert "saturation" in kinds(diagnose(run))
+
+
 def test_relu_layers_are_never_saturated():
     run = build()
     run.metrics["saturated"][:, run.column("act1")] = 1.0

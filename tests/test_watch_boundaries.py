@@ -262,3 +262,22 @@ def test_zero_code_later_models_are_named_as_the_script_calls_them(tmp_path):
     finally:
         watch.detach()
     assert watch.stored_series().layer_names() == ["Linear", "encoder.0", "encoder.1", "decoder.0", "cls_head", "rec_head"]
+
+
+def test_an_expert_given_no_token_is_not_a_nan():
+    """A mixture of experts calls an expert on an empty batch when the router sends it no token:
+    the mean of its empty ReLU output was NaN, stored as measured non-finite, so a healthy run got
+    a non_finite error at step 0 and stop_on=("non_finite",) stopped it."""
+    torch.manual_seed(0)
+    experts = nn.ModuleList([nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)) for _ in range(2)])
+    opt = torch.optim.SGD(experts.parameters(), lr=0.05)
+    with gw.watch(experts, opt, warn=False, stop_on=("non_finite",), flush_every=5) as watch:
+        for _ in range(10):
+            x = torch.randn(16, 4)
+            out = torch.cat([experts[0](x), experts[1](x[:0])])  # expert 1: no token
+            opt.zero_grad()
+            out.pow(2).mean().backward()
+            opt.step()
+        run = watch.series()
+    assert "non_finite" not in [f.kind for f in diagnose(run)]
+    assert np.isnan(run.metrics["act_mean"][:, run.column("1.1")]).all()  # not recorded: nothing ran

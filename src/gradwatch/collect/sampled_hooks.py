@@ -62,7 +62,7 @@ class SampledHooks:
         self._handles = []
 
     def _hook_output_grad(self, rec: StepRecord, pos: int, y: torch.Tensor | None) -> None:
-        if y is None or not y.requires_grad:
+        if y is None or not y.requires_grad or y.numel() == 0:
             return
 
         def on_grad(g: torch.Tensor) -> None:
@@ -74,7 +74,9 @@ class SampledHooks:
         def hook(module, args, output):
             rec = self._current() if torch.is_grad_enabled() else None
             y = _first_tensor(output)
-            if rec is None or y is None or not y.is_floating_point():
+            # an empty output (a mixture-of-experts' expert given no token) has no statistics:
+            # its mean would be NaN, stored as measured non-finite
+            if rec is None or y is None or not y.is_floating_point() or y.numel() == 0:
                 return
             rec.accumulate(rec.act, pos, activation_stats(y, activation))
             self._hook_output_grad(rec, pos, y)
@@ -95,7 +97,7 @@ class SampledHooks:
             if rec is None or not args or not isinstance(args[0], torch.Tensor):
                 return None
             x = args[0]
-            if not x.is_floating_point():
+            if not x.is_floating_point() or x.numel() == 0:
                 return None
             replaced = not x.requires_grad
             if replaced:

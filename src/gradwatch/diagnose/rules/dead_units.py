@@ -41,26 +41,29 @@ def find_dead_units(run: RunSeries, th: Thresholds) -> list[Finding]:
 
 
 def _zero_gradient_layers(run: RunSeries, th: Thresholds) -> dict[str, int]:
-    """{layer: first step} for weight layers whose gradient norm is exactly 0 for at least
-    `zero_gradient_steps` recorded steps through the end (or the first non-finite loss), while a
-    layer after them in the forward gets gradient: blocked below something that passes none back.
-    A head whose output the loss multiplies by 0 (DDP's trick for unused parameters) runs last,
-    with nothing after it, and is not one."""
+    """{layer: first step} for the weight layers nearest the input, from the first on, whose
+    gradient norm is exactly 0 for at least `zero_gradient_steps` recorded steps through the end
+    (or the first non-finite loss), while a layer after them gets gradient: the input side is cut
+    off below something that passes none back. A layer elsewhere with exact zeros usually has a
+    reason (an expert given no token, a head whose loss term is 0 or weighted 0, a pruned
+    block) and is not one."""
     g = run.metrics.get("grad_norm")
     if g is None:
         return {}
     bad = np.flatnonzero(np.isinf(run.loss))  # after it, what the gradients show is that
     end = bad[0] if len(bad) else len(run.steps)
-    weights = [c for c, layer in enumerate(run.layers) if layer.role in ("param", "recurrent")]
-    out = {}
-    for c in weights:
+    weights = sorted((c for c, layer in enumerate(run.layers) if layer.role in ("param", "recurrent")),
+                     key=lambda c: run.layers[c].index)
+    out: dict[str, int] = {}
+    for k, c in enumerate(weights):  # input first, while they are cut off
         rows = np.flatnonzero(np.isfinite(g[:end, c]))  # NaN: no gradient this step (a branch not run)
         if len(rows) < th.zero_gradient_steps:
-            continue
+            break
         start = persistent_start(g[rows, c] == 0, th.zero_gradient_steps, to_the_end=True)
         if start is None:
-            continue
-        after = [a for a in weights if run.layers[a].index > run.layers[c].index]
-        if after and (np.nan_to_num(g[rows[start:]][:, after]) > 0).any():
-            out[run.layers[c].name] = int(run.steps[rows[start]])
+            break
+        out[run.layers[c].name] = int(run.steps[rows[start]])
+    after = weights[len(out):]
+    if not out or not after or not (np.nan_to_num(g[:end][:, after]) > 0).any():
+        return {}  # nothing gets gradient: no loss term reaches the weights at all, another finding's
     return out

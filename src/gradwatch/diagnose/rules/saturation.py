@@ -12,6 +12,10 @@ from gradwatch.store.series import RunSeries
 
 def find_saturation(run: RunSeries, th: Thresholds) -> list[Finding]:
     hits = persistent_activation_layers(run, "saturated", th.saturated_fraction, th.persist_samples, only=advice.SATURATING)
+    # the output's own activation (a sigmoid before BCELoss) saturates when its predictions are
+    # confident, which is the aim: the loss's gradient at the logit is p - y, not through σ'
+    last_weight = max((l.index for l in run.layers if l.role in ("param", "recurrent")), default=-1)
+    hits = {n: h for n, h in hits.items() if run.layers[run.column(n)].index < last_weight}
     if not hits:
         return []
     first, layers, worst, at_init = summarise_layers(run, hits)
