@@ -166,6 +166,18 @@ def test_killed_worker_leaves_rank0_store_readable(tmp_path):
     assert np.isfinite(series.metrics["grad_norm"][:, 0]).all()
 
 
+def test_zero_code_a_rank_that_raises_ends_the_run_with_its_steps_stored(tmp_path):
+    """Rank 1 raised while rank 0 waited in DDP's all-reduce: rank 1's exit flush then waited in a
+    gradwatch collective of its own, and the run hung for the group's timeout (30 minutes) where,
+    unwatched, it failed in seconds; nothing was stored. Now the exit flush makes no collective."""
+    run = tmp_path / "run"
+    result = torchrun("raise", tmp_path, prefix=[sys.executable, "-m", "gradwatch", "run", "--out", run,
+                                                 "--flush-every", str(train.FLUSH_EVERY), "--"], timeout=120)
+    assert result.returncode != 0 and "rank 1 fails" in result.stderr
+    series = read_run(run)
+    assert len(series.steps) >= train.KILL_STEP // train.FLUSH_EVERY * train.FLUSH_EVERY
+
+
 def test_zero_code_torchrun_attaches_in_every_worker(tmp_path, reference):
     run = tmp_path / "run"
     result = torchrun("plain", tmp_path, prefix=[sys.executable, "-m", "gradwatch", "run", "--out", run,

@@ -13,6 +13,7 @@ Scenarios:
             out/clip.pt: per clipper, the norms it returned and the full weights after CLIP_STEPS
   kill      watched DDP run; rank 1 SIGKILLs itself at KILL_STEP
   plain     DDP with no gradwatch call (for `gradwatch run -- torchrun ...`)
+  raise     plain, but rank 1 raises at KILL_STEP
 """
 
 import json
@@ -74,7 +75,7 @@ def batch(step: int, rank: int | None = None, world: int = 2) -> tuple[torch.Ten
     return x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
 
 
-def train(model, opt, steps, rank=None, world=2, nan_step=None, kill_step=None):
+def train(model, opt, steps, rank=None, world=2, nan_step=None, kill_step=None, raise_step=None):
     losses = []
     for step in range(steps):
         x, y = batch(step, rank, world)
@@ -83,6 +84,8 @@ def train(model, opt, steps, rank=None, world=2, nan_step=None, kill_step=None):
             x[0, 0] = float("nan")
         if step == kill_step and rank == 1:
             os.kill(os.getpid(), signal.SIGKILL)
+        if step == raise_step and rank == 1:
+            raise RuntimeError("rank 1 fails")
         loss = nn.functional.mse_loss(model(x), y)
         opt.zero_grad()
         loss.backward()
@@ -133,9 +136,10 @@ def main():
         fsdp_runs(out, rank, world)
     elif scenario == "kill":
         ddp_run(out, rank, world, True, steps=10 * KILL_STEP, kill_step=KILL_STEP)
-    elif scenario == "plain":
+    elif scenario in ("plain", "raise"):
         ddp = nn.parallel.DistributedDataParallel(make_model())
-        train(ddp, torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9), STEPS, rank, world)
+        steps, fail = (STEPS, None) if scenario == "plain" else (10 * KILL_STEP, KILL_STEP)
+        train(ddp, torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9), steps, rank, world, raise_step=fail)
     dist.destroy_process_group()  # zero-code: gradwatch exchanges and writes the last steps here
     # Gloo's worker threads sometimes abort the interpreter's finalisation ("terminate called without
     # an active exception", also with no gradwatch at all): leave without it, everything is written.

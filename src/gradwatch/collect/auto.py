@@ -270,7 +270,21 @@ def start_from_env() -> AutoWatch | None:
     # the discovery hooks of this watch, which take the wrapper's inner model (AutoWatch._discover)
     warnings.filterwarnings("ignore", message=r"Using `torch.compile\(module\)` when there are global hooks")
     _flush_on_sigterm(watch)
+    _no_collectives_after_a_crash(watch)
     return watch
+
+
+def _no_collectives_after_a_crash(watch: AutoWatch) -> None:
+    """An uncaught exception ends this rank while the others wait in the training's next
+    collective: the exit flush must not start one of its own (it waited for the group's timeout,
+    30 minutes by default, where the run without gradwatch failed in seconds)."""
+    previous = sys.excepthook
+
+    def excepthook(kind, value, tb) -> None:
+        watch.abandon_collectives(f"rank ended on {kind.__name__}: {value}"[:200])
+        previous(kind, value, tb)
+
+    sys.excepthook = excepthook
 
 
 def _flush_on_sigterm(watch: AutoWatch) -> None:
@@ -286,6 +300,7 @@ def _flush_on_sigterm(watch: AutoWatch) -> None:
         signal.signal(signum, signal.SIG_DFL)
         if os.getpid() == pid:
             try:
+                watch.abandon_collectives("rank ended on SIGTERM")  # torchrun's, after another rank failed
                 watch.detach()
             except Exception:  # dying anyway: what was flushed before stays
                 pass

@@ -101,6 +101,7 @@ class Distributed:
         self.collectives = 0  # made by gradwatch (the benchmark reports it)
         self._bad: set[int] = set()  # ranks whose own loss was non-finite at the last step
         self._failed = False
+        self._abandoned = ""  # why no more collectives may be made (see abandon)
         self._restore = None
 
     @property
@@ -156,6 +157,8 @@ class Distributed:
             return []
         n = len(self.sharded)
         try:
+            if self._abandoned:
+                raise RuntimeError(self._abandoned)
             if self._failed or not dist.is_initialized():
                 raise RuntimeError("torch.distributed is not initialised any more")
             table = _table(records, n).to(self._device())
@@ -218,6 +221,12 @@ class Distributed:
         return events
 
     # ------------------------------------------------------------ teardown
+    def abandon(self, why: str) -> None:
+        """This process is ending on an error: the other ranks are inside the training's next
+        collective, or dead, so an exchange now would wait for them for the group's timeout (30
+        minutes by default). What is left is kept as this rank measured it."""
+        self._abandoned = why
+
     def flush_before_teardown(self, flush) -> None:
         """The last window is exchanged before the process group goes: wrap destroy_process_group."""
         original = dist.destroy_process_group

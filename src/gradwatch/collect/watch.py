@@ -397,6 +397,12 @@ class Watch:
 
     close = detach
 
+    def abandon_collectives(self, why: str) -> None:
+        """The process is ending on an error: flush what is left without the exchange across ranks
+        (the other ranks may never join it)."""
+        if self._dist is not None:
+            self._dist.abandon(why)
+
     def __enter__(self) -> "Watch":
         return self
 
