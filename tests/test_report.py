@@ -215,3 +215,21 @@ def test_long_layer_names_are_shortened_on_the_axes_only():
     name = "bert.encoder.layer.0.attention.self.query"
     assert short_name(name) == "…0.attention.self.query" and short_name("fc1") == "fc1"
     assert len(short_name("x" * 60)) == 28
+
+
+def test_heat_map_cells_sit_at_the_steps_recorded_and_zeros_are_not_missing():
+    """A metric sampled every 10th step of 50 was drawn as 5 columns spread over 0..41 (sample 40
+    at 32.8-41), and exact zeros (no gradient at all) in the grey of 'not recorded'."""
+    from series_builder import build
+
+    from gradwatch.report import figures
+
+    run = build(n_steps=50, sample_every=10)
+    cols = [run.column(f"fc{k}") for k in range(5)]
+    run.metrics["update_ratio"][:, cols[0]] = np.where(np.isnan(run.metrics["update_ratio"][:, cols[0]]), np.nan, 0.0)
+    fig, blocks = figures.heatmap(run, "update_ratio", cols, "update ratio")
+    meshes = fig.axes[0].collections
+    edges = meshes[0].get_coordinates()[0, :, 0]
+    np.testing.assert_array_equal(edges, [0, 10, 20, 30, 40, 50])
+    zero = [m for m in meshes[1:] if tuple(m.get_cmap().colors) == (figures.ZERO_COLOUR,)]
+    assert len(zero) == 1 and zero[0].get_array().count() == 5  # fc0's five samples, drawn black

@@ -18,6 +18,7 @@ from gradwatch.store.series import RunSeries
 SEVERITY_COLOURS = {"error": "#c62828", "warning": "#ef6c00", "info": "#1565c0"}
 NONFINITE_COLOUR = "#e00070"
 MISSING_COLOUR = "#dddddd"
+ZERO_COLOUR = "#000000"  # exactly 0 (no gradient at all, no update): recorded, unlike grey
 TEXT = {"parse_math": False}
 DPI = 100
 
@@ -76,6 +77,16 @@ def gradient_flow(run: RunSeries, steps: list[int], cols: list[int]) -> Figure:
     return fig
 
 
+def column_edges(blocks: Blocks) -> np.ndarray:
+    """x edges of the heat map's cells: each block from its first step to the next block's (a
+    metric sampled every 10th step is 10 steps wide per cell, not spread over the run)."""
+    steps = np.asarray(blocks.steps, dtype=float)
+    if len(steps) == 0:
+        return np.array([0.0, 1.0])
+    width = np.diff(steps)[-1] if len(steps) > 1 else float(blocks.size)
+    return np.append(steps, steps[-1] + width)
+
+
 def heatmap(run: RunSeries, metric: str, cols: list[int], label: str) -> tuple[Figure, Blocks]:
     """log10 of `metric`, layers (input at the top) × steps, each cell a block maximum."""
     values = run.metrics[metric][:, cols]
@@ -90,14 +101,13 @@ def heatmap(run: RunSeries, metric: str, cols: list[int], label: str) -> tuple[F
     lo, hi = (finite.min(), finite.max()) if len(finite) else (0.0, 1.0)
     if hi <= lo:
         lo, hi = lo - 0.5, hi + 0.5
-    last = blocks.steps[-1] + blocks.size - 1 if len(blocks.steps) else 0
-    extent = (blocks.steps[0] if len(blocks.steps) else 0, last + 1, len(cols) - 0.5, -0.5)
+    x, y = column_edges(blocks), np.arange(len(cols) + 1) - 0.5  # cells at the steps recorded
     cmap = colormaps["viridis"].with_extremes(bad=MISSING_COLOUR)
-    im = ax.imshow(logv.T, aspect="auto", interpolation="nearest", cmap=cmap, vmin=lo, vmax=hi, extent=extent)
-    bad = np.isposinf(v).T
-    if bad.any():
-        ax.imshow(np.where(bad, 1.0, np.nan), aspect="auto", interpolation="nearest",
-                  cmap=ListedColormap([NONFINITE_COLOUR]), extent=extent)
+    im = ax.pcolormesh(x, y, np.ma.masked_invalid(logv.T), cmap=cmap, vmin=lo, vmax=hi)
+    for where, colour in ((np.isposinf(v).T, NONFINITE_COLOUR), ((v == 0).T, ZERO_COLOUR)):
+        if where.any():
+            ax.pcolormesh(x, y, np.ma.masked_where(~where, np.ones(where.shape)), cmap=ListedColormap([colour]))
+    ax.set_ylim(len(cols) - 0.5, -0.5)  # input at the top
     fig.colorbar(im, ax=ax, label=f"log10 {label}", fraction=0.03, pad=0.01)
     _layer_ticks(ax, "y", names)
     ax.set_xlabel("step")

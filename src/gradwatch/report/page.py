@@ -150,7 +150,7 @@ def heatmap_section(run: RunSeries) -> str:
         fig, blocks = figures.heatmap(run, metric, cols, label)
         parts.append(f'<div class="heatmap" id="heatmap-{metric}"><h3>log10 {esc(what)}</h3>'
                      f'{_img(figures.png(fig), "heat map of log10 " + label)}{_note(blocks, "maximum")}</div>')
-    legend = (f'<p class="note">Layers top (input) to bottom (output). Grey: not recorded; '
+    legend = (f'<p class="note">Layers top (input) to bottom (output). Grey: not recorded; black: exactly 0; '
               f'<span style="color:{figures.NONFINITE_COLOUR}">magenta</span>: non-finite (NaN/Inf).</p>')
     return _section("heatmaps", "Heat maps: layers × steps", legend + "\n".join(parts))
 
