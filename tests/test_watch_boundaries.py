@@ -281,3 +281,24 @@ def test_an_expert_given_no_token_is_not_a_nan():
         run = watch.series()
     assert "non_finite" not in [f.kind for f in diagnose(run)]
     assert np.isnan(run.metrics["act_mean"][:, run.column("1.1")]).all()  # not recorded: nothing ran
+
+
+def test_a_watch_with_one_optimizer_sees_the_update_of_another_on_its_weights():
+    """gw.watch(gan, opt_G) (and Lightning's callback, which watches the first of two optimizers)
+    with D stepped by its own optimizer: D's update fell outside the measured Δw, its update ratio
+    read 0, and a stalled_layers error said to give the optimizer every parameter."""
+    torch.manual_seed(0)
+    gan = nn.ModuleDict({"G": nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2)),
+                         "D": nn.Sequential(nn.Linear(2, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1))})
+    oG, oD = torch.optim.SGD(gan["G"].parameters(), 0.01), torch.optim.SGD(gan["D"].parameters(), 0.01)
+    bce = nn.BCEWithLogitsLoss()
+    with gw.watch(gan, oG, warn=False, sample_every=2) as watch:
+        for _ in range(40):
+            fake = gan["G"](torch.randn(32, 4))
+            lD = bce(gan["D"](torch.randn(32, 2) + 2), torch.ones(32, 1)) + bce(gan["D"](fake.detach()), torch.zeros(32, 1))
+            oD.zero_grad(), lD.backward(), oD.step()
+            oG.zero_grad(), bce(gan["D"](fake), torch.ones(32, 1)).backward(), oG.step()
+        run = watch.series()
+    ratios = run.metrics["update_ratio"][::2, run.column("D.0")]
+    assert (ratios[np.isfinite(ratios)] > 0).all()
+    assert "stalled_layers" not in [f.kind for f in diagnose(run)]

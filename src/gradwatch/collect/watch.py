@@ -18,6 +18,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from gradwatch.collect import distributed, patches
 from gradwatch.collect.forward_order import ForwardOrder
@@ -179,6 +180,8 @@ class Watch:
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(lambda opt, a, k: self._before_step(opt)))
             self._handles.append(optimizer.register_step_post_hook(lambda opt, a, k: self._after_step(opt)))
+            self._partners: dict[int, bool] = {}  # id(other optimizer): it steps watched weights
+            self._handles.append(register_optimizer_step_pre_hook(lambda opt, a, k: self._partner_step(opt)))
 
     # ---------------------------------------------------------------- public API
     @property
@@ -570,6 +573,20 @@ class Watch:
         self._stop_if_non_finite(rec)
         if rec is not None and rec.sampled and self._params and self._snapshot is None:
             self._take_snapshot(rec)  # (zero-code: another optimizer may have taken it before its update)
+
+    def _partner_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Another optimizer steps watched weights (a GAN's discriminator, under a watch on the
+        whole module with the generator's optimizer): its update belongs in the step's Δw, which
+        is taken from before it. Left out, the layers it trains read as frozen ("give the
+        optimizer every parameter")."""
+        if optimizer is self._optimizer or not self._attached or self._snapshot is not None or not self._params:
+            return
+        if id(optimizer) not in self._partners:
+            mine = {id(p) for p in self._params}
+            self._partners[id(optimizer)] = any(id(p) in mine for g in optimizer.param_groups for p in g["params"])
+        rec = self._current()
+        if self._partners[id(optimizer)] and rec is not None and rec.sampled:
+            self._take_snapshot(rec)
 
     def _after_step(self, optimizer: torch.optim.Optimizer) -> None:
         if optimizer is not self._optimizer or not self._attached:
