@@ -62,6 +62,9 @@ def test_export_command(tmp_path, capsys):
     kinds = {f.kind for f in gw.diagnose(tmp_path / "run")}
     assert {t.split("/")[1].split("_", 1)[1] for t in texts if t.startswith("findings/")} == kinds
     assert cli(["export", str(tmp_path / "missing"), "--tensorboard", str(tmp_path / "tb2")]) == 2
+    # exported again into the same folder: replaced, not appended (every point was there twice)
+    assert cli(["export", str(tmp_path / "run"), "--tensorboard", str(tmp_path / "tb")]) == 0
+    check_scalars(events(tmp_path / "tb"), gw.read_run(tmp_path / "run"))
 
 
 def test_live_sink_writes_every_flushed_step(tmp_path):

@@ -17,14 +17,17 @@ ABOUT = ("gradwatch: per-layer statistics (docs/statistics.md). `grad_norm/<laye
          "layer's gradients taken **before** any gradient clipping (and unscaled under GradScaler).")
 
 
-def summary_writer(logdir: str | os.PathLike):
+EXPORT_SUFFIX = ".gradwatch-export"  # an export's event files: the next export of a run replaces them
+
+
+def summary_writer(logdir: str | os.PathLike, suffix: str = ""):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as exc:
         raise ConfigError("TensorBoard export needs the tensorboard package: "
                           "pip install tensorboard (or gradwatch[integrations])") from exc
     try:
-        return SummaryWriter(log_dir=os.fspath(logdir))
+        return SummaryWriter(log_dir=os.fspath(logdir), filename_suffix=suffix)
     except OSError as exc:
         raise ConfigError(f"cannot write TensorBoard logs to {os.fspath(logdir)!r} ({exc.strerror}); "
                           "choose another --tensorboard directory") from exc
@@ -62,7 +65,10 @@ def export(run: str | os.PathLike, logdir: str | os.PathLike, findings: list | N
     from gradwatch.store.reader import connect, store_files
 
     db = connect(store_files(run)[0])
-    writer = summary_writer(logdir)
+    # exported again into the same folder, every point was there twice
+    for old in Path(logdir).glob(f"events.out.tfevents.*{EXPORT_SUFFIX}"):
+        old.unlink()
+    writer = summary_writer(logdir, EXPORT_SUFFIX)
     n = 0
     try:
         writer.add_text("gradwatch", ABOUT, 0)
