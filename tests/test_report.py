@@ -233,3 +233,21 @@ def test_heat_map_cells_sit_at_the_steps_recorded_and_zeros_are_not_missing():
     np.testing.assert_array_equal(edges, [0, 10, 20, 30, 40, 50])
     zero = [m for m in meshes[1:] if tuple(m.get_cmap().colors) == (figures.ZERO_COLOUR,)]
     assert len(zero) == 1 and zero[0].get_array().count() == 5  # fc0's five samples, drawn black
+
+
+def test_non_finite_losses_are_marked_not_dropped():
+    """The loss picture stopped at the last finite step and the caption said "last 0.01849" of a
+    run whose last 15 losses were NaN."""
+    from series_builder import build
+
+    from gradwatch.report import figures
+    from gradwatch.report.page import loss_section
+
+    run = build(n_steps=40)
+    run.loss[25:] = np.inf
+    fig, _ = figures.loss_curve(run, [])
+    ax = fig.axes[0]
+    marked = [line for line in ax.get_lines() if line.get_label() == "non-finite loss"]
+    assert len(marked) == 1 and list(marked[0].get_xdata()) == list(range(25, 40))
+    assert ax.get_xlim()[1] >= 39
+    assert "last non-finite" in loss_section(run, []) and "15 steps with a non-finite loss" in loss_section(run, [])

@@ -129,6 +129,11 @@ def loss_curve(run: RunSeries, marks: list[tuple[int, int, str]]) -> tuple[Figur
     ax.plot(blocks.steps, mid, color="#0d47a1", lw=1.2, label="loss" if blocks.size == 1 else "loss (block median)")
     if len(loss) and loss.min() > 0 and loss.max() / loss.min() > 20:
         ax.set_yscale("log")
+    bad = run.steps[np.isinf(run.loss)]  # non-finite: marked along the top, the axis runs on to them
+    if len(bad):
+        ax.plot(bad, np.full(len(bad), 1.0), "x", color=NONFINITE_COLOUR, transform=ax.get_xaxis_transform(),
+                clip_on=False, label="non-finite loss")
+        ax.set_xlim(min(run.steps[0], blocks.steps[0] if len(blocks.steps) else bad[0]), run.steps[-1] + 1)
     for number, step, severity in marks:
         colour = SEVERITY_COLOURS.get(severity, "black")
         ax.axvline(step, color=colour, ls="--", lw=1)

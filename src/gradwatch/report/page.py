@@ -162,8 +162,10 @@ def loss_section(run: RunSeries, findings: list) -> str:
     fig, blocks = figures.loss_curve(run, marks)
     finite = run.loss[np.isfinite(run.loss)]
     nonfinite = int(np.isinf(run.loss).sum())
-    facts = (f"first {fmt(finite[0])}, last {fmt(finite[-1])}, lowest {fmt(finite.min())}"
-             + (f"; {nonfinite} steps with a non-finite loss" if nonfinite else ""))
+    recorded = run.loss[~np.isnan(run.loss)]  # NaN: not recorded; inf: non-finite
+    last = "non-finite" if np.isinf(recorded[-1]) else fmt(recorded[-1])
+    facts = (f"first {fmt(finite[0])}, last {last}, lowest {fmt(finite.min())}"
+             + (f"; {nonfinite} steps with a non-finite loss (marked × along the top)" if nonfinite else ""))
     body = (f'<p class="sub">Training loss; dashed lines mark each finding\'s first step, numbered as in the list '
             f'above. Loss: <span class="loss-facts">{esc(facts)}</span>.</p>'
             f'{_img(figures.png(fig), "loss curve")}{_note(blocks, "median (line) and min–max (band)")}')
