@@ -174,6 +174,7 @@ def test_zero_code_a_rank_that_raises_ends_the_run_with_its_steps_stored(tmp_pat
     result = torchrun("raise", tmp_path, prefix=[sys.executable, "-m", "gradwatch", "run", "--out", run,
                                                  "--flush-every", str(train.FLUSH_EVERY), "--"], timeout=120)
     assert result.returncode != 0 and "rank 1 fails" in result.stderr
+    assert "the distributed run broke at step" in result.stderr  # said in the summary, not only stored
     series = read_run(run)
     assert len(series.steps) >= train.KILL_STEP // train.FLUSH_EVERY * train.FLUSH_EVERY
 

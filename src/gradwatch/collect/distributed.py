@@ -166,7 +166,8 @@ class Distributed:
             self.collectives += 1
             dist.all_gather(gathered, table, group=self.group)
         except Exception as exc:  # a rank died or the group is gone: keep what is exact locally
-            events = [] if self._failed else [(records[0].step, EXCHANGE_FAILED, f"rank {self.rank}: {exc}"[:300])]
+            said = self._failed or self._abandoned  # (an abandon is said where it happens)
+            events = [] if said else [(records[0].step, EXCHANGE_FAILED, f"rank {self.rank}: {exc}"[:300])]
             self._failed = True
             for rec in records:
                 for name in _FIELDS:
@@ -221,6 +222,10 @@ class Distributed:
         return events
 
     # ------------------------------------------------------------ teardown
+    @property
+    def abandoned(self) -> bool:
+        return bool(self._abandoned)
+
     def abandon(self, why: str) -> None:
         """This process is ending on an error: the other ranks are inside the training's next
         collective, or dead, so an exchange now would wait for them for the group's timeout (30

@@ -403,8 +403,9 @@ class Watch:
     def abandon_collectives(self, why: str) -> None:
         """The process is ending on an error: flush what is left without the exchange across ranks
         (the other ranks may never join it)."""
-        if self._dist is not None:
+        if self._dist is not None and not self._dist.abandoned:
             self._dist.abandon(why)
+            self._events.append((self._step, distributed.EXCHANGE_FAILED, f"rank {self._dist.rank}: {why}"[:300]))
 
     def __enter__(self) -> "Watch":
         return self

@@ -112,4 +112,6 @@ def _read(db: sqlite3.Connection) -> RunSeries:
     meta["optimizer_stopped"] = [[s, json.loads(d)] for s, d in events.get("optimizer_stopped", [])]
     # one rank's own loss non-finite while the others' were not (docs/distributed.md)
     meta["rank_non_finite"] = [[s, d] for s, d in events.get("rank_non_finite", [])]
+    # an exchange across ranks failed: a rank died (or ended on an error) at about that step
+    meta["distributed_errors"] = [[s, d] for s, d in events.get("distributed_error", [])]
     return RunSeries(layers, steps, loss, lr, metrics, profiles, meta)
