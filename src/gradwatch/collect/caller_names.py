@@ -11,8 +11,8 @@ from types import FrameType
 import torch
 from torch import nn
 
-_INTERNAL = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch,)) + (
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,)  # torch's and gradwatch's frames
+_INTERNAL = (os.path.dirname(torch.__file__) + os.sep,  # torch's frames and gradwatch's
+             os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep)
 
 
 def caller_name(module: nn.Module) -> str | None:

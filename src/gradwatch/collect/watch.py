@@ -582,9 +582,9 @@ class Watch:
         optimizer every parameter")."""
         if optimizer is self._optimizer or not self._attached or self._snapshot is not None or not self._params:
             return
-        if id(optimizer) not in self._partners:
-            mine = {id(p) for p in self._params}
-            self._partners[id(optimizer)] = any(id(p) in mine for g in optimizer.param_groups for p in g["params"])
+        if id(optimizer) not in self._partners:  # (_seen_params: the watched weights, by id)
+            self._partners[id(optimizer)] = any(id(p) in self._seen_params for g in optimizer.param_groups
+                                                for p in g["params"])
         rec = self._current()
         if self._partners[id(optimizer)] and rec is not None and rec.sampled:
             self._take_snapshot(rec)

@@ -16,8 +16,9 @@ from gradwatch.store.series import RunSeries
 
 
 def find_exploding(run: RunSeries, th: Thresholds) -> list[Finding]:
+    backward = _backward_ratios(run)
     signals = [s for s in (_growth_over_steps(run, th), _overshooting_update(run, th), _sgd_step_too_large(run, th),
-                           _weight_growth(run, th), _backward_growth(run, th)) if s is not None]
+                           _weight_growth(run, th), _backward_growth(run, backward, th)) if s is not None]
     if not signals:
         return []
     first = min(step for step, _, _ in signals)
@@ -27,9 +28,9 @@ def find_exploding(run: RunSeries, th: Thresholds) -> list[Finding]:
         evidence.update(ev)
         layers = layers or found_layers
     evidence["at_init"] = first == int(run.steps[0])
-    init_ratio = _backward_ratio_at_init(run)
-    if init_ratio is not None and init_ratio > th.backward_exploding_ratio:
-        evidence["init_backward_ratio"] = init_ratio
+    rows, ratios, cols = backward  # measured at the first step, before any update: the initial weights
+    if len(cols) >= 2 and len(rows) and run.steps[rows[0]] == run.steps[0] and ratios[0] > th.backward_exploding_ratio:
+        evidence["init_backward_ratio"] = float(ratios[0])
     ctx = advice.Context(run)
     causes, remedies = advice.exploding(ctx, layers, evidence, through_time=False)
     what = []
@@ -235,22 +236,20 @@ def _weight_growth(run: RunSeries, th: Thresholds):
     return int(run.steps[r]), names(run, top), {"weight_growth": float(growth[-1])}
 
 
-def _backward_ratio_at_init(run: RunSeries) -> float | None:
-    """∂L/∂(output) RMS of the lowest hidden layer over the highest's at the first step, if it was
-    sampled: above the threshold, the initial weight scale itself amplifies the backward signal."""
+def _backward_ratios(run: RunSeries) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """(sampled rows, ∂L/∂(output) RMS of the lowest hidden layer over the highest's, columns):
+    growth toward the input; NaN where the highest got none."""
     rows, values, cols = depth_profile(run, "grad_out_rms", hidden_only=True)
-    if len(cols) < 2 or len(rows) == 0 or run.steps[rows[0]] != run.steps[0] or not values[0, -1] > 0:
-        return None
-    return float(values[0, 0] / values[0, -1])
+    if len(cols) < 2 or len(rows) == 0:
+        return rows, np.full(len(rows), np.nan), cols
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return rows, np.where(values[:, -1] > 0, values[:, 0] / values[:, -1], np.nan), cols
 
 
-def _backward_growth(run: RunSeries, th: Thresholds):
-    rows, values, cols = depth_profile(run, "grad_out_rms", hidden_only=True)
+def _backward_growth(run: RunSeries, backward: tuple[np.ndarray, np.ndarray, list[int]], th: Thresholds):
+    rows, ratios, cols = backward
     if len(cols) < th.min_profile_layers or len(rows) == 0:
         return None
-    # growth toward the input: the lowest hidden layer over the highest
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratios = np.where(values[:, -1] > 0, values[:, 0] / values[:, -1], np.nan)
     start = persistent_start(ratios > th.backward_exploding_ratio, th.persist_samples)
     if start is None:
         return None
