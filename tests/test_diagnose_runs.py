@@ -140,6 +140,39 @@ def test_parameters_left_out_of_the_optimizer_stop_changing():
     _, run = train(model, opt, steps=50)
     f = next(f for f in diagnose(run) if f.kind == "stalled_layers")
     assert f.evidence["frozen"] and set(f.layers) == {"0", "2", "4"}
+    # in no optimizer: forgotten, or a backbone frozen on purpose (head-only fine-tuning); the run
+    # trains either way, so a warning that says both, with the code for each
+    assert f.severity == "warning" and f.evidence["outside_optimizers"] and "no optimizer updates them" in f.message
+    assert "model.parameters()" in f.remedies[0].code
+    assert f.remedies[1].code == "for m in (model[0], model[2], model[4]):\n    m.requires_grad_(False)"
+
+
+def test_a_param_group_at_lr_0_freezes_like_no_optimizer():
+    torch.manual_seed(0)
+    model = mlp(depth=3)
+    opt = torch.optim.SGD([{"params": model[-1].parameters()}, {"params": model[:-1].parameters(), "lr": 0.0}],
+                          lr=0.1)
+    _, run = train(model, opt, steps=50)
+    f = next(f for f in diagnose(run) if f.kind == "stalled_layers")
+    assert f.severity == "warning" and set(f.layers) == {"0", "2", "4"} and f.evidence["outside_optimizers"]
+
+
+def test_weights_the_optimizer_holds_that_stop_changing_are_an_error():
+    """Held by the optimizer yet unchanged (gradients cleared between backward and step, a classic
+    slip): no intention explains it, unlike weights in no optimizer."""
+    torch.manual_seed(0)
+    model = mlp(depth=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = gw.watch(model, opt, warn=False)
+    x, y = data()
+    for _ in range(50):
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward(); opt.zero_grad(); opt.step()
+    found = w.findings()
+    w.detach()
+    f = next(f for f in found if f.kind == "stalled_layers")
+    assert f.severity == "error" and f.layers == ("0", "2", "4", "6") and not f.evidence["outside_optimizers"]
+    assert "stopped changing" in f.message
 
 
 def test_small_recurrent_weights_vanish_through_time():

@@ -302,3 +302,26 @@ def test_a_watch_with_one_optimizer_sees_the_update_of_another_on_its_weights():
     ratios = run.metrics["update_ratio"][::2, run.column("D.0")]
     assert (ratios[np.isfinite(ratios)] > 0).all()
     assert "stalled_layers" not in [f.kind for f in diagnose(run)]
+
+
+@pytest.mark.parametrize("zero_code", [False, True])
+def test_layers_in_no_optimizer_are_told_from_a_partners(tmp_path, zero_code):
+    """Head-only fine-tuning with the backbone left requires_grad: its layers are in no optimizer
+    (said as such, a warning); a GAN's discriminator, stepped by its own optimizer under a watch
+    of the whole module, is in one."""
+    torch.manual_seed(0)
+    backbone, head, D = nn.Sequential(nn.Linear(4, 8), nn.ReLU()), nn.Linear(8, 2), nn.Linear(2, 1)
+    model = nn.Sequential(backbone, head, D)
+    oG, oD = torch.optim.SGD(head.parameters(), lr=0.1), torch.optim.SGD(D.parameters(), lr=0.1)
+    watch = AutoWatch(str(tmp_path), warn=False) if zero_code else gw.watch(model, oG, warn=False)
+    try:
+        for _ in range(40):
+            x = torch.randn(16, 4)
+            oD.zero_grad(), model(x).pow(2).mean().backward(), oD.step()
+            oG.zero_grad(), model(x).pow(2).mean().backward(), oG.step()
+        run = watch.series()
+    finally:
+        watch.detach()
+    assert run.meta["outside_optimizers"] == ["0.0"]
+    f = next(f for f in gw.diagnose(run) if f.kind == "stalled_layers")
+    assert f.severity == "warning" and f.layers == ("0.0",)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 
 from rich.console import Console
 
@@ -40,7 +41,7 @@ def main(args: argparse.Namespace) -> int:
             console.print(f"  cause {i}: {cause}", markup=False)
         for r in f.remedies:
             console.print(f"  fix: {r.action}", markup=False)
-            console.print(f"       {r.code}", markup=False)
+            console.print(textwrap.indent(r.code, "       "), markup=False)  # each line of a block
     return 0
 
 

@@ -10,8 +10,10 @@ for NaN/Inf costs nothing and gives an exact count of non-finite gradient entrie
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import weakref
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -133,6 +135,8 @@ class Watch:
         self._cur: StepRecord | None = None
         self._pending: list[StepRecord] = []
         self._events: list[tuple[int, str, str]] = []
+        self._stepping: weakref.WeakSet = weakref.WeakSet()  # optimizers seen stepping
+        self._outside: list[str] = []  # layers in none of them, as last said
         self._snapshot: list[torch.Tensor] | None = None  # weights before the update, while one is due
         self._snapshot_buf: list[torch.Tensor] | None = None
         self._snapshot_rec: StepRecord | None = None
@@ -336,6 +340,7 @@ class Watch:
             return
         # a step whose update is still to come (weights changed by hand) waits for its Δw
         ready = [r for r in self._pending if r is not self._snapshot_rec]
+        self._say_outside_optimizers()
         if self._dist is not None:  # collective: every rank flushes at the same steps
             self._events.extend(self._dist.exchange(ready))
         if self._dist is None or self._dist.writes:
@@ -566,7 +571,22 @@ class Watch:
         self._meta.update(optimizer_meta(optimizer))
         self._snapshot, self._snapshot_rec = None, None
 
+    def _say_outside_optimizers(self) -> None:
+        """Layers whose weights no optimizer seen stepping holds (or holds only in groups at lr 0)
+        get gradients and never change: forgotten, or a backbone frozen on purpose but left
+        requires_grad. Said as an event when the set changes; the stalled rule tells them from
+        weights that stopped for other reasons."""
+        if not self._stepping:
+            return
+        held = {id(p) for opt in self._stepping for group in opt.param_groups if group.get("lr", 1) != 0
+                for p in group["params"]}
+        outside = [l.name for l in self._layers if l.params and not any(id(p) in held for p in l.params)]
+        if outside != self._outside:
+            self._outside = outside
+            self._events.append((self._step, "outside_optimizers", json.dumps(outside)))
+
     def _before_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self._stepping.add(optimizer)
         if optimizer is not self._optimizer or not self._attached:
             return
         self._in_step, self._closure_loss = True, False
@@ -580,6 +600,7 @@ class Watch:
         whole module with the generator's optimizer): its update belongs in the step's Δw, which
         is taken from before it. Left out, the layers it trains read as frozen ("give the
         optimizer every parameter")."""
+        self._stepping.add(optimizer)
         if optimizer is self._optimizer or not self._attached or self._snapshot is not None or not self._params:
             return
         if id(optimizer) not in self._partners:  # (_seen_params: the watched weights, by id)

@@ -230,6 +230,12 @@ def saturation(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[l
 
 
 def stalled(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[list[str], list[Remedy]]:
+    if evidence.get("outside_optimizers"):
+        causes = ["these parameters are in no optimizer (or only at lr 0): left out by mistake, or frozen on "
+                  "purpose with requires_grad left on"]
+        return causes, [Remedy("Give the optimizer every parameter that should train",
+                               "optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)"),
+                        Remedy("Or, if they are frozen on purpose, stop their gradients", _freeze_code(layers))]
     if evidence.get("frozen"):
         causes = ["learning rate: the weights do not change although gradients arrive; the learning rate is 0, "
                   "or these parameters are not in the optimizer"]
@@ -265,6 +271,12 @@ def loss_divergence(ctx: Context, evidence: dict) -> tuple[list[str], list[Remed
         remedies.append(Remedy("Warm the learning rate up over the first steps",
                                "scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=100)"))
     return causes, remedies
+
+
+def _freeze_code(layers: tuple[str, ...], shown: int = 6) -> str:
+    refs = ", ".join(map(module_ref, layers[:shown])) + ("," if len(layers) == 1 else "")
+    more = f"  # and the other {len(layers) - shown} of them" if len(layers) > shown else ""
+    return f"for m in ({refs}):{more}\n    m.requires_grad_(False)"
 
 
 def _cls(activation: str) -> str:

@@ -110,6 +110,8 @@ def _read(db: sqlite3.Connection) -> RunSeries:
         meta[key] = [s for s, _ in events.get(kind, [])]
     # layers whose only optimizer stopped stepping at that step, on purpose (an encoder's warm-up)
     meta["optimizer_stopped"] = [[s, json.loads(d)] for s, d in events.get("optimizer_stopped", [])]
+    # layers in no optimizer seen stepping, as last said (they get gradients and never change)
+    meta["outside_optimizers"] = json.loads(events["outside_optimizers"][-1][1]) if "outside_optimizers" in events else []
     # one rank's own loss non-finite while the others' were not (docs/distributed.md)
     meta["rank_non_finite"] = [[s, d] for s, d in events.get("rank_non_finite", [])]
     # an exchange across ranks failed: a rank died (or ended on an error) at about that step

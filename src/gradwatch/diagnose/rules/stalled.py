@@ -30,16 +30,13 @@ def find_stalled(run: RunSeries, th: Thresholds) -> list[Finding]:
     stop = {name: step for step, layers in run.meta.get("optimizer_stopped") or [] for name in layers}
     done = {c for c, k in frozen_at.items() if k is not None and run.steps[rows[k]] >= stop.get(run.layers[c].name, np.inf) - 1}
     frozen_cols = [c for c in cols if frozen_at[c] is not None and c not in done]
-    if frozen_cols:
-        first = int(run.steps[rows[min(frozen_at[c] for c in frozen_cols)]])
-        layers = names(run, frozen_cols)
-        evidence = {"frozen": True, "update_ratio": {n: float(u[-1, cols.index(c)]) for n, c in zip(layers, frozen_cols)},
-                    "grad_norm": {n: float(g[-1, cols.index(c)]) for n, c in zip(layers, frozen_cols)}}
-        causes, remedies = advice.stalled(ctx, layers, evidence)
-        every = "All weights" if len(frozen_cols) == len(cols) else f"The weights of {', '.join(layers[:3])}"
-        findings.append(Finding("stalled_layers", "error", first, layers,
-                                f"{every} stopped changing at step {first} although gradients arrive. "
-                                f"{remedies[0].action}.", evidence, tuple(causes), tuple(remedies)))
+    # in no optimizer: forgotten, or a backbone frozen on purpose but left requires_grad (head-only
+    # fine-tuning); the run trains either way, so this is a warning that says both
+    outside = set(run.meta.get("outside_optimizers") or [])
+    for group, severity in (([c for c in frozen_cols if run.layers[c].name not in outside], "error"),
+                            ([c for c in frozen_cols if run.layers[c].name in outside], "warning")):
+        if group:
+            findings.append(_frozen(run, ctx, group, frozen_at, rows, cols, u, g, severity))
     if len(cols) < th.min_profile_layers:
         return findings
     live = [j for j, c in enumerate(cols) if c not in frozen_cols and c not in done]
@@ -58,3 +55,20 @@ def find_stalled(run: RunSeries, th: Thresholds) -> list[Finding]:
                             f"'{layers[0]}' updates {ratio:.1e} as much as the layers above it since step {first}: "
                             f"it has stopped learning. {remedies[0].action}.", evidence, tuple(causes), tuple(remedies)))
     return findings
+
+
+def _frozen(run: RunSeries, ctx: advice.Context, frozen_cols: list[int], frozen_at: dict, rows: np.ndarray,
+            cols: list[int], u: np.ndarray, g: np.ndarray, severity: str) -> Finding:
+    first = int(run.steps[rows[min(frozen_at[c] for c in frozen_cols)]])
+    layers = names(run, frozen_cols)
+    outside = severity == "warning"
+    evidence = {"frozen": True, "outside_optimizers": outside,
+                "update_ratio": {n: float(u[-1, cols.index(c)]) for n, c in zip(layers, frozen_cols)},
+                "grad_norm": {n: float(g[-1, cols.index(c)]) for n, c in zip(layers, frozen_cols)}}
+    causes, remedies = advice.stalled(ctx, layers, evidence)
+    every = "All weights" if len(frozen_cols) == len(cols) else f"The weights of {', '.join(layers[:3])}"
+    said = (f"{every} get gradients but no optimizer updates them (they are in none, or in a param group at lr 0), so they never change. If they should train, "
+            f"give them to the optimizer; if they are frozen on purpose, set requires_grad_(False) on them "
+            f"and backward skips them.") if outside else \
+        f"{every} stopped changing at step {first} although gradients arrive. {remedies[0].action}."
+    return Finding("stalled_layers", severity, first, layers, said, evidence, tuple(causes), tuple(remedies))
