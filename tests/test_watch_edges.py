@@ -488,6 +488,40 @@ def test_a_compiled_model_keeps_its_sampled_statistics_after_a_new_batch_shape()
     assert dynamo_config.skip_nnmodule_hook_guards  # put back when the watch detached
 
 
+def test_a_compiled_model_given_to_watch_runs_its_whole_graph_between_samples():
+    """gw.watch(torch.compile(model)): layers named as the model's own, the losses of the
+    unwatched compiled run, and the steps between samples in one compiled graph, not the graph
+    per module that the sampled step's hooks break it into."""
+    from torch._dynamo import reset as dynamo_reset
+    from torch.profiler import profile
+
+    def train(watched: bool):
+        dynamo_reset()
+        torch.manual_seed(0)
+        compiled = torch.compile(nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(),
+                                               nn.Linear(16, 1)), backend="aot_eager")
+        opt = torch.optim.SGD(compiled.parameters(), lr=0.01)
+        watch = gradwatch.watch(compiled, opt, sample_every=5, warn=False) if watched else None
+        losses = []
+        for step in range(13):
+            with profile() as prof:
+                opt.zero_grad()
+                loss = compiled(torch.randn(32, 8)).pow(2).mean()
+                loss.backward()
+                opt.step()
+            losses.append(loss.item())
+        graphs = sum(e.name == "CompiledFunction" for e in prof.events())  # step 12: not sampled
+        names = [layer.name for layer in watch.layers] if watched else None
+        if watched:
+            watch.detach()
+        return losses, graphs, names
+
+    plain, plain_graphs, _ = train(False)
+    losses, graphs, names = train(True)
+    assert losses == plain and graphs == plain_graphs == 1
+    assert names == ["0", "1", "2", "3", "4"]
+
+
 class HandWritten(nn.Module):
     """A deep net written by hand: weights in ParameterLists, bare parameters, a Linear head."""
 

@@ -22,10 +22,9 @@ from torch.nn.utils.parametrize import ParametrizationList
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from gradwatch.collect import patches
 from gradwatch.collect.caller_names import caller_name
 from gradwatch.collect.distributed import process_rank
-from gradwatch.collect.layers import has_lazy_params
+from gradwatch.collect.layers import compiled_inner, has_lazy_params
 from gradwatch.collect.watch import Watch
 from gradwatch.errors import GradwatchError
 from gradwatch.store.reader import STORE_NAME
@@ -95,10 +94,11 @@ class AutoWatch(Watch):
         if has_lazy_params(module):
             self._discover_until = max(self._discover_until, self._step + DISCOVERY_STEPS)
             return
-        inner = getattr(module, "_orig_mod", None)
-        compiled = isinstance(inner, nn.Module) and type(module).__name__ == "OptimizedModule"
-        if compiled:
-            self._seen_modules.add(id(module))  # torch.compile's wrapper: the layers keep their own names
+        inner = compiled_inner(module)
+        wrapper = module if inner is not None else None
+        if wrapper is not None:
+            self._seen_modules.add(id(wrapper))  # torch.compile's wrapper: the layers keep their own names
+            self._sampled_hooks.add_compiled(wrapper)
             module = inner
         name = type(module).__name__
         pieces = self._pieces_of(module)
@@ -115,8 +115,8 @@ class AutoWatch(Watch):
         inside = {id(m) for piece, _ in pieces for m in piece.modules()}
         try:
             self._add_model(module, prefix, taken=[l for l in self._layers if id(l.module) in inside])
-            if compiled:  # its first compile is about to happen: see _first_compile_without_hooks
-                self._first_compile_without_hooks()
+            if wrapper is not None:
+                self._sampled_hooks.entered(wrapper)
         except Exception as exc:  # never break the user's forward
             self._seen_modules.add(id(module))
             detail = str(exc) if isinstance(exc, GradwatchError) else f"{type(exc).__name__}: {exc}"
@@ -137,14 +137,6 @@ class AutoWatch(Watch):
             children = list(m.children())  # a slice: a container of its modules, with no weight of its own
             return bool(children) and not m._parameters and all(id(c) in inside for c in children)
         return [(m, p) for m, p in self._models if piece(m)]
-
-    def _first_compile_without_hooks(self) -> None:
-        """A compiled model's first call compiles it. With the sampled-step hooks on, the graph
-        breaks at them and torch runs the whole forward eagerly from then on. Compiled without
-        them, and told to check for them, it keeps its graph on every unsampled step; only the
-        sampled ones run eagerly. Its first step's activation statistics are the price."""
-        patches.compile_sees_hooks()
-        self._sampled_hooks.disarm()
 
     def _leave_module(self, module: nn.Module, args, output) -> None:
         self._depth = max(self._depth - 1, 0)

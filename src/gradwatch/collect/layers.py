@@ -48,6 +48,13 @@ RECURRENT = (nn.RNN, nn.GRU, nn.LSTM)
 CONTAINERS = (nn.ParameterList, nn.ParameterDict)
 
 
+def compiled_inner(module: nn.Module) -> nn.Module | None:
+    """The model inside `torch.compile(model)`'s wrapper (None: not a wrapper). Its layers keep
+    their own names; the wrapper is where a call enters the compiled code."""
+    inner = getattr(module, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) and type(module).__name__ == "OptimizedModule" else None
+
+
 def has_lazy_params(model: nn.Module) -> bool:
     """nn.LazyLinear & co. before their first forward: no shape yet, and no hook can be put on them."""
     return any(nn.parameter.is_lazy(p) for p in model.parameters())

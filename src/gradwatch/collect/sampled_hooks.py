@@ -8,6 +8,8 @@ import sys
 from typing import Callable
 
 import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from gradwatch.collect import patches
 from gradwatch.collect.layers import RECURRENT, Layer
@@ -31,6 +33,16 @@ def _first_tensor(value: object) -> torch.Tensor | None:
     return None
 
 
+class _SampledStep(TorchFunctionMode):
+    """Active around a compiled model's forward on sampled steps, and changing nothing. torch.compile
+    guards on the stack of these modes, so the code it compiles for a sampled step (broken into a
+    graph per module at the hooks, with no guard of its own on them) is kept apart from the whole
+    graph the other steps run. Without it, that broken code served every later step (1.37x)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
 class SampledHooks:
     """`current()`: the record of the step running (None: not recorded); `unscale(values)`:
     values of a gradient taken under a loss scale, as without it."""
@@ -40,11 +52,43 @@ class SampledHooks:
         self._current = current
         self._unscale = unscale
         self._handles: list = []
+        self._compiled: list[nn.Module] = []  # torch.compile wrappers of watched models
+        self._modes: list[_SampledStep] = []
+
+    def add_compiled(self, wrapper: nn.Module) -> None:
+        if any(w is wrapper for w in self._compiled):
+            return
+        self._compiled.append(wrapper)
+        if self._handles:
+            self._hook_wrapper(wrapper)
+
+    def entered(self, wrapper: nn.Module) -> None:
+        """Called from a forward pre-hook of the wrapper's own call (zero-code discovery), which
+        its first compile follows: hooked too late for its own pre-hook to run this time, a sampled
+        step enters the mode here."""
+        if self._handles:
+            self._enter(wrapper, ())
+
+    def _hook_wrapper(self, wrapper: nn.Module) -> None:
+        """(Hooks on the wrapper run outside the compiled code; the exit runs even if it raises.)"""
+        self._handles.append(wrapper.register_forward_pre_hook(self._enter))
+        self._handles.append(wrapper.register_forward_hook(self._exit, always_call=True))
+
+    def _enter(self, module, args) -> None:
+        mode = _SampledStep()
+        mode.__enter__()
+        self._modes.append(mode)
+
+    def _exit(self, module, args, output) -> None:
+        if self._modes:
+            self._modes.pop().__exit__(None, None, None)
 
     def arm(self, layers: list[Layer]) -> None:
         if self._handles:
             return
         patches.compile_sees_hooks()
+        for wrapper in self._compiled:
+            self._hook_wrapper(wrapper)
         for pos, layer in enumerate(layers):
             module = layer.module
             if layer.role == "activation":

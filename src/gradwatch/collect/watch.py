@@ -24,7 +24,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from gradwatch.collect import distributed, patches
 from gradwatch.collect.forward_order import ForwardOrder
-from gradwatch.collect.layers import Layer, discover, has_lazy_params, newly_trainable, rename
+from gradwatch.collect.layers import Layer, compiled_inner, discover, has_lazy_params, newly_trainable, rename
 from gradwatch.collect.record import StepRecord, to_batch
 from gradwatch.collect.sampled_hooks import SampledHooks
 from gradwatch.collect.stats import MISSING, entries, norms
@@ -199,6 +199,10 @@ class Watch:
 
     def add_model(self, model: nn.Module, prefix: str = "") -> None:
         """Watch another model (zero-code mode finds them as they first run)."""
+        inner = compiled_inner(model)
+        if inner is not None:  # torch.compile(model): its layers, named as the model's own
+            self._sampled_hooks.add_compiled(model)
+            model = inner
         if has_lazy_params(model):
             raise ConfigError(f"{type(model).__name__} has uninitialised parameters (a Lazy module): run one "
                               "forward pass first (model(example_batch)), then watch it")
