@@ -11,6 +11,7 @@ from torch import nn
 import gradwatch as gw
 from gradwatch.diagnose.finding import Finding
 from gradwatch.probe import probe
+from gradwatch.probe.core import default_loss
 from gradwatch.probe.recurrent import _module_cell, bptt_profile
 
 
@@ -126,6 +127,7 @@ def test_remedies_name_only_what_the_probe_measured_and_what_applies():
     (dict(iters=-1), "iters must be a non-negative integer"),
     (dict(loss_fn=lambda out: out), "loss_fn must return a scalar"),
     (dict(loss_fn=3), "loss_fn must be a function"),
+    (dict(seed=1180591620717411303424), r"seed must be an integer in \[-2\*\*63, 2\*\*63\)"),
     (dict(batch=torch.randn(4, 5)), r"Linear failed on the probe batch \(RuntimeError: mat1 and mat2"),
 ])
 def test_bad_arguments(bad, match):
@@ -169,3 +171,271 @@ def test_remedies_are_runnable_code_that_fixes_the_verdict():
     for remedy in f.remedies:
         exec(remedy.code, namespace)  # noqa: S102  the codes are meant to be pasted as they are
     assert probe(model, x, iters=3).verdict == "healthy"
+
+
+@pytest.mark.parametrize("act", [lambda: nn.ReLU(inplace=True), nn.PReLU])
+def test_mean_field_leaves_the_activation_modules_as_they_were(act):
+    """The mean-field quadrature ran the model's own activation module: an in-place ReLU failed on its
+    leaf, a PReLU was left in float64 (the model's next forward failed)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), act(), nn.Linear(8, 8), act(), nn.Linear(8, 2))
+    x = torch.randn(4, 8)
+    before, expected = copy.deepcopy(model.state_dict()), model(x).detach()
+    r = probe(model, x, iters=0)
+    assert r.mean_field is not None
+    for k, v in model.state_dict().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+    assert all(m.inplace for m in model if isinstance(m, nn.ReLU))
+    torch.testing.assert_close(model(x), expected)
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_probe_under_no_grad_or_inference_mode_equals_torch_gradients(mode):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    x = torch.randn(4, 8)
+    loss = 0.5 * model(x).pow(2).sum() / 4
+    expected = torch.cat([g.flatten() for g in torch.autograd.grad(loss, model[0].parameters())]).norm()
+    with mode():
+        r = probe(model, x, iters=3)
+    assert r.layers[0].grad_w_norm == pytest.approx(float(expected), rel=1e-5)
+    assert math.isfinite(r.layers[0].sigma_max)
+
+
+def test_model_made_under_inference_mode_is_a_config_error():
+    with torch.inference_mode():
+        model = nn.Linear(3, 2)
+    with pytest.raises(gw.ConfigError, match=r"Linear.weight was created under torch.inference_mode"):
+        probe(model, torch.randn(4, 3))
+
+
+def test_dataclass_output_and_detached_first_output():
+    """A dataclass output: its first tensor field that requires grad is the output; a loss that does
+    not depend on the parameters is a ConfigError, not autograd's "does not require grad"."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Out:
+        step: torch.Tensor
+        logits: torch.Tensor
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return Out(torch.tensor(3.0), self.fc(x))
+
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(4, 8)
+    r = probe(model, x, iters=0)
+    out = model.fc(x)
+    grads = torch.autograd.grad(0.5 * out.pow(2).sum() / 4, model.fc.parameters())
+    expected = torch.cat([g.flatten() for g in grads]).norm()
+    assert r.layers[0].grad_w_norm == pytest.approx(float(expected), rel=1e-5)
+    with pytest.raises(gw.ConfigError, match="does not depend on Net's parameters"):
+        probe(model, x, lambda o: o.step, iters=0)
+    with pytest.raises(gw.ConfigError, match="returned tuple with no tensor in it"):
+        default_loss(("a", 1))
+
+
+def _small_gamma(model: nn.Module, gamma: float) -> nn.Module:
+    """Every normalisation layer's scale set to `gamma`: each one multiplies the gradient by about gamma."""
+    for m in model.modules():
+        if isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
+            nn.init.constant_(m.weight, gamma)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["transformer", "conv_bn"])
+def test_remedy_code_runs_on_models_with_attention_and_norms(kind):
+    """Remedies once named `model.layers[0].self_attn.weight` (MultiheadAttention has none) and a
+    LayerNorm's 1-D weight (kaiming_normal_ raises), and blamed missing normalisation/residuals."""
+    torch.manual_seed(0)
+    if kind == "transformer":
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        model = _small_gamma(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), 0.02)
+        x = torch.randn(2, 5, 16)
+    else:
+        model = _small_gamma(nn.Sequential(*[m for c in (3, 8, 8) for m in (
+            nn.Conv2d(c, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())], nn.Flatten(), nn.Linear(8 * 36, 4)), 0.02)
+        model.eval()  # running statistics (variance 1): the small scale is not divided out
+        x = torch.randn(4, 3, 6, 6)
+    target = torch.randn_like(model(x))
+    r = probe(model, x, lambda out: nn.functional.mse_loss(out, target), iters=0)
+    assert r.verdict == "vanishing" and r.findings
+    for f in r.findings:
+        assert not any("without residual connections or normalisation" in c for c in f.causes)
+        for remedy in f.remedies:
+            exec(remedy.code, {"gw": gw, "nn": nn, "torch": torch, "model": model})  # noqa: S102
+
+
+def _grad_norm(loss: torch.Tensor, params) -> float:
+    grads = torch.autograd.grad(loss, list(params), retain_graph=True)
+    return float(torch.cat([g.flatten() for g in grads]).norm())
+
+
+def test_bare_weights_of_the_root_and_of_a_parameter_list_get_their_own_gradient_only():
+    """A root's cls/pos parameters were one fake layer (named after the last key, ∂L/∂s = the model's
+    output gradient), and a ParameterList MLP "had no layers"."""
+    class ClsNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cls, self.pos = nn.Parameter(torch.randn(1, 1, 8)), nn.Parameter(torch.randn(1, 5, 8))
+            self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
+            return self.fc2(torch.tanh(self.fc1(x)))[:, 0]
+
+    class ListNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ws = nn.ParameterList([nn.Parameter(torch.randn(6, 6) / 6 ** 0.5) for _ in range(3)])
+
+        def forward(self, x):
+            for w in self.ws:
+                x = torch.tanh(x @ w.T)
+            return x
+
+    torch.manual_seed(0)
+    for model, x, names in ((ClsNet(), torch.randn(4, 4, 8), ["cls", "pos", "fc1", "fc2"]),
+                            (ListNet(), torch.randn(4, 6), ["ws.0", "ws.1", "ws.2"])):
+        r = probe(model, x, iters=0)
+        assert [x.name for x in r.layers] == names
+        loss = 0.5 * model(x).pow(2).sum() / 4
+        for name, p in model.named_parameters():
+            if "." not in name or name.startswith("ws."):
+                assert r.layer(name).type == "Parameter" and math.isnan(r.layer(name).grad_out_norm)
+                assert r.layer(name).grad_w_norm == pytest.approx(_grad_norm(loss, [p]), rel=1e-5)
+
+
+@pytest.mark.parametrize("which", ["weight_norm", "spectral_norm"])
+def test_a_parametrized_linear_is_one_layer_with_its_original_parameters(which):
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    model = nn.Sequential(getattr(parametrizations, which)(nn.Linear(8, 8)), nn.Tanh(), nn.Linear(8, 2))
+    x = torch.randn(4, 8)
+    r = probe(model, x, iters=0)
+    assert [x.name for x in r.layers] == ["0", "2"]
+    loss = 0.5 * model(x).pow(2).sum() / 4
+    assert r.layers[0].grad_w_norm == pytest.approx(_grad_norm(loss, model[0].parameters()), rel=1e-5)
+
+
+def test_the_submodules_of_a_cell_are_not_depth_layers():
+    class MyCell(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ih, self.hh, self.act = nn.Linear(4, 6), nn.Linear(6, 6, bias=False), nn.Tanh()
+
+        def forward(self, x, h):
+            return self.act(self.ih(x) + self.hh(h))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.cell, self.fc = nn.Linear(4, 4), MyCell(), nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = torch.zeros(x.shape[1], 6)
+            for t in range(x.shape[0]):
+                h = self.cell(self.lin(x[t]), h)
+            return self.fc(h)
+
+    torch.manual_seed(0)
+    r = probe(Net(), torch.randn(5, 3, 4), cells=["cell"], iters=0)
+    assert sorted({x.name.split("#")[0] for x in r.layers}) == ["fc", "lin"]
+    assert all(x.activation == "" for x in r.layers)  # the cell's Tanh follows no depth layer
+    assert [c.name for c in r.recurrent] == ["cell"]
+
+
+def test_default_loss_on_a_normalised_output_is_replaced_by_a_loss_that_is_not_constant():
+    """Post-LN TransformerEncoder: ½Σy²/B = T·d/2 whatever the weights, so its gradient was rounding
+    noise and the probe said ERROR vanishing. Torch's own gradient of that loss is ~0 below the last
+    norm; the probe's replacement (MSE to a random target) gives every layer a real gradient."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    model, x = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), torch.randn(3, 5, 16)
+    w = model.layers[0].linear1.weight
+    y = model(x)
+    constant = torch.autograd.grad(0.5 * y.pow(2).sum() / 3, w, retain_graph=True)[0].norm()
+    real = torch.autograd.grad(nn.functional.mse_loss(y, torch.randn_like(y)), w)[0].norm()
+    assert constant < 1e-3 * real
+    r = probe(model, x, iters=0)
+    assert r.verdict == "healthy" and any("MSE against a fixed random target" in n for n in r.notes)
+    assert r.layer("layers.0.linear1").grad_w_norm > 1e-2 * float(real)
+    lin, x = nn.Linear(16, 4), torch.randn(3, 16)
+    plain = probe(lin, x, iters=0)  # rows differ: the default loss stays
+    assert not plain.notes and plain.loss == pytest.approx(float(0.5 * lin(x).pow(2).sum() / 3), rel=1e-6)
+
+
+def _gap_net() -> nn.Module:
+    torch.manual_seed(0)
+    mods, c = [], 3
+    for _ in range(3):
+        conv = nn.Conv2d(c, 8, 3, padding=1, bias=False)
+        nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+        mods += [conv, nn.BatchNorm2d(8), nn.ReLU()]
+        c = 8
+    return nn.Sequential(*mods, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+
+
+def test_global_average_pooling_does_not_make_the_verdict_depend_on_resolution():
+    """He-init conv+BN+ReLU with a global average pool head: ‖∂L/∂s‖ before the pool falls as 1/√(HW)
+    (torch's own gradients below), so at 96×96 the raw ratio to the head was < 1e-2 ("vanishing")
+    while at 8×8 it was not. The probe divides the pool's 1/√P out; a deep sigmoid net still vanishes."""
+    raw, verdicts = {}, {}
+    for res in (8, 96):
+        model, x = _gap_net(), torch.randn(4, 3, res, res)
+        y = torch.randint(0, 5, (4,))
+        loss_fn = lambda out: nn.functional.cross_entropy(out, y)  # noqa: E731
+        outs = {}
+        hooks = [model[i].register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o)) for i in (1, 11)]
+        loss = loss_fn(model(x))
+        for h in hooks:
+            h.remove()
+        g_bn, g_top = torch.autograd.grad(loss, [outs[1], outs[11]])
+        raw[res] = float(g_bn.norm() / g_top.norm())
+        r = probe(model, x, loss_fn, iters=0)
+        assert r.layer("1").gain_to_top == pytest.approx(raw[res] * res, rel=1e-4)  # × √P, P = res²
+        verdicts[res] = r.verdict
+    assert raw[96] < 1e-2 < raw[8]  # what the uncorrected ratio said
+    assert verdicts == {8: "healthy", 96: "healthy"}
+    torch.manual_seed(0)
+    deep = nn.Sequential(*[m for _ in range(12) for m in (nn.Linear(16, 16), nn.Sigmoid())], nn.Linear(16, 2))
+    assert probe(deep, torch.randn(8, 16), iters=0).verdict == "vanishing"
+
+
+def test_lstm_bptt_profile_equals_the_modules_own_state_gradients():
+    """∂L_T/∂(h_k, c_k) from nn.LSTM run step by step from leaf states; the replay used to add the
+    c_k -> h_k path into c_k's gradient (5–12% off)."""
+    torch.manual_seed(0)
+    m, xs = nn.LSTM(3, 8), torch.randn(12, 2, 3)
+    cell, _, _ = _module_cell(m, 0)
+    h0 = torch.zeros(2, 8)
+    profile, _ = bptt_profile(cell, list(xs), (h0, h0.clone()), torch.Generator().manual_seed(1))
+    r = torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
+    r = r / r.norm(dim=1, keepdim=True)
+    state = tuple(torch.zeros(1, 2, 8, requires_grad=True) for _ in range(2))
+    states = [state]
+    for t in range(xs.shape[0]):
+        _, state = m(xs[t:t + 1], state)
+        states.append(state)
+    flat = [t for s in states for t in s]
+    grads = torch.autograd.grad((r * state[0][0]).sum(), flat, allow_unused=True)  # c_T: unused
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(flat, grads)]
+    norms = [float(torch.cat([g.flatten() for g in grads[2 * k:2 * k + 2]]).norm()) for k in range(len(states))]
+    expected = [n / norms[-1] for n in norms[::-1]]
+    assert profile == pytest.approx(expected, rel=1e-4)
+
+
+def test_a_max_norm_embedding_table_is_restored():
+    """nn.Embedding(max_norm=1) renormalises the rows it looks up in place during the forward."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4, max_norm=1.0), nn.Linear(4, 2))
+    nn.init.normal_(model[0].weight, std=3.0)
+    before = model[0].weight.detach().clone()
+    r = probe(model, torch.tensor([[1, 2, 3]]), iters=0)
+    assert torch.equal(model[0].weight, before) and r.layers[0].grad_w_norm > 0

@@ -55,6 +55,7 @@ def test_table_and_embedding_input_from_another_directory(tmp_path):
     (["test_probe_helpers:sigmoid_mlp", "--input-shape", "16,32", "--num-classes", "0"], "at least 2 classes"),
     (["test_probe_helpers:sigmoid_mlp", "--input-shape", "16,32", "--png", "out.txt"], "cannot write a .txt figure"),
     (["test_probe_helpers:sigmoid_mlp", "--input-shape", "100000,1000000000"], "does not fit in memory"),
+    (["test_probe_helpers:sigmoid_mlp", "--input-shape", "16,32", "--seed", str(2**70)], "--seed 1180591620717411303424"),
 ])
 def test_bad_input_is_one_clear_line(args, needle, monkeypatch, capsys):
     monkeypatch.chdir(TESTS)  # in-process (a subprocess per case would cost seconds each)
@@ -67,3 +68,44 @@ def test_bad_input_in_a_subprocess_has_no_traceback():
     p = run("test_probe_helpers:sigmoid_mlp", "--input-shape", "16,33")
     assert p.returncode == 2 and p.stdout == ""
     assert p.stderr.startswith("gradwatch: error: input shape 16,33 does not fit") and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["test_probe_helpers:LateEmbedding", "--input-shape", "2,5"], "pass --vocab N"),
+    (["test_probe_helpers:TwoInputs", "--input-shape", "2,4"], "takes 2 inputs (a, b)"),
+])
+def test_a_batch_that_cannot_fit_says_why(args, needle, monkeypatch, capsys):
+    """The advice was always "--input-shape", which no shape can satisfy here."""
+    monkeypatch.chdir(TESTS)
+    assert main(["probe", *args]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert needle in line and "--input-shape the model expects" not in line, line
+
+
+def test_a_float64_model_gets_a_float64_batch(monkeypatch, capsys):
+    import torch
+
+    from gradwatch.probe.inputs import random_batch
+    from test_probe_helpers import double_mlp
+
+    gen = torch.Generator().manual_seed(0)
+    batch = random_batch(double_mlp(), (3, 6), generator=gen)
+    assert batch.dtype == torch.float64
+    torch.testing.assert_close(batch, torch.randn(3, 6, generator=torch.Generator().manual_seed(0)).double())
+    monkeypatch.chdir(TESTS)
+    assert main(["probe", "test_probe_helpers:double_mlp", "--input-shape", "3,6", "--iters", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["layers"][0]["grad_w_norm"] > 0
+
+
+def test_cross_entropy_on_nchw_logits_uses_dim_1_as_classes():
+    import torch
+
+    from gradwatch.probe.inputs import make_loss
+
+    y = torch.randn(2, 3, 4, 5)
+    loss = make_loss("cross_entropy", 3, torch.Generator().manual_seed(0))(y)
+    target = torch.randint(0, 3, (2 * 4 * 5,), generator=torch.Generator().manual_seed(0))
+    expected = torch.nn.functional.cross_entropy(y, target.view(2, 4, 5))  # torch: classes on dim 1
+    torch.testing.assert_close(loss, expected)
+    with pytest.raises(Exception, match="--num-classes 5 does not match"):
+        make_loss("cross_entropy", 5)(y)

@@ -24,3 +24,33 @@ def no_layers():
 
 def broken():
     raise RuntimeError("cannot build")
+
+
+def double_mlp():
+    return nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+
+
+class LateEmbedding(nn.Module):
+    """A GPT-like model whose Embedding is not its first registered module."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(8, 20)
+        self.emb = nn.Embedding(20, 8)
+
+    def forward(self, x):
+        return self.head(self.emb(x))
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, a, b):
+        return self.fc(a + b)
+
+
+def segmenter():
+    """N,C,H,W logits: 3 classes on dim 1, width 5 on the last dim."""
+    return nn.Conv2d(2, 3, 1)

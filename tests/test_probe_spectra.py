@@ -91,3 +91,67 @@ def test_slq_mean_singular_value_on_a_wide_layer():
     s = spectrum(jvp, vjp, x, out.shape, iters=0, lanczos=10, generator=torch.Generator().manual_seed(0))
     assert s.mean == pytest.approx(float(sv.mean()), rel=0.03)
     assert s.rms == pytest.approx(float(sv.pow(2).mean().sqrt()), rel=0.05)
+
+
+def test_a_backward_that_is_not_differentiable_is_a_note_not_sigma_zero():
+    """A custom autograd.Function with @once_differentiable: its Jacobian is not zero (σmax of the
+    explicit Jacobian ≈ 0.95 here), so the probe must say it could not measure it."""
+    class OnceTanh(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            y = torch.tanh(x)
+            ctx.save_for_backward(y)
+            return y
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, g):
+            (y,) = ctx.saved_tensors
+            return g * (1 - y * y)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.c = nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.c(OnceTanh.apply(self.a(x)))
+
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(4, 8)
+    assert explicit_svdvals(lambda t: torch.tanh(model.a(t)), x)[0] > 0.5
+    r = probe(model, x, iters=5)
+    assert math.isnan(r.layers[0].sigma_max)
+    assert any(n.startswith("a: no Jacobian") and "once_differentiable" in n for n in r.notes)
+
+
+def test_a_zero_jacobian_is_still_measured_as_zero():
+    x = torch.randn(3, 4, requires_grad=True)
+    out = torch.round(x * 3)  # backward: zeros, not a function of the cotangent
+    jvp, _ = graph_ops(out, x)
+    assert not jvp(torch.ones(3, 4)).any()
+
+
+def test_recurrent_layer_sigma_max_with_one_probe_vector():
+    """A recurrent block's products are backwards through time; one SLQ probe (not 8) keeps σmax."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm, self.fc = nn.LSTM(3, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc(self.lstm(x)[0][-1])
+
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(20, 2, 3)
+    r = probe(model, x, iters=30)
+    assert r.layers[0].jacobian_to == "fc"
+    xg = x.clone().requires_grad_()
+    out = model.lstm(xg)[0][-1]
+    rows = [torch.autograd.grad(out.flatten()[i], xg, retain_graph=True)[0].flatten() for i in range(out.numel())]
+    sv = torch.linalg.svdvals(torch.stack(rows))  # the explicit Jacobian, one backward per output entry
+    assert r.layers[0].sigma_max == pytest.approx(float(sv[0]), rel=0.03)
+    calls = []
+    jvp, vjp = graph_ops(out, xg)
+    spectrum(lambda v: calls.append(1) or jvp(v), vjp, x, (2, 8), iters=0, lanczos=10, max_probes=1)
+    assert len(calls) == 10  # 10 Lanczos steps from a single probe vector

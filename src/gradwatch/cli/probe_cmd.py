@@ -58,6 +58,8 @@ def main(args: argparse.Namespace) -> int:
     shape = parse_shape(args.input_shape)
     if args.iters < 0:
         raise ConfigError(f"--iters {args.iters} must be >= 0")
+    if not -2**63 <= args.seed < 2**63:
+        raise ConfigError(f"--seed {args.seed}: pass an integer in [-2**63, 2**63)")
     if args.num_classes is not None and args.num_classes < 2:
         raise ConfigError(f"--num-classes {args.num_classes}: a classifier has at least 2 classes")
     png = figure_path(args.png) if args.png else None  # said before the probe's work, not after

@@ -14,25 +14,59 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from gradwatch.collect.stats import activation_stats
 from gradwatch.errors import ConfigError
 from gradwatch.probe import meanfield, recurrent, verdict
-from gradwatch.probe.record import Call, Recorder, first_tensor
+from gradwatch.probe.record import Call, Recorder, first_tensor, output_tensor
 from gradwatch.probe.result import LayerProbe, ProbeResult
-from gradwatch.probe.spectra import graph_ops, spectrum
+from gradwatch.probe.spectra import MAX_PROBES, graph_ops, spectrum
 
 LANCZOS_STEPS = 10
 SEED_OFFSET = 0x5DEECE66D
+ROWS_EQUAL = 1e-3  # relative spread of the output rows' mean squares below which ½Σy² is a constant
 NEXT_LAYER_TRIES = 4  # how far down the forward order to look for the next layer that depends on this one
 
 
 def default_loss(out: Any) -> torch.Tensor:
     """½ Σ y² / B over the model's (first) output y of batch size B: ∂L/∂y = y / B."""
-    y = first_tensor(out)
+    y = output_tensor(out)
+    if y is None:
+        raise ConfigError(f"the model returned {type(out).__name__} with no tensor in it; pass a loss_fn "
+                          "that computes the loss from it")
     return 0.5 * y.float().pow(2).sum() / max(y.shape[0] if y.dim() else 1, 1)
 
 
+def _default_loss_for(y: torch.Tensor | None, last: Call,
+                      gen: torch.Generator) -> tuple[Callable[[Any], torch.Tensor], list[str]]:
+    """½ Σ y² / B, unless the last layer is a normalisation and every row of y has the same mean
+    square (a final LayerNorm or RMSNorm at init): then ½ Σ y² is a constant, its gradient only rounding
+    noise that no layer below the norm feels. MSE against a fixed random target (drawn from the probe's
+    generator) is not constant. (Equal rows alone are not enough: a cls-token readout can give them.)"""
+    normalised = "Norm" in type(last.module).__name__ and last.out is y
+    if y is None or not normalised or not _rows_normalised(y):
+        return default_loss, []
+    target = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y)
+
+    def mse(out: Any) -> torch.Tensor:
+        return nn.functional.mse_loss(output_tensor(out), target)
+
+    return mse, ["loss: the output's rows all have the same mean square (a normalisation last), so the default "
+                 "½Σy²/B is constant; used MSE against a fixed random target instead (pass loss_fn for your own)"]
+
+
+def _rows_normalised(y: torch.Tensor) -> bool:
+    """At least two rows along the last dimension (≥ 2 entries each) whose mean squares agree to 1e-3
+    (a norm's eps leaves var / (var + eps), not exactly 1)."""
+    if not y.is_floating_point() or y.dim() < 2 or y.shape[-1] < 2 or y.numel() == 0:
+        return False
+    ms = y.detach().double().pow(2).mean(-1).flatten()
+    return bool(ms.min() > 0) and float(ms.max() - ms.min()) <= ROWS_EQUAL * float(ms.mean())
+
+
 def _with_grad(batch: Any) -> Any:
-    """Floating tensors of the batch as fresh leaves that require grad (for the first layer's Jacobian)."""
+    """Floating tensors of the batch as fresh leaves that require grad (for the first layer's Jacobian);
+    tensors made under torch.inference_mode() cloned into normal ones, which autograd may save."""
     if isinstance(batch, torch.Tensor):
-        return batch.detach().clone().requires_grad_(True) if batch.is_floating_point() else batch
+        if batch.is_floating_point():
+            return batch.detach().clone().requires_grad_(True)
+        return batch.clone() if batch.is_inference() else batch
     if isinstance(batch, (tuple, list)):
         return type(batch)(_with_grad(b) for b in batch)
     if isinstance(batch, dict):
@@ -76,43 +110,67 @@ def probe(model: nn.Module, batch: Any, loss_fn: Callable[[Any], torch.Tensor] |
         raise ConfigError(f"iters must be a non-negative integer, got {iters!r}")
     start = time.perf_counter()
     # Offset: a batch drawn with the same seed must not equal the probe vectors (they would align with it).
+    if not isinstance(seed, int) or isinstance(seed, bool) or not -2**63 <= seed < 2**63:
+        raise ConfigError(f"seed must be an integer in [-2**63, 2**63), got {seed!r}")
     gen = torch.Generator().manual_seed(seed ^ SEED_OFFSET)
     if loss_fn is not None and not callable(loss_fn):
         raise ConfigError(f"loss_fn must be a function of the model's output, got {type(loss_fn).__name__}")
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]  # BatchNorm running stats
-    try:
-        return _probe(model, _with_grad(batch), loss_fn or default_loss, iters, cells, gen, start)
+    _check_not_inference(model)
+    # BatchNorm running stats, and the tables an nn.Embedding(max_norm=...) renormalises in place
+    renormed = [m.weight for m in model.modules() if isinstance(m, nn.Embedding) and m.max_norm is not None]
+    buffers = [(b, b.detach().clone()) for b in [*model.buffers(), *renormed]]
+    try:  # gradients are the point, also when called under torch.no_grad() or inference_mode()
+        with torch.inference_mode(False), torch.enable_grad():
+            return _probe(model, _with_grad(batch), loss_fn, iters, cells, gen, start)
     finally:  # also when the forward or the loss raises
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
 
 
-def _probe(model: nn.Module, batch: Any, loss_fn: Callable[[Any], torch.Tensor], iters: int,
+def _check_not_inference(model: nn.Module) -> None:
+    """Weights made under torch.inference_mode() can never take part in autograd."""
+    bad = next((n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_inference()), None)
+    if bad is not None:
+        raise ConfigError(f"{type(model).__name__}.{bad} was created under torch.inference_mode(), so no "
+                          "gradient can flow through it; build the model outside inference_mode "
+                          "(torch.no_grad() is fine) before probing it")
+
+
+def _probe(model: nn.Module, batch: Any, loss_fn: Callable[[Any], torch.Tensor] | None, iters: int,
            cells: Iterable[str | nn.Module], gen: torch.Generator, start: float) -> ProbeResult:
     # The math attention kernel: the fused CPU/flash kernels have no double backward, which the
     # Jacobian-vector products need (spectra.graph_ops).
-    with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]), Recorder(model, cells) as rec:
+    with sdpa_kernel([SDPBackend.MATH]), Recorder(model, cells) as rec:
         out = _call(model, batch)
-    loss = loss_fn(out)
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        raise ConfigError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}"
-                          f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
     entries = rec.depth()
     if not entries:
         raise ConfigError(f"{type(model).__name__} has no layers: no module with trainable parameters ran in "
                           "its forward; probe needs at least one (e.g. nn.Linear, nn.Conv2d)")
+    loss_notes = []
+    if loss_fn is None:
+        loss_fn, loss_notes = _default_loss_for(output_tensor(out), entries[-1], gen)
+    loss = loss_fn(out)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise ConfigError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}"
+                          f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
+    if not loss.requires_grad:
+        raise ConfigError(f"the loss ({float(loss.detach()):.4g}) does not depend on {type(model).__name__}'s "
+                          "parameters: the output it was computed from is detached or constant; pass a loss_fn "
+                          "that uses the output the model trains on")
     layers = _backward(entries, loss, retain=iters > 0)
-    notes = _jacobians(entries, layers, first_tensor(out), iters, gen) if iters else []
-    _gain_to_top(layers)
+    notes = loss_notes + (_jacobians(entries, layers, output_tensor(out), iters, gen) if iters else [])
+    _gain_to_top(layers, _pooling_scales(rec, entries))
     mf, note, chi = _mean_field(entries, layers)
     recs = _recurrent(rec, gen)
     for x in layers:
         x.verdict = verdict.layer_verdict(x)
-    findings = (verdict.nonfinite_findings(layers) + verdict.layer_findings(layers, mf)
+    findings = (verdict.nonfinite_findings(layers)
+                + verdict.layer_findings(layers, mf, init=_init_targets(model, entries),
+                                         normalised=_normalised(model), residual=_residual(entries, loss))
                 + verdict.recurrent_findings(recs))
     x_in = first_tensor(batch)
-    y = first_tensor(out)
+    y = output_tensor(out)
     gain = {k: verdict._prod(layers, f"sigma_{k}") for k in ("max", "mean", "rms")}
     gain["top"] = gain.pop("max")
     return ProbeResult(
@@ -120,6 +178,38 @@ def _probe(model: nn.Module, batch: Any, loss_fn: Callable[[Any], torch.Tensor],
         mean_field=mf, mean_field_note=note, chi_measured=chi, recurrent=recs, findings=findings,
         verdict=verdict.overall(layers, findings), iters=iters, seconds=time.perf_counter() - start,
         notes=notes)
+
+
+def _init_targets(model: nn.Module, entries: list[Call]) -> set[str]:
+    """Layers that `nn.init.kaiming_normal_(model.<name>.weight)` applies to: their module is named
+    by the layer and has a trainable `.weight` with a fan-in (≥ 2-D; not an embedding table)."""
+    qualname = {id(m): n for n, m in model.named_modules()}
+    return {c.name for c in entries
+            if isinstance(getattr(c.module, "weight", None), nn.Parameter) and c.module.weight.dim() >= 2
+            and not isinstance(c.module, nn.Embedding) and qualname.get(id(c.module)) == c.name.split("#")[0]}
+
+
+def _normalised(model: nn.Module) -> bool:
+    """A normalisation layer anywhere (BatchNorm, LayerNorm, GroupNorm, RMSNorm, and other libraries'
+    *Norm classes)."""
+    return any("Norm" in type(m).__name__ for m in model.modules())
+
+
+def _residual(entries: list[Call], loss: torch.Tensor) -> bool:
+    """A skip connection in the recorded graph: an addition one of whose operands is a layer's input
+    (x + f(x), the input also feeding the layer)."""
+    inputs = {c.inp.grad_fn for c in entries if c.inp is not None and c.inp.grad_fn is not None}
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        operands = [f for f, _ in node.next_functions]
+        if node.name().startswith("AddBackward") and any(f in inputs for f in operands):
+            return True
+        stack.extend(operands)
+    return False
 
 
 def _std(t: torch.Tensor | None) -> float:
@@ -139,7 +229,8 @@ def _backward(entries: list[Call], loss: torch.Tensor, retain: bool) -> list[Lay
     for i, c in enumerate(entries):
         act = c.acts[-1] if c.acts else None
         y = act.out if act is not None else c.out
-        x = LayerProbe(i, c.name, type(c.module).__name__, act.activation if act else "")
+        kind = "Parameter" if c.role == "weights" else type(c.module).__name__
+        x = LayerProbe(i, c.name, kind, act.activation if act else "")
         if y is not None and y.is_floating_point():
             x.act_mean, x.act_std, x.saturated, x.dead = (float(v) for v in activation_stats(y, x.activation))
         g = by_id.get(id(c.out)) if c.out is not None else None
@@ -181,7 +272,8 @@ def _jacobians(entries: list[Call], layers: list[LayerProbe], out: torch.Tensor 
                 continue
             try:
                 lanczos = min(LANCZOS_STEPS, iters)
-                s = spectrum(jvp, vjp, inp.detach(), nxt.shape, iters=iters - lanczos, lanczos=lanczos, generator=gen)
+                s = spectrum(jvp, vjp, inp.detach(), nxt.shape, iters=iters - lanczos, lanczos=lanczos,
+                             generator=gen, max_probes=_probes(c))
             except RuntimeError as exc:  # an op without a double backward
                 notes.append(f"{c.name}: no Jacobian ({str(exc).splitlines()[0][:120]})")
                 break
@@ -190,10 +282,32 @@ def _jacobians(entries: list[Call], layers: list[LayerProbe], out: torch.Tensor 
     return notes
 
 
-def _gain_to_top(layers: list[LayerProbe]) -> None:
-    top = next((x.grad_out_norm for x in reversed(layers) if x.grad_out_norm > 0), math.nan)
-    for x in layers:
-        x.gain_to_top = x.grad_out_norm / top if top > 0 else math.nan
+def _pooling_scales(rec: Recorder, entries: list[Call]) -> list[float]:
+    """√P for the layers that run before the head's global average pool over P positions, else 1.
+
+    The pool's Jacobian (1/P)·1ᵀ has one singular value, 1/√P: every ‖∂L/∂s‖ upstream of it shrinks by
+    1/√P as the input resolution grows, while what a conv weight feels, Σ_p ∂L/∂s_p x_pᵀ, sums P
+    positions and does not. It is a change of units, not a loss of gradient, so it is divided out."""
+    head = rec.head_pool()
+    if head is None:
+        return [1.0] * len(entries)
+    order = {id(c): i for i, c in enumerate(rec.calls)}
+    at, positions = head
+    return [math.sqrt(positions) if order.get(id(c), at) < at else 1.0 for c in entries]
+
+
+def _probes(c: Call) -> int:
+    """SLQ probe vectors for a layer's block: one for a recurrent layer, whose every product is a
+    double backward through the whole sequence (its σmax comes from power iteration anyway)."""
+    return 1 if c.role == "recurrent" else MAX_PROBES
+
+
+def _gain_to_top(layers: list[LayerProbe], scales: list[float]) -> None:
+    """‖∂L/∂s‖ (times its pooling scale) over the output-most layer's."""
+    scaled = [x.grad_out_norm * k for x, k in zip(layers, scales)]
+    top = next((g for g in reversed(scaled) if g > 0), math.nan)
+    for x, g in zip(layers, scaled):
+        x.gain_to_top = g / top if top > 0 else math.nan
 
 
 def _mean_field(entries: list[Call], layers: list[LayerProbe]) -> tuple[meanfield.MeanField | None, str, float]:

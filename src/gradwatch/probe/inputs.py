@@ -4,6 +4,7 @@ path, a random batch of a given shape, a loss."""
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 from typing import Any, Callable
@@ -60,37 +61,41 @@ def first_module(model: nn.Module) -> nn.Module | None:
 
 def random_batch(model: nn.Module, shape: tuple[int, ...], *, vocab: int | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """Standard normal inputs; integer tokens in [0, vocab) when the first module is an nn.Embedding
-    (vocab defaults to its num_embeddings)."""
+    """Standard normal inputs in the dtype of the model's first floating parameter (float64 and
+    bfloat16 models too; the same draws whatever the dtype); integer tokens in [0, vocab) when the
+    first module is an nn.Embedding (vocab defaults to its num_embeddings)."""
     first = first_module(model)
     if vocab is not None or isinstance(first, nn.Embedding):
         high = vocab if vocab is not None else first.num_embeddings
         if high <= 0:
             raise ConfigError(f"--vocab {high} must be positive")
         return torch.randint(0, high, shape, generator=generator)
-    return torch.randn(shape, generator=generator)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return torch.randn(shape, generator=generator).to(dtype)
 
 
 def make_loss(name: str, num_classes: int | None = None,
               generator: torch.Generator | None = None) -> Callable[[Any], torch.Tensor] | None:
     """None (probe's default ½Σy²/B) for 'sumsq'; MSE against standard normal targets; cross-entropy
-    against uniform random labels over the last output dimension (checked against num_classes)."""
+    against uniform random labels over the classes (checked against num_classes): the last dimension
+    of a 2-D or 3-D output (N,C or N,T,C), dimension 1 of a 4-D or 5-D one (N,C,H,W as for segmentation)."""
     if name not in LOSSES:
         raise ConfigError(f"--loss {name!r} is not one of {', '.join(LOSSES)}")
     if name == "sumsq":
         return None
-    from gradwatch.probe.record import first_tensor
+    from gradwatch.probe.record import output_tensor
 
     def loss(out: Any) -> torch.Tensor:
-        y = first_tensor(out)
+        y = output_tensor(out)
         if name == "mse":
             target = torch.randn(y.shape, generator=generator).to(y)
             return torch.nn.functional.mse_loss(y, target)
-        classes = y.shape[-1]
+        dim = 1 if y.dim() >= 4 else -1  # N,C,H,W (segmentation): classes on dim 1, as F.cross_entropy
+        classes = y.shape[dim]
         if num_classes is not None and classes != num_classes:
             raise ConfigError(f"--num-classes {num_classes} does not match the model's output of "
-                              f"{classes} values per sample (shape {tuple(y.shape)})")
-        logits = y.reshape(-1, classes)
+                              f"{classes} classes (dim {dim % y.dim()} of shape {tuple(y.shape)})")
+        logits = y.movedim(dim, -1).reshape(-1, classes)
         target = torch.randint(0, classes, (logits.shape[0],), generator=generator).to(y.device)
         return torch.nn.functional.cross_entropy(logits, target)
 
@@ -98,12 +103,39 @@ def make_loss(name: str, num_classes: int | None = None,
 
 
 def check_fits(model: nn.Module, batch: torch.Tensor, factory: str) -> None:
-    """One forward without gradients: an input of the wrong shape fails here, named, not in the probe."""
+    """One forward without gradients: an input that does not fit fails here, named, with the advice
+    that matches why (several inputs, token ids, dtype, shape), not in the probe."""
     try:
         with torch.no_grad():
             model(batch)
     except (RuntimeError, ValueError, IndexError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         shape = ",".join(map(str, batch.shape))
-        raise ConfigError(f"input shape {shape} does not fit {factory}: {first}; "
-                          "pass the --input-shape the model expects (batch size first)") from exc
+        raise ConfigError(f"input shape {shape} does not fit {factory} ({str(batch.dtype).removeprefix('torch.')} "
+                          f"batch): {first}; {_advice(model, batch)}") from exc
+
+
+def _advice(model: nn.Module, batch: torch.Tensor) -> str:
+    inputs = _required_inputs(model)
+    if len(inputs) > 1:
+        return (f"its forward takes {len(inputs)} inputs ({', '.join(inputs)}) and the CLI makes one tensor: "
+                "call gw.probe(model, (x1, x2, ...)) from Python")
+    emb = next((n for n, m in model.named_modules() if isinstance(m, nn.Embedding)), None)
+    if emb is not None and batch.is_floating_point():
+        return (f"it has an nn.Embedding ('{emb}') that is not its first module, so the batch was floats: "
+                "pass --vocab N for integer tokens in [0, N)")
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if batch.is_floating_point() and dtypes and batch.dtype not in dtypes:
+        return (f"its parameters are {', '.join(sorted(str(d).removeprefix('torch.') for d in dtypes))}; "
+                "call gw.probe from Python with a batch of the dtype it expects")
+    return "pass the --input-shape the model expects (batch size first)"
+
+
+def _required_inputs(model: nn.Module) -> list[str]:
+    """Names of forward's positional parameters without a default."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in params if p.kind in kinds and p.default is inspect.Parameter.empty]

@@ -21,6 +21,7 @@ with autograd in float64, so every elementwise activation torch has is supported
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass
 
@@ -35,9 +36,19 @@ TRAINABLE_DEPTHS = 6.0  # Schoenholz et al. 2017: trainable when depth ≲ 6 ξ
 Q_TINY = 1e-12  # χ₁ at q* = 0 is the limit q -> 0+
 
 
+def _float64_copy(act: nn.Module) -> nn.Module:
+    """A float64, out-of-place copy of the activation: `.double()` and `inplace` would otherwise
+    change the user's module (a PReLU left in float64, an in-place op on the quadrature leaf)."""
+    act = copy.deepcopy(act).double()
+    for m in act.modules():
+        if isinstance(getattr(m, "inplace", None), bool):
+            m.inplace = False
+    return act
+
+
 def _phi_and_grad(act: nn.Module, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     t = torch.tensor(x, dtype=torch.float64, requires_grad=True)
-    act = act.double() if any(True for _ in act.parameters()) else act
+    act = _float64_copy(act)
     with torch.enable_grad():
         y = act(t)
         (g,) = torch.autograd.grad(y.sum(), t)

@@ -2,26 +2,39 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from gradwatch.collect.layers import RECURRENT, Layer, discover
 
 
 def first_tensor(obj: Any) -> torch.Tensor | None:
+    """The first tensor in a module's arguments or output: a tensor, or inside a tuple, list, dict
+    or dataclass."""
+    return next(_tensors(obj), None)
+
+
+def output_tensor(out: Any) -> torch.Tensor | None:
+    """The model output a loss is taken of: its first tensor that requires grad (not a detached
+    scalar or a step counter returned before the logits), else its first tensor."""
+    return next((t for t in _tensors(out) if t.requires_grad), first_tensor(out))
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
-        return obj
-    if isinstance(obj, (tuple, list)):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
         for o in obj:
-            t = first_tensor(o)
-            if t is not None:
-                return t
-    if isinstance(obj, dict):
-        return first_tensor(list(obj.values()))
-    return None
+            yield from _tensors(o)
+    elif isinstance(obj, dict):
+        yield from _tensors(list(obj.values()))
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        yield from _tensors([getattr(obj, f.name) for f in dataclasses.fields(obj)])
 
 
 @dataclass
@@ -48,8 +61,15 @@ class Recorder:
     def __init__(self, model: nn.Module, cells: Iterable[str | nn.Module] = ()):
         self.model = model
         cell_ids = {id(model.get_submodule(c)) if isinstance(c, str) else id(c) for c in cells}
-        self.layers = discover(model, "", set(), set())
         self.cell_ids = cell_ids | {id(m) for m in model.modules() if isinstance(m, nn.RNNCellBase)}
+        inside_cells = {id(sub) for m in model.modules() if id(m) in self.cell_ids for sub in m.modules() if sub is not m}
+        layers = [x for x in discover(model, "", set(), set()) if id(x.module) not in inside_cells]
+        self.layers = _merge_parametrizations(model, layers)
+        named = {id(m): n or type(m).__name__ for n, m in model.named_modules()}
+        # A bare weight (a ParameterList entry, a root module's own parameter: collect.layers names it by
+        # its key) has no output of its own: it is reported with ‖∂L/∂W‖ only, never hooked.
+        self.weights = [x for x in self.layers if x.name != named[id(x.module)]]
+        self.layers = [x for x in self.layers if x.name == named[id(x.module)]]
         self.calls: list[Call] = []
         self._handles: list = []
         self._inplace: list[nn.Module] = []
@@ -61,6 +81,9 @@ class Recorder:
         for cid in self.cell_ids - set(roles):  # a parameter-free custom cell
             module = next(m for m in self.model.modules() if id(m) == cid)
             roles[cid] = Layer(named[cid], module, "cell", "")
+        for name, m in self.model.named_modules():
+            if _global_average(m) and id(m) not in roles:
+                roles[id(m)] = Layer(name, m, "pool", "")
         for layer in roles.values():
             role = "cell" if id(layer.module) in self.cell_ids else layer.role
             self._handles.append(layer.module.register_forward_pre_hook(self._pre(layer, role)))
@@ -96,11 +119,12 @@ class Recorder:
         return hook
 
     def depth(self) -> list[Call]:
-        """Parameter-owning and recurrent calls in forward order, each with the activation calls that
-        ran after it and before the next one. A parameter module that never ran (MultiheadAttention's
+        """Bare weights (role "weights", no call: first, in registration order), then parameter-owning
+        and recurrent calls in forward order, each with the activation calls that ran after it and
+        before the next one. A parameter module that never ran (MultiheadAttention's
         out_proj, whose weights are used functionally) lends its parameters to its nearest ancestor
         that did."""
-        entries: list[Call] = []
+        entries = [Call(x.name, x.module, "weights", "", list(x.params)) for x in self.weights]
         for call in self.calls:  # appended as each call starts: forward order
             if call.role in ("param", "recurrent"):
                 entries.append(call)
@@ -110,13 +134,55 @@ class Recorder:
         for layer in self.layers:
             if layer.role == "activation" or id(layer.module) in ran or not layer.params:
                 continue
-            owners = [c for c in entries if c.params and layer.name.startswith(c.name + ".")]
+            owners = [c for c in entries if c.params and c.role != "weights" and layer.name.startswith(c.name + ".")]
             if owners:
                 max(owners, key=lambda c: len(c.name)).params.extend(layer.params)
         return entries
+
+    def head_pool(self) -> tuple[int, float] | None:
+        """(index in `calls`, positions averaged) of the model's head pooling: the last global average
+        pool after which no layer has more than one position per sample. None without one."""
+        pools = [i for i, c in enumerate(self.calls) if c.role == "pool" and c.inp is not None and c.out is not None]
+        if not pools:
+            return None
+        i = pools[-1]
+        later = [c.out for c in self.calls[i + 1:] if c.role in ("param", "recurrent") and c.out is not None]
+        if any(t.dim() >= 3 and t[0, 0].numel() > 1 for t in later):
+            return None  # a squeeze-and-excitation pool on a side branch, not the head
+        inp = self.calls[i].inp
+        return i, inp[0, 0].numel() if inp.dim() >= 3 else 1.0
 
     def cells(self) -> list[Call]:
         return [c for c in self.calls if c.role == "cell"]
 
     def recurrent(self) -> list[Call]:
         return [c for c in self.calls if c.role == "recurrent" and isinstance(c.module, RECURRENT)]
+
+
+def _merge_parametrizations(model: nn.Module, layers: list[Layer]) -> list[Layer]:
+    """torch.nn.utils.parametrize keeps a parametrized weight's original tensors in a
+    `<module>.parametrizations.<name>` ParametrizationList, which runs when the weight is read: its
+    parameters belong to the module that reads it (one layer), not to a layer of their own."""
+    by_name = {x.name: x for x in layers}
+    out = []
+    for x in layers:
+        if not isinstance(x.module, parametrize.ParametrizationList):
+            out.append(x)
+            continue
+        owner_name = x.name.rpartition(".parametrizations.")[0]
+        owner = by_name.get(owner_name or type(model).__name__)
+        if owner is not None:
+            owner.params.extend(x.params)
+            continue
+        module = model.get_submodule(owner_name)  # e.g. a Linear(bias=False): no parameter of its own left
+        by_name[owner_name] = Layer(owner_name or type(model).__name__, module, "param", "", list(x.params))
+        out.append(by_name[owner_name])
+    return out
+
+
+def _global_average(m: nn.Module) -> bool:
+    """nn.AdaptiveAvgPool1d/2d/3d to a single position: a mean over every position of each channel."""
+    if not isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)):
+        return False
+    size = m.output_size if isinstance(m.output_size, tuple) else (m.output_size,)
+    return all(d == 1 for d in size)

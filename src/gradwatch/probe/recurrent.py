@@ -66,7 +66,9 @@ def bptt_profile(cell: Cell, xs: list[torch.Tensor] | torch.Tensor, h0: State,
     with torch.enable_grad():
         for x in xs:
             nxt = cell(x, h[0] if single else h)
-            h = _tuple(nxt)
+            # Fresh nodes for the state as the next step's input: the gradient at LSTM's c_k is then
+            # ∂L/∂c_k with h_k held fixed, as for the module's (h_k, c_k), not plus the c_k -> h_k path.
+            h = tuple(t.view_as(t) for t in _tuple(nxt))
             states.append(h)
         last = h[0]
         r = torch.randn(last.shape, generator=generator, dtype=last.dtype).to(last.device)

@@ -19,7 +19,7 @@ values of every sample's Jacobian, k = min(n_in, n_out) per sample):
   `iters` steps.
 - `mean`: the mean singular value, tr(A^½) / dim A, by stochastic Lanczos quadrature (Ubaru, Chen
   & Saad 2017): `lanczos` steps from a Gaussian probe vector over the whole batch (one vector when
-  dim A ≥ 4096 — B per-sample probes in effect —, up to 8 for small blocks).
+  dim A ≥ 4096 — B per-sample probes in effect —, up to 8 for small blocks, `max_probes`).
 - `rms`: the root-mean-square singular value, sqrt(tr(A) / dim A): Hutchinson's estimator with the
   same probe vectors (exact for each: vᵀAv / vᵀv).
 """
@@ -65,15 +65,26 @@ def graph_ops(out: torch.Tensor, inp: torch.Tensor) -> tuple[Op, Op]:
 
     dummy = torch.zeros_like(out, requires_grad=True)
     g_of_dummy = grad(out, inp, dummy, create=True)
-    linear = g_of_dummy.requires_grad  # False when J is zero or the backward is not differentiable
 
     def jvp(v: torch.Tensor) -> torch.Tensor:
-        if not linear:
+        g = (torch.autograd.grad(g_of_dummy, dummy, v, retain_graph=True, allow_unused=True)[0]
+             if g_of_dummy.requires_grad else None)
+        if g is not None:
+            return g
+        # No path back to the dummy: J is zero (a step function's backward), or the backward is not
+        # differentiable (@once_differentiable, a numpy backward), which a zero would hide as σ = 0.
+        if _jacobian_is_zero(grad, out, inp):
             return torch.zeros_like(out)
-        g = torch.autograd.grad(g_of_dummy, dummy, v, retain_graph=True, allow_unused=True)[0]
-        return torch.zeros_like(out) if g is None else g
+        raise RuntimeError("its backward is not differentiable (@once_differentiable or a backward "
+                           "outside torch)")
 
     return jvp, (lambda u: grad(out, inp, u))
+
+
+def _jacobian_is_zero(grad: Callable, out: torch.Tensor, inp: torch.Tensor) -> bool:
+    """Jᵀu = 0 for a fixed random u (seeded: the global RNG is the user's)."""
+    u = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype).to(out.device)
+    return not bool(grad(out, inp, u).detach().any())
 
 
 def _lanczos(matvec: Op, v0: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
@@ -104,10 +115,12 @@ def _lanczos(matvec: Op, v0: torch.Tensor, steps: int) -> tuple[torch.Tensor, to
 
 
 def spectrum(jvp: Op, vjp: Op, x: torch.Tensor, out_shape: torch.Size | tuple[int, ...], *, iters: int = 30,
-             lanczos: int = 10, tol: float = 1e-3, generator: torch.Generator | None = None) -> Spectrum:
+             lanczos: int = 10, tol: float = 1e-3, generator: torch.Generator | None = None,
+             max_probes: int = MAX_PROBES) -> Spectrum:
     """Top, mean and RMS singular value of the Jacobian at `x` (a tensor shaped like the input; the
     output has `out_shape`). Works on the smaller of JᵀJ and JJᵀ, whose eigenvalues are exactly the
-    squared singular values (no zeros from a narrowing or widening block)."""
+    squared singular values (no zeros from a narrowing or widening block). max_probes caps the SLQ
+    probe vectors: 1 where each product is expensive (a backward through time)."""
     if math.prod(out_shape) < x.numel():
         first, second, shape = vjp, jvp, tuple(out_shape)  # J Jᵀ on the output side
     else:
@@ -115,7 +128,7 @@ def spectrum(jvp: Op, vjp: Op, x: torch.Tensor, out_shape: torch.Size | tuple[in
     matvec = lambda v: second(first(v))  # noqa: E731
     numel = math.prod(shape)
     steps = max(1, min(lanczos, numel))
-    probes = max(1, min(MAX_PROBES, math.ceil(PROBE_DIMS / numel)))
+    probes = max(1, min(max_probes, math.ceil(PROBE_DIMS / numel)))
     means, squares, best = [], [], None
     for _ in range(probes):
         v0 = torch.randn(shape, generator=generator, dtype=x.dtype).to(x.device)

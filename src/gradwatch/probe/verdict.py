@@ -45,11 +45,13 @@ def layer_verdict(x: LayerProbe) -> str:
     return "healthy"
 
 
-def _init_remedies(layers: list[LayerProbe]) -> list[Remedy]:
+def _init_remedies(layers: list[LayerProbe], init: set[str]) -> list[Remedy]:
     """Init for the activation that follows each layer; behind a sigmoid, for the ReLU that should
-    replace it (no init rescues a stack of sigmoids: σ' ≤ 1/4)."""
+    replace it (no init rescues a stack of sigmoids: σ' ≤ 1/4). Only layers named in `init` get a
+    line of their own: those with a `.weight` of ≥ 2 dimensions (fan-in defined, so the kaiming /
+    xavier call runs); a LayerNorm's 1-D weight or MultiheadAttention's in_proj_weight do not."""
     out = [Remedy("re-initialise every layer for the activation that follows it", "gw.init_(model)")]
-    for x in layers[:2]:
+    for x in [x for x in layers if x.name in init][:2]:
         act = "relu" if x.activation in ("sigmoid", "hardsigmoid") else x.activation
         code = INIT_FOR.get(act, INIT_FOR[""]).format(w=attr(x.name) + ".weight")
         out.append(Remedy(f"re-initialise layer '{x.name}' for the {act or 'linear'} that follows it", code))
@@ -63,7 +65,11 @@ def _swap_remedy(layers: list[LayerProbe]) -> list[Remedy]:
                    "gw.modify.swap_activations(model, nn.Sigmoid, nn.ReLU)")]
 
 
-def layer_findings(layers: list[LayerProbe], mf: MeanField | None) -> list[Finding]:
+def layer_findings(layers: list[LayerProbe], mf: MeanField | None, *, init: set[str] = frozenset(),
+                   normalised: bool = False, residual: bool = False) -> list[Finding]:
+    """Vanishing/exploding findings from the per-layer verdicts. init: names of the layers an init
+    call applies to (see _init_remedies); normalised / residual: the model has normalisation layers /
+    skip connections, so their absence is not a cause."""
     findings = []
     for kind, verdict, worst in (("vanishing_gradient", "vanishing", min), ("exploding_gradient", "exploding", max)):
         bad = [x for x in layers if x.verdict == verdict]
@@ -85,15 +91,17 @@ def layer_findings(layers: list[LayerProbe], mf: MeanField | None) -> list[Findi
             causes.append("initial weights too small for the depth" + _sigma_said(layers))
         else:
             causes.append("initial weights too large" + _sigma_said(layers))
-        causes.append(f"{len(layers)} layers without residual connections or normalisation")
+        if not (normalised or residual):
+            causes.append(f"{len(layers)} layers without residual connections or normalisation")
         if mf is not None:
             evidence.update(chi1=mf.chi1, depth_scale=mf.depth_scale)
         remedies = _swap_remedy(layers) if verdict == "vanishing" else []
-        remedies += _init_remedies(bad if verdict == "vanishing" else bad[::-1])
+        remedies += _init_remedies(bad if verdict == "vanishing" else bad[::-1], init)
         remedies += [] if verdict == "vanishing" else [
             Remedy("clip the gradient norm", "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)")]
-        remedies.append(Remedy("add normalisation after each Linear/Conv (or residual connections)",
-                               "gw.modify.insert_norm(model, \"batch\")"))
+        if not normalised:
+            remedies.append(Remedy("add normalisation after each Linear/Conv (or residual connections)",
+                                   "gw.modify.insert_norm(model, \"batch\")"))
         msg = (f"at initialisation the gradient at layer '{w.name}' is {w.gain_to_top:.3g} × the output-most layer's "
                f"({len(bad)} of {len(layers)} layers beyond {limit:g}×)")
         findings.append(Finding(kind, "error" if severe else "warning", 0, tuple(x.name for x in bad), msg,
