@@ -85,7 +85,7 @@ def test_run_default_out_links_latest(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["run", "nope.py"], "no such script"),
-    (["run", "--out", "/proc/forbidden/x", SCRIPTS / "train_optim.py", 1], "cannot write the run directory"),
+    (["run", "--out", "/proc/forbidden/x", SCRIPTS / "train_optim.py", 1], "cannot write to the run directory"),
     (["run", "--every", "0", SCRIPTS / "train_optim.py"], "--every=0"),
     (["run"], "nothing to run"),
     (["show", "does-not-exist"], "no run at"),

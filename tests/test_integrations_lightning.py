@@ -107,7 +107,7 @@ def test_bad_arguments_are_clear_errors_when_the_callback_is_made(tmp_path):
     (tmp_path / "afile").write_text("x")
     callback = GradwatchCallback(tmp_path / "afile" / "run")
     model = nn.Linear(2, 1)
-    with pytest.raises(gw.ConfigError, match="cannot write the run directory"):
+    with pytest.raises(gw.ConfigError, match="cannot write to the run directory"):
         callback.recorder.start(model, torch.optim.SGD(model.parameters(), lr=0.1), tmp_path, "lightning")
 
 

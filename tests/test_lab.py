@@ -3,8 +3,12 @@ deterministic, pages are self-contained and escaped, and the CLI is a thin shell
 
 from __future__ import annotations
 
+import copy
+import errno
 import html
 import math
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,7 +20,8 @@ from gradwatch.errors import ConfigError
 from gradwatch.lab import data, nets
 from gradwatch.lab.base import Experiment, Result
 from gradwatch.lab.page import write
-from gradwatch.lab.train import train
+from gradwatch.lab.train import FirstWeightGradients, train
+from gradwatch.runner import output_dir
 
 pytest.importorskip("sklearn")
 _CACHE: dict[str, Result] = {}
@@ -57,10 +62,83 @@ def test_activations_sigmoid_derivative_peaks_at_a_quarter_at_zero(out):
 
 
 def test_he30_he_beats_xavier_by_a_margin(out):
-    n = numbers(quick("he30", out), "He learns")
+    n = numbers(quick("he30", out), "He trains much further")
     assert n["he"] < 0.8 * n["xavier"]
-    v = numbers(quick("he30", out), "Xavier's gradients vanish")
-    assert v["xavier"] < 1e-2 < 0.1 < v["he"]
+
+
+def test_he30_signal_vanishes_but_weight_gradients_stay_level(out):
+    """Glorot & Bengio eq. 14: with Xavier, ∂L/∂s shrinks toward the input while ∂L/∂W stays level;
+    weights and biases together (the watch's grad_norm) would blur the two."""
+    res = quick("he30", out)
+    s = numbers(res, "Xavier's back-propagated ∂L/∂s")
+    assert s["xavier"] < 1e-2 and 0.1 < s["he"] < 10
+    w = numbers(res, "the weight gradients")
+    assert w["xavier"] < 10 and w["he"] < 10
+
+
+def test_init_zeros_pass_no_gradient_and_constant_keeps_units_identical(out):
+    res = quick("init", out)
+    assert numbers(res, "zeros:")["least_moved"] == 0.0
+    c = numbers(res, "constant:")
+    assert c["least_moved"] > 1e-6 and c["unit_spread"] < 1e-6
+
+
+def test_first_weight_gradients_are_step_zeros():
+    torch.manual_seed(0)
+    model = nets.mlp(64, 16, 2, 10, "tanh", "xavier")
+    reference = copy.deepcopy(model)
+    task = data.digits()
+    first = FirstWeightGradients()
+    train(model, task, steps=3, lr=0.1, seed=5, every_step=first)
+    x, y = task.batch(torch.Generator().manual_seed(5), 64)
+    torch.nn.functional.cross_entropy(reference(x), y).backward()
+    expected = [float(m.weight.grad.norm()) for m in reference.modules() if isinstance(m, torch.nn.Linear)]
+    assert np.allclose(first.norms, expected, rtol=1e-5)
+
+
+def test_loss_curve_of_an_early_divergence_lines_up_with_its_marker():
+    """A run with fewer finite losses than the smoothing window is drawn at its own steps."""
+    from gradwatch.lab.page import figure
+    from gradwatch.lab.plots import loss_curves
+    early = SimpleNamespace(label="early", losses=np.array([2.3, 5.0, 80.0, np.inf]), diverged_at=3)
+    long = SimpleNamespace(label="long", losses=np.linspace(2, 1, 30), diverged_at=None)
+    _, (ax,) = figure()
+    loss_curves(ax, [early, long], window=10)
+    lines = {line.get_label(): line for line in ax.lines}
+    assert list(lines["early"].get_xdata()) == [0, 1, 2] and list(lines["early"].get_ydata()) == [2.3, 5.0, 80.0]
+    assert list(lines["long"].get_xdata())[:2] == [9, 10] and len(lines["long"].get_xdata()) == 21
+    assert lines["long"].get_ydata()[0] == pytest.approx(np.mean(np.linspace(2, 1, 30)[:10]))
+
+
+def test_unwritable_out_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert cli(["lab", "activations", "--quick", "--out", str(afile / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write to the directory" in err and "Traceback" not in err
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    with pytest.raises(ConfigError, match="Read-only file system"):
+        output_dir(tmp_path / "ro")
+
+
+def test_lab_all_skips_an_unwritable_experiment_and_runs_the_rest(tmp_path):
+    def never(quick, out, progress):
+        raise AssertionError("trained although its folder cannot be written")
+
+    def fine(quick, out, progress):
+        res = Result(["a"], [[1]])
+        res.check("ok", True)
+        return res
+
+    (tmp_path / "blocked").write_text("a file where the experiment's folder should be")
+    blocked, ok = Experiment("blocked", "t", "c", "e", "s", never), Experiment("ok", "t", "c", "e", "s", fine)
+    (_, r_blocked), (_, r_ok) = lab.run_many([blocked, ok], True, tmp_path, show=False)
+    assert not r_blocked.passed and "cannot write" in r_blocked.checks[0].description
+    assert r_ok.passed and (tmp_path / "ok" / "index.html").exists() and (tmp_path / "index.html").exists()
 
 
 def test_rnn_lstm_and_gru_beat_the_tanh_rnn_on_adding_t50(out):

@@ -46,30 +46,30 @@ def clear_run(path: Path) -> None:
         old.unlink(missing_ok=True)
 
 
-def output_dir(path: str | os.PathLike, option: str = "--out") -> Path:
-    """Create a directory for output, or say in one line why it cannot be (a file is in the way,
-    no permission) before any work is done."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        why = "a file of that name is in the way" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
-        raise ConfigError(f"cannot create the directory {str(path)!r} ({why}); choose another {option}") from exc
-    return path
-
-
-def prepare_run_dir(path: str | os.PathLike) -> Path:
-    """Create the run directory and prove it is writable before the target starts. A run
-    written there before is replaced (its store files and findings), as `coverage run` does."""
+def output_dir(path: str | os.PathLike, option: str = "--out", what: str = "the directory") -> Path:
+    """Create a directory for output and prove it is writable, or say in one line why it is not (a
+    file is in the way, no permission, a read-only file system) before any work is done: a
+    failure found only when the results are saved would waste the whole run."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".gradwatch-write-test-{os.getpid()}"  # one per process: ranks share a directory
         probe.write_text("ok")
         probe.unlink()
+    except OSError as exc:
+        why = "a file of that name is in the way" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
+        raise ConfigError(f"cannot write to {what} {str(path)!r} ({why}); choose another {option}") from exc
+    return path
+
+
+def prepare_run_dir(path: str | os.PathLike) -> Path:
+    """Create the run directory and prove it is writable before the target starts. A run
+    written there before is replaced (its store files and findings), as `coverage run` does."""
+    path = output_dir(path, what="the run directory")
+    try:
         clear_run(path)
     except OSError as exc:
-        raise ConfigError(f"cannot write the run directory {str(path)!r} ({exc.strerror}); choose another --out") from exc
+        raise ConfigError(f"cannot write to the run directory {str(path)!r} ({exc.strerror}); choose another --out") from exc
     return path
 
 

@@ -51,5 +51,6 @@ def main(args: argparse.Namespace) -> int:
             if not c.passed:
                 console.print(f"[red]FAIL[/] {exp.name}: {c.description}", markup=True, highlight=False)
     index = out / ("index.html" if len(done) > 1 else f"{done[0][0].name}/index.html")
-    console.print(f"pages: {index}", highlight=False)
+    if index.is_file():  # (an experiment whose folder could not be written has no page)
+        console.print(f"pages: {index}", highlight=False)
     return 0 if all(res.passed for _, res in done) else 1

@@ -41,6 +41,8 @@ INITS = {
     # LeCun: N(0, 1/n_in), for SELU (Klambauer et al. 2017).
     "lecun": lambda w: nn.init.normal_(w, 0.0, 1.0 / math.sqrt(w.shape[1])),
     "zeros": lambda w: nn.init.zeros_(w),
+    # every weight 1/n_in: each unit averages its inputs, so all units of a layer are identical
+    "constant": lambda w: nn.init.constant_(w, 1.0 / w.shape[1]),
     "normal": lambda w: nn.init.normal_(w, 0.0, 1.0),
     "small": lambda w: nn.init.normal_(w, 0.0, 0.01),
     "torch": lambda w: None,  # torch's own default (kaiming_uniform with a=sqrt(5))
@@ -101,9 +103,11 @@ def mlp(n_in: int, width: int, depth: int, n_out: int, act: str = "relu", init: 
         for i in range(2, depth + 1):
             hidden(i, width)
     out = nn.Linear(width, n_out)
-    init_linear(out, "xavier" if init in ("zeros", "normal", "torch") else init)
+    init_linear(out, "xavier" if init in ("zeros", "constant", "normal", "torch") else init)
     if init == "zeros":
         init_linear(out, "zeros")
+    if init == "constant":  # one random column for every hidden unit: the classes differ, the units do not
+        out.weight.data[:] = out.weight.data[:, :1]
     layers.append(("out", out))
     return nn.Sequential(OrderedDict(layers))
 

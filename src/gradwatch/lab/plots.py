@@ -11,17 +11,21 @@ from gradwatch.lab.page import figure, save
 from gradwatch.lab.train import Run
 
 
-def smooth(values: np.ndarray, window: int = 10) -> np.ndarray:
+def smooth(steps: np.ndarray, values: np.ndarray, window: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Running mean over `window` values, each placed at the last step of its window. A run with
+    fewer values than the window (one that diverged early) is drawn unsmoothed at its own steps:
+    its points must line up with its divergence marker."""
     if len(values) < window:
-        return values
+        return steps, values
     kernel = np.ones(window) / window
-    return np.convolve(values, kernel, mode="valid")
+    return steps[window - 1:], np.convolve(values, kernel, mode="valid")
 
 
 def loss_curves(ax, runs: list[Run], log: bool = True, window: int = 10) -> None:
     for run in runs:
-        y = smooth(run.losses[np.isfinite(run.losses)], window)
-        line, = ax.plot(np.arange(len(y)) + window - 1, y, label=run.label)
+        finite = np.flatnonzero(np.isfinite(run.losses))
+        x, y = smooth(finite, run.losses[finite], window)
+        line, = ax.plot(x, y, label=run.label)
         if run.diverged_at is not None:
             ax.axvline(run.diverged_at, color=line.get_color(), ls=":", lw=1)
     if log:

@@ -10,9 +10,11 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from gradwatch.errors import ConfigError
 from gradwatch.lab import page
 from gradwatch.lab.base import NULL_PROGRESS, Experiment, Result
 from gradwatch.lab.base import Progress as ProgressLike
+from gradwatch.runner import output_dir
 
 
 class _RichProgress:
@@ -33,9 +35,9 @@ class _RichProgress:
 
 
 def run_one(exp: Experiment, quick: bool, out: Path, progress: ProgressLike = NULL_PROGRESS) -> Result:
-    """Run one experiment with fixed seeds into out/<name>/ and write its page."""
-    target = Path(out) / exp.name
-    target.mkdir(parents=True, exist_ok=True)
+    """Run one experiment with fixed seeds into out/<name>/ and write its page. The folder is
+    proved writable first (ConfigError if not): minutes of training must not end in a traceback."""
+    target = output_dir(Path(out) / exp.name)
     torch.manual_seed(0)
     start = time.perf_counter()
     with warnings.catch_warnings():
@@ -47,8 +49,16 @@ def run_one(exp: Experiment, quick: bool, out: Path, progress: ProgressLike = NU
     return result
 
 
+def unwritable(exc: ConfigError) -> Result:
+    """The failed result of an experiment that was not run because its folder cannot be written."""
+    result = Result([], [])
+    result.check(f"not run: {exc}", False)
+    return result
+
+
 def run_many(exps: list[Experiment], quick: bool, out: Path, show: bool = True) -> list[tuple[Experiment, Result]]:
-    """Run experiments in order with a progress bar each; write an index page when there are several."""
+    """Run experiments in order with a progress bar each; write an index page when there are several.
+    An experiment whose folder cannot be written fails with that reason and the rest still run."""
     console = Console(stderr=True)
     done: list[tuple[Experiment, Result]] = []
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -56,7 +66,10 @@ def run_many(exps: list[Experiment], quick: bool, out: Path, show: bool = True) 
     with Progress(*columns, console=console, disable=not show) as bar:
         for exp in exps:
             tracker = _RichProgress(bar, exp.name)
-            result = run_one(exp, quick, out, tracker)
+            try:
+                result = run_one(exp, quick, out, tracker)
+            except ConfigError as exc:  # this experiment's folder cannot be written: the others still run
+                result = unwritable(exc)
             tracker.done(result)
             done.append((exp, result))
     if len(done) > 1:

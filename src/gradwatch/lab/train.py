@@ -106,6 +106,20 @@ def train(
     return Run(label, series, losses, test, diverged, model)
 
 
+class FirstWeightGradients:
+    """`every_step` callback: each Linear's ‖∂L/∂W‖ (weights only) of step 0, in forward order. The
+    watch's grad_norm joins weights and biases, and at init the bias part can dominate a ratio
+    across layers (Glorot & Bengio 2010, eq. 14: ∂L/∂W stays level while ∂L/∂s shrinks). Read at
+    the start of step 1, when .grad still holds step 0's gradients (optimizers leave it in place)."""
+
+    def __init__(self):
+        self.norms = np.array([])
+
+    def __call__(self, step: int, model: nn.Module) -> None:
+        if step == 1:
+            self.norms = np.array([float(m.weight.grad.norm()) for m in model.modules() if isinstance(m, nn.Linear)])
+
+
 def per_layer(series: RunSeries, metric: str, row: int, role: str = "param",
               types: tuple[str, ...] = ("Linear",)) -> tuple[list[str], np.ndarray]:
     """One recorded row (0 = first step, -1 = last sampled) of `metric` for the layers of a role

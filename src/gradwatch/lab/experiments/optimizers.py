@@ -19,7 +19,9 @@ ADAPTIVE = ("adagrad", "rmsprop", "adam", "nadam")
 
 
 def run(quick: bool, out: Path, progress: Progress) -> Result:
-    depth, width, steps = (10, 64, 500) if quick else (10, 128, 3000)
+    # quick: 6 layers and 800 steps, because at 10 layers and 500 steps whether Adam leaves the
+    # near-zero saddle depends on the seed (seed+1 stays at chance); SGD stays stuck at 6 layers too
+    depth, width, steps = (6, 64, 800) if quick else (10, 128, 3000)
     task = data.digits()
     res = Result(["optimizer", "lr", "first loss", "final loss", "test accuracy", "update ratio fc1 / out (last)"], [])
     res.notes.append(f"{depth} hidden tanh layers of {width}, weights N(0, 0.01²) (far below Xavier's), batch 64, "
@@ -51,7 +53,7 @@ EXPERIMENT = Experiment(
     title="optimizers on a poorly initialised deep tanh net",
     claim="With vanishing gradients, SGD's step is proportional to the tiny gradient and the net stays stuck; "
           "adaptive methods divide by a running gradient scale, so every layer moves and training recovers.",
-    expected="SGD, momentum and Nesterov stay at chance; AdaGrad, RMSProp, Adam and NAdam reach < 0.75× SGD's loss.",
+    expected="SGD, momentum and Nesterov stay at chance (quick: 6 layers, full: 10); AdaGrad, RMSProp, Adam and NAdam reach < 0.75× SGD's loss.",
     source="seed claims; Duchi et al. 2011; Tieleman & Hinton 2012; Kingma & Ba 2015; Dozat 2016",
     run=run,
 )
