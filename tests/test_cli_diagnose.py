@@ -19,6 +19,10 @@ def test_run_writes_findings_and_diagnose_prints_them(tmp_path):
     assert as_json.returncode == 0 and json.loads(as_json.stdout) == written
     text = gradwatch("diagnose", run)
     assert "vanishing_gradient since step 0" in text.stdout and "fix:" in text.stdout
+    # piped (80 columns), the code to paste is printed whole: each remedy's lines as they are
+    for remedy in (r for f in written for r in f["remedies"]):
+        for line in remedy["code"].splitlines():
+            assert "       " + line in text.stdout.splitlines(), line
 
 
 def test_diagnose_missing_run_is_one_clear_line(tmp_path):

@@ -499,3 +499,18 @@ def test_numpy_scalars_are_numbers():
 def test_bad_numpy_scalars_are_still_rejected(call, named):
     with pytest.raises(ConfigError, match=re.escape(named)):
         call()
+
+
+@pytest.mark.parametrize("make", [lambda: clip.ClipNorm(1.0), lambda: clip.ClipValue(0.1), lambda: clip.AGC(),
+                                  lambda: clip.AutoClip(), lambda: clip.ZClip()])
+def test_every_clipper_returns_and_keeps_the_norm_before_clipping(make):
+    """As docs/remedies.md says of every clipper; ClipValue returned None and ClipNorm, AGC called
+    directly kept no last_norm."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    model(torch.randn(16, 8)).pow(2).sum().mul(50).backward()
+    before = torch.nn.utils.get_total_norm([p.grad.clone() for p in model.parameters()])
+    clipper = make()
+    norm = clipper(model.parameters())
+    torch.testing.assert_close(norm, before)
+    assert clipper.last_norm is norm

@@ -41,7 +41,8 @@ def main(args: argparse.Namespace) -> int:
             console.print(f"  cause {i}: {cause}", markup=False)
         for r in f.remedies:
             console.print(f"  fix: {r.action}", markup=False)
-            console.print(textwrap.indent(r.code, "       "), markup=False)  # each line of a block
+            # code to paste: each line of a block indented, never wrapped (a wrapped comment is a syntax error)
+            console.print(textwrap.indent(r.code, "       "), markup=False, soft_wrap=True)
     return 0
 
 

@@ -70,12 +70,15 @@ class AGC:
         params = as_list(params)
         if self._layout is not None or any(is_dtensor(p) for p in params):
             layout, group = self._layout or (None, None)
-            return sharded_agc(params, self.clipping, self.eps, layout, group)
+            self.last_norm = sharded_agc(params, self.clipping, self.eps, layout, group)
+            return self.last_norm
         squares = [self._clip(i, p) for i, p in enumerate(params) if p.grad is not None]
         if not squares:
-            return torch.zeros(())
-        first = squares[0].device
-        return torch.stack([s.to(first) for s in squares]).sum().sqrt()
+            self.last_norm = torch.zeros(())
+        else:
+            first = squares[0].device
+            self.last_norm = torch.stack([s.to(first) for s in squares]).sum().sqrt()
+        return self.last_norm
 
     def _clip(self, index: int, p: torch.Tensor) -> torch.Tensor:
         """Clip `p`'s gradient unit by unit, in place; returns its squared norm before clipping."""

@@ -89,9 +89,11 @@ class ClipNorm:
         self.max_norm = positive_number("max_norm", max_norm, fix="pass e.g. ClipNorm(1.0)")
         self.norm_type = norm_order(norm_type)
         self.process_group = process_group  # FSDP1: the model's, for the norm over all shards
+        self.last_norm: torch.Tensor | None = None
 
     def __call__(self, params: Params) -> torch.Tensor:
-        return clip_norm(params, self.max_norm, self.norm_type, self.process_group)
+        self.last_norm = clip_norm(params, self.max_norm, self.norm_type, self.process_group)
+        return self.last_norm
 
     def __repr__(self) -> str:
         return f"ClipNorm(max_norm={self.max_norm:g})"
@@ -102,9 +104,15 @@ class ClipValue:
 
     def __init__(self, clip_value: float = 1.0) -> None:
         self.clip_value = positive_number("clip_value", clip_value, fix="pass e.g. ClipValue(1.0)")
+        self.last_norm: torch.Tensor | None = None
 
-    def __call__(self, params: Params) -> None:
+    @torch.no_grad()
+    def __call__(self, params: Params) -> torch.Tensor:
+        """Returns the total norm before clamping, as every clipper does (one reduction, on the device)."""
+        params = as_list(params)
+        self.last_norm = total_norm(grads_of(params))
         clip_value(params, self.clip_value)
+        return self.last_norm
 
     def __repr__(self) -> str:
         return f"ClipValue(clip_value={self.clip_value:g})"
@@ -115,7 +123,8 @@ def attach(optimizer: torch.optim.Optimizer, clipper: Clipper) -> RemovableHandl
 
     Uses ``optimizer.register_step_pre_hook``, so the training loop does not change. The returned
     handle removes the hook (``handle.remove()``, or use it as a context manager). The clipper's
-    last pre-clip norm stays on the device in ``clipper.last_norm`` where the clipper returns one.
+    last pre-clip norm stays on the device in ``clipper.last_norm`` (a clipper of your own: where it
+    returns one).
     """
     if not callable(clipper):
         raise ConfigError(f"clipper={clipper!r} is not callable; pass e.g. gw.clip.ZClip() or gw.clip.ClipNorm(1.0)")
