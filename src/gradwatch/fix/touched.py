@@ -12,11 +12,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEPTH = 3  # the working directory and two levels below it (checkpoints/run1/ckpt.pt)
+SOURCE = (".py",)  # changed during a fix, these are the user's edits: a training script does not write code
+GRACE_S = 60  # a file changed this long after a killed fix's last write is the user's, not its trial's
 MAX_ENTRIES = 20000  # a data directory of millions of files is not worth walking
 BACKUP_LIMIT = 512 * 2**20  # bytes of the user's files copied aside before the baseline, at most
 WRITTEN = "written"  # in a trial's directory: the files the script wrote during that trial
 BACKUP, INTERRUPTED, COMPLETE = ".originals", ".originals-interrupted", ".complete"
 SKIP = {".git", ".hg", ".svn", ".venv", "venv", "__pycache__", "node_modules"}
+
+
+def own_outputs() -> set[tuple[int, int]]:
+    """(device, inode) of the files this process's stdout and stderr go to (`fix ... > fix.log`):
+    they grow during the trials, and are gradwatch's own, never the script's to be put back."""
+    found = set()
+    for fd in (1, 2):
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            continue
+        found.add((st.st_dev, st.st_ino))
+    return found
 
 
 @dataclass
@@ -27,9 +42,11 @@ class Snapshot:
 
 
 def snapshot(root: Path, exclude: Path, depth: int = DEPTH) -> Snapshot:
-    """The files (and symlinks, as links) under `root`, `depth` levels deep, outside `exclude`;
-    breadth first, so a huge data folder cannot hide the levels above it."""
+    """The files (and symlinks, as links) under `root`, `depth` levels deep, outside `exclude` and
+    other than this process's own output files; breadth first, so a huge data folder cannot hide
+    the levels above it."""
     seen = Snapshot()
+    ours = own_outputs()
     exclude = exclude.resolve()
     if root.resolve() == exclude or exclude in root.resolve().parents:
         seen.complete = False  # the trials write here themselves: their files cannot be told apart
@@ -54,7 +71,8 @@ def snapshot(root: Path, exclude: Path, depth: int = DEPTH) -> Snapshot:
                             queue.append((path, level + 1))
                 elif entry.is_file(follow_symlinks=False) or entry.is_symlink():
                     st = entry.stat(follow_symlinks=False)
-                    seen.files[rel] = (st.st_mtime_ns, st.st_size)
+                    if (st.st_dev, st.st_ino) not in ours:
+                        seen.files[rel] = (st.st_mtime_ns, st.st_size)
             except OSError:
                 continue
     return seen
@@ -80,6 +98,7 @@ class Workspace:
         self.restorable = sum(size for _, size in self.before.files.values()) <= BACKUP_LIMIT
         self.written: set[str] = set()
         self.overwritten: set[str] = set()  # changed by a trial and not restorable (too much to copy)
+        self.edited: set[str] = set()  # source files the user changed during the fix, kept
         self.settled = True
         if self.restorable:
             for rel in self.before.files:
@@ -89,36 +108,60 @@ class Workspace:
 
     def _recover(self) -> str:
         """An earlier fix was killed with the directory in a trial's state: put it back from that
-        fix's copy (its files created since move to .originals-interrupted/created), and keep the
-        copy; the oldest copy kept is never replaced, it is the one from before any fix."""
+        fix's copy, and keep the copy; the oldest copy kept is never replaced, it is the one from
+        before any fix. What its trial left is kept too (files it created in created/, versions
+        it changed in replaced/), and what the user changed since (GRACE_S after the killed fix's
+        last write, or any source file) stays as it is now."""
         if not (self.backup / COMPLETE).exists():  # stopped while copying: no trial had run yet
             shutil.rmtree(self.backup, ignore_errors=True)
             return ""
+        last = max(_last_write(self.out), (self.backup / COMPLETE).stat().st_mtime_ns)
         kept = self.out / INTERRUPTED
         source = self.backup
         if not kept.exists():  # else keep the earlier copy: the one from before any fix
             self.backup.rename(kept)
             source = kept
-        originals = {str(p.relative_to(source)) for p in source.rglob("*")  # (before anything moves into created/)
+        originals = {str(p.relative_to(source)): p for p in source.rglob("*")  # (before anything moves in)
                      if (p.is_file() or p.is_symlink()) and str(p.relative_to(source)) != COMPLETE}
         now = snapshot(self.root, self.out)
-        for rel in sorted(set(now.files) - originals):
+        users = sorted(rel for rel, (mtime, _) in now.files.items()
+                       if mtime > last + GRACE_S * 10**9 or rel.endswith(SOURCE))
+        for rel in sorted(set(now.files) - set(originals) - set(users)):
             _move(self.root / rel, kept / "created" / rel)
-        for rel in originals:
-            _copy(source / rel, self.root / rel)
+        for rel, copy in originals.items():
+            if rel in users or _same(copy, self.root / rel):
+                continue
+            if rel in now.files:
+                _move(self.root / rel, kept / "replaced" / rel)
+            _copy(copy, self.root / rel)
         shutil.rmtree(self.backup, ignore_errors=True)
-        return (f"an earlier fix in {self.out} was killed before it put your files back; they are back now, "
+        said = (f"an earlier fix in {self.out} was killed before it put your files back; they are back now, "
                 f"and the copies it took are kept in {kept}")
+        changed = [rel for rel in users if not (rel in originals and _same(originals[rel], self.root / rel))]
+        if changed:
+            said += f"; changed since, and left as they are: {', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}"
+        return said
 
     def settle(self, trial_dir: Path) -> None:
+        """After a trial: its new files go to the trial's directory, the files it changed are put
+        back (the trial's versions kept beside its new files), its folders are removed. A source
+        file changed or made meanwhile is the user's: kept as it is, and the later trials run it."""
         self.settled = False
         now = snapshot(self.root, self.out)
         changed = sorted(p for p, stat in now.files.items() if self.before.files.get(p) != stat)
         for rel in changed + sorted(set(self.before.files) - set(now.files)):
+            if rel in now.files and rel.endswith(SOURCE):  # written or created: the user's
+                self.edited.add(rel)
+                self.before.files[rel] = now.files[rel]
+                if self.restorable:
+                    _copy(self.root / rel, self.backup / rel)
+                continue
             self.written.add(rel)
             if rel not in self.before.files:  # the trial's own output: kept with the trial
                 _move(self.root / rel, trial_dir / WRITTEN / rel)
             elif self.restorable:
+                if rel in now.files:  # the trial's version, kept with the trial
+                    _move(self.root / rel, trial_dir / WRITTEN / rel)
                 _copy(self.backup / rel, self.root / rel)
             else:
                 self.overwritten.add(rel)
@@ -134,6 +177,26 @@ class Workspace:
         finishes it from the copy."""
         if self.settled:
             shutil.rmtree(self.backup, ignore_errors=True)
+
+
+def _last_write(out: Path) -> int:
+    """mtime_ns of the newest file a fix wrote under `out` (its trials' stores, its fix.json)."""
+    newest = 0
+    for path in out.rglob("*"):
+        if path.is_file() and not {BACKUP, INTERRUPTED} & set(path.relative_to(out).parts):
+            newest = max(newest, path.stat().st_mtime_ns)
+    return newest
+
+
+def _same(copy: Path, current: Path) -> bool:
+    """The file is as copied (copies keep their mtime), or a link to the same place."""
+    try:
+        if copy.is_symlink() or current.is_symlink():
+            return copy.is_symlink() and current.is_symlink() and os.readlink(copy) == os.readlink(current)
+        a, b = copy.stat(), current.stat()
+    except OSError:
+        return False
+    return (a.st_mtime_ns, a.st_size) == (b.st_mtime_ns, b.st_size)
 
 
 def _copy(src: Path, dst: Path) -> None:

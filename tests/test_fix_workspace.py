@@ -1,0 +1,69 @@
+"""The working directory during `gradwatch fix`: put back after every trial, and never at the cost
+of the user's own files: their edits, fix's own log, what they changed after a killed fix."""
+
+import os
+
+from gradwatch.fix.touched import GRACE_S, Workspace
+
+
+def test_fix_own_log_in_the_working_directory_is_left_to_grow(tmp_path):
+    """`gradwatch fix ... 2> fix.log`: the log grows during the trials; it was 'put back' to its
+    empty self after each one (577 NUL bytes left) and blamed on the script."""
+    out = tmp_path / "runs" / "fix"
+    log = tmp_path / "fix.log"
+    saved = os.dup(2)
+    try:
+        with open(log, "w") as f:
+            os.dup2(f.fileno(), 2)
+        w = Workspace(tmp_path, out)
+        os.write(2, b"screen-1 ... loss 0.5\n")
+        w.settle(out / "screen-1")
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    assert log.read_bytes() == b"screen-1 ... loss 0.5\n" and not w.written
+    w.close()
+
+
+def test_a_source_file_edited_during_the_fix_is_kept_and_a_trials_output_is_never_lost(tmp_path):
+    out = tmp_path / "runs" / "fix"
+    (tmp_path / "train.py").write_text("lr = 3.0\n")
+    (tmp_path / "metrics.csv").write_text("mine\n")
+    w = Workspace(tmp_path, out)
+    (tmp_path / "train.py").write_text("lr = 0.3\n")  # the user saves an edit mid-trial
+    (tmp_path / "idea.py").write_text("# next\n")  # ... and starts a new file
+    (tmp_path / "metrics.csv").write_text("the trial's\n")  # the script overwrites its log
+    w.settle(out / "screen-1")
+    assert (tmp_path / "train.py").read_text() == "lr = 0.3\n" and (tmp_path / "idea.py").is_file()
+    assert w.edited == {"train.py", "idea.py"}
+    assert (tmp_path / "metrics.csv").read_text() == "mine\n"
+    assert (out / "screen-1" / "written" / "metrics.csv").read_text() == "the trial's\n"
+    w.settle(out / "screen-2")  # nothing changed since: the edit stays
+    assert (tmp_path / "train.py").read_text() == "lr = 0.3\n" and w.written == {"metrics.csv"}
+    w.close()
+
+
+def test_after_a_killed_fix_the_users_later_changes_stay_and_the_trials_are_kept(tmp_path):
+    """kill -9 mid-trial, then the user edits and retrains by hand before the next fix: their
+    versions (written GRACE_S after the killed fix's last write) stay; what the killed trial left
+    is put back, its versions kept in replaced/ and created/."""
+    out = tmp_path / "runs" / "fix"
+    for name, text in (("train.py", "bias = -4\n"), ("ckpt.pt", "mine"), ("log.txt", "mine")):
+        (tmp_path / name).write_text(text)
+    Workspace(tmp_path, out)  # never closed: killed during a trial, which ...
+    (tmp_path / "log.txt").write_text("the trial's")  # ... changed its log
+    (tmp_path / "trial_new.pt").write_text("the trial's")  # ... and saved a checkpoint
+    later = os.stat(tmp_path / "log.txt").st_mtime + GRACE_S + 5
+    (tmp_path / "train.py").write_text("bias = 0\n")  # the user, minutes later
+    (tmp_path / "ckpt.pt").write_text("retrained by hand")
+    (tmp_path / "newdata.csv").write_text("theirs")
+    for name in ("train.py", "ckpt.pt", "newdata.csv"):
+        os.utime(tmp_path / name, (later, later))
+    again = Workspace(tmp_path, out)
+    kept = out / ".originals-interrupted"
+    assert (tmp_path / "log.txt").read_text() == "mine" and (kept / "replaced" / "log.txt").read_text() == "the trial's"
+    assert not (tmp_path / "trial_new.pt").exists() and (kept / "created" / "trial_new.pt").is_file()
+    assert (tmp_path / "train.py").read_text() == "bias = 0\n"
+    assert (tmp_path / "ckpt.pt").read_text() == "retrained by hand" and (tmp_path / "newdata.csv").is_file()
+    assert "left as they are" in again.notice and "train.py" in again.notice
+    again.close()
