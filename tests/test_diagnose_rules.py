@@ -504,6 +504,19 @@ def test_loss_plateau():
     assert "loss_plateau" in kinds(diagnose(run))
 
 
+@pytest.mark.parametrize("update_ratio,plateau", [(2e-7, True), (1e-3, False)])
+def test_a_noisy_loss_on_still_weights_is_a_plateau_though_it_ends_higher(update_ratio, plateau):
+    """SGD at lr 1e-6 on noisy batches: the last tenth's median ended 10.6% above the first's, in
+    the gap between a plateau (within 1%, at most 10% worse) and divergence, and nothing was said.
+    With the weights barely moving, a rise within the start's spread is batch noise; with real
+    updates (a too-high lr) a rising loss is no plateau, whose advice would be a higher lr."""
+    run = build(n_steps=200)
+    run.loss[:] = 12.4 + np.resize([-2.0, 2.0, -1.0, 1.0], len(run.loss))  # batch noise, interquartile range 2.5
+    run.loss[-20:] += 1.5  # ends 12% higher: within that range
+    run.metrics["update_ratio"][sampled(run)] = update_ratio
+    assert ("loss_plateau" in kinds(diagnose(run))) == plateau
+
+
 def test_lr_advice_under_a_warm_up_names_the_peak():
     """A warm-up from 0 (Hugging Face's linear schedule): the lr the script configures is the peak,
     and 'group['lr'] = x' would be undone by the scheduler at its next step."""

@@ -108,6 +108,10 @@ class Thresholds:
     # getting worse, not flat): no learning.
     plateau_improvement: float = 0.01
     plateau_worsening: float = 0.1
+    # ... unless the weights barely move (median ‖Δw‖/‖w‖ per step below this: ≤ 1% in 1000 steps,
+    # where healthy training moves 1e-3..1e-2 per step) and the rise is within the noise of the
+    # start (its interquartile range): then the loss cannot have changed but by its batches.
+    plateau_still_update: float = 1e-5
     # The loss rising this many times its initial magnitude above it: training made it worse.
     divergence_factor: float = 2.0
 

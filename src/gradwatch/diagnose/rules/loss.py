@@ -25,16 +25,29 @@ def find_loss_plateau(run: RunSeries, th: Thresholds) -> list[Finding]:
     if len(loss) < th.min_loss_steps or np.isinf(run.loss).any():
         return []
     w = window(len(loss), th.min_loss_window)
-    start, end = float(np.median(loss[:start_window(len(loss), th)])), float(np.median(loss[-w:]))
+    first = loss[:start_window(len(loss), th)]
+    start, end = float(np.median(first)), float(np.median(loss[-w:]))
     scale = abs(start)
     change = (start - end) / scale if scale >= 1e-8 else 0.0
-    if scale < 1e-8 or change >= th.plateau_improvement or change < -th.plateau_worsening:
+    if scale < 1e-8 or change >= th.plateau_improvement:
+        return []
+    if change < -th.plateau_worsening and not _noise_on_still_weights(run, first, end - start, th):
         return []
     evidence = {"loss_start": start, "loss_end": end, "improvement": (start - end) / scale, "window_steps": w}
     causes, remedies = advice.loss_plateau(advice.Context(run), evidence)
     message = (f"The loss has not improved over {len(loss)} steps ({start:.4g} -> {end:.4g}). "
                f"{remedies[0].action}.")
     return [Finding("loss_plateau", "warning", int(steps[0]), (), message, evidence, tuple(causes), tuple(remedies))]
+
+
+def _noise_on_still_weights(run: RunSeries, first: np.ndarray, rise: float, th: Thresholds) -> bool:
+    """A loss higher at the end by no more than the spread of its first steps, while the weights
+    barely moved (an lr of 1e-6): batch noise, not training making it worse."""
+    updates = run.metrics.get("update_ratio")
+    if updates is None or not np.isfinite(updates).any():
+        return False
+    q1, q3 = np.percentile(first, [25, 75])
+    return rise <= q3 - q1 and float(np.nanmedian(updates)) < th.plateau_still_update
 
 
 def find_loss_divergence(run: RunSeries, th: Thresholds) -> list[Finding]:
