@@ -1,5 +1,6 @@
 """gradwatch fix: candidates from findings, remedies injected through hooks, trials ranked."""
 
+import dataclasses
 import json
 import math
 import re
@@ -18,6 +19,13 @@ from gradwatch.fix.candidates import autotrainer_order, from_findings, lr_scale,
 from gradwatch.fix.inject import Injector, apply_to_model
 from gradwatch.fix.trial import final_loss
 from test_cli_run import SCRIPTS, gradwatch
+
+
+@pytest.fixture(autouse=True)
+def _in_a_directory_of_its_own(tmp_path, monkeypatch):
+    """fix puts the working directory back after every trial: run from the repository, it took a
+    test file saved meanwhile for a trial's output and moved it away."""
+    monkeypatch.chdir(tmp_path)
 
 
 def finding(kind, **evidence):
@@ -45,6 +53,9 @@ def test_candidates_follow_the_findings():
     assert "LayerNorm after each layer" in seq and "BatchNorm after each layer" not in seq
     manual = [c.name for c in from_findings([finding("exploding_gradient")], set(), optimizer=None)]
     assert "Adam (lr 1e-3)" not in manual and "learning rate x0.1" in manual
+    for adaptive in ("RMSprop", "NAdam", "Adagrad"):  # already adaptive: no swap to Adam (docs/fix.md)
+        assert "Adam (lr 1e-3)" not in [c.name for c in from_findings([finding("exploding_gradient")], set(),
+                                                                        optimizer=adaptive)]
     through_time = Finding("vanishing_gradient", "warning", 0, ("lstm",), "m", {"sequence_length": 50})
     assert [c.name for c in from_findings([through_time], set(), layer_types={"LSTM"})][:2] == [
         "LSTM forget-gate bias 1", "orthogonal W_hh"]
@@ -258,7 +269,7 @@ def _budget():
 
 
 def test_fix_repairs_an_exploding_script_end_to_end(tmp_path):
-    result = gradwatch("fix", "--budget-steps", 100, "--out", tmp_path / "fix", SCRIPTS / "train_explode.py")
+    result = gradwatch("fix", "--budget-steps", 100, "--out", tmp_path / "fix", SCRIPTS / "train_explode.py", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     baseline = json.loads((tmp_path / "fix" / "baseline" / "findings.json").read_text())
     assert {"exploding_gradient", "non_finite"} <= {f["kind"] for f in baseline}
@@ -374,55 +385,76 @@ def test_a_nan_in_the_data_is_named_not_repaired(tmp_path):
     assert not_a_training_fault(exploding) is None  # growth led up to it: a training fault
 
 
+def _screened(*rows: tuple) -> list[Trial]:
+    """Screening trials, best first, from (candidate, loss, harmful kinds left)."""
+    return [Trial(c, None, 0, 0.1, steps=10, final_loss=loss, findings=[finding(k) for k in kinds])
+            for c, loss, kinds in rows]
+
+
 def test_finals_pair_the_leader_with_the_next_two():
     from gradwatch.fix import pick_finals
     from gradwatch.fix.candidates import adam, clip_norm, lr_scale, reinit, swap
     names = lambda cs: [c.name for c in cs]
-    assert names(pick_finals([reinit(), adam(), clip_norm(1.0)])) == [
+    dead = ("dead_units",)
+    assert names(pick_finals(_screened((reinit(), 1.0, dead), (adam(), 2.0, dead), (clip_norm(1.0), 3.0, dead)))) == [
         "re-initialise per activation + Adam (lr 1e-3)", "re-initialise per activation + clip norm 1"]
     # two activation swaps overrule each other: the leader alone, then the leader with the third
     selu, leaky = swap("*", "SELU", "lecun"), swap("Sigmoid", "LeakyReLU", "auto")
-    assert names(pick_finals([selu, leaky, adam()])) == [selu.name, f"{selu.name} + Adam (lr 1e-3)"]
+    assert names(pick_finals(_screened((selu, 1.0, dead), (leaky, 2.0, dead), (adam(), 3.0, dead)))) == [
+        selu.name, f"{selu.name} + Adam (lr 1e-3)"]
     # Adam sets its own step, so no lr scale beside it: each alone
-    assert names(pick_finals([adam(), lr_scale(0.1)])) == ["Adam (lr 1e-3)", "learning rate x0.1"]
+    assert names(pick_finals(_screened((adam(), 1.0, dead), (lr_scale(0.1), 2.0, dead)))) == [
+        "Adam (lr 1e-3)", "learning rate x0.1"]
 
 
-def test_a_leader_that_works_alone_gets_a_full_trial_alone(tmp_path, monkeypatch):
-    """A tester's vanilla RNN: orthogonal W_hh was the one screened remedy that left no harmful
-    finding, but the finals ran it only combined (with lr x10, with a GRU), both failed, and fix
-    said "No remedy beat the baseline"; alone it reached 0.118 against 0.899."""
+def test_a_leader_that_repairs_runs_alone_and_only_beside_a_close_repair(tmp_path, monkeypatch):
+    """A tester's dead-ReLU net: ReLU -> LeakyReLU + He left no harmful finding in screening (0.565),
+    lr x0.1 left dead units (1.343). The finals were the pair and lr x0.1 alone; the pair "worked",
+    so it was printed, and the leader alone (0.158 against the pair's 1.009) never ran."""
     import importlib
 
-    from gradwatch.fix.candidates import adam, lr_scale, orthogonal
+    from gradwatch.fix import pick_finals
+    from gradwatch.fix.candidates import adam, clip_norm, lr_scale, orthogonal, reinit, swap
     fix_module = importlib.import_module("gradwatch.fix")  # the package (gradwatch.fix is the function)
+    names = lambda cs: [c.name for c in cs]
+    leaky, lower = swap("ReLU", "LeakyReLU", "auto"), lr_scale(0.1)
 
-    def train():
+    def train():  # the baseline, far from its target (loss ~100)
         model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-4)
         for _ in range(12):
             opt.zero_grad()
-            model(torch.randn(8, 4)).pow(2).mean().backward()
+            (model(torch.randn(8, 4)) - 10).pow(2).mean().backward()
             opt.step()
 
-    lead, others = orthogonal(), [lr_scale(10.0), adam()]
+    full = {leaky.name: (0.158, ()), f"{leaky.name} + {lower.name}": (1.009, ()), lower.name: (1.256, ("dead_units",))}
     real = fix_module.run_trial_in_process
 
-    def trial(command, run_dir, cand, steps, trained=None):  # measured: only the leader alone works
+    def trial(command, run_dir, cand, steps, trained=None):  # as measured by the tester
         if cand is fix_module.BASELINE:
             return real(command, run_dir, cand, steps, trained=trained)
-        alone = cand.name == lead.name
-        return Trial(cand, run_dir, 0, 0.1, steps=steps, final_loss=1e-9 if alone else 5.0 + steps / 1000,
-                     findings=[] if alone else [finding("vanishing_gradient")])
+        loss, kinds = full[cand.name] if steps == 40 else (0.565, ()) if cand is leaky else (1.343, ("dead_units",))
+        return Trial(cand, run_dir, 0, 0.1, steps=steps, final_loss=loss, findings=[finding(k) for k in kinds])
 
     monkeypatch.setattr(fix_module, "run_trial_in_process", trial)
-    result = fix(train, out=tmp_path, budget_steps=40, candidates=[lead, *others], progress=lambda m: None)
-    assert [t.candidate.name for t in result.trials[:2]] == [c.name for c in fix_module.pick_finals([lead, *others])]
-    assert len(result.trials) == 3 and result.winner.candidate.name == lead.name and result.repaired
-    # a final that works: no extra trial
-    monkeypatch.setattr(fix_module, "run_trial_in_process", lambda c, r, cand, steps, trained=None: (
-        real(c, r, cand, steps, trained=trained) if cand is fix_module.BASELINE else
-        Trial(cand, r, 0, 0.1, steps=steps, final_loss=0.1, findings=[])))
-    assert len(fix(train, out=tmp_path, budget_steps=40, candidates=[lead, *others], progress=lambda m: None).trials) == 2
+    result = fix(train, out=tmp_path, budget_steps=40, candidates=[leaky, lower], progress=lambda m: None)
+    assert names(t.candidate for t in result.trials) == [leaky.name]  # one full trial, not two
+    assert result.winner.candidate.name == leaky.name and result.repaired
+    # a runner-up that left a harmful finding is not paired with a leader that left none
+    assert names(pick_finals(_screened((leaky, 0.565, ()), (lower, 1.343, ("dead_units",))))) == [leaky.name]
+    # beside another repair screened close to it: the leader alone, then the two together
+    assert names(pick_finals(_screened((leaky, 0.5, ()), (adam(), 0.9, ()), (lower, 1.3, ("dead_units",))))) == [
+        leaky.name, f"{leaky.name} + Adam (lr 1e-3)"]
+    # one far behind it is not paired; one that overrules it runs alone; a negative loss keeps its scale
+    assert names(pick_finals(_screened((leaky, 0.5, ()), (adam(), 1.2, ())))) == [leaky.name]
+    assert names(pick_finals(_screened((adam(), 0.5, ()), (lower, 0.6, ()), (reinit(), 0.7, ())))) == [
+        "Adam (lr 1e-3)", "learning rate x0.1"]
+    assert names(pick_finals(_screened((leaky, -2.0, ()), (clip_norm(1.0), -1.5, ())))) == [
+        leaky.name, f"{leaky.name} + clip norm 1"]
+    # a vanilla RNN: orthogonal W_hh alone repaired it, its pairs did not: it is a final alone
+    lead = orthogonal()
+    assert names(pick_finals(_screened((lead, 0.1, ()), (lr_scale(10.0), 0.5, ("vanishing_gradient",)),
+                                       (adam(), 0.6, ("vanishing_gradient",))))) == [lead.name]
 
 
 def _steps_until_exit(spec: dict) -> int:
@@ -704,6 +736,106 @@ def test_the_names_come_from_the_command_or_the_training_function(tmp_path):
     names = script_names(train)
     assert (names.model, names.optimizer, names.batch) == ("net", "sgd", "torch.randn(4, 2)")
     assert "nn" in names.imported and "gw" not in names.imported  # this module's globals
+
+
+NO_OPTIMIZER = """
+import torch
+from torch import nn
+m = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 1))
+X = torch.randn(100, 16)
+lr = 0.5
+for i in range(3):
+    loss = m(X).pow(2).mean()
+    m.zero_grad()
+    loss.backward()
+    with torch.no_grad():
+        for p in m.parameters():
+            p -= lr * p.grad
+"""
+
+
+def test_the_printed_code_for_hand_written_updates_names_no_optimizer():
+    """A script that updates its weights itself (`p -= lr * p.grad`): the lr and clipping changes
+    named an `optimizer` it does not have (a NameError). They act where the trial acted: on the lr
+    the update multiplies the gradients by, and on the gradients after the backward."""
+    import gradwatch as gw
+    from gradwatch.fix.candidates import Names, clip_norm, clip_value, combine, lr_scale, zclip
+    from gradwatch.fix.names import read_names
+
+    manual = _context([float("nan")] * 3, optimizer=None)
+    found = read_names(NO_OPTIMIZER, manual)
+    explode = [finding("exploding_gradient"), finding("non_finite")]
+    for names, model in ((Names(run=manual), "model"), (found, "m")):  # generic, and read from the script
+        cands = [*from_findings(explode, {"relu"}, optimizer=None, names=names), clip_norm(1e-3, names),
+                 clip_value(1e-4, names), combine(lr_scale(0.1, names), zclip(names))]
+        assert {"learning rate x0.1", "ZClip"} <= {c.name for c in cands}
+        for cand in cands:
+            code = names.complete(cand.code)
+            assert not re.search(r"\boptimizer\b", code), code
+            torch.manual_seed(0)
+            net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+            net(torch.randn(16, 4)).pow(2).sum().mul(100).backward()
+            ns = {"torch": torch, "nn": nn, "gw": gw, model: net, "lr": 0.5}
+            exec(code, ns)  # raises if the snippet is broken
+            norm = float(torch.cat([p.grad.flatten() for p in net.parameters()]).norm())
+            assert ns["lr"] == pytest.approx(0.05 if "learning rate" in cand.name else 0.5), cand.name
+            if cand.name == "clip norm 0.001":
+                assert norm == pytest.approx(1e-3, rel=1e-3)
+            if cand.name == "clip value 0.0001":
+                assert max(float(p.grad.abs().max()) for p in net.parameters()) <= 1e-4
+    assert (found.model, found.update_lr, found.update_lr_set, found.batch) == ("m", "lr", 0.5, "X")
+    assert read_names(NO_OPTIMIZER.replace("lr = 0.5", "lr = float(sys.argv[1])"), manual).update_lr_set is None
+    assert lr_scale(0.1, read_names(NO_OPTIMIZER.replace("lr *", "0.5 *"), manual)).code.startswith("# multiply")
+
+
+GROUPS = """
+import torch
+from torch import nn
+model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+optimizer = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.05},
+                             {"params": model[2].parameters(), "lr": 1.5}], momentum=0.9)
+# BUILT
+"""
+
+
+def test_the_printed_lr_change_keeps_each_groups_own_lr(tmp_path):
+    """Parameter groups at 0.05 and 1.5: the trial scaled each (the head ran at 0.15), but the code
+    set every group to 0.005 (group 0's x0.1)."""
+    from gradwatch.fix import group_lrs
+    from gradwatch.fix.names import read_names
+    from gradwatch.fix.trial import run_trial_in_process
+
+    def train():
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        optimizer = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.05},
+                                     {"params": model[2].parameters(), "lr": 1.5}])
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+            optimizer.step()
+
+    recorded = group_lrs(run_trial_in_process(train, tmp_path / "run", Candidate("b"), 3).run_dir)
+    assert recorded == (0.05, 1.5)
+    names = dataclasses.replace(read_names(GROUPS, _context([0.05] * 3)), group_lrs=recorded)
+    code = names.complete(lr_scale(0.1, names).code)
+    assert "group['lr'] *= 0.1" in code and "0.05 -> 0.005, 1.5 -> 0.15" in code
+    scaled = _pasted(GROUPS, code, "BUILT")["optimizer"]
+    assert [g["lr"] for g in scaled.param_groups] == pytest.approx([0.005, 0.15])
+    # groups that share one lr: the value, as before
+    same = dataclasses.replace(names, group_lrs=(0.05, 0.05))
+    assert "group['lr'] = 0.005" in lr_scale(0.1, same).code
+
+
+def test_a_model_change_says_to_come_after_the_weights_a_script_loads():
+    from gradwatch.fix.candidates import norm, reinit
+    from gradwatch.fix.names import read_names
+    resumes = read_names("net = Net()\nopt = torch.optim.Adam(net.parameters())\nnet.load_state_dict(torch.load(p))\n",
+                         _context([1e-3], optimizer="Adam"))
+    assert "# apply after net is built and its weights loaded (load_state_dict)" in resumes.complete(reinit(resumes).code)
+    assert "weights loaded" not in resumes.complete(lr_scale(0.1, resumes).code)
+    assert "weights loaded" not in resumes.complete(norm("batch", resumes).code)  # before the optimizer: said there
+    fresh = read_names("net = Net()\nopt = torch.optim.Adam(net.parameters())\n", _context([1e-3], optimizer="Adam"))
+    assert "weights loaded" not in fresh.complete(reinit(fresh).code)
 
 
 class SharedTanh(nn.Module):

@@ -93,7 +93,7 @@ def replay(out: Path) -> list[list[str]]:
             k = max(r["budget_steps"] // frac, 10)
             short = [trial(p, k) for p in screens]
             saved += sum(t.steps - s.steps for t, s in zip(full, short))
-            finals = [pick_finals([t.candidate for t in sorted(ts, key=lambda t: t.score)]) for ts in (full, short)]
+            finals = [pick_finals(sorted(ts, key=lambda t: t.score)) for ts in (full, short)]
             if specs(finals[0]) != specs(finals[1]):
                 changed.append(r)
         row(f"screening 1/{frac} of the budget (not 1/4)", saved, changed)
@@ -119,7 +119,7 @@ def replay(out: Path) -> list[list[str]]:
                 stopped.add(p)
             elif np.isfinite(at):
                 done.append(at)
-        finals = [pick_finals([t.candidate for t in sorted(full, key=key)])
+        finals = [pick_finals(sorted(full, key=key))
                   for key in (lambda t: t.score, lambda t: (t.run_dir in stopped, t.score))]
         if specs(finals[0]) != specs(finals[1]):
             changed.append(r)

@@ -69,7 +69,8 @@ def print_result(result: FixResult, console: Console) -> None:
         for t in sorted(result.screened, key=lambda t: t.score):
             screen.add_row(t.candidate.name, _left(t), f"{t.final_loss:.4g}")
         console.print(screen)
-    table = Table(title=f"gradwatch fix: {len(result.trials)} full trials of {result.budget_steps} steps")
+    n = len(result.trials)
+    table = Table(title=f"gradwatch fix: {n} full trial{'s' * (n != 1)} of {result.budget_steps} steps")
     for col in ("remedy", "harmful findings left", "final loss", "vs baseline"):
         table.add_column(col)
     base = result.baseline.final_loss
@@ -103,6 +104,9 @@ def print_result(result: FixResult, console: Console) -> None:
         console.print(f"Note: your script wrote or deleted {_some(result.written)} during the trials. Your directory was "
                       "put back as it was after each one, so no trial started from another's files; the files "
                       f"a trial created are kept in its directory under {WRITTEN}/.", markup=False)
+    if result.edited:
+        console.print(f"Note: {_some(result.edited)} changed during the fix (edited?) and were left as they are; "
+                      "the trials after the change ran the new version.", markup=False)
     if result.overwritten:
         console.print(f"Note: {_some(result.overwritten)} now hold a trial's output, not yours: your directory "
                       "held too much to copy aside first.", markup=False)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +22,8 @@ from gradwatch.fix.candidates import Candidate, autotrainer_order, combine, from
 from gradwatch.fix.names import Names, script_names
 from gradwatch.fix.touched import Workspace
 from gradwatch.fix.trial import OUTPUT_LOG, Trial, discard_trials, run_trial, run_trial_in_process
-from gradwatch.store import read_run
+from gradwatch.store import read_run, store_files
+from gradwatch.store.reader import connect
 from gradwatch.store.series import LayerInfo
 
 BASELINE = Candidate("baseline (no change)")
@@ -39,6 +40,7 @@ class FixResult:
     # in its run directory under written/, and the directory was put back after every trial ...
     written: list[str] = field(default_factory=list)
     overwritten: list[str] = field(default_factory=list)  # ... except these (too much to copy aside)
+    edited: list[str] = field(default_factory=list)  # source files changed during the fix: the user's, kept
     names: Names = field(default_factory=Names)  # how the script calls its model and optimizer
 
     @property
@@ -76,26 +78,65 @@ class FixResult:
         data = {"baseline": row(self.baseline), "screened": [row(t) for t in self.screened],
                 "trials": [row(t) for t in self.trials], "winner": winner.candidate.name if winner else None,
                 "code": self.change, "repaired": self.repaired,
-                "written_by_the_script": self.written, "left_overwritten": self.overwritten}
+                "written_by_the_script": self.written, "left_overwritten": self.overwritten,
+                "edited_during_the_fix": self.edited}
         path = out / "fix.json"
         path.write_text(json.dumps(data, indent=1) + "\n")
         return path
 
 
-def pick_finals(ranked: list[Candidate]) -> list[Candidate]:
-    """The two full-length trials after screening (`ranked`: best first, at least two): the leader
-    with the runner-up (the leader alone when both change the same thing), then the leader with
-    the third (else the runner-up with the third, else the next one alone). A setup that trains
-    usually changes several things at once (activation, initialisation, optimizer), and the
-    leader is the remedy most likely to be one of them."""
-    lead, second = ranked[0], ranked[1]
-    first = combine(lead, second) or lead
+# A remedy screened at more than this many times the leader's loss (the leader's plus (margin - 1)
+# times its absolute value, for a loss that can be negative) has shown it does not help beside a
+# leader that repaired the run: it is not paired with it.
+PAIR_MARGIN = 2.0
+
+
+def pick_finals(screened: list[Trial]) -> list[Candidate]:
+    """The full-length trials after screening (`screened`: best first, at least one).
+
+    A leader that repaired the run in screening (no harmful finding, a finite loss) runs alone,
+    then with the best remedy that also repaired it and screened within PAIR_MARGIN of its loss
+    (that remedy alone when the two change the same thing; nothing more when there is none): a
+    remedy that left a harmful finding, or a much higher loss, has shown it does not help, and
+    beside a repair it could only spoil it. A leader that did not repair it runs with the
+    runner-up (alone when both change the same thing), then with the third (else the runner-up
+    with the third, else the next one alone): a setup that trains usually changes several things
+    at once (activation, initialisation, optimizer), and the leader is the remedy most likely to
+    be one of them."""
+    lead = screened[0]
+    if lead.works:
+        return [lead.candidate, *_partner(lead, screened[1:])]
+    ranked = [t.candidate for t in screened]
+    if len(ranked) == 1:
+        return ranked
+    first = combine(ranked[0], ranked[1]) or ranked[0]
     other = None
     if len(ranked) > 2:
-        other = combine(lead, ranked[2]) or combine(second, ranked[2]) or ranked[2]
+        other = combine(ranked[0], ranked[2]) or combine(ranked[1], ranked[2]) or ranked[2]
     if other is None or other == first:
-        other = second
+        other = ranked[1]
     return [first, other]
+
+
+def _partner(lead: Trial, others: list[Trial]) -> list[Candidate]:
+    """The final beside a leader that repaired the run alone: the leader with the best other repair
+    close to it, or that repair alone when the two do not combine; none when no other qualifies."""
+    close = [t.candidate for t in others
+             if t.works and t.final_loss - lead.final_loss <= (PAIR_MARGIN - 1) * abs(lead.final_loss)]
+    return [combine(lead.candidate, close[0]) or close[0]] if close else []
+
+
+def group_lrs(run_dir: Path) -> tuple[float, ...]:
+    """The peak lr of each parameter group over the run (the store keeps every group's per step;
+    the series only the first's)."""
+    db = connect(store_files(run_dir)[0])
+    try:
+        rows = [json.loads(text) for (text,) in db.execute("SELECT lrs FROM steps WHERE lrs IS NOT NULL")]
+    finally:
+        db.close()
+    width = max((len(r) for r in rows), default=0)
+    peaks = [max((r[i] for r in rows if len(r) > i and np.isfinite(r[i])), default=np.nan) for i in range(width)]
+    return tuple(float(lr) for lr in peaks if np.isfinite(lr))
 
 
 def hidden_activations(layers: list[LayerInfo]) -> set[str]:
@@ -113,8 +154,9 @@ def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "
 
     `order="gradwatch"` builds candidates from the baseline's findings; `"autotrainer"` replays
     AutoTrainer's fixed order. `strategy`: "screen" (default) runs every candidate for a quarter
-    of the budget, then at full length the leader combined with the runner-up and with the third
-    (`pick_finals`) — every remedy gets a look for about the cost of two full trials, and the
+    of the budget, then at most two at full length (`pick_finals`: a leader that repaired the run
+    alone and beside the best other repair; else the leader combined with the runner-up and with
+    the third) — every remedy gets a look for about the cost of two full trials, and the
     choice rests on measured loss, not on a fixed order; "first" runs full
     trials in order and stops at the first that works (what AutoTrainer does); "all" runs every
     one at full length.
@@ -140,8 +182,8 @@ def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "
             workspace.settle(out / name)
         return t
 
+    workspace = Workspace(Path.cwd(), out)  # first: a killed fix's trials date what it left
     discard_trials(out)
-    workspace = Workspace(Path.cwd(), out)
     if workspace.notice:
         say(f"gradwatch fix: {workspace.notice}")
     try:
@@ -164,7 +206,7 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], command: list[str] | Cal
         raise ConfigError("the baseline run changed no weight: no optimizer.step() and no update by hand was "
                           "seen, so no remedy can change how it trains; call optimizer.step() after "
                           f"loss.backward() (see {out / 'baseline' / OUTPUT_LOG})")
-    names = script_names(command, Context(run))
+    names = replace(script_names(command, Context(run)), group_lrs=group_lrs(baseline.run_dir))
     if candidates is None:
         if order == "autotrainer":
             candidates = autotrainer_order(baseline.findings, names)
@@ -176,7 +218,6 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], command: list[str] | Cal
     result = FixResult(baseline, [], budget_steps=budget_steps, names=names)
     result.save(out)
     queue = list(candidates)
-    screened: list[Trial] = []  # best first
     if strategy == "screen" and len(queue) > 1:
         short = result.screen_steps = max(budget_steps // 4, 10)
         for i, cand in enumerate(queue, 1):
@@ -184,22 +225,15 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], command: list[str] | Cal
             result.screened.append(trial(f"screen-{i}", cand, short))
             result.save(out)
         screened = [t for t in sorted(result.screened, key=lambda t: t.score) if not t.not_applied]
-        ranked = [t.candidate for t in screened]
-        queue = (pick_finals(ranked) if len(ranked) > 1 else ranked)[:max(finals, 1)]
+        queue = pick_finals(screened)[:max(finals, 1)] if screened else []
     for i, cand in enumerate(queue, 1):
         say(f"gradwatch fix: trial {i}/{len(queue)} ({budget_steps} steps): {cand.name}")
         result.trials.append(trial(f"trial-{i}", cand, budget_steps))
         result.save(out)
         if strategy == "first" and result.trials[-1].works:
             break
-    if screened and screened[0].works and screened[0].candidate not in queue and not any(t.works for t in result.trials):
-        # the leader worked on its own in screening and every combination with it failed: a
-        # remedy that repairs alone is not to be lost to the company it was tried in
-        lead = screened[0].candidate
-        say(f"gradwatch fix: trial {len(queue) + 1}/{len(queue) + 1} ({budget_steps} steps): {lead.name} alone")
-        result.trials.append(trial(f"trial-{len(queue) + 1}", lead, budget_steps))
-        result.save(out)
     result.written, result.overwritten = sorted(workspace.written), sorted(workspace.overwritten)
+    result.edited = sorted(workspace.edited)
     result.save(out)
     return result
 

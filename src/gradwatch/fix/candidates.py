@@ -5,6 +5,7 @@ through hooks, plus the code the user should write if it wins, in the script's o
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 from gradwatch.collect.layers import ACTIVATIONS
@@ -28,17 +29,24 @@ class Candidate:
 def clip_norm(max_norm: float = 1.0, names: Names = GENERIC) -> Candidate:
     return Candidate(f"clip norm {max_norm:g}", {"clip": "norm", "max_norm": max_norm},
                      f"torch.nn.utils.clip_grad_norm_({names.model}.parameters(), max_norm={max_norm:g})"
-                     f"  # before {names.optimizer}.step()")
+                     f"  # {names.before_update}")
 
 
 def clip_value(value: float = 1.0, names: Names = GENERIC) -> Candidate:
     return Candidate(f"clip value {value:g}", {"clip": "value", "value": value},
                      f"torch.nn.utils.clip_grad_value_({names.model}.parameters(), clip_value={value:g})"
-                     f"  # before {names.optimizer}.step()")
+                     f"  # {names.before_update}")
 
 
 def zclip(names: Names = GENERIC) -> Candidate:
-    return Candidate("ZClip", {"clip": "zclip"}, f"gw.clip.attach({names.optimizer}, gw.clip.ZClip())")
+    """ZClip keeps statistics of the norms it has seen, so it is built once; with no optimizer to
+    attach it to, it is called on the parameters where the trial clipped them."""
+    if names.manual:
+        code = (f"zclip = gw.clip.ZClip()  # once, before training\n"
+                f"zclip({names.model}.parameters())  # every step, {names.before_update}")
+    else:
+        code = f"gw.clip.attach({names.optimizer}, gw.clip.ZClip())"
+    return Candidate("ZClip", {"clip": "zclip"}, code)
 
 
 def reinit(names: Names = GENERIC) -> Candidate:
@@ -54,14 +62,37 @@ def adam(names: Names = GENERIC) -> Candidate:
 
 
 def lr_scale(factor: float, names: Names = GENERIC) -> Candidate:
+    code = _manual_lr_code(factor, names) if names.manual else _optimizer_lr_code(factor, names)
+    return Candidate(f"learning rate x{factor:g}", {"lr_scale": factor}, code)
+
+
+def _optimizer_lr_code(factor: float, names: Names) -> str:
+    """The trial scales every parameter group's lr: one value where they share one, else each scaled."""
+    loop = f"for group in {names.optimizer}.param_groups: "
+    if len(set(names.group_lrs)) > 1:  # one value would flatten lrs the script set per group
+        each = ", ".join(f"{lr:.3g} -> {lr * factor:.3g}" for lr in names.group_lrs)
+        return (loop + f"group['lr'] *= {factor:g}  # each group's own lr ({each}); once, after "
+                f"{names.optimizer} is built; under a scheduler, before it is built")
     value = names.lr_value(factor)
     if value is None:
-        change = f"group['lr'] *= {factor:g}  # with a scheduler: the lr (max_lr) it is built with"
-    else:
-        was = f"{names.run.lr:.3g}" + (" (the schedule's peak)" if names.run.scheduled else "")
-        change = f"group['lr'] = {value}  # {was} x{factor:g}; under a scheduler, before it is built (OneCycleLR: max_lr={value})"
-    return Candidate(f"learning rate x{factor:g}", {"lr_scale": factor},
-                     f"for group in {names.optimizer}.param_groups: {change}")
+        return loop + f"group['lr'] *= {factor:g}  # with a scheduler: the lr (max_lr) it is built with"
+    was = f"{names.run.lr:.3g}" + (" (the schedule's peak)" if names.run.scheduled else "")
+    return loop + f"group['lr'] = {value}  # {was} x{factor:g}; under a scheduler, before it is built (OneCycleLR: max_lr={value})"
+
+
+def _manual_lr_code(factor: float, names: Names) -> str:
+    """Updates by hand: the trial scaled the gradients the update applies (p -= lr·g), which is
+    scaling the lr the update multiplies them by."""
+    why = f"the trial scaled the gradients your update applies by {factor:g}"
+    lr, was = names.update_lr, names.update_lr_set
+    if not lr:
+        return (f"lr *= {factor:g}  # lr: the learning rate your update multiplies the gradients by (not found in "
+                f"your script); once, after it is set: {why}")
+    if not re.fullmatch(r"[A-Za-z_][\w.]*", lr):  # an expression (`0.5`, `base_lr * decay`): nothing to assign to
+        return f"# multiply the learning rate of your update ({lr}) by {factor:g}: {why}"
+    if was is not None:
+        return f"{lr} = {was * factor:.3g}  # in place of your {lr} = {was:g} (x{factor:g}): {why}"
+    return f"{lr} *= {factor:g}  # once, after {lr} is set, before training: {why}"
 
 
 def swap(old: str, new: str = "LeakyReLU", init: str | None = None, present: tuple[str, ...] = (),
@@ -89,7 +120,7 @@ def norm(kind: str, names: Names = GENERIC) -> Candidate:
     what = "BatchNorm" if kind == "batch" else "LayerNorm"
     return Candidate(f"{what} after each layer", {"norm": kind},
                      f"{names.model}, _ = gw.modify.insert_norm({names.model}, {kind!r})"
-                     f"  # before {names.optimizer} is built: new parameters")
+                     f"  # {names.new_parameters}")
 
 
 def forget_bias(names: Names = GENERIC) -> Candidate:
@@ -99,8 +130,8 @@ def forget_bias(names: Names = GENERIC) -> Candidate:
 
 def gru(names: Names = GENERIC) -> Candidate:
     return Candidate("nn.RNN -> nn.GRU", {"recurrent": "gru"},
-                     f"{names.model}, _ = gw.modify.replace_rnn({names.model})  # before {names.optimizer} is built: "
-                     "new parameters (or build nn.GRU(...) where the nn.RNN is built)")
+                     f"{names.model}, _ = gw.modify.replace_rnn({names.model})  # {names.new_parameters} "
+                     "(or build nn.GRU(...) where the nn.RNN is built)")
 
 
 def orthogonal(names: Names = GENERIC) -> Candidate:
@@ -136,7 +167,7 @@ def from_findings(findings: list[Finding], activations: set[str], *, layer_types
     sequence = bool(layer_types & {"RNN", "GRU", "LSTM", "MultiheadAttention", "TransformerEncoderLayer",
                                    "TransformerDecoderLayer", "Embedding"})
     normalise = norm("layer" if sequence else "batch", names)
-    adams = [adam(names)] if optimizer is not None and optimizer not in ("Adam", "AdamW") else []
+    adams = [adam(names)] if optimizer is not None and optimizer not in ADAPTIVE else []
     saturating = [SATURATING_MODULES[a] for a in sorted(activations) if a in SATURATING_MODULES]
     present = tuple(sorted(MODULE_NAMES[a] for a in activations if a in MODULE_NAMES))
     out: list[Candidate] = []

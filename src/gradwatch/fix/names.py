@@ -1,6 +1,7 @@
 """The names a training script gives its model and optimizer, read from its source (never run), so
 that the change `fix` prints can be pasted into it as it is: `opt.param_groups` where the script
-calls its optimizer `opt`, `self.model.rnn` where its RNN sits there. Where the source does not say
+calls its optimizer `opt`, `self.model.rnn` where its RNN sits there, `lr` where it updates the
+weights itself (`p -= lr * p.grad`). Where the source does not say
 reliably (no source, two optimizers, parameters gathered from several modules), the generic names
 stay, and a comment says what they stand for."""
 
@@ -35,6 +36,26 @@ class Names:
     batch: str = ""  # what the script calls the model with in training (`Xtr[idx]`), if found
     imported: frozenset[str] | None = None  # the names the script imports (None: not read)
     run: Context | None = field(default=None, compare=False)  # the baseline: its lr and layers
+    group_lrs: tuple[float, ...] = ()  # the baseline's lr of each parameter group (its peak)
+    update_lr: str = ""  # what a hand-written update multiplies the gradients by (`lr` in `p -= lr * p.grad`)
+    update_lr_set: float | None = None  # the one number the script assigns to it (`lr = 0.5`), if so
+    loads_weights: bool = False  # the script loads the model's weights (`model.load_state_dict`)
+
+    @property
+    def manual(self) -> bool:
+        """The baseline updated the weights by hand (no optimizer stepped): no `optimizer` to name."""
+        return self.run is not None and self.run.run.meta.get("optimizer") is None
+
+    @property
+    def before_update(self) -> str:
+        """Where a gradient change goes: between the backward and the update it changes."""
+        return "after loss.backward(), before your update" if self.manual else f"before {self.optimizer}.step()"
+
+    @property
+    def new_parameters(self) -> str:
+        """When a change that adds parameters must be made, so that they are trained too."""
+        return ("before training: new parameters, for your update to reach" if self.manual else
+                f"before {self.optimizer} is built: new parameters")
 
     def ref(self, layer: str) -> str:
         """A module inside the model, by its recorded name: `rnn` -> `net.rnn`."""
@@ -46,8 +67,9 @@ class Names:
         return [self.ref(n) for n in layers] or ["lstm" if types == ("LSTM",) else "rnn"]
 
     def lr_value(self, factor: float) -> str | None:
-        """The lr the script's lr times `factor` gives (2.0 x0.1 -> "0.2"); None when not recorded."""
-        if self.run is None or not self.run.lr > 0:
+        """The lr the script's lr times `factor` gives (2.0 x0.1 -> "0.2"); None when not recorded,
+        or when the parameter groups have lrs of their own (one value would flatten them)."""
+        if self.run is None or not self.run.lr > 0 or len(set(self.group_lrs)) > 1:
             return None
         return self.run.lr_text(factor)
 
@@ -59,6 +81,9 @@ class Names:
             missing = self.imported is None and module == "gw" or self.imported is not None and module not in self.imported
             if missing and _uses(code, module + "."):
                 lines.append(line)
+        if self.loads_weights and MODEL_CHANGE.search(code) and "new parameters" not in code:
+            lines.append(f"# apply after {self.model} is built and its weights loaded (load_state_dict), "
+                         "before training: where the trial made it")
         if "example_input=batch" in code:
             seen = f", as in {self.model}({self.batch})" if self.batch else ", as the model takes it in training"
             lines.append(f"# batch: one input batch{seen}")
@@ -67,6 +92,10 @@ class Names:
         if generic:
             lines.append(f"# {'; '.join(generic)} (not found in your script)")
         return "\n".join([*lines, code])
+
+
+# a change to the model's modules or weights, which must come after the weights a checkpoint loads
+MODEL_CHANGE = re.compile(r"gw\.modify\.|gw\.init_\(|nn\.init\.")
 
 
 def _uses(code: str, name: str) -> bool:
@@ -88,6 +117,8 @@ def read_names(source: str, run: Context | None = None, imported: frozenset[str]
     binds = imported | {(a.asname or a.name).split(".")[0] for node in ast.walk(tree)
                         if isinstance(node, (ast.Import, ast.ImportFrom)) for a in node.names}
     targets = {target for target, _ in reader.builds}
+    if not targets and reader.update_lrs:  # no optimizer: the weights are updated by hand
+        return _by_hand(tree, reader, binds, run)
     if len(targets) != 1:  # none, or several optimizers (a GAN's two): which one is unclear
         return Names(imported=binds, run=run)
     optimizer = targets.pop()
@@ -95,18 +126,43 @@ def read_names(source: str, run: Context | None = None, imported: frozenset[str]
     if len(models) != 1 or None in models:
         return Names(optimizer=optimizer, found=frozenset({"optimizer"}), imported=binds, run=run)
     model = models.pop()
-    batch = next((arg for func, arg in reader.calls if func == model), "")
-    return Names(model, optimizer, frozenset({"model", "optimizer"}), batch, binds, run)
+    return Names(model, optimizer, frozenset({"model", "optimizer"}), reader.batch(model), binds, run,
+                 loads_weights=reader.loads_weights(model))
+
+
+def _by_hand(tree: ast.AST, reader: _Reader, binds: frozenset[str], run: Context | None) -> Names:
+    """A script that updates its weights itself (`p -= lr * p.grad`): the model is the one module
+    whose parameters it reads, the learning rate what its updates multiply the gradients by."""
+    lrs = set(reader.update_lrs)
+    lr = lrs.pop() if len(lrs) == 1 else ""
+    value = _number_set(tree, lr) if lr else None
+    if len(reader.owners) != 1:
+        return Names(imported=binds, run=run, update_lr=lr, update_lr_set=value)
+    model = next(iter(reader.owners))
+    return Names(model, found=frozenset({"model"}), batch=reader.batch(model), imported=binds, run=run,
+                 update_lr=lr, update_lr_set=value, loads_weights=reader.loads_weights(model))
+
+
+def _number_set(tree: ast.AST, name: str) -> float | None:
+    """The number `name` holds when the source sets it once, to a number (`lr = 0.5`); else None."""
+    sets = [node for node in ast.walk(tree) if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign))
+            and name in [ast.unparse(t) for t in (node.targets if isinstance(node, ast.Assign) else [node.target])]]
+    value = sets[0].value if len(sets) == 1 and isinstance(sets[0], ast.Assign) else None
+    number = isinstance(value, ast.Constant) and isinstance(value.value, (int, float)) and not isinstance(value.value, bool)
+    return float(value.value) if number else None
 
 
 class _Reader(ast.NodeVisitor):
-    """The optimizer builds (`opt = torch.optim.SGD(net.parameters(), ...)`: target, model) and the
-    calls made outside no_grad blocks (callee, first argument) of a source."""
+    """The optimizer builds (`opt = torch.optim.SGD(net.parameters(), ...)`: target, model), the
+    calls made outside no_grad blocks (callee, first argument), the modules whose parameters are
+    read (`net.parameters()`) and the learning rates of hand-written updates of a source."""
 
     def __init__(self, classes: frozenset[str] | set[str]):
         self.classes = classes
         self.builds: list[tuple[str, str | None]] = []
         self.calls: list[tuple[str, str]] = []
+        self.owners: set[str] = set()
+        self.update_lrs: list[str] = []
         self._scopes: list[ast.AST] = []
         self._no_grad = 0
 
@@ -135,7 +191,31 @@ class _Reader(ast.NodeVisitor):
     def visit_Call(self, node: ast.Call) -> None:
         if not self._no_grad and node.args:
             self.calls.append((ast.unparse(node.func), ast.unparse(node.args[0])))
+        if isinstance(node.func, ast.Attribute) and node.func.attr in ("parameters", "named_parameters"):
+            self.owners.add(ast.unparse(node.func.value))
+        if isinstance(node.func, ast.Attribute) and node.func.attr == "sub_" and node.args:
+            self._update(node.args[0])  # p.sub_(lr * p.grad)
         self.generic_visit(node)
+
+    def visit_AugAssign(self, node: ast.AugAssign) -> None:
+        if isinstance(node.op, ast.Sub):
+            self._update(node.value)  # p -= lr * p.grad
+        self.generic_visit(node)
+
+    def _update(self, step: ast.expr) -> None:
+        """`lr * p.grad` (or `p.grad * lr`): an update by hand, at the learning rate `lr`."""
+        if isinstance(step, ast.BinOp) and isinstance(step.op, ast.Mult):
+            for grad, lr in ((step.right, step.left), (step.left, step.right)):
+                if isinstance(grad, ast.Attribute) and grad.attr == "grad":
+                    self.update_lrs.append(ast.unparse(lr))
+                    return
+
+    def batch(self, model: str) -> str:
+        """What the model is called with in training (`Xtr[idx]`); "" when not seen."""
+        return next((arg for func, arg in self.calls if func == model), "")
+
+    def loads_weights(self, model: str) -> bool:
+        return any(func == f"{model}.load_state_dict" for func, _ in self.calls)
 
     def _build(self, target: ast.expr, value: ast.expr | None) -> None:
         if isinstance(target, (ast.Name, ast.Attribute)) and _callee(value) in self.classes:
