@@ -49,6 +49,11 @@ def test_deep_sigmoid_net_vanishes():
     v = next(f for f in found if f.kind == "vanishing_gradient")
     assert v.first_step == 0 and v.layers[0] == "0"
     assert v.causes[0].startswith("saturating activation")
+    # every remedy's code runs as printed, given the model and one input batch (add_residual
+    # was printed without the example_input it requires)
+    for remedy in v.remedies:
+        scope = {"gw": gw, "nn": nn, "torch": torch, "model": mlp(depth=8, act=nn.Sigmoid), "x": data()[0]}
+        exec(remedy.code, scope)
 
 
 def test_he_relu_net_of_the_same_depth_is_healthy():

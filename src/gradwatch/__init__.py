@@ -1,7 +1,7 @@
 """gradwatch: vanishing and exploding gradients, made visible, explained, predicted and fixed."""
 
 from gradwatch.collect import Watch, watch
-from gradwatch.diagnose import Finding, diagnose
+from gradwatch.diagnose import Finding, Thresholds, diagnose
 from gradwatch.errors import ConfigError, GradwatchError, StoreError, TrainingStopped
 from gradwatch.fix import FixResult, fix
 from gradwatch.probe import ProbeResult, probe
@@ -10,6 +10,6 @@ from gradwatch.store import RunSeries, read_run
 
 __version__ = "0.1.0"
 
-__all__ = ["watch", "Watch", "diagnose", "Finding", "read_run", "RunSeries", "GradwatchError", "ConfigError", "StoreError",
+__all__ = ["watch", "Watch", "diagnose", "Finding", "Thresholds", "read_run", "RunSeries", "GradwatchError", "ConfigError", "StoreError",
            "TrainingStopped",
            "clip", "guard", "init_", "check_constant_init", "modify", "probe", "ProbeResult", "fix", "FixResult"]

@@ -114,7 +114,7 @@ def vanishing(ctx: Context, layers: tuple[str, ...], evidence: dict, through_tim
                                "model, _ = gw.modify.insert_norm(model, 'batch')"))
     if ctx.depth >= 6:
         remedies.append(Remedy("Add residual connections around the shape-preserving blocks",
-                               "model, _ = gw.modify.add_residual(model)"))
+                               "model, _ = gw.modify.add_residual(model, example_input=x)  # x: one input batch"))
     return causes, remedies
 
 

@@ -29,6 +29,21 @@ class Remedy:
 
 @dataclass(frozen=True)
 class Finding:
+    """One problem found in a run (docs/diagnose.md).
+
+    kind: one of `KINDS` ("vanishing_gradient", "exploding_gradient", "non_finite", ...).
+    severity: "error", "warning" or "info".
+    first_step: the step the problem starts at (the first warning sign).
+    layers: module names of the layers concerned, nearest the input first (may be empty).
+    message: one sentence saying what is wrong and what to do first.
+    evidence: the numbers that triggered it, by name.
+    causes: likely causes, most likely first; from `gw.diagnose` each starts with a stable key
+        and a colon ("learning rate: ...", "saturating activation: ...").
+    remedies: `Remedy(action, code)`s, best first: what to change and the code to paste.
+
+    `line()` gives one line for a log; `to_dict()` / `from_dict()` the JSON form of findings.json.
+    """
+
     kind: str
     severity: str
     first_step: int

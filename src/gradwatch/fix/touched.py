@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEPTH = 3  # the working directory and two levels below it (checkpoints/run1/ckpt.pt)
-SOURCE = (".py",)  # changed during a fix, these are the user's edits: a training script does not write code
+SOURCE = (".py", ".md", ".rst", ".ipynb")  # changed during a fix, the user's edits: a training script writes no code or prose
 GRACE_S = 60  # a file changed this long after a killed fix's last write is the user's, not its trial's
 MAX_ENTRIES = 20000  # a data directory of millions of files is not worth walking
 BACKUP_LIMIT = 512 * 2**20  # bytes of the user's files copied aside before the baseline, at most

@@ -1,4 +1,7 @@
-"""The live status line: one line on stderr, rewritten in place at each flush, only on a terminal.
+"""The live status line: one line on stderr, rewritten in place at each flush.
+
+A `Watch` installs it when stderr is a terminal (or with `status=True`); a `StatusLine` installed
+by hand draws on its stream, control codes included, whether or not that is a terminal.
 
     gradwatch  step 1200  loss 0.4312  grad min/max 3.1e-05 (fc0)  findings 1
 

@@ -41,6 +41,23 @@ class LayerProbe:
 
 @dataclass
 class ProbeResult:
+    """What `gw.probe` measured on one batch at initialisation (docs/probe.md).
+
+    layers: one `LayerProbe` per weight (or recurrent) layer, input first: activation statistics,
+        ‖∂L/∂s‖, ‖∂L/∂W‖, Jacobian singular values and the layer's verdict.
+    loss: the loss of the batch; input_std / output_std: std of the model's input and output.
+    gain: products over depth of the layers' Jacobian σ ("top", "mean", "rms").
+    mean_field: the mean-field prediction for an MLP (χ₁, depth scale ξ), else None with
+        mean_field_note saying why; chi_measured: the measured χ₁ (median over hidden layers).
+    recurrent: one `RecurrentProbe` per recurrent layer (BPTT horizon, ‖W_hh‖ against 1/γ).
+    findings: `Finding`s with causes and remedies; verdict: "healthy", "vanishing",
+        "exploding" or "non-finite".
+    iters: Jacobian products per layer; seconds: time taken; notes: remarks (a default loss
+        swapped for another, a layer whose Jacobian could not be taken).
+
+    `table()`, `summary_lines()`, `to_json()` and `plot(path)` present it; `layer(name)` picks one.
+    """
+
     layers: list[LayerProbe]
     loss: float
     input_std: float

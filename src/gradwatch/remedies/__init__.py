@@ -1,6 +1,7 @@
 """Remedies: clipping, a non-finite step guard, per-layer initialisation, and model changes.
 
-Depends on nothing else in gradwatch but its errors (gw.fix builds on these, not the reverse).
+Depends on gradwatch's errors and three torch-only helpers of `gradwatch.collect` (the activation
+names, the gradient-hook patches, the norms); gw.fix builds on these, not the reverse.
 """
 
 from gradwatch.remedies import clip, modify
