@@ -488,10 +488,12 @@ def test_a_compiled_model_keeps_its_sampled_statistics_after_a_new_batch_shape()
     assert dynamo_config.skip_nnmodule_hook_guards  # put back when the watch detached
 
 
-def test_a_compiled_model_given_to_watch_runs_its_whole_graph_between_samples():
-    """gw.watch(torch.compile(model)): layers named as the model's own, the losses of the
-    unwatched compiled run, and the steps between samples in one compiled graph, not the graph
-    per module that the sampled step's hooks break it into."""
+@pytest.mark.parametrize("given", ["compiled", "model"])
+def test_a_compiled_model_runs_its_whole_graph_between_samples(given):
+    """gw.watch(torch.compile(model)), or gw.watch(model) with the compiled wrapper called:
+    layers named as the model's own, the losses of the unwatched compiled run, and the steps
+    between samples in one compiled graph, not the graph per module that the sampled step's
+    hooks break it into."""
     from torch._dynamo import reset as dynamo_reset
     from torch.profiler import profile
 
@@ -501,7 +503,8 @@ def test_a_compiled_model_given_to_watch_runs_its_whole_graph_between_samples():
         compiled = torch.compile(nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(),
                                                nn.Linear(16, 1)), backend="aot_eager")
         opt = torch.optim.SGD(compiled.parameters(), lr=0.01)
-        watch = gradwatch.watch(compiled, opt, sample_every=5, warn=False) if watched else None
+        watched_model = compiled if given == "compiled" else compiled._orig_mod
+        watch = gradwatch.watch(watched_model, opt, sample_every=5, warn=False) if watched else None
         losses = []
         for step in range(13):
             with profile() as prof:

@@ -5,14 +5,16 @@ a hook on every module, every step, would cost more than everything else recorde
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 
 from gradwatch.collect import patches
-from gradwatch.collect.layers import RECURRENT, Layer
+from gradwatch.collect.layers import RECURRENT, Layer, compiled_inner
 from gradwatch.collect.record import StepRecord
 from gradwatch.collect.stats import activation_stats, rms, time_profile
 
@@ -53,6 +55,7 @@ class SampledHooks:
         self._unscale = unscale
         self._handles: list = []
         self._compiled: list[nn.Module] = []  # torch.compile wrappers of watched models
+        self._others: set[int] = set()  # ids of wrappers of models not watched
         self._modes: list[_SampledStep] = []
 
     def add_compiled(self, wrapper: nn.Module) -> None:
@@ -63,9 +66,9 @@ class SampledHooks:
             self._hook_wrapper(wrapper)
 
     def entered(self, wrapper: nn.Module) -> None:
-        """Called from a forward pre-hook of the wrapper's own call (zero-code discovery), which
-        its first compile follows: hooked too late for its own pre-hook to run this time, a sampled
-        step enters the mode here."""
+        """Called from a forward pre-hook of the wrapper's own call (zero-code discovery, the
+        wrapper finder), which its first compile follows: hooked too late for its own pre-hook to
+        run this time, a sampled step enters the mode here."""
         if self._handles:
             self._enter(wrapper, ())
 
@@ -73,6 +76,23 @@ class SampledHooks:
         """(Hooks on the wrapper run outside the compiled code; the exit runs even if it raises.)"""
         self._handles.append(wrapper.register_forward_pre_hook(self._enter))
         self._handles.append(wrapper.register_forward_hook(self._exit, always_call=True))
+
+    def _wrapper_finder(self, layers: list[Layer]):
+        """`gw.watch(model)` with `torch.compile(model)` called: the wrapper is found at its call on
+        a sampled step, by a global hook that is there on sampled steps only, and entered at once."""
+        inside = {id(layer.module) for layer in layers}
+        warnings.filterwarnings("ignore", message=r"Using `torch.compile\(module\)` when there are global hooks")
+
+        def find(module, args) -> None:
+            inner = compiled_inner(module)
+            if inner is None or id(module) in self._others or any(w is module for w in self._compiled):
+                return
+            if not any(id(m) in inside for m in inner.modules()):
+                self._others.add(id(module))
+                return
+            self.add_compiled(module)
+            self.entered(module)
+        return register_module_forward_pre_hook(find)
 
     def _enter(self, module, args) -> None:
         mode = _SampledStep()
@@ -89,6 +109,8 @@ class SampledHooks:
         patches.compile_sees_hooks()
         for wrapper in self._compiled:
             self._hook_wrapper(wrapper)
+        if "torch._dynamo" in sys.modules:
+            self._handles.append(self._wrapper_finder(layers))
         for pos, layer in enumerate(layers):
             module = layer.module
             if layer.role == "activation":
