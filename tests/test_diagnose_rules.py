@@ -365,6 +365,7 @@ def test_layers_that_get_exactly_zero_gradient_are_found_without_activation_modu
     for k in (0, 1):
         run.metrics["grad_norm"][:, run.column(f"fc{k}")] = 0.0
         run.metrics["update_ratio"][sampled(run), run.column(f"fc{k}")] = 0.0
+        run.metrics["grad_max"][sampled(run), run.column(f"fc{k}")] = 0.0  # every entry 0, as recorded
     found = diagnose(run)
     f = next(f for f in found if f.kind == "dead_units")
     assert f.layers == ("fc0", "fc1") and f.first_step == 0 and f.severity == "error"
@@ -713,3 +714,16 @@ def test_phases_are_diagnosed_one_by_one():
     run.metrics["nonfinite"][150:, 0] = 3
     found = [f for f in diagnose(run) if f.kind == "non_finite"]
     assert found and found[0].first_step == 150
+
+
+def test_a_norm_that_underflowed_to_0_is_no_layer_cut_off():
+    """A 48-layer sigmoid net: entries of 1e-30 square to 0 in float32, the stored norm is 0 while
+    max |g| is 1e-30. It was an ERROR dead_units ('ReLU units ... He init') for a sigmoid net."""
+    run = build(activation="sigmoid")
+    c = run.column("fc0")
+    run.metrics["grad_norm"][:, c] = 0.0
+    rows = sampled(run)
+    run.metrics["grad_max"][rows, c] = 0.0
+    assert "dead_units" in kinds(diagnose(run))  # the premise: every entry 0 reads cut off
+    run.metrics["grad_max"][rows, c] = 1e-30
+    assert "dead_units" not in kinds(diagnose(run))

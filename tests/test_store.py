@@ -89,3 +89,21 @@ def test_watching_into_a_used_directory_replaces_the_old_run(tmp_path):
                 model(torch.randn(4, 3)).sum().backward()
                 opt.step()
     assert list(gw.read_run(tmp_path).steps) == [0, 1, 2]
+
+
+def test_runs_under_paths_with_uri_characters_are_read(tmp_path):
+    """'#', '?' and '%' in a run's path cut the URI the reader opened ('no such table: meta')."""
+    import torch
+    from torch import nn
+
+    import gradwatch as gw
+    from gradwatch.store import read_run
+
+    for name in ("trial#3", "what?", "p%41"):
+        model = nn.Linear(2, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with gw.watch(model, opt, out=tmp_path / name, warn=False) as watch:
+            for _ in range(3):
+                opt.zero_grad(), model(torch.randn(4, 2)).sum().backward(), opt.step()
+            watch.flush()
+            assert list(read_run(tmp_path / name).steps) == [0, 1, 2]

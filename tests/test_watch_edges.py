@@ -621,3 +621,48 @@ def test_zero_code_an_optimizer_that_stops_on_purpose_is_no_stalled_layer(tmp_pa
     assert not [f for f in diagnose(run) if f.kind == "stalled_layers"]
     run.meta["optimizer_stopped"] = []
     assert [f for f in diagnose(run) if f.kind == "stalled_layers"]  # what it said before
+
+
+def test_a_full_disk_stops_the_recording_not_the_training(tmp_path, monkeypatch, capsys):
+    """sqlite's 'database or disk is full' raised out of optimizer.step(): monitoring must never
+    end the training it watches."""
+    import sqlite3
+
+    from gradwatch.store import writer
+
+    real, calls = writer.RunStoreWriter.write, []
+
+    def full(self, batch):
+        calls.append(1)
+        if len(calls) > 2:
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(self, batch)
+
+    monkeypatch.setattr(writer.RunStoreWriter, "write", full)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    watch = gradwatch.watch(model, opt, out=tmp_path, warn=False, flush_every=5)
+    for _ in range(40):
+        opt.zero_grad()
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        opt.step()
+    assert len(watch.stored_series().steps) == 10  # the two flushes before the disk filled
+    watch.detach()
+    assert capsys.readouterr().err.count("recording stops here, training goes on") == 1
+
+
+def test_a_finite_gradient_beyond_float32s_range_is_no_non_finite_step():
+    """Entries of 1e37 are finite; their norm (6.4e38) is not in float32. It is kept at float32's
+    largest value, and stop_on=('non_finite',) did stop the training at it."""
+    model = nn.Linear(64, 64, bias=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    watch = gradwatch.watch(model, opt, warn=False, stop_on=("non_finite",))
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.ones(1, 64)).sum().mul(1e37 / 1.0).backward()
+        opt.step()
+    run = watch.series()
+    watch.detach()
+    g = run.series("0" if "0" in run.layer_names() else run.layer_names()[0], "grad_norm")[1]
+    assert np.isfinite(g).all() and (g == torch.finfo(torch.float32).max).all()
+    assert "non_finite" not in {f.kind for f in gradwatch.diagnose(run)}

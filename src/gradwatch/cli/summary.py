@@ -20,7 +20,10 @@ def print_run_summary(run_dir: Path, out: TextIO) -> None:
     from gradwatch.diagnose import diagnose
 
     findings = diagnose(series)
-    write_findings(run_dir, findings)
+    try:
+        write_findings(run_dir, findings)
+    except OSError as exc:  # a full disk: the summary is still said
+        print(f"gradwatch: cannot write {run_dir}/findings.json ({exc.strerror})", file=out)
     n_layers = len(series.layer_names("param")) + len(series.layer_names("recurrent"))
     loss = series.loss[~np.isnan(series.loss)]
     last = (f", last loss {loss[-1]:.4g}" if np.isfinite(loss[-1]) else ", last loss non-finite") if len(loss) else ""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import sys
 import weakref
 from pathlib import Path
@@ -45,6 +46,9 @@ def layer_info(layer: Layer) -> LayerInfo:
         n_params=sum(p.numel() for p in layer.params),
         activation=layer.activation,
     )
+
+
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def optimizer_meta(optimizer: torch.optim.Optimizer | None) -> dict:
@@ -136,6 +140,7 @@ class Watch:
         self._pending: list[StepRecord] = []
         self._events: list[tuple[int, str, str]] = []
         self._stepping: weakref.WeakSet = weakref.WeakSet()  # optimizers seen stepping
+        self._store_failed = False  # the store could not be written (a full disk): recording stopped
         self._outside: list[str] = []  # layers in none of them, as last said
         self._snapshot: list[torch.Tensor] | None = None  # weights before the update, while one is due
         self._snapshot_buf: list[torch.Tensor] | None = None
@@ -347,20 +352,28 @@ class Watch:
         self._say_outside_optimizers()
         if self._dist is not None:  # collective: every rank flushes at the same steps
             self._events.extend(self._dist.exchange(ready))
-        if self._dist is None or self._dist.writes:
-            if self._writer is None:
-                if self._dist is not None:
-                    self.store_path = self._dist.store_path(self.store_path)
-                self.store_path.parent.mkdir(parents=True, exist_ok=True)
-                self._writer = RunStoreWriter(self.store_path, self._meta)
-            meta = {k: self._meta[k] for k in ("optimizer", "momentum", "distributed") if k in self._meta}
-            batch = to_batch(ready, self._layers, meta=meta)
-            batch.events.extend(self._events)
-            self._writer.write(batch)
+        if (self._dist is None or self._dist.writes) and not self._store_failed:
+            try:
+                self._write(ready)
+            except (sqlite3.Error, OSError) as exc:  # a full disk: the training it watches goes on
+                self._store_failed = True
+                print(f"gradwatch: cannot write the run store {str(self.store_path)!r} ({exc}); recording stops "
+                      "here, training goes on", file=sys.stderr)
         self._pending = [r for r in self._pending if r is self._snapshot_rec]
         self._events = []
         for callback in list(self.on_flush):
             callback(self)
+
+    def _write(self, ready: list[StepRecord]) -> None:
+        if self._writer is None:
+            if self._dist is not None:
+                self.store_path = self._dist.store_path(self.store_path)
+            self.store_path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = RunStoreWriter(self.store_path, self._meta)
+        meta = {k: self._meta[k] for k in ("optimizer", "momentum", "distributed") if k in self._meta}
+        batch = to_batch(ready, self._layers, meta=meta)
+        batch.events.extend(self._events)
+        self._writer.write(batch)
 
     def series(self) -> RunSeries:
         """Everything recorded so far (flushes first; across processes, what the last flush stored)."""
@@ -564,7 +577,8 @@ class Watch:
             if count:
                 rec.nonfinite[i] = count
             else:
-                rec.grad[i] = self._unscale(torch.linalg.vector_norm(g, dtype=torch.float64))
+                # (a finite norm beyond float32's range is kept at its largest value: finite, as it is)
+                rec.grad[i] = self._unscale(torch.linalg.vector_norm(g, dtype=torch.float64)).clamp(max=FLOAT32_MAX)
 
     # ---------------------------------------------------------------- optimizer
     def adopt_optimizer(self, optimizer: torch.optim.Optimizer) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import sqlite3
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 
@@ -38,9 +39,14 @@ def store_files(run: str | os.PathLike) -> list[Path]:
 def connect(path: str | os.PathLike) -> sqlite3.Connection:
     """Open a store read-only and check it is one."""
     path = Path(path)
+    uri = f"file:{quote(str(path.absolute()))}"  # quoted: '#', '?' or '%' in a path are a URI's own
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        row = db.execute("SELECT value FROM meta WHERE key='format'").fetchone()
+        try:
+            db = sqlite3.connect(f"{uri}?mode=ro", uri=True)
+            row = db.execute("SELECT value FROM meta WHERE key='format'").fetchone()
+        except sqlite3.OperationalError:  # a finished run where nothing can be written (no -shm beside it)
+            db = sqlite3.connect(f"{uri}?immutable=1", uri=True)
+            row = db.execute("SELECT value FROM meta WHERE key='format'").fetchone()
     except sqlite3.Error as exc:
         raise StoreError(f"{str(path)!r} is not a gradwatch store ({exc})") from exc
     if row is None or json.loads(row[0]) != FORMAT:

@@ -40,6 +40,13 @@ def find_dead_units(run: RunSeries, th: Thresholds) -> list[Finding]:
     return [Finding("dead_units", "error", first, zero_layers, message, evidence, tuple(causes), tuple(remedies))]
 
 
+def _some_entry_nonzero(run: RunSeries, column: int, rows: np.ndarray) -> bool:
+    """A norm of 0 with an entry that is not (max |g| > 0 on a sampled step): entries below 1e-19
+    square to 0 in float32, so a vanished gradient's norm reads 0 where a cut-off one is 0."""
+    gmax = run.metrics.get("grad_max")
+    return gmax is not None and bool((np.nan_to_num(gmax[rows, column]) > 0).any())
+
+
 def _zero_gradient_layers(run: RunSeries, th: Thresholds) -> dict[str, int]:
     """{layer: first step} for the weight layers nearest the input, from the first on, whose
     gradient norm is exactly 0 for at least `zero_gradient_steps` recorded steps through the end
@@ -60,7 +67,7 @@ def _zero_gradient_layers(run: RunSeries, th: Thresholds) -> dict[str, int]:
         if len(rows) < th.zero_gradient_steps:
             break
         start = persistent_start(g[rows, c] == 0, th.zero_gradient_steps, to_the_end=True)
-        if start is None:
+        if start is None or _some_entry_nonzero(run, c, rows[start:]):
             break
         out[run.layers[c].name] = int(run.steps[rows[start]])
     after = weights[len(out):]
