@@ -42,7 +42,7 @@ def _claim_store(run_dir: str) -> str:
         return os.path.join(run_dir, f"gradwatch-rank{rank}.sqlite")
     main = os.path.join(run_dir, STORE_NAME)
     try:
-        os.close(os.open(main, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        os.close(os.open(main, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # a file, not a program
         return main
     except FileExistsError:
         return os.path.join(run_dir, f"gradwatch-pid{os.getpid()}.sqlite")
