@@ -85,23 +85,27 @@ class FixResult:
         return path
 
 
+# A remedy screened at more than this many times the leader's loss (the leader's plus (margin - 1)
+# times its absolute value, for a loss that can be negative) has shown it does not help beside a
+# leader that repaired the run: it is not paired with it.
+PAIR_MARGIN = 2.0
+
+
 def pick_finals(screened: list[Trial]) -> list[Candidate]:
     """The full-length trials after screening (`screened`: best first, at least one).
 
     A leader that repaired the run in screening (no harmful finding, a finite loss) runs alone,
-    and with the best-screened remedy it combines with (else the runner-up alone): measured side
-    by side, the pair is kept only where it beats the leader alone. A remedy that did not repair
-    the run on its own may complete one that did (ReLU -> LeakyReLU + He needed lr x0.1 beside it
-    on a dying-ReLU net: 0.321 against 1.37 alone), or spoil it (a tester's dead-ReLU net: 1.009
-    against 0.158 alone); only the full trials tell which. A leader that did not repair it runs
-    with the runner-up (alone when both change the same thing), then with the third (else the
-    runner-up with the third, else the next one alone): a setup that trains usually changes
-    several things at once (activation, initialisation, optimizer), and the leader is the remedy
-    most likely to be one of them."""
+    then with the best remedy that also repaired it and screened within PAIR_MARGIN of its loss
+    (that remedy alone when the two change the same thing; nothing more when there is none): a
+    remedy that left a harmful finding, or a much higher loss, has shown it does not help, and
+    beside a repair it could only spoil it. A leader that did not repair it runs with the
+    runner-up (alone when both change the same thing), then with the third (else the runner-up
+    with the third, else the next one alone): a setup that trains usually changes several things
+    at once (activation, initialisation, optimizer), and the leader is the remedy most likely to
+    be one of them."""
     lead = screened[0]
     if lead.works:
-        pairs = [pair for t in screened[1:] if (pair := combine(lead.candidate, t.candidate))]
-        return [lead.candidate, *(pairs[:1] or [t.candidate for t in screened[1:2]])]
+        return [lead.candidate, *_partner(lead, screened[1:])]
     ranked = [t.candidate for t in screened]
     if len(ranked) == 1:
         return ranked
@@ -112,6 +116,14 @@ def pick_finals(screened: list[Trial]) -> list[Candidate]:
     if other is None or other == first:
         other = ranked[1]
     return [first, other]
+
+
+def _partner(lead: Trial, others: list[Trial]) -> list[Candidate]:
+    """The final beside a leader that repaired the run alone: the leader with the best other repair
+    close to it, or that repair alone when the two do not combine; none when no other qualifies."""
+    close = [t.candidate for t in others
+             if t.works and t.final_loss - lead.final_loss <= (PAIR_MARGIN - 1) * abs(lead.final_loss)]
+    return [combine(lead.candidate, close[0]) or close[0]] if close else []
 
 
 def group_lrs(run_dir: Path) -> tuple[float, ...]:
