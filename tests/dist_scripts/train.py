@@ -35,14 +35,14 @@ def make_clipper(name: str, fsdp=None):
 
     group = None if fsdp is None else fsdp.process_group
     return {"norm": lambda: clip.ClipNorm(0.3, process_group=group),
-            "value": lambda: clip.ClipValue(0.02),
+            "value": lambda: clip.ClipValue(0.02, process_group=group),
             "agc": lambda: clip.AGC(clipping=0.05, fsdp=fsdp),
             "autoclip": lambda: clip.AutoClip(percentile=50, process_group=group),
             "zclip": lambda: clip.ZClip(warmup_steps=2, z_thresh=0.5, process_group=group)}[name]()
 
 
 def train_clipped(model, clipper, rank=None, world=2) -> list[float]:
-    """CLIP_STEPS of SGD with `clipper` attached; the norms it returned (None for value clipping)."""
+    """CLIP_STEPS of SGD with `clipper` attached; the norms it returned."""
     from gradwatch.remedies import clip
 
     norms = []

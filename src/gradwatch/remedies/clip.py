@@ -102,15 +102,16 @@ class ClipNorm:
 class ClipValue:
     """Clamp every gradient entry to ±`clip_value` (torch's clip_grad_value_), as an attachable clipper."""
 
-    def __init__(self, clip_value: float = 1.0) -> None:
+    def __init__(self, clip_value: float = 1.0, process_group=None) -> None:
         self.clip_value = positive_number("clip_value", clip_value, fix="pass e.g. ClipValue(1.0)")
+        self.process_group = process_group  # FSDP1: the model's, for the norm it returns over all shards
         self.last_norm: torch.Tensor | None = None
 
     @torch.no_grad()
     def __call__(self, params: Params) -> torch.Tensor:
         """Returns the total norm before clamping, as every clipper does (one reduction, on the device)."""
         params = as_list(params)
-        self.last_norm = total_norm(grads_of(params))
+        self.last_norm = total_norm(grads_of(params), 2.0, self.process_group)
         clip_value(params, self.clip_value)
         return self.last_norm
 
