@@ -14,7 +14,6 @@ import os
 import signal
 import sys
 import threading
-import warnings
 import weakref
 
 from torch import nn
@@ -25,6 +24,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from gradwatch.collect.caller_names import caller_name
 from gradwatch.collect.distributed import process_rank
 from gradwatch.collect.layers import compiled_inner, has_lazy_params
+from gradwatch.collect.sampled_hooks import quiet_global_hook_warning
 from gradwatch.collect.watch import Watch
 from gradwatch.errors import GradwatchError
 from gradwatch.store.reader import STORE_NAME
@@ -258,9 +258,7 @@ def start_from_env() -> AutoWatch | None:
     watch = AutoWatch(run_dir, **options)
     start_from_env.watch = watch
     atexit.register(watch.detach)
-    # torch warns that a compiled model's wrapper fires global module hooks once more: those are
-    # the discovery hooks of this watch, which take the wrapper's inner model (AutoWatch._discover)
-    warnings.filterwarnings("ignore", message=r"Using `torch.compile\(module\)` when there are global hooks")
+    quiet_global_hook_warning()  # (the discovery hooks take the wrapper's inner model: AutoWatch._discover)
     _flush_on_sigterm(watch)
     _no_collectives_after_a_crash(watch)
     return watch

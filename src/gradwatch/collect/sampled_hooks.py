@@ -4,6 +4,7 @@ a hook on every module, every step, would cost more than everything else recorde
 
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
 from typing import Callable
@@ -33,6 +34,14 @@ def _first_tensor(value: object) -> torch.Tensor | None:
     if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
         return value[0]
     return None
+
+
+@functools.cache
+def quiet_global_hook_warning() -> None:
+    """torch warns that a compiled model's wrapper fires global module hooks once more: those are
+    gradwatch's own (zero-code discovery, the wrapper finder), which take the wrapper for what it
+    is. Set once: each call would reset the warnings cache."""
+    warnings.filterwarnings("ignore", message=r"Using `torch.compile\(module\)` when there are global hooks")
 
 
 class _SampledStep(TorchFunctionMode):
@@ -81,7 +90,7 @@ class SampledHooks:
         """`gw.watch(model)` with `torch.compile(model)` called: the wrapper is found at its call on
         a sampled step, by a global hook that is there on sampled steps only, and entered at once."""
         inside = {id(layer.module) for layer in layers}
-        warnings.filterwarnings("ignore", message=r"Using `torch.compile\(module\)` when there are global hooks")
+        quiet_global_hook_warning()
 
         def find(module, args) -> None:
             inner = compiled_inner(module)

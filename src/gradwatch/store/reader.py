@@ -40,15 +40,18 @@ def connect(path: str | os.PathLike) -> sqlite3.Connection:
     """Open a store read-only and check it is one."""
     path = Path(path)
     uri = f"file:{quote(str(path.absolute()))}"  # quoted: '#', '?' or '%' in a path are a URI's own
-    try:
+    # read-only first; then immutable, for a finished run where nothing can be written (no -shm beside it)
+    for mode in ("mode=ro", "immutable=1"):
         try:
-            db = sqlite3.connect(f"{uri}?mode=ro", uri=True)
+            db = sqlite3.connect(f"{uri}?{mode}", uri=True)
             row = db.execute("SELECT value FROM meta WHERE key='format'").fetchone()
-        except sqlite3.OperationalError:  # a finished run where nothing can be written (no -shm beside it)
-            db = sqlite3.connect(f"{uri}?immutable=1", uri=True)
-            row = db.execute("SELECT value FROM meta WHERE key='format'").fetchone()
-    except sqlite3.Error as exc:
-        raise StoreError(f"{str(path)!r} is not a gradwatch store ({exc})") from exc
+            break
+        except sqlite3.OperationalError as exc:
+            error = exc
+        except sqlite3.Error as exc:
+            raise StoreError(f"{str(path)!r} is not a gradwatch store ({exc})") from exc
+    else:
+        raise StoreError(f"{str(path)!r} is not a gradwatch store ({error})") from error
     if row is None or json.loads(row[0]) != FORMAT:
         raise StoreError(f"{str(path)!r} is not a gradwatch store (no format marker)")
     return db
