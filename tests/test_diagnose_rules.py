@@ -251,6 +251,18 @@ def test_weights_growing_without_bound():
     assert f.first_step == run.steps[rows[np.flatnonzero(1.5 ** np.arange(10) >= 10)[0]]]
 
 
+def test_weights_growing_ever_slower_are_healthy():
+    """Weights that grow like sqrt(t) (a random walk) reach 10x over a long run and keep rising,
+    yet slow down all the way: not growing without bound (a tester's healthy 100k-step run)."""
+    run = build()
+    rows = sampled(run)
+    t = (run.steps[rows] - run.steps[rows[0]]) / (run.steps[rows[-1]] - run.steps[rows[0]])
+    run.metrics["weight_norm"][rows] *= (1 + 12.4 * np.sqrt(t))[:, None]  # 13.4x by the end
+    assert "exploding_gradient" not in kinds(diagnose(run))
+    run.metrics["weight_norm"][rows] *= (13.4 ** t / (1 + 12.4 * np.sqrt(t)))[:, None]  # the same 13.4x, geometric
+    assert next(f for f in diagnose(run) if f.kind == "exploding_gradient").evidence["weight_growth"] == pytest.approx(13.4)
+
+
 def test_backward_signal_growing_toward_the_input():
     run = build()
     for k in range(4):

@@ -107,3 +107,29 @@ def test_runs_under_paths_with_uri_characters_are_read(tmp_path):
                 opt.zero_grad(), model(torch.randn(4, 2)).sum().backward(), opt.step()
             watch.flush()
             assert list(read_run(tmp_path / name).steps) == [0, 1, 2]
+
+
+def test_a_store_read_in_chunks_is_what_was_written(tmp_path, monkeypatch):
+    """The reader takes layer rows a chunk at a time (a long run whole as Python tuples was 1.2 GB):
+    values land at their step and layer however the chunks fall, holes stay NaN."""
+    from gradwatch.store import FlushBatch, RunStoreWriter, reader
+    from gradwatch.store.schema import LAYER_COLUMNS
+    from gradwatch.store.series import LayerInfo
+
+    rng = np.random.default_rng(0)
+    layers = [LayerInfo(f"l{i}", "Linear", i, "param", 4) for i in range(3)]
+    values = rng.standard_normal((6, 3, len(LAYER_COLUMNS)))
+    values[rng.random(values.shape) < 0.3] = np.nan
+    writer = RunStoreWriter(tmp_path / "gradwatch.sqlite")
+    batch = FlushBatch(layers=layers)
+    for s in range(6):
+        batch.steps.append((s, float(s), 0.1, "[]", 0.0))
+        batch.layer_rows += [(s, f"l{i}", *[None if np.isnan(v) else float(v) for v in values[s, i]])
+                             for i in range(3)]
+    writer.write(batch)
+    writer.close()
+    for chunk in (1, 4, 1000):
+        monkeypatch.setattr(reader, "READ_CHUNK_ROWS", chunk)
+        run = read_run(tmp_path)
+        for j, name in enumerate(LAYER_COLUMNS):
+            np.testing.assert_array_equal(run.metrics[name], values[:, :, j])

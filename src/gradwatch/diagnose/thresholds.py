@@ -67,6 +67,9 @@ class Thresholds:
     # Total weight norm growing this much over the run, rising at every one of the last
     # `persist_samples` samples: weights growing without bound.
     weight_growth: float = 10.0
+    # ... and not slowing down: the log-growth of the second half at least this share of the
+    # first's (1 for a geometric blow-up; sqrt(t) growth from a small init gives ~0.1-0.2).
+    weight_growth_pace: float = 0.5
 
     # --- through time (recurrent layers) ---------------------------------------------------------
     # ‖∂L/∂x_t‖ at the start of the sequence over its end: the BPTT horizon of Pascanu et al. (2013)

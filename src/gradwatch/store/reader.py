@@ -15,6 +15,7 @@ from gradwatch.store.schema import FORMAT, LAYER_COLUMNS
 from gradwatch.store.series import LayerInfo, RunSeries
 
 STORE_NAME = "gradwatch.sqlite"
+READ_CHUNK_ROWS = 50_000
 
 
 def store_files(run: str | os.PathLike) -> list[Path]:
@@ -83,18 +84,19 @@ def _read(db: sqlite3.Connection) -> RunSeries:
     lr = np.array([np.nan if r[2] is None else r[2] for r in step_rows], dtype=float)
 
     metrics = {c: np.full((len(steps), len(layers)), np.nan) for c in LAYER_COLUMNS}
-    data = db.execute(f"SELECT step, layer, {', '.join(LAYER_COLUMNS)} FROM layer_stats").fetchall()
-    if data:
-        arr = np.array(data, dtype=float)  # NULL -> nan
-        rows = np.searchsorted(steps, arr[:, 0].astype(np.int64))
-        keep = (rows < len(steps)) & (steps[np.minimum(rows, len(steps) - 1)] == arr[:, 0])
-        arr, rows = arr[keep], rows[keep]
-        column_of = np.full(max(column) + 1, -1, dtype=np.int64)
-        for layer_id, col in column.items():
-            column_of[layer_id] = col
+    column_of = np.full(max(column, default=0) + 1, -1, dtype=np.int64)
+    for layer_id, col in column.items():
+        column_of[layer_id] = col
+    rows = db.execute(f"SELECT step, layer, {', '.join(LAYER_COLUMNS)} FROM layer_stats")
+    # in chunks: a whole long run as Python tuples is ~5x its arrays (1.2 GB at 12k steps x 220 layers)
+    while chunk := rows.fetchmany(READ_CHUNK_ROWS):
+        arr = np.array(chunk, dtype=float)  # NULL -> nan
+        at = np.searchsorted(steps, arr[:, 0].astype(np.int64))
+        keep = (at < len(steps)) & (steps[np.minimum(at, len(steps) - 1)] == arr[:, 0])
+        arr, at = arr[keep], at[keep]
         cols = column_of[arr[:, 1].astype(np.int64)]
         for j, name in enumerate(LAYER_COLUMNS):
-            metrics[name][rows, cols] = arr[:, 2 + j]
+            metrics[name][at, cols] = arr[:, 2 + j]
 
     profiles: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     name_of = {row[0]: row[1] for row in layer_rows}

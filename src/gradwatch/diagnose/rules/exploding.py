@@ -228,12 +228,23 @@ def _weight_growth(run: RunSeries, th: Thresholds):
         return None
     growth = total / total[0]
     rising = np.all(np.diff(total[-(th.persist_samples + 1):]) > 0)
-    if not (rising and growth[-1] >= th.weight_growth):
+    if not (rising and growth[-1] >= th.weight_growth and _not_slowing(run.steps[rows], np.log(growth), th)):
         return None
     r = rows[np.flatnonzero(growth >= th.weight_growth)[0]]
     per_layer = w[rows[-1], cols] / w[rows[0], cols]
     top = sorted(cols[i] for i in np.argsort(-per_layer)[:3])
     return int(run.steps[r]), names(run, top), {"weight_growth": float(growth[-1])}
+
+
+def _not_slowing(steps: np.ndarray, log_growth: np.ndarray, th: Thresholds) -> bool:
+    """Weights growing without bound keep their pace: the log of their norm rises in the second half
+    of the run at least `weight_growth_pace` times as much as in the first (a geometric blow-up
+    rises alike in both). Healthy training slows down: weights leave a small initialisation fast,
+    then grow like sqrt(t) (a random walk) or log(t) (cross-entropy on separable data, Soudry et
+    al. 2018); a tester's healthy 100k-step run had grown 13.4x."""
+    mid = np.searchsorted(steps, (steps[0] + steps[-1]) / 2)
+    first, second = log_growth[mid] - log_growth[0], log_growth[-1] - log_growth[mid]
+    return bool(second >= th.weight_growth_pace * first)
 
 
 def _backward_ratios(run: RunSeries) -> tuple[np.ndarray, np.ndarray, list[int]]:
