@@ -6,6 +6,11 @@ with gradwatch imported is measured alone first and subtracted).
 
 The store is `report_size.py`'s synthetic run (gradient norms every step for 200 Linear layers,
 the sampled metrics every 10 steps, 20 sigmoid layers) written once into DIR and reused.
+
+`--live`: the live check's reading over a whole run instead. The run is written again flush by
+flush (50 steps each), and at every check the live schedule makes (each time the run has grown by
+a tenth, at least 50 steps) the store is read both ways, in turn: whole, as it used to be, and by
+one `StoreFollower` that reads only the steps flushed since its last read.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 from report_size import synthetic_run, write_store
 
@@ -40,12 +47,53 @@ def measure(what: str, store: Path) -> dict:
     return json.loads(out.stdout)
 
 
+def live(steps: int, layers: int, directory: Path) -> None:
+    from gradwatch.store import FlushBatch, RunStoreWriter
+    from gradwatch.store.reader import StoreFollower, _read
+    from gradwatch.store.schema import LAYER_COLUMNS
+
+    run = synthetic_run(steps, layers)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "live.sqlite"
+    writer = RunStoreWriter(path)
+    follower = StoreFollower(writer.connection)
+    names = [l.name for l in run.layers]
+    columns = np.stack([run.metrics[c] for c in LAYER_COLUMNS], axis=-1)
+    whole = followed = 0.0
+    checks, last = 0, 0
+    for start in range(0, steps, 50):
+        batch = FlushBatch(layers=run.layers)
+        for r in range(start, min(start + 50, steps)):
+            batch.steps.append((r, float(run.loss[r]), 0.1, "[]", 0.0))
+            for c in np.flatnonzero(~np.isnan(columns[r]).all(axis=1)):
+                batch.layer_rows.append((r, names[c], *[None if np.isnan(v) else float(v) for v in columns[r, c]]))
+        writer.write(batch)
+        step = start + 50
+        if step - last < max(50, step // 10):
+            continue
+        last, checks = step, checks + 1
+        t0 = time.perf_counter()
+        _read(writer.connection)
+        t1 = time.perf_counter()
+        follower.read()
+        t2 = time.perf_counter()
+        whole, followed = whole + t1 - t0, followed + t2 - t1
+    writer.close()
+    path.unlink()
+    print(f"live check over {steps:,} steps x {layers + 20} layers, {checks} checks: reading the whole store "
+          f"{whole:.1f} s, only the new steps {followed:.1f} s ({whole / followed:.1f}x less)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=12_000)
     parser.add_argument("--layers", type=int, default=200)
     parser.add_argument("--dir", required=True, help="where the synthetic store is written (kept, reused)")
+    parser.add_argument("--live", action="store_true", help="the live check's reading over a whole run")
     args = parser.parse_args()
+    if args.live:
+        live(args.steps, args.layers, Path(args.dir))
+        return 0
     store = Path(args.dir) / f"{args.steps}x{args.layers}"
     if not (store / "gradwatch.sqlite").exists():
         t0 = time.perf_counter()

@@ -739,3 +739,23 @@ def test_a_norm_that_underflowed_to_0_is_no_layer_cut_off():
     assert "dead_units" in kinds(diagnose(run))  # the premise: every entry 0 reads cut off
     run.metrics["grad_max"][rows, c] = 1e-30
     assert "dead_units" not in kinds(diagnose(run))
+
+
+def test_row_percentiles_are_numpys():
+    """The spike rule's per-window percentile, vectorised (numpy's loops over rows with a NaN),
+    gives numpy's own numbers: NaN holes, inf, all-NaN rows, single values."""
+    import warnings
+
+    from gradwatch.diagnose.signals import row_nanpercentile
+
+    rng = np.random.default_rng(0)
+    for width in (1, 2, 5, 20):
+        rows = np.exp(rng.standard_normal((300, width)))
+        rows[rng.random(rows.shape) < 0.3] = np.nan
+        rows[rng.random(rows.shape) < 0.02] = np.inf
+        rows[0] = np.nan
+        for q in (0, 25, 75, 99.9, 100):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                expected = np.nanpercentile(rows, q, axis=1)
+            np.testing.assert_array_equal(row_nanpercentile(rows, q), expected)

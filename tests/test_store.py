@@ -133,3 +133,34 @@ def test_a_store_read_in_chunks_is_what_was_written(tmp_path, monkeypatch):
         run = read_run(tmp_path)
         for j, name in enumerate(LAYER_COLUMNS):
             np.testing.assert_array_equal(run.metrics[name], values[:, :, j])
+
+
+def test_a_store_followed_while_written_reads_as_a_fresh_read(tmp_path):
+    """The live check reads only the steps written since its last read: after every flush, what it
+    holds equals a whole read, with a step held back to a later flush put in its place and a layer
+    first seen late given its column."""
+    from gradwatch.store import FlushBatch, RunStoreWriter
+    from gradwatch.store.reader import StoreFollower
+    from gradwatch.store.schema import LAYER_COLUMNS
+    from gradwatch.store.series import LayerInfo
+
+    rng = np.random.default_rng(1)
+    layers = [LayerInfo(f"l{i}", "Linear", i, "param", 4) for i in range(3)]
+    writer = RunStoreWriter(tmp_path / "gradwatch.sqlite")
+    follower = StoreFollower(writer.connection)
+    flushes = [[0, 1, 2], [4, 5], [3, 6, 7], [], list(range(8, 40))]  # step 3 waited for its update
+    for k, flush in enumerate(flushes):
+        batch = FlushBatch(layers=layers[:2] if k < 2 else layers)  # l2 first runs in the third flush
+        for s in flush:
+            batch.steps.append((s, float(rng.random()), 0.1, "[]", 0.0))
+            batch.layer_rows += [(s, l.name, *rng.standard_normal(len(LAYER_COLUMNS)).tolist()) for l in batch.layers]
+            batch.profile_rows += [(s, "l0", t, float(rng.random())) for t in range(3)]
+        writer.write(batch)
+        live, whole = follower.read(), read_run(tmp_path)
+        assert [l.name for l in live.layers] == [l.name for l in whole.layers]
+        np.testing.assert_array_equal(live.steps, whole.steps)
+        np.testing.assert_array_equal(live.loss, whole.loss)
+        for name in LAYER_COLUMNS:
+            np.testing.assert_array_equal(live.metrics[name], whole.metrics[name])
+        np.testing.assert_array_equal(live.time_profiles["l0"][1], whole.time_profiles["l0"][1])
+    assert list(live.steps) == list(range(40)) and not live.metrics["grad_norm"].flags.writeable

@@ -1,8 +1,8 @@
 """Findings while training runs: the rules at flushes, each new (kind, first layer) reported once.
 
-Re-running the rules costs a read of the store, so they run at a flush only when the run has
-grown by a tenth since they last ran (and at least `flush_every` steps): the total cost stays
-a small multiple of one read of the finished run, however long it is.
+The rules read the whole run, so they run at a flush only when the run has grown by a tenth since
+they last ran (and at least `flush_every` steps): about a dozen times over any run. The store is
+read a piece at a time (`watch.stored_series()`: only the steps flushed since the last check).
 """
 
 from __future__ import annotations

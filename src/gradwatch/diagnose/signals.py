@@ -196,3 +196,22 @@ def summarise_layers(run: RunSeries, hits: dict) -> tuple[int, tuple[str, ...], 
     layers = tuple(sorted(hits, key=lambda n: run.layers[run.column(n)].index))
     worst = max(value for _, value, _ in hits.values())
     return first, layers, worst, any(at_init for _, _, at_init in hits.values())
+
+
+def row_nanpercentile(rows: np.ndarray, q: float) -> np.ndarray:
+    """`np.nanpercentile(rows, q, axis=1)` (linear interpolation, the same numbers), vectorised:
+    numpy's loops in Python over the rows holding a NaN, which was 6.5 s of a 12k-step run's 9.3 s
+    of diagnosis (the first rows of every baseline window are NaN). All-NaN rows give NaN."""
+    ordered = np.sort(rows, axis=1)  # NaN last
+    count = (~np.isnan(rows)).sum(axis=1)
+    position = np.maximum(count - 1, 0) * (q / 100)
+    below = np.floor(position).astype(np.int64)
+    above = np.minimum(below + 1, np.maximum(count - 1, 0))
+    a = np.take_along_axis(ordered, below[:, None], axis=1)[:, 0]
+    b = np.take_along_axis(ordered, above[:, None], axis=1)[:, 0]
+    t = position - below
+    with np.errstate(invalid="ignore"):  # inf - inf where both ends are inf
+        out = np.where(t >= 0.5, b - (b - a) * (1 - t), a + (b - a) * t)  # numpy's own lerp
+    out[count == 0] = np.nan
+    return out
+

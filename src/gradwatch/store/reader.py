@@ -72,47 +72,115 @@ def read_run(run: str | os.PathLike) -> RunSeries:
 
 
 def _read(db: sqlite3.Connection) -> RunSeries:
-    meta = read_meta(db)
-    layer_rows = db.execute(
-        "SELECT id, name, type, idx, role, n_params, activation FROM layers ORDER BY idx, id"
-    ).fetchall()
-    layers = [LayerInfo(name, typ, idx, role, n, act) for _, name, typ, idx, role, n, act in layer_rows]
-    column = {row[0]: i for i, row in enumerate(layer_rows)}
-    step_rows = db.execute("SELECT step, loss, lr FROM steps ORDER BY step").fetchall()
-    steps = np.array([r[0] for r in step_rows], dtype=np.int64)
-    loss = np.array([np.nan if r[1] is None else r[1] for r in step_rows], dtype=float)
-    lr = np.array([np.nan if r[2] is None else r[2] for r in step_rows], dtype=float)
+    series = StoreFollower(db).read()
+    for values in series.metrics.values():  # read once, nothing shares them: the caller's to change
+        values.flags.writeable = True
+    return series
 
-    metrics = {c: np.full((len(steps), len(layers)), np.nan) for c in LAYER_COLUMNS}
-    column_of = np.full(max(column, default=0) + 1, -1, dtype=np.int64)
-    for layer_id, col in column.items():
-        column_of[layer_id] = col
-    rows = db.execute(f"SELECT step, layer, {', '.join(LAYER_COLUMNS)} FROM layer_stats")
-    # in chunks: a whole long run as Python tuples is ~5x its arrays (1.2 GB at 12k steps x 220 layers)
-    while chunk := rows.fetchmany(READ_CHUNK_ROWS):
-        arr = np.array(chunk, dtype=float)  # NULL -> nan
-        at = np.searchsorted(steps, arr[:, 0].astype(np.int64))
-        keep = (at < len(steps)) & (steps[np.minimum(at, len(steps) - 1)] == arr[:, 0])
-        arr, at = arr[keep], at[keep]
-        cols = column_of[arr[:, 1].astype(np.int64)]
-        for j, name in enumerate(LAYER_COLUMNS):
-            metrics[name][at, cols] = arr[:, 2 + j]
 
-    profiles: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    name_of = {row[0]: row[1] for row in layer_rows}
-    prof = db.execute("SELECT layer, step, t, grad_norm FROM time_profile ORDER BY layer, step, t").fetchall()
-    by_layer: dict[str, dict[int, dict[int, float]]] = {}
-    for layer_id, step, t, value in prof:
-        by_layer.setdefault(name_of[layer_id], {}).setdefault(step, {})[t] = np.nan if value is None else value
-    for name, per_step in by_layer.items():
-        p_steps = np.array(sorted(per_step), dtype=np.int64)
-        width = max(max(d) for d in per_step.values()) + 1
-        table = np.full((len(p_steps), width), np.nan)
-        for i, s in enumerate(p_steps):
-            for t, v in per_step[int(s)].items():
-                table[i, t] = v
-        profiles[name] = (p_steps, table)
+class StoreFollower:
+    """Reads a store that is still being written, a piece at a time: each `read()` takes the layer
+    rows of the steps written since the last call, and only those.
 
+    The live check reads at every tenth of a run's growth; reading the whole store each time was
+    ~11 whole reads over a run (a 12k-step x 220-layer store took 15 s a read). Every step's rows
+    are written in the transaction that writes its `steps` row, so a step seen there is complete;
+    a step can arrive after later ones (one held back for its weight update), and is put in order.
+    The series returned shares this reader's arrays, read-only: the next `read()` may extend them.
+    """
+
+    def __init__(self, db: sqlite3.Connection):
+        self._db = db
+        self._ids: list[int] = []  # layer ids, in the column order of the arrays below
+        self._steps = np.empty(0, dtype=np.int64)  # every step read, sorted
+        self._metrics = {c: np.empty((0, 0)) for c in LAYER_COLUMNS}  # rows: capacity >= len(steps)
+        self._profiles: dict[int, dict[int, dict[int, float]]] = {}  # layer id -> step -> t -> value
+
+    def read(self) -> RunSeries:
+        db = self._db
+        meta = read_meta(db)
+        layer_rows = db.execute(
+            "SELECT id, name, type, idx, role, n_params, activation FROM layers ORDER BY idx, id").fetchall()
+        step_rows = db.execute("SELECT step, loss, lr FROM steps ORDER BY step").fetchall()
+        steps = np.array([r[0] for r in step_rows], dtype=np.int64)
+        loss = np.array([np.nan if r[1] is None else r[1] for r in step_rows], dtype=float)
+        lr = np.array([np.nan if r[2] is None else r[2] for r in step_rows], dtype=float)
+        self._add_layers([row[0] for row in layer_rows])
+        new = np.setdiff1d(steps, self._steps, assume_unique=True)
+        if len(new):
+            self._add_steps(steps, new)
+            self._read_rows(new)
+        position = {layer_id: i for i, layer_id in enumerate(self._ids)}
+        order = [position[row[0]] for row in layer_rows]
+        in_order = order == list(range(len(order)))
+        metrics = {}
+        for name, values in self._metrics.items():
+            view = values[:len(steps)] if in_order else values[:len(steps), order]
+            view.flags.writeable = False
+            metrics[name] = view
+        name_of = {row[0]: row[1] for row in layer_rows}
+        profiles = {name_of[layer_id]: _profile_table(per_step) for layer_id, per_step in self._profiles.items()}
+        layers = [LayerInfo(name, typ, idx, role, n, act) for _, name, typ, idx, role, n, act in layer_rows]
+        return RunSeries(layers, steps, loss, lr, metrics, profiles, _with_events(db, meta))
+
+    def _add_layers(self, ids: list[int]) -> None:
+        """Columns for layers first seen now (a model found later, a module run later)."""
+        known = set(self._ids)
+        fresh = [i for i in ids if i not in known]
+        if fresh:
+            self._ids += fresh
+            for name, values in self._metrics.items():
+                self._metrics[name] = np.hstack([values, np.full((len(values), len(fresh)), np.nan)])
+
+    def _add_steps(self, steps: np.ndarray, new: np.ndarray) -> None:
+        """Rows for the new steps: appended at the end, or the old rows moved to their places when a
+        held-back step arrives among them; the capacity doubles when full."""
+        old = self._steps
+        capacity = len(next(iter(self._metrics.values())))
+        appended = len(old) == 0 or new[0] > old[-1]
+        if appended and len(steps) <= capacity:
+            self._steps = steps
+            return
+        rows = max(len(steps), 2 * capacity) if len(steps) > capacity else capacity
+        at = np.searchsorted(steps, old)
+        for name, values in self._metrics.items():
+            grown = np.full((rows, len(self._ids)), np.nan)
+            grown[at] = values[:len(old)]
+            self._metrics[name] = grown
+        self._steps = steps
+
+    def _read_rows(self, new: np.ndarray) -> None:
+        column_of = np.full(max(self._ids, default=0) + 1, -1, dtype=np.int64)
+        column_of[self._ids] = np.arange(len(self._ids))
+        rows = self._db.execute(f"SELECT step, layer, {', '.join(LAYER_COLUMNS)} FROM layer_stats WHERE step >= ?",
+                                (int(new[0]),))
+        # in chunks: a whole long run as Python tuples is ~5x its arrays (1.2 GB at 12k steps x 220 layers)
+        while chunk := rows.fetchmany(READ_CHUNK_ROWS):
+            arr = np.array(chunk, dtype=float)  # NULL -> nan
+            arr = arr[np.isin(arr[:, 0].astype(np.int64), new)]  # steps read before stay as read
+            at = np.searchsorted(self._steps, arr[:, 0].astype(np.int64))
+            cols = column_of[arr[:, 1].astype(np.int64)]
+            for j, name in enumerate(LAYER_COLUMNS):
+                self._metrics[name][at, cols] = arr[:, 2 + j]
+        fresh = set(new.tolist())
+        for layer_id, step, t, value in self._db.execute(
+                "SELECT layer, step, t, grad_norm FROM time_profile WHERE step >= ?", (int(new[0]),)):
+            if step in fresh:
+                self._profiles.setdefault(layer_id, {}).setdefault(step, {})[t] = np.nan if value is None else value
+
+
+def _profile_table(per_step: dict[int, dict[int, float]]) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, array (n, T)) of one recurrent layer's ‖∂L/∂x_t‖, NaN where a t was not recorded."""
+    p_steps = np.array(sorted(per_step), dtype=np.int64)
+    table = np.full((len(p_steps), max(max(d) for d in per_step.values()) + 1), np.nan)
+    for i, s in enumerate(p_steps):
+        for t, v in per_step[int(s)].items():
+            table[i, t] = v
+    return p_steps, table
+
+
+def _with_events(db: sqlite3.Connection, meta: dict) -> dict:
+    """The run's meta with what its events say (steps skipped, phases, optimizers stopped...)."""
     events = {}
     for step, kind, detail in db.execute("SELECT step, kind, detail FROM events ORDER BY step"):
         events.setdefault(kind, []).append((step, detail))
@@ -127,4 +195,4 @@ def _read(db: sqlite3.Connection) -> RunSeries:
     meta["rank_non_finite"] = [[s, d] for s, d in events.get("rank_non_finite", [])]
     # an exchange across ranks failed: a rank died (or ended on an error) at about that step
     meta["distributed_errors"] = [[s, d] for s, d in events.get("distributed_error", [])]
-    return RunSeries(layers, steps, loss, lr, metrics, profiles, meta)
+    return meta

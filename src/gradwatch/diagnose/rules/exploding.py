@@ -10,7 +10,7 @@ import numpy as np
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
 from gradwatch.diagnose.signals import (depth_profile, names, persistent_start,
-                                        profile_columns, total_grad_norm)
+                                        profile_columns, row_nanpercentile, total_grad_norm)
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
 
@@ -79,7 +79,7 @@ def _growth_over_steps(run: RunSeries, th: Thresholds):
         # the gradient's own noise as a log-normal spread, one figure for the run: p75/median of a
         # window is exp(0.674 sigma); the calm quarter of the windows, so an explosion filling most
         # of the run does not raise its own bar
-        sigma = np.log(np.nanpercentile(windows, 75, axis=1) / base) / 0.674
+        sigma = np.log(row_nanpercentile(windows, 75) / base) / 0.674
         sigma = float(np.nanpercentile(sigma, 25)) if np.isfinite(sigma).any() else 0.0
     bar = max(th.spike_factor, float(np.exp(th.noise_z * max(sigma, 0.0))))
     with np.errstate(divide="ignore", invalid="ignore"):
