@@ -15,7 +15,7 @@ from torch import nn
 from gradwatch.diagnose.finding import Finding
 from gradwatch.errors import ConfigError
 from gradwatch.fix import Candidate, Trial, fix
-from gradwatch.fix.candidates import autotrainer_order, from_findings, lr_scale, swap
+from gradwatch.fix.candidates import autotrainer_order, from_findings, lr_ceiling, lr_scale, swap
 from gradwatch.fix.inject import Injector, apply_to_model
 from gradwatch.fix.trial import final_loss
 from test_cli_run import SCRIPTS, gradwatch
@@ -495,6 +495,7 @@ def test_the_printed_code_of_every_candidate_runs():
         *from_findings([through_time], set(), layer_types={"RNN", "LSTM"}, optimizer="SGD"),
         *from_findings([finding("exploding_gradient")], set()),  # no measured level: ZClip
         *from_findings([finding("exploding_gradient", baseline_norm=2.0)], set()),  # clip norm 4
+        *from_findings([finding("exploding_gradient")], set(), lr_ceiling=0.05),  # a ceiling on the schedule
         *autotrainer_order(kinds)]}.values()
     assert len(cands) >= 15
     for cand in cands:
@@ -944,3 +945,42 @@ def test_the_adam_trial_follows_the_scripts_lr_schedule():
 
     for a, b in zip(run(True).parameters(), run(False).parameters()):
         assert torch.allclose(a, b, atol=1e-7)
+
+
+def test_a_schedule_that_raised_the_lr_until_the_run_blew_up_gets_a_ceiling_at_its_best_loss():
+    """A warm-up with no ceiling (lr x1.03 a step): the run trained best at step ~60 and blew up at
+    130. The ceiling is the lr of the best running-median loss; a constant or falling lr gets none."""
+    import numpy as np
+
+    from gradwatch.store.series import RunSeries
+
+    steps = np.arange(150)
+    loss = np.where(steps < 60, 2.0 - steps / 40, 0.5 + (steps - 60) ** 2 / 500)
+    ramp = 0.01 * 1.03 ** steps
+    blow_up = Finding("exploding_gradient", "error", 130, ("fc0",), "m", {})
+    run = RunSeries([], steps, loss, ramp, {})
+    assert ramp[55] <= lr_ceiling(run, [blow_up]) <= ramp[65]  # not the 0.48 it had blown up at
+    assert lr_ceiling(RunSeries([], steps, loss, np.full(150, 0.5), {}), [blow_up]) is None
+    assert lr_ceiling(RunSeries([], steps, loss, 0.5 * 0.99 ** steps, {}), [blow_up]) is None
+    assert lr_ceiling(run, [finding("vanishing_gradient")]) is None
+    names = [c.name for c in from_findings([blow_up], set(), lr_ceiling=0.057)]
+    assert names[0] == "learning rate at most 0.057"
+    assert not any(c.name.startswith("learning rate at most") for c in from_findings([blow_up], set()))
+
+
+def test_the_lr_ceiling_caps_each_step_and_the_schedule_goes_on_as_set():
+    """Capped at 0.2, a schedule doubling 0.1 a step trains as one that stops at 0.2; the script's
+    scheduler still sees the lr it set."""
+    def run(cap: bool) -> tuple[nn.Module, list[float]]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        factor = (lambda s: 2.0 ** s) if cap else (lambda s: min(2.0 ** s, 2.0))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        _train_scheduled(model, opt, sched, {"lr_cap": 0.2} if cap else {})
+        return model, [g["lr"] for g in opt.param_groups]
+
+    (capped, lrs), (reference, _) = run(True), run(False)
+    for a, b in zip(capped.parameters(), reference.parameters()):
+        assert torch.allclose(a, b, atol=1e-7)
+    assert lrs == [pytest.approx(0.1 * 2 ** 5)]

@@ -18,7 +18,7 @@ import numpy as np
 
 from gradwatch.diagnose.advice import Context
 from gradwatch.errors import ConfigError
-from gradwatch.fix.candidates import Candidate, autotrainer_order, combine, from_findings
+from gradwatch.fix.candidates import Candidate, autotrainer_order, combine, from_findings, lr_ceiling
 from gradwatch.fix.names import Names, script_names
 from gradwatch.fix.touched import Workspace
 from gradwatch.fix.trial import OUTPUT_LOG, Trial, discard_trials, run_trial, run_trial_in_process
@@ -118,6 +118,19 @@ def pick_finals(screened: list[Trial]) -> list[Candidate]:
     return [first, other]
 
 
+def spare_final(result: FixResult) -> Candidate | None:
+    """The best screened remedy not yet run at full length, when the screening leader had repaired
+    the run but no full trial did: a quarter of the budget can flatter a remedy (an lr still too
+    high climbs back up, a swap's deeper net diverges later), and the finals picked for a leader
+    that repaired the run leave out everything else, so the next remedy deserves its full trial
+    before fix says nothing works."""
+    screened = sorted((t for t in result.screened if not t.not_applied), key=lambda t: t.score)
+    if not screened or not screened[0].works or any(t.works for t in result.trials):
+        return None
+    tried = {t.candidate.name for t in result.trials}
+    return next((t.candidate for t in screened if t.candidate.name not in tried), None)
+
+
 def _partner(lead: Trial, others: list[Trial]) -> list[Candidate]:
     """The final beside a leader that repaired the run alone: the leader with the best other repair
     close to it, or that repair alone when the two do not combine; none when no other qualifies."""
@@ -214,7 +227,8 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], command: list[str] | Cal
             lrs = run.lr[np.isfinite(run.lr)]
             candidates = from_findings(baseline.findings, hidden_activations(run.layers),
                                        layer_types={l.type for l in run.layers}, optimizer=run.meta.get("optimizer"),
-                                       lr=float(lrs.max()) if len(lrs) else None, names=names)
+                                       lr=float(lrs.max()) if len(lrs) else None,
+                                       lr_ceiling=lr_ceiling(run, baseline.findings), names=names)
     result = FixResult(baseline, [], budget_steps=budget_steps, names=names)
     result.save(out)
     queue = list(candidates)
@@ -232,6 +246,11 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], command: list[str] | Cal
         result.save(out)
         if strategy == "first" and result.trials[-1].works:
             break
+    if strategy == "screen" and (spare := spare_final(result)) is not None:
+        n = len(result.trials) + 1
+        say(f"gradwatch fix: trial {n}/{n} ({budget_steps} steps): {spare.name} (the leader of the screening did not hold at full length)")
+        result.trials.append(trial(f"trial-{n}", spare, budget_steps))
+        result.save(out)
     result.written, result.overwritten = sorted(workspace.written), sorted(workspace.overwritten)
     result.edited = sorted(workspace.edited)
     result.save(out)

@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import math
 import re
+
+import numpy as np
 from dataclasses import dataclass, field
 
 from gradwatch.collect.layers import ACTIVATIONS
 from gradwatch.diagnose.advice import ADAPTIVE, forget_bias_code
 from gradwatch.diagnose.finding import Finding
 from gradwatch.fix.names import Names
+from gradwatch.store.series import RunSeries
 
 # Kinds a repair must remove. Plateau and divergence are judged through the final loss instead.
 HARMFUL = ("vanishing_gradient", "exploding_gradient", "non_finite", "dead_units", "saturation")
+BLOW_UP = ("exploding_gradient", "non_finite", "loss_divergence")
 GENERIC = Names()
 
 
@@ -56,9 +60,10 @@ def reinit(names: Names = GENERIC) -> Candidate:
 
 
 def adam(names: Names = GENERIC) -> Candidate:
+    scheduled = names.run is None or names.run.scheduled  # unknown: say it
     return Candidate("Adam (lr 1e-3)", {"optimizer": "Adam", "lr": 1e-3},
-                     f"{names.optimizer} = torch.optim.Adam({names.model}.parameters(), lr=1e-3)"
-                     "  # in place of your optimizer, before a scheduler is built on it (OneCycleLR: max_lr=1e-3)")
+                     f"{names.optimizer} = torch.optim.Adam({names.model}.parameters(), lr=1e-3)  # in place of "
+                     "your optimizer" + (", before a scheduler is built on it (OneCycleLR: max_lr=1e-3)" if scheduled else ""))
 
 
 def lr_scale(factor: float, names: Names = GENERIC) -> Candidate:
@@ -66,18 +71,56 @@ def lr_scale(factor: float, names: Names = GENERIC) -> Candidate:
     return Candidate(f"learning rate x{factor:g}", {"lr_scale": factor}, code)
 
 
+def lr_cap(cap: float, names: Names = GENERIC) -> Candidate:
+    """A ceiling on the lr the script's schedule sets: the trial lowers a step's lr to `cap` where
+    the schedule set it higher, and leaves the schedule as it is."""
+    code = (f"for group in {names.optimizer}.param_groups: group['lr'] = min(group['lr'], {cap:.3g})"
+            f"  # every step, {names.before_update}: a ceiling for your schedule (or build the schedule "
+            f"with {cap:.3g} as its peak, e.g. OneCycleLR's max_lr)")
+    return Candidate(f"learning rate at most {cap:.3g}", {"lr_cap": cap}, code)
+
+
+def lr_ceiling(run: RunSeries, findings: list[Finding]) -> float | None:
+    """The lr at which the run trained best, when the script's schedule went on raising it until the
+    run blew up: a warm-up with no ceiling, a peak set too high (OneCycleLR's max_lr). The best is
+    the middle of the window (a tenth of the steps before the blow-up, at least 5) with the lowest
+    median loss before the first exploding, non-finite or diverging finding. The schedule must have
+    raised the lr at least 2x by then, and past the lr of the best loss. None otherwise."""
+    first = min((f.first_step for f in findings if f.kind in BLOW_UP), default=None)
+    lr_known = np.isfinite(run.lr) & (run.lr > 0)
+    if first is None or not lr_known.any():
+        return None
+    end = int(np.searchsorted(run.steps, first))
+    loss = run.loss[:end]
+    finite = np.isfinite(loss) & lr_known[:end]
+    if finite.sum() < 5:
+        return None
+    rows = np.flatnonzero(finite)
+    w = max(5, len(rows) // 10)
+    running = np.array([np.median(loss[rows[max(0, i - w + 1):i + 1]]) for i in range(len(rows))])
+    best = rows[max(0, int(np.argmin(running)) - w // 2)]  # the middle of the best window
+    start, at_blow_up = run.lr[np.flatnonzero(lr_known)[0]], run.lr[min(end, len(run.lr) - 1)]
+    if not (at_blow_up >= 2 * start and at_blow_up > run.lr[best]):
+        return None
+    return float(f"{run.lr[best]:.3g}")
+
+
 def _optimizer_lr_code(factor: float, names: Names) -> str:
     """The trial scales every parameter group's lr: one value where they share one, else each scaled."""
     loop = f"for group in {names.optimizer}.param_groups: "
+    once = f"once, after {names.optimizer} is built, before a scheduler is built"
+    if names.run is not None and names.run.scheduled:
+        # the peak the budget saw is not the schedule's (a warm-up may peak later), and OneCycleLR
+        # sets the lr from its own max_lr: the factor is what the trial applied to every lr it set
+        return (loop + f"group['lr'] *= {factor:g}  # {once}; a OneCycleLR or CyclicLR sets the lr from "
+                f"its max_lr: multiply that by {factor:g} instead")
     if len(set(names.group_lrs)) > 1:  # one value would flatten lrs the script set per group
         each = ", ".join(f"{lr:.3g} -> {lr * factor:.3g}" for lr in names.group_lrs)
-        return (loop + f"group['lr'] *= {factor:g}  # each group's own lr ({each}); once, after "
-                f"{names.optimizer} is built; under a scheduler, before it is built")
+        return loop + f"group['lr'] *= {factor:g}  # each group's own lr ({each}); {once}"
     value = names.lr_value(factor)
     if value is None:
-        return loop + f"group['lr'] *= {factor:g}  # with a scheduler: the lr (max_lr) it is built with"
-    was = f"{names.run.lr:.3g}" + (" (the schedule's peak)" if names.run.scheduled else "")
-    return loop + f"group['lr'] = {value}  # {was} x{factor:g}; under a scheduler, before it is built (OneCycleLR: max_lr={value})"
+        return loop + f"group['lr'] *= {factor:g}  # {once}"
+    return loop + f"group['lr'] = {value}  # {names.run.lr:.3g} x{factor:g}; once, after {names.optimizer} is built"
 
 
 def _manual_lr_code(factor: float, names: Names) -> str:
@@ -154,14 +197,16 @@ HIGH_ADAPTIVE_LR = 5e-3
 
 
 def from_findings(findings: list[Finding], activations: set[str], *, layer_types: set[str] = frozenset(),
-                  optimizer: str | None = "SGD", lr: float | None = None, names: Names = GENERIC) -> list[Candidate]:
+                  optimizer: str | None = "SGD", lr: float | None = None, lr_ceiling: float | None = None,
+                  names: Names = GENERIC) -> list[Candidate]:
     """The remedies worth a trial for these findings, without repeats, their code in `names`.
 
     `activations`: those of the hidden layers (a swap of the output's alone would change nothing).
     `layer_types` (module class names), `optimizer` (None: hand-written updates) and its (peak)
     `lr` decide what applies: LayerNorm rather than BatchNorm for sequence models; a GRU for a
     vanilla RNN; no optimizer swap where the script updates the weights itself (clipping and lr
-    scaling then act on the gradients); a lower lr against vanishing under a high adaptive lr."""
+    scaling then act on the gradients); a lower lr against vanishing under a high adaptive lr;
+    `lr_ceiling` (see `lr_ceiling()`), a cap on a schedule that raised the lr until the run blew up."""
     kinds = {f.kind for f in findings}
     through_time = any("sequence_length" in f.evidence for f in findings)  # vanishing through time
     sequence = bool(layer_types & {"RNN", "GRU", "LSTM", "MultiheadAttention", "TransformerEncoderLayer",
@@ -173,7 +218,8 @@ def from_findings(findings: list[Finding], activations: set[str], *, layer_types
     out: list[Candidate] = []
     if "RNN" in layer_types and kinds & {"vanishing_gradient", "exploding_gradient", "saturation"}:
         out += [gru(names)]  # the gated state fixes both directions of the recurrence (Cho et al. 2014)
-    if kinds & {"exploding_gradient", "non_finite", "loss_divergence"}:
+    if kinds & set(BLOW_UP):
+        out += [lr_cap(lr_ceiling, names)] if lr_ceiling is not None and optimizer is not None else []
         base = next((max(f.evidence.get("baseline_norm") or 0.0, f.evidence.get("early_norm") or 0.0)
                      for f in findings if f.kind == "exploding_gradient"), None)
         at_init = any(f.kind == "exploding_gradient" and f.evidence.get("at_init") for f in findings)
@@ -213,7 +259,7 @@ def from_findings(findings: list[Finding], activations: set[str], *, layer_types
 def combine(a: Candidate, b: Candidate) -> Candidate | None:
     """Both remedies at once, when they touch different things (a healthy setup usually changes
     activation, initialisation and optimizer together); None when they would overrule each other."""
-    if set(a.spec) & set(b.spec) or {"optimizer", "lr_scale"} <= set(a.spec) | set(b.spec):
+    if set(a.spec) & set(b.spec) or len({"optimizer", "lr_scale", "lr_cap"} & (set(a.spec) | set(b.spec))) > 1:
         return None
     return Candidate(f"{a.name} + {b.name}", {**a.spec, **b.spec}, f"{a.code}\n{b.code}",
                      reason="the two best remedies of the screening, together")

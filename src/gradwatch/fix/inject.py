@@ -193,10 +193,11 @@ class Injector:
             state["adam"]._gradwatch_inner = True
             state["adam"].step()
         scale = 0.0 if "adam" in state else self.spec.get("lr_scale")
-        if scale is not None:
+        cap = self.spec.get("lr_cap")
+        if scale is not None or cap is not None:
             state["lrs"] = [g["lr"] for g in opt.param_groups]
             for g in opt.param_groups:
-                g["lr"] = g["lr"] * scale
+                g["lr"] = g["lr"] * scale if scale is not None else min(g["lr"], cap)
 
     def _after_step(self, opt, args, kwargs) -> None:
         if getattr(opt, "_gradwatch_inner", False):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import os
 import re
 import sys
 import textwrap
@@ -122,7 +123,7 @@ def read_names(source: str, run: Context | None = None, imported: frozenset[str]
     if len(targets) != 1:  # none, or several optimizers (a GAN's two): which one is unclear
         return Names(imported=binds, run=run)
     optimizer = targets.pop()
-    models = {model for _, model in reader.builds}
+    models = {None if model in reader.parts and not reader.batch(model) else model for _, model in reader.builds}
     if len(models) != 1 or None in models:
         return Names(optimizer=optimizer, found=frozenset({"optimizer"}), imported=binds, run=run)
     model = models.pop()
@@ -163,6 +164,7 @@ class _Reader(ast.NodeVisitor):
         self.calls: list[tuple[str, str]] = []
         self.owners: set[str] = set()
         self.update_lrs: list[str] = []
+        self.parts: set[str] = set()  # modules an optimizer took the parameters of in parts
         self._scopes: list[ast.AST] = []
         self._no_grad = 0
 
@@ -226,12 +228,21 @@ class _Reader(ast.NodeVisitor):
         Built in a method (`self.optimizer = SGD(model.parameters())` in `__init__`), the module
         as the other methods reach it: `self.model`, where the method stores it there."""
         params = call.args[0] if call.args else next((k.value for k in call.keywords if k.arg == "params"), None)
-        owners = {ast.unparse(n.func.value) for n in (ast.walk(params) if params is not None else ())
+        chains = {tuple(_chain(n.func.value)) for n in (ast.walk(params) if params is not None else ())
                   if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
                   and n.func.attr in ("parameters", "named_parameters")}
-        if len(owners) != 1:
+        if not chains:
             return None
-        owner = owners.pop()
+        common = os.path.commonprefix(sorted(chains))
+        if not common:
+            return None
+        owner = self._stored(target, common[-1])
+        if len(chains) > 1:  # groups from parts of one module (`net[:-1]`, `net[-1]`): it, if the loop calls it
+            self.parts.add(owner)
+        return owner
+
+    def _stored(self, target: ast.expr, owner: str) -> str:
+        """`owner` as the other methods reach it: `self.model` where the method stores it there."""
         if isinstance(target, ast.Attribute) and self._scopes:
             holder = ast.unparse(target.value)
             for node in ast.walk(self._scopes[-1]):
@@ -239,6 +250,12 @@ class _Reader(ast.NodeVisitor):
                         and ast.unparse(node.targets[0].value) == holder and ast.unparse(node.value) == owner):
                     return ast.unparse(node.targets[0])
         return owner
+
+
+def _chain(node: ast.expr) -> list[str]:
+    """The expressions leading to `node`, outermost first: `net.head[0]` -> net, net.head, net.head[0]."""
+    inner = _chain(node.value) if isinstance(node, (ast.Attribute, ast.Subscript)) else []
+    return [*inner, ast.unparse(node)]
 
 
 def _callee(node: ast.expr | None) -> str:

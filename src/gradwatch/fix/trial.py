@@ -26,6 +26,9 @@ from gradwatch.fix.inject import ENV_MAX_STEPS, ENV_REMEDY, NOT_APPLIED, Injecto
 from gradwatch.fix.touched import WRITTEN
 from gradwatch.store import read_run
 
+# Not a finding of the diagnosis but a trial's: its loss ended no lower than it began.
+NO_PROGRESS = "loss_did_not_fall"
+
 
 @dataclass
 class Trial:
@@ -36,6 +39,7 @@ class Trial:
     steps: int = 0
     final_loss: float = float("inf")
     findings: list[Finding] = field(default_factory=list)
+    first_loss: float = float("nan")  # the median of the first tenth of the losses (nan: not measured)
     not_applied: str = ""  # why the remedy changed nothing (the trial ended before its first step)
 
     @property
@@ -51,7 +55,12 @@ class Trial:
 
     @property
     def harmful(self) -> list[str]:
-        return sorted({f.kind for f in self.findings if f.kind in HARMFUL})
+        """The harmful findings left, and NO_PROGRESS when the loss ended no lower than it began: a
+        network that does not learn is not repaired, however healthy its gradients look."""
+        kinds = {f.kind for f in self.findings if f.kind in HARMFUL}
+        if np.isfinite(self.first_loss) and np.isfinite(self.final_loss) and self.final_loss >= self.first_loss:
+            kinds.add(NO_PROGRESS)
+        return sorted(kinds)
 
     @property
     def works(self) -> bool:
@@ -77,6 +86,12 @@ def final_loss(loss: np.ndarray) -> float:
     if np.isinf(recorded).any():
         return float("inf")
     return float(np.median(recorded[-max(1, len(recorded) // 10):]))
+
+
+def first_loss(loss: np.ndarray) -> float:
+    """The median of the first tenth of the recorded losses, as `final_loss` takes the last."""
+    recorded = loss[np.isfinite(loss)]
+    return float(np.median(recorded[:max(1, len(recorded) // 10)])) if len(recorded) else float("nan")
 
 
 REMEDY_FILE = "remedy.json"
@@ -170,6 +185,7 @@ def measure(trial: Trial) -> Trial:
         return trial  # nothing recorded: the script failed before its first step
     trial.steps = len(series.steps)
     trial.final_loss = final_loss(series.loss)
+    trial.first_loss = first_loss(series.loss)
     trial.findings = diagnose(series)
     write_findings(run_dir, trial.findings)
     return trial

@@ -1,0 +1,155 @@
+"""gradwatch fix's verdict: what counts as a repair, and what runs when the finals do not hold."""
+
+import importlib
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from gradwatch.fix import Candidate, Trial, fix
+from gradwatch.fix.candidates import adam, lr_scale
+from gradwatch.fix.trial import NO_PROGRESS, first_loss
+
+fix_module = importlib.import_module("gradwatch.fix")  # the package (gradwatch.fix is the function)
+
+
+@pytest.fixture(autouse=True)
+def _in_a_directory_of_its_own(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+
+def test_a_trial_whose_loss_ends_where_it_began_is_no_repair():
+    """A 1D CNN at lr 2.0: lr x0.1 left no harmful finding and a finite loss, so it "repaired the
+    run", at a loss of 1.249 after starting at 1.11 (chance for 3 classes is 1.0986): it had
+    learned nothing, and the script's own validation loss after the printed change was 1.0990."""
+    assert first_loss(np.array([np.nan, 1.1, 1.12, 0.9] + [0.5] * 36)) == pytest.approx(1.1)
+    stuck = Trial(Candidate("lr"), None, 0, 1.0, steps=80, final_loss=1.249, first_loss=1.11)
+    assert stuck.harmful == [NO_PROGRESS] and not stuck.works
+    learned = Trial(Candidate("adam"), None, 0, 1.0, steps=80, final_loss=0.4, first_loss=1.11)
+    assert learned.harmful == [] and learned.works
+    assert learned.score < stuck.score
+
+
+def test_when_the_finals_do_not_hold_the_next_screening_repair_gets_its_full_trial(tmp_path, monkeypatch):
+    """The CNN again: lr x0.1 led the screening (0.197), the only final, then climbed back to 1.249
+    at full length, and fix ended with it while Adam, which had also repaired the run in screening
+    (1.011), never had a full trial."""
+    lower, adamw = lr_scale(0.1), adam()
+    screen = {lower.name: 0.197, adamw.name: 1.011}
+    full = {lower.name: 1.249, adamw.name: 0.45}
+
+    def train():
+        model = nn.Linear(4, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        for _ in range(12):
+            opt.zero_grad()
+            (model(torch.randn(8, 4)) - 10).pow(2).mean().backward()
+            opt.step()
+
+    real = fix_module.run_trial_in_process
+
+    def trial(command, run_dir, cand, steps, trained=None):
+        if cand is fix_module.BASELINE:
+            return real(command, run_dir, cand, steps, trained=trained)
+        loss = full[cand.name] if steps == 40 else screen[cand.name]
+        return Trial(cand, run_dir, 0, 0.1, steps=steps, final_loss=loss, first_loss=1.11)
+
+    monkeypatch.setattr(fix_module, "run_trial_in_process", trial)
+    said = []
+    result = fix(train, out=tmp_path / "fix", budget_steps=40, candidates=[lower, adamw], progress=said.append)
+    assert [t.candidate.name for t in result.trials] == [lower.name, adamw.name]
+    assert result.winner.candidate.name == adamw.name and result.repaired
+    assert "did not hold" in said[-1]
+
+
+def test_the_spare_final_is_the_next_screened_remedy_even_one_that_left_a_finding():
+    """A deep tanh Trainer: Tanh -> LeakyReLU + He screened as the only repair (2.394) and diverged
+    at full length; BatchNorm, which had brought the loss from 2.31 to 1.25 but left an
+    exploding-gradient finding, was never run in full, and fix said no remedy beat the baseline."""
+    from gradwatch.diagnose.finding import Finding
+    from gradwatch.fix import FixResult, spare_final
+    from gradwatch.fix.candidates import norm, swap
+
+    def t(cand, loss, *kinds):
+        return Trial(cand, None, 0, 0.1, steps=20, final_loss=loss, first_loss=2.41,
+                     findings=[Finding(k, "error", 0, (), "m", {}) for k in kinds])
+
+    leaky, batch = swap("Tanh", "LeakyReLU", "auto"), norm("batch")
+    base = t(Candidate("baseline"), 2.33, "vanishing_gradient")
+    screened = [t(leaky, 2.394), t(batch, 1.249, "exploding_gradient"), t(adam(), 2.309, "vanishing_gradient")]
+    diverged = t(leaky, float("inf"), "non_finite")
+    assert spare_final(FixResult(base, [diverged], screened=screened)) == batch
+    assert spare_final(FixResult(base, [t(leaky, 0.5)], screened=screened)) is None  # the leader held
+    # a leader that did not repair the run in screening had its finals picked for that: no spare
+    assert spare_final(FixResult(base, [diverged], screened=screened[1:])) is None
+
+
+ONE_CYCLE = """
+import torch
+from torch import nn
+torch.manual_seed(0)
+model = nn.Linear(4, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.01)
+# BUILT
+sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=8.0, total_steps=400)
+lrs = []
+for _ in range(400):
+    opt.step()
+    lrs.append(opt.param_groups[0]["lr"])
+    sched.step()
+"""
+
+
+def test_the_lr_change_under_a_schedule_names_the_factor_not_a_peak_the_budget_saw():
+    """OneCycleLR(max_lr=8.0) over 400 steps, a budget of 80: the trial scaled every lr by 0.1 (a
+    peak of 0.8), but the code said `group['lr'] = 0.605` (the warm-up's lr at step 80, x0.1),
+    which, pasted before the scheduler, changed nothing (the script's validation loss stayed 2.308),
+    and as max_lr=0.605 was another run than the one measured."""
+    from gradwatch.diagnose.advice import Context
+    from gradwatch.fix.names import read_names
+    from gradwatch.store.series import RunSeries
+
+    warm_up = np.linspace(0.32, 6.05, 80)
+    run = Context(RunSeries([], np.arange(80), np.ones(80), warm_up, {}, meta={"optimizer": "SGD"}))
+    names = read_names(ONE_CYCLE, run)
+    code = lr_scale(0.1, names).code
+    assert "0.605" not in code and "group['lr'] *= 0.1" in code and "max_lr" in code
+    ns: dict = {}
+    exec(ONE_CYCLE.replace("# BUILT", code.split("#")[0]), ns)
+    assert max(ns["lrs"]) == pytest.approx(8.0)  # pasted as it is, it does not pretend to change OneCycleLR...
+    assert "multiply that by 0.1" in code  # ...and says what does
+    # without a schedule: the value, and no word of a scheduler
+    flat = read_names(ONE_CYCLE, Context(RunSeries([], np.arange(3), np.ones(3), np.full(3, 2.0), {},
+                                                   meta={"optimizer": "SGD"})))
+    assert "group['lr'] = 0.2" in lr_scale(0.1, flat).code and "OneCycleLR" not in adam(flat).code
+
+
+PARTS = """
+import torch
+from torch import nn
+net = nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 8), nn.Sigmoid(), nn.Linear(8, 2))
+optim = torch.optim.SGD([{"params": net[:-1].parameters(), "lr": 0.5}, {"params": net[-1].parameters(), "lr": 0.1}])
+x = torch.randn(16, 4)
+for _ in range(3):
+    optim.zero_grad()
+    net(x).pow(2).mean().backward()
+    optim.step()
+"""
+
+
+def test_the_model_is_named_when_the_optimizer_takes_it_in_parts():
+    """A backbone and a head at their own lrs (`net[:-1]`, `net[-1]`): the printed change said
+    `model` ("not found in your script") although the loop trains `net`."""
+    from gradwatch.fix.candidates import norm
+    from gradwatch.fix.names import read_names
+
+    names = read_names(PARTS)
+    assert (names.model, names.optimizer, names.batch) == ("net", "optim", "x")
+    code = names.complete(norm("batch", names).code)
+    assert "not found" not in code
+    ns: dict = {}
+    exec(PARTS.replace("optim = ", code + "\noptim = "), ns)
+    assert any(isinstance(m, nn.BatchNorm1d) for m in ns["net"].modules())
+    # parts of a module the loop never calls (two models' parts, a wrapper): which one trains is unclear
+    assert read_names(PARTS.replace("net(x)", "other(x)")).model == "model"
