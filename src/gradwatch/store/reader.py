@@ -134,14 +134,16 @@ class StoreFollower:
 
     def _add_steps(self, steps: np.ndarray, new: np.ndarray) -> None:
         """Rows for the new steps: appended at the end, or the old rows moved to their places when a
-        held-back step arrives among them; the capacity doubles when full."""
+        held-back step arrives among them. Full, the capacity grows by a quarter: the arrays are
+        kept between checks, and doubling would hold up to twice the run (each row is copied
+        about four more times instead)."""
         old = self._steps
         capacity = len(next(iter(self._metrics.values())))
         appended = len(old) == 0 or new[0] > old[-1]
         if appended and len(steps) <= capacity:
             self._steps = steps
             return
-        rows = max(len(steps), 2 * capacity) if len(steps) > capacity else capacity
+        rows = max(len(steps), capacity + capacity // 4) if len(steps) > capacity else capacity
         at = np.searchsorted(steps, old)
         for name, values in self._metrics.items():
             grown = np.full((rows, len(self._ids)), np.nan)
