@@ -54,7 +54,9 @@ def test_zero_code_second_phase_on_a_frozen_shared_backbone(tmp_path, capsys):
     """A hook was put on the frozen backbone (torch refuses: the new model went unwatched), the
     phase's first two steps were one (its optimizer was taken for the step's only at its second),
     and 'trains on a loss of its own' (a GAN's) turned the loss rules off. The new head is watched
-    from the phase's first step, a sampled one, so its weights' growth under lr 1 is found."""
+    from the phase's first step, a sampled one, so its weights' growth under lr 1 is recorded (a
+    7.5x jump in three steps, then slowing: no longer an exploding_gradient, whose weight-growth
+    branch asks for growth that keeps its pace; the loss ends below lr 1e-2's)."""
     plain, _, plain_model = _pretrain_then_finetune(1.0)
     watch = AutoWatch(str(tmp_path), warn=False, sample_every=5)
     try:
@@ -69,7 +71,7 @@ def test_zero_code_second_phase_on_a_frozen_shared_backbone(tmp_path, capsys):
     head = run.column("model.head")  # the second model, by the name train() calls it
     assert np.isfinite(run.metrics["grad_norm"][12:, head]).all()
     assert run.metrics["weight_norm"][12, head] == pytest.approx(w0, rel=1e-6)  # before its first update
-    assert [f.first_step for f in diagnose(run) if f.kind == "exploding_gradient"] >= [12]
+    assert np.nanmax(run.metrics["weight_norm"][:, head]) > 10 * w0
 
 
 def test_zero_code_a_new_optimizer_for_the_same_model_is_no_gan_partner(tmp_path):
