@@ -21,7 +21,13 @@ from gradwatch.collect.auto import ENV_OPTIONS, ENV_RUN_DIR
 from gradwatch.diagnose.finding import FINDINGS_FILE
 from gradwatch.errors import ConfigError
 
+try:
+    import fcntl
+except ImportError:  # Windows: runs into one directory are not guarded
+    fcntl = None
+
 BOOTSTRAP_DIR = Path(__file__).resolve().parent / "_bootstrap"
+LOCK_FILE = ".gradwatch.lock"  # locked while a run writes its directory: see claim_run_dir
 
 
 @dataclass
@@ -31,13 +37,17 @@ class RunResult:
 
 
 def default_run_dir(root: str | os.PathLike = "runs") -> Path:
+    """A new runs/<timestamp>, made here: two runs started in the same second get one each."""
+    root = output_dir(root)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = Path(root) / stamp
     n = 1
-    while path.exists():
-        n += 1
-        path = Path(root) / f"{stamp}-{n}"
-    return path
+    while True:
+        path = root / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            n += 1
 
 
 def clear_run(path: Path) -> None:
@@ -71,6 +81,31 @@ def prepare_run_dir(path: str | os.PathLike) -> Path:
     except OSError as exc:
         raise ConfigError(f"cannot write to the run directory {str(path)!r} ({exc.strerror}); choose another --out") from exc
     return path
+
+
+def claim_run_dir(path: str | os.PathLike) -> tuple[Path, int]:
+    """Prepare the run directory for a run that owns it: a lock on it, held until the run and
+    every process it passed the lock to have ended, then its earlier run cleared. A second run
+    into a live one's directory would clear the store being written. The kernel drops the lock
+    with its last holder, so a run killed with -9 leaves none behind. Returns the directory and
+    the lock's file descriptor (for `run`)."""
+    path = output_dir(path, what="the run directory")
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ConfigError(f"another gradwatch run (started by pid {owner}) is writing to {str(path)!r}; "
+                          f"choose another --out, or wait for it to end") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    try:
+        return prepare_run_dir(path), fd
+    except ConfigError:
+        os.close(fd)
+        raise
 
 
 def build_command(script: str | None, module: str | None, argv: list[str]) -> list[str]:
@@ -121,15 +156,17 @@ def child_env(run_dir: Path, options: dict[str, int]) -> dict[str, str]:
     return env
 
 
-def run(command: list[str], run_dir: Path, options: dict[str, int]) -> RunResult:
-    """Run `command` watched into `run_dir`; returns its exit code (128+N if killed by signal N)."""
+def run(command: list[str], run_dir: Path, options: dict[str, int], lock: int | None = None) -> RunResult:
+    """Run `command` watched into `run_dir`; returns its exit code (128+N if killed by signal N).
+    `lock` (from `claim_run_dir`) is passed on to the command: the directory stays claimed while
+    it runs, even if this process is killed first."""
     # Ctrl-C reaches the child directly (same process group): the parent waits for its end. A
     # handler, not SIG_IGN: an ignored signal stays ignored across exec, and Python would then
     # start the script with Ctrl-C switched off.
     previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
     previous_term = signal.getsignal(signal.SIGTERM)
     try:
-        proc = subprocess.Popen(command, env=child_env(run_dir, options))
+        proc = subprocess.Popen(command, env=child_env(run_dir, options), pass_fds=() if lock is None else (lock,))
         # a SIGTERM sent to us alone is passed on: the child stores its last steps and ends; so
         # is a SIGINT, unless a terminal's Ctrl-C sent it to the child as well (a second one
         # could cut short the child's last flush)

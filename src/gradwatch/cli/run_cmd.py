@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 
 from gradwatch import runner
@@ -20,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "are written to RUN/findings.json and summarised on stderr."
         ),
     )
-    p.add_argument("--out", help="run directory (default: runs/<timestamp>)")
+    p.add_argument("--out", help="run directory (default: runs/<timestamp>); refused while another run writes there")
     p.add_argument("--every", type=int, default=1, help="record every N-th step (default 1)")
     p.add_argument("--sample-every", type=int, default=10, help="costlier statistics every N-th step (default 10)")
     p.add_argument("--flush-every", type=int, default=50, help="write to the store every N steps (default 50)")
@@ -38,10 +40,16 @@ def main(args: argparse.Namespace) -> int:
 
             raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected a whole number >= 1")
     command = runner.command_from_target(args.target, args.module)
-    run_dir = runner.prepare_run_dir(args.out or runner.default_run_dir())
-    options = {"every": args.every, "sample_every": args.sample_every, "flush_every": args.flush_every}
-    result = runner.run(command, run_dir, options)
-    if args.out is None:
-        runner.link_latest(run_dir)
-    print_run_summary(run_dir, sys.stderr)
+    run_dir, lock = runner.claim_run_dir(args.out or runner.default_run_dir())
+    try:
+        options = {"every": args.every, "sample_every": args.sample_every, "flush_every": args.flush_every}
+        result = runner.run(command, run_dir, options, lock)
+        if args.out is None:
+            runner.link_latest(run_dir)
+        if result.exit_code == 128 + signal.SIGKILL:  # no chance to store its last steps
+            print(f"gradwatch: the command was killed (SIGKILL; out of memory?): the steps after its last store "
+                  f"write (every {args.flush_every} steps, --flush-every) are lost", file=sys.stderr)
+        print_run_summary(run_dir, sys.stderr)
+    finally:
+        os.close(lock)
     return result.exit_code

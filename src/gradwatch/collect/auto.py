@@ -9,12 +9,14 @@ or by each backward pass where there is none (weights updated by hand).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import signal
 import sys
 import threading
 import weakref
+from collections.abc import Iterator
 
 from torch import nn
 from torch.nn.utils.parametrize import ParametrizationList
@@ -70,15 +72,32 @@ class AutoWatch(Watch):
         self._own_loss: str | None = None  # another optimizer that stepped after a backward of its own
         self._own_losses = False  # ... with the adopted one stepping on after it (said once)
         self._ending = None  # an optimizer whose first step ends the step: see _other_step
+        self._busy = 0  # flushes or detaches under way: a SIGTERM waits for their end
+        self._deferred_signal: int | None = None
         self._handles.append(register_optimizer_step_pre_hook(self._global_pre))
         self._handles.append(register_optimizer_step_post_hook(self._global_post))
 
     def flush(self) -> None:
-        if self.store_path is None and (self._pending or self._events):
-            from pathlib import Path
+        with self._uninterrupted():
+            if self.store_path is None and (self._pending or self._events):
+                from pathlib import Path
 
-            self.store_path = Path(_claim_store(self.run_dir))
-        super().flush()
+                self.store_path = Path(_claim_store(self.run_dir))
+            super().flush()
+
+    @contextlib.contextmanager
+    def _uninterrupted(self) -> Iterator[None]:
+        """A SIGTERM arriving while the store is written waits for the write's end (see
+        `_flush_on_sigterm`): a multiprocessing Pool sends one to each worker as it exits, which
+        cut the worker's exit flush short and left its store empty."""
+        self._busy += 1
+        try:
+            yield
+        finally:
+            self._busy -= 1
+            if not self._busy and self._deferred_signal is not None:
+                signum, self._deferred_signal = self._deferred_signal, None
+                os.kill(os.getpid(), signum)  # again, to the handler (in the main thread)
 
     def _enter_module(self, module: nn.Module, args) -> None:
         if self._depth == 0 and id(module) not in self._seen_modules:
@@ -241,8 +260,23 @@ class AutoWatch(Watch):
         self._discovery = []
 
     def detach(self) -> None:
-        self._stop_discovery()
-        super().detach()
+        with self._uninterrupted():
+            self._stop_discovery()
+            super().detach()
+
+    def forget(self) -> None:
+        """In a forked child (a DataLoader worker, a fork Pool's): the parent's watch, copied,
+        must not record or write: a worker that trained wrote its steps and the parent's unflushed
+        ones into the parent's store, through the parent's connection. Its hooks go, its steps
+        are dropped unwritten, and the connection is left alone (closing it could checkpoint the
+        parent's live WAL)."""
+        _forgotten.append(self)  # never collected, so never closed
+        self._snapshot = self._cur = self._dist = None
+        self._pending, self._events, self.on_flush = [], [], []
+        self.detach()
+
+
+_forgotten: list[AutoWatch] = []
 
 
 def _params_of(optimizer) -> set[int]:
@@ -257,11 +291,28 @@ def start_from_env() -> AutoWatch | None:
     options = {k: int(os.environ[v]) for k, v in ENV_OPTIONS.items() if os.environ.get(v)}
     watch = AutoWatch(run_dir, **options)
     start_from_env.watch = watch
-    atexit.register(watch.detach)
+    atexit.register(_detach_at_exit, watch)
+    os.register_at_fork(after_in_child=watch.forget)
     quiet_global_hook_warning()  # (the discovery hooks take the wrapper's inner model: AutoWatch._discover)
     _flush_on_sigterm(watch)
+    _flush_on_os_exit(watch)
     _no_collectives_after_a_crash(watch)
     return watch
+
+
+def _flush_on_os_exit(watch: AutoWatch) -> None:
+    """`os._exit` (scripts end with it to skip a slow teardown) runs no atexit: the steps since
+    the last flush were lost, all of them in a run shorter than one flush. Flushed first, in this
+    process only (a forked worker ends with `os._exit` too, and must not write)."""
+    original, pid = os._exit, os.getpid()
+
+    def _exit(status: int) -> None:
+        if os.getpid() == pid:
+            with contextlib.suppress(Exception):  # exiting anyway: what was flushed before stays
+                _detach_at_exit(watch)
+        original(status)
+
+    os._exit = _exit
 
 
 def _no_collectives_after_a_crash(watch: AutoWatch) -> None:
@@ -287,13 +338,43 @@ def _flush_on_sigterm(watch: AutoWatch) -> None:
     pid = os.getpid()
 
     def handler(signum: int, frame: object) -> None:
-        signal.signal(signum, signal.SIG_DFL)
-        if os.getpid() == pid:
-            try:
-                watch.abandon_collectives("rank ended on SIGTERM")  # torchrun's, after another rank failed
-                watch.detach()
-            except Exception:  # dying anyway: what was flushed before stays
-                pass
-        os.kill(os.getpid(), signum)
+        if os.getpid() != pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        elif watch._busy and watch._dist is None:  # (a collective's flush could wait forever)
+            watch._deferred_signal = signum
+        else:
+            _die_of(watch, signum)
 
     signal.signal(signal.SIGTERM, handler)
+
+
+def _die_of(watch: AutoWatch, signum: int) -> None:
+    """Store the steps since the last flush, then die of `signum` as without gradwatch. A second
+    one meanwhile is ignored: sent to the process group (Slurm's time limit, `kill -TERM -PGID`),
+    the signal reaches the script twice, once passed on by `gradwatch run`, and the second
+    ended the flush the first began."""
+    signal.signal(signum, signal.SIG_IGN)
+    with contextlib.suppress(Exception):  # dying anyway: what was flushed before stays
+        watch.abandon_collectives("rank ended on SIGTERM")  # torchrun's, after another rank failed
+        _detach_at_exit(watch)
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _detach_at_exit(watch: AutoWatch) -> None:
+    """Store the last steps with Ctrl-C and SIGCHLD set aside in the main thread: a second Ctrl-C
+    (from the terminal and from `gradwatch run`) would cut the flush short, and a DataLoader's
+    SIGCHLD handler raises in it when its workers die of the same signal (Slurm's SIGTERM to the
+    whole job: 50 of 76 steps stored)."""
+    held = {signal.SIGINT: signal.SIG_IGN}
+    if hasattr(signal, "SIGCHLD"):
+        held[signal.SIGCHLD] = signal.SIG_DFL  # (not SIG_IGN: children would be reaped unwaited)
+    main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, h) for s, h in held.items()} if main else {}
+    try:
+        watch.detach()
+    finally:
+        for s, h in previous.items():
+            if h is not None:  # (None: a handler set outside Python, which cannot be put back)
+                signal.signal(s, h)

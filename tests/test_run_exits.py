@@ -1,0 +1,91 @@
+"""The ways a script watched by `gradwatch run` ends, each with its steps stored."""
+
+import os
+import subprocess
+import sys
+
+from gradwatch.store import read_run
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+TRAIN = ("import os, signal, torch\n"
+         "torch.manual_seed(0)\n"
+         "model = torch.nn.Linear(4, 1)\n"
+         "opt = torch.optim.SGD(model.parameters(), lr=0.1)\n"
+         "for _ in range(7):\n"
+         "    loss = model(torch.randn(8, 4)).pow(2).mean()\n"
+         "    opt.zero_grad(); loss.backward(); opt.step()\n"
+         "    print(repr(loss.item()), flush=True)\n")
+def signalled_in_flush(name):
+    """The training script, its store writes receiving signal `name` (as a Pool worker's exit flush may)."""
+    return TRAIN.replace("for _", (
+        "from gradwatch.collect.auto import start_from_env\n"
+        "watch = start_from_env.watch\n"
+        "write = watch._write\n"
+        "def write_signalled(ready):\n"
+        f"    os.kill(os.getpid(), signal.{name})  # handled at the next line: inside the flush\n"
+        "    write(ready)\n"
+        "watch._write = write_signalled\n"
+        "for _"))
+
+
+TERMINATE = "os.kill(os.getpid(), signal.SIGTERM)\nprint('not reached')\n"
+
+
+def run(tmp_path, code, *options):
+    """`gradwatch run` of `code`, a script that prints each step's loss."""
+    script = tmp_path / "train.py"
+    script.write_text(code)
+    return subprocess.run([sys.executable, "-m", "gradwatch", "run", "--out", str(tmp_path / "r"), *options, str(script)],
+                          capture_output=True, text=True, env=ENV, timeout=120)
+
+
+def assert_stored(tmp_path, result):
+    run = read_run(tmp_path / "r")
+    assert list(run.steps) == list(range(7))
+    assert list(run.loss) == [float(line) for line in result.stdout.split()]
+
+
+def test_a_sigterm_during_the_exit_flush_waits_for_it(tmp_path):
+    """A multiprocessing Pool sends SIGTERM to each worker as the worker exits: it arrived during
+    the worker's exit flush, which the handler cut short, leaving an empty store (a 3-task sweep
+    on 2 spawn workers kept 25 of its 75 steps). The signal now waits for the flush, then ends
+    the process as it would have."""
+    result = run(tmp_path, signalled_in_flush("SIGTERM"))
+    assert result.returncode == 128 + 15, result.stderr  # it still dies of the signal
+    assert_stored(tmp_path, result)
+
+
+def test_a_script_ending_with_os_exit_keeps_its_steps(tmp_path):
+    """`os._exit` runs no atexit: a 30-step script ending with it stored nothing at all."""
+    result = run(tmp_path, TRAIN + "os._exit(4)\n")
+    assert result.returncode == 4, result.stderr
+    assert_stored(tmp_path, result)
+
+
+def test_a_script_killed_with_sigkill_is_said_to_have_lost_its_last_steps(tmp_path):
+    """Killed by SIGKILL (the out-of-memory killer), a script cannot store its last steps: the
+    summary said only what was stored, as if the run had been shorter."""
+    result = run(tmp_path, TRAIN + "os.kill(os.getpid(), signal.SIGKILL)\n", "--flush-every", "5")
+    assert result.returncode == 128 + 9
+    assert "killed (SIGKILL; out of memory?): the steps after its last store write (every 5 steps, --flush-every) are lost" in result.stderr
+    assert list(read_run(tmp_path / "r").steps) == list(range(5))
+
+
+def test_a_sigterm_sent_twice_stores_every_step(tmp_path):
+    """Sent to the process group (Slurm's time limit, `kill -TERM -PGID`), SIGTERM reaches the
+    script twice: directly, and passed on by `gradwatch run`. The second killed the script in
+    the flush the first began: the steps since the last flush were lost (50 of 76)."""
+    result = run(tmp_path, signalled_in_flush("SIGTERM") + TERMINATE)
+    assert result.returncode == 128 + 15, result.stderr
+    assert_stored(tmp_path, result)
+
+
+def test_a_sigchld_handler_does_not_break_the_last_flush(tmp_path):
+    """A DataLoader's SIGCHLD handler raises when its workers die of a signal: under a SIGTERM to
+    the whole process group it raised inside the script's last flush (50 of 76 steps stored)."""
+    raising = ("def on_child(signum, frame):\n"
+               "    raise RuntimeError('DataLoader worker is killed by signal: Terminated')\n"
+               "signal.signal(signal.SIGCHLD, on_child)\n")
+    result = run(tmp_path, signalled_in_flush("SIGCHLD").replace("for _", raising + "for _", 1) + TERMINATE)
+    assert result.returncode == 128 + 15, result.stderr
+    assert_stored(tmp_path, result)

@@ -1,0 +1,79 @@
+"""Two `gradwatch run`s into one --out: the second is refused while the first lives, and a run
+killed with -9 leaves no lock behind."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from gradwatch.store import read_run
+
+SCRIPTS = Path(__file__).parent / "scripts"
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def start(out, pidfile):
+    """`gradwatch run` of a script that trains until killed, in a session of its own."""
+    return subprocess.Popen([sys.executable, "-m", "gradwatch", "run", "--out", str(out), "--flush-every", "5",
+                             str(SCRIPTS / "killme.py"), "--pid", str(pidfile)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            start_new_session=True)
+
+
+def wait_steps(proc, steps):
+    for line in proc.stdout:
+        if line.strip().isdigit() and int(line) >= steps:
+            return
+    raise AssertionError(f"the script ended early: {proc.stderr.read()}")
+
+
+def run(out, *args):
+    return subprocess.run([sys.executable, "-m", "gradwatch", "run", "--out", str(out), *map(str, args)],
+                          capture_output=True, text=True, env=ENV, timeout=120)
+
+
+def test_a_second_run_into_a_live_runs_directory_is_refused_and_the_first_keeps_its_store(tmp_path):
+    """The second run cleared the first's store as it started: the first's steps were lost."""
+    first = start(tmp_path / "r", tmp_path / "pid1")
+    try:
+        wait_steps(first, 20)
+        second = run(tmp_path / "r", SCRIPTS / "killme.py", "--pid", tmp_path / "pid2")
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        assert f"is writing to {str(tmp_path / 'r')!r}; choose another --out, or wait for it to end" in second.stderr
+        assert not (tmp_path / "pid2").exists()  # refused before the script started
+        wait_steps(first, 30)
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=60)
+    steps = read_run(tmp_path / "r").steps
+    assert steps[0] == 0 and len(steps) >= 30 and list(steps) == list(range(len(steps)))
+
+
+def test_a_run_killed_with_sigkill_leaves_no_lock(tmp_path):
+    """While the watched script outlives its killed `gradwatch run`, it is still writing: refused.
+    Once it is dead too, the directory is free."""
+    first = start(tmp_path / "r", tmp_path / "pid1")
+    wait_steps(first, 10)
+    child = int((tmp_path / "pid1").read_text())
+    first.kill()
+    first.wait(timeout=60)
+    try:
+        assert "is writing to" in run(tmp_path / "r", SCRIPTS / "train_optim.py", 5).stderr
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the script, in the same session
+    deadline = time.monotonic() + 30
+    while not _dead(child):  # (a zombie no one reaps holds no lock)
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    result = run(tmp_path / "r", SCRIPTS / "train_optim.py", 5)
+    assert result.returncode == 0, result.stderr
+    assert len(read_run(tmp_path / "r").steps) == 5
+
+
+def _dead(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] in "ZX"
+    except (FileNotFoundError, ProcessLookupError):
+        return True

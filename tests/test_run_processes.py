@@ -1,0 +1,51 @@
+"""Processes a script watched by `gradwatch run` forks: they do not write the run's store."""
+
+import multiprocessing
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gradwatch.store import read_run
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+SCRIPT = """
+import multiprocessing, torch
+from torch.utils.data import DataLoader, TensorDataset
+
+def train(seed, steps, loader=None):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    for x, _ in loader or [(torch.randn(8, 4), None)] * steps:
+        loss = model(x).pow(2).mean()
+        opt.zero_grad(); loss.backward(); opt.step()
+        losses.append(loss.item())
+    return losses
+
+if __name__ == "__main__":
+    data = DataLoader(TensorDataset(torch.randn(56, 4), torch.zeros(56)), batch_size=8, num_workers=2)
+    for loss in train(0, 7, data):
+        print(repr(loss))
+    with multiprocessing.get_context("fork").Pool(2) as pool:  # a sweep in forked workers
+        pool.starmap(train, [(1, 12), (2, 12)])
+"""
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="no fork here")
+def test_forked_workers_do_not_write_the_parents_store(tmp_path):
+    """A fork Pool's workers inherited the watch: training, they wrote their steps and the
+    parent's unflushed ones into the parent's store (120 steps where the script took 70, then
+    'UNIQUE constraint failed' from the second worker). DataLoader workers are forked too."""
+    (tmp_path / "sweep.py").write_text(SCRIPT)
+    result = subprocess.run([sys.executable, "-m", "gradwatch", "run", "--out", str(tmp_path / "r"), "--flush-every", "5",
+                             str(tmp_path / "sweep.py")], capture_output=True, text=True, env=ENV, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "cannot write" not in result.stderr
+    run = read_run(tmp_path / "r")
+    assert list(run.steps) == list(range(7))
+    assert list(run.loss) == [float(line) for line in result.stdout.split()]
+    assert sorted(p.name for p in (tmp_path / "r").glob("*.sqlite")) == ["gradwatch.sqlite"]
