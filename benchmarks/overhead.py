@@ -18,10 +18,25 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gradwatch  # noqa: E402
-from models import WORKLOADS  # noqa: E402
+import models  # noqa: E402
+
+
+def many_tiny():
+    """Many small parameter tensors (2000 of 8x8 and 8): the per-tensor cost of watching, which the
+    other workloads' few big tensors hide."""
+    layers = []
+    for _ in range(1000):
+        layers += [nn.Linear(8, 8), nn.ReLU()]
+    x, y = torch.randn(32, 8), torch.randint(0, 8, (32,))
+    return nn.Sequential(*layers[:-1]), (x, y), nn.CrossEntropyLoss()
+
+
+WORKLOADS = {**models.WORKLOADS, "many_tiny": many_tiny}
+OPTIMIZERS = {"many_tiny": lambda params: torch.optim.SGD(params, lr=1e-2)}  # the others: Adam
 
 
 def _item_loop(model):
@@ -79,7 +94,8 @@ def cockpit_block(model, x, y, opt_factory):
 def run_workload(name: str, rounds: int, block: int, out_dir: str) -> dict:
     torch.manual_seed(0)
     model, (x, y), loss_fn = WORKLOADS[name]()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    make_opt = OPTIMIZERS.get(name, lambda params: torch.optim.Adam(params, lr=1e-4))
+    opt = make_opt(model.parameters())
     watch = gradwatch.watch(model, opt, out=Path(out_dir) / name)
     watch.pause()
     # the same watch without live diagnosis at flushes, to show what the live rules cost
@@ -97,7 +113,7 @@ def run_workload(name: str, rounds: int, block: int, out_dir: str) -> dict:
 
     cockpit_step = None
     if name in COCKPIT_WORKLOADS:
-        cockpit_step = cockpit_block(model, x, y, lambda params: torch.optim.Adam(params, lr=1e-4))
+        cockpit_step = cockpit_block(model, x, y, make_opt)
 
     def timed_block(variant: str) -> float:
         probe = PROBES.get(variant)

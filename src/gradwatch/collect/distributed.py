@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gradwatch.collect.stats import MISSING, entries
+from gradwatch.collect.stats import MISSING, entries, foreach_norm32
 from gradwatch.errors import ConfigError
 
 EVENT = "rank_non_finite"  # events row: (step, "rank_non_finite", "rank R: loss nan|inf|-inf")
@@ -133,7 +133,7 @@ class Distributed:
             if grads[i].numel():  # max |g|; 10x faster than the inf-norm on CPU
                 low, high = torch.aminmax(grads[i])
                 torch.maximum(high.float(), low.float().neg(), out=gmax[i])
-        weight = torch.stack(torch._foreach_norm([local(p.detach()) for p in params], 2.0, dtype=torch.float32))
+        weight = foreach_norm32([local(p.detach()) for p in params])
         return grad, gmax, weight
 
     def any_rank(self, flag: bool) -> bool:
@@ -254,10 +254,10 @@ class Distributed:
 def _scatter(n: int, index: list[int], tensors: list[torch.Tensor], device) -> torch.Tensor:
     """L2 norms of `tensors` at positions `index` of a length-n vector, MISSING elsewhere."""
     if len(index) == n:  # every parameter has a gradient: the common case, one fused call
-        return torch.stack(torch._foreach_norm(tensors, 2.0, dtype=torch.float32))
+        return foreach_norm32(tensors)
     out = torch.full((n,), MISSING, device=device)
     if index:
-        values = torch.stack(torch._foreach_norm(tensors, 2.0, dtype=torch.float32))
+        values = foreach_norm32(tensors)
         out[torch.tensor(index, device=device)] = values
     return out
 

@@ -7,7 +7,6 @@ The training thread only appends device tensors here; the host reads them once p
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -89,6 +88,15 @@ def _stack(values: list[torch.Tensor | None], width: int) -> np.ndarray:
     return out
 
 
+def _host(totals: list[torch.Tensor], calls: list[int]) -> np.ndarray:
+    """Per-call means of sums over a step (rows: `totals[i] / calls[i]`), divided on the device as
+    before and read to the host in one copy, not one per layer."""
+    if len({t.device for t in totals}) > 1:  # (a model split over devices)
+        totals = [t.cpu() for t in totals]
+    stacked = torch.stack(totals).float().reshape(len(totals), -1)
+    return (stacked / torch.tensor(calls, dtype=stacked.dtype, device=stacked.device)[:, None]).cpu().numpy()
+
+
 def _layer_l2(per_param: np.ndarray, starts: np.ndarray) -> np.ndarray:
     missing = per_param == MISSING
     squares = np.where(missing, 0.0, per_param) ** 2
@@ -142,30 +150,34 @@ def to_batch(records: list[StepRecord], layers: list[Layer], meta: dict | None =
                              ("grad_max", _layer_max(gmax, starts)), ("nonfinite", nonfinite)):
             cols[name][:, owners] = values
 
-    pending_host = []
-    for row, rec in enumerate(records):
-        for pos, (total, calls) in rec.act.items():
-            pending_host.append((row, pos, "act", total / calls))
-        for pos, (total, calls) in rec.out_rms.items():
-            pending_host.append((row, pos, "rms", (total / calls).reshape(1)))
-    if pending_host:
-        host = [p[3].float().cpu().numpy() for p in pending_host]
-        for (row, pos, what, _), values in zip(pending_host, host):
-            if what == "act":
-                cols["act_mean"][row, pos], cols["act_std"][row, pos] = measured(values[:2])
-                cols["saturated"][row, pos] = values[2]  # NaN by design: not a saturating activation
-                cols["dead"][row, pos] = values[3]  # NaN by design: no unit axis
-            else:
-                cols["grad_out_rms"][row, pos] = measured(values)[0]
+    for what, sums in (("act", [r.act for r in records]), ("rms", [r.out_rms for r in records])):
+        where = [(row, pos) for row, by_layer in enumerate(sums) for pos in by_layer]
+        if not where:
+            continue
+        slots = [sums[row][pos] for row, pos in where]
+        means = _host([total for total, _ in slots], [n for _, n in slots])
+        rows, positions = np.array(where).T
+        if what == "act":
+            cols["act_mean"][rows, positions] = measured(means[:, 0])
+            cols["act_std"][rows, positions] = measured(means[:, 1])
+            cols["saturated"][rows, positions] = means[:, 2]  # NaN by design: not a saturating activation
+            cols["dead"][rows, positions] = means[:, 3]  # NaN by design: no unit axis
+        else:
+            cols["grad_out_rms"][rows, positions] = measured(means[:, 0])
 
+    # a row for each step and layer with a value, as Python floats and None, built column-wise
+    table = np.stack([cols[c] for c in LAYER_COLUMNS], axis=-1)  # (step, layer, column)
+    rows, positions = np.nonzero(~np.isnan(table).all(axis=2))
+    kept = table[rows, positions]
+    values = kept.astype(object)
+    values[np.isnan(kept)] = None
+    steps = np.array([r.step for r in records])[rows].tolist()
+    names = np.array([layer.name for layer in layers], dtype=object)[positions].tolist()
+    batch.layer_rows.extend(zip(steps, names, *values.T.tolist()))
     for row, rec in enumerate(records):
         lr = rec.lrs[0] if rec.lrs else None
         loss = None if losses[row] is None else float(loss_host[row])
         batch.steps.append((rec.step, loss, lr, json.dumps(rec.lrs), rec.wall_time))
-        for pos, layer in enumerate(layers):
-            values = [None if math.isnan(v := cols[c][row, pos]) else float(v) for c in LAYER_COLUMNS]
-            if any(v is not None for v in values):
-                batch.layer_rows.append((rec.step, layer.name, *values))
         for pos, profile in rec.profiles.items():
             for t, v in enumerate(measured(profile.float().cpu().numpy()).tolist()):
                 batch.profile_rows.append((rec.step, layers[pos].name, t, v))

@@ -26,11 +26,44 @@ def entries(grad: torch.Tensor) -> torch.Tensor:
     return grad.coalesce().values() if grad.is_sparse else grad
 
 
+def norm32(x: torch.Tensor, ord: float = 2.0, dim: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`x`'s norm as float32, as the store keeps it: float32 and narrower tensors summed in float32,
+    a float64 one in its own precision (vector_norm refuses to narrow: watching a float64 model
+    crashed at its first backward), then rounded to float32."""
+    if x.dtype != torch.float64:
+        return torch.linalg.vector_norm(x, ord, dim=dim, dtype=torch.float32, out=out)
+    value = torch.linalg.vector_norm(x, ord, dim=dim).float()
+    return value if out is None else out.copy_(value)
+
+
+def foreach_norm32(tensors: list[torch.Tensor], ord: float = 2.0) -> torch.Tensor:
+    """`norm32` of each tensor, as one float32 vector (one fused call where none is float64)."""
+    if any(t.dtype == torch.float64 for t in tensors):
+        return torch.stack([n.float() for n in torch._foreach_norm(tensors, ord)])
+    return torch.stack(torch._foreach_norm(tensors, ord, dtype=torch.float32))
+
+
 def norms(tensors: list[torch.Tensor], ord: float = 2.0) -> torch.Tensor:
     """Per-tensor norms as one vector, one fused call."""
     if not tensors:
         return torch.empty(0)
     return torch.stack(torch._foreach_norm(tensors, ord))
+
+
+def shape_groups(keys: list) -> list[list[int]]:
+    """Positions of equal keys (a tensor's shape and dtype), grouped, in order of first appearance."""
+    groups: dict = {}
+    for k, key in enumerate(keys):
+        groups.setdefault(key, []).append(k)
+    return list(groups.values())
+
+
+def grouped_norms(tensors: list[torch.Tensor], groups: list[list[int]], ord: float = 2.0) -> torch.Tensor:
+    """float32 norms of many small tensors in a few kernels: each group (same shape and dtype,
+    `shape_groups`) is stacked and reduced at once; on the CPU each value is bitwise the one
+    `vector_norm` gives the tensor alone. In the order of `groups`."""
+    parts = [norm32(torch.stack([tensors[k] for k in group]).flatten(1), ord, dim=1) for group in groups]
+    return torch.cat(parts)
 
 
 def unit_dim(y: torch.Tensor) -> int:

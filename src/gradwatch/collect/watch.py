@@ -11,6 +11,7 @@ for NaN/Inf costs nothing and gives an exact count of non-finite gradient entrie
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
 import sys
@@ -28,12 +29,15 @@ from gradwatch.collect.forward_order import ForwardOrder
 from gradwatch.collect.layers import Layer, compiled_inner, discover, has_lazy_params, newly_trainable, rename
 from gradwatch.collect.record import StepRecord, to_batch
 from gradwatch.collect.sampled_hooks import SampledHooks
-from gradwatch.collect.stats import MISSING, entries, norms
+from gradwatch.collect.stats import MISSING, entries, grouped_norms, norm32, norms, shape_groups
 from gradwatch.errors import ConfigError, TrainingStopped
-from gradwatch.store.reader import STORE_NAME, _read
+from gradwatch.store.reader import STORE_NAME, StoreFollower
 from gradwatch.store.series import LayerInfo, RunSeries
 from gradwatch.store.writer import RunStoreWriter
 
+# Gradients of at most this many entries are not read in their hook but all at once after backward:
+# reading 16 KB again costs less than the kernel launch it saves (a bias, a LayerNorm's weights).
+SMALL_GRAD = 4096
 MAX_ACCUMULATION = 64  # backwards per optimizer step that zero-code mode waits for before the first step
 
 
@@ -57,7 +61,7 @@ def optimizer_meta(optimizer: torch.optim.Optimizer | None) -> dict:
     if optimizer is None:
         return {"optimizer": None}
     momenta = [float(g["momentum"]) for g in optimizer.param_groups if isinstance(g.get("momentum"), (int, float))]
-    return {"optimizer": type(optimizer).__name__, "momentum": max(momenta, default=0.0)}
+    return {"optimizer": type(optimizer).__name__, **({"momentum": max(momenta)} if momenta else {})}  # Adam has none
 
 
 def positive_int(name: str, value: object) -> int:
@@ -125,6 +129,7 @@ class Watch:
             **(meta or {}),
         }
         self._writer: RunStoreWriter | None = None
+        self._follower: StoreFollower | None = None  # the live check's reader: new steps only
         self.all_ranks = bool(all_ranks)
         self._dist: distributed.Distributed | None = None  # set when a DDP/FSDP model is added
         self._layers: list[Layer] = []
@@ -155,6 +160,13 @@ class Watch:
         self._handles: list = []  # permanent hooks, removed by detach()
         self._grad_handles: dict[int, object] = {}  # parameter index -> its post-accumulate-grad hook
         self._norm_buf = self._max_buf = None
+        self._small_indices: list[int] = []  # parameters whose small gradients wait for _read_small_grads
+        self._small_grads: list[torch.Tensor] = []
+        # how the last read grouped them (see _read_small_grads)
+        self._small_order: list[int] = []
+        self._small_keys: list[tuple] = []
+        self._small_groups: list[list[int]] = []
+        self._small_index: torch.Tensor | None = None
         self._cur_sampled: bool | None = self._sampled(0)  # None: this step is not recorded
         self._sampled_hooks = SampledHooks(self._current, self._unscale)  # living for one sampled step
         self._order = ForwardOrder()
@@ -290,6 +302,8 @@ class Watch:
         self._norm_buf = torch.full((n,), MISSING, device=device)
         self._max_buf = torch.full((n,), MISSING, device=device)
         self._weight_buf = torch.full((n,), MISSING, device=device)
+        self._small_indices.clear()
+        self._small_grads.clear()
         self._snapshot = None
         self._hook_grads()
 
@@ -301,24 +315,54 @@ class Watch:
             return
         for i, p in enumerate(self._params):
             if p.requires_grad and i not in self._grad_handles:
-                self._grad_handles[i] = p.register_post_accumulate_grad_hook(self._grad_hook(i))
+                small = 0 < p.numel() <= SMALL_GRAD and p.device == self._norm_buf.device
+                self._grad_handles[i] = p.register_post_accumulate_grad_hook(self._grad_hook(i, small))
 
-    def _grad_hook(self, i: int):
+    def _grad_hook(self, i: int, small: bool):
+        """`small`: a gradient too small to gain from being read in cache is only kept, for
+        `_read_small_grads` to take with the others after backward."""
         norm_out, max_out, weight_out = self._norm_buf[i], self._max_buf[i], self._weight_buf[i]
+        indices, grads = self._small_indices, self._small_grads
 
         def hook(p: torch.Tensor) -> None:
             self._grads_seen += 1
             if self._attached and self._cur_sampled is not None:
-                g = entries(p.grad)
-                torch.linalg.vector_norm(g, dtype=torch.float32, out=norm_out)
+                if small and not p.grad.is_sparse:
+                    indices.append(i)
+                    grads.append(p.grad)  # (kept: a later hook may set p.grad to None)
+                    return
+                g = entries(p.grad.detach())  # (backward(create_graph=True): a gradient with a graph)
+                norm32(g, out=norm_out)
                 if self._cur_sampled:  # p was just read by backward too: both are in cache
                     if g.numel():
                         low, high = torch.aminmax(g)  # max |g|; 10x faster than the inf-norm on CPU
                         torch.maximum(high.float(), low.float().neg(), out=max_out)
                     else:
                         max_out.zero_()
-                    torch.linalg.vector_norm(p.detach(), dtype=torch.float32, out=weight_out)
+                    norm32(p.detach(), out=weight_out)
         return hook
+
+    @torch.no_grad()  # (as in the hooks)
+    def _read_small_grads(self, sampled: bool) -> None:
+        """The statistics of the small gradients the hooks kept, into the buffers the hooks write:
+        a few kernels in all instead of one per gradient (each cost 5-10 µs in its hook)."""
+        indices, grads = self._small_indices, self._small_grads
+        if not indices:
+            return
+        keys = [(g.shape, g.dtype) for g in grads]
+        if indices != self._small_order or keys != self._small_keys:  # almost always the same
+            self._small_order, self._small_keys = indices[:], keys
+            self._small_groups = shape_groups(keys)
+            order = [indices[k] for group in self._small_groups for k in group]
+            self._small_index = torch.tensor(order, device=self._norm_buf.device)
+        groups, index = self._small_groups, self._small_index
+        self._norm_buf.index_copy_(0, index, grouped_norms(grads, groups))
+        if sampled:
+            self._max_buf.index_copy_(0, index, grouped_norms(grads, groups, math.inf))
+            weights = [self._params[i].detach() for i in indices]
+            self._weight_buf.index_copy_(0, index, grouped_norms(weights, groups))
+        indices.clear()
+        grads.clear()
 
     def record_loss(self, loss: torch.Tensor | float) -> None:
         """Record this step's loss explicitly (instead of the tensor `.backward()` was called on)."""
@@ -384,10 +428,13 @@ class Watch:
         return self.stored_series()
 
     def stored_series(self) -> RunSeries:
-        """What has been flushed so far, read without touching the step being recorded."""
+        """What has been flushed so far, read without touching the step being recorded: only the
+        steps flushed since the last call are read (its arrays are read-only, shared with the next)."""
         if self._writer is None:
             return RunSeries([], np.empty(0, dtype=np.int64), np.empty(0), np.empty(0), {})
-        return _read(self._writer.connection)
+        if self._follower is None:
+            self._follower = StoreFollower(self._writer.connection)
+        return self._follower.read()
 
     def findings(self) -> list:
         """The findings of everything recorded so far (see `gradwatch.diagnose`)."""
@@ -475,7 +522,7 @@ class Watch:
         instead (zero_grad(set_to_none=False)), they are not told from accumulation."""
         params = self._params if self._optimizer is None else \
             (p for group in self._optimizer.param_groups for p in group["params"])
-        return all(p.grad is None for p in params if p.requires_grad)  # stops at the first gradient
+        return all(p.grad is None for p in params)  # stops at the first gradient (a weight toggled off keeps its own)
 
     def _accumulating(self, rec: StepRecord) -> bool:
         """Zero-code mode, a second backward before any optimizer step: weights unchanged since the
@@ -551,6 +598,7 @@ class Watch:
         if self._dist is not None:  # complete only now, after the all-reduce / reduce-scatter
             grad, grad_max, weight = self._dist.read(params, rec.sampled)
         else:
+            self._read_small_grads(rec.sampled)
             grad, grad_max, weight = self._norm_buf, self._max_buf, self._weight_buf
         rec.grad = self._unscale(grad.clone())
         # a loss scaler syncs at each step anyway (GradScaler reads found_inf): the check is free there
@@ -705,6 +753,8 @@ class Watch:
     def _clear_grad_buffers(self) -> None:
         """Mark every parameter as having no gradient yet in this step (max |g| and weight norms
         are taken on sampled steps only)."""
+        self._small_indices.clear()
+        self._small_grads.clear()
         if self._norm_buf is not None:
             self._norm_buf.fill_(MISSING)
             if self._cur_sampled:
