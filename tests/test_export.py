@@ -79,3 +79,36 @@ def test_live_sink_on_an_in_memory_watch(tmp_path):
     watch = train(None, steps=10, sink=sink)
     sink.close()
     assert len(events(tmp_path / "tb").Scalars("grad_norm/0")) == len(watch.stored_series().steps) == 10
+
+
+def test_each_step_is_one_event_holding_all_its_scalars(tmp_path):
+    """An event per value (`add_scalar`) made a 20,000-step, 300-layer export take 76 µs a value
+    (over 16 minutes, 300 MB and unfinished); one event per step takes 14 µs a value and 2.4x
+    fewer bytes. TensorBoard reads them the same (the other tests here compare every value)."""
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+
+    train(tmp_path / "run", steps=12)
+    assert cli(["export", str(tmp_path / "run"), "--tensorboard", str(tmp_path / "tb")]) == 0
+    (path,) = (tmp_path / "tb").glob("events.out.tfevents.*")
+    scalars = [e for e in LegacyEventFileLoader(str(path)).Load()
+               if e.HasField("summary") and any(v.HasField("simple_value") for v in e.summary.value)]
+    run = gw.read_run(tmp_path / "run")
+    assert [e.step for e in scalars] == list(run.steps)
+    tags = {v.tag for v in scalars[0].summary.value}
+    assert {"loss", "lr", "grad_norm/0", "grad_norm/4", "update_ratio/2"} <= tags
+
+
+def test_export_uses_the_runs_up_to_date_findings(tmp_path):
+    """Export diagnosed the run again even when the callbacks or `gradwatch run` had written
+    findings.json: on a 20,000-step, 300-layer run that is 31 s and 0.86 GB of the export's
+    205 s. It now takes the saved findings when they are newer than the store, as the report does."""
+    import json
+
+    from gradwatch.diagnose.finding import Finding
+
+    train(tmp_path / "run", steps=10)
+    saved = Finding("loss_plateau", "info", 7, (), "a saved finding")
+    (tmp_path / "run" / "findings.json").write_text(json.dumps([saved.to_dict()]))
+    assert cli(["export", str(tmp_path / "run"), "--tensorboard", str(tmp_path / "tb")]) == 0
+    texts = [t for t in events(tmp_path / "tb").Tags()["tensors"] if t.startswith("findings/")]
+    assert texts == ["findings/0_loss_plateau/text_summary"]

@@ -147,3 +147,102 @@ def test_under_ddp_the_store_holds_the_averaged_gradients(tmp_path):
     for name in ("fc1", "fc2"):
         _, ours = run.series(name, "grad_norm")
         np.testing.assert_allclose(ours, [step[name] for step in applied], rtol=1e-5)
+
+
+class GAN(pl.LightningModule):
+    """Lightning's manual-optimization GAN pattern (toggle_optimizer around each loss), with the
+    gradients of 2 batches accumulated before each pair of steps."""
+
+    def __init__(self, accumulate: int = 2):
+        super().__init__()
+        self.automatic_optimization = False
+        self.accumulate = accumulate
+        self.G = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8))
+        self.D = nn.Sequential(nn.Linear(8, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1))
+        self.g_norms: list[dict[str, float]] = []
+        self.g_losses: list[float] = []
+        self._window: list[torch.Tensor] = []
+
+    def training_step(self, batch, i):
+        opt_g, opt_d = self.optimizers()
+        real, bce = batch[0], nn.functional.binary_cross_entropy_with_logits
+        ones, zeros = torch.ones(len(real), 1), torch.zeros(len(real), 1)
+        self.toggle_optimizer(opt_g)
+        fake = self.G(torch.randn(len(real), 4))
+        g_loss = bce(self.D(fake), ones)
+        self.manual_backward(g_loss / self.accumulate)
+        self.untoggle_optimizer(opt_g)
+        self.toggle_optimizer(opt_d)
+        d_loss = (bce(self.D(real), ones) + bce(self.D(fake.detach()), zeros)) / 2
+        self.manual_backward(d_loss / self.accumulate)
+        self.untoggle_optimizer(opt_d)
+        self._window.append(g_loss.detach())
+        if (i + 1) % self.accumulate == 0:
+            self.g_norms.append({f"G.{k}": float(torch.cat([p.grad.flatten() for p in self.G[k].parameters()]).norm())
+                                 for k in (0, 2)})
+            self.g_losses.append(float(torch.stack(self._window).mean()))
+            self._window = []
+            for opt in (opt_g, opt_d):
+                opt.step()
+                opt.zero_grad()
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.G.parameters(), 2e-3), torch.optim.Adam(self.D.parameters(), 2e-3)
+
+
+def test_a_gan_records_the_generator_steps_gradients_and_loss(tmp_path):
+    """Before, the discriminator's backward (the generator's weights toggled off, requires_grad
+    False) made the watch drop the generator's gradients: G's layers had no grad_norm at all, and
+    the loss was the discriminator's last micro-batch (0.377 against the generator's 0.676). A
+    backward while the watched optimizer is toggled off is another optimizer's now."""
+    torch.manual_seed(0)
+    gan = GAN()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(96, 8) + 2), batch_size=8)
+    with pytest.warns(UserWarning, match="2 optimizers; watching the first only"):
+        trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                             callbacks=[GradwatchCallback(flush_every=4, sample_every=2)])
+        trainer.fit(gan, loader)
+    run = gw.read_run(tmp_path / "gradwatch")
+    assert len(run.steps) == len(gan.g_norms) == 6
+    for name in ("G.0", "G.2"):
+        _, ours = run.series(name, "grad_norm")
+        np.testing.assert_allclose(ours, [step[name] for step in gan.g_norms], rtol=1e-5)
+    np.testing.assert_allclose(run.loss, gan.g_losses, rtol=1e-5)
+
+
+class Accumulating(Net):
+    """Net that keeps each step's micro-batch losses and the norms the optimizer is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.micro: list[float] = []
+        self.step_losses: list[float] = []
+
+    def training_step(self, batch, i):
+        loss = super().training_step(batch, i)
+        self.micro.append(float(loss.detach()))
+        return loss
+
+    def on_before_optimizer_step(self, optimizer):
+        super().on_before_optimizer_step(optimizer)
+        self.step_losses.append(float(np.mean(self.micro)))
+        self.micro = []
+
+
+def test_accumulated_steps_record_the_mean_micro_batch_loss_also_at_an_epochs_short_last_step(tmp_path):
+    """10 batches per epoch, accumulate_grad_batches=4: each epoch ends on a step of 2 micro-batches,
+    which Lightning still divides by 4. Before, that step's loss was the sum of what backward saw,
+    half the mean here (a quarter with 1 micro-batch: 0.289 against 1.157); now it is the mean."""
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(80, 8), torch.randn(80, 1))
+    net = Accumulating()
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", accumulate_grad_batches=4, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, callbacks=[GradwatchCallback(flush_every=4, sample_every=3)])
+    trainer.fit(net, torch.utils.data.DataLoader(data, batch_size=8))
+    run = gw.read_run(tmp_path / "gradwatch")
+    assert trainer.global_step == len(run.steps) == len(net.step_losses) == 6
+    np.testing.assert_allclose(run.loss, net.step_losses, rtol=1e-5)
+    _, ours = run.series("fc1", "grad_norm")
+    np.testing.assert_allclose(ours, [step["fc1"] for step in net.preclip], rtol=1e-5)

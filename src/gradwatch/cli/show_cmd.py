@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _fmt(v: float) -> str:
-    return f"{v:.3g}"
+    # the store keeps a measured NaN as +inf: either way the value was not finite
+    return f"{v:.3g}" if np.isfinite(v) else "non-finite"
 
 
 def main(args: argparse.Namespace) -> int:
@@ -42,5 +43,7 @@ def main(args: argparse.Namespace) -> int:
     Console().print(table)
     loss = series.loss[~np.isnan(series.loss)]
     if len(loss):
-        Console().print(f"loss: first {_fmt(loss[0])}, last {_fmt(loss[-1])}, min {_fmt(np.nanmin(loss))}")
+        finite = loss[np.isfinite(loss)]
+        lowest = _fmt(finite.min()) if len(finite) else "-"
+        Console().print(f"loss: first {_fmt(loss[0])}, last {_fmt(loss[-1])}, min {lowest}")
     return 0

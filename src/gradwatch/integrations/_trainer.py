@@ -59,6 +59,9 @@ class Recorder:
         """Watch one training (a reused callback starts afresh); `rank_dir`: this process's
         subdirectory when the training spans several (one store per process); `writer`: False on
         the ranks that only take part in a distributed watch, which must not touch rank 0's store."""
+        if self.watch is not None:  # the last training ended on an exception (HF's Trainer says nothing)
+            self.watch.detach()  # its hooks would stay on the model, recording beside the new watch
+            self._store.close()
         self.out_dir = Path(self.out if self.out is not None else default_out)
         if rank_dir is not None:
             self.out_dir = self.out_dir / rank_dir

@@ -10,11 +10,15 @@ pre-clip norms, logged as `gradwatch/grad_norm_preclip/<layer>` after each flush
 (`rank_zero_warn`) and counted in `gradwatch/findings`. The store goes to `out`, default
 `<trainer.default_root_dir>/gradwatch`: `gradwatch report` and `gradwatch diagnose` read it. Under DDP
 the strategy's wrapper is watched: gradients after the all-reduce, one store written by rank 0.
+With several optimizers the first one's steps are recorded; a backward while `toggle_optimizer`
+has switched its weights off (a GAN's discriminator loss) is left out.
 """
 
 from __future__ import annotations
 
 import os
+
+import torch
 
 try:
     import lightning.pytorch as pl
@@ -42,6 +46,8 @@ class GradwatchCallback(pl.Callback):
                  flush_every: int = 50, stop_on=(), log_grad_norms: bool = True):
         self.log_grad_norms = log_grad_norms
         self._trainer = None
+        self._optimizer = None
+        self._window: list[torch.Tensor] = []  # this step's micro-batch losses, as backward saw them
         self._count = 0
         self.recorder = Recorder(out, self._report, every=every, sample_every=sample_every,
                                  flush_every=flush_every, stop_on=stop_on)
@@ -55,7 +61,7 @@ class GradwatchCallback(pl.Callback):
             raise ConfigError("GradwatchCallback needs an optimizer: configure_optimizers returned none")
         if len(trainer.optimizers) > 1:
             rank_zero_warn(f"gradwatch: {len(trainer.optimizers)} optimizers; watching the first only")
-        self._trainer = trainer
+        self._trainer, self._optimizer, self._window = trainer, trainer.optimizers[0], []
         out = os.path.join(trainer.default_root_dir, "gradwatch")
         # under DDP/FSDP the strategy's wrapper is watched: the gradients are read after its
         # all-reduce and rank 0 writes one store, as under `gradwatch run -- torchrun`
@@ -66,6 +72,29 @@ class GradwatchCallback(pl.Callback):
                                     f"lightning {pl.__version__}", rank_dir,
                                     writer=not distributed or trainer.global_rank == 0)
         watch.on_flush.append(lambda w: self._log_flushed())
+
+    def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss) -> None:
+        # toggle_optimizer(other) froze the watched optimizer's weights: this backward (a GAN's
+        # discriminator loss) is another optimizer's, and its loss is not the watched step's
+        watch = self.recorder.watch
+        if watch is not None and not any(p.requires_grad for g in self._optimizer.param_groups for p in g["params"]):
+            watch.pause()
+        elif pl_module.automatic_optimization:
+            self._window.append(loss.detach())
+
+    def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer) -> None:
+        # the epoch's last step may have fewer micro-batches than accumulate_grad_batches, each
+        # still divided by it: the sum of what backward saw is not their mean there
+        window, self._window = self._window, []
+        acc = trainer.accumulate_grad_batches
+        if self.recorder.watch is not None and 0 < len(window) < acc:
+            scaler = getattr(trainer.precision_plugin, "scaler", None)  # 16-mixed: the losses are scaled
+            total = torch.stack(window).float().sum() / (scaler.get_scale() if scaler is not None else 1.0)
+            self.recorder.watch.record_loss(total * acc / len(window))
+
+    def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.recorder.watch is not None:
+            self.recorder.watch.resume()
 
     def _log_flushed(self) -> None:
         trainer = self._trainer

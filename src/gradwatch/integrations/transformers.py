@@ -7,19 +7,31 @@ The gradient norms are taken as each gradient is accumulated (post-accumulate-gr
 before the Trainer clips them (`max_grad_norm`): pre-clip, the same quantity as the `grad_norm`
 the Trainer logs (the total norm `clip_grad_norm_` returns before clipping). The store goes to
 `out`, default `<args.output_dir>/gradwatch`; at the end of training the findings are written
-to OUT/findings.json and `gradwatch report OUT` draws the run.
+to OUT/findings.json and `gradwatch report OUT` draws the run. Under DDP the Trainer's wrapper is
+watched: gradients after the all-reduce, one store written by rank 0.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 
+import torch
 from transformers import TrainerCallback
 from transformers.utils import logging
 
 from gradwatch.integrations._trainer import Recorder
 
 logger = logging.get_logger("gradwatch")
+
+
+def ddp_wrapper(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The DistributedDataParallel that wraps `model`. The Trainer hands callbacks the bare model,
+    whose gradient hooks see each rank's local gradients before the all-reduce, and keeps the
+    wrapper to itself: it is looked for among live objects, once per training."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return next((o for o in gc.get_objects() if isinstance(o, DistributedDataParallel) and o.module is model), None)
 
 
 class GradwatchCallback(TrainerCallback):
@@ -44,8 +56,13 @@ class GradwatchCallback(TrainerCallback):
 
         self._zero = state.is_world_process_zero
         out = os.path.join(args.output_dir, "gradwatch")
-        rank_dir = f"rank{args.process_index}" if args.world_size > 1 else None  # one store per process
-        self.recorder.start(model, optimizer, out, f"transformers {transformers.__version__}", rank_dir)
+        # under DDP the wrapper is watched: gradients read after its all-reduce, rank 0 writes one
+        # store, as under `gradwatch run -- torchrun`; other multi-process set-ups: one store per rank
+        wrapped = ddp_wrapper(model) if args.world_size > 1 and torch.distributed.is_initialized() else None
+        rank_dir = f"rank{args.process_index}" if args.world_size > 1 and wrapped is None else None
+        self.recorder.start(model if wrapped is None else wrapped, optimizer, out,
+                            f"transformers {transformers.__version__}", rank_dir,
+                            writer=wrapped is None or args.process_index == 0)
 
     def _report(self, finding) -> None:
         if self._zero:

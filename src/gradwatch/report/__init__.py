@@ -15,7 +15,7 @@ from gradwatch.report.page import page
 from gradwatch.store import RunSeries, read_run, store_files
 
 
-def _saved_findings(run: str | os.PathLike) -> list[Finding] | None:
+def saved_findings(run: str | os.PathLike) -> list[Finding] | None:
     """RUN/findings.json when it is newer than the store (what `gradwatch run` found), else None."""
     path = Path(run)
     saved = path / FINDINGS_FILE if path.is_dir() else path.with_name(FINDINGS_FILE)
@@ -42,7 +42,7 @@ def render_html(run: RunSeries | str | os.PathLike, *, findings: list[Finding] |
     else:
         series, source = read_run(run), title or os.fspath(run)
         if findings is None:
-            findings = _saved_findings(run)
+            findings = saved_findings(run)
     if findings is None:
         findings = diagnose(series)
     if steps is not None and any(not isinstance(s, int) or isinstance(s, bool) for s in steps):
@@ -61,4 +61,4 @@ def write_report(run: RunSeries | str | os.PathLike, path: str | os.PathLike, **
     return out
 
 
-__all__ = ["render_html", "write_report"]
+__all__ = ["render_html", "saved_findings", "write_report"]

@@ -60,6 +60,7 @@ def gradient_flow(run: RunSeries, steps: list[int], cols: list[int]) -> Figure:
     row_of = {int(s): i for i, s in enumerate(run.steps)}
     x = np.arange(len(cols))
     g = run.metrics["grad_norm"]
+    zero_said = False  # one legend entry for the zero marks of every step
     for s in steps:
         y = g[row_of[s], cols]
         finite = np.where(np.isfinite(y) & (y > 0), y, np.nan)
@@ -68,6 +69,11 @@ def gradient_flow(run: RunSeries, steps: list[int], cols: list[int]) -> Figure:
         if len(bad):
             ax.plot(x[bad], np.full(len(bad), 1.0), "x", color=NONFINITE_COLOUR, transform=ax.get_xaxis_transform(),
                     clip_on=False, label=f"non-finite at step {s}")
+        zero = np.flatnonzero(y == 0)  # no place on a log axis: marked along the bottom, not left out
+        if len(zero):
+            ax.plot(x[zero], np.zeros(len(zero)), "v", ms=4, color=line.get_color(), transform=ax.get_xaxis_transform(),
+                    clip_on=False, label="_" if zero_said else "exactly 0 (in the step's colour)")
+            zero_said = True
     ax.set_yscale("log")
     _layer_ticks(ax, "x", names)
     ax.set_xlabel("layer (input → output)")

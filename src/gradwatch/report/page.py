@@ -196,6 +196,9 @@ def activation_section(run: RunSeries) -> str:
     return _section("activations", "Activations: dead and saturated units", body)
 
 
+META_LABELS = {"skipped_steps": "skipped steps (loss scaler)"}
+
+
 def meta_rows(run: RunSeries, source: str) -> list[tuple[str, str]]:
     meta = dict(run.meta)
     command = meta.pop("command", None)
@@ -207,10 +210,14 @@ def meta_rows(run: RunSeries, source: str) -> list[tuple[str, str]]:
         rows.append(("steps recorded", f"{len(run.steps):,} (steps {run.steps[0]}–{run.steps[-1]})"))
     rows.append(("layers", ", ".join(f"{n} {r}" for r, n in roles.items() if n)))
     rows.append(("model size", f"{sum(l.n_params for l in run.layers):,} trainable parameters in watched layers"))
-    skipped = meta.pop("skipped_steps", [])
-    if skipped:
-        rows.append(("skipped steps (loss scaler)", f"{len(skipped)}: {fmt(skipped[:20])}" + (" ..." if len(skipped) > 20 else "")))
-    rows += [(k, fmt(v)) for k, v in sorted(meta.items())]
+    for key, value in sorted(meta.items()):
+        # the event lists (skipped steps, phase starts, ...): their length and first entries, when any
+        if isinstance(value, (list, tuple)):
+            if value:
+                rows.append((META_LABELS.get(key, key),
+                             f"{len(value)}: {fmt(value[:20])}" + (" ..." if len(value) > 20 else "")))
+        elif value not in (None, "", {}):
+            rows.append((key, fmt(value)))
     return rows
 
 
