@@ -514,3 +514,74 @@ def test_every_clipper_returns_and_keeps_the_norm_before_clipping(make):
     norm = clipper(model.parameters())
     torch.testing.assert_close(norm, before)
     assert clipper.last_norm is norm
+
+
+def test_attaching_the_same_clipper_twice_is_refused():
+    """Before, attaching a clipper twice ran it twice per step: ZClip's warm-up of 4 steps ended after 2."""
+    model = nn.Linear(3, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    z = clip.ZClip(warmup_steps=4)
+    handle = clip.attach(opt, z)
+    with pytest.raises(ConfigError, match="already attached"):
+        clip.attach(opt, z)
+    clip.attach(opt, clip.ClipValue(10.0)).remove()  # another clipper is fine
+    for _ in range(2):
+        model(torch.ones(2, 3)).sum().backward()
+        opt.step()
+    assert int(z._state["count"]) == 2  # one norm per step
+    handle.remove()
+    clip.attach(opt, z).remove()  # once removed, it can be attached again
+
+
+@pytest.mark.parametrize("make", [lambda: clip.ZClip(warmup_steps=10), lambda: clip.AutoClip(20),
+                                  lambda: clip.AutoClip(20, window=15)])
+def test_resumed_clipper_clips_as_the_uninterrupted_one(make, tmp_path):
+    """Before, AutoClip and ZClip had no state_dict: a run resumed from a checkpoint warmed ZClip up
+    again (no clipping for warmup_steps) and took AutoClip's percentile over the norms since the restart."""
+    grads = grad_sequence(norm_sequence(60))
+    _, whole = run_clipper(make(), grads)
+    first = make()
+    run_clipper(first, grads[:30])
+    torch.save(first.state_dict(), tmp_path / "clip.pt")
+    resumed = make()
+    resumed.load_state_dict(torch.load(tmp_path / "clip.pt"))
+    _, rest = run_clipper(resumed, grads[30:])
+    for a, b in zip(whole[30:], rest):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    fresh_rest = run_clipper(make(), grads[30:])[1]
+    assert any(not torch.equal(a, b) for a, b in zip(whole[30:], fresh_rest))  # the state matters
+    with pytest.raises(ConfigError, match="state_dict"):
+        make().load_state_dict({"nope": 1})
+
+
+def train_with_scaler(clip_by_attach: bool):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 4)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    clipper = clip.ClipNorm(0.5)
+    if clip_by_attach:
+        clip.attach(opt, clipper)
+    for _ in range(2):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(torch.ones(2, 4) * 3).float().pow(2).sum()
+        scaler.scale(loss).backward()
+        if not clip_by_attach:  # torch's recipe: unscale, clip, step
+            scaler.unscale_(opt)
+            clipper.last_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        scaler.step(opt)
+        scaler.update()
+    return clipper.last_norm, model.weight.detach(), opt.state[model.weight]["exp_avg"]
+
+
+def test_attached_clipper_sees_unscaled_gradients_of_a_fused_optimizer_under_grad_scaler():
+    """Before, GradScaler left a fused Adam's gradients scaled (it unscales inside its step): the
+    clipper saw norm 48972 (1024x the true 47.8) and bounded the true gradient by 0.5/1024."""
+    try:
+        ours = train_with_scaler(True)
+    except RuntimeError as exc:  # no fused Adam on this build
+        pytest.skip(str(exc))
+    reference = train_with_scaler(False)
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)

@@ -138,6 +138,9 @@ def test_scaler_managed_optimizer_is_passed_through():
     scaler.step(opt)
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
     assert g.skipped == 0 and g.passed_through == 1
+    # before, the report read "0 of 0 steps skipped" as if the guard had checked everything
+    assert g.report().endswith("1 passed through unchecked (closure, or GradScaler with an optimizer that "
+                               "skips overflow steps itself)")
 
 
 def test_remove_and_context_manager_restore_step():
@@ -366,3 +369,20 @@ def test_numpy_integers_are_whole_numbers():
     _, opt = setup()
     g = guard(opt, patience=np.int64(2), snapshot_every=np.int32(10), lr_factor=np.float32(0.5))
     assert (g.patience, g.snapshot_every, g.lr_factor) == (2, 10, 0.5) and type(g.patience) is int
+
+
+def test_guarding_twice_is_refused_until_the_first_is_removed():
+    """Before, a second guard wrapped the first: both counted every good step (2 steps reported for
+    one) and only the outer one saw a skip, so the two reports disagreed."""
+    model, opt = setup()
+    first = guard(opt)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1)  # re-wraps optimizer.step after the guard
+    with pytest.raises(ConfigError, match="already guarded"):
+        guard(opt)
+    first.remove()
+    second = guard(opt)
+    backward(model, 0), opt.step(), sched.step()
+    backward(model, 1, poison=True)
+    with pytest.warns(UserWarning, match="skipped"):
+        opt.step()
+    assert (first.steps, first.skipped) == (0, 0) and (second.steps, second.skipped) == (1, 1)

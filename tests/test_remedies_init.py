@@ -222,7 +222,7 @@ def test_parametrization_that_fixes_the_scale_or_cannot_be_set_is_reported():
     assert "2.weight" not in rows(report) and float(fixed.weight.detach().std()) == 0  # left as it was
     assert [n.split(":")[0] for n in report.notes] == ["0.weight", "2.weight"]
     assert "_SpectralNorm, which fixes its scale" in report.notes[0] and "left alone" in report.notes[1]
-    assert "parametrized: 2.weight: left alone" in str(report)
+    assert "note: 2.weight: left alone" in str(report)
 
 
 def test_constant_weight_init_leaves_alone_is_not_sent_to_init():
@@ -279,3 +279,61 @@ def test_hugging_face_activation_modules(example):
     report = init_(model, example_input=(torch.randint(0, 50, (2, 6)),) if example else None)
     row = rows(report)["encoder.layer.0.intermediate.dense.weight"]
     assert (row.activation, row.scheme) == ("gelu", "he") and row.std == pytest.approx(math.sqrt(2 / 16))
+
+
+@pytest.mark.parametrize("activation, expected", [("relu", "relu"), ("gelu", "gelu"), (nn.GELU(), "gelu"),
+                                                  (nn.LeakyReLU(0.2), "leaky_relu(0.2)")])
+def test_transformer_feedforward_without_example_input(activation, expected):
+    """torch's transformer layer applies its activation between linear1 and linear2 inside forward:
+    registration order alone gave linear1 'linear' and linear2 a registered GELU (He on the residual branch)."""
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, activation=activation)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    by_order = rows(init_(model))
+    assert {n: (r.activation, r.scheme) for n, r in by_order.items()} == rows_as_run(model)
+    for i in range(2):
+        assert (by_order[f"layers.{i}.linear1.weight"].activation, by_order[f"layers.{i}.linear1.weight"].scheme) \
+            == (expected, "he")
+        assert by_order[f"layers.{i}.linear2.weight"].scheme == "xavier"
+
+
+def rows_as_run(model):
+    report = init_(model, example_input=torch.randn(2, 3, 16))
+    return {n: (r.activation, r.scheme) for n, r in rows(report).items()}
+
+
+class DownBlock(nn.Module):
+    """A ResNet basic block with a downsampling shortcut: relu(bn2(conv2(...)) + down(x))."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, 2, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + self.down(x))
+
+
+def test_branch_before_a_join_is_followed_by_the_activation_after_it():
+    """Before, conv2 of a downsampling block got Xavier for "linear" (std 0.083 instead of He's 0.118
+    here): the shortcut's conv runs between conv2 and the relu, and call order took it for conv2's successor."""
+    torch.manual_seed(0)
+    model = nn.Sequential(DownBlock(8, 16), nn.Flatten(), nn.Linear(16 * 4 * 4, 10))
+    r = rows(init_(model, example_input=torch.randn(2, 8, 8, 8)))
+    for name, fan_in in [("0.conv1.weight", 8 * 9), ("0.conv2.weight", 16 * 9), ("0.down.0.weight", 8)]:
+        assert (r[name].activation, r[name].scheme) == ("relu", "he"), name
+        assert r[name].std == pytest.approx(math.sqrt(2 / fan_in)), name
+    assert r["2.weight"].activation == "linear"
+    assert float(model[0].conv2.weight.detach().std()) == pytest.approx(math.sqrt(2 / 144), rel=0.1)
+
+
+def test_frozen_layers_are_left_alone_and_named():
+    """Before, init_ redrew a frozen (pretrained) backbone too: its weights were lost and could never be trained back."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))
+    model[0].requires_grad_(False)
+    kept = [p.detach().clone() for p in model[0].parameters()]
+    report = init_(model)
+    assert all(torch.equal(a, b) for a, b in zip(kept, model[0].parameters()))
+    assert set(rows(report)) == {"2.weight", "4.weight"}
+    assert any(n.startswith("0: left alone: frozen") for n in report.notes) and "frozen" in str(report)

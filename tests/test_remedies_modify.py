@@ -271,3 +271,18 @@ def test_add_residual_reaches_every_place_of_a_shared_block():
     assert change.modules == ["0", "2"] and model[0] is model[2] and model[0].fn is block
     h = torch.relu(x + block(x))
     torch.testing.assert_close(model(x), model[3](h + block(h)))
+
+
+def test_add_residual_leaves_norm_layers_alone():
+    """Before, a stem Conv -> BatchNorm -> ReLU had its BatchNorm wrapped: x + bn(x), whose output
+    (std 2.5 here, not 1) is no longer normalised."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.Flatten(), nn.LayerNorm(128))
+    x = torch.randn(4, 3, 4, 4) * 3
+    _, change = add_residual(model, x)
+    assert change.modules == ["3"]  # the shape-preserving conv; no norm layer
+    assert isinstance(model[1], nn.BatchNorm2d) and isinstance(model[4], nn.GroupNorm)
+    model.train()
+    out = model[1](model[0](x))
+    assert float(out.std()) == pytest.approx(1.0, abs=0.05)  # still normalised

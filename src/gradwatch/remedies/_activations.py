@@ -7,6 +7,7 @@ the leaky family, its negative slope.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrize import ParametrizationList
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from gradwatch.collect.layers import activation_name
 from gradwatch.remedies._common import forward_once
@@ -121,6 +123,20 @@ def _follow(events: list[tuple[str, Any]], layers: set[str]) -> dict[str, Act]:
     return found
 
 
+def _transformer_acts(model: nn.Module, layers: set[str]) -> dict[str, Act]:
+    """torch's transformer layers apply their `activation` (a module registered after linear2, or a
+    function such as the default F.relu) between linear1 and linear2: registration order alone
+    would give linear1 none and linear2 the activation (He, gain √2, on the residual branch)."""
+    found: dict[str, Act] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+            act = m.activation
+            known = module_act(act) if isinstance(act, nn.Module) else _FUNCTIONS.get(act, lambda a, k: None)((), {})
+            prefix = f"{name}." if name else ""
+            found.update({prefix + "linear1": known or NONE, prefix + "linear2": NONE})
+    return {n: a for n, a in found.items() if n in layers}
+
+
 def by_registration(model: nn.Module, layers: set[str]) -> dict[str, Act]:
     """Following activation of each layer from module registration order (no forward pass)."""
     events: list[tuple[str, Any]] = []
@@ -130,24 +146,62 @@ def by_registration(model: nn.Module, layers: set[str]) -> dict[str, Act]:
             events.append(("layer", name))
         elif act is not None:
             events.append(("act", act))
-    return _follow(events, layers)
+    return {**_follow(events, layers), **_transformer_acts(model, layers)}
+
+
+class _Flow:
+    """Which layers each tensor of one forward pass comes from, through no activation yet: a layer
+    gets the first activation its output reaches. Following the data, not the call order, matters
+    where branches join: in a ResNet block with a downsampling shortcut, conv2 -> bn2 runs, then
+    the shortcut's conv, then relu(main + shortcut); conv2 is followed by that relu."""
+
+    def __init__(self) -> None:
+        self.found: dict[str, Act] = {}
+        self.sources: dict[int, frozenset[str]] = {}  # by id; an entry leaves with its tensor
+
+    def _of(self, value: Any) -> frozenset[str]:
+        tensors = [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
+        return frozenset().union(*(self.sources.get(id(t), frozenset()) for t in tensors))
+
+    def mark(self, value: Any, sources: frozenset[str]) -> None:
+        for t in tree_leaves(value):
+            if isinstance(t, torch.Tensor):
+                if id(t) not in self.sources:  # forget it when it is freed, before its id can be reused
+                    weakref.finalize(t, self.sources.pop, id(t), None)
+                self.sources[id(t)] = sources
+
+    def reaches(self, value: Any, act: Act) -> None:
+        """`value` goes into `act` (or into another layer, for act NONE): its layers are followed by it."""
+        for layer in self._of(value):
+            self.found.setdefault(layer, act)
+
+    def passes(self, args: Any, out: Any) -> None:
+        """Any other op: its output comes from the layers its inputs come from."""
+        self.mark(out, self._of(args))
 
 
 class _Tracer(TorchFunctionMode):
-    """Records functional activations called outside any leaf module (e.g. F.relu in a forward), or
-    directly inside a leaf module from another library (F.gelu in Hugging Face's GELUActivation):
-    a torch leaf's own calls (the softmax inside nn.MultiheadAttention) are its business."""
+    """Follows every op of the forward pass and records the functional activations called outside
+    any leaf module (e.g. F.relu in a forward), or directly inside a leaf module from another
+    library (F.gelu in Hugging Face's GELUActivation): a torch leaf's own calls (the softmax inside
+    nn.MultiheadAttention) are its business."""
 
-    def __init__(self, events: list, running: list[nn.Module]) -> None:
+    def __init__(self, flow: _Flow, running: list[nn.Module]) -> None:
         super().__init__()
-        self.events, self.running = events, running
+        self.flow, self.running = flow, running
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         describe = _FUNCTIONS.get(func)
-        if describe is not None and self._counts():
-            self.events.append(("act", describe(args, kwargs)))
-        return func(*args, **kwargs)
+        counts = describe is not None and self._counts()
+        if counts:
+            self.flow.reaches((args, kwargs), describe(args, kwargs))
+        out = func(*args, **kwargs)
+        if counts:
+            self.flow.mark(out, frozenset())
+        else:
+            self.flow.passes((args, kwargs), out)
+        return out
 
     def _counts(self) -> bool:
         return not self.running or (len(self.running) == 1 and _foreign(self.running[0]))
@@ -155,30 +209,38 @@ class _Tracer(TorchFunctionMode):
 
 def by_execution(model: nn.Module, layers: set[str], example_input: Any) -> dict[str, Act]:
     """Following activation of each layer from one forward pass (eval mode, no grad, state kept)."""
-    events: list[tuple[str, Any]] = []
+    flow = _Flow()
+    ran: list[str] = []
     running: list[nn.Module] = []  # the leaf modules whose forward is running, outermost first
-    handles = []
 
-    def pre(name: str, m: nn.Module) -> Callable:
+    def pre(name: str) -> Callable:
         def hook(module: nn.Module, args: Any) -> None:
             if not running:
                 if name in layers:
-                    events.append(("layer", name))
+                    flow.reaches(args, NONE)  # a layer right after a layer: no activation between
+                    ran.append(name)
                 elif (act := module_act(module)) is not None:
-                    events.append(("act", act))
+                    flow.reaches(args, act)
             running.append(module)
         return hook
 
-    def post(module: nn.Module, args: Any, out: Any) -> None:
-        running.pop()
+    def post(name: str) -> Callable:
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            running.pop()
+            if not running and name in layers:
+                flow.mark(out, frozenset([name]))
+            elif not running and module_act(module) is not None:
+                flow.mark(out, frozenset())
+        return hook
 
+    handles = []
     try:
         for name, m in _leaves(model):
-            handles.append(m.register_forward_pre_hook(pre(name, m)))
-            handles.append(m.register_forward_hook(post))
-        with _Tracer(events, running):
+            handles.append(m.register_forward_pre_hook(pre(name)))
+            handles.append(m.register_forward_hook(post(name)))
+        with _Tracer(flow, running):
             forward_once(model, example_input)
     finally:
         for h in handles:
             h.remove()
-    return _follow(events, layers)
+    return {name: flow.found.get(name, NONE) for name in ran}

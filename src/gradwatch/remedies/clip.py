@@ -119,6 +119,16 @@ class ClipValue:
         return f"ClipValue(clip_value={self.clip_value:g})"
 
 
+def _unscale(optimizer: torch.optim.Optimizer) -> None:
+    """GradScaler hands an optimizer that unscales inside its own step (fused Adam, AdamW, SGD) the
+    still-scaled gradients and `optimizer.grad_scale`: clipped as they are, the threshold would bound
+    the gradient times the scale. Unscale them here, as ``scaler.unscale_`` does, and tell the step."""
+    scale = getattr(optimizer, "grad_scale", None)
+    if scale is not None:
+        scale_(grads_of(optimizer_params(optimizer)), scale.double().reciprocal().float())
+        optimizer.grad_scale = None
+
+
 def attach(optimizer: torch.optim.Optimizer, clipper: Clipper) -> RemovableHandle:
     """Run `clipper` on all of `optimizer`'s parameters right before every optimizer.step().
 
@@ -130,8 +140,13 @@ def attach(optimizer: torch.optim.Optimizer, clipper: Clipper) -> RemovableHandl
     if not callable(clipper):
         raise ConfigError(f"clipper={clipper!r} is not callable; pass e.g. gw.clip.ZClip() or gw.clip.ClipNorm(1.0)")
     optimizer_params(optimizer)  # fail now, not at the first step, if there is nothing to clip
+    if any(getattr(hook, "clipper", None) is clipper for hook in optimizer._optimizer_step_pre_hooks.values()):
+        raise ConfigError(f"{clipper!r} is already attached to this optimizer; attached twice it would clip twice "
+                          "per step (AutoClip's history and ZClip's mean counting every step twice): keep one "
+                          "handle, or remove() it before attaching again")
 
     def _pre_step(opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        _unscale(opt)
         norm = clipper(optimizer_params(opt))
         if norm is not None:
             try:
@@ -139,5 +154,6 @@ def attach(optimizer: torch.optim.Optimizer, clipper: Clipper) -> RemovableHandl
             except AttributeError:
                 pass
 
+    _pre_step.clipper = clipper  # type: ignore[attr-defined]  # how a second attach finds it
     return optimizer.register_step_pre_hook(_pre_step)
 

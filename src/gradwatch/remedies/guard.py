@@ -170,6 +170,11 @@ class Guard:
     def __init__(self, optimizer: torch.optim.Optimizer, *, patience: int = 3, lr_factor: float = 0.5,
                  snapshot_every: int = 100, scheduler: Scheduler | list[Scheduler] | None = None) -> None:
         optimizer_params(optimizer)
+        earlier = getattr(optimizer.step, "guard", None)  # our step, or an LR scheduler's wrapper copying it
+        if earlier is not None and earlier._attached:
+            raise ConfigError(f"optimizer {type(optimizer).__name__} is already guarded ({earlier!r}); a second "
+                              "guard would count every step again and restore on its own: use the first, or "
+                              "call its remove() before guarding again")
         self.optimizer = optimizer
         self.patience = whole_number("patience", patience, fix="pass the bad steps in a row before a restore, e.g. 3")
         self.lr_factor = in_range("lr_factor", lr_factor, 0.0, 1.0, lo_open=True, hi_open=False)
@@ -258,8 +263,10 @@ class Guard:
         """One line: what the guard did so far."""
         total = self.steps + self.skipped
         lrs = ", ".join(f"{g['lr']:.3g}" for g in self.optimizer.param_groups)
+        unchecked = (f", {self.passed_through} passed through unchecked (closure, or GradScaler with an optimizer "
+                     "that skips overflow steps itself)") if self.passed_through else ""
         return (f"guard: {self.skipped} of {total} steps skipped (non-finite gradients), "
-                f"{self.restores} restore(s), lr now {lrs}")
+                f"{self.restores} restore(s), lr now {lrs}{unchecked}")
 
     summary = property(report)
 
@@ -292,6 +299,7 @@ def _guarded_step(g: Guard) -> Callable[..., Any]:
     through a closure, not through ``self``."""
     def step(opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
         return g._step(*args, **kwargs) if g._attached else g._original(*args, **kwargs)
+    step.guard = g  # type: ignore[attr-defined]  # how a second gw.guard finds this one
     return step
 
 

@@ -56,7 +56,7 @@ class InitReport:
 
     rows: list[InitRow] = field(default_factory=list)
     constant_before: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # parametrized tensors left alone or rescaled
+    notes: list[str] = field(default_factory=list)  # frozen layers, parametrized tensors left alone or rescaled
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self.rows)
@@ -72,7 +72,7 @@ class InitReport:
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.append("biases: zeros")
         lines += [f"was constant: {msg}" for msg in self.constant_before]
-        lines += [f"parametrized: {msg}" for msg in self.notes]
+        lines += [f"note: {msg}" for msg in self.notes]
         return "\n".join(lines)
 
 
@@ -228,10 +228,18 @@ def _tensors(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
             yield _full(mname, pname), m, pname
 
 
+def _frozen(m: nn.Module) -> bool:
+    """Every parameter of the layer is frozen: a frozen backbone's pretrained weights, not ones to draw."""
+    params = list(m.parameters())
+    return bool(params) and not any(p.requires_grad for p in params)
+
+
 def _remedy(m: nn.Module, pname: str, layers: set[int]) -> str:
     """How to re-initialise `m.<pname>`: gw.init_ only where it can."""
     if id(m) not in layers:
         return f"re-initialise it yourself (gw.init_ leaves {type(m).__name__} alone)"
+    if _frozen(m):
+        return "unfreeze it, then re-initialise (gw.init_ leaves frozen layers alone)"
     if parametrize.is_parametrized(m, pname) and not all(hasattr(p, "right_inverse") for p in m.parametrizations[pname]):
         return (f"re-initialise parametrizations.{pname}.original yourself (gw.init_ cannot set it: "
                 "its parametrization has no right_inverse)")
@@ -259,14 +267,15 @@ def check_constant_init(model: nn.Module) -> list[str]:
 
 @torch.no_grad()
 def init_(model: nn.Module, scheme: str = "auto", *, example_input: Any = None) -> InitReport:
-    """Re-initialise every Linear/Conv/recurrent layer of `model` in place; returns what was done.
+    """Re-initialise every trainable Linear/Conv/recurrent layer of `model` in place; returns what
+    was done. Frozen layers (no parameter requiring grad) are left alone and named in the notes.
     A parametrized weight (weight_norm ...) is set through its parametrization's right_inverse;
     the report's notes name any the parametrization rescales or that cannot be set.
 
     `scheme="auto"` picks per layer from the activation that follows it; "he", "xavier", "lecun" or
     "orthogonal" force one scheme on every weight (recurrent ones included). With `example_input`
-    one forward pass (eval mode, no grad) finds the order the layers and activations really run in,
-    functional calls such as F.relu included; without it, module registration order is used.
+    one forward pass (eval mode, no grad) follows each layer's output to the first activation it
+    reaches, functional calls such as F.relu included; without it, module registration order is used.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model={model!r} is not a torch.nn.Module; pass the model to initialise")
@@ -281,6 +290,10 @@ def init_(model: nn.Module, scheme: str = "auto", *, example_input: Any = None) 
     if example_input is not None:
         follows.update(by_execution(model, set(layers), example_input))
     for name, m in layers.items():
+        if _frozen(m):
+            report.notes.append(f"{name}: left alone: frozen (requires_grad=False), so a new draw could never "
+                                "be trained (pretrained weights would be lost); unfreeze it first to initialise it")
+            continue
         if isinstance(m, tuple(_GATES)):
             _init_recurrent(name, m, scheme, report)
         else:

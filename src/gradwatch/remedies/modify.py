@@ -311,13 +311,18 @@ def _shapes(model: nn.Module, example_input: Any) -> dict[str, bool]:
     return same
 
 
+# Norm layers keep the shape and have parameters, but x + norm(x) is no longer normalised (its
+# scale is x's): they are no block to wrap.
+NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+
+
 def add_residual(model: nn.Module, example_input: Any, blocks: list[str] | None = None,
                  *, inplace: bool = True) -> tuple[nn.Module, Change]:
     """Wrap shape-preserving blocks as ``Residual(block)``, computing x + block(x).
 
     Without `blocks`, every child of an nn.Sequential that has parameters and whose output shape
     equals its input shape on `example_input` is wrapped (parameter-free children such as
-    activations are not: x + relu(x) adds no learnable path). With `blocks`, exactly those module
+    activations are not: x + relu(x) adds no learnable path; nor are norm layers, `NORMS`). With `blocks`, exactly those module
     names are wrapped, and each must preserve the shape.
     """
     model = _target(model, inplace)
@@ -325,7 +330,7 @@ def add_residual(model: nn.Module, example_input: Any, blocks: list[str] | None 
     if blocks is None:
         chosen = [n for n, m in model.named_modules() if n and same.get(n)
                   and isinstance(_parent(model, n)[0], nn.Sequential) and any(True for _ in m.parameters())
-                  and not isinstance(m, Residual) and not isinstance(_parent(model, n)[0], Residual)]
+                  and not isinstance(m, (Residual, *NORMS)) and not isinstance(_parent(model, n)[0], Residual)]
         # outermost only: a block inside a block already wrapped keeps its plain form
         chosen = [n for n in chosen if not any(n.startswith(o + ".") for o in chosen)]
     else:

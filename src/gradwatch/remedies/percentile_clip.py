@@ -12,8 +12,11 @@ ignores: they never enter the percentile, and their gradients are left for `gw.g
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from gradwatch.errors import ConfigError
 from gradwatch.remedies._common import (
     Params,
     clip_coef,
@@ -58,6 +61,7 @@ class AutoClip:
         if self._history is None:
             size = self.window or 1024
             self._history = torch.full((size,), float("nan"), device=device)
+        self._history = self._history.to(device)  # a no-op, but after loading a checkpoint mapped elsewhere
         if self.window is not None:
             return self.steps % self.window
         if self.steps >= self._history.numel():
@@ -65,6 +69,21 @@ class AutoClip:
             grown[: self._history.numel()] = self._history
             self._history = grown
         return self.steps
+
+    def state_dict(self) -> dict[str, Any]:
+        """The norms seen and their count: save them with the optimizer's, so a resumed run clips to
+        the percentile of its whole history, not of the norms since the restart."""
+        return {"history": self.history.clone(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from `state_dict()` (of an AutoClip with the same window)."""
+        if set(state) != {"history", "steps"} or (self.window is not None and len(state["history"]) > self.window):
+            raise ConfigError(f"state with keys {sorted(state)} is not the state_dict() of an AutoClip with "
+                              f"window={self.window}; pass what AutoClip.state_dict() returned")
+        history, self.steps, self._history = state["history"], int(state["steps"]), None
+        if len(history):
+            self._history = torch.full((self.window or max(1024, 2 * len(history)),), float("nan"))
+            self._history[: len(history)] = history
 
     @torch.no_grad()
     def __call__(self, params: Params) -> torch.Tensor:

@@ -109,12 +109,28 @@ class ZClip:
             threshold = (mean + self.z_thresh * std / (z / self.z_thresh)) * self.clip_factor
         return z > self.z_thresh, threshold
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Warm-up buffer, count, mean and var: save them with the optimizer's, so a resumed run
+        neither warms up again nor forgets the statistics of its gradient norm."""
+        return {} if self._state is None else {k: v.clone() for k, v in self._state.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Resume from `state_dict()` (of a ZClip with the same warmup_steps); moved to the
+        gradients' device at the next call."""
+        if state and (set(state) != {"buffer", "count", "mean", "var"}
+                      or state["buffer"].numel() != self.warmup_steps):
+            raise ConfigError(f"state with keys {sorted(state)} is not the state_dict() of a ZClip with "
+                              f"warmup_steps={self.warmup_steps}; pass what ZClip.state_dict() returned")
+        self._state = {k: v.clone() for k, v in state.items()} or None
+
     @torch.no_grad()
     def __call__(self, params: Params) -> torch.Tensor:
         grads = grads_of(params)
         norm = total_norm(grads, self.norm_type, self.process_group)
         if self._state is None:
             self._state = self._init_state(norm.device)
+        elif self._state["mean"].device != norm.device:  # loaded from a checkpoint mapped elsewhere
+            self._state = {k: v.to(norm.device) for k, v in self._state.items()}
         s = self._state
         g = norm.to(s["mean"].dtype)
         finite = torch.isfinite(g)
