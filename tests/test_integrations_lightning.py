@@ -246,3 +246,51 @@ def test_accumulated_steps_record_the_mean_micro_batch_loss_also_at_an_epochs_sh
     np.testing.assert_allclose(run.loss, net.step_losses, rtol=1e-5)
     _, ours = run.series("fc1", "grad_norm")
     np.testing.assert_allclose(ours, [step["fc1"] for step in net.preclip], rtol=1e-5)
+
+
+def _fit(tmp_path, callback, max_steps, net=None, **fit):
+    """A fit of Net on 10 batches an epoch, logging to CSV, checkpointing at each epoch's end."""
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(80, 8), torch.randn(80, 1))
+    trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", logger=pl.loggers.CSVLogger(tmp_path, name="logs"),
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[callback], log_every_n_steps=1)
+    trainer.fit(net or Net(), torch.utils.data.DataLoader(data, batch_size=8), **fit)
+    return trainer
+
+
+def _logged_steps(trainer) -> list[int]:
+    with open(trainer.logger.log_dir + "/metrics.csv") as fh:
+        return sorted(int(r["step"]) for r in csv.DictReader(fh) if r.get(GRAD_METRIC + "fc1"))
+
+
+def test_a_second_fit_of_the_same_trainer_continues_the_run(tmp_path):
+    """Before, the second fit (global steps 10-19) was recorded as steps 0-9, replacing the first
+    fit's store, and the logger got two points at each of steps 0-9. Now it continues the run."""
+    callback, net = GradwatchCallback(flush_every=4, sample_every=5), Net()
+    trainer = _fit(tmp_path, callback, 10, net)
+    first = gw.read_run(tmp_path / "gradwatch")
+    trainer.fit_loop.epoch_loop.max_steps = 20
+    trainer.fit(net, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(80, 8),
+                                                                                torch.randn(80, 1)), batch_size=8))
+    run = gw.read_run(tmp_path / "gradwatch")
+    assert list(run.steps) == list(range(20))
+    np.testing.assert_array_equal(run.series("fc1", "grad_norm")[1][:10], first.series("fc1", "grad_norm")[1])
+    _, norms = run.series("fc2", "grad_norm")
+    np.testing.assert_allclose(norms[10:], [step["fc2"] for step in net.preclip[10:]], rtol=1e-5)
+    assert _logged_steps(trainer) == list(range(20))  # each step once
+
+
+def test_a_fit_resumed_from_a_checkpoint_continues_the_run(tmp_path):
+    """Before, `fit(ckpt_path=...)` at global step 10 recorded steps 0-4 and deleted the first
+    fit's store. Now its steps are 10-14, after the first fit's 0-9."""
+    _fit(tmp_path, GradwatchCallback(flush_every=4, sample_every=5), 10)
+    first = gw.read_run(tmp_path / "gradwatch")
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    net = Net()
+    _fit(tmp_path, GradwatchCallback(flush_every=4, sample_every=5), 15, net, ckpt_path=ckpt)
+    run = gw.read_run(tmp_path / "gradwatch")
+    assert list(run.steps) == list(range(15))
+    np.testing.assert_array_equal(run.loss[:10], first.loss)
+    _, norms = run.series("fc1", "grad_norm")
+    np.testing.assert_allclose(norms[10:], [step["fc1"] for step in net.preclip], rtol=1e-5)

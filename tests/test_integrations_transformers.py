@@ -95,3 +95,30 @@ def test_a_training_that_ended_on_an_exception_is_detached_when_the_next_starts(
     assert first.step == 1 and second.step == 3
     callback.recorder.finish()
     assert list(gw.read_run(tmp_path).steps) == [0, 1, 2]
+
+
+def test_a_training_resumed_from_a_checkpoint_continues_the_run(tmp_path):
+    """Before, a resume at global step 5 recorded steps 0-4 and deleted the store of the training
+    it resumed. Now its steps are 5 on; the earlier ones are kept, and those the first training
+    recorded after the checkpoint are replaced by the resumed training's."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    data = [{"input_ids": x, "labels": x} for x in torch.randint(0, 64, (40, 16))]
+
+    def train(max_steps, **kwargs):
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=4, report_to=[],
+            use_cpu=True, save_strategy="steps", save_steps=5, learning_rate=1e-3, disable_tqdm=True,
+            dataloader_num_workers=0)
+        torch.manual_seed(1)
+        trainer = transformers.Trainer(model=transformers.GPT2LMHeadModel(config), args=args, train_dataset=data,
+                                       callbacks=[GradwatchCallback(flush_every=3, sample_every=2)])
+        trainer.train(**kwargs)
+        return gw.read_run(tmp_path / "gradwatch")
+
+    first = train(10)
+    assert list(first.steps) == list(range(10))
+    run = train(8, resume_from_checkpoint=str(tmp_path / "checkpoint-5"))
+    assert list(run.steps) == list(range(8))
+    np.testing.assert_array_equal(run.loss[:5], first.loss[:5])
+    np.testing.assert_allclose(run.loss[5:], first.loss[5:8], rtol=1e-3)  # the same steps, taken again

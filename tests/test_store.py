@@ -91,6 +91,39 @@ def test_watching_into_a_used_directory_replaces_the_old_run(tmp_path):
     assert list(gw.read_run(tmp_path).steps) == [0, 1, 2]
 
 
+def test_a_watch_from_first_step_continues_the_run_stored_there(tmp_path):
+    """A training resumed at step N (the integrations pass the trainer's global step) keeps the
+    stored steps before N, under the same layers, and replaces those from N on."""
+    import torch
+    from torch import nn
+
+    import gradwatch as gw
+
+    def train(model, steps, **kwargs):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with gw.Watch(model, opt, out=tmp_path, warn=False, status=False, flush_every=2, **kwargs) as watch:
+            for _ in range(steps):
+                opt.zero_grad()
+                model(torch.randn(4, 3)).sum().backward()
+                opt.step()
+        return watch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 1))
+    train(model, 6)
+    first = gw.read_run(tmp_path)
+    model.append(nn.Linear(1, 1))  # a layer the first part did not have
+    assert train(model, 3, first_step=4).step == 7
+    run = gw.read_run(tmp_path)
+    assert list(run.steps) == list(range(7))
+    np.testing.assert_array_equal(run.series("0", "grad_norm")[1][:4], first.series("0", "grad_norm")[1][:4])
+    new = run.metrics["grad_norm"][:, run.column("3")]
+    assert not np.isfinite(new[:4]).any() and np.isfinite(new[4:]).all()
+    assert not (run.series("0", "grad_norm")[1][4:6] == first.series("0", "grad_norm")[1][4:]).any()  # replaced
+    with pytest.raises(gw.ConfigError, match="first_step=-1"):
+        gw.Watch(model, first_step=-1)
+
+
 def test_runs_under_paths_with_uri_characters_are_read(tmp_path):
     """'#', '?' and '%' in a run's path cut the URI the reader opened ('no such table: meta')."""
     import torch

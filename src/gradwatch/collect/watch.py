@@ -90,6 +90,8 @@ class Watch:
 
     Use as a context manager or call `detach()`; detaching removes every hook and patch, leaving
     the model and optimizer exactly as they were. Nothing here changes the numbers of training.
+    `first_step`: the number of the first step, N > 0 for a training resumed at step N (a
+    framework's global step), which appends to the store in `out` instead of replacing it.
     """
 
     def __init__(
@@ -108,6 +110,7 @@ class Watch:
         all_ranks: bool = False,
         status: bool | None = None,
         tensorboard_dir: str | os.PathLike | None = None,
+        first_step: int = 0,
     ):
         if model is not None and not isinstance(model, nn.Module):
             raise ConfigError(
@@ -120,6 +123,9 @@ class Watch:
         self.every = positive_int("every", every)
         self.sample_every = positive_int("sample_every", sample_every)
         self.flush_every = positive_int("flush_every", flush_every)
+        if isinstance(first_step, bool) or not isinstance(first_step, int) or first_step < 0:
+            raise ConfigError(f"first_step={first_step!r}: expected a whole number >= 0")
+        self.first_step = first_step
         self.store_path = _store_path(out)
         self._meta = {
             "torch": torch.__version__,
@@ -139,7 +145,7 @@ class Watch:
         self._models: list[tuple[nn.Module, str]] = []  # each with the prefix of its layers' names
         self._optimizer = optimizer
         self._mode = "optimizer" if optimizer is not None else ("backward" if model is not None else "unknown")
-        self._step = 0
+        self._step = first_step
         self._accumulated = 0  # zero-code mode: backwards before the first optimizer step left the weights as they were
         self._cur: StepRecord | None = None
         self._pending: list[StepRecord] = []
@@ -167,7 +173,8 @@ class Watch:
         self._small_keys: list[tuple] = []
         self._small_groups: list[list[int]] = []
         self._small_index: torch.Tensor | None = None
-        self._cur_sampled: bool | None = self._sampled(0)  # None: this step is not recorded
+        # None: this step is not recorded
+        self._cur_sampled: bool | None = self._sampled(first_step) if self._recorded(first_step) else None
         self._sampled_hooks = SampledHooks(self._current, self._unscale)  # living for one sampled step
         self._order = ForwardOrder()
         self._attached = False
@@ -207,7 +214,7 @@ class Watch:
     # ---------------------------------------------------------------- public API
     @property
     def step(self) -> int:
-        """The number of the step being recorded now (0-based)."""
+        """The number of the step being recorded now (counted from `first_step`)."""
         return self._step
 
     @property
@@ -413,7 +420,8 @@ class Watch:
             if self._dist is not None:
                 self.store_path = self._dist.store_path(self.store_path)
             self.store_path.parent.mkdir(parents=True, exist_ok=True)
-            self._writer = RunStoreWriter(self.store_path, self._meta)
+            # a training resumed at first_step continues the run stored there
+            self._writer = RunStoreWriter(self.store_path, self._meta, resume_at=self.first_step)
         meta = {k: self._meta[k] for k in ("optimizer", "momentum", "distributed") if k in self._meta}
         batch = to_batch(ready, self._layers, meta=meta)
         batch.events.extend(self._events)

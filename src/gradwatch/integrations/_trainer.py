@@ -17,7 +17,7 @@ from gradwatch.diagnose.live import check_stop_on
 from gradwatch.diagnose.finding import write_findings
 from gradwatch.errors import ConfigError
 from gradwatch.integrations._rows import StepRows, WatchStore, rows_since
-from gradwatch.runner import prepare_run_dir
+from gradwatch.runner import output_dir, prepare_run_dir
 
 
 def base_optimizer(optimizer: object) -> torch.optim.Optimizer:
@@ -55,23 +55,27 @@ class Recorder:
         self.findings: list | None = None  # set by finish()
 
     def start(self, model: torch.nn.Module, optimizer: object, default_out: str | os.PathLike, framework: str,
-              rank_dir: str | None = None, writer: bool = True) -> Watch:
+              rank_dir: str | None = None, writer: bool = True, first_step: int = 0) -> Watch:
         """Watch one training (a reused callback starts afresh); `rank_dir`: this process's
         subdirectory when the training spans several (one store per process); `writer`: False on
-        the ranks that only take part in a distributed watch, which must not touch rank 0's store."""
+        the ranks that only take part in a distributed watch, which must not touch rank 0's store;
+        `first_step`: the trainer's global step, N > 0 when it continues a training (a second fit,
+        a resume from a checkpoint), whose steps before N stay in the store."""
         if self.watch is not None:  # the last training ended on an exception (HF's Trainer says nothing)
             self.watch.detach()  # its hooks would stay on the model, recording beside the new watch
             self._store.close()
         self.out_dir = Path(self.out if self.out is not None else default_out)
         if rank_dir is not None:
             self.out_dir = self.out_dir / rank_dir
-        self._logged, self._seen, self.findings = -1, set(), None
-        if writer:
+        self._logged, self._seen, self.findings = first_step - 1, set(), None
+        if writer and first_step:
+            output_dir(self.out_dir, what="the run directory")  # writable, the run kept
+        elif writer:
             prepare_run_dir(self.out_dir)  # writable, and a new training replaces the run, as `gradwatch run` does
         meta = {"command": list(sys.argv), "framework": framework, "pid": os.getpid()}
         # status=False: the framework's progress bar owns the terminal
         self.watch = Watch(model, base_optimizer(optimizer), out=self.out_dir, meta=meta, on_finding=self._found,
-                           warn=False, status=False, **self.options)
+                           warn=False, status=False, first_step=first_step, **self.options)
         return self.watch
 
     def _found(self, finding) -> None:

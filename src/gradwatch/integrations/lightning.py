@@ -8,7 +8,8 @@ hooks), that is before Lightning clips them in `configure_gradient_clipping`: th
 pre-clip norms, logged as `gradwatch/grad_norm_preclip/<layer>` after each flush (every
 `flush_every` steps, at the step each was taken). Findings are warned once each
 (`rank_zero_warn`) and counted in `gradwatch/findings`. The store goes to `out`, default
-`<trainer.default_root_dir>/gradwatch`: `gradwatch report` and `gradwatch diagnose` read it. Under DDP
+`<trainer.default_root_dir>/gradwatch`: `gradwatch report` and `gradwatch diagnose` read it; a fit
+from a global step above 0 (a second fit, `ckpt_path=`) continues the run stored there. Under DDP
 the strategy's wrapper is watched: gradients after the all-reduce, one store written by rank 0.
 With several optimizers the first one's steps are recorded; a backward while `toggle_optimizer`
 has switched its weights off (a GAN's discriminator loss) is left out.
@@ -35,7 +36,7 @@ GRAD_METRIC = PREFIX + "grad_norm_preclip/"
 
 
 class GradwatchCallback(pl.Callback):
-    """Watch the LightningModule and the trainer's first optimizer from `on_fit_start`.
+    """Watch the LightningModule and the trainer's first optimizer from `on_train_start`.
 
     out: run directory for the store (default `<default_root_dir>/gradwatch`); every,
     sample_every, flush_every, stop_on: as for `gradwatch.watch`; log_grad_norms: send the
@@ -62,6 +63,10 @@ class GradwatchCallback(pl.Callback):
         if len(trainer.optimizers) > 1:
             rank_zero_warn(f"gradwatch: {len(trainer.optimizers)} optimizers; watching the first only")
         self._trainer, self._optimizer, self._window = trainer, trainer.optimizers[0], []
+
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # here, not in on_fit_start: a checkpoint's global step is restored in between, and a
+        # resumed (or second) fit continues the run from it
         out = os.path.join(trainer.default_root_dir, "gradwatch")
         # under DDP/FSDP the strategy's wrapper is watched: the gradients are read after its
         # all-reduce and rank 0 writes one store, as under `gradwatch run -- torchrun`
@@ -70,7 +75,8 @@ class GradwatchCallback(pl.Callback):
         rank_dir = f"rank{trainer.global_rank}" if trainer.world_size > 1 and not distributed else None
         watch = self.recorder.start(wrapped if distributed else pl_module, trainer.optimizers[0], out,
                                     f"lightning {pl.__version__}", rank_dir,
-                                    writer=not distributed or trainer.global_rank == 0)
+                                    writer=not distributed or trainer.global_rank == 0,
+                                    first_step=trainer.global_step)
         watch.on_flush.append(lambda w: self._log_flushed())
 
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss) -> None:

@@ -7,7 +7,8 @@ The gradient norms are taken as each gradient is accumulated (post-accumulate-gr
 before the Trainer clips them (`max_grad_norm`): pre-clip, the same quantity as the `grad_norm`
 the Trainer logs (the total norm `clip_grad_norm_` returns before clipping). The store goes to
 `out`, default `<args.output_dir>/gradwatch`; at the end of training the findings are written
-to OUT/findings.json and `gradwatch report OUT` draws the run. Under DDP the Trainer's wrapper is
+to OUT/findings.json and `gradwatch report OUT` draws the run; a training resumed from a
+checkpoint (`resume_from_checkpoint=`) continues the run stored there. Under DDP the Trainer's wrapper is
 watched: gradients after the all-reduce, one store written by rank 0.
 """
 
@@ -62,7 +63,7 @@ class GradwatchCallback(TrainerCallback):
         rank_dir = f"rank{args.process_index}" if args.world_size > 1 and wrapped is None else None
         self.recorder.start(model if wrapped is None else wrapped, optimizer, out,
                             f"transformers {transformers.__version__}", rank_dir,
-                            writer=wrapped is None or args.process_index == 0)
+                            writer=wrapped is None or args.process_index == 0, first_step=state.global_step)
 
     def _report(self, finding) -> None:
         if self._zero:

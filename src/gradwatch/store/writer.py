@@ -30,11 +30,14 @@ class FlushBatch:
 
 
 class RunStoreWriter:
-    """Appends flushes to one store file (or to memory when `path` is None)."""
+    """Appends flushes to one store file (or to memory when `path` is None).
 
-    def __init__(self, path: str | os.PathLike | None, meta: dict | None = None):
+    `resume_at`: 0, a store written there before is replaced; N > 0, a training resumed at step N
+    continues it: its steps before N are kept, those from N on are this run's to write again."""
+
+    def __init__(self, path: str | os.PathLike | None, meta: dict | None = None, resume_at: int = 0):
         self.path = None if path is None else os.fspath(path)
-        if self.path and os.path.exists(self.path) and os.path.getsize(self.path) > 0:
+        if self.path and not resume_at and os.path.exists(self.path) and os.path.getsize(self.path) > 0:
             # a run written there before is replaced, as `gradwatch run` does (an empty file is a
             # claim made by this run's own process and is kept)
             for suffix in ("", "-wal", "-shm"):
@@ -48,8 +51,10 @@ class RunStoreWriter:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(DDL)
-        self._layer_ids: dict[str, int] = {}
+        self._layer_ids: dict[str, int] = dict(self._db.execute("SELECT name, id FROM layers"))
         with self._db:
+            for table in ("steps", "layer_stats", "time_profile", "events"):  # what came after the checkpoint
+                self._db.execute(f"DELETE FROM {table} WHERE step >= ?", (resume_at,))
             self._write_meta({"format": FORMAT, "schema_version": SCHEMA_VERSION, **(meta or {})})
 
     @property
