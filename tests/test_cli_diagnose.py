@@ -3,7 +3,7 @@
 import json
 
 from gradwatch.diagnose import diagnose
-from test_cli_run import SCRIPTS, gradwatch
+from test_cli_run import SCRIPTS, gradwatch, gradwatch_here
 
 
 def test_run_writes_findings_and_diagnose_prints_them(tmp_path):
@@ -26,18 +26,18 @@ def test_run_writes_findings_and_diagnose_prints_them(tmp_path):
 
 
 def test_diagnose_missing_run_is_one_clear_line(tmp_path):
-    result = gradwatch("diagnose", tmp_path / "nope")
+    result = gradwatch_here("diagnose", tmp_path / "nope")
     assert result.returncode == 2
     assert result.stderr.strip().startswith("gradwatch: error: no run at") and "Traceback" not in result.stderr
 
 
 def test_diagnose_corrupt_store_is_one_clear_line(tmp_path):
     (tmp_path / "gradwatch.sqlite").write_bytes(b"this is not a database" * 100)
-    result = gradwatch("diagnose", tmp_path)
+    result = gradwatch_here("diagnose", tmp_path)
     assert result.returncode == 2
     assert "is not a gradwatch store" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_diagnose_empty_directory(tmp_path):
-    result = gradwatch("diagnose", tmp_path)
+    result = gradwatch_here("diagnose", tmp_path)
     assert result.returncode == 2 and "holds no gradwatch store" in result.stderr

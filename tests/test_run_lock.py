@@ -34,8 +34,11 @@ def run(out, *args):
                           capture_output=True, text=True, env=ENV, timeout=120)
 
 
-def test_a_second_run_into_a_live_runs_directory_is_refused_and_the_first_keeps_its_store(tmp_path):
-    """The second run cleared the first's store as it started: the first's steps were lost."""
+def test_a_live_runs_directory_is_refused_until_the_run_is_dead_even_killed_with_sigkill(tmp_path):
+    """The second run cleared the first's store as it started: the first's steps were lost. Now it
+    is refused while the first lives: also while the watched script outlives its `gradwatch run`
+    killed with -9 (the script is still writing). Once the script is dead too, the directory is
+    free: a killed run leaves no lock behind."""
     first = start(tmp_path / "r", tmp_path / "pid1")
     try:
         wait_steps(first, 20)
@@ -44,22 +47,11 @@ def test_a_second_run_into_a_live_runs_directory_is_refused_and_the_first_keeps_
         assert f"is writing to {str(tmp_path / 'r')!r}; choose another --out, or wait for it to end" in second.stderr
         assert not (tmp_path / "pid2").exists()  # refused before the script started
         wait_steps(first, 30)
-    finally:
-        first.send_signal(signal.SIGTERM)
+        steps = read_run(tmp_path / "r").steps
+        assert steps[0] == 0 and len(steps) >= 30 and list(steps) == list(range(len(steps)))
+        child = int((tmp_path / "pid1").read_text())
+        first.kill()
         first.wait(timeout=60)
-    steps = read_run(tmp_path / "r").steps
-    assert steps[0] == 0 and len(steps) >= 30 and list(steps) == list(range(len(steps)))
-
-
-def test_a_run_killed_with_sigkill_leaves_no_lock(tmp_path):
-    """While the watched script outlives its killed `gradwatch run`, it is still writing: refused.
-    Once it is dead too, the directory is free."""
-    first = start(tmp_path / "r", tmp_path / "pid1")
-    wait_steps(first, 10)
-    child = int((tmp_path / "pid1").read_text())
-    first.kill()
-    first.wait(timeout=60)
-    try:
         assert "is writing to" in run(tmp_path / "r", SCRIPTS / "train_optim.py", 5).stderr
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # the script, in the same session
