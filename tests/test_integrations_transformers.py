@@ -59,7 +59,7 @@ def test_under_ddp_the_store_holds_the_averaged_gradients(tmp_path):
 
     script = Path(__file__).parent / "dist_scripts" / "hf_ddp.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
                            str(tmp_path)], env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     assert not (tmp_path / "gradwatch" / "rank0").exists()
