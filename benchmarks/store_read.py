@@ -2,7 +2,7 @@
 a fresh process (peak RSS: VmHWM, which starts afresh at exec, unlike `ru_maxrss`; the interpreter
 with gradwatch imported is measured alone first and subtracted).
 
-    python benchmarks/store_read.py --steps 12000 --dir /tmp/store-read
+    python benchmarks/store_read.py --steps 12000 --dir DIR
 
 The store is `report_size.py`'s synthetic run (gradient norms every step for 200 Linear layers,
 the sampled metrics every 10 steps, 20 sigmoid layers) written once into DIR and reused.
