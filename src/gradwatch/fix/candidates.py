@@ -271,7 +271,7 @@ def autotrainer_order(findings: list[Finding], names: Names = GENERIC) -> list[C
     kinds = {f.kind for f in findings}
     selu, relu = swap("*", "SELU", "lecun", names=names), swap("*", "ReLU", names=names)
     relu_he, tanh, batchnorm = swap("*", "ReLU", "he", names=names), swap("*", "Tanh", names=names), norm("batch", names)
-    if kinds & {"exploding_gradient", "non_finite", "loss_divergence"}:
+    if kinds & set(BLOW_UP):
         return [selu, relu, clip_value(1.0, names), tanh, batchnorm]
     if kinds & {"vanishing_gradient", "saturation", "stalled_layers", "dead_units"}:
         return [selu, relu_he, batchnorm]
