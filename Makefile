@@ -21,8 +21,10 @@ $(VENV)/.installed: pyproject.toml
 		|| echo "chromium not installed: the report's browser test will be skipped")
 	touch $@
 
+# One worker per core (each single-threaded: OMP_NUM_THREADS=1); a test file's tests share a worker,
+# so its module fixtures run once.
 test: env
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --dist loadfile
 
 GW := $(VENV)/bin/gradwatch
 demo: env
