@@ -337,3 +337,60 @@ def test_frozen_layers_are_left_alone_and_named():
     assert all(torch.equal(a, b) for a, b in zip(kept, model[0].parameters()))
     assert set(rows(report)) == {"2.weight", "4.weight"}
     assert any(n.startswith("0: left alone: frozen") for n in report.notes) and "frozen" in str(report)
+
+
+class Bottleneck(nn.Module):
+    """torchvision's Bottleneck: one relu module, registered after bn3, called three times."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c // 2, 1, bias=False), nn.BatchNorm2d(c // 2)
+        self.conv2, self.bn2 = nn.Conv2d(c // 2, c // 2, 3, padding=1, bias=False), nn.BatchNorm2d(c // 2)
+        self.conv3, self.bn3 = nn.Conv2d(c // 2, c, 1, bias=False), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + x)
+
+
+class Basic(nn.Module):
+    """torchvision's BasicBlock: its relu registered between bn1 and conv2, called after the sum too."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))) + x)
+
+
+def test_resnet_blocks_without_example_input_match_the_traced_forward():
+    """Registration order alone gave Bottleneck's conv1/conv2 and BasicBlock's conv2 no activation
+    (Xavier, std /√2 of He's): a block's one activation module follows its normalised layers."""
+    def make():
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), Basic(8),
+                             Bottleneck(8), nn.Flatten(), nn.Linear(8 * 16, 10),
+                             nn.Linear(10, 10), nn.BatchNorm1d(10))  # a head ending in a norm: linear
+    traced = {n: (r.activation, r.scheme) for n, r in rows(init_(make(), example_input=torch.randn(2, 3, 4, 4))).items()}
+    untraced = {n: (r.activation, r.scheme) for n, r in rows(init_(make())).items()}
+    assert untraced == traced
+    assert traced["4.conv1.weight"] == ("relu", "he") and traced["7.weight"] == ("linear", "xavier")
+
+
+def test_post_layernorm_block_keeps_its_second_linear_linear():
+    """fc2 -> residual sum -> LayerNorm: no activation follows fc2, though the block registers one."""
+    class PostLN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.fc2, self.ln = nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8), nn.LayerNorm(8)
+
+        def forward(self, x):
+            return self.ln(x + self.fc2(self.act(self.fc1(x))))
+
+    traced = {n: r.activation for n, r in rows(init_(PostLN(), example_input=torch.randn(2, 8))).items()}
+    assert {n: r.activation for n, r in rows(init_(PostLN())).items()} == traced == {
+        "fc1.weight": "gelu", "fc2.weight": "linear"}

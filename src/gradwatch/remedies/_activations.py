@@ -137,6 +137,30 @@ def _transformer_acts(model: nn.Module, layers: set[str]) -> dict[str, Act]:
     return {n: a for n, a in found.items() if n in layers}
 
 
+_CONV_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm)  # batch, instance, group
+
+
+def _shared_block_acts(model: nn.Module, found: dict[str, Act]) -> dict[str, Act]:
+    """In a block with a forward of its own (not a Sequential) that registers one activation
+    module, a layer whose next sibling is a batch/instance/group norm feeds that activation however
+    the two are registered: conv -> bn -> relu, or a residual sum then relu. torchvision's
+    Bottleneck registers its relu last, so registration order alone gave conv1 and conv2 no
+    activation. Not after a LayerNorm: a post-LN transformer block's fc2 -> sum -> norm has none."""
+    out: dict[str, Act] = {}
+    for prefix, block in model.named_modules():
+        if isinstance(block, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+            continue
+        children = list(block.named_children())
+        acts = {module_act(c) for _, c in children} - {None}
+        if len(acts) != 1:
+            continue
+        for (name, _), (_, after) in zip(children, children[1:]):
+            full = f"{prefix}.{name}" if prefix else name
+            if found.get(full) == NONE and isinstance(after, _CONV_NORMS):
+                out[full] = next(iter(acts))
+    return out
+
+
 def by_registration(model: nn.Module, layers: set[str]) -> dict[str, Act]:
     """Following activation of each layer from module registration order (no forward pass)."""
     events: list[tuple[str, Any]] = []
@@ -146,7 +170,8 @@ def by_registration(model: nn.Module, layers: set[str]) -> dict[str, Act]:
             events.append(("layer", name))
         elif act is not None:
             events.append(("act", act))
-    return {**_follow(events, layers), **_transformer_acts(model, layers)}
+    found = _follow(events, layers)
+    return {**found, **_shared_block_acts(model, found), **_transformer_acts(model, layers)}
 
 
 class _Flow:
