@@ -47,6 +47,7 @@ def test_table_and_embedding_input_from_another_directory(tmp_path):
     (["test_probe_helpers:nope", "--input-shape", "2,3"], "has no attribute 'nope'"),
     (["test_probe_helpers", "--input-shape", "2,3"], "not of the form package.module:factory"),
     (["test_probe_helpers:broken", "--input-shape", "2,3"], "raised RuntimeError: cannot build"),
+    (["test_probe_helpers:needs_args", "--input-shape", "2,3"], "needs arguments (width) and the CLI calls it with none"),
     (["test_probe_helpers:sigmoid_mlp", "--input-shape", "16,33"], "input shape 16,33 does not fit"),
     (["test_probe_helpers:sigmoid_mlp", "--input-shape", "16,x"], "--input-shape '16,x'"),
     (["test_probe_helpers:no_layers", "--input-shape", "2,3"], "has no layers"),
@@ -73,6 +74,9 @@ def test_bad_input_in_a_subprocess_has_no_traceback():
 @pytest.mark.parametrize("args,needle", [
     (["test_probe_helpers:LateEmbedding", "--input-shape", "2,5"], "pass --vocab N"),
     (["test_probe_helpers:TwoInputs", "--input-shape", "2,4"], "takes 2 inputs (a, b)"),
+    # a dict input said "pass the --input-shape the model expects"; batch.get(...) was a traceback
+    (["test_probe_helpers:DictInput", "--input-shape", "2,4"], "(at test_probe_helpers.py:65); its forward reads keys"),
+    (["test_probe_helpers:GetInput", "--input-shape", "2,4"], "no attribute 'get' (at test_probe_helpers.py:70)"),
 ])
 def test_a_batch_that_cannot_fit_says_why(args, needle, monkeypatch, capsys):
     """The advice was always "--input-shape", which no shape can satisfy here."""

@@ -54,3 +54,21 @@ class TwoInputs(nn.Module):
 def segmenter():
     """N,C,H,W logits: 3 classes on dim 1, width 5 on the last dim."""
     return nn.Conv2d(2, 3, 1)
+
+
+class DictInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, batch):
+        return self.fc(batch["x"])
+
+
+class GetInput(DictInput):
+    def forward(self, batch):
+        return self.fc(batch.get("x"))
+
+
+def needs_args(width, depth=2):
+    return nn.Sequential(*[nn.Linear(width, width) for _ in range(depth)])

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from gradwatch import runner
 from gradwatch.errors import ConfigError
@@ -25,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "(the current directory is importable)")
     p.add_argument("--input-shape", required=True, help="batch shape, batch size first, e.g. 32,3,32,32")
     p.add_argument("--loss", default=None, choices=LOSSES,
-                   help="sumsq (½Σy²/B, the default), mse (random normal targets), cross_entropy "
+                   help="projection (⟨r, y⟩/B with a fixed random r: ∂L/∂y independent of the weights, the "
+                        "default), sumsq (½Σy²/B), mse (random normal targets), cross_entropy "
                         "(random labels; the default when --num-classes is given)")
     p.add_argument("--num-classes", type=int, default=None, help="classes of the output (implies cross_entropy)")
     p.add_argument("--vocab", type=int, default=None,
@@ -54,6 +57,20 @@ def figure_path(text: str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _progress():
+    """A progress bar on stderr over the layers' Jacobian spectra (the slow part: --iters products per
+    layer); it disappears when done. On a terminal only: a log or a pipe gets nothing."""
+    err = Console(stderr=True)
+    if not err.is_terminal:
+        yield None
+        return
+    with Progress(TextColumn("Jacobian spectra"), BarColumn(), MofNCompleteColumn(), TextColumn("layers"),
+                  TimeElapsedColumn(), TextColumn("{task.description}"), console=err, transient=True) as bar:
+        task = bar.add_task("(forward and backward first)", total=None)
+        yield lambda done, total, name: bar.update(task, completed=done, total=total, description=name)
+
+
 def main(args: argparse.Namespace) -> int:
     shape = parse_shape(args.input_shape)
     if args.iters < 0:
@@ -72,10 +89,11 @@ def main(args: argparse.Namespace) -> int:
             raise
         raise ConfigError(f"--input-shape {args.input_shape}: a batch that large does not fit in memory; "
                           "a probe needs only a few samples (batch size first)") from None
-    loss_name = args.loss or ("cross_entropy" if args.num_classes else "sumsq")
+    loss_name = args.loss or ("cross_entropy" if args.num_classes else "projection")
     loss_fn = make_loss(loss_name, args.num_classes, gen)
     check_fits(model, batch, args.factory)
-    result = probe(model, batch, loss_fn, iters=args.iters, seed=args.seed)
+    with _progress() as progress:
+        result = probe(model, batch, loss_fn, iters=args.iters, seed=args.seed, progress=progress)
     if png:
         result.plot(str(png))
     if args.json:

@@ -7,6 +7,7 @@ import importlib
 import inspect
 import os
 import sys
+import traceback
 from typing import Any, Callable
 
 import torch
@@ -14,7 +15,7 @@ from torch import nn
 
 from gradwatch.errors import ConfigError
 
-LOSSES = ("sumsq", "mse", "cross_entropy")
+LOSSES = ("projection", "sumsq", "mse", "cross_entropy")
 
 
 def load_factory(path: str) -> nn.Module:
@@ -34,6 +35,11 @@ def load_factory(path: str) -> nn.Module:
         if not hasattr(obj, part):
             raise ConfigError(f"factory {path!r}: module {mod_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
+    needed = _required_args(obj) if callable(obj) and not isinstance(obj, nn.Module) else []
+    if needed:
+        raise ConfigError(f"factory {path!r} needs arguments ({', '.join(needed)}) and the CLI calls it with none: "
+                          f"add a function without arguments that calls it, e.g. def make(): return "
+                          f"{attr.split('.')[-1]}({', '.join(f'{n}=...' for n in needed)}), and pass {mod_name}:make")
     try:
         model = obj() if callable(obj) and not isinstance(obj, nn.Module) else obj
     except Exception as exc:  # noqa: BLE001
@@ -76,13 +82,17 @@ def random_batch(model: nn.Module, shape: tuple[int, ...], *, vocab: int | None 
 
 def make_loss(name: str, num_classes: int | None = None,
               generator: torch.Generator | None = None) -> Callable[[Any], torch.Tensor] | None:
-    """None (probe's default ½Σy²/B) for 'sumsq'; MSE against standard normal targets; cross-entropy
-    against uniform random labels over the classes (checked against num_classes): the last dimension
-    of a 2-D or 3-D output (N,C or N,T,C), dimension 1 of a 4-D or 5-D one (N,C,H,W as for segmentation)."""
+    """None (probe's default ⟨r, y⟩/B, r fixed standard normal) for 'projection'; ½Σy²/B for 'sumsq'; MSE
+    against standard normal targets; cross-entropy against uniform random labels over the classes (checked
+    against num_classes): the last dimension of a 2-D or 3-D output (N,C or N,T,C), dimension 1 of a 4-D or
+    5-D one (N,C,H,W as for segmentation)."""
     if name not in LOSSES:
         raise ConfigError(f"--loss {name!r} is not one of {', '.join(LOSSES)}")
-    if name == "sumsq":
+    if name == "projection":
         return None
+    if name == "sumsq":
+        from gradwatch.probe.core import sumsq_loss
+        return sumsq_loss
     from gradwatch.probe.record import output_tensor
 
     def loss(out: Any) -> torch.Tensor:
@@ -103,23 +113,37 @@ def make_loss(name: str, num_classes: int | None = None,
 
 
 def check_fits(model: nn.Module, batch: torch.Tensor, factory: str) -> None:
-    """One forward without gradients: an input that does not fit fails here, named, with the advice
-    that matches why (several inputs, token ids, dtype, shape), not in the probe."""
+    """One forward without gradients: an input that does not fit fails here, named, with where in the
+    user's code and the advice that matches why (several inputs, a dict or object input, token ids,
+    dtype, shape), not in the probe."""
     try:
         with torch.no_grad():
             model(batch)
-    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+    except (RuntimeError, ValueError, IndexError, TypeError, AttributeError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         shape = ",".join(map(str, batch.shape))
         raise ConfigError(f"input shape {shape} does not fit {factory} ({str(batch.dtype).removeprefix('torch.')} "
-                          f"batch): {first}; {_advice(model, batch)}") from exc
+                          f"batch): {type(exc).__name__}: {first}{_where(exc)}; {_advice(model, batch, exc)}") from exc
 
 
-def _advice(model: nn.Module, batch: torch.Tensor) -> str:
+def _where(exc: BaseException) -> str:
+    """' (at file.py:LINE)', the innermost frame of the traceback in the user's code (not torch's, not
+    ours), by file name only."""
+    skip = [os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__))]
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not any(os.path.abspath(f.filename).startswith(d) for d in skip)]
+    return f" (at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno})" if frames else ""
+
+
+def _advice(model: nn.Module, batch: torch.Tensor, exc: BaseException | None = None) -> str:
     inputs = _required_inputs(model)
     if len(inputs) > 1:
         return (f"its forward takes {len(inputs)} inputs ({', '.join(inputs)}) and the CLI makes one tensor: "
                 "call gw.probe(model, (x1, x2, ...)) from Python")
+    text = str(exc) if exc is not None else ""
+    if "'str'" in text or isinstance(exc, KeyError) or "object has no attribute" in text:
+        return ("its forward reads keys or attributes of its input (a dict or an object, not one tensor), which "
+                "the CLI cannot make: call gw.probe(model, (batch,)) from Python with a batch it accepts")
     emb = next((n for n, m in model.named_modules() if isinstance(m, nn.Embedding)), None)
     if emb is not None and batch.is_floating_point():
         return (f"it has an nn.Embedding ('{emb}') that is not its first module, so the batch was floats: "
@@ -129,6 +153,16 @@ def _advice(model: nn.Module, batch: torch.Tensor) -> str:
         return (f"its parameters are {', '.join(sorted(str(d).removeprefix('torch.') for d in dtypes))}; "
                 "call gw.probe from Python with a batch of the dtype it expects")
     return "pass the --input-shape the model expects (batch size first)"
+
+
+def _required_args(fn: Any) -> list[str]:
+    """Parameters of a factory (a function or a class) that have no default."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in params if p.kind in kinds and p.default is inspect.Parameter.empty]
 
 
 def _required_inputs(model: nn.Module) -> list[str]:

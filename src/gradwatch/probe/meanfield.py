@@ -46,29 +46,42 @@ def _float64_copy(act: nn.Module) -> nn.Module:
     return act
 
 
-def _phi_and_grad(act: nn.Module, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _phi_and_grad(act: nn.Module, x: np.ndarray, copied: bool = False) -> tuple[np.ndarray, np.ndarray]:
     t = torch.tensor(x, dtype=torch.float64, requires_grad=True)
-    act = _float64_copy(act)
+    act = act if copied else _float64_copy(act)
     with torch.enable_grad():
         y = act(t)
         (g,) = torch.autograd.grad(y.sum(), t)
     return y.detach().numpy(), g.numpy()
 
 
-def expect(act: nn.Module, q: float) -> tuple[float, float]:
-    """(E[φ(√q z)²], E[φ'(√q z)²])."""
-    y, g = _phi_and_grad(act, math.sqrt(max(q, 0.0)) * NODES)
+def expect(act: nn.Module, q: float, copied: bool = False) -> tuple[float, float]:
+    """(E[φ(√q z)²], E[φ'(√q z)²]). copied: `act` is already a float64 out-of-place copy."""
+    y, g = _phi_and_grad(act, math.sqrt(max(q, 0.0)) * NODES, copied)
     return float(WEIGHTS @ y**2), float(WEIGHTS @ g**2)
 
 
 def q_star(act: nn.Module, sw2: float, sb2: float, q0: float = 1.0, max_iter: int = 5000) -> float:
-    """Fixed point of the variance map (inf when the variance grows without bound)."""
-    phi0, _ = _phi_and_grad(act, np.zeros(1))
-    if sb2 == 0.0 and abs(phi0[0]) < 1e-12 and sw2 * expect(act, Q_TINY)[0] / Q_TINY <= 1.0 + 1e-9:
-        return 0.0  # 0 is a fixed point and the map contracts towards it
+    """Fixed point of the variance map (inf when the variance grows without bound). For a positively
+    homogeneous φ (ReLU, leaky ReLU) the map is linear, q ← c q + σ_b² with c = σ_w² E[φ(z)²], and solved:
+    σ_b²/(1 − c) for c < 1, inf for c > 1; at c = 1 to 1% every q is fixed when σ_b² = 0 (q0 is returned)
+    and q grows without bound otherwise. Iterating would only creep for max_iter steps (He init's σ_w²
+    read from the weights is 2 ± 1e-3)."""
+    act = _float64_copy(act)
+    phi0, _ = _phi_and_grad(act, np.zeros(1), copied=True)
+    if abs(phi0[0]) < 1e-12:
+        slope_tiny = sw2 * expect(act, Q_TINY, copied=True)[0] / Q_TINY
+        slope = sw2 * expect(act, q0, copied=True)[0] / q0
+        slope4 = sw2 * expect(act, 4 * q0, copied=True)[0] / (4 * q0)
+        if abs(slope / slope_tiny - 1) < 1e-9 and abs(slope4 / slope - 1) < 1e-9:  # q ← c q + σ_b²
+            if abs(slope - 1) <= 1e-2:
+                return q0 if sb2 == 0.0 else math.inf
+            return sb2 / (1 - slope) if slope < 1 else math.inf
+        if sb2 == 0.0 and slope_tiny <= 1.0 + 1e-9:
+            return 0.0  # 0 is a fixed point and the map contracts towards it
     q = q0
     for _ in range(max_iter):
-        nxt = sw2 * expect(act, q)[0] + sb2
+        nxt = sw2 * expect(act, q, copied=True)[0] + sb2
         if not math.isfinite(nxt) or nxt > 1e12:
             return math.inf
         if abs(nxt - q) <= 1e-12 * max(q, 1e-30):
@@ -87,6 +100,7 @@ class MeanField:
     depth_scale: float  # ξ = 1/|ln χ₁| (inf at criticality)
     depth: int
     too_deep: bool  # depth > 6 ξ
+    keep: float = 1.0  # 1 − dropout rate after every hidden layer (train mode); σ_w² acts as σ_w²/keep
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,7 +113,10 @@ def chi1(act: nn.Module, sw2: float, sb2: float) -> tuple[float, float]:
     return sw2 * expect(act, at)[1], q
 
 
-def predict(act: nn.Module, name: str, sw2: float, sb2: float, depth: int) -> MeanField:
-    c, q = chi1(act, sw2, sb2)
+def predict(act: nn.Module, name: str, sw2: float, sb2: float, depth: int, keep: float = 1.0) -> MeanField:
+    """keep: 1 − the dropout rate that follows every hidden layer. Inverted dropout scales a kept unit by
+    1/keep, so E[(m/keep)²] = 1/keep multiplies both maps: q ← (σ_w²/keep) E[φ²] + σ_b² and
+    χ₁ = (σ_w²/keep) E[φ'²] (Schoenholz et al. 2017, section 5)."""
+    c, q = chi1(act, sw2 / keep, sb2)
     xi = math.inf if c <= 0 or abs(math.log(c)) < 1e-12 else 1.0 / abs(math.log(c))
-    return MeanField(name, sw2, sb2, q, c, xi, depth, depth > TRAINABLE_DEPTHS * xi)
+    return MeanField(name, sw2, sb2, q, c, xi, depth, depth > TRAINABLE_DEPTHS * xi, keep)

@@ -9,6 +9,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.overrides import TorchFunctionMode
 
 from gradwatch.collect.layers import RECURRENT, Layer, discover
 
@@ -51,6 +52,7 @@ class Call:
     out: torch.Tensor | None = None
     raw_out: Any = None
     acts: list["Call"] = field(default_factory=list)  # activation calls that follow a param call
+    drops: list["Call"] = field(default_factory=list)  # dropout calls (train mode) that follow it
 
 
 class Recorder:
@@ -74,6 +76,7 @@ class Recorder:
         self._handles: list = []
         self._inplace: list[nn.Module] = []
         self._open: dict[int, list[Call]] = {}  # calls whose forward has started, not finished
+        self._spy = _PoolSpy(self)
 
     def __enter__(self) -> "Recorder":
         named = {id(m): n for n, m in self.model.named_modules()}
@@ -84,6 +87,8 @@ class Recorder:
         for name, m in self.model.named_modules():
             if _global_average(m) and id(m) not in roles:
                 roles[id(m)] = Layer(name, m, "pool", "")
+            if _dropout(m) and id(m) not in roles:
+                roles[id(m)] = Layer(name, m, "dropout", "")
         for layer in roles.values():
             role = "cell" if id(layer.module) in self.cell_ids else layer.role
             self._handles.append(layer.module.register_forward_pre_hook(self._pre(layer, role)))
@@ -92,9 +97,11 @@ class Recorder:
             if isinstance(getattr(m, "inplace", None), bool) and m.inplace:
                 m.inplace = False
                 self._inplace.append(m)
+        self._spy.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
+        self._spy.__exit__(None, None, None)
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -130,6 +137,8 @@ class Recorder:
                 entries.append(call)
             elif call.role == "activation" and entries:
                 entries[-1].acts.append(call)
+            elif call.role == "dropout" and entries:
+                entries[-1].drops.append(call)
         ran = {id(c.module) for c in self.calls}
         for layer in self.layers:
             if layer.role == "activation" or id(layer.module) in ran or not layer.params:
@@ -149,8 +158,7 @@ class Recorder:
         later = [c.out for c in self.calls[i + 1:] if c.role in ("param", "recurrent") and c.out is not None]
         if any(t.dim() >= 3 and t[0, 0].numel() > 1 for t in later):
             return None  # a squeeze-and-excitation pool on a side branch, not the head
-        inp = self.calls[i].inp
-        return i, inp[0, 0].numel() if inp.dim() >= 3 else 1.0
+        return i, self.calls[i].inp.numel() // max(self.calls[i].out.numel(), 1)
 
     def cells(self) -> list[Call]:
         return [c for c in self.calls if c.role == "cell"]
@@ -178,6 +186,50 @@ def _merge_parametrizations(model: nn.Module, layers: list[Layer]) -> list[Layer
         by_name[owner_name] = Layer(owner_name or type(model).__name__, module, "param", "", list(x.params))
         out.append(by_name[owner_name])
     return out
+
+
+POOL_FUNCS = {"mean", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+              "avg_pool1d", "avg_pool2d", "avg_pool3d"}
+
+
+class _PoolSpy(TorchFunctionMode):
+    """Records functional global average pools (`x.mean((2, 3))`, `F.adaptive_avg_pool2d(x, 1)`,
+    `F.avg_pool2d(x, 4)` on a 4×4 map, a token mean `x.mean(1)` of (B, T, C)) as "pool" calls, in
+    forward order, as the module hooks record nn.AdaptiveAvgPool2d(1). Nothing is changed: the
+    function runs as it would."""
+
+    def __init__(self, rec: "Recorder"):
+        super().__init__()
+        self.rec = rec
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if getattr(func, "__name__", "") in POOL_FUNCS and args and _is_global_average(func.__name__, args[0], out):
+            self.rec.calls.append(Call(func.__name__, None, "pool", "", [], args, args[0], out, out))
+        return out
+
+
+def _is_global_average(name: str, x: Any, y: Any) -> bool:
+    """A mean over every position of each sample's channels: the batch dimension and one channel
+    dimension (dim 1, as N,C,H,W, or the last, as N,T,C) kept, everything else averaged. A mean over
+    the last dimension with keepdim (a hand-written LayerNorm/RMSNorm's statistics) is not one."""
+    if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)) or x.dim() < 3 or y.dim() < 1:
+        return False
+    if y.shape[0] != x.shape[0] or y.numel() == 0 or x.numel() // y.numel() < 2:
+        return False
+    channels = y[0].numel()
+    if channels < 2 or channels not in (x.shape[1], x.shape[-1]):
+        return False
+    norm_stat = name == "mean" and y.dim() == x.dim() and y.shape[-1] == 1 < x.shape[-1]
+    return not norm_stat
+
+
+def _dropout(m: nn.Module) -> bool:
+    """Inverted dropout that is on (train mode, p > 0): each kept unit is scaled by 1/(1−p), which
+    multiplies a squared norm by 1/(1−p) on average, forward and back. Alpha dropout keeps the
+    variance instead and is left out."""
+    return (isinstance(m, nn.modules.dropout._DropoutNd) and m.training and 0 < m.p < 1
+            and not isinstance(m, (nn.AlphaDropout, nn.FeatureAlphaDropout)))
 
 
 def _global_average(m: nn.Module) -> bool:

@@ -48,6 +48,7 @@ class RecurrentProbe:
     gamma: float = math.nan
     bound: float = math.nan  # 1/γ
     notes: list[str] = field(default_factory=list)
+    gate_bias: float = math.nan  # mean bias of the memory gate (LSTM forget, GRU update); NaN: none
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -131,6 +132,20 @@ def _report(name, kind, layer, profile, w_hh, nonlinearity, notes=()) -> Recurre
     return out
 
 
+def gate_bias(m: nn.Module, layer: int | None = None) -> float:
+    """Mean of b_ih + b_hh over the gate that keeps the state (LSTM's forget gate f, rows h:2h of i, f, g,
+    o; GRU's update gate z, rows h:2h of r, z, n): at 0 the gate is σ(0) = 1/2 and the memory halves every
+    step. NaN for a module without biases or another kind."""
+    if not isinstance(m, (nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell)):
+        return math.nan
+    sfx = "" if layer is None else f"_l{layer}"
+    b_ih, b_hh = getattr(m, "bias_ih" + sfx, None), getattr(m, "bias_hh" + sfx, None)
+    if b_ih is None or b_hh is None:
+        return math.nan
+    n = m.hidden_size
+    return float((b_ih[n:2 * n] + b_hh[n:2 * n]).detach().double().mean())
+
+
 def candidate_block(w_hh: torch.Tensor, hidden: int, lstm: bool) -> torch.Tensor:
     """The rows of a gated W_hh that feed the candidate state (LSTM gate g: 2h:3h of i, f, g, o;
     GRU n: 2h: of r, z, n), the block the Pascanu bound applies to."""
@@ -168,18 +183,24 @@ def probe_module(name: str, m: nn.RNNBase, x: torch.Tensor, hx: State | None,
                  generator: torch.Generator | None = None) -> list[RecurrentProbe]:
     """Every stacked layer of an nn.RNN/GRU/LSTM, replayed on its recorded input."""
     kind = type(m).__name__
-    if isinstance(x, nn.utils.rnn.PackedSequence):
-        return [RecurrentProbe(name, kind, 0, [], None, "within range", math.nan, notes=["packed sequence: not probed"])]
     if getattr(m, "proj_size", 0):
         return [RecurrentProbe(name, kind, 0, [], None, "within range", math.nan, notes=["proj_size > 0: not probed"])]
-    x = x.detach()
-    if x.dim() == 2:
+    notes, rows = [], None
+    if isinstance(x, nn.utils.rnn.PackedSequence):
+        # Padded to (T, B, F) in the batch's own order (as hx is); the replay runs the samples of the
+        # longest length T only, so that no step of any replayed sample is padding.
+        x, lengths = nn.utils.rnn.pad_packed_sequence(x)
+        rows = lengths == lengths.max()
+        x = x[:, rows.to(x.device)]
+        notes.append(f"packed sequence: the {int(rows.sum())} of {len(lengths)} samples of the longest length "
+                     f"{int(lengths.max())}")
+    elif x.dim() == 2:
         x = x.unsqueeze(1)  # unbatched (T, F)
     elif m.batch_first:
         x = x.transpose(0, 1)
-    seq = x  # (T, B, F)
+    seq = x.detach()  # (T, B, F)
     layers = 1 if m.bidirectional else m.num_layers
-    notes = ["bidirectional: forward direction of layer 0 only"] if m.bidirectional else []
+    notes += ["bidirectional: forward direction of layer 0 only"] if m.bidirectional else []
     dirs = 2 if m.bidirectional else 1
     out = []
     for layer in range(layers):
@@ -189,8 +210,12 @@ def probe_module(name: str, m: nn.RNNBase, x: torch.Tensor, hx: State | None,
         else:
             pick = lambda t: (t[layer * dirs] if t.dim() == 3 else t[layer * dirs].unsqueeze(0)).detach()  # noqa: E731
             state = tuple(pick(t) for t in hx) if isinstance(hx, (tuple, list)) else pick(hx)
+            if rows is not None:
+                keep = lambda t: t[rows.to(t.device)]  # noqa: E731
+                state = tuple(keep(t) for t in state) if isinstance(state, tuple) else keep(state)
         cell, w, nonlin = _module_cell(m, layer)
         profile, states = bptt_profile(cell, list(seq), state, generator)
         out.append(_report(name, kind, layer, profile, w, nonlin, notes))
+        out[-1].gate_bias = gate_bias(m, layer)
         seq = torch.stack([s[0] if isinstance(s, tuple) else s for s in states])
     return out

@@ -112,7 +112,9 @@ class ProbeResult:
             m = self.mean_field
             measured = (f"measured {self.chi_measured:.4g}" if math.isfinite(self.chi_measured)
                         else "not measured: no hidden layer between the first and the last")
-            lines.append(f"mean field ({m.activation}, σw²={m.sigma_w2:.3g}, σb²={m.sigma_b2:.3g}): q*={m.q_star:.3g}, "
+            drop = f", dropout {1 - m.keep:.3g}" if m.keep < 1 else ""
+            lines.append(f"mean field ({m.activation}, σw²={m.sigma_w2:.3g}, σb²={m.sigma_b2:.3g}{drop}): "
+                         f"q*={m.q_star:.3g}, "
                          f"χ₁={m.chi1:.4g} ({measured}), ξ={m.depth_scale:.3g}, depth {m.depth}"
                          + (" > 6ξ: too deep to train" if m.too_deep else " ≤ 6ξ"))
         elif self.mean_field_note:
