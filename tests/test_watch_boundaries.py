@@ -327,3 +327,103 @@ def test_layers_in_no_optimizer_are_told_from_a_partners(tmp_path, zero_code):
     assert run.meta["outside_optimizers"] == ["0.0"]
     f = next(f for f in gw.diagnose(run) if f.kind == "stalled_layers")
     assert f.severity == "warning" and f.layers == ("0.0",)
+
+
+def test_zero_code_a_backbone_unfrozen_with_an_optimizer_of_its_own_is_the_models_layers(tmp_path):
+    """Fine-tuning: a backbone frozen when the model was found is unfrozen, with an optimizer of its
+    own stepping beside the head's. Its layers were recorded only from the next flush (up to
+    flush_every steps later; in a short run never), and the new optimizer was taken for a new
+    model's. They are the model's layers from that step, the same steps, and no phase begins."""
+    torch.manual_seed(0)
+    model = Net(nn.Sequential(nn.Linear(4, 16), nn.ReLU()))
+    model.backbone.requires_grad_(False)
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    watch = AutoWatch(str(tmp_path), warn=False)
+    losses, torchs = [], []
+    try:
+        opt, opt2 = torch.optim.Adam(model.head.parameters(), lr=1e-2), None
+        for step in range(12):
+            if step == 5:
+                model.backbone.requires_grad_(True)
+                opt2 = torch.optim.SGD(model.backbone.parameters(), lr=1e-2)
+            loss = nn.functional.cross_entropy(model(x), y)
+            for o in filter(None, (opt, opt2)):
+                o.zero_grad()
+            loss.backward()
+            g = model.backbone[0].weight.grad
+            torchs.append(math.nan if g is None else math.hypot(
+                torch.linalg.vector_norm(g).item(), torch.linalg.vector_norm(model.backbone[0].bias.grad).item()))
+            for o in filter(None, (opt, opt2)):
+                o.step()
+            losses.append(loss.item())
+    finally:
+        watch.detach()
+    run = watch.stored_series()
+    assert list(run.steps) == list(range(12)) and run.loss == pytest.approx(losses, rel=1e-6)
+    assert run.meta["phase_starts"] == [] and run.meta["own_loss_steps"] == []
+    np.testing.assert_allclose(run.metrics["grad_norm"][:, run.column("backbone.0")], torchs, rtol=1e-5)
+
+
+@pytest.mark.parametrize("beside", [None, "before", "after"])
+def test_a_watched_optimizer_made_anew_mid_run_is_followed(beside):
+    """gw.watch(model, opt), then `opt = Adam(model.parameters())` (another optimizer to fine-tune,
+    a schedule by hand): every later step went unrecorded, silently. The new one defines the step
+    from its first; one made beside the old one, which steps on (before or after it), partners it:
+    one step per iteration either way, each with torch's own gradient norm."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    x = torch.randn(16, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    old, losses, torchs = opt, [], []
+    with gw.watch(model, opt, sample_every=3, warn=False) as w:
+        for step in range(9):
+            if step == 4:
+                opt = torch.optim.Adam(model.parameters() if beside is None else model[2].parameters(), lr=1e-3)
+            order = [opt] if beside is None or step < 4 else ([opt, old] if beside == "before" else [old, opt])
+            loss = model(x).pow(2).mean()
+            for o in order:
+                o.zero_grad()
+            loss.backward()
+            torchs.append(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model[0].parameters()])).item())
+            for o in order:
+                o.step()
+            losses.append(loss.item())
+        run = w.series()
+    assert list(run.steps) == list(range(9)) and run.loss == pytest.approx(losses, rel=1e-6)
+    np.testing.assert_allclose(run.metrics["grad_norm"][:, run.column("0")], torchs, rtol=1e-5)
+    assert (run.metrics["update_ratio"][[0, 3, 6], run.column("2")] > 0).all()
+
+
+def test_zero_code_a_model_run_with_gradients_off_is_not_the_model_that_trains(tmp_path):
+    """A mean teacher (a copy of the student, run under torch.no_grad() first each step, updated
+    by EMA): it was found first and took the plain names, its layers recorded with no gradient
+    and said to be outside every optimizer, while the student's were 'student.0'. A forward with
+    gradients off trains nothing: the student is the model."""
+    import copy
+
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    teacher = copy.deepcopy(student)
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    watch = AutoWatch(str(tmp_path), warn=False)
+    torchs = []
+    try:
+        for _ in range(4):
+            with torch.no_grad():
+                target = teacher(x).softmax(1)
+            out = student(x)
+            loss = nn.functional.cross_entropy(out, y) + nn.functional.mse_loss(out.softmax(1), target)
+            opt.zero_grad()
+            loss.backward()
+            torchs.append(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in student[0].parameters()])).item())
+            opt.step()
+            with torch.no_grad():
+                for pt, ps in zip(teacher.parameters(), student.parameters()):
+                    pt.lerp_(ps, 0.01)
+    finally:
+        watch.detach()
+    run = watch.stored_series()
+    assert run.layer_names() == ["0", "1", "2"]
+    np.testing.assert_allclose(run.metrics["grad_norm"][:, run.column("0")], torchs, rtol=1e-5)
+    assert run.meta["outside_optimizers"] == []

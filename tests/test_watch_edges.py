@@ -332,6 +332,47 @@ def test_optimizer_step_with_a_closure_records_the_update_and_can_stop_before_it
     assert all(torch.equal(a, p) for a, p in zip(kept, model.parameters()))
 
 
+def test_lbfgs_records_the_gradient_of_its_first_closure_call_the_one_of_its_loss():
+    """LBFGS calls the closure again at line-search points, each time after zero_grad: the step's
+    gradient is the first call's (at the weights before the step, the gradient of the loss
+    step() returns), not the last point's, and so are its activations. Two backwards in one call
+    still accumulate."""
+    import gradwatch as gw
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 80), nn.Tanh(), nn.Linear(80, 1))  # a large and small gradients
+    x, y = torch.randn(32, 64), torch.randn(32, 1)
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4)
+    steps = []  # torch's own norms of layers 0 and 2, at each closure call of each step
+
+    def closure():
+        opt.zero_grad()
+        out = model(x)
+        loss = nn.functional.mse_loss(out, y)
+        loss.backward(retain_graph=True)
+        out.abs().mean().mul(0.1).backward()  # a second term, accumulated into the same gradients
+        steps[-1].append([torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in m.parameters()]))
+                          .item() for m in (model[0], model[2])])
+        return loss
+
+    tanh = []  # the mean of the activation's output at each call
+    hook = model[1].register_forward_hook(lambda m, a, out: tanh.append(out.mean().item()))
+    with gw.watch(model, opt, sample_every=2, warn=False) as w:
+        for _ in range(3):
+            steps.append([])
+            tanh.append(None)
+            opt.step(closure)
+        run = w.series()
+    hook.remove()
+    assert all(len(calls) > 1 for calls in steps)  # LBFGS did evaluate further points
+    firsts_act = [tanh[i + 1] for i, v in enumerate(tanh) if v is None]
+    assert run.metrics["act_mean"][[0, 2], run.column("1")] == pytest.approx(firsts_act[::2], rel=1e-6)
+    names = [l.name for l in run.layers]
+    got = run.metrics["grad_norm"][:, [names.index("0"), names.index("2")]]
+    firsts = [calls[0] for calls in steps]
+    np.testing.assert_allclose(got, np.array(firsts), rtol=1e-5)
+
+
 def test_zero_code_gan_two_alternating_optimizers(tmp_path):
     """G and D, each with its own optimizer, stepping in turn: each update is in some step's Δw
     (the generator's was measured as 0, a false 'weights stopped changing'), one step per
@@ -431,25 +472,34 @@ def test_zero_code_two_optimizers_stepped_after_one_backward(tmp_path):
     assert len(head_cols) == 2 and (run.metrics["update_ratio"][3::3, :][:, head_cols] > 0).all()
 
 
-def test_a_backbone_unfrozen_mid_run_is_watched_from_the_next_flush():
-    """Fine-tuning: the head trains first, then the backbone is unfrozen and given to the optimizer.
-    Its layers were never recorded; they join at the first flush after the unfreezing."""
+@pytest.mark.parametrize("given", ["add_param_group", "held_all_along"])
+def test_a_backbone_unfrozen_mid_run_is_watched_from_when_the_optimizer_gets_it(given):
+    """Fine-tuning: the head trains first, then the backbone is unfrozen. Given to the optimizer
+    then (add_param_group), its layers are recorded from that step on; unfrozen in an optimizer that
+    held it all along (nothing tells), from the first flush after."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16)), nn.ReLU(), nn.Linear(16, 1))
     model[0].requires_grad_(False)
-    opt = torch.optim.SGD(model[2].parameters(), lr=0.01)
+    opt = torch.optim.SGD(model[2].parameters() if given == "add_param_group" else model.parameters(), lr=0.01)
+    torchs = []
     with gradwatch.watch(model, opt, flush_every=10, warn=False) as watch:
         for step in range(40):
             if step == 15:
                 model[0].requires_grad_(True)
-                opt.add_param_group({"params": model[0].parameters()})
+                if given == "add_param_group":
+                    opt.add_param_group({"params": model[0].parameters()})
             opt.zero_grad()
             model(torch.randn(8, 4)).pow(2).mean().backward()
+            g = model[0][0].weight.grad
+            torchs.append(math.hypot(torch.linalg.vector_norm(g).item(), torch.linalg.vector_norm(model[0][0].bias.grad).item())
+                          if g is not None else math.nan)
             opt.step()
         run = watch.series()
     assert {"0.0", "0.2"} <= set(run.layer_names("param"))
     grad = run.metrics["grad_norm"][:, run.column("0.0")]
-    assert np.isnan(grad[:20]).all() and (grad[20:] > 0).all()  # from the flush at step 20 on
+    first = 15 if given == "add_param_group" else 20  # (the flush at step 20)
+    assert np.isnan(grad[:first]).all() and (grad[first:] > 0).all()
+    np.testing.assert_allclose(grad[first:], torchs[first:], rtol=1e-5)
     assert (run.metrics["grad_norm"][:, run.column("2")] > 0).all()
     assert run.layer_names()[:3] == ["0.0", "0.1", "0.2"]  # below the head, in forward order
 

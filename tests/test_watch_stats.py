@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+import gradwatch
 from gradwatch.collect.layers import RECURRENT, activation_name
 from models import FAMILIES, train
 
@@ -164,3 +165,36 @@ def test_other_libraries_activation_modules_are_activations():
     acts = {l.name: l.activation for l in series.layers if l.role == "activation"}
     assert acts == {"1": "gelu"}
     assert np.isfinite(series.metrics["act_mean"][0, series.column("1")])
+
+
+def test_a_validation_forward_left_with_gradients_on_is_not_the_steps_activations():
+    """model.eval(); val_loss = loss_fn(model(x_val), y_val) without torch.no_grad(), between two
+    steps: its activations (other data, here 10x the scale: saturated sigmoids) were averaged into
+    the next sampled step's. Only forwards a backward reaches count; a frozen layer's activations,
+    which no backward reaches, are still recorded."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 16), nn.Sigmoid(), nn.Linear(16, 2))
+    model[0].requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = {}
+    hooks = [model[i].register_forward_hook(lambda m, a, y, i=i: seen.setdefault(i, y.detach()) if m.training else None)
+             for i in (1, 3)]
+    with gradwatch.watch(model, opt, sample_every=2, warn=False) as w:
+        for step in range(3):
+            model.train()
+            if step == 2:
+                seen.clear()
+            x = torch.randn(32, 6)
+            loss = nn.functional.cross_entropy(model(x), x[:, :2].argmax(1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            model.eval()
+            model(torch.randn(64, 6) * 10).sum()  # validation, gradients on, no backward
+        run = w.series()
+    for h in hooks:
+        h.remove()
+    assert run.metrics["act_mean"][2, run.column("3")] == pytest.approx(seen[3].mean().item(), rel=1e-6)
+    assert np.isfinite(run.metrics["act_mean"][2, run.column("1")])  # (with the validation's: no backward tells)
+    assert run.metrics["saturated"][2, run.column("3")] == pytest.approx(
+        ((seen[3] < 0.01) | (seen[3] > 0.99)).float().mean().item())

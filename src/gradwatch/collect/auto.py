@@ -18,6 +18,7 @@ import threading
 import weakref
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 from torch.nn.utils.parametrize import ParametrizationList
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
@@ -100,7 +101,10 @@ class AutoWatch(Watch):
                 os.kill(os.getpid(), signum)  # again, to the handler (in the main thread)
 
     def _enter_module(self, module: nn.Module, args) -> None:
-        if self._depth == 0 and id(module) not in self._seen_modules:
+        # a model run with gradients off trains nothing (a mean teacher's or EMA copy's forward, a
+        # frozen feature extractor's, an evaluation before training): found first, it took the
+        # plain names and the model that trains was prefixed; it is found if it runs with them on
+        if self._depth == 0 and id(module) not in self._seen_modules and torch.is_grad_enabled():
             self._discover(module)
         self._depth += 1
 
@@ -178,15 +182,21 @@ class AutoWatch(Watch):
         """An optimizer made for parameters no watched model holds: their model runs next, and is
         found at its first forward. Made once training is under way (the next phase's optimizer,
         for a model built after the first one trained), it trains a new model; made before (a GAN's
-        second optimizer), it is the step optimizer's partner."""
+        second optimizer), it is the step optimizer's partner. Those of a watched model, frozen
+        when it was found and unfrozen since, are its layers (Watch.params_added)."""
+        super().params_added(optimizer)
         if self._holds_unwatched(optimizer.param_groups[-1]["params"]):
             self._rediscover()
             if self._optimizer is not None:
                 self._new_model.add(optimizer)
 
     def _holds_unwatched(self, params) -> bool:
-        """Some of `params` train and belong to no watched layer: their model is not watched yet."""
-        return any(p.requires_grad and id(p) not in self._seen_params for p in params)
+        """Some of `params` train and belong to no watched model: their model is not watched yet."""
+        params = [p for p in params if p.requires_grad and id(p) not in self._seen_params]
+        if not params:
+            return False
+        held = {id(p) for model, _ in self._models for p in model.parameters()}  # (a frozen layer unfrozen)
+        return any(id(p) not in held for p in params)
 
     def _other_step(self, optimizer) -> None:
         """An optimizer other than the step's steps. Alternating with it (a GAN's generator and

@@ -56,12 +56,15 @@ class _SampledStep(TorchFunctionMode):
 
 class SampledHooks:
     """`current()`: the record of the step running (None: not recorded); `unscale(values)`:
-    values of a gradient taken under a loss scale, as without it."""
+    values of a gradient taken under a loss scale, as without it; `counted()`: the backward
+    running is the step's (not a closure called again at a line-search point)."""
 
     def __init__(self, current: Callable[[], StepRecord | None],
-                 unscale: Callable[[torch.Tensor], torch.Tensor]) -> None:
+                 unscale: Callable[[torch.Tensor], torch.Tensor],
+                 counted: Callable[[], bool] = lambda: True) -> None:
         self._current = current
         self._unscale = unscale
+        self._counted = counted
         self._handles: list = []
         self._compiled: list[nn.Module] = []  # torch.compile wrappers of watched models
         self._others: set[int] = set()  # ids of wrappers of models not watched
@@ -136,12 +139,18 @@ class SampledHooks:
             handle.remove()
         self._handles = []
 
-    def _hook_output_grad(self, rec: StepRecord, pos: int, y: torch.Tensor | None) -> None:
+    def _hook_output_grad(self, rec: StepRecord, pos: int, y: torch.Tensor | None,
+                          act: torch.Tensor | None = None) -> None:
+        """`act`: the output's activation statistics, counted when a backward reaches it."""
         if y is None or not y.requires_grad or y.numel() == 0:
             return
 
         def on_grad(g: torch.Tensor) -> None:
+            if not self._counted():
+                return
             rec.accumulate(rec.out_rms, pos, self._unscale(rms(g).reshape(1))[0])
+            if act is not None:
+                rec.accumulate(rec.act, pos, act)
 
         y.register_hook(on_grad)
 
@@ -153,8 +162,13 @@ class SampledHooks:
             # its mean would be NaN, stored as measured non-finite
             if rec is None or y is None or not y.is_floating_point() or y.numel() == 0:
                 return
-            rec.accumulate(rec.act, pos, activation_stats(y, activation))
-            self._hook_output_grad(rec, pos, y)
+            stats = activation_stats(y, activation)
+            if y.requires_grad:
+                # counted when a backward reaches the output: a forward no backward uses (a
+                # validation pass left with gradients on, between steps) is not the training's
+                self._hook_output_grad(rec, pos, y, stats)
+            else:  # (no backward can reach it: a frozen backbone's, a model fed inputs without a graph)
+                rec.accumulate(rec.act, pos, stats)
         return _eager(hook)
 
     def _output_grad_hook(self, pos: int):
@@ -180,6 +194,8 @@ class SampledHooks:
             time_dim = 1 if (batch_first and x.dim() == 3) else 0
 
             def on_grad(g: torch.Tensor) -> None:
+                if not self._counted():
+                    return
                 profile = time_profile(g, time_dim)
                 rec.profiles[pos] = self._unscale(profile)
 

@@ -161,6 +161,9 @@ class Watch:
         self._backward_since_step = False  # its gradients await an optimizer step (or none)
         self._in_step = False  # between the optimizer's step pre- and post-hook (closures)
         self._closure_loss = False  # a closure's loss was added in this step
+        self._closure_grads = False  # a closure's gradients were recorded in this step
+        self._new_params_due = False  # an optimizer was given weights no layer holds: see params_added
+        self._reevaluating = False  # the closure is being called again in this step (LBFGS): see before_backward
         self._grads_seen = 0  # gradients accumulated into watched parameters, ever
         self._grads_before = 0  # ... when the current backward began
         self._handles: list = []  # permanent hooks, removed by detach()
@@ -175,7 +178,8 @@ class Watch:
         self._small_index: torch.Tensor | None = None
         # None: this step is not recorded
         self._cur_sampled: bool | None = self._sampled(first_step) if self._recorded(first_step) else None
-        self._sampled_hooks = SampledHooks(self._current, self._unscale)  # living for one sampled step
+        # living for one sampled step
+        self._sampled_hooks = SampledHooks(self._current, self._unscale, lambda: not self._reevaluating)
         self._order = ForwardOrder()
         self._attached = False
         self._paused = False
@@ -209,6 +213,7 @@ class Watch:
             self._handles.append(optimizer.register_step_pre_hook(lambda opt, a, k: self._before_step(opt)))
             self._handles.append(optimizer.register_step_post_hook(lambda opt, a, k: self._after_step(opt)))
             self._partners: dict[int, bool] = {}  # id(other optimizer): it steps watched weights
+            self._successor = None  # (a weakref to) an optimizer made mid-run for the watched weights
             self._handles.append(register_optimizer_step_pre_hook(lambda opt, a, k: self._partner_step(opt)))
 
     # ---------------------------------------------------------------- public API
@@ -519,6 +524,12 @@ class Watch:
             elif self._mode != "backward" and self._grads_cleared():
                 rec.forget_backwards()
                 self._clear_grad_buffers()
+        # optimizer.step(closure) calling the closure again after its gradients were cleared (LBFGS
+        # evaluates line-search points): the step's gradient is the first call's, the gradient of
+        # the step's loss at the weights before the update; a later call's is at a point between.
+        # Every backward of the later calls is theirs (each may run several)
+        if self._in_step and self._closure_grads and not self._reevaluating and self._grads_cleared():
+            self._reevaluating = True
         unscaled = getattr(root, patches.UNSCALED, None)
         self._backward_scale = unscaled[1] if unscaled is not None else None
         self._grads_before = self._grads_seen
@@ -545,6 +556,11 @@ class Watch:
 
     def after_backward(self, root: object) -> None:
         rec = self._current()
+        if self._reevaluating:
+            self._small_indices.clear()  # the hooks kept this call's small gradients: not the step's
+            self._small_grads.clear()
+            self._backward_scale = None
+            return
         if rec is not None and self._params:
             unscaled = getattr(root, patches.UNSCALED, None)
             loss = unscaled[0] if unscaled is not None else root
@@ -565,6 +581,7 @@ class Watch:
             self._stop_if_non_finite(rec)
             self._end_step()
         elif self._in_step:  # optimizer.step(closure): forward and backward run inside the step
+            self._closure_grads = True
             if rec is not None and rec.sampled and self._params and self._snapshot is None:
                 self._take_snapshot(rec)  # the weights are still those before this step's update
             self._stop_if_non_finite(rec)  # raising inside the closure: the update never happens
@@ -582,8 +599,39 @@ class Watch:
         self._stepped = False
 
     def params_added(self, optimizer: torch.optim.Optimizer) -> None:
-        """`optimizer` was given parameters (made, or a group added): nothing to look for here, the
-        model is given (zero-code mode looks for the model they belong to: AutoWatch)."""
+        """`optimizer` was given parameters (made, or a group added). Parameters of a watched model
+        made trainable since it was watched (a frozen backbone unfrozen for fine-tuning and given to
+        the optimizer) are layers from now on, or from the next step if this one has recorded
+        something already; the next flush, up to `flush_every` steps later, would lose those steps.
+        (Zero-code mode also looks for the model of parameters no watched model holds: AutoWatch.)"""
+        if not self._models:
+            return
+        params = optimizer.param_groups[-1]["params"]  # the group just added
+        unseen = [p for p in params if p.requires_grad and id(p) not in self._seen_params]
+        if unseen:
+            held = {id(p) for model, _ in self._models for p in model.parameters()}
+            if any(id(p) in held for p in unseen):
+                if self._cur is None and self._snapshot is None and not self._in_step:
+                    self._watch_new_params()
+                else:
+                    self._new_params_due = True
+        if (getattr(self, "_partners", None) is not None and optimizer is not self._optimizer
+                and self._optimizer in self._stepping and any(id(p) in self._seen_params for p in params)):
+            # made once training is under way, for the watched weights: the optimizer made anew
+            # (another kind for fine-tuning, a schedule by hand), unless the old one steps on
+            self._successor = weakref.ref(optimizer)
+
+    def _follow(self, optimizer: torch.optim.Optimizer) -> None:
+        """`gw.watch(model, optimizer)`, and `optimizer` replaced by a new one mid-run: the new one
+        defines the step from its first step, when the watched one has not stepped since it was made
+        (a partner made mid-run beside it then partners it). Left on the old one, every later step
+        went unrecorded, silently. Hooked here, in the global pre-hook: its own pre-hook still runs
+        in this step() call (torch calls the optimizer's own pre-hooks after the global ones)."""
+        self._successor = None
+        self._optimizer = optimizer
+        self._meta.update(optimizer_meta(optimizer))
+        self._handles.append(optimizer.register_step_pre_hook(lambda opt, a, k: self._before_step(opt)))
+        self._handles.append(optimizer.register_step_post_hook(lambda opt, a, k: self._after_step(opt)))
 
     def guard_skipped(self, optimizer: torch.optim.Optimizer) -> None:
         """gw.guard refused this step (NaN/Inf gradients) without calling the optimizer, so no step
@@ -663,7 +711,8 @@ class Watch:
         self._stepping.add(optimizer)
         if optimizer is not self._optimizer or not self._attached:
             return
-        self._in_step, self._closure_loss = True, False
+        self._successor = None  # the watched optimizer steps on: a new one beside it is a partner
+        self._in_step, self._closure_loss, self._closure_grads, self._reevaluating = True, False, False, False
         rec = self._cur
         self._stop_if_non_finite(rec)
         if rec is not None and rec.sampled and self._params and self._snapshot is None:
@@ -675,6 +724,9 @@ class Watch:
         is taken from before it. Left out, the layers it trains read as frozen ("give the
         optimizer every parameter")."""
         self._stepping.add(optimizer)
+        if self._successor is not None and optimizer is not self._optimizer:
+            if self._successor() is optimizer and self._attached:
+                return self._follow(optimizer)
         if optimizer is self._optimizer or not self._attached or self._snapshot is not None or not self._params:
             return
         if id(optimizer) not in self._partners:  # (_seen_params: the watched weights, by id)
@@ -692,7 +744,7 @@ class Watch:
     def _close_step(self) -> None:
         """An optimizer stepped (or gw.guard refused its step): the step ends, with its update."""
         self._stepped = True
-        self._in_step = False
+        self._in_step = self._reevaluating = False
         self._backward_since_step = False
         if self._snapshot is not None:
             self._finish_delta()
@@ -754,7 +806,8 @@ class Watch:
         self._sampled_hooks.disarm()
         if count and self._cur_sampled and self._attached:
             self._sampled_hooks.arm(self._layers)
-        if len(self._pending) >= self.flush_every:
+        if self._new_params_due or len(self._pending) >= self.flush_every:
+            self._new_params_due = False
             self._watch_new_params()
             self.flush()
 
