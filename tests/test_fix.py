@@ -345,6 +345,15 @@ def test_fix_in_process_with_a_function(tmp_path, monkeypatch):
 def test_bad_budget_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="budget_steps=0"):
         fix(["python", "x.py"], out=tmp_path, budget_steps=0)
+    import argparse
+
+    from gradwatch.cli import fix_cmd  # the CLI names the option as typed, and starts nothing
+    parser = argparse.ArgumentParser()
+    fix_cmd.register(parser.add_subparsers())
+    args = parser.parse_args(["fix", "--budget-steps", "-5", "--", "python", "x.py"])
+    with pytest.raises(ConfigError, match="--budget-steps -5: expected a whole number >= 1"):
+        args.func(args)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_a_script_that_fails_at_once_is_named_with_its_error(tmp_path, monkeypatch):
@@ -559,6 +568,21 @@ def test_fix_refuses_a_run_that_changes_no_weight(tmp_path):
             model(torch.randn(4, 8)).pow(2).mean().backward()
 
     with pytest.raises(ConfigError, match="changed no weight: no optimizer.step"):
+        gw.fix(train, out=tmp_path / "fix", budget_steps=5, progress=lambda m: None)
+
+
+def test_fix_refuses_a_run_that_never_calls_backward(tmp_path):
+    """A script that only evaluates (or computes a loss it never backpropagates) ends cleanly with no
+    training step: said so, not as a bare exit code 0."""
+    import gradwatch as gw
+
+    def train():
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+        torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(5):
+            model(torch.randn(4, 8)).pow(2).mean().item()
+
+    with pytest.raises(ConfigError, match=r"no training step \(it ran to its end without one: no loss.backward\(\)"):
         gw.fix(train, out=tmp_path / "fix", budget_steps=5, progress=lambda m: None)
 
 

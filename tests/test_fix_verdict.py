@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from gradwatch.fix import Candidate, Trial, fix
-from gradwatch.fix.candidates import adam, lr_scale
-from gradwatch.fix.trial import NO_PROGRESS, first_loss
+from gradwatch.diagnose.finding import Finding
+from gradwatch.fix.candidates import adam, from_findings, lr_scale
+from gradwatch.fix.trial import NO_PROGRESS, final_error, first_loss
 
 fix_module = importlib.import_module("gradwatch.fix")  # the package (gradwatch.fix is the function)
 
@@ -29,6 +30,62 @@ def test_a_trial_whose_loss_ends_where_it_began_is_no_repair():
     learned = Trial(Candidate("adam"), None, 0, 1.0, steps=80, final_loss=0.4, first_loss=1.11)
     assert learned.harmful == [] and learned.works
     assert learned.score < stuck.score
+
+
+def test_a_finding_the_diagnosis_rates_info_is_no_harm_and_calls_for_no_remedy():
+    """The diagnosis rates saturation "info" when the loss still fell after it (confident units), and
+    vanishing through time when the task needed no long memory: a trial left with one has trained,
+    and a baseline with only such findings has nothing to repair."""
+    confident = Finding("saturation", "info", 40, ("1",), "m", {"at_init": False, "loss_since_onset": [1.0, 0.2]})
+    trial = Trial(Candidate("x"), None, 0, 1.0, steps=80, final_loss=0.2, first_loss=2.3, findings=[confident])
+    assert trial.harmful == [] and trial.works and trial.blocking == []
+    blocking = Trial(Candidate("x"), None, 0, 1.0, steps=80, final_loss=0.2, first_loss=2.3,
+                     findings=[Finding("saturation", "warning", 40, ("1",), "m", {"at_init": False})])
+    assert blocking.harmful == ["saturation"] and not blocking.works
+    assert from_findings(trial.blocking, {"tanh"}) == []
+
+
+def test_units_the_updates_saturated_get_a_lower_lr_trial_whatever_the_optimizer():
+    """A tanh MLP at SGD lr 3.0 (momentum 0.9): saturated from step 10, not at init, the loss rising
+    from 2.3 to 671; the diagnosis said to lower the lr tenfold, but fix offered none under SGD (Adam
+    won, 0.31 validation loss; lr 0.3 pasted in gave 0.65, accuracy 0.93 against 0.10)."""
+    driven = Finding("saturation", "warning", 10, ("1", "3"), "m", {"at_init": False})
+    assert "learning rate x0.1" in [c.name for c in from_findings([driven], {"tanh"}, optimizer="SGD", lr=3.0)]
+    at_init = Finding("saturation", "warning", 0, ("1",), "m", {"at_init": True})  # the init's scale: no lr trial
+    assert "learning rate x0.1" not in [c.name for c in from_findings([at_init], {"tanh"}, optimizer="SGD", lr=0.1)]
+
+
+def test_a_lower_loss_within_the_noise_is_no_winner(tmp_path):
+    """An LSTM that must remember its first token over 80 steps, at chance (0.6943, ln 2 = 0.693):
+    "Adam + forget-gate bias 1" ended at 0.6927 with the same vanishing gradient left, and fix printed
+    it as the change to make; pasted in, the validation accuracy was 0.48 against the baseline's 0.50.
+    A standard error of 0.0046 on the baseline's final loss puts 0.0016 lower well within the noise."""
+    from rich.console import Console
+
+    from gradwatch.cli.fix_cmd import print_result
+    from gradwatch.fix import FixResult
+
+    rng = np.random.default_rng(0)
+    noisy = 0.694 + 0.02 * rng.standard_normal(200)
+    se = final_error(noisy)  # the median's standard error over the last tenth: 1.2533 s / sqrt(n)
+    assert se == pytest.approx(1.2533 * np.std(noisy[-20:], ddof=1) / np.sqrt(20))
+    assert np.isnan(final_error(np.array([1.0, np.inf]))) and np.isnan(final_error(np.array([1.0])))
+    vanishing = [Finding("vanishing_gradient", "warning", 0, ("lstm",), "m", {})]
+    base = Trial(Candidate("baseline (no change)"), tmp_path, 0, 1.0, steps=200, final_loss=0.6943,
+                 first_loss=0.70, findings=vanishing, final_error=0.0046)
+    close = Trial(Candidate("Adam + forget"), tmp_path, 0, 1.0, steps=200, final_loss=0.6927,
+                  first_loss=0.70, findings=vanishing, final_error=0.0022)
+    result = FixResult(base, [close], budget_steps=200)
+    assert result.winner is None and result.within_noise is close
+    console = Console(record=True, width=200)
+    print_result(result, console)
+    assert "No remedy beat the baseline. The best, Adam + forget, ended at 0.6927 against 0.6943: within the noise" \
+        in console.export_text()
+    clear = Trial(Candidate("Adam + forget"), tmp_path, 0, 1.0, steps=200, final_loss=0.60,
+                  first_loss=0.70, findings=vanishing, final_error=0.0022)
+    assert FixResult(base, [clear], budget_steps=200).winner is clear  # 0.094 lower: 19 standard errors
+    repair = Trial(Candidate("lr"), tmp_path, 0, 1.0, steps=200, final_loss=0.6930, first_loss=0.70, final_error=0.002)
+    assert FixResult(base, [repair], budget_steps=200).winner is repair  # fewer harmful findings: a repair
 
 
 def test_when_the_finals_do_not_hold_the_next_screening_repair_gets_its_full_trial(tmp_path, monkeypatch):

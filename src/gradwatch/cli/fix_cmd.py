@@ -14,6 +14,7 @@ from rich.table import Table
 
 from gradwatch import runner
 from gradwatch.diagnose.advice import NAN_FROM_GROWTH
+from gradwatch.errors import ConfigError
 from gradwatch.fix import FixResult, Trial, fix
 from gradwatch.fix.touched import WRITTEN
 from gradwatch.fix.trial import OUTPUT_LOG
@@ -40,6 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.budget_steps < 1:  # named as the user typed it, not as the library's keyword
+        raise ConfigError(f"--budget-steps {args.budget_steps}: expected a whole number >= 1 (optimizer steps per trial)")
     command = runner.command_from_target(args.target, args.module)
     runner.output_dir(args.out)
     previous = signal.signal(signal.SIGTERM, _interrupt)  # the running trial is killed, not orphaned
@@ -85,15 +88,21 @@ def print_result(result: FixResult, console: Console) -> None:
                       f"after {result.baseline.steps} steps ({error}). A trial that fails is ranked behind every one "
                       "that runs its course.", markup=False)
     if not result.trials and not result.screened:
-        findings = ", ".join(sorted({f.kind for f in result.baseline.findings}))
+        findings = ", ".join(sorted({f.kind + " (info: no block to training)" * (f.severity == "info")
+                                     for f in result.baseline.findings}))
         console.print("Nothing to try: the baseline's findings call for no remedy"
                       + (f" ({findings})." if findings else " (it has none)."))
     elif winner is None:
         if result.baseline.failed and all(t.failed for t in result.trials):
             console.print("Every trial failed as the baseline did: fix the script's error first.")
         else:
+            close = result.within_noise
             console.print("No remedy beat the baseline." + (" The baseline has no harmful finding."
-                                                              if not result.baseline.harmful else ""))
+                                                              if not result.baseline.harmful else "")
+                          + (f" The best, {close.candidate.name}, ended at {close.final_loss:.4g} against "
+                             f"{result.baseline.final_loss:.4g}: within the noise of the two losses "
+                             f"(standard errors {close.final_error:.2g} and {result.baseline.final_error:.2g})."
+                             if close is not None else ""), markup=False)
     else:
         verdict = "repairs the run" if result.repaired else "is the best of the trials"
         console.print(f"[bold]{winner.candidate.name}[/] {verdict}. The change to make:", markup=True)

@@ -21,7 +21,8 @@ from gradwatch.errors import ConfigError
 from gradwatch.fix.candidates import Candidate, autotrainer_order, combine, from_findings, lr_ceiling
 from gradwatch.fix.names import Names, script_names
 from gradwatch.fix.touched import Workspace
-from gradwatch.fix.trial import OUTPUT_LOG, Trial, discard_trials, run_trial, run_trial_in_process
+from gradwatch.fix.trial import (OUTPUT_LOG, Trial, discard_trials, lower_beyond_noise, run_trial,
+                                 run_trial_in_process)
 from gradwatch.store import read_run, store_files
 from gradwatch.store.reader import connect
 from gradwatch.store.series import LayerInfo
@@ -55,9 +56,26 @@ class FixResult:
 
     @property
     def winner(self) -> Trial | None:
-        """The best full-length trial if it beats the baseline with a finite loss, else None."""
+        """The best full-length trial if it beats the baseline with a finite loss, else None. Leaving
+        as many harmful findings as the baseline, it must end lower by more than the noise of the two
+        losses (`lower_beyond_noise`): an LSTM at chance (0.6943) "beaten" by a pair of remedies at
+        0.6927, a standard error of 0.005 apart, was printed as the change to make, and pasted in it
+        gave a validation accuracy of 0.48 against the baseline's 0.50."""
         best = self.ranked[0] if self.trials else None
-        return best if best is not None and best.score < self.baseline.score and best.score[0] == 0 else None
+        if best is None or not (best.score < self.baseline.score and best.score[0] == 0):
+            return None
+        if self.baseline.score[0] == 0 and len(best.harmful) == len(self.baseline.harmful) \
+                and not lower_beyond_noise(best, self.baseline):
+            return None
+        return best
+
+    @property
+    def within_noise(self) -> Trial | None:
+        """The best full trial when it ended lower than the baseline, but within the noise."""
+        best = self.ranked[0] if self.trials else None
+        if best is None or self.winner is not None or not best.score < self.baseline.score or best.score[0] != 0:
+            return None
+        return best
 
     @property
     def repaired(self) -> bool:
@@ -72,7 +90,8 @@ class FixResult:
         interrupted fix keeps what it measured."""
         def row(t: Trial) -> dict:
             return {"remedy": t.candidate.name, "spec": t.candidate.spec, "run_dir": t.run_dir.name, "steps": t.steps,
-                    "final_loss": t.final_loss if np.isfinite(t.final_loss) else None, "harmful": t.harmful,
+                    "final_loss": t.final_loss if np.isfinite(t.final_loss) else None,
+                    "final_error": t.final_error if np.isfinite(t.final_error) else None, "harmful": t.harmful,
                     "works": t.works, "failed": t.failed, "exit_code": t.exit_code, "not_applied": t.not_applied}
         winner = self.winner
         data = {"baseline": row(self.baseline), "screened": [row(t) for t in self.screened],
@@ -212,7 +231,9 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], command: list[str] | Cal
     baseline = trial("baseline", BASELINE, budget_steps)
 
     if baseline.steps == 0:
-        raise ConfigError(f"the baseline run recorded no training step (exit code {baseline.exit_code}); "
+        why = ("it ran to its end without one: no loss.backward() was seen (outside torch.no_grad()), so there is "
+               "no training to repair" if baseline.exit_code == 0 else f"exit code {baseline.exit_code}")
+        raise ConfigError(f"the baseline run recorded no training step ({why}); "
                           f"see {out / 'baseline' / OUTPUT_LOG}" + "".join(f"\n    {line}" for line in baseline.output_tail(3)))
     run = read_run(baseline.run_dir)
     if run.meta.get("optimizer") is None and not np.nan_to_num(run.metrics["update_ratio"]).any():
@@ -222,10 +243,10 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], command: list[str] | Cal
     names = replace(script_names(command, Context(run)), group_lrs=group_lrs(baseline.run_dir))
     if candidates is None:
         if order == "autotrainer":
-            candidates = autotrainer_order(baseline.findings, names)
+            candidates = autotrainer_order(baseline.blocking, names)
         else:
             lrs = run.lr[np.isfinite(run.lr)]
-            candidates = from_findings(baseline.findings, hidden_activations(run.layers),
+            candidates = from_findings(baseline.blocking, hidden_activations(run.layers),
                                        layer_types={l.type for l in run.layers}, optimizer=run.meta.get("optimizer"),
                                        lr=float(lrs.max()) if len(lrs) else None,
                                        lr_ceiling=lr_ceiling(run, baseline.findings), names=names)

@@ -232,7 +232,10 @@ def from_findings(findings: list[Finding], activations: set[str], *, layer_types
         if at_init or grows_at_init:  # too large from the first step: the init
             out += [orthogonal(names) if "RNN" in layer_types else reinit(names)]
     if kinds & {"vanishing_gradient", "saturation", "stalled_layers"}:
-        if optimizer in STEP_SIZED and lr is not None and lr >= HIGH_ADAPTIVE_LR:
+        # units that saturated only after training began were driven there by the updates: their
+        # size, the lr's (what the diagnosis names first), whatever the optimizer
+        driven = any(f.kind == "saturation" and f.evidence.get("at_init") is False for f in findings)
+        if driven or optimizer in STEP_SIZED and lr is not None and lr >= HIGH_ADAPTIVE_LR:
             out += [lr_scale(0.1, names)]
         if through_time:
             out += [forget_bias(names)] if "LSTM" in layer_types else []

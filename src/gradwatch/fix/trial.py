@@ -41,6 +41,7 @@ class Trial:
     findings: list[Finding] = field(default_factory=list)
     first_loss: float = float("nan")  # the median of the first tenth of the losses (nan: not measured)
     not_applied: str = ""  # why the remedy changed nothing (the trial ended before its first step)
+    final_error: float = float("nan")  # the standard error of final_loss (nan: not measured)
 
     @property
     def failed(self) -> bool:
@@ -54,10 +55,16 @@ class Trial:
         return log.read_text(errors="replace").strip().splitlines()[-lines:] if log.is_file() else []
 
     @property
+    def blocking(self) -> list[Finding]:
+        """The findings that stand in the way of training: not those the diagnosis itself rates
+        "info" (units saturated while the loss still fell, a short memory the task did not need)."""
+        return [f for f in self.findings if f.severity != "info"]
+
+    @property
     def harmful(self) -> list[str]:
         """The harmful findings left, and NO_PROGRESS when the loss ended no lower than it began: a
         network that does not learn is not repaired, however healthy its gradients look."""
-        kinds = {f.kind for f in self.findings if f.kind in HARMFUL}
+        kinds = {f.kind for f in self.blocking if f.kind in HARMFUL}
         if np.isfinite(self.first_loss) and np.isfinite(self.final_loss) and self.final_loss >= self.first_loss:
             kinds.add(NO_PROGRESS)
         return sorted(kinds)
@@ -86,6 +93,25 @@ def final_loss(loss: np.ndarray) -> float:
     if np.isinf(recorded).any():
         return float("inf")
     return float(np.median(recorded[-max(1, len(recorded) // 10):]))
+
+
+def final_error(loss: np.ndarray) -> float:
+    """The standard error of `final_loss`, the median of the last tenth: 1.2533·s/√n for n losses of
+    standard deviation s (the median's large-sample error); nan for fewer than 2 or a non-finite one.
+    Batch-to-batch noise and a trend within the window both widen it."""
+    recorded = loss[~np.isnan(loss)]
+    last = recorded[-max(1, len(recorded) // 10):]
+    if len(last) < 2 or not np.isfinite(last).all():
+        return float("nan")
+    return float(1.2533 * np.std(last, ddof=1) / np.sqrt(len(last)))
+
+
+def lower_beyond_noise(trial: Trial, other: Trial, z: float = 2.0) -> bool:
+    """`trial` ended lower than `other` by more than `z` standard errors of the difference of their
+    final losses (about 95%): a lower loss within the noise of the batches says nothing (an error
+    counts 0 where it was not measured)."""
+    error = float(np.hypot(np.nan_to_num(trial.final_error), np.nan_to_num(other.final_error)))
+    return trial.final_loss < other.final_loss - z * error
 
 
 def first_loss(loss: np.ndarray) -> float:
@@ -185,6 +211,7 @@ def measure(trial: Trial) -> Trial:
         return trial  # nothing recorded: the script failed before its first step
     trial.steps = len(series.steps)
     trial.final_loss = final_loss(series.loss)
+    trial.final_error = final_error(series.loss)
     trial.first_loss = first_loss(series.loss)
     trial.findings = diagnose(series)
     write_findings(run_dir, trial.findings)
