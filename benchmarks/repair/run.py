@@ -62,15 +62,21 @@ def loss_ok(loss: float, healthy: float) -> bool:
     return loss != float("inf") and loss <= healthy + TOLERANCE * abs(healthy)
 
 
+def clean(t: Trial) -> bool:
+    """fix's stopping test, and no finding of a harmful kind left at any severity: fix itself lets
+    one the diagnosis rates "info" pass, the issue's definition of repaired does not."""
+    return t.works and not {f.kind for f in t.findings} & set(HARMFUL)
+
+
 def repaired(t: Trial | None, healthy: float) -> bool:
-    return t is not None and t.works and loss_ok(t.final_loss, healthy)
+    return t is not None and clean(t) and loss_ok(t.final_loss, healthy)
 
 
 def repaired_drop(t: Trial | None, healthy: dict) -> bool:
     """The looser reading: no harmful finding and at least 90% of the healthy variant's loss drop
     (final <= healthy final + 10% of (healthy initial - healthy final))."""
     h0, h = healthy["initial_loss"], healthy["final_loss"]
-    return t is not None and t.works and t.final_loss <= h + TOLERANCE * max(h0 - h, 0.0)
+    return t is not None and clean(t) and t.final_loss <= h + TOLERANCE * max(h0 - h, 0.0)
 
 
 def initial_loss(run_dir: Path) -> float:
