@@ -41,3 +41,14 @@ def test_diagnose_corrupt_store_is_one_clear_line(tmp_path):
 def test_diagnose_empty_directory(tmp_path):
     result = gradwatch_here("diagnose", tmp_path)
     assert result.returncode == 2 and "holds no gradwatch store" in result.stderr
+
+
+def test_evidence_values_inside_dicts_are_short():
+    """A value per layer printed every float to 17 digits, and all 200 layers of a deep net."""
+    from gradwatch.cli.diagnose_cmd import _fmt
+
+    per_layer = {str(i): 2.8561567333440507e-08 * (i + 1) for i in range(20)}
+    text = _fmt(per_layer)
+    assert text.startswith("{0: 2.86e-08, 1: 5.71e-08,") and text.endswith(", ... 12 more}")
+    assert text.count(":") == 8 and "2.8561567" not in text
+    assert _fmt([0.123456, 7]) == "[0.123, 7]" and _fmt(0.000123456) == "0.000123" and _fmt("conv") == "conv"

@@ -759,3 +759,163 @@ def test_row_percentiles_are_numpys():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 expected = np.nanpercentile(rows, q, axis=1)
             np.testing.assert_array_equal(row_nanpercentile(rows, q), expected)
+
+
+# ------------------------------------------------------------------ advice a tester checked by hand
+def test_an_overshoot_from_a_modest_gradient_is_the_learning_rates_and_the_cut_is_measured():
+    """A tanh MLP under SGD at lr 8: the first update is 1.89x the weights from a gradient 0.24x
+    of them. Told to clip at 1.0 first, it reached 35% accuracy; lr / 10 (ratio 0.19) stayed at
+    10%; lr / 100 reached 93%. The cut brings the measured ratio below a tenth."""
+    run = build(optimizer="SGD", lr=8.0)
+    run.metrics["update_ratio"][0, run.column("fc2")] = 1.89
+    f = next(f for f in diagnose(run) if f.kind == "exploding_gradient")
+    assert f.remedies[0].action == "Lower the learning rate 100-fold (to 0.08)"
+    assert "group['lr'] = 0.08" in f.remedies[0].code
+    # the same overshoot at lr 1e-4 is a gradient 1.9e4 times its weights: the gradient's fault
+    run = build(optimizer="SGD", lr=1e-4)
+    run.metrics["update_ratio"][0, run.column("fc2")] = 1.89
+    f = next(f for f in diagnose(run) if f.kind == "exploding_gradient")
+    assert f.remedies[0].action.startswith("Clip the gradient norm")
+    assert any(r.action == "Lower the learning rate tenfold (to 1e-05)" for r in f.remedies)
+
+
+def test_saturation_the_updates_caused_is_cured_by_a_lower_learning_rate_not_a_new_init():
+    """The same run saturated its tanh layers from step 10 (not at init): re-initialising (the
+    first remedy it was given) restores weights the same lr saturates again."""
+    run = build(activation="tanh", lr=8.0)
+    run.metrics["update_ratio"][0, run.column("fc2")] = 1.89
+    run.metrics["saturated"][sampled(run)[1]:, run.column("act1")] = 0.92
+    run.metrics["saturated"][sampled(run)[1]:, run.column("act3")] = 1.0
+    f = next(f for f in diagnose(run) if f.kind == "saturation")
+    assert f.remedies[0].action == "Lower the learning rate 100-fold (to 0.08)"
+    assert "100% of the outputs of 'act3'" in f.message  # the share said is the layer's that has it
+    run = build(activation="tanh")
+    run.metrics["saturated"][:, run.column("act1")] = 0.92  # from the first step: the init
+    f = next(f for f in diagnose(run) if f.kind == "saturation")
+    assert "gw.init_" in f.remedies[0].code
+
+
+def test_stalled_below_saturated_units_is_folded_into_the_saturation():
+    """Saturated tanh units pass < 1% of the gradient (exactly 0 beyond |x| > 9 in float32): the
+    layers under them stall for that reason, and 'use an optimizer with per-parameter step sizes'
+    (what the tester was told) would not move them."""
+    run = build(activation="tanh")
+    run.metrics["saturated"][sampled(run)[1]:, run.column("act3")] = 1.0
+    for k in (0, 1, 2):
+        run.metrics["update_ratio"][sampled(run)[1:], run.column(f"fc{k}")] = 1e-9
+    found = kinds(diagnose(run))
+    assert "saturation" in found and "stalled_layers" not in found
+    run.metrics["saturated"][:, run.column("act3")] = 0.01  # nothing saturated: a stall of its own
+    assert "stalled_layers" in kinds(diagnose(run))
+
+
+def _without_activation_modules(run):
+    keep = [i for i, l in enumerate(run.layers) if l.role != "activation"]
+    return run.__class__([run.layers[i] for i in keep], run.steps, run.loss, run.lr,
+                         {m: v[:, keep] for m, v in run.metrics.items()}, meta=run.meta)
+
+
+def test_all_zero_initial_weights_are_named_not_relus():
+    """An MLP initialised with zeros, calling torch.tanh: no unit differs from another and no
+    gradient passes down. It was told 'biases or weights start too negative' and 'ReLU passes no
+    gradient' (it has no ReLU) and to use Leaky ReLU. The weight norms of 0 at step 0 say it."""
+    run = _without_activation_modules(build(activation="tanh"))
+    rows = sampled(run)
+    for k in range(5):
+        run.metrics["weight_norm"][0, run.column(f"fc{k}")] = 0.0
+    for k in range(4):
+        run.metrics["grad_norm"][:, run.column(f"fc{k}")] = 0.0
+        run.metrics["grad_max"][rows, run.column(f"fc{k}")] = 0.0
+    f = next(f for f in diagnose(run) if f.kind == "dead_units")
+    assert f.causes[0].startswith("initial weights: 'fc0', 'fc1', 'fc2' and 2 more start with all parameters exactly 0")
+    assert len(f.causes) == 1 and "ReLU" not in f.causes[0]
+    assert [r.code for r in f.remedies] == ["gw.init_(model, example_input=x)  # x: one input batch; the forward shows F.relu & co."]
+    for k in range(4):  # only the output layer starts at 0 (on purpose): not the cause
+        run.metrics["weight_norm"][0, run.column(f"fc{k}")] = 10.0
+    f = next(f for f in diagnose(run) if f.kind == "dead_units")
+    assert "zero_weight_layers" not in f.evidence and not f.causes[0].startswith("initial weights")
+
+
+def test_a_nan_right_after_an_explosion_is_blamed_on_it_not_on_the_data():
+    """A vanilla RNN's first update was 83x its weights and its loss NaN at step 1: with no finite
+    steps to measure growth over, the NaN was blamed first on 'bad input data'."""
+    run = build(optimizer="SGD", lr=1e-4)
+    run.metrics["update_ratio"][0, run.column("fc2")] = 83.0
+    run.loss[1:] = np.inf
+    run.metrics["grad_norm"][1:] = np.inf
+    f = next(f for f in diagnose(run) if f.kind == "non_finite")
+    assert f.causes[0].startswith("exploding_gradient: gradients explode from step 0")
+    assert f.remedies[0].action.startswith("Clip the gradient norm") and "exploding gradient" in f.message
+    assert "too few finite steps" in f.causes[1]
+    run = build()  # a NaN with nothing exploding before it keeps the data first
+    run.loss[1:] = np.inf
+    run.metrics["grad_norm"][1:] = np.inf
+    f = next(f for f in diagnose(run) if f.kind == "non_finite")
+    assert f.causes[0].startswith("bad input data")
+
+
+def test_dead_units_under_adam_at_a_high_learning_rate_name_it():
+    """Adam at lr 0.1 killed 72% of a ReLU layer (measured over the whole data set) in its first
+    update; the causes named only the activation."""
+    run = build(optimizer="Adam", lr=0.1)
+    run.metrics["dead"][sampled(run)[1]:, run.column("act1")] = 0.75
+    f = next(f for f in diagnose(run) if f.kind == "dead_units")
+    assert f.causes[0].startswith("learning rate: a large step (0.1)")
+    run = build(optimizer="Adam", lr=1e-3)
+    run.metrics["dead"][sampled(run)[1]:, run.column("act1")] = 0.75
+    f = next(f for f in diagnose(run) if f.kind == "dead_units")
+    assert not any(c.startswith("learning rate") for c in f.causes)
+
+
+def test_units_that_saturate_while_the_loss_keeps_falling_are_info():
+    """A tanh classifier (Adam, 99% accuracy) saturated 65% of its top hidden layer from step 20
+    while its loss fell 0.10 -> 0.022: a warning that 'almost no gradient passes' was wrong."""
+    run = build(activation="tanh", optimizer="Adam", lr=1e-2)  # the loss falls 2.1 -> 0.11
+    run.metrics["saturated"][sampled(run)[2]:, run.column("act3")] = 0.65
+    f = next(f for f in diagnose(run) if f.kind == "saturation")
+    assert f.severity == "info" and "the loss still fell" in f.message and f.evidence["loss_since_onset"][1] < 0.2
+    run.loss[:] = 2.0 + 0.02 * np.random.default_rng(0).random(len(run.loss))  # flat: it blocks learning
+    f = next(f for f in diagnose(run) if f.kind == "saturation")
+    assert f.severity == "error" and "almost no gradient passes" in f.message  # and the plateau follows from it
+
+
+def test_a_short_memory_the_task_did_not_need_is_info():
+    """A GRU whose label sits in the last 5 of 100 tokens learnt it (loss 0.45 -> 0.0005) with a
+    gradient at the first token 1e-16 of the last's: no warning. A loss that fell only to the
+    mean's (a vanilla RNN on the adding problem: 0.26 -> 0.16) keeps it."""
+    run = build(n_steps=300)
+    run.time_profiles["rnn"] = (run.steps[::10], np.tile(np.logspace(-16, 0, 100), (30, 1)))
+    run.loss[:] = 0.45 * np.exp(-run.steps / 30) + 1e-4
+    f = next(f for f in diagnose(run) if f.kind == "vanishing_gradient")
+    assert f.severity == "info" and f.evidence["loss_start_end"][1] <= TH.time_learnt_loss * f.evidence["loss_start_end"][0]
+    run.loss[:] = 0.26 - 0.1 * (run.steps / 300)
+    f = next(f for f in diagnose(run) if f.kind == "vanishing_gradient")
+    assert f.severity == "warning"
+
+
+def test_a_cut_of_many_decades_is_said_as_a_power_of_ten():
+    """lr 1e5 under SGD: each step ~1.05e4 times the weights from a gradient a tenth of them."""
+    run = build(optimizer="SGD", lr=1e5)
+    rows, cols = sampled(run), [run.column(f"fc{k}") for k in range(5)]
+    run.metrics["update_ratio"][np.ix_(rows, cols)] = 1e5 * run.metrics["grad_norm"][np.ix_(rows, cols)] / 10.0
+    f = next(f for f in diagnose(run) if f.kind == "exploding_gradient")
+    assert f.remedies[0].action == "Lower the learning rate 1e+06-fold (to 0.1)"  # 1.05e4 -> 0.0105
+
+
+def test_a_loss_that_blows_up_within_the_first_window_diverges():
+    """A tanh MLP under SGD at lr 8: 2.3, 2.45, 66, 297, then ~450 to the end. The first window's
+    median (the start) was already ~430, so the rise went unseen. The first two losses stand for
+    the start too, at a bar of 100x; noise does not reach it (44 recorded healthy, flat or stalled
+    runs peaked at 1.05x)."""
+    run = build(n_steps=200)
+    rng = np.random.default_rng(0)
+    run.loss[:] = 450 * np.exp(0.3 * rng.standard_normal(200))
+    run.loss[:4] = [2.32, 2.45, 66.0, 297.0]
+    f = next(f for f in diagnose(run) if f.kind == "loss_divergence")
+    assert f.first_step == 3 and f.evidence["loss_start"] == pytest.approx(2.45)
+    # heavy-tailed batch noise (squared errors at batch size 1, χ²₁) on a falling loss: its first
+    # two batches are not 100x below the rest (~0.1% of runs)
+    run = build(n_steps=1000)
+    for seed in range(20):
+        run.loss[:] = (1 + 2 * np.exp(-run.steps / 100)) * np.random.default_rng(seed).chisquare(1, 1000)
+        assert "loss_divergence" not in kinds(diagnose(run)), seed

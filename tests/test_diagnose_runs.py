@@ -234,3 +234,35 @@ def test_a_step_lost_to_float32_rounding_is_vanishing_not_a_parameter_left_out()
     found = diagnose(run)
     assert "vanishing_gradient" in {f.kind for f in found}
     assert not any(f.evidence.get("frozen") for f in found)
+
+
+def test_the_first_remedy_for_a_deep_sigmoid_net_works_as_pasted():
+    """Swapped to Leaky ReLU alone, a deep sigmoid MLP kept torch's default init (a sixth of the
+    signal per layer) and still vanished (a tester's 10-layer net: 10% accuracy, as before), and
+    a sigmoid giving BCELoss its probabilities was swapped too. The code re-initialises and keeps it."""
+    torch.manual_seed(0)
+    model = mlp(depth=8, act=nn.Sigmoid)
+    _, run = train(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=30)
+    code = next(f for f in diagnose(run) if f.kind == "vanishing_gradient").remedies[0].code
+    torch.manual_seed(0)
+    scope = {"gw": gw, "nn": nn, "torch": torch, "model": nn.Sequential(*mlp(depth=8, act=nn.Sigmoid), nn.Sigmoid())}
+    exec(code, scope)
+    fixed = scope["model"]
+    assert isinstance(fixed[-1], nn.Sigmoid) and not any(isinstance(m, nn.Sigmoid) for m in fixed[:-1])
+    x, y = data()
+    bce = lambda p, t: nn.functional.binary_cross_entropy(p, nn.functional.one_hot(t, 4).float())
+    _, run = train(fixed, torch.optim.SGD(fixed.parameters(), lr=0.1), steps=30, x=x, y=y, loss_fn=bce)
+    assert "vanishing_gradient" not in kinds(run)
+
+
+def test_stop_on_never_stops_on_an_info_finding():
+    """Info findings (units saturated while the loss keeps falling) are no problem: a run watched
+    with stop_on=("saturation",) must go on; a warning of the same kind stops it."""
+    from gradwatch.diagnose.finding import Finding
+    from gradwatch.diagnose.live import LiveDiagnosis
+    from gradwatch.errors import TrainingStopped
+    live = LiveDiagnosis(stop_on=("saturation",), warn=False)
+    live.report([Finding("saturation", "info", 20, ("act1",), "confident units")])
+    assert [f.severity for f in live.findings] == ["info"]
+    with pytest.raises(TrainingStopped):
+        live.report([Finding("saturation", "warning", 30, ("act2",), "blocked")])

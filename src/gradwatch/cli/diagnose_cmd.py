@@ -46,5 +46,15 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fmt(v: object) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
+def _fmt(v: object, shown: int = 8) -> str:
+    """3 significant digits, inside dicts and lists too; a long one (a value per layer) is cut to
+    its first `shown` entries (all of them are in --json)."""
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    if isinstance(v, dict):
+        items = [f"{k}: {_fmt(x)}" for k, x in list(v.items())[:shown]]
+        return "{" + ", ".join(items) + (f", ... {len(v) - shown} more" if len(v) > shown else "") + "}"
+    if isinstance(v, (list, tuple)):
+        items = [_fmt(x) for x in list(v)[:shown]]
+        return "[" + ", ".join(items) + (f", ... {len(v) - shown} more" if len(v) > shown else "") + "]"
+    return str(v)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
+import numpy as np
+
 from gradwatch.diagnose.finding import KINDS, Finding, Remedy
 from gradwatch.errors import ConfigError
 from gradwatch.diagnose.rules import RULES
@@ -43,7 +45,8 @@ def diagnose(run: RunSeries | str | os.PathLike, thresholds: Thresholds = DEFAUL
     vanished |= {l for f in findings if f.kind == "dead_units" for l in f.evidence.get("zero_gradient_layers", ())}
     findings = [f for f in findings  # lower layers stalled where the gradient vanishes (or is 0): one cause
                 if not (f.kind == "stalled_layers" and not f.evidence.get("frozen")
-                        and (set(f.layers) & vanished or _below_dead_units(series, f, findings)))]
+                        and (set(f.layers) & vanished or _below_blocked_units(series, f, findings)))]
+    findings = _nan_after_explosion(findings)
     blocking = next((f for f in findings if f.kind in BLOCKING), None)
     if blocking is not None and any(f.kind == "loss_plateau" for f in findings):
         # the loss does not move and this is why: no longer a warning (a recurrent net's short
@@ -53,11 +56,34 @@ def diagnose(run: RunSeries | str | os.PathLike, thresholds: Thresholds = DEFAUL
     return sorted(findings, key=lambda f: (f.first_step, SEVERITY_ORDER[f.severity], KINDS.index(f.kind)))
 
 
-def _below_dead_units(series: RunSeries, stalled: Finding, findings: list[Finding]) -> bool:
-    """Stalled layers below a layer of dead ReLUs: a dead unit passes no gradient down, so the
-    layers under it stall for that one reason (a faster optimizer would not move them)."""
-    dead = [series.column(l) for f in findings if f.kind == "dead_units" for l in f.layers]
-    return bool(dead) and all(series.column(l) < max(dead) for l in stalled.layers)
+def _below_blocked_units(series: RunSeries, stalled: Finding, findings: list[Finding]) -> bool:
+    """Stalled layers below a layer of dead ReLUs or of saturated sigmoid/tanh units: a dead unit
+    passes no gradient down, a saturated one less than 1% of it (tanh' is exactly 0 in float32
+    for |x| > 9), so the layers under it stall for that one reason (a faster optimizer would not
+    move them)."""
+    blocked = [series.column(l) for f in findings if f.kind in ("dead_units", "saturation") for l in f.layers]
+    return bool(blocked) and all(series.column(l) < max(blocked) for l in stalled.layers)
+
+
+def _nan_after_explosion(findings: list[Finding]) -> list[Finding]:
+    """A NaN too early to measure the gradient's growth before it (fewer than two finite steps:
+    a vanilla RNN whose first update was 83x its weights) was blamed on the data. When an
+    exploding_gradient finding came before it, that finding's numbers are the growth: it comes
+    first among the causes, and its first remedy first."""
+    burst = next((f for f in findings if f.kind == "exploding_gradient"), None)
+    if burst is None:
+        return findings
+    out = []
+    for f in findings:
+        if f.kind == "non_finite" and burst.first_step < f.first_step \
+                and not np.isfinite(f.evidence.get("grad_growth_before", 0.0)):
+            said = burst.message.split(". ")[0]
+            f = replace(f, message=f"{f.message.rsplit('. ', 1)[0]}. It follows the exploding gradient found: "
+                                   f"{burst.remedies[0].action if burst.remedies else 'fix that first'}.",
+                        causes=(f"exploding_gradient: {said[0].lower()}{said[1:]}, before any NaN", *f.causes),
+                        remedies=(*burst.remedies[:1], *f.remedies))
+        out.append(f)
+    return out
 
 
 def _follows_from(plateau: Finding, cause: Finding) -> Finding:

@@ -13,6 +13,7 @@ import re
 import numpy as np
 
 from gradwatch.diagnose.finding import Remedy
+from gradwatch.diagnose.signals import profile_columns
 from gradwatch.store.series import RunSeries
 
 RELU_FAMILY = {"relu", "relu6", "leaky_relu", "prelu", "rrelu", "elu", "celu", "selu", "gelu", "silu", "mish"}
@@ -23,6 +24,12 @@ NAN_FROM_GROWTH = 10.0
 # Adam's default step is 1e-3 (Kingma & Ba 2015) and each step moves a weight by about lr: at 1e-2,
 # a hundred steps can move it by 1, ten times a typical initial weight (1/sqrt(fan_in)).
 ADAPTIVE_HIGH_LR = 1e-2
+# An update ratio ‖Δw‖/‖w‖ of 1 overshoots the weights (the exploding rule's bar); a tenth of it is
+# the most a step should change them (healthy steps are ~1e-3). Δw is proportional to the learning
+# rate under SGD (lr·g) and Adam (lr·m/√v) alike, so the cut that brings a measured ratio r under
+# this is the lr divided by 10r, rounded to a power of ten. Measured: a tanh MLP under SGD at lr 8
+# (ratio 1.9 at step 0) stayed at 10% accuracy at lr 0.8 (ratio 0.19) and reached 93% at 0.08.
+UPDATE_TARGET = 0.1
 ADAPTIVE = ("Adam", "AdamW", "NAdam", "RAdam", "Adamax", "Adagrad", "Adadelta", "RMSprop", "Adafactor", "Lion")
 
 
@@ -76,6 +83,25 @@ class Context:
     def lr_text(self, factor: float = 0.1) -> str:
         return f"{self.lr * factor:.3g}" if math.isfinite(self.lr) and self.lr > 0 else f"{factor} * your current lr"
 
+    def lr_cut(self, ratio: float | None = None) -> float:
+        """The factor to multiply the learning rate by: tenfold lower, or more where an update ratio
+        needs more to fall below `UPDATE_TARGET` (`ratio`, else the largest ratio of the weight
+        layers at the first sampled step where one exceeded it)."""
+        if ratio is None:  # the first sampled step whose update was too long: later ones measure
+            u = self.run.metrics.get("update_ratio")  # weights the long steps have already wrecked
+            cols = profile_columns(self.run)  # the weight layers (a gate or a bias starting near 0 has no scale)
+            u = u[:, cols] if u is not None and cols else None
+            top = np.nanmax(np.where(np.isfinite(u), u, np.nan), axis=1, initial=0.0) if u is not None else np.empty(0)
+            over = np.flatnonzero(top > UPDATE_TARGET)
+            ratio = float(top[over[0]]) if len(over) else 0.0
+        if not (math.isfinite(ratio) and ratio > UPDATE_TARGET):
+            return 0.1
+        return min(0.1, 10.0 ** math.floor(math.log10(UPDATE_TARGET / ratio)))
+
+    def lower_lr(self, factor: float = 0.1) -> Remedy:
+        fold = "tenfold" if factor == 0.1 else f"{1 / factor:.0f}-fold" if factor >= 1e-4 else f"{1 / factor:.0e}-fold"
+        return Remedy(f"Lower the learning rate {fold} (to {self.lr_text(factor)})", self.lr_code(factor))
+
     def lr_code(self, factor: float) -> str:
         if self.scheduled:  # a scheduler recomputes group['lr'] from the lr it was built with
             return f"peak_lr = {self.lr_text(factor)}  # give it to the optimizer and the scheduler (e.g. OneCycleLR's max_lr)"
@@ -102,7 +128,7 @@ def vanishing(ctx: Context, layers: tuple[str, ...], evidence: dict, through_tim
         causes.append(f"saturating activation: {ctx.n_saturating} {acts} layers; sigmoid' ≤ 0.25 and tanh' ≤ 1, "
                       "so each one shrinks the backward signal")
         remedies.append(Remedy("Swap the saturating activations for Leaky ReLU",
-                               f"model, _ = gw.modify.swap_activations(model, nn.{_cls(ctx.saturating[0])}, lambda: nn.LeakyReLU(0.01))"))
+                               _swap_code(ctx, ctx.saturating[0])))
     if evidence.get("at_init"):
         causes.append("initial weight scale: the gradient already collapses at the first step, before any update")
     if ctx.depth >= 6:
@@ -148,8 +174,15 @@ def exploding(ctx: Context, layers: tuple[str, ...], evidence: dict, through_tim
                            f"torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={max_norm})  # before optimizer.step()"))
     remedies.append(Remedy("Or clip adaptively: ZClip rejects spikes against a running z-score of the norm",
                            "gw.clip.attach(optimizer, gw.clip.ZClip())"))
-    lower = Remedy(f"Lower the learning rate tenfold (to {ctx.lr_text(0.1)})", ctx.lr_code(0.1))
-    if step_bound:
+    # an update larger than the weights from a gradient no larger than the weights (update ratio
+    # over lr, ‖g‖/‖w‖ under SGD, at most 1) and no burst: the step is too long, not the gradient
+    # too large; clipping at 1.0 left a tanh MLP under SGD at lr 8 at 35% accuracy, lr / 100 gave 93%.
+    # A gradient far larger than its weights (a vanilla RNN's 8e5 at lr 1e-4) is the gradient's fault.
+    overshoot = evidence.get("max_update_ratio") or evidence.get("predicted_update_ratio")
+    lr_bound = bool(overshoot) and not ctx.adaptive and "growth_over_steps" not in evidence and not grows_at_init \
+        and ctx.lr > 0 and overshoot / ctx.lr <= 1.0
+    lower = ctx.lower_lr(ctx.lr_cut(overshoot) if lr_bound else 0.1)
+    if step_bound or lr_bound:
         remedies.insert(0, lower)
     elif not ctx.adaptive or evidence.get("growth_over_steps"):
         remedies.append(lower)
@@ -168,7 +201,8 @@ def non_finite(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[l
     growth = evidence.get("grad_growth_before", float("nan"))
     if evidence.get("at_init") or not (growth > NAN_FROM_GROWTH):
         causes.append("bad input data: a NaN/Inf in a batch, or a numerically unsafe operation (log of 0, "
-                      "division by 0, sqrt of a negative) in the model or loss; gradients were not growing before it")
+                      "division by 0, sqrt of a negative) in the model or loss; " + ("gradients were not growing before it"
+                      if math.isfinite(growth) else "too few finite steps before it to tell whether gradients grew"))
         remedies.append(Remedy("Check the batches and guard the unsafe operations",
                                "assert torch.isfinite(x).all(), 'non-finite input'\n"
                                "p = p.clamp(1e-7, 1 - 1e-7)  # before log(p), log(1 - p) or a division; or use a *_with_logits loss"))
@@ -182,12 +216,27 @@ def non_finite(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[l
     return causes, remedies
 
 
+def _swap_code(ctx: Context, act: str) -> str:
+    """The swap as code that works when pasted: the output's own sigmoid (BCELoss's probabilities)
+    kept, and the weights re-initialised for the new activation. Swapped alone, a 10-layer sigmoid
+    MLP with torch's default init (variance 1/(3 fan_in), a sixth of the signal per Leaky ReLU
+    layer) still vanished: 10% accuracy after 300 SGD steps; with gw.init_ after it, 95%."""
+    return (f"model, _ = gw.modify.swap_activations(model, nn.{_cls(act)}, lambda: nn.LeakyReLU(0.01), keep_output=True)\n"
+            f"{ctx.init_code}  # He init for the new activation")
+
+
 def dead_units(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[list[str], list[Remedy]]:
     causes = []
     at_init = evidence.get("at_init")
+    zeros = evidence.get("zero_weight_layers")
+    if zeros:  # measured: all-zero weights give every unit the same output, 0, and no gradient
+        shown = ", ".join(f"'{n}'" for n in zeros[:3]) + (f" and {len(zeros) - 3} more" if len(zeros) > 3 else "")
+        return ([f"initial weights: {shown} start with all parameters exactly 0, so every unit computes the same "
+                 "0 and no gradient passes down (nor does symmetry ever break)"],
+                [Remedy("Re-initialise the weights (He for ReLU, Xavier for tanh/sigmoid) instead of zeros", ctx.init_code)])
     if at_init:  # dead before any update: no learning rate killed them
         causes.append("initial weight scale: units are already dead at the first step (biases or weights start too negative)")
-    elif not ctx.adaptive:
+    elif not ctx.adaptive or ctx.lr >= ADAPTIVE_HIGH_LR:
         causes.append(f"learning rate: a large step ({ctx.lr_said}) can push a ReLU unit's bias so far that it never fires again")
     causes.append("activation: ReLU passes no gradient for negative inputs, so a dead unit cannot recover")
     if "dead_fraction" in evidence or ctx.relu_like:
@@ -217,9 +266,10 @@ def saturation(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[l
     remedies = [
         Remedy("Initialise with Xavier/Glorot, scaled for the activation", ctx.init_code),
         Remedy("Normalise the pre-activations", "model, _ = gw.modify.insert_norm(model, 'batch')"),
-        Remedy("Or swap to a non-saturating activation",
-               f"model, _ = gw.modify.swap_activations(model, nn.{_cls(acts[0])}, lambda: nn.LeakyReLU(0.01))"),
+        Remedy("Or swap to a non-saturating activation", _swap_code(ctx, acts[0])),
     ]
+    if not evidence.get("at_init"):  # the initial weights were fine: the updates pushed them there
+        remedies[0] = ctx.lower_lr(ctx.lr_cut())
     if evidence.get("first_layer"):  # raw inputs (pixels 0..255) saturate the first layer whatever its init
         causes.insert(1, "input scale: the first layer saturates from the first step, as it does when the inputs "
                          "are not standardised (raw pixel values, features in the thousands)")
@@ -265,7 +315,7 @@ def loss_plateau(ctx: Context, evidence: dict) -> tuple[list[str], list[Remedy]]
 
 def loss_divergence(ctx: Context, evidence: dict) -> tuple[list[str], list[Remedy]]:
     causes = [f"learning rate: {ctx.lr_said} with {ctx.optimizer} overshoots; the loss rises instead of falling"]
-    remedies = [Remedy(f"Lower the learning rate tenfold (to {ctx.lr_text(0.1)})", ctx.lr_code(0.1)),
+    remedies = [ctx.lower_lr(ctx.lr_cut()),  # more than tenfold where the measured updates need it
                 Remedy("Clip the gradient norm", "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)")]
     if not ctx.scheduled:  # a schedule is there already (and may warm up)
         remedies.append(Remedy("Warm the learning rate up over the first steps",

@@ -55,7 +55,7 @@ class LiveDiagnosis:
                 print(f.line(), file=sys.stderr)
             if self.on_finding is not None:
                 self.on_finding(f)
-            if f.kind in self.stop_on:
+            if f.kind in self.stop_on and f.severity != "info":  # info: no problem (yet), nothing to stop
                 if watch is not None:
                     watch.detach()
                 raise TrainingStopped(f"stopped at step {f.first_step} on {f.kind}: {f.message}")

@@ -24,20 +24,39 @@ def find_dead_units(run: RunSeries, th: Thresholds) -> list[Finding]:
     if hits:
         first, layers, worst, at_init = summarise_layers(run, hits)
         evidence.update({"dead_fraction": {n: hits[n][1] for n in layers}, "at_init": at_init})
+        if at_init and _zero_initialised(run):
+            evidence["zero_weight_layers"] = _zero_initialised(run)
         causes, remedies = advice.dead_units(advice.Context(run), layers, evidence)
         severity = "error" if worst >= th.dead_fraction_error else "warning"
-        message = (f"{worst:.0%} of the units of '{layers[0]}' output 0 for every sample since step {first}"
+        worst_layer = max(layers, key=lambda n: hits[n][1])  # the share said is this layer's
+        message = (f"{worst:.0%} of the units of '{worst_layer}' output 0 for every sample since step {first}"
                    + (f" ({len(layers)} layers affected)" if len(layers) > 1 else "")
                    + f": they pass no gradient and cannot recover. {remedies[0].action}.")
         return [Finding("dead_units", severity, first, layers, message, evidence, tuple(causes), tuple(remedies))]
     first = min(zero.values())
     evidence["at_init"] = first == int(run.steps[0])
+    if evidence["at_init"] and _zero_initialised(run):
+        evidence["zero_weight_layers"] = _zero_initialised(run)
     causes, remedies = advice.dead_units(advice.Context(run), zero_layers, evidence)
     shown = ", ".join(f"'{n}'" for n in zero_layers[:3]) + (f" and {len(zero_layers) - 3} more" if len(zero_layers) > 3 else "")
-    message = (f"{shown} get exactly zero gradient since step {first}: nothing above passes any back (ReLU "
-               f"units that output 0 for every sample, or weights above that are all zero), so they cannot "
-               f"learn. {remedies[0].action}.")
+    why = ("weights above that are all zero" if "zero_weight_layers" in evidence else
+           "ReLU units that output 0 for every sample, or weights above that are all zero")
+    message = (f"{shown} get exactly zero gradient since step {first}: nothing above passes any back ({why}), "
+               f"so they cannot learn. {remedies[0].action}.")
     return [Finding("dead_units", "error", first, zero_layers, message, evidence, tuple(causes), tuple(remedies))]
+
+
+def _zero_initialised(run: RunSeries) -> list[str]:
+    """Weight layers whose parameters are all exactly 0 at the run's first step: their units output
+    the same (0) for every sample and pass no gradient down, whatever the activation. The last
+    layer alone is no such cause: a zero-initialised output layer blocks the gradient for one step."""
+    w = run.metrics.get("weight_norm")
+    if w is None or len(run.steps) == 0:
+        return []
+    cols = sorted((c for c, layer in enumerate(run.layers) if layer.role in ("param", "recurrent")),
+                  key=lambda c: run.layers[c].index)
+    zero = [run.layers[c].name for c in cols if w[0, c] == 0]
+    return zero if any(run.layers[c].name in zero for c in cols[:-1]) else []
 
 
 def _some_entry_nonzero(run: RunSeries, column: int, rows: np.ndarray) -> bool:

@@ -62,11 +62,19 @@ def find_loss_divergence(run: RunSeries, th: Thresholds) -> list[Finding]:
     # the running median, evaluated every tenth of a window (enough to place the onset)
     ends = np.arange(w - 1, len(loss), max(1, w // 10))
     running = np.median(np.lib.stride_tricks.sliding_window_view(loss, w)[ends - w + 1], axis=1)
-    over = np.flatnonzero(running > limit)
+    # a blow-up within the first window raises its median with it (a tanh MLP at lr 8: 2.3, 2.5,
+    # 66, 297, ... and ~450 on): the first two losses, before updates compound, stand for the start
+    # too, with a far higher bar against batch noise
+    early = float(loss[:2].max())
+    early_limit = early * th.early_divergence_factor if early > 0 else np.inf
+    over = np.flatnonzero((running > limit) | (running > early_limit))
     if len(over) == 0:
         return []
     i = ends[over[0]]
     first = int(steps[max(i - w // 2, 0)])  # the median crosses once half the window is above
+    if running[over[0]] <= limit:  # found against the first two steps: it starts where the loss leaps
+        start, limit = early, early_limit
+        first = int(steps[np.flatnonzero(loss > early_limit)[0]])
     evidence = {"loss_start": start, "loss_at_detection": float(running[over[0]]), "loss_max": float(loss.max()),
                 "limit": limit, "window_steps": w}
     causes, remedies = advice.loss_divergence(advice.Context(run), evidence)
