@@ -9,10 +9,12 @@ import html
 import math
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
+from matplotlib.figure import Figure
 
 from gradwatch import lab
 from gradwatch.cli.main import main as cli
@@ -25,6 +27,7 @@ from gradwatch.runner import output_dir
 
 pytest.importorskip("sklearn")
 _CACHE: dict[str, Result] = {}
+_AXES: dict[str, list[tuple[str, str, str]]] = {}  # (title, x label, y label) of every saved figure's axes
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +38,14 @@ def out(tmp_path_factory):
 def quick(name: str, out) -> Result:
     """Each experiment's quick mode runs once per session; several tests read its result."""
     if name not in _CACHE:
-        _CACHE[name] = lab.run_one(lab.get(name), True, out)
+        axes, savefig = _AXES.setdefault(name, []), Figure.savefig
+
+        def recording(fig, *args, **kwargs):
+            axes.extend((ax.get_title(), ax.get_xlabel(), ax.get_ylabel()) for ax in fig.axes)
+            return savefig(fig, *args, **kwargs)
+
+        with mock.patch.object(Figure, "savefig", recording):
+            _CACHE[name] = lab.run_one(lab.get(name), True, out)
     return _CACHE[name]
 
 
@@ -54,6 +64,12 @@ def test_quick_mode_passes_every_check(name, out):
     assert "PASS" in page and "data:image/png;base64," in page and "<script" not in page
     assert (out / name / "index.md").exists() and (out / name / "results.csv").exists()
     assert all(p.exists() and p.suffix == ".png" for p in res.figures)
+
+
+@pytest.mark.parametrize("name", lab.NAMES)
+def test_every_axis_of_every_figure_is_labelled(name, out):
+    quick(name, out)
+    assert _AXES[name] and all(x and y for _, x, y in _AXES[name]), _AXES[name]
 
 
 def test_activations_sigmoid_derivative_peaks_at_a_quarter_at_zero(out):
@@ -104,10 +120,25 @@ def test_loss_curve_of_an_early_divergence_lines_up_with_its_marker():
     long = SimpleNamespace(label="long", losses=np.linspace(2, 1, 30), diverged_at=None)
     _, (ax,) = figure()
     loss_curves(ax, [early, long], window=10)
-    lines = {line.get_label(): line for line in ax.lines}
+    lines = {line.get_label().split(" (")[0]: line for line in ax.lines}
     assert list(lines["early"].get_xdata()) == [0, 1, 2] and list(lines["early"].get_ydata()) == [2.3, 5.0, 80.0]
     assert list(lines["long"].get_xdata())[:2] == [9, 10] and len(lines["long"].get_xdata()) == 21
     assert lines["long"].get_ydata()[0] == pytest.approx(np.mean(np.linspace(2, 1, 30)[:10]))
+
+
+def test_a_blow_up_does_not_flatten_the_runs_that_learned():
+    """One run reaching 1e30 before it turns non-finite must leave the others' curves readable: the y
+    range is the finished runs', the diverged one is marked in the legend with its step."""
+    from gradwatch.lab.page import figure
+    from gradwatch.lab.plots import loss_curves
+    blown = SimpleNamespace(label="none", losses=np.array([0.2] * 5 + [1e10, 1e30, np.inf]), diverged_at=7)
+    learned = SimpleNamespace(label="clipped", losses=np.linspace(0.17, 0.11, 200), diverged_at=None)
+    _, (ax,) = figure()
+    loss_curves(ax, [blown, learned])
+    low, high = ax.get_ylim()
+    assert low < 0.11 and 0.17 < high < 10
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["none (non-finite at step 7)", "clipped"]
 
 
 def test_unwritable_out_is_a_one_line_error(tmp_path, capsys, monkeypatch):
@@ -223,3 +254,58 @@ def test_cli_list_run_and_error(tmp_path, capsys):
     assert cli(["lab", "activations", "--quick", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "activations" / "index.html").exists()
     assert "pages:" in capsys.readouterr().out
+
+
+def test_progress_is_shown_as_lines_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    """In a log file or a pipe rich's live bar draws nothing until the end: a full run would be
+    minutes of silence. Each phase start and each tenth of it is one line there."""
+    def work(quick, out, progress):
+        progress.phase("training", 100)
+        for _ in range(10):
+            progress.advance(10)
+        res = Result(["a"], [[1]])
+        res.check("ok", True)
+        return res
+
+    lab.run_many([Experiment("slow", "t", "c", "e", "s", work)], True, tmp_path, show=True)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("slow: ")]
+    assert [line.split(" [")[0] for line in lines[:-1]] == (["slow: training 0/100"] +
+                                                          [f"slow: training {k}/100" for k in range(10, 101, 10)])
+    assert lines[-1].startswith("slow: PASS (")
+
+
+def test_depth_shows_the_forward_signal_shrinking_with_standard_init(out):
+    """Glorot & Bengio's Fig. 6: with U[±1/√n] the activations' spread shrinks layer after layer; the
+    page's forward level is the watch's act_std at step 0, recomputed here with plain torch."""
+    n = numbers(quick("depth", out), "forward:")
+    torch.manual_seed(0)
+    model = nets.mlp(64, 64, 5, 10, "tanh", "standard")  # quick mode's tanh/standard net
+    h, stds = data.digits().batch(torch.Generator().manual_seed(0), 64)[0], []
+    with torch.no_grad():
+        for name, module in model.named_children():
+            h = module(h)
+            if name.startswith("act"):
+                stds.append(float(h.std()))
+    assert n["tanh standard"] == pytest.approx(min(stds) / max(stds), rel=1e-3)
+    assert stds == sorted(stds, reverse=True) and n["tanh normalized"] > 2 * n["tanh standard"]
+
+
+def test_init_normal_net_grows_by_the_mean_field_gain(out):
+    """The N(0,1) tanh net is saturated yet its ∂L/∂s explodes toward the input (6e7× over 20 layers
+    in full mode): the chaotic phase. The predicted per-layer factor, checked here against a Monte
+    Carlo of the same fixed point, and the measured one agree."""
+    from gradwatch.lab.experiments.init import mean_field_gain
+    z = torch.randn(1_000_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    q = torch.tensor(64.0, dtype=torch.float64)
+    for _ in range(30):
+        q = 128 * torch.tanh(q.sqrt() * z).pow(2).mean()
+    chi = 128 * (1 - torch.tanh(q.sqrt() * z).pow(2)).pow(2).mean()
+    assert mean_field_gain(128) == pytest.approx(float(chi.sqrt()), rel=0.01)
+    n = numbers(quick("init", out), "N(0,1): saturated")
+    assert n["measured_per_layer"] == pytest.approx(n["predicted_per_layer"], rel=0.15) and n["measured_per_layer"] > 1.5
+
+
+def test_lr_first_loss_of_a_diverged_run_is_its_finite_start():
+    from gradwatch.lab.experiments.lr import first_loss
+    assert first_loss(np.array([2.1, 5.0, 1e19, np.inf])) == 2.1  # the mean would be inf, or 3e18 without it
+    assert first_loss(np.arange(1.0, 41.0)) == pytest.approx(10.5) and math.isnan(first_loss(np.array([])))

@@ -22,14 +22,27 @@ def smooth(steps: np.ndarray, values: np.ndarray, window: int = 10) -> tuple[np.
 
 
 def loss_curves(ax, runs: list[Run], log: bool = True, window: int = 10) -> None:
+    """Smoothed training losses. A diverged run is marked at its step (dotted line, and in the legend),
+    and the y range is that of the runs that finished: a blow-up to 1e30 would otherwise flatten every
+    other curve into one line at the bottom, hiding whether they learned."""
+    kept = []
     for run in runs:
         finite = np.flatnonzero(np.isfinite(run.losses))
         x, y = smooth(finite, run.losses[finite], window)
-        line, = ax.plot(x, y, label=run.label)
+        label = run.label if run.diverged_at is None else f"{run.label} (non-finite at step {run.diverged_at})"
+        line, = ax.plot(x, y, label=label)
         if run.diverged_at is not None:
             ax.axvline(run.diverged_at, color=line.get_color(), ls=":", lw=1)
+        elif len(y):
+            kept.append(y)
     if log:
         ax.set_yscale("log")
+    if kept and len(kept) < len(runs):
+        low, high = min(float(np.min(y)) for y in kept), max(float(np.max(y)) for y in kept)
+        if log and low > 0:
+            ax.set_ylim(low / 2, high * 10)
+        else:
+            ax.set_ylim(low - 0.1 * (high - low), high + (high - low))
     ax.set_xlabel("step")
     ax.set_ylabel(f"training loss (mean of {window} steps)")
     ax.legend(fontsize=7)

@@ -34,6 +34,36 @@ class _RichProgress:
         self.bar.update(self.task, description=f"{self.name}: {page.verdict(result)} ({result.seconds:.1f} s)")
 
 
+class _LineProgress:
+    """Progress as plain lines, for a stderr that is not a terminal (a log file, a pipe, CI): rich's
+    live bar draws nothing there until the end, so minutes of training would pass in silence. One
+    line when a phase starts, one each time it crosses another tenth, one when the experiment ends."""
+
+    def __init__(self, console: Console, name: str):
+        self.console, self.name = console, name
+        self.note, self.total, self.completed, self.shown = "", 0, 0, 0
+        self.start = time.perf_counter()
+
+    def _line(self, text: str) -> None:
+        self.console.print(f"{self.name}: {text} [{time.perf_counter() - self.start:.0f} s]", markup=False,
+                           highlight=False, soft_wrap=True)
+
+    def phase(self, note: str, total: int) -> None:
+        self.note, self.total, self.completed, self.shown = note, total, 0, 0
+        self._line(f"{note} 0/{total}")
+
+    def advance(self, n: int = 1) -> None:
+        self.completed += n
+        if self.total > 0:
+            tenth = min(10, self.completed * 10 // self.total)
+            if tenth > self.shown:
+                self.shown = tenth
+                self._line(f"{self.note} {min(self.completed, self.total)}/{self.total}")
+
+    def done(self, result: Result) -> None:
+        self._line(f"{page.verdict(result)} ({result.seconds:.1f} s)")
+
+
 def run_one(exp: Experiment, quick: bool, out: Path, progress: ProgressLike = NULL_PROGRESS) -> Result:
     """Run one experiment with fixed seeds into out/<name>/ and write its page. The folder is
     proved writable first (ConfigError if not): minutes of training must not end in a traceback."""
@@ -63,9 +93,10 @@ def run_many(exps: list[Experiment], quick: bool, out: Path, show: bool = True) 
     done: list[tuple[Experiment, Result]] = []
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn())
-    with Progress(*columns, console=console, disable=not show) as bar:
+    live = show and console.is_terminal
+    with Progress(*columns, console=console, disable=not live) as bar:
         for exp in exps:
-            tracker = _RichProgress(bar, exp.name)
+            tracker = _RichProgress(bar, exp.name) if live or not show else _LineProgress(console, exp.name)
             try:
                 result = run_one(exp, quick, out, tracker)
             except ConfigError as exc:  # this experiment's folder cannot be written: the others still run

@@ -56,8 +56,10 @@ def run(quick: bool, out: Path, progress: Progress) -> Result:
         b.plot(x, d, label=name, lw=1)
     a.set_title("activation f(x)", fontsize=9)
     b.set_title("derivative f'(x) (autograd)", fontsize=9)
-    b.axhline(0.25, color="grey", ls=":", lw=1)
+    b.axhline(0.25, color="grey", ls=":", lw=1, label="0.25 (max sigmoid')")
     a.set_ylim(-2, 4)
+    a.set_ylabel("f(x)")
+    b.set_ylabel("f'(x)")
     for ax in (a, b):
         ax.set_xlabel("x")
         ax.legend(fontsize=7, ncol=2)

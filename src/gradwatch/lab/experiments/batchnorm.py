@@ -81,6 +81,7 @@ def run(quick: bool, out: Path, progress: Progress) -> Result:
             ax.plot(x, pcts[bn][:, i], label=f"{q}th percentile")
         ax.set_title(f"input to the last sigmoid, {'with' if bn else 'without'} BN", fontsize=9)
         ax.set_xlabel("step")
+        ax.set_ylabel("input to the last sigmoid (percentiles)")
         ax.legend(fontsize=7)
     res.figures.append(save(fig, out, "batchnorm"))
     return res

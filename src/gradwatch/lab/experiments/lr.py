@@ -20,20 +20,31 @@ RATES_FULL = (1e-6,) + RATES[1:]
 STALL = 0.05  # the lowest rate's loss must fall by less than this fraction
 
 
+def first_loss(losses: np.ndarray, window: int = 20) -> float:
+    """Mean loss of the first `window` steps; for a run that turns non-finite within them, its step-0
+    loss: the mean would be inf (or, over the finite steps of a blow-up, 1e19), hiding that it
+    started where the others did."""
+    head = losses[:window]
+    if len(head) and not np.isfinite(head).all():
+        return float(head[0])
+    return float(np.mean(head)) if len(head) else math.nan
+
+
 def run(quick: bool, out: Path, progress: Progress) -> Result:
     steps, width = (300, 64) if quick else (2000, 128)
     rates = RATES if quick else RATES_FULL
     task = data.digits()
     res = Result(["lr", "first loss", "final loss", "relative decrease", "diverged at step", "max grad norm"], [])
     res.notes.append(f"4 hidden ReLU layers of {width}, He init, plain SGD, batch 64, {steps} steps on digits")
-    res.notes.append("first / final loss: mean of the first / last 20 steps; a run stops at its first non-finite loss")
+    res.notes.append("first / final loss: mean of the first / last 20 steps; a run stops at its first non-finite loss: its "
+                     "final loss is then inf and, if that came within 20 steps, its first loss is step 0's")
     progress.phase(f"training {len(rates)} learning rates", steps * len(rates))
     runs, stats = [], {}
     for lr in rates:
         torch.manual_seed(0)
         r = train(nets.mlp(64, width, 4, 10, "relu", "he"), task, steps=steps, lr=lr, seed=0,
                   label=f"lr {lr:g}", progress=progress)
-        first = float(np.mean(r.losses[:20]))
+        first = first_loss(r.losses)
         final = r.final_loss()
         decrease = (first - final) / first if math.isfinite(final) and math.isfinite(first) else math.nan
         stats[lr] = (first, final, decrease, r.diverged_at)
