@@ -107,7 +107,8 @@ def test_run_default_out_links_latest(tmp_path):
     (["show", "does-not-exist"], "no run at"),
     # an --out where a file is: NotADirectoryError tracebacks before
     (["fix", "--out", "afile", SCRIPTS / "train_optim.py"], "(a file of that name is in the way); choose another --out"),
-    (["lab", "he30", "--quick", "--out", "afile/x"], "(a file of that name is in the way); choose another --out"),
+    (["lab", "he30", "--quick", "--out", "afile/x"], "('afile' on its way is a file, not a directory); choose another --out"),
+    (["run", "--out", "", SCRIPTS / "train_optim.py"], "--out is empty"),  # not the current directory
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, message):
     (tmp_path / "afile").write_text("not a directory")

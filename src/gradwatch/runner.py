@@ -60,6 +60,8 @@ def output_dir(path: str | os.PathLike, option: str = "--out", what: str = "the 
     """Create a directory for output and prove it is writable, or say in one line why it is not (a
     file is in the way, no permission, a read-only file system) before any work is done: a
     failure found only when the results are saved would waste the whole run."""
+    if not str(path).strip():  # Path("") is the current directory: an unset variable, not a choice
+        raise ConfigError(f"{option} is empty; give a directory, e.g. {option} runs/demo")
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -67,7 +69,11 @@ def output_dir(path: str | os.PathLike, option: str = "--out", what: str = "the 
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
-        why = "a file of that name is in the way" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
+        why = exc.strerror
+        if isinstance(exc, (FileExistsError, NotADirectoryError)):
+            blocking = next((p for p in (path, *path.parents) if p.is_file()), path)
+            why = ("a file of that name is in the way" if blocking == path
+                   else f"{str(blocking)!r} on its way is a file, not a directory")
         raise ConfigError(f"cannot write to {what} {str(path)!r} ({why}); choose another {option}") from exc
     return path
 

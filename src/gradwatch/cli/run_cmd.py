@@ -40,7 +40,7 @@ def main(args: argparse.Namespace) -> int:
 
             raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected a whole number >= 1")
     command = runner.command_from_target(args.target, args.module)
-    run_dir, lock = runner.claim_run_dir(args.out or runner.default_run_dir())
+    run_dir, lock = runner.claim_run_dir(runner.default_run_dir() if args.out is None else args.out)
     try:
         options = {"every": args.every, "sample_every": args.sample_every, "flush_every": args.flush_every}
         result = runner.run(command, run_dir, options, lock)
