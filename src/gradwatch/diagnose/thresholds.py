@@ -129,6 +129,11 @@ class Thresholds:
     plateau_still_update: float = 1e-5
     # The loss rising this many times its initial magnitude above it: training made it worse.
     divergence_factor: float = 2.0
+    # ... and the window's losses ranking above the start's beyond chance (one-sided Mann-Whitney
+    # z; 3.1 is p ≈ 0.001, the running median being tested at ~10 places per window): with single-
+    # sample losses the ratio of two medians of 20 is noise (simulated flat χ²₁ runs of 200 steps:
+    # 33% false alarms on the factor alone, 1.4% with this; minibatch means: 0% either way).
+    divergence_rank_z: float = 3.1
     # ... or the running median this many times the larger of the first two losses (before updates
     # compound): a blow-up within the first window raises that window's median with it. Two
     # decades: both first batches 100x below the loss's typical value has probability ~0.3% even
