@@ -427,3 +427,39 @@ def test_zero_code_a_model_run_with_gradients_off_is_not_the_model_that_trains(t
     assert run.layer_names() == ["0", "1", "2"]
     np.testing.assert_allclose(run.metrics["grad_norm"][:, run.column("0")], torchs, rtol=1e-5)
     assert run.meta["outside_optimizers"] == []
+
+
+def test_zero_code_an_rnn_called_directly_has_its_time_profile_at_step_0(tmp_path):
+    """The RNN is the model (no wrapper): found inside its own call, its input hook was registered
+    after torch took its pre-hooks for that call, so step 0, where an exploding RNN's blow-up
+    starts, had no time profile. Compared with ∂L/∂x_t from torch, and the losses unchanged."""
+    from gradwatch.collect.stats import time_profile
+
+    def train(watched):
+        torch.manual_seed(0)
+        rnn, head = nn.RNN(3, 8, batch_first=True), nn.Linear(8, 1)
+        opt = torch.optim.SGD([*rnn.parameters(), *head.parameters()], lr=0.05)
+        watch = AutoWatch(str(tmp_path), warn=False, sample_every=5) if watched else None
+        losses, first_profile = [], None
+        try:
+            for step in range(6):
+                x = torch.randn(4, 12, 3, requires_grad=step == 0 and not watched)
+                out, _ = rnn(x)
+                loss = head(out[:, -1]).pow(2).mean()
+                opt.zero_grad()
+                loss.backward()
+                if x.grad is not None:
+                    first_profile = time_profile(x.grad, 1)
+                opt.step()
+                losses.append(loss.item())
+        finally:
+            if watch is not None:
+                watch.detach()
+        return losses, first_profile, watch
+
+    plain, reference, _ = train(False)
+    losses, _, watch = train(True)
+    assert losses == plain
+    steps, profile = watch.stored_series().time_profiles["RNN"]
+    assert list(steps) == [0, 5]
+    np.testing.assert_allclose(profile[0], reference.numpy(), rtol=1e-5)

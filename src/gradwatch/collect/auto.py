@@ -100,13 +100,16 @@ class AutoWatch(Watch):
                 signum, self._deferred_signal = self._deferred_signal, None
                 os.kill(os.getpid(), signum)  # again, to the handler (in the main thread)
 
-    def _enter_module(self, module: nn.Module, args) -> None:
+    def _enter_module(self, module: nn.Module, args) -> tuple | None:
         # a model run with gradients off trains nothing (a mean teacher's or EMA copy's forward, a
         # frozen feature extractor's, an evaluation before training): found first, it took the
         # plain names and the model that trains was prefixed; it is found if it runs with them on
+        replaced = None
         if self._depth == 0 and id(module) not in self._seen_modules and torch.is_grad_enabled():
             self._discover(module)
+            replaced = self._sampled_hooks.run_pre_hook(module, args)
         self._depth += 1
+        return replaced
 
     def _discover(self, module: nn.Module) -> None:
         """A module run outside any watched one: a model to watch, unless it is torch's internals

@@ -69,6 +69,7 @@ class SampledHooks:
         self._compiled: list[nn.Module] = []  # torch.compile wrappers of watched models
         self._others: set[int] = set()  # ids of wrappers of models not watched
         self._modes: list[_SampledStep] = []
+        self._pre_hooks: dict[int, Callable] = {}  # id(recurrent module): its armed input hook
 
     def add_compiled(self, wrapper: nn.Module) -> None:
         if any(w is wrapper for w in self._compiled):
@@ -130,14 +131,22 @@ class SampledHooks:
             else:
                 self._handles.append(module.register_forward_hook(self._output_grad_hook(pos)))
             if isinstance(module, RECURRENT):
-                self._handles.append(
-                    module.register_forward_pre_hook(self._recurrent_input_hook(pos, module.batch_first))
-                )
+                self._pre_hooks[id(module)] = self._recurrent_input_hook(pos, module.batch_first)
+                self._handles.append(module.register_forward_pre_hook(self._pre_hooks[id(module)]))
+
+    def run_pre_hook(self, module: nn.Module, args: tuple) -> tuple | None:
+        """Zero-code discovery arms a module's hooks from inside its own call, after torch took the
+        list of its pre-hooks for this call: an RNN called directly as the model lost its time
+        profile at step 0 (the blow-up of an exploding RNN starts there). Run it now; its result
+        replaces the args, as a pre-hook's does."""
+        hook = self._pre_hooks.get(id(module))
+        return hook(module, args) if hook is not None else None
 
     def disarm(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._pre_hooks = {}
 
     def _hook_output_grad(self, rec: StepRecord, pos: int, y: torch.Tensor | None,
                           act: torch.Tensor | None = None) -> None:
