@@ -164,6 +164,8 @@ def test_long_deep_run_is_downsampled_small_and_fast():
 def test_cli_report(run_dir, tmp_path, capsys):
     assert cli(["report", str(run_dir)]) == 0
     assert (run_dir / "report.html").stat().st_size > 10_000
+    err = capsys.readouterr().err  # each stage is said (a deep run's report took 10-35 s in silence)
+    assert "gradwatch: reading" in err and "gradwatch: diagnosing 120 steps" in err and "drawing" in err
     out = tmp_path / "sub" / "r.html"
     assert cli(["report", str(run_dir), "-o", str(out), "--steps", "5,50"]) == 0
     assert "step 5" in out.read_text() and str(out) in capsys.readouterr().out
@@ -247,6 +249,10 @@ def test_non_finite_losses_are_marked_not_dropped():
     marked = [line for line in ax.get_lines() if line.get_label() == "non-finite loss"]
     assert len(marked) == 1 and list(marked[0].get_xdata()) == list(range(25, 40))
     assert ax.get_xlim()[1] >= 39
+    one = build(n_steps=40)
+    one.loss[1:] = np.inf  # one finite loss: a line of one point drew nothing; it has a marker now
+    lines = [line for line in figures.loss_curve(one, [])[0].axes[0].get_lines() if line.get_label() == "loss"]
+    assert len(lines) == 1 and list(lines[0].get_xdata()) == [0] and lines[0].get_marker() == "o"
     assert "last non-finite" in loss_section(run, []) and "15 steps with a non-finite loss" in loss_section(run, [])
 
 
@@ -300,4 +306,132 @@ def test_gradient_flow_marks_layers_whose_gradient_is_exactly_zero():
     fig = figures.gradient_flow(run, [0, 10], cols)
     marks = [line for line in fig.axes[0].get_lines() if line.get_marker() == "v"]
     assert len(marks) == 1 and list(marks[0].get_xdata()) == [0, 1]
-    assert marks[0].get_label().startswith("exactly 0")
+    assert marks[0].get_label().startswith("0, or below float32")
+
+
+def test_heat_maps_span_the_run_with_whole_step_ticks():
+    """A metric sampled at steps 0 and 40 of a 50-step run drew its last cell over 40-80 (the
+    picture ran to a step 80 that never was, its axis unlike the gradient-norm map's 0-50); a
+    metric recorded at step 0 only had an axis 0-1 ticked 0.2, 0.4, ..."""
+    from series_builder import build
+
+    from gradwatch.report import figures
+
+    run = build(n_steps=50, sample_every=40)
+    cols = [run.column(f"fc{k}") for k in range(5)]
+    grad, _ = figures.heatmap(run, "grad_norm", cols, "gradient norm")
+    upd, _ = figures.heatmap(run, "update_ratio", cols, "update ratio")
+    np.testing.assert_array_equal(upd.axes[0].collections[0].get_coordinates()[0, :, 0], [0, 40, 50])
+    assert upd.axes[0].get_xlim() == grad.axes[0].get_xlim() == (0.0, 50.0)
+    from matplotlib.colors import to_rgba
+
+    assert upd.axes[0].get_facecolor() == to_rgba(figures.MISSING_COLOUR)  # no cell there: grey, not white
+    run = build(n_steps=3, sample_every=10)
+    fig, _ = figures.heatmap(run, "update_ratio", cols, "update ratio")
+    fig.canvas.draw()
+    ticks = fig.axes[0].get_xticks()
+    assert len(ticks) and all(float(t).is_integer() for t in ticks)
+
+
+def test_gradient_flow_axis_title_fits_in_the_picture():
+    """The y title was one line longer than the 4-inch picture: "(before clippin" was cut."""
+    from series_builder import build
+
+    from gradwatch.report import figures
+    from gradwatch.report.display import layer_columns
+
+    from dataclasses import replace
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    run = build(n_steps=5, depth=26)
+    run.layers = [replace(l, name=f"transformer_encoder_stack.layers.{l.index}.self_attn.out_proj") for l in run.layers]
+    fig = figures.gradient_flow(run, [0, 4], layer_columns(run, ("param",)))
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    box = fig.axes[0].yaxis.label.get_window_extent(canvas.get_renderer())
+    assert box.y0 >= 0 and box.y1 <= fig.bbox.height and "before clipping" in fig.axes[0].get_ylabel()
+    short = figures.gradient_flow(build(n_steps=5, depth=3), [0], [0, 2, 4])
+    labels = short.axes[0].get_xticklabels()
+    assert [t.get_text() for t in labels] == ["fc0", "fc1", "fc2"]
+    assert all(t.get_rotation() == 0 and t.get_fontsize() >= 8 for t in labels)  # few short names: upright, legible
+
+
+def test_gradient_flow_shows_the_steps_before_a_blow_up(monkeypatch):
+    """A run whose norms were non-finite from step 2 of 30: the default steps 0, 7, 14, 22, 29 drew
+    one line (step 0) and four of × marks only; step 1, the blow-up itself, was not drawn."""
+    from series_builder import build
+
+    from gradwatch.report.display import chosen_steps
+
+    run = build(n_steps=30)
+    run.metrics["grad_norm"][2:] = np.inf
+    assert chosen_steps(run) == [0, 1, 2]
+    from gradwatch.report import figures
+    from gradwatch.report.page import flow_section
+
+    monkeypatch.setattr(figures, "png", lambda fig: "")
+    rows = table(flow_section(run, None), "flow-table")
+    assert rows[0][2:] == ["step 0", "step 1", "step 2"]
+    assert all(r[4] == "non-finite" and r[2] == fmt(run.metrics["grad_norm"][0, run.column(r[0])]) for r in rows[1:])
+    run = build(n_steps=100)
+    run.metrics["grad_norm"][40, 0] = np.inf  # one overflowed step in a healthy run
+    assert chosen_steps(run) == [0, 33, 40, 66, 99]
+    assert chosen_steps(build(n_steps=100)) == [0, 25, 50, 74, 99]
+    assert chosen_steps(run, wanted=[40, 41]) == [40, 41]
+
+
+def test_recurrent_layers_get_their_gradient_through_time(tmp_path, monkeypatch):
+    """A vanilla RNN whose finding was "vanishing through time" had no picture of it: the store's
+    time profiles (‖∂L/∂x_t‖ per t) were on no page. Now a section per recurrent layer."""
+    from gradwatch.report.page import time_profile_section
+
+    torch.manual_seed(0)
+    rnn, head = nn.RNN(3, 8, batch_first=True), nn.Linear(8, 1)
+    model = nn.ModuleDict({"rnn": rnn, "head": head})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(4, 12, 3), torch.randn(4, 1)
+    with gw.watch(model, opt, out=tmp_path, warn=False, sample_every=2):
+        for _ in range(7):
+            opt.zero_grad()
+            nn.functional.mse_loss(head(rnn(x)[0][:, -1]), y).backward()
+            opt.step()
+    run = gw.read_run(tmp_path)
+    p_steps, profile = run.time_profiles["rnn"]
+    assert len(p_steps) >= 2 and profile.shape[1] == 12
+    from gradwatch.report import figures
+
+    monkeypatch.setattr(figures, "png", lambda fig: "")  # the numbers only: drawing six PNGs takes 3 s
+    page = render_html(run, findings=[])
+    assert page.index('id="heatmaps"') < page.index('id="time-profile"') < page.index('id="loss"')
+    rows = table(page, "time-profile-table")
+    assert rows[0][:3] == ["step", "‖∂L/∂x_t‖ at t = 0", "at t = 11"]
+    for row, s, p in zip(rows[1:], p_steps, profile):
+        assert row[:4] == [str(s), fmt(p[0]), fmt(p[11]), fmt(p[0] / p[11])]
+    run.time_profiles = {}
+    assert time_profile_section(run) == ""  # no recurrent layer: no section
+
+
+def test_show_never_cuts_metric_or_layer_names_and_filters_metrics(tmp_path, capsys):
+    """Piped (80 columns), `gradwatch show` printed `update_rat…` and `grad_out_r…`, and cut long
+    layer names; a 300-layer model's table had no way to show one row per layer."""
+    torch.manual_seed(0)
+    name = "encoder_stack_with_a_long_name.block_number_0.attention_projection"
+    model = nn.Sequential()
+    model.add_module(name.replace(".", "_"), nn.Linear(4, 4))
+    model.add_module("act", nn.Tanh())
+    model.add_module("out", nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gw.watch(model, opt, out=tmp_path, warn=False):
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+            opt.step()
+    assert cli(["show", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "update_ratio" in out and "grad_out_rms" in out and name.replace(".", "_") in out and "…" not in out
+    assert cli(["show", str(tmp_path), "--metric", "grad_norm"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sum("grad_norm" in l for l in lines) == 2 and not any("weight_norm" in l for l in lines)
+    assert cli(["show", str(tmp_path), "--metric", "grad_nrom"]) == 2
+    assert "--metric='grad_nrom'" in capsys.readouterr().err

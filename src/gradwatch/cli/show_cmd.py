@@ -8,14 +8,19 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from gradwatch.errors import ConfigError
 from gradwatch.store import read_run
 from gradwatch.store.schema import LAYER_COLUMNS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("show", help="per-layer table (first/last/min/max of each metric) of a run",
-                       description="Print, for each layer in forward order, the first, last, min and max of each recorded metric.")
+                       description="Print, for each layer in forward order, the first, last, min and max of each "
+                                   "recorded metric. --metric grad_norm gives one row per layer (a deep model's "
+                                   "table is otherwise up to ten rows a layer).")
     p.add_argument("run", help="run directory or .sqlite store")
+    p.add_argument("--metric", help="only these metrics, comma-separated (e.g. grad_norm,update_ratio); "
+                                    f"names: {', '.join(LAYER_COLUMNS)}")
     p.set_defaults(func=main)
 
 
@@ -24,14 +29,38 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}" if np.isfinite(v) else "non-finite"
 
 
+def _metrics(text: str | None) -> tuple[str, ...]:
+    if not text:
+        return LAYER_COLUMNS
+    wanted = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in wanted if m not in LAYER_COLUMNS]
+    if unknown or not wanted:
+        raise ConfigError(f"--metric={text!r}: unknown metric {', '.join(map(repr, unknown))}; "
+                          f"choose from {', '.join(LAYER_COLUMNS)}")
+    return wanted
+
+
+def _width(series, metrics: tuple[str, ...]) -> int:
+    """Columns the table needs with nothing folded: its cells and 3 per column of borders."""
+    name = max([len(l.name) for l in series.layers] + [5])
+    kind = max([len(l.type) for l in series.layers] + [4])
+    return name + kind + max(map(len, metrics)) + 4 * 10 + 3 * 7 + 1
+
+
 def main(args: argparse.Namespace) -> int:
+    metrics = _metrics(getattr(args, "metric", None))
     series = read_run(args.run)
     table = Table(title=f"{args.run}: {len(series.steps)} steps", show_lines=False)
-    for col in ("layer", "type", "metric", "first", "last", "min", "max"):
-        table.add_column(col, justify="right" if col in ("first", "last", "min", "max") else "left")
+    # Names are never cut: on an 80-column pipe `update_ratio` was shown as `update_rat…` and a
+    # long layer name lost its end (the part that tells layers apart); a layer name folds instead.
+    table.add_column("layer", overflow="fold")
+    table.add_column("type", overflow="fold")
+    table.add_column("metric", no_wrap=True, min_width=max(map(len, metrics)))
+    for col in ("first", "last", "min", "max"):
+        table.add_column(col, justify="right", no_wrap=True, min_width=10)
     for layer in series.layers:
         shown = False
-        for metric in LAYER_COLUMNS:
+        for metric in metrics:
             _, values = series.series(layer.name, metric)
             if not len(values):
                 continue
@@ -40,7 +69,10 @@ def main(args: argparse.Namespace) -> int:
             table.add_row(layer.name if not shown else "", layer.type if not shown else "", metric,
                           _fmt(values[0]), _fmt(values[-1]), lo, hi)
             shown = True
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # a pipe or a file: as wide as the table needs (rich assumed 80 columns)
+        console = Console(width=max(console.width, _width(series, metrics)))
+    console.print(table)
     loss = series.loss[~np.isnan(series.loss)]
     if len(loss):
         finite = loss[np.isfinite(loss)]

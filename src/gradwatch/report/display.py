@@ -69,7 +69,8 @@ def layer_columns(run: RunSeries, roles: tuple[str, ...]) -> list[int]:
 
 def chosen_steps(run: RunSeries, metric: str = "grad_norm", wanted: list[int] | None = None, n: int = 5) -> list[int]:
     """Steps for the gradient-flow picture: `wanted` (each moved to the nearest recorded step), or
-    `n` steps spread evenly from the first recorded to the last."""
+    `n` steps spread evenly from the first recorded to the last (when some steps have a
+    non-finite norm: `n - 1` spread over the others, and the first non-finite one)."""
     m = run.metrics.get(metric)
     rows = recorded_rows(m) if m is not None and m.size else np.empty(0, dtype=np.int64)
     if len(rows) == 0:
@@ -77,6 +78,15 @@ def chosen_steps(run: RunSeries, metric: str = "grad_norm", wanted: list[int] | 
     recorded = run.steps[rows]
     if wanted:
         picked = [int(recorded[np.abs(recorded - w).argmin()]) for w in wanted]
-    else:
-        picked = [int(recorded[i]) for i in np.linspace(0, len(recorded) - 1, min(n, len(recorded))).round().astype(int)]
+        return list(dict.fromkeys(picked))
+    # A run with non-finite norms: steps spread over those whose norms are all finite, then the
+    # first non-finite one. Spread over all steps, a run that blew up at step 2 of 30 showed only
+    # step 0 as a line and four steps of nothing but × marks (steps 0-1, the blow-up, not drawn).
+    bad = np.isinf(m[rows].reshape(len(rows), -1)).any(axis=1)  # the store keeps NaN/Inf as +inf
+    if bad.any() and not bad.all():
+        good = recorded[~bad]
+        picked = [int(good[i]) for i in np.linspace(0, len(good) - 1, min(n - 1, len(good))).round().astype(int)]
+        picked.append(int(recorded[bad.argmax()]))
+        return sorted(dict.fromkeys(picked))
+    picked = [int(recorded[i]) for i in np.linspace(0, len(recorded) - 1, min(n, len(recorded))).round().astype(int)]
     return list(dict.fromkeys(picked))

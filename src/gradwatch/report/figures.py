@@ -11,6 +11,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from gradwatch.report.display import MAX_COLUMNS, MAX_POINTS, Blocks, recorded_rows, reduce_blocks
 from gradwatch.store.series import RunSeries
@@ -46,10 +47,12 @@ def _layer_ticks(ax, axis: str, names: list[str], limit: int = 40) -> None:
     stride = max(1, -(-len(names) // limit))
     ticks = np.arange(0, len(names), stride)
     labels = [short_name(names[i]) for i in ticks]
+    size = 8 if len(ticks) <= 20 else 6  # small type only where 40 names share the axis
     if axis == "x":
-        ax.set_xticks(ticks, labels, rotation=60, ha="right", fontsize=6, **TEXT)
+        turn = max(map(len, labels)) > 3  # short names ("0", "fc1") stay upright
+        ax.set_xticks(ticks, labels, rotation=60 if turn else 0, ha="right" if turn else "center", fontsize=size, **TEXT)
     else:
-        ax.set_yticks(ticks, labels, fontsize=6, **TEXT)
+        ax.set_yticks(ticks, labels, fontsize=size, **TEXT)
 
 
 def gradient_flow(run: RunSeries, steps: list[int], cols: list[int]) -> Figure:
@@ -72,25 +75,30 @@ def gradient_flow(run: RunSeries, steps: list[int], cols: list[int]) -> Figure:
         zero = np.flatnonzero(y == 0)  # no place on a log axis: marked along the bottom, not left out
         if len(zero):
             ax.plot(x[zero], np.zeros(len(zero)), "v", ms=4, color=line.get_color(), transform=ax.get_xaxis_transform(),
-                    clip_on=False, label="_" if zero_said else "exactly 0 (in the step's colour)")
+                    clip_on=False, label="_" if zero_said else "0, or below float32's range (in the step's colour)")
             zero_said = True
     ax.set_yscale("log")
     _layer_ticks(ax, "x", names)
     ax.set_xlabel("layer (input → output)")
-    ax.set_ylabel("gradient norm ‖∂L/∂W‖ (before clipping)")
+    ax.set_ylabel("gradient norm ‖∂L/∂W‖\n(before clipping)")  # one line was cut at the top
     ax.grid(alpha=0.3, which="both", axis="y")
     ax.legend(fontsize=7, ncols=2)
     return fig
 
 
-def column_edges(blocks: Blocks) -> np.ndarray:
+def column_edges(blocks: Blocks, end: float | None = None) -> np.ndarray:
     """x edges of the heat map's cells: each block from its first step to the next block's (a
-    metric sampled every 10th step is 10 steps wide per cell, not spread over the run)."""
+    metric sampled every 10th step is 10 steps wide per cell, not spread over the run). The last
+    cell stops at `end` (one past the run's last step): a metric sampled at steps 0 and 40 of a
+    50-step run drew its last cell over 40-80, and the picture ran on to a step 80 that never was."""
     steps = np.asarray(blocks.steps, dtype=float)
     if len(steps) == 0:
         return np.array([0.0, 1.0])
     width = np.diff(steps)[-1] if len(steps) > 1 else float(blocks.size)
-    return np.append(steps, steps[-1] + width)
+    last = steps[-1] + width
+    if end is not None and steps[-1] < end < last:
+        last = float(end)
+    return np.append(steps, last)
 
 
 def heatmap(run: RunSeries, metric: str, cols: list[int], label: str) -> tuple[Figure, Blocks]:
@@ -107,13 +115,18 @@ def heatmap(run: RunSeries, metric: str, cols: list[int], label: str) -> tuple[F
     lo, hi = (finite.min(), finite.max()) if len(finite) else (0.0, 1.0)
     if hi <= lo:
         lo, hi = lo - 0.5, hi + 0.5
-    x, y = column_edges(blocks), np.arange(len(cols) + 1) - 0.5  # cells at the steps recorded
+    end = float(run.steps[-1]) + 1 if len(run.steps) else None
+    x, y = column_edges(blocks, end), np.arange(len(cols) + 1) - 0.5  # cells at the steps recorded
     cmap = colormaps["viridis"].with_extremes(bad=MISSING_COLOUR)
     im = ax.pcolormesh(x, y, np.ma.masked_invalid(logv.T), cmap=cmap, vmin=lo, vmax=hi)
     for where, colour in ((np.isposinf(v).T, NONFINITE_COLOUR), ((v == 0).T, ZERO_COLOUR)):
         if where.any():
             ax.pcolormesh(x, y, np.ma.masked_where(~where, np.ones(where.shape)), cmap=ListedColormap([colour]))
+    ax.set_facecolor(MISSING_COLOUR)  # steps with no cell at all (nothing sampled there) read as not recorded
     ax.set_ylim(len(cols) - 0.5, -0.5)  # input at the top
+    if len(run.steps):  # every heat map spans the whole run (a sampled metric's too), so they line up
+        ax.set_xlim(float(run.steps[0]), max(float(run.steps[-1]) + 1, x[-1]))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps: no tick at step 0.2
     fig.colorbar(im, ax=ax, label=f"log10 {label}", fraction=0.03, pad=0.01)
     _layer_ticks(ax, "y", names)
     ax.set_xlabel("step")
@@ -132,7 +145,9 @@ def loss_curve(run: RunSeries, marks: list[tuple[int, int, str]]) -> tuple[Figur
         _, lo = reduce_blocks(steps, loss, MAX_POINTS, "min")
         _, hi = reduce_blocks(steps, loss, MAX_POINTS, "max")
         ax.fill_between(blocks.steps, lo, hi, color="#90caf9", alpha=0.5, lw=0, label="block min–max")
-    ax.plot(blocks.steps, mid, color="#0d47a1", lw=1.2, label="loss" if blocks.size == 1 else "loss (block median)")
+    few = len(blocks.steps) <= 60  # a line alone: a one-step run (or one finite loss) drew nothing at all
+    ax.plot(blocks.steps, mid, color="#0d47a1", lw=1.2, marker="o" if few else None, ms=3,
+            label="loss" if blocks.size == 1 else "loss (block median)")
     if len(loss) and loss.min() > 0 and loss.max() / loss.min() > 20:
         ax.set_yscale("log")
     bad = run.steps[np.isinf(run.loss)]  # non-finite: marked along the top, the axis runs on to them
@@ -145,6 +160,7 @@ def loss_curve(run: RunSeries, marks: list[tuple[int, int, str]]) -> tuple[Figur
         ax.axvline(step, color=colour, ls="--", lw=1)
         ax.text(step, 1.0, f" {number}", color=colour, fontsize=8, va="bottom", transform=ax.get_xaxis_transform(),
                 **TEXT)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
@@ -165,4 +181,34 @@ def activation_bars(names: list[str], dead: np.ndarray, saturated: np.ndarray) -
     ax.set_xlabel("activation layer (input → output)")
     ax.set_ylabel("fraction")
     ax.legend(fontsize=7)
+    return fig
+
+
+def time_profile(steps: np.ndarray, table: np.ndarray, layer: str) -> Figure:
+    """A recurrent layer's BPTT profile: the norm of the loss gradient w.r.t. its input at each
+    time step t (log axis), one line per chosen profiled step. A straight falling line to the left
+    is a gradient that shrinks by a constant factor per time step (vanishing through time)."""
+    fig = Figure(figsize=(10, 3.4), layout="constrained")
+    ax = fig.subplots()
+    t = np.arange(table.shape[1])
+    zero_said = False
+    for s, y in zip(steps, table):
+        shown = np.where(np.isfinite(y) & (y > 0), y, np.nan)
+        line, = ax.plot(t, shown, lw=1.2, label=f"step {int(s)}")
+        zero = np.flatnonzero(y == 0)
+        if len(zero):
+            ax.plot(t[zero], np.zeros(len(zero)), "v", ms=4, color=line.get_color(), transform=ax.get_xaxis_transform(),
+                    clip_on=False, label="_" if zero_said else "0, or below float32's range (in the step's colour)")
+            zero_said = True
+        bad = np.flatnonzero(np.isinf(y))  # the store keeps a measured NaN as +inf; NaN: no such t
+        if len(bad):
+            ax.plot(t[bad], np.ones(len(bad)), "x", color=NONFINITE_COLOUR, transform=ax.get_xaxis_transform(),
+                    clip_on=False, label=f"non-finite at step {int(s)}")
+    if np.any(np.isfinite(table) & (table > 0)):
+        ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(f"time step t of the sequence ({layer})", **TEXT)
+    ax.set_ylabel("‖∂L/∂x_t‖")
+    ax.grid(alpha=0.3, which="both", axis="y")
+    ax.legend(fontsize=7, ncols=2)
     return fig

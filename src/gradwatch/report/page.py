@@ -59,6 +59,12 @@ def fmt(value: object) -> str:
     return str(value)
 
 
+def stored(value: float) -> str:
+    """A value read from the store: it keeps a measured NaN as +inf, so a non-finite value is said
+    as such ("inf" in the gradient-flow table was a NaN gradient as often as an infinite one)."""
+    return "non-finite" if math.isinf(float(value)) else fmt(value)
+
+
 def _img(b64: str, alt: str) -> str:
     return f'<img alt="{esc(alt)}" src="data:image/png;base64,{b64}">'
 
@@ -128,7 +134,7 @@ def flow_section(run: RunSeries, steps: list[int] | None) -> str:
     fig = figures.gradient_flow(run, chosen, cols)
     row_of = {int(s): i for i, s in enumerate(run.steps)}
     g = run.metrics["grad_norm"]
-    rows = [[run.layers[c].name, run.layers[c].type] + [fmt(g[row_of[s], c]) for s in chosen] for c in cols]
+    rows = [[run.layers[c].name, run.layers[c].type] + [stored(g[row_of[s], c]) for s in chosen] for c in cols]
     table = _table(["layer", "type"] + [f"step {s}" for s in chosen], rows, numeric_from=2, cls="flow-table")
     body = (f'<p class="sub">Gradient norm of each layer\'s parameters, input (left) to output (right), at steps '
             f'{esc(", ".join(map(str, chosen)))}. Norms are taken before any gradient clipping. A line falling to the '
@@ -150,9 +156,42 @@ def heatmap_section(run: RunSeries) -> str:
         fig, blocks = figures.heatmap(run, metric, cols, label)
         parts.append(f'<div class="heatmap" id="heatmap-{metric}"><h3>log10 {esc(what)}</h3>'
                      f'{_img(figures.png(fig), "heat map of log10 " + label)}{_note(blocks, "maximum")}</div>')
-    legend = (f'<p class="note">Layers top (input) to bottom (output). Grey: not recorded; black: exactly 0; '
+    legend = (f'<p class="note">Layers top (input) to bottom (output). Grey: not recorded; black: 0 (exactly, or below the float32 range: every entry under ~1e-19); '
               f'<span style="color:{figures.NONFINITE_COLOUR}">magenta</span>: non-finite (NaN/Inf).</p>')
     return _section("heatmaps", "Heat maps: layers × steps", legend + "\n".join(parts))
+
+
+def _spread(n: int, k: int = 5) -> list[int]:
+    return list(dict.fromkeys(np.linspace(0, n - 1, min(k, n)).round().astype(int).tolist())) if n else []
+
+
+def time_profile_section(run: RunSeries) -> str:
+    """Each recurrent layer's BPTT profile (‖∂L/∂x_t‖ over t) at up to five profiled steps. Only
+    when the run has one: before, a run whose finding was "vanishing through time" had no picture
+    of it at all."""
+    parts = []
+    for layer in sorted((l for l in run.layers if l.name in run.time_profiles), key=lambda l: l.index):
+        p_steps, table = run.time_profiles[layer.name]
+        if not len(p_steps) or not table.size:
+            continue
+        pick = _spread(len(p_steps))
+        fig = figures.time_profile(p_steps[pick], table[pick], layer.name)
+        last_t = table.shape[1] - 1
+        rows = []
+        for i in pick:
+            first, last = table[i, 0], table[i, last_t]
+            ratio = first / last if np.isfinite(first) and np.isfinite(last) and last > 0 else float("nan")
+            rows.append([fmt(int(p_steps[i])), stored(first), stored(last), fmt(ratio)])
+        tab = _table(["step", "‖∂L/∂x_t‖ at t = 0", f"at t = {last_t}", "t = 0 / last"], rows, cls="time-profile-table")
+        parts.append(f'<h3><code>{esc(layer.name)}</code> ({esc(layer.type)}, {table.shape[1]} time steps, '
+                     f'profiled at {len(p_steps)} steps)</h3>{_img(figures.png(fig), "gradient through time, " + layer.name)}{tab}')
+    if not parts:
+        return ""
+    body = ('<p class="sub">Norm of the loss gradient with respect to each recurrent layer\'s input at time step t '
+            "(backpropagation through time). A line falling to the left (early time steps getting orders of magnitude "
+            "less than the last) is a gradient vanishing through time; rising to the left, exploding.</p>"
+            + "\n".join(parts))
+    return _section("time-profile", "Gradient through time (recurrent layers)", body)
 
 
 def loss_section(run: RunSeries, findings: list) -> str:
@@ -183,7 +222,7 @@ def activation_section(run: RunSeries) -> str:
         for m, out in ((dead, last_dead), (sat, last_sat)):
             r = recorded_rows(m[:, c])
             out.append(m[r[-1], c] if len(r) else np.nan)
-            cells += [fmt(m[r[0], c]) if len(r) else "–", fmt(out[-1]),
+            cells += [stored(m[r[0], c]) if len(r) else "–", stored(out[-1]),
                       fmt(int(run.steps[r[-1]])) if len(r) else "–"]
         rows.append(cells)
     names = [run.layers[c].name for c in cols]
@@ -230,7 +269,7 @@ def page(run: RunSeries, findings: list, source: str, steps: list[int] | None = 
     worst = next((s for s in ("error", "warning", "info") if any(f.severity == s for f in findings)), None)
     summary = (f"{len(run.steps):,} steps, {len(run.layers)} layers, "
                + (f"{n} finding{'s' * (n != 1)} (worst: {worst})" if n else "no findings"))
-    sections = [findings_section(findings), flow_section(run, steps), heatmap_section(run),
+    sections = [findings_section(findings), flow_section(run, steps), heatmap_section(run), time_profile_section(run),
                 loss_section(run, findings), activation_section(run), meta_section(run, source)]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
@@ -238,4 +277,4 @@ def page(run: RunSeries, findings: list, source: str, steps: list[int] | None = 
             f"<title>gradwatch report: {esc(source)}</title><style>{CSS}</style></head><body>\n"
             f'<header><h1>gradwatch report</h1><p class="sub"><code>{esc(source)}</code>: {esc(summary)}. '
             f"Made by gradwatch {esc(version)}.</p></header>\n"
-            + "\n".join(sections) + "\n</body></html>\n")
+            + "\n".join(s for s in sections if s) + "\n</body></html>\n")
