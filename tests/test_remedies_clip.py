@@ -585,3 +585,72 @@ def test_attached_clipper_sees_unscaled_gradients_of_a_fused_optimizer_under_gra
     reference = train_with_scaler(False)
     for a, b in zip(ours, reference):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("make_opt, by_keyword", [
+    (lambda ps: torch.optim.LBFGS(ps, lr=0.5, max_iter=4), False),
+    (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), True),
+])
+def test_attached_clipper_clips_the_gradients_a_closure_step_uses(make_opt, by_keyword):
+    """Before, the pre-step hook clipped last step's stale gradients and the closure then computed
+    fresh, unclipped ones: on LBFGS an attached ClipNorm changed nothing at all."""
+    x, y = torch.randn(32, 4, generator=torch.Generator().manual_seed(0)) * 5, torch.randn(32, 1)
+
+    def train(attached: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        opt = make_opt(model.parameters())
+        if attached:
+            clip.attach(opt, clip.ClipNorm(0.05))
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            if not attached:  # torch's recipe: clip inside the closure, after backward
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+            return loss
+        for _ in range(3):
+            opt.step(closure=closure) if by_keyword else opt.step(closure)
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(train(True), train(False)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_attaching_a_clipper_class_instead_of_an_instance_is_refused():
+    """Before, attach(opt, ZClip) was accepted and the first step failed with 'alpha=[Parameter ...]'."""
+    opt = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    with pytest.raises(ConfigError, match=r"clipper=ZClip is a class.*gw\.clip\.ZClip\(\)"):
+        clip.attach(opt, clip.ZClip)
+
+
+@pytest.mark.parametrize("make", [lambda: clip.AutoClip(10), lambda: clip.ZClip(warmup_steps=3)])
+def test_steps_without_gradients_leave_the_history_alone(make):
+    """Gradual unfreezing: the backbone's optimizer steps while the backbone is frozen (no
+    gradients). Before, each such step entered a norm of 0: AutoClip's 10th percentile became 0 and
+    clipped the unfrozen backbone's gradients to nothing; ZClip warmed up on zeros. Now the run
+    clips as a twin whose clipper is attached only at unfreezing."""
+    def train(frozen_steps_seen: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        backbone, head = nn.Linear(6, 6), nn.Linear(6, 1)
+        opt_backbone = torch.optim.SGD(backbone.parameters(), lr=0.1)
+        opt_head = torch.optim.SGD(head.parameters(), lr=0.1)
+        clipper = make()
+        if frozen_steps_seen:
+            clip.attach(opt_backbone, clipper)
+        backbone.requires_grad_(False)
+        g = torch.Generator().manual_seed(1)
+        for step in range(12):
+            if step == 6:  # unfreeze
+                backbone.requires_grad_(True)
+                if not frozen_steps_seen:
+                    clip.attach(opt_backbone, clipper)
+            x, y = torch.randn(8, 6, generator=g), torch.randn(8, 1, generator=g)
+            opt_backbone.zero_grad(), opt_head.zero_grad()
+            nn.functional.mse_loss(head(torch.tanh(backbone(x))), y).backward()
+            opt_backbone.step(), opt_head.step()
+        return [p.detach().clone() for p in backbone.parameters()]
+
+    for a, b in zip(train(True), train(False)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

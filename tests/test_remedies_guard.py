@@ -386,3 +386,26 @@ def test_guarding_twice_is_refused_until_the_first_is_removed():
     with pytest.warns(UserWarning, match="skipped"):
         opt.step()
     assert (first.steps, first.skipped) == (0, 0) and (second.steps, second.skipped) == (1, 1)
+
+
+@pytest.mark.parametrize("first_step_bad, second_scheduler", [(False, False), (True, False), (True, True)])
+def test_guard_built_after_the_scheduler_raises_no_torch_warning(first_step_bad, second_scheduler):
+    """Before, the usual order (scheduler, then guard) made torch's first scheduler.step() warn that
+    "optimizer.step() has been overridden after learning rate scheduler initialization"; a false
+    alarm, since the guard calls the scheduler's wrapped step. A second scheduler built after the
+    guard must not warn either, and both must still see the steps."""
+    model, opt = setup()
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    g = guard(opt)
+    if second_scheduler:  # built after the guard: it finds the step already marked as wrapped
+        later = torch.optim.lr_scheduler.MultiplicativeLR(opt, lambda epoch: 0.9)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(3):
+            backward(model, step, poison=first_step_bad and step == 0)
+            opt.step(), sched.step()
+            if second_scheduler:
+                later.step()
+    assert [str(w.message) for w in caught if "gradwatch" not in str(w.message)] == []
+    assert g.skipped == int(first_step_bad) and g.steps == 3 - int(first_step_bad)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * (0.5 * (0.9 if second_scheduler else 1.0)) ** 3)

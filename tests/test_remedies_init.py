@@ -394,3 +394,56 @@ def test_post_layernorm_block_keeps_its_second_linear_linear():
     traced = {n: r.activation for n, r in rows(init_(PostLN(), example_input=torch.randn(2, 8))).items()}
     assert {n: r.activation for n, r in rows(init_(PostLN())).items()} == traced == {
         "fc1.weight": "gelu", "fc2.weight": "linear"}
+
+
+class TiedPair(nn.Module):
+    """Two square layers sharing one weight tensor (b.weight = a.weight), followed by relu and tanh."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 1)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.b(F.relu(self.a(x)))))
+
+
+def test_a_tied_weight_is_drawn_once_and_reported_as_it_is():
+    """Before, a weight shared by two layers was drawn twice: the second draw (Xavier, for b's tanh)
+    overwrote the first, yet the report still said a.weight was He with std √(2/64) = 0.177."""
+    model, x = TiedPair(), torch.randn(2, 64)
+    torch.manual_seed(3)
+    report = init_(model, example_input=x)
+    assert model.a.weight is model.b.weight
+    assert [r.name for r in report.rows] == ["a.weight", "out.weight"]
+    torch.manual_seed(3)  # the one draw is kaiming_normal_'s for a's relu, as the report says
+    assert torch.equal(model.a.weight.detach(), nn.init.kaiming_normal_(torch.empty(64, 64), nonlinearity="relu"))
+    assert rows(report)["a.weight"].std == pytest.approx(math.sqrt(2 / 64))
+    assert any("b.weight is tied to a.weight" in n and "followed by tanh, which would want xavier" in n
+               for n in report.notes)
+
+
+def test_a_layer_tied_to_an_embedding_says_the_draw_sets_the_embedding():
+    emb, head = nn.Embedding(20, 8), nn.Linear(8, 20, bias=False)
+    head.weight = emb.weight
+    report = init_(nn.Sequential(emb, head))
+    assert [r.name for r in report.rows] == ["1.weight"]
+    assert report.notes == ["1.weight is tied to 0.weight (one tensor): the draw for 1 sets 0.weight too"]
+
+
+def test_a_frozen_weight_in_a_trained_layer_is_left_alone():
+    """Before, only layers frozen whole were left alone: a frozen pretrained weight beside a trained
+    bias (or a frozen W_hh in an LSTM) was drawn again and its pretrained values lost for good."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    lstm = nn.LSTM(4, 4)
+    model[0].weight.requires_grad_(False)
+    lstm.weight_hh_l0.requires_grad_(False)
+    kept, kept_hh = model[0].weight.detach().clone(), lstm.weight_hh_l0.detach().clone()
+    report, lstm_report = init_(model), init_(lstm)
+    assert torch.equal(model[0].weight, kept) and torch.equal(lstm.weight_hh_l0, kept_hh)
+    assert [r.name for r in report.rows] == ["2.weight"] and [r.name for r in lstm_report.rows] == ["weight_ih_l0"]
+    assert float(model[0].bias.detach().abs().max()) == 0  # the trained bias is initialised as usual
+    assert report.notes == ["0.weight: left alone: frozen (requires_grad=False) while the rest of 0 trains, so a new "
+                            "draw could never be trained; unfreeze it first to initialise it"]
+    assert "weight_hh_l0: left alone: frozen" in lstm_report.notes[0] and "rest of LSTM trains" in lstm_report.notes[0]

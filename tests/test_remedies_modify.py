@@ -286,3 +286,80 @@ def test_add_residual_leaves_norm_layers_alone():
     model.train()
     out = model[1](model[0](x))
     assert float(out.std()) == pytest.approx(1.0, abs=0.05)  # still normalised
+
+
+def test_swap_takes_a_module_instance_as_new_and_refuses_a_string():
+    """Before, new=nn.LeakyReLU(0.1) (an instance, as one writes it in a model) failed deep inside
+    torch with "forward() missing 1 required positional argument"; new='relu' with "'str' object is
+    not callable". An instance is now copied for each place."""
+    model = mlp()
+    model, change = swap_activations(model, new=nn.LeakyReLU(0.1))
+    assert change.modules == ["1", "3"] and model[1] is not model[3]
+    assert all(isinstance(model[i], nn.LeakyReLU) and model[i].negative_slope == 0.1 for i in (1, 3))
+    reference = mlp()
+    reference[1], reference[3] = nn.LeakyReLU(0.1), nn.LeakyReLU(0.1)
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="new='relu' is not an nn.Module class, instance or factory"):
+        swap_activations(mlp(), new="relu")
+
+
+@pytest.mark.parametrize("modify", ["insert_norm", "replace_rnn"])
+def test_the_change_tells_how_to_train_its_new_parameters(modify):
+    """Before, the description said nothing of the optimizer: one built before insert_norm silently
+    left every norm's weight and bias at 1 and 0, and one built before replace_rnn trained the
+    discarded RNN while the GRU never moved. The advice it now gives works when pasted in."""
+    torch.manual_seed(0)
+    model = Custom() if modify == "insert_norm" else SeqModel()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    if modify == "insert_norm":
+        model, change = insert_norm(model, skip_last=False)
+        x = torch.randn(4, 2, 4, 4)
+        exec(change.description.rpartition("add them with ")[2], {"optimizer": optimizer, "model": model,
+                                                                  "change": change})
+    else:
+        model, change = replace_rnn(model)
+        x = torch.randn(4, 5, 3)
+        assert "still holds the replaced module's" in str(change) and "build the optimizer again" in str(change)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert f"lacks its {len(change.new_parameters)} new parameter(s)" in str(change)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out = model(x)
+    sum(o.square().mean() for o in (out if isinstance(out, tuple) else (out,))).backward()  # h_n: every weight
+    optimizer.step()
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters() if n in change.new_parameters)
+
+
+class HalfFunctional(nn.Module):
+    """One Sigmoid module and three functional sigmoids (torch.sigmoid, F.sigmoid, Tensor.sigmoid)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.act, self.mid, self.out = nn.Linear(6, 8), nn.Sigmoid(), nn.Linear(8, 8), nn.Linear(8, 1)
+
+    def forward(self, x):
+        h = self.act(self.mid(torch.sigmoid(self.inp(x))))
+        return self.out(nn.functional.sigmoid(h) * h.sigmoid())
+
+
+def test_swap_says_which_functional_activations_it_could_not_reach():
+    """Before, 'replaced 1 Sigmoid module(s)' on a model whose forward also called sigmoid three
+    times as a function, and 'nothing changed' with no reason on one that only did: the user was
+    left believing every sigmoid was gone. The forward pass of example_input counts them."""
+    x = torch.randn(4, 6)
+    model, change = swap_activations(HalfFunctional(), example_input=x)
+    assert change.modules == ["act"] and "(3 call(s) of sigmoid)" in str(change) and "by hand" in str(change)
+    assert model(x).shape == (4, 1)
+    _, change = swap_activations(HalfFunctional(), old=nn.Tanh, example_input=x)
+    assert str(change) == "no Tanh module found; nothing changed"  # no tanh anywhere: nothing to say
+    model = nn.Sequential(nn.Linear(3, 3), nn.Sigmoid())
+    _, change = swap_activations(model, example_input=torch.randn(2, 3))
+    assert str(change) == "replaced 1 Sigmoid module(s) by LeakyReLU(negative_slope=0.01): 1"  # its own call is no functional one
+
+
+def test_swapping_to_prelu_lists_its_new_parameters():
+    """Before, a swap to PReLU reported no new parameters: an optimizer built before never trained its slopes."""
+    model, change = swap_activations(mlp(), new=nn.PReLU)
+    assert change.new_parameters == ["1.weight", "3.weight"] and "lacks its 2 new parameter(s)" in str(change)
+    _, change = swap_activations(mlp(), new=nn.LeakyReLU(0.1))
+    assert change.new_parameters == [] and "optimizer" not in str(change)

@@ -269,3 +269,48 @@ def by_execution(model: nn.Module, layers: set[str], example_input: Any) -> dict
         for h in handles:
             h.remove()
     return {name: flow.found.get(name, NONE) for name in ran}
+
+
+class _Calls(TorchFunctionMode):
+    """Records the functional activations called outside every leaf module (in a forward of the user's)."""
+
+    def __init__(self, running: list[nn.Module], names: set[str]) -> None:
+        super().__init__()
+        self.running, self.names, self.calls = running, names, []
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        describe = _FUNCTIONS.get(func)
+        if describe is not None and not self.running and describe(args, kwargs).name in self.names:
+            self.calls.append(getattr(func, "__name__", str(func)))
+        return func(*args, **kwargs)
+
+
+def functional_calls(model: nn.Module, example_input: Any, modules: tuple) -> list[str]:
+    """The functions (``sigmoid``, ``tanh`` ...) one forward pass calls outside any module that apply
+    the activation of one of the `modules` classes: what swapping those modules cannot reach."""
+    names = set()
+    for cls in modules:
+        try:
+            act = module_act(cls())
+        except Exception:  # a class that needs arguments: no functional twin to look for
+            act = None
+        if act is not None:
+            names.add(act.name)
+    if not names:
+        return []
+    running: list[nn.Module] = []
+
+    def leave(module: nn.Module, args: Any, out: Any) -> None:  # returns None: the output stays as it is
+        running.pop()
+    handles = []
+    try:
+        for _, m in _leaves(model):
+            handles.append(m.register_forward_pre_hook(lambda module, args: running.append(module)))
+            handles.append(m.register_forward_hook(leave))
+        with _Calls(running, names) as mode:
+            forward_once(model, example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    return mode.calls

@@ -132,11 +132,17 @@ def _unscale(optimizer: torch.optim.Optimizer) -> None:
 def attach(optimizer: torch.optim.Optimizer, clipper: Clipper) -> RemovableHandle:
     """Run `clipper` on all of `optimizer`'s parameters right before every optimizer.step().
 
-    Uses ``optimizer.register_step_pre_hook``, so the training loop does not change. The returned
+    Uses ``optimizer.register_step_pre_hook``, so the training loop does not change. A step given a
+    closure (LBFGS) computes its gradients inside the step: there the clipper runs after every call
+    of the closure, on the gradients the step then uses (LBFGS calls it up to `max_iter` times a
+    step, and AutoClip and ZClip count each call). The returned
     handle removes the hook (``handle.remove()``, or use it as a context manager). The clipper's
     last pre-clip norm stays on the device in ``clipper.last_norm`` (a clipper of your own: where it
     returns one).
     """
+    if isinstance(clipper, type):  # the class itself would be called with the parameters as its first argument
+        raise ConfigError(f"clipper={clipper.__name__} is a class, not a clipper; pass an instance, "
+                          f"e.g. gw.clip.{clipper.__name__}()")
     if not callable(clipper):
         raise ConfigError(f"clipper={clipper!r} is not callable; pass e.g. gw.clip.ZClip() or gw.clip.ClipNorm(1.0)")
     optimizer_params(optimizer)  # fail now, not at the first step, if there is nothing to clip
@@ -145,7 +151,7 @@ def attach(optimizer: torch.optim.Optimizer, clipper: Clipper) -> RemovableHandl
                           "per step (AutoClip's history and ZClip's mean counting every step twice): keep one "
                           "handle, or remove() it before attaching again")
 
-    def _pre_step(opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    def _clip(opt: torch.optim.Optimizer) -> None:
         _unscale(opt)
         norm = clipper(optimizer_params(opt))
         if norm is not None:
@@ -153,6 +159,24 @@ def attach(optimizer: torch.optim.Optimizer, clipper: Clipper) -> RemovableHandl
                 clipper.last_norm = norm  # type: ignore[attr-defined]
             except AttributeError:
                 pass
+
+    def _pre_step(opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        # step(closure) (LBFGS, or SGD/Adam given one) computes its gradients inside the step, by
+        # calling the closure: clipping before the step would clip last step's stale gradients and
+        # leave the ones the step uses unclipped. Clip right after each closure call instead.
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0] is the optimizer
+        if closure is None:
+            _clip(opt)
+            return None
+
+        def clipped_closure() -> object:
+            loss = closure()
+            _clip(opt)
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": clipped_closure}
+        return (args[0], clipped_closure, *args[2:]), kwargs
 
     _pre_step.clipper = clipper  # type: ignore[attr-defined]  # how a second attach finds it
     return optimizer.register_step_pre_hook(_pre_step)

@@ -296,10 +296,21 @@ class Guard:
 def _guarded_step(g: Guard) -> Callable[..., Any]:
     """The replacement step, as a function of the optimizer: torch's LR schedulers re-wrap
     ``optimizer.step`` by binding its ``__func__`` to the optimizer, so the guard must be reached
-    through a closure, not through ``self``."""
+    through a closure, not through ``self``.
+
+    A scheduler built before the guard has already wrapped the step it replaces: without the mark
+    torch's wrapper carries, its first ``scheduler.step()`` would warn that "optimizer.step() has
+    been overridden after learning rate scheduler initialization" (it has, but it still runs).
+    The mark is kept, and a skipped step still counts as called, as the user did call it."""
+    wrapped = getattr(g._original, "_wrapped_by_lr_sched", False)
+
     def step(opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        if wrapped:
+            opt._opt_called = True  # what torch's wrapper sets; it is not reached on a skipped step
         return g._step(*args, **kwargs) if g._attached else g._original(*args, **kwargs)
     step.guard = g  # type: ignore[attr-defined]  # how a second gw.guard finds this one
+    if wrapped:
+        step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
     return step
 
 

@@ -182,12 +182,30 @@ def _auto_scheme(act: Act) -> str:
     return "xavier"  # tanh, sigmoid, softmax, none
 
 
+def _trainable(m: nn.Module, pname: str) -> bool:
+    """`m.<pname>` can be trained: requires grad (a parametrized one: through its `.original`s)."""
+    if parametrize.is_parametrized(m, pname):
+        return any(p.requires_grad for p in m.parametrizations[pname].parameters())
+    return getattr(m, pname).requires_grad
+
+
+def _skip_frozen(name: str, m: nn.Module, pname: str, report: InitReport) -> bool:
+    """A frozen tensor in a layer that otherwise trains (a frozen pretrained weight with a trained
+    bias, BitFit's inverse) keeps its values: a new draw could never be trained."""
+    if _trainable(m, pname):
+        return False
+    report.notes.append(f"{_full(name, pname)}: left alone: frozen (requires_grad=False) while the rest of "
+                        f"{name or type(m).__name__} trains, so a new draw could never be trained; "
+                        "unfreeze it first to initialise it")
+    return True
+
+
 def _init_recurrent(name: str, m: nn.Module, scheme: str, report: InitReport) -> None:
     chunks = next(n for cls, n in _GATES.items() if isinstance(m, cls))
     inner = Act(getattr(m, "nonlinearity", "tanh")) if chunks == 1 else Act("sigmoid")
     shown = getattr(m, "nonlinearity", "tanh") if chunks == 1 else "gates (sigmoid/tanh)"
     for pname in _own_tensors(m):
-        if pname.startswith("bias"):
+        if pname.startswith("bias") or _skip_frozen(name, m, pname, report):
             continue
         if scheme != "auto":
             chosen = scheme
@@ -203,9 +221,38 @@ def _init_feedforward(name: str, m: nn.Module, scheme: str, act: Act, report: In
     _record(report, name, m, "weight", str(act), chosen, _init_weight(m, "weight", chosen, act))
 
 
+def _init_tied_feedforward(name: str, m: nn.Module, scheme: str, act: Act, report: InitReport,
+                           aliases: dict[int, list[str]], done: dict[int, InitRow | None],
+                           layer_weights: set[str]) -> None:
+    """`_init_feedforward`, once per weight tensor: a weight tied between layers (``b.weight =
+    a.weight``) drawn again would undo the first layer's draw and make its report row false. Notes
+    say which draw a tied weight got, and that a layer tied to an embedding sets the embedding."""
+    full = _full(name, "weight")
+    tied = None if parametrize.is_parametrized(m, "weight") else id(m.weight)
+    if tied is None or len(aliases.get(tied, ())) < 2:
+        _init_feedforward(name, m, scheme, act, report)
+        return
+    others = [n for n in aliases[tied] if n != full]
+    if tied in done:
+        first = done[tied]
+        if first is not None:
+            want = _auto_scheme(act) if scheme == "auto" else scheme
+            differs = (want, str(act)) != (first.scheme, first.activation)
+            report.notes.append(f"{full} is tied to {first.name} (one tensor): initialised once, for {first.name} "
+                                f"({first.scheme}, followed by {first.activation})"
+                                + (f"; here it is followed by {act}, which would want {want}" if differs else ""))
+        return
+    rows = len(report.rows)
+    _init_feedforward(name, m, scheme, act, report)
+    done[tied] = report.rows[-1] if len(report.rows) > rows else None
+    if done[tied] is not None and not any(n in layer_weights for n in others):  # tied to an embedding ...
+        report.notes.append(f"{full} is tied to {', '.join(others)} (one tensor): the draw for {name or 'it'} "
+                            f"sets {', '.join(others)} too")
+
+
 def _zero_biases(name: str, m: nn.Module, report: InitReport) -> None:
     for pname in _own_tensors(m):
-        if pname.startswith("bias"):
+        if pname.startswith("bias") and not _skip_frozen(name, m, pname, report):
             _, note = _assign(m, pname, torch.zeros_like(getattr(m, pname)))
             if note:
                 report.notes.append(f"{_full(name, pname)}: {note}")
@@ -289,6 +336,11 @@ def init_(model: nn.Module, scheme: str = "auto", *, example_input: Any = None) 
     follows = by_registration(model, set(layers))
     if example_input is not None:
         follows.update(by_execution(model, set(layers), example_input))
+    aliases: dict[int, list[str]] = {}  # a tied weight is one tensor under several names
+    for n, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(n)
+    done: dict[int, InitRow | None] = {}  # tied weights drawn so far, by tensor: once, for the first layer
+    layer_weights = {_full(n, "weight") for n, layer in layers.items() if not isinstance(layer, tuple(_GATES))}
     for name, m in layers.items():
         if _frozen(m):
             report.notes.append(f"{name}: left alone: frozen (requires_grad=False), so a new draw could never "
@@ -296,8 +348,8 @@ def init_(model: nn.Module, scheme: str = "auto", *, example_input: Any = None) 
             continue
         if isinstance(m, tuple(_GATES)):
             _init_recurrent(name, m, scheme, report)
-        else:
-            _init_feedforward(name, m, scheme, follows.get(name, NONE), report)
+        elif not _skip_frozen(name, m, "weight", report):
+            _init_tied_feedforward(name, m, scheme, follows.get(name, NONE), report, aliases, done, layer_weights)
         _zero_biases(name, m, report)
     return report
 

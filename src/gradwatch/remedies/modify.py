@@ -12,7 +12,8 @@
 
 All change the model in place (pass ``inplace=False`` for a changed deep copy) and leave the
 parameter names of untouched layers as they were. Only modules are changed: activations called
-as functions in a forward (F.sigmoid) cannot be swapped from outside.
+as functions in a forward (F.sigmoid) cannot be swapped from outside (given `example_input`,
+`swap_activations` counts them in its description).
 
 Names of changed layers. A layer inside an nn.Sequential gets its norm as a new sibling named
 ``"<name>_bn"`` / ``"<name>_ln"`` right after it, so even its own parameter names stay the same;
@@ -34,6 +35,7 @@ import torch
 from torch import nn
 
 from gradwatch.errors import ConfigError
+from gradwatch.remedies._activations import functional_calls
 from gradwatch.remedies._common import forward_once
 
 ModuleTypes = Union[type, tuple]
@@ -154,9 +156,11 @@ def swap_activations(model: nn.Module, old: ModuleTypes = nn.Sigmoid,
     layer; without, one registered after it (a module shared by every layer but registered last
     is taken for the output's then)."""
     old_types = _types("old", old)
+    new = _factory(new)
     model = _target(model, inplace)
     # every place a module sits, also one instance registered twice (named_modules() lists it once)
     named = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if n]
+    before = _names(model)
     output = _output_activations(model, named, old_types, example_input) if keep_output else set()
     swapped, made = [], None
     for name, m in named:
@@ -168,10 +172,52 @@ def swap_activations(model: nn.Module, old: ModuleTypes = nn.Sigmoid,
             _refresh_fast_path(model, name)
             swapped.append(name)
     old_name = "/".join(t.__name__ for t in old_types)
+    functional = _functional_note(model, example_input, old_types, keep_output)
     if not swapped:
         kept = f" but the output's ({', '.join(sorted(output))}), kept" if output else " found"
-        return model, Change(f"no {old_name} module{kept}; nothing changed")
-    return model, Change(f"replaced {len(swapped)} {old_name} module(s) by {made!r}: {', '.join(swapped)}", swapped)
+        return model, Change(f"no {old_name} module{kept}; nothing changed{functional}")
+    renamed, new_params = _renames(before, model)  # a PReLU brings parameters of its own
+    return model, Change(f"replaced {len(swapped)} {old_name} module(s) by {made!r}: {', '.join(swapped)}"
+                         + functional + _optimizer_note(new_params), swapped, renamed, new_params)
+
+
+def _functional_note(model: nn.Module, example_input: Any, old_types: tuple, keep_output: bool) -> str:
+    """What the swap could not reach: the same activation called as a function in a forward, found
+    by a forward pass of `example_input` (without one, nothing is said)."""
+    if example_input is None:
+        return ""
+    calls = functional_calls(model, example_input, old_types)
+    if not calls:
+        return ""
+    counts = ", ".join(f"{calls.count(n)} call(s) of {n}" for n in dict.fromkeys(calls))
+    return (f"; the forward also applies it as a function ({counts}), which no module swap reaches: "
+            "replace those in the forward by hand" + (" (but the output's)" if keep_output else ""))
+
+
+def _factory(new: Any) -> Callable[[], nn.Module]:
+    """`new` as a factory of fresh modules. A module instance (``new=nn.LeakyReLU(0.1)``) is copied
+    for each place, as a class or a lambda would make one each: calling the instance itself would
+    run its forward with no input."""
+    if isinstance(new, nn.Module):
+        return lambda: copy.deepcopy(new)
+    if not callable(new):
+        raise ConfigError(f"new={new!r} is not an nn.Module class, instance or factory; "
+                          "pass e.g. nn.GELU, nn.LeakyReLU(0.01) or lambda: nn.LeakyReLU(0.01)")
+    return new
+
+
+def _optimizer_note(new: list[str], replaced: bool = False) -> str:
+    """What an optimizer built before the change misses: the new parameters (and, for a replaced
+    module, it still holds the old ones, which no longer take part in the forward)."""
+    if not new:
+        return ""
+    if replaced:
+        return (f"; an optimizer built before the change lacks its {len(new)} new parameter(s) "
+                "(change.new_parameters) and still holds the replaced module's, which the forward no longer "
+                "uses: build the optimizer again")
+    return (f"; an optimizer built before the change lacks its {len(new)} new parameter(s) "
+            "(change.new_parameters): build it again, or add them with optimizer.add_param_group("
+            "{'params': [dict(model.named_parameters())[n] for n in change.new_parameters]})")
 
 
 def _output_activations(model: nn.Module, named: list[tuple[str, nn.Module]], old_types: tuple,
@@ -285,7 +331,8 @@ def insert_norm(model: nn.Module, kind: str = "batch", after: ModuleTypes = (nn.
         return model, Change(f"no layer of type {after!r} to normalise; nothing changed")
     what = "BatchNorm" if kind == "batch" else "LayerNorm"
     return model, Change(f"inserted {what} after {len(layers)} layer(s): {', '.join(layers)}"
-                         + (f" (renamed {len(renamed)} parameter(s))" if renamed else ""), layers, renamed, new)
+                         + (f" (renamed {len(renamed)} parameter(s))" if renamed else "") + _optimizer_note(new),
+                         layers, renamed, new)
 
 
 def _shapes(model: nn.Module, example_input: Any) -> dict[str, bool]:
@@ -372,8 +419,8 @@ def replace_rnn(model: nn.Module, *, inplace: bool = True) -> tuple[nn.Module, C
     if not rnns:
         return model, Change("no nn.RNN found; nothing changed")
     names = [p.name for p in rnns]
-    return model, Change(f"replaced {len(grus)} nn.RNN by nn.GRU of the same shape: {', '.join(names)}",
-                         names, renamed, new)
+    return model, Change(f"replaced {len(grus)} nn.RNN by nn.GRU of the same shape: {', '.join(names)}"
+                         + _optimizer_note(new, replaced=True), names, renamed, new)
 
 
 def _gru_like(rnn: nn.RNN) -> nn.GRU:

@@ -89,6 +89,13 @@ class AutoClip:
     def __call__(self, params: Params) -> torch.Tensor:
         grads = grads_of(params)
         norm = total_norm(grads, self.norm_type, self.process_group)
+        if not grads and self.process_group is None:
+            # No gradient at all (a frozen part's optimizer, a step after a skipped backward): no
+            # step happens, and a 0 in the history would drag the percentile towards 0, clipping
+            # every later step to nothing. (Sharded, every rank must join the all-reduce above
+            # and record alike, so an empty shard records.)
+            self.last_norm = norm
+            return norm
         slot = self._slot(norm.device)
         value = norm.to(self._history.dtype)
         self._history[slot] = torch.where(torch.isfinite(value), value, torch.full_like(value, float("nan")))

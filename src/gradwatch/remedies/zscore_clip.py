@@ -127,6 +127,12 @@ class ZClip:
     def __call__(self, params: Params) -> torch.Tensor:
         grads = grads_of(params)
         norm = total_norm(grads, self.norm_type, self.process_group)
+        if not grads and self.process_group is None:
+            # No gradient at all (a frozen part's optimizer, a step after a skipped backward): no
+            # step happens; a 0 would enter the warm-up mean or pull the EMA down, making every
+            # later step look like a spike.
+            self.last_norm = norm
+            return norm
         if self._state is None:
             self._state = self._init_state(norm.device)
         elif self._state["mean"].device != norm.device:  # loaded from a checkpoint mapped elsewhere
