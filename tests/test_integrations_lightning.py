@@ -294,3 +294,41 @@ def test_a_fit_resumed_from_a_checkpoint_continues_the_run(tmp_path):
     np.testing.assert_array_equal(run.loss[:10], first.loss)
     _, norms = run.series("fc1", "grad_norm")
     np.testing.assert_allclose(norms[10:], [step["fc1"] for step in net.preclip], rtol=1e-5)
+
+
+def _fit_gan(tmp_path, callback, max_epochs, gan, trainer=None, **fit):
+    """A GAN fit of 6 generator steps an epoch (global_step counts both optimizers' steps: 12)."""
+    torch.manual_seed(0)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(96, 8) + 2), batch_size=8)
+    if trainer is None:
+        trainer = pl.Trainer(max_epochs=max_epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, default_root_dir=tmp_path, callbacks=[callback])
+    else:
+        trainer.fit_loop.max_epochs = max_epochs
+    with pytest.warns(UserWarning, match="2 optimizers"):
+        trainer.fit(gan, loader, **fit)
+    return trainer
+
+
+@pytest.mark.parametrize("how", ["second_fit", "checkpoint"])
+def test_two_optimizers_continue_at_the_watched_optimizers_step(tmp_path, how):
+    """Before, a second fit (or a resume from a checkpoint) of a two-optimizer module started at
+    trainer.global_step, which counts both optimizers' steps: the store held steps 0-5 then
+    12-17, a gap of 6 steps that never happened. Now the watched steps continue: 0-11."""
+    trainer = _fit_gan(tmp_path, GradwatchCallback(flush_every=4), 1, GAN())
+    assert trainer.global_step == 12
+    first = gw.read_run(tmp_path / "gradwatch")
+    assert list(first.steps) == list(range(6))
+    gan = GAN()
+    if how == "second_fit":
+        gan = trainer.lightning_module
+        gan.g_norms = []
+        _fit_gan(tmp_path, None, 2, gan, trainer)
+    else:  # a new callback and trainer: the watched step comes from the checkpoint
+        gan.load_state_dict(trainer.lightning_module.state_dict())
+        _fit_gan(tmp_path, GradwatchCallback(flush_every=4), 2, gan, ckpt_path=next(tmp_path.rglob("*.ckpt")))
+    run = gw.read_run(tmp_path / "gradwatch")
+    assert list(run.steps) == list(range(12))
+    np.testing.assert_array_equal(run.loss[:6], first.loss)
+    _, ours = run.series("G.0", "grad_norm")
+    np.testing.assert_allclose(ours[6:], [step["G.0"] for step in gan.g_norms], rtol=1e-5)

@@ -11,7 +11,9 @@ pre-clip norms, logged as `gradwatch/grad_norm_preclip/<layer>` after each flush
 `<trainer.default_root_dir>/gradwatch`: `gradwatch report` and `gradwatch diagnose` read it; a fit
 from a global step above 0 (a second fit, `ckpt_path=`) continues the run stored there. Under DDP
 the strategy's wrapper is watched: gradients after the all-reduce, one store written by rank 0.
-With several optimizers the first one's steps are recorded; a backward while `toggle_optimizer`
+With several optimizers the first one's steps are recorded (a second fit or a checkpoint's resume
+continues from the first one's count, which the callback keeps in its checkpoint state, not from the
+global step, which counts every optimizer's steps); a backward while `toggle_optimizer`
 has switched its weights off (a GAN's discriminator loss) is left out.
 """
 
@@ -50,6 +52,10 @@ class GradwatchCallback(pl.Callback):
         self._optimizer = None
         self._window: list[torch.Tensor] = []  # this step's micro-batch losses, as backward saw them
         self._count = 0
+        # (trainer.global_step, watched steps) when the last training ended or a checkpoint was
+        # saved: with several optimizers stepping (manual optimization) the global step counts
+        # every optimizer's steps, the watched step only the first one's
+        self._resume: tuple[int, int] | None = None
         self.recorder = Recorder(out, self._report, every=every, sample_every=sample_every,
                                  flush_every=flush_every, stop_on=stop_on)
 
@@ -76,8 +82,29 @@ class GradwatchCallback(pl.Callback):
         watch = self.recorder.start(wrapped if distributed else pl_module, trainer.optimizers[0], out,
                                     f"lightning {pl.__version__}", rank_dir,
                                     writer=not distributed or trainer.global_rank == 0,
-                                    first_step=trainer.global_step)
+                                    first_step=self._first_step(trainer))
         watch.on_flush.append(lambda w: self._log_flushed())
+
+    def _first_step(self, trainer: "pl.Trainer") -> int:
+        """The watched step this fit starts at: where the last fit (or the checkpoint resumed
+        from) left the watched optimizer, when the trainer resumes at the global step it had then;
+        else the global step (one optimizer: the same count)."""
+        if self._resume is not None and self._resume[0] == trainer.global_step:
+            return self._resume[1]
+        return trainer.global_step
+
+    def _watched_steps(self) -> tuple[int, int] | None:
+        if self.recorder.watch is None or self._trainer is None:
+            return self._resume
+        return self._trainer.global_step, self.recorder.watch.step
+
+    def state_dict(self) -> dict:
+        steps = self._watched_steps()
+        return {} if steps is None else {"global_step": steps[0], "watched_step": steps[1]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "global_step" in state_dict and "watched_step" in state_dict:
+            self._resume = (int(state_dict["global_step"]), int(state_dict["watched_step"]))
 
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss) -> None:
         # toggle_optimizer(other) froze the watched optimizer's weights: this backward (a GAN's
@@ -119,6 +146,7 @@ class GradwatchCallback(pl.Callback):
             trainer.logger.log_metrics({PREFIX + "findings": self._count}, step=max(finding.first_step, 0))
 
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._resume = self._watched_steps()
         self.recorder.finish()
         self._log_flushed()
         self.recorder.close()
