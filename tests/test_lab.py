@@ -256,9 +256,12 @@ def test_cli_list_run_and_error(tmp_path, capsys):
     assert "pages:" in capsys.readouterr().out
 
 
-def test_progress_is_shown_as_lines_when_stderr_is_not_a_terminal(tmp_path, capsys):
+def test_progress_is_shown_as_lines_when_stderr_is_not_a_terminal(tmp_path, capsys, monkeypatch):
     """In a log file or a pipe rich's live bar draws nothing until the end: a full run would be
-    minutes of silence. Each phase start and each tenth of it is one line there."""
+    minutes of silence. Each phase start and each tenth of it is one line there, at most one per
+    5 s (a quick phase of a second prints only its start)."""
+    from gradwatch.lab.runner import _LineProgress
+
     def work(quick, out, progress):
         progress.phase("training", 100)
         for _ in range(10):
@@ -267,11 +270,18 @@ def test_progress_is_shown_as_lines_when_stderr_is_not_a_terminal(tmp_path, caps
         res.check("ok", True)
         return res
 
+    def lines():
+        return [line for line in capsys.readouterr().err.splitlines() if line.startswith("slow: ")]
+
     lab.run_many([Experiment("slow", "t", "c", "e", "s", work)], True, tmp_path, show=True)
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("slow: ")]
-    assert [line.split(" [")[0] for line in lines[:-1]] == (["slow: training 0/100"] +
-                                                          [f"slow: training {k}/100" for k in range(10, 101, 10)])
-    assert lines[-1].startswith("slow: PASS (")
+    quick = lines()
+    assert [line.split(" [")[0] for line in quick[:-1]] == ["slow: training 0/100"] and quick[-1].startswith("slow: PASS (")
+    monkeypatch.setattr(_LineProgress, "every", 0.0)  # every tenth is due
+    lab.run_many([Experiment("slow", "t", "c", "e", "s", work)], True, tmp_path, show=True)
+    slow = lines()
+    assert [line.split(" [")[0] for line in slow[:-1]] == (["slow: training 0/100"] +
+                                                         [f"slow: training {k}/100" for k in range(10, 101, 10)])
+    assert slow[-1].startswith("slow: PASS (")
 
 
 def test_depth_shows_the_forward_signal_shrinking_with_standard_init(out):

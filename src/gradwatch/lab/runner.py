@@ -37,15 +37,20 @@ class _RichProgress:
 class _LineProgress:
     """Progress as plain lines, for a stderr that is not a terminal (a log file, a pipe, CI): rich's
     live bar draws nothing there until the end, so minutes of training would pass in silence. One
-    line when a phase starts, one each time it crosses another tenth, one when the experiment ends."""
+    line when a phase starts, one each time it crosses another tenth (at most one per `every`
+    seconds: the demo's quick phases of a second each gave ten lines apiece), one when the
+    experiment ends."""
+
+    every = 5.0
 
     def __init__(self, console: Console, name: str):
         self.console, self.name = console, name
         self.note, self.total, self.completed, self.shown = "", 0, 0, 0
-        self.start = time.perf_counter()
+        self.start = self.last = time.perf_counter()
 
     def _line(self, text: str) -> None:
-        self.console.print(f"{self.name}: {text} [{time.perf_counter() - self.start:.0f} s]", markup=False,
+        self.last = time.perf_counter()
+        self.console.print(f"{self.name}: {text} [{self.last - self.start:.0f} s]", markup=False,
                            highlight=False, soft_wrap=True)
 
     def phase(self, note: str, total: int) -> None:
@@ -56,7 +61,7 @@ class _LineProgress:
         self.completed += n
         if self.total > 0:
             tenth = min(10, self.completed * 10 // self.total)
-            if tenth > self.shown:
+            if tenth > self.shown and time.perf_counter() - self.last >= self.every:
                 self.shown = tenth
                 self._line(f"{self.note} {min(self.completed, self.total)}/{self.total}")
 
