@@ -14,25 +14,16 @@ watched: gradients after the all-reduce, one store written by rank 0.
 
 from __future__ import annotations
 
-import gc
 import os
 
 import torch
 from transformers import TrainerCallback
 from transformers.utils import logging
 
+from gradwatch.collect.distributed import ddp_wrapper
 from gradwatch.integrations._trainer import Recorder
 
 logger = logging.get_logger("gradwatch")
-
-
-def ddp_wrapper(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The DistributedDataParallel that wraps `model`. The Trainer hands callbacks the bare model,
-    whose gradient hooks see each rank's local gradients before the all-reduce, and keeps the
-    wrapper to itself: it is looked for among live objects, once per training."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    return next((o for o in gc.get_objects() if isinstance(o, DistributedDataParallel) and o.module is model), None)
 
 
 class GradwatchCallback(TrainerCallback):
