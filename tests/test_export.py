@@ -54,7 +54,10 @@ def check_scalars(acc: EventAccumulator, run) -> None:
 def test_export_command(tmp_path, capsys):
     train(tmp_path / "run")
     assert cli(["export", str(tmp_path / "run"), "--tensorboard", str(tmp_path / "tb")]) == 0
-    assert "Wrote 30 steps" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert "Wrote 30 steps" in said.out
+    # each stage on stderr (a long run's export was minutes of silence); no findings.json: diagnosed
+    assert said.err.splitlines() == ["gradwatch: writing the steps", "gradwatch: diagnosing 30 steps (no up-to-date findings.json)"]
     acc = events(tmp_path / "tb")
     check_scalars(acc, gw.read_run(tmp_path / "run"))
     texts = acc.Tags()["tensors"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from gradwatch.cli import say
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -19,6 +21,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     from gradwatch.integrations.tensorboard import export
 
-    n = export(args.run, args.tensorboard)
+    n = export(args.run, args.tensorboard, progress=say)
     print(f"Wrote {n} steps to TensorBoard logs in {args.tensorboard} (view: tensorboard --logdir {args.tensorboard})")
     return 0

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
+from gradwatch.cli import say
 from gradwatch.diagnose import diagnose
 from gradwatch.errors import ConfigError
 from gradwatch.report import saved_findings, write_report
@@ -36,23 +36,19 @@ def _steps(text: str | None) -> list[int] | None:
         raise ConfigError(f"--steps={text!r}: expected step numbers separated by commas, e.g. --steps 0,100,1000") from None
 
 
-def _say(text: str) -> None:
-    print(f"gradwatch: {text}", file=sys.stderr, flush=True)
-
-
 def main(args: argparse.Namespace) -> int:
     run = Path(args.run)
     default = run / "report.html" if run.is_dir() else run.with_suffix(".html")
     steps = _steps(args.steps)
     # Each stage says what it does: a deep run's report took 10-35 s in silence (drawing alone
     # about 1 s per picture, diagnosing without an up-to-date findings.json most of the rest).
-    _say(f"reading {run}")
+    say(f"reading {run}")
     series = read_run(run)
     findings = saved_findings(run)
     if findings is None:
-        _say(f"diagnosing {len(series.steps):,} steps x {len(series.layers)} layers (no up-to-date findings.json)")
+        say(f"diagnosing {len(series.steps):,} steps x {len(series.layers)} layers (no up-to-date findings.json)")
         findings = diagnose(series)
-    _say("drawing the pictures")
+    say("drawing the pictures")
     out = write_report(series, args.output or default, findings=findings, steps=steps, title=os.fspath(run))
     print(f"Wrote HTML report to {out}")
     return 0

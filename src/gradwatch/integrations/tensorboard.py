@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 from gradwatch.errors import ConfigError
 from gradwatch.integrations._rows import StepRows, WatchStore, rows_since
@@ -59,10 +60,13 @@ def write_findings(writer, findings: list, start: int = 0) -> None:
         writer.add_text(f"findings/{n}_{f.kind}", finding_text(f), f.first_step)
 
 
-def export(run: str | os.PathLike, logdir: str | os.PathLike, findings: list | None = None) -> int:
+def export(run: str | os.PathLike, logdir: str | os.PathLike, findings: list | None = None,
+           progress: Callable[[str], None] | None = None) -> int:
     """Write a recorded run (a run directory or store file) as TensorBoard event files under
     `logdir`; returns the number of steps written. The findings are `findings`, else the run's
-    findings.json when it is up to date (as for the report), else `gw.diagnose(run)`."""
+    findings.json when it is up to date (as for the report), else `gw.diagnose(run)`.
+    `progress(text)` is told each stage (a 20,000-step run takes minutes)."""
+    say = progress or (lambda text: None)
     from gradwatch.diagnose import diagnose
     from gradwatch.report import saved_findings
     from gradwatch.store.reader import connect, store_files
@@ -75,11 +79,16 @@ def export(run: str | os.PathLike, logdir: str | os.PathLike, findings: list | N
     n = 0
     try:
         writer.add_text("gradwatch", ABOUT, 0)
+        say("writing the steps")
         for row in rows_since(db):
             write_step(writer, row)
             n += 1
+            if n % 5000 == 0:
+                say(f"{n:,} steps written")
         if findings is None:  # diagnosing reads the whole run: 31 s and 0.86 GB for 20,000 steps x 300 layers
             findings = saved_findings(run)
+        if findings is None:
+            say(f"diagnosing {n:,} steps (no up-to-date findings.json)")
         write_findings(writer, diagnose(run) if findings is None else findings)
     finally:
         writer.close()
