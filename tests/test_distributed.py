@@ -222,3 +222,15 @@ def test_watching_the_module_inside_ddp_reads_the_averaged_gradients(tmp_path):
         assert series.metrics["grad_norm"][0, 0] == pytest.approx(float(grad), rel=1e-6)
     finally:
         dist.destroy_process_group()
+
+
+def test_a_rank_error_in_the_summary_is_its_first_line_cut_at_a_word():
+    """gloo's errors run to hundreds of characters: cut at 200 they ended mid-word ('... Ch')."""
+    from gradwatch.collect.auto import _first_line
+
+    error = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                         + "[127.0.0.1]:29500 " * 20 + "\nsecond line")
+    said = _first_line(error)
+    assert said.startswith("[../third_party/gloo") and said.endswith("[127.0.0.1]:29500 ...")
+    assert len(said) <= 160 and "second" not in said
+    assert _first_line(ValueError("")) == ""

@@ -29,7 +29,10 @@ def print_run_summary(run_dir: Path, out: TextIO) -> None:
     last = (f", last loss {loss[-1]:.4g}" if np.isfinite(loss[-1]) else ", last loss non-finite") if len(loss) else ""
     print(f"gradwatch: {len(series.steps)} steps, {n_layers} layers{last} -> {run_dir}", file=out)
     for step, detail in series.meta.get("distributed_errors") or []:  # only an event row otherwise
-        print(f"gradwatch: the distributed run broke at step {step} ({detail}); what follows is one rank's own", file=out)
+        # rank 0's error is often only its peer closing the connection: the failing rank's own
+        # traceback is in torchrun's output above
+        print(f"gradwatch: the distributed run broke at step {step} ({detail}); the first rank to fail printed "
+              "its own error above; the findings below are of the steps recorded before the break", file=out)
     if not findings:
         print("gradwatch: no findings", file=out)
     for f in findings:

@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import sys
+import textwrap
 import threading
 import weakref
 from collections.abc import Iterator
@@ -328,6 +329,12 @@ def _flush_on_os_exit(watch: AutoWatch) -> None:
     os._exit = _exit
 
 
+def _first_line(error: BaseException, width: int = 160) -> str:
+    """An error's first line, cut at a word (gloo's errors run to several hundred characters)."""
+    lines = str(error).strip().splitlines()
+    return textwrap.shorten(lines[0], width, placeholder=" ...") if lines else ""
+
+
 def _no_collectives_after_a_crash(watch: AutoWatch) -> None:
     """An uncaught exception ends this rank while the others wait in the training's next
     collective: the exit flush must not start one of its own (it waited for the group's timeout,
@@ -335,7 +342,7 @@ def _no_collectives_after_a_crash(watch: AutoWatch) -> None:
     previous = sys.excepthook
 
     def excepthook(kind, value, tb) -> None:
-        watch.abandon_collectives(f"rank ended on {kind.__name__}: {value}"[:200])
+        watch.abandon_collectives(f"it ended on {kind.__name__}: {_first_line(value)}")
         previous(kind, value, tb)
 
     sys.excepthook = excepthook
@@ -369,7 +376,7 @@ def _die_of(watch: AutoWatch, signum: int) -> None:
     ended the flush the first began."""
     signal.signal(signum, signal.SIG_IGN)
     with contextlib.suppress(Exception):  # dying anyway: what was flushed before stays
-        watch.abandon_collectives("rank ended on SIGTERM")  # torchrun's, after another rank failed
+        watch.abandon_collectives("it ended on SIGTERM")  # torchrun's, after another rank failed
         _detach_at_exit(watch)
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
