@@ -435,3 +435,15 @@ def test_show_never_cuts_metric_or_layer_names_and_filters_metrics(tmp_path, cap
     assert sum("grad_norm" in l for l in lines) == 2 and not any("weight_norm" in l for l in lines)
     assert cli(["show", str(tmp_path), "--metric", "grad_nrom"]) == 2
     assert "--metric='grad_nrom'" in capsys.readouterr().err
+
+
+def test_header_counts_layers_as_run_does_and_loss_caption_names_only_what_is_drawn(run_dir, page):
+    """The header counted the activation modules as layers (27 where `gradwatch run` said 14), and
+    the loss caption spoke of dashed finding lines on a page with no finding."""
+    run = gw.read_run(run_dir)
+    weights = len(run.layer_names("param")) + len(run.layer_names("recurrent"))
+    acts = len(run.layer_names("activation"))
+    assert weights == 7 and acts == 6
+    assert f"{len(run.steps):,} steps, 7 layers and 6 activations, " in page
+    assert "dashed lines mark each finding" in page
+    assert "dashed lines mark each finding" not in render_html(run_dir, findings=[])

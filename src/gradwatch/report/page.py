@@ -205,8 +205,8 @@ def loss_section(run: RunSeries, findings: list) -> str:
     last = "non-finite" if np.isinf(recorded[-1]) else fmt(recorded[-1])
     facts = (f"first {fmt(finite[0])}, last {last}, lowest {fmt(finite.min())}"
              + (f"; {nonfinite} steps with a non-finite loss (marked × along the top)" if nonfinite else ""))
-    body = (f'<p class="sub">Training loss; dashed lines mark each finding\'s first step, numbered as in the list '
-            f'above. Loss: <span class="loss-facts">{esc(facts)}</span>.</p>'
+    marked = "; dashed lines mark each finding's first step, numbered as in the list above" if marks else ""
+    body = (f'<p class="sub">Training loss{marked}. Loss: <span class="loss-facts">{esc(facts)}</span>.</p>'
             f'{_img(figures.png(fig), "loss curve")}{_note(blocks, "median (line) and min–max (band)")}')
     return _section("loss", "Loss", body)
 
@@ -267,7 +267,10 @@ def meta_section(run: RunSeries, source: str) -> str:
 def page(run: RunSeries, findings: list, source: str, steps: list[int] | None = None, version: str = "") -> str:
     n = len(findings)
     worst = next((s for s in ("error", "warning", "info") if any(f.severity == s for f in findings)), None)
-    summary = (f"{len(run.steps):,} steps, {len(run.layers)} layers, "
+    weights, acts = len(run.layer_names("param")) + len(run.layer_names("recurrent")), len(run.layer_names("activation"))
+    # weight layers, as `gradwatch run` counts them (counting the activation modules too, the page
+    # said 27 layers where the run had said 14)
+    summary = (f"{len(run.steps):,} steps, {weights} layers" + (f" and {acts} activations" if acts else "") + ", "
                + (f"{n} finding{'s' * (n != 1)} (worst: {worst})" if n else "no findings"))
     sections = [findings_section(findings), flow_section(run, steps), heatmap_section(run), time_profile_section(run),
                 loss_section(run, findings), activation_section(run), meta_section(run, source)]
