@@ -61,10 +61,8 @@ class FixResult:
         losses (`lower_beyond_noise`): an LSTM at chance (0.6943) "beaten" by a pair of remedies at
         0.6927, a standard error of 0.005 apart, was printed as the change to make, and pasted in it
         gave a validation accuracy of 0.48 against the baseline's 0.50."""
-        best = self.ranked[0] if self.trials else None
-        if best is None or not (best.score < self.baseline.score and best.score[0] == 0):
-            return None
-        if self.baseline.score[0] == 0 and len(best.harmful) == len(self.baseline.harmful) \
+        best = self._ahead
+        if best is not None and self.baseline.score[0] == 0 and len(best.harmful) == len(self.baseline.harmful) \
                 and not lower_beyond_noise(best, self.baseline):
             return None
         return best
@@ -72,10 +70,13 @@ class FixResult:
     @property
     def within_noise(self) -> Trial | None:
         """The best full trial when it ended lower than the baseline, but within the noise."""
+        return self._ahead if self.winner is None else None
+
+    @property
+    def _ahead(self) -> Trial | None:
+        """The best full trial if it ranks ahead of the baseline with a finite loss."""
         best = self.ranked[0] if self.trials else None
-        if best is None or self.winner is not None or not best.score < self.baseline.score or best.score[0] != 0:
-            return None
-        return best
+        return best if best is not None and best.score < self.baseline.score and best.score[0] == 0 else None
 
     @property
     def repaired(self) -> bool:

@@ -18,6 +18,26 @@ def start_window(n: int, th: Thresholds) -> int:
     return min(window(n, th.min_loss_window), max(th.min_loss_window, 50))
 
 
+def loss_fell_to(run: RunSeries, th: Thresholds, fraction: float, since: int | None = None) -> tuple[float, float] | None:
+    """(loss at the start, or around step `since`; loss at the end) when the end is at most
+    `fraction` of it: the run learnt. Medians of a window (a tenth of the run); None for a run
+    with a non-finite loss, too short to tell, or `since` within the last window."""
+    steps, loss = finite_loss(run)
+    if np.isinf(run.loss).any() or len(loss) < th.min_loss_steps:
+        return None
+    w = window(len(loss), th.min_loss_window)
+    if since is None:
+        start = float(np.median(loss[:start_window(len(loss), th)]))
+    else:
+        i = int(np.searchsorted(steps, since))
+        if i + w >= len(loss):
+            return None
+        first = max(i - w // 2, 0)
+        start = float(np.median(loss[first:first + w]))
+    end = float(np.median(loss[-w:]))
+    return (start, end) if start > 0 and end <= fraction * start else None
+
+
 def find_loss_plateau(run: RunSeries, th: Thresholds) -> list[Finding]:
     """No learning: the loss at the end is within 1% of where it started. A loss that fell and then
     levelled off has converged, which is not a finding; one that turned non-finite is another."""

@@ -3,12 +3,10 @@ is below 0.01 and the gradient through them all but vanishes."""
 
 from __future__ import annotations
 
-import numpy as np
-
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
-from gradwatch.diagnose.signals import (activation_columns, finite_loss, persistent_activation_layers,
-                                        summarise_layers, window)
+from gradwatch.diagnose.rules.loss import loss_fell_to
+from gradwatch.diagnose.signals import activation_columns, persistent_activation_layers, summarise_layers
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
 
@@ -31,7 +29,7 @@ def find_saturation(run: RunSeries, th: Thresholds) -> list[Finding]:
     worst_layer = max(layers, key=lambda n: hits[n][1])  # the share said is this layer's
     said = (f"{worst:.0%} of the outputs of '{worst_layer}' sit within 1% of an asymptote since step {first}"
             + (f" ({len(layers)} layers affected)" if len(layers) > 1 else ""))
-    learning = None if at_init else _loss_fell_since(run, first, th)
+    learning = None if at_init else loss_fell_to(run, th, th.saturation_learning, since=first)
     if learning is not None:
         evidence["loss_since_onset"] = list(learning)
         message = (f"{said}, and the loss still fell {learning[0]:.4g} -> {learning[1]:.4g} after it: confident "
@@ -41,17 +39,3 @@ def find_saturation(run: RunSeries, th: Thresholds) -> list[Finding]:
     message = f"{said}: almost no gradient passes. {remedies[0].action}."
     return [Finding("saturation", "warning", first, layers, message, evidence, tuple(causes), tuple(remedies))]
 
-
-def _loss_fell_since(run: RunSeries, step: int, th: Thresholds) -> tuple[float, float] | None:
-    """(loss around `step`, loss at the end) when the end is at most `saturation_learning` of it:
-    the run kept learning after its units saturated. Medians of a window (a tenth of the run)."""
-    steps, loss = finite_loss(run)
-    if np.isinf(run.loss).any() or len(loss) < th.min_loss_steps:
-        return None
-    w = window(len(loss), th.min_loss_window)
-    i = int(np.searchsorted(steps, step))
-    onset = float(np.median(loss[max(i - w // 2, 0):max(i - w // 2, 0) + w]))
-    end = float(np.median(loss[-w:]))
-    if i + w >= len(loss) or not (onset > 0 and end <= th.saturation_learning * onset):
-        return None
-    return onset, end

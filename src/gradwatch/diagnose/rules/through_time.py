@@ -7,8 +7,8 @@ import numpy as np
 
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
-from gradwatch.diagnose.rules.loss import start_window
-from gradwatch.diagnose.signals import finite_loss, persistent_start, time_ratio, window
+from gradwatch.diagnose.rules.loss import loss_fell_to
+from gradwatch.diagnose.signals import persistent_start, time_ratio
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
 
@@ -43,7 +43,7 @@ def find_through_time(run: RunSeries, th: Thresholds) -> list[Finding]:
                 what = f"no gradient reaches the first of {profile.shape[1]} steps (it underflows to 0)"
             message = f"Through time in {layer}, {what} since step {int(steps[start])}. {remedies[0].action}."
             severity = "error" if kind == "exploding_gradient" else "warning"
-            learnt = _loss_learnt(run, th) if kind == "vanishing_gradient" else None
+            learnt = loss_fell_to(run, th, th.time_learnt_loss) if kind == "vanishing_gradient" else None
             if learnt is not None:  # the task did not need the sequence's start
                 evidence["loss_start_end"] = list(learnt)
                 severity = "info"
@@ -54,12 +54,3 @@ def find_through_time(run: RunSeries, th: Thresholds) -> list[Finding]:
                                     tuple(causes), tuple(remedies)))
     return findings
 
-
-def _loss_learnt(run: RunSeries, th: Thresholds) -> tuple[float, float] | None:
-    """(loss at the start, at the end) when the end is at most `time_learnt_loss` of the start."""
-    steps, loss = finite_loss(run)
-    if np.isinf(run.loss).any() or len(loss) < th.min_loss_steps:
-        return None
-    start = float(np.median(loss[:start_window(len(loss), th)]))
-    end = float(np.median(loss[-window(len(loss), th.min_loss_window):]))
-    return (start, end) if start > 0 and end <= th.time_learnt_loss * start else None
