@@ -7,7 +7,9 @@ the leaky family, its negative slope.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -258,17 +260,24 @@ def by_execution(model: nn.Module, layers: set[str], example_input: Any) -> dict
                 flow.mark(out, frozenset())
         return hook
 
+    with _leaf_hooks(model, pre, post), _Tracer(flow, running):
+        forward_once(model, example_input)
+    return {name: flow.found.get(name, NONE) for name in ran}
+
+
+@contextlib.contextmanager
+def _leaf_hooks(model: nn.Module, pre: Callable[[str], Callable], post: Callable[[str], Callable]) -> Iterator[None]:
+    """A forward pre-hook `pre(name)` and a forward hook `post(name)` on each leaf module, removed
+    on leaving, whatever the forward raised."""
     handles = []
     try:
         for name, m in _leaves(model):
             handles.append(m.register_forward_pre_hook(pre(name)))
             handles.append(m.register_forward_hook(post(name)))
-        with _Tracer(flow, running):
-            forward_once(model, example_input)
+        yield
     finally:
         for h in handles:
             h.remove()
-    return {name: flow.found.get(name, NONE) for name in ran}
 
 
 class _Calls(TorchFunctionMode):
@@ -299,18 +308,18 @@ def functional_calls(model: nn.Module, example_input: Any, modules: tuple) -> li
             names.add(act.name)
     if not names:
         return []
-    running: list[nn.Module] = []
+    running: list[nn.Module] = []  # the leaf modules whose forward is running
 
-    def leave(module: nn.Module, args: Any, out: Any) -> None:  # returns None: the output stays as it is
-        running.pop()
-    handles = []
-    try:
-        for _, m in _leaves(model):
-            handles.append(m.register_forward_pre_hook(lambda module, args: running.append(module)))
-            handles.append(m.register_forward_hook(leave))
-        with _Calls(running, names) as mode:
-            forward_once(model, example_input)
-    finally:
-        for h in handles:
-            h.remove()
+    def enter(name: str) -> Callable:
+        def hook(module: nn.Module, args: Any) -> None:  # None: the args stay as they are
+            running.append(module)
+        return hook
+
+    def leave(name: str) -> Callable:
+        def hook(module: nn.Module, args: Any, out: Any) -> None:  # None: the output stays as it is
+            running.pop()
+        return hook
+
+    with _leaf_hooks(model, enter, leave), _Calls(running, names) as mode:
+        forward_once(model, example_input)
     return mode.calls
