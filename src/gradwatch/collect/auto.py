@@ -199,7 +199,7 @@ class AutoWatch(Watch):
         params = [p for p in params if p.requires_grad and id(p) not in self._seen_params]
         if not params:
             return False
-        held = {id(p) for model, _ in self._models for p in model.parameters()}  # (a frozen layer unfrozen)
+        held = self._held_params()  # (a frozen layer unfrozen)
         return any(id(p) not in held for p in params)
 
     def _other_step(self, optimizer) -> None:

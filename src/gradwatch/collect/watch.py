@@ -609,7 +609,7 @@ class Watch:
         params = optimizer.param_groups[-1]["params"]  # the group just added
         unseen = [p for p in params if p.requires_grad and id(p) not in self._seen_params]
         if unseen:
-            held = {id(p) for model, _ in self._models for p in model.parameters()}
+            held = self._held_params()
             if any(id(p) in held for p in unseen):
                 if self._cur is None and self._snapshot is None and not self._in_step:
                     self._watch_new_params()
@@ -620,6 +620,10 @@ class Watch:
             # made once training is under way, for the watched weights: the optimizer made anew
             # (another kind for fine-tuning, a schedule by hand), unless the old one steps on
             self._successor = weakref.ref(optimizer)
+
+    def _held_params(self) -> set[int]:
+        """ids of every parameter of the watched models, those not watched (frozen when found) too."""
+        return {id(p) for model, _ in self._models for p in model.parameters()}
 
     def _follow(self, optimizer: torch.optim.Optimizer) -> None:
         """`gw.watch(model, optimizer)`, and `optimizer` replaced by a new one mid-run: the new one
