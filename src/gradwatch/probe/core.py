@@ -14,7 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from gradwatch.collect.stats import activation_stats
 from gradwatch.errors import ConfigError
 from gradwatch.probe import meanfield, recurrent, verdict
-from gradwatch.probe.record import Call, Recorder, _tensors, first_tensor, output_tensor
+from gradwatch.probe.record import Call, Recorder, first_tensor, output_tensor, tensors_in
 from gradwatch.probe.result import LayerProbe, ProbeResult
 from gradwatch.probe.spectra import MAX_PROBES, graph_ops, spectrum
 
@@ -226,7 +226,7 @@ def _std(t: torch.Tensor | None) -> float:
 def _outputs(c: Call) -> list[torch.Tensor]:
     """The tensors s of a layer's output that the loss can depend on: every floating tensor of it that
     requires grad (an LSTM's (out, (h_n, c_n)): a classifier on h_n[-1] never reads `out`)."""
-    ts = [t for t in _tensors(c.raw_out) if t.requires_grad and t.is_floating_point()]
+    ts = [t for t in tensors_in(c.raw_out) if t.requires_grad and t.is_floating_point()]
     if c.out is not None and c.out.requires_grad and all(t is not c.out for t in ts):
         ts.insert(0, c.out)
     return ts

@@ -17,25 +17,26 @@ from gradwatch.collect.layers import RECURRENT, Layer, discover
 def first_tensor(obj: Any) -> torch.Tensor | None:
     """The first tensor in a module's arguments or output: a tensor, or inside a tuple, list, dict
     or dataclass."""
-    return next(_tensors(obj), None)
+    return next(tensors_in(obj), None)
 
 
 def output_tensor(out: Any) -> torch.Tensor | None:
     """The model output a loss is taken of: its first tensor that requires grad (not a detached
     scalar or a step counter returned before the logits), else its first tensor."""
-    return next((t for t in _tensors(out) if t.requires_grad), first_tensor(out))
+    return next((t for t in tensors_in(out) if t.requires_grad), first_tensor(out))
 
 
-def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+def tensors_in(obj: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in a (nested) tuple, list, dict or dataclass output, in order."""
     if isinstance(obj, torch.Tensor):
         yield obj
     elif isinstance(obj, (tuple, list)):
         for o in obj:
-            yield from _tensors(o)
+            yield from tensors_in(o)
     elif isinstance(obj, dict):
-        yield from _tensors(list(obj.values()))
+        yield from tensors_in(list(obj.values()))
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        yield from _tensors([getattr(obj, f.name) for f in dataclasses.fields(obj)])
+        yield from tensors_in([getattr(obj, f.name) for f in dataclasses.fields(obj)])
 
 
 @dataclass
