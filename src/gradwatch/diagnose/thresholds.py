@@ -132,7 +132,8 @@ class Thresholds:
     # ... and the window's losses ranking above the start's beyond chance (one-sided Mann-Whitney
     # z; 3.1 is p ≈ 0.001, the running median being tested at ~10 places per window): with single-
     # sample losses the ratio of two medians of 20 is noise (simulated flat χ²₁ runs of 200 steps:
-    # 33% false alarms on the factor alone, 1.4% with this; minibatch means: 0% either way).
+    # 32.6% flagged on the factor alone, 2.0% with this; batch-size-8 means: 0% either way;
+    # benchmarks/divergence_noise.py).
     divergence_rank_z: float = 3.1
     # ... or the running median this many times the larger of the first two losses (before updates
     # compound): a blow-up within the first window raises that window's median with it. Two
