@@ -460,6 +460,11 @@ def test_a_leader_that_repairs_runs_alone_and_only_beside_a_close_repair(tmp_pat
         "Adam (lr 1e-3)", "learning rate x0.1"]
     assert names(pick_finals(_screened((leaky, -2.0, ()), (clip_norm(1.0), -1.5, ())))) == [
         leaky.name, f"{leaky.name} + clip norm 1"]
+    # the leader with Adam on top, screened behind it: Adam did not help it; the next repair pairs
+    from gradwatch.fix.candidates import combine, norm
+    batch = norm("batch")
+    assert names(pick_finals(_screened((batch, 1.26, ()), (combine(batch, adam()), 1.45, ()), (leaky, 1.49, ())))) == [
+        batch.name, f"{batch.name} + {leaky.name}"]
     # a vanilla RNN: orthogonal W_hh alone repaired it, its pairs did not: it is a final alone
     lead = orthogonal()
     assert names(pick_finals(_screened((lead, 0.1, ()), (lr_scale(10.0), 0.5, ("vanishing_gradient",)),
@@ -742,6 +747,40 @@ def test_the_printed_code_uses_the_scripts_own_names():
                      _context([1e-3], optimizer="Adam"))
     assert gan.complete(clip_norm(1.0, gan).code).splitlines()[0] == (
         "# model: your model (the nn.Module you train); optimizer: its optimizer (not found in your script)")
+
+
+FACTORY = '''
+import torch
+from torch import nn
+
+
+def make_optimizer(model, lr=0.1):
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+
+
+net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+opt = make_optimizer(net, lr=2.0)
+# BUILT
+net(torch.randn(16, 4)).pow(2).mean().backward()
+opt.step()
+'''
+
+
+def test_an_optimizer_built_by_a_function_of_the_script_is_named():
+    """A tester's script built its optimizer in `make_optimizer(model, lr)`: the change said
+    `optimizer`, "not found in your script", and pasted in, it raised a NameError."""
+    from gradwatch.fix.candidates import lr_scale
+    from gradwatch.fix.names import read_names
+
+    names = read_names(FACTORY, _context([2.0]))
+    assert (names.model, names.optimizer, names.found) == ("net", "opt", {"model", "optimizer"})
+    change = names.complete(lr_scale(0.1, names).code)
+    assert "not found" not in change
+    assert _pasted(FACTORY, change, "BUILT")["opt"].param_groups[0]["lr"] == pytest.approx(0.2)
+    # built in a variable and returned, the model passed by keyword: the same
+    local = FACTORY.replace("    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)",
+                            "    o = torch.optim.SGD(model.parameters(), lr=lr)\n    return o")
+    assert read_names(local.replace("make_optimizer(net, lr=2.0)", "make_optimizer(model=net)")).model == "net"
 
 
 def test_the_names_come_from_the_command_or_the_training_function(tmp_path):

@@ -9,7 +9,7 @@ from torch import nn
 
 from gradwatch.fix import Candidate, Trial, fix
 from gradwatch.diagnose.finding import Finding
-from gradwatch.fix.candidates import adam, from_findings, lr_scale
+from gradwatch.fix.candidates import adam, from_findings, lr_scale, reinit
 from gradwatch.fix.trial import NO_PROGRESS, final_error, first_loss
 
 fix_module = importlib.import_module("gradwatch.fix")  # the package (gradwatch.fix is the function)
@@ -88,6 +88,16 @@ def test_a_lower_loss_within_the_noise_is_no_winner(tmp_path):
     assert FixResult(base, [repair], budget_steps=200).winner is repair  # fewer harmful findings: a repair
 
 
+def _train():
+    """12 SGD steps of a linear regression: a baseline that runs (the remedies' trials are faked)."""
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    for _ in range(12):
+        opt.zero_grad()
+        (model(torch.randn(8, 4)) - 10).pow(2).mean().backward()
+        opt.step()
+
+
 def test_when_the_finals_do_not_hold_the_next_screening_repair_gets_its_full_trial(tmp_path, monkeypatch):
     """The CNN again: lr x0.1 led the screening (0.197), the only final, then climbed back to 1.249
     at full length, and fix ended with it while Adam, which had also repaired the run in screening
@@ -95,14 +105,6 @@ def test_when_the_finals_do_not_hold_the_next_screening_repair_gets_its_full_tri
     lower, adamw = lr_scale(0.1), adam()
     screen = {lower.name: 0.197, adamw.name: 1.011}
     full = {lower.name: 1.249, adamw.name: 0.45}
-
-    def train():
-        model = nn.Linear(4, 1)
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-        for _ in range(12):
-            opt.zero_grad()
-            (model(torch.randn(8, 4)) - 10).pow(2).mean().backward()
-            opt.step()
 
     real = fix_module.run_trial_in_process
 
@@ -114,10 +116,42 @@ def test_when_the_finals_do_not_hold_the_next_screening_repair_gets_its_full_tri
 
     monkeypatch.setattr(fix_module, "run_trial_in_process", trial)
     said = []
-    result = fix(train, out=tmp_path / "fix", budget_steps=40, candidates=[lower, adamw], progress=said.append)
+    result = fix(_train, out=tmp_path / "fix", budget_steps=40, candidates=[lower, adamw], progress=said.append)
     assert [t.candidate.name for t in result.trials] == [lower.name, adamw.name]
     assert result.winner.candidate.name == adamw.name and result.repaired
     assert "did not hold" in said[-1]
+
+
+def test_an_optimizer_swap_is_screened_on_top_of_a_leader_that_repaired_the_run(tmp_path, monkeypatch):
+    """An 8-layer ReLU MLP initialised 2.8x He under SGD: Adam alone screened at 448 (the init still
+    blew it up), re-initialising alone at 2.14 and ran alone, ending at 0.99 where the same net with He
+    init and Adam reaches 0.06. Adam is now screened last, on the re-initialised net, and runs in the
+    finals; where the leader did not repair the run (the optimizer may be the fault) Adam runs alone."""
+    re_init, lower, swap_opt = reinit(), lr_scale(0.1), adam()
+    loss = {re_init.name: 2.14, lower.name: 5.0, swap_opt.name: 448.0, f"{re_init.name} + {swap_opt.name}": 0.5}
+    exploding = Finding("exploding_gradient", "error", 0, ("0",), "m", {})
+    repairs = {re_init.name, f"{re_init.name} + {swap_opt.name}"}
+
+    real = fix_module.run_trial_in_process
+    seen = []
+
+    def trial(command, run_dir, cand, steps, trained=None):
+        if cand is fix_module.BASELINE:
+            return real(command, run_dir, cand, steps, trained=trained)
+        seen.append(cand.name)
+        return Trial(cand, run_dir, 0, 0.1, steps=steps, final_loss=loss.get(cand.name, 3.0), first_loss=9.0,
+                     findings=[] if cand.name in repairs else [exploding])
+
+    monkeypatch.setattr(fix_module, "run_trial_in_process", trial)
+    result = fix(_train, out=tmp_path / "fix", budget_steps=40, candidates=[swap_opt, lower, re_init], progress=[].append)
+    stacked = f"{re_init.name} + {swap_opt.name}"
+    assert [t.candidate.name for t in result.screened] == [lower.name, re_init.name, stacked]
+    assert [t.candidate.name for t in result.trials] == [stacked]  # re-initialising alone: not within 2x
+    assert result.winner.candidate.name == stacked
+    repairs.clear()  # no screen repairs the run: Adam is screened alone
+    seen.clear()
+    fix(_train, out=tmp_path / "fix2", budget_steps=40, candidates=[swap_opt, lower, re_init], progress=[].append)
+    assert seen[:3] == [lower.name, re_init.name, swap_opt.name]
 
 
 def test_the_spare_final_is_the_next_screened_remedy_even_one_that_left_a_finding():

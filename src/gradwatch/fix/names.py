@@ -113,7 +113,7 @@ def read_names(source: str, run: Context | None = None, imported: frozenset[str]
     except SyntaxError:
         return Names(run=run)
     classes = {run.run.meta["optimizer"]} if run and run.run.meta.get("optimizer") else TORCH_OPTIMIZERS
-    reader = _Reader(classes)
+    reader = _Reader(classes, _factories(tree, classes))
     reader.visit(tree)
     binds = imported | {(a.asname or a.name).split(".")[0] for node in ast.walk(tree)
                         if isinstance(node, (ast.Import, ast.ImportFrom)) for a in node.names}
@@ -153,13 +153,31 @@ def _number_set(tree: ast.AST, name: str) -> float | None:
     return float(value.value) if number else None
 
 
+def _factories(tree: ast.AST, classes: frozenset[str] | set[str]) -> dict[str, tuple[list[str], ast.Call]]:
+    """The script's functions that build and return an optimizer (`def make_opt(model, lr): return
+    torch.optim.SGD(model.parameters(), lr=lr)`), by name: their parameters and the build, so that
+    `opt = make_opt(net, 0.1)` names `opt` the optimizer, of `net`."""
+    found = {}
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        built = {ast.unparse(n.targets[0]): n.value for n in ast.walk(node)
+                 if isinstance(n, ast.Assign) and len(n.targets) == 1 and _callee(n.value) in classes}
+        returns = [n.value for n in ast.walk(node) if isinstance(n, ast.Return) and n.value is not None]
+        calls = [r if _callee(r) in classes else built.get(ast.unparse(r)) for r in returns]
+        if len(calls) == 1 and calls[0] is not None:
+            found[node.name] = ([a.arg for a in node.args.posonlyargs + node.args.args], calls[0])
+    return found
+
+
 class _Reader(ast.NodeVisitor):
     """The optimizer builds (`opt = torch.optim.SGD(net.parameters(), ...)`: target, model), the
     calls made outside no_grad blocks (callee, first argument), the modules whose parameters are
     read (`net.parameters()`) and the learning rates of hand-written updates of a source."""
 
-    def __init__(self, classes: frozenset[str] | set[str]):
+    def __init__(self, classes: frozenset[str] | set[str], factories: dict[str, tuple[list[str], ast.Call]]):
         self.classes = classes
+        self.factories = factories
         self.builds: list[tuple[str, str | None]] = []
         self.calls: list[tuple[str, str]] = []
         self.owners: set[str] = set()
@@ -169,6 +187,8 @@ class _Reader(ast.NodeVisitor):
         self._no_grad = 0
 
     def visit_FunctionDef(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
+        if node.name in self.factories:  # its build is counted where it is called
+            return
         self._scopes.append(node)
         self.generic_visit(node)
         self._scopes.pop()
@@ -220,8 +240,19 @@ class _Reader(ast.NodeVisitor):
         return any(func == f"{model}.load_state_dict" for func, _ in self.calls)
 
     def _build(self, target: ast.expr, value: ast.expr | None) -> None:
-        if isinstance(target, (ast.Name, ast.Attribute)) and _callee(value) in self.classes:
+        if not isinstance(target, (ast.Name, ast.Attribute)):
+            return
+        if _callee(value) in self.classes:
             self.builds.append((ast.unparse(target), self._model(target, value)))
+        elif _callee(value) in self.factories:  # opt = make_opt(net, 0.1): the factory's model, as passed in
+            params, build = self.factories[_callee(value)]
+            model = self._model(target, build)
+            head = model.split(".")[0].split("[")[0] if model else None
+            passed = dict(zip(params, map(ast.unparse, value.args)))
+            passed |= {k.arg: ast.unparse(k.value) for k in value.keywords if k.arg}
+            if head in params:
+                model = passed[head] + model[len(head):] if head in passed else None
+            self.builds.append((ast.unparse(target), model))
 
     def _model(self, target: ast.expr, call: ast.Call) -> str | None:
         """What the optimizer's parameters come from, when it is one module (`net.parameters()`).
