@@ -239,14 +239,6 @@ class AutoWatch(Watch):
         if self._snapshot is None and self._params and (rec := self._current()) is not None and rec.sampled:
             self._take_snapshot(rec)  # (stepping right after the adopted one, it opens the next step)
 
-    def _say_stopped(self, old, new) -> None:
-        """The step's optimizer stopped stepping while another goes on (an encoder's warm-up
-        optimizer): the layers only it trained stop changing on purpose, not for lack of an optimizer."""
-        left = _params_of(old) - _params_of(new)
-        names = [l.name for l in self._layers if l.params and all(id(p) in left for p in l.params)]
-        if names:
-            self._events.append((self._step, "optimizer_stopped", json.dumps(names)))
-
     def _rediscover(self) -> None:
         if not self._discovery:
             self._discovery = [register_module_forward_pre_hook(self._enter_module),

@@ -159,6 +159,9 @@ class Watch:
         self._backward_scale: torch.Tensor | None = None
         self._stepped = False
         self._backward_since_step = False  # its gradients await an optimizer step (or none)
+        self._reached = False  # a backward since the step reached the watched weights
+        self._rival = None  # ... and another optimizer stepped after it: see _rival_objective
+        self._rival_said = False
         self._in_step = False  # between the optimizer's step pre- and post-hook (closures)
         self._closure_loss = False  # a closure's loss was added in this step
         self._closure_grads = False  # a closure's gradients were recorded in this step
@@ -213,6 +216,8 @@ class Watch:
             self._handles.append(optimizer.register_step_pre_hook(lambda opt, a, k: self._before_step(opt)))
             self._handles.append(optimizer.register_step_post_hook(lambda opt, a, k: self._after_step(opt)))
             self._partners: dict[int, bool] = {}  # id(other optimizer): it steps watched weights
+            self._partner_runs: dict[int, int] = {}  # its steps since the watched one's last
+            self._sharing: dict[int, bool] = {}  # id(other optimizer): it holds weights the watched one holds
             self._successor = None  # (a weakref to) an optimizer made mid-run for the watched weights
             self._handles.append(register_optimizer_step_pre_hook(lambda opt, a, k: self._partner_step(opt)))
 
@@ -428,9 +433,27 @@ class Watch:
             # a training resumed at first_step continues the run stored there
             self._writer = RunStoreWriter(self.store_path, self._meta, resume_at=self.first_step)
         meta = {k: self._meta[k] for k in ("optimizer", "momentum", "distributed") if k in self._meta}
+        meta["lr_scale"] = self._lr_scales()
         batch = to_batch(ready, self._layers, meta=meta)
         batch.events.extend(self._events)
         self._writer.write(batch)
+
+    def _lr_scales(self) -> dict[str, float]:
+        """Each layer's learning rate over the largest, where the step optimizer's param groups
+        give layers different ones (discriminative fine-tuning: a backbone at lr/1000 on purpose);
+        empty when they share one. The stalled rule compares updates per unit of learning rate."""
+        groups = getattr(self._optimizer, "param_groups", None) or []
+        lrs = [g.get("lr") for g in groups]
+        if len(groups) < 2 or not all(isinstance(lr, (int, float)) for lr in lrs) or len(set(lrs)) < 2 or max(lrs) <= 0:
+            return {}
+        lr_of = {id(p): float(g["lr"]) for g in groups for p in g["params"]}
+        top = float(max(lrs))
+        out = {}
+        for layer in self._layers:
+            held = [lr_of[id(p)] for p in layer.params if id(p) in lr_of]
+            if held:
+                out[layer.name] = max(held) / top
+        return out
 
     def series(self) -> RunSeries:
         """Everything recorded so far (flushes first; across processes, what the last flush stored)."""
@@ -524,6 +547,7 @@ class Watch:
             elif self._mode != "backward" and self._grads_cleared():
                 rec.forget_backwards()
                 self._clear_grad_buffers()
+                self._rival_objective()
         # optimizer.step(closure) calling the closure again after its gradients were cleared (LBFGS
         # evaluates line-search points): the step's gradient is the first call's, the gradient of
         # the step's loss at the weights before the update; a later call's is at a point between.
@@ -570,6 +594,7 @@ class Watch:
             # a loss whose backward reached none of the watched weights (a GAN's discriminator loss,
             # for a watch on the generator) is another model's
             reached = self._dist is not None or self._grads_seen > self._grads_before
+            self._reached = self._reached or reached
             if (isinstance(loss, torch.Tensor) and loss.numel() == 1 and not rec.loss_explicit and reached
                     and not (self._in_step and self._closure_loss)):
                 rec.add_loss(loss)
@@ -625,6 +650,16 @@ class Watch:
         """ids of every parameter of the watched models, those not watched (frozen when found) too."""
         return {id(p) for model, _ in self._models for p in model.parameters()}
 
+    def _say_stopped(self, old: torch.optim.Optimizer, new: torch.optim.Optimizer) -> None:
+        """The step's optimizer stopped stepping while another goes on (an encoder's warm-up
+        optimizer, all weights trained before the head alone): the layers only it trained stop
+        changing on purpose, not for lack of an optimizer."""
+        left = {id(p) for g in old.param_groups for p in g["params"]} - \
+            {id(p) for g in new.param_groups for p in g["params"]}
+        names = [l.name for l in self._layers if l.params and all(id(p) in left for p in l.params)]
+        if names:
+            self._events.append((self._step, "optimizer_stopped", json.dumps(names)))
+
     def _follow(self, optimizer: torch.optim.Optimizer) -> None:
         """`gw.watch(model, optimizer)`, and `optimizer` replaced by a new one mid-run: the new one
         defines the step from its first step, when the watched one has not stepped since it was made
@@ -633,6 +668,7 @@ class Watch:
         in this step() call (torch calls the optimizer's own pre-hooks after the global ones)."""
         self._successor = None
         self._optimizer = optimizer
+        self._sharing = {}  # (_shares_weights: with the new one)
         self._meta.update(optimizer_meta(optimizer))
         self._handles.append(optimizer.register_step_pre_hook(lambda opt, a, k: self._before_step(opt)))
         self._handles.append(optimizer.register_step_post_hook(lambda opt, a, k: self._after_step(opt)))
@@ -716,11 +752,33 @@ class Watch:
         if optimizer is not self._optimizer or not self._attached:
             return
         self._successor = None  # the watched optimizer steps on: a new one beside it is a partner
+        self._partner_runs = {}
         self._in_step, self._closure_loss, self._closure_grads, self._reevaluating = True, False, False, False
         rec = self._cur
         self._stop_if_non_finite(rec)
         if rec is not None and rec.sampled and self._params and self._snapshot is None:
             self._take_snapshot(rec)  # (zero-code: another optimizer may have taken it before its update)
+
+    def _shares_weights(self, optimizer: torch.optim.Optimizer) -> bool:
+        """`optimizer` holds a weight the watched optimizer holds too (remembered per optimizer)."""
+        if id(optimizer) not in self._sharing:
+            held = {id(p) for g in self._optimizer.param_groups for p in g["params"]}
+            self._sharing[id(optimizer)] = any(id(p) in held for g in optimizer.param_groups for p in g["params"])
+        return self._sharing[id(optimizer)]
+
+    def _rival_objective(self) -> None:
+        """The gradients of a backward that reached the watched weights were cleared unused, and
+        another optimizer stepped after that backward: it trains on a loss computed through this
+        model, which is trained on its own loss (a GAN's generator, its loss through the watched
+        discriminator). The two play against each other, so this model's loss is not meant to
+        fall: an `own_loss` event, as a zero-code run says of a GAN (diagnose then judges no
+        loss_plateau or loss_divergence). A discriminator at its equilibrium (loss ~2 ln 2) was
+        told its loss had not improved, and to raise its learning rate tenfold."""
+        if self._rival is not None and not self._rival_said:
+            self._rival_said = True
+            self._events.append((self._step, "own_loss", f"{self._rival} trains on a loss of its own "
+                                 "through the watched model"))
+        self._reached, self._rival = False, None
 
     def _partner_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Another optimizer steps watched weights (a GAN's discriminator, under a watch on the
@@ -728,14 +786,29 @@ class Watch:
         is taken from before it. Left out, the layers it trains read as frozen ("give the
         optimizer every parameter")."""
         self._stepping.add(optimizer)
+        if optimizer is not self._optimizer and self._reached and self._attached:
+            self._rival = type(optimizer).__name__  # (_rival_objective: if the gradients go unused)
         if self._successor is not None and optimizer is not self._optimizer:
             if self._successor() is optimizer and self._attached:
                 return self._follow(optimizer)
-        if optimizer is self._optimizer or not self._attached or self._snapshot is not None or not self._params:
+        if optimizer is self._optimizer or not self._attached or not self._params:
             return
         if id(optimizer) not in self._partners:  # (_seen_params: the watched weights, by id)
             self._partners[id(optimizer)] = any(id(p) in self._seen_params for g in optimizer.param_groups
                                                 for p in g["params"])
+        if self._partners[id(optimizer)] and self._shares_weights(optimizer):
+            # stepping twice, with no step of the watched one between, weights the watched one
+            # trains too: the next phase's optimizer (made before training began, so not followed
+            # from its first step). Left a partner, no later step was recorded, silently. One that
+            # trains other weights is a partner however often it steps: a WGAN's critic, 5 steps
+            # per generator step under a watch on both models, had taken the step count over
+            runs = self._partner_runs.get(id(optimizer), 0) + 1
+            self._partner_runs = {id(optimizer): runs}
+            if runs >= 2:
+                self._say_stopped(self._optimizer, optimizer)
+                return self._follow(optimizer)
+        if self._snapshot is not None:
+            return
         rec = self._current()
         if self._partners[id(optimizer)] and rec is not None and rec.sampled:
             self._take_snapshot(rec)
@@ -750,6 +823,7 @@ class Watch:
         self._stepped = True
         self._in_step = self._reevaluating = False
         self._backward_since_step = False
+        self._reached, self._rival = False, None
         if self._snapshot is not None:
             self._finish_delta()
         self._end_step()

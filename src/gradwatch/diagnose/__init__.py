@@ -41,6 +41,11 @@ def diagnose(run: RunSeries | str | os.PathLike, thresholds: Thresholds = DEFAUL
     if any(f.kind == "saturation" for f in findings):  # tanh'(x) is exactly 0 in float32 for |x| > 9:
         findings = [f for f in findings  # zero gradients below saturated units are the saturation's
                     if not (f.kind == "dead_units" and "dead_fraction" not in f.evidence)]
+    # a gradient exactly 0 is no geometric decay but a block (dead ReLUs called as functions, a
+    # custom autograd.Function's backward returning zeros): the dead_units finding says it, once
+    zeroed = {l for f in findings if f.kind == "dead_units" for l in f.evidence.get("zero_gradient_layers", ())}
+    findings = [f for f in findings if not (f.kind == "vanishing_gradient" and f.evidence.get("backward_ratio") == 0
+                                            and f.layers[0] in zeroed)]
     vanished = {l for f in findings if f.kind == "vanishing_gradient" for l in f.layers}
     vanished |= {l for f in findings if f.kind == "dead_units" for l in f.evidence.get("zero_gradient_layers", ())}
     findings = [f for f in findings  # lower layers stalled where the gradient vanishes (or is 0): one cause

@@ -31,6 +31,11 @@ ADAPTIVE_HIGH_LR = 1e-2
 # (ratio 1.9 at step 0) stayed at 10% accuracy at lr 0.8 (ratio 0.19) and reached 93% at 0.08.
 UPDATE_TARGET = 0.1
 ADAPTIVE = ("Adam", "AdamW", "NAdam", "RAdam", "Adamax", "Adagrad", "Adadelta", "RMSprop", "Adafactor", "Lion")
+# Quasi-Newton optimizers pick each step's length themselves (a line search, or lr times an inverse
+# Hessian estimate along the gradient): the step is not lr·g, and a step as long as the weights is
+# the method working (L-BFGS on a full batch: loss 2.34 -> 1.06 in its first step, update 2.6x the
+# weights). They also stop stepping by design once converged (tolerance_grad / tolerance_change).
+LINE_SEARCH = ("LBFGS",)
 
 
 def forget_bias_code(lstm: str) -> str:
@@ -62,6 +67,7 @@ class Context:
         self.has_norm = any("Norm" in l.type for l in run.layers)
         self.optimizer = run.meta.get("optimizer") or "manual updates"
         self.adaptive = any(self.optimizer.startswith(a) for a in ADAPTIVE)
+        self.line_search = self.optimizer in LINE_SEARCH
         lr = run.lr[np.isfinite(run.lr)] if len(run.lr) else np.empty(0)
         # under a schedule the lr the script configures is its peak (a warm-up may start at 0)
         self.lr = float(lr.max()) if len(lr) else float("nan")
@@ -246,6 +252,9 @@ def dead_units(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[l
     else:  # only the zero gradients were seen: the ReLUs are called as functions in forward()
         causes.append("initial weights: a layer above initialised to all zeros passes no gradient down "
                       "(gw.check_constant_init(model) lists such layers)")
+        causes.append("activation: a function in forward() whose derivative is 0 there passes nothing back "
+                      "(torch.round, sign, a custom autograd.Function's backward: torch.autograd.gradcheck "
+                      "checks one against its forward)")
         leaky = Remedy("Use Leaky ReLU, which keeps a small gradient for negative inputs",
                        "x = F.leaky_relu(x, 0.01)  # in forward(), instead of F.relu(x) / torch.relu(x)")
     remedies = [leaky, Remedy("Re-initialise with He init and zero biases", ctx.init_code)]
@@ -261,6 +270,9 @@ def saturation(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[l
     causes = [f"saturating activation: {', '.join(acts)} outputs pinned at an asymptote pass almost no gradient (derivative < 0.01)"]
     if evidence.get("at_init"):
         causes.append("initial weight scale: pre-activations are already too large at the first step")
+    elif ctx.line_search:  # the step's length is the line search's, not lr's: a lower lr is no cut
+        causes.append(f"learning rate: {ctx.optimizer}'s steps (their length set by its own search) drove "
+                      "pre-activations into the flat region")
     else:
         causes.append(f"learning rate: updates ({ctx.lr_said}) drove pre-activations into the flat region")
     remedies = [
@@ -269,7 +281,10 @@ def saturation(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[l
         Remedy("Or swap to a non-saturating activation", _swap_code(ctx, acts[0])),
     ]
     if not evidence.get("at_init"):  # the initial weights were fine: the updates pushed them there
-        remedies[0] = ctx.lower_lr(ctx.lr_cut())
+        if ctx.line_search:
+            del remedies[0]
+        else:
+            remedies[0] = ctx.lower_lr(ctx.lr_cut())
     if evidence.get("first_layer"):  # raw inputs (pixels 0..255) saturate the first layer whatever its init
         causes.insert(1, "input scale: the first layer saturates from the first step, as it does when the inputs "
                          "are not standardised (raw pixel values, features in the thousands)")

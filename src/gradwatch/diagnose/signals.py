@@ -61,12 +61,27 @@ def names(run: RunSeries, cols) -> tuple[str, ...]:
     return tuple(run.layers[i].name for i in cols)
 
 
-def total_grad_norm(run: RunSeries) -> np.ndarray:
+def total_grad_norm(run: RunSeries, stepped_only: bool = False) -> np.ndarray:
     """sqrt(Σ over layers of grad_norm²) per step: NaN where nothing was recorded, inf where any
-    layer's gradient was not finite."""
+    layer's gradient was not finite. `stepped_only`: only the gradients an optimizer uses; those
+    of weights none steps (meta `outside_optimizers`, or `optimizer_stopped` from that step on)
+    are never consumed, and where no zero_grad() clears them (the optimizer's own clears only
+    its weights) they accumulate, step after step: a backbone left requires_grad when only the
+    head's optimizer goes on grew 1.2 -> 100 in 10 steps, which is no exploding gradient."""
     g = run.metrics.get("grad_norm")
     if g is None or g.size == 0:
         return np.full(len(run.steps), np.nan)
+    if stepped_only:
+        unused = np.zeros(g.shape, dtype=bool)
+        names = [layer.name for layer in run.layers]
+        for name in run.meta.get("outside_optimizers") or []:
+            if name in names:
+                unused[:, names.index(name)] = True
+        for step, layers in run.meta.get("optimizer_stopped") or []:
+            for name in layers:
+                if name in names:
+                    unused[run.steps >= step, names.index(name)] = True
+        g = np.where(unused, np.nan, g)
     recorded = ~np.isnan(g)
     with np.errstate(over="ignore", invalid="ignore"):
         total = np.sqrt(np.square(np.where(recorded, g, 0.0)).sum(axis=1))

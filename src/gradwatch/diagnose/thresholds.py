@@ -33,8 +33,15 @@ class Thresholds:
     vanishing_ratio: float = 1e-2
     backward_vanishing_ratio: float = 1e-3
     backward_exploding_ratio: float = 1e3
-    # Fewer layers than this carry no depth profile worth judging.
+    # Fewer layers than this carry no depth profile worth judging...
     min_profile_layers: int = 3
+    # ... unless two hidden layers' ∂L/∂s differ by more than one layer between them can explain:
+    # width and pooling move the RMS by up to ~30-60x, a sigmoid by 4x, so six decades take many
+    # layers the profile does not see: one block applied again and again (shared weights, a
+    # recurrent-style loop in forward()). A sigmoid block applied 10 times between two Linear
+    # layers left the lower one 4e-8 of the upper's, and the run on its plateau was told to raise
+    # the learning rate. Three decades beyond `backward_vanishing_ratio`.
+    short_profile_ratio: float = 1e-6
 
     # --- exploding over steps ------------------------------------------------------------------
     # Total gradient norm against the median of the previous `baseline_window` steps: `spike_factor`

@@ -40,7 +40,8 @@ def find_dead_units(run: RunSeries, th: Thresholds) -> list[Finding]:
     causes, remedies = advice.dead_units(advice.Context(run), zero_layers, evidence)
     shown = ", ".join(f"'{n}'" for n in zero_layers[:3]) + (f" and {len(zero_layers) - 3} more" if len(zero_layers) > 3 else "")
     why = ("weights above that are all zero" if "zero_weight_layers" in evidence else
-           "ReLU units that output 0 for every sample, or weights above that are all zero")
+           "ReLU units that output 0 for every sample, weights above that are all zero, or a function whose "
+           "derivative is 0 there: torch.round, sign, a custom autograd.Function's backward")
     message = (f"{shown} get exactly zero gradient since step {first}: nothing above passes any back ({why}), "
                f"so they cannot learn. {remedies[0].action}.")
     return [Finding("dead_units", "error", first, zero_layers, message, evidence, tuple(causes), tuple(remedies))]

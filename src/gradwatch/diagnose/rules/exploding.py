@@ -62,7 +62,7 @@ def _growth_over_steps(run: RunSeries, th: Thresholds):
     """The total norm against the median of the previous steps: `spike_steps` spikes of
     `spike_factor` within one baseline window (growth, sustained or in bursts), or one jump of
     `jump_factor`."""
-    total = total_grad_norm(run)
+    total = total_grad_norm(run, stepped_only=True)
     finite = np.isfinite(total)
     steps, norms = run.steps[finite], total[finite]
     n, w = len(norms), th.baseline_window
@@ -193,8 +193,10 @@ def _sgd_step_too_large(run: RunSeries, th: Thresholds):
 def _overshooting_update(run: RunSeries, th: Thresholds):
     """An update larger than the weights. Only where the step follows the gradient's size (SGD,
     hand-written updates): an adaptive optimizer's step is set by its learning rate, not by the
-    gradient, so an overshoot there is a learning-rate problem, not an exploding gradient."""
-    if advice.Context(run).adaptive:
+    gradient, so an overshoot there is a learning-rate problem, not an exploding gradient. Nor
+    where a quasi-Newton optimizer (L-BFGS) sets the step's length itself (advice.LINE_SEARCH)."""
+    ctx = advice.Context(run)
+    if ctx.adaptive or ctx.line_search:
         return None
     u, w = run.metrics.get("update_ratio"), run.metrics.get("weight_norm")
     cols = profile_columns(run)

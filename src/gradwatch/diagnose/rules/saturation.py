@@ -3,6 +3,8 @@ is below 0.01 and the gradient through them all but vanishes."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
 from gradwatch.diagnose.rules.loss import loss_fell_to
@@ -29,7 +31,13 @@ def find_saturation(run: RunSeries, th: Thresholds) -> list[Finding]:
     worst_layer = max(layers, key=lambda n: hits[n][1])  # the share said is this layer's
     said = (f"{worst:.0%} of the outputs of '{worst_layer}' sit within 1% of an asymptote since step {first}"
             + (f" ({len(layers)} layers affected)" if len(layers) > 1 else ""))
-    learning = None if at_init else loss_fell_to(run, th, th.saturation_learning, since=first)
+    # the units saturated somewhere after the last sample that did not show it: the loss they could
+    # block is the loss from there (full-batch L-BFGS was at 3e-7, down from 2.3, by its first
+    # saturated sample: its loss fell after the onset, only before the sample that saw it)
+    sampled = run.steps[np.isfinite(run.metrics["saturated"]).any(axis=1)]
+    before = sampled[sampled < first]
+    onset = int(before[-1]) if len(before) else first
+    learning = None if at_init else loss_fell_to(run, th, th.saturation_learning, since=onset)
     if learning is not None:
         evidence["loss_since_onset"] = list(learning)
         message = (f"{said}, and the loss still fell {learning[0]:.4g} -> {learning[1]:.4g} after it: confident "

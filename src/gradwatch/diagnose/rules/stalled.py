@@ -30,6 +30,14 @@ def find_stalled(run: RunSeries, th: Thresholds) -> list[Finding]:
     stop = {name: step for step, layers in run.meta.get("optimizer_stopped") or [] for name in layers}
     done = {c for c, k in frozen_at.items() if k is not None and run.steps[rows[k]] >= stop.get(run.layers[c].name, np.inf) - 1}
     frozen_cols = [c for c in cols if frozen_at[c] is not None and c not in done]
+    if ctx.line_search and frozen_cols:
+        # L-BFGS stops every weight at once when its own convergence test passes (tolerance_grad,
+        # tolerance_change): a full-batch run at its minimum, not a stall. Weights it holds that
+        # stop while others still move stay a finding.
+        since = min(frozen_at[c] for c in frozen_cols)
+        if not (u[since:] > th.frozen_update).any():
+            done.update(frozen_cols)
+            frozen_cols = []
     # in no optimizer: forgotten, or a backbone frozen on purpose but left requires_grad (head-only
     # fine-tuning); the run trains either way, so this is a warning that says both
     outside = set(run.meta.get("outside_optimizers") or [])
@@ -40,14 +48,21 @@ def find_stalled(run: RunSeries, th: Thresholds) -> list[Finding]:
     if len(cols) < th.min_profile_layers:
         return findings
     live = [j for j, c in enumerate(cols) if c not in frozen_cols and c not in done]
-    ratios = np.array([lowest_over_highest(r[live]) for r in u]) if len(live) >= 2 else np.empty(0)
+    # param groups at different learning rates (a backbone at lr/1000 on purpose): updates are
+    # compared per unit of learning rate (Δw ∝ lr under SGD and Adam alike), so a layer slowed by
+    # its own lr is not stalled, and one stalled beyond it still is
+    scale = run.meta.get("lr_scale") or {}
+    per_lr = np.array([scale.get(run.layers[c].name, 1.0) for c in cols], dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        u_per_lr = np.where(per_lr > 0, u / per_lr, np.nan)
+    ratios = np.array([lowest_over_highest(r[live]) for r in u_per_lr]) if len(live) >= 2 else np.empty(0)
     start = persistent_start(ratios < th.stalled_ratio, th.persist_samples)
     if start is None:
         return findings
     first = int(run.steps[rows[start]])
-    last = u[-1]
-    top = np.nanmax(np.where(np.isfinite(last), last, np.nan))
-    layers = names(run, [c for c, v in zip(cols, last) if np.isfinite(v) and v < th.stalled_ratio * top] or cols[:1])
+    last, last_per_lr = u[-1], u_per_lr[-1]
+    top = np.nanmax(np.where(np.isfinite(last_per_lr), last_per_lr, np.nan))
+    layers = names(run, [c for c, v in zip(cols, last_per_lr) if np.isfinite(v) and v < th.stalled_ratio * top] or cols[:1])
     ratio = float(np.nanmedian(ratios[start:]))
     evidence = {"update_ratio_ratio": ratio, "update_ratio": {run.layers[c].name: float(v) for c, v in zip(cols, last)}}
     causes, remedies = advice.stalled(ctx, layers, evidence)

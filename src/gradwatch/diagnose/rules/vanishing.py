@@ -11,11 +11,11 @@ from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
 
 
-def _ratios(run: RunSeries, quantity: str, th: Thresholds, hidden: bool):
+def _ratios(run: RunSeries, quantity: str, th: Thresholds, hidden: bool, min_layers: int | None = None):
     """(rows, lowest-over-highest ratio per sampled row, values, columns), or None when the
-    profile is too short to judge."""
+    profile is too short to judge (fewer than `min_layers`, by default `min_profile_layers`)."""
     rows, values, cols = depth_profile(run, quantity, hidden_only=hidden)
-    if len(cols) < th.min_profile_layers or len(rows) == 0:
+    if len(cols) < (th.min_profile_layers if min_layers is None else min_layers) or len(rows) == 0:
         return None
     same = set(same_role_columns(run, cols))
     keep = [i for i, c in enumerate(cols) if c in same]
@@ -31,12 +31,13 @@ def find_vanishing(run: RunSeries, th: Thresholds) -> list[Finding]:
     step SGD takes) collapses as much — two views agreeing. A small relative gradient alone (inputs
     scaled down, say) is a stalled layer, not a vanishing backward signal.
     """
-    backward = _ratios(run, "grad_out_rms", th, hidden=True)
+    backward = _ratios(run, "grad_out_rms", th, hidden=True, min_layers=2)
     if backward is None:
         return []
     rows, ratios, values, cols = backward
-    condition = ratios < th.backward_vanishing_ratio
-    relative = _ratios(run, "relative_grad", th, hidden=False)
+    short = len(cols) < th.min_profile_layers  # two hidden layers: only a drop no one layer explains
+    condition = ratios < (th.short_profile_ratio if short else th.backward_vanishing_ratio)
+    relative = None if short else _ratios(run, "relative_grad", th, hidden=False)
     evidence: dict = {}
     if relative is not None:
         r_rows, r_ratios, r_values, r_cols = relative
