@@ -73,3 +73,57 @@ def test_thresholds_named_in_diagnose_doc_exist():
     text = (ROOT / "docs/diagnose.md").read_text()
     named = set(re.findall(r"`([a-z_]+_(?:ratio|factor|window))`", text))
     assert named and named <= set(Thresholds.__dataclass_fields__), named - set(Thresholds.__dataclass_fields__)
+
+
+# -- the Python snippets of the README and the docs pages, pasted as they are -------------------------
+
+def snippets(page: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (ROOT / page).read_text(), re.S)
+
+
+def context() -> dict:
+    """What a snippet leaves to the reader: a small sigmoid MLP, its optimizer, loss and data."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Sigmoid(), nn.Linear(16, 16), nn.Sigmoid(), nn.Linear(16, 3))
+    xs, ys = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    loader = [(xs[i:i + 16], ys[i:i + 16]) for i in range(0, 64, 16)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def train():  # one batch is poisoned: its step is skipped
+        for i, (x, y) in enumerate(loader):
+            optimizer.zero_grad()
+            (loss_fn(model(x), y) * (float("nan") if i == 1 else 1.0)).backward()
+            optimizer.step()
+
+    return dict(torch=torch, nn=nn, F=F, gw=gw, model=model, optimizer=optimizer, loss_fn=loss_fn, loader=loader,
+                x=xs[:16], y=ys[:16], batch_x=xs[:4], train=train)
+
+
+PAGES = {"README.md": 1, "docs/probe.md": 1, "docs/remedies.md": 4, "docs/lab.md": 1}
+
+
+@pytest.mark.parametrize("page,index", [(p, i) for p, n in PAGES.items() for i in range(n)])
+def test_python_snippets_run_as_written(page, index, tmp_path, monkeypatch, capsys):
+    import warnings
+
+    assert len(snippets(page)) == PAGES[page]  # a new snippet: add it here
+    code = snippets(page)[index]
+    monkeypatch.chdir(tmp_path)  # what a snippet writes (flow.png, lab-out/) goes here
+    ns = context()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the watch's live findings, the guard's skip
+        exec(compile(code, f"{page}#{index}", "exec"), ns)
+    out = capsys.readouterr().out
+    printed = [line[2:] for line in code.splitlines() if line.startswith("# ")]
+    if printed:  # the output shown under the call, as comments
+        assert out.strip().splitlines() == printed
+    if "print(result)" in code:
+        assert "verdict" in out and "gain→top" in out
+    if "g.report()" in code:
+        assert out.startswith("guard: 1 of 4 steps skipped (non-finite gradients)"), out
+    if "lab.run_one" in code:
+        assert out.startswith("True [") and (tmp_path / "lab-out/activations/index.html").is_file()

@@ -244,6 +244,9 @@ def test_page_escapes_text_and_embeds_figures(tmp_path):
 def test_unknown_experiment_is_a_config_error():
     with pytest.raises(ConfigError, match="choose one of"):
         lab.get("nope")
+    with pytest.raises(ConfigError, match=r"no lab experiment named 'he3' \(did you mean he30\?\)"):
+        lab.get("he3")
+    assert lab.get("HE30").name == "he30"  # the name as the page and `lab list` write it, whatever the case
 
 
 def test_cli_list_run_and_error(tmp_path, capsys):
@@ -251,7 +254,7 @@ def test_cli_list_run_and_error(tmp_path, capsys):
     assert "he30" in capsys.readouterr().out
     assert cli(["lab", "nope"]) == 2
     assert "no lab experiment named 'nope'" in capsys.readouterr().err
-    assert cli(["lab", "activations", "--quick", "--out", str(tmp_path)]) == 0
+    assert cli(["lab", "Activations", "--quick", "--out", str(tmp_path)]) == 0  # any case
     assert (tmp_path / "activations" / "index.html").exists()
     assert "pages:" in capsys.readouterr().out
 

@@ -129,6 +129,14 @@ def test_remedies_name_only_what_the_probe_measured_and_what_applies():
     (dict(loss_fn=3), "loss_fn must be a function"),
     (dict(seed=1180591620717411303424), r"seed must be an integer in \[-2\*\*63, 2\*\*63\)"),
     (dict(batch=torch.randn(4, 5)), r"Linear failed on the probe batch \(RuntimeError: mat1 and mat2"),
+    # these were a ZeroDivisionError from the spectra and a bare IndexError from inside torch
+    (dict(batch=torch.randn(0, 3)), r"the probe batch is empty \(shape \(0, 3\)\); pass at least one sample"),
+    (dict(loss_fn=lambda out: nn.functional.cross_entropy(out, torch.tensor([0, 1, 2, 9]))),
+     r"loss_fn failed on the model's output, a tensor of shape \(4, 2\) \(IndexError: .*\(at test_probe_api.py:\d+\)"),
+    # an AttributeError and a StopIteration from inside the recorder, a TypeError after the backward
+    (dict(cells=["nope"]), r"cells: 'nope' is not a submodule of Sequential"),
+    (dict(cells=[3]), r"cells: 3 is not a submodule"),
+    (dict(progress=3), r"progress must be a function progress\(done, total, layer\), got int"),
 ])
 def test_bad_arguments(bad, match):
     """A clear ConfigError, and the model's BatchNorm statistics untouched even when it fails late."""
@@ -598,3 +606,75 @@ def test_frozen_modules_are_named_in_the_notes():
     assert [x.name for x in r.layers] == ["2", "4"]
     assert r.notes == ["not layers: modules whose parameters are all frozen (requires_grad=False): 0"]
     assert r.notes[0] in r.summary_lines()
+
+
+def test_printing_a_result_shows_the_table_and_the_pasted_swap_heals_the_net():
+    """print(result) showed the dataclass; the swap remedy swapped every Sigmoid (the output's too) and its
+    companion lines said "for the relu that follows it" of layers a sigmoid follows."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(16, 16), nn.Sigmoid())], nn.Linear(16, 3), nn.Sigmoid())
+    r = probe(model, torch.randn(8, 16), iters=0)
+    text = str(r)
+    assert "verdict vanishing" in text and "ERROR vanishing_gradient" in text and "Finding(" not in text
+    assert "random-projection loss" in text  # said "loss -0.0007": a loss that means nothing, unnamed
+    (f,) = r.findings
+    assert not any("relu that follows it" in m.action for m in f.remedies)
+    assert not any("saturated fraction up to 0%" in c for c in f.causes)
+    exec(f.remedies[0].code, {"gw": gw, "nn": nn, "model": model})  # pasted as printed
+    assert isinstance(model[13], nn.Sigmoid) and isinstance(model[1], nn.ReLU)
+    assert probe(model, torch.randn(8, 16), iters=0).verdict == "healthy"
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Tanh])
+def test_every_init_remedy_heals_a_deep_net_at_torch_s_default_init(act):
+    """The plain-torch init lines named layers '0' and '2' only, each a remedy of its own: pasted, the
+    20-layer net still read vanishing (gain 1e-8), since the other 18 layers kept the default scale."""
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(*[m for _ in range(20) for m in (nn.Linear(64, 64), act())], nn.Linear(64, 10))
+
+    x = torch.randn(16, 64)
+    (f,) = probe(net(), x, iters=0).findings
+    # tanh at σ_w² = 1/3 works near 0, where tanh' ≈ 1: the weights' scale is the cause, not saturation
+    assert not any("saturating" in c for c in f.causes) and f.causes[0].startswith("initial weights too small")
+    inits = [m for m in f.remedies if "init" in m.code]
+    assert len(inits) == 2  # gw.init_ and its plain-torch equivalent
+    for remedy in inits:
+        model = net()
+        exec(remedy.code, {"gw": gw, "nn": nn, "torch": torch, "model": model})  # noqa: S102
+        assert probe(model, x, iters=0).verdict == "healthy", remedy.code
+
+
+def test_a_meta_model_and_a_cell_that_does_not_take_its_inputs_are_named():
+    """"Tensor.item() cannot be called on meta tensors" and torch's "input has inconsistent input_size"."""
+    from gradwatch.probe import probe_cell
+
+    with pytest.raises(gw.ConfigError, match=r"Linear.weight is on the meta device .*\(model.to_empty"):
+        probe(nn.Linear(4, 2, device="meta"), torch.randn(3, 4, device="meta"))
+    with pytest.raises(gw.ConfigError, match=r"probe_cell: the cell failed on x_0 of shape \(2, 3\) \(RuntimeError"):
+        probe_cell(nn.RNNCell(4, 8), torch.randn(5, 2, 3), torch.zeros(2, 8))
+    with pytest.raises(gw.ConfigError, match="model=3 is not a torch.nn.Module"):
+        gw.check_constant_init(3)
+
+
+def test_the_swap_remedy_names_the_class_that_is_there_and_never_only_the_output_s():
+    """A Hardsigmoid net was told to swap nn.Sigmoid (which swapped nothing); a net whose one sigmoid is
+    the output's was told to swap it, with code that keeps it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(8) for m in (nn.Linear(16, 16), nn.Hardsigmoid())], nn.Linear(16, 1))
+    x = torch.randn(8, 16)
+    (f,) = probe(model, x, iters=0).findings
+    assert "swap_activations(model, nn.Hardsigmoid, nn.ReLU, keep_output=True)" in f.remedies[0].code
+    exec(f.remedies[0].code, {"gw": gw, "nn": nn, "model": model})  # noqa: S102
+    assert probe(model, x, iters=0).verdict == "healthy"
+    deep = nn.Sequential(*[m for _ in range(20) for m in (nn.Linear(16, 16), nn.ReLU())], nn.Linear(16, 1), nn.Sigmoid())
+    (f,) = probe(deep, x, iters=0).findings
+    assert not any("swap" in m.action for m in f.remedies) and "gw.init_(model)" in f.remedies[0].code
+
+
+def test_an_assert_inside_torch_s_forward_is_a_bad_batch():
+    """MultiheadAttention checks its input's rank with an assert: that was a bare AssertionError."""
+    from test_probe_helpers import TinyAttention
+
+    with pytest.raises(gw.ConfigError, match=r"TinyAttention failed on the probe batch \(AssertionError: query"):
+        probe(TinyAttention(), torch.randint(0, 20, (2, 5, 3)))

@@ -57,6 +57,8 @@ def test_table_and_embedding_input_from_another_directory(tmp_path):
     (["test_probe_helpers:sigmoid_mlp", "--input-shape", "16,32", "--png", "out.txt"], "cannot write a .txt figure"),
     (["test_probe_helpers:sigmoid_mlp", "--input-shape", "100000,1000000000"], "does not fit in memory"),
     (["test_probe_helpers:sigmoid_mlp", "--input-shape", "16,32", "--seed", str(2**70)], "--seed 1180591620717411303424"),
+    # was a traceback: torch's MultiheadAttention checks the rank of its input with an assert
+    (["test_probe_helpers:TinyAttention", "--input-shape", "2,5,3"], "AssertionError: query should be unbatched 2D"),
 ])
 def test_bad_input_is_one_clear_line(args, needle, monkeypatch, capsys):
     monkeypatch.chdir(TESTS)  # in-process (a subprocess per case would cost seconds each)
@@ -77,13 +79,20 @@ def test_bad_input_in_a_subprocess_has_no_traceback():
     # a dict input said "pass the --input-shape the model expects"; batch.get(...) was a traceback
     (["test_probe_helpers:DictInput", "--input-shape", "2,4"], "(at test_probe_helpers.py:65); its forward reads keys"),
     (["test_probe_helpers:GetInput", "--input-shape", "2,4"], "no attribute 'get' (at test_probe_helpers.py:70)"),
+    # "pass the --input-shape the model expects" for a float model given --vocab
+    (["test_probe_helpers:sigmoid_mlp", "--input-shape", "4,32", "--vocab", "10"], "drop --vocab"),
 ])
 def test_a_batch_that_cannot_fit_says_why(args, needle, monkeypatch, capsys):
     """The advice was always "--input-shape", which no shape can satisfy here."""
+    import warnings
+
     monkeypatch.chdir(TESTS)
-    assert main(["probe", *args]) == 2
+    with warnings.catch_warnings(record=True) as caught:  # torch's own warnings of the failed trial
+        warnings.simplefilter("always")  # forward (DictInput: "non-tuple sequence for indexing") were
+        assert main(["probe", *args]) == 2  # printed above the one line
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert needle in line and "--input-shape the model expects" not in line, line
+    assert not caught, [str(w.message) for w in caught]
 
 
 def test_a_float64_model_gets_a_float64_batch(monkeypatch, capsys):
@@ -113,3 +122,71 @@ def test_cross_entropy_on_nchw_logits_uses_dim_1_as_classes():
     torch.testing.assert_close(loss, expected)
     with pytest.raises(Exception, match="--num-classes 5 does not match"):
         make_loss("cross_entropy", 5)(y)
+
+
+# -- a newcomer's typos and first tries (in-process: argparse exits with SystemExit(2)) -------------
+
+@pytest.mark.parametrize("argv,usage,needle", [
+    (["prob", "m:f"], "usage: gradwatch [-h]", "unknown command 'prob' (did you mean probe?)"),
+    (["diag", "runs/x"], "usage: gradwatch [-h]", "(did you mean diagnose?)"),
+    (["help"], "usage: gradwatch [-h]", "unknown command 'help' (for help: gradwatch --help, or gradwatch COMMAND"),
+    # an unknown option was reported by the top-level parser, whose usage does not show the command's options
+    (["lab", "he30", "--quik"], "usage: gradwatch lab", "unrecognized arguments: --quik (did you mean --quick?)"),
+    (["probe", "m:f", "--input-shape", "2,3", "--itres", "3"], "usage: gradwatch probe", "(did you mean --iters?)"),
+])
+def test_typos_name_what_was_meant(argv, usage, needle, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and usage in err and needle in err, err
+
+
+def test_version(capsys):
+    import gradwatch
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"gradwatch {gradwatch.__version__}"
+
+
+def test_a_script_s_own_options_still_pass_through(tmp_path, monkeypatch):
+    """parse_known_args must not take `gradwatch run train.py --lr 0.1`'s options for typos."""
+    from gradwatch.cli.main import build_parser, parse
+
+    args = parse(build_parser(), ["run", "train.py", "--lr", "-0.1", "--shape", "-1,2", "-x"])
+    assert args.target == ["train.py", "--lr", "-0.1", "--shape", "-1,2", "-x"]
+    args = parse(build_parser(), ["fix", "--budget-steps", "-1", "--", "python", "t.py", "--shape", "-1,2"])
+    assert args.budget_steps == -1 and args.target == ["--", "python", "t.py", "--shape", "-1,2"]
+
+
+def test_a_negative_shape_reaches_the_shape_check(monkeypatch, capsys):
+    """argparse said "argument --input-shape: expected one argument" of `--input-shape -1,32`."""
+    monkeypatch.chdir(TESTS)
+    assert main(["probe", "test_probe_helpers:sigmoid_mlp", "--input-shape", "-1,32"]) == 2
+    assert "--input-shape '-1,32' is not a list of positive integers" in capsys.readouterr().err
+
+
+def test_factory_as_a_file_path(tmp_path, monkeypatch, capsys):
+    """`models.py:make` (a path, what a newcomer types) said: cannot import 'models.py'."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "mymodels.py").write_text(
+        "from torch import nn\ndef make():\n    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["probe", "sub/mymodels.py:make", "--input-shape", "3,4", "--iters", "0", "--json"]) == 0
+    assert [x["name"] for x in json.loads(capsys.readouterr().out)["layers"]] == ["0", "2"]
+    assert main(["probe", "sub/nofile.py:make", "--input-shape", "3,4"]) == 2
+    assert "no such file 'sub/nofile.py'" in capsys.readouterr().err
+
+
+def test_the_same_command_gives_the_same_numbers(monkeypatch, capsys):
+    """The factory initialises from torch's global RNG, which was not seeded: every run differed."""
+    monkeypatch.chdir(TESTS)
+    outs = []
+    for _ in range(2):
+        import torch
+
+        torch.manual_seed(len(outs) + 123)  # whatever state the process is in
+        assert main(["probe", "test_probe_helpers:sigmoid_mlp", "--input-shape", "4,32", "--iters", "0", "--json"]) == 0
+        d = json.loads(capsys.readouterr().out)
+        outs.append([(x["grad_out_norm"], x["act_std"]) for x in d["layers"]])
+    assert outs[0] == outs[1]

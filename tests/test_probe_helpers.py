@@ -72,3 +72,15 @@ class GetInput(DictInput):
 
 def needs_args(width, depth=2):
     return nn.Sequential(*[nn.Linear(width, width) for _ in range(depth)])
+
+
+class TinyAttention(nn.Module):
+    """Token ids -> one post-LN encoder layer: MultiheadAttention checks its input's rank with an assert."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+
+    def forward(self, ids):
+        return self.enc(self.emb(ids))

@@ -87,7 +87,8 @@ def test_he_output_std_ratio(init, lo, hi):
         assert r.verdict == "vanishing"
         f = next(f for f in r.findings if f.kind == "vanishing_gradient")
         assert f.first_step == 0 and f.layers[0] == "0"
-        assert any("kaiming_normal_(model[0].weight, nonlinearity=\"relu\")" in m.code for m in f.remedies)
+        assert any("for w in (model[0].weight, model[2].weight" in m.code
+                   and "kaiming_normal_(w, nonlinearity=\"relu\")" in m.code for m in f.remedies)
         assert r.mean_field.chi1 == pytest.approx(0.5, rel=0.02) and r.mean_field.too_deep
     else:
         assert r.verdict == "healthy" and not r.findings

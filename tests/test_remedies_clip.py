@@ -369,6 +369,15 @@ def test_attach_zclip_reports_norm():
     (lambda: clip.ClipNorm(1.0, norm_type=-3), "norm_type=-3"),
     (lambda: clip.AutoClip(norm_type=float("nan")), "norm_type=nan"),
     (lambda: clip.attach("opt", clip.ZClip()), "optimizer='opt' is not a torch.optim.Optimizer"),
+    # a model instead of its parameters was an AttributeError from inside torch ('Linear' has no 'grad'),
+    # and a model passed as the optimizer printed its whole module tree into the message
+    (lambda: clip.clip_norm(nn.Sequential(nn.Linear(2, 2)), 1.0), "params=<Sequential> is a model, not its "
+                                                                  "parameters; pass model.parameters"),
+    (lambda: clip.ClipNorm()([1, 2]), "params holds 1, which is not a tensor"),
+    (lambda: clip.AGC()(torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1)), "is an optimizer, not its"),
+    (lambda: clip.ZClip()(3), "params=3 is not an iterable of tensors"),
+    (lambda: clip.attach(nn.Sequential(*[nn.Linear(2, 2)] * 9), clip.ZClip()),
+     "optimizer=<Sequential> is not a torch.optim.Optimizer"),
 ])
 def test_bad_input_names_the_value(call, named):
     with pytest.raises(ConfigError, match=named.replace("(", r"\(").replace(".", r"\.")):

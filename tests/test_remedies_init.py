@@ -447,3 +447,22 @@ def test_a_frozen_weight_in_a_trained_layer_is_left_alone():
     assert report.notes == ["0.weight: left alone: frozen (requires_grad=False) while the rest of 0 trains, so a new "
                             "draw could never be trained; unfreeze it first to initialise it"]
     assert "weight_hh_l0: left alone: frozen" in lstm_report.notes[0] and "rest of LSTM trains" in lstm_report.notes[0]
+
+
+def test_a_forward_with_functional_activations_and_no_example_input_is_noted():
+    """A CNN whose forward calls F.relu has no activation module: without example_input every layer got
+    Xavier for "linear", silently; with it, He for the relu its forward applies."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.fc = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.c2(torch.relu(self.c1(x)))).mean((2, 3)))
+
+    report = init_(Net())
+    assert [r.scheme for r in report.rows] == ["xavier"] * 3
+    assert any("pass example_input=" in n for n in report.notes) and "note: no activation module" in str(report)
+    report = init_(Net(), example_input=torch.randn(2, 3, 8, 8))
+    assert [r.scheme for r in report.rows] == ["he", "he", "xavier"] and not report.notes
+    assert not init_(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))).notes

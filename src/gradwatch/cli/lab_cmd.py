@@ -19,15 +19,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "gradients, measured with gradwatch itself. Each writes PNG figures, results.csv and a page "
                     "(index.md, index.html) into OUT/NAME/. Exit code 1 if any check fails. "
                     f"Experiments: {', '.join(lab.NAMES)}.")
-    p.add_argument("name", metavar="NAME", help="an experiment, 'all', or 'list' to show them")
-    p.add_argument("--quick", action="store_true", help="small sizes (seconds each) instead of the full ones (minutes)")
+    p.add_argument("name", metavar="NAME", help="an experiment (any case), 'all', or 'list' to show them")
+    p.add_argument("--quick", action="store_true", help="small sizes (all ten in about 2 minutes of CPU time) instead of the full "
+                                                    "ones (all ten in about an hour)")
     p.add_argument("--out", default="lab-out", help="directory for the pages (default: lab-out)")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
     console = Console()
-    if args.name == "list":
+    name = args.name.lower()
+    if name == "list":
         table = Table(show_lines=False)
         table.add_column("name")
         table.add_column("claim")
@@ -35,7 +37,7 @@ def main(args: argparse.Namespace) -> int:
             table.add_row(exp.name, exp.claim)
         console.print(table)
         return 0
-    exps = lab.all_experiments() if args.name == "all" else [lab.get(args.name)]
+    exps = lab.all_experiments() if name == "all" else [lab.get(name)]
     out = runner.output_dir(args.out)
     done = lab.run_many(exps, args.quick, out)
     table = Table(title=f"gradwatch lab ({'quick' if args.quick else 'full'})")

@@ -8,9 +8,12 @@ become one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
+import re
 import sys
 
+from gradwatch import __version__
 from gradwatch.errors import GradwatchError
 
 COMMANDS = ("run", "show", "diagnose", "probe", "fix", "lab", "report", "export")
@@ -21,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gradwatch",
         description="Make vanishing and exploding gradients visible, explained, predicted and fixed.",
     )
+    parser.add_argument("--version", action="version", version=f"gradwatch {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
@@ -34,9 +38,67 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def did_you_mean(word: str, choices) -> str:
+    """' (did you mean X?)' for a typo or a unique prefix of one of `choices`, else ''."""
+    choices = list(choices)
+    prefixed = [c for c in choices if c.startswith(word)]
+    close = prefixed if len(prefixed) == 1 else difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+NEGATIVE = re.compile(r"-[\d.,]+")
+
+
+def negative_values(sub: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`--input-shape -1,64` as `--input-shape=-1,64`: argparse takes a value that starts with '-' for an
+    option (only a plain `-1` passes) and says "expected one argument"; joined, the command's own check
+    names what is wrong with the value. The script's arguments after `run`/`fix` are left as they are."""
+    takes_value = {o for o, a in sub._option_string_actions.items() if a.nargs is None}
+    remainder = any(a.nargs == argparse.REMAINDER for a in sub._actions if not a.option_strings)
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--" or (remainder and not a.startswith("-")):
+            return out + argv[i:]
+        if a in takes_value and i + 1 < len(argv):
+            value = argv[i + 1]
+            out += [f"{a}={value}"] if NEGATIVE.fullmatch(value) else [a, value]
+            i += 2
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """argparse, with two repairs: a misspelt command names the one meant, and an unknown option is
+    reported by its command's parser (its usage, the option it resembles), not by the top level's
+    `usage: gradwatch [-h] COMMAND ...`, which does not show the command's options."""
+    commands = _commands(parser)
+    if argv and not argv[0].startswith("-") and argv[0] not in commands:
+        first = argv[0]
+        hint = (" (for help: gradwatch --help, or gradwatch COMMAND --help)" if first in ("help", "h", "?")
+                else did_you_mean(first, commands))
+        parser.error(f"unknown command {first!r}{hint}; choose from {', '.join(commands)}")
+    if argv and argv[0] in commands:
+        argv = argv[:1] + negative_values(commands[argv[0]], argv[1:])
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub = commands[args.command]
+        options = [o for o in sub._option_string_actions if o.startswith("--")]
+        hints = "".join(did_you_mean(e.split("=")[0], options) for e in extra if e.startswith("-"))
+        sub.error(f"unrecognized arguments: {' '.join(extra)}{hints}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, sys.argv[1:] if argv is None else list(argv))
     try:
         return int(args.func(args) or 0)
     except GradwatchError as exc:

@@ -23,8 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "report per layer: activation statistics, ‖∂L/∂s‖ and ‖∂L/∂W‖, the Jacobian's top and "
                     "mean singular values, the mean-field prediction for MLPs, gradients through time for "
                     "recurrent layers, and a verdict with remedies. Definitions: docs/probe.md.")
-    p.add_argument("factory", help="package.module:factory, a callable returning an nn.Module "
-                                   "(the current directory is importable)")
+    p.add_argument("factory", help="package.module:factory or path/to/file.py:factory, a callable returning "
+                                   "an nn.Module (the current directory is importable)")
     p.add_argument("--input-shape", required=True, help="batch shape, batch size first, e.g. 32,3,32,32")
     p.add_argument("--loss", default=None, choices=LOSSES,
                    help="projection (⟨r, y⟩/B with a fixed random r: ∂L/∂y independent of the weights, the "
@@ -36,7 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "nn.Embedding: its num_embeddings)")
     p.add_argument("--iters", type=int, default=30, help="Jacobian products per layer: 10 Lanczos steps (mean σ) then power iteration (top σ); "
                         "0 = gradient profile only (default 30)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the batch, targets and probe vectors")
+    p.add_argument("--seed", type=int, default=0, help="seed of torch's RNG for the factory (its initialisation), "
+                                                         "and of the batch, targets and probe vectors")
     p.add_argument("--png", metavar="FILE", help="write the gradient and Jacobian profile by depth to FILE")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     p.set_defaults(func=main)
@@ -80,6 +81,7 @@ def main(args: argparse.Namespace) -> int:
     if args.num_classes is not None and args.num_classes < 2:
         raise ConfigError(f"--num-classes {args.num_classes}: a classifier has at least 2 classes")
     png = figure_path(args.png) if args.png else None  # said before the probe's work, not after
+    torch.manual_seed(args.seed)  # the factory's initialisation too: the same command gives the same numbers
     model = load_factory(args.factory)
     gen = torch.Generator().manual_seed(args.seed)
     try:
@@ -94,6 +96,7 @@ def main(args: argparse.Namespace) -> int:
     check_fits(model, batch, args.factory)
     with _progress() as progress:
         result = probe(model, batch, loss_fn, iters=args.iters, seed=args.seed, progress=progress)
+    result.loss_name = loss_name
     if png:
         result.plot(str(png))
     if args.json:

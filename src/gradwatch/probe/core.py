@@ -14,6 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from gradwatch.collect.stats import activation_stats
 from gradwatch.errors import ConfigError
 from gradwatch.probe import meanfield, recurrent, verdict
+from gradwatch.probe.inputs import _where
 from gradwatch.probe.record import Call, Recorder, first_tensor, output_tensor, tensors_in
 from gradwatch.probe.result import LayerProbe, ProbeResult
 from gradwatch.probe.spectra import MAX_PROBES, graph_ops, spectrum
@@ -74,7 +75,8 @@ def _call(model: nn.Module, batch: Any) -> Any:
         if isinstance(batch, (tuple, list)):
             return model(*batch)
         return model(batch)
-    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+    except (RuntimeError, TypeError, ValueError, IndexError, AssertionError) as exc:  # (MultiheadAttention
+        # checks its input's rank with an assert)
         raise ConfigError(f"{type(model).__name__} failed on the probe batch ({type(exc).__name__}: {exc}); "
                           "pass a batch the model accepts: a tensor for model(x), a tuple for model(*batch), "
                           "a dict for model(**batch)") from exc
@@ -110,7 +112,14 @@ def probe(model: nn.Module, batch: Any, loss_fn: Callable[[Any], torch.Tensor] |
     gen = torch.Generator().manual_seed(seed ^ SEED_OFFSET)
     if loss_fn is not None and not callable(loss_fn):
         raise ConfigError(f"loss_fn must be a function of the model's output, got {type(loss_fn).__name__}")
+    if progress is not None and not callable(progress):
+        raise ConfigError(f"progress must be a function progress(done, total, layer), got {type(progress).__name__}")
+    cells = _check_cells(model, cells)
     _check_not_inference(model)
+    x = first_tensor(batch)
+    if x is not None and x.numel() == 0:
+        raise ConfigError(f"the probe batch is empty (shape {tuple(x.shape)}); pass at least one sample "
+                          "(a few are enough: the probe needs one forward and one backward)")
     # BatchNorm running stats, and the tables an nn.Embedding(max_norm=...) renormalises in place
     renormed = [m.weight for m in model.modules() if isinstance(m, nn.Embedding) and m.max_norm is not None]
     buffers = [(b, b.detach().clone()) for b in [*model.buffers(), *renormed]]
@@ -123,8 +132,26 @@ def probe(model: nn.Module, batch: Any, loss_fn: Callable[[Any], torch.Tensor] |
                 b.copy_(saved)
 
 
+def _check_cells(model: nn.Module, cells: Iterable[str | nn.Module]) -> list[str | nn.Module]:
+    """Each of `cells` a submodule of the model, or its name in `model.named_modules()`."""
+    if isinstance(cells, (str, nn.Module)):
+        cells = [cells]
+    out = list(cells)
+    modules = {id(m) for m in model.modules()}
+    names = {n for n, _ in model.named_modules()}
+    for c in out:
+        if not (isinstance(c, str) and c in names or isinstance(c, nn.Module) and id(c) in modules):
+            raise ConfigError(f"cells: {c!r} is not a submodule of {type(model).__name__}; pass the cell modules "
+                              "(or their names from model.named_modules()) that the forward calls once per time step")
+    return out
+
+
 def _check_not_inference(model: nn.Module) -> None:
     """Weights made under torch.inference_mode() can never take part in autograd."""
+    meta = next((n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
+    if meta is not None:
+        raise ConfigError(f"{type(model).__name__}.{meta} is on the meta device (a shape with no values); "
+                          "materialise the model first (model.to_empty(device='cpu') and initialise it) before probing it")
     bad = next((n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_inference()), None)
     if bad is not None:
         raise ConfigError(f"{type(model).__name__}.{bad} was created under torch.inference_mode(), so no "
@@ -143,7 +170,16 @@ def _probe(model: nn.Module, batch: Any, loss_fn: Callable[[Any], torch.Tensor] 
     if not entries:
         raise ConfigError(f"{type(model).__name__} has no layers: no module with trainable parameters ran in "
                           "its forward; probe needs at least one (e.g. nn.Linear, nn.Conv2d)")
-    loss = (loss_fn or projection_loss(gen))(out)
+    if loss_fn is None:
+        loss = projection_loss(gen)(out)
+    else:
+        try:
+            loss = loss_fn(out)
+        except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError) as exc:
+            got = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+            raise ConfigError(f"loss_fn failed on the model's output, {got} ({type(exc).__name__}: {exc}"
+                              f"{_where(exc)}); pass a loss_fn(output) -> scalar that accepts it, e.g. "
+                              "lambda out: F.cross_entropy(out, y) with labels y of the probe batch") from exc
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise ConfigError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}"
                           f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
@@ -170,7 +206,7 @@ def _probe(model: nn.Module, batch: Any, loss_fn: Callable[[Any], torch.Tensor] 
         layers=layers, loss=float(loss.detach()), input_std=_std(x_in), output_std=_std(y), gain=gain,
         mean_field=mf, mean_field_note=note, chi_measured=chi, recurrent=recs, findings=findings,
         verdict=verdict.overall(layers, findings), iters=iters, seconds=time.perf_counter() - start,
-        notes=notes)
+        notes=notes, loss_name="projection" if loss_fn is None else "")
 
 
 def _frozen_note(model: nn.Module) -> list[str]:
@@ -331,18 +367,18 @@ def _gain_to_top(layers: list[LayerProbe], scales: list[float]) -> None:
 def _mean_field(entries: list[Call], layers: list[LayerProbe]) -> tuple[meanfield.MeanField | None, str, float]:
     """The mean-field prediction for a plain MLP (Linear layers, one elementwise activation kind)."""
     if len(entries) < 2 or not all(isinstance(c.module, nn.Linear) for c in entries):
-        return None, "not an MLP (only nn.Linear layers with one kind of activation)", math.nan
+        return None, "not computed: it needs an MLP (only nn.Linear layers, one kind of activation)", math.nan
     hidden = entries[:-1]
     acts = {a.activation for c in hidden for a in c.acts}
     if len(acts) != 1 or any(len(c.acts) != 1 for c in hidden):
-        return None, "not an MLP with one activation after every hidden nn.Linear", math.nan
+        return None, "not computed: it needs one activation after every hidden nn.Linear", math.nan
     sw2 = statistics.median(float(c.module.weight.detach().double().pow(2).mean()) * c.module.in_features
                             for c in hidden)
     sb2 = statistics.median(float(c.module.bias.detach().double().pow(2).mean()) if c.module.bias is not None else 0.0
                             for c in hidden)
     rates = {tuple(d.module.p for d in c.drops) for c in hidden}
     if len(rates) != 1 or len(next(iter(rates))) > 1:
-        return None, "not an MLP with the same dropout after every hidden nn.Linear", math.nan
+        return None, "not computed: it needs the same dropout after every hidden nn.Linear", math.nan
     keep = math.prod(1.0 - p for p in rates.pop())
     mf = meanfield.predict(hidden[0].acts[0].module, acts.pop(), sw2, sb2, len(entries), keep)
     ratios = [x.grad_ratio for x in layers[1:-2] if math.isfinite(x.grad_ratio)]  # hidden→hidden steps

@@ -8,6 +8,8 @@ import inspect
 import os
 import sys
 import traceback
+import warnings
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -19,12 +21,23 @@ LOSSES = ("projection", "sumsq", "mse", "cross_entropy")
 
 
 def load_factory(path: str) -> nn.Module:
-    """'package.module:factory' -> factory(); the current directory is importable, as with `python -m`."""
-    mod_name, sep, attr = path.partition(":")
+    """'package.module:factory' -> factory(); the current directory is importable, as with `python -m`.
+    'path/to/models.py:factory' works too: the file is imported by its name with its folder importable,
+    as `python path/to/models.py` would see it."""
+    mod_name, sep, attr = path.rpartition(":")
     if not sep or not mod_name or not attr:
-        raise ConfigError(f"factory {path!r} is not of the form package.module:factory")
+        raise ConfigError(f"factory {path!r} is not of the form package.module:factory (or file.py:factory)")
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
+    if mod_name.endswith(".py") or "/" in mod_name or os.sep in mod_name:
+        file = Path(mod_name)
+        if not file.is_file():
+            raise ConfigError(f"factory {path!r}: no such file {mod_name!r}; pass a Python file that exists, "
+                              "or a module name (package.module:factory)")
+        folder = str(file.resolve().parent)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+        mod_name = file.stem
     try:
         module = importlib.import_module(mod_name)
     except Exception as exc:  # noqa: BLE001  any import failure is the user's to fix
@@ -116,10 +129,13 @@ def check_fits(model: nn.Module, batch: torch.Tensor, factory: str) -> None:
     """One forward without gradients: an input that does not fit fails here, named, with where in the
     user's code and the advice that matches why (several inputs, a dict or object input, token ids,
     dtype, shape), not in the probe."""
-    try:
-        with torch.no_grad():
+    try:  # its warnings are dropped: a failing trial's are noise before the error, a passing one's the
+        # probe's own forward gives again
+        with torch.no_grad(), warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
             model(batch)
-    except (RuntimeError, ValueError, IndexError, TypeError, AttributeError, KeyError) as exc:
+    except (RuntimeError, ValueError, IndexError, TypeError, AttributeError, KeyError, AssertionError) as exc:
+        # (AssertionError: torch's MultiheadAttention checks the rank of its input with one)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         shape = ",".join(map(str, batch.shape))
         raise ConfigError(f"input shape {shape} does not fit {factory} ({str(batch.dtype).removeprefix('torch.')} "
@@ -148,6 +164,9 @@ def _advice(model: nn.Module, batch: torch.Tensor, exc: BaseException | None = N
     if emb is not None and batch.is_floating_point():
         return (f"it has an nn.Embedding ('{emb}') that is not its first module, so the batch was floats: "
                 "pass --vocab N for integer tokens in [0, N)")
+    if not batch.is_floating_point() and emb is None:
+        return ("--vocab makes integer token ids and the model has no nn.Embedding to take them: drop --vocab "
+                "for standard normal float inputs")
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if batch.is_floating_point() and dtypes and batch.dtype not in dtypes:
         return (f"its parameters are {', '.join(sorted(str(d).removeprefix('torch.') for d in dtypes))}; "

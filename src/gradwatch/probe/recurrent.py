@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from gradwatch.diagnose.thresholds import DEFAULT
+from gradwatch.errors import ConfigError
 
 # the cut-offs of the diagnose rule on a run's own time profiles, so prediction and run agree
 VANISH, EXPLODE = DEFAULT.time_vanishing_ratio, DEFAULT.time_exploding_ratio
@@ -118,7 +119,16 @@ def probe_cell(cell: Cell, xs: list[torch.Tensor] | torch.Tensor, h0: State, *, 
                generator: torch.Generator | None = None) -> RecurrentProbe:
     """Probe a step function `cell(x_t, h) -> h` over inputs xs (a list, or a tensor with time first)
     from state h0. Give `w_hh` (the recurrent matrix) for the Pascanu bound check."""
-    profile, _ = bptt_profile(cell, xs, h0, generator)
+    if not callable(cell):
+        raise ConfigError(f"cell must be a step function cell(x_t, h) -> h, got {type(cell).__name__}")
+    try:
+        profile, _ = bptt_profile(cell, xs, h0, generator)
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        first = xs[0] if len(xs) else None
+        shape = tuple(first.shape) if isinstance(first, torch.Tensor) else type(first).__name__
+        raise ConfigError(f"probe_cell: the cell failed on x_0 of shape {shape} ({type(exc).__name__}: {exc}); pass "
+                          "xs with time first (T, batch, features) or a list of per-step inputs, and h0 the state "
+                          "the cell takes") from exc
     return _report(name, "cell", 0, profile, w_hh, nonlinearity)
 
 

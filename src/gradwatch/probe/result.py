@@ -72,6 +72,8 @@ class ProbeResult:
     iters: int = 30
     seconds: float = NAN
     notes: list[str] = field(default_factory=list)
+    loss_name: str = ""  # "projection" for the default loss, whose value (often negative) means nothing;
+    # the CLI's --loss otherwise ("" for a loss_fn of your own)
 
     def layer(self, name: str) -> LayerProbe:
         return next(x for x in self.layers if x.name == name)
@@ -91,7 +93,8 @@ class ProbeResult:
         """A rich Table of the per-layer numbers (import rich only when asked)."""
         from rich.table import Table
 
-        t = Table(title=f"gradwatch probe: loss {self.loss:.4g}, verdict {self.verdict}", show_lines=False)
+        what = {"projection": "random-projection loss", "": "loss"}.get(self.loss_name, f"{self.loss_name} loss")
+        t = Table(title=f"gradwatch probe: {what} {self.loss:.4g}, verdict {self.verdict}", show_lines=False)
         cols = [("#", "index", "d"), ("layer", "name", "s"), ("type", "type", "s"), ("act", "activation", "s"),
                 ("act std", "act_std", "g"), ("sat", "saturated", "%"), ("dead", "dead", "%"),
                 ("‖∂L/∂s‖", "grad_out_norm", "g"), ("∂L/∂s std", "grad_out_std", "g"),
@@ -104,6 +107,26 @@ class ProbeResult:
             t.add_row(*(_fmt(getattr(x, attr), kind) for _, attr, kind in cols),
                       style={"vanishing": "yellow", "exploding": "red", "non-finite": "bold red"}.get(x.verdict))
         return t
+
+    def __str__(self) -> str:
+        """What `gradwatch probe` prints: the table, the summary lines and the findings, as plain text
+        (so `print(gw.probe(model, x))` shows the result, not the dataclass)."""
+        import io
+
+        from rich.console import Console
+
+        buf = io.StringIO()
+        console = Console(file=buf, width=170, color_system=None, highlight=False)
+        console.print(self.table())
+        for line in self.summary_lines():
+            console.print(line, markup=False)
+        for f in self.findings:
+            console.print(f"{f.severity.upper()} {f.kind}: {f.message}", markup=False)
+            for cause in f.causes:
+                console.print(f"  cause: {cause}", markup=False)
+            for r in f.remedies:
+                console.print(f"  fix: {r.action}\n       " + r.code.replace("\n", "\n       "), markup=False)
+        return buf.getvalue().rstrip("\n")
 
     def summary_lines(self) -> list[str]:
         g = self.gain

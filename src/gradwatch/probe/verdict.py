@@ -47,22 +47,44 @@ def layer_verdict(x: LayerProbe) -> str:
 
 def _init_remedies(layers: list[LayerProbe], init: set[str]) -> list[Remedy]:
     """Init for the activation that follows each layer; behind a sigmoid, for the ReLU that should
-    replace it (no init rescues a stack of sigmoids: σ' ≤ 1/4). Only layers named in `init` get a
-    line of their own: those with a `.weight` of ≥ 2 dimensions (fan-in defined, so the kaiming /
-    xavier call runs); a LayerNorm's 1-D weight or MultiheadAttention's in_proj_weight do not."""
-    out = [Remedy("re-initialise every layer for the activation that follows it", "gw.init_(model)")]
-    for x in [x for x in layers if x.name in init][:2]:
-        act = "relu" if x.activation in ("sigmoid", "hardsigmoid") else x.activation
-        code = INIT_FOR.get(act, INIT_FOR[""]).format(w=attr(x.name) + ".weight")
-        out.append(Remedy(f"re-initialise layer '{x.name}' for the {act or 'linear'} that follows it", code))
+    replace it (no init rescues a stack of sigmoids: σ' ≤ 1/4). The plain-torch lines cover every layer
+    named in `init` (those with a `.weight` of ≥ 2 dimensions, so the kaiming / xavier call runs; a
+    LayerNorm's 1-D weight or MultiheadAttention's in_proj_weight do not), one loop per activation:
+    re-initialising only the layers that read vanishing leaves the rest of the depth at the scale that
+    made them vanish (a 20-layer ReLU net at torch's default init still read 1e-8 with its first layer
+    re-initialised alone)."""
+    swapped = any(x.activation in ("sigmoid", "hardsigmoid") for x in layers[:-1])
+    out = [] if swapped else [Remedy("re-initialise every layer for the activation that follows it", "gw.init_(model)")]
+    groups: dict[str, list[str]] = {}
+    for x in layers:
+        if x.name in init and "#" not in x.name:  # a module called twice: its weight is listed once
+            swap = x.activation in ("sigmoid", "hardsigmoid") and x is not layers[-1]  # the output's stays
+            act = "relu" if swap else x.activation
+            groups.setdefault(act if act in INIT_FOR else "", []).append(attr(x.name) + ".weight")
+    if not groups:
+        return out
+    lines = []
+    for act, weights in groups.items():
+        rows = [", ".join(weights[i:i + 4]) for i in range(0, len(weights), 4)]
+        listed = weights[0] + "," if len(weights) == 1 else ",\n          ".join(rows)
+        lines.append(f"for w in ({listed}):  # followed by {act or 'no activation'}\n"
+                     f"    {INIT_FOR[act].format(w='w')}")
+    out.append(Remedy("after the swap, in plain torch: re-initialise every layer for the relu that replaces its sigmoid"
+                      if swapped else "or in plain torch: re-initialise every layer for the activation that follows it",
+                      "\n".join(lines)))
     return out
 
 
 def _swap_remedy(layers: list[LayerProbe]) -> list[Remedy]:
-    if not any(x.activation in ("sigmoid", "hardsigmoid") for x in layers):
+    """Hidden sigmoids to ReLU, the output's kept (a sigmoid there gives BCELoss its probabilities)."""
+    found = sorted({x.activation for x in layers[:-1]} & {"sigmoid", "hardsigmoid"})
+    if not found:
         return []
-    return [Remedy("swap Sigmoid for ReLU in hidden layers (its derivative is at most 1/4)",
-                   "gw.modify.swap_activations(model, nn.Sigmoid, nn.ReLU)")]
+    classes = {"sigmoid": "nn.Sigmoid", "hardsigmoid": "nn.Hardsigmoid"}
+    old = classes[found[0]] if len(found) == 1 else f"({', '.join(classes[a] for a in found)})"
+    return [Remedy("swap Sigmoid for ReLU in hidden layers (its derivative is at most 1/4), then He init for it",
+                   f"model, _ = gw.modify.swap_activations(model, {old}, nn.ReLU, keep_output=True)\n"
+                   "gw.init_(model)")]
 
 
 def layer_findings(layers: list[LayerProbe], mf: MeanField | None, *, init: set[str] = frozenset(),
@@ -83,11 +105,12 @@ def layer_findings(layers: list[LayerProbe], mf: MeanField | None, *, init: set[
         causes = []
         acts = {x.activation for x in layers}
         if verdict == "vanishing":
-            if acts & SATURATING:
+            if acts & SATURATING and not _linear_regime(mf):
                 sat = max((x.saturated for x in layers if not math.isnan(x.saturated)), default=math.nan)
-                causes.append(f"saturating activations ({', '.join(sorted(acts & SATURATING))}) scale "
-                              f"the gradient by φ' < 1 in every layer (sigmoid: φ' ≤ 1/4); saturated "
-                              f"fraction up to {sat:.0%}")
+                named = sorted(acts & SATURATING)
+                causes.append(f"saturating activations ({', '.join(named)}) scale the gradient by φ' < 1 in every "
+                              "layer" + (" (sigmoid: φ' ≤ 1/4)" if any("sigmoid" in a for a in named) else "")
+                              + (f"; saturated fraction up to {sat:.0%}" if sat >= 0.005 else ""))
             causes.append("initial weights too small for the depth" + _sigma_said(layers))
         else:
             causes.append("initial weights too large" + _sigma_said(layers))
@@ -96,7 +119,7 @@ def layer_findings(layers: list[LayerProbe], mf: MeanField | None, *, init: set[
         if mf is not None:
             evidence.update(chi1=mf.chi1, depth_scale=mf.depth_scale)
         remedies = _swap_remedy(layers) if verdict == "vanishing" else []
-        remedies += _init_remedies(bad if verdict == "vanishing" else bad[::-1], init)
+        remedies += _init_remedies(layers, init)
         remedies += [] if verdict == "vanishing" else [
             Remedy("clip the gradient norm", "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)")]
         if not normalised:
@@ -120,6 +143,15 @@ def layer_findings(layers: list[LayerProbe], mf: MeanField | None, *, init: set[
                     f"for m in model.modules():\n    if isinstance(m, nn.Linear):\n"
                     f"        nn.init.normal_(m.weight, std=({sw2:.3g} / m.in_features) ** 0.5); nn.init.zeros_(m.bias)"),)))
     return findings
+
+
+def _linear_regime(mf: MeanField | None) -> bool:
+    """A tanh-like MLP whose units work near 0, where φ' ≈ 1: E[φ'(√q* z)²] = χ₁·keep/σ_w² above 0.8, so
+    the activation is not what shrinks the gradient (the weight scale is). A 20-layer tanh net at torch's
+    default init (σ_w² = 1/3) reads 0.99 and was told its tanh saturates; sigmoid's φ' ≤ 1/4 always counts."""
+    if mf is None or "sigmoid" in mf.activation or not mf.sigma_w2 > 0:
+        return False
+    return mf.chi1 * mf.keep / mf.sigma_w2 > 0.8
 
 
 def _sigma_said(layers) -> str:

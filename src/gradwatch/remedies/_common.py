@@ -53,9 +53,30 @@ def in_range(name: str, value: object, lo: float, hi: float, *, lo_open: bool, h
     return v
 
 
+def shown(obj: object) -> str:
+    """`obj` for an error message: its repr when that is one short line, else its type (a model's repr
+    is its whole module tree)."""
+    text = repr(obj)
+    return text if len(text) <= 60 and "\n" not in text else f"<{type(obj).__name__}>"
+
+
 def as_list(params: Params) -> list[torch.Tensor]:
-    """Parameters as a list (a single tensor becomes a one-item list)."""
-    return [params] if isinstance(params, torch.Tensor) else list(params)
+    """Parameters as a list (a single tensor becomes a one-item list); ConfigError for anything else
+    (a model instead of its parameters, an optimizer, numbers)."""
+    if isinstance(params, torch.Tensor):
+        return [params]
+    fix = "pass model.parameters() (or a list of tensors)"
+    if isinstance(params, (torch.nn.Module, torch.optim.Optimizer)):
+        what = "a model" if isinstance(params, torch.nn.Module) else "an optimizer"
+        raise ConfigError(f"params={shown(params)} is {what}, not its parameters; {fix}")
+    try:
+        out = list(params)
+    except TypeError:
+        raise ConfigError(f"params={shown(params)} is not an iterable of tensors; {fix}") from None
+    bad = next((p for p in out if not isinstance(p, torch.Tensor)), None)
+    if bad is not None:
+        raise ConfigError(f"params holds {shown(bad)}, which is not a tensor; {fix}")
+    return out
 
 
 def coalesced_grad(p: torch.Tensor) -> torch.Tensor | None:
@@ -82,7 +103,7 @@ def with_sparse_grad(params: list[torch.Tensor]) -> list[torch.Tensor]:
 def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     """All parameters of all param groups; ConfigError if there are none."""
     if not isinstance(optimizer, torch.optim.Optimizer):
-        raise ConfigError(f"optimizer={optimizer!r} is not a torch.optim.Optimizer; "
+        raise ConfigError(f"optimizer={shown(optimizer)} is not a torch.optim.Optimizer; "
                           "pass the optimizer you train with (e.g. torch.optim.SGD(model.parameters(), lr=0.1))")
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if not params:

@@ -40,6 +40,7 @@ from gradwatch.remedies._common import (
     optimizer_params,
     positive_number,
     scale_,
+    shown,
     total_norm,
     with_sparse_grad,
 )
@@ -144,7 +145,7 @@ def attach(optimizer: torch.optim.Optimizer, clipper: Clipper) -> RemovableHandl
         raise ConfigError(f"clipper={clipper.__name__} is a class, not a clipper; pass an instance, "
                           f"e.g. gw.clip.{clipper.__name__}()")
     if not callable(clipper):
-        raise ConfigError(f"clipper={clipper!r} is not callable; pass e.g. gw.clip.ZClip() or gw.clip.ClipNorm(1.0)")
+        raise ConfigError(f"clipper={shown(clipper)} is not callable; pass e.g. gw.clip.ZClip() or gw.clip.ClipNorm(1.0)")
     optimizer_params(optimizer)  # fail now, not at the first step, if there is nothing to clip
     if any(getattr(hook, "clipper", None) is clipper for hook in optimizer._optimizer_step_pre_hooks.values()):
         raise ConfigError(f"{clipper!r} is already attached to this optimizer; attached twice it would clip twice "

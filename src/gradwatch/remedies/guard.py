@@ -53,7 +53,7 @@ from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from gradwatch.collect import patches
 from gradwatch.collect.stats import entries
 from gradwatch.errors import ConfigError
-from gradwatch.remedies._common import in_range, optimizer_params, whole_number
+from gradwatch.remedies._common import in_range, optimizer_params, shown, whole_number
 
 Scheduler = Union[LRScheduler, ReduceLROnPlateau]
 
@@ -218,8 +218,9 @@ class Guard:
         if not self._warned:
             self._warned = True
             bad = sum(1 for g in grads if not bool(torch.isfinite(g).all()))
-            warnings.warn(f"gradwatch.guard: skipped optimizer step {self.steps + self.skipped}: {bad} of "
-                          f"{len(grads)} gradient tensors hold NaN/Inf; weights and optimizer state left "
+            call = self.steps + self.skipped - 1  # counted from 0, as the watch and its findings count steps
+            warnings.warn(f"gradwatch.guard: skipped optimizer step {call} (the {_ordinal(call + 1)} step): "
+                          f"{bad} of {len(grads)} gradient tensors hold NaN/Inf; weights and optimizer state left "
                           "unchanged (further skips are counted silently; see guard.report())", stacklevel=2)
         if self.consecutive >= self.patience:
             self._restore(params)
@@ -254,7 +255,7 @@ class Guard:
         """Scale `scheduler`'s own lrs (base lrs, ...) too on a restore, so its next step keeps the cut;
         for one built after the guard (``gw.guard(scheduler=)`` takes those built before)."""
         if not isinstance(scheduler, (LRScheduler, ReduceLROnPlateau)) or scheduler.optimizer is not self.optimizer:
-            raise ConfigError(f"scheduler={scheduler!r} is not an LR scheduler of the guarded optimizer; pass the "
+            raise ConfigError(f"scheduler={shown(scheduler)} is not an LR scheduler of the guarded optimizer; pass the "
                               "torch.optim.lr_scheduler built on it, e.g. LambdaLR(optimizer, ...)")
         self.schedulers.append(scheduler)
 
@@ -291,6 +292,10 @@ class Guard:
 
     def __repr__(self) -> str:
         return f"<gradwatch {self.report()}>"
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
 def _guarded_step(g: Guard) -> Callable[..., Any]:

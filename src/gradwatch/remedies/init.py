@@ -29,7 +29,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from gradwatch.errors import ConfigError
-from gradwatch.remedies._activations import (NONE, RELU_FAMILY, Act, by_execution, by_registration,
+from gradwatch.remedies._common import shown
+from gradwatch.remedies._activations import (NONE, RELU_FAMILY, Act, by_execution, by_registration, module_act,
                                              parametrization_modules)
 
 SCHEMES = ("auto", "he", "xavier", "lecun", "orthogonal")
@@ -295,6 +296,8 @@ def _remedy(m: nn.Module, pname: str, layers: set[int]) -> str:
 
 def check_constant_init(model: nn.Module) -> list[str]:
     """Weights (2-d or more) that are constant, or whose units all share the same weights."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model={shown(model)} is not a torch.nn.Module; pass the model to check")
     layers = {id(m) for m in _layers(model).values()}
     found = []
     with torch.no_grad():
@@ -325,7 +328,7 @@ def init_(model: nn.Module, scheme: str = "auto", *, example_input: Any = None) 
     reaches, functional calls such as F.relu included; without it, module registration order is used.
     """
     if not isinstance(model, nn.Module):
-        raise ConfigError(f"model={model!r} is not a torch.nn.Module; pass the model to initialise")
+        raise ConfigError(f"model={shown(model)} is not a torch.nn.Module; pass the model to initialise")
     if scheme not in SCHEMES:
         raise ConfigError(f"scheme={scheme!r} is not one of {', '.join(SCHEMES)}; use 'auto' to choose per layer")
     layers = _layers(model)
@@ -333,6 +336,15 @@ def init_(model: nn.Module, scheme: str = "auto", *, example_input: Any = None) 
         raise ConfigError(f"model {type(model).__name__} has no Linear, Conv or recurrent layer to initialise; "
                           "pass the model whose layers you want initialised")
     report = InitReport(constant_before=check_constant_init(model))
+    feedforward = [m for m in layers.values() if not isinstance(m, tuple(_GATES))]
+    if scheme == "auto" and example_input is None and len(feedforward) > 1 \
+            and not any(module_act(m) for m in model.modules()) \
+            and any(not type(m).__module__.startswith("torch.") for m in model.modules()):
+        # A forward of its own with F.relu calls and no activation module: registration order sees no
+        # activation, and every layer would silently get the init for none (a ReLU CNN got Xavier).
+        report.notes.append("no activation module in the model, so every layer was initialised as if none "
+                            "followed it; if its forward applies activations as functions (F.relu, torch.tanh), "
+                            "pass example_input=<one batch> so that one forward pass finds them")
     follows = by_registration(model, set(layers))
     if example_input is not None:
         follows.update(by_execution(model, set(layers), example_input))

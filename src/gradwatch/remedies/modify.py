@@ -321,14 +321,17 @@ def insert_norm(model: nn.Module, kind: str = "batch", after: ModuleTypes = (nn.
     fused = [n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, FUSED)]
     places = [p for p in _places(model, lambda m: isinstance(m, after_types))
               if not any(p.name.startswith(f + ".") or not f for f in fused)]
+    skipped = ""
     if skip_last and places:  # every place of the output layer
-        last = places[-1].module
-        places = [p for p in places if p.module is not last]
+        last = places[-1]
+        places = [p for p in places if p.module is not last.module]
+        skipped = f" but the last, '{last.name}' (skip_last=True keeps the output layer as it is)"
     _attach_norms(places, kind)
     layers = [p.name for p in places]
     renamed, new = _renames(before, model)
     if not layers:
-        return model, Change(f"no layer of type {after!r} to normalise; nothing changed")
+        kinds = " or ".join(t.__name__ for t in after_types)
+        return model, Change(f"no {kinds} layer to normalise{skipped}; nothing changed")
     what = "BatchNorm" if kind == "batch" else "LayerNorm"
     return model, Change(f"inserted {what} after {len(layers)} layer(s): {', '.join(layers)}"
                          + (f" (renamed {len(renamed)} parameter(s))" if renamed else "") + _optimizer_note(new),

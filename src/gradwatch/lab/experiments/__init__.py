@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 
 from gradwatch.errors import ConfigError
@@ -11,8 +12,13 @@ NAMES = ("activations", "depth", "he30", "init", "lr", "clipping", "rnn", "batch
 
 
 def get(name: str) -> Experiment:
-    if name not in NAMES:
-        raise ConfigError(f"no lab experiment named {name!r}; choose one of {', '.join(NAMES)} (or 'all')")
+    """The experiment called `name` (case does not matter: `HE30` is he30)."""
+    if not isinstance(name, str) or name.lower() not in NAMES:
+        close = difflib.get_close_matches(str(name).lower(), NAMES, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"no lab experiment named {name!r}{hint}; choose one of {', '.join(NAMES)} "
+                          "(the command also takes 'all' and 'list')")
+    name = name.lower()
     return importlib.import_module(f"gradwatch.lab.experiments.{name}").EXPERIMENT
 
 
