@@ -99,6 +99,27 @@ def test_run_default_out_links_latest(tmp_path):
     assert len(read_run(tmp_path / "runs" / "latest").steps) == 3
 
 
+def test_runs_latest_is_the_live_run_from_its_start(tmp_path, monkeypatch):
+    """runs/latest was linked when the run ended: `gradwatch show runs/latest` during a training
+    showed the run before it, and of two runs at once, latest was the one that ended last."""
+    from gradwatch import runner
+
+    seen = []
+
+    def fake_run(command, run_dir, options, lock=None):
+        seen.append((tmp_path / "runs" / "latest").resolve())
+        return runner.RunResult(run_dir, 0)
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    (tmp_path / "train.py").write_text("")
+    for _ in range(2):
+        assert gradwatch_here("run", "train.py", cwd=tmp_path).returncode == 0
+    runs = sorted(p for p in (tmp_path / "runs").iterdir() if p.name != "latest")
+    assert seen == [r.resolve() for r in runs] and len(runs) == 2
+    assert (tmp_path / "runs" / "latest").resolve() == runs[1].resolve()
+    assert [p.name for p in (tmp_path / "runs").iterdir() if p.name.startswith(".")] == []  # no link left aside
+
+
 @pytest.mark.parametrize("args, message", [
     (["run", "nope.py"], "no such script"),
     (["run", "--out", "/proc/forbidden/x", SCRIPTS / "train_optim.py", 1], "cannot write to the run directory"),

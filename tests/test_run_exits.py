@@ -60,6 +60,10 @@ def test_a_script_ending_with_os_exit_keeps_its_steps(tmp_path):
     result = run(tmp_path, TRAIN + "os._exit(4)\n")
     assert result.returncode == 4, result.stderr
     assert_stored(tmp_path, result)
+    # how it ended is in the store and said; its last steps, left in the -wal file, are in the file
+    assert read_run(tmp_path / "r").meta["exit"] == {"code": 4}
+    assert not (tmp_path / "r" / "gradwatch.sqlite-wal").exists()
+    assert "gradwatch: partial run: the command ended with exit code 4 at step 6; every step" in result.stderr
 
 
 def test_a_script_killed_with_sigkill_is_said_to_have_lost_its_last_steps(tmp_path):
@@ -69,6 +73,8 @@ def test_a_script_killed_with_sigkill_is_said_to_have_lost_its_last_steps(tmp_pa
     assert result.returncode == 128 + 9
     assert "killed (SIGKILL; out of memory?): the steps after its last store write (every 5 steps, --flush-every) are lost" in result.stderr
     assert list(read_run(tmp_path / "r").steps) == list(range(5))
+    assert read_run(tmp_path / "r").meta["exit"] == {"code": 137}
+    assert "still being written" not in result.stderr  # the lock `gradwatch run` saw held was its own
 
 
 def test_a_sigterm_sent_twice_stores_every_step(tmp_path):
@@ -89,3 +95,30 @@ def test_a_sigchld_handler_does_not_break_the_last_flush(tmp_path):
     result = run(tmp_path, signalled_in_flush("SIGCHLD").replace("for _", raising + "for _", 1) + TERMINATE)
     assert result.returncode == 128 + 15, result.stderr
     assert_stored(tmp_path, result)
+
+
+def test_a_hangup_is_passed_on_and_the_end_of_the_run_recorded(tmp_path):
+    """A closed terminal or a dropped ssh session (SIGHUP) killed `gradwatch run` with its command:
+    no end recorded, no findings, the store's last steps left in its -wal file. It now passes the
+    signal on, as SIGTERM, and records how the command ended. (A command that does not train:
+    no torch import, so this runs in a fraction of a second.)"""
+    import signal
+
+    from gradwatch import runner
+    from gradwatch.store import FlushBatch, LayerInfo, RunStoreWriter
+
+    layer = LayerInfo("fc", "Linear", 0, "param", 5)
+    writer = RunStoreWriter(tmp_path / "gradwatch.sqlite")
+    writer.write(FlushBatch([layer], steps=[(0, 1.0, 0.1, "", 0.0)], layer_rows=[(0, "fc", 1.0, *[None] * 9)]))
+    writer.close()
+    received = []
+    previous = signal.signal(signal.SIGHUP, lambda signum, frame: received.append(signum))
+    try:  # the command hangs up its parent (this process), then waits to be ended by it
+        hangup = "import os, signal, time; os.kill(os.getppid(), signal.SIGHUP); time.sleep(5)"
+        result = runner.run([sys.executable, "-c", hangup], tmp_path, {})
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert received == []  # handled by `gradwatch run` while the command ran: passed on to it
+    assert result.exit_code == 128 + signal.SIGHUP
+    run = read_run(tmp_path)
+    assert run.meta["exit"] == {"code": 129} and list(run.steps) == [0]

@@ -20,6 +20,8 @@ from pathlib import Path
 from gradwatch.collect.auto import ENV_OPTIONS, ENV_RUN_DIR
 from gradwatch.diagnose.finding import FINDINGS_FILE
 from gradwatch.errors import ConfigError
+from gradwatch.store.reader import LOCK_FILE
+from gradwatch.store.writer import finish_store
 
 try:
     import fcntl
@@ -27,7 +29,6 @@ except ImportError:  # Windows: runs into one directory are not guarded
     fcntl = None
 
 BOOTSTRAP_DIR = Path(__file__).resolve().parent / "_bootstrap"
-LOCK_FILE = ".gradwatch.lock"  # locked while a run writes its directory: see claim_run_dir
 
 
 @dataclass
@@ -171,6 +172,7 @@ def run(command: list[str], run_dir: Path, options: dict[str, int], lock: int | 
     # start the script with Ctrl-C switched off.
     previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
     previous_term = signal.getsignal(signal.SIGTERM)
+    previous_hup = signal.getsignal(signal.SIGHUP) if hasattr(signal, "SIGHUP") else None
     try:
         proc = subprocess.Popen(command, env=child_env(run_dir, options), pass_fds=() if lock is None else (lock,))
         # a SIGTERM sent to us alone is passed on: the child stores its last steps and ends; so
@@ -178,13 +180,23 @@ def run(command: list[str], run_dir: Path, options: dict[str, int], lock: int | 
         # could cut short the child's last flush)
         signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
         signal.signal(signal.SIGINT, lambda signum, frame: None if _terminal_foreground() else proc.send_signal(signum))
+        if previous_hup is not None:
+            # a closed terminal or a dropped ssh session: passed on as SIGTERM is, and this process
+            # lives on to record how the command ended (killed with it, it left no end and no
+            # findings, and the store's last steps in its -wal file)
+            signal.signal(signal.SIGHUP, lambda signum, frame: None if _terminal_foreground() else proc.send_signal(signum))
         code = proc.wait()
     except FileNotFoundError as exc:
         raise ConfigError(f"cannot start {command[0]!r}: {exc.strerror}") from exc
     finally:
         signal.signal(signal.SIGINT, previous)
         signal.signal(signal.SIGTERM, previous_term)
-    return RunResult(run_dir, 128 - code if code < 0 else code)
+        if previous_hup is not None:
+            signal.signal(signal.SIGHUP, previous_hup)
+    code = 128 - code if code < 0 else code
+    for store in sorted(run_dir.glob("gradwatch*.sqlite")):  # how the run ended, and one file per store
+        finish_store(store, code)
+    return RunResult(run_dir, code)
 
 
 def _terminal_foreground() -> bool:
@@ -196,11 +208,13 @@ def _terminal_foreground() -> bool:
 
 
 def link_latest(run_dir: Path) -> None:
-    """runs/latest -> the newest run, so `gradwatch diagnose runs/latest` works."""
+    """runs/latest -> the newest run, so `gradwatch diagnose runs/latest` works. Linked as the run
+    starts: `gradwatch show runs/latest` during a training showed the run before it."""
     latest = run_dir.parent / "latest"
-    try:
-        if latest.is_symlink() or latest.exists():
-            latest.unlink()
-        latest.symlink_to(run_dir.name)
+    fresh = run_dir.parent / f".latest-{os.getpid()}"
+    try:  # made aside and renamed over the old link: a reader never finds runs/latest missing
+        fresh.unlink(missing_ok=True)
+        fresh.symlink_to(run_dir.name)
+        os.replace(fresh, latest)
     except OSError:
-        pass
+        fresh.unlink(missing_ok=True)

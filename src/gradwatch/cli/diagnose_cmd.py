@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import textwrap
 
 from rich.console import Console
 
 from gradwatch.diagnose import diagnose
+from gradwatch.store import end_note, read_run
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,11 +23,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    findings = diagnose(args.run)
+    series = read_run(args.run)
+    findings = diagnose(series)
+    note = end_note(series.meta, int(series.steps[-1]) if len(series.steps) else None)
     if args.json:
+        if note:  # the JSON stays a list of findings: the note goes to stderr
+            print(f"gradwatch: partial run: {note}", file=sys.stderr)
         print(json.dumps([f.to_dict() for f in findings], indent=2, default=float))
         return 0
     console = Console(highlight=False)
+    if note:
+        console.print(f"partial run: {note} (the findings are of the steps stored)", markup=False, soft_wrap=True)
     if not findings:
         console.print(f"{args.run}: no findings")
         return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 from gradwatch.cli import say
+from gradwatch.store import end_note, store_files
+from gradwatch.store.reader import connect, damaged_store, read_meta, run_is_live
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,6 +23,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     from gradwatch.integrations.tensorboard import export
 
-    n = export(args.run, args.tensorboard, progress=say)
+    path = store_files(args.run)[0]
+    with damaged_store(path):  # a store damaged past its first pages: one line, not a traceback
+        n = export(args.run, args.tensorboard, progress=say)
+        db = connect(path)
+        try:
+            meta = read_meta(db)
+            last = db.execute("SELECT max(step) FROM steps").fetchone()[0]
+        finally:
+            db.close()
+    meta["live"] = run_is_live(path.parent)
+    note = end_note(meta, last)
+    if note:
+        say(f"partial run: {note}")
     print(f"Wrote {n} steps to TensorBoard logs in {args.tensorboard} (view: tensorboard --logdir {args.tensorboard})")
     return 0

@@ -9,8 +9,8 @@ from pathlib import Path
 from gradwatch.cli import say
 from gradwatch.diagnose import diagnose
 from gradwatch.errors import ConfigError
-from gradwatch.report import saved_findings, write_report
-from gradwatch.store import read_run
+from gradwatch.report import check_writable, saved_findings, write_report
+from gradwatch.store import read_run, store_files
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,6 +40,8 @@ def main(args: argparse.Namespace) -> int:
     run = Path(args.run)
     default = run / "report.html" if run.is_dir() else run.with_suffix(".html")
     steps = _steps(args.steps)
+    store_files(run)  # a run to read,
+    check_writable(args.output or default)  # and a file to write, before the work (a long run's takes a minute)
     # Each stage says what it does: a deep run's report took 10-35 s in silence (drawing alone
     # about 1 s per picture, diagnosing without an up-to-date findings.json most of the rest).
     say(f"reading {run}")

@@ -43,13 +43,13 @@ def main(args: argparse.Namespace) -> int:
     run_dir, lock = runner.claim_run_dir(runner.default_run_dir() if args.out is None else args.out)
     try:
         options = {"every": args.every, "sample_every": args.sample_every, "flush_every": args.flush_every}
-        result = runner.run(command, run_dir, options, lock)
         if args.out is None:
             runner.link_latest(run_dir)
+        result = runner.run(command, run_dir, options, lock)
         if result.exit_code == 128 + signal.SIGKILL:  # no chance to store its last steps
             print(f"gradwatch: the command was killed (SIGKILL; out of memory?): the steps after its last store "
                   f"write (every {args.flush_every} steps, --flush-every) are lost", file=sys.stderr)
-        print_run_summary(run_dir, sys.stderr)
+        print_run_summary(run_dir, sys.stderr, result.exit_code)
     finally:
         os.close(lock)
     return result.exit_code

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gradwatch.errors import ConfigError
-from gradwatch.store import read_run
+from gradwatch.store import end_note, read_run
 from gradwatch.store.schema import LAYER_COLUMNS
 
 
@@ -50,7 +50,8 @@ def _width(series, metrics: tuple[str, ...]) -> int:
 def main(args: argparse.Namespace) -> int:
     metrics = _metrics(getattr(args, "metric", None))
     series = read_run(args.run)
-    table = Table(title=f"{args.run}: {len(series.steps)} steps", show_lines=False)
+    note = end_note(series.meta, int(series.steps[-1]) if len(series.steps) else None)
+    table = Table(title=f"{args.run}: {len(series.steps)} steps" + (" (partial)" if note else ""), show_lines=False)
     # Names are never cut: on an 80-column pipe `update_ratio` was shown as `update_rat…` and a
     # long layer name lost its end (the part that tells layers apart); a layer name folds instead.
     table.add_column("layer", overflow="fold")
@@ -78,4 +79,6 @@ def main(args: argparse.Namespace) -> int:
         finite = loss[np.isfinite(loss)]
         lowest = _fmt(finite.min()) if len(finite) else "-"
         Console().print(f"loss: first {_fmt(loss[0])}, last {_fmt(loss[-1])}, min {lowest}")
+    if note:  # last, where a long table ends on the screen
+        Console(highlight=False, soft_wrap=True).print(f"partial run: {note}", markup=False)
     return 0

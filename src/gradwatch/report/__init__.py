@@ -6,24 +6,37 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 from pathlib import Path
 
 from gradwatch.diagnose import Finding, diagnose
 from gradwatch.diagnose.finding import FINDINGS_FILE
-from gradwatch.errors import ConfigError
+from gradwatch.errors import ConfigError, GradwatchError
 from gradwatch.report.page import page
 from gradwatch.store import RunSeries, read_run, store_files
+from gradwatch.store.reader import connect
 
 
 def saved_findings(run: str | os.PathLike) -> list[Finding] | None:
-    """RUN/findings.json when it is newer than the store (what `gradwatch run` found), else None."""
+    """RUN/findings.json when it was written after the store's last step was recorded (what
+    `gradwatch run` or a callback found at the end of the run), else None.
+
+    Not the store file's own time: SQLite folds its log into the file when its last connection
+    closes, which for a `gw.watch` store is when the watch is collected, after the findings were
+    written; up-to-date findings were taken for stale, and the run diagnosed again."""
     path = Path(run)
     saved = path / FINDINGS_FILE if path.is_dir() else path.with_name(FINDINGS_FILE)
     try:
-        if saved.stat().st_mtime < store_files(run)[0].stat().st_mtime:
+        written = saved.stat().st_mtime
+        db = connect(store_files(run)[0])
+        try:
+            last = db.execute("SELECT max(wall_time) FROM steps").fetchone()[0]
+        finally:
+            db.close()
+        if last is None or written < last:
             return None
         return [Finding.from_dict(d) for d in json.loads(saved.read_text())]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, GradwatchError, sqlite3.Error):
         return None
 
 
@@ -51,14 +64,44 @@ def render_html(run: RunSeries | str | os.PathLike, *, findings: list[Finding] |
 
 
 def write_report(run: RunSeries | str | os.PathLike, path: str | os.PathLike, **options) -> Path:
-    """Write `render_html(run, **options)` to `path` (its folder is created); returns the path."""
+    """Write `render_html(run, **options)` to `path` (its folder is created); returns the path.
+
+    The file is opened before the page is made: a folder that cannot be written (read-only, full)
+    was found only after the diagnosis and the drawing (half a minute on a long run). The page goes
+    to a file beside `path`, renamed over it when whole: an earlier report is never left cut short."""
     out = Path(path)
+    part = out.with_name(f".{out.name}.{os.getpid()}.part")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(render_html(run, **options), encoding="utf-8")
+        f = open(part, "w", encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"cannot write the report to {str(out)!r} ({exc.strerror}); choose another -o") from exc
+        raise _unwritable(out, exc) from exc
+    try:
+        with f:
+            text = render_html(run, **options)
+            f.write(text)
+        os.replace(part, out)
+    except OSError as exc:
+        raise _unwritable(out, exc) from exc
+    finally:
+        part.unlink(missing_ok=True)
     return out
 
 
-__all__ = ["render_html", "saved_findings", "write_report"]
+def check_writable(path: str | os.PathLike) -> None:
+    """Refuse a report path that cannot be written, before any work (see `write_report`)."""
+    out = Path(path)
+    part = out.with_name(f".{out.name}.{os.getpid()}.part")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        part.touch()
+        part.unlink()
+    except OSError as exc:
+        raise _unwritable(out, exc) from exc
+
+
+def _unwritable(out: Path, exc: OSError) -> ConfigError:
+    return ConfigError(f"cannot write the report to {str(out)!r} ({exc.strerror}); choose another -o")
+
+
+__all__ = ["check_writable", "render_html", "saved_findings", "write_report"]

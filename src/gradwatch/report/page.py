@@ -15,12 +15,15 @@ import numpy as np
 
 from gradwatch.report import figures
 from gradwatch.report.display import Blocks, chosen_steps, layer_columns, recorded_rows
+from gradwatch.store.reader import end_note
+from gradwatch.store.schema import EXIT_KEY
 from gradwatch.store.series import RunSeries
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1100px;padding:0 16px 40px;color:#222}
 h1{font-size:22px;margin:18px 0 4px}h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #ddd;padding-bottom:4px}
 .sub{color:#555;margin:0 0 10px}.note{color:#555;font-size:12px;margin:4px 0}
+.partial{background:#fff3e0;border-left:4px solid #ef6c00;padding:6px 10px;margin:6px 0}
 img{max-width:100%;height:auto;display:block}
 table{border-collapse:collapse;font-size:12px;margin:6px 0}td,th{border:1px solid #ddd;padding:2px 6px;text-align:left}
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
@@ -238,9 +241,16 @@ def activation_section(run: RunSeries) -> str:
 META_LABELS = {"skipped_steps": "skipped steps (loss scaler)"}
 
 
+def partial_note(run: RunSeries) -> str | None:
+    """What makes the run partial (still being written, ended by an error or a signal), if anything."""
+    return end_note(run.meta, int(run.steps[-1]) if len(run.steps) else None)
+
+
 def meta_rows(run: RunSeries, source: str) -> list[tuple[str, str]]:
     meta = dict(run.meta)
     command = meta.pop("command", None)
+    for said_below in ("live", EXIT_KEY):  # in the "ended" row
+        meta.pop(said_below, None)
     roles = {r: len(run.layer_names(r)) for r in ("param", "recurrent", "activation")}
     rows = [("run", source)]
     if command:
@@ -248,6 +258,10 @@ def meta_rows(run: RunSeries, source: str) -> list[tuple[str, str]]:
     if len(run.steps):
         rows.append(("steps recorded", f"{len(run.steps):,} (steps {run.steps[0]}–{run.steps[-1]})"))
     rows.append(("layers", ", ".join(f"{n} {r}" for r, n in roles.items() if n)))
+    ended = run.meta.get(EXIT_KEY)
+    note = partial_note(run)
+    if note or isinstance(ended, dict):
+        rows.append(("ended", note or "normally (exit code 0)"))
     rows.append(("model size", f"{sum(l.n_params for l in run.layers):,} trainable parameters in watched layers"))
     for key, value in sorted(meta.items()):
         # the event lists (skipped steps, phase starts, ...): their length and first entries, when any
@@ -272,6 +286,8 @@ def page(run: RunSeries, findings: list, source: str, steps: list[int] | None = 
     # said 27 layers where the run had said 14)
     summary = (f"{len(run.steps):,} steps, {weights} layers" + (f" and {acts} activations" if acts else "") + ", "
                + (f"{n} finding{'s' * (n != 1)} (worst: {worst})" if n else "no findings"))
+    note = partial_note(run)
+    partial = f'<p class="partial"><b>Partial run:</b> {esc(note)}.</p>' if note else ""
     sections = [findings_section(findings), flow_section(run, steps), heatmap_section(run), time_profile_section(run),
                 loss_section(run, findings), activation_section(run), meta_section(run, source)]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -279,5 +295,5 @@ def page(run: RunSeries, findings: list, source: str, steps: list[int] | None = 
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>gradwatch report: {esc(source)}</title><style>{CSS}</style></head><body>\n"
             f'<header><h1>gradwatch report</h1><p class="sub"><code>{esc(source)}</code>: {esc(summary)}. '
-            f"Made by gradwatch {esc(version)}.</p></header>\n"
+            f"Made by gradwatch {esc(version)}.</p>{partial}</header>\n"
             + "\n".join(s for s in sections if s) + "\n</body></html>\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 from pathlib import Path
 from urllib.parse import quote
@@ -14,7 +15,13 @@ from gradwatch.errors import StoreError
 from gradwatch.store.schema import FORMAT, LAYER_COLUMNS
 from gradwatch.store.series import LayerInfo, RunSeries
 
+try:
+    import fcntl
+except ImportError:  # Windows: a live run cannot be told from a finished one
+    fcntl = None
+
 STORE_NAME = "gradwatch.sqlite"
+LOCK_FILE = ".gradwatch.lock"  # locked by `gradwatch run` and its command while the run lives
 READ_CHUNK_ROWS = 50_000
 
 
@@ -31,6 +38,13 @@ def store_files(run: str | os.PathLike) -> list[Path]:
         if inner:  # a callback's distributed run: one directory per rank
             raise StoreError(f"{str(path)!r} holds one run per directory ({', '.join(inner[:4])}): give one of them, "
                              f"e.g. {str(path / inner[0])!r}")
+        if (path / LOCK_FILE).exists():  # made by `gradwatch run`: the run was watched and saw no step
+            if run_is_live(path):
+                raise StoreError(f"{str(path)!r} is a live `gradwatch run` whose command has stored no training "
+                                 "step yet: the first store write comes after --flush-every steps (default 50)")
+            raise StoreError(f"{str(path)!r} is a `gradwatch run` directory whose command stored no training "
+                             "step: either it trained no torch model (a step is a backward pass and optimizer "
+                             "step), or it was killed before its first store write (every --flush-every steps)")
         raise StoreError(f"{str(path)!r} holds no gradwatch store (gradwatch*.sqlite); was the run watched?")
     preferred = [path / STORE_NAME, path / "gradwatch-rank0.sqlite"]
     head = [f for f in preferred if f in files][:1]
@@ -49,7 +63,9 @@ def connect(path: str | os.PathLike) -> sqlite3.Connection:
             break
         except sqlite3.OperationalError as exc:
             error = exc
-        except sqlite3.Error as exc:
+        except sqlite3.DatabaseError as exc:
+            if "malformed" in str(exc):  # a store cut short or overwritten: "damaged", not "not a store"
+                raise damaged(path, exc) from exc
             raise StoreError(f"{str(path)!r} is not a gradwatch store ({exc})") from exc
     else:
         raise StoreError(f"{str(path)!r} is not a gradwatch store ({error})") from error
@@ -63,12 +79,84 @@ def read_meta(db: sqlite3.Connection) -> dict:
 
 
 def read_run(run: str | os.PathLike) -> RunSeries:
-    """The series of a run: its main store file, as a `RunSeries`."""
-    db = connect(store_files(run)[0])
+    """The series of a run: its main store file, as a `RunSeries`. Its meta says how the run
+    ended (`exit`, written by `gradwatch run` when the command ended) or that it is still being
+    written (`live`): see `end_note`."""
+    path = store_files(run)[0]
+    db = connect(path)
     try:
-        return _read(db)
+        with damaged_store(path):
+            series = _read(db)
     finally:
         db.close()
+    series.meta["live"] = run_is_live(path.parent)
+    return series
+
+
+class damaged_store:
+    """A context in which SQLite finding the file damaged (a page overwritten, a file cut short
+    after its first pages) is a `StoreError` naming the file, not a traceback from deep inside."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if exc is not None and isinstance(exc, sqlite3.DatabaseError):
+            raise damaged(self.path, exc) from exc
+        return False
+
+
+def damaged(path: str | os.PathLike, exc: Exception) -> StoreError:
+    return StoreError(f"{os.fspath(path)!r} is damaged ({exc}): SQLite cannot read it whole, so gradwatch "
+                      "cannot show a run from it")
+
+
+def run_is_live(run_dir: str | os.PathLike) -> bool:
+    """A `gradwatch run` (or the command it started) still holds the run directory's lock: the
+    store is still being written. Tested with a shared lock, released at once: it never blocks
+    the run, and a run starting in that instant is refused only if it races this very check."""
+    if fcntl is None:
+        return False
+    try:
+        fd = os.open(os.path.join(run_dir, LOCK_FILE), os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def end_note(meta: dict, last_step: int | None = None) -> str | None:
+    """What makes a run partial, as the tools say it after "partial run: " (still being written;
+    its command ended by an error, an exit code or a signal), or None for a run that ended normally
+    or whose end is not known (a store written by `gw.watch` in the user's own process)."""
+    at = f" at step {last_step}" if last_step is not None else ""
+    if meta.get("live"):
+        return "still being written" + (f": stored up to step {last_step} so far" if at else "")
+    end = meta.get("exit")
+    if not isinstance(end, dict) or not end.get("code"):
+        return None
+    code = int(end["code"])
+    name = _SIGNALS.get(code - 128) if code > 128 else None
+    if name in ("SIGTERM", "SIGINT"):  # handled: the process stores its last steps before it ends
+        return f"stopped by {'Ctrl-C (SIGINT)' if name == 'SIGINT' else name}{at}; every step until then is stored"
+    if name:  # SIGKILL, SIGHUP (a closed terminal), SIGSEGV...: the steps since the last store write are gone
+        return f"killed by {name}{' (out of memory?)' if name == 'SIGKILL' else ''}" + (
+            f" after step {last_step}: the steps after its last store write are lost" if at else "")
+    return f"the command ended with exit code {code}{at}; every step until then is stored"
+
+
+_SIGNALS = {int(s): s.name for s in signal.Signals}
 
 
 def _read(db: sqlite3.Connection) -> RunSeries:
@@ -97,6 +185,20 @@ class StoreFollower:
         self._profiles: dict[int, dict[int, dict[int, float]]] = {}  # layer id -> step -> t -> value
 
     def read(self) -> RunSeries:
+        """One read transaction: every query sees the same flushes. Read in separate statements, a
+        flush committed between the layer query and the rows (a layer first seen in it) put rows of
+        a layer not in the list into the arrays: an IndexError, or values in another's column."""
+        db = self._db
+        own = not db.in_transaction  # the writer's own connection (a live check) holds none here
+        if own:
+            db.execute("BEGIN")
+        try:
+            return self._read()
+        finally:
+            if own and db.in_transaction:
+                db.execute("COMMIT")
+
+    def _read(self) -> RunSeries:
         db = self._db
         meta = read_meta(db)
         layer_rows = db.execute(

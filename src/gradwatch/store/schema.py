@@ -2,6 +2,7 @@
 
 FORMAT = "gradwatch-store"
 SCHEMA_VERSION = 1
+EXIT_KEY = "exit"  # meta: how the command of `gradwatch run` ended, {"code": N} (128+N: signal N)
 
 # Per-(step, layer) columns, in table order. NULL = not recorded at that step.
 LAYER_COLUMNS = (

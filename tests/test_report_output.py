@@ -1,0 +1,83 @@
+"""Where the report goes: refused before any work when it cannot be written, and never left cut short."""
+
+from __future__ import annotations
+
+import pytest
+
+from gradwatch.errors import ConfigError
+from test_store_partial import cli, written
+
+
+def test_an_unwritable_report_path_is_refused_before_reading_and_diagnosing(tmp_path, monkeypatch):
+    """On a read-only run directory `gradwatch report` read, diagnosed and drew the run (half a
+    minute for a long one) before it found it could not write the page."""
+    from gradwatch.cli import report_cmd
+
+    written(tmp_path / "gradwatch.sqlite", 5).close()
+    (tmp_path / "afile").write_text("in the way")
+
+    def never(*args, **kwargs):
+        raise AssertionError("read before the output was checked")
+
+    monkeypatch.setattr(report_cmd, "read_run", never)
+    code, _, err = cli("report", tmp_path, "-o", tmp_path / "afile" / "r.html")
+    assert code == 2 and f"cannot write the report to {str(tmp_path / 'afile' / 'r.html')!r}" in err
+    assert "reading" not in err  # refused before the first stage
+    code, _, err = cli("report", tmp_path / "missing", "-o", tmp_path / "new" / "r.html")
+    assert code == 2 and "no run at" in err and not (tmp_path / "new").exists()  # the run is checked first
+
+
+def test_a_report_that_fails_midway_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
+    """A disk filling up while the page is written left report.html cut short, the earlier report
+    lost with it: the page now goes to a file beside it, renamed over it when whole."""
+    import gradwatch.report as report
+
+    written(tmp_path / "gradwatch.sqlite", 5).close()
+    out = tmp_path / "report.html"
+    before = "<!DOCTYPE html><html><body>the earlier report</body></html>\n"
+    out.write_text(before)
+
+    class FullDisk:  # takes the first 100 characters, then the disk is full
+        def __init__(self, path, mode, encoding):
+            self._f = open(path, mode, encoding=encoding)
+
+        def write(self, text):
+            self._f.write(text[:100])
+            self._f.flush()
+            raise OSError(28, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._f.close()
+
+    monkeypatch.setattr(report, "open", FullDisk, raising=False)
+    with pytest.raises(ConfigError, match="cannot write the report to .* \\(No space left on device\\)"):
+        report.write_report(tmp_path, out, findings=[])
+    assert out.read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no part file left
+
+
+def test_saved_findings_are_used_when_written_after_the_last_step_whatever_the_files_time(tmp_path):
+    """A `gw.watch` store's file is rewritten when its last connection closes (SQLite folds its log
+    in), after the findings were written: export and report took them for stale and diagnosed the
+    run again (31 s on a 20,000-step, 300-layer run). Freshness is now the last step's record time."""
+    import json
+    import os
+    import time
+
+    from gradwatch.diagnose.finding import Finding
+    from gradwatch.report import saved_findings
+
+    written(tmp_path / "gradwatch.sqlite", 5).close()
+    saved = tmp_path / "findings.json"
+    saved.write_text(json.dumps([Finding("loss_plateau", "info", 3, (), "saved").to_dict()]))
+    later = time.time() + 5
+    os.utime(tmp_path / "gradwatch.sqlite", (later, later))  # the file rewritten, no step added
+    assert [f.message for f in saved_findings(tmp_path)] == ["saved"]
+    earlier = time.time() - 60  # written before the store's steps (an earlier run's): stale
+    os.utime(saved, (earlier, earlier))
+    assert saved_findings(tmp_path) is None
+    saved.write_text("{not json")
+    assert saved_findings(tmp_path) is None
