@@ -27,7 +27,6 @@ class Candidate:
     name: str
     spec: dict = field(default_factory=dict)
     code: str = ""
-    reason: str = ""
 
 
 def clip_norm(max_norm: float = 1.0, names: Names = GENERIC) -> Candidate:
@@ -264,8 +263,7 @@ def combine(a: Candidate, b: Candidate) -> Candidate | None:
     activation, initialisation and optimizer together); None when they would overrule each other."""
     if set(a.spec) & set(b.spec) or len({"optimizer", "lr_scale", "lr_cap"} & (set(a.spec) | set(b.spec))) > 1:
         return None
-    return Candidate(f"{a.name} + {b.name}", {**a.spec, **b.spec}, f"{a.code}\n{b.code}",
-                     reason="the two best remedies of the screening, together")
+    return Candidate(f"{a.name} + {b.name}", {**a.spec, **b.spec}, f"{a.code}\n{b.code}")
 
 
 def autotrainer_order(findings: list[Finding], names: Names = GENERIC) -> list[Candidate]:
