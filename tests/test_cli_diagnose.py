@@ -23,6 +23,9 @@ def test_run_writes_findings_and_diagnose_prints_them(tmp_path):
     for remedy in (r for f in written for r in f["remedies"]):
         for line in remedy["code"].splitlines():
             assert "       " + line in text.stdout.splitlines(), line
+    # ... and each finding's sentence is one line, as grep finds it (rich wrapped it at 80 columns)
+    for f in written:
+        assert "  " + f["message"] in text.stdout.splitlines()
 
 
 def test_diagnose_missing_run_is_one_clear_line(tmp_path):

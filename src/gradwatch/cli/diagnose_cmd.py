@@ -31,7 +31,8 @@ def main(args: argparse.Namespace) -> int:
             print(f"gradwatch: partial run: {note}", file=sys.stderr)
         print(json.dumps([f.to_dict() for f in findings], indent=2, default=float))
         return 0
-    console = Console(highlight=False)
+    # into a pipe or file, a finding's sentences stay whole lines (rich would wrap them at 80 columns)
+    console = Console(highlight=False, soft_wrap=not sys.stdout.isatty())
     if note:
         console.print(f"partial run: {note} (the findings are of the steps stored)", markup=False, soft_wrap=True)
     if not findings:
