@@ -122,3 +122,11 @@ def test_a_hangup_is_passed_on_and_the_end_of_the_run_recorded(tmp_path):
     assert result.exit_code == 128 + signal.SIGHUP
     run = read_run(tmp_path)
     assert run.meta["exit"] == {"code": 129} and list(run.steps) == [0]
+
+
+def test_a_script_hung_up_stores_its_last_steps(tmp_path):
+    """A closed terminal sends SIGHUP to the whole process group, the training script too, which
+    died of it without storing the steps since its last flush (here: all 7, flushed every 50)."""
+    result = run(tmp_path, TRAIN + "os.kill(os.getpid(), signal.SIGHUP)\nprint('not reached')\n")
+    assert result.returncode == 128 + 1, result.stderr
+    assert_stored(tmp_path, result)

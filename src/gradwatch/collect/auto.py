@@ -341,11 +341,12 @@ def _no_collectives_after_a_crash(watch: AutoWatch) -> None:
 
 
 def _flush_on_sigterm(watch: AutoWatch) -> None:
-    """SIGTERM (`kill`, a scheduler's time limit, `gradwatch run` passing one on) ends Python
-    without atexit: store the steps since the last flush, then die of the signal as before. Only
-    where the script has no handler of its own yet (one it installs later replaces this), and
+    """SIGTERM (`kill`, a scheduler's time limit, `gradwatch run` passing one on) and SIGHUP (the
+    terminal closed, an ssh session dropped: sent to the whole process group, the script too) end
+    Python without atexit: store the steps since the last flush, then die of the signal as before.
+    Only where the script has no handler of its own yet (one it installs later replaces this), and
     only in this process, not in a forked DataLoader worker that inherits it."""
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL or threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread():
         return
     pid = os.getpid()
 
@@ -358,7 +359,9 @@ def _flush_on_sigterm(watch: AutoWatch) -> None:
         else:
             _die_of(watch, signum)
 
-    signal.signal(signal.SIGTERM, handler)
+    for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if signum is not None and signal.getsignal(signum) is signal.SIG_DFL:
+            signal.signal(signum, handler)
 
 
 def _die_of(watch: AutoWatch, signum: int) -> None:
@@ -368,7 +371,7 @@ def _die_of(watch: AutoWatch, signum: int) -> None:
     ended the flush the first began."""
     signal.signal(signum, signal.SIG_IGN)
     with contextlib.suppress(Exception):  # dying anyway: what was flushed before stays
-        watch.abandon_collectives("it ended on SIGTERM")  # torchrun's, after another rank failed
+        watch.abandon_collectives(f"it ended on {signal.Signals(signum).name}")  # torchrun's, after another rank failed
         _detach_at_exit(watch)
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
