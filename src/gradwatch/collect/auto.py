@@ -29,7 +29,7 @@ from gradwatch.collect.caller_names import caller_name
 from gradwatch.collect.distributed import process_rank
 from gradwatch.collect.layers import compiled_inner, has_lazy_params
 from gradwatch.collect.sampled_hooks import quiet_global_hook_warning
-from gradwatch.collect.watch import Watch
+from gradwatch.collect.watch import Watch, params_of
 from gradwatch.errors import GradwatchError
 from gradwatch.store.reader import STORE_NAME
 
@@ -223,7 +223,7 @@ class AutoWatch(Watch):
             self._own_loss = None  # (a sequential second phase: the first one's optimizer is done)
             # a model not watched before, trained instead of the last one: a new phase from its
             # first step (an encoder frozen after warm-up, its decoder's optimizer going on alone, is not)
-            if optimizer in self._new_model and not _params_of(optimizer) & _params_of(self._optimizer):
+            if optimizer in self._new_model and not params_of(optimizer) & params_of(self._optimizer):
                 self._events.append((since, "new_phase", f"{type(optimizer).__name__} trains another model"))
             else:
                 self._say_stopped(self._optimizer, optimizer)
@@ -231,7 +231,7 @@ class AutoWatch(Watch):
             return
         if own:
             self._own_loss = type(optimizer).__name__
-            if first and (optimizer in self._new_model or _params_of(optimizer) & _params_of(self._optimizer)):
+            if first and (optimizer in self._new_model or params_of(optimizer) & params_of(self._optimizer)):
                 # its first step, on a loss of its own, for a model not watched yet or for the step
                 # optimizer's own weights: a second training phase far more likely than a GAN's
                 # partner. It ends the step, so the phase's first step is not merged into its second
@@ -283,10 +283,6 @@ class AutoWatch(Watch):
 
 
 _forgotten: list[AutoWatch] = []
-
-
-def _params_of(optimizer) -> set[int]:
-    return {id(p) for group in optimizer.param_groups for p in group["params"]}
 
 
 def start_from_env() -> AutoWatch | None:

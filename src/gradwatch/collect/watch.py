@@ -654,8 +654,7 @@ class Watch:
         """The step's optimizer stopped stepping while another goes on (an encoder's warm-up
         optimizer, all weights trained before the head alone): the layers only it trained stop
         changing on purpose, not for lack of an optimizer."""
-        left = {id(p) for g in old.param_groups for p in g["params"]} - \
-            {id(p) for g in new.param_groups for p in g["params"]}
+        left = params_of(old) - params_of(new)
         names = [l.name for l in self._layers if l.params and all(id(p) in left for p in l.params)]
         if names:
             self._events.append((self._step, "optimizer_stopped", json.dumps(names)))
@@ -762,8 +761,7 @@ class Watch:
     def _shares_weights(self, optimizer: torch.optim.Optimizer) -> bool:
         """`optimizer` holds a weight the watched optimizer holds too (remembered per optimizer)."""
         if id(optimizer) not in self._sharing:
-            held = {id(p) for g in self._optimizer.param_groups for p in g["params"]}
-            self._sharing[id(optimizer)] = any(id(p) in held for g in optimizer.param_groups for p in g["params"])
+            self._sharing[id(optimizer)] = bool(params_of(optimizer) & params_of(self._optimizer))
         return self._sharing[id(optimizer)]
 
     def _rival_objective(self) -> None:
@@ -794,8 +792,7 @@ class Watch:
         if optimizer is self._optimizer or not self._attached or not self._params:
             return
         if id(optimizer) not in self._partners:  # (_seen_params: the watched weights, by id)
-            self._partners[id(optimizer)] = any(id(p) in self._seen_params for g in optimizer.param_groups
-                                                for p in g["params"])
+            self._partners[id(optimizer)] = bool(params_of(optimizer) & self._seen_params)
         if self._partners[id(optimizer)] and self._shares_weights(optimizer):
             # stepping twice, with no step of the watched one between, weights the watched one
             # trains too: the next phase's optimizer (made before training began, so not followed
@@ -933,3 +930,8 @@ def watch(
     return Watch(model, optimizer, every=every, sample_every=sample_every, flush_every=flush_every, out=out,
                  on_finding=on_finding, stop_on=stop_on, warn=warn, all_ranks=all_ranks, status=status,
                  tensorboard_dir=tensorboard_dir)
+
+
+def params_of(optimizer: torch.optim.Optimizer) -> set[int]:
+    """ids of every parameter `optimizer` holds, in all its groups."""
+    return {id(p) for group in optimizer.param_groups for p in group["params"]}

@@ -28,7 +28,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from gradwatch.collect import patches
 from gradwatch.collect.auto import ENV_RUN_DIR
 from gradwatch.collect.layers import ACTIVATIONS
-from gradwatch.collect.watch import MAX_ACCUMULATION
+from gradwatch.collect.watch import MAX_ACCUMULATION, params_of
 from gradwatch.errors import ConfigError
 from gradwatch.remedies import clip, init_, insert_norm, replace_rnn, swap_activations
 
@@ -165,7 +165,7 @@ class Injector:
         if state is None:
             state = self._optimizers[id(opt)] = {}
             if self.model is not None:  # parameters a model change added (norm layers)
-                known = {id(p) for g in opt.param_groups for p in g["params"]}
+                known = params_of(opt)
                 new = [p for p in self.model.parameters() if p.requires_grad and id(p) not in known]
                 if new:  # into the first group: a new group would lack the keys a scheduler keeps per
                     opt.param_groups[0]["params"].extend(new)  # group (OneCycleLR's initial_lr, LambdaLR's base_lrs)
