@@ -138,13 +138,18 @@ def pick_finals(screened: list[Trial]) -> list[Candidate]:
     return [first, other]
 
 
+def applied(screened: list[Trial]) -> list[Trial]:
+    """The screening trials whose remedy changed something, best first."""
+    return sorted((t for t in screened if not t.not_applied), key=lambda t: t.score)
+
+
 def spare_final(result: FixResult) -> Candidate | None:
     """The best screened remedy not yet run at full length, when the screening leader had repaired
     the run but no full trial did: a quarter of the budget can flatter a remedy (an lr still too
     high climbs back up, a swap's deeper net diverges later), and the finals picked for a leader
     that repaired the run leave out everything else, so the next remedy deserves its full trial
     before fix says nothing works."""
-    screened = sorted((t for t in result.screened if not t.not_applied), key=lambda t: t.score)
+    screened = applied(result.screened)
     if not screened or not screened[0].works or any(t.works for t in result.trials):
         return None
     tried = {t.candidate.name for t in result.trials}
@@ -158,7 +163,7 @@ def on_the_leader(cand: Candidate, screened: list[Trial]) -> Candidate:
     repaired network it measures what it adds. Alone otherwise: the optimizer may be the fault."""
     if "optimizer" not in cand.spec:
         return cand
-    done = sorted((t for t in screened if not t.not_applied), key=lambda t: t.score)
+    done = applied(screened)
     if not done or not done[0].works:
         return cand
     return combine(done[0].candidate, cand) or cand
@@ -279,7 +284,7 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], command: list[str] | Cal
             say(f"gradwatch fix: screening {i}/{len(queue)} ({short} steps): {cand.name}")
             result.screened.append(trial(f"screen-{i}", cand, short))
             result.save(out)
-        screened = [t for t in sorted(result.screened, key=lambda t: t.score) if not t.not_applied]
+        screened = applied(result.screened)
         queue = pick_finals(screened)[:max(finals, 1)] if screened else []
     for i, cand in enumerate(queue, 1):
         say(f"gradwatch fix: trial {i}/{len(queue)} ({budget_steps} steps): {cand.name}")

@@ -92,7 +92,12 @@ def final_loss(loss: np.ndarray) -> float:
         return float("inf")
     if np.isinf(recorded).any():
         return float("inf")
-    return float(np.median(recorded[-max(1, len(recorded) // 10):]))
+    return float(np.median(last_tenth(recorded)))
+
+
+def last_tenth(losses: np.ndarray) -> np.ndarray:
+    """The losses `final_loss` and `final_error` are taken over: the last tenth, at least one."""
+    return losses[-max(1, len(losses) // 10):]
 
 
 def final_error(loss: np.ndarray) -> float:
@@ -100,7 +105,7 @@ def final_error(loss: np.ndarray) -> float:
     standard deviation s (the median's large-sample error); nan for fewer than 2 or a non-finite one.
     Batch-to-batch noise and a trend within the window both widen it."""
     recorded = loss[~np.isnan(loss)]
-    last = recorded[-max(1, len(recorded) // 10):]
+    last = last_tenth(recorded)
     if len(last) < 2 or not np.isfinite(last).all():
         return float("nan")
     return float(1.2533 * np.std(last, ddof=1) / np.sqrt(len(last)))
