@@ -10,7 +10,7 @@ import textwrap
 from rich.console import Console
 
 from gradwatch.diagnose import diagnose
-from gradwatch.store import end_note, read_run
+from gradwatch.store import partial_note, read_run
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     series = read_run(args.run)
     findings = diagnose(series)
-    note = end_note(series.meta, int(series.steps[-1]) if len(series.steps) else None)
+    note = partial_note(series)
     if args.json:
         if note:  # the JSON stays a list of findings: the note goes to stderr
             print(f"gradwatch: partial run: {note}", file=sys.stderr)

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gradwatch.errors import ConfigError
-from gradwatch.store import end_note, read_run
+from gradwatch.store import partial_note, read_run
 from gradwatch.store.schema import LAYER_COLUMNS
 
 
@@ -50,7 +50,7 @@ def _width(series, metrics: tuple[str, ...]) -> int:
 def main(args: argparse.Namespace) -> int:
     metrics = _metrics(getattr(args, "metric", None))
     series = read_run(args.run)
-    note = end_note(series.meta, int(series.steps[-1]) if len(series.steps) else None)
+    note = partial_note(series)
     table = Table(title=f"{args.run}: {len(series.steps)} steps" + (" (partial)" if note else ""), show_lines=False)
     # Names are never cut: on an 80-column pipe `update_ratio` was shown as `update_rat…` and a
     # long layer name lost its end (the part that tells layers apart); a layer name folds instead.

@@ -10,7 +10,7 @@ import numpy as np
 
 from gradwatch.diagnose.finding import write_findings
 from gradwatch.errors import GradwatchError
-from gradwatch.store import end_note, read_run
+from gradwatch.store import partial_note, read_run
 
 def print_run_summary(run_dir: Path, out: TextIO, exit_code: int = 0) -> None:
     try:
@@ -29,11 +29,11 @@ def print_run_summary(run_dir: Path, out: TextIO, exit_code: int = 0) -> None:
         write_findings(run_dir, findings)
     except OSError as exc:  # a full disk: the summary is still said
         print(f"gradwatch: cannot write {run_dir}/findings.json ({exc.strerror})", file=out)
-    n_layers = len(series.layer_names("param")) + len(series.layer_names("recurrent"))
+    n_layers = len(series.weight_columns())
     loss = series.loss[~np.isnan(series.loss)]
     last = (f", last loss {loss[-1]:.4g}" if np.isfinite(loss[-1]) else ", last loss non-finite") if len(loss) else ""
     print(f"gradwatch: {len(series.steps)} steps, {n_layers} layers{last} -> {run_dir}", file=out)
-    note = end_note(series.meta, int(series.steps[-1]) if len(series.steps) else None)
+    note = partial_note(series)
     if note and "SIGKILL" not in note:  # a SIGKILL is said by `gradwatch run` itself, with --flush-every
         print(f"gradwatch: partial run: {note}", file=out)
     for step, detail in series.meta.get("distributed_errors") or []:  # only an event row otherwise

@@ -204,13 +204,13 @@ def persistent_activation_layers(run: RunSeries, metric: str, limit: float, pers
     return out
 
 
-def summarise_layers(run: RunSeries, hits: dict) -> tuple[int, tuple[str, ...], float, bool]:
-    """(first step, layers in forward order, worst value, any from the first step) of the
-    `persistent_activation_layers` result."""
+def summarise_layers(run: RunSeries, hits: dict) -> tuple[int, tuple[str, ...], str, float, bool]:
+    """(first step, layers in forward order, the layer of the worst value, that value, any from the
+    first step) of the `persistent_activation_layers` result."""
     first = min(step for step, _, _ in hits.values())
     layers = tuple(sorted(hits, key=lambda n: run.layers[run.column(n)].index))
-    worst = max(value for _, value, _ in hits.values())
-    return first, layers, worst, any(at_init for _, _, at_init in hits.values())
+    worst_layer = max(layers, key=lambda n: hits[n][1])
+    return first, layers, worst_layer, hits[worst_layer][1], any(at_init for _, _, at_init in hits.values())
 
 
 def row_nanpercentile(rows: np.ndarray, q: float) -> np.ndarray:

@@ -70,7 +70,7 @@ def write_report(run: RunSeries | str | os.PathLike, path: str | os.PathLike, **
     was found only after the diagnosis and the drawing (half a minute on a long run). The page goes
     to a file beside `path`, renamed over it when whole: an earlier report is never left cut short."""
     out = Path(path)
-    part = out.with_name(f".{out.name}.{os.getpid()}.part")
+    part = _part(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         f = open(part, "w", encoding="utf-8")
@@ -91,13 +91,18 @@ def write_report(run: RunSeries | str | os.PathLike, path: str | os.PathLike, **
 def check_writable(path: str | os.PathLike) -> None:
     """Refuse a report path that cannot be written, before any work (see `write_report`)."""
     out = Path(path)
-    part = out.with_name(f".{out.name}.{os.getpid()}.part")
+    part = _part(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         part.touch()
         part.unlink()
     except OSError as exc:
         raise _unwritable(out, exc) from exc
+
+
+def _part(out: Path) -> Path:
+    """The file beside `out` a report is written to before it is renamed over `out`."""
+    return out.with_name(f".{out.name}.{os.getpid()}.part")
 
 
 def _unwritable(out: Path, exc: OSError) -> ConfigError:

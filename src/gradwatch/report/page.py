@@ -15,7 +15,7 @@ import numpy as np
 
 from gradwatch.report import figures
 from gradwatch.report.display import Blocks, chosen_steps, layer_columns, recorded_rows
-from gradwatch.store.reader import end_note
+from gradwatch.store.reader import partial_note
 from gradwatch.store.schema import EXIT_KEY
 from gradwatch.store.series import RunSeries
 
@@ -241,11 +241,6 @@ def activation_section(run: RunSeries) -> str:
 META_LABELS = {"skipped_steps": "skipped steps (loss scaler)"}
 
 
-def partial_note(run: RunSeries) -> str | None:
-    """What makes the run partial (still being written, ended by an error or a signal), if anything."""
-    return end_note(run.meta, int(run.steps[-1]) if len(run.steps) else None)
-
-
 def meta_rows(run: RunSeries, source: str) -> list[tuple[str, str]]:
     meta = dict(run.meta)
     command = meta.pop("command", None)
@@ -281,7 +276,7 @@ def meta_section(run: RunSeries, source: str) -> str:
 def page(run: RunSeries, findings: list, source: str, steps: list[int] | None = None, version: str = "") -> str:
     n = len(findings)
     worst = next((s for s in ("error", "warning", "info") if any(f.severity == s for f in findings)), None)
-    weights, acts = len(run.layer_names("param")) + len(run.layer_names("recurrent")), len(run.layer_names("activation"))
+    weights, acts = len(run.weight_columns()), len(run.layer_names("activation"))
     # weight layers, as `gradwatch run` counts them (counting the activation modules too, the page
     # said 27 layers where the run had said 14)
     summary = (f"{len(run.steps):,} steps, {weights} layers" + (f" and {acts} activations" if acts else "") + ", "

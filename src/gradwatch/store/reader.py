@@ -12,7 +12,7 @@ from urllib.parse import quote
 import numpy as np
 
 from gradwatch.errors import StoreError
-from gradwatch.store.schema import FORMAT, LAYER_COLUMNS
+from gradwatch.store.schema import EXIT_KEY, FORMAT, LAYER_COLUMNS
 from gradwatch.store.series import LayerInfo, RunSeries
 
 try:
@@ -143,7 +143,7 @@ def end_note(meta: dict, last_step: int | None = None) -> str | None:
     at = f" at step {last_step}" if last_step is not None else ""
     if meta.get("live"):
         return "still being written" + (f": stored up to step {last_step} so far" if at else "")
-    end = meta.get("exit")
+    end = meta.get(EXIT_KEY)
     if not isinstance(end, dict) or not end.get("code"):
         return None
     code = int(end["code"])
@@ -154,6 +154,11 @@ def end_note(meta: dict, last_step: int | None = None) -> str | None:
         return f"killed by {name}{' (out of memory?)' if name == 'SIGKILL' else ''}" + (
             f" after step {last_step}: the steps after its last store write are lost" if at else "")
     return f"the command ended with exit code {code}{at}; every step until then is stored"
+
+
+def partial_note(run: RunSeries) -> str | None:
+    """`end_note` of a series read with `read_run`: its meta and its last step."""
+    return end_note(run.meta, int(run.steps[-1]) if len(run.steps) else None)
 
 
 _SIGNALS = {int(s): s.name for s in signal.Signals}

@@ -58,6 +58,12 @@ class RunSeries:
         """Names of layers (optionally of one role), in forward order."""
         return [l.name for l in self.layers if role is None or l.role == role]
 
+    def weight_columns(self) -> list[int]:
+        """Columns of the layers with weights (role param or recurrent), input first: the layers
+        `gradwatch run` and the report count, and the rules walk from the input up."""
+        return sorted((c for c, l in enumerate(self.layers) if l.role in ("param", "recurrent")),
+                      key=lambda c: self.layers[c].index)
+
     def column(self, name: str) -> int:
         for i, layer in enumerate(self.layers):
             if layer.name == name:

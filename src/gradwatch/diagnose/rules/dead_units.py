@@ -22,21 +22,20 @@ def find_dead_units(run: RunSeries, th: Thresholds) -> list[Finding]:
     if zero:
         evidence["zero_gradient_layers"] = list(zero_layers)
     if hits:
-        first, layers, worst, at_init = summarise_layers(run, hits)
+        first, layers, worst_layer, worst, at_init = summarise_layers(run, hits)
         evidence.update({"dead_fraction": {n: hits[n][1] for n in layers}, "at_init": at_init})
-        if at_init and _zero_initialised(run):
-            evidence["zero_weight_layers"] = _zero_initialised(run)
+        if at_init and (zeros := _zero_initialised(run)):
+            evidence["zero_weight_layers"] = zeros
         causes, remedies = advice.dead_units(advice.Context(run), layers, evidence)
         severity = "error" if worst >= th.dead_fraction_error else "warning"
-        worst_layer = max(layers, key=lambda n: hits[n][1])  # the share said is this layer's
         message = (f"{worst:.0%} of the units of '{worst_layer}' output 0 for every sample since step {first}"
                    + (f" ({len(layers)} layers affected)" if len(layers) > 1 else "")
                    + f": they pass no gradient and cannot recover. {remedies[0].action}.")
         return [Finding("dead_units", severity, first, layers, message, evidence, tuple(causes), tuple(remedies))]
     first = min(zero.values())
     evidence["at_init"] = first == int(run.steps[0])
-    if evidence["at_init"] and _zero_initialised(run):
-        evidence["zero_weight_layers"] = _zero_initialised(run)
+    if evidence["at_init"] and (zeros := _zero_initialised(run)):
+        evidence["zero_weight_layers"] = zeros
     causes, remedies = advice.dead_units(advice.Context(run), zero_layers, evidence)
     shown = ", ".join(f"'{n}'" for n in zero_layers[:3]) + (f" and {len(zero_layers) - 3} more" if len(zero_layers) > 3 else "")
     why = ("weights above that are all zero" if "zero_weight_layers" in evidence else
@@ -54,8 +53,7 @@ def _zero_initialised(run: RunSeries) -> list[str]:
     w = run.metrics.get("weight_norm")
     if w is None or len(run.steps) == 0:
         return []
-    cols = sorted((c for c, layer in enumerate(run.layers) if layer.role in ("param", "recurrent")),
-                  key=lambda c: run.layers[c].index)
+    cols = run.weight_columns()
     zero = [run.layers[c].name for c in cols if w[0, c] == 0]
     return zero if any(run.layers[c].name in zero for c in cols[:-1]) else []
 
@@ -79,8 +77,7 @@ def _zero_gradient_layers(run: RunSeries, th: Thresholds) -> dict[str, int]:
         return {}
     bad = np.flatnonzero(np.isinf(run.loss))  # after it, what the gradients show is that
     end = bad[0] if len(bad) else len(run.steps)
-    weights = sorted((c for c, layer in enumerate(run.layers) if layer.role in ("param", "recurrent")),
-                     key=lambda c: run.layers[c].index)
+    weights = run.weight_columns()
     out: dict[str, int] = {}
     for k, c in enumerate(weights):  # input first, while they are cut off
         rows = np.flatnonzero(np.isfinite(g[:end, c]))  # NaN: no gradient this step (a branch not run)

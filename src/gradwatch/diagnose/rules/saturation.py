@@ -21,14 +21,13 @@ def find_saturation(run: RunSeries, th: Thresholds) -> list[Finding]:
     hits = {n: h for n, h in hits.items() if run.layers[run.column(n)].index < last_weight}
     if not hits:
         return []
-    first, layers, worst, at_init = summarise_layers(run, hits)
+    first, layers, worst_layer, worst, at_init = summarise_layers(run, hits)
     evidence = {"saturated_fraction": {n: hits[n][1] for n in layers},
                 "activations": [run.layers[run.column(n)].activation for n in layers], "at_init": at_init}
     lowest = min(activation_columns(run), key=lambda c: run.layers[c].index)
     if at_init and run.layers[lowest].name == layers[0]:  # the layer the inputs feed saturates from the start
         evidence["first_layer"] = True
     causes, remedies = advice.saturation(advice.Context(run), layers, evidence)
-    worst_layer = max(layers, key=lambda n: hits[n][1])  # the share said is this layer's
     said = (f"{worst:.0%} of the outputs of '{worst_layer}' sit within 1% of an asymptote since step {first}"
             + (f" ({len(layers)} layers affected)" if len(layers) > 1 else ""))
     # the units saturated somewhere after the last sample that did not show it: the loss they could
