@@ -1,5 +1,7 @@
 """Errors a user can cause. The CLI prints their message and exits non-zero, no traceback."""
 
+import difflib
+
 
 class GradwatchError(Exception):
     """Base class: the message names the bad value and the fix."""
@@ -16,3 +18,12 @@ class ConfigError(GradwatchError):
 class TrainingStopped(GradwatchError):
     """Raised from inside training by `watch(..., stop_on=...)`: a finding the user asked to stop on
     appeared. The store is flushed before it is raised."""
+
+
+def did_you_mean(word: str, choices) -> str:
+    """' (did you mean X?)' for a typo or a unique prefix of one of `choices`, else '': for the
+    message of an unknown name (a command, an option, a lab experiment)."""
+    choices = list(choices)
+    prefixed = [c for c in choices if c.startswith(word)]
+    close = prefixed if len(prefixed) == 1 else difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""

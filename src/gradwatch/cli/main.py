@@ -8,13 +8,12 @@ become one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import difflib
 import importlib
 import re
 import sys
 
 from gradwatch import __version__
-from gradwatch.errors import GradwatchError
+from gradwatch.errors import GradwatchError, did_you_mean
 
 COMMANDS = ("run", "show", "diagnose", "probe", "fix", "lab", "report", "export")
 
@@ -36,14 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         module.register(sub)
     return parser
-
-
-def did_you_mean(word: str, choices) -> str:
-    """' (did you mean X?)' for a typo or a unique prefix of one of `choices`, else ''."""
-    choices = list(choices)
-    prefixed = [c for c in choices if c.startswith(word)]
-    close = prefixed if len(prefixed) == 1 else difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

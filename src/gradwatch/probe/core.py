@@ -14,7 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from gradwatch.collect.stats import activation_stats
 from gradwatch.errors import ConfigError
 from gradwatch.probe import meanfield, recurrent, verdict
-from gradwatch.probe.inputs import _where
+from gradwatch.probe.inputs import user_frame
 from gradwatch.probe.record import Call, Recorder, first_tensor, output_tensor, tensors_in
 from gradwatch.probe.result import LayerProbe, ProbeResult
 from gradwatch.probe.spectra import MAX_PROBES, graph_ops, spectrum
@@ -178,7 +178,7 @@ def _probe(model: nn.Module, batch: Any, loss_fn: Callable[[Any], torch.Tensor] 
         except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError) as exc:
             got = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
             raise ConfigError(f"loss_fn failed on the model's output, {got} ({type(exc).__name__}: {exc}"
-                              f"{_where(exc)}); pass a loss_fn(output) -> scalar that accepts it, e.g. "
+                              f"{user_frame(exc)}); pass a loss_fn(output) -> scalar that accepts it, e.g. "
                               "lambda out: F.cross_entropy(out, y) with labels y of the probe batch") from exc
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise ConfigError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}"

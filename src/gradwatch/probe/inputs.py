@@ -139,10 +139,10 @@ def check_fits(model: nn.Module, batch: torch.Tensor, factory: str) -> None:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         shape = ",".join(map(str, batch.shape))
         raise ConfigError(f"input shape {shape} does not fit {factory} ({str(batch.dtype).removeprefix('torch.')} "
-                          f"batch): {type(exc).__name__}: {first}{_where(exc)}; {_advice(model, batch, exc)}") from exc
+                          f"batch): {type(exc).__name__}: {first}{user_frame(exc)}; {_advice(model, batch, exc)}") from exc
 
 
-def _where(exc: BaseException) -> str:
+def user_frame(exc: BaseException) -> str:
     """' (at file.py:LINE)', the innermost frame of the traceback in the user's code (not torch's, not
     ours), by file name only."""
     skip = [os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__))]

@@ -165,14 +165,14 @@ def _init_weight(m: nn.Module, pname: str, scheme: str, act: Act, chunks: int = 
     return (gain, std, *_assign(m, pname, new))
 
 
-def _record(report: InitReport, name: str, m: nn.Module, pname: str, shown: str, scheme: str,
+def _record(report: InitReport, name: str, m: nn.Module, pname: str, activation: str, scheme: str,
             done: tuple[float, float, bool, str]) -> None:
     gain, std, changed, note = done
     full = _full(name, pname)
     if note:
         report.notes.append(f"{full}: {note}")
     if changed:
-        report.rows.append(InitRow(full, type(m).__name__, shown, scheme, gain, std))
+        report.rows.append(InitRow(full, type(m).__name__, activation, scheme, gain, std))
 
 
 def _auto_scheme(act: Act) -> str:
@@ -204,7 +204,7 @@ def _skip_frozen(name: str, m: nn.Module, pname: str, report: InitReport) -> boo
 def _init_recurrent(name: str, m: nn.Module, scheme: str, report: InitReport) -> None:
     chunks = next(n for cls, n in _GATES.items() if isinstance(m, cls))
     inner = Act(getattr(m, "nonlinearity", "tanh")) if chunks == 1 else Act("sigmoid")
-    shown = getattr(m, "nonlinearity", "tanh") if chunks == 1 else "gates (sigmoid/tanh)"
+    activation = getattr(m, "nonlinearity", "tanh") if chunks == 1 else "gates (sigmoid/tanh)"
     for pname in _own_tensors(m):
         if pname.startswith("bias") or _skip_frozen(name, m, pname, report):
             continue
@@ -214,7 +214,7 @@ def _init_recurrent(name: str, m: nn.Module, scheme: str, report: InitReport) ->
             chosen = "orthogonal" if pname.startswith("weight_hh") else "xavier"
         split = getattr(m, pname).shape[0] % chunks == 0 and not pname.startswith("weight_hr")
         act = Act("linear") if chosen == "orthogonal" else inner  # one gate at a time: each its own map
-        _record(report, name, m, pname, shown, chosen, _init_weight(m, pname, chosen, act, chunks if split else 1))
+        _record(report, name, m, pname, activation, chosen, _init_weight(m, pname, chosen, act, chunks if split else 1))
 
 
 def _init_feedforward(name: str, m: nn.Module, scheme: str, act: Act, report: InitReport) -> None:

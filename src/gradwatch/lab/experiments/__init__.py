@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import difflib
 import importlib
 
-from gradwatch.errors import ConfigError
+from gradwatch.errors import ConfigError, did_you_mean
 from gradwatch.lab.base import Experiment
 
 NAMES = ("activations", "depth", "he30", "init", "lr", "clipping", "rnn", "batchnorm", "residual", "optimizers")
@@ -14,8 +13,7 @@ NAMES = ("activations", "depth", "he30", "init", "lr", "clipping", "rnn", "batch
 def get(name: str) -> Experiment:
     """The experiment called `name` (case does not matter: `HE30` is he30)."""
     if not isinstance(name, str) or name.lower() not in NAMES:
-        close = difflib.get_close_matches(str(name).lower(), NAMES, n=1, cutoff=0.6)
-        hint = f" (did you mean {close[0]}?)" if close else ""
+        hint = did_you_mean(str(name).lower(), NAMES)
         raise ConfigError(f"no lab experiment named {name!r}{hint}; choose one of {', '.join(NAMES)} "
                           "(the command also takes 'all' and 'list')")
     name = name.lower()
