@@ -17,7 +17,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from gradwatch.collect.auto import ENV_OPTIONS, ENV_RUN_DIR
 from gradwatch.diagnose.finding import FINDINGS_FILE
 from gradwatch.errors import ConfigError
 from gradwatch.store.reader import LOCK_FILE
@@ -29,6 +28,9 @@ except ImportError:  # Windows: runs into one directory are not guarded
     fcntl = None
 
 BOOTSTRAP_DIR = Path(__file__).resolve().parent / "_bootstrap"
+ENV_RUN_DIR = "GRADWATCH_RUN_DIR"  # what the child's start-up hook reads (collect/auto.py)
+ENV_OPTIONS = {"every": "GRADWATCH_EVERY", "sample_every": "GRADWATCH_SAMPLE_EVERY", "flush_every": "GRADWATCH_FLUSH_EVERY",
+               "all_ranks": "GRADWATCH_ALL_RANKS"}
 
 
 @dataclass

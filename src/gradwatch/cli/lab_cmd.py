@@ -9,7 +9,6 @@ from rich.console import Console
 from rich.table import Table
 
 from gradwatch import lab, runner
-from gradwatch.lab.page import verdict
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,6 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from gradwatch.lab.page import verdict  # matplotlib: loaded when an experiment runs, not for --help
+
     console = Console()
     name = args.name.lower()
     if name == "list":

@@ -18,7 +18,9 @@ from gradwatch.errors import GradwatchError, did_you_mean
 COMMANDS = ("run", "show", "diagnose", "probe", "fix", "lab", "report", "export")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Every command's parser, or only `only`'s: a command's module may import torch (2 s), which
+    `gradwatch run`, whose work is in the child process, should not wait for."""
     parser = argparse.ArgumentParser(
         prog="gradwatch",
         description="Make vanishing and exploding gradients visible, explained, predicted and fixed.",
@@ -26,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gradwatch {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in COMMANDS:
+    for name in COMMANDS if only is None else (only,):
         try:
             module = importlib.import_module(f"gradwatch.cli.{name}_cmd")
         except ModuleNotFoundError as exc:  # a command still being built is simply absent
@@ -88,8 +90,9 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parse(parser, sys.argv[1:] if argv is None else list(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
+    args = parse(parser, argv)
     try:
         return int(args.func(args) or 0)
     except GradwatchError as exc:

@@ -31,11 +31,9 @@ from gradwatch.collect.layers import compiled_inner, has_lazy_params
 from gradwatch.collect.sampled_hooks import quiet_global_hook_warning
 from gradwatch.collect.watch import Watch, params_of
 from gradwatch.errors import GradwatchError
+from gradwatch.runner import ENV_OPTIONS, ENV_RUN_DIR
 from gradwatch.store.reader import STORE_NAME
 
-ENV_RUN_DIR = "GRADWATCH_RUN_DIR"
-ENV_OPTIONS = {"every": "GRADWATCH_EVERY", "sample_every": "GRADWATCH_SAMPLE_EVERY", "flush_every": "GRADWATCH_FLUSH_EVERY",
-               "all_ranks": "GRADWATCH_ALL_RANKS"}
 DISCOVERY_STEPS = 2  # global forward hooks cost time on every module call: keep them briefly
 
 
