@@ -139,8 +139,8 @@ def test_scaler_managed_optimizer_is_passed_through():
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
     assert g.skipped == 0 and g.passed_through == 1
     # before, the report read "0 of 0 steps skipped" as if the guard had checked everything
-    assert g.report().endswith("1 passed through unchecked (closure, or GradScaler with an optimizer that "
-                               "skips overflow steps itself)")
+    assert g.report().endswith("1 passed through unchecked (LBFGS's or a non-torch optimizer's closure, or "
+                               "GradScaler with an optimizer that skips overflow steps itself)")
 
 
 def test_remove_and_context_manager_restore_step():
@@ -409,3 +409,67 @@ def test_guard_built_after_the_scheduler_raises_no_torch_warning(first_step_bad,
     assert [str(w.message) for w in caught if "gradwatch" not in str(w.message)] == []
     assert g.skipped == int(first_step_bad) and g.steps == 3 - int(first_step_bad)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * (0.5 * (0.9 if second_scheduler else 1.0)) ** 3)
+
+
+@pytest.mark.parametrize("scheduler", [None, "before", "after"])
+def test_guard_warnings_point_at_the_users_step_call(scheduler):
+    """Before, with an LR scheduler built before or after the guard, the skip and restore warnings
+    named gradwatch's or torch's files (the wrapped step, the scheduler's wrapper), not the line of
+    the training script that called optimizer.step()."""
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    make = lambda: torch.optim.lr_scheduler.StepLR(opt, 5)  # noqa: E731
+    sched = make() if scheduler == "before" else None
+    g = guard(opt, patience=2)
+    sched = make() if scheduler == "after" else sched
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            opt.zero_grad()
+            (model(torch.randn(2, 3)).sum() * float("nan")).backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+    ours = [w for w in caught if "gradwatch.guard" in str(w.message)]
+    assert len(ours) == 2 and g.restores == 1
+    assert [w.filename for w in ours] == [__file__, __file__]
+
+
+@pytest.mark.parametrize("make, by_keyword", [(lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), False),
+                                              (lambda ps: torch.optim.Adam(ps, lr=0.01), True)])
+def test_closure_steps_of_torchs_single_call_optimizers_are_guarded(make, by_keyword):
+    """Before, every optimizer.step(closure) was passed through unchecked, so a NaN loss in a closure
+    (Lightning calls every step that way) reached the weights of a guarded SGD or Adam. They run the
+    closure once before updating: the guard now runs it, checks, and skips; a finite run is bit for
+    bit the unguarded one, and the step still returns the closure's loss."""
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
+
+    def train(guarded: bool):
+        model, _ = setup()
+        opt = make(model.parameters())
+        g = guard(opt) if guarded else None
+        losses = []
+        for step in range(5):
+            def closure():
+                opt.zero_grad()
+                loss = model(x).square().mean() * (float("nan") if guarded and step == 2 else 1.0)
+                loss.backward()
+                return loss
+            losses.append(opt.step(closure=closure) if by_keyword else opt.step(closure))
+        return model, opt, g, losses
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, opt, g, losses = train(True)
+    assert g.skipped == 1 and g.steps == 4 and g.passed_through == 0 and torch.isnan(losses[2])
+    _, _, _, twin_losses = train(False)
+    assert [float(l) for l in losses[:3]] != [float(l) for l in twin_losses[:3]]  # the NaN step, only
+    assert [float(l) for l in losses[:2]] == [float(l) for l in twin_losses[:2]]
+    reference = setup()[0]
+    ref_opt = make(reference.parameters())
+    for step in range(4):  # the guarded run's four good steps, unguarded
+        ref_opt.zero_grad()
+        reference(x).square().mean().backward()
+        ref_opt.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -69,8 +70,11 @@ def test_recurrent_orthogonal_per_gate():
             if name.startswith("weight_hh"):
                 for gate in p.detach().chunk(chunks, 0):
                     torch.testing.assert_close(gate @ gate.T, torch.eye(h), atol=1e-5, rtol=0)
-            if name.startswith("bias"):
-                assert float(p.detach().abs().max()) == 0
+            if name.startswith("bias"):  # zero, but the memory gate's b_ih (rows h:2h): 1
+                expect = torch.zeros_like(p)
+                if name.startswith("bias_ih"):
+                    expect[h:2 * h] = 1.0
+                assert torch.equal(p.detach(), expect)
     r = rows(report)
     assert r["lstm.weight_hh_l1"].scheme == "orthogonal" and r["lstm.weight_ih_l0"].scheme == "xavier"
     # xavier per gate: each (32 x 10) block has the Glorot bound of its own fans
@@ -122,17 +126,68 @@ def test_forced_scheme_and_table():
     assert "followed by" in text and "orthogonal" in text and "0.weight" in text
 
 
+def _distinct_rows_after_training(model, steps=5):
+    """Train `model` a few SGD steps on random data; per weight, how many distinct units it has."""
+    torch.manual_seed(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(torch.randn(16, 4)), torch.randint(0, 2, (16,))).backward()
+        opt.step()
+    return {n: len({tuple(r.tolist()) for r in p.detach().reshape(p.shape[0], -1)})
+            for n, p in model.named_parameters() if p.ndim == 2}
+
+
 def test_constant_init_detected():
-    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
-    with torch.no_grad():
-        model[0].weight.zero_()
-        model[2].weight.copy_(torch.tensor([1.0, 2.0, 3.0]).expand(2, 3))
+    """Every parameter constant: the hidden units get identical gradients and stay identical (checked
+    by training), the output units do not (the loss tells them apart), and only the former are listed."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2))
+    for p in model.parameters():
+        nn.init.constant_(p, 0.2)
     found = check_constant_init(model)
-    assert len(found) == 2
-    assert found[0].startswith("0.weight is all 0") and "identical weights" in found[1]
+    assert [f.split(" ")[0] for f in found] == ["0.weight", "2.weight"]
+    assert found[0].startswith("0.weight is all 0.2: its 3 units compute the same output and 2 (Linear), the next "
+                               "layer, reads them with identical weights")
+    distinct = _distinct_rows_after_training(copy.deepcopy(model))
+    assert distinct == {"0.weight": 1, "2.weight": 1, "4.weight": 2}  # what check_constant_init said
+    with torch.no_grad():
+        model[2].weight.copy_(torch.tensor([1.0, 2.0, 3.0]).expand(3, 3))  # identical rows, different columns
+    assert [f.split(":")[0] for f in check_constant_init(model)] == ["2.weight"]
     report = init_(model)
-    assert report.constant_before == found and "was constant" in str(report)
+    assert report.constant_before and "was constant" in str(report)
     assert check_constant_init(model) == []
+
+
+def test_zero_output_layer_and_zero_branch_end_are_no_constant_init():
+    """Zero-initialising the classifier or the last layer of a residual branch (Fixup, ControlNet's
+    zero convs) is sound: the loss, or the random layer after it, gives each unit its own gradient.
+    Before, all three were listed as units that "never differ", with advice to re-initialise them."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 4)
+            nn.init.zeros_(self.fc2.weight), nn.init.zeros_(self.fc2.bias)
+
+        def forward(self, x):
+            return x + self.fc2(torch.relu(self.fc1(x)))
+
+    model = nn.Sequential(Block(), Block(), nn.Linear(4, 2))
+    nn.init.zeros_(model[2].weight), nn.init.zeros_(model[2].bias)
+    zero_head = check_constant_init(model)
+    assert [f.split(" ")[0] for f in zero_head] == ["1.fc2.weight"]  # before a zero head: said, with its caveat
+    assert "(unless a residual x + f(x) comes between)" in zero_head[0]
+    torch.manual_seed(1)
+    nn.init.normal_(model[2].weight)
+    assert check_constant_init(model) == []
+    model[2].weight.data.zero_()
+    assert _distinct_rows_after_training(model) == {"0.fc1.weight": 4, "0.fc2.weight": 4, "1.fc1.weight": 4,
+                                                    "1.fc2.weight": 4, "2.weight": 2}
+    biased = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2))
+    for p in biased.parameters():
+        nn.init.constant_(p, 0.2)
+    nn.init.normal_(biased[0].bias)  # units with their own bias compute different outputs
+    assert [f.split(" ")[0] for f in check_constant_init(biased)] == ["2.weight"]
+    assert _distinct_rows_after_training(biased)["0.weight"] == 3
 
 
 def test_bad_input():
@@ -209,9 +264,12 @@ def test_parametrization_that_fixes_the_scale_or_cannot_be_set_is_reported():
     fixed = nn.utils.parametrize.register_parametrization(nn.Linear(50, 50), "weight", nn.Tanh())
     with torch.no_grad():
         fixed.parametrizations.weight.original.fill_(0.3)
+        fixed.bias.zero_()
     model = nn.Sequential(scaled, nn.ReLU(), fixed, nn.ReLU(), nn.Linear(50, 2))
-    assert check_constant_init(model) == [f"2.weight is all {math.tanh(0.3):g}: its 50 units compute the same output and get "
-                                          "the same gradient, so they never differ; re-initialise "
+    nn.init.constant_(model[4].weight, 0.1)  # reads fixed's units alike: they stay tied
+    assert check_constant_init(model) == [f"2.weight is all {math.tanh(0.3):g}: its 50 units compute the same output and 4 "
+                                          "(Linear), the next layer, reads them with identical weights (unless a residual "
+                                          "x + f(x) comes between), so they get the same gradient and never differ; re-initialise "
                                           "parametrizations.weight.original yourself (gw.init_ cannot set it: its "
                                           "parametrization has no right_inverse)"]
     torch.manual_seed(8)
@@ -229,9 +287,14 @@ def test_constant_weight_init_leaves_alone_is_not_sent_to_init():
     """Before, every constant weight came with "re-initialise (gw.init_(model))", which does not touch it."""
     embedding = nn.Embedding(3, 4)
     nn.init.zeros_(embedding.weight)
-    assert check_constant_init(nn.Sequential(embedding, nn.Linear(4, 2))) == [
-        "0.weight is all 0: its 3 units compute the same output and get the same gradient, so they never differ; "
+    head = nn.Linear(4, 2)
+    nn.init.constant_(head.weight, 0.5)  # reads the embedding's 4 dimensions alike: they stay tied
+    assert check_constant_init(nn.Sequential(embedding, head)) == [
+        "0.weight is all 0: its 4 units compute the same output and 1 (Linear), the next layer, reads them with "
+        "identical weights (unless a residual x + f(x) comes between), so they get the same gradient and never differ; "
         "re-initialise it yourself (gw.init_ leaves Embedding alone)"]
+    nn.init.normal_(head.weight)  # a zero embedding before a random layer trains: each dimension its own gradient
+    assert check_constant_init(nn.Sequential(embedding, head)) == []
 
 
 def interior(out, k, dims):
@@ -466,3 +529,29 @@ def test_a_forward_with_functional_activations_and_no_example_input_is_noted():
     report = init_(Net(), example_input=torch.randn(2, 3, 8, 8))
     assert [r.scheme for r in report.rows] == ["he", "he", "xavier"] and not report.notes
     assert not init_(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))).notes
+
+
+@pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU])
+def test_memory_gate_opened_as_the_probe_advises_and_the_gradient_reaches_back(kind):
+    """Before, init_ zeroed every bias: the LSTM's forget gate (the GRU's update gate) sat at σ(0) = 1/2,
+    the state and its gradient halved every step, and gw.probe on the freshly initialised cell advised the
+    bias of 1 that init_ had just taken away. Measured: over 40 steps the gradient reaching the first
+    input, relative to the last, is 1e3 (GRU) to 7e4 (LSTM) times larger with the gate open (Gers et al.
+    2000; Jozefowicz et al. 2015)."""
+    from gradwatch.probe.recurrent import gate_bias
+
+    def reach(open_gate: bool) -> float:
+        torch.manual_seed(0)
+        cell = kind(8, 32, batch_first=True)
+        report = init_(cell)
+        assert report.memory_gates == ["bias_ih_l0"] and "memory gates (LSTM forget, GRU update) 1" in str(report)
+        if not open_gate:
+            with torch.no_grad():
+                cell.bias_ih_l0.zero_()
+        assert gate_bias(cell, 0) == (1.0 if open_gate else 0.0)  # what the probe reads
+        x = torch.randn(4, 40, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        cell(x)[0][:, -1].sum().backward()
+        per_step = x.grad.norm(dim=(0, 2))
+        return float(per_step[0] / per_step[-1])
+
+    assert reach(True) > 100 * reach(False)

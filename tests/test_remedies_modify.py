@@ -371,3 +371,66 @@ def test_swapping_to_prelu_lists_its_new_parameters():
     assert change.new_parameters == ["1.weight", "3.weight"] and "lacks its 2 new parameter(s)" in str(change)
     _, change = swap_activations(mlp(), new=nn.LeakyReLU(0.1))
     assert change.new_parameters == [] and "optimizer" not in str(change)
+
+
+class Dict(nn.Module):
+    """Layers in an nn.ModuleDict, called by a forward of its own: no nn.Sequential at all."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleDict({"a": nn.Linear(6, 8), "act": nn.Tanh(), "b": nn.Linear(8, 8), "c": nn.Linear(8, 1)})
+
+    def forward(self, x):
+        layer = self.layers
+        return layer["c"](layer["act"](layer["b"](layer["act"](layer["a"](x)))))
+
+
+def test_add_residual_outside_a_sequential_names_the_blocks_and_the_call():
+    """Before, 'no shape-preserving block with parameters found' on a model whose layers.b keeps the
+    shape (it is not in an nn.Sequential), and blocks='layers.b' was read letter by letter
+    ("blocks contains 'l'"). Now the change names it and the call that wraps it, which works pasted."""
+    x = torch.randn(4, 6)
+    model, change = add_residual(Dict(), x)
+    assert not change and str(change).endswith("wrap those you mean with add_residual(model, example_input, "
+                                               "blocks=['layers.b'])")
+    for blocks in (["layers.b"], "layers.b"):
+        model, change = add_residual(Dict(), x, blocks=blocks)
+        assert change.modules == ["layers.b"] and isinstance(model.layers.b, Residual)
+        torch.testing.assert_close(model.layers.b(torch.ones(2, 8)), torch.ones(2, 8) + model.layers.b.fn(torch.ones(2, 8)))
+    assert str(add_residual(mlp(), torch.randn(2, 6), blocks=[])[1]).endswith("nothing changed")
+
+
+def test_swap_to_a_class_that_needs_arguments_and_a_functional_only_model():
+    """Before, new=nn.Linear failed with a TypeError from inside the swap; and a model whose forward
+    calls torch.sigmoid got 'nothing changed' with no hint that example_input would find the calls."""
+    with pytest.raises(ConfigError, match=r"new=Linear could not be built with no arguments .*'in_features'"):
+        swap_activations(mlp(), new=nn.Linear)
+    change = swap_activations(nn.Sequential(nn.Linear(3, 3)))[1]
+    assert not change and "pass example_input=<one batch> to count those calls" in str(change)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_swap_to_prelu_on_a_float64_or_bfloat16_model_runs_and_trains(dtype):
+    """Before, the new PReLU was float32 and the model's next forward failed with "prelu: Type
+    promoting not supported. Got Double and Float"; insert_norm already built its norms like the layer."""
+    model = mlp().to(dtype)
+    model, change = swap_activations(model, new=nn.PReLU)
+    assert {p.dtype for p in model.parameters()} == {dtype} and change.new_parameters == ["1.weight", "3.weight"]
+    x = torch.randn(4, 6, dtype=dtype)
+    model(x).sum().backward()
+    assert model[1].weight.grad is not None and model[1].weight.grad.dtype == dtype
+
+
+def test_insert_norm_skips_layers_already_followed_by_a_norm():
+    """Before, a conv -> BatchNorm2d -> ReLU block got a second BatchNorm between conv and the first
+    (norm(norm(x)): new parameters and running statistics that change nothing), reported as inserted."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    model, change = insert_norm(model)
+    assert change.modules == ["3"] and "(not after 0: already followed by a norm)" in str(change)
+    assert [type(m).__name__ for m in model] == ["Conv2d", "BatchNorm2d", "ReLU", "Conv2d", "BatchNorm2d", "ReLU",
+                                                  "Flatten", "Linear"]
+    model, change = insert_norm(model, kind="layer")
+    assert not change and "0, 3, already followed by a norm" in str(change)
+    assert model(torch.randn(2, 3, 8, 8)).shape == (2, 2)

@@ -25,6 +25,8 @@ tensor([ 5., -5.,  3.])
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from typing import Callable
 
 import torch
@@ -60,6 +62,7 @@ def clip_norm(params: Params, max_norm: float, norm_type: float = 2.0, process_g
     the norm over all ranks. FSDP2's DTensor gradients need nothing (torch reduces them). Sparse
     gradients, which torch's function rejects, are clipped by the same formula on their values."""
     max_norm = positive_number("max_norm", max_norm, fix="pass the largest total gradient norm to allow, e.g. 1.0")
+    norm_type = norm_order(norm_type)  # as ClipNorm checks it: 0 and negative p are no norm
     params = as_list(params)
     if process_group is None and not with_sparse_grad(params):
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type=norm_type)
@@ -146,6 +149,15 @@ def attach(optimizer: torch.optim.Optimizer, clipper: Clipper) -> RemovableHandl
                           f"e.g. gw.clip.{clipper.__name__}()")
     if not callable(clipper):
         raise ConfigError(f"clipper={shown(clipper)} is not callable; pass e.g. gw.clip.ZClip() or gw.clip.ClipNorm(1.0)")
+    try:  # a function needing more than the parameters (gw.clip.clip_norm needs max_norm) fails now, not at the first step
+        inspect.signature(clipper).bind([])
+    except TypeError as exc:
+        name = getattr(clipper, "__name__", None) or shown(clipper)
+        raise ConfigError(f"clipper={name} cannot be called with the parameters alone ({exc}); attach calls "
+                          "clipper(params) before each step: pass a clipper such as gw.clip.ClipNorm(1.0), or "
+                          "lambda params: gw.clip.clip_norm(params, 1.0)") from None
+    except ValueError:  # no signature to read (a builtin): find out at the first step
+        pass
     optimizer_params(optimizer)  # fail now, not at the first step, if there is nothing to clip
     if any(getattr(hook, "clipper", None) is clipper for hook in optimizer._optimizer_step_pre_hooks.values()):
         raise ConfigError(f"{clipper!r} is already attached to this optimizer; attached twice it would clip twice "
@@ -179,6 +191,14 @@ def attach(optimizer: torch.optim.Optimizer, clipper: Clipper) -> RemovableHandl
             return args, {**kwargs, "closure": clipped_closure}
         return (args[0], clipped_closure, *args[2:]), kwargs
 
+    if isinstance(optimizer, torch.optim.LBFGS):
+        # LBFGS's curvature pairs are differences of successive gradients, y = g' - g: scaled each by
+        # its own clip factor, y is no difference of one function's gradients, and the quasi-Newton
+        # step it builds can point anywhere (docs/remedies.md: 5 of 8 short digits runs diverged).
+        warnings.warn(f"gw.clip.attach: clipping LBFGS's gradients ({clipper!r}) breaks its curvature estimate, built "
+                      "from differences of successive gradients that clipping scales each by its own factor: it can "
+                      "diverge where unclipped LBFGS converges; bound its steps with "
+                      "torch.optim.LBFGS(..., line_search_fn='strong_wolfe') instead of clipping", stacklevel=2)
     _pre_step.clipper = clipper  # type: ignore[attr-defined]  # how a second attach finds it
     return optimizer.register_step_pre_hook(_pre_step)
 

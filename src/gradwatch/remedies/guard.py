@@ -34,14 +34,18 @@ Beside ``torch.amp.GradScaler``: the scaler skips ``optimizer.step()`` itself wh
 overflow, so the guard never sees those steps and does not count them. Optimizers that handle the
 scaler themselves (``_step_supports_amp_scaling``, e.g. fused Adam) are called with the scaler's
 ``found_inf``; the guard passes such steps through, since their gradients are still scaled and the
-optimizer skips overflow steps on its own. Steps given a closure (LBFGS) are passed through too:
-their gradients do not exist until the closure runs inside the step.
+optimizer skips overflow steps on its own. A step given a closure is checked when the optimizer is
+one of torch's that runs the closure once before its update (SGD, Adam, ...): the guard runs it,
+then checks. LBFGS (which calls it many times inside the step) and optimizers from elsewhere are
+passed through unchecked.
 """
 
 from __future__ import annotations
 
 import copy
 import numbers
+import os
+import sys
 import types
 import warnings
 from dataclasses import dataclass
@@ -159,6 +163,13 @@ def cut_lr(optimizer: torch.optim.Optimizer, schedulers: list[Scheduler], factor
                 setattr(s, name, _scaled(value, factor))
 
 
+def _closure_once(optimizer: torch.optim.Optimizer) -> bool:
+    """A step(closure) of torch's own optimizers, but LBFGS, calls the closure once, first, and then
+    updates from the gradients it left: the same as calling it and then step() without it. LBFGS
+    calls it many times, and others (SAM) between two updates: those are passed through unchecked."""
+    return type(optimizer).__module__.startswith("torch.optim.") and not isinstance(optimizer, torch.optim.LBFGS)
+
+
 def _has_scheduler(*steps: object) -> bool:
     """One of these step functions is torch's LR-scheduler wrapper: a scheduler drives the optimizer."""
     return any(getattr(step, "_wrapped_by_lr_sched", False) for step in steps)
@@ -199,8 +210,16 @@ class Guard:
     # -- the wrapped step ---------------------------------------------------------------------
     def _step(self, *args: Any, **kwargs: Any) -> Any:
         opt = self.optimizer
-        if args or kwargs.get("closure") is not None or "found_inf" in kwargs or "grad_scaler" in kwargs \
-                or getattr(opt, "found_inf", None) is not None:
+        scaler_managed = "found_inf" in kwargs or "grad_scaler" in kwargs or getattr(opt, "found_inf", None) is not None
+        closure = kwargs.get("closure", args[0] if len(args) == 1 else None)
+        if closure is not None and not scaler_managed and len(args) + len(kwargs) == 1 and _closure_once(opt):
+            # torch's SGD, Adam, ... run the closure once, under enable_grad, before their update: run it
+            # here, then check its gradients and step on them as a step without closure would.
+            with torch.enable_grad():
+                loss = closure()
+            self._step()
+            return loss
+        if args or kwargs.get("closure") is not None or scaler_managed:
             self.passed_through += 1
             return self._original(*args, **kwargs)
         params = optimizer_params(opt)
@@ -221,7 +240,7 @@ class Guard:
             call = self.steps + self.skipped - 1  # counted from 0, as the watch and its findings count steps
             warnings.warn(f"gradwatch.guard: skipped optimizer step {call} (the {_ordinal(call + 1)} step): "
                           f"{bad} of {len(grads)} gradient tensors hold NaN/Inf; weights and optimizer state left "
-                          "unchanged (further skips are counted silently; see guard.report())", stacklevel=2)
+                          "unchanged (further skips are counted silently; see guard.report())", stacklevel=_user_level())
         if self.consecutive >= self.patience:
             self._restore(params)
         return None
@@ -238,7 +257,7 @@ class Guard:
         self.consecutive = 0
         new = ", ".join(f"{g['lr']:.3g}" for g in self.optimizer.param_groups)
         warnings.warn(f"gradwatch.guard: {self.patience} non-finite steps in a row; {where}; "
-                      f"lr multiplied by {self.lr_factor:g} (now {new}){self._schedule_note()}", stacklevel=3)
+                      f"lr multiplied by {self.lr_factor:g} (now {new}){self._schedule_note()}", stacklevel=_user_level())
 
     def _schedule_note(self) -> str:
         """What becomes of the lr cut at the scheduler's next step."""
@@ -264,8 +283,8 @@ class Guard:
         """One line: what the guard did so far."""
         total = self.steps + self.skipped
         lrs = ", ".join(f"{g['lr']:.3g}" for g in self.optimizer.param_groups)
-        unchecked = (f", {self.passed_through} passed through unchecked (closure, or GradScaler with an optimizer "
-                     "that skips overflow steps itself)") if self.passed_through else ""
+        unchecked = (f", {self.passed_through} passed through unchecked (LBFGS's or a non-torch optimizer's "
+                     "closure, or GradScaler with an optimizer that skips overflow steps itself)") if self.passed_through else ""
         return (f"guard: {self.skipped} of {total} steps skipped (non-finite gradients), "
                 f"{self.restores} restore(s), lr now {lrs}{unchecked}")
 
@@ -292,6 +311,19 @@ class Guard:
 
     def __repr__(self) -> str:
         return f"<gradwatch {self.report()}>"
+
+
+# Frames of gradwatch and torch (the guarded step, torch's LR-scheduler and profiler wrappers) stand
+# between the user's optimizer.step() and a warning: skipped, so the warning names the user's line.
+_INSIDE = tuple(os.path.dirname(m.__file__) + os.sep for m in (sys.modules["gradwatch"], torch))
+
+
+def _user_level() -> int:
+    """`stacklevel` for a warning raised here that points at the first caller outside gradwatch and torch."""
+    level, frame = 1, sys._getframe(1)
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INSIDE):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _ordinal(n: int) -> str:

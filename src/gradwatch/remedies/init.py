@@ -6,8 +6,10 @@ gain √2, or √(2/(1+a²)) for a leaky slope a), Xavier/Glorot for tanh, sigmo
 activation (Glorot & Bengio 2010, uniform, gain from ``nn.init.calculate_gain``), LeCun normal for
 SELU (Klambauer et al. 2017, std = 1/√fan_in), orthogonal recurrent matrices (Saxe et al. 2014),
 one gate chunk at a time, so that repeated multiplication by W_hh neither shrinks nor grows a
-signal. Biases start at zero. Every draw is torch.nn.init's own, with torch's fans except for a
-transposed conv, whose torch fans ignore its groups and stride (see `_fans`).
+signal. Biases start at zero, but the memory gate of an LSTM (forget) or GRU (update) at 1, so that
+the state, and the gradient through it, is not halved every step. Every draw is torch.nn.init's own,
+with torch's fans except for a transposed conv, whose torch fans ignore its groups and stride (see
+`_fans`).
 
 A parametrized weight (weight_norm, spectral_norm, register_parametrization) is what the forward
 uses, not its `.original`: it is set by assignment, through the parametrization's right_inverse;
@@ -58,6 +60,7 @@ class InitReport:
     rows: list[InitRow] = field(default_factory=list)
     constant_before: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # frozen layers, parametrized tensors left alone or rescaled
+    memory_gates: list[str] = field(default_factory=list)  # b_ih of gated cells whose memory gate got bias 1
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self.rows)
@@ -71,7 +74,8 @@ class InitReport:
         widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
         lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in (head, *body)]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        lines.append("biases: zeros")
+        lines.append("biases: zeros" + (f"; memory gates (LSTM forget, GRU update) 1: {', '.join(self.memory_gates)}"
+                                        if self.memory_gates else ""))
         lines += [f"was constant: {msg}" for msg in self.constant_before]
         lines += [f"note: {msg}" for msg in self.notes]
         return "\n".join(lines)
@@ -251,10 +255,23 @@ def _init_tied_feedforward(name: str, m: nn.Module, scheme: str, act: Act, repor
                             f"sets {', '.join(others)} too")
 
 
+# The gate that keeps a gated cell's state (LSTM's forget gate f, rows h:2h of i, f, g, o; GRU's update
+# gate z, rows h:2h of r, z, n) sits at σ(0) = 1/2 with a zero bias: the state, and the gradient through
+# it, halves every step. A bias of 1 keeps σ(1) = 0.73 per step (Gers, Schmidhuber & Cummins 2000;
+# Jozefowicz, Zaremba & Sutskever 2015; Keras's unit_forget_bias), as gw.probe advises for such a cell.
+MEMORY_GATE_BIAS = 1.0
+_MEMORY_GATED = (nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell)
+
+
 def _zero_biases(name: str, m: nn.Module, report: InitReport) -> None:
+    """Biases to zero, but a gated cell's memory gate, opened to MEMORY_GATE_BIAS in b_ih (b_hh is 0)."""
     for pname in _own_tensors(m):
         if pname.startswith("bias") and not _skip_frozen(name, m, pname, report):
-            _, note = _assign(m, pname, torch.zeros_like(getattr(m, pname)))
+            value = torch.zeros_like(getattr(m, pname))
+            if isinstance(m, _MEMORY_GATED) and pname.startswith("bias_ih"):
+                value[m.hidden_size:2 * m.hidden_size] = MEMORY_GATE_BIAS
+                report.memory_gates.append(_full(name, pname))
+            _, note = _assign(m, pname, value)
             if note:
                 report.notes.append(f"{_full(name, pname)}: {note}")
 
@@ -294,24 +311,101 @@ def _remedy(m: nn.Module, pname: str, layers: set[int]) -> str:
     return "re-initialise (gw.init_(model))"
 
 
+def _unit_rows(m: nn.Module, w: torch.Tensor) -> torch.Tensor:
+    """`w` as one row per unit the next layer reads: an output channel of a layer (dim 1 of a
+    transposed conv's (in, out, k...) weight), a dimension of an embedding (its columns: each row
+    is a token's vector, which only that token's gradient reaches)."""
+    if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+        return w.detach().T
+    if isinstance(m, _TRANSPOSED) and m.groups == 1:
+        return w.detach().transpose(0, 1).reshape(w.shape[1], -1)
+    return w.detach().reshape(w.shape[0], -1)
+
+
+def _reads(m: nn.Module) -> torch.Tensor | None:
+    """The weights `m` reads its input with, one row per input feature (channel), or None where that
+    is not one matrix (grouped convs, modules init_ does not know)."""
+    if isinstance(m, nn.Linear):
+        return m.weight.detach().T
+    if isinstance(m, _TRANSPOSED) and m.groups == 1:
+        return m.weight.detach().reshape(m.weight.shape[0], -1)
+    if isinstance(m, _FEEDFORWARD) and m.groups == 1:
+        return m.weight.detach().transpose(0, 1).reshape(m.weight.shape[1], -1)
+    if isinstance(m, tuple(_GATES)):
+        w = getattr(m, "weight_ih_l0", None) if hasattr(m, "weight_ih_l0") else getattr(m, "weight_ih", None)
+        return None if w is None else w.detach().T
+    return None
+
+
+def _next_layer(modules: list[tuple[str, nn.Module]], m: nn.Module, layers: set[int]) -> tuple[str, nn.Module] | None:
+    """The first layer registered after `m` (and outside it): the one reading its output in a
+    sequential model."""
+    at = next(i for i, (_, x) in enumerate(modules) if x is m)
+    inside = modules[at][0] + "."
+    return next(((n, x) for n, x in modules[at + 1:] if id(x) in layers and not n.startswith(inside)), None)
+
+
+def _same_rows(x: torch.Tensor) -> bool:
+    return bool((x == x[:1]).all())
+
+
+def _tied_by(m: nn.Module, units: torch.Tensor, consumer: tuple[str, nn.Module] | None) -> str | None:
+    """Why units that start with identical weights stay identical, or None when training tells them
+    apart. Unit i's gradient is δ_i·(its input), δ_i = f'(z_i)·Σ_k V[k, i]·δ'_k with V the weights
+    the next layer reads it with: equal for all units only if they compute the same output (same
+    weights and bias) and V weights them alike. The output layer's units each get their own δ from
+    the loss (zero-initialising the classifier, Fixup's and ControlNet's zero layers, is sound)."""
+    bias = getattr(m, "bias", None)
+    if isinstance(bias, torch.Tensor) and bias.ndim == 1 and bias.numel() == units.shape[0] \
+            and not _same_rows(bias.detach().reshape(-1, 1)):
+        return None  # different biases: the units compute different outputs
+    if consumer is None:
+        return None  # the last layer: the loss gives each output unit its own gradient
+    name, layer = consumer
+    reads = _reads(layer)
+    if reads is None or reads.shape[0] % units.shape[0]:  # wiring unknown: say so, do not decide
+        return (f"; if {name} ({type(layer).__name__}), the next layer, reads them alike, they get the same "
+                "gradient and never differ")
+    per_unit = reads.reshape(units.shape[0], -1)  # a flattened feature map: channel-major blocks
+    if not _same_rows(per_unit):
+        return None
+    # Registration order, not a trace: a residual sum (x + f(x)) before the next layer would give
+    # its columns different updates, and then the units different gradients.
+    return (f" and {name} ({type(layer).__name__}), the next layer, reads them with identical weights "
+            "(unless a residual x + f(x) comes between), so they get the same gradient and never differ")
+
+
 def check_constant_init(model: nn.Module) -> list[str]:
-    """Weights (2-d or more) that are constant, or whose units all share the same weights."""
+    """Weights (2-d or more) whose units all start identical and stay so: same weights, same bias,
+    and read alike by the next layer (registration order), so every unit gets the same gradient.
+    The output layer, and a constant layer followed by one that tells its units apart (a random
+    one), are not listed: their units get different gradients from the first step on."""
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model={shown(model)} is not a torch.nn.Module; pass the model to check")
     layers = {id(m) for m in _layers(model).values()}
+    modules = list(model.named_modules())
     found = []
     with torch.no_grad():
         for name, m, pname in _tensors(model):
             p = getattr(m, pname)
             if p.ndim < 2 or p.numel() == 0:
                 continue
-            flat = p.detach().reshape(p.shape[0], -1)
-            if bool((flat == flat.reshape(-1)[0]).all()):
-                found.append(f"{name} is all {float(flat.reshape(-1)[0]):g}: its {p.shape[0]} units compute the "
-                             f"same output and get the same gradient, so they never differ; {_remedy(m, pname, layers)}")
-            elif p.shape[0] > 1 and bool((flat == flat[:1]).all()):
-                found.append(f"{name}: all {p.shape[0]} units have identical weights, so they get identical "
-                             f"gradients and never differ; {_remedy(m, pname, layers)}")
+            flat = _unit_rows(m, p) if pname == "weight" else p.detach().reshape(p.shape[0], -1)
+            if flat.shape[0] < 2 or not _same_rows(flat):  # one unit has no twin to stay equal to
+                continue
+            constant = bool((flat == flat.reshape(-1)[0]).all())
+            why = " and get the same gradient, so they never differ"
+            if pname == "weight" and not isinstance(m, tuple(_GATES)):
+                tied = _tied_by(m, flat, _next_layer(modules, m, layers))
+                if tied is None:
+                    continue
+                why = tied
+            if constant:
+                found.append(f"{name} is all {float(flat.reshape(-1)[0]):g}: its {flat.shape[0]} units compute the "
+                             f"same output{why}; {_remedy(m, pname, layers)}")
+            else:
+                found.append(f"{name}: all {flat.shape[0]} units have identical weights{why}; "
+                             f"{_remedy(m, pname, layers)}")
     return found
 
 

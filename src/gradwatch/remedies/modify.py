@@ -36,7 +36,7 @@ from torch import nn
 
 from gradwatch.errors import ConfigError
 from gradwatch.remedies._activations import functional_calls
-from gradwatch.remedies._common import forward_once
+from gradwatch.remedies._common import forward_once, shown
 
 ModuleTypes = Union[type, tuple]
 
@@ -165,25 +165,46 @@ def swap_activations(model: nn.Module, old: ModuleTypes = nn.Sigmoid,
     swapped, made = [], None
     for name, m in named:
         if isinstance(m, old_types) and name not in output:
-            made = new()
+            try:
+                made = new()
+            except TypeError as exc:  # nn.Linear, or a factory that needs arguments: say which argument
+                raise ConfigError(f"new={getattr(new, '__name__', None) or shown(new)} could not be built with no "
+                                  f"arguments ({exc}); pass a class that needs none (nn.GELU), an instance "
+                                  "(nn.LeakyReLU(0.1)) or a factory (lambda: nn.LeakyReLU(0.1))") from None
             if not isinstance(made, nn.Module):
                 raise ConfigError(f"new() returned {made!r}, not an nn.Module; pass e.g. lambda: nn.LeakyReLU(0.01)")
-            _set(model, name, made)
+            _set(model, name, _placed_like(made, m, _parent(model, name)[0], model))
             _refresh_fast_path(model, name)
             swapped.append(name)
     old_name = "/".join(t.__name__ for t in old_types)
     functional = _functional_note(model, example_input, old_types, keep_output)
     if not swapped:
         kept = f" but the output's ({', '.join(sorted(output))}), kept" if output else " found"
+        if example_input is None and not output:  # a forward calling torch.sigmoid(x) has no module to find
+            functional = ("; if the forward applies it as a function (torch.sigmoid(x), F.relu(x)), no module swap "
+                          "reaches it: pass example_input=<one batch> to count those calls, and replace them by hand")
         return model, Change(f"no {old_name} module{kept}; nothing changed{functional}")
     renamed, new_params = _renames(before, model)  # a PReLU brings parameters of its own
     return model, Change(f"replaced {len(swapped)} {old_name} module(s) by {made!r}: {', '.join(swapped)}"
                          + functional + _optimizer_note(new_params), swapped, renamed, new_params)
 
 
+def _placed_like(made: nn.Module, *near: nn.Module) -> nn.Module:
+    """`made` on the device and floating dtype of the first of `near` (the module it replaces, its
+    parent, the model) that holds a floating tensor: a new PReLU is built in float32 on the CPU, and
+    its slope would not multiply a float64, bfloat16 or GPU activation ("prelu: Type promoting not
+    supported")."""
+    own = [t for t in (*made.parameters(), *made.buffers()) if t.is_floating_point()]
+    for module in near if own else ():
+        ref = next((t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()), None)
+        if ref is not None:
+            return made.to(device=ref.device, dtype=ref.dtype)
+    return made
+
+
 def _functional_note(model: nn.Module, example_input: Any, old_types: tuple, keep_output: bool) -> str:
     """What the swap could not reach: the same activation called as a function in a forward, found
-    by a forward pass of `example_input` (without one, nothing is said)."""
+    by a forward pass of `example_input` (without one, a hint to pass it when no module was found)."""
     if example_input is None:
         return ""
     calls = functional_calls(model, example_input, old_types)
@@ -288,6 +309,15 @@ def _insert_after(seq: nn.Sequential, key: str, new_key: str, module: nn.Module)
 FUSED = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 
+def _normalised(place: Place) -> bool:
+    """The layer's next sibling in its nn.Sequential is a norm already (conv -> BatchNorm2d -> ReLU)."""
+    if not isinstance(place.parent, nn.Sequential):
+        return False
+    keys = list(place.parent._modules)
+    at = keys.index(place.attr) + 1
+    return at < len(keys) and isinstance(place.parent._modules[keys[at]], NORMS)
+
+
 def _attach_norms(places: list[Place], kind: str) -> None:
     """A norm after the layer at each place: in an nn.Sequential as a sibling, elsewhere as
     nn.Sequential(layer, norm). A layer in several places gets the same norm in each (and the same
@@ -326,6 +356,11 @@ def insert_norm(model: nn.Module, kind: str = "batch", after: ModuleTypes = (nn.
         last = places[-1]
         places = [p for p in places if p.module is not last.module]
         skipped = f" but the last, '{last.name}' (skip_last=True keeps the output layer as it is)"
+    normalised = [p for p in places if _normalised(p)]
+    places = [p for p in places if p not in normalised]
+    if normalised:  # conv -> BatchNorm2d -> ReLU already: a second norm would only renormalise the first's output
+        skipped += (f"{'; ' if skipped else ' but '}{', '.join(p.name for p in normalised)}, already followed by a "
+                    "norm (left as they are)")
     _attach_norms(places, kind)
     layers = [p.name for p in places]
     renamed, new = _renames(before, model)
@@ -334,6 +369,8 @@ def insert_norm(model: nn.Module, kind: str = "batch", after: ModuleTypes = (nn.
         return model, Change(f"no {kinds} layer to normalise{skipped}; nothing changed")
     what = "BatchNorm" if kind == "batch" else "LayerNorm"
     return model, Change(f"inserted {what} after {len(layers)} layer(s): {', '.join(layers)}"
+                         + (f" (not after {', '.join(p.name for p in normalised)}: already followed by a norm)"
+                            if normalised else "")
                          + (f" (renamed {len(renamed)} parameter(s))" if renamed else "") + _optimizer_note(new),
                          layers, renamed, new)
 
@@ -384,6 +421,8 @@ def add_residual(model: nn.Module, example_input: Any, blocks: list[str] | None 
         # outermost only: a block inside a block already wrapped keeps its plain form
         chosen = [n for n in chosen if not any(n.startswith(o + ".") for o in chosen)]
     else:
+        if isinstance(blocks, str):  # one name, not its characters
+            blocks = [blocks]
         names = dict(model.named_modules())
         for n in blocks:
             if n not in names:
@@ -400,10 +439,24 @@ def add_residual(model: nn.Module, example_input: Any, blocks: list[str] | None 
         setattr(parent, attr, residuals[id(m)])
     renamed, new = _renames(before, model)
     if not chosen:
-        return model, Change("no shape-preserving block with parameters found; nothing changed")
+        return model, Change("no shape-preserving block with parameters found in an nn.Sequential; nothing changed"
+                             + _outside_sequential(model, same))
     names = [p.name for p in places]
     return model, Change(f"wrapped {len(residuals)} block(s) as residual x + f(x): {', '.join(names)}",
                          names, renamed, new)
+
+
+def _outside_sequential(model: nn.Module, same: dict[str, bool]) -> str:
+    """Shape-preserving layers that a forward of the model's own calls: not wrapped on their own, since
+    only an nn.Sequential is sure to feed a block its own input, but named with the call that wraps them."""
+    found = [n for n, m in model.named_modules() if n and same.get(n) and any(True for _ in m.parameters())
+             and not isinstance(m, (Residual, *NORMS)) and not isinstance(_parent(model, n)[0], nn.Sequential)]
+    found = [n for n in found if not any(n.startswith(o + ".") for o in found)]  # outermost only
+    if not found:
+        return ""
+    shown_names = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+    return (f"; {len(found)} shape-preserving module(s) with parameters outside any nn.Sequential ({shown_names}) "
+            f"are called by a forward of the model's own: wrap those you mean with add_residual(model, example_input, blocks={found[:2]!r})")
 
 
 def replace_rnn(model: nn.Module, *, inplace: bool = True) -> tuple[nn.Module, Change]:

@@ -56,16 +56,20 @@ class AutoClip:
             return torch.empty(0)
         return self._history[: min(self.steps, self._history.numel())]
 
-    def _slot(self, device: torch.device) -> int:
-        """Index to write this step's norm to, growing (or wrapping) the preallocated buffer."""
+    def _slot(self, device: torch.device, dtype: torch.dtype = torch.float32) -> int:
+        """Index to write this step's norm to, growing (or wrapping) the preallocated buffer. The
+        buffer holds norms at least in float32 (a float64 model's in float64: its threshold at its
+        own precision; a bfloat16 model's in float32, so the percentile is not rounded to 3 digits)."""
         if self._history is None:
             size = self.window or 1024
-            self._history = torch.full((size,), float("nan"), device=device)
+            self._history = torch.full((size,), float("nan"), device=device,
+                                       dtype=torch.promote_types(dtype, torch.float32))
         self._history = self._history.to(device)  # a no-op, but after loading a checkpoint mapped elsewhere
         if self.window is not None:
             return self.steps % self.window
         if self.steps >= self._history.numel():
-            grown = torch.full((2 * self._history.numel(),), float("nan"), device=self._history.device)
+            grown = torch.full((2 * self._history.numel(),), float("nan"), device=self._history.device,
+                               dtype=self._history.dtype)
             grown[: self._history.numel()] = self._history
             self._history = grown
         return self.steps
@@ -82,7 +86,7 @@ class AutoClip:
                               f"window={self.window}; pass what AutoClip.state_dict() returned")
         history, self.steps, self._history = state["history"], int(state["steps"]), None
         if len(history):
-            self._history = torch.full((self.window or max(1024, 2 * len(history)),), float("nan"))
+            self._history = torch.full((self.window or max(1024, 2 * len(history)),), float("nan"), dtype=history.dtype)
             self._history[: len(history)] = history
 
     @torch.no_grad()
@@ -96,7 +100,7 @@ class AutoClip:
             # and record alike, so an empty shard records.)
             self.last_norm = norm
             return norm
-        slot = self._slot(norm.device)
+        slot = self._slot(norm.device, norm.dtype)
         value = norm.to(self._history.dtype)
         self._history[slot] = torch.where(torch.isfinite(value), value, torch.full_like(value, float("nan")))
         self.steps += 1

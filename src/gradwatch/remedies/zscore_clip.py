@@ -78,10 +78,13 @@ class ZClip:
         self._state: dict[str, torch.Tensor] | None = None
         self.last_norm: torch.Tensor | None = None
 
-    def _init_state(self, device: torch.device) -> dict[str, torch.Tensor]:
-        zero = torch.zeros((), device=device)
+    def _init_state(self, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Statistics at least in float32: a float64 model's in float64 (float32 ones put a relative
+        error of ~1e-6 into its thresholds), a bfloat16 model's in float32."""
+        dtype = torch.promote_types(dtype, torch.float32)
+        zero = torch.zeros((), device=device, dtype=dtype)
         return {
-            "buffer": torch.zeros(self.warmup_steps, device=device),
+            "buffer": torch.zeros(self.warmup_steps, device=device, dtype=dtype),
             "count": torch.zeros((), dtype=torch.long, device=device),  # finite warm-up norms seen
             "mean": zero.clone(),
             "var": zero.clone(),
@@ -134,7 +137,7 @@ class ZClip:
             self.last_norm = norm
             return norm
         if self._state is None:
-            self._state = self._init_state(norm.device)
+            self._state = self._init_state(norm.device, norm.dtype)
         elif self._state["mean"].device != norm.device:  # loaded from a checkpoint mapped elsewhere
             self._state = {k: v.to(norm.device) for k, v in self._state.items()}
         s = self._state
