@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -99,6 +101,26 @@ def main(args: argparse.Namespace) -> int:
     result.loss_name = loss_name
     if png:
         result.plot(str(png))
+    try:
+        return _show(result, args, png)
+    except BrokenPipeError:  # `gradwatch probe ... --json | head`: no traceback; exit 1 as rich does for
+        _quiet_stdout()       # the table (and the Python docs' recipe)
+        return 1
+
+
+def _quiet_stdout() -> None:
+    """After a broken pipe: stdout to /dev/null, so that the interpreter's last flush of what is still
+    buffered does not print 'Exception ignored ... BrokenPipeError' (the Python docs' recipe)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def _show(result, args: argparse.Namespace, png: Path | None) -> int:
     if args.json:
         print(result.to_json(indent=2))
         return 0

@@ -14,10 +14,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from gradwatch.collect.stats import activation_stats
 from gradwatch.errors import ConfigError
 from gradwatch.probe import meanfield, recurrent, verdict
-from gradwatch.probe.inputs import user_frame
-from gradwatch.probe.record import Call, Recorder, first_tensor, output_tensor, tensors_in
+from gradwatch.probe.inputs import expected_input, running_layers, user_frame
+from gradwatch.probe.record import Call, Functional, Recorder, first_tensor, output_tensor, tensors_in
 from gradwatch.probe.result import LayerProbe, ProbeResult
 from gradwatch.probe.spectra import MAX_PROBES, graph_ops, spectrum
+from gradwatch.remedies._activations import by_execution
 
 LANCZOS_STEPS = 10
 SEED_OFFSET = 0x5DEECE66D
@@ -70,14 +71,16 @@ def _with_grad(batch: Any) -> Any:
 def _call(model: nn.Module, batch: Any) -> Any:
     """The model's forward on the batch; its failure (a wrong shape, a wrong dtype) is a bad batch."""
     try:
-        if isinstance(batch, dict):
-            return model(**batch)
-        if isinstance(batch, (tuple, list)):
-            return model(*batch)
-        return model(batch)
+        with running_layers(model) as running:  # (which layer it fails in, for the message)
+            if isinstance(batch, dict):
+                return model(**batch)
+            if isinstance(batch, (tuple, list)):
+                return model(*batch)
+            return model(batch)
     except (RuntimeError, TypeError, ValueError, IndexError, AssertionError) as exc:  # (MultiheadAttention
         # checks its input's rank with an assert)
-        raise ConfigError(f"{type(model).__name__} failed on the probe batch ({type(exc).__name__}: {exc}); "
+        raise ConfigError(f"{type(model).__name__} failed on the probe batch ({type(exc).__name__}: {exc}"
+                          f"{user_frame(exc)}){expected_input(model, running)}; "
                           "pass a batch the model accepts: a tensor for model(x), a tuple for model(*batch), "
                           "a dict for model(**batch)") from exc
 
@@ -194,9 +197,12 @@ def _probe(model: nn.Module, batch: Any, loss_fn: Callable[[Any], torch.Tensor] 
     recs = _recurrent(rec, gen)
     for x in layers:
         x.verdict = verdict.layer_verdict(x)
+    flagged = any(x.verdict in ("vanishing", "exploding") for x in layers)  # remedies to write
+    functional = _functional_acts(model, batch, entries, layers) if flagged else {}
     findings = (verdict.nonfinite_findings(layers)
                 + verdict.layer_findings(layers, mf, init=_init_targets(model, entries),
-                                         normalised=_normalised(model), residual=_residual(entries, loss))
+                                         normalised=_normalised(model), residual=_residual(entries, loss),
+                                         functional=functional, example=_example_code(batch))
                 + verdict.recurrent_findings(recs))
     x_in = first_tensor(batch)
     y = output_tensor(out)
@@ -219,6 +225,48 @@ def _frozen_note(model: nn.Module) -> list[str]:
         return []
     shown = ", ".join(frozen[:5]) + (f", ... ({len(frozen)} in all)" if len(frozen) > 5 else "")
     return [f"not layers: modules whose parameters are all frozen (requires_grad=False): {shown}"]
+
+
+def _functional_acts(model: nn.Module, batch: Any, entries: list[Call], layers: list[LayerProbe]) -> dict[str, str]:
+    """Layer -> the activation its output reaches as a function call in the forward (F.relu,
+    torch.tanh): those the recorder saw called on the layer's output itself, and, for the layers
+    that still have no activation, those one more forward finds by following the data (relu(x +
+    f(x)) too), as gw.init_ does with `example_input` (eval mode, no grad, the global RNG put back).
+    gw.init_(model) without it sees none: the init remedies written for "no activation" left an
+    F.relu MLP vanishing when pasted."""
+    called = {c.name: c.acts[-1].activation for c in entries
+              if c.acts and isinstance(c.acts[-1].module, Functional) and "#" not in c.name}  # seen on the output
+    names = {c.name for c, x in zip(entries, layers) if c.role == "param" and not x.activation and "#" not in c.name}
+    if not names or isinstance(batch, dict):
+        return called
+    detached = [t.detach() if isinstance(t, torch.Tensor) else t
+                for t in (batch if isinstance(batch, (tuple, list)) else [batch])]
+    example = tuple(detached) if isinstance(batch, (tuple, list)) else detached[0]
+    try:
+        with torch.random.fork_rng(devices=[]):
+            found = by_execution(model, names, example)
+    except Exception:  # noqa: BLE001  only advice depends on it: without it, the remedies name no activation
+        return called
+    return {**called, **{n: a.name for n, a in found.items() if a.name not in ("linear", "softmax")}}
+
+
+def _example_code(batch: Any) -> str:
+    """Code for an input like the probe batch (`torch.randn(16, 32)`), for a remedy to paste; "" for
+    a batch that is not tensors."""
+    def one(t: Any) -> str:
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return ""
+        shape = ", ".join(map(str, t.shape))
+        if t.is_floating_point():
+            dtype = "" if t.dtype == torch.float32 else f", dtype={t.dtype}"
+            return f"torch.randn({shape}{dtype})"
+        if t.dtype == torch.bool:
+            return f"torch.ones({shape}, dtype=torch.bool)"
+        return f"torch.randint(0, {int(t.max()) + 1}, ({shape}{',' if t.dim() == 1 else ''}))"
+    if isinstance(batch, (tuple, list)):
+        parts = [one(t) for t in batch]
+        return f"({', '.join(parts)},)" if parts and all(parts) else ""
+    return one(batch)
 
 
 def _init_targets(model: nn.Module, entries: list[Call]) -> set[str]:
@@ -380,7 +428,9 @@ def _mean_field(entries: list[Call], layers: list[LayerProbe]) -> tuple[meanfiel
     if len(rates) != 1 or len(next(iter(rates))) > 1:
         return None, "not computed: it needs the same dropout after every hidden nn.Linear", math.nan
     keep = math.prod(1.0 - p for p in rates.pop())
-    mf = meanfield.predict(hidden[0].acts[0].module, acts.pop(), sw2, sb2, len(entries), keep)
+    s0 = hidden[0].out  # the first layer's pre-activations: where the variance map starts
+    q0 = float(s0.detach().double().pow(2).mean()) if s0 is not None and s0.is_floating_point() else math.nan
+    mf = meanfield.predict(hidden[0].acts[0].module, acts.pop(), sw2, sb2, len(entries), keep, q0)
     ratios = [x.grad_ratio for x in layers[1:-2] if math.isfinite(x.grad_ratio)]  # hidden→hidden steps
     return mf, "", statistics.median(ratios) if ratios else math.nan
 

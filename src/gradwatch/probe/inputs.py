@@ -3,6 +3,7 @@ path, a random batch of a given shape, a loss."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import os
@@ -10,14 +11,16 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
 from gradwatch.errors import ConfigError
+from gradwatch.probe.record import first_tensor
 
 LOSSES = ("projection", "sumsq", "mse", "cross_entropy")
+SHAPE_ADVICE = "pass the --input-shape the model expects (batch size first)"
 
 
 def load_factory(path: str) -> nn.Module:
@@ -131,15 +134,89 @@ def check_fits(model: nn.Module, batch: torch.Tensor, factory: str) -> None:
     dtype, shape), not in the probe."""
     try:  # its warnings are dropped: a failing trial's are noise before the error, a passing one's the
         # probe's own forward gives again
-        with torch.no_grad(), warnings.catch_warnings(record=True):
+        with torch.no_grad(), warnings.catch_warnings(record=True), running_layers(model) as running:
             warnings.simplefilter("always")
             model(batch)
     except (RuntimeError, ValueError, IndexError, TypeError, AttributeError, KeyError, AssertionError) as exc:
         # (AssertionError: torch's MultiheadAttention checks the rank of its input with one)
+        advice = _advice(model, batch, exc)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         shape = ",".join(map(str, batch.shape))
         raise ConfigError(f"input shape {shape} does not fit {factory} ({str(batch.dtype).removeprefix('torch.')} "
-                          f"batch): {type(exc).__name__}: {first}{user_frame(exc)}; {_advice(model, batch, exc)}") from exc
+                          f"batch): {type(exc).__name__}: {first}{user_frame(exc)}"
+                          f"{expected_input(model, running, first=advice == SHAPE_ADVICE)}; {advice}") from exc
+
+
+class Running(list):
+    """The known layers (expects()) whose forward is running, outermost first, as (name, module,
+    input); `ran`: how many calls of them started."""
+
+    ran = 0
+
+
+@contextlib.contextmanager
+def running_layers(model: nn.Module) -> Iterator[Running]:
+    """While in the block: the layers whose input layout is known that are running. A forward that
+    raises leaves the layer it failed in on top."""
+    stack = Running()
+    handles = []
+
+    def pre(name: str) -> Callable:
+        def hook(module: nn.Module, args: Any) -> None:
+            stack.append((name, module, first_tensor(args)))
+            stack.ran += 1
+        return hook
+
+    def post(module: nn.Module, args: Any, out: Any) -> None:
+        stack.pop()
+
+    try:
+        for name, m in model.named_modules():
+            if expects(m):
+                handles += [m.register_forward_pre_hook(pre(name or type(m).__name__)), m.register_forward_hook(post)]
+        yield stack
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def expects(m: nn.Module) -> str:
+    """The input layout a torch layer takes, as its documentation writes it ("" if not known)."""
+    if isinstance(m, nn.Linear):
+        return f"(*, {m.in_features})"
+    if isinstance(m, nn.modules.conv._ConvNd):
+        spatial = {1: "L", 2: "H, W", 3: "D, H, W"}[len(m.kernel_size)]
+        return f"(N, {m.in_channels}, {spatial})"
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return {nn.BatchNorm1d: f"(N, {m.num_features}) or (N, {m.num_features}, L)",
+                nn.BatchNorm2d: f"(N, {m.num_features}, H, W)",
+                nn.BatchNorm3d: f"(N, {m.num_features}, D, H, W)"}.get(type(m), "")
+    if isinstance(m, nn.LayerNorm):
+        return f"(*, {', '.join(map(str, m.normalized_shape))})"
+    if isinstance(m, nn.Embedding):
+        return f"integer ids in [0, {m.num_embeddings})"
+    if isinstance(m, nn.RNNBase):
+        return f"(N, T, {m.input_size})" if m.batch_first else f"(T, N, {m.input_size})"
+    if isinstance(m, (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        d = m.embed_dim if isinstance(m, nn.MultiheadAttention) else m.self_attn.embed_dim
+        first = m.batch_first if isinstance(m, nn.MultiheadAttention) else m.self_attn.batch_first
+        return f"(N, T, {d})" if first else f"(T, N, {d})"
+    return ""
+
+
+def expected_input(model: nn.Module, running: Running, first: bool = True) -> str:
+    """'; layer 'head' (Linear) takes (*, 128), got (8, 1568)': the innermost known layer the forward
+    failed in, with what it takes and what it got; where it failed before any such layer ran (a
+    reshape of the input), what the model's first one takes (unless not `first`: the input's structure,
+    not its shape, is what is wrong); "" where it failed between layers. torch's own messages name the operation, not the layer or its layout
+    (`mat1 and mat2 shapes cannot be multiplied (8x1568 and 128x10)`)."""
+    if running:
+        name, m, x = running[-1]
+        got = f", got {tuple(x.shape)}" + ("" if x.is_floating_point() else f" {str(x.dtype).removeprefix('torch.')}") \
+            if isinstance(x, torch.Tensor) else ""
+        return f"; layer '{name}' ({type(m).__name__}) takes {expects(m)}{got}"
+    first = next(((n, m) for n, m in model.named_modules() if expects(m)), None) if first and not running.ran else None
+    return f"; its first layer '{first[0]}' ({type(first[1]).__name__}) takes {expects(first[1])}" if first else ""
 
 
 def user_frame(exc: BaseException) -> str:
@@ -171,7 +248,7 @@ def _advice(model: nn.Module, batch: torch.Tensor, exc: BaseException | None = N
     if batch.is_floating_point() and dtypes and batch.dtype not in dtypes:
         return (f"its parameters are {', '.join(sorted(str(d).removeprefix('torch.') for d in dtypes))}; "
                 "call gw.probe from Python with a batch of the dtype it expects")
-    return "pass the --input-shape the model expects (batch size first)"
+    return SHAPE_ADVICE
 
 
 def _required_args(fn: Any) -> list[str]:

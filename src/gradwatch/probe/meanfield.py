@@ -101,6 +101,8 @@ class MeanField:
     depth: int
     too_deep: bool  # depth > 6 ξ
     keep: float = 1.0  # 1 − dropout rate after every hidden layer (train mode); σ_w² acts as σ_w²/keep
+    q0: float = math.nan  # the first layer's pre-activation variance (measured), where the depth starts
+    gain: float = math.nan  # ‖∂L/∂s_first‖ / ‖∂L/∂s_last‖ predicted at this depth: √∏ χ₁(q_l) from q0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -113,10 +115,32 @@ def chi1(act: nn.Module, sw2: float, sb2: float) -> tuple[float, float]:
     return sw2 * expect(act, at)[1], q
 
 
-def predict(act: nn.Module, name: str, sw2: float, sb2: float, depth: int, keep: float = 1.0) -> MeanField:
+def predict(act: nn.Module, name: str, sw2: float, sb2: float, depth: int, keep: float = 1.0,
+            q0: float = math.nan) -> MeanField:
     """keep: 1 − the dropout rate that follows every hidden layer. Inverted dropout scales a kept unit by
     1/keep, so E[(m/keep)²] = 1/keep multiplies both maps: q ← (σ_w²/keep) E[φ²] + σ_b² and
-    χ₁ = (σ_w²/keep) E[φ'²] (Schoenholz et al. 2017, section 5)."""
+    χ₁ = (σ_w²/keep) E[φ'²] (Schoenholz et al. 2017, section 5). q0: the first layer's pre-activation
+    variance, from which `gain` follows the variance map over this depth (finite_gain)."""
     c, q = chi1(act, sw2 / keep, sb2)
     xi = math.inf if c <= 0 or abs(math.log(c)) < 1e-12 else 1.0 / abs(math.log(c))
-    return MeanField(name, sw2, sb2, q, c, xi, depth, depth > TRAINABLE_DEPTHS * xi, keep)
+    gain = finite_gain(act, sw2 / keep, sb2, q0, depth) if math.isfinite(q0) else math.nan
+    return MeanField(name, sw2, sb2, q, c, xi, depth, depth > TRAINABLE_DEPTHS * xi, keep, q0, gain)
+
+
+def finite_gain(act: nn.Module, sw2: float, sb2: float, q0: float, depth: int) -> float:
+    """√∏ χ₁(q_l) over the depth − 1 steps between `depth` layers, q_l following the variance map
+    q ← σ_w² E[φ(√q z)²] + σ_b² from q0: mean field's gain from the last layer's ‖∂L/∂s‖ to the first's
+    at this depth, before q has reached q*. χ₁ at q* and ξ describe the limit of infinite depth: a He-init
+    GELU MLP has q* ≈ 0.01 and χ₁(q*) ≈ 0.52 (ξ 1.5), but GELU is ReLU-like at large q, so from q0 ≈ 2 the
+    variance falls by less than 10% a layer; 13 layers read a gain of 0.63 and were called too deep."""
+    act = _float64_copy(act)
+    q, log_gain2 = q0, 0.0
+    for _ in range(max(depth - 1, 0)):
+        e_phi2, e_dphi2 = expect(act, q, copied=True)
+        if not sw2 * e_dphi2 > 0:
+            return 0.0
+        log_gain2 += math.log(sw2 * e_dphi2)
+        q = sw2 * e_phi2 + sb2
+        if not math.isfinite(q) or q > 1e12:
+            return math.inf
+    return math.exp(0.5 * log_gain2) if log_gain2 < 1400 else math.inf

@@ -12,6 +12,7 @@ from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
 from gradwatch.collect.layers import RECURRENT, Layer, discover
+from gradwatch.remedies._activations import _FUNCTIONS as ACTIVATION_FUNCS
 
 
 def first_tensor(obj: Any) -> torch.Tensor | None:
@@ -193,11 +194,26 @@ POOL_FUNCS = {"mean", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_av
               "avg_pool1d", "avg_pool2d", "avg_pool3d"}
 
 
+class Functional(nn.Module):
+    """An activation the forward calls as a function (`F.relu(self.fc(x))`), as a module: what the
+    table, the activation statistics and the mean field (which evaluates φ and φ' through it) read.
+    Made by the recorder only; never put into the user's model."""
+
+    def __init__(self, func: Any, extra: tuple = (), kwargs: dict | None = None):
+        super().__init__()
+        self.func, self.extra, self.kw = func, extra, dict(kwargs or {})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.func(x, *self.extra, **self.kw)
+
+
 class _PoolSpy(TorchFunctionMode):
     """Records functional global average pools (`x.mean((2, 3))`, `F.adaptive_avg_pool2d(x, 1)`,
     `F.avg_pool2d(x, 4)` on a 4×4 map, a token mean `x.mean(1)` of (B, T, C)) as "pool" calls, in
-    forward order, as the module hooks record nn.AdaptiveAvgPool2d(1). Nothing is changed: the
-    function runs as it would."""
+    forward order, as the module hooks record nn.AdaptiveAvgPool2d(1); and activations called as
+    functions on a layer's output (`F.relu(self.fc(x))`, `torch.tanh(...)`, outside every recorded
+    module) as "activation" calls, as the hooks record nn.ReLU. Nothing is changed: the function runs
+    as it would."""
 
     def __init__(self, rec: "Recorder"):
         super().__init__()
@@ -207,7 +223,19 @@ class _PoolSpy(TorchFunctionMode):
         out = func(*args, **(kwargs or {}))
         if getattr(func, "__name__", "") in POOL_FUNCS and args and _is_global_average(func.__name__, args[0], out):
             self.rec.calls.append(Call(func.__name__, None, "pool", "", [], args, args[0], out, out))
+        elif func in ACTIVATION_FUNCS and args and self._on_layer_output(args[0], out):
+            name = ACTIVATION_FUNCS[func](args, kwargs or {}).name
+            act = Functional(func, tuple(args[1:]), kwargs)
+            self.rec.calls.append(Call(getattr(func, "__name__", name), act, "activation", name, [], args, args[0], out, out))
         return out
+
+    def _on_layer_output(self, x: Any, out: Any) -> bool:
+        """`x` is the output of the last layer that ran, no recorded module is running (nn.ReLU's own
+        torch.relu is its business), and the call is not in place (its output is a new tensor)."""
+        if not isinstance(x, torch.Tensor) or out is x or any(self.rec._open.values()):
+            return False
+        last = next((c for c in reversed(self.rec.calls) if c.role in ("param", "recurrent", "activation")), None)
+        return last is not None and (last.out is x) and last.role != "activation"
 
 
 def _is_global_average(name: str, x: Any, y: Any) -> bool:

@@ -132,6 +132,7 @@ class ProbeResult:
         g = self.gain
         lines = [f"end-to-end gain (product over depth): σmax {g['top']:.3g}, σmean {g['mean']:.3g}, σrms {g['rms']:.3g}"]
         if self.mean_field:
+            from gradwatch.probe.verdict import within_range  # (verdict imports this module)
             m = self.mean_field
             measured = (f"measured {self.chi_measured:.4g}" if math.isfinite(self.chi_measured)
                         else "not measured: no hidden layer between the first and the last")
@@ -139,7 +140,10 @@ class ProbeResult:
             lines.append(f"mean field ({m.activation}, σw²={m.sigma_w2:.3g}, σb²={m.sigma_b2:.3g}{drop}): "
                          f"q*={m.q_star:.3g}, "
                          f"χ₁={m.chi1:.4g} ({measured}), ξ={m.depth_scale:.3g}, depth {m.depth}"
-                         + (" > 6ξ: too deep to train" if m.too_deep else " ≤ 6ξ"))
+                         + (" ≤ 6ξ" if not m.too_deep else " > 6ξ" if within_range(m.gain)
+                            else " > 6ξ: too deep to train")
+                         + (f"; from q={m.q0:.3g} at the first layer, gain over this depth {m.gain:.3g}"
+                            if math.isfinite(m.q0) else ""))
         elif self.mean_field_note:
             lines.append(f"mean field: {self.mean_field_note}")
         for r in self.recurrent:

@@ -28,6 +28,13 @@ INIT_FOR = {  # activation that follows -> (torch init call, nonlinearity argume
     "selu": 'nn.init.kaiming_normal_({w}, nonlinearity="linear")',
     "": 'nn.init.kaiming_normal_({w}, nonlinearity="linear")',
 }
+# Activation name -> the INIT_FOR entry, as gw.init_ chooses (remedies.init: He for the ReLU family, LeCun
+# for SELU, Xavier for the rest). Without it a GELU, SiLU or ELU net was told to use gain 1
+# (nonlinearity="linear"): a 20-layer default-init GELU MLP read 2e-11, and 2e-6 after that loop.
+INIT_KIND = {"relu6": "relu", "gelu": "relu", "silu": "relu", "elu": "relu", "celu": "relu", "mish": "relu",
+             "softplus": "relu", "hardswish": "relu", "prelu": "leaky_relu", "rrelu": "leaky_relu",
+             "hardtanh": "tanh", "softsign": "tanh", "hardsigmoid": "sigmoid"}
+SIGMOIDS = ("sigmoid", "hardsigmoid")
 
 
 def attr(name: str) -> str:
@@ -45,53 +52,80 @@ def layer_verdict(x: LayerProbe) -> str:
     return "healthy"
 
 
-def _init_remedies(layers: list[LayerProbe], init: set[str]) -> list[Remedy]:
+def _init_remedies(layers: list[LayerProbe], init: set[str], functional: dict[str, str] | None = None,
+                   example: str = "") -> list[Remedy]:
     """Init for the activation that follows each layer; behind a sigmoid, for the ReLU that should
     replace it (no init rescues a stack of sigmoids: σ' ≤ 1/4). The plain-torch lines cover every layer
     named in `init` (those with a `.weight` of ≥ 2 dimensions, so the kaiming / xavier call runs; a
     LayerNorm's 1-D weight or MultiheadAttention's in_proj_weight do not), one loop per activation:
     re-initialising only the layers that read vanishing leaves the rest of the depth at the scale that
     made them vanish (a 20-layer ReLU net at torch's default init still read 1e-8 with its first layer
-    re-initialised alone)."""
-    swapped = any(x.activation in ("sigmoid", "hardsigmoid") for x in layers[:-1])
-    out = [] if swapped else [Remedy("re-initialise every layer for the activation that follows it", "gw.init_(model)")]
+    re-initialised alone).
+
+    functional: layer -> activation its output reaches as a function call (F.relu, torch.tanh in the
+    forward; no module to see). gw.init_(model) finds those only from a forward pass, so the call
+    passes `example_input=<example>`: without it a 20-layer F.relu MLP at default init read 1e-3 after
+    the pasted remedy (every layer initialised for no activation), 0.95 with it."""
+    functional = functional or {}
+    act_of = {x.name: x.activation or functional.get(x.name, "") for x in layers}
+    swapped = any(act_of[x.name] in SIGMOIDS for x in layers[:-1])
+    call = f"gw.init_(model, example_input={example})" if functional and example else "gw.init_(model)"
+    usable = not functional or example  # without an input, init_ cannot see the functional activations
+    out = [] if swapped or not usable else [
+        Remedy("re-initialise every layer for the activation that follows it"
+               + (" (one forward pass finds the activations your forward calls as functions)" if functional else ""),
+               call)]
     groups: dict[str, list[str]] = {}
+    names: dict[str, list[str]] = {}
     for x in layers:
         if x.name in init and "#" not in x.name:  # a module called twice: its weight is listed once
-            swap = x.activation in ("sigmoid", "hardsigmoid") and x is not layers[-1]  # the output's stays
-            act = "relu" if swap else x.activation
-            groups.setdefault(act if act in INIT_FOR else "", []).append(attr(x.name) + ".weight")
+            act = act_of[x.name]
+            act = "relu" if act in SIGMOIDS and x is not layers[-1] else act  # swapped; the output's stays
+            kind = INIT_KIND.get(act, act)
+            kind = kind if kind in INIT_FOR else ""
+            groups.setdefault(kind, []).append(attr(x.name) + ".weight")
+            if act and act not in names.setdefault(kind, []):
+                names[kind].append(act)
     if not groups:
         return out
     lines = []
-    for act, weights in groups.items():
+    for kind, weights in groups.items():
         rows = [", ".join(weights[i:i + 4]) for i in range(0, len(weights), 4)]
         listed = weights[0] + "," if len(weights) == 1 else ",\n          ".join(rows)
-        lines.append(f"for w in ({listed}):  # followed by {act or 'no activation'}\n"
-                     f"    {INIT_FOR[act].format(w='w')}")
+        lines.append(f"for w in ({listed}):  # followed by {', '.join(names.get(kind, [])) or 'no activation'}\n"
+                     f"    {INIT_FOR[kind].format(w='w')}")
     out.append(Remedy("after the swap, in plain torch: re-initialise every layer for the relu that replaces its sigmoid"
                       if swapped else "or in plain torch: re-initialise every layer for the activation that follows it",
                       "\n".join(lines)))
     return out
 
 
-def _swap_remedy(layers: list[LayerProbe]) -> list[Remedy]:
-    """Hidden sigmoids to ReLU, the output's kept (a sigmoid there gives BCELoss its probabilities)."""
-    found = sorted({x.activation for x in layers[:-1]} & {"sigmoid", "hardsigmoid"})
+def _swap_remedy(layers: list[LayerProbe], functional: dict[str, str] | None = None) -> list[Remedy]:
+    """Hidden sigmoids to ReLU, the output's kept (a sigmoid there gives BCELoss its probabilities).
+    A sigmoid the forward calls as a function (torch.sigmoid) has no module to swap: the edit is in
+    the forward."""
+    functional = functional or {}
+    calls = sorted({functional.get(x.name, "") for x in layers[:-1]} & set(SIGMOIDS))
+    out = [Remedy("in your forward, call torch.relu where it calls torch.sigmoid on a hidden layer's output "
+                  "(its derivative is at most 1/4; swap_activations reaches modules only), then He init",
+                  "x = torch.relu(layer(x))  # was torch.sigmoid(layer(x))")] if calls else []
+    found = sorted({x.activation for x in layers[:-1] if x.name not in functional} & set(SIGMOIDS))
     if not found:
-        return []
+        return out
     classes = {"sigmoid": "nn.Sigmoid", "hardsigmoid": "nn.Hardsigmoid"}
     old = classes[found[0]] if len(found) == 1 else f"({', '.join(classes[a] for a in found)})"
-    return [Remedy("swap Sigmoid for ReLU in hidden layers (its derivative is at most 1/4), then He init for it",
+    return out + [Remedy("swap Sigmoid for ReLU in hidden layers (its derivative is at most 1/4), then He init for it",
                    f"model, _ = gw.modify.swap_activations(model, {old}, nn.ReLU, keep_output=True)\n"
                    "gw.init_(model)")]
 
 
 def layer_findings(layers: list[LayerProbe], mf: MeanField | None, *, init: set[str] = frozenset(),
-                   normalised: bool = False, residual: bool = False) -> list[Finding]:
+                   normalised: bool = False, residual: bool = False, functional: dict[str, str] | None = None,
+                   example: str = "") -> list[Finding]:
     """Vanishing/exploding findings from the per-layer verdicts. init: names of the layers an init
     call applies to (see _init_remedies); normalised / residual: the model has normalisation layers /
-    skip connections, so their absence is not a cause."""
+    skip connections, so their absence is not a cause; functional: layer -> activation its forward
+    calls as a function on the layer's output (F.relu), example: code for an input batch."""
     findings = []
     for kind, verdict, worst in (("vanishing_gradient", "vanishing", min), ("exploding_gradient", "exploding", max)):
         bad = [x for x in layers if x.verdict == verdict]
@@ -103,7 +137,7 @@ def layer_findings(layers: list[LayerProbe], mf: MeanField | None, *, init: set[
         evidence = {"gain_to_top": w.gain_to_top, "layer": w.name, "layers_affected": len(bad),
                     "threshold": limit, "jacobian_mean_sigma_product": _prod(layers, "sigma_mean")}
         causes = []
-        acts = {x.activation for x in layers}
+        acts = {x.activation or (functional or {}).get(x.name, "") for x in layers}
         if verdict == "vanishing":
             if acts & SATURATING and not _linear_regime(mf):
                 sat = max((x.saturated for x in layers if not math.isnan(x.saturated)), default=math.nan)
@@ -118,8 +152,8 @@ def layer_findings(layers: list[LayerProbe], mf: MeanField | None, *, init: set[
             causes.append(f"{len(layers)} layers without residual connections or normalisation")
         if mf is not None:
             evidence.update(chi1=mf.chi1, depth_scale=mf.depth_scale)
-        remedies = _swap_remedy(layers) if verdict == "vanishing" else []
-        remedies += _init_remedies(layers, init)
+        remedies = _swap_remedy(layers, functional) if verdict == "vanishing" else []
+        remedies += _init_remedies(layers, init, functional, example)
         remedies += [] if verdict == "vanishing" else [
             Remedy("clip the gradient norm", "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)")]
         if not normalised:
@@ -129,9 +163,10 @@ def layer_findings(layers: list[LayerProbe], mf: MeanField | None, *, init: set[
                f"({len(bad)} of {len(layers)} layers beyond {limit:g}×)")
         findings.append(Finding(kind, "error" if severe else "warning", 0, tuple(x.name for x in bad), msg,
                                 evidence, tuple(causes), tuple(remedies)))
-    if mf is not None and mf.too_deep and not findings:
+    if mf is not None and mf.too_deep and not findings and not within_range(mf.gain):
         kind = "vanishing_gradient" if mf.chi1 < 1 else "exploding_gradient"
-        sw2 = (2.0 if mf.activation == "relu" else 1.0) * mf.keep  # dropout acts as σ_w²/keep
+        # dropout acts as σ_w²/keep; the ReLU family's critical-for-practice scale is He's (gw.init_)
+        sw2 = (2.0 if INIT_KIND.get(mf.activation, mf.activation) == "relu" else 1.0) * mf.keep
         findings.append(Finding(
             kind, "warning", 0, tuple(x.name for x in layers),
             f"mean field predicts {kind.split('_')[0]} gradients: χ₁ = {mf.chi1:.3g} per layer, depth scale "
@@ -143,6 +178,14 @@ def layer_findings(layers: list[LayerProbe], mf: MeanField | None, *, init: set[
                     f"for m in model.modules():\n    if isinstance(m, nn.Linear):\n"
                     f"        nn.init.normal_(m.weight, std=({sw2:.3g} / m.in_features) ** 0.5); nn.init.zeros_(m.bias)"),)))
     return findings
+
+
+def within_range(gain: float) -> bool:
+    """A mean-field gain over the model's depth (MeanField.gain) that the per-layer verdict would not
+    flag. The depth-scale warning needs the depth to exceed 6ξ *and* the finite-depth prediction from
+    the measured first-layer variance to leave [VANISH, EXPLODE]: ξ is read at q*, which a ReLU-like
+    activation (GELU, SiLU) approaches only over many layers. NaN (not computed) is not within range."""
+    return VANISH <= gain <= EXPLODE
 
 
 def _linear_regime(mf: MeanField | None) -> bool:
@@ -176,7 +219,7 @@ def recurrent_findings(recs: list[RecurrentProbe]) -> list[Finding]:
             gated = r.kind in ("GRU", "LSTM", "GRUCell", "LSTMCell")  # already gated: no cell to swap to
             remedies = (_gate_remedy(r),) if math.isfinite(r.gate_bias) else (
                 Remedy("orthogonal recurrent weights", f"nn.init.orthogonal_({w})"),
-                *(() if gated else (Remedy("use a gated cell", "nn.LSTM / nn.GRU instead of nn.RNN"),)))
+                *(() if gated else (_gated_remedy(r),)))
         else:
             causes = (f"spectral radius of W_hh {r.spectral_radius:.3g} > 1/γ = {r.bound:.3g}",)
             remedies = (Remedy("clip the gradient norm (Pascanu et al. 2013)",
@@ -186,6 +229,17 @@ def recurrent_findings(recs: list[RecurrentProbe]) -> list[Finding]:
                f"{r.horizon} steps (factor {r.rate:.3g} per step)")
         findings.append(Finding(kind, "warning", 0, (r.name,), msg, evidence, causes, remedies))
     return findings
+
+
+def _gated_remedy(r: RecurrentProbe) -> Remedy:
+    """A gated cell instead of a plain one, as code that runs when pasted (it was the sentence
+    'nn.LSTM / nn.GRU instead of nn.RNN' in the code field): gw.modify.replace_rnn for an nn.RNN,
+    a comment for a cell, which is built in the user's own code."""
+    if r.kind == "RNN":
+        return Remedy("use a gated cell: nn.GRU in place of the nn.RNN (new parameters: build the optimizer after it; "
+                      "a GRU still forgets over ~15 steps until its update gate is opened, bias 1)",
+                      "model, _ = gw.modify.replace_rnn(model)")
+    return Remedy("use a gated cell", f"# build {attr(r.name)} as nn.GRUCell / nn.LSTMCell instead of {r.kind}")
 
 
 def _gate_remedy(r: RecurrentProbe) -> Remedy:
