@@ -192,24 +192,44 @@ for _ in range(400):
 """
 
 
+def _scheduled_lrs(source: str) -> list[float]:
+    ns: dict = {}
+    exec(source, ns)
+    return ns["lrs"]
+
+
 def test_the_lr_change_under_a_schedule_names_the_factor_not_a_peak_the_budget_saw():
     """OneCycleLR(max_lr=8.0) over 400 steps, a budget of 80: the trial scaled every lr by 0.1 (a
     peak of 0.8), but the code said `group['lr'] = 0.605` (the warm-up's lr at step 80, x0.1),
     which, pasted before the scheduler, changed nothing (the script's validation loss stayed 2.308),
-    and as max_lr=0.605 was another run than the one measured."""
+    and as max_lr=0.605 was another run than the one measured. The script's own OneCycleLR line
+    comes back with its max_lr scaled (a tester's backbone and head at max_lr=[2.0, 8.0]: the code
+    was `group['lr'] *= 0.1`, which OneCycleLR overrides, the right value only in a comment)."""
     from gradwatch.diagnose.advice import Context
     from gradwatch.fix.names import read_names
     from gradwatch.store.series import RunSeries
 
     warm_up = np.linspace(0.32, 6.05, 80)
     run = Context(RunSeries([], np.arange(80), np.ones(80), warm_up, {}, meta={"optimizer": "SGD"}))
-    names = read_names(ONE_CYCLE, run)
-    code = lr_scale(0.1, names).code
-    assert "0.605" not in code and "group['lr'] *= 0.1" in code and "max_lr" in code
-    ns: dict = {}
-    exec(ONE_CYCLE.replace("# BUILT", code.split("#")[0]), ns)
-    assert max(ns["lrs"]) == pytest.approx(8.0)  # pasted as it is, it does not pretend to change OneCycleLR...
-    assert "multiply that by 0.1" in code  # ...and says what does
+    sched_line = "sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=8.0, total_steps=400)"
+    code = lr_scale(0.1, read_names(ONE_CYCLE, run)).code
+    assert "0.605" not in code and code.startswith("sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.8,")
+    assert max(_scheduled_lrs(ONE_CYCLE.replace(sched_line, code))) == pytest.approx(0.8)  # what the trial ran
+    # per-group max_lr, and CyclicLR (base_lr too), by position or keyword: each scaled
+    groups = ONE_CYCLE.replace("max_lr=8.0", "[8.0, 8.0]")
+    assert "OneCycleLR(opt, [0.8, 0.8], total_steps=400)" in lr_scale(0.1, read_names(groups, run)).code
+    cyclic = ONE_CYCLE.replace(sched_line, "sched = torch.optim.lr_scheduler.CyclicLR(opt, 0.5, max_lr=8.0)")
+    assert "CyclicLR(opt, 0.05, max_lr=0.8)" in lr_scale(0.1, read_names(cyclic, run)).code
+    # a max_lr the source does not give as a number: no line to rebuild, and the comment says what to do
+    variable = ONE_CYCLE.replace("max_lr=8.0", "max_lr=peak").replace("# BUILT", "peak = 8.0")
+    code = lr_scale(0.1, read_names(variable, run)).code
+    assert "group['lr'] *= 0.1" in code and "multiply that by 0.1" in code
+    assert max(_scheduled_lrs(variable.replace("# BUILT", code.split("#")[0]))) == pytest.approx(8.0)  # no pretence
+    # a scheduler that scales from the lr it finds (StepLR): before it, and no word of OneCycleLR
+    step = ONE_CYCLE.replace(sched_line, "sched = torch.optim.lr_scheduler.StepLR(opt, step_size=100, gamma=0.5)")
+    code = lr_scale(0.1, read_names(step, run)).code
+    assert "OneCycleLR" not in code and "before a scheduler is built" in code
+    assert max(_scheduled_lrs(step.replace("# BUILT", code.split("#")[0]))) == pytest.approx(0.001)
     # without a schedule: the value, and no word of a scheduler
     flat = read_names(ONE_CYCLE, Context(RunSeries([], np.arange(3), np.ones(3), np.full(3, 2.0), {},
                                                    meta={"optimizer": "SGD"})))

@@ -142,8 +142,9 @@ def _versus(base: float, loss: float) -> str:
 def _left(trial: Trial) -> str:
     if trial.not_applied:
         return f"not tried: {trial.not_applied}"
-    if trial.failed:
-        return f"the script failed (exit {trial.exit_code}, step {trial.steps}): see {trial.run_dir / OUTPUT_LOG}"
+    if trial.failed:  # what it showed before it failed too: a script that exits 2 at its end trained all along
+        failure = f"the script failed (exit {trial.exit_code}, step {trial.steps}): see {trial.run_dir / OUTPUT_LOG}"
+        return ", ".join([*(trial.harmful if trial.steps else []), failure])
     return ", ".join(trial.harmful) or "none"
 
 

@@ -44,6 +44,14 @@ class FixResult:
     edited: list[str] = field(default_factory=list)  # source files changed during the fix: the user's, kept
     names: Names = field(default_factory=Names)  # how the script calls its model and optimizer
 
+    def __repr__(self) -> str:
+        """One line (a notebook shows `gw.fix(...)`'s result by it), not every trial's every finding."""
+        winner = self.winner
+        verdict = (f"winner={winner.candidate.name!r}, repaired={self.repaired}, loss {self.baseline.final_loss:.4g} -> "
+                   f"{winner.final_loss:.4g}" if winner else f"winner=None, baseline loss {self.baseline.final_loss:.4g}")
+        return (f"FixResult({verdict}, {len(self.screened)} screened, {len(self.trials)} full trials of "
+                f"{self.budget_steps} steps; .change for the code, .ranked for the trials)")
+
     @property
     def change(self) -> str | None:
         """The winner's code as it goes into the script: with the imports it needs and a comment
@@ -256,8 +264,12 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], command: list[str] | Cal
     if baseline.steps == 0:
         why = ("it ran to its end without one: no loss.backward() was seen (outside torch.no_grad()), so there is "
                "no training to repair" if baseline.exit_code == 0 else f"exit code {baseline.exit_code}")
+        tail = baseline.output_tail(3)
+        if any(line.startswith("EOFError") for line in tail):  # input(): trials run with no input to read
+            why += ("; it asked for input, and the trials run without any (unattended, their output in a log): "
+                    "give the answer as an argument or in an environment variable instead")
         raise ConfigError(f"the baseline run recorded no training step ({why}); "
-                          f"see {out / 'baseline' / OUTPUT_LOG}" + "".join(f"\n    {line}" for line in baseline.output_tail(3)))
+                          f"see {out / 'baseline' / OUTPUT_LOG}" + "".join(f"\n    {line}" for line in tail))
     run = read_run(baseline.run_dir)
     if run.meta.get("optimizer") is None and not np.nan_to_num(run.metrics["update_ratio"]).any():
         raise ConfigError("the baseline run changed no weight: no optimizer.step() and no update by hand was "

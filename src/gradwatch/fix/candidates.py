@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from gradwatch.collect.layers import ACTIVATIONS
 from gradwatch.diagnose.advice import ADAPTIVE, forget_bias_code
 from gradwatch.diagnose.finding import Finding
-from gradwatch.fix.names import Names
+from gradwatch.fix.names import CYCLIC_LRS, Names
 from gradwatch.store.series import RunSeries
 
 # Kinds a repair must remove. Plateau and divergence are judged through the final loss instead.
@@ -60,9 +60,13 @@ def reinit(names: Names = GENERIC) -> Candidate:
 
 def adam(names: Names = GENERIC) -> Candidate:
     scheduled = names.run is None or names.run.scheduled  # unknown: say it
-    return Candidate("Adam (lr 1e-3)", {"optimizer": "Adam", "lr": 1e-3},
-                     f"{names.optimizer} = torch.optim.Adam({names.model}.parameters(), lr=1e-3)  # in place of "
-                     "your optimizer" + (", before a scheduler is built on it (OneCycleLR: max_lr=1e-3)" if scheduled else ""))
+    code = f"{names.optimizer} = torch.optim.Adam({names.model}.parameters(), lr=1e-3)  # in place of your optimizer"
+    rebuilt = names.schedule_from(1e-3) if scheduled else None
+    if rebuilt is not None:  # the script's OneCycleLR/CyclicLR, at the lrs the trial's Adam ran at
+        return Candidate("Adam (lr 1e-3)", {"optimizer": "Adam", "lr": 1e-3}, f"{code}\n{rebuilt}  # in place of your "
+                         f"{names.cyclic_build.split('=')[0].strip()} = ... line: the lrs the trial's Adam ran at")
+    return Candidate("Adam (lr 1e-3)", {"optimizer": "Adam", "lr": 1e-3}, code + (
+        ", before a scheduler is built on it (OneCycleLR: max_lr=1e-3; CyclicLR: base_lr=1e-3)" if scheduled else ""))
 
 
 def lr_scale(factor: float, names: Names = GENERIC) -> Candidate:
@@ -111,8 +115,12 @@ def _optimizer_lr_code(factor: float, names: Names) -> str:
     if names.run is not None and names.run.scheduled:
         # the peak the budget saw is not the schedule's (a warm-up may peak later), and OneCycleLR
         # sets the lr from its own max_lr: the factor is what the trial applied to every lr it set
+        if (rebuilt := names.scaled_schedule(factor)) is not None:  # the script's own line, its lrs scaled
+            return f"{rebuilt}  # in place of your {names.cyclic_build.split('=')[0].strip()} = ... line: its lrs x{factor:g}"
+        if names.schedulers and not names.schedulers & set(CYCLIC_LRS):  # StepLR & co. scale from the lr they find
+            return loop + f"group['lr'] *= {factor:g}  # {once}"
         return (loop + f"group['lr'] *= {factor:g}  # {once}; a OneCycleLR or CyclicLR sets the lr from "
-                f"its max_lr: multiply that by {factor:g} instead")
+                f"its max_lr (CyclicLR: and base_lr): multiply that by {factor:g} instead")
     if len(set(names.group_lrs)) > 1:  # one value would flatten lrs the script set per group
         each = ", ".join(f"{lr:.3g} -> {lr * factor:.3g}" for lr in names.group_lrs)
         return loop + f"group['lr'] *= {factor:g}  # each group's own lr ({each}); {once}"

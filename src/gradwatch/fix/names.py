@@ -41,6 +41,10 @@ class Names:
     update_lr: str = ""  # what a hand-written update multiplies the gradients by (`lr` in `p -= lr * p.grad`)
     update_lr_set: float | None = None  # the one number the script assigns to it (`lr = 0.5`), if so
     loads_weights: bool = False  # the script loads the model's weights (`model.load_state_dict`)
+    # the schedulers the script builds on its optimizer (class names), and the statement that builds
+    # it when it is the one OneCycleLR or CyclicLR: they set the lr from their own arguments
+    schedulers: frozenset[str] = frozenset()
+    cyclic_build: str = ""
 
     @property
     def manual(self) -> bool:
@@ -74,6 +78,48 @@ class Names:
             return None
         return self.run.lr_text(factor)
 
+    def scaled_schedule(self, factor: float) -> str | None:
+        """The script's OneCycleLR/CyclicLR build with the lrs it sets from scaled by `factor`
+        (max_lr, and CyclicLR's base_lr), as a line to put in its place; None when the script builds
+        none, or gives them as anything but numbers (a variable: its value is unknown here)."""
+        return self._rebuilt_schedule(lambda lrs: {k: [v * factor for v in vs] for k, vs in lrs.items()})
+
+    def schedule_from(self, lr: float) -> str | None:
+        """The same line for an optimizer that starts at `lr`, as the Adam trial followed the schedule
+        (`inject._follow_schedule`): OneCycleLR's max_lr `lr`; CyclicLR's base_lr `lr`, its max_lr in
+        the same ratio to it as the script's."""
+        def start(lrs: dict[str, list[float]]) -> dict[str, list[float]] | None:
+            # one value each: the printed Adam has one parameter group (model.parameters())
+            if "base_lr" not in lrs:
+                return {k: [lr] for k in lrs}
+            if len(lrs) < 2 or len(lrs["base_lr"]) != len(lrs["max_lr"]) or 0 in lrs["base_lr"]:
+                return None
+            ratios = {float(f"{hi / lo:.3g}") for hi, lo in zip(lrs["max_lr"], lrs["base_lr"])}
+            return {"base_lr": [lr], "max_lr": [lr * ratios.pop()]} if len(ratios) == 1 else None
+        return self._rebuilt_schedule(start)
+
+    def _rebuilt_schedule(self, change: Callable[[dict[str, list[float]]], dict[str, list[float]] | None]) -> str | None:
+        """`cyclic_build` with its lr arguments (by name: each a list, one per group) replaced by
+        `change` of them; None when there is none, or one of them is not given as numbers."""
+        if not self.cyclic_build:
+            return None
+        statement = ast.parse(self.cyclic_build).body[0]
+        call = statement.value
+        names = CYCLIC_LRS[_callee(call)]
+        given = {names[i]: (call.args, i) for i in range(len(call.args)) if i in names}
+        given |= {k.arg: (k, "value") for k in call.keywords if k.arg in names.values()}
+        nodes = {name: getattr(at, slot) if isinstance(slot, str) else at[slot] for name, (at, slot) in given.items()}
+        lrs = {name: _numbers(node) for name, node in nodes.items()}
+        if not lrs or any(v is None for v in lrs.values()):
+            return None
+        new = change(lrs)
+        if new is None:
+            return None
+        for name, (at, slot) in given.items():
+            node = _as_node(new[name], nodes[name])
+            setattr(at, slot, node) if isinstance(slot, str) else at.__setitem__(slot, node)
+        return ast.unparse(statement)
+
     def complete(self, code: str) -> str:
         """`code` with what it needs before it: the imports the script lacks and a comment for each
         placeholder it uses (a generic name, the batch)."""
@@ -93,6 +139,30 @@ class Names:
         if generic:
             lines.append(f"# {'; '.join(generic)} (not found in your script)")
         return "\n".join([*lines, code])
+
+
+# The schedulers that set the lr from lrs of their own, not from the optimizer's: the arguments
+# (by position after the optimizer, and by keyword) an lr scale must scale instead.
+CYCLIC_LRS = {"OneCycleLR": {1: "max_lr"}, "CyclicLR": {1: "base_lr", 2: "max_lr"}}
+SCHEDULERS = frozenset(n for n, c in vars(torch.optim.lr_scheduler).items()
+                       if isinstance(c, type) and (issubclass(c, torch.optim.lr_scheduler.LRScheduler)
+                                                   or n == "ReduceLROnPlateau"))
+
+
+def _numbers(node: ast.expr) -> list[float] | None:
+    """A number, or a list/tuple of numbers (one per group), as a list; None for anything else."""
+    items = node.elts if isinstance(node, (ast.List, ast.Tuple)) else [node]
+    numbers = [e.value for e in items if isinstance(e, ast.Constant) and isinstance(e.value, (int, float))
+               and not isinstance(e.value, bool)]
+    return [float(v) for v in numbers] if items and len(numbers) == len(items) else None
+
+
+def _as_node(values: list[float], like: ast.expr) -> ast.expr:
+    """`values` written as `like` was, a list/tuple of them or one number (also for one value: a
+    schedule takes one number for every group)."""
+    numbers = [ast.Constant(float(f"{v:.3g}")) for v in values]
+    return type(like)(elts=numbers, ctx=ast.Load()) if isinstance(like, (ast.List, ast.Tuple)) and len(numbers) > 1 \
+        else numbers[0]
 
 
 # a change to the model's modules or weights, which must come after the weights a checkpoint loads
@@ -123,12 +193,15 @@ def read_names(source: str, run: Context | None = None, imported: frozenset[str]
     if len(targets) != 1:  # none, or several optimizers (a GAN's two): which one is unclear
         return Names(imported=binds, run=run)
     optimizer = targets.pop()
+    built = [(kind, line) for kind, line, on in reader.schedules if on == optimizer]
+    schedule = {"schedulers": frozenset(kind for kind, _ in built),
+                "cyclic_build": next((line for kind, line in built if kind in CYCLIC_LRS), "") if len(built) == 1 else ""}
     models = {None if model in reader.parts and not reader.batch(model) else model for _, model in reader.builds}
     if len(models) != 1 or None in models:
-        return Names(optimizer=optimizer, found=frozenset({"optimizer"}), imported=binds, run=run)
+        return Names(optimizer=optimizer, found=frozenset({"optimizer"}), imported=binds, run=run, **schedule)
     model = models.pop()
     return Names(model, optimizer, frozenset({"model", "optimizer"}), reader.batch(model), binds, run,
-                 loads_weights=reader.loads_weights(model))
+                 loads_weights=reader.loads_weights(model), **schedule)
 
 
 def _by_hand(tree: ast.AST, reader: _Reader, binds: frozenset[str], run: Context | None) -> Names:
@@ -183,6 +256,7 @@ class _Reader(ast.NodeVisitor):
         self.owners: set[str] = set()
         self.update_lrs: list[str] = []
         self.parts: set[str] = set()  # modules an optimizer took the parameters of in parts
+        self.schedules: list[tuple[str, str, str]] = []  # (class, the statement, the optimizer it is built on)
         self._scopes: list[ast.AST] = []
         self._no_grad = 0
 
@@ -198,6 +272,10 @@ class _Reader(ast.NodeVisitor):
     def visit_Assign(self, node: ast.Assign) -> None:
         if len(node.targets) == 1:
             self._build(node.targets[0], node.value)
+        if _callee(node.value) in SCHEDULERS:
+            call = node.value
+            on = call.args[0] if call.args else next((k.value for k in call.keywords if k.arg == "optimizer"), None)
+            self.schedules.append((_callee(call), ast.unparse(node), ast.unparse(on) if on is not None else ""))
         self.generic_visit(node)
 
     def visit_AnnAssign(self, node: ast.AnnAssign) -> None:

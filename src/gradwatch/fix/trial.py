@@ -166,7 +166,9 @@ def run_trial(command: list[str], run_dir: Path, candidate: Candidate, budget_st
     start = time.perf_counter()
     with open(run_dir / OUTPUT_LOG, "wb") as log:
         try:
-            code = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+            # no input: its prompt would go to the log, unseen, and the trial wait for the terminal forever
+            code = subprocess.run(command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                  timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             code = -9
         except OSError as exc:

@@ -1,0 +1,111 @@
+"""gradwatch fix on scripts as users write them: what it runs them with, and the advice it prints."""
+
+import importlib
+import subprocess
+
+import pytest
+import torch
+
+from gradwatch.errors import ConfigError
+from gradwatch.fix import Candidate, Trial, fix
+from gradwatch.fix.trial import OUTPUT_LOG, run_trial
+
+fix_module = importlib.import_module("gradwatch.fix")  # the package (gradwatch.fix is the function)
+
+
+def test_a_trial_gives_the_script_no_input_and_a_script_that_asks_is_told_why_it_stopped(tmp_path, monkeypatch):
+    """A script that asks `input("resume from checkpoint? [y/N]")`: its prompt went to the trial's
+    log, unseen, and `gradwatch fix` waited on the terminal forever with nothing on the screen."""
+    monkeypatch.chdir(tmp_path)
+    seen = {}
+
+    def run(command, **kwargs):
+        seen.update(kwargs)
+        kwargs["stdout"].write(b'resume? [y/N] Traceback (most recent call last):\nEOFError: EOF when reading a line\n')
+        return subprocess.CompletedProcess(command, 1)
+
+    monkeypatch.setattr(subprocess, "run", run)
+    trial = run_trial(["python", "ask.py"], tmp_path / "t", Candidate("baseline"), 5)
+    assert seen["stdin"] is subprocess.DEVNULL and trial.exit_code == 1
+    assert "EOFError" in (tmp_path / "t" / OUTPUT_LOG).read_text()
+    with pytest.raises(ConfigError, match="(?s)asked for input.*argument.*EOFError: EOF when reading a line"):
+        fix(["python", "ask.py"], out=tmp_path / "fix", budget_steps=5, progress=lambda m: None)
+
+
+def _trial(name: str, loss: float, *kinds: str, code: int = 0, steps: int = 20) -> Trial:
+    from pathlib import Path
+
+    from gradwatch.diagnose.finding import Finding
+    return Trial(Candidate(name, {"x": name}, f"# {name}"), Path("runs/fix") / name, code, 0.1, steps=steps,
+                 final_loss=loss, first_loss=2.0, findings=[Finding(k, "error", 0, (), "m", {}) for k in kinds])
+
+
+def test_a_script_that_fails_at_its_end_still_shows_what_its_trial_found():
+    """A script that trains 150 steps then exits 2 ("accuracy too low"): the baseline's row said only
+    that the script failed, hiding the vanishing gradient its 150 steps showed, the fault fix repaired."""
+    from rich.console import Console
+
+    from gradwatch.cli.fix_cmd import print_result
+    from gradwatch.fix import FixResult
+
+    base = _trial("baseline", 0.677, "vanishing_gradient", code=2, steps=150)
+    result = FixResult(base, [_trial("selu", 0.0015)], budget_steps=200)
+    console = Console(record=True, width=300)
+    print_result(result, console)
+    row = next(line for line in console.export_text().splitlines() if "baseline" in line and "0.677" in line)
+    assert "vanishing_gradient" in row and "exit 2, step 150" in row
+    crashed = _trial("crashed", float("inf"), code=1, steps=0)  # nothing ran: nothing to show but the failure
+    console = Console(record=True, width=300)
+    print_result(FixResult(base, [crashed]), console)
+    row = next(line for line in console.export_text().splitlines() if "crashed" in line)
+    assert "│ the script failed (exit 1, step 0)" in row
+
+
+def test_a_fix_result_is_shown_in_one_line():
+    """`res = gw.fix(train_fn); res` in a notebook printed the dataclass: every trial, its every finding."""
+    from gradwatch.fix import FixResult
+
+    base = _trial("baseline", 0.7, "vanishing_gradient")
+    shown = repr(FixResult(base, [_trial("selu", 0.02)], budget_steps=100, screened=[_trial("selu", 0.2)] * 5))
+    assert shown.count("\n") == 0 and len(shown) < 200
+    assert "winner='selu'" in shown and "repaired=True" in shown and "0.7 -> 0.02" in shown
+    assert "winner=None" in repr(FixResult(base, [], budget_steps=100))
+
+
+CYCLIC = """
+import torch
+from torch import nn
+model = nn.Linear(4, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+sched = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.05, max_lr=1.5, step_size_up=60)
+lrs = []
+for _ in range(120):
+    opt.step()
+    lrs.append(opt.param_groups[0]["lr"])
+    sched.step()
+"""
+
+
+@pytest.mark.parametrize("schedule, peak", [("CyclicLR(opt, base_lr=0.05, max_lr=1.5, step_size_up=60)", 1.5),
+                                            ("OneCycleLR(opt, max_lr=[1.5], total_steps=120)", 1.5)])
+def test_the_adam_change_under_a_cyclic_schedule_rebuilds_it_at_the_lrs_the_trial_ran(schedule, peak):
+    """A CyclicLR(base_lr=0.05, max_lr=1.5): the Adam trial ran at 1e-3 up to 0.03 (it follows the
+    schedule's factor), but the code said only "OneCycleLR: max_lr=1e-3"; kept as it was, the
+    CyclicLR drives the pasted Adam from 0.05 to 1.5, the lrs of SGD. Now the script's own line comes
+    with the lrs the trial's Adam ran at, and one value for the one group the printed Adam has."""
+    import numpy as np
+
+    from gradwatch.diagnose.advice import Context
+    from gradwatch.fix.candidates import adam
+    from gradwatch.fix.names import read_names
+    from gradwatch.store.series import RunSeries
+
+    source = CYCLIC.replace("CyclicLR(opt, base_lr=0.05, max_lr=1.5, step_size_up=60)", schedule)
+    run = Context(RunSeries([], np.arange(60), np.ones(60), np.linspace(0.05, 1.5, 60), {}, meta={"optimizer": "SGD"}))
+    code = adam(read_names(source, run)).code
+    built = [line for line in source.splitlines() if line.startswith(("opt = ", "sched = "))]
+    ns: dict = {}
+    exec(source.replace(built[0] + "\n" + built[1], code), ns)
+    assert isinstance(ns["opt"], torch.optim.Adam)
+    assert max(ns["lrs"]) == pytest.approx(1e-3 * peak / (0.05 if "Cyclic" in schedule else peak), rel=0.02)
+    assert min(ns["lrs"]) < max(ns["lrs"]) / 10  # still the script's schedule
