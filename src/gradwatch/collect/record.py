@@ -142,9 +142,7 @@ def to_batch(records: list[StepRecord], layers: list[Layer], meta: dict | None =
         nonfinite[np.isnan(grad).all(axis=1)] = np.nan
         for row, rec in enumerate(records):
             if rec.nonfinite:
-                for j, layer_pos in enumerate(owners):
-                    lo = starts[j]
-                    hi = starts[j + 1] if j + 1 < len(starts) else n_params
+                for j, (lo, hi) in enumerate(zip(starts, [*starts[1:], n_params])):
                     nonfinite[row, j] = sum(c for i, c in rec.nonfinite.items() if lo <= i < hi)
         for name, values in (("grad_norm", gn), ("weight_norm", wn), ("update_ratio", ratio),
                              ("grad_max", _layer_max(gmax, starts)), ("nonfinite", nonfinite)):
