@@ -1,5 +1,7 @@
 """A short real training run per kind of finding, and live use (on_finding, stop_on)."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -266,3 +268,38 @@ def test_stop_on_never_stops_on_an_info_finding():
     assert [f.severity for f in live.findings] == ["info"]
     with pytest.raises(TrainingStopped):
         live.report([Finding("saturation", "warning", 30, ("act2",), "blocked")])
+
+
+def _run_with_nan_batches(guarded: bool):
+    """A healthy MLP on SGD whose batches 10 and 20 hold a NaN; gw.guard or not."""
+    torch.manual_seed(0)
+    model = mlp(depth=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    if guarded:
+        gw.guard(opt, patience=5)
+    x, y = data()
+    with gw.watch(model, opt, warn=False) as w:
+        for step in range(40):
+            xb = x.clone()
+            if step in (10, 20):
+                xb[0, 0] = float("nan")
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xb), y).backward()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                opt.step()
+        return w.series(), model
+
+
+def test_nan_steps_the_guard_skipped_are_a_warning_without_the_guard_advice():
+    """gw.guard kept both NaN steps from the weights and training went on: not "every step after it
+    is meaningless", and not "add gw.guard"; the cause (the data) is still to be found."""
+    run, model = _run_with_nan_batches(guarded=True)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    f = next(f for f in diagnose(run) if f.kind == "non_finite")
+    assert f.severity == "warning" and f.first_step == 10
+    assert f.evidence["guard_skipped_steps"] == [10, 20]
+    assert "gw.guard skipped those steps" in f.message and "meaningless" not in f.message
+    assert not any("gw.guard" in r.code for r in f.remedies)
+    unguarded = next(f for f in diagnose(_run_with_nan_batches(guarded=False)[0]) if f.kind == "non_finite")
+    assert unguarded.severity == "error" and any("gw.guard" in r.code for r in unguarded.remedies)

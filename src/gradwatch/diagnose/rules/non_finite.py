@@ -39,9 +39,11 @@ def _on_one_rank(run: RunSeries) -> list[Finding]:
 
 def _in_the_run(run: RunSeries) -> list[Finding]:
     where: dict[str, tuple[int, tuple[str, ...]]] = {}
+    bad_steps: set[int] = set()
     for source, metrics in SOURCES:
         if metrics is None:
             rows = np.flatnonzero(np.isinf(run.loss))
+            bad_steps.update(run.steps[rows].tolist())
             if len(rows):
                 where[source] = (rows[0], ())
             continue
@@ -52,6 +54,7 @@ def _in_the_run(run: RunSeries) -> list[Finding]:
         if "nonfinite" in run.metrics and source == "gradients":
             bad |= np.nan_to_num(run.metrics["nonfinite"], nan=0.0) > 0
         rows = np.flatnonzero(bad.any(axis=1))
+        bad_steps.update(run.steps[rows].tolist())
         if len(rows):
             r = rows[0]
             cols = sorted(np.flatnonzero(bad[r]), key=lambda c: run.layers[c].index)
@@ -81,6 +84,15 @@ def _in_the_run(run: RunSeries) -> list[Finding]:
     causes, remedies = advice.non_finite(ctx, layers, evidence)
     where_text = (f" in '{layers[0]}'" if at_first.get(origin) else
                   f" (the first layer hit: '{layers[0]}')" if layers else "")
+    guarded = sorted(bad_steps) if bad_steps <= set(run.meta.get("guard_skipped_steps") or ()) else None
+    if guarded:  # gw.guard kept every one from the weights: the run went on, the cause is still there
+        evidence["guard_skipped_steps"] = guarded
+        remedies = [r for r in remedies if "gw.guard" not in r.code]
+        shown = ", ".join(map(str, guarded[:5])) + (f" and {len(guarded) - 5} more" if len(guarded) > 5 else "")
+        message = (f"NaN/Inf appeared in the {origin}{where_text} at step {shown}; gw.guard skipped "
+                   f"{'that step' if len(guarded) == 1 else 'those steps'}, so the weights never took them. "
+                   f"{remedies[0].action}.")
+        return [Finding("non_finite", "warning", step, layers, message, evidence, tuple(causes), tuple(remedies))]
     message = (f"NaN/Inf first appears at step {step} in the {origin}{where_text}; every step after it is "
                f"meaningless. {remedies[0].action}.")
     return [Finding("non_finite", "error", step, layers, message, evidence, tuple(causes), tuple(remedies))]
