@@ -115,3 +115,66 @@ def test_export_uses_the_runs_up_to_date_findings(tmp_path):
     assert cli(["export", str(tmp_path / "run"), "--tensorboard", str(tmp_path / "tb")]) == 0
     texts = [t for t in events(tmp_path / "tb").Tags()["tensors"] if t.startswith("findings/")]
     assert texts == ["findings/0_loss_plateau/text_summary"]
+
+
+def test_a_watch_that_does_not_print_findings_still_writes_them_to_tensorboard(tmp_path, capsys):
+    """`gw.watch(..., warn=False, tensorboard_dir=...)` (and `TensorBoardSink(dir, live=None)`, the
+    docs' example) wrote no finding at all: the sink only copied what a LiveDiagnosis had found, and
+    a watch that prints nothing has none. It now diagnoses on the same schedule itself, silently."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    watch = gw.watch(model, opt, out=tmp_path / "run", warn=False, flush_every=5, tensorboard_dir=tmp_path / "tb")
+    for step in range(20):
+        x = torch.randn(16, 4)
+        if step == 8:
+            x[0, 0] = float("nan")  # a bad batch: non-finite from step 8 on
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), torch.randn(16, 1)).backward()
+        opt.step()
+    watch.detach()
+    texts = [t for t in events(tmp_path / "tb").Tags()["tensors"] if t.startswith("findings/")]
+    assert texts == ["findings/0_non_finite/text_summary"]
+    assert [f.first_step for f in gw.diagnose(tmp_path / "run") if f.kind == "non_finite"] == [8]
+    assert capsys.readouterr().err == ""  # warn=False: nothing printed
+
+
+def test_a_finding_of_the_last_steps_reaches_tensorboard(tmp_path):
+    """The live diagnosis runs at every tenth of the run's growth (here at steps 180 and 200): a
+    NaN at step 205 of 210 was flushed, but no diagnosis ran after it, and the event files had no
+    finding of it (an export of the same run had it). The sink diagnoses the whole run once more
+    when the watch closes it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    watch = gw.watch(model, opt, warn=False, flush_every=10, tensorboard_dir=tmp_path / "tb")
+    for step in range(210):
+        x = torch.randn(16, 4)
+        if step == 205:
+            x[0, 0] = float("nan")
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), torch.randn(16, 1)).backward()
+        opt.step()
+    watch.detach()
+    texts = [t for t in events(tmp_path / "tb").Tags()["tensors"] if t.startswith("findings/")]
+    assert [t for t in texts if "_non_finite/" in t] == [f"findings/{len(texts) - 1}_non_finite/text_summary"]
+    assert len(set(texts)) == len(texts)  # numbered on from what the live diagnosis had written
+
+
+def test_a_sink_closed_by_hand_before_the_watch_detaches_is_left_alone(tmp_path):
+    """The docs said "call sink.close() at the end": closed before `watch.detach()`, the watch's
+    last flush wrote to the closed writer and detach ended in AttributeError ('NoneType' object has
+    no attribute 'add_summary')."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    watch = gw.watch(model, opt, warn=False, flush_every=10)
+    sink = TensorBoardSink(tmp_path / "tb")
+    watch.on_flush.append(sink)
+    for _ in range(15):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(torch.randn(8, 4)), torch.randn(8, 1)).backward()
+        opt.step()
+    sink.close()
+    watch.detach()
+    assert [e.step for e in events(tmp_path / "tb").Scalars("loss")] == list(range(10))  # up to its last flush

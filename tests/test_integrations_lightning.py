@@ -332,3 +332,23 @@ def test_two_optimizers_continue_at_the_watched_optimizers_step(tmp_path, how):
     np.testing.assert_array_equal(run.loss[:6], first.loss)
     _, ours = run.series("G.0", "grad_norm")
     np.testing.assert_allclose(ours[6:], [step["G.0"] for step in gan.g_norms], rtol=1e-5)
+
+
+def test_every_logger_of_the_trainer_gets_the_norms_and_the_findings(tmp_path):
+    """With `logger=[TensorBoardLogger, CSVLogger]` Lightning's own `self.log` goes to both, and the
+    callback's metrics went to `trainer.logger`, the first one only: the CSV file had none."""
+    torch.manual_seed(0)
+    x = torch.randn(80, 8)
+    x[45, 0] = float("nan")  # batch 5: a non_finite finding to count
+    data = torch.utils.data.TensorDataset(x, torch.randn(80, 1))
+    loggers = [pl.loggers.CSVLogger(tmp_path, name="first"), pl.loggers.CSVLogger(tmp_path, name="second")]
+    trainer = pl.Trainer(max_steps=10, accelerator="cpu", logger=loggers, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[GradwatchCallback(flush_every=4)], log_every_n_steps=1)
+    with pytest.warns(UserWarning, match="non_finite"):
+        trainer.fit(Net(), torch.utils.data.DataLoader(data, batch_size=8))
+    for logger in loggers:
+        with open(logger.log_dir + "/metrics.csv") as fh:
+            rows = list(csv.DictReader(fh))
+        assert sorted(int(r["step"]) for r in rows if r.get(GRAD_METRIC + "fc1")) == list(range(10)), logger.name
+        assert [(int(r["step"]), float(r["gradwatch/findings"])) for r in rows if r.get("gradwatch/findings")] == [(5, 1)]

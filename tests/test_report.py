@@ -174,6 +174,26 @@ def test_cli_report(run_dir, tmp_path, capsys):
     assert "--steps='x'" in capsys.readouterr().err
 
 
+def test_cli_report_says_which_steps_it_could_not_draw(run_dir, tmp_path, capsys, monkeypatch):
+    """A step the run never reached was drawn at the nearest recorded one, without a word."""
+    from gradwatch.cli import report_cmd
+    from gradwatch.report.display import chosen_steps
+
+    drawn = {}
+
+    def write_report(series, out, **options):  # what the page would draw, without drawing it
+        drawn["steps"] = chosen_steps(series, wanted=options["steps"])
+        return out
+
+    monkeypatch.setattr(report_cmd, "write_report", write_report)
+    monkeypatch.setattr(report_cmd, "saved_findings", lambda run: [])
+    assert cli(["report", str(run_dir), "-o", str(tmp_path / "r.html"), "--steps", "5,999"]) == 0
+    assert "--steps: 999 not recorded (this run has steps 0-119)" in capsys.readouterr().err
+    assert drawn["steps"] == [5, 119]
+    assert cli(["report", str(run_dir), "-o", str(tmp_path / "r.html"), "--steps", "5,119"]) == 0
+    assert "not recorded" not in capsys.readouterr().err
+
+
 def test_write_report_uses_saved_findings(run_dir, tmp_path):
     saved = Finding("loss_plateau", "info", 7, (), "a saved finding from gradwatch run")
     (run_dir / "findings.json").write_text(__import__("json").dumps([saved.to_dict()]))
@@ -447,3 +467,38 @@ def test_header_counts_layers_as_run_does_and_loss_caption_names_only_what_is_dr
     assert f"{len(run.steps):,} steps, 7 layers and 6 activations, " in page
     assert "dashed lines mark each finding" in page
     assert "dashed lines mark each finding" not in render_html(run_dir, findings=[])
+
+
+def test_activation_fractions_are_those_of_the_last_step_with_finite_outputs(monkeypatch):
+    """A run that blew up at step 37 showed "dead 0 at step 110" for a ReLU layer 22% dead at step
+    30: on NaN outputs a unit reads as neither dead (NaN == 0 is false) nor saturated."""
+    from series_builder import build
+
+    from gradwatch.report import figures
+    from gradwatch.report.page import activation_section
+
+    run = build(n_steps=60, activation="tanh")
+    acts = [i for i, l in enumerate(run.layers) if l.role == "activation"]
+    sampled = run.steps % 10 == 0
+    for c in acts:
+        run.metrics["dead"][sampled, c] = 0.2 + 0.01 * np.arange(sampled.sum())  # 0.2 .. 0.25
+        run.metrics["saturated"][sampled, c] = 0.4
+    blown = sampled & (run.steps >= 40)
+    run.metrics["act_mean"][blown, acts[-1]] = np.inf  # the store keeps a measured NaN as +inf
+    run.metrics["act_std"][blown, acts[-1]] = np.inf
+    run.metrics["dead"][blown, acts[-1]] = 0.0  # what the hooks measure on NaN outputs
+    run.metrics["saturated"][blown, acts[-1]] = 0.0
+    drawn = {}
+    monkeypatch.setattr(figures, "activation_bars",
+                        lambda names, d, s, _orig=figures.activation_bars: drawn.update(dead=d, sat=s) or _orig(names, d, s))
+    html_text = activation_section(run)
+    rows = {r[0]: r for r in table(html_text, "activation-table")[1:]}
+    healthy, last = rows[run.layers[acts[0]].name], rows[run.layers[acts[-1]].name]
+    assert healthy[2:] == ["0.2", "0.25", "50", "0.4", "0.4", "50"]
+    assert last[2:] == ["0.2", "0.23", "30", "0.4", "0.4", "30"]  # step 30: the last with finite outputs
+    np.testing.assert_allclose(drawn["dead"], [0.25] * (len(acts) - 1) + [0.23])
+    np.testing.assert_allclose(drawn["sat"], [0.4] * len(acts))
+    assert f"{run.layers[acts[-1]].name} first at step 40" in html_text
+    run.metrics["act_mean"][:, acts[-1]] = np.inf  # non-finite from the first step: nothing to show
+    last = {r[0]: r for r in table(activation_section(run), "activation-table")[1:]}[run.layers[acts[-1]].name]
+    assert last[2:] == ["non-finite", "non-finite", "–", "non-finite", "non-finite", "–"]

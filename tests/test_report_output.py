@@ -81,3 +81,30 @@ def test_saved_findings_are_used_when_written_after_the_last_step_whatever_the_f
     assert saved_findings(tmp_path) is None
     saved.write_text("{not json")
     assert saved_findings(tmp_path) is None
+
+
+def test_a_directory_given_as_output_gets_the_report_inside_and_the_api_refuses_it_at_once(tmp_path, monkeypatch):
+    """`gradwatch report RUN -o reports/` read, diagnosed and drew the run, then failed with "Is a
+    directory": the check before the work wrote its test file beside the directory, which worked."""
+    from gradwatch.report import write_report
+
+    (tmp_path / "run").mkdir()
+    written(tmp_path / "run" / "gradwatch.sqlite", 5).close()
+    (tmp_path / "reports").mkdir()
+    code, out, _ = cli("report", tmp_path / "run", "-o", tmp_path / "reports")
+    assert code == 0 and (tmp_path / "reports" / "report.html").stat().st_size > 1000
+    assert str(tmp_path / "reports" / "report.html") in out
+    with pytest.raises(ConfigError, match="a directory; give a file"):
+        write_report(tmp_path / "run", tmp_path / "reports", findings=[])
+
+
+def test_an_empty_tensorboard_directory_is_refused(tmp_path, monkeypatch):
+    """`gradwatch export RUN --tensorboard ""` wrote into runs/<date>_<host> of the current
+    directory (TensorBoard's own default) and said "Wrote 5 steps to TensorBoard logs in  ()"."""
+    pytest.importorskip("tensorboard")
+    (tmp_path / "run").mkdir()
+    written(tmp_path / "run" / "gradwatch.sqlite", 5).close()
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli("export", tmp_path / "run", "--tensorboard", "")
+    assert code == 2 and "give a directory, e.g. --tensorboard runs/tb" in err
+    assert not (tmp_path / "runs").exists()

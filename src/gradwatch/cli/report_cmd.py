@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "dead/saturated fractions per activation layer, and the run's metadata. Long runs are "
                     "downsampled for display by step blocks, and the page says so.")
     p.add_argument("run", help="run directory or .sqlite store")
-    p.add_argument("-o", "--output", help="HTML file to write (default: RUN/report.html)")
+    p.add_argument("-o", "--output", help="HTML file to write, or a directory to write it into (default: RUN/report.html)")
     p.add_argument("--steps", help="steps of the gradient-flow picture, comma-separated (default: five spread over the run)")
     p.set_defaults(func=main)
 
@@ -39,18 +39,29 @@ def _steps(text: str | None) -> list[int] | None:
 def main(args: argparse.Namespace) -> int:
     run = Path(args.run)
     default = run / "report.html" if run.is_dir() else run.with_suffix(".html")
+    output = args.output
+    if output and Path(output).is_dir():  # `-o reports/`: into it, as cp does (it was refused after the work)
+        output = os.path.join(output, default.name)
     steps = _steps(args.steps)
     store_files(run)  # a run to read,
-    check_writable(args.output or default)  # and a file to write, before the work (a long run's takes a minute)
+    check_writable(output or default)  # and a file to write, before the work (a long run's takes a minute)
     # Each stage says what it does: a deep run's report took 10-35 s in silence (drawing alone
     # about 1 s per picture, diagnosing without an up-to-date findings.json most of the rest).
     say(f"reading {run}")
     series = read_run(run)
+    if steps and len(series.steps):  # drawn at the nearest recorded step: said, not silently
+        recorded = set(series.steps.tolist())
+        missing = [s for s in dict.fromkeys(steps) if s not in recorded]
+        if missing:
+            every = series.meta.get("every", 1)
+            which = f"steps {series.steps[0]}-{series.steps[-1]}" + (f", one in {every} recorded" if every > 1 else "")
+            say(f"--steps: {', '.join(map(str, missing))} not recorded (this run has {which}): "
+                "the nearest recorded step is drawn instead")
     findings = saved_findings(run)
     if findings is None:
         say(f"diagnosing {len(series.steps):,} steps x {len(series.layers)} layers (no up-to-date findings.json)")
         findings = diagnose(series)
     say("drawing the pictures")
-    out = write_report(series, args.output or default, findings=findings, steps=steps, title=os.fspath(run))
+    out = write_report(series, output or default, findings=findings, steps=steps, title=os.fspath(run))
     print(f"Wrote HTML report to {out}")
     return 0

@@ -1,5 +1,5 @@
 """Lightning: `GradwatchCallback` records what `gradwatch.watch` records, into the same store,
-and reports through the trainer's logger.
+and reports through the trainer's loggers.
 
     trainer = Trainer(callbacks=[GradwatchCallback()], gradient_clip_val=1.0)
 
@@ -129,21 +129,29 @@ class GradwatchCallback(pl.Callback):
         if self.recorder.watch is not None:
             self.recorder.watch.resume()
 
-    def _log_flushed(self) -> None:
+    def _loggers(self) -> list:
+        """Every logger of the trainer, as Lightning's own `self.log` uses them: with
+        `logger=[TensorBoardLogger, CSVLogger]` only the first one (`trainer.logger`) got these."""
         trainer = self._trainer
-        if trainer is None or trainer.logger is None or not self.log_grad_norms or not trainer.is_global_zero:
+        if trainer is None or not trainer.is_global_zero:
+            return []
+        return list(getattr(trainer, "loggers", None) or ([trainer.logger] if trainer.logger is not None else []))
+
+    def _log_flushed(self) -> None:
+        loggers = self._loggers() if self.log_grad_norms else []
+        if not loggers:
             return  # nothing to log to: the store is not read
         for row in self.recorder.new_steps():
             metrics = {GRAD_METRIC + layer: v for layer, m, v in row.values if m == "grad_norm"}
             if metrics:
-                trainer.logger.log_metrics(metrics, step=row.step)
+                for logger in loggers:
+                    logger.log_metrics(metrics, step=row.step)
 
     def _report(self, finding) -> None:
         self._count += 1
         rank_zero_warn(finding.line())
-        trainer = self._trainer
-        if trainer is not None and trainer.logger is not None and trainer.is_global_zero:
-            trainer.logger.log_metrics({PREFIX + "findings": self._count}, step=max(finding.first_step, 0))
+        for logger in self._loggers():
+            logger.log_metrics({PREFIX + "findings": self._count}, step=max(finding.first_step, 0))
 
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._resume = self._watched_steps()

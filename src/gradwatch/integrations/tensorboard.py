@@ -8,6 +8,7 @@ Gradient norms are those gradwatch records: taken before any clipping (see docs/
 from __future__ import annotations
 
 import os
+import weakref
 from pathlib import Path
 from typing import Callable
 
@@ -21,7 +22,17 @@ ABOUT = ("gradwatch: per-layer statistics (docs/statistics.md). `grad_norm/<laye
 EXPORT_SUFFIX = ".gradwatch-export"  # an export's event files: the next export of a run replaces them
 
 
+def checked_logdir(logdir: str | os.PathLike) -> str:
+    """The log directory, refused when empty: TensorBoard's writer then picks `runs/<date>_<host>`
+    itself, and `gradwatch export RUN --tensorboard ""` wrote there while saying "in  ()"."""
+    path = os.fspath(logdir)
+    if not path.strip():
+        raise ConfigError(f"TensorBoard log directory {path!r}: give a directory, e.g. --tensorboard runs/tb")
+    return path
+
+
 def summary_writer(logdir: str | os.PathLike, suffix: str = ""):
+    logdir = checked_logdir(logdir)
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as exc:
@@ -71,6 +82,7 @@ def export(run: str | os.PathLike, logdir: str | os.PathLike, findings: list | N
     from gradwatch.report import saved_findings
     from gradwatch.store.reader import connect, store_files
 
+    checked_logdir(logdir)  # (before the clean-up below: "" is the current directory)
     db = connect(store_files(run)[0])
     # exported again into the same folder, every point was there twice
     for old in Path(logdir).glob(f"events.out.tfevents.*{EXPORT_SUFFIX}"):
@@ -98,30 +110,72 @@ def export(run: str | os.PathLike, logdir: str | os.PathLike, findings: list | N
 
 class TensorBoardSink:
     """Live export: `watch.on_flush.append(TensorBoardSink("tb"))` writes each flushed step's
-    scalars; findings that `live` (the watch's LiveDiagnosis) has found are written as text.
-    Call `close()` at the end (a `Watch` built with `tensorboard_dir=` does)."""
+    scalars; findings that `live` (the watch's LiveDiagnosis) has found are written as text, and
+    without one (live=None; a watch with warn=False and no on_finding has none) the sink
+    diagnoses on the same schedule itself, silently. `watch.detach()` closes it."""
 
     def __init__(self, logdir: str | os.PathLike, live=None):
         self.logdir = Path(logdir)
+        self._own_live = live is None
+        if live is None:  # before, a sink without one wrote no finding at all
+            from gradwatch.diagnose.live import LiveDiagnosis
+
+            live = LiveDiagnosis(warn=False)
         self.live = live
         self._writer = summary_writer(self.logdir)
         self._writer.add_text("gradwatch", ABOUT, 0)
         self._store = WatchStore()
         self._last = -1
         self._findings = 0
+        self._written: set[tuple[str, str]] = set()  # (kind, first layer): as LiveDiagnosis tells them apart
+        self._watch = None  # weakref to the watch flushing into this sink: diagnosed once more at close
+        self._closed = False
 
     def __call__(self, watch) -> None:
+        if self._closed:  # closed by hand before the watch's last flush: that flush wrote to a closed writer
+            return
         db = self._store.connection(watch)
         if db is None:
             return
+        self._watch = weakref.ref(watch)
         for row in rows_since(db, self._last):
             write_step(self._writer, row)
             self._last = row.step
+        if self._own_live:
+            self.live(watch)
         found = list(getattr(self.live, "findings", []))
-        write_findings(self._writer, found[self._findings:], self._findings)
+        self._write(found[self._findings:])
         self._findings = len(found)
         self._writer.flush()
 
+    def _write(self, findings: list) -> None:
+        """The findings not written yet, numbered on from those that were."""
+        start, new = len(self._written), []
+        for f in findings:
+            if _key(f) not in self._written:
+                self._written.add(_key(f))
+                new.append(f)
+        write_findings(self._writer, new, start)
+
     def close(self) -> None:
-        self._writer.close()
-        self._store.close()
+        """End the event file (`watch.detach()` calls this after its last flush). The run is
+        diagnosed once more first: the live diagnosis runs at every tenth of the run's growth, so
+        what its last steps showed (a NaN at step 205 of 210) was never written."""
+        if self._closed:
+            return
+        self._closed = True
+        watch = self._watch() if self._watch is not None else None
+        try:
+            if watch is not None:
+                from gradwatch.diagnose import diagnose
+
+                series = watch.stored_series()
+                if len(series.steps):
+                    self._write(diagnose(series))
+        finally:
+            self._writer.close()
+            self._store.close()
+
+
+def _key(finding) -> tuple[str, str]:
+    return finding.kind, finding.layers[0] if finding.layers else ""

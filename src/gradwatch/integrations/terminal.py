@@ -30,8 +30,8 @@ CLEAR = "\r\x1b[K"
 
 def status_text(step: int, loss: float | None, grads: dict[str, float], n_findings: int) -> str:
     parts = [f"gradwatch  step {step}"]
-    if loss is not None:
-        parts.append(f"loss {loss:.4g}")
+    if loss is not None:  # the store keeps a NaN loss as +inf: "loss inf" was as often a NaN
+        parts.append(f"loss {loss:.4g}" if math.isfinite(loss) else "loss non-finite")
     bad = [name for name, v in grads.items() if not math.isfinite(v)]
     if bad:
         parts.append(f"grad non-finite ({bad[0]}{', ...' if len(bad) > 1 else ''})")

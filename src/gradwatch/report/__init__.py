@@ -71,6 +71,7 @@ def write_report(run: RunSeries | str | os.PathLike, path: str | os.PathLike, **
     to a file beside `path`, renamed over it when whole: an earlier report is never left cut short."""
     out = Path(path)
     part = _part(out)
+    _not_a_directory(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         f = open(part, "w", encoding="utf-8")
@@ -92,12 +93,21 @@ def check_writable(path: str | os.PathLike) -> None:
     """Refuse a report path that cannot be written, before any work (see `write_report`)."""
     out = Path(path)
     part = _part(out)
+    _not_a_directory(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         part.touch()
         part.unlink()
     except OSError as exc:
         raise _unwritable(out, exc) from exc
+
+
+def _not_a_directory(out: Path) -> None:
+    """A directory as the report's path: the part file beside it can be written, so it was refused
+    only after the diagnosis and the drawing, when the page was renamed over it."""
+    if out.is_dir():
+        raise ConfigError(f"cannot write the report to {str(out)!r}: a directory; give a file, "
+                          f"e.g. {str(out / 'report.html')!r}")
 
 
 def _part(out: Path) -> Path:

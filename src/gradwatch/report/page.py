@@ -219,14 +219,26 @@ def activation_section(run: RunSeries) -> str:
     dead, sat = run.metrics.get("dead"), run.metrics.get("saturated")
     if not cols or dead is None or sat is None:
         return _section("activations", "Activations: dead and saturated units", "<p>No activation module was watched.</p>")
-    rows, last_dead, last_sat = [], [], []
+    # A fraction measured on NaN/Inf outputs means nothing (a NaN is neither 0 nor near an
+    # asymptote: it read as 0% dead): the values shown are those of the steps whose outputs were
+    # finite. Before, a run that blew up at step 37 showed "dead 0 at step 110" for a layer 22% dead
+    # at step 30. The store keeps a measured NaN as +inf.
+    spoilt = np.zeros((len(run.steps), len(run.layers)), dtype=bool)
+    for moment in ("act_mean", "act_std"):
+        if run.metrics.get(moment) is not None:
+            spoilt |= np.isinf(run.metrics[moment])
+    rows, last_dead, last_sat, blown = [], [], [], []
     for c in cols:
         cells = [run.layers[c].name, run.layers[c].activation or run.layers[c].type]
         for m, out in ((dead, last_dead), (sat, last_sat)):
-            r = recorded_rows(m[:, c])
+            recorded = recorded_rows(m[:, c])
+            r = recorded[~spoilt[recorded, c]]
             out.append(m[r[-1], c] if len(r) else np.nan)
-            cells += [stored(m[r[0], c]) if len(r) else "–", stored(out[-1]),
+            gone = "non-finite" if len(recorded) else "–"  # recorded, but only on non-finite outputs
+            cells += [stored(m[r[0], c]) if len(r) else gone, stored(out[-1]) if len(r) else gone,
                       fmt(int(run.steps[r[-1]])) if len(r) else "–"]
+        if spoilt[:, c].any():
+            blown.append((run.layers[c].name, int(run.steps[spoilt[:, c].argmax()])))
         rows.append(cells)
     names = [run.layers[c].name for c in cols]
     fig = figures.activation_bars(names, np.array(last_dead), np.array(last_sat))
@@ -234,7 +246,13 @@ def activation_section(run: RunSeries) -> str:
                     "at step"], rows, numeric_from=2, cls="activation-table")
     body = ('<p class="sub">Fraction of dead units (zero for every sample of the batch) and of saturated outputs '
             "(sigmoid/tanh family: within 1% of an asymptote) per activation layer, at the last step each was "
-            f'recorded.</p>{_img(figures.png(fig), "dead and saturated fractions")}{table}')
+            f'recorded with finite outputs.</p>{_img(figures.png(fig), "dead and saturated fractions")}{table}')
+    if blown:
+        said = ", ".join(f"{name} first at step {step}" for name, step in blown[:6])
+        said += " ..." if len(blown) > 6 else ""
+        body += (f'<p class="note nonfinite-activations">Non-finite outputs (NaN/Inf): {esc(said)}. Their fractions '
+                 "are those of the steps with finite outputs: on NaN outputs a unit reads as neither dead nor "
+                 "saturated.</p>")
     return _section("activations", "Activations: dead and saturated units", body)
 
 
