@@ -463,3 +463,19 @@ def test_zero_code_an_rnn_called_directly_has_its_time_profile_at_step_0(tmp_pat
     steps, profile = watch.stored_series().time_profiles["RNN"]
     assert list(steps) == [0, 5]
     np.testing.assert_allclose(profile[0], reference.numpy(), rtol=1e-5)
+
+
+def test_a_schedule_that_ends_at_lr_0_does_not_put_the_layers_outside_the_optimizer(tmp_path):
+    """A linear decay to 0 (Hugging Face's default) sets lr 0 after the last step; the final flush,
+    at detach, had read that lr and said every layer was in no optimizer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    steps = 12
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
+    watch = gw.watch(model, opt, warn=False, out=tmp_path / "s.sqlite", flush_every=100)
+    for _ in range(steps):
+        opt.zero_grad(), model(torch.randn(16, 4)).pow(2).mean().backward(), opt.step(), sched.step()
+    assert opt.param_groups[0]["lr"] == 0
+    watch.detach()
+    assert watch.stored_series().meta["outside_optimizers"] == []

@@ -150,7 +150,9 @@ class Watch:
         self._cur: StepRecord | None = None
         self._pending: list[StepRecord] = []
         self._events: list[tuple[int, str, str]] = []
-        self._stepping: weakref.WeakSet = weakref.WeakSet()  # optimizers seen stepping
+        # optimizers seen stepping, each with its groups' lrs at its last step: a scheduler sets
+        # lr 0 after the last one (HF's linear decay), when the final flush asks who trains what
+        self._stepping: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._store_failed = False  # the store could not be written (a full disk): recording stopped
         self._outside: list[str] = []  # layers in none of them, as last said
         self._snapshot: list[torch.Tensor] | None = None  # weights before the update, while one is due
@@ -739,15 +741,15 @@ class Watch:
         weights that stopped for other reasons."""
         if not self._stepping:
             return
-        held = {id(p) for opt in self._stepping for group in opt.param_groups if group.get("lr", 1) != 0
-                for p in group["params"]}
+        held = {id(p) for opt, lrs in list(self._stepping.items()) for i, group in enumerate(opt.param_groups)
+                if (lrs[i] if i < len(lrs) else group.get("lr", 1)) != 0 for p in group["params"]}
         outside = [l.name for l in self._layers if l.params and not any(id(p) in held for p in l.params)]
         if outside != self._outside:
             self._outside = outside
             self._events.append((self._step, "outside_optimizers", json.dumps(outside)))
 
     def _before_step(self, optimizer: torch.optim.Optimizer) -> None:
-        self._stepping.add(optimizer)
+        self._stepping[optimizer] = [group.get("lr", 1) for group in optimizer.param_groups]
         if optimizer is not self._optimizer or not self._attached:
             return
         self._successor = None  # the watched optimizer steps on: a new one beside it is a partner
@@ -783,7 +785,7 @@ class Watch:
         whole module with the generator's optimizer): its update belongs in the step's Δw, which
         is taken from before it. Left out, the layers it trains read as frozen ("give the
         optimizer every parameter")."""
-        self._stepping.add(optimizer)
+        self._stepping[optimizer] = [group.get("lr", 1) for group in optimizer.param_groups]
         if optimizer is not self._optimizer and self._reached and self._attached:
             self._rival = type(optimizer).__name__  # (_rival_objective: if the gradients go unused)
         if self._successor is not None and optimizer is not self._optimizer:
