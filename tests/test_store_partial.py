@@ -91,7 +91,8 @@ def test_how_the_run_ended_is_said_and_forgotten_by_a_training_that_continues_it
     finish_store(path, 137)
     RunStoreWriter(path, resume_at=12).close()  # a resumed training: the earlier end is not its own
     run = read_run(tmp_path)
-    assert "exit" not in run.meta and len(run.steps) == 12 and end_note(run.meta, 11) is None
+    assert "exit" not in run.meta and len(run.steps) == 12
+    assert end_note(run.meta, 11).startswith("its end was never recorded")  # until its own `gradwatch run` ends
 
 
 def test_a_run_still_being_written_is_said_to_be_partial(tmp_path):
@@ -227,3 +228,20 @@ def test_a_reader_sees_each_flush_whole_when_a_new_layer_lands_during_its_read(t
     assert np.isnan(run.metrics["grad_norm"][:10, 2]).all()
     db.close()
     writer.close()
+
+
+def test_a_gradwatch_run_store_with_no_end_and_no_lock_was_killed_with_its_command(tmp_path):
+    """`gradwatch run` killed with its process group records no end: that store is partial; one
+    written by gw.watch, or a callback (its framework named), has no end to record."""
+    zero_code = tmp_path / "zero"
+    zero_code.mkdir()
+    writer = RunStoreWriter(zero_code / "gradwatch.sqlite", meta={"command": ["train.py"], "pid": 1})
+    writer.write(FlushBatch(layers=[LayerInfo("fc", "Linear", 0, "weight", 2)], steps=[(0, 1.0, 0.1, "", 0.0)]))
+    writer.close()
+    assert end_note(read_run(zero_code).meta, 0) == (
+        "its end was never recorded: `gradwatch run` was killed with its command (SIGKILL, or the machine "
+        "stopped) after step 0; the steps after its last store write are lost")
+    finish_store(zero_code / "gradwatch.sqlite", 0)
+    assert end_note(read_run(zero_code).meta, 0) is None
+    for meta in ({"command": ["fit.py"], "framework": "lightning"}, {}):
+        assert end_note(meta, 0) is None

@@ -196,9 +196,14 @@ def run(command: list[str], run_dir: Path, options: dict[str, int], lock: int | 
         if previous_hup is not None:
             signal.signal(signal.SIGHUP, previous_hup)
     code = 128 - code if code < 0 else code
-    for store in sorted(run_dir.glob("gradwatch*.sqlite")):  # how the run ended, and one file per store
-        finish_store(store, code)
+    finish_run(run_dir, code)
     return RunResult(run_dir, code)
+
+
+def finish_run(run_dir: Path, code: int) -> None:
+    """Once the command has ended: how it ended, in each store (one file each, the log folded in)."""
+    for store in sorted(run_dir.glob("gradwatch*.sqlite")):
+        finish_store(store, code)
 
 
 def _terminal_foreground() -> bool:

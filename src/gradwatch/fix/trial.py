@@ -173,6 +173,7 @@ def run_trial(command: list[str], run_dir: Path, candidate: Candidate, budget_st
             code = -9
         except OSError as exc:
             raise ConfigError(f"cannot start {command[0]!r}: {exc.strerror}") from exc
+    runner.finish_run(run_dir, 128 - code if code < 0 else code)
     return measure(Trial(candidate, run_dir, code, time.perf_counter() - start))
 
 
@@ -203,6 +204,7 @@ def run_trial_in_process(train_fn: Callable[[], object], run_dir: Path, candidat
     finally:
         injector.remove()
         watch.detach()
+        runner.finish_run(run_dir, code)
         if injector.model is not None:
             trained.append(weakref.ref(injector.model))
     return measure(Trial(candidate, run_dir, code, time.perf_counter() - start))

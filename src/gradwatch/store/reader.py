@@ -138,12 +138,18 @@ def run_is_live(run_dir: str | os.PathLike) -> bool:
 
 def end_note(meta: dict, last_step: int | None = None) -> str | None:
     """What makes a run partial, as the tools say it after "partial run: " (still being written;
-    its command ended by an error, an exit code or a signal), or None for a run that ended normally
-    or whose end is not known (a store written by `gw.watch` in the user's own process)."""
+    its command ended by an error, an exit code or a signal, or `gradwatch run` itself was killed),
+    or None for a run that ended normally or whose end is not known (a store written by `gw.watch`
+    or a callback in the user's own process)."""
     at = f" at step {last_step}" if last_step is not None else ""
     if meta.get("live"):
         return "still being written" + (f": stored up to step {last_step} so far" if at else "")
     end = meta.get(EXIT_KEY)
+    if end is None and meta.get("command") and not meta.get("framework"):
+        # a `gradwatch run` store (a callback's names its framework): `gradwatch run` records the end
+        # once its command ends, unless it was killed first, with it (its process group, the machine)
+        return ("its end was never recorded: `gradwatch run` was killed with its command (SIGKILL, or the "
+                "machine stopped)" + (f" after step {last_step}; the steps after its last store write are lost" if at else ""))
     if not isinstance(end, dict) or not end.get("code"):
         return None
     code = int(end["code"])
