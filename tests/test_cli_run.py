@@ -87,7 +87,7 @@ def test_a_modules_own_options_are_its_own(tmp_path):
     result = gradwatch("run", "--out", tmp_path / "m", "-m", "pkg.opts", "--steps", 4, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert len(read_run(tmp_path / "m").steps) == 4
-    args = build_parser().parse_args(["fix", "--budget-steps", "9", "-m", "pkg.opts", "--steps", "4", "--out", "x"])
+    args = build_parser("fix").parse_args(["fix", "--budget-steps", "9", "-m", "pkg.opts", "--steps", "4", "--out", "x"])
     assert (args.module, args.out, args.budget_steps) == (["pkg.opts", "--steps", "4", "--out", "x"], "runs/fix", 9)
     result = gradwatch("run", "--out", tmp_path / "e", "-m", cwd=tmp_path)
     assert result.returncode == 2 and "-m needs a module name" in result.stderr

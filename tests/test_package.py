@@ -28,10 +28,21 @@ def test_unknown_attribute_is_an_attribute_error():
         raise AssertionError("no AttributeError")
 
 
-def test_run_and_lab_commands_parse_without_importing_torch():
-    """`gradwatch run`'s work is in the child process: its parent need not wait 2 s for torch."""
-    code = ("import sys; from gradwatch.cli.main import build_parser; "
-            "build_parser('run'); build_parser('lab'); build_parser('diagnose'); "
+def test_help_and_the_run_command_parse_without_importing_torch():
+    """`gradwatch run`'s work is in the child process: its parent need not wait 2 s for torch;
+    nor need `gradwatch --help`, nor the parsers of the commands that read a run."""
+    code = ("import sys; from gradwatch.cli.main import build_parser; build_parser(); "
+            "[build_parser(c) for c in ('run', 'lab', 'diagnose', 'fix', 'show', 'export')]; "
             "print('torch' in sys.modules, 'matplotlib' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_every_listed_command_has_its_parser_with_its_options():
+    from gradwatch.cli.main import COMMANDS, build_parser
+
+    listed = build_parser()._subparsers._group_actions[0]
+    assert [a.dest for a in listed._choices_actions] == list(COMMANDS)
+    for name in COMMANDS:
+        own = build_parser(name)._subparsers._group_actions[0].choices[name]
+        assert own.description and any(a.option_strings == ["-h", "--help"] for a in own._actions), name

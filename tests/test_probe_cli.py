@@ -153,9 +153,9 @@ def test_a_script_s_own_options_still_pass_through(tmp_path, monkeypatch):
     """parse_known_args must not take `gradwatch run train.py --lr 0.1`'s options for typos."""
     from gradwatch.cli.main import build_parser, parse
 
-    args = parse(build_parser(), ["run", "train.py", "--lr", "-0.1", "--shape", "-1,2", "-x"])
+    args = parse(build_parser("run"), ["run", "train.py", "--lr", "-0.1", "--shape", "-1,2", "-x"])
     assert args.target == ["train.py", "--lr", "-0.1", "--shape", "-1,2", "-x"]
-    args = parse(build_parser(), ["fix", "--budget-steps", "-1", "--", "python", "t.py", "--shape", "-1,2"])
+    args = parse(build_parser("fix"), ["fix", "--budget-steps", "-1", "--", "python", "t.py", "--shape", "-1,2"])
     assert args.budget_steps == -1 and args.target == ["--", "python", "t.py", "--shape", "-1,2"]
 
 

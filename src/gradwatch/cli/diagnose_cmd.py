@@ -14,7 +14,7 @@ from gradwatch.store import partial_note, read_run
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("diagnose", help="findings of a run: what is wrong, where, why, what to do",
+    p = sub.add_parser("diagnose",
                        description="Run the rules over a recorded run and print the findings "
                                    "(kind, first step, layers, evidence, causes, remedies).")
     p.add_argument("run", help="run directory or .sqlite store")

@@ -11,7 +11,7 @@ from gradwatch.store.reader import connect, damaged_store, read_meta, run_is_liv
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "export", help="export a run to TensorBoard (scalars per layer and metric, findings as text)",
+        "export",
         description="Write a recorded run as TensorBoard event files: one scalar per layer and metric "
                     "(grad_norm/<layer>, update_ratio/<layer>, ...; gradient norms are taken before "
                     "clipping), loss, lr, and the findings as text. Needs the tensorboard package.")

@@ -8,6 +8,7 @@ import signal
 import sys
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
@@ -15,13 +16,13 @@ from rich.table import Table
 from gradwatch import runner
 from gradwatch.diagnose.advice import NAN_FROM_GROWTH
 from gradwatch.errors import ConfigError
-from gradwatch.fix import FixResult, Trial, fix
-from gradwatch.fix.touched import WRITTEN
-from gradwatch.fix.trial import OUTPUT_LOG
+
+if TYPE_CHECKING:  # the fix package loads torch: imported where used, so `gradwatch --help` need not wait
+    from gradwatch.fix import FixResult, Trial
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("fix", help="try remedies in short trials of your script and say which works",
+    p = sub.add_parser("fix",
                        description="Diagnose a short baseline run of the script, then run it again with each "
                                    "candidate remedy (clipping, learning rate, initialisation, activation, "
                                    "normalisation, optimizer) applied through hooks — your files are not edited — "
@@ -43,6 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.budget_steps < 1:  # named as the user typed it, not as the library's keyword
         raise ConfigError(f"--budget-steps {args.budget_steps}: expected a whole number >= 1 (optimizer steps per trial)")
+    from gradwatch.fix import fix
+
     command = runner.command_from_target(args.target, args.module)
     runner.output_dir(args.out)
     previous = signal.signal(signal.SIGTERM, _interrupt)  # the running trial is killed, not orphaned
@@ -65,6 +68,8 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def print_result(result: FixResult, console: Console) -> None:
+    from gradwatch.fix.touched import WRITTEN
+
     if result.screened:
         screen = Table(title=f"screening: {len(result.screened)} remedies, {result.screen_steps} steps each")
         for col in ("remedy", "harmful findings left", "loss"):
@@ -140,6 +145,8 @@ def _versus(base: float, loss: float) -> str:
 
 
 def _left(trial: Trial) -> str:
+    from gradwatch.fix.trial import OUTPUT_LOG
+
     if trial.not_applied:
         return f"not tried: {trial.not_applied}"
     if trial.failed:  # what it showed before it failed too: a script that exits 2 at its end trained all along

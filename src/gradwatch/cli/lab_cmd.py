@@ -13,7 +13,7 @@ from gradwatch import lab, runner
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "lab", help="reproduce the classic experiments (depth, init, clipping, RNNs, ...) with plots",
+        "lab",
         description="Run seeded experiments that check the classic claims about vanishing and exploding "
                     "gradients, measured with gradwatch itself. Each writes PNG figures, results.csv and a page "
                     "(index.md, index.html) into OUT/NAME/. Exit code 1 if any check fails. "

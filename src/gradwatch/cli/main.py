@@ -15,12 +15,22 @@ import sys
 from gradwatch import __version__
 from gradwatch.errors import GradwatchError, did_you_mean
 
-COMMANDS = ("run", "show", "diagnose", "probe", "fix", "lab", "report", "export")
+COMMANDS = {  # what `gradwatch --help` lists, in this order
+    "run": "run a script, module or command with every torch process watched",
+    "show": "per-layer table (first/last/min/max of each metric) of a run",
+    "diagnose": "findings of a run: what is wrong, where, why, what to do",
+    "probe": "per-layer gradient flow at initialisation, from one random batch",
+    "fix": "try remedies in short trials of your script and say which works",
+    "lab": "reproduce the classic experiments (depth, init, clipping, RNNs, ...) with plots",
+    "report": "write one self-contained HTML report of a run (findings, gradient flow, heat maps, loss)",
+    "export": "export a run to TensorBoard (scalars per layer and metric, findings as text)",
+}
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """Every command's parser, or only `only`'s: a command's module may import torch (2 s), which
-    `gradwatch run`, whose work is in the child process, should not wait for."""
+    """The parser of the command `only`, from its module (`register`); without one, the command
+    list alone. A command's module may import torch or matplotlib (2-3 s), which neither
+    `gradwatch --help` nor `gradwatch run`, whose work is in the child process, should wait for."""
     parser = argparse.ArgumentParser(
         prog="gradwatch",
         description="Make vanishing and exploding gradients visible, explained, predicted and fixed.",
@@ -28,14 +38,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gradwatch {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in COMMANDS if only is None else (only,):
-        try:
-            module = importlib.import_module(f"gradwatch.cli.{name}_cmd")
-        except ModuleNotFoundError as exc:  # a command still being built is simply absent
-            if exc.name != f"gradwatch.cli.{name}_cmd":
-                raise
-            continue
-        module.register(sub)
+    for name, summary in COMMANDS.items():
+        if name == only:
+            importlib.import_module(f"gradwatch.cli.{name}_cmd").register(sub)
+        else:  # a name and a summary, for the list and for "did you mean"
+            sub.add_parser(name, help=summary, add_help=False)
     return parser
 
 

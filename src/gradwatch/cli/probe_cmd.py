@@ -20,7 +20,7 @@ from gradwatch.probe.inputs import LOSSES, check_fits, load_factory, make_loss, 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "probe", help="per-layer gradient flow at initialisation, from one random batch",
+        "probe",
         description="Build the model from FACTORY, run one random batch of --input-shape through it and "
                     "report per layer: activation statistics, ‖∂L/∂s‖ and ‖∂L/∂W‖, the Jacobian's top and "
                     "mean singular values, the mean-field prediction for MLPs, gradients through time for "

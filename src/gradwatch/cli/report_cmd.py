@@ -15,7 +15,7 @@ from gradwatch.store import read_run, store_files
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "report", help="write one self-contained HTML report of a run (findings, gradient flow, heat maps, loss)",
+        "report",
         description="Write one HTML file that works offline (no network, no script): the findings with their "
                     "evidence and remedy code, the gradient flow input -> output at chosen steps, heat maps of "
                     "log10 gradient norm and update ratio (layers x steps), the loss with the findings marked, "

@@ -14,7 +14,6 @@ from gradwatch.cli.summary import print_run_summary
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run",
-        help="run a script, module or command with every torch process watched",
         description=(
             "Run a training script as `python` would, watched: gradwatch run train.py --lr 0.1, "
             "gradwatch run -m pkg.train, or gradwatch run -- torchrun --nproc_per_node 2 train.py. "

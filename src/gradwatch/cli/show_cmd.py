@@ -14,7 +14,7 @@ from gradwatch.store.schema import LAYER_COLUMNS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("show", help="per-layer table (first/last/min/max of each metric) of a run",
+    p = sub.add_parser("show",
                        description="Print, for each layer in forward order, the first, last, min and max of each "
                                    "recorded metric. --metric grad_norm gives one row per layer (a deep model's "
                                    "table is otherwise up to ten rows a layer).")
