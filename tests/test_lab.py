@@ -141,6 +141,22 @@ def test_a_blow_up_does_not_flatten_the_runs_that_learned():
     assert labels == ["none (non-finite at step 7)", "clipped"]
 
 
+def test_a_finite_blow_up_does_not_flatten_the_runs_that_learned_either():
+    """ZClip without a cap in `lab clipping` never turns non-finite: its loss rises to 1e19 and stays.
+    It must not set the y range either (the clipped runs were one flat line at the bottom of 1e-1..1e20)."""
+    from gradwatch.lab.page import figure
+    from gradwatch.lab.plots import loss_curves
+    blown = SimpleNamespace(label="ZClip", losses=np.geomspace(100, 5e19, 400), diverged_at=None)
+    learned = SimpleNamespace(label="norm", losses=np.linspace(0.17, 0.11, 400), diverged_at=None)
+    stalled = SimpleNamespace(label="lr 1", losses=np.full(400, 2.3), diverged_at=None)  # up 10%: not a blow-up
+    _, (ax,) = figure()
+    loss_curves(ax, [blown, learned, stalled])
+    low, high = ax.get_ylim()
+    assert low < 0.11 and 2.3 < high < 100
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == [f"ZClip (blew up: loss to {np.mean(blown.losses[-10:]):.1e})", "norm", "lr 1"]
+
+
 def test_unwritable_out_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     afile = tmp_path / "afile"
     afile.write_text("")
@@ -176,7 +192,17 @@ def test_rnn_lstm_and_gru_beat_the_tanh_rnn_on_adding_t50(out):
     res = quick("rnn", out)
     n = numbers(res, "LSTM and GRU")
     assert n["lstm"] < 0.5 * n["rnn"] and n["gru"] < 0.5 * n["rnn"]
-    assert numbers(res, "the tanh RNN stays")["rnn"] > 0.5 * data.ADDING_BASELINE_MSE
+    assert numbers(res, "the tanh RNN does not use")["rnn"] > 0.5 * data.ADDING_BASELINE_MSE
+
+
+def test_rnn_threshold_is_the_floor_of_a_predictor_that_ignores_the_first_marker(out):
+    """The RNN's bound, 0.5 × the mean predictor's MSE, is Var(X1) = 1/12: the best predictor that
+    ignores X1, X2 + 1/2, reaches it on the lab's own test sequences, and no such predictor does better."""
+    floor = numbers(quick("rnn", out), "the tanh RNN does not use")["ignoring_x1_floor"]
+    x, y = data.adding(50, n_test=4000).x_test, data.adding(50, n_test=4000).y_test
+    second = (x[25:, :, 0] * x[25:, :, 1]).sum(0)  # the value at the marker in the second half
+    assert floor == pytest.approx(float(((second + 0.5 - y) ** 2).mean()), rel=0.05)
+    assert floor == pytest.approx(1 / 12, rel=0.05)
 
 
 def test_clipping_worked_examples(out):
@@ -188,9 +214,61 @@ def test_clipping_worked_examples(out):
     assert numbers(res, "without clipping")["diverged_at"] != "never"
 
 
+def test_clipping_page_says_when_capped_zclip_is_just_the_cap(out):
+    """ZClip with max_grad_norm=1 trains this RNN exactly as clip_norm(1) does (its own threshold never
+    binds below the cap): the page must say so rather than credit ZClip with the capped row."""
+    res = quick("clipping", out)
+    note = next(n for n in res.notes if n.startswith("ZClip + cap 1.0 trained"))
+    from gradwatch.lab.experiments.clipping import exploding_rnn
+    from gradwatch.remedies.clip import ZClip, clip_norm
+    task = data.adding(10)
+    runs = []
+    for fn in (lambda ps: clip_norm(ps, 1.0), ZClip(max_grad_norm=1.0)):
+        torch.manual_seed(0)
+        runs.append(train(exploding_rnn(32), task, steps=60, lr=0.1, seed=0, clip=fn).losses)
+    assert np.array_equal(*runs) and "exactly as norm 1.0" in note and "shows the cap, not ZClip" in note
+
+
+def test_clipping_threshold_rule_uses_the_average_norm_plain_torch_measures(out):
+    """Pascanu's rule sets the threshold from the average gradient norm: the page's average (the watch's
+    norm of the norm-1.0 run) equals the mean of what torch's clip_grad_norm_ returns in a plain loop,
+    and at half of it the RNN learns."""
+    from gradwatch.lab.experiments.clipping import LR, exploding_rnn
+    n = numbers(quick("clipping", out), "Pascanu's threshold rule")
+    assert n["0.5x"] < n["bound"] and math.isfinite(n["5x"])
+    task, gen = data.adding(10), torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = exploding_rnn(32)
+    opt, norms, losses = torch.optim.SGD(model.parameters(), lr=LR), [], []
+    for _ in range(400):
+        x, y = task.batch(gen, 64)
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
+        opt.step()
+        losses.append(float(loss))
+    assert n["average_norm"] == pytest.approx(np.mean(norms), rel=1e-4)
+    # the watched run trained exactly as this unwatched one: monitoring changed nothing
+    assert numbers(quick("clipping", out), "norm 1.0:")["final"] == float(np.mean(losses[-20:]))
+
+
 def test_batchnorm_keeps_percentiles_stable(out):
     n = numbers(quick("batchnorm", out), "BN keeps")
     assert n["with_bn"] < 0.5 * n["without_bn"]
+
+
+def test_batchnorm_percentile_panels_share_one_y_range():
+    """The two panels compare stability: on their own scales a drift of 0.2 would look as large as 1."""
+    from gradwatch.lab.experiments.batchnorm import percentile_panels
+    from gradwatch.lab.page import figure
+    steady = np.tile([-1.5, 0.0, 1.5], (50, 1)) + np.linspace(0, 0.2, 50)[:, None]
+    drifting = np.tile([-0.5, 0.1, 0.6], (50, 1)) + np.linspace(0, 1.0, 50)[:, None]
+    _, (b, c) = figure(2)
+    percentile_panels((b, c), (drifting, steady))
+    assert b.get_ylim() == c.get_ylim()
+    low, high = b.get_ylim()
+    assert low <= -1.5 and high >= 1.7 and high - low < 4
 
 
 def test_residual_plain_bn_is_not_diagnosed_vanishing(out):
@@ -301,6 +379,30 @@ def test_depth_shows_the_forward_signal_shrinking_with_standard_init(out):
                 stds.append(float(h.std()))
     assert n["tanh standard"] == pytest.approx(min(stds) / max(stds), rel=1e-3)
     assert stds == sorted(stds, reverse=True) and n["tanh normalized"] > 2 * n["tanh standard"]
+
+
+def test_depth_checks_the_direction_of_the_standard_inits_gradient_profile(out):
+    """min/max alone cannot tell a gradient shrinking toward the input (Glorot & Bengio's Fig. 7) from
+    one growing toward it (the N(0,1) tanh net of `lab init`): the check also needs the direction."""
+    from gradwatch.lab.experiments.depth import level, shrinks_toward_input
+    shrinking, growing = np.array([0.09, 0.18, 0.35, 0.6, 1.0]), np.array([1.0, 0.6, 0.35, 0.18, 0.09])
+    assert level(shrinking) == level(growing)
+    assert shrinks_toward_input(shrinking) and not shrinks_toward_input(growing)
+    for a in ("tanh", "softsign", "relu"):
+        assert numbers(quick("depth", out), f"{a}: with standard init")["standard_shrinks_toward_input"] == "yes"
+
+
+def test_depth_sigmoid_top_layer_is_driven_to_zero_as_in_glorot_fig2(out):
+    """Glorot & Bengio 2010, Fig. 2: with sigmoid and standard init the top hidden layer's mean output
+    falls from 0.5 toward 0 early in training while the lower layers stay near 0.5. Its value at step 0
+    is the watch's act_mean, recomputed here with plain torch on the first batch."""
+    n = numbers(quick("depth", out), "sigmoid, standard init")
+    assert n["top_mean_lowest"] < 0.2 and n["lower_layers_least_mean"] > 0.4 and n["at_step"] > 0
+    torch.manual_seed(0)
+    model = nets.mlp(64, 64, 5, 10, "sigmoid", "standard")  # quick mode's Fig. 2 net
+    with torch.no_grad():
+        h = model[:-1](data.digits().batch(torch.Generator().manual_seed(0), 64)[0])
+    assert n["top_mean_at_init"] == pytest.approx(float(h.mean()), rel=1e-4)
 
 
 def test_init_normal_net_grows_by_the_mean_field_gain(out):

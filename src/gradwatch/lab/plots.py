@@ -21,19 +21,26 @@ def smooth(steps: np.ndarray, values: np.ndarray, window: int = 10) -> tuple[np.
     return steps[window - 1:], np.convolve(values, kernel, mode="valid")
 
 
+BLEW_UP = 10.0  # a finished run whose smoothed loss ends above this multiple of its start blew up
+
+
 def loss_curves(ax, runs: list[Run], log: bool = True, window: int = 10) -> None:
     """Smoothed training losses. A diverged run is marked at its step (dotted line, and in the legend),
-    and the y range is that of the runs that finished: a blow-up to 1e30 would otherwise flatten every
-    other curve into one line at the bottom, hiding whether they learned."""
+    and the y range is that of the runs that neither diverged nor blew up (a finite loss ending above
+    BLEW_UP × its start, as ZClip's 1e19 in `lab clipping`, is named in the legend with its peak): a
+    blow-up to 1e30 would otherwise flatten every other curve into one line at the bottom, hiding
+    whether they learned."""
     kept = []
     for run in runs:
         finite = np.flatnonzero(np.isfinite(run.losses))
         x, y = smooth(finite, run.losses[finite], window)
-        label = run.label if run.diverged_at is None else f"{run.label} (non-finite at step {run.diverged_at})"
+        blew_up = run.diverged_at is None and len(y) > 1 and y[-1] > BLEW_UP * abs(y[0])
+        label = (f"{run.label} (non-finite at step {run.diverged_at})" if run.diverged_at is not None else
+                 f"{run.label} (blew up: loss to {float(np.max(y)):.1e})" if blew_up else run.label)
         line, = ax.plot(x, y, label=label)
         if run.diverged_at is not None:
             ax.axvline(run.diverged_at, color=line.get_color(), ls=":", lw=1)
-        elif len(y):
+        elif len(y) and not blew_up:
             kept.append(y)
     if log:
         ax.set_yscale("log")

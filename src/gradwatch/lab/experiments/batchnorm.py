@@ -75,16 +75,26 @@ def run(quick: bool, out: Path, progress: Progress) -> Result:
               drifts[True] < 0.5 * drifts[False], with_bn=drifts[True], without_bn=drifts[False])
     fig, (a, b, c) = figure(3)
     loss_curves(a, list(runs.values()))
-    for ax, bn in ((b, False), (c, True)):
-        x = np.arange(len(pcts[bn])) * EVERY
+    percentile_panels((b, c), (pcts[False], pcts[True]))
+    res.figures.append(save(fig, out, "batchnorm"))
+    return res
+
+
+def percentile_panels(axes, recorded) -> None:
+    """The percentiles without and with BN, on one y range: the figure compares their stability, and
+    each panel scaled to its own data would draw a drift of 0.2 as tall as one of 1."""
+    low = min(float(np.min(p)) for p in recorded)
+    high = max(float(np.max(p)) for p in recorded)
+    pad = 0.05 * (high - low)
+    for ax, p, bn in zip(axes, recorded, (False, True)):
+        x = np.arange(len(p)) * EVERY
         for i, q in enumerate(PERCENTILES):
-            ax.plot(x, pcts[bn][:, i], label=f"{q}th percentile")
+            ax.plot(x, p[:, i], label=f"{q}th percentile")
+        ax.set_ylim(low - pad, high + pad)
         ax.set_title(f"input to the last sigmoid, {'with' if bn else 'without'} BN", fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel("input to the last sigmoid (percentiles)")
         ax.legend(fontsize=7)
-    res.figures.append(save(fig, out, "batchnorm"))
-    return res
 
 
 EXPERIMENT = Experiment(

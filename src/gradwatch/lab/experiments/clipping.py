@@ -16,6 +16,12 @@ from gradwatch.lab.train import train
 
 RHO = 1.5  # spectral radius of the initial W_hh: > 1/γ = 1, Pascanu's necessary condition for exploding
 LR = 0.1
+# Pascanu et al. 2013 (Sec. 3.2) set the threshold from the average gradient norm over many updates and
+# report that half to ten times that value still converged. Here every threshold bounds the steps (no
+# blow-up), but only those near the average learn: at 5x the final loss is 0.150 in quick mode (barely
+# below the mean predictor's 0.167) and 1.77 in full mode; at 10x (quick, threshold 10 on an average of
+# 1.28) it is 4.3. The page says so; docs/lab.md has the numbers.
+THRESHOLD_FACTORS = (0.5, 5.0)
 
 
 def worked_examples(clip) -> dict[str, list[float] | float]:
@@ -76,10 +82,44 @@ def run(quick: bool, out: Path, progress: Progress) -> Result:
         res.check(f"{label}: every step finite and the model learns (final loss < 0.8 × the mean-predictor MSE)",
                   r.diverged_at is None and r.final_loss() < 0.8 * data.ADDING_BASELINE_MSE,
                   final=r.final_loss(), baseline=data.ADDING_BASELINE_MSE)
+    average = float(np.nanmean(total_grad_norm(runs["norm 1.0"].series)))
+    progress.phase("norm clipping at 0.5× and 5× the average norm", steps * len(THRESHOLD_FACTORS))
+    learned = {}
+    for k in THRESHOLD_FACTORS:
+        torch.manual_seed(0)
+        label = f"norm {k:g}× average = {k * average:.3g}"
+        r = train(exploding_rnn(hidden), task, steps=steps, lr=LR, seed=0, label=label, progress=progress,
+                  clip=lambda ps, c=k * average: clip.clip_norm(ps, c))
+        learned[f"{k:g}x"] = r.final_loss()
+        res.rows.append([label, "–" if r.diverged_at is None else r.diverged_at, r.final_loss(), r.test,
+                         float(np.nanmax(total_grad_norm(r.series)))])
+    res.notes.append(f"threshold rule (Pascanu et al. 2013, Sec. 3.2): the average gradient norm of the norm 1.0 run, "
+                     f"{average:.3g} (before clipping), times {' and '.join(f'{k:g}' for k in THRESHOLD_FACTORS)}")
+    bound = 0.8 * data.ADDING_BASELINE_MSE
+    res.check(f"Pascanu's threshold rule: norm clipping at {' and '.join(f'{k:g}' for k in THRESHOLD_FACTORS)} × the "
+              "average gradient norm keeps every step finite (each update bounded by lr × threshold), and at "
+              f"{THRESHOLD_FACTORS[0]:g}× it learns (final loss < 0.8 × the mean-predictor MSE)",
+              all(np.isfinite(v) for v in learned.values()) and learned[f"{THRESHOLD_FACTORS[0]:g}x"] < bound,
+              average_norm=average, **learned, bound=bound)
+    high = f"{THRESHOLD_FACTORS[-1]:g}x"
+    res.notes.append(f"at {high[:-1]}× the average norm the model learns {'little' if learned[high] >= bound else 'too'}: "
+                     f"final loss {learned[high]:.3g} against the bound {bound:.3g}" + (
+                         " (Pascanu et al. report convergence up to 10×; this RNN tolerates a narrower range)"
+                         if learned[high] >= bound else ""))
     z = runs["ZClip"]
     res.check("ZClip alone (no cap) does not tame a blow-up that starts in its warm-up and keeps growing: its "
               "threshold follows the running mean (final loss > 10 × the first loss, or non-finite)",
               z.diverged_at is not None or z.final_loss() > 10 * first, final=z.final_loss(), first=first)
+    # ZClip's own threshold (mean + z·σ of the recent norms) sits above a cap of 1 on a net whose gradient
+    # norm is rarely below 1: then the cap does all the clipping and ZClip + cap is norm clipping at 1.
+    # Said on the page, so that the capped row is not read as ZClip's own merit.
+    same = np.array_equal(runs["ZClip + cap 1.0"].losses, runs["norm 1.0"].losses)
+    res.notes.append("ZClip + cap 1.0 trained " + (
+        "exactly as norm 1.0 (the same loss at every step, bit for bit): the cap did all the clipping, ZClip's "
+        "own threshold never bound below it, so this row shows the cap, not ZClip" if same else
+        "differently from norm 1.0: ZClip's own threshold bound below the cap on some steps"))
+    if same:  # the two curves lie on each other: the legend says why only one shows
+        runs["ZClip + cap 1.0"].label += " (= norm 1.0)"
     res.figures.append(losses_and_grad_norms(out, "clipping", list(runs.values()),
                                              "total gradient norm before clipping (watch)"))
     return res

@@ -82,8 +82,11 @@ def run(quick: bool, out: Path, progress: Progress) -> Result:
         runs[cell] = r
         res.rows.append([label, r.test, r.test / baseline, r.final_loss()])
     rnn, lstm, gru = runs["rnn"].test, runs["lstm"].test, runs["gru"].test
-    res.check("the tanh RNN stays near the mean predictor (MSE > 0.5 × baseline)", rnn > 0.5 * baseline,
-              rnn=rnn, baseline=baseline)
+    # 0.5 × baseline is not a tuned margin: a predictor that ignores the first marked value X1 has MSE
+    # >= Var(X1) = 1/12, half the mean predictor's 1/6, however well it uses the second one.
+    res.check("the tanh RNN does not use the first marker: MSE > 0.5 × baseline = Var(X1) = 1/12, the least error "
+              "of any predictor that ignores the first marked value", rnn > 0.5 * baseline,
+              rnn=rnn, baseline=baseline, ignoring_x1_floor=0.5 * baseline)
     res.check("LSTM and GRU go well below it: MSE < 0.5 × the RNN's and < 0.1 × baseline",
               max(lstm, gru) < 0.5 * rnn and max(lstm, gru) < 0.1 * baseline, lstm=lstm, gru=gru, rnn=rnn)
     reach = {cell: first_half_reach(r) for cell, r in runs.items()}
@@ -102,7 +105,9 @@ def run(quick: bool, out: Path, progress: Progress) -> Result:
     a.legend(fontsize=7)
     loss_curves(b, list(runs.values()))
     b.axhline(baseline, color="grey", ls="--", lw=1)
-    b.set_title(f"adding problem, T = {length} (dashed: mean predictor)", fontsize=9)
+    b.axhline(0.5 * baseline, color="grey", ls=":", lw=1)  # Var(X1): the floor of any predictor ignoring X1
+    b.set_title(f"adding problem, T = {length} (dashed: mean predictor; dotted: best without the first marker)",
+                fontsize=8)
     for r in runs.values():
         last = time_profile(r)
         c.plot(np.arange(len(last)), last, label=r.label)
