@@ -14,10 +14,15 @@ Exact statistics (docs/distributed.md):
 
 from __future__ import annotations
 
+import atexit
 import functools
 import gc
+import itertools
 import math
 import os
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -120,7 +125,10 @@ class Distributed:
         self._bad: set[int] = set()  # ranks whose own loss was non-finite at the last step
         self._failed = False
         self._abandoned = ""  # why no more collectives may be made (see abandon)
+        self._abandon_said = True  # its distributed_error event is written (by the Watch)
         self._restore = None
+        self._rebound: list = []  # modules whose own destroy_process_group name is wrapped
+        self._at_exit = None
 
     @property
     def meta(self) -> dict:
@@ -184,7 +192,7 @@ class Distributed:
             self.collectives += 1
             dist.all_gather(gathered, table, group=self.group)
         except Exception as exc:  # a rank died or the group is gone: keep what is exact locally
-            said = self._failed or self._abandoned  # (an abandon is said where it happens)
+            said = self._failed or (self._abandoned and self._abandon_said)  # (said where it happens)
             events = [] if said else [(records[0].step, EXCHANGE_FAILED, f"rank {self.rank}: {exc}"[:300])]
             self._failed = True
             for rec in records:
@@ -244,29 +252,119 @@ class Distributed:
     def abandoned(self) -> bool:
         return bool(self._abandoned)
 
-    def abandon(self, why: str) -> None:
+    def abandon(self, why: str, said: bool = True) -> None:
         """This process is ending on an error: the other ranks are inside the training's next
         collective, or dead, so an exchange now would wait for them for the group's timeout (30
-        minutes by default). What is left is kept as this rank measured it."""
+        minutes by default). What is left is kept as this rank measured it. `said`: the caller
+        writes the distributed_error event (else the next exchange does)."""
         self._abandoned = why
+        self._abandon_said = said
 
     def flush_before_teardown(self, flush) -> None:
-        """The last window is exchanged before the process group goes: wrap destroy_process_group."""
+        """The last window is exchanged before the process group goes: wrap destroy_process_group
+        (also where the script imported it by name, as torch's DDP tutorial does), and, for a
+        script that neither detaches nor destroys the group, flush at interpreter exit (a run
+        shorter than one flush window stored nothing at all)."""
         original = dist.destroy_process_group
 
         @functools.wraps(original)
         def destroy(*args, **kwargs):
+            if self._restore is None:  # detached (another watch's wrapper still calls this one)
+                return original(*args, **kwargs)
             self.restore()
-            flush()
+            in_flight = sys.exc_info()[1]  # called from a `finally:` while an error ends this rank
+            self._end(flush, _ended_on(in_flight), DESTROY_WAIT)
             return original(*args, **kwargs)
 
-        dist.destroy_process_group = destroy
-        self._restore = original
+        self._rebound = _importers(original)
+        for module in [dist, *self._rebound]:
+            module.destroy_process_group = destroy
+        self._restore = original, destroy
+        self._at_exit = functools.partial(self._flush_at_exit, flush)
+        atexit.register(self._at_exit)
+
+    def _flush_at_exit(self, flush) -> None:
+        """At interpreter exit. A rank ending on an uncaught exception (Python keeps it in
+        sys.last_value) makes no exchange: see abandon."""
+        self.restore()
+        self._end(flush, _ended_on(getattr(sys, "last_value", None)), END_WAIT)
+
+    def _end(self, flush, error: str, wait: float) -> None:
+        """The last flush. Its exchange is made only when every rank of the group has come to its
+        end too: a rank that leaves the training early (sys.exit(1) on a bad shard, an error
+        caught by a `finally: destroy_process_group()`) would otherwise wait in it for the group's
+        timeout (30 minutes by default) while the others wait in the training's next collective;
+        unwatched, torchrun ends such a run in seconds. Ranks that disagree keep their last window
+        as each measured it (and say so in a distributed_error event)."""
+        if error and not self._abandoned:
+            self.abandon(error, said=False)
+        elif not self._abandoned and not self._failed and dist.is_initialized() and not self._all_at_end(wait):
+            self.abandon(f"the other ranks did not reach their end within {wait:g} s", said=False)
+        flush()
+
+    def _all_at_end(self, wait: float) -> bool:
+        """Whether every rank of the group reaches its end within `wait` seconds, agreed through
+        the group's key-value store (no collective, so nothing waits longer). The rank that
+        arrives last, or the first to give up, writes the decision; whichever is first stands."""
+        try:
+            store = dist.distributed_c10d._get_default_store()
+            name = getattr(self.group, "group_name", None) or "default"
+            key = f"gradwatch/end/{name}/{next(_ENDS)}"
+            if store.add(f"{key}/arrived", 1) >= self.world:
+                store.compare_set(f"{key}/decision", "", "go")
+            deadline = time.monotonic() + wait
+            while not store.check([f"{key}/decision"]) and time.monotonic() < deadline:
+                time.sleep(0.005)  # (polled: a store wait that times out prints C++ warnings)
+            return store.compare_set(f"{key}/decision", "", "stop") == b"go"
+        except Exception:  # no store to agree through (torch internals moved): exchange as before
+            return True
 
     def restore(self) -> None:
         if self._restore is not None:
-            dist.destroy_process_group = self._restore
+            original, wrapper = self._restore
+            for module in [dist, *self._rebound]:
+                if getattr(module, "destroy_process_group", None) is wrapper:
+                    module.destroy_process_group = original
             self._restore = None
+        if self._at_exit is not None:
+            atexit.unregister(self._at_exit)
+            self._at_exit = None
+
+
+# Seconds a rank at its end waits for the others before it keeps its last window as it measured
+# it. At interpreter exit a rank cannot tell a normal end from sys.exit(1) mid-training (the others
+# then wait in the training's next collective): this is what such a run costs over an unwatched
+# one. destroy_process_group is called by every rank on purpose (a rank ending on an error that a
+# `finally:` catches is seen in flight and does not wait), so it waits long for a slow rank 0
+# (a checkpoint written before it).
+END_WAIT = 30.0
+DESTROY_WAIT = 600.0
+_ENDS = itertools.count()  # the ends agreed so far in this process (the same sequence on every rank)
+
+
+def _ended_on(error: BaseException | None) -> str:
+    if error is None:
+        return ""
+    lines = str(error).strip().splitlines()
+    said = f"{type(error).__name__}: {textwrap.shorten(lines[0], 120, placeholder=' ...')}" if lines else \
+        type(error).__name__
+    return f"it ended on {said}"
+
+
+def _importers(function) -> list:
+    """Modules outside torch holding `function` as a global of its own name: the script and its
+    helpers, after `from torch.distributed import destroy_process_group`."""
+    name = function.__name__
+    found = []
+    for module_name, module in list(sys.modules.items()):
+        if module is None or module_name.split(".")[0] == "torch":
+            continue
+        try:
+            if vars(module).get(name) is function:
+                found.append(module)
+        except TypeError:  # (a module-like object without __dict__)
+            continue
+    return found
 
 
 def _scatter(n: int, index: list[int], tensors: list[torch.Tensor], device) -> torch.Tensor:
