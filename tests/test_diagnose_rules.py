@@ -711,6 +711,14 @@ def test_one_ranks_non_finite_loss_is_reported_with_the_rank():
     run.meta["rank_non_finite"] = [[7, "rank 1: loss nan"]]
     f = next(f for f in diagnose(run) if f.kind == "non_finite")
     assert f.first_step == 7 and "rank 1: loss nan" in f.message
+    # the NaN the synchronised gradients carried into the stored run at that step: one finding,
+    # naming the rank, with the run's evidence (the growth before it, the layers hit)
+    run.loss[7:] = np.inf
+    run.metrics["grad_norm"][7:] = np.inf
+    found = [f for f in diagnose(run) if f.kind == "non_finite"]
+    assert len(found) == 1 and "rank 1: loss nan" in found[0].message
+    assert found[0].layers and np.isfinite(found[0].evidence["grad_growth_before"])
+    assert "too few finite steps" not in " ".join(found[0].causes)
 
 
 def test_through_time_vanishing_that_the_net_outgrows_is_not_a_finding():

@@ -39,6 +39,15 @@ def train(model, opt, steps=60, x=None, y=None, loss_fn=nn.functional.cross_entr
         return w, w.series()
 
 
+def batches_with_nan(x, steps, at):
+    """`x` at each step, with one entry NaN at the steps in `at` (a bad batch)."""
+    for step in range(steps):
+        batch = x.clone()
+        if step in at:
+            batch[0, 0] = float("nan")
+        yield step, batch
+
+
 def kinds(run):
     return {f.kind for f in diagnose(run)}
 
@@ -91,10 +100,7 @@ def test_nan_in_the_data_is_non_finite_and_stop_on_keeps_the_weights():
     seen = []
     with pytest.raises(gw.TrainingStopped, match="non_finite"):  # the name docs/diagnose.md gives
         with gw.watch(model, opt, stop_on=("non_finite",), on_finding=seen.append, warn=False):
-            for step in range(30):
-                batch = x.clone()
-                if step == 12:
-                    batch[3, 5] = float("nan")
+            for step, batch in batches_with_nan(x, 30, at=(12,)):
                 opt.zero_grad()
                 nn.functional.cross_entropy(model(batch), y).backward()
                 before = [p.detach().clone() for p in model.parameters()]
@@ -279,10 +285,7 @@ def _run_with_nan_batches(guarded: bool):
         gw.guard(opt, patience=5)
     x, y = data()
     with gw.watch(model, opt, warn=False) as w:
-        for step in range(40):
-            xb = x.clone()
-            if step in (10, 20):
-                xb[0, 0] = float("nan")
+        for _, xb in batches_with_nan(x, 40, at=(10, 20)):
             opt.zero_grad()
             nn.functional.cross_entropy(model(xb), y).backward()
             with warnings.catch_warnings():
@@ -303,3 +306,21 @@ def test_nan_steps_the_guard_skipped_are_a_warning_without_the_guard_advice():
     assert not any("gw.guard" in r.code for r in f.remedies)
     unguarded = next(f for f in diagnose(_run_with_nan_batches(guarded=False)[0]) if f.kind == "non_finite")
     assert unguarded.severity == "error" and any("gw.guard" in r.code for r in unguarded.remedies)
+
+
+def test_a_finding_of_the_last_steps_is_said_when_the_watch_detaches(capsys):
+    """The live rules run at every tenth of the run's growth: a NaN at step 55 of 60 came after the
+    last check, and a watch with warn=True never said it."""
+    torch.manual_seed(0)
+    model = mlp(depth=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    found = []
+    x, y = data()
+    with gw.watch(model, opt, warn=True, on_finding=found.append, flush_every=50):
+        for _, xb in batches_with_nan(x, 60, at=(55,)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xb), y).backward()
+            opt.step()
+    nan = [f for f in found if f.kind == "non_finite"]
+    assert len(nan) == 1 and nan[0].first_step == 55
+    assert nan[0].line() in capsys.readouterr().err

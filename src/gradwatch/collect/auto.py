@@ -55,6 +55,8 @@ class AutoWatch(Watch):
 
     def __init__(self, run_dir: str, **options: int):
         super().__init__(None, None, out=None, meta={"command": sys.argv, "pid": os.getpid()}, **options)
+        if self._live is not None:  # `gradwatch run` prints the whole run's findings when it ends
+            self._live.check_at_close = False
         self._writer = None  # the store file is made at the first flush, so idle processes write nothing
         self.run_dir = run_dir
         self._depth = 0

@@ -308,6 +308,16 @@ class Watch:
         self._dist.sharded_ids |= sharded
         return inner
 
+    def _say_unsynchronised(self) -> None:
+        """Several ranks train, and no watched model is a DDP/FSDP one: the norms are each rank's
+        own gradients. Right for ranks that train apart; wrong, silently, for a model wrapped
+        after it was watched (gw.watch before init_process_group: 0.83 stored for 1.33)."""
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and dist.get_rank() == 0:
+            print(f"gradwatch: {dist.get_world_size()} ranks, and the watched model is not a DDP/FSDP module: the "
+                  "statistics are rank 0's own gradients, before any all-reduce. If the model is wrapped, watch "
+                  "it after init_process_group and DDP(...)/FSDP(...)", file=sys.stderr)
+
     def _register_grad_hooks(self) -> None:
         """Norms are taken the moment each gradient is accumulated, while it is still in cache:
         reading it again after backward costs a full pass over memory (measured ~3% of a step)."""
@@ -431,6 +441,8 @@ class Watch:
         if self._writer is None:
             if self._dist is not None:
                 self.store_path = self._dist.store_path(self.store_path)
+            else:
+                self._say_unsynchronised()
             self.store_path.parent.mkdir(parents=True, exist_ok=True)
             # a training resumed at first_step continues the run stored there
             self._writer = RunStoreWriter(self.store_path, self._meta, resume_at=self.first_step)

@@ -19,22 +19,27 @@ SOURCES = (("loss", None), ("activations", ("act_mean", "act_std")), ("gradients
 
 
 def find_non_finite(run: RunSeries, th: Thresholds) -> list[Finding]:
-    return _in_the_run(run) + _on_one_rank(run)
+    in_run = _in_the_run(run)
+    return _on_one_rank(run, in_run[0] if in_run else None) or in_run
 
 
-def _on_one_rank(run: RunSeries) -> list[Finding]:
+def _on_one_rank(run: RunSeries, seen: Finding | None) -> list[Finding]:
     """Under DDP/FSDP, one rank's own loss went non-finite while the others' stayed finite: a bad
-    batch or input on that rank (the synchronised gradients then carry it to every rank)."""
+    batch or input on that rank (the synchronised gradients then carry it to every rank). The
+    same NaN seen in the stored run at that step is this finding, told once, with its evidence."""
     events = run.meta.get("rank_non_finite") or []
     if not events:
         return []
     step, detail = events[0]
-    evidence = {"step": int(step), "rank_events": [f"step {s}: {d}" for s, d in events], "at_init": False,
-                "grad_growth_before": float("nan")}
-    causes, remedies = advice.non_finite(advice.Context(run), (), evidence)
+    same = seen is not None and seen.first_step == int(step)
+    evidence = {**(seen.evidence if same else {"at_init": False, "grad_growth_before": float("nan")}),
+                "step": int(step), "rank_events": [f"step {s}: {d}" for s, d in events]}
+    layers = seen.layers if same else ()
+    causes, remedies = advice.non_finite(advice.Context(run), layers, evidence)
     message = (f"At step {step} {detail} while the other ranks' losses were finite: that rank's data or "
                f"its computation produced it. {remedies[0].action}.")
-    return [Finding("non_finite", "error", int(step), (), message, evidence, tuple(causes), tuple(remedies))]
+    found = [Finding("non_finite", "error", int(step), layers, message, evidence, tuple(causes), tuple(remedies))]
+    return found if same or seen is None else [seen, *found]
 
 
 def _in_the_run(run: RunSeries) -> list[Finding]:
