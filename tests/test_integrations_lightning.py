@@ -352,3 +352,29 @@ def test_every_logger_of_the_trainer_gets_the_norms_and_the_findings(tmp_path):
             rows = list(csv.DictReader(fh))
         assert sorted(int(r["step"]) for r in rows if r.get(GRAD_METRIC + "fc1")) == list(range(10)), logger.name
         assert [(int(r["step"]), float(r["gradwatch/findings"])) for r in rows if r.get("gradwatch/findings")] == [(5, 1)]
+
+
+class FailingNet(Net):
+    def training_step(self, batch, i):
+        if self.global_step == 7:
+            raise ValueError("bad batch at step 7")
+        return super().training_step(batch, i)
+
+
+def test_a_fit_that_raises_leaves_a_run_said_to_be_partial(tmp_path):
+    """Lightning calls on_exception: the store kept every step until then, but read as a finished
+    run; it now says what the training stopped on."""
+    from gradwatch.store import partial_note
+
+    torch.manual_seed(0)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(160, 8), torch.randn(160, 1)),
+                                         batch_size=8)
+    trainer = pl.Trainer(max_steps=20, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[GradwatchCallback(flush_every=5)])
+    with pytest.raises(ValueError, match="bad batch"):
+        trainer.fit(FailingNet(), loader)
+    run = gw.read_run(tmp_path / "gradwatch")
+    assert list(run.steps) == list(range(7))
+    assert partial_note(run) == ("the training stopped on an error at step 6 (ValueError: bad batch at step 7); "
+                                 "every step until then is stored")

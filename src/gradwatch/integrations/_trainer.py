@@ -18,6 +18,7 @@ from gradwatch.diagnose.finding import write_findings
 from gradwatch.errors import ConfigError
 from gradwatch.integrations._rows import StepRows, WatchStore, rows_since
 from gradwatch.runner import output_dir, prepare_run_dir
+from gradwatch.store.writer import finish_store
 
 
 def base_optimizer(optimizer: object) -> torch.optim.Optimizer:
@@ -93,14 +94,18 @@ class Recorder:
             self._logged = row.step
             yield row
 
-    def finish(self) -> list:
+    def finish(self, error: BaseException | None = None) -> list:
         """Detach (flushing the last steps), diagnose the whole run, report what is new, and write
-        OUT/findings.json. Returns all findings."""
+        OUT/findings.json. Returns all findings. `error`: the training stopped on it, as the store
+        then says (a partial run, in diagnose, show and report)."""
         if self.watch is None or self.findings is not None:
             return self.findings or []
         from gradwatch.diagnose import diagnose
 
         self.watch.detach()
+        if error is not None and self.watch.store_path is not None and self.watch.store_path.is_file():
+            text = str(error).strip().splitlines()
+            finish_store(self.watch.store_path, 1, type(error).__name__ + (f": {text[0][:200]}" if text else ""))
         series = self.watch.stored_series()
         findings = diagnose(series) if len(series.steps) else []
         for f in findings:

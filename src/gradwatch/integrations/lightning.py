@@ -153,11 +153,12 @@ class GradwatchCallback(pl.Callback):
         for logger in self._loggers():
             logger.log_metrics({PREFIX + "findings": self._count}, step=max(finding.first_step, 0))
 
-    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                   error: BaseException | None = None) -> None:
         self._resume = self._watched_steps()
-        self.recorder.finish()
+        self.recorder.finish(error)
         self._log_flushed()
         self.recorder.close()
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
-        self.on_fit_end(trainer, pl_module)
+        self.on_fit_end(trainer, pl_module, exception)

@@ -152,6 +152,8 @@ def end_note(meta: dict, last_step: int | None = None) -> str | None:
                 "machine stopped)" + (f" after step {last_step}; the steps after its last store write are lost" if at else ""))
     if not isinstance(end, dict) or not end.get("code"):
         return None
+    if end.get("error"):
+        return f"the training stopped on an error{at} ({end['error']}); every step until then is stored"
     code = int(end["code"])
     name = _SIGNALS.get(code - 128) if code > 128 else None
     if name in ("SIGTERM", "SIGINT"):  # handled: the process stores its last steps before it ends

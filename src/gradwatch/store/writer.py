@@ -114,13 +114,14 @@ class RunStoreWriter:
             pass
 
 
-def finish_store(path: str | os.PathLike, exit_code: int) -> None:
+def finish_store(path: str | os.PathLike, exit_code: int, error: str = "") -> None:
     """Once the process writing `path` has ended: record how (meta `exit`: {"code": N}, 128+N for
     signal N) and fold its write-ahead log into the file. A process stopped by a signal, an
     exception or `os._exit` left its last steps in `-wal`, beside the file: a user copying the
     run's one documented file got fewer steps (52,000 of 54,388), or none ("not a gradwatch
     store") for a run shorter than SQLite's checkpoint interval. Best effort: a store that cannot
-    be written now is still read whole where it is."""
+    be written now is still read whole where it is. `error`: what a training in the user's own
+    process stopped on (a callback's fit that raised), said instead of an exit code."""
     try:
         db = sqlite3.connect(os.fspath(path), timeout=2)
     except sqlite3.Error:
@@ -128,7 +129,7 @@ def finish_store(path: str | os.PathLike, exit_code: int) -> None:
     try:
         with db:
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                       (EXIT_KEY, json.dumps({"code": int(exit_code)})))
+                       (EXIT_KEY, json.dumps({"code": int(exit_code), **({"error": error} if error else {})})))
         db.execute("PRAGMA journal_mode=DELETE")  # checkpoints the log and removes -wal and -shm
     except sqlite3.Error:
         pass
