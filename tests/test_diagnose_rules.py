@@ -75,6 +75,17 @@ def test_vanishing_names_the_layers_and_first_step():
     assert f.severity == "warning" and not f.evidence["at_init"]
 
 
+@pytest.mark.parametrize("factor, severity", [(2.0, "error"), (0.5, "warning")])
+def test_vanishing_is_an_error_below_its_threshold(factor, severity):
+    """The severity bar is `vanishing_error_ratio`, overridable like every threshold: a ratio is
+    an error under a bar twice it, a warning over a bar half of it."""
+    from dataclasses import replace
+    run = _vanish(build(), 0.1, rows=slice(30, None))
+    ratio = next(f for f in diagnose(run) if f.kind == "vanishing_gradient").evidence["backward_ratio"]
+    th = replace(TH, vanishing_error_ratio=factor * ratio)
+    assert next(f for f in diagnose(run, th) if f.kind == "vanishing_gradient").severity == severity
+
+
 def test_vanishing_that_soon_recovers_is_not_a_finding():
     run = _vanish(build(n_steps=200), 0.1, rows=slice(0, 25))  # 3 of 20 samples, then healthy
     assert "vanishing_gradient" not in kinds(diagnose(run))
@@ -208,6 +219,38 @@ def test_a_burst_the_run_recovers_from_is_not_a_finding_but_chronic_bursts_are()
         run.metrics["grad_norm"][start:start + 4] *= 3 * TH.spike_factor
     f = next(f for f in diagnose(run) if f.kind == "exploding_gradient")
     assert f.first_step == 100 and f.evidence["bursts"] == TH.chronic_bursts
+
+
+def test_the_early_level_spans_early_windows():
+    """The level the advice clips at: the 90th percentile of the norms of the first `early_windows`
+    windows after warm-up (before the burst)."""
+    from dataclasses import replace
+    from gradwatch.diagnose.signals import total_grad_norm
+    run = _total_growth(build(), 40, 1.5)
+    total = total_grad_norm(run)
+    f = next(f for f in diagnose(run, replace(TH, early_windows=1)) if f.kind == "exploding_gradient")
+    w = TH.baseline_window
+    assert f.evidence["early_norm"] == pytest.approx(np.percentile(total[TH.warmup_steps:TH.warmup_steps + w], 90))
+
+
+def test_what_counts_as_recovered_is_a_threshold():
+    """Back near its level: below `recovered_factor` times the median before the burst. A bar
+    under the healthy level itself leaves the same catapult unrecovered: a finding."""
+    from dataclasses import replace
+    run = build(n_steps=300, optimizer="Adam")
+    run.metrics["grad_norm"][100:104] *= 3 * TH.spike_factor
+    assert "exploding_gradient" not in kinds(diagnose(run))
+    assert "exploding_gradient" in kinds(diagnose(run, replace(TH, recovered_factor=0.5)))
+
+
+def test_a_jump_must_top_the_norms_of_jump_history_windows():
+    """Jumps 50 steps apart, each as high as the last: against 5 windows (100 steps) only the first
+    is a jump, one burst the run recovers from; against 2 (40 steps) each is, chronic bursts."""
+    from dataclasses import replace
+    run = build(n_steps=300, optimizer="Adam")
+    run.metrics["grad_norm"][[50, 100, 150]] *= 2 * TH.jump_factor
+    assert "exploding_gradient" not in kinds(diagnose(run))
+    assert "exploding_gradient" in kinds(diagnose(run, replace(TH, jump_history_windows=2)))
 
 
 @pytest.mark.parametrize("grad, found", [(0.9 * 10.0 / 0.1, False), (1.5 * 10.0 / 0.1, True)])
@@ -955,3 +998,28 @@ def test_an_lstm_vanishing_through_time_is_told_to_open_its_forget_gates_first()
     f = next(f for f in diagnose(run) if f.layers == (run.layers[lstm].name,))
     assert f.remedies[0].action.startswith("Open the LSTM forget gates")
     assert any("orthogonal" in r.action for r in f.remedies[1:])
+
+
+# ------------------------------------------------------------------ shared helpers
+def test_a_message_lists_the_first_few_names_and_counts_the_rest():
+    from gradwatch.diagnose.advice import listed
+    names = [f"fc{i}" for i in range(5)]
+    assert listed(names) == "'fc0', 'fc1', 'fc2' and 2 more"
+    assert listed(names[:3]) == "'fc0', 'fc1', 'fc2'"
+    assert listed(range(7), 5, quote=False) == "0, 1, 2, 3, 4 and 2 more"
+    assert listed([]) == ""
+
+
+def test_a_remedy_continued_after_a_colon_starts_lower_case():
+    from gradwatch.diagnose.advice import continued
+    assert continued("Lower the learning rate tenfold (to 0.01)") == "lower the learning rate tenfold (to 0.01)"
+    assert continued("") == ""
+
+
+def test_statistics_count_only_up_to_the_first_non_finite_loss():
+    from gradwatch.diagnose.signals import rows_before_non_finite_loss
+    run = build(n_steps=60)
+    assert rows_before_non_finite_loss(run) == 60
+    run.loss[[42, 50]] = np.inf
+    run.loss[10] = np.nan  # not recorded: no non-finite measurement
+    assert rows_before_non_finite_loss(run) == 42

@@ -197,3 +197,10 @@ def test_a_store_followed_while_written_reads_as_a_fresh_read(tmp_path):
             np.testing.assert_array_equal(live.metrics[name], whole.metrics[name])
         np.testing.assert_array_equal(live.time_profiles["l0"][1], whole.time_profiles["l0"][1])
     assert list(live.steps) == list(range(40)) and not live.metrics["grad_norm"].flags.writeable
+
+
+def test_a_series_holds_exactly_the_stores_per_layer_columns():
+    """One list of per-layer metrics, the schema's: a column added to the store is a series too."""
+    from gradwatch.store.schema import LAYER_COLUMNS
+    from gradwatch.store.series import METRICS
+    assert METRICS == LAYER_COLUMNS

@@ -8,13 +8,14 @@ from dataclasses import replace
 
 import numpy as np
 
-from gradwatch.diagnose.finding import KINDS, Finding, Remedy
-from gradwatch.errors import ConfigError
+from gradwatch.diagnose.advice import continued
+from gradwatch.diagnose.finding import KINDS, SEVERITIES, Finding, Remedy
 from gradwatch.diagnose.rules import RULES
 from gradwatch.diagnose.thresholds import DEFAULT, Thresholds
+from gradwatch.errors import ConfigError
 from gradwatch.store import RunSeries, read_run
 
-SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
+SEVERITY_ORDER = {s: i for i, s in enumerate(reversed(SEVERITIES))}  # the most severe first
 LOSS_KINDS = ("loss_plateau", "loss_divergence")
 # findings that explain a loss plateau: the gradient does not reach the layers
 BLOCKING = ("vanishing_gradient", "dead_units", "saturation")
@@ -23,9 +24,10 @@ BLOCKING = ("vanishing_gradient", "dead_units", "saturation")
 def diagnose(run: RunSeries | str | os.PathLike, thresholds: Thresholds = DEFAULT) -> list[Finding]:
     """Findings of a run (a `RunSeries`, a run directory or a store file), earliest first.
 
-    Stalled lower layers where a vanishing gradient was found are folded into it: one cause, one
-    finding. A run that trained one model after another (meta "phase_starts") is diagnosed phase
-    by phase: the jump from one model's loss to the next is no divergence.
+    A run that trained one model after another (meta "phase_starts") is diagnosed phase by phase:
+    the jump from one model's loss to the next is no divergence. Then one cause is one finding
+    (`_one_per_cause`), a NaN follows the explosion before it, and a plateau the block that
+    explains it.
     """
     if not isinstance(run, (RunSeries, str, os.PathLike)):
         raise ConfigError(f"run={run!r}: pass a run directory (e.g. 'runs/latest'), a store file or a RunSeries")
@@ -38,6 +40,14 @@ def diagnose(run: RunSeries | str | os.PathLike, thresholds: Thresholds = DEFAUL
     findings = [f for phase in phases if len(phase.steps) for rule in RULES for f in rule(phase, thresholds)]
     if series.meta.get("own_loss_steps"):  # the recorded loss mixes two objectives (a GAN's G and D):
         findings = [f for f in findings if f.kind not in LOSS_KINDS]  # its plateau or rise says nothing
+    findings = _one_per_cause(series, findings)
+    findings = _nan_after_explosion(findings)
+    findings = _plateau_from_block(findings)
+    return sorted(findings, key=lambda f: (f.first_step, SEVERITY_ORDER[f.severity], KINDS.index(f.kind)))
+
+
+def _one_per_cause(series: RunSeries, findings: list[Finding]) -> list[Finding]:
+    """The findings another one explains, left out: what the user must fix is said once."""
     if any(f.kind == "saturation" for f in findings):  # tanh'(x) is exactly 0 in float32 for |x| > 9:
         findings = [f for f in findings  # zero gradients below saturated units are the saturation's
                     if not (f.kind == "dead_units" and "dead_fraction" not in f.evidence)]
@@ -46,19 +56,22 @@ def diagnose(run: RunSeries | str | os.PathLike, thresholds: Thresholds = DEFAUL
     zeroed = {l for f in findings if f.kind == "dead_units" for l in f.evidence.get("zero_gradient_layers", ())}
     findings = [f for f in findings if not (f.kind == "vanishing_gradient" and f.evidence.get("backward_ratio") == 0
                                             and f.layers[0] in zeroed)]
-    vanished = {l for f in findings if f.kind == "vanishing_gradient" for l in f.layers}
-    vanished |= {l for f in findings if f.kind == "dead_units" for l in f.evidence.get("zero_gradient_layers", ())}
-    findings = [f for f in findings  # lower layers stalled where the gradient vanishes (or is 0): one cause
-                if not (f.kind == "stalled_layers" and not f.evidence.get("frozen")
-                        and (set(f.layers) & vanished or _below_blocked_units(series, f, findings)))]
-    findings = _nan_after_explosion(findings)
+    vanished = {l for f in findings if f.kind == "vanishing_gradient" for l in f.layers} | zeroed
+    return [f for f in findings  # lower layers stalled where the gradient vanishes (or is 0): one cause
+            if not (f.kind == "stalled_layers" and not f.evidence.get("frozen")
+                    and (set(f.layers) & vanished or _below_blocked_units(series, f, findings)))]
+
+
+def _plateau_from_block(findings: list[Finding]) -> list[Finding]:
+    """A loss plateau beside a finding that keeps the gradient from the layers (BLOCKING) follows
+    from it: the plateau says so and advises that finding's fix, and the block is an error."""
     blocking = next((f for f in findings if f.kind in BLOCKING), None)
-    if blocking is not None and any(f.kind == "loss_plateau" for f in findings):
-        # the loss does not move and this is why: no longer a warning (a recurrent net's short
-        # memory, some dead units) but what stops the training
-        findings = [_follows_from(f, blocking) if f.kind == "loss_plateau" else
-                    replace(f, severity="error") if f is blocking else f for f in findings]
-    return sorted(findings, key=lambda f: (f.first_step, SEVERITY_ORDER[f.severity], KINDS.index(f.kind)))
+    if blocking is None or not any(f.kind == "loss_plateau" for f in findings):
+        return findings
+    # the loss does not move and this is why: no longer a warning (a recurrent net's short
+    # memory, some dead units) but what stops the training
+    return [_follows_from(f, blocking) if f.kind == "loss_plateau" else
+            replace(f, severity="error") if f is blocking else f for f in findings]
 
 
 def _below_blocked_units(series: RunSeries, stalled: Finding, findings: list[Finding]) -> bool:
@@ -84,8 +97,8 @@ def _nan_after_explosion(findings: list[Finding]) -> list[Finding]:
                 and not np.isfinite(f.evidence.get("grad_growth_before", 0.0)):
             said = burst.message.split(". ")[0]
             f = replace(f, message=f"{f.message.rsplit('. ', 1)[0]}. It follows the exploding gradient found: "
-                                   f"{burst.remedies[0].action if burst.remedies else 'fix that first'}.",
-                        causes=(f"exploding_gradient: {said[0].lower()}{said[1:]}, before any NaN", *f.causes),
+                                   f"{_first_remedy(burst)}.",
+                        causes=(f"exploding_gradient: {continued(said)}, before any NaN", *f.causes),
                         remedies=(*burst.remedies[:1], *f.remedies))
         out.append(f)
     return out
@@ -95,12 +108,16 @@ def _follows_from(plateau: Finding, cause: Finding) -> Finding:
     """A loss that does not move because the gradient does not reach the layers: raising the
     learning rate does not help (a vanishing or zero gradient times ten is still one), fixing
     the cause does."""
-    first = cause.remedies[0].action if cause.remedies else "fix that first"
     ev = plateau.evidence
     return replace(plateau, message=f"The loss has not improved ({ev['loss_start']:.4g} -> {ev['loss_end']:.4g}): it "
-                                    f"follows from the {cause.kind.replace('_', ' ')} found. {first}.",
+                                    f"follows from the {cause.kind.replace('_', ' ')} found. {_first_remedy(cause)}.",
                    causes=(f"{cause.kind}: the gradient does not reach the layers that should learn", *plateau.causes),
                    remedies=(*cause.remedies[:1], *(r for r in plateau.remedies if "Raise the learning rate" not in r.action)))
+
+
+def _first_remedy(cause: Finding) -> str:
+    """What a finding that follows from `cause` tells to do first: the cause's own first remedy."""
+    return cause.remedies[0].action if cause.remedies else "fix that first"
 
 
 __all__ = ["diagnose", "Finding", "Remedy", "Thresholds", "KINDS"]

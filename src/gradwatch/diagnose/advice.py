@@ -14,7 +14,7 @@ import numpy as np
 
 from gradwatch.diagnose.finding import Remedy
 from gradwatch.diagnose.signals import profile_columns
-from gradwatch.store.series import RunSeries
+from gradwatch.store.series import WEIGHT_ROLES, RunSeries
 
 RELU_FAMILY = {"relu", "relu6", "leaky_relu", "prelu", "rrelu", "elu", "celu", "selu", "gelu", "silu", "mish"}
 SATURATING = {"sigmoid", "tanh", "softsign", "hardtanh", "hardsigmoid"}
@@ -37,11 +37,31 @@ ADAPTIVE = ("Adam", "AdamW", "NAdam", "RAdam", "Adamax", "Adagrad", "Adadelta", 
 # weights). They also stop stepping by design once converged (tolerance_grad / tolerance_change).
 LINE_SEARCH = ("LBFGS",)
 
+# Code that several remedies paste, written once.
+ADAM_CODE = "optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)"
+INSERT_NORM_CODE = "model, _ = gw.modify.insert_norm(model, 'batch')"
+GUARD_CODE = "guard = gw.guard(optimizer)"
+CLIP_CODE = "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)"
+NORMALISE = Remedy("Normalise the pre-activations", INSERT_NORM_CODE)
+GIVE_ALL_PARAMETERS = Remedy("Give the optimizer every parameter that should train", ADAM_CODE)
+
 
 def forget_bias_code(lstm: str) -> str:
     """The code that opens an LSTM's forget gates (gate order i, f, g, o; the gate sees b_ih + b_hh)."""
     return (f"for n, p in {lstm}.named_parameters():  # the gate sees b_ih + b_hh: 1 in total\n"
             "    if n.startswith('bias'): p.data[p.numel() // 4: p.numel() // 2] = float(n.startswith('bias_ih'))")
+
+
+def listed(items, shown: int = 3, quote: bool = True) -> str:
+    """`'a', 'b', 'c' and 2 more`: the first `shown` items of a list a message names."""
+    items = list(items)
+    text = ", ".join(f"'{i}'" if quote else str(i) for i in items[:shown])
+    return text + (f" and {len(items) - shown} more" if len(items) > shown else "")
+
+
+def continued(sentence: str) -> str:
+    """A sentence continued after a colon within another: its first letter lowered."""
+    return sentence[:1].lower() + sentence[1:]
 
 
 def module_ref(name: str) -> str:
@@ -61,9 +81,8 @@ class Context:
         self.saturating = sorted({a for a in acts if a in SATURATING})
         self.n_saturating = sum(a in SATURATING for a in acts)
         self.relu_like = sorted({a for a in acts if a in RELU_FAMILY})
-        self.recurrent = [l.name for l in run.layers if l.role == "recurrent"]
         self.rnn_types = sorted({l.type for l in run.layers if l.role == "recurrent"})
-        self.depth = sum(l.role in ("param", "recurrent") and "Norm" not in l.type for l in run.layers)
+        self.depth = sum(l.role in WEIGHT_ROLES and "Norm" not in l.type for l in run.layers)
         self.has_norm = any("Norm" in l.type for l in run.layers)
         self.optimizer = run.meta.get("optimizer") or "manual updates"
         self.adaptive = any(self.optimizer.startswith(a) for a in ADAPTIVE)
@@ -72,7 +91,6 @@ class Context:
         # under a schedule the lr the script configures is its peak (a warm-up may start at 0)
         self.lr = float(lr.max()) if len(lr) else float("nan")
         self.scheduled = bool(len(lr)) and float(lr.min()) < self.lr
-        self.first_step = int(run.steps[0]) if len(run.steps) else 0
 
     @property
     def init_code(self) -> str:
@@ -144,7 +162,7 @@ def vanishing(ctx: Context, layers: tuple[str, ...], evidence: dict, through_tim
                            ctx.init_code))
     if not ctx.has_norm:
         remedies.append(Remedy("Normalise the pre-activations so each layer's backward gain stays near 1",
-                               "model, _ = gw.modify.insert_norm(model, 'batch')"))
+                               INSERT_NORM_CODE))
     if ctx.depth >= 6:
         remedies.append(Remedy("Add residual connections around the shape-preserving blocks",
                                "model, _ = gw.modify.add_residual(model, example_input=x)  # x: one input batch"))
@@ -199,7 +217,7 @@ def exploding(ctx: Context, layers: tuple[str, ...], evidence: dict, through_tim
     elif grows_at_init:
         remedies.insert(0, Remedy("Initialise each layer for the activation that follows it", ctx.init_code))
     remedies.append(Remedy("Skip any step whose gradients are not finite, so one bad batch cannot ruin the weights",
-                           "guard = gw.guard(optimizer)"))
+                           GUARD_CODE))
     return causes, remedies
 
 
@@ -218,8 +236,8 @@ def non_finite(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[l
                       f"learning rate: {ctx.lr_said} with {ctx.optimizer}" +
                       (f"; the gradient norm grew {growth:.3g}x in the steps before" if growth > NAN_FROM_GROWTH else ""))
         remedies.append(Remedy(f"Lower the learning rate tenfold (to {ctx.lr_text(0.1)}) and clip the norm",
-                               ctx.lr_code(0.1) + "\ntorch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)"))
-    remedies.append(Remedy("Never let a non-finite step reach the weights", "guard = gw.guard(optimizer)"))
+                               ctx.lr_code(0.1) + "\n" + CLIP_CODE))
+    remedies.append(Remedy("Never let a non-finite step reach the weights", GUARD_CODE))
     return causes, remedies
 
 
@@ -237,8 +255,7 @@ def dead_units(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[l
     at_init = evidence.get("at_init")
     zeros = evidence.get("zero_weight_layers")
     if zeros:  # measured: all-zero weights give every unit the same output, 0, and no gradient
-        shown = ", ".join(f"'{n}'" for n in zeros[:3]) + (f" and {len(zeros) - 3} more" if len(zeros) > 3 else "")
-        return ([f"initial weights: {shown} start with all parameters exactly 0, so every unit computes the same "
+        return ([f"initial weights: {listed(zeros)} start with all parameters exactly 0, so every unit computes the same "
                  "0 and no gradient passes down (nor does symmetry ever break)"],
                 [Remedy("Re-initialise the weights (He for ReLU, Xavier for tanh/sigmoid) instead of zeros", ctx.init_code)])
     if at_init:  # dead before any update: no learning rate killed them
@@ -278,7 +295,7 @@ def saturation(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[l
         causes.append(f"learning rate: updates ({ctx.lr_said}) drove pre-activations into the flat region")
     remedies = [
         Remedy("Initialise with Xavier/Glorot, scaled for the activation", ctx.init_code),
-        Remedy("Normalise the pre-activations", "model, _ = gw.modify.insert_norm(model, 'batch')"),
+        NORMALISE,
         Remedy("Or swap to a non-saturating activation", _swap_code(ctx, acts[0])),
     ]
     if not evidence.get("at_init"):  # the initial weights were fine: the updates pushed them there
@@ -299,21 +316,18 @@ def stalled(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[list
     if evidence.get("outside_optimizers"):
         causes = ["these parameters are in no optimizer (or only at lr 0): left out by mistake, or frozen on "
                   "purpose with requires_grad left on"]
-        return causes, [Remedy("Give the optimizer every parameter that should train",
-                               "optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)"),
+        return causes, [GIVE_ALL_PARAMETERS,
                         Remedy("Or, if they are frozen on purpose, stop their gradients", _freeze_code(layers))]
     if evidence.get("frozen"):
         causes = ["learning rate: the weights do not change although gradients arrive; the learning rate is 0, "
                   "or these parameters are not in the optimizer"]
-        return causes, [Remedy("Give the optimizer every parameter that should train",
-                               "optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)")]
+        return causes, [GIVE_ALL_PARAMETERS]
     causes = ["learning rate: one learning rate for layers whose gradients differ by orders of magnitude"]
     if ctx.saturating:
         causes.append(f"saturating activation: {', '.join(ctx.saturating)} shrinks the signal reaching the lower layers")
-    remedies = [Remedy("Normalise the pre-activations", "model, _ = gw.modify.insert_norm(model, 'batch')")]
+    remedies = [NORMALISE]
     if not ctx.adaptive:  # an adaptive optimizer already scales each parameter's step
-        remedies.insert(0, Remedy("Use an optimizer with per-parameter step sizes",
-                                  "optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)"))
+        remedies.insert(0, Remedy("Use an optimizer with per-parameter step sizes", ADAM_CODE))
     else:
         remedies.append(Remedy("Initialise each layer for the activation that follows it", ctx.init_code))
     return causes, remedies
@@ -325,14 +339,14 @@ def loss_plateau(ctx: Context, evidence: dict) -> tuple[list[str], list[Remedy]]
                 Remedy("Check every trainable parameter is given to the optimizer and gets a gradient",
                        "assert all(p.grad is not None for p in model.parameters() if p.requires_grad)")]
     if not ctx.adaptive:
-        remedies.append(Remedy("Try an adaptive optimizer", "optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)"))
+        remedies.append(Remedy("Try an adaptive optimizer", ADAM_CODE))
     return causes, remedies
 
 
 def loss_divergence(ctx: Context, evidence: dict) -> tuple[list[str], list[Remedy]]:
     causes = [f"learning rate: {ctx.lr_said} with {ctx.optimizer} overshoots; the loss rises instead of falling"]
     remedies = [ctx.lower_lr(ctx.lr_cut()),  # more than tenfold where the measured updates need it
-                Remedy("Clip the gradient norm", "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)")]
+                Remedy("Clip the gradient norm", CLIP_CODE)]
     if not ctx.scheduled:  # a schedule is there already (and may warm up)
         remedies.append(Remedy("Warm the learning rate up over the first steps",
                                "scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=100)"))

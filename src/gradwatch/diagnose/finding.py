@@ -64,6 +64,7 @@ class Finding:
         return f"gradwatch: [{self.severity}] {self.kind} (step {self.first_step}): {self.message}"
 
     def to_dict(self) -> dict:
+        """The JSON form (lists for tuples): one entry of findings.json."""
         out = asdict(self)
         out["layers"] = list(self.layers)
         out["causes"] = list(self.causes)
@@ -87,6 +88,7 @@ FINDINGS_FILE = "findings.json"  # a run's findings, next to its store: `gradwat
 
 
 def write_findings(run_dir: str | Path, findings: list[Finding]) -> Path:
+    """Write `findings.json` into the run directory (read back with `Finding.from_dict`)."""
     path = Path(run_dir) / FINDINGS_FILE
     path.write_text(json.dumps([f.to_dict() for f in findings], indent=2, default=float))
     return path

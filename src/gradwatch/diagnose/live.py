@@ -17,6 +17,8 @@ from gradwatch.errors import ConfigError, TrainingStopped
 
 
 def check_stop_on(stop_on: Iterable[str]) -> tuple[str, ...]:
+    """`stop_on` as a tuple of finding kinds (one kind may be passed alone), each checked: a typo
+    would otherwise never stop anything."""
     kinds = (stop_on,) if isinstance(stop_on, str) else tuple(stop_on)
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
@@ -59,6 +61,8 @@ class LiveDiagnosis:
         self.report(diagnose(watch.stored_series()), stop=False)
 
     def report(self, findings: list[Finding], watch=None, stop: bool = True) -> None:
+        """Tell each finding not told before (by kind and first layer); with `stop`, raise
+        `TrainingStopped` on a kind in `stop_on`, after detaching `watch`."""
         for f in findings:
             key = (f.kind, f.layers[0] if f.layers else "")  # the layers listed may grow as it spreads
             if key in self._seen:

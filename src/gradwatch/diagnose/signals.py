@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import numpy as np
 
-from gradwatch.store.series import RunSeries
+from gradwatch.store.series import WEIGHT_ROLES, RunSeries
 
 # Layers whose gradients say nothing about depth: normalisation layers (scale-invariant, weights
 # near 1) and embeddings (a gradient only on the rows a batch touches).
@@ -16,7 +18,7 @@ def profile_columns(run: RunSeries) -> list[int]:
     transform the signal (Linear, Conv, attention, recurrent), not norms or embeddings."""
     cols = [
         i for i, layer in enumerate(run.layers)
-        if layer.role in ("param", "recurrent") and not any(t in layer.type for t in NOT_IN_PROFILE)
+        if layer.role in WEIGHT_ROLES and not any(t in layer.type for t in NOT_IN_PROFILE)
     ]
     return sorted(cols, key=lambda i: run.layers[i].index)
 
@@ -48,16 +50,18 @@ def normalised_columns(run: RunSeries) -> set[int]:
     by_index = sorted(range(len(run.layers)), key=lambda i: run.layers[i].index)
     out = set()
     for a, b in zip(by_index, by_index[1:]):
-        if run.layers[a].role in ("param", "recurrent") and "Norm" in run.layers[b].type:
+        if run.layers[a].role in WEIGHT_ROLES and "Norm" in run.layers[b].type:
             out.add(a)
     return out
 
 
 def activation_columns(run: RunSeries) -> list[int]:
+    """Columns of the activation modules (ReLU, Sigmoid...): where dead and saturated units show."""
     return [i for i, layer in enumerate(run.layers) if layer.role == "activation"]
 
 
-def names(run: RunSeries, cols) -> tuple[str, ...]:
+def names(run: RunSeries, cols: Iterable[int]) -> tuple[str, ...]:
+    """The layer names of columns, in the order given: what a finding lists."""
     return tuple(run.layers[i].name for i in cols)
 
 
@@ -73,14 +77,14 @@ def total_grad_norm(run: RunSeries, stepped_only: bool = False) -> np.ndarray:
         return np.full(len(run.steps), np.nan)
     if stepped_only:
         unused = np.zeros(g.shape, dtype=bool)
-        names = [layer.name for layer in run.layers]
+        layer_names = run.layer_names()
         for name in run.meta.get("outside_optimizers") or []:
-            if name in names:
-                unused[:, names.index(name)] = True
+            if name in layer_names:
+                unused[:, layer_names.index(name)] = True
         for step, layers in run.meta.get("optimizer_stopped") or []:
             for name in layers:
-                if name in names:
-                    unused[run.steps >= step, names.index(name)] = True
+                if name in layer_names:
+                    unused[run.steps >= step, layer_names.index(name)] = True
         g = np.where(unused, np.nan, g)
     recorded = ~np.isnan(g)
     with np.errstate(over="ignore", invalid="ignore"):
@@ -122,7 +126,16 @@ def persistent_start(condition: np.ndarray, persist: int, *, to_the_end: bool = 
     return None
 
 
+def rows_before_non_finite_loss(run: RunSeries) -> int:
+    """Rows before the first non-finite loss (all of them if none). From there on the activations
+    and gradients are NaN/Inf: what they show is that (the non_finite finding says it), not dead,
+    saturated or cut-off units."""
+    bad = np.flatnonzero(np.isinf(run.loss))
+    return int(bad[0]) if len(bad) else len(run.steps)
+
+
 def window(n: int, min_window: int) -> int:
+    """Steps in a window of a run of `n` steps: a tenth of it, at least `min_window`."""
     return max(min_window, n // 10)
 
 
@@ -135,12 +148,12 @@ def finite_loss(run: RunSeries) -> tuple[np.ndarray, np.ndarray]:
 def lowest_over_highest(values: np.ndarray) -> float:
     """The lowest finite entry over the largest of the entries above it, input first.
 
-    NaN when fewer than two layers have a finite value."""
+    NaN when fewer than two layers have a finite value, or none above the lowest a positive one."""
     v = np.asarray(values, dtype=float)
     v = v[np.isfinite(v) & (v >= 0)]
     if len(v) < 2:
         return float("nan")
-    above = v[1:][np.isfinite(v[1:]) & (v[1:] > 0)]
+    above = v[1:][v[1:] > 0]
     return float(v[0] / above.max()) if len(above) else float("nan")
 
 
@@ -179,17 +192,16 @@ def time_ratio(profile: np.ndarray, edge: int = 3) -> np.ndarray:
         return np.where(end > 0, start / end, np.nan)
 
 
-def persistent_activation_layers(run: RunSeries, metric: str, limit: float, persist: int, *, exclude=(), only=None):
+def persistent_activation_layers(run: RunSeries, metric: str, limit: float, persist: int, *,
+                                 exclude: Iterable[str] = (), only: Iterable[str] | None = None
+                                 ) -> dict[str, tuple[int, float, bool]]:
     """{layer: (first step, median value from then on, starts at init)} for activation layers whose
     `metric` stays at or above `limit` persistently."""
     m = run.metrics.get(metric)
     out = {}
     if m is None:
         return out
-    # once the loss is non-finite the activations are NaN/Inf: what they show then is that, not
-    # dead or saturated units (the non_finite finding says it)
-    bad = np.flatnonzero(np.isinf(run.loss))
-    end = bad[0] if len(bad) else len(run.steps)
+    end = rows_before_non_finite_loss(run)
     for c in activation_columns(run):
         act = run.layers[c].activation
         if act in exclude or (only is not None and act not in only):

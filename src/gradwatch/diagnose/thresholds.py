@@ -33,6 +33,10 @@ class Thresholds:
     vanishing_ratio: float = 1e-2
     backward_vanishing_ratio: float = 1e-3
     backward_exploding_ratio: float = 1e3
+    # A vanishing gradient is an error, not a warning, when the ratio's median from the finding's
+    # first step on is below this: a decade under `backward_vanishing_ratio`, the bar ∂L/∂s must
+    # pass alone, so no width or pooling explains it.
+    vanishing_error_ratio: float = 1e-4
     # Fewer layers than this carry no depth profile worth judging...
     min_profile_layers: int = 3
     # ... unless two hidden layers' ∂L/∂s differ by more than one layer between them can explain:
@@ -63,10 +67,18 @@ class Thresholds:
     noise_z: float = 3.09
     spike_steps: int = 3
     jump_factor: float = 1e3
+    # The spans, in baseline windows, of "the last 5 windows" a jump must rise above and of "its
+    # first 5 windows" that set the gradient's early range (and the level the advice clips at):
+    # 100 steps each at the default window.
+    jump_history_windows: int = 5
+    early_windows: int = 5
     # A burst the run recovers from (back near its level within a window, nothing non-finite
     # after) is an isolated instability, not a finding; one that does not recover is, and so are
     # `chronic_bursts` of them. The finding starts at the first burst: the first warning sign.
+    # "Near its level": some norm of the window after the burst below `recovered_factor` times the
+    # baseline median where the burst began.
     chronic_bursts: int = 3
+    recovered_factor: float = 2.0
     # One update larger than the weights it changes (‖Δw‖/‖w‖ > 1): the step overshoots.
     # Healthy updates are around 1e-3 (Karpathy's rule of thumb); 1 is three decades above.
     # Measured at sampled steps; under plain SGD, where Δw = lr·g, at every step.

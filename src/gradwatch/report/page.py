@@ -15,7 +15,7 @@ import numpy as np
 
 from gradwatch.report import figures
 from gradwatch.report.display import Blocks, chosen_steps, layer_columns, recorded_rows
-from gradwatch.store.reader import partial_note
+from gradwatch.store.ending import partial_note
 from gradwatch.store.schema import EXIT_KEY
 from gradwatch.store.series import RunSeries
 

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sqlite3
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import quote
 
 import numpy as np
 
 from gradwatch.errors import StoreError
-from gradwatch.store.schema import EXIT_KEY, FORMAT, LAYER_COLUMNS
+from gradwatch.store.schema import FORMAT, LAYER_COLUMNS
 from gradwatch.store.series import LayerInfo, RunSeries
 
 try:
@@ -75,6 +76,7 @@ def connect(path: str | os.PathLike) -> sqlite3.Connection:
 
 
 def read_meta(db: sqlite3.Connection) -> dict:
+    """The store's meta table, each value decoded from its JSON."""
     return {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
 
 
@@ -93,20 +95,14 @@ def read_run(run: str | os.PathLike) -> RunSeries:
     return series
 
 
-class damaged_store:
+@contextmanager
+def damaged_store(path: str | os.PathLike) -> Iterator[None]:
     """A context in which SQLite finding the file damaged (a page overwritten, a file cut short
     after its first pages) is a `StoreError` naming the file, not a traceback from deep inside."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        if exc is not None and isinstance(exc, sqlite3.DatabaseError):
-            raise damaged(self.path, exc) from exc
-        return False
+    try:
+        yield
+    except sqlite3.DatabaseError as exc:
+        raise damaged(path, exc) from exc
 
 
 def damaged(path: str | os.PathLike, exc: Exception) -> StoreError:
@@ -134,42 +130,6 @@ def run_is_live(run_dir: str | os.PathLike) -> bool:
         return False
     finally:
         os.close(fd)
-
-
-def end_note(meta: dict, last_step: int | None = None) -> str | None:
-    """What makes a run partial, as the tools say it after "partial run: " (still being written;
-    its command ended by an error, an exit code or a signal, or `gradwatch run` itself was killed),
-    or None for a run that ended normally or whose end is not known (a store written by `gw.watch`
-    or a callback in the user's own process)."""
-    at = f" at step {last_step}" if last_step is not None else ""
-    if meta.get("live"):
-        return "still being written" + (f": stored up to step {last_step} so far" if at else "")
-    end = meta.get(EXIT_KEY)
-    if end is None and meta.get("command") and not meta.get("framework"):
-        # a `gradwatch run` store (a callback's names its framework): `gradwatch run` records the end
-        # once its command ends, unless it was killed first, with it (its process group, the machine)
-        return ("its end was never recorded: `gradwatch run` was killed with its command (SIGKILL, or the "
-                "machine stopped)" + (f" after step {last_step}; the steps after its last store write are lost" if at else ""))
-    if not isinstance(end, dict) or not end.get("code"):
-        return None
-    if end.get("error"):
-        return f"the training stopped on an error{at} ({end['error']}); every step until then is stored"
-    code = int(end["code"])
-    name = _SIGNALS.get(code - 128) if code > 128 else None
-    if name in ("SIGTERM", "SIGINT"):  # handled: the process stores its last steps before it ends
-        return f"stopped by {'Ctrl-C (SIGINT)' if name == 'SIGINT' else name}{at}; every step until then is stored"
-    if name:  # SIGKILL, SIGHUP (a closed terminal), SIGSEGV...: the steps since the last store write are gone
-        return f"killed by {name}{' (out of memory?)' if name == 'SIGKILL' else ''}" + (
-            f" after step {last_step}: the steps after its last store write are lost" if at else "")
-    return f"the command ended with exit code {code}{at}; every step until then is stored"
-
-
-def partial_note(run: RunSeries) -> str | None:
-    """`end_note` of a series read with `read_run`: its meta and its last step."""
-    return end_note(run.meta, int(run.steps[-1]) if len(run.steps) else None)
-
-
-_SIGNALS = {int(s): s.name for s in signal.Signals}
 
 
 def _read(db: sqlite3.Connection) -> RunSeries:

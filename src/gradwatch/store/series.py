@@ -10,10 +10,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# Per-layer metrics (see docs/statistics.md for their exact definitions).
-PARAM_METRICS = ("grad_norm", "grad_max", "weight_norm", "update_ratio", "nonfinite", "grad_out_rms")
-ACTIVATION_METRICS = ("act_mean", "act_std", "saturated", "dead", "grad_out_rms")
-METRICS = tuple(dict.fromkeys(PARAM_METRICS + ACTIVATION_METRICS))
+from gradwatch.store.schema import LAYER_COLUMNS
+
+# The roles of layers that own weights (`LayerInfo.role`): the ones a depth profile is made of.
+WEIGHT_ROLES = ("param", "recurrent")
+# The per-layer metrics a series holds: the store's per-(step, layer) columns, named once there
+# (docs/statistics.md defines each).
+METRICS = LAYER_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ class RunSeries:
     def weight_columns(self) -> list[int]:
         """Columns of the layers with weights (role param or recurrent), input first: the layers
         `gradwatch run` and the report count, and the rules walk from the input up."""
-        return sorted((c for c, l in enumerate(self.layers) if l.role in ("param", "recurrent")),
+        return sorted((c for c, l in enumerate(self.layers) if l.role in WEIGHT_ROLES),
                       key=lambda c: self.layers[c].index)
 
     def column(self, name: str) -> int:

@@ -7,7 +7,8 @@ import numpy as np
 
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
-from gradwatch.diagnose.signals import persistent_activation_layers, persistent_start, summarise_layers
+from gradwatch.diagnose.signals import (persistent_activation_layers, persistent_start, rows_before_non_finite_loss,
+                                        summarise_layers)
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
 
@@ -37,11 +38,10 @@ def find_dead_units(run: RunSeries, th: Thresholds) -> list[Finding]:
     if evidence["at_init"] and (zeros := _zero_initialised(run)):
         evidence["zero_weight_layers"] = zeros
     causes, remedies = advice.dead_units(advice.Context(run), zero_layers, evidence)
-    shown = ", ".join(f"'{n}'" for n in zero_layers[:3]) + (f" and {len(zero_layers) - 3} more" if len(zero_layers) > 3 else "")
     why = ("weights above that are all zero" if "zero_weight_layers" in evidence else
            "ReLU units that output 0 for every sample, weights above that are all zero, or a function whose "
            "derivative is 0 there: torch.round, sign, a custom autograd.Function's backward")
-    message = (f"{shown} get exactly zero gradient since step {first}: nothing above passes any back ({why}), "
+    message = (f"{advice.listed(zero_layers)} get exactly zero gradient since step {first}: nothing above passes any back ({why}), "
                f"so they cannot learn. {remedies[0].action}.")
     return [Finding("dead_units", "error", first, zero_layers, message, evidence, tuple(causes), tuple(remedies))]
 
@@ -75,8 +75,7 @@ def _zero_gradient_layers(run: RunSeries, th: Thresholds) -> dict[str, int]:
     g = run.metrics.get("grad_norm")
     if g is None:
         return {}
-    bad = np.flatnonzero(np.isinf(run.loss))  # after it, what the gradients show is that
-    end = bad[0] if len(bad) else len(run.steps)
+    end = rows_before_non_finite_loss(run)
     weights = run.weight_columns()
     out: dict[str, int] = {}
     for k, c in enumerate(weights):  # input first, while they are cut off

@@ -24,7 +24,7 @@ def find_exploding(run: RunSeries, th: Thresholds) -> list[Finding]:
     first = min(step for step, _, _ in signals)
     evidence: dict = {}
     layers: tuple[str, ...] = ()
-    for step, found_layers, ev in sorted(signals, key=lambda s: s[0]):
+    for _, found_layers, ev in sorted(signals, key=lambda s: s[0]):
         evidence.update(ev)
         layers = layers or found_layers
     evidence["at_init"] = first == int(run.steps[0])
@@ -91,7 +91,7 @@ def _growth_over_steps(run: RunSeries, th: Thresholds):
     # far below its early level while a few misclassified batches still bring it back there.
     # The early level is the median of the first five windows after warm-up, taken only from the
     # steps before each one: a blow-up within those windows must not raise its own bar.
-    early = _early_level(norms, th.warmup_steps, 5 * w)
+    early = _early_level(norms, th.warmup_steps, th.early_windows * w)
     early_top = early * float(np.exp(th.noise_z * max(sigma, 0.0)))
     spike = (np.nan_to_num(factor, nan=0.0) >= bar) & (norms >= early_top)
     # spikes within the window ending at each step (steps may have gaps: count by step number)
@@ -100,7 +100,7 @@ def _growth_over_steps(run: RunSeries, th: Thresholds):
     in_window = count - np.concatenate([[0], count])[start]
     # one jump: far above the median and above anything seen for five windows (heavy-tailed
     # per-sample gradients leap from a near-zero median to their usual size often)
-    long = 5 * w
+    long = th.jump_history_windows * w
     history_long = np.concatenate([np.full(long, np.nan), np.where(np.arange(n) < th.warmup_steps, np.nan, norms)])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -121,7 +121,7 @@ def _growth_over_steps(run: RunSeries, th: Thresholds):
         i = burst[0]
         j = i if jump[i] and in_window[i] < th.spike_steps else start[i] + np.argmax(spike[start[i]:i + 1])
         after = norms[burst[-1] + 1:burst[-1] + 1 + w]
-        recovered = len(after) == w and after.min() < 2 * base[j] and (bad_step is None or bad_step < steps[i])
+        recovered = len(after) == w and after.min() < th.recovered_factor * base[j] and (bad_step is None or bad_step < steps[i])
         if not recovered:
             unrecovered = i
             break
@@ -138,7 +138,7 @@ def _growth_over_steps(run: RunSeries, th: Thresholds):
         "grad_norm_at_detection": float(norms[i]), "detected_at_step": int(steps[i]), "bursts": len(bursts),
         # the level to clip at: the top of the early norms before the burst (the median would
         # clip most batches of a heavy-tailed, batch-size-1 run; the burst itself is no level)
-        "early_norm": _clip_level(norms[th.warmup_steps:min(th.warmup_steps + 5 * w, j)], early[j]),
+        "early_norm": _clip_level(norms[th.warmup_steps:min(th.warmup_steps + th.early_windows * w, j)], early[j]),
         "recovered": unrecovered is None}
 
 

@@ -93,8 +93,7 @@ def _in_the_run(run: RunSeries) -> list[Finding]:
     if guarded:  # gw.guard kept every one from the weights: the run went on, the cause is still there
         evidence["guard_skipped_steps"] = guarded
         remedies = [r for r in remedies if "gw.guard" not in r.code]
-        shown = ", ".join(map(str, guarded[:5])) + (f" and {len(guarded) - 5} more" if len(guarded) > 5 else "")
-        message = (f"NaN/Inf appeared in the {origin}{where_text} at step {shown}; gw.guard skipped "
+        message = (f"NaN/Inf appeared in the {origin}{where_text} at step {advice.listed(guarded, 5, quote=False)}; gw.guard skipped "
                    f"{'that step' if len(guarded) == 1 else 'those steps'}, so the weights never took them. "
                    f"{remedies[0].action}.")
         return [Finding("non_finite", "warning", step, layers, message, evidence, tuple(causes), tuple(remedies))]

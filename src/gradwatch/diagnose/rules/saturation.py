@@ -10,14 +10,14 @@ from gradwatch.diagnose.finding import Finding
 from gradwatch.diagnose.rules.loss import loss_fell_to
 from gradwatch.diagnose.signals import activation_columns, persistent_activation_layers, summarise_layers
 from gradwatch.diagnose.thresholds import Thresholds
-from gradwatch.store.series import RunSeries
+from gradwatch.store.series import WEIGHT_ROLES, RunSeries
 
 
 def find_saturation(run: RunSeries, th: Thresholds) -> list[Finding]:
     hits = persistent_activation_layers(run, "saturated", th.saturated_fraction, th.persist_samples, only=advice.SATURATING)
     # the output's own activation (a sigmoid before BCELoss) saturates when its predictions are
     # confident, which is the aim: the loss's gradient at the logit is p - y, not through σ'
-    last_weight = max((l.index for l in run.layers if l.role in ("param", "recurrent")), default=-1)
+    last_weight = max((l.index for l in run.layers if l.role in WEIGHT_ROLES), default=-1)
     hits = {n: h for n, h in hits.items() if run.layers[run.column(n)].index < last_weight}
     if not hits:
         return []
@@ -41,7 +41,7 @@ def find_saturation(run: RunSeries, th: Thresholds) -> list[Finding]:
         evidence["loss_since_onset"] = list(learning)
         message = (f"{said}, and the loss still fell {learning[0]:.4g} -> {learning[1]:.4g} after it: confident "
                    f"units, no block to learning yet. If the layers below must learn more: "
-                   f"{remedies[0].action[0].lower()}{remedies[0].action[1:]}.")
+                   f"{advice.continued(remedies[0].action)}.")
         return [Finding("saturation", "info", first, layers, message, evidence, tuple(causes), tuple(remedies))]
     message = f"{said}: almost no gradient passes. {remedies[0].action}."
     return [Finding("saturation", "warning", first, layers, message, evidence, tuple(causes), tuple(remedies))]

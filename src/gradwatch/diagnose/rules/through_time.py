@@ -49,7 +49,7 @@ def find_through_time(run: RunSeries, th: Thresholds) -> list[Finding]:
                 severity = "info"
                 message = (f"Through time in {layer}, {what} since step {int(steps[start])}; the loss still fell "
                            f"{learnt[0]:.4g} -> {learnt[1]:.4g}, so this task needs little long-range memory. If "
-                           f"it needs more: {remedies[0].action[0].lower()}{remedies[0].action[1:]}.")
+                           f"it needs more: {advice.continued(remedies[0].action)}.")
             findings.append(Finding(kind, severity, int(steps[start]), (layer,), message, evidence,
                                     tuple(causes), tuple(remedies)))
     return findings

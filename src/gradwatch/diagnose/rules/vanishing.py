@@ -40,7 +40,7 @@ def find_vanishing(run: RunSeries, th: Thresholds) -> list[Finding]:
     relative = None if short else _ratios(run, "relative_grad", th, hidden=False)
     evidence: dict = {}
     if relative is not None:
-        r_rows, r_ratios, r_values, r_cols = relative
+        r_rows, r_ratios, _, _ = relative
         agree = np.interp(run.steps[rows], run.steps[r_rows], np.nan_to_num(r_ratios, nan=1.0)) < th.vanishing_ratio
         condition |= (ratios < th.vanishing_ratio) & agree
     start = persistent_start(condition & np.isfinite(ratios), th.persist_samples)
@@ -59,7 +59,7 @@ def find_vanishing(run: RunSeries, th: Thresholds) -> list[Finding]:
     if relative is not None:
         evidence["relative_grad_ratio"] = float(np.nanmedian(r_ratios[-len(tail):])) if len(tail) else float("nan")
     evidence["at_init"] = first == int(run.steps[0])
-    severity = "error" if ratio < 1e-4 else "warning"
+    severity = "error" if ratio < th.vanishing_error_ratio else "warning"
     ctx = advice.Context(run)
     causes, remedies = advice.vanishing(ctx, layers, evidence, through_time=False)
     message = (f"The gradient reaching layer '{layers[0]}' is {ratio:.1e} of the upper layers' since step {first}: "
