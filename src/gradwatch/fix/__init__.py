@@ -25,7 +25,7 @@ from gradwatch.fix.trial import (OUTPUT_LOG, Trial, discard_trials, lower_beyond
                                  run_trial_in_process)
 from gradwatch.store import read_run, store_files
 from gradwatch.store.reader import connect
-from gradwatch.store.series import LayerInfo
+from gradwatch.store.series import WEIGHT_ROLES, LayerInfo
 
 BASELINE = Candidate("baseline (no change)")
 
@@ -205,7 +205,7 @@ def group_lrs(run_dir: Path) -> tuple[float, ...]:
 def hidden_activations(layers: list[LayerInfo]) -> set[str]:
     """The activations of the modules that first run before the last weight layer: one that runs
     only after it is the output's, which the swaps keep, so a swap of it alone would change nothing."""
-    last = max((l.index for l in layers if l.role in ("param", "recurrent")), default=-1)
+    last = max((l.index for l in layers if l.role in WEIGHT_ROLES), default=-1)
     return {l.activation for l in layers if l.role == "activation" and (l.index < last or last < 0)}
 
 

@@ -17,7 +17,7 @@ from gradwatch.report import figures
 from gradwatch.report.display import Blocks, chosen_steps, layer_columns, recorded_rows
 from gradwatch.store.ending import partial_note
 from gradwatch.store.schema import EXIT_KEY
-from gradwatch.store.series import RunSeries
+from gradwatch.store.series import WEIGHT_ROLES, RunSeries
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1100px;padding:0 16px 40px;color:#222}
@@ -130,7 +130,7 @@ def findings_section(findings: list) -> str:
 
 
 def flow_section(run: RunSeries, steps: list[int] | None) -> str:
-    cols = layer_columns(run, ("param", "recurrent"))
+    cols = layer_columns(run, WEIGHT_ROLES)
     chosen = chosen_steps(run, "grad_norm", steps)
     if not cols or not chosen:
         return _section("gradient-flow", "Gradient flow", "<p>No gradient norm was recorded.</p>")
@@ -148,7 +148,7 @@ def flow_section(run: RunSeries, steps: list[int] | None) -> str:
 
 
 def heatmap_section(run: RunSeries) -> str:
-    cols = layer_columns(run, ("param", "recurrent"))
+    cols = layer_columns(run, WEIGHT_ROLES)
     parts = []
     for metric, label, what in (("grad_norm", "gradient norm", "gradient norm (every recorded step)"),
                                 ("update_ratio", "update ratio ‖Δw‖/‖w‖", "update ratio ‖Δw‖/‖w‖ (sampled steps)")):
