@@ -18,6 +18,13 @@ from gradwatch.store.series import WEIGHT_ROLES, RunSeries
 
 RELU_FAMILY = {"relu", "relu6", "leaky_relu", "prelu", "rrelu", "elu", "celu", "selu", "gelu", "silu", "mish"}
 SATURATING = {"sigmoid", "tanh", "softsign", "hardtanh", "hardsigmoid"}
+# ~x/2 near 0 and ~ReLU far from it: no weight scale keeps their signal through depth. Under He's
+# √2 the variance shrinks into the x/2 regime (backward gain ~1/2 a layer); under the gain that
+# makes unit variance a fixed point, 1/√E[f(z)²], that fixed point is unstable and the variance
+# grows (20 SiLU layers: 2.8 -> 47 -> 1050). Measured on a 20-layer SiLU MLP on digits, SGD 0.05,
+# 300 steps: default init ∂L/∂s ratio 6e-11, loss 2.30; gw.init_ 1.9e-3, loss 2.30; BatchNorm
+# after each layer: loss 0.20, no finding. Normalisation is their first remedy.
+SMOOTH_RELUS = {"gelu", "silu", "mish", "hardswish"}
 # A NaN the gradient norm grew less than this much toward (over the steps before it) did not come
 # from training dynamics but from the data or the loss (a NaN in a batch, log of 0, a division by 0).
 NAN_FROM_GROWTH = 10.0
@@ -81,6 +88,7 @@ class Context:
         self.saturating = sorted({a for a in acts if a in SATURATING})
         self.n_saturating = sum(a in SATURATING for a in acts)
         self.relu_like = sorted({a for a in acts if a in RELU_FAMILY})
+        self.smooth_relus = sorted({a for a in acts if a in SMOOTH_RELUS})
         self.rnn_types = sorted({l.type for l in run.layers if l.role == "recurrent"})
         self.depth = sum(l.role in WEIGHT_ROLES and "Norm" not in l.type for l in run.layers)
         self.has_norm = any("Norm" in l.type for l in run.layers)
@@ -158,11 +166,15 @@ def vanishing(ctx: Context, layers: tuple[str, ...], evidence: dict, through_tim
         causes.append("initial weight scale: the gradient already collapses at the first step, before any update")
     if ctx.depth >= 6:
         causes.append(f"depth: {ctx.depth} weight layers multiply {ctx.depth - 1} backward factors")
-    remedies.append(Remedy("Initialise each layer for the activation that follows it (He for ReLU, Xavier for tanh/sigmoid)",
-                           ctx.init_code))
-    if not ctx.has_norm:
-        remedies.append(Remedy("Normalise the pre-activations so each layer's backward gain stays near 1",
-                               INSERT_NORM_CODE))
+    init = Remedy("Initialise each layer for the activation that follows it (He for ReLU, Xavier for tanh/sigmoid)",
+                  ctx.init_code)
+    norm = Remedy("Normalise the pre-activations so each layer's backward gain stays near 1", INSERT_NORM_CODE)
+    if ctx.smooth_relus and not ctx.saturating and not ctx.has_norm:
+        causes.insert(0, f"activation: {', '.join(ctx.smooth_relus)} is ~x/2 near 0, so no initial weight scale keeps "
+                      "the signal through depth (it shrinks toward that regime or grows away from it)")
+        remedies += [norm, init]
+    else:
+        remedies += [init] + ([] if ctx.has_norm else [norm])
     if ctx.depth >= 6:
         remedies.append(Remedy("Add residual connections around the shape-preserving blocks",
                                "model, _ = gw.modify.add_residual(model, example_input=x)  # x: one input batch"))
