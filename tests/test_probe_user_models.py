@@ -280,3 +280,17 @@ def test_functional_activation_reads_as_its_module(func, module):
         assert rf.layers[2].dead > 0.5
     assert rf.mean_field is not None and rf.mean_field.chi1 == pytest.approx(rm.mean_field.chi1, rel=1e-9)
     assert rf.mean_field.gain == pytest.approx(rm.mean_field.gain, rel=1e-9)
+
+
+def test_a_deep_silu_mlp_is_told_to_normalise_first_and_is_healthy_after_it():
+    # SiLU is ~x/2 near 0: no weight scale keeps its signal through 20 layers (He's shrinks it into
+    # that regime); the probe, like diagnose, puts normalisation first, and pasted it heals the net
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(20) for m in (nn.Linear(64, 64), nn.SiLU())], nn.Linear(64, 10))
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+    r, gain = _min_gain(model, x)
+    f = next(f for f in r.findings if f.kind == "vanishing_gradient")
+    assert f.causes[0].startswith("silu is ~x/2 near 0") and "insert_norm" in f.remedies[0].code
+    assert gain < 1e-6
+    healed, after = _min_gain(_paste("model, _ = " + f.remedies[0].code, model), x)
+    assert after > 0.05 and not [f for f in healed.findings if f.kind == "vanishing_gradient"]

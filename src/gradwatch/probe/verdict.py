@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 
-from gradwatch.diagnose.advice import SATURATING, module_ref
+from gradwatch.diagnose.advice import SATURATING, SMOOTH_RELUS, module_ref
 from gradwatch.diagnose.finding import Finding, Remedy
 from gradwatch.probe.meanfield import MeanField
 from gradwatch.probe.recurrent import RecurrentProbe
@@ -157,8 +157,15 @@ def layer_findings(layers: list[LayerProbe], mf: MeanField | None, *, init: set[
         remedies += [] if verdict == "vanishing" else [
             Remedy("clip the gradient norm", "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)")]
         if not normalised:
-            remedies.append(Remedy("add normalisation after each Linear/Conv (or residual connections)",
-                                   "gw.modify.insert_norm(model, \"batch\")"))
+            norm = Remedy("add normalisation after each Linear/Conv (or residual connections)",
+                          "gw.modify.insert_norm(model, \"batch\")")
+            smooth = sorted(acts & SMOOTH_RELUS)
+            if verdict == "vanishing" and smooth and not acts & SATURATING:  # (diagnose.advice.SMOOTH_RELUS: why)
+                causes.insert(0, f"{', '.join(smooth)} is ~x/2 near 0: no initial weight scale keeps the signal "
+                                 "through depth")
+                remedies.insert(0, norm)
+            else:
+                remedies.append(norm)
         msg = (f"at initialisation the gradient at layer '{w.name}' is {w.gain_to_top:.3g} × the output-most layer's "
                f"({len(bad)} of {len(layers)} layers beyond {limit:g}×)")
         findings.append(Finding(kind, "error" if severe else "warning", 0, tuple(x.name for x in bad), msg,
