@@ -40,6 +40,7 @@ class LiveDiagnosis:
         self._seen: set[tuple[str, str]] = set()
         self._last_step = 0
         self._watch: weakref.ref | None = None
+        self._closed_at: int | None = None  # the last stored step `close` diagnosed through
         self.check_at_close = True  # `gradwatch run` diagnoses the whole run when it ends anyway
 
     def __call__(self, watch) -> None:
@@ -53,12 +54,16 @@ class LiveDiagnosis:
     def close(self) -> None:
         """At detach, after the last flush: the steps since the last check (up to a tenth of the
         run: a NaN at step 205 of 210 was never said) are diagnosed once more. Nothing is stopped:
-        the training is over."""
+        the training is over. Called again (a TensorBoard sink closes it too), it diagnoses only
+        what was stored since."""
         watch = self._watch() if self._watch is not None else None
         if not self.check_at_close or watch is None or watch.step == self._last_step:
             return
-        self._last_step = watch.step
-        self.report(diagnose(watch.stored_series()), stop=False)
+        series = watch.stored_series()
+        if not len(series.steps) or int(series.steps[-1]) == self._closed_at:
+            return
+        self._closed_at = int(series.steps[-1])
+        self.report(diagnose(series), stop=False)
 
     def report(self, findings: list[Finding], watch=None, stop: bool = True) -> None:
         """Tell each finding not told before (by kind and first layer); with `stop`, raise

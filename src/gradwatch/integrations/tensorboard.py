@@ -8,7 +8,6 @@ Gradient norms are those gradwatch records: taken before any clipping (see docs/
 from __future__ import annotations
 
 import os
-import weakref
 from pathlib import Path
 from typing import Callable
 
@@ -127,8 +126,6 @@ class TensorBoardSink:
         self._store = WatchStore()
         self._last = -1
         self._findings = 0
-        self._written: set[tuple[str, str]] = set()  # (kind, first layer): as LiveDiagnosis tells them apart
-        self._watch = None  # weakref to the watch flushing into this sink: diagnosed once more at close
         self._closed = False
 
     def __call__(self, watch) -> None:
@@ -137,45 +134,31 @@ class TensorBoardSink:
         db = self._store.connection(watch)
         if db is None:
             return
-        self._watch = weakref.ref(watch)
         for row in rows_since(db, self._last):
             write_step(self._writer, row)
             self._last = row.step
         if self._own_live:
             self.live(watch)
-        found = list(getattr(self.live, "findings", []))
-        self._write(found[self._findings:])
-        self._findings = len(found)
+        self._write_new_findings()
         self._writer.flush()
 
-    def _write(self, findings: list) -> None:
-        """The findings not written yet, numbered on from those that were."""
-        start, new = len(self._written), []
-        for f in findings:
-            if _key(f) not in self._written:
-                self._written.add(_key(f))
-                new.append(f)
-        write_findings(self._writer, new, start)
+    def _write_new_findings(self) -> None:
+        """The live diagnosis's findings not written yet, numbered on from those that were."""
+        found = list(getattr(self.live, "findings", []))
+        write_findings(self._writer, found[self._findings:], self._findings)
+        self._findings = len(found)
 
     def close(self) -> None:
-        """End the event file (`watch.detach()` calls this after its last flush). The run is
-        diagnosed once more first: the live diagnosis runs at every tenth of the run's growth, so
-        what its last steps showed (a NaN at step 205 of 210) was never written."""
+        """End the event file (`watch.detach()` calls this after its last flush). The live
+        diagnosis is closed first (`LiveDiagnosis.close`, once per stored step whoever calls it):
+        it runs at every tenth of the run's growth, so what the last steps showed (a NaN at step
+        205 of 210) was never written."""
         if self._closed:
             return
         self._closed = True
-        watch = self._watch() if self._watch is not None else None
         try:
-            if watch is not None:
-                from gradwatch.diagnose import diagnose
-
-                series = watch.stored_series()
-                if len(series.steps):
-                    self._write(diagnose(series))
+            getattr(self.live, "close", lambda: None)()
+            self._write_new_findings()
         finally:
             self._writer.close()
             self._store.close()
-
-
-def _key(finding) -> tuple[str, str]:
-    return finding.kind, finding.layers[0] if finding.layers else ""
