@@ -1,6 +1,7 @@
 """Errors a user can cause. The CLI prints their message and exits non-zero, no traceback."""
 
 import difflib
+import textwrap
 
 
 class GradwatchError(Exception):
@@ -27,3 +28,11 @@ def did_you_mean(word: str, choices) -> str:
     prefixed = [c for c in choices if c.startswith(word)]
     close = prefixed if len(prefixed) == 1 else difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f" (did you mean {close[0]}?)" if close else ""
+
+
+def first_line(error: BaseException, width: int = 120) -> str:
+    """`ValueError: bad batch`: an exception as one line for a stored event or note, its message's
+    first line shortened to `width` (a traceback's worth of text does not fit in one)."""
+    lines = str(error).strip().splitlines()
+    name = type(error).__name__
+    return f"{name}: {textwrap.shorten(lines[0], width, placeholder=' ...')}" if lines else name

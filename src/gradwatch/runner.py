@@ -195,9 +195,14 @@ def run(command: list[str], run_dir: Path, options: dict[str, int], lock: int | 
         signal.signal(signal.SIGTERM, previous_term)
         if previous_hup is not None:
             signal.signal(signal.SIGHUP, previous_hup)
-    code = 128 - code if code < 0 else code
+    code = exit_status(code)
     finish_run(run_dir, code)
     return RunResult(run_dir, code)
+
+
+def exit_status(returncode: int) -> int:
+    """A child's return code as a shell says it: 128+N for a process killed by signal N."""
+    return 128 - returncode if returncode < 0 else returncode
 
 
 def finish_run(run_dir: Path, code: int) -> None:

@@ -21,7 +21,6 @@ import itertools
 import math
 import os
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from gradwatch.collect.stats import MISSING, entries, foreach_norm32
-from gradwatch.errors import ConfigError
+from gradwatch.errors import ConfigError, first_line
 
 EVENT = "rank_non_finite"  # events row: (step, "rank_non_finite", "rank R: loss nan|inf|-inf")
 EXCHANGE_FAILED = "distributed_error"  # events row: the exchange failed (a rank died); local values kept
@@ -343,12 +342,7 @@ _ENDS = itertools.count()  # the ends agreed so far in this process (the same se
 
 
 def _ended_on(error: BaseException | None) -> str:
-    if error is None:
-        return ""
-    lines = str(error).strip().splitlines()
-    said = f"{type(error).__name__}: {textwrap.shorten(lines[0], 120, placeholder=' ...')}" if lines else \
-        type(error).__name__
-    return f"it ended on {said}"
+    return "" if error is None else f"it ended on {first_line(error)}"
 
 
 def _importers(function) -> list:

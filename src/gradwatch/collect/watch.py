@@ -760,8 +760,12 @@ class Watch:
             self._outside = outside
             self._events.append((self._step, "outside_optimizers", json.dumps(outside)))
 
-    def _before_step(self, optimizer: torch.optim.Optimizer) -> None:
+    def _seen_stepping(self, optimizer: torch.optim.Optimizer) -> None:
+        """`optimizer` steps now, with these lrs (see `_stepping`)."""
         self._stepping[optimizer] = [group.get("lr", 1) for group in optimizer.param_groups]
+
+    def _before_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self._seen_stepping(optimizer)
         if optimizer is not self._optimizer or not self._attached:
             return
         self._successor = None  # the watched optimizer steps on: a new one beside it is a partner
@@ -797,7 +801,7 @@ class Watch:
         whole module with the generator's optimizer): its update belongs in the step's Δw, which
         is taken from before it. Left out, the layers it trains read as frozen ("give the
         optimizer every parameter")."""
-        self._stepping[optimizer] = [group.get("lr", 1) for group in optimizer.param_groups]
+        self._seen_stepping(optimizer)
         if optimizer is not self._optimizer and self._reached and self._attached:
             self._rival = type(optimizer).__name__  # (_rival_objective: if the gradients go unused)
         if self._successor is not None and optimizer is not self._optimizer:

@@ -249,7 +249,8 @@ def non_finite(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[l
                       (f"; the gradient norm grew {growth:.3g}x in the steps before" if growth > NAN_FROM_GROWTH else ""))
         remedies.append(Remedy(f"Lower the learning rate tenfold (to {ctx.lr_text(0.1)}) and clip the norm",
                                ctx.lr_code(0.1) + "\n" + CLIP_CODE))
-    remedies.append(Remedy("Never let a non-finite step reach the weights", GUARD_CODE))
+    if not evidence.get("guard_skipped_steps"):  # gw.guard is there already: it kept them from the weights
+        remedies.append(Remedy("Never let a non-finite step reach the weights", GUARD_CODE))
     return causes, remedies
 
 

@@ -63,8 +63,8 @@ def adam(names: Names = GENERIC) -> Candidate:
     code = f"{names.optimizer} = torch.optim.Adam({names.model}.parameters(), lr=1e-3)  # in place of your optimizer"
     rebuilt = names.schedule_from(1e-3) if scheduled else None
     if rebuilt is not None:  # the script's OneCycleLR/CyclicLR, at the lrs the trial's Adam ran at
-        return Candidate("Adam (lr 1e-3)", {"optimizer": "Adam", "lr": 1e-3}, f"{code}\n{rebuilt}  # in place of your "
-                         f"{names.cyclic_build.split('=')[0].strip()} = ... line: the lrs the trial's Adam ran at")
+        return Candidate("Adam (lr 1e-3)", {"optimizer": "Adam", "lr": 1e-3}, f"{code}\n{rebuilt}  # "
+                         f"{names.replaced_schedule}: the lrs the trial's Adam ran at")
     return Candidate("Adam (lr 1e-3)", {"optimizer": "Adam", "lr": 1e-3}, code + (
         ", before a scheduler is built on it (OneCycleLR: max_lr=1e-3; CyclicLR: base_lr=1e-3)" if scheduled else ""))
 
@@ -116,7 +116,7 @@ def _optimizer_lr_code(factor: float, names: Names) -> str:
         # the peak the budget saw is not the schedule's (a warm-up may peak later), and OneCycleLR
         # sets the lr from its own max_lr: the factor is what the trial applied to every lr it set
         if (rebuilt := names.scaled_schedule(factor)) is not None:  # the script's own line, its lrs scaled
-            return f"{rebuilt}  # in place of your {names.cyclic_build.split('=')[0].strip()} = ... line: its lrs x{factor:g}"
+            return f"{rebuilt}  # {names.replaced_schedule}: its lrs x{factor:g}"
         if names.schedulers and not names.schedulers & set(CYCLIC_LRS):  # StepLR & co. scale from the lr they find
             return loop + f"group['lr'] *= {factor:g}  # {once}"
         return (loop + f"group['lr'] *= {factor:g}  # {once}; a OneCycleLR or CyclicLR sets the lr from "

@@ -26,11 +26,11 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from gradwatch.collect import patches
-from gradwatch.collect.auto import ENV_RUN_DIR
 from gradwatch.collect.layers import ACTIVATIONS
 from gradwatch.collect.watch import MAX_ACCUMULATION, params_of
 from gradwatch.errors import ConfigError
 from gradwatch.remedies import clip, init_, insert_norm, replace_rnn, swap_activations
+from gradwatch.runner import ENV_RUN_DIR
 
 ENV_REMEDY = "GRADWATCH_REMEDY"
 ENV_MAX_STEPS = "GRADWATCH_MAX_STEPS"

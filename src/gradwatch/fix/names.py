@@ -78,6 +78,11 @@ class Names:
             return None
         return self.run.lr_text(factor)
 
+    @property
+    def replaced_schedule(self) -> str:
+        """The note beside a rebuilt `cyclic_build`: which line of the script it replaces."""
+        return f"in place of your {self.cyclic_build.split('=')[0].strip()} = ... line"
+
     def scaled_schedule(self, factor: float) -> str | None:
         """The script's OneCycleLR/CyclicLR build with the lrs it sets from scaled by `factor`
         (max_lr, and CyclicLR's base_lr), as a line to put in its place; None when the script builds

@@ -173,7 +173,7 @@ def run_trial(command: list[str], run_dir: Path, candidate: Candidate, budget_st
             code = -9
         except OSError as exc:
             raise ConfigError(f"cannot start {command[0]!r}: {exc.strerror}") from exc
-    runner.finish_run(run_dir, 128 - code if code < 0 else code)
+    runner.finish_run(run_dir, runner.exit_status(code))
     return measure(Trial(candidate, run_dir, code, time.perf_counter() - start))
 
 

@@ -15,7 +15,7 @@ import torch
 from gradwatch.collect.watch import Watch, positive_int
 from gradwatch.diagnose.live import check_stop_on
 from gradwatch.diagnose.finding import write_findings
-from gradwatch.errors import ConfigError
+from gradwatch.errors import ConfigError, first_line
 from gradwatch.integrations._rows import StepRows, WatchStore, rows_since
 from gradwatch.runner import output_dir, prepare_run_dir
 from gradwatch.store.writer import finish_store
@@ -104,8 +104,7 @@ class Recorder:
 
         self.watch.detach()
         if error is not None and self.watch.store_path is not None and self.watch.store_path.is_file():
-            text = str(error).strip().splitlines()
-            finish_store(self.watch.store_path, 1, type(error).__name__ + (f": {text[0][:200]}" if text else ""))
+            finish_store(self.watch.store_path, 1, first_line(error, 200))
         series = self.watch.stored_series()
         findings = diagnose(series) if len(series.steps) else []
         for f in findings:

@@ -153,12 +153,15 @@ class GradwatchCallback(pl.Callback):
         for logger in self._loggers():
             logger.log_metrics({PREFIX + "findings": self._count}, step=max(finding.first_step, 0))
 
-    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
-                   error: BaseException | None = None) -> None:
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._end()
+
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        self._end(exception)
+
+    def _end(self, error: BaseException | None = None) -> None:
+        """The fit is over, or stopped on `error` (which the store then records)."""
         self._resume = self._watched_steps()
         self.recorder.finish(error)
         self._log_flushed()
         self.recorder.close()
-
-    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
-        self.on_fit_end(trainer, pl_module, exception)

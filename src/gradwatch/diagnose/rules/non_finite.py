@@ -85,14 +85,14 @@ def _in_the_run(run: RunSeries) -> list[Finding]:
     finite_loss = run.loss[:first_row][np.isfinite(run.loss[:first_row])]
     if len(finite_loss):
         evidence["last_finite_loss"] = float(finite_loss[-1])
+    guarded = sorted(bad_steps) if bad_steps <= set(run.meta.get("guard_skipped_steps") or ()) else None
+    if guarded:  # gw.guard kept every one from the weights: the run went on, the cause is still there
+        evidence["guard_skipped_steps"] = guarded
     ctx = advice.Context(run)
     causes, remedies = advice.non_finite(ctx, layers, evidence)
     where_text = (f" in '{layers[0]}'" if at_first.get(origin) else
                   f" (the first layer hit: '{layers[0]}')" if layers else "")
-    guarded = sorted(bad_steps) if bad_steps <= set(run.meta.get("guard_skipped_steps") or ()) else None
-    if guarded:  # gw.guard kept every one from the weights: the run went on, the cause is still there
-        evidence["guard_skipped_steps"] = guarded
-        remedies = [r for r in remedies if "gw.guard" not in r.code]
+    if guarded:
         message = (f"NaN/Inf appeared in the {origin}{where_text} at step {advice.listed(guarded, 5, quote=False)}; gw.guard skipped "
                    f"{'that step' if len(guarded) == 1 else 'those steps'}, so the weights never took them. "
                    f"{remedies[0].action}.")
