@@ -108,7 +108,7 @@ def test_when_the_finals_do_not_hold_the_next_screening_repair_gets_its_full_tri
 
     real = fix_module.run_trial_in_process
 
-    def trial(command, run_dir, cand, steps, trained=None):
+    def trial(command, run_dir, cand, steps, trained=None, locate_at=None):
         if cand is fix_module.BASELINE:
             return real(command, run_dir, cand, steps, trained=trained)
         loss = full[cand.name] if steps == 40 else screen[cand.name]
@@ -135,7 +135,7 @@ def test_an_optimizer_swap_is_screened_on_top_of_a_leader_that_repaired_the_run(
     real = fix_module.run_trial_in_process
     seen = []
 
-    def trial(command, run_dir, cand, steps, trained=None):
+    def trial(command, run_dir, cand, steps, trained=None, locate_at=None):
         if cand is fix_module.BASELINE:
             return real(command, run_dir, cand, steps, trained=trained)
         seen.append(cand.name)

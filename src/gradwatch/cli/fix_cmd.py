@@ -14,7 +14,6 @@ from rich.console import Console
 from rich.table import Table
 
 from gradwatch import runner
-from gradwatch.diagnose.advice import NAN_FROM_GROWTH
 from gradwatch.errors import ConfigError
 
 if TYPE_CHECKING:  # the fix package loads torch: imported where used, so `gradwatch --help` need not wait
@@ -112,8 +111,8 @@ def print_result(result: FixResult, console: Console) -> None:
         verdict = "repairs the run" if result.repaired else "is the best of the trials"
         console.print(f"[bold]{winner.candidate.name}[/] {verdict}. The change to make:", markup=True)
         console.print(textwrap.indent(result.change, "    "), markup=False, soft_wrap=True)
-    if not result.repaired and (hint := not_a_training_fault(result.baseline)):
-        console.print(hint)
+    if not result.repaired and (hint := not_a_training_fault(result)):
+        console.print(hint, markup=False)  # the line of code may hold [brackets]
     if result.written:
         console.print(f"Note: your script wrote or deleted {_some(result.written)} during the trials. Your directory was "
                       "put back as it was after each one, so no trial started from another's files; the files "
@@ -155,15 +154,20 @@ def _left(trial: Trial) -> str:
     return ", ".join(trial.harmful) or "none"
 
 
-def not_a_training_fault(baseline: Trial) -> str | None:
-    """A NaN that no gradient growth led up to comes from the data or the loss (a NaN in a batch,
-    log of a negative, a division by zero), which no training remedy repairs: say where to look."""
-    for f in baseline.findings:
-        growth = f.evidence.get("grad_growth_before")
-        if f.kind == "non_finite" and growth is not None and math.isfinite(growth) and growth < NAN_FROM_GROWTH:
-            return (f"The NaN/Inf first appears at step {f.first_step} in the {f.evidence.get('first_seen_in', 'run')} "
-                    f"with no gradient growth before it (x{growth:.2g} over the previous steps): look for it in the "
-                    "data or the loss function (a NaN in a batch, log or sqrt of a negative, a division by zero), "
-                    "which no training remedy repairs. Meanwhile `guard = gw.guard(optimizer)` skips such steps, "
-                    "so one bad batch cannot ruin the weights.")
-    return None
+def not_a_training_fault(result: FixResult) -> str | None:
+    """A NaN that no gradient growth led up to comes from the data or the loss, which no training
+    remedy repairs: say where it is made, when the locating run found it, else where to look."""
+    from gradwatch.fix import data_fault
+
+    if (f := data_fault(result.baseline)) is None:
+        return None
+    where = (f"{result.origin.describe()}." if result.origin else
+             "look for it in the data or the loss function (a NaN in a batch, log or sqrt of a negative, a division "
+             "by zero).")
+    growth = f.evidence.get("grad_growth_before", math.nan)
+    before = ("before any update" if f.evidence.get("at_init") or not math.isfinite(growth) else
+              f"with no gradient growth before it (x{growth:.2g} over the previous steps)")
+    return (f"The NaN/Inf first appears at step {f.first_step} in the {f.evidence.get('first_seen_in', 'run')} "
+            f"{before}: {where} No training remedy repairs that."
+            + ("" if f.first_step == 0 else " Meanwhile `guard = gw.guard(optimizer)` skips such steps, so one bad "
+               "batch cannot ruin the weights."))

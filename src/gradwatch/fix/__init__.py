@@ -16,12 +16,14 @@ from typing import Callable
 
 import numpy as np
 
-from gradwatch.diagnose.advice import Context
+from gradwatch.diagnose.advice import NAN_FROM_GROWTH, Context
+from gradwatch.diagnose.finding import Finding
 from gradwatch.errors import ConfigError
 from gradwatch.fix.candidates import Candidate, autotrainer_order, combine, from_findings, lr_ceiling
+from gradwatch.fix.locate import Origin
 from gradwatch.fix.names import Names, script_names
 from gradwatch.fix.touched import Workspace
-from gradwatch.fix.trial import (OUTPUT_LOG, Trial, discard_trials, lower_beyond_noise, run_trial,
+from gradwatch.fix.trial import (LOCATE, OUTPUT_LOG, Trial, discard_trials, lower_beyond_noise, run_trial,
                                  run_trial_in_process)
 from gradwatch.store import read_run, store_files
 from gradwatch.store.reader import connect
@@ -43,6 +45,8 @@ class FixResult:
     overwritten: list[str] = field(default_factory=list)  # ... except these (too much to copy aside)
     edited: list[str] = field(default_factory=list)  # source files changed during the fix: the user's, kept
     names: Names = field(default_factory=Names)  # how the script calls its model and optimizer
+    located: Trial | None = None  # the baseline run again up to its first NaN/Inf, when the data or loss made it
+    origin: Origin | None = None  # the operation and line that made it (or first held it), found by that run
 
     def __repr__(self) -> str:
         """One line (a notebook shows `gw.fix(...)`'s result by it), not every trial's every finding."""
@@ -92,7 +96,7 @@ class FixResult:
 
     @property
     def cost_steps(self) -> int:
-        return sum(t.steps for t in [self.baseline, *self.trials, *self.screened])
+        return sum(t.steps for t in [self.baseline, *self.trials, *self.screened, *filter(None, [self.located])])
 
     def save(self, out: Path) -> Path:
         """OUT/fix.json: every trial so far and the winner, rewritten after each trial, so an
@@ -106,6 +110,7 @@ class FixResult:
         data = {"baseline": row(self.baseline), "screened": [row(t) for t in self.screened],
                 "trials": [row(t) for t in self.trials], "winner": winner.candidate.name if winner else None,
                 "code": self.change, "repaired": self.repaired,
+                "non_finite_origin": self.origin.__dict__ if self.origin else None,
                 "written_by_the_script": self.written, "left_overwritten": self.overwritten,
                 "edited_during_the_fix": self.edited}
         path = out / "fix.json"
@@ -189,6 +194,18 @@ def _partner(lead: Trial, others: list[Trial]) -> list[Candidate]:
     return [combine(lead.candidate, close[0]) or close[0]] if close else []
 
 
+def data_fault(baseline: Trial) -> Finding | None:
+    """The baseline's NaN/Inf finding when no gradient growth led up to it, or it came at the first
+    step, before any update: it came from the data, the model's or the loss's arithmetic (a NaN in a
+    batch, log of a negative, a division by zero, exp overflowing), which no training remedy repairs."""
+    for f in baseline.findings:
+        growth = f.evidence.get("grad_growth_before")
+        if f.kind == "non_finite" and (f.evidence.get("at_init") or (
+                growth is not None and np.isfinite(growth) and growth < NAN_FROM_GROWTH)):
+            return f
+    return None
+
+
 def group_lrs(run_dir: Path) -> tuple[float, ...]:
     """The peak lr of each parameter group over the run (the store keeps every group's per step;
     the series only the first's)."""
@@ -235,12 +252,12 @@ def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "
 
     trained: list = []  # in process: the models the trials trained (weak references)
 
-    def trial(name: str, cand: Candidate, steps: int) -> Trial:
+    def trial(name: str, cand: Candidate, steps: int, locate_at: int | None = None) -> Trial:
         try:
             if callable(command):
-                t = run_trial_in_process(command, out / name, cand, steps, trained=trained)
+                t = run_trial_in_process(command, out / name, cand, steps, trained=trained, locate_at=locate_at)
             else:
-                t = run_trial(command, out / name, cand, steps, timeout=timeout)
+                t = run_trial(command, out / name, cand, steps, timeout=timeout, locate_at=locate_at)
         finally:  # also when interrupted: the user's directory as it was
             workspace.settle(out / name)
         return t
@@ -262,8 +279,9 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], command: list[str] | Cal
     baseline = trial("baseline", BASELINE, budget_steps)
 
     if baseline.steps == 0:
-        why = ("it ran to its end without one: no loss.backward() was seen (outside torch.no_grad()), so there is "
-               "no training to repair" if baseline.exit_code == 0 else f"exit code {baseline.exit_code}")
+        why = ("it ran to its end without one: no loss.backward() (outside torch.no_grad()) followed by "
+               "optimizer.step() or an update of the weights by hand was seen, so there is no training to repair"
+               if baseline.exit_code == 0 else f"exit code {baseline.exit_code}")
         tail = baseline.output_tail(3)
         if any(line.startswith("EOFError") for line in tail):  # input(): trials run with no input to read
             why += ("; it asked for input, and the trials run without any (unattended, their output in a log): "
@@ -286,6 +304,11 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], command: list[str] | Cal
                                        lr=float(lrs.max()) if len(lrs) else None,
                                        lr_ceiling=lr_ceiling(run, baseline.findings), names=names)
     result = FixResult(baseline, [], budget_steps=budget_steps, names=names)
+    if (fault := data_fault(baseline)) is not None:
+        say(f"gradwatch fix: the NaN/Inf of step {fault.first_step} did not come from growing gradients; "
+            f"running the baseline to it again to find the operation that makes it")
+        result.located = trial(LOCATE, BASELINE, fault.first_step + 1, locate_at=fault.first_step)
+        result.origin = Origin.load(result.located.run_dir)
     result.save(out)
     queue = list(candidates)
     if strategy == "screen" and len(queue) > 1:

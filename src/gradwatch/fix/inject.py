@@ -29,6 +29,7 @@ from gradwatch.collect import patches
 from gradwatch.collect.layers import ACTIVATIONS
 from gradwatch.collect.watch import MAX_ACCUMULATION, params_of
 from gradwatch.errors import ConfigError
+from gradwatch.fix.locate import ENV_LOCATE_AT, NonFiniteLocator
 from gradwatch.remedies import clip, init_, insert_norm, replace_rnn, swap_activations
 from gradwatch.runner import ENV_RUN_DIR
 
@@ -105,7 +106,7 @@ class Injector:
     """Global hooks that apply `spec` to the first model and every optimizer that steps."""
 
     def __init__(self, spec: dict, max_steps: int | None, earlier: list[weakref.ref] = (),
-                 run_dir: Path | None = None):
+                 run_dir: Path | None = None, locate_at: int | None = None):
         self.spec = spec
         self.run_dir = run_dir  # where a remedy that changes nothing says so (NOT_APPLIED)
         self.earlier = earlier  # models earlier in-process trials trained (gw.fix(train_fn))
@@ -120,6 +121,10 @@ class Injector:
         self._probe: torch.Tensor | None = None
         self._handles = [register_module_forward_pre_hook(self._before_forward)]
         self._late: list = []
+        self.locate_at = locate_at  # the step whose forward pass a NonFiniteLocator checks
+        self.locator: NonFiniteLocator | None = None
+        if locate_at == 0:
+            self._start_locating()
         patches.add(self)
 
     def install_late(self) -> None:
@@ -132,6 +137,13 @@ class Injector:
             handle.remove()
         self._handles, self._late = [], []
         patches.remove(self)
+        if self.locator is not None:
+            self.locator.__exit__(None, None, None)
+
+    def _start_locating(self) -> None:
+        """From here to the end of the process (or `remove`): a mode on torch's dispatch stack."""
+        self.locator = NonFiniteLocator(self.run_dir)
+        self.locator.__enter__()
 
     # ---------------------------------------------------------------- model
     def _before_forward(self, module: nn.Module, args) -> None:
@@ -212,6 +224,8 @@ class Injector:
         self.steps += 1
         if self.max_steps is not None and self.steps >= self.max_steps:
             raise SystemExit(0)
+        if self.steps == self.locate_at and self.locator is None:
+            self._start_locating()
 
     # ---------------------------------------------------------------- manual loops (patches.Listener)
     def before_backward(self, root) -> None:
@@ -235,6 +249,8 @@ class Injector:
         """Hand-written updates (no optimizer steps): clipping and a learning-rate scale act on the
         gradients the script is about to apply (for p -= lr·g, scaling g is scaling lr)."""
         self.backwards += 1
+        if not self._optimizers and self.backwards == self.locate_at and self.locator is None:
+            self._start_locating()  # by hand, a backward is a step (before an optimizer's first step: early, no harm)
         if self._optimizers:
             return
         if self.model is None:  # no module's weights to look at: a second backward means by hand
@@ -291,5 +307,6 @@ def start_from_env() -> Injector | None:
     except ValueError:
         print(f"gradwatch: ignoring {ENV_REMEDY}={spec_text!r}: not JSON", file=sys.stderr)
         spec = {}
-    run_dir = os.environ.get(ENV_RUN_DIR)
-    return Injector(spec, int(max_steps) if max_steps else None, run_dir=Path(run_dir) if run_dir else None)
+    run_dir, locate_at = os.environ.get(ENV_RUN_DIR), os.environ.get(ENV_LOCATE_AT)
+    return Injector(spec, int(max_steps) if max_steps else None, run_dir=Path(run_dir) if run_dir else None,
+                    locate_at=int(locate_at) if locate_at else None)

@@ -23,6 +23,7 @@ from gradwatch.diagnose.finding import Finding, write_findings
 from gradwatch.errors import ConfigError, GradwatchError
 from gradwatch.fix.candidates import HARMFUL, Candidate
 from gradwatch.fix.inject import ENV_MAX_STEPS, ENV_REMEDY, NOT_APPLIED, Injector
+from gradwatch.fix.locate import ENV_LOCATE_AT, ORIGIN
 from gradwatch.fix.touched import WRITTEN
 from gradwatch.store import read_run
 
@@ -126,6 +127,7 @@ def first_loss(loss: np.ndarray) -> float:
 
 
 REMEDY_FILE = "remedy.json"
+LOCATE = "locate"  # the run directory of the baseline run again, to find where its NaN/Inf is made
 OUTPUT_LOG = "output.log"  # the script's own output, kept apart from ours
 
 
@@ -134,6 +136,7 @@ def prepare(run_dir: Path, candidate: Candidate) -> Path:
     run_dir = runner.prepare_run_dir(run_dir)
     shutil.rmtree(run_dir / WRITTEN, ignore_errors=True)  # an earlier fix's
     (run_dir / NOT_APPLIED).unlink(missing_ok=True)
+    (run_dir / ORIGIN).unlink(missing_ok=True)
     (run_dir / REMEDY_FILE).write_text(json.dumps(
         {"name": candidate.name, "spec": candidate.spec, "code": candidate.code}, indent=1) + "\n")
     return run_dir
@@ -143,12 +146,12 @@ def discard_trials(out: Path) -> None:
     """Remove the trial directories an earlier fix left in `out` (a run with more candidates left
     more of them), so that every screen-N / trial-N there is this run's. Only gradwatch's own
     files go; a directory holding anything else is kept."""
-    for run_dir in [*out.glob("screen-*"), *out.glob("trial-*")]:
+    for run_dir in [*out.glob("screen-*"), *out.glob("trial-*"), out / LOCATE]:
         if not (run_dir / REMEDY_FILE).is_file():
             continue
         runner.clear_run(run_dir)
         shutil.rmtree(run_dir / WRITTEN, ignore_errors=True)
-        for name in (REMEDY_FILE, OUTPUT_LOG, NOT_APPLIED):
+        for name in (REMEDY_FILE, OUTPUT_LOG, NOT_APPLIED, ORIGIN):
             (run_dir / name).unlink(missing_ok=True)
         try:
             run_dir.rmdir()
@@ -157,12 +160,16 @@ def discard_trials(out: Path) -> None:
 
 
 def run_trial(command: list[str], run_dir: Path, candidate: Candidate, budget_steps: int,
-              options: dict[str, int] | None = None, timeout: float | None = None) -> Trial:
+              options: dict[str, int] | None = None, timeout: float | None = None,
+              locate_at: int | None = None) -> Trial:
+    """`locate_at`: check that step's forward pass for the operation that makes a NaN/Inf (locate.py)."""
     run_dir = prepare(run_dir, candidate)
     env = runner.child_env(run_dir, options or {})
     env[ENV_MAX_STEPS] = str(budget_steps)
     if candidate.spec:
         env[ENV_REMEDY] = json.dumps(candidate.spec)
+    if locate_at is not None:
+        env[ENV_LOCATE_AT] = str(locate_at)
     start = time.perf_counter()
     with open(run_dir / OUTPUT_LOG, "wb") as log:
         try:
@@ -178,7 +185,8 @@ def run_trial(command: list[str], run_dir: Path, candidate: Candidate, budget_st
 
 
 def run_trial_in_process(train_fn: Callable[[], object], run_dir: Path, candidate: Candidate,
-                         budget_steps: int, seed: int = 0, trained: list[weakref.ref] | None = None) -> Trial:
+                         budget_steps: int, seed: int = 0, trained: list[weakref.ref] | None = None,
+                         locate_at: int | None = None) -> Trial:
     """The same trial for a function in this process (`gw.fix(train_fn)`): the same hooks,
     installed around one call, then removed; torch's RNG is seeded alike for every trial.
     `trained`: the models earlier trials trained; one trained again is a ConfigError (the
@@ -188,7 +196,7 @@ def run_trial_in_process(train_fn: Callable[[], object], run_dir: Path, candidat
     run_dir = prepare(run_dir, candidate)
     torch.manual_seed(seed)
     trained = [] if trained is None else trained
-    injector = Injector(candidate.spec, budget_steps, trained, run_dir=run_dir)
+    injector = Injector(candidate.spec, budget_steps, trained, run_dir=run_dir, locate_at=locate_at)
     watch = AutoWatch(str(run_dir), warn=False, status=False)
     injector.install_late()
     start, code = time.perf_counter(), 0

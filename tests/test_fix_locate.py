@@ -1,0 +1,113 @@
+"""Where a NaN/Inf is made: the locator names the forward operation and the script's line, checked
+against what the test itself wrote on that line."""
+
+import sys
+import textwrap
+
+import torch
+from torch import nn
+
+from gradwatch.diagnose.finding import Finding
+from gradwatch.fix import BASELINE, FixResult, Trial
+from gradwatch.fix.candidates import Candidate
+from gradwatch.fix.locate import NonFiniteLocator, Origin
+from gradwatch.fix.trial import run_trial
+
+
+def _line_of(text: str) -> int:
+    lines = open(__file__).read().splitlines()
+    return next(i for i, line in enumerate(lines, 1) if text in line and "_line_of" not in line)
+
+
+def test_an_operation_that_makes_inf_from_finite_inputs_is_named_with_its_line():
+    model = nn.Linear(4, 1)
+    x, y = torch.randn(8, 4), torch.full((8, 1), 0.5)  # a batch of constant targets: variance 0
+    with NonFiniteLocator() as locator:
+        loss = ((model(x) - y) ** 2).mean() / y.var()  # the division by zero
+        loss.backward()
+    origin = locator.origin
+    assert torch.isinf(loss) and origin is not None
+    assert origin.op == "aten.div.Tensor" and origin.made_here and origin.value == "Inf"
+    assert (origin.file, origin.line) == (__file__, _line_of("# the division by zero"))
+    assert "made the first Inf from finite inputs" in origin.describe()
+
+
+def test_a_batch_that_already_holds_nan_is_named_where_it_is_taken():
+    data = torch.randn(10, 4)
+    data[7, 2] = float("nan")
+    model = nn.Linear(4, 2)
+    with NonFiniteLocator() as locator:
+        for i in range(0, 10, 2):
+            batch = data[i:i + 2]  # the slice that takes the bad row
+            model(batch).sum().backward()
+    assert locator.origin is not None and not locator.origin.made_here and locator.origin.value == "NaN"
+    assert locator.origin.line == _line_of("# the slice that takes the bad row")
+
+
+def test_weights_already_non_finite_name_no_origin_and_unwritten_memory_is_no_nan():
+    model = nn.Linear(4, 2)
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    with NonFiniteLocator() as locator:
+        torch.empty(1000)  # uninitialised memory may hold anything
+        model(torch.randn(3, 4)).sum().backward()
+    assert locator.origin is None and locator.done  # it began before the step checked: no line to name
+
+
+def test_the_update_and_the_backward_pass_are_not_checked():
+    w = nn.Parameter(torch.tensor([0.0]))
+    with NonFiniteLocator() as locator:
+        w.sqrt().sum().backward()  # forward finite (0); the gradient 1/(2·sqrt(0)) is Inf
+        with torch.no_grad():
+            w -= 0.1 * w.grad
+    assert torch.isinf(w.grad).all() and locator.origin is None and not locator.done
+
+
+def test_a_script_run_again_to_its_bad_step_names_the_line(tmp_path):
+    """The subprocess path `gradwatch fix` takes: GRADWATCH_LOCATE_AT set, the origin saved in the run."""
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        x, y = torch.randn(64, 3), torch.randn(64, 1)
+        y[40:48] = 1.0  # a stuck sensor: batch 5 has no variance
+        for i in range(8):
+            yb = y[i * 8:(i + 1) * 8]
+            loss = ((model(x[i * 8:(i + 1) * 8]) - yb) ** 2).mean() / yb.var()
+            opt.zero_grad(); loss.backward(); opt.step()
+    """))
+    trial = run_trial([sys.executable, str(script)], tmp_path / "locate", Candidate("baseline"), 6, locate_at=5)
+    origin = Origin.load(trial.run_dir)
+    assert trial.exit_code == 0 and trial.steps == 6, trial.output_tail(5)
+    assert origin is not None and origin.made_here and origin.op == "aten.div.Tensor"
+    assert origin.file == str(script) and origin.code.startswith("loss = ")
+
+
+def _nan_at(step: int, growth: float) -> FixResult:
+    evidence = {"first_seen_in": "loss", "at_init": step == 0, "grad_growth_before": growth}
+    base = Trial(BASELINE, None, 0, 1.0, steps=20, findings=[Finding("non_finite", "error", step, (), "m", evidence)])
+    return FixResult(base, [])
+
+
+def test_fix_prints_the_line_as_written_and_no_guard_for_a_nan_at_the_first_step():
+    from rich.console import Console
+
+    from gradwatch.cli.fix_cmd import print_result
+
+    result = _nan_at(7, 0.8)
+    result.origin = Origin("aten.slice.Tensor", "/x/train.py", 34, "out = model(x[start:start + 64])", False, "NaN")
+    console = Console(record=True, width=400)
+    print_result(result, console)
+    text = console.export_text()
+    assert "train.py:34: `out = model(x[start:start + 64])`" in text  # not read as rich markup
+    assert "step 7 in the loss with no gradient growth" in text and "gw.guard" in text
+    at_init = _nan_at(0, float("nan"))
+    at_init.origin = Origin("aten.exp.default", "/x/train.py", 9, "return torch.exp(x)", True, "Inf")
+    console = Console(record=True, width=400)
+    print_result(at_init, console)
+    text = console.export_text()
+    assert "step 0 in the loss before any update: aten.exp.default made the first Inf" in text
+    assert "gw.guard" not in text  # every step would be skipped: no way to train
