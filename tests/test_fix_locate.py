@@ -54,13 +54,27 @@ def test_weights_already_non_finite_name_no_origin_and_unwritten_memory_is_no_na
     assert locator.origin is None and locator.done  # it began before the step checked: no line to name
 
 
-def test_the_update_and_the_backward_pass_are_not_checked():
-    w = nn.Parameter(torch.tensor([0.0]))
+def test_a_gradient_that_is_not_finite_after_a_finite_forward_names_the_forward_line():
+    """The distance of two equal points by hand: sqrt(0) is finite, its gradient 1/(2·sqrt(0)) is Inf
+    (and a's NaN: 0·Inf)."""
+    a = nn.Parameter(torch.ones(3, 2))
+    b = torch.ones(3, 2)
     with NonFiniteLocator() as locator:
-        w.sqrt().sum().backward()  # forward finite (0); the gradient 1/(2·sqrt(0)) is Inf
+        assert torch.is_anomaly_enabled()  # the nodes keep their forward traceback, for this step only
+        distance = (a - b).pow(2).sum().sqrt()  # equal points
+        distance.backward()
+    origin = locator.origin
+    assert torch.isfinite(distance) and torch.isnan(a.grad).all() and not torch.is_anomaly_enabled()
+    assert origin is not None and origin.gradient_of == "SqrtBackward0" and origin.value == "Inf"
+    assert origin.line == _line_of("# equal points") and "the gradient of test_fix_locate.py" in origin.describe()
+
+
+def test_the_optimizers_update_is_not_checked():
+    w = nn.Parameter(torch.tensor([1.0]))
+    with NonFiniteLocator() as locator:
         with torch.no_grad():
-            w -= 0.1 * w.grad
-    assert torch.isinf(w.grad).all() and locator.origin is None and not locator.done
+            w.mul_(float("inf"))  # an update: no autograd node, grad disabled
+    assert torch.isinf(w).all() and locator.origin is None and not locator.done
 
 
 def test_a_script_run_again_to_its_bad_step_names_the_line(tmp_path):
@@ -111,3 +125,13 @@ def test_fix_prints_the_line_as_written_and_no_guard_for_a_nan_at_the_first_step
     text = console.export_text()
     assert "step 0 in the loss before any update: aten.exp.default made the first Inf" in text
     assert "gw.guard" not in text  # every step would be skipped: no way to train
+
+
+def test_the_guard_named_is_the_one_for_the_operation():
+    made = Origin("aten.div.Tensor", "/x/t.py", 3, "l = a / b", True, "Inf")
+    gradient = Origin("aten.div.Tensor", "/x/t.py", 3, "d = x.sqrt()", True, "Inf", gradient_of="SqrtBackward0")
+    held = Origin("aten.slice.Tensor", "/x/t.py", 3, "xb = x[a:b]", False, "NaN")
+    plain = Origin("aten.mm.default", "/x/t.py", 3, "y = m(x)", True, "Inf")
+    assert (made.kind, gradient.kind, held.kind, plain.kind) == ("div", "sqrt", "slice", "mm")
+    assert "a divisor that can be 0" in made.describe() and "torch.sqrt(x + eps)" in gradient.describe()
+    assert "assert torch.isfinite(x).all()" in held.describe() and plain.describe().endswith("`y = m(x)`")
