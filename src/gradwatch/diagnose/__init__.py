@@ -4,7 +4,7 @@ why, and what to change). No torch needed: rules read a `RunSeries`."""
 from __future__ import annotations
 
 import os
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import numpy as np
 
@@ -21,7 +21,7 @@ LOSS_KINDS = ("loss_plateau", "loss_divergence")
 BLOCKING = ("vanishing_gradient", "dead_units", "saturation")
 
 
-def diagnose(run: RunSeries | str | os.PathLike, thresholds: Thresholds = DEFAULT) -> list[Finding]:
+def diagnose(run: RunSeries | str | os.PathLike, thresholds: Thresholds | dict = DEFAULT) -> list[Finding]:
     """Findings of a run (a `RunSeries`, a run directory or a store file), earliest first.
 
     A run that trained one model after another (meta "phase_starts") is diagnosed phase by phase:
@@ -29,6 +29,13 @@ def diagnose(run: RunSeries | str | os.PathLike, thresholds: Thresholds = DEFAUL
     (`_one_per_cause`), a NaN follows the explosion before it, and a plateau the block that
     explains it.
     """
+    if isinstance(thresholds, dict):  # gw.diagnose(run, thresholds={"vanishing_ratio": 1e-3})
+        unknown = sorted(set(thresholds) - {f.name for f in fields(Thresholds)})
+        if unknown:
+            raise ConfigError(f"thresholds: no threshold named {', '.join(map(repr, unknown))} (see gw.Thresholds)")
+        thresholds = Thresholds(**thresholds)
+    if not isinstance(thresholds, Thresholds):
+        raise ConfigError(f"thresholds={thresholds!r}: pass gw.Thresholds(name=value, ...) or a dict of them")
     if not isinstance(run, (RunSeries, str, os.PathLike)):
         raise ConfigError(f"run={run!r}: pass a run directory (e.g. 'runs/latest'), a store file or a RunSeries")
     series = run if isinstance(run, RunSeries) else read_run(run)
@@ -58,7 +65,7 @@ def _one_per_cause(series: RunSeries, findings: list[Finding]) -> list[Finding]:
                                             and f.layers[0] in zeroed)]
     vanished = {l for f in findings if f.kind == "vanishing_gradient" for l in f.layers} | zeroed
     return [f for f in findings  # lower layers stalled where the gradient vanishes (or is 0): one cause
-            if not (f.kind == "stalled_layers" and not f.evidence.get("frozen")
+            if not (f.kind == "stalled_layers" and not f.evidence.get("frozen") and not f.evidence.get("no_gradient")
                     and (set(f.layers) & vanished or _below_blocked_units(series, f, findings)))]
 
 

@@ -37,6 +37,12 @@ ADAPTIVE_HIGH_LR = 1e-2
 # this is the lr divided by 10r, rounded to a power of ten. Measured: a tanh MLP under SGD at lr 8
 # (ratio 1.9 at step 0) stayed at 10% accuracy at lr 0.8 (ratio 0.19) and reached 93% at 0.08.
 UPDATE_TARGET = 0.1
+# A loss this large at the first step, before any update, is its scale, not the training's doing:
+# cross-entropy starts near log(classes) (< 12 for 100k classes) and a standardised regression's
+# squared error near 1; AutoTrainer (ICSE 2021) calls a loss >= 1e3 exploding. Every gradient
+# scales with the loss, so the fix is the loss's scale (a loss x1e6 under SGD at lr 0.01: first
+# update 1.2e3x the weights, NaN at step 3), and a tenfold lower lr is nowhere near enough.
+LARGE_INITIAL_LOSS = 1e3
 ADAPTIVE = ("Adam", "AdamW", "NAdam", "RAdam", "Adamax", "Adagrad", "Adadelta", "RMSprop", "Adafactor", "Lion")
 # Quasi-Newton optimizers pick each step's length themselves (a line search, or lr times an inverse
 # Hessian estimate along the gradient): the step is not lr·g, and a step as long as the weights is
@@ -49,6 +55,8 @@ ADAM_CODE = "optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)"
 INSERT_NORM_CODE = "model, _ = gw.modify.insert_norm(model, 'batch')"
 GUARD_CODE = "guard = gw.guard(optimizer)"
 CLIP_CODE = "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)"
+LOSS_SCALE_CODE = ("loss = loss_fn(output, target)  # reduction='mean' (the default), no constant factor\n"
+                   "target = (target - target_train.mean()) / target_train.std()  # regression: standardise the targets")
 NORMALISE = Remedy("Normalise the pre-activations", INSERT_NORM_CODE)
 GIVE_ALL_PARAMETERS = Remedy("Give the optimizer every parameter that should train", ADAM_CODE)
 
@@ -194,6 +202,14 @@ def exploding(ctx: Context, layers: tuple[str, ...], evidence: dict, through_tim
                              or evidence.get("predicted_update_ratio")):
         causes.insert(len(causes) if grows_at_init else 0,
                       f"learning rate: {ctx.lr_said} with {ctx.optimizer}; each update feeds the next gradient")
+    first_loss = float(ctx.run.loss[0]) if len(ctx.run.loss) else float("nan")
+    # (an adaptive optimizer's step does not scale with the loss: Adam divides the scale out)
+    loss_scaled = not (through_time or grows_at_init or ctx.adaptive) and math.isfinite(first_loss) \
+        and first_loss >= LARGE_INITIAL_LOSS
+    if loss_scaled:
+        causes.insert(0, f"loss scale: the loss is {first_loss:.3g} at the first step, before any update (cross-entropy "
+                         "starts near log(classes), a standardised regression near 1), and every gradient scales with "
+                         "it: a constant factor, a sum over a large batch, or targets far from unit scale")
     if ctx.depth >= 6 and evidence.get("backward_ratio"):
         causes.append(f"depth: {ctx.depth} weight layers multiply {ctx.depth - 1} backward factors")
     # an adaptive optimizer moves each weight by about lr per step whatever the gradient's size:
@@ -223,6 +239,9 @@ def exploding(ctx: Context, layers: tuple[str, ...], evidence: dict, through_tim
         remedies.insert(0, lower)
     elif not ctx.adaptive or evidence.get("growth_over_steps"):
         remedies.append(lower)
+    if loss_scaled:
+        remedies.insert(0, Remedy("Bring the loss to order 1: average rather than sum, drop the constant factor, "
+                                  "standardise regression targets", LOSS_SCALE_CODE))
     if through_time:
         remedies.append(Remedy("Initialise the recurrent weights orthogonally (spectral norm 1)",
                                f"gw.init_({module_ref(layers[0]) if layers else 'model'}, scheme='orthogonal')"))
@@ -335,6 +354,14 @@ def stalled(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[list
         causes = ["learning rate: the weights do not change although gradients arrive; the learning rate is 0, "
                   "or these parameters are not in the optimizer"]
         return causes, [GIVE_ALL_PARAMETERS]
+    if evidence.get("lr_scale"):  # their own param group's lr, far below any fine-tuning scheme's
+        lowest = min(evidence["lr_scale"].values())
+        causes = [f"learning rate: their param group's lr is {lowest:.2g} of the largest group's, so they barely "
+                  "move: a config meant for a pretrained backbone applied to a fresh one, or a freeze"]
+        return causes, [Remedy("Raise their group's learning rate (fine-tuning keeps a backbone at 0.1x-0.01x the head's)",
+                               "top = max(g['lr'] for g in optimizer.param_groups)\n"
+                               "for g in optimizer.param_groups: g['lr'] = max(g['lr'], 0.01 * top)"),
+                        Remedy("Or, if they are frozen on purpose, stop their gradients", _freeze_code(layers))]
     causes = ["learning rate: one learning rate for layers whose gradients differ by orders of magnitude"]
     if ctx.saturating:
         causes.append(f"saturating activation: {', '.join(ctx.saturating)} shrinks the signal reaching the lower layers")
@@ -344,6 +371,18 @@ def stalled(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[list
     else:
         remedies.append(Remedy("Initialise each layer for the activation that follows it", ctx.init_code))
     return causes, remedies
+
+
+def cut_off(layers: tuple[str, ...], above: str) -> tuple[list[str], list[Remedy]]:
+    """Layers that ran but got no gradient: something between them and `above` leaves the graph."""
+    causes = [f"graph cut: the output reaching '{above}' does not require grad: a .detach(), .data, "
+              "torch.no_grad(), a round trip through .item(), .tolist() or .numpy(), or "
+              "torch.utils.checkpoint(..., use_reentrant=True) on an input that needs no grad, at or below "
+              f"'{layers[-1]}'"]
+    find = Remedy(f"Remove what cuts the graph below '{above}' (checkpoint with use_reentrant=False)",
+                  "loss.backward()  # then list the trainable weights no gradient reached: the cut is just above them\n"
+                  "print([n for n, p in model.named_parameters() if p.requires_grad and p.grad is None])")
+    return causes, [find, Remedy("Or, if they are frozen on purpose, stop their gradients", _freeze_code(layers))]
 
 
 def loss_plateau(ctx: Context, evidence: dict) -> tuple[list[str], list[Remedy]]:

@@ -6,7 +6,10 @@ benchmark. `diagnose(run, thresholds=Thresholds(...))` overrides any of them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
+
+from gradwatch.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,14 @@ class Thresholds:
     # --- updates ---------------------------------------------------------------------------------
     # Update ratio of the lowest layer over the highest of those above it.
     stalled_ratio: float = 1e-2
+    # Updates are compared per unit of learning rate where param groups give layers different ones
+    # (discriminative fine-tuning moves a backbone less on purpose), but only down to this share of
+    # the largest lr. Fine-tuning schemes stay well above it: ULMFiT divides by 2.6 a layer (Howard &
+    # Ruder 2018: 3e-3 six layers down), BERT's layer-wise decay 0.65-0.95 a layer (Sun et al. 2019),
+    # a detection backbone 0.1x. A group below it barely moves (lr 1e-6 beside 0.05 under SGD: 2.6e-7
+    # of its weights a step, 1e-4 over 300 steps) and is judged as it moves: a config for a
+    # pretrained backbone applied to a fresh one, or a freeze requires_grad_(False) should say.
+    discriminative_lr_floor: float = 1e-3
     # An update ratio at or below this is no update at all (float32 rounding of w + Δw).
     frozen_update: float = 1e-10
     # ... but only when the gradient should have moved them: lr * |g| / |w| at least this. Below
@@ -159,6 +170,20 @@ class Thresholds:
     # decades: both first batches 100x below the loss's typical value has probability ~0.3% even
     # for batch-size-1 squared errors (χ²₁: P(x < median/100) ≈ 0.054).
     early_divergence_factor: float = 100.0
+
+    def __post_init__(self) -> None:
+        """Every threshold is a positive number (a count of steps or samples a whole one; warm-up may
+        be 0): a negative ratio or a NaN would silently switch a rule off, or on, for every run."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            least = 0 if f.name == "warmup_steps" else 1
+            if f.type == "int":
+                ok, want = number and isinstance(value, int) and value >= least, f"a whole number >= {least}"
+            else:
+                ok, want = number and math.isfinite(value) and value > 0, "a finite number > 0"
+            if not ok:
+                raise ConfigError(f"Thresholds({f.name}={value!r}): expected {want} (default {f.default})")
 
 
 DEFAULT = Thresholds()

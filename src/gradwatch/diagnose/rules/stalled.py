@@ -1,5 +1,5 @@
-"""stalled_layers: lower layers whose updates are far smaller than the upper layers', and weights
-that stop changing altogether although gradients arrive."""
+"""stalled_layers: lower layers whose updates are far smaller than the upper layers', weights that
+stop changing altogether although gradients arrive, and lower layers no gradient reaches at all."""
 
 from __future__ import annotations
 
@@ -7,15 +7,17 @@ import numpy as np
 
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
-from gradwatch.diagnose.signals import depth_profile, lowest_over_highest, names, persistent_start
+from gradwatch.diagnose.signals import (depth_profile, lowest_over_highest, names, persistent_start,
+                                        rows_before_non_finite_loss)
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
 
 
 def find_stalled(run: RunSeries, th: Thresholds) -> list[Finding]:
+    cut = _cut_off(run, th)
     rows, u, cols = depth_profile(run, "update_ratio")
     if len(rows) == 0:
-        return []
+        return cut
     g = run.metrics["grad_norm"][rows][:, cols]
     lr = run.lr[rows]
     w = run.metrics["weight_norm"][rows][:, cols] if "weight_norm" in run.metrics else np.full_like(g, np.nan)
@@ -24,7 +26,7 @@ def find_stalled(run: RunSeries, th: Thresholds) -> list[Finding]:
     # no update although a gradient that should move the weights arrived and the learning rate is not 0
     frozen = (u <= th.frozen_update) & (g > 0) & np.isfinite(g) & ~(lr[:, None] == 0) & ~starved
     ctx = advice.Context(run)
-    findings = []
+    findings = cut
     frozen_at = {c: persistent_start(frozen[:, j], th.persist_samples) for j, c in enumerate(cols)}
     # layers whose only optimizer stopped stepping (on purpose: an encoder's warm-up) froze for that reason
     stop = {name: step for step, layers in run.meta.get("optimizer_stopped") or [] for name in layers}
@@ -50,9 +52,12 @@ def find_stalled(run: RunSeries, th: Thresholds) -> list[Finding]:
     live = [j for j, c in enumerate(cols) if c not in frozen_cols and c not in done]
     # param groups at different learning rates (a backbone at lr/1000 on purpose): updates are
     # compared per unit of learning rate (Δw ∝ lr under SGD and Adam alike), so a layer slowed by
-    # its own lr is not stalled, and one stalled beyond it still is
+    # its own lr is not stalled, and one stalled beyond it still is; a group below
+    # `discriminative_lr_floor` is no fine-tuning scheme's and is judged as it moves (a group at lr 0
+    # is left out here: the frozen and no-optimizer findings say it)
     scale = run.meta.get("lr_scale") or {}
-    per_lr = np.array([scale.get(run.layers[c].name, 1.0) for c in cols], dtype=float)
+    group_lr = np.array([scale.get(run.layers[c].name, 1.0) for c in cols], dtype=float)
+    per_lr = np.where(group_lr >= th.discriminative_lr_floor, group_lr, np.where(group_lr > 0, 1.0, 0.0))
     with np.errstate(divide="ignore", invalid="ignore"):
         u_per_lr = np.where(per_lr > 0, u / per_lr, np.nan)
     ratios = np.array([lowest_over_highest(r[live]) for r in u_per_lr]) if len(live) >= 2 else np.empty(0)
@@ -65,6 +70,10 @@ def find_stalled(run: RunSeries, th: Thresholds) -> list[Finding]:
     layers = names(run, [c for c, v in zip(cols, last_per_lr) if np.isfinite(v) and v < th.stalled_ratio * top] or cols[:1])
     ratio = float(np.nanmedian(ratios[start:]))
     evidence = {"update_ratio_ratio": ratio, "update_ratio": {run.layers[c].name: float(v) for c, v in zip(cols, last)}}
+    tiny_lr = {run.layers[c].name: float(v) for c, v in zip(cols, group_lr)
+               if v < th.discriminative_lr_floor and run.layers[c].name in layers}
+    if tiny_lr:
+        evidence["lr_scale"] = tiny_lr
     causes, remedies = advice.stalled(ctx, layers, evidence)
     findings.append(Finding("stalled_layers", "warning", first, layers,
                             f"'{layers[0]}' updates {ratio:.1e} as much as the layers above it since step {first}: "
@@ -87,3 +96,40 @@ def _frozen(run: RunSeries, ctx: advice.Context, frozen_cols: list[int], frozen_
             f"and backward skips them.") if outside else \
         f"{every} stopped changing at step {first} although gradients arrive. {remedies[0].action}."
     return Finding("stalled_layers", severity, first, layers, said, evidence, tuple(causes), tuple(remedies))
+
+
+def _cut_off(run: RunSeries, th: Thresholds) -> list[Finding]:
+    """The weight layers nearest the input, from the first on, that ran in the forward pass but got
+    no gradient at all (not even 0) on any of at least `zero_gradient_steps` recorded steps, while
+    a layer above them got one: the autograd graph is cut between them (a stray `.detach()`,
+    `.data`, `torch.no_grad()`, a reentrant checkpoint on an input that needs no grad). Their
+    weights never change, and no update ratio shows it: with no gradient there is nothing to
+    measure. Only the input side counts, as for exact zeros: a layer that never ran (an expert
+    given no token) is numbered above the output, and a frozen one (requires_grad off when the
+    watch began, or in no optimizer) is no layer or is said apart."""
+    skip = set(run.meta.get("outside_optimizers") or []) | {
+        n for _, layers in run.meta.get("optimizer_stopped") or [] for n in layers}
+    cols = [c for c in run.weight_columns() if run.layers[c].name not in skip]
+    g = run.metrics.get("grad_norm")
+    if g is None or len(cols) < 2:
+        return []
+    g = g[:rows_before_non_finite_loss(run)][:, cols]
+    got = ~np.isnan(g)  # NaN: nothing arrived; inf is a gradient that overflowed (a GradScaler's skipped step)
+    rows = np.flatnonzero(got.any(axis=1))
+    if len(rows) < th.zero_gradient_steps:
+        return []
+    ever = got[rows].any(axis=0)
+    k = int(np.argmax(ever))  # the leading layers that never got a gradient
+    if k == 0 or not ever.any():
+        return []
+    layers, above = names(run, cols[:k]), run.layers[cols[k]].name
+    first = int(run.steps[rows[0]])
+    evidence = {"no_gradient": True, "steps_without_gradient": len(rows), "first_layer_with_gradient": above}
+    causes, remedies = advice.cut_off(layers, above)
+    # a warning, as for weights in no optimizer: the same record is a backbone run under no_grad on purpose
+    return [Finding("stalled_layers", "warning", first, layers,
+                    f"{advice.listed(layers)} ran in the forward pass but got no gradient in {len(rows)} steps "
+                    f"while '{above}' above {'it' if len(layers) == 1 else 'them'} did: the graph is cut below "
+                    f"'{above}', so they never learn. {remedies[0].action}; or, if they run under torch.no_grad() "
+                    "on purpose (a frozen backbone), requires_grad_(False) says so.", evidence, tuple(causes),
+                    tuple(remedies))]
