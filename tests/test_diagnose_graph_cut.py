@@ -113,3 +113,24 @@ def test_a_reentrant_checkpoint_on_an_input_needing_no_grad_is_a_cut_and_the_oth
     assert f.layers == ("blocks.0.0", "blocks.1.0") and "use_reentrant=True" in f.causes[0]
     blocks, found = run(False)
     assert blocks[0][0].weight.grad is not None and not [f for f in found if f.evidence.get("no_gradient")]
+
+
+def test_a_gan_watched_with_the_discriminators_optimizer_is_no_graph_cut():
+    """D's step runs G under fake.detach() by design; G's gradient comes in its own backward, which
+    a watch of D's optimizer does not see: G's layers record no gradient, as a cut's would."""
+    torch.manual_seed(0)
+    gan = nn.ModuleDict({"G": nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2)),
+                         "D": nn.Sequential(nn.Linear(2, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1))})
+    opt_g, opt_d = torch.optim.Adam(gan["G"].parameters(), 1e-3), torch.optim.Adam(gan["D"].parameters(), 1e-3)
+    bce = nn.BCEWithLogitsLoss()
+    watch = gw.watch(gan, opt_d, warn=False)
+    for _ in range(40):
+        fake = gan["G"](torch.randn(32, 4))
+        loss_d = bce(gan["D"](torch.randn(32, 2) + 2), torch.ones(32, 1)) + bce(gan["D"](fake.detach()), torch.zeros(32, 1))
+        opt_d.zero_grad(), loss_d.backward(), opt_d.step()
+        opt_g.zero_grad(), bce(gan["D"](fake), torch.ones(32, 1)).backward(), opt_g.step()
+    run, found = watch.series(), watch.findings()
+    watch.detach()
+    assert np.isnan(run.metrics["grad_norm"][:, run.column("G.0")]).all()  # what a cut looks like, recorded
+    assert all(p.grad is not None for p in gan["G"].parameters())  # but G did get its gradient
+    assert "stalled_layers" not in [f.kind for f in found]

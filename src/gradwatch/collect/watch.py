@@ -29,7 +29,7 @@ from gradwatch.collect.forward_order import ForwardOrder
 from gradwatch.collect.layers import Layer, compiled_inner, discover, has_lazy_params, newly_trainable, rename
 from gradwatch.collect.record import StepRecord, to_batch
 from gradwatch.collect.sampled_hooks import SampledHooks
-from gradwatch.collect.stats import MISSING, entries, grouped_norms, norm32, norms, shape_groups
+from gradwatch.collect.stats import MISSING, entries, foreach_norm32, grouped_norms, norm32, shape_groups
 from gradwatch.errors import ConfigError, TrainingStopped
 from gradwatch.store.reader import STORE_NAME, StoreFollower
 from gradwatch.store.series import LayerInfo, RunSeries
@@ -158,6 +158,14 @@ class Watch:
         self._snapshot: list[torch.Tensor] | None = None  # weights before the update, while one is due
         self._snapshot_buf: list[torch.Tensor] | None = None
         self._snapshot_rec: StepRecord | None = None
+        # the watched optimizer stepped, and another's update may still belong to that step (see
+        # _partner_window); `_before`: weights before such an update, while it is undecided
+        self._late = False
+        self._before: dict[int, torch.Tensor] = {}
+        # a partner stepped after the step's optimizer: a flush leaves its step's window open (else
+        # a killed run loses at most the steps since the last flush, the last one included)
+        self._partner_after = False
+        self._touched: list[bool] = []  # parameter index -> a gradient reached it since the last step
         self._backward_scale: torch.Tensor | None = None
         self._stepped = False
         self._backward_since_step = False  # its gradients await an optimizer step (or none)
@@ -213,6 +221,13 @@ class Watch:
                 raise ConfigError(
                     f"{type(model).__name__} has no trainable parameters to watch "
                     "(all are frozen or it owns none); unfreeze some or watch the model that trains"
+                )
+            if optimizer is not None and self._dist is None and not params_of(optimizer) & self._held_params():
+                # (its steps would define the steps of a model it never trains: none was recorded)
+                self.detach()
+                raise ConfigError(
+                    f"the optimizer ({type(optimizer).__name__}) holds none of {type(model).__name__}'s parameters; "
+                    "pass the optimizer that trains this model, or optimizer=None to take each backward as a step"
                 )
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(lambda opt, a, k: self._before_step(opt)))
@@ -275,6 +290,7 @@ class Watch:
     def _add_layers(self, model: nn.Module, new: list[Layer], renumber: bool = False) -> None:
         """`renumber`: the model's layers are numbered again by their next forward, so the new ones
         (an unfrozen backbone) take their place below the layers that were there before them."""
+        self._settle(kept=not self._unused_backward())  # Δw over the parameters as they were
         self.flush()  # a flush window has one fixed set of layers
         self._layers.extend(new)
         if renumber:
@@ -331,9 +347,10 @@ class Watch:
         self._norm_buf = torch.full((n,), MISSING, device=device)
         self._max_buf = torch.full((n,), MISSING, device=device)
         self._weight_buf = torch.full((n,), MISSING, device=device)
+        self._touched = [False] * n
         self._small_indices.clear()
         self._small_grads.clear()
-        self._snapshot = None
+        self._snapshot, self._snapshot_rec = None, None
         self._hook_grads()
 
     def _hook_grads(self) -> None:
@@ -351,10 +368,11 @@ class Watch:
         """`small`: a gradient too small to gain from being read in cache is only kept, for
         `_read_small_grads` to take with the others after backward."""
         norm_out, max_out, weight_out = self._norm_buf[i], self._max_buf[i], self._weight_buf[i]
-        indices, grads = self._small_indices, self._small_grads
+        indices, grads, touched = self._small_indices, self._small_grads, self._touched
 
         def hook(p: torch.Tensor) -> None:
             self._grads_seen += 1
+            touched[i] = True
             if self._attached and self._cur_sampled is not None:
                 if small and not p.grad.is_sparse:
                     indices.append(i)
@@ -404,6 +422,7 @@ class Watch:
     def pause(self) -> None:
         """Stop recording (e.g. around evaluation) until `resume()`; hooks stay, but do nothing."""
         if self._attached:
+            self._settle(kept=not self._unused_backward())  # updates while paused are no step's
             patches.remove(self)
             self._sampled_hooks.disarm()
             self._attached = False
@@ -420,7 +439,10 @@ class Watch:
         """Move the recorded steps to the store in one transaction."""
         if not self._pending and not self._events:
             return
-        # a step whose update is still to come (weights changed by hand) waits for its Δw
+        if not self._partner_after:  # no partner steps after the step's optimizer: its update is complete
+            self._settle(kept=not self._unused_backward())
+        # a step whose update is still to come (weights changed by hand, or by a partner stepping
+        # after the step's optimizer) waits for its Δw
         ready = [r for r in self._pending if r is not self._snapshot_rec]
         self._say_outside_optimizers()
         if self._dist is not None:  # collective: every rank flushes at the same steps
@@ -470,12 +492,18 @@ class Watch:
         return out
 
     def series(self) -> RunSeries:
-        """Everything recorded so far (flushes first; across processes, what the last flush stored)."""
+        """Everything recorded so far (flushes first; across processes, what the last flush stored).
+        The last step's update ends here: a partner's after this call is the next step's."""
+        self._settle(kept=not self._unused_backward())
         if self._snapshot is not None and self._mode != "optimizer":
             self._finish_delta()  # read after a manual update: that update is the last Δw
         if self._dist is None:  # a distributed flush is collective: not from one rank's call
             self.flush()
         return self.stored_series()
+
+    def _unused_backward(self) -> bool:
+        """A backward since the last optimizer step, and no step since to use its gradients."""
+        return self._mode == "optimizer" and self._backward_since_step
 
     def stored_series(self) -> RunSeries:
         """What has been flushed so far, read without touching the step being recorded: only the
@@ -499,11 +527,12 @@ class Watch:
         if self._attached:
             patches.remove(self)
         self._attached = self._paused = False
-        if self._snapshot is not None:
-            self._finish_delta()
         # the backwards of a step still open count, unless no optimizer step followed them (an
         # input-gradient check after training: no step of its own)
-        unused = self._mode == "optimizer" and self._backward_since_step
+        unused = self._unused_backward()
+        self._settle(kept=not unused)
+        if self._snapshot is not None:
+            self._finish_delta()
         if self._cur is not None and self._cur.grad is not None and not unused:
             self._end_step(count=False)
         self.flush()
@@ -559,6 +588,7 @@ class Watch:
                 self._mode = "backward"  # updates are by hand
                 self._end_step()
             elif self._mode != "backward" and self._grads_cleared():
+                self._settle(kept=False)
                 rec.forget_backwards()
                 self._clear_grad_buffers()
                 self._rival_objective()
@@ -631,8 +661,9 @@ class Watch:
         first iterations) the steps are still optimizer steps, never backward calls."""
         if self._mode in ("optimizer", "unknown") and not self._stepped and self._cur is not None:
             self._events.append((self._step, "skipped_step", "loss scaler found inf/NaN gradients"))
+            self._settle(kept=True)  # the last step's update ends here; a snapshot left is the skipped one's
             self._cur = None
-            self._snapshot = None
+            self._snapshot, self._snapshot_rec = None, None
             self._mode = "optimizer"
             self._clear_grad_buffers()  # the skipped step's norms must not leak into the next
         self._stepped = False
@@ -650,7 +681,8 @@ class Watch:
         if unseen:
             held = self._held_params()
             if any(id(p) in held for p in unseen):
-                if self._cur is None and self._snapshot is None and not self._in_step:
+                # (the last step's update window, still open for a partner, closes first)
+                if self._cur is None and (self._snapshot is None or self._late) and not self._in_step:
                     self._watch_new_params()
                 else:
                     self._new_params_due = True
@@ -695,6 +727,7 @@ class Watch:
         if optimizer is not self._optimizer or not self._attached:
             return
         self._events.append((self._step, "guard_skipped", "gw.guard: NaN/Inf gradients, step skipped"))
+        self._settle(kept=True)  # the last step's update ends here; a snapshot left is this one's
         self._snapshot, self._snapshot_rec = None, None
         self._close_step()
 
@@ -744,6 +777,7 @@ class Watch:
         self._optimizer = optimizer
         self._mode = "optimizer"
         self._meta.update(optimizer_meta(optimizer))
+        self._settle(kept=True)
         self._snapshot, self._snapshot_rec = None, None
 
     def _say_outside_optimizers(self) -> None:
@@ -766,15 +800,29 @@ class Watch:
 
     def _before_step(self, optimizer: torch.optim.Optimizer) -> None:
         self._seen_stepping(optimizer)
+        if optimizer is not self._optimizer and self._attached and not hasattr(self, "_partners"):
+            self._zero_code_partner(optimizer)
         if optimizer is not self._optimizer or not self._attached:
             return
         self._successor = None  # the watched optimizer steps on: a new one beside it is a partner
         self._partner_runs = {}
+        self._settle(kept=True)
         self._in_step, self._closure_loss, self._closure_grads, self._reevaluating = True, False, False, False
         rec = self._cur
         self._stop_if_non_finite(rec)
         if rec is not None and rec.sampled and self._params and self._snapshot is None:
             self._take_snapshot(rec)  # (zero-code: another optimizer may have taken it before its update)
+
+    def _zero_code_partner(self, optimizer: torch.optim.Optimizer) -> None:
+        """Zero-code mode calls _before_step for every optimizer, after its _other_step has opened
+        the next step's window at another optimizer's step when none was open; right after the
+        step optimizer's, the update may be the last step's instead (see _partner_window): that
+        window is closed again and the update's step told as under gw.watch. No backward is told
+        unused there (any optimizer's step uses them), so an update after a backward is the next
+        step's, as that backward's loss and gradients are (a GAN's generator)."""
+        if self._late and self._snapshot is not None and self._snapshot_rec is self._cur:
+            self._snapshot, self._snapshot_rec = None, None
+        self._partner_window(optimizer)
 
     def _shares_weights(self, optimizer: torch.optim.Optimizer) -> bool:
         """`optimizer` holds a weight the watched optimizer holds too (remembered per optimizer)."""
@@ -822,11 +870,60 @@ class Watch:
             if runs >= 2:
                 self._say_stopped(self._optimizer, optimizer)
                 return self._follow(optimizer)
-        if self._snapshot is not None:
+        if self._partners[id(optimizer)]:
+            self._partner_window(optimizer)
+
+    def _partner_window(self, optimizer: torch.optim.Optimizer) -> None:
+        """Another optimizer is about to update watched weights: which step's Δw takes it. Right
+        after the watched optimizer's step (a second part's optimizer, a GAN's generator after the
+        discriminator) it is that step's: closed at the watched step, it fell in the next step's
+        window (one step late, 0 at step 0). After a backward of its own it is undecided until the
+        watched optimizer steps on those gradients (then it is the next step's: two parts, the
+        partner first) or they are cleared unused (the last step's: a GAN's generator): the weights
+        before it are kept until then (see _settle)."""
+        if self._late and self._backward_since_step and not self._reached_watched_optimizer():
+            self._settle(kept=True)  # its own backward only (a WGAN's critic before the generator)
+        if self._late:
+            self._partner_after = True
+            if self._backward_since_step and (self._snapshot is not None or self._cur_sampled):
+                held = params_of(optimizer)
+                for i, p in enumerate(self._params):
+                    if id(p) in held and i not in self._before:
+                        self._before[i] = distributed.local(p.detach()).clone()
             return
-        rec = self._current()
-        if self._partners[id(optimizer)] and rec is not None and rec.sampled:
+        rec = self._current() if self._snapshot is None else None
+        if rec is not None and rec.sampled:
             self._take_snapshot(rec)
+
+    def _reached_watched_optimizer(self) -> bool:
+        """A backward since the last step gave gradients to weights the watched optimizer holds
+        (distributed: gradients are read after backward, so assumed)."""
+        held = params_of(self._optimizer)
+        return self._dist is not None or any(t and id(p) in held for t, p in zip(self._touched, self._params))
+
+    def _settle(self, kept: bool) -> None:
+        """End the watched optimizer's last step's update window (see _partner_window). `kept`: the
+        backwards since it are the next step's (the watched optimizer steps on them): updates of
+        partners after them go to the next step. Else they went unused: those updates are the last
+        step's, and a window the next step opened before them (zero-code mode opens one at any
+        other optimizer's step) starts again at its own."""
+        if not self._late:
+            return
+        self._late = False
+        kept_before, self._before = (self._before if kept else {}), {}
+        if self._snapshot is not None and self._snapshot_rec is self._cur:  # the next step's
+            if not kept:
+                self._snapshot, self._snapshot_rec = None, None
+            return
+        if self._snapshot is None and not kept_before:  # (most steps: nothing sampled)
+            return
+        params = [distributed.local(p.detach()) for p in self._params]
+        before = [kept_before.get(i, p) for i, p in enumerate(params)]
+        if self._snapshot is not None:
+            self._finish_delta(before)
+        rec = self._current() if kept_before else None
+        if rec is not None and rec.sampled and self._params:
+            self._take_snapshot(rec, before)
 
     def _after_step(self, optimizer: torch.optim.Optimizer) -> None:
         if optimizer is not self._optimizer or not self._attached:
@@ -834,13 +931,14 @@ class Watch:
         self._close_step()
 
     def _close_step(self) -> None:
-        """An optimizer stepped (or gw.guard refused its step): the step ends, with its update."""
+        """An optimizer stepped (or gw.guard refused its step): the step ends. Its update window
+        stays open for a partner stepping after it (see _partner_window), until _settle."""
         self._stepped = True
         self._in_step = self._reevaluating = False
         self._backward_since_step = False
         self._reached, self._rival = False, None
-        if self._snapshot is not None:
-            self._finish_delta()
+        self._late, self._before = True, {}
+        self._touched[:] = [False] * len(self._touched)  # (in place: the hooks hold it)
         self._end_step()
 
     def _stop_if_non_finite(self, rec: StepRecord | None) -> None:
@@ -863,22 +961,44 @@ class Watch:
         self.detach()
         raise TrainingStopped(f"stopped at step {rec.step}: a non-finite gradient or loss")
 
-    def _take_snapshot(self, rec: StepRecord) -> None:
-        """Copy the weights before an update into buffers kept between samples (allocating 
-        them each time costs more than the copy)."""
-        params = [distributed.local(p.detach()) for p in self._params]
-        if self._snapshot_buf is None or len(self._snapshot_buf) != len(params):
+    def _take_snapshot(self, rec: StepRecord, params: list[torch.Tensor] | None = None) -> None:
+        """Copy the weights before an update (`params`: else the weights now) into buffers kept
+        between samples (allocating them each time costs more than the copy)."""
+        params = params if params is not None else [distributed.local(p.detach()) for p in self._params]
+        if self._snapshot_buf is None or not all(map(_same_kind, self._snapshot_buf, params)) \
+                or len(self._snapshot_buf) != len(params):
+            # (again when the model was moved or cast since: model.double() mid-run, rounded to the
+            # old buffers' float32, read ratios of 5.1e-8 for 4.3e-8)
             self._snapshot_buf = [torch.empty_like(p) for p in params]
         torch._foreach_copy_(self._snapshot_buf, params)
         self._snapshot = self._snapshot_buf
         self._snapshot_rec = rec
 
-    def _finish_delta(self) -> None:
-        params = [distributed.local(p.detach()) for p in self._params]
+    def _finish_delta(self, after: list[torch.Tensor] | None = None) -> None:
+        """Δw: `after` (else the weights now) minus the snapshot, in norms per parameter."""
+        params = after if after is not None else [distributed.local(p.detach()) for p in self._params]
+        rec = self._snapshot_rec
         if len(params) == len(self._snapshot):
+            before = foreach_norm32(self._snapshot)
             torch._foreach_sub_(self._snapshot, params)
-            self._snapshot_rec.delta = norms(self._snapshot)
+            rec.delta = foreach_norm32(self._snapshot)
+            rec.weight = self._weight_before(rec, before)
         self._snapshot, self._snapshot_rec = None, None
+
+    def _weight_before(self, rec: StepRecord, before: torch.Tensor) -> torch.Tensor:
+        """The weight norms of the step's record, with the snapshot's (`before`) for weights a
+        partner updated: read at a backward after its update (a GAN's discriminator stepped first,
+        the generator's loss reaching it), they were the weights after it (D's ratio 0.0229 for
+        0.0228). The watched optimizer's keep the hooks' (bitwise torch's norm). Weights no kept
+        backward reached keep none, so no ratio, even where a partner moved them (the generator,
+        under a watch with D's optimizer): diagnose reads a layer with weights and no gradient as
+        cut off from the graph."""
+        if rec.weight is None:
+            return None
+        held = params_of(self._optimizer) if self._optimizer is not None else set()
+        partners = torch.tensor([id(p) not in held for p in self._params], device=before.device)
+        use = (rec.delta != 0) & partners & (rec.weight != MISSING)
+        return torch.where(use, before, rec.weight)
 
     def _lrs(self) -> list[float]:
         if self._optimizer is None:
@@ -948,6 +1068,10 @@ def watch(
     return Watch(model, optimizer, every=every, sample_every=sample_every, flush_every=flush_every, out=out,
                  on_finding=on_finding, stop_on=stop_on, warn=warn, all_ranks=all_ranks, status=status,
                  tensorboard_dir=tensorboard_dir)
+
+
+def _same_kind(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
 
 
 def params_of(optimizer: torch.optim.Optimizer) -> set[int]:

@@ -107,6 +107,8 @@ def _cut_off(run: RunSeries, th: Thresholds) -> list[Finding]:
     measure. Only the input side counts, as for exact zeros: a layer that never ran (an expert
     given no token) is numbered above the output, and a frozen one (requires_grad off when the
     watch began, or in no optimizer) is no layer or is said apart."""
+    if run.meta.get("own_loss_steps"):  # several objectives (a GAN watched with D's optimizer): G's layers
+        return []  # run under D's fake.detach() by design and get their gradient in G's own backward, unseen
     skip = set(run.meta.get("outside_optimizers") or []) | {
         n for _, layers in run.meta.get("optimizer_stopped") or [] for n in layers}
     cols = [c for c in run.weight_columns() if run.layers[c].name not in skip]
