@@ -294,3 +294,28 @@ def test_a_deep_silu_mlp_is_told_to_normalise_first_and_is_healthy_after_it():
     assert gain < 1e-6
     healed, after = _min_gain(_paste("model, _ = " + f.remedies[0].code, model), x)
     assert after > 0.05 and not [f for f in healed.findings if f.kind == "vanishing_gradient"]
+
+
+def test_the_plain_torch_loop_initialises_each_layer_at_gw_init_s_scale():
+    """The printed loop is "the same init in plain torch": every layer's weight std after pasting it
+    matches gw.init_'s, the output layer (no activation after it: Xavier) included. (Behind a sigmoid
+    the loop is the init of the ReLU that should replace it, so a tanh net.)"""
+    def tanh_mlp():
+        return nn.Sequential(*[m for _ in range(8) for m in (nn.Linear(64, 64, bias=False), nn.Tanh())],
+                             nn.Linear(64, 10))
+
+    torch.manual_seed(0)
+    model = tanh_mlp()
+    with torch.no_grad():
+        for m in model[:-1:2]:
+            m.weight.mul_(0.3)  # vanishing: the probe gives its init remedies
+    r = gw.probe(model, torch.randn(32, 64), iters=0)
+    loop = next(rem.code for f in r.findings for rem in f.remedies if "for w in" in rem.code)
+    torch.manual_seed(1)
+    pasted = _paste(loop, tanh_mlp())
+    torch.manual_seed(1)
+    reference = tanh_mlp()
+    gw.init_(reference)
+    for a, b in zip(pasted, reference):
+        if isinstance(a, nn.Linear):  # 640 to 4096 draws each: the std within 10%
+            assert a.weight.std().item() == pytest.approx(b.weight.std().item(), rel=0.1), a

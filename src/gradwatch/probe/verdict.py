@@ -26,7 +26,7 @@ INIT_FOR = {  # activation that follows -> (torch init call, nonlinearity argume
     "tanh": 'nn.init.xavier_uniform_({w}, gain=nn.init.calculate_gain("tanh"))',
     "sigmoid": 'nn.init.xavier_uniform_({w})',
     "selu": 'nn.init.kaiming_normal_({w}, nonlinearity="linear")',
-    "": 'nn.init.kaiming_normal_({w}, nonlinearity="linear")',
+    "": 'nn.init.xavier_uniform_({w})',  # no activation after it: Xavier, as gw.init_ picks
 }
 # Activation name -> the INIT_FOR entry, as gw.init_ chooses (remedies.init: He for the ReLU family, LeCun
 # for SELU, Xavier for the rest). Without it a GELU, SiLU or ELU net was told to use gain 1

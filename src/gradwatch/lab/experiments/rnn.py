@@ -35,10 +35,13 @@ def profiles(length: int, hidden: int = 32) -> dict[tuple[str, float], list[floa
 
 
 def time_profile(run) -> np.ndarray:
-    """The watch's ‖∂L/∂x_t‖ at the last sampled step, relative to the last time step's."""
+    """The watch's ‖∂L/∂x_t‖ relative to the last time step's: the median over the second half of
+    training's sampled steps. One sample is one batch: the tanh RNN's reach over the first half
+    ranged from 2e-6 to 0.7 between samples (median 3e-4), and its last sample alone failed the check."""
     layer = run.series.layer_names("recurrent")[0]
-    last = run.series.time_profiles[layer][1][-1]
-    return last / last[-1]
+    profiles = run.series.time_profiles[layer][1]
+    late = profiles[len(profiles) // 2:]
+    return np.median(late / late[:, -1:], axis=0)
 
 
 def first_half_reach(run) -> float:
@@ -90,8 +93,9 @@ def run(quick: bool, out: Path, progress: Progress) -> Result:
     res.check("LSTM and GRU go well below it: MSE < 0.5 × the RNN's and < 0.1 × baseline",
               max(lstm, gru) < 0.5 * rnn and max(lstm, gru) < 0.1 * baseline, lstm=lstm, gru=gru, rnn=rnn)
     reach = {cell: first_half_reach(r) for cell, r in runs.items()}
-    res.check("after training, the watch's ∂L/∂x_t over the first half of the sequence is < 1e-3 of its last "
-              "value for the RNN and > 1e-2 for LSTM and GRU (the loss reaches back to the first marker)",
+    res.check("in the second half of training, the watch's ∂L/∂x_t over the first half of the sequence is (median "
+              "over the sampled steps) < 1e-3 of its last value for the RNN and > 1e-2 for LSTM and GRU (the loss "
+              "reaches back to the first marker)",
               reach["rnn"] < 1e-3 and min(reach["lstm"], reach["gru"]) > 1e-2,
               rnn=reach["rnn"], lstm=reach["lstm"], gru=reach["gru"])
     fig, (a, b, c) = figure(3)
@@ -113,8 +117,8 @@ def run(quick: bool, out: Path, progress: Progress) -> Result:
         c.plot(np.arange(len(last)), last, label=r.label)
     c.set_yscale("log")
     c.set_xlabel("t")
-    c.set_ylabel("‖∂L/∂x_t‖ / ‖∂L/∂x_T‖ (watch, last sample)")
-    c.set_title("how far back the loss reaches, end of training", fontsize=9)
+    c.set_ylabel("‖∂L/∂x_t‖ / ‖∂L/∂x_T‖ (watch, median of samples)")
+    c.set_title("how far back the loss reaches, second half of training", fontsize=9)
     c.legend(fontsize=7)
     res.figures.append(save(fig, out, "rnn"))
     return res
