@@ -241,3 +241,23 @@ def test_gradients_no_optimizer_uses_piling_up_are_no_exploding_gradient():
     assert recorded[-1] > 10 * recorded[20]  # piled up, as .grad holds them
     assert run.meta["optimizer_stopped"] == [[20, ["0.0", "0.2"]]]  # only SGD trained the backbone
     assert "exploding_gradient" not in [f.kind for f in diagnose(run)], [f.line() for f in diagnose(run)]
+
+
+def test_an_all_zero_net_is_told_its_init_not_an_explosion():
+    """Weights all 0: tanh(0) = 0 keeps the output layer's weight at 0, its norm is its bias wandering
+    near 0, and an update of 1.3x that norm (step 54) read as an exploding gradient."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+    for p in model.parameters():
+        nn.init.zeros_(p)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with gw.watch(model, opt, warn=False) as w:
+        for _ in range(100):
+            x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        run = w.series()
+    assert np.nanmax(run.metrics["update_ratio"][:, run.column("4")]) > 1  # the ratio is there to be misread
+    found = {f.kind for f in gw.diagnose(run)}
+    assert "dead_units" in found and "exploding_gradient" not in found

@@ -167,8 +167,10 @@ def _sgd_step_too_large(run: RunSeries, th: Thresholds):
     if run.meta.get("optimizer") not in ("SGD", "ASGD") or run.meta.get("momentum", 0.0):
         return None
     g, w, u = run.metrics.get("grad_norm"), run.metrics.get("weight_norm"), run.metrics.get("update_ratio")
-    cols = profile_columns(run)
-    if g is None or w is None or not cols:
+    if g is None or w is None:
+        return None
+    cols = _from_nonzero_weights(run, w)
+    if not cols:
         return None
     w = w[:, cols]
     # carry each layer's last sampled weight norm forward
@@ -199,11 +201,24 @@ def _overshooting_update(run: RunSeries, th: Thresholds):
     if ctx.adaptive or ctx.line_search:
         return None
     u, w = run.metrics.get("update_ratio"), run.metrics.get("weight_norm")
-    cols = profile_columns(run)
-    if u is None or w is None or not cols:
+    if u is None or w is None:
+        return None
+    cols = _from_nonzero_weights(run, w)
+    if not cols:
         return None
     big = (u[:, cols] > th.max_update_ratio) & np.isfinite(u[:, cols]) & (w[:, cols] > 0) & np.isfinite(w[:, cols])
     return _first_overshoot(run, cols, u[:, cols], big)
+
+
+def _from_nonzero_weights(run: RunSeries, w: np.ndarray) -> list[int]:
+    """The profile's layers, but those whose weights were all 0 at their first sample: the norm an
+    update is measured against is then their own few updates (or a bias wandering near 0), not a
+    weight scale, and a ratio above 1 says nothing (an all-zero tanh MLP's output layer: 1.3 at step
+    54, its weights kept at 0 by the zero activations below; a zero-initialised head reads ~1 early
+    on by design). The zero init itself is what diagnose names for them."""
+    cols = profile_columns(run)
+    first = [np.flatnonzero(np.isfinite(w[:, c])) for c in cols]
+    return [c for c, rows in zip(cols, first) if not (len(rows) and w[rows[0], c] == 0)]
 
 
 def _first_overshoot(run: RunSeries, cols: list[int], ratios: np.ndarray, big: np.ndarray):
