@@ -353,6 +353,10 @@ def test_a_blow_up_within_ten_steps_is_blamed_on_the_learning_rate_not_the_data(
     run.metrics["grad_norm"][:6] = 1.0  # level gradients, then a NaN: the data or the loss
     f = next(f for f in diagnose(run) if f.kind == "non_finite")
     assert f.causes[0].startswith("bad input data")
+    assert "`gradwatch fix -- python train.py` runs the script again" in f.remedies[0].action
+    run.meta["command"] = ["my train.py", "--lr", "0.1"]  # the run's own, quoted for the shell
+    f = next(f for f in diagnose(run) if f.kind == "non_finite")
+    assert "`gradwatch fix -- python 'my train.py' --lr 0.1`" in f.remedies[0].action
 
 
 def test_non_finite_origin_is_the_first_activation_layer():

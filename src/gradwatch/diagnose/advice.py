@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import shlex
 
 import numpy as np
 
@@ -259,7 +260,8 @@ def non_finite(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[l
         causes.append("bad input data: a NaN/Inf in a batch, or a numerically unsafe operation (log of 0, "
                       "division by 0, sqrt of a negative) in the model or loss; " + ("gradients were not growing before it"
                       if math.isfinite(growth) else "too few finite steps before it to tell whether gradients grew"))
-        remedies.append(Remedy("Check the batches and guard the unsafe operations",
+        remedies.append(Remedy("Check the batches and guard the unsafe operations (`" + _fix_command(ctx) + "` runs "
+                               "the script again to that step and names the operation and the line that make it)",
                                "assert torch.isfinite(x).all(), 'non-finite input'\n"
                                "p = p.clamp(1e-7, 1 - 1e-7)  # before log(p), log(1 - p) or a division; or use a *_with_logits loss"))
     if growth > NAN_FROM_GROWTH or not ctx.adaptive:
@@ -271,6 +273,13 @@ def non_finite(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[l
     if not evidence.get("guard_skipped_steps"):  # gw.guard is there already: it kept them from the weights
         remedies.append(Remedy("Never let a non-finite step reach the weights", GUARD_CODE))
     return causes, remedies
+
+
+def _fix_command(ctx: Context) -> str:
+    """`gradwatch fix -- python SCRIPT ARGS` for the run's own command where it was a script."""
+    argv = [str(a) for a in ctx.run.meta.get("command") or []]
+    script = " ".join(map(shlex.quote, argv)) if argv and argv[0].endswith(".py") else "train.py"
+    return f"gradwatch fix -- python {script}"
 
 
 def _swap_code(ctx: Context, act: str) -> str:
