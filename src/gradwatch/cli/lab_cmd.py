@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "(index.md, index.html) into OUT/NAME/. Exit code 1 if any check fails. "
                     f"Experiments: {', '.join(lab.NAMES)}.")
     p.add_argument("name", metavar="NAME", help="an experiment (any case), 'all', or 'list' to show them")
-    p.add_argument("--quick", action="store_true", help="small sizes (all ten in about 2 minutes of CPU time) instead of the full "
+    p.add_argument("--quick", action="store_true", help="small sizes (all ten in 1-2 minutes of CPU time) instead of the full "
                                                     "ones (all ten in about an hour)")
     p.add_argument("--out", default="lab-out", help="directory for the pages (default: lab-out)")
     p.set_defaults(func=main)

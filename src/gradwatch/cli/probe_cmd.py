@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--iters", type=int, default=30, help="Jacobian products per layer: 10 Lanczos steps (mean σ) then power iteration (top σ); "
                         "0 = gradient profile only (default 30)")
     p.add_argument("--seed", type=int, default=0, help="seed of torch's RNG for the factory (its initialisation), "
-                                                         "and of the batch, targets and probe vectors")
+                                                         "and of the batch, targets and probe vectors (default 0)")
     p.add_argument("--png", metavar="FILE", help="write the gradient and Jacobian profile by depth to FILE")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     p.set_defaults(func=main)

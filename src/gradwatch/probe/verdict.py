@@ -101,22 +101,23 @@ def _init_remedies(layers: list[LayerProbe], init: set[str], functional: dict[st
 
 
 def _swap_remedy(layers: list[LayerProbe], functional: dict[str, str] | None = None) -> list[Remedy]:
-    """Hidden sigmoids to ReLU, the output's kept (a sigmoid there gives BCELoss its probabilities).
-    A sigmoid the forward calls as a function (torch.sigmoid) has no module to swap: the edit is in
-    the forward."""
+    """Hidden sigmoids to Leaky ReLU(0.01), as diagnose advises (a unit pushed negative keeps a small
+    gradient), the output's kept (a sigmoid there gives BCELoss its probabilities). A sigmoid the
+    forward calls as a function (torch.sigmoid) has no module to swap: the edit is in the forward."""
     functional = functional or {}
     calls = sorted({functional.get(x.name, "") for x in layers[:-1]} & set(SIGMOIDS))
-    out = [Remedy("in your forward, call torch.relu where it calls torch.sigmoid on a hidden layer's output "
+    out = [Remedy("in your forward, call leaky_relu where it calls torch.sigmoid on a hidden layer's output "
                   "(its derivative is at most 1/4; swap_activations reaches modules only), then He init",
-                  "x = torch.relu(layer(x))  # was torch.sigmoid(layer(x))")] if calls else []
+                  "x = torch.nn.functional.leaky_relu(layer(x), 0.01)  # was torch.sigmoid(layer(x))")] if calls else []
     found = sorted({x.activation for x in layers[:-1] if x.name not in functional} & set(SIGMOIDS))
     if not found:
         return out
     classes = {"sigmoid": "nn.Sigmoid", "hardsigmoid": "nn.Hardsigmoid"}
     old = classes[found[0]] if len(found) == 1 else f"({', '.join(classes[a] for a in found)})"
-    return out + [Remedy("swap Sigmoid for ReLU in hidden layers (its derivative is at most 1/4), then He init for it",
-                   f"model, _ = gw.modify.swap_activations(model, {old}, nn.ReLU, keep_output=True)\n"
-                   "gw.init_(model)")]
+    return out + [Remedy("swap Sigmoid for Leaky ReLU in hidden layers (its derivative is at most 1/4), then He "
+                         "init for it",
+                         f"model, _ = gw.modify.swap_activations(model, {old}, lambda: nn.LeakyReLU(0.01), keep_output=True)\n"
+                         "gw.init_(model)")]
 
 
 def layer_findings(layers: list[LayerProbe], mf: MeanField | None, *, init: set[str] = frozenset(),
