@@ -190,3 +190,23 @@ def test_the_same_command_gives_the_same_numbers(monkeypatch, capsys):
         d = json.loads(capsys.readouterr().out)
         outs.append([(x["grad_out_norm"], x["act_std"]) for x in d["layers"]])
     assert outs[0] == outs[1]
+
+
+def test_a_plot_without_spectra_draws_no_jacobian_lines(tmp_path, monkeypatch):
+    """iters=0 measures no singular value: the product line was drawn flat at 1 (missing as 1)."""
+    import matplotlib.figure
+    import torch
+
+    import gradwatch as gw
+    from test_probe_helpers import sigmoid_mlp
+
+    drawn = {}
+    save = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: (drawn.update(lines=[len(ax.lines) for ax in fig.axes]), save(fig, *a, **k)))
+    torch.manual_seed(0)
+    model = sigmoid_mlp()
+    gw.probe(model, torch.randn(8, 32), iters=0).plot(str(tmp_path / "a.png"))
+    assert drawn["lines"][0] == 2 and drawn["lines"][1] == 0
+    gw.probe(model, torch.randn(8, 32), iters=3).plot(str(tmp_path / "b.png"))
+    assert drawn["lines"][1] == 4  # σmax, mean σ, their product, the line at 1

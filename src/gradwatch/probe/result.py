@@ -169,16 +169,19 @@ class ProbeResult:
         ax.set(xlabel="layer (0 = input side)", ylabel="gradient norm", title="backward signal by depth")
         ax.legend(fontsize=8)
         ax = axes[1]
-        ax.semilogy(depth, [_pos(x.sigma_max) for x in self.layers], "o-", label="σmax (power iteration)")
-        ax.semilogy(depth, [_pos(x.sigma_mean) for x in self.layers], "s-", label="mean σ (SLQ)")
-        cum, prod = [], 1.0
-        for x in reversed(self.layers):  # gain from each layer to the output
-            prod *= x.sigma_mean if math.isfinite(x.sigma_mean) else 1.0
-            cum.append(prod)
-        ax.semilogy(depth, [_pos(v) for v in cum[::-1]], "k:", label="∏ mean σ, layer→output")
-        ax.axhline(1.0, color="grey", lw=0.5)
+        if any(math.isfinite(x.sigma_mean) or math.isfinite(x.sigma_max) for x in self.layers):
+            ax.semilogy(depth, [_pos(x.sigma_max) for x in self.layers], "o-", label="σmax (power iteration)")
+            ax.semilogy(depth, [_pos(x.sigma_mean) for x in self.layers], "s-", label="mean σ (SLQ)")
+            cum, prod = [], 1.0
+            for x in reversed(self.layers):  # gain from each layer to the output
+                prod *= x.sigma_mean if math.isfinite(x.sigma_mean) else 1.0
+                cum.append(prod)
+            ax.semilogy(depth, [_pos(v) for v in cum[::-1]], "k:", label="∏ mean σ, layer→output")
+            ax.axhline(1.0, color="grey", lw=0.5)
+            ax.legend(fontsize=8)
+        else:  # iters=0: no spectrum was measured; a product of none is no gain of 1
+            ax.text(0.5, 0.5, "not measured (iters=0)", ha="center", va="center", transform=ax.transAxes)
         ax.set(xlabel="layer (0 = input side)", ylabel="singular value", title="layer Jacobian by depth")
-        ax.legend(fontsize=8)
         if self.recurrent:
             ax = axes[2]
             for r in self.recurrent:
