@@ -14,6 +14,9 @@ from gradwatch.errors import ConfigError
 
 @dataclass(frozen=True)
 class Thresholds:
+    """The numbers diagnose's rules decide by, each with its reason beside it; override any:
+    `gw.diagnose(run, thresholds=gw.Thresholds(vanishing_ratio=1e-3))`."""
+
     # --- persistence --------------------------------------------------------------------------
     # A sampled-statistic condition must hold on this many consecutive samples (sample_every
     # steps apart, 10 by default) before it is a finding, and still hold at the end of the run

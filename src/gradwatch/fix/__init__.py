@@ -34,6 +34,9 @@ BASELINE = Candidate("baseline (no change)")
 
 @dataclass
 class FixResult:
+    """What `fix` measured: the baseline, the screening and full-length trials, and the winner
+    (`.winner`, `.repaired`, `.change`: the code to paste; `.ranked`: the full trials, best first)."""
+
     baseline: Trial
     trials: list[Trial]  # the full-length trials
     budget_steps: int = 0  # steps per full-length trial
