@@ -266,3 +266,64 @@ def test_a_command_that_cannot_start_is_a_clear_error(tmp_path):
     result = gradwatch("run", "--out", tmp_path / "r", "--", "notes.txt", cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "cannot run 'notes.txt': not an executable command" in result.stderr
+
+
+def test_a_script_started_with_ctrl_c_off_keeps_it_off(tmp_path):
+    """A job started with `&` from a shell script starts with SIGINT ignored, and so does its
+    python: a Ctrl-C at the terminal leaves it running. Under `gradwatch run` the script started
+    with Ctrl-C on and died of it. (In this process: runner.run of a command that imports no torch.)"""
+    import signal
+
+    from gradwatch import runner
+
+    show = [sys.executable, "-c", "import signal, sys; sys.exit(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)"]
+    plain = subprocess.run(show, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)).returncode
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        watched = runner.run(show, tmp_path, {}).exit_code
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # and it is off for us again
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert plain == watched == 1
+    assert runner.run(show, tmp_path, {}).exit_code == 0  # on, it stays on (test_the_script_starts_with_ctrl_c_working)
+
+
+def test_a_command_given_without_double_dash_is_run_as_a_command(tmp_path):
+    """`gradwatch run python train.py` (the `--` forgotten) said "no such script: 'python'": a
+    command on PATH, where no file of that name is, is that command."""
+    from gradwatch import runner
+
+    # (`sh`: on every PATH; a `python` there may not be)
+    assert runner.command_from_target(["sh", "train.sh", "--lr", "1"], None) == ["sh", "train.sh", "--lr", "1"]
+    assert runner.command_from_target(["--", "sh", "train.sh"], None) == ["sh", "train.sh"]
+    result = gradwatch_here("run", "no-such-command-x", "train.py", cwd=tmp_path)
+    assert result.returncode == 2 and "no such script: 'no-such-command-x'" in result.stderr
+
+
+def test_a_shell_script_given_as_the_script_is_refused_with_the_command_to_type(tmp_path):
+    """`gradwatch run train.sh` ran `python train.sh`: a SyntaxError from python, then "nothing recorded"."""
+    (tmp_path / "train.sh").write_text("#!/bin/bash\necho hi\n")
+    (tmp_path / "train.py").write_text("#!/usr/bin/env python3\nprint('hi')\n")
+    result = gradwatch_here("run", "--out", "r", "train.sh", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "'train.sh' is not a Python script (#!/bin/bash): run it as a command, gradwatch run -- /bin/bash train.sh" \
+        in result.stderr
+    from gradwatch import runner
+
+    script = str(tmp_path / "train.py")
+    assert runner.command_from_target([script], None) == [sys.executable, script]  # a python shebang is python's
+
+
+def test_with_stderr_closed_the_summary_stays_out_of_the_scripts_stdout(tmp_path, monkeypatch):
+    """`gradwatch run train.py 2>&- > results.txt`: with no stderr, print() writes to stdout, and the
+    summary ended up in the script's own results."""
+    from gradwatch import runner
+    from gradwatch.cli.main import main
+
+    monkeypatch.setattr(runner, "run", lambda command, run_dir, options, lock=None: runner.RunResult(run_dir, 0))
+    (tmp_path / "train.py").write_text("")
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", None)
+    with contextlib.redirect_stdout(out):
+        assert main(["run", "--out", str(tmp_path / "r"), str(tmp_path / "train.py")]) == 0
+    assert out.getvalue() == ""

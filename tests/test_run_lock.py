@@ -69,3 +69,51 @@ def _dead(pid):
         return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] in "ZX"
     except (FileNotFoundError, ProcessLookupError):
         return True
+
+
+def test_what_the_command_leaves_running_does_not_keep_the_run_live(tmp_path):
+    """A script that starts a helper in the background (`os.system("tensorboard ... &")`) passed it
+    the run directory's lock: after the command had ended, the run read as "still being written"
+    and the next `gradwatch run --out` there was refused. (In this process: no torch is imported.)"""
+    import fcntl
+
+    from gradwatch import runner
+
+    helper = tmp_path / "helper.pid"
+    script = f"import os; os.system('sleep 30 > /dev/null 2>&1 & echo $! > {helper}')"
+    run_dir, lock = runner.claim_run_dir(tmp_path / "r")
+    try:
+        assert runner.run([sys.executable, "-c", script], run_dir, {}, lock).exit_code == 0
+    finally:
+        os.close(lock)
+    try:
+        fd = os.open(run_dir / ".gradwatch.lock", os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while the helper holds it
+        finally:
+            os.close(fd)
+    finally:
+        os.kill(int(helper.read_text()), signal.SIGKILL)
+
+
+def test_a_lock_held_after_its_run_ended_is_said_so(tmp_path):
+    """A process left running by a shell script of the command (which gradwatch cannot reach)
+    holds the lock: the refusal named the run's pid, long dead, as "writing"."""
+    import fcntl
+
+    from gradwatch import runner
+    from gradwatch.errors import ConfigError
+
+    (tmp_path / "r").mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    (tmp_path / "r" / ".gradwatch.lock").write_text(str(dead.pid))
+    fd = os.open(tmp_path / "r" / ".gradwatch.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # (this process stands for the process left running)
+    try:
+        runner.claim_run_dir(tmp_path / "r")
+        raise AssertionError("claimed")
+    except ConfigError as exc:
+        assert f"the gradwatch run of pid {dead.pid} has ended, but a process its command left running" in str(exc)
+    finally:
+        os.close(fd)

@@ -49,3 +49,37 @@ def test_forked_workers_do_not_write_the_parents_store(tmp_path):
     assert list(run.steps) == list(range(7))
     assert list(run.loss) == [float(line) for line in result.stdout.split()]
     assert sorted(p.name for p in (tmp_path / "r").glob("*.sqlite")) == ["gradwatch.sqlite"]
+    # ... and what they trained is said to be unrecorded (the summary said nothing of it)
+    assert "a process forked from a watched one trained, unrecorded (a multiprocessing Pool's worker?)" in result.stderr
+
+
+def test_forked_workers_that_do_not_train_are_not_said_to(tmp_path):
+    """DataLoader workers are forked too, and step no optimizer (in this process: the mark that
+    a forked worker's first optimizer step makes, and the summary's note of it)."""
+    import io
+
+    from gradwatch.cli.summary import print_run_summary
+    from gradwatch.collect.auto import _mark_if_training
+    from gradwatch.runner import FORKED_MARK
+
+    out = io.StringIO()
+    print_run_summary(tmp_path, out)
+    assert "trained, unrecorded" not in out.getvalue()
+    import torch
+
+    from gradwatch.collect import auto
+
+    _mark_if_training(str(tmp_path))
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model.weight.detach().clone()
+    model(torch.ones(1, 2)).sum().backward()
+    assert not (tmp_path / FORKED_MARK).exists()  # a forward and backward: no mark
+    opt.step()
+    opt.step()  # (the hook stays, marking once)
+    assert (tmp_path / FORKED_MARK).exists()
+    auto._forked_hooks.pop().remove()
+    g = model.weight.grad
+    assert torch.equal(model.weight.detach(), before.add(g, alpha=-0.1).add(g, alpha=-0.1))  # stepped as without it
+    print_run_summary(tmp_path, out)
+    assert "a process forked from a watched one trained, unrecorded" in out.getvalue()

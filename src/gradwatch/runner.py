@@ -29,8 +29,11 @@ except ImportError:  # Windows: runs into one directory are not guarded
 
 BOOTSTRAP_DIR = Path(__file__).resolve().parent / "_bootstrap"
 ENV_RUN_DIR = "GRADWATCH_RUN_DIR"  # what the child's start-up hook reads (collect/auto.py)
+WATCHED_MARK = ".gradwatch-watched"  # made in the run directory by each process the hook watches
+FORKED_MARK = ".gradwatch-forked-trained"  # made by a forked process that steps an optimizer, unrecorded
+ENV_LOCK_FD = "GRADWATCH_LOCK_FD"  # the run directory's lock, passed to the command (see `run`)
 ENV_OPTIONS = {"every": "GRADWATCH_EVERY", "sample_every": "GRADWATCH_SAMPLE_EVERY", "flush_every": "GRADWATCH_FLUSH_EVERY",
-               "all_ranks": "GRADWATCH_ALL_RANKS"}
+               "all_ranks": "GRADWATCH_ALL_RANKS", "status": "GRADWATCH_STATUS"}
 
 
 @dataclass
@@ -55,7 +58,7 @@ def default_run_dir(root: str | os.PathLike = "runs") -> Path:
 
 def clear_run(path: Path) -> None:
     """Remove a previous run's store and findings from `path`: a new run replaces it."""
-    for old in [*path.glob("gradwatch*.sqlite*"), path / FINDINGS_FILE]:
+    for old in [*path.glob("gradwatch*.sqlite*"), path / FINDINGS_FILE, path / WATCHED_MARK, path / FORKED_MARK]:
         old.unlink(missing_ok=True)
 
 
@@ -104,8 +107,14 @@ def claim_run_dir(path: str | os.PathLike) -> tuple[Path, int]:
         if fcntl is not None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        pids = os.read(fd, 64).decode(errors="replace").split()  # gradwatch run's, then its command's
+        owner = pids[0] if pids else "?"
         os.close(fd)
+        if pids and all(p.isdigit() and not _alive(int(p)) for p in pids):
+            # (a process that a shell script of the command started in the background)
+            raise ConfigError(f"the gradwatch run of pid {owner} has ended, but a process its command left running "
+                              f"still holds {str(path / LOCK_FILE)!r} (`fuser -v` on it names the process); end "
+                              f"that process, or choose another --out") from None
         raise ConfigError(f"another gradwatch run (started by pid {owner}) is writing to {str(path)!r}; "
                           f"choose another --out, or wait for it to end") from None
     os.ftruncate(fd, 0)
@@ -117,13 +126,41 @@ def claim_run_dir(path: str | os.PathLike) -> tuple[Path, int]:
         raise
 
 
+def _shebang(path: Path) -> str | None:
+    """The interpreter a script's `#!` line names (`/bin/sh`, `/usr/bin/env bash`), if it has one."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(256)
+    except OSError:
+        return None
+    if not first.startswith(b"#!"):
+        return None
+    return first[2:].decode(errors="replace").strip() or None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
 def build_command(script: str | None, module: str | None, argv: list[str]) -> list[str]:
     """The child's command line: `python script.py ...`, `python -m module ...` or a raw command."""
     if module:
         return [sys.executable, "-m", module, *argv]
     if script:
         if not Path(script).is_file():
+            if os.sep not in script and shutil.which(script):  # `gradwatch run python train.py`: a command
+                return build_command(None, None, [script, *argv])
             raise ConfigError(f"no such script: {script!r}; give the path of a Python file, or `-- COMMAND` to run a command")
+        interpreter = _shebang(Path(script))
+        if interpreter and "python" not in interpreter:  # python would fail on it with a SyntaxError
+            raise ConfigError(f"{script!r} is not a Python script (#!{interpreter}): run it as a command, "
+                              f"gradwatch run -- {interpreter} {script}")
         return [sys.executable, script, *argv]
     if not argv:
         raise ConfigError("nothing to run: give a script (train.py [args]), `-m module`, or `-- COMMAND ...`")
@@ -154,9 +191,12 @@ def command_from_target(target: list[str], module: list[str] | str | None) -> li
     return build_command(script, module, target)
 
 
-def child_env(run_dir: Path, options: dict[str, int]) -> dict[str, str]:
+def child_env(run_dir: Path, options: dict[str, int], lock: int | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env[ENV_RUN_DIR] = str(run_dir.resolve())
+    env.pop(ENV_LOCK_FD, None)  # (one of an enclosing run's is not this run's)
+    if lock is not None:  # the start-up hook keeps it from what the script leaves running (_bootstrap)
+        env[ENV_LOCK_FD] = str(lock)
     for key, value in options.items():
         env[ENV_OPTIONS[key]] = str(value)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BOOTSTRAP_DIR), env.get("PYTHONPATH")]))
@@ -171,17 +211,22 @@ def run(command: list[str], run_dir: Path, options: dict[str, int], lock: int | 
     it runs, even if this process is killed first."""
     # Ctrl-C reaches the child directly (same process group): the parent waits for its end. A
     # handler, not SIG_IGN: an ignored signal stays ignored across exec, and Python would then
-    # start the script with Ctrl-C switched off.
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
+    # start the script with Ctrl-C switched off. Unless it was off for us too (a job started with
+    # `&` from a script, nohup-like launchers): then it stays off for the script, as without us.
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN if ignored else (lambda signum, frame: None))
     previous_term = signal.getsignal(signal.SIGTERM)
     previous_hup = signal.getsignal(signal.SIGHUP) if hasattr(signal, "SIGHUP") else None
     try:
-        proc = subprocess.Popen(command, env=child_env(run_dir, options), pass_fds=() if lock is None else (lock,))
+        proc = subprocess.Popen(command, env=child_env(run_dir, options, lock), pass_fds=() if lock is None else (lock,))
+        if lock is not None:  # both, so a lock held with both ended is known as held by a leftover
+            os.pwrite(lock, f"{os.getpid()} {proc.pid}".encode(), 0)
         # a SIGTERM sent to us alone is passed on: the child stores its last steps and ends; so
         # is a SIGINT, unless a terminal's Ctrl-C sent it to the child as well (a second one
         # could cut short the child's last flush)
         signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
-        signal.signal(signal.SIGINT, lambda signum, frame: None if _terminal_foreground() else proc.send_signal(signum))
+        if not ignored:
+            signal.signal(signal.SIGINT, lambda signum, frame: None if _terminal_foreground() else proc.send_signal(signum))
         if previous_hup is not None:
             # a closed terminal or a dropped ssh session: passed on as SIGTERM is, and this process
             # lives on to record how the command ended (killed with it, it left no end and no

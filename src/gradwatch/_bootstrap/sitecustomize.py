@@ -43,7 +43,8 @@ def _start():
         if injector is not None:
             injector.install_late()
     except Exception as exc:  # never break the user's program
-        print(f"gradwatch: not watching this process ({type(exc).__name__}: {exc})", file=sys.stderr)
+        if sys.stderr is not None:  # (closed: print would write into the script's stdout)
+            print(f"gradwatch: not watching this process ({type(exc).__name__}: {exc})", file=sys.stderr)
 
 
 def _chain_next_sitecustomize():
@@ -58,6 +59,18 @@ def _chain_next_sitecustomize():
         spec.loader.exec_module(module)
 
 
+def _keep_the_lock_from_children():
+    """The run directory's lock is held by `gradwatch run`'s command until it ends, but not by
+    what it leaves running (`os.system("tensorboard ... &")`): such a process kept the run "still
+    being written" and its directory refused to the next run, long after the command had ended.
+    (A process forked from this one still holds it, and ends with it: DataLoader workers.)"""
+    try:
+        os.set_inheritable(int(os.environ["GRADWATCH_LOCK_FD"]), False)
+    except (KeyError, ValueError, OSError):  # no lock passed, or closed by the command that ran us
+        pass
+
+
 if os.environ.get("GRADWATCH_RUN_DIR"):
+    _keep_the_lock_from_children()
     _watch_when_torch_imports()
 _chain_next_sitecustomize()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import textwrap
 from pathlib import Path
 from typing import TextIO
 
@@ -10,16 +11,18 @@ import numpy as np
 
 from gradwatch.diagnose.finding import write_findings
 from gradwatch.errors import GradwatchError
-from gradwatch.store import partial_note, read_run
+from gradwatch.runner import FORKED_MARK, WATCHED_MARK
+from gradwatch.store import RunSeries, partial_note, read_run, store_files
+
+OTHERS_SHOWN = 5  # stores of further processes said one line each; past this, counted
+
 
 def print_run_summary(run_dir: Path, out: TextIO, exit_code: int = 0) -> None:
     try:
         series = read_run(run_dir)
     except GradwatchError:
-        if exit_code == 128 + signal.SIGKILL:  # it may have trained: killed before its first store write
-            print(f"gradwatch: nothing was stored in {run_dir}", file=out)
-        else:
-            print(f"gradwatch: no training step was seen, nothing recorded in {run_dir}", file=out)
+        print(f"gradwatch: {_nothing_recorded(run_dir, exit_code)}", file=out)
+        _say_forked_training(run_dir, out)
         return
     series.meta["live"] = False  # the lock read as live is this process's own: the command has ended
     from gradwatch.diagnose import diagnose
@@ -29,10 +32,9 @@ def print_run_summary(run_dir: Path, out: TextIO, exit_code: int = 0) -> None:
         write_findings(run_dir, findings)
     except OSError as exc:  # a full disk: the summary is still said
         print(f"gradwatch: cannot write {run_dir}/findings.json ({exc.strerror})", file=out)
-    n_layers = len(series.weight_columns())
-    loss = series.loss[~np.isnan(series.loss)]
-    last = (f", last loss {loss[-1]:.4g}" if np.isfinite(loss[-1]) else ", last loss non-finite") if len(loss) else ""
-    print(f"gradwatch: {len(series.steps)} steps, {n_layers} layers{last} -> {run_dir}", file=out)
+    others = store_files(run_dir)[1:]
+    who = f" ({_command(series)})" if others else ""
+    print(f"gradwatch: {_headline(series)}{who} -> {run_dir}", file=out)
     note = partial_note(series)
     if note and "SIGKILL" not in note:  # a SIGKILL is said by `gradwatch run` itself, with --flush-every
         print(f"gradwatch: partial run: {note}", file=out)
@@ -46,3 +48,62 @@ def print_run_summary(run_dir: Path, out: TextIO, exit_code: int = 0) -> None:
     for f in findings:
         print(f.line(), file=out)
     print(f"gradwatch: details: gradwatch diagnose {run_dir}", file=out)
+    _print_other_stores(others, out)
+    _say_forked_training(run_dir, out)
+
+
+def _say_forked_training(run_dir: Path, out: TextIO) -> None:
+    if (run_dir / FORKED_MARK).exists():
+        print("gradwatch: a process forked from a watched one trained, unrecorded (a multiprocessing Pool's "
+              "worker?); to record each, start them with multiprocessing.get_context('spawn')", file=out)
+
+
+def _nothing_recorded(run_dir: Path, exit_code: int) -> str:
+    """Why a run directory holds no store, from how the command ended and whether any of its
+    processes was watched (the start-up hook marks the directory)."""
+    where = f"nothing recorded in {run_dir}"
+    if exit_code == 128 + signal.SIGKILL:  # it may have trained: killed before its first store write
+        return f"nothing was stored in {run_dir}"
+    watched = (run_dir / WATCHED_MARK).exists()
+    if exit_code:
+        before = "any training step was seen" if watched else "importing torch"
+        return f"the command ended with exit code {exit_code} before {before}; {where}"
+    if not watched:
+        return (f"no process of the command imported torch with gradwatch's start-up hook loaded (`python -I`, "
+                f"`-E` or `-S`, or a reset PYTHONPATH, skips the hook); {where}")
+    return f"no training step was seen, {where}"
+
+
+def _headline(series: RunSeries) -> str:
+    n_layers = len(series.weight_columns())
+    loss = series.loss[~np.isnan(series.loss)]
+    last = (f", last loss {loss[-1]:.4g}" if np.isfinite(loss[-1]) else ", last loss non-finite") if len(loss) else ""
+    return f"{len(series.steps)} steps, {n_layers} layers{last}"
+
+
+def _command(series: RunSeries) -> str:
+    """The process's command line as it saw it (sys.argv), to tell one store from another."""
+    argv = series.meta.get("command") or []
+    return textwrap.shorten(" ".join(map(str, argv)), 60, placeholder=" ...") or "?"
+
+
+def _print_other_stores(paths: list[Path], out: TextIO) -> None:
+    """Further processes that trained (a shell script's second python, a spawn Pool's workers,
+    torchrun's other ranks with all_ranks) each wrote a store of their own: `gradwatch diagnose RUN`
+    reads only the first, so each other one is named here with what it holds."""
+    from gradwatch.diagnose import diagnose
+
+    for path in paths[:OTHERS_SHOWN]:
+        try:
+            series = read_run(path)
+        except GradwatchError as exc:
+            print(f"gradwatch: another process's store: {exc}", file=out)
+            continue
+        series.meta["live"] = False
+        kinds = sorted({f.kind for f in diagnose(series)})
+        found = f"findings: {', '.join(kinds)}" if kinds else "no findings"
+        print(f"gradwatch: another process ({_command(series)}): {_headline(series)}, {found}; "
+              f"gradwatch diagnose {path}", file=out)
+    if len(paths) > OTHERS_SHOWN:
+        print(f"gradwatch: and {len(paths) - OTHERS_SHOWN} more stores of other processes in {paths[0].parent}",
+              file=out)

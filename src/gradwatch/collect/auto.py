@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import json
 import os
 import signal
 import sys
@@ -31,7 +30,7 @@ from gradwatch.collect.layers import compiled_inner, has_lazy_params
 from gradwatch.collect.sampled_hooks import quiet_global_hook_warning
 from gradwatch.collect.watch import Watch, params_of
 from gradwatch.errors import GradwatchError
-from gradwatch.runner import ENV_OPTIONS, ENV_RUN_DIR
+from gradwatch.runner import ENV_OPTIONS, ENV_RUN_DIR, FORKED_MARK, WATCHED_MARK
 from gradwatch.store.reader import STORE_NAME
 
 DISCOVERY_STEPS = 2  # global forward hooks cost time on every module call: keep them briefly
@@ -54,6 +53,11 @@ class AutoWatch(Watch):
     """A Watch with no model given: it adopts models and the optimizer as they appear."""
 
     def __init__(self, run_dir: str, **options: int):
+        # no live status line unless asked (`gradwatch run --status`): the terminal is the script's,
+        # and the line, drawn over its own progress bar (tqdm's \r on stderr), left pieces of both
+        options["status"] = bool(options.get("status", False))
+        # with stderr closed (`2>&-`) a finding's line would go to stdout, into the script's output
+        options["warn"] = options.get("warn", True) and sys.stderr is not None
         super().__init__(None, None, out=None, meta={"command": sys.argv, "pid": os.getpid()}, **options)
         if self._live is not None:  # `gradwatch run` prints the whole run's findings when it ends
             self._live.check_at_close = False
@@ -76,16 +80,35 @@ class AutoWatch(Watch):
         self._ending = None  # an optimizer whose first step ends the step: see _other_step
         self._busy = 0  # flushes or detaches under way: a SIGTERM waits for their end
         self._deferred_signal: int | None = None
+        self._updated = False  # a weight was seen changing (weights updated by hand: see _drop_untrained)
+        self._untrained = 0  # steps dropped as training nothing
         self._handles.append(register_optimizer_step_pre_hook(self._global_pre))
         self._handles.append(register_optimizer_step_post_hook(self._global_post))
 
     def flush(self) -> None:
         with self._uninterrupted():
+            self._drop_untrained()
             if self.store_path is None and (self._pending or self._events):
                 from pathlib import Path
 
                 self.store_path = Path(_claim_store(self.run_dir))
             super().flush()
+
+    def _drop_untrained(self) -> None:
+        """Backward passes with no optimizer that change no weight (saliency maps, input gradients,
+        an evaluation that calls backward) train nothing: their steps are dropped. Recorded, they
+        read as weights stuck since step 0 (`stalled_layers`: "give the optimizer every parameter").
+        A loop that updates by hand shows its first Δw at its first sampled step, and from then on
+        every step is kept."""
+        if self._mode == "optimizer" or self._updated or self._dist is not None:
+            return
+        ready = [r for r in self._pending if r is not self._snapshot_rec]
+        measured = [r.delta for r in ready if r.delta is not None]
+        if any(bool(delta.any()) for delta in measured):
+            self._updated = True
+        elif measured:
+            self._untrained += len(ready)
+            self._pending = [r for r in self._pending if r is self._snapshot_rec]
 
     @contextlib.contextmanager
     def _uninterrupted(self) -> Iterator[None]:
@@ -147,7 +170,7 @@ class AutoWatch(Watch):
         except Exception as exc:  # never break the user's forward
             self._seen_modules.add(id(module))
             detail = str(exc) if isinstance(exc, GradwatchError) else f"{type(exc).__name__}: {exc}"
-            print(f"gradwatch: not watching {name}: {detail}", file=sys.stderr)
+            _say(f"gradwatch: not watching {name}: {detail}")
 
     def _pieces_of(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
         """Models found before `model` that are pieces of it, run on their own before it (its
@@ -269,6 +292,10 @@ class AutoWatch(Watch):
         with self._uninterrupted():
             self._stop_discovery()
             super().detach()
+        if self._untrained and self.store_path is None:
+            _say("gradwatch: backward passes, but no optimizer step and no weight changed: this process "
+                 "trained nothing, so nothing was recorded")
+            self._untrained = 0
 
     def forget(self) -> None:
         """In a forked child (a DataLoader worker, a fork Pool's): the parent's watch, copied,
@@ -279,10 +306,34 @@ class AutoWatch(Watch):
         _forgotten.append(self)  # never collected, so never closed
         self._snapshot = self._cur = self._dist = None
         self._pending, self._events, self.on_flush = [], [], []
+        self._untrained = 0
         self.detach()
+        _mark_if_training(self.run_dir)
+
+
+def _mark_if_training(run_dir: str) -> None:
+    """A forked process (a fork Pool's worker) that trains is not recorded: its first optimizer step
+    marks the run directory, so that `gradwatch run` says so instead of "no training step was seen".
+    DataLoader workers never step one: the hook costs them nothing."""
+    marked = False
+
+    def hook(optimizer, args, kwargs) -> None:
+        nonlocal marked
+        if not marked:  # (left in place: removed while torch iterates the hooks, it would break the step)
+            marked = True
+            with contextlib.suppress(OSError):
+                os.close(os.open(os.path.join(run_dir, FORKED_MARK), os.O_CREAT | os.O_WRONLY, 0o666))
+    _forked_hooks.append(register_optimizer_step_pre_hook(hook))
+
+
+def _say(text: str) -> None:
+    """A line on stderr; none with stderr closed (print would write it to the script's stdout)."""
+    if sys.stderr is not None:
+        print(text, file=sys.stderr)
 
 
 _forgotten: list[AutoWatch] = []
+_forked_hooks: list = []
 
 
 def start_from_env() -> AutoWatch | None:
@@ -293,6 +344,8 @@ def start_from_env() -> AutoWatch | None:
     options = {k: int(os.environ[v]) for k, v in ENV_OPTIONS.items() if os.environ.get(v)}
     watch = AutoWatch(run_dir, **options)
     start_from_env.watch = watch
+    with contextlib.suppress(OSError):  # tells `gradwatch run` that the start-up hook worked here
+        os.close(os.open(os.path.join(run_dir, WATCHED_MARK), os.O_CREAT | os.O_WRONLY, 0o666))
     atexit.register(_detach_at_exit, watch)
     os.register_at_fork(after_in_child=watch.forget)
     quiet_global_hook_warning()  # (the discovery hooks take the wrapper's inner model: AutoWatch._discover)
