@@ -1,4 +1,5 @@
-"""Peak memory and time of reading a long run's store (`read_run`) and of diagnosing it, each in
+"""Peak memory and time of reading a long run's store (`read_run`), of `gradwatch show`'s streamed
+summary of it, and of diagnosing it, each in
 a fresh process (peak RSS: VmHWM, which starts afresh at exec, unlike `ru_maxrss`; the interpreter
 with gradwatch imported is measured alone first and subtracted).
 
@@ -36,6 +37,10 @@ if sys.argv[1] == "read":
     read_run(sys.argv[2])
 elif sys.argv[1] == "diagnose":
     diagnose(read_run(sys.argv[2]))
+elif sys.argv[1] == "show":  # what `gradwatch show` reads: every metric's first/last/min/max, streamed
+    from gradwatch.store.schema import LAYER_COLUMNS
+    from gradwatch.store.summary import summarise
+    summarise(sys.argv[2], LAYER_COLUMNS)
 seconds = time.perf_counter() - t0
 hwm = int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
 print(json.dumps({"peak_mb": hwm / 1024, "seconds": seconds}))
@@ -101,7 +106,7 @@ def main() -> int:
         print(f"wrote {store / 'gradwatch.sqlite'} in {time.perf_counter() - t0:.0f} s")
     size = (store / "gradwatch.sqlite").stat().st_size / 1e6
     base = measure("none", store)
-    for what in ("read", "diagnose"):
+    for what in ("read", "show", "diagnose"):
         m = measure(what, store)
         print(f"{args.steps:,} steps x {args.layers + 20} layers ({size:.0f} MB store): {what}: "
               f"peak {m['peak_mb'] - base['peak_mb']:.0f} MB above the interpreter's {base['peak_mb']:.0f} MB, "

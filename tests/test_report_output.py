@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from gradwatch.errors import ConfigError
@@ -19,7 +21,7 @@ def test_an_unwritable_report_path_is_refused_before_reading_and_diagnosing(tmp_
     def never(*args, **kwargs):
         raise AssertionError("read before the output was checked")
 
-    monkeypatch.setattr(report_cmd, "read_run", never)
+    monkeypatch.setattr(report_cmd, "read_series", never)
     code, _, err = cli("report", tmp_path, "-o", tmp_path / "afile" / "r.html")
     assert code == 2 and f"cannot write the report to {str(tmp_path / 'afile' / 'r.html')!r}" in err
     assert "reading" not in err  # refused before the first stage
@@ -108,3 +110,26 @@ def test_an_empty_tensorboard_directory_is_refused(tmp_path, monkeypatch):
     code, _, err = cli("export", tmp_path / "run", "--tensorboard", "")
     assert code == 2 and "give a directory, e.g. --tensorboard runs/tb" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_directory_that_cannot_be_written_is_answered_with_where_to_write_instead(tmp_path, monkeypatch):
+    """A run the user may read, not write (a shared or archived run; not testable by permissions as
+    root): "choose another -o" alone left the user to make one up."""
+    from gradwatch.cli import report_cmd
+    from gradwatch.report import _unwritable
+
+    run = tmp_path / "20260101-120000"
+    run.mkdir()
+    written(run / "gradwatch.sqlite", 5).close()
+
+    def read_only(path):
+        if Path(path).parent == run:
+            raise _unwritable(Path(path), PermissionError(13, "Permission denied"))
+
+    monkeypatch.setattr(report_cmd, "check_writable", read_only)
+    code, _, err = cli("report", run)
+    assert code == 2 and err.strip() == (f"gradwatch: error: cannot write the report to {str(run / 'report.html')!r} "
+                                         "(Permission denied); choose another -o, e.g. -o 20260101-120000-report.html "
+                                         "(into the current directory)")
+    code, _, err = cli("report", run, "-o", run / "mine.html")  # a path given: refused as it was
+    assert code == 2 and err.strip().endswith("(Permission denied); choose another -o")

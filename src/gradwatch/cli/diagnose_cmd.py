@@ -8,7 +8,9 @@ import sys
 import textwrap
 
 from rich.console import Console
+from rich.text import Text
 
+from gradwatch.cli import Reading, say, say_which_store
 from gradwatch.diagnose import diagnose
 from gradwatch.store import partial_note, read_run
 
@@ -23,7 +25,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    series = read_run(args.run)
+    say_which_store(args.run)
+    progress = Reading(args.run)
+    series = read_run(args.run, progress=progress)
+    if progress.spoke:  # a long run: the rules take a while on it too
+        say(f"diagnosing {len(series.steps):,} steps x {len(series.layers)} layers")
     findings = diagnose(series)
     note = partial_note(series)
     if args.json:
@@ -36,13 +42,14 @@ def main(args: argparse.Namespace) -> int:
     if note:
         console.print(f"partial run: {note} (the findings are of the steps stored)", markup=False, soft_wrap=True)
     if not findings:
-        console.print(f"{args.run}: no findings")
+        console.print(f"{args.run}: no findings", markup=False)
         return 0
     style = {"error": "bold red", "warning": "yellow", "info": "cyan"}
     for f in findings:
         where = ", ".join(f.layers[:6]) + (" ..." if len(f.layers) > 6 else "")
-        console.print(f"[{style[f.severity]}]{f.severity.upper()}[/] {f.kind} since step {f.first_step}"
-                      + (f" in {where}" if where else ""), markup=True)
+        # layer names as text, never markup: a module named `[/]x` was a MarkupError traceback
+        console.print(Text.assemble((f.severity.upper(), style[f.severity]),
+                                    f" {f.kind} since step {f.first_step}" + (f" in {where}" if where else "")))
         console.print(f"  {f.message}", markup=False)
         if f.evidence:
             console.print("  evidence: " + ", ".join(f"{k}={_fmt(v)}" for k, v in f.evidence.items()), markup=False)

@@ -6,11 +6,11 @@ import argparse
 import os
 from pathlib import Path
 
-from gradwatch.cli import say
+from gradwatch.cli import Reading, say, say_which_store
 from gradwatch.diagnose import diagnose
 from gradwatch.errors import ConfigError
-from gradwatch.report import check_writable, saved_findings, write_report
-from gradwatch.store import read_run, store_files
+from gradwatch.report import check_writable, read_series, saved_findings, write_report
+from gradwatch.store import store_files
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,11 +44,20 @@ def main(args: argparse.Namespace) -> int:
         output = os.path.join(output, default.name)
     steps = _steps(args.steps)
     store_files(run)  # a run to read,
-    check_writable(output or default)  # and a file to write, before the work (a long run's takes a minute)
+    try:  # and a file to write, before the work (a long run's takes a minute)
+        check_writable(output or default)
+    except ConfigError as exc:
+        if output:
+            raise
+        # a run directory the user may read, not write (a shared or archived run): where to, instead
+        elsewhere = f"{run.resolve().name}-report.html"
+        raise ConfigError(f"{exc}, e.g. -o {elsewhere} (into the current directory)") from None
     # Each stage says what it does: a deep run's report took 10-35 s in silence (drawing alone
     # about 1 s per picture, diagnosing without an up-to-date findings.json most of the rest).
+    findings = saved_findings(run)
     say(f"reading {run}")
-    series = read_run(run)
+    say_which_store(run)
+    series = read_series(run, findings, progress=Reading(run))
     if steps and len(series.steps):  # drawn at the nearest recorded step: said, not silently
         recorded = set(series.steps.tolist())
         missing = [s for s in dict.fromkeys(steps) if s not in recorded]
@@ -57,7 +66,6 @@ def main(args: argparse.Namespace) -> int:
             which = f"steps {series.steps[0]}-{series.steps[-1]}" + (f", one in {every} recorded" if every > 1 else "")
             say(f"--steps: {', '.join(map(str, missing))} not recorded (this run has {which}): "
                 "the nearest recorded step is drawn instead")
-    findings = saved_findings(run)
     if findings is None:
         say(f"diagnosing {len(series.steps):,} steps x {len(series.layers)} layers (no up-to-date findings.json)")
         findings = diagnose(series)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import warnings
 
 import numpy as np
 from matplotlib import colormaps
@@ -25,28 +26,47 @@ DPI = 100
 
 
 def png(fig: Figure) -> str:
-    """The figure as a base64 PNG string."""
+    """The figure as a base64 PNG string. A layer name in a script the font lacks (CJK, emoji) is
+    drawn as boxes, said once per picture and glyph by matplotlib: eight warnings on stderr for a
+    6-layer run, naming this file; the page's tables have the names whole."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font", category=UserWarning)
+        fig.savefig(buf, format="png", dpi=DPI)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def short_name(name: str, width: int = 28) -> str:
     """A layer name that fits a tick label: its last dotted parts after an ellipsis
-    (`bert.encoder.layer.0.attention.self.query` -> `…0.attention.self.query`). Long labels
-    would take the plot's height and cut its axis title; the page's tables keep the full names."""
+    (`bert.encoder.layer.0.attention.self.query` -> `…0.attention.self.query`), or its last
+    characters when those parts are under half the width (a 200-character name ending in `.0` was
+    `…0`). Long labels would take the plot's height and cut its axis title; the page's tables keep
+    the full names."""
     if len(name) <= width:
         return name
     parts, kept = name.split("."), ""
     while parts and len(parts[-1]) + len(kept) + 2 <= width:
         kept = parts.pop() + ("." + kept if kept else "")
-    return "…" + (kept or name[-(width - 1):])
+    return "…" + (kept if 2 * len(kept) >= width else name[-(width - 1):])
+
+
+def short_names(names: list[str], width: int = 28) -> list[str]:
+    """`short_name` of each, made to tell the layers apart: names that shorten to the same label
+    (the same ending after different long beginnings) keep their beginning too (`head…tail`)."""
+    labels = [short_name(n, width) for n in names]
+    seen: dict[str, set[str]] = {}
+    for name, label in zip(names, labels):
+        seen.setdefault(label, set()).add(name)
+    head = (width - 1) // 2
+    return [f"{n[:head]}…{n[-(width - 1 - head):]}" if len(seen[label]) > 1 else label
+            for n, label in zip(names, labels)]
 
 
 def _layer_ticks(ax, axis: str, names: list[str], limit: int = 40) -> None:
     stride = max(1, -(-len(names) // limit))
     ticks = np.arange(0, len(names), stride)
-    labels = [short_name(names[i]) for i in ticks]
+    short = short_names(names)
+    labels = [short[i] for i in ticks]
     size = 8 if len(ticks) <= 20 else 6  # small type only where 40 names share the axis
     if axis == "x":
         turn = max(map(len, labels)) > 3  # short names ("0", "fc1") stay upright

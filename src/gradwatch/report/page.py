@@ -36,6 +36,9 @@ code{font-family:ui-monospace,Menlo,Consolas,monospace}.ok{color:#2e7d32}
 details summary{cursor:pointer;color:#1565c0}
 """
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+# The per-layer metrics the page shows: with the findings at hand, a run is read for it with these
+# alone (6 of 10 arrays of steps x layers; `diagnose` needs them all).
+DRAWN_METRICS = ("grad_norm", "update_ratio", "dead", "saturated", "act_mean", "act_std")
 
 
 def esc(value: object) -> str:

@@ -7,13 +7,13 @@ import os
 import sqlite3
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 from urllib.parse import quote
 
 import numpy as np
 
-from gradwatch.errors import StoreError
-from gradwatch.store.schema import FORMAT, LAYER_COLUMNS
+from gradwatch.errors import ConfigError, StoreError
+from gradwatch.store.schema import FORMAT, LAYER_COLUMNS, SCHEMA_VERSION
 from gradwatch.store.series import LayerInfo, RunSeries
 
 try:
@@ -23,7 +23,9 @@ except ImportError:  # Windows: a live run cannot be told from a finished one
 
 STORE_NAME = "gradwatch.sqlite"
 LOCK_FILE = ".gradwatch.lock"  # locked by `gradwatch run` and its command while the run lives
+LATEST = "latest"  # `runs/latest`: a link to the newest run `gradwatch run` started under runs/
 READ_CHUNK_ROWS = 50_000
+Progress = Callable[[int, int], None]  # (steps read, steps to read)
 
 
 def store_files(run: str | os.PathLike) -> list[Path]:
@@ -32,24 +34,45 @@ def store_files(run: str | os.PathLike) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.exists():
-        raise StoreError(f"no run at {str(path)!r}: give a run directory written by `gradwatch run` or a .sqlite store")
+        raise StoreError(_missing(path))
     files = sorted(path.glob("gradwatch*.sqlite"))
     if not files:
-        inner = sorted({f.parent.name for f in path.glob("*/gradwatch*.sqlite")})
-        if inner:  # a callback's distributed run: one directory per rank
-            raise StoreError(f"{str(path)!r} holds one run per directory ({', '.join(inner[:4])}): give one of them, "
-                             f"e.g. {str(path / inner[0])!r}")
+        inner = sorted({f.parent.name for f in path.glob("*/gradwatch*.sqlite") if not f.parent.is_symlink()})
+        if inner:  # `runs/`, or a callback's distributed run (one directory per rank)
+            given = f"{str(path / LATEST)!r} (the newest)" if (path / LATEST).is_dir() else repr(str(path / inner[0]))
+            raise StoreError(f"{str(path)!r} holds one run per directory ({_listed(inner)}): give one of them, "
+                             f"e.g. {given}")
         if (path / LOCK_FILE).exists():  # made by `gradwatch run`: the run was watched and saw no step
-            if run_is_live(path):
-                raise StoreError(f"{str(path)!r} is a live `gradwatch run` whose command has stored no training "
-                                 "step yet: the first store write comes after --flush-every steps (default 50)")
-            raise StoreError(f"{str(path)!r} is a `gradwatch run` directory whose command stored no training "
-                             "step: either it trained no torch model (a step is a backward pass and optimizer "
-                             "step), or it was killed before its first store write (every --flush-every steps)")
+            raise StoreError(_no_step(path))
         raise StoreError(f"{str(path)!r} holds no gradwatch store (gradwatch*.sqlite); was the run watched?")
     preferred = [path / STORE_NAME, path / "gradwatch-rank0.sqlite"]
     head = [f for f in preferred if f in files][:1]
     return head + [f for f in files if f not in head]
+
+
+def _listed(names: list[str], shown: int = 4) -> str:
+    return ", ".join(names[:shown]) + (f", ... {len(names) - shown} more" if len(names) > shown else "")
+
+
+def _missing(path: Path) -> str:
+    """No run at `path`: said with where the link `runs/latest` pointed when that run was deleted."""
+    if not path.is_symlink():
+        return f"no run at {str(path)!r}: give a run directory written by `gradwatch run` or a .sqlite store"
+    runs = [d for d in path.parent.iterdir() if not d.is_symlink() and any(d.glob("gradwatch*.sqlite"))]
+    runs = [d.name for d in sorted(runs, key=lambda d: d.stat().st_mtime, reverse=True)]  # the newest first
+    there = (f"the runs there: {_listed(runs)}; the newest is {str(path.parent / runs[0])!r}" if runs
+             else f"{str(path.parent)!r} holds no other run")
+    return f"{str(path)!r} links to {os.readlink(path)!r}, which no longer exists (deleted?); {there}"
+
+
+def _no_step(path: Path) -> str:
+    """A `gradwatch run` directory (its lock file is there) with no stored step yet, or never."""
+    if run_is_live(path):
+        return (f"{str(path)!r} is a live `gradwatch run` whose command has stored no training step yet: the "
+                "first store write comes after --flush-every steps (default 50)")
+    return (f"{str(path)!r} is a `gradwatch run` directory whose command stored no training step: either it "
+            "trained no torch model (a step is a backward pass and optimizer step), or it was killed before its "
+            "first store write (every --flush-every steps)")
 
 
 def connect(path: str | os.PathLike) -> sqlite3.Connection:
@@ -57,22 +80,67 @@ def connect(path: str | os.PathLike) -> sqlite3.Connection:
     path = Path(path)
     uri = f"file:{quote(str(path.absolute()))}"  # quoted: '#', '?' or '%' in a path are a URI's own
     # read-only first; then immutable, for a finished run where nothing can be written (no -shm beside it)
+    error: sqlite3.Error | None = None
     for mode in ("mode=ro", "immutable=1"):
+        if error is not None and _log_size(path) and "no such table" not in str(error):
+            # read-only failed, and immutable would read the file alone, not its log
+            raise StoreError(_unreadable_log(path, error))
+        db = None
         try:
             db = sqlite3.connect(f"{uri}?{mode}", uri=True)
             row = db.execute("SELECT value FROM meta WHERE key='format'").fetchone()
             break
         except sqlite3.OperationalError as exc:
+            _close(db)
             error = exc
         except sqlite3.DatabaseError as exc:
+            _close(db)
             if "malformed" in str(exc):  # a store cut short or overwritten: "damaged", not "not a store"
                 raise damaged(path, exc) from exc
             raise StoreError(f"{str(path)!r} is not a gradwatch store ({exc})") from exc
     else:
-        raise StoreError(f"{str(path)!r} is not a gradwatch store ({error})") from error
+        raise StoreError(_unwritten(path) or f"{str(path)!r} is not a gradwatch store ({error})") from error
     if row is None or json.loads(row[0]) != FORMAT:
-        raise StoreError(f"{str(path)!r} is not a gradwatch store (no format marker)")
+        db.close()
+        raise StoreError(_unwritten(path) or f"{str(path)!r} is not a gradwatch store (no format marker)")
+    version = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    if version is not None and json.loads(version[0]) > SCHEMA_VERSION:  # its tables may not be ours
+        db.close()
+        raise StoreError(f"{str(path)!r} was written by a newer gradwatch (store schema {json.loads(version[0])}; "
+                         f"this one reads {SCHEMA_VERSION}): upgrade gradwatch to read it")
     return db
+
+
+def _close(db: sqlite3.Connection | None) -> None:
+    if db is not None:
+        db.close()
+
+
+def _log_size(path: Path) -> int:
+    try:
+        return os.path.getsize(f"{path}-wal")
+    except OSError:
+        return 0
+
+
+def _unreadable_log(path: Path, error: Exception) -> str:
+    """A store whose last steps are in its write-ahead log (its process was killed), where SQLite may
+    not create the log's index (`-shm`): a read-only directory, a copy without it. Read as immutable,
+    the file alone showed none of them ("stored no training step"), or silently fewer."""
+    return (f"{str(path)!r} keeps its last steps in {path.name}-wal ({_log_size(path):,} bytes), which SQLite "
+            f"reads only where it may create {path.name}-shm beside it ({error}): copy the run directory "
+            f"somewhere writable (cp -r {str(path.parent)!r} ...) and read the copy")
+
+
+def _unwritten(path: Path) -> str | None:
+    """A store file created but with no flush in it yet: its writer is about to write the first one
+    (a reader of a live run caught it there: "not a gradwatch store"), or was killed before."""
+    if (path.parent / LOCK_FILE).exists():  # a `gradwatch run` directory
+        return _no_step(path.parent)
+    if os.path.getsize(path) == 0:
+        return (f"{str(path)!r} is empty: the process writing it has stored no step yet (the first store write "
+                "comes after flush_every steps), or was killed before it did")
+    return None
 
 
 def read_meta(db: sqlite3.Connection) -> dict:
@@ -80,15 +148,21 @@ def read_meta(db: sqlite3.Connection) -> dict:
     return {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
 
 
-def read_run(run: str | os.PathLike) -> RunSeries:
+def read_run(run: str | os.PathLike, *, progress: Progress | None = None,
+             metrics: Iterable[str] | None = None) -> RunSeries:
     """The series of a run: its main store file, as a `RunSeries`. Its meta says how the run
     ended (`exit`, written by `gradwatch run` when the command ended) or that it is still being
-    written (`live`): see `end_note`."""
+    written (`live`): see `end_note`. `progress(done, total)` is called after each chunk of rows
+    read, with the steps read so far and the steps to read (a 50k-step x 480-layer store takes
+    about two minutes). `metrics`: only these per-layer metrics (default: all), for a reader that
+    shows a few: each is a steps x layers array (1.8 GB for all ten at 50k steps x 480 layers), and
+    rows with none of them are left in the file; `series.metrics` holds only these."""
+    chosen = _metrics(metrics)
     path = store_files(run)[0]
     db = connect(path)
     try:
         with damaged_store(path):
-            series = _read(db)
+            series = _read(db, progress, chosen)
     finally:
         db.close()
     series.meta["live"] = run_is_live(path.parent)
@@ -132,8 +206,20 @@ def run_is_live(run_dir: str | os.PathLike) -> bool:
         os.close(fd)
 
 
-def _read(db: sqlite3.Connection) -> RunSeries:
-    series = StoreFollower(db).read()
+def _metrics(metrics: Iterable[str] | None) -> tuple[str, ...]:
+    if metrics is None:
+        return LAYER_COLUMNS
+    chosen = tuple(dict.fromkeys(metrics))
+    unknown = [m for m in chosen if m not in LAYER_COLUMNS]
+    if unknown or not chosen:
+        raise ConfigError(f"metrics={list(chosen)!r}: unknown {', '.join(map(repr, unknown)) or 'none given'}; "
+                          f"choose from {', '.join(LAYER_COLUMNS)}")
+    return chosen
+
+
+def _read(db: sqlite3.Connection, progress: Progress | None = None,
+          metrics: tuple[str, ...] = LAYER_COLUMNS) -> RunSeries:
+    series = StoreFollower(db, progress, metrics).read()
     for values in series.metrics.values():  # read once, nothing shares them: the caller's to change
         values.flags.writeable = True
     return series
@@ -150,11 +236,13 @@ class StoreFollower:
     The series returned shares this reader's arrays, read-only: the next `read()` may extend them.
     """
 
-    def __init__(self, db: sqlite3.Connection):
+    def __init__(self, db: sqlite3.Connection, progress: Progress | None = None,
+                 metrics: tuple[str, ...] = LAYER_COLUMNS):
         self._db = db
+        self._progress = progress
         self._ids: list[int] = []  # layer ids, in the column order of the arrays below
         self._steps = np.empty(0, dtype=np.int64)  # every step read, sorted
-        self._metrics = {c: np.empty((0, 0)) for c in LAYER_COLUMNS}  # rows: capacity >= len(steps)
+        self._metrics = {c: np.empty((0, 0)) for c in metrics}  # rows: capacity >= len(steps)
         self._profiles: dict[int, dict[int, dict[int, float]]] = {}  # layer id -> step -> t -> value
 
     def read(self) -> RunSeries:
@@ -229,16 +317,23 @@ class StoreFollower:
     def _read_rows(self, new: np.ndarray) -> None:
         column_of = np.full(max(self._ids, default=0) + 1, -1, dtype=np.int64)
         column_of[self._ids] = np.arange(len(self._ids))
-        rows = self._db.execute(f"SELECT step, layer, {', '.join(LAYER_COLUMNS)} FROM layer_stats WHERE step >= ?",
-                                (int(new[0]),))
+        names = list(self._metrics)
+        # a row with none of the chosen metrics adds nothing (NaN stays NaN): SQLite skips it, not Python
+        recorded = " OR ".join(f"{c} IS NOT NULL" for c in names)
+        rows = self._db.execute(f"SELECT step, layer, {', '.join(names)} FROM layer_stats "
+                                f"WHERE step >= ? AND ({recorded}) ORDER BY step, layer", (int(new[0]),))
         # in chunks: a whole long run as Python tuples is ~5x its arrays (1.2 GB at 12k steps x 220 layers)
         while chunk := rows.fetchmany(READ_CHUNK_ROWS):
             arr = np.array(chunk, dtype=float)  # NULL -> nan
             arr = arr[np.isin(arr[:, 0].astype(np.int64), new)]  # steps read before stay as read
             at = np.searchsorted(self._steps, arr[:, 0].astype(np.int64))
             cols = column_of[arr[:, 1].astype(np.int64)]
-            for j, name in enumerate(LAYER_COLUMNS):
+            for j, name in enumerate(names):
                 self._metrics[name][at, cols] = arr[:, 2 + j]
+            if self._progress is not None:  # rows come in step order (the primary key's)
+                self._progress(int(np.searchsorted(new, chunk[-1][0], side="right")), len(new))
+        if self._progress is not None:  # the last steps may have none of the chosen metrics
+            self._progress(len(new), len(new))
         fresh = set(new.tolist())
         for layer_id, step, t, value in self._db.execute(
                 "SELECT layer, step, t, grad_norm FROM time_profile WHERE step >= ?", (int(new[0]),)):
