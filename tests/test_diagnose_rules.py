@@ -1027,3 +1027,21 @@ def test_statistics_count_only_up_to_the_first_non_finite_loss():
     run.loss[[42, 50]] = np.inf
     run.loss[10] = np.nan  # not recorded: no non-finite measurement
     assert rows_before_non_finite_loss(run) == 42
+
+
+def test_exact_zero_gradients_in_a_tanh_net_with_no_saturation_are_not_blamed_on_relus():
+    """A 1000-block tanh net whose gradient underflowed to exactly 0 was told "ReLU passes no
+    gradient for negative inputs", and to use Leaky ReLU: it has no ReLU."""
+    run = build(activation="tanh")
+    for k in (0, 1):
+        run.metrics["grad_norm"][:, run.column(f"fc{k}")] = 0.0
+        run.metrics["grad_max"][sampled(run), run.column(f"fc{k}")] = 0.0
+    f = next(f for f in diagnose(run) if f.kind == "dead_units")
+    said = " ".join([*f.causes, *(r.action + r.code for r in f.remedies)])
+    assert f.causes[0].startswith("depth") and "ReLU" not in said and "leaky" not in said.lower()
+    relu = build(activation="relu")
+    for k in (0, 1):
+        relu.metrics["grad_norm"][:, relu.column(f"fc{k}")] = 0.0
+        relu.metrics["grad_max"][sampled(relu), relu.column(f"fc{k}")] = 0.0
+    g = next(f for f in diagnose(relu) if f.kind == "dead_units")
+    assert any("ReLU passes no gradient" in c for c in g.causes)  # a ReLU net still is told so

@@ -299,6 +299,14 @@ def dead_units(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[l
         return ([f"initial weights: {listed(zeros)} start with all parameters exactly 0, so every unit computes the same "
                  "0 and no gradient passes down (nor does symmetry ever break)"],
                 [Remedy("Re-initialise the weights (He for ReLU, Xavier for tanh/sigmoid) instead of zeros", ctx.init_code)])
+    if ctx.saturating and not ctx.relu_like and "dead_fraction" not in evidence:
+        # no ReLU to be dead (a 1000-block tanh net was told "ReLU passes no gradient"): exact zeros
+        # below saturating units that are not saturated are a product of derivatives < 1 underflowed
+        return ([f"depth: {ctx.depth} weight layers of {', '.join(ctx.saturating)} multiply derivatives below 1, and "
+                 "the product underflows to exactly 0 in float32 before it reaches these layers",
+                 "initial weights: a layer above initialised to all zeros passes no gradient down "
+                 "(gw.check_constant_init(model) lists such layers)"],
+                [NORMALISE, Remedy("Re-initialise with Xavier/Glorot, scaled for the activation", ctx.init_code)])
     if at_init:  # dead before any update: no learning rate killed them
         causes.append("initial weight scale: units are already dead at the first step (biases or weights start too negative)")
     elif not ctx.adaptive or ctx.lr >= ADAPTIVE_HIGH_LR:
