@@ -335,3 +335,36 @@ def test_a_deep_smooth_relu_net_is_told_to_normalise_first():
     v = next(f for f in diagnose(run) if f.kind == "vanishing_gradient")
     assert v.causes[0].startswith("activation: silu") and v.remedies[0].code == "model, _ = gw.modify.insert_norm(model, 'batch')"
     assert any(r.code == "gw.init_(model)" for r in v.remedies[1:])
+
+
+def test_a_finding_said_live_that_the_whole_run_does_not_keep_is_said_so(capsys, tmp_path):
+    """A tanh regression fitted to ~0 loss had a 31x gradient burst at step 414 said as an error
+    while training, and no finding in the whole run (the burst recovered, the loss went on falling).
+    What was said live is an event of the store; the whole run's verdict names what it does not keep,
+    in process (at detach) and in `gradwatch run`'s summary. Here a healthy run, told live of a
+    finding it does not have."""
+    import io
+    import json
+
+    from gradwatch.cli.summary import print_run_summary
+    from gradwatch.diagnose.finding import Finding
+    from gradwatch.diagnose.live import LIVE_FINDING, not_kept
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    x, y = torch.randn(64, 8), torch.randn(64, 1)
+    w = gw.watch(model, opt, flush_every=10, out=tmp_path)
+    for _ in range(60):
+        loss = ((model(x) - y) ** 2).mean()
+        opt.zero_grad(), loss.backward(), opt.step()
+    said = Finding("exploding_gradient", "error", 30, ("0",), "m")
+    w._live.findings.append(said)  # as if said live at step 30
+    w.note_event(30, LIVE_FINDING, json.dumps(["exploding_gradient", "0"]))
+    w.detach()
+    assert gw.diagnose(tmp_path) == []
+    assert "exploding_gradient said at step 30 while training is not kept" in capsys.readouterr().err
+    out = io.StringIO()
+    print_run_summary(tmp_path, out)
+    assert "no findings\ngradwatch: exploding_gradient said at step 30 while training is not kept" in out.getvalue()
+    assert not_kept([(30, "exploding_gradient", "0")], [said]) == []  # kept: nothing to say

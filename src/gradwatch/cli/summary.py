@@ -10,6 +10,7 @@ from typing import TextIO
 import numpy as np
 
 from gradwatch.diagnose.finding import write_findings
+from gradwatch.diagnose.live import not_kept
 from gradwatch.errors import GradwatchError
 from gradwatch.runner import FORKED_MARK, WATCHED_MARK
 from gradwatch.store import RunSeries, partial_note, read_run, store_files
@@ -47,6 +48,8 @@ def print_run_summary(run_dir: Path, out: TextIO, exit_code: int = 0) -> None:
         print("gradwatch: no findings", file=out)
     for f in findings:
         print(f.line(), file=out)
+    for line in not_kept([tuple(x) for x in series.meta.get("live_findings") or []], findings):
+        print(line, file=out)
     print(f"gradwatch: details: gradwatch diagnose {run_dir}", file=out)
     _print_other_stores(others, out)
     _say_forked_training(run_dir, out)

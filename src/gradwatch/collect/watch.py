@@ -419,6 +419,11 @@ class Watch:
             rec.add_loss(torch.as_tensor(loss))
             rec.loss_explicit = True
 
+    def note_event(self, step: int, kind: str, detail: str) -> None:
+        """An event row for the store, written with the next flush (the live diagnosis notes what
+        it said while training, so the end of a `gradwatch run` can tell what it no longer keeps)."""
+        self._events.append((step, kind, detail))
+
     def pause(self) -> None:
         """Stop recording (e.g. around evaluation) until `resume()`; hooks stay, but do nothing."""
         if self._attached:

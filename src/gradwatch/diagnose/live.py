@@ -7,6 +7,7 @@ read a piece at a time (`watch.stored_series()`: only the steps flushed since th
 
 from __future__ import annotations
 
+import json
 import sys
 import weakref
 from typing import Callable, Iterable
@@ -14,6 +15,8 @@ from typing import Callable, Iterable
 from gradwatch.diagnose import diagnose
 from gradwatch.diagnose.finding import KINDS, Finding
 from gradwatch.errors import ConfigError, TrainingStopped
+
+LIVE_FINDING = "live_finding"  # an event: a finding said while training ([kind, first layer])
 
 
 def check_stop_on(stop_on: Iterable[str]) -> tuple[str, ...]:
@@ -42,6 +45,8 @@ class LiveDiagnosis:
         self._watch: weakref.ref | None = None
         self._closed_at: int | None = None  # the last stored step `close` diagnosed through
         self.check_at_close = True  # `gradwatch run` diagnoses the whole run when it ends anyway
+        self._latest: list[Finding] | None = None  # the last diagnosis of the run so far
+        self._told: set[int] = set()  # findings whose fate at the end has been said
 
     def __call__(self, watch) -> None:
         self._watch = weakref.ref(watch)
@@ -49,31 +54,41 @@ class LiveDiagnosis:
         if step - self._last_step < max(watch.flush_every, step // 10):
             return
         self._last_step = step
-        self.report(diagnose(watch.stored_series()), watch)
+        self._latest = diagnose(watch.stored_series())
+        self.report(self._latest, watch)
 
     def close(self) -> None:
         """At detach, after the last flush: the steps since the last check (up to a tenth of the
         run: a NaN at step 205 of 210 was never said) are diagnosed once more. Nothing is stopped:
         the training is over. Called again (a TensorBoard sink closes it too), it diagnoses only
-        what was stored since."""
+        what was stored since. Then what was said while training and the whole run does not keep
+        is said (once)."""
         watch = self._watch() if self._watch is not None else None
-        if not self.check_at_close or watch is None or watch.step == self._last_step:
+        if not self.check_at_close or watch is None:
             return
-        series = watch.stored_series()
-        if not len(series.steps) or int(series.steps[-1]) == self._closed_at:
-            return
-        self._closed_at = int(series.steps[-1])
-        self.report(diagnose(series), stop=False)
+        if watch.step != self._last_step:
+            series = watch.stored_series()
+            if len(series.steps) and int(series.steps[-1]) != self._closed_at:
+                self._closed_at = int(series.steps[-1])
+                self._latest = diagnose(series)
+                self.report(self._latest, stop=False)
+        if self.warn and self._latest is not None:
+            said = [(f.first_step, f.kind, _first_layer(f)) for f in self.findings if id(f) not in self._told]
+            self._told.update(id(f) for f in self.findings)
+            for line in not_kept(said, self._latest):
+                print(line, file=sys.stderr)
 
     def report(self, findings: list[Finding], watch=None, stop: bool = True) -> None:
         """Tell each finding not told before (by kind and first layer); with `stop`, raise
         `TrainingStopped` on a kind in `stop_on`, after detaching `watch`."""
         for f in findings:
-            key = (f.kind, f.layers[0] if f.layers else "")  # the layers listed may grow as it spreads
+            key = (f.kind, _first_layer(f))  # the layers listed may grow as it spreads
             if key in self._seen:
                 continue
             self._seen.add(key)
             self.findings.append(f)
+            if watch is not None:
+                watch.note_event(f.first_step, LIVE_FINDING, json.dumps(list(key)))
             if self.warn:
                 print(f.line(), file=sys.stderr)
             if self.on_finding is not None:
@@ -82,3 +97,16 @@ class LiveDiagnosis:
                 if watch is not None:
                     watch.detach()
                 raise TrainingStopped(f"stopped at step {f.first_step} on {f.kind}: {f.message}")
+
+
+def _first_layer(f: Finding) -> str:
+    return f.layers[0] if f.layers else ""
+
+
+def not_kept(said: list[tuple[int, str, str]], final: list[Finding]) -> list[str]:
+    """A line for each kind of finding said while training (step, kind, first layer) that the whole
+    run's diagnosis has none of: judged with what came after (a gradient burst that recovered while
+    the loss went on falling), it was not a problem. Said, so the two verdicts do not just disagree."""
+    kept = {f.kind for f in final}
+    return [f"gradwatch: {kind} said at step {step} while training is not kept by the whole run's diagnosis: "
+            "what the rules saw then did not last" for step, kind, _ in said if kind not in kept]
