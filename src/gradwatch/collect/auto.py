@@ -24,7 +24,7 @@ from torch.nn.utils.parametrize import ParametrizationList
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from gradwatch.collect.caller_names import caller_name
+from gradwatch.collect.caller_names import caller_name, held_modules
 from gradwatch.collect.distributed import process_rank
 from gradwatch.collect.layers import compiled_inner, has_lazy_params
 from gradwatch.collect.sampled_hooks import quiet_global_hook_warning
@@ -172,6 +172,26 @@ class AutoWatch(Watch):
             detail = str(exc) if isinstance(exc, GradwatchError) else f"{type(exc).__name__}: {exc}"
             _say(f"gradwatch: not watching {name}: {detail}")
 
+    def _name_by_container(self, optimizer: torch.optim.Optimizer) -> None:
+        """At the first step, before anything is stored: when every model found so far is a piece
+        of one module the script holds but never calls, and that module is what the optimizer
+        trains (every trainable weight of it), it is the model: its layers take its names. A loop
+        calling model.encoder and model.decoder named the encoder's layers `0`, `2` (the first model
+        keeps its own names) and the decoder's `decoder.0`, and advice pasted as `model[0]` named
+        no layer of the model; now `encoder.0`, `decoder.0`."""
+        if self._writer is not None or not self._models:
+            return
+        models, trained = [m for m, _ in self._models], params_of(optimizer)
+        best, size = None, 0
+        for m in held_modules():
+            inside = {id(x) for x in m.modules()}
+            if id(m) in self._seen_modules or any(m is x for x in models) or not all(id(x) in inside for x in models):
+                continue  # (seen: a model's own, or its torch.compile / DDP wrapper)
+            if all(id(p) in trained for p in m.parameters() if p.requires_grad) and (best is None or len(inside) < size):
+                best, size = m, len(inside)
+        if best is not None:
+            self._discover(best)
+
     def _pieces_of(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
         """Models found before `model` that are pieces of it, run on their own before it (its
         layers called one by one, a slice `model[:2]` that holds some of its layers): their layers
@@ -193,6 +213,7 @@ class AutoWatch(Watch):
 
     def _global_pre(self, optimizer, args, kwargs) -> None:
         if self._optimizer is None:
+            self._name_by_container(optimizer)
             self.adopt_optimizer(optimizer)
         elif optimizer is self._optimizer:
             self._other_steps.clear()

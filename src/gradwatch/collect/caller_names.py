@@ -42,3 +42,18 @@ def _user_frame(frame: FrameType | None) -> FrameType | None:
 
 def _plain(key: object) -> bool:
     return isinstance(key, str) and key.isidentifier() and not key.startswith("_")
+
+
+def held_modules() -> list[nn.Module]:
+    """The modules the training script's frame holds: its variables, and their attributes one level
+    down (`self.model` in a trainer object), each once."""
+    frame = _user_frame(sys._getframe(1))
+    if frame is None:
+        return []
+    found: dict[int, nn.Module] = {}
+    for value in [*frame.f_locals.values(), *frame.f_globals.values()]:
+        attrs = value._modules if isinstance(value, nn.Module) else getattr(value, "__dict__", None)
+        for v in [value, *(attrs.values() if isinstance(attrs, dict) else ())]:
+            if isinstance(v, nn.Module):
+                found.setdefault(id(v), v)
+    return list(found.values())
