@@ -135,3 +135,20 @@ def test_the_guard_named_is_the_one_for_the_operation():
     assert (made.kind, gradient.kind, held.kind, plain.kind) == ("div", "sqrt", "slice", "mm")
     assert "a divisor that can be 0" in made.describe() and "torch.sqrt(x + eps)" in gradient.describe()
     assert "assert torch.isfinite(x).all()" in held.describe() and plain.describe().endswith("`y = m(x)`")
+
+
+def test_a_winner_over_a_located_nan_is_told_it_may_only_put_it_off():
+    from rich.console import Console
+
+    from gradwatch.cli.fix_cmd import print_result
+
+    result = _nan_at(31, 0.97)
+    result.origin = Origin("aten.log.default", "/x/t.py", 22, "return torch.log(var)", True, "NaN")
+    result.budget_steps = 60
+    winner = Trial(Candidate("learning rate x0.1", {"lr_scale": 0.1}), None, 0, 1.0, steps=60, final_loss=0.5)
+    result.trials.append(winner)
+    assert result.repaired
+    console = Console(record=True, width=400)
+    print_result(result, console)
+    text = console.export_text()
+    assert "may only put it off past 60 steps" in text and "t.py:22: `return torch.log(var)`" in text

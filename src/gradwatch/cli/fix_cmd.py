@@ -113,6 +113,10 @@ def print_result(result: FixResult, console: Console) -> None:
         console.print(textwrap.indent(result.change, "    "), markup=False, soft_wrap=True)
     if not result.repaired and (hint := not_a_training_fault(result)):
         console.print(hint, markup=False)  # the line of code may hold [brackets]
+    elif result.origin is not None:  # a remedy kept the NaN out of the budget: it may only put it off
+        console.print(f"Note: the baseline's NaN/Inf came from the data or the arithmetic, not from training: "
+                      f"{result.origin.describe()}. The winner may only put it off past {result.budget_steps} steps; "
+                      "guard that operation too.", markup=False)
     if result.written:
         console.print(f"Note: your script wrote or deleted {_some(result.written)} during the trials. Your directory was "
                       "put back as it was after each one, so no trial started from another's files; the files "
