@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
-from types import FrameType
+from types import FrameType, ModuleType
 
 import torch
 from torch import nn
@@ -52,6 +52,8 @@ def held_modules() -> list[nn.Module]:
         return []
     found: dict[int, nn.Module] = {}
     for value in [*frame.f_locals.values(), *frame.f_globals.values()]:
+        if isinstance(value, ModuleType):  # `import torch`: a library's namespace, not the script's objects
+            continue
         attrs = value._modules if isinstance(value, nn.Module) else getattr(value, "__dict__", None)
         for v in [value, *(attrs.values() if isinstance(attrs, dict) else ())]:
             if isinstance(v, nn.Module):
