@@ -152,3 +152,12 @@ def test_a_winner_over_a_located_nan_is_told_it_may_only_put_it_off():
     print_result(result, console)
     text = console.export_text()
     assert "may only put it off past 60 steps" in text and "t.py:22: `return torch.log(var)`" in text
+
+
+def test_sparse_and_meta_tensors_pass_through_unchecked():
+    """An Embedding(sparse=True)'s gradient and a meta tensor: the check must not break the run."""
+    emb = nn.Embedding(10, 4, sparse=True)
+    with NonFiniteLocator() as locator:
+        emb(torch.tensor([1, 2, 3])).sum().backward()
+        torch.empty(3, device="meta").add_(1.0)
+    assert emb.weight.grad.is_sparse and locator.origin is None

@@ -118,9 +118,12 @@ class NonFiniteLocator(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         if self.done or func.__name__.startswith(_UNWRITTEN):
             return out
-        node = None if torch.is_grad_enabled() else torch._C._current_autograd_node()
-        if (torch.is_grad_enabled() or node is not None) and (value := _non_finite(out)):
-            self._found(func, args, kwargs or {}, value, node)
+        try:
+            node = None if torch.is_grad_enabled() else torch._C._current_autograd_node()
+            if (torch.is_grad_enabled() or node is not None) and (value := _non_finite(out)):
+                self._found(func, args, kwargs or {}, value, node)
+        except Exception:  # a tensor the check cannot read (a subclass, nested): the script's run goes on
+            pass
         return out
 
     def _found(self, func, args, kwargs, value: str, node) -> None:
@@ -143,7 +146,8 @@ class NonFiniteLocator(TorchDispatchMode):
 def _non_finite(value) -> str:
     """'NaN' or 'Inf' if a floating tensor (or one of a tuple's) holds one, else ''."""
     for t in value if isinstance(value, (tuple, list)) else (value,):
-        if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) and t.numel():
+        if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) and t.numel() \
+                and t.layout == torch.strided and not t.is_meta:
             if not bool(torch.isfinite(t).all()):
                 return "NaN" if bool(torch.isnan(t).any()) else "Inf"
     return ""
