@@ -19,6 +19,9 @@ def test_a_threshold_that_is_not_a_positive_number_is_refused(name, value):
 
 
 def test_every_default_passes_and_warm_up_may_be_zero():
+    import numpy as np
+
+    assert gw.Thresholds(vanishing_ratio=np.float32(1e-3), persist_samples=np.int64(4)).persist_samples == 4
     defaults = gw.Thresholds()
     assert all(getattr(defaults, f.name) == f.default for f in dataclasses.fields(defaults))
     assert gw.Thresholds(warmup_steps=0).warmup_steps == 0

@@ -7,6 +7,7 @@ benchmark. `diagnose(run, thresholds=Thresholds(...))` overrides any of them.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields
 
 from gradwatch.errors import ConfigError
@@ -179,10 +180,10 @@ class Thresholds:
         be 0): a negative ratio or a NaN would silently switch a rule off, or on, for every run."""
         for f in fields(self):
             value = getattr(self, f.name)
-            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            number = isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy's too
             least = 0 if f.name == "warmup_steps" else 1
             if f.type == "int":
-                ok, want = number and isinstance(value, int) and value >= least, f"a whole number >= {least}"
+                ok, want = isinstance(value, numbers.Integral) and number and value >= least, f"a whole number >= {least}"
             else:
                 ok, want = number and math.isfinite(value) and value > 0, "a finite number > 0"
             if not ok:
