@@ -123,6 +123,23 @@ def test_a_gan_with_two_backwards(watched, sample_every):
     _run(gan, oD if watched == "D" else oG, body, sample_every=sample_every)
 
 
+@pytest.mark.parametrize("sample_every", [1, 3])
+def test_an_actor_critic_whose_critic_steps_first_on_its_own_loss(sample_every):
+    """One model, two parts, two losses: the critic's backward reaches the actor's weights too, the
+    actor's zero_grad clears them, and the critic's update went to the step before (two at step 0,
+    none at the last) under a watch with the actor's optimizer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    x = torch.randn(16, 4)
+    actor = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    critic = torch.optim.SGD([*model[2].parameters(), *model[4].parameters()], lr=0.1)
+
+    def body(i):
+        critic.zero_grad(), model(x).pow(2).mean().backward(), critic.step()
+        actor.zero_grad(), model(x).abs().mean().backward(), actor.step()
+    _run(model, actor, body, sample_every=sample_every)
+
+
 @pytest.mark.parametrize("zero_code", [False, True])
 @pytest.mark.parametrize("partner", [False, True])
 def test_gradient_accumulation(partner, zero_code, tmp_path):

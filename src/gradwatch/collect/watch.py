@@ -165,6 +165,7 @@ class Watch:
         # a partner stepped after the step's optimizer: a flush leaves its step's window open (else
         # a killed run loses at most the steps since the last flush, the last one included)
         self._partner_after = False
+        self._partner_first = False  # a partner stepped before the watched optimizer's first step
         self._touched: list[bool] = []  # parameter index -> a gradient reached it since the last step
         self._backward_scale: torch.Tensor | None = None
         self._stepped = False
@@ -593,7 +594,10 @@ class Watch:
                 self._mode = "backward"  # updates are by hand
                 self._end_step()
             elif self._mode != "backward" and self._grads_cleared():
-                self._settle(kept=False)
+                # cleared unused: a partner's update since is the last step's (a GAN's generator);
+                # but where a partner steps before the watched optimizer (an actor-critic's critic,
+                # watched by the actor's), it is the next step's, as it was from the first one
+                self._settle(kept=self._partner_first)
                 rec.forget_backwards()
                 self._clear_grad_buffers()
                 self._rival_objective()
@@ -888,6 +892,8 @@ class Watch:
         before it are kept until then (see _settle)."""
         if self._late and self._backward_since_step and not self._reached_watched_optimizer():
             self._settle(kept=True)  # its own backward only (a WGAN's critic before the generator)
+        if not self._late and self._step == 0:
+            self._partner_first = True  # it steps before the watched optimizer has stepped once
         if self._late:
             self._partner_after = True
             if self._backward_since_step and (self._snapshot is not None or self._cur_sampled):
