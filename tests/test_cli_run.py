@@ -309,9 +309,19 @@ def test_a_shell_script_given_as_the_script_is_refused_with_the_command_to_type(
     assert "'train.sh' is not a Python script (#!/bin/bash): run it as a command, gradwatch run -- /bin/bash train.sh" \
         in result.stderr
     from gradwatch import runner
+    from gradwatch.errors import GradwatchError
 
     script = str(tmp_path / "train.py")
     assert runner.command_from_target([script], None) == [sys.executable, script]  # a python shebang is python's
+    # a PEP 723 script run by uv, or any interpreter but a shell's, is still a Python script
+    for line, shell in (("/usr/bin/env -S uv run --script", False), ("/usr/bin/pypy3", False),
+                        ("/usr/bin/env bash", True), ("/bin/sh -e", True)):
+        (tmp_path / "s.py").write_text(f"#!{line}\nprint('hi')\n")
+        if shell:
+            with pytest.raises(GradwatchError, match="is not a Python script"):
+                runner.command_from_target([str(tmp_path / "s.py")], None)
+        else:
+            assert runner.command_from_target([str(tmp_path / "s.py")], None) == [sys.executable, str(tmp_path / "s.py")]
 
 
 def test_with_stderr_closed_the_summary_stays_out_of_the_scripts_stdout(tmp_path, monkeypatch):

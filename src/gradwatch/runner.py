@@ -138,6 +138,18 @@ def _shebang(path: Path) -> str | None:
     return first[2:].decode(errors="replace").strip() or None
 
 
+SHELLS = ("sh", "bash", "zsh", "dash", "ksh", "fish", "csh", "tcsh")
+
+
+def _shell(interpreter: str) -> bool:
+    """A `#!` line naming a shell (`/bin/sh`, `/usr/bin/env bash`): not a Python script. Any other
+    interpreter may run Python (`uv run --script`, pypy, a venv's python): the script stays python's."""
+    words = interpreter.split()
+    if words and os.path.basename(words[0]) == "env":
+        words = [w for w in words[1:] if not w.startswith("-") and "=" not in w]
+    return bool(words) and os.path.basename(words[0]) in SHELLS
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -158,7 +170,7 @@ def build_command(script: str | None, module: str | None, argv: list[str]) -> li
                 return build_command(None, None, [script, *argv])
             raise ConfigError(f"no such script: {script!r}; give the path of a Python file, or `-- COMMAND` to run a command")
         interpreter = _shebang(Path(script))
-        if interpreter and "python" not in interpreter:  # python would fail on it with a SyntaxError
+        if interpreter and _shell(interpreter):  # python would fail on it with a SyntaxError
             raise ConfigError(f"{script!r} is not a Python script (#!{interpreter}): run it as a command, "
                               f"gradwatch run -- {interpreter} {script}")
         return [sys.executable, script, *argv]
