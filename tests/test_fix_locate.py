@@ -133,6 +133,8 @@ def test_the_guard_named_is_the_one_for_the_operation():
     held = Origin("aten.slice.Tensor", "/x/t.py", 3, "xb = x[a:b]", False, "NaN")
     plain = Origin("aten.mm.default", "/x/t.py", 3, "y = m(x)", True, "Inf")
     assert (made.kind, gradient.kind, held.kind, plain.kind) == ("div", "sqrt", "slice", "mm")
+    in_place, reciprocal = (Origin(op, "/x/t.py", 3, "c", True, "Inf") for op in ("aten.div_.Tensor", "aten.reciprocal.default"))
+    assert in_place.kind == reciprocal.kind == "div"  # x /= s, 1 / x
     assert "a divisor that can be 0" in made.describe() and "torch.sqrt(x + eps)" in gradient.describe()
     assert "assert torch.isfinite(x).all()" in held.describe() and plain.describe().endswith("`y = m(x)`")
 
@@ -161,3 +163,62 @@ def test_sparse_and_meta_tensors_pass_through_unchecked():
         emb(torch.tensor([1, 2, 3])).sum().backward()
         torch.empty(3, device="meta").add_(1.0)
     assert emb.weight.grad.is_sparse and locator.origin is None
+
+
+def test_an_attention_mask_of_minus_inf_is_no_origin_and_the_real_one_is_found():
+    """Causal attention fills its scores with -inf on purpose, every forward: the first Inf seen was
+    named (the masked_fill line), and the checking stopped there, before the real log(0)."""
+    torch.manual_seed(0)
+    q = nn.Linear(4, 4)
+    x = torch.randn(2, 3, 4)
+    with NonFiniteLocator() as locator:
+        att = q(x) @ x.transpose(1, 2)
+        att = att.masked_fill(torch.ones(3, 3).tril() == 0, float("-inf")).softmax(-1)
+        mha = nn.MultiheadAttention(4, 2, batch_first=True)
+        out, _ = mha(x, x, x, key_padding_mask=torch.tensor([[False] * 3, [False, True, True]]))
+        p = torch.zeros(1) + att.sum() * 0 + out.sum() * 0
+        loss = -torch.log(p).mean()  # log(0): the real origin
+        loss.backward()
+    assert locator.origin is not None and locator.origin.op == "aten.log.default"
+    assert locator.origin.line == _line_of("# log(0): the real origin")
+
+
+def test_a_row_masked_whole_is_a_nan_made_from_a_mask():
+    x = torch.randn(2, 3, requires_grad=True)
+    with NonFiniteLocator() as locator:
+        x.masked_fill(torch.ones(2, 3, dtype=torch.bool), float("-inf")).softmax(-1).sum().backward()  # all masked
+    assert locator.origin is not None and locator.origin.value == "NaN" and locator.origin.masked
+    assert "from an input masked with ±inf" in locator.origin.describe()
+
+
+def test_the_budget_counts_the_lead_optimizers_steps_not_every_optimizers():
+    """A GAN's two optimizers: each trial ran half its budget, and the locating run stopped halfway."""
+    from gradwatch.fix.inject import Injector
+
+    g, d = nn.Linear(2, 2), nn.Linear(2, 1)
+    opt_g, opt_d = torch.optim.SGD(g.parameters(), 0.1), torch.optim.SGD(d.parameters(), 0.1)
+    injector = Injector({}, max_steps=4)
+    injector.install_late()
+    iterations = 0
+    try:
+        for _ in range(10):
+            iterations += 1
+            d(g(torch.randn(4, 2))).sum().backward()
+            opt_d.step()
+            opt_g.step()
+    except SystemExit:
+        pass
+    finally:
+        injector.remove()
+    assert iterations == 4 and injector.steps == 4
+
+
+def test_the_line_named_is_never_pythons_own_library_nor_a_pass_through():
+    import queue
+
+    from gradwatch.fix import locate
+
+    assert not locate._callers((queue.__file__, 1, "x", "get"))  # a DataLoader worker's queue
+    assert locate._callers((__file__, 1, "x", "train"))
+    assert not locate._callers((locate.__file__, 1, "x", "__torch_function__"))  # the watch's mode
+    assert locate._callers((locate.__file__, 1, "x", "activation_stats"))  # the watch's own statistics

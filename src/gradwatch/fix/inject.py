@@ -113,6 +113,8 @@ class Injector:
         self.max_steps = max_steps
         self.model: nn.Module | None = None
         self.steps = 0
+        self._lead: weakref.ref | None = None  # the optimizer whose steps are the budget's (see _count_step)
+        self._last: weakref.ref | None = None  # the optimizer that stepped last
         self.backwards = 0
         self.non_finite_losses = 0  # consecutive
         self._optimizers: dict[int, dict] = {}
@@ -217,10 +219,19 @@ class Injector:
         state = self._state(opt)
         for g, lr in zip(opt.param_groups, state.pop("lrs", [])):
             g["lr"] = lr  # a scheduler sees the lr it set
-        self._count_step()
+        self._count_step(opt)
 
-    def _count_step(self) -> None:
-        """One optimizer step of the budget; the last one ends the trial."""
+    def _count_step(self, opt: torch.optim.Optimizer) -> None:
+        """One step of the budget, the last of which ends the trial: a step of the lead optimizer,
+        as the store counts one step per iteration. Another optimizer stepping between the lead's (a
+        GAN's generator, a decoder's own) is not one: counted, a GAN's trials ran half their budget
+        and the locating run stopped halfway to its NaN. One stepping twice with no lead step between
+        (a new optimizer made for the next epoch) leads from then on."""
+        if self._lead is not None and self._lead() is not opt:
+            if self._last is None or self._last() is not opt:
+                self._last = weakref.ref(opt)
+                return
+        self._lead = self._last = weakref.ref(opt)
         self.steps += 1
         if self.max_steps is not None and self.steps >= self.max_steps:
             raise SystemExit(0)
@@ -285,7 +296,7 @@ class Injector:
 
     def guard_skipped(self, optimizer) -> None:
         """The script's own gw.guard skipped a step: it still counts against the budget."""
-        self._count_step()
+        self._count_step(optimizer)
 
 
 def _follow_schedule(adam: torch.optim.Optimizer, opt: torch.optim.Optimizer, base_lrs: list[float],

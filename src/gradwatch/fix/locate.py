@@ -13,9 +13,12 @@ from the traceback autograd's anomaly mode keeps with each node (on for that ste
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import sysconfig
 import traceback
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,6 +34,12 @@ ORIGIN = "non-finite-origin.json"  # in the run directory of the locating run
 _UNWRITTEN = ("empty", "new_empty", "resize_")
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _OUR_DIR = os.path.dirname(gradwatch.__file__) + os.sep
+# Python's own library (a DataLoader's worker queue, runpy): never the line to name; site-packages
+# inside it is not skipped (a script of an installed package)
+_STDLIB = tuple({sysconfig.get_paths()[k] + os.sep for k in ("stdlib", "platstdlib")})
+_SITE = tuple({sysconfig.get_paths()[k] + os.sep for k in ("purelib", "platlib")})
+# frames that only pass an operation on (the watch's mode around a compiled model's sampled step)
+_PASS_THROUGH = ("__torch_function__", "__torch_dispatch__")
 
 
 # The usual guard for the operations that make NaN/Inf from finite inputs (or gradients).
@@ -57,6 +66,7 @@ class Origin:
     made_here: bool  # its inputs were finite: this operation made the NaN/Inf (else an input held it)
     value: str  # "NaN" or "Inf"
     gradient_of: str = ""  # in the backward pass: the autograd node (e.g. "SqrtBackward0"); the line made it
+    masked: bool = False  # an input held ±inf on purpose (an attention mask): made from it, not from finite inputs
 
     def describe(self) -> str:
         where = f"{os.path.basename(self.file)}:{self.line}: `{self.code}`"
@@ -64,7 +74,8 @@ class Origin:
             text = (f"the forward pass was finite, but the gradient was not: {self.gradient_of} ({self.op}) made the "
                     f"first {self.value}, the gradient of {where}")
         elif self.made_here:
-            text = f"{self.op} made the first {self.value} from finite inputs, at {where}"
+            source = "an input masked with ±inf (a row masked whole?)" if self.masked else "finite inputs"
+            text = f"{self.op} made the first {self.value} from {source}, at {where}"
         else:
             return (f"an input of {self.op} already held {self.value} at {where}: it was made before this step's "
                     "computation (in the data, or in a tensor kept from earlier); check the batches where they are "
@@ -75,8 +86,11 @@ class Origin:
     def kind(self) -> str:
         """The operation's name without namespace or overload ("div"), or the node's ("sqrt")."""
         if self.gradient_of:
-            return re.sub(r"Backward\d*$", "", self.gradient_of).lower()
-        return self.op.split(".")[1] if self.op.count(".") >= 1 else self.op
+            name = re.sub(r"Backward\d*$", "", self.gradient_of).lower()
+        else:
+            name = self.op.split(".")[1] if self.op.count(".") >= 1 else self.op
+        name = name.rstrip("_")  # in place: x /= s is div_, log_() is log_
+        return "div" if name == "reciprocal" else name  # 1 / x
 
     def save(self, run_dir: Path) -> None:
         (run_dir / ORIGIN).write_text(json.dumps(asdict(self)) + "\n")
@@ -99,6 +113,10 @@ class NonFiniteLocator(TorchDispatchMode):
         self.origin: Origin | None = None
         self.done = False
         self._anomaly: tuple[bool, bool] | None = None
+        # tensors holding ±inf on purpose: a mask filled with float("-inf") (causal attention,
+        # key padding), and what is built from one; an Inf there is no fault, a NaN still is
+        # (by id: a WeakSet compares tensors with ==, elementwise)
+        self._masks: dict[int, weakref.ref] = {}
 
     def __enter__(self):
         self._anomaly = (torch.is_anomaly_enabled(), torch.is_anomaly_check_nan_enabled())
@@ -116,31 +134,49 @@ class NonFiniteLocator(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if self.done or func.__name__.startswith(_UNWRITTEN):
+        if self.done or func.__name__.startswith(_UNWRITTEN) or _in_worker():
             return out
         try:
             node = None if torch.is_grad_enabled() else torch._C._current_autograd_node()
             if (torch.is_grad_enabled() or node is not None) and (value := _non_finite(out)):
-                self._found(func, args, kwargs or {}, value, node)
+                inputs = [*args, *(kwargs or {}).values()]
+                if value == "Inf" and any(self._mask_value(a) for a in inputs):
+                    self._masks.update((id(t), weakref.ref(t)) for t in (out if isinstance(out, (tuple, list)) else (out,))
+                                       if isinstance(t, torch.Tensor))
+                else:
+                    self._found(func, args, kwargs or {}, value, node)
         except Exception:  # a tensor the check cannot read (a subclass, nested): the script's run goes on
             pass
         return out
 
     def _found(self, func, args, kwargs, value: str, node) -> None:
         frames = _traceback_frames(node.metadata.get("traceback_", ())) if node is not None else \
-            [(f.filename, f.lineno or 0, f.line or "") for f in traceback.extract_stack()[:-2]]
-        frame = next((f for f in reversed(frames) if not f[0].startswith((_TORCH_DIR, "<"))), None)
+            [(f.filename, f.lineno or 0, f.line or "", f.name) for f in traceback.extract_stack()[:-2]]
+        frame = next((f for f in reversed(frames) if _callers(f)), None)
         if frame is not None and frame[0].startswith(_OUR_DIR):
             return  # the watch's own statistics (of a NaN activation, say) are not the script's
         self.done = True
         self._stop_anomaly()
-        held = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and _non_finite(a)]
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        masked = [a for a in tensors if self._mask_value(a)]
+        held = [a for a in tensors if _non_finite(a) and not any(a is m for m in masked)]
         if frame is None or any(isinstance(a, torch.nn.Parameter) for a in held):
             return  # no line of the script's, or the weights were already non-finite (an earlier step)
         self.origin = Origin(str(func), frame[0], frame[1], frame[2].strip(), made_here=not held, value=value,
-                             gradient_of=node.name() if node is not None else "")
+                             gradient_of=node.name() if node is not None else "", masked=bool(masked))
         if self.run_dir is not None:  # at once: the run may still die of the NaN it made
             self.origin.save(self.run_dir)
+
+
+    def _mask_value(self, a) -> bool:
+        """±inf put there on purpose: a Python float (`masked_fill(m, float("-inf"))`, `torch.full`),
+        a one-value tensor holding it, or a tensor built from such a mask."""
+        if isinstance(a, float):
+            return math.isinf(a)
+        if isinstance(a, torch.Tensor):
+            known = self._masks.get(id(a))
+            return (known is not None and known() is a) or (a.numel() == 1 and _non_finite(a) == "Inf")
+        return False
 
 
 def _non_finite(value) -> str:
@@ -153,9 +189,24 @@ def _non_finite(value) -> str:
     return ""
 
 
-_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in [^\n]*\n(?P<code>[^\n]*)')
+_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<name>[^\n]*)\n(?P<code>[^\n]*)')
 
 
-def _traceback_frames(formatted: list[str]) -> list[tuple[str, int, str]]:
-    """(file, line, code) from the forward traceback anomaly mode keeps with a node (format_stack's text)."""
-    return [(m["file"], int(m["line"]), m["code"]) for m in map(_FRAME.search, formatted) if m]
+def _traceback_frames(formatted: list[str]) -> list[tuple[str, int, str, str]]:
+    """(file, line, code, function) from the forward traceback anomaly mode keeps with a node."""
+    return [(m["file"], int(m["line"]), m["code"], m["name"]) for m in map(_FRAME.search, formatted) if m]
+
+
+def _callers(frame: tuple[str, int, str, str]) -> bool:
+    """A frame that can be the line to name: the script's, a library's, or the watch's own
+    statistics; not torch's, Python's own library's, or one that only passes operations on."""
+    file, _, _, name = frame
+    if file.startswith((_TORCH_DIR, "<")) or (file.startswith(_STDLIB) and not file.startswith(_SITE)):
+        return False
+    return not (file.startswith(_OUR_DIR) and name in _PASS_THROUGH)
+
+
+def _in_worker() -> bool:
+    """A DataLoader worker (forked with the mode on): its batches are checked where the training
+    process takes them, at the script's own line."""
+    return torch.utils.data.get_worker_info() is not None
