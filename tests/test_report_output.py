@@ -83,6 +83,11 @@ def test_saved_findings_are_used_when_written_after_the_last_step_whatever_the_f
     assert saved_findings(tmp_path) is None
     saved.write_text("{not json")
     assert saved_findings(tmp_path) is None
+    # another process's store beside the main one: RUN/findings.json is not its findings
+    saved.write_text(json.dumps([Finding("loss_plateau", "info", 3, (), "saved").to_dict()]))
+    written(tmp_path / "gradwatch-pid42.sqlite", 5).close()
+    assert saved_findings(tmp_path / "gradwatch.sqlite") is not None
+    assert saved_findings(tmp_path / "gradwatch-pid42.sqlite") is None
 
 
 def test_a_directory_given_as_output_gets_the_report_inside_and_the_api_refuses_it_at_once(tmp_path, monkeypatch):

@@ -27,6 +27,8 @@ def saved_findings(run: str | os.PathLike) -> list[Finding] | None:
     path = Path(run)
     saved = path / FINDINGS_FILE if path.is_dir() else path.with_name(FINDINGS_FILE)
     try:
+        if not path.is_dir() and store_files(path.parent)[0].resolve() != path.resolve():
+            return None  # RUN/findings.json is the main store's: another process's store is diagnosed
         written = saved.stat().st_mtime
         db = connect(store_files(run)[0])
         try:
