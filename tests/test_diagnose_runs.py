@@ -368,3 +368,5 @@ def test_a_finding_said_live_that_the_whole_run_does_not_keep_is_said_so(capsys,
     print_run_summary(tmp_path, out)
     assert "no findings\ngradwatch: exploding_gradient said at step 30 while training is not kept" in out.getvalue()
     assert not_kept([(30, "exploding_gradient", "0")], [said]) == []  # kept: nothing to say
+    twice = not_kept([(40, "dead_units", "2"), (30, "dead_units", "0")], [])
+    assert len(twice) == 1 and "dead_units said at step 30" in twice[0]  # once a kind, its first step

@@ -108,5 +108,9 @@ def not_kept(said: list[tuple[int, str, str]], final: list[Finding]) -> list[str
     run's diagnosis has none of: judged with what came after (a gradient burst that recovered while
     the loss went on falling), it was not a problem. Said, so the two verdicts do not just disagree."""
     kept = {f.kind for f in final}
+    first: dict[str, int] = {}
+    for step, kind, _ in said:
+        if kind not in kept:
+            first[kind] = min(step, first.get(kind, step))
     return [f"gradwatch: {kind} said at step {step} while training is not kept by the whole run's diagnosis: "
-            "what the rules saw then did not last" for step, kind, _ in said if kind not in kept]
+            "what the rules saw then did not last" for kind, step in first.items()]
