@@ -40,3 +40,7 @@ if __name__ == "__main__":
     if args.process_index == 0:
         with open(f"{out}/applied.json", "w") as fh:
             json.dump({"norms": applied.norms, "log": trainer.state.log_history}, fh)
+    # the Trainer leaves its gloo group to the interpreter's exit, where 1 run in 5 aborted in
+    # torch's teardown ("terminate called without an active exception"), before this session's
+    # code as after: not what this test is about
+    torch.distributed.destroy_process_group()
