@@ -342,9 +342,14 @@ def _mark_if_training(run_dir: str) -> None:
         nonlocal marked
         if not marked:  # (left in place: removed while torch iterates the hooks, it would break the step)
             marked = True
-            with contextlib.suppress(OSError):
-                os.close(os.open(os.path.join(run_dir, FORKED_MARK), os.O_CREAT | os.O_WRONLY, 0o666))
+            _mark(run_dir, FORKED_MARK)
     _forked_hooks.append(register_optimizer_step_pre_hook(hook))
+
+
+def _mark(run_dir: str, name: str) -> None:
+    """An empty file `name` in the run directory, for `gradwatch run`'s summary (runner's marks)."""
+    with contextlib.suppress(OSError):
+        os.close(os.open(os.path.join(run_dir, name), os.O_CREAT | os.O_WRONLY, 0o666))
 
 
 def _say(text: str) -> None:
@@ -365,8 +370,7 @@ def start_from_env() -> AutoWatch | None:
     options = {k: int(os.environ[v]) for k, v in ENV_OPTIONS.items() if os.environ.get(v)}
     watch = AutoWatch(run_dir, **options)
     start_from_env.watch = watch
-    with contextlib.suppress(OSError):  # tells `gradwatch run` that the start-up hook worked here
-        os.close(os.open(os.path.join(run_dir, WATCHED_MARK), os.O_CREAT | os.O_WRONLY, 0o666))
+    _mark(run_dir, WATCHED_MARK)  # tells `gradwatch run` that the start-up hook worked here
     atexit.register(_detach_at_exit, watch)
     os.register_at_fork(after_in_child=watch.forget)
     quiet_global_hook_warning()  # (the discovery hooks take the wrapper's inner model: AutoWatch._discover)

@@ -26,11 +26,9 @@ def caller_name(module: nn.Module) -> str | None:
             if value is module and _plain(key):
                 return key
     for value in frame.f_locals.values():  # an attribute of an object the frame holds: self.encoder
-        attrs = value._modules if isinstance(value, nn.Module) else getattr(value, "__dict__", None)
-        if isinstance(attrs, dict):
-            for key, attr in attrs.items():
-                if attr is module and _plain(key):
-                    return key
+        for key, attr in _members(value).items():
+            if attr is module and _plain(key):
+                return key
     return None
 
 
@@ -54,8 +52,13 @@ def held_modules() -> list[nn.Module]:
     for value in [*frame.f_locals.values(), *frame.f_globals.values()]:
         if isinstance(value, ModuleType):  # `import torch`: a library's namespace, not the script's objects
             continue
-        attrs = value._modules if isinstance(value, nn.Module) else getattr(value, "__dict__", None)
-        for v in [value, *(attrs.values() if isinstance(attrs, dict) else ())]:
+        for v in [value, *_members(value).values()]:
             if isinstance(v, nn.Module):
                 found.setdefault(id(v), v)
     return list(found.values())
+
+
+def _members(value: object) -> dict:
+    """A value's attributes by name: a module's submodules, another object's `__dict__` ({} if none)."""
+    attrs = value._modules if isinstance(value, nn.Module) else getattr(value, "__dict__", None)
+    return attrs if isinstance(attrs, dict) else {}

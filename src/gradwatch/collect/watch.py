@@ -291,7 +291,7 @@ class Watch:
     def _add_layers(self, model: nn.Module, new: list[Layer], renumber: bool = False) -> None:
         """`renumber`: the model's layers are numbered again by their next forward, so the new ones
         (an unfrozen backbone) take their place below the layers that were there before them."""
-        self._settle(kept=not self._unused_backward())  # Δw over the parameters as they were
+        self._settle_window()  # Δw over the parameters as they were
         self.flush()  # a flush window has one fixed set of layers
         self._layers.extend(new)
         if renumber:
@@ -428,7 +428,7 @@ class Watch:
     def pause(self) -> None:
         """Stop recording (e.g. around evaluation) until `resume()`; hooks stay, but do nothing."""
         if self._attached:
-            self._settle(kept=not self._unused_backward())  # updates while paused are no step's
+            self._settle_window()  # updates while paused are no step's
             patches.remove(self)
             self._sampled_hooks.disarm()
             self._attached = False
@@ -446,7 +446,7 @@ class Watch:
         if not self._pending and not self._events:
             return
         if not self._partner_after:  # no partner steps after the step's optimizer: its update is complete
-            self._settle(kept=not self._unused_backward())
+            self._settle_window()
         # a step whose update is still to come (weights changed by hand, or by a partner stepping
         # after the step's optimizer) waits for its Δw
         ready = [r for r in self._pending if r is not self._snapshot_rec]
@@ -500,12 +500,17 @@ class Watch:
     def series(self) -> RunSeries:
         """Everything recorded so far (flushes first; across processes, what the last flush stored).
         The last step's update ends here: a partner's after this call is the next step's."""
-        self._settle(kept=not self._unused_backward())
+        self._settle_window()
         if self._snapshot is not None and self._mode != "optimizer":
             self._finish_delta()  # read after a manual update: that update is the last Δw
         if self._dist is None:  # a distributed flush is collective: not from one rank's call
             self.flush()
         return self.stored_series()
+
+    def _settle_window(self) -> None:
+        """End the last step's update window now (see _settle): its backwards since are the next
+        step's unless no optimizer step has used them."""
+        self._settle(kept=not self._unused_backward())
 
     def _unused_backward(self) -> bool:
         """A backward since the last optimizer step, and no step since to use its gradients."""
@@ -928,7 +933,7 @@ class Watch:
             return
         if self._snapshot is None and not kept_before:  # (most steps: nothing sampled)
             return
-        params = [distributed.local(p.detach()) for p in self._params]
+        params = self._local_params()
         before = [kept_before.get(i, p) for i, p in enumerate(params)]
         if self._snapshot is not None:
             self._finish_delta(before)
@@ -972,10 +977,14 @@ class Watch:
         self.detach()
         raise TrainingStopped(f"stopped at step {rec.step}: a non-finite gradient or loss")
 
+    def _local_params(self) -> list[torch.Tensor]:
+        """The watched weights as this rank holds them (a shard's local part under FSDP), detached."""
+        return [distributed.local(p.detach()) for p in self._params]
+
     def _take_snapshot(self, rec: StepRecord, params: list[torch.Tensor] | None = None) -> None:
         """Copy the weights before an update (`params`: else the weights now) into buffers kept
         between samples (allocating them each time costs more than the copy)."""
-        params = params if params is not None else [distributed.local(p.detach()) for p in self._params]
+        params = params if params is not None else self._local_params()
         if self._snapshot_buf is None or not all(map(_same_kind, self._snapshot_buf, params)) \
                 or len(self._snapshot_buf) != len(params):
             # (again when the model was moved or cast since: model.double() mid-run, rounded to the
@@ -987,7 +996,7 @@ class Watch:
 
     def _finish_delta(self, after: list[torch.Tensor] | None = None) -> None:
         """Δw: `after` (else the weights now) minus the snapshot, in norms per parameter."""
-        params = after if after is not None else [distributed.local(p.detach()) for p in self._params]
+        params = after if after is not None else self._local_params()
         rec = self._snapshot_rec
         if len(params) == len(self._snapshot):
             before = foreach_norm32(self._snapshot)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -113,7 +113,7 @@ class FixResult:
         data = {"baseline": row(self.baseline), "screened": [row(t) for t in self.screened],
                 "trials": [row(t) for t in self.trials], "winner": winner.candidate.name if winner else None,
                 "code": self.change, "repaired": self.repaired,
-                "non_finite_origin": self.origin.__dict__ if self.origin else None,
+                "non_finite_origin": asdict(self.origin) if self.origin else None,
                 "written_by_the_script": self.written, "left_overwritten": self.overwritten,
                 "edited_during_the_fix": self.edited}
         path = out / "fix.json"

@@ -123,7 +123,7 @@ class Injector:
         self._probe: torch.Tensor | None = None
         self._handles = [register_module_forward_pre_hook(self._before_forward)]
         self._late: list = []
-        self.locate_at = locate_at  # the step whose forward pass a NonFiniteLocator checks
+        self.locate_at = locate_at  # the step whose operations a NonFiniteLocator checks
         self.locator: NonFiniteLocator | None = None
         if locate_at == 0:
             self._start_locating()

@@ -27,7 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradwatch
 
-ENV_LOCATE_AT = "GRADWATCH_LOCATE_AT"  # the step (0-based, as stored) whose forward pass is checked
+ENV_LOCATE_AT = "GRADWATCH_LOCATE_AT"  # the step (0-based, as stored) whose operations are checked
 ORIGIN = "non-finite-origin.json"  # in the run directory of the locating run
 
 # Their output is memory not yet written (nn.Linear's weight before its init): garbage, not a NaN made.
@@ -60,7 +60,7 @@ _GUARDS = {
 @dataclass(frozen=True)
 class Origin:
     op: str  # the aten operation, e.g. "aten.div.Tensor"
-    file: str  # the script's file that ran it (the innermost frame outside torch and gradwatch)
+    file: str  # the file that ran it: the innermost frame outside torch, Python's library and the watch
     line: int
     code: str  # that line's text
     made_here: bool  # its inputs were finite: this operation made the NaN/Inf (else an input held it)
@@ -141,8 +141,7 @@ class NonFiniteLocator(TorchDispatchMode):
             if (torch.is_grad_enabled() or node is not None) and (value := _non_finite(out)):
                 inputs = [*args, *(kwargs or {}).values()]
                 if value == "Inf" and any(self._mask_value(a) for a in inputs):
-                    self._masks.update((id(t), weakref.ref(t)) for t in (out if isinstance(out, (tuple, list)) else (out,))
-                                       if isinstance(t, torch.Tensor))
+                    self._masks.update((id(t), weakref.ref(t)) for t in _tensors(out))
                 else:
                     self._found(func, args, kwargs or {}, value, node)
         except Exception:  # a tensor the check cannot read (a subclass, nested): the script's run goes on
@@ -167,7 +166,6 @@ class NonFiniteLocator(TorchDispatchMode):
         if self.run_dir is not None:  # at once: the run may still die of the NaN it made
             self.origin.save(self.run_dir)
 
-
     def _mask_value(self, a) -> bool:
         """±inf put there on purpose: a Python float (`masked_fill(m, float("-inf"))`, `torch.full`),
         a one-value tensor holding it, or a tensor built from such a mask."""
@@ -179,11 +177,15 @@ class NonFiniteLocator(TorchDispatchMode):
         return False
 
 
+def _tensors(value) -> list[torch.Tensor]:
+    """An operation's output as tensors: it may return one, or a tuple or list of them."""
+    return [t for t in (value if isinstance(value, (tuple, list)) else (value,)) if isinstance(t, torch.Tensor)]
+
+
 def _non_finite(value) -> str:
     """'NaN' or 'Inf' if a floating tensor (or one of a tuple's) holds one, else ''."""
-    for t in value if isinstance(value, (tuple, list)) else (value,):
-        if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) and t.numel() \
-                and t.layout == torch.strided and not t.is_meta:
+    for t in _tensors(value):
+        if (t.is_floating_point() or t.is_complex()) and t.numel() and t.layout == torch.strided and not t.is_meta:
             if not bool(torch.isfinite(t).all()):
                 return "NaN" if bool(torch.isnan(t).any()) else "Inf"
     return ""

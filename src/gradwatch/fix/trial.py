@@ -162,7 +162,7 @@ def discard_trials(out: Path) -> None:
 def run_trial(command: list[str], run_dir: Path, candidate: Candidate, budget_steps: int,
               options: dict[str, int] | None = None, timeout: float | None = None,
               locate_at: int | None = None) -> Trial:
-    """`locate_at`: check that step's forward pass for the operation that makes a NaN/Inf (locate.py)."""
+    """`locate_at`: check that step's operations for the one that makes a NaN/Inf (locate.py)."""
     run_dir = prepare(run_dir, candidate)
     env = runner.child_env(run_dir, options or {})
     env[ENV_MAX_STEPS] = str(budget_steps)

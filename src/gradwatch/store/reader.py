@@ -143,6 +143,19 @@ def _unwritten(path: Path) -> str | None:
     return None
 
 
+def read_layers(db: sqlite3.Connection) -> tuple[list[int], list[LayerInfo]]:
+    """The store's layers in forward order: their ids (layer_stats' `layer`) and their infos."""
+    rows = db.execute("SELECT id, name, type, idx, role, n_params, activation FROM layers ORDER BY idx, id").fetchall()
+    return [r[0] for r in rows], [LayerInfo(name, typ, idx, role, n, act) for _, name, typ, idx, role, n, act in rows]
+
+
+def read_steps(db: sqlite3.Connection) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The recorded steps in order, with their loss and lr (NaN where not recorded)."""
+    rows = db.execute("SELECT step, loss, lr FROM steps ORDER BY step").fetchall()
+    return (np.array([r[0] for r in rows], dtype=np.int64),
+            *(np.array([np.nan if r[k] is None else r[k] for r in rows], dtype=float) for k in (1, 2)))
+
+
 def read_meta(db: sqlite3.Connection) -> dict:
     """The store's meta table, each value decoded from its JSON."""
     return {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
@@ -262,28 +275,23 @@ class StoreFollower:
     def _read(self) -> RunSeries:
         db = self._db
         meta = read_meta(db)
-        layer_rows = db.execute(
-            "SELECT id, name, type, idx, role, n_params, activation FROM layers ORDER BY idx, id").fetchall()
-        step_rows = db.execute("SELECT step, loss, lr FROM steps ORDER BY step").fetchall()
-        steps = np.array([r[0] for r in step_rows], dtype=np.int64)
-        loss = np.array([np.nan if r[1] is None else r[1] for r in step_rows], dtype=float)
-        lr = np.array([np.nan if r[2] is None else r[2] for r in step_rows], dtype=float)
-        self._add_layers([row[0] for row in layer_rows])
+        ids, layers = read_layers(db)
+        steps, loss, lr = read_steps(db)
+        self._add_layers(ids)
         new = np.setdiff1d(steps, self._steps, assume_unique=True)
         if len(new):
             self._add_steps(steps, new)
             self._read_rows(new)
         position = {layer_id: i for i, layer_id in enumerate(self._ids)}
-        order = [position[row[0]] for row in layer_rows]
+        order = [position[layer_id] for layer_id in ids]
         in_order = order == list(range(len(order)))
         metrics = {}
         for name, values in self._metrics.items():
             view = values[:len(steps)] if in_order else values[:len(steps), order]
             view.flags.writeable = False
             metrics[name] = view
-        name_of = {row[0]: row[1] for row in layer_rows}
+        name_of = {layer_id: layer.name for layer_id, layer in zip(ids, layers)}
         profiles = {name_of[layer_id]: _profile_table(per_step) for layer_id, per_step in self._profiles.items()}
-        layers = [LayerInfo(name, typ, idx, role, n, act) for _, name, typ, idx, role, n, act in layer_rows]
         return RunSeries(layers, steps, loss, lr, metrics, profiles, _with_events(db, meta))
 
     def _add_layers(self, ids: list[int]) -> None:

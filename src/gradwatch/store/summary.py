@@ -44,14 +44,11 @@ def summarise(run: str | os.PathLike, metrics: tuple[str, ...], progress: reader
 
 def _summarise(db: sqlite3.Connection, metrics: tuple[str, ...], progress: reader.Progress | None) -> RunSummary:
     meta = reader.read_meta(db)
-    layer_rows = db.execute(
-        "SELECT id, name, type, idx, role, n_params, activation FROM layers ORDER BY idx, id").fetchall()
-    step_rows = db.execute("SELECT step, loss FROM steps ORDER BY step").fetchall()
-    steps = np.array([r[0] for r in step_rows], dtype=np.int64)
-    loss = np.array([np.nan if r[1] is None else r[1] for r in step_rows], dtype=float)
-    column_of = np.full(max([r[0] for r in layer_rows], default=0) + 1, -1, dtype=np.int64)
-    column_of[[r[0] for r in layer_rows]] = np.arange(len(layer_rows))
-    values = {m: np.full((len(layer_rows), 4), np.nan) for m in metrics}
+    ids, layers = reader.read_layers(db)
+    steps, loss, _ = reader.read_steps(db)
+    column_of = np.full(max(ids, default=0) + 1, -1, dtype=np.int64)
+    column_of[ids] = np.arange(len(ids))
+    values = {m: np.full((len(ids), 4), np.nan) for m in metrics}
     recorded = " OR ".join(f"{c} IS NOT NULL" for c in metrics)
     rows = db.execute(f"SELECT step, layer, {', '.join(metrics)} FROM layer_stats WHERE ({recorded}) "
                       "ORDER BY step, layer")
@@ -65,7 +62,6 @@ def _summarise(db: sqlite3.Connection, metrics: tuple[str, ...], progress: reade
             progress(int(np.searchsorted(steps, chunk[-1][0], side="right")), len(steps))
     if progress is not None:
         progress(len(steps), len(steps))
-    layers = [LayerInfo(name, typ, idx, role, n, act) for _, name, typ, idx, role, n, act in layer_rows]
     return RunSummary(layers, steps, loss, values, reader._with_events(db, meta))
 
 
