@@ -49,7 +49,7 @@ def test_swap_activations():
 def test_insert_norm_says_plainly_why_nothing_changed():
     """It said "no layer of type (<class 'torch.nn.modules.linear.Linear'>, ...)", also of a model
     whose only Linear is the output layer it keeps."""
-    assert str(insert_norm(nn.Sequential(nn.ReLU()))[1]) == "no Linear or Conv2d layer to normalise; nothing changed"
+    assert str(insert_norm(nn.Sequential(nn.ReLU()))[1]) == "no Linear or conv layer to normalise; nothing changed"
     change = insert_norm(nn.Sequential(nn.Linear(3, 2)))[1]
     assert not change and "but the last, '0' (skip_last=True keeps the output layer" in str(change)
 

@@ -199,7 +199,7 @@ def _probe(model: nn.Module, batch: Any, loss_fn: Callable[[Any], torch.Tensor] 
         x.verdict = verdict.layer_verdict(x)
     flagged = any(x.verdict in ("vanishing", "exploding") for x in layers)  # remedies to write
     functional = _functional_acts(model, batch, entries, layers) if flagged else {}
-    findings = (verdict.nonfinite_findings(layers)
+    findings = (verdict.nonfinite_findings(layers, _forward_origin(entries) if any(x.nonfinite for x in layers) else None)
                 + verdict.layer_findings(layers, mf, init=_init_targets(model, entries),
                                          normalised=_normalised(model), residual=_residual(entries, loss),
                                          functional=functional, example=_example_code(batch))
@@ -213,6 +213,22 @@ def _probe(model: nn.Module, batch: Any, loss_fn: Callable[[Any], torch.Tensor] 
         mean_field=mf, mean_field_note=note, chi_measured=chi, recurrent=recs, findings=findings,
         verdict=verdict.overall(layers, findings), iters=iters, seconds=time.perf_counter() - start,
         notes=notes, loss_name="projection" if loss_fn is None else "")
+
+
+def _finite(t: Any) -> bool:
+    return not (isinstance(t, torch.Tensor) and t.is_floating_point()) or bool(torch.isfinite(t.detach()).all())
+
+
+def _forward_origin(entries: list[Call]) -> tuple[str, str, bool] | None:
+    """(name, type, input non-finite) of the first layer, in forward order, whose output (or its
+    activation's) holds NaN/Inf; None when the forward is finite throughout (the backward made them)."""
+    for c in entries:
+        if c.role == "weights":
+            continue
+        y = c.acts[-1].out if c.acts else c.out
+        if not _finite(y) or not _finite(c.out):
+            return c.name, type(c.module).__name__, not _finite(c.inp)
+    return None
 
 
 def _frozen_note(model: nn.Module) -> list[str]:
@@ -363,11 +379,12 @@ def _jacobians(entries: list[Call], layers: list[LayerProbe], out: torch.Tensor 
         if inp is None or not inp.requires_grad or not inp.is_floating_point():
             continue
         later = [(e.name, e.inp) for e in entries[i + 1:i + 1 + NEXT_LAYER_TRIES]] + [("output", out)]
-        for name, nxt in later:
+        own = c.acts[-1].out if c.acts else c.out
+        for name, nxt in later + [("output", own)]:
             if nxt is None or not nxt.requires_grad or nxt is inp:
                 continue
             try:
-                jvp, vjp = graph_ops(nxt, inp)
+                jvp, vjp = graph_ops(nxt, inp, via=_outputs(c))
             except (ValueError, RuntimeError):
                 continue
             try:

@@ -5,8 +5,8 @@ A Jacobian J (N_out x N_in) is never formed: everything here needs two callables
 
 - `func_ops(f, x)`: `torch.func.jvp` / `torch.func.vjp` of a standalone function (a cell, a small
   block); the vjp closure is built once and reused.
-- `graph_ops(out, inp)`: two tensors of an already recorded autograd graph (a layer's input and the
-  next layer's input inside a model). `vjp` is one backward through the block; `jvp` is the
+- `graph_ops(out, inp, via)`: two tensors of an already recorded autograd graph (a layer's input and the
+  next layer's input inside a model), through the layer's outputs `via`. `vjp` is one backward through the block; `jvp` is the
   "double-vjp" trick: g(w) = Jᵀ w is linear in a dummy w, so d⟨g(w), v⟩/dw = J v. The graph of g is
   built once, so each jvp is one more backward of the block — no re-run of the model's prefix.
 
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -54,17 +54,26 @@ def func_ops(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tupl
     return jvp, (lambda u: vjp_fn(u)[0]), out
 
 
-def graph_ops(out: torch.Tensor, inp: torch.Tensor) -> tuple[Op, Op]:
-    """(jvp, vjp) between two tensors of a recorded graph (`out` computed from `inp`).
-    Raises ValueError when `out` does not depend on `inp` differentiably."""
-    def grad(outputs, inputs, cot, create=False):
-        g = torch.autograd.grad(outputs, inputs, cot, retain_graph=True, create_graph=create, allow_unused=True)[0]
+def graph_ops(out: torch.Tensor, inp: torch.Tensor, via: Sequence[torch.Tensor] = ()) -> tuple[Op, Op]:
+    """(jvp, vjp) between two tensors of a recorded graph (`out` computed from `inp`). With `via` (a
+    layer's outputs), only the paths through them count, J = ∂out/∂via · ∂via/∂inp: a shortcut from
+    `inp` around the layer (x + f(x), a parallel branch reading the same input) is held fixed.
+    Raises ValueError when `out` does not depend on `inp` (through `via`) differentiably."""
+    via = [] if any(t is out for t in via) else [t for t in via if t.requires_grad]
+
+    def back(cot: torch.Tensor, create: bool = False) -> torch.Tensor:
+        outs, cots = [out], [cot]
+        if via:
+            mids = torch.autograd.grad(out, via, cot, retain_graph=True, create_graph=create, allow_unused=True)
+            outs, cots = [t for t, m in zip(via, mids) if m is not None], [m for m in mids if m is not None]
+        g = (torch.autograd.grad(outs, inp, cots, retain_graph=True, create_graph=create, allow_unused=True)[0]
+             if outs else None)
         if g is None:
             raise ValueError("output does not depend on input")
         return g
 
     dummy = torch.zeros_like(out, requires_grad=True)
-    g_of_dummy = grad(out, inp, dummy, create=True)
+    g_of_dummy = back(dummy, create=True)
 
     def jvp(v: torch.Tensor) -> torch.Tensor:
         g = (torch.autograd.grad(g_of_dummy, dummy, v, retain_graph=True, allow_unused=True)[0]
@@ -73,18 +82,18 @@ def graph_ops(out: torch.Tensor, inp: torch.Tensor) -> tuple[Op, Op]:
             return g
         # No path back to the dummy: J is zero (a step function's backward), or the backward is not
         # differentiable (@once_differentiable, a numpy backward), which a zero would hide as σ = 0.
-        if _jacobian_is_zero(grad, out, inp):
+        if _jacobian_is_zero(back, out):
             return torch.zeros_like(out)
         raise RuntimeError("its backward is not differentiable (@once_differentiable or a backward "
                            "outside torch)")
 
-    return jvp, (lambda u: grad(out, inp, u))
+    return jvp, back
 
 
-def _jacobian_is_zero(grad: Callable, out: torch.Tensor, inp: torch.Tensor) -> bool:
+def _jacobian_is_zero(back: Callable[[torch.Tensor], torch.Tensor], out: torch.Tensor) -> bool:
     """Jᵀu = 0 for a fixed random u (seeded: the global RNG is the user's)."""
     u = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype).to(out.device)
-    return not bool(grad(out, inp, u).detach().any())
+    return not bool(back(u).detach().any())
 
 
 def _lanczos(matvec: Op, v0: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:

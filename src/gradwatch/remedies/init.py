@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from gradwatch.errors import ConfigError
 from gradwatch.remedies._common import shown
@@ -146,6 +148,19 @@ def _assign(m: nn.Module, pname: str, value: torch.Tensor) -> tuple[bool, str]:
     """Make `m.<pname>` `value`: a parametrized tensor (weight_norm ...) is assigned, which goes
     through its parametrization's right_inverse (initialising `.original` in place would change
     nothing the forward uses). Returns (whether it changed, a note if it did not become `value`)."""
+    legacy = _legacy_hook(m, pname)
+    if isinstance(legacy, WeightNorm):  # v = value, g = its norm: the weight the next forward computes is `value`
+        getattr(m, f"{pname}_v").copy_(value)
+        getattr(m, f"{pname}_g").copy_(torch.norm_except_dim(value, 2, legacy.dim))
+        setattr(m, pname, legacy.compute_weight(m))
+        return True, ""
+    if isinstance(legacy, SpectralNorm):  # the forward divides weight_orig by its top singular value
+        getattr(m, f"{pname}_orig").copy_(value)
+        for _ in range(SPECTRAL_ITERS):  # its u, v estimate of that value, for the new weight
+            weight = legacy.compute_weight(m, do_power_iteration=True)
+        setattr(m, pname, weight)
+        return True, (f"set through SpectralNorm (torch.nn.utils.spectral_norm), which fixes its scale: std "
+                      f"{float(weight.std()):.3g}, not the target")
     if not parametrize.is_parametrized(m, pname):
         getattr(m, pname).copy_(value)
         return True, ""
@@ -159,6 +174,18 @@ def _assign(m: nn.Module, pname: str, value: torch.Tensor) -> tuple[bool, str]:
     if float((got - value).norm()) > 1e-4 * float(value.norm()):
         return True, f"set through {kinds}, which fixes its scale: std {float(got.std()):.3g}, not the target"
     return True, ""
+
+
+SPECTRAL_ITERS = 20  # power iterations for a legacy spectral_norm's u, v after a new weight_orig
+
+
+def _legacy_hook(m: nn.Module, pname: str) -> WeightNorm | SpectralNorm | None:
+    """The hook of the older `torch.nn.utils.weight_norm` / `spectral_norm` on `m.<pname>`: the weight is
+    a plain tensor it recomputes from `<pname>_g`, `_v` (or `_orig`) before every forward. Made under
+    no_grad it looked frozen (SNGAN/BigGAN discriminators, vocoders were left alone), and a copy into it
+    was overwritten at the next forward."""
+    return next((h for h in m._forward_pre_hooks.values()
+                 if isinstance(h, (WeightNorm, SpectralNorm)) and h.name == pname), None)
 
 
 def _init_weight(m: nn.Module, pname: str, scheme: str, act: Act, chunks: int = 1) -> tuple[float, float, bool, str]:
@@ -191,6 +218,10 @@ def _trainable(m: nn.Module, pname: str) -> bool:
     """`m.<pname>` can be trained: requires grad (a parametrized one: through its `.original`s)."""
     if parametrize.is_parametrized(m, pname):
         return any(p.requires_grad for p in m.parametrizations[pname].parameters())
+    legacy = _legacy_hook(m, pname)
+    if legacy is not None:
+        originals = ("_g", "_v") if isinstance(legacy, WeightNorm) else ("_orig",)
+        return any(getattr(m, pname + k).requires_grad for k in originals)
     return getattr(m, pname).requires_grad
 
 

@@ -79,6 +79,18 @@ class FeatureBatchNorm(nn.BatchNorm1d):
         return super().forward(x.reshape(-1, x.shape[-1])).reshape(x.shape)
 
 
+class Normalised(nn.Sequential):
+    """nn.Sequential(layer, norm) for a layer held as an attribute, which passes every argument to the
+    layer: a plain Sequential takes one input, and nn.Bilinear's forward takes two."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        layer, *rest = self
+        x = layer(*args, **kwargs)
+        for m in rest:
+            x = m(x)
+        return x
+
+
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, attr = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), attr
@@ -277,21 +289,25 @@ def _refresh_fast_path(model: nn.Module, name: str) -> None:
         parent.activation_relu_or_gelu = 1 if isinstance(act, nn.ReLU) else 2 if isinstance(act, nn.GELU) else 0
 
 
+_BATCH_NORMS = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d,
+                nn.ConvTranspose1d: nn.BatchNorm1d, nn.ConvTranspose2d: nn.BatchNorm2d,
+                nn.ConvTranspose3d: nn.BatchNorm3d}
+
+
 def _norm_for(layer: nn.Module, kind: str) -> nn.Module:
-    """A norm matching `layer`'s output, on its device and dtype."""
-    w = layer.weight
-    factory = {"device": w.device, "dtype": w.dtype}
-    if isinstance(layer, nn.Linear):
+    """A norm matching `layer`'s output, on its device and dtype: over its last dim after a Linear or
+    Bilinear, over the channels (dim 1) after a conv or transposed conv (a DCGAN generator's
+    ConvTranspose2d -> BatchNorm2d)."""
+    w = getattr(layer, "weight", None)
+    factory = {"device": w.device, "dtype": w.dtype} if isinstance(w, torch.Tensor) else {}
+    if isinstance(layer, (nn.Linear, nn.Bilinear)):
         n = layer.out_features
         return FeatureBatchNorm(n, **factory) if kind == "batch" else nn.LayerNorm(n, **factory)
-    n = layer.out_channels
-    if kind == "layer":  # over (C, H, W) per sample: LayerNorm for feature maps
-        return nn.GroupNorm(1, n, **factory)
-    dims = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
-    for cls, bn in dims.items():
-        if isinstance(layer, cls):
-            return bn(n, **factory)
-    raise ConfigError(f"cannot choose a norm for {type(layer).__name__}; pass after=(nn.Linear, nn.Conv2d)")
+    bn = next((b for cls, b in _BATCH_NORMS.items() if isinstance(layer, cls)), None)
+    if bn is None:
+        raise ConfigError(f"cannot choose a norm for {type(layer).__name__}: insert_norm knows the output layout of "
+                          "Linear, Bilinear and (transposed) Conv1d/2d/3d layers; leave it out of after=")
+    return nn.GroupNorm(1, layer.out_channels, **factory) if kind == "layer" else bn(layer.out_channels, **factory)
 
 
 def _insert_after(seq: nn.Sequential, key: str, new_key: str, module: nn.Module) -> None:
@@ -324,10 +340,11 @@ def _attach_norms(places: list[Place], kind: str) -> None:
     Sequential), so what was one module stays one."""
     suffix = "_bn" if kind == "batch" else "_ln"
     made: dict[int, tuple[nn.Module, nn.Sequential]] = {}  # layer -> its norm, and layer + norm
-    for _, parent, attr, layer in places:
+    for _, _, _, layer in places:  # every norm first: a layer it cannot normalise leaves the model untouched
         if id(layer) not in made:
             norm = _norm_for(layer, kind)
-            made[id(layer)] = (norm, nn.Sequential(layer, norm))
+            made[id(layer)] = (norm, Normalised(layer, norm))
+    for _, parent, attr, layer in places:
         norm, both = made[id(layer)]
         if isinstance(parent, nn.Sequential) and attr + suffix not in parent._modules:
             _insert_after(parent, attr, attr + suffix, norm)
@@ -335,9 +352,16 @@ def _attach_norms(places: list[Place], kind: str) -> None:
             setattr(parent, attr, both)
 
 
-def insert_norm(model: nn.Module, kind: str = "batch", after: ModuleTypes = (nn.Linear, nn.Conv2d),
+# insert_norm's default: every layer type whose output layout it knows, but nn.Bilinear (two inputs)
+LAYERS_TO_NORMALISE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                       nn.ConvTranspose3d)
+
+
+def insert_norm(model: nn.Module, kind: str = "batch", after: ModuleTypes = LAYERS_TO_NORMALISE,
                 *, skip_last: bool = True, inplace: bool = True) -> tuple[nn.Module, Change]:
-    """Insert BatchNorm (`kind="batch"`) or LayerNorm (`"layer"`) after each layer of type `after`.
+    """Insert BatchNorm (`kind="batch"`) or LayerNorm (`"layer"`) after each layer of type `after`
+    (every Linear and conv by default: a Conv1d net or a ConvTranspose2d decoder, left out of the
+    default before, got "nothing changed" from the remedy diagnose and the probe give for all models).
 
     `skip_last` leaves the last such layer (in registration order: normally the output layer,
     whose scale is the prediction's) without a norm. Layers inside attention and transformer
@@ -365,7 +389,9 @@ def insert_norm(model: nn.Module, kind: str = "batch", after: ModuleTypes = (nn.
     layers = [p.name for p in places]
     renamed, new = _renames(before, model)
     if not layers:
-        kinds = " or ".join(t.__name__ for t in after_types)
+        names = [t.__name__ for t in after_types]
+        kinds = ("Linear or conv" if set(after_types) == set(LAYERS_TO_NORMALISE) else
+                 " or ".join(names) if len(names) < 3 else f"{', '.join(names[:-1])} or {names[-1]}")
         return model, Change(f"no {kinds} layer to normalise{skipped}; nothing changed")
     what = "BatchNorm" if kind == "batch" else "LayerNorm"
     return model, Change(f"inserted {what} after {len(layers)} layer(s): {', '.join(layers)}"
