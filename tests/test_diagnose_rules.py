@@ -1045,3 +1045,18 @@ def test_exact_zero_gradients_in_a_tanh_net_with_no_saturation_are_not_blamed_on
         relu.metrics["grad_max"][sampled(relu), relu.column(f"fc{k}")] = 0.0
     g = next(f for f in diagnose(relu) if f.kind == "dead_units")
     assert any("ReLU passes no gradient" in c for c in g.causes)  # a ReLU net still is told so
+
+
+def test_a_converged_model_fine_tuned_at_a_tiny_lr_is_no_plateau():
+    """A digits MLP fitted to loss ~1e-3, fine-tuned under SGD at lr 1e-5: its batch losses wander
+    0.0013 -> 0.0015 on weights that barely move, and it was told to raise its learning rate. A
+    loss near 0 from the start has nowhere left to go; one stuck where it started (2.3) still is a
+    plateau, and a negative loss (a flow's NLL) has no floor at 0 to be near."""
+    rng = np.random.default_rng(0)
+    for level, plateau in ((1.3e-3, False), (2.3, True), (-1.3e-3, True)):
+        run = build(n_steps=300)
+        noise = rng.lognormal(0.0, 0.4, len(run.loss))  # heavy-tailed, as a fitted classifier's batches
+        run.loss[:] = level * noise / np.median(noise)
+        run.loss[-30:] += 0.15 * abs(level)  # ends 15% higher: within the spread, on still weights
+        run.metrics["update_ratio"][sampled(run)] = 4e-8
+        assert ("loss_plateau" in kinds(diagnose(run))) == plateau, level

@@ -63,10 +63,22 @@ def _one_per_cause(series: RunSeries, findings: list[Finding]) -> list[Finding]:
     zeroed = {l for f in findings if f.kind == "dead_units" for l in f.evidence.get("zero_gradient_layers", ())}
     findings = [f for f in findings if not (f.kind == "vanishing_gradient" and f.evidence.get("backward_ratio") == 0
                                             and f.layers[0] in zeroed)]
+    if any(f.kind == "exploding_gradient" and "init_backward_ratio" in f.evidence for f in findings):
+        findings = [f for f in findings if not _dead_from_growth(f)]
     vanished = {l for f in findings if f.kind == "vanishing_gradient" for l in f.layers} | zeroed
     return [f for f in findings  # lower layers stalled where the gradient vanishes (or is 0): one cause
             if not (f.kind == "stalled_layers" and not f.evidence.get("frozen") and not f.evidence.get("no_gradient")
                     and (set(f.layers) & vanished or _below_blocked_units(series, f, findings)))]
+
+
+def _dead_from_growth(f: Finding) -> bool:
+    """ReLUs dead for the whole batch at the first step of a net whose backward signal already grows
+    ≥ 1e3x toward the input: the growth adds a component common to every sample (a residual sum of
+    ReLU outputs drifts positive), so each unit is on or off for all of them. A 40-block He-init
+    residual MLP had 50-58% dead in 18 blocks at step 0 and was told to re-initialise with He init,
+    which it had; BatchNorm, the explosion's first remedy, repaired both. Zero weights stay said."""
+    return f.kind == "dead_units" and bool(f.evidence.get("at_init")) and "dead_fraction" in f.evidence \
+        and "zero_weight_layers" not in f.evidence
 
 
 def _plateau_from_block(findings: list[Finding]) -> list[Finding]:

@@ -15,10 +15,13 @@ NOT_IN_PROFILE = ("Norm", "Embedding")
 
 def profile_columns(run: RunSeries) -> list[int]:
     """Columns of the layers that form the depth profile, input first: those owning weights that
-    transform the signal (Linear, Conv, attention, recurrent), not norms or embeddings."""
+    transform the signal (Linear, Conv, attention, recurrent), not norms or embeddings, nor a single
+    number (a learnt temperature or logit scale, a ReZero gate): it has no fan-in to pass a signal
+    through, and a model's own bare parameter runs first, so it stood as the lowest layer (a CLIP
+    logit scale at 200x the towers' lr was called stalled beside them)."""
     cols = [
         i for i, layer in enumerate(run.layers)
-        if layer.role in WEIGHT_ROLES and not any(t in layer.type for t in NOT_IN_PROFILE)
+        if layer.role in WEIGHT_ROLES and not any(t in layer.type for t in NOT_IN_PROFILE) and layer.n_params != 1
     ]
     return sorted(cols, key=lambda i: run.layers[i].index)
 
@@ -124,6 +127,22 @@ def persistent_start(condition: np.ndarray, persist: int, *, to_the_end: bool = 
                 return start
             start = None
     return None
+
+
+def zero_initialised(run: RunSeries) -> list[str]:
+    """Weight layers whose parameters are all exactly 0 at the run's first step: their units compute
+    the same 0 for every sample and pass no gradient down, whatever the activation. The last layer
+    alone is no such cause: a zero-initialised output layer blocks the gradient for one step. The
+    finding they cause reads as dead units under ReLU or tanh (exact zeros), as a vanishing gradient
+    under sigmoid (0.5 is no zero): either way they are its first cause. Only the depth profile's
+    layers count: a gate that starts at 0 on purpose is a single number (ReZero, SkipInit) or a
+    normalisation layer's gain (torchvision's zero_init_residual), on a branch beside a skip."""
+    w = run.metrics.get("weight_norm")
+    if w is None or len(run.steps) == 0:
+        return []
+    cols = profile_columns(run)
+    zero = [run.layers[c].name for c in cols if w[0, c] == 0]
+    return zero if any(run.layers[c].name in zero for c in cols[:-1]) else []
 
 
 def rows_before_non_finite_loss(run: RunSeries) -> int:

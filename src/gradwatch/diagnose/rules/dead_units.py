@@ -8,7 +8,7 @@ import numpy as np
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
 from gradwatch.diagnose.signals import (persistent_activation_layers, persistent_start, rows_before_non_finite_loss,
-                                        summarise_layers)
+                                        summarise_layers, zero_initialised)
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
 
@@ -25,7 +25,7 @@ def find_dead_units(run: RunSeries, th: Thresholds) -> list[Finding]:
     if hits:
         first, layers, worst_layer, worst, at_init = summarise_layers(run, hits)
         evidence.update({"dead_fraction": {n: hits[n][1] for n in layers}, "at_init": at_init})
-        if at_init and (zeros := _zero_initialised(run)):
+        if at_init and (zeros := zero_initialised(run)):
             evidence["zero_weight_layers"] = zeros
         causes, remedies = advice.dead_units(advice.Context(run), layers, evidence)
         severity = "error" if worst >= th.dead_fraction_error else "warning"
@@ -35,7 +35,7 @@ def find_dead_units(run: RunSeries, th: Thresholds) -> list[Finding]:
         return [Finding("dead_units", severity, first, layers, message, evidence, tuple(causes), tuple(remedies))]
     first = min(zero.values())
     evidence["at_init"] = first == int(run.steps[0])
-    if evidence["at_init"] and (zeros := _zero_initialised(run)):
+    if evidence["at_init"] and (zeros := zero_initialised(run)):
         evidence["zero_weight_layers"] = zeros
     causes, remedies = advice.dead_units(advice.Context(run), zero_layers, evidence)
     why = ("weights above that are all zero" if "zero_weight_layers" in evidence else
@@ -44,18 +44,6 @@ def find_dead_units(run: RunSeries, th: Thresholds) -> list[Finding]:
     message = (f"{advice.listed(zero_layers)} get exactly zero gradient since step {first}: nothing above passes any back ({why}), "
                f"so they cannot learn. {remedies[0].action}.")
     return [Finding("dead_units", "error", first, zero_layers, message, evidence, tuple(causes), tuple(remedies))]
-
-
-def _zero_initialised(run: RunSeries) -> list[str]:
-    """Weight layers whose parameters are all exactly 0 at the run's first step: their units output
-    the same (0) for every sample and pass no gradient down, whatever the activation. The last
-    layer alone is no such cause: a zero-initialised output layer blocks the gradient for one step."""
-    w = run.metrics.get("weight_norm")
-    if w is None or len(run.steps) == 0:
-        return []
-    cols = run.weight_columns()
-    zero = [run.layers[c].name for c in cols if w[0, c] == 0]
-    return zero if any(run.layers[c].name in zero for c in cols[:-1]) else []
 
 
 def _some_entry_nonzero(run: RunSeries, column: int, rows: np.ndarray) -> bool:

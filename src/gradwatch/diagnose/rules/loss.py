@@ -50,14 +50,50 @@ def find_loss_plateau(run: RunSeries, th: Thresholds) -> list[Finding]:
     scale = abs(start)
     change = (start - end) / scale if scale >= 1e-8 else 0.0
     if scale < 1e-8 or change >= th.plateau_improvement:
-        return []
+        return _plateau_since_lr_fell(run, th)
     if change < -th.plateau_worsening and not _noise_on_still_weights(run, first, end - start, th):
+        return []
+    if _at_floor(first, loss[-w:], th):
         return []
     evidence = {"loss_start": start, "loss_end": end, "improvement": (start - end) / scale, "window_steps": w}
     causes, remedies = advice.loss_plateau(advice.Context(run), evidence)
     message = (f"The loss has not improved over {len(loss)} steps ({start:.4g} -> {end:.4g}). "
                f"{remedies[0].action}.")
     return [Finding("loss_plateau", "warning", int(steps[0]), (), message, evidence, tuple(causes), tuple(remedies))]
+
+
+def _plateau_since_lr_fell(run: RunSeries, th: Thresholds) -> list[Finding]:
+    """The loss flat since the learning rate fell to `plateau_lr_off` of its peak, for the last
+    quarter of the run or more, before it had halved: the schedule ended learning, not the model."""
+    keep = np.isfinite(run.loss)
+    steps, loss, lr = run.steps[keep], run.loss[keep], run.lr[keep]
+    peak = float(np.nanmax(lr)) if np.isfinite(lr).any() else float("nan")
+    off = lr <= th.plateau_lr_off * peak
+    if not (peak > 0 and off[-1]):
+        return []
+    k = int(len(off) - np.argmax(~off[::-1])) if (~off).any() else 0  # off from here to the end
+    if k == 0 or len(loss) - k < max(th.min_loss_steps, len(loss) / 4):
+        return []
+    w = window(len(loss) - k, th.min_loss_window)
+    start = float(np.median(loss[:start_window(len(loss), th)]))
+    at_off, end = float(np.median(loss[k:k + w])), float(np.median(loss[-w:]))
+    learnt = start > 0 and end <= 0.5 * start  # annealed to convergence
+    if not at_off > 0 or (at_off - end) / at_off >= th.plateau_improvement or learnt \
+            or _at_floor(loss[k:k + w], loss[-w:], th):
+        return []
+    evidence = {"loss_start": at_off, "loss_end": end, "improvement": (at_off - end) / at_off, "window_steps": w,
+                "lr_peak": peak, "lr_since": float(lr[k]), "loss_run_start": start}
+    causes, remedies = advice.lr_schedule_ended(advice.Context(run), int(steps[k]), int(steps[-1]), evidence)
+    message = (f"The loss has not improved since step {int(steps[k])} ({at_off:.4g} -> {end:.4g}), when the learning "
+               f"rate had fallen to {lr[k]:.3g} ({lr[k] / peak:.1e} of its peak {peak:.3g}). {remedies[0].action}.")
+    return [Finding("loss_plateau", "warning", int(steps[k]), (), message, evidence, tuple(causes), tuple(remedies))]
+
+
+def _at_floor(first: np.ndarray, last: np.ndarray, th: Thresholds) -> bool:
+    """A non-negative loss already near 0 at both ends (`plateau_floor`): a converged model kept
+    training (a fine-tune of a fitted net at lr 1e-5), with nothing left to gain by a higher lr."""
+    both = np.concatenate([first, last])
+    return bool(both.min() >= 0 and max(np.median(first), np.median(last)) <= th.plateau_floor)
 
 
 def _noise_on_still_weights(run: RunSeries, first: np.ndarray, rise: float, th: Thresholds) -> bool:
