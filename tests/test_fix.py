@@ -373,7 +373,7 @@ def test_combining_remedies_that_touch_different_things():
 
 def test_a_nan_in_the_data_is_named_not_repaired(tmp_path):
     """A NaN from a batch, not from training dynamics: no remedy repairs it, and fix says where to look."""
-    from gradwatch.cli.fix_cmd import not_a_training_fault
+    from gradwatch.cli.fix_cmd import nan_note
 
     def train():
         model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
@@ -390,13 +390,13 @@ def test_a_nan_in_the_data_is_named_not_repaired(tmp_path):
     # the baseline again to step 12 found the batch holding the NaN, and the line that took it
     assert result.located.steps == 13 and result.origin is not None and not result.origin.made_here
     assert result.origin.file == __file__ and "model(x[i])" in result.origin.code
-    hint = not_a_training_fault(result)
+    hint = nan_note(result)
     assert hint is not None and "step 12" in hint and "model(x[i])" in hint
     result.origin = None  # not found (a script whose NaN moves between runs): where to look
-    assert "data or the loss" in not_a_training_fault(result)
+    assert "data or the loss" in nan_note(result)
     exploding = Trial(Candidate("b"), tmp_path, 0, 1.0, steps=10, findings=[
         Finding("non_finite", "error", 40, (), "m", {"grad_growth_before": 1e6, "first_seen_in": "gradients"})])
-    assert not_a_training_fault(FixResult(exploding, [])) is None  # growth led up to it: a training fault
+    assert nan_note(FixResult(exploding, [])) is None  # growth led up to it: a training fault
 
 
 def _screened(*rows: tuple) -> list[Trial]:
@@ -748,11 +748,12 @@ def test_the_printed_code_uses_the_scripts_own_names():
     rnn = read_names("net = Net()\nopt = torch.optim.SGD(net.parameters(), lr=0.1)\n",
                      _context([0.1], [LayerInfo("enc.rnn", "RNN", 0, "recurrent")]))
     assert "net.enc.rnn.named_parameters()" in orthogonal(rnn).code
-    # two optimizers (a GAN's): which one is meant is unclear, so the generic names, said in a comment
+    # two optimizers (a GAN's): each clipped, as the trial clips each (tests/test_fix_gan.py)
     gan = read_names("import torch\ng_opt = torch.optim.Adam(g.parameters())\nd_opt = torch.optim.Adam(d.parameters())\n",
                      _context([1e-3], optimizer="Adam"))
-    assert gan.complete(clip_norm(1.0, gan).code).splitlines()[0] == (
-        "# model: your model (the nn.Module you train); optimizer: its optimizer (not found in your script)")
+    assert gan.complete(clip_norm(1.0, gan).code).splitlines() == [
+        "torch.nn.utils.clip_grad_norm_(g.parameters(), max_norm=1)  # before g_opt.step()",
+        "torch.nn.utils.clip_grad_norm_(d.parameters(), max_norm=1)  # before d_opt.step()"]
 
 
 FACTORY = '''

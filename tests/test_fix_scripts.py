@@ -19,12 +19,21 @@ def test_a_trial_gives_the_script_no_input_and_a_script_that_asks_is_told_why_it
     monkeypatch.chdir(tmp_path)
     seen = {}
 
-    def run(command, **kwargs):
-        seen.update(kwargs)
-        kwargs["stdout"].write(b'resume? [y/N] Traceback (most recent call last):\nEOFError: EOF when reading a line\n')
-        return subprocess.CompletedProcess(command, 1)
+    class Popen:  # the script: it asks, reads EOF and fails
+        def __init__(self, command, **kwargs):
+            seen.update(kwargs)
+            kwargs["stdout"].write(b'resume? [y/N] Traceback (most recent call last):\nEOFError: EOF when reading a line\n')
 
-    monkeypatch.setattr(subprocess, "run", run)
+        def wait(self, timeout=None):
+            return 1
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+    monkeypatch.setattr(subprocess, "Popen", Popen)
     trial = run_trial(["python", "ask.py"], tmp_path / "t", Candidate("baseline"), 5)
     assert seen["stdin"] is subprocess.DEVNULL and trial.exit_code == 1
     assert "EOFError" in (tmp_path / "t" / OUTPUT_LOG).read_text()

@@ -77,7 +77,8 @@ def print_result(result: FixResult, console: Console) -> None:
             screen.add_row(t.candidate.name, _left(t), f"{t.final_loss:.4g}")
         console.print(screen)
     n = len(result.trials)
-    table = Table(title=f"gradwatch fix: {n} full trial{'s' * (n != 1)} of {result.budget_steps} steps")
+    table = Table(title=f"gradwatch fix: {n} full trial{'s' * (n != 1)} of {result.budget_steps} steps" if n else
+                  f"gradwatch fix: the baseline, {result.baseline.steps} steps")
     for col in ("remedy", "harmful findings left", "final loss", "vs baseline"):
         table.add_column(col)
     base = result.baseline.final_loss
@@ -92,10 +93,7 @@ def print_result(result: FixResult, console: Console) -> None:
                       f"after {result.baseline.steps} steps ({error}). A trial that fails is ranked behind every one "
                       "that runs its course.", markup=False)
     if not result.trials and not result.screened:
-        findings = ", ".join(sorted({f.kind + " (info: no block to training)" * (f.severity == "info")
-                                     for f in result.baseline.findings}))
-        console.print("Nothing to try: the baseline's findings call for no remedy"
-                      + (f" ({findings})." if findings else " (it has none)."))
+        console.print(_nothing_tried(result.baseline), markup=False)
     elif winner is None:
         if result.baseline.failed and all(t.failed for t in result.trials):
             console.print("Every trial failed as the baseline did: fix the script's error first.")
@@ -111,12 +109,8 @@ def print_result(result: FixResult, console: Console) -> None:
         verdict = "repairs the run" if result.repaired else "is the best of the trials"
         console.print(f"[bold]{winner.candidate.name}[/] {verdict}. The change to make:", markup=True)
         console.print(textwrap.indent(result.change, "    "), markup=False, soft_wrap=True)
-    if not result.repaired and (hint := not_a_training_fault(result)):
-        console.print(hint, markup=False)  # the line of code may hold [brackets]
-    elif result.origin is not None:  # a remedy kept the NaN out of the budget: it may only put it off
-        console.print(f"Note: the baseline's NaN/Inf came from the data or the arithmetic, not from training: "
-                      f"{result.origin.describe()}. The winner may only put it off past {result.budget_steps} steps; "
-                      "guard that operation too.", markup=False)
+    if (note := nan_note(result)) is not None:
+        console.print(note, markup=False)  # the line of code may hold [brackets]
     if result.written:
         console.print(f"Note: your script wrote or deleted {_some(result.written)} during the trials. Your directory was "
                       "put back as it was after each one, so no trial started from another's files; the files "
@@ -128,6 +122,18 @@ def print_result(result: FixResult, console: Console) -> None:
     if result.overwritten:
         console.print(f"Note: {_some(result.overwritten)} now hold a trial's output, not yours: your directory "
                       "held too much to copy aside first.", markup=False)
+
+
+def _nothing_tried(base: Trial) -> str:
+    """Why no remedy was tried; for a healthy baseline, what it was checked for, so "nothing to fix"
+    is a measured answer, not a silence."""
+    if not base.findings and not base.harmful:
+        fell = (f"; its loss fell from {base.first_loss:.4g} to {base.final_loss:.4g}"
+                if math.isfinite(base.first_loss) and math.isfinite(base.final_loss) else "")
+        return (f"Nothing to fix: {base.steps} steps of your script showed no vanishing or exploding gradient, no "
+                f"NaN/Inf, no dead or saturated units, no stalled layer, no loss plateau or divergence{fell}. No remedy was tried.")
+    kinds = sorted({f.kind + " (info: no block to training)" * (f.severity == "info") for f in base.findings})
+    return f"Nothing to try: the baseline's findings call for no remedy ({', '.join(kinds or base.harmful)})."
 
 
 def _some(paths: list[str]) -> str:
@@ -158,20 +164,35 @@ def _left(trial: Trial) -> str:
     return ", ".join(trial.harmful) or "none"
 
 
-def not_a_training_fault(result: FixResult) -> str | None:
-    """A NaN that no gradient growth led up to comes from the data or the loss, which no training
-    remedy repairs: say where it is made, when the locating run found it, else where to look."""
-    from gradwatch.fix import data_fault
+def nan_note(result: FixResult) -> str | None:
+    """Where the baseline's NaN/Inf was made, when measured gradient growth does not explain it. No
+    training remedy repairs a NaN from the data or the arithmetic, so a winner may only have put it
+    off; one that came too soon to measure the growth may also be the learning rate's, so neither
+    is claimed for it."""
+    from gradwatch.diagnose.advice import nan_cause
+    from gradwatch.fix import nan_to_locate
 
-    if (f := data_fault(result.baseline)) is None:
+    if (f := nan_to_locate(result.baseline)) is None:
         return None
+    known = nan_cause(f.evidence) == "data"
+    if result.repaired:
+        if result.origin is None:
+            return None
+        said = ("came from the data or the arithmetic, not from training" if known else
+                "came too soon to tell whether growing gradients led to it; it was made here")
+        return (f"Note: the baseline's NaN/Inf {said}: {result.origin.describe()}. The winner may only put it off "
+                f"past {result.budget_steps} steps" + ("" if known else " if it is the data or the arithmetic")
+                + "; guard that operation too.")
     where = (f"{result.origin.describe()}." if result.origin else
              "look for it in the data or the loss function (a NaN in a batch, log or sqrt of a negative, a division "
              "by zero).")
     growth = f.evidence.get("grad_growth_before", math.nan)
-    before = ("before any update" if f.evidence.get("at_init") or not math.isfinite(growth) else
-              f"with no gradient growth before it (x{growth:.2g} over the previous steps)")
-    return (f"The NaN/Inf first appears at step {f.first_step} in the {f.evidence.get('first_seen_in', 'run')} "
-            f"{before}: {where} No training remedy repairs that."
-            + ("" if f.first_step == 0 else " Meanwhile `guard = gw.guard(optimizer)` skips such steps, so one bad "
-               "batch cannot ruin the weights."))
+    before = (" before any update" if f.evidence.get("at_init") else
+              f" with no gradient growth before it (x{growth:.2g} over the previous steps)" if known else
+              ", too soon to tell whether growing gradients led to it (too few finite steps before it)")
+    verdict = (" No training remedy repairs that." if known else
+               " No remedy tried repaired it; if it is the data or the arithmetic, none will.")
+    return (f"The NaN/Inf first appears at step {f.first_step} in the {f.evidence.get('first_seen_in', 'run')}"
+            f"{before}: {where}{verdict}"
+            + ("" if f.first_step == 0 else f" Meanwhile `guard = gw.guard({result.names.optimizer})` skips such steps, "
+               "so one bad batch cannot ruin the weights."))

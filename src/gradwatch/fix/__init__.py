@@ -16,10 +16,11 @@ from typing import Callable
 
 import numpy as np
 
-from gradwatch.diagnose.advice import NAN_FROM_GROWTH, Context
+from gradwatch.diagnose.advice import Context, nan_cause
 from gradwatch.diagnose.finding import Finding
 from gradwatch.errors import ConfigError
-from gradwatch.fix.candidates import Candidate, autotrainer_order, combine, from_findings, lr_ceiling
+from gradwatch.fix.candidates import (Candidate, aimed, autotrainer_order, combine, findings_model, from_findings,
+                                      lr_ceiling)
 from gradwatch.fix.locate import Origin
 from gradwatch.fix.names import Names, script_names
 from gradwatch.fix.touched import Workspace
@@ -197,16 +198,40 @@ def _partner(lead: Trial, others: list[Trial]) -> list[Candidate]:
     return [combine(lead.candidate, close[0]) or close[0]] if close else []
 
 
-def data_fault(baseline: Trial) -> Finding | None:
-    """The baseline's NaN/Inf finding when no gradient growth led up to it, or it came at the first
-    step, before any update: it came from the data, the model's or the loss's arithmetic (a NaN in a
-    batch, log of a negative, a division by zero, exp overflowing), which no training remedy repairs."""
-    for f in baseline.findings:
-        growth = f.evidence.get("grad_growth_before")
-        if f.kind == "non_finite" and (f.evidence.get("at_init") or (
-                growth is not None and np.isfinite(growth) and growth < NAN_FROM_GROWTH)):
-            return f
-    return None
+def nan_to_locate(baseline: Trial) -> Finding | None:
+    """The baseline's NaN/Inf finding when measured gradient growth does not explain it (`nan_cause`
+    "data" or "unknown"): the locating run names the operation that made it. With too few steps
+    before it to measure the growth, the cause may still be the learning rate, but the run to find
+    out is cheap: the NaN is early."""
+    return next((f for f in baseline.findings if f.kind == "non_finite" and nan_cause(f.evidence) != "growth"), None)
+
+
+def screen_steps(budget_steps: int) -> int:
+    """A quarter of the budget, at least 10 steps (fewer measure nothing), never more than the budget
+    (`--budget-steps 4` screened each remedy for 10 steps and ran the finals for 4)."""
+    return min(budget_steps, max(budget_steps // 4, 10))
+
+
+# A fix expected to take longer than this after its baseline says so, with the time per step.
+SAY_COST_AFTER = 120.0
+
+
+def expected_cost(baseline: Trial, queue: list[Candidate], screen: int, finals: int) -> str | None:
+    """What the trials to come will cost at the baseline's pace, when that is more than
+    SAY_COST_AFTER seconds: a script at 20 s a step runs for an hour, and says so at the start."""
+    if not queue or baseline.steps == 0:
+        return None
+    pace = baseline.seconds / baseline.steps  # start-up included: an upper bound
+    budget = baseline.steps
+    plan = ([(len(queue), screen), (min(finals, len(queue)), budget)] if screen else
+            [(len(queue), budget)])
+    seconds = pace * sum(n * steps for n, steps in plan)
+    if seconds < SAY_COST_AFTER:
+        return None
+    what = (f"{len(queue)} remedies to screen for {screen} steps each, then up to {min(finals, len(queue))} "
+            f"full trials of {budget}" if screen else f"up to {len(queue)} full trials of {budget} steps")
+    return (f"gradwatch fix: the baseline took {pace:.3g} s a step; {what}: about {seconds / 60:.0f} min more "
+            "(a smaller --budget-steps shortens every trial)")
 
 
 def group_lrs(run_dir: Path) -> tuple[float, ...]:
@@ -260,7 +285,7 @@ def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "
             if callable(command):
                 t = run_trial_in_process(command, out / name, cand, steps, trained=trained, locate_at=locate_at)
             else:
-                t = run_trial(command, out / name, cand, steps, timeout=timeout, locate_at=locate_at)
+                t = run_trial(command, out / name, cand, steps, timeout=timeout, locate_at=locate_at, say=say)
         finally:  # also when interrupted: the user's directory as it was
             workspace.settle(out / name)
         return t
@@ -297,6 +322,8 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], command: list[str] | Cal
                           "seen, so no remedy can change how it trains; call optimizer.step() after "
                           f"loss.backward() (see {out / 'baseline' / OUTPUT_LOG})")
     names = replace(script_names(command, Context(run)), group_lrs=group_lrs(baseline.run_dir))
+    if (target := findings_model(baseline.blocking, names)) is not None:
+        names = names.aimed_at(target)
     if candidates is None:
         if order == "autotrainer":
             candidates = autotrainer_order(baseline.blocking, names)
@@ -306,16 +333,25 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], command: list[str] | Cal
                                        layer_types={l.type for l in run.layers}, optimizer=run.meta.get("optimizer"),
                                        lr=float(lrs.max()) if len(lrs) else None,
                                        lr_ceiling=lr_ceiling(run, baseline.findings), names=names)
+    if target is not None:
+        candidates = [aimed(c, target) for c in candidates]
     result = FixResult(baseline, [], budget_steps=budget_steps, names=names)
-    if (fault := data_fault(baseline)) is not None:
-        say(f"gradwatch fix: the NaN/Inf of step {fault.first_step} did not come from growing gradients; "
+    if (fault := nan_to_locate(baseline)) is not None:
+        why = ("did not come from growing gradients" if nan_cause(fault.evidence) == "data" else
+               "came too early to tell whether growing gradients led to it")
+        say(f"gradwatch fix: the NaN/Inf of step {fault.first_step} {why}; "
             f"running the baseline to it again to find the operation that makes it")
         result.located = trial(LOCATE, BASELINE, fault.first_step + 1, locate_at=fault.first_step)
         result.origin = Origin.load(result.located.run_dir)
     result.save(out)
     queue = list(candidates)
-    if strategy == "screen" and len(queue) > 1:
-        short = result.screen_steps = max(budget_steps // 4, 10)
+    screening = strategy == "screen" and len(queue) > 1
+    if screening:
+        result.screen_steps = screen_steps(budget_steps)
+    if (cost := expected_cost(baseline, queue, result.screen_steps, finals)) is not None:
+        say(cost)
+    if screening:
+        short = result.screen_steps
         queue.sort(key=lambda c: "optimizer" in c.spec)  # last: screened on top of the leader by then
         for i, cand in enumerate(queue, 1):
             cand = on_the_leader(cand, result.screened)

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import numpy as np
-from dataclasses import dataclass, field
 
 from gradwatch.collect.layers import ACTIVATIONS
 from gradwatch.diagnose.advice import ADAPTIVE, forget_bias_code
@@ -29,16 +30,20 @@ class Candidate:
     code: str = ""
 
 
+def each(names: Names, code: Callable[[Names], str]) -> str:
+    """`code` for every optimizer the script builds: a trial applies an optimizer remedy to each
+    one that steps (a GAN's two), so the change to make does too."""
+    return "\n".join(code(n) for n in names.each_optimizer())
+
+
 def clip_norm(max_norm: float = 1.0, names: Names = GENERIC) -> Candidate:
-    return Candidate(f"clip norm {max_norm:g}", {"clip": "norm", "max_norm": max_norm},
-                     f"torch.nn.utils.clip_grad_norm_({names.model}.parameters(), max_norm={max_norm:g})"
-                     f"  # {names.before_update}")
+    return Candidate(f"clip norm {max_norm:g}", {"clip": "norm", "max_norm": max_norm}, each(names, lambda n: (
+        f"torch.nn.utils.clip_grad_norm_({n.model}.parameters(), max_norm={max_norm:g})  # {n.before_update}")))
 
 
 def clip_value(value: float = 1.0, names: Names = GENERIC) -> Candidate:
-    return Candidate(f"clip value {value:g}", {"clip": "value", "value": value},
-                     f"torch.nn.utils.clip_grad_value_({names.model}.parameters(), clip_value={value:g})"
-                     f"  # {names.before_update}")
+    return Candidate(f"clip value {value:g}", {"clip": "value", "value": value}, each(names, lambda n: (
+        f"torch.nn.utils.clip_grad_value_({n.model}.parameters(), clip_value={value:g})  # {n.before_update}")))
 
 
 def zclip(names: Names = GENERIC) -> Candidate:
@@ -48,7 +53,7 @@ def zclip(names: Names = GENERIC) -> Candidate:
         code = (f"zclip = gw.clip.ZClip()  # once, before training\n"
                 f"zclip({names.model}.parameters())  # every step, {names.before_update}")
     else:
-        code = f"gw.clip.attach({names.optimizer}, gw.clip.ZClip())"
+        code = each(names, lambda n: f"gw.clip.attach({n.optimizer}, gw.clip.ZClip())")
     return Candidate("ZClip", {"clip": "zclip"}, code)
 
 
@@ -60,7 +65,8 @@ def reinit(names: Names = GENERIC) -> Candidate:
 
 def adam(names: Names = GENERIC) -> Candidate:
     scheduled = names.run is None or names.run.scheduled  # unknown: say it
-    code = f"{names.optimizer} = torch.optim.Adam({names.model}.parameters(), lr=1e-3)  # in place of your optimizer"
+    code = each(names, lambda n: f"{n.optimizer} = torch.optim.Adam({n.model}.parameters(), lr=1e-3)  # in place of "
+                                 f"your {n.optimizer if names.optimizers else 'optimizer'}")
     rebuilt = names.schedule_from(1e-3) if scheduled else None
     if rebuilt is not None:  # the script's OneCycleLR/CyclicLR, at the lrs the trial's Adam ran at
         return Candidate("Adam (lr 1e-3)", {"optimizer": "Adam", "lr": 1e-3}, f"{code}\n{rebuilt}  # "
@@ -70,16 +76,16 @@ def adam(names: Names = GENERIC) -> Candidate:
 
 
 def lr_scale(factor: float, names: Names = GENERIC) -> Candidate:
-    code = _manual_lr_code(factor, names) if names.manual else _optimizer_lr_code(factor, names)
+    code = _manual_lr_code(factor, names) if names.manual else each(names, lambda n: _optimizer_lr_code(factor, n))
     return Candidate(f"learning rate x{factor:g}", {"lr_scale": factor}, code)
 
 
 def lr_cap(cap: float, names: Names = GENERIC) -> Candidate:
     """A ceiling on the lr the script's schedule sets: the trial lowers a step's lr to `cap` where
     the schedule set it higher, and leaves the schedule as it is."""
-    code = (f"for group in {names.optimizer}.param_groups: group['lr'] = min(group['lr'], {cap:.3g})"
-            f"  # every step, {names.before_update}: a ceiling for your schedule (or build the schedule "
-            f"with {cap:.3g} as its peak, e.g. OneCycleLR's max_lr)")
+    code = each(names, lambda n: f"for group in {n.optimizer}.param_groups: group['lr'] = min(group['lr'], {cap:.3g})"
+                                 f"  # every step, {n.before_update}: a ceiling for your schedule (or build the "
+                                 f"schedule with {cap:.3g} as its peak, e.g. OneCycleLR's max_lr)")
     return Candidate(f"learning rate at most {cap:.3g}", {"lr_cap": cap}, code)
 
 
@@ -111,7 +117,7 @@ def lr_ceiling(run: RunSeries, findings: list[Finding]) -> float | None:
 def _optimizer_lr_code(factor: float, names: Names) -> str:
     """The trial scales every parameter group's lr: one value where they share one, else each scaled."""
     loop = f"for group in {names.optimizer}.param_groups: "
-    once = f"once, after {names.optimizer} is built, before a scheduler is built"
+    once = f"once, {names.optimizer_ready}, before a scheduler is built"
     if names.run is not None and names.run.scheduled:
         # the peak the budget saw is not the schedule's (a warm-up may peak later), and OneCycleLR
         # sets the lr from its own max_lr: the factor is what the trial applied to every lr it set
@@ -127,7 +133,8 @@ def _optimizer_lr_code(factor: float, names: Names) -> str:
     value = names.lr_value(factor)
     if value is None:
         return loop + f"group['lr'] *= {factor:g}  # {once}"
-    return loop + f"group['lr'] = {value}  # {names.run.lr:.3g} x{factor:g}; once, after {names.optimizer} is built"
+    option = f"; or no change to the code: run it with {names.lr_option} {value}" if names.lr_option else ""
+    return loop + f"group['lr'] = {value}  # {names.run.lr:.3g} x{factor:g}; once, {names.optimizer_ready}{option}"
 
 
 def _manual_lr_code(factor: float, names: Names) -> str:
@@ -269,9 +276,34 @@ def from_findings(findings: list[Finding], activations: set[str], *, layer_types
 def combine(a: Candidate, b: Candidate) -> Candidate | None:
     """Both remedies at once, when they touch different things (a healthy setup usually changes
     activation, initialisation and optimizer together); None when they would overrule each other."""
-    if set(a.spec) & set(b.spec) or len({"optimizer", "lr_scale", "lr_cap"} & (set(a.spec) | set(b.spec))) > 1:
+    if set(a.spec) & set(b.spec) - {"target"} or len({"optimizer", "lr_scale", "lr_cap"} & (set(a.spec) | set(b.spec))) > 1:
         return None
     return Candidate(f"{a.name} + {b.name}", {**a.spec, **b.spec}, f"{a.code}\n{b.code}")
+
+
+MODEL_KEYS = ("swap", "norm", "init", "recurrent")  # the spec keys of a change to the model
+
+
+def aimed(cand: Candidate, target: str) -> Candidate:
+    """`cand` with its change to the model made to the module the script calls `target`, not to
+    the first trained (`findings_model`); an optimizer remedy alone acts on every optimizer as it is."""
+    if not any(k in cand.spec for k in MODEL_KEYS):
+        return cand
+    return replace(cand, name=f"{cand.name} ({target})", spec={**cand.spec, "target": target})
+
+
+def findings_model(findings: list[Finding], names: Names) -> str | None:
+    """The model every harmful finding is in, when it is not the first one the script trains: the
+    watch records a later model's layers under its name (`disc.4`), and a model change made to the
+    first (a GAN's generator) would leave the broken one (its discriminator) as it was. The name as
+    the script calls it (`disc`, for `self.disc` too); None when the findings are in the first model,
+    in several, or the script trains one."""
+    layers = [l for f in findings if f.kind in HARMFUL for l in f.layers]
+    heads = {l.split(".")[0] for l in layers}
+    others = {m.split(".")[-1] for _, m in names.optimizers if m and m != names.model}
+    if len(heads) != 1 or not all("." in l for l in layers) or not heads <= others:
+        return None
+    return heads.pop()
 
 
 def autotrainer_order(findings: list[Finding], names: Names = GENERIC) -> list[Candidate]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from gradwatch.collect import patches
+from gradwatch.collect.caller_names import caller_name
 from gradwatch.collect.layers import ACTIVATIONS
 from gradwatch.collect.watch import MAX_ACCUMULATION, params_of
 from gradwatch.errors import ConfigError
@@ -38,6 +40,8 @@ ENV_MAX_STEPS = "GRADWATCH_MAX_STEPS"
 
 STOP_AFTER_NON_FINITE = 3  # consecutive non-finite losses that end a remedy trial
 NOT_APPLIED = "not-applied.txt"  # in a trial's run directory: why its remedy changed nothing
+PROGRESS = "progress.txt"  # in a trial's run directory: the steps done so far (the store waits for a flush)
+PROGRESS_EVERY = 1.0  # seconds at least between two writes of it: a fast script's trial writes it seldom
 
 NEW_ACTIVATION = {"LeakyReLU": lambda: nn.LeakyReLU(0.01), "ReLU": nn.ReLU, "SELU": nn.SELU, "Tanh": nn.Tanh,
                   "ELU": nn.ELU, "GELU": nn.GELU}
@@ -112,6 +116,8 @@ class Injector:
         self.earlier = earlier  # models earlier in-process trials trained (gw.fix(train_fn))
         self.max_steps = max_steps
         self.model: nn.Module | None = None
+        self._kept: set[int] = set()  # ids of the model's parameters before the remedy changed it
+        self._added: list[torch.Tensor] = []  # the parameters the remedy added (norm layers, a GRU)
         self.steps = 0
         self._lead: weakref.ref | None = None  # the optimizer whose steps are the budget's (see _count_step)
         self._last: weakref.ref | None = None  # the optimizer that stepped last
@@ -125,6 +131,7 @@ class Injector:
         self._late: list = []
         self.locate_at = locate_at  # the step whose operations a NonFiniteLocator checks
         self.locator: NonFiniteLocator | None = None
+        self._told = time.monotonic()  # when PROGRESS was last written
         if locate_at == 0:
             self._start_locating()
         patches.add(self)
@@ -150,18 +157,23 @@ class Injector:
     # ---------------------------------------------------------------- model
     def _before_forward(self, module: nn.Module, args) -> None:
         """The model is the first module with trainable parameters that runs with grad enabled: one
-        run under no_grad (a teacher making targets, an evaluation first) is not being trained."""
-        if self.model is None and torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
+        run under no_grad (a teacher making targets, an evaluation first) is not being trained. With
+        a `target` in the spec (the model the findings name, a GAN's `disc`), the module the script
+        calls by that name."""
+        if self.model is None and torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()) \
+                and ("target" not in self.spec or caller_name(module) == self.spec["target"]):
             if any(ref() is module for ref in self.earlier):
                 raise ConfigError(
                     f"gw.fix: train_fn trains the {type(module).__name__} an earlier trial trained (and changed); "
                     "build the model and its optimizer inside train_fn, so that every trial starts alike")
             self.model = module
+            self._kept = {id(p) for p in module.parameters()}
             try:
                 with unseen_by_global_hooks():
                     void = apply_to_model(module, self.spec, args or None)
             except ConfigError as exc:  # the remedy cannot apply to this model: the trial fails, not fix
                 raise RuntimeError(f"gradwatch fix: {exc}") from exc
+            self._added = [p for p in module.parameters() if p.requires_grad and id(p) not in self._kept]
             self._handles.pop(0).remove()
             if void:
                 self._not_applied(void)
@@ -178,11 +190,7 @@ class Injector:
         state = self._optimizers.get(id(opt))
         if state is None:
             state = self._optimizers[id(opt)] = {}
-            if self.model is not None:  # parameters a model change added (norm layers)
-                known = params_of(opt)
-                new = [p for p in self.model.parameters() if p.requires_grad and id(p) not in known]
-                if new:  # into the first group: a new group would lack the keys a scheduler keeps per
-                    opt.param_groups[0]["params"].extend(new)  # group (OneCycleLR's initial_lr, LambdaLR's base_lrs)
+            self._give_added(opt)
             if self.spec.get("clip"):
                 state["clipper"] = self._make_clipper()
             if self.spec.get("optimizer") == "Adam":  # one Adam group per group: each follows its own lr
@@ -190,6 +198,18 @@ class Injector:
                                                  lr=self.spec.get("lr", 1e-3))
                 state["base_lrs"] = [g.get("max_lr", g.get("initial_lr", g["lr"])) for g in opt.param_groups]
         return state
+
+    def _give_added(self, opt: torch.optim.Optimizer) -> None:
+        """The parameters the remedy added (norm layers) to the optimizer that trains the model's
+        own, once. Into its first group: a new group would lack the keys a scheduler keeps per group
+        (OneCycleLR's initial_lr, LambdaLR's base_lrs). Only to that one: every parameter of the model
+        missing from any optimizer went to each (a GAN's discriminator optimizer then stepped the
+        generator too, with the gradients of its own loss)."""
+        known = params_of(opt)
+        if not self._added or not known & self._kept:
+            return
+        opt.param_groups[0]["params"].extend(p for p in self._added if id(p) not in known)
+        self._added = []
 
     def _make_clipper(self):
         return {"norm": lambda: clip.ClipNorm(self.spec["max_norm"]),
@@ -199,6 +219,8 @@ class Injector:
     def _before_step(self, opt, args, kwargs) -> None:
         if getattr(opt, "_gradwatch_inner", False):
             return
+        if self.model is None and "target" in self.spec:  # a step, and the model to change never ran
+            self._not_applied(f"no module the script calls {self.spec['target']!r} ran before its first step")
         state = self._state(opt)
         if "clipper" in state:
             state["clipper"]([p for g in opt.param_groups for p in g["params"]])
@@ -233,10 +255,22 @@ class Injector:
                 return
         self._lead = self._last = weakref.ref(opt)
         self.steps += 1
+        self._tell_progress(self.steps)
         if self.max_steps is not None and self.steps >= self.max_steps:
             raise SystemExit(0)
         if self.steps == self.locate_at and self.locator is None:
             self._start_locating()
+
+    def _tell_progress(self, steps: int) -> None:
+        """The steps done so far, into PROGRESS at most every PROGRESS_EVERY seconds: `fix` reads it to
+        say how far a slow trial has come (20 s a step: a 40-step baseline is 13 silent minutes)."""
+        now = time.monotonic()
+        if self.run_dir is not None and now - self._told >= PROGRESS_EVERY:
+            self._told = now
+            try:
+                (self.run_dir / PROGRESS).write_text(f"{steps}\n")
+            except OSError:  # a full disk, the directory removed: no progress line, and the training goes on
+                pass
 
     # ---------------------------------------------------------------- manual loops (patches.Listener)
     def before_backward(self, root) -> None:
@@ -260,6 +294,8 @@ class Injector:
         """Hand-written updates (no optimizer steps): clipping and a learning-rate scale act on the
         gradients the script is about to apply (for p -= lr·g, scaling g is scaling lr)."""
         self.backwards += 1
+        if self._manual and not self._optimizers:
+            self._tell_progress(self.backwards)  # by hand, a backward is a step
         if not self._optimizers and self.backwards == self.locate_at and self.locator is None:
             self._start_locating()  # by hand, a backward is a step (before an optimizer's first step: early, no harm)
         if self._optimizers:

@@ -2,8 +2,9 @@
 that the change `fix` prints can be pasted into it as it is: `opt.param_groups` where the script
 calls its optimizer `opt`, `self.model.rnn` where its RNN sits there, `lr` where it updates the
 weights itself (`p -= lr * p.grad`). Where the source does not say
-reliably (no source, two optimizers, parameters gathered from several modules), the generic names
-stay, and a comment says what they stand for."""
+reliably (no source, parameters gathered from several modules), the generic names stay, and a
+comment says what they stand for. With several optimizers (a GAN's `opt_d` and `opt_g`), each is
+named with its own model, as the trial changed each."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import os
 import re
 import sys
 import textwrap
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -45,6 +46,35 @@ class Names:
     # it when it is the one OneCycleLR or CyclicLR: they set the lr from their own arguments
     schedulers: frozenset[str] = frozenset()
     cyclic_build: str = ""
+    # several optimizers (a GAN's): (optimizer, the module it trains, "" when not one) each, in the
+    # order the script builds them; `model`/`optimizer` are then the first module trained and its own
+    optimizers: tuple[tuple[str, str], ...] = ()
+    lr_option: str = ""  # the command-line option the optimizer's lr comes from (`--lr`, for `lr=args.lr`)
+    loaded: frozenset[str] = frozenset()  # the optimizers the script loads a state into (`opt.load_state_dict`)
+    aimed: bool = False  # `model` is the one the findings name, not the first trained (several models)
+
+    def aimed_at(self, name: str) -> Names:
+        """The names with `model` the one the script calls `name` (`disc`, or `self.disc`) and its optimizer."""
+        opt, model = next(((o, m) for o, m in self.optimizers if m.split(".")[-1] == name), (self.optimizer, name))
+        return replace(self, model=model, optimizer=opt, batch="", aimed=True,
+                       found=self.found | {"model", "optimizer"})
+
+    def each_optimizer(self) -> list[Names]:
+        """The names for each optimizer: a trial applies an optimizer remedy (clipping, an lr
+        change, Adam) to every optimizer that steps, so the code does it to each."""
+        if not self.optimizers:
+            return [self]
+        return [replace(self, model=model or "model", optimizer=opt, batch="",
+                        found=frozenset({"optimizer", *(["model"] if model else [])}))
+                for opt, model in self.optimizers]
+
+    @property
+    def optimizer_ready(self) -> str:
+        """When an lr set on the optimizer holds: after a checkpoint's state is loaded into it too, since
+        load_state_dict puts back the lr it saved (pasted before, the change is undone on resume)."""
+        if self.optimizer in self.loaded:
+            return f"after {self.optimizer} is built and its state loaded (load_state_dict puts back the lr it saved)"
+        return f"after {self.optimizer} is built"
 
     @property
     def manual(self) -> bool:
@@ -74,8 +104,8 @@ class Names:
     def lr_value(self, factor: float) -> str | None:
         """The lr the script's lr times `factor` gives (2.0 x0.1 -> "0.2"); None when not recorded,
         or when the parameter groups have lrs of their own (one value would flatten them)."""
-        if self.run is None or not self.run.lr > 0 or len(set(self.group_lrs)) > 1:
-            return None
+        if self.run is None or not self.run.lr > 0 or len(set(self.group_lrs)) > 1 or self.optimizers:
+            return None  # several optimizers: the lr recorded is one of theirs
         return self.run.lr_text(factor)
 
     @property
@@ -133,6 +163,9 @@ class Names:
             missing = self.imported is None and module == "gw" or self.imported is not None and module not in self.imported
             if missing and _uses(code, module + "."):
                 lines.append(line)
+        if self.optimizers and MODEL_CHANGE.search(code) and "model" in self.found:
+            which = "the model the findings name" if self.aimed else "the first model your script trains"
+            lines.append(f"# {self.model} only: {which}, the one the trial changed")
         if self.loads_weights and MODEL_CHANGE.search(code) and "new parameters" not in code:
             lines.append(f"# apply after {self.model} is built and its weights loaded (load_state_dict), "
                          "before training: where the trial made it")
@@ -195,18 +228,46 @@ def read_names(source: str, run: Context | None = None, imported: frozenset[str]
     targets = {target for target, _ in reader.builds}
     if not targets and reader.update_lrs:  # no optimizer: the weights are updated by hand
         return _by_hand(tree, reader, binds, run)
-    if len(targets) != 1:  # none, or several optimizers (a GAN's two): which one is unclear
+    if len(targets) > 1:  # several optimizers (a GAN's two)
+        return _several(reader, binds, run)
+    if not targets:
         return Names(imported=binds, run=run)
     optimizer = targets.pop()
     built = [(kind, line) for kind, line, on in reader.schedules if on == optimizer]
     schedule = {"schedulers": frozenset(kind for kind, _ in built),
-                "cyclic_build": next((line for kind, line in built if kind in CYCLIC_LRS), "") if len(built) == 1 else ""}
+                "cyclic_build": next((line for kind, line in built if kind in CYCLIC_LRS), "") if len(built) == 1 else "",
+                "lr_option": reader.lr_option(optimizer), "loaded": reader.loaded()}
     models = {None if model in reader.parts and not reader.batch(model) else model for _, model in reader.builds}
     if len(models) != 1 or None in models:
         return Names(optimizer=optimizer, found=frozenset({"optimizer"}), imported=binds, run=run, **schedule)
     model = models.pop()
     return Names(model, optimizer, frozenset({"model", "optimizer"}), reader.batch(model), binds, run,
                  loads_weights=reader.loads_weights(model), **schedule)
+
+
+def _several(reader: _Reader, binds: frozenset[str], run: Context | None) -> Names:
+    """Several optimizers: each with the module it trains; the model is the first module trained
+    (a trial changes that one only), with its own optimizer."""
+    built = dict(reader.builds)  # the last build of each, in the order first built
+    optimizers = tuple((opt, model or "") for opt, model in built.items())
+    first = _first_trained([m for _, m in optimizers if m], reader, run)
+    if first is None:
+        return Names(imported=binds, run=run, optimizers=optimizers, loaded=reader.loaded())
+    optimizer = next(opt for opt, model in optimizers if model == first)
+    return Names(first, optimizer, frozenset({"model", "optimizer"}), reader.batch(first), binds, run,
+                 loads_weights=reader.loads_weights(first), optimizers=optimizers, loaded=reader.loaded())
+
+
+def _first_trained(models: list[str], reader: _Reader, run: Context | None) -> str | None:
+    """Which of `models` the script trains first: the watch names the layers of every model after
+    the first by the model's name (`disc.0`), so the one no layer is named after; else the first
+    called in the source, outside no_grad. None when neither says."""
+    if run is not None:
+        named = {l.name.split(".")[0] for l in run.run.layers if "." in l.name}
+        unnamed = {m for m in models if m.split(".")[-1] not in named}
+        if len(unnamed) == 1:
+            return unnamed.pop()
+    return next((func for func, _ in reader.calls if func in models), None)
 
 
 def _by_hand(tree: ast.AST, reader: _Reader, binds: frozenset[str], run: Context | None) -> Names:
@@ -260,6 +321,8 @@ class _Reader(ast.NodeVisitor):
         self.calls: list[tuple[str, str]] = []
         self.owners: set[str] = set()
         self.update_lrs: list[str] = []
+        self.build_lrs: dict[str, str] = {}  # optimizer -> the lr it is built with, as written (`args.lr`)
+        self.options: dict[str, str] = {}  # argparse dest -> its option (`lr` -> `--lr`)
         self.parts: set[str] = set()  # modules an optimizer took the parameters of in parts
         self.schedules: list[tuple[str, str, str]] = []  # (class, the statement, the optimizer it is built on)
         self._scopes: list[ast.AST] = []
@@ -294,6 +357,8 @@ class _Reader(ast.NodeVisitor):
         self._no_grad -= quiet
 
     def visit_Call(self, node: ast.Call) -> None:
+        if isinstance(node.func, ast.Attribute) and node.func.attr == "add_argument":
+            self._option(node)
         if not self._no_grad and node.args:
             self.calls.append((ast.unparse(node.func), ast.unparse(node.args[0])))
         if isinstance(node.func, ast.Attribute) and node.func.attr in ("parameters", "named_parameters"):
@@ -322,10 +387,31 @@ class _Reader(ast.NodeVisitor):
     def loads_weights(self, model: str) -> bool:
         return any(func == f"{model}.load_state_dict" for func, _ in self.calls)
 
+    def loaded(self) -> frozenset[str]:
+        """The optimizers the source loads a state into."""
+        return frozenset(opt for opt, _ in self.builds if self.loads_weights(opt))
+
+    def _option(self, call: ast.Call) -> None:
+        """`parser.add_argument("--lr", "-l", dest=...)`: its dest, as argparse derives it."""
+        flags = [a.value for a in call.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+        long = [f for f in flags if f.startswith("--")]
+        dest = next((k.value.value for k in call.keywords if k.arg == "dest" and isinstance(k.value, ast.Constant)),
+                    (long or flags or [""])[0].lstrip("-").replace("-", "_"))
+        if flags and flags[0].startswith("-") and dest:
+            self.options[dest] = (long or flags)[0]
+
+    def lr_option(self, optimizer: str) -> str:
+        """The option the optimizer's lr is read from (`--lr` for `lr=args.lr`); "" when not one."""
+        expr = ast.parse(self.build_lrs[optimizer], mode="eval").body if optimizer in self.build_lrs else None
+        return self.options.get(expr.attr, "") if isinstance(expr, ast.Attribute) and isinstance(expr.value, ast.Name) else ""
+
     def _build(self, target: ast.expr, value: ast.expr | None) -> None:
         if not isinstance(target, (ast.Name, ast.Attribute)):
             return
         if _callee(value) in self.classes:
+            lr = value.args[1] if len(value.args) > 1 else next((k.value for k in value.keywords if k.arg == "lr"), None)
+            if lr is not None:
+                self.build_lrs[ast.unparse(target)] = ast.unparse(lr)
             self.builds.append((ast.unparse(target), self._model(target, value)))
         elif _callee(value) in self.factories:  # opt = make_opt(net, 0.1): the factory's model, as passed in
             params, build = self.factories[_callee(value)]

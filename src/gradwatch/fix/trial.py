@@ -22,7 +22,7 @@ from gradwatch.diagnose import diagnose
 from gradwatch.diagnose.finding import Finding, write_findings
 from gradwatch.errors import ConfigError, GradwatchError
 from gradwatch.fix.candidates import HARMFUL, Candidate
-from gradwatch.fix.inject import ENV_MAX_STEPS, ENV_REMEDY, NOT_APPLIED, Injector
+from gradwatch.fix.inject import ENV_MAX_STEPS, ENV_REMEDY, NOT_APPLIED, PROGRESS, Injector
 from gradwatch.fix.locate import ENV_LOCATE_AT, ORIGIN
 from gradwatch.fix.touched import WRITTEN
 from gradwatch.store import read_run
@@ -137,6 +137,7 @@ def prepare(run_dir: Path, candidate: Candidate) -> Path:
     shutil.rmtree(run_dir / WRITTEN, ignore_errors=True)  # an earlier fix's
     (run_dir / NOT_APPLIED).unlink(missing_ok=True)
     (run_dir / ORIGIN).unlink(missing_ok=True)
+    (run_dir / PROGRESS).unlink(missing_ok=True)
     (run_dir / REMEDY_FILE).write_text(json.dumps(
         {"name": candidate.name, "spec": candidate.spec, "code": candidate.code}, indent=1) + "\n")
     return run_dir
@@ -151,7 +152,7 @@ def discard_trials(out: Path) -> None:
             continue
         runner.clear_run(run_dir)
         shutil.rmtree(run_dir / WRITTEN, ignore_errors=True)
-        for name in (REMEDY_FILE, OUTPUT_LOG, NOT_APPLIED, ORIGIN):
+        for name in (REMEDY_FILE, OUTPUT_LOG, NOT_APPLIED, ORIGIN, PROGRESS):
             (run_dir / name).unlink(missing_ok=True)
         try:
             run_dir.rmdir()
@@ -161,8 +162,9 @@ def discard_trials(out: Path) -> None:
 
 def run_trial(command: list[str], run_dir: Path, candidate: Candidate, budget_steps: int,
               options: dict[str, int] | None = None, timeout: float | None = None,
-              locate_at: int | None = None) -> Trial:
-    """`locate_at`: check that step's operations for the one that makes a NaN/Inf (locate.py)."""
+              locate_at: int | None = None, say: Callable[[str], None] | None = None) -> Trial:
+    """`locate_at`: check that step's operations for the one that makes a NaN/Inf (locate.py);
+    `say`: told how far the trial has come every HEARTBEAT seconds while it runs."""
     run_dir = prepare(run_dir, candidate)
     env = runner.child_env(run_dir, options or {})
     env[ENV_MAX_STEPS] = str(budget_steps)
@@ -174,14 +176,53 @@ def run_trial(command: list[str], run_dir: Path, candidate: Candidate, budget_st
     with open(run_dir / OUTPUT_LOG, "wb") as log:
         try:
             # no input: its prompt would go to the log, unseen, and the trial wait for the terminal forever
-            code = subprocess.run(command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                  timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            code = -9
+            proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         except OSError as exc:
             raise ConfigError(f"cannot start {command[0]!r}: {exc.strerror}") from exc
+        code = wait(proc, run_dir, budget_steps, timeout, say)
     runner.finish_run(run_dir, runner.exit_status(code))
     return measure(Trial(candidate, run_dir, code, time.perf_counter() - start))
+
+
+HEARTBEAT = 60.0  # seconds between two lines saying how far a running trial has come
+
+
+def wait(proc: subprocess.Popen, run_dir: Path, budget_steps: int, timeout: float | None,
+         say: Callable[[str], None] | None) -> int:
+    """The trial's exit code (-9 when killed after `timeout` seconds); the process is killed with
+    fix (Ctrl-C, SIGTERM). Every HEARTBEAT seconds, `say` hears the steps done so far and the time
+    the rest will take at that pace: a script at 20 s a step left fix silent for 13 minutes."""
+    start = time.monotonic()
+    with proc:
+        try:
+            while True:
+                left = None if timeout is None else timeout - (time.monotonic() - start)
+                if left is not None and left <= 0:
+                    proc.kill()
+                    proc.wait()
+                    return -9
+                try:
+                    return proc.wait(HEARTBEAT if left is None else min(HEARTBEAT, left))
+                except subprocess.TimeoutExpired:
+                    if say is not None:
+                        say(_how_far(run_dir, budget_steps, time.monotonic() - start))
+        except BaseException:
+            proc.kill()
+            raise
+
+
+def _how_far(run_dir: Path, budget_steps: int, seconds: float) -> str:
+    try:
+        done = int((run_dir / PROGRESS).read_text())
+    except (OSError, ValueError):
+        done = 0
+    rest = f", about {_duration(seconds / done * (budget_steps - done))} more at this pace" if done else ""
+    return f"gradwatch fix:   {run_dir.name}: {done} of {budget_steps} steps after {_duration(seconds)}{rest}"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def run_trial_in_process(train_fn: Callable[[], object], run_dir: Path, candidate: Candidate,

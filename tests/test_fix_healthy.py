@@ -1,0 +1,48 @@
+"""A healthy script: fix says there is nothing to fix, with what it checked and the loss that fell,
+quickly (the baseline alone), and invents no remedy."""
+
+import torch
+from rich.console import Console
+from torch import nn
+
+from gradwatch.cli.fix_cmd import print_result
+from gradwatch.diagnose.finding import Finding
+from gradwatch.fix import BASELINE, FixResult, Trial, fix
+
+
+def _printed(result: FixResult) -> str:
+    console = Console(record=True, width=400)
+    print_result(result, console)
+    return console.export_text()
+
+
+def test_a_healthy_script_is_told_there_is_nothing_to_fix(tmp_path):
+    def train():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        w = torch.randn(4, 1)
+        for _ in range(40):
+            x = torch.randn(32, 4)
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), x @ w).backward()
+            opt.step()
+
+    said: list[str] = []
+    result = fix(train, out=tmp_path, budget_steps=40, progress=said.append)
+    assert result.baseline.findings == [] and not result.trials and not result.screened and result.winner is None
+    assert said == ["gradwatch fix: baseline trial (40 steps)"]  # the baseline alone
+    text = _printed(result)
+    base = result.baseline
+    assert "Nothing to fix: 40 steps of your script showed no vanishing" in text
+    assert f"its loss fell from {base.first_loss:.4g} to {base.final_loss:.4g}" in text and base.final_loss < base.first_loss
+    assert "0 full trials" not in text and "the baseline, 40 steps" in text
+
+
+def test_findings_that_call_for_no_remedy_are_named():
+    info = Finding("saturation", "info", 3, ("0",), "m", {})
+    base = Trial(BASELINE, None, 0, 1.0, steps=40, final_loss=0.5, first_loss=2.0, findings=[info])
+    text = _printed(FixResult(base, [], budget_steps=40))
+    assert "Nothing to try: the baseline's findings call for no remedy (saturation (info: no block to training))" in text
+    stuck = Trial(BASELINE, None, 0, 1.0, steps=40, final_loss=2.0, first_loss=2.0)  # no finding, no progress
+    assert "call for no remedy (loss_did_not_fall)" in _printed(FixResult(stuck, [], budget_steps=40))
