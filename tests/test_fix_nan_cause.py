@@ -45,6 +45,7 @@ def test_diagnose_and_fix_read_a_nan_alike(case):
     promised = any("runs the script again to that step" in r.action for r in remedies)
     located = nan_to_locate(_result(case).baseline) is not None
     assert data_first == promised == located == (cause != "growth")  # what diagnose promises, fix runs
+    assert ("exp of more than ~88" in causes[0]) == data_first  # a hand-written softmax overflows there
     lr_cause = [c for c in causes if c.startswith("learning rate")]
     assert len(lr_cause) == 1 and ("grew" in lr_cause[0]) == (cause == "growth")  # SGD: the lr is always a suspect
     note = nan_note(_result(case))

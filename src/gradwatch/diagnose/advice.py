@@ -295,14 +295,16 @@ def non_finite(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[l
     cause = nan_cause(evidence)
     if cause != "growth":
         causes.append("bad input data: a NaN/Inf in a batch, or a numerically unsafe operation (log of 0, "
-                      "division by 0, sqrt of a negative) in the model or loss; " +
+                      "division by 0, sqrt of a negative, exp of more than ~88 in float32: a softmax or "
+                      "log-sum-exp written by hand) in the model or loss; " +
                       ("it came at the first step, before any update" if evidence.get("at_init") else
                        "gradients were not growing before it" if cause == "data" else
                        "too few finite steps before it to tell whether gradients grew"))
         remedies.append(Remedy("Check the batches and guard the unsafe operations (" + _fix_command(ctx) + " runs "
                                "the script again to that step and names the operation and the line that make it)",
                                "assert torch.isfinite(x).all(), 'non-finite input'\n"
-                               "p = p.clamp(1e-7, 1 - 1e-7)  # before log(p), log(1 - p) or a division; or use a *_with_logits loss"))
+                               "p = p.clamp(1e-7, 1 - 1e-7)  # before log(p), log(1 - p) or a division; or use a *_with_logits loss\n"
+                               "log_p = torch.log_softmax(logits, dim=-1)  # not logits.exp() / logits.exp().sum(): it shifts by the max first"))
     # an adaptive optimizer moves each weight by about lr a step: only a high lr blows it up that soon
     if cause == "growth" or not ctx.adaptive or (cause == "unknown" and ctx.lr >= ADAPTIVE_HIGH_LR):
         causes.insert(0 if cause == "growth" else len(causes),
