@@ -39,7 +39,7 @@ def _start():
         from gradwatch.fix.inject import start_from_env as start_remedy
 
         injector = start_remedy()  # `gradwatch fix` trials: changes the model before the watch sees it
-        start_from_env()
+        start_from_env(number_resumed=injector is None)  # (a trial's steps count from 0: its budget does)
         if injector is not None:
             injector.install_late()
     except Exception as exc:  # never break the user's program

@@ -36,6 +36,8 @@ def print_run_summary(run_dir: Path, out: TextIO, exit_code: int = 0) -> None:
     others = store_files(run_dir)[1:]
     who = f" ({_command(series)})" if others else ""
     print(f"gradwatch: {_headline(series)}{who} -> {run_dir}", file=out)
+    if series.meta.get("resumed"):
+        print(f"gradwatch: {_resumed(series.meta['resumed'])}", file=out)
     note = partial_note(series)
     if note and "SIGKILL" not in note:  # a SIGKILL is said by `gradwatch run` itself, with --flush-every
         print(f"gradwatch: partial run: {note}", file=out)
@@ -57,8 +59,8 @@ def print_run_summary(run_dir: Path, out: TextIO, exit_code: int = 0) -> None:
 
 def _say_forked_training(run_dir: Path, out: TextIO) -> None:
     if (run_dir / FORKED_MARK).exists():
-        print("gradwatch: a process forked from a watched one trained, unrecorded (a multiprocessing Pool's "
-              "worker?); to record each, start them with multiprocessing.get_context('spawn')", file=out)
+        print("gradwatch: a process forked from a watched one outside multiprocessing (os.fork()?) trained, "
+              "unrecorded; to record it, start it as a multiprocessing Process or Pool worker", file=out)
 
 
 def _nothing_recorded(run_dir: Path, exit_code: int) -> str:
@@ -81,7 +83,19 @@ def _headline(series: RunSeries) -> str:
     n_layers = len(series.weight_columns())
     loss = series.loss[~np.isnan(series.loss)]
     last = (f", last loss {loss[-1]:.4g}" if np.isfinite(loss[-1]) else ", last loss non-finite") if len(loss) else ""
-    return f"{len(series.steps)} steps, {n_layers} layers{last}"
+    # (a sweep's worker, a script training model after model: each model's layers are its own)
+    trainings = len(series.meta.get("phase_starts") or []) + 1
+    of = f" of {trainings} models trained one after another" if trainings > 1 else ""
+    return f"{len(series.steps)} steps, {n_layers} layers{of}{last}"
+
+
+def _resumed(resumed: dict) -> str:
+    """How a training resumed from a checkpoint is numbered (meta `resumed`: collect.auto)."""
+    optimizer, at = resumed.get("optimizer", "the optimizer"), resumed.get("at_step")
+    if at is None:
+        return (f"the training resumed from a checkpoint, but {optimizer}'s loaded state keeps no step count: its "
+                "steps are numbered from 0 here, not from the checkpoint's step")
+    return f"the training resumed from a checkpoint: its steps are numbered from {at}, the steps {optimizer}'s loaded state had taken"
 
 
 def _command(series: RunSeries) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import multiprocessing
 import os
 import signal
 import sys
@@ -36,23 +37,33 @@ from gradwatch.store.reader import STORE_NAME
 DISCOVERY_STEPS = 2  # global forward hooks cost time on every module call: keep them briefly
 
 
-def _claim_store(run_dir: str) -> str:
-    """This process's store file: rank-named under torchrun, else the run's main file if free."""
-    rank = process_rank()
+def _claim_store(run_dir: str, forked: bool = False) -> str:
+    """This process's store file: rank-named under torchrun, else the run's main file if free. A
+    worker started by multiprocessing takes one named by its pid: the main file is the script's
+    own, also before the script's first flush (a fork Pool's worker flushing first took it, and the
+    script's training was summarised as "another process"). A forked one ignores the rank it
+    inherits: its parent's, whose file that is."""
+    rank = None if forked else process_rank()
     if rank is not None:
         return os.path.join(run_dir, f"gradwatch-rank{rank}.sqlite")
     main = os.path.join(run_dir, STORE_NAME)
-    try:
-        os.close(os.open(main, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # a file, not a program
-        return main
-    except FileExistsError:
-        return os.path.join(run_dir, f"gradwatch-pid{os.getpid()}.sqlite")
+    if not forked and multiprocessing.parent_process() is None:
+        try:
+            os.close(os.open(main, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # a file, not a program
+            return main
+        except FileExistsError:
+            pass
+    return os.path.join(run_dir, f"gradwatch-pid{os.getpid()}.sqlite")
 
 
 class AutoWatch(Watch):
-    """A Watch with no model given: it adopts models and the optimizer as they appear."""
+    """A Watch with no model given: it adopts models and the optimizer as they appear.
 
-    def __init__(self, run_dir: str, **options: int):
+    `number_resumed`: a training resumed from a checkpoint numbers its steps on from its
+    optimizer's count (`gradwatch run`); off, they count from 0 in this process, as `gradwatch
+    fix`'s trials need (their budget, and the step their locating run checks, count so)."""
+
+    def __init__(self, run_dir: str, forked: bool = False, number_resumed: bool = False, **options: int):
         # no live status line unless asked (`gradwatch run --status`): the terminal is the script's,
         # and the line, drawn over its own progress bar (tqdm's \r on stderr), left pieces of both
         options["status"] = bool(options.get("status", False))
@@ -63,6 +74,8 @@ class AutoWatch(Watch):
             self._live.check_at_close = False
         self._writer = None  # the store file is made at the first flush, so idle processes write nothing
         self.run_dir = run_dir
+        self.pid, self.forked = os.getpid(), forked  # (a forked worker's own watch: see _after_fork_in_child)
+        self.number_resumed = number_resumed
         self._depth = 0
         self._prefixes: set[str] = set()
         self._discovery = [
@@ -82,6 +95,7 @@ class AutoWatch(Watch):
         self._deferred_signal: int | None = None
         self._updated = False  # a weight was seen changing (weights updated by hand: see _drop_untrained)
         self._untrained = 0  # steps dropped as training nothing
+        self._loaded: weakref.WeakSet = weakref.WeakSet()  # optimizers given a saved state (load_state_dict)
         self._handles.append(register_optimizer_step_pre_hook(self._global_pre))
         self._handles.append(register_optimizer_step_post_hook(self._global_post))
 
@@ -91,7 +105,7 @@ class AutoWatch(Watch):
             if self.store_path is None and (self._pending or self._events):
                 from pathlib import Path
 
-                self.store_path = Path(_claim_store(self.run_dir))
+                self.store_path = Path(_claim_store(self.run_dir, self.forked))
             super().flush()
 
     def _drop_untrained(self) -> None:
@@ -214,6 +228,7 @@ class AutoWatch(Watch):
     def _global_pre(self, optimizer, args, kwargs) -> None:
         if self._optimizer is None:
             self._name_by_container(optimizer)
+            self._number_from_checkpoint(optimizer)
             self.adopt_optimizer(optimizer)
         elif optimizer is self._optimizer:
             self._other_steps.clear()
@@ -233,10 +248,31 @@ class AutoWatch(Watch):
         second optimizer), it is the step optimizer's partner. Those of a watched model, frozen
         when it was found and unfrozen since, are its layers (Watch.params_added)."""
         super().params_added(optimizer)
+        if len(optimizer.param_groups) == 1:  # made now (its constructor adds the first group)
+            self._handles.append(optimizer.register_load_state_dict_post_hook(self._loaded.add))
         if self._holds_unwatched(optimizer.param_groups[-1]["params"]):
             self._rediscover()
             if self._optimizer is not None:
                 self._new_model.add(optimizer)
+
+    def _number_from_checkpoint(self, optimizer: torch.optim.Optimizer) -> None:
+        """At the first optimizer step: a training resumed from a checkpoint goes on from the steps
+        its optimizer's loaded state has taken (Adam's per-parameter `step`), so two runs of it line
+        up and "since step N" is the training's step; the store says so (meta `resumed`). An
+        optimizer that keeps no count (SGD) was given a saved state: the steps stay numbered from
+        0, and the store says the count is unknown. (Only what this process has not recorded yet.)"""
+        if not self.number_resumed or self._writer is not None or self.store_path is not None or self._step != 0:
+            return
+        taken = steps_taken(optimizer)
+        if taken is None and optimizer not in self._loaded or taken == 0:
+            return
+        self._meta["resumed"] = {"at_step": taken, "optimizer": type(optimizer).__name__}
+        if taken:
+            self.first_step, self._step = taken, self._step + taken
+            self._discover_until += taken
+            for rec in {id(r): r for r in (*self._pending, self._cur) if r is not None}.values():
+                rec.step += taken
+            self._events = [(step + taken, kind, detail) for step, kind, detail in self._events]
 
     def _holds_unwatched(self, params) -> bool:
         """Some of `params` train and belong to no watched model: their model is not watched yet."""
@@ -329,7 +365,16 @@ class AutoWatch(Watch):
         self._pending, self._events, self.on_flush = [], [], []
         self._untrained = 0
         self.detach()
-        _mark_if_training(self.run_dir)
+
+
+def steps_taken(optimizer: torch.optim.Optimizer) -> int | None:
+    """The steps an optimizer's state counts (Adam, AdamW, RMSprop, Adagrad...: `step` per
+    parameter; the largest, since a parameter that got no gradient skipped some); None for one
+    that keeps no count (SGD's momentum buffers, or no state at all)."""
+    counts = [s["step"] for s in optimizer.state.values() if isinstance(s, dict) and "step" in s]
+    if not counts:
+        return None
+    return max(int(c.item()) if isinstance(c, torch.Tensor) else int(c) for c in counts)
 
 
 def _mark_if_training(run_dir: str) -> None:
@@ -362,32 +407,80 @@ _forgotten: list[AutoWatch] = []
 _forked_hooks: list = []
 
 
-def start_from_env() -> AutoWatch | None:
-    """Start zero-code watching if `gradwatch run` asked for it (idempotent)."""
+def start_from_env(number_resumed: bool = True) -> AutoWatch | None:
+    """Start zero-code watching if `gradwatch run` asked for it (idempotent). `number_resumed`:
+    see AutoWatch (off in `gradwatch fix`'s trials)."""
     run_dir = os.environ.get(ENV_RUN_DIR)
     if not run_dir or getattr(start_from_env, "watch", None) is not None:
         return None
-    options = {k: int(os.environ[v]) for k, v in ENV_OPTIONS.items() if os.environ.get(v)}
-    watch = AutoWatch(run_dir, **options)
-    start_from_env.watch = watch
-    _mark(run_dir, WATCHED_MARK)  # tells `gradwatch run` that the start-up hook worked here
-    atexit.register(_detach_at_exit, watch)
-    os.register_at_fork(after_in_child=watch.forget)
+    watch = _start(run_dir, number_resumed=number_resumed)
+    os.register_at_fork(after_in_child=_after_fork_in_child)
     quiet_global_hook_warning()  # (the discovery hooks take the wrapper's inner model: AutoWatch._discover)
-    _flush_on_sigterm(watch)
-    _flush_on_os_exit(watch)
-    _no_collectives_after_a_crash(watch)
+    _flush_on_sigterm()
+    _flush_on_os_exit()
+    _no_collectives_after_a_crash()
     return watch
 
 
-def _flush_on_os_exit(watch: AutoWatch) -> None:
-    """`os._exit` (scripts end with it to skip a slow teardown) runs no atexit: the steps since
-    the last flush were lost, all of them in a run shorter than one flush. Flushed first, in this
-    process only (a forked worker ends with `os._exit` too, and must not write)."""
-    original, pid = os._exit, os.getpid()
+def _start(run_dir: str, forked: bool = False, number_resumed: bool = True) -> AutoWatch:
+    """This process's watch, with the options `gradwatch run` passed in the environment."""
+    options = {k: int(os.environ[v]) for k, v in ENV_OPTIONS.items() if os.environ.get(v)}
+    watch = AutoWatch(run_dir, forked=forked, number_resumed=number_resumed, **options)
+    start_from_env.watch = watch
+    _mark(run_dir, WATCHED_MARK)  # tells `gradwatch run` that the start-up hook worked here
+    atexit.register(_detach_at_exit, watch)
+    return watch
+
+
+def _own_watch() -> AutoWatch | None:
+    """The watch made in this process; None in a forked one that has none of its own (a
+    DataLoader worker: the parent's, copied, must not write)."""
+    watch = getattr(start_from_env, "watch", None)
+    return watch if watch is not None and watch.pid == os.getpid() else None
+
+
+def _after_fork_in_child() -> None:
+    """A forked process drops the parent's watch (`forget`). One that a multiprocessing Process
+    runs (a fork Pool's worker, a ProcessPoolExecutor's, Process(target=train)) may train a model
+    of its own, as a spawned one does: it gets a watch of its own, writing its own store. A
+    DataLoader worker, or a bare os.fork(), steps no optimizer (or is not known to): it gets none,
+    and only marks the run if it trains after all (`_mark_if_training`)."""
+    parent = start_from_env.watch
+    parent.forget()
+    target = _process_target()
+    if target is not None and getattr(target, "__module__", None) != DATALOADER_WORKER:
+        try:
+            _start(parent.run_dir, forked=True, number_resumed=parent.number_resumed)
+            return
+        except Exception as exc:  # never break the user's worker
+            _say(f"gradwatch: not watching this forked process ({type(exc).__name__}: {exc})")
+    _mark_if_training(parent.run_dir)
+
+
+DATALOADER_WORKER = "torch.utils.data._utils.worker"  # the module of a DataLoader worker's loop
+
+
+def _process_target() -> object | None:
+    """The target of the multiprocessing Process this fork starts, read from the forking frame
+    (multiprocessing.popen_fork's `_launch(process_obj)`); None for any other fork."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_launch" and frame.f_code.co_filename.endswith("popen_fork.py"):
+            return getattr(frame.f_locals.get("process_obj"), "_target", None)
+        frame = frame.f_back
+    return None
+
+
+def _flush_on_os_exit() -> None:
+    """`os._exit` (scripts end with it to skip a slow teardown, and so does every forked
+    multiprocessing worker) runs no atexit: the steps since the last flush were lost, all of them
+    in a run shorter than one flush. Flushed first, by a process with a watch of its own only (a
+    forked DataLoader worker has none, and must not write)."""
+    original = os._exit
 
     def _exit(status: int) -> None:
-        if os.getpid() == pid:
+        watch = _own_watch()
+        if watch is not None:
             with contextlib.suppress(Exception):  # exiting anyway: what was flushed before stays
                 _detach_at_exit(watch)
         original(status)
@@ -401,31 +494,34 @@ def _first_line(error: BaseException, width: int = 160) -> str:
     return textwrap.shorten(lines[0], width, placeholder=" ...") if lines else ""
 
 
-def _no_collectives_after_a_crash(watch: AutoWatch) -> None:
+def _no_collectives_after_a_crash() -> None:
     """An uncaught exception ends this rank while the others wait in the training's next
     collective: the exit flush must not start one of its own (it waited for the group's timeout,
     30 minutes by default, where the run without gradwatch failed in seconds)."""
     previous = sys.excepthook
 
     def excepthook(kind, value, tb) -> None:
-        watch.abandon_collectives(f"it ended on {kind.__name__}: {_first_line(value)}")
+        watch = _own_watch()
+        if watch is not None:
+            watch.abandon_collectives(f"it ended on {kind.__name__}: {_first_line(value)}")
         previous(kind, value, tb)
 
     sys.excepthook = excepthook
 
 
-def _flush_on_sigterm(watch: AutoWatch) -> None:
+def _flush_on_sigterm() -> None:
     """SIGTERM (`kill`, a scheduler's time limit, `gradwatch run` passing one on) and SIGHUP (the
     terminal closed, an ssh session dropped: sent to the whole process group, the script too) end
     Python without atexit: store the steps since the last flush, then die of the signal as before.
     Only where the script has no handler of its own yet (one it installs later replaces this), and
-    only in this process, not in a forked DataLoader worker that inherits it."""
+    only by a process with a watch of its own, not by a forked DataLoader worker that inherits it
+    (a fork Pool's worker has one: `Pool.__exit__` ends its workers with a SIGTERM)."""
     if threading.current_thread() is not threading.main_thread():
         return
-    pid = os.getpid()
 
     def handler(signum: int, frame: object) -> None:
-        if os.getpid() != pid:
+        watch = _own_watch()
+        if watch is None:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
         elif watch._busy and watch._dist is None:  # (a collective's flush could wait forever)
