@@ -129,6 +129,13 @@ def persistent_start(condition: np.ndarray, persist: int, *, to_the_end: bool = 
     return None
 
 
+def from_init(run: RunSeries) -> bool:
+    """The run's first recorded step is its training's first, before any update: not a training
+    resumed from a checkpoint (`gradwatch run` stores meta `resumed`), whose first step has trained
+    weights, so "at the first step" must not read as "at initialisation"."""
+    return not run.meta.get("resumed")
+
+
 def zero_initialised(run: RunSeries) -> list[str]:
     """Weight layers whose parameters are all exactly 0 at the run's first step: their units compute
     the same 0 for every sample and pass no gradient down, whatever the activation. The last layer
@@ -231,7 +238,8 @@ def persistent_activation_layers(run: RunSeries, metric: str, limit: float, pers
         values = m[rows, c]
         start = persistent_start(values >= limit, persist)
         if start is not None:
-            out[run.layers[c].name] = (int(run.steps[rows[start]]), float(np.median(values[start:])), start == 0)
+            out[run.layers[c].name] = (int(run.steps[rows[start]]), float(np.median(values[start:])),
+                                         start == 0 and from_init(run))
     return out
 
 

@@ -7,7 +7,7 @@ import numpy as np
 
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
-from gradwatch.diagnose.signals import (persistent_activation_layers, persistent_start, rows_before_non_finite_loss,
+from gradwatch.diagnose.signals import (from_init, persistent_activation_layers, persistent_start, rows_before_non_finite_loss,
                                         summarise_layers, zero_initialised)
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
@@ -34,7 +34,7 @@ def find_dead_units(run: RunSeries, th: Thresholds) -> list[Finding]:
                    + f": they pass no gradient and cannot recover. {remedies[0].action}.")
         return [Finding("dead_units", severity, first, layers, message, evidence, tuple(causes), tuple(remedies))]
     first = min(zero.values())
-    evidence["at_init"] = first == int(run.steps[0])
+    evidence["at_init"] = first == int(run.steps[0]) and from_init(run)
     if evidence["at_init"] and (zeros := zero_initialised(run)):
         evidence["zero_weight_layers"] = zeros
     causes, remedies = advice.dead_units(advice.Context(run), zero_layers, evidence)

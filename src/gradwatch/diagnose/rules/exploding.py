@@ -9,7 +9,7 @@ import numpy as np
 
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
-from gradwatch.diagnose.signals import (depth_profile, names, persistent_start,
+from gradwatch.diagnose.signals import (depth_profile, from_init, names, persistent_start,
                                         profile_columns, row_nanpercentile, total_grad_norm)
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
@@ -27,9 +27,9 @@ def find_exploding(run: RunSeries, th: Thresholds) -> list[Finding]:
     for _, found_layers, ev in sorted(signals, key=lambda s: s[0]):
         evidence.update(ev)
         layers = layers or found_layers
-    evidence["at_init"] = first == int(run.steps[0])
+    evidence["at_init"] = first == int(run.steps[0]) and from_init(run)
     rows, ratios, cols = backward  # measured at the first step, before any update: the initial weights
-    if len(cols) >= 2 and len(rows) and run.steps[rows[0]] == run.steps[0] and ratios[0] > th.backward_exploding_ratio:
+    if from_init(run) and len(cols) >= 2 and len(rows) and run.steps[rows[0]] == run.steps[0] and ratios[0] > th.backward_exploding_ratio:
         evidence["init_backward_ratio"] = float(ratios[0])
     ctx = advice.Context(run)
     causes, remedies = advice.exploding(ctx, layers, evidence, through_time=False)

@@ -10,7 +10,7 @@ import numpy as np
 
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
-from gradwatch.diagnose.signals import total_grad_norm
+from gradwatch.diagnose.signals import from_init, total_grad_norm
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
 
@@ -79,7 +79,7 @@ def _in_the_run(run: RunSeries) -> list[Finding]:
     before = np.median(finite[-20:-5]) if len(finite) >= 10 else (finite[0] if len(finite) >= 2 else np.nan)
     growth = float(finite[-1] / before) if before > 0 else float("nan")
     evidence = {"step": step, "first_seen_in": origin, "sources": sorted(at_first),
-                "layers_hit": len(layers), "at_init": first_row == 0, "grad_growth_before": growth}
+                "layers_hit": len(layers), "at_init": first_row == 0 and from_init(run), "grad_growth_before": growth}
     if "nonfinite" in run.metrics:
         evidence["nonfinite_entries"] = int(np.nansum(run.metrics["nonfinite"][first_row]))
     finite_loss = run.loss[:first_row][np.isfinite(run.loss[:first_row])]

@@ -8,7 +8,7 @@ import numpy as np
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
 from gradwatch.diagnose.rules.loss import loss_fell_to
-from gradwatch.diagnose.signals import persistent_start, time_ratio
+from gradwatch.diagnose.signals import from_init, persistent_start, time_ratio
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
 
@@ -33,7 +33,7 @@ def find_through_time(run: RunSeries, th: Thresholds) -> list[Finding]:
             ratio = float(np.median(ratios[start:][np.isfinite(ratios[start:])]))
             rate = float(ratio ** (1.0 / (profile.shape[1] - 1)))
             evidence = {"start_over_end": ratio, "per_step_factor": rate, "sequence_length": int(profile.shape[1]),
-                        "profile_last": [float(v) for v in last], "at_init": start == 0}
+                        "profile_last": [float(v) for v in last], "at_init": start == 0 and from_init(run)}
             explain = advice.vanishing if kind == "vanishing_gradient" else advice.exploding
             causes, remedies = explain(ctx, (layer,), evidence, through_time=True)
             if ratio > 0:

@@ -6,7 +6,7 @@ import numpy as np
 
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
-from gradwatch.diagnose.signals import (depth_profile, lowest_over_highest, names, persistent_start, same_role_columns,
+from gradwatch.diagnose.signals import (depth_profile, from_init, lowest_over_highest, names, persistent_start, same_role_columns,
                                         zero_initialised)
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
@@ -59,7 +59,7 @@ def find_vanishing(run: RunSeries, th: Thresholds) -> list[Finding]:
     evidence["grad_out_rms_by_layer"] = {run.layers[c].name: float(v) for c, v in zip(cols, last)}
     if relative is not None:
         evidence["relative_grad_ratio"] = float(np.nanmedian(r_ratios[-len(tail):])) if len(tail) else float("nan")
-    evidence["at_init"] = first == int(run.steps[0])
+    evidence["at_init"] = first == int(run.steps[0]) and from_init(run)
     if zeros := zero_initialised(run):  # all-zero weights pass no gradient down at the first step
         evidence["zero_weight_layers"] = zeros
     severity = "error" if ratio < th.vanishing_error_ratio else "warning"
