@@ -178,3 +178,47 @@ def test_a_sink_closed_by_hand_before_the_watch_detaches_is_left_alone(tmp_path)
     sink.close()
     watch.detach()
     assert [e.step for e in events(tmp_path / "tb").Scalars("loss")] == list(range(10))  # up to its last flush
+
+
+def test_the_note_says_the_trainers_clipping_after_the_norms(tmp_path):
+    """A callback's run keeps the trainer's clipping (`grad_clip`); the export's note said only that
+    the norms are pre-clip, not to what the trainer clipped them."""
+    from gradwatch.collect.watch import Watch
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with Watch(model, opt, out=tmp_path / "run", warn=False, meta={"grad_clip": "the total norm to 0.5 (max_grad_norm)"}):
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+            opt.step()
+    assert cli(["export", str(tmp_path / "run"), "--tensorboard", str(tmp_path / "tb")]) == 0
+    note = events(tmp_path / "tb").Tensors("gradwatch/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "before** any gradient clipping" in note and "The trainer then clipped the total norm to 0.5" in note
+
+
+def test_param_groups_at_different_rates_each_get_their_learning_rate(tmp_path):
+    """Only the first group's lr was exported: a backbone at lr/100 (and its schedule) was not there."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 1e-3}, {"params": model[2].parameters()}], lr=0.1)
+    schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    used = []
+    with gw.watch(model, opt, out=tmp_path / "run", warn=False):
+        for _ in range(5):
+            opt.zero_grad()
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+            used.append([g["lr"] for g in opt.param_groups])
+            opt.step()
+            schedule.step()
+    assert cli(["export", str(tmp_path / "run"), "--tensorboard", str(tmp_path / "tb")]) == 0
+    acc = events(tmp_path / "tb")
+    for i in range(2):
+        got = acc.Scalars(f"lr/group{i}")
+        assert [e.step for e in got] == list(range(5))
+        np.testing.assert_allclose([e.value for e in got], [lrs[i] for lrs in used], rtol=1e-6)
+    np.testing.assert_allclose([e.value for e in acc.Scalars("lr")], [lrs[0] for lrs in used], rtol=1e-6)
+    train(tmp_path / "one", steps=3)  # one rate: no group tags
+    assert cli(["export", str(tmp_path / "one"), "--tensorboard", str(tmp_path / "tb1")]) == 0
+    assert not [t for t in events(tmp_path / "tb1").Tags()["scalars"] if t.startswith("lr/")]

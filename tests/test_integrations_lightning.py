@@ -17,6 +17,7 @@ pl = pytest.importorskip("lightning.pytorch")
 
 import gradwatch as gw  # noqa: E402
 from gradwatch.integrations.lightning import GRAD_METRIC, GradwatchCallback  # noqa: E402
+from gradwatch.report import render_html  # noqa: E402
 
 CLIP = 0.01
 
@@ -78,6 +79,9 @@ def test_lightning_records_preclip_norms(tmp_path):
     assert sorted(logged) == list(range(20))
     np.testing.assert_allclose([logged[s] for s in range(20)], [step["fc1"] for step in net.preclip], rtol=1e-5)
     assert isinstance(json.loads((tmp_path / "gradwatch" / "findings.json").read_text()), list)
+    # the clipping is kept with the run, and the report says the norms it shows are above it
+    assert run.meta["grad_clip"] == f"the total norm to {CLIP:g} (gradient_clip_val)"
+    assert f"the trainer then clipped the total norm to {CLIP:g}" in render_html(run, findings=[])
 
 
 def test_a_reused_callback_records_and_logs_its_second_training(tmp_path):
@@ -378,3 +382,14 @@ def test_a_fit_that_raises_leaves_a_run_said_to_be_partial(tmp_path):
     assert list(run.steps) == list(range(7))
     assert partial_note(run) == ("the training stopped on an error at step 6 (ValueError: bad batch at step 7); "
                                  "every step until then is stored")
+
+
+@pytest.mark.parametrize("kwargs, said", [({}, None), ({"gradient_clip_val": 0.5}, "the total norm to 0.5 (gradient_clip_val)"),
+                                          ({"gradient_clip_val": 2, "gradient_clip_algorithm": "value"},
+                                           "each entry to ±2 (gradient_clip_val)")])
+def test_the_trainers_clipping_is_said_as_set(kwargs, said):
+    from gradwatch.integrations.lightning import _clipping
+
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, **kwargs)
+    assert _clipping(trainer) == said

@@ -36,6 +36,7 @@ def test_hf_trainer_records_preclip_norms(tmp_path, caplog):
     run = gw.read_run(tmp_path / "gradwatch")
     assert len(run.steps) == 20 and list(run.steps) == list(range(20))
     assert run.meta["framework"].startswith("transformers")
+    assert run.meta["grad_clip"] == f"the total norm to {CLIP:g} (max_grad_norm)"  # the norms above are before it
     total = np.sqrt(np.nansum(run.metrics["grad_norm"] ** 2, axis=1))
     logged = {h["step"]: h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h}
     assert len(logged) == 20
@@ -46,6 +47,9 @@ def test_hf_trainer_records_preclip_norms(tmp_path, caplog):
     findings = json.loads((tmp_path / "gradwatch" / "findings.json").read_text())
     assert isinstance(findings, list)
     assert callback.watch is not None and callback.recorder.findings is not None
+    # the end of training says where the run is and how to draw it (before: nothing)
+    assert any(f"gradwatch: 20 steps recorded in {tmp_path / 'gradwatch'}" in r.getMessage()
+               and "gradwatch report" in r.getMessage() for r in caplog.records)
 
 
 def test_under_ddp_the_store_holds_the_averaged_gradients(tmp_path):

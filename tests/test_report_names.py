@@ -4,6 +4,7 @@ lacks. Every layer keeps a label of its own, and nothing but the report is said.
 from __future__ import annotations
 
 import dataclasses
+import random
 import warnings
 
 from series_builder import build
@@ -44,3 +45,24 @@ def test_names_in_scripts_the_font_lacks_are_drawn_without_a_warning_each():
         page = render_html(run, findings=[])
     assert not [w for w in caught if "Glyph" in str(w.message)]
     assert "层_β" in page and "emoji_🔥" in page  # the tables keep the names whole
+
+
+def test_names_alike_but_for_a_middle_part_keep_it():
+    """BERT's `bert.encoder.layer.{0,1}.attention.output.LayerNorm` were both drawn as
+    `bert.encoder.…tput.LayerNorm`: the layer number, the one difference, was cut away."""
+    names = [f"bert.encoder.layer.{i}.{part}" for i in range(12)
+             for part in ("attention.self.query", "attention.output.LayerNorm", "output.LayerNorm", "output.dense")]
+    labels = short_names(names)
+    assert len(set(labels)) == len(names) and all(len(label) <= 28 for label in labels)
+    for name, label in zip(names, labels):
+        number = name.split(".")[3]
+        assert f"…{number}." in label or f".{number}." in label  # the layer number is in the label
+
+
+def test_random_look_alike_names_always_get_labels_of_their_own():
+    rng = random.Random(0)
+    for _ in range(300):
+        names = list(dict.fromkeys("".join(rng.choice("ab.") for _ in range(rng.randint(1, 60)))
+                                   for _ in range(rng.randint(2, 30))))
+        labels = short_names(names)
+        assert len(set(labels)) == len(names) and max(map(len, labels)) <= 28

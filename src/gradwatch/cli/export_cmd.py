@@ -36,5 +36,6 @@ def main(args: argparse.Namespace) -> int:
     note = end_note(meta, last)
     if note:
         say(f"partial run: {note}")
-    print(f"Wrote {n} steps to TensorBoard logs in {args.tensorboard} (view: tensorboard --logdir {args.tensorboard})")
+    print(f"Wrote {n} step{'s' * (n != 1)} to TensorBoard logs in {args.tensorboard} "
+          f"(view: tensorboard --logdir {args.tensorboard})")
     return 0

@@ -10,6 +10,7 @@ from gradwatch.cli import Reading, say, say_which_store
 from gradwatch.diagnose import diagnose
 from gradwatch.errors import ConfigError
 from gradwatch.report import check_writable, read_series, saved_findings, write_report
+from gradwatch.report.page import count
 from gradwatch.store import store_files
 
 
@@ -67,7 +68,8 @@ def main(args: argparse.Namespace) -> int:
             say(f"--steps: {', '.join(map(str, missing))} not recorded (this run has {which}): "
                 "the nearest recorded step is drawn instead")
     if findings is None:
-        say(f"diagnosing {len(series.steps):,} steps x {len(series.layers)} layers (no up-to-date findings.json)")
+        say(f"diagnosing {count(len(series.steps), 'step')} x {count(len(series.layers), 'layer')} "
+            "(no up-to-date findings.json)")
         findings = diagnose(series)
     say("drawing the pictures")
     out = write_report(series, output or default, findings=findings, steps=steps, title=os.fspath(run))

@@ -3,6 +3,7 @@ framework's logger, the status line) need after each flush, without re-reading t
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ class StepRows:
     loss: float | None
     lr: float | None
     values: list[tuple[str, str, float]] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)  # each param group's (`lr` is the first one's)
 
 
 def layer_roles(db: sqlite3.Connection) -> dict[str, str]:
@@ -31,18 +33,27 @@ def rows_since(db: sqlite3.Connection, after: int = -1) -> Iterator[StepRows]:
     """Every step after `after`, in step order, streamed (the rows are read in primary-key order:
     no sort, and memory stays flat for a run of any length)."""
     names = dict(db.execute("SELECT id, name FROM layers"))
-    steps = db.execute("SELECT step, loss, lr FROM steps WHERE step > ? ORDER BY step", (after,))
+    steps = db.execute("SELECT step, loss, lr, lrs FROM steps WHERE step > ? ORDER BY step", (after,))
     stats = db.execute(f"SELECT step, layer, {', '.join(LAYER_COLUMNS)} FROM layer_stats WHERE step > ? "
                        "ORDER BY step, layer", (after,))
     pending = next(stats, None)
-    for step, loss, lr in steps:
-        row = StepRows(step, loss, lr)
+    for step, loss, lr, lrs in steps:
+        row = StepRows(step, loss, lr, lrs=_floats(lrs))
         while pending is not None and pending[0] <= step:
             if pending[0] == step:
                 layer = names[pending[1]]
                 row.values += [(layer, m, v) for m, v in zip(LAYER_COLUMNS, pending[2:]) if v is not None]
             pending = next(stats, None)
         yield row
+
+
+def _floats(text: str | None) -> list[float]:
+    """The stored JSON list of the param groups' learning rates (none: an old or a hand-made store)."""
+    try:
+        values = json.loads(text) if text else []
+    except ValueError:
+        return []
+    return [float(v) for v in values if isinstance(v, (int, float))] if isinstance(values, list) else []
 
 
 def last_step(db: sqlite3.Connection) -> StepRows | None:

@@ -6,6 +6,7 @@ findings reported once each, live and at the end (also written to OUT/findings.j
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Callable, Iterator
@@ -35,10 +36,21 @@ def base_optimizer(optimizer: object) -> torch.optim.Optimizer:
     return optimizer
 
 
+def ending(n_steps: int, findings: list, out: Path) -> str:
+    """The line said when a training ends: the callbacks were silent, and where the store went
+    (`<default_root_dir>/gradwatch`, `<output_dir>/gradwatch`) was for the user to know."""
+    worst = next((s for s in ("error", "warning", "info") if any(f.severity == s for f in findings)), None)
+    found = f"{len(findings)} finding{'s' * (len(findings) != 1)} (worst: {worst})" if findings else "no findings"
+    where = shlex.quote(os.fspath(out))
+    return (f"gradwatch: {n_steps} step{'s' * (n_steps != 1)} recorded in {out}, {found}; "
+            f"the HTML report: gradwatch report {where}")
+
+
 class Recorder:
     """One training's watch. `report(finding)` is called once per new finding."""
 
-    def __init__(self, out, report: Callable, *, every: int, sample_every: int, flush_every: int, stop_on=()):
+    def __init__(self, out, report: Callable, *, every: int, sample_every: int, flush_every: int, stop_on=(),
+                 say: Callable[[str], None] | None = None):
         # bad arguments are said when the callback is made, not when training starts
         if out is not None and not isinstance(out, (str, os.PathLike)):
             raise ConfigError(f"out={out!r}: expected a directory path (str or Path), or None for the default")
@@ -47,6 +59,8 @@ class Recorder:
         check_stop_on(stop_on)
         self.out = out
         self.report = report
+        self.say = say  # the run's last line: where it is stored and how to see it
+        self._writer = True  # False on the ranks of a distributed watch that only take part
         self.options = dict(every=every, sample_every=sample_every, flush_every=flush_every, stop_on=stop_on)
         self.watch: Watch | None = None
         self.out_dir: Path | None = None
@@ -56,12 +70,15 @@ class Recorder:
         self.findings: list | None = None  # set by finish()
 
     def start(self, model: torch.nn.Module, optimizer: object, default_out: str | os.PathLike, framework: str,
-              rank_dir: str | None = None, writer: bool = True, first_step: int = 0) -> Watch:
+              rank_dir: str | None = None, writer: bool = True, first_step: int = 0,
+              grad_clip: str | None = None) -> Watch:
         """Watch one training (a reused callback starts afresh); `rank_dir`: this process's
         subdirectory when the training spans several (one store per process); `writer`: False on
         the ranks that only take part in a distributed watch, which must not touch rank 0's store;
         `first_step`: the trainer's global step, N > 0 when it continues a training (a second fit,
-        a resume from a checkpoint), whose steps before N stay in the store."""
+        a resume from a checkpoint), whose steps before N stay in the store; `grad_clip`: how the
+        trainer clips the gradients (`the total norm to 1 (max_grad_norm)`), kept in the run's metadata: the
+        norms recorded are taken before it, and the report says both."""
         if self.watch is not None:  # the last training ended on an exception (HF's Trainer says nothing)
             self.watch.detach()  # its hooks would stay on the model, recording beside the new watch
             self._store.close()
@@ -69,11 +86,14 @@ class Recorder:
         if rank_dir is not None:
             self.out_dir = self.out_dir / rank_dir
         self._logged, self._seen, self.findings = first_step - 1, set(), None
+        self._writer = writer
         if writer and first_step:
             output_dir(self.out_dir, what="the run directory")  # writable, the run kept
         elif writer:
             prepare_run_dir(self.out_dir)  # writable, and a new training replaces the run, as `gradwatch run` does
         meta = {"command": list(sys.argv), "framework": framework, "pid": os.getpid()}
+        if grad_clip:
+            meta["grad_clip"] = grad_clip
         # status=False: the framework's progress bar owns the terminal
         self.watch = Watch(model, base_optimizer(optimizer), out=self.out_dir, meta=meta, on_finding=self._found,
                            warn=False, status=False, first_step=first_step, **self.options)
@@ -111,6 +131,8 @@ class Recorder:
             self._found(f)
         if self.out_dir is not None and len(series.steps):
             write_findings(self.out_dir, findings)
+            if self.say is not None and self._writer:
+                self.say(ending(len(series.steps), findings, self.out_dir))
         self.findings = findings
         return findings
 

@@ -25,16 +25,26 @@ import torch
 
 try:
     import lightning.pytorch as pl
-    from lightning.pytorch.utilities import rank_zero_warn
+    from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 except ImportError:  # the standalone package
     import pytorch_lightning as pl
-    from pytorch_lightning.utilities import rank_zero_warn
+    from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from gradwatch.errors import ConfigError
 from gradwatch.integrations._trainer import Recorder
 
 PREFIX = "gradwatch/"
 GRAD_METRIC = PREFIX + "grad_norm_preclip/"
+
+
+def _clipping(trainer: "pl.Trainer") -> str | None:
+    """The Trainer's gradient clipping, as the run's metadata says it (None: no clipping)."""
+    value = trainer.gradient_clip_val
+    if not value:
+        return None
+    algorithm = str(getattr(trainer, "gradient_clip_algorithm", None) or "norm").rsplit(".", 1)[-1].lower()
+    limit = f"each entry to ±{value:g}" if algorithm == "value" else f"the total norm to {value:g}"
+    return f"{limit} (gradient_clip_val)"
 
 
 class GradwatchCallback(pl.Callback):
@@ -57,7 +67,7 @@ class GradwatchCallback(pl.Callback):
         # every optimizer's steps, the watched step only the first one's
         self._resume: tuple[int, int] | None = None
         self.recorder = Recorder(out, self._report, every=every, sample_every=sample_every,
-                                 flush_every=flush_every, stop_on=stop_on)
+                                 flush_every=flush_every, stop_on=stop_on, say=rank_zero_info)
 
     @property
     def watch(self):
@@ -82,7 +92,7 @@ class GradwatchCallback(pl.Callback):
         watch = self.recorder.start(wrapped if distributed else pl_module, trainer.optimizers[0], out,
                                     f"lightning {pl.__version__}", rank_dir,
                                     writer=not distributed or trainer.global_rank == 0,
-                                    first_step=self._first_step(trainer))
+                                    first_step=self._first_step(trainer), grad_clip=_clipping(trainer))
         watch.on_flush.append(lambda w: self._log_flushed())
 
     def _first_step(self, trainer: "pl.Trainer") -> int:

@@ -50,6 +50,8 @@ def write_step(writer, row: StepRows) -> None:
     from tensorboard.compat.proto.summary_pb2 import Summary
 
     values = [Summary.Value(tag=tag, simple_value=v) for tag, v in (("loss", row.loss), ("lr", row.lr)) if v is not None]
+    if len(set(row.lrs)) > 1:  # groups at different rates (a backbone at lr/100): each, not the first only
+        values += [Summary.Value(tag=f"lr/group{i}", simple_value=v) for i, v in enumerate(row.lrs)]
     values += [Summary.Value(tag=f"{metric}/{layer}", simple_value=v) for layer, metric, v in row.values]
     writer.file_writer.add_summary(Summary(value=values), row.step)
 
@@ -79,7 +81,7 @@ def export(run: str | os.PathLike, logdir: str | os.PathLike, findings: list | N
     say = progress or (lambda text: None)
     from gradwatch.diagnose import diagnose
     from gradwatch.report import saved_findings
-    from gradwatch.store.reader import connect, store_files
+    from gradwatch.store.reader import connect, read_meta, store_files
 
     checked_logdir(logdir)  # (before the clean-up below: "" is the current directory)
     db = connect(store_files(run)[0])
@@ -89,7 +91,8 @@ def export(run: str | os.PathLike, logdir: str | os.PathLike, findings: list | N
     writer = summary_writer(logdir, EXPORT_SUFFIX)
     n = 0
     try:
-        writer.add_text("gradwatch", ABOUT, 0)
+        clip = read_meta(db).get("grad_clip")  # a trainer's clipping, kept by the callbacks
+        writer.add_text("gradwatch", ABOUT + (f" The trainer then clipped {clip}." if clip else ""), 0)
         say("writing the steps")
         for row in rows_since(db):
             write_step(writer, row)
@@ -99,7 +102,7 @@ def export(run: str | os.PathLike, logdir: str | os.PathLike, findings: list | N
         if findings is None:  # diagnosing reads the whole run: 31 s and 0.86 GB for 20,000 steps x 300 layers
             findings = saved_findings(run)
         if findings is None:
-            say(f"diagnosing {n:,} steps (no up-to-date findings.json)")
+            say(f"diagnosing {n:,} step{'s' * (n != 1)} (no up-to-date findings.json)")
         write_findings(writer, diagnose(run) if findings is None else findings)
     finally:
         writer.close()

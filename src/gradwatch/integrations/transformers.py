@@ -26,6 +26,11 @@ from gradwatch.integrations._trainer import Recorder
 logger = logging.get_logger("gradwatch")
 
 
+def _clipping(args) -> str | None:
+    """The Trainer's gradient clipping, as the run's metadata says it (None: no clipping)."""
+    return f"the total norm to {args.max_grad_norm:g} (max_grad_norm)" if args.max_grad_norm else None
+
+
 class GradwatchCallback(TrainerCallback):
     """Watch the Trainer's model and optimizer from `on_train_begin`.
 
@@ -36,7 +41,7 @@ class GradwatchCallback(TrainerCallback):
     def __init__(self, out: str | os.PathLike | None = None, *, every: int = 1, sample_every: int = 10,
                  flush_every: int = 50, stop_on=()):
         self.recorder = Recorder(out, self._report, every=every, sample_every=sample_every,
-                                 flush_every=flush_every, stop_on=stop_on)
+                                 flush_every=flush_every, stop_on=stop_on, say=self._say)
         self._zero = True
 
     @property
@@ -54,11 +59,17 @@ class GradwatchCallback(TrainerCallback):
         rank_dir = f"rank{args.process_index}" if args.world_size > 1 and wrapped is None else None
         self.recorder.start(model if wrapped is None else wrapped, optimizer, out,
                             f"transformers {transformers.__version__}", rank_dir,
-                            writer=wrapped is None or args.process_index == 0, first_step=state.global_step)
+                            writer=wrapped is None or args.process_index == 0, first_step=state.global_step,
+                            grad_clip=_clipping(args))
 
     def _report(self, finding) -> None:
         if self._zero:
             logger.warning(finding.line())
+
+    def _say(self, text: str) -> None:
+        # warning level, as the findings: transformers shows no info unless asked
+        if self._zero:
+            logger.warning(text)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.recorder.finish()

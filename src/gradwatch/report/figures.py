@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import warnings
 
 import numpy as np
@@ -52,14 +53,35 @@ def short_name(name: str, width: int = 28) -> str:
 
 def short_names(names: list[str], width: int = 28) -> list[str]:
     """`short_name` of each, made to tell the layers apart: names that shorten to the same label
-    (the same ending after different long beginnings) keep their beginning too (`head…tail`)."""
-    labels = [short_name(n, width) for n in names]
-    seen: dict[str, set[str]] = {}
-    for name, label in zip(names, labels):
-        seen.setdefault(label, set()).add(name)
-    head = (width - 1) // 2
-    return [f"{n[:head]}…{n[-(width - 1 - head):]}" if len(seen[label]) > 1 else label
-            for n, label in zip(names, labels)]
+    lose the beginning they share instead of their own (`…0.attention.o…put.LayerNorm`,
+    `encoderxxxxxx…block.0.linear`). Keeping the first and last characters of the whole name drew
+    BERT's `bert.encoder.layer.{0,1}.attention.output.LayerNorm` both as `bert.encoder.…tput.LayerNorm`."""
+    labels = {n: short_name(n, width) for n in names}
+    cut = dict.fromkeys(labels, 0)  # how much of each name's beginning its label leaves out
+    for _ in range(8):  # each round cuts a still-colliding group further: a few rounds at most
+        groups: dict[str, list[str]] = {}
+        for name, label in labels.items():
+            groups.setdefault(label, []).append(name)
+        clashes = [g for g in groups.values() if len(g) > 1]
+        if not clashes:
+            break
+        for group in clashes:
+            shared = len(os.path.commonprefix(group))
+            at = group[0].rfind(".", 0, shared) + 1  # at a dotted part where that says more
+            at = at if at > max(cut[n] for n in group) else shared
+            for name in group:
+                cut[name], labels[name] = at, _apart(name, at, width)
+    return [labels[n] for n in names]
+
+
+def _apart(name: str, cut: int, width: int) -> str:
+    """`name` without its first `cut` characters (said by `…`), its middle elided to fit `width`:
+    the part where it differs from its look-alikes comes first."""
+    lead, rest = ("…" if cut else ""), name[cut:]
+    if len(lead) + len(rest) <= width:
+        return lead + rest
+    room = width - len(lead) - 1
+    return f"{lead}{rest[:room // 2]}…{rest[len(rest) - (room - room // 2):]}"
 
 
 def _layer_ticks(ax, axis: str, names: list[str], limit: int = 40) -> None:
@@ -181,6 +203,9 @@ def loss_curve(run: RunSeries, marks: list[tuple[int, int, str]]) -> tuple[Figur
         ax.text(step, 1.0, f" {number}", color=colour, fontsize=8, va="bottom", transform=ax.get_xaxis_transform(),
                 **TEXT)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(run.steps) and run.steps[-1] == run.steps[0]:  # one step: the locator ticked -0.045 ... 0.045
+        ax.set_xlim(run.steps[0] - 0.5, run.steps[0] + 0.5)
+        ax.set_xticks([run.steps[0]])
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)

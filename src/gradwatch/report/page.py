@@ -71,6 +71,11 @@ def stored(value: float) -> str:
     return "non-finite" if math.isinf(float(value)) else fmt(value)
 
 
+def count(n: int, word: str) -> str:
+    """`1 step`, `2 steps`: a one-step run's page said "1 steps" and "at steps 0"."""
+    return f"{n:,} {word}{'s' * (n != 1)}"
+
+
 def _img(b64: str, alt: str) -> str:
     return f'<img alt="{esc(alt)}" src="data:image/png;base64,{b64}">'
 
@@ -142,11 +147,21 @@ def flow_section(run: RunSeries, steps: list[int] | None) -> str:
     g = run.metrics["grad_norm"]
     rows = [[run.layers[c].name, run.layers[c].type] + [stored(g[row_of[s], c]) for s in chosen] for c in cols]
     table = _table(["layer", "type"] + [f"step {s}" for s in chosen], rows, numeric_from=2, cls="flow-table")
-    body = (f'<p class="sub">Gradient norm of each layer\'s parameters, input (left) to output (right), at steps '
-            f'{esc(", ".join(map(str, chosen)))}. Norms are taken before any gradient clipping. A line falling to the '
+    at = ("steps " if len(chosen) > 1 else "step ") + ", ".join(map(str, chosen))
+    clip = run.meta.get("grad_clip")  # a trainer's clipping (the callbacks): the norms here are above it
+    clip = f": the trainer then clipped {clip}" if clip else ""
+    body = (f'<p class="sub">Gradient norm of each layer\'s parameters, input (left) to output (right), at '
+            f'{esc(at)}. Norms are taken before any gradient clipping{esc(clip)}. A line falling to the '
             "left is a vanishing gradient; a line rising to the right or climbing over time an exploding one.</p>"
             f'{_img(figures.png(fig), "gradient flow")}'
-            f"<details><summary>values ({len(cols)} layers)</summary>{table}</details>")
+            f"<details><summary>values ({count(len(cols), 'layer')})</summary>{table}</details>")
+    # gaps in the lines and rows of dashes, said once: a GAN's discriminator under the generator's
+    # optimizer, a frozen backbone
+    never = [run.layers[c].name for c in cols if np.isnan(g[:, c]).all()]
+    if never:
+        body += (f'<div class="note never-recorded">No gradient norm recorded at any step for {_long(never)}: '
+                 "frozen, not updated by the watched optimizer (with several optimizers, the first is watched), "
+                 "or never reached by the loss.</div>")
     return _section("gradient-flow", "Gradient flow", body)
 
 
@@ -210,7 +225,7 @@ def loss_section(run: RunSeries, findings: list) -> str:
     recorded = run.loss[~np.isnan(run.loss)]  # NaN: not recorded; inf: non-finite
     last = "non-finite" if np.isinf(recorded[-1]) else fmt(recorded[-1])
     facts = (f"first {fmt(finite[0])}, last {last}, lowest {fmt(finite.min())}"
-             + (f"; {nonfinite} steps with a non-finite loss (marked × along the top)" if nonfinite else ""))
+             + (f"; {count(nonfinite, 'step')} with a non-finite loss (marked × along the top)" if nonfinite else ""))
     marked = "; dashed lines mark each finding's first step, numbered as in the list above" if marks else ""
     body = (f'<p class="sub">Training loss{marked}. Loss: <span class="loss-facts">{esc(facts)}</span>.</p>'
             f'{_img(figures.png(fig), "loss curve")}{_note(blocks, "median (line) and min–max (band)")}')
@@ -259,7 +274,7 @@ def activation_section(run: RunSeries) -> str:
     return _section("activations", "Activations: dead and saturated units", body)
 
 
-META_LABELS = {"skipped_steps": "skipped steps (loss scaler)"}
+META_LABELS = {"skipped_steps": "skipped steps (loss scaler)", "grad_clip": "gradient clipping (after the norms shown)"}
 
 
 def meta_rows(run: RunSeries, source: str) -> list[tuple[str, str]]:
@@ -272,7 +287,8 @@ def meta_rows(run: RunSeries, source: str) -> list[tuple[str, str]]:
     if command:
         rows.append(("command", shlex.join(map(str, command)) if isinstance(command, (list, tuple)) else str(command)))
     if len(run.steps):
-        rows.append(("steps recorded", f"{len(run.steps):,} (steps {run.steps[0]}–{run.steps[-1]})"))
+        span = f"steps {run.steps[0]}–{run.steps[-1]}" if len(run.steps) > 1 else f"step {run.steps[0]}"
+        rows.append(("steps recorded", f"{len(run.steps):,} ({span})"))
     rows.append(("layers", ", ".join(f"{n} {r}" for r, n in roles.items() if n)))
     ended = run.meta.get(EXIT_KEY)
     note = partial_note(run)
@@ -286,7 +302,7 @@ def meta_rows(run: RunSeries, source: str) -> list[tuple[str, str]]:
                 rows.append((META_LABELS.get(key, key),
                              f"{len(value)}: {fmt(value[:20])}" + (" ..." if len(value) > 20 else "")))
         elif value not in (None, "", {}):
-            rows.append((key, fmt(value)))
+            rows.append((META_LABELS.get(key, key), fmt(value)))
     return rows
 
 
@@ -300,7 +316,10 @@ def page(run: RunSeries, findings: list, source: str, steps: list[int] | None = 
     weights, acts = len(run.weight_columns()), len(run.layer_names("activation"))
     # weight layers, as `gradwatch run` counts them (counting the activation modules too, the page
     # said 27 layers where the run had said 14)
-    summary = (f"{len(run.steps):,} steps, {weights} layers" + (f" and {acts} activations" if acts else "") + ", "
+    every = run.meta.get("every", 1)
+    sparse = isinstance(every, int) and every > 1
+    recorded = count(len(run.steps), "step") + (f" (one in {every} recorded)" if sparse else "")
+    summary = (f"{recorded}, {count(weights, 'layer')}" + (f" and {count(acts, 'activation')}" if acts else "") + ", "
                + (f"{n} finding{'s' * (n != 1)} (worst: {worst})" if n else "no findings"))
     note = partial_note(run)
     partial = f'<p class="partial"><b>Partial run:</b> {esc(note)}.</p>' if note else ""
