@@ -36,3 +36,16 @@ def test_a_schedule_that_ends_learning_after_the_loss_fell_far_or_only_at_the_en
     cosine = 0.05 * 0.5 * (1 + np.cos(np.pi * np.arange(400) / 399))  # below 1e-3 of its peak for its last 2%
     assert not _plateaus(_run(cosine, 2.12))
     assert not _plateaus(_run(np.full(400, 0.05), 2.12))  # a constant lr: the loss fell, and the plateau rule's own
+
+
+def test_reduce_on_plateau_cutting_the_lr_after_the_loss_stopped_is_none():
+    """ReduceLROnPlateau as documented: the loss fell at lr 0.1 and stopped (a label-noise floor),
+    and only then was the lr cut tenfold every 30 steps, to 1e-4 of its peak; it was told to step its
+    scheduler once per epoch. The same cuts begun while the loss still fell are the schedule's doing."""
+    steps = np.arange(400)
+    after = 0.1 * 0.1 ** np.clip((steps - 160) // 30 + 1, 0, 4)  # flat from step 60, first cut at 160
+    assert not _plateaus(_run(after, 1.8))
+    after[:20] *= np.arange(1, 21) / 20  # a linear warm-up first: the fall is still from the peak
+    assert not _plateaus(_run(after, 1.8))
+    during = 0.1 * 0.1 ** np.clip((steps - 10) // 30 + 1, 0, 4)  # first cut at step 10
+    assert [f.first_step for f in _plateaus(_run(during, 1.8))] == [100]

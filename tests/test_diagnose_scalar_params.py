@@ -56,3 +56,25 @@ def test_a_learnt_logit_scale_at_its_own_lr_trains_without_findings():
             opt.zero_grad(), loss.backward(), opt.step()
         found = watch.findings()
     assert not [f.line() for f in found if f.severity != "info"]
+
+
+def test_a_chain_of_one_number_linear_layers_stays_in_the_profile():
+    """The textbook demo: nn.Linear(1, 1, bias=False) with sigmoids between, 20 deep. Each layer holds
+    one number, and all left the profile: a 3.7e-17 gradient ratio gave no finding. A bare parameter
+    is recorded under its owner's class, so the weight layer's own class tells them apart."""
+    from gradwatch.diagnose.signals import profile_columns
+    layers = [LayerInfo("t", "Clip", -1, "param", 1), LayerInfo("0", "Linear", 0, "param", 1),
+              LayerInfo("1", "Conv2d", 1, "param", 1), LayerInfo("2", "NonDynamicallyQuantizableLinear", 2, "param", 1),
+              LayerInfo("blk.alpha", "ConvNet", 3, "param", 1), LayerInfo("3", "Bilinear", 4, "param", 1)]
+    run = RunSeries(layers, np.arange(3), np.ones(3), np.ones(3), {}, meta={})
+    assert [run.layers[c].name for c in profile_columns(run)] == ["0", "1", "2", "3"]
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(12) for m in (nn.Linear(1, 1, bias=False), nn.Sigmoid())][:-1])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(64, 1)
+    with gw.watch(model, opt, warn=False) as watch:
+        for _ in range(60):
+            loss = nn.functional.mse_loss(model(x), 3 * x)
+            opt.zero_grad(), loss.backward(), opt.step()
+        found = watch.findings()
+    assert "vanishing_gradient" in kinds(found)

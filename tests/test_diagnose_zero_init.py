@@ -17,8 +17,16 @@ def _sigmoid_vanishing(zero_layers=()):
     for k in range(4):
         run.metrics["grad_out_rms"][sampled(run), run.column(f"fc{k}")] *= 10.0 ** (-1.5 * (3 - k))
     for name in zero_layers:
-        run.metrics["weight_norm"][0, run.column(name)] = 0.0
+        _zero_at_start(run, name, blocking=True)
     return next(f for f in diagnose(run) if f.kind == "vanishing_gradient")
+
+
+def _zero_at_start(run, name: str, blocking: bool) -> None:
+    """`name` starts all zero; blocking: W^T δ = 0 reaches every layer below at the first step (no
+    skip around it), so their ∂L/∂s is exactly 0 there."""
+    run.metrics["weight_norm"][0, run.column(name)] = 0.0
+    if blocking:
+        run.metrics["grad_out_rms"][0, :run.column(name)] = 0.0
 
 
 def test_a_vanishing_gradient_below_all_zero_weights_names_them_first():
@@ -72,5 +80,32 @@ def test_gates_that_start_at_zero_on_purpose_are_not_zero_weights():
     metrics["weight_norm"][sampled(run), -2:] = 0.0
     gated = RunSeries(layers, run.steps, run.loss, run.lr, metrics, meta=run.meta)
     assert zero_initialised(gated) == []
-    gated.metrics["weight_norm"][0, gated.column("fc1")] = 0.0
+    _zero_at_start(gated, "fc1", blocking=True)
     assert zero_initialised(gated) == ["fc1"]
+
+
+def test_a_zero_layer_beside_a_skip_is_not_the_cause():
+    """An adapter's `up` (LoRA's B, a ControlNet zero conv) starts at 0 beside a skip that carries the
+    gradient on: a 12-layer sigmoid MLP's 3.5e-10 vanishing gradient was blamed on it, with
+    're-initialise instead of zeros' first, the same ratio as without the adapter."""
+    run = build(activation="sigmoid")
+    for k in range(4):
+        run.metrics["grad_out_rms"][sampled(run), run.column(f"fc{k}")] *= 10.0 ** (-1.5 * (3 - k))
+    _zero_at_start(run, "fc2", blocking=False)
+    run.metrics["grad_out_rms"][0, run.column("fc1")] = 0.0  # the adapter's own `down`, on the branch
+    f = next(f for f in diagnose(run) if f.kind == "vanishing_gradient")
+    assert "zero_weight_layers" not in f.evidence and f.causes[0].startswith("saturating activation")
+    run.metrics["grad_out_rms"][0, run.column("fc0")] = 0.0  # no skip: everything below got 0
+    f = next(f for f in diagnose(run) if f.kind == "vanishing_gradient")
+    assert f.evidence["zero_weight_layers"] == ["fc2"]
+
+
+def test_a_zero_lowest_layer_counts_only_when_its_own_gradient_is_zero():
+    from gradwatch.diagnose.signals import zero_initialised
+    run = build()
+    run.metrics["weight_norm"][0, run.column("fc0")] = 0.0
+    assert zero_initialised(run) == []  # δ x^T reaches it: it learns
+    run.metrics["grad_norm"][0, run.column("fc0")] = 0.0
+    assert zero_initialised(run) == ["fc0"]
+    run.metrics["grad_norm"][0, run.column("fc0")] = np.nan  # not recorded: read as before
+    assert zero_initialised(run) == ["fc0"]

@@ -85,11 +85,12 @@ def _plateau_from_block(findings: list[Finding]) -> list[Finding]:
     """A loss plateau beside a finding that keeps the gradient from the layers (BLOCKING) follows
     from it: the plateau says so and advises that finding's fix, and the block is an error."""
     blocking = next((f for f in findings if f.kind in BLOCKING), None)
-    if blocking is None or not any(f.kind == "loss_plateau" for f in findings):
+    plateau = {id(f) for f in findings if f.kind == "loss_plateau" and f.severity != "info"}  # not one at its floor
+    if blocking is None or not plateau:
         return findings
     # the loss does not move and this is why: no longer a warning (a recurrent net's short
     # memory, some dead units) but what stops the training
-    return [_follows_from(f, blocking) if f.kind == "loss_plateau" else
+    return [_follows_from(f, blocking) if id(f) in plateau else
             replace(f, severity="error") if f is blocking else f for f in findings]
 
 

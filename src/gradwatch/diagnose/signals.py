@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Iterable
 
 import numpy as np
@@ -11,6 +12,9 @@ from gradwatch.store.series import WEIGHT_ROLES, RunSeries
 # Layers whose gradients say nothing about depth: normalisation layers (scale-invariant, weights
 # near 1) and embeddings (a gradient only on the rows a batch touches).
 NOT_IN_PROFILE = ("Norm", "Embedding")
+# Class names of torch's weight layers, their lazy and quantisable kin (LazyConv2d,
+# NonDynamicallyQuantizableLinear) and Hugging Face's Conv1D; not a model named ConvNet.
+WEIGHT_LAYER_TYPE = re.compile(r"(Linear|Bilinear|Conv(Transpose)?[123]d|Conv1D)$")
 
 
 def profile_columns(run: RunSeries) -> list[int]:
@@ -21,9 +25,17 @@ def profile_columns(run: RunSeries) -> list[int]:
     logit scale at 200x the towers' lr was called stalled beside them)."""
     cols = [
         i for i, layer in enumerate(run.layers)
-        if layer.role in WEIGHT_ROLES and not any(t in layer.type for t in NOT_IN_PROFILE) and layer.n_params != 1
+        if layer.role in WEIGHT_ROLES and not any(t in layer.type for t in NOT_IN_PROFILE)
+        and (layer.n_params != 1 or _weight_layer(layer.type))
     ]
     return sorted(cols, key=lambda i: run.layers[i].index)
+
+
+def _weight_layer(type_name: str) -> bool:
+    """A module whose weight maps its input (Linear, Conv, Bilinear and their lazy or quantised
+    kin), which stays a layer with one number (the textbook chain of nn.Linear(1, 1) and sigmoids);
+    a bare parameter is recorded under its owner's class (the model's, a block's) instead."""
+    return WEIGHT_LAYER_TYPE.search(type_name) is not None
 
 
 def same_role_columns(run: RunSeries, cols: list[int]) -> list[int]:
@@ -137,19 +149,38 @@ def from_init(run: RunSeries) -> bool:
 
 
 def zero_initialised(run: RunSeries) -> list[str]:
-    """Weight layers whose parameters are all exactly 0 at the run's first step: their units compute
-    the same 0 for every sample and pass no gradient down, whatever the activation. The last layer
-    alone is no such cause: a zero-initialised output layer blocks the gradient for one step. The
+    """Weight layers whose parameters are all exactly 0 at the run's first step and that block the
+    gradient there: their units compute the same 0 for every sample and pass W^T δ = 0 down. The
     finding they cause reads as dead units under ReLU or tanh (exact zeros), as a vanishing gradient
-    under sigmoid (0.5 is no zero): either way they are its first cause. Only the depth profile's
-    layers count: a gate that starts at 0 on purpose is a single number (ReZero, SkipInit) or a
-    normalisation layer's gain (torchvision's zero_init_residual), on a branch beside a skip."""
+    under sigmoid (0.5 is no zero): either way they are its first cause. The last layer alone is no
+    such cause (it blocks for one step), nor a zero layer beside a skip (an adapter's `up`, LoRA's B,
+    a ControlNet zero conv: the block starts as the identity and the skip carries the gradient), nor
+    a gate that starts at 0 on purpose: a single number (ReZero) or a norm's gain, not in the profile."""
     w = run.metrics.get("weight_norm")
     if w is None or len(run.steps) == 0:
         return []
     cols = profile_columns(run)
-    zero = [run.layers[c].name for c in cols if w[0, c] == 0]
-    return zero if any(run.layers[c].name in zero for c in cols[:-1]) else []
+    zero = [c for c in cols if w[0, c] == 0]
+    if not any(_blocks(run, cols, c) for c in zero if c != cols[-1]):
+        return []
+    return [run.layers[c].name for c in zero if c == cols[-1] or _blocks(run, cols, c)]
+
+
+def _blocks(run: RunSeries, cols: list[int], c: int) -> bool:
+    """Whether zero layer `c` cut the gradient at the first row: every profile layer below it got
+    δ = ∂L/∂s exactly 0 there, read as ∂L/∂s or as ∂L/∂W = δ x^T (a skip around it keeps them), or,
+    lowest itself, its own ∂L/∂W was 0. A layer with neither recorded there says nothing."""
+    below = cols[:cols.index(c)]
+    cut = [_zero_at_first(run, b, ("grad_out_rms", "grad_norm")) for b in below] if below else \
+        [_zero_at_first(run, c, ("grad_norm",))]
+    return all(z for z in cut if z is not None)
+
+
+def _zero_at_first(run: RunSeries, col: int, metrics: tuple[str, ...]) -> bool | None:
+    """Any of `metrics` exactly 0 at the first row of `col`; None where none was recorded."""
+    seen = [float(run.metrics[m][0, col]) for m in metrics if m in run.metrics]
+    seen = [v for v in seen if np.isfinite(v)]
+    return any(v == 0 for v in seen) if seen else None
 
 
 def rows_before_non_finite_loss(run: RunSeries) -> int:

@@ -54,7 +54,7 @@ def find_loss_plateau(run: RunSeries, th: Thresholds) -> list[Finding]:
     if change < -th.plateau_worsening and not _noise_on_still_weights(run, first, end - start, th):
         return []
     if _at_floor(first, loss[-w:], th):
-        return []
+        return [_flat_near_zero(int(steps[0]), start, end, w)]
     evidence = {"loss_start": start, "loss_end": end, "improvement": (start - end) / scale, "window_steps": w}
     causes, remedies = advice.loss_plateau(advice.Context(run), evidence)
     message = (f"The loss has not improved over {len(loss)} steps ({start:.4g} -> {end:.4g}). "
@@ -79,7 +79,7 @@ def _plateau_since_lr_fell(run: RunSeries, th: Thresholds) -> list[Finding]:
     at_off, end = float(np.median(loss[k:k + w])), float(np.median(loss[-w:]))
     learnt = start > 0 and end <= 0.5 * start  # annealed to convergence
     if not at_off > 0 or (at_off - end) / at_off >= th.plateau_improvement or learnt \
-            or _at_floor(loss[k:k + w], loss[-w:], th):
+            or _at_floor(loss[k:k + w], loss[-w:], th) or _flat_before_lr_fell(loss, lr, peak, w, th):
         return []
     evidence = {"loss_start": at_off, "loss_end": end, "improvement": (at_off - end) / at_off, "window_steps": w,
                 "lr_peak": peak, "lr_since": float(lr[k]), "loss_run_start": start}
@@ -87,6 +87,31 @@ def _plateau_since_lr_fell(run: RunSeries, th: Thresholds) -> list[Finding]:
     message = (f"The loss has not improved since step {int(steps[k])} ({at_off:.4g} -> {end:.4g}), when the learning "
                f"rate had fallen to {lr[k]:.3g} ({lr[k] / peak:.1e} of its peak {peak:.3g}). {remedies[0].action}.")
     return [Finding("loss_plateau", "warning", int(steps[k]), (), message, evidence, tuple(causes), tuple(remedies))]
+
+
+def _flat_near_zero(step: int, start: float, end: float, w: int) -> Finding:
+    """A plateau at the floor, said as `info`: the loss alone cannot tell a converged model (a
+    fine-tune at lr 1e-5, 0.0013 -> 0.0015) from a stuck one whose targets are small (y/20 at lr 1e-6,
+    0.0013 -> 0.0012); a warning would tell the first to raise its lr."""
+    message = (f"The loss is flat near 0 ({start:.3g} -> {end:.3g}): converged, or regression targets on a small scale "
+               "that the model is not fitting (standardise them to unit variance to tell).")
+    evidence = {"loss_start": start, "loss_end": end, "improvement": (start - end) / start if start else 0.0,
+                "window_steps": w, "at_floor": True}
+    return Finding("loss_plateau", "info", step, (), message, evidence, (), ())
+
+
+def _flat_before_lr_fell(loss: np.ndarray, lr: np.ndarray, peak: float, w: int, th: Thresholds) -> bool:
+    """The loss flat over the two windows before the lr first fell from its peak: it fell because
+    the loss had stopped (ReduceLROnPlateau as documented: flat at lr 0.1 for 48 steps, 1.809 ->
+    1.809, then cut), not the other way round. Measured at the lr's first fall, not where it crossed
+    `plateau_lr_off`: there a StepLR stepped per batch had gone flat too (2.128 -> 2.125), though
+    its loss was falling when its lr first fell, at step 10. After a warm-up, the fall from its peak."""
+    top = int(np.argmax(lr >= peak))
+    j = top + int(np.argmax(lr[top:] < peak))
+    if j < 2 * w:  # too few steps at the peak to tell
+        return False
+    before, last = float(np.median(loss[j - 2 * w:j - w])), float(np.median(loss[j - w:j]))
+    return before > 0 and (before - last) / before < th.plateau_improvement
 
 
 def _at_floor(first: np.ndarray, last: np.ndarray, th: Thresholds) -> bool:
