@@ -97,3 +97,22 @@ def test_show_holds_no_steps_x_layers_arrays(tmp_path, monkeypatch):
             tracemalloc.stop()
     assert peak < arrays / 2, peak  # read_run's arrays alone are 1x
     assert "│ l9  " in out.getvalue()
+
+
+def test_a_column_is_found_by_name_after_the_layers_change():
+    """`RunSeries.column` keeps a name index: renamed, reordered or replaced layers are still found,
+    the first of two equal names wins, and a name no layer has is a KeyError."""
+    from gradwatch.store.reader import LayerInfo
+    from gradwatch.store.series import RunSeries
+
+    a, b = LayerInfo("a", "Linear", 0, "param", 4), LayerInfo("b", "Linear", 1, "param", 4)
+    run = RunSeries([a, b], np.arange(2), np.zeros(2), np.zeros(2), {})
+    assert (run.column("a"), run.column("b")) == (0, 1)
+    run.layers.reverse()  # in place
+    assert (run.column("a"), run.column("b")) == (1, 0)
+    run.layers[0] = LayerInfo("c", "Linear", 1, "param", 4)  # renamed in place
+    assert run.column("c") == 0
+    with pytest.raises(KeyError):
+        run.column("b")
+    run.layers = [a, b, LayerInfo("a", "Linear", 2, "param", 4)]  # replaced; a name twice
+    assert run.column("a") == 0 and run.column("b") == 1

@@ -116,13 +116,13 @@ class AutoWatch(Watch):
         every step is kept."""
         if self._mode == "optimizer" or self._updated or self._dist is not None:
             return
-        ready = [r for r in self._pending if r is not self._snapshot_rec]
+        ready = [r for r in self._pending if r is not self._window.rec]
         measured = [r.delta for r in ready if r.delta is not None]
         if any(bool(delta.any()) for delta in measured):
             self._updated = True
         elif measured:
             self._untrained += len(ready)
-            self._pending = [r for r in self._pending if r is self._snapshot_rec]
+            self._pending = [r for r in self._pending if r is self._window.rec]
 
     @contextlib.contextmanager
     def _uninterrupted(self) -> Iterator[None]:
@@ -316,8 +316,8 @@ class AutoWatch(Watch):
                 # optimizer's own weights: a second training phase far more likely than a GAN's
                 # partner. It ends the step, so the phase's first step is not merged into its second
                 self._ending = optimizer
-        if self._snapshot is None and self._params and (rec := self._current()) is not None and rec.sampled:
-            self._take_snapshot(rec)  # (stepping right after the adopted one, it opens the next step)
+        if self._window.snapshot is None and self._params and (rec := self._current()) is not None and rec.sampled:
+            self._window.take(rec)  # (stepping right after the adopted one, it opens the next step)
 
     def _rediscover(self) -> None:
         if not self._discovery:
@@ -361,7 +361,7 @@ class AutoWatch(Watch):
         are dropped unwritten, and the connection is left alone (closing it could checkpoint the
         parent's live WAL)."""
         _forgotten.append(self)  # never collected, so never closed
-        self._snapshot = self._cur = self._dist = None
+        self._window.snapshot = self._cur = self._dist = None
         self._pending, self._events, self.on_flush = [], [], []
         self._untrained = 0
         self.detach()

@@ -48,6 +48,8 @@ def process_rank() -> int | None:
 
 def local(t: torch.Tensor) -> torch.Tensor:
     """The part of a tensor this rank holds (a DTensor's local shard; any other tensor as is)."""
+    if type(t) is torch.Tensor or type(t) is torch.nn.Parameter:  # most tensors: no attribute lookups
+        return t
     return t.to_local() if hasattr(t, "to_local") and hasattr(t, "placements") else t
 
 

@@ -51,8 +51,10 @@ CONTAINERS = (nn.ParameterList, nn.ParameterDict)
 def compiled_inner(module: nn.Module) -> nn.Module | None:
     """The model inside `torch.compile(model)`'s wrapper (None: not a wrapper). Its layers keep
     their own names; the wrapper is where a call enters the compiled code."""
+    if type(module).__name__ != "OptimizedModule":  # (first: a missing attribute costs nn.Module a raise)
+        return None
     inner = getattr(module, "_orig_mod", None)
-    return inner if isinstance(inner, nn.Module) and type(module).__name__ == "OptimizedModule" else None
+    return inner if isinstance(inner, nn.Module) else None
 
 
 def has_lazy_params(model: nn.Module) -> bool:

@@ -91,9 +91,11 @@ def _stack(values: list[torch.Tensor | None], width: int) -> np.ndarray:
 def _host(totals: list[torch.Tensor], calls: list[int]) -> np.ndarray:
     """Per-call means of sums over a step (rows: `totals[i] / calls[i]`), divided on the device as
     before and read to the host in one copy, not one per layer."""
-    if len({t.device for t in totals}) > 1:  # (a model split over devices)
-        totals = [t.cpu() for t in totals]
-    stacked = torch.stack(totals).float().reshape(len(totals), -1)
+    try:  # (not a set of the devices first: 10k device objects cost a flush ~5 ms)
+        stacked = torch.stack(totals)
+    except RuntimeError:  # a model split over devices
+        stacked = torch.stack([t.cpu() for t in totals])
+    stacked = stacked.float().reshape(len(totals), -1)
     return (stacked / torch.tensor(calls, dtype=stacked.dtype, device=stacked.device)[:, None]).cpu().numpy()
 
 
@@ -135,8 +137,9 @@ def to_batch(records: list[StepRecord], layers: list[Layer], meta: dict | None =
         gmax = _stack([r.grad_max for r in records], n_params)
         gn = _layer_l2(grad, starts)
         wn = _layer_l2(weight, starts)
+        dn = _layer_l2(delta, starts)
         with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.where(wn > 0, _layer_l2(delta, starts) / wn, np.where(_layer_l2(delta, starts) > 0, np.inf, 0.0))
+            ratio = np.where(wn > 0, dn / wn, np.where(dn > 0, np.inf, 0.0))
         ratio[np.isnan(wn)] = np.nan
         nonfinite = np.where(np.isfinite(gn), 0.0, np.nan)
         nonfinite[np.isnan(grad).all(axis=1)] = np.nan
@@ -167,8 +170,9 @@ def to_batch(records: list[StepRecord], layers: list[Layer], meta: dict | None =
     table = np.stack([cols[c] for c in LAYER_COLUMNS], axis=-1)  # (step, layer, column)
     rows, positions = np.nonzero(~np.isnan(table).all(axis=2))
     kept = table[rows, positions]
-    values = kept.astype(object)
-    values[np.isnan(kept)] = None
+    present = ~np.isnan(kept)  # most cells are not recorded (NULL): Python floats for the others only
+    values = np.full(kept.shape, None, dtype=object)
+    values[present] = kept[present]
     steps = np.array([r.step for r in records])[rows].tolist()
     names = np.array([layer.name for layer in layers], dtype=object)[positions].tolist()
     batch.layer_rows.extend(zip(steps, names, *values.T.tolist()))

@@ -70,6 +70,9 @@ class SampledHooks:
         self._others: set[int] = set()  # ids of wrappers of models not watched
         self._modes: list[_SampledStep] = []
         self._pre_hooks: dict[int, Callable] = {}  # id(recurrent module): its armed input hook
+        # the hooks made for earlier samples, reused: making one for torch.compile (`_eager`) left
+        # cyclic garbage, and 2000 layers' cost 20-180 ms a sample (the collector's full passes)
+        self._made: dict[tuple, Callable] = {}
 
     def add_compiled(self, wrapper: nn.Module) -> None:
         if any(w is wrapper for w in self._compiled):
@@ -124,15 +127,25 @@ class SampledHooks:
             self._hook_wrapper(wrapper)
         if "torch._dynamo" in sys.modules:
             self._handles.append(self._wrapper_finder(layers))
+        eager = "torch._dynamo" in sys.modules  # (a hook made before it was imported is not for compile)
         for pos, layer in enumerate(layers):
             module = layer.module
             if layer.role == "activation":
-                self._handles.append(module.register_forward_hook(self._activation_hook(pos, layer.activation)))
+                hook = self._made_hook(("act", pos, layer.activation, eager), self._activation_hook)
             else:
-                self._handles.append(module.register_forward_hook(self._output_grad_hook(pos)))
+                hook = self._made_hook(("out", pos, eager), self._output_grad_hook)
+            self._handles.append(module.register_forward_hook(hook))
             if isinstance(module, RECURRENT):
-                self._pre_hooks[id(module)] = self._recurrent_input_hook(pos, module.batch_first)
+                self._pre_hooks[id(module)] = self._made_hook(("rnn", pos, module.batch_first, eager),
+                                                              self._recurrent_input_hook)
                 self._handles.append(module.register_forward_pre_hook(self._pre_hooks[id(module)]))
+
+    def _made_hook(self, key: tuple, make: Callable) -> Callable:
+        """The hook `make(*key[1:-1])` made for an earlier sample, else a new one."""
+        hook = self._made.get(key)
+        if hook is None:
+            hook = self._made[key] = make(*key[1:-1])
+        return hook
 
     def run_pre_hook(self, module: nn.Module, args: tuple) -> tuple | None:
         """Zero-code discovery arms a module's hooks from inside its own call, after torch took the
@@ -157,7 +170,9 @@ class SampledHooks:
         def on_grad(g: torch.Tensor) -> None:
             if not self._counted():
                 return
-            rec.accumulate(rec.out_rms, pos, self._unscale(rms(g).reshape(1))[0])
+            value = self._unscale(rms(g))
+            # (kept 0-d, as rms gives it: the flush stacks them; a scale with a dim would give it one)
+            rec.accumulate(rec.out_rms, pos, value.reshape(()) if value.dim() else value)
             if act is not None:
                 rec.accumulate(rec.act, pos, act)
 

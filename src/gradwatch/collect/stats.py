@@ -8,6 +8,7 @@ it is exactly zero for every sample of the batch.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -58,14 +59,6 @@ def shape_groups(keys: list) -> list[list[int]]:
     return list(groups.values())
 
 
-def grouped_norms(tensors: list[torch.Tensor], groups: list[list[int]], ord: float = 2.0) -> torch.Tensor:
-    """float32 norms of many small tensors in a few kernels: each group (same shape and dtype,
-    `shape_groups`) is stacked and reduced at once; on the CPU each value is bitwise the one
-    `vector_norm` gives the tensor alone. In the order of `groups`."""
-    parts = [norm32(torch.stack([tensors[k] for k in group]).flatten(1), ord, dim=1) for group in groups]
-    return torch.cat(parts)
-
-
 def unit_dim(y: torch.Tensor) -> int:
     return 1 if y.dim() in (4, 5) else y.dim() - 1
 
@@ -81,7 +74,7 @@ def activation_stats(y: torch.Tensor, activation: str) -> torch.Tensor:
         std = torch.zeros((), device=y.device)
     bounds = SATURATING.get(activation)
     if bounds is None:
-        saturated = torch.full((), math.nan, device=y.device)
+        saturated = _nan(y.device)
     else:
         low, high = bounds
         band = ASYMPTOTE_BAND * max(abs(low), abs(high))
@@ -95,6 +88,12 @@ def activation_stats(y: torch.Tensor, activation: str) -> torch.Tensor:
     else:
         dead = torch.full((), math.nan, device=y.device)
     return torch.stack([mean, std, saturated, dead])
+
+
+@functools.cache
+def _nan(device: torch.device) -> torch.Tensor:
+    """A NaN scalar on `device`, made once (torch.stack copies it): one kernel less a sampled layer."""
+    return torch.full((), math.nan, device=device)
 
 
 def rms(g: torch.Tensor) -> torch.Tensor:
