@@ -52,3 +52,33 @@ def test_the_lr_option_is_named_and_gives_what_the_pasted_line_gives(monkeypatch
 def test_an_lr_not_read_straight_from_an_option_names_none(lr):
     names = read_names(SCRIPT.replace("lr=args.learning_rate", f"lr={lr}"), _context(0.5))
     assert names.lr_option == "" and "run it with" not in lr_scale(0.1, names).code
+
+
+RESUMED = '''
+import argparse, os
+import torch
+from torch import nn
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--lr", type=float, default=1.5)
+args = parser.parse_args()
+net = nn.Linear(4, 1)
+opt = torch.optim.SGD(net.parameters(), lr=args.lr)
+if os.path.exists(CKPT):
+    opt.load_state_dict(torch.load(CKPT))
+# BUILT
+torch.save(opt.state_dict(), CKPT)
+'''
+
+
+def test_no_option_is_offered_where_the_optimizers_state_is_loaded(monkeypatch, tmp_path):
+    """On resume load_state_dict puts the saved lr back: `--lr 0.15` ran at 1.5. The pasted line,
+    placed after the load, does set the lr the trial ran at."""
+    script = RESUMED.replace("CKPT", repr(str(tmp_path / "last.pt")))
+    names = read_names(script, _context(1.5))
+    code = names.complete(lr_scale(0.1, names).code)
+    assert names.lr_option == "--lr" and "run it with" not in code
+    _opt(script, [], monkeypatch)  # the first run leaves its checkpoint
+    assert _opt(script, ["--lr", "0.15"], monkeypatch).param_groups[0]["lr"] == 1.5  # why: the option is undone
+    pasted = _opt(script.replace("# BUILT", code), [], monkeypatch)
+    assert pasted.param_groups[0]["lr"] == pytest.approx(0.15)

@@ -46,3 +46,28 @@ def test_findings_that_call_for_no_remedy_are_named():
     assert "Nothing to try: the baseline's findings call for no remedy (saturation (info: no block to training))" in text
     stuck = Trial(BASELINE, None, 0, 1.0, steps=40, final_loss=2.0, first_loss=2.0)  # no finding, no progress
     assert "call for no remedy (loss_did_not_fall)" in _printed(FixResult(stuck, [], budget_steps=40))
+
+
+def test_a_baseline_that_crashes_is_not_called_healthy(tmp_path):
+    """Healthy for its 30 steps, then an error of its own: fix said "Nothing to fix ... No remedy
+    was tried", as if the script were fine."""
+    def train():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x = torch.randn(64, 8)
+        y = x[:, :3].argmax(1)
+        for step in range(100):
+            if step == 30:
+                raise IndexError("list index out of range")
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    result = fix(train, out=tmp_path, budget_steps=40, progress=lambda _: None)
+    assert result.baseline.failed and result.baseline.steps == 30 and not result.trials and not result.screened
+    text = " ".join(_printed(result).split())
+    assert "Nothing to fix" not in text and "ranked behind" not in text
+    assert "No remedy was tried: your script fails on its own, with exit code 1 after 30 steps" in text
+    assert "IndexError: list index out of range" in text and str(tmp_path / "baseline" / "output.log") in text
+    assert "Fix that error first" in text

@@ -87,12 +87,12 @@ def print_result(result: FixResult, console: Console) -> None:
                       "" if t is result.baseline else _versus(base, t.final_loss))
     console.print(table)
     winner = result.winner
-    if result.baseline.failed:
-        error = "".join(result.baseline.output_tail(1)).strip() or "no output"
+    tried = result.trials or result.screened
+    if result.baseline.failed and tried:
         console.print(f"Note: your script fails on its own: the baseline exited with code {result.baseline.exit_code} "
-                      f"after {result.baseline.steps} steps ({error}). A trial that fails is ranked behind every one "
-                      "that runs its course.", markup=False)
-    if not result.trials and not result.screened:
+                      f"after {result.baseline.steps} steps ({_error(result.baseline)}). A trial that fails is ranked "
+                      "behind every one that runs its course.", markup=False)
+    if not tried:
         console.print(_nothing_tried(result.baseline), markup=False)
     elif winner is None:
         if result.baseline.failed and all(t.failed for t in result.trials):
@@ -126,7 +126,13 @@ def print_result(result: FixResult, console: Console) -> None:
 
 def _nothing_tried(base: Trial) -> str:
     """Why no remedy was tried; for a healthy baseline, what it was checked for, so "nothing to fix"
-    is a measured answer, not a silence."""
+    is a measured answer, not a silence. A baseline that crashed is not healthy: its error comes first."""
+    from gradwatch.fix.trial import OUTPUT_LOG
+
+    if base.failed:
+        return (f"No remedy was tried: your script fails on its own, with exit code {base.exit_code} after "
+                f"{base.steps} steps ({_error(base)}; see {base.run_dir / OUTPUT_LOG}), and its steps before that "
+                "called for no remedy. Fix that error first, then run fix again.")
     if not base.findings and not base.harmful:
         fell = (f"; its loss fell from {base.first_loss:.4g} to {base.final_loss:.4g}"
                 if math.isfinite(base.first_loss) and math.isfinite(base.final_loss) else "")
@@ -134,6 +140,11 @@ def _nothing_tried(base: Trial) -> str:
                 f"NaN/Inf, no dead or saturated units, no stalled layer, no loss plateau or divergence{fell}. No remedy was tried.")
     kinds = sorted({f.kind + " (info: no block to training)" * (f.severity == "info") for f in base.findings})
     return f"Nothing to try: the baseline's findings call for no remedy ({', '.join(kinds or base.harmful)})."
+
+
+def _error(trial: Trial) -> str:
+    """The last line the failed script printed: normally its exception."""
+    return "".join(trial.output_tail(1)).strip() or "no output"
 
 
 def _some(paths: list[str]) -> str:

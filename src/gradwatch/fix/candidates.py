@@ -60,7 +60,8 @@ def zclip(names: Names = GENERIC) -> Candidate:
 def reinit(names: Names = GENERIC) -> Candidate:
     """The trial re-initialises with the model's first batch: it shows the activations called as
     functions and the order they run in, which the module list does not."""
-    return Candidate("re-initialise per activation", {"init": "auto"}, f"gw.init_({names.model}, example_input=batch)")
+    return Candidate("re-initialise per activation", {"init": "auto"},
+                     f"gw.init_({names.changed}, example_input=batch)")
 
 
 def adam(names: Names = GENERIC) -> Candidate:
@@ -133,7 +134,9 @@ def _optimizer_lr_code(factor: float, names: Names) -> str:
     value = names.lr_value(factor)
     if value is None:
         return loop + f"group['lr'] *= {factor:g}  # {once}"
-    option = f"; or no change to the code: run it with {names.lr_option} {value}" if names.lr_option else ""
+    resumed = names.optimizer in names.loaded  # load_state_dict puts the saved lr back over the option's
+    option = (f"; or no change to the code: run it with {names.lr_option} {value}"
+              if names.lr_option and not resumed else "")
     return loop + f"group['lr'] = {value}  # {names.run.lr:.3g} x{factor:g}; once, {names.optimizer_ready}{option}"
 
 
@@ -161,7 +164,7 @@ def swap(old: str, new: str = "LeakyReLU", init: str | None = None, present: tup
     made = "nn.LeakyReLU(0.01)" if new == "LeakyReLU" else f"nn.{new}()"
     classes = (f"nn.{old}" if old != "*" else
                f"({', '.join(f'nn.{c}' for c in present)},)" if present else "(nn.Sigmoid, nn.Tanh, nn.ReLU)")
-    model = names.model
+    model = names.changed
     code = (f"{model}, _ = gw.modify.swap_activations({model}, {classes}, lambda: {made}, keep_output=True, "
             "example_input=batch)")
     spec: dict = {"swap": {"from": old, "to": new}}
@@ -176,7 +179,7 @@ def swap(old: str, new: str = "LeakyReLU", init: str | None = None, present: tup
 def norm(kind: str, names: Names = GENERIC) -> Candidate:
     what = "BatchNorm" if kind == "batch" else "LayerNorm"
     return Candidate(f"{what} after each layer", {"norm": kind},
-                     f"{names.model}, _ = gw.modify.insert_norm({names.model}, {kind!r})"
+                     f"{names.changed}, _ = gw.modify.insert_norm({names.changed}, {kind!r})"
                      f"  # {names.new_parameters}")
 
 
@@ -187,7 +190,7 @@ def forget_bias(names: Names = GENERIC) -> Candidate:
 
 def gru(names: Names = GENERIC) -> Candidate:
     return Candidate("nn.RNN -> nn.GRU", {"recurrent": "gru"},
-                     f"{names.model}, _ = gw.modify.replace_rnn({names.model})  # {names.new_parameters} "
+                     f"{names.changed}, _ = gw.modify.replace_rnn({names.changed})  # {names.new_parameters} "
                      "(or build nn.GRU(...) where the nn.RNN is built)")
 
 

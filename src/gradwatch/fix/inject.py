@@ -29,7 +29,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from gradwatch.collect import patches
 from gradwatch.collect.caller_names import caller_name
 from gradwatch.collect.layers import ACTIVATIONS
-from gradwatch.collect.watch import MAX_ACCUMULATION, params_of
+from gradwatch.collect.watch import MAX_ACCUMULATION
 from gradwatch.errors import ConfigError
 from gradwatch.fix.locate import ENV_LOCATE_AT, NonFiniteLocator
 from gradwatch.remedies import clip, init_, insert_norm, replace_rnn, swap_activations
@@ -106,6 +106,39 @@ def _recurrent(model: nn.Module, how: str) -> None:
                         nn.init.orthogonal_(chunk)
 
 
+def added_parameters(model: nn.Module, before: dict[str, nn.Module],
+                     kept: set[int]) -> list[tuple[torch.Tensor, list[int]]]:
+    """Each trainable parameter a remedy added to `model` (`before`: its modules by name, `kept`: its
+    parameter ids, both taken before the change), with the ids of the layer it goes with: an
+    optimizer that trains that layer trains it too, as one built after the change would."""
+    out, seen = [], set(kept)
+    for name, module in model.named_modules(remove_duplicate=False):
+        new = [p for p in module.parameters(recurse=False) if p.requires_grad and id(p) not in seen]
+        seen.update(id(p) for p in new)
+        if new:
+            layer = _layer_of(model, name, before, kept)
+            out += [(p, layer) for p in new]
+    return out
+
+
+def _layer_of(model: nn.Module, name: str, before: dict[str, nn.Module], kept: set[int]) -> list[int]:
+    """The kept parameter ids (the weight first) of the layer the new module at `name` goes with:
+    the module it replaced there (an RNN's GRU), else the one right before it in its parent (the
+    layer a norm follows, in an nn.Sequential or insert_norm's `Normalised` pair); else the same
+    for its parent, up to the whole model."""
+    while name:
+        parent_name, _, attr = name.rpartition(".")
+        children = model.get_submodule(parent_name)._modules
+        keys = list(children)
+        earlier = children[keys[keys.index(attr) - 1]] if keys.index(attr) > 0 else None
+        for layer in (before.get(name), earlier):
+            ids = [id(p) for p in layer.parameters() if id(p) in kept] if layer is not None else []
+            if ids:
+                return ids
+        name = parent_name
+    return [id(p) for p in model.parameters() if id(p) in kept]
+
+
 class Injector:
     """Global hooks that apply `spec` to the first model and every optimizer that steps."""
 
@@ -116,8 +149,8 @@ class Injector:
         self.earlier = earlier  # models earlier in-process trials trained (gw.fix(train_fn))
         self.max_steps = max_steps
         self.model: nn.Module | None = None
-        self._kept: set[int] = set()  # ids of the model's parameters before the remedy changed it
-        self._added: list[torch.Tensor] = []  # the parameters the remedy added (norm layers, a GRU)
+        # the parameters the remedy added (norm layers, a GRU), each with its layer's parameter ids
+        self._added: list[tuple[torch.Tensor, list[int]]] = []
         self.steps = 0
         self._lead: weakref.ref | None = None  # the optimizer whose steps are the budget's (see _count_step)
         self._last: weakref.ref | None = None  # the optimizer that stepped last
@@ -167,13 +200,13 @@ class Injector:
                     f"gw.fix: train_fn trains the {type(module).__name__} an earlier trial trained (and changed); "
                     "build the model and its optimizer inside train_fn, so that every trial starts alike")
             self.model = module
-            self._kept = {id(p) for p in module.parameters()}
+            kept, before = {id(p) for p in module.parameters()}, dict(module.named_modules(remove_duplicate=False))
             try:
                 with unseen_by_global_hooks():
                     void = apply_to_model(module, self.spec, args or None)
             except ConfigError as exc:  # the remedy cannot apply to this model: the trial fails, not fix
                 raise RuntimeError(f"gradwatch fix: {exc}") from exc
-            self._added = [p for p in module.parameters() if p.requires_grad and id(p) not in self._kept]
+            self._added = added_parameters(module, before, kept)
             self._handles.pop(0).remove()
             if void:
                 self._not_applied(void)
@@ -200,16 +233,16 @@ class Injector:
         return state
 
     def _give_added(self, opt: torch.optim.Optimizer) -> None:
-        """The parameters the remedy added (norm layers) to the optimizer that trains the model's
-        own, once. Into its first group: a new group would lack the keys a scheduler keeps per group
-        (OneCycleLR's initial_lr, LambdaLR's base_lrs). Only to that one: every parameter of the model
-        missing from any optimizer went to each (a GAN's discriminator optimizer then stepped the
-        generator too, with the gradients of its own loss)."""
-        known = params_of(opt)
-        if not self._added or not known & self._kept:
-            return
-        opt.param_groups[0]["params"].extend(p for p in self._added if id(p) not in known)
-        self._added = []
+        """Each parameter the remedy added to this optimizer if it holds the parameters of the layer
+        the parameter goes with, into that layer's group: where the printed change (made before the
+        optimizers are built) puts it. Not to an optimizer that merely steps first: a head-only
+        optimizer then trained a frozen body's norms, a head's lr 0.1 drove a body's at 1e-3. A new
+        group would also lack the keys a scheduler keeps per group (OneCycleLR's initial_lr)."""
+        groups = {id(p): g for g in opt.param_groups for p in g["params"]}
+        for p, layer in self._added:
+            group = next((groups[i] for i in layer if i in groups), None)
+            if group is not None and id(p) not in groups:
+                group["params"].append(p)
 
     def _make_clipper(self):
         return {"norm": lambda: clip.ClipNorm(self.spec["max_norm"]),

@@ -52,11 +52,19 @@ class Names:
     lr_option: str = ""  # the command-line option the optimizer's lr comes from (`--lr`, for `lr=args.lr`)
     loaded: frozenset[str] = frozenset()  # the optimizers the script loads a state into (`opt.load_state_dict`)
     aimed: bool = False  # `model` is the one the findings name, not the first trained (several models)
+    # the module the loop calls when the optimizers take parts of it (`model` for `model.head.parameters()`)
+    called: str = ""
+
+    @property
+    def changed(self) -> str:
+        """The module a change to the model goes to: the one the trial changed, the first trained
+        module the script calls, which may hold more than its optimizer trains (a frozen body)."""
+        return self.called or self.model
 
     def aimed_at(self, name: str) -> Names:
         """The names with `model` the one the script calls `name` (`disc`, or `self.disc`) and its optimizer."""
         opt, model = next(((o, m) for o, m in self.optimizers if m.split(".")[-1] == name), (self.optimizer, name))
-        return replace(self, model=model, optimizer=opt, batch="", aimed=True,
+        return replace(self, model=model, optimizer=opt, batch="", aimed=True, called="",
                        found=self.found | {"model", "optimizer"})
 
     def each_optimizer(self) -> list[Names]:
@@ -89,12 +97,15 @@ class Names:
     @property
     def new_parameters(self) -> str:
         """When a change that adds parameters must be made, so that they are trained too."""
-        return ("before training: new parameters, for your update to reach" if self.manual else
-                f"before {self.optimizer} is built: new parameters")
+        if self.manual:
+            return "before training: new parameters, for your update to reach"
+        if self.called and self.optimizers:  # a change to the whole, which every optimizer trains a part of
+            return f"before {' and '.join(opt for opt, _ in self.optimizers)} are built: new parameters"
+        return f"before {self.optimizer} is built: new parameters"
 
     def ref(self, layer: str) -> str:
         """A module inside the model, by its recorded name: `rnn` -> `net.rnn`."""
-        return self.model + module_ref(layer)[len("model"):]
+        return self.changed + module_ref(layer)[len("model"):]
 
     def recurrent(self, *types: str) -> list[str]:
         """The recorded recurrent layers of these types, as code; a placeholder when none is known."""
@@ -163,17 +174,17 @@ class Names:
             missing = self.imported is None and module == "gw" or self.imported is not None and module not in self.imported
             if missing and _uses(code, module + "."):
                 lines.append(line)
-        if self.optimizers and MODEL_CHANGE.search(code) and "model" in self.found:
+        if self.optimizers and MODEL_CHANGE.search(code) and "model" in self.found and not self.called:
             which = "the model the findings name" if self.aimed else "the first model your script trains"
             lines.append(f"# {self.model} only: {which}, the one the trial changed")
         if self.loads_weights and MODEL_CHANGE.search(code) and "new parameters" not in code:
-            lines.append(f"# apply after {self.model} is built and its weights loaded (load_state_dict), "
+            lines.append(f"# apply after {self.changed} is built and its weights loaded (load_state_dict), "
                          "before training: where the trial made it")
         if "example_input=batch" in code:
-            seen = f", as in {self.model}({self.batch})" if self.batch else ", as the model takes it in training"
+            seen = f", as in {self.changed}({self.batch})" if self.batch else ", as the model takes it in training"
             lines.append(f"# batch: one input batch{seen}")
         generic = [f"{n}: {what}" for n, what in PLACEHOLDERS.items()
-                   if n not in self.found and _uses(code, n)]
+                   if n not in self.found | {self.called} and _uses(code, n)]
         if generic:
             lines.append(f"# {'; '.join(generic)} (not found in your script)")
         return "\n".join([*lines, code])
@@ -241,8 +252,9 @@ def read_names(source: str, run: Context | None = None, imported: frozenset[str]
     if len(models) != 1 or None in models:
         return Names(optimizer=optimizer, found=frozenset({"optimizer"}), imported=binds, run=run, **schedule)
     model = models.pop()
-    return Names(model, optimizer, frozenset({"model", "optimizer"}), reader.batch(model), binds, run,
-                 loads_weights=reader.loads_weights(model), **schedule)
+    called = _called(reader, [model])
+    return Names(model, optimizer, frozenset({"model", "optimizer"}), reader.batch(called or model), binds, run,
+                 loads_weights=reader.loads_weights(called or model), called=called, **schedule)
 
 
 def _several(reader: _Reader, binds: frozenset[str], run: Context | None) -> Names:
@@ -251,11 +263,26 @@ def _several(reader: _Reader, binds: frozenset[str], run: Context | None) -> Nam
     built = dict(reader.builds)  # the last build of each, in the order first built
     optimizers = tuple((opt, model or "") for opt, model in built.items())
     first = _first_trained([m for _, m in optimizers if m], reader, run)
+    called = _called(reader, [m for _, m in optimizers])
     if first is None:
-        return Names(imported=binds, run=run, optimizers=optimizers, loaded=reader.loaded())
+        return Names(imported=binds, run=run, optimizers=optimizers, loaded=reader.loaded(), called=called,
+                     batch=reader.batch(called), loads_weights=bool(called) and reader.loads_weights(called))
     optimizer = next(opt for opt, model in optimizers if model == first)
-    return Names(first, optimizer, frozenset({"model", "optimizer"}), reader.batch(first), binds, run,
-                 loads_weights=reader.loads_weights(first), optimizers=optimizers, loaded=reader.loaded())
+    return Names(first, optimizer, frozenset({"model", "optimizer"}), reader.batch(called or first), binds, run,
+                 loads_weights=reader.loads_weights(called or first), optimizers=optimizers, loaded=reader.loaded(),
+                 called=called)
+
+
+def _called(reader: _Reader, models: list[str]) -> str:
+    """The module the loop calls, of which each of `models` (what the optimizers train) is a part:
+    `model` for `model.head.parameters()` with the loop calling `model(x)`. The trial changes the
+    first module trained, the whole of it (a frozen body too), so a model change names it. "" when
+    a model is called itself, or is not one module."""
+    if not models or any(not m or reader.batch(m) for m in models):
+        return ""
+    chains = [_chain(ast.parse(m, mode="eval").body) for m in models]
+    common = os.path.commonprefix(chains)
+    return next((c for c in reversed(common) if c not in models and reader.batch(c)), "")
 
 
 def _first_trained(models: list[str], reader: _Reader, run: Context | None) -> str | None:
