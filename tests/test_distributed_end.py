@@ -2,6 +2,7 @@
 with threads standing for ranks): the last window is stored however the script ends, and a rank
 that leaves early never waits in an exchange the others will not join."""
 
+import contextlib
 import itertools
 import sqlite3
 import sys
@@ -15,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 import gradwatch
-from gradwatch.collect import distributed
+from gradwatch.collect import distributed, patches
 from gradwatch.store import read_run
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="no torch.distributed")
@@ -25,7 +26,11 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="no torch.distri
 def group(tmp_path, monkeypatch):
     monkeypatch.delattr(sys, "last_value", raising=False)  # (pytest keeps an earlier test's failure here)
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    before = list(patches._listeners)
     yield
+    for watch in [w for w in patches._listeners if w not in before]:  # left attached, as scripts leave them:
+        with contextlib.suppress(Exception):  # gone, or every later backward in this process is watched too
+            watch.detach()
     if dist.is_initialized():
         dist.destroy_process_group()
 
