@@ -3,8 +3,8 @@
 The target runs in a child process started exactly as `python script.py args` would start it
 (same argv, `__main__`, sys.path, stdout, stderr and exit code); a start-up hook on PYTHONPATH
 begins watching when the child imports torch. Processes the command starts in turn (torchrun
-workers, a shell script's pythons, multiprocessing workers, spawned or forked) are watched into the
-same run, each into a store file of its own (collect/auto.py).
+workers, a shell script's pythons, spawned multiprocessing workers) are watched into the same run,
+each into a store file of its own (collect/auto.py); forked ones are not (collect/auto.py says why).
 """
 
 from __future__ import annotations

@@ -37,17 +37,16 @@ from gradwatch.store.reader import STORE_NAME
 DISCOVERY_STEPS = 2  # global forward hooks cost time on every module call: keep them briefly
 
 
-def _claim_store(run_dir: str, forked: bool = False) -> str:
+def _claim_store(run_dir: str) -> str:
     """This process's store file: rank-named under torchrun, else the run's main file if free. A
-    worker started by multiprocessing takes one named by its pid: the main file is the script's
-    own, also before the script's first flush (a fork Pool's worker flushing first took it, and the
-    script's training was summarised as "another process"). A forked one ignores the rank it
-    inherits: its parent's, whose file that is."""
-    rank = None if forked else process_rank()
+    worker started by multiprocessing (spawn) takes one named by its pid: the main file is the
+    script's own, also before the script's first flush (a worker flushing first took it, and the
+    script's training was summarised as "another process")."""
+    rank = process_rank()
     if rank is not None:
         return os.path.join(run_dir, f"gradwatch-rank{rank}.sqlite")
     main = os.path.join(run_dir, STORE_NAME)
-    if not forked and multiprocessing.parent_process() is None:
+    if multiprocessing.parent_process() is None:
         try:
             os.close(os.open(main, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # a file, not a program
             return main
@@ -63,7 +62,7 @@ class AutoWatch(Watch):
     optimizer's count (`gradwatch run`); off, they count from 0 in this process, as `gradwatch
     fix`'s trials need (their budget, and the step their locating run checks, count so)."""
 
-    def __init__(self, run_dir: str, forked: bool = False, number_resumed: bool = False, **options: int):
+    def __init__(self, run_dir: str, number_resumed: bool = False, **options: int):
         # no live status line unless asked (`gradwatch run --status`): the terminal is the script's,
         # and the line, drawn over its own progress bar (tqdm's \r on stderr), left pieces of both
         options["status"] = bool(options.get("status", False))
@@ -74,7 +73,7 @@ class AutoWatch(Watch):
             self._live.check_at_close = False
         self._writer = None  # the store file is made at the first flush, so idle processes write nothing
         self.run_dir = run_dir
-        self.pid, self.forked = os.getpid(), forked  # (a forked worker's own watch: see _after_fork_in_child)
+        self.pid = os.getpid()  # a forked child has a copy of this watch, and must not write (_own_watch)
         self.number_resumed = number_resumed
         self._depth = 0
         self._prefixes: set[str] = set()
@@ -105,7 +104,7 @@ class AutoWatch(Watch):
             if self.store_path is None and (self._pending or self._events):
                 from pathlib import Path
 
-                self.store_path = Path(_claim_store(self.run_dir, self.forked))
+                self.store_path = Path(_claim_store(self.run_dir))
             super().flush()
 
     def _drop_untrained(self) -> None:
@@ -422,10 +421,10 @@ def start_from_env(number_resumed: bool = True) -> AutoWatch | None:
     return watch
 
 
-def _start(run_dir: str, forked: bool = False, number_resumed: bool = True) -> AutoWatch:
+def _start(run_dir: str, number_resumed: bool = True) -> AutoWatch:
     """This process's watch, with the options `gradwatch run` passed in the environment."""
     options = {k: int(os.environ[v]) for k, v in ENV_OPTIONS.items() if os.environ.get(v)}
-    watch = AutoWatch(run_dir, forked=forked, number_resumed=number_resumed, **options)
+    watch = AutoWatch(run_dir, number_resumed=number_resumed, **options)
     start_from_env.watch = watch
     _mark(run_dir, WATCHED_MARK)  # tells `gradwatch run` that the start-up hook worked here
     atexit.register(_detach_at_exit, watch)
@@ -440,42 +439,19 @@ def _own_watch() -> AutoWatch | None:
 
 
 def _after_fork_in_child() -> None:
-    """A forked process drops the parent's watch (`forget`). One that a multiprocessing Process
-    runs (a fork Pool's worker, a ProcessPoolExecutor's, Process(target=train)) may train a model
-    of its own, as a spawned one does: it gets a watch of its own, writing its own store. A
-    DataLoader worker, or a bare os.fork(), steps no optimizer (or is not known to): it gets none,
-    and only marks the run if it trains after all (`_mark_if_training`)."""
+    """A forked process (a DataLoader worker, a fork Pool's) drops the parent's watch (`forget`)
+    and only marks the run if it trains (`_mark_if_training`). Watching a fork Pool's workers was
+    tried: a worker then caught the SIGTERM of `Pool.__exit__`, and 2 runs in 16 hung there."""
     parent = start_from_env.watch
     parent.forget()
-    target = _process_target()
-    if target is not None and getattr(target, "__module__", None) != DATALOADER_WORKER:
-        try:
-            _start(parent.run_dir, forked=True, number_resumed=parent.number_resumed)
-            return
-        except Exception as exc:  # never break the user's worker
-            _say(f"gradwatch: not watching this forked process ({type(exc).__name__}: {exc})")
     _mark_if_training(parent.run_dir)
-
-
-DATALOADER_WORKER = "torch.utils.data._utils.worker"  # the module of a DataLoader worker's loop
-
-
-def _process_target() -> object | None:
-    """The target of the multiprocessing Process this fork starts, read from the forking frame
-    (multiprocessing.popen_fork's `_launch(process_obj)`); None for any other fork."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == "_launch" and frame.f_code.co_filename.endswith("popen_fork.py"):
-            return getattr(frame.f_locals.get("process_obj"), "_target", None)
-        frame = frame.f_back
-    return None
 
 
 def _flush_on_os_exit() -> None:
     """`os._exit` (scripts end with it to skip a slow teardown, and so does every forked
     multiprocessing worker) runs no atexit: the steps since the last flush were lost, all of them
     in a run shorter than one flush. Flushed first, by a process with a watch of its own only (a
-    forked DataLoader worker has none, and must not write)."""
+    forked worker has none, and must not write)."""
     original = os._exit
 
     def _exit(status: int) -> None:
@@ -514,8 +490,8 @@ def _flush_on_sigterm() -> None:
     terminal closed, an ssh session dropped: sent to the whole process group, the script too) end
     Python without atexit: store the steps since the last flush, then die of the signal as before.
     Only where the script has no handler of its own yet (one it installs later replaces this), and
-    only by a process with a watch of its own, not by a forked DataLoader worker that inherits it
-    (a fork Pool's worker has one: `Pool.__exit__` ends its workers with a SIGTERM)."""
+    only by a process with a watch of its own, not by a forked worker that inherits it
+    (nor by a fork Pool's, which `Pool.__exit__` ends with a SIGTERM)."""
     if threading.current_thread() is not threading.main_thread():
         return
 
