@@ -412,22 +412,16 @@ def start_from_env(number_resumed: bool = True) -> AutoWatch | None:
     run_dir = os.environ.get(ENV_RUN_DIR)
     if not run_dir or getattr(start_from_env, "watch", None) is not None:
         return None
-    watch = _start(run_dir, number_resumed=number_resumed)
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-    quiet_global_hook_warning()  # (the discovery hooks take the wrapper's inner model: AutoWatch._discover)
-    _flush_on_sigterm()
-    _flush_on_os_exit()
-    _no_collectives_after_a_crash()
-    return watch
-
-
-def _start(run_dir: str, number_resumed: bool = True) -> AutoWatch:
-    """This process's watch, with the options `gradwatch run` passed in the environment."""
     options = {k: int(os.environ[v]) for k, v in ENV_OPTIONS.items() if os.environ.get(v)}
     watch = AutoWatch(run_dir, number_resumed=number_resumed, **options)
     start_from_env.watch = watch
     _mark(run_dir, WATCHED_MARK)  # tells `gradwatch run` that the start-up hook worked here
     atexit.register(_detach_at_exit, watch)
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+    quiet_global_hook_warning()  # (the discovery hooks take the wrapper's inner model: AutoWatch._discover)
+    _flush_on_sigterm()
+    _flush_on_os_exit()
+    _no_collectives_after_a_crash()
     return watch
 
 

@@ -48,7 +48,8 @@ def process_rank() -> int | None:
 
 def local(t: torch.Tensor) -> torch.Tensor:
     """The part of a tensor this rank holds (a DTensor's local shard; any other tensor as is)."""
-    if type(t) is torch.Tensor or type(t) is torch.nn.Parameter:  # most tensors: no attribute lookups
+    if type(t) is torch.Tensor or type(t) is torch.nn.Parameter:  # most tensors: two hasattr cost ~3 µs,
+        # 13 ms a sampled step for 2000 weights (read before and after each update)
         return t
     return t.to_local() if hasattr(t, "to_local") and hasattr(t, "placements") else t
 

@@ -634,9 +634,8 @@ class Watch:
         first iterations) the steps are still optimizer steps, never backward calls."""
         if self._mode in ("optimizer", "unknown") and not self._stepped and self._cur is not None:
             self._events.append((self._step, "skipped_step", "loss scaler found inf/NaN gradients"))
-            self._window.settle(kept=True)  # the last step's update ends here; a snapshot left is the skipped one's
+            self._window.close()  # a snapshot left is the skipped one's
             self._cur = None
-            self._window.drop()
             self._mode = "optimizer"
             self._clear_grad_buffers()  # the skipped step's norms must not leak into the next
         self._stepped = False
@@ -700,8 +699,7 @@ class Watch:
         if optimizer is not self._optimizer or not self._attached:
             return
         self._events.append((self._step, "guard_skipped", "gw.guard: NaN/Inf gradients, step skipped"))
-        self._window.settle(kept=True)  # the last step's update ends here; a snapshot left is this one's
-        self._window.drop()
+        self._window.close()  # a snapshot left is this one's
         self._close_step()
 
     def _unscale(self, values: torch.Tensor) -> torch.Tensor:
@@ -750,8 +748,7 @@ class Watch:
         self._optimizer = optimizer
         self._mode = "optimizer"
         self._meta.update(optimizer_meta(optimizer))
-        self._window.settle(kept=True)
-        self._window.drop()
+        self._window.close()
 
     def _say_outside_optimizers(self) -> None:
         """Layers whose weights no optimizer seen stepping holds (or holds only in groups at lr 0)
