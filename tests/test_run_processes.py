@@ -83,3 +83,28 @@ def test_forked_workers_that_do_not_train_are_not_said_to(tmp_path):
     assert torch.equal(model.weight.detach(), before.add(g, alpha=-0.1).add(g, alpha=-0.1))  # stepped as without it
     print_run_summary(tmp_path, out)
     assert "a process forked from a watched one trained, unrecorded" in out.getvalue()
+
+
+SIGNALS = """
+import multiprocessing, signal, torch
+
+def child():
+    print("child", signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, flush=True)
+
+if __name__ == "__main__":
+    print("parent", signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, flush=True)
+    process = multiprocessing.get_context("fork").Process(target=child)
+    process.start(); process.join()
+"""
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="no fork here")
+def test_a_forked_child_dies_of_sigterm_by_default(tmp_path):
+    """The watched process flushes on SIGTERM through a Python handler; a forked child inherited it,
+    and a fork Pool worker blocked in C when `Pool.__exit__` sent it a SIGTERM never ran it: the
+    pool's join hung. The child has the default disposition back, as without gradwatch."""
+    (tmp_path / "signals.py").write_text(SIGNALS)
+    result = subprocess.run([sys.executable, "-m", "gradwatch", "run", "--out", str(tmp_path / "r"),
+                             str(tmp_path / "signals.py")], capture_output=True, text=True, env=ENV, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["parent", "False", "child", "True"]

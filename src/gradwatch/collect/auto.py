@@ -438,6 +438,7 @@ def _after_fork_in_child() -> None:
     tried: a worker then caught the SIGTERM of `Pool.__exit__`, and 2 runs in 16 hung there."""
     parent = start_from_env.watch
     parent.forget()
+    _default_signals()
     _mark_if_training(parent.run_dir)
 
 
@@ -502,6 +503,20 @@ def _flush_on_sigterm() -> None:
     for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
         if signum is not None and signal.getsignal(signum) is signal.SIG_DFL:
             signal.signal(signum, handler)
+            _our_handlers[signum] = handler
+
+
+_our_handlers: dict[int, object] = {}  # the signal handlers _flush_on_sigterm installed
+
+
+def _default_signals() -> None:
+    """In a forked child, the signals _flush_on_sigterm took back to their default: a Python handler
+    runs only when the main thread runs Python, and a fork Pool worker blocked in C at
+    `Pool.__exit__`'s SIGTERM then never died (the pool's join hung: a test timed out at 120 s)."""
+    for signum, handler in _our_handlers.items():
+        with contextlib.suppress(ValueError):  # (not the main thread: left as it is)
+            if signal.getsignal(signum) is handler:
+                signal.signal(signum, signal.SIG_DFL)
 
 
 def _die_of(watch: AutoWatch, signum: int) -> None:
