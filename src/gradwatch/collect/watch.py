@@ -29,6 +29,7 @@ from gradwatch.collect.layers import Layer, compiled_inner, discover, has_lazy_p
 from gradwatch.collect.record import StepRecord, to_batch
 from gradwatch.collect.sampled_hooks import SampledHooks
 from gradwatch.collect.small_grads import SMALL_GRAD, SmallGrads
+from gradwatch.collect.stale_grads import STALE_KEY, StaleCheck
 from gradwatch.collect.stats import MISSING, entries, norm32
 from gradwatch.collect.update_window import UpdateWindow, params_of
 from gradwatch.errors import ConfigError, TrainingStopped
@@ -172,6 +173,7 @@ class Watch:
         self._grad_handles: dict[int, object] = {}  # parameter index -> its post-accumulate-grad hook
         self._norm_buf = self._max_buf = None
         self._small = SmallGrads()  # small gradients the hooks keep, read together after backward
+        self._stale = StaleCheck()  # a gradient carried into the next step: a forgotten zero_grad()
         # None: this step is not recorded
         self._cur_sampled: bool | None = self._sampled(first_step) if self._recorded(first_step) else None
         # living for one sampled step
@@ -331,6 +333,7 @@ class Watch:
         self._max_buf = torch.full((n,), MISSING, device=device)
         self._weight_buf = torch.full((n,), MISSING, device=device)
         self._touched = [False] * n
+        self._stale.forget_positions()
         self._small.clear()
         self._window.drop()
         self._hook_grads()
@@ -389,6 +392,7 @@ class Watch:
         """Stop recording (e.g. around evaluation) until `resume()`; hooks stay, but do nothing."""
         if self._attached:
             self._settle_window()  # updates while paused are no step's
+            self._stale.disarm()  # backwards while paused are not seen
             patches.remove(self)
             self._sampled_hooks.disarm()
             self._attached = False
@@ -411,6 +415,7 @@ class Watch:
         # after the step's optimizer) waits for its Δw
         ready = [r for r in self._pending if r is not self._window.rec]
         self._say_outside_optimizers()
+        self._stale.note(self._meta, self._param_name)
         if self._dist is not None:  # collective: every rank flushes at the same steps
             self._events.extend(self._dist.exchange(ready))
         if (self._dist is None or self._dist.writes) and not self._store_failed:
@@ -434,7 +439,7 @@ class Watch:
             self.store_path.parent.mkdir(parents=True, exist_ok=True)
             # a training resumed at first_step continues the run stored there
             self._writer = RunStoreWriter(self.store_path, self._meta, resume_at=self.first_step)
-        meta = {k: self._meta[k] for k in ("optimizer", "momentum", "distributed") if k in self._meta}
+        meta = {k: self._meta[k] for k in ("optimizer", "momentum", "distributed", STALE_KEY) if k in self._meta}
         meta["lr_scale"] = self._lr_scales()
         batch = to_batch(ready, self._layers, meta=meta)
         batch.events.extend(self._events)
@@ -566,6 +571,7 @@ class Watch:
                 rec.forget_backwards()
                 self._clear_grad_buffers()
                 self._rival_objective()
+        self._stale.before_backward(self._step)  # (the step this backward is in: zero-code mode may have ended one)
         # optimizer.step(closure) calling the closure again after its gradients were cleared (LBFGS
         # evaluates line-search points): the step's gradient is the first call's, the gradient of
         # the step's loss at the weights before the update; a later call's is at a point between.
@@ -597,6 +603,7 @@ class Watch:
         return True
 
     def after_backward(self, root: object) -> None:
+        self._stale.after_backward()
         rec = self._current()
         if self._reevaluating:
             self._small.clear()  # the hooks kept this call's small gradients: not the step's
@@ -619,6 +626,9 @@ class Watch:
             self._record_grads(rec)
         self._backward_scale = None
         self._backward_since_step = True
+        if self._mode != "optimizer" and rec is not None and rec.sampled and self._dist is None and self._params:
+            # no optimizer (yet: zero-code mode's first steps): its weights are updated by hand
+            self._stale.arm(None, self._params, self._touched)
         if self._mode == "backward":
             self._stop_if_non_finite(rec)
             self._end_step()
@@ -749,6 +759,7 @@ class Watch:
         self._mode = "optimizer"
         self._meta.update(optimizer_meta(optimizer))
         self._window.close()
+        self._stale.disarm()  # (a copy taken as for updates by hand)
 
     def _say_outside_optimizers(self) -> None:
         """Layers whose weights no optimizer seen stepping holds (or holds only in groups at lr 0)
@@ -776,6 +787,7 @@ class Watch:
             return
         self._successor = None  # the watched optimizer steps on: a new one beside it is a partner
         self._partner_runs = {}
+        self._stale.settle(optimizer, self._step, self._touched)
         self._window.settle(kept=True)
         self._in_step, self._closure_loss, self._closure_grads, self._reevaluating = True, False, False, False
         rec = self._cur
@@ -857,8 +869,25 @@ class Watch:
         self._backward_since_step = False
         self._reached, self._rival = False, None
         self._window.open_late()
+        self._check_stale()
         self._touched[:] = [False] * len(self._touched)  # (in place: the hooks hold it)
         self._end_step()
+
+    def _check_stale(self) -> None:
+        """End of a step of the watched optimizer (StaleCheck.end_step). Not under DDP/FSDP, whose
+        gradients are written by its reducer (docs/statistics.md)."""
+        optimizer = self._optimizer
+        if optimizer is None or self._mode != "optimizer" or self._dist is not None or not self._params:
+            return
+        self._stale.end_step(optimizer, self._step, self._params, self._touched, bool(self._cur_sampled))
+
+    def _param_name(self, i: int) -> str:
+        """The layer holding the watched parameter at position `i`."""
+        for layer in self._layers:
+            if i < len(layer.params):
+                return layer.name
+            i -= len(layer.params)
+        return ""
 
     def _stop_if_non_finite(self, rec: StepRecord | None) -> None:
         """`stop_on=("non_finite",)`: stop before a NaN/Inf gradient or loss reaches the weights

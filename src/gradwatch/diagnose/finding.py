@@ -15,6 +15,7 @@ KINDS = (
     "stalled_layers",
     "loss_plateau",
     "loss_divergence",
+    "stale_gradients",
 )
 SEVERITIES = ("info", "warning", "error")
 

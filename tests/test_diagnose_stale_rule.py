@@ -1,0 +1,52 @@
+"""The stale_gradients rule on hand-built series: the watch's meta makes the finding, and an
+exploding gradient beside it names it as the first cause, with its fix first."""
+
+from dataclasses import replace
+
+import numpy as np
+
+from gradwatch.diagnose import diagnose
+from series_builder import build, kinds
+
+SAID = {"optimizer": "SGD", "first_step": 1, "layer": "fc4", "carried_over": 10, "checks": 10}
+
+
+def _with(run, said):
+    return replace(run, meta={**run.meta, "stale_gradients": said})
+
+
+def test_no_meta_no_finding():
+    assert "stale_gradients" not in kinds(diagnose(build()))
+
+
+def test_the_meta_is_an_error_naming_the_optimizer_step_and_fix():
+    f = next(f for f in diagnose(_with(build(), SAID)) if f.kind == "stale_gradients")
+    assert (f.severity, f.first_step, f.layers) == ("error", 1, ())
+    assert "SGD" in f.message and "step 1" in f.message and "optimizer.zero_grad()" in f.message
+    assert "each of the 10 steps checked" in f.message
+    assert f.causes[0].startswith("stale gradients:") and "sum" in f.causes[0]
+    assert "optimizer.zero_grad()" in f.remedies[0].code
+    assert f.evidence["layer_checked"] == "fc4" and f.evidence["carried_over"] == 10
+
+
+def test_carry_over_at_some_steps_only_says_how_many():
+    f = next(f for f in diagnose(_with(build(), {**SAID, "carried_over": 3})) if f.kind == "stale_gradients")
+    assert "at 3 of the 10 steps checked from step 1 on" in f.message
+
+
+def test_an_exploding_gradient_names_stale_gradients_first():
+    run = build()
+    run.metrics["grad_norm"] *= (1.5 ** np.clip(np.arange(100) - 39, 0, None))[:, None]
+    plain = next(f for f in diagnose(run) if f.kind == "exploding_gradient")
+    assert not plain.causes[0].startswith("stale gradients")
+    f = next(f for f in diagnose(_with(run, SAID)) if f.kind == "exploding_gradient")
+    assert f.causes[0].startswith("stale gradients:") and f.causes[1:] == plain.causes
+    assert "optimizer.zero_grad()" in f.remedies[0].code and f.remedies[1:] == plain.remedies
+    assert "zero_grad" in f.message
+
+
+def test_a_phase_without_the_carry_over_is_not_told():
+    """A run of two models one after the other: the meta's first step is in the second phase."""
+    run = replace(build(), meta={**build().meta, "phase_starts": [50]})
+    found = diagnose(_with(run, {**SAID, "first_step": 60}))
+    assert [f.first_step for f in found if f.kind == "stale_gradients"] == [60]
