@@ -16,6 +16,7 @@ def _overshooting(first_loss: float, optimizer: str = "SGD"):
     run = build(optimizer=optimizer)
     run.metrics["update_ratio"][sampled(run)[0], run.column("fc2")] = 50.0
     run.metrics["grad_norm"][60:] *= 1e3
+    run.metrics["update_ratio"][60:] *= 1e3  # lr·g grows with g (a fixed-length step would be clipping)
     run.loss[0] = first_loss
     return next(f for f in diagnose(run) if f.kind == "exploding_gradient")
 

@@ -134,6 +134,9 @@ def _total_growth(run, start, per_step, steps=None):
     growth = per_step ** np.clip(np.arange(len(run.steps)) - start + 1, 0, None)
     growth[n:] = 1.0
     run.metrics["grad_norm"] *= growth[:, None]
+    # the step grows with the gradient, as lr·g does: a fixed-length step under a growing gradient
+    # is clipping in the script (rules/clipping.py)
+    run.metrics["update_ratio"] *= growth[:, None]
     return run
 
 

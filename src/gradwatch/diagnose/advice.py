@@ -245,7 +245,8 @@ def exploding(ctx: Context, layers: tuple[str, ...], evidence: dict, through_tim
         causes.append(f"learning rate: {ctx.lr_said} with {ctx.optimizer}")
     clip = max(evidence.get("baseline_norm") or 0.0, evidence.get("early_norm") or 0.0)  # the healthy level
     max_norm = f"{_round(2 * clip)}" if clip and math.isfinite(clip) and clip > 0 else "1.0"
-    remedies.append(Remedy(f"Clip the gradient norm at about twice its healthy level ({max_norm})",
+    told = f"; the trainer clips {evidence['grad_clip']} now" if evidence.get("grad_clip") else ""
+    remedies.append(Remedy(f"Clip the gradient norm at about twice its healthy level ({max_norm}{told})",
                            f"torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={max_norm})  # before optimizer.step()"))
     remedies.append(Remedy("Or clip adaptively: ZClip rejects spikes against a running z-score of the norm",
                            "gw.clip.attach(optimizer, gw.clip.ZClip())"))

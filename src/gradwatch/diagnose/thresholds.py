@@ -96,6 +96,27 @@ class Thresholds:
     # ... and not slowing down: the log-growth of the second half at least this share of the
     # first's (1 for a geometric blow-up; sqrt(t) growth from a small init gives ~0.1-0.2).
     weight_growth_pace: float = 0.5
+    # Weights shrunk to this share of their first sampled norm or less (1 / 10: the decade
+    # `weight_growth` uses the other way): training from a sound init grows its weights or keeps
+    # their scale; a tenfold shrink is weight decay (or an L2 term) outweighing the gradient, the
+    # weights settling where λ‖w‖ ≈ ‖g‖. Each layer's backward gain falls with its norm, so the
+    # gradient vanishes below it, and an update ratio against a norm near 0 says nothing about the
+    # step (SGD, weight_decay=1 on digits: norm 9.0 -> 0.05, update ratio 2.4 at step 50 was called
+    # an exploding gradient, and the vanishing below it was told to re-initialise).
+    weight_shrink: float = 0.1
+    # Clipping by norm at c makes the step lr·c·g/‖g‖ whenever ‖g‖ > c. On the rare spike that is a
+    # safety net (a limit at twice the typical norm, as the advice sets it, clips a few % of
+    # steps); on nearly every step (this share of them) it is the update rule itself, a fixed step
+    # length, and with the gradient's norm at least 1 / `clip_kept` times c (the median step keeps
+    # a tenth of lr·g or less: the lr is a decade or more off the step it sets) the clipping hides
+    # a gradient on the wrong scale. Under an adaptive optimizer it hides nothing: Adam divides a
+    # common factor out of its step.
+    clip_active_share: float = 0.9
+    clip_kept: float = 0.1
+    # The spread (std) of the activations after BatchNorm layers at their initial weights, at the
+    # first step, below which they did not normalise (eval mode): standardised, the ReLU / GELU /
+    # tanh after them spread 0.58-0.63 (rules/eval_mode.py); a sixth of that is no batch's noise.
+    batchnorm_output_std: float = 0.1
 
     # --- through time (recurrent layers) ---------------------------------------------------------
     # ‖∂L/∂x_t‖ at the start of the sequence over its end: the BPTT horizon of Pascanu et al. (2013)

@@ -7,6 +7,7 @@ import numpy as np
 
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
+from gradwatch.diagnose.rules.eval_mode import eval_mode_first, unnormalised_batchnorm
 from gradwatch.diagnose.signals import (from_init, persistent_activation_layers, persistent_start, rows_before_non_finite_loss,
                                         summarise_layers, zero_initialised)
 from gradwatch.diagnose.thresholds import Thresholds
@@ -27,7 +28,11 @@ def find_dead_units(run: RunSeries, th: Thresholds) -> list[Finding]:
         evidence.update({"dead_fraction": {n: hits[n][1] for n in layers}, "at_init": at_init})
         if at_init and (zeros := zero_initialised(run)):
             evidence["zero_weight_layers"] = zeros
+        elif at_init and (frozen := unnormalised_batchnorm(run, th)):
+            evidence["eval_mode_batchnorm"], evidence["act_std_after_batchnorm"] = frozen
         causes, remedies = advice.dead_units(advice.Context(run), layers, evidence)
+        if "eval_mode_batchnorm" in evidence:
+            causes, remedies = eval_mode_first(evidence, causes, remedies)
         severity = "error" if worst >= th.dead_fraction_error else "warning"
         message = (f"{worst:.0%} of the units of '{worst_layer}' output 0 for every sample since step {first}"
                    + (f" ({len(layers)} layers affected)" if len(layers) > 1 else "")

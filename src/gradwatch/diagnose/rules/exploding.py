@@ -9,6 +9,8 @@ import numpy as np
 
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
+from gradwatch.diagnose.rules.clipping import clipped_advice, clipping
+from gradwatch.diagnose.rules.stale_gradients import stale_first
 from gradwatch.diagnose.signals import (depth_profile, from_init, names, persistent_start,
                                         profile_columns, row_nanpercentile, total_grad_norm)
 from gradwatch.diagnose.thresholds import Thresholds
@@ -18,7 +20,8 @@ from gradwatch.store.series import RunSeries
 def find_exploding(run: RunSeries, th: Thresholds) -> list[Finding]:
     backward = _backward_ratios(run)
     signals = [s for s in (_growth_over_steps(run, th), _overshooting_update(run, th), _sgd_step_too_large(run, th),
-                           _weight_growth(run, th), _backward_growth(run, backward, th)) if s is not None]
+                           _weight_growth(run, th), _backward_growth(run, backward, th), _clipped_every_step(run, th))
+               if s is not None]
     if not signals:
         return []
     first = min(step for step, _, _ in signals)
@@ -28,11 +31,16 @@ def find_exploding(run: RunSeries, th: Thresholds) -> list[Finding]:
         evidence.update(ev)
         layers = layers or found_layers
     evidence["at_init"] = first == int(run.steps[0]) and from_init(run)
+    if isinstance(run.meta.get("grad_clip"), str) and "clip_said" not in evidence:
+        evidence["grad_clip"] = run.meta["grad_clip"]  # the trainer's: the norms here are taken before it
     rows, ratios, cols = backward  # measured at the first step, before any update: the initial weights
     if from_init(run) and len(cols) >= 2 and len(rows) and run.steps[rows[0]] == run.steps[0] and ratios[0] > th.backward_exploding_ratio:
         evidence["init_backward_ratio"] = float(ratios[0])
     ctx = advice.Context(run)
     causes, remedies = advice.exploding(ctx, layers, evidence, through_time=False)
+    if "clip_active_share" in evidence:
+        causes, remedies = clipped_advice(ctx, evidence, causes, remedies)
+    causes, remedies = stale_first(run, causes, remedies)  # a forgotten zero_grad() grows the sum of gradients
     what = []
     if "growth_over_steps" in evidence:
         if evidence.get("recovered"):
@@ -49,13 +57,53 @@ def find_exploding(run: RunSeries, th: Thresholds) -> list[Finding]:
         what.append(f"the weights grew {evidence['weight_growth']:.3g}x")
     if "backward_ratio" in evidence:
         what.append(f"the backward signal grows {evidence['backward_ratio']:.3g}x toward the input")
-    verb = "burst" if evidence.get("recovered") else "explode"
+    if "clip_active_share" in evidence:
+        what.append(_clipping_said(evidence))
+    elif "grad_clip" in evidence:
+        what.append(f"these norms are taken before the trainer clips {evidence['grad_clip']}")
+    blow_up = set(evidence) & {"max_update_ratio", "predicted_update_ratio", "weight_growth", "backward_ratio"} \
+        or ("growth_over_steps" in evidence and not evidence.get("recovered"))
+    verb = "burst" if evidence.get("recovered") else "explode" if blow_up else "are clipped on nearly every step"
     message = f"Gradients {verb} from step {first}: " + "; ".join(what) + f". {remedies[0].action}."
-    # recurring bursts the run recovers from, and nothing else: an instability, not yet a blow-up
-    only_bursts = evidence.get("recovered") and not set(evidence) & {"max_update_ratio", "predicted_update_ratio",
-                                                                     "weight_growth", "backward_ratio"}
-    severity = "warning" if only_bursts else "error"
+    # recurring bursts the run recovers from, or a norm clipping holds, and nothing else: an
+    # instability or a hidden scale, not yet a blow-up
+    severity = "error" if blow_up else "warning"
     return [Finding("exploding_gradient", severity, first, layers, message, evidence, tuple(causes), tuple(remedies))]
+
+
+def _clipped_every_step(run: RunSeries, th: Thresholds):
+    """Clipping by norm active on nearly every step, far above its limit: the fixed-length step of
+    normalised gradient descent, not a safety net (rules/clipping.py). Not under an adaptive
+    optimizer, whose step a common factor on the gradient barely changes (Adam divides it out)."""
+    ctx = advice.Context(run)
+    clip = None if ctx.adaptive or ctx.line_search else clipping(run, th)
+    if clip is None:
+        return None
+    recorded = np.flatnonzero(np.isfinite(clip.kept))
+    if len(recorded) <= 2 * th.warmup_steps:
+        return None
+    kept = clip.kept[recorded]
+    active = kept < 1.0
+    if active.mean() < th.clip_active_share or np.median(kept) > th.clip_kept:
+        return None
+    total = total_grad_norm(run, stepped_only=True)[recorded]
+    tenth = max(1, len(total) // 10)
+    g = run.metrics["grad_norm"][recorded[0]]
+    cols = [c for c in (profile_columns(run) or range(len(run.layers))) if np.isfinite(g[c])]
+    top = sorted(sorted(cols, key=lambda c: -g[c])[:3])
+    return int(run.steps[recorded[np.argmax(active)]]), names(run, top), {
+        "clip_active_share": float(active.mean()), "clip_limit": clip.limit, "clip_said": clip.said,
+        "clip_median_norm": float(np.median(total)), "clip_kept": float(np.median(kept)),
+        "clip_norm_growth": float(np.median(total[-tenth:]) / np.median(total[:tenth]))}
+
+
+def _clipping_said(evidence: dict) -> str:
+    growth = evidence["clip_norm_growth"]
+    grew = f", having grown {growth:.3g}x under it" if growth >= 10 else ""
+    return (f"{evidence['clip_said']}, and it was active on {evidence['clip_active_share']:.0%} of the steps, the "
+            f"norm before it {evidence['clip_median_norm']:.3g} (median), {1 / evidence['clip_kept']:.3g}x the limit"
+            f"{grew}: every update is lr x {evidence['clip_limit']:.3g} long whatever the gradient, so clipping is "
+            "not a safety net here but the step rule, and it hides the gradient's scale")
 
 
 def _growth_over_steps(run: RunSeries, th: Thresholds):
@@ -185,7 +233,7 @@ def _sgd_step_too_large(run: RunSeries, th: Thresholds):
             check = sampled & np.isfinite(measured) & np.isfinite(predicted) & (predicted > 0.1 * th.max_update_ratio)
             if (measured[check] < 0.5 * predicted[check]).any():
                 return None
-    found = _first_overshoot(run, cols, predicted, np.isfinite(predicted) & (predicted > th.max_update_ratio))
+    found = _first_overshoot(run, cols, predicted, np.isfinite(predicted) & (predicted > th.max_update_ratio) & ~_shrunk(w, th))
     if found is None:
         return None
     step, layers, ev = found
@@ -207,7 +255,20 @@ def _overshooting_update(run: RunSeries, th: Thresholds):
     if not cols:
         return None
     big = (u[:, cols] > th.max_update_ratio) & np.isfinite(u[:, cols]) & (w[:, cols] > 0) & np.isfinite(w[:, cols])
-    return _first_overshoot(run, cols, u[:, cols], big)
+    return _first_overshoot(run, cols, u[:, cols], big & ~_shrunk(w[:, cols], th))
+
+
+def _shrunk(w: np.ndarray, th: Thresholds) -> np.ndarray:
+    """Per row and column of `w` (weight norms, NaN unsampled), whether the layer's weights are at
+    `weight_shrink` of their first sampled norm or less: an update ratio against them measures the
+    decay's work (weight decay settling the weights where λ‖w‖ ≈ ‖g‖), not a step too long."""
+    first = np.full(w.shape[1], np.nan)
+    for c in range(w.shape[1]):
+        rows = np.flatnonzero(np.isfinite(w[:, c]))
+        if len(rows):
+            first[c] = w[rows[0], c]
+    with np.errstate(invalid="ignore"):
+        return w <= th.weight_shrink * first
 
 
 def _from_nonzero_weights(run: RunSeries, w: np.ndarray) -> list[int]:

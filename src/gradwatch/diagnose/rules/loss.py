@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 
 from gradwatch.diagnose import advice
-from gradwatch.diagnose.finding import Finding
-from gradwatch.diagnose.signals import finite_loss, window
+from gradwatch.diagnose.finding import Finding, Remedy
+from gradwatch.diagnose.rules.decay import decayed, weight_shrink
+from gradwatch.diagnose.signals import finite_loss, from_init, window
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
 
@@ -56,8 +57,16 @@ def find_loss_plateau(run: RunSeries, th: Thresholds) -> list[Finding]:
     if _at_floor(first, loss[-w:], th):
         return [_flat_near_zero(int(steps[0]), start, end, w)]
     evidence = {"loss_start": start, "loss_end": end, "improvement": (start - end) / scale, "window_steps": w}
-    causes, remedies = advice.loss_plateau(advice.Context(run), evidence)
-    message = (f"The loss has not improved over {len(loss)} steps ({start:.4g} -> {end:.4g}). "
+    if _lr_zero_throughout(run):
+        return [_plateau_at_lr_zero(int(steps[0]), len(loss), evidence)]
+    said = ""
+    if from_init(run) and (shrink := weight_shrink(run)) <= th.weight_shrink:  # a higher lr would decay them faster
+        evidence["weight_shrink"] = shrink
+        causes, remedies = decayed(evidence)
+        said = f" The weights shrank to {shrink:.2g} of their first norm."
+    else:
+        causes, remedies = advice.loss_plateau(advice.Context(run), evidence)
+    message = (f"The loss has not improved over {len(loss)} steps ({start:.4g} -> {end:.4g}).{said} "
                f"{remedies[0].action}.")
     return [Finding("loss_plateau", "warning", int(steps[0]), (), message, evidence, tuple(causes), tuple(remedies))]
 
@@ -87,6 +96,24 @@ def _plateau_since_lr_fell(run: RunSeries, th: Thresholds) -> list[Finding]:
     message = (f"The loss has not improved since step {int(steps[k])} ({at_off:.4g} -> {end:.4g}), when the learning "
                f"rate had fallen to {lr[k]:.3g} ({lr[k] / peak:.1e} of its peak {peak:.3g}). {remedies[0].action}.")
     return [Finding("loss_plateau", "warning", int(steps[k]), (), message, evidence, tuple(causes), tuple(remedies))]
+
+
+def _lr_zero_throughout(run: RunSeries) -> bool:
+    lr = run.lr[np.isfinite(run.lr)]
+    return bool(len(lr)) and not lr.any()
+
+
+def _plateau_at_lr_zero(step: int, n: int, evidence: dict) -> Finding:
+    """A learning rate of 0 on every step so far: nothing moved the weights, so the flat loss says
+    nothing about the model, and "raise the lr tenfold" would give 0 again. `info`: a warm start
+    (a warm-up from 0, a frozen first phase) looks just like this until its lr rises."""
+    message = (f"The loss has not improved over {n} steps ({evidence['loss_start']:.4g} -> {evidence['loss_end']:.4g}), "
+               "with the learning rate 0 on every one: no step moved the weights (a warm-up starting at 0, or a "
+               "schedule or config at 0).")
+    remedy = Remedy("If training should have started, give the optimizer a learning rate above 0",
+                    "for group in optimizer.param_groups: group['lr'] = 1e-3  # and check the scheduler's factor at step 0")
+    return Finding("loss_plateau", "info", step, (), message, {**evidence, "lr_zero": True},
+                   ("learning rate: 0 on every step",), (remedy,))
 
 
 def _flat_near_zero(step: int, start: float, end: float, w: int) -> Finding:

@@ -7,14 +7,14 @@ import numpy as np
 
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
-from gradwatch.diagnose.signals import (depth_profile, lowest_over_highest, names, persistent_start,
-                                        rows_before_non_finite_loss)
+from gradwatch.diagnose.signals import (depth_profile, lowest_over_highest, names, persistent_start, profile_columns,
+                                        rows_before_non_finite_loss, sampled_rows)
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
 
 
 def find_stalled(run: RunSeries, th: Thresholds) -> list[Finding]:
-    cut = _cut_off(run, th)
+    cut = _cut_off(run, th) + _outside_off_profile(run, th)
     rows, u, cols = depth_profile(run, "update_ratio")
     if len(rows) == 0:
         return cut
@@ -81,6 +81,24 @@ def find_stalled(run: RunSeries, th: Thresholds) -> list[Finding]:
     return findings
 
 
+def _outside_off_profile(run: RunSeries, th: Thresholds) -> list[Finding]:
+    """Weights in no optimizer seen stepping that the depth profile leaves out (an embedding, a
+    norm layer): the profile's ratios cannot see them, yet they never change (an nn.Embedding
+    (sparse=True) whose SparseAdam was built but never stepped, beside a dense part under Adam:
+    the head learnt on fixed random vectors, 0.23 -> 0.18, with no finding)."""
+    outside = set(run.meta.get("outside_optimizers") or [])
+    profile = set(profile_columns(run))
+    extra = [c for c in run.weight_columns() if c not in profile and run.layers[c].name in outside]
+    rows = sampled_rows(run, "update_ratio", extra)
+    if len(rows) == 0:
+        return []
+    u, g = run.metrics["update_ratio"][rows][:, extra], run.metrics["grad_norm"][rows][:, extra]
+    frozen = (u <= th.frozen_update) & (g > 0) & np.isfinite(g)
+    frozen_at = {c: persistent_start(frozen[:, j], th.persist_samples) for j, c in enumerate(extra)}
+    group = [c for c in extra if frozen_at[c] is not None]
+    return [_frozen(run, advice.Context(run), group, frozen_at, rows, extra, u, g, "warning")] if group else []
+
+
 def _frozen(run: RunSeries, ctx: advice.Context, frozen_cols: list[int], frozen_at: dict, rows: np.ndarray,
             cols: list[int], u: np.ndarray, g: np.ndarray, severity: str) -> Finding:
     first = int(run.steps[rows[min(frozen_at[c] for c in frozen_cols)]])
@@ -90,7 +108,8 @@ def _frozen(run: RunSeries, ctx: advice.Context, frozen_cols: list[int], frozen_
                 "update_ratio": {n: float(u[-1, cols.index(c)]) for n, c in zip(layers, frozen_cols)},
                 "grad_norm": {n: float(g[-1, cols.index(c)]) for n, c in zip(layers, frozen_cols)}}
     causes, remedies = advice.stalled(ctx, layers, evidence)
-    every = "All weights" if len(frozen_cols) == len(cols) else f"The weights of {', '.join(layers[:3])}"
+    every = "All weights" if set(frozen_cols) >= set(run.weight_columns()) or (
+        len(frozen_cols) == len(cols) and set(cols) == set(profile_columns(run))) else f"The weights of {', '.join(layers[:3])}"
     said = (f"{every} get gradients but no optimizer updates them (they are in none, or in a param group at lr 0), so they never change. If they should train, "
             f"give them to the optimizer; if they are frozen on purpose, set requires_grad_(False) on them "
             f"and backward skips them.") if outside else \

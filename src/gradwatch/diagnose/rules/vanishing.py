@@ -6,8 +6,10 @@ import numpy as np
 
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
-from gradwatch.diagnose.signals import (depth_profile, from_init, lowest_over_highest, names, persistent_start, same_role_columns,
-                                        zero_initialised)
+from gradwatch.diagnose.rules.decay import decayed, weight_shrink
+from gradwatch.diagnose.rules.eval_mode import eval_mode_first, unnormalised_batchnorm
+from gradwatch.diagnose.signals import (depth_profile, from_init, lowest_over_highest, names, persistent_start,
+                                        same_role_columns, zero_initialised)
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
 
@@ -62,9 +64,18 @@ def find_vanishing(run: RunSeries, th: Thresholds) -> list[Finding]:
     evidence["at_init"] = first == int(run.steps[0]) and from_init(run)
     if zeros := zero_initialised(run):  # all-zero weights pass no gradient down at the first step
         evidence["zero_weight_layers"] = zeros
+    elif evidence["at_init"] and (frozen := unnormalised_batchnorm(run, th)):
+        evidence["eval_mode_batchnorm"], evidence["act_std_after_batchnorm"] = frozen
+    elif not evidence["at_init"] and (shrink := weight_shrink(run, first)) <= th.weight_shrink:
+        evidence["weight_shrink"] = shrink
     severity = "error" if ratio < th.vanishing_error_ratio else "warning"
     ctx = advice.Context(run)
     causes, remedies = advice.vanishing(ctx, layers, evidence, through_time=False)
+    if "weight_shrink" in evidence:  # the init was sound: the weights decayed since
+        causes, remedies = decayed(evidence)
+    elif "eval_mode_batchnorm" in evidence:
+        causes, remedies = eval_mode_first(evidence, causes, remedies)
     message = (f"The gradient reaching layer '{layers[0]}' is {ratio:.1e} of the upper layers' since step {first}: "
                f"the layers near the input barely learn. {remedies[0].action}.")
     return [Finding("vanishing_gradient", severity, first, layers, message, evidence, tuple(causes), tuple(remedies))]
+

@@ -1,0 +1,68 @@
+"""Weights the depth profile leaves out (an embedding, a norm layer) that no optimizer steps: an
+nn.Embedding(sparse=True) whose SparseAdam is built but never stepped trains nothing, beside a
+dense part that learns; it is the no-optimizer warning, as for a Linear layer."""
+
+import numpy as np
+import torch
+from torch import nn
+
+import gradwatch as gw
+from gradwatch.diagnose import diagnose
+from gradwatch.store.series import LayerInfo
+from series_builder import build, sampled
+
+
+def _with_embedding(moves: bool, outside: bool):
+    run = build(n_steps=100, optimizer="Adam", lr=1e-3)
+    run.layers.insert(0, LayerInfo("emb", "Embedding", -1, "param", 1000))
+    for name, m in run.metrics.items():
+        run.metrics[name] = np.concatenate([np.full((len(run.steps), 1), np.nan), m], axis=1)
+    rows = sampled(run)
+    run.metrics["grad_norm"][:, 0] = 0.01
+    run.metrics["weight_norm"][rows, 0] = 30.0
+    run.metrics["update_ratio"][rows, 0] = 1e-4 if moves else 0.0
+    run.meta["outside_optimizers"] = ["emb"] if outside else []
+    return run
+
+
+def _said(found) -> list:
+    return [f for f in found if f.kind == "stalled_layers" and "emb" in f.layers]
+
+
+def test_an_embedding_in_no_optimizer_that_never_moves_is_the_no_optimizer_warning():
+    (f,) = _said(diagnose(_with_embedding(moves=False, outside=True)))
+    assert f.severity == "warning" and f.message.startswith("The weights of emb get gradients but no optimizer")
+    assert _said(diagnose(_with_embedding(moves=True, outside=False))) == []  # stepped: nothing
+    assert _said(diagnose(_with_embedding(moves=False, outside=False))) == []  # not said outside: the profile's rules
+
+
+class _Recommender(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(500, 16, sparse=True)
+        self.head = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1))
+
+    def forward(self, ids):
+        return self.head(self.emb(ids).mean(1))
+
+
+def _train(step_sparse: bool):
+    torch.manual_seed(0)
+    model, target = _Recommender(), torch.randn(500)
+    sparse, dense = torch.optim.SparseAdam(model.emb.parameters(), lr=1e-2), torch.optim.Adam(model.head.parameters(), lr=1e-3)
+    watch = gw.watch(model, dense, warn=False)
+    for _ in range(40):
+        ids = torch.randint(0, 500, (64, 5))
+        loss = nn.functional.mse_loss(model(ids), target[ids].mean(1, keepdim=True))
+        sparse.zero_grad(), dense.zero_grad(), loss.backward()
+        if step_sparse:
+            sparse.step()
+        dense.step()
+    found = watch.findings()
+    watch.detach()
+    return found
+
+
+def test_a_sparse_embedding_whose_optimizer_never_steps_is_told_and_one_stepped_is_not():
+    assert [f.severity for f in _said(_train(step_sparse=False))] == ["warning"]
+    assert [f for f in _train(step_sparse=True) if f.severity != "info"] == []
