@@ -4,6 +4,10 @@ a fresh process (peak RSS: VmHWM, which starts afresh at exec, unlike `ru_maxrss
 with gradwatch imported is measured alone first and subtracted).
 
     python benchmarks/store_read.py --steps 12000 --dir DIR
+    python benchmarks/store_read.py --store RUN --measure read-compact,diagnose
+
+`diagnose` reads the store as `gradwatch diagnose` does (compact: each metric its recorded rows);
+`diagnose-dense` runs the same rules on the dense float64 arrays, as before.
 
 The store is `report_size.py`'s synthetic run (gradient norms every step for 200 Linear layers,
 the sampled metrics every 10 steps, 20 sigmoid layers) written once into DIR and reused.
@@ -35,7 +39,11 @@ from gradwatch.store import read_run
 t0 = time.perf_counter()
 if sys.argv[1] == "read":
     read_run(sys.argv[2])
-elif sys.argv[1] == "diagnose":
+elif sys.argv[1] == "read-compact":  # what diagnose and report read: each metric its recorded rows
+    read_run(sys.argv[2], compact=True)
+elif sys.argv[1] == "diagnose":  # as `gradwatch diagnose`: the store read compact
+    diagnose(sys.argv[2])
+elif sys.argv[1] == "diagnose-dense":  # the rules on the dense float64 arrays, as before
     diagnose(read_run(sys.argv[2]))
 elif sys.argv[1] == "show":  # what `gradwatch show` reads: every metric's first/last/min/max, streamed
     from gradwatch.store.schema import LAYER_COLUMNS
@@ -93,22 +101,28 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=12_000)
     parser.add_argument("--layers", type=int, default=200)
-    parser.add_argument("--dir", required=True, help="where the synthetic store is written (kept, reused)")
+    parser.add_argument("--dir", help="where the synthetic store is written (kept, reused)")
     parser.add_argument("--live", action="store_true", help="the live check's reading over a whole run")
+    parser.add_argument("--measure", default="read,read-compact,show,diagnose",
+                        help="comma-separated, each in a fresh process: read, read-compact, show, diagnose, "
+                             "diagnose-dense")
+    parser.add_argument("--store", help="measure this store instead of the synthetic one")
     args = parser.parse_args()
+    if not args.dir and not args.store:
+        parser.error("give --dir (the synthetic store is written there) or --store RUN")
     if args.live:
         live(args.steps, args.layers, Path(args.dir))
         return 0
-    store = Path(args.dir) / f"{args.steps}x{args.layers}"
+    store = Path(args.store) if args.store else Path(args.dir) / f"{args.steps}x{args.layers}"
     if not (store / "gradwatch.sqlite").exists():
         t0 = time.perf_counter()
         write_store(synthetic_run(args.steps, args.layers), store)
         print(f"wrote {store / 'gradwatch.sqlite'} in {time.perf_counter() - t0:.0f} s")
     size = (store / "gradwatch.sqlite").stat().st_size / 1e6
     base = measure("none", store)
-    for what in ("read", "show", "diagnose"):
+    for what in args.measure.split(","):
         m = measure(what, store)
-        print(f"{args.steps:,} steps x {args.layers + 20} layers ({size:.0f} MB store): {what}: "
+        print(f"{store} ({size:.0f} MB store): {what}: "
               f"peak {m['peak_mb'] - base['peak_mb']:.0f} MB above the interpreter's {base['peak_mb']:.0f} MB, "
               f"{m['seconds']:.1f} s")
     return 0

@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     say_which_store(args.run)
     progress = Reading(args.run)
-    series = read_run(args.run, progress=progress)
+    series = read_run(args.run, progress=progress, compact=True)
     if progress.spoke:  # a long run: the rules take a while on it too
         say(f"diagnosing {len(series.steps):,} steps x {len(series.layers)} layers")
     findings = diagnose(series)

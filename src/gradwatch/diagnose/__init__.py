@@ -38,7 +38,7 @@ def diagnose(run: RunSeries | str | os.PathLike, thresholds: Thresholds | dict =
         raise ConfigError(f"thresholds={thresholds!r}: pass gw.Thresholds(name=value, ...) or a dict of them")
     if not isinstance(run, (RunSeries, str, os.PathLike)):
         raise ConfigError(f"run={run!r}: pass a run directory (e.g. 'runs/latest'), a store file or a RunSeries")
-    series = run if isinstance(run, RunSeries) else read_run(run)
+    series = run if isinstance(run, RunSeries) else read_run(run, compact=True)
     if len(series.steps) == 0:
         return []
     starts = [int(s) for s in series.meta.get("phase_starts") or [] if s > series.steps[0]]

@@ -7,6 +7,7 @@ from typing import Iterable
 
 import numpy as np
 
+from gradwatch.store.rows import RecordedRows
 from gradwatch.store.series import WEIGHT_ROLES, RunSeries
 
 # Layers whose gradients say nothing about depth: normalisation layers (scale-invariant, weights
@@ -86,26 +87,43 @@ def total_grad_norm(run: RunSeries, stepped_only: bool = False) -> np.ndarray:
     of weights none steps (meta `outside_optimizers`, or `optimizer_stopped` from that step on)
     are never consumed, and where no zero_grad() clears them (the optimizer's own clears only
     its weights) they accumulate, step after step: a backbone left requires_grad when only the
-    head's optimizer goes on grew 1.2 -> 100 in 10 steps, which is no exploding gradient."""
+    head's optimizer goes on grew 1.2 -> 100 in 10 steps, which is no exploding gradient.
+    Computed TOTAL_BLOCK rows at a time: whole, its temporaries were four steps x layers arrays
+    (0.8 GB at 50k steps x 480 layers); each row's sum is the same."""
     g = run.metrics.get("grad_norm")
     if g is None or g.size == 0:
         return np.full(len(run.steps), np.nan)
-    if stepped_only:
-        unused = np.zeros(g.shape, dtype=bool)
-        layer_names = run.layer_names()
-        for name in run.meta.get("outside_optimizers") or []:
-            if name in layer_names:
-                unused[:, layer_names.index(name)] = True
-        for step, layers in run.meta.get("optimizer_stopped") or []:
-            for name in layers:
-                if name in layer_names:
-                    unused[run.steps >= step, layer_names.index(name)] = True
-        g = np.where(unused, np.nan, g)
-    recorded = ~np.isnan(g)
-    with np.errstate(over="ignore", invalid="ignore"):
-        total = np.sqrt(np.square(np.where(recorded, g, 0.0)).sum(axis=1))
-    total[~recorded.any(axis=1)] = np.nan
+    unused_from = _unused_from(run) if stepped_only else None
+    total = np.empty(len(g))
+    for a in range(0, len(g), TOTAL_BLOCK):
+        block = np.asarray(g[a:a + TOTAL_BLOCK])
+        if unused_from is not None:
+            block = np.where(np.arange(a, a + len(block))[:, None] >= unused_from, np.nan, block)
+        recorded = ~np.isnan(block)
+        with np.errstate(over="ignore", invalid="ignore"):
+            part = np.sqrt(np.square(np.where(recorded, block, 0.0)).sum(axis=1))
+        part[~recorded.any(axis=1)] = np.nan
+        total[a:a + len(block)] = part
     return total
+
+
+TOTAL_BLOCK = 4096  # rows of `total_grad_norm`'s temporaries: 16 MB each at 480 layers
+
+
+def _unused_from(run: RunSeries) -> np.ndarray:
+    """Per column, the first row from which no optimizer uses its gradient (len(steps): never)."""
+    first = np.full(len(run.layers), len(run.steps), dtype=np.int64)
+    layer_names = run.layer_names()
+    for name in run.meta.get("outside_optimizers") or []:
+        if name in layer_names:
+            first[layer_names.index(name)] = 0
+    for step, layers in run.meta.get("optimizer_stopped") or []:
+        row = int(np.searchsorted(run.steps, step))  # the first row with steps >= step
+        for name in layers:
+            if name in layer_names:
+                c = layer_names.index(name)
+                first[c] = min(first[c], row)
+    return first
 
 
 def sampled_rows(run: RunSeries, metric: str, cols: list[int]) -> np.ndarray:
@@ -113,6 +131,8 @@ def sampled_rows(run: RunSeries, metric: str, cols: list[int]) -> np.ndarray:
     m = run.metrics.get(metric)
     if m is None or not cols:
         return np.empty(0, dtype=np.int64)
+    if isinstance(m, RecordedRows) and np.isnan(m.fill):  # from the rows it keeps, not a steps x cols array
+        return m.rows[~np.isnan(m.values[:, cols]).all(axis=1)]
     return np.flatnonzero(~np.isnan(m[:, cols]).all(axis=1))
 
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from gradwatch.errors import ConfigError, StoreError
 from gradwatch.store.schema import FORMAT, LAYER_COLUMNS, SCHEMA_VERSION
+from gradwatch.store.rows import RowsBuilder
 from gradwatch.store.series import LayerInfo, RunSeries
 
 try:
@@ -162,20 +163,22 @@ def read_meta(db: sqlite3.Connection) -> dict:
 
 
 def read_run(run: str | os.PathLike, *, progress: Progress | None = None,
-             metrics: Iterable[str] | None = None) -> RunSeries:
+             metrics: Iterable[str] | None = None, compact: bool = False) -> RunSeries:
     """The series of a run: its main store file, as a `RunSeries`. Its meta says how the run
     ended (`exit`, written by `gradwatch run` when the command ended) or that it is still being
     written (`live`): see `end_note`. `progress(done, total)` is called after each chunk of rows
     read, with the steps read so far and the steps to read (a 50k-step x 480-layer store takes
     about two minutes). `metrics`: only these per-layer metrics (default: all), for a reader that
     shows a few: each is a steps x layers array (1.8 GB for all ten at 50k steps x 480 layers), and
-    rows with none of them are left in the file; `series.metrics` holds only these."""
+    rows with none of them are left in the file; `series.metrics` holds only these. `compact`: each
+    metric a `RecordedRows` (only its recorded rows, float32 where exact), read as the same float64
+    array: what diagnose and report read (0.4 instead of 1.8 GB at 50k x 480, sampled every 10th)."""
     chosen = _metrics(metrics)
     path = store_files(run)[0]
     db = connect(path)
     try:
         with damaged_store(path):
-            series = _read(db, progress, chosen)
+            series = _read_compact(db, progress, chosen) if compact else _read(db, progress, chosen)
     finally:
         db.close()
     series.meta["live"] = run_is_live(path.parent)
@@ -230,11 +233,52 @@ def _metrics(metrics: Iterable[str] | None) -> tuple[str, ...]:
     return chosen
 
 
+def _chunks(db: sqlite3.Connection, new: np.ndarray, ids: list[int], metrics: tuple[str, ...],
+            progress: Progress | None) -> Iterator[tuple[np.ndarray, ...]]:
+    """(steps, columns in `ids`, values per metric) of the layer rows of the steps `new`,
+    READ_CHUNK_ROWS at a time, in step order."""
+    column_of = np.full(max(ids, default=0) + 1, -1, dtype=np.int64)
+    column_of[ids] = np.arange(len(ids))
+    # a row with none of the chosen metrics adds nothing (NaN stays NaN): SQLite skips it, not Python
+    recorded = " OR ".join(f"{c} IS NOT NULL" for c in metrics)
+    rows = db.execute(f"SELECT step, layer, {', '.join(metrics)} FROM layer_stats "
+                      f"WHERE step >= ? AND ({recorded}) ORDER BY step, layer", (int(new[0]),))
+    # in chunks: a whole long run as Python tuples is ~5x its arrays (1.2 GB at 12k steps x 220 layers)
+    while chunk := rows.fetchmany(READ_CHUNK_ROWS):
+        arr = np.array(chunk, dtype=float)  # NULL -> nan
+        arr = arr[np.isin(arr[:, 0].astype(np.int64), new)]  # steps read before stay as read
+        yield arr[:, 0].astype(np.int64), column_of[arr[:, 1].astype(np.int64)], arr[:, 2:]
+        if progress is not None:  # rows come in step order (the primary key's)
+            progress(int(np.searchsorted(new, chunk[-1][0], side="right")), len(new))
+    if progress is not None:  # the last steps may have none of the chosen metrics
+        progress(len(new), len(new))
+
+
+def _profiles(db: sqlite3.Connection, new: np.ndarray) -> dict[int, dict[int, dict[int, float]]]:
+    """layer id -> step -> t -> ‖∂L/∂x_t‖ of the steps `new`."""
+    fresh, out = set(new.tolist()), {}
+    for layer_id, step, t, value in db.execute(
+            "SELECT layer, step, t, grad_norm FROM time_profile WHERE step >= ?", (int(new[0]),)):
+        if step in fresh:
+            out.setdefault(layer_id, {}).setdefault(step, {})[t] = np.nan if value is None else value
+    return out
+
+
+def _read_compact(db: sqlite3.Connection, progress: Progress | None, metrics: tuple[str, ...]) -> RunSeries:
+    """A read whose rows no later read extends: each metric's rows copied out of the room reserved."""
+    series = StoreFollower(db, progress, metrics).read()
+    for rows in series.metrics.values():
+        room = rows.values.base
+        if room is not None and len(room) > len(rows.values):
+            rows.values = rows.values.copy()
+    return series
+
+
 def _read(db: sqlite3.Connection, progress: Progress | None = None,
           metrics: tuple[str, ...] = LAYER_COLUMNS) -> RunSeries:
     series = StoreFollower(db, progress, metrics).read()
-    for values in series.metrics.values():  # read once, nothing shares them: the caller's to change
-        values.flags.writeable = True
+    for name, values in series.metrics.items():  # dense, one at a time: each one's rows freed as it is
+        series.metrics[name] = np.asarray(values)  # a fresh array, the caller's to change
     return series
 
 
@@ -246,16 +290,18 @@ class StoreFollower:
     ~11 whole reads over a run (a 12k-step x 220-layer store took 15 s a read). Every step's rows
     are written in the transaction that writes its `steps` row, so a step seen there is complete;
     a step can arrive after later ones (one held back for its weight update), and is put in order.
-    The series returned shares this reader's arrays, read-only: the next `read()` may extend them.
+    Each metric is kept as its recorded rows (`RecordedRows`): the sampled ones as dense arrays were
+    90% NaN (1.8 GB for ten at 50k steps x 480 layers, in the training process). The series
+    returned shares this reader's rows: the next `read()` may add to them.
     """
 
     def __init__(self, db: sqlite3.Connection, progress: Progress | None = None,
                  metrics: tuple[str, ...] = LAYER_COLUMNS):
         self._db = db
         self._progress = progress
-        self._ids: list[int] = []  # layer ids, in the column order of the arrays below
+        self._ids: list[int] = []  # layer ids, in the column order of the rows below
         self._steps = np.empty(0, dtype=np.int64)  # every step read, sorted
-        self._metrics = {c: np.empty((0, 0)) for c in metrics}  # rows: capacity >= len(steps)
+        self._metrics = {c: RowsBuilder(0) for c in metrics}
         self._profiles: dict[int, dict[int, dict[int, float]]] = {}  # layer id -> step -> t -> value
 
     def read(self) -> RunSeries:
@@ -279,17 +325,13 @@ class StoreFollower:
         steps, loss, lr = read_steps(db)
         self._add_layers(ids)
         new = np.setdiff1d(steps, self._steps, assume_unique=True)
+        self._steps = steps
         if len(new):
-            self._add_steps(steps, new)
             self._read_rows(new)
         position = {layer_id: i for i, layer_id in enumerate(self._ids)}
         order = [position[layer_id] for layer_id in ids]
         in_order = order == list(range(len(order)))
-        metrics = {}
-        for name, values in self._metrics.items():
-            view = values[:len(steps)] if in_order else values[:len(steps), order]
-            view.flags.writeable = False
-            metrics[name] = view
+        metrics = {name: rows.build(steps, None if in_order else order) for name, rows in self._metrics.items()}
         name_of = {layer_id: layer.name for layer_id, layer in zip(ids, layers)}
         profiles = {name_of[layer_id]: _profile_table(per_step) for layer_id, per_step in self._profiles.items()}
         return RunSeries(layers, steps, loss, lr, metrics, profiles, _with_events(db, meta))
@@ -300,53 +342,21 @@ class StoreFollower:
         fresh = [i for i in ids if i not in known]
         if fresh:
             self._ids += fresh
-            for name, values in self._metrics.items():
-                self._metrics[name] = np.hstack([values, np.full((len(values), len(fresh)), np.nan)])
-
-    def _add_steps(self, steps: np.ndarray, new: np.ndarray) -> None:
-        """Rows for the new steps: appended at the end, or the old rows moved to their places when a
-        held-back step arrives among them. Full, the capacity grows by a quarter: the arrays are
-        kept between checks, and doubling would hold up to twice the run (each row is copied
-        about four more times instead)."""
-        old = self._steps
-        capacity = len(next(iter(self._metrics.values())))
-        appended = len(old) == 0 or new[0] > old[-1]
-        if appended and len(steps) <= capacity:
-            self._steps = steps
-            return
-        rows = max(len(steps), capacity + capacity // 4) if len(steps) > capacity else capacity
-        at = np.searchsorted(steps, old)
-        for name, values in self._metrics.items():
-            grown = np.full((rows, len(self._ids)), np.nan)
-            grown[at] = values[:len(old)]
-            self._metrics[name] = grown
-        self._steps = steps
+            for rows in self._metrics.values():
+                rows.add_columns(len(fresh))
 
     def _read_rows(self, new: np.ndarray) -> None:
-        column_of = np.full(max(self._ids, default=0) + 1, -1, dtype=np.int64)
-        column_of[self._ids] = np.arange(len(self._ids))
         names = list(self._metrics)
-        # a row with none of the chosen metrics adds nothing (NaN stays NaN): SQLite skips it, not Python
-        recorded = " OR ".join(f"{c} IS NOT NULL" for c in names)
-        rows = self._db.execute(f"SELECT step, layer, {', '.join(names)} FROM layer_stats "
-                                f"WHERE step >= ? AND ({recorded}) ORDER BY step, layer", (int(new[0]),))
-        # in chunks: a whole long run as Python tuples is ~5x its arrays (1.2 GB at 12k steps x 220 layers)
-        while chunk := rows.fetchmany(READ_CHUNK_ROWS):
-            arr = np.array(chunk, dtype=float)  # NULL -> nan
-            arr = arr[np.isin(arr[:, 0].astype(np.int64), new)]  # steps read before stay as read
-            at = np.searchsorted(self._steps, arr[:, 0].astype(np.int64))
-            cols = column_of[arr[:, 1].astype(np.int64)]
+        for rows in self._metrics.values():
+            rows.reserve(len(self._steps))
+        for steps, cols, values in _chunks(self._db, new, self._ids, tuple(names), self._progress):
             for j, name in enumerate(names):
-                self._metrics[name][at, cols] = arr[:, 2 + j]
-            if self._progress is not None:  # rows come in step order (the primary key's)
-                self._progress(int(np.searchsorted(new, chunk[-1][0], side="right")), len(new))
-        if self._progress is not None:  # the last steps may have none of the chosen metrics
-            self._progress(len(new), len(new))
-        fresh = set(new.tolist())
-        for layer_id, step, t, value in self._db.execute(
-                "SELECT layer, step, t, grad_norm FROM time_profile WHERE step >= ?", (int(new[0]),)):
-            if step in fresh:
-                self._profiles.setdefault(layer_id, {}).setdefault(step, {})[t] = np.nan if value is None else value
+                recorded = ~np.isnan(values[:, j])
+                self._metrics[name].add(steps[recorded], cols[recorded], values[recorded, j])
+        for layer_id, per_step in _profiles(self._db, new).items():
+            mine = self._profiles.setdefault(layer_id, {})
+            for step, by_t in per_step.items():
+                mine.setdefault(step, {}).update(by_t)
 
 
 def _profile_table(per_step: dict[int, dict[int, float]]) -> tuple[np.ndarray, np.ndarray]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from gradwatch.store.rows import RecordedRows
 from gradwatch.store.schema import LAYER_COLUMNS
 
 # The roles of layers that own weights (`LayerInfo.role`): the ones a depth profile is made of.
@@ -41,7 +42,8 @@ class LayerInfo:
 class RunSeries:
     """A run's series.
 
-    `steps` holds every recorded step (sorted); `metrics[m]` is a float array of shape
+    `steps` holds every recorded step (sorted); `metrics[m]` is a float array (or a `RecordedRows`,
+    which reads as one: `read_run(compact=True)`) of shape
     (len(steps), len(layers)) with NaN wherever the metric was not recorded for that layer at
     that step (not sampled, not applicable, or the layer got no gradient). `loss` and `lr` are
     aligned with `steps`. `time_profiles[layer]` is (profile_steps, array (n, T)) of the norm of
@@ -92,8 +94,10 @@ class RunSeries:
         """The steps first <= step < stop, with the layers that recorded anything in them: one phase
         of a script that trains one model after another (each its own loss, its own scale)."""
         rows = (self.steps >= first) & (self.steps < stop if stop is not None else True)
-        metrics = {m: v[rows] for m, v in self.metrics.items()}
-        live = [i for i in range(len(self.layers)) if any(np.isfinite(v[:, i]).any() for v in metrics.values())]
+        recorded = np.zeros(len(self.layers), dtype=bool)
+        for v in self.metrics.values():
+            recorded |= _finite_in(v, rows)
+        live = [int(i) for i in np.flatnonzero(recorded)]
         names = {self.layers[i].name for i in live}
         profiles = {}
         for name, (p_steps, table) in self.time_profiles.items():
@@ -101,4 +105,16 @@ class RunSeries:
             if name in names and keep.any():
                 profiles[name] = (p_steps[keep], table[keep])
         return RunSeries([self.layers[i] for i in live], self.steps[rows], self.loss[rows], self.lr[rows],
-                         {m: v[:, live] for m, v in metrics.items()}, profiles, dict(self.meta))
+                         {m: _rows_of(v, rows, live) for m, v in self.metrics.items()}, profiles, dict(self.meta))
+
+
+def _finite_in(values: np.ndarray | RecordedRows, rows: np.ndarray) -> np.ndarray:
+    """Per column: any finite value in the rows where `rows` (a mask) holds."""
+    if isinstance(values, RecordedRows) and np.isnan(values.fill):
+        return np.isfinite(values.values[rows[values.rows]]).any(axis=0)
+    return np.isfinite(values[rows]).any(axis=0)
+
+
+def _rows_of(values: np.ndarray | RecordedRows, rows: np.ndarray, cols: list[int]) -> np.ndarray | RecordedRows:
+    """The rows where `rows` holds, columns `cols`; a `RecordedRows` stays one."""
+    return values.subset(rows, cols) if isinstance(values, RecordedRows) else values[rows][:, cols]
