@@ -1,7 +1,10 @@
-"""Processes a script watched by `gradwatch run` forks: they do not write the run's store."""
+"""Processes a script watched by `gradwatch run` starts: forked ones do not write the run's store;
+spawned ones and those it runs with subprocess write stores of their own, never the training's,
+and end as they would without gradwatch."""
 
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 
@@ -108,3 +111,105 @@ def test_a_forked_child_dies_of_sigterm_by_default(tmp_path):
                              str(tmp_path / "signals.py")], capture_output=True, text=True, env=ENV, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["parent", "False", "child", "True"]
+
+
+LOST_SIGNAL = """
+import multiprocessing, signal, threading, time, torch
+
+def train_then_wait(queue):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(7):
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        opt.zero_grad(); loss.backward(); opt.step()
+        print(repr(loss.item()), flush=True)
+    # a SIGTERM taken by the C handler in another thread, as one landing just before a blocking
+    # wait is: the main thread, blocked in the queue's read, never runs a Python handler
+    threading.Thread(target=lambda: (time.sleep(0.3), signal.pthread_kill(threading.get_ident(), signal.SIGTERM))).start()
+    queue.get()  # as an idle Pool worker waits for its next task
+
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    worker = ctx.Process(target=train_then_wait, args=(queue,))
+    worker.start()
+    worker.join(15)
+    print("exitcode", worker.exitcode, flush=True)
+    if worker.exitcode is None:
+        worker.kill()
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="no pthread_kill here")
+def test_a_spawned_worker_waiting_for_work_dies_of_a_sigterm(tmp_path):
+    """A spawn Pool's `__exit__` ends its idle workers with SIGTERM, blocked in SimpleQueue.get.
+    gradwatch's Python handler runs only when the main thread next runs Python: a SIGTERM landing
+    just before the wait was never handled, the worker never died and the pool's join hung (1 run
+    in 40 of a spawn Pool sweep under load). It now dies of it, as without gradwatch, its steps
+    stored before the wait."""
+    (tmp_path / "lost.py").write_text(LOST_SIGNAL)
+    result = subprocess.run([sys.executable, "-m", "gradwatch", "run", "--out", str(tmp_path / "r"), str(tmp_path / "lost.py")],
+                            capture_output=True, text=True, env=ENV, timeout=60)
+    assert result.returncode == 0, result.stderr
+    *losses, said = result.stdout.splitlines()
+    assert said == f"exitcode {-15}"
+    [store] = (tmp_path / "r").glob("gradwatch-pid*.sqlite")
+    run = read_run(store)
+    assert list(run.steps) == list(range(7))
+    assert list(run.loss) == [float(x) for x in losses]
+
+
+EVALUATES = """
+import subprocess, sys, torch
+
+def train(steps, seed):
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(steps):
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        opt.zero_grad(); loss.backward(); opt.step()
+        print(repr(loss.item()), flush=True)
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["child"]:
+        train(5, 1)  # an evaluation that fine-tunes
+    else:
+        train(6, 0)
+        subprocess.run([sys.executable, __file__, "child"], check=True, stdout=subprocess.DEVNULL)
+        train(6, 0)
+"""
+
+
+def test_a_script_started_by_the_training_does_not_take_its_store(tmp_path):
+    """A training that runs a script of its own with subprocess (an evaluation that fine-tunes)
+    before its first flush (6 steps, flushed every 50): the child, watched too, flushed first and
+    took the run's main store; `gradwatch diagnose RUN` read its 5 steps, and the training was
+    summarised as "another process". The store is now taken at the first optimizer step."""
+    (tmp_path / "train.py").write_text(EVALUATES)
+    result = subprocess.run([sys.executable, "-m", "gradwatch", "run", "--out", str(tmp_path / "r"), str(tmp_path / "train.py")],
+                            capture_output=True, text=True, env=ENV, timeout=60)
+    assert result.returncode == 0, result.stderr
+    run = read_run(tmp_path / "r")
+    assert list(run.loss) == [float(x) for x in result.stdout.split()]  # the training's 12 steps
+    [child] = (tmp_path / "r").glob("gradwatch-pid*.sqlite")
+    assert len(read_run(child).steps) == 5
+    assert "gradwatch: another process (" in result.stderr and "): 5 steps, 1 layer," in result.stderr
+
+
+def test_a_store_left_empty_is_removed_at_the_end(tmp_path):
+    """A process killed before its first write leaves its store file empty (taken at its first
+    step): it would hide the other processes' stores from `gradwatch diagnose RUN`."""
+    from gradwatch.runner import finish_run
+    from gradwatch.store import FlushBatch, LayerInfo, RunStoreWriter
+
+    (tmp_path / "gradwatch.sqlite").touch()
+    writer = RunStoreWriter(tmp_path / "gradwatch-pid7.sqlite")
+    writer.write(FlushBatch([LayerInfo("fc", "Linear", 0, "param", 5)], steps=[(0, 1.0, 0.1, "", 0.0)],
+                            layer_rows=[(0, "fc", 1.0, *[None] * 9)]))
+    writer.close()
+    finish_run(tmp_path, 137)
+    assert not (tmp_path / "gradwatch.sqlite").exists()
+    run = read_run(tmp_path)
+    assert list(run.steps) == [0] and run.meta["exit"] == {"code": 137}

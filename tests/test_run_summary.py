@@ -35,18 +35,18 @@ def test_every_process_that_trained_is_said_not_only_the_first(tmp_path):
     other = tmp_path / "gradwatch-pid4242.sqlite"
     _store(other, ["finetune.py", "--lr", "0.1"], [2.0, *[math.inf] * 4])
     text = _summary(tmp_path)
-    assert f"gradwatch: 3 steps, 1 layers, last loss 0.8 (pretrain.py) -> {tmp_path}" in text
+    assert f"gradwatch: 3 steps, 1 layer, last loss 0.8 (pretrain.py) -> {tmp_path}" in text
     line = next(l for l in text.splitlines() if "another process" in l)
     kinds = sorted({f.kind for f in diagnose(read_run(other))})
     assert kinds  # (a loss gone infinite: something to say)
-    assert line == (f"gradwatch: another process (finetune.py --lr 0.1): 5 steps, 1 layers, last loss non-finite, "
+    assert line == (f"gradwatch: another process (finetune.py --lr 0.1): 5 steps, 1 layer, last loss non-finite, "
                     f"findings: {', '.join(kinds)}; gradwatch diagnose {other}")
 
 
 def test_one_process_keeps_its_one_line(tmp_path):
     _store(tmp_path / "gradwatch.sqlite", ["train.py"], [1.0, 0.5])
     text = _summary(tmp_path)
-    assert text.splitlines()[0] == f"gradwatch: 2 steps, 1 layers, last loss 0.5 -> {tmp_path}"
+    assert text.splitlines()[0] == f"gradwatch: 2 steps, 1 layer, last loss 0.5 -> {tmp_path}"
     assert "another process" not in text
 
 

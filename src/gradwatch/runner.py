@@ -264,9 +264,21 @@ def exit_status(returncode: int) -> int:
 
 
 def finish_run(run_dir: Path, code: int) -> None:
-    """Once the command has ended: how it ended, in each store (one file each, the log folded in)."""
+    """Once the command has ended: how it ended, in each store (one file each, the log folded in).
+    A store file still empty was taken by a process killed before its first write (the main one
+    is taken at the first optimizer step, collect/auto.py): removed, it hides no other's."""
     for store in sorted(run_dir.glob("gradwatch*.sqlite")):
-        finish_store(store, code)
+        if _empty(store):
+            store.unlink(missing_ok=True)
+        else:
+            finish_store(store, code)
+
+
+def _empty(path: Path) -> bool:
+    try:
+        return path.stat().st_size == 0 and not Path(f"{path}-wal").exists()
+    except OSError:
+        return False
 
 
 def _terminal_foreground() -> bool:

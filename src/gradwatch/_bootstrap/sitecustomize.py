@@ -1,9 +1,15 @@
 """Loaded at interpreter start-up in processes run by `gradwatch run` (this folder is put on
-PYTHONPATH). It starts watching once the process imports torch, then hands over to any other
-sitecustomize the environment had, so the user's own start-up code still runs."""
+PYTHONPATH). It starts watching once the process imports torch, installs the SIGTERM/SIGHUP
+handler that stores the last steps (from the main thread, while it is still the only one), then
+hands over to any other sitecustomize the environment had, so the user's own start-up code still
+runs (and `import sitecustomize` finds it)."""
 
 import os
+import signal
 import sys
+
+FLUSH_MARK = "_gradwatch_flush"  # on the signal handlers gradwatch installs (as collect/auto.py names it)
+SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None)
 
 
 def _watch_when_torch_imports():
@@ -55,8 +61,14 @@ def _chain_next_sitecustomize():
     rest = [p for p in sys.path if os.path.abspath(p or ".") != here]
     spec = importlib.machinery.PathFinder.find_spec("sitecustomize", rest)
     if spec is not None and spec.loader is not None:
+        ours = sys.modules.get("sitecustomize")
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        sys.modules["sitecustomize"] = module  # the script's `import sitecustomize` finds its own
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:  # (site.py says "Error in sitecustomize", as without gradwatch)
+            sys.modules["sitecustomize"] = ours
+            raise
 
 
 def _keep_the_lock_from_children():
@@ -70,7 +82,84 @@ def _keep_the_lock_from_children():
         pass
 
 
+def _on_signal(signum, frame):
+    """SIGTERM, SIGHUP: store the steps since the last flush, then die of the signal (see
+    collect/auto.py). Installed here, at start-up, in the main thread, the only one Python lets
+    install a handler: torch imported in another thread (training run from a server's or a GUI's
+    worker thread) found none installed, and lost those steps. Until a watch exists, it ends the
+    process as the default would."""
+    auto = sys.modules.get("gradwatch.collect.auto")
+    installed = signal.getsignal(signum) is _on_signal
+    if auto is not None:
+        auto.on_signal(signum, installed)
+    elif installed:  # (else the script's own handler calls it, chaining: without us it found SIG_DFL)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+def _flush_on_signals():
+    """Only where the script's environment left the default (a job started with nohup keeps SIGHUP
+    ignored); a handler the script installs replaces this one. A forked child gets the default
+    back: a Python handler runs only when the main thread runs Python, and a fork Pool's worker
+    blocked in C at `Pool.__exit__`'s SIGTERM never died."""
+    setattr(_on_signal, FLUSH_MARK, True)
+    for signum in SIGNALS:
+        if signal.getsignal(signum) is signal.SIG_DFL:
+            signal.signal(signum, _on_signal)
+    os.register_at_fork(after_in_child=lambda: _swap_ours(signal.SIG_DFL))
+
+
+def _swap_ours(handler):
+    """Set each signal whose handler is gradwatch's to `handler`, with the signals blocked
+    meanwhile: one arriving between the two would be dropped by Python ("ignored due to race
+    condition"). Returns the handlers replaced: none outside the main thread (Python refuses there)."""
+    ours = {s: h for s in SIGNALS if getattr(h := signal.getsignal(s), FLUSH_MARK, False)}
+    try:
+        _set_blocked({s: handler for s in ours})
+    except ValueError:
+        return {}
+    return ours
+
+
+def _set_blocked(handlers):
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, set(handlers))
+    try:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _die_by_default_while_idle():
+    """In a process multiprocessing spawned: a Pool ends its workers with SIGTERM while they wait
+    for their next task in SimpleQueue.get, blocked in C. A SIGTERM that landed just before that
+    wait (or in another thread) was taken by the C handler, but the Python one never ran: the
+    worker never died and the pool's join hung (1 run in 28 of a spawn Pool sweep under load).
+    Before waiting there, the worker stores its steps (collect/auto.py) and the signals kill by
+    default; the handlers are back when the wait ends."""
+    import functools
+    from multiprocessing.queues import SimpleQueue
+
+    wait = SimpleQueue.get
+
+    @functools.wraps(wait)
+    def get(self):
+        auto = sys.modules.get("gradwatch.collect.auto")
+        if auto is not None and not auto.flush_before_waiting():
+            return wait(self)  # (mid-step: its steps cannot be stored yet; the handler stays)
+        ours = _swap_ours(signal.SIG_DFL)
+        try:
+            return wait(self)
+        finally:
+            _set_blocked({s: h for s, h in ours.items() if signal.getsignal(s) is signal.SIG_DFL})
+
+    SimpleQueue.get = get
+
+
 if os.environ.get("GRADWATCH_RUN_DIR"):
     _keep_the_lock_from_children()
+    _flush_on_signals()
+    if "--multiprocessing-fork" in getattr(sys, "argv", ()):  # (spawn's command line for its processes)
+        _die_by_default_while_idle()
     _watch_when_torch_imports()
 _chain_next_sitecustomize()

@@ -86,7 +86,11 @@ def _headline(series: RunSeries) -> str:
     # (a sweep's worker, a script training model after model: each model's layers are its own)
     trainings = len(series.meta.get("phase_starts") or []) + 1
     of = f" of {trainings} models trained one after another" if trainings > 1 else ""
-    return f"{len(series.steps)} steps, {n_layers} layers{of}{last}"
+    return f"{_count(len(series.steps), 'step')}, {_count(n_layers, 'layer')}{of}{last}"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _resumed(resumed: dict) -> str:

@@ -18,6 +18,7 @@ import textwrap
 import threading
 import weakref
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -71,7 +72,9 @@ class AutoWatch(Watch):
         super().__init__(None, None, out=None, meta={"command": sys.argv, "pid": os.getpid()}, **options)
         if self._live is not None:  # `gradwatch run` prints the whole run's findings when it ends
             self._live.check_at_close = False
-        self._writer = None  # the store file is made at the first flush, so idle processes write nothing
+            if self._live.warn:  # each finding's line said clear of the script's progress bar (_say)
+                self._live.warn, self._live.on_finding = False, lambda finding: _say(finding.line())
+        self._writer = None  # the store file is made at the first step or flush, so idle processes write nothing
         self.run_dir = run_dir
         self.pid = os.getpid()  # a forked child has a copy of this watch, and must not write (_own_watch)
         self.number_resumed = number_resumed
@@ -95,17 +98,24 @@ class AutoWatch(Watch):
         self._updated = False  # a weight was seen changing (weights updated by hand: see _drop_untrained)
         self._untrained = 0  # steps dropped as training nothing
         self._loaded: weakref.WeakSet = weakref.WeakSet()  # optimizers given a saved state (load_state_dict)
+        self.step_thread: int | None = None  # the thread the steps end in (see on_signal)
+        self.flush_requested: threading.Event | None = None  # by a signal, from the main thread
         self._handles.append(register_optimizer_step_pre_hook(self._global_pre))
         self._handles.append(register_optimizer_step_post_hook(self._global_post))
 
     def flush(self) -> None:
         with self._uninterrupted():
             self._drop_untrained()
-            if self.store_path is None and (self._pending or self._events):
-                from pathlib import Path
-
-                self.store_path = Path(_claim_store(self.run_dir))
+            if self._pending or self._events:
+                self._claim_store()
             super().flush()
+
+    def _claim_store(self) -> None:
+        """The store file, taken at the first optimizer step (else at the first flush): taken at the
+        first flush, a script's evaluation or fine-tuning run with subprocess before it (20 steps,
+        flushed every 50) took the run's main store, and the training was "another process"."""
+        if self.store_path is None:
+            self.store_path = Path(_claim_store(self.run_dir))
 
     def _drop_untrained(self) -> None:
         """Backward passes with no optimizer that change no weight (saliency maps, input gradients,
@@ -229,6 +239,7 @@ class AutoWatch(Watch):
             self._name_by_container(optimizer)
             self._number_from_checkpoint(optimizer)
             self.adopt_optimizer(optimizer)
+            self._claim_store()
         elif optimizer is self._optimizer:
             self._other_steps.clear()
             if self._own_loss is not None and not self._own_losses:
@@ -338,6 +349,12 @@ class AutoWatch(Watch):
         super()._end_step(count)
         if self._step >= self._discover_until:
             self._stop_discovery()
+        self.step_thread = threading.get_ident()
+        if self.flush_requested is not None:  # a signal waits in the main thread: _die_after_step
+            done, self.flush_requested = self.flush_requested, None
+            with contextlib.suppress(Exception):
+                self.flush()
+            done.set()
 
     def _stop_discovery(self) -> None:
         for handle in self._discovery:
@@ -397,9 +414,17 @@ def _mark(run_dir: str, name: str) -> None:
 
 
 def _say(text: str) -> None:
-    """A line on stderr; none with stderr closed (print would write it to the script's stdout)."""
-    if sys.stderr is not None:
-        print(text, file=sys.stderr)
+    """A line on stderr; none with stderr closed (print would write it to the script's stdout).
+    Through tqdm where a bar is live: printed plainly, the line went on from the bar's
+    ("49/200 [00:00<00:02, 69.81it/s, loss=1.41]gradwatch: [error] ..."), and the bar redrawn over it."""
+    if sys.stderr is None:
+        return
+    bars = getattr(sys.modules.get("tqdm"), "tqdm", None)
+    if bars is not None and getattr(bars, "_instances", None):
+        with contextlib.suppress(Exception):
+            bars.write(text, file=sys.stderr)
+            return
+    print(text, file=sys.stderr)
 
 
 _forgotten: list[AutoWatch] = []
@@ -480,42 +505,82 @@ def _no_collectives_after_a_crash() -> None:
     sys.excepthook = excepthook
 
 
+FLUSH_MARK = "_gradwatch_flush"  # on the handlers gradwatch installs (the start-up hook's too: _bootstrap)
+SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None)
+STEP_WAIT = 5.0  # s a signal waits for a training thread's step to end (see _die_after_step)
+
+
 def _flush_on_sigterm() -> None:
     """SIGTERM (`kill`, a scheduler's time limit, `gradwatch run` passing one on) and SIGHUP (the
     terminal closed, an ssh session dropped: sent to the whole process group, the script too) end
     Python without atexit: store the steps since the last flush, then die of the signal as before.
-    Only where the script has no handler of its own yet (one it installs later replaces this), and
-    only by a process with a watch of its own, not by a forked worker that inherits it
-    (nor by a fork Pool's, which `Pool.__exit__` ends with a SIGTERM)."""
+    The start-up hook installs it (_bootstrap: from the main thread, also for torch imported in
+    another) where the default was left; here, where the script has set the default back since."""
     if threading.current_thread() is not threading.main_thread():
         return
 
     def handler(signum: int, frame: object) -> None:
-        watch = _own_watch()
-        if watch is None:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-        elif watch._busy and watch._dist is None:  # (a collective's flush could wait forever)
-            watch._deferred_signal = signum
-        else:
-            _die_of(watch, signum)
+        on_signal(signum, signal.getsignal(signum) is handler)
 
-    for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-        if signum is not None and signal.getsignal(signum) is signal.SIG_DFL:
+    setattr(handler, FLUSH_MARK, True)
+    for signum in SIGNALS:
+        if signal.getsignal(signum) is signal.SIG_DFL:
             signal.signal(signum, handler)
-            _our_handlers[signum] = handler
 
 
-_our_handlers: dict[int, object] = {}  # the signal handlers _flush_on_sigterm installed
+def on_signal(signum: int, installed: bool) -> None:
+    """A SIGTERM or SIGHUP reached gradwatch's handler (in the main thread). Only by a process
+    with a watch of its own, not by a forked worker that inherits it (nor by a fork Pool's, which
+    `Pool.__exit__` ends with a SIGTERM). `installed`: false where the script's own handler
+    replaced ours and calls it, chaining to the handler it found: without gradwatch it found the
+    default there and called nothing, so nothing is done (its exit, if any, stores the steps)."""
+    if not installed:
+        return
+    watch = _own_watch()
+    if watch is None:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+    elif watch._busy and watch._dist is None:  # (a collective's flush could wait forever)
+        watch._deferred_signal = signum
+    elif watch.step_thread not in (None, threading.main_thread().ident):
+        _die_after_step(watch, signum)
+    else:
+        _die_of(watch, signum)
+
+
+def flush_before_waiting() -> bool:
+    """Before a multiprocessing worker waits for work (_bootstrap: SimpleQueue.get), its steps
+    are stored, so a SIGTERM meanwhile may kill it by default. False where that cannot be done
+    now (mid-step: a backward awaits its optimizer step), and its handler must stay."""
+    watch = _own_watch()
+    if watch is None:
+        return True
+    if watch._backward_since_step or watch.step_thread not in (None, threading.get_ident()):
+        return False
+    with contextlib.suppress(Exception):  # (what was flushed before stays)
+        watch.flush()
+    return True
+
+
+def _die_after_step(watch: AutoWatch, signum: int) -> None:
+    """The training runs in another thread (a server's or a GUI's worker), which Python never runs
+    handlers in: flushing here, under its step, would break the step. That thread stores the steps
+    when its step ends (AutoWatch._end_step); a step longer than STEP_WAIT loses them, as before."""
+    signal.signal(signum, signal.SIG_IGN)  # (a second one meanwhile: see _die_of)
+    done = threading.Event()
+    watch.flush_requested = done
+    done.wait(STEP_WAIT)
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 def _default_signals() -> None:
-    """In a forked child, the signals _flush_on_sigterm took back to their default: a Python handler
+    """In a forked child, gradwatch's signal handlers go back to the default: a Python handler
     runs only when the main thread runs Python, and a fork Pool worker blocked in C at
     `Pool.__exit__`'s SIGTERM then never died (the pool's join hung: a test timed out at 120 s)."""
-    for signum, handler in _our_handlers.items():
+    for signum in SIGNALS:
         with contextlib.suppress(ValueError):  # (not the main thread: left as it is)
-            if signal.getsignal(signum) is handler:
+            if getattr(signal.getsignal(signum), FLUSH_MARK, False):
                 signal.signal(signum, signal.SIG_DFL)
 
 
