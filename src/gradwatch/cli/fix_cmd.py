@@ -50,7 +50,11 @@ def main(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt)  # the running trial is killed, not orphaned
     try:
         result = fix(command, out=args.out, budget_steps=args.budget_steps, order=args.order, strategy=args.strategy)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        from gradwatch.fix import FixInterrupted
+
+        if isinstance(exc, FixInterrupted):
+            print_interrupted(exc.result, Console(highlight=False, stderr=True))
         if (Path(args.out) / "fix.json").is_file():
             print(f"gradwatch fix: interrupted; the trials that finished are in {Path(args.out) / 'fix.json'}",
                   file=sys.stderr)
@@ -111,6 +115,11 @@ def print_result(result: FixResult, console: Console) -> None:
         console.print(textwrap.indent(result.change, "    "), markup=False, soft_wrap=True)
     if (note := nan_note(result)) is not None:
         console.print(note, markup=False)  # the line of code may hold [brackets]
+    if (note := frozen_note(result.baseline)) is not None:
+        console.print(note, markup=False)
+    for note, code in code_notes(result.baseline, bool(tried)):
+        console.print(note, markup=False)
+        console.print(textwrap.indent(code, "    "), markup=False, soft_wrap=True)
     if result.written:
         console.print(f"Note: your script wrote or deleted {_some(result.written)} during the trials. Your directory was "
                       "put back as it was after each one, so no trial started from another's files; the files "
@@ -124,9 +133,34 @@ def print_result(result: FixResult, console: Console) -> None:
                       "held too much to copy aside first.", markup=False)
 
 
+def print_interrupted(result: FixResult, console: Console) -> None:
+    """What an interrupted fix had measured: the baseline's harmful findings and loss, the trials that
+    finished, best first, and the best so far, named as such (a remedy screened for a quarter of the
+    budget, or without the finals, is a lead, not a verdict)."""
+    base = result.baseline
+    console.print(f"gradwatch fix: interrupted. The baseline ({base.steps} steps) left "
+                  f"{', '.join(base.harmful) or 'no harmful finding'}, loss {base.final_loss:.4g}.", markup=False)
+    done = sorted([t for t in [*result.trials, *result.screened] if not t.not_applied], key=lambda t: t.score)
+    if not done:
+        console.print("No remedy trial finished.", markup=False)
+        return
+    for t in done:
+        kind = "screened" if t in result.screened else "full"
+        console.print(f"  {t.candidate.name} ({kind}, {t.steps} steps): {_left(t)} left, loss {t.final_loss:.4g}",
+                      markup=False)
+    best = done[0]
+    if best.score < base.score:
+        console.print(f"The best so far, {best.candidate.name}, is a lead, not a verdict: the trials that would "
+                      "have checked it did not run. Its code:", markup=False)
+        console.print(textwrap.indent(result.names.complete(best.candidate.code), "    "), markup=False, soft_wrap=True)
+
+
 def _nothing_tried(base: Trial) -> str:
     """Why no remedy was tried; for a healthy baseline, what it was checked for, so "nothing to fix"
-    is a measured answer, not a silence. A baseline that crashed is not healthy: its error comes first."""
+    is a measured answer, not a silence. A baseline that crashed is not healthy: its error comes first.
+    One the budget stopped says so: a script that pretrains one model, then fine-tunes another, was
+    "nothing to fix" at a budget that ended in the pretraining."""
+    from gradwatch.fix.candidates import tried_for
     from gradwatch.fix.trial import OUTPUT_LOG
 
     if base.failed:
@@ -136,10 +170,44 @@ def _nothing_tried(base: Trial) -> str:
     if not base.findings and not base.harmful:
         fell = (f"; its loss fell from {base.first_loss:.4g} to {base.final_loss:.4g}"
                 if math.isfinite(base.first_loss) and math.isfinite(base.final_loss) else "")
+        cut = (f" The budget stopped your script there: what it does after step {base.steps} (a later phase, another "
+               "model) was not looked at; a larger --budget-steps looks further." if base.cut else "")
         return (f"Nothing to fix: {base.steps} steps of your script showed no vanishing or exploding gradient, no "
-                f"NaN/Inf, no dead or saturated units, no stalled layer, no loss plateau or divergence{fell}. No remedy was tried.")
-    kinds = sorted({f.kind + " (info: no block to training)" * (f.severity == "info") for f in base.findings})
+                f"NaN/Inf, no dead or saturated units, no stalled layer, no loss plateau or divergence{fell}. No remedy was tried."
+                + cut)
+    kinds = sorted({f.kind + " (info: no block to training)" * (f.severity == "info") for f in base.counted})
+    if not kinds and not base.harmful:  # every finding is in layers no optimizer trains: frozen_note says which
+        return "Nothing to try: the baseline's findings are all in layers no optimizer trains. No remedy was tried."
+    untried = {f.kind for f in base.blocking if not tried_for(f)}
+    if base.blocking and len(untried) == len({f.kind for f in base.blocking}) and set(base.harmful) <= untried:
+        return "No remedy was tried: what the baseline shows is a change to the code (below), not one a trial can make."
     return f"Nothing to try: the baseline's findings call for no remedy ({', '.join(kinds or base.harmful)})."
+
+
+def code_notes(base: Trial, tried: bool) -> list[tuple[str, str]]:
+    """The baseline's findings that call for a change to the code no trial can make (a missing
+    `optimizer.zero_grad()`), each as (the finding's words, its code); when remedies were tried,
+    the words say that every trial ran with the fault too, so the change comes first."""
+    from gradwatch.fix.candidates import tried_for
+
+    also = (" Every trial above ran with it too: make this change first, then run fix again." if tried else
+            " Make this change, then run fix again to see what is left.")
+    return [(f"{f.kind} (step {f.first_step}) is a change to your code, which no trial can make: {f.message}{also}",
+             f.remedies[0].code if f.remedies else "")
+            for f in base.blocking if not tried_for(f)]
+
+
+def frozen_note(base: Trial) -> str | None:
+    """The baseline's findings in layers no optimizer trains (a frozen body): kept out of the
+    ranking, since no change to the training can touch them, but said, since they are there."""
+    found = base.frozen_only
+    if not found:
+        return None
+    said = "; ".join(f"{f.kind} in {', '.join(f.layers)}" for f in found)
+    one = len({layer for f in found for layer in f.layers}) == 1
+    return (f"Not counted: {said}. No optimizer trains {'that layer' if one else 'those layers'}"
+            " (frozen: in no optimizer, requires_grad=False or at lr 0), so no change to the training can touch "
+            "them and no trial is ranked by them; `gradwatch diagnose` on the baseline's run says more.")
 
 
 def _error(trial: Trial) -> str:

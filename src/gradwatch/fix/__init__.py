@@ -33,6 +33,16 @@ from gradwatch.store.series import WEIGHT_ROLES, LayerInfo
 BASELINE = Candidate("baseline (no change)")
 
 
+class FixInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) during `fix`, once the baseline was measured: `.result` holds the trials
+    that finished, so what was learnt is not lost with the ones still to run. A KeyboardInterrupt, so
+    code that stops on one still does."""
+
+    def __init__(self, result: "FixResult") -> None:
+        super().__init__("gradwatch fix interrupted")
+        self.result = result
+
+
 @dataclass
 class FixResult:
     """What `fix` measured: the baseline, the screening and full-length trials, and the winner
@@ -109,6 +119,7 @@ class FixResult:
             return {"remedy": t.candidate.name, "spec": t.candidate.spec, "run_dir": t.run_dir.name, "steps": t.steps,
                     "final_loss": t.final_loss if np.isfinite(t.final_loss) else None,
                     "final_error": t.final_error if np.isfinite(t.final_error) else None, "harmful": t.harmful,
+                    "not_counted": sorted({f.kind for f in t.frozen_only}),  # only in layers no optimizer trains
                     "works": t.works, "failed": t.failed, "exit_code": t.exit_code, "not_applied": t.not_applied}
         winner = self.winner
         data = {"baseline": row(self.baseline), "screened": [row(t) for t in self.screened],
@@ -206,10 +217,20 @@ def nan_to_locate(baseline: Trial) -> Finding | None:
     return next((f for f in baseline.findings if f.kind == "non_finite" and nan_cause(f.evidence) != "growth"), None)
 
 
-def screen_steps(budget_steps: int) -> int:
+def screen_steps(budget_steps: int, onset: int = 0) -> int:
     """A quarter of the budget, at least 10 steps (fewer measure nothing), never more than the budget
-    (`--budget-steps 4` screened each remedy for 10 steps and ran the finals for 4)."""
-    return min(budget_steps, max(budget_steps // 4, 10))
+    (`--budget-steps 4` screened each remedy for 10 steps and ran the finals for 4), counted from
+    `onset`, the step the baseline's first finding began at: a remedy is judged on what it does to
+    the fault. A script that pretrains for 60 steps, then blows up in its fine-tuning, had every
+    remedy screened for 37 steps of the healthy pretraining, and ranked by noise."""
+    return min(budget_steps, max(budget_steps // 4, 10) + max(onset, 0))
+
+
+def onset(baseline: Trial, steps: np.ndarray) -> int:
+    """How many of the baseline's recorded `steps` came before its first counted finding began (0
+    when it has none)."""
+    first = min((f.first_step for f in baseline.blocking), default=None)
+    return 0 if first is None or not len(steps) else int(np.searchsorted(steps, first))
 
 
 # A fix expected to take longer than this after its baseline says so, with the time per step.
@@ -294,15 +315,20 @@ def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "
     discard_trials(out)
     if workspace.notice:
         say(f"gradwatch fix: {workspace.notice}")
+    partial: list[FixResult] = []  # the result so far, once the baseline is measured
     try:
-        return _fix(trial, command, out, budget_steps, candidates, order, strategy, finals, say, workspace)
+        return _fix(trial, command, out, budget_steps, candidates, order, strategy, finals, say, workspace, partial)
+    except KeyboardInterrupt as exc:
+        if partial and not isinstance(exc, FixInterrupted):
+            raise FixInterrupted(partial[0]) from exc
+        raise
     finally:
         workspace.close()
 
 
 def _fix(trial: Callable[[str, Candidate, int], Trial], command: list[str] | Callable[[], object], out: Path,
          budget_steps: int, candidates: list[Candidate] | None, order: str, strategy: str, finals: int,
-         say: Callable[[str], None], workspace: Workspace) -> FixResult:
+         say: Callable[[str], None], workspace: Workspace, partial: list[FixResult]) -> FixResult:
     say(f"gradwatch fix: baseline trial ({budget_steps} steps)")
     baseline = trial("baseline", BASELINE, budget_steps)
 
@@ -336,6 +362,7 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], command: list[str] | Cal
     if target is not None:
         candidates = [aimed(c, target) for c in candidates]
     result = FixResult(baseline, [], budget_steps=budget_steps, names=names)
+    partial.append(result)
     if (fault := nan_to_locate(baseline)) is not None:
         why = ("did not come from growing gradients" if nan_cause(fault.evidence) == "data" else
                "came too early to tell whether growing gradients led to it")
@@ -347,7 +374,7 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], command: list[str] | Cal
     queue = list(candidates)
     screening = strategy == "screen" and len(queue) > 1
     if screening:
-        result.screen_steps = screen_steps(budget_steps)
+        result.screen_steps = screen_steps(budget_steps, onset(baseline, run.steps))
     if (cost := expected_cost(baseline, queue, result.screen_steps, finals)) is not None:
         say(cost)
     if screening:
@@ -377,4 +404,4 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], command: list[str] | Cal
     return result
 
 
-__all__ = ["fix", "FixResult", "Trial", "Candidate"]
+__all__ = ["fix", "FixResult", "FixInterrupted", "Trial", "Candidate"]

@@ -18,7 +18,7 @@ from gradwatch.fix.names import CYCLIC_LRS, Names
 from gradwatch.store.series import RunSeries
 
 # Kinds a repair must remove. Plateau and divergence are judged through the final loss instead.
-HARMFUL = ("vanishing_gradient", "exploding_gradient", "non_finite", "dead_units", "saturation")
+HARMFUL = ("vanishing_gradient", "exploding_gradient", "non_finite", "dead_units", "saturation", "stale_gradients")
 BLOW_UP = ("exploding_gradient", "non_finite", "loss_divergence")
 GENERIC = Names()
 
@@ -67,13 +67,25 @@ def reinit(names: Names = GENERIC) -> Candidate:
 def adam(names: Names = GENERIC) -> Candidate:
     scheduled = names.run is None or names.run.scheduled  # unknown: say it
     code = each(names, lambda n: f"{n.optimizer} = torch.optim.Adam({n.model}.parameters(), lr=1e-3)  # in place of "
-                                 f"your {n.optimizer if names.optimizers else 'optimizer'}")
+                                 f"your {n.optimizer if names.optimizers else 'optimizer'}" + (
+                                     f"; a checkpoint holding the old optimizer's state does not load into Adam "
+                                     f"(a KeyError in {n.optimizer}.load_state_dict, or Adam at the old one's "
+                                     "settings): resume from one saved with Adam"
+                                     if n.optimizer in names.loaded else ""))
     rebuilt = names.schedule_from(1e-3) if scheduled else None
     if rebuilt is not None:  # the script's OneCycleLR/CyclicLR, at the lrs the trial's Adam ran at
         return Candidate("Adam (lr 1e-3)", {"optimizer": "Adam", "lr": 1e-3}, f"{code}\n{rebuilt}  # "
                          f"{names.replaced_schedule}: the lrs the trial's Adam ran at")
     return Candidate("Adam (lr 1e-3)", {"optimizer": "Adam", "lr": 1e-3}, code + (
         ", before a scheduler is built on it (OneCycleLR: max_lr=1e-3; CyclicLR: base_lr=1e-3)" if scheduled else ""))
+
+
+def zero_grad(names: Names = GENERIC) -> Candidate:
+    """Against stale gradients (a forgotten `optimizer.zero_grad()`): the trial clears each
+    optimizer's gradients after its step, which is clearing them before the next backward."""
+    code = each(names, lambda n: f"{n.optimizer}.zero_grad()  # every step, before loss.backward() "
+                                 f"(or right after {n.optimizer}.step())")
+    return Candidate("optimizer.zero_grad() every step", {"zero_grad": True}, code)
 
 
 def lr_scale(factor: float, names: Names = GENERIC) -> Candidate:
@@ -95,10 +107,21 @@ def lr_ceiling(run: RunSeries, findings: list[Finding]) -> float | None:
     run blew up: a warm-up with no ceiling, a peak set too high (OneCycleLR's max_lr). The best is
     the middle of the window (a tenth of the steps before the blow-up, at least 5) with the lowest
     median loss before the first exploding, non-finite or diverging finding. The schedule must have
-    raised the lr at least 2x by then, and past the lr of the best loss. None otherwise."""
+    raised the lr at least 2x by then, and past the lr of the best loss. None otherwise. Only the
+    lrs of the optimizer that stepped at the blow-up count, from the start of its phase (meta
+    `phase_starts`) or from when the one before it stopped (`optimizer_stopped`): a pretraining with
+    Adam at 1e-3, then a fine-tuning with SGD at 3.0, is no schedule raising the lr, and a ceiling of
+    1e-3 left the fine-tuning at chance.
+    """
     first = min((f.first_step for f in findings if f.kind in BLOW_UP), default=None)
+    if first is None:
+        return None
+    changes = [*(run.meta.get("phase_starts") or []), *(s for s, _ in run.meta.get("optimizer_stopped") or [])]
+    phase = max((int(s) for s in changes if s <= first), default=None)
+    if phase is not None:
+        run = run.between(phase, None)
     lr_known = np.isfinite(run.lr) & (run.lr > 0)
-    if first is None or not lr_known.any():
+    if not lr_known.any():
         return None
     end = int(np.searchsorted(run.steps, first))
     loss = run.loss[:end]
@@ -213,6 +236,20 @@ STEP_SIZED = tuple(a for a in ADAPTIVE if a not in ("Adadelta", "Adafactor"))
 HIGH_ADAPTIVE_LR = 5e-3
 
 
+# The finding kinds `from_findings` has trials for; another is a change to the code that no
+# trial, made through hooks, can make (a zero_grad() missing from updates by hand: `tried_for`).
+TRIED_FOR = frozenset({*BLOW_UP, "vanishing_gradient", "saturation", "stalled_layers", "dead_units", "loss_plateau",
+                       "stale_gradients"})
+
+
+def tried_for(finding: Finding) -> bool:
+    """Whether `from_findings` builds a trial for this finding: stale gradients only where an
+    optimizer steps (the trial clears its gradients after each step)."""
+    if finding.kind == "stale_gradients":
+        return bool(finding.evidence.get("optimizer"))
+    return finding.kind in TRIED_FOR
+
+
 def from_findings(findings: list[Finding], activations: set[str], *, layer_types: set[str] = frozenset(),
                   optimizer: str | None = "SGD", lr: float | None = None, lr_ceiling: float | None = None,
                   names: Names = GENERIC) -> list[Candidate]:
@@ -233,6 +270,8 @@ def from_findings(findings: list[Finding], activations: set[str], *, layer_types
     saturating = [SATURATING_MODULES[a] for a in sorted(activations) if a in SATURATING_MODULES]
     present = tuple(sorted(MODULE_NAMES[a] for a in activations if a in MODULE_NAMES))
     out: list[Candidate] = []
+    if "stale_gradients" in kinds and optimizer is not None:  # the cause of the rest: its fix first
+        out += [zero_grad(names)]
     if "RNN" in layer_types and kinds & {"vanishing_gradient", "exploding_gradient", "saturation"}:
         out += [gru(names)]  # the gated state fixes both directions of the recurrence (Cho et al. 2014)
     if kinds & set(BLOW_UP):

@@ -40,6 +40,7 @@ ENV_MAX_STEPS = "GRADWATCH_MAX_STEPS"
 
 STOP_AFTER_NON_FINITE = 3  # consecutive non-finite losses that end a remedy trial
 NOT_APPLIED = "not-applied.txt"  # in a trial's run directory: why its remedy changed nothing
+BUDGET_REACHED = "budget_reached"  # in a trial's run directory: the budget, not the script, ended it
 PROGRESS = "progress.txt"  # in a trial's run directory: the steps done so far (the store waits for a flush)
 PROGRESS_EVERY = 1.0  # seconds at least between two writes of it: a fast script's trial writes it seldom
 
@@ -69,6 +70,13 @@ def apply_to_model(model: nn.Module, spec: dict, example_input: Any = None) -> s
     elif spec.get("recurrent"):
         _recurrent(model, spec["recurrent"])
     return ""
+
+
+def uncompiled(module: nn.Module) -> nn.Module:
+    """The module a `torch.compile(module)` wraps (its `OptimizedModule` shares its parameters and
+    submodules, and recompiles when they change), else `module` itself."""
+    inner = getattr(module, "_orig_mod", None) if type(module).__name__ == "OptimizedModule" else None
+    return inner if isinstance(inner, nn.Module) else module
 
 
 @contextmanager
@@ -192,9 +200,12 @@ class Injector:
         """The model is the first module with trainable parameters that runs with grad enabled: one
         run under no_grad (a teacher making targets, an evaluation first) is not being trained. With
         a `target` in the spec (the model the findings name, a GAN's `disc`), the module the script
-        calls by that name."""
+        calls by that name. A `torch.compile`d model is changed in the module it wraps, its first batch
+        run through that eagerly: run through the compiled one, the look's own hooks were traced by
+        dynamo, which refused them (every activation swap failed at step 0)."""
         if self.model is None and torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()) \
                 and ("target" not in self.spec or caller_name(module) == self.spec["target"]):
+            module = uncompiled(module)
             if any(ref() is module for ref in self.earlier):
                 raise ConfigError(
                     f"gw.fix: train_fn trains the {type(module).__name__} an earlier trial trained (and changed); "
@@ -274,6 +285,8 @@ class Injector:
         state = self._state(opt)
         for g, lr in zip(opt.param_groups, state.pop("lrs", [])):
             g["lr"] = lr  # a scheduler sees the lr it set
+        if self.spec.get("zero_grad"):  # stale gradients: cleared after the step, so before the next backward
+            opt.zero_grad()
         self._count_step(opt)
 
     def _count_step(self, opt: torch.optim.Optimizer) -> None:
@@ -290,9 +303,19 @@ class Injector:
         self.steps += 1
         self._tell_progress(self.steps)
         if self.max_steps is not None and self.steps >= self.max_steps:
-            raise SystemExit(0)
+            self._stop_at_budget()
         if self.steps == self.locate_at and self.locator is None:
             self._start_locating()
+
+    def _stop_at_budget(self) -> None:
+        """End the trial, marked as ended by the budget: `fix` then knows the script had more to run
+        (a healthy pretraining says nothing of the fine-tuning after it)."""
+        if self.run_dir is not None:
+            try:
+                (self.run_dir / BUDGET_REACHED).write_text(f"{self.max_steps}\n")
+            except OSError:
+                pass
+        raise SystemExit(0)
 
     def _tell_progress(self, steps: int) -> None:
         """The steps done so far, into PROGRESS at most every PROGRESS_EVERY seconds: `fix` reads it to
@@ -308,7 +331,7 @@ class Injector:
     # ---------------------------------------------------------------- manual loops (patches.Listener)
     def before_backward(self, root) -> None:
         if self._manual and not self._optimizers and self.max_steps is not None and self.backwards >= self.max_steps:
-            raise SystemExit(0)  # hand-written updates: a step is a backward
+            self._stop_at_budget()  # hand-written updates: a step is a backward
         if self.spec:
             self._stop_if_failed(root)
 

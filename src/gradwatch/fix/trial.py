@@ -22,10 +22,11 @@ from gradwatch.diagnose import diagnose
 from gradwatch.diagnose.finding import Finding, write_findings
 from gradwatch.errors import ConfigError, GradwatchError
 from gradwatch.fix.candidates import HARMFUL, Candidate
-from gradwatch.fix.inject import ENV_MAX_STEPS, ENV_REMEDY, NOT_APPLIED, PROGRESS, Injector
+from gradwatch.fix.inject import BUDGET_REACHED, ENV_MAX_STEPS, ENV_REMEDY, NOT_APPLIED, PROGRESS, Injector
 from gradwatch.fix.locate import ENV_LOCATE_AT, ORIGIN
 from gradwatch.fix.touched import WRITTEN
 from gradwatch.store import read_run
+from gradwatch.store.series import WEIGHT_ROLES, RunSeries
 
 # Not a finding of the diagnosis but a trial's: its loss ended no lower than it began.
 NO_PROGRESS = "loss_did_not_fall"
@@ -43,6 +44,8 @@ class Trial:
     first_loss: float = float("nan")  # the median of the first tenth of the losses (nan: not measured)
     not_applied: str = ""  # why the remedy changed nothing (the trial ended before its first step)
     final_error: float = float("nan")  # the standard error of final_loss (nan: not measured)
+    untrained: frozenset[str] = frozenset()  # the layers no optimizer trains (see `untrained_layers`)
+    cut: bool = False  # the budget ended it, not the script: it had more to run
 
     @property
     def failed(self) -> bool:
@@ -56,10 +59,24 @@ class Trial:
         return log.read_text(errors="replace").strip().splitlines()[-lines:] if log.is_file() else []
 
     @property
+    def counted(self) -> list[Finding]:
+        """The findings a change to the training could touch: not those only in layers no optimizer
+        trains (a frozen body's dead ReLUs), which no remedy is for and no trial should be ranked by."""
+        return [f for f in self.findings if not self._untouchable(f)]
+
+    @property
+    def frozen_only(self) -> list[Finding]:
+        """The findings left out of `counted`: said, not ranked."""
+        return [f for f in self.findings if self._untouchable(f)]
+
+    def _untouchable(self, finding: Finding) -> bool:
+        return bool(finding.layers) and set(finding.layers) <= self.untrained
+
+    @property
     def blocking(self) -> list[Finding]:
-        """The findings that stand in the way of training: not those the diagnosis itself rates
-        "info" (units saturated while the loss still fell, a short memory the task did not need)."""
-        return [f for f in self.findings if f.severity != "info"]
+        """The counted findings that stand in the way of training: not those the diagnosis itself
+        rates "info" (units saturated while the loss still fell, a short memory the task did not need)."""
+        return [f for f in self.counted if f.severity != "info"]
 
     @property
     def harmful(self) -> list[str]:
@@ -83,7 +100,7 @@ class Trial:
         if self.steps == 0 or self.failed:  # crashed: behind every trial that ran its course, the longest first
             return (2, -self.steps, float("inf"), 0)
         loss = self.final_loss if np.isfinite(self.final_loss) else float("inf")
-        return (int(loss == float("inf")), len(self.harmful), loss, len(self.findings))
+        return (int(loss == float("inf")), len(self.harmful), loss, len(self.counted))
 
 
 def final_loss(loss: np.ndarray) -> float:
@@ -126,6 +143,38 @@ def first_loss(loss: np.ndarray) -> float:
     return float(np.median(recorded[:max(1, len(recorded) // 10)])) if len(recorded) else float("nan")
 
 
+# Fewer losses than this after the last change of phase or optimizer say too little of its start:
+# the whole run's first losses are taken instead.
+MIN_PHASE_STEPS = 10
+
+
+def last_phase(series: RunSeries) -> int:
+    """The step the run's last phase began at: a new model trained (meta `phase_starts`), or the
+    optimizer that stepped before stopped (`optimizer_stopped`: a fine-tuning's SGD after a
+    pretraining's Adam, on a model sharing its encoder). Whether the loss fell is judged within it:
+    a pretraining's MSE at 0.25 against a fine-tuning's cross-entropy at 1.1 said "did not fall" of
+    a fine-tuning that had fallen from 2.3."""
+    changes = [*(series.meta.get("phase_starts") or []), *(s for s, _ in series.meta.get("optimizer_stopped") or [])]
+    for start in sorted((int(s) for s in changes), reverse=True):
+        if (series.steps >= start).sum() >= MIN_PHASE_STEPS:
+            return start
+    return int(series.steps[0]) if len(series.steps) else 0
+
+
+def untrained_layers(series: RunSeries) -> frozenset[str]:
+    """The layers no optimizer trains, so no change to the training can touch what is found there:
+    weight layers held by no optimizer that steps (or only in groups at lr 0: meta
+    `outside_optimizers`), and activations with no trained weight layer running before them, whose
+    input nothing trains (a body frozen by `requires_grad_(False)` is not recorded at all: its
+    activations run before the first recorded weight layer). A weight layer frozen from some step on
+    (`optimizer_stopped`) was trained before it, and counts as trained."""
+    outside = set(series.meta.get("outside_optimizers") or [])
+    trained = [l.index for l in series.layers if l.role in WEIGHT_ROLES and l.name not in outside]
+    first = min(trained, default=None)
+    acts = {l.name for l in series.layers if l.role == "activation" and first is not None and l.index < first}
+    return frozenset(outside | acts) if first is not None else frozenset()
+
+
 REMEDY_FILE = "remedy.json"
 LOCATE = "locate"  # the run directory of the baseline run again, to find where its NaN/Inf is made
 OUTPUT_LOG = "output.log"  # the script's own output, kept apart from ours
@@ -138,6 +187,7 @@ def prepare(run_dir: Path, candidate: Candidate) -> Path:
     (run_dir / NOT_APPLIED).unlink(missing_ok=True)
     (run_dir / ORIGIN).unlink(missing_ok=True)
     (run_dir / PROGRESS).unlink(missing_ok=True)
+    (run_dir / BUDGET_REACHED).unlink(missing_ok=True)
     (run_dir / REMEDY_FILE).write_text(json.dumps(
         {"name": candidate.name, "spec": candidate.spec, "code": candidate.code}, indent=1) + "\n")
     return run_dir
@@ -152,7 +202,7 @@ def discard_trials(out: Path) -> None:
             continue
         runner.clear_run(run_dir)
         shutil.rmtree(run_dir / WRITTEN, ignore_errors=True)
-        for name in (REMEDY_FILE, OUTPUT_LOG, NOT_APPLIED, ORIGIN, PROGRESS):
+        for name in (REMEDY_FILE, OUTPUT_LOG, NOT_APPLIED, ORIGIN, PROGRESS, BUDGET_REACHED):
             (run_dir / name).unlink(missing_ok=True)
         try:
             run_dir.rmdir()
@@ -263,6 +313,7 @@ def measure(trial: Trial) -> Trial:
     run_dir = trial.run_dir
     if (run_dir / NOT_APPLIED).is_file():
         trial.not_applied = (run_dir / NOT_APPLIED).read_text().strip()
+    trial.cut = (run_dir / BUDGET_REACHED).is_file()
     try:
         series = read_run(run_dir)
     except GradwatchError:
@@ -270,7 +321,8 @@ def measure(trial: Trial) -> Trial:
     trial.steps = len(series.steps)
     trial.final_loss = final_loss(series.loss)
     trial.final_error = final_error(series.loss)
-    trial.first_loss = first_loss(series.loss)
+    trial.first_loss = first_loss(series.loss[series.steps >= last_phase(series)])
     trial.findings = diagnose(series)
+    trial.untrained = untrained_layers(series)
     write_findings(run_dir, trial.findings)
     return trial
