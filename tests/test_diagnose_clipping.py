@@ -56,6 +56,20 @@ def test_clipping_on_every_step_far_above_its_limit_is_a_warning_that_says_so():
     assert f"{0.1 * f.evidence['clip_kept']:.3g}" in lr.code
 
 
+def test_a_plateau_under_clipping_on_every_step_follows_from_it_not_from_the_learning_rate():
+    """The loss sat at 1.4e5 while every step was clipped: the plateau said to raise the lr tenfold,
+    which clipping would have cut back to the same step."""
+    run = _clipped(2e4)
+    found = diagnose(run)
+    clip, plateau = (next(f for f in found if f.kind == k) for k in ("exploding_gradient", "loss_plateau"))
+    assert "follows from the exploding gradient found" in plateau.message
+    assert plateau.causes[0].startswith("exploding_gradient: clipping on nearly every step")
+    assert plateau.remedies[0] == clip.remedies[0]
+    assert not any(r.action.startswith("Raise the learning rate") for r in plateau.remedies)
+    rare = next(f for f in diagnose(_clipped(2e4, clip_at=None, grad_clip=None)) if f.kind == "loss_plateau")
+    assert "follows from" not in rare.message  # no clipping: the plateau's own advice
+
+
 @pytest.mark.parametrize("case", ["rare", "mild", "adam", "by value"])
 def test_clipping_rarely_active_mildly_active_under_adam_or_by_value_adds_nothing(case):
     run = {"rare": lambda g: _clipped(0.5, spikes=0.05, grad_clip=g),  # a spike every 20 steps clipped

@@ -50,3 +50,31 @@ def test_a_phase_without_the_carry_over_is_not_told():
     run = replace(build(), meta={**build().meta, "phase_starts": [50]})
     found = diagnose(_with(run, {**SAID, "first_step": 60}))
     assert [f.first_step for f in found if f.kind == "stale_gradients"] == [60]
+
+
+def _plateau(run):
+    run.loss[:] = 2.3 + 0.01 * np.random.default_rng(1).standard_normal(len(run.loss))
+    return run
+
+
+def test_a_plateau_beside_stale_gradients_follows_from_them_not_from_the_learning_rate():
+    """A loop that zeroes the gradients once an epoch plateaued and was told to raise the lr
+    tenfold; the plateau is the summed gradients', and its advice is the zero_grad()."""
+    alone = next(f for f in diagnose(_plateau(build())) if f.kind == "loss_plateau")
+    assert alone.remedies[0].action.startswith("Raise the learning rate")
+    found = diagnose(_with(_plateau(build()), SAID))
+    stale, plateau = (next(f for f in found if f.kind == k) for k in ("stale_gradients", "loss_plateau"))
+    assert "follows from the stale gradients found" in plateau.message
+    assert plateau.remedies[0] == stale.remedies[0] and plateau.causes[0].startswith("stale_gradients: each update")
+    assert not any(r.action.startswith("Raise the learning rate") for r in plateau.remedies)
+
+
+def test_a_divergence_beside_stale_gradients_follows_from_them():
+    """The summed gradients push on after the loss turns: a rising loss was told to lower the lr."""
+    run = build()
+    run.loss[60:] = run.loss[59] * 1.2 ** np.arange(1, 41)
+    alone = next(f for f in diagnose(run) if f.kind == "loss_divergence")
+    f = next(f for f in diagnose(_with(run, SAID)) if f.kind == "loss_divergence")
+    assert "rises" in f.message and "follows from the stale gradients found" in f.message
+    assert f.evidence == alone.evidence and "optimizer.zero_grad()" in f.remedies[0].code
+    assert not any(r.action.startswith("Lower the learning rate") for r in f.remedies)

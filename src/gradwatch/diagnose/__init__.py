@@ -19,6 +19,7 @@ SEVERITY_ORDER = {s: i for i, s in enumerate(reversed(SEVERITIES))}  # the most 
 LOSS_KINDS = ("loss_plateau", "loss_divergence")
 # findings that explain a loss plateau: the gradient does not reach the layers
 BLOCKING = ("vanishing_gradient", "dead_units", "saturation")
+NOT_REACHING = "the gradient does not reach the layers that should learn"
 
 
 def diagnose(run: RunSeries | str | os.PathLike, thresholds: Thresholds | dict = DEFAULT) -> list[Finding]:
@@ -82,16 +83,27 @@ def _dead_from_growth(f: Finding) -> bool:
 
 
 def _plateau_from_block(findings: list[Finding]) -> list[Finding]:
-    """A loss plateau beside a finding that keeps the gradient from the layers (BLOCKING) follows
-    from it: the plateau says so and advises that finding's fix, and the block is an error."""
+    """A loss plateau beside a finding that explains it follows from it: the plateau says so and
+    advises that finding's fix, not a tenfold lr. Stale gradients (a forgotten zero_grad())
+    explain a plateau and a divergence alike; a block of the gradient (BLOCKING, then an error)
+    and clipping active on nearly every step (the limit, not the lr, sets the step) a plateau."""
+    stale = next((f for f in findings if f.kind == "stale_gradients"), None)
     blocking = next((f for f in findings if f.kind in BLOCKING), None)
-    plateau = {id(f) for f in findings if f.kind == "loss_plateau" and f.severity != "info"}  # not one at its floor
-    if blocking is None or not plateau:
+    clipped = next((f for f in findings if f.kind == "exploding_gradient" and "clip_active_share" in f.evidence), None)
+    cause = stale or blocking or clipped
+    if cause is None:
+        return findings
+    why = {"stale_gradients": "each update is the sum of all the past steps' gradients, not this batch's",
+           "exploding_gradient": "clipping on nearly every step sets the step's length, not the learning rate"
+           }.get(cause.kind, NOT_REACHING)
+    follows = {id(f) for f in findings if f.kind == "loss_plateau" and f.severity != "info"  # not one at its floor
+               or f.kind == "loss_divergence" and cause is stale}
+    if not follows:
         return findings
     # the loss does not move and this is why: no longer a warning (a recurrent net's short
     # memory, some dead units) but what stops the training
-    return [_follows_from(f, blocking) if id(f) in plateau else
-            replace(f, severity="error") if f is blocking else f for f in findings]
+    return [_follows_from(f, cause, why) if id(f) in follows else
+            replace(f, severity="error") if f is blocking and cause is blocking else f for f in findings]
 
 
 def _below_blocked_units(series: RunSeries, stalled: Finding, findings: list[Finding]) -> bool:
@@ -124,15 +136,18 @@ def _nan_after_explosion(findings: list[Finding]) -> list[Finding]:
     return out
 
 
-def _follows_from(plateau: Finding, cause: Finding) -> Finding:
-    """A loss that does not move because the gradient does not reach the layers: raising the
-    learning rate does not help (a vanishing or zero gradient times ten is still one), fixing
-    the cause does."""
-    ev = plateau.evidence
-    return replace(plateau, message=f"The loss has not improved ({ev['loss_start']:.4g} -> {ev['loss_end']:.4g}): it "
-                                    f"follows from the {cause.kind.replace('_', ' ')} found. {_first_remedy(cause)}.",
-                   causes=(f"{cause.kind}: the gradient does not reach the layers that should learn", *plateau.causes),
-                   remedies=(*cause.remedies[:1], *(r for r in plateau.remedies if "Raise the learning rate" not in r.action)))
+def _follows_from(loss: Finding, cause: Finding, why: str = NOT_REACHING) -> Finding:
+    """A loss that does not move (or rises) because of `cause`: raising (or lowering) the learning
+    rate does not help (a vanishing or zero gradient times ten is still one), fixing the cause does."""
+    ev = loss.evidence
+    end = ev.get("loss_end", ev.get("loss_max"))
+    said = "has not improved" if loss.kind == "loss_plateau" else "rises"
+    return replace(loss, message=f"The loss {said} ({ev['loss_start']:.4g} -> {end:.4g}): it "
+                                 f"follows from the {cause.kind.replace('_', ' ')} found. {_first_remedy(cause)}.",
+                   causes=(f"{cause.kind}: {why}", *loss.causes),
+                   remedies=(*cause.remedies[:1], *(r for r in loss.remedies
+                                                    if not r.action.startswith(("Raise the learning rate",
+                                                                                "Lower the learning rate")))))
 
 
 def _first_remedy(cause: Finding) -> str:
