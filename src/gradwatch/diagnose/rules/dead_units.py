@@ -80,6 +80,6 @@ def _zero_gradient_layers(run: RunSeries, th: Thresholds) -> dict[str, int]:
             break
         out[run.layers[c].name] = int(run.steps[rows[start]])
     after = weights[len(out):]
-    if not out or not after or not (np.nan_to_num(g[:end][:, after]) > 0).any():
+    if not out or not after or not (np.nan_to_num(g[:end, after]) > 0).any():
         return {}  # nothing gets gradient: no loss term reaches the weights at all, another finding's
     return out

@@ -134,7 +134,7 @@ def _cut_off(run: RunSeries, th: Thresholds) -> list[Finding]:
     g = run.metrics.get("grad_norm")
     if g is None or len(cols) < 2:
         return []
-    g = g[:rows_before_non_finite_loss(run)][:, cols]
+    g = g[:rows_before_non_finite_loss(run), cols]  # (one table, not the rows then their columns)
     got = ~np.isnan(g)  # NaN: nothing arrived; inf is a gradient that overflowed (a GradScaler's skipped step)
     rows = np.flatnonzero(got.any(axis=1))
     if len(rows) < th.zero_gradient_steps:
