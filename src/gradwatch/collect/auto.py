@@ -32,6 +32,7 @@ from gradwatch.collect.layers import compiled_inner, has_lazy_params
 from gradwatch.collect.sampled_hooks import quiet_global_hook_warning
 from gradwatch.collect.watch import Watch, params_of
 from gradwatch.errors import GradwatchError
+from gradwatch.say import say as _say
 from gradwatch.runner import ENV_OPTIONS, ENV_RUN_DIR, FORKED_MARK, WATCHED_MARK
 from gradwatch.store.reader import STORE_NAME
 
@@ -411,20 +412,6 @@ def _mark(run_dir: str, name: str) -> None:
     """An empty file `name` in the run directory, for `gradwatch run`'s summary (runner's marks)."""
     with contextlib.suppress(OSError):
         os.close(os.open(os.path.join(run_dir, name), os.O_CREAT | os.O_WRONLY, 0o666))
-
-
-def _say(text: str) -> None:
-    """A line on stderr; none with stderr closed (print would write it to the script's stdout).
-    Through tqdm where a bar is live: printed plainly, the line went on from the bar's
-    ("49/200 [00:00<00:02, 69.81it/s, loss=1.41]gradwatch: [error] ..."), and the bar redrawn over it."""
-    if sys.stderr is None:
-        return
-    bars = getattr(sys.modules.get("tqdm"), "tqdm", None)
-    if bars is not None and getattr(bars, "_instances", None):
-        with contextlib.suppress(Exception):
-            bars.write(text, file=sys.stderr)
-            return
-    print(text, file=sys.stderr)
 
 
 _forgotten: list[AutoWatch] = []

@@ -33,6 +33,7 @@ from gradwatch.collect.stale_grads import STALE_KEY, StaleCheck
 from gradwatch.collect.stats import MISSING, entries, norm32
 from gradwatch.collect.update_window import UpdateWindow, params_of
 from gradwatch.errors import ConfigError, TrainingStopped
+from gradwatch.say import say
 from gradwatch.store.reader import STORE_NAME, StoreFollower
 from gradwatch.store.series import LayerInfo, RunSeries
 from gradwatch.store.writer import RunStoreWriter
@@ -315,9 +316,9 @@ class Watch:
         after it was watched (gw.watch before init_process_group: 0.83 stored for 1.33)."""
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and dist.get_rank() == 0:
-            print(f"gradwatch: {dist.get_world_size()} ranks, and the watched model is not a DDP/FSDP module: the "
-                  "statistics are rank 0's own gradients, before any all-reduce. If the model is wrapped, watch "
-                  "it after init_process_group and DDP(...)/FSDP(...)", file=sys.stderr)
+            say(f"gradwatch: {dist.get_world_size()} ranks, and the watched model is not a DDP/FSDP module: the "
+                "statistics are rank 0's own gradients, before any all-reduce. If the model is wrapped, watch "
+                "it after init_process_group and DDP(...)/FSDP(...)")
 
     def _register_grad_hooks(self) -> None:
         """Norms are taken the moment each gradient is accumulated, while it is still in cache:
@@ -423,8 +424,8 @@ class Watch:
                 self._write(ready)
             except (sqlite3.Error, OSError) as exc:  # a full disk: the training it watches goes on
                 self._store_failed = True
-                print(f"gradwatch: cannot write the run store {str(self.store_path)!r} ({exc}); recording stops "
-                      "here, training goes on", file=sys.stderr)
+                say(f"gradwatch: cannot write the run store {str(self.store_path)!r} ({exc}); recording stops "
+                    "here, training goes on")
         self._pending = [r for r in self._pending if r is self._window.rec]
         self._events = []
         for callback in list(self.on_flush):

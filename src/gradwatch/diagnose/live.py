@@ -8,13 +8,13 @@ read a piece at a time (`watch.stored_series()`: only the steps flushed since th
 from __future__ import annotations
 
 import json
-import sys
 import weakref
 from typing import Callable, Iterable
 
 from gradwatch.diagnose import diagnose
 from gradwatch.diagnose.finding import KINDS, Finding
 from gradwatch.errors import ConfigError, TrainingStopped
+from gradwatch.say import say
 
 LIVE_FINDING = "live_finding"  # an event: a finding said while training ([kind, first layer])
 
@@ -76,7 +76,7 @@ class LiveDiagnosis:
             said = [(f.first_step, f.kind, _first_layer(f)) for f in self.findings if id(f) not in self._told]
             self._told.update(id(f) for f in self.findings)
             for line in not_kept(said, self._latest):
-                print(line, file=sys.stderr)
+                say(line)
 
     def report(self, findings: list[Finding], watch=None, stop: bool = True) -> None:
         """Tell each finding not told before (by kind and first layer); with `stop`, raise
@@ -90,7 +90,7 @@ class LiveDiagnosis:
             if watch is not None:
                 watch.note_event(f.first_step, LIVE_FINDING, json.dumps(list(key)))
             if self.warn:
-                print(f.line(), file=sys.stderr)
+                say(f.line())
             if self.on_finding is not None:
                 self.on_finding(f)
             if stop and f.kind in self.stop_on and f.severity != "info":  # info: no problem (yet), nothing to stop
