@@ -352,7 +352,9 @@ def test_updates_by_hand(loop):
                 model.zero_grad()
         said = watch.series().meta.get("stale_gradients")
     if loop == "forgot":
-        assert said == {"optimizer": "", "first_step": 1, "layer": "2", "carried_over": N - 1, "checks": N - 1}
+        # a check spans one update: from the first backward after it to the first after the next
+        assert said == {"optimizer": "", "first_step": 1, "layer": "2", "carried_over": (N - 2) // 2,
+                        "checks": (N - 2) // 2}
         f = next(f for f in gw.diagnose(watch.series()) if f.kind == "stale_gradients")
         assert "weight updates (by hand)" in f.message and "model.zero_grad()" in f.remedies[0].code
     else:
@@ -441,6 +443,32 @@ def test_the_exploding_gradient_it_causes_names_it_first():
     explode = found["exploding_gradient"]
     assert explode.causes[0].startswith("stale gradients:") and "zero_grad()" in explode.remedies[0].code
     assert "zero_grad()" in explode.message
+
+
+@pytest.mark.parametrize("cleared", [True, False])
+@pytest.mark.parametrize("sample_every", [1, 3])
+def test_updates_by_hand_with_an_attack_backward_before_the_clear(cleared, sample_every):
+    """FGSM training by hand: the attack's backward runs before the loop clears, and sees the last
+    step's gradient; the training backward after the clear does not. Each update was read as a
+    carry-over (an ERROR on a correct loop); a forgotten clear is still found."""
+    x, y = _data()
+    model = _mlp()
+    with gw.watch(model, sample_every=sample_every, warn=False) as watch:
+        for step in range(N):
+            xa = x.clone().requires_grad_(True)
+            _loss(model, xa, y).backward()  # the attack's: into the weights' gradients too
+            x_adv = (x + 0.1 * xa.grad.sign()).detach()
+            if cleared:
+                model.zero_grad()
+            _loss(model, x_adv, y).backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.05 * p.grad
+        said = watch.series().meta.get("stale_gradients")
+    if cleared:
+        assert said is None
+    else:
+        assert said["optimizer"] == "" and said["carried_over"] == said["checks"] >= 2
 
 
 @pytest.mark.parametrize("loop", ["by_hand_forgot", "by_hand_accumulated", "optimizer_accumulated"])

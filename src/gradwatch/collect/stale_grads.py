@@ -11,8 +11,10 @@ is taken at the next step of the same optimizer, after the last backward it uses
 discriminator backward that wrote into the generator's gradients, cleared afterwards, is no
 carry-over); with a closure (L-BFGS), whose backwards run inside the step, at its end. A step with
 no backward since the copy (or none reaching the parameter) gives no verdict. Without an optimizer
-(weights updated by hand, each backward a step) the verdict is at the next backward, and only if
-the parameter changed in between: unchanged, the backwards accumulate on purpose. The comparisons
+(weights updated by hand) the verdict spans one whole update: from the first backward after the
+parameter changed to the first after it changed again (a backward no update follows, such as an
+attack's or a saliency map's, may run before the loop clears); unchanged, the backwards
+accumulate on purpose. The comparisons
 stay on the device: the host reads the verdicts at the flush.
 """
 
@@ -46,6 +48,7 @@ class StaleCheck:
         self._waited = 0  # steps the armed copy has waited
         self._cleared = False  # its gradient was set to None since the copy
         self._weight: torch.Tensor | None = None  # without an optimizer: the parameter as copied
+        self._moved: int | None = None  # without an optimizer: the step the span began (an update seen since the copy)
         # (step, optimizer, index, carried, informative)
         self._verdicts: list[tuple[int, str, int, torch.Tensor | bool, torch.Tensor]] = []
         self.checks = 0  # verdicts read so far
@@ -71,6 +74,7 @@ class StaleCheck:
         self._waited = 0
         self._cleared = False
         self._weight = params[i].detach().clone() if optimizer is None else None
+        self._moved = None  # (by hand) the step of the first backward after an update since the copy
 
     def _choose(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], touched: list[bool]) -> int:
         """The last parameter checked, while it stays eligible; else the smallest eligible one."""
@@ -99,8 +103,7 @@ class StaleCheck:
     @torch.no_grad()
     def before_backward(self, step: int) -> None:
         """The gradient must still be the copy: a backward is about to add to it. Without an
-        optimizer the verdict is now, if the weights changed since the copy (an update by hand);
-        unchanged, the backwards accumulate on purpose and there is none."""
+        optimizer, the verdict may come now (`_by_hand`)."""
         if self._param is None:
             return
         grad = self._param.grad
@@ -111,10 +114,24 @@ class StaleCheck:
         elif not self._cleared:
             self._carried = self._carried & (grad == self._copy).all()
         if self._param is not None and self._weight is not None:
-            updated = (self._param.detach() != self._weight).any()
-            carried = False if self._cleared else self._carried
-            self._verdicts.append((step, "", self.index, carried, self._informative & updated))
-            self.disarm()
+            self._by_hand(step)
+
+    def _by_hand(self, step: int) -> None:
+        """Weights updated by hand: the verdict spans one whole update, from the first backward
+        after an update to the first after the next, since backwards that no update follows (a
+        saliency map, an FGSM attack's) may come before the loop clears: one seeing the last
+        step's gradient is no carry-over if the training backward after it found it cleared.
+        Unchanged weights: the backwards accumulate on purpose, and the wait goes on. (A host sync
+        per backward while armed, after sampled steps only: the watch has no step hook here.)"""
+        if not bool((self._param.detach() != self._weight).any()):
+            return
+        if self._moved is None:  # the first update since the copy: the span starts at this step
+            self._moved = step
+            self._weight = self._param.detach().clone()
+            return
+        carried = False if self._cleared else self._carried
+        self._verdicts.append((self._moved, "", self.index, carried, self._informative))
+        self.disarm()
 
     @torch.no_grad()
     def after_backward(self) -> None:

@@ -627,7 +627,8 @@ class Watch:
             self._record_grads(rec)
         self._backward_scale = None
         self._backward_since_step = True
-        if self._mode != "optimizer" and rec is not None and rec.sampled and self._dist is None and self._params:
+        if self._mode != "optimizer" and rec is not None and rec.sampled and self._dist is None and self._params \
+                and not self._stale.armed:  # (an armed check spans an update: StaleCheck._by_hand)
             # no optimizer (yet: zero-code mode's first steps): its weights are updated by hand
             self._stale.arm(None, self._params, self._touched)
         if self._mode == "backward":
