@@ -464,8 +464,13 @@ class Watch:
         return out
 
     def series(self) -> RunSeries:
-        """Everything recorded so far (flushes first; across processes, what the last flush stored).
-        The last step's update ends here: a partner's after this call is the next step's."""
+        """Everything recorded so far (flushes first; across processes, what the last flush stored),
+        each metric a read-only steps x layers array. The last step's update ends here: a partner's
+        after this call is the next step's."""
+        return self._flushed().dense()
+
+    def _flushed(self) -> RunSeries:
+        """`stored_series()` after a flush: the rules read it as it is (`RecordedRows` metrics)."""
         self._settle_window()
         if self._window.snapshot is not None and self._mode != "optimizer":
             self._window.finish()  # read after a manual update: that update is the last Δw
@@ -495,7 +500,7 @@ class Watch:
         """The findings of everything recorded so far (see `gradwatch.diagnose`)."""
         from gradwatch.diagnose import diagnose
 
-        return diagnose(self.series())
+        return diagnose(self._flushed())
 
     def detach(self) -> None:
         """Flush, then remove every hook and patch: the model and optimizer are as before."""

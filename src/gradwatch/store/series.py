@@ -6,7 +6,7 @@ torch, so they can be tested on hand-built series.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -89,6 +89,18 @@ class RunSeries:
         values = self.metrics[metric][:, self.column(layer)]
         keep = ~np.isnan(values)
         return self.steps[keep], values[keep]
+
+    def dense(self) -> "RunSeries":
+        """The same series with every metric a plain read-only float64 array: what a user is given
+        (`watch.series()`), whatever the rules read internally (`RecordedRows`)."""
+        metrics = {}
+        for m, v in self.metrics.items():
+            a = np.asarray(v)
+            if a.flags.writeable:
+                a = a.view()
+                a.flags.writeable = False
+            metrics[m] = a
+        return replace(self, metrics=metrics)
 
     def between(self, first: int, stop: int | None = None) -> "RunSeries":
         """The steps first <= step < stop, with the layers that recorded anything in them: one phase
