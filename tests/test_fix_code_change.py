@@ -70,7 +70,11 @@ def test_adam_in_place_of_an_optimizer_the_script_loads_a_state_into_says_the_ol
 def test_stale_gradients_under_an_optimizer_get_a_trial_that_clears_them(tmp_path):
     """A forgotten optimizer.zero_grad(): before, every trial ran with the fault and lr x0.1 + ZClip
     ranked first. The trial that clears the gradients after each step removes the finding, and the
-    loss it reaches is the one of the same script with the zero_grad() written in."""
+    loss it reaches is the one of the same script with the zero_grad() written in. The gradients
+    are cleared before the next backward, not after the step: a script that reads them there found
+    None and failed."""
+    logged = []
+
     def script(clear: bool):
         def train():
             torch.manual_seed(0)
@@ -83,6 +87,7 @@ def test_stale_gradients_under_an_optimizer_get_a_trial_that_clears_them(tmp_pat
                     opt.zero_grad()
                 nn.functional.mse_loss(model(x), x @ w).backward()
                 opt.step()
+                logged.append(model[0].weight.grad.norm())  # read after the step: the trial must leave it
         return train
 
     result = fix(script(False), out=tmp_path / "stale", budget_steps=60)

@@ -87,3 +87,16 @@ def test_findings_only_in_untrained_layers_do_not_rank_a_trial_behind():
     # a finding in a trained layer too still counts
     both = Finding("dead_units", "warning", 0, ("0.1", "1.1"), "m", {})
     assert Trial(BASELINE, None, 0, 1.0, steps=40, final_loss=1.0, findings=[both], untrained=frozen).harmful == ["dead_units"]
+
+
+def test_a_shared_activation_recorded_before_a_frozen_first_layer_counts_when_it_cuts_trained_ones():
+    """`self.act = nn.ReLU()` after every layer is recorded where it first runs: before a frozen
+    first layer, so it read as untrained, and its dead units, which cut the gradient of the
+    trained fc1 and fc2, were 'Not counted' (fix then called lr x10 at chance a repair)."""
+    shared = Finding("dead_units", "error", 0, ("act",), "m", {"zero_gradient_layers": ["fc1", "fc2"]})
+    frozen = Finding("dead_units", "error", 0, ("act",), "m", {"zero_gradient_layers": ["fc0"]})
+    base = Trial(BASELINE, None, 0, 1.0, steps=40, final_loss=1.38, first_loss=1.39, findings=[shared],
+                 untrained=frozenset({"fc0", "act"}), trained=frozenset({"fc1", "fc2"}))
+    assert base.counted == [shared] and base.harmful == ["dead_units"]
+    base.findings = [frozen]  # the same units cutting only the frozen layer: not counted
+    assert base.frozen_only == [frozen] and base.harmful == []

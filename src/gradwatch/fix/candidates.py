@@ -81,10 +81,9 @@ def adam(names: Names = GENERIC) -> Candidate:
 
 
 def zero_grad(names: Names = GENERIC) -> Candidate:
-    """Against stale gradients (a forgotten `optimizer.zero_grad()`): the trial clears each
-    optimizer's gradients after its step, which is clearing them before the next backward."""
-    code = each(names, lambda n: f"{n.optimizer}.zero_grad()  # every step, before loss.backward() "
-                                 f"(or right after {n.optimizer}.step())")
+    """Against stale gradients (a forgotten `optimizer.zero_grad()`): the trial clears the
+    gradients of each optimizer that stepped, before the next backward."""
+    code = each(names, lambda n: f"{n.optimizer}.zero_grad()  # every step, before loss.backward()")
     return Candidate("optimizer.zero_grad() every step", {"zero_grad": True}, code)
 
 

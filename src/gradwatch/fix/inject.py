@@ -165,6 +165,7 @@ class Injector:
         self.backwards = 0
         self.non_finite_losses = 0  # consecutive
         self._optimizers: dict[int, dict] = {}
+        self._to_clear: list[weakref.ref] = []  # optimizers that stepped since the last backward (zero_grad spec)
         self._manual_clipper = None
         self._manual = False  # the script updates the weights itself (settled by _updated_by_hand)
         self._probe: torch.Tensor | None = None
@@ -285,8 +286,8 @@ class Injector:
         state = self._state(opt)
         for g, lr in zip(opt.param_groups, state.pop("lrs", [])):
             g["lr"] = lr  # a scheduler sees the lr it set
-        if self.spec.get("zero_grad"):  # stale gradients: cleared after the step, so before the next backward
-            opt.zero_grad()
+        if self.spec.get("zero_grad"):  # stale gradients: cleared before the next backward (before_backward)
+            self._to_clear.append(weakref.ref(opt))
         self._count_step(opt)
 
     def _count_step(self, opt: torch.optim.Optimizer) -> None:
@@ -330,10 +331,20 @@ class Injector:
 
     # ---------------------------------------------------------------- manual loops (patches.Listener)
     def before_backward(self, root) -> None:
+        self._clear_stepped()
         if self._manual and not self._optimizers and self.max_steps is not None and self.backwards >= self.max_steps:
             self._stop_at_budget()  # hand-written updates: a step is a backward
         if self.spec:
             self._stop_if_failed(root)
+
+    def _clear_stepped(self) -> None:
+        """The stale-gradients trial: each optimizer that stepped since the last backward clears
+        its gradients now, as `optimizer.zero_grad()` before `loss.backward()` does. Not right after
+        the step: a script that reads `p.grad` there (to log its norm) found None and failed."""
+        for ref in self._to_clear:
+            if (opt := ref()) is not None:
+                opt.zero_grad()
+        self._to_clear = []
 
     def _stop_if_failed(self, root) -> None:
         """A remedy trial whose loss stays non-finite has failed (its final loss is inf whatever

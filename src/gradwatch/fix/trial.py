@@ -45,6 +45,7 @@ class Trial:
     not_applied: str = ""  # why the remedy changed nothing (the trial ended before its first step)
     final_error: float = float("nan")  # the standard error of final_loss (nan: not measured)
     untrained: frozenset[str] = frozenset()  # the layers no optimizer trains (see `untrained_layers`)
+    trained: frozenset[str] = frozenset()  # the weight layers an optimizer trains
     cut: bool = False  # the budget ended it, not the script: it had more to run
 
     @property
@@ -70,7 +71,15 @@ class Trial:
         return [f for f in self.findings if self._untouchable(f)]
 
     def _untouchable(self, finding: Finding) -> bool:
-        return bool(finding.layers) and set(finding.layers) <= self.untrained
+        """In untrained layers only, and its numbers name no trained one: an activation module
+        shared by every layer (`self.act` after each) is recorded where it first runs, before a
+        frozen first layer, yet its dead units cut the gradient of the trained ones after it
+        (evidence `zero_gradient_layers`)."""
+        if not finding.layers or not set(finding.layers) <= self.untrained:
+            return False
+        named = {x for v in finding.evidence.values() for x in (v if isinstance(v, (list, tuple)) else [v])
+                 if isinstance(x, str)}
+        return not named & self.trained
 
     @property
     def blocking(self) -> list[Finding]:
@@ -324,5 +333,6 @@ def measure(trial: Trial) -> Trial:
     trial.first_loss = first_loss(series.loss[series.steps >= last_phase(series)])
     trial.findings = diagnose(series)
     trial.untrained = untrained_layers(series)
+    trial.trained = frozenset(l.name for l in series.layers if l.role in WEIGHT_ROLES) - trial.untrained
     write_findings(run_dir, trial.findings)
     return trial
