@@ -99,8 +99,11 @@ def _plateau_since_lr_fell(run: RunSeries, th: Thresholds) -> list[Finding]:
 
 
 def _lr_zero_throughout(run: RunSeries) -> bool:
+    """Every recorded lr is 0. `run.lr` is the first param group's: groups at different lrs (meta
+    `lr_scale`, written only when the largest is above 0) mean some group stepped, as a head does
+    beside a backbone listed first at lr 0."""
     lr = run.lr[np.isfinite(run.lr)]
-    return bool(len(lr)) and not lr.any()
+    return bool(len(lr)) and not lr.any() and not run.meta.get("lr_scale")
 
 
 def _plateau_at_lr_zero(step: int, n: int, evidence: dict) -> Finding:
