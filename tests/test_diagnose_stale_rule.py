@@ -78,3 +78,19 @@ def test_a_divergence_beside_stale_gradients_follows_from_them():
     assert "rises" in f.message and "follows from the stale gradients found" in f.message
     assert f.evidence == alone.evidence and "optimizer.zero_grad()" in f.remedies[0].code
     assert not any(r.action.startswith("Lower the learning rate") for r in f.remedies)
+
+
+def test_units_that_died_after_stale_gradients_began_name_them_first():
+    """A ReLU net under a forgotten zero_grad() lost 92% of a layer's units and was told only of
+    the learning rate; dead units from the start (before the carry-over) are not its doing."""
+    run = build()
+    col = run.column("act1")
+    rows = ~np.isnan(run.metrics["dead"][:, col])
+    run.metrics["dead"][rows & (run.steps >= 40), col] = 0.95
+    alone = next(f for f in diagnose(run) if f.kind == "dead_units")
+    f = next(f for f in diagnose(_with(run, SAID)) if f.kind == "dead_units")
+    assert f.causes[0].startswith("stale_gradients:") and f.causes[1:] == alone.causes
+    assert "optimizer.zero_grad()" in f.remedies[0].code and f.remedies[1:] == alone.remedies
+    assert f.message.startswith(alone.message) and "follows the stale gradients found" in f.message
+    early = next(f for f in diagnose(_with(run, {**SAID, "first_step": 60})) if f.kind == "dead_units")
+    assert early.causes == alone.causes

@@ -20,6 +20,7 @@ LOSS_KINDS = ("loss_plateau", "loss_divergence")
 # findings that explain a loss plateau: the gradient does not reach the layers
 BLOCKING = ("vanishing_gradient", "dead_units", "saturation")
 NOT_REACHING = "the gradient does not reach the layers that should learn"
+STALE_WHY = "each update is the sum of all the past steps' gradients, not this batch's"
 
 
 def diagnose(run: RunSeries | str | os.PathLike, thresholds: Thresholds | dict = DEFAULT) -> list[Finding]:
@@ -51,6 +52,7 @@ def diagnose(run: RunSeries | str | os.PathLike, thresholds: Thresholds | dict =
     findings = _one_per_cause(series, findings)
     findings = _nan_after_explosion(findings)
     findings = _plateau_from_block(findings)
+    findings = _after_stale(findings)
     return sorted(findings, key=lambda f: (f.first_step, SEVERITY_ORDER[f.severity], KINDS.index(f.kind)))
 
 
@@ -93,7 +95,7 @@ def _plateau_from_block(findings: list[Finding]) -> list[Finding]:
     cause = stale or blocking or clipped
     if cause is None:
         return findings
-    why = {"stale_gradients": "each update is the sum of all the past steps' gradients, not this batch's",
+    why = {"stale_gradients": STALE_WHY,
            "exploding_gradient": "clipping on nearly every step sets the step's length, not the learning rate"
            }.get(cause.kind, NOT_REACHING)
     follows = {id(f) for f in findings if f.kind == "loss_plateau" and f.severity != "info"  # not one at its floor
@@ -104,6 +106,21 @@ def _plateau_from_block(findings: list[Finding]) -> list[Finding]:
     # memory, some dead units) but what stops the training
     return [_follows_from(f, cause, why) if id(f) in follows else
             replace(f, severity="error") if f is blocking and cause is blocking else f for f in findings]
+
+
+def _after_stale(findings: list[Finding]) -> list[Finding]:
+    """Units that died, saturated or overflowed after stale gradients began were pushed there by
+    updates that sum every past gradient (a ReLU net under a forgotten zero_grad() lost 92% of a
+    layer's units, told only of the learning rate): the stale gradients come first among their
+    causes, and their fix first. (The exploding finding names them itself: `stale_first`.)"""
+    stale = next((f for f in findings if f.kind == "stale_gradients"), None)
+    if stale is None or not stale.remedies:
+        return findings
+    fix = stale.remedies[0]
+    return [replace(f, message=f"{f.message} It follows the stale gradients found: {fix.action}.",
+                    causes=(f"stale_gradients: {STALE_WHY}", *f.causes), remedies=(fix, *f.remedies))
+            if f.kind in ("dead_units", "saturation", "non_finite") and f.first_step > stale.first_step else f
+            for f in findings]
 
 
 def _below_blocked_units(series: RunSeries, stalled: Finding, findings: list[Finding]) -> bool:
