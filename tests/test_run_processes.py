@@ -91,26 +91,32 @@ def test_forked_workers_that_do_not_train_are_not_said_to(tmp_path):
 SIGNALS = """
 import multiprocessing, signal, torch
 
+def caught():  # is SIGTERM caught (a handler installed), from the kernel's view
+    mask = int(open("/proc/self/status").read().split("SigCgt:")[1].split()[0], 16)
+    return bool(mask >> (signal.SIGTERM - 1) & 1)
+
 def child():
-    print("child", signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, flush=True)
+    print("child", caught(), flush=True)
 
 if __name__ == "__main__":
-    print("parent", signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, flush=True)
+    print("parent", caught(), flush=True)
     process = multiprocessing.get_context("fork").Process(target=child)
     process.start(); process.join()
 """
 
 
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="no fork here")
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the signal mask from /proc")
 def test_a_forked_child_dies_of_sigterm_by_default(tmp_path):
     """The watched process flushes on SIGTERM through a Python handler; a forked child inherited it,
     and a fork Pool worker blocked in C when `Pool.__exit__` sent it a SIGTERM never ran it: the
-    pool's join hung. The child has the default disposition back, as without gradwatch."""
+    pool's join hung. The child has the default disposition back, as without gradwatch. (Read
+    from the kernel: `signal.getsignal` says SIG_DFL for gradwatch's handler.)"""
     (tmp_path / "signals.py").write_text(SIGNALS)
     result = subprocess.run([sys.executable, "-m", "gradwatch", "run", "--out", str(tmp_path / "r"),
                              str(tmp_path / "signals.py")], capture_output=True, text=True, env=ENV, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["parent", "False", "child", "True"]
+    assert result.stdout.split() == ["parent", "True", "child", "False"]
 
 
 LOST_SIGNAL = """
@@ -213,3 +219,35 @@ def test_a_store_left_empty_is_removed_at_the_end(tmp_path):
     assert not (tmp_path / "gradwatch.sqlite").exists()
     run = read_run(tmp_path)
     assert list(run.steps) == [0] and run.meta["exit"] == {"code": 137}
+
+
+BY_HAND_THEN_A_FINE_TUNE = """
+import subprocess, sys, torch
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 1)
+for step in range(12):
+    model.zero_grad(); model(torch.randn(8, 4)).pow(2).mean().backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.1 * p.grad
+    if step == 2:  # a short fine-tune, with an optimizer, in a process of its own
+        subprocess.run([sys.executable, "-c", '''
+import torch
+model = torch.nn.Linear(4, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+for _ in range(5):
+    opt.zero_grad(); model(torch.randn(8, 4)).pow(2).mean().backward(); opt.step()
+'''], check=True)
+"""
+
+
+def test_the_command_trained_by_hand_keeps_the_main_store(tmp_path):
+    """A training by hand (no optimizer) claimed no store before its first flush: a subprocess
+    stepping an optimizer took the main one, and the script's training was "another process"."""
+    (tmp_path / "train.py").write_text(BY_HAND_THEN_A_FINE_TUNE)
+    result = subprocess.run([sys.executable, "-m", "gradwatch", "run", "--out", str(tmp_path / "r"), str(tmp_path / "train.py")],
+                            capture_output=True, text=True, env=ENV, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert len(read_run(tmp_path / "r").steps) == 12
+    others = list((tmp_path / "r").glob("gradwatch-pid*.sqlite"))
+    assert len(others) == 1 and len(read_run(others[0]).steps) == 5

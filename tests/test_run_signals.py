@@ -90,3 +90,168 @@ def test_a_script_handler_that_chains_keeps_its_own_ending(tmp_path):
     assert alone.stdout.endswith("cleaned up\n")
     stored = read_run(tmp_path / "r")
     assert list(stored.loss) == [float(x) for x in result.stdout.split()[:7]]
+
+
+PASSES_IT_ON = """
+import os, signal, sys, time, torch
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+for _ in range(7):
+    loss = model(torch.randn(8, 4)).pow(2).mean()
+    opt.zero_grad(); loss.backward(); opt.step()
+    print(repr(loss.item()), file=sys.stderr, flush=True)
+previous = signal.getsignal(signal.SIGTERM)
+
+def on_term(signum, frame):
+    print("cleaned up", flush=True)
+    if callable(previous):
+        previous(signum, frame)
+    else:  # the default action: die of the signal
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+signal.signal(signal.SIGTERM, on_term)
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(5)
+print("still running")
+"""
+
+
+def test_a_script_handler_that_passes_the_signal_on_dies_of_it(tmp_path):
+    """A handler calling the one it found, else the default action: it found gradwatch's, which,
+    called by it, did nothing, and the script ran on ("still running", exit 0, where it died of
+    SIGTERM alone). It finds SIG_DFL, as without gradwatch, and dies of the signal; the default it
+    sets is gradwatch's handler standing in, which stores the steps first."""
+    script = tmp_path / "alone.py"
+    script.write_text(PASSES_IT_ON)
+    alone = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=ENV, timeout=60)
+    result = run(tmp_path, PASSES_IT_ON)
+    assert alone.returncode == -15 and result.returncode == 128 + 15, result.stderr
+    assert result.stdout == alone.stdout == "cleaned up\n"
+    said = [float(line) for line in alone.stderr.split()]
+    assert list(read_run(tmp_path / "r").loss) == said and len(said) == 7
+
+
+SET_ASIDE = """
+import os, signal, torch
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+for _ in range(7):
+    loss = model(torch.randn(8, 4)).pow(2).mean()
+    opt.zero_grad(); loss.backward(); opt.step()
+    print(repr(loss.item()), flush=True)
+old = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a checkpoint's save, not to be cut short
+signal.signal(signal.SIGTERM, old)
+os.kill(os.getpid(), signal.SIGTERM)
+print("not reached")
+"""
+
+
+def test_a_handler_set_aside_and_put_back_still_stores_the_steps(tmp_path):
+    """`old = signal.signal(SIGTERM, SIG_IGN)` ... `signal.signal(SIGTERM, old)`: old is SIG_DFL,
+    as without gradwatch, and putting it back puts back gradwatch's handler standing in for it."""
+    result = run(tmp_path, SET_ASIDE)
+    assert result.returncode == 128 + 15, result.stderr
+    assert list(read_run(tmp_path / "r").loss) == [float(x) for x in result.stdout.split()]
+
+
+WHAT_IT_SEES = """
+import os, signal, torch
+
+def seen(handler):
+    return handler.name if isinstance(handler, signal.Handlers) else type(handler).__name__
+
+print(seen(signal.getsignal(signal.SIGTERM)), signal.getsignal(signal.SIGHUP) in (None, signal.SIG_DFL))
+print(seen(signal.signal(signal.SIGTERM, signal.SIG_IGN)))  # Lightning's _has_already_handler: not the user's
+print(seen(signal.getsignal(signal.SIGTERM)))
+os.kill(os.getpid(), signal.SIGTERM)
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+loss = model(torch.randn(8, 4)).pow(2).mean()
+opt.zero_grad(); loss.backward(); opt.step()
+os.kill(os.getpid(), signal.SIGTERM)
+print("ignored")
+"""
+
+
+def test_the_script_sees_the_handlers_it_would_see_alone_and_its_sig_ign_is_kept(tmp_path):
+    """signal.getsignal and signal.signal's return gave gradwatch's handler (a function) where
+    the script alone sees SIG_DFL; SIG_IGN the script sets stays set, also once it has trained."""
+    script = tmp_path / "alone.py"
+    script.write_text(WHAT_IT_SEES)
+    alone = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=ENV, timeout=60)
+    result = run(tmp_path, WHAT_IT_SEES)
+    assert (result.returncode, result.stdout) == (alone.returncode, alone.stdout) == (0, alone.stdout), result.stderr
+    assert alone.stdout == "SIG_DFL True\nSIG_DFL\nSIG_IGN\nignored\n"
+
+
+JOINED_THREAD = """
+import os, signal, threading, time, torch
+
+def train():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(30):
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        opt.zero_grad(); loss.backward(); opt.step()
+        print(repr(loss.item()), flush=True)
+
+worker = threading.Thread(target=train)
+worker.start(); worker.join()
+print(repr(time.time()), flush=True)
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(30)
+"""
+
+
+def test_sigterm_after_a_training_thread_ended_stores_its_steps_at_once(tmp_path):
+    """The training thread had ended (joined): the SIGTERM waited STEP_WAIT (5 s) for a step that
+    never came, then died with none of the 30 steps stored. Nothing is under way there: stored at once."""
+    import time
+
+    from gradwatch.collect.auto import STEP_WAIT
+
+    result = run(tmp_path, JOINED_THREAD)
+    ended = time.time()
+    assert result.returncode == 128 + 15, result.stderr
+    *said, sent = result.stdout.split()
+    assert ended - float(sent) < STEP_WAIT * 0.8  # (the summary's time included)
+    assert list(read_run(tmp_path / "r").loss) == [float(x) for x in said]
+
+
+STUCK_MID_STEP = """
+import os, signal, threading, time, torch
+import gradwatch.collect.auto as auto
+auto.STEP_WAIT = 0.3  # (5 s in use)
+
+def train(stuck):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(6):
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        opt.zero_grad(); loss.backward()
+        if step == 5:
+            stuck.set(); time.sleep(30)  # between its backward and its optimizer step
+        opt.step()
+        print(repr(loss.item()), flush=True)
+
+stuck = threading.Event()
+threading.Thread(target=train, args=(stuck,), daemon=True).start()
+stuck.wait()
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(30)
+"""
+
+
+def test_a_step_that_outlasts_the_wait_still_stores_the_steps_before_it(tmp_path):
+    """The training thread mid-step (a backward awaiting its optimizer step) past STEP_WAIT: the
+    script died with the steps since the last flush lost. Stored from the main thread instead."""
+    result = run(tmp_path, STUCK_MID_STEP)
+    assert result.returncode == 128 + 15, result.stderr
+    said = [float(x) for x in result.stdout.split()]
+    assert len(said) == 5 and list(read_run(tmp_path / "r").loss[:5]) == said

@@ -34,3 +34,31 @@ def test_a_process_without_torch_dies_of_sigterm_as_before(tmp_path):
     result = run(tmp_path, code)
     assert alone.returncode == -15 and result.returncode == 128 + 15
     assert result.stdout == alone.stdout == "before\n"
+
+
+CAUGHT = """
+import signal, subprocess, sys
+
+def caught():  # is SIGTERM caught (a handler installed), from the kernel's view
+    mask = int(open("/proc/self/status").read().split("SigCgt:")[1].split()[0], 16)
+    return bool(mask >> (signal.SIGTERM - 1) & 1)
+
+if len(sys.argv) > 1:
+    print("helper", caught())
+else:
+    print("command", caught(), flush=True)
+    subprocess.run([sys.executable, __file__, "helper"], check=True)
+"""
+
+
+def test_only_the_command_itself_catches_sigterm_before_importing_torch(tmp_path):
+    """Every Python process under `gradwatch run` had a Python SIGTERM handler from start-up: a
+    helper with no torch, busy in a long C call, ignored `terminate()` until the call returned
+    (9.3 s, not 0.0 s). Only the command `gradwatch run` started gets one at start-up (torch may
+    be imported in a thread there); the others at torch's import, as before."""
+    if not os.path.exists("/proc/self/status"):
+        import pytest
+
+        pytest.skip("reads the signal mask from /proc")
+    result = run(tmp_path, CAUGHT)
+    assert result.stdout == "command True\nhelper False\n", result.stderr

@@ -32,3 +32,19 @@ def test_without_a_bar_or_stderr_closed(monkeypatch, capsys):
     monkeypatch.setattr("sys.stderr", None)
     say("gradwatch: nowhere")  # no stderr: nothing, and nothing on stdout
     assert capsys.readouterr().out == ""
+
+
+def test_a_bar_on_stdout_is_left_alone(monkeypatch):
+    """tqdm.write clears and redraws every bar on stdout or stderr: with the script's bar on
+    stdout, each line said put clear and redraw lines into the script's own stdout."""
+    from gradwatch.say import say
+
+    out, err = io.StringIO(), io.StringIO()
+    monkeypatch.setattr("sys.stdout", out)
+    monkeypatch.setattr("sys.stderr", err)
+    with tqdm(total=10, file=out, mininterval=0, ascii=True) as bar:
+        bar.update(4)
+        drawn = out.getvalue()
+        say("gradwatch: a line")
+        assert out.getvalue() == drawn
+    assert err.getvalue() == "gradwatch: a line\n"

@@ -33,6 +33,7 @@ ENV_RUN_DIR = "GRADWATCH_RUN_DIR"  # what the child's start-up hook reads (colle
 WATCHED_MARK = ".gradwatch-watched"  # made in the run directory by each process the hook watches
 FORKED_MARK = ".gradwatch-forked-trained"  # made by a forked process that steps an optimizer, unrecorded
 ENV_LOCK_FD = "GRADWATCH_LOCK_FD"  # the run directory's lock, passed to the command (see `run`)
+ENV_RUNNER_PID = "GRADWATCH_RUNNER_PID"  # this process's pid: its child is the command (is_the_command)
 ENV_OPTIONS = {"every": "GRADWATCH_EVERY", "sample_every": "GRADWATCH_SAMPLE_EVERY", "flush_every": "GRADWATCH_FLUSH_EVERY",
                "all_ranks": "GRADWATCH_ALL_RANKS", "status": "GRADWATCH_STATUS"}
 
@@ -204,12 +205,18 @@ def command_from_target(target: list[str], module: list[str] | str | None) -> li
     return build_command(script, module, target)
 
 
+def is_the_command() -> bool:
+    """This process is the command `gradwatch run` started, not one that command started in turn."""
+    return os.environ.get(ENV_RUNNER_PID) == str(os.getppid())
+
+
 def child_env(run_dir: Path, options: dict[str, int], lock: int | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env[ENV_RUN_DIR] = str(run_dir.resolve())
     env.pop(ENV_LOCK_FD, None)  # (one of an enclosing run's is not this run's)
     if lock is not None:  # the start-up hook keeps it from what the script leaves running (_bootstrap)
         env[ENV_LOCK_FD] = str(lock)
+    env[ENV_RUNNER_PID] = str(os.getpid())
     for key, value in options.items():
         env[ENV_OPTIONS[key]] = str(value)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BOOTSTRAP_DIR), env.get("PYTHONPATH")]))

@@ -1,8 +1,8 @@
 """Loaded at interpreter start-up in processes run by `gradwatch run` (this folder is put on
-PYTHONPATH). It starts watching once the process imports torch, installs the SIGTERM/SIGHUP
-handler that stores the last steps (from the main thread, while it is still the only one), then
-hands over to any other sitecustomize the environment had, so the user's own start-up code still
-runs (and `import sitecustomize` finds it)."""
+PYTHONPATH). It starts watching once the process imports torch; in the process `gradwatch run`
+started itself, it installs the SIGTERM/SIGHUP handler that stores the last steps at start-up (from
+the main thread, while it is still the only one). Then it hands over to any other sitecustomize the
+environment had, so the user's own start-up code still runs (and `import sitecustomize` finds it)."""
 
 import os
 import signal
@@ -10,6 +10,9 @@ import sys
 
 FLUSH_MARK = "_gradwatch_flush"  # on the signal handlers gradwatch installs (as collect/auto.py names it)
 SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None)
+ENV_RUNNER_PID = "GRADWATCH_RUNNER_PID"  # `gradwatch run`'s own pid (runner.child_env)
+_getsignal, _setsignal = signal.getsignal, signal.signal  # the real ones: see _report_ours_as_default
+_stand_in = {}  # signal -> gradwatch's handler, where it was installed in this process (for SIG_DFL)
 
 
 def _watch_when_torch_imports():
@@ -84,17 +87,54 @@ def _keep_the_lock_from_children():
 
 def _on_signal(signum, frame):
     """SIGTERM, SIGHUP: store the steps since the last flush, then die of the signal (see
-    collect/auto.py). Installed here, at start-up, in the main thread, the only one Python lets
-    install a handler: torch imported in another thread (training run from a server's or a GUI's
-    worker thread) found none installed, and lost those steps. Until a watch exists, it ends the
-    process as the default would."""
+    collect/auto.py). Installed here, at start-up, in the main thread (of the command `gradwatch
+    run` started: elsewhere at torch's import), the only one Python lets install a handler: torch
+    imported in another thread (training run from a server's or a GUI's worker thread) found none
+    installed, and lost those steps. Until a watch exists, it ends the process as the default would."""
     auto = sys.modules.get("gradwatch.collect.auto")
-    installed = signal.getsignal(signum) is _on_signal
     if auto is not None:
-        auto.on_signal(signum, installed)
-    elif installed:  # (else the script's own handler calls it, chaining: without us it found SIG_DFL)
-        signal.signal(signum, signal.SIG_DFL)
+        auto.on_signal(signum)
+    else:
+        _setsignal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
+
+
+def _started_by_the_runner():
+    """This process is the command `gradwatch run` started (not a helper it runs in turn): a
+    Python handler waits for the main thread to run Python, so a helper busy in a long C call
+    (no torch, nothing to store) ignored `terminate()` until the call returned (9.3 s, not 0.0 s).
+    (runner.is_the_command, which imports too much for every process's start-up.)"""
+    return os.environ.get(ENV_RUNNER_PID) == str(os.getppid())
+
+
+def _report_ours_as_default():
+    """`signal.getsignal` and the handler `signal.signal` returns say SIG_DFL where gradwatch's
+    handler is: scripts see what they would see without gradwatch. A script's handler that passes
+    the signal on to the one it found (`prev()` if callable, else the default action) called
+    gradwatch's, which cannot tell that call from its own and swallowed the SIGTERM (the script
+    ran on); Lightning's `_has_already_handler` took it for the user's and installed none. The
+    script's handler now replaces ours; if it exits (sys.exit), atexit stores the steps. The
+    default it sets where gradwatch's handler stands in (_stand_in) is that handler again: the
+    steps are stored when it then sends itself the signal, or when a handler it set aside for a
+    while (`old = signal.signal(SIGTERM, SIG_IGN)` around a checkpoint's save) is put back."""
+    import functools
+
+    @functools.wraps(_getsignal)
+    def getsignal(signalnum):
+        return _as_seen(signalnum, _getsignal(signalnum))
+
+    @functools.wraps(_setsignal)
+    def set_signal(signalnum, handler):
+        if isinstance(handler, int) and handler == signal.SIG_DFL:
+            handler = _stand_in.get(signalnum, handler)
+        return _as_seen(signalnum, _setsignal(signalnum, handler))
+
+    set_signal.stand_in = _stand_in  # (collect/auto.py adds the handler it installs)
+    signal.getsignal, signal.signal = getsignal, set_signal
+
+
+def _as_seen(signum, handler):
+    return signal.SIG_DFL if signum in SIGNALS and getattr(handler, FLUSH_MARK, False) else handler
 
 
 def _flush_on_signals():
@@ -104,16 +144,22 @@ def _flush_on_signals():
     blocked in C at `Pool.__exit__`'s SIGTERM never died."""
     setattr(_on_signal, FLUSH_MARK, True)
     for signum in SIGNALS:
-        if signal.getsignal(signum) is signal.SIG_DFL:
-            signal.signal(signum, _on_signal)
-    os.register_at_fork(after_in_child=lambda: _swap_ours(signal.SIG_DFL))
+        if _getsignal(signum) is signal.SIG_DFL:
+            _setsignal(signum, _on_signal)
+            _stand_in[signum] = _on_signal
+    os.register_at_fork(after_in_child=_default_in_forked_child)
+
+
+def _default_in_forked_child():
+    _stand_in.clear()
+    _swap_ours(signal.SIG_DFL)
 
 
 def _swap_ours(handler):
     """Set each signal whose handler is gradwatch's to `handler`, with the signals blocked
     meanwhile: one arriving between the two would be dropped by Python ("ignored due to race
     condition"). Returns the handlers replaced: none outside the main thread (Python refuses there)."""
-    ours = {s: h for s in SIGNALS if getattr(h := signal.getsignal(s), FLUSH_MARK, False)}
+    ours = {s: h for s in SIGNALS if getattr(h := _getsignal(s), FLUSH_MARK, False)}
     try:
         _set_blocked({s: handler for s in ours})
     except ValueError:
@@ -125,7 +171,7 @@ def _set_blocked(handlers):
     held = signal.pthread_sigmask(signal.SIG_BLOCK, set(handlers))
     try:
         for signum, handler in handlers.items():
-            signal.signal(signum, handler)
+            _setsignal(signum, handler)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
@@ -151,14 +197,16 @@ def _die_by_default_while_idle():
         try:
             return wait(self)
         finally:
-            _set_blocked({s: h for s, h in ours.items() if signal.getsignal(s) is signal.SIG_DFL})
+            _set_blocked({s: h for s, h in ours.items() if _getsignal(s) is signal.SIG_DFL})
 
     SimpleQueue.get = get
 
 
 if os.environ.get("GRADWATCH_RUN_DIR"):
     _keep_the_lock_from_children()
-    _flush_on_signals()
+    _report_ours_as_default()
+    if _started_by_the_runner():
+        _flush_on_signals()
     if "--multiprocessing-fork" in getattr(sys, "argv", ()):  # (spawn's command line for its processes)
         _die_by_default_while_idle()
     _watch_when_torch_imports()

@@ -33,7 +33,7 @@ from gradwatch.collect.sampled_hooks import quiet_global_hook_warning
 from gradwatch.collect.watch import Watch, params_of
 from gradwatch.errors import GradwatchError
 from gradwatch.say import say as _say
-from gradwatch.runner import ENV_OPTIONS, ENV_RUN_DIR, FORKED_MARK, WATCHED_MARK
+from gradwatch.runner import ENV_OPTIONS, ENV_RUN_DIR, FORKED_MARK, WATCHED_MARK, is_the_command
 from gradwatch.store.reader import STORE_NAME
 
 DISCOVERY_STEPS = 2  # global forward hooks cost time on every module call: keep them briefly
@@ -78,6 +78,7 @@ class AutoWatch(Watch):
         self._writer = None  # the store file is made at the first step or flush, so idle processes write nothing
         self.run_dir = run_dir
         self.pid = os.getpid()  # a forked child has a copy of this watch, and must not write (_own_watch)
+        self.the_command = is_the_command()  # `gradwatch run`'s own child: its steps take the main store
         self.number_resumed = number_resumed
         self._depth = 0
         self._prefixes: set[str] = set()
@@ -112,9 +113,10 @@ class AutoWatch(Watch):
             super().flush()
 
     def _claim_store(self) -> None:
-        """The store file, taken at the first optimizer step (else at the first flush): taken at the
-        first flush, a script's evaluation or fine-tuning run with subprocess before it (20 steps,
-        flushed every 50) took the run's main store, and the training was "another process"."""
+        """The store file, taken at the first optimizer step (else at the first flush), and by the
+        command `gradwatch run` started at its first step of any kind: taken at the first flush, a
+        script's evaluation or fine-tuning run with subprocess before it (20 steps, flushed every
+        50) took the run's main store, and the training (by hand, no optimizer) was "another process"."""
         if self.store_path is None:
             self.store_path = Path(_claim_store(self.run_dir))
 
@@ -351,6 +353,8 @@ class AutoWatch(Watch):
         if self._step >= self._discover_until:
             self._stop_discovery()
         self.step_thread = threading.get_ident()
+        if self.the_command and self.store_path is None:
+            self._claim_store()
         if self.flush_requested is not None:  # a signal waits in the main thread: _die_after_step
             done, self.flush_requested = self.flush_requested, None
             with contextlib.suppress(Exception):
@@ -501,38 +505,61 @@ def _flush_on_sigterm() -> None:
     """SIGTERM (`kill`, a scheduler's time limit, `gradwatch run` passing one on) and SIGHUP (the
     terminal closed, an ssh session dropped: sent to the whole process group, the script too) end
     Python without atexit: store the steps since the last flush, then die of the signal as before.
-    The start-up hook installs it (_bootstrap: from the main thread, also for torch imported in
-    another) where the default was left; here, where the script has set the default back since."""
+    The start-up hook installs it at start-up in the command `gradwatch run` started (_bootstrap:
+    from the main thread, also for torch imported in another); here, in the processes that command
+    starts, where the default was left. The script setting the default puts it back (_bootstrap)."""
     if threading.current_thread() is not threading.main_thread():
         return
 
     def handler(signum: int, frame: object) -> None:
-        on_signal(signum, signal.getsignal(signum) is handler)
+        on_signal(signum)
 
     setattr(handler, FLUSH_MARK, True)
+    stand_in = getattr(signal.signal, "stand_in", {})
     for signum in SIGNALS:
-        if signal.getsignal(signum) is signal.SIG_DFL:
-            signal.signal(signum, handler)
+        if _getsignal(signum) is signal.SIG_DFL:
+            _setsignal(signum, handler)
+            stand_in[signum] = handler
 
 
-def on_signal(signum: int, installed: bool) -> None:
+def _getsignal(signum: int) -> object:
+    """The handler really installed: the start-up hook has `signal.getsignal` say SIG_DFL for
+    gradwatch's, and `signal.signal` put it back for SIG_DFL (_bootstrap: scripts see what they
+    would see without gradwatch)."""
+    return getattr(signal.getsignal, "__wrapped__", signal.getsignal)(signum)
+
+
+def _setsignal(signum: int, handler: object) -> object:
+    return getattr(signal.signal, "__wrapped__", signal.signal)(signum, handler)
+
+
+def on_signal(signum: int) -> None:
     """A SIGTERM or SIGHUP reached gradwatch's handler (in the main thread). Only by a process
     with a watch of its own, not by a forked worker that inherits it (nor by a fork Pool's, which
-    `Pool.__exit__` ends with a SIGTERM). `installed`: false where the script's own handler
-    replaced ours and calls it, chaining to the handler it found: without gradwatch it found the
-    default there and called nothing, so nothing is done (its exit, if any, stores the steps)."""
-    if not installed:
-        return
+    `Pool.__exit__` ends with a SIGTERM). A script's handler never chains to it: the handler it
+    finds there is SIG_DFL (_bootstrap)."""
     watch = _own_watch()
     if watch is None:
-        signal.signal(signum, signal.SIG_DFL)
+        _setsignal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
     elif watch._busy and watch._dist is None:  # (a collective's flush could wait forever)
         watch._deferred_signal = signum
-    elif watch.step_thread not in (None, threading.main_thread().ident):
+    elif _mid_step_elsewhere(watch):
         _die_after_step(watch, signum)
     else:
         _die_of(watch, signum)
+
+
+def _mid_step_elsewhere(watch: AutoWatch) -> bool:
+    """The steps end in another thread, alive and inside a step (between its first forward or
+    backward and its optimizer step's end). A thread that has ended, or waits between steps, has
+    nothing under way: waiting for its next step's end cost the full STEP_WAIT (5.05 s after the
+    SIGTERM, where 0.06 s before) and lost every step, the training thread being long joined."""
+    ident = watch.step_thread
+    if ident in (None, threading.main_thread().ident):
+        return False
+    alive = any(t.ident == ident and t.is_alive() for t in threading.enumerate())
+    return alive and (watch._cur is not None or watch._in_step or watch._backward_since_step)
 
 
 def flush_before_waiting() -> bool:
@@ -552,23 +579,29 @@ def flush_before_waiting() -> bool:
 def _die_after_step(watch: AutoWatch, signum: int) -> None:
     """The training runs in another thread (a server's or a GUI's worker), which Python never runs
     handlers in: flushing here, under its step, would break the step. That thread stores the steps
-    when its step ends (AutoWatch._end_step); a step longer than STEP_WAIT loses them, as before."""
-    signal.signal(signum, signal.SIG_IGN)  # (a second one meanwhile: see _die_of)
+    when its step ends (AutoWatch._end_step); after STEP_WAIT they are stored from here (dying
+    anyway, a step cut short is the most that can break)."""
+    _setsignal(signum, signal.SIG_IGN)  # (a second one meanwhile: see _die_of)
     done = threading.Event()
     watch.flush_requested = done
-    done.wait(STEP_WAIT)
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
+    if done.wait(STEP_WAIT):
+        _setsignal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+    else:
+        watch.flush_requested = None
+        _die_of(watch, signum)
 
 
 def _default_signals() -> None:
     """In a forked child, gradwatch's signal handlers go back to the default: a Python handler
     runs only when the main thread runs Python, and a fork Pool worker blocked in C at
-    `Pool.__exit__`'s SIGTERM then never died (the pool's join hung: a test timed out at 120 s)."""
+    `Pool.__exit__`'s SIGTERM then never died (the pool's join hung: a test timed out at 120 s).
+    The default the child sets is the default too (_bootstrap's stand-in)."""
+    getattr(signal.signal, "stand_in", {}).clear()
     for signum in SIGNALS:
         with contextlib.suppress(ValueError):  # (not the main thread: left as it is)
-            if getattr(signal.getsignal(signum), FLUSH_MARK, False):
-                signal.signal(signum, signal.SIG_DFL)
+            if getattr(_getsignal(signum), FLUSH_MARK, False):
+                _setsignal(signum, signal.SIG_DFL)
 
 
 def _die_of(watch: AutoWatch, signum: int) -> None:
@@ -576,11 +609,11 @@ def _die_of(watch: AutoWatch, signum: int) -> None:
     one meanwhile is ignored: sent to the process group (Slurm's time limit, `kill -TERM -PGID`),
     the signal reaches the script twice, once passed on by `gradwatch run`, and the second
     ended the flush the first began."""
-    signal.signal(signum, signal.SIG_IGN)
+    _setsignal(signum, signal.SIG_IGN)
     with contextlib.suppress(Exception):  # dying anyway: what was flushed before stays
         watch.abandon_collectives(f"it ended on {signal.Signals(signum).name}")  # torchrun's, after another rank failed
         _detach_at_exit(watch)
-    signal.signal(signum, signal.SIG_DFL)
+    _setsignal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
 
 
