@@ -94,3 +94,16 @@ def test_units_that_died_after_stale_gradients_began_name_them_first():
     assert f.message.startswith(alone.message) and "follows the stale gradients found" in f.message
     early = next(f for f in diagnose(_with(run, {**SAID, "first_step": 60})) if f.kind == "dead_units")
     assert early.causes == alone.causes
+
+
+def test_findings_are_paired_with_causes_in_their_own_phase_only():
+    """Two models one after the other: the second's stale gradients explained the first's plateau
+    (told to clear the gradients, which its loop did) and the first's dead units."""
+    run = _plateau(build(n_steps=200))
+    run.meta["phase_starts"] = [100]
+    found = diagnose(_with(run, {**SAID, "first_step": 110}))
+    first = [f for f in found if f.kind == "loss_plateau" and f.first_step < 100]
+    assert first and all("stale" not in f.message for f in first)
+    assert first[0].remedies[0].action.startswith("Raise the learning rate")
+    second = [f for f in found if f.kind == "loss_plateau" and f.first_step >= 100]
+    assert all("follows from the stale gradients found" in f.message for f in second)

@@ -3,6 +3,7 @@ why, and what to change). No torch needed: rules read a `RunSeries`."""
 
 from __future__ import annotations
 
+import bisect
 import os
 from dataclasses import fields, replace
 
@@ -51,8 +52,7 @@ def diagnose(run: RunSeries | str | os.PathLike, thresholds: Thresholds | dict =
         findings = [f for f in findings if f.kind not in LOSS_KINDS]  # its plateau or rise says nothing
     findings = _one_per_cause(series, findings)
     findings = _nan_after_explosion(findings)
-    findings = _plateau_from_block(findings)
-    findings = _after_stale(findings)
+    findings = _per_phase(findings, starts, lambda found: _after_stale(_plateau_from_block(found)))
     return sorted(findings, key=lambda f: (f.first_step, SEVERITY_ORDER[f.severity], KINDS.index(f.kind)))
 
 
@@ -84,6 +84,15 @@ def _dead_from_growth(f: Finding) -> bool:
         and "zero_weight_layers" not in f.evidence
 
 
+def _per_phase(findings: list[Finding], starts: list[int], pair) -> list[Finding]:
+    """`pair` (a finding explained by another) within each phase apart: one model's stale
+    gradients say nothing of the next model's plateau or dead units."""
+    groups: dict[int, list[Finding]] = {}
+    for f in findings:
+        groups.setdefault(bisect.bisect_right(starts, f.first_step), []).append(f)
+    return [f for k in sorted(groups) for f in pair(groups[k])]
+
+
 def _plateau_from_block(findings: list[Finding]) -> list[Finding]:
     """A loss plateau beside a finding that explains it follows from it: the plateau says so and
     advises that finding's fix, not a tenfold lr. Stale gradients (a forgotten zero_grad())
@@ -95,17 +104,37 @@ def _plateau_from_block(findings: list[Finding]) -> list[Finding]:
     cause = stale or blocking or clipped
     if cause is None:
         return findings
-    why = {"stale_gradients": STALE_WHY,
-           "exploding_gradient": "clipping on nearly every step sets the step's length, not the learning rate"
-           }.get(cause.kind, NOT_REACHING)
+    why, fix = STALE_WHY if cause is stale else NOT_REACHING, None
+    if cause is clipped:
+        why, fix = _clipped_plateau(cause)
     follows = {id(f) for f in findings if f.kind == "loss_plateau" and f.severity != "info"  # not one at its floor
                or f.kind == "loss_divergence" and cause is stale}
     if not follows:
         return findings
     # the loss does not move and this is why: no longer a warning (a recurrent net's short
     # memory, some dead units) but what stops the training
-    return [_follows_from(f, cause, why) if id(f) in follows else
+    return [_follows_from(f, cause, why, fix) if id(f) in follows else
             replace(f, severity="error") if f is blocking and cause is blocking else f for f in findings]
+
+
+def _clipped_plateau(clipped: Finding) -> tuple[str, Remedy | None]:
+    """A flat loss under clipping on nearly every step. Each step is lr x the limit. Where the loss's
+    scale (the finding's first cause) or a norm that grew under the clipping (steps too long for the
+    curvature) explains it, the finding's own fix does. Otherwise the step is too short to move the
+    loss, and the fix lengthens it: the limit at twice the typical norm, the lr kept (SGD lr 1e-3
+    clipped at 0.01: 69.3 as it was, and with the exploding finding's fix, which keeps the step's
+    length; 1.93 with the limit raised to 39)."""
+    ev = clipped.evidence
+    share = f"clipping on {ev['clip_active_share']:.0%} of the steps"
+    if (clipped.causes and clipped.causes[0].startswith("loss scale:")) or ev.get("clip_norm_growth", 1.0) >= 10:
+        return f"{share}: {clipped.causes[0] if clipped.causes else 'see that finding'}", None
+    twice = 2 * ev["clip_median_norm"]
+    limit = f"{float(f'{twice:.2g}'):g}"
+    why = (f"{share} cuts each one to lr x the limit {ev['clip_limit']:.3g}, {1 / ev['clip_kept']:.3g}x shorter "
+           "than lr·g: too short to move the loss")
+    return why, Remedy(f"Raise the clipping limit to twice the typical norm ({limit}) at the same learning rate, "
+                       "so clipping catches spikes only",
+                       f"torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={limit})  # before optimizer.step()")
 
 
 def _after_stale(findings: list[Finding]) -> list[Finding]:
@@ -119,7 +148,8 @@ def _after_stale(findings: list[Finding]) -> list[Finding]:
     fix = stale.remedies[0]
     return [replace(f, message=f"{f.message} It follows the stale gradients found: {fix.action}.",
                     causes=(f"stale_gradients: {STALE_WHY}", *f.causes), remedies=(fix, *f.remedies))
-            if f.kind in ("dead_units", "saturation", "non_finite") and f.first_step > stale.first_step else f
+            if f.kind in ("dead_units", "saturation", "non_finite") and f.first_step > stale.first_step
+            and not f.evidence.get("at_init") else f
             for f in findings]
 
 
@@ -153,18 +183,20 @@ def _nan_after_explosion(findings: list[Finding]) -> list[Finding]:
     return out
 
 
-def _follows_from(loss: Finding, cause: Finding, why: str = NOT_REACHING) -> Finding:
+def _follows_from(loss: Finding, cause: Finding, why: str = NOT_REACHING, fix: Remedy | None = None) -> Finding:
     """A loss that does not move (or rises) because of `cause`: raising (or lowering) the learning
-    rate does not help (a vanishing or zero gradient times ten is still one), fixing the cause does."""
+    rate does not help (a vanishing or zero gradient times ten is still one), fixing the cause
+    does (`fix`, else the cause's first remedy)."""
     ev = loss.evidence
     end = ev.get("loss_end", ev.get("loss_max"))
     said = "has not improved" if loss.kind == "loss_plateau" else "rises"
+    first = [fix] if fix is not None else list(cause.remedies[:1])
+    action = first[0].action if first else "fix that first"
     return replace(loss, message=f"The loss {said} ({ev['loss_start']:.4g} -> {end:.4g}): it "
-                                 f"follows from the {cause.kind.replace('_', ' ')} found. {_first_remedy(cause)}.",
+                                 f"follows from the {cause.kind.replace('_', ' ')} found. {action}.",
                    causes=(f"{cause.kind}: {why}", *loss.causes),
-                   remedies=(*cause.remedies[:1], *(r for r in loss.remedies
-                                                    if not r.action.startswith(("Raise the learning rate",
-                                                                                "Lower the learning rate")))))
+                   remedies=(*first, *(r for r in loss.remedies
+                                       if not r.action.startswith(("Raise the learning rate", "Lower the learning rate")))))
 
 
 def _first_remedy(cause: Finding) -> str:
