@@ -99,3 +99,71 @@ def test_stale_gradients_under_an_optimizer_get_a_trial_that_clears_them(tmp_pat
     assert "opt.zero_grad()" in result.change or "optimizer.zero_grad()" in result.change
     healthy = fix(script(True), out=tmp_path / "healthy", budget_steps=60)
     assert healthy.baseline.final_loss == pytest.approx(cleared.final_loss, rel=1e-6)
+
+
+def _amp(fixed: bool):
+    """A GradScaler whose first step overflows (a large initial scale, as fp16 runs often start)."""
+    model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=3.0e38)
+    x = torch.randn(256, 10)
+    for i in range(30):
+        if fixed:
+            opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x[i:i + 32]), 2 * x[i:i + 32, :1])
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    return model
+
+
+def _lbfgs(fixed: bool):
+    """L-BFGS calls the closure several times a step: each call must start cleared."""
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 1))
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5)
+    x = torch.randn(128, 5)
+
+    def closure():
+        if fixed:
+            opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), (x ** 2).sum(1, keepdim=True))
+        loss.backward()
+        return loss
+    for _ in range(10):
+        opt.step(closure)
+    return model
+
+
+def _gan(fixed: bool):
+    """The discriminator's zero_grad() forgotten: the generator's backward writes into D's gradients."""
+    gen = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+    disc = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 1))
+    opt_d, opt_g = torch.optim.SGD(disc.parameters(), lr=0.05), torch.optim.SGD(gen.parameters(), lr=0.05)
+    bce = nn.BCEWithLogitsLoss()
+    for _ in range(20):
+        real, z = torch.randn(32, 2) * 0.5 + 2, torch.randn(32, 4)
+        if fixed:
+            opt_d.zero_grad()
+        (bce(disc(real), torch.ones(32, 1)) + bce(disc(gen(z).detach()), torch.zeros(32, 1))).backward()
+        opt_d.step()
+        opt_g.zero_grad()
+        bce(disc(gen(z)), torch.ones(32, 1)).backward()
+        opt_g.step()
+    return disc
+
+
+@pytest.mark.parametrize("script", [_amp, _lbfgs, _gan])
+def test_the_zero_grad_trial_trains_as_the_change_written_in(tmp_path, script):
+    """The trial must measure the change it prints. It did not: under a GradScaler whose step
+    overflowed (no step, so nothing cleared the inf gradients: every later step skipped too);
+    with L-BFGS (the closure's calls within a step still accumulated: loss 9.5e25 against 0.06);
+    on a GAN (the generator's backward into D's gradients, which D's next step used)."""
+    from gradwatch.fix.candidates import zero_grad
+    from gradwatch.fix.trial import run_trial_in_process
+
+    models = []
+    run_trial_in_process(lambda: models.append(script(False)), tmp_path, zero_grad(), 1000)
+    torch.manual_seed(0)  # as the trial seeds
+    fixed = script(True)
+    for a, b in zip(models[0].parameters(), fixed.parameters()):
+        assert torch.equal(a, b)

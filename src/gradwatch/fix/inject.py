@@ -165,7 +165,8 @@ class Injector:
         self.backwards = 0
         self.non_finite_losses = 0  # consecutive
         self._optimizers: dict[int, dict] = {}
-        self._to_clear: list[weakref.ref] = []  # optimizers that stepped since the last backward (zero_grad spec)
+        self._known: list[weakref.ref] = []  # every optimizer built (params_added): the zero_grad spec clears them
+        self._clear_next = False  # the zero_grad spec: clear them all before the next backward
         self._manual_clipper = None
         self._manual = False  # the script updates the weights itself (settled by _updated_by_hand)
         self._probe: torch.Tensor | None = None
@@ -261,12 +262,21 @@ class Injector:
                 "value": lambda: clip.ClipValue(self.spec["value"]),
                 "zclip": clip.ZClip, "agc": clip.AGC, "autoclip": clip.AutoClip}[self.spec["clip"]]()
 
-    def _before_step(self, opt, args, kwargs) -> None:
+    def _before_step(self, opt, args, kwargs) -> tuple | None:
+        """Returns new (args, kwargs) for the step where the remedy changes its closure."""
         if getattr(opt, "_gradwatch_inner", False):
-            return
+            return None
         if self.model is None and "target" in self.spec:  # a step, and the model to change never ran
             self._not_applied(f"no module the script calls {self.spec['target']!r} ran before its first step")
         state = self._state(opt)
+        closure = args[1] if len(args) > 1 else kwargs.get("closure")  # (args[0] is the optimizer itself)
+        if self.spec.get("zero_grad") and callable(closure):  # L-BFGS evaluates it several times a step
+            def cleared(closure=closure, opt=opt):
+                opt.zero_grad()
+                return closure()
+            changed = ((args[0], cleared, *args[2:]), kwargs) if len(args) > 1 else (args, {**kwargs, "closure": cleared})
+        else:
+            changed = None
         if "clipper" in state:
             state["clipper"]([p for g in opt.param_groups for p in g["params"]])
         if "adam" in state:  # Adam takes the step; the script's optimizer runs with lr 0
@@ -279,6 +289,7 @@ class Injector:
             state["lrs"] = [g["lr"] for g in opt.param_groups]
             for g in opt.param_groups:
                 g["lr"] = g["lr"] * scale if scale is not None else min(g["lr"], cap)
+        return changed
 
     def _after_step(self, opt, args, kwargs) -> None:
         if getattr(opt, "_gradwatch_inner", False):
@@ -287,7 +298,7 @@ class Injector:
         for g, lr in zip(opt.param_groups, state.pop("lrs", [])):
             g["lr"] = lr  # a scheduler sees the lr it set
         if self.spec.get("zero_grad"):  # stale gradients: cleared before the next backward (before_backward)
-            self._to_clear.append(weakref.ref(opt))
+            self._clear_all_later()
         self._count_step(opt)
 
     def _count_step(self, opt: torch.optim.Optimizer) -> None:
@@ -337,14 +348,21 @@ class Injector:
         if self.spec:
             self._stop_if_failed(root)
 
+    def _clear_all_later(self) -> None:
+        """The stale-gradients trial, after a step (or a step a GradScaler skipped: nothing would
+        clear its inf gradients, and every later step was skipped too): every optimizer clears its
+        gradients before the next backward, as `optimizer.zero_grad()` before each
+        `loss.backward()` does. Every one, not the one that stepped alone: a GAN's generator
+        backward writes into the discriminator's gradients, which its step then used. Not right
+        after the step: a script that reads `p.grad` there (to log its norm) found None and failed."""
+        self._clear_next = True
+
     def _clear_stepped(self) -> None:
-        """The stale-gradients trial: each optimizer that stepped since the last backward clears
-        its gradients now, as `optimizer.zero_grad()` before `loss.backward()` does. Not right after
-        the step: a script that reads `p.grad` there (to log its norm) found None and failed."""
-        for ref in self._to_clear:
-            if (opt := ref()) is not None:
-                opt.zero_grad()
-        self._to_clear = []
+        if self._clear_next:
+            self._clear_next = False
+            for ref in self._known:
+                if (opt := ref()) is not None:
+                    opt.zero_grad()
 
     def _stop_if_failed(self, root) -> None:
         """A remedy trial whose loss stays non-finite has failed (its final loss is inf whatever
@@ -392,10 +410,15 @@ class Injector:
         return self._manual
 
     def after_scaler_update(self) -> None:
-        pass
+        if self.spec.get("zero_grad"):
+            self._clear_all_later()
 
     def params_added(self, optimizer: torch.optim.Optimizer) -> None:
-        """An optimizer took parameters (patches.Listener): remedies act at its steps, not before."""
+        """An optimizer took parameters (patches.Listener): remedies act at its steps, not before;
+        the zero_grad spec knows it, to clear it."""
+        if self.spec.get("zero_grad") and not getattr(optimizer, "_gradwatch_inner", False) \
+                and not any(ref() is optimizer for ref in self._known):
+            self._known.append(weakref.ref(optimizer))
 
     def guard_skipped(self, optimizer) -> None:
         """The script's own gw.guard skipped a step: it still counts against the budget."""
