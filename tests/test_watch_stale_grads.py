@@ -520,3 +520,21 @@ def test_a_parameter_whose_gradient_is_exactly_zero_is_replaced(clear):
         said = watch.series().meta.get("stale_gradients")
         assert watch._stale.checks >= N - 5
     assert (said is None) if clear else (said["first_step"] <= 5 and said["carried_over"] == said["checks"])
+
+
+def test_by_hand_a_parameter_the_loop_never_updates_is_given_up_for_another():
+    """Only the head updated by hand, nothing ever cleared: the smallest parameter (the backbone's
+    PReLU) was checked and waited for an update that never came, with a host sync every backward,
+    and the forgotten clear was never found."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.PReLU(), nn.Linear(32, 1))
+    x, y = torch.randn(64, 10), torch.randn(64, 1)
+    with gw.watch(model, warn=False) as watch:
+        for _ in range(100):
+            nn.functional.mse_loss(model(x), y).backward()
+            with torch.no_grad():
+                for p in model[2].parameters():
+                    p -= 1e-3 * p.grad
+        said = watch.series().meta.get("stale_gradients")
+    assert said is not None and said["optimizer"] == "" and said["layer"] == "2"
+    assert said["carried_over"] == said["checks"] >= 2

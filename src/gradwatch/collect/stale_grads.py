@@ -27,7 +27,8 @@ import torch
 
 STALE_KEY = "stale_gradients"  # the run's meta: the first carry-over and how many checks found one
 
-MAX_WAIT = 8  # steps a copy waits for a backward that reaches its parameter (a head used on some steps only)
+MAX_WAIT = 8  # steps a copy waits for a backward that reaches its parameter (a head used on some steps only);
+# by hand, backwards it waits for its parameter to change
 
 
 class StaleCheck:
@@ -124,7 +125,12 @@ class StaleCheck:
         Unchanged weights: the backwards accumulate on purpose, and the wait goes on. (A host sync
         per backward while armed, after sampled steps only: the watch has no step hook here.)"""
         if not bool((self._param.detach() != self._weight).any()):
+            self._waited += 1
+            if self._waited > MAX_WAIT:  # a layer the loop never updates (a frozen backbone's): ask another
+                self._zero.add(self.index)
+                self.disarm()
             return
+        self._waited = 0
         if self._moved is None:  # the first update since the copy: the span starts at this step
             self._moved = step
             self._weight = self._param.detach().clone()
