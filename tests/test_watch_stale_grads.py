@@ -538,3 +538,21 @@ def test_by_hand_a_parameter_the_loop_never_updates_is_given_up_for_another():
         said = watch.series().meta.get("stale_gradients")
     assert said is not None and said["optimizer"] == "" and said["layer"] == "2"
     assert said["carried_over"] == said["checks"] >= 2
+
+
+def test_checks_are_counted_from_the_first_carry_over_on():
+    """A correct loop, then the same loop without its zero_grad(): the message said "at 29 of the 59
+    steps checked from step 311 on", counting the correct loop's checks before that step."""
+    x, y = _data()
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with gw.watch(model, opt, sample_every=1, warn=False) as watch:
+        for step in range(2 * N):
+            if step < N:
+                opt.zero_grad()
+            _loss(model, x, y).backward()
+            opt.step()
+        said = watch.series().meta.get("stale_gradients")
+    # step N is the first whose gradient holds the last step's; every check from there on found it
+    assert said["first_step"] == N and said["carried_over"] == said["checks"] and N - 2 <= said["checks"] <= N
+    assert watch._stale.checks > N + 5  # (the first loop's were checked too, and are not counted)

@@ -181,17 +181,19 @@ class StaleCheck:
 
     def note(self, meta: dict, layer_of: Callable[[int], str]) -> None:
         """The verdicts since the last call into `meta[STALE_KEY]`, once one found a carry-over: its
-        step, optimizer (`""`: updates by hand) and layer, and how many checks in all found one."""
+        step, optimizer (`""`: updates by hand) and layer, how many checks from that step on there
+        were and how many found one (a first model's correct loop is not counted in a second's)."""
         verdicts = self.take()
         self.checks += len(verdicts)
         carried = [(step, name, i) for step, name, i, over in verdicts if over]
         said = meta.get(STALE_KEY)
         if said is None and carried:
             step, name, i = carried[0]
-            said = meta[STALE_KEY] = {"optimizer": name, "first_step": step, "layer": layer_of(i), "carried_over": 0}
+            said = meta[STALE_KEY] = {"optimizer": name, "first_step": step, "layer": layer_of(i), "carried_over": 0,
+                                      "checks": 0}
         if said is not None:
             said["carried_over"] += len(carried)
-            said["checks"] = self.checks
+            said["checks"] += sum(1 for step, *_ in verdicts if step >= said["first_step"])
 
     def take(self) -> list[tuple[int, str, int, bool]]:
         """The verdicts since the last call, read on the host: (step, optimizer's class or "" for
