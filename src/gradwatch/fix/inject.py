@@ -28,7 +28,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from gradwatch.collect import patches
 from gradwatch.collect.caller_names import caller_name
-from gradwatch.collect.layers import ACTIVATIONS
+from gradwatch.collect.layers import ACTIVATIONS, compiled_inner
 from gradwatch.collect.watch import MAX_ACCUMULATION
 from gradwatch.errors import ConfigError
 from gradwatch.fix.locate import ENV_LOCATE_AT, NonFiniteLocator
@@ -70,13 +70,6 @@ def apply_to_model(model: nn.Module, spec: dict, example_input: Any = None) -> s
     elif spec.get("recurrent"):
         _recurrent(model, spec["recurrent"])
     return ""
-
-
-def uncompiled(module: nn.Module) -> nn.Module:
-    """The module a `torch.compile(module)` wraps (its `OptimizedModule` shares its parameters and
-    submodules, and recompiles when they change), else `module` itself."""
-    inner = getattr(module, "_orig_mod", None) if type(module).__name__ == "OptimizedModule" else None
-    return inner if isinstance(inner, nn.Module) else module
 
 
 @contextmanager
@@ -207,7 +200,7 @@ class Injector:
         dynamo, which refused them (every activation swap failed at step 0)."""
         if self.model is None and torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()) \
                 and ("target" not in self.spec or caller_name(module) == self.spec["target"]):
-            module = uncompiled(module)
+            module = compiled_inner(module) or module  # (the wrapper shares its parameters)
             if any(ref() is module for ref in self.earlier):
                 raise ConfigError(
                     f"gw.fix: train_fn trains the {type(module).__name__} an earlier trial trained (and changed); "
