@@ -81,8 +81,8 @@ def adam(names: Names = GENERIC) -> Candidate:
 
 
 def zero_grad(names: Names = GENERIC) -> Candidate:
-    """Against stale gradients (a forgotten `optimizer.zero_grad()`): the trial clears the
-    gradients of each optimizer that stepped, before the next backward."""
+    """Against stale gradients (a forgotten `optimizer.zero_grad()`): after each step the trial
+    clears every optimizer's gradients before the next backward (inject.py `_clear_all_later`)."""
     code = each(names, lambda n: f"{n.optimizer}.zero_grad()  # every step, before loss.backward()")
     return Candidate("optimizer.zero_grad() every step", {"zero_grad": True}, code)
 
@@ -243,7 +243,7 @@ TRIED_FOR = frozenset({*BLOW_UP, "vanishing_gradient", "saturation", "stalled_la
 
 def tried_for(finding: Finding) -> bool:
     """Whether `from_findings` builds a trial for this finding: stale gradients only where an
-    optimizer steps (the trial clears its gradients after each step)."""
+    optimizer steps (the trial clears the gradients at its steps; by hand there are none)."""
     if finding.kind == "stale_gradients":
         return bool(finding.evidence.get("optimizer"))
     return finding.kind in TRIED_FOR

@@ -335,7 +335,7 @@ class Injector:
 
     # ---------------------------------------------------------------- manual loops (patches.Listener)
     def before_backward(self, root) -> None:
-        self._clear_stepped()
+        self._clear_all_if_due()
         if self._manual and not self._optimizers and self.max_steps is not None and self.backwards >= self.max_steps:
             self._stop_at_budget()  # hand-written updates: a step is a backward
         if self.spec:
@@ -350,7 +350,7 @@ class Injector:
         after the step: a script that reads `p.grad` there (to log its norm) found None and failed."""
         self._clear_next = True
 
-    def _clear_stepped(self) -> None:
+    def _clear_all_if_due(self) -> None:
         if self._clear_next:
             self._clear_next = False
             for ref in self._known:
