@@ -191,7 +191,7 @@ def _follows_from(loss: Finding, cause: Finding, why: str = NOT_REACHING, fix: R
     end = ev.get("loss_end", ev.get("loss_max"))
     said = "has not improved" if loss.kind == "loss_plateau" else "rises"
     first = [fix] if fix is not None else list(cause.remedies[:1])
-    action = first[0].action if first else "fix that first"
+    action = fix.action if fix is not None else _first_remedy(cause)
     return replace(loss, message=f"The loss {said} ({ev['loss_start']:.4g} -> {end:.4g}): it "
                                  f"follows from the {cause.kind.replace('_', ' ')} found. {action}.",
                    causes=(f"{cause.kind}: {why}", *loss.causes),
