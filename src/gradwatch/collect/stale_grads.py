@@ -45,8 +45,10 @@ class StaleCheck:
         # (a weakref to an optimizer, its parameter count, the ids of its parameters)
         self._held: tuple[weakref.ref, int, set[int]] | None = None
         self._last = -1  # the parameter checked last time
-        self._zero: set[int] = set()  # parameters whose copy was all zero (a WGAN critic's output bias): not again
-        self._waited = 0  # steps the armed copy has waited
+        # parameters not to check again: a copy all zero (a WGAN critic's output bias), or, by hand,
+        # a parameter the loop never updates
+        self._skipped: set[int] = set()
+        self._waited = 0  # steps the armed copy has waited (by hand: backwards with the parameter unchanged)
         self._cleared = False  # its gradient was set to None since the copy
         self._weight: torch.Tensor | None = None  # without an optimizer: the parameter as copied
         self._moved: int | None = None  # without an optimizer: the step the span began (an update seen since the copy)
@@ -83,7 +85,7 @@ class StaleCheck:
 
         def eligible(i: int) -> bool:
             grad = params[i].grad
-            return (touched[i] and grad is not None and not grad.is_sparse and i not in self._zero
+            return (touched[i] and grad is not None and not grad.is_sparse and i not in self._skipped
                     and (held is None or id(params[i]) in held))
 
         last = self._last
@@ -127,7 +129,7 @@ class StaleCheck:
         if not bool((self._param.detach() != self._weight).any()):
             self._waited += 1
             if self._waited > MAX_WAIT:  # a layer the loop never updates (a frozen backbone's): ask another
-                self._zero.add(self.index)
+                self._skipped.add(self.index)
                 self.disarm()
             return
         self._waited = 0
@@ -173,7 +175,7 @@ class StaleCheck:
     def forget_positions(self) -> None:
         """The watch's parameter list changed: positions name other parameters now."""
         self.disarm()
-        self._last, self._zero = -1, set()
+        self._last, self._skipped = -1, set()
 
     def disarm(self) -> None:
         self.index, self._param, self._optimizer, self._copy = -1, None, None, None
@@ -203,6 +205,6 @@ class StaleCheck:
             if bool(informative):
                 out.append((step, name, i, bool(carried)))
             elif name:  # (by hand, unchanged weights say nothing of the parameter)
-                self._zero.add(i)  # its gradient is exactly 0: ask another one
+                self._skipped.add(i)  # its gradient is exactly 0: ask another one
         self._verdicts = []
         return out
