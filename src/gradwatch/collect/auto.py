@@ -73,8 +73,6 @@ class AutoWatch(Watch):
         super().__init__(None, None, out=None, meta={"command": sys.argv, "pid": os.getpid()}, **options)
         if self._live is not None:  # `gradwatch run` prints the whole run's findings when it ends
             self._live.check_at_close = False
-            if self._live.warn:  # each finding's line said clear of the script's progress bar (_say)
-                self._live.warn, self._live.on_finding = False, lambda finding: _say(finding.line())
         self._writer = None  # the store file is made at the first step or flush, so idle processes write nothing
         self.run_dir = run_dir
         self.pid = os.getpid()  # a forked child has a copy of this watch, and must not write (_own_watch)
@@ -274,14 +272,14 @@ class AutoWatch(Watch):
         up and "since step N" is the training's step; the store says so (meta `resumed`). An
         optimizer that keeps no count (SGD) was given a saved state: the steps stay numbered from
         0, and the store says the count is unknown. (Only what this process has not recorded yet.)"""
-        if not self.number_resumed or self._writer is not None or self.store_path is not None or self._step != 0:
+        if not self.number_resumed or self.store_path is not None or self._step != 0:  # (a writer needs a path)
             return
         taken = steps_taken(optimizer)
         if taken is None and optimizer not in self._loaded or taken == 0:
             return
         self._meta["resumed"] = {"at_step": taken, "optimizer": type(optimizer).__name__}
         if taken:
-            self.first_step, self._step = taken, self._step + taken
+            self.first_step = self._step = taken  # (from step 0)
             self._discover_until += taken
             for rec in {id(r): r for r in (*self._pending, self._cur) if r is not None}.values():
                 rec.step += taken
@@ -353,7 +351,7 @@ class AutoWatch(Watch):
         if self._step >= self._discover_until:
             self._stop_discovery()
         self.step_thread = threading.get_ident()
-        if self.the_command and self.store_path is None:
+        if self.the_command:
             self._claim_store()
         if self.flush_requested is not None:  # a signal waits in the main thread: _die_after_step
             done, self.flush_requested = self.flush_requested, None
@@ -395,7 +393,7 @@ def steps_taken(optimizer: torch.optim.Optimizer) -> int | None:
     counts = [s["step"] for s in optimizer.state.values() if isinstance(s, dict) and "step" in s]
     if not counts:
         return None
-    return max(int(c.item()) if isinstance(c, torch.Tensor) else int(c) for c in counts)
+    return max(int(c) for c in counts)  # (a one-element tensor or a number)
 
 
 def _mark_if_training(run_dir: str) -> None:
@@ -540,8 +538,7 @@ def on_signal(signum: int) -> None:
     finds there is SIG_DFL (_bootstrap)."""
     watch = _own_watch()
     if watch is None:
-        _setsignal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
+        _die_by_default(signum)
     elif watch._busy and watch._dist is None:  # (a collective's flush could wait forever)
         watch._deferred_signal = signum
     elif _mid_step_elsewhere(watch):
@@ -585,8 +582,7 @@ def _die_after_step(watch: AutoWatch, signum: int) -> None:
     done = threading.Event()
     watch.flush_requested = done
     if done.wait(STEP_WAIT):
-        _setsignal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
+        _die_by_default(signum)
     else:
         watch.flush_requested = None
         _die_of(watch, signum)
@@ -613,6 +609,11 @@ def _die_of(watch: AutoWatch, signum: int) -> None:
     with contextlib.suppress(Exception):  # dying anyway: what was flushed before stays
         watch.abandon_collectives(f"it ended on {signal.Signals(signum).name}")  # torchrun's, after another rank failed
         _detach_at_exit(watch)
+    _die_by_default(signum)
+
+
+def _die_by_default(signum: int) -> None:
+    """Die of `signum` as the process would without gradwatch."""
     _setsignal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
 

@@ -125,9 +125,9 @@ class SampledHooks:
         patches.compile_sees_hooks()
         for wrapper in self._compiled:
             self._hook_wrapper(wrapper)
-        if "torch._dynamo" in sys.modules:
-            self._handles.append(self._wrapper_finder(layers))
         eager = "torch._dynamo" in sys.modules  # (a hook made before it was imported is not for compile)
+        if eager:
+            self._handles.append(self._wrapper_finder(layers))
         for pos, layer in enumerate(layers):
             module = layer.module
             if layer.role == "activation":
