@@ -115,15 +115,14 @@ def lr_ceiling(run: RunSeries, findings: list[Finding]) -> float | None:
     first = min((f.first_step for f in findings if f.kind in BLOW_UP), default=None)
     if first is None:
         return None
-    changes = [*(run.meta.get("phase_starts") or []), *(s for s, _ in run.meta.get("optimizer_stopped") or [])]
-    phase = max((int(s) for s in changes if s <= first), default=None)
-    if phase is not None:
-        run = run.between(phase, None)
-    lr_known = np.isfinite(run.lr) & (run.lr > 0)
+    phase = max((s for s in phase_changes(run.meta) if s <= first), default=None)
+    keep = run.steps >= phase if phase is not None else slice(None)  # (only steps, lr and loss are read)
+    steps, lrs, losses = run.steps[keep], run.lr[keep], run.loss[keep]
+    lr_known = np.isfinite(lrs) & (lrs > 0)
     if not lr_known.any():
         return None
-    end = int(np.searchsorted(run.steps, first))
-    loss = run.loss[:end]
+    end = int(np.searchsorted(steps, first))
+    loss = losses[:end]
     finite = np.isfinite(loss) & lr_known[:end]
     if finite.sum() < 5:
         return None
@@ -131,10 +130,16 @@ def lr_ceiling(run: RunSeries, findings: list[Finding]) -> float | None:
     w = max(5, len(rows) // 10)
     running = np.array([np.median(loss[rows[max(0, i - w + 1):i + 1]]) for i in range(len(rows))])
     best = rows[max(0, int(np.argmin(running)) - w // 2)]  # the middle of the best window
-    start, at_blow_up = run.lr[np.flatnonzero(lr_known)[0]], run.lr[min(end, len(run.lr) - 1)]
-    if not (at_blow_up >= 2 * start and at_blow_up > run.lr[best]):
+    start, at_blow_up = lrs[np.flatnonzero(lr_known)[0]], lrs[min(end, len(lrs) - 1)]
+    if not (at_blow_up >= 2 * start and at_blow_up > lrs[best]):
         return None
-    return float(f"{run.lr[best]:.3g}")
+    return float(f"{lrs[best]:.3g}")
+
+
+def phase_changes(meta: dict) -> list[int]:
+    """The steps where a phase began: a new model trained (meta `phase_starts`), or the optimizer
+    stepping before stopped (`optimizer_stopped`: a fine-tuning's SGD after a pretraining's Adam)."""
+    return [int(s) for s in meta.get("phase_starts") or []] + [int(s) for s, _ in meta.get("optimizer_stopped") or []]
 
 
 def _optimizer_lr_code(factor: float, names: Names) -> str:

@@ -158,7 +158,7 @@ class Injector:
         self.backwards = 0
         self.non_finite_losses = 0  # consecutive
         self._optimizers: dict[int, dict] = {}
-        self._known: list[weakref.ref] = []  # every optimizer built (params_added): the zero_grad spec clears them
+        self._known: weakref.WeakSet = weakref.WeakSet()  # every optimizer built (params_added): the zero_grad spec clears them
         self._clear_next = False  # the zero_grad spec: clear them all before the next backward
         self._manual_clipper = None
         self._manual = False  # the script updates the weights itself (settled by _updated_by_hand)
@@ -353,9 +353,8 @@ class Injector:
     def _clear_all_if_due(self) -> None:
         if self._clear_next:
             self._clear_next = False
-            for ref in self._known:
-                if (opt := ref()) is not None:
-                    opt.zero_grad()
+            for opt in list(self._known):
+                opt.zero_grad()
 
     def _stop_if_failed(self, root) -> None:
         """A remedy trial whose loss stays non-finite has failed (its final loss is inf whatever
@@ -409,9 +408,8 @@ class Injector:
     def params_added(self, optimizer: torch.optim.Optimizer) -> None:
         """An optimizer took parameters (patches.Listener): remedies act at its steps, not before;
         the zero_grad spec knows it, to clear it."""
-        if self.spec.get("zero_grad") and not getattr(optimizer, "_gradwatch_inner", False) \
-                and not any(ref() is optimizer for ref in self._known):
-            self._known.append(weakref.ref(optimizer))
+        if self.spec.get("zero_grad") and not getattr(optimizer, "_gradwatch_inner", False):
+            self._known.add(optimizer)
 
     def guard_skipped(self, optimizer) -> None:
         """The script's own gw.guard skipped a step: it still counts against the budget."""

@@ -21,7 +21,7 @@ from gradwatch import runner
 from gradwatch.diagnose import diagnose
 from gradwatch.diagnose.finding import Finding, write_findings
 from gradwatch.errors import ConfigError, GradwatchError
-from gradwatch.fix.candidates import HARMFUL, Candidate
+from gradwatch.fix.candidates import HARMFUL, Candidate, phase_changes
 from gradwatch.fix.inject import BUDGET_REACHED, ENV_MAX_STEPS, ENV_REMEDY, NOT_APPLIED, PROGRESS, Injector
 from gradwatch.fix.locate import ENV_LOCATE_AT, ORIGIN
 from gradwatch.fix.touched import WRITTEN
@@ -163,8 +163,7 @@ def last_phase(series: RunSeries) -> int:
     pretraining's Adam, on a model sharing its encoder). Whether the loss fell is judged within it:
     a pretraining's MSE at 0.25 against a fine-tuning's cross-entropy at 1.1 said "did not fall" of
     a fine-tuning that had fallen from 2.3."""
-    changes = [*(series.meta.get("phase_starts") or []), *(s for s, _ in series.meta.get("optimizer_stopped") or [])]
-    for start in sorted((int(s) for s in changes), reverse=True):
+    for start in sorted(phase_changes(series.meta), reverse=True):
         if (series.steps >= start).sum() >= MIN_PHASE_STEPS:
             return start
     return int(series.steps[0]) if len(series.steps) else 0
@@ -324,7 +323,7 @@ def measure(trial: Trial) -> Trial:
         trial.not_applied = (run_dir / NOT_APPLIED).read_text().strip()
     trial.cut = (run_dir / BUDGET_REACHED).is_file()
     try:
-        series = read_run(run_dir)
+        series = read_run(run_dir, compact=True)  # (as diagnose reads a store: its metrics only go to the rules)
     except GradwatchError:
         return trial  # nothing recorded: the script failed before its first step
     trial.steps = len(series.steps)
