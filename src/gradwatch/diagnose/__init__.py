@@ -12,6 +12,7 @@ import numpy as np
 from gradwatch.diagnose.advice import continued
 from gradwatch.diagnose.finding import KINDS, SEVERITIES, Finding, Remedy
 from gradwatch.diagnose.rules import RULES
+from gradwatch.diagnose.rules.clipping import safety_limit
 from gradwatch.diagnose.thresholds import DEFAULT, Thresholds
 from gradwatch.errors import ConfigError
 from gradwatch.store import RunSeries, read_run
@@ -128,8 +129,7 @@ def _clipped_plateau(clipped: Finding) -> tuple[str, Remedy | None]:
     share = f"clipping on {ev['clip_active_share']:.0%} of the steps"
     if (clipped.causes and clipped.causes[0].startswith("loss scale:")) or ev.get("clip_norm_growth", 1.0) >= 10:
         return f"{share}: {clipped.causes[0] if clipped.causes else 'see that finding'}", None
-    twice = 2 * ev["clip_median_norm"]
-    limit = f"{float(f'{twice:.2g}'):g}"
+    limit = safety_limit(ev)
     why = (f"{share} cuts each one to lr x the limit {ev['clip_limit']:.3g}, {1 / ev['clip_kept']:.3g}x shorter "
            "than lr·g: too short to move the loss")
     return why, Remedy(f"Raise the clipping limit to twice the typical norm ({limit}) at the same learning rate, "

@@ -244,7 +244,7 @@ def exploding(ctx: Context, layers: tuple[str, ...], evidence: dict, through_tim
     if not causes:
         causes.append(f"learning rate: {ctx.lr_said} with {ctx.optimizer}")
     clip = max(evidence.get("baseline_norm") or 0.0, evidence.get("early_norm") or 0.0)  # the healthy level
-    max_norm = f"{_round(2 * clip)}" if clip and math.isfinite(clip) and clip > 0 else "1.0"
+    max_norm = two_digits(2 * clip) if clip and math.isfinite(clip) and clip > 0 else "1.0"
     told = f"; the trainer clips {evidence['grad_clip']} now" if evidence.get("grad_clip") else ""
     remedies.append(Remedy(f"Clip the gradient norm at about twice its healthy level ({max_norm}{told})",
                            f"torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={max_norm})  # before optimizer.step()"))
@@ -497,5 +497,6 @@ def _cls(activation: str) -> str:
             "hardsigmoid": "Hardsigmoid", "relu": "ReLU"}.get(activation, activation.capitalize())
 
 
-def _round(x: float) -> str:
+def two_digits(x: float) -> str:
+    """`x` to two significant digits, printed as short as it reads (0.013, 40, 2e+04)."""
     return f"{float(f'{x:.2g}'):g}"

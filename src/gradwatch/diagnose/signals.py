@@ -81,6 +81,11 @@ def names(run: RunSeries, cols: Iterable[int]) -> tuple[str, ...]:
     return tuple(run.layers[i].name for i in cols)
 
 
+def plain_sgd(run: RunSeries) -> bool:
+    """SGD without momentum: each update is lr·g, so its length follows from the gradient's."""
+    return run.meta.get("optimizer") in ("SGD", "ASGD") and not run.meta.get("momentum", 0.0)
+
+
 def total_grad_norm(run: RunSeries, stepped_only: bool = False) -> np.ndarray:
     """sqrt(Σ over layers of grad_norm²) per step: NaN where nothing was recorded, inf where any
     layer's gradient was not finite. `stepped_only`: only the gradients an optimizer uses; those

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradwatch.diagnose.advice import Context
+from gradwatch.diagnose.advice import Context, two_digits
 from gradwatch.diagnose.finding import Remedy
-from gradwatch.diagnose.signals import total_grad_norm
+from gradwatch.diagnose.signals import plain_sgd, total_grad_norm
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
 
@@ -67,7 +67,7 @@ def _measured(run: RunSeries, th: Thresholds) -> tuple[float | None, str]:
     went 834 -> 6e4; weight decay's λw adds a little), where a step that is some share of lr·g
     (layers the optimizer does not step) varies as the gradient does, by 10% or more across
     minibatches. With momentum the step sums past gradients and its length says no limit."""
-    if run.meta.get("optimizer") not in ("SGD", "ASGD") or run.meta.get("momentum", 0.0):
+    if not plain_sgd(run):
         return None, ""
     u, w, g = (run.metrics.get(m) for m in ("update_ratio", "weight_norm", "grad_norm"))
     if u is None or w is None or g is None:
@@ -116,12 +116,16 @@ def _cause(ctx: Context, evidence: dict) -> str:
             f"{1 / evidence['clip_kept']:.3g}x the limit {evidence['clip_limit']:.3g}; {why}")
 
 
+def safety_limit(evidence: dict) -> str:
+    """A clipping limit that catches spikes only: twice the typical (median) norm."""
+    return two_digits(2 * evidence["clip_median_norm"])
+
+
 def _remedy(ctx: Context, evidence: dict) -> Remedy:
     """The step clipping now takes, given back to the learning rate, and the limit set back to a
     safety net at twice the typical norm (the level the exploding advice clips at)."""
     lr = ctx.lr * evidence["clip_kept"]
-    twice = 2 * evidence["clip_median_norm"]
-    limit = f"{float(f'{twice:.2g}'):g}"
+    limit = safety_limit(evidence)
     lr_said = f"{lr:.3g}" if math.isfinite(lr) and lr > 0 else f"{evidence['clip_kept']:.3g} * your current lr"
     return Remedy(f"Give the learning rate the step clipping takes now (lr x {evidence['clip_kept']:.3g} = {lr_said}) "
                   f"and clip at twice the typical norm ({limit}), so clipping catches spikes only",

@@ -11,7 +11,7 @@ from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
 from gradwatch.diagnose.rules.clipping import clipped_advice, clipping
 from gradwatch.diagnose.rules.stale_gradients import stale_first
-from gradwatch.diagnose.signals import (depth_profile, from_init, names, persistent_start,
+from gradwatch.diagnose.signals import (depth_profile, from_init, names, persistent_start, plain_sgd,
                                         profile_columns, row_nanpercentile, total_grad_norm)
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
@@ -212,7 +212,7 @@ def _sgd_step_too_large(run: RunSeries, th: Thresholds):
     gradient norm and the last sampled weight norm, long before the next sample. Where the
     sampled updates show the step is not lr·g (clipping in the script, a wrapper), it is not used.
     With momentum the step is lr times a running sum of gradients, which the norms do not give."""
-    if run.meta.get("optimizer") not in ("SGD", "ASGD") or run.meta.get("momentum", 0.0):
+    if not plain_sgd(run):
         return None
     g, w, u = run.metrics.get("grad_norm"), run.metrics.get("weight_norm"), run.metrics.get("update_ratio")
     if g is None or w is None:
