@@ -25,6 +25,8 @@ from typing import Callable
 
 import torch
 
+from gradwatch.collect.update_window import params_of
+
 STALE_KEY = "stale_gradients"  # the run's meta: the first carry-over and how many checks found one
 
 MAX_WAIT = 8  # steps a copy waits for a backward that reaches its parameter (a head used on some steps only);
@@ -100,7 +102,7 @@ class StaleCheck:
         """ids of `optimizer`'s parameters, taken again when it is another or was given more."""
         count = sum(len(g["params"]) for g in optimizer.param_groups)
         if self._held is None or self._held[0]() is not optimizer or self._held[1] != count:
-            self._held = (weakref.ref(optimizer), count, {id(p) for g in optimizer.param_groups for p in g["params"]})
+            self._held = (weakref.ref(optimizer), count, params_of(optimizer))
         return self._held[2]
 
     @torch.no_grad()
