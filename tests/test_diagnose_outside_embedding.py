@@ -66,3 +66,26 @@ def _train(step_sparse: bool):
 def test_a_sparse_embedding_whose_optimizer_never_steps_is_told_and_one_stepped_is_not():
     assert [f.severity for f in _said(_train(step_sparse=False))] == ["warning"]
     assert [f for f in _train(step_sparse=True) if f.severity != "info"] == []
+
+
+def test_the_remedy_code_adds_the_embedding_to_training_sparse_or_not():
+    """The code given runs on the user's model and optimizer: SparseAdam for a sparse embedding
+    (Adam raises on its gradients), add_param_group for a dense one, the user's optimizer kept."""
+    (f,) = _said(_train(step_sparse=False))
+    code = f.remedies[0].code
+    for sparse in (True, False):
+        torch.manual_seed(0)
+        model = _Recommender()
+        if not sparse:
+            model.emb = nn.Embedding(500, 16)
+        optimizer = torch.optim.Adam(model.head.parameters(), lr=1e-3)
+        scope = {"model": model, "optimizer": optimizer, "torch": torch}
+        exec(code, scope)
+        before = model.emb.weight.detach().clone()
+        loss = model(torch.randint(0, 500, (8, 5))).square().mean()
+        loss.backward()
+        optimizer.step()
+        if "sparse_optimizer" in scope:
+            scope["sparse_optimizer"].step()
+        assert ("sparse_optimizer" in scope) == sparse
+        assert not torch.equal(model.emb.weight, before)

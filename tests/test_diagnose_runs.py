@@ -156,7 +156,8 @@ def test_parameters_left_out_of_the_optimizer_stop_changing():
     # in no optimizer: forgotten, or a backbone frozen on purpose (head-only fine-tuning); the run
     # trains either way, so a warning that says both, with the code for each
     assert f.severity == "warning" and f.evidence["outside_optimizers"] and "no optimizer updates them" in f.message
-    assert "model.parameters()" in f.remedies[0].code
+    exec(f.remedies[0].code, {"model": model, "optimizer": opt})  # the user's optimizer, given the rest
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in model.parameters()}
     assert f.remedies[1].code == "for m in (model[0], model[2], model[4]):\n    m.requires_grad_(False)"
 
 

@@ -13,6 +13,7 @@ from gradwatch.diagnose.advice import continued
 from gradwatch.diagnose.finding import KINDS, SEVERITIES, Finding, Remedy
 from gradwatch.diagnose.rules import RULES
 from gradwatch.diagnose.rules.clipping import safety_limit
+from gradwatch.diagnose.signals import norms_kept
 from gradwatch.diagnose.thresholds import DEFAULT, Thresholds
 from gradwatch.errors import ConfigError
 from gradwatch.store import RunSeries, read_run
@@ -48,7 +49,8 @@ def diagnose(run: RunSeries | str | os.PathLike, thresholds: Thresholds | dict =
     starts = [int(s) for s in series.meta.get("phase_starts") or [] if s > series.steps[0]]
     phases = [series.between(a, b) for a, b in zip([int(series.steps[0]), *starts], [*starts, None])] \
         if starts else [series]
-    findings = [f for phase in phases if len(phase.steps) for rule in RULES for f in rule(phase, thresholds)]
+    with norms_kept(phases):
+        findings = [f for phase in phases if len(phase.steps) for rule in RULES for f in rule(phase, thresholds)]
     if series.meta.get("own_loss_steps"):  # the recorded loss mixes two objectives (a GAN's G and D):
         findings = [f for f in findings if f.kind not in LOSS_KINDS]  # its plateau or rise says nothing
     findings = _one_per_cause(series, findings)

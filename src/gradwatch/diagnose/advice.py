@@ -67,7 +67,6 @@ CLIP_CODE = "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)"
 LOSS_SCALE_CODE = ("loss = loss_fn(output, target)  # reduction='mean' (the default), no constant factor\n"
                    "target = (target - target_train.mean()) / target_train.std()  # regression: standardise the targets")
 NORMALISE = Remedy("Normalise the pre-activations", INSERT_NORM_CODE)
-GIVE_ALL_PARAMETERS = Remedy("Give the optimizer every parameter that should train", ADAM_CODE)
 
 
 def forget_bias_code(lstm: str) -> str:
@@ -417,12 +416,12 @@ def stalled(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[list
     if evidence.get("outside_optimizers"):
         causes = ["these parameters are in no optimizer (or only at lr 0): left out by mistake, or frozen on "
                   "purpose with requires_grad left on"]
-        return causes, [GIVE_ALL_PARAMETERS,
+        return causes, [give_parameters(ctx, layers),
                         Remedy("Or, if they are frozen on purpose, stop their gradients", _freeze_code(layers))]
     if evidence.get("frozen"):
         causes = ["learning rate: the weights do not change although gradients arrive; the learning rate is 0, "
                   "or these parameters are not in the optimizer"]
-        return causes, [GIVE_ALL_PARAMETERS]
+        return causes, [give_parameters(ctx, layers)]
     if evidence.get("lr_scale"):  # their own param group's lr, far below any fine-tuning scheme's
         lowest = min(evidence["lr_scale"].values())
         causes = [f"learning rate: their param group's lr is {lowest:.2g} of the largest group's, so they barely "
@@ -484,6 +483,23 @@ def loss_divergence(ctx: Context, evidence: dict) -> tuple[list[str], list[Remed
         remedies.append(Remedy("Warm the learning rate up over the first steps",
                                "scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=100)"))
     return causes, remedies
+
+
+def give_parameters(ctx: Context, layers: tuple[str, ...], shown: int = 6) -> Remedy:
+    """Their weights added to the optimizer the run has, not a new Adam over the model (which drops
+    the user's optimizer, and which an nn.Embedding(sparse=True) refuses: "Adam does not support
+    sparse gradients"; torch.optim.SparseAdam takes them)."""
+    refs = ", ".join(map(module_ref, layers[:shown])) + ("," if len(layers) == 1 else "")
+    more = f"  # and the other {len(layers) - shown} of them" if len(layers) > shown else ""
+    params = f"params = [p for m in ({refs}) for p in m.parameters()]{more}\n"
+    add = "optimizer.add_param_group({'params': params})"
+    types = {ctx.run.layers[c].type for c in range(len(ctx.run.layers)) if ctx.run.layers[c].name in layers}
+    if types == {"Embedding"}:  # sparse or not, only the module knows
+        add = (f"if any(m.sparse for m in ({refs})):  # sparse gradients: Adam refuses them\n"
+               "    sparse_optimizer = torch.optim.SparseAdam(params)  # and sparse_optimizer.step() beside optimizer.step()\n"
+               f"else:\n    {add}")
+    return Remedy("Give the optimizer every parameter that should train (if a param group holds them at lr 0, "
+                  "give that group an lr)", params + add)
 
 
 def _freeze_code(layers: tuple[str, ...], shown: int = 6) -> str:

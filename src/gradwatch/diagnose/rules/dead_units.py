@@ -8,6 +8,7 @@ import numpy as np
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
 from gradwatch.diagnose.rules.eval_mode import eval_mode_first, unnormalised_batchnorm
+from gradwatch.diagnose.rules.loss import loss_fell_to, sampled_onset
 from gradwatch.diagnose.signals import (from_init, persistent_activation_layers, persistent_start, rows_before_non_finite_loss,
                                         summarise_layers, zero_initialised)
 from gradwatch.diagnose.thresholds import Thresholds
@@ -33,10 +34,17 @@ def find_dead_units(run: RunSeries, th: Thresholds) -> list[Finding]:
         causes, remedies = advice.dead_units(advice.Context(run), layers, evidence)
         if "eval_mode_batchnorm" in evidence:
             causes, remedies = eval_mode_first(evidence, causes, remedies)
+        said = (f"{worst:.0%} of the units of '{worst_layer}' output 0 for every sample since step {first}"
+                + (f" ({len(layers)} layers affected)" if len(layers) > 1 else ""))
+        learning = None if at_init or worst >= th.dead_fraction_error else \
+            loss_fell_to(run, th, th.dead_learning, since=sampled_onset(run, "dead", first))
+        if learning is not None:
+            evidence["loss_since_onset"] = list(learning)
+            message = (f"{said}, and the loss still fell {learning[0]:.4g} -> {learning[1]:.4g} after it: capacity "
+                       f"lost, no block to learning. If the model needs more: {advice.continued(remedies[0].action)}.")
+            return [Finding("dead_units", "info", first, layers, message, evidence, tuple(causes), tuple(remedies))]
         severity = "error" if worst >= th.dead_fraction_error else "warning"
-        message = (f"{worst:.0%} of the units of '{worst_layer}' output 0 for every sample since step {first}"
-                   + (f" ({len(layers)} layers affected)" if len(layers) > 1 else "")
-                   + f": they pass no gradient and cannot recover. {remedies[0].action}.")
+        message = f"{said}: they pass no gradient and cannot recover. {remedies[0].action}."
         return [Finding("dead_units", severity, first, layers, message, evidence, tuple(causes), tuple(remedies))]
     first = min(zero.values())
     evidence["at_init"] = first == int(run.steps[0]) and from_init(run)

@@ -10,9 +10,10 @@ import numpy as np
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
 from gradwatch.diagnose.rules.clipping import clipped_advice, clipping
+from gradwatch.diagnose.rules.loss import loss_fell_to
 from gradwatch.diagnose.rules.stale_gradients import stale_first
-from gradwatch.diagnose.signals import (depth_profile, from_init, names, persistent_start, plain_sgd,
-                                        profile_columns, row_nanpercentile, total_grad_norm)
+from gradwatch.diagnose.signals import (depth_profile, from_init, names, periodic, persistent_start, plain_sgd,
+                                        profile_columns, row_nanpercentile, TOTAL_BLOCK, total_grad_norm)
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
 
@@ -61,6 +62,13 @@ def find_exploding(run: RunSeries, th: Thresholds) -> list[Finding]:
         what.append(_clipping_said(evidence))
     elif "grad_clip" in evidence:
         what.append(f"these norms are taken before the trainer clips {evidence['grad_clip']}")
+    learning = _learnt_after(run, evidence, first, th)
+    if learning is not None:
+        evidence["loss_since_onset"] = list(learning)
+        message = (f"The gradient norm rose {evidence['growth_over_steps']:.3g}x above its recent level from step {first}, "
+                   f"and the loss still fell {learning[0]:.4g} -> {learning[1]:.4g} after it: learning sped up (a plateau "
+                   f"left, new data met), no blow-up. If the steps must stay bounded: {advice.continued(remedies[0].action)}.")
+        return [Finding("exploding_gradient", "info", first, layers, message, evidence, tuple(causes), tuple(remedies))]
     blow_up = set(evidence) & {"max_update_ratio", "predicted_update_ratio", "weight_growth", "backward_ratio"} \
         or ("growth_over_steps" in evidence and not evidence.get("recovered"))
     verb = "burst" if evidence.get("recovered") else "explode" if blow_up else "are clipped on nearly every step"
@@ -69,6 +77,16 @@ def find_exploding(run: RunSeries, th: Thresholds) -> list[Finding]:
     # instability or a hidden scale, not yet a blow-up
     severity = "error" if blow_up else "warning"
     return [Finding("exploding_gradient", severity, first, layers, message, evidence, tuple(causes), tuple(remedies))]
+
+
+def _learnt_after(run: RunSeries, evidence: dict, first: int, th: Thresholds) -> tuple[float, float] | None:
+    """(loss at the burst, at the end) when the gradient norm's growth is all there is and the loss
+    still fell to `burst_learning` of its level there or below, nothing non-finite: a gradient that
+    grows as the loss falls is leaving a plateau, not blowing up (a blow-up makes the loss worse)."""
+    others = {"max_update_ratio", "predicted_update_ratio", "weight_growth", "backward_ratio", "clip_active_share"}
+    if "growth_over_steps" not in evidence or set(evidence) & others:
+        return None
+    return loss_fell_to(run, th, th.burst_learning, since=first)
 
 
 def _clipped_every_step(run: RunSeries, th: Thresholds):
@@ -164,6 +182,13 @@ def _growth_over_steps(run: RunSeries, th: Thresholds):
     bursts = np.split(hit, np.flatnonzero(np.diff(steps[hit]) > w) + 1)
     first_bad = np.flatnonzero(np.isinf(total) | np.isinf(run.loss))  # inf: measured non-finite
     bad_step = run.steps[first_bad[0]] if len(first_bad) else None
+    if bad_step is None and _on_a_schedule(bursts, steps, norms, th):
+        return None
+    if bad_step is None:  # a new phase starts its own level; one that ends non-finite blew up
+        starts = np.searchsorted(steps, _trained_layers_changed(run, th))
+        bursts = [b for b in bursts if not ((b[0] >= starts) & (b[0] - starts <= th.warmup_steps)).any()]
+    if not bursts:
+        return None
     unrecovered = None
     for burst in bursts:
         i = burst[0]
@@ -173,7 +198,7 @@ def _growth_over_steps(run: RunSeries, th: Thresholds):
         if not recovered:
             unrecovered = i
             break
-    if unrecovered is None and len(bursts) < th.chronic_bursts:
+    if unrecovered is None and (len(bursts) < th.chronic_bursts or _within_early_range(bursts, norms, th)):
         return None
     first = bursts[0][0]
     i = first if unrecovered is None else unrecovered
@@ -188,6 +213,60 @@ def _growth_over_steps(run: RunSeries, th: Thresholds):
         # clip most batches of a heavy-tailed, batch-size-1 run; the burst itself is no level)
         "early_norm": _clip_level(norms[th.warmup_steps:min(th.warmup_steps + th.early_windows * w, j)], early[j]),
         "recovered": unrecovered is None}
+
+
+def _trained_layers_changed(run: RunSeries, th: Thresholds) -> np.ndarray:
+    """Steps where the set of weight layers that get a gradient changed for good: each side held for
+    `baseline_window` recorded steps or more (the side after, or up to the last step: a live check
+    right after the switch). A backbone frozen (requires_grad_(False)) for a fine-tune on new data,
+    a layer unfrozen: the total norm then sums other layers over another loss, and its level before
+    says nothing of its level after (a net pretrained on 5 digit classes and fine-tuned, first half
+    frozen, on all 10: 0.4 -> 12 at the first step, loss 0.06 -> 9.4, then falling, was told it
+    exploded)."""
+    g, cols, n, w = run.metrics.get("grad_norm"), run.weight_columns(), len(run.steps), th.baseline_window
+    rows, where = [], []  # (row, column) of every switch between a gradient and none, a block at a time
+    before = None
+    for a in range(0, n, TOTAL_BLOCK):
+        got = ~np.isnan(np.asarray(g[a:a + TOTAL_BLOCK, cols]))  # inf is a gradient too (a blow-up), NaN none
+        flips = np.diff(got, axis=0, prepend=got[:1] if before is None else before[None])
+        r, c = np.nonzero(flips)
+        rows.append(r + a)
+        where.append(c)
+        before = got[-1]
+    rows, where = np.concatenate(rows), np.concatenate(where)
+    changes: set[int] = set()
+    for c in np.unique(where):
+        edges = np.sort(rows[where == c])
+        bounds = np.concatenate([[0], edges, [n]])
+        for k, e in enumerate(edges):  # a switch at e: the run before it long, the one after too or still on
+            if bounds[k + 1] - bounds[k] >= w and (bounds[k + 2] - bounds[k + 1] >= w or bounds[k + 2] == n):
+                changes.add(int(run.steps[e]))
+    return np.array(sorted(changes), dtype=np.int64)
+
+
+def _within_early_range(bursts: list[np.ndarray], norms: np.ndarray, th: Thresholds) -> bool:
+    """Recovered bursts none of which rose above the largest norm of the early windows (after
+    warm-up, before the first burst): the heavy tail of the gradient, not an instability, which
+    carries the norm past anything it had when the net was fresh. At batch size 1 a cross-entropy's
+    norm is ~0 on most samples and large on the few misclassified: bursts 3000x its median that
+    stayed under 0.7x its early peak (oscillating, SGD lr 0.01, 2-50-3 MLP) were called chronic."""
+    early = norms[th.warmup_steps:min(th.warmup_steps + th.early_windows * th.baseline_window, bursts[0][0])]
+    return len(early) > 0 and max(norms[b].max() for b in bursts) <= early.max()
+
+
+def _on_a_schedule(bursts: list[np.ndarray], steps: np.ndarray, norms: np.ndarray, th: Thresholds) -> bool:
+    """Bursts at a fixed period, each subsiding a decade (`spike_factor`) below its peak before the
+    next, and their peaks not growing a decade: the script re-sets what the model fits on a
+    schedule (a target network synced), and the gradient follows. Recurring bursts of an
+    instability neither keep time nor settle back each time."""
+    if not periodic(steps[[b[0] for b in bursts]], th):
+        return False
+    peaks = np.array([norms[b].max() for b in bursts])
+    if peaks.max() > th.spike_factor * peaks[0]:
+        return False
+    ends = [b[0] for b in bursts[1:]] + [len(norms)]
+    return all(norms[b[-1] + 1:end].size and norms[b[-1] + 1:end].min() * th.spike_factor < peak
+               for b, end, peak in zip(bursts, ends, peaks))
 
 
 def _early_level(norms: np.ndarray, skip: int, length: int) -> np.ndarray:
@@ -211,7 +290,8 @@ def _sgd_step_too_large(run: RunSeries, th: Thresholds):
     """Under plain SGD the update is lr·g, so every step's relative update is known from the
     gradient norm and the last sampled weight norm, long before the next sample. Where the
     sampled updates show the step is not lr·g (clipping in the script, a wrapper), it is not used.
-    With momentum the step is lr times a running sum of gradients, which the norms do not give."""
+    With momentum the step is lr times a running sum of gradients, which the norms do not give.
+    Read TOTAL_BLOCK rows at a time: whole, its steps x layers tables took 0.8 GB at 50k x 480."""
     if not plain_sgd(run):
         return None
     g, w, u = run.metrics.get("grad_norm"), run.metrics.get("weight_norm"), run.metrics.get("update_ratio")
@@ -220,24 +300,31 @@ def _sgd_step_too_large(run: RunSeries, th: Thresholds):
     cols = _from_nonzero_weights(run, w)
     if not cols:
         return None
-    w = w[:, cols]
-    # carry each layer's last sampled weight norm forward
-    sampled = ~np.isnan(w)
-    last = np.where(sampled, np.arange(len(w))[:, None], 0)
-    np.maximum.accumulate(last, axis=0, out=last)
-    w = w[last, np.arange(len(cols))]
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        predicted = np.where((w > 0) & np.isfinite(w), run.lr[:, None] * g[:, cols] / w, np.nan)
-        if u is not None:  # calibrate on the samples where the prediction was large enough to tell
-            measured = u[:, cols]
-            check = sampled & np.isfinite(measured) & np.isfinite(predicted) & (predicted > 0.1 * th.max_update_ratio)
-            if (measured[check] < 0.5 * predicted[check]).any():
-                return None
-    found = _first_overshoot(run, cols, predicted, np.isfinite(predicted) & (predicted > th.max_update_ratio) & ~_shrunk(w, th))
-    if found is None:
-        return None
-    step, layers, ev = found
-    return step, layers, {"predicted_update_ratio": ev["max_update_ratio"]}
+    last = np.full(len(cols), np.nan)  # each layer's last sampled weight norm, carried forward
+    first = np.full(len(cols), np.nan)  # and its first (`_shrunk`)
+    found = None
+    for a in range(0, len(run.steps), TOTAL_BLOCK):
+        wb = np.asarray(w[a:a + TOTAL_BLOCK, cols])
+        sampled, finite = ~np.isnan(wb), np.isfinite(wb)
+        first = np.where(np.isnan(first) & finite.any(axis=0), wb[finite.argmax(axis=0), np.arange(len(cols))], first)
+        at = np.maximum.accumulate(np.where(sampled, np.arange(len(wb))[:, None], -1), axis=0)
+        wb = np.where(at >= 0, wb[np.maximum(at, 0), np.arange(len(cols))], last)
+        last = wb[-1]
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            lr = run.lr[a:a + TOTAL_BLOCK, None]
+            predicted = np.where((wb > 0) & np.isfinite(wb), lr * np.asarray(g[a:a + TOTAL_BLOCK, cols]) / wb, np.nan)
+            if u is not None:  # calibrate on the samples where the prediction was large enough to tell
+                measured = np.asarray(u[a:a + TOTAL_BLOCK, cols])
+                check = sampled & np.isfinite(measured) & np.isfinite(predicted) & (predicted > 0.1 * th.max_update_ratio)
+                if (measured[check] < 0.5 * predicted[check]).any():
+                    return None
+            big = np.isfinite(predicted) & (predicted > th.max_update_ratio) & ~(wb <= th.weight_shrink * first)
+        rows = np.flatnonzero(big.any(axis=1))
+        if found is None and len(rows):
+            r = rows[0]
+            found = (int(run.steps[a + r]), names(run, [c for c, b in zip(cols, big[r]) if b]),
+                     {"predicted_update_ratio": float(np.nanmax(predicted[r][big[r]]))})
+    return found
 
 
 def _overshooting_update(run: RunSeries, th: Thresholds):

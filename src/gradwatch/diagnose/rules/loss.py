@@ -8,7 +8,7 @@ import numpy as np
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding, Remedy
 from gradwatch.diagnose.rules.decay import decayed, weight_shrink
-from gradwatch.diagnose.signals import finite_loss, from_init, window
+from gradwatch.diagnose.signals import finite_loss, from_init, periodic, window
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
 
@@ -17,6 +17,14 @@ def start_window(n: int, th: Thresholds) -> int:
     """Steps that stand for "the start": a tenth of the run, but never more than 50 steps, so a
     long run that learnt early is compared with where it began, not with where it converged."""
     return min(window(n, th.min_loss_window), max(th.min_loss_window, 50))
+
+
+def sampled_onset(run: RunSeries, metric: str, first: int) -> int:
+    """The last sampled step of `metric` before `first`, else `first`: a state first seen at a sample
+    began somewhere after the sample before it, and the loss it could block is the loss from there."""
+    sampled = run.steps[np.isfinite(run.metrics[metric]).any(axis=1)]
+    before = sampled[sampled < first]
+    return int(before[-1]) if len(before) else first
 
 
 def loss_fell_to(run: RunSeries, th: Thresholds, fraction: float, since: int | None = None) -> tuple[float, float] | None:
@@ -191,6 +199,8 @@ def find_loss_divergence(run: RunSeries, th: Thresholds) -> list[Finding]:
     early = float(loss[:2].max())
     early_limit = early * th.early_divergence_factor if early > 0 else np.inf
     start_losses = loss[:start_window(len(loss), th)]
+    if _refitted_on_a_schedule(loss, limit, th):
+        limit = np.inf  # the level follows the targets; only the bar against the first two losses holds
     over = [i for i in np.flatnonzero((running > limit) | (running > early_limit))
             if running[i] > early_limit or _rises_beyond_noise(start_losses, loss[ends[i] - w + 1:ends[i] + 1], th)]
     if not over:
@@ -206,3 +216,23 @@ def find_loss_divergence(run: RunSeries, th: Thresholds) -> list[Finding]:
     message = (f"The loss rises from {start:.4g} to {loss.max():.4g} since step {first}: training is diverging. "
                f"{remedies[0].action}.")
     return [Finding("loss_divergence", "error", first, (), message, evidence, tuple(causes), tuple(remedies))]
+
+
+def _refitted_on_a_schedule(loss: np.ndarray, limit: float, th: Thresholds) -> bool:
+    """The loss leaps `spike_factor`x above the median of the `baseline_window` steps before, at a
+    fixed period, and falls back under the divergence limit after each leap: the script re-sets
+    the targets it fits on a schedule (a DQN's target network synced every N steps), and the
+    loss's level follows them, a sawtooth, not a divergence. A diverging loss does not come back."""
+    w = th.baseline_window
+    if len(loss) <= 2 * w:
+        return False
+    before = np.median(np.lib.stride_tricks.sliding_window_view(loss[:-1], w), axis=1)  # row i: loss[i:i+w]
+    with np.errstate(invalid="ignore"):
+        leaps = np.flatnonzero(loss[w:] > th.spike_factor * np.abs(before)) + w
+    if len(leaps) == 0:
+        return False
+    events = leaps[np.concatenate([[True], np.diff(leaps) > w])]  # the first leap of each run of them
+    if not periodic(events, th):
+        return False
+    ends = [*events[1:], len(loss)]
+    return all(loss[a + 1:b].size and loss[a + 1:b].min() <= limit for a, b in zip(events, ends))

@@ -7,7 +7,7 @@ import numpy as np
 
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
-from gradwatch.diagnose.rules.loss import loss_fell_to
+from gradwatch.diagnose.rules.loss import loss_fell_to, sampled_onset
 from gradwatch.diagnose.signals import activation_columns, persistent_activation_layers, summarise_layers
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import WEIGHT_ROLES, RunSeries
@@ -33,10 +33,8 @@ def find_saturation(run: RunSeries, th: Thresholds) -> list[Finding]:
     # the units saturated somewhere after the last sample that did not show it: the loss they could
     # block is the loss from there (full-batch L-BFGS was at 3e-7, down from 2.3, by its first
     # saturated sample: its loss fell after the onset, only before the sample that saw it)
-    sampled = run.steps[np.isfinite(run.metrics["saturated"]).any(axis=1)]
-    before = sampled[sampled < first]
-    onset = int(before[-1]) if len(before) else first
-    learning = None if at_init else loss_fell_to(run, th, th.saturation_learning, since=onset)
+    learning = None if at_init else loss_fell_to(run, th, th.saturation_learning,
+                                                 since=sampled_onset(run, "saturated", first))
     if learning is not None:
         evidence["loss_since_onset"] = list(learning)
         message = (f"{said}, and the loss still fell {learning[0]:.4g} -> {learning[1]:.4g} after it: confident "

@@ -1,0 +1,29 @@
+"""A gradient norm that grows while the loss falls by half or more is learning that sped up (a
+deep sigmoid net leaving its plateau), `info`; the same growth with the loss flat is an error."""
+
+import numpy as np
+
+import gradwatch as gw
+from series_builder import build
+
+
+def _breakout(loss_falls: bool):
+    run = build(n_steps=800, depth=3, optimizer="Adam", lr=1e-3)
+    t = np.arange(800)
+    g = np.where(t < 600, 3e-6, 20.0) * np.exp(0.2 * np.random.default_rng(0).standard_normal(800))
+    g[:20] = 0.45  # the early level, before the plateau
+    for i in range(3):
+        run.metrics["grad_norm"][:, run.column(f"fc{i}")] = g / np.sqrt(3)
+    run.loss[:] = np.where((t >= 600) & loss_falls, 49 - 30 * np.minimum(1, (t - 600) / 100), 49.0)
+    return [f for f in gw.diagnose(run) if f.kind == "exploding_gradient"]
+
+
+def test_a_norm_that_grows_as_the_loss_halves_is_info():
+    (f,) = _breakout(loss_falls=True)
+    start, end = f.evidence["loss_since_onset"]
+    assert f.severity == "info" and end <= 0.5 * start and f.first_step >= 590
+
+
+def test_the_same_growth_with_the_loss_flat_is_an_error():
+    (f,) = _breakout(loss_falls=False)
+    assert f.severity == "error" and "loss_since_onset" not in f.evidence

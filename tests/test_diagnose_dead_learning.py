@@ -1,0 +1,36 @@
+"""ReLU units that die during training while the loss still falls by half or more are capacity
+lost, not a block: `info`, not a warning (a RealNVP whose coupling nets each see one coordinate
+lost half of a ReLU layer and learnt as well as with Leaky ReLU). Units dead from the first step,
+or dying while the loss stays put, are still a warning."""
+
+import numpy as np
+
+import gradwatch as gw
+from series_builder import build, sampled
+
+
+def _dead_from(step: int, flat_loss: bool = False, fraction: float = 0.6):
+    run = build(n_steps=300, depth=4)
+    rows = sampled(run)
+    c = run.column("act1")
+    run.metrics["dead"][rows[run.steps[rows] >= step], c] = fraction
+    if flat_loss:
+        run.loss[:] = 2.0 + 0.02 * np.random.default_rng(0).random(len(run.loss))
+    return [f for f in gw.diagnose(run) if f.kind == "dead_units"]
+
+
+def test_units_dying_while_the_loss_still_halves_are_info():
+    (f,) = _dead_from(40)
+    start, end = f.evidence["loss_since_onset"]
+    assert f.severity == "info" and end <= 0.5 * start
+    assert f.layers == ("act1",)
+
+
+def test_units_dying_while_the_loss_stays_put_are_a_warning():
+    (f,) = _dead_from(40, flat_loss=True)
+    assert f.severity != "info" and "loss_since_onset" not in f.evidence  # an error beside the plateau it explains
+
+
+def test_units_dead_from_the_first_step_or_nearly_all_stay_said():
+    assert [f.severity for f in _dead_from(0)] == ["warning"]
+    assert [f.severity for f in _dead_from(40, fraction=0.95)] == ["error"]
