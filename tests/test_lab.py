@@ -214,6 +214,13 @@ def test_clipping_worked_examples(out):
     assert numbers(res, "without clipping")["diverged_at"] != "never"
 
 
+def test_clipping_worked_example_is_written_as_the_check_rounds_it(out):
+    """The setup line showed [1.666666604938274, 3.333333209876548, ...] (float32 noise) for 5/27 × g."""
+    (note,) = [n for n in quick("clipping", out).notes if n.startswith("worked examples")]
+    expected = [round(x * 5 / 27, 4) for x in (9.0, 18.0, 18.0)]
+    assert note.endswith(f"(norm 27) → {expected}"), note
+
+
 def test_clipping_page_says_when_capped_zclip_is_just_the_cap(out):
     """ZClip with max_grad_norm=1 trains this RNN exactly as clip_norm(1) does (its own threshold never
     binds below the cap): the page must say so rather than credit ZClip with the capped row."""

@@ -15,7 +15,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from gradwatch import runner
 from gradwatch.errors import ConfigError
 from gradwatch.probe import probe
-from gradwatch.probe.inputs import LOSSES, check_fits, load_factory, make_loss, parse_shape, random_batch
+from gradwatch.probe.inputs import (LOSSES, check_fits, layout_note, load_factory, make_loss, parse_shape,
+                                    random_batch)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "recurrent layers, and a verdict with remedies. Definitions: docs/probe.md.")
     p.add_argument("factory", help="package.module:factory or path/to/file.py:factory, a callable returning "
                                    "an nn.Module (the current directory is importable)")
-    p.add_argument("--input-shape", required=True, help="batch shape, batch size first, e.g. 32,3,32,32")
+    p.add_argument("--input-shape", required=True, help="batch shape, batch size first, e.g. 32,3,32,32 (time "
+                                                        "first, T,N,C, for an nn.RNN/GRU/LSTM with batch_first=False)")
     p.add_argument("--loss", default=None, choices=LOSSES,
                    help="projection (⟨r, y⟩/B with a fixed random r: ∂L/∂y independent of the weights, the "
                         "default), sumsq (½Σy²/B), mse (random normal targets), cross_entropy "
@@ -96,6 +98,9 @@ def main(args: argparse.Namespace) -> int:
     loss_name = args.loss or ("cross_entropy" if args.num_classes else "projection")
     loss_fn = make_loss(loss_name, args.num_classes, gen)
     check_fits(model, batch, args.factory)
+    note = layout_note(model, shape)
+    if note:
+        print(f"gradwatch: {note}", file=sys.stderr)
     with _progress() as progress:
         result = probe(model, batch, loss_fn, iters=args.iters, seed=args.seed, progress=progress)
     result.loss_name = loss_name

@@ -58,7 +58,8 @@ def main(args: argparse.Namespace) -> int:
     note = end_note(series.meta, int(series.steps[-1]) if len(series.steps) else None)
     # names and the path as Text, never markup: a module named `[/]x` was a MarkupError traceback,
     # and `a[b]x` showed as `ax`
-    table = Table(title=Text(f"{args.run}: {len(series.steps)} steps" + (" (partial)" if note else "")),
+    n = len(series.steps)
+    table = Table(title=Text(f"{args.run}: {n:,} step{'s' * (n != 1)}" + (" (partial)" if note else "")),
                   show_lines=False)
     # Names are never cut: on an 80-column pipe `update_ratio` was shown as `update_rat…` and a
     # long layer name lost its end (the part that tells layers apart); a layer name folds instead.

@@ -14,7 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from gradwatch.collect.stats import activation_stats
 from gradwatch.errors import ConfigError
 from gradwatch.probe import meanfield, recurrent, verdict
-from gradwatch.probe.inputs import expected_input, running_layers, user_frame
+from gradwatch.probe.inputs import expected_input, failing_layer, known_cause, running_layers, user_frame
 from gradwatch.probe.record import Call, Functional, Recorder, first_tensor, output_tensor, tensors_in
 from gradwatch.probe.result import LayerProbe, ProbeResult
 from gradwatch.probe.spectra import MAX_PROBES, graph_ops, spectrum
@@ -79,10 +79,12 @@ def _call(model: nn.Module, batch: Any) -> Any:
             return model(batch)
     except (RuntimeError, TypeError, ValueError, IndexError, AssertionError) as exc:  # (MultiheadAttention
         # checks its input's rank with an assert)
+        cause = known_cause(exc)
+        where = failing_layer(running) if cause else expected_input(model, running)
         raise ConfigError(f"{type(model).__name__} failed on the probe batch ({type(exc).__name__}: {exc}"
-                          f"{user_frame(exc)}){expected_input(model, running)}; "
-                          "pass a batch the model accepts: a tensor for model(x), a tuple for model(*batch), "
-                          "a dict for model(**batch)") from exc
+                          f"{user_frame(exc)}){where}; "
+                          + (cause or "pass a batch the model accepts: a tensor for model(x), a tuple for "
+                                      "model(*batch), a dict for model(**batch)")) from exc
 
 
 def probe(model: nn.Module, batch: Any, loss_fn: Callable[[Any], torch.Tensor] | None = None, *,
@@ -197,6 +199,7 @@ def _probe(model: nn.Module, batch: Any, loss_fn: Callable[[Any], torch.Tensor] 
     recs = _recurrent(rec, gen)
     for x in layers:
         x.verdict = verdict.layer_verdict(x)
+    notes += _waiting_on_zero_init(entries, layers)
     flagged = any(x.verdict in ("vanishing", "exploding") for x in layers)  # remedies to write
     functional = _functional_acts(model, batch, entries, layers) if flagged else {}
     findings = (verdict.nonfinite_findings(layers, _forward_origin(entries) if any(x.nonfinite for x in layers) else None)
@@ -229,6 +232,33 @@ def _forward_origin(entries: list[Call]) -> tuple[str, str, bool] | None:
         if not _finite(y) or not _finite(c.out):
             return c.name, type(c.module).__name__, not _finite(c.inp)
     return None
+
+
+def _waiting_on_zero_init(entries: list[Call], layers: list[LayerProbe]) -> list[str]:
+    """Layers whose ∂L/∂s is exactly 0 because a later layer starts with an all-zero weight (a zero head,
+    ReZero / Fixup / `zero_init_residual` branches, adaLN-Zero) that moves at the first update (its
+    input is not all zero, so ∂L/∂W = ∂L/∂s xᵀ is not): they are waiting one step, not vanishing, and
+    are called healthy. Such nets read "vanishing, error: initial weights too small for the depth".
+    An all-zero net stays vanishing: its zero layers' inputs are zero too, and nothing ever moves."""
+    zero = [i for i, (c, x) in enumerate(zip(entries, layers))
+            if c.role != "weights" and x.grad_out_norm > 0 and _zero_weight(c.module)
+            and c.inp is not None and bool(c.inp.detach().ne(0).any())]
+    waiting = [x for i, x in enumerate(layers)
+               if x.grad_out_norm == 0 and not x.nonfinite and any(z > i for z in zero)]
+    for x in waiting:
+        x.verdict = "healthy"
+    if not waiting:
+        return []
+    names = ", ".join(f"'{layers[i].name}'" for i in zero)
+    shown = ", ".join(f"'{x.name}'" for x in waiting[:5])
+    shown += f", ... ({len(waiting)} in all)" if len(waiting) > 5 else ""
+    return [f"zero-initialised: {names} (all-zero weight) pass no gradient at step 0 to {shown}, which get "
+            "one after their first update: healthy, not vanishing"]
+
+
+def _zero_weight(module: nn.Module) -> bool:
+    w = getattr(module, "weight", None)
+    return isinstance(w, torch.Tensor) and w.numel() > 0 and not bool(w.detach().ne(0).any())
 
 
 def _frozen_note(model: nn.Module) -> list[str]:
@@ -350,11 +380,11 @@ def _backward(entries: list[Call], loss: torch.Tensor, retain: bool) -> list[Lay
         g = [by_id[id(t)] for t in _outputs(c) if by_id.get(id(t)) is not None]
         if g:
             x.grad_out_norm, x.grad_out_std = _norm_std(g)
-            x.nonfinite += sum(int((~torch.isfinite(t)).sum()) for t in g)
+            x.nonfinite += _nonfinite(g, x.grad_out_norm)
         gw = [by_id[id(p)] for p in c.params if by_id.get(id(p)) is not None]
         if gw:
             x.grad_w_norm, x.grad_w_std = _norm_std(gw)
-            x.nonfinite += sum(int((~torch.isfinite(t)).sum()) for t in gw)
+            x.nonfinite += _nonfinite(gw, x.grad_w_norm)
         layers.append(x)
     for a, b in zip(layers, layers[1:]):
         if b.grad_out_norm > 0:
@@ -362,9 +392,35 @@ def _backward(entries: list[Call], loss: torch.Tensor, retain: bool) -> list[Lay
     return layers
 
 
+NORM_BLOCK = 1 << 16  # elements per block: small enough to stay in cache
+
+
 def _norm_std(ts: list[torch.Tensor]) -> tuple[float, float]:
-    flat = torch.cat([t.detach().double().flatten() for t in ts])
-    return float(torch.linalg.vector_norm(flat)), float(flat.std()) if flat.numel() > 1 else 0.0
+    """‖·‖ and std of the tensors as one vector, block by block: each block's sum of squares, mean and
+    squared deviations in float32 (in float64 where its squares overflow float32), merged in float64 by
+    Chan et al.'s update; within 1e-6 of a float64 recomputation. The float64 concatenation used before
+    was 0.8 GB of a 49M-parameter model's 1.4 GB peak, and 1.9 s of its 3.8 s probe."""
+    n, mean, m2, sq = 0, 0.0, 0.0, 0.0
+    for t in ts:
+        for block in t.detach().reshape(-1).split(NORM_BLOCK):
+            k = block.numel()
+            b = block if block.dtype in (torch.float32, torch.float64) else block.float()
+            bsq = float(b.pow(2).sum())
+            if not math.isfinite(bsq):  # |x| > 1.8e19 squares to Inf in float32: exploding, not non-finite
+                b = b.double()
+                bsq = float(b.pow(2).sum())
+            bmean = float(b.mean()) if k else 0.0
+            d, total = bmean - mean, n + k
+            if total:
+                mean += d * k / total
+                m2 += float((b - bmean).pow_(2).sum()) + d * d * n * k / total
+            n, sq = total, sq + bsq
+    return math.sqrt(sq), math.sqrt(m2 / (n - 1)) if n > 1 else 0.0
+
+
+def _nonfinite(ts: list[torch.Tensor], norm: float) -> int:
+    """NaN/Inf entries, counted only when their norm is not finite (a NaN or Inf entry makes it so)."""
+    return 0 if math.isfinite(norm) else sum(int((~torch.isfinite(t)).sum()) for t in ts)
 
 
 def _jacobians(entries: list[Call], layers: list[LayerProbe], out: torch.Tensor | None, iters: int,
@@ -437,8 +493,7 @@ def _mean_field(entries: list[Call], layers: list[LayerProbe]) -> tuple[meanfiel
     acts = {a.activation for c in hidden for a in c.acts}
     if len(acts) != 1 or any(len(c.acts) != 1 for c in hidden):
         return None, "not computed: it needs one activation after every hidden nn.Linear", math.nan
-    sw2 = statistics.median(float(c.module.weight.detach().double().pow(2).mean()) * c.module.in_features
-                            for c in hidden)
+    sw2 = statistics.median(_norm_std([c.module.weight])[0] ** 2 / c.module.out_features for c in hidden)
     sb2 = statistics.median(float(c.module.bias.detach().double().pow(2).mean()) if c.module.bias is not None else 0.0
                             for c in hidden)
     rates = {tuple(d.module.p for d in c.drops) for c in hidden}

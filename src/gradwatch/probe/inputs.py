@@ -44,8 +44,9 @@ def load_factory(path: str) -> nn.Module:
     try:
         module = importlib.import_module(mod_name)
     except Exception as exc:  # noqa: BLE001  any import failure is the user's to fix
-        raise ConfigError(f"factory {path!r}: cannot import {mod_name!r} ({type(exc).__name__}: {exc}); "
-                          "run from the directory that contains the package or set PYTHONPATH") from exc
+        frame = "" if isinstance(exc, SyntaxError) else user_frame(exc)
+        raise ConfigError(f"factory {path!r}: cannot import {mod_name!r} ({type(exc).__name__}: {exc}{frame}); "
+                          f"{_import_advice(exc, mod_name)}") from exc
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -59,10 +60,47 @@ def load_factory(path: str) -> nn.Module:
     try:
         model = obj() if callable(obj) and not isinstance(obj, nn.Module) else obj
     except Exception as exc:  # noqa: BLE001
-        raise ConfigError(f"factory {path!r} raised {type(exc).__name__}: {exc}") from exc
+        cause = known_cause(exc)
+        raise ConfigError(f"factory {path!r} raised {type(exc).__name__}: {exc}{user_frame(exc)}"
+                          + (f"; {cause}" if cause else "")) from exc
     if not isinstance(model, nn.Module):
         raise ConfigError(f"factory {path!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _import_advice(exc: BaseException, mod_name: str) -> str:
+    """What to do about a module that does not import: only a module that is not found is a matter
+    of where gradwatch runs from (a SyntaxError or a missing dependency was told to set PYTHONPATH)."""
+    if isinstance(exc, SyntaxError):
+        return "fix that line: the file does not compile"
+    missing = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
+    if missing and missing != mod_name and not mod_name.startswith(missing + "."):
+        return (f"it imports {missing!r}, which this Python ({sys.executable}) does not have: install it there, "
+                "or run gradwatch from the environment that has it")
+    if isinstance(exc, ModuleNotFoundError):
+        return "run from the directory that contains the package or set PYTHONPATH"
+    return known_cause(exc) or "the module's own code raised while it was imported: fix it there"
+
+
+CUDA_MISSING = ("Torch not compiled with CUDA enabled", "Found no NVIDIA driver", "No CUDA GPUs are available",
+                "CUDA driver initialization failed", "but torch.cuda.is_available() is False")
+
+
+def known_cause(exc: BaseException, batch_shape: tuple[int, ...] | None = None) -> str:
+    """Advice for failures that no input shape fixes, known by torch's own message ("" for others):
+    code that moves tensors to CUDA on a machine without it, where the advice was "pass the
+    --input-shape the model expects"; BatchNorm in train mode given one value per channel.
+    `batch_shape`: the CLI's --input-shape, to write the one that works."""
+    text = str(exc)
+    if any(s in text for s in CUDA_MISSING):
+        return ("the code moves tensors or modules to CUDA and this machine has none (torch.cuda.is_available() "
+                "is False): make the device an argument, or take it from the weights "
+                "(x.to(self.<layer>.weight.device)), in place of .cuda() / device='cuda'")
+    if "Expected more than 1 value per channel when training" in text:
+        fix = (f"--input-shape {','.join(map(str, (2, *batch_shape[1:])))}" if batch_shape is not None
+               else "a batch of 2 or more, or model.eval() to use the running statistics")
+        return f"BatchNorm in train mode normalises over the batch and needs more than one value per channel: {fix}"
+    return ""
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -94,6 +132,20 @@ def random_batch(model: nn.Module, shape: tuple[int, ...], *, vocab: int | None 
         return torch.randint(0, high, shape, generator=generator)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     return torch.randn(shape, generator=generator).to(dtype)
+
+
+def layout_note(model: nn.Module, shape: tuple[int, ...]) -> str:
+    """How a recurrent first layer reads --input-shape ("" for others): "batch size first" is wrong for
+    an nn.RNN/GRU/LSTM with batch_first=False, which took 4,30,8 as 4 steps of a batch of 30, and the
+    probe measured gradients through 4 steps where 30 were meant."""
+    first = first_module(model)
+    if not isinstance(first, nn.RNNBase) or len(shape) != 3:
+        return ""
+    name = next(n for n, m in model.named_modules() if m is first)
+    t, n = (shape[1], shape[0]) if first.batch_first else (shape[0], shape[1])
+    order = "N,T,C" if first.batch_first else "T,N,C: time first"
+    return (f"'{name}' ({type(first).__name__}, batch_first={first.batch_first}) reads --input-shape "
+            f"{','.join(map(str, shape))} as {t} time steps of a batch of {n} ({order})")
 
 
 def make_loss(name: str, num_classes: int | None = None,
@@ -139,9 +191,13 @@ def check_fits(model: nn.Module, batch: torch.Tensor, factory: str) -> None:
             model(batch)
     except (RuntimeError, ValueError, IndexError, TypeError, AttributeError, KeyError, AssertionError) as exc:
         # (AssertionError: torch's MultiheadAttention checks the rank of its input with one)
-        advice = _advice(model, batch, exc)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         shape = ",".join(map(str, batch.shape))
+        cause = known_cause(exc, tuple(batch.shape))
+        if cause:  # not the shape: "does not fit" and the layer's layout would point the wrong way
+            raise ConfigError(f"{factory} failed{failing_layer(running)} on the probe batch ({shape}): "
+                              f"{type(exc).__name__}: {first}{user_frame(exc)}; {cause}") from exc
+        advice = _advice(model, batch, exc)
         raise ConfigError(f"input shape {shape} does not fit {factory} ({str(batch.dtype).removeprefix('torch.')} "
                           f"batch): {type(exc).__name__}: {first}{user_frame(exc)}"
                           f"{expected_input(model, running, first=advice == SHAPE_ADVICE)}; {advice}") from exc
@@ -219,12 +275,18 @@ def expected_input(model: nn.Module, running: Running, first: bool = True) -> st
     return f"; its first layer '{first[0]}' ({type(first[1]).__name__}) takes {expects(first[1])}" if first else ""
 
 
+def failing_layer(running: Running) -> str:
+    """' in layer 'bn' (BatchNorm1d)': the innermost known layer a failed forward was in, or ""."""
+    return f" in layer '{running[-1][0]}' ({type(running[-1][1]).__name__})" if running else ""
+
+
 def user_frame(exc: BaseException) -> str:
     """' (at file.py:LINE)', the innermost frame of the traceback in the user's code (not torch's, not
     ours), by file name only."""
-    skip = [os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__))]
-    frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if not any(os.path.abspath(f.filename).startswith(d) for d in skip)]
+    skip = [os.path.dirname(m.__file__) for m in (torch, importlib)] + [os.path.dirname(os.path.dirname(__file__))]
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)  # (<frozen importlib._bootstrap>: not code to edit)
+              if not f.filename.startswith("<frozen")
+              and not any(os.path.abspath(f.filename).startswith(d) for d in skip)]
     return f" (at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno})" if frames else ""
 
 
@@ -241,6 +303,11 @@ def _advice(model: nn.Module, batch: torch.Tensor, exc: BaseException | None = N
     if emb is not None and batch.is_floating_point():
         return (f"it has an nn.Embedding ('{emb}') that is not its first module, so the batch was floats: "
                 "pass --vocab N for integer tokens in [0, N)")
+    if not batch.is_floating_point() and emb is not None and "index out of range" in text:
+        sizes = sorted({m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)})
+        return (f"the token ids run to {int(batch.max())} and the model's nn.Embedding takes "
+                f"{' or '.join(f'[0, {n})' for n in sizes)}: pass --vocab {sizes[0]} or less (without --vocab, "
+                "the first module's num_embeddings)")
     if not batch.is_floating_point() and emb is None:
         return ("--vocab makes integer token ids and the model has no nn.Embedding to take them: drop --vocab "
                 "for standard normal float inputs")

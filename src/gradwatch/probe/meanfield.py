@@ -96,6 +96,8 @@ def q_star(act: nn.Module, sw2: float, sb2: float, q0: float = 1.0, max_iter: in
     σ_b²/(1 − c) for c < 1, inf for c > 1; at c = 1 to 1% every q is fixed when σ_b² = 0 (q0 is returned)
     and q grows without bound otherwise. Iterating would only creep for max_iter steps (He init's σ_w²
     read from the weights is 2 ± 1e-3)."""
+    if sw2 <= 0.0:  # all-zero weights: q ← σ_b² at once (the slopes below divided by 0)
+        return sb2
     act = _float64_copy(act)
     phi0, _ = _phi_and_grad(act, np.zeros(1), copied=True)
     if abs(phi0[0]) < 1e-12:
@@ -151,7 +153,8 @@ def predict(act: nn.Module, name: str, sw2: float, sb2: float, depth: int, keep:
     χ₁ = (σ_w²/keep) E[φ'²] (Schoenholz et al. 2017, section 5). q0: the first layer's pre-activation
     variance, from which `gain` follows the variance map over this depth (finite_gain)."""
     c, q = chi1(act, sw2 / keep, sb2)
-    xi = math.inf if c <= 0 or abs(math.log(c)) < 1e-12 else 1.0 / abs(math.log(c))
+    # χ₁ = 0 (all-zero weights): nothing passes a single layer, ξ = 1/|ln 0| = 0, not ∞
+    xi = 0.0 if c <= 0 else math.inf if abs(math.log(c)) < 1e-12 else 1.0 / abs(math.log(c))
     gain = finite_gain(act, sw2 / keep, sb2, q0, depth) if math.isfinite(q0) else math.nan
     return MeanField(name, sw2, sb2, q, c, xi, depth, depth > TRAINABLE_DEPTHS * xi, keep, q0, gain)
 

@@ -147,7 +147,9 @@ class ProbeResult:
         elif self.mean_field_note:
             lines.append(f"mean field: {self.mean_field_note}")
         for r in self.recurrent:
-            h = "beyond the sequence" if r.horizon is None else f"{r.horizon} steps ({r.direction})"
+            # the length says when the sequence was too short to tell (a batch_first=False layer given N,T,C)
+            h = (f"beyond the sequence of {len(r.profile) - 1} steps" if r.horizon is None
+                 else f"{r.horizon} steps ({r.direction})")
             lines.append(f"{r.name} layer {r.layer} ({r.kind}): BPTT horizon {h}, rate/step {r.rate:.3g}, "
                          f"W_hh σmax {r.spectral_norm:.3g}, ρ {r.spectral_radius:.3g} vs 1/γ = {r.bound:.3g}"
                          + ("".join(f"; {n}" for n in r.notes)))

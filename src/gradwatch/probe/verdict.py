@@ -161,8 +161,11 @@ def layer_findings(layers: list[LayerProbe], mf: MeanField | None, *, init: set[
             if acts & SATURATING and not _linear_regime(mf):
                 sat = max((x.saturated for x in layers if not math.isnan(x.saturated)), default=math.nan)
                 named = sorted(acts & SATURATING)
-                causes.append(f"saturating activations ({', '.join(named)}) scale the gradient by φ' < 1 in every "
-                              "layer" + (" (sigmoid: φ' ≤ 1/4)" if any("sigmoid" in a for a in named) else "")
+                # how many: a BERT's one tanh (its pooler) was said to scale the gradient "in every layer"
+                k = sum((x.activation or (functional or {}).get(x.name, "")) in SATURATING for x in layers)
+                where = "every hidden layer" if k >= len(layers) - 1 else f"{k} of {len(layers)} layers"
+                causes.append(f"saturating activations ({', '.join(named)}) scale the gradient by φ' < 1 in {where}"
+                              + (" (sigmoid: φ' ≤ 1/4)" if any("sigmoid" in a for a in named) else "")
                               + (f"; saturated fraction up to {sat:.0%}" if sat >= 0.005 else ""))
             causes.append("initial weights too small for the depth" + _sigma_said(layers))
         else:
