@@ -567,6 +567,22 @@ def test_resumed_clipper_clips_as_the_uninterrupted_one(make, tmp_path):
         make().load_state_dict({"nope": 1})
 
 
+def test_autoclip_refuses_the_state_of_another_window():
+    # A windowed history is a ring of its last `window` norms; loaded into a clipper keeping every
+    # norm it became the first entries of a history `steps` long, the gap between them NaN, and the
+    # clipper's "same window" requirement went unchecked.
+    grads = grad_sequence(norm_sequence(12))
+    windowed, whole = clip.AutoClip(20, window=5), clip.AutoClip(20)
+    run_clipper(windowed, grads)
+    run_clipper(whole, grads)
+    for target, state in [(clip.AutoClip(20), windowed.state_dict()),
+                          (clip.AutoClip(20, window=8), windowed.state_dict()),
+                          (clip.AutoClip(20, window=5), whole.state_dict())]:
+        with pytest.raises(ConfigError, match="window"):
+            target.load_state_dict(state)
+    clip.AutoClip(20, window=20).load_state_dict(whole.state_dict())  # 12 norms fit a window of 20: the same
+
+
 def train_with_scaler(clip_by_attach: bool):
     torch.manual_seed(0)
     model = nn.Linear(4, 4)
@@ -734,3 +750,61 @@ def test_stateful_clippers_keep_a_float64_models_precision():
     auto, z = clip.AutoClip(), clip.ZClip()
     auto([half]), z([half])
     assert auto.history.dtype == z.mean.dtype == torch.float32
+
+
+def test_clip_value_complex_clamps_real_and_imaginary_parts():
+    # torch's clamp rejects complex tensors; a complex parameter is stepped by torch's optimizers as
+    # its real view, so each of its two real entries is clamped, beside a real parameter as usual.
+    g = torch.Generator().manual_seed(0)
+    z = nn.Parameter(torch.zeros(4, 3, dtype=torch.complex64))
+    r = nn.Parameter(torch.zeros(5))
+    z.grad = torch.randn(4, 3, dtype=torch.complex64, generator=g) * 3
+    r.grad = torch.randn(5, generator=g) * 3
+    want_z = torch.complex(z.grad.real.clamp(-1, 1), z.grad.imag.clamp(-1, 1))
+    want_r = r.grad.clamp(-1, 1)
+    want_norm = math.sqrt(float(z.grad.abs().double().square().sum() + r.grad.double().square().sum()))
+    norm = clip.ClipValue(1.0)([z, r])
+    assert torch.equal(z.grad, want_z) and torch.equal(r.grad, want_r)
+    assert float(norm) == pytest.approx(want_norm, rel=1e-6)  # the norm before clamping
+
+
+@pytest.mark.parametrize("make", [lambda: clip.ClipNorm(1.0), lambda: clip.AGC(), lambda: clip.AutoClip(),
+                                  lambda: clip.ZClip(warmup_steps=2)], ids=["norm", "agc", "autoclip", "zclip"])
+def test_float16_spike_with_a_norm_beyond_float16_range_is_clipped_as_in_float64(make):
+    # Entries of 1000 over 1e5 weights: a finite float16 gradient whose norm, 3.2e5, is beyond
+    # float16's 65504. Normed in float16 it was Inf: AGC, AutoClip and ZClip left the spike as it was
+    # (taken for non-finite), ClipNorm (torch's function) scaled it to 0. Reference: the same clipper
+    # on the same gradients in float64.
+    runs = {}
+    for dtype in (torch.float16, torch.float64):
+        clipper, p = make(), nn.Parameter(torch.full((10, 10000), 0.01, dtype=dtype))
+        for step in range(4):
+            p.grad = torch.full((10, 10000), 1000.0 if step == 3 else 0.01, dtype=dtype)
+            norm = clipper([p])
+        runs[dtype] = float(norm), p.grad.double()
+    (norm16, grad16), (norm64, grad64) = runs[torch.float16], runs[torch.float64]
+    assert norm64 == pytest.approx(1000 * math.sqrt(1e5)) and norm16 == pytest.approx(norm64, rel=1e-3)
+    assert float(grad64.abs().max()) < 1.0  # every clipper clips this spike
+    torch.testing.assert_close(grad16, grad64, rtol=2e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("make, quiet", [(lambda: clip.ClipNorm(1.0), False), (lambda: clip.ZClip(), False),
+                                         (lambda: clip.AutoClip(), False), (lambda: clip.AGC(), False),
+                                         (lambda: clip.ClipValue(1.0), True)],
+                         ids=["norm", "zclip", "autoclip", "agc", "value"])
+def test_attach_to_fsdp1_shards_without_their_group_warns(make, quiet):
+    # FSDP1 (use_orig_params=True) marks the parameters it shards with `_fsdp_flattened` and gives
+    # them no group: a norm-based clipper without process_group= (AGC: fsdp=) silently clipped each
+    # rank by its own shard's norm. Clamping by value is element-wise and needs nothing.
+    model = nn.Linear(4, 2)
+    for p in model.parameters():
+        p._fsdp_flattened = True
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        clip.attach(opt, make()).remove()
+    said = [str(w.message) for w in caught if "FSDP1" in str(w.message)]
+    assert said == [] if quiet else len(said) == 1 and "process_group=model.process_group" in said[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        clip.attach(torch.optim.SGD(nn.Linear(4, 2).parameters(), lr=0.1), make()).remove()  # no FSDP: silent

@@ -139,7 +139,7 @@ def test_scaler_managed_optimizer_is_passed_through():
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
     assert g.skipped == 0 and g.passed_through == 1
     # before, the report read "0 of 0 steps skipped" as if the guard had checked everything
-    assert g.report().endswith("1 passed through unchecked (LBFGS's or a non-torch optimizer's closure, or "
+    assert g.report().endswith("1 passed through unchecked (a non-torch optimizer's closure, or "
                                "GradScaler with an optimizer that skips overflow steps itself)")
 
 
@@ -179,9 +179,12 @@ def test_scheduler_built_after_the_guard():
     assert torch.isnan(model[2].weight).any() and g.skipped == 1
 
 
-def test_closure_steps_pass_through():
+def test_closure_steps_of_an_optimizer_from_elsewhere_pass_through():
+    class SAMLike(torch.optim.SGD):  # not torch's: it may call the closure between two updates
+        pass
+
     model = nn.Linear(3, 1)
-    opt = torch.optim.LBFGS(model.parameters(), max_iter=2)
+    opt = SAMLike(model.parameters(), lr=0.1)
     g = Guard(opt)
     x, y = torch.randn(4, 3), torch.randn(4, 1)
 
@@ -193,6 +196,59 @@ def test_closure_steps_pass_through():
 
     opt.step(closure)
     assert g.passed_through == 1 and g.skipped == 0
+
+
+def lbfgs_run(guarded: bool, bad_step: int | None, bad_call: int) -> tuple[list[torch.Tensor], dict, list]:
+    """5 LBFGS steps of a small tanh MLP; at `bad_step` the closure's `bad_call`-th call (0: the first,
+    before any update; 2: after the weights moved) leaves an Inf gradient. Unguarded, the bad step is
+    not taken at all (the reference the guarded run must equal)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4)
+    g = Guard(opt) if guarded else None
+    x, y = torch.randn(16, 3), torch.randn(16, 1)
+    losses = []
+    for step in range(5):
+        calls = []
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            if step == bad_step and len(calls) == bad_call:
+                model[2].weight.grad[0, 0] = float("inf")
+            calls.append(1)
+            return loss
+
+        if guarded or step != bad_step:
+            losses.append(float(opt.step(closure)))
+    if g is not None:
+        assert (g.skipped, g.steps, g.passed_through) == (1, 4, 0)
+    return [p.detach().clone() for p in model.parameters()], opt.state_dict()["state"], losses
+
+
+def same_state(a, b) -> bool:
+    """LBFGS's state: tensors, numbers and lists of tensors, compared exactly."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    return a == b
+
+
+@pytest.mark.parametrize("bad_call", [0, 2], ids=["first call", "after the weights moved"])
+def test_lbfgs_step_with_a_non_finite_closure_call_is_undone(bad_call):
+    # Passed through unchecked, one Inf gradient made every LBFGS weight NaN for good. Each closure
+    # call is checked now; the step stops at the bad one and its weights and state are put back, so
+    # the run equals one that never took that step, bit for bit, and goes on training.
+    with pytest.warns(UserWarning, match="skipped optimizer step 2"):
+        weights, state, losses = lbfgs_run(True, bad_step=2, bad_call=bad_call)
+    ref_weights, ref_state, ref_losses = lbfgs_run(False, bad_step=2, bad_call=bad_call)
+    assert all(torch.equal(w, r) for w, r in zip(weights, ref_weights))
+    assert same_state(state, ref_state)
+    assert losses[:2] + losses[3:] == ref_losses and all(np.isfinite(ref_losses))
 
 
 @pytest.mark.parametrize("kwargs, named", [({"patience": 0}, "patience=0"), ({"lr_factor": 0.0}, "lr_factor=0.0"),
@@ -473,3 +529,25 @@ def test_closure_steps_of_torchs_single_call_optimizers_are_guarded(make, by_key
         ref_opt.step()
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_lbfgs_bad_steps_in_a_row_restore_and_cut_the_lr():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=3)
+    g = Guard(opt, patience=2)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+
+    def closure(bad: bool):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y) * (float("inf") if bad else 1.0)
+        loss.backward()
+        return loss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for bad in (False, True, True):
+            opt.step(lambda: closure(bad))
+    assert (g.skipped, g.restores, opt.param_groups[0]["lr"]) == (2, 1, 0.25)
+    assert all(bool(p.isfinite().all()) for p in model.parameters())
+

@@ -555,3 +555,30 @@ def test_memory_gate_opened_as_the_probe_advises_and_the_gradient_reaches_back(k
         return float(per_step[0] / per_step[-1])
 
     assert reach(True) > 100 * reach(False)
+
+
+def test_lazy_layer_needs_example_input_and_gets_he_from_it():
+    # Before its first forward a LazyLinear has no weight: a ConfigError naming it, not torch's
+    # ValueError from inside the draw; example_input's forward creates it, and it is initialised.
+    model = nn.Sequential(nn.LazyLinear(256), nn.ReLU(), nn.Linear(256, 1))
+    with pytest.raises(ConfigError, match=r"0\.weight.*example_input"):
+        init_(model)
+    torch.manual_seed(0)
+    report = init_(model, example_input=torch.randn(2, 300))
+    assert rows(report)["0.weight"].scheme == "he"
+    fan_in, _ = nn.init._calculate_fan_in_and_fan_out(model[0].weight)
+    assert float(model[0].weight.std()) == pytest.approx(math.sqrt(2 / fan_in), rel=0.05)
+
+
+def test_model_on_the_meta_device_is_refused_naming_the_fix():
+    # Built under torch.device("meta") (shapes only, as for large models), init_ and
+    # check_constant_init failed inside torch ("Tensor.item() cannot be called on meta tensors").
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
+    for call in (init_, check_constant_init):
+        with pytest.raises(ConfigError, match=r"0\.weight.*meta device.*to_empty"):
+            call(model)
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    assert rows(init_(model))["0.weight"].scheme == "he"
+    assert float(model[0].weight.std()) == pytest.approx(math.sqrt(2 / 64), rel=0.1)

@@ -434,3 +434,25 @@ def test_insert_norm_skips_layers_already_followed_by_a_norm():
     model, change = insert_norm(model, kind="layer")
     assert not change and "0, 3, already followed by a norm" in str(change)
     assert model(torch.randn(2, 3, 8, 8)).shape == (2, 2)
+
+
+def test_a_checkpoint_saved_before_a_wrap_loads_into_the_changed_model():
+    # insert_norm wraps an attribute layer as Normalised (names gain `.0`), add_residual a block as
+    # Residual (names gain `.fn`): a state_dict saved before the change had "unexpected" keys for
+    # every wrapped weight and left it at its fresh draw. Now only the new norm's tensors are missing.
+    x = torch.randn(2, 2, 4, 4)
+    model = Custom()
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    normed, change = insert_norm(model, inplace=False)
+    torch.nn.init.zeros_(normed.conv[0].weight)
+    result = normed.load_state_dict(saved, strict=False)
+    assert result.unexpected_keys == [] and "conv.1.weight" in result.missing_keys
+    assert all(k.startswith("conv.1.") for k in result.missing_keys)  # the new norm's, nothing else
+    assert all(torch.equal(normed.get_parameter(change.renamed.get(k, k)), v) for k, v in saved.items())
+
+    residual, change = add_residual(mlp(), torch.randn(3, 6), blocks=["2"], inplace=False)
+    plain = mlp()
+    torch.nn.init.zeros_(residual[2].fn.weight)
+    residual.load_state_dict(plain.state_dict())  # strict: no key missing or left over
+    assert torch.equal(residual[2].fn.weight, plain[2].weight)
+    residual.load_state_dict(residual.state_dict())  # its own checkpoint still loads as it is

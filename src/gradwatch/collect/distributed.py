@@ -9,7 +9,8 @@ Exact statistics (docs/distributed.md):
   loss is the mean over ranks and a rank whose own loss went non-finite is named in an event;
 - rank 0 writes the store (every rank with `all_ranks=True`), the others only take part in the
   exchange. Nothing here runs between flushes except under `stop_on=("non_finite",)`, where the
-  ranks agree on stopping with one tiny all-reduce per step.
+  ranks agree on stopping with one tiny all-reduce per step;
+- under DDP's join() (uneven inputs) no collective at all (`Distributed.uneven`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import math
 import os
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,7 @@ EVENT = "rank_non_finite"  # events row: (step, "rank_non_finite", "rank R: loss
 EXCHANGE_FAILED = "distributed_error"  # events row: the exchange failed (a rank died); local values kept
 _FSDP_WRAPPED = "_fsdp_wrapped_module"
 _FIELDS = ("grad", "grad_max", "weight", "delta")  # StepRecord per-parameter fields, in table order
+_DDPS: weakref.WeakSet = weakref.WeakSet()  # the DDP wrappers of watched models (their join() state)
 
 
 def process_rank() -> int | None:
@@ -76,6 +79,7 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, str | None, object, set[int]]:
     from torch.nn.parallel import DistributedDataParallel
 
     if isinstance(model, DistributedDataParallel):
+        _DDPS.add(model)
         return model.module, "ddp", model.process_group, set()
     if isinstance(model, FullyShardedDataParallel):
         if not model._use_orig_params:
@@ -93,6 +97,7 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, str | None, object, set[int]]:
         return model, "fsdp2", group, {i for i, g in groups.items() if g is not None}
     wrapper = ddp_wrapper(model)
     if wrapper is not None:  # the module a DDP wraps, watched itself: read as the DDP's
+        _DDPS.add(wrapper)
         return model, "ddp", wrapper.process_group, set()
     return model, None, None, set()
 
@@ -126,6 +131,7 @@ class Distributed:
         self.collectives = 0  # made by gradwatch (the benchmark reports it)
         self._bad: set[int] = set()  # ranks whose own loss was non-finite at the last step
         self._failed = False
+        self._uneven = False  # DDP's join() was entered: the ranks no longer step together
         self._abandoned = ""  # why no more collectives may be made (see abandon)
         self._abandon_said = True  # its distributed_error event is written (by the Watch)
         self._restore = None
@@ -164,9 +170,19 @@ class Distributed:
         weight = foreach_norm32([local(p.detach()) for p in params])
         return grad, gmax, weight
 
+    def uneven(self) -> bool:
+        """DDP's `join()` (uneven inputs) was entered: a rank out of batches waits in the join,
+        shadowing DDP's own all-reduces only, so a collective of gradwatch's would hang the run (or
+        meet another rank's). From then on nothing is exchanged: DDP's gradients are the same on
+        every rank, and the loss stored is this rank's own. (torch never disables a join config
+        once set, so every rank sees it from its `with ddp.join():` on, and for good.)"""
+        if not self._uneven:
+            self._uneven = any(getattr(getattr(d, "_join_config", None), "enable", False) for d in list(_DDPS))
+        return self._uneven
+
     def any_rank(self, flag: bool) -> bool:
         """True on every rank when `flag` is true on one (one all-reduce; used by stop_on only)."""
-        if self._failed or not dist.is_initialized():
+        if self._failed or not dist.is_initialized() or self.uneven():
             return flag
         t = torch.tensor([float(flag)], device=self._device())
         self.collectives += 1
@@ -181,7 +197,7 @@ class Distributed:
     def exchange(self, records: list) -> list[tuple[int, str, str]]:
         """Make `records` global in place (mean loss over ranks, norms over the full sharded
         parameters) and return the events naming ranks whose own loss went non-finite."""
-        if not records:
+        if not records or self.uneven():
             return []
         n = len(self.sharded)
         try:

@@ -5,6 +5,7 @@ Kept here so each formula exists once; nothing in this file reads a tensor value
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Iterable
@@ -125,12 +126,42 @@ def norm_order(norm_type: Any) -> float:
     return p
 
 
+# float16 and bfloat16 gradients are normed in float32: in float16 a finite gradient of norm above
+# 65504 (entries of 1000 over 1e4 weights) has an Inf norm, and was taken for a non-finite one and
+# left unclipped, the spike a clipper is for.
+_NARROW = (torch.float16, torch.bfloat16)
+
+
+def wide_norm(x: torch.Tensor, norm_type: float = 2.0, dim: tuple[int, ...] | None = None,
+              keepdim: bool = False) -> torch.Tensor:
+    """torch.linalg.vector_norm, summed in float32 for a float16/bfloat16 tensor (see _NARROW)."""
+    dtype = torch.float32 if x.dtype in _NARROW else None
+    return torch.linalg.vector_norm(x, norm_type, dim=dim, keepdim=keepdim, dtype=dtype)
+
+
+def _wide_total_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+    """get_total_norm's foreach pass, with float16/bfloat16 gradients normed in float32 (no copy)."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for g in grads:
+        groups.setdefault((g.device, g.dtype), []).append(g)
+    norms = [n for (_, dtype), group in groups.items()
+             for n in torch._foreach_norm(group, norm_type, dtype=torch.float32 if dtype in _NARROW else None)]
+    dtype = functools.reduce(torch.promote_types, (n.dtype for n in norms))
+    return torch.linalg.vector_norm(torch.stack([n.to(grads[0].device, dtype) for n in norms]), norm_type)
+
+
 def total_norm(grads: list[torch.Tensor], norm_type: float = 2.0, process_group=None) -> torch.Tensor:
-    """Norm of all gradients as one vector: torch's own foreach implementation, on the device.
+    """Norm of all gradients as one vector: torch's own foreach implementation, on the device
+    (float16/bfloat16 gradients normed in float32, see _NARROW).
 
     Sharded gradients (FSDP): DTensors (FSDP2) are reduced across ranks by torch; plain local shards
     (FSDP1, use_orig_params=True) by one all-reduce over `process_group`, on every rank of it."""
-    norm = torch.nn.utils.get_total_norm(grads, norm_type) if grads else torch.zeros(())
+    if not grads:
+        norm = torch.zeros(())
+    elif any(g.dtype in _NARROW for g in grads) and not any(is_dtensor(g) for g in grads):
+        norm = _wide_total_norm(grads, norm_type)
+    else:
+        norm = torch.nn.utils.get_total_norm(grads, norm_type)
     if is_dtensor(norm):
         norm = norm.full_tensor()  # already reduced by torch: replicated on every rank
     if process_group is not None:
@@ -144,7 +175,13 @@ def scale_(grads: list[torch.Tensor], coef: torch.Tensor) -> None:
     for g in grads:
         groups.setdefault((g.device, g.dtype), []).append(g)
     for (device, dtype), group in groups.items():
-        torch._foreach_mul_(group, coef.to(device=device, dtype=dtype))
+        torch._foreach_mul_(group, coef.to(device=device, dtype=coef_dtype(dtype)))
+
+
+def coef_dtype(dtype: torch.dtype) -> torch.dtype:
+    """A clipping factor's dtype for gradients of `dtype`: at least float32. A factor of 3e-6 or
+    1e-7 (a spike clipped to norm 1) is subnormal in float16, 2-20% off once rounded to it."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def clip_coef(norm: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Norms of gradients sharded across ranks (FSDP), for the clippers: each exact, one all-reduce a call.
+"""Gradients sharded across ranks (FSDP): their norms, for the clippers (each exact, one all-reduce a
+call), and the guard's agreement on a skip (one one-element all-reduce a step).
 
 - FSDP2 (`fully_shard`): parameters and gradients are DTensors; torch's own norm functions reduce
   them across ranks. Dim-0 sharding splits a weight's rows (AGC's units) between ranks but never
@@ -100,8 +101,28 @@ def _pieces(params: list[torch.Tensor], layout: dict | None) -> tuple[list[_Piec
     return pieces, group
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The part of `t` this rank holds (a DTensor's local shard; any other tensor as is)."""
     return t.to_local() if is_dtensor(t) else t
+
+
+def shard_group(params: list[torch.Tensor]):
+    """The process group whose ranks each hold a shard of these parameters, or None if none is
+    sharded: a DTensor's (FSDP2) over its sharded mesh dim; for FSDP1 (use_orig_params=True, whose
+    parameters carry FSDP's `_fsdp_flattened` mark and no group) the default group, whose ranks
+    all step together under FSDP."""
+    for p in params:
+        if is_dtensor(p):
+            from torch.distributed.tensor import Shard
+
+            dims = [d for d, pl in enumerate(p.placements) if isinstance(pl, Shard)]
+            if dims:
+                return p.device_mesh.get_group(dims[0])
+        elif getattr(p, "_fsdp_flattened", False):
+            import torch.distributed as dist
+
+            return dist.group.WORLD
+    return None
 
 
 @torch.no_grad()
@@ -115,12 +136,12 @@ def sharded_agc(params: list[torch.Tensor], clipping: float, eps: float, layout:
     offsets = [0]
     for piece in pieces:
         offsets.append(offsets[-1] + piece.units)
-    device = next((_local(p).device for p in params), torch.device("cpu"))
+    device = next((local(p).device for p in params), torch.device("cpu"))
     sums = torch.zeros(2, offsets[-1], dtype=torch.float32, device=device)  # [grad², weight²] per unit
     owner = dist.get_rank(group) == 0  # replicated parameters are counted once, by group rank 0
     index = []
     for piece, offset in zip(pieces, offsets):
-        g = None if piece.param.grad is None else _local(piece.param.grad)
+        g = None if piece.param.grad is None else local(piece.param.grad)
         if g is None or g.numel() == 0:
             index.append(None)
             continue
@@ -128,7 +149,7 @@ def sharded_agc(params: list[torch.Tensor], clipping: float, eps: float, layout:
                                   rounding_mode="floor")
         index.append(unit)
         if owner or not piece.replicated:
-            w = _local(piece.param.detach())
+            w = local(piece.param.detach())
             sums[0].index_add_(0, unit, g.reshape(-1).float().square())
             sums[1].index_add_(0, unit, w.reshape(-1).float().square())
     dist.all_reduce(sums, group=group)
@@ -139,6 +160,29 @@ def sharded_agc(params: list[torch.Tensor], clipping: float, eps: float, layout:
     coef = unit_coef(grad_norm, max_norm)
     for piece, unit in zip(pieces, index):
         if unit is not None:
-            g = _local(piece.param.grad)
-            g.mul_(coef[unit].reshape(g.shape).to(g.dtype))
+            g = local(piece.param.grad)
+            g.mul_(coef[unit].reshape(g.shape).to(torch.promote_types(g.dtype, torch.float32)))
     return sums[0].sum().sqrt()
+
+
+def flag_device(group, device: torch.device) -> torch.device:
+    """Where the agreement's flag can travel: `device` (the parameters'), but a CUDA device when they
+    are on the CPU (FSDP's CPU offload) and the group's only backend is NCCL, which takes no CPU tensor."""
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend(group))
+    if device.type == "cpu" and "nccl" in backend and "gloo" not in backend and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def agreed(finite: bool, group, device: torch.device) -> bool:
+    """Every rank of `group` found its shards finite (one one-element all-reduce). Under FSDP each rank
+    checks only its shard of the gradients: deciding alone, the rank holding an Inf row would skip
+    while the others stepped their shards, and the model would be half updated, Adam's step counts
+    and (after `patience` skips) the lrs different across ranks."""
+    import torch.distributed as dist
+
+    bad = torch.tensor([0 if finite else 1], dtype=torch.int32, device=device)
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
+    return not bool(bad)

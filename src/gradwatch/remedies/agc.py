@@ -18,15 +18,16 @@ from __future__ import annotations
 import torch
 
 from gradwatch.errors import ConfigError
-from gradwatch.remedies._common import Params, as_list, coalesced_grad, positive_number
+from gradwatch.remedies._common import Params, as_list, coalesced_grad, coef_dtype, positive_number, wide_norm
 from gradwatch.remedies._sharded import fsdp1_layout, is_dtensor, sharded_agc
 
 
 def unitwise_norm(x: torch.Tensor) -> torch.Tensor:
-    """2-norm per output unit (dims 1..n, kept for broadcasting); whole-tensor norm for ndim <= 1."""
+    """2-norm per output unit (dims 1..n, kept for broadcasting); whole-tensor norm for ndim <= 1.
+    Summed in float32 for float16/bfloat16 (a finite unit's norm may exceed float16's range)."""
     if x.ndim <= 1:
-        return torch.linalg.vector_norm(x)
-    return torch.linalg.vector_norm(x, dim=tuple(range(1, x.ndim)), keepdim=True)
+        return wide_norm(x)
+    return wide_norm(x, dim=tuple(range(1, x.ndim)), keepdim=True)
 
 
 def unit_coef(grad_norm: torch.Tensor, max_norm: torch.Tensor) -> torch.Tensor:
@@ -87,7 +88,7 @@ class AGC:
             w, g = sparse_units(index, p, g)
         max_norm = unitwise_norm(w).clamp(min=self.eps).mul_(self.clipping)
         grad_norm = unitwise_norm(g)
-        g.mul_(unit_coef(grad_norm, max_norm).to(g.dtype))
+        g.mul_(unit_coef(grad_norm, max_norm).to(coef_dtype(g.dtype)))
         return grad_norm.square().sum()  # the unit norms add up to the total norm
 
     def __repr__(self) -> str:

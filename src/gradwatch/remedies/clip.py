@@ -60,11 +60,14 @@ def clip_norm(params: Params, max_norm: float, norm_type: float = 2.0, process_g
 
     FSDP1 (use_orig_params=True) shards are plain tensors: pass `process_group` (the model's) for
     the norm over all ranks. FSDP2's DTensor gradients need nothing (torch reduces them). Sparse
-    gradients, which torch's function rejects, are clipped by the same formula on their values."""
+    gradients, which torch's function rejects, are clipped by the same formula on their values, and
+    so are float16 ones, whose norm torch's function takes in float16: above 65504 it is Inf, and a
+    finite gradient was scaled to 0."""
     max_norm = positive_number("max_norm", max_norm, fix="pass the largest total gradient norm to allow, e.g. 1.0")
     norm_type = norm_order(norm_type)  # as ClipNorm checks it: 0 and negative p are no norm
     params = as_list(params)
-    if process_group is None and not with_sparse_grad(params):
+    if process_group is None and not with_sparse_grad(params) and \
+            not any(p.grad is not None and p.grad.dtype == torch.float16 for p in params):
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type=norm_type)
     grads = grads_of(params)
     norm = total_norm(grads, norm_type, process_group)
@@ -76,14 +79,17 @@ def clip_value(params: Params, clip_value: float) -> None:
     """torch.nn.utils.clip_grad_value_ with gradwatch's argument checks (clamps each entry to ±clip_value).
 
     A sparse gradient, which torch's function rejects, has its values clamped (after coalescing:
-    clamping entries, not the duplicates that sum to one)."""
+    clamping entries, not the duplicates that sum to one). A complex gradient, which torch's clamp
+    rejects, has its real and imaginary parts clamped each, as torch's optimizers step a complex
+    parameter as its real view."""
     clip_value = positive_number("clip_value", clip_value, fix="pass the largest |gradient entry| to allow, e.g. 1.0")
     params = as_list(params)
-    dense = [p for p in params if p.grad is not None and not p.grad.is_sparse]
+    dense = [p for p in params if p.grad is not None and not p.grad.is_sparse and not p.grad.is_complex()]
     if dense:  # torch's function fails on an empty list
         torch.nn.utils.clip_grad_value_(dense, clip_value)
-    for values in grads_of(with_sparse_grad(params)):
-        values.clamp_(-clip_value, clip_value)
+    others = [p for p in params if p.grad is not None and (p.grad.is_sparse or p.grad.is_complex())]
+    for values in grads_of(others):
+        (torch.view_as_real(values) if values.is_complex() else values).clamp_(-clip_value, clip_value)
 
 
 class ClipNorm:
@@ -131,6 +137,17 @@ def _unscale(optimizer: torch.optim.Optimizer) -> None:
     if scale is not None:
         scale_(grads_of(optimizer_params(optimizer)), scale.double().reciprocal().float())
         optimizer.grad_scale = None
+
+
+def _unreduced_fsdp1(params: list[torch.Tensor], clipper: Clipper) -> bool:
+    """FSDP1 (use_orig_params=True) leaves each rank a slice of every parameter as a plain tensor, with
+    FSDP's `_fsdp_flattened` mark and no group: a norm-based clipper not given the group takes the
+    norm of that slice only."""
+    if not any(getattr(p, "_fsdp_flattened", False) for p in params):
+        return False
+    if isinstance(clipper, AGC):
+        return clipper._layout is None
+    return isinstance(clipper, (ClipNorm, AutoClip, ZClip)) and clipper.process_group is None
 
 
 def attach(optimizer: torch.optim.Optimizer, clipper: Clipper) -> RemovableHandle:
@@ -191,6 +208,12 @@ def attach(optimizer: torch.optim.Optimizer, clipper: Clipper) -> RemovableHandl
             return args, {**kwargs, "closure": clipped_closure}
         return (args[0], clipped_closure, *args[2:]), kwargs
 
+    if _unreduced_fsdp1(optimizer_params(optimizer), clipper):
+        warnings.warn(f"gw.clip.attach: the optimizer's parameters are FSDP1 shards (FullyShardedDataParallel with "
+                      f"use_orig_params=True) and {clipper!r} has no process group: each rank would clip by the norm of "
+                      "its own shard, by a different factor on each rank; pass process_group=model.process_group "
+                      "(AGC: fsdp=model). Under ShardingStrategy.NO_SHARD the gradients are whole on every rank and "
+                      "nothing is needed", stacklevel=2)
     if isinstance(optimizer, torch.optim.LBFGS):
         # LBFGS's curvature pairs are differences of successive gradients, y = g' - g: scaled each by
         # its own clip factor, y is no difference of one function's gradients, and the quasi-Newton

@@ -30,13 +30,17 @@ from the optimizer: given as ``scheduler=`` (or to ``add_scheduler``, for one bu
 ``base_lrs``, ``eta_min``, ... are scaled too; otherwise their next step undoes the cut, and the
 restore's warning says so when a scheduler drives the optimizer.
 
+Under FSDP each rank holds a shard of the gradients: the ranks agree on every skip with one
+one-element all-reduce per step (`agreed`), so none steps its shard while another skips.
+
 Beside ``torch.amp.GradScaler``: the scaler skips ``optimizer.step()`` itself when it finds an
 overflow, so the guard never sees those steps and does not count them. Optimizers that handle the
 scaler themselves (``_step_supports_amp_scaling``, e.g. fused Adam) are called with the scaler's
 ``found_inf``; the guard passes such steps through, since their gradients are still scaled and the
 optimizer skips overflow steps on its own. A step given a closure is checked when the optimizer is
 one of torch's that runs the closure once before its update (SGD, Adam, ...): the guard runs it,
-then checks. LBFGS (which calls it many times inside the step) and optimizers from elsewhere are
+then checks. LBFGS calls it many times inside the step, moving the weights between calls: each call's
+gradients are checked, and a bad one ends the step, which is undone. Optimizers from elsewhere are
 passed through unchecked.
 """
 
@@ -58,6 +62,7 @@ from gradwatch.collect import patches
 from gradwatch.collect.stats import entries
 from gradwatch.errors import ConfigError
 from gradwatch.remedies._common import in_range, optimizer_params, shown, whole_number
+from gradwatch.remedies._sharded import agreed, flag_device, local, shard_group
 
 Scheduler = Union[LRScheduler, ReduceLROnPlateau]
 
@@ -163,10 +168,42 @@ def cut_lr(optimizer: torch.optim.Optimizer, schedulers: list[Scheduler], factor
                 setattr(s, name, _scaled(value, factor))
 
 
+class _NonFinite(Exception):
+    """A guarded LBFGS closure left NaN/Inf gradients: ends the step there."""
+
+    def __init__(self, loss: Any, grads: list[torch.Tensor]) -> None:
+        super().__init__("non-finite gradients")
+        self.loss, self.grads = loss, grads
+
+
+class _UndoLBFGS:
+    """What one LBFGS step changes, to put back: the weights, and its state with tensors cloned and
+    lists copied (a step appends to and pops from its history lists and writes prev_flat_grad in
+    place, but never changes a tensor its lists hold): about two copies of the weights, not its history."""
+
+    def __init__(self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        with torch.no_grad():
+            self.weights = [(p, p.detach().clone()) for p in params]
+        self.states = {p: {k: v.clone() if isinstance(v, torch.Tensor) else list(v) if isinstance(v, list) else v
+                           for k, v in optimizer.state[p].items()} for p in params if p in optimizer.state}
+
+    def undo(self) -> None:
+        with torch.no_grad():
+            for p, w in self.weights:
+                p.copy_(w)
+        for p, _ in self.weights:
+            if p in self.states:
+                self.optimizer.state[p] = self.states[p]
+            else:
+                self.optimizer.state.pop(p, None)
+
+
 def _closure_once(optimizer: torch.optim.Optimizer) -> bool:
     """A step(closure) of torch's own optimizers, but LBFGS, calls the closure once, first, and then
     updates from the gradients it left: the same as calling it and then step() without it. LBFGS
-    calls it many times, and others (SAM) between two updates: those are passed through unchecked."""
+    calls it many times (`Guard._lbfgs_step`), and others (SAM) between two updates: those are passed
+    through unchecked."""
     return type(optimizer).__module__.startswith("torch.optim.") and not isinstance(optimizer, torch.optim.LBFGS)
 
 
@@ -179,8 +216,9 @@ class Guard:
     """Skips non-finite steps, counts them, restores and lowers the lr after `patience` in a row."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, patience: int = 3, lr_factor: float = 0.5,
-                 snapshot_every: int = 100, scheduler: Scheduler | list[Scheduler] | None = None) -> None:
-        optimizer_params(optimizer)
+                 snapshot_every: int = 100, scheduler: Scheduler | list[Scheduler] | None = None,
+                 process_group=None) -> None:
+        params = optimizer_params(optimizer)
         earlier = getattr(optimizer.step, "guard", None)  # our step, or an LR scheduler's wrapper copying it
         if earlier is not None and earlier._attached:
             raise ConfigError(f"optimizer {type(optimizer).__name__} is already guarded ({earlier!r}); a second "
@@ -199,6 +237,8 @@ class Guard:
         self.consecutive = 0    # skipped in a row, right now
         self.restores = 0
         self.passed_through = 0  # closure / scaler-managed steps it did not check
+        # FSDP: the ranks holding shards decide each step together (FSDP2's mesh, FSDP1's world or `process_group`)
+        self._group = process_group if process_group is not None else shard_group(params)
         self._snapshot: Snapshot | None = None
         self._warned = False
         self._had_own_step = "step" in vars(optimizer)
@@ -212,38 +252,84 @@ class Guard:
         opt = self.optimizer
         scaler_managed = "found_inf" in kwargs or "grad_scaler" in kwargs or getattr(opt, "found_inf", None) is not None
         closure = kwargs.get("closure", args[0] if len(args) == 1 else None)
-        if closure is not None and not scaler_managed and len(args) + len(kwargs) == 1 and _closure_once(opt):
+        only_closure = closure is not None and not scaler_managed and len(args) + len(kwargs) == 1
+        if only_closure and _closure_once(opt):
             # torch's SGD, Adam, ... run the closure once, under enable_grad, before their update: run it
             # here, then check its gradients and step on them as a step without closure would.
             with torch.enable_grad():
                 loss = closure()
             self._step()
             return loss
+        if only_closure and isinstance(opt, torch.optim.LBFGS):
+            return self._lbfgs_step(closure)
         if args or kwargs.get("closure") is not None or scaler_managed:
             self.passed_through += 1
             return self._original(*args, **kwargs)
         params = optimizer_params(opt)
-        grads = [entries(p.grad) for p in params if p.grad is not None]  # a sparse one: its values
-        if all_finite(grads):  # the one host sync per step
-            self.consecutive = 0
-            if self._snapshot is None or self.steps % self.snapshot_every == 0 \
-                    or not self._snapshot.covers(params):
-                self._snapshot = Snapshot.take(self.steps, params, opt)
-            self.steps += 1
+        grads = self._grads(params)
+        if self._finite(grads, params):  # the one host sync per step
+            self._good(params)
             return self._original(*args, **kwargs)
+        self._skip(grads, params)
+        return None
+
+    def _grads(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """This rank's gradient entries: a sparse gradient's values, a DTensor's local shard."""
+        return [local(entries(p.grad)) for p in params if p.grad is not None]
+
+    def _finite(self, grads: list[torch.Tensor], params: list[torch.Tensor]) -> bool:
+        finite = all_finite(grads)
+        if self._group is not None:
+            finite = agreed(finite, self._group, flag_device(self._group, local(params[0]).device))
+        return finite
+
+    def _good(self, params: list[torch.Tensor]) -> None:
+        """A step about to update: snapshot first when one is due."""
+        self.consecutive = 0
+        if self._snapshot is None or self.steps % self.snapshot_every == 0 or not self._snapshot.covers(params):
+            self._snapshot = Snapshot.take(self.steps, params, self.optimizer)
+        self.steps += 1
+
+    def _skip(self, grads: list[torch.Tensor], params: list[torch.Tensor]) -> None:
         self.skipped += 1
         self.consecutive += 1
-        patches.guard_skipped(opt)  # a watch records it as a step with no update
+        patches.guard_skipped(self.optimizer)  # a watch records it as a step with no update
         if not self._warned:
             self._warned = True
             bad = sum(1 for g in grads if not bool(torch.isfinite(g).all()))
+            where = f"{bad} of {len(grads)} gradient tensors hold NaN/Inf" if bad else \
+                "another rank's shard of the gradients holds NaN/Inf"
             call = self.steps + self.skipped - 1  # counted from 0, as the watch and its findings count steps
             warnings.warn(f"gradwatch.guard: skipped optimizer step {call} (the {_ordinal(call + 1)} step): "
-                          f"{bad} of {len(grads)} gradient tensors hold NaN/Inf; weights and optimizer state left "
+                          f"{where}; weights and optimizer state left "
                           "unchanged (further skips are counted silently; see guard.report())", stacklevel=_user_level())
         if self.consecutive >= self.patience:
             self._restore(params)
-        return None
+
+    def _lbfgs_step(self, closure: Callable[[], Any]) -> Any:
+        """LBFGS calls the closure many times a step, moving the weights between calls: each call's
+        gradients are checked, and the first non-finite one ends the step, whose weights and state
+        are then put back as they were before it (unchecked, one NaN made every weight NaN for good)."""
+        opt = self.optimizer
+        params = optimizer_params(opt)
+        before = _UndoLBFGS(params, opt)
+
+        def checked() -> Any:
+            loss = closure()
+            grads = self._grads(params)
+            if not self._finite(grads, params):
+                raise _NonFinite(loss, grads)
+            return loss
+
+        consecutive = self.consecutive
+        try:
+            self._good(params)  # counted good unless a call below finds otherwise
+            return self._original(checked)
+        except _NonFinite as bad:
+            self.steps, self.consecutive = self.steps - 1, consecutive
+            before.undo()
+            self._skip(bad.grads, params)
+            return bad.loss
 
     def _restore(self, params: list[torch.Tensor]) -> None:
         where = "no good step yet: weights kept"
@@ -283,7 +369,7 @@ class Guard:
         """One line: what the guard did so far."""
         total = self.steps + self.skipped
         lrs = ", ".join(f"{g['lr']:.3g}" for g in self.optimizer.param_groups)
-        unchecked = (f", {self.passed_through} passed through unchecked (LBFGS's or a non-torch optimizer's "
+        unchecked = (f", {self.passed_through} passed through unchecked (a non-torch optimizer's "
                      "closure, or GradScaler with an optimizer that skips overflow steps itself)") if self.passed_through else ""
         return (f"guard: {self.skipped} of {total} steps skipped (non-finite gradients), "
                 f"{self.restores} restore(s), lr now {lrs}{unchecked}")
@@ -352,7 +438,10 @@ def _guarded_step(g: Guard) -> Callable[..., Any]:
 
 
 def guard(optimizer: torch.optim.Optimizer, *, patience: int = 3, lr_factor: float = 0.5,
-          snapshot_every: int = 100, scheduler: Scheduler | list[Scheduler] | None = None) -> Guard:
-    """Guard `optimizer` against non-finite steps; see the module docstring. Removable, a context manager."""
+          snapshot_every: int = 100, scheduler: Scheduler | list[Scheduler] | None = None,
+          process_group=None) -> Guard:
+    """Guard `optimizer` against non-finite steps; see the module docstring. Removable, a context manager.
+    Under FSDP the ranks agree on each skip by themselves; `process_group` overrides the group they
+    agree over (FSDP1's default is the whole world)."""
     return Guard(optimizer, patience=patience, lr_factor=lr_factor, snapshot_every=snapshot_every,
-                 scheduler=scheduler)
+                 scheduler=scheduler, process_group=process_group)

@@ -406,6 +406,25 @@ def _tied_by(m: nn.Module, units: torch.Tensor, consumer: tuple[str, nn.Module] 
             "(unless a residual x + f(x) comes between), so they get the same gradient and never differ")
 
 
+def _refuse_lazy(model: nn.Module) -> None:
+    """A lazy layer (nn.LazyLinear ...) has no weight before its first forward: nothing to draw into
+    (torch failed inside the draw)."""
+    lazy = [n for n, p in model.named_parameters() if nn.parameter.is_lazy(p)]
+    if lazy:
+        raise ConfigError(f"{', '.join(lazy)} not materialised yet (a lazy layer has no shape before its first "
+                          "forward); pass example_input=<one batch>, whose forward pass creates them, or run one "
+                          "forward before gw.init_")
+
+
+def _refuse_meta(model: nn.Module) -> None:
+    """A model built on the meta device has shapes and no values (torch failed at the first .item())."""
+    meta = [n for n, p in model.named_parameters() if p.is_meta and not nn.parameter.is_lazy(p)]
+    if meta:
+        shown_names = ", ".join(meta[:3]) + (f" and {len(meta) - 3} more" if len(meta) > 3 else "")
+        raise ConfigError(f"{shown_names} on the meta device (shapes, no storage); allocate them first, "
+                          "model.to_empty(device='cpu') (or your device), before initialising or checking them")
+
+
 def check_constant_init(model: nn.Module) -> list[str]:
     """Weights (2-d or more) whose units all start identical and stay so: same weights, same bias,
     and read alike by the next layer (registration order), so every unit gets the same gradient.
@@ -413,6 +432,7 @@ def check_constant_init(model: nn.Module) -> list[str]:
     one), are not listed: their units get different gradients from the first step on."""
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model={shown(model)} is not a torch.nn.Module; pass the model to check")
+    _refuse_meta(model)
     layers = {id(m) for m in _layers(model).values()}
     modules = list(model.named_modules())
     found = []
@@ -460,7 +480,7 @@ def init_(model: nn.Module, scheme: str = "auto", *, example_input: Any = None) 
     if not layers:
         raise ConfigError(f"model {type(model).__name__} has no Linear, Conv or recurrent layer to initialise; "
                           "pass the model whose layers you want initialised")
-    report = InitReport(constant_before=check_constant_init(model))
+    report = InitReport(constant_before=check_constant_init(model))  # (refuses a model on the meta device)
     feedforward = [m for m in layers.values() if not isinstance(m, tuple(_GATES))]
     if scheme == "auto" and example_input is None and len(feedforward) > 1 \
             and not any(module_act(m) for m in model.modules()) \
@@ -472,7 +492,8 @@ def init_(model: nn.Module, scheme: str = "auto", *, example_input: Any = None) 
                             "pass example_input=<one batch> so that one forward pass finds them")
     follows = by_registration(model, set(layers))
     if example_input is not None:
-        follows.update(by_execution(model, set(layers), example_input))
+        follows.update(by_execution(model, set(layers), example_input))  # also materialises lazy layers
+    _refuse_lazy(model)
     aliases: dict[int, list[str]] = {}  # a tied weight is one tensor under several names
     for n, p in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(n)

@@ -57,8 +57,18 @@ class Change:
         return self.description
 
 
+def _renest(state_dict: dict, prefix: str, inner: nn.Module, step: str) -> None:
+    """A checkpoint saved before a wrap names the wrapped module's tensors `prefix + name`; the wrapper
+    holds them at `prefix + step + name`: renamed in place, so the old checkpoint loads."""
+    for name in inner.state_dict(keep_vars=True):
+        old, new = prefix + name, prefix + step + name
+        if old in state_dict and new not in state_dict:
+            state_dict[new] = state_dict.pop(old)
+
+
 class Residual(nn.Module):
-    """x + fn(x): an identity path around a shape-preserving block."""
+    """x + fn(x): an identity path around a shape-preserving block. Loads a state_dict saved before
+    the wrap (the block's tensors without `.fn`)."""
 
     def __init__(self, fn: nn.Module) -> None:
         super().__init__()
@@ -66,6 +76,10 @@ class Residual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.fn(x)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        _renest(state_dict, prefix, self.fn, "fn.")
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
 
 class FeatureBatchNorm(nn.BatchNorm1d):
@@ -89,6 +103,12 @@ class Normalised(nn.Sequential):
         for m in rest:
             x = m(x)
         return x
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        """A state_dict saved before the change (the layer's tensors without `.0`) loads too; only the
+        new norm's tensors are missing from it."""
+        _renest(state_dict, prefix, self[0], "0.")
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:

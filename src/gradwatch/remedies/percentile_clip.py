@@ -80,8 +80,11 @@ class AutoClip:
         return {"history": self.history.clone(), "steps": self.steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from `state_dict()` (of an AutoClip with the same window)."""
-        if set(state) != {"history", "steps"} or (self.window is not None and len(state["history"]) > self.window):
+        """Resume from `state_dict()` (of an AutoClip with the same window). A history of another
+        length than this window keeps of that many steps came from another window: refused, as a
+        windowed history (a ring) read as a whole one would leave NaN gaps, its next norms misplaced."""
+        if set(state) != {"history", "steps"} or \
+                len(state["history"]) != min(int(state["steps"]), self.window or int(state["steps"])):
             raise ConfigError(f"state with keys {sorted(state)} is not the state_dict() of an AutoClip with "
                               f"window={self.window}; pass what AutoClip.state_dict() returned")
         history, self.steps, self._history = state["history"], int(state["steps"]), None
