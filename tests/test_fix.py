@@ -676,11 +676,13 @@ def test_a_script_that_fails_partway_is_no_repair(tmp_path):
     summary = json.loads((tmp_path / "fix" / "fix.json").read_text())
     assert summary["baseline"]["failed"] and summary["baseline"]["steps"] == 12
     assert summary["winner"] is None and not summary["repaired"]
-    assert all(t["failed"] for t in summary["trials"])  # (10-step screening trials end before the bug)
+    assert all(t["failed"] for t in summary["trials"])
     out = " ".join(result.stdout.split())
     assert "fails on its own: the baseline exited with code 1 after 12 steps (RuntimeError: a bug at step 12)" in out
     assert "Every trial failed as the baseline did" in out and "repairs the run" not in out
-    assert "full trials of 40 steps" in out and "10 steps each" in out
+    # the script's 12 steps are a trial's whole length: screened in full, each a final without a run of its own
+    assert "full trials of 40 steps" in out and "remedies, in full, each as far as a full trial" in out
+    assert not list((tmp_path / "fix").glob("trial-*"))
 
 
 def _context(lr: list[float], layers=(), optimizer="SGD"):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from gradwatch.diagnose.finding import Finding
-from gradwatch.fix import BASELINE, Trial, fix, onset, screen_steps
+from gradwatch.fix import BASELINE, Trial, fix, onset, screen_in_full, screen_steps
 from gradwatch.fix.candidates import clip_norm, lr_ceiling, lr_scale
 from gradwatch.store.series import RunSeries
 
@@ -40,7 +40,8 @@ def test_a_late_blow_up_is_screened_past_its_start(tmp_path):
     result = fix(train, out=tmp_path, budget_steps=40, candidates=[lr_scale(0.1), clip_norm(1.0)],
                  progress=lambda m: None)
     start = onset(result.baseline, np.arange(40))
-    assert start >= 20 and result.screen_steps == min(40, 10 + start) > 10
+    assert start >= 20 and screen_steps(40, start) == min(40, 10 + start) > 10
+    assert screen_in_full(screen_steps(40, start), 40, 2) and result.screen_steps == 40  # (at most one trial more)
     assert all(t.steps == result.screen_steps for t in result.screened)
 
 

@@ -89,10 +89,12 @@ def test_a_lower_loss_within_the_noise_is_no_winner(tmp_path):
 
 
 def _train():
-    """12 SGD steps of a linear regression: a baseline that runs (the remedies' trials are faked)."""
+    """SGD steps of a linear regression, past a budget of 40: a baseline that runs (the remedies'
+    trials are faked), whose screening is a quarter of it (a script that ended first would be
+    screened in full)."""
     model = nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    for _ in range(12):
+    for _ in range(50):
         opt.zero_grad()
         (model(torch.randn(8, 4)) - 10).pow(2).mean().backward()
         opt.step()
@@ -112,7 +114,7 @@ def test_when_the_finals_do_not_hold_the_next_screening_repair_gets_its_full_tri
         if cand is fix_module.BASELINE:
             return real(command, run_dir, cand, steps, trained=trained)
         loss = full[cand.name] if steps == 40 else screen[cand.name]
-        return Trial(cand, run_dir, 0, 0.1, steps=steps, final_loss=loss, first_loss=1.11)
+        return Trial(cand, run_dir, 0, 0.1, steps=steps, final_loss=loss, first_loss=1.11, cut=True)  # budget-ended
 
     monkeypatch.setattr(fix_module, "run_trial_in_process", trial)
     said = []

@@ -5,12 +5,18 @@ differ: other finals (whose outcome the recording cannot tell), or, when a final
     .venv/bin/python benchmarks/repair/replay.py [--out benchmarks/repair/out]
 
 Policies (the trials are deterministic, so the first k steps of a recorded trial are the k-step trial):
-  shorter screening   every screening trial cut to k steps, re-diagnosed, re-ranked, finals re-picked
+  shorter screening   every screening trial cut to k steps (past the fault's onset, as fix counts them),
+                      re-diagnosed, re-ranked, finals re-picked
   stop the 2nd final  ended at half the budget when the first final works and the second's loss (median
                       of the last tenth) is above the first's there (median stopping rule, Golovin et
                       al. 2017, with one completed trial)
+  ... beyond noise    the same, when the second's loss there is above the first's by more than twice the
+                      standard error of the difference (as fix's verdict reads two losses)
   stop screening      a screening trial ended at half its length when its loss there is above the
                       median of those screened before it (at least 2)
+  finals as now       `pick_finals` and `spare_final` of the code as it is now, on the recorded screening:
+                      the recorded finals it would no longer run are saved; a final the recording
+                      lacks counts as a differing choice (it needs a re-run)
 """
 
 from __future__ import annotations
@@ -25,9 +31,10 @@ import numpy as np
 
 from gradwatch.diagnose import diagnose
 from gradwatch.errors import GradwatchError
-from gradwatch.fix import pick_finals
+from gradwatch.fix import FixResult, applied, pick_finals, spare_final
 from gradwatch.fix.candidates import Candidate
-from gradwatch.fix.trial import REMEDY_FILE, Trial, final_loss
+from gradwatch.fix.inject import NOT_APPLIED
+from gradwatch.fix.trial import REMEDY_FILE, Trial, final_error, final_loss, first_loss, last_phase
 from gradwatch.store import read_run
 from gradwatch.store.series import RunSeries
 
@@ -45,12 +52,15 @@ def first_steps(run: RunSeries, k: int) -> RunSeries:
 def trial(run_dir: Path, k: int | None = None) -> Trial:
     info = json.loads((run_dir / REMEDY_FILE).read_text())
     cand = Candidate(info["name"], info["spec"], info["code"])
+    skipped = run_dir / NOT_APPLIED  # the remedy changed nothing: the trial ended before its first step
     try:
         run = read_run(run_dir)
     except GradwatchError:  # recorded nothing
         return Trial(cand, run_dir, 1, 0.0)
     run = first_steps(run, k) if k else run
-    return Trial(cand, run_dir, 0, 0.0, len(run.steps), final_loss(run.loss), diagnose(run))
+    return Trial(cand, run_dir, 0, 0.0, len(run.steps), final_loss(run.loss), diagnose(run),
+                 first_loss(run.loss[run.steps >= last_phase(run)]),  # as `measure` reads a trial
+                 skipped.read_text().strip() if skipped.is_file() else "", final_error(run.loss))
 
 
 def loss_at(run_dir: Path, step: int, window: int) -> float:
@@ -62,6 +72,15 @@ def loss_at(run_dir: Path, step: int, window: int) -> float:
         return float("nan")
     recent = loss[max(0, step - window):step]  # the window before `step`, read like final_loss reads the end
     return float(np.median(recent)) if np.isfinite(recent).all() else float("inf")
+
+
+def behind_beyond_noise(loss: np.ndarray, other: np.ndarray, z: float = 2.0) -> bool:
+    """`loss` ended above `other` by more than `z` standard errors of the difference, each read as fix
+    reads a trial of that length (`final_loss`, `final_error`); a non-finite one is behind a finite one."""
+    a, b = final_loss(loss), final_loss(other)
+    if not np.isfinite(a) or not np.isfinite(b):
+        return np.isfinite(b) and not np.isfinite(a)
+    return a - b > z * float(np.hypot(np.nan_to_num(final_error(loss)), np.nan_to_num(final_error(other))))
 
 
 def specs(cands: list[Candidate]) -> list[str]:
@@ -90,7 +109,9 @@ def replay(out: Path) -> list[list[str]]:
     for frac in (8, 6, 5):
         saved, changed = 0, []
         for r, d, screens, full in cases:
-            k = max(r["budget_steps"] // frac, 10)
+            budget = r["budget_steps"]
+            onset = max(t.steps for t in full) - max(budget // 4, 10)  # counted from the fault's onset, as fix does
+            k = min(budget, max(budget // frac, 10) + max(onset, 0))
             short = [trial(p, k) for p in screens]
             saved += sum(t.steps - s.steps for t, s in zip(full, short))
             finals = [pick_finals(sorted(ts, key=lambda t: t.score)) for ts in (full, short)]
@@ -110,6 +131,17 @@ def replay(out: Path) -> list[list[str]]:
                 changed.append(r)
     row("stop the 2nd final at half the budget when behind", saved, changed)
     saved, changed = 0, []
+    for r in results:
+        g, d, half = r["strategies"]["gradwatch"], out / r["scenario"] / "gradwatch", r["budget_steps"] // 2
+        if len(g["trials"]) < 2 or not trial(d / "trial-1").works:
+            continue
+        first, second = (read_run(d / name).loss for name in ("trial-1", "trial-2"))
+        if len(second) > half and behind_beyond_noise(second[:half], first[:half]):
+            saved += len(second) - half
+            if g["winner"] == g["trials"][1]:
+                changed.append(r)
+    row("stop the 2nd final at half when behind beyond the noise", saved, changed)
+    saved, changed = 0, []
     for r, d, screens, full in cases:
         half, window, done, stopped = full[0].steps // 2, max(1, full[0].steps // 10), [], set()
         for p, t in zip(screens, full):
@@ -124,7 +156,35 @@ def replay(out: Path) -> list[list[str]]:
         if specs(finals[0]) != specs(finals[1]):
             changed.append(r)
     row("stop screening at half when above the median", saved, changed)
+    saved, changed = 0, []
+    for r, d, screens, full in cases:
+        step, change = finals_now(d, full)
+        saved += step
+        if change:
+            changed.append(r)
+    row("finals as the code picks them now", saved, changed)
     return rows
+
+
+def finals_now(d: Path, screened: list[Trial]) -> tuple[int, bool]:
+    """The recorded final steps the code's `pick_finals` (and `spare_final`) would not run on this
+    screening, and whether its choice differs: a final the recording lacks, or another winner."""
+    key = lambda c: json.dumps(c.spec, sort_keys=True)
+    recorded = {key(t.candidate): t for t in (trial(p) for p in d.glob("trial-*") if (p / REMEDY_FILE).exists())}
+    done = applied(screened)
+    if not done or not recorded:
+        return 0, False
+    picked = pick_finals(done)[:2]
+    if any(key(c) not in recorded for c in picked):
+        return 0, True
+    kept = [recorded[key(c)] for c in picked]
+    if (spare := spare_final(FixResult(Trial(Candidate("baseline"), d, 0, 0.0), kept, screened=screened))) is not None:
+        if key(spare) not in recorded:
+            return 0, True
+        kept.append(recorded[key(spare)])
+    best = lambda ts: min(ts, key=lambda t: t.score).candidate.name
+    saved = sum(t.steps for t in recorded.values()) - sum(t.steps for t in kept)
+    return saved, best(kept) != best(list(recorded.values()))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,7 +74,9 @@ def print_result(result: FixResult, console: Console) -> None:
     from gradwatch.fix.touched import WRITTEN
 
     if result.screened:
-        screen = Table(title=f"screening: {len(result.screened)} remedies, {result.screen_steps} steps each")
+        each = ("in full, each as far as a full trial" if result.screen_steps >= result.budget_steps else
+                f"{result.screen_steps} steps each")
+        screen = Table(title=f"screening: {len(result.screened)} remedies, {each}")
         for col in ("remedy", "harmful findings left", "loss"):
             screen.add_column(col)
         for t in sorted(result.screened, key=lambda t: t.score):
@@ -140,7 +142,8 @@ def print_interrupted(result: FixResult, console: Console) -> None:
     base = result.baseline
     console.print(f"gradwatch fix: interrupted. The baseline ({base.steps} steps) left "
                   f"{', '.join(base.harmful) or 'no harmful finding'}, loss {base.final_loss:.4g}.", markup=False)
-    done = sorted([t for t in [*result.trials, *result.screened] if not t.not_applied], key=lambda t: t.score)
+    ran = {id(t): t for t in [*result.trials, *result.screened]}  # a final screened in full is listed once
+    done = sorted([t for t in ran.values() if not t.not_applied], key=lambda t: t.score)
     if not done:
         console.print("No remedy trial finished.", markup=False)
         return

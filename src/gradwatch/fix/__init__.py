@@ -110,7 +110,8 @@ class FixResult:
 
     @property
     def cost_steps(self) -> int:
-        return sum(t.steps for t in [self.baseline, *self.trials, *self.screened, *filter(None, [self.located])])
+        ran = {id(t): t for t in [self.baseline, *self.trials, *self.screened, *filter(None, [self.located])]}
+        return sum(t.steps for t in ran.values())  # a final screened in full ran once
 
     def save(self, out: Path) -> Path:
         """OUT/fix.json: every trial so far and the winner, rewritten after each trial, so an
@@ -144,7 +145,8 @@ def pick_finals(screened: list[Trial]) -> list[Candidate]:
 
     A leader that repaired the run in screening (no harmful finding, a finite loss) runs alone,
     then with the best remedy that also repaired it and screened within PAIR_MARGIN of its loss
-    (that remedy alone when the two change the same thing; nothing more when there is none): a
+    (that remedy alone when the two change the same thing, and then only if it screened within the
+    noise of the leader's loss; nothing more when there is none): a
     remedy that left a harmful finding, or a much higher loss, has shown it does not help, and
     beside a repair it could only spoil it. A leader that did not repair it runs with the
     runner-up (alone when both change the same thing), then with the third (else the runner-up
@@ -169,6 +171,14 @@ def pick_finals(screened: list[Trial]) -> list[Candidate]:
 def applied(screened: list[Trial]) -> list[Trial]:
     """The screening trials whose remedy changed something, best first."""
     return sorted((t for t in screened if not t.not_applied), key=lambda t: t.score)
+
+
+def screened_in_full(result: FixResult, cand: Candidate) -> Trial | None:
+    """The screening trial of `cand` when it ran as far as a full trial would: the screening had the
+    whole budget, or the trial ended before the screening's (the script's end, a loss that stayed
+    non-finite). A run again would repeat it step for step."""
+    return next((t for t in result.screened if t.candidate.spec == cand.spec and not t.not_applied
+                 and (result.screen_steps >= result.budget_steps or not t.cut)), None)
 
 
 def spare_final(result: FixResult) -> Candidate | None:
@@ -203,10 +213,21 @@ def _partner(lead: Trial, others: list[Trial]) -> list[Candidate]:
     The leader with something on top (`on_the_leader`) screened behind it has shown that what it
     adds does not help: a deep sigmoid MLP's BatchNorm + Adam (1.45 against BatchNorm's 1.26) took
     the place of BatchNorm + LeakyReLU (0.058 in full) and ended at 0.56."""
-    close = [t.candidate for t in others
+    close = [t for t in others
              if t.works and t.final_loss - lead.final_loss <= (PAIR_MARGIN - 1) * abs(lead.final_loss)
-             and not lead.candidate.spec.items() <= t.candidate.spec.items()]  # the leader and more, behind it
-    return [combine(lead.candidate, close[0]) or close[0]] if close else []
+             and not lead.candidate.spec.items() <= t.candidate.spec.items()  # the leader and more, behind it
+             and not _outrun(lead, t)]
+    return [combine(lead.candidate, close[0].candidate) or close[0].candidate] if close else []
+
+
+def _outrun(lead: Trial, other: Trial) -> bool:
+    """`other` changes what the leader changes (they do not combine), so its final would be the
+    other way of making the same change, alone, and it screened behind the leader beyond the noise
+    of the two losses (both measured): the same comparison at full length has no reason to turn
+    (a sigmoid MLP: SELU 0.329 ± 0.025, LeakyReLU 0.649 ± 0.048 screened; 0.107 and 0.134 in full).
+    A remedy that combines with the leader is still paired: what it adds is not what it screened."""
+    measured = np.isfinite(lead.final_error) and np.isfinite(other.final_error)
+    return measured and combine(lead.candidate, other.candidate) is None and lower_beyond_noise(lead, other)
 
 
 def nan_to_locate(baseline: Trial) -> Finding | None:
@@ -233,6 +254,16 @@ def onset(baseline: Trial, steps: np.ndarray) -> int:
     return 0 if first is None or not len(steps) else int(np.searchsorted(steps, first))
 
 
+def screen_in_full(short: int, full: int, n: int) -> bool:
+    """Whether to screen `n` remedies for the whole budget rather than `short` steps each (`full`:
+    the steps a full trial runs, fewer than the budget when the script ends before it): yes when
+    that costs at most one full trial more. A quarter of the budget counted from a late fault's
+    onset can be most of a trial (a GRU whose lr schedule blew it up at step 81 of 120 was
+    screened for 117 steps, then its leader run again for 120); a leader that repaired the run is
+    then a final without a run of its own, which saves the full trial the longer screening cost."""
+    return n * (full - short) <= full
+
+
 # A fix expected to take longer than this after its baseline says so, with the time per step.
 SAY_COST_AFTER = 120.0
 
@@ -244,13 +275,17 @@ def expected_cost(baseline: Trial, queue: list[Candidate], screen: int, finals: 
         return None
     pace = baseline.seconds / baseline.steps  # start-up included: an upper bound
     budget = baseline.steps
+    screen = min(screen, budget)  # screened in full: no further than the script's own length
     plan = ([(len(queue), screen), (min(finals, len(queue)), budget)] if screen else
             [(len(queue), budget)])
     seconds = pace * sum(n * steps for n, steps in plan)
     if seconds < SAY_COST_AFTER:
         return None
-    what = (f"{len(queue)} remedies to screen for {screen} steps each, then up to {min(finals, len(queue))} "
-            f"full trials of {budget}" if screen else f"up to {len(queue)} full trials of {budget} steps")
+    what = (f"up to {len(queue)} full trials of {budget} steps" if not screen else
+            f"{len(queue)} remedies to screen in full ({budget} steps each), then up to {min(finals, len(queue))} "
+            f"full trials of them combined" if screen == budget else
+            f"{len(queue)} remedies to screen for {screen} steps each, then up to {min(finals, len(queue))} "
+            f"full trials of {budget}")
     return (f"gradwatch fix: the baseline took {pace:.3g} s a step; {what}: about {seconds / 60:.0f} min more "
             "(a smaller --budget-steps shortens every trial)")
 
@@ -283,7 +318,8 @@ def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "
 
     `order="gradwatch"` builds candidates from the baseline's findings; `"autotrainer"` replays
     AutoTrainer's fixed order. `strategy`: "screen" (default) runs every candidate for a quarter
-    of the budget, then at most two at full length (`pick_finals`: a leader that repaired the run
+    of the budget (all of it when that costs at most one full trial more: `screen_in_full`), then
+    at most two at full length (`pick_finals`: a leader that repaired the run
     alone and beside the best other repair; else the leader combined with the runner-up and with
     the third) — every remedy gets a look for about the cost of two full trials, and the
     choice rests on measured loss, not on a fixed order; "first" runs full
@@ -374,7 +410,9 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], command: list[str] | Cal
     queue = list(candidates)
     screening = strategy == "screen" and len(queue) > 1
     if screening:
-        result.screen_steps = screen_steps(budget_steps, onset(baseline, run.steps))
+        short = screen_steps(budget_steps, onset(baseline, run.steps))
+        full = budget_steps if baseline.cut else min(budget_steps, baseline.steps)  # the script may end first
+        result.screen_steps = budget_steps if screen_in_full(short, full, len(queue)) else short
     if (cost := expected_cost(baseline, queue, result.screen_steps, finals)) is not None:
         say(cost)
     if screening:
@@ -388,8 +426,12 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], command: list[str] | Cal
         screened = applied(result.screened)
         queue = pick_finals(screened)[:max(finals, 1)] if screened else []
     for i, cand in enumerate(queue, 1):
-        say(f"gradwatch fix: trial {i}/{len(queue)} ({budget_steps} steps): {cand.name}")
-        result.trials.append(trial(f"trial-{i}", cand, budget_steps))
+        if (done := screened_in_full(result, cand)) is not None:
+            say(f"gradwatch fix: trial {i}/{len(queue)}: {cand.name}: its screening trial ran as far as a full one")
+            result.trials.append(done)
+        else:
+            say(f"gradwatch fix: trial {i}/{len(queue)} ({budget_steps} steps): {cand.name}")
+            result.trials.append(trial(f"trial-{i}", cand, budget_steps))
         result.save(out)
         if strategy == "first" and result.trials[-1].works:
             break
