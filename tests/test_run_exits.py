@@ -130,3 +130,18 @@ def test_a_script_hung_up_stores_its_last_steps(tmp_path):
     result = run(tmp_path, TRAIN + "os.kill(os.getpid(), signal.SIGHUP)\nprint('not reached')\n")
     assert result.returncode == 128 + 1, result.stderr
     assert_stored(tmp_path, result)
+
+
+def test_a_script_that_re_executes_itself_keeps_the_steps_before_the_exec(tmp_path):
+    """`os.execv` (a script restarting itself, as `os.execl` and `os.execvp` do through it) runs no
+    atexit: the 7 steps before it, never flushed (every 50), were lost, and only the restarted
+    stage's were stored. Each stage's steps are now stored, the first one's in the main store."""
+    code = ("import sys\n" + TRAIN
+            + "if 'again' not in sys.argv:\n"
+            + "    os.execv(sys.executable, [sys.executable, *sys.argv, 'again'])\n")
+    result = run(tmp_path, code)
+    assert result.returncode == 0, result.stderr
+    losses = [float(line) for line in result.stdout.split()]
+    stores = sorted((tmp_path / "r").glob("gradwatch*.sqlite"), key=lambda p: p.name != "gradwatch.sqlite")
+    assert len(losses) == 14 and len(stores) == 2
+    assert list(read_run(stores[0]).loss) == losses[:7] and list(read_run(stores[1]).loss) == losses[7:]

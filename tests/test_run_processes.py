@@ -53,7 +53,7 @@ def test_forked_workers_do_not_write_the_parents_store(tmp_path):
     assert list(run.loss) == [float(line) for line in result.stdout.split()]
     assert sorted(p.name for p in (tmp_path / "r").glob("*.sqlite")) == ["gradwatch.sqlite"]
     # ... and what they trained is said to be unrecorded (the summary said nothing of it)
-    assert "a process forked from a watched one trained, unrecorded (a multiprocessing Pool's worker?)" in result.stderr
+    assert "a process forked from a watched one trained, unrecorded (a multiprocessing Process or Pool worker, started by fork)" in result.stderr
 
 
 def test_forked_workers_that_do_not_train_are_not_said_to(tmp_path):

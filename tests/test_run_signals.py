@@ -213,7 +213,7 @@ def test_sigterm_after_a_training_thread_ended_stores_its_steps_at_once(tmp_path
     never came, then died with none of the 30 steps stored. Nothing is under way there: stored at once."""
     import time
 
-    from gradwatch.collect.auto import STEP_WAIT
+    from gradwatch.collect.exit_signals import STEP_WAIT
 
     result = run(tmp_path, JOINED_THREAD)
     ended = time.time()
@@ -225,8 +225,8 @@ def test_sigterm_after_a_training_thread_ended_stores_its_steps_at_once(tmp_path
 
 STUCK_MID_STEP = """
 import os, signal, threading, time, torch
-import gradwatch.collect.auto as auto
-auto.STEP_WAIT = 0.3  # (5 s in use)
+import gradwatch.collect.exit_signals as exit_signals
+exit_signals.STEP_WAIT = 0.3  # (5 s in use)
 
 def train(stuck):
     torch.manual_seed(0)

@@ -8,9 +8,10 @@ import os
 import signal
 import sys
 
-FLUSH_MARK = "_gradwatch_flush"  # on the signal handlers gradwatch installs (as collect/auto.py names it)
+FLUSH_MARK = "_gradwatch_flush"  # on the signal handlers gradwatch installs (as collect/exit_signals.py names it)
 SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None)
 ENV_RUNNER_PID = "GRADWATCH_RUNNER_PID"  # `gradwatch run`'s own pid (runner.child_env)
+EXIT_SIGNALS = "gradwatch.collect.exit_signals"  # the handling, once a watch may exist (read from sys.modules)
 _getsignal, _setsignal = signal.getsignal, signal.signal  # the real ones: see _report_ours_as_default
 _stand_in = {}  # signal -> gradwatch's handler, where it was installed in this process (for SIG_DFL)
 
@@ -87,13 +88,13 @@ def _keep_the_lock_from_children():
 
 def _on_signal(signum, frame):
     """SIGTERM, SIGHUP: store the steps since the last flush, then die of the signal (see
-    collect/auto.py). Installed here, at start-up, in the main thread (of the command `gradwatch
+    collect/exit_signals.py). Installed here, at start-up, in the main thread (of the command `gradwatch
     run` started: elsewhere at torch's import), the only one Python lets install a handler: torch
     imported in another thread (training run from a server's or a GUI's worker thread) found none
     installed, and lost those steps. Until a watch exists, it ends the process as the default would."""
-    auto = sys.modules.get("gradwatch.collect.auto")
-    if auto is not None:
-        auto.on_signal(signum)
+    handling = sys.modules.get(EXIT_SIGNALS)
+    if handling is not None:
+        handling.on_signal(signum)
     else:
         _setsignal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
@@ -129,7 +130,7 @@ def _report_ours_as_default():
             handler = _stand_in.get(signalnum, handler)
         return _as_seen(signalnum, _setsignal(signalnum, handler))
 
-    set_signal.stand_in = _stand_in  # (collect/auto.py adds the handler it installs)
+    set_signal.stand_in = _stand_in  # (collect/exit_signals.py adds the handler it installs)
     signal.getsignal, signal.signal = getsignal, set_signal
 
 
@@ -139,18 +140,19 @@ def _as_seen(signum, handler):
 
 def _flush_on_signals():
     """Only where the script's environment left the default (a job started with nohup keeps SIGHUP
-    ignored); a handler the script installs replaces this one. A forked child gets the default
-    back: a Python handler runs only when the main thread runs Python, and a fork Pool's worker
-    blocked in C at `Pool.__exit__`'s SIGTERM never died."""
+    ignored); a handler the script installs replaces this one."""
     setattr(_on_signal, FLUSH_MARK, True)
     for signum in SIGNALS:
         if _getsignal(signum) is signal.SIG_DFL:
             _setsignal(signum, _on_signal)
             _stand_in[signum] = _on_signal
-    os.register_at_fork(after_in_child=_default_in_forked_child)
 
 
 def _default_in_forked_child():
+    """In every forked child, gradwatch's handlers (this hook's, and those collect/exit_signals.py
+    installs) go back to the default: a Python handler runs only when the main thread runs Python,
+    and a fork Pool's worker blocked in C at `Pool.__exit__`'s SIGTERM never died (the pool's join
+    hung). The default the child sets is the default too (no stand-in)."""
     _stand_in.clear()
     _swap_ours(signal.SIG_DFL)
 
@@ -181,7 +183,7 @@ def _die_by_default_while_idle():
     for their next task in SimpleQueue.get, blocked in C. A SIGTERM that landed just before that
     wait (or in another thread) was taken by the C handler, but the Python one never ran: the
     worker never died and the pool's join hung (1 run in 28 of a spawn Pool sweep under load).
-    Before waiting there, the worker stores its steps (collect/auto.py) and the signals kill by
+    Before waiting there, the worker stores its steps (collect/exit_signals.py) and the signals kill by
     default; the handlers are back when the wait ends."""
     import functools
     from multiprocessing.queues import SimpleQueue
@@ -190,8 +192,8 @@ def _die_by_default_while_idle():
 
     @functools.wraps(wait)
     def get(self):
-        auto = sys.modules.get("gradwatch.collect.auto")
-        if auto is not None and not auto.flush_before_waiting():
+        handling = sys.modules.get(EXIT_SIGNALS)
+        if handling is not None and not handling.flush_before_waiting():
             return wait(self)  # (mid-step: its steps cannot be stored yet; the handler stays)
         ours = _swap_ours(signal.SIG_DFL)
         try:
@@ -207,6 +209,7 @@ if os.environ.get("GRADWATCH_RUN_DIR"):
     _report_ours_as_default()
     if _started_by_the_runner():
         _flush_on_signals()
+    os.register_at_fork(after_in_child=_default_in_forked_child)
     if "--multiprocessing-fork" in getattr(sys, "argv", ()):  # (spawn's command line for its processes)
         _die_by_default_while_idle()
     _watch_when_torch_imports()

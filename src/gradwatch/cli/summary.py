@@ -59,8 +59,9 @@ def print_run_summary(run_dir: Path, out: TextIO, exit_code: int = 0) -> None:
 
 def _say_forked_training(run_dir: Path, out: TextIO) -> None:
     if (run_dir / FORKED_MARK).exists():
-        print("gradwatch: a process forked from a watched one trained, unrecorded (a multiprocessing Pool's "
-              "worker?); to record each, start them with multiprocessing.get_context('spawn')", file=out)
+        # (Hogwild's torch.multiprocessing.Process workers too, not only a Pool's)
+        print("gradwatch: a process forked from a watched one trained, unrecorded (a multiprocessing Process or Pool "
+              "worker, started by fork); to record each, start them with multiprocessing.get_context('spawn')", file=out)
 
 
 def _nothing_recorded(run_dir: Path, exit_code: int) -> str:

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import multiprocessing
 import os
-import signal
 import sys
 import textwrap
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -26,9 +26,12 @@ from torch.nn.utils.parametrize import ParametrizationList
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
+from gradwatch.collect import exit_signals
 from gradwatch.collect.caller_names import caller_name, held_modules
 from gradwatch.collect.distributed import process_rank
+from gradwatch.collect.exit_signals import store_last_steps
 from gradwatch.collect.layers import compiled_inner, has_lazy_params
+from gradwatch.collect.one_thread import TrainingThread
 from gradwatch.collect.sampled_hooks import quiet_global_hook_warning
 from gradwatch.collect.watch import Watch, params_of
 from gradwatch.errors import GradwatchError
@@ -98,8 +101,11 @@ class AutoWatch(Watch):
         self._updated = False  # a weight was seen changing (weights updated by hand: see _drop_untrained)
         self._untrained = 0  # steps dropped as training nothing
         self._loaded: weakref.WeakSet = weakref.WeakSet()  # optimizers given a saved state (load_state_dict)
-        self.step_thread: int | None = None  # the thread the steps end in (see on_signal)
+        self.step_thread: int | None = None  # the thread the steps end in (see exit_signals.on_signal)
         self.flush_requested: threading.Event | None = None  # by a signal, from the main thread
+        self._thread = TrainingThread(self._mid_step, self._two_threads)
+        self._found_in: set[int] = set()  # the threads models were found in (see _two_threads)
+        self._backward_seen = False  # (see _say_forwards_only)
         self._handles.append(register_optimizer_step_pre_hook(self._global_pre))
         self._handles.append(register_optimizer_step_post_hook(self._global_post))
 
@@ -137,7 +143,7 @@ class AutoWatch(Watch):
     @contextlib.contextmanager
     def _uninterrupted(self) -> Iterator[None]:
         """A SIGTERM arriving while the store is written waits for the write's end (see
-        `_flush_on_sigterm`): a multiprocessing Pool sends one to each worker as it exits, which
+        exit_signals): a multiprocessing Pool sends one to each worker as it exits, which
         cut the worker's exit flush short and left its store empty."""
         self._busy += 1
         try:
@@ -148,7 +154,54 @@ class AutoWatch(Watch):
                 signum, self._deferred_signal = self._deferred_signal, None
                 os.kill(os.getpid(), signum)  # again, to the handler (in the main thread)
 
+    def _mid_step(self) -> bool:
+        """Inside a step: between its first forward or backward and its optimizer step's end."""
+        return self._depth > 0 or self._cur is not None or self._in_step or self._backward_since_step
+
+    def _two_threads(self, followed: threading.Thread, other: threading.Thread) -> None:
+        """Two threads train at once. The other one's model, found while the followed thread was
+        between its forward and its backward, has its hooks: its gradients would go into the
+        followed one's steps, so recording stops (the steps not yet stored are of both)."""
+        if other.ident not in self._found_in:
+            _say(f"gradwatch: threads {followed.name} and {other.name} train at once; zero-code watching records one "
+                 f"training per process: {followed.name}'s (then {other.name}'s, if it goes on after {followed.name} "
+                 "ends). To record each, train them one after another, or in processes of their own")
+            return
+        self._thread.stopped = True
+        self.pause()
+        self._stop_discovery()
+        self._pending, self._cur = [], None
+        self._window.drop()
+        _say(f"gradwatch: threads {followed.name} and {other.name} train at once, and zero-code watching cannot tell "
+             f"their steps apart: it stopped recording at step {self._step}. To record each, train them one after "
+             "another, or in processes of their own")
+
+    def before_backward(self, root: object) -> None:
+        if self._thread.mine():  # (another thread's training: see one_thread)
+            self._backward_seen = True
+            super().before_backward(root)
+
+    def after_backward(self, root: object) -> None:
+        if self._thread.mine(claim=False):
+            super().after_backward(root)
+
+    def after_scaler_update(self) -> None:
+        if self._thread.mine(claim=False):
+            super().after_scaler_update()
+
+    def guard_skipped(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._thread.mine(claim=False):
+            super().guard_skipped(optimizer)
+
+    def _one_thread(self, claim: bool) -> bool:
+        """A module call is the followed thread's (one_thread). Not asked while torch.compile traces
+        the call (its modules, inlined): the thread id would break the graph there, and the broken
+        code ran on every later step (the hooks are not guarded on)."""
+        return torch.compiler.is_compiling() or self._thread.mine(claim, proves=False)
+
     def _enter_module(self, module: nn.Module, args) -> tuple | None:
+        if not self._one_thread(claim=torch.is_grad_enabled()):  # (without gradients: claims nothing)
+            return None
         # a model run with gradients off trains nothing (a mean teacher's or EMA copy's forward, a
         # frozen feature extractor's, an evaluation before training): found first, it took the
         # plain names and the model that trains was prefixed; it is found if it runs with them on
@@ -189,6 +242,7 @@ class AutoWatch(Watch):
         inside = {id(m) for piece, _ in pieces for m in piece.modules()}
         try:
             self._add_model(module, prefix, taken=[l for l in self._layers if id(l.module) in inside])
+            self._found_in.add(threading.get_ident())
             if wrapper is not None:
                 self._sampled_hooks.entered(wrapper)
         except Exception as exc:  # never break the user's forward
@@ -233,9 +287,13 @@ class AutoWatch(Watch):
         return [(m, p) for m, p in self._models if piece(m)]
 
     def _leave_module(self, module: nn.Module, args, output) -> None:
+        if not self._one_thread(claim=False):
+            return
         self._depth = max(self._depth - 1, 0)
 
     def _global_pre(self, optimizer, args, kwargs) -> None:
+        if not self._thread.mine():
+            return
         if self._optimizer is None:
             self._name_by_container(optimizer)
             self._number_from_checkpoint(optimizer)
@@ -258,6 +316,8 @@ class AutoWatch(Watch):
         for a model built after the first one trained), it trains a new model; made before (a GAN's
         second optimizer), it is the step optimizer's partner. Those of a watched model, frozen
         when it was found and unfrozen since, are its layers (Watch.params_added)."""
+        if not self._thread.mine(claim=False):  # (made in another thread than the one training: see one_thread)
+            return
         super().params_added(optimizer)
         if len(optimizer.param_groups) == 1:  # made now (its constructor adds the first group)
             self._handles.append(optimizer.register_load_state_dict_post_hook(self._loaded.add))
@@ -337,6 +397,8 @@ class AutoWatch(Watch):
         self._discover_until = self._step + DISCOVERY_STEPS
 
     def _global_post(self, optimizer, args, kwargs) -> None:
+        if not self._thread.mine(claim=False):
+            return
         self._backward_since_step = False  # any optimizer's step uses the backwards' gradients
         if optimizer is self._ending:
             self._ending = None
@@ -353,11 +415,16 @@ class AutoWatch(Watch):
         self.step_thread = threading.get_ident()
         if self.the_command:
             self._claim_store()
-        if self.flush_requested is not None:  # a signal waits in the main thread: _die_after_step
+        if self.flush_requested is not None:  # a signal waits in the main thread: exit_signals
             done, self.flush_requested = self.flush_requested, None
             with contextlib.suppress(Exception):
                 self.flush()
+            self.hold_training(threading.main_thread().ident)
             done.set()
+
+    def hold_training(self, thread: int | None = None) -> None:
+        """Dying of a signal: see TrainingThread.hold."""
+        self._thread.hold(thread)
 
     def _stop_discovery(self) -> None:
         for handle in self._discovery:
@@ -372,6 +439,19 @@ class AutoWatch(Watch):
             _say("gradwatch: backward passes, but no optimizer step and no weight changed: this process "
                  "trained nothing, so nothing was recorded")
             self._untrained = 0
+        self._say_forwards_only()
+
+    def _say_forwards_only(self) -> None:
+        """A model ran with gradients on, but no backward pass came: a training by torch.func (grad
+        of a functional_call, the weights updated by hand) was summarised as "no training step was
+        seen", which did not say why. Said once, by the process `gradwatch run` started."""
+        if self._models and not self._backward_seen and self.store_path is None and self.the_command \
+                and self.pid == os.getpid():
+            self._backward_seen = True  # (said once)
+            names = ", ".join(type(m).__name__ for m, _ in self._models[:3])
+            _say(f"gradwatch: {names} ran with gradients on, but no backward pass (loss.backward()) and no optimizer "
+                 "step were seen, so nothing was recorded. Gradients taken with torch.func.grad or torch.autograd.grad "
+                 "and applied by hand never reach the parameters' .grad, and cannot be watched")
 
     def forget(self) -> None:
         """In a forked child (a DataLoader worker, a fork Pool's): the parent's watch, copied,
@@ -430,10 +510,10 @@ def start_from_env(number_resumed: bool = True) -> AutoWatch | None:
     watch = AutoWatch(run_dir, number_resumed=number_resumed, **options)
     start_from_env.watch = watch
     _mark(run_dir, WATCHED_MARK)  # tells `gradwatch run` that the start-up hook worked here
-    atexit.register(_detach_at_exit, watch)
+    atexit.register(store_last_steps, watch)
     os.register_at_fork(after_in_child=_after_fork_in_child)
     quiet_global_hook_warning()  # (the discovery hooks take the wrapper's inner model: AutoWatch._discover)
-    _flush_on_sigterm()
+    exit_signals.install(_own_watch)
     _flush_on_os_exit()
     _no_collectives_after_a_crash()
     return watch
@@ -448,29 +528,35 @@ def _own_watch() -> AutoWatch | None:
 
 def _after_fork_in_child() -> None:
     """A forked process (a DataLoader worker, a fork Pool's) drops the parent's watch (`forget`)
-    and only marks the run if it trains (`_mark_if_training`). Watching a fork Pool's workers was
+    and only marks the run if it trains (`_mark_if_training`); the start-up hook puts its signal
+    handlers back to the default (_bootstrap). Watching a fork Pool's workers was
     tried: a worker then caught the SIGTERM of `Pool.__exit__`, and 2 runs in 16 hung there."""
     parent = start_from_env.watch
     parent.forget()
-    _default_signals()
     _mark_if_training(parent.run_dir)
 
 
 def _flush_on_os_exit() -> None:
     """`os._exit` (scripts end with it to skip a slow teardown, and so does every forked
-    multiprocessing worker) runs no atexit: the steps since the last flush were lost, all of them
-    in a run shorter than one flush. Flushed first, by a process with a watch of its own only (a
-    forked worker has none, and must not write)."""
-    original = os._exit
+    multiprocessing worker) and `os.execv`/`os.execve` (a script that restarts itself; os.execl,
+    execvp and the rest call these) run no atexit: the steps since the last flush were lost, all of
+    them in a run shorter than one flush (a 20-step stage before an execv: none stored). Stored
+    first, by a process with a watch of its own only (a forked worker has none, and must not write)."""
+    for name in ("_exit", "execv", "execve"):
+        if hasattr(os, name):
+            setattr(os, name, _storing_first(getattr(os, name)))
 
-    def _exit(status: int) -> None:
+
+def _storing_first(leave: Callable) -> Callable:
+    """`leave` (a call that ends this process's Python), storing the watch's last steps first."""
+    @functools.wraps(leave)
+    def storing_first(*args, **kwargs):
         watch = _own_watch()
         if watch is not None:
-            with contextlib.suppress(Exception):  # exiting anyway: what was flushed before stays
-                _detach_at_exit(watch)
-        original(status)
-
-    os._exit = _exit
+            with contextlib.suppress(Exception):  # leaving anyway: what was flushed before stays
+                store_last_steps(watch)
+        return leave(*args, **kwargs)
+    return storing_first
 
 
 def _first_line(error: BaseException, width: int = 160) -> str:
@@ -492,145 +578,3 @@ def _no_collectives_after_a_crash() -> None:
         previous(kind, value, tb)
 
     sys.excepthook = excepthook
-
-
-FLUSH_MARK = "_gradwatch_flush"  # on the handlers gradwatch installs (the start-up hook's too: _bootstrap)
-SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None)
-STEP_WAIT = 5.0  # s a signal waits for a training thread's step to end (see _die_after_step)
-
-
-def _flush_on_sigterm() -> None:
-    """SIGTERM (`kill`, a scheduler's time limit, `gradwatch run` passing one on) and SIGHUP (the
-    terminal closed, an ssh session dropped: sent to the whole process group, the script too) end
-    Python without atexit: store the steps since the last flush, then die of the signal as before.
-    The start-up hook installs it at start-up in the command `gradwatch run` started (_bootstrap:
-    from the main thread, also for torch imported in another); here, in the processes that command
-    starts, where the default was left. The script setting the default puts it back (_bootstrap)."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-
-    def handler(signum: int, frame: object) -> None:
-        on_signal(signum)
-
-    setattr(handler, FLUSH_MARK, True)
-    stand_in = getattr(signal.signal, "stand_in", {})
-    for signum in SIGNALS:
-        if _getsignal(signum) is signal.SIG_DFL:
-            _setsignal(signum, handler)
-            stand_in[signum] = handler
-
-
-def _getsignal(signum: int) -> object:
-    """The handler really installed: the start-up hook has `signal.getsignal` say SIG_DFL for
-    gradwatch's, and `signal.signal` put it back for SIG_DFL (_bootstrap: scripts see what they
-    would see without gradwatch)."""
-    return getattr(signal.getsignal, "__wrapped__", signal.getsignal)(signum)
-
-
-def _setsignal(signum: int, handler: object) -> object:
-    return getattr(signal.signal, "__wrapped__", signal.signal)(signum, handler)
-
-
-def on_signal(signum: int) -> None:
-    """A SIGTERM or SIGHUP reached gradwatch's handler (in the main thread). Only by a process
-    with a watch of its own, not by a forked worker that inherits it (nor by a fork Pool's, which
-    `Pool.__exit__` ends with a SIGTERM). A script's handler never chains to it: the handler it
-    finds there is SIG_DFL (_bootstrap)."""
-    watch = _own_watch()
-    if watch is None:
-        _die_by_default(signum)
-    elif watch._busy and watch._dist is None:  # (a collective's flush could wait forever)
-        watch._deferred_signal = signum
-    elif _mid_step_elsewhere(watch):
-        _die_after_step(watch, signum)
-    else:
-        _die_of(watch, signum)
-
-
-def _mid_step_elsewhere(watch: AutoWatch) -> bool:
-    """The steps end in another thread, alive and inside a step (between its first forward or
-    backward and its optimizer step's end). A thread that has ended, or waits between steps, has
-    nothing under way: waiting for its next step's end cost the full STEP_WAIT (5.05 s after the
-    SIGTERM, where 0.06 s before) and lost every step, the training thread being long joined."""
-    ident = watch.step_thread
-    if ident in (None, threading.main_thread().ident):
-        return False
-    alive = any(t.ident == ident and t.is_alive() for t in threading.enumerate())
-    return alive and (watch._cur is not None or watch._in_step or watch._backward_since_step)
-
-
-def flush_before_waiting() -> bool:
-    """Before a multiprocessing worker waits for work (_bootstrap: SimpleQueue.get), its steps
-    are stored, so a SIGTERM meanwhile may kill it by default. False where that cannot be done
-    now (mid-step: a backward awaits its optimizer step), and its handler must stay."""
-    watch = _own_watch()
-    if watch is None:
-        return True
-    if watch._backward_since_step or watch.step_thread not in (None, threading.get_ident()):
-        return False
-    with contextlib.suppress(Exception):  # (what was flushed before stays)
-        watch.flush()
-    return True
-
-
-def _die_after_step(watch: AutoWatch, signum: int) -> None:
-    """The training runs in another thread (a server's or a GUI's worker), which Python never runs
-    handlers in: flushing here, under its step, would break the step. That thread stores the steps
-    when its step ends (AutoWatch._end_step); after STEP_WAIT they are stored from here (dying
-    anyway, a step cut short is the most that can break)."""
-    _setsignal(signum, signal.SIG_IGN)  # (a second one meanwhile: see _die_of)
-    done = threading.Event()
-    watch.flush_requested = done
-    if done.wait(STEP_WAIT):
-        _die_by_default(signum)
-    else:
-        watch.flush_requested = None
-        _die_of(watch, signum)
-
-
-def _default_signals() -> None:
-    """In a forked child, gradwatch's signal handlers go back to the default: a Python handler
-    runs only when the main thread runs Python, and a fork Pool worker blocked in C at
-    `Pool.__exit__`'s SIGTERM then never died (the pool's join hung: a test timed out at 120 s).
-    The default the child sets is the default too (_bootstrap's stand-in)."""
-    getattr(signal.signal, "stand_in", {}).clear()
-    for signum in SIGNALS:
-        with contextlib.suppress(ValueError):  # (not the main thread: left as it is)
-            if getattr(_getsignal(signum), FLUSH_MARK, False):
-                _setsignal(signum, signal.SIG_DFL)
-
-
-def _die_of(watch: AutoWatch, signum: int) -> None:
-    """Store the steps since the last flush, then die of `signum` as without gradwatch. A second
-    one meanwhile is ignored: sent to the process group (Slurm's time limit, `kill -TERM -PGID`),
-    the signal reaches the script twice, once passed on by `gradwatch run`, and the second
-    ended the flush the first began."""
-    _setsignal(signum, signal.SIG_IGN)
-    with contextlib.suppress(Exception):  # dying anyway: what was flushed before stays
-        watch.abandon_collectives(f"it ended on {signal.Signals(signum).name}")  # torchrun's, after another rank failed
-        _detach_at_exit(watch)
-    _die_by_default(signum)
-
-
-def _die_by_default(signum: int) -> None:
-    """Die of `signum` as the process would without gradwatch."""
-    _setsignal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
-
-
-def _detach_at_exit(watch: AutoWatch) -> None:
-    """Store the last steps with Ctrl-C and SIGCHLD set aside in the main thread: a second Ctrl-C
-    (from the terminal and from `gradwatch run`) would cut the flush short, and a DataLoader's
-    SIGCHLD handler raises in it when its workers die of the same signal (Slurm's SIGTERM to the
-    whole job: 50 of 76 steps stored)."""
-    held = {signal.SIGINT: signal.SIG_IGN}
-    if hasattr(signal, "SIGCHLD"):
-        held[signal.SIGCHLD] = signal.SIG_DFL  # (not SIG_IGN: children would be reaped unwaited)
-    main = threading.current_thread() is threading.main_thread()
-    previous = {s: signal.signal(s, h) for s, h in held.items()} if main else {}
-    try:
-        watch.detach()
-    finally:
-        for s, h in previous.items():
-            if h is not None:  # (None: a handler set outside Python, which cannot be put back)
-                signal.signal(s, h)
