@@ -100,7 +100,9 @@ def _plateau_from_block(findings: list[Finding]) -> list[Finding]:
     """A loss plateau beside a finding that explains it follows from it: the plateau says so and
     advises that finding's fix, not a tenfold lr. Stale gradients (a forgotten zero_grad())
     explain a plateau and a divergence alike; a block of the gradient (BLOCKING, then an error)
-    and clipping active on nearly every step (the limit, not the lr, sets the step) a plateau."""
+    and clipping active on nearly every step (the limit, not the lr, sets the step) a plateau. A
+    plateau on adaptive steps too long for the weights (Adam at lr 0.3 killed the ReLUs) does not
+    follow from the block: the lr caused both."""
     stale = next((f for f in findings if f.kind == "stale_gradients"), None)
     blocking = next((f for f in findings if f.kind in BLOCKING), None)
     clipped = next((f for f in findings if f.kind == "exploding_gradient" and "clip_active_share" in f.evidence), None)
@@ -110,7 +112,8 @@ def _plateau_from_block(findings: list[Finding]) -> list[Finding]:
     why, fix = STALE_WHY if cause is stale else NOT_REACHING, None
     if cause is clipped:
         why, fix = _clipped_plateau(cause)
-    follows = {id(f) for f in findings if f.kind == "loss_plateau" and f.severity != "info"  # not one at its floor
+    follows = {id(f) for f in findings  # not one at its floor, nor one on steps too long (the block follows)
+               if f.kind == "loss_plateau" and f.severity != "info" and "first_update_ratio" not in f.evidence
                or f.kind == "loss_divergence" and cause is stale}
     if not follows:
         return findings

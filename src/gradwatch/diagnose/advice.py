@@ -290,6 +290,8 @@ def nan_cause(evidence: dict) -> str:
 
 
 def non_finite(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[list[str], list[Remedy]]:
+    if evidence.get("nonfinite_weights_at_start"):
+        return _loaded_non_finite(ctx, evidence["nonfinite_weights_at_start"], evidence)
     causes, remedies = [], []
     growth = evidence.get("grad_growth_before", float("nan"))
     cause = nan_cause(evidence)
@@ -313,6 +315,19 @@ def non_finite(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[l
         remedies.append(Remedy(f"Lower the learning rate tenfold (to {ctx.lr_text(0.1)}) and clip the norm",
                                ctx.lr_code(0.1) + "\n" + CLIP_CODE))
     if not evidence.get("guard_skipped_steps"):  # gw.guard is there already: it kept them from the weights
+        remedies.append(Remedy("Never let a non-finite step reach the weights", GUARD_CODE))
+    return causes, remedies
+
+
+def _loaded_non_finite(ctx: Context, loaded: list[str], evidence: dict) -> tuple[list[str], list[Remedy]]:
+    """Weights non-finite before the first update: no learning rate or clipping repairs what the
+    model started from; re-initialising it (or a sound checkpoint) does."""
+    causes = [f"initial weights: {listed(loaded)} hold NaN/Inf before any update (an initialisation that divides "
+              "by 0, a write into .data, or a checkpoint saved after a NaN)"]
+    remedies = [Remedy(f"Re-initialise {listed(loaded)} or load a checkpoint saved before the NaN, and check the "
+                       "weights before training", "assert all(torch.isfinite(p).all() for p in model.parameters()), "
+                       "'non-finite weights before training'\n" + ctx.init_code)]
+    if not evidence.get("guard_skipped_steps"):
         remedies.append(Remedy("Never let a non-finite step reach the weights", GUARD_CODE))
     return causes, remedies
 

@@ -3,6 +3,12 @@
 The rules read the whole run, so they run at a flush only when the run has grown by a tenth since
 they last ran (and at least `flush_every` steps): about a dozen times over any run. The store is
 read a piece at a time (`watch.stored_series()`: only the steps flushed since the last check).
+
+A finding is said while training only once a second check still finds it (`confirmed`): the rules
+judge a state by whether it lasts to the run's end or for a quarter of the run, which a partial run
+cannot tell (a healthy VAE's units dead from step 40 to ~110 of 600, a DQN's one gradient burst
+before its target network's schedule showed). What the last check held back, the whole run's
+diagnosis at the end says.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from gradwatch.errors import ConfigError, TrainingStopped
 from gradwatch.say import say
 
 LIVE_FINDING = "live_finding"  # an event: a finding said while training ([kind, first layer])
+# measured facts, not states that may pass: said at the first check that finds them
+AT_ONCE = ("non_finite", "stale_gradients")
 
 
 def check_stop_on(stop_on: Iterable[str]) -> tuple[str, ...]:
@@ -47,6 +55,7 @@ class LiveDiagnosis:
         self.check_at_close = True  # `gradwatch run` diagnoses the whole run when it ends anyway
         self._latest: list[Finding] | None = None  # the last diagnosis of the run so far
         self._told: set[int] = set()  # findings whose fate at the end has been said
+        self._held: set[tuple[str, str]] = set()  # (kind, first layer) the last check found
 
     def __call__(self, watch) -> None:
         self._watch = weakref.ref(watch)
@@ -55,14 +64,27 @@ class LiveDiagnosis:
             return
         self._last_step = step
         self._latest = diagnose(watch.stored_series())
-        self.report(self._latest, watch)
+        self.report(self.confirmed(self._latest), watch)
+
+    def confirmed(self, findings: list[Finding]) -> list[Finding]:
+        """The findings the check before found too (those of `AT_ONCE` at once, and all of them once
+        the run is non-finite); the rest held till the next check. A state the run soon leaves is
+        gone by then; one that lasts is said a check (a tenth of the run, at least `flush_every`
+        steps) later."""
+        keys = [(f.kind, _first_layer(f)) for f in findings]
+        if any(f.kind == "non_finite" and f.severity == "error" for f in findings):
+            self._held = set(keys)  # a run gone non-finite does not recover: what led there is confirmed
+            return findings
+        out = [f for f, key in zip(findings, keys) if f.kind in AT_ONCE or key in self._held]
+        self._held = set(keys)
+        return out
 
     def close(self) -> None:
         """At detach, after the last flush: the steps since the last check (up to a tenth of the
         run: a NaN at step 205 of 210 was never said) are diagnosed once more. Nothing is stopped:
         the training is over. Called again (a TensorBoard sink closes it too), it diagnoses only
         what was stored since. Then what was said while training and the whole run does not keep
-        is said (once)."""
+        is said (once). What the last check held back (`confirmed`), the end confirms: it is said."""
         watch = self._watch() if self._watch is not None else None
         if not self.check_at_close or watch is None:
             return
@@ -71,7 +93,8 @@ class LiveDiagnosis:
             if len(series.steps) and int(series.steps[-1]) != self._closed_at:
                 self._closed_at = int(series.steps[-1])
                 self._latest = diagnose(series)
-                self.report(self._latest, stop=False)
+        if self._latest is not None:  # the run's end confirms what the last check held back
+            self.report(self._latest, stop=False)
         if self.warn and self._latest is not None:
             said = [(f.first_step, f.kind, _first_layer(f)) for f in self.findings if id(f) not in self._told]
             self._told.update(id(f) for f in self.findings)

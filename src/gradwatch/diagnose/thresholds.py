@@ -159,6 +159,14 @@ class Thresholds:
     # 0.50 and 0.44 where ReLU reached 0.47 and 0.45 (2 seeds). A DQN on 10 one-hot states alike
     # (66% dead, loss falling 1e4x after). Units dying of a learning rate too high leave the loss flat.
     dead_learning: float = 0.5
+    # Adam's first update is lr·sign(g) per weight (m/√v = g/|g| at t = 1), a relative step of
+    # lr·√n/‖w‖ = lr / rms(w) where every weight gets a gradient (to 3 digits on 45 recorded runs). When its median
+    # over the weight layers is this or more, every step rewrites half a layer's scale, and a
+    # loss that then does not halve (`dead_learning`) stalls on steps too long: a tiny GPT at AdamW
+    # lr 0.1 (median 1.4, loss 3.54 -> 3.11, 1.04 at lr 1e-3), a GRU seq2seq at Adam 0.05 (0.69,
+    # 2.09 -> 1.68; 0.14 at 3e-3). Healthy adaptive runs measured 3e-4 to 0.18 (a post-LN
+    # transformer at lr 0.02); a small init under Adam reads high too, but its loss falls.
+    adaptive_first_step: float = 0.5
     # Recorded steps in a row, through the end of the run, in which a layer's gradient is exactly
     # 0: nothing above passes any back (ReLUs dead for every sample, called as F.relu where no
     # module hook sees them; weights above all zero). A zero-initialised output layer or a ReZero

@@ -8,7 +8,7 @@ import numpy as np
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding, Remedy
 from gradwatch.diagnose.rules.decay import decayed, weight_shrink
-from gradwatch.diagnose.signals import finite_loss, from_init, periodic, window
+from gradwatch.diagnose.signals import finite_loss, from_init, periodic, profile_columns, window
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
 
@@ -53,6 +53,8 @@ def find_loss_plateau(run: RunSeries, th: Thresholds) -> list[Finding]:
     steps, loss = finite_loss(run)
     if len(loss) < th.min_loss_steps or np.isinf(run.loss).any():
         return []
+    if stalled := _stalled_on_long_steps(run, th):
+        return stalled
     w = window(len(loss), th.min_loss_window)
     first = loss[:start_window(len(loss), th)]
     start, end = float(np.median(first)), float(np.median(loss[-w:]))
@@ -76,6 +78,44 @@ def find_loss_plateau(run: RunSeries, th: Thresholds) -> list[Finding]:
         causes, remedies = advice.loss_plateau(advice.Context(run), evidence)
     message = (f"The loss has not improved over {len(loss)} steps ({start:.4g} -> {end:.4g}).{said} "
                f"{remedies[0].action}.")
+    return [Finding("loss_plateau", "warning", int(steps[0]), (), message, evidence, tuple(causes), tuple(remedies))]
+
+
+def first_adaptive_step(run: RunSeries) -> float | None:
+    """The median relative update of the weight layers at the run's first step under an adaptive
+    optimizer: lr / rms(w) for Adam (its first step is lr·sign(g)), the lr against the weights'
+    scale. None elsewhere (SGD, a resumed run, no update measured there, weights starting at 0)."""
+    if not advice.Context(run).adaptive or not from_init(run) or "update_ratio" not in run.metrics:
+        return None
+    cols = profile_columns(run)
+    if not cols:
+        return None
+    u = np.asarray(run.metrics["update_ratio"][:1], dtype=float)[0]
+    w = np.asarray(run.metrics["weight_norm"][:1], dtype=float)[0]
+    ratios = [u[c] for c in cols if np.isfinite(u[c]) and np.isfinite(w[c]) and w[c] > 0]
+    return float(np.median(ratios)) if ratios else None
+
+
+def _stalled_on_long_steps(run: RunSeries, th: Thresholds) -> list[Finding]:
+    """An adaptive optimizer whose first step rewrote at least `adaptive_first_step` of the weights'
+    scale, and a loss that has not halved since (`dead_learning`): the steps, set by the lr alone,
+    are too long to settle, not too short ("raise the lr" would be the plateau's advice)."""
+    ratio = first_adaptive_step(run)
+    if ratio is None or ratio < th.adaptive_first_step or loss_fell_to(run, th, th.dead_learning) is not None:
+        return []
+    steps, loss = finite_loss(run)
+    w = window(len(loss), th.min_loss_window)
+    start, end = float(np.median(loss[:start_window(len(loss), th)])), float(np.median(loss[-w:]))
+    if not start > 0:  # a loss at or below 0 (a GAN's, a negative log-likelihood) has no half to reach
+        return []
+    ctx = advice.Context(run)
+    evidence = {"loss_start": start, "loss_end": end, "improvement": (start - end) / start,
+                "window_steps": w, "first_update_ratio": ratio}
+    causes = [f"learning rate: {ctx.lr_said} with {ctx.optimizer}, which moves each weight by about lr a step "
+              f"whatever the gradient: its first step changed the weights by {ratio:.2g}x their norm (median over layers)"]
+    remedies = [ctx.lower_lr(ctx.lr_cut(ratio))]
+    message = (f"The loss stalls high ({start:.4g} -> {end:.4g}): each step is too long for the weights' scale "
+               f"({ctx.optimizer}'s first one changed them by {ratio:.2g}x their norm). {remedies[0].action}.")
     return [Finding("loss_plateau", "warning", int(steps[0]), (), message, evidence, tuple(causes), tuple(remedies))]
 
 

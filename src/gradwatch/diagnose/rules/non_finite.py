@@ -72,6 +72,11 @@ def _in_the_run(run: RunSeries) -> list[Finding]:
     # forward order: an activation is the origin if it went first, else the lowest layer hit
     origin = next((s for s, _ in SOURCES if s in at_first), "gradients")
     layers = at_first.get(origin, ()) or next((l for l in at_first.values() if l), ())
+    loaded = _weights_at_start(run) if first_row == 0 else ()
+    if loaded:  # the weights were so before any update: everything else computed from them follows
+        origin = "weights"
+        hit = {l for ls in at_first.values() for l in ls} | set(loaded)
+        layers = (*loaded, *sorted(hit - set(loaded), key=lambda n: run.layers[run.column(n)].index))
     total = total_grad_norm(run)[:first_row]
     finite = total[np.isfinite(total)]
     # the last norm against the level before the burst; a run that blew up within 10 steps has
@@ -80,6 +85,8 @@ def _in_the_run(run: RunSeries) -> list[Finding]:
     growth = float(finite[-1] / before) if before > 0 else float("nan")
     evidence = {"step": step, "first_seen_in": origin, "sources": sorted(at_first),
                 "layers_hit": len(layers), "at_init": first_row == 0 and from_init(run), "grad_growth_before": growth}
+    if loaded:
+        evidence["nonfinite_weights_at_start"] = list(loaded)
     if "nonfinite" in run.metrics:
         evidence["nonfinite_entries"] = int(np.nansum(run.metrics["nonfinite"][first_row]))
     finite_loss = run.loss[:first_row][np.isfinite(run.loss[:first_row])]
@@ -97,6 +104,22 @@ def _in_the_run(run: RunSeries) -> list[Finding]:
                    f"{'that step' if len(guarded) == 1 else 'those steps'}, so the weights never took them. "
                    f"{remedies[0].action}.")
         return [Finding("non_finite", "warning", step, layers, message, evidence, tuple(causes), tuple(remedies))]
+    if loaded:
+        message = (f"The weights of {advice.listed(loaded)} hold NaN/Inf at step {step}, the first recorded, before any "
+                   f"update: the initialisation or a loaded checkpoint put it there, and every step computed from "
+                   f"them is meaningless. {remedies[0].action}.")
+        return [Finding("non_finite", "error", step, layers, message, evidence, tuple(causes), tuple(remedies))]
     message = (f"NaN/Inf first appears at step {step} in the {origin}{where_text}; every step after it is "
                f"meaningless. {remedies[0].action}.")
     return [Finding("non_finite", "error", step, layers, message, evidence, tuple(causes), tuple(remedies))]
+
+
+def _weights_at_start(run: RunSeries) -> tuple[str, ...]:
+    """Layers, in forward order, whose weight norm is non-finite at the first recorded step. The norm
+    is read before that step's update (a layer whose gradient was already Inf there still has a
+    finite weight), so no learning rate put it there: the initialisation or a loaded checkpoint did."""
+    w = run.metrics.get("weight_norm")
+    if w is None or len(run.steps) == 0:
+        return ()
+    cols = sorted(np.flatnonzero(np.isinf(np.asarray(w[:1], dtype=float))[0]), key=lambda c: run.layers[c].index)
+    return tuple(run.layers[c].name for c in cols)

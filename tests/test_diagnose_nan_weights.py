@@ -1,0 +1,60 @@
+"""A NaN in the weights before any update (a bad initialisation, a loaded checkpoint) is said as
+such, in that layer: it was said to first appear in the loss, in layers '1' and '3', and blamed on
+the learning rate."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+import gradwatch as gw
+from gradwatch.diagnose import diagnose
+from series_builder import build
+
+
+def _non_finite(run):
+    return next(f for f in diagnose(run) if f.kind == "non_finite")
+
+
+def _no_lr_blame(f) -> bool:
+    return not any("learning rate" in c for c in f.causes) and \
+        not any("learning rate" in r.action.lower() for r in f.remedies)
+
+
+def test_a_weight_non_finite_at_the_first_step_is_the_origin():
+    run = build(n_steps=30, depth=3)
+    fc0, fc1, act0 = run.column("fc0"), run.column("fc1"), run.column("act0")
+    run.metrics["weight_norm"][0, fc0] = np.inf  # before any update
+    run.metrics["act_mean"][:, act0] = np.inf
+    run.metrics["grad_norm"][:, [fc0, fc1]] = np.inf
+    run.loss[:] = np.inf
+    f = _non_finite(run)
+    assert f.layers[0] == "fc0" and f.evidence["first_seen_in"] == "weights"
+    assert f.evidence["nonfinite_weights_at_start"] == ["fc0"] and "before any update" in f.message
+    assert _no_lr_blame(f)
+
+
+def test_a_weight_that_turned_non_finite_later_is_not_called_initial():
+    run = build(n_steps=30, depth=3)
+    fc0 = run.column("fc0")
+    run.metrics["weight_norm"][10, fc0] = np.inf
+    run.loss[10:] = np.inf
+    f = _non_finite(run)
+    assert "nonfinite_weights_at_start" not in f.evidence and f.first_step == 10
+
+
+def test_a_real_run_from_a_nan_weight():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+    model[0].weight.data[0, 0] = float("nan")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = torch.randn(64, 10), torch.randint(0, 3, (64,))
+    with gw.watch(model, opt, warn=False) as w:
+        for _ in range(30):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    f = _non_finite(w.series())
+    assert f.first_step == 0 and f.layers[0] == "0" and f.evidence["nonfinite_weights_at_start"] == ["0"]
+    assert _no_lr_blame(f)
