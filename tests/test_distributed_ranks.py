@@ -76,3 +76,15 @@ def test_uneven_inputs_under_join_finish_and_store_the_applied_gradients(tmp_pat
     assert len(series.steps) == len(applied) == 12
     columns = [series.layer_names().index(name) for name in ("0", "2")]
     np.testing.assert_allclose(series.metrics["grad_norm"][:, columns], applied, rtol=1e-5)
+
+
+def test_a_joined_ddp_does_not_switch_off_the_exchange_of_a_later_one(tmp_path):
+    """A module-wide set of watched DDPs: once one had entered join(), every later watch in the process
+    took itself for uneven and exchanged nothing (0 collectives, the loss not averaged over ranks)."""
+    script = Path(__file__).parent / "dist_scripts" / "ddp_two_watches.py"
+    result = launch([sys.executable, str(script), str(tmp_path)], timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = {name: (int(n), uneven == "True") for name, n, uneven in (l.split() for l in result.stdout.splitlines())}
+    assert runs["joined"] == (0, True)
+    assert runs["plain"][1] is False and runs["plain"][0] > 0, runs
+    assert runs["inner"][1] is False and runs["inner"][0] > 0, runs

@@ -11,6 +11,7 @@ from torch import nn
 
 import gradwatch as gw
 from gradwatch.cli.main import main
+from gradwatch.probe.inputs import check_fits, random_batch
 
 MODELS = '''
 import torch
@@ -143,3 +144,61 @@ def test_a_vocab_beyond_the_embedding_says_so(tmp_path, monkeypatch, capsys):
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "takes [0, 100): pass --vocab 100 or less" in line and "--input-shape the model expects" not in line
     assert main(["probe", "lmvocab.py:lm", "--input-shape", "4,12", "--vocab", "100", "--iters", "0"]) == 0
+
+
+def test_a_package_of_the_project_not_on_the_path_is_told_pythonpath(tmp_path, monkeypatch, capsys):
+    """A src layout not installed: src/mypkg/net.py imports mypkg. It was called a missing dependency
+    ("install it"); the advice that works is PYTHONPATH=src."""
+    pkg = tmp_path / "src" / "gwsrcpkg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "layers.py").write_text("from torch import nn\nBlock = nn.Linear\n")
+    (pkg / "net.py").write_text("from gwsrcpkg.layers import Block\ndef make():\n    return Block(4, 2)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    for name in ("net", "gwsrcpkg", "gwsrcpkg.layers"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    assert main(["probe", "src/gwsrcpkg/net.py:make", "--input-shape", "2,4", "--iters", "0"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert "set PYTHONPATH=src" in line and "install it" not in line, line
+    sys.path.insert(0, str(tmp_path / "src"))  # the advice works
+    monkeypatch.delitem(sys.modules, "net", raising=False)
+    assert main(["probe", "src/gwsrcpkg/net.py:make", "--input-shape", "2,4", "--iters", "0", "--json"]) == 0
+
+
+@needs_no_cuda
+def test_a_gpu_checkpoint_is_told_map_location(tmp_path, monkeypatch, capsys):
+    """torch.load of a checkpoint saved on a GPU raises on a CPU machine; the advice was "in place of
+    .cuda()", which the user's code does not call."""
+    source = ("import torch\ndef make():\n    m = torch.nn.Linear(4, 2)\n"
+              "    torch.serialization.default_restore_location(torch.UntypedStorage(8), 'cuda:0')\n    return m\n")
+    line = probe_cli(tmp_path, monkeypatch, capsys, "gpuckpt", source, "make", "2,4")
+    assert "map_location='cpu'" in line and "in place of .cuda()" not in line, line
+
+
+class TokenAndPosition(nn.Module):
+    def __init__(self, vocab: int = 100, block: int = 8):
+        super().__init__()
+        self.wte, self.wpe, self.head = nn.Embedding(vocab, 16), nn.Embedding(block, 16), nn.Linear(16, vocab)
+
+    def forward(self, idx):
+        return self.head(self.wte(idx) + self.wpe(torch.arange(idx.shape[1])))
+
+
+def test_a_sequence_beyond_the_position_table_is_a_shape_not_a_vocab():
+    """A position Embedding(8) with a sequence of 16 was told "--vocab 8" (the smallest table)."""
+    model = TokenAndPosition()
+    batch = random_batch(model, (2, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(gw.ConfigError) as err:
+        check_fits(model, batch, "gpt.py:make")
+    assert "'wpe'" in str(err.value) and "--input-shape 2,8" in str(err.value) and "--vocab" not in str(err.value)
+    check_fits(model, random_batch(model, (2, 8)), "gpt.py:make")  # the advice works
+
+
+def test_a_vocab_beyond_one_of_two_tables_names_that_table():
+    model = TokenAndPosition()
+    batch = random_batch(model, (2, 4), vocab=200, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(gw.ConfigError) as err:
+        check_fits(model, batch, "gpt.py:make")
+    assert "'wte' (nn.Embedding) takes [0, 100): pass --vocab 100 or less" in str(err.value), str(err.value)
+    check_fits(model, random_batch(model, (2, 4), vocab=100), "gpt.py:make")  # the advice works

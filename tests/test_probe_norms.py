@@ -65,3 +65,31 @@ def test_no_float64_copy_of_the_gradients():
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stderr
     assert int(p.stdout) < 32, f"peak grew by {p.stdout.strip()} MB"
+
+
+@pytest.mark.parametrize("exponent", range(-30, 31, 3))
+def test_float64_agreement_over_the_whole_float32_range(exponent):
+    """Squared in float32 unscaled, a vanishing gradient of 1e-22 read norm and std 0, and 1e-21 was
+    off by 1.5e-5: the range a probe is for."""
+    g = torch.Generator().manual_seed(exponent + 100)
+    ts = [torch.randn(NORM_BLOCK + 9, generator=g) * 10.0 ** exponent, torch.randn(5, 3, generator=g) * 10.0 ** exponent]
+    norm, std = _norm_std(ts)
+    ref_norm, ref_std = reference(ts)
+    assert norm == pytest.approx(ref_norm, rel=1e-6, abs=0) and std == pytest.approx(ref_std, rel=1e-5, abs=0)
+
+
+def test_blocks_of_very_different_scales_merge():
+    g = torch.Generator().manual_seed(3)
+    ts = [torch.randn(NORM_BLOCK, generator=g) * 1e-30, torch.randn(10, generator=g) * 1e20,
+          torch.randn(NORM_BLOCK + 1, generator=g) * 1e-25]
+    norm, std = _norm_std(ts)
+    ref_norm, ref_std = reference(ts)
+    assert norm == pytest.approx(ref_norm, rel=1e-6, abs=0) and std == pytest.approx(ref_std, rel=1e-5, abs=0)
+
+
+def test_float64_gradients_below_float64_squares():
+    """1e-200 squares to 0 even in float64; the scaled sum does not."""
+    t = torch.randn(100, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    norm, std = _norm_std([t * 1e-200])
+    assert norm == pytest.approx(float(t.norm()) * 1e-200, rel=1e-12, abs=0)
+    assert std == pytest.approx(float(t.std()) * 1e-200, rel=1e-9, abs=0)

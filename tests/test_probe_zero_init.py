@@ -99,3 +99,90 @@ def test_the_variance_map_at_zero_weights(act, sb2):
     """q ← σ_w² E[φ(√q z)²] + σ_b² is the constant σ_b² when σ_w² = 0: its fixed point is σ_b²."""
     assert q_star(act, 0.0, sb2) == sb2
     assert math.isfinite(q_star(act, 1e-3, sb2))
+
+
+def sigmoid_stack(conv: bool, zero_head: bool, depth: int = 16) -> nn.Module:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Conv1d(8, 8, 3, padding=1) if conv else nn.Linear(8, 8), nn.Sigmoid()]
+    layers += [nn.Flatten(), nn.Linear(8 * 12, 4)] if conv else [nn.Linear(8, 4)]
+    if zero_head:
+        nn.init.zeros_(layers[-1].weight)
+    return nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_a_zero_head_does_not_make_a_vanishing_stack_healthy(conv):
+    """Every layer before a zero head was called healthy whatever its depth: a 24-layer sigmoid CNN read
+    healthy with a zero head, vanishing without. Reference: the same net with its head at torch's init."""
+    x = torch.randn(4, 8, 12) if conv else torch.randn(4, 8)
+    plain = gw.probe(sigmoid_stack(conv, zero_head=False), x, iters=0)
+    zero = gw.probe(sigmoid_stack(conv, zero_head=True), x, iters=0)
+    assert all(l.grad_out_norm == 0 for l in zero.layers[:-1])  # the zero head blocks it all at step 0
+    assert plain.verdict == zero.verdict == "vanishing"
+    want = [l.verdict for l in plain.layers]
+    got = [l.verdict for l in zero.layers]
+    assert got[:4] == want[:4] == ["vanishing"] * 4 and sum(a != b for a, b in zip(got, want)) <= 1, (got, want)
+    assert [f.kind for f in zero.findings if f.kind == "vanishing_gradient"]
+
+
+class DeadAndZeroSide(nn.Module):
+    """A dead ReLU layer (no gradient, ever) and, later in the forward but not after it, a zero layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.dead, self.head, self.side = nn.Linear(8, 8), nn.Linear(8, 3), nn.Linear(8, 3)
+        nn.init.constant_(self.dead.bias, -100.0)
+        nn.init.zeros_(self.side.weight)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.dead(x))) + self.side(x)
+
+
+def test_only_a_zero_layer_downstream_makes_a_layer_wait():
+    """A zero layer anywhere later in the forward order made a layer "waiting, healthy", also one whose
+    gradient is zero for another reason (here a dead ReLU) and stays so after the zero layer moves."""
+    torch.manual_seed(0)
+    result = gw.probe(DeadAndZeroSide(), torch.randn(6, 8), iters=0)
+    dead = next(l for l in result.layers if l.name == "dead")
+    assert dead.grad_out_norm == 0 and dead.verdict == "vanishing"
+    assert not any("'dead'" in n for n in result.notes), result.notes
+
+
+def test_the_rejudging_leaves_the_model_and_the_global_rng_as_they_were():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.5), nn.Tanh(), nn.Linear(16, 3))
+    nn.init.zeros_(model[3].weight)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(5)
+    result = gw.probe(model, torch.randn(6, 8), iters=0)
+    after_probe = torch.rand(3)
+    assert any(n.startswith("zero-initialised") for n in result.notes)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    torch.manual_seed(5)
+    model(torch.randn(6, 8))  # the one forward the probe makes with the user's RNG (its dropout)
+    assert torch.equal(torch.rand(3), after_probe)
+
+
+class ReZero(nn.Module):
+    """x + α·f(x) with the scalar α at zero (Bachlechner et al. 2020): the branch's layers have no
+    gradient at step 0, and α (a module's own parameter, no `.weight`) has one."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, width), nn.Linear(width, width)
+        self.alpha = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return x + self.alpha * self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_a_deep_scalar_rezero_net_is_healthy():
+    """Its branch layers read vanishing (gain 0): α is no layer's `.weight`, so nothing waited on it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), *[ReZero() for _ in range(12)], nn.Linear(16, 3))
+    result = gw.probe(model, torch.randn(8, 8), iters=0)
+    branch = [l for l in result.layers if ".fc" in l.name]
+    assert len(branch) == 24 and all(l.grad_out_norm == 0 for l in branch)
+    assert result.verdict == "healthy" and {l.verdict for l in result.layers} == {"healthy"}

@@ -456,3 +456,38 @@ def test_a_checkpoint_saved_before_a_wrap_loads_into_the_changed_model():
     residual.load_state_dict(plain.state_dict())  # strict: no key missing or left over
     assert torch.equal(residual[2].fn.weight, plain[2].weight)
     residual.load_state_dict(residual.state_dict())  # its own checkpoint still loads as it is
+
+
+class TwoLayers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.out = nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("order", [("norm", "residual"), ("residual", "norm")])
+def test_a_checkpoint_saved_before_stacked_wraps_loads(order):
+    """insert_norm then add_residual wraps 'a' twice (a.0.fn.weight): each wrapper renamed only the keys
+    of its inner module's own names, the outer found none, and the old weights silently did not load.
+    A checkpoint saved between the two wraps loads too."""
+    x = torch.randn(4, 8)
+    model, saved = TwoLayers(), []
+    for step in order:
+        saved.append({k: v.clone() for k, v in model.state_dict().items()})
+        insert_norm(model, "layer") if step == "norm" else add_residual(model, x, blocks=["a"])
+    norms = [k for k, m in model.named_modules() if isinstance(m, nn.LayerNorm)]
+    for checkpoint in saved:
+        nn.init.zeros_(model.a.get_submodule(_linear_in(model.a)).weight)
+        loaded = model.load_state_dict(checkpoint, strict=False)
+        assert loaded.unexpected_keys == [], loaded
+        assert all(k.rpartition(".")[0] in norms for k in loaded.missing_keys), loaded
+        linear = model.a.get_submodule(_linear_in(model.a))
+        old = {k: v for k, v in checkpoint.items() if k.startswith("a.") and k.endswith("weight") and v.dim() == 2}
+        assert len(old) == 1 and torch.equal(linear.weight, next(iter(old.values())))
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})  # its own, strictly
+
+
+def _linear_in(module: nn.Module) -> str:
+    return next(n for n, m in module.named_modules() if isinstance(m, nn.Linear))

@@ -38,7 +38,7 @@ EVENT = "rank_non_finite"  # events row: (step, "rank_non_finite", "rank R: loss
 EXCHANGE_FAILED = "distributed_error"  # events row: the exchange failed (a rank died); local values kept
 _FSDP_WRAPPED = "_fsdp_wrapped_module"
 _FIELDS = ("grad", "grad_max", "weight", "delta")  # StepRecord per-parameter fields, in table order
-_DDPS: weakref.WeakSet = weakref.WeakSet()  # the DDP wrappers of watched models (their join() state)
+_found_ddp: weakref.ref | None = None  # the DDP wrapper `unwrap` last found, for the Distributed made next
 
 
 def process_rank() -> int | None:
@@ -75,11 +75,13 @@ def _shard_group(param: torch.Tensor):
 def unwrap(model: nn.Module) -> tuple[nn.Module, str | None, object, set[int]]:
     """(module whose layers to watch, "ddp" | "fsdp" | "fsdp2" | None, process group, ids of the
     parameters each rank holds only a shard of)."""
+    global _found_ddp
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.nn.parallel import DistributedDataParallel
 
+    _found_ddp = None
     if isinstance(model, DistributedDataParallel):
-        _DDPS.add(model)
+        _found_ddp = weakref.ref(model)
         return model.module, "ddp", model.process_group, set()
     if isinstance(model, FullyShardedDataParallel):
         if not model._use_orig_params:
@@ -97,7 +99,7 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, str | None, object, set[int]]:
         return model, "fsdp2", group, {i for i, g in groups.items() if g is not None}
     wrapper = ddp_wrapper(model)
     if wrapper is not None:  # the module a DDP wraps, watched itself: read as the DDP's
-        _DDPS.add(wrapper)
+        _found_ddp = weakref.ref(wrapper)
         return model, "ddp", wrapper.process_group, set()
     return model, None, None, set()
 
@@ -119,7 +121,14 @@ def ddp_wrapper(model: nn.Module) -> nn.Module | None:
 class Distributed:
     """What a Watch does differently for a model whose training spans processes."""
 
-    def __init__(self, kind: str, group, all_ranks: bool):
+    def __init__(self, kind: str, group, all_ranks: bool, ddp: nn.Module | None = None):
+        """ddp: the DistributedDataParallel training the model (default: the one `unwrap` found last),
+        whose join() is this watch's to follow; another DDP's in the process is not (a global set of
+        them let one joined run switch off the exchange of every later one)."""
+        global _found_ddp
+        ddp = ddp if ddp is not None else _found_ddp() if kind == "ddp" and _found_ddp is not None else None
+        _found_ddp = None
+        self._ddp = weakref.ref(ddp) if ddp is not None else None
         self.kind = kind
         self.group = group
         self.rank = dist.get_rank()
@@ -177,7 +186,8 @@ class Distributed:
         every rank, and the loss stored is this rank's own. (torch never disables a join config
         once set, so every rank sees it from its `with ddp.join():` on, and for good.)"""
         if not self._uneven:
-            self._uneven = any(getattr(getattr(d, "_join_config", None), "enable", False) for d in list(_DDPS))
+            ddp = self._ddp() if self._ddp is not None else None
+            self._uneven = bool(getattr(getattr(ddp, "_join_config", None), "enable", False))
         return self._uneven
 
     def any_rank(self, flag: bool) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 import time
@@ -12,7 +13,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gradwatch.collect.stats import activation_stats
-from gradwatch.errors import ConfigError
+from gradwatch.errors import ConfigError, first_line
 from gradwatch.probe import meanfield, recurrent, verdict
 from gradwatch.probe.inputs import expected_input, failing_layer, known_cause, running_layers, user_frame
 from gradwatch.probe.record import Call, Functional, Recorder, first_tensor, output_tensor, tensors_in
@@ -130,7 +131,7 @@ def probe(model: nn.Module, batch: Any, loss_fn: Callable[[Any], torch.Tensor] |
     buffers = [(b, b.detach().clone()) for b in [*model.buffers(), *renormed]]
     try:  # gradients are the point, also when called under torch.no_grad() or inference_mode()
         with torch.inference_mode(False), torch.enable_grad():
-            return _probe(model, _with_grad(batch), loss_fn, iters, cells, gen, start, progress)
+            return _probe(model, _with_grad(batch), loss_fn, iters, cells, gen, start, progress, seed)
     finally:  # also when the forward or the loss raises
         with torch.no_grad():
             for b, saved in buffers:
@@ -166,7 +167,7 @@ def _check_not_inference(model: nn.Module) -> None:
 
 def _probe(model: nn.Module, batch: Any, loss_fn: Callable[[Any], torch.Tensor] | None, iters: int,
            cells: Iterable[str | nn.Module], gen: torch.Generator, start: float,
-           progress: Callable[[int, int, str], None] | None = None) -> ProbeResult:
+           progress: Callable[[int, int, str], None] | None = None, seed: int = 0) -> ProbeResult:
     # The math attention kernel: the fused CPU/flash kernels have no double backward, which the
     # Jacobian-vector products need (spectra.graph_ops).
     with sdpa_kernel([SDPBackend.MATH]), Recorder(model, cells) as rec:
@@ -199,7 +200,7 @@ def _probe(model: nn.Module, batch: Any, loss_fn: Callable[[Any], torch.Tensor] 
     recs = _recurrent(rec, gen)
     for x in layers:
         x.verdict = verdict.layer_verdict(x)
-    notes += _waiting_on_zero_init(entries, layers)
+    notes += _waiting_on_zero_init(model, batch, loss_fn, cells, seed, entries, layers)
     flagged = any(x.verdict in ("vanishing", "exploding") for x in layers)  # remedies to write
     functional = _functional_acts(model, batch, entries, layers) if flagged else {}
     findings = (verdict.nonfinite_findings(layers, _forward_origin(entries) if any(x.nonfinite for x in layers) else None)
@@ -234,26 +235,79 @@ def _forward_origin(entries: list[Call]) -> tuple[str, str, bool] | None:
     return None
 
 
-def _waiting_on_zero_init(entries: list[Call], layers: list[LayerProbe]) -> list[str]:
-    """Layers whose ∂L/∂s is exactly 0 because a later layer starts with an all-zero weight (a zero head,
-    ReZero / Fixup / `zero_init_residual` branches, adaLN-Zero) that moves at the first update (its
-    input is not all zero, so ∂L/∂W = ∂L/∂s xᵀ is not): they are waiting one step, not vanishing, and
-    are called healthy. Such nets read "vanishing, error: initial weights too small for the depth".
-    An all-zero net stays vanishing: its zero layers' inputs are zero too, and nothing ever moves."""
-    zero = [i for i, (c, x) in enumerate(zip(entries, layers))
-            if c.role != "weights" and x.grad_out_norm > 0 and _zero_weight(c.module)
-            and c.inp is not None and bool(c.inp.detach().ne(0).any())]
-    waiting = [x for i, x in enumerate(layers)
-               if x.grad_out_norm == 0 and not x.nonfinite and any(z > i for z in zero)]
+def _waiting_on_zero_init(model: nn.Module, batch: Any, loss_fn: Callable[[Any], torch.Tensor] | None,
+                          cells: Iterable[str | nn.Module], seed: int, entries: list[Call],
+                          layers: list[LayerProbe]) -> list[str]:
+    """Layers whose ∂L/∂s is exactly 0 because a layer after them starts with an all-zero weight (a zero
+    head, ReZero's α, Fixup / `zero_init_residual` branches, adaLN-Zero) that moves at the first update
+    (`_moves_from_zero`): they are waiting one step. What they will get then is judged, not assumed: one
+    more backward, in a copy of the model whose zero weights are not (`_unzeroed`), gives each layer that
+    gets a gradient there its verdict; the others (a dead ReLU, a layer no zero weight is after) keep
+    theirs. Calling every zero-gradient layer before a zero weight healthy made a 24-layer sigmoid CNN
+    with a zero head read healthy (vanishing without it); calling them vanishing made every ReZero net
+    read "initial weights too small for the depth". An all-zero net stays vanishing: its zero layers'
+    inputs are zero too, and nothing ever moves."""
+    zero = [i for i, (c, x) in enumerate(zip(entries, layers)) if _moves_from_zero(c, x)]
+    candidates = [x for x in layers if x.grad_out_norm == 0 and not x.nonfinite] if zero else []
+    if not candidates:
+        return []
+    names = ", ".join(f"'{layers[i].name}'" for i in zero[:5]) + (f", ... ({len(zero)} in all)" if len(zero) > 5 else "")
+    try:
+        rerun = _unzeroed(model, batch, loss_fn, cells, seed, [_zero_params(entries[i]) for i in zero])
+        moved = {x.name: x for x in rerun.layers}
+    except Exception as exc:  # noqa: BLE001  a model deepcopy cannot copy: the measured verdicts stand
+        return [f"zero-initialised: {names} (all-zero weight) pass no gradient at step 0; the layers waiting "
+                f"on them could not be judged as they will be after the first update ({type(exc).__name__}: "
+                f"{first_line(exc)})"]
+    waiting = [x for x in candidates if x.name in moved and moved[x.name].grad_out_norm > 0]
     for x in waiting:
-        x.verdict = "healthy"
+        x.verdict = moved[x.name].verdict
     if not waiting:
         return []
-    names = ", ".join(f"'{layers[i].name}'" for i in zero)
     shown = ", ".join(f"'{x.name}'" for x in waiting[:5])
     shown += f", ... ({len(waiting)} in all)" if len(waiting) > 5 else ""
+    counts = {v: sum(x.verdict == v for x in waiting) for v in ("healthy", "vanishing", "exploding", "non-finite")}
+    judged = ", ".join(f"{v} {k}" for v, k in counts.items() if k)
     return [f"zero-initialised: {names} (all-zero weight) pass no gradient at step 0 to {shown}, which get "
-            "one after their first update: healthy, not vanishing"]
+            f"one after their first update; judged by the gradient they get once those weights are not zero "
+            f"(a matrix drawn at random with variance 1/fan-in, a gain set to 1): {judged}"]
+
+
+def _moves_from_zero(c: Call, x: LayerProbe) -> bool:
+    """An all-zero weight the first update moves: a layer's whose output has a gradient and whose input
+    is not all zero (∂L/∂W = ∂L/∂s xᵀ), or the parameters of a module without a `.weight` (ReZero's α)
+    when they have a gradient."""
+    if c.role == "weights" or not isinstance(getattr(c.module, "weight", None), torch.Tensor):  # α, a gain
+        return x.grad_w_norm > 0 and bool(c.params) and all(not bool(p.detach().ne(0).any()) for p in c.params)
+    return (x.grad_out_norm > 0 and _zero_weight(c.module) and c.inp is not None
+            and bool(c.inp.detach().ne(0).any()))
+
+
+def _zero_params(c: Call) -> list[torch.Tensor]:
+    w = getattr(c.module, "weight", None)
+    return [w] if c.role != "weights" and isinstance(w, torch.Tensor) else list(c.params)
+
+
+def _unzeroed(model: nn.Module, batch: Any, loss_fn: Callable[[Any], torch.Tensor] | None,
+              cells: Iterable[str | nn.Module], seed: int, zero: list[list[torch.Tensor]]) -> ProbeResult:
+    """The gradient profile of a copy of `model` whose `zero` weights are not: a matrix or kernel drawn
+    at random with variance 1/fan-in (a map that keeps its input's scale, so the profile judges the
+    layers before it, not the size the weight will grow to), a vector or scalar set to 1 (a gain: a
+    norm's γ, ReZero's α). The global RNG (a model's dropout) is put back."""
+    qualname = {id(m): n for n, m in model.named_modules()}
+    param_name = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    clone = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed ^ SEED_OFFSET)
+    with torch.no_grad():
+        for w in (clone.get_parameter(param_name[id(p)]) for ps in zero for p in ps):
+            if w.dim() < 2:
+                w.fill_(1.0)
+                continue
+            fan_in = nn.init._calculate_fan_in_and_fan_out(w)[0]
+            w.copy_(torch.randn(w.shape, generator=gen, dtype=torch.float64).div_(math.sqrt(fan_in)).to(w))
+    named = [qualname.get(id(c), c) if isinstance(c, nn.Module) else c for c in cells]
+    with torch.random.fork_rng(devices=[]):
+        return probe(clone, batch, loss_fn, iters=0, cells=named, seed=seed)
 
 
 def _zero_weight(module: nn.Module) -> bool:
@@ -396,26 +450,46 @@ NORM_BLOCK = 1 << 16  # elements per block: small enough to stay in cache
 
 
 def _norm_std(ts: list[torch.Tensor]) -> tuple[float, float]:
-    """‖·‖ and std of the tensors as one vector, block by block: each block's sum of squares, mean and
-    squared deviations in float32 (in float64 where its squares overflow float32), merged in float64 by
-    Chan et al.'s update; within 1e-6 of a float64 recomputation. The float64 concatenation used before
-    was 0.8 GB of a 49M-parameter model's 1.4 GB peak, and 1.9 s of its 3.8 s probe."""
-    n, mean, m2, sq = 0, 0.0, 0.0, 0.0
+    """‖·‖ and std of the tensors as one vector, block by block: each block scaled by the power of two
+    just above its largest |entry| (exact), its sum of squares, mean and squared deviations taken in float32
+    (float64 for float64 gradients), merged in float64 by Chan et al.'s update relative to a running
+    scale (as LAPACK's nrm2 does); within 1e-6 of a float64 recomputation from 1e-30 to 1e30. Unscaled,
+    float32 squares underflow below ~1e-19: a vanishing gradient of 1e-22 read 0. The float64
+    concatenation used before was 0.8 GB of a 49M-parameter model's 1.4 GB peak, and 1.9 s of its 3.8 s probe."""
+    n, mean, scale, m2, sq = 0, 0.0, 0.0, 0.0, 0.0  # m2, sq in units of scale²
+    worst = 0.0  # Inf or NaN once an entry is
     for t in ts:
         for block in t.detach().reshape(-1).split(NORM_BLOCK):
             k = block.numel()
             b = block if block.dtype in (torch.float32, torch.float64) else block.float()
-            bsq = float(b.pow(2).sum())
-            if not math.isfinite(bsq):  # |x| > 1.8e19 squares to Inf in float32: exploding, not non-finite
-                b = b.double()
-                bsq = float(b.pow(2).sum())
-            bmean = float(b.mean()) if k else 0.0
-            d, total = bmean - mean, n + k
-            if total:
+            amax = float(b.abs().max()) if k else 0.0
+            if not math.isfinite(amax):
+                worst = worst if math.isnan(worst) else amax
+                continue
+            if amax > scale:  # rescale what is accumulated to the new, larger unit
+                r = (scale / amax) ** 2
+                sq, m2, scale = sq * r, m2 * r, amax
+            e = -math.frexp(amax)[1]
+            s = _times_pow2(b, e)  # |s| < 1: no square overflows, none that matters underflows
+            u = math.ldexp(1.0, -e) / scale if scale else 0.0  # one unit of s, in units of scale
+            bmean = float(s.mean()) if k else 0.0
+            d, total = math.ldexp(bmean, -e) - mean, n + k
+            if total and scale:
                 mean += d * k / total
-                m2 += float((b - bmean).pow_(2).sum()) + d * d * n * k / total
-            n, sq = total, sq + bsq
-    return math.sqrt(sq), math.sqrt(m2 / (n - 1)) if n > 1 else 0.0
+                m2 += float((s - bmean).pow_(2).sum()) * u * u + (d / scale) ** 2 * n * k / total
+                sq += float(s.pow(2).sum()) * u * u
+            n = total
+    if not math.isfinite(worst):
+        return worst if math.isnan(worst) else math.inf, math.nan
+    return scale * math.sqrt(sq), scale * math.sqrt(m2 / (n - 1)) if n > 1 else 0.0
+
+
+def _times_pow2(b: torch.Tensor, e: int) -> torch.Tensor:
+    """b · 2**e, exactly, in steps a float32 scalar can hold (2**149 cannot)."""
+    while e:
+        step = max(-100, min(100, e))
+        b, e = b * 2.0 ** step, e - step
+    return b
 
 
 def _nonfinite(ts: list[torch.Tensor], norm: float) -> int:

@@ -28,6 +28,7 @@ def load_factory(path: str) -> nn.Module:
     'path/to/models.py:factory' works too: the file is imported by its name with its folder importable,
     as `python path/to/models.py` would see it."""
     mod_name, sep, attr = path.rpartition(":")
+    file = None
     if not sep or not mod_name or not attr:
         raise ConfigError(f"factory {path!r} is not of the form package.module:factory (or file.py:factory)")
     if os.getcwd() not in sys.path and "" not in sys.path:
@@ -46,7 +47,7 @@ def load_factory(path: str) -> nn.Module:
     except Exception as exc:  # noqa: BLE001  any import failure is the user's to fix
         frame = "" if isinstance(exc, SyntaxError) else user_frame(exc)
         raise ConfigError(f"factory {path!r}: cannot import {mod_name!r} ({type(exc).__name__}: {exc}{frame}); "
-                          f"{_import_advice(exc, mod_name)}") from exc
+                          f"{_import_advice(exc, mod_name, file)}") from exc
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -68,18 +69,39 @@ def load_factory(path: str) -> nn.Module:
     return model
 
 
-def _import_advice(exc: BaseException, mod_name: str) -> str:
+def _import_advice(exc: BaseException, mod_name: str, file: Path | None = None) -> str:
     """What to do about a module that does not import: only a module that is not found is a matter
-    of where gradwatch runs from (a SyntaxError or a missing dependency was told to set PYTHONPATH)."""
+    of where gradwatch runs from (a SyntaxError or a missing dependency was told to set PYTHONPATH).
+    A package of the project itself (src/mypkg of a src layout, not installed) is not a missing
+    dependency: it was told "install it"."""
     if isinstance(exc, SyntaxError):
         return "fix that line: the file does not compile"
     missing = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
     if missing and missing != mod_name and not mod_name.startswith(missing + "."):
+        folder = _folder_with(missing.split(".")[0], file)
+        if folder is not None:
+            return (f"it imports {missing!r}, which is in {folder} but not on this Python's path: "
+                    f"set PYTHONPATH={folder} (or pip install -e the project)")
         return (f"it imports {missing!r}, which this Python ({sys.executable}) does not have: install it there, "
                 "or run gradwatch from the environment that has it")
     if isinstance(exc, ModuleNotFoundError):
         return "run from the directory that contains the package or set PYTHONPATH"
     return known_cause(exc) or "the module's own code raised while it was imported: fix it there"
+
+
+def _folder_with(name: str, file: Path | None) -> str | None:
+    """The folder, among the current directory, its src/, and the factory file's parent folders, that
+    holds package or module `name` (<name>/__init__.py or <name>.py); relative to the current directory
+    when under it."""
+    cwd = Path.cwd()
+    folders = [cwd, cwd / "src"] + (list(file.resolve().parents) if file is not None else [])
+    for folder in folders:
+        if (folder / name / "__init__.py").is_file() or (folder / f"{name}.py").is_file():
+            try:
+                return str(folder.relative_to(cwd)) if folder != cwd else "."
+            except ValueError:
+                return str(folder)
+    return None
 
 
 CUDA_MISSING = ("Torch not compiled with CUDA enabled", "Found no NVIDIA driver", "No CUDA GPUs are available",
@@ -92,6 +114,9 @@ def known_cause(exc: BaseException, batch_shape: tuple[int, ...] | None = None) 
     --input-shape the model expects"; BatchNorm in train mode given one value per channel.
     `batch_shape`: the CLI's --input-shape, to write the one that works."""
     text = str(exc)
+    if "Attempting to deserialize object on a CUDA device" in text:
+        return ("a checkpoint saved on a GPU is loaded onto CUDA and this machine has none: load it with "
+                "torch.load(..., map_location='cpu') (or map_location=the model's device)")
     if any(s in text for s in CUDA_MISSING):
         return ("the code moves tensors or modules to CUDA and this machine has none (torch.cuda.is_available() "
                 "is False): make the device an argument, or take it from the weights "
@@ -197,7 +222,7 @@ def check_fits(model: nn.Module, batch: torch.Tensor, factory: str) -> None:
         if cause:  # not the shape: "does not fit" and the layer's layout would point the wrong way
             raise ConfigError(f"{factory} failed{failing_layer(running)} on the probe batch ({shape}): "
                               f"{type(exc).__name__}: {first}{user_frame(exc)}; {cause}") from exc
-        advice = _advice(model, batch, exc)
+        advice = _advice(model, batch, exc, running)
         raise ConfigError(f"input shape {shape} does not fit {factory} ({str(batch.dtype).removeprefix('torch.')} "
                           f"batch): {type(exc).__name__}: {first}{user_frame(exc)}"
                           f"{expected_input(model, running, first=advice == SHAPE_ADVICE)}; {advice}") from exc
@@ -290,7 +315,8 @@ def user_frame(exc: BaseException) -> str:
     return f" (at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno})" if frames else ""
 
 
-def _advice(model: nn.Module, batch: torch.Tensor, exc: BaseException | None = None) -> str:
+def _advice(model: nn.Module, batch: torch.Tensor, exc: BaseException | None = None,
+            running: Running | None = None) -> str:
     inputs = _required_inputs(model)
     if len(inputs) > 1:
         return (f"its forward takes {len(inputs)} inputs ({', '.join(inputs)}) and the CLI makes one tensor: "
@@ -304,10 +330,7 @@ def _advice(model: nn.Module, batch: torch.Tensor, exc: BaseException | None = N
         return (f"it has an nn.Embedding ('{emb}') that is not its first module, so the batch was floats: "
                 "pass --vocab N for integer tokens in [0, N)")
     if not batch.is_floating_point() and emb is not None and "index out of range" in text:
-        sizes = sorted({m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)})
-        return (f"the token ids run to {int(batch.max())} and the model's nn.Embedding takes "
-                f"{' or '.join(f'[0, {n})' for n in sizes)}: pass --vocab {sizes[0]} or less (without --vocab, "
-                "the first module's num_embeddings)")
+        return _index_advice(model, batch, running)
     if not batch.is_floating_point() and emb is None:
         return ("--vocab makes integer token ids and the model has no nn.Embedding to take them: drop --vocab "
                 "for standard normal float inputs")
@@ -316,6 +339,38 @@ def _advice(model: nn.Module, batch: torch.Tensor, exc: BaseException | None = N
         return (f"its parameters are {', '.join(sorted(str(d).removeprefix('torch.') for d in dtypes))}; "
                 "call gw.probe from Python with a batch of the dtype it expects")
     return SHAPE_ADVICE
+
+
+def _index_advice(model: nn.Module, batch: torch.Tensor, running: Running | None) -> str:
+    """An nn.Embedding given an index beyond its table. The layer it failed in, when known, tells which:
+    given the token ids, a smaller --vocab; given indices the model makes from the input's shape
+    (positions 0..T-1 into a table of block size rows), a shorter sequence. Every case read "--vocab
+    <the smallest table>": a position table's 8 for a sequence of 16 too."""
+    top = running[-1] if running else None
+    if top is None or not isinstance(top[1], nn.Embedding) or _same_values(top[2], batch):
+        layers = [(top[0], top[1].num_embeddings)] if top is not None and isinstance(top[1], nn.Embedding) else \
+            sorted({(n, m.num_embeddings) for n, m in model.named_modules() if isinstance(m, nn.Embedding)},
+                   key=lambda t: t[1])
+        return (f"the token ids run to {int(batch.max())} and "
+                f"{' or '.join(f'{n!r} (nn.Embedding) takes [0, {k})' for n, k in layers)}: pass --vocab "
+                f"{layers[0][1]} or less (without --vocab, the first module's num_embeddings)")
+    name, layer, x = top
+    size = layer.num_embeddings
+    got = int(x.max()) + 1 if isinstance(x, torch.Tensor) and x.numel() else 0
+    dims = [i for i, d in enumerate(batch.shape) if d == got]  # the sequence's dimension, when one matches
+    if len(dims) != 1:
+        return (f"'{name}' (nn.Embedding of {size} rows) was given index {got - 1}, which the model computes "
+                f"(it is not the token ids): pass an --input-shape or --vocab that keeps it below {size}")
+    shape = ",".join(str(size) if i == dims[0] else str(d) for i, d in enumerate(batch.shape))
+    return (f"'{name}' (nn.Embedding of {size} rows) was given positions up to {got - 1}, from the input's "
+            f"length {got} (dimension {dims[0]} of the batch), not the token ids: the model takes sequences of "
+            f"at most {size}; pass --input-shape {shape}")
+
+
+def _same_values(x: Any, batch: torch.Tensor) -> bool:
+    """x holds the batch's token ids (itself, or reshaped)."""
+    return isinstance(x, torch.Tensor) and x.numel() == batch.numel() and bool(
+        torch.equal(x.reshape(-1).to(batch.dtype), batch.reshape(-1)))
 
 
 def _required_args(fn: Any) -> list[str]:

@@ -57,13 +57,20 @@ class Change:
         return self.description
 
 
-def _renest(state_dict: dict, prefix: str, inner: nn.Module, step: str) -> None:
+def _renest(state_dict: dict, prefix: str, wrapper: nn.Module, step: str) -> None:
     """A checkpoint saved before a wrap names the wrapped module's tensors `prefix + name`; the wrapper
-    holds them at `prefix + step + name`: renamed in place, so the old checkpoint loads."""
-    for name in inner.state_dict(keep_vars=True):
-        old, new = prefix + name, prefix + step + name
-        if old in state_dict and new not in state_dict:
-            state_dict[new] = state_dict.pop(old)
+    holds them at `prefix + step + name`: renamed in place, so the old checkpoint loads. Every key under
+    the wrapper that is not one of its own is moved down one level, so wrappers that stack (insert_norm,
+    then add_residual inside it) each peel theirs as the load walks down; matched against the inner
+    module's names, which the inner wrap had changed already, the outer one moved nothing and the
+    checkpoint silently did not load."""
+    own = set(wrapper.state_dict(keep_vars=True))
+    inner = [k for k in own if k.startswith(step)]
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix):]
+        new = prefix + step + rest
+        if rest not in own and new not in state_dict and any(k == step + rest or k.endswith("." + rest) for k in inner):
+            state_dict[new] = state_dict.pop(key)
 
 
 class Residual(nn.Module):
@@ -78,7 +85,7 @@ class Residual(nn.Module):
         return x + self.fn(x)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
-        _renest(state_dict, prefix, self.fn, "fn.")
+        _renest(state_dict, prefix, self, "fn.")
         super()._load_from_state_dict(state_dict, prefix, *args)
 
 
@@ -107,7 +114,7 @@ class Normalised(nn.Sequential):
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
         """A state_dict saved before the change (the layer's tensors without `.0`) loads too; only the
         new norm's tensors are missing from it."""
-        _renest(state_dict, prefix, self[0], "0.")
+        _renest(state_dict, prefix, self, "0.")
         super()._load_from_state_dict(state_dict, prefix, *args)
 
 
