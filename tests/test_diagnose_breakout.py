@@ -27,3 +27,30 @@ def test_a_norm_that_grows_as_the_loss_halves_is_info():
 def test_the_same_growth_with_the_loss_flat_is_an_error():
     (f,) = _breakout(loss_falls=False)
     assert f.severity == "error" and "loss_since_onset" not in f.evidence
+
+
+def _blow_up(loss: np.ndarray, at: int):
+    """The norm leaps 1000x at `at` and stays 100x up; `loss` as given."""
+    n = len(loss)
+    run = build(n_steps=n, depth=3, optimizer="Adam", lr=1e-3)
+    t = np.arange(n)
+    g = (1 + 0.1 * np.random.default_rng(0).random(n)) * np.where(t >= at, 100 + 900 * np.exp(-(t - at) / 20), 1)
+    for i in range(3):
+        run.metrics["grad_norm"][:, run.column(f"fc{i}")] = g / np.sqrt(3)
+    run.loss[:] = loss
+    return [f for f in gw.diagnose(run) if f.kind == "exploding_gradient"]
+
+
+def test_a_blow_up_whose_loss_ends_above_its_level_before_is_an_error():
+    # 0.3 before, 1000 at the burst, 3 at the end: half of the burst's window, 10x the loss before it
+    t = np.arange(1000)
+    (f,) = _blow_up(np.where(t >= 500, 3 + 1000 * np.exp(-(t - 500) / 15), 2 * np.exp(-t / 30) + 0.3), at=500)
+    assert f.severity == "error" and "loss_since_onset" not in f.evidence
+
+
+def test_a_blow_up_that_slows_a_falling_loss_is_an_error():
+    # the loss halves every 70 steps before the burst at 20 and every ~600 after: learning slowed down
+    t = np.arange(1000)
+    loss = 1e4 * np.maximum(np.exp(-t / 100), 0.25) * (1 + 0.02 * np.random.default_rng(1).random(1000))
+    (f,) = _blow_up(loss, at=20)
+    assert f.severity == "error" and "loss_since_onset" not in f.evidence

@@ -9,8 +9,11 @@ import gradwatch as gw
 from series_builder import build, sampled
 
 
-def _dead_from(step: int, flat_loss: bool = False, fraction: float = 0.6):
-    run = build(n_steps=300, depth=4)
+def _dead_from(step: int, flat_loss: bool = False, fraction: float = 0.6, optimizer: str = "Adam", lr: float = 1e-3,
+               still_falling: bool = False):
+    run = build(n_steps=300, depth=4, optimizer=optimizer, lr=lr)
+    if still_falling:  # halving every 100 steps to the end
+        run.loss[:] = 2.0 * np.exp(-np.arange(300) / 150) * (1 + 0.02 * np.random.default_rng(0).random(300))
     rows = sampled(run)
     c = run.column("act1")
     run.metrics["dead"][rows[run.steps[rows] >= step], c] = fraction
@@ -34,3 +37,16 @@ def test_units_dying_while_the_loss_stays_put_are_a_warning():
 def test_units_dead_from_the_first_step_or_nearly_all_stay_said():
     assert [f.severity for f in _dead_from(0)] == ["warning"]
     assert [f.severity for f in _dead_from(40, fraction=0.95)] == ["error"]
+
+
+def test_units_a_high_lr_killed_while_the_loss_halved_and_stalled_are_a_warning():
+    # the learning rate is a named cause (Adam at 0.05, SGD at 0.1): the loss it left can stall far higher
+    for optimizer, lr in (("Adam", 0.05), ("SGD", 0.1)):
+        (f,) = _dead_from(40, optimizer=optimizer, lr=lr)
+        assert f.severity == "warning" and "loss_since_onset" not in f.evidence
+        assert f.causes[0].startswith("learning rate")
+
+
+def test_units_a_high_lr_killed_while_the_loss_still_falls_at_the_end_are_info():
+    (f,) = _dead_from(40, optimizer="SGD", lr=0.1, still_falling=True)
+    assert f.severity == "info" and f.causes[0].startswith("learning rate")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import gradwatch as gw
-from gradwatch.diagnose import diagnose
+from gradwatch.diagnose import advice, diagnose
 from series_builder import build
 
 
@@ -33,6 +33,7 @@ def test_a_weight_non_finite_at_the_first_step_is_the_origin():
     assert f.layers[0] == "fc0" and f.evidence["first_seen_in"] == "weights"
     assert f.evidence["nonfinite_weights_at_start"] == ["fc0"] and "before any update" in f.message
     assert _no_lr_blame(f)
+    assert advice.nan_cause(f.evidence) == "weights"  # not "data": no operation in a step made it
 
 
 def test_a_weight_that_turned_non_finite_later_is_not_called_initial():
@@ -42,6 +43,7 @@ def test_a_weight_that_turned_non_finite_later_is_not_called_initial():
     run.loss[10:] = np.inf
     f = _non_finite(run)
     assert "nonfinite_weights_at_start" not in f.evidence and f.first_step == 10
+    assert advice.nan_cause(f.evidence) != "weights"
 
 
 def test_a_real_run_from_a_nan_weight():

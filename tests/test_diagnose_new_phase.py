@@ -40,3 +40,17 @@ def test_a_leap_where_the_trained_layers_change_that_ends_non_finite_still_explo
     run.metrics["grad_norm"][200:, run.column("fc2")] = np.inf
     run.loss[200:] = np.inf
     assert "exploding_gradient" in kinds(gw.diagnose(run))
+
+
+def test_gradual_unfreezing_that_blows_up_the_layers_already_trained_still_explodes():
+    # fc2 alone, fc1 joins at 150, fc0 at 300: at each, every trained layer leaps 1000x and stays 100x up
+    run = build(n_steps=450, depth=3, optimizer="Adam", lr=1e-3)
+    t = np.arange(450)
+    level = np.ones(450)
+    for s in (150, 300):
+        level[s:] *= 100
+        level[s:s + 5] *= 10
+    noise = np.exp(0.1 * np.random.default_rng(0).standard_normal(450))
+    for i, on in ((0, 300), (1, 150), (2, 0)):
+        run.metrics["grad_norm"][:, run.column(f"fc{i}")] = np.where(t >= on, level * noise, np.nan)
+    assert "exploding_gradient" in kinds(gw.diagnose(run))

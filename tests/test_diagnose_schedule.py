@@ -64,3 +64,16 @@ def test_periodic_allows_missed_events_but_not_random_times():
     assert periodic(np.array([38, 238, 338, 438, 538, 638, 838, 938]), th)  # two syncs left no leap
     assert not periodic(np.array([38, 238, 338, 438]), th)  # too few to tell
     assert not periodic(np.array([100, 190, 320, 400, 530, 610]), th)
+
+
+def test_periodic_bursts_growing_under_a_decade_still_explode_and_diverge():
+    # 1.3x per reset: the last norm peak 8x the first (under the decade the old guard allowed), the loss's 66x
+    findings = gw.diagnose(_sawtooth(PERIODIC, grow=1.3))
+    assert {"exploding_gradient", "loss_divergence"} <= set(kinds(findings))
+
+
+def test_bursts_at_warm_restarts_of_the_lr_are_the_lrs_doing():
+    run = _sawtooth(PERIODIC)
+    since = np.arange(1000) - np.maximum.accumulate(np.where(np.isin(np.arange(1000), PERIODIC), np.arange(1000), 0))
+    run.lr[:] = 0.05 * 0.5 * (1 + np.cos(np.pi * np.minimum(since, 100) / 100))  # cosine, restarted at each burst
+    assert "exploding_gradient" in kinds(gw.diagnose(run))

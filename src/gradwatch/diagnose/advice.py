@@ -280,8 +280,12 @@ def nan_cause(evidence: dict) -> str:
     "data": it came at the first step, before any update, or the gradient norm grew at most
     NAN_FROM_GROWTH-fold before it: the data or the model's or loss's arithmetic, which no training
     remedy repairs. "growth": the norm grew more (training dynamics, the learning rate). "unknown":
-    too few finite steps before it to measure, so either may be the cause."""
+    too few finite steps before it to measure, so either may be the cause. "weights": weights
+    non-finite at the first recorded step, before any update (the initialisation or a loaded
+    checkpoint): no operation of the script's steps makes it, so there is none to locate."""
     growth = evidence.get("grad_growth_before")
+    if evidence.get("nonfinite_weights_at_start"):
+        return "weights"
     if evidence.get("at_init"):
         return "data"
     if growth is None or math.isnan(growth):
@@ -500,21 +504,33 @@ def loss_divergence(ctx: Context, evidence: dict) -> tuple[list[str], list[Remed
     return causes, remedies
 
 
+SPARSE_CAPABLE = ("SGD", "Adagrad", "SparseAdam")  # optimizers whose step takes sparse gradients (without weight decay)
+
+
 def give_parameters(ctx: Context, layers: tuple[str, ...], shown: int = 6) -> Remedy:
     """Their weights added to the optimizer the run has, not a new Adam over the model (which drops
-    the user's optimizer, and which an nn.Embedding(sparse=True) refuses: "Adam does not support
-    sparse gradients"; torch.optim.SparseAdam takes them)."""
+    the user's optimizer). An Embedding or EmbeddingBag built with sparse=True (only the module
+    knows) gets sparse gradients, which Adam-family optimizers refuse: those go to a SparseAdam of
+    their own, zeroed and stepped beside the user's (else they pile up); SGD and Adagrad take them
+    in a group without weight decay, which does not add to a sparse gradient."""
     refs = ", ".join(map(module_ref, layers[:shown])) + ("," if len(layers) == 1 else "")
     more = f"  # and the other {len(layers) - shown} of them" if len(layers) > shown else ""
-    params = f"params = [p for m in ({refs}) for p in m.parameters()]{more}\n"
-    add = "optimizer.add_param_group({'params': params})"
-    types = {ctx.run.layers[c].type for c in range(len(ctx.run.layers)) if ctx.run.layers[c].name in layers}
-    if types == {"Embedding"}:  # sparse or not, only the module knows
-        add = (f"if any(m.sparse for m in ({refs})):  # sparse gradients: Adam refuses them\n"
-               "    sparse_optimizer = torch.optim.SparseAdam(params)  # and sparse_optimizer.step() beside optimizer.step()\n"
-               f"else:\n    {add}")
-    return Remedy("Give the optimizer every parameter that should train (if a param group holds them at lr 0, "
-                  "give that group an lr)", params + add)
+    types = {layer.type for layer in ctx.run.layers if layer.name in layers}
+    what = ("Give the optimizer every parameter that should train (if a param group holds them at lr 0, "
+            "give that group an lr)")
+    if not types & {"Embedding", "EmbeddingBag"}:
+        return Remedy(what, f"params = [p for m in ({refs}) for p in m.parameters()]{more}\n"
+                            "optimizer.add_param_group({'params': params})")
+    split = (f"modules = ({refs}){more}\n"
+             "params = [p for m in modules if not getattr(m, 'sparse', False) for p in m.parameters()]\n"
+             "sparse = [p for m in modules if getattr(m, 'sparse', False) for p in m.parameters()]  # sparse=True\n"
+             "if params:\n    optimizer.add_param_group({'params': params})\n")
+    if ctx.optimizer in SPARSE_CAPABLE:
+        return Remedy(what, split + "if sparse:  # weight decay does not take sparse gradients\n"
+                                    "    optimizer.add_param_group({'params': sparse, 'weight_decay': 0.0})")
+    return Remedy(what, split + f"if sparse:  # {ctx.optimizer} refuses sparse gradients; every step, beside optimizer's: "
+                                "sparse_optimizer.zero_grad() and sparse_optimizer.step()\n"
+                                "    sparse_optimizer = torch.optim.SparseAdam(sparse, lr=optimizer.param_groups[0]['lr'])")
 
 
 def _freeze_code(layers: tuple[str, ...], shown: int = 6) -> str:

@@ -210,6 +210,16 @@ def periodic(events: np.ndarray, th) -> bool:
     return bool(near.all() and (near & (whole == 1)).sum() >= th.periodic_events - 1)
 
 
+def peaks_growing(peaks: np.ndarray, th) -> bool:
+    """Whether the later half of a schedule's peaks (in order) has its median `schedule_peak_growth`x
+    that of the earlier half or more: a target network's syncs re-set targets of one scale, so
+    their peaks scatter (a DQN's: 1-3x its first, halves' medians equal), while warm restarts that
+    blow up grow (1033 -> 4263, halves 2.7x apart). Halves, not the first peak: one small first
+    peak would make every later one look grown."""
+    half = len(peaks) // 2
+    return half > 0 and bool(np.median(peaks[-half:]) >= th.schedule_peak_growth * np.median(peaks[:half]))
+
+
 def from_init(run: RunSeries) -> bool:
     """The run's first recorded step is its training's first, before any update: not a training
     resumed from a checkpoint (`gradwatch run` stores meta `resumed`), whose first step has trained

@@ -95,6 +95,10 @@ class Thresholds:
     # `periodic_events` - 1 of them one period. 5 events at random (exponential gaps) pass that
     # 0.03% of the time, gaps spread uniformly over ±50% of their mean 1.6% (simulated, 200k draws).
     periodic_events: int = 5
+    # ... and not a schedule when the peaks grow: the later half's median peak this many times the
+    # earlier half's (a DQN's syncs, measured: 1.0x, single peaks 1-3x the first; warm restarts
+    # at an lr too high: 2.7x, the loss at the restarts 3.9 -> 15.3).
+    schedule_peak_growth: float = 2.0
     period_tolerance: float = 0.1
     # A gradient norm that grows while the loss falls to this share of its level at the burst or
     # below (nothing else exploding, nothing non-finite) is learning that sped up, `info`: an
@@ -157,7 +161,9 @@ class Thresholds:
     # (info, not a warning): a RealNVP on 2-D moons (each coupling net sees one coordinate) had
     # 50-59% of its second ReLU layers dead from step 40, NLL 1.62 there -> 0.48; with Leaky ReLU it reached
     # 0.50 and 0.44 where ReLU reached 0.47 and 0.45 (2 seeds). A DQN on 10 one-hot states alike
-    # (66% dead, loss falling 1e4x after). Units dying of a learning rate too high leave the loss flat.
+    # (66% dead, loss falling 1e4x after). Units dying of a learning rate too high leave the loss flat,
+    # or halved and stalled far above where it could go (Adam 0.05: 73% dead, 0.31 where 1e-3 reaches
+    # 0.024): where the lr is a named cause, info only while the loss still falls at the end.
     dead_learning: float = 0.5
     # Adam's first update is lr·sign(g) per weight (m/√v = g/|g| at t = 1), a relative step of
     # lr·√n/‖w‖ = lr / rms(w) where every weight gets a gradient (to 3 digits on 45 recorded runs). When its median

@@ -8,7 +8,7 @@ import numpy as np
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
 from gradwatch.diagnose.rules.eval_mode import eval_mode_first, unnormalised_batchnorm
-from gradwatch.diagnose.rules.loss import loss_fell_to, sampled_onset
+from gradwatch.diagnose.rules.loss import loss_fell_to, sampled_onset, still_falling
 from gradwatch.diagnose.signals import (from_init, persistent_activation_layers, persistent_start, rows_before_non_finite_loss,
                                         summarise_layers, zero_initialised)
 from gradwatch.diagnose.thresholds import Thresholds
@@ -38,6 +38,8 @@ def find_dead_units(run: RunSeries, th: Thresholds) -> list[Finding]:
                 + (f" ({len(layers)} layers affected)" if len(layers) > 1 else ""))
         learning = None if at_init or worst >= th.dead_fraction_error else \
             loss_fell_to(run, th, th.dead_learning, since=sampled_onset(run, "dead", first))
+        if learning is not None and _lr_named(causes) and not still_falling(run, th):
+            learning = None  # killed by the step size, the loss halved and stalled: lower than it could go
         if learning is not None:
             evidence["loss_since_onset"] = list(learning)
             message = (f"{said}, and the loss still fell {learning[0]:.4g} -> {learning[1]:.4g} after it: capacity "
@@ -57,6 +59,13 @@ def find_dead_units(run: RunSeries, th: Thresholds) -> list[Finding]:
     message = (f"{advice.listed(zero_layers)} get exactly zero gradient since step {first}: nothing above passes any back ({why}), "
                f"so they cannot learn. {remedies[0].action}.")
     return [Finding("dead_units", "error", first, zero_layers, message, evidence, tuple(causes), tuple(remedies))]
+
+
+def _lr_named(causes: list[str]) -> bool:
+    """The learning rate is a cause of the dying (advice.dead_units names it under SGD, or Adam at a
+    high lr): units it killed are capacity it took, and the loss it left can stall far higher (Adam
+    0.05: 73% dead, loss 0.31 where 1e-3 reaches 0.024)."""
+    return any(c.startswith("learning rate") for c in causes)
 
 
 def _some_entry_nonzero(run: RunSeries, column: int, rows: np.ndarray) -> bool:

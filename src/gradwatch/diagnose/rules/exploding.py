@@ -10,10 +10,9 @@ import numpy as np
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
 from gradwatch.diagnose.rules.clipping import clipped_advice, clipping
-from gradwatch.diagnose.rules.loss import loss_fell_to
 from gradwatch.diagnose.rules.stale_gradients import stale_first
-from gradwatch.diagnose.signals import (depth_profile, from_init, names, periodic, persistent_start, plain_sgd,
-                                        profile_columns, row_nanpercentile, TOTAL_BLOCK, total_grad_norm)
+from gradwatch.diagnose.signals import (depth_profile, finite_loss, from_init, names, peaks_growing, periodic, persistent_start,
+                                        plain_sgd, profile_columns, row_nanpercentile, TOTAL_BLOCK, total_grad_norm, window)
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
 
@@ -80,13 +79,35 @@ def find_exploding(run: RunSeries, th: Thresholds) -> list[Finding]:
 
 
 def _learnt_after(run: RunSeries, evidence: dict, first: int, th: Thresholds) -> tuple[float, float] | None:
-    """(loss at the burst, at the end) when the gradient norm's growth is all there is and the loss
-    still fell to `burst_learning` of its level there or below, nothing non-finite: a gradient that
-    grows as the loss falls is leaving a plateau, not blowing up (a blow-up makes the loss worse)."""
+    """(loss before the burst, at the end) when the gradient norm's growth is all there is, nothing
+    is non-finite, and the loss fell to `burst_learning` of its level in the window ending before
+    the burst, faster after the burst than before it: a gradient that grows as learning speeds up
+    is leaving a plateau. A window centred on the burst holds the loss the blow-up caused (0.33 ->
+    66 -> 0.66 read as 1.62 -> 0.59), and a loss that was falling faster before is slowed by it."""
     others = {"max_update_ratio", "predicted_update_ratio", "weight_growth", "backward_ratio", "clip_active_share"}
     if "growth_over_steps" not in evidence or set(evidence) & others:
         return None
-    return loss_fell_to(run, th, th.burst_learning, since=first)
+    steps, loss = finite_loss(run)
+    if np.isinf(run.loss).any() or len(loss) < th.min_loss_steps:
+        return None
+    w = window(len(loss), th.min_loss_window)
+    i = int(np.searchsorted(steps, first))
+    if i < 2 or i + w >= len(loss):
+        return None
+    a = max(i - w, 0)
+    h = (a + i) // 2
+    level, end = float(np.median(loss[a:i])), float(np.median(loss[-w:]))
+    if not level > 0 or end > th.burst_learning * level:
+        return None
+    before = _fall_rate(steps[a:h], loss[a:h], steps[h:i], loss[h:i])
+    return None if before > _fall_rate(steps[a:i], loss[a:i], steps[-w:], loss[-w:]) else (level, end)
+
+
+def _fall_rate(steps_a: np.ndarray, loss_a: np.ndarray, steps_b: np.ndarray, loss_b: np.ndarray) -> float:
+    """The loss's fall per step between two windows, in log (their medians): a rate that compares
+    an exponential decay's early and late stretch fairly. NaN for a loss not above 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(np.log(np.median(loss_a) / np.median(loss_b)) / (np.median(steps_b) - np.median(steps_a)))
 
 
 def _clipped_every_step(run: RunSeries, th: Thresholds):
@@ -182,10 +203,12 @@ def _growth_over_steps(run: RunSeries, th: Thresholds):
     bursts = np.split(hit, np.flatnonzero(np.diff(steps[hit]) > w) + 1)
     first_bad = np.flatnonzero(np.isinf(total) | np.isinf(run.loss))  # inf: measured non-finite
     bad_step = run.steps[first_bad[0]] if len(first_bad) else None
-    if bad_step is None and _on_a_schedule(bursts, steps, norms, th):
+    if bad_step is None and _on_a_schedule(bursts, steps, norms, run.lr[finite], th):
         return None
     if bad_step is None:  # a new phase starts its own level; one that ends non-finite blew up
-        starts = np.searchsorted(steps, _trained_layers_changed(run, th))
+        changes = _trained_layers_changed(run, th)
+        ends = np.append(changes[1:], run.steps[-1] + 1)
+        starts = np.searchsorted(steps, [c for c, e in zip(changes, ends) if not _leapt_and_stayed(run, c, e, bar, th)])
         bursts = [b for b in bursts if not ((b[0] >= starts) & (b[0] - starts <= th.warmup_steps)).any()]
     if not bursts:
         return None
@@ -198,7 +221,7 @@ def _growth_over_steps(run: RunSeries, th: Thresholds):
         if not recovered:
             unrecovered = i
             break
-    if unrecovered is None and (len(bursts) < th.chronic_bursts or _within_early_range(bursts, norms, th)):
+    if unrecovered is None and (len(bursts) < th.chronic_bursts or _within_early_range(bursts, norms, early_top, th)):
         return None
     first = bursts[0][0]
     i = first if unrecovered is None else unrecovered
@@ -244,29 +267,66 @@ def _trained_layers_changed(run: RunSeries, th: Thresholds) -> np.ndarray:
     return np.array(sorted(changes), dtype=np.int64)
 
 
-def _within_early_range(bursts: list[np.ndarray], norms: np.ndarray, th: Thresholds) -> bool:
-    """Recovered bursts none of which rose above the largest norm of the early windows (after
-    warm-up, before the first burst): the heavy tail of the gradient, not an instability, which
-    carries the norm past anything it had when the net was fresh. At batch size 1 a cross-entropy's
-    norm is ~0 on most samples and large on the few misclassified: bursts 3000x its median that
-    stayed under 0.7x its early peak (oscillating, SGD lr 0.01, 2-50-3 MLP) were called chronic."""
-    early = norms[th.warmup_steps:min(th.warmup_steps + th.early_windows * th.baseline_window, bursts[0][0])]
-    return len(early) > 0 and max(norms[b].max() for b in bursts) <= early.max()
+def _leapt_and_stayed(run: RunSeries, change: int, end: int, bar: float, th: Thresholds) -> bool:
+    """Whether the layers trained on both sides of a change in the trained set leapt by `bar` over
+    the window after it and stayed `bar` up through the phase's last window (up to `end`): then the
+    blow-up is in the layers that were already learning, not the new sum (gradual unfreezing that
+    blew up at each step, 1 -> 210 -> 3e4 -> 4e6). A head fine-tuned on new data leaps too, then
+    settles (0.3 -> 12 -> 0.5): a new phase's level, no explosion. A phase under two windows long
+    (a live check right after the switch) is given the benefit of the doubt until a later check."""
+    g, w = run.metrics["grad_norm"], th.baseline_window
+    cols = np.array(run.weight_columns())
+    a, b, e = np.searchsorted(run.steps, [change, change, end])
+    before, after, last = (np.asarray(g[r0:r1][:, cols]) for r0, r1 in ((max(a - w, 0), a), (b, b + w), (max(e - w, b), e)))
+    common = np.isfinite(before).all(axis=0) & np.isfinite(after).all(axis=0) & np.isfinite(last).all(axis=0)
+    if not common.any() or not len(before) or e - b < 2 * w:  # too soon to tell it stayed (a live check)
+        return False
+    level = np.median(np.linalg.norm(before[:, common], axis=1))
+    return bool(np.linalg.norm(after[:, common], axis=1).max() >= bar * level
+                and np.median(np.linalg.norm(last[:, common], axis=1)) >= bar * level)
 
 
-def _on_a_schedule(bursts: list[np.ndarray], steps: np.ndarray, norms: np.ndarray, th: Thresholds) -> bool:
+def _within_early_range(bursts: list[np.ndarray], norms: np.ndarray, early_top: np.ndarray, th: Thresholds) -> bool:
+    """Recovered bursts none of which rose above the early range of the norm (after warm-up, before
+    the first burst): the heavy tail of the gradient, not an instability, which carries the norm
+    past anything it had when the net was fresh. At batch size 1 a cross-entropy's norm is ~0 on
+    most samples and large on the few misclassified: bursts 3000x its median that stayed under
+    0.7x its early peak (oscillating, SGD lr 0.01, 2-50-3 MLP) were called chronic. The range is
+    taken once the norm has settled (first under `early_top`), so the decay from a large initial
+    gradient does not set it: a norm 536 at step 5 (loss 50 at init) hid six bursts 301x its level,
+    the loss leaping 20x with each. Its max, not a percentile: that 2-50-3 MLP's early peak was one
+    sample, 79, and the next 27, with bursts to 50."""
+    stop = min(th.warmup_steps + th.early_windows * th.baseline_window, bursts[0][0])
+    early = norms[th.warmup_steps:stop]
+    settled = np.flatnonzero(early <= early_top[stop - 1]) if len(early) else []
+    if len(settled) == 0:
+        return False
+    return max(norms[b].max() for b in bursts) <= early[settled[0]:].max()
+
+
+def _on_a_schedule(bursts: list[np.ndarray], steps: np.ndarray, norms: np.ndarray, lr: np.ndarray, th: Thresholds) -> bool:
     """Bursts at a fixed period, each subsiding a decade (`spike_factor`) below its peak before the
-    next, and their peaks not growing a decade: the script re-sets what the model fits on a
-    schedule (a target network synced), and the gradient follows. Recurring bursts of an
-    instability neither keep time nor settle back each time."""
+    next, their peaks not growing, and the lr not raised at them: the script re-sets what the model
+    fits on a schedule (a target network synced), and the gradient follows. Recurring bursts of an
+    instability neither keep time nor settle back each time; warm restarts of the lr that blow up
+    keep time, but the blow-up is the lr's doing, a finding."""
     if not periodic(steps[[b[0] for b in bursts]], th):
         return False
     peaks = np.array([norms[b].max() for b in bursts])
-    if peaks.max() > th.spike_factor * peaks[0]:
+    if peaks_growing(peaks, th) or any(_lr_raised(lr, b[0], th) for b in bursts):
         return False
     ends = [b[0] for b in bursts[1:]] + [len(norms)]
     return all(norms[b[-1] + 1:end].size and norms[b[-1] + 1:end].min() * th.spike_factor < peak
                for b, end, peak in zip(bursts, ends, peaks))
+
+
+def _lr_raised(lr: np.ndarray, i: int, th: Thresholds) -> bool:
+    """The lr at step i (or the step before) over 2x its lowest in the window before: a restart or
+    a warm-up, not the targets, moved the gradient (a cosine restart lifts it 10-1000x)."""
+    before, at = lr[max(i - th.baseline_window, 0):max(i - 1, 0)], lr[max(i - 1, 0):i + 1]
+    if not (np.isfinite(before).any() and np.isfinite(at).any()):  # not recorded: nothing to say
+        return False
+    return bool(np.nanmax(at) > 2 * np.nanmin(before))
 
 
 def _early_level(norms: np.ndarray, skip: int, length: int) -> np.ndarray:

@@ -8,7 +8,7 @@ import numpy as np
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding, Remedy
 from gradwatch.diagnose.rules.decay import decayed, weight_shrink
-from gradwatch.diagnose.signals import finite_loss, from_init, periodic, profile_columns, window
+from gradwatch.diagnose.signals import finite_loss, from_init, peaks_growing, periodic, profile_columns, window
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
 
@@ -45,6 +45,15 @@ def loss_fell_to(run: RunSeries, th: Thresholds, fraction: float, since: int | N
         start = float(np.median(loss[first:first + w]))
     end = float(np.median(loss[-w:]))
     return (start, end) if start > 0 and end <= fraction * start else None
+
+
+def still_falling(run: RunSeries, th: Thresholds) -> bool:
+    """The loss of the last window has its median below the 25th percentile of the window before:
+    a flat, noisy loss keeps its median near the one before, only a fall carries it past a
+    quarter of that window's spread."""
+    _, loss = finite_loss(run)
+    w = window(len(loss), th.min_loss_window)
+    return len(loss) >= 2 * w and float(np.median(loss[-w:])) < float(np.percentile(loss[-2 * w:-w], 25))
 
 
 def find_loss_plateau(run: RunSeries, th: Thresholds) -> list[Finding]:
@@ -275,4 +284,6 @@ def _refitted_on_a_schedule(loss: np.ndarray, limit: float, th: Thresholds) -> b
     if not periodic(events, th):
         return False
     ends = [*events[1:], len(loss)]
+    if peaks_growing(np.array([loss[a:b].max() for a, b in zip(events, ends)]), th):
+        return False  # each leap higher than the last: diverging in steps, 4.4 -> 66
     return all(loss[a + 1:b].size and loss[a + 1:b].min() <= limit for a, b in zip(events, ends))
