@@ -42,6 +42,15 @@ def test_not_said_when_the_loss_halves_under_sgd_or_on_short_steps():
     assert _stalled(_run(0.05, fell_to=0.85)) == []
 
 
+def test_not_said_under_optimizers_whose_first_step_is_no_measure_of_the_later_ones():
+    """RMSprop's running average starts at 0 (a first step ~10x lr) and Adagrad's steps shrink as
+    1/sqrt(t): a wide MLP at their usual lrs read 0.55 at the first step, 0.01 by the 50th."""
+    for optimizer in ("RMSprop", "Adagrad", "Adadelta"):
+        assert _stalled(_run(0.8, fell_to=0.85, optimizer=optimizer)) == [], optimizer
+    for optimizer in ("AdamW", "NAdam", "Adamax"):
+        assert len(_stalled(_run(0.8, fell_to=0.85, optimizer=optimizer))) == 1, optimizer
+
+
 def test_the_first_adam_step_measured_is_lr_over_the_weights_rms():
     """The rule's premise: Adam's first step is lr·sign(g), so the store's first update ratio of a
     layer is lr·sqrt(n)/‖w‖, computed here from the initial weights in float64."""

@@ -36,6 +36,19 @@ def test_a_weight_non_finite_at_the_first_step_is_the_origin():
     assert advice.nan_cause(f.evidence) == "weights"  # not "data": no operation in a step made it
 
 
+def test_a_weight_non_finite_from_the_start_under_gw_guard_is_still_an_error():
+    """Every step's gradient is then NaN and gw.guard skips them all: 'the weights never took them'
+    (a warning) would hide weights that hold NaN for good."""
+    run = build(n_steps=30, depth=3)
+    fc0 = run.column("fc0")
+    run.metrics["weight_norm"][:, fc0] = np.inf
+    run.metrics["grad_norm"][:, fc0] = np.inf
+    run.loss[:] = np.inf
+    run.meta["guard_skipped_steps"] = [int(s) for s in run.steps]
+    f = _non_finite(run)
+    assert f.severity == "error" and "before any update" in f.message and "guard_skipped_steps" not in f.evidence
+
+
 def test_a_weight_that_turned_non_finite_later_is_not_called_initial():
     run = build(n_steps=30, depth=3)
     fc0 = run.column("fc0")

@@ -92,7 +92,8 @@ def _in_the_run(run: RunSeries) -> list[Finding]:
     finite_loss = run.loss[:first_row][np.isfinite(run.loss[:first_row])]
     if len(finite_loss):
         evidence["last_finite_loss"] = float(finite_loss[-1])
-    guarded = sorted(bad_steps) if bad_steps <= set(run.meta.get("guard_skipped_steps") or ()) else None
+    skipped = set(run.meta.get("guard_skipped_steps") or ())  # weights NaN from the start: no skip undoes that
+    guarded = sorted(bad_steps) if bad_steps <= skipped and not loaded else None
     if guarded:  # gw.guard kept every one from the weights: the run went on, the cause is still there
         evidence["guard_skipped_steps"] = guarded
     ctx = advice.Context(run)
