@@ -741,7 +741,7 @@ def test_the_printed_code_uses_the_scripts_own_names():
     assert isinstance(_pasted(TRAINER, names.complete(adam(names).code), "BUILT")["trainer"].optimizer,
                       torch.optim.Adam)
     clipped = _pasted(TRAINER.replace("trainer.step", "trainer.model[0].weight.grad = None\ntrainer.step"),
-                      names.complete(clip_norm(1e-3, names).code), "BEFORE STEP")["trainer"]
+                      names.complete(clip_norm(1e-3, names).code), "BUILT")["trainer"]
     assert float(torch.cat([p.grad.flatten() for p in clipped.model.parameters()]).norm()) == pytest.approx(1e-3, rel=1e-3)
     init = names.complete(reinit(names).code)
     assert init.startswith("import gradwatch as gw\n# batch: one input batch, as in self.model(xb)")
@@ -754,8 +754,9 @@ def test_the_printed_code_uses_the_scripts_own_names():
     gan = read_names("import torch\ng_opt = torch.optim.Adam(g.parameters())\nd_opt = torch.optim.Adam(d.parameters())\n",
                      _context([1e-3], optimizer="Adam"))
     assert gan.complete(clip_norm(1.0, gan).code).splitlines() == [
-        "torch.nn.utils.clip_grad_norm_(g.parameters(), max_norm=1)  # before g_opt.step()",
-        "torch.nn.utils.clip_grad_norm_(d.parameters(), max_norm=1)  # before d_opt.step()"]
+        "import gradwatch as gw",
+        "gw.clip.attach(g_opt, gw.clip.ClipNorm(1))  # once, after g_opt is built: clips before every g_opt.step()",
+        "gw.clip.attach(d_opt, gw.clip.ClipNorm(1))  # once, after d_opt is built: clips before every d_opt.step()"]
 
 
 FACTORY = '''

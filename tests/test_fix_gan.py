@@ -58,7 +58,7 @@ def test_each_optimizer_is_named_with_its_model_and_the_change_runs_pasted():
     ns = _pasted(lowered)  # each its own lr x0.1, not the lr of the one the store recorded
     assert [ns[o].param_groups[0]["lr"] for o in ("opt_d", "opt_g")] == pytest.approx([0.05, 0.02])
     clip = names.complete(clip_norm(1.0, names).code)
-    assert "disc.parameters()" in clip and "before opt_d.step()" in clip and "gen.parameters()" in clip
+    assert "gw.clip.attach(opt_d, gw.clip.ClipNorm(1))" in clip and "gw.clip.attach(opt_g, gw.clip.ClipNorm(1))" in clip
     assert names.complete(zclip(names).code).count("gw.clip.attach(") == 2
     init = names.complete(reinit(names).code)
     assert "gw.init_(gen, example_input=batch)" in init and "# gen only" in init

@@ -194,17 +194,27 @@ def spare_final(result: FixResult) -> Candidate | None:
     return next((t.candidate for t in screened if t.candidate.name not in tried), None)
 
 
+STACKED = ("optimizer", "lr_scale")  # the spec keys of a remedy screened on top of a leader that repaired the run
+
+
+def stacked(cand: Candidate) -> bool:
+    return any(k in cand.spec for k in STACKED)
+
+
 def on_the_leader(cand: Candidate, screened: list[Trial]) -> Candidate:
-    """An optimizer swap, screened on top of the screening's leader when the leader repaired the
-    run. On a network the fault still breaks, a new optimizer measures the fault, not itself (Adam
-    diverges from an init 3x too large as SGD does: 448 at 50 steps on an 8-layer ReLU MLP); on the
-    repaired network it measures what it adds. Alone otherwise: the optimizer may be the fault."""
-    if "optimizer" not in cand.spec:
+    """An optimizer swap or an lr scale, screened on top of the screening's leader when the leader
+    repaired the run. On a network the fault still breaks, a new optimizer or lr measures the fault,
+    not itself (Adam diverges from an init 3x too large as SGD does: 448 at 50 steps on an 8-layer
+    ReLU MLP; a 35-layer MLP's Glorot init kills its ReLUs at lr x0.1 too, while He + LeakyReLU at
+    lr x0.1 reached 0.30 against 1.16 without it); on the repaired network it measures what it adds.
+    Alone otherwise: the optimizer or the lr may be the fault."""
+    if not stacked(cand):
         return cand
     done = applied(screened)
     if not done or not done[0].works:
         return cand
-    return combine(done[0].candidate, cand) or cand
+    # on the best repair it combines with: a leader with an lr scale on top takes no optimizer swap
+    return next((c for t in done if t.works and (c := combine(t.candidate, cand)) is not None), cand)
 
 
 def _partner(lead: Trial, others: list[Trial]) -> list[Candidate]:
@@ -417,7 +427,7 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], command: list[str] | Cal
         say(cost)
     if screening:
         short = result.screen_steps
-        queue.sort(key=lambda c: "optimizer" in c.spec)  # last: screened on top of the leader by then
+        queue.sort(key=stacked)  # last: screened on top of the leader by then
         for i, cand in enumerate(queue, 1):
             cand = on_the_leader(cand, result.screened)
             say(f"gradwatch fix: screening {i}/{len(queue)} ({short} steps): {cand.name}")

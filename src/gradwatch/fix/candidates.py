@@ -37,24 +37,36 @@ def each(names: Names, code: Callable[[Names], str]) -> str:
 
 
 def clip_norm(max_norm: float = 1.0, names: Names = GENERIC) -> Candidate:
-    return Candidate(f"clip norm {max_norm:g}", {"clip": "norm", "max_norm": max_norm}, each(names, lambda n: (
-        f"torch.nn.utils.clip_grad_norm_({n.model}.parameters(), max_norm={max_norm:g})  # {n.before_update}")))
+    return Candidate(f"clip norm {max_norm:g}", {"clip": "norm", "max_norm": max_norm}, _clip_code(
+        names, f"gw.clip.ClipNorm({max_norm:g})",
+        lambda m: f"torch.nn.utils.clip_grad_norm_({m}.parameters(), max_norm={max_norm:g})"))
 
 
 def clip_value(value: float = 1.0, names: Names = GENERIC) -> Candidate:
-    return Candidate(f"clip value {value:g}", {"clip": "value", "value": value}, each(names, lambda n: (
-        f"torch.nn.utils.clip_grad_value_({n.model}.parameters(), clip_value={value:g})  # {n.before_update}")))
+    return Candidate(f"clip value {value:g}", {"clip": "value", "value": value}, _clip_code(
+        names, f"gw.clip.ClipValue({value:g})",
+        lambda m: f"torch.nn.utils.clip_grad_value_({m}.parameters(), clip_value={value:g})"))
 
 
 def zclip(names: Names = GENERIC) -> Candidate:
-    """ZClip keeps statistics of the norms it has seen, so it is built once; with no optimizer to
-    attach it to, it is called on the parameters where the trial clipped them."""
+    """ZClip keeps statistics of the norms it has seen, so it is built once."""
     if names.manual:
         code = (f"zclip = gw.clip.ZClip()  # once, before training\n"
                 f"zclip({names.model}.parameters())  # every step, {names.before_update}")
     else:
-        code = each(names, lambda n: f"gw.clip.attach({n.optimizer}, gw.clip.ZClip())")
+        code = _clip_code(names, "gw.clip.ZClip()", lambda m: "")
     return Candidate("ZClip", {"clip": "zclip"}, code)
+
+
+def _clip_code(names: Names, clipper: str, by_hand: Callable[[str], str]) -> str:
+    """Clipping as the trial clips: attached to each optimizer (inject.py `_attach_clipper`), which
+    clips inside a `step(closure)` the gradients the closure computed and unscales a fused
+    optimizer's under a GradScaler; a call written before `step()` did neither. With no optimizer
+    (the script updates by hand), `by_hand(model)` after the backward."""
+    if names.manual:
+        return f"{by_hand(names.model)}  # {names.before_update}"
+    return each(names, lambda n: f"gw.clip.attach({n.optimizer}, {clipper})  # once, after {n.optimizer} is built: "
+                                 f"clips before every {n.optimizer}.step()")
 
 
 def reinit(names: Names = GENERIC) -> Candidate:
@@ -64,14 +76,22 @@ def reinit(names: Names = GENERIC) -> Candidate:
                      f"gw.init_({names.changed}, example_input=batch)")
 
 
-def adam(names: Names = GENERIC) -> Candidate:
-    scheduled = names.run is None or names.run.scheduled  # unknown: say it
+def adam(names: Names = GENERIC, unscheduled: bool = False) -> Candidate:
+    """Adam at 1e-3 in place of the script's optimizer, under the script's schedule; `unscheduled`:
+    at a constant 1e-3, where the baseline blames the schedule (`lr_ceiling`: it raised the lr until
+    the run blew up). Adam at 1e-3 times a ramp's 100x blows up as SGD did (two lr-ramp scenarios:
+    77 and an exploding gradient where a constant 1e-3 reaches the healthy loss)."""
+    scheduled = not unscheduled and (names.run is None or names.run.scheduled)  # unknown: say it
     code = each(names, lambda n: f"{n.optimizer} = torch.optim.Adam({n.model}.parameters(), lr=1e-3)  # in place of "
                                  f"your {n.optimizer if names.optimizers else 'optimizer'}" + (
                                      f"; a checkpoint holding the old optimizer's state does not load into Adam "
                                      f"(a KeyError in {n.optimizer}.load_state_dict, or Adam at the old one's "
                                      "settings): resume from one saved with Adam"
-                                     if n.optimizer in names.loaded else ""))
+                                     if n.optimizer in names.loaded else "") + (
+                                     ", with no lr scheduler built on it (and no scheduler.step()): your schedule "
+                                     "raised the lr until the run blew up" if unscheduled else ""))
+    if unscheduled:
+        return Candidate("Adam (lr 1e-3, no schedule)", {"optimizer": "Adam", "lr": 1e-3, "unscheduled": True}, code)
     rebuilt = names.schedule_from(1e-3) if scheduled else None
     if rebuilt is not None:  # the script's OneCycleLR/CyclicLR, at the lrs the trial's Adam ran at
         return Candidate("Adam (lr 1e-3)", {"optimizer": "Adam", "lr": 1e-3}, f"{code}\n{rebuilt}  # "
@@ -270,7 +290,7 @@ def from_findings(findings: list[Finding], activations: set[str], *, layer_types
     sequence = bool(layer_types & {"RNN", "GRU", "LSTM", "MultiheadAttention", "TransformerEncoderLayer",
                                    "TransformerDecoderLayer", "Embedding"})
     normalise = norm("layer" if sequence else "batch", names)
-    adams = [adam(names)] if optimizer is not None and optimizer not in ADAPTIVE else []
+    adams = [adam(names, unscheduled=lr_ceiling is not None)] if optimizer is not None and optimizer not in ADAPTIVE else []
     saturating = [SATURATING_MODULES[a] for a in sorted(activations) if a in SATURATING_MODULES]
     present = tuple(sorted(MODULE_NAMES[a] for a in activations if a in MODULE_NAMES))
     out: list[Candidate] = []

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+import warnings
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -230,13 +231,24 @@ class Injector:
         if state is None:
             state = self._optimizers[id(opt)] = {}
             self._give_added(opt)
-            if self.spec.get("clip"):
-                state["clipper"] = self._make_clipper()
             if self.spec.get("optimizer") == "Adam":  # one Adam group per group: each follows its own lr
                 state["adam"] = torch.optim.Adam([{"params": g["params"]} for g in opt.param_groups],
                                                  lr=self.spec.get("lr", 1e-3))
                 state["base_lrs"] = [g.get("max_lr", g.get("initial_lr", g["lr"])) for g in opt.param_groups]
+            if self.spec.get("clip"):
+                self._attach_clipper(state.get("adam", opt))
         return state
+
+    def _attach_clipper(self, opt: torch.optim.Optimizer) -> None:
+        """The remedy's clipper, attached as the printed `gw.clip.attach(optimizer, clipper)` attaches
+        it (to the Adam that takes the step, in an Adam trial): it clips inside a `step(closure)` the
+        gradients the closure computed, not last step's, and unscales a fused optimizer's gradients
+        under a GradScaler first. Called from the global step pre-hook, before the optimizer's own
+        hooks run: its hook runs at this very step. The warnings it gives the user (LBFGS) are for
+        the printed change, not for a trial's log."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self._late.append(clip.attach(opt, self._make_clipper()))
 
     def _give_added(self, opt: torch.optim.Optimizer) -> None:
         """Each parameter the remedy added to this optimizer if it holds the parameters of the layer
@@ -270,12 +282,11 @@ class Injector:
             changed = ((args[0], cleared, *args[2:]), kwargs) if len(args) > 1 else (args, {**kwargs, "closure": cleared})
         else:
             changed = None
-        if "clipper" in state:
-            state["clipper"]([p for g in opt.param_groups for p in g["params"]])
         if "adam" in state:  # Adam takes the step; the script's optimizer runs with lr 0
-            _follow_schedule(state["adam"], opt, state["base_lrs"], self.spec.get("lr", 1e-3))
+            if not self.spec.get("unscheduled"):  # (else Adam keeps its constant lr)
+                _follow_schedule(state["adam"], opt, state["base_lrs"], self.spec.get("lr", 1e-3))
             state["adam"]._gradwatch_inner = True
-            state["adam"].step()
+            changed = self._adam_step(state["adam"], args, kwargs, changed)
         scale = 0.0 if "adam" in state else self.spec.get("lr_scale")
         cap = self.spec.get("lr_cap")
         if scale is not None or cap is not None:
@@ -283,6 +294,19 @@ class Injector:
             for g in opt.param_groups:
                 g["lr"] = g["lr"] * scale if scale is not None else min(g["lr"], cap)
         return changed
+
+    @staticmethod
+    def _adam_step(adam: torch.optim.Optimizer, args: tuple, kwargs: dict, changed: tuple | None) -> tuple | None:
+        """Adam's step, given the script's closure (the zero_grad spec's, if it wrapped it) as the
+        printed Adam's `step(closure)` is: stepped before it, Adam used last step's gradients. The
+        script's optimizer (at lr 0) then gets the loss Adam's call returned, not a second call."""
+        args, kwargs = changed or (args, kwargs)
+        closure = args[1] if len(args) > 1 else kwargs.get("closure")
+        if not callable(closure):
+            adam.step()
+            return changed
+        loss = adam.step(closure)
+        return ((args[0], lambda: loss, *args[2:]), kwargs) if len(args) > 1 else (args, {**kwargs, "closure": lambda: loss})
 
     def _after_step(self, opt, args, kwargs) -> None:
         if getattr(opt, "_gradwatch_inner", False):
