@@ -7,7 +7,7 @@ from rich.console import Console
 from torch import nn
 
 from gradwatch.cli.fix_cmd import print_interrupted
-from gradwatch.fix import BASELINE, FixResult, Trial, expected_cost, fix, screen_in_full, screen_steps
+from gradwatch.fix import BASELINE, FixResult, Trial, expected_cost, fix, full_length, screen_in_full, screen_steps
 from gradwatch.fix.candidates import clip_norm, lr_scale
 from gradwatch.fix.trial import run_trial_in_process
 from gradwatch.store import read_run
@@ -80,3 +80,15 @@ def test_an_interrupted_fix_lists_a_final_screened_in_full_once():
     text = console.export_text()
     assert text.count(f"{lead.candidate.name} (") == 1 and text.count(f"{other.candidate.name} (") == 1
     assert result.cost_steps == 120  # the baseline and the two screening trials, each run once
+
+
+def test_a_baseline_that_raised_on_its_fault_does_not_set_the_full_length():
+    """A script that raises on its NaN loss at step 23 of a 40-step budget: a remedy keeping the loss
+    finite runs to 40, so screening 4 remedies in full costs 72 steps more, not at most one trial."""
+    raised = Trial(BASELINE, None, 1, 1.0, steps=23)
+    ended = Trial(BASELINE, None, 0, 1.0, steps=23)  # the script's own end: trials stop there too
+    assert full_length(raised, 40) == 40 and full_length(ended, 40) == 23
+    assert not screen_in_full(22, full_length(raised, 40), 4) and screen_in_full(22, full_length(ended, 40), 4)
+    slow = Trial(BASELINE, None, 1, seconds=2300.0, steps=23)
+    assert "screen for 22 steps each, then up to 2 full trials of 40" in expected_cost(
+        slow, [lr_scale(0.1), clip_norm(1.0)], 22, 2, full_length(slow, 40))

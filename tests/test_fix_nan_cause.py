@@ -113,3 +113,13 @@ def test_in_a_notebook_the_locating_run_is_gw_fix_not_the_kernels_launcher():
     run.meta["command"] = ["train.py", "--lr", "0.1"]
     _, remedies = advice.non_finite(advice.Context(run), (), _evidence("measured small"))
     assert "`gradwatch fix -- python train.py --lr 0.1` runs the script again" in remedies[0].action
+
+
+def test_weights_non_finite_before_any_update_are_not_located():
+    """No operation of the script's steps made them (the initialisation, a loaded checkpoint): a
+    locating run would look for one that is not there."""
+    evidence = {**_evidence("step 0"), "nonfinite_weights_at_start": ["0"]}
+    f = Finding("non_finite", "error", 0, ("0",), "m", evidence)
+    baseline = Trial(BASELINE, None, 0, math.inf, steps=60, findings=[f])
+    assert advice.nan_cause(evidence) == "weights" and nan_to_locate(baseline) is None
+    assert nan_note(FixResult(baseline, [], budget_steps=60)) is None

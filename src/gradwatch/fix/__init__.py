@@ -245,7 +245,8 @@ def nan_to_locate(baseline: Trial) -> Finding | None:
     "data" or "unknown"): the locating run names the operation that made it. With too few steps
     before it to measure the growth, the cause may still be the learning rate, but the run to find
     out is cheap: the NaN is early."""
-    return next((f for f in baseline.findings if f.kind == "non_finite" and nan_cause(f.evidence) != "growth"), None)
+    return next((f for f in baseline.findings
+                 if f.kind == "non_finite" and nan_cause(f.evidence) in ("data", "unknown")), None)
 
 
 def screen_steps(budget_steps: int, onset: int = 0) -> int:
@@ -278,13 +279,22 @@ def screen_in_full(short: int, full: int, n: int) -> bool:
 SAY_COST_AFTER = 120.0
 
 
-def expected_cost(baseline: Trial, queue: list[Candidate], screen: int, finals: int) -> str | None:
+def full_length(baseline: Trial, budget_steps: int) -> int:
+    """The steps a full trial runs: the budget, or fewer where the baseline script ended on its own
+    before it. A baseline that failed (a script that raises on its NaN loss) says nothing of the
+    script's length: a remedy that keeps the loss finite runs on to the budget."""
+    return budget_steps if baseline.cut or baseline.failed else min(budget_steps, baseline.steps)
+
+
+def expected_cost(baseline: Trial, queue: list[Candidate], screen: int, finals: int,
+                  full: int | None = None) -> str | None:
     """What the trials to come will cost at the baseline's pace, when that is more than
-    SAY_COST_AFTER seconds: a script at 20 s a step runs for an hour, and says so at the start."""
+    SAY_COST_AFTER seconds: a script at 20 s a step runs for an hour, and says so at the start.
+    `full`: a full trial's steps (`full_length`; the baseline's by default)."""
     if not queue or baseline.steps == 0:
         return None
     pace = baseline.seconds / baseline.steps  # start-up included: an upper bound
-    budget = baseline.steps
+    budget = baseline.steps if full is None else full
     screen = min(screen, budget)  # screened in full: no further than the script's own length
     plan = ([(len(queue), screen), (min(finals, len(queue)), budget)] if screen else
             [(len(queue), budget)])
@@ -421,9 +431,10 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], command: list[str] | Cal
     screening = strategy == "screen" and len(queue) > 1
     if screening:
         short = screen_steps(budget_steps, onset(baseline, run.steps))
-        full = budget_steps if baseline.cut else min(budget_steps, baseline.steps)  # the script may end first
-        result.screen_steps = budget_steps if screen_in_full(short, full, len(queue)) else short
-    if (cost := expected_cost(baseline, queue, result.screen_steps, finals)) is not None:
+        result.screen_steps = budget_steps if screen_in_full(short, full_length(baseline, budget_steps), len(queue)) \
+            else short
+    if (cost := expected_cost(baseline, queue, result.screen_steps, finals,
+                              full_length(baseline, budget_steps))) is not None:
         say(cost)
     if screening:
         short = result.screen_steps
