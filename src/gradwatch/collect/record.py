@@ -166,16 +166,19 @@ def to_batch(records: list[StepRecord], layers: list[Layer], meta: dict | None =
         else:
             cols["grad_out_rms"][rows, positions] = measured(means[:, 0])
 
-    # a row for each step and layer with a value, as Python floats and None, built column-wise
+    # a row for each step and layer with a value, built column-wise, in blocks of rows that
+    # recorded the same columns (`FlushBatch.layer_blocks`)
     table = np.stack([cols[c] for c in LAYER_COLUMNS], axis=-1)  # (step, layer, column)
     rows, positions = np.nonzero(~np.isnan(table).all(axis=2))
     kept = table[rows, positions]
-    present = ~np.isnan(kept)  # most cells are not recorded (NULL): Python floats for the others only
-    values = np.full(kept.shape, None, dtype=object)
-    values[present] = kept[present]
-    steps = np.array([r.step for r in records])[rows].tolist()
-    names = np.array([layer.name for layer in layers], dtype=object)[positions].tolist()
-    batch.layer_rows.extend(zip(steps, names, *values.T.tolist()))
+    codes = ~np.isnan(kept) @ (1 << np.arange(len(LAYER_COLUMNS)))  # which columns each row recorded
+    steps = np.array([r.step for r in records])[rows]
+    names = np.array([layer.name for layer in layers], dtype=object)[positions]
+    for code in np.unique(codes):
+        these = codes == code
+        columns = [k for k in range(len(LAYER_COLUMNS)) if code >> k & 1]
+        batch.layer_blocks.append((tuple(LAYER_COLUMNS[k] for k in columns), steps[these].tolist(),
+                                   names[these].tolist(), kept[these][:, columns].T.tolist()))
     for row, rec in enumerate(records):
         lr = rec.lrs[0] if rec.lrs else None
         loss = None if losses[row] is None else float(loss_host[row])

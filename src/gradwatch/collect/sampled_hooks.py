@@ -17,7 +17,12 @@ from torch.overrides import TorchFunctionMode
 from gradwatch.collect import patches
 from gradwatch.collect.layers import RECURRENT, Layer, compiled_inner
 from gradwatch.collect.record import StepRecord
-from gradwatch.collect.stats import activation_stats, rms, time_profile
+from gradwatch.collect.stats import activation_stats, activation_stats_stacked, rms, time_profile
+
+# An activation output of at most this many entries costs more in kernel launches (~10 per output,
+# ~90 µs together on the CPU) than in reading it again: it is copied at its forward and its
+# statistics are taken with those of every output of its shape, when a backward first needs one
+SMALL_OUTPUT = 4096
 
 
 def _eager(hook: Callable) -> Callable:
@@ -42,6 +47,42 @@ def quiet_global_hook_warning() -> None:
     gradwatch's own (zero-code discovery, the wrapper finder), which take the wrapper for what it
     is. Set once: each call would reset the warnings cache."""
     warnings.filterwarnings("ignore", message=r"Using `torch.compile\(module\)` when there are global hooks")
+
+
+class _Stats:
+    """An output's activation statistics: a large one's taken at its forward; a small one's copied
+    then (a later in-place op must not change them) and taken when first asked, together with every
+    output copied since (`todo`, shared)."""
+
+    def __init__(self, y: torch.Tensor, activation: str, todo: list) -> None:
+        self.stats: torch.Tensor | None = None
+        self._todo = todo
+        if _small(y):
+            todo.append((y.detach().to(torch.float32, copy=True), activation, self))
+        else:
+            self.stats = activation_stats(y, activation)
+
+    def value(self) -> torch.Tensor:
+        if self.stats is None:
+            _take_together(self._todo)
+        return self.stats
+
+
+def _small(y: torch.Tensor) -> bool:
+    """On the CPU only, where each row of the stacked pass is tested bitwise the output's alone."""
+    return y.numel() <= SMALL_OUTPUT and y.device.type == "cpu" and y.is_contiguous()
+
+
+def _take_together(todo: list) -> None:
+    """Each pending output's statistics, in one stacked pass per (shape, activation)."""
+    groups: dict[tuple, list] = {}
+    for y, activation, pending in todo:
+        groups.setdefault((y.shape, activation), []).append((y, pending))
+    todo.clear()
+    for (_, activation), items in groups.items():
+        rows = activation_stats_stacked(torch.stack([y for y, _ in items]), activation).unbind(0)
+        for (_, pending), row in zip(items, rows):
+            pending.stats = row
 
 
 class _SampledStep(TorchFunctionMode):
@@ -73,6 +114,7 @@ class SampledHooks:
         # the hooks made for earlier samples, reused: making one for torch.compile (`_eager`) left
         # cyclic garbage, and 2000 layers' cost 20-180 ms a sample (the collector's full passes)
         self._made: dict[tuple, Callable] = {}
+        self._todo: list = []  # small outputs whose statistics are still to take (`_Stats`)
 
     def add_compiled(self, wrapper: nn.Module) -> None:
         if any(w is wrapper for w in self._compiled):
@@ -160,9 +202,10 @@ class SampledHooks:
             handle.remove()
         self._handles = []
         self._pre_hooks = {}
+        self._todo = []  # (an output a late backward still reaches keeps the list it is in)
 
     def _hook_output_grad(self, rec: StepRecord, pos: int, y: torch.Tensor | None,
-                          act: torch.Tensor | None = None) -> None:
+                          act: _Stats | None = None) -> None:
         """`act`: the output's activation statistics, counted when a backward reaches it."""
         if y is None or not y.requires_grad or y.numel() == 0:
             return
@@ -174,7 +217,7 @@ class SampledHooks:
             # (kept 0-d, as rms gives it: the flush stacks them; a scale with a dim would give it one)
             rec.accumulate(rec.out_rms, pos, value.reshape(()) if value.dim() else value)
             if act is not None:
-                rec.accumulate(rec.act, pos, act)
+                rec.accumulate(rec.act, pos, act.value())
 
         y.register_hook(on_grad)
 
@@ -186,13 +229,12 @@ class SampledHooks:
             # its mean would be NaN, stored as measured non-finite
             if rec is None or y is None or not y.is_floating_point() or y.numel() == 0:
                 return
-            stats = activation_stats(y, activation)
             if y.requires_grad:
                 # counted when a backward reaches the output: a forward no backward uses (a
                 # validation pass left with gradients on, between steps) is not the training's
-                self._hook_output_grad(rec, pos, y, stats)
+                self._hook_output_grad(rec, pos, y, _Stats(y, activation, self._todo))
             else:  # (no backward can reach it: a frozen backbone's, a model fed inputs without a graph)
-                rec.accumulate(rec.act, pos, stats)
+                rec.accumulate(rec.act, pos, activation_stats(y, activation))
         return _eager(hook)
 
     def _output_grad_hook(self, pos: int):

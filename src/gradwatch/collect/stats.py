@@ -59,35 +59,47 @@ def shape_groups(keys: list) -> list[list[int]]:
     return list(groups.values())
 
 
-def unit_dim(y: torch.Tensor) -> int:
-    return 1 if y.dim() in (4, 5) else y.dim() - 1
+def unit_dim(ndim: int) -> int:
+    """The unit axis of an output with `ndim` dims: channels of a 4-D/5-D one, else features."""
+    return 1 if ndim in (4, 5) else ndim - 1
 
 
 def activation_stats(y: torch.Tensor, activation: str) -> torch.Tensor:
     """[mean, std, saturated fraction (NaN if not saturating), dead-unit fraction]."""
-    y = y.detach().float()
-    mean = y.mean()
-    if y.numel() > 1:  # two passes, mean then the norm of the deviations: ~20x faster than
+    return activation_stats_stacked(y.detach().float().unsqueeze(0), activation)[0]
+
+
+def activation_stats_stacked(ys: torch.Tensor, activation: str) -> torch.Tensor:
+    """`activation_stats` of each of `ys` (float32 outputs of one shape, stacked along dim 0), as
+    rows. Each row is bitwise the one of its output alone (on the CPU, tested): one set of ~10
+    kernels for all (~90 µs per output alone, ~1000 outputs in a sampled step of a 2000-tensor MLP)."""
+    if ys.dim() == 1:  # 0-dim outputs, as outputs of shape (1,): `dim=()` would reduce every row together
+        ys = ys.unsqueeze(1)
+    n, shape = ys.shape[0], ys.shape[1:]
+    dims = tuple(range(1, ys.dim()))
+    mean = ys.mean(dim=dims)
+    numel = shape.numel()
+    if numel > 1:  # two passes, mean then the norm of the deviations: ~20x faster than
         # torch.std_mean on the CPU and as exact (no cancellation as in E[y²] - E[y]²)
-        std = torch.linalg.vector_norm(y - mean) / math.sqrt(y.numel() - 1)
+        std = torch.linalg.vector_norm(ys - mean.reshape(n, *[1] * len(shape)), dim=dims) / math.sqrt(numel - 1)
     else:
-        std = torch.zeros((), device=y.device)
+        std = torch.zeros(n, device=ys.device)
     bounds = SATURATING.get(activation)
     if bounds is None:
-        saturated = _nan(y.device)
+        saturated = _nan(ys.device).expand(n)
     else:
         low, high = bounds
         band = ASYMPTOTE_BAND * max(abs(low), abs(high))
-        saturated = ((y <= low + band) | (y >= high - band)).float().mean()
-    if y.dim() >= 2 and y.numel() // y.shape[unit_dim(y)] >= MIN_DEAD_SAMPLES:
-        d = unit_dim(y)
+        saturated = ((ys <= low + band) | (ys >= high - band)).float().mean(dim=dims)
+    if len(shape) >= 2 and numel // shape[unit_dim(len(shape))] >= MIN_DEAD_SAMPLES:
+        d = 1 + unit_dim(len(shape))
         # 7x faster than (y != 0).any; `!= 0`, not `> 0`: a NaN unit is not zero, so not dead (the
         # non-finite values are a finding of their own)
-        alive = y.abs().amax(dim=tuple(i for i in range(y.dim()) if i != d)) != 0
-        dead = 1.0 - alive.float().mean()
+        alive = ys.abs().amax(dim=tuple(i for i in dims if i != d)) != 0
+        dead = 1.0 - alive.float().mean(dim=1)
     else:
-        dead = torch.full((), math.nan, device=y.device)
-    return torch.stack([mean, std, saturated, dead])
+        dead = _nan(ys.device).expand(n)
+    return torch.stack([mean, std, saturated, dead], dim=1)
 
 
 @functools.cache

@@ -361,6 +361,8 @@ class Watch:
             touched[i] = True
             if self._attached and self._cur_sampled is not None:
                 grad = p.grad  # (read once: 2000 hooks a step)
+                if grad is None:  # an earlier hook stepped and cleared it (an optimizer fused into backward)
+                    return
                 if small and not grad.is_sparse:
                     indices.append(i)
                     grads.append(grad)  # (kept: a later hook may set p.grad to None)
