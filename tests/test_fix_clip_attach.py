@@ -137,3 +137,44 @@ def test_an_adam_trial_steps_on_the_closures_gradients():
             gw.clip.attach(opt, gw.clip.ClipNorm(0.01))
         _closure_loop(model, lambda o: None, lambda params, **kw: opt)
         assert torch.equal(trial, torch.cat([p.detach().flatten() for p in model.parameters()]))
+
+
+def test_an_adam_trial_of_a_closure_script_under_the_watch_trains_as_the_printed_adam(tmp_path):
+    """Inside the script optimizer's step, Adam's step(closure) ran the watch's step pre-hook before
+    the closure had made any gradient: every Adam trial of a closure script failed at step 0."""
+    from gradwatch.fix.candidates import adam
+    from gradwatch.fix.trial import run_trial_in_process
+    from gradwatch.store import read_run
+
+    def train(make=lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), out=None):
+        model = _model()
+        optimizer = make(model)
+        for i in range(6):
+            x, y = _batch(i)
+
+            def closure():
+                optimizer.zero_grad()
+                loss = nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                return loss
+
+            loss = optimizer.step(closure)
+            if out is not None:
+                out.append(float(loss))
+
+    for cand in (adam(), adam(unscheduled=True)):
+        trial = run_trial_in_process(train, tmp_path / cand.name.replace(" ", "_"), cand, budget_steps=100)
+        assert not trial.failed and trial.steps == 6, trial.output_tail(3)
+        printed = []
+        train(lambda m: torch.optim.Adam(m.parameters(), lr=1e-3), printed)
+        assert read_run(trial.run_dir).loss.tolist() == printed
+
+
+def test_clip_combined_with_adam_prints_the_adam_line_first():
+    """Pasted in the printed order, a clipper attached on a line above `optimizer = Adam(...)` stays
+    on the discarded optimizer: Adam ran unclipped where the trial clipped it."""
+    from gradwatch.fix.candidates import adam, combine
+
+    for a, b in ((clip_norm(0.05), adam()), (adam(), clip_norm(0.05)), (clip_value(1.0), adam(unscheduled=True))):
+        code = combine(a, b).code
+        assert code.index("torch.optim.Adam(") < code.index("gw.clip.attach("), code

@@ -127,6 +127,18 @@ def test_a_zero_head_does_not_make_a_vanishing_stack_healthy(conv):
     assert [f.kind for f in zero.findings if f.kind == "vanishing_gradient"]
 
 
+def test_a_zero_weight_norm_head_is_rejudged_through_its_originals():
+    """weight_norm's weight is computed (g·v/‖v‖): with g = 0 the copy's zero weight is its original g,
+    not the computed tensor (a KeyError, said as a model that could not be copied)."""
+    model = sigmoid_stack(False, zero_head=False)
+    head = torch.nn.utils.parametrizations.weight_norm(model[-1])
+    with torch.no_grad():
+        head.parametrizations.weight.original0.zero_()
+    result = gw.probe(model, torch.randn(4, 8), iters=0)
+    assert not any("could not be judged" in n for n in result.notes), result.notes
+    assert [l.verdict for l in result.layers[:4]] == ["vanishing"] * 4
+
+
 class DeadAndZeroSide(nn.Module):
     """A dead ReLU layer (no gradient, ever) and, later in the forward but not after it, a zero layer."""
 

@@ -88,8 +88,9 @@ def adam(names: Names = GENERIC, unscheduled: bool = False) -> Candidate:
                                      f"(a KeyError in {n.optimizer}.load_state_dict, or Adam at the old one's "
                                      "settings): resume from one saved with Adam"
                                      if n.optimizer in names.loaded else "") + (
-                                     ", with no lr scheduler built on it (and no scheduler.step()): your schedule "
-                                     "raised the lr until the run blew up" if unscheduled else ""))
+                                     ", with no lr scheduler built on it (no scheduler.step()) and no line setting its "
+                                     "param_groups' 'lr': your schedule raised the lr until the run blew up"
+                                     if unscheduled else ""))
     if unscheduled:
         return Candidate("Adam (lr 1e-3, no schedule)", {"optimizer": "Adam", "lr": 1e-3, "unscheduled": True}, code)
     rebuilt = names.schedule_from(1e-3) if scheduled else None
@@ -341,10 +342,13 @@ def from_findings(findings: list[Finding], activations: set[str], *, layer_types
 
 def combine(a: Candidate, b: Candidate) -> Candidate | None:
     """Both remedies at once, when they touch different things (a healthy setup usually changes
-    activation, initialisation and optimizer together); None when they would overrule each other."""
+    activation, initialisation and optimizer together); None when they would overrule each other.
+    The code of an optimizer swap comes first: a clipper attached to `optimizer` on a line above
+    the one that rebinds it to Adam stayed on the discarded optimizer, and Adam ran unclipped."""
     if set(a.spec) & set(b.spec) - {"target"} or len({"optimizer", "lr_scale", "lr_cap"} & (set(a.spec) | set(b.spec))) > 1:
         return None
-    return Candidate(f"{a.name} + {b.name}", {**a.spec, **b.spec}, f"{a.code}\n{b.code}")
+    first, second = (b, a) if "optimizer" in b.spec else (a, b)
+    return Candidate(f"{a.name} + {b.name}", {**a.spec, **b.spec}, f"{first.code}\n{second.code}")
 
 
 MODEL_KEYS = ("swap", "norm", "init", "recurrent")  # the spec keys of a change to the model

@@ -305,7 +305,9 @@ class Injector:
         if not callable(closure):
             adam.step()
             return changed
-        loss = adam.step(closure)
+        with torch.enable_grad():  # Adam's step(closure), the closure run first: inside the step the
+            loss = closure()  # watch's step pre-hook read the gradients the closure had not made yet
+        adam.step()
         return ((args[0], lambda: loss, *args[2:]), kwargs) if len(args) > 1 else (args, {**kwargs, "closure": lambda: loss})
 
     def _after_step(self, opt, args, kwargs) -> None:

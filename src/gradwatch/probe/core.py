@@ -257,8 +257,7 @@ def _waiting_on_zero_init(model: nn.Module, batch: Any, loss_fn: Callable[[Any],
         moved = {x.name: x for x in rerun.layers}
     except Exception as exc:  # noqa: BLE001  a model deepcopy cannot copy: the measured verdicts stand
         return [f"zero-initialised: {names} (all-zero weight) pass no gradient at step 0; the layers waiting "
-                f"on them could not be judged as they will be after the first update ({type(exc).__name__}: "
-                f"{first_line(exc)})"]
+                f"on them could not be judged as they will be after the first update ({first_line(exc)})"]
     waiting = [x for x in candidates if x.name in moved and moved[x.name].grad_out_norm > 0]
     for x in waiting:
         x.verdict = moved[x.name].verdict
@@ -284,8 +283,13 @@ def _moves_from_zero(c: Call, x: LayerProbe) -> bool:
 
 
 def _zero_params(c: Call) -> list[torch.Tensor]:
+    """The parameters that make the layer's weight zero: the weight itself, or, where the weight is
+    computed (torch.nn.utils.parametrize: weight_norm's g·v/‖v‖ with g = 0), its all-zero originals."""
     w = getattr(c.module, "weight", None)
-    return [w] if c.role != "weights" and isinstance(w, torch.Tensor) else list(c.params)
+    if c.role != "weights" and isinstance(w, nn.Parameter):
+        return [w]
+    zero = [p for p in c.params if not bool(p.detach().ne(0).any())]
+    return zero or list(c.params)
 
 
 def _unzeroed(model: nn.Module, batch: Any, loss_fn: Callable[[Any], torch.Tensor] | None,
