@@ -57,3 +57,12 @@ def test_a_watch_before_the_fused_optimizer_reads_each_gradient():
         for name, pair in by_layer.items():
             want = (pair[0] ** 2 + pair[1] ** 2) ** 0.5
             assert abs(run.metrics["grad_norm"][step, run.column(name)] - want) <= 1e-6 * want
+
+
+def test_a_watch_after_the_fused_optimizer_says_once_that_it_records_no_gradient(capsys):
+    """Recording nothing for those gradients, silently, read as a healthy run with no gradients."""
+    _train("after")
+    said = [line for line in capsys.readouterr().err.splitlines() if "cleared p.grad" in line]
+    assert len(said) == 1 and "call gw.watch(...) before" in said[0]
+    _train("before")
+    assert "cleared p.grad" not in capsys.readouterr().err

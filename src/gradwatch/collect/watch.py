@@ -163,6 +163,7 @@ class Watch:
         self._reached = False  # a backward since the step reached the watched weights
         self._rival = None  # ... and another optimizer stepped after it: see _rival_objective
         self._rival_said = False
+        self._cleared_said = False
         self._in_step = False  # between the optimizer's step pre- and post-hook (closures)
         self._closure_loss = False  # a closure's loss was added in this step
         self._closure_grads = False  # a closure's gradients were recorded in this step
@@ -362,6 +363,7 @@ class Watch:
             if self._attached and self._cur_sampled is not None:
                 grad = p.grad  # (read once: 2000 hooks a step)
                 if grad is None:  # an earlier hook stepped and cleared it (an optimizer fused into backward)
+                    self._say_cleared(p)
                     return
                 if small and not grad.is_sparse:
                     indices.append(i)
@@ -377,6 +379,14 @@ class Watch:
                         max_out.zero_()
                     norm32(p.detach(), out=weight_out)
         return hook
+
+    def _say_cleared(self, p: torch.Tensor) -> None:
+        """Once: recording nothing for these gradients, silently, read as a run with no gradients."""
+        if not self._cleared_said:
+            self._cleared_said = True
+            say(f"gradwatch: a gradient hook registered before the watch cleared p.grad during backward ({tuple(p.shape)}: "
+                "an optimizer fused into backward?): those gradients are not recorded; call gw.watch(...) before "
+                "registering that hook to record them")
 
     def record_loss(self, loss: torch.Tensor | float) -> None:
         """Record this step's loss explicitly (instead of the tensor `.backward()` was called on)."""
