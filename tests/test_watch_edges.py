@@ -476,7 +476,8 @@ def test_zero_code_two_optimizers_stepped_after_one_backward(tmp_path):
 def test_a_backbone_unfrozen_mid_run_is_watched_from_when_the_optimizer_gets_it(given):
     """Fine-tuning: the head trains first, then the backbone is unfrozen. Given to the optimizer
     then (add_param_group), its layers are recorded from that step on; unfrozen in an optimizer that
-    held it all along (nothing tells), from the first flush after."""
+    held it all along (nothing tells but requires_grad), from the step after (it was from the next
+    flush: up to 50 steps unrecorded)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16)), nn.ReLU(), nn.Linear(16, 1))
     model[0].requires_grad_(False)
@@ -497,7 +498,7 @@ def test_a_backbone_unfrozen_mid_run_is_watched_from_when_the_optimizer_gets_it(
         run = watch.series()
     assert {"0.0", "0.2"} <= set(run.layer_names("param"))
     grad = run.metrics["grad_norm"][:, run.column("0.0")]
-    first = 15 if given == "add_param_group" else 20  # (the flush at step 20)
+    first = 15 if given == "add_param_group" else 16  # (seen unfrozen at the end of step 15)
     assert np.isnan(grad[:first]).all() and (grad[first:] > 0).all()
     np.testing.assert_allclose(grad[first:], torchs[first:], rtol=1e-5)
     assert (run.metrics["grad_norm"][:, run.column("2")] > 0).all()

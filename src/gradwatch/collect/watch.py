@@ -168,6 +168,7 @@ class Watch:
         self._closure_loss = False  # a closure's loss was added in this step
         self._closure_grads = False  # a closure's gradients were recorded in this step
         self._new_params_due = False  # an optimizer was given weights no layer holds: see params_added
+        self._frozen: list[torch.Tensor] = []  # parameters not hooked: requires_grad False (`_unfrozen`)
         self._reevaluating = False  # the closure is being called again in this step (LBFGS): see before_backward
         self._grads_seen = 0  # gradients accumulated into watched parameters, ever
         self._grads_before = 0  # ... when the current backward began
@@ -343,13 +344,19 @@ class Watch:
     def _hook_grads(self) -> None:
         """Hook each trainable parameter not hooked yet. torch refuses a hook on a frozen one (a
         backbone frozen after pretraining, shared by the next model), which gets no gradient
-        anyway: it is hooked at the first flush after it is unfrozen."""
+        anyway: it is hooked at the end of the first step after it is unfrozen (`_unfrozen`)."""
         if self._dist is not None:  # local gradients: the synchronised ones are read after backward
             return
         for i, p in enumerate(self._params):
             if p.requires_grad and i not in self._grad_handles:
                 small = 0 < p.numel() <= SMALL_GRAD and p.device == self._norm_buf.device
                 self._grad_handles[i] = p.register_post_accumulate_grad_hook(self._grad_hook(i, small))
+        self._frozen = [p for model, _ in self._models for p in model.parameters() if not p.requires_grad]
+
+    def _unfrozen(self) -> bool:
+        """A frozen parameter made trainable since: a backbone unfrozen for fine-tuning went
+        unrecorded until the next flush, up to 50 steps (one attribute read per frozen tensor a step)."""
+        return any(p.requires_grad for p in self._frozen)
 
     def _grad_hook(self, i: int, small: bool):
         """`small`: a gradient too small to gain from being read in cache is only kept, for
@@ -947,7 +954,7 @@ class Watch:
         self._sampled_hooks.disarm()
         if count and self._cur_sampled and self._attached:
             self._sampled_hooks.arm(self._layers)
-        if self._new_params_due or len(self._pending) >= self.flush_every:
+        if self._new_params_due or len(self._pending) >= self.flush_every or (count and self._unfrozen()):
             self._new_params_due = False
             self._watch_new_params()
             self.flush()
