@@ -135,7 +135,8 @@ def test_a_script_hung_up_stores_its_last_steps(tmp_path):
 def test_a_script_that_re_executes_itself_keeps_the_steps_before_the_exec(tmp_path):
     """`os.execv` (a script restarting itself, as `os.execl` and `os.execvp` do through it) runs no
     atexit: the 7 steps before it, never flushed (every 50), were lost, and only the restarted
-    stage's were stored. Each stage's steps are now stored, the first one's in the main store."""
+    stage's were stored. Each stage's steps are now stored, the first one's in the main store; the
+    second stage, the same pid, was summarised as "another process"."""
     code = ("import sys\n" + TRAIN
             + "if 'again' not in sys.argv:\n"
             + "    os.execv(sys.executable, [sys.executable, *sys.argv, 'again'])\n")
@@ -145,3 +146,34 @@ def test_a_script_that_re_executes_itself_keeps_the_steps_before_the_exec(tmp_pa
     stores = sorted((tmp_path / "r").glob("gradwatch*.sqlite"), key=lambda p: p.name != "gradwatch.sqlite")
     assert len(losses) == 14 and len(stores) == 2
     assert list(read_run(stores[0]).loss) == losses[:7] and list(read_run(stores[1]).loss) == losses[7:]
+    assert "gradwatch: the same process after os.execv (" in result.stderr and "another process" not in result.stderr
+
+
+def test_a_failed_exec_that_the_script_catches_leaves_the_watch_on(monkeypatch, tmp_path):
+    """An os.execv that fails (OSError, caught by the script, which trains on; os.execvp meets one
+    per PATH entry it tries) detached the watch first: every later step was lost, unsaid (20 of 50
+    stored). The steps before it are stored, and the watch goes on."""
+    import torch
+
+    from gradwatch.collect import auto
+
+    for name in ("_exit", "execv", "execve"):  # (the wrappers below go at the test's end)
+        monkeypatch.setattr(os, name, getattr(os, name))
+    watch = auto.AutoWatch(str(tmp_path))
+    monkeypatch.setattr(auto.start_from_env, "watch", watch, raising=False)
+    auto._flush_on_os_exit()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    for step in range(10):
+        if step == 4:
+            try:
+                os.execv(str(tmp_path / "missing"), ["missing"])
+            except OSError:
+                assert len(read_run(tmp_path).steps) == 4  # (stored before the exec)
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        opt.zero_grad(), loss.backward(), opt.step()
+        losses.append(loss.item())
+    watch.detach()
+    assert list(read_run(tmp_path).loss) == losses

@@ -53,7 +53,7 @@ def print_run_summary(run_dir: Path, out: TextIO, exit_code: int = 0) -> None:
     for line in not_kept([tuple(x) for x in series.meta.get("live_findings") or []], findings):
         print(line, file=out)
     print(f"gradwatch: details: gradwatch diagnose {run_dir}", file=out)
-    _print_other_stores(others, out)
+    _print_other_stores(others, out, series.meta.get("pid"))
     _say_forked_training(run_dir, out)
 
 
@@ -109,10 +109,11 @@ def _command(series: RunSeries) -> str:
     return textwrap.shorten(" ".join(map(str, argv)), 60, placeholder=" ...") or "?"
 
 
-def _print_other_stores(paths: list[Path], out: TextIO) -> None:
+def _print_other_stores(paths: list[Path], out: TextIO, main_pid: int | None = None) -> None:
     """Further processes that trained (a shell script's second python, a spawn Pool's workers,
     torchrun's other ranks with all_ranks) each wrote a store of their own: `gradwatch diagnose RUN`
-    reads only the first, so each other one is named here with what it holds."""
+    reads only the first, so each other one is named here with what it holds. One of the main
+    store's pid is the same process after an os.execv (a script restarting itself), not another."""
     from gradwatch.diagnose import diagnose
 
     for path in paths[:OTHERS_SHOWN]:
@@ -124,7 +125,9 @@ def _print_other_stores(paths: list[Path], out: TextIO) -> None:
         series.meta["live"] = False
         kinds = sorted({f.kind for f in diagnose(series)})
         found = f"findings: {', '.join(kinds)}" if kinds else "no findings"
-        print(f"gradwatch: another process ({_command(series)}): {_headline(series)}, {found}; "
+        who = "the same process after os.execv" if main_pid is not None and series.meta.get("pid") == main_pid \
+            else "another process"
+        print(f"gradwatch: {who} ({_command(series)}): {_headline(series)}, {found}; "
               f"gradwatch diagnose {path}", file=out)
     if len(paths) > OTHERS_SHOWN:
         print(f"gradwatch: and {len(paths) - OTHERS_SHOWN} more stores of other processes in {paths[0].parent}",

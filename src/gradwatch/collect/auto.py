@@ -177,8 +177,8 @@ class AutoWatch(Watch):
              "another, or in processes of their own")
 
     def before_backward(self, root: object) -> None:
+        self._backward_seen = True  # (in any thread: no training by torch.func, see _say_forwards_only)
         if self._thread.mine():  # (another thread's training: see one_thread)
-            self._backward_seen = True
             super().before_backward(root)
 
     def after_backward(self, root: object) -> None:
@@ -200,8 +200,8 @@ class AutoWatch(Watch):
         return torch.compiler.is_compiling() or self._thread.mine(claim, proves=False)
 
     def _enter_module(self, module: nn.Module, args) -> tuple | None:
-        if not self._one_thread(claim=torch.is_grad_enabled()):  # (without gradients: claims nothing)
-            return None
+        if self._trains_nothing_here(module) or not self._one_thread(claim=torch.is_grad_enabled()):
+            return None  # (without gradients: claims nothing)
         # a model run with gradients off trains nothing (a mean teacher's or EMA copy's forward, a
         # frozen feature extractor's, an evaluation before training): found first, it took the
         # plain names and the model that trains was prefixed; it is found if it runs with them on
@@ -211,6 +211,15 @@ class AutoWatch(Watch):
             replaced = self._sampled_hooks.run_pre_hook(module, args)
         self._depth += 1
         return replaced
+
+    def _trains_nothing_here(self, module: nn.Module) -> bool:
+        """A call from outside any module, in a thread not followed yet, of a module with no trainable
+        parameter or without gradients: it neither claims the watch nor is found as a model. A
+        prefetching thread's transforms (nn.Modules: torchvision's v2), run before the script's first
+        forward, took the watch, and their thread's count of nested calls hid the model's forward."""
+        if self._depth or torch.compiler.is_compiling() or self._thread.followed():
+            return False
+        return not (torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()))
 
     def _discover(self, module: nn.Module) -> None:
         """A module run outside any watched one: a model to watch, unless it is torch's internals
@@ -542,19 +551,28 @@ def _flush_on_os_exit() -> None:
     execvp and the rest call these) run no atexit: the steps since the last flush were lost, all of
     them in a run shorter than one flush (a 20-step stage before an execv: none stored). Stored
     first, by a process with a watch of its own only (a forked worker has none, and must not write)."""
-    for name in ("_exit", "execv", "execve"):
+    if hasattr(os, "_exit"):
+        os._exit = _storing_first(os._exit, store_last_steps)
+    for name in ("execv", "execve"):
         if hasattr(os, name):
-            setattr(os, name, _storing_first(getattr(os, name)))
+            setattr(os, name, _storing_first(getattr(os, name), _flush))
 
 
-def _storing_first(leave: Callable) -> Callable:
-    """`leave` (a call that ends this process's Python), storing the watch's last steps first."""
+def _flush(watch: AutoWatch) -> None:
+    """Before an exec: the steps so far stored, the watch left attached. An exec can fail (OSError,
+    which a script may catch and train on), and os.execvp tries each PATH entry in turn: detached
+    there, every later step was lost unsaid (20 of 50 stored)."""
+    watch.flush()
+
+
+def _storing_first(leave: Callable, store: Callable[[AutoWatch], None]) -> Callable:
+    """`leave` (a call that ends this process's Python, or replaces it), `store` run on the watch first."""
     @functools.wraps(leave)
     def storing_first(*args, **kwargs):
         watch = _own_watch()
         if watch is not None:
             with contextlib.suppress(Exception):  # leaving anyway: what was flushed before stays
-                store_last_steps(watch)
+                store(watch)
         return leave(*args, **kwargs)
     return storing_first
 
