@@ -77,3 +77,18 @@ def test_bursts_at_warm_restarts_of_the_lr_are_the_lrs_doing():
     since = np.arange(1000) - np.maximum.accumulate(np.where(np.isin(np.arange(1000), PERIODIC), np.arange(1000), 0))
     run.lr[:] = 0.05 * 0.5 * (1 + np.cos(np.pi * np.minimum(since, 100) / 100))  # cosine, restarted at each burst
     assert "exploding_gradient" in kinds(gw.diagnose(run))
+
+
+def test_sync_bursts_whose_settled_level_grows_with_the_q_values_are_no_explosion():
+    """A DQN whose Q scale grows 10x over the run: the norm between syncs grows with it, each sync's
+    burst ~300x that level; compared absolute, its peaks read as growing and explosive."""
+    n = 1200
+    t = np.arange(n)
+    run = build(n_steps=n, depth=3, optimizer="Adam", lr=1e-3)
+    scale = 1 + 9 * t / n
+    since = t % 100
+    g = 0.5 * scale * (1 + 0.1 * np.random.default_rng(0).random(n)) + np.where(t >= 100, 300 * scale * np.exp(-since / 3.0), 0)
+    for i in range(3):
+        run.metrics["grad_norm"][:, run.column(f"fc{i}")] = g / np.sqrt(3)
+    run.loss[:] = (2 * np.exp(-t / 300) + 0.2) * scale * (1 + np.where(t >= 100, 5 * np.exp(-since / 3.0), 0))
+    assert "exploding_gradient" not in kinds(gw.diagnose(run))

@@ -392,8 +392,9 @@ class Watch:
         if not self._cleared_said:
             self._cleared_said = True
             say(f"gradwatch: a gradient hook registered before the watch cleared p.grad during backward ({tuple(p.shape)}: "
-                "an optimizer fused into backward?): those gradients are not recorded; call gw.watch(...) before "
-                "registering that hook to record them")
+                "an optimizer fused into backward?): those gradients are not recorded, and no finding can read them; "
+                "to record them, call gw.watch(model, optimizer) in the script before that hook is registered "
+                "(under gradwatch run too)")
 
     def record_loss(self, loss: torch.Tensor | float) -> None:
         """Record this step's loss explicitly (instead of the tensor `.backward()` was called on)."""

@@ -38,7 +38,7 @@ def find_dead_units(run: RunSeries, th: Thresholds) -> list[Finding]:
                 + (f" ({len(layers)} layers affected)" if len(layers) > 1 else ""))
         learning = None if at_init or worst >= th.dead_fraction_error else \
             loss_fell_to(run, th, th.dead_learning, since=sampled_onset(run, "dead", first))
-        if learning is not None and _lr_named(causes) and not still_falling(run, th):
+        if learning is not None and _steps_killed(run, first, th) and not still_falling(run, th):
             learning = None  # killed by the step size, the loss halved and stalled: lower than it could go
         if learning is not None:
             evidence["loss_since_onset"] = list(learning)
@@ -61,11 +61,21 @@ def find_dead_units(run: RunSeries, th: Thresholds) -> list[Finding]:
     return [Finding("dead_units", "error", first, zero_layers, message, evidence, tuple(causes), tuple(remedies))]
 
 
-def _lr_named(causes: list[str]) -> bool:
-    """The learning rate is a cause of the dying (advice.dead_units names it under SGD, or Adam at a
-    high lr): units it killed are capacity it took, and the loss it left can stall far higher (Adam
-    0.05: 73% dead, loss 0.31 where 1e-3 reaches 0.024)."""
-    return any(c.startswith("learning rate") for c in causes)
+def _steps_killed(run: RunSeries, first: int, th: Thresholds) -> bool:
+    """The step size plausibly killed the units: an adaptive optimizer at a high lr, or a sampled
+    update of a weight layer up to their death `dying_update_ratio` of its weights or more.
+    Units it killed are capacity it took, and the loss it left can stall far higher (Adam 0.05: 73%
+    dead, loss 0.31 where 1e-3 reaches 0.024). Not every SGD run: advice names its lr always, and a
+    converged SGD run's dead units (60%, loss 1.15 -> 0.11, flat at the end) were called a block."""
+    ctx = advice.Context(run)
+    if ctx.adaptive:
+        return ctx.lr >= advice.ADAPTIVE_HIGH_LR
+    u = run.metrics.get("update_ratio")
+    if u is None:
+        return False
+    upto = int(np.searchsorted(run.steps, first, side="right"))
+    ratios = np.asarray(u[:upto, run.weight_columns()], dtype=float)
+    return bool(np.isfinite(ratios).any() and np.nanmax(ratios) >= th.dying_update_ratio)
 
 
 def _some_entry_nonzero(run: RunSeries, column: int, rows: np.ndarray) -> bool:
