@@ -70,3 +70,14 @@ def test_growth_beside_a_loss_that_falls_on_one_curve_is_info_whatever_the_noise
         run.loss[:] = np.exp(-t / 150) * (1 + 0.05 * rng.standard_normal(1000))
         severities |= {f.severity for f in gw.diagnose(run) if f.kind == "exploding_gradient"}
     assert severities <= {"info"}, severities
+
+
+def test_a_blow_up_whose_loss_rose_for_less_than_a_window_is_an_error():
+    """A loss 0.3 -> 100 for 30 steps of a 100-step window, then 0.02: back-to-back windows' medians
+    never saw the rise, and the blow-up was told 'learning sped up'."""
+    t = np.arange(1000)
+    for start, rise in ((500, 30), (555, 90)):
+        loss = np.where(t < 500, 2 * np.exp(-t / 30) + 0.3,
+                        np.where((t >= start) & (t < start + rise), 100.0, np.where(t < start, 0.3, 0.02)))
+        (f,) = _blow_up(loss, at=500)
+        assert f.severity == "error", (start, rise)

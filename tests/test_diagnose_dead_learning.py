@@ -43,22 +43,23 @@ def test_units_dead_from_the_first_step_or_nearly_all_stay_said():
 
 
 def test_units_a_high_lr_killed_while_the_loss_halved_and_stalled_are_a_warning():
-    # the step size killed them (Adam at 0.05; SGD whose updates were 5% of the weights): the loss it
+    # the step size killed them (Adam at 0.05; SGD whose updates were 30% of the weights): the loss it
     # left can stall far higher
-    for optimizer, lr, u in (("Adam", 0.05, None), ("SGD", 0.1, 0.05)):
+    for optimizer, lr, u in (("Adam", 0.05, None), ("SGD", 0.1, 0.3)):
         (f,) = _dead_from(40, optimizer=optimizer, lr=lr, update_ratio=u)
         assert f.severity == "warning" and "loss_since_onset" not in f.evidence
         assert f.causes[0].startswith("learning rate")
 
 
 def test_units_dying_in_a_converged_sgd_run_at_healthy_steps_are_info():
-    """advice names SGD's lr always; at updates of 1e-3 of the weights it did not kill them, and a
-    converged run's flat end is no stall (60% dead, loss 1.15 -> 0.11: was told a block)."""
-    for lr in (0.01, 0.001):
-        (f,) = _dead_from(40, optimizer="SGD", lr=lr, update_ratio=1e-3)
+    """advice names SGD's lr always; at updates a healthy SGD run makes (1e-3; 0.03, the peak of a
+    converged momentum CNN on digits) it did not kill them, and a converged run's flat end is no stall
+    (60% dead, loss 1.15 -> 0.11: was told a block)."""
+    for lr, u in ((0.01, 1e-3), (0.001, 1e-3), (0.05, 0.03)):
+        (f,) = _dead_from(40, optimizer="SGD", lr=lr, update_ratio=u)
         assert f.severity == "info"
 
 
 def test_units_a_high_lr_killed_while_the_loss_still_falls_at_the_end_are_info():
-    (f,) = _dead_from(40, optimizer="SGD", lr=0.1, still_falling=True, update_ratio=0.05)
+    (f,) = _dead_from(40, optimizer="SGD", lr=0.1, still_falling=True, update_ratio=0.3)
     assert f.severity == "info" and f.causes[0].startswith("learning rate")

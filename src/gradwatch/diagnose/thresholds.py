@@ -165,10 +165,11 @@ class Thresholds:
     # or halved and stalled far above where it could go (Adam 0.05: 73% dead, 0.31 where 1e-3 reaches
     # 0.024): where the lr is a named cause, info only while the loss still falls at the end.
     dead_learning: float = 0.5
-    # ... and the step size is taken for the killer under SGD where a dying layer's sampled update
-    # reached this share of its weights before it died: ten times the ~1e-3 of healthy training
-    # (Karpathy's rule of thumb; `max_update_ratio` below is three decades above it).
-    dying_update_ratio: float = 1e-2
+    # ... and the step size is taken for the killer under SGD where a weight layer's sampled update
+    # reached this share of its weights in the window before they died. 35 healthy SGD runs on
+    # digits (lr 0.01-0.2, with and without momentum) peaked at 0.028-0.10 over the whole run, most
+    # of it early; runs whose lr killed their units at 0.13-1.5.
+    dying_update_ratio: float = 0.1
     # Adam's first update is lr·sign(g) per weight (m/√v = g/|g| at t = 1), a relative step of
     # lr·√n/‖w‖ = lr / rms(w) where every weight gets a gradient (to 3 digits on 45 recorded runs). When its median
     # over the weight layers is this or more, every step rewrites half a layer's scale, and a

@@ -63,7 +63,8 @@ def find_dead_units(run: RunSeries, th: Thresholds) -> list[Finding]:
 
 def _steps_killed(run: RunSeries, first: int, th: Thresholds) -> bool:
     """The step size plausibly killed the units: an adaptive optimizer at a high lr, or a sampled
-    update of a weight layer up to their death `dying_update_ratio` of its weights or more.
+    update of a weight layer in the window before their death `dying_update_ratio` of its weights
+    or more.
     Units it killed are capacity it took, and the loss it left can stall far higher (Adam 0.05: 73%
     dead, loss 0.31 where 1e-3 reaches 0.024). Not every SGD run: advice names its lr always, and a
     converged SGD run's dead units (60%, loss 1.15 -> 0.11, flat at the end) were called a block."""
@@ -74,7 +75,8 @@ def _steps_killed(run: RunSeries, first: int, th: Thresholds) -> bool:
     if u is None:
         return False
     upto = int(np.searchsorted(run.steps, first, side="right"))
-    ratios = np.asarray(u[:upto, run.weight_columns()], dtype=float)
+    since = int(np.searchsorted(run.steps, first - th.baseline_window))
+    ratios = np.asarray(u[since:upto, run.weight_columns()], dtype=float)
     return bool(np.isfinite(ratios).any() and np.nanmax(ratios) >= th.dying_update_ratio)
 
 

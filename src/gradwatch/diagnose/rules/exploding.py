@@ -81,7 +81,7 @@ def find_exploding(run: RunSeries, th: Thresholds) -> list[Finding]:
 def _learnt_after(run: RunSeries, evidence: dict, first: int, th: Thresholds) -> tuple[float, float] | None:
     """(loss before the burst, at the end) when the gradient norm's growth is all there is, nothing
     is non-finite, the loss fell to `burst_learning` of its level in the window ending before the
-    burst, and no window after it rose above twice that level: a gradient that grows as learning
+    burst, and no quarter window after it rose above twice that level: a gradient that grows as learning
     speeds up is leaving a plateau; a blow-up makes the loss worse first. A window centred on the
     burst held the loss the blow-up caused (0.33 -> 66 -> 0.66 read as 1.62 -> 0.59). (A test of
     the fall's rate before against after was noise: most healthy losses slow down as they fall.)"""
@@ -98,8 +98,9 @@ def _learnt_after(run: RunSeries, evidence: dict, first: int, th: Thresholds) ->
     level, end = float(np.median(loss[max(i - w, 0):i])), float(np.median(loss[-w:]))
     if not level > 0 or end > th.burst_learning * level:
         return None
-    after = loss[i:i + (len(loss) - i) // w * w].reshape(-1, w)
-    return None if np.median(after, axis=1).max() > 2 * level else (level, end)
+    span = min(max(th.min_loss_window, w // 4), len(loss) - i)  # a rise shorter than a window moves no window's median
+    risen = np.median(np.lib.stride_tricks.sliding_window_view(loss[i:], span), axis=1).max() > 2 * level
+    return None if risen else (level, end)
 
 
 def _clipped_every_step(run: RunSeries, th: Thresholds):
@@ -305,7 +306,8 @@ def _on_a_schedule(bursts: list[np.ndarray], steps: np.ndarray, norms: np.ndarra
     if not periodic(steps[[b[0] for b in bursts]], th):
         return False
     peaks = np.array([norms[b].max() for b in bursts])
-    if peaks_growing(_over_level_before(bursts, norms, peaks), th) or any(_lr_raised(lr, b[0], th) for b in bursts):
+    growing = peaks_growing(peaks, th) and peaks_growing(_over_level_before(bursts, norms, peaks), th)
+    if growing or any(_lr_raised(lr, b[0], th) for b in bursts):
         return False
     ends = [b[0] for b in bursts[1:]] + [len(norms)]
     return all(norms[b[-1] + 1:end].size and norms[b[-1] + 1:end].min() * th.spike_factor < peak
