@@ -244,22 +244,3 @@ def test_no_torch_func_message_once_the_recording_stopped(monkeypatch, tmp_path)
         watch.detach()
         trainer.end()
     assert trainer.errors == [] and "torch.func" not in err.getvalue()
-
-
-def test_a_model_tried_in_one_thread_then_trained_in_another_is_recorded(monkeypatch, tmp_path):
-    """A shape check (a forward with gradients on, no backward) in the main thread, then the
-    training in a worker thread while the main one waits: the check's open step held the watch,
-    and the worker's steps were "a second training at once", none stored."""
-    err = io.StringIO()
-    monkeypatch.setattr(sys, "stderr", err)
-    watch = auto.AutoWatch(str(tmp_path))
-    trainer = Trainer(0)
-    try:
-        trainer.model(torch.randn(2, 4))  # (in this thread)
-        trainer.do(*["forward", "backward", "step"] * 4)
-    finally:
-        watch.detach()
-        trainer.end()
-    assert trainer.errors == [] and err.getvalue() == ""
-    assert trainer.losses == unwatched_losses(0, 4)
-    np.testing.assert_array_equal(read_run(tmp_path).loss, np.array(trainer.losses))

@@ -735,3 +735,24 @@ def test_a_watch_of_an_unwrapped_model_among_several_ranks_says_whose_gradients_
         opt.zero_grad(), model(torch.randn(8, 4)).sum().backward(), opt.step()
     watch.detach()
     assert "2 ranks, and the watched model is not a DDP/FSDP module" in capsys.readouterr().err
+
+
+def test_halves_frozen_in_turns_do_not_flush_every_step(monkeypatch):
+    """Block-coordinate training (one half frozen on alternate steps, one optimizer): a parameter
+    already hooked keeps its hook, so unfreezing it again is nothing new (it flushed every step)."""
+    from gradwatch.collect.watch import Watch
+
+    flushes = []
+    flush = Watch.flush
+    monkeypatch.setattr(Watch, "flush", lambda self: (flushes.append(1), flush(self))[1])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradwatch.watch(model, opt, flush_every=50, warn=False):
+        for step in range(100):
+            model[0].requires_grad_(step % 2 == 0)
+            model[2].requires_grad_(step % 2 == 1)
+            opt.zero_grad()
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+            opt.step()
+    assert len(flushes) <= 4, len(flushes)

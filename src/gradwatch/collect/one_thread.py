@@ -26,7 +26,6 @@ class TrainingThread:
         self.ident: int | None = None
         self.concurrent = False
         self.stopped = False
-        self.trained = False  # the followed thread made a backward or an optimizer step, not only forwards
         self._holder: int | None = None
         self._busy = busy
         self._two_at_once = two_at_once
@@ -35,12 +34,13 @@ class TrainingThread:
         """This call's thread is the followed one. `claim`: a call that starts something (a forward,
         a backward, an optimizer step) takes the watch where no thread is followed or the followed
         one has ended; a backward or an optimizer step from another thread (`proves`) also where,
-        until two threads were seen training at once, the followed one is between steps or has run
-        only forwards since it took the watch (a model tried in the main thread, with gradients on,
-        then trained in a worker: the try's open step held the watch, no step stored). A forward
+        until two threads were seen training at once, the followed one is between steps. A forward
         (not `proves`) never takes it from a live thread, nor proves two trainings: nn.DataParallel's
         replicas, a prefetching thread's transforms (nn.Modules, run with gradients on) train
-        nothing there; taking the watch over between the script's steps, they lost 296 of its 300."""
+        nothing there; taking the watch over between the script's steps, they lost 296 of its 300.
+        (A handover from a thread that had run only forwards since it took the watch let a second
+        concurrent training take it between the first's forward and backward: recording stopped,
+        and once the second's step raised inside the script's opt.step().)"""
         ident = threading.get_ident()
         if self._holder not in (None, ident):
             time.sleep(HOLD)  # (the process dies meanwhile)
@@ -50,15 +50,14 @@ class TrainingThread:
         if ident == self.ident or self.ident is None:
             if claim:
                 self.ident = ident
-                self.trained = self.trained or proves
             return True
         if not claim:
             return False
         followed = _thread(self.ident)
         if followed is not None and not proves:
             return False  # a forward never takes a live thread's watch (a prefetching thread's transforms)
-        if followed is None or (not self.concurrent and not (self.trained and self._busy())):
-            self.ident, self.trained = ident, proves
+        if followed is None or (not self.concurrent and not self._busy()):
+            self.ident = ident
             return True
         if proves and not self.concurrent:
             self.concurrent = True

@@ -351,7 +351,9 @@ class Watch:
             if p.requires_grad and i not in self._grad_handles:
                 small = 0 < p.numel() <= SMALL_GRAD and p.device == self._norm_buf.device
                 self._grad_handles[i] = p.register_post_accumulate_grad_hook(self._grad_hook(i, small))
-        self._frozen = [p for model, _ in self._models for p in model.parameters() if not p.requires_grad]
+        hooked = {id(self._params[i]) for i in self._grad_handles}  # (a hook outlives requires_grad changes)
+        self._frozen = [p for model, _ in self._models for p in model.parameters()
+                        if not p.requires_grad and id(p) not in hooked]
 
     def _unfrozen(self) -> bool:
         """A frozen parameter made trainable since: a backbone unfrozen for fine-tuning went
