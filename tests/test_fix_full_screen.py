@@ -13,8 +13,8 @@ from gradwatch.fix.trial import run_trial_in_process
 from gradwatch.store import read_run
 
 
-def late_blow_up():
-    """Healthy for 20 steps of 40, then the lr raised 30x."""
+def late_blow_up(raised_to: float = 0.3):
+    """Healthy for 20 steps of 40, then the lr raised from 0.01 to `raised_to` (30x)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -22,7 +22,7 @@ def late_blow_up():
     for step in range(40):
         if step == 20:
             for group in opt.param_groups:
-                group["lr"] = 0.3
+                group["lr"] = raised_to
         x = torch.randn(32, 8)
         opt.zero_grad()
         nn.functional.mse_loss(model(x), x @ w).backward()

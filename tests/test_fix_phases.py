@@ -9,6 +9,7 @@ from gradwatch.diagnose.finding import Finding
 from gradwatch.fix import BASELINE, Trial, fix, onset, screen_in_full, screen_steps
 from gradwatch.fix.candidates import clip_norm, lr_ceiling, lr_scale
 from gradwatch.store.series import RunSeries
+from test_fix_full_screen import late_blow_up
 
 
 def test_screening_is_counted_from_the_first_findings_onset():
@@ -23,21 +24,7 @@ def test_screening_is_counted_from_the_first_findings_onset():
 def test_a_late_blow_up_is_screened_past_its_start(tmp_path):
     """Healthy for 20 steps, then the lr raised 100x: screened for 10 steps (a quarter of 40, at
     least 10), every remedy ran healthy steps only and was ranked on noise."""
-    def train():
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1))
-        opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        w = torch.randn(8, 1)
-        for step in range(40):
-            if step == 20:
-                for group in opt.param_groups:
-                    group["lr"] = 1.0
-            x = torch.randn(32, 8)
-            opt.zero_grad()
-            nn.functional.mse_loss(model(x), x @ w).backward()
-            opt.step()
-
-    result = fix(train, out=tmp_path, budget_steps=40, candidates=[lr_scale(0.1), clip_norm(1.0)],
+    result = fix(lambda: late_blow_up(raised_to=1.0), out=tmp_path, budget_steps=40, candidates=[lr_scale(0.1), clip_norm(1.0)],
                  progress=lambda m: None)
     start = onset(result.baseline, np.arange(40))
     assert start >= 20 and screen_steps(40, start) == min(40, 10 + start) > 10

@@ -10,17 +10,9 @@ from gradwatch.diagnose.finding import Finding
 from gradwatch.fix import Trial, fix
 from gradwatch.fix.candidates import adam, from_findings, lr_scale, swap
 from gradwatch.fix.inject import Injector
+from test_fix_verdict import _train
 
 fix_module = importlib.import_module("gradwatch.fix")
-
-
-def _train():
-    model = nn.Linear(4, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    for _ in range(50):
-        opt.zero_grad()
-        (model(torch.randn(8, 4)) - 10).pow(2).mean().backward()
-        opt.step()
 
 
 def test_an_lr_scale_is_screened_on_the_leader_that_repaired_the_run(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ import sys
 import torch
 import torch.distributed as dist
 from torch import nn
+from train import leave
 
 STEPS, FLUSH_EVERY = (12, 7), 5
 
@@ -41,10 +42,7 @@ def main() -> None:
     watch.detach()
     if rank == 0:
         torch.save(applied, os.path.join(out, "grads.pt"))
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # gloo's threads sometimes abort the interpreter's finalisation (see train.py)
+    leave()
 
 
 if __name__ == "__main__":

@@ -3,13 +3,13 @@ differ, so its local gradients differ from the averaged ones the optimizer appli
 the per-layer norms it sees before each optimizer step (after DDP's all-reduce; no clipping) and
 the Trainer's log to OUT/applied.json."""
 import json
-import os
 import sys
 
 import torch
 import transformers
 
 from gradwatch.integrations.transformers import GradwatchCallback
+from train import leave
 
 LAYERS = ("transformer.h.0.mlp.c_fc", "transformer.h.1.attn.c_attn")
 
@@ -41,12 +41,4 @@ if __name__ == "__main__":
     if args.process_index == 0:
         with open(f"{out}/applied.json", "w") as fh:
             json.dump({"norms": applied.norms, "log": trainer.state.log_history}, fh)
-    # the Trainer leaves its gloo group to the interpreter's exit, where 1 run in 5 aborted in
-    # torch's teardown ("terminate called without an active exception"), before this session's
-    # code as after: not what this test is about. Destroying the group first still left it once in
-    # a full suite (rank 1, after the store and applied.json were written): the C++ teardown is
-    # skipped, once everything this test reads is on disk and the output flushed
-    torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave()  # (train.py: the Trainer too leaves its gloo group to the interpreter's exit)

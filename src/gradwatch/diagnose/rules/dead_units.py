@@ -8,7 +8,7 @@ import numpy as np
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
 from gradwatch.diagnose.rules.eval_mode import eval_mode_first, unnormalised_batchnorm
-from gradwatch.diagnose.rules.loss import loss_fell_to, sampled_onset, still_falling
+from gradwatch.diagnose.rules.loss import learning_on, loss_fell_to, sampled_onset, still_falling
 from gradwatch.diagnose.signals import (from_init, persistent_activation_layers, persistent_start, rows_before_non_finite_loss,
                                         summarise_layers, zero_initialised)
 from gradwatch.diagnose.thresholds import Thresholds
@@ -41,10 +41,8 @@ def find_dead_units(run: RunSeries, th: Thresholds) -> list[Finding]:
         if learning is not None and _steps_killed(run, first, th) and not still_falling(run, th):
             learning = None  # killed by the step size, the loss halved and stalled: lower than it could go
         if learning is not None:
-            evidence["loss_since_onset"] = list(learning)
-            message = (f"{said}, and the loss still fell {learning[0]:.4g} -> {learning[1]:.4g} after it: capacity "
-                       f"lost, no block to learning. If the model needs more: {advice.continued(remedies[0].action)}.")
-            return [Finding("dead_units", "info", first, layers, message, evidence, tuple(causes), tuple(remedies))]
+            return learning_on("dead_units", first, layers, said, learning, "capacity lost, no block to learning",
+                               "the model needs more", evidence, causes, remedies)
         severity = "error" if worst >= th.dead_fraction_error else "warning"
         message = f"{said}: they pass no gradient and cannot recover. {remedies[0].action}."
         return [Finding("dead_units", severity, first, layers, message, evidence, tuple(causes), tuple(remedies))]

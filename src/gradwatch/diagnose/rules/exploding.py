@@ -10,6 +10,7 @@ import numpy as np
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
 from gradwatch.diagnose.rules.clipping import clipped_advice, clipping
+from gradwatch.diagnose.rules.loss import learning_on
 from gradwatch.diagnose.rules.stale_gradients import stale_first
 from gradwatch.diagnose.signals import (depth_profile, finite_loss, from_init, names, peaks_growing, periodic, persistent_start,
                                         plain_sgd, profile_columns, row_nanpercentile, TOTAL_BLOCK, total_grad_norm, window)
@@ -63,11 +64,9 @@ def find_exploding(run: RunSeries, th: Thresholds) -> list[Finding]:
         what.append(f"these norms are taken before the trainer clips {evidence['grad_clip']}")
     learning = _learnt_after(run, evidence, first, th)
     if learning is not None:
-        evidence["loss_since_onset"] = list(learning)
-        message = (f"The gradient norm rose {evidence['growth_over_steps']:.3g}x above its recent level from step {first}, "
-                   f"and the loss still fell {learning[0]:.4g} -> {learning[1]:.4g} after it: learning sped up (a plateau "
-                   f"left, new data met), no blow-up. If the steps must stay bounded: {advice.continued(remedies[0].action)}.")
-        return [Finding("exploding_gradient", "info", first, layers, message, evidence, tuple(causes), tuple(remedies))]
+        said = f"The gradient norm rose {evidence['growth_over_steps']:.3g}x above its recent level from step {first}"
+        return learning_on("exploding_gradient", first, layers, said, learning, "learning sped up (a plateau left, new "
+                           "data met), no blow-up", "the steps must stay bounded", evidence, causes, remedies)
     blow_up = set(evidence) & {"max_update_ratio", "predicted_update_ratio", "weight_growth", "backward_ratio"} \
         or ("growth_over_steps" in evidence and not evidence.get("recovered"))
     verb = "burst" if evidence.get("recovered") else "explode" if blow_up else "are clipped on nearly every step"

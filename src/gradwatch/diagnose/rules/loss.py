@@ -47,6 +47,16 @@ def loss_fell_to(run: RunSeries, th: Thresholds, fraction: float, since: int | N
     return (start, end) if start > 0 and end <= fraction * start else None
 
 
+def learning_on(kind: str, first: int, layers: tuple[str, ...], said: str, learning: tuple[float, float], reading: str,
+                when: str, evidence: dict, causes: list[str], remedies: list[Remedy]) -> list[Finding]:
+    """The `info` finding of a state `said` beside a loss that still fell to `learning` after it (dead
+    units, saturation, a growing gradient): `reading` what that means, `when` its remedy still helps."""
+    evidence["loss_since_onset"] = list(learning)
+    message = (f"{said}, and the loss still fell {learning[0]:.4g} -> {learning[1]:.4g} after it: {reading}. "
+               f"If {when}: {advice.continued(remedies[0].action)}.")
+    return [Finding(kind, "info", first, layers, message, evidence, tuple(causes), tuple(remedies))]
+
+
 def still_falling(run: RunSeries, th: Thresholds) -> bool:
     """The loss of the last window has its median below the 25th percentile of the window before:
     a flat, noisy loss keeps its median near the one before, only a fall carries it past a

@@ -7,7 +7,7 @@ import numpy as np
 
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
-from gradwatch.diagnose.rules.loss import loss_fell_to, sampled_onset
+from gradwatch.diagnose.rules.loss import learning_on, loss_fell_to, sampled_onset
 from gradwatch.diagnose.signals import activation_columns, persistent_activation_layers, summarise_layers
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import WEIGHT_ROLES, RunSeries
@@ -36,11 +36,8 @@ def find_saturation(run: RunSeries, th: Thresholds) -> list[Finding]:
     learning = None if at_init else loss_fell_to(run, th, th.saturation_learning,
                                                  since=sampled_onset(run, "saturated", first))
     if learning is not None:
-        evidence["loss_since_onset"] = list(learning)
-        message = (f"{said}, and the loss still fell {learning[0]:.4g} -> {learning[1]:.4g} after it: confident "
-                   f"units, no block to learning yet. If the layers below must learn more: "
-                   f"{advice.continued(remedies[0].action)}.")
-        return [Finding("saturation", "info", first, layers, message, evidence, tuple(causes), tuple(remedies))]
+        return learning_on("saturation", first, layers, said, learning, "confident units, no block to learning yet",
+                           "the layers below must learn more", evidence, causes, remedies)
     message = f"{said}: almost no gradient passes. {remedies[0].action}."
     return [Finding("saturation", "warning", first, layers, message, evidence, tuple(causes), tuple(remedies))]
 
