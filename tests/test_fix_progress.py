@@ -45,10 +45,11 @@ def test_a_running_trial_says_how_far_it_has_come(tmp_path, monkeypatch):
     monkeypatch.setattr(trial, "HEARTBEAT", 0.1)
     script = f"import pathlib, time; pathlib.Path({str(tmp_path)!r}, 'progress.txt').write_text('3'); time.sleep(0.5)"
     heard: list[str] = []
-    code = trial.wait(subprocess.Popen([sys.executable, "-c", script]), tmp_path, 10, None, heard.append)
+    running = trial.Process(subprocess.Popen([sys.executable, "-c", script]), None, None, tmp_path, heard.append)
+    code = running._wait(10, None)
     assert code == 0 and heard and "3 of 10 steps after" in heard[-1] and "more at this pace" in heard[-1]
     slept = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    assert trial.wait(slept, tmp_path, 10, 0.3, None) == -9 and slept.poll() is not None  # the timeout kills it
+    assert trial.Process(slept, None, None, tmp_path, None)._wait(10, 0.3) == -9 and slept.poll() is not None  # the timeout kills it
 
 
 def test_the_trial_process_writes_its_steps(tmp_path, monkeypatch):

@@ -83,6 +83,14 @@ def behind_beyond_noise(loss: np.ndarray, other: np.ndarray, z: float = 2.0) -> 
     return a - b > z * float(np.hypot(np.nan_to_num(final_error(loss)), np.nan_to_num(final_error(other))))
 
 
+def recorded(d: Path, kind: str) -> list[tuple[Path, int]]:
+    """fix.json's `kind` ("screened" or "trials"): each trial's directory and the steps it was
+    measured at. A final run on from its screening trial shares that trial's directory, which then
+    holds more steps than the screening measured."""
+    rows = json.loads((d / "fix.json").read_text())[kind]
+    return [(d / row["run_dir"], row["steps"]) for row in rows]
+
+
 def specs(cands: list[Candidate]) -> list[str]:
     return sorted(json.dumps(c.spec, sort_keys=True) for c in cands)
 
@@ -102,10 +110,9 @@ def replay(out: Path) -> list[list[str]]:
     cases = []
     for r in results:
         d = out / r["scenario"] / "gradwatch"
-        screens = sorted((p for p in d.glob("screen-*") if (p / REMEDY_FILE).exists()),  # this run's
-                         key=lambda p: int(p.name.split("-")[1]))
+        screens = recorded(d, "screened")
         if len(screens) > 1:
-            cases.append((r, d, screens, [trial(p) for p in screens]))
+            cases.append((r, d, [p for p, _ in screens], [trial(p, k) for p, k in screens]))
     for frac in (8, 6, 5):
         saved, changed = 0, []
         for r, d, screens, full in cases:
@@ -123,9 +130,10 @@ def replay(out: Path) -> list[list[str]]:
         g, d, budget = r["strategies"]["gradwatch"], out / r["scenario"] / "gradwatch", r["budget_steps"]
         if len(g["trials"]) < 2:
             continue
-        first, second = trial(d / "trial-1"), trial(d / "trial-2")
+        (one, _), (two, _) = recorded(d, "trials")[:2]
+        first, second = trial(one), trial(two)
         half, window = budget // 2, max(1, budget // 10)
-        if first.works and second.steps > half and loss_at(d / "trial-2", half, window) > loss_at(d / "trial-1", half, window):
+        if first.works and second.steps > half and loss_at(two, half, window) > loss_at(one, half, window):
             saved += second.steps - half
             if g["winner"] == g["trials"][1]:
                 changed.append(r)
@@ -133,9 +141,9 @@ def replay(out: Path) -> list[list[str]]:
     saved, changed = 0, []
     for r in results:
         g, d, half = r["strategies"]["gradwatch"], out / r["scenario"] / "gradwatch", r["budget_steps"] // 2
-        if len(g["trials"]) < 2 or not trial(d / "trial-1").works:
+        if len(g["trials"]) < 2 or not trial(recorded(d, "trials")[0][0]).works:
             continue
-        first, second = (read_run(d / name).loss for name in ("trial-1", "trial-2"))
+        first, second = (read_run(p).loss for p, _ in recorded(d, "trials")[:2])
         if len(second) > half and behind_beyond_noise(second[:half], first[:half]):
             saved += len(second) - half
             if g["winner"] == g["trials"][1]:
@@ -170,21 +178,21 @@ def finals_now(d: Path, screened: list[Trial]) -> tuple[int, bool]:
     """The recorded final steps the code's `pick_finals` (and `spare_final`) would not run on this
     screening, and whether its choice differs: a final the recording lacks, or another winner."""
     key = lambda c: json.dumps(c.spec, sort_keys=True)
-    recorded = {key(t.candidate): t for t in (trial(p) for p in d.glob("trial-*") if (p / REMEDY_FILE).exists())}
+    finals = {key(t.candidate): t for t in (trial(p) for p, _ in recorded(d, "trials"))}
     done = applied(screened)
-    if not done or not recorded:
+    if not done or not finals:
         return 0, False
     picked = pick_finals(done)[:2]
-    if any(key(c) not in recorded for c in picked):
+    if any(key(c) not in finals for c in picked):
         return 0, True
-    kept = [recorded[key(c)] for c in picked]
+    kept = [finals[key(c)] for c in picked]
     if (spare := spare_final(FixResult(Trial(Candidate("baseline"), d, 0, 0.0), kept, screened=screened))) is not None:
-        if key(spare) not in recorded:
+        if key(spare) not in finals:
             return 0, True
-        kept.append(recorded[key(spare)])
+        kept.append(finals[key(spare)])
     best = lambda ts: min(ts, key=lambda t: t.score).candidate.name
-    saved = sum(t.steps for t in recorded.values()) - sum(t.steps for t in kept)
-    return saved, best(kept) != best(list(recorded.values()))
+    saved = sum(t.steps for t in finals.values()) - sum(t.steps for t in kept)
+    return saved, best(kept) != best(list(finals.values()))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,9 +23,10 @@ from gradwatch.fix.candidates import (Candidate, aimed, autotrainer_order, combi
                                       lr_ceiling)
 from gradwatch.fix.locate import Origin
 from gradwatch.fix.names import Names, script_names
+from gradwatch.fix.pause import available_memory
 from gradwatch.fix.touched import Workspace
-from gradwatch.fix.trial import (LOCATE, OUTPUT_LOG, Trial, discard_trials, lower_beyond_noise, run_trial,
-                                 run_trial_in_process)
+from gradwatch.fix.trial import (LOCATE, OUTPUT_LOG, Trial, discard_trials, end_paused, go_on, lower_beyond_noise,
+                                 run_trial, run_trial_in_process)
 from gradwatch.store import read_run, store_files
 from gradwatch.store.reader import connect
 from gradwatch.store.series import WEIGHT_ROLES, LayerInfo
@@ -111,7 +112,7 @@ class FixResult:
     @property
     def cost_steps(self) -> int:
         ran = {id(t): t for t in [self.baseline, *self.trials, *self.screened, *filter(None, [self.located])]}
-        return sum(t.steps for t in ran.values())  # a final screened in full ran once
+        return sum(t.steps - t.resumed_from for t in ran.values())  # a final screened in full, or run on, ran once
 
     def save(self, out: Path) -> Path:
         """OUT/fix.json: every trial so far and the winner, rewritten after each trial, so an
@@ -121,7 +122,8 @@ class FixResult:
                     "final_loss": t.final_loss if np.isfinite(t.final_loss) else None,
                     "final_error": t.final_error if np.isfinite(t.final_error) else None, "harmful": t.harmful,
                     "not_counted": sorted({f.kind for f in t.frozen_only}),  # only in layers no optimizer trains
-                    "works": t.works, "failed": t.failed, "exit_code": t.exit_code, "not_applied": t.not_applied}
+                    "works": t.works, "failed": t.failed, "exit_code": t.exit_code, "not_applied": t.not_applied,
+                    "resumed_from": t.resumed_from}
         winner = self.winner
         data = {"baseline": row(self.baseline), "screened": [row(t) for t in self.screened],
                 "trials": [row(t) for t in self.trials], "winner": winner.candidate.name if winner else None,
@@ -179,6 +181,28 @@ def screened_in_full(result: FixResult, cand: Candidate) -> Trial | None:
     non-finite). A run again would repeat it step for step."""
     return next((t for t in result.screened if t.candidate.spec == cand.spec and not t.not_applied
                  and (result.screen_steps >= result.budget_steps or not t.cut)), None)
+
+
+def paused_screening(result: FixResult, cand: Candidate) -> Trial | None:
+    """The screening trial of `cand` paused at the screening's length, to be run on as its final."""
+    return next((t for t in result.screened if t.process is not None and t.candidate.spec == cand.spec), None)
+
+
+# Screening trials kept paused at once, at most (the best so far by score: the finals come from them),
+# and holding at most MEMORY_SHARE of the memory free when each pauses: every other one is ended.
+PAUSED_MAX = 3
+MEMORY_SHARE = 0.5
+
+
+def keep_paused(screened: list[Trial]) -> None:
+    """End the paused screening trials that are unlikely to become finals, or that would hold too
+    much memory: a final is the leader, a remedy close behind it, or their combination (a new trial)."""
+    free = available_memory() * MEMORY_SHARE
+    held = 0
+    for rank, t in enumerate(sorted((t for t in screened if t.process is not None), key=lambda t: t.score)):
+        held += t.process.channel.memory
+        if rank >= PAUSED_MAX or held > free:
+            end_paused(t)
 
 
 def spare_final(result: FixResult) -> Candidate | None:
@@ -357,14 +381,21 @@ def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "
 
     trained: list = []  # in process: the models the trials trained (weak references)
 
-    def trial(name: str, cand: Candidate, steps: int, locate_at: int | None = None) -> Trial:
+    def trial(name: str, cand: Candidate, steps: int, locate_at: int | None = None, pause: bool = False,
+              paused: Trial | None = None) -> Trial:
+        """`pause`: a screening trial that may be run on later (pause.py); `paused`: such a trial, run on."""
         try:
-            if callable(command):
+            if paused is not None:
+                t = go_on(paused, steps, timeout)
+            elif callable(command):
                 t = run_trial_in_process(command, out / name, cand, steps, trained=trained, locate_at=locate_at)
             else:
-                t = run_trial(command, out / name, cand, steps, timeout=timeout, locate_at=locate_at, say=say)
+                t = run_trial(command, out / name, cand, steps, timeout=timeout, locate_at=locate_at, say=say,
+                              pause=pause)
         finally:  # also when interrupted: the user's directory as it was
-            workspace.settle(out / name)
+            touched = workspace.settle(out / name)
+        if touched:  # what it wrote is put aside: run on, it would miss it
+            end_paused(t)
         return t
 
     workspace = Workspace(Path.cwd(), out)  # first: a killed fix's trials date what it left
@@ -379,6 +410,8 @@ def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "
             raise FixInterrupted(partial[0]) from exc
         raise
     finally:
+        for t in partial[0].screened if partial else []:
+            end_paused(t)
         workspace.close()
 
 
@@ -442,25 +475,32 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], command: list[str] | Cal
         for i, cand in enumerate(queue, 1):
             cand = on_the_leader(cand, result.screened)
             say(f"gradwatch fix: screening {i}/{len(queue)} ({short} steps): {cand.name}")
-            result.screened.append(trial(f"screen-{i}", cand, short))
+            result.screened.append(trial(f"screen-{i}", cand, short, pause=short < budget_steps))
+            keep_paused(result.screened)
             result.save(out)
         screened = applied(result.screened)
         queue = pick_finals(screened)[:max(finals, 1)] if screened else []
-    for i, cand in enumerate(queue, 1):
+
+    def final(i: int, n: int, cand: Candidate, why: str = "") -> None:
         if (done := screened_in_full(result, cand)) is not None:
-            say(f"gradwatch fix: trial {i}/{len(queue)}: {cand.name}: its screening trial ran as far as a full one")
+            say(f"gradwatch fix: trial {i}/{n}: {cand.name}: its screening trial ran as far as a full one")
             result.trials.append(done)
+        elif (paused := paused_screening(result, cand)) is not None:
+            say(f"gradwatch fix: trial {i}/{n} ({budget_steps} steps): {cand.name}: its screening trial runs on "
+                f"from step {paused.steps}{why}")
+            result.trials.append(trial(paused.run_dir.name, cand, budget_steps, paused=paused))
         else:
-            say(f"gradwatch fix: trial {i}/{len(queue)} ({budget_steps} steps): {cand.name}")
+            say(f"gradwatch fix: trial {i}/{n} ({budget_steps} steps): {cand.name}{why}")
             result.trials.append(trial(f"trial-{i}", cand, budget_steps))
         result.save(out)
+
+    for i, cand in enumerate(queue, 1):
+        final(i, len(queue), cand)
         if strategy == "first" and result.trials[-1].works:
             break
     if strategy == "screen" and (spare := spare_final(result)) is not None:
         n = len(result.trials) + 1
-        say(f"gradwatch fix: trial {n}/{n} ({budget_steps} steps): {spare.name} (the leader of the screening did not hold at full length)")
-        result.trials.append(trial(f"trial-{n}", spare, budget_steps))
-        result.save(out)
+        final(n, n, spare, " (the leader of the screening did not hold at full length)")
     result.written, result.overwritten = sorted(workspace.written), sorted(workspace.overwritten)
     result.edited = sorted(workspace.edited)
     result.save(out)

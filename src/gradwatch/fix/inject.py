@@ -33,6 +33,7 @@ from gradwatch.collect.layers import ACTIVATIONS, compiled_inner
 from gradwatch.collect.watch import MAX_ACCUMULATION
 from gradwatch.errors import ConfigError
 from gradwatch.fix.locate import ENV_LOCATE_AT, NonFiniteLocator
+from gradwatch.fix.pause import child_channel, wait_for_more
 from gradwatch.remedies import clip, init_, insert_norm, replace_rnn, swap_activations
 from gradwatch.runner import ENV_RUN_DIR
 
@@ -169,6 +170,7 @@ class Injector:
         self.locate_at = locate_at  # the step whose operations a NonFiniteLocator checks
         self.locator: NonFiniteLocator | None = None
         self._told = time.monotonic()  # when PROGRESS was last written
+        self._channel = child_channel() if run_dir is not None else None  # (pause.py)
         if locate_at == 0:
             self._start_locating()
         patches.add(self)
@@ -334,19 +336,41 @@ class Injector:
         self.steps += 1
         self._tell_progress(self.steps)
         if self.max_steps is not None and self.steps >= self.max_steps:
-            self._stop_at_budget()
+            self._stop_at_budget(self.steps)
         if self.steps == self.locate_at and self.locator is None:
             self._start_locating()
 
-    def _stop_at_budget(self) -> None:
+    def _stop_at_budget(self, steps: int) -> None:
         """End the trial, marked as ended by the budget: `fix` then knows the script had more to run
-        (a healthy pretraining says nothing of the fine-tuning after it)."""
+        (a healthy pretraining says nothing of the fine-tuning after it). Where fix can run it further
+        (pause.py), it pauses instead, marked alike, and goes on if fix asks for more steps."""
         if self.run_dir is not None:
             try:
                 (self.run_dir / BUDGET_REACHED).write_text(f"{self.max_steps}\n")
             except OSError:
                 pass
+        if (more := self._pause(steps)) is not None:
+            self.max_steps = more
+            (self.run_dir / BUDGET_REACHED).unlink(missing_ok=True)
+            return
         raise SystemExit(0)
+
+    def _pause(self, steps: int) -> int | None:
+        """Wait for fix to say how far to go on (None: end here), once the store holds every step so
+        far (fix measures the trial from it meanwhile). Not with the model on a GPU: paused, a
+        process keeps its device memory, and the next trial's would not fit beside it."""
+        if self._channel is None or (self.model is not None and any(
+                p.device.type != "cpu" for p in self.model.parameters())):
+            return None
+        from gradwatch.collect.auto import _own_watch
+
+        if (watch := _own_watch()) is not None:
+            watch.flush()
+        more = wait_for_more(self._channel, steps)
+        if more is None or more <= steps:
+            self._channel = None
+            return None
+        return more
 
     def _tell_progress(self, steps: int) -> None:
         """The steps done so far, into PROGRESS at most every PROGRESS_EVERY seconds: `fix` reads it to
@@ -363,7 +387,7 @@ class Injector:
     def before_backward(self, root) -> None:
         self._clear_all_if_due()
         if self._manual and not self._optimizers and self.max_steps is not None and self.backwards >= self.max_steps:
-            self._stop_at_budget()  # hand-written updates: a step is a backward
+            self._stop_at_budget(self.backwards)  # hand-written updates: a step is a backward
         if self.spec:
             self._stop_if_failed(root)
 

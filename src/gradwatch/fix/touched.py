@@ -142,11 +142,14 @@ class Workspace:
             said += f"; changed since, and left as they are: {', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}"
         return said
 
-    def settle(self, trial_dir: Path) -> None:
+    def settle(self, trial_dir: Path) -> bool:
         """After a trial: its new files go to the trial's directory, the files it changed are put
         back (the trial's versions kept beside its new files), its folders are removed. A source
-        file changed or made meanwhile is the user's: kept as it is, and the later trials run it."""
+        file changed or made meanwhile is the user's: kept as it is, and the later trials run it.
+        Returns whether the trial had changed anything (a paused trial that had must not run on:
+        what it wrote is gone)."""
         self.settled = False
+        touched = False
         now = snapshot(self.root, self.out)
         changed = sorted(p for p, stat in now.files.items() if self.before.files.get(p) != stat)
         for rel in changed + sorted(set(self.before.files) - set(now.files)):
@@ -157,6 +160,7 @@ class Workspace:
                     _copy(self.root / rel, self.backup / rel)
                 continue
             self.written.add(rel)
+            touched = True
             if rel not in self.before.files:  # the trial's own output: kept with the trial
                 _move(self.root / rel, trial_dir / WRITTEN / rel)
             elif self.restorable:
@@ -166,11 +170,13 @@ class Workspace:
             else:
                 self.overwritten.add(rel)
         for rel in sorted(now.dirs - self.before.dirs, key=len, reverse=True):  # folders it made, deepest first
+            touched = True
             try:
                 (self.root / rel).rmdir()
             except OSError:
                 pass  # not empty: files below the depth tracked
         self.settled = True
+        return touched
 
     def close(self) -> None:
         """Drop the copy, unless a put-back was interrupted (a second Ctrl-C): then the next fix

@@ -24,6 +24,7 @@ from gradwatch.errors import ConfigError, GradwatchError
 from gradwatch.fix.candidates import HARMFUL, Candidate, phase_changes
 from gradwatch.fix.inject import BUDGET_REACHED, ENV_MAX_STEPS, ENV_REMEDY, NOT_APPLIED, PROGRESS, Injector
 from gradwatch.fix.locate import ENV_LOCATE_AT, ORIGIN
+from gradwatch.fix.pause import Channel
 from gradwatch.fix.touched import WRITTEN
 from gradwatch.store import read_run
 from gradwatch.store.series import WEIGHT_ROLES, RunSeries
@@ -47,6 +48,8 @@ class Trial:
     untrained: frozenset[str] = frozenset()  # the layers no optimizer trains (see `untrained_layers`)
     trained: frozenset[str] = frozenset()  # the weight layers an optimizer trains
     cut: bool = False  # the budget ended it, not the script: it had more to run
+    resumed_from: int = 0  # the steps it ran as a screening trial, paused, before it was run on (go_on)
+    process: "Process | None" = field(default=None, repr=False, compare=False)  # paused: its process, waiting
 
     @property
     def failed(self) -> bool:
@@ -220,9 +223,12 @@ def discard_trials(out: Path) -> None:
 
 def run_trial(command: list[str], run_dir: Path, candidate: Candidate, budget_steps: int,
               options: dict[str, int] | None = None, timeout: float | None = None,
-              locate_at: int | None = None, say: Callable[[str], None] | None = None) -> Trial:
+              locate_at: int | None = None, say: Callable[[str], None] | None = None,
+              pause: bool = False) -> Trial:
     """`locate_at`: check that step's operations for the one that makes a NaN/Inf (locate.py);
-    `say`: told how far the trial has come every HEARTBEAT seconds while it runs."""
+    `say`: told how far the trial has come every HEARTBEAT seconds while it runs; `pause`: at the
+    budget, the process waits to be run further (`go_on`) or ended (`end_paused`), measured meanwhile
+    (`Trial.process`), where it can (pause.py; else it ends there)."""
     run_dir = prepare(run_dir, candidate)
     env = runner.child_env(run_dir, options or {})
     env[ENV_MAX_STEPS] = str(budget_steps)
@@ -230,43 +236,121 @@ def run_trial(command: list[str], run_dir: Path, candidate: Candidate, budget_st
         env[ENV_REMEDY] = json.dumps(candidate.spec)
     if locate_at is not None:
         env[ENV_LOCATE_AT] = str(locate_at)
-    start = time.perf_counter()
-    with open(run_dir / OUTPUT_LOG, "wb") as log:
-        try:
-            # no input: its prompt would go to the log, unseen, and the trial wait for the terminal forever
-            proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        except OSError as exc:
-            raise ConfigError(f"cannot start {command[0]!r}: {exc.strerror}") from exc
-        code = wait(proc, run_dir, budget_steps, timeout, say)
-    runner.finish_run(run_dir, runner.exit_status(code))
-    return measure(Trial(candidate, run_dir, code, time.perf_counter() - start))
+    channel = Channel() if pause else None
+    if channel is not None:
+        env.update(channel.env())
+    log = open(run_dir / OUTPUT_LOG, "wb")
+    try:
+        # no input: its prompt would go to the log, unseen, and the trial wait for the terminal forever
+        proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                pass_fds=channel.child_fds if channel is not None else ())
+    except OSError as exc:
+        log.close()
+        if channel is not None:
+            channel.started()
+            channel.close()
+        raise ConfigError(f"cannot start {command[0]!r}: {exc.strerror}") from exc
+    if channel is not None:
+        channel.started()
+    return Process(proc, log, channel, run_dir, say).run(candidate, budget_steps, timeout)
+
+
+def go_on(trial: Trial, budget_steps: int, timeout: float | None = None) -> Trial:
+    """A paused trial run on to `budget_steps`, then ended and measured: the steps it had run are
+    not run again (`Trial.resumed_from`)."""
+    process, trial.process = trial.process, None
+    process.channel.go_on(budget_steps)
+    final = process.run(trial.candidate, budget_steps, timeout, ran_for=trial.seconds, end_at_pause=True)
+    final.resumed_from = trial.steps
+    return final
+
+
+def end_paused(trial: Trial) -> None:
+    """End a paused trial as its budget would have (its measurement stands)."""
+    if trial.process is not None:
+        process, trial.process = trial.process, None
+        process.end()
 
 
 HEARTBEAT = 60.0  # seconds between two lines saying how far a running trial has come
+ENDING = 60.0  # seconds a paused trial told to stop has to store its steps and exit, before it is killed
 
 
-def wait(proc: subprocess.Popen, run_dir: Path, budget_steps: int, timeout: float | None,
-         say: Callable[[str], None] | None) -> int:
-    """The trial's exit code (-9 when killed after `timeout` seconds); the process is killed with
-    fix (Ctrl-C, SIGTERM). Every HEARTBEAT seconds, `say` hears the steps done so far and the time
-    the rest will take at that pace: a script at 20 s a step left fix silent for 13 minutes."""
-    start = time.monotonic()
-    with proc:
+class Process:
+    """A trial's process, from its start to its end, across its pauses."""
+
+    def __init__(self, proc: subprocess.Popen, log, channel: Channel | None, run_dir: Path,
+                 say: Callable[[str], None] | None) -> None:
+        self.proc, self.log, self.channel, self.run_dir, self.say = proc, log, channel, run_dir, say
+
+    def run(self, candidate: Candidate, budget_steps: int, timeout: float | None, ran_for: float = 0.0,
+            end_at_pause: bool = False) -> Trial:
+        """Wait until it pauses (a Trial measured then, holding this process) or ends (measured)."""
+        start = time.perf_counter()
         try:
-            while True:
-                left = None if timeout is None else timeout - (time.monotonic() - start)
-                if left is not None and left <= 0:
-                    proc.kill()
-                    proc.wait()
-                    return -9
-                try:
-                    return proc.wait(HEARTBEAT if left is None else min(HEARTBEAT, left))
-                except subprocess.TimeoutExpired:
-                    if say is not None:
-                        say(_how_far(run_dir, budget_steps, time.monotonic() - start))
-        except BaseException:
-            proc.kill()
+            code = self._wait(budget_steps, timeout)
+            if code is None and end_at_pause:
+                self.channel.stop()
+                code = self._exit_code(ENDING)
+        except BaseException:  # Ctrl-C, SIGTERM: the trial goes with fix
+            self.kill()
             raise
+        seconds = ran_for + time.perf_counter() - start
+        if code is None:
+            trial = measure(Trial(candidate, self.run_dir, 0, seconds))
+            trial.process = self
+            return trial
+        self._finish(code)
+        return measure(Trial(candidate, self.run_dir, code, seconds))
+
+    def end(self) -> None:
+        self.channel.stop()
+        self._finish(self._exit_code(ENDING))
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        if self.channel is not None:
+            self.channel.close()
+        self.log.close()
+
+    def _exit_code(self, within: float) -> int:
+        try:
+            return self.proc.wait(within)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def _finish(self, code: int) -> None:
+        if self.channel is not None:
+            self.channel.close()
+        self.log.close()
+        runner.finish_run(self.run_dir, runner.exit_status(code))
+
+    def _wait(self, budget_steps: int, timeout: float | None) -> int | None:
+        """The trial's exit code (-9 when killed after `timeout` seconds), or None once it has paused.
+        Every HEARTBEAT seconds, `say` hears the steps done so far and the time the rest will take at
+        that pace: a script at 20 s a step left fix silent for 13 minutes."""
+        start = time.monotonic()
+        while True:
+            left = None if timeout is None else timeout - (time.monotonic() - start)
+            if left is not None and left <= 0:
+                self.proc.kill()
+                self.proc.wait()
+                return -9
+            beat = HEARTBEAT if left is None else min(HEARTBEAT, left)
+            if self.channel is not None:
+                if self.channel.paused_at(self.proc, beat) is not None:
+                    return None
+                if self.proc.poll() is not None:
+                    return self.proc.returncode
+            else:
+                try:
+                    return self.proc.wait(beat)
+                except subprocess.TimeoutExpired:
+                    pass
+            if self.say is not None and (left is None or left > beat):
+                self.say(_how_far(self.run_dir, budget_steps, time.monotonic() - start))
 
 
 def _how_far(run_dir: Path, budget_steps: int, seconds: float) -> str:

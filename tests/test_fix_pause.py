@@ -1,0 +1,144 @@
+"""A screening trial pauses at its budget, and the final of that remedy runs it on from there: the
+same training as one run of the whole budget, its first steps paid for once."""
+
+import importlib
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gradwatch.fix import BASELINE, Trial, fix
+from gradwatch.fix.candidates import clip_norm, lr_scale
+from gradwatch.fix.inject import BUDGET_REACHED
+from gradwatch.fix.trial import go_on, run_trial
+from gradwatch.store import read_run
+
+fix_module = importlib.import_module("gradwatch.fix")  # the package (gradwatch.fix is the function)
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="trials pause over POSIX pipes")
+
+SCRIPT = """
+import sys
+import torch
+from torch import nn
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1))
+opt = torch.optim.SGD(model.parameters(), lr=float(sys.argv[1]))
+x = torch.randn(64, 16)
+y = x.sum(1, keepdim=True)
+for step in range(120):
+    if step == 5 and len(sys.argv) > 2:
+        open(sys.argv[2], "w").write("a checkpoint")
+    opt.zero_grad()
+    nn.functional.mse_loss(model(x + 0.1 * torch.randn_like(x)), y).backward()
+    opt.step()
+"""
+
+
+def script(tmp_path: Path, *args: str) -> list[str]:
+    path = tmp_path / "train.py"
+    path.write_text(SCRIPT)
+    return [sys.executable, str(path), *args]
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+def test_a_paused_trial_run_on_trains_as_one_run_of_the_whole_budget(tmp_path):
+    cmd = script(tmp_path, "0.01")
+    paused = run_trial(cmd, tmp_path / "paused", lr_scale(0.5), 20, pause=True)
+    assert paused.process is not None and paused.steps == 20 and paused.cut
+    at_pause = read_run(paused.run_dir).loss
+    final = go_on(paused, 60)
+    assert final.process is None and final.steps == 60 and final.resumed_from == 20 and final.exit_code == 0
+    whole = run_trial(cmd, tmp_path / "whole", lr_scale(0.5), 60)
+    ran, once = read_run(final.run_dir), read_run(whole.run_dir)
+    assert np.array_equal(at_pause, once.loss[:20])  # measured at the pause as a 20-step trial is
+    assert np.array_equal(ran.loss, once.loss) and np.array_equal(ran.steps, once.steps)
+    assert np.array_equal(ran.metrics["weight_norm"], once.metrics["weight_norm"], equal_nan=True)
+    assert final.final_loss == whole.final_loss and [f.kind for f in final.findings] == [f.kind for f in whole.findings]
+
+
+def test_a_trial_fix_did_not_start_itself_ends_at_its_budget(tmp_path):
+    """A shell's command (a launcher's worker alike) is no child of fix: the pipes' numbers are not
+    its own, so it ends at the budget as before, and fix runs its final from the start."""
+    cmd = ["sh", "-c", " ".join(script(tmp_path, "0.01")) + "; true"]
+    ended = run_trial(cmd, tmp_path / "t", lr_scale(0.5), 20, pause=True)
+    assert ended.process is None and ended.steps == 20 and ended.cut and ended.exit_code == 0
+
+
+def test_a_paused_trial_leaves_ctrl_c_to_fix_and_ends_when_fix_is_gone(tmp_path):
+    """Ctrl-C reaches the paused trial too: it waits for fix (a script's `except KeyboardInterrupt`
+    would write into the directory fix has put back). fix killed: its ends of the pipes close, and
+    the paused trial stores its steps and exits, marked as ended by its budget: no process outlives fix."""
+    paused = run_trial(script(tmp_path, "0.01"), tmp_path / "t", lr_scale(0.5), 20, pause=True)
+    os.kill(paused.process.proc.pid, signal.SIGINT)
+    time.sleep(0.5)
+    assert paused.process.proc.poll() is None
+    paused.process.channel.close()
+    assert paused.process.proc.wait(60) == 0
+    assert (paused.run_dir / BUDGET_REACHED).is_file() and len(read_run(paused.run_dir).steps) == 20
+    paused.process.log.close()
+
+
+def children() -> list[int]:
+    """This process's live children (Linux: /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid() and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="counts child processes in /proc")
+def test_fix_runs_the_leaders_screening_trial_on_and_pays_for_its_steps_once(tmp_path):
+    result = fix(script(tmp_path, "0.3"), out=tmp_path / "fix", budget_steps=80,
+                 candidates=[lr_scale(0.1), clip_norm(1.0)], progress=lambda m: None)
+    assert result.screen_steps < 80 and result.repaired
+    run_on = [t for t in result.trials if t.resumed_from]
+    assert run_on and all(t.resumed_from == result.screen_steps and t.run_dir.name.startswith("screen-")
+                          for t in run_on)
+    assert result.cost_steps == result.baseline.steps + sum(t.steps for t in result.screened) + sum(
+        t.steps - t.resumed_from for t in result.trials)
+    assert all(t.process is None for t in result.screened) and not children()
+
+
+def test_a_paused_trial_that_wrote_a_file_is_not_run_on(tmp_path, monkeypatch):
+    """What it wrote (a checkpoint it may load later) is put aside after its screening: run on, it
+    would miss it, so its final runs from the start."""
+    monkeypatch.chdir(tmp_path)
+    result = fix(script(tmp_path, "0.3", "ckpt.txt"), out=tmp_path / "fix", budget_steps=80,
+                 candidates=[lr_scale(0.1), clip_norm(1.0)], progress=lambda m: None)
+    assert result.screen_steps < 80 and result.trials
+    assert all(t.resumed_from == 0 and t.run_dir.name.startswith("trial-") for t in result.trials)
+    assert not (tmp_path / "ckpt.txt").exists() and "ckpt.txt" in result.written
+
+
+class Paused:
+    def __init__(self, memory: int):
+        self.channel = type("Channel", (), {"memory": memory})()
+
+
+def test_the_best_screened_are_kept_paused_within_a_share_of_free_memory(monkeypatch):
+    ended = []
+    monkeypatch.setattr(fix_module, "end_paused", lambda t: ended.append(t.final_loss))
+    monkeypatch.setattr(fix_module, "available_memory", lambda: 10e9)
+    trials = [Trial(BASELINE, Path("t"), 0, 1.0, steps=20, final_loss=loss, first_loss=2.0, process=Paused(1e9))
+              for loss in (0.5, 0.1, 0.9, 0.3, 0.7)]
+    fix_module.keep_paused(trials)
+    assert sorted(ended) == [0.7, 0.9]  # the three best kept (PAUSED_MAX)
+    ended.clear()
+    monkeypatch.setattr(fix_module, "available_memory", lambda: 5e9)  # half of it: 2.5 GB, two of 1 GB
+    fix_module.keep_paused(trials)
+    assert sorted(ended) == [0.5, 0.7, 0.9]
