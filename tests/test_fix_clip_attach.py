@@ -178,3 +178,46 @@ def test_clip_combined_with_adam_prints_the_adam_line_first():
     for a, b in ((clip_norm(0.05), adam()), (adam(), clip_norm(0.05)), (clip_value(1.0), adam(unscheduled=True))):
         code = combine(a, b).code
         assert code.index("torch.optim.Adam(") < code.index("gw.clip.attach("), code
+
+
+def _fused_scaler_overflow_loop(model, built, optimizer=torch.optim.SGD) -> None:
+    """A fused optimizer under a GradScaler, whose step 1 overflows (an inf in the batch): the scaler
+    skips it."""
+    opt = optimizer(model.parameters(), lr=0.01, fused=True)
+    built(opt)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for i in range(5):
+        x, y = _batch(i)
+        if i == 1:
+            x[0, 0] = float("inf")
+        opt.zero_grad()
+        scaler.scale((model(x) - y).pow(2).mean().mul(100)).backward()
+        scaler.step(opt)
+        scaler.update()
+
+
+def test_an_adam_trial_under_a_grad_scaler_trains_as_the_printed_adam_under_it():
+    """The trial's Adam takes the fused optimizer's steps unscaled, and none on an overflow, as the
+    printed (unfused) Adam does under the script's scaler."""
+    from gradwatch.fix.candidates import adam, combine
+    try:
+        torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1, fused=True)
+    except (RuntimeError, ValueError) as exc:  # no fused kernel on this build's CPU
+        pytest.skip(str(exc))
+    for cand in (adam(), combine(adam(), clip_norm(0.01))):
+        trial = _trained(_fused_scaler_overflow_loop, cand.spec, None)
+        model = _model()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        if "max_norm" in cand.spec:
+            gw.clip.attach(opt, gw.clip.ClipNorm(0.01))
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        for i in range(5):
+            x, y = _batch(i)
+            if i == 1:
+                x[0, 0] = float("inf")
+            opt.zero_grad()
+            scaler.scale((model(x) - y).pow(2).mean().mul(100)).backward()
+            scaler.step(opt)
+            scaler.update()
+        printed = torch.cat([p.detach().flatten() for p in model.parameters()])
+        assert torch.isfinite(trial).all() and torch.equal(trial, printed), cand.name

@@ -288,7 +288,7 @@ class Injector:
             if not self.spec.get("unscheduled"):  # (else Adam keeps its constant lr)
                 _follow_schedule(state["adam"], opt, state["base_lrs"], self.spec.get("lr", 1e-3))
             state["adam"]._gradwatch_inner = True
-            changed = self._adam_step(state["adam"], args, kwargs, changed)
+            changed = self._adam_step(state["adam"], opt, args, kwargs, changed)
         scale = 0.0 if "adam" in state else self.spec.get("lr_scale")
         cap = self.spec.get("lr_cap")
         if scale is not None or cap is not None:
@@ -298,14 +298,16 @@ class Injector:
         return changed
 
     @staticmethod
-    def _adam_step(adam: torch.optim.Optimizer, args: tuple, kwargs: dict, changed: tuple | None) -> tuple | None:
+    def _adam_step(adam: torch.optim.Optimizer, opt: torch.optim.Optimizer, args: tuple, kwargs: dict,
+                   changed: tuple | None) -> tuple | None:
         """Adam's step, given the script's closure (the zero_grad spec's, if it wrapped it) as the
         printed Adam's `step(closure)` is: stepped before it, Adam used last step's gradients. The
         script's optimizer (at lr 0) then gets the loss Adam's call returned, not a second call."""
         args, kwargs = changed or (args, kwargs)
         closure = args[1] if len(args) > 1 else kwargs.get("closure")
         if not callable(closure):
-            adam.step()
+            if _as_a_grad_scaler_would(opt):
+                adam.step()
             return changed
         with torch.enable_grad():  # Adam's step(closure), the closure run first: inside the step the
             loss = closure()  # watch's step pre-hook read the gradients the closure had not made yet
@@ -464,6 +466,19 @@ class Injector:
     def guard_skipped(self, optimizer) -> None:
         """The script's own gw.guard skipped a step: it still counts against the budget."""
         self._count_step(optimizer)
+
+
+def _as_a_grad_scaler_would(opt: torch.optim.Optimizer) -> bool:
+    """Whether the trial's Adam steps, its gradients unscaled: a GradScaler hands a fused optimizer
+    (which unscales inside its own step, and skips an overflow there) still-scaled gradients and
+    `found_inf`; the printed Adam, unfused, gets them from `scaler.step` unscaled, and no step on an
+    overflow. Stepped on them as they were, the trial's Adam took every overflow's inf into its
+    weights. (One sync per step, under a scaler with a fused optimizer only.)"""
+    found = getattr(opt, "found_inf", None)
+    if found is not None and bool(found):
+        return False
+    clip.unscale_fused(opt)
+    return True
 
 
 def _follow_schedule(adam: torch.optim.Optimizer, opt: torch.optim.Optimizer, base_lrs: list[float],

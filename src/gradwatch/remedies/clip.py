@@ -129,7 +129,7 @@ class ClipValue:
         return f"ClipValue(clip_value={self.clip_value:g})"
 
 
-def _unscale(optimizer: torch.optim.Optimizer) -> None:
+def unscale_fused(optimizer: torch.optim.Optimizer) -> None:
     """GradScaler hands an optimizer that unscales inside its own step (fused Adam, AdamW, SGD) the
     still-scaled gradients and `optimizer.grad_scale`: clipped as they are, the threshold would bound
     the gradient times the scale. Unscale them here, as ``scaler.unscale_`` does, and tell the step."""
@@ -182,7 +182,7 @@ def attach(optimizer: torch.optim.Optimizer, clipper: Clipper) -> RemovableHandl
                           "handle, or remove() it before attaching again")
 
     def _clip(opt: torch.optim.Optimizer) -> None:
-        _unscale(opt)
+        unscale_fused(opt)
         norm = clipper(optimizer_params(opt))
         if norm is not None:
             try:
