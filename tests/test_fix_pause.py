@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gradwatch.fix import BASELINE, Trial, fix
+from gradwatch.fix import BASELINE, Trial, applied, first_rung, fix
 from gradwatch.fix.candidates import clip_norm, lr_scale
 from gradwatch.fix.inject import BUDGET_REACHED
 from gradwatch.fix.trial import go_on, run_trial
@@ -101,17 +101,36 @@ def children() -> list[int]:
     return found
 
 
+def test_the_first_rung_is_halfway_through_the_steps_past_the_onset():
+    assert first_rung(50, 0) == 25 and first_rung(70, 20) == 45
+    assert first_rung(38, 20) is None  # 9 steps past the onset: fewer than a screening's least
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="counts child processes in /proc")
-def test_fix_runs_the_leaders_screening_trial_on_and_pays_for_its_steps_once(tmp_path):
+def test_fix_screens_in_two_rungs_runs_the_leader_on_and_pays_for_each_step_once(tmp_path):
     result = fix(script(tmp_path, "0.3"), out=tmp_path / "fix", budget_steps=80,
-                 candidates=[lr_scale(0.1), clip_norm(1.0)], progress=lambda m: None)
-    assert result.screen_steps < 80 and result.repaired
+                 candidates=[lr_scale(0.1), clip_norm(1.0), lr_scale(0.01)], progress=lambda m: None)
+    assert result.screen_steps == 20 and result.rung_steps == 10 and result.repaired
+    behind = [t for t in result.screened if t.behind]
+    assert len(behind) == 1 and behind[0].steps == 10 and applied(result.screened)[-1] is behind[0]
+    assert all(t.steps == 20 and t.resumed_from == 0 for t in result.screened if not t.behind)
     run_on = [t for t in result.trials if t.resumed_from]
-    assert run_on and all(t.resumed_from == result.screen_steps and t.run_dir.name.startswith("screen-")
-                          for t in run_on)
+    assert run_on and all(t.resumed_from == 20 and t.run_dir.name.startswith("screen-") for t in run_on)
     assert result.cost_steps == result.baseline.steps + sum(t.steps for t in result.screened) + sum(
         t.steps - t.resumed_from for t in result.trials)
     assert all(t.process is None for t in result.screened) and not children()
+
+
+def test_trials_that_cannot_pause_are_screened_in_one_rung(tmp_path):
+    """The first one, ended at the rung, runs again to the screening's length (its steps counted),
+    and no later one stops at the rung: each would run again."""
+    cmd = ["sh", "-c", " ".join(script(tmp_path, "0.3")) + "; true"]
+    result = fix(cmd, out=tmp_path / "fix", budget_steps=80, candidates=[lr_scale(0.1), clip_norm(1.0)],
+                 progress=lambda m: None)
+    assert result.rung_steps == 0 and result.spent == 10 and all(t.steps == 20 for t in result.screened)
+    assert not any(t.resumed_from for t in result.trials)
+    assert result.cost_steps == result.baseline.steps + 10 + sum(t.steps for t in result.screened) + sum(
+        t.steps for t in result.trials if all(t is not s for s in result.screened))
 
 
 def test_a_paused_trial_that_wrote_a_file_is_not_run_on(tmp_path, monkeypatch):

@@ -166,6 +166,18 @@ def replay(out: Path) -> list[list[str]]:
     row("stop screening at half when above the median", saved, changed)
     saved, changed = 0, []
     for r, d, screens, full in cases:
+        k = max(t.steps for t in full)
+        half = k - max(r["budget_steps"] // 4, 10) // 2  # halfway through the steps past the onset
+        early = [trial(p, half) for p in screens]
+        by_half = sorted(range(len(full)), key=lambda i: early[i].score)
+        kept, dropped = by_half[:(len(full) + 1) // 2], by_half[(len(full) + 1) // 2:]
+        order = sorted((full[i] for i in kept), key=lambda t: t.score) + [early[i] for i in dropped]
+        saved += sum(max(0, full[i].steps - half) for i in dropped)
+        if specs(pick_finals(sorted(full, key=lambda t: t.score))) != specs(pick_finals(order)):
+            changed.append(r)
+    row("halve the screened at half the screening (successive halving)", saved, changed)
+    saved, changed = 0, []
+    for r, d, screens, full in cases:
         step, change = finals_now(d, full)
         saved += step
         if change:

@@ -71,16 +71,20 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def print_result(result: FixResult, console: Console) -> None:
+    from gradwatch.fix import applied
     from gradwatch.fix.touched import WRITTEN
 
     if result.screened:
         each = ("in full, each as far as a full trial" if result.screen_steps >= result.budget_steps else
                 f"{result.screen_steps} steps each")
+        if result.rung_steps:
+            ahead = sum(not t.behind for t in result.screened)
+            each = f"{result.rung_steps} steps each, the better {ahead} on to {result.screen_steps}"
         screen = Table(title=f"screening: {len(result.screened)} remedies, {each}")
         for col in ("remedy", "harmful findings left", "loss"):
             screen.add_column(col)
-        for t in sorted(result.screened, key=lambda t: t.score):
-            screen.add_row(t.candidate.name, _left(t), f"{t.final_loss:.4g}")
+        for t in applied(result.screened) + [t for t in result.screened if t.not_applied]:
+            screen.add_row(t.candidate.name, _left(t), f"{t.final_loss:.4g}" + (f" at {t.steps}" if t.behind else ""))
         console.print(screen)
     n = len(result.trials)
     table = Table(title=f"gradwatch fix: {n} full trial{'s' * (n != 1)} of {result.budget_steps} steps" if n else

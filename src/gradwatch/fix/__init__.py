@@ -53,6 +53,8 @@ class FixResult:
     trials: list[Trial]  # the full-length trials
     budget_steps: int = 0  # steps per full-length trial
     screen_steps: int = 0  # steps per screening trial
+    rung_steps: int = 0  # steps every screening trial ran before the better half ran on to screen_steps (0: none)
+    spent: int = 0  # steps of screening trials since run again from their start (they could not pause)
     screened: list[Trial] = field(default_factory=list)  # the short screening trials, if any
     # files under the working directory the script wrote during the trials: each trial's copies are
     # in its run directory under written/, and the directory was put back after every trial ...
@@ -112,7 +114,8 @@ class FixResult:
     @property
     def cost_steps(self) -> int:
         ran = {id(t): t for t in [self.baseline, *self.trials, *self.screened, *filter(None, [self.located])]}
-        return sum(t.steps - t.resumed_from for t in ran.values())  # a final screened in full, or run on, ran once
+        # a final screened in full, or run on, ran once
+        return sum(t.steps - t.resumed_from for t in ran.values()) + self.spent
 
     def save(self, out: Path) -> Path:
         """OUT/fix.json: every trial so far and the winner, rewritten after each trial, so an
@@ -171,8 +174,9 @@ def pick_finals(screened: list[Trial]) -> list[Candidate]:
 
 
 def applied(screened: list[Trial]) -> list[Trial]:
-    """The screening trials whose remedy changed something, best first."""
-    return sorted((t for t in screened if not t.not_applied), key=lambda t: t.score)
+    """The screening trials whose remedy changed something, best first: the half that ran the whole
+    screening before the half that ended at its first rung (`first_rung`)."""
+    return sorted((t for t in screened if not t.not_applied), key=lambda t: (t.behind, t.score))
 
 
 def screened_in_full(result: FixResult, cand: Candidate) -> Trial | None:
@@ -194,14 +198,14 @@ PAUSED_MAX = 3
 MEMORY_SHARE = 0.5
 
 
-def keep_paused(screened: list[Trial]) -> None:
+def keep_paused(screened: list[Trial], keep: int = PAUSED_MAX) -> None:
     """End the paused screening trials that are unlikely to become finals, or that would hold too
     much memory: a final is the leader, a remedy close behind it, or their combination (a new trial)."""
     free = available_memory() * MEMORY_SHARE
     held = 0
     for rank, t in enumerate(sorted((t for t in screened if t.process is not None), key=lambda t: t.score)):
         held += t.process.channel.memory
-        if rank >= PAUSED_MAX or held > free:
+        if rank >= keep or held > free:
             end_paused(t)
 
 
@@ -273,13 +277,16 @@ def nan_to_locate(baseline: Trial) -> Finding | None:
                  if f.kind == "non_finite" and nan_cause(f.evidence) in ("data", "unknown")), None)
 
 
+MIN_SCREEN = 10  # steps a screening runs at least (past the fault's onset)
+
+
 def screen_steps(budget_steps: int, onset: int = 0) -> int:
     """A quarter of the budget, at least 10 steps (fewer measure nothing), never more than the budget
     (`--budget-steps 4` screened each remedy for 10 steps and ran the finals for 4), counted from
     `onset`, the step the baseline's first finding began at: a remedy is judged on what it does to
     the fault. A script that pretrains for 60 steps, then blows up in its fine-tuning, had every
     remedy screened for 37 steps of the healthy pretraining, and ranked by noise."""
-    return min(budget_steps, max(budget_steps // 4, 10) + max(onset, 0))
+    return min(budget_steps, max(budget_steps // 4, MIN_SCREEN) + max(onset, 0))
 
 
 def onset(baseline: Trial, steps: np.ndarray) -> int:
@@ -287,6 +294,15 @@ def onset(baseline: Trial, steps: np.ndarray) -> int:
     when it has none)."""
     first = min((f.first_step for f in baseline.blocking), default=None)
     return 0 if first is None or not len(steps) else int(np.searchsorted(steps, first))
+
+
+def first_rung(short: int, onset_steps: int) -> int | None:
+    """Where every screening trial pauses before the better half of them runs on to `short`:
+    halfway through the steps it screens past the onset (successive halving, Jamieson & Talwalkar
+    2016, with η = 2: the remedies that end in the worse half cost half their screening). None when
+    that half is shorter than the 10 steps a screening runs at least (fewer measure nothing)."""
+    past = (short - onset_steps) // 2
+    return onset_steps + past if past >= MIN_SCREEN else None
 
 
 def screen_in_full(short: int, full: int, n: int) -> bool:
@@ -386,7 +402,7 @@ def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "
         """`pause`: a screening trial that may be run on later (pause.py); `paused`: such a trial, run on."""
         try:
             if paused is not None:
-                t = go_on(paused, steps, timeout)
+                t = go_on(paused, steps, timeout, pause=pause)
             elif callable(command):
                 t = run_trial_in_process(command, out / name, cand, steps, trained=trained, locate_at=locate_at)
             else:
@@ -413,6 +429,47 @@ def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "
         for t in partial[0].screened if partial else []:
             end_paused(t)
         workspace.close()
+
+
+def _screen(trial: Callable[..., Trial], queue: list[Candidate], result: FixResult, onset_steps: int,
+            in_process: bool, say: Callable[[str], None], out: Path) -> None:
+    """Every candidate to the first rung, paused there (`first_rung`); the better half run on to the
+    screening's length, paused again for the finals to run on. Without a rung (a short screening,
+    trials that cannot pause), every candidate to the screening's length."""
+    short, budget = result.screen_steps, result.budget_steps
+    rung = first_rung(short, onset_steps) if short < budget and not in_process else None
+    better = -(-len(queue) // 2)
+    queue.sort(key=stacked)  # last: screened on top of the leader by then
+    for i, cand in enumerate(queue, 1):
+        cand = on_the_leader(cand, result.screened)
+        say(f"gradwatch fix: screening {i}/{len(queue)} ({rung or short} steps): {cand.name}")
+        result.screened.append(trial(f"screen-{i}", cand, rung or short, pause=short < budget))
+        if rung and i == 1 and result.screened[0].cut and result.screened[0].process is None:
+            rung = None  # it could not pause (pause.py): no trial would, and each would run again
+            result.spent += result.screened[0].steps
+            result.screened[0] = trial("screen-1", cand, short, pause=True)
+        keep_paused(result.screened, better if rung else PAUSED_MAX)
+        result.save(out)
+    if rung is None:
+        return
+    result.rung_steps = rung
+    ahead = {id(t) for t in applied(result.screened)[:better]}
+    for i, t in enumerate(result.screened):
+        if id(t) not in ahead:
+            t.behind = t.cut  # (one that ended on its own was measured to its end)
+            end_paused(t)
+        elif t.cut:
+            say(f"gradwatch fix: screening {i + 1}/{len(queue)} on to {short} steps (in the better half at {rung}): "
+                f"{t.candidate.name}")
+            if t.process is None:  # it could not pause (it wrote files): anew
+                result.spent += t.steps
+                more = trial(t.run_dir.name, t.candidate, short, pause=True)
+            else:
+                more = trial(t.run_dir.name, t.candidate, short, pause=True, paused=t)
+                more.resumed_from = t.resumed_from  # (in t's place: t's steps are counted in it)
+            result.screened[i] = more
+            keep_paused(result.screened)
+            result.save(out)
 
 
 def _fix(trial: Callable[[str, Candidate, int], Trial], command: list[str] | Callable[[], object], out: Path,
@@ -463,21 +520,15 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], command: list[str] | Cal
     queue = list(candidates)
     screening = strategy == "screen" and len(queue) > 1
     if screening:
-        short = screen_steps(budget_steps, onset(baseline, run.steps))
+        start = onset(baseline, run.steps)
+        short = screen_steps(budget_steps, start)
         result.screen_steps = budget_steps if screen_in_full(short, full_length(baseline, budget_steps), len(queue)) \
             else short
     if (cost := expected_cost(baseline, queue, result.screen_steps, finals,
                               full_length(baseline, budget_steps))) is not None:
         say(cost)
     if screening:
-        short = result.screen_steps
-        queue.sort(key=stacked)  # last: screened on top of the leader by then
-        for i, cand in enumerate(queue, 1):
-            cand = on_the_leader(cand, result.screened)
-            say(f"gradwatch fix: screening {i}/{len(queue)} ({short} steps): {cand.name}")
-            result.screened.append(trial(f"screen-{i}", cand, short, pause=short < budget_steps))
-            keep_paused(result.screened)
-            result.save(out)
+        _screen(trial, queue, result, start, callable(command), say, out)
         screened = applied(result.screened)
         queue = pick_finals(screened)[:max(finals, 1)] if screened else []
 

@@ -49,6 +49,7 @@ class Trial:
     trained: frozenset[str] = frozenset()  # the weight layers an optimizer trains
     cut: bool = False  # the budget ended it, not the script: it had more to run
     resumed_from: int = 0  # the steps it ran as a screening trial, paused, before it was run on (go_on)
+    behind: bool = False  # ended at the screening's first rung, in the worse half: ranked after the better half
     process: "Process | None" = field(default=None, repr=False, compare=False)  # paused: its process, waiting
 
     @property
@@ -255,12 +256,12 @@ def run_trial(command: list[str], run_dir: Path, candidate: Candidate, budget_st
     return Process(proc, log, channel, run_dir, say).run(candidate, budget_steps, timeout)
 
 
-def go_on(trial: Trial, budget_steps: int, timeout: float | None = None) -> Trial:
-    """A paused trial run on to `budget_steps`, then ended and measured: the steps it had run are
-    not run again (`Trial.resumed_from`)."""
+def go_on(trial: Trial, budget_steps: int, timeout: float | None = None, pause: bool = False) -> Trial:
+    """A paused trial run on to `budget_steps`, then ended and measured (`pause`: paused there
+    again): the steps it had run are not run again (`Trial.resumed_from`)."""
     process, trial.process = trial.process, None
     process.channel.go_on(budget_steps)
-    final = process.run(trial.candidate, budget_steps, timeout, ran_for=trial.seconds, end_at_pause=True)
+    final = process.run(trial.candidate, budget_steps, timeout, ran_for=trial.seconds, end_at_pause=not pause)
     final.resumed_from = trial.steps
     return final
 
