@@ -154,7 +154,9 @@ def test_an_optimizer_swap_is_screened_on_top_of_a_leader_that_repaired_the_run(
     repairs.clear()  # no screen repairs the run: Adam is screened alone
     seen.clear()
     fix(_train, out=tmp_path / "fix2", budget_steps=40, candidates=[swap_opt, lower, re_init], progress=[].append)
-    assert seen[:3] == [re_init.name, swap_opt.name, lower.name]
+    # re-initialising blew up where this baseline did not: once more with Adam (tests/test_fix_bounded_retry.py);
+    # then Adam and the lr scale alone
+    assert seen[:4] == [re_init.name, stacked, swap_opt.name, lower.name]
 
 
 def test_the_spare_final_is_the_next_screened_remedy_even_one_that_left_a_finding():

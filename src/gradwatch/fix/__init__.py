@@ -19,8 +19,8 @@ import numpy as np
 from gradwatch.diagnose.advice import Context, nan_cause
 from gradwatch.diagnose.finding import Finding
 from gradwatch.errors import ConfigError
-from gradwatch.fix.candidates import (Candidate, aimed, autotrainer_order, combine, findings_model, from_findings,
-                                      lr_ceiling)
+from gradwatch.fix.candidates import (BLOW_UP, MODEL_KEYS, Candidate, aimed, autotrainer_order, combine, findings_model,
+                                      from_findings, lr_ceiling)
 from gradwatch.fix.locate import Origin
 from gradwatch.fix.names import Names, script_names
 from gradwatch.fix.pause import available_memory
@@ -245,6 +245,40 @@ def on_the_leader(cand: Candidate, screened: list[Trial]) -> Candidate:
     return next((c for t in done if t.works and (c := combine(t.candidate, cand)) is not None), cand)
 
 
+def blew_up(trial: Trial) -> bool:
+    """Its loss went non-finite, or it left an exploding gradient or a divergence."""
+    return trial.final_loss == float("inf") or any(f.kind in BLOW_UP for f in trial.blocking)
+
+
+def bounded_retry(baseline: Trial, screened: list[Trial], offered: list[Candidate]) -> Candidate | None:
+    """A change to the model that blew up in screening where the baseline did not, once more with
+    its steps bounded: with the Adam `offered`, else on top of a normalisation that repaired the
+    run. Such a change let the gradient through (a 10-layer sigmoid MLP's SELU + LeCun), and the
+    lr the script had for the vanishing network then overshoots; Adam moves each weight by about
+    its lr whatever the gradient's scale, and a weight a norm follows is scale-invariant, its
+    effective step shrinking as it grows (Arora et al. 2019). That sigmoid MLP's SELU blew up
+    under SGD at lr 0.1 (3 seeds), and with Adam reached 0.024-0.059, its ReLU + He + Adam
+    variant 0.032-0.067, BatchNorm + LeakyReLU (picked without the retry) 0.058-0.098; a
+    small-init ReLU MLP updated by hand, SELU on BatchNorm 0.032-0.044 against 0.044-0.066 and
+    0.069-0.075. None when the baseline blew up: there the change did not fix the fault, and the
+    lr remedies are screened for it alone."""
+    if blew_up(baseline):
+        return None
+    tried = {json.dumps(t.candidate.spec, sort_keys=True) for t in screened}
+    done = applied(screened)
+    bounds = [c for c in offered if "optimizer" in c.spec] + [t.candidate for t in done
+                                                             if t.works and "norm" in t.candidate.spec]
+    for t in done:
+        if stacked(t.candidate) or not any(k in t.candidate.spec for k in MODEL_KEYS) or not blew_up(t):
+            continue
+        for bound in bounds:
+            if (both := combine(t.candidate, bound)) is not None \
+                    and json.dumps(both.spec, sort_keys=True) not in tried:
+                return both
+        return None  # one retry, for the best-ranked change that blew up
+    return None
+
+
 def _partner(lead: Trial, others: list[Trial]) -> list[Candidate]:
     """The final beside a leader that repaired the run alone: the leader with the best other repair
     close to it, or that repair alone when the two do not combine; none when no other qualifies.
@@ -438,28 +472,39 @@ def _screen(trial: Callable[..., Trial], queue: list[Candidate], result: FixResu
     trials that cannot pause), every candidate to the screening's length."""
     short, budget = result.screen_steps, result.budget_steps
     rung = first_rung(short, onset_steps) if short < budget and not in_process else None
-    better = -(-len(queue) // 2)
-    queue.sort(key=stacked)  # last: screened on top of the leader by then
-    for i, cand in enumerate(queue, 1):
-        cand = on_the_leader(cand, result.screened)
-        say(f"gradwatch fix: screening {i}/{len(queue)} ({rung or short} steps): {cand.name}")
+    most = -(-(len(queue) + 1) // 2)  # the better half, with a retry screened too
+
+    def screen(cand: Candidate, count: str, why: str = "") -> None:
+        nonlocal rung
+        i = len(result.screened) + 1
+        say(f"gradwatch fix: screening {count} ({rung or short} steps): {cand.name}{why}")
         result.screened.append(trial(f"screen-{i}", cand, rung or short, pause=short < budget))
         if rung and i == 1 and result.screened[0].cut and result.screened[0].process is None:
             rung = None  # it could not pause (pause.py): no trial would, and each would run again
             result.spent += result.screened[0].steps
             result.screened[0] = trial("screen-1", cand, short, pause=True)
-        keep_paused(result.screened, better if rung else PAUSED_MAX)
+        keep_paused(result.screened, most if rung else PAUSED_MAX)
         result.save(out)
+
+    queue.sort(key=stacked)  # last: screened on top of the leader by then
+    own = [c for c in queue if not stacked(c)]
+    for i, cand in enumerate(own, 1):
+        screen(cand, f"{i}/{len(queue)}")
+    if (retry := bounded_retry(result.baseline, result.screened, queue)) is not None:
+        screen(retry, "one more", ": the change alone blew up where the baseline did not; its steps now bounded")
+    for i, cand in enumerate(queue[len(own):], len(own) + 1):
+        screen(on_the_leader(cand, result.screened), f"{i}/{len(queue)}")
     if rung is None:
         return
     result.rung_steps = rung
-    ahead = {id(t) for t in applied(result.screened)[:better]}
+    n = len(result.screened)
+    ahead = {id(t) for t in applied(result.screened)[:-(-n // 2)]}
     for i, t in enumerate(result.screened):
         if id(t) not in ahead:
             t.behind = t.cut  # (one that ended on its own was measured to its end)
             end_paused(t)
         elif t.cut:
-            say(f"gradwatch fix: screening {i + 1}/{len(queue)} on to {short} steps (in the better half at {rung}): "
+            say(f"gradwatch fix: screening {i + 1}/{n} on to {short} steps (in the better half at {rung}): "
                 f"{t.candidate.name}")
             if t.process is None:  # it could not pause (it wrote files): anew
                 result.spent += t.steps
