@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from gradwatch.fix import BASELINE, Trial, applied, first_rung, fix
-from gradwatch.fix.candidates import clip_norm, lr_scale
+from gradwatch.fix.candidates import clip_norm, clip_value, lr_scale
 from gradwatch.fix.inject import BUDGET_REACHED
 from gradwatch.fix.trial import go_on, run_trial
 from gradwatch.store import read_run
@@ -31,12 +31,16 @@ model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU()
 opt = torch.optim.SGD(model.parameters(), lr=float(sys.argv[1]))
 x = torch.randn(64, 16)
 y = x.sum(1, keepdim=True)
-for step in range(120):
-    if step == 5 and len(sys.argv) > 2:
-        open(sys.argv[2], "w").write("a checkpoint")
-    opt.zero_grad()
-    nn.functional.mse_loss(model(x + 0.1 * torch.randn_like(x)), y).backward()
-    opt.step()
+try:
+    for step in range(120):
+        if step == 5 and len(sys.argv) > 2 and sys.argv[2] != "-":
+            open(sys.argv[2], "w").write("a checkpoint")
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x + 0.1 * torch.randn_like(x)), y).backward()
+        opt.step()
+finally:
+    if len(sys.argv) > 3:
+        open(sys.argv[3], "w").write("the trial's last weights")
 """
 
 
@@ -101,6 +105,50 @@ def children() -> list[int]:
     return found
 
 
+def test_what_a_paused_trial_writes_as_it_ends_is_put_aside(tmp_path, monkeypatch):
+    """A script that saves its weights in a `finally:`: a paused trial ended after the last put-back
+    wrote them over the user's own file."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "last.txt").write_text("mine")
+    result = fix(script(tmp_path, "0.3", "-", "last.txt"), out=tmp_path / "fix", budget_steps=80,
+                 candidates=[lr_scale(0.1), clip_norm(1.0), lr_scale(0.01)], progress=lambda m: None)
+    assert result.rung_steps and (tmp_path / "last.txt").read_text() == "mine"
+    assert (tmp_path / "fix" / "baseline" / "written" / "last.txt").is_file()
+    assert all((t.run_dir / "written" / "last.txt").is_file() for t in result.screened)
+
+
+FORKED = """
+import multiprocessing as mp
+import torch
+from torch import nn
+
+def train():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in range(60):
+        opt.zero_grad()
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        opt.step()
+
+if __name__ == "__main__":
+    torch.zeros(1)  # (torch imported in the parent: the watch and the remedy start there, then fork)
+    child = mp.get_context("fork").Process(target=train)
+    child.start()
+    child.join()
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="a forked child")
+def test_a_forked_child_that_trains_does_not_pause_on_fixs_pipe(tmp_path):
+    """Its copy of the remedy was made before the fork: paused there, fix measured 0 steps while the
+    parent waited in join()."""
+    path = tmp_path / "forked.py"
+    path.write_text(FORKED)
+    t = run_trial([sys.executable, str(path)], tmp_path / "t", lr_scale(0.5), 20, pause=True)
+    assert t.process is None and t.exit_code == 0
+
+
 def test_the_first_rung_is_halfway_through_the_steps_past_the_onset():
     assert first_rung(50, 0) == 25 and first_rung(70, 20) == 45
     assert first_rung(38, 20) is None  # 9 steps past the onset: fewer than a screening's least
@@ -145,19 +193,69 @@ def test_a_paused_trial_that_wrote_a_file_is_not_run_on(tmp_path, monkeypatch):
 
 
 class Paused:
-    def __init__(self, memory: int):
+    def __init__(self, memory: int = 0):
         self.channel = type("Channel", (), {"memory": memory})()
 
 
 def test_the_best_screened_are_kept_paused_within_a_share_of_free_memory(monkeypatch):
     ended = []
-    monkeypatch.setattr(fix_module, "end_paused", lambda t: ended.append(t.final_loss))
     monkeypatch.setattr(fix_module, "available_memory", lambda: 10e9)
     trials = [Trial(BASELINE, Path("t"), 0, 1.0, steps=20, final_loss=loss, first_loss=2.0, process=Paused(1e9))
               for loss in (0.5, 0.1, 0.9, 0.3, 0.7)]
-    fix_module.keep_paused(trials)
+    fix_module.keep_paused(trials, lambda t: ended.append(t.final_loss))
     assert sorted(ended) == [0.7, 0.9]  # the three best kept (PAUSED_MAX)
     ended.clear()
     monkeypatch.setattr(fix_module, "available_memory", lambda: 5e9)  # half of it: 2.5 GB, two of 1 GB
-    fix_module.keep_paused(trials)
+    fix_module.keep_paused(trials, lambda t: ended.append(t.final_loss))
     assert sorted(ended) == [0.5, 0.7, 0.9]
+
+
+def _screened(losses: dict[str, float], rung_only: set[str] = frozenset()):
+    """A fake `trial` for `_screen`: each remedy cut at the steps asked, paused, at its loss; those in
+    `rung_only` blow up at step 7, before the rung, and end there."""
+    ran = []
+
+    def trial(name, cand, steps, pause=False, paused=None):
+        ran.append((cand.name, steps, paused is not None))
+        if cand.name in rung_only:
+            return Trial(cand, Path(name), 0, 1.0, steps=7, final_loss=float("inf"), first_loss=2.0)
+        return Trial(cand, Path(name), 0, 1.0, steps=steps, final_loss=losses[cand.name] / steps, first_loss=2.0,
+                     cut=True, process=Paused())
+    return trial, ran
+
+
+def test_the_worse_half_ranks_after_the_better_one_and_the_better_half_runs_on_from_its_pause(monkeypatch):
+    """Eight remedies: the better four run on from their pause (none ended before it by the cap on
+    paused trials); a remedy that blew up before the rung is in the worse half too, ranked last."""
+    monkeypatch.setattr(fix_module, "available_memory", lambda: 1e12)
+    cands = [clip_norm(x) for x in (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)] + [clip_value(1.0)]
+    losses = {c.name: 10.0 + i for i, c in enumerate(cands)}
+    trial, ran = _screened(losses, rung_only={clip_value(1.0).name})
+    result = fix_module.FixResult(Trial(BASELINE, Path("b"), 0, 1.0, steps=200), [], budget_steps=200,
+                                  screen_steps=50)
+    ended = []
+    fix_module._screen(trial, ended.append, list(cands), result, 0, False, lambda m: None, Path("."))
+    run_on = [name for name, steps, resumed in ran if resumed]
+    assert result.rung_steps == 25 and run_on == [c.name for c in cands[:4]] and result.spent == 0
+    assert [t.behind for t in result.screened] == [False] * 4 + [True] * 4
+    assert applied(result.screened)[-1].candidate == clip_value(1.0)
+    assert all(t.steps == 50 for t in result.screened[:4]) and all(t.steps == 25 for t in result.screened[4:7])
+
+
+def test_no_rung_where_the_free_memory_is_unknown(monkeypatch):
+    """Nothing would stay paused (keep_paused keeps none): every remedy would run again from its start."""
+    monkeypatch.setattr(fix_module, "available_memory", lambda: 0.0)
+    cands = [clip_norm(1.0), clip_norm(2.0), clip_value(1.0)]
+    trial, ran = _screened({c.name: 10.0 for c in cands})
+    result = fix_module.FixResult(Trial(BASELINE, Path("b"), 0, 1.0, steps=200), [], budget_steps=200,
+                                  screen_steps=50)
+    fix_module._screen(trial, lambda t: None, list(cands), result, 0, False, lambda m: None, Path("."))
+    assert result.rung_steps == 0 and [steps for _, steps, _ in ran] == [50, 50, 50]
+
+
+def test_a_run_on_trials_pace_counts_only_the_steps_since_it_went_on(tmp_path):
+    from gradwatch.fix.trial import _how_far
+
+    (tmp_path / "progress.txt").write_text("51")
+    said = _how_far(tmp_path, 160, 3.0, since=40)  # 11 steps in 3 s since the pause at 40
+    assert "51 of 160 steps" in said and "about 30s more" in said

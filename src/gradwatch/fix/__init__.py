@@ -198,7 +198,7 @@ PAUSED_MAX = 3
 MEMORY_SHARE = 0.5
 
 
-def keep_paused(screened: list[Trial], keep: int = PAUSED_MAX) -> None:
+def keep_paused(screened: list[Trial], end: Callable[[Trial], None], keep: int = PAUSED_MAX) -> None:
     """End the paused screening trials that are unlikely to become finals, or that would hold too
     much memory: a final is the leader, a remedy close behind it, or their combination (a new trial)."""
     free = available_memory() * MEMORY_SHARE
@@ -206,7 +206,7 @@ def keep_paused(screened: list[Trial], keep: int = PAUSED_MAX) -> None:
     for rank, t in enumerate(sorted((t for t in screened if t.process is not None), key=lambda t: t.score)):
         held += t.process.channel.memory
         if rank >= keep or held > free:
-            end_paused(t)
+            end(t)
 
 
 def spare_final(result: FixResult) -> Candidate | None:
@@ -445,8 +445,16 @@ def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "
         finally:  # also when interrupted: the user's directory as it was
             touched = workspace.settle(out / name)
         if touched:  # what it wrote is put aside: run on, it would miss it
-            end_paused(t)
+            end(t)
         return t
+
+    def end(t: Trial) -> None:
+        """A paused trial ended, and what its script writes on its way out (a `finally:` that saves a
+        checkpoint, an atexit log) put aside too: ended after its last put-back, it replaced the
+        user's own file."""
+        if t.process is not None:
+            end_paused(t)
+            workspace.settle(t.run_dir)
 
     workspace = Workspace(Path.cwd(), out)  # first: a killed fix's trials date what it left
     discard_trials(out)
@@ -454,36 +462,41 @@ def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "
         say(f"gradwatch fix: {workspace.notice}")
     partial: list[FixResult] = []  # the result so far, once the baseline is measured
     try:
-        return _fix(trial, command, out, budget_steps, candidates, order, strategy, finals, say, workspace, partial)
+        return _fix(trial, end, command, out, budget_steps, candidates, order, strategy, finals, say, workspace,
+                    partial)
     except KeyboardInterrupt as exc:
         if partial and not isinstance(exc, FixInterrupted):
             raise FixInterrupted(partial[0]) from exc
         raise
     finally:
         for t in partial[0].screened if partial else []:
-            end_paused(t)
+            end(t)
         workspace.close()
 
 
-def _screen(trial: Callable[..., Trial], queue: list[Candidate], result: FixResult, onset_steps: int,
-            in_process: bool, say: Callable[[str], None], out: Path) -> None:
+def _screen(trial: Callable[..., Trial], end: Callable[[Trial], None], queue: list[Candidate], result: FixResult,
+            onset_steps: int, in_process: bool, say: Callable[[str], None], out: Path) -> None:
     """Every candidate to the first rung, paused there (`first_rung`); the better half run on to the
     screening's length, paused again for the finals to run on. Without a rung (a short screening,
-    trials that cannot pause), every candidate to the screening's length."""
+    trials that cannot pause), every candidate to the screening's length. `end`: ends a paused trial."""
     short, budget = result.screen_steps, result.budget_steps
-    rung = first_rung(short, onset_steps) if short < budget and not in_process else None
+    # (no rung where nothing could stay paused: in process, or the free memory unknown)
+    rung = first_rung(short, onset_steps) if short < budget and not in_process and available_memory() else None
     most = -(-(len(queue) + 1) // 2)  # the better half, with a retry screened too
+    paused = False  # a trial stopped at the rung paused: trials here can
 
     def screen(cand: Candidate, count: str, why: str = "") -> None:
-        nonlocal rung
+        nonlocal rung, paused
         i = len(result.screened) + 1
         say(f"gradwatch fix: screening {count} ({rung or short} steps): {cand.name}{why}")
-        result.screened.append(trial(f"screen-{i}", cand, rung or short, pause=short < budget))
-        if rung and i == 1 and result.screened[0].cut and result.screened[0].process is None:
-            rung = None  # it could not pause (pause.py): no trial would, and each would run again
-            result.spent += result.screened[0].steps
-            result.screened[0] = trial("screen-1", cand, short, pause=True)
-        keep_paused(result.screened, most if rung else PAUSED_MAX)
+        result.screened.append(t := trial(f"screen-{i}", cand, rung or short, pause=short < budget))
+        if rung and t.cut and not paused:
+            paused = t.process is not None
+            if not paused:  # it could not pause (pause.py): no trial here would, each would run again
+                rung = None
+                result.spent += t.steps
+                result.screened[-1] = trial(f"screen-{i}", cand, short, pause=True)
+        keep_paused(result.screened, end, most if rung else PAUSED_MAX)
         result.save(out)
 
     queue.sort(key=stacked)  # last: screened on top of the leader by then
@@ -499,26 +512,28 @@ def _screen(trial: Callable[..., Trial], queue: list[Candidate], result: FixResu
     result.rung_steps = rung
     n = len(result.screened)
     ahead = {id(t) for t in applied(result.screened)[:-(-n // 2)]}
-    for i, t in enumerate(result.screened):
+    for t in result.screened:
         if id(t) not in ahead:
-            t.behind = t.cut  # (one that ended on its own was measured to its end)
-            end_paused(t)
-        elif t.cut:
-            say(f"gradwatch fix: screening {i + 1}/{n} on to {short} steps (in the better half at {rung}): "
-                f"{t.candidate.name}")
-            if t.process is None:  # it could not pause (it wrote files): anew
+            t.behind = True  # (ranked after the better half: also one that ended before the rung)
+            end(t)
+    for i, t in enumerate(result.screened):
+        if id(t) in ahead and t.cut:
+            anew = t.process is None  # it could not pause (it wrote files), or stay paused (memory)
+            say(f"gradwatch fix: screening {i + 1}/{n} on to {short} steps (in the better half at {rung}"
+                f"{'; anew: it could not stay paused' if anew else ''}): {t.candidate.name}")
+            if anew:
                 result.spent += t.steps
                 more = trial(t.run_dir.name, t.candidate, short, pause=True)
             else:
                 more = trial(t.run_dir.name, t.candidate, short, pause=True, paused=t)
                 more.resumed_from = t.resumed_from  # (in t's place: t's steps are counted in it)
             result.screened[i] = more
-            keep_paused(result.screened)
             result.save(out)
+    keep_paused(result.screened, end)  # (not before: one of the better half not yet run on would end)
 
 
-def _fix(trial: Callable[[str, Candidate, int], Trial], command: list[str] | Callable[[], object], out: Path,
-         budget_steps: int, candidates: list[Candidate] | None, order: str, strategy: str, finals: int,
+def _fix(trial: Callable[[str, Candidate, int], Trial], end: Callable[[Trial], None],
+         command: list[str] | Callable[[], object], out: Path, budget_steps: int, candidates: list[Candidate] | None, order: str, strategy: str, finals: int,
          say: Callable[[str], None], workspace: Workspace, partial: list[FixResult]) -> FixResult:
     say(f"gradwatch fix: baseline trial ({budget_steps} steps)")
     baseline = trial("baseline", BASELINE, budget_steps)
@@ -573,7 +588,7 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], command: list[str] | Cal
                               full_length(baseline, budget_steps))) is not None:
         say(cost)
     if screening:
-        _screen(trial, queue, result, start, callable(command), say, out)
+        _screen(trial, end, queue, result, start, callable(command), say, out)
         screened = applied(result.screened)
         queue = pick_finals(screened)[:max(finals, 1)] if screened else []
 

@@ -35,7 +35,7 @@ from gradwatch.errors import ConfigError
 from gradwatch.fix.locate import ENV_LOCATE_AT, NonFiniteLocator
 from gradwatch.fix.pause import child_channel, wait_for_more
 from gradwatch.remedies import clip, init_, insert_norm, replace_rnn, swap_activations
-from gradwatch.runner import ENV_RUN_DIR
+from gradwatch.runner import ENV_RUN_DIR, is_the_command
 
 ENV_REMEDY = "GRADWATCH_REMEDY"
 ENV_MAX_STEPS = "GRADWATCH_MAX_STEPS"
@@ -361,12 +361,12 @@ class Injector:
         """Wait for fix to say how far to go on (None: end here), once the store holds every step so
         far (fix measures the trial from it meanwhile). Not with the model on a GPU: paused, a
         process keeps its device memory, and the next trial's would not fit beside it."""
-        if self._channel is None or (self.model is not None and any(
+        if self._channel is None or not is_the_command() or (self.model is not None and any(
                 p.device.type != "cpu" for p in self.model.parameters())):
-            return None
-        from gradwatch.collect.auto import _own_watch
+            return None  # (not fix's child: a forked one, its copy of this injector made before the fork)
+        from gradwatch.collect.auto import own_watch
 
-        if (watch := _own_watch()) is not None:
+        if (watch := own_watch()) is not None:
             watch.flush()
         more = wait_for_more(self._channel, steps)
         if more is None or more <= steps:

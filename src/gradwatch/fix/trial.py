@@ -237,7 +237,7 @@ def run_trial(command: list[str], run_dir: Path, candidate: Candidate, budget_st
         env[ENV_REMEDY] = json.dumps(candidate.spec)
     if locate_at is not None:
         env[ENV_LOCATE_AT] = str(locate_at)
-    channel = Channel() if pause else None
+    channel = Channel() if pause and os.name == "posix" else None  # (pipes passed to a child: POSIX)
     if channel is not None:
         env.update(channel.env())
     log = open(run_dir / OUTPUT_LOG, "wb")
@@ -261,6 +261,7 @@ def go_on(trial: Trial, budget_steps: int, timeout: float | None = None, pause: 
     again): the steps it had run are not run again (`Trial.resumed_from`)."""
     process, trial.process = trial.process, None
     process.channel.go_on(budget_steps)
+    process.since = trial.steps
     final = process.run(trial.candidate, budget_steps, timeout, ran_for=trial.seconds, end_at_pause=not pause)
     final.resumed_from = trial.steps
     return final
@@ -283,6 +284,7 @@ class Process:
     def __init__(self, proc: subprocess.Popen, log, channel: Channel | None, run_dir: Path,
                  say: Callable[[str], None] | None) -> None:
         self.proc, self.log, self.channel, self.run_dir, self.say = proc, log, channel, run_dir, say
+        self.since = 0  # the step it was run on from (go_on): the pace is that of the steps since
 
     def run(self, candidate: Candidate, budget_steps: int, timeout: float | None, ran_for: float = 0.0,
             end_at_pause: bool = False) -> Trial:
@@ -351,15 +353,17 @@ class Process:
                 except subprocess.TimeoutExpired:
                     pass
             if self.say is not None and (left is None or left > beat):
-                self.say(_how_far(self.run_dir, budget_steps, time.monotonic() - start))
+                self.say(_how_far(self.run_dir, budget_steps, time.monotonic() - start, self.since))
 
 
-def _how_far(run_dir: Path, budget_steps: int, seconds: float) -> str:
+def _how_far(run_dir: Path, budget_steps: int, seconds: float, since: int = 0) -> str:
+    """`seconds`: since the trial started, or was run on from step `since`."""
     try:
         done = int((run_dir / PROGRESS).read_text())
     except (OSError, ValueError):
         done = 0
-    rest = f", about {_duration(seconds / done * (budget_steps - done))} more at this pace" if done else ""
+    pace = seconds / (done - since) if done > since else 0.0
+    rest = f", about {_duration(pace * (budget_steps - done))} more at this pace" if pace else ""
     return f"gradwatch fix:   {run_dir.name}: {done} of {budget_steps} steps after {_duration(seconds)}{rest}"
 
 
