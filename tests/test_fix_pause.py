@@ -224,7 +224,7 @@ def _screened(losses: dict[str, float], rung_only: set[str] = frozenset()):
     return trial, ran
 
 
-def test_the_worse_half_ranks_after_the_better_one_and_the_better_half_runs_on_from_its_pause(monkeypatch):
+def test_the_worse_half_ranks_after_the_better_one_and_the_better_half_runs_on_from_its_pause(monkeypatch, tmp_path):
     """Eight remedies: the better four run on from their pause (none ended before it by the cap on
     paused trials); a remedy that blew up before the rung is in the worse half too, ranked last."""
     monkeypatch.setattr(fix_module, "available_memory", lambda: 1e12)
@@ -234,7 +234,7 @@ def test_the_worse_half_ranks_after_the_better_one_and_the_better_half_runs_on_f
     result = fix_module.FixResult(Trial(BASELINE, Path("b"), 0, 1.0, steps=200), [], budget_steps=200,
                                   screen_steps=50)
     ended = []
-    fix_module._screen(trial, ended.append, list(cands), result, 0, False, lambda m: None, Path("."))
+    fix_module._screen(trial, ended.append, list(cands), result, 0, False, lambda m: None, tmp_path)
     run_on = [name for name, steps, resumed in ran if resumed]
     assert result.rung_steps == 25 and run_on == [c.name for c in cands[:4]] and result.spent == 0
     assert [t.behind for t in result.screened] == [False] * 4 + [True] * 4
@@ -242,14 +242,14 @@ def test_the_worse_half_ranks_after_the_better_one_and_the_better_half_runs_on_f
     assert all(t.steps == 50 for t in result.screened[:4]) and all(t.steps == 25 for t in result.screened[4:7])
 
 
-def test_no_rung_where_the_free_memory_is_unknown(monkeypatch):
+def test_no_rung_where_the_free_memory_is_unknown(monkeypatch, tmp_path):
     """Nothing would stay paused (keep_paused keeps none): every remedy would run again from its start."""
     monkeypatch.setattr(fix_module, "available_memory", lambda: 0.0)
     cands = [clip_norm(1.0), clip_norm(2.0), clip_value(1.0)]
     trial, ran = _screened({c.name: 10.0 for c in cands})
     result = fix_module.FixResult(Trial(BASELINE, Path("b"), 0, 1.0, steps=200), [], budget_steps=200,
                                   screen_steps=50)
-    fix_module._screen(trial, lambda t: None, list(cands), result, 0, False, lambda m: None, Path("."))
+    fix_module._screen(trial, lambda t: None, list(cands), result, 0, False, lambda m: None, tmp_path)
     assert result.rung_steps == 0 and [steps for _, steps, _ in ran] == [50, 50, 50]
 
 

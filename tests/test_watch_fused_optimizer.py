@@ -2,6 +2,7 @@
 steps and clears `p.grad`): a watch attached after those hooks finds no gradient left in its own.
 It crashed the training's first backward (AttributeError from inside the watch)."""
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -65,4 +66,83 @@ def test_a_watch_after_the_fused_optimizer_says_once_that_it_records_no_gradient
     said = [line for line in capsys.readouterr().err.splitlines() if "cleared p.grad" in line]
     assert len(said) == 1 and "call gw.watch(model, optimizer) in the script before" in said[0]
     _train("before")
+    assert "cleared p.grad" not in capsys.readouterr().err
+
+
+def test_a_watch_before_the_fused_optimizer_reads_each_update():
+    """Its weights change inside backward: taken after it, they never changed before the next one,
+    every update ratio read 0 and diagnose said `stalled_layers` (an error) of a training that
+    learns. Each sampled step's ratio is the float64 recount of the change across its backward."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    opts = {p: torch.optim.Adam([p], lr=0.01) for p in model.parameters()}
+    watch = gradwatch.watch(model, sample_every=2, warn=False, status=False)
+
+    def fused(p):
+        opts[p].step()
+        opts[p].zero_grad()
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(fused)
+    x, want = torch.randn(16, 8), {"0": [], "2": []}
+    for _ in range(6):
+        before = {name: [p.detach().double().clone() for p in model[int(name)].parameters()] for name in want}
+        model(x).square().mean().backward()
+        for name, old in before.items():
+            new = [p.detach().double() for p in model[int(name)].parameters()]
+            change = torch.cat([(b - a).flatten() for a, b in zip(old, new)]).norm()
+            want[name].append((change / torch.cat([a.flatten() for a in old]).norm()).item())
+    run = watch.series()
+    watch.detach()
+    for name, ratios in want.items():
+        steps, stored = run.series(name, "update_ratio")
+        assert list(steps) == [0, 2, 4]
+        np.testing.assert_allclose(stored, ratios[::2], rtol=1e-5)
+    assert "stalled_layers" not in {f.kind for f in gradwatch.diagnose(run)}
+
+
+def test_zero_code_reads_a_fused_optimizers_gradients_and_updates(tmp_path, capsys):
+    """`gradwatch run` of the recipe: the script's hooks come before the watch's (its model is
+    found at its first forward), and the per-parameter optimizers step inside backward. The first
+    one was adopted as the step's optimizer and ended each step inside the backward: no gradient,
+    no loss stored. Each backward is a step, its gradients read before the fused step clears them
+    (the norms the fused hook saw) and its update across the backward (float64 recount)."""
+    from gradwatch.collect.auto import AutoWatch
+    from gradwatch.store import read_run
+
+    def train(watched: bool):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        opts = {p: torch.optim.Adam([p], lr=0.01) for p in model.parameters()}
+        watch = AutoWatch(str(tmp_path), sample_every=2) if watched else None
+        seen, ratios = [], []
+
+        def fused(p):
+            seen.append(p.grad.double().square().sum().item())
+            opts[p].step()
+            opts[p].zero_grad()
+        for p in model.parameters():
+            p.register_post_accumulate_grad_hook(fused)
+        x, losses = torch.randn(16, 8), []
+        for _ in range(5):
+            before = [p.detach().double().clone() for p in model[0].parameters()]
+            loss = model(x).square().mean()
+            loss.backward()
+            losses.append(loss.item())
+            change = torch.cat([(p.detach().double() - b).flatten() for p, b in zip(model[0].parameters(), before)])
+            ratios.append((change.norm() / torch.cat([b.flatten() for b in before]).norm()).item())
+        if watch:
+            watch.detach()
+        return losses, [p.detach().clone() for p in model.parameters()], seen, ratios
+
+    plain = train(False)
+    losses, weights, seen, ratios = train(True)
+    assert losses == plain[0] and all(torch.equal(a, b) for a, b in zip(weights, plain[1]))
+    run = read_run(tmp_path)
+    np.testing.assert_array_equal(run.loss, np.array(losses))
+    # per step, backward reaches layer 2's weight and bias, then layer 0's
+    norms = np.sqrt(np.array(seen).reshape(5, 4)[:, 2:].sum(axis=1))
+    np.testing.assert_allclose(run.series("0", "grad_norm")[1], norms, rtol=1e-5)
+    steps, stored = run.series("0", "update_ratio")
+    assert list(steps) == [2, 4]  # (step 0's update had begun when the watch saw it was fused)
+    np.testing.assert_allclose(stored, [ratios[2], ratios[4]], rtol=1e-5)
     assert "cleared p.grad" not in capsys.readouterr().err

@@ -51,13 +51,24 @@ def _claim_store(run_dir: str) -> str:
     if rank is not None:
         return os.path.join(run_dir, f"gradwatch-rank{rank}.sqlite")
     main = os.path.join(run_dir, STORE_NAME)
-    if multiprocessing.parent_process() is None:
-        try:
-            os.close(os.open(main, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # a file, not a program
-            return main
-        except FileExistsError:
-            pass
-    return os.path.join(run_dir, f"gradwatch-pid{os.getpid()}.sqlite")
+    if multiprocessing.parent_process() is None and _created(main):
+        return main
+    # a process that re-executes itself keeps its pid: each stage after the first one's own file
+    # (a second os.execv's stage overwrote the first's, 7 steps lost)
+    base = os.path.join(run_dir, f"gradwatch-pid{os.getpid()}")
+    stage = 1
+    while not _created(path := f"{base}.sqlite" if stage == 1 else f"{base}-{stage}.sqlite"):
+        stage += 1
+    return path
+
+
+def _created(path: str) -> bool:
+    """`path` made now, empty, by this process (False: it exists)."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # a file, not a program
+        return True
+    except FileExistsError:
+        return False
 
 
 class AutoWatch(Watch):
@@ -78,7 +89,7 @@ class AutoWatch(Watch):
             self._live.check_at_close = False
         self._writer = None  # the store file is made at the first step or flush, so idle processes write nothing
         self.run_dir = run_dir
-        self.pid = os.getpid()  # a forked child has a copy of this watch, and must not write (_own_watch)
+        self.pid = os.getpid()  # a forked child has a copy of this watch, and must not write (own_watch)
         self.the_command = is_the_command()  # `gradwatch run`'s own child: its steps take the main store
         self.number_resumed = number_resumed
         self._depth = 0
@@ -103,8 +114,10 @@ class AutoWatch(Watch):
         self._loaded: weakref.WeakSet = weakref.WeakSet()  # optimizers given a saved state (load_state_dict)
         self.step_thread: int | None = None  # the thread the steps end in (see exit_signals.on_signal)
         self.flush_requested: threading.Event | None = None  # by a signal, from the main thread
-        self._thread = TrainingThread(self._mid_step, self._two_threads)
-        self._found_in: set[int] = set()  # the threads models were found in (see _two_threads)
+        self._in_backward = False  # the followed thread is inside a backward call
+        self._index: dict[int, int] = {}  # id(watched parameter) -> its index (see _fused_step)
+        self._thread = TrainingThread(self._two_threads, self._handed_over, lambda: self._in_backward or self._in_step)
+        self._thread.foreign = self._foreign  # (the hooks' set: another thread's calls are ignored)
         self._backward_seen = False  # (see _say_forwards_only)
         self._handles.append(register_optimizer_step_pre_hook(self._global_pre))
         self._handles.append(register_optimizer_step_post_hook(self._global_post))
@@ -154,35 +167,32 @@ class AutoWatch(Watch):
                 signum, self._deferred_signal = self._deferred_signal, None
                 os.kill(os.getpid(), signum)  # again, to the handler (in the main thread)
 
-    def _mid_step(self) -> bool:
-        """Inside a step: between its first forward or backward and its optimizer step's end."""
-        return self._depth > 0 or self._cur is not None or self._in_step or self._backward_since_step
-
     def _two_threads(self, followed: threading.Thread, other: threading.Thread) -> None:
-        """Two threads train at once. The other one's model, found while the followed thread was
-        between its forward and its backward, has its hooks: its gradients would go into the
-        followed one's steps, so recording stops (the steps not yet stored are of both)."""
-        if other.ident not in self._found_in:
-            _say(f"gradwatch: threads {followed.name} and {other.name} train at once; zero-code watching records one "
-                 f"training per process: {followed.name}'s (then {other.name}'s, if it goes on after {followed.name} "
-                 "ends). To record each, train them one after another, or in processes of their own")
-            return
-        self._thread.stopped = True
-        self.pause()
-        self._stop_discovery()
-        self._pending, self._cur = [], None
-        self._window.drop()
-        _say(f"gradwatch: threads {followed.name} and {other.name} train at once, and zero-code watching cannot tell "
-             f"their steps apart: it stopped recording at step {self._step}. To record each, train them one after "
-             "another, or in processes of their own")
+        """Two threads train at once: the followed one's training is recorded, the other's calls
+        are ignored (see one_thread), and the script is told."""
+        _say(f"gradwatch: threads {followed.name} and {other.name} train at once; zero-code watching records one "
+             f"training per process: {followed.name}'s (then {other.name}'s, if it goes on after {followed.name} "
+             "ends). To record each, train them one after another, or in processes of their own")
+
+    def _handed_over(self) -> None:
+        """The watch passed to another thread: the last one's open module calls are not its, nor
+        its backwards no optimizer step used (a try of the model: stored as a step of their own,
+        with the new thread's first updates as theirs, and one step of the training missing)."""
+        self._depth, self._in_backward = 0, False
+        if self._backward_since_step:
+            self._window.drop()
+            self._cur, self._backward_since_step = None, False
+            self._clear_grad_buffers()
 
     def before_backward(self, root: object) -> None:
         self._backward_seen = True  # (in any thread: no training by torch.func, see _say_forwards_only)
-        if self._thread.mine():  # (another thread's training: see one_thread)
+        if self._thread.mine(starts=True):  # (another thread's training: see one_thread)
+            self._in_backward = True
             super().before_backward(root)
 
     def after_backward(self, root: object) -> None:
         if self._thread.mine(claim=False):
+            self._in_backward = False
             super().after_backward(root)
 
     def after_scaler_update(self) -> None:
@@ -251,7 +261,6 @@ class AutoWatch(Watch):
         inside = {id(m) for piece, _ in pieces for m in piece.modules()}
         try:
             self._add_model(module, prefix, taken=[l for l in self._layers if id(l.module) in inside])
-            self._found_in.add(threading.get_ident())
             if wrapper is not None:
                 self._sampled_hooks.entered(wrapper)
         except Exception as exc:  # never break the user's forward
@@ -303,6 +312,9 @@ class AutoWatch(Watch):
     def _global_pre(self, optimizer, args, kwargs) -> None:
         if not self._thread.mine():
             return
+        if self._in_backward and self._optimizer is None:
+            self._fused_step(optimizer)
+            return
         if self._optimizer is None:
             self._name_by_container(optimizer)
             self._number_from_checkpoint(optimizer)
@@ -319,13 +331,39 @@ class AutoWatch(Watch):
             self._other_step(optimizer)
         self._before_step(optimizer)
 
+    def _fused_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """An optimizer stepping inside the backward, fused into it (torch's recipe: a gradient hook
+        per parameter calls opt.step() and clears p.grad). Adopted as the step's optimizer, each of
+        them ended the step inside the backward and none of its gradients was stored. Each backward
+        is a step instead (its update inside it: Watch._open_backward_window), and the optimizer's
+        gradients are read here, before its step clears them: the script's hooks, registered before
+        the model's first forward, run before the watch's own."""
+        self._seen_stepping(optimizer)
+        if self._mode != "backward":
+            self._mode = "backward"
+            self._window.drop()  # (this step's update has begun: no ratio rather than a part of one)
+            self._cleared_said = True  # (cleared: read here)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                i = self._index_of(p)
+                if i is not None and p.grad is not None and i in self._grad_fns:
+                    self._grad_fns[i](p)
+
+    def _index_of(self, p: torch.Tensor) -> int | None:
+        """`p`'s index among the watched parameters (a dict, made again when they changed)."""
+        i = self._index.get(id(p))
+        if len(self._index) != len(self._params) or i is not None and self._params[i] is not p:
+            self._index = {id(q): j for j, q in enumerate(self._params)}
+            i = self._index.get(id(p))
+        return i
+
     def params_added(self, optimizer) -> None:
         """An optimizer made for parameters no watched model holds: their model runs next, and is
         found at its first forward. Made once training is under way (the next phase's optimizer,
         for a model built after the first one trained), it trains a new model; made before (a GAN's
         second optimizer), it is the step optimizer's partner. Those of a watched model, frozen
         when it was found and unfrozen since, are its layers (Watch.params_added)."""
-        if not self._thread.mine(claim=False):  # (made in another thread than the one training: see one_thread)
+        if not self._thread.mine(claim=False, takes=True):  # (made in a thread not followed: see one_thread)
             return
         super().params_added(optimizer)
         if len(optimizer.param_groups) == 1:  # made now (its constructor adds the first group)
@@ -406,7 +444,7 @@ class AutoWatch(Watch):
         self._discover_until = self._step + DISCOVERY_STEPS
 
     def _global_post(self, optimizer, args, kwargs) -> None:
-        if not self._thread.mine(claim=False):
+        if not self._thread.mine(claim=False) or self._in_backward and self._optimizer is None:
             return
         self._backward_since_step = False  # any optimizer's step uses the backwards' gradients
         if optimizer is self._ending:
@@ -417,7 +455,7 @@ class AutoWatch(Watch):
             self._after_step(optimizer)
 
     def _end_step(self, count: bool = True) -> None:
-        self._depth = 0  # a forward that raised never reached its post-hook
+        self._depth, self._in_backward = 0, False  # a forward or backward that raised never reached its post-hook
         super()._end_step(count)
         if self._step >= self._discover_until:
             self._stop_discovery()
@@ -522,13 +560,13 @@ def start_from_env(number_resumed: bool = True) -> AutoWatch | None:
     atexit.register(store_last_steps, watch)
     os.register_at_fork(after_in_child=_after_fork_in_child)
     quiet_global_hook_warning()  # (the discovery hooks take the wrapper's inner model: AutoWatch._discover)
-    exit_signals.install(_own_watch)
+    exit_signals.install(own_watch)
     _flush_on_os_exit()
     _no_collectives_after_a_crash()
     return watch
 
 
-def _own_watch() -> AutoWatch | None:
+def own_watch() -> AutoWatch | None:
     """The watch made in this process; None in a forked one that has none of its own (a
     DataLoader worker: the parent's, copied, must not write)."""
     watch = getattr(start_from_env, "watch", None)
@@ -569,7 +607,7 @@ def _storing_first(leave: Callable, store: Callable[[AutoWatch], None]) -> Calla
     """`leave` (a call that ends this process's Python, or replaces it), `store` run on the watch first."""
     @functools.wraps(leave)
     def storing_first(*args, **kwargs):
-        watch = _own_watch()
+        watch = own_watch()
         if watch is not None:
             with contextlib.suppress(Exception):  # leaving anyway: what was flushed before stays
                 store(watch)
@@ -590,7 +628,7 @@ def _no_collectives_after_a_crash() -> None:
     previous = sys.excepthook
 
     def excepthook(kind, value, tb) -> None:
-        watch = _own_watch()
+        watch = own_watch()
         if watch is not None:
             watch.abandon_collectives(f"it ended on {kind.__name__}: {_first_line(value)}")
         previous(kind, value, tb)

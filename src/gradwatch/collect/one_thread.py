@@ -3,66 +3,151 @@
 Global hooks (module forward, optimizer step, backward) fire in every thread, but a watch records
 one training: two models trained at once in two threads (a ThreadPoolExecutor) had their forwards,
 backwards and steps mixed into one step record, and the exit flush failed with a traceback (3 of
-80 steps stored). Threads that train one after another (a pool's jobs, a worker after the main
-thread's warm-up) hand the watch over between steps; once two are seen training at once, it keeps
-to the one it follows until that thread ends.
+80 steps stored). The followed thread keeps the watch until it ends, waits for other threads to
+end (`Thread.join`, a future's result) or, a pool's worker, for its next job: a worker's training
+after the main thread's warm-up, jobs one after another. Other threads' calls are refused, and
+the hooks on the followed training's own modules and weights ignore them too (`foreign`: a
+shared layer, a handed-over model).
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable
+from types import FrameType
 
 HOLD = 5.0  # s another thread's training is held while the process dies of a signal (see `hold`)
+WAIT_CALLS = 4  # another thread's backwards and steps (two whole steps) seen while the followed one waits
+SETTLE = 0.05  # s (see `_settle`: paid once per thread training beside the followed one)
+DEPTH = 16  # frames looked at from the top of the followed thread's stack
+# where a thread waits for others to end: (module, function)
+WAITS = {("threading", "join"), ("concurrent.futures._base", "result"),
+         ("concurrent.futures._base", "wait"), ("concurrent.futures._base", "as_completed"),
+         ("concurrent.futures.thread", "_worker")}  # (a pool's worker between jobs: none runs above it)
+JOB = ("concurrent.futures.thread", "run")  # a pool's job, run by its worker
 
 
 class TrainingThread:
-    """`busy()`: the followed thread is inside a step (between its first forward or backward and
-    its optimizer step's end); `two_at_once(followed, other)`: called once, when two threads are
-    seen training at once (from the other one). `stopped`: no thread's calls are followed."""
+    """`two_at_once(followed, other)`: called once, when another thread trains while the followed
+    one does too (from the followed one); `handover()`: the watch passed to another thread;
+    `inside()`: the followed thread is inside its backward or optimizer step call. `foreign`: the
+    idents of threads refused, whose calls the followed training's hooks ignore (one set lookup:
+    see Watch._grad_hook)."""
 
-    def __init__(self, busy: Callable[[], bool], two_at_once: Callable[[threading.Thread, threading.Thread], None]):
+    def __init__(self, two_at_once: Callable[[threading.Thread, threading.Thread], None],
+                 handover: Callable[[], None] = lambda: None, inside: Callable[[], bool] = lambda: False):
         self.ident: int | None = None
         self.concurrent = False
-        self.stopped = False
+        self.foreign: set[int] = set()
         self._holder: int | None = None
-        self._busy = busy
         self._two_at_once = two_at_once
+        self._handover = handover
+        self._inside = inside
+        self._lock = threading.Lock()
+        self._waiting: tuple[int, int] = (0, 0)  # (id of the frame the followed thread waits in, calls seen)
+        self._settled: set[int] = set()  # threads whose first refusal waited for the followed one (`_settle`)
+        self._rival: int | None = None  # a thread whose backward or step was refused since the followed one's last
 
-    def mine(self, claim: bool = True, proves: bool = True) -> bool:
+    def mine(self, claim: bool = True, proves: bool = True, starts: bool = False, takes: bool = False) -> bool:
         """This call's thread is the followed one. `claim`: a call that starts something (a forward,
         a backward, an optimizer step) takes the watch where no thread is followed or the followed
-        one has ended; a backward or an optimizer step from another thread (`proves`) also where,
-        until two threads were seen training at once, the followed one is between steps. A forward
-        (not `proves`) never takes it from a live thread, nor proves two trainings: nn.DataParallel's
-        replicas, a prefetching thread's transforms (nn.Modules, run with gradients on) train
-        nothing there; taking the watch over between the script's steps, they lost 296 of its 300.
-        (A handover from a thread that had run only forwards since it took the watch let a second
-        concurrent training take it between the first's forward and backward: recording stopped,
-        and once the second's step raised inside the script's opt.step().)"""
+        one has ended; a backward or an optimizer step from another thread (`proves`; `starts`: a
+        backward) also where the followed one waits for others to end (`_hands_over`). A forward
+        never takes it from a live thread: nn.DataParallel's replicas, a prefetching thread's
+        transforms (nn.Modules, run with gradients on) train nothing there; taking the watch between
+        the script's steps, they lost 296 of its 300. Handing it over whenever the followed thread
+        was between steps lost a concurrent training's recording in 1 run of 20 (the other's model
+        found, its gradients mixed in): one thread ran 28 whole steps between two of the other's,
+        so no count of steps tells a finished training from a slower one. `takes` (an optimizer
+        made): not claiming, it takes the watch from a followed thread that has ended or waits for
+        this one, so that the model it trains is found at its first forward."""
         ident = threading.get_ident()
         if self._holder not in (None, ident):
             time.sleep(HOLD)  # (the process dies meanwhile)
             return False
-        if self.stopped:
-            return False
-        if ident == self.ident or self.ident is None:
-            if claim:
-                self.ident = ident
+        if ident == self.ident:
+            if proves and self._rival is not None:
+                self._at_once()
             return True
+        if self.ident is None:
+            return not claim or self._take(ident, None)
+        device = isinstance(threading.current_thread(), threading._DummyThread)
+        if device and self._inside():
+            return True  # autograd's device threads run the followed backward's hooks (CUDA)
         if not claim:
-            return False
+            return takes and self._awaited(ident) and self._take(ident, self.ident)
         followed = _thread(self.ident)
-        if followed is not None and not proves:
-            return False  # a forward never takes a live thread's watch (a prefetching thread's transforms)
-        if followed is None or (not self.concurrent and not self._busy()):
-            self.ident = ident
-            return True
+        if followed is None or proves and self._hands_over(followed, ident, starts):
+            return self._take(ident, self.ident)
+        if device:
+            return False  # (never foreign: the next backward's hooks run there too)
+        self.foreign.add(ident)
         if proves and not self.concurrent:
-            self.concurrent = True
-            self._two_at_once(followed, threading.current_thread())
+            self._rival = ident
         return False
+
+    def _at_once(self) -> None:
+        """The followed thread trains on after another one's refused backward or step, and that
+        one lives: two trainings at once, said once. (Judged at the other's call, a worker's first
+        backward before the main thread reached its join() was one.)"""
+        other = _thread(self._rival)
+        self._rival = None
+        if other is not None and not self.concurrent:
+            self.concurrent = True
+            self._two_at_once(threading.current_thread(), other)
+
+    def _take(self, ident: int, old: int | None) -> bool:
+        """The watch passes to this thread (one taker, also when two threads claim at once)."""
+        with self._lock:
+            if self.ident != old:
+                return self.ident == ident
+            self.ident, self._waiting, self._rival = ident, (0, 0), None
+            self.foreign.discard(ident)
+            if old is not None:
+                self.foreign.add(old)
+                self._handover()
+        return True
+
+    def _hands_over(self, followed: threading.Thread, ident: int, starts: bool) -> bool:
+        """The followed thread waits for others to end: at once if for this one (its `join`, the
+        future of the pool job it runs), else at this thread's backward once WAIT_CALLS of its
+        calls came in one same wait (a thread that started this one, joined). Never from inside
+        its backward or step (a hook there joining a helper thread that runs a backward)."""
+        if self._inside():
+            return False
+        wait = _wait_frame(sys._current_frames().get(followed.ident))
+        if wait is None and ident not in self._settled:
+            wait = self._settle(followed, ident)
+        if wait is None:
+            self._waiting = (0, 0)
+            return False
+        if _awaits(wait, ident):
+            return True
+        seen = self._waiting[1] + 1 if self._waiting[0] == id(wait) else 1
+        self._waiting = (id(wait), seen)
+        return starts and seen >= WAIT_CALLS
+
+    def _awaited(self, ident: int) -> bool:
+        """The followed thread has ended, or waits for this one outside its backward and step."""
+        followed = _thread(self.ident)
+        if followed is None:
+            return True
+        wait = None if self._inside() else _wait_frame(sys._current_frames().get(followed.ident))
+        return wait is not None and _awaits(wait, ident)
+
+    def _settle(self, followed: threading.Thread, ident: int) -> FrameType | None:
+        """Once per thread: the followed one given SETTLE s to reach its wait. A worker started by
+        `t.start(); t.join()` ran its first steps before the main thread got the GIL back to join
+        (7 of 101 lost); a thread training beside it costs the other SETTLE s, once."""
+        self._settled.add(ident)
+        deadline = time.monotonic() + SETTLE
+        wait = None
+        while wait is None and time.monotonic() < deadline:
+            time.sleep(SETTLE / 10)  # (lets the followed thread run)
+            wait = _wait_frame(sys._current_frames().get(followed.ident))
+        return wait
 
     def followed(self) -> bool:
         """This call's thread is the one followed (not merely: none is followed yet)."""
@@ -74,6 +159,45 @@ class TrainingThread:
         at the signal without gradwatch (it ran on while the steps were stored: 2 more steps taken,
         never stored)."""
         self._holder = threading.get_ident() if ident is None else ident
+
+
+def _wait_frame(frame: FrameType | None) -> FrameType | None:
+    """The frame of `frame`'s stack that waits for other threads to end (see WAITS), if any."""
+    for _ in range(DEPTH):
+        if frame is None:
+            return None
+        where = (frame.f_globals.get("__name__"), frame.f_code.co_name)
+        if where in WAITS:
+            return frame
+        if where == JOB:
+            return None  # (a job runs: the wait above it, if any, is the job's own)
+        frame = frame.f_back
+    return None
+
+
+def _awaits(wait: FrameType, ident: int) -> bool:
+    """`wait` (see WAITS) waits for this thread (`ident`): joins it, or awaits the future of the
+    pool's job it runs; or is a pool's worker between jobs."""
+    if wait.f_code.co_name == "_worker":
+        return True
+    if wait.f_code.co_name == "join":
+        return getattr(wait.f_locals.get("self"), "ident", None) == ident
+    job = _job()
+    if job is None:
+        return False
+    if wait.f_code.co_name == "result":
+        return wait.f_locals.get("self") is job
+    return any(f is job for f in wait.f_locals.get("fs") or ())
+
+
+def _job() -> object | None:
+    """The future of the thread pool's job this thread runs, if any."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if (frame.f_globals.get("__name__"), frame.f_code.co_name) == JOB:
+            return getattr(frame.f_locals.get("self"), "future", None)
+        frame = frame.f_back
+    return None
 
 
 def _thread(ident: int) -> threading.Thread | None:

@@ -14,6 +14,7 @@ import json
 import os
 import sqlite3
 import sys
+import threading
 import weakref
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -174,13 +175,15 @@ class Watch:
         self._grads_before = 0  # ... when the current backward began
         self._handles: list = []  # permanent hooks, removed by detach()
         self._grad_handles: dict[int, object] = {}  # parameter index -> its post-accumulate-grad hook
+        self._grad_fns: dict[int, Callable] = {}  # ... and the function it calls
+        self._foreign: set[int] = set()  # threads whose calls the hooks ignore (zero-code mode: one_thread)
         self._norm_buf = self._max_buf = None
         self._small = SmallGrads()  # small gradients the hooks keep, read together after backward
         self._stale = StaleCheck()  # a gradient carried into the next step: a forgotten zero_grad()
         # None: this step is not recorded
         self._cur_sampled: bool | None = self._sampled(first_step) if self._recorded(first_step) else None
         # living for one sampled step
-        self._sampled_hooks = SampledHooks(self._current, self._unscale, lambda: not self._reevaluating)
+        self._sampled_hooks = SampledHooks(self._current_here, self._unscale, lambda: not self._reevaluating)
         self._order = ForwardOrder()
         self._attached = False
         self._paused = False
@@ -327,7 +330,7 @@ class Watch:
         reading it again after backward costs a full pass over memory (measured ~3% of a step)."""
         for handle in self._grad_handles.values():
             handle.remove()
-        self._grad_handles = {}
+        self._grad_handles, self._grad_fns = {}, {}
         if not self._params:
             return
         device = self._params[0].device
@@ -350,7 +353,8 @@ class Watch:
         for i, p in enumerate(self._params):
             if p.requires_grad and i not in self._grad_handles:
                 small = 0 < p.numel() <= SMALL_GRAD and p.device == self._norm_buf.device
-                self._grad_handles[i] = p.register_post_accumulate_grad_hook(self._grad_hook(i, small))
+                self._grad_fns[i] = self._grad_hook(i, small)
+                self._grad_handles[i] = p.register_post_accumulate_grad_hook(self._grad_fns[i])
         hooked = {id(self._params[i]) for i in self._grad_handles}  # (a hook outlives requires_grad changes)
         self._frozen = [p for model, _ in self._models for p in model.parameters()
                         if not p.requires_grad and id(p) not in hooked]
@@ -364,9 +368,11 @@ class Watch:
         """`small`: a gradient too small to gain from being read in cache is only kept, for
         `SmallGrads.read` to take with the others after backward."""
         norm_out, max_out, weight_out = self._norm_buf[i], self._max_buf[i], self._weight_buf[i]
-        indices, grads, touched = self._small.indices, self._small.grads, self._touched
+        indices, grads, touched, foreign = self._small.indices, self._small.grads, self._touched, self._foreign
 
         def hook(p: torch.Tensor) -> None:
+            if foreign and threading.get_ident() in foreign:  # another thread's backward (zero-code mode)
+                return
             self._grads_seen += 1
             touched[i] = True
             if self._attached and self._cur_sampled is not None:
@@ -577,6 +583,12 @@ class Watch:
             self._cur = StepRecord(self._step, bool(self._cur_sampled))
         return self._cur
 
+    def _current_here(self) -> StepRecord | None:
+        """The step's record, for a hook called in the followed thread (see `_foreign`)."""
+        if self._foreign and threading.get_ident() in self._foreign:
+            return None
+        return self._current()
+
     def _attach(self) -> None:
         patches.add(self)
         self._attached = True
@@ -609,6 +621,17 @@ class Watch:
         unscaled = getattr(root, patches.UNSCALED, None)
         self._backward_scale = unscaled[1] if unscaled is not None else None
         self._grads_before = self._grads_seen
+        if self._mode == "backward":
+            self._open_backward_window()
+
+    def _open_backward_window(self) -> None:
+        """Each backward a step: its update is what changes the weights from its start to the next
+        one's, inside it too. An optimizer fused into backward (torch's recipe: a gradient hook per
+        parameter calling opt.step()) updates them there; taken after the backward, the weights
+        never changed again before the next (every update ratio 0: a false `stalled_layers` error)."""
+        rec = self._current()
+        if rec is not None and rec.sampled and self._params and self._window.snapshot is None:
+            self._window.take(rec)
 
     def _grads_cleared(self) -> bool:
         """The gradients of the backwards since the last step are gone (zero_grad() sets them to
@@ -762,7 +785,7 @@ class Watch:
         if rec.sampled:
             rec.grad_max = self._unscale(grad_max.clone())
             rec.weight = weight.clone()
-            if self._mode != "optimizer":
+            if self._mode == "unknown":  # (backward mode: taken before the backward, see _open_backward_window)
                 self._window.take(rec)
 
     def _count_non_finite(self, rec: StepRecord) -> None:

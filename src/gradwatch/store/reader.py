@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,7 +49,13 @@ def store_files(run: str | os.PathLike) -> list[Path]:
         raise StoreError(f"{str(path)!r} holds no gradwatch store (gradwatch*.sqlite); was the run watched?")
     preferred = [path / STORE_NAME, path / "gradwatch-rank0.sqlite"]
     head = [f for f in preferred if f in files][:1]
-    return head + [f for f in files if f not in head]
+    return head + sorted((f for f in files if f not in head), key=_in_order)
+
+
+def _in_order(path: Path) -> list:
+    """A store file's place: numbers by value, a name before its continuations (gradwatch-pid7,
+    -pid7-2, -pid7-10: the stages of a script that re-executes itself; rank2 before rank10)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name.removesuffix(".sqlite"))]
 
 
 def _listed(names: list[str], shown: int = 4) -> str:
