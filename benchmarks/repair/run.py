@@ -133,6 +133,12 @@ def why(d: dict, healthy: float, baseline_harmful: list[str]) -> str:
 
 def run_scenario(s: harness.Scenario, budget: int, out: Path, refresh: bool) -> dict:
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    out = out.resolve()
+    # a working directory of its own, as a user's project is: fix puts back what the trials write
+    # there, and the scenarios run beside it (--jobs) wrote into a shared one (their trials' new
+    # directories read as written by this one's, which then never paused)
+    (out / s.name / "workdir").mkdir(parents=True, exist_ok=True)
+    os.chdir(out / s.name / "workdir")
     start = time.perf_counter()
     say = lambda msg: print(f"  [{s.name}] {msg}", file=sys.stderr, flush=True)
     healthy = healthy_loss(s, budget, out, refresh)
