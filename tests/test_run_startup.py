@@ -62,3 +62,17 @@ def test_only_the_command_itself_catches_sigterm_before_importing_torch(tmp_path
         pytest.skip("reads the signal mask from /proc")
     result = run(tmp_path, CAUGHT)
     assert result.stdout == "command True\nhelper False\n", result.stderr
+
+
+def test_a_script_that_imports_gradwatchs_remedies_before_torch_is_watched(tmp_path):
+    """`from gradwatch import clip` first: torch is imported while gradwatch.remedies is, the watch
+    starts then, and the trials' remedy hooks imported names from the half-made module (an
+    ImportError: nothing was recorded)."""
+    from gradwatch.store import read_run
+
+    code = ("from gradwatch import clip\nimport torch\nmodel = torch.nn.Linear(4, 1)\n"
+            "opt = torch.optim.SGD(model.parameters(), lr=0.01)\nclip.attach(opt, clip.ClipNorm(1.0))\n"
+            "for _ in range(5):\n    opt.zero_grad()\n    model(torch.randn(8, 4)).pow(2).mean().backward()\n    opt.step()\n")
+    result = run(tmp_path, code, dict(os.environ, OMP_NUM_THREADS="1"))
+    assert "not watching" not in result.stderr and result.returncode == 0, result.stderr
+    assert len(read_run(tmp_path / "r").steps) == 5

@@ -34,7 +34,7 @@ from gradwatch.collect.watch import MAX_ACCUMULATION
 from gradwatch.errors import ConfigError
 from gradwatch.fix.locate import ENV_LOCATE_AT, NonFiniteLocator
 from gradwatch.fix.pause import child_channel, wait_for_more
-from gradwatch.remedies import clip, init_, insert_norm, replace_rnn, swap_activations
+import gradwatch.remedies as remedies  # (not `from ... import`: see _bootstrap, a user's import of it may be under way)
 from gradwatch.runner import ENV_RUN_DIR, is_the_command
 
 ENV_REMEDY = "GRADWATCH_REMEDY"
@@ -59,16 +59,16 @@ def apply_to_model(model: nn.Module, spec: dict, example_input: Any = None) -> s
     swap = spec.get("swap")
     if swap:
         old = tuple(ACTIVATIONS) if swap["from"] == "*" else (getattr(nn, swap["from"]),)
-        _, change = swap_activations(model, old, NEW_ACTIVATION[swap["to"]], keep_output=True,
+        _, change = remedies.swap_activations(model, old, NEW_ACTIVATION[swap["to"]], keep_output=True,
                                      example_input=example_input)
         if not change:
             return str(change)
     if spec.get("norm"):
-        insert_norm(model, spec["norm"])
+        remedies.insert_norm(model, spec["norm"])
     if spec.get("init"):
-        init_(model, spec["init"], example_input=example_input)
+        remedies.init_(model, spec["init"], example_input=example_input)
     if spec.get("recurrent") == "gru":
-        replace_rnn(model)
+        remedies.replace_rnn(model)
     elif spec.get("recurrent"):
         _recurrent(model, spec["recurrent"])
     return ""
@@ -250,7 +250,7 @@ class Injector:
         the printed change, not for a trial's log."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self._late.append(clip.attach(opt, self._make_clipper()))
+            self._late.append(remedies.clip.attach(opt, self._make_clipper()))
 
     def _give_added(self, opt: torch.optim.Optimizer) -> None:
         """Each parameter the remedy added to this optimizer if it holds the parameters of the layer
@@ -265,6 +265,7 @@ class Injector:
                 group["params"].append(p)
 
     def _make_clipper(self):
+        clip = remedies.clip
         return {"norm": lambda: clip.ClipNorm(self.spec["max_norm"]),
                 "value": lambda: clip.ClipValue(self.spec["value"]),
                 "zclip": clip.ZClip, "agc": clip.AGC, "autoclip": clip.AutoClip}[self.spec["clip"]]()
@@ -477,7 +478,7 @@ def _as_a_grad_scaler_would(opt: torch.optim.Optimizer) -> bool:
     found = getattr(opt, "found_inf", None)
     if found is not None and bool(found):
         return False
-    clip.unscale_fused(opt)
+    remedies.clip.unscale_fused(opt)
     return True
 
 
