@@ -67,3 +67,35 @@ def test_no_retry_when_the_baseline_blew_up_or_nothing_bounds_the_change():
 def test_the_retry_is_not_screened_twice():
     done = [_trial(SELU, float("inf"), [NAN]), _trial(combine(SELU, ADAM), 0.2)]
     assert bounded_retry(_trial(None, 2.3, [VANISHING]), done, [SELU, ADAM]) is None
+
+
+def test_a_trial_that_failed_did_not_blow_up_and_one_whose_loss_climbed_did():
+    """BatchNorm on one sample a step raises: the change broke the script, and bounded it fails alike.
+    A loss that went 2.97 -> 15.8 in 15 steps left no finding, and blew up all the same."""
+    from gradwatch.fix import blew_up
+
+    crashed = Trial(BN, Path("x"), 1, 0.1, steps=0)
+    assert not blew_up(crashed)
+    assert blew_up(Trial(SELU, Path("x"), 0, 0.1, steps=15, final_loss=15.8, first_loss=2.97))
+    assert not blew_up(Trial(SELU, Path("x"), 0, 0.1, steps=15, final_loss=2.5, first_loss=2.97))
+    assert blew_up(_trial(SELU, float("inf"), [NAN], steps=14))
+
+
+def test_a_change_that_adds_parameters_is_printed_before_the_optimizer_that_must_train_them():
+    """Pasted as printed, the Adam built before insert_norm never trained the norms (the trial did)."""
+    import torch
+    from torch import nn
+
+    import gradwatch as gw
+    from gradwatch.fix.candidates import clip_norm
+
+    for a, b in ((ADAM, BN), (BN, ADAM)):
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+        scope = {"gw": gw, "torch": torch, "nn": nn, "model": model,
+                 "optimizer": torch.optim.SGD(model.parameters(), lr=0.1)}
+        exec(combine(a, b).code, scope)
+        held = {id(p) for g in scope["optimizer"].param_groups for p in g["params"]}
+        assert isinstance(scope["optimizer"], torch.optim.Adam)
+        assert {id(p) for p in scope["model"].parameters()} <= held  # the norms' too
+    lines = combine(clip_norm(1.0), ADAM).code.splitlines()
+    assert lines[0] == ADAM.code.splitlines()[0]  # the clipper on the Adam, not the discarded optimizer

@@ -112,7 +112,7 @@ def test_what_a_paused_trial_writes_as_it_ends_is_put_aside(tmp_path, monkeypatc
     (tmp_path / "last.txt").write_text("mine")
     result = fix(script(tmp_path, "0.3", "-", "last.txt"), out=tmp_path / "fix", budget_steps=80,
                  candidates=[lr_scale(0.1), clip_norm(1.0), lr_scale(0.01)], progress=lambda m: None)
-    assert result.rung_steps and (tmp_path / "last.txt").read_text() == "mine"
+    assert result.rung_steps and (tmp_path / "last.txt").read_text() == "mine" and "last.txt" in result.written
     assert (tmp_path / "fix" / "baseline" / "written" / "last.txt").is_file()
     assert all((t.run_dir / "written" / "last.txt").is_file() for t in result.screened)
 

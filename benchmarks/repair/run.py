@@ -133,7 +133,6 @@ def why(d: dict, healthy: float, baseline_harmful: list[str]) -> str:
 
 def run_scenario(s: harness.Scenario, budget: int, out: Path, refresh: bool) -> dict:
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
-    out = out.resolve()
     # a working directory of its own, as a user's project is: fix puts back what the trials write
     # there, and the scenarios run beside it (--jobs) wrote into a shared one (their trials' new
     # directories read as written by this one's, which then never paused)
@@ -255,6 +254,7 @@ def main(argv=None) -> int:
     ap.add_argument("--refresh-healthy", action="store_true", help="re-measure the healthy variants")
     ap.add_argument("--healthy-only", action="store_true", help="measure (or show) the healthy variants and stop")
     args = ap.parse_args(argv)
+    args.out = args.out.resolve()  # (each scenario runs in a working directory of its own)
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
     todo = faulty(harness.scenarios(args.only))
     if args.healthy_only:

@@ -246,8 +246,16 @@ def on_the_leader(cand: Candidate, screened: list[Trial]) -> Candidate:
 
 
 def blew_up(trial: Trial) -> bool:
-    """Its loss went non-finite, or it left an exploding gradient or a divergence."""
-    return trial.final_loss == float("inf") or any(f.kind in BLOW_UP for f in trial.blocking)
+    """Its loss went non-finite or rose by more than its own size (2.97 -> 15.8 in 15 steps: too
+    short for a finding), or it left an exploding gradient or a divergence. A trial that failed
+    (the change broke the script: BatchNorm on one sample a step) did not blow up: bounded, it
+    fails alike."""
+    if any(f.kind in BLOW_UP for f in trial.blocking):
+        return True
+    if trial.failed or trial.steps == 0:
+        return False
+    rose = np.isfinite(trial.first_loss) and trial.final_loss - trial.first_loss > abs(trial.first_loss)
+    return trial.final_loss == float("inf") or bool(rose)
 
 
 def bounded_retry(baseline: Trial, screened: list[Trial], offered: list[Candidate]) -> Candidate | None:
@@ -519,8 +527,8 @@ def _screen(trial: Callable[..., Trial], end: Callable[[Trial], None], queue: li
     for i, t in enumerate(result.screened):
         if id(t) in ahead and t.cut:
             anew = t.process is None  # it could not pause (it wrote files), or stay paused (memory)
-            say(f"gradwatch fix: screening {i + 1}/{n} on to {short} steps (in the better half at {rung}"
-                f"{'; anew: it could not stay paused' if anew else ''}): {t.candidate.name}")
+            say(f"gradwatch fix: screening {t.candidate.name}: on to {short} steps (in the better half at {rung}"
+                f"{'; anew: it could not stay paused' if anew else ''})")
             if anew:
                 result.spent += t.steps
                 more = trial(t.run_dir.name, t.candidate, short, pause=True)
@@ -612,6 +620,8 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], end: Callable[[Trial], N
     if strategy == "screen" and (spare := spare_final(result)) is not None:
         n = len(result.trials) + 1
         final(n, n, spare, " (the leader of the screening did not hold at full length)")
+    for t in result.screened:  # (before what the trials wrote is listed: they may write as they end)
+        end(t)
     result.written, result.overwritten = sorted(workspace.written), sorted(workspace.overwritten)
     result.edited = sorted(workspace.edited)
     result.save(out)

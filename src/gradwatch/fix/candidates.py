@@ -343,12 +343,19 @@ def from_findings(findings: list[Finding], activations: set[str], *, layer_types
 def combine(a: Candidate, b: Candidate) -> Candidate | None:
     """Both remedies at once, when they touch different things (a healthy setup usually changes
     activation, initialisation and optimizer together); None when they would overrule each other.
-    The code of an optimizer swap comes first: a clipper attached to `optimizer` on a line above
-    the one that rebinds it to Adam stayed on the discarded optimizer, and Adam ran unclipped."""
+    Their code in the order it must run (`_code_order`)."""
     if set(a.spec) & set(b.spec) - {"target"} or len({"optimizer", "lr_scale", "lr_cap"} & (set(a.spec) | set(b.spec))) > 1:
         return None
-    first, second = (b, a) if "optimizer" in b.spec else (a, b)
+    first, second = sorted((a, b), key=_code_order)
     return Candidate(f"{a.name} + {b.name}", {**a.spec, **b.spec}, f"{first.code}\n{second.code}")
+
+
+def _code_order(cand: Candidate) -> int:
+    """A change that adds parameters (a norm layer, a GRU) before the optimizer is built, or the
+    pasted Adam never trains them (the trial did: a BatchNorm + Adam pasted as printed differed from
+    step 1); an optimizer swap before the rest: a clipper attached to `optimizer` on a line above the
+    one that rebinds it to Adam stayed on the discarded optimizer, and Adam ran unclipped."""
+    return 0 if {"norm", "recurrent"} & set(cand.spec) else 1 if "optimizer" in cand.spec else 2
 
 
 MODEL_KEYS = ("swap", "norm", "init", "recurrent")  # the spec keys of a change to the model
