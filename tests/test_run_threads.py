@@ -137,6 +137,7 @@ def test_a_layer_shared_with_another_threads_training_records_the_followed_gradi
     a.model[0].register_forward_hook(lambda m, args, y: outputs.append(y.retain_grad() or y)
                                      if threading.current_thread() is a else None)
     try:
+        a.do("forward", "backward", "step")  # (a training: see test_run_thread_rules, a forward is none)
         for _ in range(3):
             a.do("forward")
             b.do("forward", "backward", "step")

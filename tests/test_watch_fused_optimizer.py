@@ -146,3 +146,55 @@ def test_zero_code_reads_a_fused_optimizers_gradients_and_updates(tmp_path, caps
     assert list(steps) == [2, 4]  # (step 0's update had begun when the watch saw it was fused)
     np.testing.assert_allclose(stored, [ratios[2], ratios[4]], rtol=1e-5)
     assert "cleared p.grad" not in capsys.readouterr().err
+
+
+def test_zero_code_reads_an_optimizer_in_backward_beside_one_after_it(tmp_path, capsys):
+    """Layer 0 updated by per-parameter optimizers inside backward, layer 2 by one after it (the
+    step's). Those in backward were taken for another optimizer stepping: layer 0's gradients
+    read 0, no update ratio, and the cleared gradients' warning was not given either. Its
+    gradients are read before their step clears them (float64 recount), its updates measured."""
+    from gradwatch.collect.auto import AutoWatch
+    from gradwatch.store import read_run
+
+    def train(watched: bool, steps: int = 8):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
+        opts = {p: torch.optim.SGD([p], lr=0.05) for p in model[0].parameters()}
+        seen = {}
+
+        def fused(p):
+            seen[id(p)] = p.grad.double().square().sum().item()
+            opts[p].step()
+            opts[p].zero_grad()
+        watch = AutoWatch(str(tmp_path), sample_every=2) if watched else None
+        for p in model[0].parameters():
+            p.register_post_accumulate_grad_hook(fused)
+        after = torch.optim.SGD(model[2].parameters(), lr=0.05)
+        losses, norms, ratios = [], [], []
+        for _ in range(steps):
+            x = torch.randn(32, 4)
+            before = [p.detach().double().clone() for p in model[0].parameters()]
+            loss = nn.functional.mse_loss(model(x), x.sum(1, keepdim=True).sin())
+            after.zero_grad()
+            loss.backward()
+            after.step()
+            losses.append(loss.item())
+            norms.append(sum(seen[id(p)] for p in model[0].parameters()) ** 0.5)
+            change = torch.cat([(p.detach().double() - b).flatten() for p, b in zip(model[0].parameters(), before)])
+            ratios.append((change.norm() / torch.cat([b.flatten() for b in before]).norm()).item())
+        if watch:
+            watch.detach()
+        return losses, [p.detach().clone() for p in model.parameters()], norms, ratios
+
+    plain = train(False)
+    losses, weights, norms, ratios = train(True)
+    assert losses == plain[0] and all(torch.equal(a, b) for a, b in zip(weights, plain[1]))
+    run = read_run(tmp_path)
+    np.testing.assert_array_equal(run.loss, np.array(losses))
+    steps, stored = run.series("0", "grad_norm")
+    np.testing.assert_allclose(stored, norms, rtol=1e-5)
+    index = {step: k for k, step in enumerate(steps)}  # (step numbers: the first one's adoption skips one)
+    sampled, stored = run.series("0", "update_ratio")
+    assert len(sampled) >= 3
+    np.testing.assert_allclose(stored, [ratios[index[step]] for step in sampled], rtol=1e-5)
+    assert "cleared p.grad" not in capsys.readouterr().err

@@ -116,7 +116,8 @@ class AutoWatch(Watch):
         self.flush_requested: threading.Event | None = None  # by a signal, from the main thread
         self._in_backward = False  # the followed thread is inside a backward call
         self._index: dict[int, int] = {}  # id(watched parameter) -> its index (see _fused_step)
-        self._thread = TrainingThread(self._two_threads, self._handed_over, lambda: self._in_backward or self._in_step)
+        self._thread = TrainingThread(self._two_threads, self._handed_over, lambda: self._in_backward or self._in_step,
+                                      lambda: self._depth > 0)
         self._thread.foreign = self._foreign  # (the hooks' set: another thread's calls are ignored)
         self._backward_seen = False  # (see _say_forwards_only)
         self._handles.append(register_optimizer_step_pre_hook(self._global_pre))
@@ -312,7 +313,7 @@ class AutoWatch(Watch):
     def _global_pre(self, optimizer, args, kwargs) -> None:
         if not self._thread.mine():
             return
-        if self._in_backward and self._optimizer is None:
+        if self._in_backward:
             self._fused_step(optimizer)
             return
         if self._optimizer is None:
@@ -337,17 +338,31 @@ class AutoWatch(Watch):
         them ended the step inside the backward and none of its gradients was stored. Each backward
         is a step instead (its update inside it: Watch._open_backward_window), and the optimizer's
         gradients are read here, before its step clears them: the script's hooks, registered before
-        the model's first forward, run before the watch's own."""
+        the model's first forward, run before the watch's own. Beside an optimizer stepping after
+        the backward (some layers updated in it, the others after it) that one is the step's, and
+        this one is no other optimizer taking over (`_other_step`): its gradients are read all the
+        same (they read 0, and the cleared gradients' warning was not given)."""
         self._seen_stepping(optimizer)
-        if self._mode != "backward":
+        if self._optimizer is not None:
+            self._open_window_in_backward()
+        elif self._mode != "backward":
             self._mode = "backward"
             self._window.drop()  # (this step's update has begun: no ratio rather than a part of one)
-            self._cleared_said = True  # (cleared: read here)
         for group in optimizer.param_groups:
             for p in group["params"]:
                 i = self._index_of(p)
                 if i is not None and p.grad is not None and i in self._grad_fns:
+                    self._read_early.add(i)
                     self._grad_fns[i](p)
+
+    def _open_window_in_backward(self) -> None:
+        """The step's update begins inside its backward (see `_fused_step`): the last step's window
+        ends and this one's opens here. Opened at the step's optimizer, the in-backward updates
+        fell into the next step's window, and the last one into none (a ratio of 0)."""
+        self._window.settle(kept=True)
+        rec = self._current()
+        if self._window.snapshot is None and self._params and rec is not None and rec.sampled:
+            self._window.take(rec)
 
     def _index_of(self, p: torch.Tensor) -> int | None:
         """`p`'s index among the watched parameters (a dict, made again when they changed)."""
@@ -444,8 +459,8 @@ class AutoWatch(Watch):
         self._discover_until = self._step + DISCOVERY_STEPS
 
     def _global_post(self, optimizer, args, kwargs) -> None:
-        if not self._thread.mine(claim=False) or self._in_backward and self._optimizer is None:
-            return
+        if not self._thread.mine(claim=False) or self._in_backward:
+            return  # (an optimizer in backward: see _fused_step)
         self._backward_since_step = False  # any optimizer's step uses the backwards' gradients
         if optimizer is self._ending:
             self._ending = None
@@ -487,6 +502,19 @@ class AutoWatch(Watch):
                  "trained nothing, so nothing was recorded")
             self._untrained = 0
         self._say_forwards_only()
+        self._say_refused()
+
+    def _say_refused(self) -> None:
+        """Nothing stored, and other threads' backwards or steps were refused (see one_thread):
+        the run's summary said only "no training step was seen". Said once, naming them."""
+        refused, self._thread.refused = self._thread.refused, {}
+        if refused and self.store_path is None and self.pid == os.getpid():
+            followed = self._thread.name
+            names = ", ".join(sorted(set(refused.values()))[:3])
+            _say(f"gradwatch: nothing was recorded: zero-code watching follows one thread per process, here "
+                 f"{followed}, which stored no training step; the backward passes and optimizer steps of {names} were "
+                 "ignored. To record that training, run it in the thread that runs the model first, or call "
+                 "gw.watch(model, optimizer) in the script")
 
     def _say_forwards_only(self) -> None:
         """A model ran with gradients on, but no backward pass came: a training by torch.func (grad

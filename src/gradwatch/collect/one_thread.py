@@ -5,9 +5,11 @@ one training: two models trained at once in two threads (a ThreadPoolExecutor) h
 backwards and steps mixed into one step record, and the exit flush failed with a traceback (3 of
 80 steps stored). The followed thread keeps the watch until it ends, waits for other threads to
 end (`Thread.join`, a future's result) or, a pool's worker, for its next job: a worker's training
-after the main thread's warm-up, jobs one after another. Other threads' calls are refused, and
-the hooks on the followed training's own modules and weights ignore them too (`foreign`: a
-shared layer, a handed-over model).
+after the main thread's warm-up, jobs one after another; having run forwards only (an evaluation
+thread), it gives it to another thread's backward or step. Other threads' backwards and steps are
+refused, and the hooks on the followed training's own modules and weights ignore them too
+(`foreign`: a shared layer, a handed-over model), but not modules run in helper threads inside
+the followed forward.
 """
 
 from __future__ import annotations
@@ -32,23 +34,30 @@ JOB = ("concurrent.futures.thread", "run")  # a pool's job, run by its worker
 class TrainingThread:
     """`two_at_once(followed, other)`: called once, when another thread trains while the followed
     one does too (from the followed one); `handover()`: the watch passed to another thread;
-    `inside()`: the followed thread is inside its backward or optimizer step call. `foreign`: the
-    idents of threads refused, whose calls the followed training's hooks ignore (one set lookup:
-    see Watch._grad_hook)."""
+    `inside()`: the followed thread is inside its backward or optimizer step call; `forwarding()`:
+    inside a model's forward. `foreign`: the idents of threads refused, whose calls the followed
+    training's hooks ignore (one set lookup: see Watch._grad_hook)."""
 
     def __init__(self, two_at_once: Callable[[threading.Thread, threading.Thread], None],
-                 handover: Callable[[], None] = lambda: None, inside: Callable[[], bool] = lambda: False):
+                 handover: Callable[[], None] = lambda: None, inside: Callable[[], bool] = lambda: False,
+                 forwarding: Callable[[], bool] = lambda: False):
         self.ident: int | None = None
+        self.name = ""  # the followed thread's
         self.concurrent = False
         self.foreign: set[int] = set()
         self._holder: int | None = None
         self._two_at_once = two_at_once
         self._handover = handover
         self._inside = inside
+        self._forwarding = forwarding
         self._lock = threading.Lock()
-        self._waiting: tuple[int, int] = (0, 0)  # (id of the frame the followed thread waits in, calls seen)
+        self._waiting: tuple[FrameType | None, int] = (None, 0)  # (the join the followed thread waits in, calls seen)
+        self._steppers: set[int] = set()  # threads whose optimizer step was refused (see `_hands_over`)
+        self._trained = False  # the followed thread has run a backward or an optimizer step (see `_untrained`)
+        self._waited: set[int] = set()  # threads that gave an untrained followed one SETTLE s (see `_untrained`)
+        self.refused: dict[int, str] = {}  # ident -> name of the threads whose backward or step was refused
         self._settled: set[int] = set()  # threads whose first refusal waited for the followed one (`_settle`)
-        self._rival: int | None = None  # a thread whose backward or step was refused since the followed one's last
+        self._rival: int | None = None  # a thread whose step was refused since the followed one's last
 
     def mine(self, claim: bool = True, proves: bool = True, starts: bool = False, takes: bool = False) -> bool:
         """This call's thread is the followed one. `claim`: a call that starts something (a forward,
@@ -68,24 +77,42 @@ class TrainingThread:
             time.sleep(HOLD)  # (the process dies meanwhile)
             return False
         if ident == self.ident:
-            if proves and self._rival is not None:
-                self._at_once()
+            if proves:
+                self._trained = True
+                if self._rival is not None:
+                    self._at_once()
             return True
         if self.ident is None:
-            return not claim or self._take(ident, None)
+            return not claim or self._take(ident, None, trained=proves)
         device = isinstance(threading.current_thread(), threading._DummyThread)
         if device and self._inside():
             return True  # autograd's device threads run the followed backward's hooks (CUDA)
         if not claim:
             return takes and self._awaited(ident) and self._take(ident, self.ident)
         followed = _thread(self.ident)
-        if followed is None or proves and self._hands_over(followed, ident, starts):
-            return self._take(ident, self.ident)
+        if followed is None or proves and (self._untrained(ident) or self._hands_over(followed, ident, starts)):
+            return self._take(ident, self.ident, trained=proves)
         if device:
             return False  # (never foreign: the next backward's hooks run there too)
+        if not proves:  # a forward: foreign unless inside the followed one's (see `_refused`)
+            if not self._forwarding():
+                self.foreign.add(ident)
+            return False
+        return self._refused(ident, step=not starts)
+
+    def _refused(self, ident: int, step: bool) -> bool:
+        """Another thread's backward or `step`, refused: its calls are foreign from now on (its
+        forwards too, but those run inside the followed one's: modules run in helper threads
+        there, branches in a pool, nn.DataParallel's parallel_apply, lost their activations, and
+        a saturation found in one became a false stalled_layers). Only a step tells a training: a
+        thread taking input gradients (saliency maps of a frozen copy) runs backwards and trains
+        nothing."""
         self.foreign.add(ident)
-        if proves and not self.concurrent:
-            self._rival = ident
+        self.refused[ident] = threading.current_thread().name
+        if step:
+            self._steppers.add(ident)
+            if not self.concurrent:
+                self._rival = ident
         return False
 
     def _at_once(self) -> None:
@@ -98,36 +125,55 @@ class TrainingThread:
             self.concurrent = True
             self._two_at_once(threading.current_thread(), other)
 
-    def _take(self, ident: int, old: int | None) -> bool:
-        """The watch passes to this thread (one taker, also when two threads claim at once)."""
+    def _take(self, ident: int, old: int | None, trained: bool = False) -> bool:
+        """The watch passes to this thread (one taker, also when two threads claim at once), at its
+        backward or step if `trained`."""
         with self._lock:
             if self.ident != old:
                 return self.ident == ident
-            self.ident, self._waiting, self._rival = ident, (0, 0), None
+            self.ident, self._waiting, self._rival, self._trained = ident, (None, 0), None, trained
+            self.name = threading.current_thread().name
             self.foreign.discard(ident)
+            self.refused.pop(ident, None)
             if old is not None:
                 self.foreign.add(old)
                 self._handover()
         return True
 
+    def _untrained(self, ident: int) -> bool:
+        """The followed thread has run forwards only (an evaluation with gradients on, a shape
+        check before the training starts in another thread), after SETTLE s given it once per
+        other thread to reach its backward (a training caught between its forward and backward
+        keeps the watch): another thread's backward or step takes it. It kept it for good, and
+        the training was never recorded ("no training step was seen")."""
+        if not self._trained and ident not in self._waited:
+            self._waited.add(ident)
+            deadline = time.monotonic() + SETTLE
+            while not self._trained and time.monotonic() < deadline:
+                time.sleep(SETTLE / 10)  # (lets the followed thread run)
+        return not self._trained
+
     def _hands_over(self, followed: threading.Thread, ident: int, starts: bool) -> bool:
         """The followed thread waits for others to end: at once if for this one (its `join`, the
         future of the pool job it runs), else at this thread's backward once WAIT_CALLS of its
-        calls came in one same wait (a thread that started this one, joined). Never from inside
-        its backward or step (a hook there joining a helper thread that runs a backward)."""
+        calls came in one same `join` (of a thread that started this one) and it has stepped.
+        Never from inside its backward or step (a hook there joining a helper thread that runs a
+        backward). Separate waits were counted as one (a frame's id is reused), and a future's
+        result that another thread computes too: a training fetching each batch from a pool lost
+        the watch to a thread taking saliency maps (84 to 133 of its 200 steps stored)."""
         if self._inside():
             return False
         wait = _wait_frame(sys._current_frames().get(followed.ident))
         if wait is None and ident not in self._settled:
             wait = self._settle(followed, ident)
-        if wait is None:
-            self._waiting = (0, 0)
-            return False
-        if _awaits(wait, ident):
+        if wait is not None and _awaits(wait, ident):
             return True
-        seen = self._waiting[1] + 1 if self._waiting[0] == id(wait) else 1
-        self._waiting = (id(wait), seen)
-        return starts and seen >= WAIT_CALLS
+        if wait is None or wait.f_code.co_name != "join":
+            self._waiting = (None, 0)
+            return False
+        seen = self._waiting[1] + 1 if self._waiting[0] is wait else 1
+        self._waiting = (wait, seen)  # (the frame itself, kept: its id is another call's once it ends)
+        return starts and seen >= WAIT_CALLS and ident in self._steppers
 
     def _awaited(self, ident: int) -> bool:
         """The followed thread has ended, or waits for this one outside its backward and step."""

@@ -165,6 +165,7 @@ class Watch:
         self._rival = None  # ... and another optimizer stepped after it: see _rival_objective
         self._rival_said = False
         self._cleared_said = False
+        self._read_early: set[int] = set()  # parameters read before an optimizer in backward cleared them (zero-code)
         self._in_step = False  # between the optimizer's step pre- and post-hook (closures)
         self._closure_loss = False  # a closure's loss was added in this step
         self._closure_grads = False  # a closure's gradients were recorded in this step
@@ -369,6 +370,7 @@ class Watch:
         `SmallGrads.read` to take with the others after backward."""
         norm_out, max_out, weight_out = self._norm_buf[i], self._max_buf[i], self._weight_buf[i]
         indices, grads, touched, foreign = self._small.indices, self._small.grads, self._touched, self._foreign
+        read_early = self._read_early
 
         def hook(p: torch.Tensor) -> None:
             if foreign and threading.get_ident() in foreign:  # another thread's backward (zero-code mode)
@@ -378,7 +380,8 @@ class Watch:
             if self._attached and self._cur_sampled is not None:
                 grad = p.grad  # (read once: 2000 hooks a step)
                 if grad is None:  # an earlier hook stepped and cleared it (an optimizer fused into backward)
-                    self._say_cleared(p)
+                    if i not in read_early:  # (read before that step: AutoWatch._fused_step)
+                        self._say_cleared(p)
                     return
                 if small and not grad.is_sparse:
                     indices.append(i)
