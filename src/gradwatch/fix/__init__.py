@@ -420,7 +420,8 @@ def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "
 
     `order="gradwatch"` builds candidates from the baseline's findings; `"autotrainer"` replays
     AutoTrainer's fixed order. `strategy`: "screen" (default) runs every candidate for a quarter
-    of the budget (all of it when that costs at most one full trial more: `screen_in_full`), then
+    of the budget (all of it when that costs at most one full trial more: `screen_in_full`; in two
+    rungs where trials can pause: `_screen`), then
     at most two at full length (`pick_finals`: a leader that repaired the run
     alone and beside the best other repair; else the leader combined with the runner-up and with
     the third) — every remedy gets a look for about the cost of two full trials, and the
