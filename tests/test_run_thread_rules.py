@@ -181,3 +181,76 @@ def test_a_training_whose_steps_were_refused_is_named_when_nothing_was_stored(mo
         watch.detach()
     said = err.getvalue()
     assert "nothing was recorded" in said and "here evaluator" in said and "of MainThread were ignored" in said
+
+
+def test_a_training_whose_first_step_is_slow_keeps_the_watch_from_a_saliency_thread(tmp_path):
+    """0.2 s between the first forward and backward (a warm-up): a thread taking input gradients of
+    a frozen copy beside it took the watch, and the whole training was lost."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    watch = auto.AutoWatch(str(tmp_path), warn=False, sample_every=1)
+    stop, first = threading.Event(), threading.Event()
+
+    def saliency():
+        first.wait()
+        while not stop.is_set():
+            frozen(torch.randn(8, 4, requires_grad=True)).sum().backward()
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=saliency, name="saliency")
+    thread.start()
+    losses = []
+    try:
+        for i in range(12):
+            x = torch.randn(16, 4)
+            out = model(x)
+            if i == 0:
+                first.set()
+                time.sleep(0.2)
+            loss = (out - x.sum(1, keepdim=True)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    finally:
+        stop.set()
+        thread.join()
+        watch.detach()
+    stored = read_run(tmp_path)
+    assert np.allclose(stored.loss, losses)
+
+
+def test_a_step_after_a_backward_that_raised_is_recorded_in_its_place(tmp_path):
+    """A gradient check raises in backward, the script catches it and steps on: that step was taken
+    for an optimizer fused into backward (11 of 12 stored, each later one a step off)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    watch = auto.AutoWatch(str(tmp_path), warn=False, sample_every=1)
+    losses = []
+
+    def check(grad):
+        raise RuntimeError("a gradient check")
+
+    try:
+        for i in range(12):
+            x = torch.randn(16, 4)
+            out = model(x)
+            if i == 5:
+                out.register_hook(check)
+            loss = (out - x.sum(1, keepdim=True)).pow(2).mean()
+            opt.zero_grad()
+            try:
+                loss.backward()
+            except RuntimeError:
+                pass
+            opt.step()
+            losses.append(loss.item())
+    finally:
+        watch.detach()
+    stored = read_run(tmp_path).loss
+    assert len(stored) == 12
+    kept = [i for i in range(12) if i != 5]  # (the step whose backward raised stores no loss)
+    assert np.allclose(stored[kept], np.array(losses)[kept])

@@ -310,10 +310,18 @@ class AutoWatch(Watch):
             return
         self._depth = max(self._depth - 1, 0)
 
+    def _backward_running(self) -> bool:
+        """Inside the followed thread's backward now: a backward that raised (a gradient check the
+        script catches, an out-of-memory batch it skips) never reached after_backward, and the next
+        step was taken for one fused into backward (11 of 12 stored, each a step off)."""
+        if self._in_backward and torch._C._current_graph_task_id() == -1:
+            self._in_backward = False
+        return self._in_backward
+
     def _global_pre(self, optimizer, args, kwargs) -> None:
         if not self._thread.mine():
             return
-        if self._in_backward:
+        if self._backward_running():
             self._fused_step(optimizer)
             return
         if self._optimizer is None:
@@ -459,7 +467,7 @@ class AutoWatch(Watch):
         self._discover_until = self._step + DISCOVERY_STEPS
 
     def _global_post(self, optimizer, args, kwargs) -> None:
-        if not self._thread.mine(claim=False) or self._in_backward:
+        if not self._thread.mine(claim=False) or self._backward_running():
             return  # (an optimizer in backward: see _fused_step)
         self._backward_since_step = False  # any optimizer's step uses the backwards' gradients
         if optimizer is self._ending:

@@ -53,6 +53,7 @@ class TrainingThread:
         self._lock = threading.Lock()
         self._waiting: tuple[FrameType | None, int] = (None, 0)  # (the join the followed thread waits in, calls seen)
         self._steppers: set[int] = set()  # threads whose optimizer step was refused (see `_hands_over`)
+        self._forwards = 0  # top-level forwards with gradients on, since the followed thread took the watch
         self._trained = False  # the followed thread has run a backward or an optimizer step (see `_untrained`)
         self._waited: set[int] = set()  # threads that gave an untrained followed one SETTLE s (see `_untrained`)
         self.refused: dict[int, str] = {}  # ident -> name of the threads whose backward or step was refused
@@ -77,6 +78,8 @@ class TrainingThread:
             time.sleep(HOLD)  # (the process dies meanwhile)
             return False
         if ident == self.ident:
+            if not proves and claim and not self._forwarding():
+                self._forwards += 1  # (a top-level forward with gradients on)
             if proves:
                 self._trained = True
                 if self._rival is not None:
@@ -131,7 +134,7 @@ class TrainingThread:
         with self._lock:
             if self.ident != old:
                 return self.ident == ident
-            self.ident, self._waiting, self._rival, self._trained = ident, (None, 0), None, trained
+            self.ident, self._waiting, self._rival, self._trained, self._forwards = ident, (None, 0), None, trained, 0
             self.name = threading.current_thread().name
             self.foreign.discard(ident)
             self.refused.pop(ident, None)
@@ -145,7 +148,12 @@ class TrainingThread:
         check before the training starts in another thread), after SETTLE s given it once per
         other thread to reach its backward (a training caught between its forward and backward
         keeps the watch): another thread's backward or step takes it. It kept it for good, and
-        the training was never recorded ("no training step was seen")."""
+        the training was never recorded ("no training step was seen"). Not from a thread that has
+        run one forward and is not idle: a training's first step can take longer than SETTLE (a
+        warm-up, a sync before backward), and a thread taking saliency maps beside it took the
+        whole training's watch."""
+        if self._forwards < 2 and not _idle(self.ident):
+            return False
         if not self._trained and ident not in self._waited:
             self._waited.add(ident)
             deadline = time.monotonic() + SETTLE
@@ -249,3 +257,15 @@ def _job() -> object | None:
 def _thread(ident: int) -> threading.Thread | None:
     """The live thread of id `ident`, if any."""
     return next((t for t in threading.enumerate() if t.ident == ident and t.is_alive()), None)
+
+
+def _idle(ident: int | None) -> bool:
+    """The thread blocks in a threading wait (an Event, a Condition, a Queue's get)."""
+    frame = sys._current_frames().get(ident)
+    for _ in range(DEPTH):
+        if frame is None:
+            return False
+        if (frame.f_globals.get("__name__"), frame.f_code.co_name) in {("threading", "wait"), ("queue", "get")}:
+            return True
+        frame = frame.f_back
+    return False
