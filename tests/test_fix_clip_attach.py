@@ -180,10 +180,10 @@ def test_clip_combined_with_adam_prints_the_adam_line_first():
         assert code.index("torch.optim.Adam(") < code.index("gw.clip.attach("), code
 
 
-def _fused_scaler_overflow_loop(model, built, optimizer=torch.optim.SGD) -> None:
-    """A fused optimizer under a GradScaler, whose step 1 overflows (an inf in the batch): the scaler
-    skips it."""
-    opt = optimizer(model.parameters(), lr=0.01, fused=True)
+def _scaler_overflow_loop(model, built, make=lambda ps: torch.optim.SGD(ps, lr=0.01, fused=True)) -> None:
+    """An optimizer (`make`: a fused SGD) under a GradScaler, whose step 1 overflows (an inf in the
+    batch): the scaler skips it."""
+    opt = make(model.parameters())
     built(opt)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     for i in range(5):
@@ -205,19 +205,12 @@ def test_an_adam_trial_under_a_grad_scaler_trains_as_the_printed_adam_under_it()
     except (RuntimeError, ValueError) as exc:  # no fused kernel on this build's CPU
         pytest.skip(str(exc))
     for cand in (adam(), combine(adam(), clip_norm(0.01))):
-        trial = _trained(_fused_scaler_overflow_loop, cand.spec, None)
+        trial = _trained(_scaler_overflow_loop, cand.spec, None)
         model = _model()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        if "max_norm" in cand.spec:
-            gw.clip.attach(opt, gw.clip.ClipNorm(0.01))
-        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-        for i in range(5):
-            x, y = _batch(i)
-            if i == 1:
-                x[0, 0] = float("inf")
-            opt.zero_grad()
-            scaler.scale((model(x) - y).pow(2).mean().mul(100)).backward()
-            scaler.step(opt)
-            scaler.update()
+
+        def clipped(opt):
+            if "max_norm" in cand.spec:
+                gw.clip.attach(opt, gw.clip.ClipNorm(0.01))
+        _scaler_overflow_loop(model, clipped, lambda ps: torch.optim.Adam(ps, lr=1e-3))
         printed = torch.cat([p.detach().flatten() for p in model.parameters()])
         assert torch.isfinite(trial).all() and torch.equal(trial, printed), cand.name

@@ -368,9 +368,7 @@ class AutoWatch(Watch):
         ends and this one's opens here. Opened at the step's optimizer, the in-backward updates
         fell into the next step's window, and the last one into none (a ratio of 0)."""
         self._window.settle(kept=True)
-        rec = self._current()
-        if self._window.snapshot is None and self._params and rec is not None and rec.sampled:
-            self._window.take(rec)
+        self._take_window(self._current())
 
     def _index_of(self, p: torch.Tensor) -> int | None:
         """`p`'s index among the watched parameters (a dict, made again when they changed)."""

@@ -29,6 +29,7 @@ WAITS = {("threading", "join"), ("concurrent.futures._base", "result"),
          ("concurrent.futures._base", "wait"), ("concurrent.futures._base", "as_completed"),
          ("concurrent.futures.thread", "_worker")}  # (a pool's worker between jobs: none runs above it)
 JOB = ("concurrent.futures.thread", "run")  # a pool's job, run by its worker
+IDLE = {("threading", "wait"), ("queue", "get")}  # where a thread blocks waiting for work (an Event, a Queue)
 
 
 class TrainingThread:
@@ -156,9 +157,7 @@ class TrainingThread:
             return False
         if not self._trained and ident not in self._waited:
             self._waited.add(ident)
-            deadline = time.monotonic() + SETTLE
-            while not self._trained and time.monotonic() < deadline:
-                time.sleep(SETTLE / 10)  # (lets the followed thread run)
+            _within_settle(lambda: self._trained)
         return not self._trained
 
     def _hands_over(self, followed: threading.Thread, ident: int, starts: bool) -> bool:
@@ -196,12 +195,7 @@ class TrainingThread:
         `t.start(); t.join()` ran its first steps before the main thread got the GIL back to join
         (7 of 101 lost); a thread training beside it costs the other SETTLE s, once."""
         self._settled.add(ident)
-        deadline = time.monotonic() + SETTLE
-        wait = None
-        while wait is None and time.monotonic() < deadline:
-            time.sleep(SETTLE / 10)  # (lets the followed thread run)
-            wait = _wait_frame(sys._current_frames().get(followed.ident))
-        return wait
+        return _within_settle(lambda: _wait_frame(sys._current_frames().get(followed.ident)))
 
     def followed(self) -> bool:
         """This call's thread is the one followed (not merely: none is followed yet)."""
@@ -215,16 +209,32 @@ class TrainingThread:
         self._holder = threading.get_ident() if ident is None else ident
 
 
+def _within_settle(done: Callable[[], object]) -> object:
+    """`done()` once it is true, or when SETTLE s have passed, the other threads run meanwhile."""
+    deadline = time.monotonic() + SETTLE
+    while not (value := done()) and time.monotonic() < deadline:
+        time.sleep(SETTLE / 10)  # (lets the followed thread run)
+    return value
+
+
 def _wait_frame(frame: FrameType | None) -> FrameType | None:
-    """The frame of `frame`'s stack that waits for other threads to end (see WAITS), if any."""
+    """The frame of `frame`'s stack that waits for other threads to end (see WAITS), if any; not
+    above a pool's job that runs (the wait there, if any, is the job's own)."""
+    return _frame_in(frame, WAITS, stop=JOB)
+
+
+def _frame_in(frame: FrameType | None, places: set[tuple[str, str]],
+              stop: tuple[str, str] | None = None) -> FrameType | None:
+    """The first of the top DEPTH frames of `frame`'s stack that runs in one of `places` ((module,
+    function)), before any that runs in `stop`."""
     for _ in range(DEPTH):
         if frame is None:
             return None
         where = (frame.f_globals.get("__name__"), frame.f_code.co_name)
-        if where in WAITS:
+        if where in places:
             return frame
-        if where == JOB:
-            return None  # (a job runs: the wait above it, if any, is the job's own)
+        if where == stop:
+            return None
         frame = frame.f_back
     return None
 
@@ -261,11 +271,4 @@ def _thread(ident: int) -> threading.Thread | None:
 
 def _idle(ident: int | None) -> bool:
     """The thread blocks in a threading wait (an Event, a Condition, a Queue's get)."""
-    frame = sys._current_frames().get(ident)
-    for _ in range(DEPTH):
-        if frame is None:
-            return False
-        if (frame.f_globals.get("__name__"), frame.f_code.co_name) in {("threading", "wait"), ("queue", "get")}:
-            return True
-        frame = frame.f_back
-    return False
+    return _frame_in(sys._current_frames().get(ident), IDLE) is not None

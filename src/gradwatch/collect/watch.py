@@ -625,14 +625,16 @@ class Watch:
         self._backward_scale = unscaled[1] if unscaled is not None else None
         self._grads_before = self._grads_seen
         if self._mode == "backward":
-            self._open_backward_window()
+            # each backward a step: its update is what changes the weights from its start to the
+            # next one's, inside it too. An optimizer fused into backward (torch's recipe: a gradient
+            # hook per parameter calling opt.step()) updates them there; taken after the backward,
+            # the weights never changed again before the next (every update ratio 0: a false
+            # `stalled_layers` error)
+            self._take_window(self._current())
 
-    def _open_backward_window(self) -> None:
-        """Each backward a step: its update is what changes the weights from its start to the next
-        one's, inside it too. An optimizer fused into backward (torch's recipe: a gradient hook per
-        parameter calling opt.step()) updates them there; taken after the backward, the weights
-        never changed again before the next (every update ratio 0: a false `stalled_layers` error)."""
-        rec = self._current()
+    def _take_window(self, rec: StepRecord | None) -> None:
+        """The weights as they are now, kept for the Δw of `rec`'s step, if it is sampled and no
+        window is open yet."""
         if rec is not None and rec.sampled and self._params and self._window.snapshot is None:
             self._window.take(rec)
 
@@ -689,8 +691,7 @@ class Watch:
             self._end_step()
         elif self._in_step:  # optimizer.step(closure): forward and backward run inside the step
             self._closure_grads = True
-            if rec is not None and rec.sampled and self._params and self._window.snapshot is None:
-                self._window.take(rec)  # the weights are still those before this step's update
+            self._take_window(rec)  # the weights are still those before this step's update
             self._stop_if_non_finite(rec)  # raising inside the closure: the update never happens
 
     def after_scaler_update(self) -> None:
@@ -847,8 +848,7 @@ class Watch:
         self._in_step, self._closure_loss, self._closure_grads, self._reevaluating = True, False, False, False
         rec = self._cur
         self._stop_if_non_finite(rec)
-        if rec is not None and rec.sampled and self._params and self._window.snapshot is None:
-            self._window.take(rec)  # (zero-code: another optimizer may have taken it before its update)
+        self._take_window(rec)  # (zero-code: another optimizer may have taken it before its update)
 
     def _zero_code_partner(self, optimizer: torch.optim.Optimizer) -> None:
         """Zero-code mode calls _before_step for every optimizer, after its _other_step has opened

@@ -272,7 +272,7 @@ def bounded_retry(baseline: Trial, screened: list[Trial], offered: list[Candidat
     lr remedies are screened for it alone."""
     if blew_up(baseline):
         return None
-    tried = {json.dumps(t.candidate.spec, sort_keys=True) for t in screened}
+    tried = [t.candidate.spec for t in screened]
     done = applied(screened)
     bounds = [c for c in offered if "optimizer" in c.spec] + [t.candidate for t in done
                                                              if t.works and "norm" in t.candidate.spec]
@@ -280,8 +280,7 @@ def bounded_retry(baseline: Trial, screened: list[Trial], offered: list[Candidat
         if stacked(t.candidate) or not any(k in t.candidate.spec for k in MODEL_KEYS) or not blew_up(t):
             continue
         for bound in bounds:
-            if (both := combine(t.candidate, bound)) is not None \
-                    and json.dumps(both.spec, sort_keys=True) not in tried:
+            if (both := combine(t.candidate, bound)) is not None and both.spec not in tried:
                 return both
         return None  # one retry, for the best-ranked change that blew up
     return None
@@ -483,6 +482,11 @@ def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "
         workspace.close()
 
 
+def _better_half(n: int) -> int:
+    """How many of `n` screened remedies run on from the rung: half, rounded up."""
+    return (n + 1) // 2
+
+
 def _screen(trial: Callable[..., Trial], end: Callable[[Trial], None], queue: list[Candidate], result: FixResult,
             onset_steps: int, in_process: bool, say: Callable[[str], None], out: Path) -> None:
     """Every candidate to the first rung, paused there (`first_rung`); the better half run on to the
@@ -491,7 +495,7 @@ def _screen(trial: Callable[..., Trial], end: Callable[[Trial], None], queue: li
     short, budget = result.screen_steps, result.budget_steps
     # (no rung where nothing could stay paused: in process, or the free memory unknown)
     rung = first_rung(short, onset_steps) if short < budget and not in_process and available_memory() else None
-    most = -(-(len(queue) + 1) // 2)  # the better half, with a retry screened too
+    most = _better_half(len(queue) + 1)  # (a retry may be screened too)
     paused = False  # a trial stopped at the rung paused: trials here can
 
     def screen(cand: Candidate, count: str, why: str = "") -> None:
@@ -520,7 +524,7 @@ def _screen(trial: Callable[..., Trial], end: Callable[[Trial], None], queue: li
         return
     result.rung_steps = rung
     n = len(result.screened)
-    ahead = {id(t) for t in applied(result.screened)[:-(-n // 2)]}
+    ahead = {id(t) for t in applied(result.screened)[:_better_half(n)]}
     for t in result.screened:
         if id(t) not in ahead:
             t.behind = True  # (ranked after the better half: also one that ended before the rung)
@@ -542,8 +546,9 @@ def _screen(trial: Callable[..., Trial], end: Callable[[Trial], None], queue: li
 
 
 def _fix(trial: Callable[[str, Candidate, int], Trial], end: Callable[[Trial], None],
-         command: list[str] | Callable[[], object], out: Path, budget_steps: int, candidates: list[Candidate] | None, order: str, strategy: str, finals: int,
-         say: Callable[[str], None], workspace: Workspace, partial: list[FixResult]) -> FixResult:
+         command: list[str] | Callable[[], object], out: Path, budget_steps: int, candidates: list[Candidate] | None,
+         order: str, strategy: str, finals: int, say: Callable[[str], None], workspace: Workspace,
+         partial: list[FixResult]) -> FixResult:
     say(f"gradwatch fix: baseline trial ({budget_steps} steps)")
     baseline = trial("baseline", BASELINE, budget_steps)
 

@@ -60,7 +60,7 @@ def apply_to_model(model: nn.Module, spec: dict, example_input: Any = None) -> s
     if swap:
         old = tuple(ACTIVATIONS) if swap["from"] == "*" else (getattr(nn, swap["from"]),)
         _, change = remedies.swap_activations(model, old, NEW_ACTIVATION[swap["to"]], keep_output=True,
-                                     example_input=example_input)
+                                              example_input=example_input)
         if not change:
             return str(change)
     if spec.get("norm"):

@@ -313,9 +313,7 @@ class Process:
     def kill(self) -> None:
         self.proc.kill()
         self.proc.wait()
-        if self.channel is not None:
-            self.channel.close()
-        self.log.close()
+        self._close()
 
     def _exit_code(self, within: float) -> int:
         try:
@@ -325,10 +323,14 @@ class Process:
             return self.proc.wait()
 
     def _finish(self, code: int) -> None:
+        self._close()
+        runner.finish_run(self.run_dir, runner.exit_status(code))
+
+    def _close(self) -> None:
+        """fix's ends of the pipes, and the script's log."""
         if self.channel is not None:
             self.channel.close()
         self.log.close()
-        runner.finish_run(self.run_dir, runner.exit_status(code))
 
     def _wait(self, budget_steps: int, timeout: float | None) -> int | None:
         """The trial's exit code (-9 when killed after `timeout` seconds), or None once it has paused.
