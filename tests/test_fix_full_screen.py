@@ -1,7 +1,11 @@
 """A screening that would run most of the budget runs all of it, and a final of one screened remedy
 is then its screening trial, not a second run of the same steps."""
 
+import inspect
+import sys
+
 import numpy as np
+import pytest
 import torch
 from rich.console import Console
 from torch import nn
@@ -92,3 +96,18 @@ def test_a_baseline_that_raised_on_its_fault_does_not_set_the_full_length():
     slow = Trial(BASELINE, None, 1, seconds=2300.0, steps=23)
     assert "screen for 22 steps each, then up to 2 full trials of 40" in expected_cost(
         slow, [lr_scale(0.1), clip_norm(1.0)], 22, 2, full_length(slow, 40))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="trials pause over POSIX pipes")
+def test_where_trials_pause_a_late_fault_is_screened_a_quarter_past_its_onset(tmp_path, monkeypatch):
+    """The same late blow-up as a script: its screening trials pause at 30 steps (10 past the onset
+    at 20) instead of running all 40, and the final runs on from its pause: no step is run twice."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    path = tmp_path / "train.py"
+    path.write_text(f"import torch\nfrom torch import nn\n{inspect.getsource(late_blow_up)}\nlate_blow_up()\n")
+    result = fix([sys.executable, str(path)], out=tmp_path / "fix", budget_steps=40,
+                 candidates=[lr_scale(0.1), clip_norm(1.0)], progress=lambda m: None)
+    assert screen_in_full(30, 40, 2)  # in process, it would be screened in full
+    assert result.screen_steps == 30 and all(t.steps == 30 for t in result.screened)
+    assert result.repaired and result.winner.resumed_from == 30
+    assert result.cost_steps == 40 + 2 * 30 + sum(t.steps - t.resumed_from for t in result.trials) < 40 + 2 * 40 + 10

@@ -25,8 +25,8 @@ from gradwatch.fix.locate import Origin
 from gradwatch.fix.names import Names, script_names
 from gradwatch.fix.pause import available_memory
 from gradwatch.fix.touched import Workspace
-from gradwatch.fix.trial import (LOCATE, OUTPUT_LOG, Trial, discard_trials, end_paused, go_on, lower_beyond_noise,
-                                 run_trial, run_trial_in_process)
+from gradwatch.fix.trial import (LOCATE, OUTPUT_LOG, Trial, discard_trials, end_paused, final_error, final_loss, go_on,
+                                 lower_beyond_noise, run_trial, run_trial_in_process)
 from gradwatch.store import read_run, store_files
 from gradwatch.store.reader import connect
 from gradwatch.store.series import WEIGHT_ROLES, LayerInfo
@@ -81,7 +81,8 @@ class FixResult:
 
     @property
     def ranked(self) -> list[Trial]:
-        return sorted(self.trials, key=lambda t: t.score)
+        """Best first; a final stopped halfway, behind the first (`_unless_behind`), after those run in full."""
+        return sorted(self.trials, key=lambda t: (t.behind, t.score))
 
     @property
     def winner(self) -> Trial | None:
@@ -126,7 +127,7 @@ class FixResult:
                     "final_error": t.final_error if np.isfinite(t.final_error) else None, "harmful": t.harmful,
                     "not_counted": sorted({f.kind for f in t.frozen_only}),  # only in layers no optimizer trains
                     "works": t.works, "failed": t.failed, "exit_code": t.exit_code, "not_applied": t.not_applied,
-                    "resumed_from": t.resumed_from}
+                    "resumed_from": t.resumed_from, "behind": t.behind}
         winner = self.winner
         data = {"baseline": row(self.baseline), "screened": [row(t) for t in self.screened],
                 "trials": [row(t) for t in self.trials], "winner": winner.candidate.name if winner else None,
@@ -348,11 +349,14 @@ def first_rung(short: int, onset_steps: int) -> int | None:
 
 def screen_in_full(short: int, full: int, n: int) -> bool:
     """Whether to screen `n` remedies for the whole budget rather than `short` steps each (`full`:
-    the steps a full trial runs, fewer than the budget when the script ends before it): yes when
-    that costs at most one full trial more. A quarter of the budget counted from a late fault's
-    onset can be most of a trial (a GRU whose lr schedule blew it up at step 81 of 120 was
-    screened for 117 steps, then its leader run again for 120); a leader that repaired the run is
-    then a final without a run of its own, which saves the full trial the longer screening cost."""
+    the steps a full trial runs, fewer than the budget when the script ends before it), where
+    trials cannot pause (in process, or the free memory unknown): yes when that costs at most one
+    full trial more. A quarter of the budget counted from a late fault's onset can be most of a
+    trial (a GRU whose lr schedule blew it up at step 81 of 120 was screened for 117 steps, then
+    its leader run again for 120); a leader that repaired the run is then a final without a run of
+    its own, which saves the full trial the longer screening cost. Where trials pause, a final runs
+    on from its screening's pause and pays for nothing twice, and the rungs end the worse half
+    early: a screening in full would only run every remedy to the end."""
     return n * (full - short) <= full
 
 
@@ -545,6 +549,42 @@ def _screen(trial: Callable[..., Trial], end: Callable[[Trial], None], queue: li
     keep_paused(result.screened, end)  # (not before: one of the better half not yet run on would end)
 
 
+def _unless_behind(trial: Callable[..., Trial], end: Callable[[Trial], None], result: FixResult,
+                   start: Trial | str, cand: Candidate, half: int, lead: Trial, say: Callable[[str], None]) -> Trial:
+    """A final after a first that repaired the run, run to `half` its steps and paused there; on to
+    the budget unless its loss is then above the first final's at the same step beyond the noise of
+    the two (`behind_then`): a remedy that far behind halfway has shown what the rest would show
+    (the median stopping rule of Golovin et al. 2017, with the noise of the batches in it).
+    Replayed on the benchmark's finals, it saved 200 steps and changed no winner.
+    `start`: its paused screening trial, or the name of a new trial's directory."""
+    paused = start if isinstance(start, Trial) else None
+    name = paused.run_dir.name if paused is not None else start
+    first = trial(name, cand, half, pause=True, paused=paused)  # (the screening trial's steps stay counted in it)
+    if not first.cut:  # the script ended, or its loss stayed non-finite: measured in full
+        return first
+    if first.process is None:  # it could not pause (it wrote files): run again from its start
+        result.spent += first.steps - first.resumed_from
+        return trial(f"{name}-again", cand, result.budget_steps)
+    if behind_then(first, lead):
+        first.behind = True
+        end(first)
+        say(f"gradwatch fix: {cand.name}: stopped at step {first.steps}, its loss {first.final_loss:.4g} above "
+            f"{lead.candidate.name}'s there beyond the noise")
+        return first
+    rest = trial(name, cand, result.budget_steps, paused=first)
+    rest.resumed_from = first.resumed_from  # (in first's place: its steps are counted in it)
+    return rest
+
+
+def behind_then(trial: Trial, lead: Trial) -> bool:
+    """`trial` ended above `lead`'s loss at the same step (`trial.steps`) beyond the noise of the two
+    losses, each read as `measure` reads a trial that ends there."""
+    series = read_run(lead.run_dir, compact=True)
+    loss = series.loss[series.steps < series.steps[0] + trial.steps] if len(series.steps) else series.loss
+    then = replace(lead, final_loss=final_loss(loss), final_error=final_error(loss), process=None)
+    return lower_beyond_noise(then, trial)
+
+
 def _fix(trial: Callable[[str, Candidate, int], Trial], end: Callable[[Trial], None],
          command: list[str] | Callable[[], object], out: Path, budget_steps: int, candidates: list[Candidate] | None,
          order: str, strategy: str, finals: int, say: Callable[[str], None], workspace: Workspace,
@@ -596,8 +636,9 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], end: Callable[[Trial], N
     if screening:
         start = onset(baseline, run.steps)
         short = screen_steps(budget_steps, start)
-        result.screen_steps = budget_steps if screen_in_full(short, full_length(baseline, budget_steps), len(queue)) \
-            else short
+        pausable = not callable(command) and available_memory() > 0  # (as `_screen` rungs them)
+        result.screen_steps = budget_steps if not pausable and screen_in_full(
+            short, full_length(baseline, budget_steps), len(queue)) else short
     if (cost := expected_cost(baseline, queue, result.screen_steps, finals,
                               full_length(baseline, budget_steps))) is not None:
         say(cost)
@@ -606,11 +647,18 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], end: Callable[[Trial], N
         screened = applied(result.screened)
         queue = pick_finals(screened)[:max(finals, 1)] if screened else []
 
-    def final(i: int, n: int, cand: Candidate, why: str = "") -> None:
+    def final(i: int, n: int, cand: Candidate, why: str = "", lead: Trial | None = None) -> None:
+        half = full_length(baseline, budget_steps) // 2
+        paused = paused_screening(result, cand)
         if (done := screened_in_full(result, cand)) is not None:
             say(f"gradwatch fix: trial {i}/{n}: {cand.name}: its screening trial ran as far as a full one")
             result.trials.append(done)
-        elif (paused := paused_screening(result, cand)) is not None:
+        elif lead is not None and (paused is not None or result.rung_steps) \
+                and half - (paused.steps if paused is not None else 0) >= MIN_SCREEN:
+            say(f"gradwatch fix: trial {i}/{n} ({budget_steps} steps): {cand.name}: to step {half} first, "
+                f"where it stops if its loss is above trial 1's beyond the noise")
+            result.trials.append(_unless_behind(trial, end, result, paused or f"trial-{i}", cand, half, lead, say))
+        elif paused is not None:
             say(f"gradwatch fix: trial {i}/{n} ({budget_steps} steps): {cand.name}: its screening trial runs on "
                 f"from step {paused.steps}{why}")
             result.trials.append(trial(paused.run_dir.name, cand, budget_steps, paused=paused))
@@ -620,7 +668,8 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], end: Callable[[Trial], N
         result.save(out)
 
     for i, cand in enumerate(queue, 1):
-        final(i, len(queue), cand)
+        lead = result.trials[0] if strategy == "screen" and result.trials and result.trials[0].works else None
+        final(i, len(queue), cand, lead=lead)
         if strategy == "first" and result.trials[-1].works:
             break
     if strategy == "screen" and (spare := spare_final(result)) is not None:
