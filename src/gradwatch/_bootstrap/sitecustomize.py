@@ -1,9 +1,11 @@
 """Loaded at interpreter start-up in processes run by `gradwatch run` (this folder is put on
-PYTHONPATH). It starts watching once the process imports torch; in the process `gradwatch run`
+PYTHONPATH). It starts watching once the process imports torch (or, when a gradwatch module
+imports torch, once that module is loaded: _watch_when_torch_imports); in the process `gradwatch run`
 started itself, it installs the SIGTERM/SIGHUP handler that stores the last steps at start-up (from
 the main thread, while it is still the only one). Then it hands over to any other sitecustomize the
 environment had, so the user's own start-up code still runs (and `import sitecustomize` finds it)."""
 
+import _thread
 import os
 import signal
 import sys
@@ -17,30 +19,97 @@ _stand_in = {}  # signal -> gradwatch's handler, where it was installed in this 
 
 
 def _watch_when_torch_imports():
+    """The watch starts once torch is loaded and no gradwatch module is being run: a script
+    starting with `import gradwatch.fix` (or gradwatch.collect.watch) has torch imported by it, and
+    the watch started at torch's load imported that module half-run (an ImportError, nothing
+    recorded). Counted by wrapping the loaders of the gradwatch modules found until the start: no
+    tracing (a profile function waiting for that module's return costs every call meanwhile, and
+    contends with cProfile, coverage and debuggers), nothing more for a script that never imports
+    gradwatch, and no user code runs meanwhile, so the watch sees what it sees when torch comes first."""
     if "torch" in sys.modules:
         _start()
         return
     import importlib.abc
-    import importlib.machinery
 
-    class TorchImportHook(importlib.abc.MetaPathFinder):
+    class ImportHook(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path, target=None):
-            if name != "torch":
-                return None
-            sys.meta_path.remove(self)
-            spec = importlib.machinery.PathFinder.find_spec(name, path)
-            if spec is None or spec.loader is None:
-                return spec
-            exec_module = spec.loader.exec_module
+            if name == "torch":
+                return _wrapped(_spec_elsewhere(self, name, path, target), _then_watch)
+            if name == "gradwatch" or name.startswith("gradwatch."):
+                return _wrapped(_spec_elsewhere(self, name, path, target), _counted)
+            return None
 
-            def exec_then_watch(module):
-                exec_module(module)
-                _start()
+    _hook.append(ImportHook())
+    sys.meta_path.insert(0, _hook[0])
 
-            spec.loader.exec_module = exec_then_watch
+
+def _spec_elsewhere(hook, name, path, target):
+    """The spec the import system would find without `hook` (the next finders, in order)."""
+    for finder in list(sys.meta_path):
+        find = getattr(finder, "find_spec", None)
+        if finder is not hook and find is not None and (spec := find(name, path, target)) is not None:
             return spec
+    return None
 
-    sys.meta_path.insert(0, TorchImportHook())
+
+def _wrapped(spec, around):
+    """`spec`, its loader's exec_module run through `around(exec_module, module)` for this module
+    only (a loader shared by modules, zipimport's, runs the others as before). Left as it is where
+    the loader takes no attribute: the import itself must never fail because of gradwatch."""
+    loader = getattr(spec, "loader", None)
+    exec_module = getattr(loader, "exec_module", None)
+    if exec_module is None:
+        return spec
+
+    def exec_module_then(module):
+        if getattr(module, "__name__", None) == spec.name:
+            around(exec_module, module)
+        else:
+            exec_module(module)
+
+    try:
+        loader.exec_module = exec_module_then
+    except (AttributeError, TypeError):
+        pass
+    return spec
+
+
+_hook = []  # the import hook, until the watch starts
+_running = []  # the gradwatch modules being run, in any thread (a thread's import counts too)
+_torch_loaded = []  # [True] once it is
+_lock = _thread.allocate_lock()
+
+
+def _counted(exec_module, module):
+    with _lock:
+        _running.append(module)
+    try:
+        exec_module(module)
+    finally:
+        with _lock:
+            _running.remove(module)
+            ready = _ready()
+        if ready:  # (also if this import failed: the script may carry on with torch)
+            _start()
+
+
+def _then_watch(exec_module, module):
+    exec_module(module)
+    with _lock:
+        _torch_loaded.append(True)
+        ready = _ready()
+    if ready:
+        _start()
+
+
+def _ready():
+    """True once (under _lock): torch is loaded and no gradwatch module is being run. The hook goes."""
+    if _running or not _torch_loaded or not _hook:
+        return False
+    hook = _hook.pop()
+    if hook in sys.meta_path:
+        sys.meta_path.remove(hook)
+    return True
 
 
 def _start():
