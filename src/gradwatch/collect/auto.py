@@ -31,7 +31,8 @@ from gradwatch.collect.caller_names import caller_name, held_modules
 from gradwatch.collect.distributed import process_rank
 from gradwatch.collect.exit_signals import store_last_steps
 from gradwatch.collect.layers import compiled_inner, has_lazy_params
-from gradwatch.collect.one_thread import TrainingThread
+from gradwatch.collect.one_thread import TrainingThread, Unfollowed, unfollowed
+from gradwatch.collect.patches import UNSCALED
 from gradwatch.collect.sampled_hooks import quiet_global_hook_warning
 from gradwatch.collect.watch import Watch, params_of
 from gradwatch.errors import GradwatchError
@@ -120,6 +121,9 @@ class AutoWatch(Watch):
                                       lambda: self._depth > 0)
         self._thread.foreign = self._foreign  # (the hooks' set: another thread's calls are ignored)
         self._backward_seen = False  # (see _say_forwards_only)
+        self._unfollowed: dict[int, Unfollowed] = {}  # thread ident -> what it did, not followed (one_thread)
+        self._found_here: list[nn.Module] = []  # models found since the followed thread took the watch, not stored
+        self._layers_at_take: set[int] = set()  # ids of the layers watched when it took it
         self._handles.append(register_optimizer_step_pre_hook(self._global_pre))
         self._handles.append(register_optimizer_step_post_hook(self._global_post))
 
@@ -128,6 +132,7 @@ class AutoWatch(Watch):
             self._drop_untrained()
             if self._pending or self._events:
                 self._claim_store()
+                self._found_here = []  # (their layers are in the store now: never forgotten, see _forget_found)
             super().flush()
 
     def _claim_store(self) -> None:
@@ -175,21 +180,79 @@ class AutoWatch(Watch):
              f"training per process: {followed.name}'s (then {other.name}'s, if it goes on after {followed.name} "
              "ends). To record each, train them one after another, or in processes of their own")
 
-    def _handed_over(self) -> None:
-        """The watch passed to another thread: the last one's open module calls are not its, nor
+    def _handed_over(self, untrained: bool, at: str) -> None:
+        """The watch passed to this thread: the last one's open module calls are not its, nor
         its backwards no optimizer step used (a try of the model: stored as a step of their own,
-        with the new thread's first updates as theirs, and one step of the training missing)."""
+        with the new thread's first updates as theirs, and one step of the training missing).
+        From a thread that never trained (`untrained`), the models it found go unless this thread
+        ran them (`_forget_found`). What this thread did meanwhile is taken up: the optimizers it
+        made, and at its backward or step (`at`) the models its forwards ran (`_find_ran`), at its
+        step its backward (`_replay`)."""
         self._depth, self._in_backward = 0, False
         if self._backward_since_step:
             self._window.drop()
             self._cur, self._backward_since_step = None, False
             self._clear_grad_buffers()
+        did = self._unfollowed.pop(threading.get_ident(), None) or Unfollowed()
+        if untrained:
+            self._forget_found(did.inside)
+        self._found_here, self._layers_at_take = [], {id(layer) for layer in self._layers}
+        for ref in did.optimizers:
+            if (optimizer := ref()) is not None:
+                self.params_added(optimizer)
+        if at != "forward":
+            self._find_ran(did.models)
+        if at == "step" and did.root is not None:
+            self._replay(did.root)
+
+    def _replay(self, root: torch.Tensor) -> None:
+        """The watch taken at this thread's step, its backward refused before (another thread had
+        it): that backward, recorded now from the gradients it left (the step's loss and gradient
+        norms; not its ∂L/∂output, gone with it). Not recorded, the step lost its loss and
+        gradients (NaN at step 0). A step fused into that backward, which runs on (an optimizer
+        stepping in its gradient hooks), has it begin here; its end ends it."""
+        self.before_backward(root)
+        if torch._C._current_graph_task_id() != -1:
+            return
+        for i, p in enumerate(self._params):
+            if p.grad is not None and i in self._grad_fns:
+                self._grad_fns[i](p)
+        self.after_backward(root)
+
+    def _forget_found(self, ran: weakref.WeakSet) -> None:
+        """The models the last thread found, and never trained, that this one did not run (`ran`:
+        the modules its forwards ran): a teacher's or a reference net's, run with
+        gradients on before the training started in this thread. Kept, they were stored as
+        layers with no data, and took the plain names, the trained model's prefixed (`model.0`).
+        Not once stored (see flush), nor a model holding layers found before (a piece of it)."""
+        def dropped(model: nn.Module) -> bool:
+            inside = {id(m) for m in model.modules()}
+            return (any(model is m for m, _ in self._models) and not any(m in ran for m in model.modules())
+                    and not any(id(l) in self._layers_at_take for l in self._layers if id(l.module) in inside))
+        gone = [m for m in self._found_here if dropped(m)]
+        self._cur = None  # (its forwards' statistics, not the training's)
+        self._window.drop()
+        if gone and self._dist is None:
+            self._prefixes -= {prefix for m, prefix in self._models if any(m is x for x in gone)}
+            self._forget_models(gone)
+
+    def _find_ran(self, ran: list[weakref.ref]) -> None:
+        """The models this thread ran before it took the watch at its backward or step: their
+        forwards, not followed, found none, and this step went unrecorded (its loss and gradients:
+        NaN at step 0). Found now; their layers are numbered by their next forward."""
+        for ref in ran:
+            model = ref()
+            if model is not None and id(model) not in self._seen_modules:
+                self._discover(model)
+                self._unordered = self._step
 
     def before_backward(self, root: object) -> None:
         self._backward_seen = True  # (in any thread: no training by torch.func, see _say_forwards_only)
         if self._thread.mine(starts=True):  # (another thread's training: see one_thread)
             self._in_backward = True
             super().before_backward(root)
+        elif isinstance(root, torch.Tensor):  # (replayed if this thread takes the watch at its step)
+            unfollowed(self._unfollowed).root = _for_replay(root)
 
     def after_backward(self, root: object) -> None:
         if self._thread.mine(claim=False):
@@ -211,8 +274,12 @@ class AutoWatch(Watch):
         return torch.compiler.is_compiling() or self._thread.mine(claim, proves=False)
 
     def _enter_module(self, module: nn.Module, args) -> tuple | None:
-        if self._trains_nothing_here(module) or not self._one_thread(claim=torch.is_grad_enabled()):
-            return None  # (without gradients: claims nothing)
+        if self._trains_nothing_here(module):
+            return None
+        if not self._one_thread(claim=torch.is_grad_enabled()):  # (without gradients: claims nothing)
+            if torch.is_grad_enabled():  # (found if this thread takes the watch at its backward or step)
+                unfollowed(self._unfollowed).ran(module)
+            return None
         # a model run with gradients off trains nothing (a mean teacher's or EMA copy's forward, a
         # frozen feature extractor's, an evaluation before training): found first, it took the
         # plain names and the model that trains was prefixed; it is found if it runs with them on
@@ -262,6 +329,7 @@ class AutoWatch(Watch):
         inside = {id(m) for piece, _ in pieces for m in piece.modules()}
         try:
             self._add_model(module, prefix, taken=[l for l in self._layers if id(l.module) in inside])
+            self._found_here.append(module)
             if wrapper is not None:
                 self._sampled_hooks.entered(wrapper)
         except Exception as exc:  # never break the user's forward
@@ -320,6 +388,8 @@ class AutoWatch(Watch):
 
     def _global_pre(self, optimizer, args, kwargs) -> None:
         if not self._thread.mine():
+            if (did := self._unfollowed.get(threading.get_ident())) is not None:
+                did.root = None  # (its gradients are used)
             return
         if self._backward_running():
             self._fused_step(optimizer)
@@ -385,6 +455,7 @@ class AutoWatch(Watch):
         second optimizer), it is the step optimizer's partner. Those of a watched model, frozen
         when it was found and unfrozen since, are its layers (Watch.params_added)."""
         if not self._thread.mine(claim=False, takes=True):  # (made in a thread not followed: see one_thread)
+            unfollowed(self._unfollowed).made(optimizer)  # (taken up if this thread takes the watch)
             return
         super().params_added(optimizer)
         if len(optimizer.param_groups) == 1:  # made now (its constructor adds the first group)
@@ -545,6 +616,15 @@ class AutoWatch(Watch):
         self._pending, self._events, self.on_flush = [], [], []
         self._untrained = 0
         self.detach()
+
+
+def _for_replay(root: torch.Tensor) -> torch.Tensor:
+    """A refused backward's root as `_replay` reads it at the step: without its graph (which holds
+    its inputs: a saliency thread's batch and its gradient); under a GradScaler, the loss before
+    scaling, as GradScaler.step unscales the gradients before the step (read as scaled, step 0's
+    norms were 1/1024 of the run's without the other thread)."""
+    unscaled = getattr(root, UNSCALED, None)
+    return unscaled[0] if unscaled is not None else root.detach()
 
 
 def steps_taken(optimizer: torch.optim.Optimizer) -> int | None:

@@ -9,7 +9,8 @@ after the main thread's warm-up, jobs one after another; having run forwards onl
 thread), it gives it to another thread's backward or step. Other threads' backwards and steps are
 refused, and the hooks on the followed training's own modules and weights ignore them too
 (`foreign`: a shared layer, a handed-over model), but not modules run in helper threads inside
-the followed forward.
+the followed forward. What a thread does meanwhile (`Unfollowed`: the models it runs, its
+optimizers, its last backward) is taken up if it takes the watch.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from types import FrameType
 
@@ -30,20 +32,26 @@ WAITS = {("threading", "join"), ("concurrent.futures._base", "result"),
          ("concurrent.futures.thread", "_worker")}  # (a pool's worker between jobs: none runs above it)
 JOB = ("concurrent.futures.thread", "run")  # a pool's job, run by its worker
 IDLE = {("threading", "wait"), ("queue", "get")}  # where a thread blocks waiting for work (an Event, a Queue)
+KEPT = 8  # models, and optimizers, kept per thread not followed: the latest (see `Unfollowed`)
 
 
 class TrainingThread:
     """`two_at_once(followed, other)`: called once, when another thread trains while the followed
-    one does too (from the followed one); `handover()`: the watch passed to another thread;
+    one does too (from the followed one); `handover(untrained, at)`: the watch passed to this
+    call's thread, from one that ran no backward and no step since it took the watch
+    (`untrained`), at this thread's "backward" or "step" (its forward ran unfollowed) or else
+    before its model runs ("forward": at a forward, an optimizer made);
     `inside()`: the followed thread is inside its backward or optimizer step call; `forwarding()`:
     inside a model's forward. `foreign`: the idents of threads refused, whose calls the followed
     training's hooks ignore (one set lookup: see Watch._grad_hook)."""
 
     def __init__(self, two_at_once: Callable[[threading.Thread, threading.Thread], None],
-                 handover: Callable[[], None] = lambda: None, inside: Callable[[], bool] = lambda: False,
+                 handover: Callable[[bool, str], None] = lambda untrained, at: None,
+                 inside: Callable[[], bool] = lambda: False,
                  forwarding: Callable[[], bool] = lambda: False):
         self.ident: int | None = None
         self.name = ""  # the followed thread's
+        self._followed: threading.Thread | None = None  # ... itself (its ident outlives it: see `mine`)
         self.concurrent = False
         self.foreign: set[int] = set()
         self._holder: int | None = None
@@ -78,7 +86,7 @@ class TrainingThread:
         if self._holder not in (None, ident):
             time.sleep(HOLD)  # (the process dies meanwhile)
             return False
-        if ident == self.ident:
+        if ident == self.ident and threading.current_thread() is self._followed:
             if not proves and claim and not self._forwarding():
                 self._forwards += 1  # (a top-level forward with gradients on)
             if proves:
@@ -87,15 +95,15 @@ class TrainingThread:
                     self._at_once()
             return True
         if self.ident is None:
-            return not claim or self._take(ident, None, trained=proves)
+            return not claim or self._take(ident, None, _call(proves, starts))
         device = isinstance(threading.current_thread(), threading._DummyThread)
         if device and self._inside():
             return True  # autograd's device threads run the followed backward's hooks (CUDA)
         if not claim:
             return takes and self._awaited(ident) and self._take(ident, self.ident)
-        followed = _thread(self.ident)
+        followed = self._live_followed()
         if followed is None or proves and (self._untrained(ident) or self._hands_over(followed, ident, starts)):
-            return self._take(ident, self.ident, trained=proves)
+            return self._take(ident, self.ident, _call(proves, starts))
         if device:
             return False  # (never foreign: the next backward's hooks run there too)
         if not proves:  # a forward: foreign unless inside the followed one's (see `_refused`)
@@ -129,19 +137,23 @@ class TrainingThread:
             self.concurrent = True
             self._two_at_once(threading.current_thread(), other)
 
-    def _take(self, ident: int, old: int | None, trained: bool = False) -> bool:
+    def _take(self, ident: int, old: int | None, at: str = "forward") -> bool:
         """The watch passes to this thread (one taker, also when two threads claim at once), at its
-        backward or step if `trained`."""
+        "backward", "step" or "forward" (an optimizer made too: `handover`)."""
         with self._lock:
             if self.ident != old:
                 return self.ident == ident
-            self.ident, self._waiting, self._rival, self._trained, self._forwards = ident, (None, 0), None, trained, 0
-            self.name = threading.current_thread().name
+            untrained, gone = not self._trained, self._live_followed()
+            self.ident, self._waiting, self._rival, self._forwards = ident, (None, 0), None, 0
+            self._trained = at != "forward"
+            self._followed = threading.current_thread()
+            self.name = self._followed.name
             self.foreign.discard(ident)
             self.refused.pop(ident, None)
-            if old is not None:
+            if gone is not None:
                 self.foreign.add(old)
-                self._handover()
+            if old is not None:
+                self._handover(untrained, at)
         return True
 
     def _untrained(self, ident: int) -> bool:
@@ -183,11 +195,18 @@ class TrainingThread:
         return starts and seen >= WAIT_CALLS and ident in self._steppers
 
     def _awaited(self, ident: int) -> bool:
-        """The followed thread has ended, or waits for this one outside its backward and step."""
-        followed = _thread(self.ident)
+        """The followed thread has ended, or waits for this one outside its backward and step
+        (given SETTLE s to reach that wait, once: a pool's job making its optimizer before the
+        submitting thread reached the job's `result()` was refused, and its first step's forward
+        went unrecorded)."""
+        followed = self._live_followed()
         if followed is None:
             return True
-        wait = None if self._inside() else _wait_frame(sys._current_frames().get(followed.ident))
+        if self._inside():
+            return False
+        wait = _wait_frame(sys._current_frames().get(followed.ident))
+        if wait is None and ident not in self._settled:
+            wait = self._settle(followed, ident)
         return wait is not None and _awaits(wait, ident)
 
     def _settle(self, followed: threading.Thread, ident: int) -> FrameType | None:
@@ -197,9 +216,17 @@ class TrainingThread:
         self._settled.add(ident)
         return _within_settle(lambda: _wait_frame(sys._current_frames().get(followed.ident)))
 
+    def _live_followed(self) -> threading.Thread | None:
+        """The followed thread, if it lives. Not looked up by its ident: a thread started after it
+        ended often has it (the same stack reused), and was taken for it: an evaluation thread
+        started after a worker's training inherited that training's watch, and the main thread's
+        training that followed was refused, nothing stored."""
+        followed = self._followed
+        return followed if followed is not None and followed.is_alive() else None
+
     def followed(self) -> bool:
         """This call's thread is the one followed (not merely: none is followed yet)."""
-        return self.ident == threading.get_ident()
+        return self.ident == threading.get_ident() and threading.current_thread() is self._followed
 
     def hold(self, ident: int | None = None) -> None:
         """The process dies of a signal, its last steps stored by thread `ident` (this one if None):
@@ -207,6 +234,57 @@ class TrainingThread:
         at the signal without gradwatch (it ran on while the steps were stored: 2 more steps taken,
         never stored)."""
         self._holder = threading.get_ident() if ident is None else ident
+
+
+class Unfollowed:
+    """What a thread did while another was followed, for the watch to take up if this one takes it
+    at its backward or step: the models its forwards ran (`ran`: a forward never takes the watch,
+    so none was found, and the step's loss and gradients were lost), the optimizers it made
+    (`made`), its last backward refused (`root`, until its step). Models and optimizers are held
+    weakly, the latest KEPT of each (a thread making a model per batch)."""
+
+    def __init__(self) -> None:
+        self.models: list[weakref.ref] = []
+        self.inside: weakref.WeakSet = weakref.WeakSet()  # the models' modules
+        self.optimizers: list[weakref.ref] = []
+        self.root: object | None = None
+
+    def ran(self, module) -> None:
+        """`module` (an nn.Module) ran, with gradients on: a model, unless it is in one that ran
+        before or trains nothing."""
+        if module in self.inside or not any(p.requires_grad for p in module.parameters()):
+            return
+        if len(self.models) >= KEPT:
+            self.models = _alive(self.models[1:])
+            self.inside = weakref.WeakSet(m for ref in self.models if (model := ref()) is not None
+                                          for m in model.modules())
+        self.models.append(weakref.ref(module))
+        self.inside.update(module.modules())
+
+    def made(self, optimizer) -> None:
+        """`optimizer` was made, or given a parameter group."""
+        if not any(ref() is optimizer for ref in self.optimizers):
+            self.optimizers = [*_alive(self.optimizers)[1 - KEPT:], weakref.ref(optimizer)]
+
+
+def unfollowed(table: dict[int, Unfollowed]) -> Unfollowed:
+    """This thread's entry in `table`, made if it has none (and those of threads that ended dropped)."""
+    here = table.get(threading.get_ident())
+    if here is None:
+        live = {t.ident for t in threading.enumerate()}
+        for gone in [k for k in list(table) if k not in live]:
+            table.pop(gone, None)
+        here = table[threading.get_ident()] = Unfollowed()
+    return here
+
+
+def _alive(refs: list[weakref.ref]) -> list[weakref.ref]:
+    return [ref for ref in refs if ref() is not None]
+
+
+def _call(proves: bool, starts: bool) -> str:
+    """What a call to `TrainingThread.mine` is: "backward", "step" or "forward"."""
+    return "backward" if starts else "step" if proves else "forward"
 
 
 def _within_settle(done: Callable[[], object]) -> object:

@@ -186,6 +186,7 @@ class Watch:
         # living for one sampled step
         self._sampled_hooks = SampledHooks(self._current_here, self._unscale, lambda: not self._reevaluating)
         self._order = ForwardOrder()
+        self._unordered: int | None = None  # a step whose forward ran before its model was found (_end_step)
         self._attached = False
         self._paused = False
         self.on_flush: list[Callable[["Watch"], None]] = []
@@ -299,6 +300,32 @@ class Watch:
         self._order.register(model, new, self._params if self._dist is None else [])
         if self._cur_sampled:  # armed before (for its first pieces): the new layers too
             self._sampled_hooks.disarm()
+            self._sampled_hooks.arm(self._layers)
+
+    def _forget_models(self, models: Sequence[nn.Module]) -> None:
+        """Stop watching `models`, none of whose layers is stored yet, as if they had never run
+        (zero-code mode: models a thread found and never trained before it handed the watch
+        over): their layers, names and hooks go, and the step's record, whose statistics are
+        indexed by the layers' positions, starts again."""
+        self._models = [(m, prefix) for m, prefix in self._models if not any(m is x for x in models)]
+        kept = {id(m) for model, _ in self._models for m in model.modules()}
+        gone = {id(m) for model in models for m in model.modules()} - kept
+        dropped = {id(l) for l in self._layers if id(l.module) in gone}
+        self._seen_params -= {id(p) for l in self._layers if id(l) in dropped for p in l.params}
+        self._seen_modules -= gone
+        self._layers = [l for l in self._layers if id(l) not in dropped]
+        self._params = [p for layer in self._layers for p in layer.params]
+        self._register_grad_hooks()
+        self._order.remove_hooks()  # (its gradient hooks index the parameters as they were)
+        for model, _ in self._models:
+            inside = {id(m) for m in model.modules()}
+            unnumbered = [l for l in self._layers if l.index < 0 and id(l.module) in inside]
+            if unnumbered:
+                self._order.register(model, unnumbered, self._params)
+        self._cur = None
+        self._window.drop()
+        self._sampled_hooks.disarm()
+        if self._cur_sampled and self._attached:
             self._sampled_hooks.arm(self._layers)
 
     def _adopt_distributed(self, model: nn.Module) -> nn.Module:
@@ -977,7 +1004,8 @@ class Watch:
         self._cur = None
         if count:
             self._step += 1
-            self._order.settle(self._layers, self._params)
+            if self._step - 1 != self._unordered:  # (else the next forward numbers the layers)
+                self._order.settle(self._layers, self._params)
         self._cur_sampled = self._sampled(self._step) if self._recorded(self._step) else None
         self._clear_grad_buffers()
         self._sampled_hooks.disarm()
