@@ -217,3 +217,38 @@ def test_the_printed_norm_change_names_the_module_the_trial_changed_and_trains_a
     assert trial["losses"] == pasted["losses"]
     for (n, a), (_, b) in zip(trial["model"].named_parameters(), pasted["model"].named_parameters()):
         assert torch.equal(a, b), n
+
+
+def _closure_training(spec: dict, pasted: bool) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A `step(closure)` loop (LBFGS, Lightning): the first forward, where a trial changes the model,
+    runs inside the first step, after the optimizer was first seen."""
+    from gradwatch.fix.inject import Injector
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    injector = Injector(spec, max_steps=None)
+    injector.install_late()
+    try:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        if pasted:
+            model, _ = gw.modify.insert_norm(model, "batch", optimizer=opt)
+        for i in range(4):
+            x = torch.randn(16, 4, generator=torch.Generator().manual_seed(i))
+
+            def closure():
+                opt.zero_grad()
+                loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
+                loss.backward()
+                return loss
+            opt.step(closure)
+    finally:
+        injector.remove()
+    return model, opt
+
+
+def test_a_closure_steps_first_norms_join_the_optimizer_as_pasted():
+    trial, trial_opt = _closure_training(norm("batch").spec, pasted=False)
+    pasted, _ = _closure_training({}, pasted=True)
+    assert id(trial[1].weight) in _held(trial_opt) and not torch.equal(trial[1].weight, torch.ones(8))
+    for (name, a), (_, b) in zip(trial.named_parameters(), pasted.named_parameters()):
+        assert torch.equal(a, b), name

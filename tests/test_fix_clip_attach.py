@@ -31,7 +31,7 @@ def _trained(train, spec: dict, pasted: str | None) -> torch.Tensor:
 
     def built(opt):
         if pasted:
-            exec(pasted, {"gw": gw, "torch": torch, "optimizer": opt})
+            exec(pasted, {"gw": gw, "torch": torch, "optimizer": opt, "model": model})
 
     injector = Injector(spec, max_steps=None)
     injector.install_late()
@@ -214,3 +214,13 @@ def test_an_adam_trial_under_a_grad_scaler_trains_as_the_printed_adam_under_it()
         _scaler_overflow_loop(model, clipped, lambda ps: torch.optim.Adam(ps, lr=1e-3))
         printed = torch.cat([p.detach().flatten() for p in model.parameters()])
         assert torch.isfinite(trial).all() and torch.equal(trial, printed), cand.name
+
+
+def test_a_norm_combined_with_clipping_pasted_after_the_optimizer_trains_as_the_trial():
+    """One block after the optimizer is built: the norms' parameters join it (`optimizer=`), as the
+    trial put them. Printed for before the optimizer, pasted here they were in none (weights 1)."""
+    from gradwatch.fix.candidates import combine, norm
+
+    cand = combine(norm("batch"), clip_norm(0.01))
+    assert "optimizer=optimizer" in cand.code
+    _check(_closure_free_loop, cand)

@@ -6,6 +6,7 @@ import importlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -42,6 +43,9 @@ def test_behind_then_reads_the_first_final_at_the_same_step(tmp_path):
     assert not behind_then(at_20(then), lead) and not behind_then(at_20(then + 2 * noise), lead)
     assert behind_then(at_20(then + 3 * noise * np.sqrt(2)), lead)
     assert behind_then(at_20(float("inf")), lead)  # a loss gone non-finite is behind a finite one
+    unmeasured = at_20(then + 100 * noise)
+    unmeasured.final_error = float("nan")  # one loss in its last tenth: no noise to read it against
+    assert not behind_then(unmeasured, lead)
 
 
 class Paused:
@@ -88,7 +92,23 @@ def test_a_second_final_level_halfway_runs_on_from_there(monkeypatch, tmp_path):
     assert result.cost_steps == 80 + 20 + 80 + 60  # each of the second's steps paid for once
 
 
-def test_a_second_final_that_cannot_pause_halfway_runs_again_in_full(monkeypatch, tmp_path):
-    result, second, ran, ended = run_second(monkeypatch, tmp_path, second_loss=0.9, can_pause=False)
+def test_a_second_final_that_cannot_pause_halfway_runs_again_in_full_unless_behind(monkeypatch, tmp_path):
+    result, second, ran, ended = run_second(monkeypatch, tmp_path, second_loss=0.4, can_pause=False)
     assert [r[0] for r in ran] == ["screen-2", "screen-2-again"] and ran[1][2:] == (80, False)
     assert second.steps == 80 and not second.behind and result.spent == 20
+    result, second, ran, ended = run_second(monkeypatch, tmp_path, second_loss=0.9, can_pause=False)
+    assert len(ran) == 1 and second.behind and second.steps == 40 and result.spent == 0
+
+
+def test_a_ctrl_c_while_reading_the_first_final_ends_the_paused_second(monkeypatch, tmp_path):
+    def interrupted(t, first):
+        raise KeyboardInterrupt
+    lead = Trial(lr_scale(0.1), tmp_path / "lead", 0, 1.0, steps=80, final_loss=0.2, first_loss=2.0)
+    monkeypatch.setattr(fix_module, "behind_then", interrupted)
+    trial, ran = fake_trials({"clip norm 1": 0.4})
+    result = fix_module.FixResult(Trial(BASELINE, Path("b"), 0, 1.0, steps=80), [lead], budget_steps=80,
+                                  screen_steps=20, rung_steps=10)
+    ended = []
+    with pytest.raises(KeyboardInterrupt):
+        fix_module._unless_behind(trial, ended.append, result, "trial-2", clip_norm(1.0), 40, lead, lambda m: None)
+    assert len(ended) == 1 and ended[0].steps == 40

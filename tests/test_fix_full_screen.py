@@ -111,3 +111,17 @@ def test_where_trials_pause_a_late_fault_is_screened_a_quarter_past_its_onset(tm
     assert result.screen_steps == 30 and all(t.steps == 30 for t in result.screened)
     assert result.repaired and result.winner.resumed_from == 30
     assert result.cost_steps == 40 + 2 * 30 + sum(t.steps - t.resumed_from for t in result.trials) < 40 + 2 * 40 + 10
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="trials pause over POSIX pipes")
+def test_where_trials_cannot_pause_a_late_fault_is_screened_in_full(tmp_path, monkeypatch):
+    """The same script run by a shell, whose python is not fix's own child: screened in full, as in
+    process, and the finals are the screening trials."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    path = tmp_path / "train.py"
+    path.write_text(f"import torch\nfrom torch import nn\n{inspect.getsource(late_blow_up)}\nlate_blow_up()\n")
+    result = fix(["sh", "-c", f"{sys.executable} {path}; true"], out=tmp_path / "fix", budget_steps=40,
+                 candidates=[lr_scale(0.1), clip_norm(1.0)], progress=lambda m: None)
+    assert result.screen_steps == 40 and result.spent == 0 and result.repaired
+    assert all(any(t is s for s in result.screened) for t in result.trials)
+    assert result.cost_steps == 3 * 40

@@ -13,7 +13,7 @@ import pytest
 
 from gradwatch.fix import BASELINE, Trial, applied, first_rung, fix
 from gradwatch.fix.candidates import clip_norm, clip_value, lr_scale
-from gradwatch.fix.inject import BUDGET_REACHED
+from gradwatch.fix.inject import BUDGET_REACHED, PAUSABLE
 from gradwatch.fix.trial import go_on, run_trial
 from gradwatch.store import read_run
 
@@ -170,14 +170,15 @@ def test_fix_screens_in_two_rungs_runs_the_leader_on_and_pays_for_each_step_once
 
 
 def test_trials_that_cannot_pause_are_screened_in_one_rung(tmp_path):
-    """The first one, ended at the rung, runs again to the screening's length (its steps counted),
-    and no later one stops at the rung: each would run again."""
+    """A shell's command is not fix's own child: its baseline says so, and no trial stops at a rung
+    to run again from its start."""
     cmd = ["sh", "-c", " ".join(script(tmp_path, "0.3")) + "; true"]
     result = fix(cmd, out=tmp_path / "fix", budget_steps=80, candidates=[lr_scale(0.1), clip_norm(1.0)],
                  progress=lambda m: None)
-    assert result.rung_steps == 0 and result.spent == 10 and all(t.steps == 20 for t in result.screened)
+    assert not (result.baseline.run_dir / PAUSABLE).exists()
+    assert result.rung_steps == 0 and result.spent == 0 and all(t.steps == 20 for t in result.screened)
     assert not any(t.resumed_from for t in result.trials)
-    assert result.cost_steps == result.baseline.steps + 10 + sum(t.steps for t in result.screened) + sum(
+    assert result.cost_steps == result.baseline.steps + sum(t.steps for t in result.screened) + sum(
         t.steps for t in result.trials if all(t is not s for s in result.screened))
 
 
@@ -242,14 +243,27 @@ def test_the_worse_half_ranks_after_the_better_one_and_the_better_half_runs_on_f
     assert all(t.steps == 50 for t in result.screened[:4]) and all(t.steps == 25 for t in result.screened[4:7])
 
 
-def test_no_rung_where_the_free_memory_is_unknown(monkeypatch, tmp_path):
-    """Nothing would stay paused (keep_paused keeps none): every remedy would run again from its start."""
-    monkeypatch.setattr(fix_module, "available_memory", lambda: 0.0)
+def test_trials_pause_where_the_baselines_process_could(monkeypatch, tmp_path):
+    """Known from the baseline before screening: fix's own child on the CPU (inject's PAUSABLE), the
+    free memory known, not in process."""
+    (tmp_path / PAUSABLE).write_text("")
+    base = Trial(BASELINE, tmp_path, 0, 1.0, steps=200)
+    monkeypatch.setattr(fix_module, "available_memory", lambda: 1e9)
+    assert fix_module._pausable(base, False) and not fix_module._pausable(base, True)
+    monkeypatch.setattr(fix_module, "available_memory", lambda: 0.0)  # unknown: nothing would stay paused
+    assert not fix_module._pausable(base, False)
+    monkeypatch.setattr(fix_module, "available_memory", lambda: 1e9)
+    (tmp_path / PAUSABLE).unlink()
+    assert not fix_module._pausable(base, False)
+
+
+def test_no_rung_where_trials_cannot_pause(tmp_path):
+    """Every remedy would run again from its start: a rung's worse half would save nothing."""
     cands = [clip_norm(1.0), clip_norm(2.0), clip_value(1.0)]
     trial, ran = _screened({c.name: 10.0 for c in cands})
     result = fix_module.FixResult(Trial(BASELINE, Path("b"), 0, 1.0, steps=200), [], budget_steps=200,
                                   screen_steps=50)
-    fix_module._screen(trial, lambda t: None, list(cands), result, 0, False, lambda m: None, tmp_path)
+    fix_module._screen(trial, lambda t: None, list(cands), result, 0, True, lambda m: None, tmp_path)
     assert result.rung_steps == 0 and [steps for _, steps, _ in ran] == [50, 50, 50]
 
 

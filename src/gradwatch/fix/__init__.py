@@ -21,6 +21,7 @@ from gradwatch.diagnose.finding import Finding
 from gradwatch.errors import ConfigError
 from gradwatch.fix.candidates import (BLOW_UP, MODEL_KEYS, Candidate, aimed, autotrainer_order, combine, findings_model,
                                       from_findings, lr_ceiling)
+from gradwatch.fix.inject import PAUSABLE
 from gradwatch.fix.locate import Origin
 from gradwatch.fix.names import Names, script_names
 from gradwatch.fix.pause import available_memory
@@ -423,11 +424,11 @@ def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "
 
     `order="gradwatch"` builds candidates from the baseline's findings; `"autotrainer"` replays
     AutoTrainer's fixed order. `strategy`: "screen" (default) runs every candidate for a quarter
-    of the budget (all of it when that costs at most one full trial more: `screen_in_full`; in two
-    rungs where trials can pause: `_screen`), then
+    of the budget (in two rungs where trials can pause: `_screen`; else all of it when that costs
+    at most one full trial more: `screen_in_full`), then
     at most two at full length (`pick_finals`: a leader that repaired the run
-    alone and beside the best other repair; else the leader combined with the runner-up and with
-    the third) — every remedy gets a look for about the cost of two full trials, and the
+    alone and beside the best other repair, stopped halfway if behind it: `_unless_behind`; else
+    the leader combined with the runner-up and with the third) — every remedy gets a look for about the cost of two full trials, and the
     choice rests on measured loss, not on a fixed order; "first" runs full
     trials in order and stops at the first that works (what AutoTrainer does); "all" runs every
     one at full length.
@@ -486,19 +487,29 @@ def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "
         workspace.close()
 
 
+def _pausable(baseline: Trial, in_process: bool) -> bool:
+    """Whether the trials will pause at their budget (pause.py), as the baseline's process could:
+    fix's own child with its model on the CPU (inject's PAUSABLE), started as a process, and the
+    free memory known. Known before screening, trials that cannot pause are screened in full where
+    that costs at most one full trial more (`screen_in_full`), in one rung: a rung's worse half
+    saves nothing, since the better half runs again from its start. (A trial that writes files
+    before its pause cannot run on either, but the baseline cannot tell those from the files a
+    script saves at its end: the first screening trial tells, `_screen`.)"""
+    return not in_process and available_memory() > 0 and (baseline.run_dir / PAUSABLE).is_file()
+
+
 def _better_half(n: int) -> int:
     """How many of `n` screened remedies run on from the rung: half, rounded up."""
     return (n + 1) // 2
 
 
 def _screen(trial: Callable[..., Trial], end: Callable[[Trial], None], queue: list[Candidate], result: FixResult,
-            onset_steps: int, in_process: bool, say: Callable[[str], None], out: Path) -> None:
+            onset_steps: int, cannot_pause: bool, say: Callable[[str], None], out: Path) -> None:
     """Every candidate to the first rung, paused there (`first_rung`); the better half run on to the
     screening's length, paused again for the finals to run on. Without a rung (a short screening,
-    trials that cannot pause), every candidate to the screening's length. `end`: ends a paused trial."""
+    trials that cannot pause: `_pausable`), every candidate to the screening's length. `end`: ends a paused trial."""
     short, budget = result.screen_steps, result.budget_steps
-    # (no rung where nothing could stay paused: in process, or the free memory unknown)
-    rung = first_rung(short, onset_steps) if short < budget and not in_process and available_memory() else None
+    rung = first_rung(short, onset_steps) if short < budget and not cannot_pause else None
     most = _better_half(len(queue) + 1)  # (a retry may be screened too)
     paused = False  # a trial stopped at the rung paused: trials here can
 
@@ -562,15 +573,22 @@ def _unless_behind(trial: Callable[..., Trial], end: Callable[[Trial], None], re
     first = trial(name, cand, half, pause=True, paused=paused)  # (the screening trial's steps stay counted in it)
     if not first.cut:  # the script ended, or its loss stayed non-finite: measured in full
         return first
-    if first.process is None:  # it could not pause (it wrote files): run again from its start
-        result.spent += first.steps - first.resumed_from
-        return trial(f"{name}-again", cand, result.budget_steps)
-    if behind_then(first, lead):
+    try:
+        behind = behind_then(first, lead)
+    except BaseException:  # (Ctrl-C: in no list fix ends at its end, it would wait on)
+        end(first)
+        raise
+    if behind:
         first.behind = True
         end(first)
         say(f"gradwatch fix: {cand.name}: stopped at step {first.steps}, its loss {first.final_loss:.4g} above "
             f"{lead.candidate.name}'s there beyond the noise")
         return first
+    if first.process is None:  # it could not pause (it wrote files): run again from its start
+        say(f"gradwatch fix: {cand.name}: runs again from its start to {result.budget_steps} steps: it wrote files, "
+            "put aside, that it would miss if run on")
+        result.spent += first.steps - first.resumed_from
+        return trial(f"{name}-again", cand, result.budget_steps)
     rest = trial(name, cand, result.budget_steps, paused=first)
     rest.resumed_from = first.resumed_from  # (in first's place: its steps are counted in it)
     return rest
@@ -578,11 +596,17 @@ def _unless_behind(trial: Callable[..., Trial], end: Callable[[Trial], None], re
 
 def behind_then(trial: Trial, lead: Trial) -> bool:
     """`trial` ended above `lead`'s loss at the same step (`trial.steps`) beyond the noise of the two
-    losses, each read as `measure` reads a trial that ends there."""
+    losses, each read as `measure` reads a trial that ends there; non-finite where the lead's is
+    finite. Not where either noise is unmeasured (fewer than 2 losses in the last tenth): one loss
+    against another says nothing of the batches (a remedy stopped at step 12 on one loss each ended
+    3.7x below the winner when run in full)."""
     series = read_run(lead.run_dir, compact=True)
     loss = series.loss[series.steps < series.steps[0] + trial.steps] if len(series.steps) else series.loss
     then = replace(lead, final_loss=final_loss(loss), final_error=final_error(loss), process=None)
-    return lower_beyond_noise(then, trial)
+    if not np.isfinite(trial.final_loss):
+        return bool(np.isfinite(then.final_loss))
+    measured = np.isfinite(then.final_error) and np.isfinite(trial.final_error)
+    return bool(measured) and lower_beyond_noise(then, trial)
 
 
 def _fix(trial: Callable[[str, Candidate, int], Trial], end: Callable[[Trial], None],
@@ -636,14 +660,14 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], end: Callable[[Trial], N
     if screening:
         start = onset(baseline, run.steps)
         short = screen_steps(budget_steps, start)
-        pausable = not callable(command) and available_memory() > 0  # (as `_screen` rungs them)
+        pausable = _pausable(baseline, callable(command))
         result.screen_steps = budget_steps if not pausable and screen_in_full(
             short, full_length(baseline, budget_steps), len(queue)) else short
     if (cost := expected_cost(baseline, queue, result.screen_steps, finals,
                               full_length(baseline, budget_steps))) is not None:
         say(cost)
     if screening:
-        _screen(trial, end, queue, result, start, callable(command), say, out)
+        _screen(trial, end, queue, result, start, not pausable, say, out)
         screened = applied(result.screened)
         queue = pick_finals(screened)[:max(finals, 1)] if screened else []
 
@@ -654,7 +678,7 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], end: Callable[[Trial], N
             say(f"gradwatch fix: trial {i}/{n}: {cand.name}: its screening trial ran as far as a full one")
             result.trials.append(done)
         elif lead is not None and (paused is not None or result.rung_steps) \
-                and half - (paused.steps if paused is not None else 0) >= MIN_SCREEN:
+                and half >= 2 * MIN_SCREEN and half - (paused.steps if paused is not None else 0) >= MIN_SCREEN:
             say(f"gradwatch fix: trial {i}/{n} ({budget_steps} steps): {cand.name}: to step {half} first, "
                 f"where it stops if its loss is above trial 1's beyond the noise")
             result.trials.append(_unless_behind(trial, end, result, paused or f"trial-{i}", cand, half, lead, say))

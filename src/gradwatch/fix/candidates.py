@@ -23,11 +23,43 @@ BLOW_UP = ("exploding_gradient", "non_finite", "loss_divergence")
 GENERIC = Names()
 
 
+# When each part of a remedy's code runs, in the order a combination prints them: the model changes
+# in the order the trial makes them (inject.py `apply_to_model`: a swap, a norm, an init, a recurrent
+# change), then the optimizer swap (built on the changed model), then what acts on the optimizer that
+# steps (a clipper attached, an lr scaled or capped): above the swap, it acted on the discarded one.
+SWAP, NORM, INIT, RECURRENT, OPTIMIZER, ON_OPTIMIZER = range(6)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One piece of a remedy's code and its stage. `after_optimizer`: for a change that adds
+    parameters, the same change made once the optimizer is built, which gives them to it."""
+
+    stage: int
+    code: str
+    after_optimizer: str = ""
+
+
 @dataclass(frozen=True)
 class Candidate:
     name: str
     spec: dict = field(default_factory=dict)
     code: str = ""
+    parts: tuple[Part, ...] = ()
+
+
+def _made(name: str, spec: dict, *parts: Part) -> Candidate:
+    return Candidate(name, spec, _render(parts), parts)
+
+
+def _render(parts: tuple[Part, ...]) -> str:
+    """The parts in stage order. A combination with no optimizer swap is one block pasted once the
+    optimizer is built (where its clipper or lr goes): a change that adds parameters then gives them
+    to the optimizer, or none trained them (the trial did). Alone, such a change stays before the
+    optimizer is built; beside an optimizer swap too, the new optimizer taking the changed model's."""
+    pasted = len(parts) > 1 and all(p.stage != OPTIMIZER for p in parts)
+    ordered = sorted(parts, key=lambda p: p.stage)  # (stable: a remedy's own parts keep their order)
+    return "\n".join(p.after_optimizer if pasted and p.after_optimizer else p.code for p in ordered)
 
 
 def each(names: Names, code: Callable[[Names], str]) -> str:
@@ -37,15 +69,15 @@ def each(names: Names, code: Callable[[Names], str]) -> str:
 
 
 def clip_norm(max_norm: float = 1.0, names: Names = GENERIC) -> Candidate:
-    return Candidate(f"clip norm {max_norm:g}", {"clip": "norm", "max_norm": max_norm}, _clip_code(
+    return _made(f"clip norm {max_norm:g}", {"clip": "norm", "max_norm": max_norm}, Part(ON_OPTIMIZER, _clip_code(
         names, f"gw.clip.ClipNorm({max_norm:g})",
-        lambda m: f"torch.nn.utils.clip_grad_norm_({m}.parameters(), max_norm={max_norm:g})"))
+        lambda m: f"torch.nn.utils.clip_grad_norm_({m}.parameters(), max_norm={max_norm:g})")))
 
 
 def clip_value(value: float = 1.0, names: Names = GENERIC) -> Candidate:
-    return Candidate(f"clip value {value:g}", {"clip": "value", "value": value}, _clip_code(
+    return _made(f"clip value {value:g}", {"clip": "value", "value": value}, Part(ON_OPTIMIZER, _clip_code(
         names, f"gw.clip.ClipValue({value:g})",
-        lambda m: f"torch.nn.utils.clip_grad_value_({m}.parameters(), clip_value={value:g})"))
+        lambda m: f"torch.nn.utils.clip_grad_value_({m}.parameters(), clip_value={value:g})")))
 
 
 def zclip(names: Names = GENERIC) -> Candidate:
@@ -55,7 +87,7 @@ def zclip(names: Names = GENERIC) -> Candidate:
                 f"zclip({names.model}.parameters())  # every step, {names.before_update}")
     else:
         code = _clip_code(names, "gw.clip.ZClip()", lambda m: "")
-    return Candidate("ZClip", {"clip": "zclip"}, code)
+    return _made("ZClip", {"clip": "zclip"}, Part(ON_OPTIMIZER, code))
 
 
 def _clip_code(names: Names, clipper: str, by_hand: Callable[[str], str]) -> str:
@@ -72,8 +104,8 @@ def _clip_code(names: Names, clipper: str, by_hand: Callable[[str], str]) -> str
 def reinit(names: Names = GENERIC) -> Candidate:
     """The trial re-initialises with the model's first batch: it shows the activations called as
     functions and the order they run in, which the module list does not."""
-    return Candidate("re-initialise per activation", {"init": "auto"},
-                     f"gw.init_({names.changed}, example_input=batch)")
+    return _made("re-initialise per activation", {"init": "auto"},
+                 Part(INIT, f"gw.init_({names.changed}, example_input=batch)"))
 
 
 def adam(names: Names = GENERIC, unscheduled: bool = False) -> Candidate:
@@ -92,25 +124,26 @@ def adam(names: Names = GENERIC, unscheduled: bool = False) -> Candidate:
                                      "param_groups' 'lr': your schedule raised the lr until the run blew up"
                                      if unscheduled else ""))
     if unscheduled:
-        return Candidate("Adam (lr 1e-3, no schedule)", {"optimizer": "Adam", "lr": 1e-3, "unscheduled": True}, code)
+        return _made("Adam (lr 1e-3, no schedule)", {"optimizer": "Adam", "lr": 1e-3, "unscheduled": True},
+                     Part(OPTIMIZER, code))
     rebuilt = names.schedule_from(1e-3) if scheduled else None
     if rebuilt is not None:  # the script's OneCycleLR/CyclicLR, at the lrs the trial's Adam ran at
-        return Candidate("Adam (lr 1e-3)", {"optimizer": "Adam", "lr": 1e-3}, f"{code}\n{rebuilt}  # "
-                         f"{names.replaced_schedule}: the lrs the trial's Adam ran at")
-    return Candidate("Adam (lr 1e-3)", {"optimizer": "Adam", "lr": 1e-3}, code + (
-        ", before a scheduler is built on it (OneCycleLR: max_lr=1e-3; CyclicLR: base_lr=1e-3)" if scheduled else ""))
+        return _made("Adam (lr 1e-3)", {"optimizer": "Adam", "lr": 1e-3}, Part(OPTIMIZER, f"{code}\n{rebuilt}  # "
+                     f"{names.replaced_schedule}: the lrs the trial's Adam ran at"))
+    return _made("Adam (lr 1e-3)", {"optimizer": "Adam", "lr": 1e-3}, Part(OPTIMIZER, code + (
+        ", before a scheduler is built on it (OneCycleLR: max_lr=1e-3; CyclicLR: base_lr=1e-3)" if scheduled else "")))
 
 
 def zero_grad(names: Names = GENERIC) -> Candidate:
     """Against stale gradients (a forgotten `optimizer.zero_grad()`): after each step the trial
     clears every optimizer's gradients before the next backward (inject.py `_clear_all_later`)."""
     code = each(names, lambda n: f"{n.optimizer}.zero_grad()  # every step, before loss.backward()")
-    return Candidate("optimizer.zero_grad() every step", {"zero_grad": True}, code)
+    return _made("optimizer.zero_grad() every step", {"zero_grad": True}, Part(ON_OPTIMIZER, code))
 
 
 def lr_scale(factor: float, names: Names = GENERIC) -> Candidate:
     code = _manual_lr_code(factor, names) if names.manual else each(names, lambda n: _optimizer_lr_code(factor, n))
-    return Candidate(f"learning rate x{factor:g}", {"lr_scale": factor}, code)
+    return _made(f"learning rate x{factor:g}", {"lr_scale": factor}, Part(ON_OPTIMIZER, code))
 
 
 def lr_cap(cap: float, names: Names = GENERIC) -> Candidate:
@@ -119,7 +152,7 @@ def lr_cap(cap: float, names: Names = GENERIC) -> Candidate:
     code = each(names, lambda n: f"for group in {n.optimizer}.param_groups: group['lr'] = min(group['lr'], {cap:.3g})"
                                  f"  # every step, {n.before_update}: a ceiling for your schedule (or build the "
                                  f"schedule with {cap:.3g} as its peak, e.g. OneCycleLR's max_lr)")
-    return Candidate(f"learning rate at most {cap:.3g}", {"lr_cap": cap}, code)
+    return _made(f"learning rate at most {cap:.3g}", {"lr_cap": cap}, Part(ON_OPTIMIZER, code))
 
 
 def lr_ceiling(run: RunSeries, findings: list[Finding]) -> float | None:
@@ -213,33 +246,48 @@ def swap(old: str, new: str = "LeakyReLU", init: str | None = None, present: tup
     classes = (f"nn.{old}" if old != "*" else
                f"({', '.join(f'nn.{c}' for c in present)},)" if present else "(nn.Sigmoid, nn.Tanh, nn.ReLU)")
     model = names.changed
-    code = (f"{model}, _ = gw.modify.swap_activations({model}, {classes}, lambda: {made}, keep_output=True, "
-            "example_input=batch)")
+    parts = [Part(SWAP, f"{model}, _ = gw.modify.swap_activations({model}, {classes}, lambda: {made}, "
+                        "keep_output=True, example_input=batch)")]
     spec: dict = {"swap": {"from": old, "to": new}}
     name = f"{'activations' if old == '*' else old} -> {new}"
     if init:
         spec["init"] = init
-        code += f"\ngw.init_({model}, {init!r}" + (", example_input=batch)" if init == "auto" else ")")
+        parts.append(Part(INIT, f"gw.init_({model}, {init!r}" + (", example_input=batch)" if init == "auto" else ")")))
         name += f" + {'He' if init in ('he', 'auto') else init} init"
-    return Candidate(name, spec, code)
+    return _made(name, spec, *parts)
 
 
 def norm(kind: str, names: Names = GENERIC) -> Candidate:
-    what = "BatchNorm" if kind == "batch" else "LayerNorm"
-    return Candidate(f"{what} after each layer", {"norm": kind},
-                     f"{names.changed}, _ = gw.modify.insert_norm({names.changed}, {kind!r})"
-                     f"  # {names.new_parameters}")
+    what, m = "BatchNorm" if kind == "batch" else "LayerNorm", names.changed
+    call = f"{m}, _ = gw.modify.insert_norm({m}, {kind!r}"
+    return _made(f"{what} after each layer", {"norm": kind}, Part(
+        NORM, f"{call})  # {names.new_parameters}",
+        _given(names, call, "each norm's parameters join the group of the layer it follows")))
 
 
 def forget_bias(names: Names = GENERIC) -> Candidate:
-    return Candidate("LSTM forget-gate bias 1", {"recurrent": "forget_bias"},
-                     "\n".join(forget_bias_code(lstm) for lstm in names.recurrent("LSTM")))
+    return _made("LSTM forget-gate bias 1", {"recurrent": "forget_bias"},
+                 Part(RECURRENT, "\n".join(forget_bias_code(lstm) for lstm in names.recurrent("LSTM"))))
 
 
 def gru(names: Names = GENERIC) -> Candidate:
-    return Candidate("nn.RNN -> nn.GRU", {"recurrent": "gru"},
-                     f"{names.changed}, _ = gw.modify.replace_rnn({names.changed})  # {names.new_parameters} "
-                     "(or build nn.GRU(...) where the nn.RNN is built)")
+    m, alternative = names.changed, " (or build nn.GRU(...) where the nn.RNN is built)"
+    call = f"{m}, _ = gw.modify.replace_rnn({m}"
+    return _made("nn.RNN -> nn.GRU", {"recurrent": "gru"}, Part(
+        RECURRENT, f"{call})  # {names.new_parameters}{alternative}",
+        _given(names, call, "the GRU's parameters take the place of the RNN's in it" + alternative)))
+
+
+def _given(names: Names, call: str, what: str) -> str:
+    """`call` (a gw.modify change that adds parameters, its closing parenthesis left off) made once
+    the optimizers are built, with `optimizer=` giving them the new parameters as the trial does
+    (inject.py, through `gw.modify.give_added`); "" where the script updates by hand (no optimizer)."""
+    if names.manual:
+        return ""
+    opts = [n.optimizer for n in names.each_optimizer()]
+    if len(opts) == 1:
+        return f"{call}, optimizer={opts[0]})  # once, {names.optimizer_ready}: {what}"
+    return f"{call}, optimizer=[{', '.join(opts)}])  # once, after {' and '.join(opts)} are built: {what}"
 
 
 def orthogonal(names: Names = GENERIC) -> Candidate:
@@ -247,7 +295,7 @@ def orthogonal(names: Names = GENERIC) -> Candidate:
     code = [f"for name, p in {rnn}.named_parameters():\n"
             f"    for chunk in p.data.split({rnn}.hidden_size) if name.startswith('weight_hh') else ():\n"
             "        nn.init.orthogonal_(chunk)" for rnn in names.recurrent("RNN", "GRU", "LSTM")]
-    return Candidate("orthogonal W_hh", {"recurrent": "orthogonal"}, "\n".join(code))
+    return _made("orthogonal W_hh", {"recurrent": "orthogonal"}, Part(RECURRENT, "\n".join(code)))
 
 
 MODULE_NAMES = {name: cls.__name__ for cls, name in ACTIVATIONS.items()}  # "leaky_relu" -> "LeakyReLU"
@@ -343,19 +391,21 @@ def from_findings(findings: list[Finding], activations: set[str], *, layer_types
 def combine(a: Candidate, b: Candidate) -> Candidate | None:
     """Both remedies at once, when they touch different things (a healthy setup usually changes
     activation, initialisation and optimizer together); None when they would overrule each other.
-    Their code in the order it must run (`_code_order`)."""
+    Their code's lines in the order they must run (`_render`), whatever the order of the remedies:
+    sorted as whole remedies, a norm + clip then Adam printed the clip above the Adam, on the
+    discarded optimizer."""
     if set(a.spec) & set(b.spec) - {"target"} or len({"optimizer", "lr_scale", "lr_cap"} & (set(a.spec) | set(b.spec))) > 1:
         return None
-    first, second = sorted((a, b), key=_code_order)
-    return Candidate(f"{a.name} + {b.name}", {**a.spec, **b.spec}, f"{first.code}\n{second.code}")
+    return _made(f"{a.name} + {b.name}", {**a.spec, **b.spec}, *_parts(a), *_parts(b))
 
 
-def _code_order(cand: Candidate) -> int:
-    """A change that adds parameters (a norm layer, a GRU) before the optimizer is built, or the
-    pasted Adam never trains them (the trial did: a BatchNorm + Adam pasted as printed differed from
-    step 1); an optimizer swap before the rest: a clipper attached to `optimizer` on a line above the
-    one that rebinds it to Adam stayed on the discarded optimizer, and Adam ran unclipped."""
-    return 0 if {"norm", "recurrent"} & set(cand.spec) else 1 if "optimizer" in cand.spec else 2
+def _parts(cand: Candidate) -> tuple[Part, ...]:
+    """A remedy's parts; for a Candidate built with its code alone, that code as one part at the
+    earliest stage its spec names."""
+    if cand.parts or not cand.code:
+        return cand.parts
+    stages = {"swap": SWAP, "norm": NORM, "init": INIT, "recurrent": RECURRENT, "optimizer": OPTIMIZER}
+    return (Part(min((stages[k] for k in cand.spec if k in stages), default=ON_OPTIMIZER), cand.code),)
 
 
 MODEL_KEYS = ("swap", "norm", "init", "recurrent")  # the spec keys of a change to the model

@@ -35,6 +35,7 @@ from gradwatch.errors import ConfigError
 from gradwatch.fix.locate import ENV_LOCATE_AT, NonFiniteLocator
 from gradwatch.fix.pause import child_channel, wait_for_more
 import gradwatch.remedies as remedies  # (not `from ... import`: see _bootstrap, a user's import of it may be under way)
+from gradwatch.remedies._new_params import added_parameters, before_change, give_added
 from gradwatch.runner import ENV_RUN_DIR, is_the_command
 
 ENV_REMEDY = "GRADWATCH_REMEDY"
@@ -43,6 +44,7 @@ ENV_MAX_STEPS = "GRADWATCH_MAX_STEPS"
 STOP_AFTER_NON_FINITE = 3  # consecutive non-finite losses that end a remedy trial
 NOT_APPLIED = "not-applied.txt"  # in a trial's run directory: why its remedy changed nothing
 BUDGET_REACHED = "budget_reached"  # in a trial's run directory: the budget, not the script, ended it
+PAUSABLE = "pausable"  # in a trial's run directory: its process could pause at its budget (`Injector._can_pause`)
 PROGRESS = "progress.txt"  # in a trial's run directory: the steps done so far (the store waits for a flush)
 PROGRESS_EVERY = 1.0  # seconds at least between two writes of it: a fast script's trial writes it seldom
 
@@ -109,39 +111,6 @@ def _recurrent(model: nn.Module, how: str) -> None:
                         nn.init.orthogonal_(chunk)
 
 
-def added_parameters(model: nn.Module, before: dict[str, nn.Module],
-                     kept: set[int]) -> list[tuple[torch.Tensor, list[int]]]:
-    """Each trainable parameter a remedy added to `model` (`before`: its modules by name, `kept`: its
-    parameter ids, both taken before the change), with the ids of the layer it goes with: an
-    optimizer that trains that layer trains it too, as one built after the change would."""
-    out, seen = [], set(kept)
-    for name, module in model.named_modules(remove_duplicate=False):
-        new = [p for p in module.parameters(recurse=False) if p.requires_grad and id(p) not in seen]
-        seen.update(id(p) for p in new)
-        if new:
-            layer = _layer_of(model, name, before, kept)
-            out += [(p, layer) for p in new]
-    return out
-
-
-def _layer_of(model: nn.Module, name: str, before: dict[str, nn.Module], kept: set[int]) -> list[int]:
-    """The kept parameter ids (the weight first) of the layer the new module at `name` goes with:
-    the module it replaced there (an RNN's GRU), else the one right before it in its parent (the
-    layer a norm follows, in an nn.Sequential or insert_norm's `Normalised` pair); else the same
-    for its parent, up to the whole model."""
-    while name:
-        parent_name, _, attr = name.rpartition(".")
-        children = model.get_submodule(parent_name)._modules
-        keys = list(children)
-        earlier = children[keys[keys.index(attr) - 1]] if keys.index(attr) > 0 else None
-        for layer in (before.get(name), earlier):
-            ids = [id(p) for p in layer.parameters() if id(p) in kept] if layer is not None else []
-            if ids:
-                return ids
-        name = parent_name
-    return [id(p) for p in model.parameters() if id(p) in kept]
-
-
 class Injector:
     """Global hooks that apply `spec` to the first model and every optimizer that steps."""
 
@@ -161,6 +130,7 @@ class Injector:
         self.non_finite_losses = 0  # consecutive
         self._optimizers: dict[int, dict] = {}
         self._known: weakref.WeakSet = weakref.WeakSet()  # every optimizer built (params_added): the zero_grad spec clears them
+        self._stepped: weakref.WeakSet = weakref.WeakSet()  # every optimizer that stepped (`_state`)
         self._clear_next = False  # the zero_grad spec: clear them all before the next backward
         self._manual_clipper = None
         self._manual = False  # the script updates the weights itself (settled by _updated_by_hand)
@@ -170,6 +140,7 @@ class Injector:
         self.locate_at = locate_at  # the step whose operations a NonFiniteLocator checks
         self.locator: NonFiniteLocator | None = None
         self._told = time.monotonic()  # when PROGRESS was last written
+        self._pausable_told = False  # PAUSABLE written (`_tell_progress`)
         self._channel = child_channel() if run_dir is not None else None  # (pause.py)
         if locate_at == 0:
             self._start_locating()
@@ -209,13 +180,15 @@ class Injector:
                     f"gw.fix: train_fn trains the {type(module).__name__} an earlier trial trained (and changed); "
                     "build the model and its optimizer inside train_fn, so that every trial starts alike")
             self.model = module
-            kept, before = {id(p) for p in module.parameters()}, dict(module.named_modules(remove_duplicate=False))
+            before = before_change(module)
             try:
                 with unseen_by_global_hooks():
                     void = apply_to_model(module, self.spec, args or None)
             except ConfigError as exc:  # the remedy cannot apply to this model: the trial fails, not fix
                 raise RuntimeError(f"gradwatch fix: {exc}") from exc
-            self._added = added_parameters(module, before, kept)
+            self._added = added_parameters(module, before)
+            for opt in self._stepped:  # a `step(closure)` runs the first forward inside the first step
+                self._give_added(opt)
             self._handles.pop(0).remove()
             if void:
                 self._not_applied(void)
@@ -232,6 +205,7 @@ class Injector:
         state = self._optimizers.get(id(opt))
         if state is None:
             state = self._optimizers[id(opt)] = {}
+            self._stepped.add(opt)
             self._give_added(opt)
             if self.spec.get("optimizer") == "Adam":  # one Adam group per group: each follows its own lr
                 state["adam"] = torch.optim.Adam([{"params": g["params"]} for g in opt.param_groups],
@@ -253,16 +227,14 @@ class Injector:
             self._late.append(remedies.clip.attach(opt, self._make_clipper()))
 
     def _give_added(self, opt: torch.optim.Optimizer) -> None:
-        """Each parameter the remedy added to this optimizer if it holds the parameters of the layer
-        the parameter goes with, into that layer's group: where the printed change (made before the
-        optimizers are built) puts it. Not to an optimizer that merely steps first: a head-only
-        optimizer then trained a frozen body's norms, a head's lr 0.1 drove a body's at 1e-3. A new
-        group would also lack the keys a scheduler keeps per group (OneCycleLR's initial_lr)."""
-        groups = {id(p): g for g in opt.param_groups for p in g["params"]}
-        for p, layer in self._added:
-            group = next((groups[i] for i in layer if i in groups), None)
-            if group is not None and id(p) not in groups:
-                group["params"].append(p)
+        """Each parameter the remedy added to this optimizer (and to its Adam, in an Adam trial) if it
+        holds the parameters of the layer the parameter goes with, into that layer's group: where
+        the printed change puts it (`remedies._new_params.give_added`). Not to an optimizer that
+        merely steps first: a head-only optimizer then trained a frozen body's norms, a head's lr
+        0.1 drove a body's at 1e-3."""
+        for held in (opt, self._optimizers.get(id(opt), {}).get("adam")):
+            if held is not None:
+                give_added(held, self._added)
 
     def _make_clipper(self):
         clip = remedies.clip
@@ -362,8 +334,7 @@ class Injector:
         """Wait for fix to say how far to go on (None: end here), once the store holds every step so
         far (fix measures the trial from it meanwhile). Not with the model on a GPU: paused, a
         process keeps its device memory, and the next trial's would not fit beside it."""
-        if self._channel is None or not is_the_command() or (self.model is not None and any(
-                p.device.type != "cpu" for p in self.model.parameters())):
+        if self._channel is None or not self._can_pause():
             return None  # (not fix's child: a forked one, its copy of this injector made before the fork)
         from gradwatch.collect.auto import own_watch
 
@@ -375,9 +346,22 @@ class Injector:
             return None
         return more
 
+    def _can_pause(self) -> bool:
+        """This process could pause at its budget (pause.py): fix's own child, the model on the CPU."""
+        return is_the_command() and not (self.model is not None and any(
+            p.device.type != "cpu" for p in self.model.parameters()))
+
     def _tell_progress(self, steps: int) -> None:
         """The steps done so far, into PROGRESS at most every PROGRESS_EVERY seconds: `fix` reads it to
-        say how far a slow trial has come (20 s a step: a 40-step baseline is 13 silent minutes)."""
+        say how far a slow trial has come (20 s a step: a 40-step baseline is 13 silent minutes). At
+        its first step, PAUSABLE when `_can_pause`: told by the baseline, which is not asked to pause,
+        fix knows before screening whether its trials will (a shell's command, a model on a GPU: no)."""
+        if not self._pausable_told and self.run_dir is not None and self._can_pause():
+            self._pausable_told = True
+            try:
+                (self.run_dir / PAUSABLE).write_text("")
+            except OSError:
+                pass
         now = time.monotonic()
         if self.run_dir is not None and now - self._told >= PROGRESS_EVERY:
             self._told = now

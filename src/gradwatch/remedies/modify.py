@@ -22,12 +22,15 @@ elsewhere (a layer held as an attribute and called in a custom forward) it is re
 A block wrapped as residual gains ``.fn`` (``2.weight`` -> ``2.fn.weight``). Every rename is listed
 in ``Change.renamed``; the parameter objects are the same, so an existing optimizer keeps
 working, but new parameters (norm layers) are not in it: ``Change.new_parameters`` lists them.
+Pass ``optimizer=`` (one or several) to the changes that add parameters and each new parameter
+joins the group of the layer it goes with (`give_added`), as if the optimizer had been built after.
 """
 
 from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Union
 
@@ -37,8 +40,10 @@ from torch import nn
 from gradwatch.errors import ConfigError
 from gradwatch.remedies._activations import functional_calls
 from gradwatch.remedies._common import forward_once, shown
+from gradwatch.remedies._new_params import Before, added_parameters, before_change, drop, give_added
 
 ModuleTypes = Union[type, tuple]
+Optimizers = Union[torch.optim.Optimizer, Sequence[torch.optim.Optimizer], None]
 
 
 @dataclass
@@ -143,6 +148,43 @@ def _renames(before: dict[int, str], model: nn.Module) -> tuple[dict[str, str], 
     return renamed, new
 
 
+def _optimizer_list(optimizer: Optimizers, inplace: bool) -> list[torch.optim.Optimizer]:
+    """`optimizer=` as a list, checked before the model changes."""
+    if optimizer is None:
+        return []
+    opts = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    for o in opts:
+        if not isinstance(getattr(o, "param_groups", None), list):
+            raise ConfigError(f"optimizer={shown(o)} is not a torch optimizer (no param_groups); pass the "
+                              "optimizer that trains the model, or a list of them")
+    if opts and not inplace:
+        raise ConfigError("optimizer= with inplace=False: the copy's new parameters go with layers no optimizer "
+                          "holds (it holds the original's); change the model in place, or build an optimizer "
+                          "for the copy")
+    return opts
+
+
+def _give(model: nn.Module, before: Before, optimizers: list[torch.optim.Optimizer], new: list[str],
+          replaced: bool = False) -> str:
+    """Give `optimizers` the parameters the change added (and take out those it removed); the note
+    for the Change: what an optimizer built before the change misses, when none was given."""
+    if not optimizers:
+        return _optimizer_note(new, replaced)
+    if not new:
+        return ""
+    added = added_parameters(model, before)
+    given = {id(p) for opt in optimizers for p in give_added(opt, added)}
+    now = {id(p) for p in model.parameters()}
+    dropped = sum(drop(opt, before.kept - now) for opt in optimizers)
+    if len(given) == len(added):
+        note = f"; its {len(added)} new parameter(s) joined the optimizer, each in its layer's group"
+    else:  # a frozen body's norms: an optimizer built after the change on the same layers lacks them too
+        note = (f"; {len(given)} of its {len(added)} new parameter(s) joined the optimizer, each in its layer's "
+                f"group; the other {len(added) - len(given)} go with layers no optimizer given trains, "
+                "and stay untrained")
+    return note + (f"; {dropped} parameter(s) of the replaced module left it" if dropped else "")
+
+
 class Place(NamedTuple):
     """Where a module sits: its name there, and the parent attribute holding it."""
 
@@ -186,17 +228,20 @@ LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def swap_activations(model: nn.Module, old: ModuleTypes = nn.Sigmoid,
                      new: Callable[[], nn.Module] = lambda: nn.LeakyReLU(0.01),
                      *, keep_output: bool = False, example_input: Any = None,
-                     inplace: bool = True) -> tuple[nn.Module, Change]:
+                     inplace: bool = True, optimizer: Optimizers = None) -> tuple[nn.Module, Change]:
     """Replace every module of type `old` by a fresh `new()` (a class or a factory).
 
     `keep_output` leaves the output's activation alone (a sigmoid giving BCELoss its probabilities
     shapes the prediction; it is no hidden layer whose gradient flow needs fixing): with
     `example_input`, the `old` module that one forward pass applies after the last Linear/Conv
     layer; without, one registered after it (a module shared by every layer but registered last
-    is taken for the output's then)."""
+    is taken for the output's then). `optimizer`: one or several, given the new activations'
+    parameters (a PReLU's slopes), each in the group of the layer before it."""
     old_types = _types("old", old)
     new = _factory(new)
+    optimizers = _optimizer_list(optimizer, inplace)
     model = _target(model, inplace)
+    snapshot = before_change(model)
     # every place a module sits, also one instance registered twice (named_modules() lists it once)
     named = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if n]
     before = _names(model)
@@ -225,7 +270,7 @@ def swap_activations(model: nn.Module, old: ModuleTypes = nn.Sigmoid,
         return model, Change(f"no {old_name} module{kept}; nothing changed{functional}")
     renamed, new_params = _renames(before, model)  # a PReLU brings parameters of its own
     return model, Change(f"replaced {len(swapped)} {old_name} module(s) by {made!r}: {', '.join(swapped)}"
-                         + functional + _optimizer_note(new_params), swapped, renamed, new_params)
+                         + functional + _give(model, snapshot, optimizers, new_params), swapped, renamed, new_params)
 
 
 def _placed_like(made: nn.Module, *near: nn.Module) -> nn.Module:
@@ -274,9 +319,10 @@ def _optimizer_note(new: list[str], replaced: bool = False) -> str:
     if replaced:
         return (f"; an optimizer built before the change lacks its {len(new)} new parameter(s) "
                 "(change.new_parameters) and still holds the replaced module's, which the forward no longer "
-                "uses: build the optimizer again")
+                "uses: build the optimizer again, or pass optimizer=<it> to this call")
     return (f"; an optimizer built before the change lacks its {len(new)} new parameter(s) "
-            "(change.new_parameters): build it again, or add them with optimizer.add_param_group("
+            "(change.new_parameters): build it again, pass it to this call (optimizer=: each joins the group of "
+            "its layer), or add them with optimizer.add_param_group("
             "{'params': [dict(model.named_parameters())[n] for n in change.new_parameters]})")
 
 
@@ -385,7 +431,8 @@ LAYERS_TO_NORMALISE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTransp
 
 
 def insert_norm(model: nn.Module, kind: str = "batch", after: ModuleTypes = LAYERS_TO_NORMALISE,
-                *, skip_last: bool = True, inplace: bool = True) -> tuple[nn.Module, Change]:
+                *, skip_last: bool = True, inplace: bool = True,
+                optimizer: Optimizers = None) -> tuple[nn.Module, Change]:
     """Insert BatchNorm (`kind="batch"`) or LayerNorm (`"layer"`) after each layer of type `after`
     (every Linear and conv by default: a Conv1d net or a ConvTranspose2d decoder, left out of the
     default before, got "nothing changed" from the remedy diagnose and the probe give for all models).
@@ -393,12 +440,16 @@ def insert_norm(model: nn.Module, kind: str = "batch", after: ModuleTypes = LAYE
     `skip_last` leaves the last such layer (in registration order: normally the output layer,
     whose scale is the prediction's) without a norm. Layers inside attention and transformer
     blocks (`FUSED`) are left as they are: those blocks use their weights directly.
+
+    `optimizer` (one or several, already built): each norm's parameters join the group that holds
+    the layer it follows, so the change can be made after the optimizer is built.
     """
     if kind not in ("batch", "layer"):
         raise ConfigError(f"kind={kind!r} must be 'batch' (BatchNorm) or 'layer' (LayerNorm)")
     after_types = _types("after", after)
+    optimizers = _optimizer_list(optimizer, inplace)
     model = _target(model, inplace)
-    before = _names(model)
+    before, snapshot = _names(model), before_change(model)
     fused = [n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, FUSED)]
     places = [p for p in _places(model, lambda m: isinstance(m, after_types))
               if not any(p.name.startswith(f + ".") or not f for f in fused)]
@@ -424,7 +475,8 @@ def insert_norm(model: nn.Module, kind: str = "batch", after: ModuleTypes = LAYE
     return model, Change(f"inserted {what} after {len(layers)} layer(s): {', '.join(layers)}"
                          + (f" (not after {', '.join(p.name for p in normalised)}: already followed by a norm)"
                             if normalised else "")
-                         + (f" (renamed {len(renamed)} parameter(s))" if renamed else "") + _optimizer_note(new),
+                         + (f" (renamed {len(renamed)} parameter(s))" if renamed else "")
+                         + _give(model, snapshot, optimizers, new),
                          layers, renamed, new)
 
 
@@ -512,12 +564,15 @@ def _outside_sequential(model: nn.Module, same: dict[str, bool]) -> str:
             f"are called by a forward of the model's own: wrap those you mean with add_residual(model, example_input, blocks={found[:2]!r})")
 
 
-def replace_rnn(model: nn.Module, *, inplace: bool = True) -> tuple[nn.Module, Change]:
+def replace_rnn(model: nn.Module, *, inplace: bool = True,
+                optimizer: Optimizers = None) -> tuple[nn.Module, Change]:
     """Replace every vanilla nn.RNN by an nn.GRU of the same sizes, layers, direction and layout,
     on the same device and dtype, freshly initialised (torch's GRU default). The new module keeps
-    the old one's name; its parameters are new (`Change.new_parameters`): give them to the optimizer."""
+    the old one's name; its parameters are new (`Change.new_parameters`). `optimizer` (one or
+    several, already built): each GRU's parameters join the group that held its RNN's, which leave."""
+    optimizers = _optimizer_list(optimizer, inplace)
     model = _target(model, inplace)
-    before = _names(model)
+    before, snapshot = _names(model), before_change(model)
     rnns = _places(model, lambda m: type(m) is nn.RNN)
     if type(model) is nn.RNN:
         raise ConfigError("the model is itself an nn.RNN; replace it by nn.GRU(...) where it is built")
@@ -529,7 +584,7 @@ def replace_rnn(model: nn.Module, *, inplace: bool = True) -> tuple[nn.Module, C
         return model, Change("no nn.RNN found; nothing changed")
     names = [p.name for p in rnns]
     return model, Change(f"replaced {len(grus)} nn.RNN by nn.GRU of the same shape: {', '.join(names)}"
-                         + _optimizer_note(new, replaced=True), names, renamed, new)
+                         + _give(model, snapshot, optimizers, new, replaced=True), names, renamed, new)
 
 
 def _gru_like(rnn: nn.RNN) -> nn.GRU:

@@ -1,0 +1,108 @@
+"""`optimizer=` on the gw.modify changes that add parameters (what `fix` prints for a combination,
+pasted after the optimizer is built): the optimizer then trains what one built after the change
+would, each new parameter in the group of the layer it goes with."""
+
+import pytest
+import torch
+from torch import nn
+
+import gradwatch as gw
+
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
+def _steps(model: nn.Module, opt: torch.optim.Optimizer, shape=(16, 4), n: int = 4) -> None:
+    for i in range(n):
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(i))
+        opt.zero_grad()
+        (model(x) - x.flatten(1).sum(1, keepdim=True)).pow(2).mean().backward()
+        opt.step()
+
+
+def _groups(model: nn.Sequential, names: list[list[str]], lrs: list[float]) -> list[dict]:
+    params = dict(model.named_parameters())
+    return [{"params": [params[n] for n in group], "lr": lr} for group, lr in zip(names, lrs)]
+
+
+def test_norms_join_their_layers_groups_and_train_as_an_optimizer_built_after_the_change():
+    lrs = [0.3, 0.01, 0.1]
+    layers = [["0.weight", "0.bias"], ["2.weight", "2.bias"], ["4.weight", "4.bias"]]
+    given = _mlp()
+    opt = torch.optim.SGD(_groups(given, layers, lrs), lr=0.1, momentum=0.9)
+    given, change = gw.modify.insert_norm(given, "batch", optimizer=opt)
+    assert "4 new parameter(s) joined the optimizer" in str(change)
+    _steps(given, opt)
+
+    built_after, _ = gw.modify.insert_norm(_mlp(), "batch")  # the reference: the optimizer built on the changed model
+    with_norms = [layers[0] + ["0_bn.weight", "0_bn.bias"], layers[1] + ["2_bn.weight", "2_bn.bias"], layers[2]]
+    reference = torch.optim.SGD(_groups(built_after, with_norms, lrs), lr=0.1, momentum=0.9)
+    _steps(built_after, reference)
+    a, b = given.state_dict(), built_after.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (a["0_bn.weight"] != 1).any()  # trained
+
+
+def test_a_norm_after_a_layer_no_optimizer_holds_joins_none():
+    model = _mlp()
+    head = torch.optim.SGD(model[4].parameters(), lr=0.1)
+    model, change = gw.modify.insert_norm(model, "batch", optimizer=[head])
+    assert len(head.param_groups[0]["params"]) == 2
+    assert "0 of its 4 new parameter(s) joined" in str(change) and "untrained" in str(change)
+
+
+def test_a_gru_takes_the_rnns_place_in_the_optimizer_with_its_state_gone():
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.fc = nn.RNN(4, 8, batch_first=True), nn.Linear(8, 1)
+
+        def forward(self, x):
+            return self.fc(self.rnn(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    given = Seq()
+    opt = torch.optim.SGD([{"params": given.rnn.parameters(), "lr": 0.05}, {"params": given.fc.parameters()}],
+                          lr=0.1, momentum=0.9)
+    _steps(given, opt, (8, 5, 4), n=1)  # momentum state for the RNN's parameters
+    old = list(given.rnn.parameters())
+    rng = torch.get_rng_state()
+    given, change = gw.modify.replace_rnn(given, optimizer=opt)
+    assert "4 parameter(s) of the replaced module left it" in str(change)
+    assert [id(p) for p in opt.param_groups[0]["params"]] == [id(p) for p in given.rnn.parameters()]
+    assert not any(p in opt.state for p in old)
+
+    torch.manual_seed(0)  # the reference: the same steps, then a new optimizer on the changed model
+    reference = Seq()
+    first = torch.optim.SGD([{"params": reference.rnn.parameters(), "lr": 0.05},
+                             {"params": reference.fc.parameters()}], lr=0.1, momentum=0.9)
+    _steps(reference, first, (8, 5, 4), n=1)
+    torch.set_rng_state(rng)  # (the GRU draws its initial weights)
+    reference, _ = gw.modify.replace_rnn(reference)
+    rebuilt = torch.optim.SGD([{"params": reference.rnn.parameters(), "lr": 0.05},
+                               {"params": reference.fc.parameters()}], lr=0.1, momentum=0.9)
+    rebuilt.state[reference.fc.weight] = {k: v.clone() for k, v in first.state[reference.fc.weight].items()}
+    rebuilt.state[reference.fc.bias] = {k: v.clone() for k, v in first.state[reference.fc.bias].items()}
+    _steps(given, opt, (8, 5, 4))
+    _steps(reference, rebuilt, (8, 5, 4))
+    for (n, a), b in zip(given.named_parameters(), reference.parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_a_prelu_swap_gives_its_slopes_to_the_optimizer():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, _ = gw.modify.swap_activations(model, nn.Tanh, nn.PReLU, optimizer=opt)
+    assert {id(p) for p in model.parameters()} == {id(p) for p in opt.param_groups[0]["params"]}
+
+
+@pytest.mark.parametrize("kwargs, match", [({"optimizer": "sgd"}, "optimizer='sgd' is not a torch optimizer"),
+                                           ({"inplace": False}, "optimizer= with inplace=False")])
+def test_a_bad_optimizer_argument_is_refused_before_the_model_changes(kwargs, match):
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(gw.GradwatchError, match=match):
+        gw.modify.insert_norm(model, "batch", **{"optimizer": opt, **kwargs})
+    assert len(model) == 5 and len(opt.param_groups[0]["params"]) == 6
