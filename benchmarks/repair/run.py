@@ -147,7 +147,8 @@ def run_scenario(s: harness.Scenario, budget: int, out: Path, refresh: bool) -> 
     gw = fix(cmd, out=out / s.name / "gradwatch", budget_steps=budget, strategy="screen", progress=say,
              timeout=TRIAL_TIMEOUT)
     base = gw.baseline
-    cache: dict[str, Trial] = {json.dumps(t.candidate.spec, sort_keys=True): t for t in gw.trials}
+    # (a final fix stopped halfway, behind, is no full trial: the other strategies run theirs)
+    cache: dict[str, Trial] = {json.dumps(t.candidate.spec, sort_keys=True): t for t in gw.trials if not t.behind}
 
     def trial(c: Candidate) -> Trial:
         key = json.dumps(c.spec, sort_keys=True)
