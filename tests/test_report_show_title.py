@@ -18,4 +18,5 @@ def test_the_title_counts_steps(n, title, tmp_path, capsys):
     writer.close()
     assert main(["show", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert f": {title}\n" in out or f": {title} " in out, out[:300]
+    words = " ".join(out.split()) + " "  # (a long run path wraps the title over lines)
+    assert f": {title} " in words, out[:300]
