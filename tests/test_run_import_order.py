@@ -3,6 +3,7 @@ torch: the module imports torch, and the watch started at torch's load found gra
 half-run (an ImportError: "not watching this process", nothing recorded). It starts once that
 gradwatch import ends, and records what it records when the script imports torch first."""
 
+import ast
 import os
 import subprocess
 import sys
@@ -100,3 +101,24 @@ def test_a_fix_trial_applies_its_remedy_to_a_script_importing_gradwatch_fix_firs
     assert np.allclose(run.lr, 0.5 * LR) and np.allclose(baseline.lr, LR)
     assert "leaky_relu" in {layer.activation for layer in run.layers} - {layer.activation for layer in baseline.layers}
     assert not np.array_equal(run.loss, baseline.loss[:BUDGET])
+
+
+def test_only_the_imports_the_watchs_start_needs_delay_it(tmp_path):
+    """The start-up hook counts the imports of the gradwatch modules `_start` imports, not others:
+    one of those run in a thread (the Lightning integration imports lightning for seconds) held the
+    watch back while the main thread trained. Every gradwatch module a started watch holds is one
+    the hook counts; and the loaders it wrapped are as they were once their module ran."""
+    path = tmp_path / "started.py"
+    path.write_text("import importlib.util, pickle, sys\nimport torch\nimport gradwatch.fix\n"
+                    "print(sorted(m for m in sys.modules if m.split('.')[0] == 'gradwatch'))\n"
+                    "spec = importlib.util.find_spec('gradwatch.fix.inject')\n"
+                    "print(spec == importlib.util.find_spec('gradwatch.fix.inject'), len(pickle.dumps(spec.loader)) > 0)\n")
+    result = watched(path, tmp_path / "r")
+    assert result.returncode == 0, result.stderr
+    modules, loaders = result.stdout.strip().splitlines()
+    source = ast.parse((Path(runner.__file__).parent / "_bootstrap" / "sitecustomize.py").read_text())
+    named = {t.id: ast.literal_eval(node.value) for node in source.body if isinstance(node, ast.Assign)
+             for t in node.targets if isinstance(t, ast.Name) and t.id in ("STARTS", "STARTS_PACKAGES")}
+    counted = lambda m: m in named["STARTS"] or ".".join(m.split(".")[:2]) in named["STARTS_PACKAGES"]
+    assert all(counted(m) for m in ast.literal_eval(modules)), modules
+    assert loaders == "True True"

@@ -32,10 +32,12 @@ def _watch_when_torch_imports():
     import importlib.abc
 
     class ImportHook(importlib.abc.MetaPathFinder):
+        gradwatch_bootstrap = True  # (another copy's hook, a nested run's from another install, is skipped)
+
         def find_spec(self, name, path, target=None):
             if name == "torch":
                 return _wrapped(_spec_elsewhere(self, name, path, target), _then_watch)
-            if name == "gradwatch" or name.startswith("gradwatch."):
+            if _counts(name):
                 return _wrapped(_spec_elsewhere(self, name, path, target), _counted)
             return None
 
@@ -43,11 +45,25 @@ def _watch_when_torch_imports():
     sys.meta_path.insert(0, _hook[0])
 
 
+# The gradwatch modules the watch's start imports (`_start`): only their imports delay it. One of
+# the others run in a thread meanwhile (the Lightning integration, which imports lightning for
+# seconds) held the watch back while the main thread trained, its first steps lost.
+STARTS = ("gradwatch", "gradwatch.runner", "gradwatch.errors", "gradwatch.say")
+STARTS_PACKAGES = ("gradwatch.collect", "gradwatch.fix", "gradwatch.remedies", "gradwatch.diagnose", "gradwatch.store")
+
+
+def _counts(name):
+    return name in STARTS or ".".join(name.split(".")[:2]) in STARTS_PACKAGES
+
+
 def _spec_elsewhere(hook, name, path, target):
-    """The spec the import system would find without `hook` (the next finders, in order)."""
+    """The spec the import system would find without `hook` (the next finders, in order; not
+    another copy of this hook, which would ask this one back, without end)."""
     for finder in list(sys.meta_path):
         find = getattr(finder, "find_spec", None)
-        if finder is not hook and find is not None and (spec := find(name, path, target)) is not None:
+        if finder is hook or getattr(finder, "gradwatch_bootstrap", False) or find is None:
+            continue
+        if (spec := find(name, path, target)) is not None:
             return spec
     return None
 
@@ -61,11 +77,20 @@ def _wrapped(spec, around):
     if exec_module is None:
         return spec
 
+    previous = getattr(loader, "__dict__", {}).get("exec_module")  # (another module's wrapper, on a shared loader)
+
     def exec_module_then(module):
-        if getattr(module, "__name__", None) == spec.name:
-            around(exec_module, module)
-        else:
-            exec_module(module)
+        try:
+            if getattr(module, "__name__", None) == spec.name:
+                around(exec_module, module)
+            else:
+                exec_module(module)
+        finally:  # the loader as it was: seen by importlib.util.find_spec, pickle, the next import
+            if loader.__dict__.get("exec_module") is exec_module_then:
+                if previous is None:
+                    del loader.exec_module
+                else:
+                    loader.exec_module = previous
 
     try:
         loader.exec_module = exec_module_then
@@ -131,7 +156,9 @@ def _chain_next_sitecustomize():
     import importlib.machinery
     import importlib.util
 
-    rest = [p for p in sys.path if os.path.abspath(p or ".") != here]
+    # (nor another gradwatch's, a nested run's from another install: each would chain the other)
+    rest = [p for p in sys.path if os.path.abspath(p or ".") != here
+            and not os.path.abspath(p or ".").endswith(os.path.join("gradwatch", "_bootstrap"))]
     spec = importlib.machinery.PathFinder.find_spec("sitecustomize", rest)
     if spec is not None and spec.loader is not None:
         ours = sys.modules.get("sitecustomize")
