@@ -152,3 +152,38 @@ def test_updates_by_hand_keep_the_change_before_training():
     assert "optimizer" not in code and "before training: new parameters" in code
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
     exec(code, {"gw": gw, "torch": torch, "model": model})  # (the clip line, every step, runs once here)
+
+
+RESUMES = """import os, torch, torch.nn as nn
+import gradwatch as gw
+torch.manual_seed(0)
+net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+#BEFORE THE LOAD
+if os.path.exists("ckpt.pt"):
+    ck = torch.load("ckpt.pt")
+    net.load_state_dict(ck["net"])
+    opt.load_state_dict(ck["opt"])
+#AFTER THE LOAD
+for i in range(3):
+    x = torch.randn(16, 4)
+    opt.zero_grad(); net(x).pow(2).mean().backward(); opt.step()
+torch.save({"net": net.state_dict(), "opt": opt.state_dict()}, "ckpt.pt")
+"""
+
+
+def test_a_script_that_resumes_gets_its_new_layers_before_the_load_and_runs_twice(tmp_path, monkeypatch):
+    """Made after the load (where an lr change goes), the norms were missing from the model its
+    second run loaded a checkpoint holding them into."""
+    from gradwatch.fix.names import read_names
+
+    names = read_names(RESUMES)
+    code = C.combine(C.norm("batch", names), C.lr_scale(0.1, names)).code.splitlines()
+    before = [line for line in code if "before any load_state_dict" in line]
+    after = [line for line in code if line not in before]
+    assert len(before) == 1 and "insert_norm" in before[0] and "state loaded" in after[0]
+    pasted = RESUMES.replace("#BEFORE THE LOAD", before[0]).replace("#AFTER THE LOAD", "\n".join(after))
+    monkeypatch.chdir(tmp_path)
+    for run in range(2):  # the second loads the first's checkpoint
+        exec(compile(pasted, "train.py", "exec"), {})
+    assert "0_bn.weight" in torch.load(tmp_path / "ckpt.pt")["net"]

@@ -106,3 +106,55 @@ def test_a_bad_optimizer_argument_is_refused_before_the_model_changes(kwargs, ma
     with pytest.raises(gw.GradwatchError, match=match):
         gw.modify.insert_norm(model, "batch", **{"optimizer": opt, **kwargs})
     assert len(model) == 5 and len(opt.param_groups[0]["params"]) == 6
+
+
+def _decay_split(model: nn.Module) -> list[dict]:
+    """The usual split: matrices decayed, vectors (biases, norms) not."""
+    named = list(model.named_parameters())
+    return [{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": 0.1},
+            {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def test_norms_join_the_group_of_their_layers_vectors_as_a_decay_split_built_after_gives_them():
+    given = _mlp()
+    opt = torch.optim.AdamW(_decay_split(given), lr=0.01)
+    given, _ = gw.modify.insert_norm(given, "batch", optimizer=opt)
+    held = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    built_after, _ = gw.modify.insert_norm(_mlp(), "batch")
+    reference = torch.optim.AdamW(_decay_split(built_after), lr=0.01)
+    decay_after = {n: g["weight_decay"] for n, p in built_after.named_parameters()
+                   for g in reference.param_groups if any(p is q for q in g["params"])}
+    assert {n: held[id(p)] for n, p in given.named_parameters()} == decay_after
+    _steps(given, opt)
+    _steps(built_after, reference)
+    a, b = given.state_dict(), built_after.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_layer_split_over_two_optimizers_gives_each_norm_parameter_to_one():
+    """Matrices in SGD, vectors in AdamW (as Muon and AdamW split them): a norm in both stepped twice."""
+    model = _mlp()
+    named = list(model.named_parameters())
+    matrices = torch.optim.SGD([p for _, p in named if p.dim() >= 2], lr=0.1)
+    vectors = torch.optim.AdamW([p for _, p in named if p.dim() < 2], lr=0.01)
+    model, _ = gw.modify.insert_norm(model, "batch", optimizer=[matrices, vectors])
+    norms = [p for n, p in model.named_parameters() if "_bn" in n]
+    holders = [[type(o).__name__ for o in (matrices, vectors) if any(p is q for g in o.param_groups for q in g["params"])]
+               for p in norms]
+    assert holders == [["AdamW"]] * 4
+
+
+def test_a_norm_given_to_an_lbfgs_that_has_stepped_starts_its_history_anew():
+    model = _mlp()
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=3)
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+
+    def closure():
+        opt.zero_grad()
+        loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    model, _ = gw.modify.insert_norm(model, "batch", optimizer=opt)
+    opt.step(closure)  # sized to the old flat vector, its history crashed this step
+    assert (model[1].weight != 1).any()

@@ -285,9 +285,13 @@ def _given(names: Names, call: str, what: str) -> str:
     if names.manual:
         return ""
     opts = [n.optimizer for n in names.each_optimizer()]
-    if len(opts) == 1:
-        return f"{call}, optimizer={opts[0]})  # once, {names.optimizer_ready}: {what}"
-    return f"{call}, optimizer=[{', '.join(opts)}])  # once, after {' and '.join(opts)} are built: {what}"
+    built, resumes = f"after {' and '.join(opts)} {'is' if len(opts) == 1 else 'are'} built", ""
+    if names.loads_weights or any(o in names.loaded for o in opts):  # a script that resumes from its checkpoint
+        # (made after the load, its second run loaded a checkpoint holding the norms into the model without them)
+        built += ", before any load_state_dict"
+        resumes = "; a checkpoint saved from now on holds the new layers, one saved before does not fit (train anew)"
+    given = f"optimizer={opts[0]}" if len(opts) == 1 else f"optimizer=[{', '.join(opts)}]"
+    return f"{call}, {given})  # once, {built}: {what}{resumes}"
 
 
 def orthogonal(names: Names = GENERIC) -> Candidate:

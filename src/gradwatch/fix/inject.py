@@ -130,7 +130,7 @@ class Injector:
         self.non_finite_losses = 0  # consecutive
         self._optimizers: dict[int, dict] = {}
         self._known: weakref.WeakSet = weakref.WeakSet()  # every optimizer built (params_added): the zero_grad spec clears them
-        self._stepped: weakref.WeakSet = weakref.WeakSet()  # every optimizer that stepped (`_state`)
+        self._built: list[weakref.ref] = []  # every optimizer built or stepping, in order (`_remember`)
         self._clear_next = False  # the zero_grad spec: clear them all before the next backward
         self._manual_clipper = None
         self._manual = False  # the script updates the weights itself (settled by _updated_by_hand)
@@ -187,8 +187,7 @@ class Injector:
             except ConfigError as exc:  # the remedy cannot apply to this model: the trial fails, not fix
                 raise RuntimeError(f"gradwatch fix: {exc}") from exc
             self._added = added_parameters(module, before)
-            for opt in self._stepped:  # a `step(closure)` runs the first forward inside the first step
-                self._give_added(opt)
+            self._give_added()  # (to those already built: a `step(closure)` runs the first forward inside the first step)
             self._handles.pop(0).remove()
             if void:
                 self._not_applied(void)
@@ -205,11 +204,14 @@ class Injector:
         state = self._optimizers.get(id(opt))
         if state is None:
             state = self._optimizers[id(opt)] = {}
-            self._stepped.add(opt)
-            self._give_added(opt)
+            self._remember(opt)
+            self._give_added()
             if self.spec.get("optimizer") == "Adam":  # one Adam group per group: each follows its own lr
                 state["adam"] = torch.optim.Adam([{"params": g["params"]} for g in opt.param_groups],
                                                  lr=self.spec.get("lr", 1e-3))
+                state["adam"]._gradwatch_inner = True  # (no optimizer of the script's: built here, not remembered)
+                self._built = [ref for ref in self._built if ref() is not state["adam"]]
+                self._known.discard(state["adam"])
                 state["base_lrs"] = [g.get("max_lr", g.get("initial_lr", g["lr"])) for g in opt.param_groups]
             if self.spec.get("clip"):
                 self._attach_clipper(state.get("adam", opt))
@@ -226,15 +228,22 @@ class Injector:
             warnings.simplefilter("ignore")
             self._late.append(remedies.clip.attach(opt, self._make_clipper()))
 
-    def _give_added(self, opt: torch.optim.Optimizer) -> None:
-        """Each parameter the remedy added to this optimizer (and to its Adam, in an Adam trial) if it
-        holds the parameters of the layer the parameter goes with, into that layer's group: where
-        the printed change puts it (`remedies._new_params.give_added`). Not to an optimizer that
-        merely steps first: a head-only optimizer then trained a frozen body's norms, a head's lr
-        0.1 drove a body's at 1e-3."""
-        for held in (opt, self._optimizers.get(id(opt), {}).get("adam")):
-            if held is not None:
-                give_added(held, self._added)
+    def _give_added(self) -> None:
+        """Each parameter the remedy added, into the group of an optimizer built so far that holds
+        the layer the parameter goes with (and of its Adam, in an Adam trial): where the printed
+        change puts it (`remedies._new_params.give_added`). Not to an optimizer that merely steps
+        first: a head-only optimizer then trained a frozen body's norms, a head's lr 0.1 drove a
+        body's at 1e-3."""
+        built = [opt for ref in self._built if (opt := ref()) is not None]
+        for o, g, p in give_added(built, self._added):
+            adam = self._optimizers.get(id(built[o]), {}).get("adam")
+            if adam is not None:
+                adam.param_groups[g]["params"].append(p)
+
+    def _remember(self, opt: torch.optim.Optimizer) -> None:
+        """`opt` among the optimizers built, in the order they were (`_give_added` reads them)."""
+        if not getattr(opt, "_gradwatch_inner", False) and all(ref() is not opt for ref in self._built):
+            self._built.append(weakref.ref(opt))
 
     def _make_clipper(self):
         clip = remedies.clip
@@ -445,6 +454,7 @@ class Injector:
     def params_added(self, optimizer: torch.optim.Optimizer) -> None:
         """An optimizer took parameters (patches.Listener): remedies act at its steps, not before;
         the zero_grad spec knows it, to clear it."""
+        self._remember(optimizer)
         if self.spec.get("zero_grad") and not getattr(optimizer, "_gradwatch_inner", False):
             self._known.add(optimizer)
 

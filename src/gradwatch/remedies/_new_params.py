@@ -55,19 +55,39 @@ def _layer_of(model: nn.Module, name: str, before: Before) -> list[int]:
     return [id(p) for p in model.parameters() if id(p) in before.kept]
 
 
-def give_added(optimizer: torch.optim.Optimizer, added: list[tuple[torch.Tensor, list[int]]]) -> list[torch.Tensor]:
-    """Each added parameter into the group of `optimizer` that holds its layer, if one does: where
-    an optimizer built after the change has it. Not to an optimizer that holds none of its layer (a
-    head-only optimizer would train a frozen body's norms); not as a group of its own (it would lack
-    the lr and the keys a scheduler keeps per group). Returns the parameters given."""
-    groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+def give_added(optimizers: list[torch.optim.Optimizer],
+               added: list[tuple[torch.Tensor, list[int]]]) -> list[tuple[int, int, torch.Tensor]]:
+    """Each added parameter into one group that holds its layer, where an optimizer built after the
+    change would have it: of a layer parameter with as many dimensions (a norm's weight and bias
+    with its layer's bias, where the usual split gives vectors no weight decay; a GRU's matrices with
+    the RNN's), else of the layer's first (the weight). One group of all `optimizers`: where the
+    layer's weights and biases are in two (Muon and AdamW), a norm stepped by both moved twice a
+    step, or crashed one. Not to an optimizer that holds none of its layer (a head-only optimizer
+    would train a frozen body's norms); not as a group of its own (it would lack the lr and the keys
+    a scheduler keeps per group); not one any of them holds already. Returns (optimizer index, group
+    index, parameter) for each one given."""
+    where = {id(q): (o, g, q) for o, opt in enumerate(optimizers)
+             for g, group in enumerate(opt.param_groups) for q in group["params"]}
     given = []
     for p, layer in added:
-        group = next((groups[i] for i in layer if i in groups), None)
-        if group is not None and id(p) not in groups:
-            group["params"].append(p)
-            given.append(p)
+        held = [(where[i][2].dim() != p.dim(), rank, *where[i][:2]) for rank, i in enumerate(layer) if i in where]
+        if held and id(p) not in where:
+            _, _, o, g = min(held)
+            optimizers[o].param_groups[g]["params"].append(p)
+            where[id(p)] = (o, g, p)
+            given.append((o, g, p))
+    for o in {o for o, _, _ in given}:
+        _forget_flat_history(optimizers[o])
     return given
+
+
+def _forget_flat_history(optimizer: torch.optim.Optimizer) -> None:
+    """An optimizer that keeps its parameters as one flat vector (LBFGS: `_numel_cache`, and a
+    history of directions that long) starts its history anew once they change: sized to the old
+    vector, it crashed at the next step."""
+    if hasattr(optimizer, "_numel_cache"):
+        optimizer._numel_cache = None
+        optimizer.state.clear()
 
 
 def drop(optimizer: torch.optim.Optimizer, gone: set[int]) -> int:
@@ -81,4 +101,6 @@ def drop(optimizer: torch.optim.Optimizer, gone: set[int]) -> int:
                 optimizer.state.pop(p, None)
                 dropped += 1
         g["params"][:] = [p for p in g["params"] if id(p) not in gone]
+    if dropped:
+        _forget_flat_history(optimizer)
     return dropped

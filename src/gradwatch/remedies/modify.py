@@ -173,7 +173,7 @@ def _give(model: nn.Module, before: Before, optimizers: list[torch.optim.Optimiz
     if not new:
         return ""
     added = added_parameters(model, before)
-    given = {id(p) for opt in optimizers for p in give_added(opt, added)}
+    given = give_added(optimizers, added)
     now = {id(p) for p in model.parameters()}
     dropped = sum(drop(opt, before.kept - now) for opt in optimizers)
     if len(given) == len(added):
