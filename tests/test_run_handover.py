@@ -19,6 +19,9 @@ from gradwatch.store import read_run
 
 # the statistics a sampled step's forward takes: none for a step whose forward ran before the watch was this thread's
 FORWARD_ONLY = {"act_mean", "act_std", "dead", "saturated", "grad_out_rms"}
+# ... and those from its backward on: none for a step whose backward was refused (read at its step, the
+# gradients would be what the script made of them since: clipped, a false drop)
+BACKWARD_ONLY = {"grad_norm", "grad_max", "nonfinite", "weight_norm", "update_ratio"}
 
 
 def net(hidden: int) -> nn.Sequential:
@@ -81,9 +84,9 @@ def teacher_while_busy(teacher: nn.Module, told: threading.Event, done: threadin
 
 
 def train(model: nn.Module, steps: int = 6, between: Callable[[int], None] = lambda i: None,
-          scaled: bool = False) -> list[float]:
+          scaled: bool = False, opt: torch.optim.Optimizer | None = None) -> list[float]:
     """`scaled`: under a GradScaler (its step unscales the gradients before the optimizer's)."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    opt = opt or torch.optim.SGD(model.parameters(), lr=0.05)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, enabled=scaled)
     g, losses = torch.Generator().manual_seed(1), []
     for i in range(steps):
@@ -111,10 +114,10 @@ def watched(run_dir, work: Callable[[], list[float]], beside: Callable[[], Calla
     return losses, read_run(run_dir)
 
 
-def assert_same_store(stored, alone, forward_missed: int) -> None:
+def assert_same_store(stored, alone, forward_missed: int, backward_missed: bool = False) -> None:
     """The same layers (names, forward order), steps, losses and statistics; the forward-only
     statistics of step `forward_missed` (whose forward ran before the watch was the training's; -1:
-    none) aside."""
+    none) aside, and its backward's too if `backward_missed`."""
     assert [(l.name, l.index) for l in stored.layers] == [(l.name, l.index) for l in alone.layers]
     np.testing.assert_array_equal(stored.steps, alone.steps)
     np.testing.assert_array_equal(stored.loss, alone.loss)
@@ -122,7 +125,7 @@ def assert_same_store(stored, alone, forward_missed: int) -> None:
     row = list(alone.steps).index(forward_missed) if forward_missed >= 0 else None
     for name, values in alone.metrics.items():
         ours = stored.metrics[name]
-        if name in FORWARD_ONLY and row is not None:
+        if (name in FORWARD_ONLY or backward_missed and name in BACKWARD_ONLY) and row is not None:
             assert np.isnan(ours[row]).all(), name
             ours, values = np.delete(ours, row, 0), np.delete(values, row, 0)
         np.testing.assert_allclose(ours, values, rtol=1e-6, err_msg=name)
@@ -152,7 +155,7 @@ def test_a_teacher_run_in_another_thread_before_the_training_leaves_no_trace(mon
     model.load_state_dict(start)
     assert losses == alone_losses == train(model, scaled=scaled)  # (and watching changed nothing)
     assert [l.name for l in stored.layers] == ["0", "1", "2"]
-    assert_same_store(stored, alone, forward_missed=0)
+    assert_same_store(stored, alone, forward_missed=0, backward_missed=at == "step")
     assert err.getvalue() == ""
     assert not teacher._forward_hooks and all(not p._post_accumulate_grad_hooks for p in teacher.parameters())
 
@@ -199,9 +202,11 @@ def test_a_thread_running_a_new_model_each_time_keeps_a_few(tmp_path):
     watch = auto.AutoWatch(str(tmp_path), warn=False)
     try:
         net(4)(torch.randn(2, 4))  # (this thread takes the watch)
-        thread = threading.Thread(target=lambda: [net(3)(torch.randn(2, 4)) for _ in range(3 * one_thread.KEPT)])
+        made = [net(3) for _ in range(3 * one_thread.KEPT)]  # (held: a dead one goes first)
+        thread = threading.Thread(target=lambda: [m(torch.randn(2, 4)) for m in made])
         thread.start(), thread.join()
-        assert len(watch._unfollowed[thread.ident].models) == one_thread.KEPT
+        kept = [ref() for ref in watch._unfollowed[thread.ident].models]
+        assert len(kept) == one_thread.KEPT and all(a is b for a, b in zip(kept, made[-one_thread.KEPT:]))
     finally:
         watch.detach()
 
@@ -270,3 +275,99 @@ def test_a_reference_net_run_before_a_pools_training_leaves_no_trace(monkeypatch
     assert losses == alone_losses
     assert [l.name for l in stored.layers] == ["0", "1", "2"]
     assert_same_store(stored, alone, forward_missed=-1)
+
+
+def _in_a_worker(work: Callable[[], list[float]]) -> Callable[[], list[float]]:
+    """`work` run in a thread the main thread joins."""
+    def run() -> list[float]:
+        out: list[float] = []
+        thread = threading.Thread(target=lambda: out.extend(work()), name="trainer")
+        thread.start()
+        thread.join()
+        return out
+    return run
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_check_of_teacher_and_student_before_the_workers_training_leaves_the_student_alone(tmp_path, shared):
+    """Main runs the teacher and the student once with gradients on (a first distillation loss), makes
+    the optimizer, and a worker trains the student: making an optimizer counted as training, and the
+    teacher's layers stayed (`teacher.0`...). `shared`: the two share a backbone, which ran in the
+    student: the teacher (its head never trained) stayed too, under the plain names."""
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(4, 8), nn.Tanh())
+    student = nn.Sequential(backbone if shared else nn.Sequential(nn.Linear(4, 8), nn.Tanh()), nn.Linear(8, 1))
+    teacher = nn.Sequential(backbone, nn.Linear(8, 1)) if shared else net(6)
+    start = copy.deepcopy(student.state_dict())
+
+    def work(check: bool) -> list[float]:
+        student.load_state_dict(start)
+        if check:
+            x = torch.randn(2, 4)
+            (student(x) - teacher(x)).pow(2).mean()
+        opt = torch.optim.SGD(student.parameters(), lr=0.05)
+        return _in_a_worker(lambda: train(student, opt=opt))()
+
+    losses, stored = watched(tmp_path / "checked", lambda: work(True))
+    alone_losses, alone = watched(tmp_path / "alone", lambda: work(False))
+    assert losses == alone_losses
+    assert_same_store(stored, alone, forward_missed=0)
+
+
+def test_a_thread_with_an_ended_threads_ident_takes_up_nothing_of_it(tmp_path):
+    """Main checks the model's shape (it takes the watch); a short thread runs the teacher (gradients
+    on) and ends; the worker that trains gets its ident: the teacher's forwards were taken for the
+    worker's, and the teacher found, its layers stored."""
+    torch.manual_seed(0)
+    teacher, model = net(6), net(8)
+    start = copy.deepcopy(model.state_dict())
+
+    def work(first: bool) -> list[float]:
+        model.load_state_dict(start)
+        model(torch.zeros(2, 4))
+        ident = None
+        if first:
+            evaluation = started(lambda: (teacher(torch.randn(8, 4)), teacher(torch.randn(8, 4))))
+            evaluation.join(10)
+            ident = evaluation.ident
+        opt, out = torch.optim.SGD(model.parameters(), lr=0.05), []
+        trainer = started(lambda: out.extend(train(model, opt=opt)), ident)
+        trainer.join(10)
+        return out
+
+    losses, stored = watched(tmp_path / "reused", lambda: work(True))
+    alone_losses, alone = watched(tmp_path / "alone", lambda: work(False))
+    assert losses == alone_losses and [l.name for l in stored.layers] == ["0", "1", "2"]
+    assert_same_store(stored, alone, forward_missed=-1)
+
+
+def test_an_ensemble_trained_in_a_worker_keeps_each_models_step_0_and_name(tmp_path):
+    """Twelve models trained in one worker after main ran one of them: more than the few an
+    unfollowed thread once kept (two lost step 0), each named by the loop's variable at its forward."""
+    torch.manual_seed(0)
+    models = [net(4) for _ in range(12)]
+    start = [copy.deepcopy(m.state_dict()) for m in models]
+
+    def work(check: bool) -> list[float]:
+        for m, s in zip(models, start):
+            m.load_state_dict(s)
+        if check:
+            models[0](torch.randn(2, 4))
+        opt = torch.optim.SGD([p for m in models for p in m.parameters()], lr=0.05)
+
+        def ensemble() -> list[float]:
+            g, losses = torch.Generator().manual_seed(1), []
+            for _ in range(3):
+                x = torch.randn(16, 4, generator=g)
+                loss = sum((m(x) - x.sum(1, keepdim=True)).pow(2).mean() for m in models)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+            return losses
+        return _in_a_worker(ensemble)()
+
+    losses, stored = watched(tmp_path / "checked", lambda: work(True))
+    alone_losses, alone = watched(tmp_path / "alone", lambda: work(False))
+    assert losses == alone_losses and len(stored.layers) == 36
+    assert_same_store(stored, alone, forward_missed=0)

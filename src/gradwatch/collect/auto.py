@@ -193,7 +193,9 @@ class AutoWatch(Watch):
             self._window.drop()
             self._cur, self._backward_since_step = None, False
             self._clear_grad_buffers()
-        did = self._unfollowed.pop(threading.get_ident(), None) or Unfollowed()
+        did = self._unfollowed.pop(threading.get_ident(), None)
+        if did is None or did.thread is not threading.current_thread():  # (an ended thread's, its ident reused)
+            did = Unfollowed()
         if untrained:
             self._forget_found(did.inside)
         self._found_here, self._layers_at_take = [], {id(layer) for layer in self._layers}
@@ -201,22 +203,22 @@ class AutoWatch(Watch):
             if (optimizer := ref()) is not None:
                 self.params_added(optimizer)
         if at != "forward":
-            self._find_ran(did.models)
+            self._find_ran(did)
         if at == "step" and did.root is not None:
             self._replay(did.root)
 
     def _replay(self, root: torch.Tensor) -> None:
         """The watch taken at this thread's step, its backward refused before (another thread had
-        it): that backward, recorded now from the gradients it left (the step's loss and gradient
-        norms; not its ∂L/∂output, gone with it). Not recorded, the step lost its loss and
-        gradients (NaN at step 0). A step fused into that backward, which runs on (an optimizer
-        stepping in its gradient hooks), has it begin here; its end ends it."""
+        it): that backward, recorded now, its loss (NaN at step 0 before). Not its gradients: read
+        at the step, they are what the script made of them since (clipped by clip_grad_norm_: a
+        false 10x drop), and their norms at the backward's end were not taken (the thread was not
+        followed), so they stay unmeasured, as its ∂L/∂output. A step fused into that backward,
+        which runs on (an optimizer stepping in its gradient hooks), has it begin here; its end
+        ends it."""
         self.before_backward(root)
         if torch._C._current_graph_task_id() != -1:
             return
-        for i, p in enumerate(self._params):
-            if p.grad is not None and i in self._grad_fns:
-                self._grad_fns[i](p)
+        self._grads_seen += sum(p.grad is not None for p in self._params)  # (it reached them: its loss is the step's)
         self.after_backward(root)
 
     def _forget_found(self, ran: weakref.WeakSet) -> None:
@@ -227,7 +229,7 @@ class AutoWatch(Watch):
         Not once stored (see flush), nor a model holding layers found before (a piece of it)."""
         def dropped(model: nn.Module) -> bool:
             inside = {id(m) for m in model.modules()}
-            return (any(model is m for m, _ in self._models) and not any(m in ran for m in model.modules())
+            return (any(model is m for m, _ in self._models) and model not in ran  # (a backbone it shares ran: kept)
                     and not any(id(l) in self._layers_at_take for l in self._layers if id(l.module) in inside))
         gone = [m for m in self._found_here if dropped(m)]
         self._cur = None  # (its forwards' statistics, not the training's)
@@ -236,14 +238,15 @@ class AutoWatch(Watch):
             self._prefixes -= {prefix for m, prefix in self._models if any(m is x for x in gone)}
             self._forget_models(gone)
 
-    def _find_ran(self, ran: list[weakref.ref]) -> None:
+    def _find_ran(self, did: Unfollowed) -> None:
         """The models this thread ran before it took the watch at its backward or step: their
         forwards, not followed, found none, and this step went unrecorded (its loss and gradients:
-        NaN at step 0). Found now; their layers are numbered by their next forward."""
-        for ref in ran:
+        NaN at step 0). Found now, each named as its script called it at that forward (at the
+        backward, a loop over an ensemble names the last); their layers are numbered by their next forward."""
+        for ref in did.models:
             model = ref()
             if model is not None and id(model) not in self._seen_modules:
-                self._discover(model)
+                self._discover(model, called=did.called.get(model))
                 self._unordered = self._step
 
     def before_backward(self, root: object) -> None:
@@ -278,7 +281,7 @@ class AutoWatch(Watch):
             return None
         if not self._one_thread(claim=torch.is_grad_enabled()):  # (without gradients: claims nothing)
             if torch.is_grad_enabled():  # (found if this thread takes the watch at its backward or step)
-                unfollowed(self._unfollowed).ran(module)
+                unfollowed(self._unfollowed).ran(module, lambda: caller_name(module))
             return None
         # a model run with gradients off trains nothing (a mean teacher's or EMA copy's forward, a
         # frozen feature extractor's, an evaluation before training): found first, it took the
@@ -299,7 +302,7 @@ class AutoWatch(Watch):
             return False
         return not (torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()))
 
-    def _discover(self, module: nn.Module) -> None:
+    def _discover(self, module: nn.Module, called: str | None = None) -> None:
         """A module run outside any watched one: a model to watch, unless it is torch's internals
         of one (a weight parametrization computed when the model is built: spectral_norm) or is
         not shaped yet (Lazy modules: found at a later step)."""
@@ -321,7 +324,7 @@ class AutoWatch(Watch):
             self._prefixes.discard(piece[1])
         # the first model's layers keep their own names; a later one's are prefixed by the name
         # the script calls it by (`D`, `cls_head`), else by its type
-        prefix = "" if not self._models or any(p == "" for _, p in pieces) else caller_name(module) or name
+        prefix = "" if not self._models or any(p == "" for _, p in pieces) else called or caller_name(module) or name
         # (a bare layer run as the first model is named by its type: the next one of that type is not)
         while prefix and (prefix in self._prefixes or any(l.name == prefix for l in self._layers)):
             prefix += "_"
@@ -454,7 +457,7 @@ class AutoWatch(Watch):
         for a model built after the first one trained), it trains a new model; made before (a GAN's
         second optimizer), it is the step optimizer's partner. Those of a watched model, frozen
         when it was found and unfrozen since, are its layers (Watch.params_added)."""
-        if not self._thread.mine(claim=False, takes=True):  # (made in a thread not followed: see one_thread)
+        if not self._thread.mine(claim=False, proves=False, takes=True):  # (made in a thread not followed: see one_thread)
             unfollowed(self._unfollowed).made(optimizer)  # (taken up if this thread takes the watch)
             return
         super().params_added(optimizer)

@@ -32,7 +32,7 @@ WAITS = {("threading", "join"), ("concurrent.futures._base", "result"),
          ("concurrent.futures.thread", "_worker")}  # (a pool's worker between jobs: none runs above it)
 JOB = ("concurrent.futures.thread", "run")  # a pool's job, run by its worker
 IDLE = {("threading", "wait"), ("queue", "get")}  # where a thread blocks waiting for work (an Event, a Queue)
-KEPT = 8  # models, and optimizers, kept per thread not followed: the latest (see `Unfollowed`)
+KEPT = 32  # models, and optimizers, kept per thread not followed: the latest (see `Unfollowed`)
 
 
 class TrainingThread:
@@ -244,22 +244,30 @@ class Unfollowed:
     weakly, the latest KEPT of each (a thread making a model per batch)."""
 
     def __init__(self) -> None:
+        self.thread = threading.current_thread()  # (its ident outlives it: a thread started later may have it)
         self.models: list[weakref.ref] = []
+        self.called: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the script's name for it there
         self.inside: weakref.WeakSet = weakref.WeakSet()  # the models' modules
         self.optimizers: list[weakref.ref] = []
         self.root: object | None = None
 
-    def ran(self, module) -> None:
+    def ran(self, module, called: Callable[[], str | None]) -> None:
         """`module` (an nn.Module) ran, with gradients on: a model, unless it is in one that ran
-        before or trains nothing."""
+        before or trains nothing; `called()`: the name the script calls it by there."""
         if module in self.inside or not any(p.requires_grad for p in module.parameters()):
             return
-        if len(self.models) >= KEPT:
-            self.models = _alive(self.models[1:])
+        self.models = _alive(self.models)
+        if len(self.models) >= KEPT:  # the oldest no optimizer of this thread's trains goes first (an ensemble's stay)
+            held = {id(p) for ref in self.optimizers if (opt := ref()) is not None
+                    for group in opt.param_groups for p in group["params"]}
+            untrained = [ref for ref in self.models if not any(id(p) in held for p in ref().parameters())]
+            self.models.remove((untrained or self.models)[0])
             self.inside = weakref.WeakSet(m for ref in self.models if (model := ref()) is not None
                                           for m in model.modules())
         self.models.append(weakref.ref(module))
         self.inside.update(module.modules())
+        if (name := called()) is not None:
+            self.called[module] = name
 
     def made(self, optimizer) -> None:
         """`optimizer` was made, or given a parameter group."""
@@ -270,7 +278,7 @@ class Unfollowed:
 def unfollowed(table: dict[int, Unfollowed]) -> Unfollowed:
     """This thread's entry in `table`, made if it has none (and those of threads that ended dropped)."""
     here = table.get(threading.get_ident())
-    if here is None:
+    if here is None or here.thread is not threading.current_thread():  # (an ended thread's, its ident reused)
         live = {t.ident for t in threading.enumerate()}
         for gone in [k for k in list(table) if k not in live]:
             table.pop(gone, None)
