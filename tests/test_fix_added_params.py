@@ -219,7 +219,8 @@ def test_the_printed_norm_change_names_the_module_the_trial_changed_and_trains_a
         assert torch.equal(a, b), n
 
 
-def _closure_training(spec: dict, pasted: bool) -> tuple[nn.Module, torch.optim.Optimizer]:
+def _closure_training(spec: dict, pasted: bool, make=lambda params: torch.optim.SGD(params, lr=0.1)
+                      ) -> tuple[nn.Module, torch.optim.Optimizer]:
     """A `step(closure)` loop (LBFGS, Lightning): the first forward, where a trial changes the model,
     runs inside the first step, after the optimizer was first seen."""
     from gradwatch.fix.inject import Injector
@@ -229,7 +230,7 @@ def _closure_training(spec: dict, pasted: bool) -> tuple[nn.Module, torch.optim.
     injector = Injector(spec, max_steps=None)
     injector.install_late()
     try:
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        opt = make(model.parameters())
         if pasted:
             model, _ = gw.modify.insert_norm(model, "batch", optimizer=opt)
         for i in range(4):
@@ -246,9 +247,13 @@ def _closure_training(spec: dict, pasted: bool) -> tuple[nn.Module, torch.optim.
     return model, opt
 
 
-def test_a_closure_steps_first_norms_join_the_optimizer_as_pasted():
-    trial, trial_opt = _closure_training(norm("batch").spec, pasted=False)
-    pasted, _ = _closure_training({}, pasted=True)
+@pytest.mark.parametrize("make", [lambda params: torch.optim.SGD(params, lr=0.1),
+                                  lambda params: torch.optim.LBFGS(params, lr=0.1, max_iter=3)], ids=["SGD", "LBFGS"])
+def test_a_closure_steps_first_norms_join_the_optimizer_as_pasted(make):
+    """LBFGS: its flat history is started anew in the dict its step holds (a new dict started it over
+    at every step)."""
+    trial, trial_opt = _closure_training(norm("batch").spec, pasted=False, make=make)
+    pasted, _ = _closure_training({}, pasted=True, make=make)
     assert id(trial[1].weight) in _held(trial_opt) and not torch.equal(trial[1].weight, torch.ones(8))
     for (name, a), (_, b) in zip(trial.named_parameters(), pasted.named_parameters()):
         assert torch.equal(a, b), name

@@ -158,3 +158,44 @@ def test_a_norm_given_to_an_lbfgs_that_has_stepped_starts_its_history_anew():
     model, _ = gw.modify.insert_norm(model, "batch", optimizer=opt)
     opt.step(closure)  # sized to the old flat vector, its history crashed this step
     assert (model[1].weight != 1).any()
+
+
+def _bias_free() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8, bias=False), nn.Tanh(), nn.Linear(8, 8, bias=False), nn.Tanh(), nn.Linear(8, 1))
+
+
+def _holders(model: nn.Module, *opts: torch.optim.Optimizer) -> dict[str, list[tuple[int, int]]]:
+    """Each norm parameter's (optimizer, group) places."""
+    return {n: [(o, g) for o, opt in enumerate(opts) for g, group in enumerate(opt.param_groups)
+                if any(p is q for q in group["params"])] for n, p in model.named_parameters() if "_bn" in n}
+
+
+def test_norms_after_layers_without_bias_join_the_group_of_their_kind():
+    """No layer vector to go with: the decay split's no-decay group (which an optimizer built after
+    the change puts them in), not the weight's."""
+    model = _bias_free()
+    opt = torch.optim.AdamW(_decay_split(model), lr=0.01)
+    model, _ = gw.modify.insert_norm(model, "batch", optimizer=opt)
+    assert set(map(tuple, _holders(model, opt).values())) == {((0, 1),)}
+
+
+def test_norms_of_a_bias_free_layer_muon_holds_go_to_the_optimizer_of_the_models_vectors():
+    """Matrices in one optimizer (Muon takes 2-D parameters only), the model's vectors in another."""
+    model = _bias_free()
+    named = list(model.named_parameters())
+    matrices = torch.optim.SGD([p for _, p in named if p.dim() >= 2], lr=0.1)
+    vectors = torch.optim.AdamW([p for _, p in named if p.dim() < 2], lr=0.01)
+    model, _ = gw.modify.insert_norm(model, "batch", optimizer=[matrices, vectors])
+    assert set(map(tuple, _holders(model, matrices, vectors).values())) == {((1, 0),)}
+
+
+def test_a_layer_two_optimizers_hold_whole_gives_its_norm_to_both():
+    """A fine-tuning's optimizer of the whole model beside a head's, both built first: each trains
+    the layer, and one built after the change on the same modules would hold its norm."""
+    model = _mlp()
+    whole = torch.optim.SGD(model.parameters(), lr=0.1)
+    head = torch.optim.SGD(list(model[2].parameters()) + list(model[4].parameters()), lr=0.1)
+    model, _ = gw.modify.insert_norm(model, "batch", optimizer=[whole, head])
+    places = _holders(model, whole, head)
+    assert places["0_bn.weight"] == [(0, 0)] and places["2_bn.weight"] == [(0, 0), (1, 0)]

@@ -123,6 +123,7 @@ class Injector:
         self.model: nn.Module | None = None
         # the parameters the remedy added (norm layers, a GRU), each with its layer's parameter ids
         self._added: list[tuple[torch.Tensor, list[int]]] = []
+        self._kept: set[int] = set()  # the model's parameter ids before the change (`give_added`)
         self.steps = 0
         self._lead: weakref.ref | None = None  # the optimizer whose steps are the budget's (see _count_step)
         self._last: weakref.ref | None = None  # the optimizer that stepped last
@@ -186,7 +187,7 @@ class Injector:
                     void = apply_to_model(module, self.spec, args or None)
             except ConfigError as exc:  # the remedy cannot apply to this model: the trial fails, not fix
                 raise RuntimeError(f"gradwatch fix: {exc}") from exc
-            self._added = added_parameters(module, before)
+            self._added, self._kept = added_parameters(module, before), before.kept
             self._give_added()  # (to those already built: a `step(closure)` runs the first forward inside the first step)
             self._handles.pop(0).remove()
             if void:
@@ -235,7 +236,7 @@ class Injector:
         first: a head-only optimizer then trained a frozen body's norms, a head's lr 0.1 drove a
         body's at 1e-3."""
         built = [opt for ref in self._built if (opt := ref()) is not None]
-        for o, g, p in give_added(built, self._added):
+        for o, g, p in give_added(built, self._added, self._kept):
             adam = self._optimizers.get(id(built[o]), {}).get("adam")
             if adam is not None:
                 adam.param_groups[g]["params"].append(p)

@@ -55,39 +55,90 @@ def _layer_of(model: nn.Module, name: str, before: Before) -> list[int]:
     return [id(p) for p in model.parameters() if id(p) in before.kept]
 
 
-def give_added(optimizers: list[torch.optim.Optimizer],
-               added: list[tuple[torch.Tensor, list[int]]]) -> list[tuple[int, int, torch.Tensor]]:
-    """Each added parameter into one group that holds its layer, where an optimizer built after the
-    change would have it: of a layer parameter with as many dimensions (a norm's weight and bias
-    with its layer's bias, where the usual split gives vectors no weight decay; a GRU's matrices with
-    the RNN's), else of the layer's first (the weight). One group of all `optimizers`: where the
-    layer's weights and biases are in two (Muon and AdamW), a norm stepped by both moved twice a
-    step, or crashed one. Not to an optimizer that holds none of its layer (a head-only optimizer
-    would train a frozen body's norms); not as a group of its own (it would lack the lr and the keys
-    a scheduler keeps per group); not one any of them holds already. Returns (optimizer index, group
-    index, parameter) for each one given."""
-    where = {id(q): (o, g, q) for o, opt in enumerate(optimizers)
-             for g, group in enumerate(opt.param_groups) for q in group["params"]}
+def give_added(optimizers: list[torch.optim.Optimizer], added: list[tuple[torch.Tensor, list[int]]],
+               model: set[int] = frozenset()) -> list[tuple[int, int, torch.Tensor]]:
+    """Each added parameter where an optimizer built after the change would have it: in every
+    optimizer that holds its whole layer (a fine-tuning's optimizer of the whole model beside a
+    head's), or, the layer split over several (matrices in Muon or SGD, vectors in AdamW), in the one
+    that holds its kind (as many dimensions: a norm's vectors, a GRU's matrices); in the group of a
+    layer parameter of its kind, else of any parameter of its kind (the usual split's no-decay group,
+    for a norm after a Linear without bias), else of the layer's first. Where no optimizer holding
+    the layer holds its kind (Muon alone holds a bias-free layer), in one of `model`'s (its
+    parameter ids) that does. Not to an optimizer that holds none of the model's layer (a head-only
+    optimizer would train a frozen body's norms); not as a group of its own (it would lack the lr
+    and the keys a scheduler keeps per group); not one any of them holds already. Returns
+    (optimizer index, group index, parameter) for each one given."""
+    held: dict[int, list[tuple[int, int]]] = {}  # parameter id -> (optimizer, group) holding it
+    for o, opt in enumerate(optimizers):
+        for g, group in enumerate(opt.param_groups):
+            for q in group["params"]:
+                held.setdefault(id(q), []).append((o, g))
     given = []
     for p, layer in added:
-        held = [(where[i][2].dim() != p.dim(), rank, *where[i][:2]) for rank, i in enumerate(layer) if i in where]
-        if held and id(p) not in where:
-            _, _, o, g = min(held)
+        if id(p) in held:
+            continue
+        layer_in = {}  # optimizer -> the layer's ids it holds, in layer order
+        for i in layer:
+            for o, _ in held.get(i, []):
+                layer_in.setdefault(o, []).append(i)
+        if not layer_in:
+            continue
+        kinds = [o for o in layer_in if _group_of_kind(optimizers[o], p) is not None]
+        everywhere = {i for ids in layer_in.values() for i in ids}
+        whole = [o for o in layer_in if set(layer_in[o]) == everywhere]
+        if whole:  # each that trains the whole layer; of them, those that hold its kind
+            targets = [o for o in whole if o in kinds] or whole
+        else:  # the layer split: the one that holds its kind
+            targets = sorted(layer_in, key=lambda o: (o not in kinds, o))[:1]
+        if not any(o in kinds for o in targets):
+            others = [o for o, opt in enumerate(optimizers) if o not in layer_in and _group_of_kind(opt, p) is not None
+                      and any(id(q) in model for group in opt.param_groups for q in group["params"])]
+            targets = others[:1] or targets
+        for o in sorted(set(targets)):
+            g = _group(optimizers[o], p, layer_in.get(o, []), held)
             optimizers[o].param_groups[g]["params"].append(p)
-            where[id(p)] = (o, g, p)
+            held.setdefault(id(p), []).append((o, g))
             given.append((o, g, p))
     for o in {o for o, _, _ in given}:
         _forget_flat_history(optimizers[o])
     return given
 
 
+def _group(optimizer: torch.optim.Optimizer, p: torch.Tensor, layer: list[int],
+           held: dict[int, list[tuple[int, int]]]) -> int:
+    """The group of `optimizer` (its index) for `p`: that of a `layer` parameter of its kind, else
+    of any parameter of its kind, else of the layer's first."""
+    params = {id(q): (g, q) for g, group in enumerate(optimizer.param_groups) for q in group["params"]}
+    same = [params[i][0] for i in layer if i in params and params[i][1].dim() == p.dim()]
+    if same:
+        return same[0]
+    if (kind := _group_of_kind(optimizer, p)) is not None:
+        return kind
+    return params[layer[0]][0] if layer and layer[0] in params else 0
+
+
+def _group_of_kind(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> int | None:
+    """The first group of `optimizer` holding a parameter with as many dimensions as `p`."""
+    return next((g for g, group in enumerate(optimizer.param_groups) if any(q.dim() == p.dim() for q in group["params"])),
+                None)
+
+
 def _forget_flat_history(optimizer: torch.optim.Optimizer) -> None:
     """An optimizer that keeps its parameters as one flat vector (LBFGS: `_numel_cache`, and a
     history of directions that long) starts its history anew once they change: sized to the old
-    vector, it crashed at the next step."""
+    vector, it crashed at the next step. Its state's dicts are kept, emptied of the history: given
+    inside its own step(closure) (a trial's change at the first forward), LBFGS writes on into the
+    dict it holds, and a new one started it over at every step."""
     if hasattr(optimizer, "_numel_cache"):
         optimizer._numel_cache = None
-        optimizer.state.clear()
+        for state in optimizer.state.values():
+            for key in FLAT_HISTORY:
+                state.pop(key, None)
+            if "n_iter" in state:
+                state["n_iter"] = 0  # (its next iteration is a first one: no direction, no memory)
+
+
+FLAT_HISTORY = ("d", "t", "old_dirs", "old_stps", "ro", "H_diag", "prev_flat_grad", "prev_loss", "al")
 
 
 def drop(optimizer: torch.optim.Optimizer, gone: set[int]) -> int:

@@ -173,14 +173,14 @@ def _give(model: nn.Module, before: Before, optimizers: list[torch.optim.Optimiz
     if not new:
         return ""
     added = added_parameters(model, before)
-    given = give_added(optimizers, added)
+    given = len({id(p) for _, _, p in give_added(optimizers, added, before.kept)})
     now = {id(p) for p in model.parameters()}
     dropped = sum(drop(opt, before.kept - now) for opt in optimizers)
-    if len(given) == len(added):
+    if given == len(added):
         note = f"; its {len(added)} new parameter(s) joined the optimizer, each in its layer's group"
     else:  # a frozen body's norms: an optimizer built after the change on the same layers lacks them too
-        note = (f"; {len(given)} of its {len(added)} new parameter(s) joined the optimizer, each in its layer's "
-                f"group; the other {len(added) - len(given)} go with layers no optimizer given trains, "
+        note = (f"; {given} of its {len(added)} new parameter(s) joined the optimizer, each in its layer's "
+                f"group; the other {len(added) - given} go with layers no optimizer given trains, "
                 "and stay untrained")
     return note + (f"; {dropped} parameter(s) of the replaced module left it" if dropped else "")
 
