@@ -43,10 +43,11 @@ def script(folder: Path, first: str) -> Path:
     return path
 
 
-def watched(path: Path, run_dir: Path) -> subprocess.CompletedProcess:
-    """`path` run as `gradwatch run` runs it (its environment: the start-up hook on PYTHONPATH)."""
+def watched(path: Path, run_dir: Path, status: bool = False) -> subprocess.CompletedProcess:
+    """`path` run as `gradwatch run` runs it (its environment: the start-up hook on PYTHONPATH;
+    `status`: with --status)."""
     run_dir.mkdir()
-    env = dict(runner.child_env(run_dir, {}), OMP_NUM_THREADS="1")
+    env = dict(runner.child_env(run_dir, {"status": 1} if status else {}), OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, str(path)], env=env, capture_output=True, text=True, timeout=60)
 
 
@@ -103,7 +104,8 @@ def test_a_fix_trial_applies_its_remedy_to_a_script_importing_gradwatch_fix_firs
     assert not np.array_equal(run.loss, baseline.loss[:BUDGET])
 
 
-def test_only_the_imports_the_watchs_start_needs_delay_it(tmp_path):
+@pytest.mark.parametrize("status", [False, True], ids=["plain", "status line"])
+def test_only_the_imports_the_watchs_start_needs_delay_it(tmp_path, status):
     """The start-up hook counts the imports of the gradwatch modules `_start` imports, not others:
     one of those run in a thread (the Lightning integration imports lightning for seconds) held the
     watch back while the main thread trained. Every gradwatch module a started watch holds is one
@@ -113,7 +115,7 @@ def test_only_the_imports_the_watchs_start_needs_delay_it(tmp_path):
                     "print(sorted(m for m in sys.modules if m.split('.')[0] == 'gradwatch'))\n"
                     "spec = importlib.util.find_spec('gradwatch.fix.inject')\n"
                     "print(spec == importlib.util.find_spec('gradwatch.fix.inject'), len(pickle.dumps(spec.loader)) > 0)\n")
-    result = watched(path, tmp_path / "r")
+    result = watched(path, tmp_path / "r", status=status)
     assert result.returncode == 0, result.stderr
     modules, loaders = result.stdout.strip().splitlines()
     source = ast.parse((Path(runner.__file__).parent / "_bootstrap" / "sitecustomize.py").read_text())

@@ -48,7 +48,10 @@ def _watch_when_torch_imports():
 # The gradwatch modules the watch's start imports (`_start`): only their imports delay it. One of
 # the others run in a thread meanwhile (the Lightning integration, which imports lightning for
 # seconds) held the watch back while the main thread trained, its first steps lost.
-STARTS = ("gradwatch", "gradwatch.runner", "gradwatch.errors", "gradwatch.say")
+STARTS = ("gradwatch", "gradwatch.runner", "gradwatch.errors", "gradwatch.say",
+          # (`--status`: the watch's status line; one imported in a thread, the start met it half-run)
+          "gradwatch.integrations", "gradwatch.integrations._rows", "gradwatch.integrations.terminal",
+          "gradwatch.integrations.tensorboard")
 STARTS_PACKAGES = ("gradwatch.collect", "gradwatch.fix", "gradwatch.remedies", "gradwatch.diagnose", "gradwatch.store")
 
 

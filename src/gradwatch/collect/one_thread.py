@@ -260,7 +260,8 @@ class Unfollowed:
         if len(self.models) >= KEPT:  # the oldest no optimizer of this thread's trains goes first (an ensemble's stay)
             held = {id(p) for ref in self.optimizers if (opt := ref()) is not None
                     for group in opt.param_groups for p in group["params"]}
-            untrained = [ref for ref in self.models if not any(id(p) in held for p in ref().parameters())]
+            untrained = [ref for ref in self.models
+                         if (model := ref()) is None or not any(id(p) in held for p in model.parameters())]
             self.models.remove((untrained or self.models)[0])
             self.inside = weakref.WeakSet(m for ref in self.models if (model := ref()) is not None
                                           for m in model.modules())
