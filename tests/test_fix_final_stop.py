@@ -80,7 +80,7 @@ def run_second(monkeypatch, tmp_path, second_loss: float, can_pause: bool = True
 def test_a_second_final_behind_halfway_stops_there_and_ranks_last(monkeypatch, tmp_path):
     result, second, ran, ended = run_second(monkeypatch, tmp_path, second_loss=0.9)
     assert ran == [("screen-2", "clip norm 1", 40, True)]  # run on from its screening's pause, to 40 only
-    assert second.behind and second.steps == 40 and ended == [second]
+    assert second.stopped and second.steps == 40 and ended == [second]
     assert result.cost_steps == 80 + 20 + 80 + 20  # baseline, screening, lead; 20 steps of the second
     assert result.ranked[0].candidate == lr_scale(0.1)
 
@@ -88,16 +88,16 @@ def test_a_second_final_behind_halfway_stops_there_and_ranks_last(monkeypatch, t
 def test_a_second_final_level_halfway_runs_on_from_there(monkeypatch, tmp_path):
     result, second, ran, ended = run_second(monkeypatch, tmp_path, second_loss=0.4)
     assert [r[2:] for r in ran] == [(40, True), (80, True)] and not ended
-    assert not second.behind and second.steps == 80 and second.resumed_from == 20
+    assert not second.stopped and second.steps == 80 and second.resumed_from == 20
     assert result.cost_steps == 80 + 20 + 80 + 60  # each of the second's steps paid for once
 
 
 def test_a_second_final_that_cannot_pause_halfway_runs_again_in_full_unless_behind(monkeypatch, tmp_path):
     result, second, ran, ended = run_second(monkeypatch, tmp_path, second_loss=0.4, can_pause=False)
     assert [r[0] for r in ran] == ["screen-2", "screen-2-again"] and ran[1][2:] == (80, False)
-    assert second.steps == 80 and not second.behind and result.spent == 20
+    assert second.steps == 80 and not second.stopped and result.spent == 20
     result, second, ran, ended = run_second(monkeypatch, tmp_path, second_loss=0.9, can_pause=False)
-    assert len(ran) == 1 and second.behind and second.steps == 40 and result.spent == 0
+    assert len(ran) == 1 and second.stopped and second.steps == 40 and result.spent == 0
 
 
 def test_a_ctrl_c_while_reading_the_first_final_ends_the_paused_second(monkeypatch, tmp_path):
@@ -112,3 +112,22 @@ def test_a_ctrl_c_while_reading_the_first_final_ends_the_paused_second(monkeypat
     with pytest.raises(KeyboardInterrupt):
         fix_module._unless_behind(trial, ended.append, result, "trial-2", clip_norm(1.0), 40, lead, lambda m: None)
     assert len(ended) == 1 and ended[0].steps == 40
+
+
+def test_a_screening_trial_in_the_worse_half_taken_as_a_final_is_not_said_stopped(tmp_path):
+    """One that ended before the rung (its loss stayed non-finite) is its own final: it did not stop
+    halfway behind the first final, and the table does not say so."""
+    from rich.console import Console
+
+    from gradwatch.cli.fix_cmd import print_result
+
+    base = Trial(BASELINE, tmp_path, 0, 1.0, steps=80, final_loss=2.0, first_loss=2.0)
+    ended = Trial(clip_norm(1.0), tmp_path, 0, 1.0, steps=7, final_loss=float("inf"), first_loss=2.0, behind=True)
+    stopped = Trial(lr_scale(0.1), tmp_path, 0, 1.0, steps=40, final_loss=0.9, first_loss=2.0, stopped=True)
+    lead = Trial(lr_scale(0.5), tmp_path, 0, 1.0, steps=80, final_loss=1.2, first_loss=2.0)
+    result = fix_module.FixResult(base, [stopped, ended, lead], budget_steps=80)
+    assert result.ranked == [lead, ended, stopped]
+    console = Console(record=True, width=200)
+    print_result(result, console)
+    text = console.export_text()
+    assert "0.9 at 40 (stopped: behind)" in text and text.count("stopped") == 1

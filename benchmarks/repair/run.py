@@ -148,7 +148,7 @@ def run_scenario(s: harness.Scenario, budget: int, out: Path, refresh: bool) -> 
              timeout=TRIAL_TIMEOUT)
     base = gw.baseline
     # (a final fix stopped halfway, behind, is no full trial: the other strategies run theirs)
-    cache: dict[str, Trial] = {json.dumps(t.candidate.spec, sort_keys=True): t for t in gw.trials if not t.behind}
+    cache: dict[str, Trial] = {json.dumps(t.candidate.spec, sort_keys=True): t for t in gw.trials if not t.stopped}
 
     def trial(c: Candidate) -> Trial:
         key = json.dumps(c.spec, sort_keys=True)

@@ -93,7 +93,7 @@ def print_result(result: FixResult, console: Console) -> None:
         table.add_column(col)
     base = result.baseline.final_loss
     for t in [result.baseline, *result.ranked]:
-        table.add_row(t.candidate.name, _left(t), f"{t.final_loss:.4g}" + (f" at {t.steps} (stopped: behind)" if t.behind else ""),
+        table.add_row(t.candidate.name, _left(t), f"{t.final_loss:.4g}" + (f" at {t.steps} (stopped: behind)" if t.stopped else ""),
                       "" if t is result.baseline else _versus(base, t.final_loss))
     console.print(table)
     winner = result.winner

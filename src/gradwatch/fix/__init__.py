@@ -83,7 +83,7 @@ class FixResult:
     @property
     def ranked(self) -> list[Trial]:
         """Best first; a final stopped halfway, behind the first (`_unless_behind`), after those run in full."""
-        return sorted(self.trials, key=lambda t: (t.behind, t.score))
+        return sorted(self.trials, key=lambda t: (t.stopped, t.score))
 
     @property
     def winner(self) -> Trial | None:
@@ -128,7 +128,7 @@ class FixResult:
                     "final_error": t.final_error if np.isfinite(t.final_error) else None, "harmful": t.harmful,
                     "not_counted": sorted({f.kind for f in t.frozen_only}),  # only in layers no optimizer trains
                     "works": t.works, "failed": t.failed, "exit_code": t.exit_code, "not_applied": t.not_applied,
-                    "resumed_from": t.resumed_from, "behind": t.behind}
+                    "resumed_from": t.resumed_from, "stopped_behind": t.stopped}
         winner = self.winner
         data = {"baseline": row(self.baseline), "screened": [row(t) for t in self.screened],
                 "trials": [row(t) for t in self.trials], "winner": winner.candidate.name if winner else None,
@@ -579,7 +579,7 @@ def _unless_behind(trial: Callable[..., Trial], end: Callable[[Trial], None], re
         end(first)
         raise
     if behind:
-        first.behind = True
+        first.stopped = True
         end(first)
         say(f"gradwatch fix: {cand.name}: stopped at step {first.steps}, its loss {first.final_loss:.4g} above "
             f"{lead.candidate.name}'s there beyond the noise")

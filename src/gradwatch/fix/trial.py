@@ -50,6 +50,7 @@ class Trial:
     cut: bool = False  # the budget ended it, not the script: it had more to run
     resumed_from: int = 0  # the steps it ran as a screening trial, paused, before it was run on (go_on)
     behind: bool = False  # ended at the screening's first rung, in the worse half: ranked after the better half
+    stopped: bool = False  # a final stopped halfway, behind the first final there (fix's `_unless_behind`)
     process: "Process | None" = field(default=None, repr=False, compare=False)  # paused: its process, waiting
 
     @property
