@@ -257,3 +257,47 @@ def test_a_closure_steps_first_norms_join_the_optimizer_as_pasted(make):
     assert id(trial[1].weight) in _held(trial_opt) and not torch.equal(trial[1].weight, torch.ones(8))
     for (name, a), (_, b) in zip(trial.named_parameters(), pasted.named_parameters()):
         assert torch.equal(a, b), name
+
+
+class _Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.RNN(3, 6, batch_first=True)  # (first: LBFGS keeps its state under the first parameter)
+        self.head = nn.Linear(6, 1)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+def test_an_rnn_replaced_inside_an_lbfgs_step_leaves_it_as_the_pasted_change_does():
+    """The trial's GRU comes at the first forward, inside LBFGS's first step(closure): the RNN's
+    parameters leave its flat vector, and its state moves to the new first parameter (kept, they
+    changed its sums; its state dropped, its history restarted at every step)."""
+    from gradwatch.fix.inject import Injector
+
+    def train(spec: dict, pasted: bool) -> nn.Module:
+        torch.manual_seed(0)
+        model = _Recurrent()
+        injector = Injector(spec, max_steps=None)
+        injector.install_late()
+        try:
+            opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=3)
+            if pasted:
+                model, _ = gw.modify.replace_rnn(model, optimizer=opt)
+            for i in range(4):
+                x = torch.randn(8, 5, 3, generator=torch.Generator().manual_seed(i))
+
+                def closure():
+                    opt.zero_grad()
+                    loss = (model(x) - x.sum((1, 2))[:, None]).pow(2).mean()
+                    loss.backward()
+                    return loss
+                opt.step(closure)
+        finally:
+            injector.remove()
+        return model
+
+    trial, pasted = train(gru().spec, False), train({}, True)
+    assert isinstance(trial.rnn, nn.GRU)
+    for (name, a), (_, b) in zip(trial.named_parameters(), pasted.named_parameters()):
+        assert torch.equal(a, b), name

@@ -187,3 +187,21 @@ def test_a_script_that_resumes_gets_its_new_layers_before_the_load_and_runs_twic
     for run in range(2):  # the second loads the first's checkpoint
         exec(compile(pasted, "train.py", "exec"), {})
     assert "0_bn.weight" in torch.load(tmp_path / "ckpt.pt")["net"]
+
+
+@pytest.mark.parametrize("groups", [
+    '[{"params": m.parameters(), "lr": 0.1 / (i + 1)} for i, m in enumerate(model) if isinstance(m, nn.Linear)]',
+    '[{"params": layer.parameters()} for layer in model.children()]',
+])
+def test_an_optimizer_built_from_a_comprehension_over_the_model_names_the_model(groups):
+    """Per-layer groups built by a comprehension: its variable (`m`) was read as the model, and the
+    printed change (`m, _ = gw.modify.insert_norm(m, ...)`) raised a NameError pasted."""
+    from gradwatch.fix.names import read_names
+
+    source = ("import torch\nfrom torch import nn\nmodel = nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 1))\n"
+              f"optimizer = torch.optim.SGD({groups}, lr=0.1)\n"
+              "for step in range(3):\n    optimizer.zero_grad()\n    model(torch.randn(2, 4)).sum().backward()\n"
+              "    optimizer.step()\n")
+    names = read_names(source)
+    assert names.changed == "model"
+    assert C.combine(C.norm("batch", names), C.clip_norm(1.0, names)).code.startswith("model, _ = gw.modify.insert_norm(model")

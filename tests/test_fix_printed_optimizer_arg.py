@@ -180,14 +180,44 @@ def test_norms_after_layers_without_bias_join_the_group_of_their_kind():
     assert set(map(tuple, _holders(model, opt).values())) == {((0, 1),)}
 
 
-def test_norms_of_a_bias_free_layer_muon_holds_go_to_the_optimizer_of_the_models_vectors():
-    """Matrices in one optimizer (Muon takes 2-D parameters only), the model's vectors in another."""
+class Muon(torch.optim.SGD):
+    """A stand-in of that name: Muon steps matrices only (torch's raised on a vector)."""
+
+
+@pytest.mark.parametrize("matrices_by, to", [(Muon, 1), (torch.optim.SGD, 0)], ids=["Muon", "SGD"])
+def test_norms_of_a_bias_free_layer_go_to_its_optimizer_unless_muon_holds_it(matrices_by, to):
+    """Matrices in one optimizer, the model's vectors in another: Muon's layer's norms go to the
+    other (it takes 2-D parameters only); any other's stay with it (a body's optimizer beside a
+    head's: the head's lr drove the body's norms)."""
     model = _bias_free()
     named = list(model.named_parameters())
-    matrices = torch.optim.SGD([p for _, p in named if p.dim() >= 2], lr=0.1)
+    matrices = matrices_by([p for _, p in named if p.dim() >= 2], lr=0.1)
     vectors = torch.optim.AdamW([p for _, p in named if p.dim() < 2], lr=0.01)
     model, _ = gw.modify.insert_norm(model, "batch", optimizer=[matrices, vectors])
-    assert set(map(tuple, _holders(model, matrices, vectors).values())) == {((1, 0),)}
+    assert set(map(tuple, _holders(model, matrices, vectors).values())) == {((to, 0),)}
+
+
+def test_a_bias_free_layers_norm_joins_its_own_group_of_per_layer_lrs():
+    """Its group holds that layer only: the norm's lr is the layer's, not that of another layer's
+    group holding vectors."""
+    model = _bias_free()
+    layers = [["0.weight"], ["2.weight"], ["4.weight", "4.bias"]]
+    opt = torch.optim.SGD(_groups(model, layers, [0.001, 0.01, 0.1]), lr=0.1)
+    model, _ = gw.modify.insert_norm(model, "batch", optimizer=opt)
+    places = _holders(model, opt)
+    assert places["0_bn.weight"] == [(0, 0)] and places["2_bn.bias"] == [(0, 1)]
+
+
+def test_a_gru_split_over_muon_and_adamw_puts_its_matrices_in_muon():
+    """AdamW, holding the head's matrix too, came first: the GRU's matrices went there."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"rnn": nn.RNN(4, 8), "head": nn.Linear(8, 1)})
+    named = dict(model.named_parameters())
+    vectors = torch.optim.AdamW([p for n, p in named.items() if p.dim() < 2 or n.startswith("head")], lr=0.01)
+    matrices = Muon([p for n, p in named.items() if p.dim() >= 2 and n.startswith("rnn")], lr=0.1)
+    model, _ = gw.modify.replace_rnn(model, optimizer=[vectors, matrices])
+    in_muon = {id(p) for g in matrices.param_groups for p in g["params"]}
+    assert {n for n, p in model.named_parameters() if id(p) in in_muon} == {"rnn.weight_ih_l0", "rnn.weight_hh_l0"}
 
 
 def test_a_layer_two_optimizers_hold_whole_gives_its_norm_to_both():

@@ -35,7 +35,7 @@ from gradwatch.errors import ConfigError
 from gradwatch.fix.locate import ENV_LOCATE_AT, NonFiniteLocator
 from gradwatch.fix.pause import child_channel, wait_for_more
 import gradwatch.remedies as remedies  # (not `from ... import`: see _bootstrap, a user's import of it may be under way)
-from gradwatch.remedies._new_params import added_parameters, before_change, give_added
+from gradwatch.remedies._new_params import added_parameters, before_change, drop, give_added
 from gradwatch.runner import ENV_RUN_DIR, is_the_command
 
 ENV_REMEDY = "GRADWATCH_REMEDY"
@@ -124,6 +124,7 @@ class Injector:
         # the parameters the remedy added (norm layers, a GRU), each with its layer's parameter ids
         self._added: list[tuple[torch.Tensor, list[int]]] = []
         self._kept: set[int] = set()  # the model's parameter ids before the change (`give_added`)
+        self._gone: set[int] = set()  # ... of those, the ones it removed
         self.steps = 0
         self._lead: weakref.ref | None = None  # the optimizer whose steps are the budget's (see _count_step)
         self._last: weakref.ref | None = None  # the optimizer that stepped last
@@ -188,6 +189,7 @@ class Injector:
             except ConfigError as exc:  # the remedy cannot apply to this model: the trial fails, not fix
                 raise RuntimeError(f"gradwatch fix: {exc}") from exc
             self._added, self._kept = added_parameters(module, before), before.kept
+            self._gone = before.kept - {id(p) for p in module.parameters()}
             self._give_added()  # (to those already built: a `step(closure)` runs the first forward inside the first step)
             self._handles.pop(0).remove()
             if void:
@@ -234,12 +236,18 @@ class Injector:
         the layer the parameter goes with (and of its Adam, in an Adam trial): where the printed
         change puts it (`remedies._new_params.give_added`). Not to an optimizer that merely steps
         first: a head-only optimizer then trained a frozen body's norms, a head's lr 0.1 drove a
-        body's at 1e-3."""
+        body's at 1e-3. The parameters it removed (a replaced RNN's) leave them, as they leave the
+        printed change's: kept in LBFGS's flat vector, they changed its sums in the last bits."""
         built = [opt for ref in self._built if (opt := ref()) is not None]
         for o, g, p in give_added(built, self._added, self._kept):
             adam = self._optimizers.get(id(built[o]), {}).get("adam")
             if adam is not None:
                 adam.param_groups[g]["params"].append(p)
+        if self._gone:
+            for opt in built:
+                for held in (opt, self._optimizers.get(id(opt), {}).get("adam")):
+                    if held is not None:
+                        drop(held, self._gone)
 
     def _remember(self, opt: torch.optim.Optimizer) -> None:
         """`opt` among the optimizers built, in the order they were (`_give_added` reads them)."""

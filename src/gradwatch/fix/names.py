@@ -455,9 +455,10 @@ class _Reader(ast.NodeVisitor):
         Built in a method (`self.optimizer = SGD(model.parameters())` in `__init__`), the module
         as the other methods reach it: `self.model`, where the method stores it there."""
         params = call.args[0] if call.args else next((k.value for k in call.keywords if k.arg == "params"), None)
-        chains = {tuple(_chain(n.func.value)) for n in (ast.walk(params) if params is not None else ())
+        bound = _comprehended(params) if params is not None else {}
+        chains = {tuple(bound.get(chain[0], chain)) for n in (ast.walk(params) if params is not None else ())
                   if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
-                  and n.func.attr in ("parameters", "named_parameters")}
+                  and n.func.attr in ("parameters", "named_parameters") and (chain := _chain(n.func.value))}
         if not chains:
             return None
         common = os.path.commonprefix(sorted(chains))
@@ -477,6 +478,27 @@ class _Reader(ast.NodeVisitor):
                         and ast.unparse(node.targets[0].value) == holder and ast.unparse(node.value) == owner):
                     return ast.unparse(node.targets[0])
         return owner
+
+
+def _comprehended(node: ast.expr) -> dict[str, list[str]]:
+    """The names a comprehension in `node` binds to the pieces of a module, each with the chain of
+    that module: `m` in `[{"params": m.parameters()} for i, m in enumerate(model)]` is a piece of
+    `model` (read as the model, `m` was printed in the change: a NameError pasted)."""
+    bound = {}
+    for comp in (c for n in ast.walk(node) if isinstance(n, (ast.ListComp, ast.GeneratorExp, ast.SetComp))
+                 for c in n.generators):
+        source = comp.iter
+        while isinstance(source, ast.Call) and (_callee(source) in ("enumerate", "list", "reversed", "zip")
+                                                and source.args):
+            source = source.args[0]
+        if isinstance(source, ast.Call) and isinstance(source.func, ast.Attribute):  # model.children(), .modules()
+            source = source.func.value
+        if not isinstance(source, (ast.Name, ast.Attribute, ast.Subscript)):
+            continue
+        for name in ast.walk(comp.target):
+            if isinstance(name, ast.Name):
+                bound[name.id] = _chain(source)
+    return bound
 
 
 def _chain(node: ast.expr) -> list[str]:

@@ -60,42 +60,41 @@ def give_added(optimizers: list[torch.optim.Optimizer], added: list[tuple[torch.
     """Each added parameter where an optimizer built after the change would have it: in every
     optimizer that holds its whole layer (a fine-tuning's optimizer of the whole model beside a
     head's), or, the layer split over several (matrices in Muon or SGD, vectors in AdamW), in the one
-    that holds its kind (as many dimensions: a norm's vectors, a GRU's matrices); in the group of a
-    layer parameter of its kind, else of any parameter of its kind (the usual split's no-decay group,
-    for a norm after a Linear without bias), else of the layer's first. Where no optimizer holding
-    the layer holds its kind (Muon alone holds a bias-free layer), in one of `model`'s (its
-    parameter ids) that does. Not to an optimizer that holds none of the model's layer (a head-only
-    optimizer would train a frozen body's norms); not as a group of its own (it would lack the lr
-    and the keys a scheduler keeps per group); not one any of them holds already. Returns
-    (optimizer index, group index, parameter) for each one given."""
+    holding a layer parameter of its kind (as many dimensions: a norm's vectors, a GRU's
+    matrices), else any parameter of its kind; in the group `_group` picks. Where Muon holds the
+    whole layer (it steps matrices only) and the parameter is no matrix, in an optimizer of
+    `model`'s (its parameter ids) holding its kind. Not to an optimizer that holds none of the
+    layer (a head-only optimizer would train a frozen body's norms, at the head's lr); not as a
+    group of its own (it would lack the lr and the keys a scheduler keeps per group); not one any
+    of them holds already. Returns (optimizer index, group index, parameter) for each one given."""
     held: dict[int, list[tuple[int, int]]] = {}  # parameter id -> (optimizer, group) holding it
     for o, opt in enumerate(optimizers):
         for g, group in enumerate(opt.param_groups):
             for q in group["params"]:
                 held.setdefault(id(q), []).append((o, g))
-    given = []
+    given, new = [], {id(p) for p, _ in added}
     for p, layer in added:
         if id(p) in held:
             continue
-        layer_in = {}  # optimizer -> the layer's ids it holds, in layer order
+        layer_in: dict[int, list[int]] = {}  # optimizer -> the layer's ids it holds, in layer order
         for i in layer:
             for o, _ in held.get(i, []):
                 layer_in.setdefault(o, []).append(i)
         if not layer_in:
             continue
-        kinds = [o for o in layer_in if _group_of_kind(optimizers[o], p) is not None]
         everywhere = {i for ids in layer_in.values() for i in ids}
         whole = [o for o in layer_in if set(layer_in[o]) == everywhere]
-        if whole:  # each that trains the whole layer; of them, those that hold its kind
-            targets = [o for o in whole if o in kinds] or whole
-        else:  # the layer split: the one that holds its kind
-            targets = sorted(layer_in, key=lambda o: (o not in kinds, o))[:1]
-        if not any(o in kinds for o in targets):
+        if whole:
+            targets = whole
+        else:  # the layer split: the one holding a layer parameter of its kind, else any of its kind
+            same = lambda o: any(_param(optimizers[o], i).dim() == p.dim() for i in layer_in[o])
+            targets = sorted(layer_in, key=lambda o: (not same(o), _group_of_kind(optimizers[o], p) is None, o))[:1]
+        if p.dim() < 2 and all(_steps_matrices_only(optimizers[o]) for o in targets):
             others = [o for o, opt in enumerate(optimizers) if o not in layer_in and _group_of_kind(opt, p) is not None
                       and any(id(q) in model for group in opt.param_groups for q in group["params"])]
             targets = others[:1] or targets
         for o in sorted(set(targets)):
-            g = _group(optimizers[o], p, layer_in.get(o, []), held)
+            g = _group(optimizers[o], p, layer_in.get(o, []), new)
             optimizers[o].param_groups[g]["params"].append(p)
             held.setdefault(id(p), []).append((o, g))
             given.append((o, g, p))
@@ -104,17 +103,29 @@ def give_added(optimizers: list[torch.optim.Optimizer], added: list[tuple[torch.
     return given
 
 
-def _group(optimizer: torch.optim.Optimizer, p: torch.Tensor, layer: list[int],
-           held: dict[int, list[tuple[int, int]]]) -> int:
-    """The group of `optimizer` (its index) for `p`: that of a `layer` parameter of its kind, else
-    of any parameter of its kind, else of the layer's first."""
-    params = {id(q): (g, q) for g, group in enumerate(optimizer.param_groups) for q in group["params"]}
-    same = [params[i][0] for i in layer if i in params and params[i][1].dim() == p.dim()]
+def _param(optimizer: torch.optim.Optimizer, i: int) -> torch.Tensor:
+    return next(q for group in optimizer.param_groups for q in group["params"] if id(q) == i)
+
+
+def _steps_matrices_only(optimizer: torch.optim.Optimizer) -> bool:
+    """Muon (torch's, or one of that name): it orthogonalises 2-D updates, and raised on a vector."""
+    return any(cls.__name__ == "Muon" for cls in type(optimizer).__mro__)
+
+
+def _group(optimizer: torch.optim.Optimizer, p: torch.Tensor, layer: list[int], new: set[int]) -> int:
+    """The group of `optimizer` (its index) for `p`: that of a `layer` parameter of its kind; else
+    the layer's own where it holds nothing else (per-layer lrs; `new`: the parameters being added,
+    not counted); else, the group shared with other layers (a split by kind: decayed matrices,
+    undecayed vectors), the first of its kind; else the layer's."""
+    where = {id(q): (g, q) for g, group in enumerate(optimizer.param_groups) for q in group["params"]}
+    same = [where[i][0] for i in layer if i in where and where[i][1].dim() == p.dim()]
     if same:
         return same[0]
-    if (kind := _group_of_kind(optimizer, p)) is not None:
-        return kind
-    return params[layer[0]][0] if layer and layer[0] in params else 0
+    own = where[layer[0]][0] if layer and layer[0] in where else 0
+    if {id(q) for q in optimizer.param_groups[own]["params"]} - new <= set(layer):
+        return own
+    kind = _group_of_kind(optimizer, p)
+    return kind if kind is not None else own
 
 
 def _group_of_kind(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> int | None:
@@ -144,7 +155,12 @@ FLAT_HISTORY = ("d", "t", "old_dirs", "old_stps", "ro", "H_diag", "prev_flat_gra
 def drop(optimizer: torch.optim.Optimizer, gone: set[int]) -> int:
     """Take the parameters a change removed from the model (a replaced RNN's) out of `optimizer`,
     with their state: they get no gradient any more. Each group stays, a scheduler counts them.
-    The lists are changed in place (LBFGS holds its group's)."""
+    The lists are changed in place (LBFGS holds its group's), and LBFGS's one state dict, kept
+    under its first parameter, moves to the new first one: inside its step(closure) it writes on
+    into that dict (dropped, its history restarted at every step)."""
+    flat = hasattr(optimizer, "_numel_cache") and optimizer.param_groups and optimizer.param_groups[0]["params"]
+    first = optimizer.param_groups[0]["params"][0] if flat else None
+    kept = optimizer.state.get(first) if first is not None else None
     dropped = 0
     for g in optimizer.param_groups:
         for p in g["params"]:
@@ -152,6 +168,8 @@ def drop(optimizer: torch.optim.Optimizer, gone: set[int]) -> int:
                 optimizer.state.pop(p, None)
                 dropped += 1
         g["params"][:] = [p for p in g["params"] if id(p) not in gone]
+    if dropped and kept is not None and optimizer.param_groups[0]["params"]:
+        optimizer.state[optimizer.param_groups[0]["params"][0]] = kept
     if dropped:
         _forget_flat_history(optimizer)
     return dropped
