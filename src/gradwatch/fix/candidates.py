@@ -148,10 +148,17 @@ def lr_scale(factor: float, names: Names = GENERIC) -> Candidate:
 
 def lr_cap(cap: float, names: Names = GENERIC) -> Candidate:
     """A ceiling on the lr the script's schedule sets: the trial lowers a step's lr to `cap` where
-    the schedule set it higher, and leaves the schedule as it is."""
-    code = each(names, lambda n: f"for group in {n.optimizer}.param_groups: group['lr'] = min(group['lr'], {cap:.3g})"
-                                 f"  # every step, {n.before_update}: a ceiling for your schedule (or build the "
-                                 f"schedule with {cap:.3g} as its peak, e.g. OneCycleLR's max_lr)")
+    the schedule set it higher, and leaves the schedule as it is (by hand: the update it made,
+    scaled back to the cap's, inject's `_cap_update`)."""
+    if names.manual:
+        lr = names.update_lr if names.update_lr and re.fullmatch(r"[A-Za-z_][\w.]*", names.update_lr) else ""
+        code = (f"{lr} = min({lr}, {cap:.3g})  # every step, {names.before_update}: a ceiling for your schedule"
+                if lr else f"# every step, {names.before_update}: the learning rate of your update "
+                           f"({names.update_lr or 'lr'}) at most {cap:.3g}, a ceiling for your schedule")
+    else:
+        code = each(names, lambda n: f"for group in {n.optimizer}.param_groups: group['lr'] = min(group['lr'], {cap:.3g})"
+                                     f"  # every step, {n.before_update}: a ceiling for your schedule (or build the "
+                                     f"schedule with {cap:.3g} as its peak, e.g. OneCycleLR's max_lr)")
     return _made(f"learning rate at most {cap:.3g}", {"lr_cap": cap}, Part(ON_OPTIMIZER, code))
 
 
@@ -171,7 +178,7 @@ def lr_ceiling(run: RunSeries, findings: list[Finding]) -> float | None:
         return None
     phase = max((s for s in phase_changes(run.meta) if s <= first), default=None)
     keep = run.steps >= phase if phase is not None else slice(None)  # (only steps, lr and loss are read)
-    steps, lrs, losses = run.steps[keep], run.lr[keep], run.loss[keep]
+    steps, lrs, losses = run.steps[keep], updates_lr(run)[keep], run.loss[keep]
     lr_known = np.isfinite(lrs) & (lrs > 0)
     if not lr_known.any():
         return None
@@ -184,10 +191,30 @@ def lr_ceiling(run: RunSeries, findings: list[Finding]) -> float | None:
     w = max(5, len(rows) // 10)
     running = np.array([np.median(loss[rows[max(0, i - w + 1):i + 1]]) for i in range(len(rows))])
     best = rows[max(0, int(np.argmin(running)) - w // 2)]  # the middle of the best window
-    start, at_blow_up = lrs[np.flatnonzero(lr_known)[0]], lrs[min(end, len(lrs) - 1)]
+    known = np.flatnonzero(lr_known[:end + 1])  # (by hand: measured at sampled steps only)
+    start, at_blow_up = lrs[known[0]], lrs[known[-1]]
     if not (at_blow_up >= 2 * start and at_blow_up > lrs[best]):
         return None
     return float(f"{lrs[best]:.3g}")
+
+
+def updates_lr(run: RunSeries) -> np.ndarray:
+    """The lr of each step: the optimizer's; where the script updates its weights by hand (no
+    optimizer), the one its update applied, p -= lr·g: |Δw| / |g| per layer (update_ratio ·
+    weight_norm / grad_norm), their median, at the sampled steps (nan between). A hand-written
+    loop raising its lr 5% a step reads 0.01·1.05^step to 4 digits."""
+    if run.meta.get("optimizer") is not None or np.isfinite(run.lr).any():
+        return run.lr
+    m = run.metrics
+    if not {"update_ratio", "weight_norm", "grad_norm"} <= set(m):
+        return run.lr
+    with np.errstate(all="ignore"):
+        each = m["update_ratio"] * m["weight_norm"] / m["grad_norm"]
+    each[~np.isfinite(each)] = np.nan
+    measured = np.isfinite(each).any(axis=1)
+    out = np.full(len(run.steps), np.nan)
+    out[measured] = np.nanmedian(each[measured], axis=1)
+    return out
 
 
 def phase_changes(meta: dict) -> list[int]:
@@ -352,7 +379,7 @@ def from_findings(findings: list[Finding], activations: set[str], *, layer_types
     if "RNN" in layer_types and kinds & {"vanishing_gradient", "exploding_gradient", "saturation"}:
         out += [gru(names)]  # the gated state fixes both directions of the recurrence (Cho et al. 2014)
     if kinds & set(BLOW_UP):
-        out += [lr_cap(lr_ceiling, names)] if lr_ceiling is not None and optimizer is not None else []
+        out += [lr_cap(lr_ceiling, names)] if lr_ceiling is not None else []  # (by hand too: `updates_lr`)
         base = next((max(f.evidence.get("baseline_norm") or 0.0, f.evidence.get("early_norm") or 0.0)
                      for f in findings if f.kind == "exploding_gradient"), None)
         at_init = any(f.kind == "exploding_gradient" and f.evidence.get("at_init") for f in findings)

@@ -11,6 +11,7 @@ trial's loss has been non-finite for STOP_AFTER_NON_FINITE steps in a row.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -125,6 +126,8 @@ class Injector:
         self._added: list[tuple[torch.Tensor, list[int]]] = []
         self._kept: set[int] = set()  # the model's parameter ids before the change (`give_added`)
         self._gone: set[int] = set()  # ... of those, the ones it removed
+        self._capped: tuple | None = None  # by hand, with an lr cap: the weights and gradients before the update
+        self._cap_hook = None
         self.steps = 0
         self._lead: weakref.ref | None = None  # the optimizer whose steps are the budget's (see _count_step)
         self._last: weakref.ref | None = None  # the optimizer that stepped last
@@ -444,6 +447,30 @@ class Injector:
             self._manual_clipper(params)
         if self.spec.get("lr_scale") is not None:
             torch._foreach_mul_([p.grad for p in params], float(self.spec["lr_scale"]))
+        if self.spec.get("lr_cap") is not None:
+            self._capped = (params, [p.detach().clone() for p in params], [p.grad.detach().clone() for p in params])
+            if self._cap_hook is None:
+                self._cap_hook = self.model.register_forward_pre_hook(self._cap_update)
+                self._handles.append(self._cap_hook)
+
+    def _cap_update(self, module: nn.Module, args) -> None:
+        """The lr cap of an update by hand, made good before the next forward: the script's lr is
+        not known to the trial until it has updated, so the update it made (p -= lr·g) is measured
+        (lr: the least-squares fit of the change to -g over every weight) and, where lr is above the
+        cap, scaled back to the cap's (p = p_before - cap·g, to the last bits)."""
+        if self._capped is None:
+            return
+        params, before, grads = self._capped
+        self._capped = None
+        with torch.no_grad():
+            moved = [p - b for p, b in zip(params, before)]
+            along = sum(float((m * g).sum()) for m, g in zip(moved, grads))
+            size = sum(float((g * g).sum()) for g in grads)
+            lr = -along / size if size > 0 else 0.0
+            cap = float(self.spec["lr_cap"])
+            if lr > cap and math.isfinite(lr):
+                for p, b, m in zip(params, before, moved):
+                    p.copy_(b + m * (cap / lr))
 
     def _updated_by_hand(self, params: list[torch.Tensor]) -> bool:
         """No optimizer has stepped yet: did a weight change since the last backward? Then the script

@@ -1,0 +1,84 @@
+"""An lr ceiling for a loop that updates its weights by hand (p -= lr·g, an lr raised each step until
+the run blew up): its lr is read from the updates it made, and the trial's cap trains as the printed
+`lr = min(lr, cap)` does."""
+
+from dataclasses import replace
+
+import numpy as np
+import torch
+from torch import nn
+
+from gradwatch.collect import auto
+from gradwatch.diagnose.advice import Context
+from gradwatch.fix.candidates import lr_cap, updates_lr
+from gradwatch.fix.inject import Injector
+from gradwatch.fix.names import read_names
+from gradwatch.store import read_run
+
+LOOP = """
+lr = 0.01 * 1.05 ** step
+with torch.no_grad():
+    for p in model.parameters():
+        p -= lr * p.grad
+"""
+
+
+def by_hand(steps: int, cap: float | None = None, injector: Injector | None = None) -> list[float]:
+    """A 3-layer net trained by hand at an lr 5% higher each step (`cap`: the printed ceiling)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    w, losses = torch.randn(8, 1), []
+    if injector is not None:
+        injector.install_late()
+    try:
+        for step in range(steps):
+            x = torch.randn(32, 8, generator=torch.Generator().manual_seed(step))
+            loss = nn.functional.mse_loss(model(x), x @ w)
+            model.zero_grad()
+            loss.backward()
+            lr = 0.01 * 1.05 ** step
+            if cap is not None:
+                lr = min(lr, cap)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= lr * p.grad
+            losses.append(loss.item())
+    finally:
+        if injector is not None:
+            injector.remove()
+    return losses
+
+
+def watched_by_hand(run_dir, steps: int = 12):
+    """The loop of `by_hand` under the zero-code watch, every step sampled: its store."""
+    run_dir.mkdir()
+    watch = auto.AutoWatch(str(run_dir), warn=False, sample_every=1)
+    try:
+        by_hand(steps)
+    finally:
+        watch.detach()
+    return read_run(run_dir)
+
+
+def test_the_lr_of_a_loop_by_hand_is_read_from_its_updates(tmp_path):
+    run = watched_by_hand(tmp_path / "run")
+    lrs = updates_lr(run)
+    measured = np.isfinite(lrs)
+    assert run.meta.get("optimizer") is None and measured.sum() >= 6
+    np.testing.assert_allclose(lrs[measured], 0.01 * 1.05 ** run.steps[measured], rtol=1e-3)
+
+
+def test_the_trials_cap_on_a_loop_by_hand_trains_as_the_printed_ceiling():
+    cap = 0.02  # reached at step 15 of 40
+    trial = by_hand(40, injector=Injector(lr_cap(cap).spec, max_steps=None))
+    printed = by_hand(40, cap=cap)
+    uncapped = by_hand(40)
+    np.testing.assert_allclose(trial, printed, rtol=1e-4)
+    assert trial[:16] == uncapped[:16] and not np.allclose(trial[20:], uncapped[20:], rtol=1e-3)
+
+
+def test_a_loop_by_hand_is_printed_the_ceiling_on_its_own_lr(tmp_path):
+    names = replace(read_names("import torch\nfor step in range(10):\n    loss.backward()\n" + LOOP),
+                    run=Context(watched_by_hand(tmp_path / "run", steps=4)))
+    assert names.manual
+    assert lr_cap(0.0265, names).code.startswith("lr = min(lr, 0.0265)  # every step, after loss.backward(), before your update")
