@@ -5,6 +5,7 @@ the run blew up): its lr is read from the updates it made, and the trial's cap t
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -23,8 +24,10 @@ with torch.no_grad():
 """
 
 
-def by_hand(steps: int, cap: float | None = None, injector: Injector | None = None) -> list[float]:
-    """A 3-layer net trained by hand at an lr 5% higher each step (`cap`: the printed ceiling)."""
+def by_hand(steps: int, cap: float | None = None, injector: Injector | None = None,
+            evaluate: bool = False) -> list[float]:
+    """A 3-layer net trained by hand at an lr 5% higher each step (`cap`: the printed ceiling;
+    `evaluate`: a forward without gradients between each backward and its update)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
     w, losses = torch.randn(8, 1), []
@@ -36,6 +39,9 @@ def by_hand(steps: int, cap: float | None = None, injector: Injector | None = No
             loss = nn.functional.mse_loss(model(x), x @ w)
             model.zero_grad()
             loss.backward()
+            if evaluate:
+                with torch.no_grad():
+                    model(x)
             lr = 0.01 * 1.05 ** step
             if cap is not None:
                 lr = min(lr, cap)
@@ -68,9 +74,10 @@ def test_the_lr_of_a_loop_by_hand_is_read_from_its_updates(tmp_path):
     np.testing.assert_allclose(lrs[measured], 0.01 * 1.05 ** run.steps[measured], rtol=1e-3)
 
 
-def test_the_trials_cap_on_a_loop_by_hand_trains_as_the_printed_ceiling():
+@pytest.mark.parametrize("evaluate", [False, True])
+def test_the_trials_cap_on_a_loop_by_hand_trains_as_the_printed_ceiling(evaluate):
     cap = 0.02  # reached at step 15 of 40
-    trial = by_hand(40, injector=Injector(lr_cap(cap).spec, max_steps=None))
+    trial = by_hand(40, injector=Injector(lr_cap(cap).spec, max_steps=None), evaluate=evaluate)
     printed = by_hand(40, cap=cap)
     uncapped = by_hand(40)
     np.testing.assert_allclose(trial, printed, rtol=1e-4)

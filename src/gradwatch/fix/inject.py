@@ -461,9 +461,11 @@ class Injector:
         if self._capped is None:
             return
         params, before, grads = self._capped
-        self._capped = None
         with torch.no_grad():
             moved = [p - b for p, b in zip(params, before)]
+            if not any(bool(m.any()) for m in moved):  # a forward before the update (an evaluation): not yet
+                return
+            self._capped = None
             along = sum(float((m * g).sum()) for m, g in zip(moved, grads))
             size = sum(float((g * g).sum()) for g in grads)
             lr = -along / size if size > 0 else 0.0
