@@ -301,3 +301,36 @@ def test_an_rnn_replaced_inside_an_lbfgs_step_leaves_it_as_the_pasted_change_doe
     assert isinstance(trial.rnn, nn.GRU)
     for (name, a), (_, b) in zip(trial.named_parameters(), pasted.named_parameters()):
         assert torch.equal(a, b), name
+
+
+def test_a_swap_that_only_removes_parameters_leaves_the_optimizer_as_the_printed_swap_does():
+    """PReLU -> LeakyReLU takes the slopes out of the model; the printed swap passes no optimizer=,
+    so the optimizer keeps them, and the trial's kept them too (dropped, LBFGS's flat vector summed
+    in another order: the last bits differed)."""
+    from gradwatch.fix.candidates import swap
+    from gradwatch.fix.inject import Injector
+
+    def train(spec: dict, pasted: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.PReLU(), nn.Linear(8, 1))
+        injector = Injector(spec, max_steps=None)
+        injector.install_late()
+        try:
+            opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=3)
+            if pasted:
+                model, _ = gw.modify.swap_activations(model, nn.PReLU, lambda: nn.LeakyReLU(0.01))
+            for i in range(3):
+                x = torch.randn(8, 4, generator=torch.Generator().manual_seed(i))
+
+                def closure():
+                    opt.zero_grad()
+                    loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
+                    loss.backward()
+                    return loss
+                opt.step(closure)
+        finally:
+            injector.remove()
+        return [p.detach() for p in model.parameters()]
+
+    trial, pasted = train(swap("PReLU", "LeakyReLU").spec, False), train({}, True)
+    assert len(trial) == 4 and all(torch.equal(a, b) for a, b in zip(trial, pasted))

@@ -192,6 +192,9 @@ def test_a_script_that_resumes_gets_its_new_layers_before_the_load_and_runs_twic
 @pytest.mark.parametrize("groups", [
     '[{"params": m.parameters(), "lr": 0.1 / (i + 1)} for i, m in enumerate(model) if isinstance(m, nn.Linear)]',
     '[{"params": layer.parameters()} for layer in model.children()]',
+    '[{"params": m.parameters(), "lr": lr} for lr, m in zip([0.1, 0.2, 0.3], model)]',
+    '[{"params": l.parameters()} for blk in [model] for l in blk.children()]',
+    '[{"params": m.parameters()} for m in [model[0], model[2]]]',
 ])
 def test_an_optimizer_built_from_a_comprehension_over_the_model_names_the_model(groups):
     """Per-layer groups built by a comprehension: its variable (`m`) was read as the model, and the
@@ -205,3 +208,15 @@ def test_an_optimizer_built_from_a_comprehension_over_the_model_names_the_model(
     names = read_names(source)
     assert names.changed == "model"
     assert C.combine(C.norm("batch", names), C.clip_norm(1.0, names)).code.startswith("model, _ = gw.modify.insert_norm(model")
+
+
+def test_groups_from_a_module_the_source_cannot_name_fall_back_to_the_model_the_loop_calls():
+    """`getattr(net, k).parameters()`: printed as the module's name, it was a SyntaxError pasted."""
+    from gradwatch.fix.names import read_names
+
+    source = ("import torch\nfrom torch import nn\nnet = nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 1))\n"
+              "lrs = {'0': 0.1, '2': 0.01}\n"
+              "optimizer = torch.optim.SGD([{'params': getattr(net, k).parameters(), 'lr': v} for k, v in lrs.items()])\n")
+    code = C.norm("batch", read_names(source)).code
+    compile(code, "pasted", "exec")
+    assert "getattr" not in code.split("#")[0]

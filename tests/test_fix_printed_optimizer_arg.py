@@ -229,3 +229,55 @@ def test_a_layer_two_optimizers_hold_whole_gives_its_norm_to_both():
     model, _ = gw.modify.insert_norm(model, "batch", optimizer=[whole, head])
     places = _holders(model, whole, head)
     assert places["0_bn.weight"] == [(0, 0)] and places["2_bn.weight"] == [(0, 0), (1, 0)]
+
+
+def _blocks() -> nn.Sequential:
+    """Two blocks of bias-free layers, each with a norm of its own (a vector), and a head."""
+    torch.manual_seed(0)
+    block = lambda: nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8, bias=False), nn.Tanh(), nn.Linear(8, 8, bias=False))
+    return nn.Sequential(nn.Linear(4, 8), block(), block(), nn.Linear(8, 1))
+
+
+def test_a_norm_in_layer_wise_decay_groups_joins_its_blocks_no_decay_group():
+    """Groups per (block, decay or not), as BEiT's and MAE's fine-tuning build them: the norms of a
+    bias-free layer went to the first block's no-decay group."""
+    model = _blocks()
+    groups = []
+    for k, block in enumerate(model):
+        named = list(block.parameters())
+        groups += [{"params": [p for p in named if p.dim() >= 2], "lr": 0.1 * 2 ** -k, "weight_decay": 0.05},
+                   {"params": [p for p in named if p.dim() < 2], "lr": 0.1 * 2 ** -k, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups)
+    model, _ = gw.modify.insert_norm(model, "layer", after=nn.Linear, optimizer=opt)
+    places = _holders_of(model, opt, "_ln")
+    assert places["1.1_ln.weight"] == [(0, 3)] and places["2.3_ln.bias"] == [(0, 5)]
+
+
+def test_a_norm_in_groups_per_stage_joins_its_stages_group():
+    """Groups per stage, no split by kind: the norms of a bias-free stage went to the head's group
+    (the first holding a vector), at its lr."""
+    model = _blocks()
+    opt = torch.optim.SGD([{"params": list(m.parameters()), "lr": 0.1 * 2 ** -k} for k, m in enumerate(model)])
+    model, _ = gw.modify.insert_norm(model, "layer", after=nn.Linear, optimizer=opt)
+    places = _holders_of(model, opt, "_ln")
+    assert places["1.1_ln.weight"] == [(0, 1)] and places["2.3_ln.bias"] == [(0, 2)]
+
+
+def test_a_muons_layers_norms_stay_untrained_where_no_optimizer_of_the_model_holds_vectors():
+    """Muon steps matrices only (it raised on them); no other optimizer held a vector before the
+    change to say where vectors go: none gets them, and the change says so."""
+    model = _bias_free()
+    named = list(model.named_parameters())
+
+    class SingleDeviceMuon(torch.optim.SGD):
+        """A name of a common Muon."""
+    muon = SingleDeviceMuon([p for n, p in named if n != "4.weight" and p.dim() >= 2], lr=0.1)
+    other = torch.optim.AdamW([p for n, p in named if n == "4.weight"], lr=0.01)
+    model, change = gw.modify.insert_norm(model, "batch", optimizer=[muon, other])
+    assert all(not places for places in _holders(model, muon, other).values())
+    assert "stay untrained" in str(change)
+
+
+def _holders_of(model: nn.Module, opt: torch.optim.Optimizer, mark: str) -> dict[str, list[tuple[int, int]]]:
+    return {n: [(0, g) for g, group in enumerate(opt.param_groups) if any(p is q for q in group["params"])]
+            for n, p in model.named_parameters() if mark in n}

@@ -246,7 +246,7 @@ class Injector:
             adam = self._optimizers.get(id(built[o]), {}).get("adam")
             if adam is not None:
                 adam.param_groups[g]["params"].append(p)
-        if self._gone:
+        if self._gone and self._added:  # (a change replacing parameters, printed with optimizer=; not a swap that only removes)
             for opt in built:
                 for held in (opt, self._optimizers.get(id(opt), {}).get("adam")):
                     if held is not None:

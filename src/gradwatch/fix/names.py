@@ -456,11 +456,12 @@ class _Reader(ast.NodeVisitor):
         as the other methods reach it: `self.model`, where the method stores it there."""
         params = call.args[0] if call.args else next((k.value for k in call.keywords if k.arg == "params"), None)
         bound = _comprehended(params) if params is not None else {}
-        chains = {tuple(bound.get(chain[0], chain)) for n in (ast.walk(params) if params is not None else ())
+        chains = {tuple(bound[chain[0]] or ("",)) if chain[0] in bound else tuple(chain)
+                  for n in (ast.walk(params) if params is not None else ())
                   if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
                   and n.func.attr in ("parameters", "named_parameters") and (chain := _chain(n.func.value))}
-        if not chains:
-            return None
+        if not chains or any(not c[0] or not c[0].isidentifier() for c in chains):
+            return None  # (a piece of nothing read as a module, `getattr(net, k)`: the loop's model is used)
         common = os.path.commonprefix(sorted(chains))
         if not common:
             return None
@@ -480,25 +481,52 @@ class _Reader(ast.NodeVisitor):
         return owner
 
 
-def _comprehended(node: ast.expr) -> dict[str, list[str]]:
+def _comprehended(node: ast.expr) -> dict[str, list[str] | None]:
     """The names a comprehension in `node` binds to the pieces of a module, each with the chain of
     that module: `m` in `[{"params": m.parameters()} for i, m in enumerate(model)]` is a piece of
-    `model` (read as the model, `m` was printed in the change: a NameError pasted)."""
-    bound = {}
-    for comp in (c for n in ast.walk(node) if isinstance(n, (ast.ListComp, ast.GeneratorExp, ast.SetComp))
+    `model` (read as the model, `m` was printed in the change: a NameError pasted). `zip` binds by
+    position, `enumerate` its second name; a literal list of pieces (`[net.enc, net.dec]`) is a piece
+    of what they share; an inner comprehension's source may be an outer one's name. None for a
+    name bound to nothing read as a module."""
+    bound: dict[str, list[str] | None] = {}
+    for comp in (c for n in ast.walk(node) if isinstance(n, (ast.ListComp, ast.GeneratorExp, ast.SetComp, ast.DictComp))
                  for c in n.generators):
-        source = comp.iter
-        while isinstance(source, ast.Call) and (_callee(source) in ("enumerate", "list", "reversed", "zip")
-                                                and source.args):
-            source = source.args[0]
-        if isinstance(source, ast.Call) and isinstance(source.func, ast.Attribute):  # model.children(), .modules()
-            source = source.func.value
-        if not isinstance(source, (ast.Name, ast.Attribute, ast.Subscript)):
-            continue
-        for name in ast.walk(comp.target):
-            if isinstance(name, ast.Name):
-                bound[name.id] = _chain(source)
+        pairs = [(comp.target, comp.iter)]
+        if _callee(comp.iter) == "enumerate" and comp.iter.args and isinstance(comp.target, ast.Tuple) \
+                and len(comp.target.elts) == 2:
+            pairs = [(comp.target.elts[1], comp.iter.args[0])]
+        elif _callee(comp.iter) == "zip" and isinstance(comp.target, ast.Tuple) \
+                and len(comp.target.elts) == len(comp.iter.args):
+            pairs = list(zip(comp.target.elts, comp.iter.args))
+        for target, source in pairs:
+            chain = _module_chain(source, bound)
+            for name in ast.walk(target):
+                if isinstance(name, ast.Name):
+                    bound[name.id] = chain
     return bound
+
+
+def _module_chain(source: ast.expr, bound: dict[str, list[str] | None]) -> list[str] | None:
+    """The chain of the module whose pieces `source` yields (`model`, `model.children()`,
+    `list(model)`, `[model[0], model[2]]`), through names bound before; None where none is read."""
+    while isinstance(source, ast.Call) and _callee(source) in ("list", "reversed", "tuple") and source.args:
+        source = source.args[0]
+    if isinstance(source, ast.Call) and isinstance(source.func, ast.Attribute):  # model.children(), .modules()
+        source = source.func.value
+    if isinstance(source, (ast.List, ast.Tuple)):
+        chains = [_module_chain(e, bound) for e in source.elts]
+        if not chains or any(c is None for c in chains):
+            return None
+        common = os.path.commonprefix(chains)
+        return list(common) or None
+    if not isinstance(source, (ast.Name, ast.Attribute, ast.Subscript)):
+        return None
+    chain = _chain(source)
+    root = chain[0]
+    if root in bound:
+        outer = bound[root]
+        return None if outer is None else outer  # (a piece of a piece: of the outer module)
+    return chain
 
 
 def _chain(node: ast.expr) -> list[str]:

@@ -24,16 +24,28 @@ def before_change(model: nn.Module) -> Before:
     return Before(dict(model.named_modules(remove_duplicate=False)), {id(p) for p in model.parameters()})
 
 
-def added_parameters(model: nn.Module, before: Before) -> list[tuple[torch.Tensor, list[int]]]:
-    """Each trainable parameter a change added to `model`, with the ids of the layer it goes with:
-    an optimizer that trains that layer trains it too, as one built after the change would."""
+class Added(NamedTuple):
+    """A parameter a change added: the ids of the layer it goes with (the weight first), and of the
+    modules around it, nearest first (a block, a stage, the model): where a group is looked for."""
+
+    param: torch.Tensor
+    layer: list[int]
+    scopes: list[set[int]]
+
+
+def added_parameters(model: nn.Module, before: Before) -> list[Added]:
+    """Each trainable parameter a change added to `model`, with the layer it goes with: an
+    optimizer that trains that layer trains it too, as one built after the change would."""
     out, seen = [], set(before.kept)
     for name, module in model.named_modules(remove_duplicate=False):
         new = [p for p in module.parameters(recurse=False) if p.requires_grad and id(p) not in seen]
         seen.update(id(p) for p in new)
         if new:
-            layer = _layer_of(model, name, before)
-            out += [(p, layer) for p in new]
+            layer, scopes, around = _layer_of(model, name, before), [], name
+            while around:
+                around = around.rpartition(".")[0]
+                scopes.append({id(p) for p in model.get_submodule(around).parameters()} & before.kept)
+            out += [Added(p, layer, scopes) for p in new]
     return out
 
 
@@ -55,25 +67,26 @@ def _layer_of(model: nn.Module, name: str, before: Before) -> list[int]:
     return [id(p) for p in model.parameters() if id(p) in before.kept]
 
 
-def give_added(optimizers: list[torch.optim.Optimizer], added: list[tuple[torch.Tensor, list[int]]],
+def give_added(optimizers: list[torch.optim.Optimizer], added: list[Added],
                model: set[int] = frozenset()) -> list[tuple[int, int, torch.Tensor]]:
     """Each added parameter where an optimizer built after the change would have it: in every
     optimizer that holds its whole layer (a fine-tuning's optimizer of the whole model beside a
     head's), or, the layer split over several (matrices in Muon or SGD, vectors in AdamW), in the one
     holding a layer parameter of its kind (as many dimensions: a norm's vectors, a GRU's
-    matrices), else any parameter of its kind; in the group `_group` picks. Where Muon holds the
-    whole layer (it steps matrices only) and the parameter is no matrix, in an optimizer of
-    `model`'s (its parameter ids) holding its kind. Not to an optimizer that holds none of the
-    layer (a head-only optimizer would train a frozen body's norms, at the head's lr); not as a
-    group of its own (it would lack the lr and the keys a scheduler keeps per group); not one any
-    of them holds already. Returns (optimizer index, group index, parameter) for each one given."""
+    matrices), else any parameter of its kind; in the group `_group` picks. Where a Muon holds the
+    whole layer (it steps matrices only) and the parameter is no matrix, in the optimizer of
+    `model`'s (its parameter ids) holding vectors nearest to it, else in none (Muon raised on a
+    vector). Not to an optimizer that holds none of the layer (a head-only optimizer would train
+    a frozen body's norms, at the head's lr); not as a group of its own (it would lack the lr and
+    the keys a scheduler keeps per group); not one any of them holds already. Returns (optimizer
+    index, group index, parameter) for each one given."""
     held: dict[int, list[tuple[int, int]]] = {}  # parameter id -> (optimizer, group) holding it
     for o, opt in enumerate(optimizers):
         for g, group in enumerate(opt.param_groups):
             for q in group["params"]:
                 held.setdefault(id(q), []).append((o, g))
-    given, new = [], {id(p) for p, _ in added}
-    for p, layer in added:
+    given, new = [], {id(a.param) for a in added}
+    for p, layer, scopes in added:
         if id(p) in held:
             continue
         layer_in: dict[int, list[int]] = {}  # optimizer -> the layer's ids it holds, in layer order
@@ -88,13 +101,17 @@ def give_added(optimizers: list[torch.optim.Optimizer], added: list[tuple[torch.
             targets = whole
         else:  # the layer split: the one holding a layer parameter of its kind, else any of its kind
             same = lambda o: any(_param(optimizers[o], i).dim() == p.dim() for i in layer_in[o])
-            targets = sorted(layer_in, key=lambda o: (not same(o), _group_of_kind(optimizers[o], p) is None, o))[:1]
+            targets = sorted(layer_in, key=lambda o: (not same(o), not _kinds(optimizers[o], p, new), o))[:1]
         if p.dim() < 2 and all(_steps_matrices_only(optimizers[o]) for o in targets):
-            others = [o for o, opt in enumerate(optimizers) if o not in layer_in and _group_of_kind(opt, p) is not None
-                      and any(id(q) in model for group in opt.param_groups for q in group["params"])]
-            targets = others[:1] or targets
+            def nearest(o: int) -> int:  # the first scope (nearest module) whose vectors it holds
+                ids = {id(q) for group in optimizers[o].param_groups for q in group["params"] if q.dim() < 2}
+                return next((k for k, scope in enumerate(scopes) if ids & scope), len(scopes))
+            others = [o for o, opt in enumerate(optimizers) if o not in layer_in and not _steps_matrices_only(opt)
+                      and _kinds(opt, p, new) and any(id(q) in model for group in opt.param_groups
+                                                      for q in group["params"])]
+            targets = sorted(others, key=lambda o: (nearest(o), o))[:1]
         for o in sorted(set(targets)):
-            g = _group(optimizers[o], p, layer_in.get(o, []), new)
+            g = _group(optimizers[o], p, layer_in.get(o, []), new, scopes)
             optimizers[o].param_groups[g]["params"].append(p)
             held.setdefault(id(p), []).append((o, g))
             given.append((o, g, p))
@@ -108,30 +125,42 @@ def _param(optimizer: torch.optim.Optimizer, i: int) -> torch.Tensor:
 
 
 def _steps_matrices_only(optimizer: torch.optim.Optimizer) -> bool:
-    """Muon (torch's, or one of that name): it orthogonalises 2-D updates, and raised on a vector."""
-    return any(cls.__name__ == "Muon" for cls in type(optimizer).__mro__)
+    """A Muon (torch's, or any of that name: SingleDeviceMuon): it orthogonalises 2-D updates,
+    and raised on a vector."""
+    return any("muon" in cls.__name__.lower() for cls in type(optimizer).__mro__)
 
 
-def _group(optimizer: torch.optim.Optimizer, p: torch.Tensor, layer: list[int], new: set[int]) -> int:
+def _kinds(optimizer: torch.optim.Optimizer, p: torch.Tensor, new: set[int]) -> bool:
+    """`optimizer` held a parameter of `p`'s kind before the change (`new`: the ones it adds)."""
+    return any(q.dim() == p.dim() and id(q) not in new for group in optimizer.param_groups for q in group["params"])
+
+
+def _group(optimizer: torch.optim.Optimizer, p: torch.Tensor, layer: list[int], new: set[int],
+           scopes: list[set[int]]) -> int:
     """The group of `optimizer` (its index) for `p`: that of a `layer` parameter of its kind; else
-    the layer's own where it holds nothing else (per-layer lrs; `new`: the parameters being added,
-    not counted); else, the group shared with other layers (a split by kind: decayed matrices,
-    undecayed vectors), the first of its kind; else the layer's."""
-    where = {id(q): (g, q) for g, group in enumerate(optimizer.param_groups) for q in group["params"]}
+    the layer's own where it holds nothing else (per-layer lrs); else, from the nearest module
+    around it out (a block, a stage, the model): where the groups split the kinds (vectors alone
+    in some, matrices alone in others: weight decay), a group holding that module's parameters of
+    its kind (a block's no-decay group, in layer-wise lr decay); where they do not, the one group
+    holding all that module's parameters (a stage's); else the layer's. (`new`: the parameters
+    being added, not counted.)"""
+    where = {id(q): (g, q) for g, group in enumerate(optimizer.param_groups) for q in group["params"] if id(q) not in new}
     same = [where[i][0] for i in layer if i in where and where[i][1].dim() == p.dim()]
     if same:
         return same[0]
     own = where[layer[0]][0] if layer and layer[0] in where else 0
-    if {id(q) for q in optimizer.param_groups[own]["params"]} - new <= set(layer):
+    if {i for i, (g, _) in where.items() if g == own} <= set(layer):
         return own
-    kind = _group_of_kind(optimizer, p)
-    return kind if kind is not None else own
-
-
-def _group_of_kind(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> int | None:
-    """The first group of `optimizer` holding a parameter with as many dimensions as `p`."""
-    return next((g for g, group in enumerate(optimizer.param_groups) if any(q.dim() == p.dim() for q in group["params"])),
-                None)
+    kinds = [{q.dim() < 2 for q in group["params"] if id(q) not in new} for group in optimizer.param_groups]
+    split = {True} in kinds and {False} in kinds
+    for scope in scopes:
+        if split:
+            kind = [g for i, (g, q) in where.items() if i in scope and q.dim() == p.dim()]
+            if kind:
+                return min(kind)
+        elif len(groups := {g for i, (g, _) in where.items() if i in scope}) == 1:
+            return groups.pop()
+    return own
 
 
 def _forget_flat_history(optimizer: torch.optim.Optimizer) -> None:
