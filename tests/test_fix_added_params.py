@@ -219,26 +219,25 @@ def test_the_printed_norm_change_names_the_module_the_trial_changed_and_trains_a
         assert torch.equal(a, b), n
 
 
-def _closure_training(spec: dict, pasted: bool, make=lambda params: torch.optim.SGD(params, lr=0.1)
-                      ) -> tuple[nn.Module, torch.optim.Optimizer]:
+def _closure_training(spec: dict, model: nn.Module, make, change=None, steps: int = 4,
+                      shape: tuple = (16, 4)) -> tuple[nn.Module, torch.optim.Optimizer]:
     """A `step(closure)` loop (LBFGS, Lightning): the first forward, where a trial changes the model,
-    runs inside the first step, after the optimizer was first seen."""
+    runs inside the first step, after the optimizer was first seen. `change(model, opt)`: the
+    printed change, pasted after the optimizer is built."""
     from gradwatch.fix.inject import Injector
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
     injector = Injector(spec, max_steps=None)
     injector.install_late()
     try:
         opt = make(model.parameters())
-        if pasted:
-            model, _ = gw.modify.insert_norm(model, "batch", optimizer=opt)
-        for i in range(4):
-            x = torch.randn(16, 4, generator=torch.Generator().manual_seed(i))
+        if change is not None:
+            model = change(model, opt)
+        for i in range(steps):
+            x = torch.randn(*shape, generator=torch.Generator().manual_seed(i))
 
             def closure():
                 opt.zero_grad()
-                loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
+                loss = (model(x) - x.flatten(1).sum(1, keepdim=True)).pow(2).mean()
                 loss.backward()
                 return loss
             opt.step(closure)
@@ -247,16 +246,25 @@ def _closure_training(spec: dict, pasted: bool, make=lambda params: torch.optim.
     return model, opt
 
 
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
+def _same_parameters(a: nn.Module, b: nn.Module) -> None:
+    for (name, x), (_, y) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(x, y), name
+
+
 @pytest.mark.parametrize("make", [lambda params: torch.optim.SGD(params, lr=0.1),
                                   lambda params: torch.optim.LBFGS(params, lr=0.1, max_iter=3)], ids=["SGD", "LBFGS"])
 def test_a_closure_steps_first_norms_join_the_optimizer_as_pasted(make):
     """LBFGS: its flat history is started anew in the dict its step holds (a new dict started it over
     at every step)."""
-    trial, trial_opt = _closure_training(norm("batch").spec, pasted=False, make=make)
-    pasted, _ = _closure_training({}, pasted=True, make=make)
+    trial, trial_opt = _closure_training(norm("batch").spec, _mlp(), make)
+    pasted, _ = _closure_training({}, _mlp(), make, lambda m, opt: gw.modify.insert_norm(m, "batch", optimizer=opt)[0])
     assert id(trial[1].weight) in _held(trial_opt) and not torch.equal(trial[1].weight, torch.ones(8))
-    for (name, a), (_, b) in zip(trial.named_parameters(), pasted.named_parameters()):
-        assert torch.equal(a, b), name
+    _same_parameters(trial, pasted)
 
 
 class _Recurrent(nn.Module):
@@ -273,34 +281,13 @@ def test_an_rnn_replaced_inside_an_lbfgs_step_leaves_it_as_the_pasted_change_doe
     """The trial's GRU comes at the first forward, inside LBFGS's first step(closure): the RNN's
     parameters leave its flat vector, and its state moves to the new first parameter (kept, they
     changed its sums; its state dropped, its history restarted at every step)."""
-    from gradwatch.fix.inject import Injector
-
-    def train(spec: dict, pasted: bool) -> nn.Module:
-        torch.manual_seed(0)
-        model = _Recurrent()
-        injector = Injector(spec, max_steps=None)
-        injector.install_late()
-        try:
-            opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=3)
-            if pasted:
-                model, _ = gw.modify.replace_rnn(model, optimizer=opt)
-            for i in range(4):
-                x = torch.randn(8, 5, 3, generator=torch.Generator().manual_seed(i))
-
-                def closure():
-                    opt.zero_grad()
-                    loss = (model(x) - x.sum((1, 2))[:, None]).pow(2).mean()
-                    loss.backward()
-                    return loss
-                opt.step(closure)
-        finally:
-            injector.remove()
-        return model
-
-    trial, pasted = train(gru().spec, False), train({}, True)
+    lbfgs = lambda params: torch.optim.LBFGS(params, lr=0.5, max_iter=3)
+    recurrent = lambda: (torch.manual_seed(0), _Recurrent())[1]
+    trial, _ = _closure_training(gru().spec, recurrent(), lbfgs, shape=(8, 5, 3))
+    pasted, _ = _closure_training({}, recurrent(), lbfgs, lambda m, opt: gw.modify.replace_rnn(m, optimizer=opt)[0],
+                                  shape=(8, 5, 3))
     assert isinstance(trial.rnn, nn.GRU)
-    for (name, a), (_, b) in zip(trial.named_parameters(), pasted.named_parameters()):
-        assert torch.equal(a, b), name
+    _same_parameters(trial, pasted)
 
 
 def test_a_swap_that_only_removes_parameters_leaves_the_optimizer_as_the_printed_swap_does():
@@ -308,29 +295,11 @@ def test_a_swap_that_only_removes_parameters_leaves_the_optimizer_as_the_printed
     so the optimizer keeps them, and the trial's kept them too (dropped, LBFGS's flat vector summed
     in another order: the last bits differed)."""
     from gradwatch.fix.candidates import swap
-    from gradwatch.fix.inject import Injector
 
-    def train(spec: dict, pasted: bool) -> list[torch.Tensor]:
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(4, 8), nn.PReLU(), nn.Linear(8, 1))
-        injector = Injector(spec, max_steps=None)
-        injector.install_late()
-        try:
-            opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=3)
-            if pasted:
-                model, _ = gw.modify.swap_activations(model, nn.PReLU, lambda: nn.LeakyReLU(0.01))
-            for i in range(3):
-                x = torch.randn(8, 4, generator=torch.Generator().manual_seed(i))
-
-                def closure():
-                    opt.zero_grad()
-                    loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
-                    loss.backward()
-                    return loss
-                opt.step(closure)
-        finally:
-            injector.remove()
-        return [p.detach() for p in model.parameters()]
-
-    trial, pasted = train(swap("PReLU", "LeakyReLU").spec, False), train({}, True)
-    assert len(trial) == 4 and all(torch.equal(a, b) for a, b in zip(trial, pasted))
+    lbfgs = lambda params: torch.optim.LBFGS(params, lr=0.5, max_iter=3)
+    prelu = lambda: (torch.manual_seed(0), nn.Sequential(nn.Linear(4, 8), nn.PReLU(), nn.Linear(8, 1)))[1]
+    trial, _ = _closure_training(swap("PReLU", "LeakyReLU").spec, prelu(), lbfgs, steps=3, shape=(8, 4))
+    pasted, _ = _closure_training({}, prelu(), lbfgs, lambda m, opt: gw.modify.swap_activations(
+        m, nn.PReLU, lambda: nn.LeakyReLU(0.01))[0], steps=3, shape=(8, 4))
+    assert len(list(trial.parameters())) == 4
+    _same_parameters(trial, pasted)
