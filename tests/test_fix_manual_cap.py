@@ -25,12 +25,13 @@ with torch.no_grad():
 
 
 def by_hand(steps: int, cap: float | None = None, injector: Injector | None = None,
-            evaluate: bool = False) -> list[float]:
+            evaluate: bool = False, momentum: float = 0.0, saved: list | None = None) -> list[float]:
     """A 3-layer net trained by hand at an lr 5% higher each step (`cap`: the printed ceiling;
-    `evaluate`: a forward without gradients between each backward and its update)."""
+    `evaluate`: a forward without gradients between each backward and its update; `momentum` by
+    hand; `saved`: gets the state_dict after the last update)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
-    w, losses = torch.randn(8, 1), []
+    w, losses, velocity = torch.randn(8, 1), [], {}
     if injector is not None:
         injector.install_late()
     try:
@@ -47,8 +48,12 @@ def by_hand(steps: int, cap: float | None = None, injector: Injector | None = No
                 lr = min(lr, cap)
             with torch.no_grad():
                 for p in model.parameters():
-                    p -= lr * p.grad
+                    if momentum:
+                        velocity[p] = momentum * velocity.get(p, 0) + p.grad
+                    p -= lr * (velocity[p] if momentum else p.grad)
             losses.append(loss.item())
+        if saved is not None:
+            saved.append({k: v.clone() for k, v in model.state_dict().items()})
     finally:
         if injector is not None:
             injector.remove()
@@ -88,4 +93,27 @@ def test_a_loop_by_hand_is_printed_the_ceiling_on_its_own_lr(tmp_path):
     names = replace(read_names("import torch\nfor step in range(10):\n    loss.backward()\n" + LOOP),
                     run=Context(watched_by_hand(tmp_path / "run", steps=4)))
     assert names.manual
-    assert lr_cap(0.0265, names).code.startswith("lr = min(lr, 0.0265)  # every step, after loss.backward(), before your update")
+    assert lr_cap(0.0265, names).code.startswith("lr = min(lr, 0.0265)  # every step, right before your update, after lr is set")
+
+
+def test_the_last_update_is_capped_before_a_checkpoint_of_it():
+    """No forward after the last update: the state_dict the script saves holds the capped weights."""
+    trial, printed = [], []
+    by_hand(30, injector=Injector(lr_cap(0.02).spec, max_steps=None), saved=trial)
+    by_hand(30, cap=0.02, saved=printed)
+    assert all(torch.allclose(trial[0][k], printed[0][k], rtol=1e-5, atol=1e-7) for k in printed[0])
+
+
+def test_momentum_by_hand_is_no_lr_to_read_nor_to_cap(tmp_path):
+    """|dw|/|g| with momentum grows from the lr at a constant lr (a false schedule), and the cap's
+    scaling of such an update trained nothing like the printed line: neither is done."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    watch = auto.AutoWatch(str(run_dir), warn=False, sample_every=1)
+    try:
+        by_hand(12, momentum=0.9)
+    finally:
+        watch.detach()
+    assert not np.isfinite(updates_lr(read_run(run_dir))[1:]).any()
+    capped = by_hand(30, injector=Injector(lr_cap(0.02).spec, max_steps=None), momentum=0.9)
+    assert capped == by_hand(30, momentum=0.9)

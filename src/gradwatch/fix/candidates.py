@@ -152,9 +152,10 @@ def lr_cap(cap: float, names: Names = GENERIC) -> Candidate:
     scaled back to the cap's, inject's `_cap_update`)."""
     if names.manual:
         lr = names.update_lr if names.update_lr and re.fullmatch(r"[A-Za-z_][\w.]*", names.update_lr) else ""
-        code = (f"{lr} = min({lr}, {cap:.3g})  # every step, {names.before_update}: a ceiling for your schedule"
-                if lr else f"# every step, {names.before_update}: the learning rate of your update "
-                           f"({names.update_lr or 'lr'}) at most {cap:.3g}, a ceiling for your schedule")
+        code = (f"{lr} = min({lr}, {cap:.3g})  # every step, right before your update, after {lr} is set: "
+                "a ceiling for your schedule" if lr else
+                f"# every step, right before your update: the learning rate of your update "
+                f"({names.update_lr or 'lr'}) at most {cap:.3g}, a ceiling for your schedule")
     else:
         code = each(names, lambda n: f"for group in {n.optimizer}.param_groups: group['lr'] = min(group['lr'], {cap:.3g})"
                                      f"  # every step, {n.before_update}: a ceiling for your schedule (or build the "
@@ -201,8 +202,10 @@ def lr_ceiling(run: RunSeries, findings: list[Finding]) -> float | None:
 def updates_lr(run: RunSeries) -> np.ndarray:
     """The lr of each step: the optimizer's; where the script updates its weights by hand (no
     optimizer), the one its update applied, p -= lr·g: |Δw| / |g| per layer (update_ratio ·
-    weight_norm / grad_norm), their median, at the sampled steps (nan between). A hand-written
-    loop raising its lr 5% a step reads 0.01·1.05^step to 4 digits."""
+    weight_norm / grad_norm), at the sampled steps (nan between), where every layer it moved
+    agrees within 1% (an update by hand that is no plain gradient step, momentum or weight decay by
+    hand, reads a ratio growing from the lr with no schedule: no lr is read from it). A
+    hand-written loop raising its lr 5% a step reads 0.01·1.05^step to 4 digits."""
     if run.meta.get("optimizer") is not None or np.isfinite(run.lr).any():
         return run.lr
     m = run.metrics
@@ -210,10 +213,12 @@ def updates_lr(run: RunSeries) -> np.ndarray:
         return run.lr
     with np.errstate(all="ignore"):
         each = m["update_ratio"] * m["weight_norm"] / m["grad_norm"]
-    each[~np.isfinite(each)] = np.nan
+    each[~np.isfinite(each) | (each <= 0)] = np.nan  # (a layer the update did not move says nothing)
     measured = np.isfinite(each).any(axis=1)
     out = np.full(len(run.steps), np.nan)
-    out[measured] = np.nanmedian(each[measured], axis=1)
+    with np.errstate(all="ignore"):
+        low, high = np.nanmin(each[measured], axis=1), np.nanmax(each[measured], axis=1)
+    out[measured] = np.where(high <= low * 1.01, np.nanmedian(each[measured], axis=1), np.nan)
     return out
 
 

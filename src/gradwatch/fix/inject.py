@@ -157,6 +157,7 @@ class Injector:
         self._late.append(register_optimizer_step_post_hook(self._after_step))
 
     def remove(self) -> None:
+        self._capped = None  # (its copies of the weights)
         for handle in self._handles + self._late:
             handle.remove()
         self._handles, self._late = [], []
@@ -451,28 +452,36 @@ class Injector:
             self._capped = (params, [p.detach().clone() for p in params], [p.grad.detach().clone() for p in params])
             if self._cap_hook is None:
                 self._cap_hook = self.model.register_forward_pre_hook(self._cap_update)
-                self._handles.append(self._cap_hook)
+                self._handles += [self._cap_hook, self.model.register_state_dict_pre_hook(self._cap_update)]
 
-    def _cap_update(self, module: nn.Module, args) -> None:
-        """The lr cap of an update by hand, made good before the next forward: the script's lr is
-        not known to the trial until it has updated, so the update it made (p -= lr·g) is measured
-        (lr: the least-squares fit of the change to -g over every weight) and, where lr is above the
-        cap, scaled back to the cap's (p = p_before - cap·g, to the last bits)."""
+    def _cap_update(self, module: nn.Module, *args) -> None:
+        """The lr cap of an update by hand, made good before the next forward (or state_dict: a
+        checkpoint saved after the last update): the script's lr is not known to the trial until
+        it has updated, so the update it made (p -= lr·g) is measured (lr: the least-squares fit of
+        the change to -g over the weights that moved) and, where lr is above the cap, scaled back
+        to the cap's (p = p_before - cap·g, to the last bits). Left alone where the change is no
+        plain gradient step (momentum or weight decay by hand: the fit leaves more than 0.1% of it)."""
         if self._capped is None:
             return
         params, before, grads = self._capped
         with torch.no_grad():
-            moved = [p - b for p, b in zip(params, before)]
-            if not any(bool(m.any()) for m in moved):  # a forward before the update (an evaluation): not yet
+            moved = torch._foreach_sub([p.detach() for p in params], before)
+            norms = torch.stack(torch._foreach_norm(moved)).double()
+            if not bool(norms.any()):  # a forward before the update (an evaluation): not yet
                 return
             self._capped = None
-            along = sum(float((m * g).sum()) for m, g in zip(moved, grads))
-            size = sum(float((g * g).sum()) for g in grads)
+            used = [(m, g) for m, g, n in zip(moved, grads, norms.tolist()) if n > 0]  # (the weights it updated)
+            along = sum(float((m * g).sum(dtype=torch.float64)) for m, g in used)
+            size = sum(float((g * g).sum(dtype=torch.float64)) for _, g in used)
             lr = -along / size if size > 0 else 0.0
             cap = float(self.spec["lr_cap"])
-            if lr > cap and math.isfinite(lr):
-                for p, b, m in zip(params, before, moved):
-                    p.copy_(b + m * (cap / lr))
+            if not (lr > cap and math.isfinite(lr)):
+                return
+            rest = sum(float(((m + lr * g) ** 2).sum(dtype=torch.float64)) for m, g in used)
+            if rest > 1e-6 * float((norms ** 2).sum()):  # |Δw + lr·g| > 0.1% of |Δw|: not p -= lr·g
+                return
+            for p, b, m in zip(params, before, moved):
+                p.copy_(b + m * (cap / lr))
 
     def _updated_by_hand(self, params: list[torch.Tensor]) -> bool:
         """No optimizer has stepped yet: did a weight change since the last backward? Then the script
