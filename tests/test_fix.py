@@ -898,6 +898,12 @@ def test_the_printed_lr_change_keeps_each_groups_own_lr(tmp_path):
     # groups that share one lr: the value, as before
     same = dataclasses.replace(names, group_lrs=(0.05, 0.05))
     assert "group['lr'] = 0.005" in lr_scale(0.1, same).code
+    # a script that loads its optimizer's state: each group's value, not a factor compounding at every resume
+    resumed = dataclasses.replace(names, loaded=frozenset({"optimizer"}))
+    code = names.complete(lr_scale(0.1, resumed).code)
+    assert "*=" not in code.split("#")[0]  # (set, not scaled: the same lrs however often it runs)
+    scaled = _pasted(GROUPS, code, "BUILT")["optimizer"]
+    assert [g["lr"] for g in scaled.param_groups] == pytest.approx([0.005, 0.15])
 
 
 def test_a_model_change_says_to_come_after_the_weights_a_script_loads():
