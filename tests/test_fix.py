@@ -904,6 +904,9 @@ def test_the_printed_lr_change_keeps_each_groups_own_lr(tmp_path):
     assert "*=" not in code.split("#")[0]  # (set, not scaled: the same lrs however often it runs)
     scaled = _pasted(GROUPS, code, "BUILT")["optimizer"]
     assert [g["lr"] for g in scaled.param_groups] == pytest.approx([0.005, 0.15])
+    # two optimizers (a GAN's): the store keeps one's lrs, so each keeps its factor (D was set to G's lrs)
+    two = dataclasses.replace(resumed, optimizers=(("optimizer", "model"), ("opt_d", "disc")))
+    assert "for group in optimizer.param_groups: group['lr'] *= 0.1" in lr_scale(0.1, two).code
 
 
 def test_a_model_change_says_to_come_after_the_weights_a_script_loads():

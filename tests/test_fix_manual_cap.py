@@ -117,3 +117,55 @@ def test_momentum_by_hand_is_no_lr_to_read_nor_to_cap(tmp_path):
     assert not np.isfinite(updates_lr(read_run(run_dir))[1:]).any()
     capped = by_hand(30, injector=Injector(lr_cap(0.02).spec, max_steps=None), momentum=0.9)
     assert capped == by_hand(30, momentum=0.9)
+
+
+def test_a_half_precision_loop_by_hand_is_capped_despite_its_rounding():
+    """bf16's p - lr·g rounds to half an ulp: read as no plain gradient step, it went uncapped."""
+    def bf16(steps: int, cap: float | None = None, injector: Injector | None = None) -> list[float]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)).to(torch.bfloat16)
+        w, losses = torch.randn(8, 1, dtype=torch.bfloat16), []
+        if injector is not None:
+            injector.install_late()
+        try:
+            for step in range(steps):
+                x = torch.randn(32, 8, generator=torch.Generator().manual_seed(step)).to(torch.bfloat16)
+                loss = nn.functional.mse_loss(model(x), x @ w)
+                model.zero_grad()
+                loss.backward()
+                lr = min(0.01 * 1.05 ** step, cap or float("inf"))
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p -= lr * p.grad
+                losses.append(loss.item())
+        finally:
+            if injector is not None:
+                injector.remove()
+        return losses
+    trial = bf16(40, injector=Injector(lr_cap(0.02).spec, max_steps=None))
+    assert trial != bf16(40)
+    np.testing.assert_allclose(trial, bf16(40, cap=0.02), rtol=0.1)
+
+
+def test_a_deep_copy_of_the_model_takes_no_cap_with_it():
+    """An EMA or teacher copy made by deepcopy: the hook's method copied the whole injector, whose
+    pending cap then rewrote the copy's weights at its own forward."""
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    injector = Injector(lr_cap(0.001).spec, max_steps=None)
+    injector.install_late()
+    try:
+        for _ in range(3):
+            model.zero_grad()
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.1 * p.grad
+        ema = copy.deepcopy(model)
+        before = [p.clone() for p in ema.parameters()]
+        ema(torch.randn(2, 4))
+        assert all(torch.equal(a, b) for a, b in zip(before, ema.parameters()))
+    finally:
+        injector.remove()

@@ -243,7 +243,9 @@ def _optimizer_lr_code(factor: float, names: Names) -> str:
                 f"its max_lr (CyclicLR: and base_lr): multiply that by {factor:g} instead")
     if len(set(names.group_lrs)) > 1:  # one value would flatten lrs the script set per group
         each = ", ".join(f"{lr:.3g} -> {lr * factor:.3g}" for lr in names.group_lrs)
-        if names.optimizer in names.loaded:  # (made after each load, a factor compounded at every resume)
+        # (made after each load, a factor compounded at every resume; the store keeps one optimizer's
+        # lrs: with several, each its own factor)
+        if names.optimizer in names.loaded and len(names.optimizers) <= 1:
             values = ", ".join(f"{lr * factor:.3g}" for lr in names.group_lrs)
             return (f"for group, lr in zip({names.optimizer}.param_groups, ({values})): group['lr'] = lr  "
                     f"# each group's own lr x{factor:g} ({each}); once, {names.optimizer_ready}")

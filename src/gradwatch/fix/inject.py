@@ -451,8 +451,9 @@ class Injector:
         if self.spec.get("lr_cap") is not None:
             self._capped = (params, [p.detach().clone() for p in params], [p.grad.detach().clone() for p in params])
             if self._cap_hook is None:
-                self._cap_hook = self.model.register_forward_pre_hook(self._cap_update)
-                self._handles += [self._cap_hook, self.model.register_state_dict_pre_hook(self._cap_update)]
+                cap = _WeakCall(self._cap_update)  # (a deepcopy of the model, an EMA's, copies no injector)
+                self._cap_hook = self.model.register_forward_pre_hook(cap)
+                self._handles += [self._cap_hook, self.model.register_state_dict_pre_hook(cap)]
 
     def _cap_update(self, module: nn.Module, *args) -> None:
         """The lr cap of an update by hand, made good before the next forward (or state_dict: a
@@ -470,15 +471,17 @@ class Injector:
             if not bool(norms.any()):  # a forward before the update (an evaluation): not yet
                 return
             self._capped = None
-            used = [(m, g) for m, g, n in zip(moved, grads, norms.tolist()) if n > 0]  # (the weights it updated)
-            along = sum(float((m * g).sum(dtype=torch.float64)) for m, g in used)
-            size = sum(float((g * g).sum(dtype=torch.float64)) for _, g in used)
+            used = [(m, g, b) for m, g, b, n in zip(moved, grads, before, norms.tolist()) if n > 0]  # (the weights it updated)
+            along = sum(float((m.double() * g.double()).sum()) for m, g, _ in used)
+            size = sum(float((g.double() ** 2).sum()) for _, g, _ in used)
             lr = -along / size if size > 0 else 0.0
             cap = float(self.spec["lr_cap"])
             if not (lr > cap and math.isfinite(lr)):
                 return
-            rest = sum(float(((m + lr * g) ** 2).sum(dtype=torch.float64)) for m, g in used)
-            if rest > 1e-6 * float((norms ** 2).sum()):  # |Δw + lr·g| > 0.1% of |Δw|: not p -= lr·g
+            rest = sum(float(((m.double() + lr * g.double()) ** 2).sum()) for m, g, _ in used)
+            # (the rounding of p - lr·g in the weights' dtype allowed: half an ulp each, bf16's 2^-9)
+            rounding = sum(float(((torch.finfo(b.dtype).eps * b.double().abs()) ** 2).sum()) for _, _, b in used)
+            if rest > 1e-6 * float((norms ** 2).sum()) + rounding:  # |Δw + lr·g| > 0.1% of |Δw|: not p -= lr·g
                 return
             for p, b, m in zip(params, before, moved):
                 p.copy_(b + m * (cap / lr))
@@ -508,6 +511,22 @@ class Injector:
     def guard_skipped(self, optimizer) -> None:
         """The script's own gw.guard skipped a step: it still counts against the budget."""
         self._count_step(optimizer)
+
+
+class _WeakCall:
+    """A hook calling a bound method through a weak reference: deep-copied with its module (an EMA
+    or teacher copy), it calls nothing, where the method itself copied the whole injector, whose
+    pending cap then rewrote the copy's weights."""
+
+    def __init__(self, method) -> None:
+        self._method = weakref.WeakMethod(method)
+
+    def __call__(self, *args):
+        method = self._method() if hasattr(self, "_method") else None
+        return None if method is None else method(*args)
+
+    def __deepcopy__(self, memo) -> "_WeakCall":
+        return _WeakCall.__new__(_WeakCall)  # (no method: calls nothing)
 
 
 def _as_a_grad_scaler_would(opt: torch.optim.Optimizer) -> bool:
