@@ -25,7 +25,8 @@ with torch.no_grad():
 
 
 def by_hand(steps: int, cap: float | None = None, injector: Injector | None = None,
-            evaluate: bool = False, momentum: float = 0.0, saved: list | None = None) -> list[float]:
+            evaluate: bool = False, momentum: float = 0.0, saved: list | None = None,
+            clip: float | None = None) -> list[float]:
     """A 3-layer net trained by hand at an lr 5% higher each step (`cap`: the printed ceiling;
     `evaluate`: a forward without gradients between each backward and its update; `momentum` by
     hand; `saved`: gets the state_dict after the last update)."""
@@ -43,6 +44,8 @@ def by_hand(steps: int, cap: float | None = None, injector: Injector | None = No
             if evaluate:
                 with torch.no_grad():
                     model(x)
+            if clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), clip)
             lr = 0.01 * 1.05 ** step
             if cap is not None:
                 lr = min(lr, cap)
@@ -79,14 +82,18 @@ def test_the_lr_of_a_loop_by_hand_is_read_from_its_updates(tmp_path):
     np.testing.assert_allclose(lrs[measured], 0.01 * 1.05 ** run.steps[measured], rtol=1e-3)
 
 
-@pytest.mark.parametrize("evaluate", [False, True])
-def test_the_trials_cap_on_a_loop_by_hand_trains_as_the_printed_ceiling(evaluate):
+@pytest.mark.parametrize("evaluate, clip", [(False, None), (True, None), (False, 0.5)],
+                         ids=["plain", "an evaluation between", "clipped by hand"])
+def test_the_trials_cap_on_a_loop_by_hand_trains_as_the_printed_ceiling(evaluate, clip):
+    """Clipped by hand between the backward and the update: the update is read against the
+    gradients it applied (read against the backward's, it was lr times the clip factor)."""
     cap = 0.02  # reached at step 15 of 40
-    trial = by_hand(40, injector=Injector(lr_cap(cap).spec, max_steps=None), evaluate=evaluate)
-    printed = by_hand(40, cap=cap)
+    trial = by_hand(40, injector=Injector(lr_cap(cap).spec, max_steps=None), evaluate=evaluate, clip=clip)
+    printed = by_hand(40, cap=cap, clip=clip)
     uncapped = by_hand(40)
     np.testing.assert_allclose(trial, printed, rtol=1e-4)
-    assert trial[:16] == uncapped[:16] and not np.allclose(trial[20:], uncapped[20:], rtol=1e-3)
+    if clip is None:
+        assert trial[:16] == uncapped[:16] and not np.allclose(trial[20:], uncapped[20:], rtol=1e-3)
 
 
 def test_a_loop_by_hand_is_printed_the_ceiling_on_its_own_lr(tmp_path):

@@ -471,6 +471,9 @@ class Injector:
             if not bool(norms.any()):  # a forward before the update (an evaluation): not yet
                 return
             self._capped = None
+            applied = [p.grad for p in params]
+            if all(g is not None for g in applied) and any(bool(g.any()) for g in applied):
+                grads = [g.detach() for g in applied]  # (the ones the update applied: clipped by hand since the backward)
             used = [(m, g, b) for m, g, b, n in zip(moved, grads, before, norms.tolist()) if n > 0]  # (the weights it updated)
             along = sum(float((m.double() * g.double()).sum()) for m, g, _ in used)
             size = sum(float((g.double() ** 2).sum()) for _, g, _ in used)
