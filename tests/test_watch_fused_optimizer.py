@@ -9,6 +9,17 @@ from torch import nn
 import gradwatch
 
 
+def float64_weights(layer: nn.Module) -> list[torch.Tensor]:
+    """The layer's weights before a step, in float64 (the reference's own recount)."""
+    return [p.detach().double().clone() for p in layer.parameters()]
+
+
+def update_ratio(layer: nn.Module, before: list[torch.Tensor]) -> float:
+    """|Δw| / |w| of the layer's step from `before`, in float64."""
+    change = torch.cat([(p.detach().double() - b).flatten() for p, b in zip(layer.parameters(), before)])
+    return (change.norm() / torch.cat([b.flatten() for b in before]).norm()).item()
+
+
 def _train(watch_at: str | None, steps: int = 4):
     """`watch_at`: attach the watch "before" or "after" the fused optimizer's hooks (None: unwatched)."""
     torch.manual_seed(0)
@@ -124,12 +135,11 @@ def test_zero_code_reads_a_fused_optimizers_gradients_and_updates(tmp_path, caps
             p.register_post_accumulate_grad_hook(fused)
         x, losses = torch.randn(16, 8), []
         for _ in range(5):
-            before = [p.detach().double().clone() for p in model[0].parameters()]
+            before = float64_weights(model[0])
             loss = model(x).square().mean()
             loss.backward()
             losses.append(loss.item())
-            change = torch.cat([(p.detach().double() - b).flatten() for p, b in zip(model[0].parameters(), before)])
-            ratios.append((change.norm() / torch.cat([b.flatten() for b in before]).norm()).item())
+            ratios.append(update_ratio(model[0], before))
         if watch:
             watch.detach()
         return losses, [p.detach().clone() for p in model.parameters()], seen, ratios
@@ -173,15 +183,14 @@ def test_zero_code_reads_an_optimizer_in_backward_beside_one_after_it(tmp_path, 
         losses, norms, ratios = [], [], []
         for _ in range(steps):
             x = torch.randn(32, 4)
-            before = [p.detach().double().clone() for p in model[0].parameters()]
+            before = float64_weights(model[0])
             loss = nn.functional.mse_loss(model(x), x.sum(1, keepdim=True).sin())
             after.zero_grad()
             loss.backward()
             after.step()
             losses.append(loss.item())
             norms.append(sum(seen[id(p)] for p in model[0].parameters()) ** 0.5)
-            change = torch.cat([(p.detach().double() - b).flatten() for p, b in zip(model[0].parameters(), before)])
-            ratios.append((change.norm() / torch.cat([b.flatten() for b in before]).norm()).item())
+            ratios.append(update_ratio(model[0], before))
         if watch:
             watch.detach()
         return losses, [p.detach().clone() for p in model.parameters()], norms, ratios

@@ -522,8 +522,7 @@ def _screen(trial: Callable[..., Trial], end: Callable[[Trial], None], queue: li
             paused = t.process is not None
             if not paused:  # it could not pause (pause.py): no trial here would, each would run again
                 rung = None
-                result.spent += t.steps
-                result.screened[-1] = trial(f"screen-{i}", cand, short, pause=True)
+                result.screened[-1] = _further(trial, result, t, t.run_dir.name, short, pause=True)
         keep_paused(result.screened, end, most if rung else PAUSED_MAX)
         result.save(out)
 
@@ -549,13 +548,7 @@ def _screen(trial: Callable[..., Trial], end: Callable[[Trial], None], queue: li
             anew = t.process is None  # it could not pause (it wrote files), or stay paused (memory)
             say(f"gradwatch fix: screening {t.candidate.name}: on to {short} steps (in the better half at {rung}"
                 f"{'; anew: it could not stay paused' if anew else ''})")
-            if anew:
-                result.spent += t.steps
-                more = trial(t.run_dir.name, t.candidate, short, pause=True)
-            else:
-                more = trial(t.run_dir.name, t.candidate, short, pause=True, paused=t)
-                more.resumed_from = t.resumed_from  # (in t's place: t's steps are counted in it)
-            result.screened[i] = more
+            result.screened[i] = _further(trial, result, t, t.run_dir.name, short, pause=True)
             result.save(out)
     keep_paused(result.screened, end)  # (not before: one of the better half not yet run on would end)
 
@@ -584,14 +577,23 @@ def _unless_behind(trial: Callable[..., Trial], end: Callable[[Trial], None], re
         say(f"gradwatch fix: {cand.name}: stopped at step {first.steps}, its loss {first.final_loss:.4g} above "
             f"{lead.candidate.name}'s there beyond the noise")
         return first
-    if first.process is None:  # it could not pause (it wrote files): run again from its start
+    if first.process is None:
         say(f"gradwatch fix: {cand.name}: runs again from its start to {result.budget_steps} steps: it wrote files, "
             "put aside, that it would miss if run on")
-        result.spent += first.steps - first.resumed_from
-        return trial(f"{name}-again", cand, result.budget_steps)
-    rest = trial(name, cand, result.budget_steps, paused=first)
-    rest.resumed_from = first.resumed_from  # (in first's place: its steps are counted in it)
-    return rest
+    return _further(trial, result, first, f"{name}-again", result.budget_steps)
+
+
+def _further(trial: Callable[..., Trial], result: FixResult, t: Trial, again: str, steps: int,
+             pause: bool = False) -> Trial:
+    """`t`, cut at its last step, run on to `steps` in its place: from its pause, its steps counted in
+    the trial that takes its place; where it could not pause (it wrote files, or could not stay
+    paused), again from its start in the directory `again`, the steps it ran paid for (`spent`)."""
+    if t.process is None:
+        result.spent += t.steps - t.resumed_from
+        return trial(again, t.candidate, steps, pause=pause)
+    more = trial(t.run_dir.name, t.candidate, steps, pause=pause, paused=t)
+    more.resumed_from = t.resumed_from  # (in t's place: t's steps are counted in it)
+    return more
 
 
 def behind_then(trial: Trial, lead: Trial) -> bool:

@@ -151,7 +151,7 @@ def lr_cap(cap: float, names: Names = GENERIC) -> Candidate:
     the schedule set it higher, and leaves the schedule as it is (by hand: the update it made,
     scaled back to the cap's, inject's `_cap_update`)."""
     if names.manual:
-        lr = names.update_lr if names.update_lr and re.fullmatch(r"[A-Za-z_][\w.]*", names.update_lr) else ""
+        lr = names.update_lr if names.update_lr and _assignable(names.update_lr) else ""
         code = (f"{lr} = min({lr}, {cap:.3g})  # every step, right before your update, after {lr} is set: "
                 "a ceiling for your schedule" if lr else
                 f"# every step, right before your update: the learning rate of your update "
@@ -259,6 +259,12 @@ def _optimizer_lr_code(factor: float, names: Names) -> str:
     return loop + f"group['lr'] = {value}  # {names.run.lr:.3g} x{factor:g}; once, {names.optimizer_ready}{option}"
 
 
+def _assignable(lr: str) -> bool:
+    """`lr` (the update's learning rate as the script writes it) is a name or an attribute a line
+    can assign to (`lr`, `args.lr`), not an expression."""
+    return re.fullmatch(r"[A-Za-z_][\w.]*", lr) is not None
+
+
 def _manual_lr_code(factor: float, names: Names) -> str:
     """Updates by hand: the trial scaled the gradients the update applies (p -= lr·g), which is
     scaling the lr the update multiplies them by."""
@@ -267,7 +273,7 @@ def _manual_lr_code(factor: float, names: Names) -> str:
     if not lr:
         return (f"lr *= {factor:g}  # lr: the learning rate your update multiplies the gradients by (not found in "
                 f"your script); once, after it is set: {why}")
-    if not re.fullmatch(r"[A-Za-z_][\w.]*", lr):  # an expression (`0.5`, `base_lr * decay`): nothing to assign to
+    if not _assignable(lr):  # an expression (`0.5`, `base_lr * decay`): nothing to assign to
         return f"# multiply the learning rate of your update ({lr}) by {factor:g}: {why}"
     if was is not None:
         return f"{lr} = {was * factor:.3g}  # in place of your {lr} = {was:g} (x{factor:g}): {why}"

@@ -134,7 +134,6 @@ class Injector:
         self.backwards = 0
         self.non_finite_losses = 0  # consecutive
         self._optimizers: dict[int, dict] = {}
-        self._known: weakref.WeakSet = weakref.WeakSet()  # every optimizer built (params_added): the zero_grad spec clears them
         self._built: list[weakref.ref] = []  # every optimizer built or stepping, in order (`_remember`)
         self._clear_next = False  # the zero_grad spec: clear them all before the next backward
         self._manual_clipper = None
@@ -218,7 +217,6 @@ class Injector:
                                                  lr=self.spec.get("lr", 1e-3))
                 state["adam"]._gradwatch_inner = True  # (no optimizer of the script's: built here, not remembered)
                 self._built = [ref for ref in self._built if ref() is not state["adam"]]
-                self._known.discard(state["adam"])
                 state["base_lrs"] = [g.get("max_lr", g.get("initial_lr", g["lr"])) for g in opt.param_groups]
             if self.spec.get("clip"):
                 self._attach_clipper(state.get("adam", opt))
@@ -242,7 +240,7 @@ class Injector:
         first: a head-only optimizer then trained a frozen body's norms, a head's lr 0.1 drove a
         body's at 1e-3. The parameters it removed (a replaced RNN's) leave them, as they leave the
         printed change's: kept in LBFGS's flat vector, they changed its sums in the last bits."""
-        built = [opt for ref in self._built if (opt := ref()) is not None]
+        built = self._alive()
         for o, g, p in give_added(built, self._added, self._kept):
             adam = self._optimizers.get(id(built[o]), {}).get("adam")
             if adam is not None:
@@ -254,9 +252,13 @@ class Injector:
                         drop(held, self._gone)
 
     def _remember(self, opt: torch.optim.Optimizer) -> None:
-        """`opt` among the optimizers built, in the order they were (`_give_added` reads them)."""
+        """`opt` among the optimizers built, in the order they were (`_give_added` gives them a
+        remedy's new parameters, the zero_grad spec clears them all)."""
         if not getattr(opt, "_gradwatch_inner", False) and all(ref() is not opt for ref in self._built):
             self._built.append(weakref.ref(opt))
+
+    def _alive(self) -> list[torch.optim.Optimizer]:
+        return [opt for ref in self._built if (opt := ref()) is not None]
 
     def _make_clipper(self):
         clip = remedies.clip
@@ -412,7 +414,7 @@ class Injector:
     def _clear_all_if_due(self) -> None:
         if self._clear_next:
             self._clear_next = False
-            for opt in list(self._known):
+            for opt in self._alive():
                 opt.zero_grad()
 
     def _stop_if_failed(self, root) -> None:
@@ -505,11 +507,8 @@ class Injector:
             self._clear_all_later()
 
     def params_added(self, optimizer: torch.optim.Optimizer) -> None:
-        """An optimizer took parameters (patches.Listener): remedies act at its steps, not before;
-        the zero_grad spec knows it, to clear it."""
+        """An optimizer took parameters (patches.Listener): remedies act at its steps, not before."""
         self._remember(optimizer)
-        if self.spec.get("zero_grad") and not getattr(optimizer, "_gradwatch_inner", False):
-            self._known.add(optimizer)
 
     def guard_skipped(self, optimizer) -> None:
         """The script's own gw.guard skipped a step: it still counts against the budget."""
