@@ -371,27 +371,40 @@ def test_combining_remedies_that_touch_different_things():
     assert combine(clip_norm(1.0), clip_norm(2.0)) is None
 
 
-def test_a_nan_in_the_data_is_named_not_repaired(tmp_path):
-    """A NaN from a batch, not from training dynamics: no remedy repairs it, and fix says where to look."""
+def test_a_nan_in_the_data_is_named_and_only_its_remedy_tried(tmp_path, monkeypatch):
+    """A NaN from a batch, not from training dynamics: fix says where it came in, and tries only
+    setting it to 0 where the model takes it (no lr, clip or optimizer reaches the data); the trial
+    trains as the printed `torch.nan_to_num` on the batch does, bit for bit."""
     from gradwatch.cli.fix_cmd import nan_note
 
-    def train():
+    def train(mend=False):
+        torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         x, y = torch.randn(30, 32, 8), torch.randn(30, 32, 1)
         x[12, 3, 0] = float("nan")  # one bad row in batch 12
         for i in range(30):
             opt.zero_grad()
-            nn.functional.mse_loss(model(x[i]), y[i]).backward()
+            batch = torch.nan_to_num(x[i], nan=0.0, posinf=0.0, neginf=0.0) if mend else x[i]
+            nn.functional.mse_loss(model(batch), y[i]).backward()
             opt.step()
+        torch.save(model.state_dict(), "weights.pt")
 
-    result = fix(train, out=tmp_path, budget_steps=30, progress=lambda m: None)
-    assert "non_finite" in result.baseline.harmful and not result.repaired
+    monkeypatch.chdir(tmp_path)
+    result = fix(train, out=tmp_path / "fix", budget_steps=40, progress=lambda m: None)
+    assert "non_finite" in result.baseline.harmful and result.repaired and not result.screened
+    assert [t.candidate.spec for t in result.trials] == [{"inputs": "finite"}]
+    assert "torch.nan_to_num(batch, nan=0.0, posinf=0.0, neginf=0.0)" in result.winner.candidate.code
+    assert "The winner sets it to 0" in nan_note(result)
+    train(mend=True)
+    trained, mended = torch.load(result.winner.run_dir / "written" / "weights.pt"), torch.load("weights.pt")
+    assert all(torch.equal(trained[k], mended[k]) for k in mended)
+    result.trials.clear()  # not repaired: where to look
     # the baseline again to step 12 found the batch holding the NaN, and the line that took it
     assert result.located.steps == 13 and result.origin is not None and not result.origin.made_here
-    assert result.origin.file == __file__ and "model(x[i])" in result.origin.code
+    assert result.origin.file == __file__ and "else x[i]" in result.origin.code
     hint = nan_note(result)
-    assert hint is not None and "step 12" in hint and "model(x[i])" in hint
+    assert hint is not None and "step 12" in hint and "else x[i]" in hint
     result.origin = None  # not found (a script whose NaN moves between runs): where to look
     assert "data or the loss" in nan_note(result)
     exploding = Trial(Candidate("b"), tmp_path, 0, 1.0, steps=10, findings=[

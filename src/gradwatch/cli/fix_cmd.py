@@ -264,6 +264,13 @@ def nan_note(result: FixResult) -> str | None:
     if result.repaired:
         if result.origin is None:
             return None
+        spec = result.winner.candidate.spec
+        if spec.get("inputs"):  # (`from_origin`)
+            return (f"Note: the baseline's NaN/Inf came with the data: {result.origin.describe()}. The winner sets it "
+                    "to 0 where the model takes it; mending or dropping those samples is better still.")
+        if spec.get("swap", {}).get("own"):
+            return (f"Note: the baseline's NaN/Inf was made here: {result.origin.describe()}. The winner replaces the "
+                    f"{spec['swap']['from']} module that made it.")
         said = ("came from the data or the arithmetic, not from training" if known else
                 "came too soon to tell whether growing gradients led to it; it was made here")
         return (f"Note: the baseline's NaN/Inf {said}: {result.origin.describe()}. The winner may only put it off "

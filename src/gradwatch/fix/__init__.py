@@ -20,7 +20,7 @@ from gradwatch.diagnose.advice import Context, nan_cause
 from gradwatch.diagnose.finding import Finding
 from gradwatch.errors import ConfigError
 from gradwatch.fix.candidates import (BLOW_UP, MODEL_KEYS, Candidate, aimed, autotrainer_order, combine, findings_model,
-                                      from_findings, lr_ceiling)
+                                      from_findings, from_origin, lr_ceiling)
 from gradwatch.fix.inject import PAUSABLE
 from gradwatch.fix.locate import Origin
 from gradwatch.fix.names import Names, script_names
@@ -318,6 +318,19 @@ def nan_to_locate(baseline: Trial) -> Finding | None:
     out is cheap: the NaN is early."""
     return next((f for f in baseline.findings
                  if f.kind == "non_finite" and nan_cause(f.evidence) in ("data", "unknown")), None)
+
+
+def at_the_origin(origin: Origin, fault: Finding, candidates: list[Candidate], names: Names,
+                  target: str | None = None) -> list[Candidate]:
+    """The remedies worth a trial once the locating run found where a NaN/Inf that no gradient growth
+    led to was made: those for that operation (`from_origin`), and at the first step, before any
+    update, the changes to the model among `candidates` (its initialisation made what overflowed).
+    An lr, a clipper or an optimizer does not reach the arithmetic or the data: at best it puts the
+    NaN off past the budget (a log of a predicted variance: lr x0.1 screened finite, then NaN at
+    step 122), and on a NaN at step 0 it changes nothing at all. `candidates` are aimed at `target`
+    already (`aimed`), the origin's remedies are aimed here."""
+    at_init = [c for c in candidates if fault.evidence.get("at_init") and set(c.spec) - {"target"} <= set(MODEL_KEYS)]
+    return [*(aimed(c, target) if target is not None else c for c in from_origin(origin, names)), *at_init]
 
 
 MIN_SCREEN = 10  # steps a screening runs at least (past the fault's onset)
@@ -636,6 +649,7 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], end: Callable[[Trial], N
     names = replace(script_names(command, Context(run)), group_lrs=group_lrs(baseline.run_dir))
     if (target := findings_model(baseline.blocking, names)) is not None:
         names = names.aimed_at(target)
+    chosen = candidates is not None
     if candidates is None:
         if order == "autotrainer":
             candidates = autotrainer_order(baseline.blocking, names)
@@ -656,6 +670,8 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], end: Callable[[Trial], N
             f"running the baseline to it again to find the operation that makes it")
         result.located = trial(LOCATE, BASELINE, fault.first_step + 1, locate_at=fault.first_step)
         result.origin = Origin.load(result.located.run_dir)
+        if not chosen and order != "autotrainer" and result.origin is not None and nan_cause(fault.evidence) == "data":
+            candidates = at_the_origin(result.origin, fault, candidates, names, target)
     result.save(out)
     queue = list(candidates)
     screening = strategy == "screen" and len(queue) > 1

@@ -5,9 +5,10 @@ through hooks, plus the code the user should write if it wins, in the script's o
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -16,6 +17,9 @@ from gradwatch.diagnose.advice import ADAPTIVE, forget_bias_code
 from gradwatch.diagnose.finding import Finding
 from gradwatch.fix.names import CYCLIC_LRS, Names
 from gradwatch.store.series import RunSeries
+
+if TYPE_CHECKING:
+    from gradwatch.fix.locate import Origin
 
 # Kinds a repair must remove. Plateau and divergence are judged through the final loss instead.
 HARMFUL = ("vanishing_gradient", "exploding_gradient", "non_finite", "dead_units", "saturation", "stale_gradients")
@@ -281,18 +285,19 @@ def _manual_lr_code(factor: float, names: Names) -> str:
 
 
 def swap(old: str, new: str = "LeakyReLU", init: str | None = None, present: tuple[str, ...] = (),
-         names: Names = GENERIC) -> Candidate:
+         names: Names = GENERIC, own: bool = False) -> Candidate:
     """An activation swap of the hidden layers (the output's activation, the one the forward applies
     after the last layer, is kept); with `init`, the weights re-initialised for the new activation
     too (the old weights were scaled for the old one: swapping alone keeps, e.g., saturating
-    magnitudes). `old="*"`: every activation module, the code naming the classes `present` in the model."""
+    magnitudes). `old="*"`: every activation module, the code naming the classes `present` in the model.
+    `own`: `old` is a class of the script's (`class Exp(nn.Module)`), not torch's."""
     made = "nn.LeakyReLU(0.01)" if new == "LeakyReLU" else f"nn.{new}()"
-    classes = (f"nn.{old}" if old != "*" else
+    classes = (old if own else f"nn.{old}" if old != "*" else
                f"({', '.join(f'nn.{c}' for c in present)},)" if present else "(nn.Sigmoid, nn.Tanh, nn.ReLU)")
     model = names.changed
     parts = [Part(SWAP, f"{model}, _ = gw.modify.swap_activations({model}, {classes}, lambda: {made}, "
                         "keep_output=True, example_input=batch)")]
-    spec: dict = {"swap": {"from": old, "to": new}}
+    spec: dict = {"swap": {"from": old, "to": new, **({"own": True} if own else {})}}
     name = f"{'activations' if old == '*' else old} -> {new}"
     if init:
         spec["init"] = init
@@ -457,6 +462,28 @@ def _parts(cand: Candidate) -> tuple[Part, ...]:
 
 
 MODEL_KEYS = ("swap", "norm", "init", "recurrent")  # the spec keys of a change to the model
+
+
+def from_origin(origin: Origin, names: Names = GENERIC) -> list[Candidate]:
+    """Remedies for the operation that made a NaN/Inf from the data or the arithmetic (`locate.py`),
+    where no training remedy repairs it: a batch that already held NaN/Inf, its values replaced by 0
+    as the model takes them (the usual first imputation; mending or dropping those samples is better,
+    and the note says so); an activation written as a class of the script's that made it (`torch.exp`
+    overflowing), swapped for LeakyReLU with He init, the swap `from_findings` makes of a saturating
+    one. An unsafe operation in the loss (a log, a division) has no remedy but its own line's guard."""
+    if origin.gradient_of:
+        return []
+    if not origin.made_here:
+        return [finite_inputs(origin, names)]
+    return [swap(origin.module, "LeakyReLU", "auto", names=names, own=True)] if origin.module else []
+
+
+def finite_inputs(origin: Origin, names: Names = GENERIC) -> Candidate:
+    """Every NaN/Inf in the model's inputs replaced by 0 (the trial: a forward pre-hook on the model)."""
+    where = f"{os.path.basename(origin.file)}:{origin.line}"
+    code = (f"batch = torch.nan_to_num(batch, nan=0.0, posinf=0.0, neginf=0.0)  # every step, the batch before "
+            f"{names.changed}(batch): it held {origin.value} ({where}); better, mend or drop the samples that hold it")
+    return _made("NaN/Inf in the model's inputs -> 0", {"inputs": "finite"}, Part(ON_OPTIMIZER, code))
 
 
 def aimed(cand: Candidate, target: str) -> Candidate:

@@ -61,7 +61,10 @@ def apply_to_model(model: nn.Module, spec: dict, example_input: Any = None) -> s
     a trial of the rest of the remedy under the swap's name."""
     swap = spec.get("swap")
     if swap:
-        old = tuple(ACTIVATIONS) if swap["from"] == "*" else (getattr(nn, swap["from"]),)
+        old = tuple(ACTIVATIONS) if swap["from"] == "*" else _own_classes(model, swap["from"]) if swap.get("own") \
+            else (getattr(nn, swap["from"]),)
+        if not old:  # (a class of the script's that made the NaN, run outside the model: a loss module)
+            return f"no {swap['from']} module in the model; nothing changed"
         _, change = remedies.swap_activations(model, old, NEW_ACTIVATION[swap["to"]], keep_output=True,
                                               example_input=example_input)
         if not change:
@@ -75,6 +78,23 @@ def apply_to_model(model: nn.Module, spec: dict, example_input: Any = None) -> s
     elif spec.get("recurrent"):
         _recurrent(model, spec["recurrent"])
     return ""
+
+
+def _own_classes(model: nn.Module, name: str) -> tuple[type, ...]:
+    """The classes of the modules in `model` named `name`: the script's own (`class Exp(nn.Module)`)."""
+    return tuple({type(m) for m in model.modules() if type(m).__name__ == name})
+
+
+def finite(value: Any) -> Any:
+    """`value` with every NaN/Inf of its floating tensors replaced by 0 (the `inputs` spec), through
+    tuples, lists and dicts: a model's arguments."""
+    if isinstance(value, torch.Tensor):
+        return torch.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(finite(v) for v in value)
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    return value
 
 
 @contextmanager
@@ -170,7 +190,7 @@ class Injector:
         self.locator.__enter__()
 
     # ---------------------------------------------------------------- model
-    def _before_forward(self, module: nn.Module, args) -> None:
+    def _before_forward(self, module: nn.Module, args) -> tuple | None:
         """The model is the first module with trainable parameters that runs with grad enabled: one
         run under no_grad (a teacher making targets, an evaluation first) is not being trained. With
         a `target` in the spec (the model the findings name, a GAN's `disc`), the module the script
@@ -197,6 +217,11 @@ class Injector:
             self._handles.pop(0).remove()
             if void:
                 self._not_applied(void)
+            if self.spec.get("inputs") == "finite":  # from the next call on by the model's own hook; this call's here
+                self._handles.append(module.register_forward_pre_hook(
+                    lambda _, a, kw: (finite(a), finite(kw)), with_kwargs=True))
+                return finite(args)
+        return None
 
     def _not_applied(self, why: str) -> None:
         """End the trial before its first step: it would measure the rest of the remedy (a swap's

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import sys
 import sysconfig
 import traceback
 import weakref
@@ -67,6 +68,9 @@ class Origin:
     value: str  # "NaN" or "Inf"
     gradient_of: str = ""  # in the backward pass: the autograd node (e.g. "SqrtBackward0"); the line made it
     masked: bool = False  # an input held ±inf on purpose (an attention mask): made from it, not from finite inputs
+    # made in the forward of a module with no parameters and no submodules (an activation written as a
+    # class: `class Exp(nn.Module)`): its class name, which a swap can replace (`candidates.from_origin`)
+    module: str = ""
 
     def describe(self) -> str:
         where = f"{os.path.basename(self.file)}:{self.line}: `{self.code}`"
@@ -161,8 +165,9 @@ class NonFiniteLocator(TorchDispatchMode):
         held = [a for a in tensors if _non_finite(a) and not any(a is m for m in masked)]
         if frame is None or any(isinstance(a, torch.nn.Parameter) for a in held):
             return  # no line of the script's, or the weights were already non-finite (an earlier step)
+        module = _activation_module(frame) if node is None and not held else ""
         self.origin = Origin(str(func), frame[0], frame[1], frame[2].strip(), made_here=not held, value=value,
-                             gradient_of=node.name() if node is not None else "", masked=bool(masked))
+                             gradient_of=node.name() if node is not None else "", masked=bool(masked), module=module)
         if self.run_dir is not None:  # at once: the run may still die of the NaN it made
             self.origin.save(self.run_dir)
 
@@ -206,6 +211,21 @@ def _callers(frame: tuple[str, int, str, str]) -> bool:
     if file.startswith((_TORCH_DIR, "<")) or (file.startswith(_STDLIB) and not file.startswith(_SITE)):
         return False
     return not (file.startswith(_OUR_DIR) and name in _PASS_THROUGH)
+
+
+def _activation_module(frame: tuple[str, int, str, str]) -> str:
+    """The class name of the module whose `forward` is the running `frame`, when that module holds no
+    parameters and no submodules: an activation written as a class, which a swap can replace. A
+    loss module fits too, but a swap only reaches modules inside the model, between its layers."""
+    file, line, _, name = frame
+    f = sys._getframe()
+    while f is not None and not (f.f_code.co_filename == file and f.f_lineno == line and f.f_code.co_name == name):
+        f = f.f_back
+    module = f.f_locals.get("self") if f is not None and name == "forward" else None
+    if isinstance(module, torch.nn.Module) and not any(True for _ in module.parameters()) \
+            and not any(True for _ in module.children()):
+        return type(module).__name__
+    return ""
 
 
 def _in_worker() -> bool:
