@@ -117,3 +117,16 @@ def test_fix_swaps_the_activation_that_overflowed_and_trains_as_the_printed_chan
     _train(swap_by_hand=True)
     trained, by_hand = torch.load(result.winner.run_dir / "written" / "weights.pt"), torch.load("weights.pt")
     assert list(trained) == list(by_hand) and all(torch.equal(trained[k], by_hand[k]) for k in by_hand)
+
+
+def test_an_overflow_on_the_weights_keeps_the_training_remedies_but_not_at_the_first_step():
+    """A matmul that overflowed (weights an lr may have grown, Adam's steps not growing with the
+    gradients) is no arithmetic fault: the lr, clip and optimizer trials stay, except at step 0."""
+    matmul = Origin("aten.addmm.default", "/x/t.py", 5, "out = model(x)", True, "Inf")
+    trained = [lr_scale(0.1), adam(), reinit()]
+    later = Finding("non_finite", "error", 12, (), "m", {"at_init": False, "grad_growth_before": 1.1})
+    at_init = Finding("non_finite", "error", 0, (), "m", {"at_init": True, "grad_growth_before": float("nan")})
+    assert at_the_origin(matmul, later, trained, GENERIC) == trained
+    assert [c.name for c in at_the_origin(matmul, at_init, trained, GENERIC)] == ["re-initialise per activation"]
+    log = Origin("aten.log.default", "/x/t.py", 22, "return torch.log(var)", True, "NaN")
+    assert at_the_origin(log, later, trained, GENERIC) == []

@@ -328,9 +328,13 @@ def at_the_origin(origin: Origin, fault: Finding, candidates: list[Candidate], n
     An lr, a clipper or an optimizer does not reach the arithmetic or the data: at best it puts the
     NaN off past the budget (a log of a predicted variance: lr x0.1 screened finite, then NaN at
     step 122), and on a NaN at step 0 it changes nothing at all. `candidates` are aimed at `target`
-    already (`aimed`), the origin's remedies are aimed here."""
-    at_init = [c for c in candidates if fault.evidence.get("at_init") and set(c.spec) - {"target"} <= set(MODEL_KEYS)]
-    return [*(aimed(c, target) if target is not None else c for c in from_origin(origin, names)), *at_init]
+    already (`aimed`), the origin's remedies are aimed here. An origin that is neither the data nor
+    such arithmetic (a matmul overflowing on weights the updates grew, with Adam's steps not growing
+    with the gradients) keeps `candidates` too."""
+    own = [aimed(c, target) if target is not None else c for c in from_origin(origin, names)]
+    if fault.evidence.get("at_init"):
+        return [*own, *(c for c in candidates if set(c.spec) - {"target"} <= set(MODEL_KEYS))]
+    return own if own or origin.unsafe else candidates
 
 
 MIN_SCREEN = 10  # steps a screening runs at least (past the fault's onset)

@@ -87,6 +87,13 @@ class Origin:
         return text + (f"; {_GUARDS[self.kind]}" if self.kind in _GUARDS else "")
 
     @property
+    def unsafe(self) -> bool:
+        """An operation that makes NaN/Inf from finite inputs by its arithmetic (a log, a division, an
+        exp: those `_GUARDS` names), where no learning rate is to blame; not a matmul that overflowed
+        on weights an lr may have grown."""
+        return self.kind in _GUARDS
+
+    @property
     def kind(self) -> str:
         """The operation's name without namespace or overload ("div"), or the node's ("sqrt")."""
         if self.gradient_of:
