@@ -394,7 +394,7 @@ def test_a_nan_in_the_data_is_named_and_only_its_remedy_tried(tmp_path, monkeypa
     result = fix(train, out=tmp_path / "fix", budget_steps=40, progress=lambda m: None)
     assert "non_finite" in result.baseline.harmful and result.repaired and not result.screened
     assert [t.candidate.spec for t in result.trials] == [{"inputs": "finite"}]
-    assert "torch.nan_to_num(batch, nan=0.0, posinf=0.0, neginf=0.0)" in result.winner.candidate.code
+    assert "model(torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0))" in result.winner.candidate.code
     assert "The winner sets it to 0" in nan_note(result)
     train(mend=True)
     trained, mended = torch.load(result.winner.run_dir / "written" / "weights.pt"), torch.load("weights.pt")

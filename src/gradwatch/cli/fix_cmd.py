@@ -102,7 +102,10 @@ def print_result(result: FixResult, console: Console) -> None:
         console.print(f"Note: your script fails on its own: the baseline exited with code {result.baseline.exit_code} "
                       f"after {result.baseline.steps} steps ({_error(result.baseline)}). A trial that fails is ranked "
                       "behind every one that runs its course.", markup=False)
-    if not tried:
+    if not tried and result.origin is not None and _at_init(result):  # (`fix.at_the_origin` left nothing)
+        console.print("Nothing to try: no remedy reaches where the NaN/Inf was made (below); an lr, a clipper or an "
+                      "optimizer changes nothing before the first update.", markup=False)
+    elif not tried:
         console.print(_nothing_tried(result.baseline), markup=False)
     elif winner is None:
         if result.baseline.failed and all(t.failed for t in result.trials):
@@ -160,6 +163,14 @@ def print_interrupted(result: FixResult, console: Console) -> None:
         console.print(f"The best so far, {best.candidate.name}, is a lead, not a verdict: the trials that would "
                       "have checked it did not run. Its code:", markup=False)
         console.print(textwrap.indent(result.names.complete(best.candidate.code), "    "), markup=False, soft_wrap=True)
+
+
+def _at_init(result: FixResult) -> bool:
+    """The baseline's located NaN/Inf came at the first step, before any update."""
+    from gradwatch.fix import nan_to_locate
+
+    fault = nan_to_locate(result.baseline)
+    return fault is not None and bool(fault.evidence.get("at_init"))
 
 
 def _nothing_tried(base: Trial) -> str:

@@ -323,18 +323,16 @@ def nan_to_locate(baseline: Trial) -> Finding | None:
 def at_the_origin(origin: Origin, fault: Finding, candidates: list[Candidate], names: Names,
                   target: str | None = None) -> list[Candidate]:
     """The remedies worth a trial once the locating run found where a NaN/Inf that no gradient growth
-    led to was made: those for that operation (`from_origin`), and at the first step, before any
-    update, the changes to the model among `candidates` (its initialisation made what overflowed).
-    An lr, a clipper or an optimizer does not reach the arithmetic or the data: at best it puts the
-    NaN off past the budget (a log of a predicted variance: lr x0.1 screened finite, then NaN at
-    step 122), and on a NaN at step 0 it changes nothing at all. `candidates` are aimed at `target`
-    already (`aimed`), the origin's remedies are aimed here. An origin that is neither the data nor
-    such arithmetic (a matmul overflowing on weights the updates grew, with Adam's steps not growing
-    with the gradients) keeps `candidates` too."""
+    led to was made: those for that place (`from_origin`) first. A batch that already held it is the
+    data's, and at the first step, before any update, only a change to the model can matter: there
+    an lr, a clipper or an optimizer swap is not tried. Arithmetic the training drove out of its
+    domain later (a log of a predicted variance under Adam at lr 0.1: NaN at step 57 with the
+    gradients flat, none in 600 steps at lr 0.01) may still be the lr's: those stay, after. 
+    `candidates` are aimed at `target` already (`aimed`), the origin's remedies are aimed here."""
     own = [aimed(c, target) if target is not None else c for c in from_origin(origin, names)]
     if fault.evidence.get("at_init"):
         return [*own, *(c for c in candidates if set(c.spec) - {"target"} <= set(MODEL_KEYS))]
-    return own if own or origin.unsafe else candidates
+    return own if not origin.made_here else [*own, *candidates]
 
 
 MIN_SCREEN = 10  # steps a screening runs at least (past the fault's onset)

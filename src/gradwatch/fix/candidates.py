@@ -461,9 +461,6 @@ def _parts(cand: Candidate) -> tuple[Part, ...]:
     return (Part(min((stages[k] for k in cand.spec if k in stages), default=ON_OPTIMIZER), cand.code),)
 
 
-MODEL_KEYS = ("swap", "norm", "init", "recurrent")  # the spec keys of a change to the model
-
-
 def from_origin(origin: Origin, names: Names = GENERIC) -> list[Candidate]:
     """Remedies for the operation that made a NaN/Inf from the data or the arithmetic (`locate.py`),
     where no training remedy repairs it: a batch that already held NaN/Inf, its values replaced by 0
@@ -479,17 +476,24 @@ def from_origin(origin: Origin, names: Names = GENERIC) -> list[Candidate]:
 
 
 def finite_inputs(origin: Origin, names: Names = GENERIC) -> Candidate:
-    """Every NaN/Inf in the model's inputs replaced by 0 (the trial: a forward pre-hook on the model)."""
+    """The model's first argument with its NaN/Inf set to 0 at every call (the trial: a forward
+    pre-hook on the model; its other arguments, a mask of -inf, are left alone). The change is
+    written on the call, since the script's batch may also be a target or a list."""
     where = f"{os.path.basename(origin.file)}:{origin.line}"
-    code = (f"batch = torch.nan_to_num(batch, nan=0.0, posinf=0.0, neginf=0.0)  # every step, the batch before "
-            f"{names.changed}(batch): it held {origin.value} ({where}); better, mend or drop the samples that hold it")
-    return _made("NaN/Inf in the model's inputs -> 0", {"inputs": "finite"}, Part(ON_OPTIMIZER, code))
+    model = names.changed
+    code = (f"# at every call of {model}: its first argument x as torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0), "
+            f"e.g. {model}(torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)). It held {origin.value} "
+            f"({where}); better, mend or drop the samples that hold it")
+    return _made("NaN/Inf in the model's input -> 0", {"inputs": "finite"}, Part(ON_OPTIMIZER, code))
+
+
+MODEL_KEYS = ("swap", "norm", "init", "recurrent")  # the spec keys of a change to the model
 
 
 def aimed(cand: Candidate, target: str) -> Candidate:
     """`cand` with its change to the model made to the module the script calls `target`, not to
     the first trained (`findings_model`); an optimizer remedy alone acts on every optimizer as it is."""
-    if not any(k in cand.spec for k in MODEL_KEYS):
+    if not any(k in cand.spec for k in (*MODEL_KEYS, "inputs")):  # (the inputs of the model named: a GAN's disc's)
         return cand
     return replace(cand, name=f"{cand.name} ({target})", spec={**cand.spec, "target": target})
 

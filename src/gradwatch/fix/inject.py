@@ -85,16 +85,12 @@ def _own_classes(model: nn.Module, name: str) -> tuple[type, ...]:
     return tuple({type(m) for m in model.modules() if type(m).__name__ == name})
 
 
-def finite(value: Any) -> Any:
-    """`value` with every NaN/Inf of its floating tensors replaced by 0 (the `inputs` spec), through
-    tuples, lists and dicts: a model's arguments."""
-    if isinstance(value, torch.Tensor):
-        return torch.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0) if value.is_floating_point() else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(finite(v) for v in value)
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    return value
+def finite_first(args: tuple) -> tuple:
+    """`args` with the NaN/Inf of the first, a floating tensor, set to 0 (the `inputs` spec: the
+    model's input; the rest, a mask holding -inf on purpose, left alone)."""
+    if not args or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
+        return args
+    return (torch.nan_to_num(args[0], nan=0.0, posinf=0.0, neginf=0.0), *args[1:])
 
 
 @contextmanager
@@ -218,9 +214,10 @@ class Injector:
             if void:
                 self._not_applied(void)
             if self.spec.get("inputs") == "finite":  # from the next call on by the model's own hook; this call's here
-                self._handles.append(module.register_forward_pre_hook(
-                    lambda _, a, kw: (finite(a), finite(kw)), with_kwargs=True))
-                return finite(args)
+                if not args:
+                    self._not_applied(f"the {type(module).__name__} took its input by keyword, not as its first argument")
+                self._handles.append(module.register_forward_pre_hook(lambda _, a: finite_first(a)))
+                return finite_first(args)
         return None
 
     def _not_applied(self, why: str) -> None:

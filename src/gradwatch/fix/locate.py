@@ -172,7 +172,7 @@ class NonFiniteLocator(TorchDispatchMode):
         held = [a for a in tensors if _non_finite(a) and not any(a is m for m in masked)]
         if frame is None or any(isinstance(a, torch.nn.Parameter) for a in held):
             return  # no line of the script's, or the weights were already non-finite (an earlier step)
-        module = _activation_module(frame) if node is None and not held else ""
+        module = _activation_module(frame) if node is None and not held and not masked and _overflowed(func, args) else ""
         self.origin = Origin(str(func), frame[0], frame[1], frame[2].strip(), made_here=not held, value=value,
                              gradient_of=node.name() if node is not None else "", masked=bool(masked), module=module)
         if self.run_dir is not None:  # at once: the run may still die of the NaN it made
@@ -220,17 +220,29 @@ def _callers(frame: tuple[str, int, str, str]) -> bool:
     return not (file.startswith(_OUR_DIR) and name in _PASS_THROUGH)
 
 
+# elementwise operations that overflow a finite input: an activation built on one is no activation to
+# keep (a division or a log is a guard's business: a parameterless L2 normalisation divides too)
+_OVERFLOWING = ("exp", "exp2", "expm1", "pow", "sinh", "cosh")
+
+
+def _overflowed(func, args) -> bool:
+    """`func` is an elementwise operation of `_OVERFLOWING` on one tensor, its output shaped as it."""
+    name = func.__name__.split(".")[0].rstrip("_")
+    return name in _OVERFLOWING and bool(args) and isinstance(args[0], torch.Tensor)
+
+
 def _activation_module(frame: tuple[str, int, str, str]) -> str:
-    """The class name of the module whose `forward` is the running `frame`, when that module holds no
-    parameters and no submodules: an activation written as a class, which a swap can replace. A
-    loss module fits too, but a swap only reaches modules inside the model, between its layers."""
+    """The class name of the module whose `forward(self, x)` is the running `frame`, when that module
+    holds no parameters and no submodules: an activation written as a class, which a swap can
+    replace. A loss module fits too, but a swap only reaches modules inside the model, between its
+    layers; a forward of several inputs (an attention's q, k, v) is no activation."""
     file, line, _, name = frame
     f = sys._getframe()
     while f is not None and not (f.f_code.co_filename == file and f.f_lineno == line and f.f_code.co_name == name):
         f = f.f_back
     module = f.f_locals.get("self") if f is not None and name == "forward" else None
-    if isinstance(module, torch.nn.Module) and not any(True for _ in module.parameters()) \
-            and not any(True for _ in module.children()):
+    if isinstance(module, torch.nn.Module) and f.f_code.co_argcount == 2 and not f.f_code.co_flags & 0x0C \
+            and not any(True for _ in module.parameters()) and not any(True for _ in module.children()):
         return type(module).__name__
     return ""
 
