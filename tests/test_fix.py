@@ -371,6 +371,10 @@ def test_combining_remedies_that_touch_different_things():
     assert combine(clip_norm(1.0), clip_norm(2.0)) is None
 
 
+def _line_of_this_file(text: str) -> int:
+    return next(i for i, line in enumerate(open(__file__).read().splitlines(), 1) if text in line and "_line_of" not in line)
+
+
 def test_a_nan_in_the_data_is_named_and_only_its_remedy_tried(tmp_path, monkeypatch):
     """A NaN from a batch, not from training dynamics: fix says where it came in, and tries only
     setting it to 0 where the model takes it (no lr, clip or optimizer reaches the data); the trial
@@ -393,8 +397,8 @@ def test_a_nan_in_the_data_is_named_and_only_its_remedy_tried(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     result = fix(train, out=tmp_path / "fix", budget_steps=40, progress=lambda m: None)
     assert "non_finite" in result.baseline.harmful and result.repaired and not result.screened
-    assert [t.candidate.spec for t in result.trials] == [{"inputs": "finite"}]
-    assert "model(torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0))" in result.winner.candidate.code
+    assert [t.candidate.spec["inputs"][1:] for t in result.trials] == [[__file__, _line_of_this_file("if mend else x[i]")]]
+    assert "torch.nan_to_num(..., nan=0.0, posinf=0.0, neginf=0.0) there" in result.winner.candidate.code
     assert "The winner sets it to 0" in nan_note(result)
     train(mend=True)
     trained, mended = torch.load(result.winner.run_dir / "written" / "weights.pt"), torch.load("weights.pt")

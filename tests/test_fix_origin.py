@@ -9,7 +9,7 @@ import gradwatch as gw
 from gradwatch.diagnose.finding import Finding
 from gradwatch.fix import at_the_origin, fix
 from gradwatch.fix.candidates import GENERIC, adam, aimed, clip_norm, finite_inputs, from_origin, lr_scale, reinit
-from gradwatch.fix.inject import apply_to_model, finite_first
+from gradwatch.fix.inject import FiniteAt, apply_to_model
 from gradwatch.fix.locate import NonFiniteLocator, Origin
 
 
@@ -53,7 +53,7 @@ def test_which_origin_gets_which_remedy():
     in_class = Origin("aten.exp.default", "/x/t.py", 9, "return torch.exp(x)", True, "Inf", module="Exp")
     in_loss = Origin("aten.log.default", "/x/t.py", 22, "return torch.log(var)", True, "NaN")
     gradient = Origin("aten.div.Tensor", "/x/t.py", 3, "d = x.sqrt()", True, "Inf", gradient_of="SqrtBackward0")
-    assert [c.spec for c in from_origin(held)] == [{"inputs": "finite"}]
+    assert [c.spec for c in from_origin(held)] == [{"inputs": ["aten.slice.Tensor", "/x/t.py", 3]}]
     assert [c.spec for c in from_origin(in_class)] == [{"swap": {"from": "Exp", "to": "LeakyReLU", "own": True},
                                                         "init": "auto"}]
     assert "swap_activations(model, Exp, lambda: nn.LeakyReLU(0.01)" in from_origin(in_class)[0].code  # not nn.Exp
@@ -73,9 +73,9 @@ def test_training_remedies_follow_the_origins_own_and_at_the_first_step_only_mod
     # arithmetic the training drove out of its domain may be the lr's: those stay, after
     assert at_the_origin(in_class, later, trained, GENERIC)[1:] == trained
     assert at_the_origin(log, later, trained, GENERIC) == trained
-    assert [c.spec for c in at_the_origin(held, later, trained, GENERIC)] == [{"inputs": "finite"}]  # the data's
-    aimed_at = at_the_origin(held, later, trained, GENERIC, target="disc")
-    assert aimed_at[0].spec == {"inputs": "finite", "target": "disc"} and aimed_at[0].name.endswith("(disc)")
+    assert [c.spec for c in at_the_origin(held, later, trained, GENERIC)] == [from_origin(held)[0].spec]  # the data's
+    aimed_at = at_the_origin(in_class, later, trained, GENERIC, target="gen")
+    assert aimed_at[0].spec["target"] == "gen" and aimed_at[0].name.endswith("(gen)")
 
 
 def test_the_swap_of_a_class_of_the_scripts_keeps_the_output_and_says_when_it_is_not_in_the_model():
@@ -87,16 +87,47 @@ def test_the_swap_of_a_class_of_the_scripts_keeps_the_output_and_says_when_it_is
     assert "no Exp module" in apply_to_model(plain, {"swap": {"from": "Exp", "to": "LeakyReLU", "own": True}}, (batch,))
 
 
-def test_only_the_models_first_argument_is_made_finite_as_nan_to_num_does():
-    x = torch.tensor([1.0, float("nan"), float("inf"), -float("inf")])
-    mask = torch.tensor([0.0, -float("inf")])  # an attention mask: -inf on purpose
-    out = finite_first((x, mask, 3))
-    assert torch.equal(out[0], torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)) and out[1] is mask and out[2] == 3
-    ids = torch.tensor([1, 2])
-    assert finite_first((ids,))[0] is ids and finite_first(()) == ()
-    held = Origin("aten.slice.Tensor", "/x/t.py", 3, "xb = x[a:b]", False, "NaN")
-    assert "disc(torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0))" in finite_inputs(held, GENERIC.aimed_at("disc")).code
-    assert aimed(finite_inputs(held), "disc").spec["target"] == "disc"
+def _distil(mend: bool = False) -> None:
+    """A student learns a frozen teacher's outputs and the labels; one row of the data holds NaN."""
+    torch.manual_seed(0)
+    x, y = torch.randn(12, 16, 6), torch.randn(12, 16, 1)
+    x[4, 3, 2] = float("nan")
+    teacher, student = nn.Linear(6, 1), nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(student.parameters(), lr=0.05)
+    for i in range(12):
+        xb = torch.nan_to_num(x[i], nan=0.0, posinf=0.0, neginf=0.0) if mend else x[i]  # the batch
+        with torch.no_grad():
+            soft = teacher(xb)
+        opt.zero_grad()
+        out = student(xb)
+        (nn.functional.mse_loss(out, soft) + nn.functional.mse_loss(out, y[i])).backward()
+        opt.step()
+    torch.save(student.state_dict(), "weights.pt")
+
+
+def test_the_data_a_line_takes_is_made_finite_wherever_the_batch_goes_as_the_printed_change(tmp_path, monkeypatch):
+    """The batch goes to a teacher too: made finite where the line takes it, the student trains as
+    with the printed change (a hook on the student's input alone left the teacher's targets NaN)."""
+    monkeypatch.chdir(tmp_path)
+    result = fix(_distil, out=tmp_path / "fix", budget_steps=20, progress=lambda m: None)
+    line = next(i for i, t in enumerate(open(__file__).read().splitlines(), 1) if t.strip().startswith("xb = torch.nan_to_num"))
+    assert result.origin is not None and (result.origin.file, result.origin.line) == (__file__, line)
+    assert result.repaired and [t.candidate.spec for t in result.trials] == [from_origin(result.origin)[0].spec]
+    _distil(mend=True)
+    trained, by_hand = torch.load(result.winner.run_dir / "written" / "weights.pt"), torch.load("weights.pt")
+    assert all(torch.equal(trained[k], by_hand[k]) for k in by_hand)
+
+
+def test_only_that_operation_from_that_line_is_changed_and_not_a_parameter():
+    x = torch.tensor([[1.0, float("nan")], [float("inf"), 2.0]])
+    w = nn.Parameter(torch.tensor([[float("nan")]]))
+    line = next(i for i, t in enumerate(open(__file__).read().splitlines(), 1) if t.strip().startswith("picked = "))
+    with FiniteAt("aten.select.int", __file__, line):
+        picked = [x[0], x[1]]  # the line
+        other = x[0]
+        held = w[0]
+    assert torch.equal(picked[0], torch.tensor([1.0, 0.0])) and torch.equal(picked[1], torch.tensor([0.0, 2.0]))
+    assert torch.isnan(other).any() and torch.isnan(held).all()  # another line; a weight
 
 
 class L2Norm(nn.Module):  # parameterless, but no activation: a division's guard, not a swap
@@ -145,3 +176,63 @@ def test_fix_swaps_the_activation_that_overflowed_and_trains_as_the_printed_chan
     _train(swap_by_hand=True)
     trained, by_hand = torch.load(result.winner.run_dir / "written" / "weights.pt"), torch.load("weights.pt")
     assert list(trained) == list(by_hand) and all(torch.equal(trained[k], by_hand[k]) for k in by_hand)
+
+
+class SoftmaxByHand(nn.Module):  # exp, then a sum over the row: each output depends on every input
+    def forward(self, x):
+        e = torch.exp(x)
+        return e / e.sum(-1, keepdim=True)
+
+
+def test_a_softmax_written_by_hand_is_no_activation_to_swap():
+    model = nn.Sequential(nn.Linear(3, 4), SoftmaxByHand(), nn.Linear(4, 1))
+    with torch.no_grad():
+        model[0].weight.fill_(100.0)
+    with NonFiniteLocator() as locator:
+        model(torch.ones(2, 3)).sum().backward()
+    assert locator.origin is not None and locator.origin.op == "aten.exp.default" and locator.origin.module == ""
+
+
+def test_a_nan_the_setup_wrote_and_cleaned_gives_way_to_the_one_the_step_makes():
+    """NaN marks missing values, nan_to_num cleans them; the step's log of a negative made the fault."""
+    with NonFiniteLocator() as locator:
+        raw = torch.randn(8, 3)
+        raw[raw < 0] = float("nan")
+        data = torch.nan_to_num(raw)
+        pred = nn.Parameter(-torch.ones(8))
+        loss = torch.log(pred).mean() + data.sum()  # the loss
+        loss.backward()
+    line = next(i for i, t in enumerate(open(__file__).read().splitlines(), 1) if t.strip().startswith("loss = torch.log"))
+    assert locator.origin is not None and locator.origin.made_here and locator.origin.line == line
+
+
+def _gan() -> None:
+    """The discriminator runs first; the generator's own activation overflows at step 0."""
+    torch.manual_seed(0)
+    gen = nn.Sequential(nn.Linear(4, 8), Exp(), nn.Linear(8, 4))
+    disc = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    with torch.no_grad():
+        gen[0].weight.mul_(200)
+    opt_g, opt_d = torch.optim.Adam(gen.parameters(), lr=1e-3), torch.optim.Adam(disc.parameters(), lr=1e-3)
+    real, bce = torch.randn(15, 16, 4) + 2, nn.functional.binary_cross_entropy_with_logits
+    for i in range(15):
+        z = torch.randn(16, 4)
+        opt_d.zero_grad()
+        d_real = disc(real[i])
+        (bce(d_real, torch.ones_like(d_real)) + bce(disc(gen(z).detach()), torch.zeros_like(d_real))).backward()
+        opt_d.step()
+        opt_g.zero_grad()
+        bce(disc(gen(z)), torch.ones_like(d_real)).backward()
+        opt_g.step()
+    torch.save(gen.state_dict(), "gen.pt")
+
+
+def test_the_swap_of_a_class_of_the_scripts_goes_to_the_model_holding_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = fix(_gan, out=tmp_path / "fix", budget_steps=40, progress=lambda m: None)
+    assert result.origin is not None and result.origin.module == "Exp"
+    trial = next(t for t in [*result.screened, *result.trials] if t.candidate.spec.get("swap", {}).get("own"))
+    assert not trial.not_applied and trial.steps > 0
+    swapped = torch.load(trial.run_dir / "written" / "gen.pt")
+    assert all(torch.isfinite(v).all() for v in swapped.values())
+

@@ -278,7 +278,7 @@ def nan_note(result: FixResult) -> str | None:
         spec = result.winner.candidate.spec
         if spec.get("inputs"):  # (`from_origin`)
             return (f"Note: the baseline's NaN/Inf came with the data: {result.origin.describe()}. The winner sets it "
-                    "to 0 where the model takes it; mending or dropping those samples is better still.")
+                    "to 0 where that line takes it; mending or dropping those samples is better still.")
         if spec.get("swap", {}).get("own"):
             return (f"Note: the baseline's NaN/Inf was made here: {result.origin.describe()}. The winner replaces the "
                     f"{spec['swap']['from']} module that made it.")

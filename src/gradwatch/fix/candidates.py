@@ -471,20 +471,20 @@ def from_origin(origin: Origin, names: Names = GENERIC) -> list[Candidate]:
     if origin.gradient_of:
         return []
     if not origin.made_here:
-        return [finite_inputs(origin, names)]
+        return [finite_inputs(origin)]
     return [swap(origin.module, "LeakyReLU", "auto", names=names, own=True)] if origin.module else []
 
 
-def finite_inputs(origin: Origin, names: Names = GENERIC) -> Candidate:
-    """The model's first argument with its NaN/Inf set to 0 at every call (the trial: a forward
-    pre-hook on the model; its other arguments, a mask of -inf, are left alone). The change is
-    written on the call, since the script's batch may also be a target or a list."""
+def finite_inputs(origin: Origin) -> Candidate:
+    """What the data gives the line that took the NaN/Inf, with its NaN/Inf set to 0 (the trial:
+    inject.py `FiniteAt`, that operation's inputs each time it runs from that line), wherever the
+    batch goes on to: the model, a teacher, the loss as its target."""
     where = f"{os.path.basename(origin.file)}:{origin.line}"
-    model = names.changed
-    code = (f"# at every call of {model}: its first argument x as torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0), "
-            f"e.g. {model}(torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)). It held {origin.value} "
-            f"({where}); better, mend or drop the samples that hold it")
-    return _made("NaN/Inf in the model's input -> 0", {"inputs": "finite"}, Part(ON_OPTIMIZER, code))
+    code = (f"# {where}: `{origin.code}`: the data this line takes held {origin.value}; take it through "
+            f"torch.nan_to_num(..., nan=0.0, posinf=0.0, neginf=0.0) there (the tensor it indexes or reads, as the "
+            f"trial did); better, mend or drop the samples that hold it")
+    return _made(f"NaN/Inf from the data -> 0 ({where})", {"inputs": [origin.op, origin.file, origin.line]},
+                 Part(ON_OPTIMIZER, code))
 
 
 MODEL_KEYS = ("swap", "norm", "init", "recurrent")  # the spec keys of a change to the model
@@ -493,7 +493,7 @@ MODEL_KEYS = ("swap", "norm", "init", "recurrent")  # the spec keys of a change 
 def aimed(cand: Candidate, target: str) -> Candidate:
     """`cand` with its change to the model made to the module the script calls `target`, not to
     the first trained (`findings_model`); an optimizer remedy alone acts on every optimizer as it is."""
-    if not any(k in cand.spec for k in (*MODEL_KEYS, "inputs")):  # (the inputs of the model named: a GAN's disc's)
+    if not any(k in cand.spec for k in MODEL_KEYS):
         return cand
     return replace(cand, name=f"{cand.name} ({target})", spec={**cand.spec, "target": target})
 

@@ -27,13 +27,15 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 
 from gradwatch.collect import patches
 from gradwatch.collect.caller_names import caller_name
 from gradwatch.collect.layers import ACTIVATIONS, compiled_inner
 from gradwatch.collect.watch import MAX_ACCUMULATION
 from gradwatch.errors import ConfigError
-from gradwatch.fix.locate import ENV_LOCATE_AT, NonFiniteLocator
+from gradwatch.fix.locate import ENV_LOCATE_AT, NonFiniteLocator, script_line
 from gradwatch.fix.pause import child_channel, wait_for_more
 import gradwatch.remedies as remedies  # (not `from ... import`: see _bootstrap, a user's import of it may be under way)
 from gradwatch.remedies._new_params import added_parameters, before_change, drop, give_added
@@ -85,12 +87,27 @@ def _own_classes(model: nn.Module, name: str) -> tuple[type, ...]:
     return tuple({type(m) for m in model.modules() if type(m).__name__ == name})
 
 
-def finite_first(args: tuple) -> tuple:
-    """`args` with the NaN/Inf of the first, a floating tensor, set to 0 (the `inputs` spec: the
-    model's input; the rest, a mask holding -inf on purpose, left alone)."""
-    if not args or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
-        return args
-    return (torch.nan_to_num(args[0], nan=0.0, posinf=0.0, neginf=0.0), *args[1:])
+class FiniteAt(TorchDispatchMode):
+    """The `inputs` spec: where the locating run found the data already holding NaN/Inf (its
+    operation, run from the script's line `file:line`), each time that operation runs from there
+    again, its inputs that are no parameter with their NaN/Inf set to 0 first. What the data gives
+    that line, wherever the batch goes on to (the model, a teacher, the loss as its target)."""
+
+    def __init__(self, op: str, file: str, line: int):
+        super().__init__()
+        self.op, self.where = op, (file, line)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func) == self.op and script_line() == self.where:
+            args, kwargs = tree_map(_finite, (args, kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and value.is_floating_point() \
+            and value.numel() and not bool(torch.isfinite(value).all()):
+        return torch.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0)
+    return value
 
 
 @contextmanager
@@ -164,6 +181,9 @@ class Injector:
         self._channel = child_channel() if run_dir is not None else None  # (pause.py)
         if locate_at == 0:
             self._start_locating()
+        self._finite_at = FiniteAt(*spec["inputs"]) if spec.get("inputs") else None
+        if self._finite_at is not None:  # (the whole run: the data may hold NaN in any batch)
+            self._finite_at.__enter__()
         patches.add(self)
 
     def install_late(self) -> None:
@@ -179,6 +199,9 @@ class Injector:
         patches.remove(self)
         if self.locator is not None:
             self.locator.__exit__(None, None, None)
+        if self._finite_at is not None:
+            self._finite_at.__exit__(None, None, None)
+            self._finite_at = None
 
     def _start_locating(self) -> None:
         """From here to the end of the process (or `remove`): a mode on torch's dispatch stack."""
@@ -186,7 +209,7 @@ class Injector:
         self.locator.__enter__()
 
     # ---------------------------------------------------------------- model
-    def _before_forward(self, module: nn.Module, args) -> tuple | None:
+    def _before_forward(self, module: nn.Module, args) -> None:
         """The model is the first module with trainable parameters that runs with grad enabled: one
         run under no_grad (a teacher making targets, an evaluation first) is not being trained. With
         a `target` in the spec (the model the findings name, a GAN's `disc`), the module the script
@@ -194,7 +217,7 @@ class Injector:
         run through that eagerly: run through the compiled one, the look's own hooks were traced by
         dynamo, which refused them (every activation swap failed at step 0)."""
         if self.model is None and torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()) \
-                and ("target" not in self.spec or caller_name(module) == self.spec["target"]):
+                and ("target" not in self.spec or caller_name(module) == self.spec["target"]) and self._holds_own(module):
             module = compiled_inner(module) or module  # (the wrapper shares its parameters)
             if any(ref() is module for ref in self.earlier):
                 raise ConfigError(
@@ -213,12 +236,12 @@ class Injector:
             self._handles.pop(0).remove()
             if void:
                 self._not_applied(void)
-            if self.spec.get("inputs") == "finite":  # from the next call on by the model's own hook; this call's here
-                if not args:
-                    self._not_applied(f"the {type(module).__name__} took its input by keyword, not as its first argument")
-                self._handles.append(module.register_forward_pre_hook(lambda _, a: finite_first(a)))
-                return finite_first(args)
-        return None
+
+    def _holds_own(self, module: nn.Module) -> bool:
+        """A swap of a class of the script's goes to the first trained module holding one (a GAN's
+        generator's activation that overflowed, where the discriminator runs first)."""
+        swap = self.spec.get("swap") or {}
+        return not swap.get("own") or "target" in self.spec or bool(_own_classes(module, swap["from"]))
 
     def _not_applied(self, why: str) -> None:
         """End the trial before its first step: it would measure the rest of the remedy (a swap's
@@ -294,6 +317,8 @@ class Injector:
             return None
         if self.model is None and "target" in self.spec:  # a step, and the model to change never ran
             self._not_applied(f"no module the script calls {self.spec['target']!r} ran before its first step")
+        if self.model is None and (self.spec.get("swap") or {}).get("own"):
+            self._not_applied(f"no trained module holding a {self.spec['swap']['from']} ran before the first step")
         state = self._state(opt)
         closure = args[1] if len(args) > 1 else kwargs.get("closure")  # (args[0] is the optimizer itself)
         if self.spec.get("zero_grad") and callable(closure):  # L-BFGS evaluates it several times a step

@@ -123,6 +123,10 @@ class NonFiniteLocator(TorchDispatchMode):
         self.run_dir = run_dir
         self.origin: Origin | None = None
         self.done = False
+        # an input that already held NaN/Inf (`made_here` False) is the origin unless an operation of
+        # the step then makes one from finite inputs: a script that marks missing values NaN and
+        # cleans them before training held one first, and its log of a negative made the fault
+        self._held = False
         self._anomaly: tuple[bool, bool] | None = None
         # tensors holding ±inf on purpose: a mask filled with float("-inf") (causal attention,
         # key padding), and what is built from one; an Inf there is no fault, a NaN still is
@@ -153,7 +157,7 @@ class NonFiniteLocator(TorchDispatchMode):
                 inputs = [*args, *(kwargs or {}).values()]
                 if value == "Inf" and any(self._mask_value(a) for a in inputs):
                     self._masks.update((id(t), weakref.ref(t)) for t in _tensors(out))
-                else:
+                elif not (self._held and any(_non_finite(a) for a in inputs if isinstance(a, torch.Tensor))):
                     self._found(func, args, kwargs or {}, value, node)
         except Exception:  # a tensor the check cannot read (a subclass, nested): the script's run goes on
             pass
@@ -165,13 +169,16 @@ class NonFiniteLocator(TorchDispatchMode):
         frame = next((f for f in reversed(frames) if _callers(f)), None)
         if frame is not None and frame[0].startswith(_OUR_DIR):
             return  # the watch's own statistics (of a NaN activation, say) are not the script's
-        self.done = True
-        self._stop_anomaly()
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         masked = [a for a in tensors if self._mask_value(a)]
         held = [a for a in tensors if _non_finite(a) and not any(a is m for m in masked)]
         if frame is None or any(isinstance(a, torch.nn.Parameter) for a in held):
+            self.done = True
+            self._stop_anomaly()
             return  # no line of the script's, or the weights were already non-finite (an earlier step)
+        self.done, self._held = not held, bool(held)
+        if self.done:
+            self._stop_anomaly()
         module = _activation_module(frame) if node is None and not held and not masked and _overflowed(func, args) else ""
         self.origin = Origin(str(func), frame[0], frame[1], frame[2].strip(), made_here=not held, value=value,
                              gradient_of=node.name() if node is not None else "", masked=bool(masked), module=module)
@@ -242,9 +249,44 @@ def _activation_module(frame: tuple[str, int, str, str]) -> str:
         f = f.f_back
     module = f.f_locals.get("self") if f is not None and name == "forward" else None
     if isinstance(module, torch.nn.Module) and f.f_code.co_argcount == 2 and not f.f_code.co_flags & 0x0C \
-            and not any(True for _ in module.parameters()) and not any(True for _ in module.children()):
+            and not any(True for _ in module.parameters()) and not any(True for _ in module.children()) \
+            and _elementwise(module, f.f_locals.get(f.f_code.co_varnames[1])):
         return type(module).__name__
     return ""
+
+
+def _elementwise(module: torch.nn.Module, x) -> bool:
+    """`module` maps each element of an input shaped as `x`'s first sample on its own: changing one
+    changes that output alone (a softmax written by hand, exp over a sum, changes them all, and a
+    LeakyReLU in its place would change what the model computes). Its forward is called directly
+    (no hook sees the probe), on numbers of a seeded generator of its own (the script's draws stay)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0:
+        return False
+    shape = x.shape[:1] and (1, *x.shape[1:])
+    probe = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(x.dtype).to(x.device) * 0.1
+    nudged = probe.clone()
+    nudged.view(-1)[0] += 1.0
+    try:
+        with torch.no_grad():
+            out, moved = type(module).forward(module, probe), type(module).forward(module, nudged)
+    except Exception:  # a forward that wants more than one sample (a batch statistic)
+        return False
+    if not isinstance(out, torch.Tensor) or out.shape != probe.shape:
+        return False
+    changed = (out != moved).reshape(-1)
+    return not bool(changed[1:].any())
+
+
+def script_line() -> tuple[str, int]:
+    """(file, line) of the innermost frame the locator would name for an operation running now (the
+    frame `_callers` takes: not torch's, Python's library's or a pass-through), ("", 0) for none.
+    Walked frame by frame: a trial asks it of one operation each time it runs."""
+    f = sys._getframe(1)
+    while f is not None:
+        if _callers((f.f_code.co_filename, f.f_lineno, "", f.f_code.co_name)):
+            return f.f_code.co_filename, f.f_lineno
+        f = f.f_back
+    return "", 0
 
 
 def _in_worker() -> bool:
