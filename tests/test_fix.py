@@ -829,6 +829,37 @@ def test_the_names_come_from_the_command_or_the_training_function(tmp_path):
     assert "nn" in names.imported and "gw" not in names.imported  # this module's globals
 
 
+def test_an_import_under_an_if_is_not_taken_as_made_but_one_under_the_main_guard_is():
+    """A script that imports gradwatch only `if args.watch:` was printed no `import gradwatch as gw`."""
+    from gradwatch.fix.candidates import clip_norm
+    from gradwatch.fix.names import read_names
+
+    body = "model = Net()\nopt = torch.optim.SGD(model.parameters(), lr=0.1)\n"
+    conditional = read_names("import torch\nif args.watch:\n    import gradwatch as gw\n" + body)
+    assert "gw" not in conditional.imported and "torch" in conditional.imported
+    assert conditional.complete(clip_norm(1.0, conditional).code).startswith("import gradwatch as gw\n")
+    guarded = read_names("if __name__ == '__main__':\n    import torch\n    import gradwatch as gw\n"
+                         + "".join("    " + line + "\n" for line in body.splitlines()))
+    assert {"gw", "torch"} <= guarded.imported
+    assert not guarded.complete(clip_norm(1.0, guarded).code).startswith("import gradwatch")
+
+
+def test_a_model_change_is_said_to_go_after_the_scripts_own_initialisation():
+    """Pasted right after the model is built, the script's own `nn.init.normal_` loop then undid the
+    change's initialisation (a user's SELU CNN: loss 229, against the trial's repair)."""
+    from gradwatch.fix.candidates import reinit
+    from gradwatch.fix.names import read_names
+
+    source = ("import torch\nfrom torch import nn\nmodel = Net()\nfor m in model.modules():\n"
+              "    nn.init.normal_(m.weight, 0, 1)\nopt = torch.optim.SGD(model.parameters(), lr=0.1)\n")
+    names = read_names(source)
+    assert names.initialised_at == 5 and "(line 5), before training" in names.complete(reinit(names).code)
+    applied = read_names(source.replace("    nn.init.normal_(m.weight, 0, 1)", "    pass") + "model.apply(init_weights)\n")
+    assert applied.initialised_at == 7
+    custom_function = read_names(source.replace("    nn.init.normal_(m.weight, 0, 1)", "    y = Clamp.apply(x)"))
+    assert custom_function.initialised_at == 0 and "own initialisation" not in custom_function.complete(reinit(names).code)
+
+
 NO_OPTIMIZER = """
 import torch
 from torch import nn
@@ -1083,3 +1114,25 @@ def test_the_lr_ceiling_caps_each_step_and_the_schedule_goes_on_as_set():
     for a, b in zip(capped.parameters(), reference.parameters()):
         assert torch.allclose(a, b, atol=1e-7)
     assert lrs == [pytest.approx(0.1 * 2 ** 5)]
+
+
+def test_a_trial_that_removes_the_symptom_but_ends_no_lower_than_the_baseline_is_no_repair():
+    """A GRU + lr x10 took a saturated RNN's vanishing away and ended at chance, above the baseline:
+    printed as the repair, it gave a validation accuracy of 0.48."""
+    from rich.console import Console
+
+    from gradwatch.cli.fix_cmd import print_result
+
+    base = Trial(Candidate("baseline (no change)"), None, 0, 1.0, steps=100, final_loss=0.6918, final_error=0.002,
+                 findings=[finding("vanishing_gradient")])
+    chance = Trial(Candidate("learning rate x10 + nn.RNN -> nn.GRU", {"lr_scale": 10.0, "recurrent": "gru"}), None, 0,
+                   1.0, steps=100, final_loss=0.6962, final_error=0.002)
+    result = FixResult(base, [chance])
+    assert chance.works and result.winner is None and not result.repaired and result.above is chance
+    assert result.within_noise is None
+    console = Console(record=True, width=300)
+    print_result(result, console)
+    text = console.export_text()
+    assert "No remedy beat the baseline" in text and "no lower than the baseline's 0.6918" in text
+    learned = dataclasses.replace(chance, final_loss=0.31)
+    assert FixResult(base, [learned]).winner is learned and FixResult(base, [learned]).above is None

@@ -111,9 +111,12 @@ def print_result(result: FixResult, console: Console) -> None:
         if result.baseline.failed and all(t.failed for t in result.trials):
             console.print("Every trial failed as the baseline did: fix the script's error first.")
         else:
-            close = result.within_noise
+            close, above = result.within_noise, result.above
             console.print("No remedy beat the baseline." + (" The baseline has no harmful finding."
                                                               if not result.baseline.harmful else "")
+                          + (f" The best, {above.candidate.name}, left fewer harmful findings but ended at "
+                             f"{above.final_loss:.4g}, no lower than the baseline's {result.baseline.final_loss:.4g}: "
+                             "the symptom went, the training learned no better." if above is not None else "")
                           + (f" The best, {close.candidate.name}, ended at {close.final_loss:.4g} against "
                              f"{result.baseline.final_loss:.4g}: within the noise of the two losses "
                              f"(standard errors {close.final_error:.2g} and {result.baseline.final_error:.2g})."

@@ -96,12 +96,22 @@ class FixResult:
         if best is not None and self.baseline.score[0] == 0 and len(best.harmful) == len(self.baseline.harmful) \
                 and not lower_beyond_noise(best, self.baseline):
             return None
-        return best
+        return None if self.above is not None else best
+
+    @property
+    def above(self) -> Trial | None:
+        """The best full trial when it left fewer harmful findings but ended no lower than the
+        baseline's finite loss: the symptom gone, the learning no better (a tanh RNN saturated by
+        raw inputs, its vanishing gone under a GRU + lr x10, ended at chance, 0.6962 against 0.6918,
+        and pasted in gave a validation accuracy of 0.48). No repair."""
+        best = self._ahead
+        return best if best is not None and self.baseline.score[0] == 0 and best.final_loss >= self.baseline.final_loss \
+            else None
 
     @property
     def within_noise(self) -> Trial | None:
         """The best full trial when it ended lower than the baseline, but within the noise."""
-        return self._ahead if self.winner is None else None
+        return self._ahead if self.winner is None and self.above is None else None
 
     @property
     def _ahead(self) -> Trial | None:

@@ -42,6 +42,7 @@ class Names:
     update_lr: str = ""  # what a hand-written update multiplies the gradients by (`lr` in `p -= lr * p.grad`)
     update_lr_set: float | None = None  # the one number the script assigns to it (`lr = 0.5`), if so
     loads_weights: bool = False  # the script loads the model's weights (`model.load_state_dict`)
+    initialised_at: int = 0  # the line of the script's own last initialisation (`nn.init.normal_`, `model.apply`)
     # the schedulers the script builds on its optimizer (class names), and the statement that builds
     # it when it is the one OneCycleLR or CyclicLR: they set the lr from their own arguments
     schedulers: frozenset[str] = frozenset()
@@ -180,6 +181,9 @@ class Names:
         if self.loads_weights and MODEL_CHANGE.search(code) and "new parameters" not in code:
             lines.append(f"# apply after {self.changed} is built and its weights loaded (load_state_dict), "
                          "before training: where the trial made it")
+        elif self.initialised_at and MODEL_CHANGE.search(code) and "new parameters" not in code:
+            lines.append(f"# apply after your own initialisation of the weights (line {self.initialised_at}), before "
+                         "training: where the trial made it (before it, yours would undo the change's)")
         if "example_input=batch" in code:
             seen = f", as in {self.changed}({self.batch})" if self.batch else ", as the model takes it in training"
             lines.append(f"# batch: one input batch{seen}")
@@ -224,6 +228,23 @@ def _uses(code: str, name: str) -> bool:
                      rf"(?<![\w.]){re.escape(name)}", code) is not None
 
 
+def _imports(node: ast.AST) -> set[str]:
+    """The names the imports under `node` bind whatever branch runs: not those under an `if` (a
+    script importing gradwatch only `if args.watch:` was told no `import gradwatch as gw`, and
+    the pasted change failed with a NameError)."""
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return {(a.asname or a.name).split(".")[0] for a in node.names}
+    if isinstance(node, ast.If) and not _is_main(node.test):
+        return set()
+    return {name for child in ast.iter_child_nodes(node) for name in _imports(child)}
+
+
+def _is_main(test: ast.expr) -> bool:
+    """`__name__ == "__main__"`: the script's own run, where the change is pasted too."""
+    return (isinstance(test, ast.Compare) and isinstance(test.left, ast.Name) and test.left.id == "__name__"
+            and any(isinstance(c, ast.Constant) and c.value == "__main__" for c in test.comparators))
+
+
 def read_names(source: str, run: Context | None = None, imported: frozenset[str] = frozenset()) -> Names:
     """The names in `source` (a script, or a training function's own code). `imported`: names bound
     around the source (a function's module globals)."""
@@ -231,11 +252,27 @@ def read_names(source: str, run: Context | None = None, imported: frozenset[str]
         tree = ast.parse(source)
     except SyntaxError:
         return Names(run=run)
+    return replace(_read_names(tree, run, imported), initialised_at=_initialised_at(tree))
+
+
+_INIT_CALL = re.compile(r"(^|\.)init\.\w+_$")  # nn.init.normal_, torch.nn.init.xavier_uniform_, init.zeros_
+
+
+def _initialised_at(tree: ast.AST) -> int:
+    """The line of the script's last call that initialises weights its own way: an `nn.init` function
+    or `model.apply(init_fn)`, a function named for it (0: none). A model change pasted above it would be undone by it; the trial
+    made it at the first forward, after it."""
+    lines = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Call) and (
+        _INIT_CALL.search(ast.unparse(node.func)) or isinstance(node.func, ast.Attribute) and node.func.attr == "apply"
+        and len(node.args) == 1 and "init" in ast.unparse(node.args[0]))]  # (not an autograd Function's apply(x))
+    return max(lines, default=0)
+
+
+def _read_names(tree: ast.AST, run: Context | None, imported: frozenset[str]) -> Names:
     classes = {run.run.meta["optimizer"]} if run and run.run.meta.get("optimizer") else TORCH_OPTIMIZERS
     reader = _Reader(classes, _factories(tree, classes))
     reader.visit(tree)
-    binds = imported | {(a.asname or a.name).split(".")[0] for node in ast.walk(tree)
-                        if isinstance(node, (ast.Import, ast.ImportFrom)) for a in node.names}
+    binds = imported | _imports(tree)
     targets = {target for target, _ in reader.builds}
     if not targets and reader.update_lrs:  # no optimizer: the weights are updated by hand
         return _by_hand(tree, reader, binds, run)
