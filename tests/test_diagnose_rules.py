@@ -567,6 +567,25 @@ def test_loss_plateau():
     assert "loss_plateau" in kinds(diagnose(run))
 
 
+def test_a_loss_that_fell_and_rose_back_is_told_the_lr_overshot_not_that_it_is_too_small():
+    """A tester's CNN under OneCycleLR at max_lr 0.6: 2.30 -> 1.69 -> 2.31 as the lr rose, and the
+    plateau said its lr "may be too small" and to raise it tenfold."""
+    from gradwatch.fix.candidates import from_findings
+
+    run = build(n_steps=100)
+    noise = 0.01 * np.random.default_rng(1).standard_normal(len(run.loss))
+    dip = 0.6 * np.exp(-((np.arange(len(run.loss)) - 45) / 15.0) ** 2)  # down to 1.7 by step 45, then back
+    run.loss[:] = 2.3 - dip + noise
+    plateau = next(f for f in diagnose(run) if f.kind == "loss_plateau")
+    assert abs(plateau.evidence["loss_low"] - 1.7) < 0.05 and 40 <= plateau.evidence["loss_low_step"] <= 50
+    assert "overshoots" in plateau.causes[0] and plateau.remedies[0].action.startswith("Lower the learning rate")
+    assert "then rose back" in plateau.message
+    assert [c.name for c in from_findings([plateau], set())][0] == "learning rate x0.1"
+    run.loss[:] = 2.3 - dip / 10 + noise  # a dip within the noise of a flat run: still the plateau's advice
+    flat = next(f for f in diagnose(run) if f.kind == "loss_plateau")
+    assert "loss_low" not in flat.evidence and flat.remedies[0].action.startswith("Raise the learning rate")
+
+
 @pytest.mark.parametrize("update_ratio,plateau", [(2e-7, True), (1e-3, False)])
 def test_a_noisy_loss_on_still_weights_is_a_plateau_though_it_ends_higher(update_ratio, plateau):
     """SGD at lr 1e-6 on noisy batches: the last tenth's median ended 10.6% above the first's, in
@@ -1048,6 +1067,24 @@ def test_exact_zero_gradients_in_a_tanh_net_with_no_saturation_are_not_blamed_on
         relu.metrics["grad_max"][sampled(relu), relu.column(f"fc{k}")] = 0.0
     g = next(f for f in diagnose(relu) if f.kind == "dead_units")
     assert any("ReLU passes no gradient" in c for c in g.causes)  # a ReLU net still is told so
+
+
+def test_exact_zero_gradients_of_a_recurrent_layer_are_its_saturated_gates_not_relus():
+    """A tester's tanh RNN on raw sensor values (±700) got exactly zero gradient and was told to use
+    Leaky ReLU, `F.leaky_relu` in place of an `F.relu` it never had: its own tanh had saturated."""
+    from gradwatch.store.series import LayerInfo, RunSeries
+
+    run = build(activation="relu")
+    keep = [i for i, l in enumerate(run.layers) if l.role != "activation" and l.name in ("fc3", "fc4")]
+    layers = [LayerInfo("rnn", "RNN", 0, "param", 2048), *(run.layers[i] for i in keep)]
+    metrics = {m: np.concatenate([v[:, keep[:1]], v[:, keep]], axis=1) for m, v in run.metrics.items()}
+    run = RunSeries(layers, run.steps, run.loss, run.lr, metrics, meta=run.meta)
+    run.metrics["grad_norm"][:, 0] = 0.0
+    run.metrics["grad_max"][np.isfinite(run.metrics["grad_max"][:, 0]), 0] = 0.0
+    f = next(f for f in diagnose(run) if f.kind == "dead_units")
+    said = " ".join([*f.causes, *(r.action + r.code for r in f.remedies)])
+    assert f.layers == ("rnn",) and f.causes[0].startswith("saturation") and "leaky" not in said.lower()
+    assert f.remedies[0].action.startswith("Standardise the inputs") and "gates are saturated" in f.message
 
 
 def test_a_converged_model_fine_tuned_at_a_tiny_lr_is_no_plateau_warning():

@@ -369,6 +369,18 @@ def dead_units(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[l
     zeros = evidence.get("zero_weight_layers")
     if zeros:  # measured: all-zero weights give every unit the same output, 0, and no gradient
         return zero_weights(ctx, zeros)
+    recurrent = {l.name for l in ctx.run.layers if l.type in ("RNN", "GRU", "LSTM")}
+    if "dead_fraction" not in evidence and layers and set(layers) <= recurrent:
+        # a recurrent layer has no ReLU to die (a tester's tanh RNN on raw sensor values, ±700, was told
+        # to use Leaky ReLU): its own tanh and sigmoid gates pinned at their asymptotes pass a derivative
+        # that rounds to 0 in float32
+        return ([f"saturation: the tanh and sigmoid gates inside {listed(layers)} are pinned at their asymptotes, "
+                 "where their derivative rounds to exactly 0: inputs of a large scale (raw values in the hundreds) or "
+                 "weights a large step grew",
+                 f"learning rate: {ctx.lr_said}, if the weights grew before the gradient stopped"],
+                [Remedy("Standardise the inputs: mean 0 and std 1 per feature, from the training set",
+                        "x = (x - x_train.mean(0)) / (x_train.std(0) + 1e-8)"),
+                 ctx.lower_lr()])
     if ctx.saturating and not ctx.relu_like and "dead_fraction" not in evidence:
         # no ReLU to be dead (a 1000-block tanh net was told "ReLU passes no gradient"): exact zeros
         # below saturating units that are not saturated are a product of derivatives < 1 underflowed
@@ -480,6 +492,14 @@ def loss_plateau(ctx: Context, evidence: dict) -> tuple[list[str], list[Remedy]]
     if not ctx.adaptive:
         remedies.append(Remedy("Try an adaptive optimizer", ADAM_CODE))
     return causes, remedies
+
+
+def loss_rose_back(ctx: Context, evidence: dict) -> tuple[list[str], list[Remedy]]:
+    """A loss that fell, then rose back to its start: an lr too large for where training got to,
+    not too small to move it (the plateau's usual cause, whose remedy, a tenfold lr, would make it worse)."""
+    causes = [f"learning rate: {ctx.lr_said} with {ctx.optimizer} overshoots once the loss is low"
+              + (" (the schedule raised it past what training could take)" if ctx.scheduled else "")]
+    return causes, [ctx.lower_lr(), Remedy("Clip the gradient norm", CLIP_CODE)]
 
 
 def lr_schedule_ended(ctx: Context, since: int, last: int, evidence: dict) -> tuple[list[str], list[Remedy]]:

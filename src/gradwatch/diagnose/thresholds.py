@@ -219,6 +219,10 @@ class Thresholds:
     # getting worse, not flat): no learning.
     plateau_improvement: float = 0.01
     plateau_worsening: float = 0.1
+    # A loss back where it started, whose running median fell at least this far below its start
+    # (10x the plateau's 1%) in between, learned and then lost it: an lr overshooting once it rose
+    # (a OneCycleLR at max_lr 0.6: 2.30 -> 1.69 -> 2.31), not one too small to move the loss.
+    rose_back_fall: float = 0.1
     # ... unless the weights barely move (median ‖Δw‖/‖w‖ per step below this: ≤ 1% in 1000 steps,
     # where healthy training moves 1e-3..1e-2 per step) and the rise is within the noise of the
     # start (its interquartile range): then the loss cannot have changed but by its batches.

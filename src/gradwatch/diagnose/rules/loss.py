@@ -93,11 +93,24 @@ def find_loss_plateau(run: RunSeries, th: Thresholds) -> list[Finding]:
         evidence["weight_shrink"] = shrink
         causes, remedies = decayed(evidence)
         said = f" The weights shrank to {shrink:.2g} of their first norm."
+    elif (low := _lowest(steps, loss, w))[1] <= start - th.rose_back_fall * scale:
+        evidence["loss_low"], evidence["loss_low_step"] = low[1], low[0]
+        causes, remedies = advice.loss_rose_back(advice.Context(run), evidence)
+        message = (f"The loss fell from {start:.4g} to {low[1]:.4g} by step {low[0]}, then rose back to {end:.4g}: "
+                   f"the training undid what it had learned. {remedies[0].action}.")
+        return [Finding("loss_plateau", "warning", int(steps[0]), (), message, evidence, tuple(causes), tuple(remedies))]
     else:
         causes, remedies = advice.loss_plateau(advice.Context(run), evidence)
     message = (f"The loss has not improved over {len(loss)} steps ({start:.4g} -> {end:.4g}).{said} "
                f"{remedies[0].action}.")
     return [Finding("loss_plateau", "warning", int(steps[0]), (), message, evidence, tuple(causes), tuple(remedies))]
+
+
+def _lowest(steps: np.ndarray, loss: np.ndarray, w: int) -> tuple[int, float]:
+    """(step, value) of the lowest running median of `w` losses: where the run had got to at best."""
+    running = np.median(np.lib.stride_tricks.sliding_window_view(loss, w), axis=1)
+    i = int(np.argmin(running))
+    return int(steps[i + w // 2]), float(running[i])
 
 
 def first_adaptive_step(run: RunSeries) -> float | None:
