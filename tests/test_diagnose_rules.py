@@ -1069,6 +1069,25 @@ def test_exact_zero_gradients_in_a_tanh_net_with_no_saturation_are_not_blamed_on
     assert any("ReLU passes no gradient" in c for c in g.causes)  # a ReLU net still is told so
 
 
+@pytest.mark.parametrize("stds,found", [((1.27, 10.7, 216.0, 3000.0), True), ((1.0, 1.4, 2.1, 2.6), False),
+                                         ((300.0, 280.0, 310.0, 290.0), False), ((1e-4, 1e-3, 1e-2, 0.1), False)])
+def test_activations_growing_through_the_layers_at_the_first_step_are_the_initial_weights(stds, found):
+    """A tester's SELU CNN initialised N(0, 1) under Adam: its activations' std went 1.27 -> 10.7 ->
+    216 at step 0, its loss 3251, and nothing was said. Raw inputs of a large scale keep theirs
+    through He-init layers (no growth), and a growth from tiny to unit scale leaves nothing pinned."""
+    from gradwatch.fix.candidates import from_findings
+
+    run = build(n_steps=100, activation="selu")
+    acts = [c for c, l in enumerate(run.layers) if l.role == "activation"]
+    run.metrics["act_std"][0, acts] = stds
+    f = next((f for f in diagnose(run) if f.kind == "exploding_gradient"), None)
+    assert (f is not None) == found
+    if found:
+        assert f.first_step == 0 and f.evidence["init_forward_growth"] == pytest.approx(stds[-1] / stds[0])
+        assert f.causes[0].startswith("initial weight scale") and "gw.init_" in f.remedies[0].code
+        assert "re-initialise per activation" in [c.name for c in from_findings([f], {"selu"})]
+
+
 def test_exact_zero_gradients_of_a_recurrent_layer_are_its_saturated_gates_not_relus():
     """A tester's tanh RNN on raw sensor values (±700) got exactly zero gradient and was told to use
     Leaky ReLU, `F.leaky_relu` in place of an `F.relu` it never had: its own tanh had saturated."""

@@ -215,10 +215,13 @@ def exploding(ctx: Context, layers: tuple[str, ...], evidence: dict, through_tim
     if through_time:
         causes.append("recurrent weight norm: the gradient through time grows like the product of "
                       "diag(f'(h_t))·W_hh; a spectral norm of W_hh above 1/γ lets it grow geometrically")
-    grows_at_init = "init_backward_ratio" in evidence and not through_time
-    if grows_at_init:  # measured at the first step, before any update: the weights as initialised
+    grows_at_init = ("init_backward_ratio" in evidence or "init_forward_growth" in evidence) and not through_time
+    if "init_backward_ratio" in evidence and not through_time:  # measured at the first step, before any update
         causes.append(f"initial weight scale: the backward signal already grows "
                       f"{evidence['init_backward_ratio']:.3g}x toward the input at the first step")
+    elif grows_at_init:
+        causes.append(f"initial weight scale: the activations already grow {evidence['init_forward_growth']:.3g}x "
+                      "through the layers at the first step (weights not scaled for their fan-in)")
     if not ctx.adaptive and (evidence.get("growth_over_steps") or evidence.get("max_update_ratio")
                              or evidence.get("predicted_update_ratio")):
         causes.insert(len(causes) if grows_at_init else 0,

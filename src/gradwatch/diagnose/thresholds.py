@@ -40,6 +40,15 @@ class Thresholds:
     vanishing_ratio: float = 1e-2
     backward_vanishing_ratio: float = 1e-3
     backward_exploding_ratio: float = 1e3
+    # The forward mirror at the first step: the activations' std growing at least this much per
+    # activation layer (geometric mean over >= 3 of them, `forward_exploding_ratio` in all) up to
+    # at least `forward_exploding_std`: weights initialised without the fan-in scale (N(0, 1): a
+    # conv's 3x3x16 inputs each add their variance, x12 per layer). Initialised for their activation
+    # (Glorot, He, LeCun) the std stays within ~2x per layer; a SELU CNN at N(0, 1) went 1.27 ->
+    # 10.7 -> 216 under Adam, its loss 3251 at the start, and nothing was said (Adam's step hides it).
+    forward_layer_growth: float = 10.0
+    forward_exploding_ratio: float = 100.0
+    forward_exploding_std: float = 10.0
     # A vanishing gradient is an error, not a warning, when the ratio's median from the finding's
     # first step on is below this: a decade under `backward_vanishing_ratio`, the bar ∂L/∂s must
     # pass alone, so no width or pooling explains it.

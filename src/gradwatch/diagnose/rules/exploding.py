@@ -21,7 +21,8 @@ from gradwatch.store.series import RunSeries
 def find_exploding(run: RunSeries, th: Thresholds) -> list[Finding]:
     backward = _backward_ratios(run)
     signals = [s for s in (_growth_over_steps(run, th), _overshooting_update(run, th), _sgd_step_too_large(run, th),
-                           _weight_growth(run, th), _backward_growth(run, backward, th), _clipped_every_step(run, th))
+                           _weight_growth(run, th), _backward_growth(run, backward, th), _clipped_every_step(run, th),
+                           _forward_growth(run, th))
                if s is not None]
     if not signals:
         return []
@@ -58,6 +59,10 @@ def find_exploding(run: RunSeries, th: Thresholds) -> list[Finding]:
         what.append(f"the weights grew {evidence['weight_growth']:.3g}x")
     if "backward_ratio" in evidence:
         what.append(f"the backward signal grows {evidence['backward_ratio']:.3g}x toward the input")
+    if "init_forward_growth" in evidence:
+        stds = evidence["init_forward_stds"]
+        what.append(f"the activations' std grows {evidence['init_forward_growth']:.3g}x through the layers at the first "
+                    f"step ({stds[0]:.3g} -> {stds[-1]:.3g})")
     if "clip_active_share" in evidence:
         what.append(_clipping_said(evidence))
     elif "grad_clip" in evidence:
@@ -67,7 +72,8 @@ def find_exploding(run: RunSeries, th: Thresholds) -> list[Finding]:
         said = f"The gradient norm rose {evidence['growth_over_steps']:.3g}x above its recent level from step {first}"
         return learning_on("exploding_gradient", first, layers, said, learning, "learning sped up (a plateau left, new "
                            "data met), no blow-up", "the steps must stay bounded", evidence, causes, remedies)
-    blow_up = set(evidence) & {"max_update_ratio", "predicted_update_ratio", "weight_growth", "backward_ratio"} \
+    blow_up = set(evidence) & {"max_update_ratio", "predicted_update_ratio", "weight_growth", "backward_ratio",
+                               "init_forward_growth"} \
         or ("growth_over_steps" in evidence and not evidence.get("recovered"))
     verb = "burst" if evidence.get("recovered") else "explode" if blow_up else "are clipped on nearly every step"
     message = f"Gradients {verb} from step {first}: " + "; ".join(what) + f". {remedies[0].action}."
@@ -485,6 +491,28 @@ def _backward_ratios(run: RunSeries) -> tuple[np.ndarray, np.ndarray, list[int]]
         return rows, np.full(len(rows), np.nan), cols
     with np.errstate(divide="ignore", invalid="ignore"):
         return rows, np.where(values[:, -1] > 0, values[:, 0] / values[:, -1], np.nan), cols
+
+
+def _forward_growth(run: RunSeries, th: Thresholds):
+    """The activations' std at the first step, before any update, layer after layer in forward order:
+    growing `forward_layer_growth`x per layer or more (geometric mean), `forward_exploding_ratio`x in
+    all, to `forward_exploding_std` or more. The initial weights' scale, whatever the optimizer (under
+    Adam no update or gradient ratio shows it)."""
+    std = run.metrics.get("act_std")
+    if std is None or not from_init(run) or not len(run.steps):
+        return None
+    acts = sorted((c for c, l in enumerate(run.layers) if l.role == "activation"), key=lambda c: run.layers[c].index)
+    first = np.asarray(std[0], dtype=float)
+    cols = [c for c in acts if np.isfinite(first[c]) and first[c] > 0]
+    if len(cols) < 3:
+        return None
+    stds = first[cols]
+    growth = float(stds[-1] / stds[0])
+    per_layer = growth ** (1.0 / (len(cols) - 1))
+    if growth < th.forward_exploding_ratio or per_layer < th.forward_layer_growth or stds[-1] < th.forward_exploding_std:
+        return None
+    return int(run.steps[0]), names(run, cols[1:]), {"init_forward_growth": growth,
+                                                      "init_forward_stds": [float(s) for s in stds]}
 
 
 def _backward_growth(run: RunSeries, backward: tuple[np.ndarray, np.ndarray, list[int]], th: Thresholds):
