@@ -57,3 +57,23 @@ def test_a_loss_scaled_up_a_million_times_is_told_to_scale_it_back_and_that_work
     assert abs(float(f.causes[0].split("the loss is ")[1].split(" ")[0]) - losses[0]) <= 1e-3 * losses[0]
     found, losses = _train(1.0)  # the remedy as said: no constant factor
     assert [f for f in found if f.severity != "info"] == [] and losses[-1] < losses[0]
+
+
+def test_a_nan_after_growth_from_a_huge_first_loss_names_the_loss_scale_first():
+    """A tester's regression on targets x10 under SGD at 3e-3: NaN at step 9, told only to lower the
+    lr tenfold and clip at 1.0; both pasted, the loss stayed at 9.9e6."""
+    import numpy as np
+
+    def nan_after_growth(first_loss: float, optimizer: str = "SGD"):
+        run = build(optimizer=optimizer)
+        run.metrics["grad_norm"][:40] *= np.geomspace(1, 1e4, 40)[:, None]  # growing before the NaN
+        run.loss[40:] = np.inf
+        run.metrics["grad_norm"][40:] = np.inf
+        run.loss[0] = first_loss
+        return next(f for f in diagnose(run) if f.kind == "non_finite")
+
+    f = nan_after_growth(9.8e6)
+    assert f.causes[0].startswith("loss scale:") and f.remedies[0].action.startswith("Bring the loss to order 1")
+    assert any(c.startswith("learning rate:") for c in f.causes)  # still named, after it
+    for g in (nan_after_growth(9.8e6, "Adam"), nan_after_growth(2.3)):
+        assert not any(c.startswith("loss scale") for c in g.causes)

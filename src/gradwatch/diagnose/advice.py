@@ -226,14 +226,9 @@ def exploding(ctx: Context, layers: tuple[str, ...], evidence: dict, through_tim
                              or evidence.get("predicted_update_ratio")):
         causes.insert(len(causes) if grows_at_init else 0,
                       f"learning rate: {ctx.lr_said} with {ctx.optimizer}; each update feeds the next gradient")
-    first_loss = float(ctx.run.loss[0]) if len(ctx.run.loss) else float("nan")
-    # (an adaptive optimizer's step does not scale with the loss: Adam divides the scale out)
-    loss_scaled = not (through_time or grows_at_init or ctx.adaptive) and math.isfinite(first_loss) \
-        and first_loss >= LARGE_INITIAL_LOSS
+    loss_scaled = not (through_time or grows_at_init) and _loss_scale(ctx) is not None
     if loss_scaled:
-        causes.insert(0, f"loss scale: the loss is {first_loss:.3g} at the first step, before any update (cross-entropy "
-                         "starts near log(classes), a standardised regression near 1), and every gradient scales with "
-                         "it: a constant factor, a sum over a large batch, or targets far from unit scale")
+        causes.insert(0, _loss_scale(ctx))
     if ctx.depth >= 6 and (evidence.get("backward_ratio") or grows_at_init):
         causes.append(f"depth: {ctx.depth} weight layers multiply {ctx.depth - 1} backward factors")
     # an adaptive optimizer moves each weight by about lr per step whatever the gradient's size:
@@ -265,8 +260,7 @@ def exploding(ctx: Context, layers: tuple[str, ...], evidence: dict, through_tim
     elif not ctx.adaptive or evidence.get("growth_over_steps"):
         remedies.append(lower)
     if loss_scaled:
-        remedies.insert(0, Remedy("Bring the loss to order 1: average rather than sum, drop the constant factor, "
-                                  "standardise regression targets", LOSS_SCALE_CODE))
+        remedies.insert(0, LOSS_TO_ORDER_1)
     if through_time:
         remedies.append(Remedy("Initialise the recurrent weights orthogonally (spectral norm 1)",
                                f"gw.init_({module_ref(layers[0]) if layers else 'model'}, scheme='orthogonal')"))
@@ -276,6 +270,21 @@ def exploding(ctx: Context, layers: tuple[str, ...], evidence: dict, through_tim
     remedies.append(Remedy("Skip any step whose gradients are not finite, so one bad batch cannot ruin the weights",
                            GUARD_CODE))
     return causes, remedies
+
+
+LOSS_TO_ORDER_1 = Remedy("Bring the loss to order 1: average rather than sum, drop the constant factor, "
+                         "standardise regression targets", LOSS_SCALE_CODE)
+
+
+def _loss_scale(ctx: Context) -> str | None:
+    """The loss-scale cause, when the loss is >= LARGE_INITIAL_LOSS at the first step under an
+    optimizer whose step follows the gradient (Adam divides a common scale out of its step)."""
+    first_loss = float(ctx.run.loss[0]) if len(ctx.run.loss) else float("nan")
+    if ctx.adaptive or not math.isfinite(first_loss) or first_loss < LARGE_INITIAL_LOSS:
+        return None
+    return (f"loss scale: the loss is {first_loss:.3g} at the first step, before any update (cross-entropy "
+            "starts near log(classes), a standardised regression near 1), and every gradient scales with "
+            "it: a constant factor, a sum over a large batch, or targets far from unit scale")
 
 
 def nan_cause(evidence: dict) -> str:
@@ -321,6 +330,11 @@ def non_finite(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[l
                       (f"; the gradient norm grew {growth:.3g}x in the steps before" if cause == "growth" else ""))
         remedies.append(Remedy(f"Lower the learning rate tenfold (to {ctx.lr_text(0.1)}) and clip the norm",
                                ctx.lr_code(0.1) + "\n" + CLIP_CODE))
+    if cause != "data" and (scale := _loss_scale(ctx)) is not None:
+        # (a regression on targets x10 at SGD 3e-3: NaN at step 9, told to lower the lr tenfold and
+        # clip at 1.0; both pasted, the loss stayed at 9.9e6: the targets' scale was the fault)
+        causes.insert(0, scale)
+        remedies.insert(0, LOSS_TO_ORDER_1)
     if not evidence.get("guard_skipped_steps"):  # gw.guard is there already: it kept them from the weights
         remedies.append(Remedy("Never let a non-finite step reach the weights", GUARD_CODE))
     return causes, remedies
