@@ -399,8 +399,9 @@ def test_a_nan_in_the_data_is_named_and_only_its_remedy_tried(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     result = fix(train, out=tmp_path / "fix", budget_steps=40, progress=lambda m: None)
     assert "non_finite" in result.baseline.harmful and result.repaired and not result.screened
-    assert [t.candidate.spec["inputs"][1:] for t in result.trials] == [[__file__, _line_of_this_file("if mend else x[i]")]]
-    assert "torch.nan_to_num(..., nan=0.0, posinf=0.0, neginf=0.0) there" in result.winner.candidate.code
+    assert [t.candidate.spec["inputs"][1:] for t in result.trials] == [[__file__, _line_of_this_file("if mend else x[i]"),
+                                                                       "NaN"]]
+    assert "torch.nan_to_num(..., nan=0.0, posinf=float('inf'), neginf=float('-inf')) there" in result.winner.candidate.code
     assert "The winner sets it to 0" in nan_note(result)
     train(mend=True)
     trained, mended = torch.load(result.winner.run_dir / "written" / "weights.pt"), torch.load("weights.pt")
@@ -860,6 +861,15 @@ def test_a_model_change_is_said_to_go_after_the_scripts_own_initialisation():
     assert applied.initialised_at == 7
     custom_function = read_names(source.replace("    nn.init.normal_(m.weight, 0, 1)", "    y = Clamp.apply(x)"))
     assert custom_function.initialised_at == 0 and "own initialisation" not in custom_function.complete(reinit(names).code)
+    # a reviewer's shapes: a fill in place over the parameters, a function imported by name, and calls
+    # inside the function or the class that only define the init
+    filled = read_names("import torch\nmodel = Net()\nfor p in model.parameters():\n    p.data.normal_(0, 1)\n")
+    by_name = read_names("from torch.nn.init import kaiming_normal_\nmodel = Net()\nkaiming_normal_(model.fc.weight)\n")
+    defined = read_names("import torch\nfrom torch import nn\ndef main():\n    model = Net()\n    model.apply(init_weights)\n"
+                         "def init_weights(m):\n    nn.init.normal_(m.weight)\nclass Net(nn.Module):\n"
+                         "    def __init__(self):\n        nn.init.zeros_(self.w)\n")
+    noise = read_names("import torch\nz = torch.empty(4, 8).normal_()\n")
+    assert (filled.initialised_at, by_name.initialised_at, defined.initialised_at, noise.initialised_at) == (4, 3, 5, 0)
 
 
 NO_OPTIMIZER = """
@@ -1138,3 +1148,5 @@ def test_a_trial_that_removes_the_symptom_but_ends_no_lower_than_the_baseline_is
     assert "No remedy beat the baseline" in text and "no lower than the baseline's 0.6918" in text
     learned = dataclasses.replace(chance, final_loss=0.31)
     assert FixResult(base, [learned]).winner is learned and FixResult(base, [learned]).above is None
+    game = dataclasses.replace(base, own_loss=True)  # a GAN's mixed loss: its level is no measure
+    assert FixResult(game, [chance]).winner is chance

@@ -53,7 +53,7 @@ def test_which_origin_gets_which_remedy():
     in_class = Origin("aten.exp.default", "/x/t.py", 9, "return torch.exp(x)", True, "Inf", module="Exp")
     in_loss = Origin("aten.log.default", "/x/t.py", 22, "return torch.log(var)", True, "NaN")
     gradient = Origin("aten.div.Tensor", "/x/t.py", 3, "d = x.sqrt()", True, "Inf", gradient_of="SqrtBackward0")
-    assert [c.spec for c in from_origin(held)] == [{"inputs": ["aten.slice.Tensor", "/x/t.py", 3]}]
+    assert [c.spec for c in from_origin(held)] == [{"inputs": ["aten.slice.Tensor", "/x/t.py", 3, "NaN"]}]
     assert [c.spec for c in from_origin(in_class)] == [{"swap": {"from": "Exp", "to": "LeakyReLU", "own": True},
                                                         "init": "auto"}]
     assert "swap_activations(model, Exp, lambda: nn.LeakyReLU(0.01)" in from_origin(in_class)[0].code  # not nn.Exp
@@ -118,16 +118,34 @@ def test_the_data_a_line_takes_is_made_finite_wherever_the_batch_goes_as_the_pri
     assert all(torch.equal(trained[k], by_hand[k]) for k in by_hand)
 
 
-def test_only_that_operation_from_that_line_is_changed_and_not_a_parameter():
-    x = torch.tensor([[1.0, float("nan")], [float("inf"), 2.0]])
-    w = nn.Parameter(torch.tensor([[float("nan")]]))
+def test_only_that_operation_from_that_line_is_changed_its_nan_alone_for_a_nan():
+    x = torch.tensor([[1.0, float("nan")], [-float("inf"), 2.0]])
     line = next(i for i, t in enumerate(open(__file__).read().splitlines(), 1) if t.strip().startswith("picked = "))
-    with FiniteAt("aten.select.int", __file__, line):
+    with FiniteAt("aten.select.int", __file__, line, "NaN"):
         picked = [x[0], x[1]]  # the line
         other = x[0]
-        held = w[0]
-    assert torch.equal(picked[0], torch.tensor([1.0, 0.0])) and torch.equal(picked[1], torch.tensor([0.0, 2.0]))
-    assert torch.isnan(other).any() and torch.isnan(held).all()  # another line; a weight
+    assert torch.equal(picked[0], torch.tensor([1.0, 0.0])) and torch.equal(picked[1], x[1])  # a -inf mask kept
+    assert torch.isnan(other).any() and torch.isnan(x).any()  # another line; the data itself untouched
+    line = next(i for i, t in enumerate(open(__file__).read().splitlines(), 1) if t.strip().startswith("both = "))
+    with FiniteAt("aten.select.int", __file__, line, "Inf"):
+        both = x[1]
+    assert torch.equal(both, torch.tensor([0.0, 2.0]))
+
+
+def test_an_in_place_read_is_cleaned_in_place_and_an_op_on_a_weight_gets_its_other_inputs_cleaned():
+    """A DataLoader worker's batch arrives set into a storage (in place); a NaN batch entering the
+    model's first matmul must not reach the weights' gradient."""
+    src, buf = torch.tensor([1.0, float("nan")]), torch.zeros(2)
+    line = next(i for i, t in enumerate(open(__file__).read().splitlines(), 1) if t.strip().startswith("buf.copy_("))
+    with FiniteAt("aten.copy_.default", __file__, line, "NaN"):
+        buf.copy_(src)
+    assert torch.equal(buf, torch.tensor([1.0, 0.0]))
+    layer = nn.Linear(2, 1)
+    line = next(i for i, t in enumerate(open(__file__).read().splitlines(), 1) if t.strip().startswith("out = layer("))
+    with FiniteAt("aten.addmm.default", __file__, line, "NaN"):
+        out = layer(src[None])
+    out.sum().backward()
+    assert torch.isfinite(layer.weight.grad).all() and torch.equal(layer.weight.grad, torch.tensor([[1.0, 0.0]]))
 
 
 class L2Norm(nn.Module):  # parameterless, but no activation: a division's guard, not a swap
@@ -236,3 +254,59 @@ def test_the_swap_of_a_class_of_the_scripts_goes_to_the_model_holding_it(tmp_pat
     swapped = torch.load(trial.run_dir / "written" / "gen.pt")
     assert all(torch.isfinite(v).all() for v in swapped.values())
 
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(480, 6, generator=g)
+        self.y = self.x[:, :2].sum(1, keepdim=True)
+        self.x[40, 2] = float("nan")
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]  # the row
+
+
+def _loader_run(mend: bool = False) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for xb, yb in torch.utils.data.DataLoader(_Rows(), batch_size=16):  # the loader
+        if mend:
+            xb = torch.nan_to_num(xb, nan=0.0, posinf=float("inf"), neginf=float("-inf"))
+        opt.zero_grad()
+        nn.functional.mse_loss(model(xb), yb).backward()
+        opt.step()
+    torch.save(model.state_dict(), "weights.pt")
+
+
+def test_a_nan_row_batched_by_a_dataloader_is_the_datas_where_the_dataset_takes_it(tmp_path, monkeypatch):
+    """The default collate stacks the rows: a NaN row then looked made by torch.stack from finite
+    inputs (a list of tensors), and nothing was tried."""
+    monkeypatch.chdir(tmp_path)
+    result = fix(_loader_run, out=tmp_path / "fix", budget_steps=40, progress=lambda m: None)
+    line = next(i for i, t in enumerate(open(__file__).read().splitlines(), 1) if t.strip().endswith("# the row"))
+    assert result.origin is not None and not result.origin.made_here and result.origin.line == line
+    assert result.repaired
+    _loader_run(mend=True)
+    trained, by_hand = torch.load(result.winner.run_dir / "written" / "weights.pt"), torch.load("weights.pt")
+    assert all(torch.equal(trained[k], by_hand[k]) for k in by_hand)
+
+
+def test_after_the_data_held_a_nan_an_inf_made_on_purpose_is_a_mask_not_the_origin():
+    x = torch.tensor([[1.0, float("nan")], [0.5, 2.0]])
+    with NonFiniteLocator() as locator:
+        xb = x[0:2]  # the batch
+        mask = torch.log(torch.tril(torch.ones(2, 2)))  # -inf above the diagonal, on purpose
+        (xb + mask).sum()
+    line = next(i for i, t in enumerate(open(__file__).read().splitlines(), 1) if t.strip().startswith("xb = x[0:2]"))
+    assert locator.origin is not None and not locator.origin.made_here and locator.origin.line == line
+
+
+def test_an_unbatched_softmax_by_hand_is_no_activation_either():
+    from gradwatch.fix.locate import _elementwise
+
+    assert not _elementwise(SoftmaxByHand(), torch.randn(5)) and _elementwise(Exp(), torch.randn(5))

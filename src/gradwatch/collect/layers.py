@@ -177,8 +177,17 @@ def _weight_name(prefix: str, qualname: str, module: nn.Module, key: str) -> str
     return ".".join(x for x in (prefix, qualname, key) if x)
 
 
+def recurrent_activation(module: nn.Module) -> str:
+    """The nonlinearity a recurrent layer's output comes through: tanh (an RNN's default; a GRU's
+    state mixes tanh candidates; an LSTM's is o·tanh(c)), relu for `nn.RNN(nonlinearity="relu")`;
+    its output's statistics are read as that activation's (saturated units, dead ones)."""
+    if not isinstance(module, RECURRENT):
+        return ""
+    return "relu" if getattr(module, "nonlinearity", "tanh") == "relu" else "tanh"
+
+
 def _layers_of(module: nn.Module, prefix: str, qualname: str, role: str, own: list) -> list[Layer]:
-    act = activation_name(module)
+    act = activation_name(module) or recurrent_activation(module)
     if _per_weight(module, qualname, role):
         keys = [k for k, p in module._parameters.items() if p is not None and any(p is q for q in own)]
         return [Layer(_weight_name(prefix, qualname, module, k), module, role, act, [module._parameters[k]])

@@ -189,6 +189,8 @@ class SampledHooks:
             module = layer.module
             if layer.role == "activation":
                 hook = self._made_hook(("act", pos, layer.activation, eager), self._activation_hook)
+            elif layer.role == "recurrent" and layer.activation:
+                hook = self._made_hook(("rec", pos, layer.activation, eager), self._recurrent_output_hook)
             else:
                 hook = self._made_hook(("out", pos, eager), self._output_grad_hook)
             self._handles.append(module.register_forward_hook(hook))
@@ -250,6 +252,28 @@ class SampledHooks:
                 self._hook_output_grad(rec, pos, y, _Stats(y, activation, self._todo))
             else:  # (no backward can reach it: a frozen backbone's, a model fed inputs without a graph)
                 rec.accumulate(rec.act, pos, activation_stats(y, activation))
+        return _eager(hook)
+
+    def _recurrent_output_hook(self, pos: int, activation: str):
+        """A recurrent layer's output sequence, read as its nonlinearity's activations (saturated,
+        dead units); counted when a backward reaches the sequence or the last state (`h_n`: a
+        classifier on `h[-1]` leaves the sequence unused)."""
+        def hook(module, args, output):
+            rec = self._current() if torch.is_grad_enabled() else None
+            y = _first_tensor(output)
+            if rec is None or y is None or not y.is_floating_point() or y.numel() == 0:
+                return
+            if not y.requires_grad:
+                rec.accumulate(rec.act, pos, activation_stats(y, activation))
+                return
+            stats = _Stats(y, activation, self._todo)
+            self._hook_output_grad(rec, pos, y, stats)
+            state = _first_tensor(output[1]) if isinstance(output, tuple) and len(output) > 1 else None
+            if state is not None and state.requires_grad:
+                def on_state_grad(g: torch.Tensor) -> None:
+                    if self._counted():  # (the mean of the counts: both reached, the same value twice)
+                        rec.accumulate(rec.act, pos, stats.value())
+                state.register_hook(on_state_grad)
         return _eager(hook)
 
     def _output_grad_hook(self, pos: int):

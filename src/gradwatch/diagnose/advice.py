@@ -432,6 +432,9 @@ def dead_units(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[l
 
 
 def saturation(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[list[str], list[Remedy]]:
+    recurrent = {l.name for l in ctx.run.layers if l.role == "recurrent"}
+    if layers and set(layers) <= recurrent:
+        return _recurrent_saturation(ctx, layers, evidence)
     acts = sorted({a for a in evidence.get("activations", []) if a}) or ctx.saturating or ["sigmoid"]
     causes = [f"saturating activation: {', '.join(acts)} outputs pinned at an asymptote pass almost no gradient (derivative < 0.01)"]
     if evidence.get("at_init"):
@@ -457,6 +460,28 @@ def saturation(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[l
         standardise = Remedy("Standardise the inputs: mean 0 and std 1 per feature, from the training set",
                              "x = (x - x_train.mean(0)) / (x_train.std(0) + 1e-8)")
         remedies.insert(0 if len(layers) == 1 else 1, standardise)
+    return causes, remedies
+
+
+def _recurrent_saturation(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[list[str], list[Remedy]]:
+    """A recurrent layer's own tanh saturated: no activation module to swap. Fed raw inputs of a large
+    scale (a tester's sensor values, ±700: 99% of |h| > 0.99, accuracy at chance, told only of its
+    W_hh), the inputs are the fault; later in training, the weights' growth (the lr)."""
+    causes = [f"saturation inside {listed(layers)}: its tanh (and gates) pinned at their asymptotes pass a derivative "
+              "near 0, through the inputs and through time"]
+    remedies = []
+    if evidence.get("first_layer"):
+        causes.insert(0, "input scale: the recurrent layer the inputs feed saturates from the first step, as it does "
+                         "when the inputs are not standardised (raw sensor values, features in the hundreds)")
+        remedies.append(Remedy("Standardise the inputs: mean 0 and std 1 per feature, from the training set",
+                               "x = (x - x_train.mean(0)) / (x_train.std(0) + 1e-8)"))
+    elif evidence.get("at_init"):
+        causes.append("initial weight scale: the recurrent weights (W_hh, W_ih) are too large from the first step")
+        remedies.append(Remedy("Initialise the recurrent weights orthogonally (spectral norm 1)",
+                               f"gw.init_({module_ref(layers[0])}, scheme='orthogonal')"))
+    else:
+        causes.append(f"learning rate: {ctx.lr_said}: the updates grew the weights until the gates saturated")
+        remedies.append(ctx.lower_lr())
     return causes, remedies
 
 

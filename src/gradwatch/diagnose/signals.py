@@ -73,8 +73,10 @@ def normalised_columns(run: RunSeries) -> set[int]:
 
 
 def activation_columns(run: RunSeries) -> list[int]:
-    """Columns of the activation modules (ReLU, Sigmoid...): where dead and saturated units show."""
-    return [i for i, layer in enumerate(run.layers) if layer.role == "activation"]
+    """Columns of the activation modules (ReLU, Sigmoid...), and of the recurrent layers whose output
+    comes through one (an RNN's tanh, an LSTM's o·tanh(c)): where dead and saturated units show."""
+    return [i for i, layer in enumerate(run.layers)
+            if layer.role == "activation" or layer.role == "recurrent" and layer.activation]
 
 
 def names(run: RunSeries, cols: Iterable[int]) -> tuple[str, ...]:

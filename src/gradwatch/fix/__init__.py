@@ -105,8 +105,9 @@ class FixResult:
         raw inputs, its vanishing gone under a GRU + lr x10, ended at chance, 0.6962 against 0.6918,
         and pasted in gave a validation accuracy of 0.48). No repair."""
         best = self._ahead
-        return best if best is not None and self.baseline.score[0] == 0 and best.final_loss >= self.baseline.final_loss \
-            else None
+        # (a GAN's recorded loss mixes G's and D's: a D overpowering G sits near 0, a repaired game higher)
+        return best if best is not None and self.baseline.score[0] == 0 and not self.baseline.own_loss \
+            and best.final_loss >= self.baseline.final_loss else None
 
     @property
     def within_noise(self) -> Trial | None:

@@ -481,15 +481,17 @@ def from_origin(origin: Origin, names: Names = GENERIC) -> list[Candidate]:
 
 
 def finite_inputs(origin: Origin) -> Candidate:
-    """What the data gives the line that took the NaN/Inf, with its NaN/Inf set to 0 (the trial:
-    inject.py `FiniteAt`, that operation's inputs each time it runs from that line), wherever the
-    batch goes on to: the model, a teacher, the loss as its target."""
+    """What the line that took the data's NaN/Inf takes, with it set to 0 (the trial: inject.py
+    `FiniteAt`, that operation's output each time it runs from that line), wherever the batch goes
+    on to: the model, a teacher, the loss as its target. A NaN alone is cleaned where the data held
+    NaN: a -inf mask taken on the same line keeps its -inf."""
     where = f"{os.path.basename(origin.file)}:{origin.line}"
-    code = (f"# {where}: `{origin.code}`: the data this line takes held {origin.value}; take it through "
-            f"torch.nan_to_num(..., nan=0.0, posinf=0.0, neginf=0.0) there (the tensor it indexes or reads, as the "
-            f"trial did); better, mend or drop the samples that hold it")
-    return _made(f"NaN/Inf from the data -> 0 ({where})", {"inputs": [origin.op, origin.file, origin.line]},
-                 Part(ON_OPTIMIZER, code))
+    keep = "posinf=float('inf'), neginf=float('-inf')" if origin.value == "NaN" else "posinf=0.0, neginf=0.0"
+    code = (f"# {where}: `{origin.code}`: the data this line takes held {origin.value}; wrap what it takes in "
+            f"torch.nan_to_num(..., nan=0.0, {keep}) there (e.g. xb = torch.nan_to_num(x[idx], nan=0.0, {keep}), "
+            f"as the trial did); better, mend or drop the samples that hold it")
+    return _made(f"NaN/Inf from the data -> 0 ({where})",
+                 {"inputs": [origin.op, origin.file, origin.line, origin.value]}, Part(ON_OPTIMIZER, code))
 
 
 MODEL_KEYS = ("swap", "norm", "init", "recurrent")  # the spec keys of a change to the model

@@ -27,8 +27,8 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves, tree_map
 
 from gradwatch.collect import patches
 from gradwatch.collect.caller_names import caller_name
@@ -87,27 +87,46 @@ def _own_classes(model: nn.Module, name: str) -> tuple[type, ...]:
     return tuple({type(m) for m in model.modules() if type(m).__name__ == name})
 
 
-class FiniteAt(TorchDispatchMode):
-    """The `inputs` spec: where the locating run found the data already holding NaN/Inf (its
-    operation, run from the script's line `file:line`), each time that operation runs from there
-    again, its inputs that are no parameter with their NaN/Inf set to 0 first. What the data gives
-    that line, wherever the batch goes on to (the model, a teacher, the loss as its target)."""
+class FiniteAt(TorchFunctionMode):
+    """The `inputs` spec: where the locating run found the data already holding NaN (or Inf), what
+    each torch function called from the script's line `file:line` gives the script, with those
+    values set to 0 (for a NaN origin its NaN only: a -inf mask taken on the same line keeps its
+    -inf), wherever the batch goes on to: the model, a teacher, the loss as its target. Its output,
+    at batch size (the input of an indexing line is the whole dataset: cleaning that cost a pass
+    over it per sample), in place for an in-place one (a DataLoader worker's batch set into a
+    storage); a function of the model's weights (the batch reaching its first layer with no
+    function of that line before) gets its other inputs cleaned instead, above autograd, so the
+    weights' gradients never see the NaN. The trial runs eagerly (torch.compile compiles nothing
+    under a mode)."""
 
-    def __init__(self, op: str, file: str, line: int):
+    def __init__(self, op: str, file: str, line: int, value: str = "NaN"):
         super().__init__()
-        self.op, self.where = op, (file, line)
+        self.where, self.nan_only = (file, line), value == "NaN"
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if str(func) == self.op and script_line() == self.where:
-            args, kwargs = tree_map(_finite, (args, kwargs or {}))
-        return func(*args, **(kwargs or {}))
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if script_line() != self.where:
+            return func(*args, **kwargs)
+        if any(isinstance(a, nn.Parameter) for a in tree_leaves((args, kwargs))):
+            args, kwargs = tree_map(self._clean, (args, kwargs))
+            return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        if name.endswith("_") and not name.endswith("__") and args and self._dirty(args[0]):
+            with torch.no_grad():
+                args[0].copy_(self._clean(args[0]))  # (set_, copy_: the tensor the script holds)
+            return out
+        return tree_map(self._clean, out)
 
+    def _dirty(self, t: Any) -> bool:
+        return isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter) and t.is_floating_point() \
+            and t.numel() > 0 and bool((torch.isnan(t) if self.nan_only else ~torch.isfinite(t)).any())
 
-def _finite(value: Any) -> Any:
-    if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and value.is_floating_point() \
-            and value.numel() and not bool(torch.isfinite(value).all()):
-        return torch.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0)
-    return value
+    def _clean(self, t: Any) -> Any:
+        if not self._dirty(t):
+            return t
+        return torch.nan_to_num(t, nan=0.0, posinf=math.inf, neginf=-math.inf) if self.nan_only \
+            else torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 @contextmanager

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import gradwatch
 
@@ -154,8 +155,9 @@ class NonFiniteLocator(TorchDispatchMode):
         try:
             node = None if torch.is_grad_enabled() else torch._C._current_autograd_node()
             if (torch.is_grad_enabled() or node is not None) and (value := _non_finite(out)):
-                inputs = [*args, *(kwargs or {}).values()]
-                if value == "Inf" and any(self._mask_value(a) for a in inputs):
+                inputs = tree_leaves((args, kwargs or {}))  # (torch.stack's list of tensors too)
+                if value == "Inf" and (self._held or any(self._mask_value(a) for a in inputs)):
+                    # (after the data held one: an Inf made now is a mask's, -inf on purpose)
                     self._masks.update((id(t), weakref.ref(t)) for t in _tensors(out))
                 elif not (self._held and any(_non_finite(a) for a in inputs if isinstance(a, torch.Tensor))):
                     self._found(func, args, kwargs or {}, value, node)
@@ -164,12 +166,14 @@ class NonFiniteLocator(TorchDispatchMode):
         return out
 
     def _found(self, func, args, kwargs, value: str, node) -> None:
-        frames = _traceback_frames(node.metadata.get("traceback_", ())) if node is not None else \
-            [(f.filename, f.lineno or 0, f.line or "", f.name) for f in traceback.extract_stack()[:-2]]
+        live = [(f.filename, f.lineno or 0, f.line or "", f.name) for f in traceback.extract_stack()[:-2]]
+        if node is not None and next((f for f in reversed(live) if _callers(f)), ("",))[0].startswith(_OUR_DIR):
+            return  # the watch's own statistics in a backward hook (the node's traceback is the forward's)
+        frames = _traceback_frames(node.metadata.get("traceback_", ())) if node is not None else live
         frame = next((f for f in reversed(frames) if _callers(f)), None)
         if frame is not None and frame[0].startswith(_OUR_DIR):
             return  # the watch's own statistics (of a NaN activation, say) are not the script's
-        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        tensors = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
         masked = [a for a in tensors if self._mask_value(a)]
         held = [a for a in tensors if _non_finite(a) and not any(a is m for m in masked)]
         if frame is None or any(isinstance(a, torch.nn.Parameter) for a in held):
@@ -262,7 +266,7 @@ def _elementwise(module: torch.nn.Module, x) -> bool:
     (no hook sees the probe), on numbers of a seeded generator of its own (the script's draws stay)."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0:
         return False
-    shape = x.shape[:1] and (1, *x.shape[1:])
+    shape = x.shape if x.dim() <= 1 else (1, *x.shape[1:])  # (an unbatched vector is one sample)
     probe = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(x.dtype).to(x.device) * 0.1
     nudged = probe.clone()
     nudged.view(-1)[0] += 1.0

@@ -256,16 +256,48 @@ def read_names(source: str, run: Context | None = None, imported: frozenset[str]
 
 
 _INIT_CALL = re.compile(r"(^|\.)init\.\w+_$")  # nn.init.normal_, torch.nn.init.xavier_uniform_, init.zeros_
+_FILLS = ("normal_", "uniform_", "zero_", "fill_", "constant_", "trunc_normal_", "orthogonal_")
 
 
 def _initialised_at(tree: ast.AST) -> int:
-    """The line of the script's last call that initialises weights its own way: an `nn.init` function
-    or `model.apply(init_fn)`, a function named for it (0: none). A model change pasted above it would be undone by it; the trial
-    made it at the first forward, after it."""
-    lines = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Call) and (
-        _INIT_CALL.search(ast.unparse(node.func)) or isinstance(node.func, ast.Attribute) and node.func.attr == "apply"
-        and len(node.args) == 1 and "init" in ast.unparse(node.args[0]))]  # (not an autograd Function's apply(x))
+    """The line of the script's last statement that initialises weights its own way (0: none): an
+    `nn.init` function (also one imported from it by name), a fill of a weight in place
+    (`m.weight.data.normal_(0, 1)`, `p.uniform_()` over `model.parameters()`), or
+    `model.apply(init_fn)`. Calls inside a function named for it (`def init_weights(m)`) or a class
+    body (a module's own `__init__`) are where it is defined, not done: the `.apply` or the
+    construction is. A model change pasted above that line would be undone by it; the trial made it
+    at the first forward, after it."""
+    by_name = {a.asname or a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+               and node.module == "torch.nn.init" for a in node.names}
+    lines: list[int] = []
+
+    def visit(node: ast.AST, over_parameters: bool) -> None:
+        if isinstance(node, ast.ClassDef) or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) \
+                and "init" in node.name.lower():
+            return
+        if isinstance(node, (ast.For, ast.AsyncFor)) and "parameters()" in ast.unparse(node.iter):
+            over_parameters = True
+        if isinstance(node, ast.Call) and _initialises(node, by_name, over_parameters):
+            lines.append(node.lineno)
+        for child in ast.iter_child_nodes(node):
+            visit(child, over_parameters)
+
+    visit(tree, False)
     return max(lines, default=0)
+
+
+def _initialises(call: ast.Call, by_name: set[str], over_parameters: bool) -> bool:
+    func = call.func
+    if isinstance(func, ast.Name):
+        return func.id in by_name
+    if not isinstance(func, ast.Attribute):
+        return False
+    if _INIT_CALL.search(ast.unparse(func)):
+        return True
+    if func.attr == "apply":  # model.apply(init_fn), not an autograd Function's apply(x)
+        return len(call.args) == 1 and "init" in ast.unparse(call.args[0]).lower()
+    receiver = ast.unparse(func.value)
+    return func.attr in _FILLS and (over_parameters or re.search(r"\.(weight|bias|data)\b", receiver) is not None)
 
 
 def _read_names(tree: ast.AST, run: Context | None, imported: frozenset[str]) -> Names:

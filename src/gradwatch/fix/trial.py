@@ -51,6 +51,7 @@ class Trial:
     resumed_from: int = 0  # the steps it ran as a screening trial, paused, before it was run on (go_on)
     behind: bool = False  # ended at the screening's first rung, in the worse half: ranked after the better half
     stopped: bool = False  # a final stopped halfway, behind the first final there (fix's `_unless_behind`)
+    own_loss: bool = False  # the loss mixes objectives (a GAN's G and D, meta `own_loss_steps`): its level says nothing
     process: "Process | None" = field(default=None, repr=False, compare=False)  # paused: its process, waiting
 
     @property
@@ -419,6 +420,7 @@ def measure(trial: Trial) -> Trial:
     except GradwatchError:
         return trial  # nothing recorded: the script failed before its first step
     trial.steps = len(series.steps)
+    trial.own_loss = bool(series.meta.get("own_loss_steps"))
     trial.final_loss = final_loss(series.loss)
     trial.final_error = final_error(series.loss)
     trial.first_loss = first_loss(series.loss[series.steps >= last_phase(series)])

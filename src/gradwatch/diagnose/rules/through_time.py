@@ -8,7 +8,7 @@ import numpy as np
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
 from gradwatch.diagnose.rules.loss import loss_fell_to
-from gradwatch.diagnose.signals import from_init, persistent_start, time_ratio
+from gradwatch.diagnose.signals import activation_columns, from_init, persistent_activation_layers, persistent_start, time_ratio
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
 
@@ -16,6 +16,12 @@ from gradwatch.store.series import RunSeries
 def find_through_time(run: RunSeries, th: Thresholds) -> list[Finding]:
     findings = []
     ctx = advice.Context(run)
+    # a recurrent layer whose tanh is pinned at ±1: diag(f'(h_t)) ~ 0 is the product's small factor (a
+    # tester's RNN on raw sensor values, ±700, was told of its W_hh's norm)
+    saturated = persistent_activation_layers(run, "saturated", th.saturated_fraction, th.persist_samples,
+                                             only=advice.SATURATING)
+    acts = activation_columns(run)
+    lowest = run.layers[min(acts, key=lambda c: run.layers[c].index)].name if acts else ""
     for layer, (steps, profile) in run.time_profiles.items():
         if profile.shape[1] < th.min_time_steps or len(steps) == 0:
             continue
@@ -36,6 +42,11 @@ def find_through_time(run: RunSeries, th: Thresholds) -> list[Finding]:
                         "profile_last": [float(v) for v in last], "at_init": start == 0 and from_init(run)}
             explain = advice.vanishing if kind == "vanishing_gradient" else advice.exploding
             causes, remedies = explain(ctx, (layer,), evidence, through_time=True)
+            if kind == "vanishing_gradient" and layer in saturated:  # f'(h_t) ~ 0: the saturation's first
+                evidence["saturated_fraction"] = saturated[layer][1]
+                own, fix = advice.saturation(ctx, (layer,), {"at_init": saturated[layer][2],
+                                                             "first_layer": layer == lowest})
+                causes, remedies = [*own, *causes], [*fix[:1], *remedies]
             if ratio > 0:
                 what = (f"the gradient {word} by {rate:.3g}x per step: the first of {profile.shape[1]} steps gets "
                         f"{ratio:.1e} of the last step's gradient")
