@@ -869,7 +869,10 @@ def test_a_model_change_is_said_to_go_after_the_scripts_own_initialisation():
                          "def init_weights(m):\n    nn.init.normal_(m.weight)\nclass Net(nn.Module):\n"
                          "    def __init__(self):\n        nn.init.zeros_(self.w)\n")
     noise = read_names("import torch\nz = torch.empty(4, 8).normal_()\n")
-    assert (filled.initialised_at, by_name.initialised_at, defined.initialised_at, noise.initialised_at) == (4, 3, 5, 0)
+    cleared = read_names("import torch\nmodel = Net()\nfor p in model.parameters():\n    p.grad.zero_()\n"
+                         "    p.grad.data.zero_()\n")
+    assert (filled.initialised_at, by_name.initialised_at, defined.initialised_at, noise.initialised_at,
+            cleared.initialised_at) == (4, 3, 5, 0, 0)
 
 
 NO_OPTIMIZER = """

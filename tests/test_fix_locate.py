@@ -222,3 +222,35 @@ def test_the_line_named_is_never_pythons_own_library_nor_a_pass_through():
     assert locate._callers((__file__, 1, "x", "train"))
     assert not locate._callers((locate.__file__, 1, "x", "__torch_function__"))  # the watch's mode
     assert locate._callers((locate.__file__, 1, "x", "activation_stats"))  # the watch's own statistics
+
+
+def test_a_gradient_made_non_finite_is_found_under_the_watchs_wrapper_of_backward(tmp_path):
+    """Watched, `torch.autograd.backward` is gradwatch's wrapper: taken for the watch's own code, it
+    hid every gradient's NaN/Inf."""
+    import gradwatch as gw
+
+    a, b, m = nn.Parameter(torch.ones(3, 2)), torch.ones(3, 2), nn.Linear(2, 2)
+    watch = gw.watch(m, torch.optim.SGD([*m.parameters(), a], 0.1), out=tmp_path, warn=False)
+    try:
+        with NonFiniteLocator() as locator:
+            distance = (a - b).pow(2).sum().sqrt()  # equal points, watched
+            distance.backward()
+    finally:
+        watch.close()
+    assert locator.origin is not None and locator.origin.gradient_of == "SqrtBackward0"
+    assert locator.origin.line == _line_of("# equal points, watched")
+
+
+def test_a_nan_the_script_fills_gives_way_to_the_overflow_it_then_makes():
+    torch.manual_seed(0)
+    raw = torch.randn(16, 4)
+    raw[3, 1] = float("nan")  # a missing value
+    model = nn.Linear(4, 1)
+    with torch.no_grad():
+        model.weight.fill_(100.0)
+    with NonFiniteLocator() as locator:
+        x = (raw - raw.nanmean(0)).nan_to_num(0.0)  # centred, the missing value filled
+        out = torch.exp(model(x))  # the overflow
+        (out - 1).pow(2).mean().backward()
+    assert locator.origin is not None and locator.origin.made_here and locator.origin.op == "aten.exp.default"
+    assert locator.origin.line == _line_of("# the overflow")

@@ -310,3 +310,20 @@ def test_an_unbatched_softmax_by_hand_is_no_activation_either():
     from gradwatch.fix.locate import _elementwise
 
     assert not _elementwise(SoftmaxByHand(), torch.randn(5)) and _elementwise(Exp(), torch.randn(5))
+
+
+def test_a_nan_a_model_called_on_the_line_makes_is_left_as_the_printed_change_leaves_it():
+    """The line takes the data (which holds a NaN elsewhere) into a model whose grown weights make
+    inf - inf: the printed nan_to_num on the batch leaves that NaN, so must the trial."""
+    torch.manual_seed(0)
+    x = torch.rand(64, 4) + 1.0  # positive: every row overflows both ways
+    x[3, 2] = float("nan")
+    model = nn.Sequential(nn.Linear(4, 4), nn.Softmax(dim=1), nn.Linear(4, 1))
+    with torch.no_grad():
+        model[0].weight[0].fill_(3e38), model[0].weight[1].fill_(-3e38)
+    rows = torch.arange(8, 16)  # rows without the NaN
+    line = next(i for i, t in enumerate(open(__file__).read().splitlines(), 1) if t.strip().startswith("out = model(x[rows])"))
+    with FiniteAt("", __file__, line, "NaN"):
+        out = model(x[rows])
+    printed = model(torch.nan_to_num(x[rows], nan=0.0, posinf=float("inf"), neginf=float("-inf")))
+    assert torch.isnan(printed).all() and torch.isnan(out).all()

@@ -54,3 +54,25 @@ def test_standardised_inputs_and_an_lstm_read_as_theirs():
     assert measured < 0.5 and "saturation" not in {f.kind for f in diagnose(run)}
     _, lstm, measured = _train(scale=100.0, cell=nn.LSTM)
     assert abs(float(lstm.metrics["saturated"][-1, lstm.column("rnn")]) - measured) < 0.05
+
+
+def test_a_packed_sequence_is_read_by_its_rows_and_a_projected_lstm_not_as_tanh():
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    torch.manual_seed(0)
+    gru, head = nn.GRU(3, 8, batch_first=True), nn.Linear(8, 1)
+    lengths = torch.tensor([6, 4, 3, 2])
+    x = torch.randn(4, 6, 3) * 50
+    opt = torch.optim.SGD([*gru.parameters(), *head.parameters()], lr=0.01)
+    watch = gw.watch(torch.nn.ModuleDict({"gru": gru, "head": head}), opt, warn=False, sample_every=1)
+    out, h = gru(pack_padded_sequence(x, lengths, batch_first=True))
+    head(h[-1]).sum().backward()
+    opt.step()
+    watch.close()
+    run = watch.series()
+    measured = float((out.data.abs() > 0.99).float().mean())  # the packed rows, no padding
+    assert abs(float(run.metrics["saturated"][0, run.column("gru")]) - measured) < 1e-6
+    from gradwatch.collect.layers import recurrent_activation
+
+    assert [recurrent_activation(m) for m in (nn.LSTM(3, 8, proj_size=2), nn.LSTM(3, 8), nn.RNN(3, 8, nonlinearity="relu"),
+                                               nn.Linear(3, 8))] == ["", "tanh", "relu", ""]  # (a projection is linear)

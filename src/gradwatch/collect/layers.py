@@ -181,7 +181,7 @@ def recurrent_activation(module: nn.Module) -> str:
     """The nonlinearity a recurrent layer's output comes through: tanh (an RNN's default; a GRU's
     state mixes tanh candidates; an LSTM's is o·tanh(c)), relu for `nn.RNN(nonlinearity="relu")`;
     its output's statistics are read as that activation's (saturated units, dead ones)."""
-    if not isinstance(module, RECURRENT):
+    if not isinstance(module, RECURRENT) or getattr(module, "proj_size", 0):  # (a projected LSTM's output is linear)
         return ""
     return "relu" if getattr(module, "nonlinearity", "tanh") == "relu" else "tanh"
 

@@ -11,6 +11,7 @@ import weakref
 from typing import Callable
 
 import torch
+from torch.nn.utils.rnn import PackedSequence
 from torch import nn
 from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
@@ -260,7 +261,8 @@ class SampledHooks:
         classifier on `h[-1]` leaves the sequence unused)."""
         def hook(module, args, output):
             rec = self._current() if torch.is_grad_enabled() else None
-            y = _first_tensor(output)
+            first = output[0] if isinstance(output, tuple) and output else output
+            y = first.data if isinstance(first, PackedSequence) else _first_tensor(output)  # (packed: its rows)
             if rec is None or y is None or not y.is_floating_point() or y.numel() == 0:
                 return
             if not y.requires_grad:

@@ -35,7 +35,7 @@ from gradwatch.collect.caller_names import caller_name
 from gradwatch.collect.layers import ACTIVATIONS, compiled_inner
 from gradwatch.collect.watch import MAX_ACCUMULATION
 from gradwatch.errors import ConfigError
-from gradwatch.fix.locate import ENV_LOCATE_AT, NonFiniteLocator, script_line
+from gradwatch.fix.locate import ENV_LOCATE_AT, NonFiniteLocator, callers_frame as _callers_frame, script_line
 from gradwatch.fix.pause import child_channel, wait_for_more
 import gradwatch.remedies as remedies  # (not `from ... import`: see _bootstrap, a user's import of it may be under way)
 from gradwatch.remedies._new_params import added_parameters, before_change, drop, give_added
@@ -89,34 +89,63 @@ def _own_classes(model: nn.Module, name: str) -> tuple[type, ...]:
 
 class FiniteAt(TorchFunctionMode):
     """The `inputs` spec: where the locating run found the data already holding NaN (or Inf), what
-    each torch function called from the script's line `file:line` gives the script, with those
-    values set to 0 (for a NaN origin its NaN only: a -inf mask taken on the same line keeps its
-    -inf), wherever the batch goes on to: the model, a teacher, the loss as its target. Its output,
-    at batch size (the input of an indexing line is the whole dataset: cleaning that cost a pass
-    over it per sample), in place for an in-place one (a DataLoader worker's batch set into a
-    storage); a function of the model's weights (the batch reaching its first layer with no
-    function of that line before) gets its other inputs cleaned instead, above autograd, so the
-    weights' gradients never see the NaN. The trial runs eagerly (torch.compile compiles nothing
-    under a mode)."""
+    a torch function called from the script's line `file:line` takes from that data, given back with
+    those values set to 0 (for a NaN origin its NaN only: a -inf mask taken on the same line keeps
+    its -inf), wherever the batch goes on to: the model, a teacher, the loss as its target. Only a
+    function one of whose inputs (no parameter) holds them: one that makes a NaN from finite inputs
+    on that line (a model grown to overflow, a log of a negative) is left as the printed change
+    leaves it, and so is what such a NaN flows into on the line (the next layer of a model called
+    there takes it from the line, not from the data). Its output is cleaned, at batch size (an indexing line's input is the whole dataset;
+    whether a large input holds NaN is asked once per version of it), in place for an in-place one
+    (a DataLoader worker's batch set into a storage); a function of the model's weights gets the
+    inputs cleaned instead, above autograd, so no weight's gradient sees the NaN. The trial runs
+    eagerly (torch.compile compiles nothing under a mode)."""
 
     def __init__(self, op: str, file: str, line: int, value: str = "NaN"):
         super().__init__()
-        self.where, self.nan_only = (file, line), value == "NaN"
+        self.file, self.line, self.nan_only = file, line, value == "NaN"
+        self._known: dict[int, tuple[weakref.ref, int, bool]] = {}  # large tensors: (ref, _version, dirty)
+        self._made: dict[int, weakref.ref] = {}  # tensors a function called from the line made (`_mark`)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if script_line() != self.where:
+        caller = sys._getframe(1)  # (most calls come from another line of the script: one frame says so)
+        if (caller.f_code.co_filename != self.file or caller.f_lineno != self.line) \
+                and (_callers_frame(caller) or script_line() != (self.file, self.line)):
             return func(*args, **kwargs)
-        if any(isinstance(a, nn.Parameter) for a in tree_leaves((args, kwargs))):
+        leaves = tree_leaves((args, kwargs))
+        if not any(self._holds(a) for a in leaves if not self._made_here(a)):  # (a NaN this line made: left)
+            return self._mark(func(*args, **kwargs))
+        if any(isinstance(a, nn.Parameter) for a in leaves):
             args, kwargs = tree_map(self._clean, (args, kwargs))
-            return func(*args, **kwargs)
+            return self._mark(func(*args, **kwargs))
         out = func(*args, **kwargs)
         name = getattr(func, "__name__", "")
         if name.endswith("_") and not name.endswith("__") and args and self._dirty(args[0]):
             with torch.no_grad():
                 args[0].copy_(self._clean(args[0]))  # (set_, copy_: the tensor the script holds)
-            return out
-        return tree_map(self._clean, out)
+            return self._mark(out)
+        return self._mark(tree_map(self._clean, out))
+
+    def _mark(self, out: Any) -> Any:
+        """`out` made on the line: a NaN it holds is the line's own arithmetic's, not the data's."""
+        if len(self._made) > 4096:
+            self._made = {k: r for k, r in self._made.items() if r() is not None}
+        self._made.update((id(t), weakref.ref(t)) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+        return out
+
+    def _made_here(self, t: Any) -> bool:
+        known = self._made.get(id(t)) if isinstance(t, torch.Tensor) else None
+        return known is not None and known() is t
+
+    def _holds(self, t: Any) -> bool:
+        """`t` holds the data's NaN (Inf), asked once per version of a large tensor (a dataset)."""
+        if not isinstance(t, torch.Tensor) or isinstance(t, nn.Parameter) or t.numel() < LARGE:
+            return self._dirty(t)
+        known = self._known.get(id(t))
+        if known is None or known[0]() is not t or known[1] != t._version:
+            known = self._known[id(t)] = (weakref.ref(t), t._version, self._dirty(t))
+        return known[2]
 
     def _dirty(self, t: Any) -> bool:
         return isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter) and t.is_floating_point() \
@@ -127,6 +156,9 @@ class FiniteAt(TorchFunctionMode):
             return t
         return torch.nan_to_num(t, nan=0.0, posinf=math.inf, neginf=-math.inf) if self.nan_only \
             else torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+LARGE = 1 << 16  # elements: a tensor this large (a dataset, not a batch) is asked once per version
 
 
 @contextmanager

@@ -32,6 +32,8 @@ import gradwatch
 ENV_LOCATE_AT = "GRADWATCH_LOCATE_AT"  # the step (0-based, as stored) whose operations are checked
 ORIGIN = "non-finite-origin.json"  # in the run directory of the locating run
 
+# Their output takes only the input's shape (backward's ones_like(loss)): no value of it went on.
+_SHAPE_ONLY = ("new_", "empty", "zeros", "ones", "full")
 # Their output is memory not yet written (nn.Linear's weight before its init): garbage, not a NaN made.
 _UNWRITTEN = ("empty", "new_empty", "resize_")
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
@@ -42,6 +44,8 @@ _STDLIB = tuple({sysconfig.get_paths()[k] + os.sep for k in ("stdlib", "platstdl
 _SITE = tuple({sysconfig.get_paths()[k] + os.sep for k in ("purelib", "platlib")})
 # frames that only pass an operation on (the watch's mode around a compiled model's sampled step)
 _PASS_THROUGH = ("__torch_function__", "__torch_dispatch__")
+# the watch's wrappers of torch's own entry points (`torch.autograd.backward`): they only pass a call on
+_PATCHES = os.path.join(_OUR_DIR, "collect", "patches.py")
 
 
 # The usual guard for the operations that make NaN/Inf from finite inputs (or gradients).
@@ -128,6 +132,7 @@ class NonFiniteLocator(TorchDispatchMode):
         # the step then makes one from finite inputs: a script that marks missing values NaN and
         # cleans them before training held one first, and its log of a negative made the fault
         self._held = False
+        self._carrying: dict[int, weakref.ref] = {}  # what carries the held NaN on (`_taint`)
         self._anomaly: tuple[bool, bool] | None = None
         # tensors holding ±inf on purpose: a mask filled with float("-inf") (causal attention,
         # key padding), and what is built from one; an Inf there is no fault, a NaN still is
@@ -154,18 +159,25 @@ class NonFiniteLocator(TorchDispatchMode):
             return out
         try:
             node = None if torch.is_grad_enabled() else torch._C._current_autograd_node()
-            if (torch.is_grad_enabled() or node is not None) and (value := _non_finite(out)):
-                inputs = tree_leaves((args, kwargs or {}))  # (torch.stack's list of tensors too)
+            if not (torch.is_grad_enabled() or node is not None):
+                return out
+            inputs = tree_leaves((args, kwargs or {}))  # (torch.stack's list of tensors too)
+            if value := _non_finite(out):
                 if value == "Inf" and (self._held or any(self._mask_value(a) for a in inputs)):
-                    # (after the data held one: an Inf made now is a mask's, -inf on purpose)
+                    # (the data's NaN still held: an Inf made now is a mask's, -inf on purpose)
                     self._masks.update((id(t), weakref.ref(t)) for t in _tensors(out))
-                elif not (self._held and any(_non_finite(a) for a in inputs if isinstance(a, torch.Tensor))):
-                    self._found(func, args, kwargs or {}, value, node)
+                elif self._held and any(_non_finite(a) for a in inputs if isinstance(a, torch.Tensor)):
+                    self._taint(out)  # the held NaN carried on
+                else:
+                    self._found(func, args, kwargs or {}, value, node, out)
+            elif self._held and any(t.is_floating_point() for t in _tensors(out)) and any(map(self._carries, inputs)) \
+                    and not func.__name__.startswith(_SHAPE_ONLY) and "_like" not in func.__name__:
+                self._cleaned()  # the held NaN went no further (nan_to_num, a mean that skips it)
         except Exception:  # a tensor the check cannot read (a subclass, nested): the script's run goes on
             pass
         return out
 
-    def _found(self, func, args, kwargs, value: str, node) -> None:
+    def _found(self, func, args, kwargs, value: str, node, out=None) -> None:
         live = [(f.filename, f.lineno or 0, f.line or "", f.name) for f in traceback.extract_stack()[:-2]]
         if node is not None and next((f for f in reversed(live) if _callers(f)), ("",))[0].startswith(_OUR_DIR):
             return  # the watch's own statistics in a backward hook (the node's traceback is the forward's)
@@ -183,11 +195,29 @@ class NonFiniteLocator(TorchDispatchMode):
         self.done, self._held = not held, bool(held)
         if self.done:
             self._stop_anomaly()
+        else:
+            self._taint(out)
         module = _activation_module(frame) if node is None and not held and not masked and _overflowed(func, args) else ""
         self.origin = Origin(str(func), frame[0], frame[1], frame[2].strip(), made_here=not held, value=value,
                              gradient_of=node.name() if node is not None else "", masked=bool(masked), module=module)
         if self.run_dir is not None:  # at once: the run may still die of the NaN it made
             self.origin.save(self.run_dir)
+
+    def _cleaned(self) -> None:
+        """The NaN the origin's output carried did not reach this output: it is no origin (yet). A
+        script that marks missing values NaN and fills them, then overflows an exp, made its fault
+        there. (Another slice of the dataset that held it is finite: no sign of anything.)"""
+        self.origin, self._held, self._carrying = None, False, {}
+        if self.run_dir is not None:
+            (self.run_dir / ORIGIN).unlink(missing_ok=True)
+
+    def _taint(self, out) -> None:
+        self._carrying.update((id(t), weakref.ref(t)) for t in _tensors(out))
+
+    def _carries(self, a) -> bool:
+        """`a` is the held origin's output, or made from it (by id, as `_masks`)."""
+        known = self._carrying.get(id(a)) if isinstance(a, torch.Tensor) else None
+        return known is not None and known() is a
 
     def _mask_value(self, a) -> bool:
         """±inf put there on purpose: a Python float (`masked_fill(m, float("-inf"))`, `torch.full`),
@@ -228,7 +258,7 @@ def _callers(frame: tuple[str, int, str, str]) -> bool:
     file, _, _, name = frame
     if file.startswith((_TORCH_DIR, "<")) or (file.startswith(_STDLIB) and not file.startswith(_SITE)):
         return False
-    return not (file.startswith(_OUR_DIR) and name in _PASS_THROUGH)
+    return not (file.startswith(_OUR_DIR) and name in _PASS_THROUGH or file == _PATCHES)
 
 
 # elementwise operations that overflow a finite input: an activation built on one is no activation to
@@ -281,13 +311,18 @@ def _elementwise(module: torch.nn.Module, x) -> bool:
     return not bool(changed[1:].any())
 
 
+def callers_frame(f) -> bool:
+    """A live frame `_callers` takes (the line the locator would name, if innermost)."""
+    return _callers((f.f_code.co_filename, f.f_lineno, "", f.f_code.co_name))
+
+
 def script_line() -> tuple[str, int]:
     """(file, line) of the innermost frame the locator would name for an operation running now (the
     frame `_callers` takes: not torch's, Python's library's or a pass-through), ("", 0) for none.
     Walked frame by frame: a trial asks it of one operation each time it runs."""
     f = sys._getframe(1)
     while f is not None:
-        if _callers((f.f_code.co_filename, f.f_lineno, "", f.f_code.co_name)):
+        if callers_frame(f):
             return f.f_code.co_filename, f.f_lineno
         f = f.f_back
     return "", 0

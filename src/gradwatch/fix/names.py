@@ -297,6 +297,8 @@ def _initialises(call: ast.Call, by_name: set[str], over_parameters: bool) -> bo
     if func.attr == "apply":  # model.apply(init_fn), not an autograd Function's apply(x)
         return len(call.args) == 1 and "init" in ast.unparse(call.args[0]).lower()
     receiver = ast.unparse(func.value)
+    if "grad" in receiver:  # p.grad.zero_(): a loop by hand clearing gradients, not weights
+        return False
     return func.attr in _FILLS and (over_parameters or re.search(r"\.(weight|bias|data)\b", receiver) is not None)
 
 
