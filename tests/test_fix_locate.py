@@ -254,3 +254,17 @@ def test_a_nan_the_script_fills_gives_way_to_the_overflow_it_then_makes():
         (out - 1).pow(2).mean().backward()
     assert locator.origin is not None and locator.origin.made_here and locator.origin.op == "aten.exp.default"
     assert locator.origin.line == _line_of("# the overflow")
+
+
+def test_a_nan_batch_into_a_cross_entropy_stays_the_datas():
+    """nll_loss's gradient is finite whatever the log-probabilities: in the backward, a finite output
+    from the batch's NaN is no sign the NaN was filled (the digits scenario was named at its backward)."""
+    data, labels = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    data[7, 2] = float("nan")
+    model = nn.Linear(4, 3)
+    with NonFiniteLocator() as locator:
+        for i in range(0, 10, 2):
+            batch = data[i:i + 2]  # the batch taken
+            nn.functional.cross_entropy(model(batch), labels[i:i + 2]).backward()
+    assert locator.origin is not None and not locator.origin.made_here and not locator.origin.gradient_of
+    assert locator.origin.line == _line_of("# the batch taken")

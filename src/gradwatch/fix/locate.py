@@ -170,9 +170,12 @@ class NonFiniteLocator(TorchDispatchMode):
                     self._taint(out)  # the held NaN carried on
                 else:
                     self._found(func, args, kwargs or {}, value, node, out)
-            elif self._held and any(t.is_floating_point() for t in _tensors(out)) and any(map(self._carries, inputs)) \
-                    and not func.__name__.startswith(_SHAPE_ONLY) and "_like" not in func.__name__:
-                self._cleaned()  # the held NaN went no further (nan_to_num, a mean that skips it)
+            elif self._held and node is None and any(t.is_floating_point() for t in _tensors(out)) \
+                    and any(map(self._carries, inputs)) \
+                    and not func.__name__.startswith(_SHAPE_ONLY) and "_like" not in func.__name__ \
+                    and not script_line()[0].startswith(_OUR_DIR):  # (the watch's statistics of it are no fill)
+                self._cleaned()  # the held NaN went no further (nan_to_num, a mean that skips it); in the
+                # forward only: nll_loss's gradient is finite whatever log-probabilities it took
         except Exception:  # a tensor the check cannot read (a subclass, nested): the script's run goes on
             pass
         return out
