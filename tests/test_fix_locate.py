@@ -268,3 +268,24 @@ def test_a_nan_batch_into_a_cross_entropy_stays_the_datas():
             nn.functional.cross_entropy(model(batch), labels[i:i + 2]).backward()
     assert locator.origin is not None and not locator.origin.made_here and not locator.origin.gradient_of
     assert locator.origin.line == _line_of("# the batch taken")
+
+
+def test_a_finite_part_of_a_nan_batch_is_no_fill_nor_is_a_gradient_penalty_a_forward():
+    """A tabular model splitting its features, a logged nanmean, a backward with create_graph: none
+    moves the NaN's origin off the line that took the batch."""
+    data = torch.randn(16, 6)
+    data[3, 4] = float("nan")
+    head = nn.Linear(3, 1)
+    with NonFiniteLocator() as locator:
+        xb = data[0:16]  # the batch, split
+        _ = torch.nanmean(xb)
+        (head(xb[:, :3]) + head(xb[:, 3:])).sum().backward()
+    assert locator.origin is not None and locator.origin.line == _line_of("# the batch, split")
+    model = nn.Linear(6, 3)
+    with NonFiniteLocator() as locator:
+        xb = data[0:16].requires_grad_()  # the batch, penalised
+        loss = nn.functional.cross_entropy(model(xb), torch.zeros(16, dtype=torch.long))
+        (g,) = torch.autograd.grad(loss, xb, create_graph=True)
+        (loss + g.pow(2).sum()).backward()
+    assert locator.origin is not None and not locator.origin.made_here
+    assert locator.origin.line == _line_of("# the batch, penalised")

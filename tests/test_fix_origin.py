@@ -327,3 +327,11 @@ def test_a_nan_a_model_called_on_the_line_makes_is_left_as_the_printed_change_le
         out = model(x[rows])
     printed = model(torch.nan_to_num(x[rows], nan=0.0, posinf=float("inf"), neginf=float("-inf")))
     assert torch.isnan(printed).all() and torch.isnan(out).all()
+
+
+def test_a_batch_standardised_on_the_line_reads_the_raw_zero_the_printed_change_writes():
+    x, mu, sd = torch.tensor([[1.0, float("nan")]]), torch.tensor([0.5, 50.0]), torch.tensor([1.0, 1.0])
+    line = next(i for i, t in enumerate(open(__file__).read().splitlines(), 1) if t.strip().startswith("z = (x - mu) / sd"))
+    with FiniteAt("", __file__, line, "NaN"):
+        z = (x - mu) / sd
+    assert torch.equal(z, (torch.nan_to_num(x, nan=0.0) - mu) / sd)  # -50, not the mean's 0

@@ -95,10 +95,12 @@ class FiniteAt(TorchFunctionMode):
     function one of whose inputs (no parameter) holds them: one that makes a NaN from finite inputs
     on that line (a model grown to overflow, a log of a negative) is left as the printed change
     leaves it, and so is what such a NaN flows into on the line (the next layer of a model called
-    there takes it from the line, not from the data). Its output is cleaned, at batch size (an indexing line's input is the whole dataset;
-    whether a large input holds NaN is asked once per version of it), in place for an in-place one
-    (a DataLoader worker's batch set into a storage); a function of the model's weights gets the
-    inputs cleaned instead, above autograd, so no weight's gradient sees the NaN. The trial runs
+    there takes it from the line, not from the data). Its inputs that hold it are cleaned as they
+    come in, above autograd (no weight's gradient sees the NaN; a standardisation `(x - mu) / sd` on
+    the line reads the raw 0 the printed change writes, not the mean); a dataset-sized one, indexed,
+    is not copied per sample: what the function gives is cleaned instead, at batch size (whether it
+    holds NaN is asked once per version of it); an in-place function's tensor is cleaned in place
+    after it (a DataLoader worker's batch set into a storage). The trial runs
     eagerly (torch.compile compiles nothing under a mode)."""
 
     def __init__(self, op: str, file: str, line: int, value: str = "NaN"):
@@ -113,19 +115,20 @@ class FiniteAt(TorchFunctionMode):
         if (caller.f_code.co_filename != self.file or caller.f_lineno != self.line) \
                 and (_callers_frame(caller) or script_line() != (self.file, self.line)):
             return func(*args, **kwargs)
-        leaves = tree_leaves((args, kwargs))
-        if not any(self._holds(a) for a in leaves if not self._made_here(a)):  # (a NaN this line made: left)
-            return self._mark(func(*args, **kwargs))
-        if any(isinstance(a, nn.Parameter) for a in leaves):
-            args, kwargs = tree_map(self._clean, (args, kwargs))
-            return self._mark(func(*args, **kwargs))
-        out = func(*args, **kwargs)
         name = getattr(func, "__name__", "")
-        if name.endswith("_") and not name.endswith("__") and args and self._dirty(args[0]):
-            with torch.no_grad():
-                args[0].copy_(self._clean(args[0]))  # (set_, copy_: the tensor the script holds)
+        if name.endswith("_") and not name.endswith("__"):  # in place (set_, copy_): the tensor the script holds
+            out = func(*args, **kwargs)
+            if args and not self._made_here(args[0]) and self._dirty(args[0]):
+                with torch.no_grad():
+                    args[0].copy_(self._clean(args[0]))
             return self._mark(out)
-        return self._mark(tree_map(self._clean, out))
+        held = [a for a in tree_leaves((args, kwargs)) if not self._made_here(a) and self._holds(a)]
+        if not held:  # (a NaN this line made, or none: left)
+            return self._mark(func(*args, **kwargs))
+        if all(a.numel() < LARGE for a in held):  # a batch: cleaned as it comes in, as the printed change does
+            args, kwargs = tree_map(lambda a: self._clean(a) if any(a is h for h in held) else a, (args, kwargs))
+            return self._mark(func(*args, **kwargs))
+        return self._mark(tree_map(self._clean, func(*args, **kwargs)))  # a dataset indexed: what it gives
 
     def _mark(self, out: Any) -> Any:
         """`out` made on the line: a NaN it holds is the line's own arithmetic's, not the data's."""

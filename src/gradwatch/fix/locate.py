@@ -133,6 +133,7 @@ class NonFiniteLocator(TorchDispatchMode):
         # cleans them before training held one first, and its log of a negative made the fault
         self._held = False
         self._carrying: dict[int, weakref.ref] = {}  # what carries the held NaN on (`_taint`)
+        self._aside: tuple[Origin | None, dict] = (None, {})  # a held origin `_cleaned` put aside
         self._anomaly: tuple[bool, bool] | None = None
         # tensors holding ±inf on purpose: a mask filled with float("-inf") (causal attention,
         # key padding), and what is built from one; an Inf there is no fault, a NaN still is
@@ -158,7 +159,7 @@ class NonFiniteLocator(TorchDispatchMode):
         if self.done or func.__name__.startswith(_UNWRITTEN) or _in_worker():
             return out
         try:
-            node = None if torch.is_grad_enabled() else torch._C._current_autograd_node()
+            node = torch._C._current_autograd_node()  # (a backward with create_graph runs with grad on)
             if not (torch.is_grad_enabled() or node is not None):
                 return out
             inputs = tree_leaves((args, kwargs or {}))  # (torch.stack's list of tensors too)
@@ -199,6 +200,13 @@ class NonFiniteLocator(TorchDispatchMode):
         if self.done:
             self._stop_anomaly()
         else:
+            aside, carried = self._aside
+            if aside is not None and any((r := carried.get(id(a))) is not None and r() is a for a in held):
+                self.origin, self._carrying = aside, carried  # the NaN put aside came back: its origin
+                self._taint(out)
+                if self.run_dir is not None:
+                    self.origin.save(self.run_dir)
+                return
             self._taint(out)
         module = _activation_module(frame) if node is None and not held and not masked and _overflowed(func, args) else ""
         self.origin = Origin(str(func), frame[0], frame[1], frame[2].strip(), made_here=not held, value=value,
@@ -207,9 +215,13 @@ class NonFiniteLocator(TorchDispatchMode):
             self.origin.save(self.run_dir)
 
     def _cleaned(self) -> None:
-        """The NaN the origin's output carried did not reach this output: it is no origin (yet). A
+        """The NaN the origin's output carried did not reach this output: it may be no origin. A
         script that marks missing values NaN and fills them, then overflows an exp, made its fault
-        there. (Another slice of the dataset that held it is finite: no sign of anything.)"""
+        there. Kept aside, with what carried it: a finite part of the batch (its first 3 columns,
+        a `nanmean` logged) is no fill, and when a tensor that carried it brings the NaN back
+        (the model takes the whole batch), the origin is the one kept (`_found`). (Another slice of
+        the dataset that held it is finite: no sign of anything.)"""
+        self._aside = (self.origin, self._carrying)
         self.origin, self._held, self._carrying = None, False, {}
         if self.run_dir is not None:
             (self.run_dir / ORIGIN).unlink(missing_ok=True)
