@@ -1103,7 +1103,7 @@ def test_exact_zero_gradients_of_a_recurrent_layer_are_its_saturated_gates_not_r
 
     run = build(activation="relu")
     keep = [i for i, l in enumerate(run.layers) if l.role != "activation" and l.name in ("fc3", "fc4")]
-    layers = [LayerInfo("rnn", "RNN", 0, "param", 2048), *(run.layers[i] for i in keep)]
+    layers = [LayerInfo("rnn", "RNN", 0, "recurrent", 2048), *(run.layers[i] for i in keep)]  # (as the watch stores one)
     metrics = {m: np.concatenate([v[:, keep[:1]], v[:, keep]], axis=1) for m, v in run.metrics.items()}
     run = RunSeries(layers, run.steps, run.loss, run.lr, metrics, meta=run.meta)
     run.metrics["grad_norm"][:, 0] = 0.0

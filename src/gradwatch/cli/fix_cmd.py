@@ -271,6 +271,7 @@ def nan_note(result: FixResult) -> str | None:
     is claimed for it."""
     from gradwatch.diagnose.advice import nan_cause
     from gradwatch.fix import nan_to_locate
+    from gradwatch.fix.inject import own_class
 
     if (f := nan_to_locate(result.baseline)) is None:
         return None
@@ -282,9 +283,9 @@ def nan_note(result: FixResult) -> str | None:
         if spec.get("inputs"):  # (`from_origin`)
             return (f"Note: the baseline's NaN/Inf came with the data: {result.origin.describe()}. The winner sets it "
                     "to 0 where that line takes it; mending or dropping those samples is better still.")
-        if spec.get("swap", {}).get("own"):
+        if own := own_class(spec):
             return (f"Note: the baseline's NaN/Inf was made here: {result.origin.describe()}. The winner replaces the "
-                    f"{spec['swap']['from']} module that made it.")
+                    f"{own} module that made it.")
         said = ("came from the data or the arithmetic, not from training" if known else
                 "came too soon to tell whether growing gradients led to it; it was made here")
         return (f"Note: the baseline's NaN/Inf {said}: {result.origin.describe()}. The winner may only put it off "

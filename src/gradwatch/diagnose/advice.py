@@ -14,7 +14,7 @@ import shlex
 import numpy as np
 
 from gradwatch.diagnose.finding import Remedy
-from gradwatch.diagnose.signals import profile_columns
+from gradwatch.diagnose.signals import profile_columns, recurrent_layers
 from gradwatch.store.series import WEIGHT_ROLES, RunSeries
 
 RELU_FAMILY = {"relu", "relu6", "leaky_relu", "prelu", "rrelu", "elu", "celu", "selu", "gelu", "silu", "mish"}
@@ -67,6 +67,8 @@ CLIP_CODE = "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)"
 LOSS_SCALE_CODE = ("loss = loss_fn(output, target)  # reduction='mean' (the default), no constant factor\n"
                    "target = (target - target_train.mean()) / target_train.std()  # regression: standardise the targets")
 NORMALISE = Remedy("Normalise the pre-activations", INSERT_NORM_CODE)
+STANDARDISE_INPUTS = Remedy("Standardise the inputs: mean 0 and std 1 per feature, from the training set",
+                            "x = (x - x_train.mean(0)) / (x_train.std(0) + 1e-8)")
 
 
 def forget_bias_code(lstm: str) -> str:
@@ -386,8 +388,7 @@ def dead_units(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[l
     zeros = evidence.get("zero_weight_layers")
     if zeros:  # measured: all-zero weights give every unit the same output, 0, and no gradient
         return zero_weights(ctx, zeros)
-    recurrent = {l.name for l in ctx.run.layers if l.type in ("RNN", "GRU", "LSTM")}
-    if "dead_fraction" not in evidence and layers and set(layers) <= recurrent:
+    if "dead_fraction" not in evidence and layers and set(layers) <= recurrent_layers(ctx.run):
         # a recurrent layer has no ReLU to die (a tester's tanh RNN on raw sensor values, ±700, was told
         # to use Leaky ReLU): its own tanh and sigmoid gates pinned at their asymptotes pass a derivative
         # that rounds to 0 in float32
@@ -395,9 +396,7 @@ def dead_units(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[l
                  "where their derivative rounds to exactly 0: inputs of a large scale (raw values in the hundreds) or "
                  "weights a large step grew",
                  f"learning rate: {ctx.lr_said}, if the weights grew before the gradient stopped"],
-                [Remedy("Standardise the inputs: mean 0 and std 1 per feature, from the training set",
-                        "x = (x - x_train.mean(0)) / (x_train.std(0) + 1e-8)"),
-                 ctx.lower_lr()])
+                [STANDARDISE_INPUTS, ctx.lower_lr()])
     if ctx.saturating and not ctx.relu_like and "dead_fraction" not in evidence:
         # no ReLU to be dead (a 1000-block tanh net was told "ReLU passes no gradient"): exact zeros
         # below saturating units that are not saturated are a product of derivatives < 1 underflowed
@@ -432,8 +431,7 @@ def dead_units(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[l
 
 
 def saturation(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[list[str], list[Remedy]]:
-    recurrent = {l.name for l in ctx.run.layers if l.role == "recurrent"}
-    if layers and set(layers) <= recurrent:
+    if layers and set(layers) <= recurrent_layers(ctx.run):
         return _recurrent_saturation(ctx, layers, evidence)
     acts = sorted({a for a in evidence.get("activations", []) if a}) or ctx.saturating or ["sigmoid"]
     causes = [f"saturating activation: {', '.join(acts)} outputs pinned at an asymptote pass almost no gradient (derivative < 0.01)"]
@@ -457,9 +455,7 @@ def saturation(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[l
     if evidence.get("first_layer"):  # raw inputs (pixels 0..255) saturate the first layer whatever its init
         causes.insert(1, "input scale: the first layer saturates from the first step, as it does when the inputs "
                          "are not standardised (raw pixel values, features in the thousands)")
-        standardise = Remedy("Standardise the inputs: mean 0 and std 1 per feature, from the training set",
-                             "x = (x - x_train.mean(0)) / (x_train.std(0) + 1e-8)")
-        remedies.insert(0 if len(layers) == 1 else 1, standardise)
+        remedies.insert(0 if len(layers) == 1 else 1, STANDARDISE_INPUTS)
     return causes, remedies
 
 
@@ -473,8 +469,7 @@ def _recurrent_saturation(ctx: Context, layers: tuple[str, ...], evidence: dict)
     if evidence.get("first_layer"):
         causes.insert(0, "input scale: the recurrent layer the inputs feed saturates from the first step, as it does "
                          "when the inputs are not standardised (raw sensor values, features in the hundreds)")
-        remedies.append(Remedy("Standardise the inputs: mean 0 and std 1 per feature, from the training set",
-                               "x = (x - x_train.mean(0)) / (x_train.std(0) + 1e-8)"))
+        remedies.append(STANDARDISE_INPUTS)
     elif evidence.get("at_init"):
         causes.append("initial weight scale: the recurrent weights (W_hh, W_ih) are too large from the first step")
         remedies.append(Remedy("Initialise the recurrent weights orthogonally (spectral norm 1)",

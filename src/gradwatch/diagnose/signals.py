@@ -79,6 +79,18 @@ def activation_columns(run: RunSeries) -> list[int]:
             if layer.role == "activation" or layer.role == "recurrent" and layer.activation]
 
 
+def lowest_activation(run: RunSeries) -> str:
+    """The activation layer nearest the input (forward order): the one the inputs' scale reaches
+    first ("" when there is none)."""
+    cols = activation_columns(run)
+    return run.layers[min(cols, key=lambda c: run.layers[c].index)].name if cols else ""
+
+
+def recurrent_layers(run: RunSeries) -> set[str]:
+    """The names of the recurrent layers (nn.RNN, GRU, LSTM)."""
+    return {layer.name for layer in run.layers if layer.role == "recurrent"}
+
+
 def names(run: RunSeries, cols: Iterable[int]) -> tuple[str, ...]:
     """The layer names of columns, in the order given: what a finding lists."""
     return tuple(run.layers[i].name for i in cols)

@@ -338,7 +338,7 @@ def at_the_origin(origin: Origin, fault: Finding, candidates: list[Candidate], n
     data's, and at the first step, before any update, only a change to the model can matter: there
     an lr, a clipper or an optimizer swap is not tried. Arithmetic the training drove out of its
     domain later (a log of a predicted variance under Adam at lr 0.1: NaN at step 57 with the
-    gradients flat, none in 600 steps at lr 0.01) may still be the lr's: those stay, after. 
+    gradients flat, none in 600 steps at lr 0.01) may still be the lr's: those stay, after.
     `candidates` are aimed at `target` already (`aimed`), the origin's remedies are aimed here."""
     own = [aimed(c, target) if target is not None else c for c in from_origin(origin, names)]
     if fault.evidence.get("at_init"):

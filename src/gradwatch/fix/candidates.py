@@ -467,12 +467,13 @@ def _parts(cand: Candidate) -> tuple[Part, ...]:
 
 
 def from_origin(origin: Origin, names: Names = GENERIC) -> list[Candidate]:
-    """Remedies for the operation that made a NaN/Inf from the data or the arithmetic (`locate.py`),
-    where no training remedy repairs it: a batch that already held NaN/Inf, its values replaced by 0
-    as the model takes them (the usual first imputation; mending or dropping those samples is better,
-    and the note says so); an activation written as a class of the script's that made it (`torch.exp`
-    overflowing), swapped for LeakyReLU with He init, the swap `from_findings` makes of a saturating
-    one. An unsafe operation in the loss (a log, a division) has no remedy but its own line's guard."""
+    """Remedies for the place the locating run found a NaN/Inf made or taken in (`locate.py`): a batch
+    that already held NaN/Inf, its values set to 0 where the line takes them (the usual first
+    imputation; mending or dropping those samples is better, and the note says so); an activation
+    written as a class of the script's that made it (`torch.exp` overflowing), swapped for LeakyReLU
+    with He init, the swap `from_findings` makes of a saturating one. An unsafe operation in the loss
+    (a log, a division) has none but its own line's guard (`fix.at_the_origin` keeps the training
+    remedies for it)."""
     if origin.gradient_of:
         return []
     if not origin.made_here:
@@ -482,9 +483,9 @@ def from_origin(origin: Origin, names: Names = GENERIC) -> list[Candidate]:
 
 def finite_inputs(origin: Origin) -> Candidate:
     """What the line that took the data's NaN/Inf takes, with it set to 0 (the trial: inject.py
-    `FiniteAt`, that operation's output each time it runs from that line), wherever the batch goes
-    on to: the model, a teacher, the loss as its target. A NaN alone is cleaned where the data held
-    NaN: a -inf mask taken on the same line keeps its -inf."""
+    `FiniteAt`, each time that line runs), wherever the batch goes on to: the model, a teacher, the
+    loss as its target. A NaN alone is cleaned where the data held NaN: a -inf mask taken on the same
+    line keeps its -inf. The spec holds the operation (for the record), the file, line and value."""
     where = f"{os.path.basename(origin.file)}:{origin.line}"
     keep = "posinf=float('inf'), neginf=float('-inf')" if origin.value == "NaN" else "posinf=0.0, neginf=0.0"
     code = (f"# {where}: `{origin.code}`: the data this line takes held {origin.value}; wrap what it takes in "

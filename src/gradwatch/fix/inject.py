@@ -35,7 +35,7 @@ from gradwatch.collect.caller_names import caller_name
 from gradwatch.collect.layers import ACTIVATIONS, compiled_inner
 from gradwatch.collect.watch import MAX_ACCUMULATION
 from gradwatch.errors import ConfigError
-from gradwatch.fix.locate import ENV_LOCATE_AT, NonFiniteLocator, callers_frame as _callers_frame, script_line
+from gradwatch.fix.locate import ENV_LOCATE_AT, NonFiniteLocator, alive_in, callers_frame as _callers_frame, script_line
 from gradwatch.fix.pause import child_channel, wait_for_more
 import gradwatch.remedies as remedies  # (not `from ... import`: see _bootstrap, a user's import of it may be under way)
 from gradwatch.remedies._new_params import added_parameters, before_change, drop, give_added
@@ -82,6 +82,12 @@ def apply_to_model(model: nn.Module, spec: dict, example_input: Any = None) -> s
     return ""
 
 
+def own_class(spec: dict) -> str:
+    """The class of the script's own a remedy swaps (`candidates.swap(..., own=True)`), "" for none."""
+    swap = spec.get("swap") or {}
+    return swap["from"] if swap.get("own") else ""
+
+
 def _own_classes(model: nn.Module, name: str) -> tuple[type, ...]:
     """The classes of the modules in `model` named `name`: the script's own (`class Exp(nn.Module)`)."""
     return tuple({type(m) for m in model.modules() if type(m).__name__ == name})
@@ -103,7 +109,7 @@ class FiniteAt(TorchFunctionMode):
     after it (a DataLoader worker's batch set into a storage). The trial runs
     eagerly (torch.compile compiles nothing under a mode)."""
 
-    def __init__(self, op: str, file: str, line: int, value: str = "NaN"):
+    def __init__(self, file: str, line: int, value: str = "NaN"):
         super().__init__()
         self.file, self.line, self.nan_only = file, line, value == "NaN"
         self._known: dict[int, tuple[weakref.ref, int, bool]] = {}  # large tensors: (ref, _version, dirty)
@@ -138,8 +144,7 @@ class FiniteAt(TorchFunctionMode):
         return out
 
     def _made_here(self, t: Any) -> bool:
-        known = self._made.get(id(t)) if isinstance(t, torch.Tensor) else None
-        return known is not None and known() is t
+        return alive_in(self._made, t)
 
     def _holds(self, t: Any) -> bool:
         """`t` holds the data's NaN (Inf), asked once per version of a large tensor (a dataset)."""
@@ -235,7 +240,7 @@ class Injector:
         self._channel = child_channel() if run_dir is not None else None  # (pause.py)
         if locate_at == 0:
             self._start_locating()
-        self._finite_at = FiniteAt(*spec["inputs"]) if spec.get("inputs") else None
+        self._finite_at = FiniteAt(*spec["inputs"][1:]) if spec.get("inputs") else None  # (file, line, value)
         if self._finite_at is not None:  # (the whole run: the data may hold NaN in any batch)
             self._finite_at.__enter__()
         patches.add(self)
@@ -294,8 +299,8 @@ class Injector:
     def _holds_own(self, module: nn.Module) -> bool:
         """A swap of a class of the script's goes to the first trained module holding one (a GAN's
         generator's activation that overflowed, where the discriminator runs first)."""
-        swap = self.spec.get("swap") or {}
-        return not swap.get("own") or "target" in self.spec or bool(_own_classes(module, swap["from"]))
+        own = own_class(self.spec)
+        return not own or "target" in self.spec or bool(_own_classes(module, own))
 
     def _not_applied(self, why: str) -> None:
         """End the trial before its first step: it would measure the rest of the remedy (a swap's
@@ -371,8 +376,8 @@ class Injector:
             return None
         if self.model is None and "target" in self.spec:  # a step, and the model to change never ran
             self._not_applied(f"no module the script calls {self.spec['target']!r} ran before its first step")
-        if self.model is None and (self.spec.get("swap") or {}).get("own"):
-            self._not_applied(f"no trained module holding a {self.spec['swap']['from']} ran before the first step")
+        if self.model is None and (own := own_class(self.spec)):
+            self._not_applied(f"no trained module holding a {own} ran before the first step")
         state = self._state(opt)
         closure = args[1] if len(args) > 1 else kwargs.get("closure")  # (args[0] is the optimizer itself)
         if self.spec.get("zero_grad") and callable(closure):  # L-BFGS evaluates it several times a step

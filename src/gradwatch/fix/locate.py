@@ -92,13 +92,6 @@ class Origin:
         return text + (f"; {_GUARDS[self.kind]}" if self.kind in _GUARDS else "")
 
     @property
-    def unsafe(self) -> bool:
-        """An operation that makes NaN/Inf from finite inputs by its arithmetic (a log, a division, an
-        exp: those `_GUARDS` names), where no learning rate is to blame; not a matmul that overflowed
-        on weights an lr may have grown."""
-        return self.kind in _GUARDS
-
-    @property
     def kind(self) -> str:
         """The operation's name without namespace or overload ("div"), or the node's ("sqrt")."""
         if self.gradient_of:
@@ -201,7 +194,7 @@ class NonFiniteLocator(TorchDispatchMode):
             self._stop_anomaly()
         else:
             aside, carried = self._aside
-            if aside is not None and any((r := carried.get(id(a))) is not None and r() is a for a in held):
+            if aside is not None and any(alive_in(carried, a) for a in held):
                 self.origin, self._carrying = aside, carried  # the NaN put aside came back: its origin
                 self._taint(out)
                 if self.run_dir is not None:
@@ -230,9 +223,8 @@ class NonFiniteLocator(TorchDispatchMode):
         self._carrying.update((id(t), weakref.ref(t)) for t in _tensors(out))
 
     def _carries(self, a) -> bool:
-        """`a` is the held origin's output, or made from it (by id, as `_masks`)."""
-        known = self._carrying.get(id(a)) if isinstance(a, torch.Tensor) else None
-        return known is not None and known() is a
+        """`a` is the held origin's output, or made from it."""
+        return alive_in(self._carrying, a)
 
     def _mask_value(self, a) -> bool:
         """±inf put there on purpose: a Python float (`masked_fill(m, float("-inf"))`, `torch.full`),
@@ -240,9 +232,15 @@ class NonFiniteLocator(TorchDispatchMode):
         if isinstance(a, float):
             return math.isinf(a)
         if isinstance(a, torch.Tensor):
-            known = self._masks.get(id(a))
-            return (known is not None and known() is a) or (a.numel() == 1 and _non_finite(a) == "Inf")
+            return alive_in(self._masks, a) or (a.numel() == 1 and _non_finite(a) == "Inf")
         return False
+
+
+def alive_in(refs: dict[int, weakref.ref], a) -> bool:
+    """`a` is the tensor `refs` holds under its id, still alive (tensors are kept by id and weak
+    reference: a WeakSet compares them with ==, elementwise, and a dead one's id is reused)."""
+    known = refs.get(id(a)) if isinstance(a, torch.Tensor) else None
+    return known is not None and known() is a
 
 
 def _tensors(value) -> list[torch.Tensor]:

@@ -51,8 +51,7 @@ def find_dead_units(run: RunSeries, th: Thresholds) -> list[Finding]:
     if evidence["at_init"] and (zeros := zero_initialised(run)):
         evidence["zero_weight_layers"] = zeros
     causes, remedies = advice.dead_units(advice.Context(run), zero_layers, evidence)
-    if set(zero_layers) <= {l.name for l in run.layers if l.type in ("RNN", "GRU", "LSTM")} \
-            and "zero_weight_layers" not in evidence:  # (their own gates: advice.dead_units)
+    if causes[0].startswith("saturation:"):  # recurrent layers: their own gates (advice.dead_units)
         message = (f"{advice.listed(zero_layers)} get exactly zero gradient since step {first}: their tanh and sigmoid "
                    f"gates are saturated, so they cannot learn. {remedies[0].action}.")
         return [Finding("dead_units", "error", first, zero_layers, message, evidence, tuple(causes), tuple(remedies))]

@@ -8,7 +8,7 @@ import numpy as np
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
 from gradwatch.diagnose.rules.loss import learning_on, loss_fell_to, sampled_onset
-from gradwatch.diagnose.signals import activation_columns, persistent_activation_layers, summarise_layers
+from gradwatch.diagnose.signals import lowest_activation, persistent_activation_layers, summarise_layers
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import WEIGHT_ROLES, RunSeries
 
@@ -24,8 +24,7 @@ def find_saturation(run: RunSeries, th: Thresholds) -> list[Finding]:
     first, layers, worst_layer, worst, at_init = summarise_layers(run, hits)
     evidence = {"saturated_fraction": {n: hits[n][1] for n in layers},
                 "activations": [run.layers[run.column(n)].activation for n in layers], "at_init": at_init}
-    lowest = min(activation_columns(run), key=lambda c: run.layers[c].index)
-    if at_init and run.layers[lowest].name == layers[0]:  # the layer the inputs feed saturates from the start
+    if at_init and lowest_activation(run) == layers[0]:  # the layer the inputs feed saturates from the start
         evidence["first_layer"] = True
     causes, remedies = advice.saturation(advice.Context(run), layers, evidence)
     said = (f"{worst:.0%} of the outputs of '{worst_layer}' sit within 1% of an asymptote since step {first}"

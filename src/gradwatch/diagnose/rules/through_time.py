@@ -8,7 +8,7 @@ import numpy as np
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
 from gradwatch.diagnose.rules.loss import loss_fell_to
-from gradwatch.diagnose.signals import activation_columns, from_init, persistent_activation_layers, persistent_start, time_ratio
+from gradwatch.diagnose.signals import from_init, lowest_activation, persistent_activation_layers, persistent_start, time_ratio
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
 
@@ -20,8 +20,7 @@ def find_through_time(run: RunSeries, th: Thresholds) -> list[Finding]:
     # tester's RNN on raw sensor values, ±700, was told of its W_hh's norm)
     saturated = persistent_activation_layers(run, "saturated", th.saturated_fraction, th.persist_samples,
                                              only=advice.SATURATING)
-    acts = activation_columns(run)
-    lowest = run.layers[min(acts, key=lambda c: run.layers[c].index)].name if acts else ""
+    lowest = lowest_activation(run)
     for layer, (steps, profile) in run.time_profiles.items():
         if profile.shape[1] < th.min_time_steps or len(steps) == 0:
             continue
