@@ -73,3 +73,17 @@ def test_a_real_run_from_a_nan_weight():
     f = _non_finite(w.series())
     assert f.first_step == 0 and f.layers[0] == "0" and f.evidence["nonfinite_weights_at_start"] == ["0"]
     assert _no_lr_blame(f)
+
+
+def test_a_weight_norm_overflowing_float32_under_a_finite_loss_is_no_nan():
+    """A tester's DDP run at a bad lr: weights at 5.6e28, loss still finite at 3.1e24, and the norm's
+    float32 sum of squares overflowed: "NaN/Inf first appears at step 10 in the weights"."""
+    assert float(torch.linalg.vector_norm(torch.full((1000,), 5.6e28))) == float("inf")  # torch's norm does
+    run = build(n_steps=30, depth=3)
+    fc1 = run.column("fc1")
+    run.metrics["weight_norm"][10:, fc1] = np.inf
+    run.loss[10:] = 3.1e24
+    assert not [f for f in diagnose(run) if f.kind == "non_finite"]
+    run.loss[20:] = np.inf  # then the loss too: non-finite from there
+    f = _non_finite(run)
+    assert f.first_step == 20

@@ -4,7 +4,10 @@ import json
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
+import gradwatch as gw
 from gradwatch.diagnose import DEFAULT, Finding, diagnose
 from series_builder import build, kinds, sampled
 
@@ -369,8 +372,31 @@ def test_non_finite_origin_is_the_first_activation_layer():
     run.metrics["act_mean"][r, run.column("act3")] = np.inf
     run.metrics["grad_norm"][r:] = np.inf
     f = next(f for f in diagnose(run) if f.kind == "non_finite")
-    assert f.first_step == run.steps[r] and f.layers == ("act2", "act3")
+    assert f.first_step == run.steps[r] and f.layers == ("fc2", "act2", "act3")
     assert f.evidence["first_seen_in"] == "activations"
+    # a ReLU makes no NaN of finite inputs: it was in the output of the Linear that ran before it
+    assert "in the output of 'fc2' (measured after it, in 'act2')" in f.message
+    run.metrics["grad_norm"][r:, run.column("fc2")] = 1.0  # that Linear's gradients finite: not named
+    f = next(f for f in diagnose(run) if f.kind == "non_finite")
+    assert f.layers == ("act2", "act3") and "in the activations in 'act2'" in f.message
+
+
+def test_a_nan_in_the_batch_is_named_in_the_first_layer_not_the_relu_after_it():
+    """A tester's tabular MLP, a feature divided by its zero std: the NaN reaches Linear '0', whose
+    output is not measured, and was said to first hit ReLU '1'."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(16, 4)
+    x[3, 2] = float("nan")
+    with gw.watch(model, opt, warn=False) as w:
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+    f = next(f for f in diagnose(w.series()) if f.kind == "non_finite")
+    assert f.layers[0] == "0" and f.first_step == 0
+    assert "in the output of '0' (measured after it, in '1')" in f.message
 
 
 def test_non_finite_gradient_in_one_layer():

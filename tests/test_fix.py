@@ -1153,3 +1153,16 @@ def test_a_trial_that_removes_the_symptom_but_ends_no_lower_than_the_baseline_is
     assert FixResult(base, [learned]).winner is learned and FixResult(base, [learned]).above is None
     game = dataclasses.replace(base, own_loss=True)  # a GAN's mixed loss: its level is no measure
     assert FixResult(game, [chance]).winner is chance
+
+
+def test_a_gan_trial_at_its_equilibrium_loss_still_works():
+    """A tester's DCGAN with a vanishing generator: every trial took the vanishing away, and each was
+    rejected as `loss_did_not_fall`: D + G's summed loss sits at its equilibrium (2.079) whether the
+    generator learns or not. gw.init_(G), the trial's remedy, covered 8 of 8 modes pasted in."""
+    base = Trial(Candidate("baseline (no change)"), None, 0, 1.0, steps=100, final_loss=2.079, final_error=0.002,
+                 findings=[finding("vanishing_gradient")], own_loss=True)
+    reinit = Trial(Candidate("re-initialise per activation", {"init": "auto"}), None, 0, 1.0, steps=100,
+                   final_loss=2.081, final_error=0.002, own_loss=True)
+    reinit.first_loss = 2.079
+    assert reinit.harmful == [] and reinit.works and FixResult(base, [reinit]).winner is reinit
+    assert "loss_did_not_fall" in dataclasses.replace(reinit, own_loss=False).harmful

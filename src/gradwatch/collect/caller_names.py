@@ -32,6 +32,12 @@ def caller_name(module: nn.Module) -> str | None:
     return None
 
 
+def caller_line() -> str:
+    """`train.py:42`: the script's line that called into torch (and gradwatch's patch of it)."""
+    frame = _user_frame(sys._getframe(1))
+    return f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}" if frame is not None else ""
+
+
 def _user_frame(frame: FrameType | None) -> FrameType | None:
     while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
         frame = frame.f_back

@@ -5,9 +5,10 @@ tensor it started from (the loss); `GradScaler.scale` tells us that loss was mul
 scale, so gradients can be divided back; `GradScaler.update` tells us an iteration ended, so a step
 the scaler skipped (inf/NaN from the scaled loss) is seen as skipped, not as an alarm;
 `Optimizer.add_param_group` (which every optimizer's constructor calls) tells us which parameters
-are about to train, before the model they belong to first runs. And `gw.guard`, which skips a
-non-finite step without calling the optimizer (so no step hook runs), says so through
-`guard_skipped`.
+are about to train, before the model they belong to first runs; torch's gradient clipping
+(`clip_grad_norm_`, `clip_grad_value_`, `clip_grads_with_norm_`) tells us when a script clips, so
+clipping called after the step it was meant for is seen. And `gw.guard`, which skips a non-finite
+step without calling the optimizer (so no step hook runs), says so through `guard_skipped`.
 Patches are installed with the first attached Watch and removed with the last.
 """
 
@@ -26,6 +27,7 @@ class Listener(Protocol):
     def after_scaler_update(self) -> None: ...
     def params_added(self, optimizer: torch.optim.Optimizer) -> None: ...
     def guard_skipped(self, optimizer: torch.optim.Optimizer) -> None: ...
+    def clipped(self, params: list[torch.Tensor], function: str, limit: object) -> None: ...
 
 
 _listeners: list[Listener] = []
@@ -64,6 +66,19 @@ def _add_param_group(original, self, param_group):
     return result
 
 
+CLIPPERS = ("clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_")
+
+
+def _clip(original, name, parameters, *args, **kwargs):
+    """Listeners see the parameters first; an iterable (`model.parameters()`, a generator) is read
+    once into a list, which torch takes as it takes the iterable."""
+    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    limit = args[0] if args else kwargs.get("max_norm", kwargs.get("clip_value"))
+    for listener in list(_listeners):
+        listener.clipped(params, name, limit)
+    return original(parameters if isinstance(parameters, torch.Tensor) else params, *args, **kwargs)
+
+
 def guard_skipped(optimizer: torch.optim.Optimizer) -> None:
     """gw.guard skipped `optimizer`'s step: tell every attached listener."""
     for listener in list(_listeners):
@@ -99,6 +114,11 @@ def _install() -> None:
     torch.optim.Optimizer.add_param_group = functools.wraps(torch.optim.Optimizer.add_param_group)(
         lambda self, group: _add_param_group(_originals["add_param_group"], self, group)
     )
+    for module in (torch.nn.utils, torch.nn.utils.clip_grad):  # (the same functions, two names each)
+        for name in CLIPPERS:
+            if (original := getattr(module, name, None)) is not None:
+                _originals[f"{module.__name__}.{name}"] = original
+                setattr(module, name, functools.wraps(original)(functools.partial(_clip, original, name)))
 
 
 def compile_sees_hooks() -> None:
@@ -123,3 +143,7 @@ def _uninstall() -> None:
     torch.amp.GradScaler.scale = _originals.pop("scale")
     torch.amp.GradScaler.update = _originals.pop("update")
     torch.optim.Optimizer.add_param_group = _originals.pop("add_param_group")
+    for module in (torch.nn.utils, torch.nn.utils.clip_grad):
+        for name in CLIPPERS:
+            if (original := _originals.pop(f"{module.__name__}.{name}", None)) is not None:
+                setattr(module, name, original)

@@ -10,7 +10,10 @@ for NaN/Inf costs nothing and gives an exact count of non-finite gradient entrie
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
+import math
 import os
 import sqlite3
 import sys
@@ -25,6 +28,8 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from gradwatch.collect import distributed, patches
+from gradwatch.collect.caller_names import caller_line
+from gradwatch.collect.exit_signals import store_last_steps
 from gradwatch.collect.forward_order import ForwardOrder
 from gradwatch.collect.layers import Layer, compiled_inner, discover, has_lazy_params, newly_trainable, rename
 from gradwatch.collect.record import StepRecord, to_batch
@@ -39,6 +44,7 @@ from gradwatch.store.reader import STORE_NAME, StoreFollower
 from gradwatch.store.series import LayerInfo, RunSeries
 from gradwatch.store.writer import RunStoreWriter
 
+LATE_CLIP = "late_clip"  # an event: gradients clipped after the step that used them (store/reader.py)
 MAX_ACCUMULATION = 64  # backwards per optimizer step that zero-code mode waits for before the first step
 
 
@@ -168,6 +174,7 @@ class Watch:
         self._read_early: set[int] = set()  # parameters read before an optimizer in backward cleared them (zero-code)
         self._in_step = False  # between the optimizer's step pre- and post-hook (closures)
         self._closure_loss = False  # a closure's loss was added in this step
+        self._late_clip_said = False  # a clipping after the step was noted (see clipped)
         self._closure_grads = False  # a closure's gradients were recorded in this step
         self._new_params_due = False  # an optimizer was given weights no layer holds: see params_added
         self._frozen: list[torch.Tensor] = []  # parameters not hooked: requires_grad False (`_unfrozen`)
@@ -206,6 +213,9 @@ class Watch:
             self.on_flush.append(TensorBoardSink(tensorboard_dir, live=self._live))
         if self.store_path is None:
             self._writer = RunStoreWriter(None, self._meta)
+        # a script that ends without detach(), or on an error, still stores its last steps
+        self._at_exit = functools.partial(_detach_at_exit, weakref.ref(self))
+        atexit.register(self._at_exit)
         self._attach()
         if model is not None:
             self.add_model(model)
@@ -567,6 +577,7 @@ class Watch:
         if self._attached:
             patches.remove(self)
         self._attached = self._paused = False
+        atexit.unregister(self._at_exit)
         # the backwards of a step still open count, unless no optimizer step followed them (an
         # input-gradient check after training: no step of its own)
         unused = self._unused_backward()
@@ -794,6 +805,23 @@ class Watch:
         self._events.append((self._step, "guard_skipped", "gw.guard: NaN/Inf gradients, step skipped"))
         self._window.close()  # a snapshot left is this one's
         self._close_step()
+
+    def clipped(self, params: list[torch.Tensor], function: str, limit: object) -> None:
+        """The script clipped gradients after its optimizer stepped and before any backward since:
+        the step used them unclipped, and the next backward replaces them, so the clipping does
+        nothing. Said once, from the first such call. A clip at an infinite limit measures the
+        norm (a logging idiom) and changes nothing wherever it is."""
+        if (not self._attached or self._mode != "optimizer" or not self._stepped or self._backward_since_step
+                or self._late_clip_said or self._in_step):
+            return
+        if isinstance(limit, (int, float)) and math.isinf(limit):
+            return
+        held = {id(p) for p in self._params}
+        if not any(id(p) in held for p in params):
+            return
+        self._late_clip_said = True
+        detail = {"function": function, "where": caller_line(), "limit": limit if isinstance(limit, (int, float)) else None}
+        self._events.append((max(self._step - 1, 0), LATE_CLIP, json.dumps(detail)))
 
     def _unscale(self, values: torch.Tensor) -> torch.Tensor:
         scale = self._backward_scale
@@ -1059,3 +1087,11 @@ def watch(
     return Watch(model, optimizer, every=every, sample_every=sample_every, flush_every=flush_every, out=out,
                  on_finding=on_finding, stop_on=stop_on, warn=warn, all_ranks=all_ranks, status=status,
                  tensorboard_dir=tensorboard_dir)
+
+
+def _detach_at_exit(ref: weakref.ref) -> None:
+    """At interpreter exit (also after an uncaught error): the steps since the last flush stored.
+    Under DDP/FSDP the exchange's own exit handler makes that flush (collect/distributed.py)."""
+    watch = ref()
+    if watch is not None and watch._dist is None:
+        store_last_steps(watch)

@@ -16,6 +16,7 @@ KINDS = (
     "loss_plateau",
     "loss_divergence",
     "stale_gradients",
+    "late_clipping",
 )
 SEVERITIES = ("info", "warning", "error")
 

@@ -620,6 +620,9 @@ class Injector:
         """The script's own gw.guard skipped a step: it still counts against the budget."""
         self._count_step(optimizer)
 
+    def clipped(self, params: list[torch.Tensor], function: str, limit: object) -> None:
+        """The script clipped (patches.Listener): the watch in the trial notes where; no remedy needs it."""
+
 
 class _WeakCall:
     """A hook calling a bound method through a weak reference: deep-copied with its module (an EMA

@@ -96,9 +96,10 @@ class Trial:
     @property
     def harmful(self) -> list[str]:
         """The harmful findings left, and NO_PROGRESS when the loss ended no lower than it began: a
-        network that does not learn is not repaired, however healthy its gradients look."""
+        network that does not learn is not repaired, however healthy its gradients look. Not for a
+        loss that mixes objectives (a GAN's sits at its equilibrium whether the generator learns or not)."""
         kinds = {f.kind for f in self.blocking if f.kind in HARMFUL}
-        if np.isfinite(self.first_loss) and np.isfinite(self.final_loss) and self.final_loss >= self.first_loss:
+        if not self.own_loss and np.isfinite(self.first_loss) and np.isfinite(self.final_loss) and self.final_loss >= self.first_loss:
             kinds.add(NO_PROGRESS)
         return sorted(kinds)
 

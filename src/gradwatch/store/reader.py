@@ -392,6 +392,8 @@ def _with_events(db: sqlite3.Connection, meta: dict) -> dict:
     meta["rank_non_finite"] = [[s, d] for s, d in events.get("rank_non_finite", [])]
     # an exchange across ranks failed: a rank died (or ended on an error) at about that step
     meta["distributed_errors"] = [[s, d] for s, d in events.get("distributed_error", [])]
+    # gradients clipped after the step that used them: [step, {"function", "where", "limit"}], the first
+    meta["late_clip"] = [[s, json.loads(d)] for s, d in events.get("late_clip", [])[:1]]
     # findings the live diagnosis said while training: [step, kind, first layer]
     meta["live_findings"] = [[s, *json.loads(d)] for s, d in events.get("live_finding", [])]
     return meta

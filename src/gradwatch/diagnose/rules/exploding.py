@@ -10,6 +10,7 @@ import numpy as np
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
 from gradwatch.diagnose.rules.clipping import clipped_advice, clipping
+from gradwatch.diagnose.rules.late_clipping import late_first
 from gradwatch.diagnose.rules.loss import learning_on
 from gradwatch.diagnose.rules.stale_gradients import stale_first
 from gradwatch.diagnose.signals import (depth_profile, finite_loss, from_init, names, peaks_growing, periodic, persistent_start,
@@ -43,6 +44,7 @@ def find_exploding(run: RunSeries, th: Thresholds) -> list[Finding]:
     if "clip_active_share" in evidence:
         causes, remedies = clipped_advice(ctx, evidence, causes, remedies)
     causes, remedies = stale_first(run, causes, remedies)  # a forgotten zero_grad() grows the sum of gradients
+    causes, remedies = late_first(run, causes, remedies)  # the script's clipping, too late to clip
     what = []
     if "growth_over_steps" in evidence:
         if evidence.get("recovered"):

@@ -12,7 +12,7 @@ from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
 from gradwatch.diagnose.signals import from_init, total_grad_norm
 from gradwatch.diagnose.thresholds import Thresholds
-from gradwatch.store.series import RunSeries
+from gradwatch.store.series import LayerInfo, RunSeries
 
 SOURCES = (("loss", None), ("activations", ("act_mean", "act_std")), ("gradients", ("grad_norm", "grad_max")),
            ("weights", ("weight_norm",)))
@@ -58,6 +58,8 @@ def _in_the_run(run: RunSeries) -> list[Finding]:
                 bad |= np.isinf(run.metrics[m])
         if "nonfinite" in run.metrics and source == "gradients":
             bad |= np.nan_to_num(run.metrics["nonfinite"], nan=0.0) > 0
+        if source == "weights":
+            bad &= ~_loss_finite(run)[:, None]
         rows = np.flatnonzero(bad.any(axis=1))
         bad_steps.update(run.steps[rows].tolist())
         if len(rows):
@@ -72,6 +74,9 @@ def _in_the_run(run: RunSeries) -> list[Finding]:
     # forward order: an activation is the origin if it went first, else the lowest layer hit
     origin = next((s for s, _ in SOURCES if s in at_first), "gradients")
     layers = at_first.get(origin, ()) or next((l for l in at_first.values() if l), ())
+    fed = _fed_by(run, layers, at_first.get("activations", ()), at_first.get("gradients", ()))
+    if fed:
+        layers = (fed.name, *layers)
     loaded = _weights_at_start(run) if first_row == 0 else ()
     if loaded:  # the weights were so before any update: everything else computed from them follows
         origin = "weights"
@@ -98,10 +103,11 @@ def _in_the_run(run: RunSeries) -> list[Finding]:
         evidence["guard_skipped_steps"] = guarded
     ctx = advice.Context(run)
     causes, remedies = advice.non_finite(ctx, layers, evidence)
-    where_text = (f" in '{layers[0]}'" if at_first.get(origin) else
-                  f" (the first layer hit: '{layers[0]}')" if layers else "")
+    place = (f"the output of '{fed.name}' (measured after it, in '{layers[1]}')" if fed else
+             f"the {origin} in '{layers[0]}'" if at_first.get(origin) else
+             f"the {origin} (the first layer hit: '{layers[0]}')" if layers else f"the {origin}")
     if guarded:
-        message = (f"NaN/Inf appeared in the {origin}{where_text} at step {advice.listed(guarded, 5, quote=False)}; gw.guard skipped "
+        message = (f"NaN/Inf appeared in {place} at step {advice.listed(guarded, 5, quote=False)}; gw.guard skipped "
                    f"{'that step' if len(guarded) == 1 else 'those steps'}, so the weights never took them. "
                    f"{remedies[0].action}.")
         return [Finding("non_finite", "warning", step, layers, message, evidence, tuple(causes), tuple(remedies))]
@@ -110,9 +116,23 @@ def _in_the_run(run: RunSeries) -> list[Finding]:
                    f"update: the initialisation or a loaded checkpoint put it there, and every step computed from "
                    f"them is meaningless. {remedies[0].action}.")
         return [Finding("non_finite", "error", step, layers, message, evidence, tuple(causes), tuple(remedies))]
-    message = (f"NaN/Inf first appears at step {step} in the {origin}{where_text}; every step after it is "
+    message = (f"NaN/Inf first appears at step {step} in {place}; every step after it is "
                f"meaningless. {remedies[0].action}.")
     return [Finding("non_finite", "error", step, layers, message, evidence, tuple(causes), tuple(remedies))]
+
+
+def _fed_by(run: RunSeries, layers: tuple[str, ...], acts: tuple[str, ...], grads: tuple[str, ...]) -> LayerInfo | None:
+    """A standard activation (ReLU, tanh, ...) maps finite inputs to finite outputs, so when the
+    lowest one hit is the first named, the NaN was already in its input: the output of the layer
+    that ran just before it (a NaN in the batch reaches the first Linear, whose output is not
+    measured, then its ReLU), when that layer's own gradients went non-finite at that step too."""
+    if not layers or not acts or layers[0] != acts[0]:
+        return None
+    act = run.layers[run.column(acts[0])]
+    before = next((l for l in run.layers if l.index == act.index - 1), None)
+    if act.role != "activation" or not act.activation or before is None or before.name not in grads:
+        return None
+    return before
 
 
 def _weights_at_start(run: RunSeries) -> tuple[str, ...]:
@@ -122,5 +142,15 @@ def _weights_at_start(run: RunSeries) -> tuple[str, ...]:
     w = run.metrics.get("weight_norm")
     if w is None or len(run.steps) == 0:
         return ()
+    if _loss_finite(run)[0]:
+        return ()
     cols = sorted(np.flatnonzero(np.isinf(np.asarray(w[:1], dtype=float))[0]), key=lambda c: run.layers[c].index)
     return tuple(run.layers[c].name for c in cols)
+
+
+def _loss_finite(run: RunSeries) -> np.ndarray:
+    """Per step, a loss measured finite: the weights that step's forward used were finite, and an
+    infinite weight norm read before its update is the norm overflowing float32 (torch's sums
+    overflow for entries past ~1.8e19: a blow-up's weights at 5.6e28 under a finite loss of 3e24,
+    said to hold NaN/Inf), not a NaN or Inf in the weights."""
+    return np.isfinite(run.loss)

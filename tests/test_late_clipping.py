@@ -1,0 +1,90 @@
+"""Clipping called after optimizer.step() clips gradients no step uses: seen by the watch, said as a
+finding with the script's line, and first among an exploding gradient's causes (a tester's
+regressor clipped after the step and was told to clip)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import gradwatch as gw
+from gradwatch.diagnose import diagnose
+from series_builder import build
+
+
+def _train(where: str, limit: float = 1.0, steps: int = 6, watched: bool = True, lr: float = 0.1):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    watch = gw.watch(model, opt, warn=False) if watched else None
+    for _ in range(steps):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        if where == "before":
+            torch.nn.utils.clip_grad_norm_(model.parameters(), limit)
+        opt.step()
+        if where == "after":
+            torch.nn.utils.clip_grad_norm_(model.parameters(), limit)
+        if where == "value_after":
+            nn.utils.clip_grad_value_(model.parameters(), clip_value=limit)
+    run = watch.series() if watch else None
+    if watch:
+        watch.detach()
+    return run, [p.detach().clone() for p in model.parameters()]
+
+
+def test_a_clip_after_the_step_is_said_with_its_line():
+    run, weights = _train("after")
+    found = [f for f in diagnose(run) if f.kind == "late_clipping"]
+    assert len(found) == 1 and found[0].first_step == 0 and found[0].severity == "warning"
+    line = next(i for i, text in enumerate(open(__file__).read().splitlines(), 1)
+                if text.strip() == 'if where == "after":') + 1
+    assert found[0].evidence["where"] == f"test_late_clipping.py:{line}"
+    assert "runs after optimizer.step()" in found[0].message
+    assert "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1)\noptimizer.step()" in found[0].remedies[0].code
+    _, unwatched = _train("after", watched=False)
+    assert all(torch.equal(a, b) for a, b in zip(weights, unwatched))  # the patch changes no number
+
+
+def test_clip_by_value_after_the_step_is_said_too():
+    run, _ = _train("value_after", limit=0.5)
+    f = next(f for f in diagnose(run) if f.kind == "late_clipping")
+    assert f.evidence["function"] == "clip_grad_value_" and "clip_value=0.5" in f.remedies[0].code
+
+
+def test_a_clip_before_the_step_or_a_norm_measured_after_it_is_no_finding():
+    for where, limit in (("before", 1.0), ("after", float("inf"))):  # inf: the norm logged, nothing clipped
+        run, _ = _train(where, limit)
+        assert not [f for f in diagnose(run) if f.kind == "late_clipping"], (where, limit)
+        assert not run.meta.get("late_clip")
+
+
+def test_the_patch_is_gone_with_the_watch():
+    originals = [(m, n, getattr(m, n)) for m in (nn.utils, nn.utils.clip_grad) for n in ("clip_grad_norm_", "clip_grad_value_")]
+    torch.manual_seed(0)
+    model = nn.Linear(2, 1)
+    with gw.watch(model, torch.optim.SGD(model.parameters(), lr=0.1), warn=False):
+        assert nn.utils.clip_grad_norm_ is not originals[0][2]  # patched while watched
+    assert all(getattr(m, n) is f for m, n, f in originals)
+
+
+def test_an_exploding_gradient_names_the_late_clip_first():
+    run = build()
+    run.meta["late_clip"] = [[3, {"function": "clip_grad_norm_", "where": "train.py:9", "limit": 1.0}]]
+    run.metrics["grad_norm"][40:] *= 1e4  # a blow-up the clipping should have stopped
+    f = next(f for f in diagnose(run) if f.kind == "exploding_gradient")
+    assert f.causes[0].startswith("clipping after the step: `clip_grad_norm_` at train.py:9")
+    assert f.remedies[0].code.startswith("loss.backward()\ntorch.nn.utils.clip_grad_norm_")
+
+
+def test_every_listener_of_the_patches_hears_a_clip():
+    """fix's Injector listens too: without `clipped` every trial of a script that clips died in the
+    patch (a tester's `fix` on a healthy script with clip_grad_norm_: "recorded no training step")."""
+    from gradwatch.collect.patches import Listener
+    from gradwatch.collect.watch import Watch
+    from gradwatch.fix.inject import Injector
+    heard = [n for n in vars(Listener) if not n.startswith("_")]
+    assert "clipped" in heard
+    for cls in (Watch, Injector):
+        assert all(callable(getattr(cls, n, None)) for n in heard), cls
