@@ -336,6 +336,20 @@ def test_initial_weight_scale_is_a_cause_only_when_the_first_step_shows_it():
     assert "initial weight scale" in f.causes[0] and "gw.init_" in f.remedies[0].code
 
 
+def test_a_blow_up_from_the_first_step_is_not_told_zclip():
+    """ZClip's 25 warm-up steps pass the first steps unclipped: a tester's RNN exploding at step 0
+    kept the same loss and finding with it attached as advised. Clipping by norm stays."""
+    run = build(optimizer="SGD", lr=0.1)
+    run.metrics["update_ratio"][0, run.column("fc2")] = 1.5
+    f = next(f for f in diagnose(run) if f.kind == "exploding_gradient")
+    assert f.evidence["at_init"] and any("clip_grad_norm_" in r.code for r in f.remedies)
+    assert not any("ZClip" in r.code for r in f.remedies)
+    run = build(optimizer="SGD", lr=0.1)
+    run.metrics["update_ratio"][sampled(run)[4], run.column("fc2")] = 1.5  # later: ZClip has its history
+    f = next(f for f in diagnose(run) if f.kind == "exploding_gradient")
+    assert not f.evidence["at_init"] and any("ZClip" in r.code for r in f.remedies)
+
+
 # ------------------------------------------------------------------ non-finite
 def test_non_finite_loss_first_step_and_evidence():
     run = build()
@@ -439,6 +453,21 @@ def test_units_dead_from_the_first_step_are_not_blamed_on_the_learning_rate():
     run.metrics["dead"][sampled(run)[3]:, run.column("act1")] = 1.0
     f = next(f for f in diagnose(run) if f.kind == "dead_units")
     assert f.causes[0].startswith("learning rate") and "LeakyReLU" in f.remedies[0].code
+
+
+def test_dead_gelus_are_told_their_own_class_and_a_lower_lr_first():
+    """A tester's GPT-2 at lr 3: dead GELUs were told `swap_activations(model, nn.ReLU, ...)`, which
+    finds no ReLU and changes nothing."""
+    import dataclasses
+    for kind, code in (("GELU", "nn.GELU"), ("NewGELUActivation", "NewGELUActivation  # the class")):
+        run = build(lr=3.0, activation="gelu")
+        run.layers = [dataclasses.replace(l, type=kind) if l.role == "activation" else l for l in run.layers]
+        run.metrics["dead"][sampled(run)[3]:, run.column("act1")] = 1.0
+        f = next(f for f in diagnose(run) if f.kind == "dead_units")
+        swap = next(r for r in f.remedies if "swap_activations" in r.code)
+        assert f"swap_activations(model, {code}" in swap.code and "nn.ReLU" not in swap.code
+        assert f.remedies[0].action.startswith("Lower the learning rate")
+        assert any(c.startswith(f"activation: {kind} passes almost no gradient") for c in f.causes)
 
 
 def test_layers_that_get_exactly_zero_gradient_are_found_without_activation_modules():
@@ -1058,6 +1087,28 @@ def test_an_lstm_vanishing_through_time_is_told_to_open_its_forget_gates_first()
     f = next(f for f in diagnose(run) if f.layers == (run.layers[lstm].name,))
     assert f.remedies[0].action.startswith("Open the LSTM forget gates")
     assert any("orthogonal" in r.action for r in f.remedies[1:])
+
+
+def test_a_vanilla_rnn_vanishing_through_time_gets_a_drop_in_gru_that_runs_pasted():
+    """`nn.LSTM(...)  # instead of nn.RNN` broke a tester's loop that passes h0 (an LSTM wants (h, c))."""
+    import dataclasses
+
+    run = build()
+    at = run.layers.index(next(l for l in run.layers if l.role == "param"))
+    run.layers[at] = dataclasses.replace(run.layers[at], type="RNN", role="recurrent")
+    steps = run.steps[sampled(run)]
+    run.time_profiles[run.layers[at].name] = (steps, np.tile(0.7 ** (29 - np.arange(30)), (len(steps), 1)))
+    f = next(f for f in diagnose(run) if f.layers == (run.layers[at].name,))
+    code = next(r.code for r in f.remedies if "GRU" in r.action)
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"rnn": nn.RNN(3, 5, batch_first=True), "head": nn.Linear(5, 1)})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scope = {"gw": gw, "model": model, "optimizer": optimizer}
+    exec(code, scope)
+    model = scope["model"]
+    out, h = model["rnn"](torch.randn(2, 4, 3), torch.zeros(1, 2, 5))  # the loop as it was, h0 passed
+    assert isinstance(model["rnn"], nn.GRU) and h.shape == (1, 2, 5)
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in model.parameters()}
 
 
 # ------------------------------------------------------------------ shared helpers

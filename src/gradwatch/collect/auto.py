@@ -41,6 +41,9 @@ from gradwatch.runner import ENV_OPTIONS, ENV_RUN_DIR, FORKED_MARK, WATCHED_MARK
 from gradwatch.store.reader import STORE_NAME
 
 DISCOVERY_STEPS = 2  # global forward hooks cost time on every module call: keep them briefly
+# ... but on, up to this many steps, while an optimizer's model has not run with gradients: a WGAN's
+# generator runs under no_grad for its critic's 5 steps first, and was never found
+AWAIT_STEPS = 100
 
 
 def _claim_store(run_dir: str) -> str:
@@ -100,6 +103,8 @@ class AutoWatch(Watch):
             register_module_forward_hook(self._leave_module),
         ]
         self._discover_until = DISCOVERY_STEPS
+        self._awaited: weakref.WeakSet = weakref.WeakSet()  # optimizers whose model is not found yet
+        self._await_until = 0
         # other optimizers' steps since the adopted one's last: how many, and the step of the first
         self._other_steps: dict[int, tuple[int, int]] = {}
         self._checked: weakref.WeakSet = weakref.WeakSet()  # optimizers whose parameters were looked at
@@ -464,7 +469,7 @@ class AutoWatch(Watch):
         if len(optimizer.param_groups) == 1:  # made now (its constructor adds the first group)
             self._handles.append(optimizer.register_load_state_dict_post_hook(self._loaded.add))
         if self._holds_unwatched(optimizer.param_groups[-1]["params"]):
-            self._rediscover()
+            self._rediscover(optimizer)
             if self._optimizer is not None:
                 self._new_model.add(optimizer)
 
@@ -510,7 +515,7 @@ class AutoWatch(Watch):
             self._checked.add(optimizer)
             if self._holds_unwatched(p for group in optimizer.param_groups for p in group["params"]):
                 self._new_model.add(optimizer)
-                self._rediscover()
+                self._rediscover(optimizer)
         if n >= 2:
             self._other_steps.clear()
             self._own_loss = None  # (a sequential second phase: the first one's optimizer is done)
@@ -532,11 +537,22 @@ class AutoWatch(Watch):
         if self._window.snapshot is None and self._params and (rec := self._current()) is not None and rec.sampled:
             self._window.take(rec)  # (stepping right after the adopted one, it opens the next step)
 
-    def _rediscover(self) -> None:
+    def _rediscover(self, optimizer: torch.optim.Optimizer) -> None:
+        """Models are looked for again, for `optimizer`'s: until it has run with gradients (found),
+        at least DISCOVERY_STEPS and at most AWAIT_STEPS steps."""
         if not self._discovery:
             self._discovery = [register_module_forward_pre_hook(self._enter_module),
                                register_module_forward_hook(self._leave_module)]
         self._discover_until = self._step + DISCOVERY_STEPS
+        self._awaited.add(optimizer)
+        self._await_until = self._step + AWAIT_STEPS
+
+    def _awaiting(self) -> bool:
+        """An optimizer's model is still to be found (its parameters in no watched model)."""
+        for optimizer in list(self._awaited):
+            if not self._holds_unwatched(p for group in optimizer.param_groups for p in group["params"]):
+                self._awaited.discard(optimizer)
+        return bool(self._awaited) and self._step < self._await_until
 
     def _global_post(self, optimizer, args, kwargs) -> None:
         if not self._thread.mine(claim=False) or self._backward_running():
@@ -552,7 +568,7 @@ class AutoWatch(Watch):
     def _end_step(self, count: bool = True) -> None:
         self._depth, self._in_backward = 0, False  # a forward or backward that raised never reached its post-hook
         super()._end_step(count)
-        if self._step >= self._discover_until:
+        if self._discovery and self._step >= self._discover_until and not self._awaiting():
             self._stop_discovery()
         self.step_thread = threading.get_ident()
         if self.the_command:

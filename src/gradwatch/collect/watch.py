@@ -510,6 +510,7 @@ class Watch:
             self._writer = RunStoreWriter(self.store_path, self._meta, resume_at=self.first_step)
         meta = {k: self._meta[k] for k in ("optimizer", "momentum", "distributed", STALE_KEY) if k in self._meta}
         meta["lr_scale"] = self._lr_scales()
+        meta["models"] = [prefix for _, prefix in self._models]  # (a GAN's: diagnosed one by one)
         batch = to_batch(ready, self._layers, meta=meta)
         batch.events.extend(self._events)
         self._writer.write(batch)

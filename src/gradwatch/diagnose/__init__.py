@@ -49,14 +49,43 @@ def diagnose(run: RunSeries | str | os.PathLike, thresholds: Thresholds | dict =
     starts = [int(s) for s in series.meta.get("phase_starts") or [] if s > series.steps[0]]
     phases = [series.between(a, b) for a, b in zip([int(series.steps[0]), *starts], [*starts, None])] \
         if starts else [series]
-    with norms_kept(phases):
-        findings = [f for phase in phases if len(phase.steps) for rule in RULES for f in rule(phase, thresholds)]
+    parts = [part for phase in phases if len(phase.steps) for part in _models_of(phase)]
+    with norms_kept(parts):
+        findings = _once_per_run([f for part in parts for rule in RULES for f in rule(part, thresholds)])
     if series.meta.get("own_loss_steps"):  # the recorded loss mixes two objectives (a GAN's G and D):
         findings = [f for f in findings if f.kind not in LOSS_KINDS]  # its plateau or rise says nothing
     findings = _one_per_cause(series, findings)
     findings = _nan_after_explosion(findings)
     findings = _per_phase(findings, starts, lambda found: _after_stale(_plateau_from_block(found)))
     return sorted(findings, key=lambda f: (f.first_step, SEVERITY_ORDER[f.severity], KINDS.index(f.kind)))
+
+
+# findings of the whole run, not of one model's layers: said once when the models are diagnosed apart
+RUN_KINDS = ("non_finite", "stale_gradients", "late_clipping", *LOSS_KINDS)
+
+
+def _models_of(run: RunSeries) -> list[RunSeries]:
+    """Models trained on losses of their own (a GAN's generator and discriminator, meta
+    `own_loss_steps`), each diagnosed as a depth of its own; else the run. A generator found after
+    its discriminator stood behind it in one depth profile, the discriminator's first layer as the
+    lowest: a generator's gradient vanishing 1e-9 toward its input was no finding. Models trained
+    by one loss (an encoder and a decoder called apart) are one chain, and stay together. The
+    first model's layers have plain names, the others' are prefixed with `name.`."""
+    prefixes = [p for p in run.meta.get("models") or [] if p]
+    if not run.meta.get("own_loss_steps") or not prefixes:
+        return [run]
+    owner = [next((p for p in prefixes if l.name.startswith(p + ".")), "") for l in run.layers]
+    parts = [run.of_layers([c for c, o in enumerate(owner) if o == p]) for p in ["", *prefixes]]
+    return [part for part in parts if part.layers] or [run]
+
+
+def _once_per_run(findings: list[Finding]) -> list[Finding]:
+    """A finding of the whole run (the loss, a NaN) found in each model's part: the earliest one."""
+    kept: dict[str, Finding] = {}
+    for f in findings:
+        if f.kind in RUN_KINDS and (f.kind not in kept or f.first_step < kept[f.kind].first_step):
+            kept[f.kind] = f
+    return [f for f in findings if f.kind not in RUN_KINDS or kept[f.kind] is f]
 
 
 def _one_per_cause(series: RunSeries, findings: list[Finding]) -> list[Finding]:

@@ -165,8 +165,11 @@ def vanishing(ctx: Context, layers: tuple[str, ...], evidence: dict, through_tim
         causes.append(f"recurrent weight norm: the gradient through time shrinks like the product of "
                       f"diag(f'(h_t))·W_hh; with ‖W_hh‖ < 1/γ it decays geometrically ({rnn})")
         if "RNN" in ctx.rnn_types:
-            remedies.append(Remedy("Replace the vanilla RNN by an LSTM or GRU, whose gated cell state keeps long-range gradients",
-                                   "nn.LSTM(input_size, hidden_size, batch_first=True)  # instead of nn.RNN"))
+            # a GRU takes and returns the hidden state as nn.RNN does: an LSTM's (h, c) pair broke a
+            # tester's loop that passes h0 (IndexError), pasted as printed
+            remedies.append(Remedy("Replace the vanilla RNN by a GRU, whose gates keep long-range gradients (a drop-in: "
+                                   "the same hidden state in and out; an LSTM needs an (h, c) pair)",
+                                   "model, _ = gw.modify.replace_rnn(model, optimizer=optimizer)  # each nn.RNN -> nn.GRU of its sizes"))
         if "LSTM" in ctx.rnn_types:  # first: measured (docs/probe.md), an LSTM's gradient horizon went from
             # 14 steps to 38 with forget bias 1, and to 12 with orthogonal W_hh
             remedies.append(Remedy("Open the LSTM forget gates at the start: forget-gate bias 1",
@@ -247,8 +250,10 @@ def exploding(ctx: Context, layers: tuple[str, ...], evidence: dict, through_tim
     told = f"; the trainer clips {evidence['grad_clip']} now" if evidence.get("grad_clip") else ""
     remedies.append(Remedy(f"Clip the gradient norm at about twice its healthy level ({max_norm}{told})",
                            f"torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={max_norm})  # before optimizer.step()"))
-    remedies.append(Remedy("Or clip adaptively: ZClip rejects spikes against a running z-score of the norm",
-                           "gw.clip.attach(optimizer, gw.clip.ZClip())"))
+    if not evidence.get("at_init"):  # ZClip's 25 warm-up steps pass a blow-up from the first step unclipped
+        # (a tester's RNN: the same loss, 0.1253, and the same finding as with no clipping)
+        remedies.append(Remedy("Or clip adaptively: ZClip rejects spikes against a running z-score of the norm",
+                               "gw.clip.attach(optimizer, gw.clip.ZClip())"))
     # an update larger than the weights from a gradient no larger than the weights (update ratio
     # over lr, ‖g‖/‖w‖ under SGD, at most 1) and no burst: the step is too long, not the gradient
     # too large; clipping at 1.0 left a tanh MLP under SGD at lr 8 at 35% accuracy, lr / 100 gave 93%.
@@ -409,11 +414,15 @@ def dead_units(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[l
         causes.append("initial weight scale: units are already dead at the first step (biases or weights start too negative)")
     elif not ctx.adaptive or ctx.lr >= ADAPTIVE_HIGH_LR:
         causes.append(f"learning rate: a large step ({ctx.lr_said}) can push a ReLU unit's bias so far that it never fires again")
-    causes.append("activation: ReLU passes no gradient for negative inputs, so a dead unit cannot recover")
+    kind = _dead_class(ctx, layers)
+    causes.append(f"activation: {kind} passes no gradient for negative inputs, so a dead unit cannot recover" if kind == "ReLU"
+                  else f"activation: {kind} passes almost no gradient for inputs far below 0, where a large step left "
+                       "these units")
     if "dead_fraction" in evidence or ctx.relu_like:
         refs = ", ".join(module_ref(l) for l in layers[:3])
+        cls = f"nn.{kind}" if kind in NN_ACTIVATIONS else f"{kind}  # the class, imported from its library:"
         leaky = Remedy("Use Leaky ReLU, which keeps a small gradient for negative inputs",
-                       "model, _ = gw.modify.swap_activations(model, nn.ReLU, lambda: nn.LeakyReLU(0.01))" + f"  # {refs}")
+                       f"model, _ = gw.modify.swap_activations(model, {cls}, lambda: nn.LeakyReLU(0.01))" + f"  # {refs}")
     else:  # only the zero gradients were seen: the ReLUs are called as functions in forward()
         causes.append("initial weights: a layer above initialised to all zeros passes no gradient down "
                       "(gw.check_constant_init(model) lists such layers)")
@@ -425,9 +434,27 @@ def dead_units(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[l
     remedies = [leaky, Remedy("Re-initialise with He init and zero biases", ctx.init_code)]
     if at_init:
         remedies.reverse()  # the initialisation is what went wrong
-    else:
+    elif kind == "ReLU":
         remedies.append(Remedy(f"Lower the learning rate (to {ctx.lr_text(0.1)})", ctx.lr_code(0.1)))
+    else:  # a smooth ReLU (GELU, SiLU ...) is dead only far below 0, where steps too long took it: a
+        # tester's GPT-2 at lr 3 was told to swap its GELUs with code that swaps ReLUs
+        remedies.insert(0, Remedy(f"Lower the learning rate (to {ctx.lr_text(0.1)})", ctx.lr_code(0.1)))
     return causes, remedies
+
+
+# torch.nn's ReLU-family classes: others (Hugging Face's NewGELUActivation) are the script's imports
+NN_ACTIVATIONS = {"ReLU", "ReLU6", "LeakyReLU", "PReLU", "RReLU", "ELU", "CELU", "SELU", "GELU", "SiLU", "Mish"}
+
+
+def _dead_class(ctx: Context, layers: tuple[str, ...]) -> str:
+    """The class of the dead layers named when they are one smooth ReLU (GELU, SiLU, ELU ...);
+    ReLU otherwise (the ReLU family's hard zero, F.relu in forward() whose zero gradients are all
+    that was seen, or a mix)."""
+    names = {l.name: l for l in ctx.run.layers}
+    found = [names[l] for l in layers if l in names and names[l].role == "activation"]
+    types = {l.type for l in found}
+    smooth = found and all(l.activation in SMOOTH_RELUS | {"elu", "celu", "selu"} for l in found)
+    return types.pop() if smooth and len(types) == 1 else "ReLU"
 
 
 def saturation(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[list[str], list[Remedy]]:

@@ -102,6 +102,15 @@ class RunSeries:
             metrics[m] = a
         return replace(self, metrics=metrics)
 
+    def of_layers(self, cols: list[int]) -> "RunSeries":
+        """The same steps with only the layers in columns `cols`: one model of several (a GAN's
+        generator), whose depth is its own."""
+        names = {self.layers[i].name for i in cols}
+        rows = np.ones(len(self.steps), dtype=bool)
+        return RunSeries([self.layers[i] for i in cols], self.steps, self.loss, self.lr,
+                         {m: _rows_of(v, rows, cols) for m, v in self.metrics.items()},
+                         {n: p for n, p in self.time_profiles.items() if n in names}, dict(self.meta))
+
     def between(self, first: int, stop: int | None = None) -> "RunSeries":
         """The steps first <= step < stop, with the layers that recorded anything in them: one phase
         of a script that trains one model after another (each its own loss, its own scale)."""

@@ -1,0 +1,78 @@
+"""A GAN's generator and discriminator are diagnosed as a depth each: a tester's WGAN-GP generator
+(10 Linear + Sigmoid, found after its critic) had ∂L/∂s 1e-9 lower at its input and no finding, the
+critic's first layer standing as the lowest of one profile across both."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from gradwatch.diagnose import diagnose
+from series_builder import build, kinds, sampled
+
+
+def _gan(models: list[str] | None, own_loss: bool = True):
+    run = build(depth=7, activation="sigmoid")
+    names = {f"fc{i}": ("" if i < 2 else "G.") + f"{2 * (i % 2 if i < 2 else i - 2)}" for i in range(7)}
+    names |= {f"act{i}": ("" if i < 2 else "G.") + f"{2 * (i if i < 2 else i - 2) + 1}" for i in range(6)}
+    rows = sampled(run)
+    g0 = run.column("fc2")  # the generator's first layer
+    run.metrics["grad_out_rms"][rows, g0] = 1e-11
+    run.layers = [dataclasses.replace(l, name=names[l.name]) for l in run.layers]
+    run.meta["own_loss_steps"] = [1] if own_loss else []
+    if models is not None:
+        run.meta["models"] = models
+    return run
+
+
+def test_the_generator_vanishing_behind_its_discriminator_is_found_in_it():
+    f = next(f for f in diagnose(_gan(["", "G"])) if f.kind == "vanishing_gradient")
+    assert f.layers[0] == "G.0"
+    assert "vanishing_gradient" not in kinds(diagnose(_gan(None)))  # one profile: the finding was lost
+
+
+def test_models_trained_by_one_loss_stay_one_chain():
+    """An encoder and decoder called apart by one loss: the gradient flows through both, one depth."""
+    run = _gan(["", "G"], own_loss=False)
+    parts = [f.layers for f in diagnose(run) if f.kind == "vanishing_gradient"]
+    assert parts == [f.layers for f in diagnose(_gan(None, own_loss=False)) if f.kind == "vanishing_gradient"]
+
+
+def test_a_finding_of_the_whole_run_is_said_once():
+    run = _gan(["", "G"])
+    run.loss[40:] = np.inf
+    assert kinds(diagnose(run)).count("non_finite") == 1
+
+
+def test_zero_code_finds_a_wgan_generator_first_run_under_no_grad(tmp_path):
+    """WGAN's recipe: the critic steps 5 times per generator step, on fakes made under no_grad; the
+    generator first runs with gradients after the discovery's 2 steps, and was never watched."""
+    import torch
+    from torch import nn
+
+    from gradwatch.collect.auto import AutoWatch
+
+    torch.manual_seed(0)
+    G = nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 2))
+    D = nn.Sequential(nn.Linear(2, 8), nn.LeakyReLU(0.2), nn.Linear(8, 1))
+    opt_g, opt_d = (torch.optim.Adam(m.parameters(), lr=1e-4) for m in (G, D))
+    watch = AutoWatch(str(tmp_path), warn=False)
+    try:
+        for _ in range(3):
+            for _ in range(5):
+                with torch.no_grad():
+                    fake = G(torch.randn(16, 4))
+                loss_d = D(fake).mean() - D(torch.randn(16, 2)).mean()
+                opt_d.zero_grad()
+                loss_d.backward()
+                opt_d.step()
+            loss_g = -D(G(torch.randn(16, 4))).mean()
+            opt_g.zero_grad()
+            loss_g.backward()
+            opt_g.step()
+    finally:
+        watch.detach()
+    run = watch.stored_series()
+    assert run.meta["models"] == ["", "G"] and {"G.0", "G.2"} <= set(run.layer_names())
+    assert np.isfinite(run.metrics["grad_norm"][:, run.column("G.0")]).any()
