@@ -604,8 +604,20 @@ def test_stalled_below_dead_units_is_folded_into_them():
 def test_weights_that_stop_changing():
     run = build()
     run.metrics["update_ratio"][50:][~np.isnan(run.metrics["update_ratio"][50:])] = 0.0
+    run.loss[50:] = run.loss[50]  # still weights, a still loss
     f = next(f for f in diagnose(run) if f.kind == "stalled_layers")
     assert f.evidence["frozen"] and f.first_step == 50 and len(f.layers) == 5
+
+
+def test_weights_still_at_every_sample_under_a_falling_loss_change_between_the_samples():
+    """A tester's gw.watch(model) without its optimizer, two micro-batches a step: each sampled
+    backward was the first of a pair, with no update after it, and "All weights stopped changing"
+    was said while the validation error halved."""
+    run = build()
+    run.metrics["update_ratio"][~np.isnan(run.metrics["update_ratio"])] = 0.0
+    assert "stalled_layers" not in kinds(diagnose(run))  # the loss fell 2.1 -> 0.1: they moved
+    run.loss[:] = 2.3 + 0.01 * np.random.default_rng(1).standard_normal(len(run.loss))
+    assert "stalled_layers" in kinds(diagnose(run))
 
 
 def test_zero_learning_rate_is_not_frozen_weights():
@@ -1074,32 +1086,29 @@ def test_a_loss_that_blows_up_within_the_first_window_diverges():
         assert "loss_divergence" not in kinds(diagnose(run)), seed
 
 
-def test_an_lstm_vanishing_through_time_is_told_to_open_its_forget_gates_first():
-    """Measured (docs/probe.md): an LSTM's gradient horizon went from 14 steps to 38 with forget bias
-    1, and to 12 with orthogonal W_hh, which had been the first remedy."""
+def _vanishing_through_time_in(kind: str):
+    """The finding for a recurrent layer of type `kind` whose gradient decays 0.7x per time step."""
     import dataclasses
 
     run = build()
-    lstm = run.layers.index(next(l for l in run.layers if l.role == "param"))
-    run.layers[lstm] = dataclasses.replace(run.layers[lstm], type="LSTM", role="recurrent")
+    at = run.layers.index(next(l for l in run.layers if l.role == "param"))
+    run.layers[at] = dataclasses.replace(run.layers[at], type=kind, role="recurrent")
     steps = run.steps[sampled(run)]
-    run.time_profiles[run.layers[lstm].name] = (steps, np.tile(0.7 ** (29 - np.arange(30)), (len(steps), 1)))
-    f = next(f for f in diagnose(run) if f.layers == (run.layers[lstm].name,))
+    run.time_profiles[run.layers[at].name] = (steps, np.tile(0.7 ** (29 - np.arange(30)), (len(steps), 1)))
+    return next(f for f in diagnose(run) if f.layers == (run.layers[at].name,))
+
+
+def test_an_lstm_vanishing_through_time_is_told_to_open_its_forget_gates_first():
+    """Measured (docs/probe.md): an LSTM's gradient horizon went from 14 steps to 38 with forget bias
+    1, and to 12 with orthogonal W_hh, which had been the first remedy."""
+    f = _vanishing_through_time_in("LSTM")
     assert f.remedies[0].action.startswith("Open the LSTM forget gates")
     assert any("orthogonal" in r.action for r in f.remedies[1:])
 
 
 def test_a_vanilla_rnn_vanishing_through_time_gets_a_drop_in_gru_that_runs_pasted():
     """`nn.LSTM(...)  # instead of nn.RNN` broke a tester's loop that passes h0 (an LSTM wants (h, c))."""
-    import dataclasses
-
-    run = build()
-    at = run.layers.index(next(l for l in run.layers if l.role == "param"))
-    run.layers[at] = dataclasses.replace(run.layers[at], type="RNN", role="recurrent")
-    steps = run.steps[sampled(run)]
-    run.time_profiles[run.layers[at].name] = (steps, np.tile(0.7 ** (29 - np.arange(30)), (len(steps), 1)))
-    f = next(f for f in diagnose(run) if f.layers == (run.layers[at].name,))
-    code = next(r.code for r in f.remedies if "GRU" in r.action)
+    code = next(r.code for r in _vanishing_through_time_in("RNN").remedies if "GRU" in r.action)
     torch.manual_seed(0)
     model = nn.ModuleDict({"rnn": nn.RNN(3, 5, batch_first=True), "head": nn.Linear(5, 1)})
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -218,6 +218,11 @@ class Thresholds:
     # it the step itself is lost to float32 rounding (eps 1.2e-7 of |w| per element) — a starved
     # layer (vanishing), not one left out of the optimizer.
     frozen_expected: float = 1e-8
+    # ... and not when the loss fell to this fraction of its level where they froze, or lower:
+    # weights that never change cannot lower it, so they change between the sampled steps (micro-
+    # batches of an accumulation watched without the optimizer: the samples fall between updates).
+    # 10% is beyond a window median's noise (the plateau rule calls < 1% flat).
+    stalled_loss_fell: float = 0.9
 
     # --- loss ------------------------------------------------------------------------------------
     # Windows of the loss are compared by their medians (robust to mini-batch noise); a window is

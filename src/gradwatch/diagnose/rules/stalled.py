@@ -7,6 +7,7 @@ import numpy as np
 
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
+from gradwatch.diagnose.rules.loss import loss_fell_to
 from gradwatch.diagnose.signals import (depth_profile, lowest_over_highest, names, persistent_start, profile_columns,
                                         rows_before_non_finite_loss, sampled_rows)
 from gradwatch.diagnose.thresholds import Thresholds
@@ -32,6 +33,14 @@ def find_stalled(run: RunSeries, th: Thresholds) -> list[Finding]:
     stop = {name: step for step, layers in run.meta.get("optimizer_stopped") or [] for name in layers}
     done = {c for c, k in frozen_at.items() if k is not None and run.steps[rows[k]] >= stop.get(run.layers[c].name, np.inf) - 1}
     frozen_cols = [c for c in cols if frozen_at[c] is not None and c not in done]
+    if frozen_cols and set(frozen_cols) >= set(cols) and \
+            loss_fell_to(run, th, th.stalled_loss_fell, since=int(run.steps[rows[min(frozen_at[c] for c in frozen_cols)]])):
+        # every weight still at the sampled steps while the loss fell since: they change between the
+        # samples (a tester's gw.watch(model) without its optimizer, two micro-batches per step:
+        # every 10th backward, always the first of a pair, saw no update; told "All weights stopped
+        # changing" while its validation error halved)
+        done.update(frozen_cols)
+        frozen_cols = []
     if ctx.line_search and frozen_cols:
         # L-BFGS stops every weight at once when its own convergence test passes (tolerance_grad,
         # tolerance_change): a full-batch run at its minimum, not a stall. Weights it holds that
