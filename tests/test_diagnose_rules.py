@@ -377,6 +377,9 @@ def test_a_blow_up_within_ten_steps_is_blamed_on_the_learning_rate_not_the_data(
     run.meta["command"] = ["my train.py", "--lr", "0.1"]  # the run's own, quoted for the shell
     f = next(f for f in diagnose(run) if f.kind == "non_finite")
     assert "`gradwatch fix -- python 'my train.py' --lr 0.1`" in f.remedies[0].action
+    run.meta["distributed"] = {"kind": "ddp", "rank": 0, "world_size": 2}  # each rank's argv is the script's
+    f = next(f for f in diagnose(run) if f.kind == "non_finite")  # (a tester's fix without torchrun: "RANK expected")
+    assert "`gradwatch fix -- torchrun --nproc_per_node=2 'my train.py' --lr 0.1`" in f.remedies[0].action
 
 
 def test_non_finite_origin_is_the_first_activation_layer():
@@ -694,6 +697,20 @@ def test_a_plateau_from_a_vanishing_gradient_points_at_it_not_at_the_learning_ra
     vanish, plateau = (next(f for f in found if f.kind == k) for k in ("vanishing_gradient", "loss_plateau"))
     assert plateau.remedies[0] == vanish.remedies[0] and "follows from the vanishing gradient found" in plateau.message
     assert not any("Raise the learning rate" in r.action for r in plateau.remedies)
+
+
+def test_a_plateau_from_the_start_does_not_follow_from_units_that_died_late():
+    """A tester's contrastive model, flat from step 0, was told its plateau followed from dead units
+    that began at step 230 of 300: the loss was flat before them."""
+    run = build(n_steps=300)
+    run.loss[:] = 2.3 + 0.01 * np.random.default_rng(1).standard_normal(len(run.loss))
+    rows = sampled(run)
+    run.metrics["dead"][rows[23]:, run.column("act1")] = 1.0
+    found = diagnose(run)
+    dead, plateau = (next(f for f in found if f.kind == k) for k in ("dead_units", "loss_plateau"))
+    assert dead.first_step == 230 and "follows from" not in plateau.message
+    run.metrics["dead"][rows[1]:, run.column("act1")] = 1.0  # dead from the start: it does
+    assert "follows from the dead units found" in next(f for f in diagnose(run) if f.kind == "loss_plateau").message
 
 
 def test_adam_with_a_learning_rate_far_too_high_is_told_to_lower_it_first():

@@ -65,6 +65,18 @@ def test_a_script_that_never_detaches_stores_its_last_window_at_exit(group, tmp_
     assert watch._dist._at_exit is None and dist.destroy_process_group is original
 
 
+def test_a_short_run_is_diagnosed_as_the_group_goes_and_findings_says_what_it_cannot_read(group, tmp_path, capsys):
+    """A tester's DDP run of 48 steps (flush every 50): watch.findings() returned [] on rank 0 with
+    no word why, and nothing was said at destroy_process_group, though the store then held 4 errors."""
+    said = []
+    watch = train(7, tmp_path / "run", on_finding=said.append)
+    assert watch.findings() == []  # nothing stored together yet: one rank's call cannot flush
+    assert "findings() reads the steps the ranks stored together (none yet); the 7 since" in capsys.readouterr().err
+    watch._live.close = lambda real=watch._live.close: (said.append("closed"), real())[1]
+    dist.destroy_process_group()
+    assert list(read_run(tmp_path / "run").steps) == list(range(7)) and said == ["closed"]
+
+
 def test_destroy_imported_by_name_flushes_before_the_group_goes(group, tmp_path):
     """torch's DDP tutorial: `from torch.distributed import destroy_process_group` binds the
     function before gradwatch wraps `dist.destroy_process_group`, so the last window was lost."""

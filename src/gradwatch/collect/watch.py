@@ -138,6 +138,7 @@ class Watch:
             "torch": torch.__version__,
             "every": self.every,
             "sample_every": self.sample_every,
+            "command": list(sys.argv),  # (the script and its arguments: diagnose's `gradwatch fix -- ...`)
             **optimizer_meta(optimizer),
             **(meta or {}),
         }
@@ -175,6 +176,7 @@ class Watch:
         self._in_step = False  # between the optimizer's step pre- and post-hook (closures)
         self._closure_loss = False  # a closure's loss was added in this step
         self._late_clip_said = False  # a clipping after the step was noted (see clipped)
+        self._said_unflushed = False  # findings() under DDP said what it cannot read yet
         self._closure_grads = False  # a closure's gradients were recorded in this step
         self._new_params_due = False  # an optimizer was given weights no layer holds: see params_added
         self._frozen: list[torch.Tensor] = []  # parameters not hooked: requires_grad False (`_unfrozen`)
@@ -348,7 +350,7 @@ class Watch:
         self._seen_modules.add(id(model))
         if self._dist is None:
             self._dist = distributed.Distributed(kind, group, self.all_ranks)
-            self._dist.flush_before_teardown(self.flush)
+            self._dist.flush_before_teardown(self._last_flush)
             self._meta["distributed"] = self._dist.meta
         self._dist.sharded_ids |= sharded
         return inner
@@ -566,10 +568,25 @@ class Watch:
         return self._follower.read()
 
     def findings(self) -> list:
-        """The findings of everything recorded so far (see `gradwatch.diagnose`)."""
+        """The findings of everything recorded so far (see `gradwatch.diagnose`). Under DDP/FSDP, of
+        what the ranks last stored together: a flush there is collective, not one rank's call."""
         from gradwatch.diagnose import diagnose
 
-        return diagnose(self._flushed())
+        series = self._flushed()
+        if self._dist is not None and self._pending and not self._said_unflushed:
+            self._said_unflushed = True
+            last = f"up to step {int(series.steps[-1])}" if len(series.steps) else "none yet"
+            say(f"gradwatch: under DDP/FSDP, findings() reads the steps the ranks stored together ({last}); the "
+                f"{len(self._pending)} since are stored at the next flush (every {self.flush_every} steps) or when "
+                "the process group is destroyed, and then diagnosed")
+        return diagnose(series)
+
+    def _last_flush(self) -> None:
+        """Under DDP/FSDP, as the process group goes (or the process ends): the last window stored,
+        then what the live diagnosis has not checked yet diagnosed (as detach does)."""
+        self.flush()
+        if self._live is not None:  # (the other callbacks, the status line's, stay: training may go on)
+            self._live.close()
 
     def detach(self) -> None:
         """Flush, then remove every hook and patch: the model and optimizer are as before."""

@@ -143,6 +143,7 @@ def _plateau_from_block(findings: list[Finding]) -> list[Finding]:
         why, fix = _clipped_plateau(cause)
     follows = {id(f) for f in findings  # not one at its floor, nor one on steps too long (the block follows)
                if f.kind == "loss_plateau" and f.severity != "info" and "first_update_ratio" not in f.evidence
+               and not (cause is blocking and _began_after(cause, f))
                or f.kind == "loss_divergence" and cause is stale}
     if not follows:
         return findings
@@ -150,6 +151,14 @@ def _plateau_from_block(findings: list[Finding]) -> list[Finding]:
     # memory, some dead units) but what stops the training
     return [_follows_from(f, cause, why, fix) if id(f) in follows else
             replace(f, severity="error") if f is blocking and cause is blocking else f for f in findings]
+
+
+def _began_after(block: Finding, plateau: Finding) -> bool:
+    """The block began after the loss's first two windows: the loss was flat before it, so it does
+    not explain the plateau (a tester's contrastive model, flat from step 0, was told its plateau
+    followed from units that died at step 230 of 300)."""
+    w = plateau.evidence.get("window_steps")
+    return isinstance(w, (int, float)) and block.first_step > plateau.first_step + 2 * w
 
 
 def _clipped_plateau(clipped: Finding) -> tuple[str, Remedy | None]:

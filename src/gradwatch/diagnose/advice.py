@@ -367,7 +367,9 @@ def _fix_command(ctx: Context) -> str:
     if argv and "kernel_launcher" in argv[0]:
         return "`gw.fix(train_fn)`, train_fn a function that builds your model and trains,"
     script = " ".join(map(shlex.quote, argv)) if argv and argv[0].endswith(".py") else "train.py"
-    return f"`gradwatch fix -- python {script}`"
+    world = (ctx.run.meta.get("distributed") or {}).get("world_size") or 1
+    launcher = f"torchrun --nproc_per_node={world}" if world > 1 else "python"  # (each rank's argv is the script's)
+    return f"`gradwatch fix -- {launcher} {script}`"
 
 
 def _swap_code(ctx: Context, act: str) -> str:
