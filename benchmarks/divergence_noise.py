@@ -43,11 +43,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=500)
     args = ap.parse_args()
-    rules = {"factor alone": Thresholds(divergence_rank_z=-math.inf), "factor + rank test": Thresholds()}
+    alone = Thresholds()
+    object.__setattr__(alone, "divergence_rank_z", -math.inf)  # (no such threshold is valid: a user's must be > 0)
+    rules = {"factor alone": alone, "factor + rank test": Thresholds()}
     print("| noise | steps | rule | flat runs flagged | 5x rise at mid-run found | its median delay (steps) |")
     print("|---|---|---|---|---|---|")
     for name, noise in NOISE.items():
-        for n in (200, 1000):
+        for n in (50, 200, 1000):
             rise = np.where(np.arange(n) >= n // 2, 5.0, 1.0)
             for label, th in rules.items():
                 rng = np.random.default_rng(0)

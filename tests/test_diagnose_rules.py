@@ -1232,3 +1232,15 @@ def test_a_converged_model_fine_tuned_at_a_tiny_lr_is_no_plateau_warning():
         plateaus = [f for f in diagnose(run) if f.kind == "loss_plateau"]
         assert any(f.severity == "warning" for f in plateaus) == plateau, level
         assert plateau or [f.severity for f in plateaus] == ["info"]  # flat near 0: said, not a warning
+
+
+def test_a_short_run_that_blew_up_is_diverging():
+    """A tester's Hugging Face model at lr 3: 48 steps, loss 4.0 -> 496, ending at 74. Its windows
+    of 5 could never rank beyond chance, and it had no finding."""
+    run = build(n_steps=48)
+    run.loss[:] = [4.0, 4.0, 8.2, 13.6, 44.2, 117.3, 122.6, 260.1, 235.0, 233.9, 248.1, 281.0, 273.5, 495.8, 323.5,
+                   331.3, 259.2, 208.5, 157.0, 173.5, 244.6, 253.5, 188.5, 262.7, 182.2, 205.7, 189.0, 161.8, 171.0,
+                   197.5, 176.0, 122.8, 186.2, 152.9, 159.5, 136.7, 118.0, 125.8, 129.0, 115.2, 110.0, 105.4, 94.3,
+                   87.4, 87.5, 78.3, 83.3, 74.3]
+    f = next(f for f in diagnose(run) if f.kind == "loss_divergence")
+    assert f.first_step <= 5 and f.evidence["loss_max"] == 495.8

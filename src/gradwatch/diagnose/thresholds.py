@@ -263,6 +263,11 @@ class Thresholds:
     # 32.6% flagged on the factor alone, 2.0% with this; batch-size-8 means: 0% either way;
     # benchmarks/divergence_noise.py).
     divergence_rank_z: float = 3.1
+    # ... with at least this many losses ranked, from the window's first on (a window of fewer can
+    # never reach that z: 5 against 5 ranks at most z = 2.6): a short run's rise is tested on the
+    # losses after its window too (20 against 5 reach 3.4). Runs of 200 steps or more, windows of
+    # 20, are tested as before.
+    divergence_rank_losses: int = 20
     # ... or the running median this many times the larger of the first two losses (before updates
     # compound): a blow-up within the first window raises that window's median with it. Two
     # decades: both first batches 100x below the loss's typical value has probability ~0.3% even
