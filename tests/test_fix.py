@@ -1166,3 +1166,27 @@ def test_a_gan_trial_at_its_equilibrium_loss_still_works():
     reinit.first_loss = 2.079
     assert reinit.harmful == [] and reinit.works and FixResult(base, [reinit]).winner is reinit
     assert "loss_did_not_fall" in dataclasses.replace(reinit, own_loss=False).harmful
+
+
+def test_a_best_trial_still_on_the_loss_scale_the_baseline_started_at_is_told_to_rescale():
+    """A tester's multi-task model, its regression target ~313: every trial kept the raw targets, the
+    best (Adam) ended at 3.9e4 and its change, pasted in, predicted worse than the mean."""
+    from rich.console import Console
+
+    from gradwatch.cli.fix_cmd import print_result
+    from gradwatch.diagnose.advice import LOSS_SCALE_CODE
+
+    scaled = Finding("exploding_gradient", "error", 0, ("fc0",), "m", {},
+                     ("loss scale: the loss is 4.85e+04 at the first step, before any update (cross-entropy ...)",))
+    base = Trial(Candidate("baseline (no change)"), None, 0, 1.0, steps=100, final_loss=float("inf"), final_error=0.0,
+                 findings=[scaled])
+    adam = Trial(Candidate("Adam (lr 1e-3)", {"optimizer": "adam"}), None, 0, 1.0, steps=100, final_loss=3.9e4,
+                 final_error=10.0)
+    console = Console(record=True, width=300)
+    print_result(FixResult(base, [adam]), console)
+    text = console.export_text()
+    assert "The best trial still ends at 3.9e+04" in text and "(the loss is 4.85e+04 at the first step" in text
+    assert LOSS_SCALE_CODE.splitlines()[1] in text
+    console = Console(record=True, width=300)
+    print_result(FixResult(base, [dataclasses.replace(adam, final_loss=0.8)]), console)  # brought to order 1
+    assert "still ends at" not in console.export_text()

@@ -129,6 +129,8 @@ def print_result(result: FixResult, console: Console) -> None:
         console.print(note, markup=False)  # the line of code may hold [brackets]
     if (note := frozen_note(result.baseline)) is not None:
         console.print(note, markup=False)
+    if (note := scale_note(result)) is not None:
+        console.print(note, markup=False)
     for note, code in code_notes(result.baseline, bool(tried)):
         console.print(note, markup=False)
         console.print(textwrap.indent(code, "    "), markup=False, soft_wrap=True)
@@ -216,6 +218,24 @@ def code_notes(base: Trial, tried: bool) -> list[tuple[str, str]]:
     return [(f"{f.kind} (step {f.first_step}) is a change to your code, which no trial can make: {f.message}{also}",
              f.remedies[0].code if f.remedies else "")
             for f in base.blocking if not tried_for(f)]
+
+
+def scale_note(result: FixResult) -> str | None:
+    """The baseline's first cause was the loss's scale (a regression on raw targets), and the best
+    trial still ends on that scale: no trial changes the loss or the targets, so the change that
+    does is said (a tester's multi-task model, its regression target ~313: Adam ended at 3.9e4, its
+    printed change left the fault, pasted in it predicted worse than the mean)."""
+    from gradwatch.diagnose.advice import LARGE_INITIAL_LOSS, LOSS_TO_ORDER_1
+
+    cause = next((f.causes[0] for f in result.baseline.blocking if f.causes and f.causes[0].startswith("loss scale:")), None)
+    best = result.winner or (result.ranked[0] if result.ranked else None)
+    if cause is None or best is None or not abs(best.final_loss) >= LARGE_INITIAL_LOSS:
+        return None
+    said = cause.split(":", 1)[1].split(" (")[0].strip()  # "the loss is 4.85e+04 at the first step, before any update"
+    return (f"The best trial still ends at {best.final_loss:.4g}. The baseline's first cause was the loss's scale "
+            f"({said}): a constant factor, a sum over a large batch or targets far from unit scale, in the loss or "
+            f"the data, which no trial changes. {LOSS_TO_ORDER_1.action}, then run fix again:\n"
+            f"{textwrap.indent(LOSS_TO_ORDER_1.code, '    ')}")
 
 
 def frozen_note(base: Trial) -> str | None:
