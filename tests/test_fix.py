@@ -1190,3 +1190,26 @@ def test_a_best_trial_still_on_the_loss_scale_the_baseline_started_at_is_told_to
     console = Console(record=True, width=300)
     print_result(FixResult(base, [dataclasses.replace(adam, final_loss=0.8)]), console)  # brought to order 1
     assert "still ends at" not in console.export_text()
+
+
+def test_a_winner_whose_loss_barely_fell_is_not_said_to_repair_the_run():
+    """A tester's RNN: orthogonal W_hh took the vanishing away and ended at 0.6887 from 0.6935,
+    chance being 0.693 (61% accuracy), printed as "repairs the run"."""
+    from rich.console import Console
+
+    from gradwatch.cli.fix_cmd import print_result
+
+    base = Trial(Candidate("baseline (no change)"), None, 0, 1.0, steps=100, final_loss=0.6916, final_error=0.0005,
+                 first_loss=0.6936, findings=[finding("vanishing_gradient")])
+    orth = Trial(Candidate("orthogonal W_hh", {"init": "orthogonal"}), None, 0, 1.0, steps=100, final_loss=0.6887,
+                 final_error=0.0005, first_loss=0.6935)
+    result = FixResult(base, [orth])
+    assert result.winner is orth and result.repaired
+    console = Console(record=True, width=300)
+    print_result(result, console)
+    text = console.export_text()
+    assert "repairs the run" not in text and "is the best of the trials" in text
+    assert "its loss fell only 0.7% (0.6935 -> 0.6887)" in text
+    console = Console(record=True, width=300)
+    print_result(FixResult(base, [dataclasses.replace(orth, final_loss=0.31)]), console)
+    assert "repairs the run" in console.export_text()

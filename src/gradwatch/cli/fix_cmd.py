@@ -71,6 +71,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def print_result(result: FixResult, console: Console) -> None:
+    from gradwatch.diagnose import DEFAULT
     from gradwatch.fix import applied
     from gradwatch.fix.touched import WRITTEN
 
@@ -122,8 +123,12 @@ def print_result(result: FixResult, console: Console) -> None:
                              f"(standard errors {close.final_error:.2g} and {result.baseline.final_error:.2g})."
                              if close is not None else ""), markup=False)
     else:
-        verdict = "repairs the run" if result.repaired else "is the best of the trials"
-        console.print(f"[bold]{winner.candidate.name}[/] {verdict}. The change to make:", markup=True)
+        fell = _fall(winner)
+        learnt = fell is None or fell >= DEFAULT.plateau_improvement  # (flat as diagnose's plateau: < 1%)
+        verdict = "repairs the run" if result.repaired and learnt else "is the best of the trials"
+        barely = "" if learnt else (f" (no harmful finding is left, but its loss fell only {fell:.1%} ({winner.first_loss:.4g} "
+                                    f"-> {winner.final_loss:.4g}): little was learnt in the trial)")
+        console.print(f"[bold]{winner.candidate.name}[/] {verdict}{barely}. The change to make:", markup=True)
         console.print(textwrap.indent(result.change, "    "), markup=False, soft_wrap=True)
     if (note := nan_note(result)) is not None:
         console.print(note, markup=False)  # the line of code may hold [brackets]
@@ -218,6 +223,16 @@ def code_notes(base: Trial, tried: bool) -> list[tuple[str, str]]:
     return [(f"{f.kind} (step {f.first_step}) is a change to your code, which no trial can make: {f.message}{also}",
              f.remedies[0].code if f.remedies else "")
             for f in base.blocking if not tried_for(f)]
+
+
+def _fall(trial: Trial) -> float | None:
+    """How much of its first loss the trial's loss lost by its end (None: not measured). An RNN's
+    orthogonal W_hh took its vanishing away and ended at 0.6887 from 0.6935, chance being 0.693, and
+    was said to repair the run."""
+    first, last = trial.first_loss, trial.final_loss
+    if not (math.isfinite(first) and math.isfinite(last)) or first == 0:
+        return None
+    return (first - last) / abs(first)
 
 
 def scale_note(result: FixResult) -> str | None:
