@@ -202,3 +202,19 @@ def test_a_vocab_beyond_one_of_two_tables_names_that_table():
         check_fits(model, batch, "gpt.py:make")
     assert "'wte' (nn.Embedding) takes [0, 100): pass --vocab 100 or less" in str(err.value), str(err.value)
     check_fits(model, random_batch(model, (2, 4), vocab=100), "gpt.py:make")  # the advice works
+
+
+def test_a_model_file_parsing_its_arguments_at_import_sees_its_own_argv(tmp_path, monkeypatch, capsys):
+    """A tester's script with a module-level argparse: `gradwatch probe s14.py:M` printed "gradwatch:
+    error: unrecognized arguments: probe ...", the script's parser reading gradwatch's arguments."""
+    source = ("import argparse\nfrom torch import nn\np = argparse.ArgumentParser()\np.add_argument('--lr', type=float, "
+              "default=0.1)\nargs = p.parse_args()\ndef M():\n    return nn.Linear(4, 2)\n")
+    (tmp_path / "argscript.py").write_text(source)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "argscript", raising=False)
+    argv = list(sys.argv)
+    assert main(["probe", "argscript.py:M", "--input-shape", "2,4", "--iters", "0", "--json"]) == 0
+    assert sys.argv == argv  # given back
+    line = probe_cli(tmp_path, monkeypatch, capsys, "exits", "import sys\nsys.exit(3)\n", "M", "2,4")
+    assert "importing 'exits' exited (code 3)" in line and "if __name__ == '__main__':" in line

@@ -42,12 +42,19 @@ def load_factory(path: str) -> nn.Module:
         if folder not in sys.path:
             sys.path.insert(0, folder)
         mod_name = file.stem
-    try:
+    argv, sys.argv = sys.argv, [str(file) if file is not None else mod_name]  # as `python models.py` sees it
+    try:  # (gradwatch's own arguments were parsed by a module-level argparse: "unrecognized arguments: probe")
         module = importlib.import_module(mod_name)
+    except SystemExit as exc:
+        raise ConfigError(f"factory {path!r}: importing {mod_name!r} exited (code {exc.code}): it runs a script when "
+                          "imported; put that code under `if __name__ == '__main__':`, or pass a module that defines "
+                          "the model without running anything") from None
     except Exception as exc:  # noqa: BLE001  any import failure is the user's to fix
         frame = "" if isinstance(exc, SyntaxError) else user_frame(exc)
         raise ConfigError(f"factory {path!r}: cannot import {mod_name!r} ({type(exc).__name__}: {exc}{frame}); "
                           f"{_import_advice(exc, mod_name, file)}") from exc
+    finally:
+        sys.argv = argv
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
