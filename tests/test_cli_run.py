@@ -337,3 +337,20 @@ def test_with_stderr_closed_the_summary_stays_out_of_the_scripts_stdout(tmp_path
     with contextlib.redirect_stdout(out):
         assert main(["run", "--out", str(tmp_path / "r"), str(tmp_path / "train.py")]) == 0
     assert out.getvalue() == ""
+
+
+def test_a_command_installed_beside_gradwatch_runs_without_the_venv_on_path(tmp_path, monkeypatch):
+    """`gradwatch run -- torchrun ...` from an unactivated venv said "command not found: 'torchrun'",
+    though the command's PATH puts the venv's bin first (as for `-- python`)."""
+    from gradwatch import runner
+
+    tool = Path(sys.executable).parent / "torchrun"
+    if not tool.exists():
+        pytest.skip("no torchrun beside this Python")
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing of the venv on it
+    assert runner.build_command(None, None, ["torchrun", "--nproc_per_node=2", "train.py"])[0] == "torchrun"
+    assert runner.child_env(tmp_path, {})["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+    from gradwatch.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="command not found: .no-such-tool."):
+        runner.build_command(None, None, ["no-such-tool"])

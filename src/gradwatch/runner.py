@@ -168,7 +168,7 @@ def build_command(script: str | None, module: str | None, argv: list[str]) -> li
         return [sys.executable, "-m", module, *argv]
     if script:
         if not Path(script).is_file():
-            if os.sep not in script and shutil.which(script):  # `gradwatch run python train.py`: a command
+            if os.sep not in script and shutil.which(script, path=_child_path()):  # `gradwatch run python train.py`: a command
                 return build_command(None, None, [script, *argv])
             raise ConfigError(f"no such script: {script!r}; give the path of a Python file, or `-- COMMAND` to run a command")
         interpreter = _shebang(Path(script))
@@ -180,7 +180,7 @@ def build_command(script: str | None, module: str | None, argv: list[str]) -> li
         raise ConfigError("nothing to run: give a script (train.py [args]), `-m module`, or `-- COMMAND ...`")
     if argv[0].endswith(".py") and Path(argv[0]).is_file():  # `-- train.py`: meant as python train.py
         return [sys.executable, *argv]
-    if shutil.which(argv[0]) is None:
+    if shutil.which(argv[0], path=_child_path()) is None:  # (the venv's torchrun, not on PATH unactivated)
         if not Path(argv[0]).exists():
             raise ConfigError(f"command not found: {argv[0]!r}")
         if os.sep not in argv[0] or not os.access(argv[0], os.X_OK):
@@ -220,9 +220,14 @@ def child_env(run_dir: Path, options: dict[str, int], lock: int | None = None) -
     for key, value in options.items():
         env[ENV_OPTIONS[key]] = str(value)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BOOTSTRAP_DIR), env.get("PYTHONPATH")]))
-    # `-- python ...` means the Python that has gradwatch installed, as an activated venv would.
-    env["PATH"] = os.pathsep.join(filter(None, [str(Path(sys.executable).parent), env.get("PATH")]))
+    env["PATH"] = _child_path()
     return env
+
+
+def _child_path() -> str:
+    """The command's PATH: `-- python ...` (or `torchrun`) means the one installed beside gradwatch,
+    as an activated venv would."""
+    return os.pathsep.join(filter(None, [str(Path(sys.executable).parent), os.environ.get("PATH")]))
 
 
 def run(command: list[str], run_dir: Path, options: dict[str, int], lock: int | None = None) -> RunResult:
