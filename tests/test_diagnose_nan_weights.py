@@ -81,9 +81,25 @@ def test_a_weight_norm_overflowing_float32_under_a_finite_loss_is_no_nan():
     assert float(torch.linalg.vector_norm(torch.full((1000,), 5.6e28))) == float("inf")  # torch's norm does
     run = build(n_steps=30, depth=3)
     fc1 = run.column("fc1")
-    run.metrics["weight_norm"][10:, fc1] = np.inf
+    run.metrics["weight_norm"][10:, fc1] = np.inf  # from 10 at step 0 (sampled every 10 steps)
     run.loss[10:] = 3.1e24
+    assert not [f for f in diagnose(run) if f.kind == "non_finite"]
+    run.loss[10:] = 7.0  # no blow-up about it: the norm holds a NaN or Inf
+    assert _non_finite(run).first_step == 10
+    run.metrics["weight_norm"][10, run.column("fc0")] = 5.6e14  # ... unless another layer's norm is blowing up
+    run.loss[11:] = 3.1e24
     assert not [f for f in diagnose(run) if f.kind == "non_finite"]
     run.loss[20:] = np.inf  # then the loss too: non-finite from there
     f = _non_finite(run)
     assert f.first_step == 20
+
+
+def test_a_checkpoint_nan_the_batches_reach_later_stays_a_nan_of_the_weights():
+    """A reviewer's embedding loaded with a NaN row, reached by a batch at step 15: its norm is
+    infinite from the first record under finite losses, and was masked as an overflow."""
+    run = build(n_steps=30, depth=3)
+    fc0 = run.column("fc0")
+    run.metrics["weight_norm"][:, fc0] = np.inf
+    run.loss[15:] = np.inf
+    f = _non_finite(run)
+    assert f.first_step == 0 and f.evidence["nonfinite_weights_at_start"] == ["fc0"]

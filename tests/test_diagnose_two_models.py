@@ -39,10 +39,25 @@ def test_models_trained_by_one_loss_stay_one_chain():
     assert parts == [f.layers for f in diagnose(_gan(None, own_loss=False)) if f.kind == "vanishing_gradient"]
 
 
-def test_a_finding_of_the_whole_run_is_said_once():
+def test_a_finding_of_the_whole_run_is_said_once_with_the_layer_it_began_in():
+    """A NaN in one model was kept from the other model's part, which names no layer: "first
+    appears in the loss" (a reviewer's GAN, its NaN in the discriminator's real batch)."""
     run = _gan(["", "G"])
-    run.loss[40:] = np.inf
-    assert kinds(diagnose(run)).count("non_finite") == 1
+    rows = np.flatnonzero(~np.isnan(run.metrics["weight_norm"][:, run.column("0")]))
+    run.loss[rows[4]:] = np.inf
+    run.metrics["act_mean"][rows[4]:, run.column("G.1")] = np.inf  # the second model's first activation
+    run.metrics["grad_norm"][rows[4]:] = np.inf
+    found = [f for f in diagnose(run) if f.kind == "non_finite"]
+    assert len(found) == 1 and found[0].layers[:2] == ("G.0", "G.1")
+
+
+def test_each_phase_keeps_its_own_findings_of_the_whole_run():
+    """An lr sweep, one model after another: the second run's NaN was merged into the first's."""
+    run = _gan(["", "G"])
+    run.meta["phase_starts"] = [50]
+    run.loss[20:50] = np.inf
+    run.loss[70:] = np.inf
+    assert [f.first_step for f in diagnose(run) if f.kind == "non_finite"] == [20, 70]
 
 
 def test_zero_code_finds_a_wgan_generator_first_run_under_no_grad(tmp_path):

@@ -1213,3 +1213,10 @@ def test_a_winner_whose_loss_barely_fell_is_not_said_to_repair_the_run():
     console = Console(record=True, width=300)
     print_result(FixResult(base, [dataclasses.replace(orth, final_loss=0.31)]), console)
     assert "repairs the run" in console.export_text()
+    game = dataclasses.replace(orth, own_loss=True, final_loss=0.6985)  # a GAN's mixed loss: its level is no measure
+    console = Console(record=True, width=300)
+    print_result(FixResult(dataclasses.replace(base, own_loss=True), [game]), console)
+    assert "repairs the run" in console.export_text()
+    console = Console(record=True, width=300)
+    print_result(FixResult(base, [dataclasses.replace(orth, first_loss=0.686)]), console)
+    assert "its loss rose 0.4% (0.686 -> 0.6887)" in console.export_text()

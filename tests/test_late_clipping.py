@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils import clip_grad_norm_  # a script's own name, bound before any watch: rebound while one is attached
 
 import gradwatch as gw
 from gradwatch.diagnose import diagnose
@@ -88,3 +89,75 @@ def test_every_listener_of_the_patches_hears_a_clip():
     assert "clipped" in heard
     for cls in (Watch, Injector):
         assert all(callable(getattr(cls, n, None)) for n in heard), cls
+
+
+def _late(loop, steps: int = 4) -> list:
+    """The late_clipping findings of `loop(model, opt, x, y)` run `steps` times under gw.watch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    with gw.watch(model, opt, warn=False) as watch:
+        for i in range(steps):
+            loop(model, opt, x, y, i)
+        run = watch.series()
+    return [f for f in diagnose(run) if f.kind == "late_clipping"]
+
+
+def test_a_late_clip_is_told_by_the_gradient_the_step_used_not_by_the_order_of_calls():
+    """Reviewers' reproducers: the order of calls alone called a correct clip late and missed one."""
+    def by_name(model, opt, x, y, i):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        clip_grad_norm_(model.parameters(), 1.0)
+
+    def clipped_then_logged(model, opt, x, y, i):  # the step's gradients were clipped: the later call measures
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e6)
+
+    critic = nn.Linear(1, 1)
+    opt_c = torch.optim.SGD(critic.parameters(), lr=0.01)
+
+    def actor_critic(model, opt, x, y, i):  # one backward, the actor steps, the critic is clipped before its step
+        opt.zero_grad(), opt_c.zero_grad()
+        (critic(model(x)) - y).pow(2).mean().backward()
+        opt.step()
+        torch.nn.utils.clip_grad_norm_(critic.parameters(), 1.0)
+        opt_c.step()
+
+    def by_hand(model, opt, x, y, i):  # gradients set by hand (PCGrad, MAML): no backward hook
+        grads = torch.autograd.grad(((model(x) - y) ** 2).mean(), list(model.parameters()))
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    scaler = torch.amp.GradScaler("cpu")
+
+    def scaled(model, opt, x, y, i):
+        opt.zero_grad()
+        scaler.scale(((model(x) - y) ** 2).mean()).backward()
+        scaler.step(opt)
+        scaler.update()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+
+    assert len(_late(by_name)) == 1 and torch.nn.utils.clip_grad.clip_grad_norm_ is clip_grad_norm_
+    assert len(_late(scaled)) == 1
+    for loop in (clipped_then_logged, actor_critic, by_hand):
+        assert _late(loop) == [], loop.__name__
+
+
+def test_the_remedy_for_clip_grads_with_norm_runs_when_pasted():
+    """It takes a total norm computed before; printed with max_norm alone it raised a TypeError."""
+    from gradwatch.diagnose.rules.late_clipping import remedy
+
+    code = remedy({"function": "clip_grads_with_norm_", "limit": 1.0}).code
+    model = nn.Linear(3, 1)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    exec(code, {"torch": torch, "model": model, "optimizer": optimizer, "loss": model(torch.randn(4, 3)).sum()})
+    assert float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])) <= 1.0 + 1e-5

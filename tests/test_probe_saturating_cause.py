@@ -32,3 +32,24 @@ def test_a_sigmoid_after_every_hidden_layer_is_every_hidden_layer():
     torch.manual_seed(0)
     model = nn.Sequential(*[m for _ in range(10) for m in (nn.Linear(16, 16), nn.Sigmoid())], nn.Linear(16, 3))
     assert "φ' < 1 in every hidden layer (sigmoid: φ' ≤ 1/4)" in saturating_cause(model)
+
+
+def test_units_pinned_at_their_asymptotes_are_saturation_whatever_the_depth():
+    """A tester's two tanh layers, weights x12: 66% saturated, "healthy" here, while the watch warned
+    about saturation on the same model. Too shallow for the gradient's ratio across layers to show."""
+    def tanh_net(scale: float) -> nn.Sequential:
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 10))
+        with torch.no_grad():
+            m[0].weight.mul_(scale), m[2].weight.mul_(scale)
+        return m
+
+    x = torch.rand(32, 64)  # digits-like pixels in [0, 1]
+    big = gw.probe(tanh_net(12.0), x, iters=0)
+    (f,) = [f for f in big.findings if f.kind == "saturation"]
+    assert big.verdict == "saturated" and f.evidence["saturated"] >= 0.5
+    assert set(f.layers) == {x.name for x in big.layers if x.saturated >= 0.5}
+    assert f.evidence["saturated"] == max(x.saturated for x in big.layers if x.saturated == x.saturated)
+    assert any("gw.init_(model)" in r.code for r in f.remedies)
+    fine = gw.probe(tanh_net(1.0), x, iters=0)
+    assert fine.verdict == "healthy" and not [f for f in fine.findings if f.kind == "saturation"]

@@ -42,3 +42,26 @@ def test_the_steps_since_the_last_flush_are_stored(tmp_path, steps, end):
     assert end != "crash" or "the script's own error" in done.stderr  # the script's error, as it was
     run = read_run(out)
     assert len(run.steps) == steps and run.steps[-1] == steps - 1
+
+
+def test_a_store_written_in_code_is_not_said_partial(tmp_path):
+    """The in-code watch began writing its script's argv, under the key `gradwatch run` writes its
+    command under: every healthy in-code run was said "partial run: `gradwatch run` was killed"."""
+    import torch
+    from torch import nn
+
+    import gradwatch as gw
+    from gradwatch.diagnose.advice import Context, _fix_command
+    from gradwatch.store.ending import end_note
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gw.watch(model, opt, out=tmp_path / "run", warn=False, status=False):
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+            opt.step()
+    run = read_run(tmp_path / "run")
+    assert end_note(run.meta, int(run.steps[-1])) is None and "command" not in run.meta
+    assert run.meta["argv"] == sys.argv and _fix_command(Context(run)).startswith("`gradwatch fix -- python ")

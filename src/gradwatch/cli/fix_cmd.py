@@ -123,10 +123,11 @@ def print_result(result: FixResult, console: Console) -> None:
                              f"(standard errors {close.final_error:.2g} and {result.baseline.final_error:.2g})."
                              if close is not None else ""), markup=False)
     else:
-        fell = _fall(winner)
+        fell = None if winner.own_loss else _fall(winner)  # (a GAN's mixed loss sits at its equilibrium)
         learnt = fell is None or fell >= DEFAULT.plateau_improvement  # (flat as diagnose's plateau: < 1%)
         verdict = "repairs the run" if result.repaired and learnt else "is the best of the trials"
-        barely = "" if learnt else (f" (no harmful finding is left, but its loss fell only {fell:.1%} ({winner.first_loss:.4g} "
+        moved = f"fell only {fell:.1%}" if fell is not None and fell >= 0 else f"rose {-fell:.1%}" if fell is not None else ""
+        barely = "" if learnt else (f" (no harmful finding is left, but its loss {moved} ({winner.first_loss:.4g} "
                                     f"-> {winner.final_loss:.4g}): little was learnt in the trial)")
         console.print(f"[bold]{winner.candidate.name}[/] {verdict}{barely}. The change to make:", markup=True)
         console.print(textwrap.indent(result.change, "    "), markup=False, soft_wrap=True)

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from gradwatch.collect import patches
 from gradwatch.collect.stats import MISSING, entries, foreach_norm32
 from gradwatch.errors import ConfigError, first_line
 
@@ -304,7 +305,7 @@ class Distributed:
             self._end(flush, _ended_on(in_flight), DESTROY_WAIT)
             return original(*args, **kwargs)
 
-        self._rebound = _importers(original)
+        self._rebound = patches.importers(original)
         for module in [dist, *self._rebound]:
             module.destroy_process_group = destroy
         self._restore = original, destroy
@@ -372,22 +373,6 @@ _ENDS = itertools.count()  # the ends agreed so far in this process (the same se
 
 def _ended_on(error: BaseException | None) -> str:
     return "" if error is None else f"it ended on {first_line(error)}"
-
-
-def _importers(function) -> list:
-    """Modules outside torch holding `function` as a global of its own name: the script and its
-    helpers, after `from torch.distributed import destroy_process_group`."""
-    name = function.__name__
-    found = []
-    for module_name, module in list(sys.modules.items()):
-        if module is None or module_name.split(".")[0] == "torch":
-            continue
-        try:
-            if vars(module).get(name) is function:
-                found.append(module)
-        except TypeError:  # (a module-like object without __dict__)
-            continue
-    return found
 
 
 def _scatter(n: int, index: list[int], tensors: list[torch.Tensor], device) -> torch.Tensor:

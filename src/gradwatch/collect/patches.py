@@ -67,6 +67,24 @@ def _add_param_group(original, self, param_group):
 
 
 CLIPPERS = ("clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_")
+_clippers: list[tuple[object, str, object, object]] = []  # (module, name, torch's function, its wrapper)
+
+
+def importers(function) -> list:
+    """Modules outside torch holding `function` as a global of its own name: the script and its
+    helpers, after `from torch.distributed import destroy_process_group` (or `from torch.nn.utils
+    import clip_grad_norm_`), which bound torch's function before any patch."""
+    name = function.__name__
+    found = []
+    for module_name, module in list(sys.modules.items()):
+        if module is None or module_name.split(".")[0] == "torch":
+            continue
+        try:
+            if vars(module).get(name) is function:
+                found.append(module)
+        except TypeError:  # (a module-like object without __dict__)
+            continue
+    return found
 
 
 def _clip(original, name, parameters, *args, **kwargs):
@@ -114,11 +132,14 @@ def _install() -> None:
     torch.optim.Optimizer.add_param_group = functools.wraps(torch.optim.Optimizer.add_param_group)(
         lambda self, group: _add_param_group(_originals["add_param_group"], self, group)
     )
-    for module in (torch.nn.utils, torch.nn.utils.clip_grad):  # (the same functions, two names each)
-        for name in CLIPPERS:
-            if (original := getattr(module, name, None)) is not None:
-                _originals[f"{module.__name__}.{name}"] = original
-                setattr(module, name, functools.wraps(original)(functools.partial(_clip, original, name)))
+    for name in CLIPPERS:  # torch's two names for each, and a script's `from torch.nn.utils import ...`
+        if (original := getattr(torch.nn.utils.clip_grad, name, None)) is None:
+            continue
+        wrapper = functools.wraps(original)(functools.partial(_clip, original, name))
+        held = [torch.nn.utils, torch.nn.utils.clip_grad, *importers(original)]
+        _clippers.extend((module, name, original, wrapper) for module in held if getattr(module, name, None) is original)
+        for module in held:
+            setattr(module, name, wrapper)
 
 
 def compile_sees_hooks() -> None:
@@ -143,7 +164,7 @@ def _uninstall() -> None:
     torch.amp.GradScaler.scale = _originals.pop("scale")
     torch.amp.GradScaler.update = _originals.pop("update")
     torch.optim.Optimizer.add_param_group = _originals.pop("add_param_group")
-    for module in (torch.nn.utils, torch.nn.utils.clip_grad):
-        for name in CLIPPERS:
-            if (original := _originals.pop(f"{module.__name__}.{name}", None)) is not None:
-                setattr(module, name, original)
+    for module, name, original, wrapper in _clippers:
+        if getattr(module, name, None) is wrapper:  # (unless the script rebound the name since)
+            setattr(module, name, original)
+    _clippers.clear()

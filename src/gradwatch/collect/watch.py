@@ -138,10 +138,11 @@ class Watch:
             "torch": torch.__version__,
             "every": self.every,
             "sample_every": self.sample_every,
-            "command": list(sys.argv),  # (the script and its arguments: diagnose's `gradwatch fix -- ...`)
             **optimizer_meta(optimizer),
             **(meta or {}),
         }
+        if "command" not in self._meta:  # ("command" marks a `gradwatch run` store, whose end it records)
+            self._meta["argv"] = list(sys.argv)  # (diagnose's `gradwatch fix -- python ...`)
         self._writer: RunStoreWriter | None = None
         self._follower: StoreFollower | None = None  # the live check's reader: new steps only
         self.all_ranks = bool(all_ranks)
@@ -176,6 +177,8 @@ class Watch:
         self._in_step = False  # between the optimizer's step pre- and post-hook (closures)
         self._closure_loss = False  # a closure's loss was added in this step
         self._late_clip_said = False  # a clipping after the step was noted (see clipped)
+        self._consumed: tuple | None = None  # (param, its grad, the grad's version) as the last step used it
+        self._clipped_before_step = self._clipped_at_step = False  # a clip before the coming / last step
         self._said_unflushed = False  # findings() under DDP said what it cannot read yet
         self._closure_grads = False  # a closure's gradients were recorded in this step
         self._new_params_due = False  # an optimizer was given weights no layer holds: see params_added
@@ -825,21 +828,40 @@ class Watch:
         self._close_step()
 
     def clipped(self, params: list[torch.Tensor], function: str, limit: object) -> None:
-        """The script clipped gradients after its optimizer stepped and before any backward since:
-        the step used them unclipped, and the next backward replaces them, so the clipping does
-        nothing. Said once, from the first such call. A clip at an infinite limit measures the
-        norm (a logging idiom) and changes nothing wherever it is."""
-        if (not self._attached or self._mode != "optimizer" or not self._stepped or self._backward_since_step
-                or self._late_clip_said or self._in_step):
+        """The script clipped gradients that the watched optimizer's last step has already used: the
+        same gradient tensor, unchanged since (`_consumed`), so the clipping reaches no update, and
+        the next backward replaces it. Said once, from the first such call. Not a clip at an
+        infinite limit, nor one after a step whose gradients were clipped before it: the norm
+        measured (a logging idiom). A gradient a backward, `zero_grad()` or `p.grad = g` changed
+        since is not the step's (a second optimizer's clip before its own step, after one backward)."""
+        if not self._attached or self._mode != "optimizer" or self._late_clip_said or self._in_step:
             return
-        if isinstance(limit, (int, float)) and math.isinf(limit):
+        if not self._consumed_by_step(params):
+            self._clipped_before_step = True
             return
-        held = {id(p) for p in self._params}
-        if not any(id(p) in held for p in params):
+        if self._clipped_at_step or isinstance(limit, (int, float)) and math.isinf(limit):
             return
         self._late_clip_said = True
         detail = {"function": function, "where": caller_line(), "limit": limit if isinstance(limit, (int, float)) else None}
         self._events.append((max(self._step - 1, 0), LATE_CLIP, json.dumps(detail)))
+
+    def _consumed_by_step(self, params: list[torch.Tensor]) -> bool:
+        if self._consumed is None:
+            return False
+        param, grad, version = self._consumed
+        p, g = param(), grad()
+        return p is not None and g is not None and p.grad is g and g._version == version and any(q is p for q in params)
+
+    def _note_consumed(self, optimizer: torch.optim.Optimizer) -> None:
+        """One parameter's gradient as the step used it (the tensor, weakly, and its version): a
+        clip that finds it unchanged comes after the step. One, not all: O(1) a step."""
+        self._clipped_at_step, self._clipped_before_step = self._clipped_before_step, False
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._consumed = (weakref.ref(p), weakref.ref(p.grad), p.grad._version)
+                    return
+        self._consumed = None
 
     def _unscale(self, values: torch.Tensor) -> torch.Tensor:
         scale = self._backward_scale
@@ -987,6 +1009,7 @@ class Watch:
     def _after_step(self, optimizer: torch.optim.Optimizer) -> None:
         if optimizer is not self._optimizer or not self._attached:
             return
+        self._note_consumed(optimizer)
         self._close_step()
 
     def _close_step(self) -> None:

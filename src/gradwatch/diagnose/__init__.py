@@ -12,6 +12,10 @@ import numpy as np
 from gradwatch.diagnose.advice import continued
 from gradwatch.diagnose.finding import KINDS, SEVERITIES, Finding, Remedy
 from gradwatch.diagnose.rules import RULES
+from gradwatch.diagnose.rules.late_clipping import find_late_clipping
+from gradwatch.diagnose.rules.loss import find_loss_divergence, find_loss_plateau
+from gradwatch.diagnose.rules.non_finite import find_non_finite
+from gradwatch.diagnose.rules.stale_gradients import find_stale_gradients
 from gradwatch.diagnose.rules.clipping import safety_limit
 from gradwatch.diagnose.signals import norms_kept
 from gradwatch.diagnose.thresholds import DEFAULT, Thresholds
@@ -49,9 +53,9 @@ def diagnose(run: RunSeries | str | os.PathLike, thresholds: Thresholds | dict =
     starts = [int(s) for s in series.meta.get("phase_starts") or [] if s > series.steps[0]]
     phases = [series.between(a, b) for a, b in zip([int(series.steps[0]), *starts], [*starts, None])] \
         if starts else [series]
-    parts = [part for phase in phases if len(phase.steps) for part in _models_of(phase)]
-    with norms_kept(parts):
-        findings = _once_per_run([f for part in parts for rule in RULES for f in rule(part, thresholds)])
+    parts = [(phase, _models_of(phase)) for phase in phases if len(phase.steps)]
+    with norms_kept([p for phase, models in parts for p in (phase, *models)]):
+        findings = [f for phase, models in parts for f in _findings(phase, models, thresholds)]
     if series.meta.get("own_loss_steps"):  # the recorded loss mixes two objectives (a GAN's G and D):
         findings = [f for f in findings if f.kind not in LOSS_KINDS]  # its plateau or rise says nothing
     findings = _one_per_cause(series, findings)
@@ -60,8 +64,8 @@ def diagnose(run: RunSeries | str | os.PathLike, thresholds: Thresholds | dict =
     return sorted(findings, key=lambda f: (f.first_step, SEVERITY_ORDER[f.severity], KINDS.index(f.kind)))
 
 
-# findings of the whole run, not of one model's layers: said once when the models are diagnosed apart
-RUN_KINDS = ("non_finite", "stale_gradients", "late_clipping", *LOSS_KINDS)
+# rules of the whole run (its loss, a NaN anywhere, the script's order of calls), not of a model's depth
+RUN_RULES = (find_stale_gradients, find_late_clipping, find_non_finite, find_loss_divergence, find_loss_plateau)
 
 
 def _models_of(run: RunSeries) -> list[RunSeries]:
@@ -79,13 +83,12 @@ def _models_of(run: RunSeries) -> list[RunSeries]:
     return [part for part in parts if part.layers] or [run]
 
 
-def _once_per_run(findings: list[Finding]) -> list[Finding]:
-    """A finding of the whole run (the loss, a NaN) found in each model's part: the earliest one."""
-    kept: dict[str, Finding] = {}
-    for f in findings:
-        if f.kind in RUN_KINDS and (f.kind not in kept or f.first_step < kept[f.kind].first_step):
-            kept[f.kind] = f
-    return [f for f in findings if f.kind not in RUN_KINDS or kept[f.kind] is f]
+def _findings(phase: RunSeries, models: list[RunSeries], thresholds: Thresholds) -> list[Finding]:
+    """A phase's findings: the run's rules on the phase, once (a NaN's first layer hit among all
+    the models' layers: one part alone had named none), the depth rules on each model."""
+    if models == [phase]:
+        return [f for rule in RULES for f in rule(phase, thresholds)]
+    return [f for rule in RULES for part in ([phase] if rule in RUN_RULES else models) for f in rule(part, thresholds)]
 
 
 def _one_per_cause(series: RunSeries, findings: list[Finding]) -> list[Finding]:

@@ -363,7 +363,7 @@ def _loaded_non_finite(ctx: Context, loaded: list[str], evidence: dict) -> tuple
 def _fix_command(ctx: Context) -> str:
     """`gradwatch fix -- python SCRIPT ARGS` for the run's own command where it was a script; in a
     notebook, whose argv is its kernel's launcher (`ipykernel_launcher.py -f kernel.json`), `gw.fix`."""
-    argv = [str(a) for a in ctx.run.meta.get("command") or []]
+    argv = [str(a) for a in ctx.run.meta.get("command") or ctx.run.meta.get("argv") or []]  # (`gradwatch run`'s; in code)
     if argv and "kernel_launcher" in argv[0]:
         return "`gw.fix(train_fn)`, train_fn a function that builds your model and trains,"
     script = " ".join(map(shlex.quote, argv)) if argv and argv[0].endswith(".py") else "train.py"
@@ -412,19 +412,20 @@ def dead_units(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[l
                  "initial weights: a layer above initialised to all zeros passes no gradient down "
                  "(gw.check_constant_init(model) lists such layers)"],
                 [NORMALISE, Remedy("Re-initialise with Xavier/Glorot, scaled for the activation", ctx.init_code)])
+    kind = _dead_class(ctx, layers)
     if at_init:  # dead before any update: no learning rate killed them
         causes.append("initial weight scale: units are already dead at the first step (biases or weights start too negative)")
     elif not ctx.adaptive or ctx.lr >= ADAPTIVE_HIGH_LR:
-        causes.append(f"learning rate: a large step ({ctx.lr_said}) can push a ReLU unit's bias so far that it never fires again")
-    kind = _dead_class(ctx, layers)
+        causes.append(f"learning rate: a large step ({ctx.lr_said}) can push a {kind} unit's bias so far that it never "
+                      "fires again")
     causes.append(f"activation: {kind} passes no gradient for negative inputs, so a dead unit cannot recover" if kind == "ReLU"
                   else f"activation: {kind} passes almost no gradient for inputs far below 0, where a large step left "
                        "these units")
     if "dead_fraction" in evidence or ctx.relu_like:
         refs = ", ".join(module_ref(l) for l in layers[:3])
-        cls = f"nn.{kind}" if kind in NN_ACTIVATIONS else f"{kind}  # the class, imported from its library:"
+        cls, where = (f"nn.{kind}", "") if kind in NN_ACTIVATIONS else (kind, f"; {kind}: imported from its library")
         leaky = Remedy("Use Leaky ReLU, which keeps a small gradient for negative inputs",
-                       f"model, _ = gw.modify.swap_activations(model, {cls}, lambda: nn.LeakyReLU(0.01))" + f"  # {refs}")
+                       f"model, _ = gw.modify.swap_activations(model, {cls}, lambda: nn.LeakyReLU(0.01))  # {refs}{where}")
     else:  # only the zero gradients were seen: the ReLUs are called as functions in forward()
         causes.append("initial weights: a layer above initialised to all zeros passes no gradient down "
                       "(gw.check_constant_init(model) lists such layers)")

@@ -208,6 +208,9 @@ def _probe(model: nn.Module, batch: Any, loss_fn: Callable[[Any], torch.Tensor] 
                                          normalised=_normalised(model), residual=_residual(entries, loss),
                                          functional=functional, example=_example_code(batch))
                 + verdict.recurrent_findings(recs))
+    if not any(f.kind in ("vanishing_gradient", "exploding_gradient") for f in findings):  # (their causes name it)
+        findings += verdict.saturation_findings(layers, init=_init_targets(model, entries), functional=functional,
+                                                example=_example_code(batch))
     x_in = first_tensor(batch)
     y = output_tensor(out)
     gain = {k: verdict._prod(layers, f"sigma_{k}") for k in ("max", "mean", "rms")}

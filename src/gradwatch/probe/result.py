@@ -51,7 +51,7 @@ class ProbeResult:
         mean_field_note saying why; chi_measured: the measured χ₁ (median over hidden layers).
     recurrent: one `RecurrentProbe` per recurrent layer (BPTT horizon, ‖W_hh‖ against 1/γ).
     findings: `Finding`s with causes and remedies; verdict: "healthy", "vanishing",
-        "exploding" or "non-finite".
+        "exploding", "saturated" (activations pinned at an asymptote, no ratio across depth) or "non-finite".
     iters: Jacobian products per layer; seconds: time taken; notes: remarks (a default loss
         swapped for another, a layer whose Jacobian could not be taken).
 

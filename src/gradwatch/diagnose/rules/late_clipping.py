@@ -49,6 +49,8 @@ def cause(step: int, detail: dict) -> str:
 
 def remedy(detail: dict) -> Remedy:
     function = detail.get("function") or "clip_grad_norm_"
+    if function == "clip_grads_with_norm_":  # (it takes a total norm computed before: clip_grad_norm_ does both)
+        function = "clip_grad_norm_"
     limit = detail.get("limit")
     arg = f"{'max_norm' if 'norm' in function else 'clip_value'}={limit:g}" if isinstance(limit, (int, float)) else "..."
     return Remedy("Clip between loss.backward() and optimizer.step(), where the step reads the gradients",

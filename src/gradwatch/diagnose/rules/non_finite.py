@@ -59,7 +59,7 @@ def _in_the_run(run: RunSeries) -> list[Finding]:
         if "nonfinite" in run.metrics and source == "gradients":
             bad |= np.nan_to_num(run.metrics["nonfinite"], nan=0.0) > 0
         if source == "weights":
-            bad &= ~_loss_finite(run)[:, None]
+            bad &= ~_overflowed(run, bad)
         rows = np.flatnonzero(bad.any(axis=1))
         bad_steps.update(run.steps[rows].tolist())
         if len(rows):
@@ -103,7 +103,7 @@ def _in_the_run(run: RunSeries) -> list[Finding]:
         evidence["guard_skipped_steps"] = guarded
     ctx = advice.Context(run)
     causes, remedies = advice.non_finite(ctx, layers, evidence)
-    place = (f"the output of '{fed.name}' (measured after it, in '{layers[1]}')" if fed else
+    place = (f"the input of '{layers[1]}': the output of '{fed.name}', or an operation on it between the two" if fed else
              f"the {origin} in '{layers[0]}'" if at_first.get(origin) else
              f"the {origin} (the first layer hit: '{layers[0]}')" if layers else f"the {origin}")
     if guarded:
@@ -125,7 +125,8 @@ def _fed_by(run: RunSeries, layers: tuple[str, ...], acts: tuple[str, ...], grad
     """A standard activation (ReLU, tanh, ...) maps finite inputs to finite outputs, so when the
     lowest one hit is the first named, the NaN was already in its input: the output of the layer
     that ran just before it (a NaN in the batch reaches the first Linear, whose output is not
-    measured, then its ReLU), when that layer's own gradients went non-finite at that step too."""
+    measured, then its ReLU) or an operation the forward ran on that output (`act(sqrt(fc(x)))`),
+    when that layer's own gradients went non-finite at that step too."""
     if not layers or not acts or layers[0] != acts[0]:
         return None
     act = run.layers[run.column(acts[0])]
@@ -142,15 +143,27 @@ def _weights_at_start(run: RunSeries) -> tuple[str, ...]:
     w = run.metrics.get("weight_norm")
     if w is None or len(run.steps) == 0:
         return ()
-    if _loss_finite(run)[0]:
-        return ()
     cols = sorted(np.flatnonzero(np.isinf(np.asarray(w[:1], dtype=float))[0]), key=lambda c: run.layers[c].index)
     return tuple(run.layers[c].name for c in cols)
 
 
-def _loss_finite(run: RunSeries) -> np.ndarray:
-    """Per step, a loss measured finite: the weights that step's forward used were finite, and an
-    infinite weight norm read before its update is the norm overflowing float32 (torch's sums
-    overflow for entries past ~1.8e19: a blow-up's weights at 5.6e28 under a finite loss of 3e24,
-    said to hold NaN/Inf), not a NaN or Inf in the weights."""
-    return np.isfinite(run.loss)
+def _overflowed(run: RunSeries, inf: np.ndarray) -> np.ndarray:
+    """Of the infinite weight norms `inf` (steps x layers), those that are the norm overflowing
+    float32, not a NaN or Inf in the weights: torch's sum of squares overflows for entries past
+    ~1.8e19 (a tester's DDP blow-up: layer '2' at 4.6 then inf ten steps later, '0' at 5.6e14
+    there, the loss finite at 7.7e22: "NaN/Inf first appears in the weights"). So: the step's loss
+    measured finite (its forward used finite weights) and the run blowing up around it, by the
+    loss, another layer's norm or this one's last (`OVERFLOW_NEAR`). A checkpoint's NaN row that the
+    batches reach later sits among ordinary norms and losses, and stays a NaN."""
+    w = np.asarray(run.metrics["weight_norm"], dtype=float)
+    rows = np.arange(len(w))[:, None]
+    last = np.maximum.accumulate(np.where(np.isfinite(w), rows, -1), axis=0)  # the last finite row so far
+    prev = np.vstack([np.full((1, w.shape[1]), -1), last[:-1]])  # ... before this one
+    before = np.where(prev >= 0, w[np.maximum(prev, 0), np.arange(w.shape[1])], np.nan)
+    with np.errstate(invalid="ignore"):
+        others = np.nanmax(np.where(np.isfinite(w), w, np.nan), axis=1, initial=0.0)  # (a row of no finite norm: 0)
+    blowing = (np.abs(run.loss) >= OVERFLOW_NEAR) | (others >= OVERFLOW_NEAR)
+    return inf & np.isfinite(run.loss)[:, None] & (blowing[:, None] | (before >= OVERFLOW_NEAR))
+
+
+OVERFLOW_NEAR = 1e12  # a loss or norm this large: a blow-up whose weights can pass ~1.8e19 between samples

@@ -33,12 +33,16 @@ def find_stalled(run: RunSeries, th: Thresholds) -> list[Finding]:
     stop = {name: step for step, layers in run.meta.get("optimizer_stopped") or [] for name in layers}
     done = {c for c, k in frozen_at.items() if k is not None and run.steps[rows[k]] >= stop.get(run.layers[c].name, np.inf) - 1}
     frozen_cols = [c for c in cols if frozen_at[c] is not None and c not in done]
-    if frozen_cols and set(frozen_cols) >= set(cols) and \
-            loss_fell_to(run, th, th.stalled_loss_fell, since=int(run.steps[rows[min(frozen_at[c] for c in frozen_cols)]])):
+    outside = set(run.meta.get("outside_optimizers") or [])
+    if frozen_cols and set(frozen_cols) >= set(cols) and not run.meta.get("own_loss_steps") \
+            and not outside & {run.layers[c].name for c in frozen_cols} \
+            and loss_fell_to(run, th, th.stalled_loss_fell, since=int(run.steps[rows[min(frozen_at[c] for c in frozen_cols)]])):
         # every weight still at the sampled steps while the loss fell since: they change between the
         # samples (a tester's gw.watch(model) without its optimizer, two micro-batches per step:
         # every 10th backward, always the first of a pair, saw no update; told "All weights stopped
-        # changing" while its validation error halved)
+        # changing" while its validation error halved). Not weights known to be in no optimizer, nor
+        # under a GAN's mixed loss, which falls with the other model's training (a generator given
+        # the discriminator's parameters by a typo)
         done.update(frozen_cols)
         frozen_cols = []
     if ctx.line_search and frozen_cols:
@@ -51,7 +55,6 @@ def find_stalled(run: RunSeries, th: Thresholds) -> list[Finding]:
             frozen_cols = []
     # in no optimizer: forgotten, or a backbone frozen on purpose but left requires_grad (head-only
     # fine-tuning); the run trains either way, so this is a warning that says both
-    outside = set(run.meta.get("outside_optimizers") or [])
     for group, severity in (([c for c in frozen_cols if run.layers[c].name not in outside], "error"),
                             ([c for c in frozen_cols if run.layers[c].name in outside], "warning")):
         if group:
