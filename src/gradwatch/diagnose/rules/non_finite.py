@@ -58,7 +58,7 @@ def _in_the_run(run: RunSeries) -> list[Finding]:
                 bad |= np.isinf(run.metrics[m])
         if "nonfinite" in run.metrics and source == "gradients":
             bad |= np.nan_to_num(run.metrics["nonfinite"], nan=0.0) > 0
-        if source == "weights":
+        if source == "weights" and bad.any():  # (read only then: the live rules run this at every check)
             bad &= ~_overflowed(run, bad)
         rows = np.flatnonzero(bad.any(axis=1))
         bad_steps.update(run.steps[rows].tolist())
