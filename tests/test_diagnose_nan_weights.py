@@ -103,3 +103,16 @@ def test_a_checkpoint_nan_the_batches_reach_later_stays_a_nan_of_the_weights():
     run.loss[15:] = np.inf
     f = _non_finite(run)
     assert f.first_step == 0 and f.evidence["nonfinite_weights_at_start"] == ["fc0"]
+
+
+def test_a_grad_scaler_skipping_every_iteration_to_the_end_is_non_finite():
+    """A tester's float16 attention model: 31 steps stored of 150, the GradScaler skipped the rest
+    (81 in a row to the end, its scale down to 1e-31), and there was no finding: skipped steps are
+    events, never steps. Its start-up backoff's few skips are not this."""
+    run = build(n_steps=31, depth=3)
+    run.meta["skipped_steps"] = [0] * 9 + [7, 17, 17] + [30] * 21 + [31] * 81
+    f = _non_finite(run)
+    assert f.first_step == 31 and f.evidence["scaler_skipped_to_end"] == 81 and "nothing trained after step 30" in f.message
+    assert "bfloat16" in f.remedies[0].code
+    run.meta["skipped_steps"] = [0] * 9 + [30] * 21 + [31] * 5  # recovered mid-run, a few at the end
+    assert not [f for f in diagnose(run) if f.kind == "non_finite"]

@@ -91,3 +91,34 @@ def test_zero_code_finds_a_wgan_generator_first_run_under_no_grad(tmp_path):
     run = watch.stored_series()
     assert run.meta["models"] == ["", "G"] and {"G.0", "G.2"} <= set(run.layer_names())
     assert np.isfinite(run.metrics["grad_norm"][:, run.column("G.0")]).any()
+
+
+def test_a_phase_holding_one_model_of_a_gan_run_is_diagnosed_without_error():
+    """A classifier, then a GAN: the classifier's phase holds one model's layers, one part that is not
+    the phase itself, and comparing the two raised inside the live check, killing the training."""
+    run = build()
+    run.meta.update(models=["", "G"], own_loss_steps=[60])
+    assert isinstance(diagnose(run), list)
+
+
+def test_a_failing_rule_never_stops_the_training_it_watches(monkeypatch, capsys):
+    import torch
+    from torch import nn
+
+    import gradwatch as gw
+    from gradwatch.diagnose import live
+
+    def broken(series):
+        raise ValueError("a rule's bug")
+
+    monkeypatch.setattr(live, "diagnose", broken)
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gw.watch(model, opt, flush_every=5, status=False) as watch:
+        for _ in range(20):
+            opt.zero_grad()
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+            opt.step()
+    assert watch.step == 20
+    assert capsys.readouterr().err.count("the live diagnosis failed (ValueError: a rule's bug)") == 1

@@ -1220,3 +1220,23 @@ def test_a_winner_whose_loss_barely_fell_is_not_said_to_repair_the_run():
     console = Console(record=True, width=300)
     print_result(FixResult(base, [dataclasses.replace(orth, first_loss=0.686)]), console)
     assert "its loss rose 0.4% (0.686 -> 0.6887)" in console.export_text()
+
+
+def test_fewer_findings_at_the_baselines_loss_within_the_noise_is_no_repair():
+    """A tester's post-LN transformer at lr 3e-2: lr x0.1 took the exploding gradient away and ended
+    at 0.6031 against the baseline's 0.6033, said to repair the run; pasted in, the validation
+    accuracy stayed at the majority class."""
+    from rich.console import Console
+
+    from gradwatch.cli.fix_cmd import print_result
+
+    base = Trial(Candidate("baseline (no change)"), None, 0, 1.0, steps=168, final_loss=0.6033, final_error=0.004,
+                 findings=[finding("exploding_gradient")])
+    lower = Trial(Candidate("learning rate x0.1", {"lr_scale": 0.1}), None, 0, 1.0, steps=168, final_loss=0.6031,
+                  final_error=0.004)
+    result = FixResult(base, [lower])
+    assert result.winner is None and result.above is lower and not result.repaired
+    console = Console(record=True, width=300)
+    print_result(result, console)
+    assert "no lower than the baseline's 0.6033 beyond the noise of the two" in console.export_text()
+    assert FixResult(base, [dataclasses.replace(lower, final_loss=0.45)]).winner is not None  # beyond it

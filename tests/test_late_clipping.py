@@ -161,3 +161,89 @@ def test_the_remedy_for_clip_grads_with_norm_runs_when_pasted():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     exec(code, {"torch": torch, "model": model, "optimizer": optimizer, "loss": model(torch.randn(4, 3)).sum()})
     assert float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])) <= 1.0 + 1e-5
+
+
+def test_reviewed_again_a_clip_that_measures_or_precedes_is_no_late_one_and_a_late_one_after_it_is():
+    """A third review: a clip in a closure or before zero-code mode's first step did not count as
+    the step's own; an infinite-limit clip, or another model's, muted the watched step's late one."""
+    other = nn.Linear(2, 2)
+
+    def inf_then_late(model, opt, x, y, i):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))  # the norm logged
+        opt.step()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+
+    def others_then_late(model, opt, x, y, i):
+        other(torch.randn(3, 2)).sum().backward()
+        torch.nn.utils.clip_grad_norm_(other.parameters(), 1.0)  # another model's clip, before its own step
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+
+    def closure_then_logged(model, opt, x, y, i):
+        def closure():
+            opt.zero_grad()
+            loss = ((model(x) - y) ** 2).mean()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            return loss
+        opt.step(closure)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e6)
+
+    assert len(_late(inf_then_late)) == 1 and len(_late(others_then_late)) == 1
+    assert _late(closure_then_logged) == []
+
+
+def test_zero_code_a_clip_before_the_first_step_then_a_logged_norm_is_no_late_clip(tmp_path):
+    from gradwatch.collect.auto import AutoWatch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    watch = AutoWatch(str(tmp_path), warn=False)
+    try:
+        for _ in range(4):
+            opt.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e6)  # the norm logged
+    finally:
+        watch.detach()
+    assert not watch.stored_series().meta["late_clip"]
+
+
+def test_a_clipping_function_the_script_put_in_torch_stays_its_own(tmp_path):
+    """A script replaced torch.nn.utils.clip_grad_norm_ with its own per-tensor clip before the
+    watch: the watch's wrapper of torch's function took its place, changed the training, and was
+    never taken back."""
+    def per_tensor(parameters, max_norm, *args, **kwargs):
+        for p in parameters:
+            if p.grad is not None:
+                p.grad.mul_(min(1.0, max_norm / (float(p.grad.norm()) + 1e-6)))
+
+    def train(watched: bool):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        watch = gw.watch(model, opt, warn=False) if watched else None
+        for _ in range(5):
+            opt.zero_grad()
+            (model(torch.randn(16, 4)) * 10).pow(2).mean().backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+            opt.step()
+        if watch:
+            watch.detach()
+        return [p.detach().clone() for p in model.parameters()]
+
+    original = torch.nn.utils.clip_grad_norm_
+    torch.nn.utils.clip_grad_norm_ = per_tensor
+    try:
+        assert all(torch.equal(a, b) for a, b in zip(train(True), train(False)))
+        assert torch.nn.utils.clip_grad_norm_ is per_tensor
+    finally:
+        torch.nn.utils.clip_grad_norm_ = original

@@ -53,3 +53,14 @@ def test_units_pinned_at_their_asymptotes_are_saturation_whatever_the_depth():
     assert any("gw.init_(model)" in r.code for r in f.remedies)
     fine = gw.probe(tanh_net(1.0), x, iters=0)
     assert fine.verdict == "healthy" and not [f for f in fine.findings if f.kind == "saturation"]
+
+
+def test_the_output_layers_own_sigmoid_is_no_saturation():
+    """A click-through-rate MLP, its output bias at the base rate's logit (0.8%): its sigmoid before
+    BCELoss is pinned near 0 by design, and was read as saturation, with advice to re-initialise."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1), nn.Sigmoid())
+    with torch.no_grad():
+        m[4].bias.fill_(float(torch.logit(torch.tensor(0.008))))
+    result = gw.probe(m, torch.randn(64, 16), loss_fn=lambda out: nn.functional.binary_cross_entropy(out, torch.zeros_like(out)), iters=0)
+    assert result.verdict == "healthy" and not [f for f in result.findings if f.kind == "saturation"]

@@ -116,8 +116,10 @@ def print_result(result: FixResult, console: Console) -> None:
             console.print("No remedy beat the baseline." + (" The baseline has no harmful finding."
                                                               if not result.baseline.harmful else "")
                           + (f" The best, {above.candidate.name}, left fewer harmful findings but ended at "
-                             f"{above.final_loss:.4g}, no lower than the baseline's {result.baseline.final_loss:.4g}: "
-                             "the symptom went, the training learned no better." if above is not None else "")
+                             f"{above.final_loss:.4g}, no lower than the baseline's {result.baseline.final_loss:.4g}"
+                             + (f" beyond the noise of the two (standard errors {above.final_error:.2g} and "
+                                f"{result.baseline.final_error:.2g})" if above.final_loss < result.baseline.final_loss else "")
+                             + ": the symptom went, the training learned no better." if above is not None else "")
                           + (f" The best, {close.candidate.name}, ended at {close.final_loss:.4g} against "
                              f"{result.baseline.final_loss:.4g}: within the noise of the two losses "
                              f"(standard errors {close.final_error:.2g} and {result.baseline.final_error:.2g})."

@@ -133,13 +133,17 @@ def _install() -> None:
         lambda self, group: _add_param_group(_originals["add_param_group"], self, group)
     )
     for name in CLIPPERS:  # torch's two names for each, and a script's `from torch.nn.utils import ...`
-        if (original := getattr(torch.nn.utils.clip_grad, name, None)) is None:
-            continue
-        wrapper = functools.wraps(original)(functools.partial(_clip, original, name))
-        held = [torch.nn.utils, torch.nn.utils.clip_grad, *importers(original)]
-        _clippers.extend((module, name, original, wrapper) for module in held if getattr(module, name, None) is original)
+        original = getattr(torch.nn.utils.clip_grad, name, None)
+        held = [torch.nn.utils, torch.nn.utils.clip_grad, *(importers(original) if original is not None else ())]
+        wrappers: dict[int, object] = {}
         for module in held:
-            setattr(module, name, wrapper)
+            # each name's own function wrapped (a script or library may have put its own there)
+            if (function := getattr(module, name, None)) is None:
+                continue
+            if id(function) not in wrappers:
+                wrappers[id(function)] = functools.wraps(function)(functools.partial(_clip, function, name))
+            _clippers.append((module, name, function, wrappers[id(function)]))
+            setattr(module, name, wrappers[id(function)])
 
 
 def compile_sees_hooks() -> None:

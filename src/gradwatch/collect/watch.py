@@ -834,16 +834,22 @@ class Watch:
         infinite limit, nor one after a step whose gradients were clipped before it: the norm
         measured (a logging idiom). A gradient a backward, `zero_grad()` or `p.grad = g` changed
         since is not the step's (a second optimizer's clip before its own step, after one backward)."""
-        if not self._attached or self._mode != "optimizer" or self._late_clip_said or self._in_step:
+        if not self._attached or self._late_clip_said:
             return
-        if not self._consumed_by_step(params):
-            self._clipped_before_step = True
+        measuring = isinstance(limit, (int, float)) and math.isinf(limit)
+        if self._in_step or not self._consumed_by_step(params):  # (in a closure, a step pre-hook: before it)
+            if not measuring and self._holds_watched(params):
+                self._clipped_before_step = True
             return
-        if self._clipped_at_step or isinstance(limit, (int, float)) and math.isinf(limit):
+        if self._mode != "optimizer" or self._clipped_at_step or measuring:
             return
         self._late_clip_said = True
         detail = {"function": function, "where": caller_line(), "limit": limit if isinstance(limit, (int, float)) else None}
         self._events.append((max(self._step - 1, 0), LATE_CLIP, json.dumps(detail)))
+
+    def _holds_watched(self, params: list[torch.Tensor]) -> bool:
+        held = {id(p) for p in self._params}
+        return any(id(q) in held for q in params)
 
     def _consumed_by_step(self, params: list[torch.Tensor]) -> bool:
         if self._consumed is None:

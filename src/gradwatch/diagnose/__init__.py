@@ -86,7 +86,7 @@ def _models_of(run: RunSeries) -> list[RunSeries]:
 def _findings(phase: RunSeries, models: list[RunSeries], thresholds: Thresholds) -> list[Finding]:
     """A phase's findings: the run's rules on the phase, once (a NaN's first layer hit among all
     the models' layers: one part alone had named none), the depth rules on each model."""
-    if models == [phase]:
+    if len(models) == 1 and models[0] is phase:  # (not ==: a RunSeries compares its arrays)
         return [f for rule in RULES for f in rule(phase, thresholds)]
     return [f for rule in RULES for part in ([phase] if rule in RUN_RULES else models) for f in rule(part, thresholds)]
 

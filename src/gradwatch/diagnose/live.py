@@ -56,6 +56,7 @@ class LiveDiagnosis:
         self._latest: list[Finding] | None = None  # the last diagnosis of the run so far
         self._told: set[int] = set()  # findings whose fate at the end has been said
         self._held: set[tuple[str, str]] = set()  # (kind, first layer) the last check found
+        self._failed = False  # the rules raised once: no more checks (see _diagnosed)
 
     def __call__(self, watch) -> None:
         self._watch = weakref.ref(watch)
@@ -63,8 +64,25 @@ class LiveDiagnosis:
         if step - self._last_step < max(watch.flush_every, step // 10):
             return
         self._last_step = step
-        self._latest = diagnose(watch.stored_series())
+        latest = self._diagnosed(watch.stored_series())
+        if latest is None:
+            return
+        self._latest = latest
         self.report(self.confirmed(self._latest), watch)
+
+    def _diagnosed(self, series) -> list[Finding] | None:
+        """The findings, or None when the rules failed: a bug in them must never end the training
+        they watch (a reviewer's classifier-then-GAN run died inside its optimizer's step). Said
+        once; the checks stop, the recording goes on."""
+        if self._failed:
+            return None
+        try:
+            return diagnose(series)
+        except Exception as exc:  # noqa: BLE001
+            self._failed = True
+            say(f"gradwatch: the live diagnosis failed ({type(exc).__name__}: {exc}); training and recording go on, "
+                "`gradwatch diagnose` reads the run afterwards")
+            return None
 
     def confirmed(self, findings: list[Finding]) -> list[Finding]:
         """The findings the check before found too (those of `AT_ONCE` at once, and all of them once
@@ -92,7 +110,7 @@ class LiveDiagnosis:
             series = watch.stored_series()
             if len(series.steps) and int(series.steps[-1]) != self._closed_at:
                 self._closed_at = int(series.steps[-1])
-                self._latest = diagnose(series)
+                self._latest = self._diagnosed(series) if not self._failed else self._latest
         if self._latest is not None:  # the run's end confirms what the last check held back
             self.report(self._latest, stop=False)
         if self.warn and self._latest is not None:

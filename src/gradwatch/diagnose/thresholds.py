@@ -268,6 +268,10 @@ class Thresholds:
     # losses after its window too (20 against 5 reach 3.4). Runs of 200 steps or more, windows of
     # 20, are tested as before.
     divergence_rank_losses: int = 20
+    # A GradScaler skipping this many iterations in a row at the end of the run: halved at each, its
+    # scale is then 1e-6 of what it was and the values still overflow, so the forward itself does
+    # (non_finite). Its start-up backoff from 65536 skips a few (9 in a tester's run).
+    scaler_stuck_skips: int = 20
     # ... or the running median this many times the larger of the first two losses (before updates
     # compound): a blow-up within the first window raises that window's median with it. Two
     # decades: both first batches 100x below the loss's typical value has probability ~0.3% even

@@ -241,7 +241,9 @@ def saturation_findings(layers: list[LayerProbe], *, init: set[str] = frozenset(
     is too short for the gradient's ratio across layers to show it; the derivative is near 0 in
     each saturated unit whatever the depth."""
     limit = DEFAULT.saturated_fraction
-    bad = [x for x in layers if math.isfinite(x.saturated) and x.saturated >= limit]
+    # not the output layer's own activation (a sigmoid before BCELoss, a CTR model's at a 0.8% prior),
+    # as diagnose's rule leaves it out
+    bad = [x for x in layers[:-1] if math.isfinite(x.saturated) and x.saturated >= limit]
     if not bad:
         return []
     worst = max(bad, key=lambda x: x.saturated)
