@@ -176,3 +176,44 @@ def test_a_deep_copy_of_the_model_takes_no_cap_with_it():
         assert all(torch.equal(a, b) for a, b in zip(before, ema.parameters()))
     finally:
         injector.remove()
+
+
+def test_the_printed_cap_on_an_optimizer_trains_as_its_trial_and_gives_the_script_its_lr_back():
+    """A tester's LR range test raises group['lr'] by reading it after each step: the trial caps
+    inside the step and gives the lr back, but the printed `group['lr'] = min(...)` capped it for
+    good, so the finder picked another lr (0.0933), and pasted in trained worse than it had."""
+    code = lr_cap(0.05).code.splitlines()
+    before, after = code[0].split("  #")[0], code[1].split("  #")[0]
+
+    def finder(injector: Injector | None = None, pasted: bool = False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        seen, losses = [], []
+        if injector is not None:
+            injector.install_late()
+        try:
+            for step in range(30):
+                x = torch.randn(32, 8, generator=torch.Generator().manual_seed(step))
+                loss = nn.functional.mse_loss(model(x), x[:, :1])
+                optimizer.zero_grad()
+                loss.backward()
+                if pasted:
+                    exec(before, {"optimizer": optimizer})
+                optimizer.step()
+                if pasted:
+                    exec(after, {"optimizer": optimizer})
+                seen.append(optimizer.param_groups[0]["lr"])  # the finder reads its lr ...
+                for group in optimizer.param_groups:  # ... and raises it
+                    group["lr"] *= 1.3
+                losses.append(loss.item())
+        finally:
+            if injector is not None:
+                injector.remove()
+        return losses, seen, [p.detach().clone() for p in model.parameters()]
+
+    trial = finder(injector=Injector(lr_cap(0.05).spec, max_steps=None))
+    pasted = finder(pasted=True)
+    assert trial[0] == pasted[0] and trial[1] == pasted[1] and all(torch.equal(a, b) for a, b in zip(trial[2], pasted[2]))
+    assert pasted[1][-1] > 0.05  # the script's own lr, uncapped where it reads it
+    assert pasted[0] != finder()[0]  # and the cap did act
