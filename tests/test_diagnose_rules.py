@@ -459,6 +459,20 @@ def test_units_dead_from_the_first_step_are_not_blamed_on_the_learning_rate():
     assert f.causes[0].startswith("learning rate") and "LeakyReLU" in f.remedies[0].code
 
 
+def test_units_dead_at_the_first_step_and_many_more_after_blame_the_steps_too():
+    """A tester's ReLU MLP at lr 1: 58% dead at step 0, 100% by step 30, was told "since step 0,
+    initial weight scale" alone, and re-initialising left the lr that killed the rest."""
+    run = build(lr=1.0)
+    rows = sampled(run)
+    run.metrics["dead"][rows, run.column("act1")] = 0.58
+    run.metrics["dead"][rows[3]:, run.column("act1")] = 1.0
+    f = next(f for f in diagnose(run) if f.kind == "dead_units")
+    assert f.first_step == 0 and "(58% at the first step)" in f.message and f.evidence["dead_at_start"] == 0.58
+    assert f.causes[0].startswith("learning rate") and "the updates killed the rest" in f.causes[0]
+    assert any(c.startswith("initial weight scale: 58%") for c in f.causes)
+    assert any(r.action.startswith("Lower the learning rate") for r in f.remedies)
+
+
 def test_dead_gelus_are_told_their_own_class_and_a_lower_lr_first():
     """A tester's GPT-2 at lr 3: dead GELUs were told `swap_activations(model, nn.ReLU, ...)`, which
     finds no ReLU and changes nothing."""

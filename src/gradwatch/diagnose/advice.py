@@ -413,11 +413,15 @@ def dead_units(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[l
                  "(gw.check_constant_init(model) lists such layers)"],
                 [NORMALISE, Remedy("Re-initialise with Xavier/Glorot, scaled for the activation", ctx.init_code)])
     kind = _dead_class(ctx, layers)
+    start = evidence.get("dead_at_start")
     if at_init:  # dead before any update: no learning rate killed them
         causes.append("initial weight scale: units are already dead at the first step (biases or weights start too negative)")
     elif not ctx.adaptive or ctx.lr >= ADAPTIVE_HIGH_LR:
         causes.append(f"learning rate: a large step ({ctx.lr_said}) can push a {kind} unit's bias so far that it never "
-                      "fires again")
+                      "fires again" + (f": {start:.0%} were dead at the first step, the updates killed the rest"
+                                       if start is not None else ""))
+    if start is not None:
+        causes.append(f"initial weight scale: {start:.0%} of the units were already dead at the first step")
     causes.append(f"activation: {kind} passes no gradient for negative inputs, so a dead unit cannot recover" if kind == "ReLU"
                   else f"activation: {kind} passes almost no gradient for inputs far below 0, where a large step left "
                        "these units")

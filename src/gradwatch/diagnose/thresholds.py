@@ -194,6 +194,10 @@ class Thresholds:
     zero_gradient_steps: int = 10
     # Fraction of sigmoid/tanh outputs within 1% of an asymptote, where the derivative is < 0.01.
     saturated_fraction: float = 0.5
+    # Dead units at the first step that then rose by this share of the layer or more: the updates
+    # killed the rest, so the learning rate is named before the initialisation (a tester's ReLU MLP
+    # at lr 1: 58% dead at step 0, 100% by step 30, was told only its initial weight scale).
+    dead_rise: float = 0.25
     # ... but units that saturate during training while the loss keeps falling to this share of
     # its level at the onset or below are confident outputs, not a stall (info, not a warning): a
     # tester's tanh classifier saturated 65% of its top hidden layer at step 20, and its loss still

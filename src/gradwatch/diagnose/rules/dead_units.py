@@ -26,7 +26,11 @@ def find_dead_units(run: RunSeries, th: Thresholds) -> list[Finding]:
         evidence["zero_gradient_layers"] = list(zero_layers)
     if hits:
         first, layers, worst_layer, worst, at_init = summarise_layers(run, hits)
-        evidence.update({"dead_fraction": {n: hits[n][1] for n in layers}, "at_init": at_init})
+        start = _at_first_sample(run, worst_layer) if at_init else float("nan")
+        rose = worst - start >= th.dead_rise  # (a tester's ReLU net: 58% at step 0, 100% by step 30 at lr 1)
+        evidence.update({"dead_fraction": {n: hits[n][1] for n in layers}, "at_init": at_init and not rose})
+        if rose:
+            evidence["dead_at_start"] = start
         if at_init and (zeros := zero_initialised(run)):
             evidence["zero_weight_layers"] = zeros
         elif at_init and (frozen := unnormalised_batchnorm(run, th)):
@@ -35,6 +39,7 @@ def find_dead_units(run: RunSeries, th: Thresholds) -> list[Finding]:
         if "eval_mode_batchnorm" in evidence:
             causes, remedies = eval_mode_first(evidence, causes, remedies)
         said = (f"{worst:.0%} of the units of '{worst_layer}' output 0 for every sample since step {first}"
+                + (f" ({start:.0%} at the first step)" if rose else "")
                 + (f" ({len(layers)} layers affected)" if len(layers) > 1 else ""))
         learning = None if at_init or worst >= th.dead_fraction_error else \
             loss_fell_to(run, th, th.dead_learning, since=sampled_onset(run, "dead", first))
@@ -114,3 +119,10 @@ def _zero_gradient_layers(run: RunSeries, th: Thresholds) -> dict[str, int]:
     if not out or not after or not (np.nan_to_num(g[:end, after]) > 0).any():
         return {}  # nothing gets gradient: no loss term reaches the weights at all, another finding's
     return out
+
+
+def _at_first_sample(run: RunSeries, layer: str) -> float:
+    """The layer's dead fraction at its first sampled step."""
+    values = run.metrics["dead"][:, run.column(layer)]
+    recorded = np.flatnonzero(np.isfinite(values))
+    return float(values[recorded[0]]) if len(recorded) else float("nan")
