@@ -161,14 +161,9 @@ def lr_cap(cap: float, names: Names = GENERIC) -> Candidate:
                 f"# every step, right before your update: the learning rate of your update "
                 f"({names.update_lr or 'lr'}) at most {cap:.3g}, a ceiling for your schedule")
     else:
-        # as the trial: the step's lr capped, the script's own given back after it (a schedule or an
-        # LR finder that reads group['lr'] goes on from it: a finder capped for good picked 0.0933)
-        code = each(names, lambda n: f"for group in {n.optimizer}.param_groups: group['lr'], group['uncapped'] = "
-                                     f"min(group['lr'], {cap:.3g}), group['lr']  # every step, {n.before_update}: a "
-                                     f"ceiling for your schedule (or build the schedule with {cap:.3g} as its peak, "
-                                     f"e.g. OneCycleLR's max_lr)\n"
-                                     f"for group in {n.optimizer}.param_groups: group['lr'] = group.pop('uncapped')  "
-                                     f"# right after {n.optimizer}.step(): your schedule goes on from its own lr")
+        code = each(names, lambda n: f"for group in {n.optimizer}.param_groups: group['lr'] = min(group['lr'], {cap:.3g})"
+                                     f"  # every step, {n.before_update}: a ceiling for your schedule (or build the "
+                                     f"schedule with {cap:.3g} as its peak, e.g. OneCycleLR's max_lr)")
     return _made(f"learning rate at most {cap:.3g}", {"lr_cap": cap}, Part(ON_OPTIMIZER, code))
 
 
