@@ -4,6 +4,8 @@ the learning rate."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 from torch import nn
@@ -113,6 +115,17 @@ def test_a_grad_scaler_skipping_every_iteration_to_the_end_is_non_finite():
     run.meta["skipped_steps"] = [0] * 9 + [7, 17, 17] + [30] * 21 + [31] * 81
     f = _non_finite(run)
     assert f.first_step == 31 and f.evidence["scaler_skipped_to_end"] == 81 and "nothing trained after step 30" in f.message
-    assert "bfloat16" in f.remedies[0].code
-    run.meta["skipped_steps"] = [0] * 9 + [30] * 21 + [31] * 5  # recovered mid-run, a few at the end
+    assert "bfloat16" in f.remedies[1].code and f.remedies[0].action.startswith("Find the operation")
+    run.meta["skipped_steps"] = [0] * 9 + [30] * 8 + [31] * 5  # the start-up backoff, a few mid-run and at the end
     assert not [f for f in diagnose(run) if f.kind == "non_finite"]
+    # reviewers: every iteration skipped from the first (no step stored); most of them, batch by
+    # batch; and a later phase's skips, which are not an earlier phase's
+    empty = dataclasses.replace(run, steps=run.steps[:0], loss=run.loss[:0], lr=run.lr[:0],
+                                metrics={m: v[:0] for m, v in run.metrics.items()}, meta={**run.meta, "skipped_steps": [0] * 60})
+    assert [f.kind for f in diagnose(empty)] == ["non_finite"]
+    run.meta["skipped_steps"] = [s for s in range(31) for _ in range(2)]  # two skipped per stored step
+    f = _non_finite(run)
+    assert f.evidence["scaler_skipped"] == 62 and "skipped 62 of 93 iterations" in f.message
+    run.meta["skipped_steps"] = [31 + s for s in range(40)]  # a later phase's, one at a time
+    assert not [f for f in diagnose(dataclasses.replace(run, meta={**run.meta, "phase_starts": []}).between(0, 31))
+                if f.kind == "non_finite"]

@@ -1240,3 +1240,38 @@ def test_fewer_findings_at_the_baselines_loss_within_the_noise_is_no_repair():
     print_result(result, console)
     assert "no lower than the baseline's 0.6033 beyond the noise of the two" in console.export_text()
     assert FixResult(base, [dataclasses.replace(lower, final_loss=0.45)]).winner is not None  # beyond it
+
+
+def test_a_leader_that_only_took_the_symptom_away_does_not_hide_a_remedy_that_learnt():
+    """A reviewer's: A removed both findings and ended at 0.99 (the baseline's 1.00, within the
+    noise), B removed one and ended at 0.50: "No remedy beat the baseline" was said."""
+    base = Trial(Candidate("baseline (no change)"), None, 0, 1.0, steps=100, final_loss=1.0, final_error=0.01,
+                 findings=[finding("vanishing_gradient"), finding("dead_units")])
+    a = Trial(Candidate("A", {"lr_scale": 10.0}), None, 0, 1.0, steps=100, final_loss=0.99, final_error=0.01)
+    b = Trial(Candidate("B", {"lr_scale": 0.1}), None, 0, 1.0, steps=100, final_loss=0.50, final_error=0.01,
+              findings=[finding("dead_units")])
+    result = FixResult(base, [a, b])
+    assert result.ranked[0] is a and result.winner is b and result.above is None
+    assert FixResult(base, [a]).winner is None and FixResult(base, [a]).above is a
+
+
+def test_a_trial_whose_scaler_skipped_its_last_iterations_ended_non_finite(tmp_path):
+    """A reviewer's float16 overflow from iteration 30: each trial was stopped after 3 skipped
+    iterations, its stored steps finite, and "ZClip + Adam repairs the run" was printed."""
+    import torch as _torch
+
+    from gradwatch.collect.watch import Watch
+    from gradwatch.fix.trial import measure
+
+    model = nn.Linear(2, 1)
+    opt = _torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = _torch.amp.GradScaler("cpu")
+    with Watch(model, opt, out=tmp_path / "t", warn=False, status=False):
+        for i in range(12):
+            opt.zero_grad()
+            loss = model(_torch.randn(4, 2)).pow(2).mean() * (float("inf") if i >= 9 else 1.0)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    trial = measure(Trial(Candidate("ZClip"), tmp_path / "t", 0, 1.0))
+    assert trial.steps == 9 and trial.final_loss == float("inf") and not trial.works

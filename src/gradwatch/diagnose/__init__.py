@@ -14,7 +14,7 @@ from gradwatch.diagnose.finding import KINDS, SEVERITIES, Finding, Remedy
 from gradwatch.diagnose.rules import RULES
 from gradwatch.diagnose.rules.late_clipping import find_late_clipping
 from gradwatch.diagnose.rules.loss import find_loss_divergence, find_loss_plateau
-from gradwatch.diagnose.rules.non_finite import find_non_finite
+from gradwatch.diagnose.rules.non_finite import find_non_finite, find_scaler_stuck
 from gradwatch.diagnose.rules.stale_gradients import find_stale_gradients
 from gradwatch.diagnose.rules.clipping import safety_limit
 from gradwatch.diagnose.signals import norms_kept
@@ -48,8 +48,8 @@ def diagnose(run: RunSeries | str | os.PathLike, thresholds: Thresholds | dict =
     if not isinstance(run, (RunSeries, str, os.PathLike)):
         raise ConfigError(f"run={run!r}: pass a run directory (e.g. 'runs/latest'), a store file or a RunSeries")
     series = run if isinstance(run, RunSeries) else read_run(run, compact=True)
-    if len(series.steps) == 0:
-        return []
+    if len(series.steps) == 0:  # (a GradScaler may have skipped every iteration)
+        return find_scaler_stuck(series, thresholds)
     starts = [int(s) for s in series.meta.get("phase_starts") or [] if s > series.steps[0]]
     phases = [series.between(a, b) for a, b in zip([int(series.steps[0]), *starts], [*starts, None])] \
         if starts else [series]

@@ -22,7 +22,8 @@ from gradwatch.diagnose import diagnose
 from gradwatch.diagnose.finding import Finding, write_findings
 from gradwatch.errors import ConfigError, GradwatchError
 from gradwatch.fix.candidates import HARMFUL, Candidate, phase_changes
-from gradwatch.fix.inject import BUDGET_REACHED, ENV_MAX_STEPS, ENV_REMEDY, NOT_APPLIED, PROGRESS, Injector
+from gradwatch.fix.inject import (BUDGET_REACHED, ENV_MAX_STEPS, ENV_REMEDY, NOT_APPLIED, PROGRESS, STOP_AFTER_NON_FINITE,
+                                  Injector)
 from gradwatch.fix.locate import ENV_LOCATE_AT, ORIGIN
 from gradwatch.fix.pause import Channel
 from gradwatch.fix.touched import WRITTEN
@@ -127,6 +128,15 @@ def final_loss(loss: np.ndarray) -> float:
     if np.isinf(recorded).any():
         return float("inf")
     return float(np.median(last_tenth(recorded)))
+
+
+def _ended_skipped(series) -> bool:
+    """The run's last STOP_AFTER_NON_FINITE iterations or more all skipped by a GradScaler (NaN/Inf
+    at every scale), after its last stored step: a remedy trial is stopped there, on a loss that
+    stayed non-finite, yet its stored losses, the steps that were taken, are finite. A reviewer's
+    "ZClip + Adam repairs the run" was such a trial, its forward overflowing as the baseline's."""
+    last = int(series.steps[-1]) if len(series.steps) else -1
+    return sum(1 for s in series.meta.get("skipped_steps") or () if s == last + 1) >= STOP_AFTER_NON_FINITE
 
 
 def last_tenth(losses: np.ndarray) -> np.ndarray:
@@ -422,7 +432,7 @@ def measure(trial: Trial) -> Trial:
         return trial  # nothing recorded: the script failed before its first step
     trial.steps = len(series.steps)
     trial.own_loss = bool(series.meta.get("own_loss_steps"))
-    trial.final_loss = final_loss(series.loss)
+    trial.final_loss = float("inf") if _ended_skipped(series) else final_loss(series.loss)
     trial.final_error = final_error(series.loss)
     trial.first_loss = first_loss(series.loss[series.steps >= last_phase(series)])
     trial.findings = diagnose(series)

@@ -2,7 +2,7 @@
 
 In the store a measured NaN is +inf and NaN means "not recorded", so any infinite value is a
 non-finite measurement. Steps a GradScaler skipped are not steps, so they never count here, unless
-it skipped every iteration to the end (`_scaler_stuck`).
+it skipped every iteration to the end, or most (`find_scaler_stuck`).
 """
 
 from __future__ import annotations
@@ -22,37 +22,42 @@ SOURCES = (("loss", None), ("activations", ("act_mean", "act_std")), ("gradients
 def find_non_finite(run: RunSeries, th: Thresholds) -> list[Finding]:
     in_run = _in_the_run(run)
     found = _on_one_rank(run, in_run[0] if in_run else None) or in_run
-    return found or _scaler_stuck(run, th)
+    return found or find_scaler_stuck(run, th)
 
 
-def _scaler_stuck(run: RunSeries, th: Thresholds) -> list[Finding]:
+def find_scaler_stuck(run: RunSeries, th: Thresholds) -> list[Finding]:
     """A GradScaler that skipped every iteration from the last stored step to the end, at least
-    `scaler_stuck_skips` of them: it halves its scale at each, so after 20 the values are NaN/Inf at
-    1e-6 of the scale and more. They are no scaled gradient's overflow but the forward's own (a
-    float16 tensor past 65504: attention scores, an exp), and nothing trained after that step. A
-    tester's float16 attention model stored 31 steps of 150, the other 119 skipped (81 in a row to
-    the end), and had no finding: skipped steps are events, never steps."""
-    if not len(run.steps):
+    `scaler_stuck_skips` of them (it halves its scale at each: after 20 the values are NaN/Inf at
+    1e-6 of the scale and more), or that many and at least half of all the iterations, batch by
+    batch: no scaled gradient's overflow but the forward's or the loss's own, and nothing (or
+    little) trained. A tester's float16 attention model stored 31 steps of 150, the other 119
+    skipped (81 in a row to the end), and had no finding: skipped steps are events, never steps."""
+    last = int(run.steps[-1]) if len(run.steps) else -1
+    first = int(run.steps[0]) if len(run.steps) else 0
+    mine = [int(s) for s in run.meta.get("skipped_steps") or () if first <= s <= last + 1]  # (this phase's)
+    tail = sum(1 for s in mine if s == last + 1)  # (the step counter stays while the scaler skips)
+    if tail >= th.scaler_stuck_skips:
+        step = last + 1
+        what = (f"From step {step} on, a GradScaler skipped every iteration to the end ({tail} in a row): the loss "
+                f"or its gradients were NaN/Inf at any scale, so nothing trained" + (f" after step {last}" if last >= 0 else ""))
+    elif len(mine) >= th.scaler_stuck_skips and len(mine) >= len(run.steps):
+        step = mine[0]
+        what = (f"A GradScaler skipped {len(mine)} of {len(mine) + len(run.steps)} iterations (from step {step}): "
+                "the loss or its gradients were NaN/Inf on most batches at any scale, so those trained nothing")
+    else:
         return []
-    last = int(run.steps[-1])
-    tail = sum(1 for s in run.meta.get("skipped_steps") or () if s > last)
-    if tail < th.scaler_stuck_skips:
-        return []
-    step = last + 1
-    evidence = {"step": step, "scaler_skipped_to_end": tail, "first_seen_in": "loss scaler",
+    evidence = {"step": step, "scaler_skipped": len(mine), "scaler_skipped_to_end": tail, "first_seen_in": "loss scaler",
                 "at_init": False, "grad_growth_before": float("nan")}
-    causes = [f"float16 overflow: a value past float16's 65504 in the forward (attention scores without the "
-              f"1/sqrt(d) scale, an exp, activations growing through depth) is Inf at any loss scale; the scaler "
-              f"skipped {tail} iterations in a row, halving its scale each time"]
-    remedies = [Remedy("Compute in bfloat16 (float32's range) rather than float16, or keep that operation in float32",
+    causes = [f"a NaN/Inf in the forward or the loss that no loss scale removes (the scaler halves its scale at each "
+              f"skip): in float16, a value past 65504 (attention scores without the 1/sqrt(d) scale, an exp, "
+              f"activations growing through depth); in any precision, a log(0), 0/0 or a NaN in the batch"]
+    remedies = [Remedy(f"Find the operation: {advice._fix_command(advice.Context(run))} runs the script again and "
+                       "names the first operation that makes a NaN/Inf", ""),
+                Remedy("Under float16 autocast, compute in bfloat16 (float32's range), or keep that operation in float32",
                        "with torch.autocast(device_type, dtype=torch.bfloat16):  # no GradScaler needed\n"
-                       "    loss = loss_fn(model(x), y)"),
-                Remedy(f"Find the operation: {advice._fix_command(advice.Context(run))} runs the script again and names "
-                       "the first operation that makes a NaN/Inf", "")]
-    message = (f"From step {step} on, a GradScaler skipped every iteration to the end ({tail} in a row): the "
-               f"loss or its gradients were NaN/Inf at any scale, so nothing trained after step {last}. "
-               f"{remedies[0].action}.")
-    return [Finding("non_finite", "error", step, (), message, evidence, tuple(causes), tuple(remedies))]
+                       "    loss = loss_fn(model(x), y)")]
+    return [Finding("non_finite", "error", step, (), f"{what}. {remedies[0].action}.", evidence, tuple(causes),
+                    tuple(remedies))]
 
 
 def _on_one_rank(run: RunSeries, seen: Finding | None) -> list[Finding]:
