@@ -122,3 +122,20 @@ def test_a_failing_rule_never_stops_the_training_it_watches(monkeypatch, capsys)
             opt.step()
     assert watch.step == 20
     assert capsys.readouterr().err.count("the live diagnosis failed (ValueError: a rule's bug)") == 1
+
+
+def test_a_generator_that_ran_first_is_judged_against_the_discriminator_above_it():
+    """A tester's DCGAN, the generator found first: its loss flows back through the discriminator,
+    whose layers stand above it in one depth. Diagnosed as a model alone, its vanishing (1e-8 at
+    its input against 1e-6 at its top, 1e-4 in the discriminator) was missed."""
+    run = build(depth=7, activation="sigmoid")
+    rows = sampled(run)
+    rename = {f"fc{i}": f"D.{2 * (i - 5)}" if i >= 5 else f"{2 * i}" for i in range(7)}
+    rename |= {f"act{i}": f"D.{2 * (i - 5) + 1}" if i >= 5 else f"{2 * i + 1}" for i in range(6)}
+    for name, value in {**{f"fc{i}": 1e-6 for i in range(1, 5)}, "fc0": 1e-8, "fc5": 1e-4, "fc6": 1e-4}.items():
+        run.metrics["grad_out_rms"][rows, run.column(name)] = value
+    run.layers = [dataclasses.replace(l, name=rename[l.name]) for l in run.layers]
+    run.meta.update(models=["", "D"], own_loss_steps=[1])
+    f = next(f for f in diagnose(run) if f.kind == "vanishing_gradient")
+    assert f.layers[0] == "0"
+    assert len([f for f in diagnose(run) if f.kind == "vanishing_gradient"]) == 1  # said once

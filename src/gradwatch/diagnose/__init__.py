@@ -84,11 +84,18 @@ def _models_of(run: RunSeries) -> list[RunSeries]:
 
 
 def _findings(phase: RunSeries, models: list[RunSeries], thresholds: Thresholds) -> list[Finding]:
-    """A phase's findings: the run's rules on the phase, once (a NaN's first layer hit among all
-    the models' layers: one part alone had named none), the depth rules on each model."""
+    """A phase's findings: every rule on the phase, as one depth in the order the layers first ran,
+    and the depth rules on each model too, adding what a model alone shows. The generator's loss
+    flows back through the discriminator, so the whole is its chain when the generator ran first
+    (a tester's DCGAN: its vanishing stood against the discriminator's layers above it, and a
+    model alone missed it); when the discriminator ran first (WGAN's critic steps), the generator's
+    own depth is what shows it (1e-9 toward its input, no finding in the whole)."""
+    found = [f for rule in RULES for f in rule(phase, thresholds)]
     if len(models) == 1 and models[0] is phase:  # (not ==: a RunSeries compares its arrays)
-        return [f for rule in RULES for f in rule(phase, thresholds)]
-    return [f for rule in RULES for part in ([phase] if rule in RUN_RULES else models) for f in rule(part, thresholds)]
+        return found
+    said = {(f.kind, f.layers[:1]) for f in found}
+    more = [f for rule in RULES if rule not in RUN_RULES for part in models for f in rule(part, thresholds)]
+    return found + [f for f in more if (f.kind, f.layers[:1]) not in said and not said.add((f.kind, f.layers[:1]))]
 
 
 def _one_per_cause(series: RunSeries, findings: list[Finding]) -> list[Finding]:
