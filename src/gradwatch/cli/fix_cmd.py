@@ -128,9 +128,11 @@ def print_result(result: FixResult, console: Console) -> None:
         fell = None if winner.own_loss else _fall(winner)  # (a GAN's mixed loss sits at its equilibrium)
         learnt = fell is None or fell >= DEFAULT.plateau_improvement  # (flat as diagnose's plateau: < 1%)
         verdict = "repairs the run" if result.repaired and learnt else "is the best of the trials"
-        moved = f"fell only {fell:.1%}" if fell is not None and fell >= 0 else f"rose {-fell:.1%}" if fell is not None else ""
-        barely = "" if learnt else (f" (no harmful finding is left, but its loss {moved} ({winner.first_loss:.4g} "
-                                    f"-> {winner.final_loss:.4g}): little was learnt in the trial)")
+        barely = ""
+        if not learnt:  # (then fell is measured)
+            moved = f"fell only {fell:.1%}" if fell >= 0 else f"rose {-fell:.1%}"
+            barely = (f" (no harmful finding is left, but its loss {moved} ({winner.first_loss:.4g} "
+                      f"-> {winner.final_loss:.4g}): little was learnt in the trial)")
         console.print(f"[bold]{winner.candidate.name}[/] {verdict}{barely}. The change to make:", markup=True)
         console.print(textwrap.indent(result.change, "    "), markup=False, soft_wrap=True)
     if (note := nan_note(result)) is not None:

@@ -838,7 +838,7 @@ class Watch:
             return
         measuring = isinstance(limit, (int, float)) and math.isinf(limit)
         if self._in_step or not self._consumed_by_step(params):  # (in a closure, a step pre-hook: before it)
-            if not measuring and self._holds_watched(params):
+            if not measuring and any(id(q) in self._seen_params for q in params):  # (a watched weight's)
                 self._clipped_before_step = True
             return
         if self._mode != "optimizer" or self._clipped_at_step or measuring:
@@ -846,10 +846,6 @@ class Watch:
         self._late_clip_said = True
         detail = {"function": function, "where": caller_line(), "limit": limit if isinstance(limit, (int, float)) else None}
         self._events.append((max(self._step - 1, 0), LATE_CLIP, json.dumps(detail)))
-
-    def _holds_watched(self, params: list[torch.Tensor]) -> bool:
-        held = {id(p) for p in self._params}
-        return any(id(q) in held for q in params)
 
     def _consumed_by_step(self, params: list[torch.Tensor]) -> bool:
         if self._consumed is None:

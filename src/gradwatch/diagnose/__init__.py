@@ -94,8 +94,15 @@ def _findings(phase: RunSeries, models: list[RunSeries], thresholds: Thresholds)
     if len(models) == 1 and models[0] is phase:  # (not ==: a RunSeries compares its arrays)
         return found
     said = {(f.kind, f.layers[:1]) for f in found}
-    more = [f for rule in RULES if rule not in RUN_RULES for part in models for f in rule(part, thresholds)]
-    return found + [f for f in more if (f.kind, f.layers[:1]) not in said and not said.add((f.kind, f.layers[:1]))]
+    for rule in RULES:
+        if rule in RUN_RULES:
+            continue
+        for part in models:
+            for f in rule(part, thresholds):
+                if (f.kind, f.layers[:1]) not in said:
+                    said.add((f.kind, f.layers[:1]))
+                    found.append(f)
+    return found
 
 
 def _one_per_cause(series: RunSeries, findings: list[Finding]) -> list[Finding]:

@@ -234,6 +234,20 @@ def peaks_growing(peaks: np.ndarray, th) -> bool:
     return half > 0 and bool(np.median(peaks[-half:]) >= th.schedule_peak_growth * np.median(peaks[:half]))
 
 
+def noted_in(run: RunSeries, step: int) -> bool:
+    """A step the watch noted (an event: a carry-over, a late clip) falls in this run or phase of
+    steps: from its first recorded step to one record past its last."""
+    every = int(run.meta.get("every") or 1)
+    return len(run.steps) > 0 and int(run.steps[0]) <= step <= int(run.steps[-1]) + every
+
+
+def skipped_after_last(run: RunSeries) -> int:
+    """Iterations a GradScaler skipped after the last stored step, to the end (its step counter
+    stays while it skips: all at the last step + 1)."""
+    last = int(run.steps[-1]) if len(run.steps) else -1
+    return sum(1 for s in run.meta.get("skipped_steps") or () if s == last + 1)
+
+
 def from_init(run: RunSeries) -> bool:
     """The run's first recorded step is its training's first, before any update: not a training
     resumed from a checkpoint (`gradwatch run` stores meta `resumed`), whose first step has trained

@@ -20,6 +20,7 @@ import torch
 from gradwatch import runner
 from gradwatch.diagnose import diagnose
 from gradwatch.diagnose.finding import Finding, write_findings
+from gradwatch.diagnose.signals import skipped_after_last
 from gradwatch.errors import ConfigError, GradwatchError
 from gradwatch.fix.candidates import HARMFUL, Candidate, phase_changes
 from gradwatch.fix.inject import (BUDGET_REACHED, ENV_MAX_STEPS, ENV_REMEDY, NOT_APPLIED, PROGRESS, STOP_AFTER_NON_FINITE,
@@ -135,8 +136,7 @@ def _ended_skipped(series) -> bool:
     at every scale), after its last stored step: a remedy trial is stopped there, on a loss that
     stayed non-finite, yet its stored losses, the steps that were taken, are finite. A reviewer's
     "ZClip + Adam repairs the run" was such a trial, its forward overflowing as the baseline's."""
-    last = int(series.steps[-1]) if len(series.steps) else -1
-    return sum(1 for s in series.meta.get("skipped_steps") or () if s == last + 1) >= STOP_AFTER_NON_FINITE
+    return skipped_after_last(series) >= STOP_AFTER_NON_FINITE
 
 
 def last_tenth(losses: np.ndarray) -> np.ndarray:

@@ -11,6 +11,7 @@ threshold. An exploding gradient in the same run is what the clipping was meant 
 from __future__ import annotations
 
 from gradwatch.diagnose.finding import Finding, Remedy
+from gradwatch.diagnose.signals import noted_in
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
 
@@ -30,11 +31,10 @@ def find_late_clipping(run: RunSeries, th: Thresholds) -> list[Finding]:
 def _said(run: RunSeries) -> tuple[int, dict] | None:
     """The watch's first late clip, when it falls in this run (or phase) of steps."""
     said = run.meta.get(KEY) or []
-    if not said or len(run.steps) == 0:
+    if not said:
         return None
     step, detail = int(said[0][0]), said[0][1]
-    every = int(run.meta.get("every") or 1)
-    return (step, detail) if int(run.steps[0]) <= step <= int(run.steps[-1]) + every else None
+    return (step, detail) if noted_in(run, step) else None
 
 
 def _what(step: int, detail: dict) -> str:

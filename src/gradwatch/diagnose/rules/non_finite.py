@@ -11,7 +11,7 @@ import numpy as np
 
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding, Remedy
-from gradwatch.diagnose.signals import from_init, total_grad_norm
+from gradwatch.diagnose.signals import from_init, skipped_after_last, total_grad_norm
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import LayerInfo, RunSeries
 
@@ -35,7 +35,7 @@ def find_scaler_stuck(run: RunSeries, th: Thresholds) -> list[Finding]:
     last = int(run.steps[-1]) if len(run.steps) else -1
     first = int(run.steps[0]) if len(run.steps) else 0
     mine = [int(s) for s in run.meta.get("skipped_steps") or () if first <= s <= last + 1]  # (this phase's)
-    tail = sum(1 for s in mine if s == last + 1)  # (the step counter stays while the scaler skips)
+    tail = skipped_after_last(run)
     if tail >= th.scaler_stuck_skips:
         step = last + 1
         what = (f"From step {step} on, a GradScaler skipped every iteration to the end ({tail} in a row): the loss "

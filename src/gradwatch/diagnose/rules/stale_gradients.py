@@ -10,6 +10,7 @@ past gradients grows ~linearly with the step, so `stale_first` puts this cause a
 from __future__ import annotations
 
 from gradwatch.diagnose.finding import Finding, Remedy
+from gradwatch.diagnose.signals import noted_in
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
 
@@ -56,10 +57,9 @@ def find_stale_gradients(run: RunSeries, th: Thresholds) -> list[Finding]:
 def _said(run: RunSeries) -> dict | None:
     """The watch's meta, when its first carry-over falls in this run (or phase) of steps."""
     said = run.meta.get(KEY)
-    if not isinstance(said, dict) or "first_step" not in said or len(run.steps) == 0:
+    if not isinstance(said, dict) or "first_step" not in said:
         return None
-    every = int(run.meta.get("every") or 1)
-    return said if int(run.steps[0]) <= int(said["first_step"]) <= int(run.steps[-1]) + every else None
+    return said if noted_in(run, int(said["first_step"])) else None
 
 
 def _between(said: dict) -> str:
