@@ -381,6 +381,9 @@ def test_a_blow_up_within_ten_steps_is_blamed_on_the_learning_rate_not_the_data(
     run.meta["distributed"] = {"kind": "ddp", "rank": 0, "world_size": 2}  # each rank's argv is the script's
     f = next(f for f in diagnose(run) if f.kind == "non_finite")  # (a tester's fix without torchrun: "RANK expected")
     assert "`gradwatch fix -- torchrun --nproc_per_node=2 'my train.py' --lr 0.1`" in f.remedies[0].action
+    run.meta["distributed"] = {"kind": "ddp", "rank": 0, "world_size": 16, "local_world_size": 8}  # 2 nodes x 8
+    f = next(f for f in diagnose(run) if f.kind == "non_finite")  # (it said --nproc_per_node=16)
+    assert "`gradwatch fix -- torchrun --nnodes=2 --nproc_per_node=8 'my train.py' --lr 0.1`" in f.remedies[0].action
 
 
 def test_non_finite_origin_is_the_first_activation_layer():

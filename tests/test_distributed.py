@@ -84,7 +84,8 @@ def test_ddp_statistics_equal_one_process_on_the_global_batch(ddp, reference):
     assert sorted(p.name for p in (ddp / "watched").iterdir() if p.suffix == ".sqlite") == ["gradwatch.sqlite"]
     series = read_run(ddp / "watched")
     assert_same_series(series, reference)
-    assert series.meta["distributed"] == {"kind": "ddp", "rank": 0, "world_size": 2, "all_ranks": False}
+    assert series.meta["distributed"] == {"kind": "ddp", "rank": 0, "world_size": 2, "all_ranks": False,
+                                       "local_world_size": 2}  # (torchrun's LOCAL_WORLD_SIZE: the fix command's)
 
 
 def test_ddp_watching_changes_nothing(ddp):

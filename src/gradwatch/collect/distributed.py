@@ -150,7 +150,9 @@ class Distributed:
 
     @property
     def meta(self) -> dict:
-        return {"kind": self.kind, "rank": self.rank, "world_size": self.world, "all_ranks": self.all_ranks}
+        local = os.environ.get("LOCAL_WORLD_SIZE", "")  # torchrun's processes on this node
+        return {"kind": self.kind, "rank": self.rank, "world_size": self.world, "all_ranks": self.all_ranks,
+                **({"local_world_size": int(local)} if local.isdigit() else {})}
 
     def set_params(self, params: list[torch.Tensor]) -> None:
         self.sharded = np.array([id(p) in self.sharded_ids for p in params], dtype=bool)
