@@ -813,6 +813,29 @@ def test_an_optimizer_built_by_a_function_of_the_script_is_named():
     assert read_names(local.replace("make_optimizer(net, lr=2.0)", "make_optimizer(model=net)")).model == "net"
 
 
+LIGHTNING_SCRIPT = '''
+class Net(L.LightningModule):
+    def training_step(self, batch, i):
+        return self.net(batch[0]).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+'''
+
+
+def test_a_lightning_script_is_told_where_its_optimizer_is_built():
+    """A LightningModule's optimizer is built in configure_optimizers, which Lightning calls: the
+    change said "optimizer: its optimizer (not found in your script)", with nowhere to put it."""
+    from gradwatch.fix.candidates import adam
+    from gradwatch.fix.names import read_names
+
+    change = read_names(LIGHTNING_SCRIPT).complete(adam(read_names(LIGHTNING_SCRIPT)).code)
+    assert "optimizer: the one your configure_optimizers returns: make the change there" in change
+    assert "model: your LightningModule" in change
+    plain = LIGHTNING_SCRIPT.replace("configure_optimizers", "make_optimizer")
+    assert "optimizer: its optimizer (not found" in read_names(plain).complete(adam(read_names(plain)).code)
+
+
 def test_the_names_come_from_the_command_or_the_training_function(tmp_path):
     from gradwatch.fix.names import script_names, script_path
     (tmp_path / "pkg").mkdir()

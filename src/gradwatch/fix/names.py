@@ -26,6 +26,10 @@ TORCH_OPTIMIZERS = frozenset(n for n, c in vars(torch.optim).items()
                              if isinstance(c, type) and issubclass(c, torch.optim.Optimizer))
 PLACEHOLDERS = {"model": "your model (the nn.Module you train)", "optimizer": "its optimizer",
                 "rnn": "your recurrent layer (an nn.RNN/GRU/LSTM)", "lstm": "your nn.LSTM"}
+# A LightningModule builds its optimizer in configure_optimizers, which Lightning calls: the change
+# to it goes there, on `self`'s parameters
+LIGHTNING = {"model": "your LightningModule, before trainer.fit",
+             "optimizer": "the one your configure_optimizers returns: make the change there, with self for model"}
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class Names:
     aimed: bool = False  # `model` is the one the findings name, not the first trained (several models)
     # the module the loop calls when the optimizers take parts of it (`model` for `model.head.parameters()`)
     called: str = ""
+    lightning: bool = False  # the script defines configure_optimizers (a LightningModule's)
 
     @property
     def changed(self) -> str:
@@ -187,7 +192,8 @@ class Names:
         if "example_input=batch" in code:
             seen = f", as in {self.changed}({self.batch})" if self.batch else ", as the model takes it in training"
             lines.append(f"# batch: one input batch{seen}")
-        generic = [f"{n}: {what}" for n, what in PLACEHOLDERS.items()
+        said = {**PLACEHOLDERS, **LIGHTNING} if self.lightning else PLACEHOLDERS
+        generic = [f"{n}: {what}" for n, what in said.items()
                    if n not in self.found | {self.called} and _uses(code, n)]
         if generic:
             lines.append(f"# {'; '.join(generic)} (not found in your script)")
@@ -252,7 +258,8 @@ def read_names(source: str, run: Context | None = None, imported: frozenset[str]
         tree = ast.parse(source)
     except SyntaxError:
         return Names(run=run)
-    return replace(_read_names(tree, run, imported), initialised_at=_initialised_at(tree))
+    lightning = any(isinstance(n, ast.FunctionDef) and n.name == "configure_optimizers" for n in ast.walk(tree))
+    return replace(_read_names(tree, run, imported), initialised_at=_initialised_at(tree), lightning=lightning)
 
 
 _INIT_CALL = re.compile(r"(^|\.)init\.\w+_$")  # nn.init.normal_, torch.nn.init.xavier_uniform_, init.zeros_
