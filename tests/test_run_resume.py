@@ -49,7 +49,7 @@ def adam(params):
 
 
 def sgd(params):
-    return torch.optim.SGD(params, lr=1e-2)
+    return torch.optim.SGD(params, lr=1e-2, momentum=0.9)  # (its checkpoint holds momentum buffers, no count)
 
 
 def test_a_resumed_training_is_numbered_from_its_optimizers_step_count(tmp_path):
@@ -93,6 +93,14 @@ def test_an_optimizer_that_counts_no_steps_leaves_them_numbered_from_0_and_says_
     out = io.StringIO()
     print_run_summary(tmp_path / "again", out)
     assert "SGD's loaded state keeps no step count: its steps are numbered from 0 here" in out.getvalue()
+
+
+def test_an_optimizer_given_back_its_own_fresh_state_has_resumed_nothing(tmp_path):
+    """Accelerate's `prepare` loads an optimizer's own state back to move it to the device: before
+    any step, with nothing in it. A fresh training was said to be resumed from a checkpoint."""
+    _, fresh = _train(None, 0, sgd)  # no step taken: the optimizer's state is empty
+    _train(tmp_path / "fresh", 3, sgd, state=fresh)
+    assert "resumed" not in read_run(tmp_path / "fresh").meta
 
 
 RESUMED = """

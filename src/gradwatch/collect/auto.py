@@ -478,11 +478,13 @@ class AutoWatch(Watch):
         its optimizer's loaded state has taken (Adam's per-parameter `step`), so two runs of it line
         up and "since step N" is the training's step; the store says so (meta `resumed`). An
         optimizer that keeps no count (SGD) was given a saved state: the steps stay numbered from
-        0, and the store says the count is unknown. (Only what this process has not recorded yet.)"""
+        0, and the store says the count is unknown; unless the loaded state held nothing at all: an
+        optimizer's own fresh state loaded back (Accelerate's `prepare` does so to move it to the
+        device) resumes nothing. (Only what this process has not recorded yet.)"""
         if not self.number_resumed or self.store_path is not None or self._step != 0:  # (a writer needs a path)
             return
         taken = steps_taken(optimizer)
-        if taken is None and optimizer not in self._loaded or taken == 0:
+        if taken is None and (optimizer not in self._loaded or not optimizer.state) or taken == 0:
             return
         self._meta["resumed"] = {"at_step": taken, "optimizer": type(optimizer).__name__}
         if taken:
