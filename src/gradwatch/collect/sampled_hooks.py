@@ -19,7 +19,7 @@ from torch.overrides import TorchFunctionMode
 from gradwatch.collect import patches
 from gradwatch.collect.layers import RECURRENT, Layer, compiled_inner
 from gradwatch.collect.record import StepRecord
-from gradwatch.collect.stats import activation_stats, activation_stats_stacked, rms, time_profile
+from gradwatch.collect.stats import activation_stats, activation_stats_stacked, rms, time_profile, unit_axis, unit_dim
 
 # An activation output of at most this many entries costs more in kernel launches (~10 per output,
 # ~90 µs together on the CPU) than in reading it again: it is copied at its forward and its
@@ -60,10 +60,11 @@ class _Stats:
     Held in `todo`, 1000 such forwards kept 156 MiB of copies to the next backward, which took their
     statistics for nothing (537 ms), and a cycle through `todo` kept them from a gc-less process."""
 
-    def __init__(self, y: torch.Tensor, activation: str, todo: list) -> None:
+    def __init__(self, y: torch.Tensor, activation: str, todo: list, unit: int) -> None:
         self.stats: torch.Tensor | None = None
         self.copy: torch.Tensor | None = None
         self.activation = activation
+        self.unit = unit  # the units' axis (`stats.unit_axis`), read from y's graph at its forward
         self._todo = todo
         if _small(y):
             self.copy = y.detach().to(torch.float32, copy=True)
@@ -71,7 +72,7 @@ class _Stats:
             if len(todo) >= PRUNE_AT and len(todo) & (len(todo) - 1) == 0:  # at each doubling: amortised
                 todo[:] = [r for r in todo if (p := r()) is not None and p.stats is None]
         else:
-            self.stats = activation_stats(y, activation)
+            self.stats = activation_stats(y, activation, unit)
 
     def value(self) -> torch.Tensor:
         if self.stats is None:
@@ -93,10 +94,10 @@ def _take_together(todo: list) -> None:
     for ref in todo:
         pending = ref()
         if pending is not None and pending.stats is None:
-            groups.setdefault((pending.copy.shape, pending.activation), []).append(pending)
+            groups.setdefault((pending.copy.shape, pending.activation, pending.unit), []).append(pending)
     todo.clear()
-    for (_, activation), items in groups.items():
-        rows = activation_stats_stacked(torch.stack([p.copy for p in items]), activation).unbind(0)
+    for (_, activation, unit), items in groups.items():
+        rows = activation_stats_stacked(torch.stack([p.copy for p in items]), activation, unit).unbind(0)
         for pending, row in zip(items, rows):
             pending.stats, pending.copy = row, None
 
@@ -250,7 +251,7 @@ class SampledHooks:
             if y.requires_grad:
                 # counted when a backward reaches the output: a forward no backward uses (a
                 # validation pass left with gradients on, between steps) is not the training's
-                self._hook_output_grad(rec, pos, y, _Stats(y, activation, self._todo))
+                self._hook_output_grad(rec, pos, y, _Stats(y, activation, self._todo, unit_axis(y)))
             else:  # (no backward can reach it: a frozen backbone's, a model fed inputs without a graph)
                 rec.accumulate(rec.act, pos, activation_stats(y, activation))
         return _eager(hook)
@@ -265,10 +266,11 @@ class SampledHooks:
             y = first.data if isinstance(first, PackedSequence) else _first_tensor(output)  # (packed: its rows)
             if rec is None or y is None or not y.is_floating_point() or y.numel() == 0:
                 return
+            unit = unit_dim(y.dim())  # (a sequence's units are its last axis)
             if not y.requires_grad:
-                rec.accumulate(rec.act, pos, activation_stats(y, activation))
+                rec.accumulate(rec.act, pos, activation_stats(y, activation, unit))
                 return
-            stats = _Stats(y, activation, self._todo)
+            stats = _Stats(y, activation, self._todo, unit)
             self._hook_output_grad(rec, pos, y, stats)
             state = _first_tensor(output[1]) if isinstance(output, tuple) and len(output) > 1 else None
             if state is not None and state.requires_grad:

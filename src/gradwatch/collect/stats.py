@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 
 import torch
 
@@ -64,12 +65,43 @@ def unit_dim(ndim: int) -> int:
     return 1 if ndim in (4, 5) else ndim - 1
 
 
-def activation_stats(y: torch.Tensor, activation: str) -> torch.Tensor:
-    """[mean, std, saturated fraction (NaN if not saturating), dead-unit fraction]."""
-    return activation_stats_stacked(y.detach().float().unsqueeze(0), activation)[0]
+# autograd nodes whose 3-D output is (N, C, L), channels first: a Conv1d's, a BatchNorm1d's, a
+# GroupNorm's, a pool's; and those that keep their input's layout (an activation, a bias or residual
+# added, dropout), looked through to the layer that made it
+_CHANNELS_FIRST = re.compile(r"Convolution|Conv|BatchNorm|GroupNorm|Pool")
+_ELEMENTWISE = re.compile(r"^(Relu|Threshold|LeakyRelu|Rrelu|Prelu|Gelu|Silu|Mish|Elu|Celu|Selu|Sigmoid|Tanh|"
+                          r"Hardtanh|Hardsigmoid|Hardswish|Softplus|Softsign|Add|Sub|Mul|Div|Clamp|Clone|"
+                          r"NativeDropout|Dropout|Neg|Abs|Exp|Log|Pow|Sqrt)")
 
 
-def activation_stats_stacked(ys: torch.Tensor, activation: str) -> torch.Tensor:
+def unit_axis(y: torch.Tensor) -> int:
+    """The unit axis of an output `y`: `unit_dim`, but for a 3-D output a Conv1d (or a norm or pool
+    of one) made, read from its autograd graph, its channels (N, C, L), not its length: a sequence
+    (N, T, H) from a Linear, an embedding or a recurrent layer has its units last. Counted over the
+    length, 87.5% dead Conv1d channels read as none dead."""
+    if y.dim() != 3:
+        return unit_dim(y.dim())
+    node = y.grad_fn
+    for _ in range(8):
+        if node is None:
+            break
+        name = type(node).__name__
+        if _CHANNELS_FIRST.search(name):
+            return 1
+        if not _ELEMENTWISE.match(name) or not node.next_functions:
+            break
+        node = node.next_functions[0][0]
+    return 2
+
+
+def activation_stats(y: torch.Tensor, activation: str, unit: int | None = None) -> torch.Tensor:
+    """[mean, std, saturated fraction (NaN if not saturating), dead-unit fraction]; `unit`: the
+    units' axis (default `unit_axis(y)`)."""
+    unit = unit_axis(y) if unit is None else unit
+    return activation_stats_stacked(y.detach().float().unsqueeze(0), activation, unit)[0]
+
+
+def activation_stats_stacked(ys: torch.Tensor, activation: str, unit: int | None = None) -> torch.Tensor:
     """`activation_stats` of each of `ys` (float32 outputs of one shape, stacked along dim 0), as
     rows. Each row is bitwise the one of its output alone (on the CPU, tested): one set of ~10
     kernels for all (~90 µs per output alone, ~1000 outputs in a sampled step of a 2000-tensor MLP)."""
@@ -91,8 +123,9 @@ def activation_stats_stacked(ys: torch.Tensor, activation: str) -> torch.Tensor:
         low, high = bounds
         band = ASYMPTOTE_BAND * max(abs(low), abs(high))
         saturated = ((ys <= low + band) | (ys >= high - band)).float().mean(dim=dims)
-    if len(shape) >= 2 and numel // shape[unit_dim(len(shape))] >= MIN_DEAD_SAMPLES:
-        d = 1 + unit_dim(len(shape))
+    unit = unit_dim(len(shape)) if unit is None else unit
+    if len(shape) >= 2 and numel // shape[unit] >= MIN_DEAD_SAMPLES:
+        d = 1 + unit
         # 7x faster than (y != 0).any; `!= 0`, not `> 0`: a NaN unit is not zero, so not dead (the
         # non-finite values are a finding of their own)
         alive = ys.abs().amax(dim=tuple(i for i in dims if i != d)) != 0

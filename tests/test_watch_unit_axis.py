@@ -1,0 +1,72 @@
+"""Which axis of an activation's output holds its units: a Conv1d's (N, C, L) output has its
+channels at 1, a sequence's (N, T, H) from a Linear its features last. Counted over the length, a
+tester's text CNN with 87.5% of its Conv1d channels dead read as none dead."""
+
+import pytest
+import torch
+from torch import nn
+
+import gradwatch as gw
+from gradwatch.collect.stats import activation_stats, unit_axis
+
+
+class Conv1dNet(nn.Module):
+    def __init__(self, norm: bool, residual: bool):
+        super().__init__()
+        self.conv = nn.Conv1d(8, 8, 3, padding=1)
+        self.norm = nn.BatchNorm1d(8) if norm else nn.Identity()
+        self.act, self.residual = nn.ReLU(), residual
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.norm(self.conv(x))
+        h = self.act(h + x if self.residual else h)
+        return self.head(h.mean(-1))
+
+
+class SequenceNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj, self.act, self.head = nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.act(self.proj(x)).mean(1))
+
+
+def _dead_share(y: torch.Tensor, axis: int) -> float:
+    """The share of units along `axis` whose output is 0 for every sample and position."""
+    other = tuple(d for d in range(y.dim()) if d != axis)
+    return (y.abs().amax(dim=other) == 0).float().mean().item()
+
+
+@pytest.mark.parametrize("norm, residual", [(False, False), (True, False), (False, True)])
+def test_conv1d_channels_are_its_units(norm, residual):
+    torch.manual_seed(0)
+    model = Conv1dNet(norm, residual)
+    with torch.no_grad():
+        bias = model.norm.bias if norm else model.conv.bias
+        bias[0], bias[1:] = 1.0, -100.0  # 7 of 8 channels below 0 everywhere
+    x = torch.randn(32, 8, 20).abs() * 0.01  # (N, C, L); small, so a residual keeps them below 0
+    seen = []
+    model.act.register_forward_hook(lambda m, a, out: seen.append(out.detach()))
+    with gw.watch(model, sample_every=1, warn=False) as watch:
+        model(x).sum().backward()
+        run = watch.series()
+    assert unit_axis(model.norm(model.conv(x))) == 1
+    assert _dead_share(seen[0], 1) == pytest.approx(7 / 8)
+    assert run.metrics["dead"][0, run.column("act")] == pytest.approx(7 / 8)
+
+
+def test_a_sequences_features_are_its_units():
+    torch.manual_seed(0)
+    model = SequenceNet()
+    with torch.no_grad():
+        model.proj.bias[:2] = -100.0  # 2 of 8 features
+    x = torch.randn(32, 20, 8)  # (N, T, H)
+    y = model.act(model.proj(x))
+    assert unit_axis(y) == 2 and _dead_share(y.detach(), 2) == pytest.approx(2 / 8)
+    with gw.watch(model, sample_every=1, warn=False) as watch:
+        model(x).sum().backward()
+        run = watch.series()
+    assert run.metrics["dead"][0, run.column("act")] == pytest.approx(2 / 8)
+    assert activation_stats(y.detach(), "relu")[3].item() == pytest.approx(2 / 8)  # no graph: features last
