@@ -63,3 +63,15 @@ def test_units_dying_in_a_converged_sgd_run_at_healthy_steps_are_info():
 def test_units_a_high_lr_killed_while_the_loss_still_falls_at_the_end_are_info():
     (f,) = _dead_from(40, optimizer="SGD", lr=0.1, still_falling=True, update_ratio=0.3)
     assert f.severity == "info" and f.causes[0].startswith("learning rate")
+
+
+def test_units_dying_that_cut_the_layers_below_off_any_gradient_are_a_block_however_the_loss_fell():
+    """A tester's GCN on a raw adjacency: its loss 'fell' from 1.75e4 to chance while the layers
+    below the dead units got exactly zero gradient; it was said as info, capacity lost."""
+    run = build(n_steps=300, depth=4)
+    rows = sampled(run)
+    run.metrics["dead"][rows[run.steps[rows] >= 40], run.column("act1")] = 0.6
+    run.metrics["grad_norm"][40:, run.column("fc0")] = 0.0
+    run.metrics["grad_max"][40:, run.column("fc0")] = 0.0
+    (f,) = [f for f in gw.diagnose(run) if f.kind == "dead_units"]
+    assert f.severity != "info" and f.evidence["zero_gradient_layers"] == ["fc0"]

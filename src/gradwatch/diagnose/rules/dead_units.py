@@ -41,7 +41,8 @@ def find_dead_units(run: RunSeries, th: Thresholds) -> list[Finding]:
         said = (f"{worst:.0%} of the units of '{worst_layer}' output 0 for every sample since step {first}"
                 + (f" ({start:.0%} at the first step)" if rose else "")
                 + (f" ({len(layers)} layers affected)" if len(layers) > 1 else ""))
-        learning = None if at_init or worst >= th.dead_fraction_error else \
+        # weight layers cut off from any gradient below them: a block to learning, however the loss fell
+        learning = None if at_init or worst >= th.dead_fraction_error or zero else \
             loss_fell_to(run, th, th.dead_learning, since=sampled_onset(run, "dead", first))
         if learning is not None and _steps_killed(run, first, th) and not still_falling(run, th):
             learning = None  # killed by the step size, the loss halved and stalled: lower than it could go
