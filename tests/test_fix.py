@@ -68,6 +68,13 @@ def test_candidates_follow_the_findings():
     assert "learning rate x0.1" in post_ln
     assert "learning rate x0.1" not in [c.name for c in from_findings([finding("vanishing_gradient")], set(),
                                                                        optimizer="Adam", lr=1e-3)]
+    # a plateau: a higher lr, but not where its loss stalled on an adaptive optimizer's steps too long
+    # for the weights (a tester's Adam at 0.05 was screened at 0.5, against its own diagnosis)
+    plateau = [c.name for c in from_findings([finding("loss_plateau")], set(), optimizer="Adam", lr=1e-3)]
+    assert "learning rate x10" in plateau and "learning rate x0.1" not in plateau
+    too_long = [c.name for c in from_findings([finding("loss_plateau", first_update_ratio=0.53)], set(), optimizer="Adam",
+                                              lr=0.05)]
+    assert "learning rate x0.1" in too_long and "learning rate x10" not in too_long
     assert "learning rate x0.1" not in [c.name for c in from_findings([finding("vanishing_gradient")], set(),
                                                                        optimizer="Adadelta", lr=1.0)]  # a multiplier
     both = from_findings([finding("vanishing_gradient"), finding("saturation")], {"tanh"})

@@ -435,9 +435,11 @@ def from_findings(findings: list[Finding], activations: set[str], *, layer_types
         relu = "relu" in activations
         out += [*([swap("ReLU", "LeakyReLU", "auto", names=names)] if relu else []), lr_scale(0.1, names),
                 *([] if relu else [reinit(names)]), *adams]
-    if "loss_plateau" in kinds:  # (one that fell and rose back: the lr overshot, `loss_rose_back`)
-        rose_back = any(f.kind == "loss_plateau" and "loss_low" in f.evidence for f in findings)
-        out += [lr_scale(0.1 if rose_back else 10.0, names), *adams]
+    if "loss_plateau" in kinds:
+        # one that fell and rose back (the lr overshot, `loss_rose_back`), or stalled high on an
+        # adaptive optimizer's steps too long for the weights (`first_update_ratio`): a lower lr
+        too_long = any(f.kind == "loss_plateau" and {"loss_low", "first_update_ratio"} & set(f.evidence) for f in findings)
+        out += [lr_scale(0.1 if too_long else 10.0, names), *adams]
     seen, unique = set(), []
     for c in out:
         if c.name not in seen:
