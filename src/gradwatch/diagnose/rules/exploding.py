@@ -3,6 +3,7 @@ and a backward signal growing across depth toward the input."""
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -489,10 +490,31 @@ def _backward_ratios(run: RunSeries) -> tuple[np.ndarray, np.ndarray, list[int]]
     """(sampled rows, ∂L/∂(output) RMS of the lowest hidden layer over the highest's, columns):
     growth toward the input; NaN where the highest got none."""
     rows, values, cols = depth_profile(run, "grad_out_rms", hidden_only=True)
+    while len(cols) >= 2 and len(rows) and _off_the_chain(run, rows, values[:, -2:], cols[-1]):
+        values, cols = values[:, :-1], cols[:-1]
     if len(cols) < 2 or len(rows) == 0:
         return rows, np.full(len(rows), np.nan), cols
     with np.errstate(divide="ignore", invalid="ignore"):
         return rows, np.where(values[:, -1] > 0, values[:, 0] / values[:, -1], np.nan), cols
+
+
+def _off_the_chain(run: RunSeries, rows: np.ndarray, pair: np.ndarray, top: int) -> bool:
+    """The layer `top` is not the only one the layer below feeds (a policy head beside a value
+    head): the gradient below it is larger than one layer can make it. Through a layer y = xWᵀ the
+    backward is G_x = G_y W, so ‖G_x‖ ≤ ‖W‖·‖G_y‖ and, as RMS, rms_x / rms_y ≤ ‖W‖_F·√(n_out/n_in)
+    ≤ ‖W‖_F·√n_params; times an activation's slope (SELU's at most 1.76: 2 allowed). A median ratio
+    beyond that at the sampled steps is a sibling's gradient, not growth (an actor-critic whose
+    deterministic policy head got 4e-7: "grows 1.1e7x toward the input", 17x through its body)."""
+    w = run.metrics.get("weight_norm")
+    if w is None:
+        return False
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = pair[:, 0] / pair[:, 1]
+    ratios, norms = ratios[np.isfinite(ratios)], np.asarray(w[rows, top], dtype=float)
+    norms = norms[np.isfinite(norms)]
+    if not len(ratios) or not len(norms):
+        return False
+    return bool(np.median(ratios) > 2.0 * np.median(norms) * math.sqrt(max(run.layers[top].n_params, 1)))
 
 
 def _forward_growth(run: RunSeries, th: Thresholds):
