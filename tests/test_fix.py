@@ -43,6 +43,9 @@ def test_candidates_follow_the_findings():
     unmeasured = [c.name for c in from_findings([finding("non_finite")], set())]
     assert unmeasured == ["learning rate x0.1", "Adam (lr 1e-3)", "ZClip"]  # no level: adaptive clipping
     vanish = [c.name for c in from_findings([finding("vanishing_gradient")], {"sigmoid", "relu"})]
+    # a loss that differentiates the model by its input (a PINN): smooth swaps only, no SELU or Leaky ReLU
+    pinn = [c.name for c in from_findings([finding("vanishing_gradient")], {"sigmoid"}, smooth=True)]
+    assert "Sigmoid -> Tanh + Xavier init" in pinn and not any("LeakyReLU" in n or "SELU" in n for n in pinn)
     assert vanish[0] == "Sigmoid -> LeakyReLU + He init" and "re-initialise per activation" in vanish
     assert "BatchNorm after each layer" in vanish and "activations -> SELU + lecun init" in vanish
     # activations called as functions are no module to swap: no swap trial that would change nothing

@@ -62,6 +62,10 @@ def layer_info(layer: Layer) -> LayerInfo:
 FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
+# the run's meta: the loss takes a derivative of the model by its input with create_graph (a PINN)
+INPUT_DERIVATIVES = "input_derivatives"
+
+
 def optimizer_meta(optimizer: torch.optim.Optimizer | None) -> dict:
     """What the rules need to know of the optimizer: its class, and its largest momentum (an SGD
     step with momentum is not lr·g)."""
@@ -193,10 +197,12 @@ class Watch:
         self._norm_buf = self._max_buf = None
         self._small = SmallGrads()  # small gradients the hooks keep, read together after backward
         self._stale = StaleCheck()  # a gradient carried into the next step: a forgotten zero_grad()
+        self._derivatives_seen = patches.differentiable_derivatives()  # (`INPUT_DERIVATIVES`)
         # None: this step is not recorded
         self._cur_sampled: bool | None = self._sampled(first_step) if self._recorded(first_step) else None
         # living for one sampled step
-        self._sampled_hooks = SampledHooks(self._current_here, self._unscale, lambda: not self._reevaluating)
+        self._sampled_hooks = SampledHooks(self._current_here, self._unscale,
+                                           lambda: not self._reevaluating and not patches.inner_derivative())
         self._order = ForwardOrder()
         self._unordered: int | None = None  # a step whose forward ran before its model was found (_end_step)
         self._attached = False
@@ -513,7 +519,8 @@ class Watch:
             self.store_path.parent.mkdir(parents=True, exist_ok=True)
             # a training resumed at first_step continues the run stored there
             self._writer = RunStoreWriter(self.store_path, self._meta, resume_at=self.first_step)
-        meta = {k: self._meta[k] for k in ("optimizer", "momentum", "distributed", STALE_KEY) if k in self._meta}
+        meta = {k: self._meta[k] for k in ("optimizer", "momentum", "distributed", STALE_KEY, INPUT_DERIVATIVES)
+                if k in self._meta}
         meta["lr_scale"] = self._lr_scales()
         meta["models"] = [prefix for _, prefix in self._models]  # (a GAN's: diagnosed one by one)
         batch = to_batch(ready, self._layers, meta=meta)
@@ -673,6 +680,8 @@ class Watch:
                 rec.forget_backwards()
                 self._clear_grad_buffers()
                 self._rival_objective()
+        if patches.differentiable_derivatives() != self._derivatives_seen:  # (a PINN's loss: diagnose's advice
+            self._meta[INPUT_DERIVATIVES] = True  # keeps the activations smooth)
         self._stale.before_backward(self._step)  # (the step this backward is in: zero-code mode may have ended one)
         # optimizer.step(closure) calling the closure again after its gradients were cleared (LBFGS
         # evaluates line-search points): the step's gradient is the first call's, the gradient of

@@ -117,6 +117,17 @@ class Context:
         # under a schedule the lr the script configures is its peak (a warm-up may start at 0)
         self.lr = float(lr.max()) if len(lr) else float("nan")
         self.scheduled = bool(len(lr)) and float(lr.min()) < self.lr
+        # the loss differentiates the model by its input (a PINN's u''): a swap keeps it smooth
+        self.smooth_needed = bool(run.meta.get("input_derivatives"))
+
+    def swap_target(self, act: str) -> tuple[str, str]:
+        """(the class a saturating `act` is swapped for, its name as said): Leaky ReLU; where the
+        loss differentiates the model by its input, a smooth one, since a piecewise-linear
+        network's second derivative is 0 (a tester's PINN, sigmoid swapped for Leaky ReLU, could
+        not fall below the residual's mean square; with tanh it fell 5000x): tanh, or SiLU for tanh."""
+        if not self.smooth_needed:
+            return "LeakyReLU(0.01)", "Leaky ReLU"
+        return ("SiLU()", "SiLU") if act == "tanh" else ("Tanh()", "tanh")
 
     @property
     def init_code(self) -> str:
@@ -186,8 +197,10 @@ def vanishing(ctx: Context, layers: tuple[str, ...], evidence: dict, through_tim
         acts = ", ".join(ctx.saturating)
         causes.append(f"saturating activation: {ctx.n_saturating} {acts} layers; sigmoid' ≤ 0.25 and tanh' ≤ 1, "
                       "so each one shrinks the backward signal")
-        remedies.append(Remedy("Swap the saturating activations for Leaky ReLU",
-                               _swap_code(ctx, ctx.saturating[0])))
+        said = ctx.swap_target(ctx.saturating[0])[1]
+        smooth = (": the loss differentiates the model by its input, and a ReLU's second derivative is 0"
+                  if ctx.smooth_needed else "")
+        remedies.append(Remedy(f"Swap the saturating activations for {said}{smooth}", _swap_code(ctx, ctx.saturating[0])))
     if evidence.get("at_init"):
         causes.append("initial weight scale: the gradient already collapses at the first step, before any update")
     if ctx.depth >= 6:
@@ -387,8 +400,10 @@ def _swap_code(ctx: Context, act: str) -> str:
     kept, and the weights re-initialised for the new activation. Swapped alone, a 10-layer sigmoid
     MLP with torch's default init (variance 1/(3 fan_in), a sixth of the signal per Leaky ReLU
     layer) still vanished: 10% accuracy after 300 SGD steps; with gw.init_ after it, 95%."""
-    return (f"model, _ = gw.modify.swap_activations(model, nn.{_cls(act)}, lambda: nn.LeakyReLU(0.01), keep_output=True)\n"
-            f"{ctx.init_code}  # He init for the new activation")
+    target, said = ctx.swap_target(act)
+    init = "He" if said in ("Leaky ReLU", "SiLU") else "Xavier"
+    return (f"model, _ = gw.modify.swap_activations(model, nn.{_cls(act)}, lambda: nn.{target}, keep_output=True)\n"
+            f"{ctx.init_code}  # {init} init for the new activation")
 
 
 def zero_weights(ctx: Context, zeros: list[str]) -> tuple[list[str], list[Remedy]]:

@@ -302,7 +302,8 @@ def swap(old: str, new: str = "LeakyReLU", init: str | None = None, present: tup
     if init:
         spec["init"] = init
         parts.append(Part(INIT, f"gw.init_({model}, {init!r}" + (", example_input=batch)" if init == "auto" else ")")))
-        name += f" + {'He' if init in ('he', 'auto') else init} init"
+        auto = "Xavier" if new in ("Tanh", "Sigmoid") else "He"  # (what gw.init_ gives the new activation)
+        name += f" + {auto if init == 'auto' else 'He' if init == 'he' else init} init"
     return _made(name, spec, *parts)
 
 
@@ -378,7 +379,7 @@ def tried_for(finding: Finding) -> bool:
 
 def from_findings(findings: list[Finding], activations: set[str], *, layer_types: set[str] = frozenset(),
                   optimizer: str | None = "SGD", lr: float | None = None, lr_ceiling: float | None = None,
-                  names: Names = GENERIC) -> list[Candidate]:
+                  names: Names = GENERIC, smooth: bool = False) -> list[Candidate]:
     """The remedies worth a trial for these findings, without repeats, their code in `names`.
 
     `activations`: those of the hidden layers (a swap of the output's alone would change nothing).
@@ -386,7 +387,9 @@ def from_findings(findings: list[Finding], activations: set[str], *, layer_types
     `lr` decide what applies: LayerNorm rather than BatchNorm for sequence models; a GRU for a
     vanilla RNN; no optimizer swap where the script updates the weights itself (clipping and lr
     scaling then act on the gradients); a lower lr against vanishing under a high adaptive lr;
-    `lr_ceiling` (see `lr_ceiling()`), a cap on a schedule that raised the lr until the run blew up."""
+    `lr_ceiling` (see `lr_ceiling()`), a cap on a schedule that raised the lr until the run blew up.
+    `smooth`: the loss differentiates the model by its input (a PINN): a saturating activation is
+    swapped for a smooth one (tanh; SiLU for tanh), since a piecewise-linear net's u'' is 0."""
     kinds = {f.kind for f in findings}
     through_time = any("sequence_length" in f.evidence for f in findings)  # vanishing through time
     sequence = bool(layer_types & {"RNN", "GRU", "LSTM", "MultiheadAttention", "TransformerEncoderLayer",
@@ -427,9 +430,12 @@ def from_findings(findings: list[Finding], activations: set[str], *, layer_types
             out += [forget_bias(names)] if "LSTM" in layer_types else []
             out += [orthogonal(names), *adams, lr_scale(10.0, names)]
         else:
-            out += [swap(s, "LeakyReLU", "auto", names=names) for s in saturating]
-            # activations called as functions (torch.sigmoid in forward) are no module to swap
-            out += [swap("*", "SELU", "lecun", present, names)] if present else []
+            if smooth:
+                out += [swap(s, "SiLU" if s == "Tanh" else "Tanh", "auto", names=names) for s in saturating]
+            else:
+                out += [swap(s, "LeakyReLU", "auto", names=names) for s in saturating]
+                # activations called as functions (torch.sigmoid in forward) are no module to swap
+                out += [swap("*", "SELU", "lecun", present, names)] if present else []
             out += [reinit(names), normalise, *adams]
     if "dead_units" in kinds:  # the swap re-initialises (He) too: a plain re-init only without ReLUs
         relu = "relu" in activations
