@@ -118,3 +118,34 @@ def test_the_adam_change_under_a_cyclic_schedule_rebuilds_it_at_the_lrs_the_tria
     assert isinstance(ns["opt"], torch.optim.Adam)
     assert max(ns["lrs"]) == pytest.approx(1e-3 * peak / (0.05 if "Cyclic" in schedule else peak), rel=0.02)
     assert min(ns["lrs"]) < max(ns["lrs"]) / 10  # still the script's schedule
+
+
+ACCUMULATING_NAN = """
+import torch
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.01)
+for step in range(50):
+    for micro in range(4):  # gradients accumulated over 4 micro-batches a step
+        loss = model(torch.randn(8, 4)).pow(2).mean() / 4
+        if step >= 3:
+            loss = loss * float("nan")
+        loss.backward()
+    opt.step()
+    opt.zero_grad()
+"""
+
+
+def test_a_trial_stopped_on_non_finite_micro_batches_ends_non_finite(tmp_path, monkeypatch):
+    """The trial is stopped after 3 non-finite losses in a row, counted by backward: with 4
+    micro-batches a step, before any non-finite step was stored. Its stored losses were finite: a
+    tester's ZClip 'repaired the run' whose loss was NaN on 181 of 200 steps pasted in."""
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "accumulate.py").write_text(ACCUMULATING_NAN)
+    from gradwatch.fix.candidates import lr_scale
+
+    trial = run_trial([sys.executable, "accumulate.py"], tmp_path / "t", lr_scale(0.1), 40)  # (a remedy: stopped)
+    assert trial.steps == 3  # steps 0-2, finite: the NaN micro-batches of step 3 stopped it
+    assert trial.final_loss == float("inf")

@@ -67,3 +67,29 @@ def test_after_a_killed_fix_the_users_later_changes_stay_and_the_trials_are_kept
     assert (tmp_path / "ckpt.pt").read_text() == "retrained by hand" and (tmp_path / "newdata.csv").is_file()
     assert "left as they are" in again.notice and "train.py" in again.notice
     again.close()
+
+
+def test_a_second_fix_in_the_same_directory_waits_for_the_first_and_says_so(tmp_path):
+    """Two fixes in one directory each put it back after their trials: a tester's second fix took
+    the first's trial files for an earlier killed fix's and reported the other script's run."""
+    import subprocess
+    import sys
+    import time
+
+    from gradwatch.fix.touched import one_fix_at_a_time
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from gradwatch.fix.touched import one_fix_at_a_time\n"
+                               f"with one_fix_at_a_time(Path({str(tmp_path)!r}), print):\n"
+                               "    print('held', flush=True); time.sleep(1.5)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    said, start = [], time.monotonic()
+    with one_fix_at_a_time(tmp_path, said.append):
+        waited = time.monotonic() - start
+    holder.wait(timeout=30)
+    assert len(said) == 1 and f"another fix (pid {holder.pid}) is running in" in said[0] and "waiting" in said[0]
+    assert waited > 0.5  # it waited for the holder's end
+    with one_fix_at_a_time(tmp_path, said.append):  # free again: taken at once, nothing said
+        pass
+    assert len(said) == 1

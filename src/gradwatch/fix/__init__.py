@@ -25,7 +25,7 @@ from gradwatch.fix.inject import PAUSABLE
 from gradwatch.fix.locate import Origin
 from gradwatch.fix.names import Names, script_names
 from gradwatch.fix.pause import available_memory
-from gradwatch.fix.touched import Workspace
+from gradwatch.fix.touched import Workspace, one_fix_at_a_time
 from gradwatch.fix.trial import (LOCATE, OUTPUT_LOG, Trial, discard_trials, end_paused, final_error, final_loss, go_on,
                                  lower_beyond_noise, run_trial, run_trial_in_process)
 from gradwatch.store import read_run, store_files
@@ -503,22 +503,23 @@ def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "
             end_paused(t)
             workspace.settle(t.run_dir)
 
-    workspace = Workspace(Path.cwd(), out)  # first: a killed fix's trials date what it left
-    discard_trials(out)
-    if workspace.notice:
-        say(f"gradwatch fix: {workspace.notice}")
-    partial: list[FixResult] = []  # the result so far, once the baseline is measured
-    try:
-        return _fix(trial, end, command, out, budget_steps, candidates, order, strategy, finals, say, workspace,
-                    partial)
-    except KeyboardInterrupt as exc:
-        if partial and not isinstance(exc, FixInterrupted):
-            raise FixInterrupted(partial[0]) from exc
-        raise
-    finally:
-        for t in partial[0].screened if partial else []:
-            end(t)
-        workspace.close()
+    with one_fix_at_a_time(Path.cwd(), say):
+        workspace = Workspace(Path.cwd(), out)  # first: a killed fix's trials date what it left
+        discard_trials(out)
+        if workspace.notice:
+            say(f"gradwatch fix: {workspace.notice}")
+        partial: list[FixResult] = []  # the result so far, once the baseline is measured
+        try:
+            return _fix(trial, end, command, out, budget_steps, candidates, order, strategy, finals, say, workspace,
+                        partial)
+        except KeyboardInterrupt as exc:
+            if partial and not isinstance(exc, FixInterrupted):
+                raise FixInterrupted(partial[0]) from exc
+            raise
+        finally:
+            for t in partial[0].screened if partial else []:
+                end(t)
+            workspace.close()
 
 
 def _pausable(baseline: Trial, in_process: bool) -> bool:

@@ -10,6 +10,8 @@ trial's loss has been non-finite for STOP_AFTER_NON_FINITE steps in a row.
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import math
 import os
@@ -47,6 +49,7 @@ ENV_MAX_STEPS = "GRADWATCH_MAX_STEPS"
 STOP_AFTER_NON_FINITE = 3  # consecutive non-finite losses that end a remedy trial
 NOT_APPLIED = "not-applied.txt"  # in a trial's run directory: why its remedy changed nothing
 BUDGET_REACHED = "budget_reached"  # in a trial's run directory: the budget, not the script, ended it
+STOPPED_NON_FINITE = "stopped_non_finite"  # in a trial's run directory: ended on a loss that stayed non-finite
 PAUSABLE = "pausable"  # in a trial's run directory: its process could pause at its budget (`Injector._can_pause`)
 PROGRESS = "progress.txt"  # in a trial's run directory: the steps done so far (the store waits for a flush)
 PROGRESS_EVERY = 1.0  # seconds at least between two writes of it: a fast script's trial writes it seldom
@@ -528,6 +531,12 @@ class Injector:
         follows): end it once the watch has recorded STOP_AFTER_NON_FINITE such steps, instead of
         running the rest of the budget. One sync per step, in trials only."""
         if self.non_finite_losses >= STOP_AFTER_NON_FINITE:
+            # marked: counted by backward, micro-batches accumulated for one step may stop it before
+            # any non-finite step is stored (a tester's "ZClip repairs the run", its stored losses
+            # finite, its loss NaN on 181 of 200 steps pasted in)
+            if self.run_dir is not None:
+                with contextlib.suppress(OSError):
+                    (self.run_dir / STOPPED_NON_FINITE).write_text(f"{self.non_finite_losses}\n")
             raise SystemExit(0)
         unscaled = getattr(root, patches.UNSCALED, None)
         loss = unscaled[0] if unscaled is not None else root

@@ -5,11 +5,20 @@ checkpoint no later trial can load. So the working directory is put back after e
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import shutil
+import tempfile
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # (Windows: no advisory locks; one fix at a time is the user's to keep)
+    fcntl = None
 
 DEPTH = 3  # the working directory and two levels below it (checkpoints/run1/ckpt.pt)
 SOURCE = (".py", ".md", ".rst", ".ipynb")  # changed during a fix, the user's edits: a training script writes no code or prose
@@ -19,6 +28,34 @@ BACKUP_LIMIT = 512 * 2**20  # bytes of the user's files copied aside before the 
 WRITTEN = "written"  # in a trial's directory: the files the script wrote during that trial
 BACKUP, INTERRUPTED, COMPLETE = ".originals", ".originals-interrupted", ".complete"
 SKIP = {".git", ".hg", ".svn", ".venv", "venv", "__pycache__", "node_modules"}
+
+
+@contextlib.contextmanager
+def one_fix_at_a_time(root: Path, say: Callable[[str], None]) -> Iterator[None]:
+    """Held while a fix works in `root`: each fix puts the directory back after every trial, so a
+    second one there would move the first's trial files away, take its baseline's writes for its
+    own, and put back what the other had changed (a tester's two fixes in one directory each
+    reported the other's run). The lock is a file of the system's temporary directory named for
+    `root`, not one in it; the kernel drops it with its holder, so a killed fix leaves none. A second
+    fix waits for the first, and says so."""
+    if fcntl is None:
+        yield
+        return
+    key = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
+    fd = os.open(Path(tempfile.gettempdir()) / f"gradwatch-fix-{key}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            say(f"gradwatch fix: another fix (pid {owner}) is running in {str(root)!r}: its trials put the directory "
+                "back after each one, so two at once would undo each other's; waiting for it to end (Ctrl-C stops)")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def own_outputs() -> set[tuple[int, int]]:

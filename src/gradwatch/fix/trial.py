@@ -24,7 +24,7 @@ from gradwatch.diagnose.signals import skipped_after_last
 from gradwatch.errors import ConfigError, GradwatchError
 from gradwatch.fix.candidates import HARMFUL, Candidate, phase_changes
 from gradwatch.fix.inject import (BUDGET_REACHED, ENV_MAX_STEPS, ENV_REMEDY, NOT_APPLIED, PROGRESS, STOP_AFTER_NON_FINITE,
-                                  Injector)
+                                  STOPPED_NON_FINITE, Injector)
 from gradwatch.fix.locate import ENV_LOCATE_AT, ORIGIN
 from gradwatch.fix.pause import Channel
 from gradwatch.fix.touched import WRITTEN
@@ -213,6 +213,7 @@ def prepare(run_dir: Path, candidate: Candidate) -> Path:
     (run_dir / ORIGIN).unlink(missing_ok=True)
     (run_dir / PROGRESS).unlink(missing_ok=True)
     (run_dir / BUDGET_REACHED).unlink(missing_ok=True)
+    (run_dir / STOPPED_NON_FINITE).unlink(missing_ok=True)
     (run_dir / REMEDY_FILE).write_text(json.dumps(
         {"name": candidate.name, "spec": candidate.spec, "code": candidate.code}, indent=1) + "\n")
     return run_dir
@@ -227,7 +228,7 @@ def discard_trials(out: Path) -> None:
             continue
         runner.clear_run(run_dir)
         shutil.rmtree(run_dir / WRITTEN, ignore_errors=True)
-        for name in (REMEDY_FILE, OUTPUT_LOG, NOT_APPLIED, ORIGIN, PROGRESS, BUDGET_REACHED):
+        for name in (REMEDY_FILE, OUTPUT_LOG, NOT_APPLIED, ORIGIN, PROGRESS, BUDGET_REACHED, STOPPED_NON_FINITE):
             (run_dir / name).unlink(missing_ok=True)
         try:
             run_dir.rmdir()
@@ -432,7 +433,8 @@ def measure(trial: Trial) -> Trial:
         return trial  # nothing recorded: the script failed before its first step
     trial.steps = len(series.steps)
     trial.own_loss = bool(series.meta.get("own_loss_steps"))
-    trial.final_loss = float("inf") if _ended_skipped(series) else final_loss(series.loss)
+    stopped = _ended_skipped(series) or (run_dir / STOPPED_NON_FINITE).is_file()
+    trial.final_loss = float("inf") if stopped else final_loss(series.loss)
     trial.final_error = final_error(series.loss)
     trial.first_loss = first_loss(series.loss[series.steps >= last_phase(series)])
     trial.findings = diagnose(series)
