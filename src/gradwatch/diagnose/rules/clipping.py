@@ -73,7 +73,8 @@ def _measured(run: RunSeries, th: Thresholds) -> tuple[float | None, str]:
     if u is None or w is None or g is None:
         return None, ""
     cols = [c for c, layer in enumerate(run.layers) if layer.role != "activation"]
-    step = u[:, cols] * w[:, cols]
+    with np.errstate(invalid="ignore"):  # an infinite ratio against a zero-initialised layer's norm 0: NaN, left out
+        step = u[:, cols] * w[:, cols]
     rows = np.flatnonzero(np.isfinite(step).all(axis=1) & np.isfinite(g[:, cols]).all(axis=1) & (run.lr > 0))
     if len(rows) < th.persist_samples:
         return None, ""

@@ -12,7 +12,7 @@ from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
 from gradwatch.diagnose.rules.clipping import clipped_advice, clipping
 from gradwatch.diagnose.rules.late_clipping import late_first
-from gradwatch.diagnose.rules.loss import learning_on
+from gradwatch.diagnose.rules.loss import learning_on, loss_fell_to
 from gradwatch.diagnose.rules.stale_gradients import stale_first
 from gradwatch.diagnose.signals import (depth_profile, finite_loss, from_init, names, peaks_growing, periodic, persistent_start,
                                         plain_sgd, profile_columns, row_nanpercentile, TOTAL_BLOCK, total_grad_norm, window)
@@ -75,6 +75,10 @@ def find_exploding(run: RunSeries, th: Thresholds) -> list[Finding]:
         said = f"The gradient norm rose {evidence['growth_over_steps']:.3g}x above its recent level from step {first}"
         return learning_on("exploding_gradient", first, layers, said, learning, "learning sped up (a plateau left, new "
                            "data met), no blow-up", "the steps must stay bounded", evidence, causes, remedies)
+    if (learning := _outgrown(run, evidence, first, th)) is not None:
+        said = f"Gradients overshot the weights at step {first}: " + "; ".join(what)
+        return learning_on("exploding_gradient", first, layers, said, learning, "the weights outgrew their small start, "
+                           "no blow-up", "the loss stalls", evidence, causes, remedies)
     blow_up = set(evidence) & {"max_update_ratio", "predicted_update_ratio", "weight_growth", "backward_ratio",
                                "init_forward_growth"} \
         or ("growth_over_steps" in evidence and not evidence.get("recovered"))
@@ -109,6 +113,19 @@ def _learnt_after(run: RunSeries, evidence: dict, first: int, th: Thresholds) ->
     span = min(max(th.min_loss_window, w // 4), len(loss) - i)  # a rise shorter than a window moves no window's median
     risen = np.median(np.lib.stride_tricks.sliding_window_view(loss[i:], span), axis=1).max() > 2 * level
     return None if risen else (level, end)
+
+
+def _outgrown(run: RunSeries, evidence: dict, first: int, th: Thresholds) -> tuple[float, float] | None:
+    """(loss around the overshoot, at the end) when an update larger than the weights is all there
+    is, and the loss since fell to `burst_learning` of its level and stayed finite: small weights
+    the steps outgrew (their ratio falls as they grow), not a blow-up, which makes the loss worse.
+    A logistic regression at SGD lr 2 (update 1.12x its initial weights at step 2, then 0.7x,
+    0.18x, 0.07x) trained to 96% and was told to lower its lr 100-fold: 92.8% then."""
+    overshoot = {"max_update_ratio", "predicted_update_ratio"}
+    signals = {"growth_over_steps", "weight_growth", "backward_ratio", "init_forward_growth", "clip_active_share"}
+    if not set(evidence) & overshoot or set(evidence) & signals:
+        return None
+    return loss_fell_to(run, th, th.burst_learning, since=first)
 
 
 def _clipped_every_step(run: RunSeries, th: Thresholds):
