@@ -261,3 +261,17 @@ def test_an_all_zero_net_is_told_its_init_not_an_explosion():
     assert np.nanmax(run.metrics["update_ratio"][:, run.column("4")]) > 1  # the ratio is there to be misread
     found = {f.kind for f in gw.diagnose(run)}
     assert "dead_units" in found and "exploding_gradient" not in found
+
+
+def test_lbfgs_whose_first_step_took_the_whole_fall_is_no_plateau():
+    """A convex fit by full-batch L-BFGS: 2.35 at step 0, 0.36 from step 1, converged. The plateau
+    rule's start, a median of the first window, read 0.3575: 'has not improved, raise the lr
+    tenfold, try Adam' on a run at 95% accuracy."""
+    from series_builder import build
+
+    run = build(n_steps=60, optimizer="LBFGS", lr=1.0)
+    run.loss[:] = 0.3569 + 1e-4 * np.random.default_rng(0).random(60)
+    run.loss[0] = 2.348
+    assert "loss_plateau" not in [f.kind for f in diagnose(run)]
+    run.loss[0] = run.loss[1]  # flat from its first step: a plateau still
+    assert "loss_plateau" in [f.kind for f in diagnose(run)]

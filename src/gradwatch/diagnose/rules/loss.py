@@ -75,7 +75,10 @@ def find_loss_plateau(run: RunSeries, th: Thresholds) -> list[Finding]:
     if stalled := _stalled_on_long_steps(run, th):
         return stalled
     w = window(len(loss), th.min_loss_window)
-    first = loss[:start_window(len(loss), th)]
+    # a line search (L-BFGS) steps on the whole batch: its first loss is the start, no noise to take a
+    # median over, and its first step often takes most of the fall (a convex fit: 2.35 -> 0.36, then
+    # converged, read as flat from a median 0.3575 of its first window)
+    first = loss[:1] if advice.Context(run).line_search else loss[:start_window(len(loss), th)]
     start, end = float(np.median(first)), float(np.median(loss[-w:]))
     scale = abs(start)
     change = (start - end) / scale if scale >= 1e-8 else 0.0
