@@ -1295,3 +1295,19 @@ def test_a_zero_initialised_layer_under_sgd_is_read_without_numpy_warnings():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         diagnose(run)
+
+
+def test_a_new_optimizers_loss_is_read_from_its_own_start():
+    """A pretrained body frozen, a new 10-class head trained by an Adam of its own: its loss began
+    at 5.1 against the pretraining's 0.005 and fell from there. Read against the pretraining's
+    start, it was 'diverging since step 109, lower the lr from 0.05' (the pretraining SGD's)."""
+    run = build(n_steps=300)
+    rng = np.random.default_rng(0)
+    run.loss[:100] = 0.005 + 0.001 * rng.random(100)
+    run.loss[100:] = 0.8 + 4.3 * np.exp(-np.arange(200) / 20) + 0.1 * rng.random(200)
+    assert "loss_divergence" in kinds(diagnose(run))  # one training: the loss leapt 1000x and stayed up
+    run.meta["optimizer_stopped"] = [[100, ["fc0", "fc1", "fc2", "fc3"]]]
+    assert "loss_divergence" not in kinds(diagnose(run))
+    run.loss[150:] = 50.0  # the head's own loss rising after its start is still found
+    (f,) = [f for f in diagnose(run) if f.kind == "loss_divergence"]
+    assert f.first_step >= 100

@@ -272,7 +272,18 @@ def _rises_beyond_noise(start: np.ndarray, later: np.ndarray, th: Thresholds) ->
 
 def find_loss_divergence(run: RunSeries, th: Thresholds) -> list[Finding]:
     """Training made the loss worse: the running median rises `divergence_factor` times the initial
-    loss's magnitude above it."""
+    loss's magnitude above it. Each span a new optimizer took over (meta `optimizer_stopped`) is read
+    from its own start, with its own lr: a frozen body's new 10-class head, trained by an Adam of its
+    own after the pretraining's SGD, began at 5.1 against the pretraining's 0.47 and fell from there
+    (read as 'rises since step 109, lower the lr from 0.05', the SGD's)."""
+    cuts = sorted({int(s) for s, _ in run.meta.get("optimizer_stopped") or [] if len(run.steps) and s > run.steps[0]})
+    if not cuts:
+        return _divergence(run, th)
+    spans = [run.between(a, b) for a, b in zip([int(run.steps[0]), *cuts], [*cuts, None])]
+    return next((found for span in spans if len(span.steps) and (found := _divergence(span, th))), [])
+
+
+def _divergence(run: RunSeries, th: Thresholds) -> list[Finding]:
     steps, loss = finite_loss(run)
     w = window(len(loss), th.min_loss_window)
     if len(loss) < 2 * w:
