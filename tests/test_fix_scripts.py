@@ -149,3 +149,29 @@ def test_a_trial_stopped_on_non_finite_micro_batches_ends_non_finite(tmp_path, m
     trial = run_trial([sys.executable, "accumulate.py"], tmp_path / "t", lr_scale(0.1), 40)  # (a remedy: stopped)
     assert trial.steps == 3  # steps 0-2, finite: the NaN micro-batches of step 3 stopped it
     assert trial.final_loss == float("inf")
+
+
+OPTIMIZER_EVERY_STEP = """
+import torch
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 1)
+for step in range(60):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)  # made anew every iteration (its state lost: a bug)
+    loss = model(torch.randn(8, 4)).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+"""
+
+
+def test_a_trial_of_a_script_that_makes_its_optimizer_every_step_keeps_to_the_budget(tmp_path, monkeypatch):
+    """Each new optimizer stepped once, never the lead's: no step was counted, and a tester's trials
+    ran the script's 300 steps whatever the budget."""
+    import sys
+
+    from gradwatch.fix.candidates import lr_scale
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "remake.py").write_text(OPTIMIZER_EVERY_STEP)
+    trial = run_trial([sys.executable, "remake.py"], tmp_path / "t", lr_scale(0.1), 10)
+    assert trial.steps == 10 and trial.cut

@@ -35,6 +35,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from gradwatch.collect import patches
 from gradwatch.collect.caller_names import caller_name
 from gradwatch.collect.layers import ACTIVATIONS, compiled_inner
+from gradwatch.collect.update_window import params_of
 from gradwatch.collect.watch import MAX_ACCUMULATION
 from gradwatch.errors import ConfigError
 from gradwatch.fix.locate import ENV_LOCATE_AT, NonFiniteLocator, alive_in, callers_frame as _callers_frame, script_line
@@ -435,8 +436,11 @@ class Injector:
         as the store counts one step per iteration. Another optimizer stepping between the lead's (a
         GAN's generator, a decoder's own) is not one: counted, a GAN's trials ran half their budget
         and the locating run stopped halfway to its NaN. One stepping twice with no lead step between
-        (a new optimizer made for the next epoch) leads from then on."""
-        if self._lead is not None and self._lead() is not opt:
+        (a new optimizer made for the next epoch) leads from then on, and so does one stepping the
+        lead's own weights (the lead made anew every iteration: none was counted, and a tester's
+        trials ran the script's 300 steps against a budget of 40), as the watch counts them."""
+        if self._lead is not None and (lead := self._lead()) is not None and lead is not opt \
+                and not params_of(opt) & params_of(lead):
             if self._last is None or self._last() is not opt:
                 self._last = weakref.ref(opt)
                 return
