@@ -371,3 +371,25 @@ def test_a_finding_said_live_that_the_whole_run_does_not_keep_is_said_so(capsys,
     assert not_kept([(30, "exploding_gradient", "0")], [said]) == []  # kept: nothing to say
     twice = not_kept([(40, "dead_units", "2"), (30, "dead_units", "0")], [])
     assert len(twice) == 1 and "dead_units said at step 30" in twice[0]  # once a kind, its first step
+
+
+def test_the_summary_quotes_a_run_directory_with_spaces_in_the_command_it_suggests(tmp_path):
+    """`gradwatch run --out "runs/long run"` said 'details: gradwatch diagnose runs/long run':
+    pasted, 'unrecognized arguments: run'."""
+    import io
+    import shlex
+
+    from gradwatch.cli.summary import print_run_summary
+
+    where = tmp_path / "long run"
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gw.watch(model, opt, out=where, warn=False):
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+            opt.step()
+    out = io.StringIO()
+    print_run_summary(where, out)
+    line = next(l for l in out.getvalue().splitlines() if "details:" in l)
+    assert shlex.split(line.split("details: ")[1]) == ["gradwatch", "diagnose", str(where)]

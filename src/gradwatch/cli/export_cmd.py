@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 
 from gradwatch.cli import say
 from gradwatch.store import end_note, store_files
@@ -37,5 +38,5 @@ def main(args: argparse.Namespace) -> int:
     if note:
         say(f"partial run: {note}")
     print(f"Wrote {n} step{'s' * (n != 1)} to TensorBoard logs in {args.tensorboard} "
-          f"(view: tensorboard --logdir {args.tensorboard})")
+          f"(view: tensorboard --logdir {shlex.quote(str(args.tensorboard))})")
     return 0

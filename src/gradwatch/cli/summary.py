@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import signal
 import textwrap
 from pathlib import Path
@@ -52,7 +53,7 @@ def print_run_summary(run_dir: Path, out: TextIO, exit_code: int = 0) -> None:
         print(f.line(), file=out)
     for line in not_kept([tuple(x) for x in series.meta.get("live_findings") or []], findings):
         print(line, file=out)
-    print(f"gradwatch: details: gradwatch diagnose {run_dir}", file=out)
+    print(f"gradwatch: details: gradwatch diagnose {shlex.quote(str(run_dir))}", file=out)
     _print_other_stores(others, out, series.meta.get("pid"))
     _say_forked_training(run_dir, out)
 
@@ -128,7 +129,7 @@ def _print_other_stores(paths: list[Path], out: TextIO, main_pid: int | None = N
         who = "the same process after os.execv" if main_pid is not None and series.meta.get("pid") == main_pid \
             else "another process"
         print(f"gradwatch: {who} ({_command(series)}): {_headline(series)}, {found}; "
-              f"gradwatch diagnose {path}", file=out)
+              f"gradwatch diagnose {shlex.quote(str(path))}", file=out)
     if len(paths) > OTHERS_SHOWN:
         print(f"gradwatch: and {len(paths) - OTHERS_SHOWN} more stores of other processes in {paths[0].parent}",
               file=out)
