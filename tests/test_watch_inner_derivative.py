@@ -46,7 +46,8 @@ def test_a_gradient_taken_for_the_parameters_is_the_steps():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with gw.watch(model, opt, sample_every=1, warn=False) as watch:
         y = model(torch.randn(16, 4))
-        grads = torch.autograd.grad(y.pow(2).mean(), list(model.parameters()))
+        grads = torch.autograd.grad(y.pow(2).mean(), model.parameters())  # (a generator: read once, whole)
+        assert len(grads) == 4
         for p, g in zip(model.parameters(), grads):
             p.grad = g
         opt.step()

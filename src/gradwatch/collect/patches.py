@@ -55,6 +55,8 @@ def _grad(original, outputs, inputs, *args, **kwargs):
     are no parameter) is no backward of the training loss: the output-gradient hooks it fires are
     not ∂L/∂output (a PINN's layers read du/dh, 1e-8 to 2, for ∂L/∂h ~1e-10). Counted while it runs;
     a gradient taken for parameters (a functional training step, MAML's inner step) is the step's."""
+    if not isinstance(inputs, (torch.Tensor, tuple, list)) and inputs is not None:
+        inputs = tuple(inputs)  # (read once: `model.parameters()` is a generator, taken as torch takes it)
     inner = not any(isinstance(t, torch.nn.Parameter)
                     for t in ((inputs,) if isinstance(inputs, torch.Tensor) else inputs or ()))
     _derivatives[0] += inner
