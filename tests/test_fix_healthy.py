@@ -71,3 +71,29 @@ def test_a_baseline_that_crashes_is_not_called_healthy(tmp_path):
     assert "No remedy was tried: your script fails on its own, with exit code 1 after 30 steps" in text
     assert "IndexError: list index out of range" in text and str(tmp_path / "baseline" / "output.log") in text
     assert "Fix that error first" in text
+
+
+def test_a_failed_scripts_error_is_its_exception_line_not_the_tail_of_a_tensor_it_printed(tmp_path):
+    """A tester's Gaussian policy failed with a ValueError whose message holds a tensor: the note
+    quoted its last line, '(grad_fn=<ExpBackward0>))'."""
+    from gradwatch.cli.fix_cmd import _error
+    from gradwatch.fix.trial import OUTPUT_LOG
+
+    (tmp_path / OUTPUT_LOG).write_text(
+        "update 280 reward -0.9\nTraceback (most recent call last):\n  File \"gauss.py\", line 40, in <module>\n"
+        "ValueError: Expected parameter scale (Tensor of shape (64, 1)) of distribution Normal(loc: torch.Size([64, 1]), "
+        "scale: torch.Size([64, 1])) to satisfy the constraint GreaterThan(lower_bound=0.0), but found invalid values:\n"
+        "tensor([[0.],\n        [0.]], grad_fn=<ExpBackward0>)\n")
+    base = Trial(BASELINE, tmp_path, 0, 1.0, steps=290, final_loss=0.5, first_loss=2.0)
+    assert _error(base).startswith("ValueError: Expected parameter scale")
+
+
+def test_a_winner_that_learnt_little_is_not_said_to_leave_no_harmful_finding_when_it_left_one(tmp_path):
+    from gradwatch.fix import Candidate
+
+    base = Trial(BASELINE, None, 0, 1.0, steps=40, final_loss=5.0, first_loss=2.0, final_error=0.01,
+                 findings=[Finding("exploding_gradient", "error", 3, ("0",), "m", {})])
+    win = Trial(Candidate("learning rate x0.1", {"lr_scale": 0.1}, "lr = 0.1"), None, 0, 1.0, steps=40, final_loss=3.0,
+                first_loss=2.0, final_error=0.01)  # its loss rose: harmful, loss_did_not_fall
+    text = " ".join(_printed(FixResult(base, [win], budget_steps=40)).split())
+    assert "its loss rose 50.0% (2 -> 3): little was learnt" in text and "no harmful finding is left" not in text

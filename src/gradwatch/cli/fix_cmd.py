@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import signal
 import sys
 import textwrap
@@ -131,8 +132,8 @@ def print_result(result: FixResult, console: Console) -> None:
         barely = ""
         if not learnt:  # (then fell is measured)
             moved = f"fell only {fell:.1%}" if fell >= 0 else f"rose {-fell:.1%}"
-            barely = (f" (no harmful finding is left, but its loss {moved} ({winner.first_loss:.4g} "
-                      f"-> {winner.final_loss:.4g}): little was learnt in the trial)")
+            left = "" if winner.harmful else "no harmful finding is left, but "  # (loss_did_not_fall may be one)
+            barely = f" ({left}its loss {moved} ({winner.first_loss:.4g} -> {winner.final_loss:.4g}): little was learnt in the trial)"
         console.print(f"[bold]{winner.candidate.name}[/] {verdict}{barely}. The change to make:", markup=True)
         console.print(textwrap.indent(result.change, "    "), markup=False, soft_wrap=True)
     if (note := nan_note(result)) is not None:
@@ -271,9 +272,16 @@ def frozen_note(base: Trial) -> str | None:
             "them and no trial is ranked by them; `gradwatch diagnose` on the baseline's run says more.")
 
 
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b")
+
+
 def _error(trial: Trial) -> str:
-    """The last line the failed script printed: normally its exception."""
-    return "".join(trial.output_tail(1)).strip() or "no output"
+    """The failed script's exception: the last line of its last lines that names one (a message
+    that prints a tensor runs on below it: 'ValueError: ... found invalid values: tensor([...',
+    whose last line was quoted, '(grad_fn=<ExpBackward0>))'); else its last line."""
+    tail = [line.rstrip() for line in trial.output_tail(40)]
+    named = [line for line in tail if _EXCEPTION_LINE.match(line)]
+    return (named[-1] if named else next((line for line in reversed(tail) if line.strip()), "")).strip() or "no output"
 
 
 def _some(paths: list[str]) -> str:
