@@ -175,3 +175,17 @@ def test_a_trial_of_a_script_that_makes_its_optimizer_every_step_keeps_to_the_bu
     (tmp_path / "remake.py").write_text(OPTIMIZER_EVERY_STEP)
     trial = run_trial([sys.executable, "remake.py"], tmp_path / "t", lr_scale(0.1), 10)
     assert trial.steps == 10 and trial.cut
+
+
+def test_a_baseline_that_failed_on_input_piped_into_fix_is_told_the_trials_get_none(tmp_path):
+    """`cat cfg.json | gradwatch fix -- python train.py`: the script's json.load(sys.stdin) read
+    nothing in the baseline, and fix said only 'exit code 1'."""
+    import os
+    import sys
+
+    (tmp_path / "reads.py").write_text("import json, sys\ncfg = json.load(sys.stdin)\n")
+    done = subprocess.run([sys.executable, "-m", "gradwatch", "fix", "--budget-steps", "5", "--", sys.executable,
+                           "reads.py"], input='{"lr": 0.1}', capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 2
+    assert "what was piped into gradwatch fix did not reach the script" in " ".join(done.stderr.split())

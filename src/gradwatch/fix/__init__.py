@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -522,6 +523,16 @@ def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "
             workspace.close()
 
 
+def _piped_in() -> bool:
+    """Data was piped or redirected into this process (its stdin a pipe or a file, not a terminal
+    or /dev/null): the trials, whose stdin is /dev/null, never see it."""
+    try:
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+    except (AttributeError, OSError, ValueError):  # (no stdin, or one without a descriptor: pytest's)
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
+
+
 def _pausable(baseline: Trial, in_process: bool) -> bool:
     """Whether the trials will pause at their budget (pause.py), as the baseline's process could:
     fix's own child with its model on the CPU (inject's PAUSABLE), started as a process, and the
@@ -661,6 +672,9 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], end: Callable[[Trial], N
         if any(line.startswith("EOFError") for line in tail):  # input(): trials run with no input to read
             why += ("; it asked for input, and the trials run without any (unattended, their output in a log): "
                     "give the answer as an argument or in an environment variable instead")
+        elif baseline.exit_code != 0 and _piped_in():  # (`cat cfg.json | gradwatch fix -- python train.py`)
+            why += ("; the trials run without input, so what was piped into gradwatch fix did not reach the script: "
+                    "give it the file as an argument instead")
         raise ConfigError(f"the baseline run recorded no training step ({why}); "
                           f"see {out / 'baseline' / OUTPUT_LOG}" + "".join(f"\n    {line}" for line in tail))
     run = read_run(baseline.run_dir)
