@@ -189,3 +189,36 @@ def test_a_baseline_that_failed_on_input_piped_into_fix_is_told_the_trials_get_n
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 2
     assert "what was piped into gradwatch fix did not reach the script" in " ".join(done.stderr.split())
+
+
+RAISES_AFTER_TRAINING = """
+import torch
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+opt = torch.optim.SGD(model.parameters(), lr=3.0)
+x = torch.randn(256, 4)
+y = x[:, :1] * 2
+for step in range(30):
+    idx = torch.randint(0, 256, (32,))
+    loss = (model(x[idx]) - y[idx]).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+raise RuntimeError("the report server is not running")  # after training: the script's own end
+"""
+
+
+def test_trials_that_end_as_the_failed_baseline_did_are_not_failed(tmp_path, monkeypatch):
+    """A tester's script raises after training: every trial exited 1 as the baseline did, every one
+    was 'failed', and fix said no remedy beat the baseline."""
+    import sys
+
+    from gradwatch.fix.candidates import lr_scale
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ends.py").write_text(RAISES_AFTER_TRAINING)
+    result = fix([sys.executable, "ends.py"], out=tmp_path / "fix", budget_steps=40, candidates=[lr_scale(0.01)],
+                 progress=lambda m: None)
+    assert result.baseline.failed and result.baseline.error_line() == "RuntimeError: the report server is not running"
+    (t,) = result.trials
+    assert t.exit_code == 1 and not t.failed and result.winner is t

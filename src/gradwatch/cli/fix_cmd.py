@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import signal
 import sys
 import textwrap
@@ -272,16 +271,8 @@ def frozen_note(base: Trial) -> str | None:
             "them and no trial is ranked by them; `gradwatch diagnose` on the baseline's run says more.")
 
 
-_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b")
-
-
 def _error(trial: Trial) -> str:
-    """The failed script's exception: the last line of its last lines that names one (a message
-    that prints a tensor runs on below it: 'ValueError: ... found invalid values: tensor([...',
-    whose last line was quoted, '(grad_fn=<ExpBackward0>))'); else its last line."""
-    tail = [line.rstrip() for line in trial.output_tail(40)]
-    named = [line for line in tail if _EXCEPTION_LINE.match(line)]
-    return (named[-1] if named else next((line for line in reversed(tail) if line.strip()), "")).strip() or "no output"
+    return trial.error_line() or "no output"
 
 
 def _some(paths: list[str]) -> str:
