@@ -1110,6 +1110,10 @@ def test_a_short_memory_the_task_did_not_need_is_info():
     run.loss[:] = 0.26 - 0.1 * (run.steps / 300)
     f = next(f for f in diagnose(run) if f.kind == "vanishing_gradient")
     assert f.severity == "warning"
+    # a tester's LSTM, its label in the last 5 of 60 steps, 95.7%: 0.69 -> 0.10 on a noisy mini-batch loss
+    run.loss[:] = 0.1 + 0.59 * np.exp(-run.steps / 40) + 0.03 * np.random.default_rng(0).random(len(run.loss))
+    f = next(f for f in diagnose(run) if f.kind == "vanishing_gradient")
+    assert f.severity == "info"
 
 
 def test_a_cut_of_many_decades_is_said_as_a_power_of_ten():

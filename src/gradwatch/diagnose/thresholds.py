@@ -156,9 +156,11 @@ class Thresholds:
     # ... said as info, not a warning, when the loss fell to this share of its start or below: the
     # task was learnt without the sequence's start (a tester's GRU classifier whose label sits in
     # the last 5 of 100 tokens: 100% accuracy, loss 0.45 -> 0.0005, gradient at the first token
-    # 1e-16 of the last's). At most 1% of the loss is left for long-range memory to explain; a
-    # vanilla RNN on the adding problem, which needs it, only got 0.26 -> 0.16 (the mean's loss).
-    time_learnt_loss: float = 0.01
+    # 1e-16 of the last's; another's LSTM, its label in the last 5 of 60 steps: 0.69 -> 0.10, 95.7%,
+    # where the advised forget-gate bias moved its test loss 0.1302 -> 0.1295). Runs whose task
+    # needs the start stay near where they began: a vanilla RNN on the adding problem 0.26 -> 0.16
+    # (the mean's loss, 62%), the benchmark's first-token RNNs and LSTM 97-99%.
+    time_learnt_loss: float = 0.25
 
     # --- units ---------------------------------------------------------------------------------
     # Fraction of a layer's units zero for every sample of the batch. A healthy ReLU net keeps
