@@ -43,6 +43,8 @@ def test_candidates_follow_the_findings():
     unmeasured = [c.name for c in from_findings([finding("non_finite")], set())]
     assert unmeasured == ["learning rate x0.1", "Adam (lr 1e-3)", "ZClip"]  # no level: adaptive clipping
     vanish = [c.name for c in from_findings([finding("vanishing_gradient")], {"sigmoid", "relu"})]
+    # sparse gradients (nn.Embedding(sparse=True)): Adam refuses them, no Adam trial (a tester's two failed)
+    assert not any("Adam" in c.name for c in from_findings([finding("dead_units")], {"relu"}, sparse=True))
     # a loss that differentiates the model by its input (a PINN): smooth swaps only, no SELU or Leaky ReLU
     pinn = [c.name for c in from_findings([finding("vanishing_gradient")], {"sigmoid"}, smooth=True)]
     assert "Sigmoid -> Tanh + Xavier init" in pinn and not any("LeakyReLU" in n or "SELU" in n for n in pinn)

@@ -70,3 +70,26 @@ def test_a_sequences_features_are_its_units():
         run = watch.series()
     assert run.metrics["dead"][0, run.column("act")] == pytest.approx(2 / 8)
     assert activation_stats(y.detach(), "relu")[3].item() == pytest.approx(2 / 8)  # no graph: features last
+
+
+def test_a_sparse_embedding_is_noted_and_no_adam_is_advised():
+    """Adam refuses sparse gradients: a tester's text CNN with nn.Embedding(sparse=True) under SGD was
+    told `optimizer = torch.optim.Adam(...)`, which raised when pasted."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 8, sparse=True), nn.Flatten(), nn.Linear(32, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)  # too small to move the loss: a plateau
+    with gw.watch(model, opt, warn=False) as watch:
+        for _ in range(60):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(torch.randint(0, 50, (16, 4))), torch.randint(0, 2, (16,))).backward()
+            opt.step()
+        run = watch.series()
+    assert run.meta["sparse_gradients"] is True
+    run.loss[:] = 0.69 + 0.001 * np.random.default_rng(0).random(len(run.loss))
+    (plateau,) = [f for f in gw.diagnose(run) if f.kind == "loss_plateau"]
+    assert not any("Adam" in r.code for r in plateau.remedies)
+    del run.meta["sparse_gradients"]
+    (plateau,) = [f for f in gw.diagnose(run) if f.kind == "loss_plateau"]
+    assert any("Adam" in r.code for r in plateau.remedies)

@@ -64,6 +64,8 @@ FLOAT32_MAX = torch.finfo(torch.float32).max
 
 # the run's meta: the loss takes a derivative of the model by its input with create_graph (a PINN)
 INPUT_DERIVATIVES = "input_derivatives"
+# ... and a model holds an nn.Embedding(sparse=True): its gradients are sparse, which Adam refuses
+SPARSE_GRADIENTS = "sparse_gradients"
 
 
 def optimizer_meta(optimizer: torch.optim.Optimizer | None) -> dict:
@@ -280,6 +282,8 @@ class Watch:
         model = self._adopt_distributed(model)
         new = discover(model, prefix, self._seen_params, self._seen_modules)
         self._models.append((model, prefix))  # also with nothing trainable yet: see _watch_new_params
+        if any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse for m in model.modules()):
+            self._meta[SPARSE_GRADIENTS] = True  # (Adam takes no sparse gradient: diagnose and fix offer none)
         if taken:
             rename(taken, model, prefix)
         if new and self._cur_sampled is False:
@@ -519,8 +523,8 @@ class Watch:
             self.store_path.parent.mkdir(parents=True, exist_ok=True)
             # a training resumed at first_step continues the run stored there
             self._writer = RunStoreWriter(self.store_path, self._meta, resume_at=self.first_step)
-        meta = {k: self._meta[k] for k in ("optimizer", "momentum", "distributed", STALE_KEY, INPUT_DERIVATIVES)
-                if k in self._meta}
+        meta = {k: self._meta[k] for k in ("optimizer", "momentum", "distributed", STALE_KEY, INPUT_DERIVATIVES,
+                                           SPARSE_GRADIENTS) if k in self._meta}
         meta["lr_scale"] = self._lr_scales()
         meta["models"] = [prefix for _, prefix in self._models]  # (a GAN's: diagnosed one by one)
         batch = to_batch(ready, self._layers, meta=meta)

@@ -119,6 +119,8 @@ class Context:
         self.scheduled = bool(len(lr)) and float(lr.min()) < self.lr
         # the loss differentiates the model by its input (a PINN's u''): a swap keeps it smooth
         self.smooth_needed = bool(run.meta.get("input_derivatives"))
+        # Adam refuses sparse gradients (an nn.Embedding(sparse=True)): pasted, it raised
+        self.adam_fits = not run.meta.get("sparse_gradients")
 
     def swap_target(self, act: str) -> tuple[str, str]:
         """(the class a saturating `act` is swapped for, its name as said): Leaky ReLU; where the
@@ -561,9 +563,9 @@ def stalled(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[list
     if ctx.saturating:
         causes.append(f"saturating activation: {', '.join(ctx.saturating)} shrinks the signal reaching the lower layers")
     remedies = [NORMALISE]
-    if not ctx.adaptive:  # an adaptive optimizer already scales each parameter's step
+    if not ctx.adaptive and ctx.adam_fits:  # an adaptive optimizer already scales each parameter's step
         remedies.insert(0, Remedy("Use an optimizer with per-parameter step sizes", ADAM_CODE))
-    else:
+    elif ctx.adaptive:
         remedies.append(Remedy("Initialise each layer for the activation that follows it", ctx.init_code))
     return causes, remedies
 
@@ -585,7 +587,7 @@ def loss_plateau(ctx: Context, evidence: dict) -> tuple[list[str], list[Remedy]]
     remedies = [Remedy(f"Raise the learning rate tenfold (to {ctx.lr_text(10)})", ctx.lr_code(10)),
                 Remedy("Check every trainable parameter is given to the optimizer and gets a gradient",
                        "assert all(p.grad is not None for p in model.parameters() if p.requires_grad)")]
-    if not ctx.adaptive:
+    if not ctx.adaptive and ctx.adam_fits:
         remedies.append(Remedy("Try an adaptive optimizer", ADAM_CODE))
     return causes, remedies
 

@@ -697,7 +697,8 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], end: Callable[[Trial], N
                                        layer_types={l.type for l in run.layers}, optimizer=run.meta.get("optimizer"),
                                        lr=float(lrs.max()) if len(lrs) else None,
                                        lr_ceiling=lr_ceiling(run, baseline.findings), names=names,
-                                       smooth=bool(run.meta.get("input_derivatives")))
+                                       smooth=bool(run.meta.get("input_derivatives")),
+                                       sparse=bool(run.meta.get("sparse_gradients")))
     if target is not None:
         candidates = [aimed(c, target) for c in candidates]
     result = FixResult(baseline, [], budget_steps=budget_steps, names=names)

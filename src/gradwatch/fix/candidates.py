@@ -379,7 +379,7 @@ def tried_for(finding: Finding) -> bool:
 
 def from_findings(findings: list[Finding], activations: set[str], *, layer_types: set[str] = frozenset(),
                   optimizer: str | None = "SGD", lr: float | None = None, lr_ceiling: float | None = None,
-                  names: Names = GENERIC, smooth: bool = False) -> list[Candidate]:
+                  names: Names = GENERIC, smooth: bool = False, sparse: bool = False) -> list[Candidate]:
     """The remedies worth a trial for these findings, without repeats, their code in `names`.
 
     `activations`: those of the hidden layers (a swap of the output's alone would change nothing).
@@ -389,13 +389,15 @@ def from_findings(findings: list[Finding], activations: set[str], *, layer_types
     scaling then act on the gradients); a lower lr against vanishing under a high adaptive lr;
     `lr_ceiling` (see `lr_ceiling()`), a cap on a schedule that raised the lr until the run blew up.
     `smooth`: the loss differentiates the model by its input (a PINN): a saturating activation is
-    swapped for a smooth one (tanh; SiLU for tanh), since a piecewise-linear net's u'' is 0."""
+    swapped for a smooth one (tanh; SiLU for tanh), since a piecewise-linear net's u'' is 0.
+    `sparse`: a model's gradients are sparse (nn.Embedding(sparse=True)), which Adam refuses: no Adam."""
     kinds = {f.kind for f in findings}
     through_time = any("sequence_length" in f.evidence for f in findings)  # vanishing through time
     sequence = bool(layer_types & {"RNN", "GRU", "LSTM", "MultiheadAttention", "TransformerEncoderLayer",
                                    "TransformerDecoderLayer", "Embedding"})
     normalise = norm("layer" if sequence else "batch", names)
-    adams = [adam(names, unscheduled=lr_ceiling is not None)] if optimizer is not None and optimizer not in ADAPTIVE else []
+    adams = [adam(names, unscheduled=lr_ceiling is not None)] \
+        if optimizer is not None and optimizer not in ADAPTIVE and not sparse else []
     saturating = [SATURATING_MODULES[a] for a in sorted(activations) if a in SATURATING_MODULES]
     present = tuple(sorted(MODULE_NAMES[a] for a in activations if a in MODULE_NAMES))
     out: list[Candidate] = []
