@@ -1315,3 +1315,21 @@ def test_a_new_optimizers_loss_is_read_from_its_own_start():
     run.loss[150:] = 50.0  # the head's own loss rising after its start is still found
     (f,) = [f for f in diagnose(run) if f.kind == "loss_divergence"]
     assert f.first_step >= 100
+
+
+def test_a_huge_first_loss_from_activations_growing_through_the_layers_is_the_inits_not_the_targets():
+    """A ReLU MLP at std 0.5 (He's is 0.25 for 32 inputs): activations 1.77 -> 41.8 through 6 layers
+    at the first step, a first loss of 1.8e4 on targets of std 2. Told to standardise its targets;
+    re-initialised per activation it reached 0.116."""
+    run = build(depth=7, optimizer="SGD", lr=0.05)
+    run.loss[0] = 1.8e4
+    run.metrics["update_ratio"][0, run.column("fc3")] = 880.0
+    for i, std in enumerate([1.77, 3.02, 5.89, 12.8, 22.6, 41.8]):
+        run.metrics["act_std"][0, run.column(f"act{i}")] = std
+    f = next(f for f in diagnose(run) if f.kind == "exploding_gradient")
+    assert f.causes[0].startswith("initial weight scale") and f.remedies[0].code == "gw.init_(model)"
+    assert not any(c.startswith("loss scale") for c in f.causes)
+    for i in range(6):  # level activations: the loss's own scale, as before
+        run.metrics["act_std"][0, run.column(f"act{i}")] = 1.0
+    f = next(f for f in diagnose(run) if f.kind == "exploding_gradient")
+    assert f.causes[0].startswith("loss scale")

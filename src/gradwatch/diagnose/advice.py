@@ -241,7 +241,7 @@ def exploding(ctx: Context, layers: tuple[str, ...], evidence: dict, through_tim
                       f"{evidence['init_backward_ratio']:.3g}x toward the input at the first step")
     elif grows_at_init:
         causes.append(f"initial weight scale: the activations already grow {evidence['init_forward_growth']:.3g}x "
-                      "through the layers at the first step (weights not scaled for their fan-in)")
+                      "through the layers at the first step (weights too large for their fan-in)")
     if not ctx.adaptive and (evidence.get("growth_over_steps") or evidence.get("max_update_ratio")
                              or evidence.get("predicted_update_ratio")):
         causes.insert(len(causes) if grows_at_init else 0,
