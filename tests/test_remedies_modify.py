@@ -491,3 +491,29 @@ def test_a_checkpoint_saved_before_stacked_wraps_loads(order):
 
 def _linear_in(module: nn.Module) -> str:
     return next(n for n, m in module.named_modules() if isinstance(m, nn.Linear))
+
+
+def test_a_wrapped_layer_still_answers_for_its_attributes():
+    """A hand-written RNN's forward read `self.rec.out_features` of its recurrent Linear: wrapped
+    with its norm, it raised AttributeError, and a tester's BatchNorm trial failed."""
+    import copy
+
+    class LoopRNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.rec, self.out = nn.Linear(2, 8), nn.Linear(8, 8), nn.Linear(8, 1)
+
+        def forward(self, x):
+            h = torch.zeros(x.shape[0], self.rec.out_features)
+            for t in range(x.shape[1]):
+                h = torch.relu(self.inp(x[:, t]) + self.rec(h))
+            return self.out(h)
+
+    model = LoopRNN()
+    weight = model.rec.weight
+    insert_norm(model, "batch")
+    assert isinstance(model.rec, nn.Sequential) and model.rec.out_features == 8 and model.rec.weight is weight
+    assert model(torch.randn(4, 5, 2)).shape == (4, 1)
+    with pytest.raises(AttributeError):
+        model.rec.no_such_attribute
+    copy.deepcopy(model)(torch.randn(4, 5, 2))  # (copied, as fix's trials and users do)
