@@ -848,6 +848,21 @@ def test_a_lightning_script_is_told_where_its_optimizer_is_built():
     assert "optimizer: its optimizer (not found" in read_names(plain).complete(adam(read_names(plain)).code)
 
 
+def test_a_script_that_calls_something_batch_gets_another_name_for_the_example_input():
+    """A tester's script has `def batch(n=64)`: the printed `example_input=batch` passed the function,
+    and gw.init_ raised ConfigError when pasted."""
+    from gradwatch.fix.candidates import swap
+    from gradwatch.fix.names import read_names
+
+    source = "def batch(n=64):\n    return torch.randn(n, 4)\nmodel = make()\nopt = torch.optim.SGD(model.parameters(), lr=0.1)\n"
+    names = read_names(source)
+    change = names.complete(swap("Sigmoid", "LeakyReLU", "auto", names=names).code)
+    assert "example_input=one_batch" in change and "# one_batch: one input batch" in change
+    assert "example_input=batch)" not in change
+    plain = read_names(source.replace("def batch(n=64)", "def make_batch(n=64)"))
+    assert "example_input=batch" in plain.complete(swap("Sigmoid", "LeakyReLU", "auto", names=plain).code)
+
+
 def test_the_names_come_from_the_command_or_the_training_function(tmp_path):
     from gradwatch.fix.names import script_names, script_path
     (tmp_path / "pkg").mkdir()

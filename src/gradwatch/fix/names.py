@@ -60,6 +60,7 @@ class Names:
     # the module the loop calls when the optimizers take parts of it (`model` for `model.head.parameters()`)
     called: str = ""
     lightning: bool = False  # the script defines configure_optimizers (a LightningModule's)
+    batch_taken: bool = False  # the script binds `batch` itself (`def batch(n=64)`): the placeholder is renamed
 
     @property
     def changed(self) -> str:
@@ -191,7 +192,9 @@ class Names:
                          "training: where the trial made it (before it, yours would undo the change's)")
         if "example_input=batch" in code:
             seen = f", as in {self.changed}({self.batch})" if self.batch else ", as the model takes it in training"
-            lines.append(f"# batch: one input batch{seen}")
+            held = "one_batch" if self.batch_taken else "batch"  # (pasted, `batch` was the script's function)
+            code = code.replace("example_input=batch", f"example_input={held}")
+            lines.append(f"# {held}: one input batch{seen}")
         said = {**PLACEHOLDERS, **LIGHTNING} if self.lightning else PLACEHOLDERS
         generic = [f"{n}: {what}" for n, what in said.items()
                    if n not in self.found | {self.called} and _uses(code, n)]
@@ -259,7 +262,10 @@ def read_names(source: str, run: Context | None = None, imported: frozenset[str]
     except SyntaxError:
         return Names(run=run)
     lightning = any(isinstance(n, ast.FunctionDef) and n.name == "configure_optimizers" for n in ast.walk(tree))
-    return replace(_read_names(tree, run, imported), initialised_at=_initialised_at(tree), lightning=lightning)
+    taken = any(isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == "batch"
+                or isinstance(n, ast.Name) and n.id == "batch" and isinstance(n.ctx, ast.Store) for n in ast.walk(tree))
+    return replace(_read_names(tree, run, imported), initialised_at=_initialised_at(tree), lightning=lightning,
+                   batch_taken=taken or "batch" in imported)
 
 
 _INIT_CALL = re.compile(r"(^|\.)init\.\w+_$")  # nn.init.normal_, torch.nn.init.xavier_uniform_, init.zeros_
