@@ -208,17 +208,25 @@ raise RuntimeError("the report server is not running")  # after training: the sc
 """
 
 
-def test_trials_that_end_as_the_failed_baseline_did_are_not_failed(tmp_path, monkeypatch):
-    """A tester's script raises after training: every trial exited 1 as the baseline did, every one
-    was 'failed', and fix said no remedy beat the baseline."""
+def test_trials_that_fail_as_the_baseline_did_after_training_say_so_and_the_best_before_it(tmp_path, monkeypatch):
+    """A tester's script raises after training: every trial exited 1 as the baseline did, the ones
+    whose loss went NaN were stopped (exit 0), and fix said only 'No remedy beat the baseline'."""
+    import io
     import sys
 
+    from rich.console import Console
+
+    from gradwatch.cli.fix_cmd import print_result
     from gradwatch.fix.candidates import lr_scale
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "ends.py").write_text(RAISES_AFTER_TRAINING)
-    result = fix([sys.executable, "ends.py"], out=tmp_path / "fix", budget_steps=40, candidates=[lr_scale(0.01)],
-                 progress=lambda m: None)
+    result = fix([sys.executable, "ends.py"], out=tmp_path / "fix", budget_steps=40,
+                 candidates=[lr_scale(0.01), lr_scale(10.0)], strategy="all", progress=lambda m: None)
     assert result.baseline.failed and result.baseline.error_line() == "RuntimeError: the report server is not running"
-    (t,) = result.trials
-    assert t.exit_code == 1 and not t.failed and result.winner is t
+    assert result.winner is None
+    out = io.StringIO()
+    print_result(result, Console(file=out, width=200))
+    text = " ".join(out.getvalue().split())
+    assert "Every trial failed as the baseline did: fix the script's error first (before it, learning rate x0.01 " \
+           "reached" in text

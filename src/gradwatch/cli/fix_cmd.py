@@ -109,8 +109,12 @@ def print_result(result: FixResult, console: Console) -> None:
     elif not tried:
         console.print(_nothing_tried(result.baseline), markup=False)
     elif winner is None:
-        if result.baseline.failed and all(t.failed for t in result.trials):
-            console.print("Every trial failed as the baseline did: fix the script's error first.")
+        ran = [t for t in result.trials if math.isfinite(t.final_loss)]  # (not stopped on a NaN)
+        if result.baseline.failed and all(t.failed for t in ran):
+            best = min(ran, key=lambda t: t.final_loss, default=None)
+            console.print("Every trial failed as the baseline did: fix the script's error first"
+                          + (f" (before it, {best.candidate.name} reached {best.final_loss:.4g}, the baseline "
+                             f"{result.baseline.final_loss:.4g})" if best is not None else "") + ".", markup=False)
         else:
             close, above = result.within_noise, result.above
             console.print("No remedy beat the baseline." + (" The baseline has no harmful finding."

@@ -492,8 +492,6 @@ def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "
                               pause=pause)
         finally:  # also when interrupted: the user's directory as it was
             touched = workspace.settle(out / name)
-        if partial and t.ends_as(partial[0].baseline):
-            t.as_baseline = True
         if touched:  # what it wrote is put aside: run on, it would miss it
             end(t)
         return t

@@ -56,16 +56,12 @@ class Trial:
     stopped: bool = False  # a final stopped halfway, behind the first final there (fix's `_unless_behind`)
     own_loss: bool = False  # the loss mixes objectives (a GAN's G and D, meta `own_loss_steps`): its level says nothing
     process: "Process | None" = field(default=None, repr=False, compare=False)  # paused: its process, waiting
-    # it exited as the baseline did, with the same error, after as many steps or more: the script's
-    # own end (a raise after training), not its remedy's doing (`ends_as`)
-    as_baseline: bool = False
 
     @property
     def failed(self) -> bool:
         """The script exited with an error (see OUTPUT_LOG) before its budget or its own end: a
-        trial that reaches the budget or the script's end exits 0; one that ends as the baseline
-        did has not failed for its remedy."""
-        return self.exit_code != 0 and not self.as_baseline
+        trial that reaches the budget or the script's end exits 0."""
+        return self.exit_code != 0
 
     def error_line(self) -> str:
         """The script's exception: the last line of its last lines that names one (a message that
@@ -74,14 +70,6 @@ class Trial:
         tail = [line.rstrip() for line in self.output_tail(40)]
         named = [line for line in tail if _EXCEPTION_LINE.match(line)]
         return (named[-1] if named else next((line for line in reversed(tail) if line.strip()), "")).strip()
-
-    def ends_as(self, baseline: "Trial") -> bool:
-        """It exited as the failed baseline did: the same code and exception (its kind: a message may
-        hold numbers), after as many steps or more. A tester's script that raises after training
-        failed every trial so: 'No remedy beat the baseline', Adam's 1.53 beside the baseline's NaN."""
-        kind = lambda t: t.error_line().split(":")[0]  # noqa: E731
-        return (baseline.exit_code != 0 and self.exit_code == baseline.exit_code and self.steps >= baseline.steps
-                and kind(self) == kind(baseline))
 
     def output_tail(self, lines: int) -> list[str]:
         """The script's last lines of output (its error, when it failed)."""
