@@ -97,3 +97,12 @@ def test_a_winner_that_learnt_little_is_not_said_to_leave_no_harmful_finding_whe
                 first_loss=2.0, final_error=0.01)  # its loss rose: harmful, loss_did_not_fall
     text = " ".join(_printed(FixResult(base, [win], budget_steps=40)).split())
     assert "its loss rose 50.0% (2 -> 3): little was learnt" in text and "no harmful finding is left" not in text
+
+
+def test_a_trial_that_recorded_no_step_says_so_and_where_to_look(tmp_path):
+    """A tester's trial whose watch could not start showed 'loss inf at 0' and nothing else."""
+    from gradwatch.cli.fix_cmd import _left
+    from gradwatch.fix import Candidate
+
+    t = Trial(Candidate("ZClip", {"clip": "zclip"}, ""), tmp_path / "screen-3", 0, 1.0, steps=0)
+    assert _left(t) == f"no step recorded: see {tmp_path / 'screen-3' / 'output.log'}"

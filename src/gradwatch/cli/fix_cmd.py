@@ -304,6 +304,8 @@ def _left(trial: Trial) -> str:
     if trial.failed:  # what it showed before it failed too: a script that exits 2 at its end trained all along
         failure = f"the script failed (exit {trial.exit_code}, step {trial.steps}): see {trial.run_dir / OUTPUT_LOG}"
         return ", ".join([*(trial.harmful if trial.steps else []), failure])
+    if trial.steps == 0:  # ran to its end, but no step was stored (the watch could not start: its log says why)
+        return f"no step recorded: see {trial.run_dir / OUTPUT_LOG}"
     return ", ".join(trial.harmful) or "none"
 
 
