@@ -1333,3 +1333,20 @@ def test_a_huge_first_loss_from_activations_growing_through_the_layers_is_the_in
         run.metrics["act_std"][0, run.column(f"act{i}")] = 1.0
     f = next(f for f in diagnose(run) if f.kind == "exploding_gradient")
     assert f.causes[0].startswith("loss scale")
+
+
+def test_a_group_held_at_lr_0_for_a_while_is_not_stalled_once_it_moves():
+    """Discriminative fine-tuning: the body's group at lr 0 for 150 steps while the head warms up,
+    then 1e-4 (the stored group scale is the last flush's: 0.1). Its exact-zero updates read as a
+    stall 'since step 150', at 0.99x the head's per unit of lr."""
+    run = build(n_steps=400, depth=4, optimizer="Adam", lr=1e-3)
+    rows = sampled(run)
+    u = run.metrics["update_ratio"]
+    u[rows, run.column("fc3")] = 2e-3
+    for name in ("fc0", "fc1", "fc2"):
+        u[rows, run.column(name)] = np.where(run.steps[rows] < 150, 0.0, 2e-4)
+    run.meta["lr_scale"] = {"fc0": 0.1, "fc1": 0.1, "fc2": 0.1, "fc3": 1.0}
+    run.lr[run.steps < 150] = 0.0  # (the stored lr is the first group's: the body's)
+    assert "stalled_layers" not in kinds(diagnose(run))
+    u[rows[run.steps[rows] >= 150], run.column("fc0")] = 2e-9  # a real stall, after it moves: still found
+    assert "stalled_layers" in kinds(diagnose(run))

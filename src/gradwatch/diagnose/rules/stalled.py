@@ -70,8 +70,11 @@ def find_stalled(run: RunSeries, th: Thresholds) -> list[Finding]:
     scale = run.meta.get("lr_scale") or {}
     group_lr = np.array([scale.get(run.layers[c].name, 1.0) for c in cols], dtype=float)
     per_lr = np.where(group_lr >= th.discriminative_lr_floor, group_lr, np.where(group_lr > 0, 1.0, 0.0))
+    # an update of exactly 0 is no small update: a group at lr 0 for a while (the stored scale is the
+    # last flush's), weights in no optimizer, a layer cut off: the frozen, outside and cut-off rules'
+    # (a tester's body at lr 0 for 150 steps, then 1e-4, was 'stalled since step 150', 0.99x the head's)
     with np.errstate(divide="ignore", invalid="ignore"):
-        u_per_lr = np.where(per_lr > 0, u / per_lr, np.nan)
+        u_per_lr = np.where((per_lr > 0) & (u != 0), u / per_lr, np.nan)
     ratios = np.array([lowest_over_highest(r[live]) for r in u_per_lr]) if len(live) >= 2 else np.empty(0)
     start = persistent_start(ratios < th.stalled_ratio, th.persist_samples)
     if start is None:
