@@ -93,3 +93,23 @@ def test_a_sparse_embedding_is_noted_and_no_adam_is_advised():
     del run.meta["sparse_gradients"]
     (plateau,) = [f for f in gw.diagnose(run) if f.kind == "loss_plateau"]
     assert any("Adam" in r.code for r in plateau.remedies)
+
+
+def test_a_parametrized_layer_is_one_layer_holding_its_originals():
+    """weight_norm / spectral_norm: the ParametrizationList holding the originals stood as a layer of
+    its own before the Linear, left with its bias alone: two layers of the depth profile for one."""
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    model = nn.Sequential(parametrizations.weight_norm(nn.Linear(8, 16)), nn.ReLU(),
+                          parametrizations.spectral_norm(nn.Linear(16, 16)), nn.ReLU(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gw.watch(model, opt, sample_every=1, warn=False) as watch:
+        opt.zero_grad()
+        model(torch.randn(32, 8)).pow(2).mean().backward()
+        expected = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model[0].parameters()])).item()
+        opt.step()
+        run = watch.series()
+    assert [l.name for l in run.layers] == ["0", "1", "2", "3", "4"]
+    assert run.layers[0].n_params == sum(p.numel() for p in model[0].parameters())  # g, v and the bias
+    assert run.metrics["grad_norm"][0, run.column("0")] == pytest.approx(expected, rel=1e-5)

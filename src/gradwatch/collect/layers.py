@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 # Activation modules and the name of their nonlinearity.
 ACTIVATIONS: dict[type, str] = {
@@ -141,8 +142,14 @@ def rename(layers: list[Layer], model: nn.Module, prefix: str) -> None:
 
 
 def _claim(module: nn.Module, seen_params: set[int]) -> list[torch.nn.Parameter]:
-    """The module's own trainable parameters no layer holds yet, now held."""
-    own = [p for p in module._parameters.values() if p is not None and p.requires_grad and id(p) not in seen_params]
+    """The module's own trainable parameters no layer holds yet, now held; a parametrized module's
+    (weight_norm, spectral_norm, orthogonal, a custom parametrize) with the originals its
+    parametrizations hold: one layer, where the ParametrizationList stood as a layer of its own
+    before the module, left with its bias alone (two layers of the depth profile for one)."""
+    held = list(module._parameters.values())
+    if parametrize.is_parametrized(module):
+        held += list(module.parametrizations.parameters())
+    own = [p for p in held if p is not None and p.requires_grad and id(p) not in seen_params]
     seen_params.update(id(p) for p in own)
     return own
 
