@@ -467,24 +467,34 @@ class AutoWatch(Watch):
             return
         super().params_added(optimizer)
         if len(optimizer.param_groups) == 1:  # made now (its constructor adds the first group)
-            self._handles.append(optimizer.register_load_state_dict_post_hook(self._loaded.add))
+            self._handles.append(optimizer.register_load_state_dict_post_hook(self._state_loaded))
         if self._holds_unwatched(optimizer.param_groups[-1]["params"]):
             self._rediscover(optimizer)
             if self._optimizer is not None:
                 self._new_model.add(optimizer)
+
+    def _state_loaded(self, optimizer: torch.optim.Optimizer) -> None:
+        """A saved state was loaded into `optimizer`: a resume, unless Accelerate's `prepare` loaded
+        the optimizer's own state back to move it to the device (a fresh run was told it resumed
+        from a checkpoint). An empty state may still be a checkpoint's: plain SGD keeps none."""
+        frame = sys._getframe(1)
+        while frame is not None:
+            if str(frame.f_globals.get("__name__", "")).startswith("accelerate."):
+                return
+            frame = frame.f_back
+        self._loaded.add(optimizer)
 
     def _number_from_checkpoint(self, optimizer: torch.optim.Optimizer) -> None:
         """At the first optimizer step: a training resumed from a checkpoint goes on from the steps
         its optimizer's loaded state has taken (Adam's per-parameter `step`), so two runs of it line
         up and "since step N" is the training's step; the store says so (meta `resumed`). An
         optimizer that keeps no count (SGD) was given a saved state: the steps stay numbered from
-        0, and the store says the count is unknown; unless the loaded state held nothing at all: an
-        optimizer's own fresh state loaded back (Accelerate's `prepare` does so to move it to the
-        device) resumes nothing. (Only what this process has not recorded yet.)"""
+        0, and the store says the count is unknown (`_state_loaded`). (Only what this process has
+        not recorded yet.)"""
         if not self.number_resumed or self.store_path is not None or self._step != 0:  # (a writer needs a path)
             return
         taken = steps_taken(optimizer)
-        if taken is None and (optimizer not in self._loaded or not optimizer.state) or taken == 0:
+        if taken is None and optimizer not in self._loaded or taken == 0:
             return
         self._meta["resumed"] = {"at_step": taken, "optimizer": type(optimizer).__name__}
         if taken:
