@@ -230,3 +230,30 @@ def test_trials_that_fail_as_the_baseline_did_after_training_say_so_and_the_best
     text = " ".join(out.getvalue().split())
     assert "Every trial failed as the baseline did: fix the script's error first (before it, learning rate x0.01 " \
            "reached" in text
+
+
+TWO_OPTIMIZERS_ON_A_SHARED_ENCODER = """
+import torch
+torch.manual_seed(0)
+encoder, head_a, head_b = torch.nn.Linear(4, 8), torch.nn.Linear(8, 1), torch.nn.Linear(8, 1)
+opt_a = torch.optim.SGD([*encoder.parameters(), *head_a.parameters()], lr=0.01)
+opt_b = torch.optim.SGD([*encoder.parameters(), *head_b.parameters()], lr=0.01)
+for step in range(60):
+    for head, opt in ((head_a, opt_a), (head_b, opt_b)):  # each task's loss, its own optimizer
+        loss = head(torch.relu(encoder(torch.randn(8, 4)))).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+"""
+
+
+def test_a_second_optimizer_sharing_the_leads_weights_is_no_second_step(tmp_path, monkeypatch):
+    """A reviewer's multi-task script: counted at every step, its trials stopped at half their budget."""
+    import sys
+
+    from gradwatch.fix.candidates import lr_scale
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "two.py").write_text(TWO_OPTIMIZERS_ON_A_SHARED_ENCODER)
+    trial = run_trial([sys.executable, "two.py"], tmp_path / "t", lr_scale(0.1), 20)
+    assert trial.steps >= 19 and trial.cut  # (the second's first step counts once: a new optimizer on the weights)

@@ -227,6 +227,7 @@ class Injector:
         self.steps = 0
         self._lead: weakref.ref | None = None  # the optimizer whose steps are the budget's (see _count_step)
         self._last: weakref.ref | None = None  # the optimizer that stepped last
+        self._stepped: weakref.WeakSet = weakref.WeakSet()  # every optimizer that has stepped
         self.backwards = 0
         self.non_finite_losses = 0  # consecutive
         self._optimizers: dict[int, dict] = {}
@@ -437,10 +438,15 @@ class Injector:
         GAN's generator, a decoder's own) is not one: counted, a GAN's trials ran half their budget
         and the locating run stopped halfway to its NaN. One stepping twice with no lead step between
         (a new optimizer made for the next epoch) leads from then on, and so does one stepping the
-        lead's own weights (the lead made anew every iteration: none was counted, and a tester's
-        trials ran the script's 300 steps against a budget of 40), as the watch counts them."""
-        if self._lead is not None and (lead := self._lead()) is not None and lead is not opt \
-                and not params_of(opt) & params_of(lead):
+        lead's own weights at its first step, or after the lead was freed (the lead made anew every
+        iteration: none was counted, and a tester's trials ran the script's 300 steps against a
+        budget of 40). One that shares the lead's weights and has stepped before (a multi-task
+        script's second optimizer on a shared encoder, ZeroRedundancyOptimizer's inner one) stays a
+        partner, not counted: counted, a reviewer's multi-task trials stopped at half their budget."""
+        first = opt not in self._stepped
+        self._stepped.add(opt)
+        lead = self._lead() if self._lead is not None else None  # (None: none yet, or freed)
+        if lead is not None and lead is not opt and not (first and params_of(opt) & params_of(lead)):
             if self._last is None or self._last() is not opt:
                 self._last = weakref.ref(opt)
                 return
