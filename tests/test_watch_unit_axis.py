@@ -57,6 +57,18 @@ def test_conv1d_channels_are_its_units(norm, residual):
     assert run.metrics["dead"][0, run.column("act")] == pytest.approx(7 / 8)
 
 
+def test_a_causal_conv1d_chomped_to_its_length_keeps_its_channels_as_units():
+    """A TCN's chomp `x[:, :, :-pad]` ended the walk up the graph: 75% dead channels read as none."""
+    torch.manual_seed(0)
+    conv = nn.Conv1d(4, 8, 3, padding=2)
+    with torch.no_grad():
+        conv.bias[2:] = -100.0
+    x = torch.randn(16, 4, 20, requires_grad=True)
+    y = torch.relu(conv(x)[:, :, :-2].contiguous())  # causal: the chomp, then the activation
+    assert unit_axis(y) == 1 and activation_stats(y.detach(), "relu", 1)[3].item() == pytest.approx(6 / 8)
+    assert unit_axis(torch.relu(conv(x)[:, 2:, :])) == 2  # a slice of the channels: not known, features last
+
+
 def test_a_sequences_features_are_its_units():
     torch.manual_seed(0)
     model = SequenceNet()

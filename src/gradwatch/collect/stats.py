@@ -88,7 +88,9 @@ def unit_axis(y: torch.Tensor) -> int:
         name = type(node).__name__
         if _CHANNELS_FIRST.search(name):
             return 1
-        if not _ELEMENTWISE.match(name) or not node.next_functions:
+        # a causal conv's chomp (`x[:, :, :-pad]`, a TCN's or WaveNet's) slices its length, not its channels
+        kept = name.startswith(("Slice", "Narrow")) and getattr(node, "_saved_dim", 1) not in (1, -2)
+        if not (_ELEMENTWISE.match(name) or kept) or not node.next_functions:
             break
         node = node.next_functions[0][0]
     return 2
