@@ -1,6 +1,7 @@
-"""A derivative taken inside the loss (a PINN's ∂u/∂x by torch.autograd.grad with create_graph) is
-no backward of the loss: the ∂L/∂output recorded is the loss's alone. A tester's PINN had its
-layers' du/dh (1e-8 to 2) averaged in for ∂L/∂h (~1e-10)."""
+"""A derivative taken inside the loss (a PINN's ∂u/∂x by torch.autograd.grad with create_graph, its
+hooks run with grad mode on, outside any loss's backward) is no backward of the loss: the
+∂L/∂output recorded is the loss's alone. A tester's PINN had its layers' du/dh (1e-8 to 2)
+averaged in for ∂L/∂h (~1e-10)."""
 
 import math
 
@@ -39,8 +40,8 @@ def test_a_derivative_inside_the_loss_leaves_the_loss_gradient_recorded():
 
 
 def test_a_gradient_taken_for_the_parameters_is_the_steps():
-    """A functional step (MAML's inner step, a loop that sets p.grad itself) takes its gradient with
-    torch.autograd.grad for the parameters: recorded as the backward of the loss it is."""
+    """A functional step (a loop that sets p.grad itself) takes its gradient with torch.autograd.grad
+    for the parameters, no graph kept: recorded as the backward of the loss it is."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -73,3 +74,39 @@ def test_a_pinns_saturating_activations_are_swapped_for_a_smooth_one():
     exec(code, {"gw": gw, "nn": nn, "model": model})
     swapped = [type(m).__name__ for m in model.modules()]
     assert "Tanh" in swapped and "Sigmoid" not in swapped
+
+
+COMPILED_PENALTY = """
+import sys, torch, torch.nn as nn
+torch.manual_seed(0)
+D = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
+opt = torch.optim.Adam(D.parameters(), 1e-3)
+if sys.argv[1:] == ["watch"]:
+    import gradwatch as gw
+    w = gw.watch(D, opt, warn=False)
+@torch.compile(backend="eager")
+def loss_fn(x):
+    x = x.requires_grad_(True)
+    out = D(x)
+    g, = torch.autograd.grad(out.sum(), x, create_graph=True)
+    return -out.mean() + 10 * ((g.norm(dim=1) - 1) ** 2).mean()
+for step in range(4):
+    loss = loss_fn(torch.randn(8, 4))
+    opt.zero_grad(); loss.backward(); opt.step()
+print(loss.item(), [p.sum().item() for p in D.parameters()])
+"""
+
+
+def test_a_compiled_gradient_penalty_under_a_watch_trains_as_without_it(tmp_path):
+    """A reviewer's WGAN-GP loss under torch.compile: the first way of telling a derivative inside the
+    loss (a wrapper of torch.autograd.grad) was inlined by dynamo, and the compiled loss failed."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "gp.py").write_text(COMPILED_PENALTY)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    runs = [subprocess.run([sys.executable, "gp.py", *args], cwd=tmp_path, capture_output=True, text=True, env=env,
+                           timeout=300) for args in ([], ["watch"])]
+    assert [r.returncode for r in runs] == [0, 0], runs[1].stderr[-2000:]
+    assert runs[0].stdout == runs[1].stdout  # the same losses and weights, bit for bit (printed in full)

@@ -1,8 +1,7 @@
 """The few global entry points every training loop goes through, patched while a Watch is attached.
 
 `torch.autograd.backward` (which `Tensor.backward` calls) tells us a backward pass ended and which
-tensor it started from (the loss); `torch.autograd.grad` for no parameter, that a derivative inside
-the loss is being taken; `GradScaler.scale` tells us that loss was multiplied by the loss
+tensor it started from (the loss), and that one is running; `GradScaler.scale` tells us that loss was multiplied by the loss
 scale, so gradients can be divided back; `GradScaler.update` tells us an iteration ended, so a step
 the scaler skipped (inf/NaN from the scaled loss) is seen as skipped, not as an alarm;
 `Optimizer.add_param_group` (which every optimizer's constructor calls) tells us which parameters
@@ -37,45 +36,26 @@ _originals: dict[str, object] = {}
 UNSCALED = "_gradwatch_unscaled"  # attribute set on GradScaler.scale()'s output: (loss, scale)
 
 
+_backwards = [0]  # torch.autograd.backward calls running (a loss's backward)
+
+
+def backward_running() -> bool:
+    """A loss's backward (torch.autograd.backward, which Tensor.backward calls) is running: a
+    gradient hook fired outside one, with grad mode on, is torch.autograd.grad's with create_graph."""
+    return _backwards[0] > 0
+
+
 def _backward(original, tensors, *args, **kwargs):
     for listener in list(_listeners):
         listener.before_backward(tensors)
-    result = original(tensors, *args, **kwargs)
+    _backwards[0] += 1
+    try:
+        result = original(tensors, *args, **kwargs)
+    finally:
+        _backwards[0] -= 1
     for listener in list(_listeners):
         listener.after_backward(tensors)
     return result
-
-
-_derivatives = [0]  # torch.autograd.grad calls running that take no parameter's gradient
-_differentiable = [0]  # how many of them, with create_graph, there have been: the loss holds ∂(model)/∂(input)
-
-
-def _grad(original, outputs, inputs, *args, **kwargs):
-    """A derivative taken inside the loss (a PINN's ∂u/∂x, a gradient penalty's ∂D/∂x: inputs that
-    are no parameter) is no backward of the training loss: the output-gradient hooks it fires are
-    not ∂L/∂output (a PINN's layers read du/dh, 1e-8 to 2, for ∂L/∂h ~1e-10). Counted while it runs;
-    a gradient taken for parameters (a functional training step, MAML's inner step) is the step's."""
-    if not isinstance(inputs, (torch.Tensor, tuple, list)) and inputs is not None:
-        inputs = tuple(inputs)  # (read once: `model.parameters()` is a generator, taken as torch takes it)
-    inner = not any(isinstance(t, torch.nn.Parameter)
-                    for t in ((inputs,) if isinstance(inputs, torch.Tensor) else inputs or ()))
-    _derivatives[0] += inner
-    _differentiable[0] += inner and bool(kwargs.get("create_graph", args[2] if len(args) > 2 else False))
-    try:
-        return original(outputs, inputs, *args, **kwargs)
-    finally:
-        _derivatives[0] -= inner
-
-
-def differentiable_derivatives() -> int:
-    """How many derivatives by no parameter, with create_graph, have been taken (a PINN's residual,
-    a gradient penalty): the loss then differentiates the model by its input."""
-    return _differentiable[0]
-
-
-def inner_derivative() -> bool:
-    """A derivative inside the loss is being taken (`_grad`): hooks fired now are not the loss's."""
-    return _derivatives[0] > 0
 
 
 def _scale(original, self, outputs):
@@ -152,14 +132,12 @@ def remove(listener: Listener) -> None:
 def _install() -> None:
     scaler = torch.amp.GradScaler
     _originals["backward"] = torch.autograd.backward
-    _originals["grad"] = torch.autograd.grad
     _originals["scale"] = scaler.scale
     _originals["update"] = scaler.update
     _originals["add_param_group"] = torch.optim.Optimizer.add_param_group
     torch.autograd.backward = functools.wraps(torch.autograd.backward)(
         functools.partial(_backward, _originals["backward"])
     )
-    torch.autograd.grad = functools.wraps(torch.autograd.grad)(functools.partial(_grad, _originals["grad"]))
     scaler.scale = functools.wraps(scaler.scale)(lambda self, outputs: _scale(_originals["scale"], self, outputs))
     scaler.update = functools.wraps(scaler.update)(
         lambda self, *a, **k: _update(_originals["update"], self, *a, **k)
@@ -200,7 +178,6 @@ def _uninstall() -> None:
     if not _originals:
         return
     torch.autograd.backward = _originals.pop("backward")
-    torch.autograd.grad = _originals.pop("grad")
     torch.amp.GradScaler.scale = _originals.pop("scale")
     torch.amp.GradScaler.update = _originals.pop("update")
     torch.optim.Optimizer.add_param_group = _originals.pop("add_param_group")

@@ -119,10 +119,12 @@ class SampledHooks:
 
     def __init__(self, current: Callable[[], StepRecord | None],
                  unscale: Callable[[torch.Tensor], torch.Tensor],
-                 counted: Callable[[], bool] = lambda: True) -> None:
+                 counted: Callable[[], bool] = lambda: True,
+                 derivative_seen: Callable[[], None] = lambda: None) -> None:
         self._current = current
         self._unscale = unscale
-        self._counted = counted
+        self._counted_here = counted
+        self._derivative_seen = derivative_seen
         self._handles: list = []
         self._compiled: list[nn.Module] = []  # torch.compile wrappers of watched models
         self._others: set[int] = set()  # ids of wrappers of models not watched
@@ -132,6 +134,16 @@ class SampledHooks:
         # cyclic garbage, and 2000 layers' cost 20-180 ms a sample (the collector's full passes)
         self._made: dict[tuple, Callable] = {}
         self._todo: list = []  # small outputs whose statistics are still to take (`_Stats`)
+
+    def _counted(self) -> bool:
+        """The gradient arriving is the step's loss's. Not torch.autograd.grad's with create_graph,
+        outside any loss's backward (its hooks run with grad mode on): a derivative inside the loss,
+        a PINN's ∂u/∂x or a gradient penalty's, whose du/dh (1e-8 to 2) was averaged in for a PINN's
+        ∂L/∂h (~1e-10); it is noted (`derivative_seen`)."""
+        if torch.is_grad_enabled() and not patches.backward_running():
+            self._derivative_seen()
+            return False
+        return self._counted_here()
 
     def add_compiled(self, wrapper: nn.Module) -> None:
         if any(w is wrapper for w in self._compiled):

@@ -62,7 +62,8 @@ def layer_info(layer: Layer) -> LayerInfo:
 FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
-# the run's meta: the loss takes a derivative of the model by its input with create_graph (a PINN)
+# the run's meta: the loss takes a derivative of the model with create_graph (a PINN's u'', a gradient
+# penalty): its second derivatives train, and a ReLU's are 0
 INPUT_DERIVATIVES = "input_derivatives"
 # ... and a model holds an nn.Embedding(sparse=True): its gradients are sparse, which Adam refuses
 SPARSE_GRADIENTS = "sparse_gradients"
@@ -199,12 +200,11 @@ class Watch:
         self._norm_buf = self._max_buf = None
         self._small = SmallGrads()  # small gradients the hooks keep, read together after backward
         self._stale = StaleCheck()  # a gradient carried into the next step: a forgotten zero_grad()
-        self._derivatives_seen = patches.differentiable_derivatives()  # (`INPUT_DERIVATIVES`)
         # None: this step is not recorded
         self._cur_sampled: bool | None = self._sampled(first_step) if self._recorded(first_step) else None
         # living for one sampled step
-        self._sampled_hooks = SampledHooks(self._current_here, self._unscale,
-                                           lambda: not self._reevaluating and not patches.inner_derivative())
+        self._sampled_hooks = SampledHooks(self._current_here, self._unscale, lambda: not self._reevaluating,
+                                           lambda: self._meta.__setitem__(INPUT_DERIVATIVES, True))
         self._order = ForwardOrder()
         self._unordered: int | None = None  # a step whose forward ran before its model was found (_end_step)
         self._attached = False
@@ -684,8 +684,6 @@ class Watch:
                 rec.forget_backwards()
                 self._clear_grad_buffers()
                 self._rival_objective()
-        if patches.differentiable_derivatives() != self._derivatives_seen:  # (a PINN's loss: diagnose's advice
-            self._meta[INPUT_DERIVATIVES] = True  # keeps the activations smooth)
         self._stale.before_backward(self._step)  # (the step this backward is in: zero-code mode may have ended one)
         # optimizer.step(closure) calling the closure again after its gradients were cleared (LBFGS
         # evaluates line-search points): the step's gradient is the first call's, the gradient of
