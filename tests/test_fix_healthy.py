@@ -86,6 +86,8 @@ def test_a_failed_scripts_error_is_its_exception_line_not_the_tail_of_a_tensor_i
         "tensor([[0.],\n        [0.]], grad_fn=<ExpBackward0>)\n")
     base = Trial(BASELINE, tmp_path, 0, 1.0, steps=290, final_loss=0.5, first_loss=2.0)
     assert _error(base).startswith("ValueError: Expected parameter scale")
+    (tmp_path / OUTPUT_LOG).write_text("Traceback (most recent call last):\nException: bad value\ntensor([[0.]])\n")
+    assert _error(base) == "Exception: bad value"  # (a bare Exception too: a reviewer's)
 
 
 def test_a_winner_that_learnt_little_is_not_said_to_leave_no_harmful_finding_when_it_left_one(tmp_path):

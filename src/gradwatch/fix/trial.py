@@ -212,7 +212,7 @@ def untrained_layers(series: RunSeries) -> frozenset[str]:
 REMEDY_FILE = "remedy.json"
 LOCATE = "locate"  # the run directory of the baseline run again, to find where its NaN/Inf is made
 OUTPUT_LOG = "output.log"  # the script's own output, kept apart from ours
-_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b")
+_EXCEPTION_LINE = re.compile(r"^(?:[\w.]*\.)?\w*(Error|Exception|Exit|Interrupt|Group)\b")
 
 
 def prepare(run_dir: Path, candidate: Candidate) -> Path:
