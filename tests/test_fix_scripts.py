@@ -189,6 +189,11 @@ def test_a_baseline_that_failed_on_input_piped_into_fix_is_told_the_trials_get_n
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 2
     assert "what was piped into gradwatch fix did not reach the script" in " ".join(done.stderr.split())
+    (tmp_path / "reads.py").write_text("import mypkg_not_installed\n")  # failed for another reason: not said
+    done = subprocess.run([sys.executable, "-m", "gradwatch", "fix", "--budget-steps", "5", "--", sys.executable,
+                           "reads.py"], input='{"lr": 0.1}', capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 2 and "ModuleNotFoundError" in done.stderr and "piped" not in done.stderr
 
 
 RAISES_AFTER_TRAINING = """

@@ -523,6 +523,12 @@ def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "
             workspace.close()
 
 
+def _read_stdin(tail: list[str]) -> bool:
+    """The failed script's traceback shows it read its standard input: not every failure while data
+    was piped in is for want of it (stdin is a pipe under ssh, CI, subprocess)."""
+    return any("stdin" in line or "JSONDecodeError" in line or line.startswith("EOFError") for line in tail)
+
+
 def _piped_in() -> bool:
     """Data was piped or redirected into this process (its stdin a pipe or a file, not a terminal
     or /dev/null): the trials, whose stdin is /dev/null, never see it."""
@@ -672,7 +678,8 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], end: Callable[[Trial], N
         if any(line.startswith("EOFError") for line in tail):  # input(): trials run with no input to read
             why += ("; it asked for input, and the trials run without any (unattended, their output in a log): "
                     "give the answer as an argument or in an environment variable instead")
-        elif baseline.exit_code != 0 and _piped_in():  # (`cat cfg.json | gradwatch fix -- python train.py`)
+        elif baseline.exit_code != 0 and _piped_in() and _read_stdin(baseline.output_tail(40)):
+            # (`cat cfg.json | gradwatch fix -- python train.py`)
             why += ("; the trials run without input, so what was piped into gradwatch fix did not reach the script: "
                     "give it the file as an argument instead")
         raise ConfigError(f"the baseline run recorded no training step ({why}); "
