@@ -195,6 +195,12 @@ def test_one_overshoot_the_weights_outgrew_while_the_loss_fell_is_info_and_one_b
     run.loss[:] = 2.3 + 0.01 * np.random.default_rng(0).random(len(run.loss))  # the loss stays at chance
     (f,) = [f for f in diagnose(run) if f.kind == "exploding_gradient"]
     assert f.severity == "error"
+    # a blow-up the overshoot made, then a fall from it to above where it started (a reviewer's tanh MLP
+    # at SGD lr 10: 1.3, then 29, 22... down to 3.25): read from its level before, an error
+    run.loss[:] = 3.25 + 26 * np.exp(-np.arange(len(run.loss)) / 10)
+    run.loss[0] = 1.3
+    (f,) = [f for f in diagnose(run) if f.kind == "exploding_gradient"]
+    assert f.severity == "error"
 
 
 def test_recurring_bursts_within_one_window_are_exploding():
@@ -1111,9 +1117,13 @@ def test_a_short_memory_the_task_did_not_need_is_info():
     f = next(f for f in diagnose(run) if f.kind == "vanishing_gradient")
     assert f.severity == "warning"
     # a tester's LSTM, its label in the last 5 of 60 steps, 95.7%: 0.69 -> 0.10 on a noisy mini-batch loss
-    run.loss[:] = 0.1 + 0.59 * np.exp(-run.steps / 40) + 0.03 * np.random.default_rng(0).random(len(run.loss))
+    run.loss[:] = 0.08 + 0.61 * np.exp(-run.steps / 100) + 0.03 * np.random.default_rng(0).random(len(run.loss))
     f = next(f for f in diagnose(run) if f.kind == "vanishing_gradient")
     assert f.severity == "info"
+    # a regression that learnt its targets' mean early, then stayed (a reviewer's adding problem: 0.94 -> 0.17)
+    run.loss[:] = np.maximum(0.94 - 0.77 * run.steps / 50, 0.17) + 0.01 * np.random.default_rng(0).random(len(run.loss))
+    f = next(f for f in diagnose(run) if f.kind == "vanishing_gradient")
+    assert f.severity == "warning"
 
 
 def test_a_cut_of_many_decades_is_said_as_a_power_of_ten():

@@ -13,7 +13,7 @@ from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
 from gradwatch.diagnose.rules.clipping import clipped_advice, clipping
 from gradwatch.diagnose.rules.late_clipping import late_first
-from gradwatch.diagnose.rules.loss import learning_on, loss_fell_to
+from gradwatch.diagnose.rules.loss import learning_on
 from gradwatch.diagnose.rules.stale_gradients import stale_first
 from gradwatch.diagnose.signals import (depth_profile, finite_loss, from_init, names, peaks_growing, periodic, persistent_start,
                                         plain_sgd, profile_columns, row_nanpercentile, TOTAL_BLOCK, total_grad_norm, window)
@@ -136,7 +136,16 @@ def _outgrown(run: RunSeries, evidence: dict, first: int, th: Thresholds) -> tup
     signals = {"growth_over_steps", "weight_growth", "backward_ratio", "init_forward_growth", "clip_active_share"}
     if not set(evidence) & overshoot or set(evidence) & signals:
         return None
-    return loss_fell_to(run, th, th.burst_learning, since=first)
+    steps, loss = finite_loss(run)
+    if np.isinf(run.loss).any() or len(loss) < th.min_loss_steps:
+        return None
+    # the level is the loss up to the overshoot, before its effect: a window centred on it held the
+    # blow-up it made (a reviewer's tanh MLP at SGD lr 10: 1.3, then 29, 22...; read from 12.3 down to
+    # 3.25, it was 'outgrown', at 65% where lr 0.3 reaches 100%)
+    w = window(len(loss), th.min_loss_window)
+    i = int(np.searchsorted(steps, first, side="right"))
+    level, end = float(np.median(loss[max(i - w, 0):max(i, 1)])), float(np.median(loss[-w:]))
+    return (level, end) if level > 0 and end <= th.burst_learning * level and i + w < len(loss) else None
 
 
 def _clipped_every_step(run: RunSeries, th: Thresholds):
