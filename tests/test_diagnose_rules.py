@@ -1325,6 +1325,12 @@ def test_a_new_optimizers_loss_is_read_from_its_own_start():
     run.loss[150:] = 50.0  # the head's own loss rising after its start is still found
     (f,) = [f for f in diagnose(run) if f.kind == "loss_divergence"]
     assert f.first_step >= 100
+    # read from the new optimizer's first loss, before its first update: a window of it held the blow-up
+    # (a reviewer's head at Adam lr 20: 0.41, then 446 falling to 8.8, had no finding)
+    run.loss[100] = 0.41
+    run.loss[101:] = 8.8 + 437 * np.exp(-np.arange(199) / 15)
+    (f,) = [f for f in diagnose(run) if f.kind == "loss_divergence"]
+    assert f.first_step >= 100 and f.evidence["loss_start"] == 0.41
 
 
 def test_a_huge_first_loss_from_activations_growing_through_the_layers_is_the_inits_not_the_targets():

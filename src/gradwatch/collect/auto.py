@@ -536,7 +536,7 @@ class AutoWatch(Watch):
             if optimizer in self._new_model and not params_of(optimizer) & params_of(self._optimizer):
                 self._events.append((since, "new_phase", f"{type(optimizer).__name__} trains another model"))
             else:
-                self._say_stopped(self._optimizer, optimizer)
+                self._say_stopped(self._optimizer, optimizer, since)
             self.adopt_optimizer(optimizer)
             return
         if own:

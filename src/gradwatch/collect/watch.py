@@ -804,14 +804,15 @@ class Watch:
         """ids of every parameter of the watched models, those not watched (frozen when found) too."""
         return {id(p) for model, _ in self._models for p in model.parameters()}
 
-    def _say_stopped(self, old: torch.optim.Optimizer, new: torch.optim.Optimizer) -> None:
+    def _say_stopped(self, old: torch.optim.Optimizer, new: torch.optim.Optimizer, since: int | None = None) -> None:
         """The step's optimizer stopped stepping while another goes on (an encoder's warm-up
         optimizer, all weights trained before the head alone): the layers only it trained stop
-        changing on purpose, not for lack of an optimizer."""
+        changing on purpose, not for lack of an optimizer. `since`: the new one's first step, where
+        its training begins (diagnose reads its loss from there)."""
         left = params_of(old) - params_of(new)
         names = [l.name for l in self._layers if l.params and all(id(p) in left for p in l.params)]
         if names:
-            self._events.append((self._step, "optimizer_stopped", json.dumps(names)))
+            self._events.append((self._step if since is None else since, "optimizer_stopped", json.dumps(names)))
 
     def _follow(self, optimizer: torch.optim.Optimizer) -> None:
         """`gw.watch(model, optimizer)`, and `optimizer` replaced by a new one mid-run: the new one

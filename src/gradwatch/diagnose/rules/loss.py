@@ -280,15 +280,17 @@ def find_loss_divergence(run: RunSeries, th: Thresholds) -> list[Finding]:
     if not cuts:
         return _divergence(run, th)
     spans = [run.between(a, b) for a, b in zip([int(run.steps[0]), *cuts], [*cuts, None])]
-    return next((found for span in spans if len(span.steps) and (found := _divergence(span, th))), [])
+    # a later span is read from its first loss, the new optimizer's before its first update: a window
+    # of it held the blow-up (a reviewer's head at Adam lr 20, 0.41 -> 446, had no finding)
+    return next((found for k, span in enumerate(spans) if len(span.steps) and (found := _divergence(span, th, k > 0))), [])
 
 
-def _divergence(run: RunSeries, th: Thresholds) -> list[Finding]:
+def _divergence(run: RunSeries, th: Thresholds, from_first: bool = False) -> list[Finding]:
     steps, loss = finite_loss(run)
     w = window(len(loss), th.min_loss_window)
     if len(loss) < 2 * w:
         return []
-    start = float(np.median(loss[:start_window(len(loss), th)]))
+    start = float(loss[0]) if from_first else float(np.median(loss[:start_window(len(loss), th)]))
     limit = start + th.divergence_factor * max(abs(start), 1e-8)
     # the running median, evaluated every tenth of a window (enough to place the onset)
     ends = np.arange(w - 1, len(loss), max(1, w // 10))
@@ -306,7 +308,8 @@ def _divergence(run: RunSeries, th: Thresholds) -> list[Finding]:
     # against 5), and an HF model at lr 3, 4.0 -> 496, ending at 74 after 48 steps, had no finding
     ranked = max(w, th.divergence_rank_losses)
     over = [i for i in np.flatnonzero((running > limit) | (running > early_limit))
-            if running[i] > early_limit or _rises_beyond_noise(start_losses, loss[ends[i] - w + 1:ends[i] - w + 1 + ranked], th)]
+            if running[i] > early_limit or from_first
+            or _rises_beyond_noise(start_losses, loss[ends[i] - w + 1:ends[i] - w + 1 + ranked], th)]
     if not over:
         return []
     i = ends[over[0]]
