@@ -382,19 +382,20 @@ def _fix_command(ctx: Context) -> str:
     if argv and "kernel_launcher" in argv[0]:
         return "`gw.fix(train_fn)`, train_fn a function that builds your model and trains,"
     script = " ".join(map(shlex.quote, argv)) if argv and argv[0].endswith(".py") else "train.py"
-    launcher = _launcher(ctx.run.meta.get("distributed") or {})
-    return f"`gradwatch fix -- {launcher} {script}`"
+    distributed = ctx.run.meta.get("distributed") or {}
+    one_node = (distributed.get("local_world_size") or 0) < (distributed.get("world_size") or 0)
+    return f"`gradwatch fix -- {_launcher(distributed)} {script}`" + (" on one node" if one_node else "")
 
 
 def _launcher(distributed: dict) -> str:
-    """`python`, or the torchrun that starts as many processes per node on as many nodes as the
-    run had (each rank's argv is the script's): a 2x8 job is `--nnodes=2 --nproc_per_node=8`."""
+    """`python`, or the torchrun that starts the run's processes (each rank's argv is the script's).
+    A multi-node run's trials run on one node, with its processes: `--nnodes=2` with no rendezvous
+    options waits for the other node forever (a reviewer's)."""
     world = distributed.get("world_size") or 1
     if world <= 1:
         return "python"
     local = distributed.get("local_world_size") or world
-    nodes = "" if local >= world or world % local else f"--nnodes={world // local} "
-    return f"torchrun {nodes}--nproc_per_node={local if nodes else world}"
+    return f"torchrun --nproc_per_node={min(local, world)}"
 
 
 def _swap_code(ctx: Context, act: str) -> str:

@@ -81,7 +81,7 @@ def find_stalled(run: RunSeries, th: Thresholds) -> list[Finding]:
         return findings
     first = int(run.steps[rows[start]])
     last, last_per_lr = u[-1], u_per_lr[-1]
-    top = np.nanmax(np.where(np.isfinite(last_per_lr), last_per_lr, np.nan))
+    top = np.nanmax(last_per_lr[np.isfinite(last_per_lr)]) if np.isfinite(last_per_lr).any() else np.nan
     layers = names(run, [c for c, v in zip(cols, last_per_lr) if np.isfinite(v) and v < th.stalled_ratio * top] or cols[:1])
     ratio = float(np.nanmedian(ratios[start:]))
     evidence = {"update_ratio_ratio": ratio, "update_ratio": {run.layers[c].name: float(v) for c, v in zip(cols, last)}}
