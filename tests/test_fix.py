@@ -47,7 +47,9 @@ def test_candidates_follow_the_findings():
     assert not any("Adam" in c.name for c in from_findings([finding("dead_units")], {"relu"}, sparse=True))
     # a loss that differentiates the model by its input (a PINN): smooth swaps only, no SELU or Leaky ReLU
     pinn = [c.name for c in from_findings([finding("vanishing_gradient")], {"sigmoid"}, smooth=True)]
-    assert "Sigmoid -> Tanh + Xavier init" in pinn and not any("LeakyReLU" in n or "SELU" in n for n in pinn)
+    assert "Sigmoid -> SiLU + He init" in pinn and not any("LeakyReLU" in n or "SELU" in n for n in pinn)
+    assert "LayerNorm after each layer" in pinn and "BatchNorm after each layer" not in pinn  # (it mixes samples)
+    assert "ReLU -> SiLU + He init" in [c.name for c in from_findings([finding("dead_units")], {"relu"}, smooth=True)]
     assert vanish[0] == "Sigmoid -> LeakyReLU + He init" and "re-initialise per activation" in vanish
     assert "BatchNorm after each layer" in vanish and "activations -> SELU + lecun init" in vanish
     # activations called as functions are no module to swap: no swap trial that would change nothing

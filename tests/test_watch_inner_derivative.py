@@ -59,7 +59,8 @@ def test_a_gradient_taken_for_the_parameters_is_the_steps():
 
 def test_a_pinns_saturating_activations_are_swapped_for_a_smooth_one():
     """A ReLU network's second derivative is 0: a tester's sigmoid PINN, told to swap to Leaky ReLU,
-    could not fall below the residual's mean square; tanh took it 5000x lower."""
+    could not fall below the residual's mean square; tanh took it 5000x lower, SiLU (smooth, and
+    not saturating as tanh does) further."""
     from series_builder import build
 
     run = build(activation="sigmoid")
@@ -68,12 +69,12 @@ def test_a_pinns_saturating_activations_are_swapped_for_a_smooth_one():
     assert "nn.LeakyReLU(0.01)" in plain.remedies[0].code
     run.meta["input_derivatives"] = True
     (pinn,) = [f for f in gw.diagnose(run) if f.kind == "vanishing_gradient"]
-    assert pinn.remedies[0].action.startswith("Swap the saturating activations for tanh: the loss differentiates")
+    assert pinn.remedies[0].action.startswith("Swap the saturating activations for SiLU: the loss differentiates")
     model = nn.Sequential(nn.Linear(4, 4), nn.Sigmoid(), nn.Linear(4, 1))
     code = pinn.remedies[0].code.replace("gw.init_(model)", "")
     exec(code, {"gw": gw, "nn": nn, "model": model})
     swapped = [type(m).__name__ for m in model.modules()]
-    assert "Tanh" in swapped and "Sigmoid" not in swapped
+    assert "SiLU" in swapped and "Sigmoid" not in swapped
 
 
 COMPILED_PENALTY = """
@@ -110,3 +111,15 @@ def test_a_compiled_gradient_penalty_under_a_watch_trains_as_without_it(tmp_path
                            timeout=300) for args in ([], ["watch"])]
     assert [r.returncode for r in runs] == [0, 0], runs[1].stderr[-2000:]
     assert runs[0].stdout == runs[1].stdout  # the same losses and weights, bit for bit (printed in full)
+
+
+def test_a_relu_pinns_dead_units_are_told_a_smooth_activation():
+    """A reviewer's ReLU PINN with dead units was told Leaky ReLU: its u'' is 0 too (stuck at 45.69;
+    SiLU reached 0.0003)."""
+    from series_builder import build, sampled
+
+    run = build()
+    run.metrics["dead"][sampled(run)[3]:, run.column("act1")] = 0.9
+    run.meta["input_derivatives"] = True
+    (f,) = [f for f in gw.diagnose(run) if f.kind == "dead_units"]
+    assert f.causes[0].startswith("activation: the loss differentiates the model") and "nn.SiLU()" in f.remedies[0].code

@@ -126,10 +126,11 @@ class Context:
         """(the class a saturating `act` is swapped for, its name as said): Leaky ReLU; where the
         loss differentiates the model by its input, a smooth one, since a piecewise-linear
         network's second derivative is 0 (a tester's PINN, sigmoid swapped for Leaky ReLU, could
-        not fall below the residual's mean square; with tanh it fell 5000x): tanh, or SiLU for tanh."""
+        not fall below the residual's mean square; with tanh it fell 5000x, with SiLU further): SiLU,
+        smooth and not saturating above 0."""
         if not self.smooth_needed:
             return "LeakyReLU(0.01)", "Leaky ReLU"
-        return ("SiLU()", "SiLU") if act == "tanh" else ("Tanh()", "tanh")
+        return "SiLU()", "SiLU"  # (tanh saturates too: a reviewer's PINN saturated at 72% was offered it)
 
     @property
     def init_code(self) -> str:
@@ -458,6 +459,11 @@ def dead_units(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[l
         cls, where = (f"nn.{kind}", "") if kind in NN_ACTIVATIONS else (kind, f"; {kind}: imported from its library")
         leaky = Remedy("Use Leaky ReLU, which keeps a small gradient for negative inputs",
                        f"model, _ = gw.modify.swap_activations(model, {cls}, lambda: nn.LeakyReLU(0.01))  # {refs}{where}")
+        if ctx.smooth_needed:  # a ReLU PINN: Leaky ReLU's u'' is 0 too (a reviewer's stayed at 45.69; SiLU 0.0003)
+            causes.insert(0, "activation: the loss differentiates the model by its input, and a piecewise-linear "
+                             "network's second derivative is 0")
+            leaky = Remedy("Use SiLU, smooth, whose second derivative the loss can train",
+                           f"model, _ = gw.modify.swap_activations(model, {cls}, lambda: nn.SiLU())  # {refs}{where}")
     else:  # only the zero gradients were seen: the ReLUs are called as functions in forward()
         causes.append("initial weights: a layer above initialised to all zeros passes no gradient down "
                       "(gw.check_constant_init(model) lists such layers)")

@@ -395,7 +395,8 @@ def from_findings(findings: list[Finding], activations: set[str], *, layer_types
     through_time = any("sequence_length" in f.evidence for f in findings)  # vanishing through time
     sequence = bool(layer_types & {"RNN", "GRU", "LSTM", "MultiheadAttention", "TransformerEncoderLayer",
                                    "TransformerDecoderLayer", "Embedding"})
-    normalise = norm("layer" if sequence else "batch", names)
+    # (BatchNorm mixes a batch's samples: a PINN's per-sample ∂u/∂x would read the others too)
+    normalise = norm("layer" if sequence or smooth else "batch", names)
     adams = [adam(names, unscheduled=lr_ceiling is not None)] \
         if optimizer is not None and optimizer not in ADAPTIVE and not sparse else []
     saturating = [SATURATING_MODULES[a] for a in sorted(activations) if a in SATURATING_MODULES]
@@ -432,8 +433,8 @@ def from_findings(findings: list[Finding], activations: set[str], *, layer_types
             out += [forget_bias(names)] if "LSTM" in layer_types else []
             out += [orthogonal(names), *adams, lr_scale(10.0, names)]
         else:
-            if smooth:
-                out += [swap(s, "SiLU" if s == "Tanh" else "Tanh", "auto", names=names) for s in saturating]
+            if smooth:  # (tanh saturates too)
+                out += [swap(s, "SiLU", "auto", names=names) for s in saturating]
             else:
                 out += [swap(s, "LeakyReLU", "auto", names=names) for s in saturating]
                 # activations called as functions (torch.sigmoid in forward) are no module to swap
@@ -441,7 +442,7 @@ def from_findings(findings: list[Finding], activations: set[str], *, layer_types
             out += [reinit(names), normalise, *adams]
     if "dead_units" in kinds:  # the swap re-initialises (He) too: a plain re-init only without ReLUs
         relu = "relu" in activations
-        out += [*([swap("ReLU", "LeakyReLU", "auto", names=names)] if relu else []), lr_scale(0.1, names),
+        out += [*([swap("ReLU", "SiLU" if smooth else "LeakyReLU", "auto", names=names)] if relu else []), lr_scale(0.1, names),
                 *([] if relu else [reinit(names)]), *adams]
     if "loss_plateau" in kinds:
         # one that fell and rose back (the lr overshot, `loss_rose_back`), or stalled high on an
