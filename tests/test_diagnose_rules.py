@@ -1368,3 +1368,24 @@ def test_a_group_held_at_lr_0_for_a_while_is_not_stalled_once_it_moves():
     u[rows[run.steps[rows] >= 150], run.column("fc0")] = 2e-9  # a real stall, after it moves: still found
     assert "stalled_layers" in kinds(diagnose(run))
 
+
+
+def test_a_recurrent_layer_saturated_only_later_is_not_told_to_standardise_its_inputs():
+    """A tester's GRU on standardised inputs saturated from step 30 (its targets near 5000 pushed it
+    there) and its vanishing through time named 'input scale' first."""
+    from gradwatch.store.series import LayerInfo, RunSeries
+
+    base = build(n_steps=200)
+    keep = [base.column("fc4")]
+    layers = [LayerInfo("rnn", "GRU", 0, "recurrent", 2048, "tanh"), base.layers[keep[0]]]
+    metrics = {m: np.concatenate([v[:, keep], v[:, keep]], axis=1) for m, v in base.metrics.items()}
+    run = RunSeries(layers, base.steps, base.loss, base.lr, metrics, meta=base.meta)
+    rows = sampled(base)
+    run.time_profiles["rnn"] = (run.steps[rows], np.tile(np.logspace(-9, 0, 30), (len(rows), 1)))
+    run.loss[:] = 3e7 * (1 + 0.01 * np.random.default_rng(0).random(len(run.loss)))  # a plateau: a warning
+    run.metrics["saturated"][rows, 0] = np.where(run.steps[rows] >= 30, 0.95, 0.01)
+    f = next(f for f in diagnose(run) if f.kind == "vanishing_gradient")
+    assert f.causes[0].startswith("saturation") and not any(c.startswith("input scale") for c in f.causes)
+    run.metrics["saturated"][rows, 0] = 0.95  # from the first step: the inputs' scale, first
+    f = next(f for f in diagnose(run) if f.kind == "vanishing_gradient")
+    assert any(c.startswith("input scale") for c in f.causes)

@@ -41,10 +41,12 @@ def find_through_time(run: RunSeries, th: Thresholds) -> list[Finding]:
                         "profile_last": [float(v) for v in last], "at_init": start == 0 and from_init(run)}
             explain = advice.vanishing if kind == "vanishing_gradient" else advice.exploding
             causes, remedies = explain(ctx, (layer,), evidence, through_time=True)
-            if kind == "vanishing_gradient" and layer in saturated:  # f'(h_t) ~ 0: the saturation's first
+            # f'(h_t) ~ 0: the saturation's first; the inputs' scale only if saturated from the first step
+            # (a tester's GRU on standardised inputs, saturated from step 30, was told to standardise them)
+            if kind == "vanishing_gradient" and layer in saturated:
                 evidence["saturated_fraction"] = saturated[layer][1]
                 own, fix = advice.saturation(ctx, (layer,), {"at_init": saturated[layer][2],
-                                                             "first_layer": layer == lowest})
+                                                             "first_layer": layer == lowest and saturated[layer][2]})
                 causes, remedies = [*own, *causes], [*fix[:1], *remedies]
             if ratio > 0:
                 what = (f"the gradient {word} by {rate:.3g}x per step: the first of {profile.shape[1]} steps gets "
