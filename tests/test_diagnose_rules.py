@@ -1389,3 +1389,16 @@ def test_a_recurrent_layer_saturated_only_later_is_not_told_to_standardise_its_i
     run.metrics["saturated"][rows, 0] = 0.95  # from the first step: the inputs' scale, first
     f = next(f for f in diagnose(run) if f.kind == "vanishing_gradient")
     assert any(c.startswith("input scale") for c in f.causes)
+
+
+def test_a_burst_that_grew_from_the_warm_up_on_is_clipped_at_the_warm_ups_level():
+    """A tester's LSTM at SGD lr 1: 0.33 at step 0, 82 at step 5, 3e7 at step 7, the burst told at
+    step 10; told to clip at 9.3e7, the level read from steps 5-9, where it had already begun."""
+    from gradwatch.diagnose.rules.exploding import _before_burst
+
+    norms = np.array([0.33, 0.38, 1.25, 4.3, 9.7, 82, 744, 3.1e7, 1.6e7, 3.6e7, 1.4e7, 6.2e7, 1e9, 2e10])
+    level, grown = _before_burst(norms, 10, 10, TH)
+    assert grown and list(level) == list(norms[:5])
+    steady = np.array([0.33, 0.38, 0.35, 0.36, 0.34, 0.37, 0.35, 0.36, 0.34, 0.35, 80.0])  # a late burst
+    level, grown = _before_burst(steady, 10, 10, TH)
+    assert not grown and list(level) == list(steady[5:10])

@@ -267,12 +267,15 @@ def _growth_over_steps(run: RunSeries, th: Thresholds):
     g = run.metrics["grad_norm"][run.steps.searchsorted(steps[j])]
     cols = profile_columns(run) or list(range(len(run.layers)))
     top = sorted(sorted((c for c in cols if np.isfinite(g[c])), key=lambda c: -g[c])[:3])  # the largest 3, input first
+    level, grown = _before_burst(norms, j, w, th)
     return int(steps[j]), names(run, top), {
-        "growth_over_steps": float(factor[i]), "baseline_norm": float(base[i]), "spike_bar": bar,
+        # (grown from the warm-up on: the recent level was the blow-up's, the warm-up's is the healthy one)
+        "growth_over_steps": float(factor[i]), "baseline_norm": _clip_level(level, base[i]) if grown else float(base[i]),
+        "spike_bar": bar,
         "grad_norm_at_detection": float(norms[i]), "detected_at_step": int(steps[i]), "bursts": len(bursts),
         # the level to clip at: the top of the early norms before the burst (the median would
         # clip most batches of a heavy-tailed, batch-size-1 run; the burst itself is no level)
-        "early_norm": _clip_level(norms[th.warmup_steps:min(th.warmup_steps + th.early_windows * w, j)], early[j]),
+        "early_norm": _clip_level(level, early[j]),
         "recovered": unrecovered is None}
 
 
@@ -390,6 +393,23 @@ def _early_level(norms: np.ndarray, skip: int, length: int) -> np.ndarray:
     if stop > skip:
         level[stop:] = np.median(norms[skip:stop])
     return level
+
+
+def _before_burst(norms: np.ndarray, j: int, w: int, th: Thresholds) -> tuple[np.ndarray, bool]:
+    """The norms the clip level is read from: those after the warm-up steps and before the burst at
+    `j`; for a burst that began within a few steps of the warm-up's end, the warm-up's own, the only
+    ones before it (a tester's LSTM at SGD lr 1: 0.33 at step 0, 82 at step 5, 3e7 at step 7, told
+    to clip at 9.3e7, read from steps 5-9); and whether the growth began in the warm-up."""
+    after = norms[th.warmup_steps:min(th.warmup_steps + th.early_windows * w, j)]
+    warm = norms[:max(min(j, th.warmup_steps), 1)]
+    warm = warm[np.isfinite(warm) & (warm > 0)]
+    if len(after) < th.persist_samples:
+        return warm, False
+    # already ten times the warm-up's level: the growth began before the burst was told (steps 5-9
+    # of that LSTM, 82 -> 3.6e7, were read as its level)
+    finite = after[np.isfinite(after)]
+    grown = bool(len(warm) and len(finite) and np.median(finite) > 10 * np.median(warm))
+    return (warm, True) if grown else (after, False)
 
 
 def _clip_level(early_norms: np.ndarray, fallback: float) -> float:
