@@ -1402,3 +1402,17 @@ def test_a_burst_that_grew_from_the_warm_up_on_is_clipped_at_the_warm_ups_level(
     steady = np.array([0.33, 0.38, 0.35, 0.36, 0.34, 0.37, 0.35, 0.36, 0.34, 0.35, 80.0])  # a late burst
     level, grown = _before_burst(steady, 10, 10, TH)
     assert not grown and list(level) == list(steady[5:10])
+
+
+def test_an_adaptive_lr_too_high_behind_a_warm_up_from_0_still_stalls_on_long_steps():
+    """A tiny BERT at AdamW 3e-2 with 10 warm-up steps from lr 0 (Hugging Face's schedules): its first
+    update was 0, and its flat loss was told to raise the lr tenfold; 3e-3 learnt it."""
+    run = build(n_steps=200, optimizer="AdamW", lr=3e-2)
+    run.lr[:10] = np.linspace(0.0, 3e-2, 10, endpoint=False)
+    rows = sampled(run)
+    u = run.metrics["update_ratio"]
+    u[rows[0]] = 0.0  # lr 0 at the first step: no update
+    u[rows[1:]] = 0.5  # at the peak, half the weights' scale a step
+    run.loss[:] = 0.69 + 0.01 * np.random.default_rng(0).random(len(run.loss))
+    (f,) = [f for f in diagnose(run) if f.kind == "loss_plateau"]
+    assert "first_update_ratio" in f.evidence and f.remedies[0].action.startswith("Lower the learning rate")

@@ -134,10 +134,26 @@ def first_adaptive_step(run: RunSeries) -> float | None:
     cols = profile_columns(run)
     if not cols:
         return None
-    u = np.asarray(run.metrics["update_ratio"][:1], dtype=float)[0]
-    w = np.asarray(run.metrics["weight_norm"][:1], dtype=float)[0]
-    ratios = [u[c] for c in cols if np.isfinite(u[c]) and np.isfinite(w[c]) and w[c] > 0]
-    return float(np.median(ratios)) if ratios else None
+    # under a warm-up (from lr 0: Hugging Face's schedules) the first step is lr·sign(g) at its lr, a
+    # fraction of the peak the run goes on at: scaled to it (a tiny BERT at AdamW 3e-2 with 10
+    # warm-up steps read 0 at step 0, and its plateau was told to raise the lr tenfold). From the
+    # first sampled step with an lr, among the first few, while the weights are still the initial ones
+    lr = np.asarray(run.lr, dtype=float)
+    peak = float(np.nanmax(lr)) if np.isfinite(lr).any() else float("nan")
+    for r in range(min(len(run.steps), FIRST_STEPS)):
+        if not (np.isfinite(lr[r]) and lr[r] > 0):
+            continue
+        u = np.asarray(run.metrics["update_ratio"][r], dtype=float)
+        w = np.asarray(run.metrics["weight_norm"][r], dtype=float)
+        ratios = [u[c] for c in cols if np.isfinite(u[c]) and np.isfinite(w[c]) and w[c] > 0]
+        if ratios:
+            return float(np.median(ratios)) * (peak / lr[r] if peak > lr[r] else 1.0)
+        if r == 0:
+            return None  # (the first step's update unmeasured: no warm-up to look past)
+    return None
+
+
+FIRST_STEPS = 20  # the steps a warm-up's first measured update is looked for in
 
 
 # Adaptive optimizers whose every step moves a weight by about lr (Adam's m/sqrt(v) is ~1 for a
