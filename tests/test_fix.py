@@ -840,12 +840,15 @@ class Net(L.LightningModule):
 def test_a_lightning_script_is_told_where_its_optimizer_is_built():
     """A LightningModule's optimizer is built in configure_optimizers, which Lightning calls: the
     change said "optimizer: its optimizer (not found in your script)", with nowhere to put it."""
-    from gradwatch.fix.candidates import adam
+    from gradwatch.fix.candidates import adam, lr_scale
     from gradwatch.fix.names import read_names
 
     change = read_names(LIGHTNING_SCRIPT).complete(adam(read_names(LIGHTNING_SCRIPT)).code)
     assert "optimizer: the one your configure_optimizers returns: make the change there" in change
     assert "model: your LightningModule" in change
+    hf = "args = TrainingArguments(output_dir='out', learning_rate=3e-2)\ntrainer = Trainer(model=model, args=args)\n"
+    change = read_names(hf).complete(lr_scale(0.1, read_names(hf)).code)  # (pasted, optimizer was None)
+    assert "optimizer: the Trainer's, built inside train(): give the lr as TrainingArguments(learning_rate=...)" in change
     plain = LIGHTNING_SCRIPT.replace("configure_optimizers", "make_optimizer")
     assert "optimizer: its optimizer (not found" in read_names(plain).complete(adam(read_names(plain)).code)
 

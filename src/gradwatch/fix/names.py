@@ -30,6 +30,10 @@ PLACEHOLDERS = {"model": "your model (the nn.Module you train)", "optimizer": "i
 # to it goes there, on `self`'s parameters
 LIGHTNING = {"model": "your LightningModule, before trainer.fit",
              "optimizer": "the one your configure_optimizers returns: make the change there, with self for model"}
+# A Hugging Face Trainer builds its optimizer and schedule inside train(): an lr or a clip is an argument
+HF_TRAINER = {"model": "the model you give the Trainer",
+              "optimizer": "the Trainer's, built inside train(): give the lr as TrainingArguments(learning_rate=...) "
+                           "and a norm clip as max_grad_norm=..."}
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,7 @@ class Names:
     # the module the loop calls when the optimizers take parts of it (`model` for `model.head.parameters()`)
     called: str = ""
     lightning: bool = False  # the script defines configure_optimizers (a LightningModule's)
+    hf_trainer: bool = False  # the script builds TrainingArguments (a Hugging Face Trainer's)
     batch_taken: bool = False  # the script binds `batch` itself (`def batch(n=64)`): the placeholder is renamed
 
     @property
@@ -195,7 +200,8 @@ class Names:
             held = "one_batch" if self.batch_taken else "batch"  # (pasted, `batch` was the script's function)
             code = code.replace("example_input=batch", f"example_input={held}")
             lines.append(f"# {held}: one input batch{seen}")
-        said = {**PLACEHOLDERS, **LIGHTNING} if self.lightning else PLACEHOLDERS
+        said = {**PLACEHOLDERS, **LIGHTNING} if self.lightning else {**PLACEHOLDERS, **HF_TRAINER} if self.hf_trainer \
+            else PLACEHOLDERS
         generic = [f"{n}: {what}" for n, what in said.items()
                    if n not in self.found | {self.called} and _uses(code, n)]
         if generic:
@@ -264,8 +270,9 @@ def read_names(source: str, run: Context | None = None, imported: frozenset[str]
     lightning = any(isinstance(n, ast.FunctionDef) and n.name == "configure_optimizers" for n in ast.walk(tree))
     taken = any(isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == "batch"
                 or isinstance(n, ast.Name) and n.id == "batch" and isinstance(n.ctx, ast.Store) for n in ast.walk(tree))
+    hf_trainer = any(isinstance(n, ast.Call) and _callee(n) == "TrainingArguments" for n in ast.walk(tree))
     return replace(_read_names(tree, run, imported), initialised_at=_initialised_at(tree), lightning=lightning,
-                   batch_taken=taken or "batch" in imported)
+                   batch_taken=taken or "batch" in imported, hf_trainer=hf_trainer)
 
 
 _INIT_CALL = re.compile(r"(^|\.)init\.\w+_$")  # nn.init.normal_, torch.nn.init.xavier_uniform_, init.zeros_
