@@ -1416,3 +1416,20 @@ def test_an_adaptive_lr_too_high_behind_a_warm_up_from_0_still_stalls_on_long_st
     run.loss[:] = 0.69 + 0.01 * np.random.default_rng(0).random(len(run.loss))
     (f,) = [f for f in diagnose(run) if f.kind == "loss_plateau"]
     assert "first_update_ratio" in f.evidence and f.remedies[0].action.startswith("Lower the learning rate")
+
+
+def test_first_activations_far_from_unit_scale_put_the_inputs_scale_first():
+    """A tester's tabular MLP with numeric columns in the thousands (first activations at std 567):
+    exploding and dead units were told the learning rate and clipping; standardised, its MAE halved
+    and no finding was left."""
+    run = build(optimizer="SGD", lr=0.1)
+    run.loss[:] = 2.3 + 0.01 * np.random.default_rng(0).random(len(run.loss))
+    run.metrics["update_ratio"][0, run.column("fc2")] = 5.0
+    run.metrics["act_std"][0, run.column("act0")] = 567.0
+    for kind in ("exploding_gradient",):
+        f = next(f for f in diagnose(run) if f.kind == kind)
+        assert f.causes[0].startswith("input scale: the first layer's activations have std 567")
+        assert f.remedies[0].action.startswith("Standardise the inputs")
+    run.metrics["act_std"][0, run.column("act0")] = 1.2  # inputs at unit scale: not said
+    f = next(f for f in diagnose(run) if f.kind == "exploding_gradient")
+    assert not any(c.startswith("input scale") for c in f.causes)

@@ -86,6 +86,18 @@ def lowest_activation(run: RunSeries) -> str:
     return run.layers[min(cols, key=lambda c: run.layers[c].index)].name if cols else ""
 
 
+def first_layer_scale(run: RunSeries, limit: float) -> float | None:
+    """The std of the activations nearest the input at the first step, when it is `limit` or more
+    and the run is from its initial weights: inputs far from unit scale (a layer initialised for
+    its fan-in passes them on at about their own scale). None otherwise."""
+    first = lowest_activation(run)
+    std = run.metrics.get("act_std")
+    if not first or std is None or not len(run.steps) or not from_init(run):
+        return None
+    value = float(std[0, run.column(first)])
+    return value if np.isfinite(value) and value >= limit else None
+
+
 def recurrent_layers(run: RunSeries) -> set[str]:
     """The names of the recurrent layers (nn.RNN, GRU, LSTM)."""
     return {layer.name for layer in run.layers if layer.role == "recurrent"}

@@ -9,7 +9,7 @@ from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
 from gradwatch.diagnose.rules.eval_mode import eval_mode_first, unnormalised_batchnorm
 from gradwatch.diagnose.rules.loss import learning_on, loss_fell_to, sampled_onset, still_falling
-from gradwatch.diagnose.signals import (from_init, persistent_activation_layers, persistent_start, rows_before_non_finite_loss,
+from gradwatch.diagnose.signals import (first_layer_scale, from_init, persistent_activation_layers, persistent_start, rows_before_non_finite_loss,
                                         summarise_layers, zero_initialised)
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
@@ -31,6 +31,8 @@ def find_dead_units(run: RunSeries, th: Thresholds) -> list[Finding]:
         evidence.update({"dead_fraction": {n: hits[n][1] for n in layers}, "at_init": at_init and not rose})
         if rose:
             evidence["dead_at_start"] = start
+        if (scale := first_layer_scale(run, th.input_scale_std)) is not None:
+            evidence["first_layer_std"] = scale
         if at_init and (zeros := zero_initialised(run)):
             evidence["zero_weight_layers"] = zeros
         elif at_init and (frozen := unnormalised_batchnorm(run, th)):

@@ -15,7 +15,7 @@ from gradwatch.diagnose.rules.clipping import clipped_advice, clipping
 from gradwatch.diagnose.rules.late_clipping import late_first
 from gradwatch.diagnose.rules.loss import learning_on
 from gradwatch.diagnose.rules.stale_gradients import stale_first
-from gradwatch.diagnose.signals import (depth_profile, finite_loss, from_init, names, peaks_growing, periodic, persistent_start,
+from gradwatch.diagnose.signals import (depth_profile, finite_loss, first_layer_scale, from_init, names, peaks_growing, periodic, persistent_start,
                                         plain_sgd, profile_columns, row_nanpercentile, TOTAL_BLOCK, total_grad_norm, window)
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
@@ -36,6 +36,8 @@ def find_exploding(run: RunSeries, th: Thresholds) -> list[Finding]:
         evidence.update(ev)
         layers = layers or found_layers
     evidence["at_init"] = first == int(run.steps[0]) and from_init(run)
+    if (scale := first_layer_scale(run, th.input_scale_std)) is not None:
+        evidence["first_layer_std"] = scale
     if "init_forward_growth" not in evidence and (grew := _forward_growth(run, replace(th, **CAUSE_FORWARD_GROWTH))):
         evidence.update(grew[2])  # not a finding of its own: the cause of this one's huge first loss
     if isinstance(run.meta.get("grad_clip"), str) and "clip_said" not in evidence:
