@@ -66,7 +66,9 @@ def test_a_causal_conv1d_chomped_to_its_length_keeps_its_channels_as_units():
     x = torch.randn(16, 4, 20, requires_grad=True)
     y = torch.relu(conv(x)[:, :, :-2].contiguous())  # causal: the chomp, then the activation
     assert unit_axis(y) == 1 and activation_stats(y.detach(), "relu", 1)[3].item() == pytest.approx(6 / 8)
-    assert unit_axis(torch.relu(conv(x)[:, 2:, :])) == 2  # a slice of the channels: not known, features last
+    assert unit_axis(torch.relu(conv(x)[:, 2:, :])) == 1  # a slice of the channels moves no axis either
+    gate, _ = conv(x).chunk(2, dim=1)  # a WaveNet gate's half (a reviewer's: read as no channel dead)
+    assert unit_axis(torch.relu(gate)) == 1
 
 
 def test_a_sequences_features_are_its_units():
@@ -125,3 +127,32 @@ def test_a_parametrized_layer_is_one_layer_holding_its_originals():
     assert [l.name for l in run.layers] == ["0", "1", "2", "3", "4"]
     assert run.layers[0].n_params == sum(p.numel() for p in model[0].parameters())  # g, v and the bias
     assert run.metrics["grad_norm"][0, run.column("0")] == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_parametrized_weight_of_a_models_root_stays_a_layer():
+    """A hand-written RNN whose W_hh, a bare parameter of the model, is parametrized orthogonal: its
+    original was claimed for the root, which builds one layer per weight of its own, and dropped."""
+    from torch.nn.utils import parametrizations
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W_hh = nn.Parameter(torch.randn(8, 8) / 3)
+            self.head = nn.Linear(8, 1)
+
+        def forward(self, x):
+            h = torch.zeros(x.shape[0], 8)
+            for t in range(x.shape[1]):
+                h = torch.tanh(x[:, t] + h @ self.W_hh)
+            return self.head(h)
+
+    torch.manual_seed(0)
+    net = parametrizations.orthogonal(Net(), "W_hh")
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    with gw.watch(net, opt, sample_every=1, warn=False) as watch:
+        opt.zero_grad()
+        net(torch.randn(4, 5, 8)).sum().backward()
+        opt.step()
+        run = watch.series()
+    held = {id(p) for l in watch._layers for p in l.params}
+    assert all(id(p) in held for p in net.parameters())  # every trainable weight in some layer

@@ -122,7 +122,8 @@ def discover(model: nn.Module, prefix: str, seen_params: set[int], seen_modules:
         if id(module) in seen_modules:
             continue
         seen_modules.add(id(module))
-        own = _claim(module, seen_params)
+        # (a model's root or a container is one layer per weight: its parametrizations stay layers of their own)
+        own = _claim(module, seen_params, parametrized=not _per_weight(module, qualname, "param"))
         role = _role(module, own)
         if role:
             layers += _layers_of(module, prefix, qualname, role, own)
@@ -141,13 +142,13 @@ def rename(layers: list[Layer], model: nn.Module, prefix: str) -> None:
             layer.name = _name(prefix, q, layer.module)
 
 
-def _claim(module: nn.Module, seen_params: set[int]) -> list[torch.nn.Parameter]:
+def _claim(module: nn.Module, seen_params: set[int], parametrized: bool = True) -> list[torch.nn.Parameter]:
     """The module's own trainable parameters no layer holds yet, now held; a parametrized module's
     (weight_norm, spectral_norm, orthogonal, a custom parametrize) with the originals its
     parametrizations hold: one layer, where the ParametrizationList stood as a layer of its own
     before the module, left with its bias alone (two layers of the depth profile for one)."""
     held = list(module._parameters.values())
-    if parametrize.is_parametrized(module):
+    if parametrized and parametrize.is_parametrized(module):
         held += list(module.parametrizations.parameters())
     own = [p for p in held if p is not None and p.requires_grad and id(p) not in seen_params]
     seen_params.update(id(p) for p in own)

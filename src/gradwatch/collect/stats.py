@@ -88,8 +88,9 @@ def unit_axis(y: torch.Tensor) -> int:
         name = type(node).__name__
         if _CHANNELS_FIRST.search(name):
             return 1
-        # a causal conv's chomp (`x[:, :, :-pad]`, a TCN's or WaveNet's) slices its length, not its channels
-        kept = name.startswith(("Slice", "Narrow")) and getattr(node, "_saved_dim", 1) not in (1, -2)
+        # a slice or a split moves no axis: a causal conv's chomp (`x[:, :, :-pad]`, a TCN's), a WaveNet
+        # gate's half of the channels (`z[:, :C]`, `chunk(2, dim=1)`)
+        kept = name.startswith(("Slice", "Narrow", "Split", "UnsafeSplit"))
         if not (_ELEMENTWISE.match(name) or kept) or not node.next_functions:
             break
         node = node.next_functions[0][0]
