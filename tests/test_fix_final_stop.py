@@ -33,18 +33,18 @@ def regression():
 def test_behind_then_reads_the_first_final_at_the_same_step(tmp_path):
     lead = run_trial_in_process(regression, tmp_path / "lead", lr_scale(1.0), 40)
     loss = read_run(lead.run_dir).loss[:20]
-    then, noise = final_loss(loss), final_error(loss)
+    then, noise = final_loss(loss), final_error(loss, robust=False)  # (stopping reads the wider, spread error)
     assert then > lead.final_loss  # (it trained on: at step 20 it stood higher than at its end)
 
     def at_20(loss_there: float) -> Trial:
-        return Trial(clip_norm(1.0), Path("x"), 0, 1.0, steps=20, final_loss=loss_there, final_error=noise)
+        return Trial(clip_norm(1.0), Path("x"), 0, 1.0, steps=20, final_loss=loss_there, spread_error=noise)
 
     # against the lead's loss at step 20, not at its end: level with it there is not behind
     assert not behind_then(at_20(then), lead) and not behind_then(at_20(then + 2 * noise), lead)
     assert behind_then(at_20(then + 3 * noise * np.sqrt(2)), lead)
     assert behind_then(at_20(float("inf")), lead)  # a loss gone non-finite is behind a finite one
     unmeasured = at_20(then + 100 * noise)
-    unmeasured.final_error = float("nan")  # one loss in its last tenth: no noise to read it against
+    unmeasured.spread_error = float("nan")  # one loss in its last tenth: no noise to read it against
     assert not behind_then(unmeasured, lead)
 
 

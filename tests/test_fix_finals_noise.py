@@ -10,7 +10,8 @@ SELU, LEAKY = swap("*", "SELU", "lecun"), swap("Sigmoid", "LeakyReLU", "auto")
 
 def screened(*rows: tuple) -> list[Trial]:
     """Screening trials that repaired the run, best first, from (candidate, loss, its standard error)."""
-    return [Trial(c, None, 0, 0.1, steps=50, final_loss=loss, final_error=error) for c, loss, error in rows]
+    return [Trial(c, None, 0, 0.1, steps=50, final_loss=loss, final_error=error, spread_error=error)
+            for c, loss, error in rows]
 
 
 def names(cands) -> list[str]:

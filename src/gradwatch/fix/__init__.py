@@ -327,8 +327,9 @@ def _outrun(lead: Trial, other: Trial) -> bool:
     of the two losses (both measured): the same comparison at full length has no reason to turn
     (a sigmoid MLP: SELU 0.329 ± 0.025, LeakyReLU 0.649 ± 0.048 screened; 0.107 and 0.134 in full).
     A remedy that combines with the leader is still paired: what it adds is not what it screened."""
-    measured = np.isfinite(lead.final_error) and np.isfinite(other.final_error)
-    return measured and combine(lead.candidate, other.candidate) is None and lower_beyond_noise(lead, other)
+    measured = np.isfinite(lead.spread_error) and np.isfinite(other.spread_error)
+    return measured and combine(lead.candidate, other.candidate) is None \
+        and lower_beyond_noise(lead, other, error="spread_error")
 
 
 def nan_to_locate(baseline: Trial) -> Finding | None:
@@ -656,11 +657,11 @@ def behind_then(trial: Trial, lead: Trial) -> bool:
     3.7x below the winner when run in full)."""
     series = read_run(lead.run_dir, compact=True)
     loss = series.loss[series.steps < series.steps[0] + trial.steps] if len(series.steps) else series.loss
-    then = replace(lead, final_loss=final_loss(loss), final_error=final_error(loss), process=None)
+    then = replace(lead, final_loss=final_loss(loss), spread_error=final_error(loss, robust=False), process=None)
     if not np.isfinite(trial.final_loss):
         return bool(np.isfinite(then.final_loss))
-    measured = np.isfinite(then.final_error) and np.isfinite(trial.final_error)
-    return bool(measured) and lower_beyond_noise(then, trial)
+    measured = np.isfinite(then.spread_error) and np.isfinite(trial.spread_error)
+    return bool(measured) and lower_beyond_noise(then, trial, error="spread_error")
 
 
 def _fix(trial: Callable[[str, Candidate, int], Trial], end: Callable[[Trial], None],
