@@ -404,6 +404,9 @@ def test_a_blow_up_within_ten_steps_is_blamed_on_the_learning_rate_not_the_data(
     f = next(f for f in diagnose(run) if f.kind == "non_finite")  # (it said --nproc_per_node=16, then --nnodes=2)
     assert "`gradwatch fix -- torchrun --nproc_per_node=8 'my train.py' --lr 0.1` on one node" in f.remedies[0].action
     # (`--nnodes=2` with no rendezvous options waits for the other node forever)
+    run.meta["distributed"] = {"kind": "ddp", "rank": 0, "world_size": 2}  # mp.spawn: no LOCAL_WORLD_SIZE, one node
+    f = next(f for f in diagnose(run) if f.kind == "non_finite")
+    assert "--lr 0.1` runs" in f.remedies[0].action and "on one node" not in f.remedies[0].action
 
 
 def test_non_finite_origin_is_the_first_activation_layer():

@@ -849,6 +849,9 @@ def test_a_lightning_script_is_told_where_its_optimizer_is_built():
     hf = "args = TrainingArguments(output_dir='out', learning_rate=3e-2)\ntrainer = Trainer(model=model, args=args)\n"
     change = read_names(hf).complete(lr_scale(0.1, read_names(hf)).code)  # (pasted, optimizer was None)
     assert "optimizer: the Trainer's, built inside train(): give the lr as TrainingArguments(learning_rate=...)" in change
+    seq2seq = hf.replace("TrainingArguments", "Seq2SeqTrainingArguments").replace("Trainer(", "Seq2SeqTrainer(")
+    assert read_names(seq2seq).hf_trainer and read_names("cfg = SFTConfig(lr=1)\nt = SFTTrainer(m, cfg)\n").hf_trainer
+    assert not read_names("cfg = BertConfig(hidden_size=32)\nmodel = Bert(cfg)\n").hf_trainer  # (no Trainer)
     plain = LIGHTNING_SCRIPT.replace("configure_optimizers", "make_optimizer")
     assert "optimizer: its optimizer (not found" in read_names(plain).complete(adam(read_names(plain)).code)
 

@@ -102,15 +102,22 @@ def test_an_optimizer_given_back_its_own_state_by_accelerate_has_resumed_nothing
     import sys
     import types
 
-    accelerate = types.ModuleType("accelerate.optimizer")  # its frame's module name is what is read
-    exec("def prepare(opt):\n    opt.load_state_dict(opt.state_dict())\n    return opt\n", accelerate.__dict__)
+    accelerate = types.ModuleType("accelerate.optimizer")  # its frame's module and function are what is read
+    exec("class AcceleratedOptimizer:\n    def __init__(self, opt):\n        opt.load_state_dict(opt.state_dict())\n"
+         "def load_state(opt, state):\n    opt.load_state_dict(state)\n", accelerate.__dict__)
     sys.modules["accelerate.optimizer"] = accelerate
     try:
-        real = sgd
-        _train(tmp_path / "fresh", 3, lambda params: accelerate.prepare(real(params)))
+        def prepared(params):
+            opt = sgd(params)
+            accelerate.AcceleratedOptimizer(opt)
+            return opt
+        _train(tmp_path / "fresh", 3, prepared)
+        assert "resumed" not in read_run(tmp_path / "fresh").meta
+        _, checkpoint = _train(None, 5, sgd)  # accelerator.load_state, a resume: still one
+        _train(tmp_path / "resumed", 3, lambda params: sgd(params), state=checkpoint)
     finally:
         del sys.modules["accelerate.optimizer"]
-    assert "resumed" not in read_run(tmp_path / "fresh").meta
+    assert read_run(tmp_path / "resumed").meta["resumed"]["optimizer"] == "SGD"
 
 
 RESUMED = """

@@ -478,8 +478,8 @@ class AutoWatch(Watch):
         the optimizer's own state back to move it to the device (a fresh run was told it resumed
         from a checkpoint). An empty state may still be a checkpoint's: plain SGD keeps none."""
         frame = sys._getframe(1)
-        while frame is not None:
-            if str(frame.f_globals.get("__name__", "")).startswith("accelerate."):
+        while frame is not None:  # (only AcceleratedOptimizer's own: accelerator.load_state is a resume)
+            if frame.f_code.co_name == "__init__" and frame.f_globals.get("__name__") == "accelerate.optimizer":
                 return
             frame = frame.f_back
         self._loaded.add(optimizer)

@@ -395,7 +395,8 @@ def _fix_command(ctx: Context) -> str:
         return "`gw.fix(train_fn)`, train_fn a function that builds your model and trains,"
     script = " ".join(map(shlex.quote, argv)) if argv and argv[0].endswith(".py") else "train.py"
     distributed = ctx.run.meta.get("distributed") or {}
-    one_node = (distributed.get("local_world_size") or 0) < (distributed.get("world_size") or 0)
+    # (LOCAL_WORLD_SIZE is torchrun's: an mp.spawn run has none, and is on one node)
+    one_node = "local_world_size" in distributed and distributed["local_world_size"] < (distributed.get("world_size") or 0)
     return f"`gradwatch fix -- {_launcher(distributed)} {script}`" + (" on one node" if one_node else "")
 
 

@@ -270,7 +270,10 @@ def read_names(source: str, run: Context | None = None, imported: frozenset[str]
     lightning = any(isinstance(n, ast.FunctionDef) and n.name == "configure_optimizers" for n in ast.walk(tree))
     taken = any(isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == "batch"
                 or isinstance(n, ast.Name) and n.id == "batch" and isinstance(n.ctx, ast.Store) for n in ast.walk(tree))
-    hf_trainer = any(isinstance(n, ast.Call) and _callee(n) == "TrainingArguments" for n in ast.walk(tree))
+    # TrainingArguments and its kin (Seq2SeqTrainingArguments; TRL's SFTConfig, DPOConfig) beside a *Trainer
+    calls = [_callee(n) for n in ast.walk(tree) if isinstance(n, ast.Call)]
+    hf_trainer = any(c.endswith("TrainingArguments") for c in calls) \
+        or any(c.endswith("Config") for c in calls) and any(c.endswith("Trainer") for c in calls)
     return replace(_read_names(tree, run, imported), initialised_at=_initialised_at(tree), lightning=lightning,
                    batch_taken=taken or "batch" in imported, hf_trainer=hf_trainer)
 
