@@ -296,17 +296,37 @@ def find_loss_divergence(run: RunSeries, th: Thresholds) -> list[Finding]:
     if not cuts:
         return _divergence(run, th)
     spans = [run.between(a, b) for a, b in zip([int(run.steps[0]), *cuts], [*cuts, None])]
-    # a later span is read from its first loss, the new optimizer's before its first update: a window
-    # of it held the blow-up (a reviewer's head at Adam lr 20, 0.41 -> 446, had no finding)
-    return next((found for k, span in enumerate(spans) if len(span.steps) and (found := _divergence(span, th, k > 0))), [])
+    found: list[Finding] = []
+    for k, span in enumerate(spans):
+        if not len(span.steps):
+            continue
+        found = _divergence(span, th, _carried_on(spans[k - 1], span, th) if k else None)
+        if found:
+            break
+    return found
 
 
-def _divergence(run: RunSeries, th: Thresholds, from_first: bool = False) -> list[Finding]:
+def _carried_on(before: RunSeries, span: RunSeries, th: Thresholds) -> np.ndarray | None:
+    """The last window of losses before a new optimizer's span, when its first loss (taken before
+    its first update) is within them: the same objective carried on, and its level is the span's
+    start. A window of the span's own held its blow-up (a reviewer's head at Adam lr 20, 0.41 ->
+    446, had no finding). None for a span that began elsewhere (a new head's loss, 5.1 after 0.47):
+    read from its own first window."""
+    _, prior = finite_loss(before)
+    _, loss = finite_loss(span)
+    if not len(prior) or not len(loss):
+        return None
+    last = prior[-window(len(prior), th.min_loss_window):]
+    return last if loss[0] <= np.percentile(last, 90) else None
+
+
+def _divergence(run: RunSeries, th: Thresholds, carried: np.ndarray | None = None) -> list[Finding]:
+    """`carried`: the losses before the span, whose level it starts from (`_carried_on`)."""
     steps, loss = finite_loss(run)
     w = window(len(loss), th.min_loss_window)
     if len(loss) < 2 * w:
         return []
-    start = float(loss[0]) if from_first else float(np.median(loss[:start_window(len(loss), th)]))
+    start = float(np.median(loss[:start_window(len(loss), th)] if carried is None else carried))
     limit = start + th.divergence_factor * max(abs(start), 1e-8)
     # the running median, evaluated every tenth of a window (enough to place the onset)
     ends = np.arange(w - 1, len(loss), max(1, w // 10))
@@ -316,7 +336,7 @@ def _divergence(run: RunSeries, th: Thresholds, from_first: bool = False) -> lis
     # too, with a far higher bar against batch noise
     early = float(loss[:2].max())
     early_limit = early * th.early_divergence_factor if early > 0 else np.inf
-    start_losses = loss[:start_window(len(loss), th)]
+    start_losses = loss[:start_window(len(loss), th)] if carried is None else carried
     if _refitted_on_a_schedule(loss, limit, th):
         limit = np.inf  # the level follows the targets; only the bar against the first two losses holds
     # the window's losses rank above the start's, at least `divergence_rank_losses` of them from the
@@ -324,8 +344,7 @@ def _divergence(run: RunSeries, th: Thresholds, from_first: bool = False) -> lis
     # against 5), and an HF model at lr 3, 4.0 -> 496, ending at 74 after 48 steps, had no finding
     ranked = max(w, th.divergence_rank_losses)
     over = [i for i in np.flatnonzero((running > limit) | (running > early_limit))
-            if running[i] > early_limit or from_first
-            or _rises_beyond_noise(start_losses, loss[ends[i] - w + 1:ends[i] - w + 1 + ranked], th)]
+            if running[i] > early_limit or _rises_beyond_noise(start_losses, loss[ends[i] - w + 1:ends[i] - w + 1 + ranked], th)]
     if not over:
         return []
     i = ends[over[0]]
@@ -335,7 +354,9 @@ def _divergence(run: RunSeries, th: Thresholds, from_first: bool = False) -> lis
         first = int(steps[np.flatnonzero(loss > early_limit)[0]])
     evidence = {"loss_start": start, "loss_at_detection": float(running[over[0]]), "loss_max": float(loss.max()),
                 "limit": limit, "window_steps": w}
-    causes, remedies = advice.loss_divergence(advice.Context(run), evidence)
+    # (a span's first row is the old optimizer's step, at its lr: the new one's lr is read after it)
+    ctx = advice.Context(run.between(int(run.steps[1])) if carried is not None and len(run.steps) > 1 else run)
+    causes, remedies = advice.loss_divergence(ctx, evidence)
     message = (f"The loss rises from {start:.4g} to {loss.max():.4g} since step {first}: training is diverging. "
                f"{remedies[0].action}.")
     return [Finding("loss_divergence", "error", first, (), message, evidence, tuple(causes), tuple(remedies))]
