@@ -102,6 +102,12 @@ def _take_together(todo: list) -> None:
             pending.stats, pending.copy = row, None
 
 
+def _graph_task() -> int:
+    """The running backward pass's id (torch's graph task), -1 where torch does not say."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return int(current()) if current is not None else -1
+
+
 class _SampledStep(TorchFunctionMode):
     """Active around a compiled model's forward on sampled steps, and changing nothing. torch.compile
     guards on the stack of these modes, so the code it compiles for a sampled step (broken into a
@@ -125,6 +131,8 @@ class SampledHooks:
         self._unscale = unscale
         self._counted_here = counted
         self._derivative_seen = derivative_seen
+        self._passes_of: StepRecord | None = None  # the step whose derivative passes `_passes` holds
+        self._passes: set[int] = set()  # their autograd graph tasks
         self._handles: list = []
         self._compiled: list[nn.Module] = []  # torch.compile wrappers of watched models
         self._others: set[int] = set()  # ids of wrappers of models not watched
@@ -139,9 +147,15 @@ class SampledHooks:
         """The gradient arriving is the step's loss's. Not torch.autograd.grad's with create_graph,
         outside any loss's backward (its hooks run with grad mode on): a derivative inside the loss,
         a PINN's ∂u/∂x or a gradient penalty's, whose du/dh (1e-8 to 2) was averaged in for a PINN's
-        ∂L/∂h (~1e-10); it is noted (`derivative_seen`)."""
+        ∂L/∂h (~1e-10). Two or more such passes in a step are noted (`derivative_seen`): a derivative
+        of a derivative, a PINN's u''. One alone (WGAN-GP's dD/dx) needs no smooth activation."""
         if torch.is_grad_enabled() and not patches.backward_running():
-            self._derivative_seen()
+            rec = self._current()
+            if rec is not self._passes_of:
+                self._passes_of, self._passes = rec, set()
+            self._passes.add(_graph_task())
+            if len(self._passes) >= 2:
+                self._derivative_seen()
             return False
         return self._counted_here()
 

@@ -62,8 +62,8 @@ def layer_info(layer: Layer) -> LayerInfo:
 FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
-# the run's meta: the loss takes a derivative of the model with create_graph (a PINN's u'', a gradient
-# penalty): its second derivatives train, and a ReLU's are 0
+# the run's meta: the loss takes a derivative of a derivative of the model with create_graph (a PINN's
+# u''): its second derivatives train, and a ReLU's are 0 (one derivative, a gradient penalty's, is not)
 INPUT_DERIVATIVES = "input_derivatives"
 # ... and a model holds an nn.Embedding(sparse=True): its gradients are sparse, which Adam refuses
 SPARSE_GRADIENTS = "sparse_gradients"
