@@ -80,6 +80,8 @@ def test_a_pinns_saturating_activations_are_swapped_for_a_smooth_one():
     run.meta["input_derivatives"] = True
     (pinn,) = [f for f in gw.diagnose(run) if f.kind == "vanishing_gradient"]
     assert pinn.remedies[0].action.startswith("Swap the saturating activations for SiLU: the loss differentiates")
+    norms = [r.code for r in pinn.remedies if "insert_norm" in r.code]  # per sample: BatchNorm mixes them
+    assert norms and all("'layer'" in c for c in norms) and any("'batch'" in r.code for r in plain.remedies)
     model = nn.Sequential(nn.Linear(4, 4), nn.Sigmoid(), nn.Linear(4, 1))
     code = pinn.remedies[0].code.replace("gw.init_(model)", "")
     exec(code, {"gw": gw, "nn": nn, "model": model})

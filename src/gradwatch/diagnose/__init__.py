@@ -61,7 +61,19 @@ def diagnose(run: RunSeries | str | os.PathLike, thresholds: Thresholds | dict =
     findings = _one_per_cause(series, findings)
     findings = _nan_after_explosion(findings)
     findings = _per_phase(findings, starts, lambda found: _after_stale(_plateau_from_block(found)))
+    if series.meta.get("input_derivatives"):
+        findings = [_per_sample_norms(f) for f in findings]
     return sorted(findings, key=lambda f: (f.first_step, SEVERITY_ORDER[f.severity], KINDS.index(f.kind)))
+
+
+def _per_sample_norms(finding: Finding) -> Finding:
+    """A loss that differentiates the model by its input (a PINN's u'') is normalised per sample
+    (LayerNorm): BatchNorm mixes a batch's samples, and each sample's derivative would read the
+    others' (fix's trials insert LayerNorm there too)."""
+    batch, layer = "insert_norm(model, 'batch')", "insert_norm(model, 'layer')  # (per sample: not BatchNorm)"
+    if not any(batch in r.code for r in finding.remedies):
+        return finding
+    return replace(finding, remedies=tuple(replace(r, code=r.code.replace(batch, layer)) for r in finding.remedies))
 
 
 # rules of the whole run (its loss, a NaN anywhere, the script's order of calls), not of a model's depth
