@@ -469,13 +469,15 @@ def dead_units(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[l
     if "dead_fraction" in evidence or ctx.relu_like:
         refs = ", ".join(module_ref(l) for l in layers[:3])
         cls, where = (f"nn.{kind}", "") if kind in NN_ACTIVATIONS else (kind, f"; {kind}: imported from its library")
-        leaky = Remedy("Use Leaky ReLU, which keeps a small gradient for negative inputs",
-                       f"model, _ = gw.modify.swap_activations(model, {cls}, lambda: nn.LeakyReLU(0.01))  # {refs}{where}")
-        if ctx.smooth_needed:  # a ReLU PINN: Leaky ReLU's u'' is 0 too (a reviewer's stayed at 45.69; SiLU 0.0003)
+        target, said = ctx.swap_target(kind)  # (a ReLU PINN: Leaky ReLU's u'' is 0 too; a reviewer's stayed
+        # at 45.69, SiLU reached 0.0003)
+        why = "smooth, whose second derivative the loss can train" if ctx.smooth_needed else \
+            "which keeps a small gradient for negative inputs"
+        if ctx.smooth_needed:
             causes.insert(0, "activation: the loss differentiates the model by its input, and a piecewise-linear "
                              "network's second derivative is 0")
-            leaky = Remedy("Use SiLU, smooth, whose second derivative the loss can train",
-                           f"model, _ = gw.modify.swap_activations(model, {cls}, lambda: nn.SiLU())  # {refs}{where}")
+        leaky = Remedy(f"Use {said}, {why}",
+                       f"model, _ = gw.modify.swap_activations(model, {cls}, lambda: nn.{target})  # {refs}{where}")
     else:  # only the zero gradients were seen: the ReLUs are called as functions in forward()
         causes.append("initial weights: a layer above initialised to all zeros passes no gradient down "
                       "(gw.check_constant_init(model) lists such layers)")

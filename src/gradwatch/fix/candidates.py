@@ -389,7 +389,8 @@ def from_findings(findings: list[Finding], activations: set[str], *, layer_types
     scaling then act on the gradients); a lower lr against vanishing under a high adaptive lr;
     `lr_ceiling` (see `lr_ceiling()`), a cap on a schedule that raised the lr until the run blew up.
     `smooth`: the loss differentiates the model by its input (a PINN): a saturating activation is
-    swapped for a smooth one (tanh; SiLU for tanh), since a piecewise-linear net's u'' is 0.
+    swapped for SiLU, smooth (tanh saturates too), and dead ReLUs too, since a piecewise-linear net's
+    u'' is 0; normalisation is per sample (LayerNorm).
     `sparse`: a model's gradients are sparse (nn.Embedding(sparse=True)), which Adam refuses: no Adam."""
     kinds = {f.kind for f in findings}
     through_time = any("sequence_length" in f.evidence for f in findings)  # vanishing through time

@@ -10,8 +10,6 @@ trial's loss has been non-finite for STOP_AFTER_NON_FINITE steps in a row.
 
 from __future__ import annotations
 
-import contextlib
-
 import json
 import math
 import os
@@ -20,7 +18,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -545,7 +543,7 @@ class Injector:
             # any non-finite step is stored (a tester's "ZClip repairs the run", its stored losses
             # finite, its loss NaN on 181 of 200 steps pasted in)
             if self.run_dir is not None:
-                with contextlib.suppress(OSError):
+                with suppress(OSError):
                     (self.run_dir / STOPPED_NON_FINITE).write_text(f"{self.non_finite_losses}\n")
             raise SystemExit(0)
         unscaled = getattr(root, patches.UNSCALED, None)

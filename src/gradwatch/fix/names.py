@@ -267,11 +267,12 @@ def read_names(source: str, run: Context | None = None, imported: frozenset[str]
         tree = ast.parse(source)
     except SyntaxError:
         return Names(run=run)
-    lightning = any(isinstance(n, ast.FunctionDef) and n.name == "configure_optimizers" for n in ast.walk(tree))
+    nodes = list(ast.walk(tree))
+    lightning = any(isinstance(n, ast.FunctionDef) and n.name == "configure_optimizers" for n in nodes)
     taken = any(isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == "batch"
-                or isinstance(n, ast.Name) and n.id == "batch" and isinstance(n.ctx, ast.Store) for n in ast.walk(tree))
+                or isinstance(n, ast.Name) and n.id == "batch" and isinstance(n.ctx, ast.Store) for n in nodes)
     # TrainingArguments and its kin (Seq2SeqTrainingArguments; TRL's SFTConfig, DPOConfig) beside a *Trainer
-    calls = [_callee(n) for n in ast.walk(tree) if isinstance(n, ast.Call)]
+    calls = [_callee(n) for n in nodes if isinstance(n, ast.Call)]
     hf_trainer = any(c.endswith("TrainingArguments") for c in calls) \
         or any(c.endswith("Config") for c in calls) and any(c.endswith("Trainer") for c in calls)
     return replace(_read_names(tree, run, imported), initialised_at=_initialised_at(tree), lightning=lightning,

@@ -129,7 +129,7 @@ CAUSE_FORWARD_GROWTH = {"forward_layer_growth": 1.5, "forward_exploding_ratio": 
 
 
 def _outgrown(run: RunSeries, evidence: dict, first: int, th: Thresholds) -> tuple[float, float] | None:
-    """(loss around the overshoot, at the end) when an update larger than the weights is all there
+    """(loss up to the overshoot, at the end) when an update larger than the weights is all there
     is, and the loss since fell to `burst_learning` of its level and stayed finite: small weights
     the steps outgrew (their ratio falls as they grow), not a blow-up, which makes the loss worse.
     A logistic regression at SGD lr 2 (update 1.12x its initial weights at step 2, then 0.7x,

@@ -289,9 +289,10 @@ def _rises_beyond_noise(start: np.ndarray, later: np.ndarray, th: Thresholds) ->
 def find_loss_divergence(run: RunSeries, th: Thresholds) -> list[Finding]:
     """Training made the loss worse: the running median rises `divergence_factor` times the initial
     loss's magnitude above it. Each span a new optimizer took over (meta `optimizer_stopped`) is read
-    from its own start, with its own lr: a frozen body's new 10-class head, trained by an Adam of its
-    own after the pretraining's SGD, began at 5.1 against the pretraining's 0.47 and fell from there
-    (read as 'rises since step 109, lower the lr from 0.05', the SGD's)."""
+    on its own, with its own lr, from where it starts (`_carried_on`): a frozen body's new 10-class
+    head, trained by an Adam of its own after the pretraining's SGD, began at 5.1 against the
+    pretraining's 0.47 and fell from there (read as 'rises since step 109, lower the lr from 0.05',
+    the SGD's)."""
     cuts = sorted({int(s) for s, _ in run.meta.get("optimizer_stopped") or [] if len(run.steps) and s > run.steps[0]})
     if not cuts:
         return _divergence(run, th)
@@ -326,7 +327,8 @@ def _divergence(run: RunSeries, th: Thresholds, carried: np.ndarray | None = Non
     w = window(len(loss), th.min_loss_window)
     if len(loss) < 2 * w:
         return []
-    start = float(np.median(loss[:start_window(len(loss), th)] if carried is None else carried))
+    start_losses = loss[:start_window(len(loss), th)] if carried is None else carried
+    start = float(np.median(start_losses))
     limit = start + th.divergence_factor * max(abs(start), 1e-8)
     # the running median, evaluated every tenth of a window (enough to place the onset)
     ends = np.arange(w - 1, len(loss), max(1, w // 10))
@@ -336,7 +338,6 @@ def _divergence(run: RunSeries, th: Thresholds, carried: np.ndarray | None = Non
     # too, with a far higher bar against batch noise
     early = float(loss[:2].max())
     early_limit = early * th.early_divergence_factor if early > 0 else np.inf
-    start_losses = loss[:start_window(len(loss), th)] if carried is None else carried
     if _refitted_on_a_schedule(loss, limit, th):
         limit = np.inf  # the level follows the targets; only the bar against the first two losses holds
     # the window's losses rank above the start's, at least `divergence_rank_losses` of them from the
