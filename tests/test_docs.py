@@ -65,7 +65,7 @@ def test_remedies_table_matches_signatures(call):
 
 
 def test_remedies_table_lists_every_remedy():
-    assert len(remedies_calls()) == 13
+    assert len(remedies_calls()) == 14
 
 
 def test_readme_watch_signature():

@@ -103,7 +103,8 @@ def measure_run(run_dir: Path) -> dict:
     out["bptt"] = min(bptt) if bptt else None
 
     # dead ReLU units and saturated sigmoid/tanh outputs
-    acts = [(i, l.activation.lower()) for i, l in enumerate(rs.layers) if l.role == "activation"]
+    # (a weight layer's activation: the one forward() calls as a function on its output, F.relu)
+    acts = [(i, l.activation.lower()) for i, l in enumerate(rs.layers) if l.role == "activation" or l.role == "param" and l.activation]
     dead = [_median(m["dead"][:, i]) for i, a in acts if a in RELU_FAMILY]
     sat = [_median(m["saturated"][:, i]) for i, a in acts if a in SATURATING]
     out["dead_batch"] = max([d for d in dead if d is not None], default=None)

@@ -193,11 +193,13 @@ def accuracy(model, x, y):
 
 @torch.no_grad()
 def dead_fraction(model, x):
-    """Largest fraction, over the ReLU modules, of units (features; channels of conv maps) that
-    output 0 for every sample of x: measured on the whole set, not one batch."""
+    """Largest fraction, over the ReLU modules and the F.relu of a TransformerEncoderLayer's
+    feed-forward block (applied to `linear1`'s output), of units (features; channels of conv maps)
+    that output 0 for every sample of x: measured on the whole set, not one batch."""
     fractions, handles = [], []
 
     def hook(module, args, out):
+        out = torch.relu(out)  # (a ReLU module's output is its own)
         unit = 1 if out.dim() >= 4 else out.dim() - 1  # channels of conv maps, else features
         alive = (out != 0).movedim(unit, -1).reshape(-1, out.shape[unit]).any(dim=0)
         fractions.append(float((~alive).float().mean()))
@@ -205,6 +207,8 @@ def dead_fraction(model, x):
     for m in model.modules():
         if isinstance(m, nn.ReLU):
             handles.append(m.register_forward_hook(hook))
+        elif isinstance(m, nn.TransformerEncoderLayer) and m.activation is nn.functional.relu:
+            handles.append(m.linear1.register_forward_hook(hook))
     try:
         model(x)
     finally:

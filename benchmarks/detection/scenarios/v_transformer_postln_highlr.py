@@ -1,12 +1,13 @@
 """Vanishing: a post-LayerNorm TransformerEncoder (4 layers) with Adam lr 0.02 and no warm-up: the
-early large updates collapse it, after which almost no gradient reaches the embedding."""
+early large updates collapse it, after which almost no gradient reaches the embedding; 81% of a
+feed-forward block's F.relu units are then 0 for every training sample (the script's own check)."""
 SCENARIO = {
     "name": "v_transformer_postln_highlr",
     "family": "transformer",
     "optimizer": "adam",
     "expected": ["vanishing_gradient"],
-    "allowed": ["stalled_layers"],
-    "evidence": "measured: loss 2.58->2.31; acc 0.10->0.11; non-finite loss at step -; grads at step -; dL/ds first/last 8.3e-08; |g| growth x2; dead -; saturated -; update lower/upper 4.2e-05; |w| x1.3",
+    "allowed": ["stalled_layers", "dead_units"],
+    "evidence": "measured: loss 2.58->2.31; acc 0.10->0.11; non-finite loss at step -; grads at step -; dL/ds first/last 8.3e-08; |g| growth x2; dead 0.81; saturated -; update lower/upper 4.2e-05; |w| x1.3",
 }
 
 import sys

@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn.utils.parametrize import ParametrizationList
 
 from gradwatch.collect.layers import Layer
+from gradwatch.collect.unsaved import Unsaved
 
 
 class ForwardOrder:
@@ -28,7 +29,7 @@ class ForwardOrder:
         for _, module in model.named_modules():
             subtree = [l for m in module.modules() for l in by_module.get(id(m), [])]
             if subtree:
-                self._handles.append(module.register_forward_hook(self._order_hook(subtree)))
+                self._handles.append(module.register_forward_hook(Unsaved(self._order_hook(subtree))))
         # a module whose forward never runs (weights used functionally by its parent) takes its
         # parent's turn; where a weight is used functionally, the order of the first backward places it
         mine = {id(p) for layer in new for p in layer.params}

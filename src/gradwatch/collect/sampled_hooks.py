@@ -16,15 +16,20 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 
-from gradwatch.collect import patches
+from gradwatch.collect import functional_acts, patches
 from gradwatch.collect.layers import RECURRENT, Layer, compiled_inner
 from gradwatch.collect.record import StepRecord
 from gradwatch.collect.stats import activation_stats, activation_stats_stacked, rms, time_profile, unit_axis, unit_dim
+from gradwatch.collect.unsaved import Unsaved
 
 # An activation output of at most this many entries costs more in kernel launches (~10 per output,
 # ~90 µs together on the CPU) than in reading it again: it is copied at its forward and its
 # statistics are taken with those of every output of its shape, when a backward first needs one
 SMALL_OUTPUT = 4096
+# Sampled steps whose loss's graph is searched for activations called as functions (F.relu in
+# forward()), from the first one after the layers change: a forward's path is the same each step,
+# and each search walks every node of the graph once
+LOOKS = 3
 
 
 def _eager(hook: Callable) -> Callable:
@@ -81,6 +86,13 @@ class _Stats:
 
 
 PRUNE_AT = 1024  # pending references dropped once dead, from this many on
+
+
+def _leaf(module: nn.Module) -> bool:
+    """A module with no children but its parametrizations (a Linear, a Conv, a norm): its output is
+    one layer's. A block's or a model's root's is the model's output, which the loss may take through
+    a sigmoid of its own."""
+    return all(name == "parametrizations" for name, _ in module.named_children())
 
 
 def _small(y: torch.Tensor) -> bool:
@@ -142,6 +154,11 @@ class SampledHooks:
         # cyclic garbage, and 2000 layers' cost 20-180 ms a sample (the collector's full passes)
         self._made: dict[tuple, Callable] = {}
         self._todo: list = []  # small outputs whose statistics are still to take (`_Stats`)
+        self._layers: list[Layer] = []
+        self._looks_left = 0  # sampled steps still to search for functional activations (`LOOKS`)
+        self._produced: dict[int, tuple[int, str]] = {}  # id(a layer output's grad_fn): (position, its class)
+        self._module_outputs: set[int] = set()  # ids of activation modules' output nodes
+        self._looked_in: StepRecord | None = None  # the step whose graphs are being searched
 
     def _counted(self) -> bool:
         """The gradient arriving is the step's loss's. Not torch.autograd.grad's with create_graph,
@@ -175,8 +192,8 @@ class SampledHooks:
 
     def _hook_wrapper(self, wrapper: nn.Module) -> None:
         """(Hooks on the wrapper run outside the compiled code; the exit runs even if it raises.)"""
-        self._handles.append(wrapper.register_forward_pre_hook(self._enter))
-        self._handles.append(wrapper.register_forward_hook(self._exit, always_call=True))
+        self._handles.append(wrapper.register_forward_pre_hook(Unsaved(self._enter)))
+        self._handles.append(wrapper.register_forward_hook(Unsaved(self._exit), always_call=True))
 
     def _wrapper_finder(self, layers: list[Layer]):
         """`gw.watch(model)` with `torch.compile(model)` called: the wrapper is found at its call on
@@ -207,6 +224,9 @@ class SampledHooks:
     def arm(self, layers: list[Layer]) -> None:
         if self._handles:
             return
+        if len(layers) != len(self._layers):
+            self._looks_left = LOOKS
+        self._layers = list(layers)
         patches.compile_sees_hooks()
         for wrapper in self._compiled:
             self._hook_wrapper(wrapper)
@@ -219,6 +239,8 @@ class SampledHooks:
                 hook = self._made_hook(("act", pos, layer.activation, eager), self._activation_hook)
             elif layer.role == "recurrent" and layer.activation:
                 hook = self._made_hook(("rec", pos, layer.activation, eager), self._recurrent_output_hook)
+            elif layer.activation:  # a weight layer whose output an F.relu in forward() takes
+                hook = self._made_hook(("fun", pos, layer.activation, eager), self._functional_hook)
             else:
                 hook = self._made_hook(("out", pos, eager), self._output_grad_hook)
             self._handles.append(module.register_forward_hook(hook))
@@ -231,7 +253,7 @@ class SampledHooks:
         """The hook `make(*key[1:-1])` made for an earlier sample, else a new one."""
         hook = self._made.get(key)
         if hook is None:
-            hook = self._made[key] = make(*key[1:-1])
+            hook = self._made[key] = Unsaved(make(*key[1:-1]))
         return hook
 
     def run_pre_hook(self, module: nn.Module, args: tuple) -> tuple | None:
@@ -243,6 +265,9 @@ class SampledHooks:
         return hook(module, args) if hook is not None else None
 
     def disarm(self) -> None:
+        if not self._handles or not self._looks_left:  # (a sampled step's outputs are kept one step
+            # more: a GAN's G makes its fake in D's step and runs its backward in the next one)
+            self._produced, self._module_outputs = {}, set()
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -270,6 +295,8 @@ class SampledHooks:
         def hook(module, args, output):
             rec = self._current() if torch.is_grad_enabled() else None
             y = _first_tensor(output)
+            if self._looks_left and y is not None and y.grad_fn is not None:
+                self._module_outputs.add(id(y.grad_fn))  # (an empty one too: not a functional call's)
             # an empty output (a mixture-of-experts' expert given no token) has no statistics:
             # its mean would be NaN, stored as measured non-finite
             if rec is None or y is None or not y.is_floating_point() or y.numel() == 0:
@@ -309,9 +336,53 @@ class SampledHooks:
     def _output_grad_hook(self, pos: int):
         def hook(module, args, output):
             rec = self._current() if torch.is_grad_enabled() else None
-            if rec is not None:
-                self._hook_output_grad(rec, pos, _first_tensor(output))
+            if rec is None:
+                return
+            y = _first_tensor(output)
+            if self._looks_left and y is not None and y.grad_fn is not None:
+                self._produced[id(y.grad_fn)] = (pos, type(y.grad_fn).__name__)
+            self._hook_output_grad(rec, pos, y)
         return _eager(hook)
+
+    def _functional_hook(self, pos: int, activation: str):
+        """A weight layer's output, and the statistics of the activation forward() applies to it as
+        a function (`functional_acts`), taken from the output: the activation's own is not in reach."""
+        apply = functional_acts.APPLY[activation]
+
+        def hook(module, args, output):
+            rec = self._current() if torch.is_grad_enabled() else None
+            y = _first_tensor(output)
+            if rec is None or y is None or not y.is_floating_point() or y.numel() == 0:
+                return
+            with torch.no_grad():
+                a = apply(y)
+            self._hook_output_grad(rec, pos, y, _Stats(a, activation, self._todo, unit_axis(y)))
+        return _eager(hook)
+
+    def before_backward(self, roots: object) -> None:
+        """On the first sampled steps (and the step after each): the activations forward() calls as
+        functions on a layer's output, found in the loss's graph before its backward frees it. The
+        layer takes their name (the store's `activation` of a weight layer) and, on a sampled step,
+        this step's statistics; its hook takes them from the next sampled step on."""
+        if not self._looks_left or not self._produced:
+            return
+        rec = self._current()
+        if rec is not None and not self._counted_here():
+            return
+        if rec is not self._looked_in:  # (each backward of the step is searched: a GAN's D's, then G's)
+            self._looked_in = rec
+            self._looks_left -= 1
+        found = functional_acts.find(roots, self._produced, self._module_outputs)
+        sampled = bool(self._handles) and rec is not None  # (else found only: the statistics are a sampled step's)
+        for pos, calls in found.items():
+            layer = self._layers[pos] if pos < len(self._layers) else None
+            names = {act for act, _ in calls}
+            if layer is None or layer.role != "param" or layer.activation or len(names) != 1 or not _leaf(layer.module):
+                continue
+            layer.activation = names.pop()
+            for _, out in calls if sampled else ():
+                if out.numel():  # (an empty output has no statistics: its mean is NaN)
+                    rec.accumulate(rec.act, pos, activation_stats(out.detach(), layer.activation))
 
     def _recurrent_input_hook(self, pos: int, batch_first: bool):
         """Make the sequence input's gradient visible: ∂L/∂x_t for each t shows how far back in

@@ -701,6 +701,7 @@ class Watch:
             # the weights never changed again before the next (every update ratio 0: a false
             # `stalled_layers` error)
             self._take_window(self._current())
+        self._sampled_hooks.before_backward(root)
 
     def _take_window(self, rec: StepRecord | None) -> None:
         """The weights as they are now, kept for the Δw of `rec`'s step, if it is sampled and no

@@ -14,7 +14,7 @@ import shlex
 import numpy as np
 
 from gradwatch.diagnose.finding import Remedy
-from gradwatch.diagnose.signals import profile_columns, recurrent_layers
+from gradwatch.diagnose.signals import functional_activation, profile_columns, recurrent_layers
 from gradwatch.store.series import WEIGHT_ROLES, RunSeries
 
 RELU_FAMILY = {"relu", "relu6", "leaky_relu", "prelu", "rrelu", "elu", "celu", "selu", "gelu", "silu", "mish"}
@@ -102,7 +102,15 @@ class Context:
 
     def __init__(self, run: RunSeries):
         self.run = run
-        acts = [l.activation for l in run.layers if l.role == "activation"]
+        acts = [l.activation for l in run.layers if l.role == "activation" or functional_activation(l)]
+        # {activation: the hidden layers whose output forward() passes through it as a function (F.relu);
+        # not the last weight layer's, the output's own (a sigmoid giving BCELoss its probabilities)}
+        last = max((l.index for l in run.layers if l.role in WEIGHT_ROLES), default=-1)
+        self.functional: dict[str, list[str]] = {}
+        for l in sorted(run.layers, key=lambda l: l.index):
+            if functional_activation(l) and l.index < last:
+                self.functional.setdefault(l.activation, []).append(l.name)
+        self.modules = {l.activation for l in run.layers if l.role == "activation"}
         self.saturating = sorted({a for a in acts if a in SATURATING})
         self.n_saturating = sum(a in SATURATING for a in acts)
         self.relu_like = sorted({a for a in acts if a in RELU_FAMILY})
@@ -136,7 +144,7 @@ class Context:
     def init_code(self) -> str:
         """`gw.init_` finds the activation after each layer from module order; activations called
         as functions (F.relu) only show in a forward pass."""
-        if any(l.role == "activation" for l in self.run.layers):
+        if self.modules and not self.functional:
             return "gw.init_(model)"
         return "gw.init_(model, example_input=x)  # x: one input batch; the forward shows F.relu & co."
 
@@ -411,15 +419,31 @@ def _launcher(distributed: dict) -> str:
     return f"torchrun --nproc_per_node={min(local, world)}"
 
 
-def _swap_code(ctx: Context, act: str) -> str:
+def _swap_code(ctx: Context, act: str, layers: tuple[str, ...] = ()) -> str:
     """The swap as code that works when pasted: the output's own sigmoid (BCELoss's probabilities)
     kept, and the weights re-initialised for the new activation. Swapped alone, a 10-layer sigmoid
     MLP with torch's default init (variance 1/(3 fan_in), a sixth of the signal per Leaky ReLU
     layer) still vanished: 10% accuracy after 300 SGD steps; with gw.init_ after it, 95%."""
     target, said = ctx.swap_target(act)
     init = "He" if said in ("Leaky ReLU", "SiLU") else "Xavier"
+    if act in ctx.functional and act not in ctx.modules:
+        return (f"{_functional_swap(ctx, act, target, layers)}\n"
+                f"gw.init_(model, example_input=x)  # x: one input batch; {init} init for the new activation")
     return (f"model, _ = gw.modify.swap_activations(model, nn.{_cls(act)}, lambda: nn.{target}, keep_output=True)\n"
             f"{ctx.init_code}  # {init} init for the new activation")
+
+
+# How forward() calls each activation `functional_acts` finds, and each swap target as a function.
+FUNCTION_CALLS = {"relu": "F.relu(x) / torch.relu(x)", "sigmoid": "torch.sigmoid(x)", "tanh": "torch.tanh(x)"}
+AS_FUNCTION = {"LeakyReLU(0.01)": "F.leaky_relu(x, 0.01)", "SiLU()": "F.silu(x)"}
+
+
+def _functional_swap(ctx: Context, act: str, target: str, layers: tuple[str, ...] = ()) -> str:
+    """The line of forward() to change where `act` is called as a function: no module to swap. On
+    the outputs of `layers` (a finding's), of those `ctx.functional` holds; all of those without."""
+    layers = [n for n in ctx.functional[act] if n in layers] or ctx.functional[act]
+    after = ", ".join(module_ref(n) for n in layers[:3]) + (" ..." if len(layers) > 3 else "")
+    return f"x = {AS_FUNCTION[target]}  # in forward(), instead of {FUNCTION_CALLS[act]} on the output of {after}"
 
 
 def zero_weights(ctx: Context, zeros: list[str]) -> tuple[list[str], list[Remedy]]:
@@ -466,7 +490,8 @@ def dead_units(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[l
     causes.append(f"activation: {kind} passes no gradient for negative inputs, so a dead unit cannot recover" if kind == "ReLU"
                   else f"activation: {kind} passes almost no gradient for inputs far below 0, where a large step left "
                        "these units")
-    if "dead_fraction" in evidence or ctx.relu_like:
+    # (ReLUs called as functions, recorded alive, are no cause of the zero gradients alone seen)
+    if "dead_fraction" in evidence or ctx.modules & RELU_FAMILY:
         refs = ", ".join(module_ref(l) for l in layers[:3])
         cls, where = (f"nn.{kind}", "") if kind in NN_ACTIVATIONS else (kind, f"; {kind}: imported from its library")
         target, said = ctx.swap_target(kind)  # (a ReLU PINN: Leaky ReLU's u'' is 0 too; a reviewer's stayed
@@ -476,8 +501,10 @@ def dead_units(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[l
         if ctx.smooth_needed:
             causes.insert(0, "activation: the loss differentiates the model by its input, and a piecewise-linear "
                              "network's second derivative is 0")
-        leaky = Remedy(f"Use {said}, {why}",
-                       f"model, _ = gw.modify.swap_activations(model, {cls}, lambda: nn.{target})  # {refs}{where}")
+        code = f"model, _ = gw.modify.swap_activations(model, {cls}, lambda: nn.{target})  # {refs}{where}"
+        if kind == "ReLU" and "relu" in ctx.functional and set(layers) <= set(ctx.functional["relu"]):
+            code = _functional_swap(ctx, "relu", target, layers)
+        leaky = Remedy(f"Use {said}, {why}", code)
     else:  # only the zero gradients were seen: the ReLUs are called as functions in forward()
         causes.append("initial weights: a layer above initialised to all zeros passes no gradient down "
                       "(gw.check_constant_init(model) lists such layers)")
@@ -527,7 +554,7 @@ def saturation(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[l
     remedies = [
         Remedy("Initialise with Xavier/Glorot, scaled for the activation", ctx.init_code),
         NORMALISE,
-        Remedy("Or swap to a non-saturating activation", _swap_code(ctx, acts[0])),
+        Remedy("Or swap to a non-saturating activation", _swap_code(ctx, acts[0], layers)),
     ]
     if not evidence.get("at_init"):  # the initial weights were fine: the updates pushed them there
         if ctx.line_search:

@@ -73,10 +73,28 @@ def normalised_columns(run: RunSeries) -> set[int]:
 
 
 def activation_columns(run: RunSeries) -> list[int]:
-    """Columns of the activation modules (ReLU, Sigmoid...), and of the recurrent layers whose output
-    comes through one (an RNN's tanh, an LSTM's o·tanh(c)): where dead and saturated units show."""
-    return [i for i, layer in enumerate(run.layers)
-            if layer.role == "activation" or layer.role == "recurrent" and layer.activation]
+    """Columns of the activation modules (ReLU, Sigmoid...), of the recurrent layers whose output
+    comes through one (an RNN's tanh, an LSTM's o·tanh(c)), and of the weight layers whose output
+    forward() passes through one called as a function (F.relu): where dead and saturated units show."""
+    return [i for i, layer in enumerate(run.layers) if layer.role == "activation" or layer.activation]
+
+
+def functional_activation(layer) -> bool:
+    """A weight layer recorded with the activation forward() calls as a function on its output
+    (F.relu(self.fc1(x))): no module to swap, a line of forward() to change."""
+    return layer.role == "param" and bool(layer.activation)
+
+
+FUNCTIONS = {"relu": "F.relu", "sigmoid": "torch.sigmoid", "tanh": "torch.tanh"}
+
+
+def quoted(run: RunSeries, name: str) -> str:
+    """A layer named in a message: `'a1'`, or `F.relu('fc1')` for the activation called as a
+    function on a weight layer's output (its units are that function's, not the layer's own)."""
+    layer = run.layers[run.column(name)]
+    if functional_activation(layer):
+        return f"{FUNCTIONS.get(layer.activation, layer.activation)}('{name}')"
+    return f"'{name}'"
 
 
 def lowest_activation(run: RunSeries) -> str:

@@ -19,6 +19,7 @@ import numpy as np
 
 from gradwatch.diagnose.advice import Context, nan_cause
 from gradwatch.diagnose.finding import Finding
+from gradwatch.diagnose.signals import functional_activation
 from gradwatch.errors import ConfigError
 from gradwatch.fix.candidates import (BLOW_UP, MODEL_KEYS, Candidate, aimed, autotrainer_order, combine, findings_model,
                                       from_findings, from_origin, lr_ceiling)
@@ -445,6 +446,13 @@ def group_lrs(run_dir: Path) -> tuple[float, ...]:
     return tuple(float(lr) for lr in peaks if np.isfinite(lr))
 
 
+def hidden_functions(layers: list[LayerInfo]) -> set[str]:
+    """The activations forward() calls as functions on the outputs of layers before the last weight
+    layer (`F.relu(self.fc1(x))`, found by the watch): one on the last's is the output's own."""
+    last = max((l.index for l in layers if l.role in WEIGHT_ROLES), default=-1)
+    return {l.activation for l in layers if functional_activation(l) and l.index < last}
+
+
 def hidden_activations(layers: list[LayerInfo]) -> set[str]:
     """The activations of the modules that first run before the last weight layer: one that runs
     only after it is the output's, which the swaps keep, so a swap of it alone would change nothing."""
@@ -704,7 +712,8 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], end: Callable[[Trial], N
                                        lr=float(lrs.max()) if len(lrs) else None,
                                        lr_ceiling=lr_ceiling(run, baseline.findings), names=names,
                                        smooth=bool(run.meta.get("input_derivatives")),
-                                       sparse=bool(run.meta.get("sparse_gradients")))
+                                       sparse=bool(run.meta.get("sparse_gradients")),
+                                       functions=hidden_functions(run.layers))
     if target is not None:
         candidates = [aimed(c, target) for c in candidates]
     result = FixResult(baseline, [], budget_steps=budget_steps, names=names)

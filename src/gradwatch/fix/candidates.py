@@ -307,6 +307,23 @@ def swap(old: str, new: str = "LeakyReLU", init: str | None = None, present: tup
     return _made(name, spec, *parts)
 
 
+# How forward() calls an activation the watch found called as a function (`functional_acts`)
+CALLED_AS = {"relu": "F.relu", "sigmoid": "torch.sigmoid", "tanh": "torch.tanh"}
+
+
+def swap_function(old: str, new: str = "LeakyReLU", names: Names = GENERIC) -> Candidate:
+    """The swap of an activation forward() calls as a function on hidden layers' outputs
+    (`torch.sigmoid(self.fc(x))`), which no module holds: the trial makes those calls the new
+    function's (`gw.modify.swap_functions`), the change printed is the line of forward(); with the
+    weights re-initialised for the new activation, as a module swap's are."""
+    fn = "F.silu(x)" if new == "SiLU" else "F.leaky_relu(x, 0.01)"
+    model = names.changed
+    parts = [Part(SWAP, f"x = {fn}  # in forward(), instead of {CALLED_AS[old]}(x) on each hidden layer's output"),
+             Part(INIT, f"gw.init_({model}, 'auto', example_input=batch)")]
+    spec = {"swap_fn": {"from": old, "to": "silu" if new == "SiLU" else "leaky_relu"}, "init": "auto"}
+    return _made(f"{CALLED_AS[old]} -> {new} + He init", spec, *parts)
+
+
 def norm(kind: str, names: Names = GENERIC) -> Candidate:
     what, m = "BatchNorm" if kind == "batch" else "LayerNorm", names.changed
     call = f"{m}, _ = gw.modify.insert_norm({m}, {kind!r}"
@@ -379,7 +396,8 @@ def tried_for(finding: Finding) -> bool:
 
 def from_findings(findings: list[Finding], activations: set[str], *, layer_types: set[str] = frozenset(),
                   optimizer: str | None = "SGD", lr: float | None = None, lr_ceiling: float | None = None,
-                  names: Names = GENERIC, smooth: bool = False, sparse: bool = False) -> list[Candidate]:
+                  names: Names = GENERIC, smooth: bool = False, sparse: bool = False,
+                  functions: set[str] = frozenset()) -> list[Candidate]:
     """The remedies worth a trial for these findings, without repeats, their code in `names`.
 
     `activations`: those of the hidden layers (a swap of the output's alone would change nothing).
@@ -391,7 +409,9 @@ def from_findings(findings: list[Finding], activations: set[str], *, layer_types
     `smooth`: the loss differentiates the model by its input (a PINN): a saturating activation is
     swapped for SiLU, smooth (tanh saturates too), and dead ReLUs too, since a piecewise-linear net's
     u'' is 0; normalisation is per sample (LayerNorm).
-    `sparse`: a model's gradients are sparse (nn.Embedding(sparse=True)), which Adam refuses: no Adam."""
+    `sparse`: a model's gradients are sparse (nn.Embedding(sparse=True)), which Adam refuses: no Adam.
+    `functions`: the activations forward() calls as functions on hidden layers' outputs (F.relu,
+    torch.sigmoid), swapped as such (`swap_function`)."""
     kinds = {f.kind for f in findings}
     through_time = any("sequence_length" in f.evidence for f in findings)  # vanishing through time
     sequence = bool(layer_types & {"RNN", "GRU", "LSTM", "MultiheadAttention", "TransformerEncoderLayer",
@@ -434,17 +454,22 @@ def from_findings(findings: list[Finding], activations: set[str], *, layer_types
             out += [forget_bias(names)] if "LSTM" in layer_types else []
             out += [orthogonal(names), *adams, lr_scale(10.0, names)]
         else:
+            called = [f for f in sorted(functions) if f in ("sigmoid", "tanh")]
             if smooth:  # (tanh saturates too)
                 out += [swap(s, "SiLU", "auto", names=names) for s in saturating]
+                out += [swap_function(f, "SiLU", names) for f in called]
             else:
                 out += [swap(s, "LeakyReLU", "auto", names=names) for s in saturating]
+                out += [swap_function(f, "LeakyReLU", names) for f in called]
                 # activations called as functions (torch.sigmoid in forward) are no module to swap
                 out += [swap("*", "SELU", "lecun", present, names)] if present else []
             out += [reinit(names), normalise, *adams]
     if "dead_units" in kinds:  # the swap re-initialises (He) too: a plain re-init only without ReLUs
         relu = "relu" in activations
-        out += [*([swap("ReLU", "SiLU" if smooth else "LeakyReLU", "auto", names=names)] if relu else []), lr_scale(0.1, names),
-                *([] if relu else [reinit(names)]), *adams]
+        called = "relu" in functions and not relu  # (F.relu in forward(): no module to swap)
+        out += [*([swap("ReLU", "SiLU" if smooth else "LeakyReLU", "auto", names=names)] if relu else []),
+                *([swap_function("relu", "SiLU" if smooth else "LeakyReLU", names)] if called else []),
+                lr_scale(0.1, names), *([] if relu or called else [reinit(names)]), *adams]
     if "loss_plateau" in kinds:
         # one that fell and rose back (the lr overshot, `loss_rose_back`), or stalled high on an
         # adaptive optimizer's steps too long for the weights (`first_update_ratio`): a lower lr
@@ -474,7 +499,7 @@ def _parts(cand: Candidate) -> tuple[Part, ...]:
     earliest stage its spec names."""
     if cand.parts or not cand.code:
         return cand.parts
-    stages = {"swap": SWAP, "norm": NORM, "init": INIT, "recurrent": RECURRENT, "optimizer": OPTIMIZER}
+    stages = {"swap": SWAP, "swap_fn": SWAP, "norm": NORM, "init": INIT, "recurrent": RECURRENT, "optimizer": OPTIMIZER}
     return (Part(min((stages[k] for k in cand.spec if k in stages), default=ON_OPTIMIZER), cand.code),)
 
 
@@ -507,7 +532,7 @@ def finite_inputs(origin: Origin) -> Candidate:
                  {"inputs": [origin.op, origin.file, origin.line, origin.value]}, Part(ON_OPTIMIZER, code))
 
 
-MODEL_KEYS = ("swap", "norm", "init", "recurrent")  # the spec keys of a change to the model
+MODEL_KEYS = ("swap", "swap_fn", "norm", "init", "recurrent")  # the spec keys of a change to the model
 
 
 def aimed(cand: Candidate, target: str) -> Candidate:

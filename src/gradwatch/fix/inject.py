@@ -73,6 +73,14 @@ def apply_to_model(model: nn.Module, spec: dict, example_input: Any = None) -> s
                                               example_input=example_input)
         if not change:
             return str(change)
+    called = spec.get("swap_fn")
+    if called:  # (an activation called as a function in forward(): the calls made the new one's)
+        if example_input is None:
+            return f"no batch reached the model to find its {called['from']} calls with; nothing changed"
+        _, change = remedies.swap_functions(model, called["from"], called["to"], example_input=example_input,
+                                            inside_call=True)
+        if not change:
+            return str(change)
     if spec.get("norm"):
         remedies.insert_norm(model, spec["norm"])
     if spec.get("init"):

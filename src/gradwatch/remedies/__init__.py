@@ -7,7 +7,7 @@ names, the gradient-hook patches, the norms); gw.fix builds on these, not the re
 from gradwatch.remedies import clip, modify
 from gradwatch.remedies.guard import Guard, guard
 from gradwatch.remedies.init import InitReport, check_constant_init, init_
-from gradwatch.remedies.modify import Change, add_residual, insert_norm, replace_rnn, swap_activations
+from gradwatch.remedies.modify import Change, add_residual, insert_norm, replace_rnn, swap_activations, swap_functions
 
 __all__ = ["clip", "guard", "Guard", "init_", "InitReport", "check_constant_init", "modify",
-           "swap_activations", "insert_norm", "add_residual", "replace_rnn", "Change"]
+           "swap_activations", "swap_functions", "insert_norm", "add_residual", "replace_rnn", "Change"]

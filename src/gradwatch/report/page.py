@@ -13,6 +13,7 @@ from typing import Iterable
 
 import numpy as np
 
+from gradwatch.diagnose.signals import functional_activation, quoted
 from gradwatch.report import figures
 from gradwatch.report.display import Blocks, chosen_steps, layer_columns, recorded_rows
 from gradwatch.store.ending import partial_note
@@ -233,7 +234,9 @@ def loss_section(run: RunSeries, findings: list) -> str:
 
 
 def activation_section(run: RunSeries) -> str:
-    cols = layer_columns(run, ("activation",))
+    # (and the weight layers whose output forward() passes through F.relu & co., shown as that call)
+    cols = sorted(layer_columns(run, ("activation",)) + [c for c, l in enumerate(run.layers) if functional_activation(l)],
+                  key=lambda c: run.layers[c].index)
     dead, sat = run.metrics.get("dead"), run.metrics.get("saturated")
     if not cols or dead is None or sat is None:
         return _section("activations", "Activations: dead and saturated units", "<p>No activation module was watched.</p>")
@@ -247,7 +250,8 @@ def activation_section(run: RunSeries) -> str:
             spoilt |= np.isinf(run.metrics[moment])
     rows, last_dead, last_sat, blown = [], [], [], []
     for c in cols:
-        cells = [run.layers[c].name, run.layers[c].activation or run.layers[c].type]
+        shown = quoted(run, run.layers[c].name) if functional_activation(run.layers[c]) else run.layers[c].name
+        cells = [shown, run.layers[c].activation or run.layers[c].type]
         for m, out in ((dead, last_dead), (sat, last_sat)):
             recorded = recorded_rows(m[:, c])
             r = recorded[~spoilt[recorded, c]]
@@ -258,7 +262,7 @@ def activation_section(run: RunSeries) -> str:
         if spoilt[:, c].any():
             blown.append((run.layers[c].name, int(run.steps[spoilt[:, c].argmax()])))
         rows.append(cells)
-    names = [run.layers[c].name for c in cols]
+    names = [row[0] for row in rows]
     fig = figures.activation_bars(names, np.array(last_dead), np.array(last_sat))
     table = _table(["layer", "activation", "dead first", "dead last", "at step", "saturated first", "saturated last",
                     "at step"], rows, numeric_from=2, cls="activation-table")

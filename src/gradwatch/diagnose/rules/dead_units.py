@@ -9,7 +9,7 @@ from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
 from gradwatch.diagnose.rules.eval_mode import eval_mode_first, unnormalised_batchnorm
 from gradwatch.diagnose.rules.loss import learning_on, loss_fell_to, sampled_onset, still_falling
-from gradwatch.diagnose.signals import (first_layer_scale, from_init, persistent_activation_layers, persistent_start, rows_before_non_finite_loss,
+from gradwatch.diagnose.signals import (quoted, first_layer_scale, from_init, persistent_activation_layers, persistent_start, rows_before_non_finite_loss,
                                         summarise_layers, zero_initialised)
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
@@ -40,7 +40,7 @@ def find_dead_units(run: RunSeries, th: Thresholds) -> list[Finding]:
         causes, remedies = advice.dead_units(advice.Context(run), layers, evidence)
         if "eval_mode_batchnorm" in evidence:
             causes, remedies = eval_mode_first(evidence, causes, remedies)
-        said = (f"{worst:.0%} of the units of '{worst_layer}' output 0 for every sample since step {first}"
+        said = (f"{worst:.0%} of the units of {quoted(run, worst_layer)} output 0 for every sample since step {first}"
                 + (f" ({start:.0%} at the first step)" if rose else "")
                 + (f" ({len(layers)} layers affected)" if len(layers) > 1 else ""))
         # weight layers cut off from any gradient below them: a block to learning, however the loss fell
@@ -60,15 +60,19 @@ def find_dead_units(run: RunSeries, th: Thresholds) -> list[Finding]:
         evidence["zero_weight_layers"] = zeros
     causes, remedies = advice.dead_units(advice.Context(run), zero_layers, evidence)
     if causes[0].startswith("saturation:"):  # recurrent layers: their own gates (advice.dead_units)
-        message = (f"{advice.listed(zero_layers)} get exactly zero gradient since step {first}: their tanh and sigmoid "
-                   f"gates are saturated, so they cannot learn. {remedies[0].action}.")
+        message = (f"{advice.listed(zero_layers)} {_get(zero_layers)} exactly zero gradient since step {first}: their tanh "
+                   f"and sigmoid gates are saturated, so they cannot learn. {remedies[0].action}.")
         return [Finding("dead_units", "error", first, zero_layers, message, evidence, tuple(causes), tuple(remedies))]
     why = ("weights above that are all zero" if "zero_weight_layers" in evidence else
            "ReLU units that output 0 for every sample, weights above that are all zero, or a function whose "
            "derivative is 0 there: torch.round, sign, a custom autograd.Function's backward")
-    message = (f"{advice.listed(zero_layers)} get exactly zero gradient since step {first}: nothing above passes any back ({why}), "
-               f"so they cannot learn. {remedies[0].action}.")
+    message = (f"{advice.listed(zero_layers)} {_get(zero_layers)} exactly zero gradient since step {first}: nothing above "
+               f"passes any back ({why}), so {'they' if len(zero_layers) > 1 else 'it'} cannot learn. {remedies[0].action}.")
     return [Finding("dead_units", "error", first, zero_layers, message, evidence, tuple(causes), tuple(remedies))]
+
+
+def _get(layers: tuple[str, ...]) -> str:
+    return "get" if len(layers) > 1 else "gets"
 
 
 def _steps_killed(run: RunSeries, first: int, th: Thresholds) -> bool:

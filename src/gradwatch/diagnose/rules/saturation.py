@@ -8,7 +8,7 @@ import numpy as np
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
 from gradwatch.diagnose.rules.loss import learning_on, loss_fell_to, sampled_onset
-from gradwatch.diagnose.signals import lowest_activation, persistent_activation_layers, summarise_layers
+from gradwatch.diagnose.signals import lowest_activation, persistent_activation_layers, quoted, summarise_layers
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import WEIGHT_ROLES, RunSeries
 
@@ -27,7 +27,7 @@ def find_saturation(run: RunSeries, th: Thresholds) -> list[Finding]:
     if at_init and lowest_activation(run) == layers[0]:  # the layer the inputs feed saturates from the start
         evidence["first_layer"] = True
     causes, remedies = advice.saturation(advice.Context(run), layers, evidence)
-    said = (f"{worst:.0%} of the outputs of '{worst_layer}' sit within 1% of an asymptote since step {first}"
+    said = (f"{worst:.0%} of the outputs of {quoted(run, worst_layer)} sit within 1% of an asymptote since step {first}"
             + (f" ({len(layers)} layers affected)" if len(layers) > 1 else ""))
     # the units saturated somewhere after the last sample that did not show it: the loss they could
     # block is the loss from there (full-batch L-BFGS was at 3e-7, down from 2.3, by its first

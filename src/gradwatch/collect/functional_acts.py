@@ -1,0 +1,60 @@
+"""Activations called as functions in forward() (`F.relu(self.fc1(x))`, `torch.sigmoid(...)`), found
+in a loss's autograd graph: no module runs them, so no hook sees their outputs. A tester's MLP with
+F.relu, 95% of its first layer's units dead after SGD at lr 0.5, read as nothing dead until every
+unit was (100 steps later), and its stalled loss was told to raise the lr tenfold."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+# The autograd nodes of the functions whose outputs tell a fault (dead ReLUs, saturated sigmoid and
+# tanh), each saving its output (`_saved_result`): the activations themselves, read with no recompute.
+NODES = {"ReluBackward0": "relu", "SigmoidBackward0": "sigmoid", "TanhBackward0": "tanh"}
+APPLY = {"relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
+MAX_NODES = 100_000  # a graph walked no further: a bound on one sampled step's cost (~1 µs a node)
+
+
+def find(roots: Iterable[object], produced: dict[int, tuple[int, str]], module_outputs: set[int]
+         ) -> dict[int, list[tuple[str, torch.Tensor]]]:
+    """{layer position: [(activation, its output), ...]} for the activation nodes of the graph behind
+    `roots` (a backward's tensors) whose input is a layer's output as it left the layer.
+    `produced`: id(output's grad_fn) -> (layer position, the node's class name, which guards an id
+    reused by another node); `module_outputs`: ids of activation modules' output nodes (nn.ReLU's own,
+    read by its hook). Nodes are compared while the graph holds them, so their ids are theirs; the
+    entries of `produced` this graph held are taken out (its backward frees them, and a node made
+    later may take one's id), the others left for the step's next backward (a GAN's G after D)."""
+    stack = [t.grad_fn for t in _tensors(roots) if t.grad_fn is not None]
+    seen: set[int] = set()
+    found: dict[int, list[tuple[str, torch.Tensor]]] = {}
+    while stack and len(seen) < MAX_NODES:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        nexts = node.next_functions
+        stack.extend(n for n, _ in nexts if n is not None)
+        act = NODES.get(type(node).__name__)
+        if act is None or not nexts or nexts[0][0] is None or id(node) in module_outputs:
+            continue
+        source = nexts[0][0]
+        pos = produced.get(id(source))
+        if pos is None or pos[1] != type(source).__name__:
+            continue
+        try:
+            out = node._saved_result
+        except RuntimeError:  # freed (a graph already run backward with retain_graph=False)
+            continue
+        found.setdefault(pos[0], []).append((act, out))
+    for key in seen & produced.keys():
+        del produced[key]
+    return found
+
+
+def _tensors(roots: object) -> list[torch.Tensor]:
+    if isinstance(roots, torch.Tensor):
+        return [roots]
+    if isinstance(roots, (list, tuple)):
+        return [t for t in roots if isinstance(t, torch.Tensor)]
+    return []

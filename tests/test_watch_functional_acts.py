@@ -1,0 +1,174 @@
+"""Activations called as functions in forward() (F.relu(self.fc1(x)), torch.sigmoid): no module
+runs them, so their units were not recorded. A tester's MLP with F.relu, 95% of its units dead after
+SGD at lr 0.5, read as nothing dead until every unit was (100 steps later), and was told to raise its
+lr tenfold. They are found in the loss's graph and read as the modules' own are."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradwatch as gw
+from gradwatch.diagnose.advice import Context
+
+FUNCTIONS = {"relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
+MODULES = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
+
+
+class Functional(nn.Module):
+    def __init__(self, act: str):
+        super().__init__()
+        self.fc1, self.fc2, self.out = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 1)
+        self.act = FUNCTIONS[act]
+
+    def forward(self, x):
+        return self.out(self.act(self.fc2(self.act(self.fc1(x)))))
+
+
+def _twins(act: str) -> tuple[nn.Module, nn.Module]:
+    """The same weights twice: activations called as functions, and as modules."""
+    torch.manual_seed(0)
+    functional = Functional(act)
+    with torch.no_grad():
+        functional.fc1.bias[:8] = -50.0  # a quarter of fc1's units dead (relu), saturated (sigmoid, tanh)
+        functional.fc2.weight.mul_(8.0)
+    modules = nn.Sequential(functional.fc1, MODULES[act](), functional.fc2, MODULES[act](), functional.out)
+    return functional, copy.deepcopy(modules)
+
+
+def _watched(model: nn.Module, steps: int = 4) -> tuple:
+    torch.manual_seed(1)
+    x, y = torch.randn(64, 16), torch.randn(64, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with gw.watch(model, opt, sample_every=2, warn=False) as watch:
+        for _ in range(steps):
+            loss = F.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        run = watch.series()
+    return run, [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("act", ["relu", "sigmoid", "tanh"])
+def test_a_functional_activation_is_recorded_as_its_module_twin_is(act):
+    functional, modules = _twins(act)
+    f_run, _ = _watched(functional)
+    m_run, _ = _watched(modules)
+    for f_name, m_name in (("fc1", "1"), ("fc2", "3")):
+        layer = f_run.layers[f_run.column(f_name)]
+        assert (layer.role, layer.activation) == ("param", act)
+        for metric in ("act_mean", "act_std", "saturated", "dead"):
+            f_rows, m_rows = f_run.metrics[metric][:, f_run.column(f_name)], m_run.metrics[metric][:, m_run.column(m_name)]
+            # every sampled step: the first from the graph, the later ones from the layer's hook
+            np.testing.assert_allclose(f_rows, m_rows, rtol=1e-5, atol=1e-7, equal_nan=True, err_msg=metric)
+        assert np.isfinite(f_run.metrics["act_mean"][[0, 2], f_run.column(f_name)]).all()
+    assert f_run.metrics["dead" if act == "relu" else "saturated"][0, f_run.column("fc1")] >= 0.25
+
+
+def test_an_activation_module_leaves_its_weight_layer_as_it_was():
+    _, modules = _twins("relu")
+    run, _ = _watched(modules)
+    assert run.layers[run.column("0")].activation == ""
+    assert run.layers[run.column("1")].activation == "relu"
+
+
+def test_watching_a_functional_model_changes_no_weight():
+    a, _ = _twins("relu")
+    b, _ = _twins("relu")
+    _, watched = _watched(a, steps=6)
+    torch.manual_seed(1)
+    x, y = torch.randn(64, 16), torch.randn(64, 1)
+    opt = torch.optim.SGD(b.parameters(), lr=0.05)
+    for _ in range(6):
+        loss = F.mse_loss(b(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(watched, b.parameters()))
+
+
+class WithScale(nn.Module):
+    """A model's own bare parameter (its root is a layer): its output is the model's, which the loss
+    takes through a sigmoid of its own (BCE on probabilities), not an activation of a layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 1)
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return self.fc(x) * self.scale
+
+
+def test_the_loss_own_sigmoid_on_a_model_output_is_no_layer_activation():
+    torch.manual_seed(0)
+    model = WithScale()
+    x, y = torch.randn(32, 4), torch.rand(32, 1).round()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gw.watch(model, opt, sample_every=1, warn=False) as watch:
+        for _ in range(2):
+            loss = F.binary_cross_entropy(torch.sigmoid(model(x)), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        run = watch.series()
+    assert {l.name: l.activation for l in run.layers} == {"scale": "", "fc": ""}
+
+
+def test_dying_functional_relus_are_found_and_the_forward_line_is_the_remedy():
+    torch.manual_seed(0)
+    model = Functional("relu")
+    with torch.no_grad():
+        model.fc1.bias[:24] = -50.0  # 75% of fc1's units dead from the start
+    x, y = torch.randn(256, 16), torch.randn(256, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gw.watch(model, opt, warn=False) as watch:
+        for step in range(120):
+            i = torch.arange(step % 4 * 64, step % 4 * 64 + 64)
+            loss = F.mse_loss(model(x[i]), y[i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        findings = watch.findings()
+    dead = next(f for f in findings if f.kind == "dead_units")
+    assert "fc1" in dead.layers and "F.relu('fc1')" in dead.message
+    codes = "\n".join(r.code for r in dead.remedies)
+    assert "F.leaky_relu(x, 0.01)" in codes and "swap_activations" not in codes
+
+
+class SigmoidsToBCE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.out = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 1)
+
+    def forward(self, x):
+        return torch.sigmoid(self.out(torch.sigmoid(self.fc2(torch.sigmoid(self.fc1(x))))))
+
+
+def test_the_swap_line_names_the_saturated_hidden_layers_not_the_output_sigmoid():
+    """A reviewer's pasted line named `model.out` too: BCELoss then got values outside [0, 1]."""
+    torch.manual_seed(0)
+    model = SigmoidsToBCE()
+    with torch.no_grad():
+        for fc in (model.fc1, model.fc2):
+            fc.weight.mul_(30.0)  # pinned at 0 or 1 from the start
+    x, y = torch.randn(128, 16), torch.rand(128, 1).round()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gw.watch(model, opt, warn=False) as watch:
+        for _ in range(60):
+            loss = F.binary_cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        findings, run = watch.findings(), watch.series()
+    lines = {f.kind: r.code.splitlines()[0] for f in findings for r in f.remedies if "F.leaky_relu" in r.code}
+    assert "saturation" in lines
+    for line in lines.values():
+        assert "model.fc1" in line and "model.fc2" in line and "model.out" not in line
+    # what every swap line is made from (a vanishing gradient's names no layers): the hidden ones
+    assert Context(run).functional == {"sigmoid": ["fc1", "fc2"]}
+    assert {l.name: l.activation for l in run.layers}["out"] == "sigmoid"
