@@ -101,3 +101,16 @@ def test_fix_offers_the_swap_for_called_activations_and_no_module_swap():
     assert made["F.relu -> LeakyReLU + He init"].spec == {"swap_fn": {"from": "relu", "to": "leaky_relu"}, "init": "auto"}
     assert "re-initialise per activation" not in made  # the swap re-initialises
     assert not any("swap_fn" in c.spec for c in from_findings([dead], {"relu"}, functions=set()))
+
+
+def test_a_swapped_model_is_saved_whole_and_loads():
+    """The swap's hooks were closures: torch.save(model) at the end of a fix trial raised."""
+    import io
+    torch.manual_seed(0)
+    model, x = Sigmoids(), torch.randn(16, 8)
+    gw.modify.swap_functions(model, "sigmoid", example_input=x)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(loaded.fcs[0].weight, model.fcs[0].weight, rtol=0, atol=0)

@@ -172,3 +172,62 @@ def test_the_swap_line_names_the_saturated_hidden_layers_not_the_output_sigmoid(
     # what every swap line is made from (a vanishing gradient's names no layers): the hidden ones
     assert Context(run).functional == {"sigmoid": ["fc1", "fc2"]}
     assert {l.name: l.activation for l in run.layers}["out"] == "sigmoid"
+
+
+class SharedLayer(nn.Module):
+    """One layer called twice: through F.relu, and raw (a reviewer's): no layer followed by F.relu."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(16, 16), nn.Linear(32, 1)
+
+    def forward(self, x):
+        return self.out(torch.cat([F.relu(self.fc(x)), self.fc(-3 * x)], 1))
+
+
+class Conv1dRelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv1d(8, 8, 3, padding=1), nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.head(F.relu(self.conv(x)).mean(-1))
+
+
+def test_a_layer_called_twice_once_without_the_function_takes_no_activation():
+    torch.manual_seed(0)
+    run, _ = _watched_model(SharedLayer(), torch.randn(64, 16))
+    assert run.layers[run.column("fc")].activation == ""
+
+
+def test_a_conv1d_through_f_relu_counts_its_channels_from_the_first_step():
+    """The first step's statistics come from the graph's saved output, whose units' axis is read
+    from the graph too: detached, a (N, C, L) output fell back to its length (0% dead for 87.5%)."""
+    torch.manual_seed(0)
+    model = Conv1dRelu()
+    with torch.no_grad():
+        model.conv.bias[0], model.conv.bias[1:] = 1.0, -100.0  # 7 of 8 channels below 0 everywhere
+    run, _ = _watched_model(model, torch.randn(32, 8, 20).abs() * 0.01)
+    dead = run.metrics["dead"][:, run.column("conv")]
+    assert dead[0] == pytest.approx(7 / 8) and dead[2] == pytest.approx(7 / 8)
+
+
+def test_only_the_output_s_own_sigmoid_is_no_saturating_activation_to_swap():
+    """BCE's probabilities through torch.sigmoid(self.out(h)), ReLU modules inside: the advice's
+    context held a saturating sigmoid and advised swapping nn.Sigmoid modules the model has not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1))
+    run, _ = _watched_model(model, torch.randn(64, 16), output=torch.sigmoid)
+    assert run.layers[run.column("2")].activation == "sigmoid"  # (recorded: the output's own)
+    assert Context(run).saturating == [] and Context(run).functional == {}
+
+
+def _watched_model(model: nn.Module, x: torch.Tensor, output=lambda t: t, steps: int = 4) -> tuple:
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights as they were: every sample alike
+    with gw.watch(model, opt, sample_every=2, warn=False) as watch:
+        for _ in range(steps):
+            loss = output(model(x)).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return watch.series(), None

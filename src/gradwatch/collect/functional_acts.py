@@ -17,9 +17,11 @@ MAX_NODES = 100_000  # a graph walked no further: a bound on one sampled step's 
 
 
 def find(roots: Iterable[object], produced: dict[int, tuple[int, str]], module_outputs: set[int]
-         ) -> dict[int, list[tuple[str, torch.Tensor]]]:
-    """{layer position: [(activation, its output), ...]} for the activation nodes of the graph behind
-    `roots` (a backward's tensors) whose input is a layer's output as it left the layer.
+         ) -> tuple[dict[int, list[tuple[str, torch.Tensor]]], dict[int, int]]:
+    """({layer position: [(activation, its output), ...]} for the activation nodes of the graph behind
+    `roots` (a backward's tensors) whose input is a layer's output as it left the layer, {layer
+    position: its outputs in the graph}: a layer called twice, once through F.relu and once not,
+    is no layer followed by F.relu.
     `produced`: id(output's grad_fn) -> (layer position, the node's class name, which guards an id
     reused by another node); `module_outputs`: ids of activation modules' output nodes (nn.ReLU's own,
     read by its hook). Nodes are compared while the graph holds them, so their ids are theirs; the
@@ -47,9 +49,11 @@ def find(roots: Iterable[object], produced: dict[int, tuple[int, str]], module_o
         except RuntimeError:  # freed (a graph already run backward with retain_graph=False)
             continue
         found.setdefault(pos[0], []).append((act, out))
+    outputs: dict[int, int] = {}
     for key in seen & produced.keys():
-        del produced[key]
-    return found
+        pos = produced.pop(key)[0]
+        outputs[pos] = outputs.get(pos, 0) + 1
+    return found, outputs
 
 
 def _tensors(roots: object) -> list[torch.Tensor]:

@@ -158,7 +158,7 @@ class SampledHooks:
         self._looks_left = 0  # sampled steps still to search for functional activations (`LOOKS`)
         self._produced: dict[int, tuple[int, str]] = {}  # id(a layer output's grad_fn): (position, its class)
         self._module_outputs: set[int] = set()  # ids of activation modules' output nodes
-        self._looked_in: StepRecord | None = None  # the step whose graphs are being searched
+        self._looked_in = 0  # id of the step record whose graphs are being searched
 
     def _counted(self) -> bool:
         """The gradient arriving is the step's loss's. Not torch.autograd.grad's with create_graph,
@@ -369,20 +369,22 @@ class SampledHooks:
         rec = self._current()
         if rec is not None and not self._counted_here():
             return
-        if rec is not self._looked_in:  # (each backward of the step is searched: a GAN's D's, then G's)
-            self._looked_in = rec
+        if id(rec) != self._looked_in:  # (each backward of the step is searched: a GAN's D's, then G's)
+            self._looked_in = id(rec)
             self._looks_left -= 1
-        found = functional_acts.find(roots, self._produced, self._module_outputs)
+        found, outputs = functional_acts.find(roots, self._produced, self._module_outputs)
         sampled = bool(self._handles) and rec is not None  # (else found only: the statistics are a sampled step's)
         for pos, calls in found.items():
             layer = self._layers[pos] if pos < len(self._layers) else None
             names = {act for act, _ in calls}
-            if layer is None or layer.role != "param" or layer.activation or len(names) != 1 or not _leaf(layer.module):
+            if layer is None or layer.role != "param" or layer.activation or len(names) != 1 or not _leaf(layer.module) \
+                    or len(calls) != outputs.get(pos, 0):  # (every output of the layer through it)
                 continue
             layer.activation = names.pop()
             for _, out in calls if sampled else ():
                 if out.numel():  # (an empty output has no statistics: its mean is NaN)
-                    rec.accumulate(rec.act, pos, activation_stats(out.detach(), layer.activation))
+                    # (the units' axis from the graph, which a detached tensor has not: a Conv1d's channels)
+                    rec.accumulate(rec.act, pos, activation_stats(out.detach(), layer.activation, unit_axis(out)))
 
     def _recurrent_input_hook(self, pos: int, batch_first: bool):
         """Make the sequence input's gradient visible: ∂L/∂x_t for each t shows how far back in

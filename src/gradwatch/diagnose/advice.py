@@ -102,10 +102,12 @@ class Context:
 
     def __init__(self, run: RunSeries):
         self.run = run
-        acts = [l.activation for l in run.layers if l.role == "activation" or functional_activation(l)]
-        # {activation: the hidden layers whose output forward() passes through it as a function (F.relu);
-        # not the last weight layer's, the output's own (a sigmoid giving BCELoss its probabilities)}
+        # (a function on the last weight layer's output is the output's own: a sigmoid giving BCELoss
+        # its probabilities, no hidden activation to swap)
         last = max((l.index for l in run.layers if l.role in WEIGHT_ROLES), default=-1)
+        acts = [l.activation for l in run.layers
+                if l.role == "activation" or functional_activation(l) and l.index < last]
+        # {activation: the hidden layers whose output forward() passes through it as a function (F.relu)}
         self.functional: dict[str, list[str]] = {}
         for l in sorted(run.layers, key=lambda l: l.index):
             if functional_activation(l) and l.index < last:

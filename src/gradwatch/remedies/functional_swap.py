@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from gradwatch.collect.unsaved import Unsaved
 from gradwatch.errors import ConfigError
 from gradwatch.remedies._common import forward_once
 from gradwatch.remedies.modify import Change
@@ -81,9 +82,10 @@ def swap_functions(model: nn.Module, old: str = "sigmoid", new: str = "leaky_rel
     hidden = {name for name, _ in leaves if name in ran and not (keep_output and name == ran[-1])}
     outputs: dict[int, weakref.ref] = {}
     mode = _Swapped(CALLS[old], NEW[new], outputs)
-    handles = [m.register_forward_hook(_marker(outputs)) for name, m in leaves if name in hidden]
-    handles.append(model.register_forward_pre_hook(mode.enter))
-    handles.append(model.register_forward_hook(mode.exit, always_call=True))
+    # (pickled or deep-copied, the model's hooks are inert: `torch.save(model)` saves it; a copy runs `old`)
+    handles = [m.register_forward_hook(Unsaved(_marker(outputs))) for name, m in leaves if name in hidden]
+    handles.append(model.register_forward_pre_hook(Unsaved(mode.enter)))
+    handles.append(model.register_forward_hook(Unsaved(mode.exit), always_call=True))
     forward_once(model, example_input)
     if not mode.swapped:
         for h in handles:
