@@ -231,3 +231,14 @@ def _watched_model(model: nn.Module, x: torch.Tensor, output=lambda t: t, steps:
             loss.backward()
             opt.step()
         return watch.series(), None
+
+
+def test_a_layer_output_is_told_by_its_own_parameters():
+    """What guards a node that took a freed one's id (under load, a thread's teacher run before the
+    training lent the model's output node its id, and its statistics went to another layer)."""
+    from gradwatch.collect.functional_acts import made_from
+    torch.manual_seed(0)
+    model = Functional("relu")
+    y = model.fc2(F.relu(model.fc1(torch.randn(4, 16))))
+    assert made_from(y.grad_fn, list(model.fc2.parameters()))
+    assert not made_from(y.grad_fn, list(model.fc1.parameters()))  # (the layer below, through its F.relu)

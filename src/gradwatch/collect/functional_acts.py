@@ -17,8 +17,8 @@ MAX_NODES = 100_000  # a graph walked no further: a bound on one sampled step's 
 
 
 def find(roots: Iterable[object], produced: dict[int, tuple[int, str]], module_outputs: set[int]
-         ) -> tuple[dict[int, list[tuple[str, torch.Tensor]]], dict[int, int]]:
-    """({layer position: [(activation, its output), ...]} for the activation nodes of the graph behind
+         ) -> tuple[dict[int, list[tuple[str, torch.Tensor, object]]], dict[int, int]]:
+    """({layer position: [(activation, its output, the layer output's node), ...]} for the activation nodes of the graph behind
     `roots` (a backward's tensors) whose input is a layer's output as it left the layer, {layer
     position: its outputs in the graph}: a layer called twice, once through F.relu and once not,
     is no layer followed by F.relu.
@@ -29,7 +29,7 @@ def find(roots: Iterable[object], produced: dict[int, tuple[int, str]], module_o
     later may take one's id), the others left for the step's next backward (a GAN's G after D)."""
     stack = [t.grad_fn for t in _tensors(roots) if t.grad_fn is not None]
     seen: set[int] = set()
-    found: dict[int, list[tuple[str, torch.Tensor]]] = {}
+    found: dict[int, list[tuple[str, torch.Tensor, object]]] = {}
     while stack and len(seen) < MAX_NODES:
         node = stack.pop()
         if id(node) in seen:
@@ -48,7 +48,7 @@ def find(roots: Iterable[object], produced: dict[int, tuple[int, str]], module_o
             out = node._saved_result
         except RuntimeError:  # freed (a graph already run backward with retain_graph=False)
             continue
-        found.setdefault(pos[0], []).append((act, out))
+        found.setdefault(pos[0], []).append((act, out, source))
     outputs: dict[int, int] = {}
     for key in seen & produced.keys():
         pos = produced.pop(key)[0]
@@ -62,3 +62,24 @@ def _tensors(roots: object) -> list[torch.Tensor]:
     if isinstance(roots, (list, tuple)):
         return [t for t in roots if isinstance(t, torch.Tensor)]
     return []
+
+
+def made_from(node: object, params: list[torch.Tensor], depth: int = 4) -> bool:
+    """One of `params` is a leaf of `node` within `depth` steps (a Linear's addmm holds its bias, and
+    its weight through a transpose; a 3-D input's adds a view), not through an activation (the
+    input's, to the layer below): the node is that layer's output, not one that took a freed node's
+    id (under load, a thread's teacher run before the training lent its ids to the model's)."""
+    wanted = {id(p) for p in params}
+    frontier, seen = [node], set()
+    for _ in range(depth):
+        nexts = []
+        for n in frontier:
+            if n is None or id(n) in seen:
+                continue
+            seen.add(id(n))
+            if id(getattr(n, "variable", None)) in wanted:
+                return True
+            if n is node or type(n).__name__ not in NODES:  # (not through the input's activation
+                nexts += [m for m, _ in n.next_functions]  # to the layer below and its weights)
+        frontier = nexts
+    return any(id(getattr(n, "variable", None)) in wanted for n in frontier if n is not None)

@@ -224,8 +224,9 @@ class SampledHooks:
     def arm(self, layers: list[Layer]) -> None:
         if self._handles:
             return
-        if len(layers) != len(self._layers):
+        if [id(l) for l in layers] != [id(l) for l in self._layers]:  # (another set: a thread's handed over)
             self._looks_left = LOOKS
+            self._produced, self._module_outputs = {}, set()
         self._layers = list(layers)
         patches.compile_sees_hooks()
         for wrapper in self._compiled:
@@ -376,12 +377,13 @@ class SampledHooks:
         sampled = bool(self._handles) and rec is not None  # (else found only: the statistics are a sampled step's)
         for pos, calls in found.items():
             layer = self._layers[pos] if pos < len(self._layers) else None
-            names = {act for act, _ in calls}
+            names = {act for act, _, _ in calls}
             if layer is None or layer.role != "param" or layer.activation or len(names) != 1 or not _leaf(layer.module) \
-                    or len(calls) != outputs.get(pos, 0):  # (every output of the layer through it)
-                continue
+                    or len(calls) != outputs.get(pos, 0) \
+                    or not all(functional_acts.made_from(source, layer.params) for _, _, source in calls):
+                continue  # (every output of the layer through it, each the layer's own)
             layer.activation = names.pop()
-            for _, out in calls if sampled else ():
+            for _, out, _ in calls if sampled else ():
                 if out.numel():  # (an empty output has no statistics: its mean is NaN)
                     # (the units' axis from the graph, which a detached tensor has not: a Conv1d's channels)
                     rec.accumulate(rec.act, pos, activation_stats(out.detach(), layer.activation, unit_axis(out)))
