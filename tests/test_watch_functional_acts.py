@@ -1,5 +1,5 @@
 """Activations called as functions in forward() (F.relu(self.fc1(x)), torch.sigmoid): no module
-runs them, so their units were not recorded. A tester's MLP with F.relu, 95% of its units dead after
+runs them, so their units were not recorded. An MLP with F.relu on the digits, 95% of its units dead after
 SGD at lr 0.5, read as nothing dead until every unit was (100 steps later), and was told to raise its
 lr tenfold. They are found in the loss's graph and read as the modules' own are."""
 

@@ -1,5 +1,5 @@
 """Activations called as functions in forward() (`F.relu(self.fc1(x))`, `torch.sigmoid(...)`), found
-in a loss's autograd graph: no module runs them, so no hook sees their outputs. A tester's MLP with
+in a loss's autograd graph: no module runs them, so no hook sees their outputs. An MLP with
 F.relu, 95% of its first layer's units dead after SGD at lr 0.5, read as nothing dead until every
 unit was (100 steps later), and its stalled loss was told to raise the lr tenfold."""
 
