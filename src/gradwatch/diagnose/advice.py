@@ -14,7 +14,7 @@ import shlex
 import numpy as np
 
 from gradwatch.diagnose.finding import Remedy
-from gradwatch.diagnose.signals import functional_activation, profile_columns, recurrent_layers
+from gradwatch.diagnose.signals import functional_activation, last_weight_index, profile_columns, recurrent_layers
 from gradwatch.store.series import WEIGHT_ROLES, RunSeries
 
 RELU_FAMILY = {"relu", "relu6", "leaky_relu", "prelu", "rrelu", "elu", "celu", "selu", "gelu", "silu", "mish"}
@@ -102,17 +102,16 @@ class Context:
 
     def __init__(self, run: RunSeries):
         self.run = run
-        # (a function on the last weight layer's output is the output's own: a sigmoid giving BCELoss
-        # its probabilities, no hidden activation to swap)
-        last = max((l.index for l in run.layers if l.role in WEIGHT_ROLES), default=-1)
-        acts = [l.activation for l in run.layers
-                if l.role == "activation" or functional_activation(l) and l.index < last]
-        # {activation: the hidden layers whose output forward() passes through it as a function (F.relu)}
+        # {activation: the hidden layers whose output forward() passes through it as a function (F.relu);
+        # not the last weight layer's, the output's own (a sigmoid giving BCELoss its probabilities)}
+        last = last_weight_index(run.layers)
         self.functional: dict[str, list[str]] = {}
         for l in sorted(run.layers, key=lambda l: l.index):
             if functional_activation(l) and l.index < last:
                 self.functional.setdefault(l.activation, []).append(l.name)
         self.modules = {l.activation for l in run.layers if l.role == "activation"}
+        acts = [l.activation for l in run.layers if l.role == "activation"] + \
+            [act for act, called in self.functional.items() for _ in called]
         self.saturating = sorted({a for a in acts if a in SATURATING})
         self.n_saturating = sum(a in SATURATING for a in acts)
         self.relu_like = sorted({a for a in acts if a in RELU_FAMILY})

@@ -79,12 +79,19 @@ def activation_columns(run: RunSeries) -> list[int]:
     return [i for i, layer in enumerate(run.layers) if layer.role == "activation" or layer.activation]
 
 
+def last_weight_index(layers) -> int:
+    """The forward index of the last weight layer (-1: none): an activation after it, or a function
+    on its output, is the output's own (a sigmoid giving BCELoss its probabilities)."""
+    return max((l.index for l in layers if l.role in WEIGHT_ROLES), default=-1)
+
+
 def functional_activation(layer) -> bool:
     """A weight layer recorded with the activation forward() calls as a function on its output
     (F.relu(self.fc1(x))): no module to swap, a line of forward() to change."""
     return layer.role == "param" and bool(layer.activation)
 
 
+# How forward() calls each activation the watch finds called as a function (`collect/functional_acts`)
 FUNCTIONS = {"relu": "F.relu", "sigmoid": "torch.sigmoid", "tanh": "torch.tanh"}
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from gradwatch.diagnose.advice import Context, nan_cause
 from gradwatch.diagnose.finding import Finding
-from gradwatch.diagnose.signals import functional_activation
+from gradwatch.diagnose.signals import functional_activation, last_weight_index
 from gradwatch.errors import ConfigError
 from gradwatch.fix.candidates import (BLOW_UP, MODEL_KEYS, Candidate, aimed, autotrainer_order, combine, findings_model,
                                       from_findings, from_origin, lr_ceiling)
@@ -32,7 +32,7 @@ from gradwatch.fix.trial import (LOCATE, OUTPUT_LOG, Trial, discard_trials, end_
                                  lower_beyond_noise, run_trial, run_trial_in_process)
 from gradwatch.store import read_run, store_files
 from gradwatch.store.reader import connect
-from gradwatch.store.series import WEIGHT_ROLES, LayerInfo
+from gradwatch.store.series import LayerInfo
 
 BASELINE = Candidate("baseline (no change)")
 
@@ -449,14 +449,13 @@ def group_lrs(run_dir: Path) -> tuple[float, ...]:
 def hidden_functions(layers: list[LayerInfo]) -> set[str]:
     """The activations forward() calls as functions on the outputs of layers before the last weight
     layer (`F.relu(self.fc1(x))`, found by the watch): one on the last's is the output's own."""
-    last = max((l.index for l in layers if l.role in WEIGHT_ROLES), default=-1)
-    return {l.activation for l in layers if functional_activation(l) and l.index < last}
+    return {l.activation for l in layers if functional_activation(l) and l.index < last_weight_index(layers)}
 
 
 def hidden_activations(layers: list[LayerInfo]) -> set[str]:
     """The activations of the modules that first run before the last weight layer: one that runs
     only after it is the output's, which the swaps keep, so a swap of it alone would change nothing."""
-    last = max((l.index for l in layers if l.role in WEIGHT_ROLES), default=-1)
+    last = last_weight_index(layers)
     return {l.activation for l in layers if l.role == "activation" and (l.index < last or last < 0)}
 
 

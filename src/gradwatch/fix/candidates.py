@@ -15,6 +15,7 @@ import numpy as np
 from gradwatch.collect.layers import ACTIVATIONS
 from gradwatch.diagnose.advice import ADAPTIVE, forget_bias_code
 from gradwatch.diagnose.finding import Finding
+from gradwatch.diagnose.signals import FUNCTIONS
 from gradwatch.fix.names import CYCLIC_LRS, Names
 from gradwatch.store.series import RunSeries
 
@@ -307,10 +308,6 @@ def swap(old: str, new: str = "LeakyReLU", init: str | None = None, present: tup
     return _made(name, spec, *parts)
 
 
-# How forward() calls an activation the watch found called as a function (`functional_acts`)
-CALLED_AS = {"relu": "F.relu", "sigmoid": "torch.sigmoid", "tanh": "torch.tanh"}
-
-
 def swap_function(old: str, new: str = "LeakyReLU", names: Names = GENERIC) -> Candidate:
     """The swap of an activation forward() calls as a function on hidden layers' outputs
     (`torch.sigmoid(self.fc(x))`), which no module holds: the trial makes those calls the new
@@ -318,10 +315,10 @@ def swap_function(old: str, new: str = "LeakyReLU", names: Names = GENERIC) -> C
     weights re-initialised for the new activation, as a module swap's are."""
     fn = "F.silu(x)" if new == "SiLU" else "F.leaky_relu(x, 0.01)"
     model = names.changed
-    parts = [Part(SWAP, f"x = {fn}  # in forward(), instead of {CALLED_AS[old]}(x) on each hidden layer's output"),
+    parts = [Part(SWAP, f"x = {fn}  # in forward(), instead of {FUNCTIONS[old]}(x) on each hidden layer's output"),
              Part(INIT, f"gw.init_({model}, 'auto', example_input=batch)")]
     spec = {"swap_fn": {"from": old, "to": "silu" if new == "SiLU" else "leaky_relu"}, "init": "auto"}
-    return _made(f"{CALLED_AS[old]} -> {new} + He init", spec, *parts)
+    return _made(f"{FUNCTIONS[old]} -> {new} + He init", spec, *parts)
 
 
 def norm(kind: str, names: Names = GENERIC) -> Candidate:

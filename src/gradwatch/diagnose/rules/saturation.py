@@ -8,16 +8,16 @@ import numpy as np
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
 from gradwatch.diagnose.rules.loss import learning_on, loss_fell_to, sampled_onset
-from gradwatch.diagnose.signals import lowest_activation, persistent_activation_layers, quoted, summarise_layers
+from gradwatch.diagnose.signals import last_weight_index, lowest_activation, persistent_activation_layers, quoted, summarise_layers
 from gradwatch.diagnose.thresholds import Thresholds
-from gradwatch.store.series import WEIGHT_ROLES, RunSeries
+from gradwatch.store.series import RunSeries
 
 
 def find_saturation(run: RunSeries, th: Thresholds) -> list[Finding]:
     hits = persistent_activation_layers(run, "saturated", th.saturated_fraction, th.persist_samples, only=advice.SATURATING)
     # the output's own activation (a sigmoid before BCELoss) saturates when its predictions are
     # confident, which is the aim: the loss's gradient at the logit is p - y, not through σ'
-    last_weight = max((l.index for l in run.layers if l.role in WEIGHT_ROLES), default=-1)
+    last_weight = last_weight_index(run.layers)
     hits = {n: h for n, h in hits.items() if run.layers[run.column(n)].index < last_weight}
     if not hits:
         return []
