@@ -105,18 +105,6 @@ def children() -> list[int]:
     return found
 
 
-def test_what_a_paused_trial_writes_as_it_ends_is_put_aside(tmp_path, monkeypatch):
-    """A script that saves its weights in a `finally:`: a paused trial ended after the last put-back
-    wrote them over the user's own file."""
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "last.txt").write_text("mine")
-    result = fix(script(tmp_path, "0.3", "-", "last.txt"), out=tmp_path / "fix", budget_steps=80,
-                 candidates=[lr_scale(0.1), clip_norm(1.0), lr_scale(0.01)], progress=lambda m: None)
-    assert result.rung_steps and (tmp_path / "last.txt").read_text() == "mine" and "last.txt" in result.written
-    assert (tmp_path / "fix" / "baseline" / "written" / "last.txt").is_file()
-    assert all((t.run_dir / "written" / "last.txt").is_file() for t in result.screened)
-
-
 FORKED = """
 import multiprocessing as mp
 import torch
@@ -155,9 +143,16 @@ def test_the_first_rung_is_halfway_through_the_steps_past_the_onset():
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="counts child processes in /proc")
-def test_fix_screens_in_two_rungs_runs_the_leader_on_and_pays_for_each_step_once(tmp_path):
-    result = fix(script(tmp_path, "0.3"), out=tmp_path / "fix", budget_steps=80,
+def test_fix_screens_in_two_rungs_runs_the_leader_on_and_pays_for_each_step_once(tmp_path, monkeypatch):
+    """Its script saves its weights in a `finally:`, as it ends: a paused trial ended after the last
+    put-back wrote them over the user's own file. What it writes as it ends is put aside."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "last.txt").write_text("mine")
+    result = fix(script(tmp_path, "0.3", "-", "last.txt"), out=tmp_path / "fix", budget_steps=80,
                  candidates=[lr_scale(0.1), clip_norm(1.0), lr_scale(0.01)], progress=lambda m: None)
+    assert (tmp_path / "last.txt").read_text() == "mine" and "last.txt" in result.written
+    assert (tmp_path / "fix" / "baseline" / "written" / "last.txt").is_file()
+    assert all((t.run_dir / "written" / "last.txt").is_file() for t in result.screened)
     assert result.screen_steps == 20 and result.rung_steps == 10 and result.repaired
     behind = [t for t in result.screened if t.behind]
     assert len(behind) == 1 and behind[0].steps == 10 and applied(result.screened)[-1] is behind[0]

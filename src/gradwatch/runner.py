@@ -30,6 +30,9 @@ except ImportError:  # Windows: runs into one directory are not guarded
 
 BOOTSTRAP_DIR = Path(__file__).resolve().parent / "_bootstrap"
 ENV_RUN_DIR = "GRADWATCH_RUN_DIR"  # what the child's start-up hook reads (collect/auto.py)
+# set in `gradwatch fix`'s trials only (fix/trial.py): the start-up hook loads fix/inject.py for them alone
+ENV_REMEDY = "GRADWATCH_REMEDY"
+ENV_MAX_STEPS = "GRADWATCH_MAX_STEPS"
 WATCHED_MARK = ".gradwatch-watched"  # made in the run directory by each process the hook watches
 FORKED_MARK = ".gradwatch-forked-trained"  # made by a forked process that steps an optimizer, unrecorded
 ENV_LOCK_FD = "GRADWATCH_LOCK_FD"  # the run directory's lock, passed to the command (see `run`)

@@ -143,9 +143,13 @@ def _ready():
 def _start():
     try:
         from gradwatch.collect.auto import start_from_env
-        from gradwatch.fix.inject import start_from_env as start_remedy
+        from gradwatch.runner import ENV_MAX_STEPS, ENV_REMEDY
 
-        injector = start_remedy()  # `gradwatch fix` trials: changes the model before the watch sees it
+        injector = None
+        if os.environ.get(ENV_REMEDY) or os.environ.get(ENV_MAX_STEPS):  # a trial of `gradwatch fix`
+            from gradwatch.fix.inject import start_from_env as start_remedy  # (0.2 s: not in every run)
+
+            injector = start_remedy()  # changes the model before the watch sees it
         start_from_env(number_resumed=injector is None)  # (a trial's steps count from 0: its budget does)
         if injector is not None:
             injector.install_late()

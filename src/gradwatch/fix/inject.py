@@ -40,10 +40,7 @@ from gradwatch.fix.locate import ENV_LOCATE_AT, NonFiniteLocator, alive_in, call
 from gradwatch.fix.pause import child_channel, wait_for_more
 import gradwatch.remedies as remedies  # (not `from ... import`: see _bootstrap, a user's import of it may be under way)
 from gradwatch.remedies._new_params import added_parameters, before_change, drop, give_added
-from gradwatch.runner import ENV_RUN_DIR, is_the_command
-
-ENV_REMEDY = "GRADWATCH_REMEDY"
-ENV_MAX_STEPS = "GRADWATCH_MAX_STEPS"
+from gradwatch.runner import ENV_MAX_STEPS, ENV_REMEDY, ENV_RUN_DIR, is_the_command
 
 STOP_AFTER_NON_FINITE = 3  # consecutive non-finite losses that end a remedy trial
 NOT_APPLIED = "not-applied.txt"  # in a trial's run directory: why its remedy changed nothing
