@@ -42,17 +42,24 @@ def gradwatch_here(*args, cwd=None):
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
-def test_run_script_with_optimizer(tmp_path):
-    result = gradwatch("run", "--out", tmp_path / "r", SCRIPTS / "train_optim.py", 30, 3)
+@pytest.fixture(scope="module")
+def optim_run(tmp_path_factory):
+    """`gradwatch run` of a 30-step Adam script that exits 3: its result and its run directory."""
+    out = tmp_path_factory.mktemp("optim") / "r"
+    return gradwatch("run", "--out", out, SCRIPTS / "train_optim.py", 30, 3), out
+
+
+def test_run_script_with_optimizer(optim_run):
+    result, out = optim_run
     assert result.returncode == 3  # the script's own exit code
     assert "argv=['30', '3']" in result.stdout  # same argv, stdout untouched
-    series = read_run(tmp_path / "r")
+    series = read_run(out)
     assert list(series.steps) == list(range(30))
     final = float(result.stdout.split("final_loss=")[1])
     assert series.loss[-1] == pytest.approx(final, rel=1e-5)
     assert series.meta["optimizer"] == "Adam"
     assert series.layer_names("param") == ["0", "2"]
-    assert json.loads((tmp_path / "r" / "findings.json").read_text()) is not None
+    assert json.loads((out / "findings.json").read_text()) is not None
     assert "steps" in result.stderr and "gradwatch" in result.stderr
 
 
@@ -65,11 +72,12 @@ def test_run_manual_update_loop(tmp_path):
     assert np.isfinite(ratio[0]) and ratio[0] > 0
 
 
-def test_run_command_form(tmp_path):
-    """`gradwatch run -- python script.py` (the `-m` form: test_a_modules_own_options_are_its_own)."""
-    result = gradwatch("run", "--out", tmp_path / "c", "--", "python", SCRIPTS / "train_optim.py", 5)
+def test_run_command_form_into_the_default_out_linked_as_latest(tmp_path):
+    """`gradwatch run -- python script.py` (the `-m` form: test_a_modules_own_options_are_its_own),
+    with no --out: runs/<time>, linked as runs/latest."""
+    result = gradwatch("run", "--", "python", SCRIPTS / "train_optim.py", 5, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert len(read_run(tmp_path / "c").steps) == 5
+    assert len(read_run(tmp_path / "runs" / "latest").steps) == 5
 
 
 def test_a_modules_own_options_are_its_own(tmp_path):
@@ -91,12 +99,6 @@ def test_a_modules_own_options_are_its_own(tmp_path):
     assert (args.module, args.out, args.budget_steps) == (["pkg.opts", "--steps", "4", "--out", "x"], "runs/fix", 9)
     result = gradwatch("run", "--out", tmp_path / "e", "-m", cwd=tmp_path)
     assert result.returncode == 2 and "-m needs a module name" in result.stderr
-
-
-def test_run_default_out_links_latest(tmp_path):
-    result = gradwatch("run", SCRIPTS / "train_optim.py", 3, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert len(read_run(tmp_path / "runs" / "latest").steps) == 3
 
 
 def test_runs_latest_is_the_live_run_from_its_start(tmp_path, monkeypatch):
@@ -139,11 +141,10 @@ def test_bad_input_is_one_clear_line(tmp_path, args, message):
     assert "Traceback" not in result.stderr
 
 
-def test_show_prints_a_per_layer_table(tmp_path):
-    gradwatch("run", "--out", tmp_path / "r", SCRIPTS / "train_optim.py", 12)
-    result = gradwatch("show", tmp_path / "r")
+def test_show_prints_a_per_layer_table(optim_run):
+    result = gradwatch("show", optim_run[1])
     assert result.returncode == 0, result.stderr
-    series = read_run(tmp_path / "r")
+    series = read_run(optim_run[1])
     first = series.series("0", "grad_norm")[1][0]
     assert f"{first:.3g}" in result.stdout and "grad_norm" in result.stdout
 

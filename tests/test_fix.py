@@ -698,20 +698,31 @@ def test_a_working_directory_inside_out_is_said_to_be_unprotected(tmp_path):
     w.close()
 
 
-def test_a_script_that_fails_partway_is_no_repair(tmp_path):
+def test_a_script_that_fails_partway_is_no_repair(tmp_path, monkeypatch):
     """A script that crashes at step 12 in every trial: the crash is said, no remedy 'repairs' it
     (before, exit codes were compared with the baseline's, so a baseline that failed hid them).
     Given as `-- script.py`, it runs as `python script.py`."""
+    from rich.console import Console
+
+    from gradwatch.cli.fix_cmd import print_result
+    from gradwatch.fix.candidates import clip_norm
+    from gradwatch.runner import command_from_target
+
+    monkeypatch.chdir(tmp_path)
     script = tmp_path / "crash_mid.py"
     script.write_text((SCRIPTS / "train_sigmoid.py").read_text().replace(
         "    opt.step()", "    opt.step()\n    if _ == 11:\n        raise RuntimeError('a bug at step 12')"))
-    result = gradwatch("fix", "--budget-steps", 40, "--out", tmp_path / "fix", "--", script, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    command = command_from_target(["--", "crash_mid.py"], None)
+    assert command == [sys.executable, "crash_mid.py"]
+    result = fix(command, out=tmp_path / "fix", budget_steps=40, candidates=[lr_scale(0.1), clip_norm(1.0)],
+                 progress=lambda m: None)
     summary = json.loads((tmp_path / "fix" / "fix.json").read_text())
     assert summary["baseline"]["failed"] and summary["baseline"]["steps"] == 12
     assert summary["winner"] is None and not summary["repaired"]
-    assert all(t["failed"] for t in summary["trials"])
-    out = " ".join(result.stdout.split())
+    assert summary["trials"] and all(t["failed"] for t in summary["trials"])
+    console = Console(record=True, width=200)
+    print_result(result, console)
+    out = " ".join(console.export_text().split())
     assert "fails on its own: the baseline exited with code 1 after 12 steps (RuntimeError: a bug at step 12)" in out
     assert "Every trial failed as the baseline did" in out and "repairs the run" not in out
     # a baseline that failed says nothing of the script's length (a remedy may run past its step
