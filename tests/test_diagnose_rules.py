@@ -1058,7 +1058,7 @@ def test_all_zero_initial_weights_are_named_not_relus():
     f = next(f for f in diagnose(run) if f.kind == "dead_units")
     assert f.causes[0].startswith("initial weights: 'fc0', 'fc1', 'fc2' and 2 more start with all parameters exactly 0")
     assert len(f.causes) == 1 and "ReLU" not in f.causes[0]
-    assert [r.code for r in f.remedies] == ["gw.init_(model, example_input=x)  # x: one input batch; the forward shows F.relu & co."]
+    assert [r.code for r in f.remedies] == ["gw.init_(model, example_input=batch)  # batch: one input batch; the forward shows F.relu & co."]
     for k in range(4):  # only the output layer starts at 0 (on purpose): not the cause
         run.metrics["weight_norm"][0, run.column(f"fc{k}")] = 10.0
     f = next(f for f in diagnose(run) if f.kind == "dead_units")

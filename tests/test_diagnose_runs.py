@@ -63,7 +63,7 @@ def test_deep_sigmoid_net_vanishes():
     # every remedy's code runs as printed, given the model and one input batch (add_residual
     # was printed without the example_input it requires)
     for remedy in v.remedies:
-        scope = {"gw": gw, "nn": nn, "torch": torch, "model": mlp(depth=8, act=nn.Sigmoid), "x": data()[0]}
+        scope = {"gw": gw, "nn": nn, "torch": torch, "model": mlp(depth=8, act=nn.Sigmoid), "batch": data()[0]}
         exec(remedy.code, scope)
 
 

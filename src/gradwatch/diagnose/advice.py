@@ -147,7 +147,7 @@ class Context:
         as functions (F.relu) only show in a forward pass."""
         if self.modules and not self.functional:
             return "gw.init_(model)"
-        return "gw.init_(model, example_input=x)  # x: one input batch; the forward shows F.relu & co."
+        return "gw.init_(model, example_input=batch)  # batch: one input batch; the forward shows F.relu & co."
 
     @property
     def lr_said(self) -> str:
@@ -228,7 +228,7 @@ def vanishing(ctx: Context, layers: tuple[str, ...], evidence: dict, through_tim
         remedies += [init] + ([] if ctx.has_norm else [norm])
     if ctx.depth >= 6:
         remedies.append(Remedy("Add residual connections around the shape-preserving blocks",
-                               "model, _ = gw.modify.add_residual(model, example_input=x)  # x: one input batch"))
+                               "model, _ = gw.modify.add_residual(model, example_input=batch)  # batch: one input batch"))
     return causes, _norm_first_when_deep(ctx, remedies)
 
 
@@ -429,7 +429,7 @@ def _swap_code(ctx: Context, act: str, layers: tuple[str, ...] = ()) -> str:
     init = "He" if said in ("Leaky ReLU", "SiLU") else "Xavier"
     if act in ctx.functional and act not in ctx.modules:
         return (f"{_functional_swap(ctx, act, target, layers)}\n"
-                f"gw.init_(model, example_input=x)  # x: one input batch; {init} init for the new activation")
+                f"gw.init_(model, example_input=batch)  # batch: one input batch; {init} init for the new activation")
     return (f"model, _ = gw.modify.swap_activations(model, nn.{_cls(act)}, lambda: nn.{target}, keep_output=True)\n"
             f"{ctx.init_code}  # {init} init for the new activation")
 
