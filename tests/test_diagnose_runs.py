@@ -254,7 +254,8 @@ def test_the_first_remedy_for_a_deep_sigmoid_net_works_as_pasted():
     _, run = train(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=30)
     code = next(f for f in diagnose(run) if f.kind == "vanishing_gradient").remedies[0].code
     torch.manual_seed(0)
-    scope = {"gw": gw, "nn": nn, "torch": torch, "model": nn.Sequential(*mlp(depth=8, act=nn.Sigmoid), nn.Sigmoid())}
+    scope = {"gw": gw, "nn": nn, "torch": torch, "model": nn.Sequential(*mlp(depth=8, act=nn.Sigmoid), nn.Sigmoid()),
+             "batch": data()[0]}
     exec(code, scope)
     fixed = scope["model"]
     assert isinstance(fixed[-1], nn.Sigmoid) and not any(isinstance(m, nn.Sigmoid) for m in fixed[:-1])
@@ -262,6 +263,36 @@ def test_the_first_remedy_for_a_deep_sigmoid_net_works_as_pasted():
     bce = lambda p, t: nn.functional.binary_cross_entropy(p, nn.functional.one_hot(t, 4).float())
     _, run = train(fixed, torch.optim.SGD(fixed.parameters(), lr=0.1), steps=30, x=x, y=y, loss_fn=bce)
     assert "vanishing_gradient" not in kinds(run)
+
+
+class ProbabilityThenValue(nn.Module):
+    """A deep sigmoid trunk, a sigmoid probability head, then a linear value head (run last)."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = mlp(depth=8, act=nn.Sigmoid)[:-1]
+        self.prob, self.value = nn.Sequential(nn.Linear(32, 1), nn.Sigmoid()), nn.Linear(32, 1)
+
+    def forward(self, x):
+        h = self.trunk(x)
+        return self.prob(h), self.value(h)
+
+
+def test_the_swap_advice_for_a_net_with_two_heads_keeps_the_probability_heads_sigmoid():
+    """The value head runs after the probability head: the printed swap, run as pasted, turned the
+    probability head's sigmoid into a Leaky ReLU too, and the script's BCE then raised."""
+    x, y = data()
+    target = (y[:, None] > 1).float()
+    loss = lambda out, y: nn.functional.binary_cross_entropy(out[0], target) + nn.functional.mse_loss(out[1], target)
+    torch.manual_seed(0)
+    model = ProbabilityThenValue()
+    _, run = train(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=30, x=x, y=y, loss_fn=loss)
+    code = next(f for f in diagnose(run) if f.kind == "vanishing_gradient").remedies[0].code
+    scope = {"gw": gw, "nn": nn, "torch": torch, "model": model, "batch": x}
+    exec(code, scope)
+    assert isinstance(scope["model"].prob[1], nn.Sigmoid)
+    assert not any(isinstance(m, nn.Sigmoid) for m in scope["model"].trunk)
+    loss(scope["model"](x), y).backward()  # (BCE raises on a value outside [0, 1])
 
 
 def test_stop_on_never_stops_on_an_info_finding():

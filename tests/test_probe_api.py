@@ -621,7 +621,7 @@ def test_printing_a_result_shows_the_table_and_the_pasted_swap_heals_the_net():
     (f,) = r.findings
     assert not any("relu that follows it" in m.action for m in f.remedies)
     assert not any("saturated fraction up to 0%" in c for c in f.causes)
-    exec(f.remedies[0].code, {"gw": gw, "nn": nn, "model": model})  # pasted as printed
+    exec(f.remedies[0].code, {"gw": gw, "nn": nn, "torch": torch, "model": model})  # pasted as printed
     assert isinstance(model[13], nn.Sigmoid) and isinstance(model[1], nn.LeakyReLU)
     assert probe(model, torch.randn(8, 16), iters=0).verdict == "healthy"
 
@@ -665,8 +665,9 @@ def test_the_swap_remedy_names_the_class_that_is_there_and_never_only_the_output
     model = nn.Sequential(*[m for _ in range(8) for m in (nn.Linear(16, 16), nn.Hardsigmoid())], nn.Linear(16, 1))
     x = torch.randn(8, 16)
     (f,) = probe(model, x, iters=0).findings
-    assert "swap_activations(model, nn.Hardsigmoid, lambda: nn.LeakyReLU(0.01), keep_output=True)" in f.remedies[0].code
-    exec(f.remedies[0].code, {"gw": gw, "nn": nn, "model": model})  # noqa: S102
+    assert ("swap_activations(model, nn.Hardsigmoid, lambda: nn.LeakyReLU(0.01), keep_output=True, "
+            "example_input=torch.randn(8, 16))") in f.remedies[0].code
+    exec(f.remedies[0].code, {"gw": gw, "nn": nn, "torch": torch, "model": model})  # noqa: S102
     assert probe(model, x, iters=0).verdict == "healthy"
     deep = nn.Sequential(*[m for _ in range(20) for m in (nn.Linear(16, 16), nn.ReLU())], nn.Linear(16, 1), nn.Sigmoid())
     (f,) = probe(deep, x, iters=0).findings

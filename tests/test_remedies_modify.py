@@ -219,6 +219,35 @@ def test_swap_keeps_the_output_activation_when_asked():
     assert swap_activations(hidden_only, nn.Tanh, nn.ReLU, keep_output=True)[1].modules == ["1"]
 
 
+class TwoHeads(nn.Module):
+    """A sigmoid probability head, then a linear value head, on a sigmoid trunk whose last
+    activation is flattened on its way to the heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 6), nn.Sigmoid())
+        self.prob = nn.Sequential(nn.Linear(6, 1), nn.Sigmoid())
+        self.value = nn.Linear(6, 1)
+
+    def forward(self, x):
+        h = self.trunk(x).reshape(len(x), 2, 3).flatten(1)
+        return {"prob": self.prob(h), "value": self.value(h)}
+
+
+def test_swap_keeps_a_heads_output_activation_when_another_head_runs_after_it():
+    """The value head runs last: by call order the probability head's sigmoid came before the last
+    layer and was swapped, and BCELoss raised on values outside [0, 1]. Its output reaches the
+    model's output through no layer: kept. The trunk's, flattened into both heads, are swapped."""
+    torch.manual_seed(0)
+    model, x = TwoHeads(), torch.randn(16, 4)
+    _, change = swap_activations(model, nn.Sigmoid, lambda: nn.LeakyReLU(0.01), keep_output=True, example_input=x)
+    assert change.modules == ["trunk.1", "trunk.3"] and isinstance(model.prob[1], nn.Sigmoid)
+    out = model(x)
+    nn.functional.binary_cross_entropy(out["prob"], torch.ones(16, 1)).backward()  # still probabilities
+    plain = TwoHeads()  # without keep_output, every one is swapped
+    assert swap_activations(plain, nn.Sigmoid, nn.ReLU, example_input=x)[1].modules == ["trunk.1", "trunk.3", "prob.1"]
+
+
 class SharedRNN(nn.Module):
     def __init__(self):
         super().__init__()

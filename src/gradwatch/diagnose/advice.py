@@ -422,7 +422,8 @@ def _launcher(distributed: dict) -> str:
 
 def _swap_code(ctx: Context, act: str, layers: tuple[str, ...] = ()) -> str:
     """The swap as code that works when pasted: the output's own sigmoid (BCELoss's probabilities)
-    kept, and the weights re-initialised for the new activation. Swapped alone, a 10-layer sigmoid
+    kept, also a head's that another head runs after (found in a forward of the batch), and the
+    weights re-initialised for the new activation. Swapped alone, a 10-layer sigmoid
     MLP with torch's default init (variance 1/(3 fan_in), a sixth of the signal per Leaky ReLU
     layer) still vanished: 10% accuracy after 300 SGD steps; with gw.init_ after it, 95%."""
     target, said = ctx.swap_target(act)
@@ -430,7 +431,8 @@ def _swap_code(ctx: Context, act: str, layers: tuple[str, ...] = ()) -> str:
     if act in ctx.functional and act not in ctx.modules:
         return (f"{_functional_swap(ctx, act, target, layers)}\n"
                 f"gw.init_(model, example_input=batch)  # batch: one input batch; {init} init for the new activation")
-    return (f"model, _ = gw.modify.swap_activations(model, nn.{_cls(act)}, lambda: nn.{target}, keep_output=True)\n"
+    return (f"model, _ = gw.modify.swap_activations(model, nn.{_cls(act)}, lambda: nn.{target}, keep_output=True, "
+            "example_input=batch)\n"
             f"{ctx.init_code}  # {init} init for the new activation")
 
 

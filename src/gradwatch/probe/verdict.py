@@ -119,10 +119,12 @@ def _init_remedies(layers: list[LayerProbe], init: set[str], functional: dict[st
     return out
 
 
-def _swap_remedy(layers: list[LayerProbe], functional: dict[str, str] | None = None) -> list[Remedy]:
+def _swap_remedy(layers: list[LayerProbe], functional: dict[str, str] | None = None, example: str = "") -> list[Remedy]:
     """Hidden sigmoids to Leaky ReLU(0.01), as diagnose advises (a unit pushed negative keeps a small
-    gradient), the output's kept (a sigmoid there gives BCELoss its probabilities). A sigmoid the
-    forward calls as a function (torch.sigmoid) has no module to swap: the edit is in the forward."""
+    gradient), the output's kept (a sigmoid there gives BCELoss its probabilities; found in a
+    forward of `example`, code for an input batch, where there is one: also a head's that another
+    head runs after). A sigmoid the forward calls as a function (torch.sigmoid) has no module to
+    swap: the edit is in the forward."""
     functional = functional or {}
     calls = sorted({functional.get(x.name, "") for x in layers[:-1]} & set(SIGMOIDS))
     out = [Remedy("in your forward, call leaky_relu where it calls torch.sigmoid on a hidden layer's output "
@@ -135,7 +137,8 @@ def _swap_remedy(layers: list[LayerProbe], functional: dict[str, str] | None = N
     old = classes[found[0]] if len(found) == 1 else f"({', '.join(classes[a] for a in found)})"
     return out + [Remedy("swap Sigmoid for Leaky ReLU in hidden layers (its derivative is at most 1/4), then He "
                          "init for it",
-                         f"model, _ = gw.modify.swap_activations(model, {old}, lambda: nn.LeakyReLU(0.01), keep_output=True)\n"
+                         f"model, _ = gw.modify.swap_activations(model, {old}, lambda: nn.LeakyReLU(0.01), keep_output=True"
+                         + (f", example_input={example})\n" if example else ")\n") +
                          "gw.init_(model)")]
 
 
@@ -175,7 +178,7 @@ def layer_findings(layers: list[LayerProbe], mf: MeanField | None, *, init: set[
             causes.append(f"{len(layers)} layers without residual connections or normalisation")
         if mf is not None:
             evidence.update(chi1=mf.chi1, depth_scale=mf.depth_scale)
-        remedies = _swap_remedy(layers, functional) if verdict == "vanishing" else []
+        remedies = _swap_remedy(layers, functional, example) if verdict == "vanishing" else []
         remedies += _init_remedies(layers, init, functional, example)
         remedies += [] if verdict == "vanishing" else [
             Remedy("clip the gradient norm", "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)")]

@@ -186,7 +186,7 @@ class _Flow:
         self.found: dict[str, Act] = {}
         self.sources: dict[int, frozenset[str]] = {}  # by id; an entry leaves with its tensor
 
-    def _of(self, value: Any) -> frozenset[str]:
+    def sources_of(self, value: Any) -> frozenset[str]:
         tensors = [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
         return frozenset().union(*(self.sources.get(id(t), frozenset()) for t in tensors))
 
@@ -199,12 +199,12 @@ class _Flow:
 
     def reaches(self, value: Any, act: Act) -> None:
         """`value` goes into `act` (or into another layer, for act NONE): its layers are followed by it."""
-        for layer in self._of(value):
+        for layer in self.sources_of(value):
             self.found.setdefault(layer, act)
 
     def passes(self, args: Any, out: Any) -> None:
         """Any other op: its output comes from the layers its inputs come from."""
-        self.mark(out, self._of(args))
+        self.mark(out, self.sources_of(args))
 
 
 class _Tracer(TorchFunctionMode):
@@ -263,6 +263,50 @@ def by_execution(model: nn.Module, layers: set[str], example_input: Any) -> dict
     with _leaf_hooks(model, pre, post), _Tracer(flow, running):
         forward_once(model, example_input)
     return {name: flow.found.get(name, NONE) for name in ran}
+
+
+class _Passing(TorchFunctionMode):
+    """Every op's output comes from what its inputs come from (`_Flow.passes`)."""
+
+    def __init__(self, flow: _Flow) -> None:
+        super().__init__()
+        self.flow = flow
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.flow.passes((args, kwargs), out)
+        return out
+
+
+def reaching_output(model: nn.Module, example_input: Any, kinds: tuple, layers: tuple) -> set[int]:
+    """The modules of `kinds` (by id) whose output reaches the model's output through no module of
+    `layers`, in one forward pass: the output's own activations, also a head's that another head
+    runs after (a sigmoid probability head, then a linear value head), which the call order alone
+    takes for hidden. Through any other op (a flatten, a sum, a norm) the data is followed."""
+    flow = _Flow()
+    names: dict[str, int] = {}
+    returned: list[Any] = []
+
+    def pre(name: str) -> Callable:
+        return lambda module, args: None
+
+    def post(name: str) -> Callable:
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            if isinstance(module, layers):
+                flow.mark(out, frozenset())
+            elif isinstance(module, kinds):
+                names[name] = id(module)
+                flow.mark(out, flow.sources_of(args) | {name})
+        return hook
+
+    handle = model.register_forward_hook(lambda module, args, out: returned.append(out))
+    try:
+        with _leaf_hooks(model, pre, post), _Passing(flow):
+            forward_once(model, example_input)
+    finally:
+        handle.remove()
+    return {names[n] for n in flow.sources_of(returned) if n in names}
 
 
 @contextlib.contextmanager

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from gradwatch.errors import ConfigError
-from gradwatch.remedies._activations import functional_calls
+from gradwatch.remedies._activations import functional_calls, reaching_output
 from gradwatch.remedies._common import forward_once, shown
 from gradwatch.remedies._new_params import Before, added_parameters, before_change, drop, give_added
 
@@ -340,8 +340,10 @@ def _optimizer_note(new: list[str], replaced: bool = False) -> str:
 
 def _output_activations(model: nn.Module, named: list[tuple[str, nn.Module]], old_types: tuple,
                         example_input: Any) -> set[str]:
-    """The places of the output's `old` activation: the modules applied after the last layer in a
-    forward of `example_input` (what runs decides, not where it is declared), else the last `old`
+    """The places of the output's `old` activations. With `example_input`, from a forward pass of
+    it (what runs decides, not where it is declared): each module whose output reaches the model's
+    output through no layer (a probability head that another head runs after: swapped, its BCE
+    raised on values outside [0, 1]), and each applied after the last layer. Else the last `old`
     module registered after the last layer."""
     if example_input is None:
         last_layer = max((i for i, (_, m) in enumerate(named) if isinstance(m, LAYERS)), default=-1)
@@ -350,6 +352,7 @@ def _output_activations(model: nn.Module, named: list[tuple[str, nn.Module]], ol
     order = _run_order(model, example_input)
     last_layer = max((i for i, m in enumerate(order) if isinstance(m, LAYERS)), default=-1)
     applied = {id(m) for m in order[last_layer + 1:] if isinstance(m, old_types)} if last_layer >= 0 else set()
+    applied |= reaching_output(model, example_input, old_types, LAYERS)
     return {n for n, m in named if id(m) in applied}
 
 
