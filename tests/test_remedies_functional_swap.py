@@ -49,6 +49,31 @@ def test_the_hidden_calls_become_leaky_relu_and_the_output_sigmoid_stays(inplace
                                                                                 model.fcs[0].weight)[0])
 
 
+class ProbabilityThenValue(nn.Module):
+    """torch.sigmoid on the hidden layers and on a probability head, then a linear value head."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.prob, self.value = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 1), nn.Linear(8, 1)
+
+    def forward(self, x):
+        h = torch.sigmoid(self.fc2(torch.sigmoid(self.fc1(x))))
+        return torch.sigmoid(self.prob(h)), self.value(h)
+
+
+def test_a_heads_own_sigmoid_stays_when_another_head_runs_after_it():
+    """By call order only the last layer's sigmoid was the output's: the probability head's became
+    a Leaky ReLU, and BCE raised on its values outside [0, 1]."""
+    torch.manual_seed(0)
+    model, x = ProbabilityThenValue(), torch.randn(16, 8)
+    want = F.leaky_relu(model.fc2(F.leaky_relu(model.fc1(x), 0.01)), 0.01)
+    _, change = gw.modify.swap_functions(model, "sigmoid", example_input=x)
+    assert change.modules == ["fc1", "fc2"]
+    prob, value = model(x)
+    torch.testing.assert_close(prob, torch.sigmoid(model.prob(want)), rtol=0, atol=0)
+    torch.testing.assert_close(value, model.value(want), rtol=0, atol=0)
+
+
 def test_a_model_without_such_calls_is_left_as_it_was():
     torch.manual_seed(0)
     model, x = Sigmoids(), torch.randn(16, 8)

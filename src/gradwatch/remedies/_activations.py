@@ -265,27 +265,35 @@ def by_execution(model: nn.Module, layers: set[str], example_input: Any) -> dict
     return {name: flow.found.get(name, NONE) for name in ran}
 
 
-class _Passing(TorchFunctionMode):
-    """Every op's output comes from what its inputs come from (`_Flow.passes`)."""
+class _Reaching(TorchFunctionMode):
+    """Every op's output comes from what its inputs come from (`_Flow.passes`); what a call of
+    `functions` made of a leaf's own output also comes from that leaf (`outputs`: id -> its name
+    and the output, weakly)."""
 
-    def __init__(self, flow: _Flow) -> None:
+    def __init__(self, flow: _Flow, functions: tuple, outputs: dict[int, tuple[str, weakref.ref]]) -> None:
         super().__init__()
-        self.flow = flow
+        self.flow, self.functions, self.outputs = flow, functions, outputs
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        self.flow.passes((args, kwargs), out)
+        leaf = self.outputs.get(id(args[0])) if args and func in self.functions else None
+        if leaf is not None and leaf[1]() is args[0]:
+            self.flow.mark(out, self.flow.sources_of((args, kwargs)) | {leaf[0]})
+        else:
+            self.flow.passes((args, kwargs), out)
         return out
 
 
-def reaching_output(model: nn.Module, example_input: Any, kinds: tuple, layers: tuple) -> set[int]:
-    """The modules of `kinds` (by id) whose output reaches the model's output through no module of
-    `layers`, in one forward pass: the output's own activations, also a head's that another head
+def reaching_output(model: nn.Module, example_input: Any, layers: tuple, kinds: tuple = (),
+                    functions: tuple = ()) -> set[str]:
+    """In one forward pass, the names of the modules of `kinds`, and of the leaf modules whose output
+    a call of `functions` took (`torch.sigmoid(self.fc(x))`), whose result reaches the model's output
+    through no module of `layers`: the output's own activations, also a head's that another head
     runs after (a sigmoid probability head, then a linear value head), which the call order alone
     takes for hidden. Through any other op (a flatten, a sum, a norm) the data is followed."""
     flow = _Flow()
-    names: dict[str, int] = {}
+    outputs: dict[int, tuple[str, weakref.ref]] = {}
     returned: list[Any] = []
 
     def pre(name: str) -> Callable:
@@ -293,20 +301,21 @@ def reaching_output(model: nn.Module, example_input: Any, kinds: tuple, layers: 
 
     def post(name: str) -> Callable:
         def hook(module: nn.Module, args: Any, out: Any) -> None:
-            if isinstance(module, layers):
-                flow.mark(out, frozenset())
-            elif isinstance(module, kinds):
-                names[name] = id(module)
+            if isinstance(module, kinds):
                 flow.mark(out, flow.sources_of(args) | {name})
+            elif isinstance(module, layers):
+                flow.mark(out, frozenset())
+            if functions and isinstance(out, torch.Tensor):
+                outputs[id(out)] = (name, weakref.ref(out))
         return hook
 
     handle = model.register_forward_hook(lambda module, args, out: returned.append(out))
     try:
-        with _leaf_hooks(model, pre, post), _Passing(flow):
+        with _leaf_hooks(model, pre, post), _Reaching(flow, tuple(functions), outputs):
             forward_once(model, example_input)
     finally:
         handle.remove()
-    return {names[n] for n in flow.sources_of(returned) if n in names}
+    return set(flow.sources_of(returned))
 
 
 @contextlib.contextmanager

@@ -15,7 +15,8 @@ from torch.overrides import TorchFunctionMode
 from gradwatch.collect.unsaved import Unsaved
 from gradwatch.errors import ConfigError
 from gradwatch.remedies._common import forward_once
-from gradwatch.remedies.modify import Change
+from gradwatch.remedies._activations import reaching_output
+from gradwatch.remedies.modify import LAYERS, Change
 
 # The calls of each function forward() may make (F.relu passes itself to the mode, then torch.relu).
 CALLS = {
@@ -64,7 +65,9 @@ def swap_functions(model: nn.Module, old: str = "sigmoid", new: str = "leaky_rel
     """Make every call of `old` ("relu", "sigmoid", "tanh") that forward() applies to a layer's own
     output (a Linear's, a Conv's, a norm's) call `new` ("leaky_relu", slope 0.01, or "silu"): hooks on
     the model and its leaf layers, in place, for as long as the model lives. `keep_output`: not on the
-    output of the last layer to run (a sigmoid giving BCELoss its probabilities). `example_input`
+    output of the last layer to run, nor where the call's result reaches the model's output through
+    no Linear/Conv (a sigmoid giving BCELoss its probabilities, also a head's that another head runs
+    after). `example_input`
     (a batch the model takes) finds the layers and checks that a call was swapped. `inside_call`:
     called from a forward pre-hook of the model's (gradwatch fix's trial), whose call then runs on
     with the swap too: its own pre-hooks were taken before these were added."""
@@ -79,7 +82,10 @@ def swap_functions(model: nn.Module, old: str = "sigmoid", new: str = "leaky_rel
     finally:
         for h in looks:
             h.remove()
-    hidden = {name for name, _ in leaves if name in ran and not (keep_output and name == ran[-1])}
+    kept = set()
+    if keep_output and ran:  # the last layer's, and any other whose result reaches the output through no layer
+        kept = {ran[-1]} | reaching_output(model, example_input, LAYERS, functions=CALLS[old])
+    hidden = {name for name, _ in leaves if name in ran and name not in kept}
     outputs: dict[int, weakref.ref] = {}
     mode = _Swapped(CALLS[old], NEW[new], outputs)
     # (pickled or deep-copied, the model's hooks are inert: `torch.save(model)` saves it; a copy runs `old`)

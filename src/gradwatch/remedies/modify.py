@@ -352,7 +352,8 @@ def _output_activations(model: nn.Module, named: list[tuple[str, nn.Module]], ol
     order = _run_order(model, example_input)
     last_layer = max((i for i, m in enumerate(order) if isinstance(m, LAYERS)), default=-1)
     applied = {id(m) for m in order[last_layer + 1:] if isinstance(m, old_types)} if last_layer >= 0 else set()
-    applied |= reaching_output(model, example_input, old_types, LAYERS)
+    reached = reaching_output(model, example_input, LAYERS, kinds=old_types)
+    applied |= {id(m) for n, m in model.named_modules() if n in reached}
     return {n for n, m in named if id(m) in applied}
 
 
