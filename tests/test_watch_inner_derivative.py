@@ -84,7 +84,7 @@ def test_a_pinns_saturating_activations_are_swapped_for_a_smooth_one():
     assert norms and all("'layer'" in c for c in norms) and any("'batch'" in r.code for r in plain.remedies)
     model = nn.Sequential(nn.Linear(4, 4), nn.Sigmoid(), nn.Linear(4, 1))
     code = pinn.remedies[0].code.replace("gw.init_(model)", "")
-    exec(code, {"gw": gw, "nn": nn, "model": model})
+    exec(code, {"gw": gw, "nn": nn, "model": model, "batch": torch.randn(2, 4)})
     swapped = [type(m).__name__ for m in model.modules()]
     assert "SiLU" in swapped and "Sigmoid" not in swapped
 
