@@ -30,7 +30,7 @@ except ImportError:  # Windows: runs into one directory are not guarded
 
 BOOTSTRAP_DIR = Path(__file__).resolve().parent / "_bootstrap"
 ENV_RUN_DIR = "GRADWATCH_RUN_DIR"  # what the child's start-up hook reads (collect/auto.py)
-# set in `gradwatch fix`'s trials only (fix/trial.py): the start-up hook loads fix/inject.py for them alone
+# set in `gradwatch fix`'s trials only (fix/trial.py; see in_fix_trial)
 ENV_REMEDY = "GRADWATCH_REMEDY"
 ENV_MAX_STEPS = "GRADWATCH_MAX_STEPS"
 WATCHED_MARK = ".gradwatch-watched"  # made in the run directory by each process the hook watches
@@ -206,6 +206,12 @@ def command_from_target(target: list[str], module: list[str] | str | None) -> li
     elif target and not module:
         script, target = target[0], target[1:]
     return build_command(script, module, target)
+
+
+def in_fix_trial() -> bool:
+    """This process is (or was started by) a trial of `gradwatch fix`: the start-up hook loads the
+    remedy injection (fix/inject.py) for it alone."""
+    return bool(os.environ.get(ENV_REMEDY) or os.environ.get(ENV_MAX_STEPS))
 
 
 def is_the_command() -> bool:

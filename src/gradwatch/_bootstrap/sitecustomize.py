@@ -143,10 +143,10 @@ def _ready():
 def _start():
     try:
         from gradwatch.collect.auto import start_from_env
-        from gradwatch.runner import ENV_MAX_STEPS, ENV_REMEDY
+        from gradwatch.runner import in_fix_trial
 
         injector = None
-        if os.environ.get(ENV_REMEDY) or os.environ.get(ENV_MAX_STEPS):  # a trial of `gradwatch fix`
+        if in_fix_trial():
             from gradwatch.fix.inject import start_from_env as start_remedy  # (0.2 s: not in every run)
 
             injector = start_remedy()  # changes the model before the watch sees it

@@ -515,7 +515,7 @@ def dead_units(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[l
                       "(torch.round, sign, a custom autograd.Function's backward: torch.autograd.gradcheck "
                       "checks one against its forward)")
         leaky = Remedy("Use Leaky ReLU, which keeps a small gradient for negative inputs",
-                       "x = F.leaky_relu(x, 0.01)  # in forward(), instead of F.relu(x) / torch.relu(x)")
+                       f"x = {AS_FUNCTION['LeakyReLU(0.01)']}  # in forward(), instead of {FUNCTION_CALLS['relu']}")
     remedies = [leaky, Remedy("Re-initialise with He init and zero biases", ctx.init_code)]
     if at_init:
         remedies.reverse()  # the initialisation is what went wrong

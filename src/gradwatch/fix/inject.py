@@ -40,7 +40,7 @@ from gradwatch.fix.locate import ENV_LOCATE_AT, NonFiniteLocator, alive_in, call
 from gradwatch.fix.pause import child_channel, wait_for_more
 import gradwatch.remedies as remedies  # (not `from ... import`: see _bootstrap, a user's import of it may be under way)
 from gradwatch.remedies._new_params import added_parameters, before_change, drop, give_added
-from gradwatch.runner import ENV_MAX_STEPS, ENV_REMEDY, ENV_RUN_DIR, is_the_command
+from gradwatch.runner import ENV_MAX_STEPS, ENV_REMEDY, ENV_RUN_DIR, in_fix_trial, is_the_command
 
 STOP_AFTER_NON_FINITE = 3  # consecutive non-finite losses that end a remedy trial
 NOT_APPLIED = "not-applied.txt"  # in a trial's run directory: why its remedy changed nothing
@@ -686,9 +686,9 @@ def _follow_schedule(adam: torch.optim.Optimizer, opt: torch.optim.Optimizer, ba
 
 
 def start_from_env() -> Injector | None:
-    spec_text, max_steps = os.environ.get(ENV_REMEDY), os.environ.get(ENV_MAX_STEPS)
-    if not spec_text and not max_steps:
+    if not in_fix_trial():
         return None
+    spec_text, max_steps = os.environ.get(ENV_REMEDY), os.environ.get(ENV_MAX_STEPS)
     try:
         spec = json.loads(spec_text) if spec_text else {}
     except ValueError:

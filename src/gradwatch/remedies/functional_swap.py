@@ -67,10 +67,9 @@ def swap_functions(model: nn.Module, old: str = "sigmoid", new: str = "leaky_rel
     the model and its leaf layers, in place, for as long as the model lives. `keep_output`: not on the
     output of the last layer to run, nor where the call's result reaches the model's output through
     no Linear/Conv (a sigmoid giving BCELoss its probabilities, also a head's that another head runs
-    after). `example_input`
-    (a batch the model takes) finds the layers and checks that a call was swapped. `inside_call`:
-    called from a forward pre-hook of the model's (gradwatch fix's trial), whose call then runs on
-    with the swap too: its own pre-hooks were taken before these were added."""
+    after). `example_input` (a batch the model takes) finds the layers and checks that a call was
+    swapped. `inside_call`: called from a forward pre-hook of the model's (gradwatch fix's trial),
+    whose call then runs on with the swap too: its own pre-hooks were taken before these were added."""
     if old not in CALLS or new not in NEW:
         raise ConfigError(f"swap_functions swaps {', '.join(CALLS)} for {', '.join(NEW)}; got {old!r} -> {new!r}")
     leaves = [(name, m) for name, m in model.named_modules()
