@@ -29,7 +29,7 @@ def test_a_healthy_script_is_told_there_is_nothing_to_fix(tmp_path):
             opt.step()
 
     said: list[str] = []
-    result = fix(train, out=tmp_path, budget_steps=40, progress=said.append)
+    result = fix(train, out=tmp_path / "fix", budget_steps=40, progress=said.append)
     assert result.baseline.findings == [] and not result.trials and not result.screened and result.winner is None
     assert said == ["gradwatch fix: baseline trial (40 steps)"]  # the baseline alone
     text = _printed(result)

@@ -93,3 +93,79 @@ def test_a_second_fix_in_the_same_directory_waits_for_the_first_and_says_so(tmp_
     with one_fix_at_a_time(tmp_path, said.append):  # free again: taken at once, nothing said
         pass
     assert len(said) == 1
+
+
+WRITER = ("import sys, time; from pathlib import Path\n"
+          "log, stop = open(sys.argv[1], 'a', buffering=1), Path(sys.argv[2])\n"
+          "print('writing', flush=True)\n"
+          "for i in range(3000):\n"
+          "    if stop.exists(): break\n"
+          "    log.write(f'line {i}\\n'); time.sleep(0.02)\n")
+
+
+def _writer(log, stop, foreign):
+    """A process appending to `log` until `stop` exists: a child of this one (a trial still
+    running), or one this process did not start (`tee`), begun through a child that exits at once."""
+    import subprocess
+    import sys
+
+    if not foreign:
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, log, stop], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "writing"
+        return proc
+    launcher = ("import subprocess, sys\n"
+                f"p = subprocess.Popen([sys.executable, '-c', {WRITER!r}, {str(log)!r}, {str(stop)!r}],\n"
+                "                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)\n"
+                "print(p.stdout.readline().strip(), flush=True)")
+    done = subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "writing", done.stderr
+    return None
+
+
+def _grows(path, timeout=10):
+    import time
+
+    size, deadline = path.stat().st_size, time.monotonic() + timeout
+    while path.stat().st_size == size:
+        assert time.monotonic() < deadline, f"{path.name} stopped growing"
+        time.sleep(0.02)
+
+
+def test_a_log_another_process_writes_is_left_to_grow_and_the_trials_changes_are_still_put_back(tmp_path):
+    """`gradwatch fix ... | tee fix.log`: tee's log grew during the trial, so it was moved into the
+    trial's directory and its copy from before the fix put back; tee went on writing into the moved
+    file, and the user's fix.log held nothing of the fix (so did a test suite's own output file)."""
+    out, log, stop = tmp_path / "runs" / "fix", tmp_path / "fix.log", tmp_path / "stop"
+    log.write_text("before\n")
+    (tmp_path / "metrics.csv").write_text("mine\n")
+    _writer(log, stop, foreign=True)
+    try:
+        _grows(log)
+        w = Workspace(tmp_path, out)
+        (tmp_path / "metrics.csv").write_text("the trial's\n")
+        _grows(log)
+        w.settle(out / "screen-1")
+        inode = log.stat().st_ino
+        _grows(log)  # still the file its writer writes
+        assert log.stat().st_ino == inode and log.read_text().startswith("before\nline 0\n")
+        assert not (out / "screen-1" / "written" / "fix.log").exists() and w.written == {"metrics.csv"}
+        assert (tmp_path / "metrics.csv").read_text() == "mine\n"  # the trial's change: put back
+    finally:
+        stop.write_text("")
+
+
+def test_a_file_a_paused_trial_still_holds_open_is_put_back(tmp_path):
+    """A process fix started (a trial paused between rungs) is no other writer: its log is the
+    trial's, moved into the trial's directory and put back."""
+    out, log, stop = tmp_path / "runs" / "fix", tmp_path / "train.log", tmp_path / "stop"
+    log.write_text("before\n")
+    w = Workspace(tmp_path, out)
+    trial = _writer(log, stop, foreign=False)
+    try:
+        _grows(log)
+        w.settle(out / "screen-1")
+        assert log.read_text() == "before\n" and (out / "screen-1" / "written" / "train.log").is_file()
+        assert w.written == {"train.log"}
+    finally:
+        stop.write_text("")
+        trial.wait(timeout=30)

@@ -71,10 +71,57 @@ def own_outputs() -> set[tuple[int, int]]:
     return found
 
 
+def written_by_others(root: Path) -> set[tuple[int, int]]:
+    """(device, inode) of the files under `root` open for writing in a process that is neither this
+    one nor one it started: `gradwatch fix ... | tee fix.log`, the log of a command that runs fix.
+    They grow during the trials, yet are no trial's: put back, they were moved away while their
+    writer went on writing into the moved file (tee's log kept what it held before the fix). Read
+    from /proc; where there is none, only this process's own outputs are known."""
+    proc = Path("/proc")
+    if not (proc / "self" / "fd").is_dir():
+        return set()
+    parents, me = {}, os.getpid()
+    for entry in os.scandir(proc):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                parents[int(entry.name)] = int(Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[1])
+    prefix, found = str(root.resolve()) + os.sep, set()
+    for pid in parents:
+        if _descends(pid, me, parents):
+            continue
+        with contextlib.suppress(OSError):
+            for fd in os.scandir(proc / str(pid) / "fd"):
+                with contextlib.suppress(OSError, ValueError):
+                    if os.readlink(fd.path).startswith(prefix) and _writable(pid, fd.name):
+                        st = os.stat(fd.path)
+                        found.add((st.st_dev, st.st_ino))
+    return found
+
+
+def _descends(pid: int, ancestor: int, parents: dict[int, int]) -> bool:
+    """`pid` is `ancestor` or one of its descendants (a trial, or a process a trial started)."""
+    for _ in range(len(parents) + 1):  # (a cycle cannot arise, but a pid reused mid-read could)
+        if pid == ancestor:
+            return True
+        if pid not in parents or pid <= 1:
+            return False
+        pid = parents[pid]
+    return False
+
+
+def _writable(pid: int, fd: str) -> bool:
+    """The descriptor was opened for writing (its flags' access mode, from fdinfo)."""
+    for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines():
+        if line.startswith("flags:"):
+            return (int(line.split()[1], 8) & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR)
+    return False
+
+
 @dataclass
 class Snapshot:
     files: dict[str, tuple[int, int]] = field(default_factory=dict)  # (mtime_ns, size); symlinks too
     dirs: set[str] = field(default_factory=set)
+    held: set[str] = field(default_factory=set)  # this process's outputs, files another writes: never put back
     complete: bool = True  # False: MAX_ENTRIES reached, or the directory lies inside `out`
 
 
@@ -83,7 +130,7 @@ def snapshot(root: Path, exclude: Path, depth: int = DEPTH) -> Snapshot:
     other than this process's own output files; breadth first, so a huge data folder cannot hide
     the levels above it."""
     seen = Snapshot()
-    ours = own_outputs()
+    ours = own_outputs() | written_by_others(root)
     exclude = exclude.resolve()
     if root.resolve() == exclude or exclude in root.resolve().parents:
         seen.complete = False  # the trials write here themselves: their files cannot be told apart
@@ -108,7 +155,9 @@ def snapshot(root: Path, exclude: Path, depth: int = DEPTH) -> Snapshot:
                             queue.append((path, level + 1))
                 elif entry.is_file(follow_symlinks=False) or entry.is_symlink():
                     st = entry.stat(follow_symlinks=False)
-                    if (st.st_dev, st.st_ino) not in ours:
+                    if (st.st_dev, st.st_ino) in ours:
+                        seen.held.add(rel)
+                    else:
                         seen.files[rel] = (st.st_mtime_ns, st.st_size)
             except OSError:
                 continue
@@ -188,8 +237,10 @@ class Workspace:
         self.settled = False
         touched = False
         now = snapshot(self.root, self.out)
-        changed = sorted(p for p, stat in now.files.items() if self.before.files.get(p) != stat)
-        for rel in changed + sorted(set(self.before.files) - set(now.files)):
+        self.before.held |= now.held  # (a writer that ended since: its file is still not the trial's)
+        changed = sorted(p for p, stat in now.files.items()
+                         if self.before.files.get(p) != stat and p not in self.before.held)
+        for rel in changed + sorted(set(self.before.files) - set(now.files) - now.held):
             if rel in now.files and rel.endswith(SOURCE):  # written or created: the user's
                 self.edited.add(rel)
                 self.before.files[rel] = now.files[rel]
