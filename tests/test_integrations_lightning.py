@@ -6,6 +6,7 @@ says so."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 
 import numpy as np
@@ -13,55 +14,30 @@ import pytest
 import torch
 from torch import nn
 
-pl = pytest.importorskip("lightning.pytorch")
+import gradwatch as gw
+from gradwatch.report import render_html
 
-import gradwatch as gw  # noqa: E402
-from gradwatch.integrations.lightning import GRAD_METRIC, GradwatchCallback  # noqa: E402
-from gradwatch.report import render_html  # noqa: E402
-
-CLIP = 0.01
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("lightning") is None, reason="lightning not installed")
 
 
-class Net(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)
-        self.preclip: list[dict[str, float]] = []
-        self.postclip: list[float] = []
+@pytest.fixture(scope="module")
+def lit():
+    """Lightning, the callback and the modules trained here (lightning_nets), imported as a test runs."""
+    import lightning_nets
 
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-    def training_step(self, batch, i):
-        x, y = batch
-        return nn.functional.mse_loss(self(x), y)
-
-    def on_before_optimizer_step(self, optimizer):  # Lightning: gradients not clipped yet
-        self.preclip.append({name: float(torch.linalg.vector_norm(torch.stack(
-            [torch.linalg.vector_norm(p.grad) for p in m.parameters(recurse=False)])))
-            for name, m in self.named_modules() if list(m.parameters(recurse=False))})
-
-    def on_train_batch_end(self, outputs, batch, i):
-        pass
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        self.postclip.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.parameters()]))))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+    return lightning_nets
 
 
-def test_lightning_records_preclip_norms(tmp_path):
+def test_lightning_records_preclip_norms(lit, tmp_path):
     torch.manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(160, 8) * 3, torch.randn(160, 1) * 3)
     loader = torch.utils.data.DataLoader(data, batch_size=8)
-    net = Net()
-    callback = GradwatchCallback(flush_every=6, sample_every=5)
-    logger = pl.loggers.CSVLogger(tmp_path, name="logs")
-    trainer = pl.Trainer(max_steps=20, accelerator="cpu", logger=logger, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=CLIP,
-                         default_root_dir=tmp_path, callbacks=[callback], log_every_n_steps=1)
+    net = lit.Net()
+    callback = lit.GradwatchCallback(flush_every=6, sample_every=5)
+    logger = lit.pl.loggers.CSVLogger(tmp_path, name="logs")
+    trainer = lit.pl.Trainer(max_steps=20, accelerator="cpu", logger=logger, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=lit.CLIP,
+                             default_root_dir=tmp_path, callbacks=[callback], log_every_n_steps=1)
     trainer.fit(net, loader)
 
     run = gw.read_run(tmp_path / "gradwatch")
@@ -71,57 +47,57 @@ def test_lightning_records_preclip_norms(tmp_path):
     for name in ("fc1", "fc2"):
         _, ours = run.series(name, "grad_norm")
         np.testing.assert_allclose(ours, [step[name] for step in net.preclip], rtol=1e-5)
-    assert max(net.postclip) <= CLIP * 1.0001 and min(run.metrics["grad_norm"][:, run.column("fc2")]) > 2 * CLIP
+    assert max(net.postclip) <= lit.CLIP * 1.0001 and min(run.metrics["grad_norm"][:, run.column("fc2")]) > 2 * lit.CLIP
 
     with open(logger.log_dir + "/metrics.csv") as fh:
         rows = list(csv.DictReader(fh))
-    logged = {int(r["step"]): float(r[GRAD_METRIC + "fc1"]) for r in rows if r.get(GRAD_METRIC + "fc1")}
+    logged = {int(r["step"]): float(r[lit.GRAD_METRIC + "fc1"]) for r in rows if r.get(lit.GRAD_METRIC + "fc1")}
     assert sorted(logged) == list(range(20))
     np.testing.assert_allclose([logged[s] for s in range(20)], [step["fc1"] for step in net.preclip], rtol=1e-5)
     assert isinstance(json.loads((tmp_path / "gradwatch" / "findings.json").read_text()), list)
     # the clipping is kept with the run, and the report says the norms it shows are above it
-    assert run.meta["grad_clip"] == f"the total norm to {CLIP:g} (gradient_clip_val)"
-    assert f"the trainer then clipped the total norm to {CLIP:g}" in render_html(run, findings=[])
+    assert run.meta["grad_clip"] == f"the total norm to {lit.CLIP:g} (gradient_clip_val)"
+    assert f"the trainer then clipped the total norm to {lit.CLIP:g}" in render_html(run, findings=[])
 
 
-def test_a_reused_callback_records_and_logs_its_second_training(tmp_path):
+def test_a_reused_callback_records_and_logs_its_second_training(lit, tmp_path):
     """A callback instance reused for a second fit starts afresh: its own store, every step logged."""
     data = torch.utils.data.TensorDataset(torch.randn(80, 8), torch.randn(80, 1))
-    callback = GradwatchCallback(flush_every=4, sample_every=5)
+    callback = lit.GradwatchCallback(flush_every=4, sample_every=5)
     for fit in ("first", "second"):
         torch.manual_seed(0)
-        logger = pl.loggers.CSVLogger(tmp_path, name=fit)
-        trainer = pl.Trainer(max_steps=10, accelerator="cpu", logger=logger, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                             callbacks=[callback], log_every_n_steps=1)
-        trainer.fit(Net(), torch.utils.data.DataLoader(data, batch_size=8))
+        logger = lit.pl.loggers.CSVLogger(tmp_path, name=fit)
+        trainer = lit.pl.Trainer(max_steps=10, accelerator="cpu", logger=logger, enable_checkpointing=False,
+                                 enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                                 callbacks=[callback], log_every_n_steps=1)
+        trainer.fit(lit.Net(), torch.utils.data.DataLoader(data, batch_size=8))
         with open(logger.log_dir + "/metrics.csv") as fh:
-            logged = {int(r["step"]) for r in csv.DictReader(fh) if r.get(GRAD_METRIC + "fc1")}
+            logged = {int(r["step"]) for r in csv.DictReader(fh) if r.get(lit.GRAD_METRIC + "fc1")}
         assert sorted(logged) == list(range(10)), fit
         assert list(gw.read_run(tmp_path / "gradwatch").steps) == list(range(10)), fit
 
 
-def test_bad_arguments_are_clear_errors_when_the_callback_is_made(tmp_path):
+def test_bad_arguments_are_clear_errors_when_the_callback_is_made(lit, tmp_path):
     """Before, `out=123` was a TypeError and a bad `every` waited for fit; a run directory under a
     file was a raw NotADirectoryError from inside the first flush."""
     with pytest.raises(gw.ConfigError, match="out=123: expected a directory path"):
-        GradwatchCallback(123)
+        lit.GradwatchCallback(123)
     with pytest.raises(gw.ConfigError, match="flush_every=0"):
-        GradwatchCallback(flush_every=0)
+        lit.GradwatchCallback(flush_every=0)
     (tmp_path / "afile").write_text("x")
-    callback = GradwatchCallback(tmp_path / "afile" / "run")
+    callback = lit.GradwatchCallback(tmp_path / "afile" / "run")
     model = nn.Linear(2, 1)
     with pytest.raises(gw.ConfigError, match="cannot write to the run directory"):
         callback.recorder.start(model, torch.optim.SGD(model.parameters(), lr=0.1), tmp_path, "lightning")
 
 
-def test_a_rank_that_does_not_write_leaves_the_run_directory_alone(tmp_path):
+def test_a_rank_that_does_not_write_leaves_the_run_directory_alone(lit, tmp_path):
     """Under DDP every rank started the callback on the same directory: rank 1 cleared the store
     rank 0 had begun, and the two ranks' write probes raced (rank 1 died with FileNotFoundError on
     one CI run). Only the writing rank prepares the directory now."""
     (tmp_path / "gradwatch.sqlite").write_text("rank 0's store")
     model = nn.Linear(2, 1)
-    callback = GradwatchCallback(tmp_path)
+    callback = lit.GradwatchCallback(tmp_path)
     callback.recorder.start(model, torch.optim.SGD(model.parameters(), lr=0.1), tmp_path, "lightning", writer=False)
     callback.recorder.watch.detach()
     assert (tmp_path / "gradwatch.sqlite").read_text() == "rank 0's store"
@@ -153,59 +129,18 @@ def test_under_ddp_the_store_holds_the_averaged_gradients(tmp_path):
         np.testing.assert_allclose(ours, [step[name] for step in applied], rtol=1e-5)
 
 
-class GAN(pl.LightningModule):
-    """Lightning's manual-optimization GAN pattern (toggle_optimizer around each loss), with the
-    gradients of 2 batches accumulated before each pair of steps."""
-
-    def __init__(self, accumulate: int = 2):
-        super().__init__()
-        self.automatic_optimization = False
-        self.accumulate = accumulate
-        self.G = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8))
-        self.D = nn.Sequential(nn.Linear(8, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1))
-        self.g_norms: list[dict[str, float]] = []
-        self.g_losses: list[float] = []
-        self._window: list[torch.Tensor] = []
-
-    def training_step(self, batch, i):
-        opt_g, opt_d = self.optimizers()
-        real, bce = batch[0], nn.functional.binary_cross_entropy_with_logits
-        ones, zeros = torch.ones(len(real), 1), torch.zeros(len(real), 1)
-        self.toggle_optimizer(opt_g)
-        fake = self.G(torch.randn(len(real), 4))
-        g_loss = bce(self.D(fake), ones)
-        self.manual_backward(g_loss / self.accumulate)
-        self.untoggle_optimizer(opt_g)
-        self.toggle_optimizer(opt_d)
-        d_loss = (bce(self.D(real), ones) + bce(self.D(fake.detach()), zeros)) / 2
-        self.manual_backward(d_loss / self.accumulate)
-        self.untoggle_optimizer(opt_d)
-        self._window.append(g_loss.detach())
-        if (i + 1) % self.accumulate == 0:
-            self.g_norms.append({f"G.{k}": float(torch.cat([p.grad.flatten() for p in self.G[k].parameters()]).norm())
-                                 for k in (0, 2)})
-            self.g_losses.append(float(torch.stack(self._window).mean()))
-            self._window = []
-            for opt in (opt_g, opt_d):
-                opt.step()
-                opt.zero_grad()
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.G.parameters(), 2e-3), torch.optim.Adam(self.D.parameters(), 2e-3)
-
-
-def test_a_gan_records_the_generator_steps_gradients_and_loss(tmp_path):
+def test_a_gan_records_the_generator_steps_gradients_and_loss(lit, tmp_path):
     """Before, the discriminator's backward (the generator's weights toggled off, requires_grad
     False) made the watch drop the generator's gradients: G's layers had no grad_norm at all, and
     the loss was the discriminator's last micro-batch (0.377 against the generator's 0.676). A
     backward while the watched optimizer is toggled off is another optimizer's now."""
     torch.manual_seed(0)
-    gan = GAN()
+    gan = lit.GAN()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(96, 8) + 2), batch_size=8)
     with pytest.warns(UserWarning, match="2 optimizers; watching the first only"):
-        trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                             callbacks=[GradwatchCallback(flush_every=4, sample_every=2)])
+        trainer = lit.pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                                 enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                                 callbacks=[lit.GradwatchCallback(flush_every=4, sample_every=2)])
         trainer.fit(gan, loader)
     run = gw.read_run(tmp_path / "gradwatch")
     assert len(run.steps) == len(gan.g_norms) == 6
@@ -215,35 +150,16 @@ def test_a_gan_records_the_generator_steps_gradients_and_loss(tmp_path):
     np.testing.assert_allclose(run.loss, gan.g_losses, rtol=1e-5)
 
 
-class Accumulating(Net):
-    """Net that keeps each step's micro-batch losses and the norms the optimizer is given."""
-
-    def __init__(self):
-        super().__init__()
-        self.micro: list[float] = []
-        self.step_losses: list[float] = []
-
-    def training_step(self, batch, i):
-        loss = super().training_step(batch, i)
-        self.micro.append(float(loss.detach()))
-        return loss
-
-    def on_before_optimizer_step(self, optimizer):
-        super().on_before_optimizer_step(optimizer)
-        self.step_losses.append(float(np.mean(self.micro)))
-        self.micro = []
-
-
-def test_accumulated_steps_record_the_mean_micro_batch_loss_also_at_an_epochs_short_last_step(tmp_path):
+def test_accumulated_steps_record_the_mean_micro_batch_loss_also_at_an_epochs_short_last_step(lit, tmp_path):
     """10 batches per epoch, accumulate_grad_batches=4: each epoch ends on a step of 2 micro-batches,
     which Lightning still divides by 4. Before, that step's loss was the sum of what backward saw,
     half the mean here (a quarter with 1 micro-batch: 0.289 against 1.157); now it is the mean."""
     torch.manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(80, 8), torch.randn(80, 1))
-    net = Accumulating()
-    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", accumulate_grad_batches=4, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=tmp_path, callbacks=[GradwatchCallback(flush_every=4, sample_every=3)])
+    net = lit.Accumulating()
+    trainer = lit.pl.Trainer(max_epochs=2, accelerator="cpu", accumulate_grad_batches=4, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             default_root_dir=tmp_path, callbacks=[lit.GradwatchCallback(flush_every=4, sample_every=3)])
     trainer.fit(net, torch.utils.data.DataLoader(data, batch_size=8))
     run = gw.read_run(tmp_path / "gradwatch")
     assert trainer.global_step == len(run.steps) == len(net.step_losses) == 6
@@ -252,27 +168,27 @@ def test_accumulated_steps_record_the_mean_micro_batch_loss_also_at_an_epochs_sh
     np.testing.assert_allclose(ours, [step["fc1"] for step in net.preclip], rtol=1e-5)
 
 
-def _fit(tmp_path, callback, max_steps, net=None, **fit):
+def _fit(lit, tmp_path, callback, max_steps, net=None, **fit):
     """A fit of Net on 10 batches an epoch, logging to CSV, checkpointing at each epoch's end."""
     torch.manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(80, 8), torch.randn(80, 1))
-    trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", logger=pl.loggers.CSVLogger(tmp_path, name="logs"),
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                         callbacks=[callback], log_every_n_steps=1)
-    trainer.fit(net or Net(), torch.utils.data.DataLoader(data, batch_size=8), **fit)
+    trainer = lit.pl.Trainer(max_steps=max_steps, accelerator="cpu", logger=lit.pl.loggers.CSVLogger(tmp_path, name="logs"),
+                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                             callbacks=[callback], log_every_n_steps=1)
+    trainer.fit(net or lit.Net(), torch.utils.data.DataLoader(data, batch_size=8), **fit)
     return trainer
 
 
-def _logged_steps(trainer) -> list[int]:
+def _logged_steps(lit, trainer) -> list[int]:
     with open(trainer.logger.log_dir + "/metrics.csv") as fh:
-        return sorted(int(r["step"]) for r in csv.DictReader(fh) if r.get(GRAD_METRIC + "fc1"))
+        return sorted(int(r["step"]) for r in csv.DictReader(fh) if r.get(lit.GRAD_METRIC + "fc1"))
 
 
-def test_a_second_fit_of_the_same_trainer_continues_the_run(tmp_path):
+def test_a_second_fit_of_the_same_trainer_continues_the_run(lit, tmp_path):
     """Before, the second fit (global steps 10-19) was recorded as steps 0-9, replacing the first
     fit's store, and the logger got two points at each of steps 0-9. Now it continues the run."""
-    callback, net = GradwatchCallback(flush_every=4, sample_every=5), Net()
-    trainer = _fit(tmp_path, callback, 10, net)
+    callback, net = lit.GradwatchCallback(flush_every=4, sample_every=5), lit.Net()
+    trainer = _fit(lit, tmp_path, callback, 10, net)
     first = gw.read_run(tmp_path / "gradwatch")
     trainer.fit_loop.epoch_loop.max_steps = 20
     trainer.fit(net, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(80, 8),
@@ -282,17 +198,17 @@ def test_a_second_fit_of_the_same_trainer_continues_the_run(tmp_path):
     np.testing.assert_array_equal(run.series("fc1", "grad_norm")[1][:10], first.series("fc1", "grad_norm")[1])
     _, norms = run.series("fc2", "grad_norm")
     np.testing.assert_allclose(norms[10:], [step["fc2"] for step in net.preclip[10:]], rtol=1e-5)
-    assert _logged_steps(trainer) == list(range(20))  # each step once
+    assert _logged_steps(lit, trainer) == list(range(20))  # each step once
 
 
-def test_a_fit_resumed_from_a_checkpoint_continues_the_run(tmp_path):
+def test_a_fit_resumed_from_a_checkpoint_continues_the_run(lit, tmp_path):
     """Before, `fit(ckpt_path=...)` at global step 10 recorded steps 0-4 and deleted the first
     fit's store. Now its steps are 10-14, after the first fit's 0-9."""
-    _fit(tmp_path, GradwatchCallback(flush_every=4, sample_every=5), 10)
+    _fit(lit, tmp_path, lit.GradwatchCallback(flush_every=4, sample_every=5), 10)
     first = gw.read_run(tmp_path / "gradwatch")
     ckpt = next(tmp_path.rglob("*.ckpt"))
-    net = Net()
-    _fit(tmp_path, GradwatchCallback(flush_every=4, sample_every=5), 15, net, ckpt_path=ckpt)
+    net = lit.Net()
+    _fit(lit, tmp_path, lit.GradwatchCallback(flush_every=4, sample_every=5), 15, net, ckpt_path=ckpt)
     run = gw.read_run(tmp_path / "gradwatch")
     assert list(run.steps) == list(range(15))
     np.testing.assert_array_equal(run.loss[:10], first.loss)
@@ -300,13 +216,13 @@ def test_a_fit_resumed_from_a_checkpoint_continues_the_run(tmp_path):
     np.testing.assert_allclose(norms[10:], [step["fc1"] for step in net.preclip], rtol=1e-5)
 
 
-def _fit_gan(tmp_path, callback, max_epochs, gan, trainer=None, **fit):
+def _fit_gan(lit, tmp_path, callback, max_epochs, gan, trainer=None, **fit):
     """A GAN fit of 6 generator steps an epoch (global_step counts both optimizers' steps: 12)."""
     torch.manual_seed(0)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(96, 8) + 2), batch_size=8)
     if trainer is None:
-        trainer = pl.Trainer(max_epochs=max_epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
-                             enable_model_summary=False, default_root_dir=tmp_path, callbacks=[callback])
+        trainer = lit.pl.Trainer(max_epochs=max_epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+                                 enable_model_summary=False, default_root_dir=tmp_path, callbacks=[callback])
     else:
         trainer.fit_loop.max_epochs = max_epochs
     with pytest.warns(UserWarning, match="2 optimizers"):
@@ -315,22 +231,22 @@ def _fit_gan(tmp_path, callback, max_epochs, gan, trainer=None, **fit):
 
 
 @pytest.mark.parametrize("how", ["second_fit", "checkpoint"])
-def test_two_optimizers_continue_at_the_watched_optimizers_step(tmp_path, how):
+def test_two_optimizers_continue_at_the_watched_optimizers_step(lit, tmp_path, how):
     """Before, a second fit (or a resume from a checkpoint) of a two-optimizer module started at
     trainer.global_step, which counts both optimizers' steps: the store held steps 0-5 then
     12-17, a gap of 6 steps that never happened. Now the watched steps continue: 0-11."""
-    trainer = _fit_gan(tmp_path, GradwatchCallback(flush_every=4), 1, GAN())
+    trainer = _fit_gan(lit, tmp_path, lit.GradwatchCallback(flush_every=4), 1, lit.GAN())
     assert trainer.global_step == 12
     first = gw.read_run(tmp_path / "gradwatch")
     assert list(first.steps) == list(range(6))
-    gan = GAN()
+    gan = lit.GAN()
     if how == "second_fit":
         gan = trainer.lightning_module
         gan.g_norms = []
-        _fit_gan(tmp_path, None, 2, gan, trainer)
+        _fit_gan(lit, tmp_path, None, 2, gan, trainer)
     else:  # a new callback and trainer: the watched step comes from the checkpoint
         gan.load_state_dict(trainer.lightning_module.state_dict())
-        _fit_gan(tmp_path, GradwatchCallback(flush_every=4), 2, gan, ckpt_path=next(tmp_path.rglob("*.ckpt")))
+        _fit_gan(lit, tmp_path, lit.GradwatchCallback(flush_every=4), 2, gan, ckpt_path=next(tmp_path.rglob("*.ckpt")))
     run = gw.read_run(tmp_path / "gradwatch")
     assert list(run.steps) == list(range(12))
     np.testing.assert_array_equal(run.loss[:6], first.loss)
@@ -338,34 +254,27 @@ def test_two_optimizers_continue_at_the_watched_optimizers_step(tmp_path, how):
     np.testing.assert_allclose(ours[6:], [step["G.0"] for step in gan.g_norms], rtol=1e-5)
 
 
-def test_every_logger_of_the_trainer_gets_the_norms_and_the_findings(tmp_path):
+def test_every_logger_of_the_trainer_gets_the_norms_and_the_findings(lit, tmp_path):
     """With `logger=[TensorBoardLogger, CSVLogger]` Lightning's own `self.log` goes to both, and the
     callback's metrics went to `trainer.logger`, the first one only: the CSV file had none."""
     torch.manual_seed(0)
     x = torch.randn(80, 8)
     x[45, 0] = float("nan")  # batch 5: a non_finite finding to count
     data = torch.utils.data.TensorDataset(x, torch.randn(80, 1))
-    loggers = [pl.loggers.CSVLogger(tmp_path, name="first"), pl.loggers.CSVLogger(tmp_path, name="second")]
-    trainer = pl.Trainer(max_steps=10, accelerator="cpu", logger=loggers, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                         callbacks=[GradwatchCallback(flush_every=4)], log_every_n_steps=1)
+    loggers = [lit.pl.loggers.CSVLogger(tmp_path, name="first"), lit.pl.loggers.CSVLogger(tmp_path, name="second")]
+    trainer = lit.pl.Trainer(max_steps=10, accelerator="cpu", logger=loggers, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                             callbacks=[lit.GradwatchCallback(flush_every=4)], log_every_n_steps=1)
     with pytest.warns(UserWarning, match="non_finite"):
-        trainer.fit(Net(), torch.utils.data.DataLoader(data, batch_size=8))
+        trainer.fit(lit.Net(), torch.utils.data.DataLoader(data, batch_size=8))
     for logger in loggers:
         with open(logger.log_dir + "/metrics.csv") as fh:
             rows = list(csv.DictReader(fh))
-        assert sorted(int(r["step"]) for r in rows if r.get(GRAD_METRIC + "fc1")) == list(range(10)), logger.name
+        assert sorted(int(r["step"]) for r in rows if r.get(lit.GRAD_METRIC + "fc1")) == list(range(10)), logger.name
         assert [(int(r["step"]), float(r["gradwatch/findings"])) for r in rows if r.get("gradwatch/findings")] == [(5, 1)]
 
 
-class FailingNet(Net):
-    def training_step(self, batch, i):
-        if self.global_step == 7:
-            raise ValueError("bad batch at step 7")
-        return super().training_step(batch, i)
-
-
-def test_a_fit_that_raises_leaves_a_run_said_to_be_partial(tmp_path):
+def test_a_fit_that_raises_leaves_a_run_said_to_be_partial(lit, tmp_path):
     """Lightning calls on_exception: the store kept every step until then, but read as a finished
     run; it now says what the training stopped on."""
     from gradwatch.store import partial_note
@@ -373,11 +282,11 @@ def test_a_fit_that_raises_leaves_a_run_said_to_be_partial(tmp_path):
     torch.manual_seed(0)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(160, 8), torch.randn(160, 1)),
                                          batch_size=8)
-    trainer = pl.Trainer(max_steps=20, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                         callbacks=[GradwatchCallback(flush_every=5)])
+    trainer = lit.pl.Trainer(max_steps=20, accelerator="cpu", logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                             callbacks=[lit.GradwatchCallback(flush_every=5)])
     with pytest.raises(ValueError, match="bad batch"):
-        trainer.fit(FailingNet(), loader)
+        trainer.fit(lit.FailingNet(), loader)
     run = gw.read_run(tmp_path / "gradwatch")
     assert list(run.steps) == list(range(7))
     assert partial_note(run) == ("the training stopped on an error at step 6 (ValueError: bad batch at step 7); "
@@ -387,9 +296,9 @@ def test_a_fit_that_raises_leaves_a_run_said_to_be_partial(tmp_path):
 @pytest.mark.parametrize("kwargs, said", [({}, None), ({"gradient_clip_val": 0.5}, "the total norm to 0.5 (gradient_clip_val)"),
                                           ({"gradient_clip_val": 2, "gradient_clip_algorithm": "value"},
                                            "each entry to ±2 (gradient_clip_val)")])
-def test_the_trainers_clipping_is_said_as_set(kwargs, said):
+def test_the_trainers_clipping_is_said_as_set(lit, kwargs, said):
     from gradwatch.integrations.lightning import _clipping
 
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, **kwargs)
+    trainer = lit.pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, **kwargs)
     assert _clipping(trainer) == said
