@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import errno
 import html
+import importlib.util
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,7 +26,8 @@ from gradwatch.lab.page import write
 from gradwatch.lab.train import FirstWeightGradients, train
 from gradwatch.runner import output_dir
 
-pytest.importorskip("sklearn")
+# (a marker, not importorskip: importing scikit-learn took every pytest worker 1.4 s as it collected)
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("sklearn") is None, reason="scikit-learn not installed")
 _CACHE: dict[str, Result] = {}
 _AXES: dict[str, list[tuple[str, str, str]]] = {}  # (title, x label, y label) of every saved figure's axes
 
