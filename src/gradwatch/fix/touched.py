@@ -85,7 +85,7 @@ def written_by_others(root: Path) -> set[tuple[int, int]]:
         if entry.name.isdigit():
             with contextlib.suppress(OSError, IndexError, ValueError):
                 parents[int(entry.name)] = int(Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[1])
-    prefix, found = str(root.resolve()) + os.sep, set()
+    prefix, found = os.path.join(str(root.resolve()), ""), set()  # ("/" itself: "/", not "//")
     for pid in parents:
         if _descends(pid, me, parents):
             continue
