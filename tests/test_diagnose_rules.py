@@ -1442,3 +1442,24 @@ def test_first_activations_far_from_unit_scale_put_the_inputs_scale_first():
     run.metrics["act_std"][0, run.column("act0")] = 1.2  # inputs at unit scale: not said
     f = next(f for f in diagnose(run) if f.kind == "exploding_gradient")
     assert not any(c.startswith("input scale") for c in f.causes)
+
+
+def test_lowest_over_highest_per_row_is_the_definition_row_by_row():
+    """The vanishing and stalled rules' ratio, taken over all sampled rows at once, against its
+    definition written for one row: NaN, inf, negative and zero entries, rows with one value or none."""
+    from gradwatch.diagnose.signals import lowest_over_highest
+
+    def one_row(row):
+        v = row[np.isfinite(row) & (row >= 0)]
+        above = v[1:][v[1:] > 0]
+        return v[0] / above.max() if len(v) >= 2 and len(above) else np.nan
+
+    rng = np.random.default_rng(0)
+    values = rng.choice([0.0, -1.0, np.nan, np.inf, 1e-7, 0.3, 2.0, 5.0], size=(4000, 5))
+    values[:10] = np.nan  # no value at all
+    values[10:20, 1:] = np.nan  # the lowest layer's only
+    expected = np.array([one_row(r) for r in values])
+    got = lowest_over_highest(values)
+    np.testing.assert_array_equal(got, expected)
+    assert np.isnan(got).any() and (got == 0).any() and np.isfinite(got).sum() > 1000
+    assert np.isnan(lowest_over_highest(values[:, :1])).all() and lowest_over_highest(values[:0]).shape == (0,)

@@ -75,7 +75,7 @@ def find_stalled(run: RunSeries, th: Thresholds) -> list[Finding]:
     # (a tester's body at lr 0 for 150 steps, then 1e-4, was 'stalled since step 150', 0.99x the head's)
     with np.errstate(divide="ignore", invalid="ignore"):
         u_per_lr = np.where((per_lr > 0) & (u != 0), u / per_lr, np.nan)
-    ratios = np.array([lowest_over_highest(r[live]) for r in u_per_lr]) if len(live) >= 2 else np.empty(0)
+    ratios = lowest_over_highest(u_per_lr[:, live]) if len(live) >= 2 else np.empty(0)
     start = persistent_start(ratios < th.stalled_ratio, th.persist_samples)
     if start is None:
         return findings

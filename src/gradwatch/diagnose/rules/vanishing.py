@@ -23,7 +23,7 @@ def _ratios(run: RunSeries, quantity: str, th: Thresholds, hidden: bool, min_lay
     same = set(same_role_columns(run, cols))
     keep = [i for i, c in enumerate(cols) if c in same]
     values, cols = values[:, keep], [cols[i] for i in keep]
-    return rows, np.array([lowest_over_highest(v) for v in values]), values, cols
+    return rows, lowest_over_highest(values), values, cols
 
 
 def find_vanishing(run: RunSeries, th: Thresholds) -> list[Finding]:
