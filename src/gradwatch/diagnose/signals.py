@@ -355,13 +355,12 @@ def lowest_over_highest(values: np.ndarray) -> np.ndarray:
     if v.shape[1] < 2:
         return np.full(len(v), np.nan)
     valid = np.isfinite(v) & (v >= 0)
-    has = valid.any(axis=1)
-    first = np.argmax(valid, axis=1)  # the lowest layer with a value
+    first = np.argmax(valid, axis=1)  # the lowest layer with a value (0 in a row with none: no entry above it)
     lowest = v[np.arange(len(v)), first]
     above = valid & (v > 0) & (np.arange(v.shape[1]) > first[:, None])
     highest = np.where(above, v, -np.inf).max(axis=1, initial=-np.inf)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(has & above.any(axis=1), lowest / highest, np.nan)
+        return np.where(above.any(axis=1), lowest / highest, np.nan)
 
 
 def depth_profile(run: RunSeries, quantity: str, hidden_only: bool = False) -> tuple[np.ndarray, np.ndarray, list[int]]:

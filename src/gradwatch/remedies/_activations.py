@@ -296,9 +296,6 @@ def reaching_output(model: nn.Module, example_input: Any, layers: tuple, kinds: 
     outputs: dict[int, tuple[str, weakref.ref]] = {}
     returned: list[Any] = []
 
-    def pre(name: str) -> Callable:
-        return lambda module, args: None
-
     def post(name: str) -> Callable:
         def hook(module: nn.Module, args: Any, out: Any) -> None:
             if isinstance(module, kinds):
@@ -311,7 +308,7 @@ def reaching_output(model: nn.Module, example_input: Any, layers: tuple, kinds: 
 
     handle = model.register_forward_hook(lambda module, args, out: returned.append(out))
     try:
-        with _leaf_hooks(model, pre, post), _Reaching(flow, tuple(functions), outputs):
+        with _leaf_hooks(model, None, post), _Reaching(flow, tuple(functions), outputs):
             forward_once(model, example_input)
     finally:
         handle.remove()
@@ -319,13 +316,15 @@ def reaching_output(model: nn.Module, example_input: Any, layers: tuple, kinds: 
 
 
 @contextlib.contextmanager
-def _leaf_hooks(model: nn.Module, pre: Callable[[str], Callable], post: Callable[[str], Callable]) -> Iterator[None]:
-    """A forward pre-hook `pre(name)` and a forward hook `post(name)` on each leaf module, removed
-    on leaving, whatever the forward raised."""
+def _leaf_hooks(model: nn.Module, pre: Callable[[str], Callable] | None,
+                post: Callable[[str], Callable]) -> Iterator[None]:
+    """A forward pre-hook `pre(name)` (unless None) and a forward hook `post(name)` on each leaf
+    module, removed on leaving, whatever the forward raised."""
     handles = []
     try:
         for name, m in _leaves(model):
-            handles.append(m.register_forward_pre_hook(pre(name)))
+            if pre is not None:
+                handles.append(m.register_forward_pre_hook(pre(name)))
             handles.append(m.register_forward_hook(post(name)))
         yield
     finally:
