@@ -1261,6 +1261,19 @@ def test_a_best_trial_still_on_the_loss_scale_the_baseline_started_at_is_told_to
     assert "still ends at" not in console.export_text()
 
 
+def test_the_full_trials_are_said_to_run_as_long_as_a_script_that_ends_before_the_budget():
+    from rich.console import Console
+
+    from gradwatch.cli.fix_cmd import print_result
+
+    base = Trial(Candidate("baseline (no change)"), None, 0, 1.0, steps=90, final_loss=2.0, final_error=0.01)
+    adam = Trial(Candidate("Adam (lr 1e-3)", {"optimizer": "adam"}), None, 0, 1.0, steps=90, final_loss=0.5,
+                 final_error=0.01)
+    console = Console(record=True, width=300)
+    print_result(FixResult(base, [adam], budget_steps=100), console)
+    assert "gradwatch fix: 1 full trial of 90 steps" in console.export_text()
+
+
 def test_a_winner_whose_loss_barely_fell_is_not_said_to_repair_the_run():
     """A tester's RNN: orthogonal W_hh took the vanishing away and ended at 0.6887 from 0.6935,
     chance being 0.693 (61% accuracy), printed as "repairs the run"."""

@@ -209,11 +209,11 @@ def test_the_printed_norm_change_names_the_module_the_trial_changed_and_trains_a
     run = Context(RunSeries(layers, np.arange(3), np.ones(3), np.full(3, 0.1), {}, meta={"optimizer": "SGD"}))
     names = read_names(script, run)
     code = norm("batch", names).code
-    assert code.startswith("model, _ = gw.modify.insert_norm(model, 'batch')")
+    assert code.startswith("model, _ = gw.modify.insert_norm(model, 'batch', example_input=batch)")
     trial: dict = {}
     run_trial_in_process(lambda: exec(script, trial), tmp_path / "t", norm("batch"), 100)
     pasted: dict = {"gw": gw}
-    exec(script.replace("# CHANGE", code), pasted)
+    exec(script.replace("# CHANGE", code.replace("example_input=batch", "example_input=torch.zeros(2, 8)")), pasted)
     assert trial["losses"] == pasted["losses"]
     for (n, a), (_, b) in zip(trial["model"].named_parameters(), pasted["model"].named_parameters()):
         assert torch.equal(a, b), n
@@ -303,3 +303,26 @@ def test_a_swap_that_only_removes_parameters_leaves_the_optimizer_as_the_printed
         m, nn.PReLU, lambda: nn.LeakyReLU(0.01))[0], steps=3, shape=(8, 4))
     assert len(list(trial.parameters())) == 4
     _same_parameters(trial, pasted)
+
+
+class _OutputFirst(nn.Module):
+    """The output layer registered before the hidden ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.out = nn.Linear(8, 3)
+        self.inp, self.hidden = nn.Linear(4, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.hidden(torch.relu(self.inp(x)))))
+
+
+def test_the_norm_trial_leaves_the_output_layer_the_batch_reaches_last():
+    """A tester's winning "BatchNorm after each layer" trained with a norm on the logits and none
+    after the first layer (registration order): the trial's first batch shows the output layer."""
+    from gradwatch.fix.inject import apply_to_model
+
+    model = _OutputFirst()
+    assert apply_to_model(model, norm("batch").spec, example_input=torch.randn(5, 4)) == ""
+    assert type(model.out) is nn.Linear
+    assert all("BatchNorm" in type(getattr(model, n)[1]).__name__ for n in ("inp", "hidden"))

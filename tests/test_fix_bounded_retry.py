@@ -91,7 +91,7 @@ def test_a_change_that_adds_parameters_is_printed_before_the_optimizer_that_must
 
     for a, b in ((ADAM, BN), (BN, ADAM)):
         model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
-        scope = {"gw": gw, "torch": torch, "nn": nn, "model": model,
+        scope = {"gw": gw, "torch": torch, "nn": nn, "model": model, "batch": torch.zeros(2, 4),
                  "optimizer": torch.optim.SGD(model.parameters(), lr=0.1)}
         exec(combine(a, b).code, scope)
         held = {id(p) for g in scope["optimizer"].param_groups for p in g["params"]}

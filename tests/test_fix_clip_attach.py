@@ -31,7 +31,7 @@ def _trained(train, spec: dict, pasted: str | None) -> torch.Tensor:
 
     def built(opt):
         if pasted:
-            exec(pasted, {"gw": gw, "torch": torch, "optimizer": opt, "model": model})
+            exec(pasted, {"gw": gw, "torch": torch, "optimizer": opt, "model": model, "batch": _batch(0)[0]})
 
     injector = Injector(spec, max_steps=None)
     injector.install_late()

@@ -164,7 +164,7 @@ def test_a_model_change_goes_to_the_model_the_findings_name(tmp_path):
     assert findings_model([Finding("exploding_gradient", "error", 0, ("2",), "m", {})], names) is None  # the first
     aimed_names = names.aimed_at("disc")
     cand = aimed(norm("batch", aimed_names), "disc")
-    assert cand.spec["target"] == "disc" and "disc, _ = gw.modify.insert_norm(disc, 'batch')" in cand.code
+    assert cand.spec["target"] == "disc" and "disc, _ = gw.modify.insert_norm(disc, 'batch', example_input=batch)" in cand.code
     assert "# disc only: the model the findings name" in aimed_names.complete(cand.code)
 
     built: dict = {}

@@ -262,6 +262,26 @@ def test_no_rung_where_trials_cannot_pause(tmp_path):
     assert result.rung_steps == 0 and [steps for _, steps, _ in ran] == [50, 50, 50]
 
 
+def test_a_first_trial_that_could_not_pause_is_said_to_run_again(tmp_path):
+    """A tester read "screening 1/4 (12 steps)" of a trial that ran 25: it could not pause at the
+    rung, so it ran again to the screening's length, and so did every remedy after it, unsaid."""
+    cands = [clip_norm(1.0), clip_value(1.0)]
+    paused_trial, ran = _screened({c.name: 10.0 for c in cands})
+
+    def trial(name, cand, steps, pause=False, paused=None):
+        t = paused_trial(name, cand, steps, pause, paused)
+        t.process = None  # (it wrote files: pause.py lets it run to its end)
+        return t
+    result = fix_module.FixResult(Trial(BASELINE, Path("b"), 0, 1.0, steps=200), [], budget_steps=200,
+                                  screen_steps=50)
+    said: list[str] = []
+    fix_module._screen(trial, lambda t: None, list(cands), result, 0, False, said.append, tmp_path)
+    assert [steps for _, steps, _ in ran] == [25, 50, 50] and result.rung_steps == 0
+    assert said[0] == f"gradwatch fix: screening 1/2 (25 steps): {cands[0].name}"
+    assert said[1].startswith(f"gradwatch fix: screening {cands[0].name}: again from its start, to 50 steps")
+    assert said[2] == f"gradwatch fix: screening 2/2 (50 steps): {cands[1].name}" and len(said) == 3
+
+
 def test_a_run_on_trials_pace_counts_only_the_steps_since_it_went_on(tmp_path):
     from gradwatch.fix.trial import _how_far
 

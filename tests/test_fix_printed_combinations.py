@@ -128,7 +128,7 @@ def test_several_optimizers_each_get_the_norms_of_the_layers_they_train():
     gen, disc = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 2)), nn.Sequential(
         nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1))
     opt_g, opt_d = torch.optim.SGD(gen.parameters(), lr=0.1), torch.optim.SGD(disc.parameters(), lr=0.1)
-    scope = {"gw": gw, "torch": torch, "gen": gen, "disc": disc, "opt_g": opt_g, "opt_d": opt_d}
+    scope = {"gw": gw, "torch": torch, "gen": gen, "disc": disc, "opt_g": opt_g, "opt_d": opt_d, "batch": torch.zeros(2, 2)}
     exec(code, scope)
     norm_ids = {id(p) for m in scope["disc"].modules() if isinstance(m, nn.BatchNorm1d) for p in m.parameters()}
     assert len(norm_ids) == 2
@@ -151,7 +151,7 @@ def test_updates_by_hand_keep_the_change_before_training():
     code = C.combine(C.norm("batch", names), C.clip_norm(1.0, names)).code
     assert "optimizer" not in code and "before training: new parameters" in code
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
-    exec(code, {"gw": gw, "torch": torch, "model": model})  # (the clip line, every step, runs once here)
+    exec(code, {"gw": gw, "torch": torch, "model": model, "batch": torch.zeros(2, 4)})  # (the clip line, every step, runs once here)
 
 
 RESUMES = """import os, torch, torch.nn as nn
@@ -159,6 +159,7 @@ import gradwatch as gw
 torch.manual_seed(0)
 net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
 opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+batch = torch.zeros(2, 4)
 #BEFORE THE LOAD
 if os.path.exists("ckpt.pt"):
     ck = torch.load("ckpt.pt")

@@ -275,7 +275,7 @@ def test_the_model_is_named_when_the_optimizer_takes_it_in_parts():
     code = names.complete(norm("batch", names).code)
     assert "not found" not in code
     ns: dict = {}
-    exec(PARTS.replace("optim = ", code + "\noptim = "), ns)
+    exec(PARTS.replace("optim = ", "batch = torch.zeros(2, 4)\n" + code + "\noptim = "), ns)
     assert any(isinstance(m, nn.BatchNorm1d) for m in ns["net"].modules())
     # parts of a module the loop never calls (two models' parts, a wrapper): which one trains is unclear
     assert read_names(PARTS.replace("net(x)", "other(x)")).model == "model"

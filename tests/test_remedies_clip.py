@@ -365,6 +365,7 @@ def test_attach_zclip_reports_norm():
     (lambda: clip.ZClip(alpha=0), "alpha=0"),
     (lambda: clip.ZClip(z_thresh=float("nan")), "z_thresh=nan"),
     (lambda: clip.ZClip(warmup_steps=0), "warmup_steps=0"),
+    (lambda: clip.ZClip(eps=-1), "eps=-1 must be a finite number > 0; pass e.g. ZClip(eps=1e-6"),
     (lambda: clip.ZClip(mode="median"), "mode='median'"),
     (lambda: clip.ClipNorm(1.0, norm_type="fro"), "norm_type='fro'"),
     (lambda: clip.ClipNorm(1.0, norm_type=-3), "norm_type=-3"),

@@ -54,6 +54,36 @@ def test_insert_norm_says_plainly_why_nothing_changed():
     assert not change and "but the last, '0' (skip_last=True keeps the output layer" in str(change)
 
 
+class _HeadFirst(nn.Module):
+    """The output layer declared before the hidden ones, and a second head: registration order
+    takes `out` for the last layer to run and `fc2` for the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.out = nn.Linear(8, 3)
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 8)
+        self.value = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 1))
+
+    def forward(self, x):
+        h = torch.relu(self.fc2(torch.relu(self.fc1(x))))
+        return self.out(h).flatten(1), self.value(h) * 2
+
+
+def test_insert_norm_keeps_every_output_layer_the_forward_pass_shows():
+    """A tester's model with the output layer declared first got a BatchNorm on its logits and none
+    after its last hidden layer: with an example batch, the layers whose output reaches the model's
+    output through no other Linear are the output layers, every head's."""
+    x = torch.randn(5, 4)
+    model, change = insert_norm(_HeadFirst(), "batch", example_input=x)
+    assert change.modules == ["fc1", "fc2", "value.0"]
+    assert type(model.out) is nn.Linear and [type(m).__name__ for m in model.value][2:] == ["ReLU", "Linear"]
+    assert "BatchNorm" in type(model.value[1]).__name__ and "BatchNorm" in type(model.fc2[1]).__name__
+    unseen, change = insert_norm(_HeadFirst(), "batch")  # registration order: the last registered kept
+    assert change.modules == ["out", "fc1", "fc2", "value.0"]
+    change = insert_norm(nn.Sequential(nn.Linear(3, 2)), example_input=torch.randn(2, 3))[1]
+    assert not change and "but the output layer, '0' (skip_last=True" in str(change)
+
+
 def test_swap_reaches_every_place_of_a_shared_activation():
     act = nn.Sigmoid()
     model = nn.Sequential(nn.Linear(4, 4), act, nn.Linear(4, 4), act, nn.Linear(4, 2))

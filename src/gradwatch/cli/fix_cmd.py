@@ -72,7 +72,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def print_result(result: FixResult, console: Console) -> None:
     from gradwatch.diagnose import DEFAULT
-    from gradwatch.fix import applied
+    from gradwatch.fix import applied, full_length
     from gradwatch.fix.touched import WRITTEN
 
     if result.screened:
@@ -88,7 +88,9 @@ def print_result(result: FixResult, console: Console) -> None:
             screen.add_row(t.candidate.name, _left(t), f"{t.final_loss:.4g}" + (f" at {t.steps}" if t.behind else ""))
         console.print(screen)
     n = len(result.trials)
-    table = Table(title=f"gradwatch fix: {n} full trial{'s' * (n != 1)} of {result.budget_steps} steps" if n else
+    # (the script's own length where it ends before the budget: a tester's 90-step script read "of 100 steps")
+    length = full_length(result.baseline, result.budget_steps)
+    table = Table(title=f"gradwatch fix: {n} full trial{'s' * (n != 1)} of {length} steps" if n else
                   f"gradwatch fix: the baseline, {result.baseline.steps} steps")
     for col in ("remedy", "harmful findings left", "final loss", "vs baseline"):
         table.add_column(col)

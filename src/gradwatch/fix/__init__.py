@@ -581,6 +581,8 @@ def _screen(trial: Callable[..., Trial], end: Callable[[Trial], None], queue: li
         if rung and t.cut and not paused:
             paused = t.process is not None
             if not paused:  # it could not pause (pause.py): no trial here would, each would run again
+                say(f"gradwatch fix: screening {cand.name}: again from its start, to {short} steps: it could not "
+                    f"pause at {rung} (it wrote files, or could not stay paused), so each remedy screens in one go")
                 rung = None
                 result.screened[-1] = _further(trial, result, t, t.run_dir.name, short, pause=True)
         keep_paused(result.screened, end, most if rung else PAUSED_MAX)

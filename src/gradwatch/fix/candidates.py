@@ -323,7 +323,7 @@ def swap_function(old: str, new: str = "LeakyReLU", names: Names = GENERIC) -> C
 
 def norm(kind: str, names: Names = GENERIC) -> Candidate:
     what, m = "BatchNorm" if kind == "batch" else "LayerNorm", names.changed
-    call = f"{m}, _ = gw.modify.insert_norm({m}, {kind!r}"
+    call = f"{m}, _ = gw.modify.insert_norm({m}, {kind!r}, example_input=batch"
     return _made(f"{what} after each layer", {"norm": kind}, Part(
         NORM, f"{call})  # {names.new_parameters}",
         _given(names, call, "each norm's parameters join the group of the layer it follows")))

@@ -79,7 +79,7 @@ def apply_to_model(model: nn.Module, spec: dict, example_input: Any = None) -> s
         if not change:
             return str(change)
     if spec.get("norm"):
-        remedies.insert_norm(model, spec["norm"])
+        remedies.insert_norm(model, spec["norm"], example_input=example_input)
     if spec.get("init"):
         remedies.init_(model, spec["init"], example_input=example_input)
     if spec.get("recurrent") == "gru":

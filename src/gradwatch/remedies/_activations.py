@@ -291,17 +291,18 @@ def reaching_output(model: nn.Module, example_input: Any, layers: tuple, kinds: 
     a call of `functions` took (`torch.sigmoid(self.fc(x))`), whose result reaches the model's output
     through no module of `layers`: the output's own activations, also a head's that another head
     runs after (a sigmoid probability head, then a linear value head), which the call order alone
-    takes for hidden. Through any other op (a flatten, a sum, a norm) the data is followed."""
+    takes for hidden. Through any other op (a flatten, a sum, a norm) the data is followed. A module
+    of `kinds` that is one of `layers` too is its output's only source (the output layers themselves)."""
     flow = _Flow()
     outputs: dict[int, tuple[str, weakref.ref]] = {}
     returned: list[Any] = []
 
     def post(name: str) -> Callable:
         def hook(module: nn.Module, args: Any, out: Any) -> None:
-            if isinstance(module, kinds):
+            if isinstance(module, layers):  # (one of `kinds` too, insert_norm's output layer: itself alone)
+                flow.mark(out, frozenset({name}) if isinstance(module, kinds) else frozenset())
+            elif isinstance(module, kinds):
                 flow.mark(out, flow.sources_of(args) | {name})
-            elif isinstance(module, layers):
-                flow.mark(out, frozenset())
             if functions and isinstance(out, torch.Tensor):
                 outputs[id(out)] = (name, weakref.ref(out))
         return hook

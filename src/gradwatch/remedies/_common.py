@@ -30,11 +30,12 @@ def _real(name: str, value: object, fix: str) -> float:
     return float(value)
 
 
-def positive_number(name: str, value: object, *, fix: str = "") -> float:
-    """`value` as a float if finite and > 0, else ConfigError naming it."""
-    v = _real(name, value, fix or "pass a finite number > 0")
+def positive_number(name: str, value: object, *, fix: str) -> float:
+    """`value` as a float if finite and > 0, else ConfigError naming it and `fix` (a value fit for
+    this argument: a generic 1.0 was told for ZClip's eps, whose default is 1e-6)."""
+    v = _real(name, value, fix)
     if not math.isfinite(v) or v <= 0:
-        raise ConfigError(f"{name}={value!r} must be a finite number > 0; {fix or 'pass e.g. 1.0'}")
+        raise ConfigError(f"{name}={value!r} must be a finite number > 0; {fix}")
     return v
 
 

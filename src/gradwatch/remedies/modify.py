@@ -207,8 +207,7 @@ class Place(NamedTuple):
 
 
 def _places(model: nn.Module, wanted: Callable[[nn.Module], bool]) -> list[Place]:
-    """Every place a wanted module sits, a wanted module sits, each parent's slot
-    once: named_modules() lists a module registered under two names (``self.dec = self.enc``) only
+    """Every place a wanted module sits, each parent's slot once: named_modules() lists a module registered under two names (``self.dec = self.enc``) only
     under the first, and a change made at that name alone would end the sharing."""
     seen: set[tuple[int, str]] = set()
     out = []
@@ -447,15 +446,18 @@ LAYERS_TO_NORMALISE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTransp
 
 
 def insert_norm(model: nn.Module, kind: str = "batch", after: ModuleTypes = LAYERS_TO_NORMALISE,
-                *, skip_last: bool = True, inplace: bool = True,
+                *, skip_last: bool = True, example_input: Any = None, inplace: bool = True,
                 optimizer: Optimizers = None) -> tuple[nn.Module, Change]:
     """Insert BatchNorm (`kind="batch"`) or LayerNorm (`"layer"`) after each layer of type `after`
     (every Linear and conv by default: a Conv1d net or a ConvTranspose2d decoder, left out of the
     default before, got "nothing changed" from the remedy diagnose and the probe give for all models).
 
-    `skip_last` leaves the last such layer (in registration order: normally the output layer,
-    whose scale is the prediction's) without a norm. Layers inside attention and transformer
-    blocks (`FUSED`) are left as they are: those blocks use their weights directly.
+    `skip_last` leaves the output layers, whose scale is the prediction's, without a norm: with
+    `example_input` (a batch the model takes), each layer whose output reaches the model's output
+    through no other such layer, found by one forward pass (every head of a two-head model, an
+    output layer declared before the hidden ones); without it, the last such layer in registration
+    order. Layers inside attention and transformer blocks (`FUSED`) are left as they are: those
+    blocks use their weights directly.
 
     `optimizer` (one or several, already built): each norm's parameters join the group that holds
     the layer it follows, so the change can be made after the optimizer is built.
@@ -470,10 +472,14 @@ def insert_norm(model: nn.Module, kind: str = "batch", after: ModuleTypes = LAYE
     places = [p for p in _places(model, lambda m: isinstance(m, after_types))
               if not any(p.name.startswith(f + ".") or not f for f in fused)]
     skipped = ""
-    if skip_last and places:  # every place of the output layer
-        last = places[-1]
-        places = [p for p in places if p.module is not last.module]
-        skipped = f" but the last, '{last.name}' (skip_last=True keeps the output layer as it is)"
+    if skip_last and places:  # every place of an output layer
+        outputs = _output_layers(model, places, after_types, example_input)
+        kept = [p.name for p in places if id(p.module) in outputs]
+        places = [p for p in places if id(p.module) not in outputs]
+        skipped = (f" but the last, '{kept[-1]}' (skip_last=True keeps the output layer as it is; example_input= "
+                   "finds the output layers by a forward pass)" if example_input is None else
+                   f" but the output layer{'s' if len(kept) > 1 else ''}, {', '.join(repr(n) for n in kept)} "
+                   "(skip_last=True keeps them as they are)" if kept else "")
     normalised = [p for p in places if _normalised(p)]
     places = [p for p in places if p not in normalised]
     if normalised:  # conv -> BatchNorm2d -> ReLU already: a second norm would only renormalise the first's output
@@ -494,6 +500,15 @@ def insert_norm(model: nn.Module, kind: str = "batch", after: ModuleTypes = LAYE
                          + (f" (renamed {len(renamed)} parameter(s))" if renamed else "")
                          + _give(model, snapshot, optimizers, new),
                          layers, renamed, new)
+
+
+def _output_layers(model: nn.Module, places: list[Place], types: tuple, example_input: Any) -> set[int]:
+    """The ids of the output layers among `places`: the layers of `types` whose output reaches the
+    model's output through no other (`reaching_output`), else the last registered."""
+    if example_input is None:
+        return {id(places[-1].module)}
+    modules = dict(model.named_modules())
+    return {id(modules[name]) for name in reaching_output(model, example_input, types, kinds=types)}
 
 
 def _shapes(model: nn.Module, example_input: Any) -> dict[str, bool]:

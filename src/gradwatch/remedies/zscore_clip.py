@@ -61,7 +61,7 @@ class ZClip:
         self.alpha = in_range("alpha", alpha, 0.0, 1.0, lo_open=True, hi_open=True)
         self.z_thresh = positive_number("z_thresh", z_thresh, fix="pass e.g. ZClip(z_thresh=2.5)")
         self.warmup_steps = whole_number("warmup_steps", warmup_steps, fix="pass e.g. ZClip(warmup_steps=25)")
-        self.eps = positive_number("eps", eps)
+        self.eps = positive_number("eps", eps, fix="pass e.g. ZClip(eps=1e-6), the default")
         if mode == "percentile":
             clip_option = None
         if (mode, clip_option) not in _OPTIONS:
@@ -70,9 +70,10 @@ class ZClip:
                 "clip_option='adaptive_scaling' or 'mean', or mode='percentile'"
             )
         self.mode, self.clip_option = mode, clip_option
-        self.clip_factor = positive_number("clip_factor", clip_factor)
+        self.clip_factor = positive_number("clip_factor", clip_factor, fix="pass e.g. ZClip(clip_factor=1.0), the default")
         self.skip_update_on_spike = bool(skip_update_on_spike)
-        self.max_grad_norm = None if max_grad_norm is None else positive_number("max_grad_norm", max_grad_norm)
+        self.max_grad_norm = None if max_grad_norm is None else positive_number(
+            "max_grad_norm", max_grad_norm, fix="pass None (no cap, the default) or e.g. 1.0")
         self.norm_type = norm_order(norm_type)
         self.process_group = process_group  # FSDP1: the model's, for the norm over all shards
         self._state: dict[str, torch.Tensor] | None = None
