@@ -144,6 +144,19 @@ def _total_growth(run, start, per_step, steps=None):
     return run
 
 
+def test_a_blow_up_from_the_first_step_is_clipped_at_one_not_at_its_own_level():
+    """A tester's RNN at 3x orthogonal W_hh: its first steps' norm, 1.6e5, was the blow-up's, and
+    "twice its healthy level (330000)" left the loss at 9.6e9; clipped at 1.0 it reached 0.60."""
+    from gradwatch.diagnose import advice
+
+    ctx = advice.Context(build(optimizer="SGD", lr=0.05))
+    evidence = {"growth_over_steps": 2.7e7, "baseline_norm": 1.63e5, "early_norm": 1.63e5}
+    clip = lambda ev: next(r for r in advice.exploding(ctx, ("fc0",), ev, False)[1] if "clip_grad_norm_" in r.code)
+    assert "max_norm=330000)" in clip({**evidence, "at_init": False}).code
+    at_init = clip({**evidence, "at_init": True})
+    assert "max_norm=1.0)" in at_init.code and "no healthy level" in at_init.action
+
+
 def test_sustained_growth_is_exploding_at_its_onset():
     run = _total_growth(build(), 40, 1.5)
     f = next(f for f in diagnose(run) if f.kind == "exploding_gradient")
@@ -192,6 +205,14 @@ def test_one_overshoot_the_weights_outgrew_while_the_loss_fell_is_info_and_one_b
     run.metrics["update_ratio"][sampled(run)[0], run.column("fc2")] = 1.12
     (f,) = [f for f in diagnose(run) if f.kind == "exploding_gradient"]
     assert f.severity == "info" and "the weights outgrew their small start" in f.message
+    # the same overshoot where the backward signal already grew toward the input at the first step:
+    # weights too large, not small (a tester's 16-layer tanh MLP at N(0, 1), its loss 15 -> 3, the
+    # first layer's weights 80 -> 117,343, no gradient reaching it from step 10)
+    grown = dataclasses.replace(run, metrics={k: v.copy() for k, v in run.metrics.items()})
+    for i, c in enumerate(c for c, l in enumerate(run.layers) if l.role == "param"):
+        grown.metrics["grad_out_rms"][0, c] = 0.01 * 100.0 ** (4 - i)
+    (f,) = [f for f in diagnose(grown) if f.kind == "exploding_gradient"]
+    assert f.severity == "error" and "init_backward_ratio" in f.evidence and "outgrew" not in f.message
     run.loss[:] = 2.3 + 0.01 * np.random.default_rng(0).random(len(run.loss))  # the loss stays at chance
     (f,) = [f for f in diagnose(run) if f.kind == "exploding_gradient"]
     assert f.severity == "error"

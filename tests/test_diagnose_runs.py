@@ -136,6 +136,35 @@ def test_tiny_learning_rate_plateaus():
     assert kinds(run) == {"loss_plateau"}
 
 
+@pytest.mark.parametrize("bug", ["zero_grad_after_backward", "head_group_at_lr_0"])
+def test_gradients_cleared_before_the_step_are_told_apart_from_a_group_at_lr_0(bug):
+    """A tester's zero_grad() between backward() and step(): told "the learning rate is 0, or these
+    parameters are not in the optimizer", given add_param_group (which raised: they were in it), and
+    a plateau's "raise the lr tenfold". A param group at lr 0 keeps that cause."""
+    torch.manual_seed(0)
+    model, (x, y) = mlp(depth=2), data()
+    groups = [{"params": model[:-1].parameters()}, {"params": model[-1].parameters(), "lr": 0.0}]
+    opt = torch.optim.SGD(model.parameters() if bug == "zero_grad_after_backward" else groups, lr=0.1, momentum=0.9)
+    with gw.watch(model, opt, warn=False) as w:
+        for _ in range(60):
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            if bug == "zero_grad_after_backward":
+                opt.zero_grad()
+            opt.step()
+            if bug != "zero_grad_after_backward":
+                opt.zero_grad()
+    found = diagnose(w.series())
+    f = next(f for f in found if f.kind == "stalled_layers" and f.evidence.get("frozen"))
+    if bug == "zero_grad_after_backward":
+        assert f.severity == "error" and f.evidence["all_weights"] and not f.evidence["outside_optimizers"]
+        assert f.causes[0].startswith("gradients cleared before the step")
+        assert f.remedies[0].code == "optimizer.zero_grad()\nloss.backward()\noptimizer.step()"
+        assert "loss_plateau" not in {g.kind for g in found}  # (every weight still: the plateau is theirs)
+    else:
+        assert f.layers == ("4",) and f.evidence["outside_optimizers"] and "lr 0" in f.causes[0]
+
+
 def test_overshooting_learning_rate_diverges():
     torch.manual_seed(0)
     model = nn.Linear(16, 1)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -1098,11 +1099,17 @@ def test_the_output_activation_is_what_the_forward_applies_last(tmp_path):
 
 def test_a_swap_of_the_output_activation_alone_is_not_offered():
     from gradwatch.fix import hidden_activations
-    from gradwatch.store.series import LayerInfo
+    from gradwatch.store.series import LayerInfo, RunSeries
     layers = [LayerInfo("0", "Linear", 0, "param"), LayerInfo("1", "ReLU", 1, "activation", activation="relu"),
               LayerInfo("2", "Linear", 2, "param"), LayerInfo("3", "Sigmoid", 3, "activation", activation="sigmoid")]
-    assert hidden_activations(layers) == {"relu"}
-    names = [c.name for c in from_findings([finding("vanishing_gradient")], hidden_activations(layers))]
+    run = RunSeries(layers, np.arange(1), np.ones(1), np.ones(1), {})
+    assert hidden_activations(run) == {"relu"}
+    # a head's sigmoid that a second head runs after: the watch saw the loss take it through no layer
+    heads = layers + [LayerInfo("4", "Linear", 4, "param")]
+    assert hidden_activations(RunSeries(heads, np.arange(1), np.ones(1), np.ones(1), {})) == {"relu", "sigmoid"}
+    assert hidden_activations(RunSeries(heads, np.arange(1), np.ones(1), np.ones(1), {},
+                                        meta={"output_layers": ["3"]})) == {"relu"}
+    names = [c.name for c in from_findings([finding("vanishing_gradient")], hidden_activations(run))]
     assert "Sigmoid -> LeakyReLU + He init" not in names and "activations -> SELU + lecun init" in names
     assert "ReLU -> LeakyReLU + He init" not in [c.name for c in from_findings([finding("dead_units")], set())]
 

@@ -242,3 +242,43 @@ def test_a_layer_output_is_told_by_its_own_parameters():
     y = model.fc2(F.relu(model.fc1(torch.randn(4, 16))))
     assert made_from(y.grad_fn, list(model.fc2.parameters()))
     assert not made_from(y.grad_fn, list(model.fc1.parameters()))  # (the layer below, through its F.relu)
+
+
+class _TwoHeads(nn.Module):
+    """An objectness head (Linear + Sigmoid module) run before a box head, and a policy head's
+    torch.tanh on its Linear, before a value head."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh())
+        self.obj = nn.Sequential(nn.Linear(32, 1), nn.Sigmoid())
+        self.pi = nn.Linear(32, 2)
+        self.box = nn.Linear(32, 4)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.obj(h).squeeze(-1), torch.tanh(self.pi(h)), self.box(torch.relu(h))
+
+
+def test_a_heads_activation_another_head_runs_after_is_the_outputs_own():
+    """A tester's detector: its objectness sigmoid, confident, read as a hidden layer's saturation
+    ("lower the lr tenfold") because the box head ran after it. The loss takes it, and the policy
+    head's tanh, through no weight layer: the run says so (`output_layers`), and no hidden
+    activation (the trunk's ReLU and Tanh, the ReLU before the box head) is among them."""
+    torch.manual_seed(0)
+    model = _TwoHeads()
+    x = torch.randn(64, 16)
+    y, a, b = (x[:, 0] > 0).float(), torch.randn(64, 2), torch.randn(64, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with gw.watch(model, opt, sample_every=2, warn=False) as watch:
+        for _ in range(6):
+            p, pi, box = model(x)
+            loss = F.binary_cross_entropy(p, y) + F.mse_loss(pi, a) + F.mse_loss(box, b)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        run = watch.series()
+    assert sorted(run.meta["output_layers"]) == ["obj.1", "pi"]
+    assert run.layers[run.column("pi")].activation == "tanh"  # (found called as a function)
+    ctx = Context(run)
+    assert ctx.functional == {} and ctx.saturating == ["tanh"] and ctx.n_saturating == 1  # the trunk's Tanh only

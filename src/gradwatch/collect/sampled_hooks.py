@@ -157,7 +157,11 @@ class SampledHooks:
         self._layers: list[Layer] = []
         self._looks_left = 0  # sampled steps still to search for functional activations (`LOOKS`)
         self._produced: dict[int, tuple[int, str]] = {}  # id(a layer output's grad_fn): (position, its class)
-        self._module_outputs: set[int] = set()  # ids of activation modules' output nodes
+        self._module_outputs: dict[int, int] = {}  # ids of activation modules' output nodes: their position
+        self._recurrent_outputs: set[int] = set()  # ids of recurrent layers' output nodes
+        # the activations the loss takes through no weight layer (`functional_acts.reaching_output`):
+        # the output's own, a head's too that another head runs after (the run's meta)
+        self.output_layers: set[str] = set()
         self._looked_in = 0  # id of the step record whose graphs are being searched
 
     def _counted(self) -> bool:
@@ -226,7 +230,7 @@ class SampledHooks:
             return
         if [id(l) for l in layers] != [id(l) for l in self._layers]:  # (another set: a thread's handed over)
             self._looks_left = LOOKS
-            self._produced, self._module_outputs = {}, set()
+            self._produced, self._module_outputs, self._recurrent_outputs = {}, {}, set()
         self._layers = list(layers)
         patches.compile_sees_hooks()
         for wrapper in self._compiled:
@@ -268,7 +272,7 @@ class SampledHooks:
     def disarm(self) -> None:
         if not self._handles or not self._looks_left:  # (a sampled step's outputs are kept one step
             # more: a GAN's G makes its fake in D's step and runs its backward in the next one)
-            self._produced, self._module_outputs = {}, set()
+            self._produced, self._module_outputs, self._recurrent_outputs = {}, {}, set()
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -297,7 +301,7 @@ class SampledHooks:
             rec = self._current() if torch.is_grad_enabled() else None
             y = _first_tensor(output)
             if self._looks_left and y is not None and y.grad_fn is not None:
-                self._module_outputs.add(id(y.grad_fn))  # (an empty one too: not a functional call's)
+                self._module_outputs[id(y.grad_fn)] = pos  # (an empty one too: not a functional call's)
             # an empty output (a mixture-of-experts' expert given no token) has no statistics:
             # its mean would be NaN, stored as measured non-finite
             if rec is None or y is None or not y.is_floating_point() or y.numel() == 0:
@@ -320,6 +324,8 @@ class SampledHooks:
             y = first.data if isinstance(first, PackedSequence) else _first_tensor(output)  # (packed: its rows)
             if rec is None or y is None or not y.is_floating_point() or y.numel() == 0:
                 return
+            if self._looks_left and y.grad_fn is not None:
+                self._recurrent_outputs.add(id(y.grad_fn))
             unit = unit_dim(y.dim())  # (a sequence's units are its last axis)
             if not y.requires_grad:
                 rec.accumulate(rec.act, pos, activation_stats(y, activation, unit))
@@ -355,6 +361,8 @@ class SampledHooks:
             y = _first_tensor(output)
             if rec is None or y is None or not y.is_floating_point() or y.numel() == 0:
                 return
+            if self._looks_left and y.grad_fn is not None:  # (a weight layer's output: `reaching_output` stops)
+                self._produced[id(y.grad_fn)] = (pos, type(y.grad_fn).__name__)
             with torch.no_grad():
                 a = apply(y)
             self._hook_output_grad(rec, pos, y, _Stats(a, activation, self._todo, unit_axis(y)))
@@ -373,6 +381,9 @@ class SampledHooks:
         if id(rec) != self._looked_in:  # (each backward of the step is searched: a GAN's D's, then G's)
             self._looked_in = id(rec)
             self._looks_left -= 1
+        for pos in functional_acts.reaching_output(roots, self._produced, self._module_outputs, self._recurrent_outputs):
+            if pos < len(self._layers):
+                self.output_layers.add(self._layers[pos].name)
         found, outputs = functional_acts.find(roots, self._produced, self._module_outputs)
         sampled = bool(self._handles) and rec is not None  # (else found only: the statistics are a sampled step's)
         for pos, calls in found.items():

@@ -527,6 +527,8 @@ class Watch:
                                            SPARSE_GRADIENTS) if k in self._meta}
         meta["lr_scale"] = self._lr_scales()
         meta["models"] = [prefix for _, prefix in self._models]  # (a GAN's: diagnosed one by one)
+        if self._sampled_hooks.output_layers:  # (the output's own activations, every head's: diagnose.signals)
+            meta["output_layers"] = sorted(self._sampled_hooks.output_layers)
         batch = to_batch(ready, self._layers, meta=meta)
         batch.events.extend(self._events)
         self._writer.write(batch)

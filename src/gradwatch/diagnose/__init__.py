@@ -127,6 +127,10 @@ def _one_per_cause(series: RunSeries, findings: list[Finding]) -> list[Finding]:
     zeroed = {l for f in findings if f.kind == "dead_units" for l in f.evidence.get("zero_gradient_layers", ())}
     findings = [f for f in findings if not (f.kind == "vanishing_gradient" and f.evidence.get("backward_ratio") == 0
                                             and f.layers[0] in zeroed)]
+    # no weight changes: the loss's plateau is that, and its remedy (a tenfold lr) moves no weight a
+    # step never changes (a tester's zero_grad() between backward() and step() was told to raise it)
+    if any(f.kind == "stalled_layers" and f.evidence.get("all_weights") for f in findings):
+        findings = [f for f in findings if f.kind != "loss_plateau"]
     if any(f.kind == "exploding_gradient" and "init_backward_ratio" in f.evidence for f in findings):
         findings = [f for f in findings if not _dead_from_growth(f)]
     vanished = {l for f in findings if f.kind == "vanishing_gradient" for l in f.layers} | zeroed

@@ -14,7 +14,7 @@ import shlex
 import numpy as np
 
 from gradwatch.diagnose.finding import Remedy
-from gradwatch.diagnose.signals import functional_activation, last_weight_index, profile_columns, recurrent_layers
+from gradwatch.diagnose.signals import functional_activation, last_weight_index, outputs_own, profile_columns, recurrent_layers
 from gradwatch.store.series import WEIGHT_ROLES, RunSeries
 
 RELU_FAMILY = {"relu", "relu6", "leaky_relu", "prelu", "rrelu", "elu", "celu", "selu", "gelu", "silu", "mish"}
@@ -67,6 +67,8 @@ CLIP_CODE = "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)"
 LOSS_SCALE_CODE = ("loss = loss_fn(output, target)  # reduction='mean' (the default), no constant factor\n"
                    "target = (target - target_train.mean()) / target_train.std()  # regression: standardise the targets")
 NORMALISE = Remedy("Normalise the pre-activations", INSERT_NORM_CODE)
+CLEAR_BEFORE_BACKWARD = Remedy("Clear the gradients before backward() and step after it, in this order, every step",
+                               "optimizer.zero_grad()\nloss.backward()\noptimizer.step()")
 STANDARDISE_INPUTS = Remedy("Standardise the inputs: mean 0 and std 1 per feature, from the training set",
                             "x = (x - x_train.mean(0)) / (x_train.std(0) + 1e-8)")
 
@@ -103,14 +105,15 @@ class Context:
     def __init__(self, run: RunSeries):
         self.run = run
         # {activation: the hidden layers whose output forward() passes through it as a function (F.relu);
-        # not the last weight layer's, the output's own (a sigmoid giving BCELoss its probabilities)}
-        last = last_weight_index(run.layers)
+        # not the last weight layer's, the output's own (a sigmoid giving BCELoss its probabilities),
+        # nor any the loss takes through no weight layer (a head's that another head runs after)}
+        last, own = last_weight_index(run.layers), outputs_own(run)
         self.functional: dict[str, list[str]] = {}
         for l in sorted(run.layers, key=lambda l: l.index):
-            if functional_activation(l) and l.index < last:
+            if functional_activation(l) and l.index < last and l.name not in own:
                 self.functional.setdefault(l.activation, []).append(l.name)
         self.modules = {l.activation for l in run.layers if l.role == "activation"}
-        acts = [l.activation for l in run.layers if l.role == "activation"] + \
+        acts = [l.activation for l in run.layers if l.role == "activation" and l.name not in own] + \
             [act for act, called in self.functional.items() for _ in called]
         self.saturating = sorted({a for a in acts if a in SATURATING})
         self.n_saturating = sum(a in SATURATING for a in acts)
@@ -270,10 +273,15 @@ def exploding(ctx: Context, layers: tuple[str, ...], evidence: dict, through_tim
                          "learning rate per step whatever the gradient's size (its usual range is 1e-4 to 1e-3)")
     if not causes:
         causes.append(f"learning rate: {ctx.lr_said} with {ctx.optimizer}")
-    clip = max(evidence.get("baseline_norm") or 0.0, evidence.get("early_norm") or 0.0)  # the healthy level
+    # the healthy level; none where the blow-up starts at the first step: the level of its first steps
+    # is the blow-up's (a tester's RNN at 3x orthogonal W_hh was told 330000, which left its loss at
+    # 9.6e9; at 1.0, as fix's trial clips there, 0.60)
+    clip = 0.0 if evidence.get("at_init") else max(evidence.get("baseline_norm") or 0.0, evidence.get("early_norm") or 0.0)
     max_norm = two_digits(2 * clip) if clip and math.isfinite(clip) and clip > 0 else "1.0"
     told = f"; the trainer clips {evidence['grad_clip']} now" if evidence.get("grad_clip") else ""
-    remedies.append(Remedy(f"Clip the gradient norm at about twice its healthy level ({max_norm}{told})",
+    action = (f"Clip the gradient norm at 1.0: from the first step there is no healthy level to scale it to{told}"
+              if evidence.get("at_init") else f"Clip the gradient norm at about twice its healthy level ({max_norm}{told})")
+    remedies.append(Remedy(action,
                            f"torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={max_norm})  # before optimizer.step()"))
     if not evidence.get("at_init"):  # ZClip's 25 warm-up steps pass a blow-up from the first step unclipped
         # (a tester's RNN: the same loss, 0.1253, and the same finding as with no clipping)
@@ -598,6 +606,16 @@ def stalled(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[list
                   "purpose with requires_grad left on"]
         return causes, [give_parameters(ctx, layers),
                         Remedy("Or, if they are frozen on purpose, stop their gradients", _freeze_code(layers))]
+    if evidence.get("frozen") and ctx.run.meta.get("optimizer"):
+        # in an optimizer that steps, their group's lr above 0 (at lr 0 they count as outside it),
+        # gradients arriving: the step never
+        # sees them (a tester's zero_grad() between backward() and step() was told to add the
+        # parameters to the optimizer again, which raised, and a plateau's "raise the lr tenfold")
+        causes = [f"gradients cleared before the step: backward() gives these weights gradients and {ctx.optimizer} "
+                  f"steps them at lr {ctx.lr_said}, yet they never change: optimizer.zero_grad() (or p.grad = None) "
+                  "runs between loss.backward() and optimizer.step(), step() runs before backward(), or the weights "
+                  "are put back after each step (a load_state_dict, a copy of the first weights)"]
+        return causes, [CLEAR_BEFORE_BACKWARD]
     if evidence.get("frozen"):
         causes = ["learning rate: the weights do not change although gradients arrive; the learning rate is 0, "
                   "or these parameters are not in the optimizer"]

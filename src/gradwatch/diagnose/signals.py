@@ -85,6 +85,14 @@ def last_weight_index(layers) -> int:
     return max((l.index for l in layers if l.role in WEIGHT_ROLES), default=-1)
 
 
+def outputs_own(run: RunSeries) -> set[str]:
+    """The activations the watch saw the loss take through no weight layer (the run's meta): the
+    output's own, also a head's that another head runs after, which `last_weight_index` alone takes
+    for hidden (a tester's objectness sigmoid, then a box head: a saturation warning, "lower the lr",
+    on confident probabilities)."""
+    return set(run.meta.get("output_layers") or ())
+
+
 def functional_activation(layer) -> bool:
     """A weight layer recorded with the activation forward() calls as a function on its output
     (F.relu(self.fc1(x))): no module to swap, a line of forward() to change."""

@@ -19,7 +19,7 @@ import numpy as np
 
 from gradwatch.diagnose.advice import Context, nan_cause
 from gradwatch.diagnose.finding import Finding
-from gradwatch.diagnose.signals import functional_activation, last_weight_index
+from gradwatch.diagnose.signals import functional_activation, last_weight_index, outputs_own
 from gradwatch.errors import ConfigError
 from gradwatch.fix.candidates import (BLOW_UP, MODEL_KEYS, Candidate, aimed, autotrainer_order, combine, findings_model,
                                       from_findings, from_origin, lr_ceiling)
@@ -32,7 +32,7 @@ from gradwatch.fix.trial import (LOCATE, OUTPUT_LOG, Trial, discard_trials, end_
                                  lower_beyond_noise, run_trial, run_trial_in_process)
 from gradwatch.store import read_run, store_files
 from gradwatch.store.reader import connect
-from gradwatch.store.series import LayerInfo
+from gradwatch.store.series import RunSeries
 
 BASELINE = Candidate("baseline (no change)")
 
@@ -446,17 +446,21 @@ def group_lrs(run_dir: Path) -> tuple[float, ...]:
     return tuple(float(lr) for lr in peaks if np.isfinite(lr))
 
 
-def hidden_functions(layers: list[LayerInfo]) -> set[str]:
+def hidden_functions(run: RunSeries) -> set[str]:
     """The activations forward() calls as functions on the outputs of layers before the last weight
-    layer (`F.relu(self.fc1(x))`, found by the watch): one on the last's is the output's own."""
-    return {l.activation for l in layers if functional_activation(l) and l.index < last_weight_index(layers)}
+    layer (`F.relu(self.fc1(x))`, found by the watch): one on the last's is the output's own, and so
+    is one the loss takes through no weight layer (`outputs_own`)."""
+    last, own = last_weight_index(run.layers), outputs_own(run)
+    return {l.activation for l in run.layers if functional_activation(l) and l.index < last and l.name not in own}
 
 
-def hidden_activations(layers: list[LayerInfo]) -> set[str]:
+def hidden_activations(run: RunSeries) -> set[str]:
     """The activations of the modules that first run before the last weight layer: one that runs
-    only after it is the output's, which the swaps keep, so a swap of it alone would change nothing."""
-    last = last_weight_index(layers)
-    return {l.activation for l in layers if l.role == "activation" and (l.index < last or last < 0)}
+    only after it is the output's, which the swaps keep, so a swap of it alone would change nothing;
+    so is a head's that another head runs after (`outputs_own`)."""
+    last, own = last_weight_index(run.layers), outputs_own(run)
+    return {l.activation for l in run.layers if l.role == "activation" and (l.index < last or last < 0)
+            and l.name not in own}
 
 
 def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "runs/fix", budget_steps: int = 200,
@@ -708,13 +712,13 @@ def _fix(trial: Callable[[str, Candidate, int], Trial], end: Callable[[Trial], N
             candidates = autotrainer_order(baseline.blocking, names)
         else:
             lrs = run.lr[np.isfinite(run.lr)]
-            candidates = from_findings(baseline.blocking, hidden_activations(run.layers),
+            candidates = from_findings(baseline.blocking, hidden_activations(run),
                                        layer_types={l.type for l in run.layers}, optimizer=run.meta.get("optimizer"),
                                        lr=float(lrs.max()) if len(lrs) else None,
                                        lr_ceiling=lr_ceiling(run, baseline.findings), names=names,
                                        smooth=bool(run.meta.get("input_derivatives")),
                                        sparse=bool(run.meta.get("sparse_gradients")),
-                                       functions=hidden_functions(run.layers))
+                                       functions=hidden_functions(run))
     if target is not None:
         candidates = [aimed(c, target) for c in candidates]
     result = FixResult(baseline, [], budget_steps=budget_steps, names=names)

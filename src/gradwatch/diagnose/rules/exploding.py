@@ -133,9 +133,13 @@ def _outgrown(run: RunSeries, evidence: dict, first: int, th: Thresholds) -> tup
     is, and the loss since fell to `burst_learning` of its level and stayed finite: small weights
     the steps outgrew (their ratio falls as they grow), not a blow-up, which makes the loss worse.
     A logistic regression at SGD lr 2 (update 1.12x its initial weights at step 2, then 0.7x,
-    0.18x, 0.07x) trained to 96% and was told to lower its lr 100-fold: 92.8% then."""
+    0.18x, 0.07x) trained to 96% and was told to lower its lr 100-fold: 92.8% then. Not where the
+    backward signal already grew toward the input at the first step (`init_backward_ratio`): the
+    weights were too large, not small (a tester's 16-layer tanh MLP at N(0, 1): its first layer's
+    weights 80 -> 117,343 in a step, no gradient reaching it from step 10; its loss fell 15 -> 3)."""
     overshoot = {"max_update_ratio", "predicted_update_ratio"}
-    signals = {"growth_over_steps", "weight_growth", "backward_ratio", "init_forward_growth", "clip_active_share"}
+    signals = {"growth_over_steps", "weight_growth", "backward_ratio", "init_forward_growth", "clip_active_share",
+               "init_backward_ratio"}
     if not set(evidence) & overshoot or set(evidence) & signals:
         return None
     steps, loss = finite_loss(run)

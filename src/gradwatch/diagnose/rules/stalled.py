@@ -123,8 +123,9 @@ def _frozen(run: RunSeries, ctx: advice.Context, frozen_cols: list[int], frozen_
                 "update_ratio": {n: float(u[-1, cols.index(c)]) for n, c in zip(layers, frozen_cols)},
                 "grad_norm": {n: float(g[-1, cols.index(c)]) for n, c in zip(layers, frozen_cols)}}
     causes, remedies = advice.stalled(ctx, layers, evidence)
-    every = "All weights" if set(frozen_cols) >= set(run.weight_columns()) or (
-        len(frozen_cols) == len(cols) and set(cols) == set(profile_columns(run))) else f"The weights of {', '.join(layers[:3])}"
+    if set(frozen_cols) >= set(run.weight_columns()) or (len(frozen_cols) == len(cols) and set(cols) == set(profile_columns(run))):
+        evidence["all_weights"] = True  # (the loss's plateau is theirs: `diagnose._one_per_cause`)
+    every = "All weights" if evidence.get("all_weights") else f"The weights of {', '.join(layers[:3])}"
     said = (f"{every} get gradients but no optimizer updates them (they are in none, or in a param group at lr 0), so they never change. If they should train, "
             f"give them to the optimizer; if they are frozen on purpose, set requires_grad_(False) on them "
             f"and backward skips them.") if outside else \
