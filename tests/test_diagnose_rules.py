@@ -611,6 +611,13 @@ def test_a_first_layer_saturated_from_the_start_is_told_to_standardise_its_input
     run.metrics["saturated"][:, run.column("act0")] = 0.6
     f = next(f for f in diagnose(run) if f.kind == "saturation")
     assert "Standardise the inputs" in f.remedies[0].action and f.causes[1].startswith("input scale")
+    # every layer saturated from the start: those above take the first's bounded outputs, so the
+    # weights are too large (a tester's 16-layer tanh MLP at N(0, 1) on standardised inputs was told
+    # to standardise them)
+    run.metrics["saturated"][:, [run.column(f"act{k}") for k in range(4)]] = 0.99
+    f = next(f for f in diagnose(run) if f.kind == "saturation")
+    assert not any(c.startswith("input scale") for c in f.causes) and f.causes[1].startswith("initial weight scale")
+    assert not any(r.action.startswith("Standardise the inputs") for r in f.remedies)
     run = build(activation="tanh")
     run.metrics["saturated"][:, run.column("act2")] = 0.6  # a layer the inputs do not feed
     f = next(f for f in diagnose(run) if f.kind == "saturation")

@@ -25,7 +25,11 @@ def find_saturation(run: RunSeries, th: Thresholds) -> list[Finding]:
     first, layers, worst_layer, worst, at_init = summarise_layers(run, hits)
     evidence = {"saturated_fraction": {n: hits[n][1] for n in layers},
                 "activations": [run.layers[run.column(n)].activation for n in layers], "at_init": at_init}
-    if at_init and lowest_activation(run) == layers[0]:  # the layer the inputs feed saturates from the start
+    # the layer the inputs feed saturates from the start, and it alone: layers above take its outputs,
+    # bounded in [-1, 1], and initialised for their fan-in do not saturate on them; saturated from the
+    # start too, the weights are too large (a tester's 16-layer tanh MLP at N(0, 1) on standardised
+    # inputs was told to standardise them)
+    if at_init and lowest_activation(run) == layers[0] and [n for n in layers if hits[n][2]] == [layers[0]]:
         evidence["first_layer"] = True
     causes, remedies = advice.saturation(advice.Context(run), layers, evidence)
     said = (f"{worst:.0%} of the outputs of {quoted(run, worst_layer)} sit within 1% of an asymptote since step {first}"
