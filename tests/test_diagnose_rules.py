@@ -79,6 +79,17 @@ def test_vanishing_names_the_layers_and_first_step():
     assert f.severity == "warning" and not f.evidence["at_init"]
 
 
+def test_a_last_row_measured_on_a_few_layers_is_no_depth_profile():
+    """A GAN's last backward, its generator's alone in a step of its own, reached 2 of its 13
+    layers: that row's ratio (0.84 against 3e-10) and its NaN were the finding's evidence, which
+    named one layer."""
+    run = _vanish(build(), 0.1, rows=slice(30, None))
+    last, cols = sampled(run)[-1], [run.column(f"fc{k}") for k in range(3)]
+    run.metrics["grad_out_rms"][last, cols] = np.nan
+    f = next(f for f in diagnose(run) if f.kind == "vanishing_gradient")
+    assert f.layers[:2] == ("fc0", "fc1") and np.isfinite(f.evidence["grad_out_rms_by_layer"]["fc0"])
+
+
 @pytest.mark.parametrize("factor, severity", [(2.0, "error"), (0.5, "warning")])
 def test_vanishing_is_an_error_below_its_threshold(factor, severity):
     """The severity bar is `vanishing_error_ratio`, overridable like every threshold: a ratio is
