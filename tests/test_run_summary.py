@@ -59,6 +59,21 @@ def test_a_command_that_failed_before_training_says_its_exit_code(tmp_path):
     assert "no training step was seen, nothing recorded" in _summary(tmp_path, 0)
 
 
+def test_a_later_diagnose_of_a_command_that_failed_says_how_it_ended(tmp_path):
+    """A script with a syntax error: a later `gradwatch diagnose runs/latest` guessed "trained no
+    torch model ..., or killed before its first store write"."""
+    import pytest
+
+    from gradwatch.errors import StoreError
+    from gradwatch.store.reader import LOCK_FILE
+
+    (tmp_path / LOCK_FILE).touch()  # (a `gradwatch run` directory)
+    said = _summary(tmp_path, 1)
+    with pytest.raises(StoreError) as raised:
+        read_run(tmp_path)
+    assert str(raised.value) in said and "ended with exit code 1 before importing torch" in str(raised.value)
+
+
 def test_a_python_that_skips_the_start_up_hook_is_said_not_watched(tmp_path):
     """`gradwatch run -- python -I train.py` trained 40 steps unwatched (-I ignores PYTHONPATH, which
     loads the hook), and the summary said "no training step was seen", as of a script that trains

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import signal
 import textwrap
@@ -15,6 +16,7 @@ from gradwatch.diagnose.live import not_kept
 from gradwatch.errors import GradwatchError
 from gradwatch.runner import FORKED_MARK, WATCHED_MARK
 from gradwatch.store import RunSeries, partial_note, read_run, store_files
+from gradwatch.store.reader import NOTHING_RECORDED
 
 OTHERS_SHOWN = 5  # stores of further processes said one line each; past this, counted
 
@@ -23,7 +25,10 @@ def print_run_summary(run_dir: Path, out: TextIO, exit_code: int = 0) -> None:
     try:
         series = read_run(run_dir)
     except GradwatchError:
-        print(f"gradwatch: {_nothing_recorded(run_dir, exit_code)}", file=out)
+        said = _nothing_recorded(run_dir, exit_code)
+        print(f"gradwatch: {said}", file=out)
+        with contextlib.suppress(OSError):  # (a full disk: said above all the same)
+            (run_dir / NOTHING_RECORDED).write_text(said + "\n")
         _say_forked_training(run_dir, out)
         return
     series.meta["live"] = False  # the lock read as live is this process's own: the command has ended

@@ -25,6 +25,10 @@ except ImportError:  # Windows: a live run cannot be told from a finished one
 
 STORE_NAME = "gradwatch.sqlite"
 LOCK_FILE = ".gradwatch.lock"  # locked by `gradwatch run` and its command while the run lives
+# why `gradwatch run` ended with no store (its exit code, torch never imported): said again by a
+# later `gradwatch diagnose runs/latest`, which could only guess (a script's syntax error read as
+# "trained no torch model, or killed before its first store write")
+NOTHING_RECORDED = "nothing_recorded.txt"
 LATEST = "latest"  # `runs/latest`: a link to the newest run `gradwatch run` started under runs/
 READ_CHUNK_ROWS = 50_000
 Progress = Callable[[int, int], None]  # (steps read, steps to read)
@@ -78,6 +82,8 @@ def _no_step(path: Path) -> str:
     if run_is_live(path):
         return (f"{str(path)!r} is a live `gradwatch run` whose command has stored no training step yet: the "
                 "first store write comes after --flush-every steps (default 50)")
+    if (path / NOTHING_RECORDED).is_file():
+        return (path / NOTHING_RECORDED).read_text().strip()
     return (f"{str(path)!r} is a `gradwatch run` directory whose command stored no training step: either it "
             "trained no torch model (a step is a backward pass and optimizer step), or it was killed before its "
             "first store write (every --flush-every steps)")
