@@ -168,6 +168,21 @@ def test_a_blow_up_from_the_first_step_is_clipped_at_one_not_at_its_own_level():
     assert "max_norm=1.0)" in at_init.code and "no healthy level" in at_init.action
 
 
+def test_a_blow_up_from_the_first_step_of_a_recurrent_net_names_its_recurrent_weights():
+    """The same RNN was told of its lr alone; the probe named W_hh's spectral radius, 3."""
+    from gradwatch.diagnose import advice
+
+    run = build(optimizer="SGD", lr=0.05)
+    run.layers[0] = dataclasses.replace(run.layers[0], type="RNN", role="recurrent", activation="tanh")
+    evidence = {"growth_over_steps": 2.7e7, "max_update_ratio": 565.0}
+    for at_init in (True, False):
+        causes, remedies = advice.exploding(advice.Context(run), ("fc0",), {**evidence, "at_init": at_init}, False)
+        assert any(c.startswith("recurrent weight norm") for c in causes) == at_init
+        assert any("recurrent weights orthogonally" in r.action for r in remedies) == at_init
+    causes, _ = advice.exploding(advice.Context(build()), ("fc0",), {**evidence, "at_init": True}, False)
+    assert not any(c.startswith("recurrent weight norm") for c in causes)  # (no recurrent layer)
+
+
 def test_sustained_growth_is_exploding_at_its_onset():
     run = _total_growth(build(), 40, 1.5)
     f = next(f for f in diagnose(run) if f.kind == "exploding_gradient")

@@ -67,6 +67,8 @@ CLIP_CODE = "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)"
 LOSS_SCALE_CODE = ("loss = loss_fn(output, target)  # reduction='mean' (the default), no constant factor\n"
                    "target = (target - target_train.mean()) / target_train.std()  # regression: standardise the targets")
 NORMALISE = Remedy("Normalise the pre-activations", INSERT_NORM_CODE)
+RECURRENT_NORM_CAUSE = ("recurrent weight norm: the gradient through time grows like the product of "
+                        "diag(f'(h_t))·W_hh; a spectral norm of W_hh above 1/γ lets it grow geometrically")
 CLEAR_BEFORE_BACKWARD = Remedy("Clear the gradients before backward() and step after it, in this order, every step",
                                "optimizer.zero_grad()\nloss.backward()\noptimizer.step()")
 STANDARDISE_INPUTS = Remedy("Standardise the inputs: mean 0 and std 1 per feature, from the training set",
@@ -245,9 +247,11 @@ def _norm_first_when_deep(ctx: Context, remedies: list[Remedy]) -> list[Remedy]:
 
 def exploding(ctx: Context, layers: tuple[str, ...], evidence: dict, through_time: bool) -> tuple[list[str], list[Remedy]]:
     causes, remedies = [], []
+    # a blow-up from the first step in a recurrent net: its W_hh is a suspect whatever the through-time
+    # profile showed (a tester's RNN at 3x orthogonal W_hh was told of its lr alone; the probe named ρ = 3)
+    recurrent_init = not through_time and bool(evidence.get("at_init")) and bool(ctx.rnn_types)
     if through_time:
-        causes.append("recurrent weight norm: the gradient through time grows like the product of "
-                      "diag(f'(h_t))·W_hh; a spectral norm of W_hh above 1/γ lets it grow geometrically")
+        causes.append(RECURRENT_NORM_CAUSE)
     grows_at_init = ("init_backward_ratio" in evidence or "init_forward_growth" in evidence) and not through_time
     if "init_backward_ratio" in evidence and not through_time:  # measured at the first step, before any update
         causes.append(f"initial weight scale: the backward signal already grows "
@@ -259,6 +263,8 @@ def exploding(ctx: Context, layers: tuple[str, ...], evidence: dict, through_tim
                              or evidence.get("predicted_update_ratio")):
         causes.insert(len(causes) if grows_at_init else 0,
                       f"learning rate: {ctx.lr_said} with {ctx.optimizer}; each update feeds the next gradient")
+    if recurrent_init:
+        causes.append(RECURRENT_NORM_CAUSE)
     loss_scaled = not (through_time or grows_at_init) and _loss_scale(ctx) is not None
     if loss_scaled:
         causes.insert(0, _loss_scale(ctx))
@@ -304,6 +310,9 @@ def exploding(ctx: Context, layers: tuple[str, ...], evidence: dict, through_tim
     if through_time:
         remedies.append(Remedy("Initialise the recurrent weights orthogonally (spectral norm 1)",
                                f"gw.init_({module_ref(layers[0]) if layers else 'model'}, scheme='orthogonal')"))
+    elif recurrent_init:  # (the finding may name a layer above the recurrent one: the whole model, per layer)
+        remedies.append(Remedy("Re-initialise: the recurrent weights orthogonally (spectral norm 1), every other "
+                               "layer for its activation", ctx.init_code))
     elif grows_at_init:
         remedies.insert(0, Remedy("Initialise each layer for the activation that follows it", ctx.init_code))
         remedies = _norm_first_when_deep(ctx, remedies)
@@ -608,9 +617,8 @@ def stalled(ctx: Context, layers: tuple[str, ...], evidence: dict) -> tuple[list
                         Remedy("Or, if they are frozen on purpose, stop their gradients", _freeze_code(layers))]
     if evidence.get("frozen") and ctx.run.meta.get("optimizer"):
         # in an optimizer that steps, their group's lr above 0 (at lr 0 they count as outside it),
-        # gradients arriving: the step never
-        # sees them (a tester's zero_grad() between backward() and step() was told to add the
-        # parameters to the optimizer again, which raised, and a plateau's "raise the lr tenfold")
+        # gradients arriving: the step never sees them (a tester's zero_grad() between backward()
+        # and step() was told to add the parameters to the optimizer again, which raised)
         causes = [f"gradients cleared before the step: backward() gives these weights gradients and {ctx.optimizer} "
                   f"steps them at lr {ctx.lr_said}, yet they never change: optimizer.zero_grad() (or p.grad = None) "
                   "runs between loss.backward() and optimizer.step(), step() runs before backward(), or the weights "

@@ -207,8 +207,9 @@ class Place(NamedTuple):
 
 
 def _places(model: nn.Module, wanted: Callable[[nn.Module], bool]) -> list[Place]:
-    """Every place a wanted module sits, each parent's slot once: named_modules() lists a module registered under two names (``self.dec = self.enc``) only
-    under the first, and a change made at that name alone would end the sharing."""
+    """Every place a wanted module sits, each parent's slot once: named_modules() lists a module
+    registered under two names (``self.dec = self.enc``) only under the first, and a change made at
+    that name alone would end the sharing."""
     seen: set[tuple[int, str]] = set()
     out = []
     for name, m in model.named_modules(remove_duplicate=False):
