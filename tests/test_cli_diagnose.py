@@ -1,6 +1,7 @@
 """gradwatch diagnose, and the findings `gradwatch run` leaves behind."""
 
 import json
+import re
 
 from gradwatch.diagnose import diagnose
 from test_cli_run import SCRIPTS, gradwatch, gradwatch_here
@@ -19,10 +20,15 @@ def test_run_writes_findings_and_diagnose_prints_them(tmp_path):
     assert as_json.returncode == 0 and json.loads(as_json.stdout) == written
     text = gradwatch("diagnose", run)
     assert "vanishing_gradient since step 0" in text.stdout and "fix:" in text.stdout
-    # piped (80 columns), the code to paste is printed whole: each remedy's lines as they are
+    # piped (80 columns), the code to paste is printed whole: each remedy's lines as they are, with
+    # the script's name for its optimizer (`opt`; its model is `model`: the JSON stays generic)
+    renamed = 0
     for remedy in (r for f in written for r in f["remedies"]):
         for line in remedy["code"].splitlines():
-            assert "       " + line in text.stdout.splitlines(), line
+            own = re.sub(r"(?<![\w.])optimizer(?!\w)", "opt", line)
+            renamed += own != line
+            assert "       " + own in text.stdout.splitlines(), line
+    assert renamed and "optimizer" not in "".join(l for l in text.stdout.splitlines() if l.startswith("       "))
     # ... and each finding's sentence is one line, as grep finds it (rich wrapped it at 80 columns)
     for f in written:
         assert "  " + f["message"] in text.stdout.splitlines()

@@ -182,3 +182,20 @@ def test_a_model_change_goes_to_the_model_the_findings_name(tmp_path):
     assert {id(p) for p in built["disc"].parameters()} <= held  # its new weights are trained by its own optimizer
     missing = run_trial_in_process(train, tmp_path / "m", aimed(norm("batch"), "critic"), 100)
     assert missing.not_applied.startswith("no module the script calls 'critic'")
+
+
+def test_diagnose_code_names_the_model_each_finding_is_in():
+    """`gradwatch diagnose` prints its remedies with the script's names: a finding in the later
+    model (its layers `disc.0`) gets `disc` and the optimizer that trains it, one in the first model
+    (unprefixed: `gen`, built second) gets `gen` and `opt_g`, not the first optimizer built."""
+    from gradwatch.fix.names import in_script_names, read_names
+
+    names = read_names(GAN, _run(["0", "2", "disc.0", "disc.2"]))
+    code = "gw.init_(model)\nfor group in optimizer.param_groups: group['lr'] = 0.05"
+    assert in_script_names(code, names, ("disc.0",), ("disc", "bce")) == \
+        "gw.init_(disc)\nfor group in opt_d.param_groups: group['lr'] = 0.05"
+    assert in_script_names(code, names, ("0", "2"), ("disc", "bce")) == \
+        "gw.init_(gen)\nfor group in opt_g.param_groups: group['lr'] = 0.05"
+    assert in_script_names(code, names, ("0",), ()) == code  # (which model: the run does not say)
+    one = read_names("import torch\nnet = torch.nn.Linear(2, 1)\nopt = torch.optim.SGD(net.parameters(), lr=0.1)\n")
+    assert in_script_names("model.optimizer_x = optimizer  # the model", one) == "net.optimizer_x = opt  # the net"

@@ -6,13 +6,16 @@ import argparse
 import json
 import sys
 import textwrap
+from pathlib import Path
 
 from rich.console import Console
 from rich.text import Text
 
 from gradwatch.cli import Reading, say, say_which_store
 from gradwatch.diagnose import diagnose
-from gradwatch.store import partial_note, read_run
+from gradwatch.diagnose.advice import Context
+from gradwatch.fix.names import Names, in_script_names, read_names, script_path
+from gradwatch.store import RunSeries, partial_note, read_run
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,6 +48,8 @@ def main(args: argparse.Namespace) -> int:
         console.print(f"{args.run}: no findings", markup=False)
         return 0
     style = {"error": "bold red", "warning": "yellow", "info": "cyan"}
+    names = _script_names(series)
+    later = tuple(m for m in series.meta.get("models") or () if m)  # (the first model's layers have no prefix)
     for f in findings:
         where = ", ".join(f.layers[:6]) + (" ..." if len(f.layers) > 6 else "")
         # layer names as text, never markup: a module named `[/]x` was a MarkupError traceback
@@ -58,8 +63,22 @@ def main(args: argparse.Namespace) -> int:
         for r in f.remedies:
             console.print(f"  fix: {r.action}", markup=False)
             # code to paste: each line of a block indented, never wrapped (a wrapped comment is a syntax error)
-            console.print(textwrap.indent(r.code, "       "), markup=False, soft_wrap=True)
+            code = r.code if names is None else in_script_names(r.code, names, f.layers, later)
+            console.print(textwrap.indent(code, "       "), markup=False, soft_wrap=True)
     return 0
+
+
+def _script_names(series: RunSeries) -> Names | None:
+    """The names the run's script gives its model and optimizer, read from its source where it is
+    still at the path it ran from (relative to here), else None: the code stays generic."""
+    argv = [str(a) for a in series.meta.get("command") or series.meta.get("argv") or []]
+    path = script_path([sys.executable, *argv], Path.cwd()) if argv else None
+    if path is None:
+        return None
+    try:
+        return read_names(path.read_text(encoding="utf-8"), Context(series))
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _fmt(v: object, shown: int = 8) -> str:

@@ -681,3 +681,29 @@ def module_path(name: str, cwd: Path) -> Path | None:
             if path.is_file():
                 return path
     return None
+
+
+_GENERIC = {name: re.compile(rf"(?<![\w.]){name}(?!\w)") for name in ("model", "optimizer")}
+
+
+def in_script_names(code: str, names: Names, layers: tuple[str, ...] = (), later_models: tuple[str, ...] = ()) -> str:
+    """`code` written for the generic `model` and `optimizer` (diagnose's remedies), with the names
+    the script gives them where it says them: a tester's pasted `gw.init_(model)` raised a NameError
+    in a script whose model is `net`. A finding in a later model (its layers `netD.0`: the watch
+    names the layers of every model after the first as the script calls it, `later_models`) gets
+    that model and the optimizer that trains it; one in the first, the model trained that is none
+    of the later ones, if one is; else the code stays generic."""
+    trained = [m.split(".")[-1] for _, m in names.optimizers if m]
+    heads = {l.split(".")[0] for l in layers}
+    if len(heads) == 1 and all("." in l for l in layers) and heads <= set(trained) & set(later_models):
+        names = names.aimed_at(heads.pop())
+    elif len(names.optimizers) > 1:
+        first = {m for m in trained if m not in later_models}
+        if len(first) != 1:
+            return code
+        names = names.aimed_at(first.pop())
+    for generic, pattern in _GENERIC.items():
+        own = getattr(names, generic)
+        if generic in names.found and own != generic:
+            code = pattern.sub(own, code)
+    return code
