@@ -75,3 +75,19 @@ def test_units_dying_that_cut_the_layers_below_off_any_gradient_are_a_block_howe
     run.metrics["grad_max"][40:, run.column("fc0")] = 0.0
     (f,) = [f for f in gw.diagnose(run) if f.kind == "dead_units"]
     assert f.severity != "info" and f.evidence["zero_gradient_layers"] == ["fc0"]
+
+
+def test_a_fall_from_a_blow_up_that_ends_above_the_first_loss_is_no_learning():
+    """A tester's AdamW at lr 50: 0.79, then 162 and 511 in two steps, 33 at the end; its units
+    read as "no block to learning yet" because the loss fell from the blow-up. A run that ends above
+    twice its first step's loss has not learnt."""
+    run = build(n_steps=300, depth=4, optimizer="Adam", lr=1e-3)
+    run.loss[:] = 33.0 + 500.0 * np.exp(-np.arange(300) / 20.0)
+    run.loss[0] = 0.79
+    rows = sampled(run)
+    run.metrics["dead"][rows[run.steps[rows] >= 40], run.column("act1")] = 0.6
+    (f,) = [f for f in gw.diagnose(run) if f.kind == "dead_units"]
+    assert f.severity != "info" and "loss_since_onset" not in f.evidence
+    run.loss[0] = 600.0  # (the same fall from a first loss above it: learning)
+    (f,) = [f for f in gw.diagnose(run) if f.kind == "dead_units"]
+    assert f.severity == "info"

@@ -9,6 +9,7 @@ from torch import nn
 
 import gradwatch
 from gradwatch.errors import ConfigError
+from gradwatch.diagnose import diagnose
 
 
 class Tied(nn.Module):
@@ -152,6 +153,29 @@ def test_huge_loss_scale_is_no_non_finite_gradient():
     assert series.metrics["grad_norm"][:, 0] == pytest.approx(true, rel=1e-5)
     assert (series.metrics["nonfinite"] == 0).all()
     assert not [f for f in watch.findings() if f.kind == "non_finite"]
+
+
+def test_huge_finite_weights_and_activations_are_no_non_finite_values():
+    """A tester's first layer scaled by 1e20 at lr 0: every weight and activation finite, yet the
+    float32 sums of squares of the weight norm and the activations' std overflowed, and the run was
+    told its weights held NaN/Inf before any update. Taken again in float64 where that happens."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    with torch.no_grad():
+        model[0].weight.mul_(1e20)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    x = torch.randn(64, 8)
+    assert torch.isinf(torch.linalg.vector_norm(model[0].weight))  # (the float32 norm itself overflows)
+    with gradwatch.watch(model, opt, warn=False, sample_every=1) as watch:
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).abs().mean().backward()
+            opt.step()
+        series = watch.series()
+    hidden = model[1](model[0](x)).double()
+    assert series.metrics["weight_norm"][:, 0] == pytest.approx(model[0].weight.double().norm().item(), rel=1e-6)
+    assert series.metrics["act_std"][:, 1] == pytest.approx(hidden.std().item(), rel=1e-5)
+    assert not [f for f in diagnose(series) if f.kind == "non_finite"]
 
 
 def test_sparse_gradients_are_recorded():

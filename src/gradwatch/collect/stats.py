@@ -107,6 +107,16 @@ def activation_stats(y: torch.Tensor, activation: str, unit: int | None = None) 
     return activation_stats_stacked(y.detach().float().unsqueeze(0), activation, unit)[0]
 
 
+def _wide_std(ys: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dims: tuple, numel: int) -> torch.Tensor:
+    """`std` where it is finite, else taken again in float64: float32's sum of squares overflows
+    past |y - mean| ~1e19 though every value is finite (a tester's lr-200 run was told NaN/Inf
+    appeared in its activations). On the CPU only, where the test costs no sync; a row holding
+    NaN/Inf stays non-finite."""
+    wide = torch.linalg.vector_norm(ys.double() - mean.double().reshape(-1, *[1] * (ys.dim() - 1)), dim=dims)
+    wide = (wide / math.sqrt(numel - 1)).clamp(max=torch.finfo(torch.float32).max).float()
+    return torch.where(torch.isfinite(std), std, wide)
+
+
 def activation_stats_stacked(ys: torch.Tensor, activation: str, unit: int | None = None) -> torch.Tensor:
     """`activation_stats` of each of `ys` (float32 outputs of one shape, stacked along dim 0), as
     rows. Each row is bitwise the one of its output alone (on the CPU, tested): one set of ~10
@@ -120,6 +130,8 @@ def activation_stats_stacked(ys: torch.Tensor, activation: str, unit: int | None
     if numel > 1:  # two passes, mean then the norm of the deviations: ~20x faster than
         # torch.std_mean on the CPU and as exact (no cancellation as in E[y²] - E[y]²)
         std = torch.linalg.vector_norm(ys - mean.reshape(n, *[1] * len(shape)), dim=dims) / math.sqrt(numel - 1)
+        if ys.device.type == "cpu" and not bool(torch.isfinite(std).all()):
+            std = _wide_std(ys, mean, std, dims, numel)
     else:
         std = torch.zeros(n, device=ys.device)
     bounds = SATURATING.get(activation)

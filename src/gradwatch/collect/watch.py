@@ -901,6 +901,8 @@ class Watch:
         if rec.sampled:
             rec.grad_max = self._unscale(grad_max.clone())
             rec.weight = weight.clone()
+            if self._dist is None and params[0].device.type == "cpu" and not bool(torch.isfinite(rec.weight).all()):
+                self._widen_weight_norms(rec)
             if self._mode == "unknown":  # (backward mode: taken before the backward, see _open_backward_window)
                 self._window.take(rec)
 
@@ -918,6 +920,16 @@ class Watch:
             else:
                 # (a finite norm beyond float32's range is kept at its largest value: finite, as it is)
                 rec.grad[i] = self._unscale(torch.linalg.vector_norm(g, dtype=torch.float64)).clamp(max=FLOAT32_MAX)
+
+    def _widen_weight_norms(self, rec: StepRecord) -> None:
+        """A weight norm is infinite when every entry is finite but float32's sum of squares
+        overflows (|w| past ~1e19): taken again in float64, kept at float32's largest value at most.
+        A tester's weights scaled by 1e20 (norm 2.3e20) were told they held NaN/Inf before any update.
+        On the CPU, where the test costs no sync."""
+        for i in (~torch.isfinite(rec.weight)).nonzero().flatten().tolist():
+            w = distributed.local(self._params[i]).detach()
+            if bool(torch.isfinite(w).all()):
+                rec.weight[i] = torch.linalg.vector_norm(w, dtype=torch.float64).clamp(max=FLOAT32_MAX)
 
     # ---------------------------------------------------------------- optimizer
     def adopt_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
