@@ -89,10 +89,15 @@ def test_how_the_run_ended_is_said_and_forgotten_by_a_training_that_continues_it
     finish_store(path, 0)
     assert end_note(read_run(tmp_path).meta, 11) is None
     finish_store(path, 137)
-    RunStoreWriter(path, resume_at=12).close()  # a resumed training: the earlier end is not its own
+    resumed = RunStoreWriter(path, resume_at=12)  # a resumed training: the earlier end is not its own
     run = read_run(tmp_path)
-    assert "exit" not in run.meta and len(run.steps) == 12
+    assert "exit" not in run.meta and "closed" not in run.meta and len(run.steps) == 12
     assert end_note(run.meta, 11).startswith("its end was never recorded")  # until its own `gradwatch run` ends
+    # ... or its own process closes the store: a tester killed `gradwatch run` alone (kill -9), its
+    # command ran on to its last step and closed the store, and the run read "killed ... steps lost"
+    resumed.mark_closed()  # (what the watched process does as it ends: exit_signals.store_last_steps)
+    resumed.close()
+    assert end_note(read_run(tmp_path).meta, 11) is None
 
 
 def test_a_run_still_being_written_is_said_to_be_partial(tmp_path):
@@ -237,11 +242,27 @@ def test_a_gradwatch_run_store_with_no_end_and_no_lock_was_killed_with_its_comma
     zero_code.mkdir()
     writer = RunStoreWriter(zero_code / "gradwatch.sqlite", meta={"command": ["train.py"], "pid": 1})
     writer.write(FlushBatch(layers=[LayerInfo("fc", "Linear", 0, "weight", 2)], steps=[(0, 1.0, 0.1, "", 0.0)]))
-    writer.close()
+    # (killed with it: its writer never closed the store)
     assert end_note(read_run(zero_code).meta, 0) == (
         "its end was never recorded: `gradwatch run` was killed with its command (SIGKILL, or the machine "
         "stopped) after step 0; the steps after its last store write are lost")
+    writer.close()
     finish_store(zero_code / "gradwatch.sqlite", 0)
     assert end_note(read_run(zero_code).meta, 0) is None
     for meta in ({"command": ["fit.py"], "framework": "lightning"}, {}):
         assert end_note(meta, 0) is None
+
+
+def test_the_watched_process_says_it_ended_as_it_should_and_not_when_it_raised(tmp_path):
+    """What lets a run read whole when `gradwatch run` was killed alone: the command's own process
+    marks its store closed at its normal end, not at an uncaught error."""
+    from test_cli_run import gradwatch
+
+    script = tmp_path / "t.py"
+    body = ("import torch\nm = torch.nn.Linear(2, 1)\nopt = torch.optim.SGD(m.parameters(), lr=0.1)\n"
+            "for _ in range(3):\n    opt.zero_grad(); m(torch.ones(4, 2)).sum().backward(); opt.step()\n")
+    for name, tail, closed in (("ok", "", True), ("raised", "raise RuntimeError('after training')\n", False)):
+        script.write_text(body + tail)
+        gradwatch("run", "--out", tmp_path / name, script)
+        meta = read_run(tmp_path / name).meta
+        assert bool(meta.get("closed")) == closed and meta["exit"]["code"] == (0 if closed else 1)

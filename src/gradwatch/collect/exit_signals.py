@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
 
@@ -147,6 +148,8 @@ def store_last_steps(watch) -> None:
     previous = {s: signal.signal(s, h) for s, h in held.items()} if main else {}
     try:
         watch.detach()
+        if getattr(sys, "last_value", None) is None:  # (no uncaught error: ending as it should)
+            watch.mark_closed()
     finally:
         for s, h in previous.items():
             if h is not None:  # (None: a handler set outside Python, which cannot be put back)

@@ -633,6 +633,12 @@ class Watch:
 
     close = detach
 
+    def mark_closed(self) -> None:
+        """The process ends normally with its last steps stored: said in the store, so a run whose
+        `gradwatch run` was killed alone (its command ran on to its end) reads whole (store/ending.py)."""
+        if self._writer is not None:
+            self._writer.mark_closed()
+
     def abandon_collectives(self, why: str) -> None:
         """The process is ending on an error: flush what is left without the exchange across ranks
         (the other ranks may never join it)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import signal
 
-from gradwatch.store.schema import EXIT_KEY
+from gradwatch.store.schema import CLOSED_KEY, EXIT_KEY
 from gradwatch.store.series import RunSeries
 
 _SIGNALS = {int(s): s.name for s in signal.Signals}
@@ -20,6 +20,8 @@ def end_note(meta: dict, last_step: int | None = None) -> str | None:
     if meta.get("live"):
         return "still being written" + (f": stored up to step {last_step} so far" if at else "")
     end = meta.get(EXIT_KEY)
+    if end is None and meta.get(CLOSED_KEY):  # (`gradwatch run` killed alone: its command ran on and closed it)
+        return None
     if end is None and meta.get("command") and not meta.get("framework"):
         # a `gradwatch run` store (a callback's names its framework): `gradwatch run` records the end
         # once its command ends, unless it was killed first, with it (its process group, the machine)

@@ -3,6 +3,9 @@
 FORMAT = "gradwatch-store"
 SCHEMA_VERSION = 1
 EXIT_KEY = "exit"  # meta: how the command of `gradwatch run` ended, {"code": N} (128+N: signal N)
+# meta: the process that wrote the store closed it itself (its last steps flushed): a run whose
+# `gradwatch run` was killed alone, its command running on to its end, is whole
+CLOSED_KEY = "closed"
 
 # Per-(step, layer) columns, in table order. NULL = not recorded at that step.
 LAYER_COLUMNS = (

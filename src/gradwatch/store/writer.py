@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from gradwatch.errors import StoreError
-from gradwatch.store.schema import DDL, EXIT_KEY, FORMAT, LAYER_COLUMNS, SCHEMA_VERSION
+from gradwatch.store.schema import CLOSED_KEY, DDL, EXIT_KEY, FORMAT, LAYER_COLUMNS, SCHEMA_VERSION
 from gradwatch.store.series import LayerInfo
 
 
@@ -61,7 +61,7 @@ class RunStoreWriter:
             for table in ("steps", "layer_stats", "time_profile", "events"):  # what came after the checkpoint
                 self._db.execute(f"DELETE FROM {table} WHERE step >= ?", (resume_at,))
             # how an earlier run of a resumed training ended (`gradwatch run` writes it at the end)
-            self._db.execute("DELETE FROM meta WHERE key = ?", (EXIT_KEY,))
+            self._db.executemany("DELETE FROM meta WHERE key = ?", [(EXIT_KEY,), (CLOSED_KEY,)])
             self._write_meta({"format": FORMAT, "schema_version": SCHEMA_VERSION, **(meta or {})})
 
     @property
@@ -113,6 +113,14 @@ class RunStoreWriter:
         placeholders = ",".join("?" * (2 + len(columns)))
         self._db.executemany(
             f"INSERT OR REPLACE INTO layer_stats (step, layer, {', '.join(columns)}) VALUES ({placeholders})", rows)
+
+    def mark_closed(self) -> None:
+        """The process that writes the store ends normally, its last steps stored (`CLOSED_KEY`)."""
+        try:
+            with self._db:
+                self._write_meta({CLOSED_KEY: True})
+        except sqlite3.Error:
+            pass
 
     def close(self) -> None:
         try:
