@@ -260,9 +260,11 @@ def test_the_watched_process_says_it_ended_as_it_should_and_not_when_it_raised(t
 
     script = tmp_path / "t.py"
     body = ("import torch\nm = torch.nn.Linear(2, 1)\nopt = torch.optim.SGD(m.parameters(), lr=0.1)\n"
-            "for _ in range(3):\n    opt.zero_grad(); m(torch.ones(4, 2)).sum().backward(); opt.step()\n")
+            "lf = torch.nn.MSELoss()\n"
+            "for _ in range(3):\n    opt.zero_grad(); lf(m(torch.ones(4, 2)), torch.zeros(4, 1)).backward(); opt.step()\n")
     for name, tail, closed in (("ok", "", True), ("raised", "raise RuntimeError('after training')\n", False)):
         script.write_text(body + tail)
         gradwatch("run", "--out", tmp_path / name, script)
         meta = read_run(tmp_path / name).meta
         assert bool(meta.get("closed")) == closed and meta["exit"]["code"] == (0 if closed else 1)
+        assert meta["models"] == [""]  # (the loss module it calls, no parameters, is no model: a report listed it)

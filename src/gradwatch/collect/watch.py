@@ -526,7 +526,9 @@ class Watch:
         meta = {k: self._meta[k] for k in ("optimizer", "momentum", "distributed", STALE_KEY, INPUT_DERIVATIVES,
                                            SPARSE_GRADIENTS) if k in self._meta}
         meta["lr_scale"] = self._lr_scales()
-        meta["models"] = [prefix for _, prefix in self._models]  # (a GAN's: diagnosed one by one)
+        # (a GAN's: diagnosed one by one; a module with no parameters, a loss module the script calls,
+        # is no model: a report listed `lf`, its nn.CrossEntropyLoss)
+        meta["models"] = [prefix for model, prefix in self._models if any(True for _ in model.parameters())]
         if self._sampled_hooks.output_layers:  # (the output's own activations, every head's: diagnose.signals)
             meta["output_layers"] = sorted(self._sampled_hooks.output_layers)
         batch = to_batch(ready, self._layers, meta=meta)
