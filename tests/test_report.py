@@ -282,8 +282,11 @@ def test_metadata_leaves_out_empty_event_lists_and_shortens_long_ones(run_dir):
     from gradwatch.report.page import meta_rows
 
     run = gw.read_run(run_dir)
-    run.meta.update(phase_starts=[], guard_skipped_steps=list(range(500)), skipped_steps=[3])
+    run.meta.update(phase_starts=[], guard_skipped_steps=list(range(500)), skipped_steps=[3],
+                    live_findings=[[1, "exploding_gradient", 6], [8, "non_finite", 0]], models=["", "netD"])
     rows = dict(meta_rows(run, "run"))
+    assert rows["live_findings"] == "2: (1, exploding_gradient, 6), (8, non_finite, 0)"  # (was read flat as 6)
+    assert rows["models"] == "2: the first (its layers unprefixed), netD"
     assert "phase_starts" not in rows and all(value != "" for value in rows.values())
     assert rows["guard_skipped_steps"].startswith("500: 0, 1, 2") and rows["guard_skipped_steps"].endswith("19 ...")
     assert rows["skipped steps (loss scaler)"] == "1: 3"

@@ -302,9 +302,13 @@ def meta_rows(run: RunSeries, source: str) -> list[tuple[str, str]]:
     for key, value in sorted(meta.items()):
         # the event lists (skipped steps, phase starts, ...): their length and first entries, when any
         if isinstance(value, (list, tuple)):
+            if key == "models":  # (the first model's layers have no prefix)
+                value = [m or "the first (its layers unprefixed)" for m in value]
             if value:
-                rows.append((META_LABELS.get(key, key),
-                             f"{len(value)}: {fmt(value[:20])}" + (" ..." if len(value) > 20 else "")))
+                # an entry that is itself a list (a live finding's [step, kind]) in parentheses: joined
+                # flat, `2: 1, exploding_gradient, 6, 8, non_finite, 0` read as six entries
+                shown = ", ".join(f"({fmt(v)})" if isinstance(v, (list, tuple)) else fmt(v) for v in value[:20])
+                rows.append((META_LABELS.get(key, key), f"{len(value)}: {shown}" + (" ..." if len(value) > 20 else "")))
         elif value not in (None, "", {}):
             rows.append((META_LABELS.get(key, key), fmt(value)))
     return rows
