@@ -7,15 +7,17 @@ import json
 import sys
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.text import Text
 
 from gradwatch.cli import Reading, say, say_which_store
 from gradwatch.diagnose import diagnose
-from gradwatch.diagnose.advice import Context
-from gradwatch.fix.names import Names, in_script_names, read_names, script_path
 from gradwatch.store import RunSeries, partial_note, read_run
+
+if TYPE_CHECKING:
+    from gradwatch.fix.names import Names
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from gradwatch.fix.names import in_script_names  # (here: the parsers are built without importing torch)
+
     say_which_store(args.run)
     progress = Reading(args.run)
     series = read_run(args.run, progress=progress, compact=True)
@@ -71,6 +75,9 @@ def main(args: argparse.Namespace) -> int:
 def _script_names(series: RunSeries) -> Names | None:
     """The names the run's script gives its model and optimizer, read from its source where it is
     still at the path it ran from (relative to here), else None: the code stays generic."""
+    from gradwatch.diagnose.advice import Context
+    from gradwatch.fix.names import read_names, script_path
+
     argv = [str(a) for a in series.meta.get("command") or series.meta.get("argv") or []]
     path = script_path([sys.executable, *argv], Path.cwd()) if argv else None
     if path is None:
