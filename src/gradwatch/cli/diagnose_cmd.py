@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 import textwrap
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -74,18 +73,13 @@ def main(args: argparse.Namespace) -> int:
 
 def _script_names(series: RunSeries) -> Names | None:
     """The names the run's script gives its model and optimizer, read from its source where it is
-    still at the path it ran from (relative to here), else None: the code stays generic."""
+    still at the path it ran from (relative to here), as fix reads them; generic where it is not
+    (the code stays as written), None for a run with no command."""
     from gradwatch.diagnose.advice import Context
-    from gradwatch.fix.names import read_names, script_path
+    from gradwatch.fix.names import script_names
 
     argv = [str(a) for a in series.meta.get("command") or series.meta.get("argv") or []]
-    path = script_path([sys.executable, *argv], Path.cwd()) if argv else None
-    if path is None:
-        return None
-    try:
-        return read_names(path.read_text(encoding="utf-8"), Context(series))
-    except (OSError, UnicodeDecodeError):
-        return None
+    return script_names([sys.executable, *argv], Context(series)) if argv else None
 
 
 def _fmt(v: object, shown: int = 8) -> str:

@@ -14,7 +14,7 @@ import shlex
 import numpy as np
 
 from gradwatch.diagnose.finding import Remedy
-from gradwatch.diagnose.signals import functional_activation, last_weight_index, outputs_own, profile_columns, recurrent_layers
+from gradwatch.diagnose.signals import functional_activation, hidden_layers, outputs_own, profile_columns, recurrent_layers
 from gradwatch.store.series import WEIGHT_ROLES, RunSeries
 
 RELU_FAMILY = {"relu", "relu6", "leaky_relu", "prelu", "rrelu", "elu", "celu", "selu", "gelu", "silu", "mish"}
@@ -109,10 +109,10 @@ class Context:
         # {activation: the hidden layers whose output forward() passes through it as a function (F.relu);
         # not the last weight layer's, the output's own (a sigmoid giving BCELoss its probabilities),
         # nor any the loss takes through no weight layer (a head's that another head runs after)}
-        last, own = last_weight_index(run.layers), outputs_own(run)
+        hidden, own = hidden_layers(run), outputs_own(run)
         self.functional: dict[str, list[str]] = {}
         for l in sorted(run.layers, key=lambda l: l.index):
-            if functional_activation(l) and l.index < last and l.name not in own:
+            if functional_activation(l) and l.name in hidden:
                 self.functional.setdefault(l.activation, []).append(l.name)
         self.modules = {l.activation for l in run.layers if l.role == "activation"}
         acts = [l.activation for l in run.layers if l.role == "activation" and l.name not in own] + \

@@ -93,6 +93,14 @@ def outputs_own(run: RunSeries) -> set[str]:
     return set(run.meta.get("output_layers") or ())
 
 
+def hidden_layers(run: RunSeries) -> set[str]:
+    """The names of the layers that run before the last weight layer, but those the loss takes
+    through no weight layer (`outputs_own`): the layers whose activations are hidden ones, which the
+    rules judge and fix swaps. One on the last weight layer's output, or after it, is the output's."""
+    last, own = last_weight_index(run.layers), outputs_own(run)
+    return {l.name for l in run.layers if l.index < last and l.name not in own}
+
+
 def functional_activation(layer) -> bool:
     """A weight layer recorded with the activation forward() calls as a function on its output
     (F.relu(self.fc1(x))): no module to swap, a line of forward() to change."""

@@ -19,7 +19,7 @@ import numpy as np
 
 from gradwatch.diagnose.advice import Context, nan_cause
 from gradwatch.diagnose.finding import Finding
-from gradwatch.diagnose.signals import functional_activation, last_weight_index, outputs_own
+from gradwatch.diagnose.signals import functional_activation, hidden_layers, last_weight_index, outputs_own
 from gradwatch.errors import ConfigError
 from gradwatch.fix.candidates import (BLOW_UP, MODEL_KEYS, Candidate, aimed, autotrainer_order, combine, findings_model,
                                       from_findings, from_origin, lr_ceiling)
@@ -449,18 +449,18 @@ def group_lrs(run_dir: Path) -> tuple[float, ...]:
 def hidden_functions(run: RunSeries) -> set[str]:
     """The activations forward() calls as functions on the outputs of layers before the last weight
     layer (`F.relu(self.fc1(x))`, found by the watch): one on the last's is the output's own, and so
-    is one the loss takes through no weight layer (`outputs_own`)."""
-    last, own = last_weight_index(run.layers), outputs_own(run)
-    return {l.activation for l in run.layers if functional_activation(l) and l.index < last and l.name not in own}
+    is one the loss takes through no weight layer (`hidden_layers`)."""
+    hidden = hidden_layers(run)
+    return {l.activation for l in run.layers if functional_activation(l) and l.name in hidden}
 
 
 def hidden_activations(run: RunSeries) -> set[str]:
     """The activations of the modules that first run before the last weight layer: one that runs
     only after it is the output's, which the swaps keep, so a swap of it alone would change nothing;
-    so is a head's that another head runs after (`outputs_own`)."""
-    last, own = last_weight_index(run.layers), outputs_own(run)
-    return {l.activation for l in run.layers if l.role == "activation" and (l.index < last or last < 0)
-            and l.name not in own}
+    so is a head's that another head runs after (`hidden_layers`). A run with no weight layer: all
+    but those the loss takes."""
+    hidden = hidden_layers(run) if last_weight_index(run.layers) >= 0 else {l.name for l in run.layers} - outputs_own(run)
+    return {l.activation for l in run.layers if l.role == "activation" and l.name in hidden}
 
 
 def fix(command: list[str] | Callable[[], object], *, out: str | os.PathLike = "runs/fix", budget_steps: int = 200,

@@ -60,7 +60,9 @@ def fmt(value: object) -> str:
             return "inf" if v > 0 else "-inf"
         return f"{v:.4g}"
     if isinstance(value, (list, tuple)):
-        return ", ".join(fmt(v) for v in value)
+        # an entry that is itself a list (a live finding's [step, kind]) in parentheses: joined flat,
+        # `1, exploding_gradient, 6, 8, non_finite, 0` read as six entries
+        return ", ".join(f"({fmt(v)})" if isinstance(v, (list, tuple)) else fmt(v) for v in value)
     if isinstance(value, dict):
         return ", ".join(f"{k}: {fmt(v)}" for k, v in value.items())
     return str(value)
@@ -305,10 +307,8 @@ def meta_rows(run: RunSeries, source: str) -> list[tuple[str, str]]:
             if key == "models":  # (the first model's layers have no prefix)
                 value = [m or "the first (its layers unprefixed)" for m in value]
             if value:
-                # an entry that is itself a list (a live finding's [step, kind]) in parentheses: joined
-                # flat, `2: 1, exploding_gradient, 6, 8, non_finite, 0` read as six entries
-                shown = ", ".join(f"({fmt(v)})" if isinstance(v, (list, tuple)) else fmt(v) for v in value[:20])
-                rows.append((META_LABELS.get(key, key), f"{len(value)}: {shown}" + (" ..." if len(value) > 20 else "")))
+                rows.append((META_LABELS.get(key, key),
+                             f"{len(value)}: {fmt(value[:20])}" + (" ..." if len(value) > 20 else "")))
         elif value not in (None, "", {}):
             rows.append((META_LABELS.get(key, key), fmt(value)))
     return rows

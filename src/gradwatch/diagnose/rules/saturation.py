@@ -8,7 +8,7 @@ import numpy as np
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
 from gradwatch.diagnose.rules.loss import learning_on, loss_fell_to, sampled_onset
-from gradwatch.diagnose.signals import last_weight_index, lowest_activation, outputs_own, persistent_activation_layers, quoted, summarise_layers
+from gradwatch.diagnose.signals import hidden_layers, lowest_activation, persistent_activation_layers, quoted, summarise_layers
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
 
@@ -17,9 +17,9 @@ def find_saturation(run: RunSeries, th: Thresholds) -> list[Finding]:
     hits = persistent_activation_layers(run, "saturated", th.saturated_fraction, th.persist_samples, only=advice.SATURATING)
     # the output's own activation (a sigmoid before BCELoss) saturates when its predictions are
     # confident, which is the aim: the loss's gradient at the logit is p - y, not through σ'; so is
-    # a head's that another head runs after (`outputs_own`)
-    last_weight, own = last_weight_index(run.layers), outputs_own(run)
-    hits = {n: h for n, h in hits.items() if run.layers[run.column(n)].index < last_weight and n not in own}
+    # a head's that another head runs after (`hidden_layers`)
+    hidden = hidden_layers(run)
+    hits = {n: h for n, h in hits.items() if n in hidden}
     if not hits:
         return []
     first, layers, worst_layer, worst, at_init = summarise_layers(run, hits)
