@@ -3,7 +3,7 @@ of the user's own files: their edits, fix's own log, what they changed after a k
 
 import os
 
-from gradwatch.fix.touched import GRACE_S, Workspace
+from gradwatch.fix.touched import GRACE_S, WROTE, Workspace
 
 
 def test_fix_own_log_in_the_working_directory_is_left_to_grow(tmp_path):
@@ -169,3 +169,53 @@ def test_a_file_a_paused_trial_still_holds_open_is_put_back(tmp_path):
     finally:
         stop.write_text("")
         trial.wait(timeout=30)
+
+
+TRIAL_SCRIPT = """
+import os, sys, torch
+from torch import nn
+model = nn.Linear(4, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+for _ in range(3):
+    opt.zero_grad(); model(torch.randn(8, 4)).pow(2).mean().backward(); opt.step()
+torch.save(model.state_dict(), "ckpt.pt")        # opened in C++: says its path itself
+with open("log.txt", "a") as f:
+    f.write("trial\\n")
+os.remove("old.txt")
+os.makedirs("trial_dir", exist_ok=True)
+open(os.path.join("trial_dir", "x"), "w").close()
+"""
+
+
+def test_files_another_program_writes_during_a_trial_are_left_alone(tmp_path, monkeypatch):
+    """A tester's notes, written beside a running fix (and another `gradwatch run`'s store), were
+    moved into a trial's directory and blamed on the script: a trial's files are now those its
+    processes noted writing; the others are kept as they are, the trial's put back."""
+    import sys
+
+    from gradwatch.fix.candidates import Candidate
+    from gradwatch.fix.trial import run_trial
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "runs" / "fix"
+    (tmp_path / "train.py").write_text(TRIAL_SCRIPT)
+    for name in ("ckpt.pt", "log.txt", "old.txt", "notes.txt"):
+        (tmp_path / name).write_text("mine\n")
+    w = Workspace(tmp_path, out)
+    run_trial([sys.executable, "train.py"], out / "screen-1", Candidate("baseline"), 10)  # (the script runs 3)
+    (tmp_path / "notes.txt").write_text("written meanwhile\n")  # another program, during the trial
+    (tmp_path / "mine.txt").write_text("new\n")
+    (tmp_path / "theirs").mkdir()
+    w.settle(out / "screen-1")
+    assert w.written == {"ckpt.pt", "log.txt", "old.txt", "trial_dir/x"}
+    for name in ("ckpt.pt", "log.txt", "old.txt"):
+        assert (tmp_path / name).read_text() == "mine\n", name
+    assert not (tmp_path / "trial_dir").exists() and (out / "screen-1" / "written" / "trial_dir" / "x").is_file()
+    assert (tmp_path / "notes.txt").read_text() == "written meanwhile\n" and (tmp_path / "mine.txt").is_file()
+    assert (tmp_path / "theirs").is_dir() and w.edited == {"notes.txt", "mine.txt"}
+    (tmp_path / "notes.txt").write_text("mine again\n")  # and a later trial's put-back keeps theirs
+    (out / "screen-2").mkdir()
+    (out / "screen-2" / WROTE).write_text("")  # (a trial that wrote nothing)
+    w.settle(out / "screen-2")
+    assert (tmp_path / "notes.txt").read_text() == "mine again\n"
+    w.close()

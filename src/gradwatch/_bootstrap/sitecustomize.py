@@ -307,6 +307,49 @@ def _die_by_default_while_idle():
     SimpleQueue.get = get
 
 
+ENV_WRITES = "GRADWATCH_FIX_WRITES"  # a fix trial's: the file its processes note what they write in (fix/touched.py)
+WRITE_EVENTS = ("os.remove", "os.rename", "os.truncate", "os.mkdir", "shutil.rmtree", "sqlite3.connect",
+                "gradwatch.wrote")  # their first argument a path (os.rename's second too)
+_writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+
+def _note_writes(log):
+    """A fix trial: every path its Python code opens for writing, removes, renames or truncates
+    (audit events, so any library that writes through Python: open, numpy, PIL, logging, sqlite3;
+    torch.save, which opens in C++, says so itself: fix/inject.py) is appended to `log`, once
+    each, so fix puts back what the trial wrote and no other program's file (a tester's notes,
+    written beside a fix, were moved into its trials). A fork inherits the hook and the
+    descriptor; a spawned process opens it again."""
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    seen = set()
+
+    def hook(event, args):
+        if event == "open":
+            path, mode, flags = args
+            if isinstance(path, int) or not (mode and any(c in mode for c in "wax+") or not mode and flags & _writing):
+                return
+            paths = (path,)
+        elif event in WRITE_EVENTS:
+            paths = args[:2] if event == "os.rename" else args[:1]
+        else:
+            return
+        for path in paths:
+            try:
+                path = os.path.realpath(os.fsdecode(path))
+            except (TypeError, ValueError, OSError):
+                continue
+            if path not in seen:
+                seen.add(path)
+                os.write(fd, (path + "\n").encode(errors="surrogateescape"))
+
+    sys.addaudithook(hook)
+
+
+if os.environ.get(ENV_WRITES):
+    try:
+        _note_writes(os.environ[ENV_WRITES])
+    except OSError:  # (fix then puts back every file the trials changed, as before)
+        pass
 if os.environ.get("GRADWATCH_RUN_DIR"):
     _keep_the_lock_from_children()
     _report_ours_as_default()

@@ -45,6 +45,7 @@ from gradwatch.store.series import LayerInfo, RunSeries
 from gradwatch.store.writer import RunStoreWriter
 
 LATE_CLIP = "late_clip"  # an event: gradients clipped after the step that used them (store/reader.py)
+REPEATED_BACKWARD = "repeated_backward"  # an event: a second backward of the same loss in one step
 MAX_ACCUMULATION = 64  # backwards per optimizer step that zero-code mode waits for before the first step
 
 
@@ -184,6 +185,9 @@ class Watch:
         self._in_step = False  # between the optimizer's step pre- and post-hook (closures)
         self._closure_loss = False  # a closure's loss was added in this step
         self._late_clip_said = False  # a clipping after the step was noted (see clipped)
+        self._last_loss: tuple[weakref.ref, int] | None = None  # the last backward's loss and its step
+        self._again = False  # this backward is of the same loss as the last one in the step, uncleared
+        self._again_said = False
         self._consumed: tuple | None = None  # (param, its grad, the grad's version) as the last step used it
         self._clipped_before_step = self._clipped_at_step = False  # a clip before the coming / last step
         self._said_unflushed = False  # findings() under DDP said what it cannot read yet
@@ -704,6 +708,7 @@ class Watch:
         unscaled = getattr(root, patches.UNSCALED, None)
         self._backward_scale = unscaled[1] if unscaled is not None else None
         self._grads_before = self._grads_seen
+        self._again = self._repeated(unscaled[0] if unscaled is not None else root)
         if self._mode == "backward":
             # each backward a step: its update is what changes the weights from its start to the
             # next one's, inside it too. An optimizer fused into backward (torch's recipe: a gradient
@@ -712,6 +717,22 @@ class Watch:
             # `stalled_layers` error)
             self._take_window(self._current())
         self._sampled_hooks.before_backward(root)
+
+    def _repeated(self, loss: object) -> bool:
+        """A backward of the loss the step's last backward started from, its gradients not cleared
+        since (`loss.backward(retain_graph=True); loss.backward()`): the same gradient added twice,
+        no micro-batch (each has a loss tensor of its own). The loss is recorded once; the first
+        is said as an event (rules/repeated_backward.py). One host read, on such a backward only:
+        gradients zeroed in place (zero_grad(set_to_none=False)) are a clear, the loss still once."""
+        last = self._last_loss
+        if last is None or last[0]() is not loss or last[1] != self._step or self._mode == "backward" \
+                or not self._backward_since_step or self._grads_cleared():
+            return False
+        grad = next((p.grad for p in self._params if p.grad is not None), None)
+        if not self._again_said and grad is not None and bool(grad.any()):
+            self._again_said = True
+            self._events.append((self._step, REPEATED_BACKWARD, json.dumps({"where": caller_line()})))
+        return True
 
     def _take_window(self, rec: StepRecord | None) -> None:
         """The weights as they are now, kept for the Δw of `rec`'s step, if it is sampled and no
@@ -746,9 +767,9 @@ class Watch:
             self._small.clear()  # the hooks kept this call's small gradients: not the step's
             self._backward_scale = None
             return
+        unscaled = getattr(root, patches.UNSCALED, None)
+        loss = unscaled[0] if unscaled is not None else root
         if rec is not None and self._params:
-            unscaled = getattr(root, patches.UNSCALED, None)
-            loss = unscaled[0] if unscaled is not None else root
             # optimizer.step(closure): the closure's first loss is the step's (what step() returns);
             # LBFGS's later calls evaluate line-search points, not micro-batches. Micro-batches
             # accumulated before the step (Lightning runs the last one in the closure) all count.
@@ -757,12 +778,13 @@ class Watch:
             reached = self._dist is not None or self._grads_seen > self._grads_before
             self._reached = self._reached or reached
             if (isinstance(loss, torch.Tensor) and loss.numel() == 1 and not rec.loss_explicit and reached
-                    and not (self._in_step and self._closure_loss)):
+                    and not (self._in_step and self._closure_loss) and not self._again):
                 rec.add_loss(loss)
                 self._closure_loss = self._in_step
             self._record_grads(rec)
         self._backward_scale = None
         self._backward_since_step = True
+        self._last_loss = (weakref.ref(loss), self._step) if isinstance(loss, torch.Tensor) else None
         if self._mode != "optimizer" and rec is not None and rec.sampled and self._dist is None and self._params \
                 and not self._stale.armed:  # (an armed check spans an update: StaleCheck._by_hand)
             # no optimizer (yet: zero-code mode's first steps): its weights are updated by hand

@@ -13,6 +13,7 @@ from gradwatch.diagnose.advice import continued
 from gradwatch.diagnose.finding import KINDS, SEVERITIES, Finding, Remedy
 from gradwatch.diagnose.rules import RULES
 from gradwatch.diagnose.rules.late_clipping import find_late_clipping
+from gradwatch.diagnose.rules.repeated_backward import find_repeated_backward
 from gradwatch.diagnose.rules.loss import find_loss_divergence, find_loss_plateau
 from gradwatch.diagnose.rules.non_finite import find_non_finite, find_scaler_stuck
 from gradwatch.diagnose.rules.stale_gradients import find_stale_gradients
@@ -77,7 +78,7 @@ def _per_sample_norms(finding: Finding) -> Finding:
 
 
 # rules of the whole run (its loss, a NaN anywhere, the script's order of calls), not of a model's depth
-RUN_RULES = (find_stale_gradients, find_late_clipping, find_non_finite, find_loss_divergence, find_loss_plateau)
+RUN_RULES = (find_stale_gradients, find_late_clipping, find_repeated_backward, find_non_finite, find_loss_divergence, find_loss_plateau)
 
 
 def _models_of(run: RunSeries) -> list[RunSeries]:

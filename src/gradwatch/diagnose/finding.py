@@ -17,6 +17,7 @@ KINDS = (
     "loss_divergence",
     "stale_gradients",
     "late_clipping",
+    "repeated_backward",
 )
 SEVERITIES = ("info", "warning", "error")
 

@@ -26,6 +26,9 @@ GRACE_S = 60  # a file changed this long after a killed fix's last write is the 
 MAX_ENTRIES = 20000  # a data directory of millions of files is not worth walking
 BACKUP_LIMIT = 512 * 2**20  # bytes of the user's files copied aside before the baseline, at most
 WRITTEN = "written"  # in a trial's directory: the files the script wrote during that trial
+WROTE = "wrote.txt"  # in a trial's directory: the paths its processes opened for writing (_bootstrap `_note_writes`)
+ENV_WRITES = "GRADWATCH_FIX_WRITES"  # that file's path, for the trial's processes (the same name in _bootstrap)
+SQLITE_FILES = ("-wal", "-shm", "-journal")  # what SQLite writes beside a database, in C
 BACKUP, INTERRUPTED, COMPLETE = ".originals", ".originals-interrupted", ".complete"
 SKIP = {".git", ".hg", ".svn", ".venv", "venv", "__pycache__", "node_modules"}
 
@@ -164,6 +167,24 @@ def snapshot(root: Path, exclude: Path, depth: int = DEPTH) -> Snapshot:
     return seen
 
 
+def trial_writes(log: Path) -> Callable[[str], bool] | None:
+    """Whether a path is one the trial wrote, removed or renamed, by the paths its processes noted
+    (the folders too: what a removed tree held, a database's journal beside it); None where it
+    noted nothing (no Python process of its own, a trial run in this process): then every change
+    is taken for the trial's."""
+    try:
+        noted = log.read_text(errors="surrogateescape").splitlines()
+    except OSError:
+        return None
+    paths, folders = set(noted), tuple(os.path.join(p, "") for p in noted)
+
+    def wrote(path: str) -> bool:
+        real = os.path.realpath(path)
+        base = next((real[:-len(s)] for s in SQLITE_FILES if real.endswith(s)), real)
+        return real in paths or base in paths or real.startswith(folders)
+    return wrote
+
+
 class Workspace:
     """The working directory as it was before `fix`: its files (three levels deep) are copied
     aside first, up to BACKUP_LIMIT bytes. After each trial, `settle` moves the files the script
@@ -184,7 +205,7 @@ class Workspace:
         self.restorable = sum(size for _, size in self.before.files.values()) <= BACKUP_LIMIT
         self.written: set[str] = set()
         self.overwritten: set[str] = set()  # changed by a trial and not restorable (too much to copy)
-        self.edited: set[str] = set()  # source files the user changed during the fix, kept
+        self.edited: set[str] = set()  # source files the user changed during the fix, and files another program wrote, kept
         self.settled = True
         if self.restorable:
             for rel in self.before.files:
@@ -233,16 +254,21 @@ class Workspace:
         back (the trial's versions kept beside its new files), its folders are removed. A source
         file changed or made meanwhile is the user's: kept as it is, and the later trials run it.
         Returns whether the trial had changed anything (a paused trial that had must not run on:
-        what it wrote is gone)."""
+        what it wrote is gone). A file the trial's processes did not note writing (`trial_writes`)
+        is another program's, written meanwhile: kept as it is, like the user's edits."""
         self.settled = False
         touched = False
         now = snapshot(self.root, self.out)
+        wrote = trial_writes(trial_dir / WROTE)
         self.before.held |= now.held  # (a writer that ended since: its file is still not the trial's)
         changed = sorted(p for p, stat in now.files.items()
                          if self.before.files.get(p) != stat and p not in self.before.held)
         for rel in changed + sorted(set(self.before.files) - set(now.files) - now.held):
-            if rel in now.files and rel.endswith(SOURCE):  # written or created: the user's
-                self.edited.add(rel)
+            if rel in now.files and rel.endswith(SOURCE) or wrote is not None and not wrote(str(self.root / rel)):
+                self.edited.add(rel)  # the user's, or another program's: as it is now
+                if rel not in now.files:
+                    self.before.files.pop(rel, None)
+                    continue
                 self.before.files[rel] = now.files[rel]
                 if self.restorable:
                     _copy(self.root / rel, self.backup / rel)
@@ -258,6 +284,9 @@ class Workspace:
             else:
                 self.overwritten.add(rel)
         for rel in sorted(now.dirs - self.before.dirs, key=len, reverse=True):  # folders it made, deepest first
+            if wrote is not None and not wrote(str(self.root / rel)):
+                self.before.dirs.add(rel)  # another program's
+                continue
             touched = True
             try:
                 (self.root / rel).rmdir()

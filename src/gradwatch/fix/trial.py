@@ -28,7 +28,7 @@ from gradwatch.fix.inject import (BUDGET_REACHED, ENV_MAX_STEPS, ENV_REMEDY, NOT
                                   STOPPED_NON_FINITE, Injector)
 from gradwatch.fix.locate import ENV_LOCATE_AT, ORIGIN
 from gradwatch.fix.pause import Channel
-from gradwatch.fix.touched import WRITTEN
+from gradwatch.fix.touched import ENV_WRITES, WRITTEN, WROTE
 from gradwatch.store import read_run
 from gradwatch.store.series import WEIGHT_ROLES, RunSeries
 
@@ -236,6 +236,7 @@ def prepare(run_dir: Path, candidate: Candidate) -> Path:
     (run_dir / PROGRESS).unlink(missing_ok=True)
     (run_dir / BUDGET_REACHED).unlink(missing_ok=True)
     (run_dir / STOPPED_NON_FINITE).unlink(missing_ok=True)
+    (run_dir / WROTE).unlink(missing_ok=True)
     (run_dir / REMEDY_FILE).write_text(json.dumps(
         {"name": candidate.name, "spec": candidate.spec, "code": candidate.code}, indent=1) + "\n")
     return run_dir
@@ -269,6 +270,7 @@ def run_trial(command: list[str], run_dir: Path, candidate: Candidate, budget_st
     run_dir = prepare(run_dir, candidate)
     env = runner.child_env(run_dir, options or {})
     env[ENV_MAX_STEPS] = str(budget_steps)
+    env[ENV_WRITES] = str((run_dir / WROTE).resolve())  # (what it writes is put back: touched.py)
     if candidate.spec:
         env[ENV_REMEDY] = json.dumps(candidate.spec)
     if locate_at is not None:

@@ -400,6 +400,8 @@ def _with_events(db: sqlite3.Connection, meta: dict) -> dict:
     meta["distributed_errors"] = [[s, d] for s, d in events.get("distributed_error", [])]
     # gradients clipped after the step that used them: [step, {"function", "where", "limit"}], the first
     meta["late_clip"] = [[s, json.loads(d)] for s, d in events.get("late_clip", [])[:1]]
+    # a second backward of the same loss in one step: [step, {"where"}], the first
+    meta["repeated_backward"] = [[s, json.loads(d)] for s, d in events.get("repeated_backward", [])[:1]]
     # findings the live diagnosis said while training: [step, kind, first layer]
     meta["live_findings"] = [[s, *json.loads(d)] for s, d in events.get("live_finding", [])]
     return meta
