@@ -156,7 +156,8 @@ def print_result(result: FixResult, console: Console) -> None:
                       f"a trial created are kept in its directory under {WRITTEN}/.", markup=False)
     if result.edited:
         console.print(f"Note: {_some(result.edited)} changed or appeared during the fix (your edits, or another "
-                      "program's files: not the trials') and were left as they are; where the script imports them, the trials after the change ran the new version.",
+                      "program's files: not the trials') and were left as they are; where the script imports them, the "
+                      "trials after the change ran the new version.",
                       markup=False)
     if result.overwritten:
         console.print(f"Note: {_some(result.overwritten)} now hold a trial's output, not yours: your directory "
