@@ -54,3 +54,42 @@ def test_gradual_unfreezing_that_blows_up_the_layers_already_trained_still_explo
     for i, on in ((0, 300), (1, 150), (2, 0)):
         run.metrics["grad_norm"][:, run.column(f"fc{i}")] = np.where(t >= on, level * noise, np.nan)
     assert "exploding_gradient" in kinds(gw.diagnose(run))
+
+
+def _head_swap(head_lr: float, tmp_path):
+    """Pretrain with Adam, then a new head where the old one was, the backbone frozen, and SGD for
+    the fine-tune whose groups were swapped by a typo (`head_lr` 0: the head never learns); watched
+    as `gradwatch run` watches, with no code."""
+    import torch
+    from torch import nn
+
+    from gradwatch.collect.auto import AutoWatch
+
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+    model = nn.Sequential(backbone, nn.Linear(16, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    (run_dir := tmp_path / f"lr{head_lr}").mkdir()
+    watch = AutoWatch(str(run_dir), warn=False, status=False)
+    for step in range(300):
+        if step == 100:
+            model[1] = nn.Linear(16, 3)
+            backbone.requires_grad_(False)
+            opt = torch.optim.SGD([{"params": backbone.parameters(), "lr": 0.05 - head_lr},
+                                   {"params": model[1].parameters(), "lr": head_lr}], momentum=0.9)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    watch.detach()
+    return gw.diagnose(watch.stored_series())
+
+
+def test_a_new_head_left_at_lr_0_by_the_fine_tunes_optimizer_is_stalled(tmp_path):
+    """A tester's fine-tune: the head replaced after pretraining and put in a group at lr 0. The
+    pretraining's Adam stopped, and every layer only it held was taken as frozen on purpose, the
+    new head, at the old one's name, too: no finding, while the loss sat at chance for 300 steps."""
+    stalled = [f for f in _head_swap(0.0, tmp_path) if f.kind == "stalled_layers"]
+    assert len(stalled) == 1 and stalled[0].layers == ("1",) and stalled[0].first_step >= 100
+    assert not [f for f in _head_swap(0.05, tmp_path) if f.kind == "stalled_layers"]

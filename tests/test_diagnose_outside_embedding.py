@@ -89,3 +89,23 @@ def test_the_remedy_code_adds_the_embedding_to_training_sparse_or_not():
             scope["sparse_optimizer"].step()
         assert ("sparse_optimizer" in scope) == sparse
         assert not torch.equal(model.emb.weight, before)
+
+
+def test_the_remedy_code_gives_an_lr_to_a_group_at_lr_0_and_adds_what_no_group_holds():
+    """A fine-tune's new head left in a param group at lr 0 (a swapped group) was given
+    `optimizer.add_param_group({'params': params})`, which raised ValueError ("some parameters
+    appear in more than one parameter group") when pasted."""
+    from gradwatch.diagnose import advice
+    from series_builder import build
+
+    code = advice.give_parameters(advice.Context(build(10)), ("0", "2")).code
+    for held in (True, False):
+        model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+        groups = [{"params": model[0].parameters(), "lr": 0.1}]
+        if held:
+            groups.append({"params": model[2].parameters(), "lr": 0.0})
+        optimizer = torch.optim.SGD(groups, lr=0.1)
+        exec(code, {"model": model, "optimizer": optimizer, "torch": torch})  # noqa: S102  pasted as it is
+        lrs = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+        assert all(lrs.get(id(p)) == 0.1 for p in model.parameters()), held
+        assert len(optimizer.param_groups) == 2

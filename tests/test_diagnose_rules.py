@@ -752,6 +752,12 @@ def test_a_loss_that_fell_and_rose_back_is_told_the_lr_overshot_not_that_it_is_t
     assert "overshoots" in plateau.causes[0] and plateau.remedies[0].action.startswith("Lower the learning rate")
     assert "then rose back" in plateau.message
     assert [c.name for c in from_findings([plateau], set())][0] == "learning rate x0.1"
+    # a fall that began inside the start's window (a tester's MLP at max_lr 0.6: 2.30 -> 0.36 by
+    # step 40 of 400, back to 2.30), whose lower quartile the dip's did not pass
+    early = build(n_steps=400)
+    steps = np.arange(len(early.loss))
+    early.loss[:] = 2.3 - 1.5 * np.exp(-((steps - 40) / 12.0) ** 2) + 0.01 * np.sin(steps)
+    assert "loss_low" in next(f for f in diagnose(early) if f.kind == "loss_plateau").evidence
     run.loss[:] = 2.3 - dip / 10 + noise  # a dip within the noise of a flat run: still the plateau's advice
     flat = next(f for f in diagnose(run) if f.kind == "loss_plateau")
     assert "loss_low" not in flat.evidence and flat.remedies[0].action.startswith("Raise the learning rate")
@@ -1517,3 +1523,40 @@ def test_lowest_over_highest_per_row_is_the_definition_row_by_row():
     np.testing.assert_array_equal(got, expected)
     assert np.isnan(got).any() and (got == 0).any() and np.isfinite(got).sum() > 1000
     assert np.isnan(lowest_over_highest(values[:, :1])).all() and lowest_over_highest(values[:0]).shape == (0,)
+
+
+def test_a_plateau_that_fell_and_rose_back_does_not_follow_from_units_the_lr_killed():
+    """The same MLP: its units died at step 70 as the lr rose past what training could take, and
+    its plateau was said to follow from them ("Use Leaky ReLU": NaN by step 100 when tried); the lr
+    caused both, and the plateau keeps its own advice, a lower lr (0.06 reached 0.0024)."""
+    from gradwatch.diagnose import _plateau_from_block
+    from gradwatch.diagnose.finding import Finding, Remedy
+
+    lower = Remedy("Lower the learning rate tenfold (to 0.06)", "peak_lr = 0.06")
+    rose = Finding("loss_plateau", "warning", 0, (), "fell, then rose back", {"loss_low": 1.05, "window_steps": 40},
+                   ("learning rate: overshoots",), (lower,))
+    dead = Finding("dead_units", "error", 70, ("3", "5"), "dead", {"dead_fraction": {"5": 1.0}}, ("lr",),
+                   (Remedy("Use Leaky ReLU", "swap"),))
+    flat = Finding("loss_plateau", "warning", 0, (), "flat", {"window_steps": 40, "loss_start": 2.3, "loss_end": 2.3},
+                   ("lr small",), (lower,))
+    kept, follows = _plateau_from_block([rose, dead]), _plateau_from_block([flat, dead])
+    assert kept[0] is rose and kept[0].remedies[0] is lower
+    assert follows[0].remedies[0].action.startswith("Use Leaky ReLU")
+
+
+def test_high_sgd_momentum_is_named_with_the_lr_and_lowered_first():
+    """A tester's MLP under SGD at lr 0.3, momentum 0.99, blew up and was told of the lr alone: the
+    advised tenfold cut fell to 0.11 and collapsed to 2.35, where momentum 0.9 at lr 0.03 reached
+    0.0027. The steps add up to lr/(1-β), 100x the lr at 0.99."""
+    for momentum, named in ((0.99, True), (0.9, False)):
+        run = build(n_steps=200, lr=0.3)
+        run.meta["momentum"] = momentum
+        run.loss[100:] = 2.3 * np.exp(np.arange(100) / 10)
+        f = next(f for f in diagnose(run) if f.kind == "loss_divergence")
+        assert ("momentum 0.99 (steps that add up to 100x the lr)" in f.causes[0]) == named
+        assert f.remedies[0].action.startswith("Lower the momentum to 0.9") == named
+        if named:
+            model = torch.nn.Linear(2, 2)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.99)
+            exec(f.remedies[0].code, {"optimizer": optimizer})  # noqa: S102  pasted as it is
+            assert optimizer.param_groups[0]["momentum"] == 0.9 and optimizer.param_groups[0]["lr"] == pytest.approx(0.03)

@@ -33,6 +33,28 @@ def test_a_trial_whose_loss_ends_where_it_began_is_no_repair():
     assert learned.score < stuck.score
 
 
+def test_a_trial_that_blew_up_in_its_first_tenth_and_ended_above_its_start_is_no_repair(tmp_path):
+    """Adagrad at lr 3 with a ReLU swap: 2.47, then 65370, 160514 in a 35-step screening's first
+    tenth, and 276 at its end (10-class cross-entropy; chance is 2.3). The first tenth's median,
+    65370, made 276 a fall, and the trial a repair. Measured from a store, as fix does."""
+    import gradwatch as gw
+    from gradwatch.fix.trial import measure
+
+    losses = [2.47, 65370.0, 160514.0] + [276.0 + i for i in range(32)]
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with gw.watch(model, opt, out=str(tmp_path / "t"), warn=False) as watch:
+        for value in losses:
+            loss = model(torch.ones(1, 4)).sum() * 0 + value
+            opt.zero_grad(); loss.backward(); opt.step()
+    trial = measure(Trial(Candidate("swap"), tmp_path / "t", 0, 1.0))
+    assert trial.start_loss == pytest.approx(2.47) and trial.first_loss > 276
+    assert NO_PROGRESS in trial.harmful and not trial.works
+    fell = Trial(Candidate("x"), None, 0, 1.0, steps=35, final_loss=2.0, first_loss=65370.0, start_loss=2.47)
+    assert NO_PROGRESS not in fell.harmful  # below twice its start: it may have learnt
+
+
 def test_a_finding_the_diagnosis_rates_info_is_no_harm_and_calls_for_no_remedy():
     """The diagnosis rates saturation "info" when the loss still fell after it (confident units), and
     vanishing through time when the task needed no long memory: a trial left with one has trained,

@@ -598,6 +598,20 @@ def test_a_forgetful_gated_cell_gets_the_gate_bias_remedy_and_it_works(kind):
     assert "fill_(2)" in f.remedies[0].code and "bias_ih_l1" in f.remedies[0].code
 
 
+def test_the_remedy_for_a_model_that_is_itself_a_gated_cell_runs_when_pasted():
+    """A bare nn.LSTM (the model itself, named 'LSTM' in the table) was told `model.LSTM.hidden_size`:
+    an AttributeError when pasted."""
+    torch.manual_seed(0)
+    model = nn.LSTM(4, 8, batch_first=True)
+    x = torch.randn(4, 60, 4, generator=torch.Generator().manual_seed(0))
+    before = probe(model, x, lambda out: out[0].sum(), iters=0)
+    f = next(f for f in before.findings if f.layers == ("LSTM",))
+    namespace = {"nn": nn, "torch": torch, "model": model}
+    exec(f.remedies[0].code, namespace)  # noqa: S102  pasted as it is
+    assert "model.bias_ih_l0" in f.remedies[0].code
+    assert model.bias_ih_l0[8:16].eq(1).all() and model.bias_hh_l0[8:16].eq(0).all()
+
+
 def test_frozen_modules_are_named_in_the_notes():
     """A frozen first layer (requires_grad=False) vanished from the table without a word."""
     torch.manual_seed(0)

@@ -842,8 +842,12 @@ class Watch:
         optimizer, all weights trained before the head alone): the layers only it trained stop
         changing on purpose, not for lack of an optimizer. `since`: the new one's first step, where
         its training begins (diagnose reads its loss from there)."""
-        left = params_of(old) - params_of(new)
-        names = [l.name for l in self._layers if l.params and all(id(p) in left for p in l.params)]
+        held = params_of(new)
+        left = params_of(old) - held
+        # (by name: a fine-tune's new head, put where the old one was, is that layer, and the new optimizer's)
+        renewed = {layer.name for model, prefix in self._models for layer in newly_trainable(model, prefix, set(), set())
+                   if any(id(p) in held for p in layer.params)}
+        names = [l.name for l in self._layers if l.params and all(id(p) in left for p in l.params) and l.name not in renewed]
         if names:
             self._events.append((self._step if since is None else since, "optimizer_stopped", json.dumps(names)))
 

@@ -175,8 +175,8 @@ def _plateau_from_block(findings: list[Finding]) -> list[Finding]:
     why, fix = STALE_WHY if cause is stale else NOT_REACHING, None
     if cause is clipped:
         why, fix = _clipped_plateau(cause)
-    follows = {id(f) for f in findings  # not one at its floor, nor one on steps too long (the block follows)
-               if f.kind == "loss_plateau" and f.severity != "info" and "first_update_ratio" not in f.evidence
+    follows = {id(f) for f in findings  # not one at its floor, on steps too long, or fallen and risen back (the block follows)
+               if f.kind == "loss_plateau" and f.severity != "info" and not {"first_update_ratio", "loss_low"} & set(f.evidence)
                and not (cause is blocking and _began_after(cause, f))
                or f.kind == "loss_divergence" and cause is stale}
     if not follows:

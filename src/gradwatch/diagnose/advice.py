@@ -135,6 +135,8 @@ class Context:
         self.smooth_needed = bool(run.meta.get("input_derivatives"))
         # Adam refuses sparse gradients (an nn.Embedding(sparse=True)): pasted, it raised
         self.adam_fits = not run.meta.get("sparse_gradients")
+        # SGD's heavy-ball momentum β adds the steps up to lr/(1-β): 100x the lr at 0.99
+        self.momentum = 0.0 if self.adaptive else float(run.meta.get("momentum") or 0.0)
 
     def swap_target(self, act: str) -> tuple[str, str]:
         """(the class a saturating `act` is swapped for, its name as said): Leaky ReLU; where the
@@ -156,7 +158,21 @@ class Context:
 
     @property
     def lr_said(self) -> str:
-        return f"{self.lr:.3g}" + (" (the schedule's peak)" if self.scheduled else "")
+        return (f"{self.lr:.3g}" + (" (the schedule's peak)" if self.scheduled else "")
+                + (f" at momentum {self.momentum:g} (steps that add up to {1 / (1 - self.momentum):.3g}x the lr)"
+                   if self.high_momentum else ""))
+
+    @property
+    def high_momentum(self) -> bool:
+        return HIGH_MOMENTUM <= self.momentum < 1
+
+    def lower_momentum(self) -> Remedy:
+        """Momentum 0.9: steps that add up to 10x the lr, not 1/(1-β)x. A tester's MLP under SGD at
+        lr 0.3 and momentum 0.99 blew up; lr 0.03 (tenfold) fell to 0.11 and collapsed to 2.35,
+        momentum 0.9 at lr 0.03 reached 0.0027 (92%)."""
+        return Remedy(f"Lower the momentum to 0.9 and the learning rate tenfold (to {self.lr_text(0.1)}): the steps "
+                      f"then add up to 10x the lr, not {1 / (1 - self.momentum):.3g}x",
+                      f"for group in optimizer.param_groups: group['momentum'] = 0.9; group['lr'] = {self.lr_text(0.1)}")
 
     def lr_text(self, factor: float = 0.1) -> str:
         return f"{self.lr * factor:.3g}" if math.isfinite(self.lr) and self.lr > 0 else f"{factor} * your current lr"
@@ -316,6 +332,8 @@ def exploding(ctx: Context, layers: tuple[str, ...], evidence: dict, through_tim
     elif grows_at_init:
         remedies.insert(0, Remedy("Initialise each layer for the activation that follows it", ctx.init_code))
         remedies = _norm_first_when_deep(ctx, remedies)
+    if ctx.high_momentum and not (through_time or grows_at_init):
+        remedies.insert(0, ctx.lower_momentum())
     remedies.append(Remedy("Skip any step whose gradients are not finite, so one bad batch cannot ruin the weights",
                            GUARD_CODE))
     return _inputs_first(evidence, causes, remedies)
@@ -693,12 +711,22 @@ def loss_divergence(ctx: Context, evidence: dict) -> tuple[list[str], list[Remed
     causes = [f"learning rate: {ctx.lr_said} with {ctx.optimizer} overshoots; the loss rises instead of falling"]
     remedies = [ctx.lower_lr(ctx.lr_cut()),  # more than tenfold where the measured updates need it
                 Remedy("Clip the gradient norm", CLIP_CODE)]
+    if ctx.high_momentum:
+        remedies.insert(0, ctx.lower_momentum())
     if not ctx.scheduled:  # a schedule is there already (and may warm up)
         remedies.append(Remedy("Warm the learning rate up over the first steps",
                                "scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=100)"))
     return causes, remedies
 
 
+# the groups that hold them at lr 0 given the others' lr, the rest added: add_param_group alone raised
+# "some parameters appear in more than one parameter group" on a fine-tune's head left at lr 0
+GIVE_CODE = ("held = [g for g in optimizer.param_groups if any(p is q for p in params for q in g['params'])]\n"
+             "for group in held:  # a group at lr 0: the others' lr\n"
+             "    group['lr'] = group['lr'] or max(g['lr'] for g in optimizer.param_groups)\n"
+             "new = [p for p in params if not any(p is q for g in held for q in g['params'])]\n"
+             "if new:\n    optimizer.add_param_group({'params': new})\n")
+HIGH_MOMENTUM = 0.95  # SGD momentum from which it is named with the lr: steps that add up to 20x it or more
 SPARSE_CAPABLE = ("SGD", "Adagrad", "SparseAdam")  # optimizers whose step takes sparse gradients (without weight decay)
 
 
@@ -714,12 +742,11 @@ def give_parameters(ctx: Context, layers: tuple[str, ...], shown: int = 6) -> Re
     what = ("Give the optimizer every parameter that should train (if a param group holds them at lr 0, "
             "give that group an lr)")
     if not types & {"Embedding", "EmbeddingBag"}:
-        return Remedy(what, f"params = [p for m in ({refs}) for p in m.parameters()]{more}\n"
-                            "optimizer.add_param_group({'params': params})")
+        return Remedy(what, f"params = [p for m in ({refs}) for p in m.parameters()]{more}\n" + GIVE_CODE)
     split = (f"modules = ({refs}){more}\n"
              "params = [p for m in modules if not getattr(m, 'sparse', False) for p in m.parameters()]\n"
              "sparse = [p for m in modules if getattr(m, 'sparse', False) for p in m.parameters()]  # sparse=True\n"
-             "if params:\n    optimizer.add_param_group({'params': params})\n")
+             + GIVE_CODE)
     if ctx.optimizer in SPARSE_CAPABLE:
         return Remedy(what, split + "if sparse:  # weight decay does not take sparse gradients\n"
                                     "    optimizer.add_param_group({'params': sparse, 'weight_decay': 0.0})")

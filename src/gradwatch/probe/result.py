@@ -46,7 +46,8 @@ class ProbeResult:
     layers: one `LayerProbe` per weight (or recurrent) layer, input first: activation statistics,
         ‖∂L/∂s‖, ‖∂L/∂W‖, Jacobian singular values and the layer's verdict.
     loss: the loss of the batch; input_std / output_std: std of the model's input and output.
-    gain: products over depth of the layers' Jacobian σ ("top", "mean", "rms").
+    gain: products over depth of the layers' Jacobian σ ("top", "mean", "rms"); NaN where `residual`
+        (skip connections: the gradient goes around the layers' Jacobians, not through each in turn).
     mean_field: the mean-field prediction for an MLP (χ₁, depth scale ξ), else None with
         mean_field_note saying why; chi_measured: the measured χ₁ (median over hidden layers).
     recurrent: one `RecurrentProbe` per recurrent layer (BPTT horizon, ‖W_hh‖ against 1/γ).
@@ -72,6 +73,7 @@ class ProbeResult:
     iters: int = 30
     seconds: float = NAN
     notes: list[str] = field(default_factory=list)
+    residual: bool = False  # skip connections: no product over depth is the end-to-end gain
     loss_name: str = ""  # "projection" for the default loss, whose value (often negative) means nothing;
     # the CLI's --loss otherwise ("" for a loss_fn of your own)
 
@@ -130,7 +132,9 @@ class ProbeResult:
 
     def summary_lines(self) -> list[str]:
         g = self.gain
-        lines = [f"end-to-end gain (product over depth): σmax {g['top']:.3g}, σmean {g['mean']:.3g}, σrms {g['rms']:.3g}"]
+        lines = [f"end-to-end gain (product over depth): σmax {g['top']:.3g}, σmean {g['mean']:.3g}, σrms {g['rms']:.3g}"
+                 if not self.residual else "end-to-end gain: no product over depth (skip connections carry the gradient "
+                 "around each layer's Jacobian); each layer's gain→top is measured through them"]
         if self.mean_field:
             from gradwatch.probe.verdict import within_range  # (verdict imports this module)
             m = self.mean_field
