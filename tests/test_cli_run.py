@@ -124,6 +124,7 @@ def test_runs_latest_is_the_live_run_from_its_start(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("args, message", [
     (["run", "nope.py"], "no such script"),
+    (["run", "."], "'.' is a directory, not a Python file"),
     (["run", "--out", "/proc/forbidden/x", SCRIPTS / "train_optim.py", 1], "cannot write to the run directory"),
     (["run", "--every", "0", SCRIPTS / "train_optim.py"], "--every=0"),
     (["run"], "nothing to run"),

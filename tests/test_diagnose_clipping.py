@@ -86,9 +86,9 @@ def test_a_burst_in_a_run_the_trainer_clips_says_the_norms_are_before_its_clippi
     run.metrics["update_ratio"][150:] *= 1e3 / np.maximum(1.0, _total(run)[150:, None])  # lr·g, clipped at 1
     f = next(f for f in diagnose(run) if f.kind == "exploding_gradient")
     assert "growth_over_steps" in f.evidence and "clip_active_share" not in f.evidence
-    assert f"taken before the trainer clips {HF_CLIP}" in f.message
+    assert f"taken before the run clips {HF_CLIP}" in f.message
     clip = next(r for r in f.remedies if r.action.startswith("Clip the gradient norm"))
-    assert f"the trainer clips {HF_CLIP} now" in clip.action
+    assert f"the run clips {HF_CLIP} now" in clip.action
 
 
 def test_clip_grad_norm_in_a_plain_sgd_loop_is_measured_from_the_sampled_updates():

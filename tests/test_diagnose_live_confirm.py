@@ -72,3 +72,10 @@ def test_what_led_to_a_nan_is_said_with_it(monkeypatch):
     burst = Finding("exploding_gradient", "error", 8, ("fc0",), "burst")
     live, watch, said = _checks(monkeypatch, [[burst, NAN]])
     assert said == [burst, NAN]
+
+
+def test_the_stop_names_the_step_training_stopped_at_and_when_the_finding_began(monkeypatch):
+    """A tester's run raised at step 99 on a vanishing gradient present since step 0, and was told
+    "stopped at step 0"."""
+    with pytest.raises(TrainingStopped, match=r"stopped at step 20 on dead_units \(present since step 4\)"):
+        _checks(monkeypatch, [[DEAD], [DEAD]], stop_on=("dead_units",))

@@ -247,3 +247,17 @@ def test_a_clipping_function_the_script_put_in_torch_stays_its_own(tmp_path):
         assert torch.nn.utils.clip_grad_norm_ is per_tensor
     finally:
         torch.nn.utils.clip_grad_norm_ = original
+
+
+def test_the_scripts_own_clipping_is_kept_as_the_runs_and_not_advised_again():
+    """A tester's LSTM tagger clipped at 1 in its loop and blew up at SGD lr 20 (each step lr x 1,
+    longer than the weights): it was told to clip the gradient norm at 1.0. The clipping before the
+    step is kept in the run's meta as a trainer's is; a clip at or above it is not advised."""
+    run, _ = _train("before", limit=1.0, steps=30, lr=50.0)
+    line = next(i for i, text in enumerate(open(__file__).read().splitlines(), 1)
+                if text.strip() == 'if where == "before":') + 1
+    assert run.meta["grad_clip"] == f"the total norm to 1 (clip_grad_norm_ at test_late_clipping.py:{line})"
+    found = {f.kind: f for f in diagnose(run)}
+    assert "late_clipping" not in found
+    for f in found.values():
+        assert not any(r.code.startswith("torch.nn.utils.clip_grad_norm_") for r in f.remedies), f.kind

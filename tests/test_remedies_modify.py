@@ -84,6 +84,23 @@ def test_insert_norm_keeps_every_output_layer_the_forward_pass_shows():
     assert not change and "but the output layer, '0' (skip_last=True" in str(change)
 
 
+def test_insert_norm_narrowed_to_convs_still_normalises_the_last_conv_and_refuses_unknown_types():
+    """after=(nn.Conv2d,) left the last conv without a norm, taken for the output layer though a
+    Linear follows it; after=(nn.Embedding,) said "nothing changed" of a model whose only Embedding
+    was its first layer, where an unknown layout is documented as a ConfigError."""
+    def net():
+        return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Flatten(),
+                             nn.Linear(4 * 4 * 4, 3))
+    x = torch.randn(2, 1, 8, 8)
+    for example in (None, x):
+        model, change = insert_norm(net(), after=(nn.Conv2d,), example_input=example)
+        assert change.modules == ["0", "2"], example
+        assert model(x).shape == (2, 3)
+    for wrong in (nn.Embedding, nn.ReLU):
+        with pytest.raises(ConfigError, match=f"after={wrong.__name__}: insert_norm knows the output layout"):
+            insert_norm(nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 2)), after=(wrong,))
+
+
 def test_swap_reaches_every_place_of_a_shared_activation():
     act = nn.Sigmoid()
     model = nn.Sequential(nn.Linear(4, 4), act, nn.Linear(4, 4), act, nn.Linear(4, 2))

@@ -57,6 +57,8 @@ def test_a_command_that_failed_before_training_says_its_exit_code(tmp_path):
     (tmp_path / WATCHED_MARK).touch()  # a process was watched (start_from_env)
     assert "ended with exit code 2 before any training step was seen" in _summary(tmp_path, 2)
     assert "no training step was seen, nothing recorded" in _summary(tmp_path, 0)
+    # a tester's SIGTERM before training began: "exit code 143", the signal unnamed
+    assert "was stopped by SIGTERM before any training step was seen" in _summary(tmp_path, 143)
 
 
 def test_a_later_diagnose_of_a_command_that_failed_says_how_it_ended(tmp_path):

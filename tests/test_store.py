@@ -53,6 +53,13 @@ def test_reader_errors_name_the_problem(tmp_path):
     sqlite3.connect(bogus).execute("CREATE TABLE x (a)").connection.commit()
     with pytest.raises(StoreError, match="not a gradwatch store"):
         read_run(bogus)
+    for wrong in (123, None):  # (a TypeError from deep inside pathlib before)
+        with pytest.raises(StoreError, match="expected a run directory's path"):
+            read_run(wrong)
+    from gradwatch.collect.watch import Watch
+    from gradwatch.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"out=123: expected a directory path"):
+        Watch(None, out=123)
 
 
 def test_store_is_plain_sql(tmp_path):

@@ -173,6 +173,11 @@ def build_command(script: str | None, module: str | None, argv: list[str]) -> li
         if not Path(script).is_file():
             if os.sep not in script and shutil.which(script, path=_child_path()):  # `gradwatch run python train.py`: a command
                 return build_command(None, None, [script, *argv])
+            if Path(script).is_dir():
+                main = " (it has a __main__.py: `gradwatch run -m` its package, or the file)" \
+                    if (Path(script) / "__main__.py").is_file() else ""
+                raise ConfigError(f"{script!r} is a directory, not a Python file{main}; give the path of the script "
+                                  "that trains")
             raise ConfigError(f"no such script: {script!r}; give the path of a Python file, or `-- COMMAND` to run a command")
         interpreter = _shebang(Path(script))
         if interpreter and _shell(interpreter):  # python would fail on it with a SyntaxError

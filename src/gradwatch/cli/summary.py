@@ -13,6 +13,7 @@ import numpy as np
 
 from gradwatch.diagnose.finding import write_findings
 from gradwatch.diagnose.live import not_kept
+from gradwatch.store.ending import signal_name
 from gradwatch.errors import GradwatchError
 from gradwatch.runner import FORKED_MARK, WATCHED_MARK
 from gradwatch.store import RunSeries, partial_note, read_run, store_files
@@ -79,7 +80,8 @@ def _nothing_recorded(run_dir: Path, exit_code: int) -> str:
     watched = (run_dir / WATCHED_MARK).exists()
     if exit_code:
         before = "any training step was seen" if watched else "importing torch"
-        return f"the command ended with exit code {exit_code} before {before}; {where}"
+        how = (f"was stopped by {name}" if (name := signal_name(exit_code)) else f"ended with exit code {exit_code}")
+        return f"the command {how} before {before}; {where}"
     if not watched:
         return (f"no process of the command imported torch with gradwatch's start-up hook loaded (`python -I`, "
                 f"`-E` or `-S`, or a reset PYTHONPATH, skips the hook); {where}")

@@ -88,6 +88,8 @@ def positive_int(name: str, value: object) -> int:
 def _store_path(out: str | os.PathLike | None) -> Path | None:
     if out is None:
         return None
+    if not isinstance(out, (str, os.PathLike)):
+        raise ConfigError(f"out={out!r}: expected a directory path (a str or Path), or None to keep the run in memory")
     path = Path(out)
     path = path if path.suffix == ".sqlite" else path / STORE_NAME
     try:  # now, not at the first flush: a bad `out` must not stop training steps later
@@ -527,7 +529,7 @@ class Watch:
             self.store_path.parent.mkdir(parents=True, exist_ok=True)
             # a training resumed at first_step continues the run stored there
             self._writer = RunStoreWriter(self.store_path, self._meta, resume_at=self.first_step)
-        meta = {k: self._meta[k] for k in ("optimizer", "momentum", "distributed", STALE_KEY, INPUT_DERIVATIVES,
+        meta = {k: self._meta[k] for k in ("optimizer", "momentum", "distributed", "grad_clip", STALE_KEY, INPUT_DERIVATIVES,
                                            SPARSE_GRADIENTS) if k in self._meta}
         meta["lr_scale"] = self._lr_scales()
         # (a GAN's: diagnosed one by one; a module with no parameters, a loss module the script calls,
@@ -889,12 +891,23 @@ class Watch:
         if self._in_step or not self._consumed_by_step(params):  # (in a closure, a step pre-hook: before it)
             if not measuring and any(id(q) in self._seen_params for q in params):  # (a watched weight's)
                 self._clipped_before_step = True
+                self._note_clipping(function, limit)
             return
         if self._mode != "optimizer" or self._clipped_at_step or measuring:
             return
         self._late_clip_said = True
         detail = {"function": function, "where": caller_line(), "limit": limit if isinstance(limit, (int, float)) else None}
         self._events.append((max(self._step - 1, 0), LATE_CLIP, json.dumps(detail)))
+
+    def _note_clipping(self, function: str, limit: object) -> None:
+        """The script's own clipping before the step, kept as a trainer's is (meta `grad_clip`): the
+        norms recorded are taken before it, and diagnose does not advise the clipping the run does
+        (a tester's LSTM, clipped at 1 in its loop, was told to clip at 1.0)."""
+        if "grad_clip" in self._meta or not isinstance(limit, (int, float)):
+            return
+        what = f"each entry to ±{limit:g}" if "value" in function else f"the total norm to {limit:g}"
+        where = caller_line()
+        self._meta["grad_clip"] = f"{what} ({function}{f' at {where}' if where else ''})"
 
     def _consumed_by_step(self, params: list[torch.Tensor]) -> bool:
         if self._consumed is None:

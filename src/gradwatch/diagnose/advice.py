@@ -300,11 +300,13 @@ def exploding(ctx: Context, layers: tuple[str, ...], evidence: dict, through_tim
     # 9.6e9; at 1.0, as fix's trial clips there, 0.60)
     clip = 0.0 if evidence.get("at_init") else max(evidence.get("baseline_norm") or 0.0, evidence.get("early_norm") or 0.0)
     max_norm = two_digits(2 * clip) if clip and math.isfinite(clip) and clip > 0 else "1.0"
-    told = f"; the trainer clips {evidence['grad_clip']} now" if evidence.get("grad_clip") else ""
+    told = f"; the run clips {evidence['grad_clip']} now" if evidence.get("grad_clip") else ""
     action = (f"Clip the gradient norm at 1.0: from the first step there is no healthy level to scale it to{told}"
               if evidence.get("at_init") else f"Clip the gradient norm at about twice its healthy level ({max_norm}{told})")
-    remedies.append(Remedy(action,
-                           f"torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={max_norm})  # before optimizer.step()"))
+    clips = re.search(r"total norm to ([0-9.]+(?:e[+-]?[0-9]+)?)", str(evidence.get("grad_clip") or ""))
+    if not (clips and float(clips.group(1)) <= float(max_norm)):  # (clipping there already: it did not stop this)
+        remedies.append(Remedy(action,
+                               f"torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={max_norm})  # before optimizer.step()"))
     if not evidence.get("at_init"):  # ZClip's 25 warm-up steps pass a blow-up from the first step unclipped
         # (a tester's RNN: the same loss, 0.1253, and the same finding as with no clipping)
         remedies.append(Remedy("Or clip adaptively: ZClip rejects spikes against a running z-score of the norm",

@@ -135,9 +135,11 @@ class LiveDiagnosis:
             if self.on_finding is not None:
                 self.on_finding(f)
             if stop and f.kind in self.stop_on and f.severity != "info":  # info: no problem (yet), nothing to stop
+                at = watch.step if watch is not None else f.first_step  # (the check's step, not the finding's first)
                 if watch is not None:
                     watch.detach()
-                raise TrainingStopped(f"stopped at step {f.first_step} on {f.kind}: {f.message}")
+                since = f" (present since step {f.first_step})" if at != f.first_step else ""
+                raise TrainingStopped(f"stopped at step {at} on {f.kind}{since}: {f.message}")
 
 
 def _first_layer(f: Finding) -> str:

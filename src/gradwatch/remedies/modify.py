@@ -441,6 +441,8 @@ def _attach_norms(places: list[Place], kind: str) -> None:
             setattr(parent, attr, both)
 
 
+KNOWN_LAYOUTS = (nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                 nn.ConvTranspose3d)  # the layers `_norm_for` knows the output of
 # insert_norm's default: every layer type whose output layout it knows, but nn.Bilinear (two inputs)
 LAYERS_TO_NORMALISE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                        nn.ConvTranspose3d)
@@ -466,21 +468,31 @@ def insert_norm(model: nn.Module, kind: str = "batch", after: ModuleTypes = LAYE
     if kind not in ("batch", "layer"):
         raise ConfigError(f"kind={kind!r} must be 'batch' (BatchNorm) or 'layer' (LayerNorm)")
     after_types = _types("after", after)
+    unknown = [t.__name__ for t in after_types if not issubclass(t, KNOWN_LAYOUTS)]
+    if unknown:  # (checked before any forward: a type whose places were all output layers went unsaid)
+        raise ConfigError(f"after={', '.join(unknown)}: insert_norm knows the output layout of Linear, Bilinear and "
+                          "(transposed) Conv1d/2d/3d layers only; leave it out of after=")
     optimizers = _optimizer_list(optimizer, inplace)
     model = _target(model, inplace)
     before, snapshot = _names(model), before_change(model)
     fused = [n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, FUSED)]
-    places = [p for p in _places(model, lambda m: isinstance(m, after_types))
-              if not any(p.name.startswith(f + ".") or not f for f in fused)]
+
+    def unfused(found: list[Place]) -> list[Place]:
+        return [p for p in found if not any(p.name.startswith(f + ".") or not f for f in fused)]
+
+    places = unfused(_places(model, lambda m: isinstance(m, after_types)))
     skipped = ""
-    if skip_last and places:  # every place of an output layer
-        outputs = _output_layers(model, places, after_types, example_input)
+    if skip_last and places:  # every place of an output layer, among all the layers (after= narrowed
+        # to the convs left the last conv without a norm, the Linear after it being the output)
+        every = (*LAYERS_TO_NORMALISE, nn.Bilinear, *after_types)
+        outputs = _output_layers(model, unfused(_places(model, lambda m: isinstance(m, every))), every, example_input)
         kept = [p.name for p in places if id(p.module) in outputs]
         places = [p for p in places if id(p.module) not in outputs]
-        skipped = (f" but the last, '{kept[-1]}' (skip_last=True keeps the output layer as it is; example_input= "
+        skipped = ("" if not kept else
+                   f" but the last, '{kept[-1]}' (skip_last=True keeps the output layer as it is; example_input= "
                    "finds the output layers by a forward pass)" if example_input is None else
                    f" but the output layer{'s' if len(kept) > 1 else ''}, {', '.join(repr(n) for n in kept)} "
-                   "(skip_last=True keeps them as they are)" if kept else "")
+                   "(skip_last=True keeps them as they are)")
     normalised = [p for p in places if _normalised(p)]
     places = [p for p in places if p not in normalised]
     if normalised:  # conv -> BatchNorm2d -> ReLU already: a second norm would only renormalise the first's output

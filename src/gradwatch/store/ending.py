@@ -11,6 +11,12 @@ from gradwatch.store.series import RunSeries
 _SIGNALS = {int(s): s.name for s in signal.Signals}
 
 
+def signal_name(exit_code: int) -> str | None:
+    """'SIGTERM' for a shell's exit code 143 (128 + the signal), 'Ctrl-C (SIGINT)' for 130; else None."""
+    name = _SIGNALS.get(exit_code - 128) if exit_code > 128 else None
+    return "Ctrl-C (SIGINT)" if name == "SIGINT" else name
+
+
 def end_note(meta: dict, last_step: int | None = None) -> str | None:
     """What makes a run partial, as the tools say it after "partial run: " (still being written;
     its command ended by an error, an exit code or a signal, or `gradwatch run` itself was killed),
@@ -32,9 +38,9 @@ def end_note(meta: dict, last_step: int | None = None) -> str | None:
     if end.get("error"):
         return f"the training stopped on an error{at} ({end['error']}); every step until then is stored"
     code = int(end["code"])
-    name = _SIGNALS.get(code - 128) if code > 128 else None
-    if name in ("SIGTERM", "SIGINT"):  # handled: the process stores its last steps before it ends
-        return f"stopped by {'Ctrl-C (SIGINT)' if name == 'SIGINT' else name}{at}; every step until then is stored"
+    name = signal_name(code)
+    if name in ("SIGTERM", "Ctrl-C (SIGINT)"):  # handled: the process stores its last steps before it ends
+        return f"stopped by {name}{at}; every step until then is stored"
     if name:  # SIGKILL, SIGHUP (a closed terminal), SIGSEGV...: the steps since the last store write are gone
         return f"killed by {name}{' (out of memory?)' if name == 'SIGKILL' else ''}" + (
             f" after step {last_step}: the steps after its last store write are lost" if at else "")

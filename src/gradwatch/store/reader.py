@@ -36,6 +36,8 @@ Progress = Callable[[int, int], None]  # (steps read, steps to read)
 
 def store_files(run: str | os.PathLike) -> list[Path]:
     """The store files of a run directory, the main one first (rank 0, else the first process)."""
+    if not isinstance(run, (str, os.PathLike)):
+        raise StoreError(f"{run!r}: expected a run directory's path (a str or Path), e.g. 'runs/latest'")
     path = Path(run)
     if path.is_file():
         return [path]

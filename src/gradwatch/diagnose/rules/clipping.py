@@ -56,7 +56,7 @@ def _told(run: RunSeries) -> tuple[float | None, str]:
         limit = float(match.group(1))
     except ValueError:
         return None, ""
-    return (limit, f"the trainer clips {told}") if limit > 0 else (None, "")
+    return (limit, f"the run clips {told}") if limit > 0 else (None, "")
 
 
 def _measured(run: RunSeries, th: Thresholds) -> tuple[float | None, str]:

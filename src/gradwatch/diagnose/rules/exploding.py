@@ -41,7 +41,7 @@ def find_exploding(run: RunSeries, th: Thresholds) -> list[Finding]:
     if "init_forward_growth" not in evidence and (grew := _forward_growth(run, replace(th, **CAUSE_FORWARD_GROWTH))):
         evidence.update(grew[2])  # not a finding of its own: the cause of this one's huge first loss
     if isinstance(run.meta.get("grad_clip"), str) and "clip_said" not in evidence:
-        evidence["grad_clip"] = run.meta["grad_clip"]  # the trainer's: the norms here are taken before it
+        evidence["grad_clip"] = run.meta["grad_clip"]  # a trainer's or the script's: the norms here are taken before it
     rows, ratios, cols = backward  # measured at the first step, before any update: the initial weights
     if from_init(run) and len(cols) >= 2 and len(rows) and run.steps[rows[0]] == run.steps[0] and ratios[0] > th.backward_exploding_ratio:
         evidence["init_backward_ratio"] = float(ratios[0])
@@ -74,7 +74,7 @@ def find_exploding(run: RunSeries, th: Thresholds) -> list[Finding]:
     if "clip_active_share" in evidence:
         what.append(_clipping_said(evidence))
     elif "grad_clip" in evidence:
-        what.append(f"these norms are taken before the trainer clips {evidence['grad_clip']}")
+        what.append(f"these norms are taken before the run clips {evidence['grad_clip']}")
     learning = _learnt_after(run, evidence, first, th)
     if learning is not None:
         said = f"The gradient norm rose {evidence['growth_over_steps']:.3g}x above its recent level from step {first}"
