@@ -106,6 +106,15 @@ def test_vanishing_that_soon_recovers_is_not_a_finding():
     assert "vanishing_gradient" not in kinds(diagnose(run))
 
 
+def test_a_vanishing_that_recovered_quotes_the_ratio_it_had_and_the_last_one():
+    """A live check of a GELU MLP said "4.6e-01 of the upper layers'... barely learn": the median of a
+    tail it had recovered in. The ratio quoted is the one its samples had; the last one is said too."""
+    run = _vanish(build(n_steps=100), 0.1, rows=slice(0, 35))  # 4 of 10 samples, then healthy
+    f = next(f for f in diagnose(run) if f.kind == "vanishing_gradient")
+    assert f.evidence["backward_ratio"] == pytest.approx(1e-4, rel=0.2)
+    assert "is 1.0e-04 of the upper layers' since step 0 (1.0e+00 at the last sample)" in f.message
+
+
 def test_vanishing_needs_persistence():
     run = build(n_steps=200)
     rows = sampled(run)

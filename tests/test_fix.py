@@ -1364,3 +1364,18 @@ def test_a_trial_whose_scaler_skipped_its_last_iterations_ended_non_finite(tmp_p
             scaler.update()
     trial = measure(Trial(Candidate("ZClip"), tmp_path / "t", 0, 1.0))
     assert trial.steps == 9 and trial.final_loss == float("inf") and not trial.works
+
+
+def test_the_nan_note_asks_a_guard_only_of_an_operation_that_has_one(tmp_path):
+    """An N(0, 1) ReLU MLP whose NaN came at step 1 from a Linear's aten.addmm was told to "guard that
+    operation": a matmul has no guard; its overflow is values grown too large, the winner's repair."""
+    from gradwatch.cli.fix_cmd import nan_note
+    from gradwatch.fix.locate import Origin
+
+    nan = Finding("non_finite", "error", 1, ("0",), "m", {"grad_growth_before": float("nan")})
+    baseline = Trial(Candidate("b"), tmp_path, 0, 1.0, steps=2, final_loss=float("inf"), findings=[nan])
+    winner = Trial(Candidate("lr"), tmp_path, 0, 1.0, steps=40, final_loss=0.03, first_loss=2.3, start_loss=2.3)
+    for op, guarded in (("aten.addmm.default", False), ("aten.log.default", True)):
+        origin = Origin(op, "train.py", 12, "out = net(x)", True, "Inf")
+        note = nan_note(FixResult(baseline, [winner], budget_steps=40, origin=origin))
+        assert note is not None and ("guard that operation" in note) == guarded, op

@@ -320,6 +320,7 @@ def nan_note(result: FixResult) -> str | None:
     from gradwatch.diagnose.advice import nan_cause
     from gradwatch.fix import nan_to_locate
     from gradwatch.fix.inject import own_class
+    from gradwatch.fix.locate import GUARDED
 
     if (f := nan_to_locate(result.baseline)) is None:
         return None
@@ -336,9 +337,12 @@ def nan_note(result: FixResult) -> str | None:
                     f"{own} module that made it.")
         said = ("came from the data or the arithmetic, not from training" if known else
                 "came too soon to tell whether growing gradients led to it; it was made here")
+        # (a guard for what has one, a log or a division; a matmul's overflow is values grown too large,
+        # the scale the winner keeps in range: "guard aten.addmm" was no advice a user could act on)
+        guard = "; guard that operation too." if result.origin.kind in GUARDED else "."
         return (f"Note: the baseline's NaN/Inf {said}: {result.origin.describe()}. The winner may only put it off "
                 f"past {result.budget_steps} steps" + ("" if known else " if it is the data or the arithmetic")
-                + "; guard that operation too.")
+                + guard)
     where = (f"{result.origin.describe()}." if result.origin else
              "look for it in the data or the loss function (a NaN in a batch, log or sqrt of a negative, a division "
              "by zero).")

@@ -61,6 +61,7 @@ _GUARDS = {
     "acos": "acos/asin at ±1 has an infinite gradient: clamp the argument to (-1 + eps, 1 - eps)",
     "asin": "acos/asin at ±1 has an infinite gradient: clamp the argument to (-1 + eps, 1 - eps)",
 }
+GUARDED = frozenset(_GUARDS)  # the operations a guard on their line makes safe
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,11 @@ def find_vanishing(run: RunSeries, th: Thresholds) -> list[Finding]:
         return []
     first = int(run.steps[rows[start]])
     tail = ratios[start:][np.isfinite(ratios[start:])]
-    ratio = float(np.median(tail))
+    # the samples that showed it: a ratio back above the bar since (a live check of a GELU MLP said
+    # "4.6e-01 of the upper layers'... barely learn", the median of a tail it had recovered in)
+    held = condition[start:] & np.isfinite(ratios[start:])
+    ratio = float(np.median(ratios[start:][held]))
+    recovered = len(tail) and not held[np.isfinite(ratios[start:])][-1]
     last = values[-1]
     finite = last[np.isfinite(last) & (last > 0)]
     top = finite.max() if len(finite) else np.nan
@@ -81,7 +85,8 @@ def find_vanishing(run: RunSeries, th: Thresholds) -> list[Finding]:
         causes, remedies = decayed(evidence)
     elif "eval_mode_batchnorm" in evidence:
         causes, remedies = eval_mode_first(evidence, causes, remedies)
-    message = (f"The gradient reaching layer '{layers[0]}' is {ratio:.1e} of the upper layers' since step {first}: "
+    now = f" ({tail[-1]:.1e} at the last sample)" if recovered else ""
+    message = (f"The gradient reaching layer '{layers[0]}' is {ratio:.1e} of the upper layers' since step {first}{now}: "
                f"the layers near the input barely learn. {remedies[0].action}.")
     return [Finding("vanishing_gradient", severity, first, layers, message, evidence, tuple(causes), tuple(remedies))]
 
