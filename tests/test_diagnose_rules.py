@@ -1569,3 +1569,33 @@ def test_high_sgd_momentum_is_named_with_the_lr_and_lowered_first():
             optimizer = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.99)
             exec(f.remedies[0].code, {"optimizer": optimizer})  # noqa: S102  pasted as it is
             assert optimizer.param_groups[0]["momentum"] == 0.9 and optimizer.param_groups[0]["lr"] == pytest.approx(0.03)
+
+
+def test_a_vanishing_no_activation_or_depth_explains_points_between_the_layers(capsys):
+    """A tester's binarised MLP (BatchNorm, then a straight-through estimator passing |x| <= 1e-3
+    only) vanished with no cause given, and re-initialising made it worse. The code given finds the
+    module that cuts the gradient, and runs pasted on a model with an in-place ReLU."""
+    run = _vanish(build(), 0.1, rows=slice(30, None))  # 5 ReLU layers, from step 30
+    f = next(f for f in diagnose(run) if f.kind == "vanishing_gradient")
+    assert f.causes[0].startswith("an operation between the layers passes almost no gradient back")
+    assert f.remedies[0].action.startswith("Find the module whose backward shrinks the gradient")
+
+    class Window(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x.sign()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * (ctx.saved_tensors[0].abs() <= 1e-3)
+
+    class Binary(nn.Module):
+        def forward(self, x):
+            return Window.apply(x)
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True), nn.Linear(8, 8), Binary(), nn.Linear(8, 2))
+    exec(f.remedies[0].code, {"model": model, "torch": torch})  # noqa: S102  pasted as it is
+    model(torch.randn(3, 4)).sum().backward()
+    printed = dict(line.rsplit(" ", 1) for line in capsys.readouterr().out.splitlines() if line.startswith(("2", "3")))
+    assert float(printed["3"]) > 0 and float(printed["2"]) == 0  # the cut: after Binary, before it

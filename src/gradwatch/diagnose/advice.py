@@ -250,7 +250,27 @@ def vanishing(ctx: Context, layers: tuple[str, ...], evidence: dict, through_tim
     if ctx.depth >= 6:
         remedies.append(Remedy("Add residual connections around the shape-preserving blocks",
                                "model, _ = gw.modify.add_residual(model, example_input=batch)  # batch: one input batch"))
+    if not causes:  # no saturating activation, not at the start, shallow: something between the layers
+        # (a tester's binarised MLP, BatchNorm before a straight-through estimator whose backward passed
+        # |x| <= 1e-3 only, had no cause and was told to re-initialise, which made it worse)
+        causes.append(BETWEEN_LAYERS_CAUSE)
+        remedies.insert(0, FIND_THE_CUT)
     return causes, _norm_first_when_deep(ctx, remedies)
+
+
+BETWEEN_LAYERS_CAUSE = ("an operation between the layers passes almost no gradient back: a module or function of the "
+                        "script's own (a custom autograd.Function's backward, a straight-through estimator's window, "
+                        "torch.round, sign or clamp, a mask); torch.autograd.gradcheck checks a custom backward "
+                        "against its forward")
+FIND_THE_CUT = Remedy("Find the module whose backward shrinks the gradient: print the gradient at each module's "
+                      "output (the backward prints the top first; the cut is where the norm falls)",
+                      "def show(name):\n"
+                      "    def hook(m, args, out):\n"
+                      "        if torch.is_tensor(out) and out.requires_grad:\n"
+                      "            out.register_hook(lambda g: print(name, g.norm().item()))\n"
+                      "    return hook\n"
+                      "for name, m in model.named_modules():  # for one backward, then remove the hooks\n"
+                      "    m.register_forward_hook(show(name))")
 
 
 def _norm_first_when_deep(ctx: Context, remedies: list[Remedy]) -> list[Remedy]:
