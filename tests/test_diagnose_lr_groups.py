@@ -11,13 +11,23 @@ from gradwatch.diagnose import DEFAULT, diagnose
 from series_builder import build, kinds, sampled
 
 
-def _slowed(scale: float):
-    """fc0 and fc1 in a group at `scale` of the top lr, updating `scale` times as much as the rest."""
+def _slowed(scale: float, slow=("fc0", "fc1")):
+    """`slow` in a group at `scale` of the top lr, updating `scale` times as much as the rest."""
     run = build()
-    run.meta["lr_scale"] = {f"fc{i}": (scale if i < 2 else 1.0) for i in range(5)}
-    for name in ("fc0", "fc1"):
+    run.meta["lr_scale"] = {f"fc{i}": (scale if f"fc{i}" in slow else 1.0) for i in range(5)}
+    for name in slow:
         run.metrics["update_ratio"][sampled(run), run.column(name)] *= scale
     return run
+
+
+def test_a_slowed_group_above_the_lowest_layer_is_stalled_too():
+    """A two-tower recommender's item tower at lr 1e-7 beside the user tower's 1e-3 (a typo) had no
+    finding: it ran after the user tower, and only the lowest layer was compared with those above."""
+    floor = DEFAULT.discriminative_lr_floor
+    f = next(f for f in diagnose(_slowed(floor / 10, ("fc2", "fc3"))) if f.kind == "stalled_layers")
+    assert f.layers == ("fc2", "fc3") and f.evidence["lr_scale"] == {"fc2": floor / 10, "fc3": floor / 10}
+    assert f.remedies[0].code.startswith("top = max(g['lr']")
+    assert "stalled_layers" not in kinds(diagnose(_slowed(floor, ("fc2", "fc3"))))  # fine-tuning's range
 
 
 def test_a_group_below_the_floor_is_stalled_and_said_to_be_its_lr():

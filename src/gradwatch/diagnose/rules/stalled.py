@@ -78,7 +78,7 @@ def find_stalled(run: RunSeries, th: Thresholds) -> list[Finding]:
     ratios = lowest_over_highest(u_per_lr[:, live]) if len(live) >= 2 else np.empty(0)
     start = persistent_start(ratios < th.stalled_ratio, th.persist_samples)
     if start is None:
-        return findings
+        return findings + _slowed_group(run, th, rows, u, cols, live, group_lr, ctx)
     first = int(run.steps[rows[start]])
     last, last_per_lr = u[-1], u_per_lr[-1]
     top = np.nanmax(last_per_lr[np.isfinite(last_per_lr)]) if np.isfinite(last_per_lr).any() else np.nan
@@ -94,6 +94,33 @@ def find_stalled(run: RunSeries, th: Thresholds) -> list[Finding]:
                             f"'{layers[0]}' updates {ratio:.1e} as much as the layers above it since step {first}: "
                             f"it has stopped learning. {remedies[0].action}.", evidence, tuple(causes), tuple(remedies)))
     return findings
+
+
+def _slowed_group(run: RunSeries, th: Thresholds, rows: np.ndarray, u: np.ndarray, cols: list[int], live: list[int],
+                  group_lr: np.ndarray, ctx: advice.Context) -> list[Finding]:
+    """Layers whose param group's lr is below `discriminative_lr_floor` of the largest, anywhere in
+    the model, updating below `stalled_ratio` of the other layers: the depth profile compares the
+    lowest layer only, and a two-tower recommender whose item tower sat at lr 1e-7 beside 1e-3 (a
+    typo; loss 0.54 against 0.14) had no finding."""
+    slow = [j for j in live if 0 < group_lr[j] < th.discriminative_lr_floor]
+    rest = [j for j in live if group_lr[j] >= th.discriminative_lr_floor]
+    if not slow or not rest:
+        return []
+    with np.errstate(invalid="ignore"):
+        others = np.nanmedian(np.where(u[:, rest] > 0, u[:, rest], np.nan), axis=1)
+        ratio = np.nanmax(u[:, slow], axis=1) / others
+    start = persistent_start(np.isfinite(ratio) & (ratio < th.stalled_ratio), th.persist_samples, to_the_end=True)
+    if start is None:
+        return []
+    first, layers = int(run.steps[rows[start]]), names(run, [cols[j] for j in slow])
+    median = float(np.nanmedian(ratio[start:]))
+    evidence = {"update_ratio_ratio": median, "update_ratio": {run.layers[cols[j]].name: float(u[-1, j]) for j in slow},
+                "lr_scale": {run.layers[cols[j]].name: float(group_lr[j]) for j in slow}}
+    causes, remedies = advice.stalled(ctx, layers, evidence)
+    return [Finding("stalled_layers", "warning", first, layers,
+                    f"{', '.join(repr(n) for n in layers[:3])} update {median:.1e} as much as the other layers since step "
+                    f"{first}, in a param group at {min(evidence['lr_scale'].values()):.2g} of the largest lr: they "
+                    f"barely learn. {remedies[0].action}.", evidence, tuple(causes), tuple(remedies))]
 
 
 def _outside_off_profile(run: RunSeries, th: Thresholds) -> list[Finding]:
