@@ -7,7 +7,8 @@ the scaler skipped (inf/NaN from the scaled loss) is seen as skipped, not as an 
 `Optimizer.add_param_group` (which every optimizer's constructor calls) tells us which parameters
 are about to train, before the model they belong to first runs; torch's gradient clipping
 (`clip_grad_norm_`, `clip_grad_value_`, `clip_grads_with_norm_`) tells us when a script clips, so
-clipping called after the step it was meant for is seen. And `gw.guard`, which skips a non-finite
+clipping called after the step it was meant for is seen; `warnings.showwarning` tells us what torch
+warned of (a loss whose target broadcasts against its input). And `gw.guard`, which skips a non-finite
 step without calling the optimizer (so no step hook runs), says so through `guard_skipped`.
 Patches are installed with the first attached Watch and removed with the last.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from typing import Protocol
 
 import torch
@@ -28,6 +30,7 @@ class Listener(Protocol):
     def params_added(self, optimizer: torch.optim.Optimizer) -> None: ...
     def guard_skipped(self, optimizer: torch.optim.Optimizer) -> None: ...
     def clipped(self, params: list[torch.Tensor], function: str, limit: object) -> None: ...
+    def warned(self, message: str, filename: str, lineno: int) -> None: ...
 
 
 _listeners: list[Listener] = []
@@ -110,6 +113,14 @@ def _clip(original, name, parameters, *args, **kwargs):
     return original(parameters if isinstance(parameters, torch.Tensor) else params, *args, **kwargs)
 
 
+def _showwarning(message, category, filename, lineno, file=None, line=None):
+    """Listeners read the warning shown; then it is shown as it would have been (the function it
+    replaced, the user's own or the default)."""
+    for listener in list(_listeners):
+        listener.warned(str(message), filename, lineno)
+    return _originals["showwarning"](message, category, filename, lineno, file, line)
+
+
 def guard_skipped(optimizer: torch.optim.Optimizer) -> None:
     """gw.guard skipped `optimizer`'s step: tell every attached listener."""
     for listener in list(_listeners):
@@ -135,6 +146,8 @@ def _install() -> None:
     _originals["scale"] = scaler.scale
     _originals["update"] = scaler.update
     _originals["add_param_group"] = torch.optim.Optimizer.add_param_group
+    _originals["showwarning"] = warnings.showwarning
+    warnings.showwarning = _showwarning
     torch.autograd.backward = functools.wraps(torch.autograd.backward)(
         functools.partial(_backward, _originals["backward"])
     )
@@ -181,6 +194,9 @@ def _uninstall() -> None:
     torch.amp.GradScaler.scale = _originals.pop("scale")
     torch.amp.GradScaler.update = _originals.pop("update")
     torch.optim.Optimizer.add_param_group = _originals.pop("add_param_group")
+    shown = _originals.pop("showwarning")
+    if warnings.showwarning is _showwarning:  # (unless something replaced it since: pytest, logging)
+        warnings.showwarning = shown
     for module, name, original, wrapper in _clippers:
         if getattr(module, name, None) is wrapper:  # (unless the script rebound the name since)
             setattr(module, name, original)

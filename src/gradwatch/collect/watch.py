@@ -15,6 +15,7 @@ import functools
 import json
 import math
 import os
+import re
 import sqlite3
 import sys
 import threading
@@ -46,6 +47,10 @@ from gradwatch.store.writer import RunStoreWriter
 
 LATE_CLIP = "late_clip"  # an event: gradients clipped after the step that used them (store/reader.py)
 REPEATED_BACKWARD = "repeated_backward"  # an event: a second backward of the same loss in one step
+LOSS_BROADCAST = "loss_broadcast"  # an event: torch warned that a loss's target broadcasts against its input
+# torch.nn.functional's warning (mse_loss, l1_loss, smooth_l1_loss, huber_loss), with both shapes
+_TARGET_SIZE = re.compile(r"target size \(torch\.Size\(\[([\d, ]*)\]\)\) that is different to the input size "
+                          r"\(torch\.Size\(\[([\d, ]*)\]\)\)")
 MAX_ACCUMULATION = 64  # backwards per optimizer step that zero-code mode waits for before the first step
 
 
@@ -190,6 +195,7 @@ class Watch:
         self._last_loss: tuple[weakref.ref, int] | None = None  # the last backward's loss and its step
         self._again = False  # this backward is of the same loss as the last one in the step, uncleared
         self._again_said = False
+        self._broadcast_said = False
         self._consumed: tuple | None = None  # (param, its grad, the grad's version) as the last step used it
         self._clipped_before_step = self._clipped_at_step = False  # a clip before the coming / last step
         self._said_unflushed = False  # findings() under DDP said what it cannot read yet
@@ -877,6 +883,16 @@ class Watch:
         self._events.append((self._step, "guard_skipped", "gw.guard: NaN/Inf gradients, step skipped"))
         self._window.close()  # a snapshot left is this one's
         self._close_step()
+
+    def warned(self, message: str, filename: str, lineno: int) -> None:
+        """torch warned that a loss's target has another shape than its input (patches.Listener):
+        noted once, with both shapes and the script's line (rules/loss_broadcast.py)."""
+        if self._broadcast_said or not self._attached or (found := _TARGET_SIZE.search(message)) is None:
+            return
+        self._broadcast_said = True
+        target, given = ([int(x) for x in group.split(",") if x.strip()] for group in found.groups())
+        detail = {"where": f"{os.path.basename(filename)}:{lineno}", "input": given, "target": target}
+        self._events.append((self._step, LOSS_BROADCAST, json.dumps(detail)))
 
     def clipped(self, params: list[torch.Tensor], function: str, limit: object) -> None:
         """The script clipped gradients that the watched optimizer's last step has already used: the

@@ -18,6 +18,7 @@ KINDS = (
     "stale_gradients",
     "late_clipping",
     "repeated_backward",
+    "loss_broadcast",
 )
 SEVERITIES = ("info", "warning", "error")
 

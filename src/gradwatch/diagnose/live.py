@@ -24,7 +24,7 @@ from gradwatch.say import say
 
 LIVE_FINDING = "live_finding"  # an event: a finding said while training ([kind, first layer])
 # measured facts, not states that may pass: said at the first check that finds them
-AT_ONCE = ("non_finite", "stale_gradients", "late_clipping", "repeated_backward")
+AT_ONCE = ("non_finite", "stale_gradients", "late_clipping", "repeated_backward", "loss_broadcast")
 
 
 def check_stop_on(stop_on: Iterable[str]) -> tuple[str, ...]:

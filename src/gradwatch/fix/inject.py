@@ -643,6 +643,9 @@ class Injector:
         """The script's own gw.guard skipped a step: it still counts against the budget."""
         self._count_step(optimizer)
 
+    def warned(self, message: str, filename: str, lineno: int) -> None:
+        """A warning shown (patches.Listener): the watch in the trial reads it; no remedy needs it."""
+
     def clipped(self, params: list[torch.Tensor], function: str, limit: object) -> None:
         """The script clipped (patches.Listener): the watch in the trial notes where; no remedy needs it."""
 

@@ -404,6 +404,8 @@ def _with_events(db: sqlite3.Connection, meta: dict) -> dict:
     meta["late_clip"] = [[s, json.loads(d)] for s, d in events.get("late_clip", [])[:1]]
     # a second backward of the same loss in one step: [step, {"where"}], the first
     meta["repeated_backward"] = [[s, json.loads(d)] for s, d in events.get("repeated_backward", [])[:1]]
+    # torch warned that a loss's target broadcasts against its input: [step, {"where", "input", "target"}]
+    meta["loss_broadcast"] = [[s, json.loads(d)] for s, d in events.get("loss_broadcast", [])[:1]]
     # findings the live diagnosis said while training: [step, kind, first layer]
     meta["live_findings"] = [[s, *json.loads(d)] for s, d in events.get("live_finding", [])]
     return meta

@@ -1,0 +1,70 @@
+"""loss_broadcast: a loss whose target has another shape than the prediction, seen by the watch in
+torch's own warning ("Using a target size ... different to the input size").
+
+F.mse_loss (l1, smooth L1, Huber) broadcasts the two: predictions (B, 1) against targets (B,) make a
+(B, B) grid, every prediction against every target, whose minimum is each prediction at the
+targets' mean. The loss falls to the targets' variance and stays there; the model learns to ignore
+its input, and the gradient reaching its lower layers is what that leaves (a tester's 1D CNN was
+told its initialisation was the cause). No threshold: the shapes are the fact.
+"""
+
+from __future__ import annotations
+
+import math
+
+from gradwatch.diagnose.finding import Finding, Remedy
+from gradwatch.diagnose.signals import noted_in
+from gradwatch.diagnose.thresholds import Thresholds
+from gradwatch.store.series import RunSeries
+
+KEY = "loss_broadcast"  # the meta the reader makes of the watch's event
+
+
+def find_loss_broadcast(run: RunSeries, th: Thresholds) -> list[Finding]:
+    said = run.meta.get(KEY) or []
+    if not said or not noted_in(run, int(said[0][0])):
+        return []
+    step, detail = int(said[0][0]), said[0][1]
+    given, target = tuple(detail.get("input") or ()), tuple(detail.get("target") or ())
+    try:
+        grid = tuple(_broadcast(given, target))
+    except ValueError:  # (torch raises on shapes that do not broadcast: no warning reaches us then)
+        return []
+    crossed = math.prod(grid) > max(math.prod(given), math.prod(target))
+    where = f" at {detail['where']}" if detail.get("where") else ""
+    what = (f"the loss{where} compares predictions of shape {_shape(given)} with targets of shape {_shape(target)}: "
+            f"broadcast to {_shape(grid)}" + (", every prediction against every target, so its minimum puts each "
+                                              "prediction at the targets' mean, whatever the input" if crossed else ""))
+    remedy = remedy_for(given, target)
+    message = f"{what[0].upper()}{what[1:]}. {remedy.action}."
+    evidence = {"where": detail.get("where"), "input_shape": list(given), "target_shape": list(target),
+                "broadcast_shape": list(grid)}
+    cause = f"loss shape: {what}"
+    return [Finding(KEY, "error" if crossed else "warning", step, (), message, evidence, (cause,), (remedy,))]
+
+
+def remedy_for(given: tuple[int, ...], target: tuple[int, ...]) -> Remedy:
+    if math.prod(given) == math.prod(target):
+        return Remedy("Give the prediction the target's shape",
+                      "loss = F.mse_loss(pred.view_as(y), y)  # (64, 1) -> (64,): one prediction per target")
+    return Remedy("Give the target the prediction's shape (one target per output)",
+                  "loss = F.mse_loss(pred, y.view_as(pred))")
+
+
+def cause_of(run: RunSeries) -> tuple[str, Remedy] | None:
+    """The broadcast's cause and fix, for the findings it explains (diagnose puts them first)."""
+    found = find_loss_broadcast(run, Thresholds())
+    return (found[0].causes[0], found[0].remedies[0]) if found and found[0].severity == "error" else None
+
+
+def _broadcast(a: tuple[int, ...], b: tuple[int, ...]) -> list[int]:
+    out = []
+    for x, y in zip(((1,) * (len(b) - len(a)) + a), ((1,) * (len(a) - len(b)) + b)):
+        if x != y and 1 not in (x, y):
+            raise ValueError("shapes do not broadcast")
+        out.append(max(x, y))
+    return out
+
+
+def _shape(shape) -> str:
+    return f"({', '.join(map(str, shape))}{',' if len(shape) == 1 else ''})"
