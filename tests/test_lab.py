@@ -433,3 +433,21 @@ def test_lr_first_loss_of_a_diverged_run_is_its_finite_start():
     from gradwatch.lab.experiments.lr import first_loss
     assert first_loss(np.array([2.1, 5.0, 1e19, np.inf])) == 2.1  # the mean would be inf, or 3e18 without it
     assert first_loss(np.arange(1.0, 41.0)) == pytest.approx(10.5) and math.isnan(first_loss(np.array([])))
+
+
+def test_long_titles_and_labels_are_wrapped_to_their_panel(tmp_path):
+    """The RNN page's middle title was cut to "... best without the first marke" and a y-label to
+    "(watch, median of sample": a saved figure's texts fit their panels."""
+    from gradwatch.lab.page import figure, save
+
+    fig, (a, b, c) = figure(3)
+    title = "adding problem, T = 50 (dashed: mean predictor; dotted: best without the first marker)"
+    b.set_title(title, fontsize=8)
+    c.set_ylabel("‖∂L/∂x_t‖ / ‖∂L/∂x_T‖ (watch, median of samples)")
+    save(fig, tmp_path, "f")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    assert b.title.get_text().replace("\n", " ") == title and "\n" in b.title.get_text()
+    assert b.title.get_window_extent(renderer).width <= b.get_window_extent(renderer).width
+    assert c.yaxis.label.get_window_extent(renderer).height <= c.get_window_extent(renderer).height

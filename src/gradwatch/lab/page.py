@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import textwrap
 from pathlib import Path
 from typing import Iterable
 
@@ -24,8 +25,22 @@ def figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (5.0, 3.6
 def save(fig: Figure, out: Path, name: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.png"
+    _wrap_labels(fig)
     fig.savefig(path, dpi=90)
     return path
+
+
+def _wrap_labels(fig: Figure) -> None:
+    """Titles and axis labels wrapped to their panel (a three-panel figure cut its middle title to
+    "... best without the first marke" and a y-label to "(watch, median of sample"): about as many
+    characters as the panel's inches hold at the text's size."""
+    for ax in fig.axes:
+        box = ax.get_position()
+        width_in, height_in = box.width * fig.get_figwidth(), box.height * fig.get_figheight()
+        for text, room in ((ax.title, width_in), (ax.xaxis.label, width_in), (ax.yaxis.label, height_in)):
+            chars = max(12, int(room * 72 / (0.55 * text.get_fontsize())))
+            if len(text.get_text()) > chars and "\n" not in text.get_text():
+                text.set_text(textwrap.fill(text.get_text(), chars))
 
 
 def _numbers(numbers: dict) -> str:
