@@ -117,3 +117,17 @@ def test_a_lock_held_after_its_run_ended_is_said_so(tmp_path):
         assert f"the gradwatch run of pid {dead.pid} has ended, but a process its command left running" in str(exc)
     finally:
         os.close(fd)
+
+
+def test_a_run_that_replaces_an_earlier_one_says_so(tmp_path, capsys):
+    """`gradwatch run --out same` after a finished 200-step run there replaced it without a word."""
+    from gradwatch import runner
+
+    for earlier in (False, True):
+        if earlier:
+            (tmp_path / "r" / "gradwatch.sqlite").write_text("")
+        run_dir, lock = runner.claim_run_dir(tmp_path / "r")
+        os.close(lock)
+        said = capsys.readouterr().err
+        assert ("held an earlier run; this one replaces it" in said) == earlier
+        assert not (run_dir / "gradwatch.sqlite").exists()

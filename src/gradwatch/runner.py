@@ -20,6 +20,7 @@ from pathlib import Path
 
 from gradwatch.diagnose.finding import FINDINGS_FILE
 from gradwatch.errors import ConfigError
+from gradwatch.say import say
 from gradwatch.store.reader import LOCK_FILE
 from gradwatch.store.writer import finish_store
 
@@ -124,6 +125,8 @@ def claim_run_dir(path: str | os.PathLike) -> tuple[Path, int]:
                           f"choose another --out, or wait for it to end") from None
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
+    if any(path.glob("gradwatch*.sqlite")):  # (replaced silently, a finished run was lost unannounced)
+        say(f"gradwatch: {str(path)!r} held an earlier run; this one replaces it (give another --out to keep both)")
     try:
         return prepare_run_dir(path), fd
     except ConfigError:
