@@ -1599,3 +1599,29 @@ def test_a_vanishing_no_activation_or_depth_explains_points_between_the_layers(c
     model(torch.randn(3, 4)).sum().backward()
     printed = dict(line.rsplit(" ", 1) for line in capsys.readouterr().out.splitlines() if line.startswith(("2", "3")))
     assert float(printed["3"]) > 0 and float(printed["2"]) == 0  # the cut: after Binary, before it
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_a_post_ln_transformer_is_told_to_warm_up_not_to_add_residuals(norm_first):
+    """A tester's post-LN char transformer at Adam 2e-2 without warm-up sat at the unigram loss and
+    was told of its depth, to re-initialise (2.878) and to add residual connections it had; its
+    30-step warm-up reached 0.17, pre-LN 0.11. Post-LN is read from the forward order: the block's
+    LayerNorm runs after its attention."""
+    from gradwatch.diagnose import advice
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, norm_first=norm_first)
+    model = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Linear(16, 4))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with gw.watch(model, opt, warn=False) as watch:
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(4, 5, 16)).sum().backward()
+            opt.step()
+        run = watch.series()
+    ctx = advice.Context(run)
+    assert ctx.post_ln == (not norm_first) and ctx.attention
+    causes, remedies = advice.vanishing(ctx, ("0.layers.0.self_attn",), {}, through_time=False)
+    assert causes[0].startswith("post-LN transformer") == (not norm_first)
+    assert remedies[0].action.startswith("Warm the learning rate up") == (not norm_first)
+    assert not any("add_residual" in r.code for r in remedies)

@@ -124,6 +124,8 @@ class Context:
         self.rnn_types = sorted({l.type for l in run.layers if l.role == "recurrent"})
         self.depth = sum(l.role in WEIGHT_ROLES and "Norm" not in l.type for l in run.layers)
         self.has_norm = any("Norm" in l.type for l in run.layers)
+        self.attention = any(l.type == "MultiheadAttention" for l in run.layers)  # residual by construction
+        self.post_ln = _post_ln(run)
         self.optimizer = run.meta.get("optimizer") or "manual updates"
         self.adaptive = any(self.optimizer.startswith(a) for a in ADAPTIVE)
         self.line_search = self.optimizer in LINE_SEARCH
@@ -247,15 +249,43 @@ def vanishing(ctx: Context, layers: tuple[str, ...], evidence: dict, through_tim
         remedies += [norm, init]
     else:
         remedies += [init] + ([] if ctx.has_norm else [norm])
-    if ctx.depth >= 6:
+    if ctx.depth >= 6 and not ctx.attention:  # (attention blocks have their residual sums already)
         remedies.append(Remedy("Add residual connections around the shape-preserving blocks",
                                "model, _ = gw.modify.add_residual(model, example_input=batch)  # batch: one input batch"))
-    if not causes:  # no saturating activation, not at the start, shallow: something between the layers
+    if ctx.post_ln:
+        # a tester's post-LN char transformer at Adam 2e-2 without warm-up sat at the unigram loss (2.88):
+        # re-initialised 2.878; with its 30-step warm-up 0.17; pre-LN 0.11
+        causes.insert(0, POST_LN_CAUSE)
+        remedies = [*([] if ctx.scheduled else [WARM_UP]), ctx.lower_lr(), PRE_LN, *remedies]
+    elif not causes:  # no saturating activation, not at the start, shallow: something between the layers
         # (a tester's binarised MLP, BatchNorm before a straight-through estimator whose backward passed
         # |x| <= 1e-3 only, had no cause and was told to re-initialise, which made it worse)
         causes.append(BETWEEN_LAYERS_CAUSE)
         remedies.insert(0, FIND_THE_CUT)
     return causes, _norm_first_when_deep(ctx, remedies)
+
+
+POST_LN_CAUSE = ("post-LN transformer: the LayerNorm after each residual sum divides the gradient the lower blocks get, "
+                 "and at a high learning rate without warm-up the lower blocks stop learning (Xiong et al. 2020)")
+WARM_UP = Remedy("Warm the learning rate up over the first few hundred steps",
+                 "scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=300)  "
+                 "# scheduler.step() after each optimizer.step()")
+PRE_LN = Remedy("Normalise before each sub-layer instead (pre-LN), which needs no warm-up",
+                "x = x + attn(ln1(x)); x = x + mlp(ln2(x))  # nn.TransformerEncoderLayer(..., norm_first=True)")
+
+
+def _post_ln(run: RunSeries) -> bool:
+    """An attention layer followed, in its own block, by a LayerNorm before any LayerNorm ran in that
+    block (forward order: the layers' index): `ln(x + attn(x))`, not `x + attn(ln(x))`."""
+    layers = sorted(run.layers, key=lambda l: l.index)
+    for k, layer in enumerate(layers):
+        if layer.type != "MultiheadAttention":
+            continue
+        block = layer.name.rpartition(".")[0]
+        inside = [l for l in layers if l.name.rpartition(".")[0] == block and l.type == "LayerNorm"]
+        if inside and all(l.index > layer.index for l in inside):
+            return True
+    return False
 
 
 BETWEEN_LAYERS_CAUSE = ("an operation between the layers passes almost no gradient back: a module or function of the "
