@@ -87,8 +87,9 @@ def test_a_burst_in_a_run_the_trainer_clips_says_the_norms_are_before_its_clippi
     f = next(f for f in diagnose(run) if f.kind == "exploding_gradient")
     assert "growth_over_steps" in f.evidence and "clip_active_share" not in f.evidence
     assert f"taken before the run clips {HF_CLIP}" in f.message
-    clip = next(r for r in f.remedies if r.action.startswith("Clip the gradient norm"))
-    assert f"the run clips {HF_CLIP} now" in clip.action
+    # the run clips at 1 already, at or below twice the healthy level: clipping there is no remedy
+    # (a tester's LSTM, clipped at 1 in its loop, was told to clip at 1.0)
+    assert not any(r.action.startswith("Clip the gradient norm") for r in f.remedies)
 
 
 def test_clip_grad_norm_in_a_plain_sgd_loop_is_measured_from_the_sampled_updates():
