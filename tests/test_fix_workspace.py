@@ -219,3 +219,27 @@ def test_files_another_program_writes_during_a_trial_are_left_alone(tmp_path, mo
     w.settle(out / "screen-2")
     assert (tmp_path / "notes.txt").read_text() == "mine again\n"
     w.close()
+
+
+def test_a_trial_that_runs_another_program_has_every_change_taken_for_its_own(tmp_path, monkeypatch):
+    """A trial's `cp ckpt.pt last.pt` (no Python, no hook to note it) left last.pt in place, and every
+    later trial resumed from it: once a trial starts a program other than Python, what changed is
+    all put back, as before the hook."""
+    import sys
+
+    from gradwatch.fix.candidates import Candidate
+    from gradwatch.fix.trial import run_trial
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "runs" / "fix"
+    (tmp_path / "train.py").write_text(TRIAL_SCRIPT.replace('os.remove("old.txt")', 'import subprocess; '
+                                                            'subprocess.run(["cp", "ckpt.pt", "last.pt"], check=True)'))
+    for name in ("ckpt.pt", "log.txt", "old.txt"):
+        (tmp_path / name).write_text("mine\n")
+    w = Workspace(tmp_path, out)
+    run_trial([sys.executable, "train.py"], out / "screen-1", Candidate("baseline"), 10)
+    assert "*" in (out / "screen-1" / WROTE).read_text().splitlines()
+    w.settle(out / "screen-1")
+    assert not (tmp_path / "last.pt").exists() and (out / "screen-1" / "written" / "last.pt").is_file()
+    assert "last.pt" in w.written and not w.edited
+    w.close()

@@ -311,6 +311,24 @@ ENV_WRITES = "GRADWATCH_FIX_WRITES"  # a fix trial's: the file its processes not
 WRITE_EVENTS = ("os.remove", "os.rename", "os.truncate", "os.mkdir", "shutil.rmtree", "sqlite3.connect",
                 "gradwatch.wrote")  # their first argument a path (os.rename's second too)
 _writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+SPAWNS = ("subprocess.Popen", "os.system", "os.posix_spawn", "os.spawn", "os.exec")  # programs started
+
+
+def _python(event, args):
+    """The program started is Python, which loads this hook and notes its own writes."""
+    if event == "os.system":
+        return False
+    program = args[0] if args else None
+    if isinstance(program, (list, tuple)):
+        program = program[0] if program else None
+    if event == "subprocess.Popen" and program is None and len(args) > 1:  # (executable=None: args[0] runs)
+        argv = args[1]
+        program = argv if isinstance(argv, (str, bytes, os.PathLike)) else (argv[0] if argv else None)
+    try:
+        name = os.path.basename(os.fsdecode(program)).split()[0] if program is not None else ""
+    except (TypeError, ValueError, IndexError):
+        return False
+    return name.startswith("python")
 
 
 def _note_writes(log):
@@ -324,6 +342,13 @@ def _note_writes(log):
     seen = set()
 
     def hook(event, args):
+        if event in SPAWNS and not _python(event, args):
+            # a program of another kind writes what this hook cannot see (`cp ckpt.pt last.pt`): the
+            # trial's changes can no longer be told from another program's, and are all taken for its own
+            if "*" not in seen:
+                seen.add("*")
+                os.write(fd, b"*\n")
+            return
         if event == "open":
             path, mode, flags = args
             if isinstance(path, int) or not (mode and any(c in mode for c in "wax+") or not mode and flags & _writing):
@@ -331,6 +356,8 @@ def _note_writes(log):
             paths = (path,)
         elif event in WRITE_EVENTS:
             paths = args[:2] if event == "os.rename" else args[:1]
+            if event == "sqlite3.connect" and str(paths[0]).startswith((":memory:", "file:")):
+                return
         else:
             return
         for path in paths:

@@ -32,14 +32,15 @@ def caller_name(module: nn.Module) -> str | None:
     return None
 
 
-def caller_line() -> str:
-    """`train.py:42`: the script's line that called into torch (and gradwatch's patch of it)."""
-    frame = _user_frame(sys._getframe(1))
+def caller_line(also: tuple[str, ...] = ()) -> str:
+    """`train.py:42`: the script's line that called into torch (and gradwatch's patch of it); frames
+    of the files `also` names are passed over too (the warnings module, for a warning shown)."""
+    frame = _user_frame(sys._getframe(1), also)
     return f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}" if frame is not None else ""
 
 
-def _user_frame(frame: FrameType | None) -> FrameType | None:
-    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+def _user_frame(frame: FrameType | None, also: tuple[str, ...] = ()) -> FrameType | None:
+    while frame is not None and (frame.f_code.co_filename.startswith(_INTERNAL) or frame.f_code.co_filename in also):
         frame = frame.f_back
     return frame
 

@@ -40,6 +40,13 @@ UNSCALED = "_gradwatch_unscaled"  # attribute set on GradScaler.scale()'s output
 
 
 _backwards = [0]  # torch.autograd.backward calls running (a loss's backward)
+_partial = [False]  # the running one was given `inputs=`: it fills some gradients only
+
+
+def partial_backward() -> bool:
+    """The backward running was given `inputs=` (`loss.backward(inputs=head)`): two of them on one
+    loss may fill disjoint parameters, no gradient twice."""
+    return _partial[0]
 
 
 def backward_running() -> bool:
@@ -49,6 +56,7 @@ def backward_running() -> bool:
 
 
 def _backward(original, tensors, *args, **kwargs):
+    _partial[0] = kwargs.get("inputs") is not None or len(args) >= 5 and args[4] is not None
     for listener in list(_listeners):
         listener.before_backward(tensors)
     _backwards[0] += 1

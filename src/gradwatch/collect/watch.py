@@ -19,6 +19,7 @@ import re
 import sqlite3
 import sys
 import threading
+import warnings
 import weakref
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -734,7 +735,7 @@ class Watch:
         gradients zeroed in place (zero_grad(set_to_none=False)) are a clear, the loss still once."""
         last = self._last_loss
         if last is None or last[0]() is not loss or last[1] != self._step or self._mode == "backward" \
-                or not self._backward_since_step or self._grads_cleared():
+                or not self._backward_since_step or patches.partial_backward() or self._grads_cleared():
             return False
         grad = next((p.grad for p in self._params if p.grad is not None), None)
         if not self._again_said and grad is not None and bool(grad.any()):
@@ -855,8 +856,9 @@ class Watch:
         # (by name: a fine-tune's new head, put where the old one was, is that layer, and the new optimizer's)
         renewed = {layer.name for model, prefix in self._models for layer in newly_trainable(model, prefix, set(), set())
                    if any(id(p) in held for p in layer.params)}
-        names = [l.name for l in self._layers if l.params and all(id(p) in left for p in l.params) and l.name not in renewed]
-        if names:
+        stopped = [l.name for l in self._layers if l.params and all(id(p) in left for p in l.params)]
+        if stopped:  # (the phase changes here even when each of them was renewed: its steps are a new start)
+            names = [name for name in stopped if name not in renewed]
             self._events.append((self._step if since is None else since, "optimizer_stopped", json.dumps(names)))
 
     def _follow(self, optimizer: torch.optim.Optimizer) -> None:
@@ -891,7 +893,9 @@ class Watch:
             return
         self._broadcast_said = True
         target, given = ([int(x) for x in group.split(",") if x.strip()] for group in found.groups())
-        detail = {"where": f"{os.path.basename(filename)}:{lineno}", "input": given, "target": target}
+        # the script's line (an nn.MSELoss module's warning names torch's loss.py)
+        where = caller_line(also=(warnings.__file__,)) or f"{os.path.basename(filename)}:{lineno}"
+        detail = {"where": where, "input": given, "target": target}
         self._events.append((self._step, LOSS_BROADCAST, json.dumps(detail)))
 
     def clipped(self, params: list[torch.Tensor], function: str, limit: object) -> None:

@@ -252,7 +252,7 @@ def vanishing(ctx: Context, layers: tuple[str, ...], evidence: dict, through_tim
     if ctx.depth >= 6 and not ctx.attention:  # (attention blocks have their residual sums already)
         remedies.append(Remedy("Add residual connections around the shape-preserving blocks",
                                "model, _ = gw.modify.add_residual(model, example_input=batch)  # batch: one input batch"))
-    if ctx.post_ln:
+    if ctx.post_ln and not evidence.get("at_init"):  # (collapsed before any update: no lr caused it)
         # a tester's post-LN char transformer at Adam 2e-2 without warm-up sat at the unigram loss (2.88):
         # re-initialised 2.878; with its 30-step warm-up 0.17; pre-LN 0.11
         causes.insert(0, POST_LN_CAUSE)
@@ -282,6 +282,8 @@ def _post_ln(run: RunSeries) -> bool:
         if layer.type != "MultiheadAttention":
             continue
         block = layer.name.rpartition(".")[0]
+        if not block:  # (the model's own attention, an attention pooling between top-level layers: no block)
+            continue
         inside = [l for l in layers if l.name.rpartition(".")[0] == block and l.type == "LayerNorm"]
         if inside and all(l.index > layer.index for l in inside):
             return True

@@ -170,11 +170,14 @@ def snapshot(root: Path, exclude: Path, depth: int = DEPTH) -> Snapshot:
 def trial_writes(log: Path) -> Callable[[str], bool] | None:
     """Whether a path is one the trial wrote, removed or renamed, by the paths its processes noted
     (the folders too: what a removed tree held, a database's journal beside it); None where it
-    noted nothing (no Python process of its own, a trial run in this process): then every change
-    is taken for the trial's."""
+    noted nothing (no Python process of its own, a trial run in this process), or one of its
+    processes started a program other than Python (`cp ckpt.pt last.pt`): then every change is
+    taken for the trial's."""
     try:
         noted = log.read_text(errors="surrogateescape").splitlines()
     except OSError:
+        return None
+    if "*" in noted:  # it started a program other than Python, whose writes no hook noted
         return None
     paths, folders = set(noted), tuple(os.path.join(p, "") for p in noted)
 

@@ -31,11 +31,13 @@ def find_loss_broadcast(run: RunSeries, th: Thresholds) -> list[Finding]:
     except ValueError:  # (torch raises on shapes that do not broadcast: no warning reaches us then)
         return []
     crossed = math.prod(grid) > max(math.prod(given), math.prod(target))
+    if not crossed and math.prod(given) == math.prod(target):  # (a squeezed batch of 1: () against (1,), the same loss)
+        return []
     where = f" at {detail['where']}" if detail.get("where") else ""
     what = (f"the loss{where} compares predictions of shape {_shape(given)} with targets of shape {_shape(target)}: "
             f"broadcast to {_shape(grid)}" + (", every prediction against every target, so its minimum puts each "
                                               "prediction at the targets' mean, whatever the input" if crossed else ""))
-    remedy = remedy_for(given, target)
+    remedy = remedy_for(given, target, grid)
     message = f"{what[0].upper()}{what[1:]}. {remedy.action}."
     evidence = {"where": detail.get("where"), "input_shape": list(given), "target_shape": list(target),
                 "broadcast_shape": list(grid)}
@@ -43,12 +45,14 @@ def find_loss_broadcast(run: RunSeries, th: Thresholds) -> list[Finding]:
     return [Finding(KEY, "error" if crossed else "warning", step, (), message, evidence, (cause,), (remedy,))]
 
 
-def remedy_for(given: tuple[int, ...], target: tuple[int, ...]) -> Remedy:
+def remedy_for(given: tuple[int, ...], target: tuple[int, ...], grid: tuple[int, ...]) -> Remedy:
+    """The shapes made equal before the loss, whichever loss it is (mse, l1, smooth L1, Huber)."""
     if math.prod(given) == math.prod(target):
-        return Remedy("Give the prediction the target's shape",
-                      "loss = F.mse_loss(pred.view_as(y), y)  # (64, 1) -> (64,): one prediction per target")
-    return Remedy("Give the target the prediction's shape (one target per output)",
-                  "loss = F.mse_loss(pred, y.view_as(pred))")
+        return Remedy("Give the prediction the target's shape, before the loss",
+                      f"pred = pred.view_as(y)  # {_shape(given)} -> {_shape(target)}: one prediction per target, "
+                      f"not the {_shape(grid)} grid")
+    return Remedy("Give the target the prediction's shape, before the loss (one target per output)",
+                  f"y = y.expand_as(pred)  # {_shape(target)} -> {_shape(given)}")
 
 
 def cause_of(run: RunSeries) -> tuple[str, Remedy] | None:
