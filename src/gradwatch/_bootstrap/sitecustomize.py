@@ -315,20 +315,20 @@ SPAWNS = ("subprocess.Popen", "os.system", "os.posix_spawn", "os.spawn", "os.exe
 
 
 def _python(event, args):
-    """The program started is Python, which loads this hook and notes its own writes."""
-    if event == "os.system":
-        return False
-    program = args[0] if args else None
-    if isinstance(program, (list, tuple)):
-        program = program[0] if program else None
-    if event == "subprocess.Popen" and program is None and len(args) > 1:  # (executable=None: args[0] runs)
-        argv = args[1]
-        program = argv if isinstance(argv, (str, bytes, os.PathLike)) else (argv[0] if argv else None)
+    """The program started is Python, which loads this hook and notes its own writes. Popen's
+    arguments are (executable or None, args, cwd, env); os.exec's and os.posix_spawn's (path, argv,
+    env); a shell (os.system) and os.spawn* count as another program."""
     try:
-        name = os.path.basename(os.fsdecode(program)).split()[0] if program is not None else ""
+        if event == "subprocess.Popen":
+            program = args[0] if args[0] is not None else \
+                (args[1] if isinstance(args[1], (str, bytes, os.PathLike)) else args[1][0])
+        elif event in ("os.exec", "os.posix_spawn"):
+            program = args[0]
+        else:
+            return False
+        return os.path.basename(os.fsdecode(program)).split()[0].startswith("python")
     except (TypeError, ValueError, IndexError):
         return False
-    return name.startswith("python")
 
 
 def _note_writes(log):

@@ -853,11 +853,11 @@ class Watch:
         its training begins (diagnose reads its loss from there)."""
         held = params_of(new)
         left = params_of(old) - held
-        # (by name: a fine-tune's new head, put where the old one was, is that layer, and the new optimizer's)
-        renewed = {layer.name for model, prefix in self._models for layer in newly_trainable(model, prefix, set(), set())
-                   if any(id(p) in held for p in layer.params)}
         stopped = [l.name for l in self._layers if l.params and all(id(p) in left for p in l.params)]
         if stopped:  # (the phase changes here even when each of them was renewed: its steps are a new start)
+            # (by name: a fine-tune's new head, put where the old one was, is that layer, and the new optimizer's)
+            renewed = {layer.name for model, prefix in self._models for layer in newly_trainable(model, prefix, set(), set())
+                       if any(id(p) in held for p in layer.params)}
             names = [name for name in stopped if name not in renewed]
             self._events.append((self._step if since is None else since, "optimizer_stopped", json.dumps(names)))
 

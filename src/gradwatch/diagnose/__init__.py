@@ -14,7 +14,7 @@ from gradwatch.diagnose.finding import KINDS, SEVERITIES, Finding, Remedy
 from gradwatch.diagnose.rules import RULES
 from gradwatch.diagnose.rules.late_clipping import find_late_clipping
 from gradwatch.diagnose.rules.repeated_backward import find_repeated_backward
-from gradwatch.diagnose.rules.loss_broadcast import cause_of as broadcast_cause, find_loss_broadcast
+from gradwatch.diagnose.rules.loss_broadcast import find_loss_broadcast
 from gradwatch.diagnose.rules.loss import find_loss_divergence, find_loss_plateau
 from gradwatch.diagnose.rules.non_finite import find_non_finite, find_scaler_stuck
 from gradwatch.diagnose.rules.stale_gradients import find_stale_gradients
@@ -63,21 +63,21 @@ def diagnose(run: RunSeries | str | os.PathLike, thresholds: Thresholds | dict =
     findings = _one_per_cause(series, findings)
     findings = _nan_after_explosion(findings)
     findings = _per_phase(findings, starts, lambda found: _after_stale(_plateau_from_block(found)))
-    findings = _after_broadcast(series, findings)
+    findings = _after_broadcast(findings)
     if series.meta.get("input_derivatives"):
         findings = [_per_sample_norms(f) for f in findings]
     return sorted(findings, key=lambda f: (f.first_step, SEVERITY_ORDER[f.severity], KINDS.index(f.kind)))
 
 
-def _after_broadcast(series: RunSeries, findings: list[Finding]) -> list[Finding]:
+def _after_broadcast(findings: list[Finding]) -> list[Finding]:
     """A loss whose target broadcasts into a grid (`loss_broadcast`) explains a gradient that
     vanishes, a layer that stalls and a loss that stays where it is: the model learns to predict the
     targets' mean. Its cause and fix come first there (a tester's 1D CNN was told its initialisation
     was the cause, and re-initialised, stayed at the targets' variance)."""
-    said = broadcast_cause(series)
-    if said is None:
+    grid = next((f for f in findings if f.kind == "loss_broadcast" and f.severity == "error"), None)
+    if grid is None:
         return findings
-    cause, fix = said
+    cause, fix = grid.causes[0], grid.remedies[0]
     return [replace(f, message=f"{f.message} It follows from the loss's shape: {fix.action}.",
                     causes=(cause, *f.causes), remedies=(fix, *f.remedies))
             if f.kind in ("vanishing_gradient", "stalled_layers", "loss_plateau", "dead_units", "saturation") else f

@@ -277,17 +277,14 @@ PRE_LN = Remedy("Normalise before each sub-layer instead (pre-LN), which needs n
 def _post_ln(run: RunSeries) -> bool:
     """An attention layer followed, in its own block, by a LayerNorm before any LayerNorm ran in that
     block (forward order: the layers' index): `ln(x + attn(x))`, not `x + attn(ln(x))`."""
-    layers = sorted(run.layers, key=lambda l: l.index)
-    for k, layer in enumerate(layers):
-        if layer.type != "MultiheadAttention":
-            continue
-        block = layer.name.rpartition(".")[0]
-        if not block:  # (the model's own attention, an attention pooling between top-level layers: no block)
-            continue
-        inside = [l for l in layers if l.name.rpartition(".")[0] == block and l.type == "LayerNorm"]
-        if inside and all(l.index > layer.index for l in inside):
-            return True
-    return False
+    first_norm: dict[str, int] = {}  # block -> the index of its first LayerNorm
+    for l in run.layers:
+        if l.type == "LayerNorm":
+            block = l.name.rpartition(".")[0]
+            first_norm[block] = min(first_norm.get(block, l.index), l.index)
+    # (not the model's own attention, an attention pooling between top-level layers: no block)
+    return any(l.type == "MultiheadAttention" and (block := l.name.rpartition(".")[0]) and first_norm.get(block, -1) > l.index
+               for l in run.layers)
 
 
 BETWEEN_LAYERS_CAUSE = ("an operation between the layers passes almost no gradient back: a module or function of the "
@@ -355,8 +352,8 @@ def exploding(ctx: Context, layers: tuple[str, ...], evidence: dict, through_tim
     told = f"; the run clips {evidence['grad_clip']} now" if evidence.get("grad_clip") else ""
     action = (f"Clip the gradient norm at 1.0: from the first step there is no healthy level to scale it to{told}"
               if evidence.get("at_init") else f"Clip the gradient norm at about twice its healthy level ({max_norm}{told})")
-    clips = re.search(r"total norm to ([0-9.]+(?:e[+-]?[0-9]+)?)", str(evidence.get("grad_clip") or ""))
-    if not (clips and float(clips.group(1)) <= float(max_norm)):  # (clipping there already: it did not stop this)
+    clips = told_norm_limit(evidence.get("grad_clip"))
+    if not (clips and clips <= float(max_norm)):  # (clipping there already: it did not stop this)
         remedies.append(Remedy(action,
                                f"torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={max_norm})  # before optimizer.step()"))
     if not evidence.get("at_init"):  # ZClip's 25 warm-up steps pass a blow-up from the first step unclipped
@@ -780,6 +777,20 @@ GIVE_CODE = ("held = [g for g in optimizer.param_groups if any(p is q for p in p
              "    group['lr'] = group['lr'] or max(g['lr'] for g in optimizer.param_groups)\n"
              "new = [p for p in params if not any(p is q for g in held for q in g['params'])]\n"
              "if new:\n    optimizer.add_param_group({'params': new})\n")
+# "the total norm to 1 (max_grad_norm)", as integrations/_trainer.py and the watch keep a run's clipping;
+# clipping by value ("each entry to ±0.5") changes the direction, not a step length, and is not read
+_NORM_LIMIT = re.compile(r"total norm to ([0-9.]+(?:e[+-]?[0-9]+)?)", re.IGNORECASE)
+
+
+def told_norm_limit(told: object) -> float | None:
+    """The limit of a clipping by norm as the run's meta `grad_clip` says it, else None."""
+    match = _NORM_LIMIT.search(told) if isinstance(told, str) else None
+    try:
+        return float(match.group(1)) if match else None
+    except ValueError:
+        return None
+
+
 HIGH_MOMENTUM = 0.95  # SGD momentum from which it is named with the lr: steps that add up to 20x it or more
 SPARSE_CAPABLE = ("SGD", "Adagrad", "SparseAdam")  # optimizers whose step takes sparse gradients (without weight decay)
 

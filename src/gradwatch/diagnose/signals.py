@@ -294,6 +294,28 @@ def noted_in(run: RunSeries, step: int) -> bool:
     return len(run.steps) > 0 and int(run.steps[0]) <= step <= int(run.steps[-1]) + every
 
 
+def first_noted(run: RunSeries, key: str) -> tuple[int, dict] | None:
+    """(step, detail) of the first event of `key` the reader kept as the run's meta (a late clip, a
+    repeated backward, a loss's broadcast shapes), when it falls in this run or phase of steps."""
+    said = run.meta.get(key) or []
+    if not said:
+        return None
+    step, detail = int(said[0][0]), said[0][1]
+    return (step, detail) if noted_in(run, step) else None
+
+
+def row_reduce(reduce, values: np.ndarray) -> np.ndarray:
+    """`reduce` (np.nanmedian, np.nanmax) of each row holding a finite value, NaN for the others,
+    with no RuntimeWarning to silence: `warnings.catch_warnings()` in a live check reset Python's
+    record of warnings shown, and the script's own warnings (torch's, once per line) were shown
+    again at every check."""
+    out = np.full(len(values), np.nan)
+    some = np.isfinite(values).any(axis=1)
+    if some.any():
+        out[some] = reduce(values[some], axis=1)
+    return out
+
+
 def skipped_after_last(run: RunSeries) -> int:
     """Iterations a GradScaler skipped after the last stored step, to the end (its step counter
     stays while it skips: all at the last step + 1)."""

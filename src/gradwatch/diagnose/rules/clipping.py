@@ -11,21 +11,15 @@ goes unseen, since nothing diverges."""
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import numpy as np
 
-from gradwatch.diagnose.advice import Context, two_digits
+from gradwatch.diagnose.advice import Context, told_norm_limit, two_digits
 from gradwatch.diagnose.finding import Remedy
 from gradwatch.diagnose.signals import plain_sgd, total_grad_norm
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
-
-# "the total norm to 1 (max_grad_norm)", as integrations/_trainer.py keeps it; clipping by value
-# ("each entry to ±0.5") changes the direction, not a step length, and is not read here
-_NORM_LIMIT = re.compile(r"total norm to ([0-9.]+(?:e[+-]?[0-9]+)?)", re.IGNORECASE)
-
 
 @dataclass(frozen=True)
 class Clipping:
@@ -55,14 +49,8 @@ def _told(run: RunSeries) -> tuple[float | None, str]:
     told = run.meta.get("grad_clip")
     if isinstance(told, str) and "clip_grad" in told:
         return None, ""
-    match = _NORM_LIMIT.search(told) if isinstance(told, str) else None
-    if match is None:
-        return None, ""
-    try:
-        limit = float(match.group(1))
-    except ValueError:
-        return None, ""
-    return (limit, f"the run clips {told}") if limit > 0 else (None, "")
+    limit = told_norm_limit(told)
+    return (limit, f"the run clips {told}") if limit is not None and limit > 0 else (None, "")
 
 
 def _measured(run: RunSeries, th: Thresholds) -> tuple[float | None, str]:

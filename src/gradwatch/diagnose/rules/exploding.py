@@ -15,7 +15,7 @@ from gradwatch.diagnose.rules.late_clipping import late_first
 from gradwatch.diagnose.rules.loss import learning_on
 from gradwatch.diagnose.rules.stale_gradients import stale_first
 from gradwatch.diagnose.signals import (depth_profile, finite_loss, first_layer_scale, from_init, names, peaks_growing, periodic, persistent_start,
-                                        plain_sgd, profile_columns, row_nanpercentile, TOTAL_BLOCK, total_grad_norm, window)
+                                        plain_sgd, profile_columns, row_nanpercentile, row_reduce, TOTAL_BLOCK, total_grad_norm, window)
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
 
@@ -188,18 +188,6 @@ def _clipping_said(evidence: dict) -> str:
             "not a safety net here but the step rule, and it hides the gradient's scale")
 
 
-def _rows(reduce, windows: np.ndarray) -> np.ndarray:
-    """`reduce` (np.nanmedian, np.nanmax) of each row holding a finite value, NaN for the others,
-    with no RuntimeWarning to silence: `warnings.catch_warnings()` in a live check reset Python's
-    record of warnings shown, and the script's own warnings (torch's, once per line) were shown
-    again at every check."""
-    out = np.full(len(windows), np.nan)
-    some = np.isfinite(windows).any(axis=1)
-    if some.any():
-        out[some] = reduce(windows[some], axis=1)
-    return out
-
-
 def _growth_over_steps(run: RunSeries, th: Thresholds):
     """The total norm against the median of the previous steps: `spike_steps` spikes of
     `spike_factor` within one baseline window (growth, sustained or in bursts), or one jump of
@@ -216,7 +204,7 @@ def _growth_over_steps(run: RunSeries, th: Thresholds):
     history[history == 0] = np.nan  # a zero gradient (a flat batch) says nothing about scale
     windows = np.lib.stride_tricks.sliding_window_view(history, w)[:n]  # row i: norms[i-w:i]
     with np.errstate(divide="ignore", invalid="ignore"):
-        base = _rows(np.nanmedian, windows)  # (all-NaN rows at the start: NaN)
+        base = row_reduce(np.nanmedian, windows)  # (all-NaN rows at the start: NaN)
         # the gradient's own noise as a log-normal spread, one figure for the run: p75/median of a
         # window is exp(0.674 sigma); the calm quarter of the windows, so an explosion filling most
         # of the run does not raise its own bar
@@ -243,7 +231,7 @@ def _growth_over_steps(run: RunSeries, th: Thresholds):
     # per-sample gradients leap from a near-zero median to their usual size often)
     long = th.jump_history_windows * w
     history_long = np.concatenate([np.full(long, np.nan), np.where(np.arange(n) < th.warmup_steps, np.nan, norms)])
-    recent_max = _rows(np.nanmax, np.lib.stride_tricks.sliding_window_view(history_long, long)[:n])
+    recent_max = row_reduce(np.nanmax, np.lib.stride_tricks.sliding_window_view(history_long, long)[:n])
     jump = ((np.nan_to_num(factor) >= th.jump_factor * bar / th.spike_factor) & (norms >= th.spike_factor * recent_max)
             & (norms >= early_top))
     hit = np.flatnonzero((spike & (in_window >= th.spike_steps)) | jump)

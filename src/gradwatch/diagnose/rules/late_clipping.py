@@ -11,7 +11,7 @@ threshold. An exploding gradient in the same run is what the clipping was meant 
 from __future__ import annotations
 
 from gradwatch.diagnose.finding import Finding, Remedy
-from gradwatch.diagnose.signals import noted_in
+from gradwatch.diagnose.signals import first_noted
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
 
@@ -19,22 +19,13 @@ KEY = "late_clip"  # the meta the reader makes of the watch's event
 
 
 def find_late_clipping(run: RunSeries, th: Thresholds) -> list[Finding]:
-    said = _said(run)
+    said = first_noted(run, KEY)
     if said is None:
         return []
     step, detail = said
     message = f"{_what(step, detail)}. {remedy(detail).action}."
     evidence = {"function": detail.get("function"), "where": detail.get("where") or None, "limit": detail.get("limit")}
     return [Finding("late_clipping", "warning", step, (), message, evidence, (cause(step, detail),), (remedy(detail),))]
-
-
-def _said(run: RunSeries) -> tuple[int, dict] | None:
-    """The watch's first late clip, when it falls in this run (or phase) of steps."""
-    said = run.meta.get(KEY) or []
-    if not said:
-        return None
-    step, detail = int(said[0][0]), said[0][1]
-    return (step, detail) if noted_in(run, step) else None
 
 
 def _what(step: int, detail: dict) -> str:
@@ -59,7 +50,7 @@ def remedy(detail: dict) -> Remedy:
 
 def late_first(run: RunSeries, causes: list[str], found: list[Remedy]) -> tuple[list[str], list[Remedy]]:
     """A finding the clipping was there to stop (an exploding gradient): the misplaced call first."""
-    said = _said(run)
+    said = first_noted(run, KEY)
     if said is None:
         return causes, found
     return [cause(*said), *causes], [remedy(said[1]), *found]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 
 from gradwatch.diagnose.finding import Finding, Remedy
-from gradwatch.diagnose.signals import noted_in
+from gradwatch.diagnose.signals import first_noted
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
 
@@ -21,10 +21,9 @@ KEY = "loss_broadcast"  # the meta the reader makes of the watch's event
 
 
 def find_loss_broadcast(run: RunSeries, th: Thresholds) -> list[Finding]:
-    said = run.meta.get(KEY) or []
-    if not said or not noted_in(run, int(said[0][0])):
+    if (said := first_noted(run, KEY)) is None:
         return []
-    step, detail = int(said[0][0]), said[0][1]
+    step, detail = said
     given, target = tuple(detail.get("input") or ()), tuple(detail.get("target") or ())
     try:
         grid = tuple(_broadcast(given, target))
@@ -53,12 +52,6 @@ def remedy_for(given: tuple[int, ...], target: tuple[int, ...], grid: tuple[int,
                       f"not the {_shape(grid)} grid")
     return Remedy("Give the target the prediction's shape, before the loss (one target per output)",
                   f"y = y.expand_as(pred)  # {_shape(target)} -> {_shape(given)}")
-
-
-def cause_of(run: RunSeries) -> tuple[str, Remedy] | None:
-    """The broadcast's cause and fix, for the findings it explains (diagnose puts them first)."""
-    found = find_loss_broadcast(run, Thresholds())
-    return (found[0].causes[0], found[0].remedies[0]) if found and found[0].severity == "error" else None
 
 
 def _broadcast(a: tuple[int, ...], b: tuple[int, ...]) -> list[int]:

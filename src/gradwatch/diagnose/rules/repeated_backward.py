@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from gradwatch.diagnose.advice import ADAPTIVE
 from gradwatch.diagnose.finding import Finding, Remedy
-from gradwatch.diagnose.signals import noted_in
+from gradwatch.diagnose.signals import first_noted
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
 
@@ -25,10 +25,9 @@ optimizer.step()"""
 
 
 def find_repeated_backward(run: RunSeries, th: Thresholds) -> list[Finding]:
-    said = run.meta.get(KEY) or []
-    if not said or not noted_in(run, int(said[0][0])):
+    if (said := first_noted(run, KEY)) is None:
         return []
-    step, where = int(said[0][0]), said[0][1].get("where") or ""
+    step, where = said[0], said[1].get("where") or ""
     optimizer = run.meta.get("optimizer") or ""
     scale_free = optimizer in ADAPTIVE
     effect = (f"{optimizer}'s step hardly changes with the gradient's scale, so the cost is a second backward"

@@ -9,7 +9,7 @@ from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding
 from gradwatch.diagnose.rules.loss import loss_fell_to
 from gradwatch.diagnose.signals import (depth_profile, lowest_over_highest, names, persistent_start, profile_columns,
-                                        rows_before_non_finite_loss, sampled_rows)
+                                        row_reduce, rows_before_non_finite_loss, sampled_rows)
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
 
@@ -106,9 +106,8 @@ def _slowed_group(run: RunSeries, th: Thresholds, rows: np.ndarray, u: np.ndarra
     rest = [j for j in live if group_lr[j] >= th.discriminative_lr_floor]
     if not slow or not rest:
         return []
-    with np.errstate(invalid="ignore"):
-        others = np.nanmedian(np.where(u[:, rest] > 0, u[:, rest], np.nan), axis=1)
-        ratio = np.nanmax(u[:, slow], axis=1) / others
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = row_reduce(np.nanmax, u[:, slow]) / row_reduce(np.nanmedian, np.where(u[:, rest] > 0, u[:, rest], np.nan))
     start = persistent_start(np.isfinite(ratio) & (ratio < th.stalled_ratio), th.persist_samples, to_the_end=True)
     if start is None:
         return []
