@@ -93,3 +93,25 @@ def test_a_new_head_left_at_lr_0_by_the_fine_tunes_optimizer_is_stalled(tmp_path
     stalled = [f for f in _head_swap(0.0, tmp_path) if f.kind == "stalled_layers"]
     assert len(stalled) == 1 and stalled[0].layers == ("1",) and stalled[0].first_step >= 100
     assert not [f for f in _head_swap(0.05, tmp_path) if f.kind == "stalled_layers"]
+
+
+def _head_swapped(new_loss: np.ndarray):
+    """A backbone (fc0, fc1) pretrained to convergence under head fc3, then fine-tuned from step 200
+    under a new head fc2: its gradient leaps 70x and stays 10x above the converged level."""
+    run = build(n_steps=400, depth=4, optimizer="Adam", lr=1e-3)
+    t = np.arange(400)
+    noise = np.exp(0.1 * np.random.default_rng(0).standard_normal(400))
+    backbone = np.where(t < 200, 0.01, 0.1 + 0.6 * np.exp(-(t - 200) / 50)) * noise
+    for i in range(4):
+        run.metrics["grad_norm"][:, run.column(f"fc{i}")] = backbone
+    run.metrics["grad_norm"][200:, run.column("fc3")] = np.nan
+    run.metrics["grad_norm"][:200, run.column("fc2")] = np.nan
+    run.loss[:200] = 0.001 + 2 * np.exp(-t[:200] / 20)
+    run.loss[200:] = new_loss
+    return run
+
+
+def test_a_converged_backbone_fine_tuned_under_a_new_head_whose_loss_falls_is_no_explosion():
+    falling = 0.03 + 0.66 * np.exp(-np.arange(200) / 40)
+    assert "exploding_gradient" not in kinds(gw.diagnose(_head_swapped(falling)))
+    assert "exploding_gradient" in kinds(gw.diagnose(_head_swapped(np.full(200, 0.69))))

@@ -315,14 +315,21 @@ def _leapt_and_stayed(run: RunSeries, change: int, end: int, bar: float, th: Thr
     the window after it and stayed `bar` up through the phase's last window (up to `end`): then the
     blow-up is in the layers that were already learning, not the new sum (gradual unfreezing that
     blew up at each step, 1 -> 210 -> 3e4 -> 4e6). A head fine-tuned on new data leaps too, then
-    settles (0.3 -> 12 -> 0.5): a new phase's level, no explosion. A phase under two windows long
-    (a live check right after the switch) is given the benefit of the doubt until a later check."""
+    settles (0.3 -> 12 -> 0.5): a new phase's level, no explosion. So does a backbone whose
+    pretraining had converged (loss 0.001) once a new head and task start it again: its gradients
+    stay well above the converged level while the new loss falls (0.69 -> 0.03, a tester's digits
+    fine-tune told it exploded 641x). A phase whose loss fell to `burst_learning` of its level after
+    the switch is learning, however high its gradients stayed. A phase under two windows long (a
+    live check right after the switch) is given the benefit of the doubt until a later check."""
     g, w = run.metrics["grad_norm"], th.baseline_window
     cols = np.array(run.weight_columns())
     a, b, e = np.searchsorted(run.steps, [change, change, end])
     before, after, last = (np.asarray(g[r0:r1][:, cols]) for r0, r1 in ((max(a - w, 0), a), (b, b + w), (max(e - w, b), e)))
     common = np.isfinite(before).all(axis=0) & np.isfinite(after).all(axis=0) & np.isfinite(last).all(axis=0)
     if not common.any() or not len(before) or e - b < 2 * w:  # too soon to tell it stayed (a live check)
+        return False
+    start_loss, end_loss = (run.loss[r0:r1][np.isfinite(run.loss[r0:r1])] for r0, r1 in ((b, b + w), (max(e - w, b), e)))
+    if len(start_loss) and len(end_loss) and 0 < np.median(end_loss) <= th.burst_learning * np.median(start_loss):
         return False
     level = np.median(np.linalg.norm(before[:, common], axis=1))
     return bool(np.linalg.norm(after[:, common], axis=1).max() >= bar * level
