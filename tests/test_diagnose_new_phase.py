@@ -115,3 +115,14 @@ def test_a_converged_backbone_fine_tuned_under_a_new_head_whose_loss_falls_is_no
     falling = 0.03 + 0.66 * np.exp(-np.arange(200) / 40)
     assert "exploding_gradient" not in kinds(gw.diagnose(_head_swapped(falling)))
     assert "exploding_gradient" in kinds(gw.diagnose(_head_swapped(np.full(200, 0.69))))
+
+
+def test_a_new_head_at_the_old_ones_name_under_a_new_optimizer_starts_a_phase_too():
+    # the same layers trained before and after; only the optimizer's switch (meta optimizer_stopped) marks it
+    run = _head_swapped(0.03 + 0.66 * np.exp(-np.arange(200) / 40))
+    g = run.metrics["grad_norm"]
+    g[200:, run.column("fc3")] = g[200:, run.column("fc0")]
+    run = run.of_layers([run.column(f"fc{i}") for i in (0, 1, 3)])
+    assert "exploding_gradient" in kinds(gw.diagnose(run))
+    run.meta["optimizer_stopped"] = [[200, []]]
+    assert "exploding_gradient" not in kinds(gw.diagnose(run))

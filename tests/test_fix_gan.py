@@ -199,3 +199,19 @@ def test_diagnose_code_names_the_model_each_finding_is_in():
     assert in_script_names(code, names, ("0",), ()) == code  # (which model: the run does not say)
     one = read_names("import torch\nnet = torch.nn.Linear(2, 1)\nopt = torch.optim.SGD(net.parameters(), lr=0.1)\n")
     assert in_script_names("model.optimizer_x = optimizer  # the model", one) == "net.optimizer_x = opt  # the net"
+
+
+def test_a_keyword_argument_named_optimizer_keeps_its_name_and_the_pasted_code_runs():
+    """A tester's `gradwatch diagnose` printed `replace_rnn(model, opt=opt)` for a script whose
+    optimizer is `opt`: renamed as a keyword too, the pasted line raised a TypeError."""
+    import gradwatch as gw
+    from gradwatch.fix.names import in_script_names
+
+    one = read_names("import torch\nnet = torch.nn.RNN(2, 4)\nopt = torch.optim.SGD(net.parameters(), lr=0.1)\n")
+    code = "model, _ = gw.modify.replace_rnn(model, optimizer=optimizer)  # model\nif optimizer == optimizer: pass"
+    renamed = in_script_names(code, one)
+    assert renamed == "net, _ = gw.modify.replace_rnn(net, optimizer=opt)  # net\nif opt == opt: pass"
+    space = {"gw": gw, "net": torch.nn.Sequential(torch.nn.RNN(2, 4))}
+    space["opt"] = torch.optim.SGD(space["net"].parameters(), lr=0.1)
+    exec(renamed, space)
+    assert isinstance(space["net"][0], torch.nn.GRU) and space["opt"].param_groups[0]["params"][0] is space["net"][0].weight_ih_l0

@@ -213,3 +213,15 @@ def test_a_series_holds_exactly_the_stores_per_layer_columns():
     from gradwatch.store.schema import LAYER_COLUMNS
     from gradwatch.store.series import METRICS
     assert METRICS == LAYER_COLUMNS
+
+
+def test_a_metric_no_store_records_is_named_as_a_typo_and_one_not_recorded_is_empty():
+    from series_builder import build
+
+    run = build(n_steps=10, depth=2)
+    with pytest.raises(KeyError, match="no metric named 'gradnorm'; metrics are .*grad_norm"):
+        run.series("fc0", "gradnorm")
+    del run.metrics["dead"]  # a metric of the schema this run did not record
+    steps, values = run.series("fc0", "dead")
+    assert len(steps) == len(values) == 0
+    assert len(run.series("fc0", "grad_norm")[0]) == 10

@@ -684,6 +684,16 @@ def module_path(name: str, cwd: Path) -> Path | None:
 
 
 _GENERIC = {name: re.compile(rf"(?<![\w.]){name}(?!\w)") for name in ("model", "optimizer")}
+_KEYWORD = re.compile(r"\s*=(?!=)")  # after a name: `optimizer=` is the callee's keyword, not the script's name
+
+
+def _renamed(code: str, pattern: re.Pattern, own: str) -> str:
+    """Each use of the generic name as a value renamed; a keyword argument (`replace_rnn(model,
+    optimizer=optimizer)`) keeps its name: a tester's pasted `replace_rnn(model, opt=opt)` raised."""
+    def one(m: re.Match) -> str:
+        keyword = re.search(r"[(,]\s*$", code[:m.start()]) and _KEYWORD.match(code, m.end())
+        return m.group(0) if keyword else own
+    return pattern.sub(one, code)
 
 
 def in_script_names(code: str, names: Names, layers: tuple[str, ...] = (), later_models: tuple[str, ...] = ()) -> str:
@@ -705,5 +715,5 @@ def in_script_names(code: str, names: Names, layers: tuple[str, ...] = (), later
     for generic, pattern in _GENERIC.items():
         own = getattr(names, generic)
         if generic in names.found and own != generic:
-            code = pattern.sub(own, code)
+            code = _renamed(code, pattern, own)
     return code

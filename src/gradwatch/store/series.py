@@ -83,8 +83,12 @@ class RunSeries:
         return i
 
     def series(self, layer: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
-        """(steps, values) of one metric of one layer, where it was recorded."""
+        """(steps, values) of one metric of one layer, where it was recorded (none: a metric this
+        run did not record). A name no store records raises, as an unknown layer does: empty
+        arrays made a tester's typo (`"gradnorm"`) look like a metric never measured."""
         if metric not in self.metrics:
+            if metric not in METRICS:
+                raise KeyError(f"no metric named {metric!r}; metrics are {', '.join(METRICS)}")
             return np.empty(0, dtype=np.int64), np.empty(0)
         values = self.metrics[metric][:, self.column(layer)]
         keep = ~np.isnan(values)
