@@ -55,6 +55,19 @@ def test_units_pinned_at_their_asymptotes_are_saturation_whatever_the_depth():
     assert fine.verdict == "healthy" and not [f for f in fine.findings if f.kind == "saturation"]
 
 
+def test_the_inputs_scale_is_a_cause_of_saturation_only_when_it_is_large():
+    """A tester's N(0, 1) batch, made by `gradwatch probe --input-shape`, was told to standardise its
+    inputs: an rms of 1 cannot saturate a fan-in layer; raw values in the hundreds can."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 10))
+    with torch.no_grad():
+        m[0].weight.mul_(12), m[2].weight.mul_(12)
+    for x, said in ((torch.randn(32, 64), False), (torch.rand(32, 64) * 255, True)):
+        (f,) = [f for f in gw.probe(m, x, iters=0).findings if f.kind == "saturation"]
+        assert any("inputs on a large scale" in c for c in f.causes) is said
+        assert any("Standardise" in r.action for r in f.remedies) is said
+
+
 def test_the_output_layers_own_sigmoid_is_no_saturation():
     """A click-through-rate MLP, its output bias at the base rate's logit (0.8%): its sigmoid before
     BCELoss is pinned near 0 by design, and was read as saturation, with advice to re-initialise."""

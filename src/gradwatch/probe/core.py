@@ -209,10 +209,11 @@ def _probe(model: nn.Module, batch: Any, loss_fn: Callable[[Any], torch.Tensor] 
                                          normalised=_normalised(model), residual=residual,
                                          functional=functional, example=_example_code(batch))
                 + verdict.recurrent_findings(recs, root=type(model).__name__))
-    if not any(f.kind in ("vanishing_gradient", "exploding_gradient") for f in findings):  # (their causes name it)
-        findings += verdict.saturation_findings(layers, init=_init_targets(model, entries), functional=functional,
-                                                example=_example_code(batch))
     x_in = first_tensor(batch)
+    if not any(f.kind in ("vanishing_gradient", "exploding_gradient") for f in findings):  # (their causes name it)
+        rms = float(x_in.detach().double().pow(2).mean().sqrt()) if x_in is not None and x_in.is_floating_point() else math.nan
+        findings += verdict.saturation_findings(layers, init=_init_targets(model, entries), functional=functional,
+                                                example=_example_code(batch), input_rms=rms)
     y = output_tensor(out)
     # (around skip connections the gradient does not pass through each layer's Jacobian in turn: a
     # post-LN transformer's product read σmean 2.8e-12 where its end-to-end Jacobian's mean is 0.63)

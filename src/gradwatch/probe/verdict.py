@@ -243,13 +243,20 @@ def _sigma_said(layers) -> str:
             "1 preserves it)") if math.isfinite(sigma) else ""
 
 
+# An input rms above which its scale can saturate the first layer by itself: a layer initialised for
+# its fan-in passes its input's scale on, and tanh is within 1% of its asymptote beyond atanh(0.99) = 2.65.
+LARGE_INPUT_RMS = 2.65
+
+
 def saturation_findings(layers: list[LayerProbe], *, init: set[str] = frozenset(),
-                        functional: dict[str, str] | None = None, example: str = "") -> list[Finding]:
+                        functional: dict[str, str] | None = None, example: str = "",
+                        input_rms: float = math.nan) -> list[Finding]:
     """Saturating activations pinned at their asymptotes at initialisation, as the watch's rule says
     (`saturated_fraction` of the outputs within 1% of one): a tester's 2-layer tanh MLP with its
     weights x12 had 66% saturated, was called healthy here and warned about by the watch. Its depth
     is too short for the gradient's ratio across layers to show it; the derivative is near 0 in
-    each saturated unit whatever the depth."""
+    each saturated unit whatever the depth. The inputs are a cause only when their rms (`input_rms`)
+    is above `LARGE_INPUT_RMS`: a tester's N(0, 1) batch, made by the CLI, was told to standardise."""
     limit = DEFAULT.saturated_fraction
     # not the output layer's own activation (a sigmoid before BCELoss, a CTR model's at a 0.8% prior),
     # as diagnose's rule leaves it out
@@ -260,9 +267,10 @@ def saturation_findings(layers: list[LayerProbe], *, init: set[str] = frozenset(
     message = (f"at initialisation {worst.saturated:.0%} of the outputs of layer '{worst.name}' ({worst.activation}) lie "
                f"within 1% of an asymptote, where the derivative is near 0 ({len(bad)} of {len(layers)} layers at "
                f"{limit:.0%} or more)")
+    large = not input_rms <= LARGE_INPUT_RMS  # (unmeasured: said, as before)
     causes = ("initial weights too large for the activation: pre-activations far from 0" + _sigma_said(layers),
-              "inputs on a large scale (raw values, not standardised)")
-    remedies = (*_init_remedies(layers, init, functional, example), STANDARDISE_INPUTS)
+              *((f"inputs on a large scale (raw values, not standardised; rms {input_rms:.3g})",) if large else ()))
+    remedies = (*_init_remedies(layers, init, functional, example), *((STANDARDISE_INPUTS,) if large else ()))
     evidence = {"saturated": worst.saturated, "layer": worst.name, "layers_affected": len(bad), "threshold": limit}
     return [Finding("saturation", "warning", 0, tuple(x.name for x in bad), message, evidence, causes, remedies)]
 
