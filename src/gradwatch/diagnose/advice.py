@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 import shlex
+from dataclasses import replace
 
 import numpy as np
 
@@ -736,6 +737,27 @@ def loss_plateau(ctx: Context, evidence: dict) -> tuple[list[str], list[Remedy]]
     if not ctx.adaptive and ctx.adam_fits:
         remedies.append(Remedy("Try an adaptive optimizer", ADAM_CODE))
     return causes, remedies
+
+
+def zero_gradient_plateau(pinned: str | None) -> tuple[list[str], list[Remedy]]:
+    """A plateau whose gradient is exactly 0 everywhere: the loss is flat where the model sits, so
+    the learning rate is no cause. `pinned`: the type of the output's own saturating activation,
+    pinned at its asymptotes."""
+    find = replace(FIND_THE_CUT, action="Find where the gradient stops: print the gradient at each module's output "
+                   "(the backward prints the top first; it stops where the norm is 0)")
+    if pinned is None:
+        return (["the gradient is exactly 0 in every layer: every unit dead, or a loss that does not depend on the "
+                 "weights (a prediction detached, an argmax or a comparison in the loss)"], [find])
+    cause = (f"the output's {pinned} is pinned at its asymptotes, where its derivative rounds to 0: the loss is flat "
+             "there, so no step moves the weights")
+    if pinned.lower() != "sigmoid":
+        return [cause], [Remedy(f"Take the loss on the output before its {pinned}, or scale that layer's initial "
+                                "weights down", ""), find]
+    logits = Remedy("Take the loss on the logits: drop the final Sigmoid and use nn.BCEWithLogitsLoss (exact where "
+                    "the sigmoid rounds to 0 or 1)",
+                    "loss_fn = nn.BCEWithLogitsLoss()  # on the model's output without its last Sigmoid\n"
+                    "# (in an nn.Sequential: model[-1] = nn.Identity()); torch.sigmoid(model(x)) gives probabilities")
+    return [cause + " (BCELoss clamps its log at -100)"], [logits, find]
 
 
 def loss_rose_back(ctx: Context, evidence: dict) -> tuple[list[str], list[Remedy]]:

@@ -200,6 +200,10 @@ class Thresholds:
     # module hook sees them; weights above all zero). A zero-initialised output layer or a ReZero
     # gate gives exact zeros for one step only.
     zero_gradient_steps: int = 10
+    # Share of a plateau's recorded steps whose gradient is exactly 0 in every layer, from which the
+    # loss is flat where the model sits and the learning rate is no cause: exact zeros everywhere
+    # are no noise (a healthy run has none once past a zero-initialised output's first step).
+    zero_gradient_share: float = 0.9
     # Fraction of sigmoid/tanh outputs within 1% of an asymptote, where the derivative is < 0.01.
     saturated_fraction: float = 0.5
     # Dead units at the first step that then rose by this share of the layer or more: the updates

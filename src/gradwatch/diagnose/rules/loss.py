@@ -8,7 +8,7 @@ import numpy as np
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding, Remedy
 from gradwatch.diagnose.rules.decay import decayed, weight_shrink
-from gradwatch.diagnose.signals import finite_loss, from_init, peaks_growing, periodic, profile_columns, window
+from gradwatch.diagnose.signals import finite_loss, from_init, peaks_growing, periodic, profile_columns, total_grad_norm, window
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
 
@@ -107,11 +107,38 @@ def find_loss_plateau(run: RunSeries, th: Thresholds) -> list[Finding]:
         message = (f"The loss fell from {start:.4g} to {low[1]:.4g} by step {low[0]}, then rose back to {end:.4g}: "
                    f"the training undid what it had learned. {remedies[0].action}.")
         return [Finding("loss_plateau", "warning", int(steps[0]), (), message, evidence, tuple(causes), tuple(remedies))]
+    elif (zero := _zero_gradient_share(run)) >= th.zero_gradient_share:
+        evidence["zero_gradient_share"] = zero
+        pinned = _pinned_output(run, th)
+        causes, remedies = advice.zero_gradient_plateau(pinned)
+        said = f" The gradient was exactly 0 in every layer on {zero:.1%} of the steps: no learning rate moves it."
     else:
         causes, remedies = advice.loss_plateau(advice.Context(run), evidence)
     message = (f"The loss has not improved over {len(loss)} steps ({start:.4g} -> {end:.4g}).{said} "
                f"{remedies[0].action}.")
     return [Finding("loss_plateau", "warning", int(steps[0]), (), message, evidence, tuple(causes), tuple(remedies))]
+
+
+def _zero_gradient_share(run: RunSeries) -> float:
+    """The share of the recorded steps whose gradient is exactly 0 in every layer: the loss is flat
+    where the model sits (a sigmoid rounded to exactly 0 or 1 before BCELoss, whose log is clamped),
+    and a tenfold lr multiplies 0 (a tester's saturated classifier, told to raise it, stayed at 49.86)."""
+    total = total_grad_norm(run, stepped_only=True)
+    total = total[np.isfinite(total)]
+    return float(np.mean(total == 0)) if len(total) else 0.0
+
+
+def _pinned_output(run: RunSeries, th: Thresholds) -> str | None:
+    """The type of the model's last module when it is a saturating activation pinned at its
+    asymptotes (`saturated_fraction` of its outputs or more, at the median step): the output's own
+    sigmoid, whose loss should be taken on the logits."""
+    if not run.layers or "saturated" not in run.metrics:
+        return None
+    last = max(run.layers, key=lambda l: l.index)
+    sat = np.asarray(run.metrics["saturated"][:, run.column(last.name)])
+    sat = sat[np.isfinite(sat)]
+    pinned = last.type.lower() in advice.SATURATING and len(sat) and np.median(sat) >= th.saturated_fraction
+    return last.type if pinned else None
 
 
 def _start_quartile(first: np.ndarray) -> float:
