@@ -19,7 +19,7 @@ from gradwatch.integrations.terminal import CLEAR, StatusLine, status_text
 
 def test_status_text():
     text = status_text(120, 0.25, {"fc0": 1e-6, "fc1": 0.5, "fc2": 1.0}, 2)
-    assert text == "gradwatch  step 120  loss 0.25  grad min/max 1.0e-06 (fc0)  findings 2"
+    assert text == "gradwatch  step 120  loss 0.25  grad min/max 1.0e-06 in 'fc0'  findings 2"
     assert "grad non-finite (fc1)" in status_text(3, None, {"fc0": 1.0, "fc1": float("inf")}, 0)
     # the store keeps a NaN loss as +inf: the line said "loss inf" for a NaN loss
     assert "loss non-finite  grad non-finite" in status_text(3, float("inf"), {"fc0": float("inf")}, 1)

@@ -210,3 +210,15 @@ def test_a_plot_without_spectra_draws_no_jacobian_lines(tmp_path, monkeypatch):
     assert drawn["lines"][0] == 2 and drawn["lines"][1] == 0
     gw.probe(model, torch.randn(8, 32), iters=3).plot(str(tmp_path / "b.png"))
     assert drawn["lines"][1] == 4  # σmax, mean σ, their product, the line at 1
+
+
+def test_without_spectra_the_end_to_end_gain_is_said_not_measured_not_nan():
+    import torch
+
+    import gradwatch as gw
+    from test_probe_helpers import sigmoid_mlp
+
+    torch.manual_seed(0)
+    unmeasured = gw.probe(sigmoid_mlp(), torch.randn(8, 32), iters=0).summary_lines()[0]
+    assert unmeasured.startswith("end-to-end gain: not measured") and "nan" not in unmeasured
+    assert "σmax" in gw.probe(sigmoid_mlp(), torch.randn(8, 32), iters=2).summary_lines()[0]

@@ -3,7 +3,7 @@
 A `Watch` installs it when stderr is a terminal (or with `status=True`); a `StatusLine` installed
 by hand draws on its stream, control codes included, whether or not that is a terminal.
 
-    gradwatch  step 1200  loss 0.4312  grad min/max 3.1e-05 (fc0)  findings 1
+    gradwatch  step 1200  loss 0.4312  grad min/max 3.1e-05 in 'fc0'  findings 1
 
 "grad min/max" is the smallest layer gradient norm over the largest at the last recorded step
 (layers with parameters), naming the weakest layer: near 1 is healthy, orders of magnitude below
@@ -39,7 +39,7 @@ def status_text(step: int, loss: float | None, grads: dict[str, float], n_findin
         weakest = min(grads, key=grads.get)
         top = max(grads.values())
         ratio = grads[weakest] / top if top > 0 else float("nan")
-        parts.append(f"grad min/max {ratio:.1e} ({weakest})")
+        parts.append(f"grad min/max {ratio:.1e} in '{weakest}'")  # (quoted: a Sequential's layer '2' read as a count)
     parts.append(f"findings {n_findings}")
     return "  ".join(parts)
 

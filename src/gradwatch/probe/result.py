@@ -132,7 +132,9 @@ class ProbeResult:
 
     def summary_lines(self) -> list[str]:
         g = self.gain
-        lines = [f"end-to-end gain (product over depth): σmax {g['top']:.3g}, σmean {g['mean']:.3g}, σrms {g['rms']:.3g}"
+        measured = any(math.isfinite(g[k]) for k in ("top", "mean", "rms"))  # (iters=0: no spectra)
+        lines = [(f"end-to-end gain (product over depth): σmax {g['top']:.3g}, σmean {g['mean']:.3g}, σrms {g['rms']:.3g}"
+                  if measured else "end-to-end gain: not measured (no Jacobian spectra with iters=0)")
                  if not self.residual else "end-to-end gain: no product over depth (skip connections carry the gradient "
                  "around each layer's Jacobian); each layer's gain→top is measured through them"]
         if self.mean_field:
