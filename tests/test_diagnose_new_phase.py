@@ -126,3 +126,42 @@ def test_a_new_head_at_the_old_ones_name_under_a_new_optimizer_starts_a_phase_to
     assert "exploding_gradient" in kinds(gw.diagnose(run))
     run.meta["optimizer_stopped"] = [[200, []]]
     assert "exploding_gradient" not in kinds(gw.diagnose(run))
+
+
+def test_a_lora_models_frozen_base_pretrained_in_the_first_phase_is_no_graph_cut(tmp_path):
+    """A tester's LoRA fine-tune: a base MLP pretrained, frozen, and wrapped with rank-2 adapters
+    trained by a new optimizer. The base's layers ran in the new model with no gradient, and were
+    told the graph was cut, with `requires_grad_(False)` (what the script did) as the fix."""
+    import torch
+    from torch import nn
+
+    from gradwatch.collect.auto import AutoWatch
+
+    class LoRA(nn.Module):
+        def __init__(self, lin: nn.Linear):
+            super().__init__()
+            self.lin = lin.requires_grad_(False)
+            self.a = nn.Parameter(torch.randn(4, lin.in_features) / lin.in_features ** 0.5)
+            self.b = nn.Parameter(torch.zeros(lin.out_features, 4))
+
+        def forward(self, x):
+            return self.lin(x) + 2 * (x @ self.a.T) @ self.b.T
+
+    watch = AutoWatch(str(tmp_path), warn=False, status=False)  # as `gradwatch run` starts it: before the model
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 5))
+    teacher = torch.randn(64, 5)  # a task to learn in each phase
+    pre = torch.optim.Adam(base.parameters(), lr=1e-3)  # (kept: as a script's own name keeps it)
+    for step in range(100):
+        x = torch.rand(64, 64)
+        loss = nn.functional.cross_entropy(base(x), (x @ teacher).argmax(1))
+        pre.zero_grad(), loss.backward(), pre.step()
+    model = nn.Sequential(LoRA(base[0]), nn.ReLU(), LoRA(base[2]), nn.ReLU(), nn.Linear(128, 5))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    for step in range(150):
+        x = torch.rand(64, 64)
+        loss = nn.functional.cross_entropy(model(x), (x @ teacher).argmax(1))
+        opt.zero_grad(), loss.backward(), opt.step()
+    watch.detach()
+    found = gw.diagnose(watch.stored_series())
+    assert not [f for f in found if f.kind == "stalled_layers"], [f.message for f in found]

@@ -535,8 +535,9 @@ class AutoWatch(Watch):
             # first step (an encoder frozen after warm-up, its decoder's optimizer going on alone, is not)
             if optimizer in self._new_model and not params_of(optimizer) & params_of(self._optimizer):
                 self._events.append((since, "new_phase", f"{type(optimizer).__name__} trains another model"))
-            else:
-                self._say_stopped(self._optimizer, optimizer, since)
+            # the last one's layers it does not train stop on purpose, in a new model too (a LoRA
+            # model's frozen base, pretrained in the first phase, runs there with no gradient)
+            self._say_stopped(self._optimizer, optimizer, since)
             self.adopt_optimizer(optimizer)
             return
         if own:
