@@ -85,6 +85,13 @@ def last_weight_index(layers) -> int:
     return max((l.index for l in layers if l.role in WEIGHT_ROLES), default=-1)
 
 
+def optimizer_switches(run: RunSeries) -> list[int]:
+    """The steps after the run's first where a new optimizer took over from one that trained
+    other weights (meta `optimizer_stopped`), each once, in order: a new task may start there (a
+    fine-tune's new head), so the loss and the gradient's level are read on either side apart."""
+    return sorted({int(s) for s, _ in run.meta.get("optimizer_stopped") or [] if len(run.steps) and s > run.steps[0]})
+
+
 def outputs_own(run: RunSeries) -> set[str]:
     """The activations the watch saw the loss take through no weight layer (the run's meta): the
     output's own, also a head's that another head runs after, which `last_weight_index` alone takes

@@ -14,8 +14,9 @@ from gradwatch.diagnose.rules.clipping import clipped_advice, clipping
 from gradwatch.diagnose.rules.late_clipping import late_first
 from gradwatch.diagnose.rules.loss import learning_on
 from gradwatch.diagnose.rules.stale_gradients import stale_first
-from gradwatch.diagnose.signals import (depth_profile, finite_loss, first_layer_scale, from_init, names, peaks_growing, periodic, persistent_start,
-                                        plain_sgd, profile_columns, row_nanpercentile, row_reduce, TOTAL_BLOCK, total_grad_norm, window)
+from gradwatch.diagnose.signals import (depth_profile, finite_loss, first_layer_scale, from_init, names, optimizer_switches,
+                                        peaks_growing, periodic, persistent_start, plain_sgd, profile_columns, row_nanpercentile,
+                                        row_reduce, TOTAL_BLOCK, total_grad_norm, window)
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
 
@@ -246,7 +247,9 @@ def _growth_over_steps(run: RunSeries, th: Thresholds):
     if bad_step is None and _on_a_schedule(bursts, steps, norms, run.lr[finite], th):
         return None
     if bad_step is None:  # a new phase starts its own level; one that ends non-finite blew up
-        changes = np.union1d(_trained_layers_changed(run, th), _optimizer_switches(run))
+        # (a new optimizer starts a new task even where the same layers train on: a fine-tune's new
+        # head at the old one's name; a tester's digits 0-4 -> 5-9 fine-tune was told it exploded 15x)
+        changes = np.union1d(_trained_layers_changed(run, th), np.array(optimizer_switches(run), dtype=np.int64))
         ends = np.append(changes[1:], run.steps[-1] + 1)
         starts = np.searchsorted(steps, [c for c, e in zip(changes, ends) if not _leapt_and_stayed(run, c, e, bar, th)])
         bursts = [b for b in bursts if not ((b[0] >= starts) & (b[0] - starts <= th.warmup_steps)).any()]
@@ -308,15 +311,6 @@ def _trained_layers_changed(run: RunSeries, th: Thresholds) -> np.ndarray:
             if bounds[k + 1] - bounds[k] >= w and (bounds[k + 2] - bounds[k + 1] >= w or bounds[k + 2] == n):
                 changes.add(int(run.steps[e]))
     return np.array(sorted(changes), dtype=np.int64)
-
-
-def _optimizer_switches(run: RunSeries) -> np.ndarray:
-    """Steps where a new optimizer took over from one that trained layers it does not (meta
-    `optimizer_stopped`): a fine-tune's new head at the old one's name, the same layers trained
-    before and after, starts a new task there all the same (a tester's digits 0-4 -> 5-9 fine-tune
-    was told it exploded 15x)."""
-    steps = [int(s) for s, _ in run.meta.get("optimizer_stopped") or [] if len(run.steps) and s > run.steps[0]]
-    return np.array(sorted(set(steps)), dtype=np.int64)
 
 
 def _leapt_and_stayed(run: RunSeries, change: int, end: int, bar: float, th: Thresholds) -> bool:

@@ -8,7 +8,8 @@ import numpy as np
 from gradwatch.diagnose import advice
 from gradwatch.diagnose.finding import Finding, Remedy
 from gradwatch.diagnose.rules.decay import decayed, weight_shrink
-from gradwatch.diagnose.signals import finite_loss, from_init, peaks_growing, periodic, profile_columns, total_grad_norm, window
+from gradwatch.diagnose.signals import (finite_loss, from_init, optimizer_switches, peaks_growing, periodic, profile_columns,
+                                        total_grad_norm, window)
 from gradwatch.diagnose.thresholds import Thresholds
 from gradwatch.store.series import RunSeries
 
@@ -332,7 +333,7 @@ def find_loss_divergence(run: RunSeries, th: Thresholds) -> list[Finding]:
     head, trained by an Adam of its own after the pretraining's SGD, began at 5.1 against the
     pretraining's 0.47 and fell from there (read as 'rises since step 109, lower the lr from 0.05',
     the SGD's)."""
-    cuts = sorted({int(s) for s, _ in run.meta.get("optimizer_stopped") or [] if len(run.steps) and s > run.steps[0]})
+    cuts = optimizer_switches(run)
     if not cuts:
         return _divergence(run, th)
     spans = [run.between(a, b) for a, b in zip([int(run.steps[0]), *cuts], [*cuts, None])]
